@@ -1,0 +1,3 @@
+from vppmesh.cli import app
+
+app(prog_name="vppmesh")

@@ -1,0 +1,313 @@
+"""The `vppmesh` command: one command per node to join, inspect and leave the mesh."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import logging
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from vppmesh import node as agent
+from vppmesh.errors import VppMeshError, VppUnavailableError
+from vppmesh.vpp.client import DEFAULT_API_SOCKET, VppClient
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="An encrypted full mesh of Linux hosts over VPP (IPIP + ESP AES-GCM-256).")
+testbed_app = typer.Typer(no_args_is_help=True, help="A multi-node mesh on this machine.")
+app.add_typer(testbed_app, name="testbed")
+log = logging.getLogger("vppmesh")
+
+MeshOpt = Annotated[Path, typer.Option("--mesh", envvar="VPPMESH_MESH",
+                                       help="The mesh file shared by every node.")]
+NodeOpt = Annotated[str, typer.Option("--node", envvar="VPPMESH_NODE",
+                                      help="This node's name in the mesh file.")]
+KeyOpt = Annotated[Path, typer.Option("--key", envvar="VPPMESH_KEY",
+                                      help="This node's private key file (0600).")]
+SocketOpt = Annotated[Path, typer.Option("--api-socket", envvar="VPPMESH_API_SOCKET",
+                                         help="VPP's binary API socket.")]
+DEFAULT_MESH = Path("/etc/vppmesh/mesh.yaml")
+DEFAULT_KEY = Path("/etc/vppmesh/private.key")
+
+
+def fail(message: str, code: int = 1) -> typer.Exit:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    return typer.Exit(code)
+
+
+def options(mesh: Path, node: str, key: Path, api_socket: Path, host_link: str = "auto",
+            uplink: str | None = None) -> agent.NodeOptions:
+    return agent.NodeOptions(mesh_file=mesh, node=node, private_key=key, api_socket=api_socket,
+                             host_link=host_link, uplink=uplink)  # type: ignore[arg-type]
+
+
+@app.callback()
+def main(verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(message)s")
+
+
+@app.command()
+def up(
+    mesh: MeshOpt = DEFAULT_MESH,
+    node: NodeOpt = socket.gethostname(),
+    key: KeyOpt = DEFAULT_KEY,
+    api_socket: SocketOpt = DEFAULT_API_SOCKET,
+    host_link: Annotated[str, typer.Option(
+        help="How the host joins: auto (tap if /dev/vhost-net exists, else af_packet), tap, "
+        "af_packet, none.")] = "auto",
+    uplink: Annotated[str | None, typer.Option(
+        help="VPP interface carrying the underlay (default: the one holding the primary "
+        "address).")] = None,
+    watch: Annotated[bool, typer.Option(
+        help="Keep running: re-apply when the mesh file changes or VPP restarts.")] = False,
+) -> None:
+    """Bring this node into the mesh (idempotent: a second run changes nothing)."""
+    opts = options(mesh, node, key, api_socket, host_link, uplink)
+    try:
+        report_up(agent.up(opts))
+    except VppMeshError as exc:
+        if not watch:
+            raise fail(str(exc)) from None
+        log.error("%s", exc)
+    if watch:
+        watch_loop(opts)
+
+
+def report_up(result: agent.UpResult) -> None:
+    for change in result.changes:
+        typer.echo(str(change))
+    typer.echo(f"node {result.desired.node}: {len(result.changes)} change(s) in "
+               f"{result.seconds * 1000:.0f} ms, {len(result.desired.tunnels)} tunnel(s), "
+               f"host link {result.host_link}, pod MTU {result.desired.mtu}")
+
+
+def watch_loop(opts: agent.NodeOptions) -> None:
+    """Re-apply on mesh file changes; wait out VPP restarts and program it again."""
+    from watchfiles import watch as watch_files
+
+    log.info("watching %s and VPP at %s", opts.mesh_file, opts.api_socket)
+    vpp_gone_at: float | None = None
+    for _changes in watch_files(opts.mesh_file.parent, rust_timeout=2000, yield_on_timeout=True,
+                                debounce=300):
+        try:
+            result = agent.up(opts)
+        except VppUnavailableError as exc:
+            if vpp_gone_at is None:
+                vpp_gone_at = time.monotonic()
+                log.warning("VPP unavailable (%s); waiting for it", exc)
+            continue
+        except VppMeshError as exc:
+            log.error("%s", exc)
+            continue
+        if vpp_gone_at is not None:
+            log.info("VPP is back: mesh programmed again (%d change(s), %.0f ms)",
+                     len(result.changes), result.seconds * 1000)
+            vpp_gone_at = None
+        elif result.changes:
+            report_up(result)
+
+
+@app.command()
+def down(
+    mesh: MeshOpt = DEFAULT_MESH,
+    node: NodeOpt = socket.gethostname(),
+    api_socket: SocketOpt = DEFAULT_API_SOCKET,
+) -> None:
+    """Remove everything vppmesh created in VPP and Linux (an operator's config stays)."""
+    opts = options(mesh, node, DEFAULT_KEY, api_socket)
+    try:
+        removed = agent.down(opts)
+    except VppMeshError as exc:
+        raise fail(str(exc)) from None
+    for line in removed:
+        typer.echo(f"- {line}")
+    typer.echo(f"node {node}: removed {len(removed)} object(s)")
+
+
+@app.command()
+def plan(
+    mesh: MeshOpt = DEFAULT_MESH,
+    node: NodeOpt = socket.gethostname(),
+    key: KeyOpt = DEFAULT_KEY,
+    api_socket: SocketOpt = DEFAULT_API_SOCKET,
+    workers: Annotated[int | None, typer.Option(
+        help="Worker count to plan for when VPP is not running.")] = None,
+) -> None:
+    """Dry run: the ordered changes `up` would make (everything, when VPP is not running)."""
+    opts = options(mesh, node, key, api_socket)
+    try:
+        mesh_obj, secrets = agent.load_inputs(opts)
+        try:
+            client = VppClient(api_socket).connect()
+        except VppUnavailableError:
+            client = None
+        if client is None:
+            from vppmesh.reconcile import diff, empty_observed
+
+            desired = agent.desired_state(opts, mesh_obj, secrets, workers or 0)
+            changes = diff(desired, empty_observed(desired)).changes()
+            typer.echo(f"(VPP not reachable at {api_socket}: planning against an empty VPP)")
+        else:
+            with client:
+                changes = agent.up(opts, dry_run=True, api=client).changes
+    except VppMeshError as exc:
+        raise fail(str(exc)) from None
+    for change in changes:
+        typer.echo(str(change))
+    typer.echo(f"{len(changes)} change(s)")
+
+
+@app.command()
+def status(
+    mesh: MeshOpt = DEFAULT_MESH,
+    node: NodeOpt = socket.gethostname(),
+    api_socket: SocketOpt = DEFAULT_API_SOCKET,
+    stats_socket: Annotated[Path | None, typer.Option(
+        help="VPP's stats socket (default: next to the API socket).")] = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Peers, tunnels, protection and per-SA counters, from VPP itself."""
+    from vppmesh.config import load_mesh
+    from vppmesh.status import collect, render_table
+
+    try:
+        mesh_obj = load_mesh(mesh)
+        with VppClient(api_socket).connect() as client:
+            result = collect(client, mesh_obj, node,
+                             stats_socket or api_socket.parent / "stats.sock")
+    except VppMeshError as exc:
+        raise fail(str(exc)) from None
+    typer.echo(result.model_dump_json(indent=2) if as_json else render_table(result))
+    if result.missing_peers or not all(p.healthy for p in result.peers):
+        raise typer.Exit(3)
+
+
+@app.command()
+def keygen(
+    key: KeyOpt = DEFAULT_KEY,
+    force: Annotated[bool, typer.Option(help="Replace an existing key file.")] = False,
+) -> None:
+    """Write a new X25519 private key (mode 0600) and print its public key."""
+    from vppmesh.keys import generate_private_key
+
+    try:
+        typer.echo(generate_private_key(key, force=force))
+    except VppMeshError as exc:
+        raise fail(str(exc)) from None
+
+
+@app.command()
+def pubkey(key: KeyOpt = DEFAULT_KEY) -> None:
+    """Print the public key of a private key file (for the mesh file)."""
+    from vppmesh.keys import load_secrets
+
+    try:
+        typer.echo(load_secrets(key, None).public_key_b64())
+    except VppMeshError as exc:
+        raise fail(str(exc)) from None
+
+
+@app.command("render-startup")
+def render_startup(
+    profile: Annotated[str, typer.Option(help="Profile name in vpp-startup/, or a path.")
+                       ] = "testbed",
+    runtime_dir: Annotated[Path, typer.Option(help="VPP's runtime directory (sockets, log, "
+                                              "pid file).")] = Path("/run/vpp"),
+    name: Annotated[str, typer.Option(help="Instance name (shared-memory prefix).")] = "vpp",
+    workers: Annotated[int | None, typer.Option(help="Override the profile's workers.")
+                       ] = None,
+    out: Annotated[Path | None, typer.Option(help="Write here instead of stdout.")] = None,
+) -> None:
+    """Write a VPP startup.conf from a profile (workers, crypto engines, buffers, pages)."""
+    from vppmesh.startup import Instance, load_profile, render
+
+    try:
+        text = render(load_profile(profile), Instance(name=name, runtime_dir=runtime_dir),
+                      workers=workers)
+    except VppMeshError as exc:
+        raise fail(str(exc)) from None
+    if out is None:
+        typer.echo(text, nl=False)
+    else:
+        out.write_text(text)
+        typer.echo(f"wrote {out}")
+
+
+@app.command()
+def attach(
+    name: Annotated[str, typer.Option(help="Endpoint (pod) name, unique on this node.")],
+    netns: Annotated[str, typer.Option(help="The pod's network namespace.")],
+    address: Annotated[str, typer.Option(help="The pod's address (in this node's pod CIDR).")],
+    index: Annotated[int, typer.Option(help="Small unique pod number (stable MACs).")] = 0,
+    mesh: MeshOpt = DEFAULT_MESH,
+    node: NodeOpt = socket.gethostname(),
+    key: KeyOpt = DEFAULT_KEY,
+    api_socket: SocketOpt = DEFAULT_API_SOCKET,
+) -> None:
+    """Attach a network namespace (a pod) to this node's mesh through a veth/af_packet."""
+    from vppmesh.config import load_mesh
+    from vppmesh.endpoints import attach as attach_endpoint
+    from vppmesh.endpoints import pod_spec
+
+    try:
+        mesh_obj = load_mesh(mesh)
+        local = mesh_obj.node(node)
+        ip = ipaddress.IPv4Address(address)
+        if ip not in local.pod_cidr or ip == local.mesh_address:
+            raise fail(f"--address {ip} is not a pod address of {node} (pod_cidr "
+                       f"{local.pod_cidr}, {local.mesh_address} is the host's)")
+        spec = pod_spec(name=name, netns=netns, address=ip, node_number=local.node_number,
+                        pod_index=index)
+        with VppClient(api_socket).connect() as client:
+            attach_endpoint(client, spec, table_id=mesh_obj.settings.mesh_table_id,
+                            mtu=mesh_obj.pod_mtu())
+    except VppMeshError as exc:
+        raise fail(str(exc)) from None
+    typer.echo(f"attached {name} ({ip}) in netns {netns}")
+
+
+@testbed_app.command("up")
+def testbed_up(
+    nodes: int = 3, tunnels: int = 4, pods: int = 1,
+    workers: Annotated[int, typer.Option(help="VPP workers per node.")] = 0,
+) -> None:
+    """Build N nodes (a VPP each) with pods, and run `vppmesh up` on each."""
+    from vppmesh.testbed import Testbed, TestbedSpec
+
+    bed = Testbed(TestbedSpec(nodes=nodes, tunnels=tunnels, pods=pods, workers=workers))
+    try:
+        bed.up(progress=lambda msg: typer.echo(f"... {msg}", err=True))
+    except VppMeshError as exc:
+        raise fail(str(exc), 2) from None
+    typer.echo(json.dumps(bed.status(), indent=2))
+
+
+@testbed_app.command("down")
+def testbed_down() -> None:
+    """Remove every namespace, link and VPP of the testbed (also after a crash)."""
+    from vppmesh.testbed import DEFAULT_BASE, DEFAULT_PREFIX, destroy
+
+    removed = destroy(DEFAULT_PREFIX, DEFAULT_BASE, quiet=True)
+    typer.echo(f"removed {len(removed)} object(s)")
+
+
+@testbed_app.command("status")
+def testbed_status() -> None:
+    """Nodes, namespaces and sockets of the running testbed."""
+    from vppmesh.testbed import Testbed
+
+    try:
+        typer.echo(json.dumps(Testbed.load().status(), indent=2))
+    except VppMeshError as exc:
+        raise fail(str(exc)) from None
+
+
+def run() -> None:  # pragma: no cover - console entry for `python -m`
+    app(prog_name=os.path.basename(sys.argv[0]))

@@ -1,0 +1,267 @@
+"""The mesh file: every node of the mesh and the settings they share.
+
+One YAML file describes the whole mesh; every node runs `vppmesh up` against the same
+file (or the same datastore) and derives its own view from it. Every validation error
+names the offending field and says how to fix it, because a half-understood mesh file
+is the most common way to break a network.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import ipaddress
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Annotated, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from vppmesh.errors import ConfigError
+from vppmesh.overhead import max_overhead, pod_mtu_for
+
+NODE_NUMBER_MAX = 65535
+TUNNELS_PER_PEER_MAX = 16
+MAX_MESH_FILE_BYTES = 16 * 1024 * 1024
+
+IPInterface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
+
+
+def decode_key(value: str, what: str) -> bytes:
+    """Decode a base64 32-byte key, the format `vppmesh keygen` and WireGuard use."""
+    try:
+        raw = base64.b64decode(value.strip(), validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise ValueError(f"{what} is not valid base64 ({exc}); use the output of "
+                         "`vppmesh keygen`") from None
+    if len(raw) != 32:
+        raise ValueError(f"{what} decodes to {len(raw)} bytes, expected 32; use the output of "
+                         "`vppmesh keygen`")
+    return raw
+
+
+class MeshSettings(BaseModel):
+    """Settings every node of the mesh must agree on."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    tunnels_per_peer: Annotated[int, Field(ge=1, le=TUNNELS_PER_PEER_MAX)] = 1
+    underlay_mtu: Annotated[int, Field(ge=576, le=9216)] = 1500
+    pod_mtu: int | None = Field(
+        default=None,
+        description="MTU of host and pod interfaces; computed from the underlay MTU and the "
+        "ESP/IPIP overhead when unset.",
+    )
+    crypto: Literal["aes-gcm-256"] = "aes-gcm-256"
+    key_epoch: Annotated[int, Field(ge=0, le=2**32 - 1)] = 0
+    psk_file: Path | None = None
+    mesh_table_id: Annotated[int, Field(ge=1, le=2**32 - 2)] = 1717
+    anti_replay_window: Annotated[int, Field(ge=64, le=65536)] = 1024
+    async_crypto: bool = False
+    gso: bool = True
+
+    @model_validator(mode="after")
+    def _pod_mtu_fits(self) -> MeshSettings:
+        # The worst case is an IPv6 underlay; the per-node check repeats this per family.
+        if self.pod_mtu is not None:
+            ceiling = self.underlay_mtu - max_overhead(ipv6_underlay=False)
+            if self.pod_mtu < 576 or self.pod_mtu > ceiling:
+                raise ValueError(
+                    f"settings.pod_mtu={self.pod_mtu} does not fit: with underlay_mtu="
+                    f"{self.underlay_mtu} the ESP/IPIP overhead leaves at most {ceiling} "
+                    "(and at least 576 is needed); remove pod_mtu to have it computed"
+                )
+        elif pod_mtu_for(self.underlay_mtu, ipv6_underlay=False) < 576:
+            raise ValueError(
+                f"settings.underlay_mtu={self.underlay_mtu} is too small for the ESP/IPIP "
+                "overhead; raise it to at least 640"
+            )
+        return self
+
+
+class Node(BaseModel):
+    """One host of the mesh, as every other node sees it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: Annotated[str, Field(min_length=1, max_length=48, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")]
+    node_number: Annotated[int, Field(ge=1, le=NODE_NUMBER_MAX)]
+    underlay: Annotated[list[IPInterface], Field(min_length=1, max_length=TUNNELS_PER_PEER_MAX)]
+    pod_cidr: ipaddress.IPv4Network
+    public_key: str
+    uplink: str | None = Field(
+        default=None,
+        description="Name of the VPP interface that carries the underlay addresses; found "
+        "from the primary address when unset.",
+    )
+
+    @field_validator("public_key")
+    @classmethod
+    def _key_is_x25519(cls, value: str) -> str:
+        decode_key(value, "public_key")
+        return value.strip()
+
+    @field_validator("pod_cidr")
+    @classmethod
+    def _cidr_has_room(cls, value: ipaddress.IPv4Network) -> ipaddress.IPv4Network:
+        if value.prefixlen > 30:
+            raise ValueError(f"pod_cidr {value} is too small; give at least a /30")
+        return value
+
+    @field_validator("underlay")
+    @classmethod
+    def _underlay_consistent(cls, value: list[IPInterface]) -> list[IPInterface]:
+        families = {addr.version for addr in value}
+        if len(families) > 1:
+            raise ValueError("underlay mixes IPv4 and IPv6; use one family per node")
+        ips = [addr.ip for addr in value]
+        if len(set(ips)) != len(ips):
+            raise ValueError("underlay lists the same address twice")
+        return value
+
+    @property
+    def primary(self) -> IPInterface:
+        return self.underlay[0]
+
+    @property
+    def public_key_bytes(self) -> bytes:
+        return decode_key(self.public_key, "public_key")
+
+    @property
+    def mesh_address(self) -> ipaddress.IPv4Address:
+        """The host's own address in the mesh: the first address of its pod CIDR."""
+        return self.pod_cidr.network_address + 1
+
+
+class Mesh(BaseModel):
+    """The whole mesh: settings plus every node."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    settings: MeshSettings = MeshSettings()
+    nodes: Annotated[list[Node], Field(min_length=1)]
+
+    @model_validator(mode="after")
+    def _mesh_consistent(self) -> Mesh:
+        check_unique(self.nodes, "name", lambda n: n.name)
+        check_unique(self.nodes, "node_number", lambda n: n.node_number)
+        check_unique(self.nodes, "public_key", lambda n: n.public_key)
+        seen: dict[str, str] = {}
+        for node in self.nodes:
+            for addr in node.underlay:
+                other = seen.setdefault(str(addr.ip), node.name)
+                if other != node.name:
+                    raise ValueError(
+                        f"nodes[{node.name}].underlay: {addr.ip} is already an address of "
+                        f"node {other}; every underlay address must belong to one node"
+                    )
+        by_net = sorted(self.nodes, key=lambda n: (int(n.pod_cidr.network_address),
+                                                   n.pod_cidr.prefixlen))
+        for left, right in zip(by_net, by_net[1:], strict=False):
+            if left.pod_cidr.overlaps(right.pod_cidr):
+                raise ValueError(
+                    f"nodes[{left.name}].pod_cidr {left.pod_cidr} overlaps "
+                    f"nodes[{right.name}].pod_cidr {right.pod_cidr}; give each node its "
+                    "own range"
+                )
+        wanted = self.settings.tunnels_per_peer
+        for node in self.nodes:
+            if len(node.underlay) < wanted:
+                raise ValueError(
+                    f"nodes[{node.name}].underlay has {len(node.underlay)} address(es) but "
+                    f"settings.tunnels_per_peer={wanted}; add {wanted - len(node.underlay)} "
+                    "extra uplink address(es) or lower tunnels_per_peer (two tunnels cannot "
+                    "share a source and destination)"
+                )
+            if self.settings.pod_mtu is not None and node.primary.version == 6:
+                ceiling = self.settings.underlay_mtu - max_overhead(ipv6_underlay=True)
+                if self.settings.pod_mtu > ceiling:
+                    raise ValueError(
+                        f"settings.pod_mtu={self.settings.pod_mtu} does not fit the IPv6 "
+                        f"underlay of node {node.name}: at most {ceiling}"
+                    )
+        return self
+
+    def node(self, name: str) -> Node:
+        for node in self.nodes:
+            if node.name == name:
+                return node
+        names = ", ".join(sorted(n.name for n in self.nodes))
+        raise ConfigError(
+            f"node {name!r} is not in the mesh file (nodes: {names}); add it or pass "
+            "--node with one of these names"
+        )
+
+    def peers_of(self, name: str) -> list[Node]:
+        self.node(name)
+        return sorted((n for n in self.nodes if n.name != name), key=lambda n: n.node_number)
+
+    def pod_mtu(self) -> int:
+        """Pod MTU for the whole mesh: the explicit setting or the worst case over nodes."""
+        if self.settings.pod_mtu is not None:
+            return self.settings.pod_mtu
+        any_v6 = any(n.primary.version == 6 for n in self.nodes)
+        return pod_mtu_for(self.settings.underlay_mtu, ipv6_underlay=any_v6)
+
+
+def check_unique(items: Sequence[Node], field: str, key: object) -> None:
+    """Raise naming the field and both nodes when two nodes share a value."""
+    seen: dict[object, str] = {}
+    for node in items:
+        value = key(node)  # type: ignore[operator]
+        if value in seen:
+            raise ValueError(
+                f"nodes: {field} {value!r} is used by both {seen[value]} and {node.name}; "
+                f"every node needs its own {field}"
+            )
+        seen[value] = node.name
+
+
+def format_validation_error(exc: ValidationError, source: str) -> str:
+    lines = [f"{source}: the mesh file is not valid:"]
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        msg = err["msg"].removeprefix("Value error, ")
+        lines.append(f"  - {where}: {msg}")
+    return "\n".join(lines)
+
+
+def parse_mesh(data: object, source: str = "mesh") -> Mesh:
+    """Validate already-decoded mesh data (from a file or a datastore)."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping with 'settings' and 'nodes' at the top")
+    try:
+        return Mesh.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, source)) from None
+
+
+def load_mesh(path: Path) -> Mesh:
+    """Load and validate a mesh file; errors name the field and the fix."""
+    try:
+        size = path.stat().st_size
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the mesh file ({exc.strerror})") from None
+    if size > MAX_MESH_FILE_BYTES:
+        raise ConfigError(f"{path}: {size} bytes is larger than the {MAX_MESH_FILE_BYTES} "
+                          "bytes a mesh file may have")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text") from None
+    return parse_mesh(data, str(path))
+
+
+def dump_mesh(mesh: Mesh) -> str:
+    """Serialize a mesh back to YAML (for the testbed and the examples)."""
+    return yaml.safe_dump(mesh.model_dump(mode="json", exclude_none=True), sort_keys=False)

@@ -1,0 +1,112 @@
+"""Endpoints: the host and the pods of a node, each a link into the mesh VRF.
+
+Every endpoint is an interface in VPP's mesh VRF, unnumbered to the gateway loopback,
+with a static neighbor (its /32 route) for the Linux end; the Linux end carries the
+endpoint's /32 and reaches VPP through the gateway. The host link, the testbed's pods
+and CNI pods all attach this way.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+
+from vppmesh import host as linux
+from vppmesh.errors import VppMeshError
+from vppmesh.state import GATEWAY_TAG, HostLinkSpec
+from vppmesh.vpp import host_interfaces, interfaces, routes
+from vppmesh.vpp.client import VppApi
+from vppmesh.vpp.interfaces import Interface
+
+
+def attach_vpp(api: VppApi, spec: HostLinkSpec, *, table_id: int, mtu: int, gateway: int,
+               existing: Interface | None) -> int:
+    """Create (or finish) the VPP side of an endpoint; returns its sw_if_index."""
+    if existing is None:
+        if spec.kind == "af_packet":
+            index = api.call(host_interfaces.create_af_packet(
+                spec.vpp_ifname, spec.vpp_mac, spec.queues)).sw_if_index
+            api.call(interfaces.set_tag(index, spec.tag, spec.tag))
+        else:
+            index = api.call(host_interfaces.create_tap(
+                spec.linux_ifname, spec.vpp_mac, spec.linux_mac, mtu, spec.queues,
+                spec.netns, spec.tag)).sw_if_index
+    else:
+        index = existing.sw_if_index
+    api.call_many([
+        interfaces.set_table(index, table_id, spec.tag),
+        interfaces.set_unnumbered(index, gateway, True, spec.tag),
+        interfaces.set_mtu(index, mtu, spec.tag),
+        interfaces.set_admin(index, True, spec.tag),
+    ])
+    set_neighbor(api, index, spec, table_id)
+    return index
+
+
+def set_neighbor(api: VppApi, index: int, spec: HostLinkSpec, table_id: int) -> None:
+    """Static neighbor plus the endpoint's /32 route through it."""
+    api.call_many([
+        routes.neighbor(index, spec.address.ip, spec.linux_mac, True),
+        routes.route(table_id, spec.address.network, [index], True, nexthop=spec.address.ip),
+    ])
+
+
+def find_gateway(api: VppApi) -> int:
+    for iface in interfaces.dump_interfaces(api):
+        if iface.tag == GATEWAY_TAG:
+            return iface.sw_if_index
+    raise VppMeshError("this node is not in the mesh yet (no vppmesh gateway in VPP): run "
+                       "`vppmesh up` first")
+
+
+def find_endpoint(api: VppApi, tag: str) -> Interface | None:
+    return next((i for i in interfaces.dump_interfaces(api) if i.tag == tag), None)
+
+
+def attach(api: VppApi, spec: HostLinkSpec, *, table_id: int, mtu: int,
+           default_route: bool = True) -> int:
+    """Attach an endpoint end to end: Linux link, VPP interface, addresses and routes."""
+    if spec.kind == "af_packet":
+        linux.ensure_veth(spec.linux_ifname, spec.vpp_ifname, linux_mac=spec.linux_mac,
+                          vpp_mac=spec.vpp_mac, mtu=mtu, linux_netns=spec.netns)
+    index = attach_vpp(api, spec, table_id=table_id, mtu=mtu, gateway=find_gateway(api),
+                       existing=find_endpoint(api, spec.tag))
+    linux.configure_linux_side(spec, mtu, default_route=default_route)
+    return index
+
+
+def detach(api: VppApi, spec: HostLinkSpec, table_id: int) -> bool:
+    """Remove an endpoint from VPP and Linux; False if it was not attached."""
+    found = find_endpoint(api, spec.tag)
+    if found is not None:
+        api.call_many([
+            routes.route(table_id, spec.address.network, [found.sw_if_index], False,
+                         nexthop=spec.address.ip),
+            routes.neighbor(found.sw_if_index, spec.address.ip, spec.linux_mac, False),
+        ])
+        api.call(interfaces.set_admin(found.sw_if_index, False, spec.tag))
+        if spec.kind == "af_packet":
+            api.call(host_interfaces.delete_af_packet(spec.vpp_ifname))
+        else:
+            api.call(host_interfaces.delete_tap(found.sw_if_index))
+    removed_link = spec.kind == "af_packet" and linux.remove_link(spec.vpp_ifname)
+    return found is not None or removed_link
+
+
+def pod_spec(*, name: str, netns: str, address: ipaddress.IPv4Address, node_number: int,
+             pod_index: int, linux_ifname: str = "eth0", kind: str = "af_packet",
+             queues: int = 1) -> HostLinkSpec:
+    """The endpoint of one pod; MACs are stable for the (node, pod index)."""
+    from vppmesh.plan import node_mac
+
+    return HostLinkSpec(
+        kind=kind,  # type: ignore[arg-type]
+        tag=f"vppmesh:pod:{name}",
+        linux_ifname=linux_ifname,
+        vpp_ifname=f"vpm-{name}"[:15],
+        address=ipaddress.IPv4Interface(f"{address}/32"),
+        linux_mac=node_mac(node_number, 0x200 + pod_index * 2),
+        vpp_mac=node_mac(node_number, 0x201 + pod_index * 2),
+        netns=netns,
+        routes=(),
+        queues=queues,
+    )

@@ -1,0 +1,109 @@
+"""The Linux side of a host or pod link: the veth (or tap), its address, routes, neighbor.
+
+The Linux end gets the mesh address as a /32 and reaches VPP through the link-local
+gateway 169.254.0.1, whose MAC is pinned as a permanent neighbor: no ARP is needed in
+either direction, and the routes point at the link, so they vanish with it.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from pyroute2 import IPRoute, NetNS
+from pyroute2.netlink.exceptions import NetlinkError
+from pyroute2.netlink.rtnl.ndmsg import NUD_PERMANENT
+
+from vppmesh.errors import HostError
+from vppmesh.state import GATEWAY_ADDRESS, HostLinkSpec
+
+RTNH_F_ONLINK = 4
+VHOST_NET = Path("/dev/vhost-net")
+
+
+def tap_supported() -> bool:
+    """VPP's tap v2 needs vhost-net; without it the host link falls back to af_packet."""
+    return VHOST_NET.exists() and os.access(VHOST_NET, os.R_OK | os.W_OK)
+
+
+@contextmanager
+def netlink(netns: str | None) -> Iterator[Any]:
+    ipr = NetNS(netns) if netns else IPRoute()
+    try:
+        yield ipr
+    finally:
+        ipr.close()
+
+
+def link_index(ipr: Any, ifname: str) -> int | None:
+    found = ipr.link_lookup(ifname=ifname)
+    return found[0] if found else None
+
+
+def ensure_veth(linux_ifname: str, vpp_ifname: str, *, linux_mac: str, vpp_mac: str,
+                mtu: int, linux_netns: str | None = None) -> None:
+    """A veth pair whose VPP end stays here and whose Linux end lives in `linux_netns`."""
+    with netlink(None) as ipr:
+        if link_index(ipr, vpp_ifname) is None:
+            # The Linux end is born under a temporary name: its final name (eth0 in a
+            # pod) may well exist here already.
+            temporary = linux_ifname if linux_netns is None else f"{vpp_ifname[:11]}-tmp"
+            try:
+                ipr.link("add", ifname=vpp_ifname, kind="veth", address=vpp_mac,
+                         peer={"ifname": temporary, "address": linux_mac})
+            except NetlinkError as exc:
+                raise HostError(f"cannot create veth {vpp_ifname}/{linux_ifname}: {exc}") from None
+            if linux_netns is not None:
+                ipr.link("set", index=link_index(ipr, temporary), net_ns_fd=linux_netns)
+                with netlink(linux_netns) as inner:
+                    inner.link("set", index=link_index(inner, temporary), ifname=linux_ifname)
+        vpp_index = link_index(ipr, vpp_ifname)
+        ipr.link("set", index=vpp_index, mtu=mtu, state="up")
+
+
+def configure_linux_side(spec: HostLinkSpec, mtu: int, *, default_route: bool = False) -> None:
+    """Address, MTU, gateway neighbor and routes on the Linux end; stale routes removed."""
+    gateway = str(GATEWAY_ADDRESS.ip)
+    with netlink(spec.netns) as ipr:
+        index = link_index(ipr, spec.linux_ifname)
+        if index is None:
+            raise HostError(f"interface {spec.linux_ifname} not found in "
+                            f"{'netns ' + spec.netns if spec.netns else 'the host namespace'}")
+        ipr.link("set", index=index, mtu=mtu, state="up")
+        have = {(a.get_attr("IFA_ADDRESS"), a["prefixlen"]) for a in ipr.get_addr(index=index)}
+        if (str(spec.address.ip), 32) not in have:
+            ipr.addr("add", index=index, address=str(spec.address.ip), prefixlen=32)
+        ipr.neigh("replace", dst=gateway, lladdr=spec.vpp_mac, ifindex=index,
+                  state=NUD_PERMANENT)
+        wanted = [ipaddress.IPv4Network(n) for n in spec.routes]
+        if default_route:
+            wanted.append(ipaddress.IPv4Network("0.0.0.0/0"))
+        for net in wanted:
+            ipr.route("replace", dst=str(net), gateway=gateway, oif=index,
+                      flags=RTNH_F_ONLINK, prefsrc=str(spec.address.ip))
+        wanted_set = {str(n) for n in wanted}
+        for route in ipr.get_routes(family=2, oif=index):
+            dst = route.get_attr("RTA_DST")
+            if dst is None or route.get_attr("RTA_GATEWAY") != gateway:
+                continue
+            if f"{dst}/{route['dst_len']}" not in wanted_set:
+                ipr.route("del", dst=f"{dst}/{route['dst_len']}", oif=index)
+
+
+def remove_link(ifname: str, netns: str | None = None) -> bool:
+    """Delete a link (its veth peer and routes go with it); False if it was not there."""
+    with netlink(netns) as ipr:
+        index = link_index(ipr, ifname)
+        if index is None:
+            return False
+        ipr.link("del", index=index)
+        return True
+
+
+def link_exists(ifname: str, netns: str | None = None) -> bool:
+    with netlink(netns) as ipr:
+        return link_index(ipr, ifname) is not None

@@ -1,0 +1,158 @@
+"""Node keys and the per-SA key schedule.
+
+Each node owns an X25519 key pair; only public keys are shared. Both ends of a pair
+compute the same X25519 secret, and HKDF-SHA256 turns it into an independent AES-GCM-256
+key and salt for every (sender, receiver, tunnel, epoch), so no key is ever reused across
+directions, tunnels or epochs (RFC 4106 forbids nonce reuse under one key, and two
+senders sharing a key would share a nonce space). SPIs are built from node numbers rather
+than hashed, so they can never collide at a receiver.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from pydantic import SecretBytes
+
+from vppmesh.config import decode_key
+from vppmesh.errors import KeyFileError
+
+PROTOCOL_LABEL = b"vppmesh esp aes-gcm-256 v1"
+GCM_KEY_BYTES = 32
+GCM_SALT_BYTES = 4
+SPI_BASE = 0x0100_0000
+EPOCH_SPI_BITS = 4
+
+
+@dataclass(frozen=True)
+class NodeSecrets:
+    """What a node keeps to itself: its private key and the optional mesh PSK."""
+
+    private_key: X25519PrivateKey
+    psk: bytes = b""
+
+    def __repr__(self) -> str:  # never show key material, even in a traceback
+        return f"NodeSecrets(public_key={self.public_key_b64()!r}, psk={'set' if self.psk else 'unset'})"
+
+    def public_key_b64(self) -> str:
+        return public_key_b64(self.private_key)
+
+
+def public_key_b64(private_key: X25519PrivateKey) -> str:
+    raw = private_key.public_key().public_bytes(
+        serialization.Encoding.Raw, serialization.PublicFormat.Raw
+    )
+    return base64.b64encode(raw).decode()
+
+
+def private_key_b64(private_key: X25519PrivateKey) -> str:
+    raw = private_key.private_bytes(
+        serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption()
+    )
+    return base64.b64encode(raw).decode()
+
+
+def write_secret_file(path: Path, content: str, *, force: bool = False) -> None:
+    """Create a file readable by its owner only (0600) without a window where it is wider."""
+    flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if force else os.O_EXCL)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, flags, 0o600)
+    except FileExistsError:
+        raise KeyFileError(f"{path} exists already; pass --force to replace it") from None
+    with os.fdopen(fd, "w") as handle:
+        os.fchmod(handle.fileno(), 0o600)
+        handle.write(content + "\n")
+
+
+def generate_private_key(path: Path, *, force: bool = False) -> str:
+    """Write a new X25519 private key (0600) and return its public key."""
+    key = X25519PrivateKey.generate()
+    write_secret_file(path, private_key_b64(key), force=force)
+    return public_key_b64(key)
+
+
+def read_secret_file(path: Path, what: str) -> bytes:
+    """Read a base64 32-byte secret, refusing files that others can read."""
+    try:
+        mode = path.stat().st_mode
+        text = path.read_text(encoding="ascii")
+    except FileNotFoundError:
+        raise KeyFileError(f"{what} file {path} does not exist; create it with "
+                           "`vppmesh keygen`") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise KeyFileError(f"{what} file {path} cannot be read ({exc})") from None
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise KeyFileError(
+            f"{what} file {path} has mode {stat.S_IMODE(mode):04o}; it must be readable by "
+            f"its owner only: chmod 600 {path}"
+        )
+    try:
+        return decode_key(text, f"{what} file {path}")
+    except ValueError as exc:
+        raise KeyFileError(str(exc)) from None
+
+
+def load_secrets(private_key_file: Path, psk_file: Path | None) -> NodeSecrets:
+    raw = read_secret_file(private_key_file, "private key")
+    psk = read_secret_file(psk_file, "PSK") if psk_file is not None else b""
+    return NodeSecrets(private_key=X25519PrivateKey.from_private_bytes(raw), psk=psk)
+
+
+def pair_secret(secrets: NodeSecrets, peer_public_key: bytes) -> bytes:
+    """X25519 shared secret; identical on both ends of the pair."""
+    try:
+        return secrets.private_key.exchange(X25519PublicKey.from_public_bytes(peer_public_key))
+    except ValueError:
+        # A low-order point gives the all-zero secret: an attacker-chosen key.
+        raise KeyFileError("a peer's public key is a low-order point; it cannot be used") from None
+
+
+@dataclass(frozen=True)
+class SaKey:
+    """AES-GCM-256 key and the 4-byte salt that prefixes every nonce."""
+
+    key: SecretBytes
+    salt: int
+
+
+def _length_prefixed(*parts: bytes) -> bytes:
+    return b"".join(len(p).to_bytes(2, "big") + p for p in parts)
+
+
+def derive_sa_key(
+    shared: bytes, psk: bytes, *, sender: str, receiver: str, tunnel: int, epoch: int
+) -> SaKey:
+    """HKDF-SHA256 of the pair secret for one direction, tunnel and epoch.
+
+    Fields are length-prefixed so that no two (sender, receiver) pairs can produce the
+    same `info`, which plain concatenation of names would allow ("a"+"bc" == "ab"+"c").
+    """
+    hkdf = HKDF(
+        algorithm=hashes.SHA256(),
+        length=GCM_KEY_BYTES + GCM_SALT_BYTES,
+        salt=PROTOCOL_LABEL + epoch.to_bytes(4, "big"),
+        info=_length_prefixed(sender.encode(), receiver.encode(), tunnel.to_bytes(2, "big")),
+    )
+    okm = hkdf.derive(shared + psk)
+    return SaKey(
+        key=SecretBytes(okm[:GCM_KEY_BYTES]),
+        salt=int.from_bytes(okm[GCM_KEY_BYTES:], "big"),
+    )
+
+
+def spi_for(sender_node_number: int, tunnel: int, epoch: int) -> int:
+    """SPI of the SA carrying sender -> receiver traffic on one tunnel and epoch.
+
+    Unique at every receiver: a receiver's inbound SAs differ in sender number, tunnel or
+    epoch. The epoch takes 4 bits: only two epochs are ever live at once. The base keeps
+    SPIs clear of the 1-255 range RFC 4303 reserves.
+    """
+    return SPI_BASE | sender_node_number << 8 | tunnel << EPOCH_SPI_BITS | (epoch & 0xF)

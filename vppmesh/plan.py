@@ -1,0 +1,128 @@
+"""plan(): the pure function from a node's view of the mesh to its desired state.
+
+No I/O happens here, so the result depends only on the inputs: `vppmesh plan` is an
+exact dry run and every property of the mesh can be unit-tested on large meshes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from vppmesh.config import Mesh, Node
+from vppmesh.keys import NodeSecrets, derive_sa_key, pair_secret, spi_for
+from vppmesh.state import (
+    DesiredState,
+    HostLinkSpec,
+    RouteSpec,
+    SaSpec,
+    TunnelSpec,
+    sa_id_for,
+    tunnel_instance,
+)
+
+HOST_LINUX_IFNAME = "vppmesh0"
+HOST_VETH_PEER = "vppmesh0-vpp"
+
+
+@dataclass(frozen=True)
+class HostOptions:
+    """How this node's own Linux host joins the mesh (decided from the machine, not here)."""
+
+    kind: Literal["tap", "af_packet", "none"] = "af_packet"
+    netns: str | None = None
+    queues: int = 1
+
+
+def node_mac(node_number: int, role: int) -> str:
+    """A stable locally administered MAC, so links keep their MACs across restarts."""
+    return f"02:fe:{node_number >> 8:02x}:{node_number & 0xFF:02x}:{role >> 8:02x}:{role & 0xFF:02x}"
+
+
+def host_link(local: Node, peers: list[Node], options: HostOptions) -> HostLinkSpec | None:
+    if options.kind == "none":
+        return None
+    vpp_ifname = HOST_VETH_PEER if options.kind == "af_packet" else HOST_LINUX_IFNAME
+    return HostLinkSpec(
+        kind=options.kind,
+        tag="vppmesh:host",
+        linux_ifname=HOST_LINUX_IFNAME,
+        vpp_ifname=vpp_ifname,
+        address=f"{local.mesh_address}/32",  # type: ignore[arg-type]
+        linux_mac=node_mac(local.node_number, 2),
+        vpp_mac=node_mac(local.node_number, 1),
+        netns=options.netns,
+        routes=tuple(peer.pod_cidr for peer in peers),
+        queues=options.queues,
+    )
+
+
+def plan(
+    mesh: Mesh,
+    local_name: str,
+    secrets: NodeSecrets,
+    *,
+    workers: int = 0,
+    host: HostOptions | None = None,
+    epochs: tuple[int, ...] | None = None,
+    uplink: str | None = None,
+) -> DesiredState:
+    """Everything `local_name`'s VPP should hold to join the mesh.
+
+    `epochs` lists the key epochs to accept inbound (the newest is used outbound); by
+    default only the mesh's current epoch.
+    """
+    local = mesh.node(local_name)
+    peers = mesh.peers_of(local_name)
+    settings = mesh.settings
+    count = settings.tunnels_per_peer
+    live_epochs = tuple(sorted(set(epochs or (settings.key_epoch,))))
+    out_epoch = live_epochs[-1]
+
+    sas: list[SaSpec] = []
+    tunnels: list[TunnelSpec] = []
+    routes: list[RouteSpec] = []
+    for peer in peers:
+        shared = pair_secret(secrets, peer.public_key_bytes)
+        instances = []
+        for index in range(count):
+            worker = index % workers if workers > 0 else None
+            sa_in: list[int] = []
+            for epoch in live_epochs:
+                inbound = derive_sa_key(shared, secrets.psk, sender=peer.name,
+                                        receiver=local.name, tunnel=index, epoch=epoch)
+                sa_id = sa_id_for("in", peer.node_number, index, epoch)
+                sas.append(SaSpec(
+                    sa_id=sa_id, spi=spi_for(peer.node_number, index, epoch), key=inbound.key,
+                    salt=inbound.salt, anti_replay_window=settings.anti_replay_window,
+                    worker=worker,
+                ))
+                sa_in.append(sa_id)
+            outbound = derive_sa_key(shared, secrets.psk, sender=local.name,
+                                     receiver=peer.name, tunnel=index, epoch=out_epoch)
+            sa_out = sa_id_for("out", peer.node_number, index, out_epoch)
+            sas.append(SaSpec(
+                sa_id=sa_out, spi=spi_for(local.node_number, index, out_epoch),
+                key=outbound.key, salt=outbound.salt,
+                anti_replay_window=settings.anti_replay_window, worker=worker,
+            ))
+            instance = tunnel_instance(peer.node_number, index)
+            tunnels.append(TunnelSpec(
+                instance=instance, src=local.underlay[index].ip, dst=peer.underlay[index].ip,
+                sa_out=sa_out, sa_in=tuple(sa_in),
+            ))
+            instances.append(instance)
+        routes.append(RouteSpec(prefix=peer.pod_cidr, tunnels=tuple(instances)))
+
+    return DesiredState(
+        node=local.name,
+        table_id=settings.mesh_table_id,
+        mtu=mesh.pod_mtu(),
+        gso=settings.gso,
+        uplink=uplink or local.uplink,
+        uplink_addresses=tuple(local.underlay),
+        sas=tuple(sas),
+        tunnels=tuple(tunnels),
+        routes=tuple(routes),
+        host=host_link(local, peers, host or HostOptions()),
+    )

@@ -1,0 +1,115 @@
+"""status: what the mesh looks like from this node, straight from VPP."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import BaseModel
+
+from vppmesh.config import Mesh
+from vppmesh.state import is_owned_sa_id, is_owned_tunnel_instance, split_tunnel_instance
+from vppmesh.vpp import interfaces, ipip, ipsec, system
+from vppmesh.vpp.client import VppApi
+from vppmesh.vpp.stats import StatsReader
+
+
+class SaStatus(BaseModel):
+    sa_id: int
+    spi: int
+    direction: str
+    packets: int | None
+    bytes: int | None
+    thread: int
+
+
+class TunnelStatus(BaseModel):
+    name: str
+    index: int
+    src: str
+    dst: str
+    admin_up: bool
+    protected: bool
+    sa_out: SaStatus | None
+    sa_in: list[SaStatus]
+
+
+class PeerStatus(BaseModel):
+    name: str
+    node_number: int
+    tunnels: list[TunnelStatus]
+
+    @property
+    def healthy(self) -> bool:
+        return bool(self.tunnels) and all(t.admin_up and t.protected for t in self.tunnels)
+
+
+class NodeStatus(BaseModel):
+    node: str
+    vpp_version: str
+    workers: int
+    host_link: str | None
+    peers: list[PeerStatus]
+    missing_peers: list[str]
+
+
+def collect(api: VppApi, mesh: Mesh, node: str, stats_socket: Path | None) -> NodeStatus:
+    by_number = {n.node_number: n.name for n in mesh.nodes}
+    ifaces = {i.sw_if_index: i for i in interfaces.dump_interfaces(api)}
+    tunnels = [t for t in ipip.dump_tunnels(api) if is_owned_tunnel_instance(t.instance)]
+    sas = {s.spec.sa_id: s for s in ipsec.dump_sas(api) if is_owned_sa_id(s.spec.sa_id)}
+    protections = ipsec.dump_protections(api)
+    counters = {}
+    if stats_socket is not None and stats_socket.exists():
+        with StatsReader(stats_socket) as reader:
+            counters = reader.sa_counters(sorted({s.stat_index for s in sas.values()}))
+
+    def sa_status(sa_id: int) -> SaStatus | None:
+        sa = sas.get(sa_id)
+        if sa is None:
+            return None
+        c = counters.get(sa.stat_index)
+        return SaStatus(sa_id=sa_id, spi=sa.spec.spi, direction=sa.spec.direction,
+                        packets=c.packets if c else None, bytes=c.bytes if c else None,
+                        thread=sa.thread_index)
+
+    peers: dict[int, PeerStatus] = {}
+    for t in sorted(tunnels, key=lambda t: t.instance):
+        number, index = split_tunnel_instance(t.instance)
+        peer = peers.setdefault(number, PeerStatus(
+            name=by_number.get(number, f"#{number}"), node_number=number, tunnels=[]))
+        protection = protections.get(t.sw_if_index)
+        iface = ifaces.get(t.sw_if_index)
+        peer.tunnels.append(TunnelStatus(
+            name=f"ipip{t.instance}", index=index, src=str(t.src), dst=str(t.dst),
+            admin_up=bool(iface and iface.admin_up), protected=protection is not None,
+            sa_out=sa_status(protection[0]) if protection else None,
+            sa_in=[s for s in (sa_status(i) for i in protection[1]) if s] if protection else [],
+        ))
+    expected = {n.node_number for n in mesh.nodes if n.name != node}
+    host = next((i for i in ifaces.values() if i.tag == "vppmesh:host"), None)
+    return NodeStatus(
+        node=node, vpp_version=system.version(api), workers=system.worker_count(api),
+        host_link=f"{host.name} ({'tap' if host.dev_type == 'virtio' else 'af_packet'})"
+        if host else None,
+        peers=list(peers.values()),
+        missing_peers=sorted(by_number[n] for n in expected - set(peers)),
+    )
+
+
+def render_table(status: NodeStatus) -> str:
+    lines = [f"node {status.node}: VPP {status.vpp_version}, {status.workers} worker(s), "
+             f"host link {status.host_link or 'none'}"]
+    header = f"{'peer':<12} {'tunnel':<14} {'src -> dst':<34} {'state':<10} " \
+             f"{'out pkts':>10} {'in pkts':>10}"
+    lines += [header, "-" * len(header)]
+    for peer in status.peers:
+        for t in peer.tunnels:
+            state = "up" if t.admin_up and t.protected else ("unprotected" if t.admin_up
+                                                             else "down")
+            out_p = t.sa_out.packets if t.sa_out and t.sa_out.packets is not None else "-"
+            in_p = sum(s.packets or 0 for s in t.sa_in) if t.sa_in else "-"
+            lines.append(f"{peer.name:<12} {t.name:<14} {t.src + ' -> ' + t.dst:<34} "
+                         f"{state:<10} {out_p:>10} {in_p:>10}")
+    for name in status.missing_peers:
+        lines.append(f"{name:<12} (no tunnels: run `vppmesh up`)")
+    return "\n".join(lines)

@@ -1,0 +1,71 @@
+"""down: remove every object vppmesh owns from VPP, and nothing else.
+
+Ownership comes from VPP itself (reserved tunnel instances and SA ids, `vppmesh:` tags,
+the mesh VRF), so `down` works even without the mesh file that created the objects.
+Routes go first and tunnels are taken down before their protection is removed, so no
+packet is ever sent unencrypted while the mesh is dismantled.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+
+from vppmesh.state import TAG_PREFIX, is_owned_sa_id, is_owned_tunnel_instance
+from vppmesh.vpp import host_interfaces, interfaces, ipip, ipsec, routes
+from vppmesh.vpp.client import VppApi
+
+
+def teardown(api: VppApi, table_id: int,
+             extra_uplink_addresses: tuple[ipaddress.IPv4Interface | ipaddress.IPv6Interface,
+                                           ...] = ()) -> list[str]:
+    """Remove the mesh from VPP; returns a line per removed object."""
+    removed: list[str] = []
+    ifaces = interfaces.dump_interfaces(api)
+    tunnels = [t for t in ipip.dump_tunnels(api) if is_owned_tunnel_instance(t.instance)]
+    sas = [s.spec.sa_id for s in ipsec.dump_sas(api) if is_owned_sa_id(s.spec.sa_id)]
+    table_exists = table_id in routes.dump_tables(api)
+
+    if table_exists:
+        mesh_routes = routes.dump_routes(api, table_id)
+        tunnel_indexes = {t.sw_if_index for t in tunnels}
+        ours = [p for p, paths in mesh_routes.items() if set(paths) <= tunnel_indexes]
+        api.call_many([routes.route(table_id, p, [], False) for p in ours])
+        removed += [f"route {p}" for p in ours]
+    api.call_many([interfaces.set_admin(t.sw_if_index, False, f"ipip{t.instance}")
+                   for t in tunnels])
+    protected = ipsec.dump_protections(api)
+    api.call_many([ipsec.unprotect(t.sw_if_index, f"ipip{t.instance}")
+                   for t in tunnels if t.sw_if_index in protected])
+    api.call_many([ipip.del_tunnel(t.sw_if_index, f"ipip{t.instance}") for t in tunnels])
+    removed += [f"tunnel ipip{t.instance}" for t in tunnels]
+    api.call_many([ipsec.del_sa(s) for s in sas])
+    removed += [f"sa {s:#x}" for s in sas]
+
+    af_packet = {index: name for name, index in host_interfaces.dump_af_packet(api).items()}
+    for iface in ifaces:
+        if not iface.tag.startswith(TAG_PREFIX):
+            continue
+        api.call(interfaces.set_admin(iface.sw_if_index, False, iface.name))
+        if iface.sw_if_index in af_packet:
+            api.call(host_interfaces.delete_af_packet(af_packet[iface.sw_if_index]))
+        elif iface.dev_type == "virtio":
+            api.call(host_interfaces.delete_tap(iface.sw_if_index))
+        elif iface.dev_type == "Loopback":
+            api.call(interfaces.delete_loopback(iface.sw_if_index, iface.name))
+        removed.append(f"interface {iface.name} ({iface.tag})")
+    if table_exists:
+        api.call(routes.table(table_id, False))
+        removed.append(f"table {table_id}")
+
+    if extra_uplink_addresses:
+        holders = {}
+        for iface in ifaces:
+            if iface.tag.startswith(TAG_PREFIX) or iface.dev_type in ("IPIP", "local"):
+                continue
+            for addr in interfaces.dump_addresses(api, iface.sw_if_index):
+                holders[addr] = iface.sw_if_index
+        for addr in extra_uplink_addresses:
+            if addr in holders:
+                api.call(interfaces.address(holders[addr], addr, False))
+                removed.append(f"address {addr}")
+    return removed

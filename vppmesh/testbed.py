@@ -1,0 +1,354 @@
+"""A multi-node mesh on one machine: namespaces as hosts, one VPP per node.
+
+Node k is the network namespace `<prefix>n<k>` running its own VPP (own runtime dir,
+API, CLI and stats sockets, shared-memory prefix), whose uplink is an af_packet
+interface on a veth into the underlay bridge (namespace `<prefix>ul`). The uplink holds
+the node's primary and extra addresses. Pods are namespaces attached to their node's VPP
+like any endpoint. `vppmesh up` then runs once per node, in the node's namespace, exactly
+as on a real host. Everything uses documentation ranges and stays on this machine.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from vppmesh.config import Mesh, MeshSettings, Node, dump_mesh
+from vppmesh.errors import VppMeshError
+from vppmesh.keys import generate_private_key
+from vppmesh.startup import Instance, load_profile, render
+from vppmesh.vpp import host_interfaces, interfaces
+from vppmesh.vpp.client import VppClient
+
+DEFAULT_PREFIX = "vmt-"
+DEFAULT_BASE = Path("/run/vppmesh-testbed")
+UNDERLAY_NET = ipaddress.IPv4Network("192.0.2.0/24")  # RFC 5737 TEST-NET-1
+POD_SUPERNET = ipaddress.IPv4Network("198.18.0.0/16")  # RFC 2544 benchmarking range
+UPLINK_IFNAME = "eth0"
+UNDERLAY_MTU = 1500
+VPP_START_TIMEOUT = 30.0
+
+
+class TestbedError(VppMeshError):
+    """The testbed cannot be built here (missing VPP, not root, ...)."""
+
+
+class TestbedSpec(BaseModel):
+    """Shape of the testbed; saved next to it so `down` and `status` need no arguments."""
+
+    model_config = ConfigDict(extra="forbid")
+    nodes: int = Field(default=3, ge=2, le=16)
+    tunnels: int = Field(default=4, ge=1, le=8)
+    pods: int = Field(default=1, ge=0, le=8)
+    workers: int = Field(default=0, ge=0, le=4)
+    profile: str = "testbed"
+    prefix: str = DEFAULT_PREFIX
+    base_dir: Path = DEFAULT_BASE
+    mesh_table_id: int = 1717
+    gso: bool = True
+
+
+def find_vpp() -> Path:
+    """The VPP binary: $VPPMESH_VPP, else `vpp` on PATH."""
+    env = os.environ.get("VPPMESH_VPP")
+    if env:
+        path = Path(env)
+        if not (path.is_file() and os.access(path, os.X_OK)):
+            raise TestbedError(f"VPPMESH_VPP={env} is not an executable file")
+        return path
+    found = shutil.which("vpp")
+    if found is None:
+        raise TestbedError(
+            "no VPP found: install it from FD.io's packages (packagecloud.io/fdio/release: "
+            "apt-get install vpp vpp-plugin-core) or set VPPMESH_VPP to the path of a vpp binary")
+    return Path(found)
+
+
+def require_root() -> None:
+    if os.geteuid() != 0:
+        raise TestbedError("the testbed creates network namespaces and needs root: run it "
+                           "with sudo (or as root)")
+
+
+def sh(*args: str, check: bool = True, capture: bool = True,
+       timeout: float | None = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(list(args), check=check, capture_output=capture, text=True,
+                          timeout=timeout)
+
+
+def in_ns(ns: str, *args: str, **kwargs: object) -> subprocess.CompletedProcess[str]:
+    return sh("ip", "netns", "exec", ns, *args, **kwargs)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class NodeHandle:
+    """Where everything of one testbed node lives."""
+
+    index: int
+    spec: TestbedSpec
+
+    @property
+    def name(self) -> str:
+        return f"n{self.index}"
+
+    @property
+    def netns(self) -> str:
+        return f"{self.spec.prefix}n{self.index}"
+
+    @property
+    def dir(self) -> Path:
+        return self.spec.base_dir / self.name
+
+    @property
+    def instance(self) -> Instance:
+        return Instance(name=f"{self.spec.prefix}{self.name}", runtime_dir=self.dir)
+
+    @property
+    def key_file(self) -> Path:
+        return self.dir / "private.key"
+
+    @property
+    def underlay(self) -> list[ipaddress.IPv4Interface]:
+        base = int(UNDERLAY_NET.network_address) + self.index * 10
+        count = max(self.spec.tunnels, 1)
+        return [ipaddress.IPv4Interface(f"{ipaddress.IPv4Address(base + t + 1)}/24")
+                for t in range(count)]
+
+    @property
+    def pod_cidr(self) -> ipaddress.IPv4Network:
+        return ipaddress.IPv4Network(f"198.18.{self.index}.0/24")
+
+    def pod_netns(self, pod: int) -> str:
+        return f"{self.spec.prefix}n{self.index}p{pod}"
+
+    def pod_address(self, pod: int) -> ipaddress.IPv4Address:
+        return self.pod_cidr.network_address + 10 + pod
+
+    def pod_name(self, pod: int) -> str:
+        return f"n{self.index}p{pod}"
+
+
+class Testbed:
+    def __init__(self, spec: TestbedSpec) -> None:
+        self.spec = spec
+        self.nodes = [NodeHandle(i + 1, spec) for i in range(spec.nodes)]
+
+    @property
+    def underlay_ns(self) -> str:
+        return f"{self.spec.prefix}ul"
+
+    @property
+    def mesh_file(self) -> Path:
+        return self.spec.base_dir / "mesh.yaml"
+
+    @property
+    def spec_file(self) -> Path:
+        return self.spec.base_dir / "testbed.json"
+
+    @classmethod
+    def load(cls, base_dir: Path = DEFAULT_BASE) -> Testbed:
+        path = base_dir / "testbed.json"
+        if not path.exists():
+            raise TestbedError(f"no testbed at {base_dir} (run `vppmesh testbed up` first)")
+        return cls(TestbedSpec.model_validate_json(path.read_text()))
+
+    # ---- building -------------------------------------------------------------------
+    def up(self, *, progress: object = None) -> None:
+        """Build everything and bring every node into the mesh; cleans up on failure."""
+        require_root()
+        vpp = find_vpp()
+        say = progress if callable(progress) else (lambda _msg: None)
+        self.down(quiet=True)
+        try:
+            self.spec.base_dir.mkdir(parents=True, exist_ok=True)
+            self.spec_file.write_text(self.spec.model_dump_json(indent=2))
+            say("underlay")
+            self._underlay()
+            say("keys and mesh file")
+            self._mesh()
+            for node in self.nodes:
+                say(f"VPP on {node.name}")
+                self._start_vpp(node, vpp)
+            for node in self.nodes:
+                self._uplink(node)
+            for node in self.nodes:
+                say(f"vppmesh up on {node.name}")
+                self.run_vppmesh(node, "up")
+            for node in self.nodes:
+                for pod in range(self.spec.pods):
+                    say(f"pod {node.pod_name(pod)}")
+                    self.add_pod(node, pod)
+        except BaseException:
+            self.down(quiet=True)
+            raise
+
+    def _underlay(self) -> None:
+        ns = self.underlay_ns
+        sh("ip", "netns", "add", ns)
+        in_ns(ns, "ip", "link", "set", "lo", "up")
+        in_ns(ns, "ip", "link", "add", "br0", "type", "bridge")
+        in_ns(ns, "ip", "link", "set", "br0", "up")
+        for node in self.nodes:
+            sh("ip", "netns", "add", node.netns)
+            in_ns(node.netns, "ip", "link", "set", "lo", "up")
+            port = f"ul-{node.name}"
+            in_ns(ns, "ip", "link", "add", port, "mtu", str(UNDERLAY_MTU), "type", "veth",
+                  "peer", "name", UPLINK_IFNAME, "netns", node.netns)
+            in_ns(ns, "ip", "link", "set", port, "master", "br0", "up")
+            in_ns(node.netns, "ip", "link", "set", UPLINK_IFNAME, "mtu", str(UNDERLAY_MTU), "up")
+
+    def _mesh(self) -> None:
+        nodes = []
+        for node in self.nodes:
+            node.dir.mkdir(parents=True, exist_ok=True)
+            public = generate_private_key(node.key_file, force=True)
+            nodes.append(Node(name=node.name, node_number=node.index,
+                              underlay=node.underlay,  # type: ignore[arg-type]
+                              pod_cidr=node.pod_cidr, public_key=public))
+        mesh = Mesh(settings=MeshSettings(tunnels_per_peer=self.spec.tunnels,
+                                          underlay_mtu=UNDERLAY_MTU,
+                                          mesh_table_id=self.spec.mesh_table_id,
+                                          gso=self.spec.gso),
+                    nodes=nodes)
+        self.mesh_file.write_text(dump_mesh(mesh))
+
+    def _start_vpp(self, node: NodeHandle, vpp: Path) -> None:
+        conf = node.dir / "startup.conf"
+        conf.write_text(render(load_profile(self.spec.profile), node.instance,
+                               workers=self.spec.workers))
+        log = open(node.dir / "vpp.stdout", "w")  # noqa: SIM115 - handed to the child
+        proc = subprocess.Popen(["ip", "netns", "exec", node.netns, str(vpp), "-c", str(conf)],
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        (node.dir / "launcher.pid").write_text(str(proc.pid))
+        deadline = time.monotonic() + VPP_START_TIMEOUT
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise TestbedError(f"VPP of {node.name} exited at start: "
+                                   f"{(node.dir / 'vpp.stdout').read_text()[-2000:]}")
+            if node.instance.api_socket.exists():
+                try:
+                    VppClient(node.instance.api_socket, timeout=2).connect().close()
+                    return
+                except VppMeshError:
+                    pass
+            time.sleep(0.2)
+        raise TestbedError(f"VPP of {node.name} did not open {node.instance.api_socket} "
+                           f"within {VPP_START_TIMEOUT:.0f} s")
+
+    def _uplink(self, node: NodeHandle) -> None:
+        """Give VPP the node's uplink: af_packet on the veth, MTU, addresses, up."""
+        with VppClient(node.instance.api_socket).connect() as api:
+            index = api.call(host_interfaces.create_af_packet(
+                UPLINK_IFNAME, _uplink_mac(node.index))).sw_if_index
+            api.call_many([
+                interfaces.set_mtu(index, UNDERLAY_MTU, "uplink"),
+                interfaces.address(index, node.underlay[0], True),
+                interfaces.set_admin(index, True, "uplink"),
+            ])
+
+    # ---- pods -----------------------------------------------------------------------
+    def add_pod(self, node: NodeHandle, pod: int) -> None:
+        ns = node.pod_netns(pod)
+        sh("ip", "netns", "add", ns)
+        in_ns(ns, "ip", "link", "set", "lo", "up")
+        self.run_vppmesh(node, "attach", "--name", node.pod_name(pod), "--netns", ns,
+                         "--address", str(node.pod_address(pod)), "--index", str(pod))
+
+    # ---- running things -------------------------------------------------------------
+    def vppmesh_args(self, node: NodeHandle) -> list[str]:
+        return ["--mesh", str(self.mesh_file), "--node", node.name, "--key",
+                str(node.key_file), "--api-socket", str(node.instance.api_socket)]
+
+    def run_vppmesh(self, node: NodeHandle, command: str, *extra: str,
+                    check: bool = True) -> subprocess.CompletedProcess[str]:
+        args = [sys.executable, "-m", "vppmesh", command, *self.vppmesh_args(node), *extra]
+        result = in_ns(node.netns, *args, check=False, timeout=300)
+        if check and result.returncode != 0:
+            raise TestbedError(f"`vppmesh {command}` failed on {node.name}:\n"
+                               f"{result.stdout}{result.stderr}")
+        return result
+
+    # ---- tearing down ---------------------------------------------------------------
+    def down(self, *, quiet: bool = False) -> list[str]:
+        """Remove every namespace, link and VPP of this testbed prefix, whatever state."""
+        return destroy(self.spec.prefix, self.spec.base_dir, quiet=quiet)
+
+    def status(self) -> dict[str, object]:
+        nodes = []
+        for node in self.nodes:
+            running = node.instance.api_socket.exists() and _vpp_pid(node) is not None
+            nodes.append({"node": node.name, "netns": node.netns, "vpp_running": running,
+                          "underlay": [str(a) for a in node.underlay],
+                          "pod_cidr": str(node.pod_cidr),
+                          "pods": [node.pod_netns(p) for p in range(self.spec.pods)],
+                          "api_socket": str(node.instance.api_socket)})
+        return {"mesh_file": str(self.mesh_file), "nodes": nodes}
+
+
+def _uplink_mac(index: int) -> str:
+    return f"02:fe:ee:00:00:{index:02x}"
+
+
+def _vpp_pid(node: NodeHandle) -> int | None:
+    try:
+        pid = int(node.instance.pid_file.read_text().strip())
+        os.kill(pid, 0)
+        return pid
+    except (OSError, ValueError):
+        return None
+
+
+def _namespaces(prefix: str) -> list[str]:
+    result = sh("ip", "-json", "netns", "list", check=False)
+    try:
+        entries = json.loads(result.stdout or "[]")
+    except json.JSONDecodeError:
+        entries = []
+    return [e["name"] for e in entries if e.get("name", "").startswith(prefix)]
+
+
+def _pids_in_netns(ns: str) -> list[int]:
+    result = sh("ip", "netns", "pids", ns, check=False)
+    return [int(p) for p in result.stdout.split() if p.isdigit()]
+
+
+def destroy(prefix: str, base_dir: Path, *, quiet: bool = False) -> list[str]:
+    """Kill every process in the prefix's namespaces, then delete the namespaces."""
+    removed: list[str] = []
+    namespaces = _namespaces(prefix)
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        pids = [p for ns in namespaces for p in _pids_in_netns(ns)]
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+                removed.append(f"process {pid}") if sig == signal.SIGTERM else None
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + 5
+        while pids and time.monotonic() < deadline:
+            pids = [p for p in pids if Path(f"/proc/{p}").exists()]
+            time.sleep(0.1)
+        if not pids:
+            break
+    for ns in namespaces:
+        sh("ip", "netns", "del", ns, check=False)
+        removed.append(f"netns {ns}")
+    for shm in Path("/dev/shm").glob(f"{prefix}*"):
+        shm.unlink(missing_ok=True)
+    if base_dir.exists():
+        shutil.rmtree(base_dir, ignore_errors=True)
+        removed.append(f"dir {base_dir}")
+    if not quiet:
+        for line in removed:
+            print(f"removed {line}", file=sys.stderr)
+    return removed

@@ -1,0 +1,54 @@
+"""Interfaces that connect Linux to VPP: tap v2 (virtio) and af_packet on a veth."""
+
+from __future__ import annotations
+
+from vppmesh.vpp.client import Request, VppApi
+from vppmesh.vpp.interfaces import NOT_FOUND
+
+AF_PACKET_MODE_ETHERNET = 1
+AF_PACKET_FLAG_QDISC_BYPASS = 1
+AF_PACKET_FLAG_CKSUM_GSO = 2
+TAP_FLAG_GSO = 1
+TAP_FLAG_GRO_COALESCE = 32
+TAP_FLAG_CONSISTENT_QP = 256
+
+
+def create_af_packet(host_if_name: str, mac: str, queues: int = 1) -> Request:
+    """af_packet with checksum/GSO offload, so large segments cross the veth whole."""
+    return Request("af_packet_create_v3", {
+        "mode": AF_PACKET_MODE_ETHERNET, "hw_addr": mac, "use_random_hw_addr": False,
+        "host_if_name": host_if_name, "rx_frame_size": 0, "tx_frame_size": 0,
+        "rx_frames_per_block": 0, "tx_frames_per_block": 0,
+        "flags": AF_PACKET_FLAG_QDISC_BYPASS | AF_PACKET_FLAG_CKSUM_GSO,
+        "num_rx_queues": queues, "num_tx_queues": queues,
+    }, f"af_packet {host_if_name}")
+
+
+def delete_af_packet(host_if_name: str) -> Request:
+    return Request("af_packet_delete", {"host_if_name": host_if_name},
+                   f"af_packet {host_if_name}", tolerate=NOT_FOUND)
+
+
+def dump_af_packet(api: VppApi) -> dict[str, int]:
+    """{Linux interface name: sw_if_index}."""
+    return {d.host_if_name: d.sw_if_index for d in api.dump("af_packet_dump")}
+
+
+def create_tap(host_if_name: str, mac: str, host_mac: str, mtu: int, queues: int,
+               netns: str | None, tag: str) -> Request:
+    """Tap v2 with GSO, GRO coalescing and one queue pair per worker."""
+    return Request("tap_create_v3", {
+        "id": 0xFFFFFFFF, "use_random_mac": False, "mac_address": mac,
+        "num_rx_queues": queues, "num_tx_queues": queues,
+        "tx_ring_sz": 1024, "rx_ring_sz": 1024,
+        "host_mtu_set": True, "host_mtu_size": mtu,
+        "host_mac_addr_set": True, "host_mac_addr": host_mac,
+        "tap_flags": TAP_FLAG_GSO | TAP_FLAG_GRO_COALESCE | TAP_FLAG_CONSISTENT_QP,
+        "host_namespace_set": netns is not None, "host_namespace": netns or "",
+        "host_if_name_set": True, "host_if_name": host_if_name, "tag": tag,
+    }, f"tap {host_if_name}")
+
+
+def delete_tap(sw_if_index: int) -> Request:
+    return Request("tap_delete_v2", {"sw_if_index": sw_if_index}, f"tap {sw_if_index}",
+                   tolerate=NOT_FOUND)

@@ -1,0 +1,73 @@
+"""The mesh FIB table, ECMP routes over tunnels, and static neighbors."""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Sequence
+
+from vppmesh.vpp.client import Request, VppApi
+from vppmesh.vpp.interfaces import NOT_FOUND
+
+PATH_NORMAL = 0
+NH_PROTO_IP4 = 0
+NEIGHBOR_STATIC = 0x1
+NEIGHBOR_NO_FIB_ENTRY = 0x2
+EMPTY_LABEL = {"is_uniform": 0, "label": 0, "ttl": 0, "exp": 0}
+NOT_FOUND_ROUTE = (*NOT_FOUND, -8)
+
+
+def table(table_id: int, is_add: bool, name: str = "vppmesh") -> Request:
+    return Request("ip_table_add_del",
+                   {"is_add": is_add, "table": {"table_id": table_id, "is_ip6": False,
+                                                "name": name}},
+                   f"table {table_id}", tolerate=() if is_add else NOT_FOUND)
+
+
+def dump_tables(api: VppApi) -> set[int]:
+    return {d.table.table_id for d in api.dump("ip_table_dump") if not d.table.is_ip6}
+
+
+def _paths(sw_if_indexes: Sequence[int], nexthop: ipaddress.IPv4Address | None
+           ) -> list[dict[str, object]]:
+    nh = {"address": {"ip4": str(nexthop or "0.0.0.0")}}
+    return [{"sw_if_index": i, "table_id": 0, "weight": 1, "preference": 0,
+             "type": PATH_NORMAL, "flags": 0, "proto": NH_PROTO_IP4, "nh": nh,
+             "n_labels": 0, "label_stack": [EMPTY_LABEL] * 16}
+            for i in sw_if_indexes]
+
+
+def route(table_id: int, prefix: ipaddress.IPv4Network, sw_if_indexes: Sequence[int],
+          is_add: bool, nexthop: ipaddress.IPv4Address | None = None) -> Request:
+    """Add or replace a route: its paths are exactly `sw_if_indexes`, equal cost."""
+    return Request("ip_route_add_del", {
+        "is_add": is_add, "is_multipath": False,
+        "route": {"table_id": table_id, "prefix": str(prefix),
+                  "n_paths": len(sw_if_indexes), "paths": _paths(sw_if_indexes, nexthop)},
+    }, f"route {prefix} in table {table_id}", tolerate=() if is_add else NOT_FOUND_ROUTE)
+
+
+def dump_routes(api: VppApi, table_id: int) -> dict[ipaddress.IPv4Network, tuple[int, ...]]:
+    """{prefix: sorted sw_if_indexes of its paths} for the API-added routes of a table."""
+    routes: dict[ipaddress.IPv4Network, tuple[int, ...]] = {}
+    for d in api.dump("ip_route_dump", table={"table_id": table_id, "is_ip6": False}):
+        prefix = ipaddress.ip_network(str(d.route.prefix))
+        paths = tuple(sorted(p.sw_if_index for p in d.route.paths
+                             if p.sw_if_index != 0xFFFFFFFF))
+        if paths:
+            routes[prefix] = paths  # type: ignore[index]
+    return routes
+
+
+def neighbor(sw_if_index: int, ip: ipaddress.IPv4Address, mac: str, is_add: bool) -> Request:
+    """A static neighbor without its own FIB entry (endpoint routes are added explicitly:
+    VPP keeps a neighbor's /32 inactive on an unnumbered interface, which has no cover)."""
+    return Request("ip_neighbor_add_del", {"is_add": is_add, "neighbor": {
+        "sw_if_index": sw_if_index, "flags": NEIGHBOR_STATIC | NEIGHBOR_NO_FIB_ENTRY,
+        "mac_address": mac,
+        "ip_address": str(ip),
+    }}, f"neighbor {ip}", tolerate=() if is_add else NOT_FOUND)
+
+
+def dump_neighbors(api: VppApi, sw_if_index: int) -> dict[ipaddress.IPv4Address, str]:
+    return {ipaddress.IPv4Address(str(d.neighbor.ip_address)): str(d.neighbor.mac_address)
+            for d in api.dump("ip_neighbor_dump", sw_if_index=sw_if_index, af=0)}

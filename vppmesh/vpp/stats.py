@@ -1,0 +1,62 @@
+"""Counters from VPP's stats segment (per-SA packets and bytes, interface counters)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from vppmesh.errors import VppUnavailableError
+
+SA_COUNTERS = "/net/ipsec/sa"
+
+
+@dataclass(frozen=True)
+class Counter:
+    packets: int
+    bytes: int
+
+
+class StatsReader:
+    """Reads the stats segment over its socket (no API round trip, no lock in VPP)."""
+
+    def __init__(self, socket_path: Path) -> None:
+        self.socket_path = socket_path
+        self._stats: Any = None
+
+    def __enter__(self) -> StatsReader:
+        from vpp_papi.vpp_stats import VPPStats
+
+        if not self.socket_path.exists():
+            raise VppUnavailableError(f"no VPP stats socket at {self.socket_path}; pass "
+                                      "--stats-socket (the `statseg` socket-name)")
+        self._stats = VPPStats(socketname=str(self.socket_path))
+        self._stats.connect()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._stats is not None:
+            self._stats.disconnect()
+
+    def combined(self, name: str, indexes: list[int]) -> dict[int, Counter]:
+        """Sum over threads of a combined counter, for each index asked."""
+        data = self._stats[name]
+        result = {}
+        for index in indexes:
+            packets = octets = 0
+            for per_thread in data:
+                if index < len(per_thread):
+                    packets += per_thread[index][0]
+                    octets += per_thread[index][1]
+            result[index] = Counter(packets, octets)
+        return result
+
+    def sa_counters(self, stat_indexes: list[int]) -> dict[int, Counter]:
+        return self.combined(SA_COUNTERS, stat_indexes)
+
+    def error_counters(self, pattern: str) -> dict[str, int]:
+        """Sum over threads of every error counter whose name contains `pattern`."""
+        names = self._stats.ls([pattern])
+        values = self._stats.dump(names)
+        return {name: int(sum(v)) if isinstance(v, list) else int(v)
+                for name, v in values.items()}

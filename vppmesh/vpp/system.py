@@ -1,0 +1,15 @@
+"""What VPP tells about itself: version and worker threads."""
+
+from __future__ import annotations
+
+from vppmesh.vpp.client import Request, VppApi
+
+
+def version(api: VppApi) -> str:
+    return str(api.call(Request("show_version", {}, "version")).version)
+
+
+def worker_count(api: VppApi) -> int:
+    """Number of worker threads (the main thread excluded)."""
+    reply = api.call(Request("show_threads", {}, "threads"))
+    return sum(1 for t in reply.thread_data if t.type == "workers")
