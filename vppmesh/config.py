@@ -66,7 +66,11 @@ class MeshSettings(BaseModel):
     mesh_table_id: Annotated[int, Field(ge=1, le=2**32 - 2)] = 1717
     anti_replay_window: Annotated[int, Field(ge=64, le=65536)] = 1024
     async_crypto: bool = False
-    gso: bool = True
+    gso: bool = Field(
+        default=False,
+        description="Carry large TCP segments from hosts and pods into VPP and segment them "
+        "there. Off: Linux segments before handing packets to VPP.",
+    )
 
     @model_validator(mode="after")
     def _pod_mtu_fits(self) -> MeshSettings:

@@ -24,7 +24,7 @@ def attach_vpp(api: VppApi, spec: HostLinkSpec, *, table_id: int, mtu: int, gate
     if existing is None:
         if spec.kind == "af_packet":
             index = api.call(host_interfaces.create_af_packet(
-                spec.vpp_ifname, spec.vpp_mac, spec.queues)).sw_if_index
+                spec.vpp_ifname, spec.vpp_mac, spec.queues, spec.offloads)).sw_if_index
             api.call(interfaces.set_tag(index, spec.tag, spec.tag))
         else:
             index = api.call(host_interfaces.create_tap(
@@ -94,7 +94,7 @@ def detach(api: VppApi, spec: HostLinkSpec, table_id: int) -> bool:
 
 def pod_spec(*, name: str, netns: str, address: ipaddress.IPv4Address, node_number: int,
              pod_index: int, linux_ifname: str = "eth0", kind: str = "af_packet",
-             queues: int = 1) -> HostLinkSpec:
+             queues: int = 1, offloads: bool = False) -> HostLinkSpec:
     """The endpoint of one pod; MACs are stable for the (node, pod index)."""
     from vppmesh.plan import node_mac
 
@@ -109,4 +109,5 @@ def pod_spec(*, name: str, netns: str, address: ipaddress.IPv4Address, node_numb
         netns=netns,
         routes=(),
         queues=queues,
+        offloads=offloads,
     )

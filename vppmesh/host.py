@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import shutil
+import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -65,6 +67,21 @@ def ensure_veth(linux_ifname: str, vpp_ifname: str, *, linux_mac: str, vpp_mac: 
         ipr.link("set", index=vpp_index, mtu=mtu, state="up")
 
 
+OFFLOAD_FEATURES = ("tso", "gso", "gro", "tx", "rx")
+
+
+def set_offloads(ifname: str, netns: str | None, enable: bool) -> None:
+    """Segmentation/checksum offloads of a veth end (ethtool; pyroute2 has no equivalent)."""
+    if shutil.which("ethtool") is None:
+        raise HostError("ethtool is needed to set veth offloads: apt-get install ethtool")
+    prefix = ["ip", "netns", "exec", netns] if netns else []
+    args = [*prefix, "ethtool", "-K", ifname]
+    for feature in OFFLOAD_FEATURES:
+        args += [feature, "on" if enable else "off"]
+    # ethtool exits non-zero when a feature is fixed for the device; the rest still apply.
+    subprocess.run(args, capture_output=True, check=False)
+
+
 def configure_linux_side(spec: HostLinkSpec, mtu: int, *, default_route: bool = False) -> None:
     """Address, MTU, gateway neighbor and routes on the Linux end; stale routes removed."""
     gateway = str(GATEWAY_ADDRESS.ip)
@@ -74,6 +91,9 @@ def configure_linux_side(spec: HostLinkSpec, mtu: int, *, default_route: bool = 
             raise HostError(f"interface {spec.linux_ifname} not found in "
                             f"{'netns ' + spec.netns if spec.netns else 'the host namespace'}")
         ipr.link("set", index=index, mtu=mtu, state="up")
+        if spec.kind == "af_packet":
+            set_offloads(spec.linux_ifname, spec.netns, spec.offloads)
+            set_offloads(spec.vpp_ifname, None, spec.offloads)
         have = {(a.get_attr("IFA_ADDRESS"), a["prefixlen"]) for a in ipr.get_addr(index=index)}
         if (str(spec.address.ip), 32) not in have:
             ipr.addr("add", index=index, address=str(spec.address.ip), prefixlen=32)

@@ -14,6 +14,7 @@ from typing import Literal
 from vppmesh import host as linux
 from vppmesh.config import Mesh, load_mesh
 from vppmesh.keys import NodeSecrets, load_secrets
+from vppmesh.ledger import KeyLedger
 from vppmesh.plan import HostOptions, plan
 from vppmesh.reconcile import Change, reconcile
 from vppmesh.state import DesiredState
@@ -35,6 +36,11 @@ class NodeOptions:
     host_link: HostLinkKind = "auto"
     uplink: str | None = None
     workers: int | None = None  # None: ask VPP
+    state_dir: Path = Path("/var/lib/vppmesh")
+
+    @property
+    def ledger(self) -> KeyLedger:
+        return KeyLedger(self.state_dir / f"{self.node}.used-keys.json")
 
 
 @dataclass
@@ -74,13 +80,14 @@ def desired_state(options: NodeOptions, mesh: Mesh, secrets: NodeSecrets, worker
                 uplink=options.uplink)
 
 
-def apply(api: VppApi, desired: DesiredState, *, dry_run: bool = False) -> list[Change]:
+def apply(api: VppApi, desired: DesiredState, *, dry_run: bool = False,
+          ledger: KeyLedger | None = None) -> list[Change]:
     """Reconcile VPP, with the Linux end of the host link prepared before and after."""
     host = desired.host
     if not dry_run and host is not None and host.kind == "af_packet":
         linux.ensure_veth(host.linux_ifname, host.vpp_ifname, linux_mac=host.linux_mac,
                           vpp_mac=host.vpp_mac, mtu=desired.mtu, linux_netns=host.netns)
-    changes = reconcile(api, desired, dry_run=dry_run)
+    changes = reconcile(api, desired, dry_run=dry_run, ledger=ledger)
     if not dry_run and host is not None:
         linux.configure_linux_side(host, desired.mtu)
     return changes
@@ -95,7 +102,7 @@ def up(options: NodeOptions, *, dry_run: bool = False, api: VppApi | None = None
         desired = desired_state(options, mesh, secrets, workers)
         if not dry_run:
             client.call(ipsec.set_async_mode(mesh.settings.async_crypto))
-        changes = apply(client, desired, dry_run=dry_run)
+        changes = apply(client, desired, dry_run=dry_run, ledger=options.ledger)
         return UpResult(desired=desired, changes=changes, seconds=time.monotonic() - started,
                         host_link=desired.host.kind if desired.host else "none",
                         messages=client.messages_sent)

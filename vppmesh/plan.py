@@ -39,7 +39,8 @@ def node_mac(node_number: int, role: int) -> str:
     return f"02:fe:{node_number >> 8:02x}:{node_number & 0xFF:02x}:{role >> 8:02x}:{role & 0xFF:02x}"
 
 
-def host_link(local: Node, peers: list[Node], options: HostOptions) -> HostLinkSpec | None:
+def host_link(local: Node, peers: list[Node], options: HostOptions,
+              offloads: bool) -> HostLinkSpec | None:
     if options.kind == "none":
         return None
     vpp_ifname = HOST_VETH_PEER if options.kind == "af_packet" else HOST_LINUX_IFNAME
@@ -54,6 +55,7 @@ def host_link(local: Node, peers: list[Node], options: HostOptions) -> HostLinkS
         netns=options.netns,
         routes=tuple(peer.pod_cidr for peer in peers),
         queues=options.queues,
+        offloads=offloads,
     )
 
 
@@ -124,5 +126,5 @@ def plan(
         sas=tuple(sas),
         tunnels=tuple(tunnels),
         routes=tuple(routes),
-        host=host_link(local, peers, host or HostOptions()),
+        host=host_link(local, peers, host or HostOptions(), settings.gso),
     )

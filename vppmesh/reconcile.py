@@ -14,6 +14,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from vppmesh import endpoints
+from vppmesh.errors import ConfigError, VppMeshError
+from vppmesh.ledger import KeyLedger
 from vppmesh.state import (
     GATEWAY_ADDRESS,
     GATEWAY_TAG,
@@ -111,6 +113,10 @@ def observe(api: VppApi, desired: DesiredState) -> Observed:
     )
 
 
+class ReusedKeyError(VppMeshError):
+    """Installing the plan would reuse an outbound key (and so repeat GCM nonces)."""
+
+
 def empty_observed(desired: DesiredState) -> Observed:
     """A VPP holding nothing but its uplink: what `plan` compares with when VPP is down."""
     uplink = Interface(sw_if_index=1, name=desired.uplink or "uplink", tag="", admin_up=True,
@@ -149,6 +155,8 @@ class Diff:
     bind_sas: list[SaSpec] = field(default_factory=list)
     create_tunnels: list[TunnelSpec] = field(default_factory=list)
     finish_tunnels: list[TunnelSpec] = field(default_factory=list)
+    # Of finish_tunnels, those that must go down first (unprotected, or SAs replaced).
+    quiesce_tunnels: list[int] = field(default_factory=list)
     reprotect_tunnels: list[TunnelSpec] = field(default_factory=list)
     set_routes: list[RouteSpec] = field(default_factory=list)
     host_create: bool = False
@@ -240,6 +248,8 @@ def diff(desired: DesiredState, observed: Observed) -> Diff:
         uses_replaced = {want.sa_out, *want.sa_in} & replaced_ids
         if not complete or uses_replaced or protection is None:
             d.finish_tunnels.append(want)
+            if uses_replaced or protection is None:
+                d.quiesce_tunnels.append(instance)
         elif not protected_as_wanted:
             d.reprotect_tunnels.append(want)
 
@@ -317,8 +327,8 @@ class Applier:
         # Down first: a tunnel without protection must never carry traffic.
         down = [interfaces.set_admin(t.sw_if_index, False, f"ipip{t.instance}")
                 for t in d.delete_tunnels]
-        down += [interfaces.set_admin(self.index[t.instance], False, t.name)
-                 for t in d.finish_tunnels if t.instance in self.index]
+        down += [interfaces.set_admin(self.index[i], False, f"ipip{i}")
+                 for i in d.quiesce_tunnels]
         self.api.call_many(down)
         unprotect = [ipsec.unprotect(t.sw_if_index, f"ipip{t.instance}")
                      for t in d.delete_tunnels]
@@ -346,14 +356,15 @@ class Applier:
         for t, reply in zip(d.create_tunnels, replies, strict=True):
             self.index[t.instance] = reply.sw_if_index
         setup: list[Request] = []
+        created = {t.instance for t in d.create_tunnels}
         for t in (*d.create_tunnels, *d.finish_tunnels):
             i = self.index[t.instance]
-            setup += [
-                interfaces.set_table(i, desired.table_id, t.name),
-                interfaces.set_mtu(i, desired.mtu, t.name),
-            ]
-            if self.observed.unnumbered.get(i) != self.gateway or t in d.create_tunnels:
-                setup.append(interfaces.set_unnumbered(i, self.gateway, True, t.name))  # type: ignore[arg-type]
+            if t.instance in created or self.observed.unnumbered.get(i) != self.gateway:
+                # The table first: VPP refuses a new table once the interface has an
+                # (unnumbered) address.
+                setup += [interfaces.set_table(i, desired.table_id, t.name),
+                          interfaces.set_unnumbered(i, self.gateway, True, t.name)]  # type: ignore[arg-type]
+            setup.append(interfaces.set_mtu(i, desired.mtu, t.name))
             if desired.gso:
                 setup.append(interfaces.gso_feature(i, True, t.name))
         self.api.call_many(setup)
@@ -381,12 +392,15 @@ class Applier:
             endpoints.set_neighbor(self.api, seen.sw_if_index, host, self.desired.table_id)
 
 
-def reconcile(api: VppApi, desired: DesiredState, *, dry_run: bool = False) -> list[Change]:
-    """Bring VPP to `desired`; returns what was (or, with dry_run, would be) changed."""
+def reconcile(api: VppApi, desired: DesiredState, *, dry_run: bool = False,
+              ledger: KeyLedger | None = None) -> list[Change]:
+    """Bring VPP to `desired`; returns what was (or, with dry_run, would be) changed.
+
+    With a ledger, no outbound key that was ever installed before is installed again;
+    such a plan is refused as a whole, before anything is changed.
+    """
     observed = observe(api, desired)
     if observed.uplink is None:
-        from vppmesh.errors import ConfigError
-
         where = (f"named {desired.uplink!r}" if desired.uplink
                  else f"holding the primary underlay address {desired.uplink_addresses[0]}")
         raise ConfigError(
@@ -394,6 +408,18 @@ def reconcile(api: VppApi, desired: DesiredState, *, dry_run: bool = False) -> l
             "`set interface ip address`), or set `uplink:` for this node in the mesh file")
     d = diff(desired, observed)
     changes = d.changes()
-    if not dry_run and changes:
-        Applier(api, desired, observed).run(d)
+    if dry_run or not changes:
+        return changes
+    if ledger is not None:
+        outbound = [s for s in (*d.create_sas, *d.replace_sas) if s.direction == "out"]
+        reused = ledger.reused(outbound)
+        if reused:
+            peers = sorted({f"#{s.peer_number}" for s in reused})
+            raise ReusedKeyError(
+                f"{len(reused)} outbound key(s) towards peer(s) {', '.join(peers)} were "
+                "installed in VPP before (VPP restarted, or its SAs were removed); installing "
+                "them again would repeat AES-GCM nonces. Nothing was changed. Move the mesh "
+                "to a new key epoch (`vppmesh rekey`, or raise settings.key_epoch).")
+        ledger.record(outbound)
+    Applier(api, desired, observed).run(d)
     return changes

@@ -136,6 +136,8 @@ class HostLinkSpec(Frozen):
     netns: str | None
     routes: tuple[ipaddress.IPv4Network, ...]
     queues: int = 1
+    # Large segments (TSO/GSO) across the link; off, the kernel segments before VPP.
+    offloads: bool = False
 
 
 class DesiredState(Frozen):

@@ -55,7 +55,7 @@ class TestbedSpec(BaseModel):
     prefix: str = DEFAULT_PREFIX
     base_dir: Path = DEFAULT_BASE
     mesh_table_id: int = 1717
-    gso: bool = True
+    gso: bool = False
 
 
 def find_vpp() -> Path:
@@ -69,7 +69,7 @@ def find_vpp() -> Path:
     found = shutil.which("vpp")
     if found is None:
         raise TestbedError(
-            "no VPP found: install it from FD.io's packages (packagecloud.io/fdio/release: "
+            "no VPP found: install it from FD.io's packages (README: Quick start; "
             "apt-get install vpp vpp-plugin-core) or set VPPMESH_VPP to the path of a vpp binary")
     return Path(found)
 
@@ -183,7 +183,7 @@ class Testbed:
                 self._uplink(node)
             for node in self.nodes:
                 say(f"vppmesh up on {node.name}")
-                self.run_vppmesh(node, "up")
+                self.run_vppmesh(node, "up", *self.state_args(node))
             for node in self.nodes:
                 for pod in range(self.spec.pods):
                     say(f"pod {node.pod_name(pod)}")
@@ -268,6 +268,9 @@ class Testbed:
     def vppmesh_args(self, node: NodeHandle) -> list[str]:
         return ["--mesh", str(self.mesh_file), "--node", node.name, "--key",
                 str(node.key_file), "--api-socket", str(node.instance.api_socket)]
+
+    def state_args(self, node: NodeHandle) -> list[str]:
+        return ["--state-dir", str(node.dir)]
 
     def run_vppmesh(self, node: NodeHandle, command: str, *extra: str,
                     check: bool = True) -> subprocess.CompletedProcess[str]:

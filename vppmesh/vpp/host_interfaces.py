@@ -13,13 +13,14 @@ TAP_FLAG_GRO_COALESCE = 32
 TAP_FLAG_CONSISTENT_QP = 256
 
 
-def create_af_packet(host_if_name: str, mac: str, queues: int = 1) -> Request:
-    """af_packet with checksum/GSO offload, so large segments cross the veth whole."""
+def create_af_packet(host_if_name: str, mac: str, queues: int = 1,
+                     offloads: bool = False) -> Request:
+    """af_packet; with offloads, checksum/GSO metadata (large segments) cross the veth."""
     return Request("af_packet_create_v3", {
         "mode": AF_PACKET_MODE_ETHERNET, "hw_addr": mac, "use_random_hw_addr": False,
         "host_if_name": host_if_name, "rx_frame_size": 0, "tx_frame_size": 0,
         "rx_frames_per_block": 0, "tx_frames_per_block": 0,
-        "flags": AF_PACKET_FLAG_QDISC_BYPASS | AF_PACKET_FLAG_CKSUM_GSO,
+        "flags": AF_PACKET_FLAG_QDISC_BYPASS | (AF_PACKET_FLAG_CKSUM_GSO if offloads else 0),
         "num_rx_queues": queues, "num_tx_queues": queues,
     }, f"af_packet {host_if_name}")
 

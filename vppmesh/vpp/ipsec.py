@@ -59,13 +59,19 @@ def bind_sa(sa_id: int, worker: int) -> Request:
                    f"SA {sa_id:#x} to worker {worker}")
 
 
+def swap32(value: int) -> int:
+    """VPP stores the salt as given (network order) but byte-swaps it again when dumping."""
+    return int.from_bytes(value.to_bytes(4, "big"), "little")
+
+
 def dump_sas(api: VppApi) -> list[SaState]:
     result = []
     for d in api.dump("ipsec_sa_v5_dump", sa_id=ALL_SAS):
         e = d.entry
         key = bytes(e.crypto_key.data[: e.crypto_key.length])
         result.append(SaState(
-            spec=SaSpec(sa_id=e.sad_id, spi=e.spi, key=SecretBytes(key), salt=e.salt,
+            spec=SaSpec(sa_id=e.sad_id, spi=e.spi, key=SecretBytes(key),
+                        salt=swap32(e.salt),
                         anti_replay_window=e.anti_replay_window_size),
             flags=int(e.flags), crypto_algorithm=int(e.crypto_algorithm),
             thread_index=d.thread_index, seq_outbound=d.seq_outbound,

@@ -1,0 +1,67 @@
+"""The used-key ledger: an outbound AES-GCM key is installed in VPP at most once.
+
+VPP builds each ESP IV from the SA's sequence number, which starts again at 1 whenever
+an SA is created. Installing the same outbound key twice (after a VPP restart, say)
+would therefore repeat GCM nonces under one key, which breaks both confidentiality and
+integrity. The ledger remembers a fingerprint of every outbound key ever installed on
+this node, is written before the key reaches VPP, and makes vppmesh refuse a reinstall:
+the fix is a new key epoch (`key_epoch` in the mesh settings).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+from vppmesh.errors import ConfigError
+from vppmesh.state import SaSpec
+
+FINGERPRINT_LABEL = b"vppmesh key fingerprint v1"
+
+
+def fingerprint(sa: SaSpec) -> str:
+    """A one-way tag of (key, salt): reveals nothing usable about the key."""
+    digest = hashlib.sha256(FINGERPRINT_LABEL + sa.key.get_secret_value()
+                            + sa.salt.to_bytes(4, "big"))
+    return digest.hexdigest()[:32]
+
+
+class KeyLedger:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._used: set[str] | None = None
+
+    def used(self) -> set[str]:
+        if self._used is None:
+            try:
+                self._used = set(json.loads(self.path.read_text()).get("outbound", []))
+            except FileNotFoundError:
+                self._used = set()
+            except (OSError, ValueError) as exc:
+                raise ConfigError(f"key ledger {self.path} is unreadable ({exc}); it guards "
+                                  "against nonce reuse, so it must not be deleted or edited"
+                                  ) from None
+        return self._used
+
+    def reused(self, sas: Iterable[SaSpec]) -> list[SaSpec]:
+        used = self.used()
+        return [sa for sa in sas if fingerprint(sa) in used]
+
+    def record(self, sas: Iterable[SaSpec]) -> None:
+        """Persist before installing: a recorded key that never reached VPP is harmless."""
+        used = self.used()
+        new = {fingerprint(sa) for sa in sas} - used
+        if not new:
+            return
+        used |= new
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            json.dump({"outbound": sorted(used)}, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, self.path)
