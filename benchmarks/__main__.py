@@ -11,7 +11,6 @@ from types import FrameType
 
 from benchmarks import contenders as registry
 from benchmarks import harness
-from benchmarks.packages import ensure_packages
 from benchmarks.report import DEFAULT_RESULTS_DIR, render_markdown, write_all
 
 
@@ -87,11 +86,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    if not args.no_install and os.geteuid() == 0:
-        pkgs = ensure_packages([p for c in chosen for p in c.packages], progress)
-        if pkgs.error:
-            progress(f"package installation incomplete: {pkgs.error}")
     if args.list:
+        if not args.no_install:
+            harness.install_packages(chosen, progress)
         for c in chosen:
             ok, reason = c.available()
             print(f"{c.name:16} {'available' if ok else 'unavailable: ' + reason}")
@@ -105,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         progress=progress,
         ratio_reference=args.ratio_ref,
         only=only,
+        install=not args.no_install,
     )
     paths = write_all(report, args.out)
     sys.stdout.write(render_markdown(report))

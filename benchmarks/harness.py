@@ -22,6 +22,7 @@ from benchmarks import cpu, netns
 from benchmarks.contenders.base import Contender
 from benchmarks.iperf import IperfError, run_iperf, run_ping
 from benchmarks.models import ContenderResult, IperfRun, PingStats, RunConfig, RunReport
+from benchmarks.packages import ensure_packages
 from benchmarks.report import machine_info
 from benchmarks.stats import compute_ratios, summarize
 from benchmarks.topology import Topology
@@ -112,18 +113,20 @@ def measure(
     """Set up, measure and tear down one contender; never raises for the contender's own
     failures, which are recorded in the result instead."""
     name = contender.name
-    ok, reason = contender.available()
+    try:
+        ok, reason = contender.available()
+    except Exception as exc:  # an availability check that crashes means "cannot run here"
+        ok, reason = False, f"availability check failed: {exc.__class__.__name__}: {exc}"
     if not ok:
         progress(f"{name}: skipped ({reason})")
         return ContenderResult(
             name=name, description=contender.description, status="skipped", reason=reason
         )
-    result = ContenderResult(
-        name=name, description=contender.description, status="ok",
-        versions=contender.versions(),
-    )
-    topo = Topology()
+    result = ContenderResult(name=name, description=contender.description, status="ok")
+    topo = contender.make_topology()
+    owner = os.getpid()
     try:
+        result.versions = contender.versions()
         netns.cleanup_all()
         t0 = time.monotonic()
         progress(f"{name}: setting up")
@@ -139,8 +142,8 @@ def measure(
             sent=ping.sent, received=ping.received, rtts_ms=ping.rtts_ms,
             p50_ms=ping.p50_ms, p99_ms=ping.p99_ms,
         )
-        progress(f"{name}: ready in {result.setup_s:.1f}s; ping p50 {ping.p50_ms:.3f} ms, "
-                 f"p99 {ping.p99_ms:.3f} ms ({ping.received}/{ping.sent})")
+        progress(f"{name}: ready in {result.setup_s:.1f}s; ping p50 {ping.p50_ms or 0:.3f} ms, "
+                 f"p99 {ping.p99_ms or 0:.3f} ms ({ping.received}/{ping.sent})")
         # Repeats are the outer loop so slow drift of the machine spreads over all
         # stream counts instead of biasing one.
         for rep in range(repeats):
@@ -159,13 +162,25 @@ def measure(
         progress(f"{name}: FAILED: {result.reason}")
         print(traceback.format_exc(), file=sys.stderr, end="")
     finally:
-        try:
-            contender.teardown(topo)
-        except Exception as exc:  # report, then still destroy the topology
-            progress(f"{name}: teardown error: {exc}")
-        topo.destroy()
+        # A forked helper (pyroute2 forks) that unwinds this stack must not tear down
+        # what the parent is still using.
+        if os.getpid() == owner:
+            try:
+                contender.teardown(topo)
+            except Exception as exc:  # report, then still destroy the topology
+                progress(f"{name}: teardown error: {exc}")
+            topo.destroy()
     result.summary = summarize(result.runs)
     return result
+
+
+def install_packages(contenders: Sequence[Contender], progress: ProgressFn) -> None:
+    """Install what the contenders need; failures only show up as skipped contenders."""
+    if os.geteuid() != 0:
+        return
+    report = ensure_packages([p for c in contenders for p in c.packages], progress)
+    if report.error:
+        progress(f"package installation incomplete: {report.error}")
 
 
 def pick_reference(results: Sequence[ContenderResult], wanted: str | None) -> str | None:
@@ -191,12 +206,16 @@ def run(
     ping_count: int | None = None,
     ratio_reference: str | None = None,
     only: list[str] | None = None,
+    install: bool = False,
 ) -> RunReport:
     """Measure every contender (skipping unavailable ones) and return the run's report.
 
     ``quick`` means 1 repeat, streams (1, 4) and 3-second tests unless given explicitly.
+    ``install`` first apt-get installs the Debian packages the contenders declare.
     """
     emit = progress or stderr_progress()
+    if install:
+        install_packages(contenders, emit)
     streams = tuple(streams or (QUICK_STREAMS if quick else DEFAULT_STREAMS))
     repeats = repeats or (QUICK_REPEATS if quick else DEFAULT_REPEATS)
     duration = duration or (QUICK_DURATION if quick else DEFAULT_DURATION)
@@ -210,6 +229,7 @@ def run(
     )
     results: list[ContenderResult] = []
     is_root = os.geteuid() == 0
+    owner = os.getpid()
     lock = exclusive_run(emit) if is_root else contextlib.nullcontext()
     with lock:
         try:
@@ -225,7 +245,7 @@ def run(
                     )
                 )
         finally:
-            if is_root:
+            if is_root and os.getpid() == owner:
                 netns.cleanup_all()
     reference = pick_reference(results, ratio_reference)
     return RunReport(

@@ -24,6 +24,8 @@ class MachineInfo(_Model):
     os_release: str
     python: str
     tools: dict[str, str] = Field(default_factory=dict)
+    #: Retransmit counts depend on it, so it is recorded with every run.
+    tcp_congestion_control: str = ""
 
 
 class CpuSample(_Model):

@@ -58,7 +58,7 @@ def ensure_packages(
     """
     wanted = list(dict.fromkeys([*BASE_PACKAGES, *packages]))
     report = PackageReport()
-    missing = []
+    missing: list[str] = []
     for pkg in wanted:
         (report.present if is_installed(pkg) else missing).append(pkg)
     if not missing:

@@ -46,7 +46,16 @@ def machine_info() -> MachineInfo:
             "iperf3": tool_version(["iperf3", "--version"]),
             "ping": tool_version(["ping", "-V"]),
         },
+        tcp_congestion_control=_read_sysctl("net/ipv4/tcp_congestion_control"),
     )
+
+
+def _read_sysctl(key: str) -> str:
+    """A sysctl of the root namespace (new namespaces start from its TCP defaults)."""
+    try:
+        return Path("/proc/sys", key).read_text().strip()
+    except OSError:
+        return "unknown"
 
 
 def _fmt(value: float | None, digits: int = 2) -> str:
@@ -60,7 +69,8 @@ def render_markdown(report: RunReport) -> str:
         f"# Benchmark run {report.run_id}",
         "",
         f"- Machine: {m.cpu_model}, {m.cpu_count} CPUs, kernel {m.kernel}, {m.os_release}",
-        f"- Tools: {m.tools.get('iperf3', '?')}; {m.tools.get('ping', '?')}",
+        f"- Tools: {m.tools.get('iperf3', '?')}; {m.tools.get('ping', '?')}; "
+        f"TCP congestion control {m.tcp_congestion_control}",
         f"- Config: streams {', '.join(map(str, cfg.streams))}; {cfg.repeats} repeat(s); "
         f"{cfg.duration_s:g} s per test; ping {cfg.ping_count} packets"
         + ("; quick" if cfg.quick else ""),
@@ -134,7 +144,9 @@ def render_png(report: RunReport, path: Path) -> None:
                 v = getattr(s, attr) if s is not None else None
                 values.append(v if v is not None else 0.0)
             xs = [i + (j - (len(streams) - 1) / 2) * width for i in range(len(measured))]
-            ax.bar(xs, values, width=width, label=f"-P {n}")
+            bars = ax.bar(xs, values, width=width, label=f"-P {n}")
+            # Labels keep the small bars readable next to the unencrypted ceiling.
+            ax.bar_label(bars, fmt="%.2f", fontsize=7)
         ax.set_xticks(range(len(measured)), [c.name for c in measured], rotation=20)
         ax.set_title(title, fontsize=10)
         ax.grid(axis="y", alpha=0.3)

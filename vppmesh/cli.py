@@ -36,6 +36,7 @@ DEFAULT_STATE = Path("/var/lib/vppmesh")
 SocketOpt = Annotated[Path, typer.Option("--api-socket", envvar="VPPMESH_API_SOCKET",
                                          help="VPP's binary API socket.")]
 DEFAULT_MESH = Path("/etc/vppmesh/mesh.yaml")
+HOSTNAME = socket.gethostname()
 DEFAULT_KEY = Path("/etc/vppmesh/private.key")
 
 
@@ -60,7 +61,7 @@ def main(verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) -> N
 @app.command()
 def up(
     mesh: MeshOpt = DEFAULT_MESH,
-    node: NodeOpt = socket.gethostname(),
+    node: NodeOpt = HOSTNAME,
     key: KeyOpt = DEFAULT_KEY,
     api_socket: SocketOpt = DEFAULT_API_SOCKET,
     host_link: Annotated[str, typer.Option(
@@ -122,7 +123,7 @@ def watch_loop(opts: agent.NodeOptions) -> None:
 @app.command()
 def down(
     mesh: MeshOpt = DEFAULT_MESH,
-    node: NodeOpt = socket.gethostname(),
+    node: NodeOpt = HOSTNAME,
     api_socket: SocketOpt = DEFAULT_API_SOCKET,
 ) -> None:
     """Remove everything vppmesh created in VPP and Linux (an operator's config stays)."""
@@ -139,7 +140,7 @@ def down(
 @app.command()
 def plan(
     mesh: MeshOpt = DEFAULT_MESH,
-    node: NodeOpt = socket.gethostname(),
+    node: NodeOpt = HOSTNAME,
     key: KeyOpt = DEFAULT_KEY,
     api_socket: SocketOpt = DEFAULT_API_SOCKET,
     workers: Annotated[int | None, typer.Option(
@@ -172,7 +173,7 @@ def plan(
 @app.command()
 def status(
     mesh: MeshOpt = DEFAULT_MESH,
-    node: NodeOpt = socket.gethostname(),
+    node: NodeOpt = HOSTNAME,
     api_socket: SocketOpt = DEFAULT_API_SOCKET,
     stats_socket: Annotated[Path | None, typer.Option(
         help="VPP's stats socket (default: next to the API socket).")] = None,
@@ -252,8 +253,7 @@ def attach(
     address: Annotated[str, typer.Option(help="The pod's address (in this node's pod CIDR).")],
     index: Annotated[int, typer.Option(help="Small unique pod number (stable MACs).")] = 0,
     mesh: MeshOpt = DEFAULT_MESH,
-    node: NodeOpt = socket.gethostname(),
-    key: KeyOpt = DEFAULT_KEY,
+    node: NodeOpt = HOSTNAME,
     api_socket: SocketOpt = DEFAULT_API_SOCKET,
 ) -> None:
     """Attach a network namespace (a pod) to this node's mesh through a veth/af_packet."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import binascii
 import ipaddress
+import itertools
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Literal
@@ -96,7 +97,8 @@ class Node(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    name: Annotated[str, Field(min_length=1, max_length=48, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")]
+    name: Annotated[str, Field(min_length=1, max_length=48,
+                               pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")]
     node_number: Annotated[int, Field(ge=1, le=NODE_NUMBER_MAX)]
     underlay: Annotated[list[IPInterface], Field(min_length=1, max_length=TUNNELS_PER_PEER_MAX)]
     pod_cidr: ipaddress.IPv4Network
@@ -169,7 +171,7 @@ class Mesh(BaseModel):
                     )
         by_net = sorted(self.nodes, key=lambda n: (int(n.pod_cidr.network_address),
                                                    n.pod_cidr.prefixlen))
-        for left, right in zip(by_net, by_net[1:], strict=False):
+        for left, right in itertools.pairwise(by_net):
             if left.pod_cidr.overlaps(right.pod_cidr):
                 raise ValueError(
                     f"nodes[{left.name}].pod_cidr {left.pod_cidr} overlaps "

@@ -39,7 +39,8 @@ class NodeSecrets:
     psk: bytes = b""
 
     def __repr__(self) -> str:  # never show key material, even in a traceback
-        return f"NodeSecrets(public_key={self.public_key_b64()!r}, psk={'set' if self.psk else 'unset'})"
+        psk = "set" if self.psk else "unset"
+        return f"NodeSecrets(public_key={self.public_key_b64()!r}, psk={psk})"
 
     def public_key_b64(self) -> str:
         return public_key_b64(self.private_key)

@@ -36,7 +36,8 @@ class HostOptions:
 
 def node_mac(node_number: int, role: int) -> str:
     """A stable locally administered MAC, so links keep their MACs across restarts."""
-    return f"02:fe:{node_number >> 8:02x}:{node_number & 0xFF:02x}:{role >> 8:02x}:{role & 0xFF:02x}"
+    octets = [0x02, 0xFE, node_number >> 8, node_number & 0xFF, role >> 8, role & 0xFF]
+    return ":".join(f"{o:02x}" for o in octets)
 
 
 def host_link(local: Node, peers: list[Node], options: HostOptions,

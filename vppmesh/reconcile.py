@@ -297,6 +297,7 @@ class Applier:
         self._removals(d)
         self._sas(d)
         self._tunnels(d)
+        self.api.call_many([ipsec.del_sa(s) for s in d.delete_sas])
         self._routes(d)
         if self.desired.host is not None and (d.host_create or d.host_neighbor):
             self._host(self.desired.host, d.host_create)
@@ -341,7 +342,9 @@ class Applier:
                             for t in d.delete_tunnels])
         for t in d.delete_tunnels:
             self.index.pop(t.instance, None)
-        self.api.call_many([ipsec.del_sa(s) for s in (*d.delete_sas, *sorted(replaced))])
+        # SAs being replaced go now (their tunnels are down and unprotected); stale SAs
+        # only after the tunnels moved off them (VPP refuses to delete an SA in use).
+        self.api.call_many([ipsec.del_sa(s) for s in sorted(replaced)])
 
     def _sas(self, d: Diff) -> None:
         new = [*d.create_sas, *d.replace_sas]

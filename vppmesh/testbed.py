@@ -44,6 +44,7 @@ class TestbedError(VppMeshError):
 
 
 class TestbedSpec(BaseModel):
+    __test__ = False
     """Shape of the testbed; saved next to it so `down` and `status` need no arguments."""
 
     model_config = ConfigDict(extra="forbid")
@@ -139,6 +140,7 @@ class NodeHandle:
 
 
 class Testbed:
+    __test__ = False
     def __init__(self, spec: TestbedSpec) -> None:
         self.spec = spec
         self.nodes = [NodeHandle(i + 1, spec) for i in range(spec.nodes)]
@@ -266,11 +268,12 @@ class Testbed:
 
     # ---- running things -------------------------------------------------------------
     def vppmesh_args(self, node: NodeHandle) -> list[str]:
-        return ["--mesh", str(self.mesh_file), "--node", node.name, "--key",
-                str(node.key_file), "--api-socket", str(node.instance.api_socket)]
+        return ["--mesh", str(self.mesh_file), "--node", node.name, "--api-socket",
+                str(node.instance.api_socket)]
 
     def state_args(self, node: NodeHandle) -> list[str]:
-        return ["--state-dir", str(node.dir)]
+        """What `up` needs besides the common arguments: the key and the key ledger."""
+        return ["--key", str(node.key_file), "--state-dir", str(node.dir)]
 
     def run_vppmesh(self, node: NodeHandle, command: str, *extra: str,
                     check: bool = True) -> subprocess.CompletedProcess[str]:

@@ -39,6 +39,14 @@ class Contender(ABC):
             return False, f"missing binaries: {', '.join(missing)}"
         return True, ""
 
+    def make_topology(self) -> Topology:
+        """The testbed to build for this contender; override to change names or MTUs.
+
+        It is created fresh for every contender, so a contender may also take over its
+        interfaces in ``setup`` (e.g. hand the veths to VPP) without affecting others.
+        """
+        return Topology()
+
     @abstractmethod
     def setup(self, topo: Topology) -> None:
         """Make pod1 reach pod2 through this contender."""

@@ -1,0 +1,369 @@
+"""A stand-in for VPP's binary API in unit tests: keeps state like the real thing.
+
+It answers the messages vppmesh sends with VPP's semantics where they matter to the
+controller (sw_if_index allocation, fixed IPIP instances, duplicate and missing objects,
+"address found" when re-tabling an unnumbered interface, protection needing its SAs,
+route replacement, table flush), and counts every message. Each message it knows is
+also sent to a real VPP by the integration tests.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections import Counter
+from collections.abc import Sequence
+from types import SimpleNamespace as NS
+from typing import Any
+
+from vppmesh.vpp.client import Request, check_reply
+
+INVALID_SW_IF_INDEX = -2
+NO_SUCH_FIB = -3
+NO_SUCH_ENTRY = -6
+ADDRESS_FOUND = -114
+ENTRY_EXISTS = -116
+INSTANCE_IN_USE = -147
+SA_IN_USE = -7
+
+
+class FakeVpp:
+    def __init__(self, workers: int = 0) -> None:
+        self.workers = workers
+        self.ifaces: dict[int, dict[str, Any]] = {0: self._iface("local0", "local")}
+        self.next_index = 1
+        self.tunnels: dict[int, dict[str, Any]] = {}  # sw_if_index -> tunnel
+        self.sas: dict[int, dict[str, Any]] = {}
+        self.protections: dict[int, tuple[int, tuple[int, ...]]] = {}
+        self.tables: set[int] = {0}
+        self.routes: dict[int, dict[str, tuple[int, ...]]] = {0: {}}
+        self.addresses: dict[int, list[str]] = {}
+        self.unnumbered: dict[int, int] = {}
+        self.table_of: dict[int, int] = {}
+        self.neighbors: dict[int, dict[str, str]] = {}
+        self.af_packet: dict[str, int] = {}
+        self.gso: set[int] = set()
+        self.async_mode = False
+        self.sent = 0
+        self.counts: Counter[str] = Counter()
+        self.fail_on: dict[str, int] = {}  # message name -> retval to answer once
+
+    # ---- VppApi ------------------------------------------------------------------
+    @property
+    def messages_sent(self) -> int:
+        return self.sent
+
+    def call(self, request: Request) -> Any:
+        self.sent += 1
+        self.counts[request.name] += 1
+        if request.name in self.fail_on:
+            return check_reply(request, NS(retval=self.fail_on.pop(request.name)))
+        handler = getattr(self, "m_" + request.name)
+        reply = handler(**request.args)
+        return check_reply(request, reply)
+
+    def call_many(self, requests: Sequence[Request]) -> list[Any]:
+        return [self.call(r) for r in requests]
+
+    def dump(self, name: str, **args: Any) -> list[Any]:
+        self.sent += 1
+        self.counts[name] += 1
+        return getattr(self, "d_" + name)(**args)
+
+    # ---- helpers -----------------------------------------------------------------
+    @staticmethod
+    def _iface(name: str, dev_type: str, mac: str = "00:00:00:00:00:00", tag: str = ""
+               ) -> dict[str, Any]:
+        return {"name": name, "dev_type": dev_type, "mac": mac, "tag": tag, "flags": 0,
+                "mtu": 9000 if dev_type != "local" else 0}
+
+    def _new_iface(self, name: str, dev_type: str, **kw: Any) -> int:
+        index = self.next_index
+        self.next_index += 1
+        self.ifaces[index] = self._iface(name, dev_type, **kw)
+        return index
+
+    @classmethod
+    def with_uplink(cls, primary: object, workers: int = 0, name: str = "host-eth0"
+                    ) -> FakeVpp:
+        vpp = cls(workers)
+        index = vpp._new_iface(name, "af-packet", mac="02:00:00:00:00:01")
+        vpp.ifaces[index]["flags"] = 3
+        vpp.ifaces[index]["mtu"] = 1500
+        vpp.addresses[index] = [str(primary)]
+        return vpp
+
+    def owned_objects(self) -> dict[str, int]:
+        """How many objects in the reserved ranges / tags remain (for `down` checks)."""
+        from vppmesh.state import is_owned_sa_id, is_owned_tunnel_instance
+
+        return {
+            "tunnels": sum(1 for t in self.tunnels.values()
+                           if is_owned_tunnel_instance(t["instance"])),
+            "sas": sum(1 for s in self.sas if is_owned_sa_id(s)),
+            "tagged": sum(1 for i in self.ifaces.values() if i["tag"].startswith("vppmesh:")),
+            "protections": len(self.protections),
+        }
+
+    # ---- messages ----------------------------------------------------------------
+    def m_show_version(self) -> Any:
+        return NS(retval=0, version="26.06-fake")
+
+    def m_show_threads(self) -> Any:
+        threads = [NS(type="")] + [NS(type="workers") for _ in range(self.workers)]
+        return NS(retval=0, thread_data=threads)
+
+    def m_ipsec_set_async_mode(self, async_enable: bool) -> Any:
+        self.async_mode = async_enable
+        return NS(retval=0)
+
+    def d_sw_interface_dump(self, sw_if_index: int) -> list[Any]:
+        return [NS(sw_if_index=i, interface_name=f["name"], tag=f["tag"], flags=f["flags"],
+                   mtu=[f["mtu"], 0, 0, 0], l2_address=f["mac"], interface_dev_type=f["dev_type"])
+                for i, f in sorted(self.ifaces.items())]
+
+    def _check(self, index: int) -> int | None:
+        return None if index in self.ifaces else INVALID_SW_IF_INDEX
+
+    def m_sw_interface_set_flags(self, sw_if_index: int, flags: int) -> Any:
+        if err := self._check(sw_if_index):
+            return NS(retval=err)
+        link = 2 if flags & 1 else 0
+        self.ifaces[sw_if_index]["flags"] = (flags & 1) | link
+        return NS(retval=0)
+
+    def m_sw_interface_set_mtu(self, sw_if_index: int, mtu: list[int]) -> Any:
+        if err := self._check(sw_if_index):
+            return NS(retval=err)
+        self.ifaces[sw_if_index]["mtu"] = mtu[0]
+        return NS(retval=0)
+
+    def m_sw_interface_set_table(self, sw_if_index: int, is_ipv6: bool, vrf_id: int) -> Any:
+        if err := self._check(sw_if_index):
+            return NS(retval=err)
+        if vrf_id not in self.tables:
+            return NS(retval=NO_SUCH_FIB)
+        if self.addresses.get(sw_if_index) or sw_if_index in self.unnumbered:
+            return NS(retval=ADDRESS_FOUND)
+        self.table_of[sw_if_index] = vrf_id
+        return NS(retval=0)
+
+    def m_sw_interface_set_unnumbered(self, sw_if_index: int, unnumbered_sw_if_index: int,
+                                      is_add: bool) -> Any:
+        for i in (sw_if_index, unnumbered_sw_if_index):
+            if err := self._check(i):
+                return NS(retval=err)
+        if is_add:
+            self.unnumbered[unnumbered_sw_if_index] = sw_if_index
+        else:
+            self.unnumbered.pop(unnumbered_sw_if_index, None)
+        return NS(retval=0)
+
+    def d_ip_unnumbered_dump(self, sw_if_index: int) -> list[Any]:
+        return [NS(sw_if_index=k, ip_sw_if_index=v) for k, v in self.unnumbered.items()]
+
+    def m_sw_interface_tag_add_del(self, is_add: bool, sw_if_index: int, tag: str) -> Any:
+        if err := self._check(sw_if_index):
+            return NS(retval=err)
+        self.ifaces[sw_if_index]["tag"] = tag if is_add else ""
+        return NS(retval=0)
+
+    def m_sw_interface_add_del_address(self, sw_if_index: int, is_add: bool, del_all: bool,
+                                       prefix: str) -> Any:
+        if err := self._check(sw_if_index):
+            return NS(retval=err)
+        have = self.addresses.setdefault(sw_if_index, [])
+        if is_add:
+            if prefix in have:
+                return NS(retval=ADDRESS_FOUND)
+            have.append(prefix)
+        else:
+            if prefix not in have:
+                return NS(retval=-60)
+            have.remove(prefix)
+        return NS(retval=0)
+
+    def d_ip_address_dump(self, sw_if_index: int, is_ipv6: bool) -> list[Any]:
+        return [NS(prefix=p) for p in self.addresses.get(sw_if_index, [])
+                if (ipaddress.ip_interface(p).version == 6) == is_ipv6]
+
+    def m_create_loopback_instance(self, mac_address: str, is_specified: bool,
+                                   user_instance: int) -> Any:
+        n = sum(1 for f in self.ifaces.values() if f["dev_type"] == "Loopback")
+        return NS(retval=0, sw_if_index=self._new_iface(f"loop{n}", "Loopback",
+                                                        mac=mac_address))
+
+    def _delete_iface(self, index: int) -> None:
+        self.ifaces.pop(index, None)
+        self.unnumbered.pop(index, None)
+        self.addresses.pop(index, None)
+        self.table_of.pop(index, None)
+        self.neighbors.pop(index, None)
+        for table in self.routes.values():
+            for prefix in [p for p, paths in table.items() if index in paths]:
+                table.pop(prefix)
+
+    def m_delete_loopback(self, sw_if_index: int) -> Any:
+        if err := self._check(sw_if_index):
+            return NS(retval=err)
+        self._delete_iface(sw_if_index)
+        return NS(retval=0)
+
+    def m_feature_gso_enable_disable(self, sw_if_index: int, enable_disable: bool) -> Any:
+        if err := self._check(sw_if_index):
+            return NS(retval=err)
+        (self.gso.add if enable_disable else self.gso.discard)(sw_if_index)
+        return NS(retval=0)
+
+    # ipip
+    def m_ipip_add_tunnel(self, tunnel: dict[str, Any]) -> Any:
+        if any(t["instance"] == tunnel["instance"] for t in self.tunnels.values()):
+            return NS(retval=INSTANCE_IN_USE)
+        if any((t["src"], t["dst"]) == (tunnel["src"], tunnel["dst"])
+               for t in self.tunnels.values()):
+            return NS(retval=ENTRY_EXISTS)
+        index = self._new_iface(f"ipip{tunnel['instance']}", "IPIP tunnel device")
+        self.tunnels[index] = dict(tunnel)
+        return NS(retval=0, sw_if_index=index)
+
+    def m_ipip_del_tunnel(self, sw_if_index: int) -> Any:
+        if sw_if_index not in self.tunnels:
+            return NS(retval=INVALID_SW_IF_INDEX)
+        self.tunnels.pop(sw_if_index)
+        self.protections.pop(sw_if_index, None)
+        self._delete_iface(sw_if_index)
+        return NS(retval=0)
+
+    def d_ipip_tunnel_dump(self, sw_if_index: int) -> list[Any]:
+        return [NS(tunnel=NS(sw_if_index=i, instance=t["instance"], src=t["src"], dst=t["dst"],
+                             table_id=t["table_id"]))
+                for i, t in sorted(self.tunnels.items())]
+
+    # ipsec
+    def m_ipsec_sad_entry_add_v2(self, entry: dict[str, Any]) -> Any:
+        if entry["sad_id"] in self.sas:
+            return NS(retval=ENTRY_EXISTS)
+        self.sas[entry["sad_id"]] = {"entry": dict(entry), "thread": 0xFFFFFFFF,
+                                     "stat_index": len(self.sas)}
+        return NS(retval=0, stat_index=self.sas[entry["sad_id"]]["stat_index"])
+
+    def m_ipsec_sad_entry_del(self, id: int) -> Any:
+        if id not in self.sas:
+            return NS(retval=NO_SUCH_ENTRY)
+        if any(id == out or id in ins for out, ins in self.protections.values()):
+            return NS(retval=SA_IN_USE)
+        self.sas.pop(id)
+        return NS(retval=0)
+
+    def m_ipsec_sad_bind(self, sa_id: int, worker: int) -> Any:
+        if sa_id not in self.sas:
+            return NS(retval=NO_SUCH_ENTRY)
+        if worker >= self.workers:
+            return NS(retval=-7)
+        self.sas[sa_id]["thread"] = worker + 1
+        return NS(retval=0)
+
+    def d_ipsec_sa_v5_dump(self, sa_id: int) -> list[Any]:
+        out = []
+        for sid, sa in sorted(self.sas.items()):
+            e = sa["entry"]
+            salt = int.from_bytes(e["salt"].to_bytes(4, "big"), "little")  # as VPP dumps it
+            key = e["crypto_key"]
+            out.append(NS(entry=NS(
+                sad_id=sid, spi=e["spi"], crypto_algorithm=e["crypto_algorithm"],
+                crypto_key=NS(length=key["length"], data=key["data"]), flags=e["flags"],
+                salt=salt, anti_replay_window_size=e["anti_replay_window_size"]),
+                thread_index=sa["thread"], seq_outbound=0, last_seq_inbound=0,
+                stat_index=sa["stat_index"], sw_if_index=0xFFFFFFFF))
+        return out
+
+    def m_ipsec_tunnel_protect_update(self, tunnel: dict[str, Any]) -> Any:
+        if tunnel["sw_if_index"] not in self.tunnels:
+            return NS(retval=INVALID_SW_IF_INDEX)
+        for sa in (tunnel["sa_out"], *tunnel["sa_in"]):
+            if sa not in self.sas:
+                return NS(retval=NO_SUCH_ENTRY)
+        self.protections[tunnel["sw_if_index"]] = (tunnel["sa_out"], tuple(tunnel["sa_in"]))
+        return NS(retval=0)
+
+    def m_ipsec_tunnel_protect_del(self, sw_if_index: int, nh: str) -> Any:
+        if sw_if_index not in self.protections:
+            return NS(retval=NO_SUCH_ENTRY)
+        self.protections.pop(sw_if_index)
+        return NS(retval=0)
+
+    def d_ipsec_tunnel_protect_dump(self, sw_if_index: int) -> list[Any]:
+        return [NS(tun=NS(sw_if_index=i, sa_out=o, sa_in=list(ins)))
+                for i, (o, ins) in sorted(self.protections.items())]
+
+    # fib
+    def m_ip_table_add_del(self, is_add: bool, table: dict[str, Any]) -> Any:
+        tid = table["table_id"]
+        if is_add:
+            self.tables.add(tid)
+            self.routes.setdefault(tid, {})
+        else:
+            if tid not in self.tables:
+                return NS(retval=NO_SUCH_FIB)
+            if any(t == tid for t in self.table_of.values()):
+                return NS(retval=-7)  # still bound to an interface
+            self.tables.discard(tid)
+            self.routes.pop(tid, None)
+        return NS(retval=0)
+
+    def d_ip_table_dump(self) -> list[Any]:
+        return [NS(table=NS(table_id=t, is_ip6=False)) for t in sorted(self.tables)]
+
+    def m_ip_route_add_del(self, is_add: bool, is_multipath: bool, route: dict[str, Any]) -> Any:
+        table = self.routes.get(route["table_id"])
+        if table is None:
+            return NS(retval=NO_SUCH_FIB)
+        prefix = str(ipaddress.ip_network(route["prefix"]))
+        if is_add:
+            paths = tuple(p["sw_if_index"] for p in route["paths"])
+            for p in paths:
+                if p not in self.ifaces:
+                    return NS(retval=INVALID_SW_IF_INDEX)
+            table[prefix] = paths
+        else:
+            if prefix not in table:
+                return NS(retval=NO_SUCH_ENTRY)
+            table.pop(prefix)
+        return NS(retval=0)
+
+    def d_ip_route_dump(self, table: dict[str, Any]) -> list[Any]:
+        routes = self.routes.get(table["table_id"], {})
+        return [NS(route=NS(prefix=p, paths=[NS(sw_if_index=i) for i in paths]))
+                for p, paths in sorted(routes.items())]
+
+    def m_ip_neighbor_add_del(self, is_add: bool, neighbor: dict[str, Any]) -> Any:
+        index = neighbor["sw_if_index"]
+        if err := self._check(index):
+            return NS(retval=err)
+        table = self.neighbors.setdefault(index, {})
+        if is_add:
+            table[neighbor["ip_address"]] = neighbor["mac_address"]
+        elif table.pop(neighbor["ip_address"], None) is None:
+            return NS(retval=NO_SUCH_ENTRY)
+        return NS(retval=0)
+
+    def d_ip_neighbor_dump(self, sw_if_index: int, af: int) -> list[Any]:
+        return [NS(neighbor=NS(ip_address=ip, mac_address=mac))
+                for ip, mac in self.neighbors.get(sw_if_index, {}).items()]
+
+    # host interfaces
+    def m_af_packet_create_v3(self, host_if_name: str, hw_addr: str, **_: Any) -> Any:
+        if host_if_name in self.af_packet:
+            return NS(retval=-79)
+        index = self._new_iface(f"host-{host_if_name}", "af-packet", mac=hw_addr)
+        self.af_packet[host_if_name] = index
+        return NS(retval=0, sw_if_index=index)
+
+    def m_af_packet_delete(self, host_if_name: str) -> Any:
+        index = self.af_packet.pop(host_if_name, None)
+        if index is None:
+            return NS(retval=INVALID_SW_IF_INDEX)
+        self._delete_iface(index)
+        return NS(retval=0)
+
+    def d_af_packet_dump(self) -> list[Any]:
+        return [NS(host_if_name=n, sw_if_index=i) for n, i in self.af_packet.items()]

@@ -1,0 +1,83 @@
+"""The mesh file: valid meshes load; every invalid one names the field and the fix."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import make_mesh
+
+from vppmesh.config import dump_mesh, load_mesh, parse_mesh
+from vppmesh.errors import ConfigError
+
+
+def mesh_data(n: int = 3, tunnels: int = 2) -> dict:
+    mesh, _ = make_mesh(n, tunnels)
+    return yaml.safe_load(dump_mesh(mesh))
+
+
+def test_round_trip(tmp_path: Path) -> None:
+    path = tmp_path / "mesh.yaml"
+    mesh, _ = make_mesh(3)
+    path.write_text(dump_mesh(mesh))
+    assert load_mesh(path) == mesh
+
+
+@pytest.mark.parametrize(("mutate", "expected"), [
+    (lambda d: d["nodes"][1].update(name=d["nodes"][0]["name"]), "name 'node1' is used by both"),
+    (lambda d: d["nodes"][1].update(node_number=1), "node_number 1 is used by both"),
+    (lambda d: d["nodes"][2].update(pod_cidr=d["nodes"][0]["pod_cidr"]), "overlaps"),
+    (lambda d: d["nodes"][2].update(pod_cidr="10.64.0.0/16"), "overlaps"),
+    (lambda d: d["nodes"][0].update(underlay=d["nodes"][0]["underlay"][:1]),
+     "add 1 extra uplink address"),
+    (lambda d: d["nodes"][0].update(public_key="not base64!"), "public_key is not valid base64"),
+    (lambda d: d["nodes"][0].update(public_key="AAAA"), "decodes to 3 bytes, expected 32"),
+    (lambda d: d["settings"].update(pod_mtu=1460), "settings.pod_mtu=1460 does not fit"),
+    (lambda d: d["settings"].update(underlay_mtu=600), "too small for the ESP/IPIP overhead"),
+    (lambda d: d["nodes"][1].update(underlay=d["nodes"][0]["underlay"]),
+     "is already an address of node node1"),
+    (lambda d: d["nodes"][0].update(node_number=0), "node_number"),
+    (lambda d: d["nodes"][0].update(colour="blue"), "colour"),
+    (lambda d: d["settings"].update(tunnels_per_peer="many"), "tunnels_per_peer"),
+    (lambda d: d["nodes"][0].update(underlay=["10.0.0.1/24", "2001:db8::1/64"]), "mixes IPv4"),
+])
+def test_invalid_mesh_names_field_and_fix(mutate, expected: str) -> None:
+    data = copy.deepcopy(mesh_data())
+    mutate(data)
+    with pytest.raises(ConfigError) as err:
+        parse_mesh(data, "mesh.yaml")
+    assert expected in str(err.value)
+
+
+def test_unknown_local_node() -> None:
+    mesh, _ = make_mesh(2)
+    with pytest.raises(ConfigError, match="node 'ghost' is not in the mesh file"):
+        mesh.node("ghost")
+
+
+def test_file_errors(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_mesh(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("nodes: [unclosed")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_mesh(bad)
+    bad.write_text("- just a list")
+    with pytest.raises(ConfigError, match="expected a mapping"):
+        load_mesh(bad)
+
+
+def test_pod_mtu_computed_from_overhead() -> None:
+    from vppmesh.overhead import encrypted_size, pod_mtu_for
+
+    mesh, _ = make_mesh(2)
+    mtu = mesh.pod_mtu()
+    assert mtu == pod_mtu_for(1500, ipv6_underlay=False) == 1440
+    assert encrypted_size(mtu, ipv6_underlay=False) <= 1500
+    # Worst-case padding is assumed: the exact largest fit is 1446 (padding absorbs it).
+    assert encrypted_size(1443, ipv6_underlay=False) == 1500
+    assert encrypted_size(1446, ipv6_underlay=False) == 1500
+    assert encrypted_size(1447, ipv6_underlay=False) > 1500
+    assert pod_mtu_for(1500, ipv6_underlay=True) == 1416

@@ -1,0 +1,127 @@
+"""reconcile() against a stateful fake VPP: converge, idempotence, ownership, failures."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from conftest import make_mesh
+from fake_vpp import FakeVpp
+
+from vppmesh.errors import ConfigError, VppApiError
+from vppmesh.ledger import KeyLedger
+from vppmesh.plan import HostOptions, plan
+from vppmesh.reconcile import ReusedKeyError, reconcile
+from vppmesh.teardown import teardown
+from vppmesh.vpp import interfaces, ipip
+
+
+def setup(n: int = 3, tunnels: int = 2, workers: int = 0, node: str = "node1"):
+    mesh, secrets = make_mesh(n, tunnels)
+    desired = plan(mesh, node, secrets[node], workers=workers, host=HostOptions(kind="none"))
+    vpp = FakeVpp.with_uplink(mesh.node(node).primary, workers=workers)
+    return mesh, secrets, desired, vpp
+
+
+def test_up_programs_everything_then_changes_nothing() -> None:
+    _, _, desired, vpp = setup(workers=2)
+    changes = reconcile(vpp, desired)
+    assert changes
+    assert len(vpp.tunnels) == len(desired.tunnels)
+    assert set(vpp.sas) == {s.sa_id for s in desired.sas}
+    assert len(vpp.protections) == len(desired.tunnels)
+    table = vpp.routes[desired.table_id]
+    for route in desired.routes:
+        assert len(table[str(route.prefix)]) == len(route.tunnels)
+    # Every tunnel is up, protected, in the mesh VRF, unnumbered to the gateway.
+    for index in vpp.tunnels:
+        assert vpp.ifaces[index]["flags"] & 1
+        assert index in vpp.protections
+        assert vpp.table_of[index] == desired.table_id
+        assert vpp.unnumbered[index] == next(i for i, f in vpp.ifaces.items()
+                                             if f["tag"] == "vppmesh:gateway")
+    assert {sa["thread"] for sa in vpp.sas.values()} == {1, 2}
+    # Extra underlay addresses were added to the uplink.
+    assert len(vpp.addresses[1]) == 2
+    sent = vpp.messages_sent
+    assert reconcile(vpp, desired) == []
+    assert vpp.messages_sent - sent < 15  # dumps only
+
+
+def test_down_removes_only_what_vppmesh_owns() -> None:
+    mesh, _, desired, vpp = setup()
+    # The operator's own objects.
+    vpp.call(interfaces.create_loopback("02:00:00:00:00:09"))
+
+    operator_tunnel = vpp.call(ipip.add_tunnel(7, "10.1.1.1", "10.1.1.2")).sw_if_index
+    reconcile(vpp, desired)
+    removed = teardown(vpp, desired.table_id, tuple(mesh.node("node1").underlay[1:]))
+    assert removed
+    assert vpp.owned_objects() == {"tunnels": 0, "sas": 0, "tagged": 0, "protections": 0}
+    assert operator_tunnel in vpp.tunnels
+    assert sum(1 for f in vpp.ifaces.values() if f["dev_type"] == "Loopback") == 1
+    assert desired.table_id not in vpp.tables
+    assert vpp.addresses[1] == [str(mesh.node("node1").primary)]
+
+
+def test_failure_half_way_leaves_nothing_unprotected_and_next_run_converges() -> None:
+    _, _, desired, vpp = setup()
+    vpp.fail_on["ipsec_tunnel_protect_update"] = -1
+    with pytest.raises(VppApiError, match="ipsec_tunnel_protect_update"):
+        reconcile(vpp, desired)
+    # Tunnels exist but none is up: nothing can leave unencrypted.
+    assert vpp.tunnels
+    assert not any(vpp.ifaces[i]["flags"] & 1 for i in vpp.tunnels)
+    reconcile(vpp, desired)
+    assert all(vpp.ifaces[i]["flags"] & 1 for i in vpp.tunnels)
+    assert len(vpp.protections) == len(vpp.tunnels)
+    assert reconcile(vpp, desired) == []
+
+
+def test_peer_leaving_touches_only_its_objects() -> None:
+    mesh, secrets, desired, vpp = setup(n=4)
+    reconcile(vpp, desired)
+    before = {i: dict(t) for i, t in vpp.tunnels.items()}
+    smaller = mesh.model_copy(update={"nodes": mesh.nodes[:3]})
+    desired2 = plan(smaller, "node1", secrets["node1"], host=HostOptions(kind="none"))
+    changes = reconcile(vpp, desired2)
+    assert all("#4" in str(c) or "ipip1000004" in str(c) or "10.64.4.0" in str(c)
+               or c.kind == "sa" for c in changes)
+    kept = {i for i, t in before.items() if t["instance"] // 100 % 1000000 != 4}
+    assert kept <= set(vpp.tunnels)
+    assert len(vpp.tunnels) == 2 * 2
+    assert str(mesh.node("node4").pod_cidr) not in vpp.routes[desired.table_id]
+
+
+def test_changed_peer_key_replaces_its_sas_without_duplicates() -> None:
+    mesh, secrets, desired, vpp = setup(n=2, tunnels=1)
+    reconcile(vpp, desired)
+    desired2 = plan(mesh, "node1", secrets["node1"], host=HostOptions(kind="none"),
+                    epochs=(1,))
+    changes = reconcile(vpp, desired2)
+    assert any(c.kind == "sa" and c.action == "create" for c in changes)
+    assert set(vpp.sas) == {s.sa_id for s in desired2.sas}
+    assert reconcile(vpp, desired2) == []
+
+
+def test_ledger_refuses_to_reinstall_an_outbound_key(tmp_path: Path) -> None:
+    mesh, _, desired, vpp = setup(n=2)
+    ledger = KeyLedger(tmp_path / "used.json")
+    reconcile(vpp, desired, ledger=ledger)
+    assert (tmp_path / "used.json").stat().st_mode & 0o077 == 0
+    fresh = FakeVpp.with_uplink(mesh.node("node1").primary)  # "VPP restarted"
+    with pytest.raises(ReusedKeyError, match="repeat AES-GCM nonces"):
+        reconcile(fresh, desired, ledger=ledger)
+    assert fresh.owned_objects()["sas"] == 0  # nothing half-applied
+
+
+def test_missing_uplink_is_a_clear_error() -> None:
+    _, _, desired, _ = setup()
+    with pytest.raises(ConfigError, match="no VPP interface holding the primary"):
+        reconcile(FakeVpp(), desired)
+
+
+def test_dry_run_changes_nothing() -> None:
+    _, _, desired, vpp = setup()
+    changes = reconcile(vpp, desired, dry_run=True)
+    assert changes and not vpp.tunnels and not vpp.sas
