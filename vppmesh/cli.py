@@ -5,9 +5,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import logging
-import os
 import socket
-import sys
 import time
 from pathlib import Path
 from typing import Annotated
@@ -312,10 +310,6 @@ def testbed_status() -> None:
         typer.echo(json.dumps(Testbed.load().status(), indent=2))
     except VppMeshError as exc:
         raise fail(str(exc)) from None
-
-
-def run() -> None:  # pragma: no cover - console entry for `python -m`
-    app(prog_name=os.path.basename(sys.argv[0]))
 
 
 @app.command()

@@ -10,9 +10,9 @@ import itertools
 import json
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 
-from vppmesh.config import load_mesh
 from vppmesh.state import is_owned_sa_id
 from vppmesh.testbed import NodeHandle, Testbed, TestbedSpec, in_ns
 from vppmesh.vpp import ipsec
@@ -62,7 +62,7 @@ def iperf_pair(bed: Testbed, src: NodeHandle, dst: NodeHandle, *, seconds: int,
             if "error" not in data and "end" in data:
                 result = data
                 break
-            subprocess.run(["sleep", "0.2"], check=False)
+            time.sleep(0.2)
         if result is None:
             raise RuntimeError(f"iperf3 {src.name} -> {dst.name} failed: {out.stdout[-500:]}")
     finally:
@@ -86,7 +86,6 @@ def run_demo(*, nodes: int = 3, tunnels: int = 4, seconds: int = 5, streams: int
 
     bed.up(progress=say)
     try:
-        load_mesh(bed.mesh_file)
         results = []
         for src, dst in itertools.combinations(bed.nodes, 2):
             say(f"iperf3 {src.pod_name(0)} -> {dst.pod_name(0)} ({streams} streams, {seconds} s)")

@@ -50,16 +50,9 @@ def set_neighbor(api: VppApi, index: int, spec: HostLinkSpec, table_id: int) -> 
     ])
 
 
-def find_gateway(api: VppApi) -> int:
-    for iface in interfaces.dump_interfaces(api):
-        if iface.tag == GATEWAY_TAG:
-            return iface.sw_if_index
-    raise VppMeshError("this node is not in the mesh yet (no vppmesh gateway in VPP): run "
-                       "`vppmesh up` first")
-
-
-def find_endpoint(api: VppApi, tag: str) -> Interface | None:
-    return next((i for i in interfaces.dump_interfaces(api) if i.tag == tag), None)
+def find_tagged(api: VppApi, *tags: str) -> dict[str, Interface]:
+    """The interfaces carrying these tags, from a single interface dump."""
+    return {i.tag: i for i in interfaces.dump_interfaces(api) if i.tag in tags}
 
 
 def attach(api: VppApi, spec: HostLinkSpec, *, table_id: int, mtu: int,
@@ -68,15 +61,19 @@ def attach(api: VppApi, spec: HostLinkSpec, *, table_id: int, mtu: int,
     if spec.kind == "af_packet":
         linux.ensure_veth(spec.linux_ifname, spec.vpp_ifname, linux_mac=spec.linux_mac,
                           vpp_mac=spec.vpp_mac, mtu=mtu, linux_netns=spec.netns)
-    index = attach_vpp(api, spec, table_id=table_id, mtu=mtu, gateway=find_gateway(api),
-                       existing=find_endpoint(api, spec.tag))
+    found = find_tagged(api, GATEWAY_TAG, spec.tag)
+    if GATEWAY_TAG not in found:
+        raise VppMeshError("this node is not in the mesh yet (no vppmesh gateway in VPP): run "
+                           "`vppmesh up` first")
+    index = attach_vpp(api, spec, table_id=table_id, mtu=mtu,
+                       gateway=found[GATEWAY_TAG].sw_if_index, existing=found.get(spec.tag))
     linux.configure_linux_side(spec, mtu, default_route=default_route)
     return index
 
 
 def detach(api: VppApi, spec: HostLinkSpec, table_id: int) -> bool:
     """Remove an endpoint from VPP and Linux; False if it was not attached."""
-    found = find_endpoint(api, spec.tag)
+    found = find_tagged(api, spec.tag).get(spec.tag)
     if found is not None:
         api.call_many([
             routes.route(table_id, spec.address.network, [found.sw_if_index], False,

@@ -191,9 +191,6 @@ class Diff:
             out.append(Change("update", "host-link", "neighbor"))
         return out
 
-    def __bool__(self) -> bool:
-        return bool(self.changes())
-
 
 def describe_sa(sa: SaSpec) -> str:
     return (f"{sa.sa_id:#x} {sa.direction} peer#{sa.peer_number} tunnel {sa.tunnel} "

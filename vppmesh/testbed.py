@@ -337,9 +337,10 @@ def destroy(prefix: str, base_dir: Path, *, quiet: bool = False) -> list[str]:
         for pid in pids:
             try:
                 os.kill(pid, sig)
-                removed.append(f"process {pid}") if sig == signal.SIGTERM else None
             except ProcessLookupError:
-                pass
+                continue
+            if sig == signal.SIGTERM:
+                removed.append(f"process {pid}")
         deadline = time.monotonic() + 5
         while pids and time.monotonic() < deadline:
             pids = [p for p in pids if Path(f"/proc/{p}").exists()]
