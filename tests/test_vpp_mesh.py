@@ -5,6 +5,7 @@ Skipped with the reason when no VPP binary is found or when not root.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import subprocess
 import time
@@ -130,6 +131,52 @@ def test_tcp_over_every_tunnel_and_only_esp_on_the_wire(bed: Testbed) -> None:
         assert src_ip in node_addrs and dst_ip in node_addrs
     raw = capture.read_bytes()
     assert b"iperf3" not in raw
+
+
+def test_verify_proves_encryption_from_counters_and_capture(bed: Testbed) -> None:
+    node = bed.nodes[0]
+    result = run_cli(bed, node, "verify", "--capture", "--json")
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = json.loads(result.stdout)
+    assert report["ok"] and report["verdict"].startswith("PASS")
+    assert [p["tunnels_ok"] for p in report["peers"]] == [4, 4]
+    assert all(p["out_packets"] > 0 and p["in_packets"] > 0 for p in report["peers"])
+    capture = report["capture"]
+    assert capture["interface"] == "host-eth0"
+    assert capture["esp_between_nodes"] > 0
+    assert capture["ipip_in_clear"] == capture["pod_address_in_clear"] == 0
+
+
+def test_verify_fails_on_pod_traffic_in_clear(bed: Testbed) -> None:
+    """An operator's unprotected IPIP tunnel in the mesh VRF leaks pod traffic: caught."""
+    node, peer = bed.nodes[0], bed.nodes[1]
+    leak_prefix = ipaddress.IPv4Network("198.18.99.0/24")
+    with VppClient(node.instance.api_socket).connect() as api:
+        gateway = next(i for i in interfaces.dump_interfaces(api) if i.tag == "vppmesh:gateway")
+        tunnel = api.call(ipip.add_tunnel(7, node.underlay[0].ip, peer.underlay[1].ip))
+        index = tunnel.sw_if_index
+        sender = None
+        try:
+            api.call_many([interfaces.set_table(index, 1717),
+                           interfaces.set_unnumbered(index, gateway.sw_if_index),
+                           interfaces.set_admin(index, True),
+                           routes.route(1717, leak_prefix, [index], True)])
+            sender = subprocess.Popen(["ip", "netns", "exec", node.pod_netns(0), "ping", "-i",
+                                       "0.2", "-c", "40", str(leak_prefix[1])],
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            result = run_cli(bed, node, "verify", "--capture", "--json")
+        finally:
+            if sender is not None:
+                sender.kill()
+            api.call(routes.route(1717, leak_prefix, [index], False))
+            api.call(ipip.del_tunnel(index))
+    assert result.returncode == 3, result.stdout + result.stderr
+    report = json.loads(result.stdout)
+    assert not report["ok"] and report["verdict"].startswith("FAIL")
+    assert report["capture"]["ipip_in_clear"] > 0
+    assert str(node.pod_address(0)) in report["capture"]["offenders"][0]
+    # The mesh itself is still healthy: only the capture failed.
+    assert all(p["problems"] == [] for p in report["peers"])
 
 
 def test_down_leaves_nothing_of_vppmesh(bed: Testbed) -> None:

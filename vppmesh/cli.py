@@ -194,6 +194,45 @@ def status(
 
 
 @app.command()
+def verify(
+    mesh: MeshOpt = DEFAULT_MESH,
+    node: NodeOpt = HOSTNAME,
+    api_socket: SocketOpt = DEFAULT_API_SOCKET,
+    stats_socket: Annotated[Path | None, typer.Option(
+        help="VPP's stats socket (default: next to the API socket).")] = None,
+    capture: Annotated[bool, typer.Option(
+        help="Also record the uplink with VPP's pcap trace and check that only ESP between "
+        "node addresses carries mesh traffic.")] = False,
+    seconds: Annotated[float, typer.Option(min=0.5, max=60.0,
+                                           help="Length of the observation window.")] = 3.0,
+    probes: Annotated[bool, typer.Option(
+        help="Ping every peer's host link during the window, so there is traffic.")] = True,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Prove that this node's mesh traffic is encrypted: tunnels, SA counters, capture."""
+    from vppmesh.config import load_mesh
+    from vppmesh.verify import render
+    from vppmesh.verify import verify as run_verify
+
+    try:
+        mesh_obj = load_mesh(mesh)
+        mesh_obj.node(node)
+        with VppClient(api_socket).connect() as client:
+            report = run_verify(client, mesh_obj, node,
+                                stats_socket=stats_socket or api_socket.parent / "stats.sock",
+                                seconds=seconds, capture=capture, probes=probes)
+    except VppMeshError as exc:
+        raise fail(str(exc)) from None
+    if as_json:
+        typer.echo(json.dumps({**report.model_dump(mode="json"), "ok": report.ok,
+                               "verdict": report.verdict}, indent=2))
+    else:
+        typer.echo(render(report))
+    if not report.ok:
+        raise typer.Exit(3)
+
+
+@app.command()
 def keygen(
     key: KeyOpt = DEFAULT_KEY,
     force: Annotated[bool, typer.Option(help="Replace an existing key file.")] = False,
