@@ -26,6 +26,7 @@ NS_PREFIX = "vmb-"
 LINK_PREFIX = "vmb"
 TMP_PREFIX = "vmb-"
 WIREGUARD_RUN_DIR = Path("/var/run/wireguard")
+VPP_RUN_DIR = Path("/run/vppmesh-bench")  # runtime dirs of the VPP contenders
 IFNAMSIZ = 15
 
 
@@ -270,6 +271,13 @@ def cleanup_all() -> list[str]:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(sock)
             removed.append(f"socket {sock}")
+    for shm in glob.glob(f"/dev/shm/{NS_PREFIX}*"):  # VPP's shared memory, after a kill -9
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(shm)
+            removed.append(f"shm {shm}")
+    if VPP_RUN_DIR.exists():
+        shutil.rmtree(VPP_RUN_DIR, ignore_errors=True)
+        removed.append(f"dir {VPP_RUN_DIR}")
     for tmp in glob.glob(os.path.join(tempfile.gettempdir(), f"{TMP_PREFIX}*")):
         if os.path.isdir(tmp) and not os.path.islink(tmp):
             shutil.rmtree(tmp, ignore_errors=True)

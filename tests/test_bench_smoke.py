@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import vpp_binary
 from pyroute2 import IPRoute  # type: ignore[import-untyped]
 
 from benchmarks import netns
@@ -58,6 +59,11 @@ def test_quick_run_writes_plausible_json_markdown_and_png(tmp_path: Path) -> Non
     bare = by_name["bare"]
     assert bare.status == "ok"
     assert [s.streams for s in bare.summary] == list(QUICK_STREAMS)
+    if vpp_binary() is not None:
+        # With a VPP here, the VPP contenders must run, not skip.
+        for name in ("vpp-ipip", "vppmesh", "vppmesh-4t"):
+            assert by_name[name].status == "ok", (name, by_name[name].reason)
+        assert report.ratio_reference == "vppmesh-4t"
     for c in (c for c in report.contenders if c.status == "ok"):
         assert c.ping is not None and c.ping.received > 0
         assert c.ping.p50_ms is not None and 0 < c.ping.p50_ms < 100

@@ -70,3 +70,13 @@ def test_host_link_routes_every_peer() -> None:
     assert set(desired.host.routes) == {n.pod_cidr for n in mesh.nodes if n.name != "node2"}
     assert desired.host.address.ip == mesh.node("node2").mesh_address
     assert plan(mesh, "node2", secrets["node2"], host=HostOptions(kind="none")).host is None
+
+
+def test_large_segments_only_for_tap_endpoints() -> None:
+    mesh, secrets = make_mesh(2)
+    tap = plan(mesh, "node1", secrets["node1"], host=HostOptions(kind="tap"))
+    assert tap.gso and tap.host is not None and tap.host.offloads
+    veth = plan(mesh, "node1", secrets["node1"], host=HostOptions(kind="af_packet"))
+    assert not veth.gso and veth.host is not None and not veth.host.offloads
+    off, _ = make_mesh(2, gso=False)
+    assert not plan(off, "node1", secrets["node1"], host=HostOptions(kind="tap")).gso

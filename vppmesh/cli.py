@@ -315,6 +315,18 @@ def attach(
     typer.echo(f"attached {name} ({ip}) in netns {netns}")
 
 
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def bench(ctx: typer.Context) -> None:
+    """Side-by-side iperf3 benchmark (vppmesh, plain VPP IPIP, tinc, WireGuard, kernel).
+
+    Options are those of `python -m benchmarks` (try `vppmesh bench --help-bench`).
+    """
+    from benchmarks.__main__ import main as bench_main
+
+    args = ["--help" if a == "--help-bench" else a for a in ctx.args]
+    raise typer.Exit(bench_main(args))
+
+
 @testbed_app.command("up")
 def testbed_up(
     nodes: int = 3, tunnels: int = 4, pods: int = 1,

@@ -89,6 +89,18 @@ def detach(api: VppApi, spec: HostLinkSpec, table_id: int) -> bool:
     return found is not None or removed_link
 
 
+def segmentation_offload(gso: bool, kind: str) -> bool:
+    """Whether an endpoint of this kind carries large segments into VPP.
+
+    Only tap v2 does. VPP 26.06's af_packet input flags an IPv4 GSO packet with the TCP
+    checksum offload alone (plugins/af_packet/node.c, fill_cksum_offload), and the
+    segmenter takes a missing IPv4-checksum flag to mean IPv6 (vnet/gso/gso.h,
+    gso_fixup_segmented_buf): every segment keeps the inner IPv4 length of the whole
+    packet, and the peer drops it at esp4-decrypt-tun. Tap input sets both flags.
+    """
+    return gso and kind == "tap"
+
+
 def pod_spec(*, name: str, netns: str, address: ipaddress.IPv4Address, node_number: int,
              pod_index: int, linux_ifname: str = "eth0", kind: str = "af_packet",
              queues: int = 1, offloads: bool = False) -> HostLinkSpec:
@@ -106,5 +118,5 @@ def pod_spec(*, name: str, netns: str, address: ipaddress.IPv4Address, node_numb
         netns=netns,
         routes=(),
         queues=queues,
-        offloads=offloads,
+        offloads=segmentation_offload(offloads, kind),
     )

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from vppmesh.config import Mesh, Node
+from vppmesh.endpoints import segmentation_offload
 from vppmesh.keys import NodeSecrets, derive_sa_key, pair_secret, spi_for
 from vppmesh.state import (
     DesiredState,
@@ -56,7 +57,7 @@ def host_link(local: Node, peers: list[Node], options: HostOptions,
         netns=options.netns,
         routes=tuple(peer.pod_cidr for peer in peers),
         queues=options.queues,
-        offloads=offloads,
+        offloads=segmentation_offload(offloads, options.kind),
     )
 
 
@@ -121,7 +122,8 @@ def plan(
         node=local.name,
         table_id=settings.mesh_table_id,
         mtu=mesh.pod_mtu(),
-        gso=settings.gso,
+        # Segmentation in VPP (the `gso` feature on every tunnel) serves tap endpoints.
+        gso=segmentation_offload(settings.gso, (host or HostOptions()).kind),
         uplink=uplink or local.uplink,
         uplink_addresses=tuple(local.underlay),
         sas=tuple(sas),

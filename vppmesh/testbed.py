@@ -225,27 +225,10 @@ class Testbed:
         self.mesh_file.write_text(dump_mesh(mesh))
 
     def _start_vpp(self, node: NodeHandle, vpp: Path) -> None:
-        conf = node.dir / "startup.conf"
-        conf.write_text(render(load_profile(self.spec.profile), node.instance,
-                               workers=self.spec.workers))
-        log = open(node.dir / "vpp.stdout", "w")  # noqa: SIM115 - handed to the child
-        proc = subprocess.Popen(["ip", "netns", "exec", node.netns, str(vpp), "-c", str(conf)],
-                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = start_vpp(vpp, node.netns, node.instance, node.dir,
+                         render(load_profile(self.spec.profile), node.instance,
+                                workers=self.spec.workers))
         (node.dir / "launcher.pid").write_text(str(proc.pid))
-        deadline = time.monotonic() + VPP_START_TIMEOUT
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise TestbedError(f"VPP of {node.name} exited at start: "
-                                   f"{(node.dir / 'vpp.stdout').read_text()[-2000:]}")
-            if node.instance.api_socket.exists():
-                try:
-                    VppClient(node.instance.api_socket, timeout=2).connect().close()
-                    return
-                except VppMeshError:
-                    pass
-            time.sleep(0.2)
-        raise TestbedError(f"VPP of {node.name} did not open {node.instance.api_socket} "
-                           f"within {VPP_START_TIMEOUT:.0f} s")
 
     def _uplink(self, node: NodeHandle) -> None:
         """Give VPP the node's uplink: af_packet on the veth, MTU, addresses, up."""
@@ -299,6 +282,33 @@ class Testbed:
                           "pods": [node.pod_netns(p) for p in range(self.spec.pods)],
                           "api_socket": str(node.instance.api_socket)})
         return {"mesh_file": str(self.mesh_file), "nodes": nodes}
+
+
+def start_vpp(vpp: Path, netns: str, instance: Instance, workdir: Path,
+              startup_conf: str) -> subprocess.Popen[bytes]:
+    """Start one VPP in a namespace and wait until its API answers (the benchmarks too)."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    conf = workdir / "startup.conf"
+    conf.write_text(startup_conf)
+    log_path = workdir / "vpp.stdout"
+    with log_path.open("w") as log:
+        proc = subprocess.Popen(["ip", "netns", "exec", netns, str(vpp), "-c", str(conf)],
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + VPP_START_TIMEOUT
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise TestbedError(f"VPP in {netns} exited at start: "
+                               f"{log_path.read_text()[-2000:]}")
+        if instance.api_socket.exists():
+            try:
+                VppClient(instance.api_socket, timeout=2).connect().close()
+                return proc
+            except VppMeshError:
+                pass
+        time.sleep(0.2)
+    proc.kill()
+    raise TestbedError(f"VPP in {netns} did not open {instance.api_socket} "
+                       f"within {VPP_START_TIMEOUT:.0f} s")
 
 
 def _uplink_mac(index: int) -> str:

@@ -13,6 +13,7 @@ import importlib
 from benchmarks.contenders.base import Contender, Unavailable
 
 MODULES: list[str] = [
+    "vpp",
     "bare",
     "tinc",
     "wireguard_go",
@@ -21,7 +22,7 @@ MODULES: list[str] = [
 
 #: Preferred reference for the ratios, first one measured wins; otherwise the first
 #: contender measured. VPP-based contenders go in front of this list when they exist.
-RATIO_REFERENCES: list[str] = []
+RATIO_REFERENCES: list[str] = ["vppmesh-4t", "vppmesh"]
 
 
 def all_contenders() -> list[Contender]:
