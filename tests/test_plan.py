@@ -73,10 +73,10 @@ def test_host_link_routes_every_peer() -> None:
 
 
 def test_large_segments_only_for_tap_endpoints() -> None:
-    mesh, secrets = make_mesh(2)
+    mesh, secrets = make_mesh(2, gso=True)
     tap = plan(mesh, "node1", secrets["node1"], host=HostOptions(kind="tap"))
     assert tap.gso and tap.host is not None and tap.host.offloads
     veth = plan(mesh, "node1", secrets["node1"], host=HostOptions(kind="af_packet"))
     assert not veth.gso and veth.host is not None and not veth.host.offloads
-    off, _ = make_mesh(2, gso=False)
+    off, _ = make_mesh(2)  # the default: Linux segments
     assert not plan(off, "node1", secrets["node1"], host=HostOptions(kind="tap")).gso

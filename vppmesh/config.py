@@ -68,10 +68,10 @@ class MeshSettings(BaseModel):
     anti_replay_window: Annotated[int, Field(ge=64, le=65536)] = 1024
     async_crypto: bool = False
     gso: bool = Field(
-        default=True,
+        default=False,
         description="Carry large TCP segments between tap endpoints (host, pods) and VPP, "
         "which segments them before encryption. af_packet endpoints never use it (see "
-        "endpoints.segmentation_offload); off: Linux always segments.",
+        "endpoints.segmentation_offload). Off (default): Linux segments before VPP.",
     )
 
     @model_validator(mode="after")

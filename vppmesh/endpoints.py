@@ -92,11 +92,11 @@ def detach(api: VppApi, spec: HostLinkSpec, table_id: int) -> bool:
 def segmentation_offload(gso: bool, kind: str) -> bool:
     """Whether an endpoint of this kind carries large segments into VPP.
 
-    Only tap v2 does. VPP 26.06's af_packet input flags an IPv4 GSO packet with the TCP
+    Never af_packet: VPP 26.06's af_packet input flags an IPv4 GSO packet with the TCP
     checksum offload alone (plugins/af_packet/node.c, fill_cksum_offload), and the
     segmenter takes a missing IPv4-checksum flag to mean IPv6 (vnet/gso/gso.h,
     gso_fixup_segmented_buf): every segment keeps the inner IPv4 length of the whole
-    packet, and the peer drops it at esp4-decrypt-tun. Tap input sets both flags.
+    packet and the peer drops it at esp4-decrypt-tun. Tap input sets both flags.
     """
     return gso and kind == "tap"
 
