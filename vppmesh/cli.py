@@ -33,9 +33,15 @@ StateOpt = Annotated[Path, typer.Option("--state-dir", envvar="VPPMESH_STATE_DIR
 DEFAULT_STATE = Path("/var/lib/vppmesh")
 SocketOpt = Annotated[Path, typer.Option("--api-socket", envvar="VPPMESH_API_SOCKET",
                                          help="VPP's binary API socket.")]
+StatsSocketOpt = Annotated[Path | None, typer.Option(
+    help="VPP's stats socket (default: stats.sock next to the API socket).")]
 DEFAULT_MESH = Path("/etc/vppmesh/mesh.yaml")
 HOSTNAME = socket.gethostname()
 DEFAULT_KEY = Path("/etc/vppmesh/private.key")
+
+
+def stats_path(api_socket: Path, stats_socket: Path | None) -> Path:
+    return stats_socket or api_socket.parent / "stats.sock"
 
 
 def fail(message: str, code: int = 1) -> typer.Exit:
@@ -173,8 +179,7 @@ def status(
     mesh: MeshOpt = DEFAULT_MESH,
     node: NodeOpt = HOSTNAME,
     api_socket: SocketOpt = DEFAULT_API_SOCKET,
-    stats_socket: Annotated[Path | None, typer.Option(
-        help="VPP's stats socket (default: next to the API socket).")] = None,
+    stats_socket: StatsSocketOpt = None,
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Peers, tunnels, protection and per-SA counters, from VPP itself."""
@@ -184,8 +189,7 @@ def status(
     try:
         mesh_obj = load_mesh(mesh)
         with VppClient(api_socket).connect() as client:
-            result = collect(client, mesh_obj, node,
-                             stats_socket or api_socket.parent / "stats.sock")
+            result = collect(client, mesh_obj, node, stats_path(api_socket, stats_socket))
     except VppMeshError as exc:
         raise fail(str(exc)) from None
     typer.echo(result.model_dump_json(indent=2) if as_json else render_table(result))
@@ -198,8 +202,7 @@ def verify(
     mesh: MeshOpt = DEFAULT_MESH,
     node: NodeOpt = HOSTNAME,
     api_socket: SocketOpt = DEFAULT_API_SOCKET,
-    stats_socket: Annotated[Path | None, typer.Option(
-        help="VPP's stats socket (default: next to the API socket).")] = None,
+    stats_socket: StatsSocketOpt = None,
     capture: Annotated[bool, typer.Option(
         help="Also record the uplink with VPP's pcap trace and check that only ESP between "
         "node addresses carries mesh traffic.")] = False,
@@ -219,7 +222,7 @@ def verify(
         mesh_obj.node(node)
         with VppClient(api_socket).connect() as client:
             report = run_verify(client, mesh_obj, node,
-                                stats_socket=stats_socket or api_socket.parent / "stats.sock",
+                                stats_socket=stats_path(api_socket, stats_socket),
                                 seconds=seconds, capture=capture, probes=probes)
     except VppMeshError as exc:
         raise fail(str(exc)) from None
