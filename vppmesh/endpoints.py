@@ -17,6 +17,12 @@ from vppmesh.vpp import host_interfaces, interfaces, routes
 from vppmesh.vpp.client import VppApi
 from vppmesh.vpp.interfaces import Interface
 
+POD_TAG_PREFIX = "vppmesh:pod:"
+
+
+class NotInMeshError(VppMeshError):
+    """The node's VPP has no mesh yet (`vppmesh up` has not run): nothing to attach to."""
+
 
 def attach_vpp(api: VppApi, spec: HostLinkSpec, *, table_id: int, mtu: int, gateway: int,
                existing: Interface | None) -> int:
@@ -63,7 +69,7 @@ def attach(api: VppApi, spec: HostLinkSpec, *, table_id: int, mtu: int,
                           vpp_mac=spec.vpp_mac, mtu=mtu, linux_netns=spec.netns)
     found = find_tagged(api, GATEWAY_TAG, spec.tag)
     if GATEWAY_TAG not in found:
-        raise VppMeshError("this node is not in the mesh yet (no vppmesh gateway in VPP): run "
+        raise NotInMeshError("this node is not in the mesh yet (no vppmesh gateway in VPP): run "
                            "`vppmesh up` first")
     index = attach_vpp(api, spec, table_id=table_id, mtu=mtu,
                        gateway=found[GATEWAY_TAG].sw_if_index, existing=found.get(spec.tag))
@@ -103,15 +109,19 @@ def segmentation_offload(gso: bool, kind: str) -> bool:
 
 def pod_spec(*, name: str, netns: str, address: ipaddress.IPv4Address, node_number: int,
              pod_index: int, linux_ifname: str = "eth0", kind: str = "af_packet",
-             queues: int = 1, offloads: bool = False) -> HostLinkSpec:
-    """The endpoint of one pod; MACs are stable for the (node, pod index)."""
+             queues: int = 1, offloads: bool = False,
+             vpp_ifname: str | None = None) -> HostLinkSpec:
+    """The endpoint of one pod; MACs are stable for the (node, pod index).
+
+    `vpp_ifname` (the veth end VPP takes, at most 15 characters) defaults to vpm-<name>.
+    """
     from vppmesh.plan import node_mac
 
     return HostLinkSpec(
         kind=kind,  # type: ignore[arg-type]
-        tag=f"vppmesh:pod:{name}",
+        tag=f"{POD_TAG_PREFIX}{name}",
         linux_ifname=linux_ifname,
-        vpp_ifname=f"vpm-{name}"[:15],
+        vpp_ifname=vpp_ifname or f"vpm-{name}"[:15],
         address=ipaddress.IPv4Interface(f"{address}/32"),
         linux_mac=node_mac(node_number, 0x200 + pod_index * 2),
         vpp_mac=node_mac(node_number, 0x201 + pod_index * 2),
@@ -120,3 +130,43 @@ def pod_spec(*, name: str, netns: str, address: ipaddress.IPv4Address, node_numb
         queues=queues,
         offloads=segmentation_offload(offloads, kind),
     )
+
+
+def vpp_side_problems(api: VppApi, spec: HostLinkSpec, *, table_id: int, mtu: int) -> list[str]:
+    """What differs from attach_vpp()'s result in VPP (empty when all is in place)."""
+    found = find_tagged(api, GATEWAY_TAG, spec.tag)
+    if GATEWAY_TAG not in found:
+        return ["VPP has no vppmesh gateway: the node is not in the mesh (`vppmesh up`)"]
+    iface = found.get(spec.tag)
+    if iface is None:
+        return [f"VPP has no interface tagged {spec.tag}"]
+    problems = []
+    if not iface.admin_up:
+        problems.append(f"{iface.name} is admin-down in VPP")
+    if iface.mtu != mtu:
+        problems.append(f"{iface.name} has MTU {iface.mtu} in VPP, not {mtu}")
+    if interfaces.dump_unnumbered(api).get(iface.sw_if_index) != \
+            found[GATEWAY_TAG].sw_if_index:
+        problems.append(f"{iface.name} is not unnumbered to the gateway")
+    if routes.dump_neighbors(api, iface.sw_if_index).get(spec.address.ip) != spec.linux_mac:
+        problems.append(f"no static neighbor {spec.address.ip} -> {spec.linux_mac} in VPP")
+    table_routes = routes.dump_routes(api, table_id) if table_id in routes.dump_tables(api) \
+        else {}
+    if table_routes.get(spec.address.network) != (iface.sw_if_index,):  # type: ignore[call-overload]
+        problems.append(f"no route {spec.address.network} via {iface.name} in table {table_id}")
+    return problems
+
+
+def recover_spec(api: VppApi, spec: HostLinkSpec) -> HostLinkSpec | None:
+    """The spec of an attachment found in VPP by its tag, with the address and MAC VPP
+    holds: for undoing an attachment whose own record is lost. None if VPP has none."""
+    iface = find_tagged(api, spec.tag).get(spec.tag)
+    if iface is None:
+        return None
+    neighbors = routes.dump_neighbors(api, iface.sw_if_index)
+    kind = "tap" if iface.dev_type == "virtio" else "af_packet"
+    update: dict[str, object] = {"kind": kind}
+    if neighbors:
+        ip, mac = next(iter(neighbors.items()))
+        update |= {"address": ipaddress.IPv4Interface(f"{ip}/32"), "linux_mac": mac}
+    return spec.model_copy(update=update)

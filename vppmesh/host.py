@@ -70,12 +70,21 @@ def ensure_veth(linux_ifname: str, vpp_ifname: str, *, linux_mac: str, vpp_mac: 
 OFFLOAD_FEATURES = ("tso", "gso", "gro", "tx", "rx")
 
 
+def netns_exec(netns: str | None) -> list[str]:
+    """The command prefix that runs a program in `netns`: a name under /run/netns, or a
+    path such as a CNI runtime's /proc/<pid>/ns/net (which `ip netns exec` cannot take)."""
+    if not netns:
+        return []
+    if "/" in netns:
+        return ["nsenter", f"--net={netns}", "--"]
+    return ["ip", "netns", "exec", netns]
+
+
 def set_offloads(ifname: str, netns: str | None, enable: bool) -> None:
     """Segmentation/checksum offloads of a veth end (ethtool; pyroute2 has no equivalent)."""
     if shutil.which("ethtool") is None:
         raise HostError("ethtool is needed to set veth offloads: apt-get install ethtool")
-    prefix = ["ip", "netns", "exec", netns] if netns else []
-    args = [*prefix, "ethtool", "-K", ifname]
+    args = [*netns_exec(netns), "ethtool", "-K", ifname]
     for feature in OFFLOAD_FEATURES:
         args += [feature, "on" if enable else "off"]
     # ethtool exits non-zero when a feature is fixed for the device; the rest still apply.
@@ -127,3 +136,37 @@ def remove_link(ifname: str, netns: str | None = None) -> bool:
 def link_exists(ifname: str, netns: str | None = None) -> bool:
     with netlink(netns) as ipr:
         return link_index(ipr, ifname) is not None
+
+
+def linux_side_problems(spec: HostLinkSpec, mtu: int, *, default_route: bool) -> list[str]:
+    """What differs from configure_linux_side()'s result (empty when all is in place)."""
+    where = f"netns {spec.netns}" if spec.netns else "the host namespace"
+    if spec.netns and "/" in spec.netns and not Path(spec.netns).exists():
+        return [f"{where} does not exist"]
+    gateway = str(GATEWAY_ADDRESS.ip)
+    problems = []
+    with netlink(spec.netns) as ipr:
+        index = link_index(ipr, spec.linux_ifname)
+        if index is None:
+            return [f"interface {spec.linux_ifname} is missing in {where}"]
+        link = ipr.get_links(index)[0]
+        if link.get_attr("IFLA_MTU") != mtu:
+            problems.append(f"{spec.linux_ifname} has MTU {link.get_attr('IFLA_MTU')}, "
+                            f"not {mtu}")
+        if link.get_attr("IFLA_OPERSTATE") not in ("UP", "UNKNOWN"):
+            problems.append(f"{spec.linux_ifname} is not up")
+        have = {(a.get_attr("IFA_ADDRESS"), a["prefixlen"]) for a in ipr.get_addr(index=index)}
+        if (str(spec.address.ip), 32) not in have:
+            problems.append(f"{spec.linux_ifname} lacks address {spec.address.ip}/32")
+        neighbors = {n.get_attr("NDA_DST"): n.get_attr("NDA_LLADDR")
+                     for n in ipr.get_neighbours(ifindex=index)}
+        if neighbors.get(gateway) != spec.vpp_mac:
+            problems.append(f"no permanent neighbor {gateway} -> {spec.vpp_mac}")
+        routes = {(r.get_attr("RTA_DST") or "0.0.0.0", r["dst_len"], r.get_attr("RTA_GATEWAY"))
+                  for r in ipr.get_routes(family=2, oif=index)}
+        wanted = [(str(n.network_address), n.prefixlen) for n in spec.routes]
+        if default_route:
+            wanted.append(("0.0.0.0", 0))
+        problems += [f"route {dst}/{length} via {gateway} is missing"
+                     for dst, length in wanted if (dst, length, gateway) not in routes]
+    return problems
