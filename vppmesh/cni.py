@@ -106,7 +106,8 @@ def as_cni_error(exc: BaseException) -> CniError:
     if isinstance(exc, endpoints.NotInMeshError):
         return CniError(ERR_TRY_AGAIN, str(exc), "the node agent has not joined the mesh yet")
     if isinstance(exc, VppUnavailableError):
-        return CniError(ERR_TRY_AGAIN, str(exc), "VPP is not answering on apiSocket; retry when it is up")
+        return CniError(ERR_TRY_AGAIN, str(exc),
+                        "VPP is not answering on apiSocket; retry when it is up")
     if isinstance(exc, VppApiError):
         return CniError(ERR_VPP, str(exc))
     if isinstance(exc, HostError | NetlinkError):

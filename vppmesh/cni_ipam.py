@@ -49,11 +49,27 @@ def find_plugin(plugin: str, cni_path: tuple[Path, ...]) -> Path:
                    "(Debian: containernetworking-plugins) or fix ipam.type")
 
 
+def common_version(plugin: Path, wanted: str, environ: dict[str, str]) -> str:
+    """`wanted`, or the newest version the delegate knows below it (Debian's host-local
+    1.1 stops at CNI 1.0.0; the IPAM result reads the same in every version we accept)."""
+    if wanted != "1.1.0":
+        return wanted
+    try:
+        done = subprocess.run([str(plugin)], input=json.dumps({"cniVersion": wanted}).encode(),
+                              env={**environ, "CNI_COMMAND": "VERSION"}, capture_output=True,
+                              timeout=IPAM_TIMEOUT, check=False)
+        supported = json.loads(done.stdout).get("supportedVersions", [])
+    except (OSError, ValueError, AttributeError, subprocess.TimeoutExpired):
+        return wanted
+    return wanted if wanted in supported or "1.0.0" not in supported else "1.0.0"
+
+
 def run_ipam(command: str, conf: dict[str, Any], environ: dict[str, str],
              cni_path: tuple[Path, ...]) -> dict[str, Any] | None:
     """Run the delegate; its result (ADD) or None; its error becomes ours."""
     plugin = find_plugin(conf["ipam"]["type"], cni_path)
     env = {**environ, "CNI_COMMAND": command}
+    conf = {**conf, "cniVersion": common_version(plugin, conf["cniVersion"], environ)}
     try:
         done = subprocess.run([str(plugin)], input=json.dumps(conf).encode(), env=env,
                               capture_output=True, timeout=IPAM_TIMEOUT, check=False)

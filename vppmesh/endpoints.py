@@ -38,9 +38,14 @@ def attach_vpp(api: VppApi, spec: HostLinkSpec, *, table_id: int, mtu: int, gate
                 spec.netns, spec.tag)).sw_if_index
     else:
         index = existing.sw_if_index
+    setup = []
+    # VPP refuses a new table once the interface has an (unnumbered) address: an
+    # interface attached before keeps its table and gateway.
+    if existing is None or interfaces.dump_unnumbered(api).get(index) != gateway:
+        setup += [interfaces.set_table(index, table_id, spec.tag),
+                  interfaces.set_unnumbered(index, gateway, True, spec.tag)]
     api.call_many([
-        interfaces.set_table(index, table_id, spec.tag),
-        interfaces.set_unnumbered(index, gateway, True, spec.tag),
+        *setup,
         interfaces.set_mtu(index, mtu, spec.tag),
         interfaces.set_admin(index, True, spec.tag),
     ])
