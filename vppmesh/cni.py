@@ -387,6 +387,7 @@ def run(environ: dict[str, str], stdin: bytes) -> tuple[int, dict[str, Any] | No
         env = CniEnv.from_environ(environ)
         if env.command == "VERSION":
             return 0, version_reply(stdin)
+        version = version_reply(stdin)["cniVersion"]  # errors answer in the asked version
         conf = parse_netconf(stdin)
         version = conf.cni_version
         setup_logging(conf)
