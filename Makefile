@@ -2,7 +2,8 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-DEB_TOOLS := iperf3 tcpdump ethtool iproute2 iputils-ping tinc wireguard-go wireguard-tools
+DEB_TOOLS := iperf3 tcpdump ethtool iproute2 iputils-ping tinc wireguard-go wireguard-tools \
+	containernetworking-plugins
 
 .PHONY: venv tools test lint unit demo bench bench-quick clean
 
@@ -19,6 +20,7 @@ tools:
 	@if [ "$$(id -u)" = 0 ]; then \
 	  missing=""; for t in iperf3 tcpdump ethtool tincd wireguard-go ping; do \
 	    command -v $$t >/dev/null 2>&1 || missing=1; done; \
+	  [ -x /usr/lib/cni/host-local ] || missing=1; \
 	  if [ -n "$$missing" ]; then apt-get update -qq && \
 	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(DEB_TOOLS) >/dev/null; fi; \
 	else echo "not root: skipping Debian tools (VPP and namespace tests will skip)"; fi

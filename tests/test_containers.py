@@ -1,0 +1,234 @@
+"""containers/: the node image, the Kubernetes manifests and the CNI install, checked offline.
+
+Every manifest is validated against the official Kubernetes JSON schemas (strict: unknown
+fields fail) that kubernetes-validate ships; then the references between them are checked:
+what the DaemonSet uses exists, the mounts the plugin and agent need are there, and the
+conflist is one the plugin accepts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from vppmesh.cni_models import PLUGIN_TYPE, SUPPORTED_VERSIONS, parse_netconf
+from vppmesh.config import parse_mesh
+
+ROOT = Path(__file__).resolve().parent.parent
+CONTAINERS = ROOT / "containers"
+K8S = CONTAINERS / "k8s"
+KUBERNETES_VERSION = "1.30"
+
+
+def documents() -> list[dict[str, Any]]:
+    docs = []
+    for path in sorted(K8S.glob("*.yaml")):
+        docs += [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
+    return docs
+
+
+def one(kind: str, name: str | None = None) -> dict[str, Any]:
+    found = [d for d in documents() if d["kind"] == kind
+             and (name is None or d["metadata"]["name"] == name)]
+    assert len(found) == 1, f"expected one {kind} {name or ''}, found {len(found)}"
+    return found[0]
+
+
+def pod_spec() -> dict[str, Any]:
+    return one("DaemonSet")["spec"]["template"]["spec"]
+
+
+def container(name: str) -> dict[str, Any]:
+    spec = pod_spec()
+    for c in spec.get("initContainers", []) + spec["containers"]:
+        if c["name"] == name:
+            return c
+    raise AssertionError(f"no container {name}")
+
+
+def mounts(name: str) -> dict[str, str]:
+    """{mountPath: volume name} of one container."""
+    return {m["mountPath"]: m["name"] for m in container(name).get("volumeMounts", [])}
+
+
+def volumes() -> dict[str, dict[str, Any]]:
+    return {v["name"]: v for v in pod_spec()["volumes"]}
+
+
+def conflist() -> dict[str, Any]:
+    return json.loads((CONTAINERS / "10-vppmesh.conflist").read_text())
+
+
+def test_every_manifest_is_valid_kubernetes() -> None:
+    kubernetes_validate = pytest.importorskip(
+        "kubernetes_validate", reason="kubernetes-validate (test extra) is not installed")
+    docs = documents()
+    assert {d["kind"] for d in docs} >= {"ServiceAccount", "ClusterRole", "ClusterRoleBinding",
+                                         "ConfigMap", "Secret", "DaemonSet"}
+    for doc in docs:
+        kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
+
+
+def test_strict_validation_catches_a_misspelled_field() -> None:
+    kubernetes_validate = pytest.importorskip("kubernetes_validate")
+    broken = one("DaemonSet")
+    broken["spec"]["template"]["spec"]["hostNetwrok"] = True
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(broken, KUBERNETES_VERSION, strict=True)
+
+
+def test_rbac_ties_the_service_account_to_read_only_rules() -> None:
+    account = one("ServiceAccount", pod_spec()["serviceAccountName"])
+    binding = one("ClusterRoleBinding")
+    role = one("ClusterRole", binding["roleRef"]["name"])
+    assert binding["roleRef"]["kind"] == "ClusterRole"
+    assert {"kind": "ServiceAccount", "name": account["metadata"]["name"],
+            "namespace": account["metadata"]["namespace"]} in binding["subjects"]
+    verbs = {v for rule in role["rules"] for v in rule["verbs"]}
+    assert verbs <= {"get", "list", "watch"}
+
+
+def test_daemonset_references_exist_in_its_namespace() -> None:
+    ds = one("DaemonSet")
+    namespace = ds["metadata"]["namespace"]
+    assert ds["spec"]["selector"]["matchLabels"].items() <= \
+        ds["spec"]["template"]["metadata"]["labels"].items()
+    for name, volume in volumes().items():
+        if "configMap" in volume:
+            cm = one("ConfigMap", volume["configMap"]["name"])
+            assert cm["metadata"]["namespace"] == namespace
+            for item in volume["configMap"].get("items", []):
+                assert item["key"] in cm["data"], f"volume {name}: no key {item['key']}"
+        if "secret" in volume:
+            secret = one("Secret", volume["secret"]["secretName"])
+            assert secret["metadata"]["namespace"] == namespace
+            assert volume["secret"]["defaultMode"] & 0o077 == 0  # keys stay private
+    for c in pod_spec().get("initContainers", []) + pod_spec()["containers"]:
+        for env in c.get("env", []):
+            ref = env.get("valueFrom", {}).get("configMapKeyRef")
+            if ref:
+                assert ref["key"] in one("ConfigMap", ref["name"])["data"]
+        for mount in c.get("volumeMounts", []):
+            assert mount["name"] in volumes(), f"{c['name']}: no volume {mount['name']}"
+        assert c["image"] == container("agent")["image"]  # one image for all of it
+
+
+def test_node_privileges_and_mounts() -> None:
+    spec = pod_spec()
+    assert spec["hostNetwork"] is True and spec["hostPID"] is True
+    vols = volumes()
+
+    def host_path(container_name: str, mount_path: str) -> str:
+        return str(vols[mounts(container_name)[mount_path]]["hostPath"]["path"])
+
+    for name in ("vpp", "agent"):
+        assert container(name)["securityContext"]["privileged"] is True
+        assert host_path(name, "/run/vpp") == "/run/vpp"
+        assert host_path(name, "/run/vppmesh") == "/run/vppmesh"
+    assert host_path("install-cni", "/host/etc/cni/net.d") == "/etc/cni/net.d"
+    assert host_path("install-cni", "/host/opt/cni/bin") == "/opt/cni/bin"
+    # The plugin runs in the agent's mount namespace: it needs the runtime's paths there.
+    assert host_path("agent", "/opt/cni/bin") == "/opt/cni/bin"
+    assert host_path("agent", "/var/lib/cni") == "/var/lib/cni"
+    netns = next(m for m in container("agent")["volumeMounts"]
+                 if m["mountPath"] == "/var/run/netns")
+    assert netns["mountPropagation"] == "HostToContainer"
+
+
+def test_conflist_is_accepted_by_the_plugin_and_matches_the_mounts() -> None:
+    conf = conflist()
+    assert conf["cniVersion"] in SUPPORTED_VERSIONS
+    (plugin,) = conf["plugins"]
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    assert plugin["type"] == PLUGIN_TYPE and scripts[PLUGIN_TYPE] == "vppmesh.cni:main"
+    netconf = parse_netconf(json.dumps(
+        {"cniVersion": conf["cniVersion"], "name": conf["name"], **plugin}).encode())
+    agent = mounts("agent")
+    assert str(netconf.api_socket.parent) in agent
+    assert str(netconf.mesh.parent) in agent  # type: ignore[union-attr]
+    assert any(str(netconf.state_dir).startswith(p) for p in agent)
+    assert str(netconf.log_file.parent) in agent  # type: ignore[union-attr]
+    assert netconf.ipam is not None and netconf.ipam.type == "host-local"
+    assert "__NODE_NAME__" in plugin["node"]  # filled in per node by install-cni.sh
+
+
+def test_configmap_mesh_is_valid_and_its_psk_is_the_secret() -> None:
+    cm = one("ConfigMap", "vppmesh-config")
+    mesh = parse_mesh(yaml.safe_load(cm["data"]["mesh.yaml"]), "ConfigMap vppmesh-config")
+    assert mesh.settings.psk_file is not None
+    psk_dir = str(mesh.settings.psk_file.parent)
+    psk_volume = volumes()[mounts("agent")[psk_dir]]
+    secret = one("Secret", psk_volume["secret"]["secretName"])
+    assert mesh.settings.psk_file.name in secret["stringData"]
+    assert conflist()["plugins"][0]["mesh"] == \
+        f"{next(p for p, v in mounts('agent').items() if v == 'mesh-config')}/mesh.yaml"
+
+
+def test_dockerfile_installs_vpp_from_fdio_and_vppmesh_with_pip() -> None:
+    text = (CONTAINERS / "Dockerfile").read_text()
+    assert text.count("\nFROM ") + text.startswith("FROM ") >= 1
+    assert "packagecloud.io/fdio/release" in text
+    assert "vpp${VPP_VERSION" in text and "vpp-plugin-core" in text
+    assert "containernetworking-plugins" in text
+    assert "/opt/vppmesh/bin/pip install" in text
+    commands = {c["command"][0] for c in pod_spec().get("initContainers", [])
+                + pod_spec()["containers"]}
+    for command in commands:  # every script the DaemonSet runs is put into the image
+        assert command.startswith("/opt/vppmesh/share/")
+        script = command.removeprefix("/opt/vppmesh/share/")
+        assert f"containers/{script}" in text
+        assert os.access(CONTAINERS / script, os.X_OK), f"{script} is not executable"
+    assert "containers/cni-wrapper.sh" in text and "containers/10-vppmesh.conflist" in text
+
+
+@pytest.mark.parametrize("script", sorted(p.name for p in CONTAINERS.glob("*.sh")))
+def test_shell_scripts_parse(script: str) -> None:
+    done = subprocess.run(["sh", "-n", str(CONTAINERS / script)], capture_output=True,
+                          text=True, check=False)
+    assert done.returncode == 0, done.stderr
+
+
+def wrapper(tmp_path: Path, command: str, stdin: str, **env: str
+            ) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["sh", str(CONTAINERS / "cni-wrapper.sh")], input=stdin,
+                          capture_output=True, text=True, check=False, timeout=60,
+                          env={"PATH": os.environ["PATH"], "CNI_COMMAND": command,
+                               "VPPMESH_AGENT_PID_FILE": str(tmp_path / "agent.pid"), **env})
+
+
+def test_wrapper_without_agent_asks_to_try_again(tmp_path: Path) -> None:
+    done = wrapper(tmp_path, "ADD", '{"cniVersion": "1.0.0", "name": "vppmesh"}')
+    assert done.returncode == 1
+    error = json.loads(done.stdout)
+    assert error["code"] == 11 and error["cniVersion"] == "1.0.0"
+    (tmp_path / "agent.pid").write_text("999999999\n")  # a dead process
+    assert json.loads(wrapper(tmp_path, "DEL", "{}").stdout)["code"] == 11
+    version = wrapper(tmp_path, "VERSION", '{"cniVersion": "0.4.0"}')
+    assert version.returncode == 0
+    assert json.loads(version.stdout) == {"cniVersion": "0.4.0",
+                                          "supportedVersions": list(SUPPORTED_VERSIONS)}
+
+
+@pytest.mark.root
+def test_wrapper_enters_the_agent_and_runs_the_plugin(tmp_path: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("entering another process's mount namespace needs root")
+    (tmp_path / "agent.pid").write_text(f"{os.getpid()}\n")
+    plugin = Path(sys.executable).parent / "vppmesh-cni"
+    if not plugin.exists():
+        pytest.skip("the vppmesh-cni console script is not installed (pip install -e .)")
+    done = wrapper(tmp_path, "ADD", '{"cniVersion": "1.0.0", "name": "x", "mtu": 1,'
+                   ' "meshTable": 1, "ipam": {}}', VPPMESH_CNI_BIN=str(plugin),
+                   CNI_CONTAINERID="c1", CNI_NETNS="/proc/self/ns/net", CNI_IFNAME="eth0",
+                   CNI_PATH="/opt/cni/bin")
+    error = json.loads(done.stdout)
+    assert done.returncode == 1
+    assert error["code"] == 7 and "mtu" in error["msg"]  # the plugin itself answered
