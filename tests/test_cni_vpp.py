@@ -127,6 +127,9 @@ def test_pod_reaches_the_other_node_through_the_encrypted_mesh(
     assert sum(outbound_packets(src, dst.index).values()) - before >= 2
     back = ping(dst.pod_netns(0), added["ips"][0]["address"].split("/")[0])
     assert back.returncode == 0, back.stdout
+    # The node's own host reaches the pod too (a kubelet's probes), through VPP.
+    probe = ping(src.netns, added["ips"][0]["address"].split("/")[0])
+    assert probe.returncode == 0, probe.stdout
     # Pod side: /32, mesh MTU (1500 underlay - ESP/IPIP overhead), default via VPP.
     link = json.loads(in_ns(POD_NS, "ip", "-j", "-4", "addr", "show", "eth0").stdout)[0]
     assert link["mtu"] == 1440

@@ -63,11 +63,12 @@ def test_rekey_window_accepts_two_epochs_sends_newest() -> None:
     assert out.epoch_bits == 5
 
 
-def test_host_link_routes_every_peer() -> None:
+def test_host_link_routes_every_pod_cidr() -> None:
     mesh, secrets = make_mesh(4)
     desired = plan(mesh, "node2", secrets["node2"], host=HostOptions(kind="af_packet"))
     assert desired.host is not None
-    assert set(desired.host.routes) == {n.pod_cidr for n in mesh.nodes if n.name != "node2"}
+    # Peers' pods, and its own (reached through VPP's per-pod /32 routes).
+    assert set(desired.host.routes) == {n.pod_cidr for n in mesh.nodes}
     assert desired.host.address.ip == mesh.node("node2").mesh_address
     assert plan(mesh, "node2", secrets["node2"], host=HostOptions(kind="none")).host is None
 

@@ -55,7 +55,9 @@ def host_link(local: Node, peers: list[Node], options: HostOptions,
         linux_mac=node_mac(local.node_number, 2),
         vpp_mac=node_mac(local.node_number, 1),
         netns=options.netns,
-        routes=tuple(peer.pod_cidr for peer in peers),
+        # Its own pod CIDR too: the host (a kubelet's probes) reaches local pods
+        # through VPP, which holds a /32 route per attached pod.
+        routes=(local.pod_cidr, *(peer.pod_cidr for peer in peers)),
         queues=options.queues,
         offloads=segmentation_offload(offloads, options.kind),
     )
