@@ -172,21 +172,47 @@ def test_configmap_mesh_is_valid_and_its_psk_is_the_secret() -> None:
         f"{next(p for p, v in mounts('agent').items() if v == 'mesh-config')}/mesh.yaml"
 
 
+def dockerfile() -> list[tuple[str, str]]:
+    """(instruction, value) of containers/Dockerfile, continuation lines joined."""
+    parser_module = pytest.importorskip(
+        "dockerfile_parse", reason="dockerfile-parse (test extra) is not installed")
+    parser = parser_module.DockerfileParser(path=str(CONTAINERS / "Dockerfile"))
+    return [(i["instruction"], i["value"]) for i in parser.structure
+            if i["instruction"] != "COMMENT"]
+
+
 def test_dockerfile_installs_vpp_from_fdio_and_vppmesh_with_pip() -> None:
-    text = (CONTAINERS / "Dockerfile").read_text()
-    assert text.count("\nFROM ") + text.startswith("FROM ") >= 1
-    assert "packagecloud.io/fdio/release" in text
-    assert "vpp${VPP_VERSION" in text and "vpp-plugin-core" in text
-    assert "containernetworking-plugins" in text
-    assert "/opt/vppmesh/bin/pip install" in text
-    commands = {c["command"][0] for c in pod_spec().get("initContainers", [])
-                + pod_spec()["containers"]}
-    for command in commands:  # every script the DaemonSet runs is put into the image
-        assert command.startswith("/opt/vppmesh/share/")
-        script = command.removeprefix("/opt/vppmesh/share/")
-        assert f"containers/{script}" in text
-        assert os.access(CONTAINERS / script, os.X_OK), f"{script} is not executable"
-    assert "containers/cni-wrapper.sh" in text and "containers/10-vppmesh.conflist" in text
+    steps = dockerfile()
+    assert steps[0] == ("FROM", "debian:bookworm-slim")  # its python3 is 3.11
+    runs = " ".join(v for i, v in steps if i == "RUN")
+    args = dict(v.split("=", 1) for i, v in steps if i == "ARG")
+    assert args["FDIO_REPO"] == "https://packagecloud.io/fdio/release"
+    assert "${FDIO_REPO}/gpgkey" in runs and "${FDIO_REPO}/debian/ bookworm main" in runs
+    for package in ("vpp${VPP_VERSION", "vpp-plugin-core", "containernetworking-plugins",
+                    "python3-venv", "iproute2", "ethtool", "util-linux"):
+        assert package in runs
+    assert "/opt/vppmesh/bin/pip install --no-cache-dir /src" in runs
+    # Every COPY source exists, and pip gets what pyproject.toml builds from.
+    copied: dict[str, str] = {}
+    for instruction, value in steps:
+        if instruction == "COPY":
+            *sources, target = value.split()
+            for source in sources:
+                assert (ROOT / source).exists(), f"COPY {source}: not in the repository"
+                copied[source] = target
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    needed = {"pyproject.toml", project["project"]["readme"],
+              *(p.rstrip("*") for p in project["tool"]["setuptools"]["packages"]["find"]
+                ["include"])}
+    assert {src for src, dst in copied.items() if dst.startswith("/src")} >= needed
+    # Every script the DaemonSet runs is put where its command expects it.
+    for c in pod_spec().get("initContainers", []) + pod_spec()["containers"]:
+        command = Path(c["command"][0])
+        assert copied.get(f"containers/{command.name}") == f"{command.parent}/", command
+        assert os.access(CONTAINERS / command.name, os.X_OK), f"{command.name} not executable"
+    assert copied["containers/cni-wrapper.sh"] == copied["containers/10-vppmesh.conflist"]
+    ignored = (CONTAINERS / "Dockerfile.dockerignore").read_text().split()
+    assert ".venv" in ignored and ".git" in ignored
 
 
 @pytest.mark.parametrize("script", sorted(p.name for p in CONTAINERS.glob("*.sh")))
