@@ -39,6 +39,7 @@ from vppmesh.cni_models import (
     ERR_IPAM,
     ERR_LINUX,
     ERR_NOT_AVAILABLE,
+    ERR_NOT_AVAILABLE_LIMITED,
     ERR_TRY_AGAIN,
     ERR_VPP,
     LATEST_VERSION,
@@ -167,20 +168,23 @@ class Plugin:
         self.environ = environ
         self.store = AttachmentStore(conf.state_dir)
 
-    def delegate_conf(self, view: MeshView | None) -> dict[str, Any]:
-        raw = self.conf.model_dump(by_alias=True, exclude_none=True, mode="json")
+    def ipam_section(self, view: MeshView | None) -> dict[str, Any]:
         ipam = self.conf.ipam.model_dump(mode="json") if self.conf.ipam else None
-        raw["ipam"] = effective_ipam(ipam, view.pod_cidr if view else None)
-        return raw
+        return effective_ipam(ipam, view.pod_cidr if view else None)
 
-    def ipam(self, command: str, view: MeshView | None, *, container_id: str | None = None,
-             ifname: str | None = None) -> dict[str, Any] | None:
+    def ipam(self, command: str, view: MeshView | None, *, record: Attachment | None = None,
+             container_id: str | None = None, ifname: str | None = None
+             ) -> dict[str, Any] | None:
+        """Run the IPAM delegate, with the section a record was made with if there is one."""
         environ = dict(self.environ)
         if container_id is not None:
             environ["CNI_CONTAINERID"] = container_id
         if ifname is not None:
             environ["CNI_IFNAME"] = ifname
-        return run_ipam(command, self.delegate_conf(view), environ, self.env.path)
+        conf = self.conf.model_dump(by_alias=True, exclude_none=True, mode="json")
+        conf["ipam"] = record.ipam if record is not None and record.ipam \
+            else self.ipam_section(view)
+        return run_ipam(command, conf, environ, self.env.path)
 
     # ---- ADD ----------------------------------------------------------------------
     def add(self) -> dict[str, Any]:
@@ -205,7 +209,8 @@ class Plugin:
                         kind=kind, node_number=view.node_number,  # type: ignore[arg-type]
                         pod_index=int(address) & POD_INDEX_MASK, vpp_ifname=vpp_ifname,
                         mesh_table=view.table_id, mtu=view.mtu, queues=queues,
-                        offloads=view.offloads, pod=pod_labels(env))
+                        offloads=view.offloads, pod=pod_labels(env),
+                        ipam=self.ipam_section(view))
                     self.store.save(record)
                 except BaseException:
                     self.quietly(lambda: self.ipam("DEL", view))
@@ -272,27 +277,32 @@ class Plugin:
         if problems:
             raise CniError(ERR_CHECK, f"the attachment of {env.container_id[:12]} "
                            f"({record.address}) is not as ADD made it", "; ".join(problems))
-        view = mesh_view(self.conf)
-        self.ipam("CHECK", view)
+        self.ipam("CHECK", None if record.ipam else mesh_view(self.conf), record=record)
 
     # ---- DEL ----------------------------------------------------------------------
     def delete(self) -> None:
         env = self.env
-        view = mesh_view(self.conf)
         with self.store.locked():
             record = self.store.load(env.container_id, env.ifname)
+            try:
+                view = mesh_view(self.conf)
+            except CniError:
+                if record is None:
+                    raise
+                view = None  # the record has all DEL needs: the mesh file may be gone
             self.undo(record, env.container_id, env.ifname, view)
-            self.ipam("DEL", view)
+            self.ipam("DEL", view, record=record)
             self.store.remove(env.container_id, env.ifname)
         log.info("DEL %s %s: %s", env.container_id[:12], env.ifname,
                  f"removed {record.address}" if record else "no record (nothing or leftovers)")
 
     def undo(self, record: Attachment | None, container_id: str, ifname: str,
-             view: MeshView) -> None:
+             view: MeshView | None) -> None:
         """Remove VPP and Linux state of one attachment; fine if none is there."""
         if record is not None:
             spec, table = spec_of(record), record.mesh_table
         else:  # lost record: find it in VPP by its tag
+            assert view is not None  # delete() has a view whenever the record is lost
             name, vpp_ifname = pod_names(container_id, ifname)
             spec = endpoints.pod_spec(
                 name=name, netns=self.env.netns or "", address=ipaddress.IPv4Address(0),
@@ -315,14 +325,14 @@ class Plugin:
         valid_list = (self.conf.model_extra or {}).get("cni.dev/valid-attachments") or []
         valid = {(str(a.get("containerID")), str(a.get("ifname")))
                  for a in valid_list if isinstance(a, dict)}
-        view = mesh_view(self.conf)
         with self.store.locked():
             for record in self.store.all():
                 if record.network != self.conf.name or \
                         (record.container_id, record.ifname) in valid:
                     continue
-                self.undo(record, record.container_id, record.ifname, view)
-                self.ipam("DEL", view, container_id=record.container_id, ifname=record.ifname)
+                self.undo(record, record.container_id, record.ifname, None)
+                self.ipam("DEL", None, record=record, container_id=record.container_id,
+                          ifname=record.ifname)
                 self.store.remove(record.container_id, record.ifname)
                 log.info("GC %s %s: removed %s", record.container_id[:12], record.ifname,
                          record.address)
@@ -335,7 +345,7 @@ class Plugin:
                     raise CniError(ERR_NOT_AVAILABLE, "this node is not in the mesh yet",
                                    "`vppmesh up` has not run against this VPP")
         except VppUnavailableError as exc:
-            raise CniError(51, f"VPP is not available: {exc}",
+            raise CniError(ERR_NOT_AVAILABLE_LIMITED, f"VPP is not available: {exc}",
                            "pods on this node have no mesh connectivity") from None
 
     @staticmethod

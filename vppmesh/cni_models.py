@@ -30,6 +30,7 @@ ERR_DECODE = 6
 ERR_INVALID_CONFIG = 7
 ERR_TRY_AGAIN = 11
 ERR_NOT_AVAILABLE = 50
+ERR_NOT_AVAILABLE_LIMITED = 51  # and existing pods may have limited connectivity
 ERR_VPP = 1000  # VPP refused a request or the mesh is not up on this node
 ERR_LINUX = 1001  # the Linux side (namespace, link, address, route) failed
 ERR_IPAM = 1002  # the delegated IPAM plugin failed
@@ -303,3 +304,5 @@ class Attachment(BaseModel):
     queues: int = 1
     offloads: bool = False
     pod: dict[str, str] = Field(default_factory=dict)
+    # The IPAM section ADD used: DEL releases from it even if the mesh file changed.
+    ipam: dict[str, Any] = Field(default_factory=dict)
