@@ -14,7 +14,7 @@ from conftest import make_mesh
 from fake_vpp import FakeVpp
 
 from vppmesh import endpoints
-from vppmesh.cni import Plugin, pod_names, run
+from vppmesh.cni import run
 from vppmesh.cni_ipam import effective_ipam, run_ipam
 from vppmesh.cni_models import (
     Attachment,
@@ -26,6 +26,7 @@ from vppmesh.cni_models import (
     ResultRoute,
     parse_netconf,
 )
+from vppmesh.cni_plugin import Plugin, pod_names
 from vppmesh.cni_store import AttachmentStore
 from vppmesh.config import dump_mesh
 from vppmesh.plan import HostOptions, plan
@@ -146,7 +147,7 @@ def test_unreachable_vpp_asks_to_try_again(tmp_path: Path) -> None:
 
 
 def test_mesh_file_gives_vrf_mtu_and_pod_cidr(tmp_path: Path) -> None:
-    from vppmesh.cni import mesh_view
+    from vppmesh.cni_plugin import mesh_view
 
     mesh, _ = make_mesh(2)
     path = tmp_path / "mesh.yaml"
@@ -269,7 +270,7 @@ def test_host_local_range_from_the_pod_cidr() -> None:
 
 
 def test_ipam_address_outside_the_pod_cidr_is_refused(tmp_path: Path) -> None:
-    from vppmesh.cni import MeshView
+    from vppmesh.cni_plugin import MeshView
 
     plugin = Plugin(parse_netconf(json.dumps(conf()).encode()), CniEnv.from_environ(ENV), ENV)
     view = MeshView(1717, 1440, 1, ipaddress.IPv4Network("198.18.1.0/24"),
@@ -361,3 +362,15 @@ def test_netconf_model_documents_its_fields() -> None:
     for key in ("apiSocket", "mesh", "node", "meshTable", "mtu", "attachment", "stateDir",
                 "logFile", "ipam", "dns"):
         assert key in fields
+
+
+def test_version_and_config_errors_do_not_load_vpp_or_netlink() -> None:
+    import subprocess
+    import sys
+
+    probe = ("import sys; from vppmesh.cni import run; "
+             "run({'CNI_COMMAND': 'VERSION'}, b'{}'); "
+             "print(sorted(m for m in ('vpp_papi', 'pyroute2') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                          check=True)
+    assert done.stdout.strip() == "[]"

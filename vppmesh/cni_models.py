@@ -13,12 +13,12 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from vppmesh.vpp.client import DEFAULT_API_SOCKET
-
 SUPPORTED_VERSIONS = ("0.4.0", "1.0.0", "1.1.0")
 LATEST_VERSION = SUPPORTED_VERSIONS[-1]
 PLUGIN_TYPE = "vppmesh-cni"
 DEFAULT_STATE_DIR = Path("/var/lib/cni/vppmesh")
+# VppClient's default too; not imported from there, which would load vpp-papi for VERSION.
+DEFAULT_API_SOCKET = Path("/run/vpp/api.sock")
 
 # Error codes of the CNI spec (section "Error"); 999 and above are this plugin's own.
 ERR_INCOMPATIBLE_VERSION = 1
