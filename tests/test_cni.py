@@ -374,3 +374,23 @@ def test_version_and_config_errors_do_not_load_vpp_or_netlink() -> None:
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
                           check=True)
     assert done.stdout.strip() == "[]"
+
+
+def test_up_rerun_keeps_pods_and_down_removes_them() -> None:
+    from vppmesh.teardown import teardown
+
+    mesh, secrets = make_mesh(2)
+    desired = plan(mesh, "node1", secrets["node1"], host=HostOptions(kind="none"))
+    vpp = FakeVpp.with_uplink(mesh.node("node1").primary)
+    reconcile(vpp, desired)
+    spec = pod()
+    endpoints.attach_vpp(vpp, spec, table_id=1717, mtu=desired.mtu, gateway=gateway(vpp),
+                         existing=None)
+    before = vpp.counts.copy()
+    assert reconcile(vpp, desired) == []  # the pod is not the agent's to change
+    sent = vpp.counts - before
+    assert all(name.endswith("_dump") for name in sent), sent  # only looked
+    assert endpoints.vpp_side_problems(vpp, spec, table_id=1717, mtu=desired.mtu) == []
+    removed = teardown(vpp, 1717)
+    assert any(spec.tag in line for line in removed)
+    assert vpp.owned_objects()["tagged"] == 0
