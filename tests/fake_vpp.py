@@ -46,6 +46,9 @@ class FakeVpp:
         self.sent = 0
         self.counts: Counter[str] = Counter()
         self.fail_on: dict[str, int] = {}  # message name -> retval to answer once
+        self.pid = 4242
+        self.classify_tables: dict[int, dict[str, Any]] = {}
+        self.input_acl: dict[int, dict[str, int]] = {}  # sw_if_index -> family -> table
 
     # ---- VppApi ------------------------------------------------------------------
     @property
@@ -105,6 +108,58 @@ class FakeVpp:
         }
 
     # ---- messages ----------------------------------------------------------------
+    # classify (input ACL)
+    def m_classify_add_del_table(self, is_add: bool, mask: bytes = b"", table_index: int = 0,
+                                 match_n_vectors: int = 1, mask_len: int = 0,
+                                 **_: Any) -> Any:
+        if mask_len != match_n_vectors * 16:  # checked on delete too
+            return NS(retval=-7)
+        if not is_add:
+            if table_index not in self.classify_tables or table_index in \
+                    {t for ts in self.input_acl.values() for t in ts.values()}:
+                return NS(retval=NO_SUCH_ENTRY)
+            self.classify_tables.pop(table_index)
+            return NS(retval=0)
+        index = max(self.classify_tables, default=-1) + 1
+        self.classify_tables[index] = {"mask": bytes(mask), "sessions": set()}
+        return NS(retval=0, new_table_index=index)
+
+    def m_classify_add_del_session(self, is_add: bool, table_index: int, match: bytes,
+                                   **_: Any) -> Any:
+        if table_index not in self.classify_tables:
+            return NS(retval=NO_SUCH_ENTRY)
+        self.classify_tables[table_index]["sessions"].add(bytes(match))
+        return NS(retval=0)
+
+    def m_input_acl_set_interface(self, sw_if_index: int, ip4_table_index: int,
+                                  ip6_table_index: int, is_add: bool, **_: Any) -> Any:
+        if sw_if_index not in self.ifaces:
+            return NS(retval=INVALID_SW_IF_INDEX)
+        bound = self.input_acl.setdefault(sw_if_index, {})
+        for family, table in (("ip4", ip4_table_index), ("ip6", ip6_table_index)):
+            if table != 0xFFFFFFFF:
+                if is_add:
+                    bound[family] = table
+                else:
+                    bound.pop(family, None)
+        return NS(retval=0)
+
+    def m_classify_table_by_interface(self, sw_if_index: int) -> Any:
+        bound = self.input_acl.get(sw_if_index, {})
+        return NS(retval=0, sw_if_index=sw_if_index, l2_table_id=0xFFFFFFFF,
+                  ip4_table_id=bound.get("ip4", 0xFFFFFFFF),
+                  ip6_table_id=bound.get("ip6", 0xFFFFFFFF))
+
+    def m_classify_table_info(self, table_id: int) -> Any:
+        t = self.classify_tables.get(table_id)
+        if t is None:
+            return NS(retval=NO_SUCH_ENTRY)
+        return NS(retval=0, mask=t["mask"], mask_length=len(t["mask"]),
+                  active_sessions=len(t["sessions"]))
+
+    def m_control_ping(self) -> Any:
+        return NS(retval=0, vpe_pid=self.pid)
+
     def m_show_version(self) -> Any:
         return NS(retval=0, version="26.06-fake")
 
@@ -272,7 +327,8 @@ class FakeVpp:
                 sad_id=sid, spi=e["spi"], crypto_algorithm=e["crypto_algorithm"],
                 crypto_key=NS(length=key["length"], data=key["data"]), flags=e["flags"],
                 salt=salt, anti_replay_window_size=e["anti_replay_window_size"]),
-                thread_index=sa["thread"], seq_outbound=0, last_seq_inbound=0,
+                thread_index=sa["thread"], seq_outbound=sa.get("seq_out", 0),
+                last_seq_inbound=sa.get("last_seq_in", 0),
                 stat_index=sa["stat_index"], sw_if_index=0xFFFFFFFF))
         return out
 

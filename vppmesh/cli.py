@@ -7,6 +7,7 @@ import json
 import logging
 import socket
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
 
@@ -29,7 +30,7 @@ NodeOpt = Annotated[str, typer.Option("--node", envvar="VPPMESH_NODE",
 KeyOpt = Annotated[Path, typer.Option("--key", envvar="VPPMESH_KEY",
                                       help="This node's private key file (0600).")]
 StateOpt = Annotated[Path, typer.Option("--state-dir", envvar="VPPMESH_STATE_DIR",
-                                         help="Where the used-key ledger lives.")]
+                                         help="Where the key ledger and generations live.")]
 DEFAULT_STATE = Path("/var/lib/vppmesh")
 SocketOpt = Annotated[Path, typer.Option("--api-socket", envvar="VPPMESH_API_SOCKET",
                                          help="VPP's binary API socket.")]
@@ -91,37 +92,102 @@ def up(
 
 
 def report_up(result: agent.UpResult) -> None:
+    for note in result.notes:
+        typer.echo(f"* {note}")
     for change in result.changes:
         typer.echo(str(change))
     typer.echo(f"node {result.desired.node}: {len(result.changes)} change(s) in "
                f"{result.seconds * 1000:.0f} ms, {len(result.desired.tunnels)} tunnel(s), "
                f"host link {result.host_link}, pod MTU {result.desired.mtu}")
+    if result.blocked_peers:
+        typer.secho(f"fail closed: no usable key towards {', '.join(result.blocked_peers)}; "
+                    "their traffic is dropped", fg=typer.colors.RED, err=True)
+
+
+WATCH_POLL_SECONDS = 2.0
+WATCH_FILE_CHECK_SECONDS = 0.2
+
+
+def file_signature(path: Path) -> tuple[int, int] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_mtime_ns, st.st_size
+
+
+def poll_ticks(path: Path) -> Iterator[None]:
+    """Yield every WATCH_POLL_SECONDS, and at once when `path` changes.
+
+    A plain timer rather than filesystem events: the agent must run on schedule however
+    busy the directory is (rekeys, key limits and receiver windows depend on it), and a
+    stream of unrelated events must not be able to starve it.
+    """
+    signature = file_signature(path)
+    while True:
+        deadline = time.monotonic() + WATCH_POLL_SECONDS
+        while time.monotonic() < deadline:
+            time.sleep(WATCH_FILE_CHECK_SECONDS)
+            now = file_signature(path)
+            if now != signature:
+                signature = now
+                break
+        yield
 
 
 def watch_loop(opts: agent.NodeOptions) -> None:
-    """Re-apply on mesh file changes; wait out VPP restarts and program it again."""
-    from watchfiles import watch as watch_files
+    """Re-apply every poll and on mesh file changes; notice VPP restarts and recover.
 
+    Every poll runs `up`, which also advances key generations (scheduled rekeys, key
+    limits, receivers following their senders). A restart of VPP is noticed whether the
+    agent saw VPP gone or only a new VPP process id: either way the mesh is programmed
+    again under fresh keys, and the time from VPP's return to a programmed mesh is logged.
+    """
     log.info("watching %s and VPP at %s", opts.mesh_file, opts.api_socket)
     vpp_gone_at: float | None = None
-    for _changes in watch_files(opts.mesh_file.parent, rust_timeout=2000, yield_on_timeout=True,
-                                debounce=300):
+    last_pid: int | None = None
+    for _tick in poll_ticks(opts.mesh_file):
+        attempt = time.monotonic()
         try:
             result = agent.up(opts)
         except VppUnavailableError as exc:
             if vpp_gone_at is None:
-                vpp_gone_at = time.monotonic()
+                vpp_gone_at = attempt
                 log.warning("VPP unavailable (%s); waiting for it", exc)
             continue
         except VppMeshError as exc:
             log.error("%s", exc)
             continue
-        if vpp_gone_at is not None:
-            log.info("VPP is back: mesh programmed again (%d change(s), %.0f ms)",
-                     len(result.changes), result.seconds * 1000)
+        restarted = last_pid is not None and result.vpp_pid != last_pid
+        if vpp_gone_at is not None or restarted:
+            log.info("VPP is back (pid %s): mesh programmed again in %.0f ms after it "
+                     "answered (%d change(s))", result.vpp_pid, result.seconds * 1000,
+                     len(result.changes))
             vpp_gone_at = None
-        elif result.changes:
+        if result.changes or result.notes:
             report_up(result)
+        last_pid = result.vpp_pid
+
+
+@app.command()
+def rekey(
+    mesh: MeshOpt = DEFAULT_MESH,
+    node: NodeOpt = HOSTNAME,
+    key: KeyOpt = DEFAULT_KEY,
+    api_socket: SocketOpt = DEFAULT_API_SOCKET,
+    state_dir: StateOpt = DEFAULT_STATE,
+) -> None:
+    """Move every outbound key of this node to its next generation, now.
+
+    Make-before-break: the peers already accept the next generation; the old outbound SAs
+    go once the tunnels are re-protected. A step the peers could not yet follow is
+    deferred and taken by the next `up` (or the running `up --watch`).
+    """
+    opts = options(mesh, node, key, api_socket, state_dir=state_dir)
+    try:
+        report_up(agent.up(opts, rekey=True))
+    except VppMeshError as exc:
+        raise fail(str(exc)) from None
 
 
 @app.command()

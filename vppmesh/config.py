@@ -62,7 +62,22 @@ class MeshSettings(BaseModel):
         "ESP/IPIP overhead when unset.",
     )
     crypto: Literal["aes-gcm-256"] = "aes-gcm-256"
-    key_epoch: Annotated[int, Field(ge=0, le=2**32 - 1)] = 0
+    key_epoch: Annotated[int, Field(ge=0, le=2**32 - 1)] = Field(
+        default=0, description="Lowest key generation anyone may use: raising it moves every "
+        "node's keys forward at once (the manual escape hatch; rekeying is automatic).")
+    rekey_interval: Annotated[int, Field(ge=0, le=365 * 86400)] = Field(
+        default=86400, description="Seconds between scheduled rekeys of each outbound key; "
+        "0 rekeys only on demand (`vppmesh rekey`) and at the key limits.")
+    rekey_grace: Annotated[float, Field(ge=0.5, le=3600)] = Field(
+        default=10.0, description="Seconds a receiver keeps accepting a sender's older "
+        "generation after that sender's traffic moved to a newer one.")
+    key_max_packets: Annotated[int, Field(ge=1024, le=2**63)] = Field(
+        default=2**32, description="Packets one outbound key may protect; rekeyed at half.")
+    key_max_bytes: Annotated[int, Field(ge=2**20, le=2**63)] = Field(
+        default=2**44, description="Bytes one outbound key may protect (bounded from the "
+        "packet count times the underlay MTU); rekeyed at half.")
+    key_max_seconds: Annotated[int, Field(ge=60, le=10 * 365 * 86400)] = Field(
+        default=7 * 86400, description="Seconds one outbound key may be used; rekeyed at half.")
     psk_file: Path | None = None
     mesh_table_id: Annotated[int, Field(ge=1, le=2**32 - 2)] = 1717
     anti_replay_window: Annotated[int, Field(ge=64, le=65536)] = 1024
@@ -73,6 +88,15 @@ class MeshSettings(BaseModel):
         "which segments them before encryption. af_packet endpoints never use it (see "
         "endpoints.segmentation_offload). Off (default): Linux segments before VPP.",
     )
+
+    @model_validator(mode="after")
+    def _rekey_before_limit(self) -> MeshSettings:
+        if self.rekey_interval and self.rekey_interval >= self.key_max_seconds:
+            raise ValueError(
+                f"settings.rekey_interval={self.rekey_interval} is not below "
+                f"settings.key_max_seconds={self.key_max_seconds}: keys would expire before "
+                "their scheduled rekey; lower rekey_interval or raise key_max_seconds")
+        return self
 
     @model_validator(mode="after")
     def _pod_mtu_fits(self) -> MeshSettings:

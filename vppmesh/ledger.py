@@ -4,8 +4,9 @@ VPP builds each ESP IV from the SA's sequence number, which starts again at 1 wh
 an SA is created. Installing the same outbound key twice (after a VPP restart, say)
 would therefore repeat GCM nonces under one key, which breaks both confidentiality and
 integrity. The ledger remembers a fingerprint of every outbound key ever installed on
-this node, is written before the key reaches VPP, and makes vppmesh refuse a reinstall:
-the fix is a new key epoch (`key_epoch` in the mesh settings).
+this node, is written before the key reaches VPP, and makes vppmesh refuse a reinstall.
+vppmesh.epochs consults it to step to a fresh key generation by itself, so a reinstall is
+never even planned; the refusal in reconcile() remains as the last line of defence.
 """
 
 from __future__ import annotations
@@ -24,8 +25,11 @@ FINGERPRINT_LABEL = b"vppmesh key fingerprint v1"
 
 def fingerprint(sa: SaSpec) -> str:
     """A one-way tag of (key, salt): reveals nothing usable about the key."""
-    digest = hashlib.sha256(FINGERPRINT_LABEL + sa.key.get_secret_value()
-                            + sa.salt.to_bytes(4, "big"))
+    return key_fingerprint(sa.key.get_secret_value(), sa.salt)
+
+
+def key_fingerprint(key: bytes, salt: int) -> str:
+    digest = hashlib.sha256(FINGERPRINT_LABEL + key + salt.to_bytes(4, "big"))
     return digest.hexdigest()[:32]
 
 
@@ -45,6 +49,9 @@ class KeyLedger:
                                   "against nonce reuse, so it must not be deleted or edited"
                                   ) from None
         return self._used
+
+    def seen(self, key: bytes, salt: int) -> bool:
+        return key_fingerprint(key, salt) in self.used()
 
     def reused(self, sas: Iterable[SaSpec]) -> list[SaSpec]:
         used = self.used()

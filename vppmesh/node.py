@@ -7,17 +7,20 @@ too, so every path a user takes is the path the tests take.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from vppmesh import epochs, guard
 from vppmesh import host as linux
 from vppmesh.config import Mesh, load_mesh
-from vppmesh.keys import NodeSecrets, load_secrets
+from vppmesh.epochs import GenerationState, GenerationStore, PeerKeying, PeerObservation
+from vppmesh.keys import NodeSecrets, derive_sa_key, load_secrets, pair_secret, spi_for
 from vppmesh.ledger import KeyLedger
 from vppmesh.plan import HostOptions, plan
 from vppmesh.reconcile import Change, reconcile
-from vppmesh.state import DesiredState
+from vppmesh.state import DesiredState, sa_id_for
 from vppmesh.teardown import teardown
 from vppmesh.vpp import ipsec, system
 from vppmesh.vpp.client import DEFAULT_API_SOCKET, VppApi, VppClient
@@ -42,6 +45,10 @@ class NodeOptions:
     def ledger(self) -> KeyLedger:
         return KeyLedger(self.state_dir / f"{self.node}.used-keys.json")
 
+    @property
+    def generations(self) -> GenerationStore:
+        return GenerationStore(self.state_dir, self.node)
+
 
 @dataclass
 class UpResult:
@@ -51,6 +58,9 @@ class UpResult:
     host_link: str
     messages: int = 0
     notes: list[str] = field(default_factory=list)
+    vpp_pid: int | None = None
+    # Peers left out because no key may be used towards them (their traffic is dropped).
+    blocked_peers: list[str] = field(default_factory=list)
 
 
 def resolve_host_kind(kind: HostLinkKind) -> Literal["tap", "af_packet", "none"]:
@@ -66,7 +76,8 @@ def load_inputs(options: NodeOptions) -> tuple[Mesh, NodeSecrets]:
 
 
 def desired_state(options: NodeOptions, mesh: Mesh, secrets: NodeSecrets, workers: int,
-                  epochs: tuple[int, ...] | None = None) -> DesiredState:
+                  epochs: tuple[int, ...] | None = None,
+                  keying: dict[str, PeerKeying] | None = None) -> DesiredState:
     local = mesh.node(options.node)
     if secrets.public_key_b64() != local.public_key:
         from vppmesh.errors import KeyFileError
@@ -77,7 +88,7 @@ def desired_state(options: NodeOptions, mesh: Mesh, secrets: NodeSecrets, worker
     kind = resolve_host_kind(options.host_link)
     return plan(mesh, options.node, secrets, workers=workers,
                 host=HostOptions(kind=kind, queues=max(1, workers)), epochs=epochs,
-                uplink=options.uplink)
+                uplink=options.uplink, keying=keying)
 
 
 def apply(api: VppApi, desired: DesiredState, *, dry_run: bool = False,
@@ -93,19 +104,93 @@ def apply(api: VppApi, desired: DesiredState, *, dry_run: bool = False,
     return changes
 
 
-def up(options: NodeOptions, *, dry_run: bool = False, api: VppApi | None = None) -> UpResult:
+def observe_keys(api: VppApi, mesh: Mesh, local: str, secrets: NodeSecrets,
+                 state: GenerationState, ledger: KeyLedger,
+                 ) -> tuple[dict[str, PeerObservation], Callable[[str, int], bool]]:
+    """What VPP's SAs say about each peer's generations, and a used-key test per peer."""
+    count = mesh.settings.tunnels_per_peer
+    me = mesh.node(local)
+    sas = {s.spec.sa_id: s for s in ipsec.dump_sas(api)}
+    shared_by_name = {}
+    observations = {}
+    numbers = {}
+    for peer in mesh.peers_of(local):
+        numbers[peer.name] = peer.node_number
+        shared = shared_by_name[peer.name] = pair_secret(secrets, peer.public_key_bytes)
+        pg = state.peers.get(peer.name)
+        if pg is None or pg.public_key != peer.public_key:
+            continue
+        out = [sas.get(sa_id_for("out", peer.node_number, t, pg.out)) for t in range(count)]
+        installed = all(
+            sa is not None and sa.spec.spi == spi_for(me.node_number, t, pg.out)
+            and sa.spec.key.get_secret_value() == derive_sa_key(
+                shared, secrets.psk, sender=local, receiver=peer.name, tunnel=t,
+                epoch=pg.out).key.get_secret_value()
+            for t, sa in enumerate(out))
+        inbound = [sa for g in pg.window for t in range(count)
+                   if (sa := sas.get(sa_id_for("in", peer.node_number, t, g))) is not None]
+        active = frozenset(
+            g for g in pg.window for t in range(count)
+            if (sa := sas.get(sa_id_for("in", peer.node_number, t, g))) is not None
+            and sa.spec.spi == spi_for(peer.node_number, t, g) and sa.last_seq_inbound > 0)
+        observations[peer.name] = PeerObservation(
+            out_installed=installed,
+            out_packets=max((sa.seq_outbound for sa in out if sa is not None), default=0),
+            inbound_active=active,
+            inbound_packets=sum(sa.last_seq_inbound for sa in inbound))
+
+    def key_used(peer: str, generation: int) -> bool:
+        for t in range(count):
+            key = derive_sa_key(shared_by_name[peer], secrets.psk, sender=local, receiver=peer,
+                                tunnel=t, epoch=generation)
+            if ledger.seen(key.key.get_secret_value(), key.salt):
+                return True
+        return False
+
+    return observations, key_used
+
+
+def up(options: NodeOptions, *, dry_run: bool = False, api: VppApi | None = None,
+       rekey: bool = False, now: float | None = None) -> UpResult:
+    """Plan and apply this node's part of the mesh, with key generations advanced first.
+
+    The generation file is read and written under its lock, so `vppmesh rekey` and a
+    running `up --watch` never choose generations from a stale copy.
+    """
     mesh, secrets = load_inputs(options)
     started = time.monotonic()
     client = api or VppClient(options.api_socket).connect()
+    store = options.generations
     try:
-        workers = options.workers if options.workers is not None else system.worker_count(client)
-        desired = desired_state(options, mesh, secrets, workers)
-        if not dry_run:
-            client.call(ipsec.set_async_mode(mesh.settings.async_crypto))
-        changes = apply(client, desired, dry_run=dry_run, ledger=options.ledger)
+        with store.locked():
+            pid = system.vpp_pid(client)
+            workers = (options.workers if options.workers is not None
+                       else system.worker_count(client))
+            state = store.load()
+            before = state.model_dump()
+            if rekey:
+                epochs.request_rekey(state)
+            observations, key_used = observe_keys(client, mesh, options.node, secrets, state,
+                                                  options.ledger)
+            peers = {p.name: p.public_key for p in mesh.peers_of(options.node)}
+            keying, notes = epochs.schedule(state, mesh.settings, peers, observations,
+                                            now=time.time() if now is None else now,
+                                            key_used=key_used)
+            desired = desired_state(options, mesh, secrets, workers, keying=keying)
+            if not dry_run:
+                client.call(ipsec.set_async_mode(mesh.settings.async_crypto))
+            changes = []
+            uplink = guard.find_uplink(client, desired.uplink, desired.uplink_addresses[0])
+            if uplink is not None:  # else reconcile() explains what is missing
+                changes += guard.ensure(client, uplink, desired.uplink_addresses[0].version,
+                                        dry_run=dry_run)
+            changes += apply(client, desired, dry_run=dry_run, ledger=options.ledger)
+            if not dry_run and state.model_dump() != before:
+                store.save(state)
         return UpResult(desired=desired, changes=changes, seconds=time.monotonic() - started,
                         host_link=desired.host.kind if desired.host else "none",
-                        messages=client.messages_sent)
+                        messages=client.messages_sent, notes=notes, vpp_pid=pid,
+                        blocked_peers=sorted(set(peers) - set(keying)))
     finally:
         if api is None:
             client.close()  # type: ignore[union-attr]
@@ -118,6 +203,9 @@ def down(options: NodeOptions, *, api: VppApi | None = None) -> list[str]:
     client = api or VppClient(options.api_socket).connect()
     try:
         removed = teardown(client, mesh.settings.mesh_table_id, tuple(local.underlay[1:]))
+        uplink = guard.find_uplink(client, local.uplink, local.primary)
+        if uplink is not None:  # after the tunnels: they never exist unguarded
+            removed += guard.remove(client, uplink, local.primary.version)
     finally:
         if api is None:
             client.close()  # type: ignore[union-attr]

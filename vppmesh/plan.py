@@ -6,11 +6,13 @@ exact dry run and every property of the mesh can be unit-tested on large meshes.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
 from vppmesh.config import Mesh, Node
 from vppmesh.endpoints import segmentation_offload
+from vppmesh.epochs import PeerKeying
 from vppmesh.keys import NodeSecrets, derive_sa_key, pair_secret, spi_for
 from vppmesh.state import (
     DesiredState,
@@ -72,29 +74,41 @@ def plan(
     host: HostOptions | None = None,
     epochs: tuple[int, ...] | None = None,
     uplink: str | None = None,
+    keying: Mapping[str, PeerKeying] | None = None,
 ) -> DesiredState:
     """Everything `local_name`'s VPP should hold to join the mesh.
 
-    `epochs` lists the key epochs to accept inbound (the newest is used outbound); by
-    default only the mesh's current epoch.
+    `keying` gives, per peer, the key generation to send on and those to accept
+    (vppmesh.epochs decides them); a peer missing from it has no usable key and gets no
+    tunnels, SAs or route at all, so its traffic is dropped (fail closed). Without
+    `keying`, every peer uses `epochs` (the newest outbound), by default the mesh's
+    key_epoch.
     """
     local = mesh.node(local_name)
-    peers = mesh.peers_of(local_name)
+    all_peers = mesh.peers_of(local_name)
     settings = mesh.settings
     count = settings.tunnels_per_peer
     live_epochs = tuple(sorted(set(epochs or (settings.key_epoch,))))
-    out_epoch = live_epochs[-1]
+    if keying is None:
+        default = PeerKeying(outbound=live_epochs[-1], inbound=live_epochs)
+        keying = {peer.name: default for peer in all_peers}
+    peers = [peer for peer in all_peers if peer.name in keying]
 
     sas: list[SaSpec] = []
     tunnels: list[TunnelSpec] = []
     routes: list[RouteSpec] = []
     for peer in peers:
+        peer_keying = keying[peer.name]
+        in_epochs = tuple(sorted(set(peer_keying.inbound)))
+        out_epoch = peer_keying.outbound
+        if len({e & 0xF for e in in_epochs}) != len(in_epochs):
+            raise ValueError(f"inbound generations {in_epochs} of {peer.name} share SPIs")
         shared = pair_secret(secrets, peer.public_key_bytes)
         instances = []
         for index in range(count):
             worker = index % workers if workers > 0 else None
             sa_in: list[int] = []
-            for epoch in live_epochs:
+            for epoch in in_epochs:
                 inbound = derive_sa_key(shared, secrets.psk, sender=peer.name,
                                         receiver=local.name, tunnel=index, epoch=epoch)
                 sa_id = sa_id_for("in", peer.node_number, index, epoch)
@@ -131,5 +145,7 @@ def plan(
         sas=tuple(sas),
         tunnels=tuple(tunnels),
         routes=tuple(routes),
-        host=host_link(local, peers, host or HostOptions(), settings.gso),
+        # Every peer's pod CIDR stays routed into VPP, also for a peer without a usable
+        # key: its packets must die in VPP, not leave by the host's default route.
+        host=host_link(local, all_peers, host or HostOptions(), settings.gso),
     )

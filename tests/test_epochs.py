@@ -1,0 +1,274 @@
+"""Key generations: the per-peer rules, then two agents on fake VPPs keeping a pair working."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from conftest import make_mesh
+from fake_vpp import FakeVpp
+
+from vppmesh.config import MeshSettings, dump_mesh
+from vppmesh.epochs import (
+    WINDOW,
+    GenerationStore,
+    PeerGenerations,
+    PeerObservation,
+    advance,
+)
+from vppmesh.errors import ConfigError
+from vppmesh.keys import private_key_b64, write_secret_file
+from vppmesh.node import NodeOptions, up
+from vppmesh.state import SA_DIRECTION_BIT
+
+SETTINGS = MeshSettings(rekey_interval=0, rekey_grace=10)
+
+
+def fresh(out: int = 0, floor: int = 0, base: int = 0, since: float = 0.0) -> PeerGenerations:
+    return PeerGenerations(public_key="k", out=out, out_since=since, floor=floor, in_base=base)
+
+
+def never(_g: int) -> bool:
+    return False
+
+
+def test_agent_restart_keeps_the_installed_generation() -> None:
+    pg = fresh(out=4, floor=4, base=4)
+    d = advance(pg, PeerObservation(out_installed=True), SETTINGS, now=5, key_used=lambda g: g <= 4,
+                peer="p")
+    assert d.keying is not None and d.keying.outbound == 4 and not d.stepped
+    assert d.keying.inbound == (4, 5, 6)
+
+
+def test_lost_sas_with_a_burnt_key_step_forward_by_themselves() -> None:
+    pg = fresh(out=4, floor=4, base=4)
+    d = advance(pg, PeerObservation(out_installed=False), SETTINGS, now=5,
+                key_used=lambda g: g <= 4, peer="p")
+    assert d.keying is not None and d.keying.outbound == 5 and d.stepped
+
+
+def test_rekeys_step_at_most_to_the_edge_of_the_peer_window_then_defer() -> None:
+    pg = fresh()
+    used: set[int] = {0}
+    outs = []
+    for t in range(4):
+        pg.rekey_pending = True
+        d = advance(pg, PeerObservation(out_installed=True), SETTINGS, now=t,
+                    key_used=used.__contains__, peer="p")
+        assert d.keying is not None
+        used.add(d.keying.outbound)
+        outs.append(d.keying.outbound)
+    assert outs == [1, 2, 2, 2]  # the peer accepts 0..2 until it has seen us move
+    assert pg.rekey_pending
+
+
+def test_a_burnt_key_beyond_the_peer_window_fails_closed() -> None:
+    pg = fresh(out=2, floor=0)
+    d = advance(pg, PeerObservation(out_installed=False), SETTINGS, now=1,
+                key_used=lambda g: g <= 2, peer="p")
+    assert d.keying is None
+    assert "dropped" in d.notes[-1]
+
+
+def test_receiver_slides_only_after_the_grace_period() -> None:
+    pg = fresh()
+    seen = PeerObservation(inbound_active=frozenset({0, 1}))
+    advance(pg, seen, SETTINGS, now=100, key_used=never, peer="p")
+    assert pg.in_base == 0
+    advance(pg, seen, SETTINGS, now=105, key_used=never, peer="p")
+    assert pg.in_base == 0
+    d = advance(pg, seen, SETTINGS, now=110, key_used=never, peer="p")
+    assert pg.in_base == 1 and d.keying is not None and d.keying.inbound == (1, 2, 3)
+
+
+def test_sender_floor_moves_only_after_traffic_for_twice_the_grace() -> None:
+    pg = fresh(out=1, floor=0)
+    advance(pg, PeerObservation(out_installed=True, out_packets=10, inbound_packets=5),
+            SETTINGS, now=0, key_used=never, peer="p")
+    advance(pg, PeerObservation(out_installed=True, out_packets=20, inbound_packets=9),
+            SETTINGS, now=19, key_used=never, peer="p")
+    assert pg.floor == 0
+    advance(pg, PeerObservation(out_installed=True, out_packets=30, inbound_packets=9),
+            SETTINGS, now=20, key_used=never, peer="p")
+    assert pg.floor == 1
+
+
+def test_packets_sent_into_silence_are_no_evidence() -> None:
+    """A peer failing closed (or gone) sends nothing back: we may not assume it moved."""
+    pg = fresh(out=1, floor=0)
+    for t in range(0, 100, 2):
+        advance(pg, PeerObservation(out_installed=True, out_packets=10 * t, inbound_packets=7),
+                SETTINGS, now=t, key_used=never, peer="p")
+    assert pg.floor == 0
+    idle = fresh(out=1, floor=0)
+    for t in range(0, 100, 10):
+        advance(idle, PeerObservation(out_installed=True), SETTINGS, now=t, key_used=never,
+                peer="p")
+    assert idle.floor == 0  # no traffic: no evidence that the peer moved
+
+
+@pytest.mark.parametrize(("packets", "age", "stepped"), [
+    (2**31, 0, True),  # half of the default 2^32 packets
+    (2**31 - 1, 0, False),
+    (0, 3.5 * 86400, True),  # half of key_max_seconds (7 days)
+])
+def test_key_limits_trigger_a_rekey_at_half(packets: int, age: float, stepped: bool) -> None:
+    pg = fresh(since=0)
+    d = advance(pg, PeerObservation(out_installed=True, out_packets=packets), SETTINGS,
+                now=age, key_used=never, peer="p")
+    assert d.stepped is stepped
+
+
+def test_bytes_limit_counts_packets_at_the_underlay_mtu() -> None:
+    settings = MeshSettings(rekey_interval=0, key_max_bytes=2**30)
+    pg = fresh()
+    d = advance(pg, PeerObservation(out_installed=True, out_packets=2**29 // 1500 + 1),
+                settings, now=1, key_used=never, peer="p")
+    assert d.stepped
+
+
+def test_key_at_its_hard_limit_with_no_step_possible_fails_closed() -> None:
+    pg = fresh(out=2, floor=0)
+    d = advance(pg, PeerObservation(out_installed=True, out_packets=2**32), SETTINGS, now=1,
+                key_used=never, peer="p")
+    assert d.keying is None
+
+
+def test_scheduled_rekey() -> None:
+    settings = MeshSettings(rekey_interval=3600)
+    pg = fresh(since=0)
+    assert not advance(pg, PeerObservation(out_installed=True), settings, now=3599,
+                       key_used=never, peer="p").stepped
+    assert advance(pg, PeerObservation(out_installed=True), settings, now=3600,
+                   key_used=never, peer="p").stepped
+
+
+def test_raising_key_epoch_moves_everything_forward() -> None:
+    pg = fresh(out=1)
+    d = advance(pg, PeerObservation(out_installed=True), MeshSettings(key_epoch=7), now=1,
+                key_used=never, peer="p")
+    assert d.keying is not None and d.keying.outbound == 7 and d.keying.inbound == (7, 8, 9)
+
+
+def test_rekey_interval_must_be_below_key_lifetime() -> None:
+    with pytest.raises(ValueError, match="rekey_interval"):
+        MeshSettings(rekey_interval=100, key_max_seconds=100)
+
+
+def test_generation_file_is_private_and_edits_are_refused(tmp_path: Path) -> None:
+    store = GenerationStore(tmp_path, "n")
+    state = store.load()
+    state.peers["p"] = fresh()
+    store.save(state)
+    assert store.path.stat().st_mode & 0o777 == 0o600
+    assert store.load().peers["p"].out == 0
+    store.path.write_text('{"peers": {"p": {"out": "x"}}}')
+    with pytest.raises(ConfigError, match="must not be edited"):
+        store.load()
+
+
+# ---- two agents, two fake VPPs ------------------------------------------------------
+
+class Pair:
+    """node1 and node2, each an agent with its own state dir and fake VPP."""
+
+    def __init__(self, tmp: Path, **settings: object) -> None:
+        self.mesh, self.secrets = make_mesh(2, 2, rekey_grace=10, rekey_interval=0, **settings)
+        self.mesh_file = tmp / "mesh.yaml"
+        self.mesh_file.write_text(dump_mesh(self.mesh))
+        self.opts = {}
+        self.vpp = {}
+        for name in ("node1", "node2"):
+            key = tmp / f"{name}.key"
+            write_secret_file(key, private_key_b64(self.secrets[name].private_key), force=True)
+            self.opts[name] = NodeOptions(mesh_file=self.mesh_file, node=name, private_key=key,
+                                          host_link="none", workers=0, state_dir=tmp / name)
+            self.restart_vpp(name)
+
+    def restart_vpp(self, name: str) -> None:
+        self.vpp[name] = FakeVpp.with_uplink(self.mesh.node(name).primary)
+
+    def run(self, name: str, now: float, rekey: bool = False):  # type: ignore[no-untyped-def]
+        return up(self.opts[name], api=self.vpp[name], now=now, rekey=rekey)
+
+    def traffic(self, sender: str, receiver: str, packets: int = 100) -> None:
+        """Packets on the sender's current outbound SAs reach the receiver's inbound SAs."""
+        out = {sa["entry"]["spi"]: sa for sa in self.vpp[sender].sas.values()
+               if sa["entry"]["sad_id"] & SA_DIRECTION_BIT}
+        for spi, sa in out.items():
+            sa["seq_out"] = sa.get("seq_out", 0) + packets
+            inbound = [s for s in self.vpp[receiver].sas.values()
+                       if not s["entry"]["sad_id"] & SA_DIRECTION_BIT
+                       and s["entry"]["spi"] == spi]
+            if inbound:
+                inbound[0]["last_seq_in"] = sa["seq_out"]
+
+    def link_ok(self, sender: str, receiver: str) -> bool:
+        """Every outbound SA of the sender has its twin (SPI, key, salt) at the receiver."""
+        inbound = {(s["entry"]["spi"], bytes(s["entry"]["crypto_key"]["data"]),
+                    s["entry"]["salt"])
+                   for s in self.vpp[receiver].sas.values()
+                   if not s["entry"]["sad_id"] & SA_DIRECTION_BIT}
+        out = [(s["entry"]["spi"], bytes(s["entry"]["crypto_key"]["data"]), s["entry"]["salt"])
+               for s in self.vpp[sender].sas.values() if s["entry"]["sad_id"] & SA_DIRECTION_BIT]
+        return bool(out) and all(o in inbound for o in out)
+
+    def out_generation(self, name: str) -> set[int]:
+        return {s["entry"]["spi"] & 0xF for s in self.vpp[name].sas.values()
+                if s["entry"]["sad_id"] & SA_DIRECTION_BIT}
+
+
+def test_vpp_restart_steps_to_a_generation_the_peer_already_accepts(tmp_path: Path) -> None:
+    pair = Pair(tmp_path)
+    pair.run("node1", 0)
+    pair.run("node2", 0)
+    assert pair.link_ok("node1", "node2") and pair.link_ok("node2", "node1")
+    pair.restart_vpp("node1")
+    result = pair.run("node1", 1)
+    assert any("0 -> 1" in n for n in result.notes)
+    assert pair.out_generation("node1") == {1}
+    assert pair.link_ok("node1", "node2")  # node2 was not touched and accepts it
+    # An agent restart against the VPP that holds the mesh changes nothing.
+    assert pair.run("node1", 2).changes == []
+    assert pair.run("node2", 2).changes == []
+
+
+def test_many_rekeys_under_traffic_never_break_the_pair(tmp_path: Path) -> None:
+    pair = Pair(tmp_path)
+    now = 0.0
+    pair.run("node1", now)
+    pair.run("node2", now)
+    generations = []
+    for _ in range(8):
+        pair.run("node1", now, rekey=True)
+        for _tick in range(8):  # 2 s polls for 16 s: the receiver follows, the sender learns
+            now += 2
+            pair.traffic("node1", "node2")
+            pair.traffic("node2", "node1")
+            pair.run("node2", now)
+            pair.run("node1", now)
+            assert pair.link_ok("node1", "node2") and pair.link_ok("node2", "node1")
+        generations.append(pair.out_generation("node1"))
+    assert generations == [{g} for g in range(1, 9)]
+    # Old SAs are gone: the receiver holds one window of inbound SAs per tunnel.
+    inbound = [s for s in pair.vpp["node2"].sas.values()
+               if not s["entry"]["sad_id"] & SA_DIRECTION_BIT]
+    assert len(inbound) == WINDOW * 2
+
+
+def test_restart_of_either_side_and_rejoin_keep_the_pair_working(tmp_path: Path) -> None:
+    pair = Pair(tmp_path)
+    now = 0.0
+    for name in ("node1", "node2"):
+        pair.run(name, now)
+    for victim in ("node1", "node2", "node1", "node2", "node1"):
+        pair.restart_vpp(victim)
+        for _tick in range(12):
+            now += 2
+            pair.run("node1", now)
+            pair.run("node2", now)
+            pair.traffic("node1", "node2")
+            pair.traffic("node2", "node1")
+        assert pair.link_ok("node1", "node2") and pair.link_ok("node2", "node1")
+    # Every outbound key node1 ever installed was fresh (the reconcile guard never fired).
+    assert pair.out_generation("node1") == {3}

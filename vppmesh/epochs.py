@@ -1,0 +1,280 @@
+"""Key generations: every sender rekeys on its own, receivers follow, nothing is coordinated.
+
+Why generations per sender rather than one mesh-wide epoch: VPP restarts an SA's sequence
+number (hence the AES-GCM IV) at 1 whenever the SA is created, so an outbound key must
+never be installed twice. After a VPP restart, a reinstalled SA needs a fresh key, and
+asking an operator to raise a mesh-wide epoch on every node is the manual step this
+module removes.
+
+The scheme, per ordered pair (sender S, receiver R), all tunnels of the pair together:
+
+- R accepts S's traffic under a *window* of generations [base, base + WINDOW). WINDOW = 3
+  fits the 4-bit generation field of SPIs and SA ids many times over, so the SAs of one
+  window never share an SPI.
+- S sends under one generation `out`. It steps to the next generation whose keys its
+  used-key ledger has never seen: after a VPP restart (its old key is burnt), on
+  `vppmesh rekey`, on the schedule (`rekey_interval`) and at half of any key limit.
+  The new generation is already inside R's window, so the switch is make-before-break:
+  R holds the new inbound SA before S uses it, and S's old outbound SA is deleted only
+  after the tunnel was re-protected with the new one.
+- R slides its window to h once S's traffic has been seen on h (the inbound SA's
+  `last_seq_inbound` moved) for `rekey_grace` seconds; the older inbound SAs go then.
+  The base is persisted, so a restarted R still accepts exactly what S may send.
+- S never steps past `floor + WINDOW - 1`, where `floor` is the highest generation S knows
+  R has slid to: one S has used for at least twice the grace period while R's packets
+  kept arriving (R slides after one grace period). There is no message from R to S, so
+  this rests on R's agent running (`up --watch`). A blocked step is deferred (voluntary
+  rekey) or fails closed (the key is burnt: the peer gets no tunnels, so its traffic is
+  dropped, never sent in clear) until the evidence matures.
+
+A receiver's own VPP restart loses the anti-replay state of its inbound SAs: packets
+recorded under S's current generation could then be replayed once each (they still
+authenticate; nothing decrypts for the attacker). The exposure ends at S's next rekey,
+so `rekey_interval` bounds it.
+
+Key limits: VPP 26.06 SAs carry no lifetime (ipsec_sa.h has no soft/hard byte or packet
+limit and ipsec_sad_entry_add_v2 takes none), so the agent enforces them from the SA's
+`seq_outbound` (packets, 64-bit with ESN) and an upper bound on bytes (packets times the
+underlay MTU), plus the key's age. At half of a limit the sender rekeys; at the limit, if
+it still could not, the peer fails closed.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from vppmesh.config import MeshSettings
+from vppmesh.errors import ConfigError
+
+WINDOW = 3
+# Generations live in 4 bits of SPIs and SA ids; a window must never wrap onto itself.
+assert WINDOW < 16
+
+
+class PeerKeying(BaseModel):
+    """What plan() needs per peer: the generation sent on and the ones accepted."""
+
+    model_config = ConfigDict(frozen=True)
+    outbound: int
+    inbound: tuple[int, ...]
+
+
+class PeerGenerations(BaseModel):
+    """What one node remembers about one peer's key generations (both directions)."""
+
+    model_config = ConfigDict(extra="forbid")
+    public_key: str
+    out: int
+    out_since: float
+    out_sent_at: float | None = None  # when `out` was first seen carrying traffic both ways
+    in_mark: int = 0  # the peer's inbound sequence numbers at the last look
+    floor: int
+    in_base: int
+    in_seen: int | None = None  # a generation above in_base carrying the peer's traffic
+    in_seen_at: float | None = None
+    rekey_pending: bool = False
+
+    @property
+    def window(self) -> tuple[int, ...]:
+        return tuple(range(self.in_base, self.in_base + WINDOW))
+
+
+class GenerationState(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    version: int = 1
+    peers: dict[str, PeerGenerations] = {}
+
+
+@dataclass(frozen=True)
+class PeerObservation:
+    """What VPP shows about one peer's SAs right now."""
+
+    out_installed: bool = False  # VPP holds `out`'s outbound SAs with the expected keys
+    out_packets: int = 0  # highest seq_outbound over those SAs
+    inbound_active: frozenset[int] = frozenset()  # generations whose inbound SAs got traffic
+    inbound_packets: int = 0  # sum of last_seq_inbound over the peer's inbound SAs
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The outcome for one peer: its keying, or None when it must fail closed."""
+
+    keying: PeerKeying | None
+    notes: tuple[str, ...] = ()
+    stepped: bool = False
+
+
+def initial(public_key: str, settings: MeshSettings, now: float) -> PeerGenerations:
+    g = settings.key_epoch
+    return PeerGenerations(public_key=public_key, out=g, out_since=now, floor=g, in_base=g)
+
+
+def soft_limit_reached(pg: PeerGenerations, obs: PeerObservation, settings: MeshSettings,
+                       now: float) -> str | None:
+    """Why the current outbound key should be replaced now (None: it is fine)."""
+    age = now - pg.out_since
+    if settings.rekey_interval and age >= settings.rekey_interval:
+        return "scheduled rekey"
+    if age >= settings.key_max_seconds / 2:
+        return "key age at half of key_max_seconds"
+    if obs.out_packets >= settings.key_max_packets // 2:
+        return "packets at half of key_max_packets"
+    if obs.out_packets * settings.underlay_mtu >= settings.key_max_bytes // 2:
+        return "bytes at half of key_max_bytes"
+    return None
+
+
+def hard_limit_reached(pg: PeerGenerations, obs: PeerObservation, settings: MeshSettings,
+                       now: float) -> bool:
+    return (now - pg.out_since >= settings.key_max_seconds
+            or obs.out_packets >= settings.key_max_packets
+            or obs.out_packets * settings.underlay_mtu >= settings.key_max_bytes)
+
+
+def advance(pg: PeerGenerations, obs: PeerObservation, settings: MeshSettings, *,
+            now: float, key_used: Callable[[int], bool], peer: str) -> Decision:
+    """Update one peer's generations from what VPP shows; pure but for `pg`, in place."""
+    notes: list[str] = []
+    epoch = settings.key_epoch
+    if pg.out < epoch:  # the operator moved the whole mesh forward
+        pg.out, pg.out_since, pg.out_sent_at = epoch, now, None
+    pg.floor = max(pg.floor, epoch)
+    pg.in_base = max(pg.in_base, epoch)
+
+    # Receiver: follow the peer to a newer generation once its traffic was seen there.
+    # What was seen is remembered: a restart of VPP (which resets the counters) in the
+    # grace period must not stop the slide the sender counts on.
+    if pg.in_seen is not None and pg.in_seen <= pg.in_base:
+        pg.in_seen, pg.in_seen_at = None, None
+    newer = [g for g in obs.inbound_active if g > pg.in_base]
+    if newer and (pg.in_seen is None or max(newer) > pg.in_seen):
+        pg.in_seen, pg.in_seen_at = max(newer), now
+    if pg.in_seen is not None and pg.in_seen_at is not None and \
+            now - pg.in_seen_at >= settings.rekey_grace:
+        h = pg.in_seen
+        notes.append(f"{peer}: accepting generations {h}..{h + WINDOW - 1} "
+                     f"(was {pg.in_base}..{pg.in_base + WINDOW - 1})")
+        pg.in_base, pg.in_seen, pg.in_seen_at = h, None, None
+
+    # Sender: learn how far the peer has surely slid. The evidence is traffic both ways
+    # while `out` is in use: we sent on it, and the peer's packets kept arriving, so the
+    # peer has tunnels to us (it is not failing closed) and, its agent running, sees us
+    # on `out`. Sent packets alone would not do: they are counted even when the peer
+    # drops them. The evidence is remembered, so it still counts after VPP lost the SAs.
+    peer_sending = obs.inbound_packets > pg.in_mark
+    pg.in_mark = obs.inbound_packets
+    if obs.out_installed and obs.out_packets > 0 and peer_sending and pg.out_sent_at is None:
+        pg.out_sent_at = now
+    if pg.out_sent_at is not None and now - pg.out_sent_at >= 2 * settings.rekey_grace:
+        pg.floor = max(pg.floor, pg.out)
+
+    forced = not obs.out_installed and key_used(pg.out)
+    reason = "key already used (VPP lost its SAs)" if forced else (
+        "rekey requested" if pg.rekey_pending else
+        soft_limit_reached(pg, obs, settings, now) if obs.out_installed else None)
+    stepped = False
+    if reason is not None:
+        candidate = pg.out + 1
+        while key_used(candidate):
+            candidate += 1
+        if candidate <= pg.floor + WINDOW - 1:
+            notes.append(f"{peer}: outbound generation {pg.out} -> {candidate} ({reason})")
+            pg.out, pg.out_since, pg.out_sent_at = candidate, now, None
+            pg.rekey_pending = False
+            stepped = True
+        elif forced or hard_limit_reached(pg, obs, settings, now):
+            notes.append(
+                f"{peer}: no usable outbound key: generation {candidate} is beyond what the "
+                f"peer accepts (up to {pg.floor + WINDOW - 1}); its traffic is dropped until "
+                "the peer's agent catches up, or raise settings.key_epoch on every node")
+            return Decision(keying=None, notes=tuple(notes))
+        else:
+            pg.rekey_pending = True
+            notes.append(f"{peer}: rekey deferred ({reason}): the peer has not yet moved to "
+                         f"generation {pg.out}")
+    return Decision(keying=PeerKeying(outbound=pg.out, inbound=pg.window), notes=tuple(notes),
+                    stepped=stepped)
+
+
+def request_rekey(state: GenerationState) -> int:
+    """Mark every peer for a rekey at the next run; returns how many."""
+    for pg in state.peers.values():
+        pg.rekey_pending = True
+    return len(state.peers)
+
+
+def schedule(state: GenerationState, settings: MeshSettings, peers: Mapping[str, str],
+             observations: Mapping[str, PeerObservation], *, now: float,
+             key_used: Callable[[str, int], bool]) -> tuple[dict[str, PeerKeying], list[str]]:
+    """Keying for every peer (name -> public key). Peers that must fail closed are absent.
+
+    A peer whose public key changed starts afresh: its old generations meant other keys.
+    State of peers that left is kept, so a peer that rejoins resumes where it was.
+    """
+    keying: dict[str, PeerKeying] = {}
+    notes: list[str] = []
+    for name, public_key in peers.items():
+        pg = state.peers.get(name)
+        if pg is None or pg.public_key != public_key:
+            pg = state.peers[name] = initial(public_key, settings, now)
+        decision = advance(pg, observations.get(name, PeerObservation()), settings, now=now,
+                           key_used=lambda g, n=name: key_used(n, g), peer=name)
+        notes += decision.notes
+        if decision.keying is not None:
+            keying[name] = decision.keying
+    return keying, notes
+
+
+class GenerationStore:
+    """`<state_dir>/<node>.generations.json` (0600), read and written under a lock file.
+
+    The lock serialises the agents of one node (`up --watch` and `vppmesh rekey`), so a
+    generation is never chosen twice from a stale file.
+    """
+
+    def __init__(self, state_dir: Path, node: str) -> None:
+        self.path = state_dir / f"{node}.generations.json"
+        self.lock_path = state_dir / f"{node}.lock"
+
+    @contextmanager
+    def locked(self) -> Iterator[None]:
+        self.lock_path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+
+    def load(self) -> GenerationState:
+        try:
+            text = self.path.read_text()
+        except FileNotFoundError:
+            return GenerationState()
+        except OSError as exc:
+            raise ConfigError(f"{self.path}: cannot read key generations ({exc})") from None
+        try:
+            return GenerationState.model_validate_json(text)
+        except ValidationError:
+            raise ConfigError(
+                f"{self.path} is not a valid key generation file; it must not be edited. "
+                "Restore it, or delete it and raise settings.key_epoch on every node") from None
+
+    def save(self, state: GenerationState) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            json.dump(state.model_dump(mode="json"), handle, indent=1)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, self.path)
