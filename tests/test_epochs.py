@@ -47,19 +47,23 @@ def test_lost_sas_with_a_burnt_key_step_forward_by_themselves() -> None:
     assert d.keying is not None and d.keying.outbound == 5 and d.stepped
 
 
-def test_rekeys_step_at_most_to_the_edge_of_the_peer_window_then_defer() -> None:
+def test_rekeys_keep_the_last_generation_of_the_peer_window_in_reserve() -> None:
     pg = fresh()
     used: set[int] = {0}
     outs = []
-    for t in range(4):
+    for t in range(3):
         pg.rekey_pending = True
         d = advance(pg, PeerObservation(out_installed=True), SETTINGS, now=t,
                     key_used=used.__contains__, peer="p")
         assert d.keying is not None
         used.add(d.keying.outbound)
         outs.append(d.keying.outbound)
-    assert outs == [1, 2, 2, 2]  # the peer accepts 0..2 until it has seen us move
+    assert outs == [1, 1, 1]  # the peer accepts 0..2 until it has surely seen us move
     assert pg.rekey_pending
+    # VPP restarts: the key in use is burnt, and the reserve generation is still there.
+    d = advance(pg, PeerObservation(out_installed=False), SETTINGS, now=5,
+                key_used=used.__contains__, peer="p")
+    assert d.keying is not None and d.keying.outbound == 2
 
 
 def test_a_burnt_key_beyond_the_peer_window_fails_closed() -> None:
@@ -83,13 +87,17 @@ def test_receiver_slides_only_after_the_grace_period() -> None:
 
 def test_sender_floor_moves_only_after_traffic_for_twice_the_grace() -> None:
     pg = fresh(out=1, floor=0)
-    advance(pg, PeerObservation(out_installed=True, out_packets=10, inbound_packets=5),
-            SETTINGS, now=0, key_used=never, peer="p")
-    advance(pg, PeerObservation(out_installed=True, out_packets=20, inbound_packets=9),
-            SETTINGS, now=19, key_used=never, peer="p")
+
+    def look(t: float, sent: int, received: int) -> None:
+        advance(pg, PeerObservation(out_installed=True, out_packets=sent,
+                                    inbound_seq={1: received}), SETTINGS, now=t,
+                key_used=never, peer="p")
+
+    look(0, 10, 5)  # first look: nothing to compare the peer's counter with yet
+    look(1, 20, 9)  # both ways: evidence starts
+    look(20, 30, 12)
     assert pg.floor == 0
-    advance(pg, PeerObservation(out_installed=True, out_packets=30, inbound_packets=9),
-            SETTINGS, now=20, key_used=never, peer="p")
+    look(21, 40, 15)
     assert pg.floor == 1
 
 
@@ -97,7 +105,7 @@ def test_packets_sent_into_silence_are_no_evidence() -> None:
     """A peer failing closed (or gone) sends nothing back: we may not assume it moved."""
     pg = fresh(out=1, floor=0)
     for t in range(0, 100, 2):
-        advance(pg, PeerObservation(out_installed=True, out_packets=10 * t, inbound_packets=7),
+        advance(pg, PeerObservation(out_installed=True, out_packets=10 * t, inbound_seq={1: 7}),
                 SETTINGS, now=t, key_used=never, peer="p")
     assert pg.floor == 0
     idle = fresh(out=1, floor=0)
@@ -241,7 +249,7 @@ def test_many_rekeys_under_traffic_never_break_the_pair(tmp_path: Path) -> None:
     generations = []
     for _ in range(8):
         pair.run("node1", now, rekey=True)
-        for _tick in range(8):  # 2 s polls for 16 s: the receiver follows, the sender learns
+        for _tick in range(12):  # 2 s polls for 24 s: the receiver follows, the sender learns
             now += 2
             pair.traffic("node1", "node2")
             pair.traffic("node2", "node1")

@@ -20,12 +20,16 @@ The scheme, per ordered pair (sender S, receiver R), all tunnels of the pair tog
 - R slides its window to h once S's traffic has been seen on h (the inbound SA's
   `last_seq_inbound` moved) for `rekey_grace` seconds; the older inbound SAs go then.
   The base is persisted, so a restarted R still accepts exactly what S may send.
-- S never steps past `floor + WINDOW - 1`, where `floor` is the highest generation S knows
-  R has slid to: one S has used for at least twice the grace period while R's packets
-  kept arriving (R slides after one grace period). There is no message from R to S, so
-  this rests on R's agent running (`up --watch`). A blocked step is deferred (voluntary
-  rekey) or fails closed (the key is burnt: the peer gets no tunnels, so its traffic is
-  dropped, never sent in clear) until the evidence matures.
+- S never steps past `floor + WINDOW - 1`, and a voluntary rekey not past
+  `floor + WINDOW - 2`: one generation stays in reserve for a VPP restart. `floor` is
+  the highest generation S knows R has slid to: one S has used for twice the grace
+  period while R's packets kept arriving (R slides after one grace period). There is no
+  message from R to S, so this rests on R's agent running (`up --watch`). A blocked step
+  is deferred (voluntary rekey) or fails closed (the key is burnt: the peer gets no
+  tunnels, so its traffic is dropped, never sent in clear). Only a second VPP restart
+  before the reserve generation was proven (2 x rekey_grace of traffic both ways) gets
+  there; S cannot learn more without a message from R, and raising `key_epoch` on every
+  node resynchronises the pair.
 
 A receiver's own VPP restart loses the anti-replay state of its inbound SAs: packets
 recorded under S's current generation could then be replayed once each (they still
@@ -46,7 +50,7 @@ import json
 import os
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -75,7 +79,8 @@ class PeerGenerations(BaseModel):
     out: int
     out_since: float
     out_sent_at: float | None = None  # when `out` was first seen carrying traffic both ways
-    in_mark: int = 0  # the peer's inbound sequence numbers at the last look
+    # Per accepted generation, the peer's highest inbound sequence numbers at the last look.
+    in_marks: dict[int, int] = {}
     floor: int
     in_base: int
     in_seen: int | None = None  # a generation above in_base carrying the peer's traffic
@@ -100,7 +105,8 @@ class PeerObservation:
     out_installed: bool = False  # VPP holds `out`'s outbound SAs with the expected keys
     out_packets: int = 0  # highest seq_outbound over those SAs
     inbound_active: frozenset[int] = frozenset()  # generations whose inbound SAs got traffic
-    inbound_packets: int = 0  # sum of last_seq_inbound over the peer's inbound SAs
+    # Per accepted generation, the sum of last_seq_inbound over the peer's inbound SAs.
+    inbound_seq: Mapping[int, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -169,8 +175,10 @@ def advance(pg: PeerGenerations, obs: PeerObservation, settings: MeshSettings, *
     # peer has tunnels to us (it is not failing closed) and, its agent running, sees us
     # on `out`. Sent packets alone would not do: they are counted even when the peer
     # drops them. The evidence is remembered, so it still counts after VPP lost the SAs.
-    peer_sending = obs.inbound_packets > pg.in_mark
-    pg.in_mark = obs.inbound_packets
+    # Compared per generation: SAs come and go with the window, and a recreated SA starts
+    # from zero, so only growth of the same generation's counter counts.
+    peer_sending = any(seq > pg.in_marks.get(g, seq) for g, seq in obs.inbound_seq.items())
+    pg.in_marks = dict(obs.inbound_seq)
     if obs.out_installed and obs.out_packets > 0 and peer_sending and pg.out_sent_at is None:
         pg.out_sent_at = now
     if pg.out_sent_at is not None and now - pg.out_sent_at >= 2 * settings.rekey_grace:
@@ -185,7 +193,10 @@ def advance(pg: PeerGenerations, obs: PeerObservation, settings: MeshSettings, *
         candidate = pg.out + 1
         while key_used(candidate):
             candidate += 1
-        if candidate <= pg.floor + WINDOW - 1:
+        # A voluntary step leaves the last generation of the peer's window in reserve, so
+        # a VPP restart (which burns the key in use) can always step once more.
+        edge = pg.floor + WINDOW - (1 if forced else 2)
+        if candidate <= edge:
             notes.append(f"{peer}: outbound generation {pg.out} -> {candidate} ({reason})")
             pg.out, pg.out_since, pg.out_sent_at = candidate, now, None
             pg.rekey_pending = False
@@ -193,8 +204,8 @@ def advance(pg: PeerGenerations, obs: PeerObservation, settings: MeshSettings, *
         elif forced or hard_limit_reached(pg, obs, settings, now):
             notes.append(
                 f"{peer}: no usable outbound key: generation {candidate} is beyond what the "
-                f"peer accepts (up to {pg.floor + WINDOW - 1}); its traffic is dropped until "
-                "the peer's agent catches up, or raise settings.key_epoch on every node")
+                f"peer surely accepts (up to {pg.floor + WINDOW - 1}); its traffic is dropped. "
+                "Raise settings.key_epoch on every node to resynchronise")
             return Decision(keying=None, notes=tuple(notes))
         else:
             pg.rekey_pending = True

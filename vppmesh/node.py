@@ -127,8 +127,6 @@ def observe_keys(api: VppApi, mesh: Mesh, local: str, secrets: NodeSecrets,
                 shared, secrets.psk, sender=local, receiver=peer.name, tunnel=t,
                 epoch=pg.out).key.get_secret_value()
             for t, sa in enumerate(out))
-        inbound = [sa for g in pg.window for t in range(count)
-                   if (sa := sas.get(sa_id_for("in", peer.node_number, t, g))) is not None]
         active = frozenset(
             g for g in pg.window for t in range(count)
             if (sa := sas.get(sa_id_for("in", peer.node_number, t, g))) is not None
@@ -137,7 +135,9 @@ def observe_keys(api: VppApi, mesh: Mesh, local: str, secrets: NodeSecrets,
             out_installed=installed,
             out_packets=max((sa.seq_outbound for sa in out if sa is not None), default=0),
             inbound_active=active,
-            inbound_packets=sum(sa.last_seq_inbound for sa in inbound))
+            inbound_seq={g: sum(sa.last_seq_inbound for t in range(count)
+                                if (sa := sas.get(sa_id_for("in", peer.node_number, t, g)))
+                                is not None) for g in pg.window})
 
     def key_used(peer: str, generation: int) -> bool:
         for t in range(count):
