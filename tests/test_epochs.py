@@ -53,7 +53,7 @@ def test_rekeys_keep_the_last_generation_of_the_peer_window_in_reserve() -> None
     outs = []
     for t in range(3):
         pg.rekey_pending = True
-        d = advance(pg, PeerObservation(out_installed=True), SETTINGS, now=t,
+        d = advance(pg, PeerObservation(out_installed=True, out_packets=1), SETTINGS, now=t,
                     key_used=used.__contains__, peer="p")
         assert d.keying is not None
         used.add(d.keying.outbound)
@@ -122,8 +122,8 @@ def test_packets_sent_into_silence_are_no_evidence() -> None:
 ])
 def test_key_limits_trigger_a_rekey_at_half(packets: int, age: float, stepped: bool) -> None:
     pg = fresh(since=0)
-    d = advance(pg, PeerObservation(out_installed=True, out_packets=packets), SETTINGS,
-                now=age, key_used=never, peer="p")
+    d = advance(pg, PeerObservation(out_installed=True, out_packets=max(packets, 1)),
+                SETTINGS, now=age, key_used=never, peer="p")
     assert d.stepped is stepped
 
 
@@ -145,10 +145,17 @@ def test_key_at_its_hard_limit_with_no_step_possible_fails_closed() -> None:
 def test_scheduled_rekey() -> None:
     settings = MeshSettings(rekey_interval=3600)
     pg = fresh(since=0)
-    assert not advance(pg, PeerObservation(out_installed=True), settings, now=3599,
-                       key_used=never, peer="p").stepped
-    assert advance(pg, PeerObservation(out_installed=True), settings, now=3600,
-                   key_used=never, peer="p").stepped
+    used = PeerObservation(out_installed=True, out_packets=5)
+    assert not advance(pg, used, settings, now=3599, key_used=never, peer="p").stepped
+    assert advance(pg, used, settings, now=3600, key_used=never, peer="p").stepped
+
+
+def test_a_key_that_never_protected_a_packet_is_not_rotated() -> None:
+    pg = fresh(since=0)
+    pg.rekey_pending = True
+    d = advance(pg, PeerObservation(out_installed=True), MeshSettings(rekey_interval=3600),
+                now=7200, key_used=never, peer="p")
+    assert not d.stepped and not pg.rekey_pending
 
 
 def test_raising_key_epoch_moves_everything_forward() -> None:
@@ -246,6 +253,7 @@ def test_many_rekeys_under_traffic_never_break_the_pair(tmp_path: Path) -> None:
     now = 0.0
     pair.run("node1", now)
     pair.run("node2", now)
+    pair.traffic("node1", "node2")
     generations = []
     for _ in range(8):
         pair.run("node1", now, rekey=True)

@@ -185,9 +185,14 @@ def rekey(
     """
     opts = options(mesh, node, key, api_socket, state_dir=state_dir)
     try:
-        report_up(agent.up(opts, rekey=True))
+        result = agent.up(opts, rekey=True)
     except VppMeshError as exc:
         raise fail(str(exc)) from None
+    report_up(result)
+    if result.rekey_pending:
+        typer.echo(f"rekey deferred towards {', '.join(result.rekey_pending)}: they have not "
+                   "yet surely moved to the current generation (no traffic both ways seen "
+                   "for 2 x rekey_grace); the agent rekeys them as soon as they have")
 
 
 @app.command()

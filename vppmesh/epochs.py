@@ -86,6 +86,7 @@ class PeerGenerations(BaseModel):
     in_seen: int | None = None  # a generation above in_base carrying the peer's traffic
     in_seen_at: float | None = None
     rekey_pending: bool = False
+    last_note: str | None = None  # repeated notes (a deferral, a block) are told once
 
     @property
     def window(self) -> tuple[int, ...]:
@@ -188,6 +189,10 @@ def advance(pg: PeerGenerations, obs: PeerObservation, settings: MeshSettings, *
     reason = "key already used (VPP lost its SAs)" if forced else (
         "rekey requested" if pg.rekey_pending else
         soft_limit_reached(pg, obs, settings, now) if obs.out_installed else None)
+    if reason is not None and not forced and obs.out_installed and obs.out_packets == 0:
+        # A key that never protected a packet has nothing to rotate away from, and each
+        # step spends a generation of the peer's window: keep it.
+        reason, pg.rekey_pending = None, False
     stepped = False
     if reason is not None:
         candidate = pg.out + 1
@@ -238,7 +243,10 @@ def schedule(state: GenerationState, settings: MeshSettings, peers: Mapping[str,
             pg = state.peers[name] = initial(public_key, settings, now)
         decision = advance(pg, observations.get(name, PeerObservation()), settings, now=now,
                            key_used=lambda g, n=name: key_used(n, g), peer=name)
-        notes += decision.notes
+        for note in decision.notes:
+            if note != pg.last_note:
+                notes.append(note)
+                pg.last_note = note
         if decision.keying is not None:
             keying[name] = decision.keying
     return keying, notes

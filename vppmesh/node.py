@@ -61,6 +61,8 @@ class UpResult:
     vpp_pid: int | None = None
     # Peers left out because no key may be used towards them (their traffic is dropped).
     blocked_peers: list[str] = field(default_factory=list)
+    # Peers whose requested rekey waits until they have surely followed the last one.
+    rekey_pending: list[str] = field(default_factory=list)
 
 
 def resolve_host_kind(kind: HostLinkKind) -> Literal["tap", "af_packet", "none"]:
@@ -190,7 +192,8 @@ def up(options: NodeOptions, *, dry_run: bool = False, api: VppApi | None = None
         return UpResult(desired=desired, changes=changes, seconds=time.monotonic() - started,
                         host_link=desired.host.kind if desired.host else "none",
                         messages=client.messages_sent, notes=notes, vpp_pid=pid,
-                        blocked_peers=sorted(set(peers) - set(keying)))
+                        blocked_peers=sorted(set(peers) - set(keying)),
+                        rekey_pending=sorted(n for n in peers if state.peers[n].rekey_pending))
     finally:
         if api is None:
             client.close()  # type: ignore[union-attr]
