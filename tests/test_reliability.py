@@ -287,6 +287,8 @@ def test_vpp_restart_recovers_without_plaintext(bed: Testbed,
         working = wait_for(lambda: ping_ok(n1.pod_netns(0), target), 60)
         assert working is not None, "the mesh did not work again after VPP came back"
         recovered = time.monotonic() - ready
+        n3 = bed.nodes[2]  # the idle pair recovers too
+        assert wait_for(lambda: ping_ok(n2.pod_netns(0), str(n3.pod_address(0))), 30)
     finally:
         pinger.kill()
     seen = capture.stop()
@@ -298,5 +300,6 @@ def test_vpp_restart_recovers_without_plaintext(bed: Testbed,
           f"ping works {recovered:.1f} s after VPP answered (uplink and pod re-attach "
           f"included); generations stepped: {stepped}; capture: {seen}")
     assert stepped, log  # fresh keys, no manual step
+    assert "fail closed" not in log, log
     assert seen["clear"] == 0
     assert seen["esp"] > 0
