@@ -38,6 +38,9 @@ StatsSocketOpt = Annotated[Path | None, typer.Option(
 DEFAULT_MESH = Path("/etc/vppmesh/mesh.yaml")
 HOSTNAME = socket.gethostname()
 DEFAULT_KEY = Path("/etc/vppmesh/private.key")
+DatastoreOpt = Annotated[str | None, typer.Option(
+    "--datastore", envvar="VPPMESH_DATASTORE",
+    help="Membership from etcd instead of the mesh file: etcd://HOST[:PORT][/PREFIX].")]
 
 
 def stats_path(api_socket: Path, stats_socket: Path | None) -> Path:
@@ -77,9 +80,32 @@ def up(
     watch: Annotated[bool, typer.Option(
         help="Keep running: re-apply when the mesh file changes or VPP restarts.")] = False,
     state_dir: StateOpt = DEFAULT_STATE,
+    datastore: DatastoreOpt = None,
+    underlay: Annotated[list[str] | None, typer.Option(
+        help="With --datastore: an underlay address of this node (ADDR/LEN), once per "
+        "tunnel; the first is the primary.")] = None,
+    pod_cidr: Annotated[str | None, typer.Option(
+        help="With --datastore: this node's pod CIDR.")] = None,
+    node_number: Annotated[int | None, typer.Option(
+        help="With --datastore: claim this node number (default: keep ours or allocate "
+        "the lowest free one).")] = None,
+    settings: Annotated[Path | None, typer.Option(
+        help="With --datastore: mesh settings (YAML) stored if the datastore has none.")
+                        ] = None,
+    lease_ttl: Annotated[int, typer.Option(
+        help="With --datastore: seconds the record outlives a stopped agent.")] = 30,
 ) -> None:
     """Bring this node into the mesh (idempotent: a second run changes nothing)."""
     opts = options(mesh, node, key, api_socket, host_link, uplink, state_dir)
+    if datastore is not None:
+        from vppmesh.datastore.agent import follow
+
+        try:
+            follow(opts, datastore, watch=watch, underlay=underlay or [], pod_cidr=pod_cidr,
+                   node_number=node_number, settings_file=settings, lease_ttl=lease_ttl)
+        except VppMeshError as exc:
+            raise fail(str(exc)) from None
+        return
     try:
         report_up(agent.up(opts))
     except VppMeshError as exc:
@@ -129,11 +155,23 @@ def down(
     mesh: MeshOpt = DEFAULT_MESH,
     node: NodeOpt = HOSTNAME,
     api_socket: SocketOpt = DEFAULT_API_SOCKET,
+    state_dir: StateOpt = DEFAULT_STATE,
+    datastore: DatastoreOpt = None,
 ) -> None:
-    """Remove everything vppmesh created in VPP and Linux (an operator's config stays)."""
-    opts = options(mesh, node, DEFAULT_KEY, api_socket)
+    """Remove everything vppmesh created in VPP and Linux (an operator's config stays).
+
+    With --datastore, the node's record and number claim are deleted first, so every
+    other node removes its tunnels to this one at once.
+    """
+    opts = options(mesh, node, DEFAULT_KEY, api_socket, state_dir=state_dir)
     try:
-        removed = agent.down(opts)
+        if datastore is not None:
+            from vppmesh.datastore.agent import leave
+            from vppmesh.datastore.records import DatastoreUrl
+
+            removed = leave(opts, DatastoreUrl.parse(datastore))
+        else:
+            removed = agent.down(opts)
     except VppMeshError as exc:
         raise fail(str(exc)) from None
     for line in removed:

@@ -59,8 +59,9 @@ def resolve_host_kind(kind: HostLinkKind) -> Literal["tap", "af_packet", "none"]
     return kind
 
 
-def load_inputs(options: NodeOptions) -> tuple[Mesh, NodeSecrets]:
-    mesh = load_mesh(options.mesh_file)
+def load_inputs(options: NodeOptions, mesh: Mesh | None = None) -> tuple[Mesh, NodeSecrets]:
+    """The mesh (from the mesh file unless given, e.g. from the datastore) and the keys."""
+    mesh = mesh or load_mesh(options.mesh_file)
     mesh.node(options.node)  # fail early, naming the node, if it is not in the mesh
     return mesh, load_secrets(options.private_key, mesh.settings.psk_file)
 
@@ -93,8 +94,9 @@ def apply(api: VppApi, desired: DesiredState, *, dry_run: bool = False,
     return changes
 
 
-def up(options: NodeOptions, *, dry_run: bool = False, api: VppApi | None = None) -> UpResult:
-    mesh, secrets = load_inputs(options)
+def up(options: NodeOptions, *, dry_run: bool = False, api: VppApi | None = None,
+       mesh: Mesh | None = None) -> UpResult:
+    mesh, secrets = load_inputs(options, mesh)
     started = time.monotonic()
     client = api or VppClient(options.api_socket).connect()
     try:
@@ -111,9 +113,10 @@ def up(options: NodeOptions, *, dry_run: bool = False, api: VppApi | None = None
             client.close()  # type: ignore[union-attr]
 
 
-def down(options: NodeOptions, *, api: VppApi | None = None) -> list[str]:
+def down(options: NodeOptions, *, api: VppApi | None = None,
+         mesh: Mesh | None = None) -> list[str]:
     """Remove the mesh from VPP and the host link from Linux."""
-    mesh = load_mesh(options.mesh_file)
+    mesh = mesh or load_mesh(options.mesh_file)
     local = mesh.node(options.node)
     client = api or VppClient(options.api_socket).connect()
     try:
