@@ -29,6 +29,7 @@ from vppmesh.datastore.etcd import EtcdStore, Registration
 from vppmesh.datastore.records import DatastoreUrl, Membership, assemble, membership_change
 from vppmesh.errors import ConfigError, VppMeshError, VppUnavailableError
 from vppmesh.keys import load_secrets
+from vppmesh.vpp.client import VppApi
 
 log = logging.getLogger("vppmesh.datastore")
 IPInterface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
@@ -90,13 +91,14 @@ class MembershipAgent:
     """Keeps this node registered and its VPP in step with the membership."""
 
     def __init__(self, options: agent.NodeOptions, ds: DatastoreOptions,
-                 store: EtcdStore | None = None) -> None:
+                 store: EtcdStore | None = None, api: VppApi | None = None) -> None:
         if ds.local is None:
             raise ConfigError("joining through a datastore needs --underlay and --pod-cidr")
         self.options = options
         self.ds = ds
         self.local = ds.local
         self.store = store or EtcdStore(ds.url)
+        self.api = api  # None: connect to options.api_socket for every reconcile
         self.changed = threading.Event()
         self.stop = threading.Event()
         self.registration: Registration | None = None
@@ -162,7 +164,7 @@ class MembershipAgent:
         assert membership.mesh is not None
         self._save(membership)
         change = membership_change(self.applied, membership.mesh)
-        result = agent.up(self.options, mesh=membership.mesh)
+        result = agent.up(self.options, mesh=membership.mesh, api=self.api)
         if self.applied is None or not change.empty or result.changes:
             since = (f", {1000 * (time.monotonic() - self.changed_at):.0f} ms after the "
                      "event" if self.changed_at is not None else "")

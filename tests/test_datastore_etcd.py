@@ -1,0 +1,201 @@
+"""The etcd backend against a real etcd (Debian's etcd-server) on loopback; fake VPPs.
+
+Skipped with the reason when no etcd binary is installed.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from conftest import make_mesh
+from etcd_server import EtcdServer, running_etcd
+from fake_vpp import FakeVpp
+
+from vppmesh.config import Mesh
+from vppmesh.datastore.agent import DatastoreOptions, LocalNode, MembershipAgent
+from vppmesh.datastore.etcd import EtcdStore, RegistrationError
+from vppmesh.datastore.records import DatastoreUrl, assemble
+from vppmesh.keys import private_key_b64
+from vppmesh.node import NodeOptions
+from vppmesh.state import split_tunnel_instance
+
+TTL = 2  # etcd's minimum lease
+
+
+@pytest.fixture(scope="module")
+def etcd() -> Iterator[EtcdServer]:
+    with running_etcd() as server:
+        yield server
+
+
+@pytest.fixture
+def store(etcd: EtcdServer, request: pytest.FixtureRequest) -> EtcdStore:
+    # A prefix per test: tests do not see each other's records.
+    return EtcdStore(DatastoreUrl.parse(etcd.url(f"/t/{request.node.name}")))
+
+
+def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> float:
+    started = time.monotonic()
+    while not condition():
+        if time.monotonic() - started > timeout:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.05)
+    return time.monotonic() - started
+
+
+def test_settings_are_stored_once(store: EtcdStore) -> None:
+    mesh, _ = make_mesh(1, tunnels=2)
+    assert store.seed_settings(mesh.settings)
+    other = mesh.settings.model_copy(update={"tunnels_per_peer": 1})
+    assert not store.seed_settings(other)
+    assert store.settings() == mesh.settings
+
+
+def test_concurrent_joins_get_distinct_numbers(store: EtcdStore) -> None:
+    mesh, _ = make_mesh(6, tunnels=1)
+    store.seed_settings(mesh.settings)
+    lease = store.grant(30)
+    numbers: dict[str, int] = {}
+    errors: list[BaseException] = []
+
+    def join(node) -> None:  # type: ignore[no-untyped-def]
+        try:
+            numbers[node.name] = store.register(node, lease).node.node_number
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=join, args=(n,)) for n in mesh.nodes]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert sorted(numbers.values()) == list(range(1, 7))
+    snap = store.snapshot()
+    assert {v: k for k, v in snap.numbers.items()} == numbers
+    membership = assemble(store.settings(snap), snap.records, snap.numbers)
+    assert membership.rejected == {} and membership.mesh is not None
+    assert len(membership.mesh.nodes) == 6
+
+
+def test_records_claiming_a_name_or_address_are_refused(store: EtcdStore) -> None:
+    mesh, _ = make_mesh(3, tunnels=1)
+    n1, n2, n3 = mesh.nodes
+    store.seed_settings(mesh.settings)
+    lease = store.grant(30)
+    store.register(n1, lease)
+    impostor = n2.model_copy(update={"name": "node1"})
+    with pytest.raises(RegistrationError, match=r"'node1' is registered .* another public key"):
+        store.register(impostor, lease)
+    squatter = n3.model_copy(update={"underlay": n1.underlay})
+    with pytest.raises(RegistrationError, match=r"already an address of node node1"):
+        store.register(squatter, lease)
+    with pytest.raises(Exception, match="belongs to node 'node1'"):
+        store.register(n2, lease, requested_number=1)
+    snap = store.snapshot()
+    assert [r.name for r in snap.records] == ["node1"]
+    assert snap.numbers == {1: "node1"}
+
+
+def test_lease_expiry_removes_the_record_and_the_number_is_kept(store: EtcdStore) -> None:
+    mesh, _ = make_mesh(2, tunnels=1)
+    store.seed_settings(mesh.settings)
+    store.register(mesh.nodes[0], store.grant(30))
+    short = store.grant(TTL)
+    number = store.register(mesh.nodes[1], short).node.node_number
+    assert store.keepalive(short)
+    waited = wait_for(lambda: len(store.snapshot().records) == 1, TTL + 5, "lease expiry")
+    assert waited >= 0.5
+    assert not store.keepalive(short)
+    assert store.snapshot().numbers[number] == "node2"
+    # Coming back: same number; `down` (deregister) releases it.
+    again = store.register(mesh.nodes[1], store.grant(30))
+    assert again.node.node_number == number
+    assert store.deregister("node2")
+    assert number not in store.snapshot().numbers
+
+
+class Member:
+    """One node's agent in a thread, with a fake VPP."""
+
+    def __init__(self, store_url: DatastoreUrl, mesh: Mesh, secrets, name: str,  # type: ignore[no-untyped-def]
+                 tmp: Path, ttl: int = TTL) -> None:
+        node = mesh.node(name)
+        key = tmp / f"{name}.key"
+        key.write_text(private_key_b64(secrets[name].private_key))
+        key.chmod(0o600)
+        self.vpp = FakeVpp.with_uplink(node.primary)
+        options = NodeOptions(mesh_file=tmp / "unused.yaml", node=name, private_key=key,
+                              host_link="none", workers=0, state_dir=tmp)
+        ds = DatastoreOptions(url=store_url, lease_ttl=ttl, resync_seconds=30,
+                              local=LocalNode(underlay=tuple(node.underlay),
+                                              pod_cidr=node.pod_cidr))
+        self.agent = MembershipAgent(options, ds, api=self.vpp)  # type: ignore[arg-type]
+        self.agent.changed.set()
+        self.thread = threading.Thread(target=self.agent.run, daemon=True)
+
+    def peers(self) -> set[int]:
+        return {split_tunnel_instance(t["instance"])[0] for t in self.vpp.tunnels.values()}
+
+    def stop(self) -> None:
+        self.agent.stop.set()
+        self.agent.changed.set()
+        self.thread.join(timeout=10)
+        assert not self.thread.is_alive()
+
+
+def test_agents_follow_joins_and_expiries(store: EtcdStore, tmp_path: Path) -> None:
+    mesh, secrets = make_mesh(3, tunnels=2)
+    store.seed_settings(mesh.settings)
+    members = [Member(store.url, mesh, secrets, f"node{i}", tmp_path) for i in (1, 2)]
+    for m in members:
+        m.thread.start()
+    try:
+        wait_for(lambda: all(m.peers() == {1, 2} - {i + 1} for i, m in enumerate(members)),
+                 15, "node1 and node2 to mesh")
+        a, b = members
+        index_before = {i: t["instance"] for i, t in a.vpp.tunnels.items()}
+        third = Member(store.url, mesh, secrets, "node3", tmp_path)
+        third.thread.start()
+        joined = wait_for(lambda: all(3 in m.peers() for m in members), 15, "node3 to join")
+        print(f"\njoin: node3 in node1's and node2's VPP {joined * 1000:.0f} ms after start")
+        assert {i: t["instance"] for i, t in a.vpp.tunnels.items()
+                if split_tunnel_instance(t["instance"])[0] == 2} == index_before
+        # node3's agent stops (crash): its lease expires, everyone removes it.
+        third.agent.stop.set()
+        third.agent.changed.set()
+        third.thread.join(timeout=10)
+        stopped = time.monotonic()
+        wait_for(lambda: all(3 not in m.peers() for m in members), TTL + 10, "node3 to go")
+        print(f"leave: node3 removed {time.monotonic() - stopped:.1f} s after its agent "
+              f"stopped (lease TTL {TTL} s)")
+        assert a.peers() == {2} and b.peers() == {1}
+        assert {i: t["instance"] for i, t in a.vpp.tunnels.items()} == index_before
+    finally:
+        for m in members:
+            m.stop()
+
+
+def test_restart_within_the_ttl_is_invisible(store: EtcdStore, tmp_path: Path) -> None:
+    mesh, secrets = make_mesh(2, tunnels=1)
+    store.seed_settings(mesh.settings)
+    first = Member(store.url, mesh, secrets, "node1", tmp_path, ttl=10)
+    first.thread.start()
+    wait_for(lambda: first.agent.applied is not None, 10, "node1 to register")
+    revision = next(r for r in store.snapshot().records if r.name == "node1").create_revision
+    first.stop()
+    again = Member(store.url, mesh, secrets, "node1", tmp_path, ttl=10)
+    again.vpp = first.vpp
+    again.agent.api = first.vpp
+    again.thread.start()
+    try:
+        wait_for(lambda: again.agent.applied is not None, 10, "node1 to come back")
+        record = next(r for r in store.snapshot().records if r.name == "node1")
+        assert record.create_revision == revision  # taken back, never deleted
+        assert record.lease == again.agent.registration.lease.id  # type: ignore[union-attr]
+    finally:
+        again.stop()
