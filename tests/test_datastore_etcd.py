@@ -138,6 +138,11 @@ class Member:
         self.agent.changed.set()
         self.thread = threading.Thread(target=self.agent.run, daemon=True)
 
+    @property
+    def number(self) -> int:
+        registration = self.agent.registration
+        return registration.node.node_number if registration else -1
+
     def peers(self) -> set[int]:
         return {split_tunnel_instance(t["instance"])[0] for t in self.vpp.tunnels.values()}
 
@@ -155,16 +160,18 @@ def test_agents_follow_joins_and_expiries(store: EtcdStore, tmp_path: Path) -> N
     for m in members:
         m.thread.start()
     try:
-        wait_for(lambda: all(m.peers() == {1, 2} - {i + 1} for i, m in enumerate(members)),
-                 15, "node1 and node2 to mesh")
-        a, b = members
+        a, b = members  # started together: either may hold number 1
+        wait_for(lambda: a.peers() == {b.number} and b.peers() == {a.number}, 15,
+                 "node1 and node2 to mesh")
+        assert {a.number, b.number} == {1, 2}
         index_before = {i: t["instance"] for i, t in a.vpp.tunnels.items()}
         third = Member(store.url, mesh, secrets, "node3", tmp_path)
         third.thread.start()
-        joined = wait_for(lambda: all(3 in m.peers() for m in members), 15, "node3 to join")
+        joined = wait_for(lambda: all(m.peers() == {3} | {a.number, b.number} - {m.number}
+                                      for m in members), 15, "node3 to join")
         print(f"\njoin: node3 in node1's and node2's VPP {joined * 1000:.0f} ms after start")
         assert {i: t["instance"] for i, t in a.vpp.tunnels.items()
-                if split_tunnel_instance(t["instance"])[0] == 2} == index_before
+                if split_tunnel_instance(t["instance"])[0] == b.number} == index_before
         # node3's agent stops (crash): its lease expires, everyone removes it.
         third.agent.stop.set()
         third.agent.changed.set()
@@ -173,7 +180,7 @@ def test_agents_follow_joins_and_expiries(store: EtcdStore, tmp_path: Path) -> N
         wait_for(lambda: all(3 not in m.peers() for m in members), TTL + 10, "node3 to go")
         print(f"leave: node3 removed {time.monotonic() - stopped:.1f} s after its agent "
               f"stopped (lease TTL {TTL} s)")
-        assert a.peers() == {2} and b.peers() == {1}
+        assert a.peers() == {b.number} and b.peers() == {a.number}
         assert {i: t["instance"] for i, t in a.vpp.tunnels.items()} == index_before
     finally:
         for m in members:
