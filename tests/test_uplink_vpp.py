@@ -209,3 +209,67 @@ def test_takeover_keeps_the_host_online_and_restore_is_exact(bed: UplinkBed) -> 
     assert_same(before)
     assert reaches_peer()
     assert not (BASE / "state" / "uplink-eth0.json").exists()
+
+
+def test_up_takes_the_uplink_gives_it_back_when_vpp_dies_and_down_restores(
+        bed: UplinkBed) -> None:
+    from vppmesh.config import Mesh, MeshSettings, Node, dump_mesh
+    from vppmesh.keys import generate_private_key
+
+    key = BASE / "h.key"
+    mesh_file = BASE / "mesh.yaml"
+    mesh_file.write_text(dump_mesh(Mesh(settings=MeshSettings(), nodes=[Node(
+        name="h", node_number=1, underlay=[VPP_ADDR], pod_cidr="198.18.77.0/24",  # type: ignore[list-item,arg-type]
+        public_key=generate_private_key(key, force=True))])))
+    common = ["--mesh", str(mesh_file), "--node", "h", "--api-socket",
+              str(bed.instance.api_socket), "--state-dir", str(BASE / "state")]
+    wait_settled()
+    before = linux_view()
+    log = open(BASE / "agent.log", "w")  # noqa: SIM115 - handed to the child
+    agent = subprocess.Popen(["ip", "netns", "exec", HOST_NS, sys.executable, "-m", "vppmesh",
+                              "up", *common, "--key", str(key), "--host-link", "none",
+                              "--take-uplink", "eth0", "--watch"],
+                             stdout=log, stderr=subprocess.STDOUT)
+    state = BASE / "state" / "uplink-eth0.json"
+
+    def vpp_answers() -> bool:
+        ping = in_ns(PEER_NS, "ping", "-c", "1", "-w", "3", VPP_ADDR.split("/")[0],
+                     check=False)
+        return ping.returncode == 0
+
+    try:
+        deadline = time.monotonic() + 30
+        while "node h: " not in (BASE / "agent.log").read_text():  # `up` done
+            assert time.monotonic() < deadline, (BASE / "agent.log").read_text()
+            assert agent.poll() is None, (BASE / "agent.log").read_text()
+            time.sleep(0.2)
+        assert state.exists()
+        assert reaches_peer()
+        assert vpp_answers()  # the mesh's primary address is VPP's, on the BVI
+
+        # VPP dies: the agent gives the NIC back to Linux, exactly as it was.
+        bed.kill_vpp()
+        died = time.monotonic()
+        assert_same(before, settle=15)
+        print(f"\nVPP killed: host config restored by the agent in "
+              f"{time.monotonic() - died:.1f} s")
+        assert not state.exists()
+        assert reaches_peer()
+        # VPP is back: the agent takes the NIC again and programs VPP.
+        bed.start_vpp()
+        deadline = time.monotonic() + 30
+        while "VPP is back" not in (BASE / "agent.log").read_text():
+            assert time.monotonic() < deadline, (BASE / "agent.log").read_text()
+            time.sleep(0.2)
+        assert state.exists()
+        assert reaches_peer()
+        assert vpp_answers()
+    finally:
+        agent.terminate()
+        agent.wait(timeout=10)
+        log.close()
+    down = in_ns(HOST_NS, sys.executable, "-m", "vppmesh", "down", *common, check=False)
+    assert down.returncode == 0, down.stdout + down.stderr
+    assert "linux link eth0: name, MAC, MTU, addresses and routes" in down.stdout
+    assert_same(before)
+    assert reaches_peer()

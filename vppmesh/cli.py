@@ -97,9 +97,26 @@ def up(
                         ] = None,
     lease_ttl: Annotated[int, typer.Option(
         help="With --datastore: seconds the record outlives a stopped agent.")] = 30,
+    take_uplink: Annotated[str | None, typer.Option(
+        help="Hand this NIC to VPP first; the host keeps its network through VPP "
+        "(`vppmesh uplink take`).")] = None,
+    uplink_driver: Annotated[str, typer.Option(
+        help="With --take-uplink: af_packet, af_xdp, avf or dpdk.")] = "af_packet",
 ) -> None:
     """Bring this node into the mesh (idempotent: a second run changes nothing)."""
     opts = options(mesh, node, key, api_socket, host_link, uplink, state_dir)
+    if take_uplink is not None:
+        from dataclasses import replace
+
+        from pydantic import ValidationError
+
+        from vppmesh.uplink import UplinkSpec
+
+        try:
+            spec = UplinkSpec(interface=take_uplink, driver=uplink_driver)  # type: ignore[arg-type]
+        except ValidationError as exc:
+            raise fail(f"--take-uplink/--uplink-driver: {exc.errors()[0]['msg']}") from None
+        opts = replace(opts, take_uplink=spec)
     if datastore is not None:
         from vppmesh.datastore.agent import follow
 
@@ -141,6 +158,7 @@ def watch_loop(opts: agent.NodeOptions) -> None:
             if vpp_gone_at is None:
                 vpp_gone_at = time.monotonic()
                 log.warning("VPP unavailable (%s); waiting for it", exc)
+                give_back_uplinks(opts)
             continue
         except VppMeshError as exc:
             log.error("%s", exc)
@@ -151,6 +169,17 @@ def watch_loop(opts: agent.NodeOptions) -> None:
             vpp_gone_at = None
         elif result.changes:
             report_up(result)
+
+
+def give_back_uplinks(opts: agent.NodeOptions) -> None:
+    """VPP went away: the NICs it had go back to Linux, so the host stays reachable."""
+    from vppmesh.uplink import release_all
+
+    try:
+        for line in release_all(opts.state_dir):
+            log.warning("VPP is gone: %s given back to Linux", line)
+    except VppMeshError as exc:
+        log.error("%s", exc)
 
 
 @app.command()

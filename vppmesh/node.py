@@ -7,7 +7,7 @@ too, so every path a user takes is the path the tests take.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -19,6 +19,7 @@ from vppmesh.plan import HostOptions, plan
 from vppmesh.reconcile import Change, reconcile
 from vppmesh.state import DesiredState
 from vppmesh.teardown import teardown
+from vppmesh.uplink import UplinkSpec
 from vppmesh.vpp import ipsec, system
 from vppmesh.vpp.client import DEFAULT_API_SOCKET, VppApi, VppClient
 
@@ -37,6 +38,7 @@ class NodeOptions:
     uplink: str | None = None
     workers: int | None = None  # None: ask VPP
     state_dir: Path = Path("/var/lib/vppmesh")
+    take_uplink: UplinkSpec | None = None  # hand this NIC to VPP first (uplink.py)
 
     @property
     def ledger(self) -> KeyLedger:
@@ -100,6 +102,12 @@ def up(options: NodeOptions, *, dry_run: bool = False, api: VppApi | None = None
     started = time.monotonic()
     client = api or VppClient(options.api_socket).connect()
     try:
+        if options.take_uplink is not None and not dry_run:
+            from vppmesh import uplink
+
+            bvi = uplink.ensure(client, options.take_uplink, options.state_dir,
+                                mesh.node(options.node).primary)
+            options = replace(options, uplink=bvi)
         workers = options.workers if options.workers is not None else system.worker_count(client)
         desired = desired_state(options, mesh, secrets, workers)
         if not dry_run:
@@ -121,6 +129,10 @@ def down(options: NodeOptions, *, api: VppApi | None = None,
     client = api or VppClient(options.api_socket).connect()
     try:
         removed = teardown(client, mesh.settings.mesh_table_id, tuple(local.underlay[1:]))
+        from vppmesh import uplink
+
+        for ifname in uplink.saved_uplinks(options.state_dir):
+            removed += uplink.restore(client, options.state_dir, ifname)
     finally:
         if api is None:
             client.close()  # type: ignore[union-attr]

@@ -359,3 +359,31 @@ def saved_uplinks(state_dir: Path) -> list[str]:
     """The NICs whose takeover is recorded in `state_dir`."""
     return sorted(json.loads(p.read_text())["ifname"]
                   for p in state_dir.glob("uplink-*.json"))
+
+
+def ensure(api: VppApi, spec: UplinkSpec, state_dir: Path, primary: IPInterface) -> str:
+    """For `vppmesh up`: the NIC is VPP's (taking it if needed); returns the BVI's name.
+
+    VPP's address on the uplink is the node's primary underlay address unless the spec
+    names others. After a VPP restart the saved takeover no longer matches VPP: the NIC
+    is given back first, then taken again.
+    """
+    if not spec.vpp_addresses:
+        spec = spec.model_copy(update={"vpp_addresses": (primary,)})
+    name = bvi_name(api)
+    if state_file(state_dir, spec.interface).exists() and name is None:
+        restore(None, state_dir, spec.interface)
+    if name is None:
+        take(api, spec, state_dir)
+        name = bvi_name(api)
+    if name is None:
+        raise HostError(f"uplink takeover of {spec.interface}: no BVI in VPP afterwards")
+    return name
+
+
+def release_all(state_dir: Path) -> list[str]:
+    """VPP is gone: give every NIC it had back to Linux, so the host stays online."""
+    done: list[str] = []
+    for ifname in saved_uplinks(state_dir):
+        done += restore(None, state_dir, ifname)
+    return done

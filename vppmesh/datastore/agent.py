@@ -201,6 +201,15 @@ class MembershipAgent:
             self._stop_watch()
         self._stop_watch = None
 
+    def _give_back_uplinks(self) -> None:
+        from vppmesh.uplink import release_all
+
+        try:
+            for line in release_all(self.options.state_dir):
+                log.warning("VPP is gone: %s given back to Linux", line)
+        except VppMeshError as exc:
+            log.error("%s", exc)
+
     def run(self) -> None:
         """Until stop is set: keep the lease, follow the prefix, reconcile on changes."""
         self._keepalive = threading.Thread(target=self._keepalive_loop, daemon=True,
@@ -232,6 +241,7 @@ class MembershipAgent:
                 except VppUnavailableError as exc:
                     if not vpp_gone:
                         log.warning("VPP unavailable (%s); waiting for it", exc)
+                        self._give_back_uplinks()
                     retry = vpp_gone = True
                 except VppMeshError as exc:
                     log.error("%s", exc)
