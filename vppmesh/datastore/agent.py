@@ -29,7 +29,7 @@ from vppmesh.datastore.etcd import EtcdStore, Registration
 from vppmesh.datastore.records import DatastoreUrl, Membership, assemble, membership_change
 from vppmesh.errors import ConfigError, VppMeshError, VppUnavailableError
 from vppmesh.keys import load_secrets
-from vppmesh.vpp.client import VppApi
+from vppmesh.vpp.client import VppApi, VppClient
 
 log = logging.getLogger("vppmesh.datastore")
 IPInterface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
@@ -108,6 +108,7 @@ class MembershipAgent:
         self.changed_at: float | None = None
         self._stop_watch: object = None
         self._keepalive: threading.Thread | None = None
+        self._client: VppClient | None = None
 
     # ---- joining ----------------------------------------------------------------------
     def register(self) -> Registration:
@@ -144,8 +145,27 @@ class MembershipAgent:
                 self.changed.set()
 
     # ---- following the membership -------------------------------------------------------
-    def sync(self) -> agent.UpResult | None:
-        """One snapshot, (re-)register if our record is gone, reconcile if needed."""
+    def _vpp(self) -> VppApi:
+        """One VPP connection for the agent's life (connecting costs more than a sync)."""
+        if self.api is not None:
+            return self.api
+        if self._client is None:
+            self._client = VppClient(self.options.api_socket).connect()
+        return self._client
+
+    def _drop_vpp(self) -> None:
+        if self._client is not None:
+            try:
+                self._client.close()
+            except Exception:  # a dead connection may fail to close; it is dropped anyway
+                log.debug("closing the VPP connection failed", exc_info=True)
+            self._client = None
+
+    def sync(self, event_at: float | None = None) -> agent.UpResult | None:
+        """One snapshot, (re-)register if our record is gone, reconcile if needed.
+
+        `event_at` (monotonic) is when the watch reported the change, for the log.
+        """
         snap = self.store.snapshot()
         own = next((r for r in snap.records if r.name == self.options.node), None)
         if own is None or self.registration is None or self.lease_lost.is_set() or \
@@ -164,10 +184,10 @@ class MembershipAgent:
         assert membership.mesh is not None
         self._save(membership)
         change = membership_change(self.applied, membership.mesh)
-        result = agent.up(self.options, mesh=membership.mesh, api=self.api)
+        result = agent.up(self.options, mesh=membership.mesh, api=self._vpp())
         if self.applied is None or not change.empty or result.changes:
-            since = (f", {1000 * (time.monotonic() - self.changed_at):.0f} ms after the "
-                     "event" if self.changed_at is not None else "")
+            since = (f", {1000 * (time.monotonic() - event_at):.0f} ms after the "
+                     "event" if event_at is not None else "")
             log.info("membership %s (%d node(s)): %d change(s) in %.0f ms%s", change,
                      len(membership.mesh.nodes), len(result.changes), result.seconds * 1000,
                      since)
@@ -228,17 +248,18 @@ class MembershipAgent:
                 if self.stop.is_set():
                     break
                 self.changed.clear()
+                event_at, self.changed_at = self.changed_at, None
                 try:
                     if time.monotonic() >= next_resync or self._stop_watch is None:
                         # Re-arm the watch from a fresh revision: a broken stream goes quiet.
                         self._watch(self.store.snapshot().revision)
                         next_resync = time.monotonic() + self.ds.resync_seconds
-                    self.sync()
+                    self.sync(event_at)
                     if vpp_gone:
                         log.info("VPP is back: mesh programmed again")
                     retry = vpp_gone = False
-                    self.changed_at = None
                 except VppUnavailableError as exc:
+                    self._drop_vpp()
                     if not vpp_gone:
                         log.warning("VPP unavailable (%s); waiting for it", exc)
                         self._give_back_uplinks()
@@ -248,6 +269,7 @@ class MembershipAgent:
                     retry = True
         finally:
             self._unwatch()
+            self._drop_vpp()
             self.stop.set()
 
 
