@@ -295,3 +295,24 @@ def test_conflicting_local_record_is_refused_before_vpp_is_touched(tmp_path: Pat
     with pytest.raises(RegistrationError, match="conflicts"):
         member.sync()
     assert vpp.requests == []
+
+
+# ---- command line ----------------------------------------------------------------------
+def test_cli_help_and_clear_errors(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from vppmesh.cli import app
+
+    runner = CliRunner()
+    for command in (["up"], ["down"], ["plan"], ["status"], ["uplink", "take"],
+                    ["uplink", "restore"]):
+        result = runner.invoke(app, [*command, "--help"])
+        assert result.exit_code == 0, result.output
+    base = ["up", "--node", "n1", "--key", str(tmp_path / "k"), "--state-dir", str(tmp_path)]
+    no_watch = runner.invoke(app, [*base, "--datastore", "etcd://127.0.0.1:1/x"])
+    assert no_watch.exit_code == 1 and "--datastore needs --watch" in no_watch.output
+    bad_url = runner.invoke(app, [*base, "--watch", "--datastore", "http://127.0.0.1"])
+    assert bad_url.exit_code == 1 and "expected etcd://" in bad_url.output
+    no_cidr = runner.invoke(app, [*base, "--watch", "--datastore", "etcd://127.0.0.1:1/x",
+                                  "--underlay", "192.0.2.1/24"])
+    assert no_cidr.exit_code == 1 and "--pod-cidr" in no_cidr.output

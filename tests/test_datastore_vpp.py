@@ -229,6 +229,11 @@ def test_join_and_leave_through_etcd_under_traffic(mesh: Mesh) -> None:
             assert sa_id in sas_after, f"SA {sa_id:#x} of {node.name} is gone"
             assert sas_after[sa_id][0] == stat_index
             assert sas_after[sa_id][1] >= seq, f"SA {sa_id:#x} of {node.name} restarted"
+    status = in_ns(n1.netns, sys.executable, "-m", "vppmesh", "status", "--json",
+                   "--datastore", mesh.url, *bed.vppmesh_args(n1), check=False)
+    assert status.returncode == 0, status.stdout + status.stderr  # 3: a peer unhealthy
+    peers = json.loads(status.stdout)["peers"]
+    assert sorted(p["name"] for p in peers) == ["n2", "n3", "n4"]
     bed.add_pod(n4, 0)
     ping = in_ns(n1.pod_netns(0), "ping", "-c", "2", "-W", "2", str(n4.pod_address(0)),
                  check=False)

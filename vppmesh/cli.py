@@ -13,6 +13,7 @@ from typing import Annotated
 import typer
 
 from vppmesh import node as agent
+from vppmesh.config import Mesh
 from vppmesh.errors import VppMeshError, VppUnavailableError
 from vppmesh.vpp.client import DEFAULT_API_SOCKET, VppClient
 
@@ -43,7 +44,8 @@ HOSTNAME = socket.gethostname()
 DEFAULT_KEY = Path("/etc/vppmesh/private.key")
 DatastoreOpt = Annotated[str | None, typer.Option(
     "--datastore", envvar="VPPMESH_DATASTORE",
-    help="Membership from etcd instead of the mesh file: etcd://HOST[:PORT][/PREFIX].")]
+    help="Membership from etcd instead of the mesh file: etcd://HOST:PORT/PREFIX (port "
+    "2379 and prefix /vppmesh by default).")]
 
 
 def stats_path(api_socket: Path, stats_socket: Path | None) -> Path:
@@ -136,6 +138,16 @@ def up(
         watch_loop(opts)
 
 
+def datastore_mesh(url: str | None) -> Mesh | None:
+    """The mesh as the datastore holds it now (None without --datastore)."""
+    if url is None:
+        return None
+    from vppmesh.datastore.agent import current_mesh
+    from vppmesh.datastore.records import DatastoreUrl
+
+    return current_mesh(DatastoreUrl.parse(url))
+
+
 def report_up(result: agent.UpResult) -> None:
     for change in result.changes:
         typer.echo(str(change))
@@ -219,11 +231,12 @@ def plan(
     api_socket: SocketOpt = DEFAULT_API_SOCKET,
     workers: Annotated[int | None, typer.Option(
         help="Worker count to plan for when VPP is not running.")] = None,
+    datastore: DatastoreOpt = None,
 ) -> None:
     """Dry run: the ordered changes `up` would make (everything, when VPP is not running)."""
     opts = options(mesh, node, key, api_socket)
     try:
-        mesh_obj, secrets = agent.load_inputs(opts)
+        mesh_obj, secrets = agent.load_inputs(opts, datastore_mesh(datastore))
         try:
             client = VppClient(api_socket).connect()
         except VppUnavailableError:
@@ -236,7 +249,7 @@ def plan(
             typer.echo(f"(VPP not reachable at {api_socket}: planning against an empty VPP)")
         else:
             with client:
-                changes = agent.up(opts, dry_run=True, api=client).changes
+                changes = agent.up(opts, dry_run=True, api=client, mesh=mesh_obj).changes
     except VppMeshError as exc:
         raise fail(str(exc)) from None
     for change in changes:
@@ -251,13 +264,14 @@ def status(
     api_socket: SocketOpt = DEFAULT_API_SOCKET,
     stats_socket: StatsSocketOpt = None,
     as_json: Annotated[bool, typer.Option("--json")] = False,
+    datastore: DatastoreOpt = None,
 ) -> None:
     """Peers, tunnels, protection and per-SA counters, from VPP itself."""
     from vppmesh.config import load_mesh
     from vppmesh.status import collect, render_table
 
     try:
-        mesh_obj = load_mesh(mesh)
+        mesh_obj = datastore_mesh(datastore) or load_mesh(mesh)
         with VppClient(api_socket).connect() as client:
             result = collect(client, mesh_obj, node, stats_path(api_socket, stats_socket))
     except VppMeshError as exc:

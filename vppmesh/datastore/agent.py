@@ -342,3 +342,15 @@ def follow(options: agent.NodeOptions, url: str, *, watch: bool, underlay: list[
         signal.signal(sig, lambda *_: (member.stop.set(), member.changed.set()))
     member.changed.set()
     member.run()
+
+
+def current_mesh(url: DatastoreUrl, *, store: EtcdStore | None = None) -> Mesh:
+    """The mesh every agent derives from the datastore now (for `plan` and `status`)."""
+    store = store or EtcdStore(url)
+    snap = store.snapshot()
+    membership = assemble(store.settings(snap), snap.records, snap.numbers)
+    for reason in sorted(set(membership.rejected.values())):
+        log.warning("ignoring %s", reason)
+    if membership.mesh is None:
+        raise ConfigError(f"{url}: no node is registered")
+    return membership.mesh
