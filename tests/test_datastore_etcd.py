@@ -206,3 +206,25 @@ def test_restart_within_the_ttl_is_invisible(store: EtcdStore, tmp_path: Path) -
         assert record.lease == again.agent.registration.lease.id  # type: ignore[union-attr]
     finally:
         again.stop()
+
+
+def test_tls_with_client_certificates(tmp_path: Path) -> None:
+    from vppmesh.datastore.etcd import DatastoreError
+    from vppmesh.errors import ConfigError
+
+    with running_etcd(tls=True) as server:
+        url = DatastoreUrl.parse(server.url("/tls"))
+        assert url.tls and url.ca is not None and str(url).startswith("etcds://")
+        store = EtcdStore(url)
+        mesh, _ = make_mesh(1, tunnels=1)
+        assert store.seed_settings(mesh.settings)
+        assert store.register(mesh.nodes[0], store.grant(30)).node.node_number == 1
+        # Without the client certificate etcd refuses the connection.
+        anonymous = EtcdStore(DatastoreUrl.parse(f"etcds://127.0.0.1:{server.port}/tls"
+                                                 f"?ca={server.tls.ca}"))  # type: ignore[union-attr]
+        with pytest.raises(DatastoreError, match="is etcd running and reachable"):
+            anonymous.snapshot()
+        with pytest.raises(ConfigError, match="both cert= and key="):
+            DatastoreUrl.parse(f"etcds://127.0.0.1/x?cert={server.tls.client_cert}")  # type: ignore[union-attr]
+        with pytest.raises(ConfigError, match="only etcds:// URLs take options"):
+            DatastoreUrl.parse(f"etcd://127.0.0.1/x?ca={server.tls.ca}")  # type: ignore[union-attr]

@@ -154,8 +154,15 @@ def reaches_peer() -> bool:
     return True
 
 
-def wait_settled(seconds: float = 1.0) -> None:
-    time.sleep(seconds)  # operstate and IPv6 link-local routes follow a link up
+def wait_settled(seconds: float = 1.0, timeout: float = 10.0) -> None:
+    """Operstate and IPv6 link-local addresses (DAD, then their routes) follow a link up."""
+    time.sleep(seconds)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        infos = [i for a in ip_json("addr", "show") for i in a.get("addr_info", [])]
+        if not any(i.get("tentative") for i in infos):
+            return
+        time.sleep(0.2)
 
 
 def test_takeover_keeps_the_host_online_and_restore_is_exact(bed: UplinkBed) -> None:

@@ -69,8 +69,16 @@ class EtcdStore:
 
     def __init__(self, url: DatastoreUrl, *, timeout: float = REQUEST_TIMEOUT) -> None:
         self.url = url
-        self.client = Etcd3Client(host=url.host, port=url.port, timeout=timeout,
-                                  api_path="/v3/")
+        self.client = Etcd3Client(
+            host=url.host, port=url.port, timeout=timeout, api_path="/v3/",
+            protocol="https" if url.tls else "http",
+            ca_cert=str(url.ca) if url.ca else None,
+            cert_cert=str(url.cert) if url.cert else None,
+            cert_key=str(url.key) if url.key else None)
+        if url.ca is not None:
+            # requests lets REQUESTS_CA_BUNDLE/CURL_CA_BUNDLE override a session's CA;
+            # the CA named in the URL must win.
+            self.client.session.trust_env = False
 
     # ---- plumbing -------------------------------------------------------------------
     def _post(self, path: str, body: dict[str, Any]) -> Any:

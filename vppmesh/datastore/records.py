@@ -14,7 +14,8 @@ import json
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from urllib.parse import urlsplit
+from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
 
 from pydantic import ValidationError
 
@@ -26,20 +27,45 @@ DEFAULT_PORT = 2379
 MAX_RECORD_BYTES = 64 * 1024
 
 
+TLS_OPTIONS = ("ca", "cert", "key")
+
+
 @dataclass(frozen=True)
 class DatastoreUrl:
-    """`etcd://host[:port][/prefix]`: where the membership lives."""
+    """`etcd://host[:port][/prefix]`, or `etcds://...?ca=FILE&cert=FILE&key=FILE` (TLS).
+
+    With TLS, `ca` is the CA that signed etcd's certificate (default: the system's) and
+    `cert`/`key` are this node's client certificate, for etcd's --client-cert-auth.
+    """
 
     host: str
     port: int = DEFAULT_PORT
     prefix: str = DEFAULT_PREFIX
+    tls: bool = False
+    ca: Path | None = None
+    cert: Path | None = None
+    key: Path | None = None
 
     @classmethod
     def parse(cls, url: str) -> DatastoreUrl:
         parts = urlsplit(url)
-        if parts.scheme != "etcd" or not parts.hostname:
-            raise ConfigError(f"--datastore {url!r}: expected etcd://HOST[:PORT][/PREFIX], "
-                              "e.g. etcd://192.0.2.1:2379/vppmesh")
+        if parts.scheme not in ("etcd", "etcds") or not parts.hostname:
+            raise ConfigError(f"--datastore {url!r}: expected etcd://HOST[:PORT][/PREFIX] "
+                              "(or etcds://... for TLS), e.g. etcd://192.0.2.1:2379/vppmesh")
+        query = parse_qs(parts.query, strict_parsing=False)
+        unknown = sorted(set(query) - set(TLS_OPTIONS))
+        if unknown or (query and parts.scheme != "etcds"):
+            raise ConfigError(f"--datastore {url!r}: only etcds:// URLs take options, and "
+                              f"only {', '.join(TLS_OPTIONS)}" +
+                              (f" (not {', '.join(unknown)})" if unknown else ""))
+        files = {k: Path(v[-1]) for k, v in query.items()}
+        for name, path in files.items():
+            if not path.is_file():
+                raise ConfigError(f"--datastore {url!r}: {name}={path} is not a readable "
+                                  "file")
+        if ("cert" in files) != ("key" in files):
+            raise ConfigError(f"--datastore {url!r}: give both cert= and key= (a client "
+                              "certificate and its key), or neither")
         try:
             port = parts.port or DEFAULT_PORT
         except ValueError:
@@ -48,10 +74,11 @@ class DatastoreUrl:
         if not re.fullmatch(r"(/[A-Za-z0-9._-]+)+", prefix):
             raise ConfigError(f"--datastore {url!r}: the prefix {prefix!r} may only hold "
                               "letters, digits, '.', '_', '-' and '/'")
-        return cls(host=parts.hostname, port=port, prefix=prefix)
+        return cls(host=parts.hostname, port=port, prefix=prefix, tls=parts.scheme == "etcds",
+                   ca=files.get("ca"), cert=files.get("cert"), key=files.get("key"))
 
     def __str__(self) -> str:
-        return f"etcd://{self.host}:{self.port}{self.prefix}"
+        return f"etcd{'s' if self.tls else ''}://{self.host}:{self.port}{self.prefix}"
 
     @property
     def settings_key(self) -> str:
