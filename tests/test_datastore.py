@@ -138,6 +138,7 @@ class MemoryStore:
         self.records: dict[str, Record] = {}
         self.numbers: dict[int, str] = {}
         self.revision = 1
+        self.revoked: list[int] = []
 
     def put(self, node: Node, lease: int = 0) -> None:
         self.revision += 1
@@ -162,6 +163,9 @@ class MemoryStore:
 
     def grant(self, ttl: int) -> Any:
         return SimpleNamespace(id=4242)
+
+    def revoke(self, lease: Any) -> None:
+        self.revoked.append(lease.id)
 
     def register(self, node: Node, lease: Any, *, requested_number: int | None = None
                  ) -> Registration:
@@ -295,6 +299,7 @@ def test_conflicting_local_record_is_refused_before_vpp_is_touched(tmp_path: Pat
     with pytest.raises(RegistrationError, match="conflicts"):
         member.sync()
     assert vpp.requests == []
+    assert store.revoked == [4242]  # the lease granted for the refused record is given up
 
 
 # ---- command line ----------------------------------------------------------------------

@@ -117,6 +117,11 @@ def test_lease_expiry_removes_the_record_and_the_number_is_kept(store: EtcdStore
     assert again.node.node_number == number
     assert store.deregister("node2")
     assert number not in store.snapshot().numbers
+    # Revoking a lease removes its records at once.
+    lease = store.grant(30)
+    store.register(mesh.nodes[1], lease)
+    store.revoke(lease)
+    assert [r.name for r in store.snapshot().records] == ["node1"]
 
 
 class Member:

@@ -17,6 +17,7 @@ import json
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +27,13 @@ from pydantic import ValidationError
 from vppmesh import node as agent
 from vppmesh.config import Mesh, MeshSettings, Node, format_validation_error
 from vppmesh.datastore.etcd import EtcdStore, Registration
-from vppmesh.datastore.records import DatastoreUrl, Membership, assemble, membership_change
+from vppmesh.datastore.records import (
+    DatastoreUrl,
+    Membership,
+    assemble,
+    membership_change,
+    parse_record,
+)
 from vppmesh.errors import ConfigError, VppMeshError, VppUnavailableError
 from vppmesh.keys import load_secrets
 from vppmesh.vpp.client import VppApi, VppClient
@@ -98,7 +105,7 @@ class MembershipAgent:
         self.ds = ds
         self.local = ds.local
         self.store = store or EtcdStore(ds.url)
-        self.api = api  # None: connect to options.api_socket for every reconcile
+        self.api = api  # None: the agent keeps its own connection to options.api_socket
         self.changed = threading.Event()
         self.stop = threading.Event()
         self.registration: Registration | None = None
@@ -106,7 +113,7 @@ class MembershipAgent:
         self.applied: Mesh | None = None
         self.rejected: dict[str, str] = {}
         self.changed_at: float | None = None
-        self._stop_watch: object = None
+        self._stop_watch: Callable[[], None] | None = None
         self._keepalive: threading.Thread | None = None
         self._client: VppClient | None = None
 
@@ -123,8 +130,12 @@ class MembershipAgent:
         public = load_secrets(self.options.private_key, None).public_key_b64()
         record = local_record(self.options, self.local, public)
         lease = self.store.grant(self.ds.lease_ttl)
-        self.registration = self.store.register(record, lease,
-                                                requested_number=self.local.node_number)
+        try:
+            self.registration = self.store.register(record, lease,
+                                                    requested_number=self.local.node_number)
+        except VppMeshError:
+            self.store.revoke(lease)
+            raise
         self.lease_lost.clear()
         return self.registration
 
@@ -217,7 +228,7 @@ class MembershipAgent:
         self._stop_watch = self.store.watch(revision + 1, on_change)
 
     def _unwatch(self) -> None:
-        if callable(self._stop_watch):
+        if self._stop_watch is not None:
             self._stop_watch()
         self._stop_watch = None
 
@@ -288,8 +299,6 @@ def leave(options: agent.NodeOptions, url: DatastoreUrl, *,
         node = Node.model_validate(data["node"])
         settings = MeshSettings.model_validate(data["settings"])
     if record is not None:
-        from vppmesh.datastore.records import parse_record
-
         node = parse_record(record)
     if snap.settings is not None:
         settings = store.settings(snap)

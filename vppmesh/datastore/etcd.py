@@ -135,6 +135,13 @@ class EtcdStore:
         reply = self._post("/lease/grant", {"TTL": ttl, "ID": 0})
         return Lease(int(reply["ID"]), client=self.client)
 
+    def revoke(self, lease: Lease) -> None:
+        """Give a lease up (its keys go with it); an unreachable etcd lets it expire."""
+        try:
+            self._post("/lease/revoke", {"ID": lease.id})
+        except DatastoreError as exc:
+            log.warning("%s", exc)
+
     def keepalive(self, lease: Lease) -> bool:
         """Refresh the lease; False once it has expired (the record is gone then)."""
         try:
