@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Literal
 
 from vppmesh import host as linux
+from vppmesh import uplink as nic
 from vppmesh.config import Mesh, load_mesh
 from vppmesh.keys import NodeSecrets, load_secrets
 from vppmesh.ledger import KeyLedger
@@ -102,12 +103,10 @@ def up(options: NodeOptions, *, dry_run: bool = False, api: VppApi | None = None
     started = time.monotonic()
     client = api or VppClient(options.api_socket).connect()
     try:
-        if options.take_uplink is not None and not dry_run:
-            from vppmesh import uplink
-
-            bvi = uplink.ensure(client, options.take_uplink, options.state_dir,
-                                mesh.node(options.node).primary)
-            options = replace(options, uplink=bvi)
+        if options.take_uplink is not None:
+            bvi = nic.bvi_name(client) if dry_run else nic.ensure(
+                client, options.take_uplink, options.state_dir, mesh.node(options.node).primary)
+            options = replace(options, uplink=bvi or options.uplink)
         workers = options.workers if options.workers is not None else system.worker_count(client)
         desired = desired_state(options, mesh, secrets, workers)
         if not dry_run:
@@ -129,10 +128,8 @@ def down(options: NodeOptions, *, api: VppApi | None = None,
     client = api or VppClient(options.api_socket).connect()
     try:
         removed = teardown(client, mesh.settings.mesh_table_id, tuple(local.underlay[1:]))
-        from vppmesh import uplink
-
-        for ifname in uplink.saved_uplinks(options.state_dir):
-            removed += uplink.restore(client, options.state_dir, ifname)
+        for ifname in nic.saved_uplinks(options.state_dir):
+            removed += nic.restore(client, options.state_dir, ifname)
     finally:
         if api is None:
             client.close()  # type: ignore[union-attr]
