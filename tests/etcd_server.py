@@ -118,13 +118,14 @@ class EtcdServer:
 
 @contextmanager
 def running_etcd(host: str = "127.0.0.1", *, wrap: Sequence[str] = (),
-                 data_dir: Path | None = None, tls: bool = False) -> Iterator[EtcdServer]:
+                 data_dir: Path | None = None, tls: bool = False,
+                 ports: tuple[int, int] | None = None) -> Iterator[EtcdServer]:
     """Start etcd (optionally through `wrap`, e.g. `ip netns exec NS`); stop it after."""
     binary = require_etcd()
     own_dir = data_dir is None
     data = Path(tempfile.mkdtemp(prefix="vppmesh-etcd-")) if data_dir is None else data_dir
-    port = free_port() if not wrap else 2379
-    peer = free_port() if not wrap else 2380
+    data.mkdir(parents=True, exist_ok=True)
+    port, peer = ports or ((free_port(), free_port()) if not wrap else (2379, 2380))
     files = make_tls(data, host) if tls else None
     scheme = "https" if files else "http"
     client_url, peer_url = f"{scheme}://{host}:{port}", f"http://{host}:{peer}"

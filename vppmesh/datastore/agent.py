@@ -26,7 +26,7 @@ from pydantic import ValidationError
 
 from vppmesh import node as agent
 from vppmesh.config import Mesh, MeshSettings, Node, format_validation_error
-from vppmesh.datastore.etcd import EtcdStore, Registration
+from vppmesh.datastore.etcd import DatastoreError, EtcdStore, Registration
 from vppmesh.datastore.records import (
     DatastoreUrl,
     Membership,
@@ -110,6 +110,7 @@ class MembershipAgent:
         self.stop = threading.Event()
         self.registration: Registration | None = None
         self.lease_lost = threading.Event()
+        self.watch_broken = threading.Event()
         self.applied: Mesh | None = None
         self.rejected: dict[str, str] = {}
         self.changed_at: float | None = None
@@ -149,6 +150,7 @@ class MembershipAgent:
                 alive = self.store.keepalive(registration.lease)
             except VppMeshError as exc:
                 log.warning("%s", exc)
+                self.changed.set()  # the watch stream is likely broken too: resync
                 continue
             if not alive:
                 log.warning("the lease of %s expired; registering again", self.options.node)
@@ -225,7 +227,12 @@ class MembershipAgent:
                 self.changed_at = time.monotonic()
             self.changed.set()
 
-        self._stop_watch = self.store.watch(revision + 1, on_change)
+        self._stop_watch = self.store.watch(revision + 1, on_change, self._watch_ended)
+
+    def _watch_ended(self) -> None:
+        log.warning("the watch on %s ended (etcd restarted?); watching again", self.ds.url)
+        self.watch_broken.set()
+        self.changed.set()
 
     def _unwatch(self) -> None:
         if self._stop_watch is not None:
@@ -261,7 +268,9 @@ class MembershipAgent:
                 self.changed.clear()
                 event_at, self.changed_at = self.changed_at, None
                 try:
-                    if time.monotonic() >= next_resync or self._stop_watch is None:
+                    if time.monotonic() >= next_resync or self._stop_watch is None or \
+                            self.watch_broken.is_set():
+                        self.watch_broken.clear()
                         # Re-arm the watch from a fresh revision: a broken stream goes quiet.
                         self._watch(self.store.snapshot().revision)
                         next_resync = time.monotonic() + self.ds.resync_seconds
@@ -277,6 +286,12 @@ class MembershipAgent:
                     retry = vpp_gone = True
                 except VppMeshError as exc:
                     log.error("%s", exc)
+                    if isinstance(exc, DatastoreError):
+                        self._unwatch()  # re-armed from a fresh revision once etcd answers
+                    retry = True
+                except Exception:  # a bug must not stop the node from following the mesh
+                    log.exception("unexpected error; trying again")
+                    self._unwatch()
                     retry = True
         finally:
             self._unwatch()

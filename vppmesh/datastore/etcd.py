@@ -9,15 +9,19 @@ at once can never end up with the same number.
 from __future__ import annotations
 
 import base64
+import json
 import logging
+import os
+import socket
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import requests
 from etcd3gw.client import Etcd3Client
 from etcd3gw.exceptions import Etcd3Exception
 from etcd3gw.lease import Lease
-from etcd3gw.watch import Watcher
 
 from vppmesh.config import MeshSettings, Node
 from vppmesh.datastore.records import (
@@ -218,17 +222,59 @@ class EtcdStore:
         return had
 
     # ---- watching ---------------------------------------------------------------------
-    def watch(self, start_revision: int, callback: Callable[[], None]) -> Callable[[], None]:
-        """Call `callback` on every change under the prefix after `start_revision`.
+    def watch(self, start_revision: int, on_change: Callable[[], None],
+              on_broken: Callable[[], None] = lambda: None) -> Callable[[], None]:
+        """Call `on_change` on every change under the prefix after `start_revision`.
 
-        Returns the function that stops the watch. A watch that breaks (etcd restarted)
-        goes quiet; the agent's periodic resync covers that.
+        Returns the function that stops the watch. `on_broken` is called if the stream
+        ends by itself (etcd restarted, connection lost), so the caller can re-arm it.
+        etcd3gw's own Watcher reads its stream in an executor whose end nobody sees, so
+        the stream is read here, on etcd3gw's session.
         """
         prefix = self.url.prefix + "/"
+        body = {"create_request": {"key": b64(prefix), "range_end": b64(range_end(prefix)),
+                                   "start_revision": start_revision}}
         try:
-            watcher = Watcher(self.client, prefix, lambda _event: callback(),
-                              start_revision=start_revision, range_end=range_end(prefix))
-        except Exception as exc:  # requests' connection errors, not wrapped by etcd3gw
+            response = self.client.session.post(
+                self.client.get_url("/watch"), json=body, stream=True,
+                timeout=(self.client.timeout, None))
+        except requests.RequestException as exc:
             raise DatastoreError(f"etcd at {self.url.host}:{self.url.port}: watch failed "
                                  f"({exc})") from None
-        return watcher.stop
+        if response.status_code != 200:
+            response.close()
+            raise DatastoreError(f"etcd at {self.url.host}:{self.url.port}: watch refused "
+                                 f"(HTTP {response.status_code})")
+        stopped = threading.Event()
+
+        def read() -> None:
+            try:
+                for line in response.iter_lines():
+                    if stopped.is_set():
+                        return
+                    result = json.loads(line).get("result", {}) if line.strip() else {}
+                    if result.get("canceled"):
+                        log.warning("etcd cancelled the watch (%s)",
+                                    result.get("cancel_reason", "compacted?"))
+                        break
+                    if result.get("events"):
+                        on_change()
+            except (requests.RequestException, OSError, ValueError) as exc:
+                log.debug("watch stream ended: %s", exc)
+            finally:
+                response.close()
+                if not stopped.is_set():
+                    on_broken()
+
+        def stop() -> None:
+            stopped.set()
+            # Shut the socket down: a thread blocked reading it wakes up and returns.
+            try:
+                with socket.socket(fileno=os.dup(response.raw.fileno())) as sock:
+                    sock.shutdown(socket.SHUT_RDWR)
+            except (OSError, ValueError, AttributeError):
+                pass  # already closed (urllib3 drops its file object on close)
+            response.close()
+
+        threading.Thread(target=read, daemon=True, name="vppmesh-watch").start()
+        return stop
