@@ -5,6 +5,7 @@ Skipped with the reason when no etcd binary is installed.
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -35,7 +36,8 @@ def etcd() -> Iterator[EtcdServer]:
 @pytest.fixture
 def store(etcd: EtcdServer, request: pytest.FixtureRequest) -> EtcdStore:
     # A prefix per test: tests do not see each other's records.
-    return EtcdStore(DatastoreUrl.parse(etcd.url(f"/t/{request.node.name}")))
+    name = re.sub(r"[^A-Za-z0-9._-]", "-", request.node.name)
+    return EtcdStore(DatastoreUrl.parse(etcd.url(f"/t/{name}")))
 
 
 def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> float:
@@ -128,15 +130,17 @@ class Member:
     """One node's agent in a thread, with a fake VPP."""
 
     def __init__(self, store_url: DatastoreUrl, mesh: Mesh, secrets, name: str,  # type: ignore[no-untyped-def]
-                 tmp: Path, ttl: int = TTL) -> None:
+                 tmp: Path, ttl: int = TTL, fresh_key: bool = True) -> None:
         node = mesh.node(name)
         key = tmp / f"{name}.key"
-        key.write_text(private_key_b64(secrets[name].private_key))
-        key.chmod(0o600)
+        if not key.exists():  # an agent may have taken a new key already: keep it
+            key.write_text(private_key_b64(secrets[name].private_key))
+            key.chmod(0o600)
         self.vpp = FakeVpp.with_uplink(node.primary)
         options = NodeOptions(mesh_file=tmp / "unused.yaml", node=name, private_key=key,
                               host_link="none", workers=0, state_dir=tmp)
         ds = DatastoreOptions(url=store_url, lease_ttl=ttl, resync_seconds=30,
+                              fresh_key=fresh_key,
                               local=LocalNode(underlay=tuple(node.underlay),
                                               pod_cidr=node.pod_cidr))
         self.agent = MembershipAgent(options, ds, api=self.vpp)  # type: ignore[arg-type]
@@ -198,7 +202,8 @@ def test_restart_within_the_ttl_is_invisible(store: EtcdStore, tmp_path: Path) -
     first = Member(store.url, mesh, secrets, "node1", tmp_path, ttl=10)
     first.thread.start()
     wait_for(lambda: first.agent.applied is not None, 10, "node1 to register")
-    revision = next(r for r in store.snapshot().records if r.name == "node1").create_revision
+    record = next(r for r in store.snapshot().records if r.name == "node1")
+    key = (tmp_path / "node1.key").read_text()
     first.stop()
     again = Member(store.url, mesh, secrets, "node1", tmp_path, ttl=10)
     again.vpp = first.vpp
@@ -206,9 +211,11 @@ def test_restart_within_the_ttl_is_invisible(store: EtcdStore, tmp_path: Path) -
     again.thread.start()
     try:
         wait_for(lambda: again.agent.applied is not None, 10, "node1 to come back")
-        record = next(r for r in store.snapshot().records if r.name == "node1")
-        assert record.create_revision == revision  # taken back, never deleted
-        assert record.lease == again.agent.registration.lease.id  # type: ignore[union-attr]
+        again_record = next(r for r in store.snapshot().records if r.name == "node1")
+        assert again_record.create_revision == record.create_revision  # taken back
+        assert again_record.value == record.value  # same key: peers' SAs stay as they are
+        assert (tmp_path / "node1.key").read_text() == key
+        assert again_record.lease == again.agent.registration.lease.id  # type: ignore[union-attr]
     finally:
         again.stop()
 
@@ -263,3 +270,37 @@ def test_agents_recover_from_an_etcd_restart(tmp_path: Path) -> None:
     finally:
         for m in members:
             m.stop()
+
+
+@pytest.mark.parametrize("fresh_key", [True, False])
+def test_rejoin_after_leaving_needs_and_gets_a_new_key(store: EtcdStore, tmp_path: Path,
+                                                       fresh_key: bool) -> None:
+    """Peers removed a leaver's SAs; the same keys again would repeat GCM nonces."""
+    mesh, secrets = make_mesh(2, tunnels=1)
+    store.seed_settings(mesh.settings)
+    first = Member(store.url, mesh, secrets, "node1", tmp_path, ttl=30)
+    first.thread.start()
+    try:
+        leaver = Member(store.url, mesh, secrets, "node2", tmp_path, fresh_key=fresh_key)
+        leaver.thread.start()
+        wait_for(lambda: len(first.peers()) == 1, 15, "node2 to join")
+        leaver.stop()
+        wait_for(lambda: not first.peers(), TTL + 10, "node2's lease to expire")
+        back = Member(store.url, mesh, secrets, "node2", tmp_path, fresh_key=fresh_key)
+        back.vpp = leaver.vpp
+        back.agent.api = leaver.vpp
+        back.thread.start()
+        try:
+            if fresh_key:
+                wait_for(lambda: len(first.peers()) == 1, 15, "node2 to rejoin")
+            else:
+                wait_for(lambda: any(r.name == "node2" for r in store.snapshot().records),
+                         15, "node2 to register again")
+                time.sleep(3)  # node1 refuses to install the used keys again
+                assert not first.peers()
+                assert first.agent.applied is not None
+                assert "node2" not in {n.name for n in first.agent.applied.nodes}
+        finally:
+            back.stop()
+    finally:
+        first.stop()

@@ -15,6 +15,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -35,7 +36,7 @@ from vppmesh.datastore.records import (
     parse_record,
 )
 from vppmesh.errors import ConfigError, VppMeshError, VppUnavailableError
-from vppmesh.keys import load_secrets
+from vppmesh.keys import generate_private_key, load_secrets
 from vppmesh.vpp.client import VppApi, VppClient
 
 log = logging.getLogger("vppmesh.datastore")
@@ -61,6 +62,10 @@ class DatastoreOptions:
     settings_file: Path | None = None
     resync_seconds: float = 10.0
     debounce_seconds: float = 0.05
+    # A node that joins without a live record of its own takes a new key first: its
+    # peers removed its SAs when it left, and deriving the same keys again would repeat
+    # GCM nonces (their used-key ledgers refuse that).
+    fresh_key: bool = True
 
 
 def load_settings_file(path: Path) -> MeshSettings:
@@ -87,6 +92,15 @@ def local_record(options: agent.NodeOptions, local: LocalNode, public_key: str) 
     except ValidationError as exc:
         raise ConfigError(format_validation_error(exc, "this node's record").replace(
             "the mesh file is not valid", "check --node, --underlay, --pod-cidr")) from None
+
+
+def new_private_key(path: Path) -> str:
+    """Replace the key file atomically (0600 throughout); returns the new public key."""
+    scratch = path.with_name(path.name + ".new")
+    scratch.unlink(missing_ok=True)
+    public = generate_private_key(scratch)
+    os.replace(scratch, path)
+    return public
 
 
 def record_file(options: agent.NodeOptions) -> Path:
@@ -128,7 +142,11 @@ class MembershipAgent:
             elif self.store.settings() != wanted:
                 log.warning("%s holds other mesh settings than %s: the datastore's apply",
                             self.ds.url, self.ds.settings_file)
-        public = load_secrets(self.options.private_key, None).public_key_b64()
+        if self.ds.fresh_key and not self._has_live_record():
+            public = new_private_key(self.options.private_key)
+            log.info("joining afresh: new X25519 key in %s", self.options.private_key)
+        else:
+            public = load_secrets(self.options.private_key, None).public_key_b64()
         record = local_record(self.options, self.local, public)
         lease = self.store.grant(self.ds.lease_ttl)
         try:
@@ -139,6 +157,10 @@ class MembershipAgent:
             raise
         self.lease_lost.clear()
         return self.registration
+
+    def _has_live_record(self) -> bool:
+        """Our record is still there (an agent restart within the lease's TTL)."""
+        return any(r.name == self.options.node for r in self.store.snapshot().records)
 
     def _keepalive_loop(self) -> None:
         interval = max(self.ds.lease_ttl / 3, 0.5)
@@ -348,7 +370,7 @@ def parse_local(underlay: list[str], pod_cidr: str | None, node_number: int | No
 
 def follow(options: agent.NodeOptions, url: str, *, watch: bool, underlay: list[str],
            pod_cidr: str | None, node_number: int | None, settings_file: Path | None,
-           lease_ttl: int) -> None:
+           lease_ttl: int, fresh_key: bool = True) -> None:
     """`vppmesh up --datastore`: register and follow the membership until SIGTERM/SIGINT."""
     import signal
 
@@ -359,7 +381,8 @@ def follow(options: agent.NodeOptions, url: str, *, watch: bool, underlay: list[
         raise ConfigError(f"--lease-ttl {lease_ttl}: at least 2 seconds (etcd's minimum)")
     ds = DatastoreOptions(url=DatastoreUrl.parse(url),
                           local=parse_local(underlay, pod_cidr, node_number, options.uplink),
-                          lease_ttl=lease_ttl, settings_file=settings_file)
+                          lease_ttl=lease_ttl, settings_file=settings_file,
+                          fresh_key=fresh_key)
     member = MembershipAgent(options, ds)
     member.register()  # a conflicting record fails here, before VPP is touched
     for sig in (signal.SIGTERM, signal.SIGINT):
