@@ -4,7 +4,7 @@ Four testbed nodes, each its own VPP; etcd runs in its own namespace on a manage
 network (203.0.113.0/24) that every node namespace reaches through a veth, the way
 hosts reach their datastore over the host network. Three agents join, a fourth joins
 while iperf3 runs between pods of the first two, then its agent stops and its lease
-expires. Skipped with the reason when VPP, etcd or root is missing.
+expires, `down` cleans it, and it joins again (with a new key). Skipped with the reason when VPP, etcd or root is missing.
 """
 
 from __future__ import annotations
@@ -270,3 +270,18 @@ def test_join_and_leave_through_etcd_under_traffic(mesh: Mesh) -> None:
             "from vppmesh.datastore.records import DatastoreUrl\n"
             f"print(sorted(EtcdStore(DatastoreUrl.parse({mesh.url!r})).snapshot().numbers))")
     assert in_etcd_ns(code).strip() == "[1, 2, 3]"
+
+    # n4 comes back: a fresh join takes a new key, so every peer installs new SAs (the
+    # used-key ledgers would refuse the old ones) and the mesh is whole again.
+    key_before = n4.key_file.read_text()
+    rejoin_started = time.monotonic()
+    mesh.start_agent(n4)
+    wait_for(lambda: "n4" in numbers(mesh), 30, "n4 to register again")
+    number = numbers(mesh)
+    for node in bed.nodes:
+        others = {v for k, v in number.items() if k != node.name}
+        wait_for(lambda node=node, others=others: meshed_with(node, others), 30,
+                 f"{node.name} to mesh with n4 again")
+    print(f"n4 rejoin: all 4 VPPs meshed {time.monotonic() - rejoin_started:.2f} s after its "
+          "agent started again")
+    assert n4.key_file.read_text() != key_before
