@@ -4,7 +4,8 @@ Four testbed nodes, each its own VPP; etcd runs in its own namespace on a manage
 network (203.0.113.0/24) that every node namespace reaches through a veth, the way
 hosts reach their datastore over the host network. Three agents join, a fourth joins
 while iperf3 runs between pods of the first two, then its agent stops and its lease
-expires, `down` cleans it, and it joins again (with a new key). Skipped with the reason when VPP, etcd or root is missing.
+expires, `down` cleans it, and it joins again (with a new key). Skipped with the
+reason when VPP, etcd or root is missing.
 """
 
 from __future__ import annotations
