@@ -304,3 +304,32 @@ def test_rejoin_after_leaving_needs_and_gets_a_new_key(store: EtcdStore, tmp_pat
             back.stop()
     finally:
         first.stop()
+
+
+def test_vpp_restart_is_healed_with_a_new_key(store: EtcdStore, tmp_path: Path) -> None:
+    """node1's VPP loses its SAs: node1 takes a new key, node2 re-keys just that pair."""
+    mesh, secrets = make_mesh(2, tunnels=2)
+    store.seed_settings(mesh.settings)
+    a = Member(store.url, mesh, secrets, "node1", tmp_path, ttl=30)
+    b = Member(store.url, mesh, secrets, "node2", tmp_path, ttl=30)
+    for m in (a, b):
+        m.thread.start()
+    try:
+        wait_for(lambda: a.peers() == {b.number} and b.peers() == {a.number}, 15, "mesh")
+        key = (tmp_path / "node1.key").read_text()
+        b_tunnels = dict(b.vpp.tunnels)
+        b_keys = {i: sa["entry"]["crypto_key"] for i, sa in b.vpp.sas.items()}
+        # node1's VPP restarts: empty, same uplink.
+        fresh = FakeVpp.with_uplink(mesh.node("node1").primary)
+        a.vpp = fresh
+        a.agent.api = fresh
+        a.agent.changed.set()
+        wait_for(lambda: a.peers() == {b.number} and all(
+            b.vpp.sas[i]["entry"]["crypto_key"] != k for i, k in b_keys.items()),
+            15, "node1 back with new keys on both sides")
+        assert (tmp_path / "node1.key").read_text() != key
+        assert b.vpp.tunnels.keys() == b_tunnels.keys()  # node2 kept its tunnels
+        assert len(fresh.protections) == 2 and len(b.vpp.protections) == 2
+    finally:
+        for m in (a, b):
+            m.stop()

@@ -37,6 +37,7 @@ from vppmesh.datastore.records import (
 )
 from vppmesh.errors import ConfigError, VppMeshError, VppUnavailableError
 from vppmesh.keys import generate_private_key, load_secrets
+from vppmesh.reconcile import ReusedKeyError
 from vppmesh.vpp.client import VppApi, VppClient
 
 log = logging.getLogger("vppmesh.datastore")
@@ -158,6 +159,21 @@ class MembershipAgent:
         self.lease_lost.clear()
         return self.registration
 
+    def rekey(self) -> Registration:
+        """A new key for this node, published in our own record under our lease.
+
+        For a VPP that lost its SAs (restarted): reinstalling our outbound keys would
+        repeat GCM nonces, so the pair keys change instead. Every peer sees our record
+        change and replaces the SAs of this one pair; nothing else is touched.
+        """
+        public = new_private_key(self.options.private_key)
+        assert self.registration is not None
+        record = local_record(self.options, self.local, public).model_copy(
+            update={"node_number": self.registration.node.node_number})
+        self.registration = self.store.register(record, self.registration.lease,
+                                                requested_number=record.node_number)
+        return self.registration
+
     def _has_live_record(self) -> bool:
         """Our record is still there (an agent restart within the lease's TTL)."""
         return any(r.name == self.options.node for r in self.store.snapshot().records)
@@ -196,7 +212,8 @@ class MembershipAgent:
                 log.debug("closing the VPP connection failed", exc_info=True)
             self._client = None
 
-    def sync(self, event_at: float | None = None) -> agent.UpResult | None:
+    def sync(self, event_at: float | None = None, *,
+             rekeyed: bool = False) -> agent.UpResult | None:
         """One snapshot, (re-)register if our record is gone, reconcile if needed.
 
         `event_at` (monotonic) is when the watch reported the change, for the log.
@@ -219,7 +236,15 @@ class MembershipAgent:
         assert membership.mesh is not None
         self._save(membership)
         change = membership_change(self.applied, membership.mesh)
-        result = agent.up(self.options, mesh=membership.mesh, api=self._vpp())
+        try:
+            result = agent.up(self.options, mesh=membership.mesh, api=self._vpp())
+        except ReusedKeyError:
+            if not self.ds.fresh_key or self.registration is None or rekeyed:
+                raise
+            log.warning("VPP lost this node's SAs (restarted?): taking a new key rather than "
+                        "installing used outbound keys again")
+            self.rekey()
+            return self.sync(event_at, rekeyed=True)
         if self.applied is None or not change.empty or result.changes:
             since = (f", {1000 * (time.monotonic() - event_at):.0f} ms after the "
                      "event" if event_at is not None else "")
