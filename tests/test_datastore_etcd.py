@@ -92,7 +92,7 @@ def test_records_claiming_a_name_or_address_are_refused(store: EtcdStore) -> Non
     store.register(n1, lease)
     impostor = n2.model_copy(update={"name": "node1"})
     with pytest.raises(RegistrationError, match=r"'node1' is registered .* another public key"):
-        store.register(impostor, lease)
+        store.register(impostor, store.grant(30))
     squatter = n3.model_copy(update={"underlay": n1.underlay})
     with pytest.raises(RegistrationError, match=r"already an address of node node1"):
         store.register(squatter, lease)

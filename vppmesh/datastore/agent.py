@@ -38,6 +38,8 @@ from vppmesh.datastore.records import (
 from vppmesh.errors import ConfigError, VppMeshError, VppUnavailableError
 from vppmesh.keys import generate_private_key, load_secrets
 from vppmesh.reconcile import ReusedKeyError
+from vppmesh.state import GATEWAY_TAG
+from vppmesh.vpp import interfaces
 from vppmesh.vpp.client import VppApi, VppClient
 
 log = logging.getLogger("vppmesh.datastore")
@@ -174,6 +176,10 @@ class MembershipAgent:
                                                 requested_number=record.node_number)
         return self.registration
 
+    def _vpp_has_mesh(self) -> bool:
+        """VPP holds our gateway: it did not restart, whatever it lacks."""
+        return any(i.tag == GATEWAY_TAG for i in interfaces.dump_interfaces(self._vpp()))
+
     def _has_live_record(self) -> bool:
         """Our record is still there (an agent restart within the lease's TTL)."""
         return any(r.name == self.options.node for r in self.store.snapshot().records)
@@ -241,6 +247,10 @@ class MembershipAgent:
         except ReusedKeyError:
             if not self.ds.fresh_key or self.registration is None or rekeyed:
                 raise
+            if self._vpp_has_mesh():
+                raise ReusedKeyError(
+                    "a peer came back with a key this node used before (its agent runs with "
+                    "--keep-key?): it must take a new key; this node changed nothing") from None
             log.warning("VPP lost this node's SAs (restarted?): taking a new key rather than "
                         "installing used outbound keys again")
             self.rekey()
