@@ -4,8 +4,8 @@ Four testbed nodes, each its own VPP; etcd runs in its own namespace on a manage
 network (203.0.113.0/24) that every node namespace reaches through a veth, the way
 hosts reach their datastore over the host network. Three agents join, a fourth joins
 while iperf3 runs between pods of the first two, then its agent stops and its lease
-expires, `down` cleans it, and it joins again (with a new key). Skipped with the
-reason when VPP, etcd or root is missing.
+expires, `down` cleans it, and it joins again (with a new key); last, one node's VPP
+is killed and started empty. Skipped with the reason when VPP, etcd or root is missing.
 """
 
 from __future__ import annotations
@@ -286,3 +286,29 @@ def test_join_and_leave_through_etcd_under_traffic(mesh: Mesh) -> None:
     print(f"n4 rejoin: all 4 VPPs meshed {time.monotonic() - rejoin_started:.2f} s after its "
           "agent started again")
     assert n4.key_file.read_text() != key_before
+
+    # n3's VPP crashes and comes back empty: its agent takes a new key (reinstalling its
+    # used outbound keys would repeat nonces) and each peer re-keys that one pair only.
+    tunnels_before = {n.name: mesh_view(n) for n in (n1, n2)}
+    sas_before = {n.name: sa_view(n) for n in (n1, n2)}
+    key_before = n3.key_file.read_text()
+    restarted = time.monotonic()
+    bed.restart_vpp(n3)
+    vpp_up = time.monotonic()
+    for node in bed.nodes:
+        others = {v for k, v in number.items() if k != node.name}
+        wait_for(lambda node=node, others=others: meshed_with(node, others), 60,
+                 f"{node.name} to mesh with the restarted n3")
+    print(f"n3 VPP restart: VPP up again {vpp_up - restarted:.1f} s after the kill; every VPP "
+          f"meshed {time.monotonic() - vpp_up:.2f} s later (new key for n3)")
+    assert n3.key_file.read_text() != key_before
+    for node, peer in ((n1, n2), (n2, n1)):
+        assert mesh_view(node)[number[peer.name]] == tunnels_before[node.name][number[peer.name]]
+        sas_after = sa_view(node)
+        for sa_id, (stat_index, seq) in sas_before[node.name].items():
+            peer_of_sa = (sa_id >> 8) & 0xFFFF
+            if peer_of_sa == number[peer.name]:
+                assert sas_after[sa_id][0] == stat_index and sas_after[sa_id][1] >= seq
+    ping = in_ns(n1.pod_netns(0), "ping", "-c", "2", "-W", "2", str(n2.pod_address(0)),
+                 check=False)
+    assert ping.returncode == 0, ping.stdout

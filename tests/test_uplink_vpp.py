@@ -23,7 +23,7 @@ import pytest
 from conftest import require_vpp
 
 from vppmesh.startup import Instance, load_profile, render
-from vppmesh.testbed import destroy, find_vpp, in_ns, sh
+from vppmesh.testbed import destroy, find_vpp, in_ns, sh, start_vpp
 from vppmesh.vpp import interfaces
 from vppmesh.vpp.client import VppClient
 
@@ -68,23 +68,8 @@ class UplinkBed:
         self.start_vpp()
 
     def start_vpp(self) -> None:
-        self.instance.runtime_dir.mkdir(parents=True, exist_ok=True)
-        conf = self.instance.runtime_dir / "startup.conf"
-        conf.write_text(render(load_profile("testbed"), self.instance))
-        log = open(self.instance.runtime_dir / "vpp.stdout", "w")  # noqa: SIM115
-        self.vpp = subprocess.Popen(["ip", "netns", "exec", HOST_NS, str(find_vpp()), "-c",
-                                     str(conf)], stdout=log, stderr=subprocess.STDOUT,
-                                    start_new_session=True)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            if self.instance.api_socket.exists():
-                try:
-                    VppClient(self.instance.api_socket, timeout=2).connect().close()
-                    return
-                except Exception:
-                    pass
-            time.sleep(0.2)
-        raise AssertionError("VPP did not start")
+        self.vpp = start_vpp(find_vpp(), HOST_NS, self.instance, self.instance.runtime_dir,
+                             render(load_profile("testbed"), self.instance))
 
     def kill_vpp(self) -> None:
         assert self.vpp is not None

@@ -247,6 +247,18 @@ class Testbed:
                 interfaces.set_admin(index, True, "uplink"),
             ])
 
+    def restart_vpp(self, node: NodeHandle) -> None:
+        """Kill the node's VPP and start a fresh one with its uplink, as after a crash."""
+        pid = _vpp_pid(node)
+        if pid is not None:
+            os.kill(pid, signal.SIGKILL)
+            deadline = time.monotonic() + 10
+            while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+                time.sleep(0.05)
+        node.instance.api_socket.unlink(missing_ok=True)
+        self._start_vpp(node, find_vpp())
+        self._uplink(node)
+
     # ---- pods -----------------------------------------------------------------------
     def add_pod(self, node: NodeHandle, pod: int) -> None:
         ns = node.pod_netns(pod)
