@@ -103,11 +103,13 @@ def up(options: NodeOptions, *, dry_run: bool = False, api: VppApi | None = None
     started = time.monotonic()
     client = api or VppClient(options.api_socket).connect()
     try:
-        if options.take_uplink is not None:
-            bvi = nic.bvi_name(client) if dry_run else nic.ensure(
-                client, options.take_uplink, options.state_dir, mesh.node(options.node).primary)
-            options = replace(options, uplink=bvi or options.uplink)
         workers = options.workers if options.workers is not None else system.worker_count(client)
+        if options.take_uplink is not None:
+            # One queue pair per worker on the NIC and on the host's link.
+            spec = options.take_uplink.model_copy(update={"queues": max(1, workers)})
+            bvi = nic.bvi_name(client) if dry_run else nic.ensure(
+                client, spec, options.state_dir, mesh.node(options.node).primary)
+            options = replace(options, uplink=bvi or options.uplink)
         desired = desired_state(options, mesh, secrets, workers)
         if not dry_run:
             client.call(ipsec.set_async_mode(mesh.settings.async_crypto))
