@@ -14,6 +14,7 @@ from typing import Annotated
 import typer
 
 from vppmesh import node as agent
+from vppmesh.config import Mesh
 from vppmesh.errors import VppMeshError, VppUnavailableError
 from vppmesh.vpp.client import DEFAULT_API_SOCKET, VppClient
 
@@ -21,6 +22,9 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="An encrypted full mesh of Linux hosts over VPP (IPIP + ESP AES-GCM-256).")
 testbed_app = typer.Typer(no_args_is_help=True, help="A multi-node mesh on this machine.")
 app.add_typer(testbed_app, name="testbed")
+uplink_app = typer.Typer(no_args_is_help=True,
+                         help="Hand the host's NIC to VPP and give the host its network back.")
+app.add_typer(uplink_app, name="uplink")
 log = logging.getLogger("vppmesh")
 
 MeshOpt = Annotated[Path, typer.Option("--mesh", envvar="VPPMESH_MESH",
@@ -39,6 +43,10 @@ StatsSocketOpt = Annotated[Path | None, typer.Option(
 DEFAULT_MESH = Path("/etc/vppmesh/mesh.yaml")
 HOSTNAME = socket.gethostname()
 DEFAULT_KEY = Path("/etc/vppmesh/private.key")
+DatastoreOpt = Annotated[str | None, typer.Option(
+    "--datastore", envvar="VPPMESH_DATASTORE",
+    help="Membership from etcd instead of the mesh file: etcd://HOST:PORT/PREFIX (port "
+    "2379 and prefix /vppmesh by default).")]
 
 
 def stats_path(api_socket: Path, stats_socket: Path | None) -> Path:
@@ -78,9 +86,53 @@ def up(
     watch: Annotated[bool, typer.Option(
         help="Keep running: re-apply when the mesh file changes or VPP restarts.")] = False,
     state_dir: StateOpt = DEFAULT_STATE,
+    datastore: DatastoreOpt = None,
+    underlay: Annotated[list[str] | None, typer.Option(
+        help="With --datastore: an underlay address of this node (ADDR/LEN), once per "
+        "tunnel; the first is the primary.")] = None,
+    pod_cidr: Annotated[str | None, typer.Option(
+        help="With --datastore: this node's pod CIDR.")] = None,
+    node_number: Annotated[int | None, typer.Option(
+        help="With --datastore: claim this node number (default: keep ours or allocate "
+        "the lowest free one).")] = None,
+    settings: Annotated[Path | None, typer.Option(
+        help="With --datastore: mesh settings (YAML) stored if the datastore has none.")
+                        ] = None,
+    lease_ttl: Annotated[int, typer.Option(
+        help="With --datastore: seconds the record outlives a stopped agent.")] = 30,
+    keep_key: Annotated[bool, typer.Option(
+        help="With --datastore: do not take a new key when joining afresh (rejoining after "
+        "leaving then needs a new key epoch).")] = False,
+    take_uplink: Annotated[str | None, typer.Option(
+        help="Hand this NIC to VPP first; the host keeps its network through VPP "
+        "(`vppmesh uplink take`).")] = None,
+    uplink_driver: Annotated[str, typer.Option(
+        help="With --take-uplink: af_packet, af_xdp, avf or dpdk.")] = "af_packet",
 ) -> None:
     """Bring this node into the mesh (idempotent: a second run changes nothing)."""
     opts = options(mesh, node, key, api_socket, host_link, uplink, state_dir)
+    if take_uplink is not None:
+        from dataclasses import replace
+
+        from pydantic import ValidationError
+
+        from vppmesh.uplink import UplinkSpec
+
+        try:
+            spec = UplinkSpec(interface=take_uplink, driver=uplink_driver)  # type: ignore[arg-type]
+        except ValidationError as exc:
+            raise fail(f"--take-uplink/--uplink-driver: {exc.errors()[0]['msg']}") from None
+        opts = replace(opts, take_uplink=spec)
+    if datastore is not None:
+        from vppmesh.datastore.agent import follow
+
+        try:
+            follow(opts, datastore, watch=watch, underlay=underlay or [], pod_cidr=pod_cidr,
+                   node_number=node_number, settings_file=settings, lease_ttl=lease_ttl,
+                   fresh_key=not keep_key)
+        except VppMeshError as exc:
+            raise fail(str(exc)) from None
+        return
     try:
         report_up(agent.up(opts))
     except VppMeshError as exc:
@@ -89,6 +141,16 @@ def up(
         log.error("%s", exc)
     if watch:
         watch_loop(opts)
+
+
+def datastore_mesh(url: str | None) -> Mesh | None:
+    """The mesh as the datastore holds it now (None without --datastore)."""
+    if url is None:
+        return None
+    from vppmesh.datastore.agent import current_mesh
+    from vppmesh.datastore.records import DatastoreUrl
+
+    return current_mesh(DatastoreUrl.parse(url))
 
 
 def report_up(result: agent.UpResult) -> None:
@@ -154,6 +216,7 @@ def watch_loop(opts: agent.NodeOptions) -> None:
             if vpp_gone_at is None:
                 vpp_gone_at = attempt
                 log.warning("VPP unavailable (%s); waiting for it", exc)
+                give_back_uplinks(opts)
             continue
         except VppMeshError as exc:
             log.error("%s", exc)
@@ -195,16 +258,39 @@ def rekey(
                    "for 2 x rekey_grace); the agent rekeys them as soon as they have")
 
 
+def give_back_uplinks(opts: agent.NodeOptions) -> None:
+    """VPP went away: the NICs it had go back to Linux, so the host stays reachable."""
+    from vppmesh.uplink import release_all
+
+    try:
+        for line in release_all(opts.state_dir):
+            log.warning("VPP is gone: %s given back to Linux", line)
+    except VppMeshError as exc:
+        log.error("%s", exc)
+
+
 @app.command()
 def down(
     mesh: MeshOpt = DEFAULT_MESH,
     node: NodeOpt = HOSTNAME,
     api_socket: SocketOpt = DEFAULT_API_SOCKET,
+    state_dir: StateOpt = DEFAULT_STATE,
+    datastore: DatastoreOpt = None,
 ) -> None:
-    """Remove everything vppmesh created in VPP and Linux (an operator's config stays)."""
-    opts = options(mesh, node, DEFAULT_KEY, api_socket)
+    """Remove everything vppmesh created in VPP and Linux (an operator's config stays).
+
+    With --datastore, the node's record and number claim are deleted first, so every
+    other node removes its tunnels to this one at once.
+    """
+    opts = options(mesh, node, DEFAULT_KEY, api_socket, state_dir=state_dir)
     try:
-        removed = agent.down(opts)
+        if datastore is not None:
+            from vppmesh.datastore.agent import leave
+            from vppmesh.datastore.records import DatastoreUrl
+
+            removed = leave(opts, DatastoreUrl.parse(datastore))
+        else:
+            removed = agent.down(opts)
     except VppMeshError as exc:
         raise fail(str(exc)) from None
     for line in removed:
@@ -220,11 +306,12 @@ def plan(
     api_socket: SocketOpt = DEFAULT_API_SOCKET,
     workers: Annotated[int | None, typer.Option(
         help="Worker count to plan for when VPP is not running.")] = None,
+    datastore: DatastoreOpt = None,
 ) -> None:
     """Dry run: the ordered changes `up` would make (everything, when VPP is not running)."""
     opts = options(mesh, node, key, api_socket)
     try:
-        mesh_obj, secrets = agent.load_inputs(opts)
+        mesh_obj, secrets = agent.load_inputs(opts, datastore_mesh(datastore))
         try:
             client = VppClient(api_socket).connect()
         except VppUnavailableError:
@@ -237,7 +324,7 @@ def plan(
             typer.echo(f"(VPP not reachable at {api_socket}: planning against an empty VPP)")
         else:
             with client:
-                changes = agent.up(opts, dry_run=True, api=client).changes
+                changes = agent.up(opts, dry_run=True, api=client, mesh=mesh_obj).changes
     except VppMeshError as exc:
         raise fail(str(exc)) from None
     for change in changes:
@@ -252,13 +339,14 @@ def status(
     api_socket: SocketOpt = DEFAULT_API_SOCKET,
     stats_socket: StatsSocketOpt = None,
     as_json: Annotated[bool, typer.Option("--json")] = False,
+    datastore: DatastoreOpt = None,
 ) -> None:
     """Peers, tunnels, protection and per-SA counters, from VPP itself."""
     from vppmesh.config import load_mesh
     from vppmesh.status import collect, render_table
 
     try:
-        mesh_obj = load_mesh(mesh)
+        mesh_obj = datastore_mesh(datastore) or load_mesh(mesh)
         with VppClient(api_socket).connect() as client:
             result = collect(client, mesh_obj, node, stats_path(api_socket, stats_socket))
     except VppMeshError as exc:
@@ -456,3 +544,69 @@ def demo(
     typer.echo(render(results))
     if not all(r.ping_ok and r.gbits > 0 for r in results):
         raise fail("some pair did not carry traffic")
+
+
+@uplink_app.command("take")
+def uplink_take(
+    interface: Annotated[str, typer.Option(help="The host's NIC (Linux name).")],
+    driver: Annotated[str, typer.Option(help="af_packet, af_xdp, avf or dpdk.")] = "af_packet",
+    vpp_interface: Annotated[str | None, typer.Option(
+        help="avf/dpdk: VPP's name of the port given in startup.conf.")] = None,
+    address: Annotated[list[str] | None, typer.Option(
+        help="VPP's own underlay address on the uplink (ADDR/LEN), repeatable.")] = None,
+    host_link: Annotated[str, typer.Option(help="auto, tap or veth.")] = "auto",
+    queues: int = 1,
+    api_socket: SocketOpt = DEFAULT_API_SOCKET,
+    state_dir: StateOpt = DEFAULT_STATE,
+) -> None:
+    """Give VPP the NIC; the host keeps its name, MAC, MTU, addresses and routes."""
+    from pydantic import ValidationError
+
+    from vppmesh import uplink
+
+    try:
+        spec = uplink.UplinkSpec(interface=interface, driver=driver,  # type: ignore[arg-type]
+                                 vpp_interface=vpp_interface,
+                                 vpp_addresses=tuple(address or ()),  # type: ignore[arg-type]
+                                 host_link=host_link, queues=queues)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        raise fail("; ".join(f"--{'-'.join(str(p) for p in e['loc'])}: {e['msg']}"
+                             for e in exc.errors())) from None
+    try:
+        with VppClient(api_socket).connect() as client:
+            saved = uplink.take(client, spec, state_dir)
+            bvi = uplink.bvi_name(client)
+    except VppMeshError as exc:
+        raise fail(str(exc)) from None
+    if saved.host_link == "veth":
+        typer.echo("no /dev/vhost-net here: the host link is a veth pair (af_packet in VPP)")
+    typer.echo(f"{interface}: now driven by VPP ({driver}); host link {saved.host_link}; "
+               f"VPP's addresses are on {bvi} (use --uplink {bvi} with `vppmesh up`); saved "
+               f"to {uplink.state_file(state_dir, interface)}")
+
+
+@uplink_app.command("restore")
+def uplink_restore(
+    interface: Annotated[str | None, typer.Option(
+        help="The NIC to give back (default: every one saved).")] = None,
+    api_socket: SocketOpt = DEFAULT_API_SOCKET,
+    state_dir: StateOpt = DEFAULT_STATE,
+) -> None:
+    """Give the NIC back to Linux exactly as it was (works with VPP stopped, too)."""
+    from vppmesh import uplink
+
+    names = [interface] if interface else uplink.saved_uplinks(state_dir)
+    try:
+        client = VppClient(api_socket).connect()
+    except VppUnavailableError:
+        client = None
+    try:
+        for name in names:
+            for line in uplink.restore(client, state_dir, name):
+                typer.echo(f"- {line}")
+    except VppMeshError as exc:
+        raise fail(str(exc)) from None
+    finally:
+        if client is not None:
+            client.close()
+    typer.echo(f"restored {len(names)} uplink(s)")

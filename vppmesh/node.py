@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
 from vppmesh import epochs, guard
 from vppmesh import host as linux
+from vppmesh import uplink as nic
 from vppmesh.config import Mesh, load_mesh
 from vppmesh.epochs import GenerationState, GenerationStore, PeerKeying, PeerObservation
 from vppmesh.keys import NodeSecrets, derive_sa_key, load_secrets, pair_secret, spi_for
@@ -22,6 +23,7 @@ from vppmesh.plan import HostOptions, plan
 from vppmesh.reconcile import Change, reconcile
 from vppmesh.state import DesiredState, sa_id_for
 from vppmesh.teardown import teardown
+from vppmesh.uplink import UplinkSpec
 from vppmesh.vpp import ipsec, system
 from vppmesh.vpp.client import DEFAULT_API_SOCKET, VppApi, VppClient
 
@@ -40,6 +42,7 @@ class NodeOptions:
     uplink: str | None = None
     workers: int | None = None  # None: ask VPP
     state_dir: Path = Path("/var/lib/vppmesh")
+    take_uplink: UplinkSpec | None = None  # hand this NIC to VPP first (uplink.py)
 
     @property
     def ledger(self) -> KeyLedger:
@@ -71,8 +74,9 @@ def resolve_host_kind(kind: HostLinkKind) -> Literal["tap", "af_packet", "none"]
     return kind
 
 
-def load_inputs(options: NodeOptions) -> tuple[Mesh, NodeSecrets]:
-    mesh = load_mesh(options.mesh_file)
+def load_inputs(options: NodeOptions, mesh: Mesh | None = None) -> tuple[Mesh, NodeSecrets]:
+    """The mesh (from the mesh file unless given, e.g. from the datastore) and the keys."""
+    mesh = mesh or load_mesh(options.mesh_file)
     mesh.node(options.node)  # fail early, naming the node, if it is not in the mesh
     return mesh, load_secrets(options.private_key, mesh.settings.psk_file)
 
@@ -153,13 +157,13 @@ def observe_keys(api: VppApi, mesh: Mesh, local: str, secrets: NodeSecrets,
 
 
 def up(options: NodeOptions, *, dry_run: bool = False, api: VppApi | None = None,
-       rekey: bool = False, now: float | None = None) -> UpResult:
+       rekey: bool = False, now: float | None = None, mesh: Mesh | None = None) -> UpResult:
     """Plan and apply this node's part of the mesh, with key generations advanced first.
 
     The generation file is read and written under its lock, so `vppmesh rekey` and a
     running `up --watch` never choose generations from a stale copy.
     """
-    mesh, secrets = load_inputs(options)
+    mesh, secrets = load_inputs(options, mesh)
     started = time.monotonic()
     client = api or VppClient(options.api_socket).connect()
     store = options.generations
@@ -168,6 +172,12 @@ def up(options: NodeOptions, *, dry_run: bool = False, api: VppApi | None = None
             pid = system.vpp_pid(client)
             workers = (options.workers if options.workers is not None
                        else system.worker_count(client))
+            if options.take_uplink is not None:
+                # One queue pair per worker on the NIC and on the host's link.
+                spec = options.take_uplink.model_copy(update={"queues": max(1, workers)})
+                bvi = nic.bvi_name(client) if dry_run else nic.ensure(
+                    client, spec, options.state_dir, mesh.node(options.node).primary)
+                options = replace(options, uplink=bvi or options.uplink)
             state = store.load()
             before = state.model_dump()
             if rekey:
@@ -199,9 +209,10 @@ def up(options: NodeOptions, *, dry_run: bool = False, api: VppApi | None = None
             client.close()  # type: ignore[union-attr]
 
 
-def down(options: NodeOptions, *, api: VppApi | None = None) -> list[str]:
+def down(options: NodeOptions, *, api: VppApi | None = None,
+         mesh: Mesh | None = None) -> list[str]:
     """Remove the mesh from VPP and the host link from Linux."""
-    mesh = load_mesh(options.mesh_file)
+    mesh = mesh or load_mesh(options.mesh_file)
     local = mesh.node(options.node)
     client = api or VppClient(options.api_socket).connect()
     try:
@@ -209,6 +220,8 @@ def down(options: NodeOptions, *, api: VppApi | None = None) -> list[str]:
         uplink = guard.find_uplink(client, local.uplink, local.primary)
         if uplink is not None:  # after the tunnels: they never exist unguarded
             removed += guard.remove(client, uplink, local.primary.version)
+        for ifname in nic.saved_uplinks(options.state_dir):
+            removed += nic.restore(client, options.state_dir, ifname)
     finally:
         if api is None:
             client.close()  # type: ignore[union-attr]

@@ -165,8 +165,12 @@ class Testbed:
         return cls(TestbedSpec.model_validate_json(path.read_text()))
 
     # ---- building -------------------------------------------------------------------
-    def up(self, *, progress: object = None) -> None:
-        """Build everything and bring every node into the mesh; cleans up on failure."""
+    def up(self, *, progress: object = None, join: bool = True) -> None:
+        """Build everything and bring every node into the mesh; cleans up on failure.
+
+        With join=False the nodes get their VPP and uplink but no `vppmesh up` and no
+        pods: a caller that joins them another way (a datastore) does that itself.
+        """
         require_root()
         vpp = find_vpp()
         say = progress if callable(progress) else (lambda _msg: None)
@@ -183,6 +187,8 @@ class Testbed:
                 self._start_vpp(node, vpp)
             for node in self.nodes:
                 self._uplink(node)
+            if not join:
+                return
             for node in self.nodes:
                 say(f"vppmesh up on {node.name}")
                 self.run_vppmesh(node, "up", *self.state_args(node))
@@ -240,6 +246,18 @@ class Testbed:
                 interfaces.address(index, node.underlay[0], True),
                 interfaces.set_admin(index, True, "uplink"),
             ])
+
+    def restart_vpp(self, node: NodeHandle) -> None:
+        """Kill the node's VPP and start a fresh one with its uplink, as after a crash."""
+        pid = _vpp_pid(node)
+        if pid is not None:
+            os.kill(pid, signal.SIGKILL)
+            deadline = time.monotonic() + 10
+            while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+                time.sleep(0.05)
+        node.instance.api_socket.unlink(missing_ok=True)
+        self._start_vpp(node, find_vpp())
+        self._uplink(node)
 
     # ---- pods -----------------------------------------------------------------------
     def add_pod(self, node: NodeHandle, pod: int) -> None:

@@ -1,0 +1,314 @@
+"""End to end: nodes join and leave a real-VPP mesh through etcd while traffic flows.
+
+Four testbed nodes, each its own VPP; etcd runs in its own namespace on a management
+network (203.0.113.0/24) that every node namespace reaches through a veth, the way
+hosts reach their datastore over the host network. Three agents join, a fourth joins
+while iperf3 runs between pods of the first two, then its agent stops and its lease
+expires, `down` cleans it, and it joins again (with a new key); last, one node's VPP
+is killed and started empty. Skipped with the reason when VPP, etcd or root is missing.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from conftest import require_vpp
+from etcd_server import EtcdServer, require_etcd, running_etcd
+
+from vppmesh.state import is_owned_sa_id, is_owned_tunnel_instance, split_tunnel_instance
+from vppmesh.testbed import NodeHandle, Testbed, TestbedSpec, in_ns, sh
+from vppmesh.vpp import interfaces, ipip, ipsec
+from vppmesh.vpp.client import VppClient
+
+pytestmark = [pytest.mark.vpp, pytest.mark.root]
+PREFIX = "vme-"
+BASE = Path("/run/vppmesh-vme")
+ETCD_NS = f"{PREFIX}etcd"
+ETCD_ADDRESS = "203.0.113.1"  # RFC 5737 TEST-NET-3: the management network
+LEASE_TTL = 3
+TUNNELS = 2
+
+
+def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> float:
+    started = time.monotonic()
+    while not condition():
+        if time.monotonic() - started > timeout:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.1)
+    return time.monotonic() - started
+
+
+def management_network(bed: Testbed) -> None:
+    """A bridge in the etcd namespace, a veth `mgmt0` from every node namespace into it."""
+    sh("ip", "netns", "add", ETCD_NS)
+    in_ns(ETCD_NS, "ip", "link", "set", "lo", "up")
+    in_ns(ETCD_NS, "ip", "link", "add", "br0", "type", "bridge")
+    in_ns(ETCD_NS, "ip", "addr", "add", f"{ETCD_ADDRESS}/24", "dev", "br0")
+    in_ns(ETCD_NS, "ip", "link", "set", "br0", "up")
+    for node in bed.nodes:
+        port = f"mg-{node.name}"
+        in_ns(ETCD_NS, "ip", "link", "add", port, "type", "veth", "peer", "name", "mgmt0",
+              "netns", node.netns)
+        in_ns(ETCD_NS, "ip", "link", "set", port, "master", "br0", "up")
+        in_ns(node.netns, "ip", "addr", "add", f"203.0.113.{10 + node.index}/24", "dev",
+              "mgmt0")
+        in_ns(node.netns, "ip", "link", "set", "mgmt0", "up")
+
+
+class Mesh:
+    """The testbed, its etcd and the agents started so far."""
+
+    def __init__(self, bed: Testbed, etcd: EtcdServer) -> None:
+        self.bed = bed
+        self.etcd = etcd
+        self.url = f"etcd://{ETCD_ADDRESS}:{etcd.port}/vppmesh"
+        self.agents: dict[str, subprocess.Popen[bytes]] = {}
+
+    def start_agent(self, node: NodeHandle) -> subprocess.Popen[bytes]:
+        log = open(node.dir / "agent.log", "w")  # noqa: SIM115 - handed to the child
+        args = [sys.executable, "-m", "vppmesh", "up", "--watch", "--datastore", self.url,
+                *self.bed.vppmesh_args(node), *self.bed.state_args(node),
+                "--pod-cidr", str(node.pod_cidr), "--lease-ttl", str(LEASE_TTL),
+                "--settings", str(self.bed.mesh_file)]
+        for address in node.underlay:
+            args += ["--underlay", str(address)]
+        proc = subprocess.Popen(["ip", "netns", "exec", node.netns, *args], stdout=log,
+                                stderr=subprocess.STDOUT)
+        self.agents[node.name] = proc
+        return proc
+
+    def stop_agents(self) -> None:
+        for proc in self.agents.values():
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+
+
+@pytest.fixture(scope="module")
+def mesh() -> Iterator[Mesh]:
+    require_vpp()
+    require_etcd()
+    bed = Testbed(TestbedSpec(prefix=PREFIX, base_dir=BASE, nodes=4, tunnels=TUNNELS,
+                              pods=1))
+    bed.up(join=False)
+    try:
+        management_network(bed)
+        (BASE / "etcd").mkdir()
+        with running_etcd(ETCD_ADDRESS, wrap=["ip", "netns", "exec", ETCD_NS],
+                          data_dir=BASE / "etcd") as etcd:
+            state = Mesh(bed, etcd)
+            try:
+                yield state
+            finally:
+                state.stop_agents()
+    finally:
+        bed.down(quiet=True)
+
+
+def in_etcd_ns(code: str) -> str:
+    """Run a snippet in the etcd namespace (where the test can reach etcd) and return stdout."""
+    result = in_ns(ETCD_NS, sys.executable, "-c", code, check=False)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def numbers(mesh: Mesh) -> dict[str, int]:
+    """{node name: node number} as registered in etcd."""
+    code = ("import json\nfrom vppmesh.datastore.etcd import EtcdStore\n"
+            "from vppmesh.datastore.records import DatastoreUrl\n"
+            f"snap = EtcdStore(DatastoreUrl.parse({mesh.url!r})).snapshot()\n"
+            "print(json.dumps({'numbers': {v: k for k, v in snap.numbers.items()},\n"
+            "                  'records': [r.name for r in snap.records]}))")
+    data = json.loads(in_etcd_ns(code))
+    return {name: number for name, number in data["numbers"].items()
+            if name in data["records"]}
+
+
+def mesh_view(node: NodeHandle) -> dict[int, list[tuple[int, bool]]]:
+    """{peer number: [(sw_if_index, up and protected)]} of our tunnels in node's VPP."""
+    with VppClient(node.instance.api_socket).connect() as api:
+        ifaces = {i.sw_if_index: i for i in interfaces.dump_interfaces(api)}
+        protections = ipsec.dump_protections(api)
+        out: dict[int, list[tuple[int, bool]]] = {}
+        for t in ipip.dump_tunnels(api):
+            if not is_owned_tunnel_instance(t.instance):
+                continue
+            peer, _ = split_tunnel_instance(t.instance)
+            ready = ifaces[t.sw_if_index].admin_up and t.sw_if_index in protections
+            out.setdefault(peer, []).append((t.sw_if_index, ready))
+        return out
+
+
+def sa_view(node: NodeHandle) -> dict[int, tuple[int, int]]:
+    """{SA id: (stat index, outbound sequence number)} of our SAs."""
+    with VppClient(node.instance.api_socket).connect() as api:
+        return {s.spec.sa_id: (s.stat_index, s.seq_outbound) for s in ipsec.dump_sas(api)
+                if is_owned_sa_id(s.spec.sa_id)}
+
+
+def meshed_with(node: NodeHandle, peer_numbers: set[int]) -> bool:
+    view = mesh_view(node)
+    return set(view) == peer_numbers and all(
+        len(tunnels) == TUNNELS and all(ready for _, ready in tunnels)
+        for tunnels in view.values())
+
+
+def test_join_and_leave_through_etcd_under_traffic(mesh: Mesh) -> None:
+    bed = mesh.bed
+    n1, n2, n3, n4 = bed.nodes
+    first = [n1, n2, n3]
+    started = time.monotonic()
+    for node in first:  # at once: the number claims must not collide
+        mesh.start_agent(node)
+    wait_for(lambda: len(numbers(mesh)) == 3, 30, "three registrations")
+    number = numbers(mesh)
+    assert sorted(number.values()) == [1, 2, 3]
+    for node in first:
+        others = {number[n.name] for n in first if n is not node}
+        wait_for(lambda node=node, others=others: meshed_with(node, others), 60,
+                 f"{node.name} to mesh")
+    print(f"\nthree agents started to full mesh: {time.monotonic() - started:.1f} s")
+    for node in first:
+        bed.add_pod(node, 0)
+
+    # Baseline of the n1 <-> n2 pair, then iperf3 between their pods.
+    tunnels_before = {n.name: mesh_view(n) for n in (n1, n2)}
+    sas_before = {n.name: sa_view(n) for n in (n1, n2)}
+    server = subprocess.Popen(["ip", "netns", "exec", n2.pod_netns(0), "iperf3", "-s", "-1"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        time.sleep(0.5)
+        client = subprocess.Popen(
+            ["ip", "netns", "exec", n1.pod_netns(0), "iperf3", "-c", str(n2.pod_address(0)),
+             "-t", "12", "-P", "2", "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        time.sleep(2.5)
+
+        # n4 joins while traffic flows.
+        join_started = time.monotonic()
+        mesh.start_agent(n4)
+        wait_for(lambda: "n4" in numbers(mesh), 20, "n4 to register")
+        registered = time.monotonic()
+        number = numbers(mesh)
+        everyone = {n.name: number[n.name] for n in bed.nodes}
+        for node in bed.nodes:
+            others = {v for k, v in everyone.items() if k != node.name}
+            wait_for(lambda node=node, others=others: meshed_with(node, others), 30,
+                     f"{node.name} to mesh with n4")
+        done = time.monotonic()
+        print(f"n4 join: registered {registered - join_started:.2f} s after its agent "
+              f"started; all 4 VPPs meshed {done - registered:.2f} s after registration "
+              f"(polling, 0.1 s)")
+        out, _ = client.communicate(timeout=60)
+    finally:
+        server.kill()
+        server.wait()
+    result = json.loads(out)
+    assert "error" not in result, result.get("error")
+    assert result["end"]["sum_received"]["bytes"] > 0
+    intervals = [i["sum"]["bits_per_second"] for i in result["intervals"]]
+    gbits = result["end"]["sum_received"]["bits_per_second"] / 1e9
+    print(f"iperf3 n1 -> n2 during the join: {gbits:.2f} Gbit/s, min interval "
+          f"{min(intervals) / 1e6:.0f} Mbit/s")
+    assert min(intervals) > 0, "an interval carried nothing"
+
+    # Nothing of the n1 <-> n2 pair was recreated: same interfaces, same SAs, counters on.
+    for node, peer in ((n1, n2), (n2, n1)):
+        after = mesh_view(node)
+        assert after[number[peer.name]] == tunnels_before[node.name][number[peer.name]]
+        sas_after = sa_view(node)
+        for sa_id, (stat_index, seq) in sas_before[node.name].items():
+            assert sa_id in sas_after, f"SA {sa_id:#x} of {node.name} is gone"
+            assert sas_after[sa_id][0] == stat_index
+            assert sas_after[sa_id][1] >= seq, f"SA {sa_id:#x} of {node.name} restarted"
+    status = in_ns(n1.netns, sys.executable, "-m", "vppmesh", "status", "--json",
+                   "--datastore", mesh.url, *bed.vppmesh_args(n1), check=False)
+    assert status.returncode == 0, status.stdout + status.stderr  # 3: a peer unhealthy
+    peers = json.loads(status.stdout)["peers"]
+    assert sorted(p["name"] for p in peers) == ["n2", "n3", "n4"]
+    bed.add_pod(n4, 0)
+    ping = in_ns(n1.pod_netns(0), "ping", "-c", "2", "-W", "2", str(n4.pod_address(0)),
+                 check=False)
+    assert ping.returncode == 0, ping.stdout
+
+    # n4 leaves: its agent stops, its lease expires, every other node removes it.
+    agent = mesh.agents["n4"]
+    agent.terminate()
+    agent.wait(timeout=10)
+    stopped = time.monotonic()
+    rest = [n1, n2, n3]
+    for node in rest:
+        others = {number[n.name] for n in rest if n is not node}
+        wait_for(lambda node=node, others=others: meshed_with(node, others), LEASE_TTL + 20,
+                 f"{node.name} to drop n4")
+    print(f"n4 leave: removed from every VPP {time.monotonic() - stopped:.2f} s after its "
+          f"agent stopped (lease TTL {LEASE_TTL} s)")
+    assert "n4" not in numbers(mesh)
+    for node, peer in ((n1, n2), (n2, n1)):
+        assert mesh_view(node)[number[peer.name]] == tunnels_before[node.name][number[peer.name]]
+    for node in rest:
+        log = (node.dir / "agent.log").read_text()
+        lines = [line.split(" INFO ")[-1] for line in log.splitlines()
+                 if "membership +n4" in line or "membership -n4" in line]
+        assert len(lines) == 2, log[-3000:]
+        print(f"{node.name} agent: " + " | ".join(lines))
+
+    # `down` on n4 cleans its VPP and releases its number.
+    down = in_ns(n4.netns, sys.executable, "-m", "vppmesh", "down", "--datastore", mesh.url,
+                 *bed.vppmesh_args(n4), "--state-dir", str(n4.dir), check=False)
+    assert down.returncode == 0, down.stdout + down.stderr
+    assert mesh_view(n4) == {}
+    code = ("from vppmesh.datastore.etcd import EtcdStore\n"
+            "from vppmesh.datastore.records import DatastoreUrl\n"
+            f"print(sorted(EtcdStore(DatastoreUrl.parse({mesh.url!r})).snapshot().numbers))")
+    assert in_etcd_ns(code).strip() == "[1, 2, 3]"
+
+    # n4 comes back: a fresh join takes a new key, so every peer installs new SAs (the
+    # used-key ledgers would refuse the old ones) and the mesh is whole again.
+    key_before = n4.key_file.read_text()
+    rejoin_started = time.monotonic()
+    mesh.start_agent(n4)
+    wait_for(lambda: "n4" in numbers(mesh), 30, "n4 to register again")
+    number = numbers(mesh)
+    for node in bed.nodes:
+        others = {v for k, v in number.items() if k != node.name}
+        wait_for(lambda node=node, others=others: meshed_with(node, others), 30,
+                 f"{node.name} to mesh with n4 again")
+    print(f"n4 rejoin: all 4 VPPs meshed {time.monotonic() - rejoin_started:.2f} s after its "
+          "agent started again")
+    assert n4.key_file.read_text() != key_before
+
+    # n3's VPP crashes and comes back empty: its agent takes a new key (reinstalling its
+    # used outbound keys would repeat nonces) and each peer re-keys that one pair only.
+    tunnels_before = {n.name: mesh_view(n) for n in (n1, n2)}
+    sas_before = {n.name: sa_view(n) for n in (n1, n2)}
+    key_before = n3.key_file.read_text()
+    restarted = time.monotonic()
+    bed.restart_vpp(n3)
+    vpp_up = time.monotonic()
+    for node in bed.nodes:
+        others = {v for k, v in number.items() if k != node.name}
+        wait_for(lambda node=node, others=others: meshed_with(node, others), 60,
+                 f"{node.name} to mesh with the restarted n3")
+    print(f"n3 VPP restart: VPP up again {vpp_up - restarted:.1f} s after the kill; every VPP "
+          f"meshed {time.monotonic() - vpp_up:.2f} s later (new key for n3)")
+    assert n3.key_file.read_text() != key_before
+    for node, peer in ((n1, n2), (n2, n1)):
+        assert mesh_view(node)[number[peer.name]] == tunnels_before[node.name][number[peer.name]]
+        sas_after = sa_view(node)
+        for sa_id, (stat_index, seq) in sas_before[node.name].items():
+            peer_of_sa = (sa_id >> 8) & 0xFFFF
+            if peer_of_sa == number[peer.name]:
+                assert sas_after[sa_id][0] == stat_index and sas_after[sa_id][1] >= seq
+    ping = in_ns(n1.pod_netns(0), "ping", "-c", "2", "-W", "2", str(n2.pod_address(0)),
+                 check=False)
+    assert ping.returncode == 0, ping.stdout

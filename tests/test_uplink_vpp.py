@@ -1,0 +1,267 @@
+"""Uplink takeover against a real VPP, on a veth "NIC" in namespaces built here.
+
+`<prefix>uh` is the host: its NIC eth0 (a veth) leads to `<prefix>up`, a peer router
+with an address behind it. VPP runs in the host namespace and takes eth0; the host
+must keep reaching the peer through the host link, and `restore` (with VPP running, and
+after VPP died) must give back exactly the configuration `ip -j` showed before.
+Skipped with the reason when no VPP binary is found or when not root.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import require_vpp
+
+from vppmesh.startup import Instance, load_profile, render
+from vppmesh.testbed import destroy, find_vpp, in_ns, sh, start_vpp
+from vppmesh.vpp import interfaces
+from vppmesh.vpp.client import VppClient
+
+pytestmark = [pytest.mark.vpp, pytest.mark.root]
+PREFIX = "vme-u"
+BASE = Path("/run/vppmesh-vme-uplink")
+HOST_NS = f"{PREFIX}h"
+PEER_NS = f"{PREFIX}p"
+HOST_ADDR = "198.51.100.10/24"  # RFC 5737 TEST-NET-2
+PEER_ADDR = "198.51.100.1/24"
+VPP_ADDR = "198.51.100.2/24"
+BEHIND_PEER = "203.0.113.200"  # reached only through the peer, by a static route
+HOST_ADDR6 = "2001:db8:1::10/64"
+PEER_ADDR6 = "2001:db8:1::1/64"
+BEHIND_PEER6 = "2001:db8:2::1"
+
+
+class UplinkBed:
+    def __init__(self) -> None:
+        self.instance = Instance(name=f"{PREFIX}vpp", runtime_dir=BASE / "vpp")
+        self.vpp: subprocess.Popen[bytes] | None = None
+
+    def build(self) -> None:
+        destroy(PREFIX, BASE, quiet=True)
+        BASE.mkdir(parents=True)
+        for ns in (HOST_NS, PEER_NS):
+            sh("ip", "netns", "add", ns)
+            in_ns(ns, "ip", "link", "set", "lo", "up")
+        in_ns(HOST_NS, "ip", "link", "add", "eth0", "address", "02:00:5e:00:53:10", "mtu",
+              "1500", "type", "veth", "peer", "name", "eth0", "netns", PEER_NS)
+        in_ns(PEER_NS, "ip", "addr", "add", PEER_ADDR, "dev", "eth0")
+        in_ns(PEER_NS, "ip", "addr", "add", PEER_ADDR6, "dev", "eth0", "nodad")
+        in_ns(PEER_NS, "ip", "addr", "add", f"{BEHIND_PEER}/32", "dev", "lo")
+        in_ns(PEER_NS, "ip", "addr", "add", f"{BEHIND_PEER6}/128", "dev", "lo")
+        in_ns(PEER_NS, "ip", "link", "set", "eth0", "up")
+        in_ns(HOST_NS, "ip", "addr", "add", HOST_ADDR, "dev", "eth0")
+        in_ns(HOST_NS, "ip", "addr", "add", HOST_ADDR6, "dev", "eth0", "nodad")
+        in_ns(HOST_NS, "ip", "link", "set", "eth0", "up")
+        in_ns(HOST_NS, "ip", "route", "add", f"{BEHIND_PEER}/32", "via", "198.51.100.1",
+              "metric", "7")
+        in_ns(HOST_NS, "ip", "-6", "route", "add", "2001:db8:2::/64", "via", "2001:db8:1::1")
+        self.start_vpp()
+
+    def start_vpp(self) -> None:
+        self.vpp = start_vpp(find_vpp(), HOST_NS, self.instance, self.instance.runtime_dir,
+                             render(load_profile("testbed"), self.instance))
+
+    def kill_vpp(self) -> None:
+        assert self.vpp is not None
+        os.killpg(self.vpp.pid, signal.SIGKILL)
+        self.vpp.wait()
+        time.sleep(0.5)
+        self.instance.api_socket.unlink(missing_ok=True)
+
+    def vppmesh(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return in_ns(HOST_NS, sys.executable, "-m", "vppmesh", "uplink", *args,
+                     "--api-socket", str(self.instance.api_socket), "--state-dir",
+                     str(BASE / "state"), check=False)
+
+
+@pytest.fixture
+def bed() -> Iterator[UplinkBed]:
+    require_vpp()
+    bed = UplinkBed()
+    try:
+        bed.build()
+        yield bed
+    finally:
+        destroy(PREFIX, BASE, quiet=True)
+
+
+def ip_json(*args: str) -> Any:
+    return json.loads(in_ns(HOST_NS, "ip", "-j", *args).stdout or "[]")
+
+
+def linux_view() -> dict[str, Any]:
+    """Links, addresses and routes of the host namespace, without counters and lifetimes."""
+    links = [{k: link.get(k) for k in ("ifindex", "ifname", "mtu", "address", "flags",
+                                       "operstate", "link_type", "promiscuity")}
+             for link in ip_json("-d", "link", "show")]
+    addrs = [{"ifname": a["ifname"], "addr": sorted(
+        (i["family"], i["local"], i["prefixlen"], i.get("scope"), i.get("broadcast"),
+         i.get("nodad", False), i.get("noprefixroute", False))
+        for i in a.get("addr_info", []))} for a in ip_json("addr", "show")]
+    routes = sorted(json.dumps(r, sort_keys=True)
+                    for family in ("-4", "-6") for r in ip_json(family, "route", "show",
+                                                                "table", "all"))
+    return {"links": links, "addresses": addrs, "routes": routes}
+
+
+def assert_same(before: dict[str, Any], settle: float = 5.0) -> None:
+    """The host namespace looks as before (allowing `settle` s for IPv6 link-local routes)."""
+    deadline = time.monotonic() + settle
+    now = linux_view()
+    while now != before and time.monotonic() < deadline:
+        time.sleep(0.2)
+        now = linux_view()
+    for key in before:
+        if isinstance(before[key], list) and key == "routes":
+            assert set(now[key]) == set(before[key]), (
+                f"routes gone: {sorted(set(before[key]) - set(now[key]))}; "
+                f"routes new: {sorted(set(now[key]) - set(before[key]))}")
+        assert now[key] == before[key], key
+
+
+def reaches_peer() -> bool:
+    """Both families, the on-link peer and an address routed through it."""
+    for target in (BEHIND_PEER, "198.51.100.1", BEHIND_PEER6):
+        # -w: up to 3 s for the first reply (neighbor discovery on a new link).
+        ping = in_ns(HOST_NS, "ping", "-c", "1", "-w", "3", target, check=False)
+        if ping.returncode != 0:
+            return False
+    return True
+
+
+def wait_settled(seconds: float = 1.0, timeout: float = 10.0) -> None:
+    """Operstate and IPv6 link-local addresses (DAD, then their routes) follow a link up."""
+    time.sleep(seconds)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        infos = [i for a in ip_json("addr", "show") for i in a.get("addr_info", [])]
+        if not any(i.get("tentative") for i in infos):
+            return
+        time.sleep(0.2)
+
+
+def test_takeover_keeps_the_host_online_and_restore_is_exact(bed: UplinkBed) -> None:
+    wait_settled()
+    before = linux_view()
+    assert reaches_peer()
+
+    took = bed.vppmesh("take", "--interface", "eth0", "--address", VPP_ADDR)
+    assert took.returncode == 0, took.stdout + took.stderr
+    assert "no /dev/vhost-net here" in took.stdout or Path("/dev/vhost-net").exists()
+    saved = json.loads((BASE / "state" / "uplink-eth0.json").read_text())
+    assert saved["mac"] == "02:00:5e:00:53:10" and saved["mtu"] == 1500
+    wait_settled()
+    during = linux_view()
+    eth0 = next(x for x in ip_json("-d", "link", "show", "eth0"))
+    assert eth0["address"] == "02:00:5e:00:53:10" and eth0["mtu"] == 1500
+    assert eth0["linkinfo"]["info_kind"] in ("veth", "tun")
+    assert eth0["ifindex"] != next(x for x in before["links"] if x["ifname"] == "eth0")["ifindex"]
+    nic = next(x for x in ip_json("link", "show", "eth0-nic"))
+    assert "PROMISC" in nic["flags"]
+    # Same addresses and routes on the host link as on the NIC before.
+    assert [a for a in during["addresses"] if a["ifname"] == "eth0"] == \
+        [a for a in before["addresses"] if a["ifname"] == "eth0"]
+    assert any(BEHIND_PEER in r and "\"metric\": 7" in r for r in during["routes"])
+    assert reaches_peer()
+    # VPP answers on its own underlay address, on the same wire.
+    ping_vpp = in_ns(PEER_NS, "ping", "-c", "2", "-W", "2", VPP_ADDR.split("/")[0],
+                     check=False)
+    assert ping_vpp.returncode == 0, ping_vpp.stdout
+    with VppClient(bed.instance.api_socket).connect() as api:
+        tags = {i.tag for i in interfaces.dump_interfaces(api)}
+    assert {"vppmesh-uplink:nic", "vppmesh-uplink:host", "vppmesh-uplink:bvi"} <= tags
+
+    restored = bed.vppmesh("restore")
+    assert restored.returncode == 0, restored.stdout + restored.stderr
+    wait_settled()
+    assert_same(before)
+    assert reaches_peer()
+    with VppClient(bed.instance.api_socket).connect() as api:
+        assert not [i for i in interfaces.dump_interfaces(api)
+                    if i.tag.startswith("vppmesh-uplink:")]
+
+    # Again, and this time VPP dies: restore works from the saved JSON alone.
+    took = bed.vppmesh("take", "--interface", "eth0", "--address", VPP_ADDR)
+    assert took.returncode == 0, took.stdout + took.stderr
+    assert reaches_peer()
+    bed.kill_vpp()
+    restored = bed.vppmesh("restore")
+    assert restored.returncode == 0, restored.stdout + restored.stderr
+    wait_settled()
+    assert_same(before)
+    assert reaches_peer()
+    assert not (BASE / "state" / "uplink-eth0.json").exists()
+
+
+def test_up_takes_the_uplink_gives_it_back_when_vpp_dies_and_down_restores(
+        bed: UplinkBed) -> None:
+    from vppmesh.config import Mesh, MeshSettings, Node, dump_mesh
+    from vppmesh.keys import generate_private_key
+
+    key = BASE / "h.key"
+    mesh_file = BASE / "mesh.yaml"
+    mesh_file.write_text(dump_mesh(Mesh(settings=MeshSettings(), nodes=[Node(
+        name="h", node_number=1, underlay=[VPP_ADDR], pod_cidr="198.18.77.0/24",  # type: ignore[list-item,arg-type]
+        public_key=generate_private_key(key, force=True))])))
+    common = ["--mesh", str(mesh_file), "--node", "h", "--api-socket",
+              str(bed.instance.api_socket), "--state-dir", str(BASE / "state")]
+    wait_settled()
+    before = linux_view()
+    log = open(BASE / "agent.log", "w")  # noqa: SIM115 - handed to the child
+    agent = subprocess.Popen(["ip", "netns", "exec", HOST_NS, sys.executable, "-m", "vppmesh",
+                              "up", *common, "--key", str(key), "--host-link", "none",
+                              "--take-uplink", "eth0", "--watch"],
+                             stdout=log, stderr=subprocess.STDOUT)
+    state = BASE / "state" / "uplink-eth0.json"
+
+    def vpp_answers() -> bool:
+        ping = in_ns(PEER_NS, "ping", "-c", "1", "-w", "3", VPP_ADDR.split("/")[0],
+                     check=False)
+        return ping.returncode == 0
+
+    try:
+        deadline = time.monotonic() + 30
+        while "node h: " not in (BASE / "agent.log").read_text():  # `up` done
+            assert time.monotonic() < deadline, (BASE / "agent.log").read_text()
+            assert agent.poll() is None, (BASE / "agent.log").read_text()
+            time.sleep(0.2)
+        assert state.exists()
+        assert reaches_peer()
+        assert vpp_answers()  # the mesh's primary address is VPP's, on the BVI
+
+        # VPP dies: the agent gives the NIC back to Linux, exactly as it was.
+        bed.kill_vpp()
+        died = time.monotonic()
+        assert_same(before, settle=15)
+        print(f"\nVPP killed: host config restored by the agent in "
+              f"{time.monotonic() - died:.1f} s")
+        assert not state.exists()
+        assert reaches_peer()
+        # VPP is back: the agent takes the NIC again and programs VPP.
+        bed.start_vpp()
+        deadline = time.monotonic() + 30
+        while "VPP is back" not in (BASE / "agent.log").read_text():
+            assert time.monotonic() < deadline, (BASE / "agent.log").read_text()
+            time.sleep(0.2)
+        assert state.exists()
+        assert reaches_peer()
+        assert vpp_answers()
+    finally:
+        agent.terminate()
+        agent.wait(timeout=10)
+        log.close()
+    down = in_ns(HOST_NS, sys.executable, "-m", "vppmesh", "down", *common, check=False)
+    assert down.returncode == 0, down.stdout + down.stderr
+    assert "linux link eth0: name, MAC, MTU, addresses and routes" in down.stdout
+    assert_same(before)
+    assert reaches_peer()

@@ -1,0 +1,438 @@
+"""The agent of a node whose membership lives in etcd: register, watch, reconcile.
+
+The node publishes its record under a lease that it keeps alive while it runs, and
+watches the prefix. Any change (a node joins, leaves, changes its record, the settings
+change) leads to one new snapshot and one reconcile. reconcile() compares the new
+desired state with what VPP holds and changes only the difference, so a join or a
+leave touches the SAs, tunnels and route of that one peer; the tunnels of every other
+peer are left exactly as they were. Stopping the agent does not revoke the lease: a
+restart within the lease's TTL is invisible to the other nodes; `vppmesh down` removes
+the record at once.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+from pydantic import ValidationError
+
+from vppmesh import node as agent
+from vppmesh.config import Mesh, MeshSettings, Node, format_validation_error
+from vppmesh.datastore.etcd import DatastoreError, EtcdStore, Registration
+from vppmesh.datastore.records import (
+    DatastoreUrl,
+    Membership,
+    assemble,
+    membership_change,
+    parse_record,
+)
+from vppmesh.errors import ConfigError, VppMeshError, VppUnavailableError
+from vppmesh.keys import generate_private_key, load_secrets
+from vppmesh.reconcile import ReusedKeyError
+from vppmesh.state import GATEWAY_TAG
+from vppmesh.vpp import interfaces
+from vppmesh.vpp.client import VppApi, VppClient
+
+log = logging.getLogger("vppmesh.datastore")
+IPInterface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
+RETRY_SECONDS = 1.0
+
+
+@dataclass(frozen=True)
+class LocalNode:
+    """What this node publishes about itself; the number is allocated unless given."""
+
+    underlay: tuple[IPInterface, ...]
+    pod_cidr: ipaddress.IPv4Network
+    node_number: int | None = None
+    uplink: str | None = None
+
+
+@dataclass(frozen=True)
+class DatastoreOptions:
+    url: DatastoreUrl
+    local: LocalNode | None = None  # needed to join, not to leave
+    lease_ttl: int = 30
+    settings_file: Path | None = None
+    resync_seconds: float = 10.0
+    debounce_seconds: float = 0.05
+    # A node that joins without a live record of its own takes a new key first: its
+    # peers removed its SAs when it left, and deriving the same keys again would repeat
+    # GCM nonces (their used-key ledgers refuse that).
+    fresh_key: bool = True
+
+
+def load_settings_file(path: Path) -> MeshSettings:
+    """A settings file: the settings mapping itself, or a mesh file (its settings)."""
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read the settings file ({exc})") from None
+    if isinstance(data, dict) and "settings" in data:
+        data = data["settings"]
+    try:
+        return MeshSettings.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, str(path)).replace(
+            "the mesh file is not valid", "the settings are not valid")) from None
+
+
+def local_record(options: agent.NodeOptions, local: LocalNode, public_key: str) -> Node:
+    """This node's record, validated like a node of the mesh file (number 1 until claimed)."""
+    try:
+        return Node(name=options.node, node_number=local.node_number or 1,
+                    underlay=list(local.underlay), pod_cidr=local.pod_cidr,
+                    public_key=public_key, uplink=local.uplink)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, "this node's record").replace(
+            "the mesh file is not valid", "check --node, --underlay, --pod-cidr")) from None
+
+
+def new_private_key(path: Path) -> str:
+    """Replace the key file atomically (0600 throughout); returns the new public key."""
+    scratch = path.with_name(path.name + ".new")
+    scratch.unlink(missing_ok=True)
+    public = generate_private_key(scratch)
+    os.replace(scratch, path)
+    return public
+
+
+def record_file(options: agent.NodeOptions) -> Path:
+    """Where the agent keeps a copy of its record and settings, so `down` works offline."""
+    return options.state_dir / f"{options.node}.datastore.json"
+
+
+class MembershipAgent:
+    """Keeps this node registered and its VPP in step with the membership."""
+
+    def __init__(self, options: agent.NodeOptions, ds: DatastoreOptions,
+                 store: EtcdStore | None = None, api: VppApi | None = None) -> None:
+        if ds.local is None:
+            raise ConfigError("joining through a datastore needs --underlay and --pod-cidr")
+        self.options = options
+        self.ds = ds
+        self.local = ds.local
+        self.store = store or EtcdStore(ds.url)
+        self.api = api  # None: the agent keeps its own connection to options.api_socket
+        self.changed = threading.Event()
+        self.stop = threading.Event()
+        self.registration: Registration | None = None
+        self.lease_lost = threading.Event()
+        self.watch_broken = threading.Event()
+        self.applied: Mesh | None = None
+        self.rejected: dict[str, str] = {}
+        self.changed_at: float | None = None
+        self._stop_watch: Callable[[], None] | None = None
+        self._keepalive: threading.Thread | None = None
+        self._client: VppClient | None = None
+
+    # ---- joining ----------------------------------------------------------------------
+    def register(self) -> Registration:
+        if self.ds.settings_file is not None:
+            wanted = load_settings_file(self.ds.settings_file)
+            if self.store.seed_settings(wanted):
+                log.info("stored the mesh settings from %s in %s", self.ds.settings_file,
+                         self.ds.url)
+            elif self.store.settings() != wanted:
+                log.warning("%s holds other mesh settings than %s: the datastore's apply",
+                            self.ds.url, self.ds.settings_file)
+        if self.ds.fresh_key and not self._has_live_record():
+            public = new_private_key(self.options.private_key)
+            log.info("joining afresh: new X25519 key in %s", self.options.private_key)
+        else:
+            public = load_secrets(self.options.private_key, None).public_key_b64()
+        record = local_record(self.options, self.local, public)
+        lease = self.store.grant(self.ds.lease_ttl)
+        try:
+            self.registration = self.store.register(record, lease,
+                                                    requested_number=self.local.node_number)
+        except VppMeshError:
+            self.store.revoke(lease)
+            raise
+        self.lease_lost.clear()
+        return self.registration
+
+    def rekey(self) -> Registration:
+        """A new key for this node, published in our own record under our lease.
+
+        For a VPP that lost its SAs (restarted): reinstalling our outbound keys would
+        repeat GCM nonces, so the pair keys change instead. Every peer sees our record
+        change and replaces the SAs of this one pair; nothing else is touched.
+        """
+        public = new_private_key(self.options.private_key)
+        assert self.registration is not None
+        record = local_record(self.options, self.local, public).model_copy(
+            update={"node_number": self.registration.node.node_number})
+        self.registration = self.store.register(record, self.registration.lease,
+                                                requested_number=record.node_number)
+        return self.registration
+
+    def _vpp_has_mesh(self) -> bool:
+        """VPP holds our gateway: it did not restart, whatever it lacks."""
+        return any(i.tag == GATEWAY_TAG for i in interfaces.dump_interfaces(self._vpp()))
+
+    def _has_live_record(self) -> bool:
+        """Our record is still there (an agent restart within the lease's TTL)."""
+        return any(r.name == self.options.node for r in self.store.snapshot().records)
+
+    def _keepalive_loop(self) -> None:
+        interval = max(self.ds.lease_ttl / 3, 0.5)
+        while not self.stop.wait(interval):
+            registration = self.registration
+            if registration is None:
+                continue
+            try:
+                alive = self.store.keepalive(registration.lease)
+            except VppMeshError as exc:
+                log.warning("%s", exc)
+                self.changed.set()  # the watch stream is likely broken too: resync
+                continue
+            if not alive:
+                log.warning("the lease of %s expired; registering again", self.options.node)
+                self.lease_lost.set()
+                self.changed.set()
+
+    # ---- following the membership -------------------------------------------------------
+    def _vpp(self) -> VppApi:
+        """One VPP connection for the agent's life (connecting costs more than a sync)."""
+        if self.api is not None:
+            return self.api
+        if self._client is None:
+            self._client = VppClient(self.options.api_socket).connect()
+        return self._client
+
+    def _drop_vpp(self) -> None:
+        if self._client is not None:
+            try:
+                self._client.close()
+            except Exception:  # a dead connection may fail to close; it is dropped anyway
+                log.debug("closing the VPP connection failed", exc_info=True)
+            self._client = None
+
+    def sync(self, event_at: float | None = None, *,
+             rekeyed: bool = False) -> agent.UpResult | None:
+        """One snapshot, (re-)register if our record is gone, reconcile if needed.
+
+        `event_at` (monotonic) is when the watch reported the change, for the log.
+        """
+        snap = self.store.snapshot()
+        own = next((r for r in snap.records if r.name == self.options.node), None)
+        if own is None or self.registration is None or self.lease_lost.is_set() or \
+                own.lease != self.registration.lease.id:
+            self.register()
+            snap = self.store.snapshot()
+        settings = self.store.settings(snap)
+        membership = assemble(settings, snap.records, snap.numbers)
+        if membership.rejected != self.rejected:  # report each conflict once
+            for reason in sorted(set(membership.rejected.values())):
+                log.error("ignoring %s", reason)
+            self.rejected = membership.rejected
+        if not membership.has(self.options.node):
+            raise ConfigError(f"this node's record was rejected: "
+                              f"{membership.rejected.get(self.options.node, 'not found')}")
+        assert membership.mesh is not None
+        self._save(membership)
+        change = membership_change(self.applied, membership.mesh)
+        try:
+            result = agent.up(self.options, mesh=membership.mesh, api=self._vpp())
+        except ReusedKeyError:
+            if not self.ds.fresh_key or self.registration is None or rekeyed:
+                raise
+            if self._vpp_has_mesh():
+                raise ReusedKeyError(
+                    "a peer came back with a key this node used before (its agent runs with "
+                    "--keep-key?): it must take a new key; this node changed nothing") from None
+            log.warning("VPP lost this node's SAs (restarted?): taking a new key rather than "
+                        "installing used outbound keys again")
+            self.rekey()
+            return self.sync(event_at, rekeyed=True)
+        if self.applied is None or not change.empty or result.changes:
+            since = (f", {1000 * (time.monotonic() - event_at):.0f} ms after the "
+                     "event" if event_at is not None else "")
+            log.info("membership %s (%d node(s)): %d change(s) in %.0f ms%s", change,
+                     len(membership.mesh.nodes), len(result.changes), result.seconds * 1000,
+                     since)
+        self.applied = membership.mesh
+        return result
+
+    def _save(self, membership: Membership) -> None:
+        assert membership.mesh is not None
+        path = record_file(self.options)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        data = {"datastore": str(self.ds.url),
+                "settings": membership.mesh.settings.model_dump(mode="json", exclude_none=True),
+                "node": membership.mesh.node(self.options.node).model_dump(
+                    mode="json", exclude_none=True)}
+        text = json.dumps(data, indent=2)
+        if not path.exists() or path.read_text() != text:
+            path.write_text(text)
+
+    def _watch(self, revision: int) -> None:
+        self._unwatch()
+
+        def on_change() -> None:
+            if self.changed_at is None:
+                self.changed_at = time.monotonic()
+            self.changed.set()
+
+        self._stop_watch = self.store.watch(revision + 1, on_change, self._watch_ended)
+
+    def _watch_ended(self) -> None:
+        log.warning("the watch on %s ended (etcd restarted?); watching again", self.ds.url)
+        self.watch_broken.set()
+        self.changed.set()
+
+    def _unwatch(self) -> None:
+        if self._stop_watch is not None:
+            self._stop_watch()
+        self._stop_watch = None
+
+    def _give_back_uplinks(self) -> None:
+        from vppmesh.uplink import release_all
+
+        try:
+            for line in release_all(self.options.state_dir):
+                log.warning("VPP is gone: %s given back to Linux", line)
+        except VppMeshError as exc:
+            log.error("%s", exc)
+
+    def run(self) -> None:
+        """Until stop is set: keep the lease, follow the prefix, reconcile on changes."""
+        self._keepalive = threading.Thread(target=self._keepalive_loop, daemon=True,
+                                           name="vppmesh-lease")
+        self._keepalive.start()
+        log.info("following %s as %s (lease TTL %d s)", self.ds.url, self.options.node,
+                 self.ds.lease_ttl)
+        next_resync = 0.0
+        retry = False
+        vpp_gone = False
+        try:
+            while not self.stop.is_set():
+                timeout = RETRY_SECONDS if retry else max(0.0, next_resync - time.monotonic())
+                if self.changed.wait(timeout) and self.ds.debounce_seconds:
+                    self.stop.wait(self.ds.debounce_seconds)  # let a burst of events settle
+                if self.stop.is_set():
+                    break
+                self.changed.clear()
+                event_at, self.changed_at = self.changed_at, None
+                try:
+                    if time.monotonic() >= next_resync or self._stop_watch is None or \
+                            self.watch_broken.is_set():
+                        self.watch_broken.clear()
+                        # Re-arm the watch from a fresh revision: a broken stream goes quiet.
+                        self._watch(self.store.snapshot().revision)
+                        next_resync = time.monotonic() + self.ds.resync_seconds
+                    self.sync(event_at)
+                    if vpp_gone:
+                        log.info("VPP is back: mesh programmed again")
+                    retry = vpp_gone = False
+                except VppUnavailableError as exc:
+                    self._drop_vpp()
+                    if not vpp_gone:
+                        log.warning("VPP unavailable (%s); waiting for it", exc)
+                        self._give_back_uplinks()
+                    retry = vpp_gone = True
+                except VppMeshError as exc:
+                    log.error("%s", exc)
+                    if isinstance(exc, DatastoreError):
+                        self._unwatch()  # re-armed from a fresh revision once etcd answers
+                    retry = True
+                except Exception:  # a bug must not stop the node from following the mesh
+                    log.exception("unexpected error; trying again")
+                    self._unwatch()
+                    retry = True
+        finally:
+            self._unwatch()
+            self._drop_vpp()
+            self.stop.set()
+
+
+def leave(options: agent.NodeOptions, url: DatastoreUrl, *,
+          store: EtcdStore | None = None) -> list[str]:
+    """Delete this node's record and number claim, then remove the mesh from VPP."""
+    store = store or EtcdStore(url)
+    removed: list[str] = []
+    snap = store.snapshot()
+    record = next((r for r in snap.records if r.name == options.node), None)
+    saved = record_file(options)
+    node: Node | None = None
+    settings: MeshSettings | None = None
+    if saved.exists():
+        data = json.loads(saved.read_text())
+        node = Node.model_validate(data["node"])
+        settings = MeshSettings.model_validate(data["settings"])
+    if record is not None:
+        node = parse_record(record)
+    if snap.settings is not None:
+        settings = store.settings(snap)
+    if store.deregister(options.node):
+        removed.append(f"datastore record {url.node_key(options.node)}")
+    if node is None or settings is None:
+        raise ConfigError(f"no record of {options.node!r} in {url} nor in {saved}: nothing "
+                          "tells which addresses to remove; run `vppmesh down --mesh` instead")
+    removed += agent.down(options, mesh=Mesh(settings=settings, nodes=[node]))
+    saved.unlink(missing_ok=True)
+    return removed
+
+
+def parse_local(underlay: list[str], pod_cidr: str | None, node_number: int | None,
+                uplink: str | None) -> LocalNode:
+    """The command line's description of this node; errors name the option."""
+    if not underlay or pod_cidr is None:
+        raise ConfigError("joining through --datastore needs this node's --underlay "
+                          "address(es) (ADDR/LEN, one per tunnel) and its --pod-cidr")
+    try:
+        addresses = tuple(ipaddress.ip_interface(a) for a in underlay)
+    except ValueError as exc:
+        raise ConfigError(f"--underlay: {exc}; give ADDR/LEN, e.g. 192.0.2.11/24") from None
+    try:
+        cidr = ipaddress.IPv4Network(pod_cidr)
+    except ValueError as exc:
+        raise ConfigError(f"--pod-cidr {pod_cidr}: {exc}; give an IPv4 network such as "
+                          "198.18.1.0/24") from None
+    return LocalNode(underlay=addresses, pod_cidr=cidr, node_number=node_number,
+                     uplink=uplink)
+
+
+def follow(options: agent.NodeOptions, url: str, *, watch: bool, underlay: list[str],
+           pod_cidr: str | None, node_number: int | None, settings_file: Path | None,
+           lease_ttl: int, fresh_key: bool = True) -> None:
+    """`vppmesh up --datastore`: register and follow the membership until SIGTERM/SIGINT."""
+    import signal
+
+    if not watch:
+        raise ConfigError("--datastore needs --watch: a node's record lives only while its "
+                          "agent keeps the lease alive")
+    if lease_ttl < 2:
+        raise ConfigError(f"--lease-ttl {lease_ttl}: at least 2 seconds (etcd's minimum)")
+    ds = DatastoreOptions(url=DatastoreUrl.parse(url),
+                          local=parse_local(underlay, pod_cidr, node_number, options.uplink),
+                          lease_ttl=lease_ttl, settings_file=settings_file,
+                          fresh_key=fresh_key)
+    member = MembershipAgent(options, ds)
+    member.register()  # a conflicting record fails here, before VPP is touched
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: (member.stop.set(), member.changed.set()))
+    member.changed.set()
+    member.run()
+
+
+def current_mesh(url: DatastoreUrl, *, store: EtcdStore | None = None) -> Mesh:
+    """The mesh every agent derives from the datastore now (for `plan` and `status`)."""
+    store = store or EtcdStore(url)
+    snap = store.snapshot()
+    membership = assemble(store.settings(snap), snap.records, snap.numbers)
+    for reason in sorted(set(membership.rejected.values())):
+        log.warning("ignoring %s", reason)
+    if membership.mesh is None:
+        raise ConfigError(f"{url}: no node is registered")
+    return membership.mesh

@@ -1,0 +1,389 @@
+"""Uplink takeover: VPP drives the host's NIC, and the host keeps its network through VPP.
+
+The NIC goes to VPP; the host gets a link with the NIC's name, MAC, MTU, addresses and
+routes (a tap v2 with GSO/GRO coalescing and one queue pair per worker where
+/dev/vhost-net exists, else a veth pair whose VPP end VPP opens with af_packet). VPP
+joins the NIC, the host link and a BVI loopback in one L2 bridge domain: the host's
+frames cross VPP untouched (ARP, DHCP, IPv6 ND keep working as before), and VPP's own
+underlay addresses live on the BVI. The host's address therefore stays the host's:
+VPP's underlay addresses must be others (the mesh wants several per node anyway).
+Sharing one address between host and VPP would need punting (`ip punt redirect` or
+linux-cp, which needs a tap); that is not built.
+
+Drivers: `af_packet` (the NIC stays a Linux netdev, renamed `<name>-nic` so the host
+link can take its name) is what this machine exercises. `af_xdp` works the same way
+through the af_xdp plugin (not in every VPP build). `avf` and `dpdk` take the NIC at
+VPP start from startup.conf (`devices:` / `dpdk_devices:` in the profile; VPP 26.06
+has no separate avf plugin, iavf is a native device driver); run `vppmesh uplink take`
+before VPP starts binds the NIC so the Linux configuration is saved first.
+
+Before anything is touched the NIC's Linux configuration is saved as JSON in the state
+directory; `vppmesh uplink restore` (also run by `down`) puts it back exactly, with or
+without a running VPP.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import socket
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+from vppmesh import host as linux
+from vppmesh.errors import ConfigError, HostError
+from vppmesh.vpp import host_interfaces, interfaces, l2
+from vppmesh.vpp.client import Request, VppApi
+
+UplinkDriver = Literal["af_packet", "af_xdp", "avf", "dpdk"]
+HostLinkKind = Literal["auto", "tap", "veth"]
+BRIDGE_DOMAIN = 7171
+TAG_NIC = "vppmesh-uplink:nic"
+TAG_HOST = "vppmesh-uplink:host"
+TAG_BVI = "vppmesh-uplink:bvi"
+IFF_PROMISC = 0x100
+RTPROT_KERNEL = 2
+RT_TABLE_LOCAL = 255
+# IFA_F_NODAD | IFA_F_HOMEADDRESS | IFA_F_MANAGETEMPADDR | IFA_F_NOPREFIXROUTE
+ADDRESS_FLAGS = 0x02 | 0x10 | 0x100 | 0x200
+IPInterface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
+
+
+class UplinkSpec(BaseModel):
+    """Which NIC VPP takes, with which driver, and VPP's own addresses on it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    interface: str = Field(min_length=1, max_length=15)
+    driver: UplinkDriver = "af_packet"
+    vpp_interface: str | None = Field(
+        default=None, description="avf/dpdk: VPP's name of the port (startup.conf).")
+    vpp_addresses: tuple[IPInterface, ...] = ()
+    host_link: HostLinkKind = "auto"
+    queues: int = Field(default=1, ge=1, le=64)
+
+
+class SavedAddress(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    family: int
+    address: str
+    prefixlen: int
+    scope: int = 0
+    broadcast: str | None = None
+    flags: int = 0  # the IFA_F_* flags an address can be created with (nodad, ...)
+
+
+class SavedRoute(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    family: int
+    dst: str | None  # None: the default route
+    dst_len: int
+    table: int
+    gateway: str | None = None
+    prefsrc: str | None = None
+    priority: int | None = None
+    proto: int
+    scope: int
+    type: int
+
+
+class SavedUplink(BaseModel):
+    """The NIC's Linux configuration before takeover, and what takeover made of it."""
+
+    model_config = ConfigDict(extra="forbid")
+    spec: UplinkSpec
+    ifname: str
+    mac: str
+    mtu: int
+    up: bool
+    promisc: bool
+    addresses: list[SavedAddress]
+    routes: list[SavedRoute]
+    nic_name: str  # the NIC's name while VPP has it
+    host_link: Literal["tap", "veth"]
+
+    @property
+    def veth_peer(self) -> str:
+        return f"{self.ifname[:11]}-vpp"
+
+
+def state_file(state_dir: Path, ifname: str) -> Path:
+    return state_dir / f"uplink-{ifname}.json"
+
+
+def nic_name(ifname: str) -> str:
+    return f"{ifname[:11]}-nic"
+
+
+def bvi_mac(mac: str) -> str:
+    """VPP's own MAC on the bridge: locally administered, derived from the NIC's."""
+    return "02:fe:ff:" + mac.split(":", 3)[3]
+
+
+def host_vpp_mac(mac: str) -> str:
+    """VPP's end of the host link."""
+    return "02:fe:fe:" + mac.split(":", 3)[3]
+
+
+def resolve_host_link(kind: HostLinkKind) -> Literal["tap", "veth"]:
+    if kind == "auto":
+        return "tap" if linux.tap_supported() else "veth"
+    if kind == "tap" and not linux.tap_supported():
+        raise ConfigError("--host-link tap needs /dev/vhost-net (modprobe vhost_net); this "
+                          "host lacks it: use veth (af_packet) instead")
+    return kind
+
+
+# ---- Linux ----------------------------------------------------------------------------
+def _index(ipr: Any, ifname: str) -> int | None:
+    found = ipr.link_lookup(ifname=ifname)
+    return found[0] if found else None
+
+
+def capture(ifname: str, spec: UplinkSpec, host_link: Literal["tap", "veth"]) -> SavedUplink:
+    """The NIC's link, addresses and routes (every table but `local`)."""
+    with IPRoute() as ipr:
+        index = _index(ipr, ifname)
+        if index is None:
+            raise HostError(f"uplink {ifname!r} not found in this namespace; name the NIC "
+                            "that carries the host's address")
+        link = ipr.get_links(index)[0]
+        addresses = [
+            SavedAddress(family=a["family"], address=a.get_attr("IFA_ADDRESS"),
+                         prefixlen=a["prefixlen"], scope=a["scope"],
+                         broadcast=a.get_attr("IFA_BROADCAST"),
+                         flags=(a.get_attr("IFA_FLAGS") or a["flags"]) & ADDRESS_FLAGS)
+            for a in ipr.get_addr(index=index)]
+        routes: list[SavedRoute] = []
+        for family in (socket.AF_INET, socket.AF_INET6):
+            for r in ipr.get_routes(family=family):
+                table = r.get_attr("RTA_TABLE") or r["table"]
+                if r.get_attr("RTA_OIF") != index or table == RT_TABLE_LOCAL:
+                    continue
+                routes.append(SavedRoute(
+                    family=family, dst=r.get_attr("RTA_DST"), dst_len=r["dst_len"],
+                    table=table, gateway=r.get_attr("RTA_GATEWAY"),
+                    prefsrc=r.get_attr("RTA_PREFSRC"), priority=r.get_attr("RTA_PRIORITY"),
+                    proto=r["proto"], scope=r["scope"], type=r["type"]))
+    return SavedUplink(spec=spec, ifname=ifname, mac=link.get_attr("IFLA_ADDRESS"),
+                       mtu=link.get_attr("IFLA_MTU"), up=bool(link["flags"] & 1),
+                       promisc=bool(link["flags"] & IFF_PROMISC), addresses=addresses,
+                       routes=routes, nic_name=nic_name(ifname), host_link=host_link)
+
+
+def _set_promisc(ipr: Any, index: int, on: bool) -> None:
+    ipr.link("set", index=index, flags=IFF_PROMISC if on else 0, change=IFF_PROMISC)
+
+
+def apply_addresses_and_routes(ipr: Any, index: int, saved: SavedUplink) -> None:
+    """Put the saved addresses, then the saved (non-kernel) routes, on link `index`."""
+    for a in saved.addresses:
+        if a.family == socket.AF_INET6 and ipaddress.ip_address(a.address).is_link_local:
+            continue  # the kernel makes it again from the MAC
+        extra: dict[str, Any] = {"broadcast": a.broadcast} if a.broadcast else {}
+        if a.flags:
+            extra["flags"] = a.flags
+        try:
+            ipr.addr("add", index=index, address=a.address, prefixlen=a.prefixlen,
+                     scope=a.scope, **extra)
+        except NetlinkError as exc:
+            if exc.code != 17:  # EEXIST
+                raise
+    for r in saved.routes:
+        if r.proto == RTPROT_KERNEL:
+            continue  # made again by the addresses above
+        args: dict[str, Any] = {"family": r.family, "dst_len": r.dst_len, "table": r.table,
+                                "oif": index, "proto": r.proto, "scope": r.scope,
+                                "type": r.type}
+        if r.dst is not None:
+            args["dst"] = r.dst
+        for name in ("gateway", "prefsrc", "priority"):
+            if getattr(r, name) is not None:
+                args[name] = getattr(r, name)
+        ipr.route("replace", **args)
+
+
+# ---- VPP ------------------------------------------------------------------------------
+def nic_request(saved: SavedUplink) -> Request | None:
+    """The API call that gives VPP the NIC (None: startup.conf gave it at VPP start)."""
+    spec = saved.spec
+    if spec.driver == "af_packet":
+        return host_interfaces.create_af_packet(saved.nic_name, saved.mac, spec.queues)
+    if spec.driver == "af_xdp":
+        return Request("af_xdp_create_v3", {
+            "host_if": saved.nic_name, "name": f"xdp-{saved.ifname}", "rxq_num": spec.queues,
+            "rxq_size": 0, "txq_size": 0, "mode": 0, "flags": 0, "prog": "", "netns": "",
+        }, f"af_xdp {saved.nic_name}")
+    return None
+
+
+def _vpp_nic(api: VppApi, saved: SavedUplink) -> int:
+    request = nic_request(saved)
+    if request is not None:
+        return int(api.call(request).sw_if_index)
+    wanted = saved.spec.vpp_interface
+    found = next((i for i in interfaces.dump_interfaces(api) if i.name == wanted), None)
+    if found is None:
+        raise ConfigError(
+            f"driver {saved.spec.driver}: VPP has no interface {wanted!r}; give the NIC to "
+            "VPP in startup.conf (profile `devices:` for iavf, `dpdk_devices:` for dpdk) "
+            "and name that port with --vpp-interface")
+    return found.sw_if_index
+
+
+def take(api: VppApi, spec: UplinkSpec, state_dir: Path) -> SavedUplink:
+    """Hand the NIC to VPP and give the host its network back; idempotent per NIC."""
+    path = state_file(state_dir, spec.interface)
+    if path.exists():
+        return SavedUplink.model_validate_json(path.read_text())
+    if spec.driver in ("avf", "dpdk") and spec.vpp_interface is None:
+        raise ConfigError(f"driver {spec.driver}: name VPP's port with --vpp-interface")
+    saved = capture(spec.interface, spec, resolve_host_link(spec.host_link))
+    state_dir.mkdir(parents=True, exist_ok=True)
+    path.write_text(saved.model_dump_json(indent=2))  # before anything is touched
+    try:
+        _take(api, saved)
+    except BaseException:
+        restore(api, state_dir, spec.interface)
+        raise
+    return saved
+
+
+def _take(api: VppApi, saved: SavedUplink) -> None:
+    # Linux: the NIC loses its addresses (and so its routes) and its name.
+    with IPRoute() as ipr:
+        index = _index(ipr, saved.ifname)
+        if index is not None and saved.spec.driver in ("af_packet", "af_xdp"):
+            ipr.flush_addr(index=index)
+            ipr.link("set", index=index, state="down")
+            ipr.link("set", index=index, ifname=saved.nic_name)
+            ipr.link("set", index=index, state="up")
+            _set_promisc(ipr, index, True)
+    nic = _vpp_nic(api, saved)
+    # The host's link, named like the NIC.
+    if saved.host_link == "tap":
+        host = api.call(host_interfaces.create_tap(
+            saved.ifname, host_vpp_mac(saved.mac), saved.mac,
+            saved.mtu, saved.spec.queues, None, TAG_HOST)).sw_if_index
+    else:
+        linux.ensure_veth(saved.ifname, saved.veth_peer, linux_mac=saved.mac,
+                          vpp_mac=host_vpp_mac(saved.mac),
+                          mtu=saved.mtu)
+        host = api.call(host_interfaces.create_af_packet(
+            saved.veth_peer, host_vpp_mac(saved.mac),
+            saved.spec.queues)).sw_if_index
+    bvi = api.call(interfaces.create_loopback(bvi_mac(saved.mac), "uplink BVI")).sw_if_index
+    batch = [interfaces.set_tag(nic, TAG_NIC), interfaces.set_tag(bvi, TAG_BVI),
+             l2.bridge_domain(BRIDGE_DOMAIN, True, "vppmesh-uplink")]
+    if saved.host_link == "veth":
+        batch.append(interfaces.set_tag(host, TAG_HOST))
+    for index, what in ((nic, "uplink NIC"), (host, "host link"), (bvi, "uplink BVI")):
+        batch += [interfaces.set_mtu(index, saved.mtu, what),
+                  l2.bridge_port(index, BRIDGE_DOMAIN, bvi=index == bvi, what=what)]
+    batch += [interfaces.address(bvi, a, True) for a in saved.spec.vpp_addresses]
+    batch += [interfaces.set_admin(i, True) for i in (nic, host, bvi)]
+    api.call_many(batch)
+    # Linux: the host link takes over the NIC's addresses and routes.
+    with IPRoute() as ipr:
+        index = _index(ipr, saved.ifname)
+        if index is None:
+            raise HostError(f"the host link {saved.ifname} did not appear")
+        ipr.link("set", index=index, mtu=saved.mtu, state="up" if saved.up else "down")
+        apply_addresses_and_routes(ipr, index, saved)
+
+
+def bvi_name(api: VppApi) -> str | None:
+    """VPP's name of the uplink BVI (give it to `vppmesh up --uplink`)."""
+    return next((i.name for i in interfaces.dump_interfaces(api) if i.tag == TAG_BVI), None)
+
+
+def restore(api: VppApi | None, state_dir: Path, ifname: str) -> list[str]:
+    """Undo the takeover of `ifname` from its saved JSON; VPP may be gone (api None)."""
+    path = state_file(state_dir, ifname)
+    if not path.exists():
+        return []
+    saved = SavedUplink.model_validate_json(path.read_text())
+    done: list[str] = []
+    if api is not None:
+        found = {i.tag: i for i in interfaces.dump_interfaces(api)
+                 if i.tag.startswith("vppmesh-uplink:")}
+        batch: list[Request] = []
+        for tag in (TAG_NIC, TAG_HOST, TAG_BVI):
+            if tag in found:
+                batch.append(l2.bridge_port(found[tag].sw_if_index, BRIDGE_DOMAIN,
+                                            bvi=tag == TAG_BVI, enable=False))
+        api.call_many(batch)
+        api.call(l2.bridge_domain(BRIDGE_DOMAIN, False))
+        if TAG_BVI in found:
+            api.call(interfaces.delete_loopback(found[TAG_BVI].sw_if_index))
+        if saved.host_link == "tap":
+            host = found.get(TAG_HOST) or next(
+                (i for i in interfaces.dump_interfaces(api) if i.name.startswith("tap")
+                 and i.tag == TAG_HOST), None)
+            if host is not None:
+                api.call(host_interfaces.delete_tap(host.sw_if_index))
+        else:
+            api.call(host_interfaces.delete_af_packet(saved.veth_peer))
+        if saved.spec.driver == "af_packet":
+            api.call(host_interfaces.delete_af_packet(saved.nic_name))
+        elif saved.spec.driver == "af_xdp" and TAG_NIC in found:
+            api.call(Request("af_xdp_delete", {"sw_if_index": found[TAG_NIC].sw_if_index},
+                             f"af_xdp {saved.nic_name}", tolerate=interfaces.NOT_FOUND))
+        done.append("VPP: uplink bridge, BVI, host link and NIC interface")
+    if saved.host_link == "veth" and linux.remove_link(saved.veth_peer):
+        done.append(f"linux link {saved.ifname} (host veth)")
+    with IPRoute() as ipr:
+        index = _index(ipr, saved.nic_name)
+        if index is not None:
+            ipr.link("set", index=index, state="down")
+            ipr.link("set", index=index, ifname=saved.ifname)
+        index = _index(ipr, saved.ifname)
+        if index is None:
+            raise HostError(f"the NIC {saved.ifname} is not here to restore (driver "
+                            f"{saved.spec.driver}: give it back to the kernel driver first); "
+                            f"its configuration stays saved in {path}")
+        _set_promisc(ipr, index, saved.promisc)
+        ipr.link("set", index=index, mtu=saved.mtu, address=saved.mac)
+        if saved.up:
+            ipr.link("set", index=index, state="up")
+        apply_addresses_and_routes(ipr, index, saved)
+        done.append(f"linux link {saved.ifname}: name, MAC, MTU, addresses and routes")
+    path.unlink()
+    return done
+
+
+def saved_uplinks(state_dir: Path) -> list[str]:
+    """The NICs whose takeover is recorded in `state_dir`."""
+    return sorted(json.loads(p.read_text())["ifname"]
+                  for p in state_dir.glob("uplink-*.json"))
+
+
+def ensure(api: VppApi, spec: UplinkSpec, state_dir: Path, primary: IPInterface) -> str:
+    """For `vppmesh up`: the NIC is VPP's (taking it if needed); returns the BVI's name.
+
+    VPP's address on the uplink is the node's primary underlay address unless the spec
+    names others. After a VPP restart the saved takeover no longer matches VPP: the NIC
+    is given back first, then taken again.
+    """
+    if not spec.vpp_addresses:
+        spec = spec.model_copy(update={"vpp_addresses": (primary,)})
+    name = bvi_name(api)
+    if state_file(state_dir, spec.interface).exists() and name is None:
+        restore(None, state_dir, spec.interface)
+    if name is None:
+        take(api, spec, state_dir)
+        name = bvi_name(api)
+    if name is None:
+        raise HostError(f"uplink takeover of {spec.interface}: no BVI in VPP afterwards")
+    return name
+
+
+def release_all(state_dir: Path) -> list[str]:
+    """VPP is gone: give every NIC it had back to Linux, so the host stays online."""
+    done: list[str] = []
+    for ifname in saved_uplinks(state_dir):
+        done += restore(None, state_dir, ifname)
+    return done
