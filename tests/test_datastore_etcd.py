@@ -5,6 +5,7 @@ Skipped with the reason when no etcd binary is installed.
 
 from __future__ import annotations
 
+import copy
 import re
 import threading
 import time
@@ -22,7 +23,7 @@ from vppmesh.datastore.etcd import EtcdStore, RegistrationError
 from vppmesh.datastore.records import DatastoreUrl, assemble
 from vppmesh.keys import private_key_b64
 from vppmesh.node import NodeOptions
-from vppmesh.state import split_tunnel_instance
+from vppmesh.state import SA_DIRECTION_BIT, is_owned_sa_id, split_tunnel_instance
 
 TTL = 2  # etcd's minimum lease
 
@@ -130,17 +131,15 @@ class Member:
     """One node's agent in a thread, with a fake VPP."""
 
     def __init__(self, store_url: DatastoreUrl, mesh: Mesh, secrets, name: str,  # type: ignore[no-untyped-def]
-                 tmp: Path, ttl: int = TTL, fresh_key: bool = True) -> None:
+                 tmp: Path, ttl: int = TTL) -> None:
         node = mesh.node(name)
         key = tmp / f"{name}.key"
-        if not key.exists():  # an agent may have taken a new key already: keep it
-            key.write_text(private_key_b64(secrets[name].private_key))
-            key.chmod(0o600)
+        key.write_text(private_key_b64(secrets[name].private_key))
+        key.chmod(0o600)
         self.vpp = FakeVpp.with_uplink(node.primary)
         options = NodeOptions(mesh_file=tmp / "unused.yaml", node=name, private_key=key,
                               host_link="none", workers=0, state_dir=tmp)
         ds = DatastoreOptions(url=store_url, lease_ttl=ttl, resync_seconds=30,
-                              fresh_key=fresh_key,
                               local=LocalNode(underlay=tuple(node.underlay),
                                               pod_cidr=node.pod_cidr))
         self.agent = MembershipAgent(options, ds, api=self.vpp)  # type: ignore[arg-type]
@@ -272,42 +271,79 @@ def test_agents_recover_from_an_etcd_restart(tmp_path: Path) -> None:
             m.stop()
 
 
-@pytest.mark.parametrize("fresh_key", [True, False])
-def test_rejoin_after_leaving_needs_and_gets_a_new_key(store: EtcdStore, tmp_path: Path,
-                                                       fresh_key: bool) -> None:
-    """Peers removed a leaver's SAs; the same keys again would repeat GCM nonces."""
+def generation_of(sa_id: int) -> int:
+    return (sa_id >> 24) & 0xF
+
+
+def sa_keys(vpp: FakeVpp, direction: str, peer: int) -> dict[tuple[int, int], object]:
+    """{(generation, tunnel): key} of the SAs towards (out) or from (in) one peer."""
+    out_bit = direction == "out"
+    return {(generation_of(i), (i >> 4) & 0xF): sa["entry"]["crypto_key"]
+            for i, sa in vpp.sas.items() if is_owned_sa_id(i)
+            and bool(i & SA_DIRECTION_BIT) == out_bit and (i >> 8) & 0xFFFF == peer}
+
+
+def sending_generations(vpp: FakeVpp) -> set[int]:
+    """The generations of the outbound SAs that protect the tunnels now."""
+    return {generation_of(sa_out) for sa_out, _ in vpp.protections.values()}
+
+
+def pair_keys_match(a: Member, b: Member) -> bool:
+    """Every key a sends under is one b accepts, and the other way round."""
+    return all(
+        {(g, t) for g, t in sa_keys(x.vpp, "out", y.number) if g in sending_generations(x.vpp)}
+        <= set(sa_keys(y.vpp, "in", x.number)) and all(
+            sa_keys(y.vpp, "in", x.number).get(gt) == key
+            for gt, key in sa_keys(x.vpp, "out", y.number).items())
+        for x, y in ((a, b), (b, a)))
+
+
+def test_rejoin_after_leaving_steps_a_generation_under_the_same_key(
+        store: EtcdStore, tmp_path: Path) -> None:
+    """Peers removed the leaver's SAs; on its return they send under their next generation.
+
+    The key stays the node's identity; the used-key ledgers would refuse (and the
+    agents log) any outbound key installed a second time.
+    """
     mesh, secrets = make_mesh(2, tunnels=1)
     store.seed_settings(mesh.settings)
     first = Member(store.url, mesh, secrets, "node1", tmp_path, ttl=30)
     first.thread.start()
     try:
-        leaver = Member(store.url, mesh, secrets, "node2", tmp_path, fresh_key=fresh_key)
+        leaver = Member(store.url, mesh, secrets, "node2", tmp_path)
         leaver.thread.start()
-        wait_for(lambda: len(first.peers()) == 1, 15, "node2 to join")
+        wait_for(lambda: len(first.peers()) == 1 and pair_keys_match(first, leaver), 15,
+                 "node2 to join")
+        key = (tmp_path / "node2.key").read_text()
+        record = next(r for r in store.snapshot().records if r.name == "node2")
+        (before,) = sending_generations(first.vpp)
+        assert sending_generations(leaver.vpp) == {before}
         leaver.stop()
         wait_for(lambda: not first.peers(), TTL + 10, "node2's lease to expire")
-        back = Member(store.url, mesh, secrets, "node2", tmp_path, fresh_key=fresh_key)
-        back.vpp = leaver.vpp
+        assert sa_keys(first.vpp, "out", leaver.number) == {}  # its outbound key is burnt
+        back = Member(store.url, mesh, secrets, "node2", tmp_path)
+        back.vpp = leaver.vpp  # the agent was gone, its VPP kept running
         back.agent.api = leaver.vpp
         back.thread.start()
         try:
-            if fresh_key:
-                wait_for(lambda: len(first.peers()) == 1, 15, "node2 to rejoin")
-            else:
-                wait_for(lambda: any(r.name == "node2" for r in store.snapshot().records),
-                         15, "node2 to register again")
-                time.sleep(3)  # node1 refuses to install the used keys again
-                assert not first.peers()
-                assert first.agent.applied is not None
-                assert "node2" not in {n.name for n in first.agent.applied.nodes}
+            wait_for(lambda: len(first.peers()) == 1 and sending_generations(first.vpp)
+                     == {before + 1}, 15, "node1 to send to node2 again, one generation on")
+            assert pair_keys_match(first, back)
+            # node2's VPP kept its SAs: it goes on under the generation it was sending on.
+            assert sending_generations(back.vpp) == {before}
+            assert (tmp_path / "node2.key").read_text() == key
+            again = next(r for r in store.snapshot().records if r.name == "node2")
+            assert again.value == record.value  # same record: same key, same number
+            assert first.agent.blocked == [] and back.agent.blocked == []
         finally:
             back.stop()
     finally:
         first.stop()
 
 
-def test_vpp_restart_is_healed_with_a_new_key(store: EtcdStore, tmp_path: Path) -> None:
-    """node1's VPP loses its SAs: node1 takes a new key, node2 re-keys just that pair."""
+def test_vpp_restart_is_healed_by_a_generation_step(store: EtcdStore, tmp_path: Path) -> None:
+    """node1's VPP loses its SAs: node1 sends under its next generation, which node2
+    already accepts; node2 changes nothing, no key and no record changes."""
     mesh, secrets = make_mesh(2, tunnels=2)
     store.seed_settings(mesh.settings)
     a = Member(store.url, mesh, secrets, "node1", tmp_path, ttl=30)
@@ -315,21 +351,26 @@ def test_vpp_restart_is_healed_with_a_new_key(store: EtcdStore, tmp_path: Path) 
     for m in (a, b):
         m.thread.start()
     try:
-        wait_for(lambda: a.peers() == {b.number} and b.peers() == {a.number}, 15, "mesh")
+        wait_for(lambda: a.peers() == {b.number} and b.peers() == {a.number}
+                 and pair_keys_match(a, b), 15, "mesh")
         key = (tmp_path / "node1.key").read_text()
-        b_tunnels = dict(b.vpp.tunnels)
-        b_keys = {i: sa["entry"]["crypto_key"] for i, sa in b.vpp.sas.items()}
+        records = {r.name: r.value for r in store.snapshot().records}
+        (before,) = sending_generations(a.vpp)
+        b_state = copy.deepcopy((b.vpp.tunnels, b.vpp.sas, b.vpp.protections))
         # node1's VPP restarts: empty, same uplink.
         fresh = FakeVpp.with_uplink(mesh.node("node1").primary)
         a.vpp = fresh
         a.agent.api = fresh
         a.agent.changed.set()
-        wait_for(lambda: a.peers() == {b.number} and all(
-            b.vpp.sas[i]["entry"]["crypto_key"] != k for i, k in b_keys.items()),
-            15, "node1 back with new keys on both sides")
-        assert (tmp_path / "node1.key").read_text() != key
-        assert b.vpp.tunnels.keys() == b_tunnels.keys()  # node2 kept its tunnels
-        assert len(fresh.protections) == 2 and len(b.vpp.protections) == 2
+        wait_for(lambda: a.peers() == {b.number} and len(fresh.protections) == 2, 15,
+                 "node1 meshed again")
+        assert sending_generations(fresh) == {before + 1}
+        assert pair_keys_match(a, b)
+        # node2 held node1's next generation already: its VPP is exactly as it was.
+        assert (b.vpp.tunnels, b.vpp.sas, b.vpp.protections) == b_state
+        assert (tmp_path / "node1.key").read_text() == key
+        assert {r.name: r.value for r in store.snapshot().records} == records
+        assert a.agent.blocked == []
     finally:
         for m in (a, b):
             m.stop()

@@ -100,9 +100,6 @@ def up(
                         ] = None,
     lease_ttl: Annotated[int, typer.Option(
         help="With --datastore: seconds the record outlives a stopped agent.")] = 30,
-    keep_key: Annotated[bool, typer.Option(
-        help="With --datastore: do not take a new key when joining afresh (rejoining after "
-        "leaving then needs a new key epoch).")] = False,
     take_uplink: Annotated[str | None, typer.Option(
         help="Hand this NIC to VPP first; the host keeps its network through VPP "
         "(`vppmesh uplink take`).")] = None,
@@ -128,8 +125,7 @@ def up(
 
         try:
             follow(opts, datastore, watch=watch, underlay=underlay or [], pod_cidr=pod_cidr,
-                   node_number=node_number, settings_file=settings, lease_ttl=lease_ttl,
-                   fresh_key=not keep_key)
+                   node_number=node_number, settings_file=settings, lease_ttl=lease_ttl)
         except VppMeshError as exc:
             raise fail(str(exc)) from None
         return

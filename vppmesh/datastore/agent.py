@@ -8,6 +8,14 @@ leave touches the SAs, tunnels and route of that one peer; the tunnels of every 
 peer are left exactly as they were. Stopping the agent does not revoke the lease: a
 restart within the lease's TTL is invisible to the other nodes; `vppmesh down` removes
 the record at once.
+
+The node's X25519 key is its identity and stays the same across leaving, rejoining and
+VPP restarts. Key reuse is not this module's concern: whenever an outbound key would be
+installed again (a peer removed this node's SAs when it left, or a VPP restart lost
+them), the sender steps to its next key generation inside the receiver's window
+(epochs.py), on both the file and the datastore path. A new key per membership would
+only trade that for a changing identity: a rewritten key file (impossible when it is
+mounted read-only) and records whose key no longer tells one host from another.
 """
 
 from __future__ import annotations
@@ -15,7 +23,6 @@ from __future__ import annotations
 import ipaddress
 import json
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable
@@ -36,10 +43,7 @@ from vppmesh.datastore.records import (
     parse_record,
 )
 from vppmesh.errors import ConfigError, VppMeshError, VppUnavailableError
-from vppmesh.keys import generate_private_key, load_secrets
-from vppmesh.reconcile import ReusedKeyError
-from vppmesh.state import GATEWAY_TAG
-from vppmesh.vpp import interfaces
+from vppmesh.keys import load_secrets
 from vppmesh.vpp.client import VppApi, VppClient
 
 log = logging.getLogger("vppmesh.datastore")
@@ -65,10 +69,6 @@ class DatastoreOptions:
     settings_file: Path | None = None
     resync_seconds: float = 10.0
     debounce_seconds: float = 0.05
-    # A node that joins without a live record of its own takes a new key first: its
-    # peers removed its SAs when it left, and deriving the same keys again would repeat
-    # GCM nonces (their used-key ledgers refuse that).
-    fresh_key: bool = True
 
 
 def load_settings_file(path: Path) -> MeshSettings:
@@ -97,15 +97,6 @@ def local_record(options: agent.NodeOptions, local: LocalNode, public_key: str) 
             "the mesh file is not valid", "check --node, --underlay, --pod-cidr")) from None
 
 
-def new_private_key(path: Path) -> str:
-    """Replace the key file atomically (0600 throughout); returns the new public key."""
-    scratch = path.with_name(path.name + ".new")
-    scratch.unlink(missing_ok=True)
-    public = generate_private_key(scratch)
-    os.replace(scratch, path)
-    return public
-
-
 def record_file(options: agent.NodeOptions) -> Path:
     """Where the agent keeps a copy of its record and settings, so `down` works offline."""
     return options.state_dir / f"{options.node}.datastore.json"
@@ -130,6 +121,7 @@ class MembershipAgent:
         self.watch_broken = threading.Event()
         self.applied: Mesh | None = None
         self.rejected: dict[str, str] = {}
+        self.blocked: list[str] = []
         self.changed_at: float | None = None
         self._stop_watch: Callable[[], None] | None = None
         self._keepalive: threading.Thread | None = None
@@ -145,11 +137,7 @@ class MembershipAgent:
             elif self.store.settings() != wanted:
                 log.warning("%s holds other mesh settings than %s: the datastore's apply",
                             self.ds.url, self.ds.settings_file)
-        if self.ds.fresh_key and not self._has_live_record():
-            public = new_private_key(self.options.private_key)
-            log.info("joining afresh: new X25519 key in %s", self.options.private_key)
-        else:
-            public = load_secrets(self.options.private_key, None).public_key_b64()
+        public = load_secrets(self.options.private_key, None).public_key_b64()
         record = local_record(self.options, self.local, public)
         lease = self.store.grant(self.ds.lease_ttl)
         try:
@@ -160,29 +148,6 @@ class MembershipAgent:
             raise
         self.lease_lost.clear()
         return self.registration
-
-    def rekey(self) -> Registration:
-        """A new key for this node, published in our own record under our lease.
-
-        For a VPP that lost its SAs (restarted): reinstalling our outbound keys would
-        repeat GCM nonces, so the pair keys change instead. Every peer sees our record
-        change and replaces the SAs of this one pair; nothing else is touched.
-        """
-        public = new_private_key(self.options.private_key)
-        assert self.registration is not None
-        record = local_record(self.options, self.local, public).model_copy(
-            update={"node_number": self.registration.node.node_number})
-        self.registration = self.store.register(record, self.registration.lease,
-                                                requested_number=record.node_number)
-        return self.registration
-
-    def _vpp_has_mesh(self) -> bool:
-        """VPP holds our gateway: it did not restart, whatever it lacks."""
-        return any(i.tag == GATEWAY_TAG for i in interfaces.dump_interfaces(self._vpp()))
-
-    def _has_live_record(self) -> bool:
-        """Our record is still there (an agent restart within the lease's TTL)."""
-        return any(r.name == self.options.node for r in self.store.snapshot().records)
 
     def _keepalive_loop(self) -> None:
         interval = max(self.ds.lease_ttl / 3, 0.5)
@@ -218,8 +183,7 @@ class MembershipAgent:
                 log.debug("closing the VPP connection failed", exc_info=True)
             self._client = None
 
-    def sync(self, event_at: float | None = None, *,
-             rekeyed: bool = False) -> agent.UpResult | None:
+    def sync(self, event_at: float | None = None) -> agent.UpResult | None:
         """One snapshot, (re-)register if our record is gone, reconcile if needed.
 
         `event_at` (monotonic) is when the watch reported the change, for the log.
@@ -242,19 +206,13 @@ class MembershipAgent:
         assert membership.mesh is not None
         self._save(membership)
         change = membership_change(self.applied, membership.mesh)
-        try:
-            result = agent.up(self.options, mesh=membership.mesh, api=self._vpp())
-        except ReusedKeyError:
-            if not self.ds.fresh_key or self.registration is None or rekeyed:
-                raise
-            if self._vpp_has_mesh():
-                raise ReusedKeyError(
-                    "a peer came back with a key this node used before (its agent runs with "
-                    "--keep-key?): it must take a new key; this node changed nothing") from None
-            log.warning("VPP lost this node's SAs (restarted?): taking a new key rather than "
-                        "installing used outbound keys again")
-            self.rekey()
-            return self.sync(event_at, rekeyed=True)
+        result = agent.up(self.options, mesh=membership.mesh, api=self._vpp())
+        for note in result.notes:  # key generation steps and slides, each told once
+            log.info("%s", note)
+        if result.blocked_peers and result.blocked_peers != self.blocked:
+            log.error("fail closed: no usable key towards %s; their traffic is dropped",
+                      ", ".join(result.blocked_peers))
+        self.blocked = result.blocked_peers
         if self.applied is None or not change.empty or result.changes:
             since = (f", {1000 * (time.monotonic() - event_at):.0f} ms after the "
                      "event" if event_at is not None else "")
@@ -405,7 +363,7 @@ def parse_local(underlay: list[str], pod_cidr: str | None, node_number: int | No
 
 def follow(options: agent.NodeOptions, url: str, *, watch: bool, underlay: list[str],
            pod_cidr: str | None, node_number: int | None, settings_file: Path | None,
-           lease_ttl: int, fresh_key: bool = True) -> None:
+           lease_ttl: int) -> None:
     """`vppmesh up --datastore`: register and follow the membership until SIGTERM/SIGINT."""
     import signal
 
@@ -416,8 +374,7 @@ def follow(options: agent.NodeOptions, url: str, *, watch: bool, underlay: list[
         raise ConfigError(f"--lease-ttl {lease_ttl}: at least 2 seconds (etcd's minimum)")
     ds = DatastoreOptions(url=DatastoreUrl.parse(url),
                           local=parse_local(underlay, pod_cidr, node_number, options.uplink),
-                          lease_ttl=lease_ttl, settings_file=settings_file,
-                          fresh_key=fresh_key)
+                          lease_ttl=lease_ttl, settings_file=settings_file)
     member = MembershipAgent(options, ds)
     member.register()  # a conflicting record fails here, before VPP is touched
     for sig in (signal.SIGTERM, signal.SIGINT):

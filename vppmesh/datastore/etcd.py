@@ -170,8 +170,7 @@ class EtcdStore:
                     current = parse_record(own)
                 except ConfigError:
                     current = None
-                if current is not None and current.public_key != node.public_key and \
-                        own.lease != lease.id:  # under our own lease: our new key
+                if current is not None and current.public_key != node.public_key:
                     raise RegistrationError(
                         f"node name {node.name!r} is registered in {self.url} with another "
                         "public key: another host uses this name. Pick another --node, or, "
