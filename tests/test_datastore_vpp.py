@@ -4,8 +4,10 @@ Four testbed nodes, each its own VPP; etcd runs in its own namespace on a manage
 network (203.0.113.0/24) that every node namespace reaches through a veth, the way
 hosts reach their datastore over the host network. Three agents join, a fourth joins
 while iperf3 runs between pods of the first two, then its agent stops and its lease
-expires, `down` cleans it, and it joins again (with a new key); last, one node's VPP
-is killed and started empty. Skipped with the reason when VPP, etcd or root is missing.
+expires, `down` cleans it, and it joins again under the same key (both ends step to
+their next key generation); last, one node's VPP is killed and started empty and is
+healed the same way, with no operator step. Skipped with the reason when VPP, etcd or
+root is missing.
 """
 
 from __future__ import annotations
@@ -156,6 +158,23 @@ def sa_view(node: NodeHandle) -> dict[int, tuple[int, int]]:
                 if is_owned_sa_id(s.spec.sa_id)}
 
 
+def sending_generations(node: NodeHandle) -> dict[int, set[int]]:
+    """{peer number: key generations of the outbound SAs protecting its tunnels}."""
+    with VppClient(node.instance.api_socket).connect() as api:
+        owned = {t.sw_if_index: split_tunnel_instance(t.instance)[0]
+                 for t in ipip.dump_tunnels(api) if is_owned_tunnel_instance(t.instance)}
+        out: dict[int, set[int]] = {}
+        for sw_if_index, (sa_out, _) in ipsec.dump_protections(api).items():
+            if sw_if_index in owned:
+                out.setdefault(owned[sw_if_index], set()).add((sa_out >> 24) & 0xF)
+        return out
+
+
+def stepped(before: set[int], after: set[int]) -> bool:
+    """One generation is used now, above every one used before."""
+    return len(after) == 1 and len(before) > 0 and min(after) > max(before)
+
+
 def meshed_with(node: NodeHandle, peer_numbers: set[int]) -> bool:
     view = mesh_view(node)
     return set(view) == peer_numbers and all(
@@ -240,6 +259,8 @@ def test_join_and_leave_through_etcd_under_traffic(mesh: Mesh) -> None:
                  check=False)
     assert ping.returncode == 0, ping.stdout
 
+    sending = {n.name: sending_generations(n) for n in bed.nodes}
+
     # n4 leaves: its agent stops, its lease expires, every other node removes it.
     agent = mesh.agents["n4"]
     agent.terminate()
@@ -272,8 +293,9 @@ def test_join_and_leave_through_etcd_under_traffic(mesh: Mesh) -> None:
             f"print(sorted(EtcdStore(DatastoreUrl.parse({mesh.url!r})).snapshot().numbers))")
     assert in_etcd_ns(code).strip() == "[1, 2, 3]"
 
-    # n4 comes back: a fresh join takes a new key, so every peer installs new SAs (the
-    # used-key ledgers would refuse the old ones) and the mesh is whole again.
+    # n4 comes back under the same key. Its VPP and its peers' lost the pair's SAs, so
+    # every sender steps to its next key generation (the used-key ledgers would refuse the
+    # old keys) and the mesh is whole again, with no operator step.
     key_before = n4.key_file.read_text()
     rejoin_started = time.monotonic()
     mesh.start_agent(n4)
@@ -285,10 +307,18 @@ def test_join_and_leave_through_etcd_under_traffic(mesh: Mesh) -> None:
                  f"{node.name} to mesh with n4 again")
     print(f"n4 rejoin: all 4 VPPs meshed {time.monotonic() - rejoin_started:.2f} s after its "
           "agent started again")
-    assert n4.key_file.read_text() != key_before
+    assert n4.key_file.read_text() == key_before
+    n4_now = sending_generations(n4)
+    for node in rest:  # n1..n3 kept their numbers; n4 may have another one now
+        peer = number[node.name]
+        assert stepped(sending["n4"][peer], n4_now.get(peer, set())), (node.name, n4_now)
+        assert stepped(sending[node.name][everyone["n4"]],
+                       sending_generations(node).get(number["n4"], set())), node.name
 
-    # n3's VPP crashes and comes back empty: its agent takes a new key (reinstalling its
-    # used outbound keys would repeat nonces) and each peer re-keys that one pair only.
+    # n3's VPP crashes and comes back empty: its agent steps to its next generation
+    # towards every peer (reinstalling its used outbound keys would repeat nonces), one the
+    # peers accept already; the key and every other pair stay as they were.
+    n3_before = sending_generations(n3)
     tunnels_before = {n.name: mesh_view(n) for n in (n1, n2)}
     sas_before = {n.name: sa_view(n) for n in (n1, n2)}
     key_before = n3.key_file.read_text()
@@ -300,8 +330,12 @@ def test_join_and_leave_through_etcd_under_traffic(mesh: Mesh) -> None:
         wait_for(lambda node=node, others=others: meshed_with(node, others), 60,
                  f"{node.name} to mesh with the restarted n3")
     print(f"n3 VPP restart: VPP up again {vpp_up - restarted:.1f} s after the kill; every VPP "
-          f"meshed {time.monotonic() - vpp_up:.2f} s later (new key for n3)")
-    assert n3.key_file.read_text() != key_before
+          f"meshed {time.monotonic() - vpp_up:.2f} s later (n3 one generation on)")
+    assert n3.key_file.read_text() == key_before
+    n3_now = sending_generations(n3)
+    for node in (n1, n2, n4):
+        peer = number[node.name]
+        assert stepped(n3_before[peer], n3_now.get(peer, set())), (node.name, n3_now)
     for node, peer in ((n1, n2), (n2, n1)):
         assert mesh_view(node)[number[peer.name]] == tunnels_before[node.name][number[peer.name]]
         sas_after = sa_view(node)
