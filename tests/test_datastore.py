@@ -185,7 +185,8 @@ class MemoryStore:
 class RecordingVpp(FakeVpp):
     """FakeVpp that also keeps every state-changing request, to see what was touched."""
 
-    READS = ("show_version", "show_threads")
+    READS = ("show_version", "show_threads", "control_ping", "classify_table_by_interface",
+             "classify_table_info")
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
