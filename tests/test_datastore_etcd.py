@@ -6,6 +6,7 @@ Skipped with the reason when no etcd binary is installed.
 from __future__ import annotations
 
 import copy
+import logging
 import re
 import threading
 import time
@@ -341,7 +342,8 @@ def test_rejoin_after_leaving_steps_a_generation_under_the_same_key(
         first.stop()
 
 
-def test_vpp_restart_is_healed_by_a_generation_step(store: EtcdStore, tmp_path: Path) -> None:
+def test_vpp_restart_is_healed_by_a_generation_step(store: EtcdStore, tmp_path: Path,
+                                                    caplog: pytest.LogCaptureFixture) -> None:
     """node1's VPP loses its SAs: node1 sends under its next generation, which node2
     already accepts; node2 changes nothing, no key and no record changes."""
     mesh, secrets = make_mesh(2, tunnels=2)
@@ -356,6 +358,7 @@ def test_vpp_restart_is_healed_by_a_generation_step(store: EtcdStore, tmp_path: 
         key = (tmp_path / "node1.key").read_text()
         records = {r.name: r.value for r in store.snapshot().records}
         (before,) = sending_generations(a.vpp)
+        caplog.set_level(logging.INFO, logger="vppmesh.datastore")
         b_state = copy.deepcopy((b.vpp.tunnels, b.vpp.sas, b.vpp.protections))
         # node1's VPP restarts: empty, same uplink.
         fresh = FakeVpp.with_uplink(mesh.node("node1").primary)
@@ -371,6 +374,9 @@ def test_vpp_restart_is_healed_by_a_generation_step(store: EtcdStore, tmp_path: 
         assert (tmp_path / "node1.key").read_text() == key
         assert {r.name: r.value for r in store.snapshot().records} == records
         assert a.agent.blocked == []
+        assert any(r.name == "vppmesh.datastore" and r.getMessage() ==
+                   f"node2: outbound generation {before} -> {before + 1} (key already used "
+                   "(VPP lost its SAs))" for r in caplog.records), caplog.text
     finally:
         for m in (a, b):
             m.stop()
