@@ -303,3 +303,32 @@ def test_vpp_restart_recovers_without_plaintext(bed: Testbed,
     assert "fail closed" not in log, log
     assert seen["clear"] == 0
     assert seen["esp"] > 0
+
+
+def test_down_and_first_up_under_traffic_send_nothing_in_clear(
+        bed: Testbed, agents: dict[str, Agent]) -> None:
+    """The two transitions left: `down` under traffic, then a first `up` of an empty VPP."""
+    n1, n2 = bed.nodes[0], bed.nodes[1]
+    agents[n2.name].stop()  # the operator takes the node out by hand
+    capture = Capture(bed, "down-up")
+    n2_host = str(n2.pod_cidr.network_address + 1)
+    to_n2 = subprocess.Popen(["ip", "netns", "exec", n1.pod_netns(0), "ping", "-i", "0.1",
+                              "-w", "30", n2_host], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    try:
+        time.sleep(1)
+        removed = run(bed, n2, "down")
+        assert "removed" in removed
+        time.sleep(2)
+        out = run(bed, n2, "up", *bed.state_args(n2))
+        assert "outbound generation" in out  # fresh keys after down, by themselves
+        back = wait_for(lambda: ping_ok(n1.pod_netns(0), n2_host), 20)
+        assert back is not None, out
+        time.sleep(1)
+    finally:
+        to_n2.kill()
+        agents[n2.name].start()
+    seen = capture.stop()
+    print(f"\ndown then first up under traffic: capture {seen}")
+    assert seen["clear"] == 0
+    assert seen["esp"] > 0
