@@ -307,28 +307,38 @@ def test_vpp_restart_recovers_without_plaintext(bed: Testbed,
 
 def test_down_and_first_up_under_traffic_send_nothing_in_clear(
         bed: Testbed, agents: dict[str, Agent]) -> None:
-    """The two transitions left: `down` under traffic, then a first `up` of an empty VPP."""
+    """The transitions left: `down` under traffic, then a first `up` on an empty VPP.
+
+    The VPP is restarted in between: `up` on the same VPP after `down` meets a VPP 26.06
+    problem (README, Known limits) that has nothing to do with encryption.
+    """
     n1, n2 = bed.nodes[0], bed.nodes[1]
     agents[n2.name].stop()  # the operator takes the node out by hand
     capture = Capture(bed, "down-up")
-    n2_host = str(n2.pod_cidr.network_address + 1)
+    target = str(n2.pod_address(0))
     to_n2 = subprocess.Popen(["ip", "netns", "exec", n1.pod_netns(0), "ping", "-i", "0.1",
-                              "-w", "30", n2_host], stdout=subprocess.DEVNULL,
+                              "-w", "40", target], stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL)
     try:
         time.sleep(1)
-        removed = run(bed, n2, "down")
-        assert "removed" in removed
+        assert "removed" in run(bed, n2, "down")
         time.sleep(2)
+        pid = int(n2.instance.pid_file.read_text())
+        os.kill(pid, signal.SIGKILL)
+        assert wait_for(lambda: not alive(pid), 10) is not None
+        bed._start_vpp(n2, find_vpp())
+        bed._uplink(n2)
         out = run(bed, n2, "up", *bed.state_args(n2))
         assert "outbound generation" in out  # fresh keys after down, by themselves
-        back = wait_for(lambda: ping_ok(n1.pod_netns(0), n2_host), 20)
+        run(bed, n2, "attach", "--name", n2.pod_name(0), "--netns", n2.pod_netns(0),
+            "--address", target, "--index", "0")
+        back = wait_for(lambda: ping_ok(n1.pod_netns(0), target), 20)
         assert back is not None, out
         time.sleep(1)
     finally:
         to_n2.kill()
         agents[n2.name].start()
     seen = capture.stop()
-    print(f"\ndown then first up under traffic: capture {seen}")
+    print(f"\ndown, then a first up on an empty VPP, under traffic: capture {seen}")
     assert seen["clear"] == 0
     assert seen["esp"] > 0
