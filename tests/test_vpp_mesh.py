@@ -203,6 +203,13 @@ def test_down_leaves_nothing_of_vppmesh(bed: Testbed) -> None:
     assert outbound and all(s.spi & 0xF == 1 for s in outbound)
     status = json.loads(run_cli(bed, node, "status", "--json").stdout)
     assert all(t["admin_up"] and t["protected"] for p in status["peers"] for t in p["tunnels"])
+    # Its pod, attached again, is reachable: the re-created mesh VRF forwards to the node's
+    # own /32s (down removes them explicitly before deleting the VRF).
+    bed.run_vppmesh(node, "attach", "--name", node.pod_name(0), "--netns", node.pod_netns(0),
+                    "--address", str(node.pod_address(0)))
+    ping = in_ns(bed.nodes[0].pod_netns(0), "ping", "-c", "2", "-W", "2",
+                 str(node.pod_address(0)), check=False)
+    assert ping.returncode == 0, ping.stdout
 
 
 def test_testbed_down_leaves_no_namespace_or_process() -> None:

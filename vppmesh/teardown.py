@@ -27,8 +27,12 @@ def teardown(api: VppApi, table_id: int,
 
     if table_exists:
         mesh_routes = routes.dump_routes(api, table_id)
-        tunnel_indexes = {t.sw_if_index for t in tunnels}
-        ours = [p for p, paths in mesh_routes.items() if set(paths) <= tunnel_indexes]
+        # Endpoint /32 routes go explicitly too: left for the table's deletion, VPP 26.06
+        # keeps them in the table's forwarding trie, and a mesh table created again
+        # with the same id then drops traffic to the node's own host and pods.
+        owned = {t.sw_if_index for t in tunnels} | {
+            i.sw_if_index for i in ifaces if i.tag.startswith(TAG_PREFIX)}
+        ours = [p for p, paths in mesh_routes.items() if set(paths) <= owned]
         api.call_many([routes.route(table_id, p, [], False) for p in ours])
         removed += [f"route {p}" for p in ours]
     api.call_many([interfaces.set_admin(t.sw_if_index, False, f"ipip{t.instance}")
