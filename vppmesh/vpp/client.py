@@ -1,23 +1,23 @@
 """One connection to VPP's binary API, with every reply's retval checked.
 
 The feature modules (ipip, ipsec, routes, ...) build `Request`s; this client sends them.
-`call_many` writes a whole batch before reading the replies, so a reconcile of thousands
-of objects costs a few socket round trips instead of one per message.
+`call_many` pipelines a whole batch (see vppmesh/vpp/channel.py): it writes requests back
+to back and then checks every reply, so a reconcile of thousands of objects costs a few
+socket round trips instead of one per message. Callers keep dependency order by batching
+per phase: a phase's replies are all in and checked before the next phase is sent.
 """
 
 from __future__ import annotations
 
-import logging
 import os
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from vpp_papi.vpp_papi import VPPApiError, VPPIOError, VPPValueError
-
 from vppmesh.errors import VppApiError, VppUnavailableError
+from vppmesh.vpp.channel import ApiChannel, EncodeError, UnknownMessageError
 
 DEFAULT_API_SOCKET = Path("/run/vpp/api.sock")
 CLIENT_NAME = "vppmesh"
@@ -58,119 +58,138 @@ def check_reply(request: Request, reply: Any) -> Any:
     return reply
 
 
-class VppClient:
-    """A vpp-papi client bound to one API socket.
+def check_replies(requests: Sequence[Request], replies: Sequence[Any]) -> list[Any]:
+    """Check a whole batch; the error names the first failed object and counts the rest.
 
-    vpp-papi is not thread-safe, so every call holds a lock. Its own debug logging prints
-    message arguments (SA keys among them), so its logger is kept at WARNING whatever the
-    application's log level is.
+    Every reply is looked at before raising, so the caller knows the batch is over and
+    nothing of it is still in flight when it decides what to do next.
+    """
+    failed = [(r, reply) for r, reply in zip(requests, replies, strict=True)
+              if getattr(reply, "retval", 0) != 0 and reply.retval not in r.tolerate]
+    if failed:
+        request, reply = failed[0]
+        detail = request.what
+        if len(failed) > 1:
+            others = ", ".join(r.what or r.name for r, _ in failed[1:4])
+            more = "" if len(failed) <= 4 else ", ..."
+            detail += f" (and {len(failed) - 1} more in the same batch: {others}{more})"
+        raise VppApiError(request.name, reply.retval, detail)
+    return list(replies)
+
+
+class VppClient:
+    """A client bound to one API socket, pipelining batches over one connection.
+
+    One lock serialises callers, so a client may be shared between threads. Requests may
+    carry SA keys: no error, log line or repr made here contains request arguments.
     """
 
     def __init__(self, socket_path: Path = DEFAULT_API_SOCKET, *, timeout: float = 10.0,
-                 name: str = CLIENT_NAME) -> None:
+                 name: str = CLIENT_NAME, window: int | None = None) -> None:
         self.socket_path = socket_path
         self.timeout = timeout
         self.name = name
         self._lock = threading.Lock()
-        self._sent = 0
-        self._vpp: Any = None
+        self._channel: ApiChannel | None = None
+        self._window = window
+        self._sent_before = 0
+        self._received_before = 0
 
     @property
     def messages_sent(self) -> int:
-        return self._sent
+        """API requests written (a dump counts once), over every connection of this client."""
+        return self._sent_before + (self._channel.sent if self._channel else 0)
+
+    @property
+    def messages_received(self) -> int:
+        """Replies and dump details read."""
+        return self._received_before + (self._channel.received if self._channel else 0)
 
     def connect(self) -> VppClient:
-        from vpp_papi import VPPApiClient  # imported late: it is slow to import
-
         if not self.socket_path.exists():
             raise VppUnavailableError(
                 f"no VPP API socket at {self.socket_path}: is VPP running? (start it, or pass "
                 "--api-socket with the socket of the `socksvr` section of its startup.conf)"
             )
-        papi_logger = logging.getLogger("vppmesh.papi")
-        papi_logger.setLevel(logging.WARNING)
-        vpp = VPPApiClient(
-            server_address=str(self.socket_path), bootstrapapi=True, logger=papi_logger,
-            read_timeout=self.timeout, use_socket=True,
-        )
+        channel = ApiChannel(self.socket_path, self.timeout)
         try:
-            rv = vpp.connect(f"{self.name}-{os.getpid()}")
-        except Exception as exc:  # vpp-papi raises many unrelated types here
+            channel.open(f"{self.name}-{os.getpid()}")
+        except VppUnavailableError:
+            channel.close()
+            raise
+        except Exception as exc:  # connect, handshake or definitions: all mean "no VPP"
+            channel.close()
             raise VppUnavailableError(
                 f"cannot connect to VPP at {self.socket_path}: {exc}") from None
-        if rv != 0:
-            raise VppUnavailableError(f"VPP at {self.socket_path} refused the connection ({rv})")
-        self._vpp = vpp
+        self._channel = channel
         return self
 
     def close(self) -> None:
-        if self._vpp is not None:
-            try:
-                self._vpp.disconnect()
-            finally:
-                self._vpp = None
+        channel, self._channel = self._channel, None
+        if channel is not None:
+            self._sent_before += channel.sent
+            self._received_before += channel.received
+            channel.close()
 
     def __enter__(self) -> VppClient:
-        return self.connect() if self._vpp is None else self
+        return self.connect() if self._channel is None else self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _function(self, name: str) -> Any:
-        if self._vpp is None:
+    def _connected(self) -> ApiChannel:
+        if self._channel is None or not self._channel.connected:
             raise VppUnavailableError("not connected to VPP")
-        try:
-            return getattr(self._vpp.api, name)
-        except AttributeError:
-            raise VppApiError(name, -1, "this VPP does not know the message: is the plugin "
-                              "that provides it loaded?") from None
+        return self._channel
+
+    def _exchange(self, requests: Sequence[Request]) -> list[Any]:
+        channel = self._connected()
+        batch = [(r.name, r.args) for r in requests]
+        with self._lock:
+            try:
+                if self._window is None:
+                    return channel.exchange(batch)
+                return channel.exchange(batch, self._window)
+            except UnknownMessageError as exc:
+                raise VppApiError(str(exc.args[0]), -1, "this VPP does not know the message: "
+                                  "is the plugin that provides it loaded?") from None
+            except EncodeError as exc:
+                # Only the failing message's name and target: its arguments may hold keys.
+                bad = requests[exc.position]
+                raise VppApiError(bad.name, -1, f"{bad.what}: the request could not be "
+                                  f"encoded ({exc.reason})") from None
 
     def call(self, request: Request) -> Any:
-        function = self._function(request.name)
-        with self._lock:
-            try:
-                reply = function(**request.args)
-            except (OSError, TimeoutError, VPPIOError) as exc:
-                raise VppUnavailableError(
-                    f"VPP stopped answering ({request.name}: {exc})") from None
-            except (VPPValueError, VPPApiError, TypeError, ValueError, KeyError) as exc:
-                # vpp-papi's message repeats every argument, keys included: keep only
-                # the type of the problem.
-                raise VppApiError(request.name, -1, f"{request.what}: the request could "
-                                  f"not be encoded ({type(exc).__name__})") from None
-            self._sent += 1
-        return check_reply(request, reply)
+        return check_reply(request, self._exchange([request])[0])
 
     def call_many(self, requests: Sequence[Request]) -> list[Any]:
-        """Send a batch; replies come back in request order, each checked."""
-        return [self.call(request) for request in requests]
+        """Send a batch pipelined; replies come back in request order, each checked.
+
+        Every request of the batch reaches VPP even when an earlier one fails (VPP handles
+        them in order); the first failure is raised once all replies are in.
+        """
+        if not requests:
+            return []
+        return check_replies(requests, self._exchange(requests))
 
     def dump(self, name: str, **args: Any) -> list[Any]:
-        function = self._function(name)
+        channel = self._connected()
         with self._lock:
             try:
-                result = function(**args)
-            except (OSError, TimeoutError) as exc:
-                raise VppUnavailableError(f"VPP stopped answering ({name}: {exc})") from None
-            self._sent += 1
-        # Newer "_get" style services answer (reply, details); plain dumps answer details.
-        if isinstance(result, tuple) and len(result) == 2 and isinstance(result[1], list):
-            check_reply(Request(name), result[0])
-            return result[1]
-        return list(result)
+                reply, details = channel.dump(name, args)
+            except UnknownMessageError:
+                raise VppApiError(name, -1, "this VPP does not know the message: is the "
+                                  "plugin that provides it loaded?") from None
+            except EncodeError as exc:
+                raise VppApiError(name, -1, f"the dump could not be encoded ({exc.reason})"
+                                  ) from None
+        # Newer "_get" style services close the stream with a reply that has a retval.
+        if reply is not None:
+            check_reply(Request(name), reply)
+        return details
 
     def cli(self, command: str) -> str:
         """Run a debug CLI command (used for status views VPP has no message for)."""
         reply = self.call(Request("cli_inband", {"cmd": command}, what=command))
         return str(reply.reply)
 
-
-def chunks(items: Iterable[Request], size: int) -> Iterable[list[Request]]:
-    batch: list[Request] = []
-    for item in items:
-        batch.append(item)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
