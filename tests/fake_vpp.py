@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from types import SimpleNamespace as NS
 from typing import Any
 
-from vppmesh.vpp.client import Request, check_reply
+from vppmesh.vpp.client import Request, check_replies, check_reply
 
 INVALID_SW_IF_INDEX = -2
 NO_SUCH_FIB = -3
@@ -32,6 +32,8 @@ class FakeVpp:
         self.ifaces: dict[int, dict[str, Any]] = {0: self._iface("local0", "local")}
         self.next_index = 1
         self.tunnels: dict[int, dict[str, Any]] = {}  # sw_if_index -> tunnel
+        self.tunnel_instances: set[int] = set()
+        self.tunnel_ends: set[tuple[str, str]] = set()
         self.sas: dict[int, dict[str, Any]] = {}
         self.protections: dict[int, tuple[int, tuple[int, ...]]] = {}
         self.tables: set[int] = {0}
@@ -55,17 +57,19 @@ class FakeVpp:
     def messages_sent(self) -> int:
         return self.sent
 
-    def call(self, request: Request) -> Any:
+    def _answer(self, request: Request) -> Any:
         self.sent += 1
         self.counts[request.name] += 1
         if request.name in self.fail_on:
-            return check_reply(request, NS(retval=self.fail_on.pop(request.name)))
-        handler = getattr(self, "m_" + request.name)
-        reply = handler(**request.args)
-        return check_reply(request, reply)
+            return NS(retval=self.fail_on.pop(request.name))
+        return getattr(self, "m_" + request.name)(**request.args)
+
+    def call(self, request: Request) -> Any:
+        return check_reply(request, self._answer(request))
 
     def call_many(self, requests: Sequence[Request]) -> list[Any]:
-        return [self.call(r) for r in requests]
+        """Like the pipelined client: every request is handled, then all are checked."""
+        return check_replies(requests, [self._answer(r) for r in requests])
 
     def dump(self, name: str, **args: Any) -> list[Any]:
         self.sent += 1
@@ -271,19 +275,22 @@ class FakeVpp:
 
     # ipip
     def m_ipip_add_tunnel(self, tunnel: dict[str, Any]) -> Any:
-        if any(t["instance"] == tunnel["instance"] for t in self.tunnels.values()):
+        if tunnel["instance"] in self.tunnel_instances:
             return NS(retval=INSTANCE_IN_USE)
-        if any((t["src"], t["dst"]) == (tunnel["src"], tunnel["dst"])
-               for t in self.tunnels.values()):
+        if (tunnel["src"], tunnel["dst"]) in self.tunnel_ends:
             return NS(retval=ENTRY_EXISTS)
         index = self._new_iface(f"ipip{tunnel['instance']}", "IPIP tunnel device")
         self.tunnels[index] = dict(tunnel)
+        self.tunnel_instances.add(tunnel["instance"])
+        self.tunnel_ends.add((tunnel["src"], tunnel["dst"]))
         return NS(retval=0, sw_if_index=index)
 
     def m_ipip_del_tunnel(self, sw_if_index: int) -> Any:
         if sw_if_index not in self.tunnels:
             return NS(retval=INVALID_SW_IF_INDEX)
-        self.tunnels.pop(sw_if_index)
+        gone = self.tunnels.pop(sw_if_index)
+        self.tunnel_instances.discard(gone["instance"])
+        self.tunnel_ends.discard((gone["src"], gone["dst"]))
         self.protections.pop(sw_if_index, None)
         self._delete_iface(sw_if_index)
         return NS(retval=0)
@@ -297,7 +304,9 @@ class FakeVpp:
     def m_ipsec_sad_entry_add_v2(self, entry: dict[str, Any]) -> Any:
         if entry["sad_id"] in self.sas:
             return NS(retval=ENTRY_EXISTS)
-        self.sas[entry["sad_id"]] = {"entry": dict(entry), "thread": 0xFFFFFFFF,
+        # VPP reports thread 0 for an unbound SA without workers, else ~0 (16 bits).
+        unbound = 0 if self.workers == 0 else 0xFFFF
+        self.sas[entry["sad_id"]] = {"entry": dict(entry), "thread": unbound,
                                      "stat_index": len(self.sas)}
         return NS(retval=0, stat_index=self.sas[entry["sad_id"]]["stat_index"])
 

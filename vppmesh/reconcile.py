@@ -11,10 +11,16 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from vppmesh import endpoints
 from vppmesh.errors import ConfigError, VppMeshError
+from vppmesh.index import (
+    DesiredIndex,
+    possible_sa_ids,
+    possible_tunnel_instances,
+    same_node_settings,
+)
 from vppmesh.ledger import KeyLedger
 from vppmesh.state import (
     GATEWAY_ADDRESS,
@@ -197,28 +203,68 @@ def describe_sa(sa: SaSpec) -> str:
             f"spi {sa.spi:#x}")
 
 
-def diff(desired: DesiredState, observed: Observed) -> Diff:
-    """Pure comparison; cost proportional to the number of objects, each looked up once."""
-    d = Diff()
-    d.create_table = not observed.table_exists
-    gw = observed.gateway
-    d.create_gateway = gw is None or not gw.admin_up
-    if observed.uplink is not None:
-        have = {a.ip for a in observed.uplink_addresses}
-        d.add_uplink_addresses = [a for a in desired.uplink_addresses if a.ip not in have]
+@dataclass
+class Scope:
+    """The objects one diff looks at: all of them, or those of some peers only."""
 
-    wanted_sas = {s.sa_id: s for s in desired.sas}
-    wanted_tunnels = {t.instance: t for t in desired.tunnels}
+    sas: dict[int, SaSpec]
+    tunnels: dict[int, TunnelSpec]
+    routes: dict[ipaddress.IPv4Network, RouteSpec]
+    seen_sas: dict[int, ipsec.SaState]
+    seen_tunnels: dict[int, ipip.IpipTunnel]
+    seen_routes: dict[ipaddress.IPv4Network, tuple[int, ...]]
+
+    @classmethod
+    def everything(cls, index: DesiredIndex, observed: Observed) -> Scope:
+        return cls(index.sas, index.tunnels, index.routes, observed.sas, observed.tunnels,
+                   observed.routes)
+
+    @classmethod
+    def of_peers(cls, peers: set[int], index: DesiredIndex, observed: Observed,
+                 before: DesiredIndex | None = None) -> Scope:
+        """Only `peers`' objects: found through their identifiers, O(peers), not O(mesh)."""
+        sas = {s.sa_id: s for p in peers if p in index.peers for s in index.peers[p].sas}
+        tunnels = {t.instance: t for p in peers if p in index.peers
+                   for t in index.peers[p].tunnels}
+        prefixes = index.route_prefixes(peers)
+        if before is not None:
+            prefixes |= before.route_prefixes(peers)
+        seen_sas = {i: observed.sas[i] for p in peers for i in possible_sa_ids(p)
+                    if i in observed.sas}
+        seen_tunnels = {i: observed.tunnels[i] for p in peers
+                        for i in possible_tunnel_instances(p) if i in observed.tunnels}
+        return cls(sas, tunnels, {p: index.routes[p] for p in prefixes if p in index.routes},
+                   seen_sas, seen_tunnels,
+                   {p: observed.routes[p] for p in prefixes if p in observed.routes})
+
+
+def diff(desired: DesiredState, observed: Observed, *, peers: set[int] | None = None,
+         index: DesiredIndex | None = None, before: DesiredIndex | None = None) -> Diff:
+    """Pure comparison, each object looked up once by its identifier.
+
+    With `peers`, only those peers' objects are compared (the node-wide part, such as the
+    table, gateway and host link, is taken as unchanged): the cost is that of the
+    change, whatever the size of the mesh. `before` is the index of the previously
+    applied state, whose routes may need removing.
+    """
+    index = index or DesiredIndex(desired)
+    d = Diff()
+    gw = observed.gateway
     gateway_index = gw.sw_if_index if gw is not None else None
+    if peers is None:
+        _diff_node(d, desired, observed, gateway_index)
+        scope = Scope.everything(index, observed)
+    else:
+        scope = Scope.of_peers(peers, index, observed, before)
 
     # Tunnels: gone, new, or present but not (fully) as wanted.
-    for instance, seen in observed.tunnels.items():
-        want = wanted_tunnels.get(instance)
+    for instance, seen in scope.seen_tunnels.items():
+        want = scope.tunnels.get(instance)
         if want is None or (want.src, want.dst) != (seen.src, seen.dst):
             d.delete_tunnels.append(seen)
     replaced_ids = set()
-    for sa_id, sa in wanted_sas.items():
-        seen_sa = observed.sas.get(sa_id)
+    for sa_id, sa in scope.sas.items():
+        seen_sa = scope.seen_sas.get(sa_id)
         if seen_sa is None:
             d.create_sas.append(sa)
         elif not sa.same_content(seen_sa.spec):
@@ -226,10 +272,10 @@ def diff(desired: DesiredState, observed: Observed) -> Diff:
             replaced_ids.add(sa_id)
         elif sa.worker is not None and seen_sa.thread_index != sa.worker + 1:
             d.bind_sas.append(sa)
-    d.delete_sas = sorted(set(observed.sas) - set(wanted_sas))
+    d.delete_sas = sorted(set(scope.seen_sas) - set(scope.sas))
     deleted = {t.instance for t in d.delete_tunnels}
-    for instance, want in wanted_tunnels.items():
-        seen = observed.tunnels.get(instance)
+    for instance, want in scope.tunnels.items():
+        seen = scope.seen_tunnels.get(instance)
         if seen is None or instance in deleted:
             d.create_tunnels.append(want)
             continue
@@ -251,21 +297,31 @@ def diff(desired: DesiredState, observed: Observed) -> Diff:
             d.reprotect_tunnels.append(want)
 
     # Routes: compare path sets by tunnel instance (sw_if_indexes may change on recreate).
-    index_to_instance = {t.sw_if_index: i for i, t in observed.tunnels.items()}
-    wanted_routes = {r.prefix: r for r in desired.routes}
+    index_to_instance = {t.sw_if_index: i for i, t in scope.seen_tunnels.items()}
     recreated = {t.instance for t in d.create_tunnels}
-    for prefix, paths in observed.routes.items():
+    for prefix, paths in scope.seen_routes.items():
         instances = [index_to_instance.get(p) for p in paths]
         ours = all(i is not None for i in instances)
-        if ours and prefix not in wanted_routes:
+        if ours and prefix not in scope.routes:
             d.delete_routes.append(prefix)
-    for prefix, route in wanted_routes.items():
-        seen_paths = observed.routes.get(prefix)
+    for prefix, route in scope.routes.items():
+        seen_paths = scope.seen_routes.get(prefix)
         seen_instances = sorted(index_to_instance.get(p, -1) for p in seen_paths or ())
         if seen_paths is None or seen_instances != sorted(route.tunnels) or \
                 recreated & set(route.tunnels):
             d.set_routes.append(route)
+    return d
 
+
+def _diff_node(d: Diff, desired: DesiredState, observed: Observed,
+               gateway_index: int | None) -> None:
+    """The node-wide part: mesh table, gateway, uplink addresses, host link."""
+    d.create_table = not observed.table_exists
+    gw = observed.gateway
+    d.create_gateway = gw is None or not gw.admin_up
+    if observed.uplink is not None:
+        have = {a.ip for a in observed.uplink_addresses}
+        d.add_uplink_addresses = [a for a in desired.uplink_addresses if a.ip not in have]
     host = desired.host
     if host is not None:
         seen_host = observed.host
@@ -276,11 +332,18 @@ def diff(desired: DesiredState, observed: Observed) -> Diff:
         host_route = observed.routes.get(host.address.network)  # type: ignore[call-overload]
         d.host_neighbor = observed.host_neighbors.get(host.address.ip) != host.linux_mac or \
             seen_host is None or host_route != (seen_host.sw_if_index,)
-    return d
 
 
 class Applier:
-    """Applies a Diff in dependency order, pipelining each independent phase."""
+    """Applies a Diff in dependency order, pipelining each independent phase.
+
+    Each phase is one batch: all of its replies are in and checked before the next phase
+    is sent, so the order that keeps the mesh closed (SAs, protection, admin-up, routes;
+    the reverse on removal) holds exactly as if every message were sent alone. As it
+    goes, it writes what it changed into `observed`: once `observed_exact`, the gateway
+    and every per-peer object in it match VPP again (the node-wide rest is re-read by
+    any run that changes it), and the next change can skip the dumps.
+    """
 
     def __init__(self, api: VppApi, desired: DesiredState, observed: Observed) -> None:
         self.api = api
@@ -288,21 +351,33 @@ class Applier:
         self.observed = observed
         self.index: dict[int, int] = {i: t.sw_if_index for i, t in observed.tunnels.items()}
         self.gateway = observed.gateway.sw_if_index if observed.gateway else None
+        self.observed_exact = True
 
     def run(self, d: Diff) -> None:
+        self.observed_exact = False  # until every phase went through
         self._base(d)
         self._removals(d)
         self._sas(d)
         self._tunnels(d)
         self.api.call_many([ipsec.del_sa(s) for s in d.delete_sas])
+        for sa_id in d.delete_sas:
+            self.observed.sas.pop(sa_id, None)
         self._routes(d)
         if self.desired.host is not None and (d.host_create or d.host_neighbor):
             self._host(self.desired.host, d.host_create)
+        self.observed_exact = True
+
+    def _set_admin(self, sw_if_index: int, up: bool) -> None:
+        iface = self.observed.interfaces.get(sw_if_index)
+        if iface is not None:
+            self.observed.interfaces[sw_if_index] = replace(iface, admin_up=up, link_up=up)
 
     def _base(self, d: Diff) -> None:
         desired = self.desired
+        observed = self.observed
         if d.create_table:
             self.api.call(routes.table(desired.table_id, True))
+            observed.table_exists = True
         if self.gateway is None:
             reply = self.api.call(interfaces.create_loopback(GATEWAY_LOOPBACK_MAC, "gateway"))
             self.gateway = reply.sw_if_index
@@ -310,56 +385,92 @@ class Applier:
         if d.create_gateway:
             gw = self.gateway
             have = interfaces.dump_addresses(self.api, gw)
-            batch = [] if GATEWAY_ADDRESS in have else [
-                interfaces.set_table(gw, desired.table_id, "gateway"),
-                interfaces.address(gw, GATEWAY_ADDRESS, True, "gateway address")]
-            batch.append(interfaces.set_admin(gw, True, "gateway"))
-            self.api.call_many(batch)
-        if d.add_uplink_addresses and self.observed.uplink is not None:
-            up = self.observed.uplink.sw_if_index
+            if GATEWAY_ADDRESS not in have:
+                # One at a time: the address must not land in the default table.
+                self.api.call(interfaces.set_table(gw, desired.table_id, "gateway"))
+                self.api.call(interfaces.address(gw, GATEWAY_ADDRESS, True, "gateway address"))
+            self.api.call(interfaces.set_admin(gw, True, "gateway"))
+            observed.gateway = Interface(
+                sw_if_index=gw, name=observed.gateway.name if observed.gateway else "",
+                tag=GATEWAY_TAG, admin_up=True, link_up=True, mtu=0,
+                mac=GATEWAY_LOOPBACK_MAC, dev_type="Loopback")
+            observed.interfaces[gw] = observed.gateway
+        if d.add_uplink_addresses and observed.uplink is not None:
+            up = observed.uplink.sw_if_index
             self.api.call_many([interfaces.address(up, a, True) for a in d.add_uplink_addresses])
+            observed.uplink_addresses += d.add_uplink_addresses
 
     def _removals(self, d: Diff) -> None:
         table = self.desired.table_id
+        observed = self.observed
         self.api.call_many([routes.route(table, p, [], False) for p in d.delete_routes])
+        for prefix in d.delete_routes:
+            observed.routes.pop(prefix, None)
         # Down first: a tunnel without protection must never carry traffic.
         down = [interfaces.set_admin(t.sw_if_index, False, f"ipip{t.instance}")
                 for t in d.delete_tunnels]
         down += [interfaces.set_admin(self.index[i], False, f"ipip{i}")
                  for i in d.quiesce_tunnels]
         self.api.call_many(down)
+        for t in d.delete_tunnels:
+            self._set_admin(t.sw_if_index, False)
+        for i in d.quiesce_tunnels:
+            self._set_admin(self.index[i], False)
         unprotect = [ipsec.unprotect(t.sw_if_index, f"ipip{t.instance}")
                      for t in d.delete_tunnels]
         replaced = {s.sa_id for s in d.replace_sas}
+        unprotect_finished = [t for t in d.finish_tunnels if t.instance in self.index and
+                              ({t.sa_out, *t.sa_in} & replaced)]
         unprotect += [ipsec.unprotect(self.index[t.instance], t.name)
-                      for t in d.finish_tunnels
-                      if t.instance in self.index and ({t.sa_out, *t.sa_in} & replaced)]
+                      for t in unprotect_finished]
         self.api.call_many(unprotect)
+        for t in d.delete_tunnels:
+            observed.protections.pop(t.sw_if_index, None)
+        for spec in unprotect_finished:
+            observed.protections.pop(self.index[spec.instance], None)
         self.api.call_many([ipip.del_tunnel(t.sw_if_index, f"ipip{t.instance}")
                             for t in d.delete_tunnels])
         for t in d.delete_tunnels:
             self.index.pop(t.instance, None)
+            observed.tunnels.pop(t.instance, None)
+            observed.interfaces.pop(t.sw_if_index, None)
+            observed.unnumbered.pop(t.sw_if_index, None)
         # SAs being replaced go now (their tunnels are down and unprotected); stale SAs
         # only after the tunnels moved off them (VPP refuses to delete an SA in use).
         self.api.call_many([ipsec.del_sa(s) for s in sorted(replaced)])
+        for sa_id in replaced:
+            observed.sas.pop(sa_id, None)
 
     def _sas(self, d: Diff) -> None:
         new = [*d.create_sas, *d.replace_sas]
-        self.api.call_many([ipsec.add_sa(s) for s in new])
-        self.api.call_many([ipsec.bind_sa(s.sa_id, s.worker)
-                            for s in (*new, *d.bind_sas) if s.worker is not None])
+        replies = self.api.call_many([ipsec.add_sa(s) for s in new])
+        for sa, reply in zip(new, replies, strict=True):
+            self.observed.sas[sa.sa_id] = ipsec.installed_sa(sa, reply.stat_index)
+        bound = [s for s in (*new, *d.bind_sas) if s.worker is not None]
+        self.api.call_many([ipsec.bind_sa(s.sa_id, s.worker) for s in bound])  # type: ignore[arg-type]
+        for sa in bound:
+            seen = self.observed.sas[sa.sa_id]
+            self.observed.sas[sa.sa_id] = replace(seen, thread_index=sa.worker + 1)  # type: ignore[operator]
 
     def _tunnels(self, d: Diff) -> None:
         desired = self.desired
+        observed = self.observed
         replies = self.api.call_many([ipip.add_tunnel(t.instance, t.src, t.dst)
                                       for t in d.create_tunnels])
         for t, reply in zip(d.create_tunnels, replies, strict=True):
             self.index[t.instance] = reply.sw_if_index
+            observed.tunnels[t.instance] = ipip.IpipTunnel(
+                sw_if_index=reply.sw_if_index, instance=t.instance, src=t.src, dst=t.dst,
+                table_id=0)
+            observed.interfaces[reply.sw_if_index] = Interface(
+                sw_if_index=reply.sw_if_index, name=t.name, tag="", admin_up=False,
+                link_up=False, mtu=0, mac="", dev_type="IPIP")
         setup: list[Request] = []
         created = {t.instance for t in d.create_tunnels}
-        for t in (*d.create_tunnels, *d.finish_tunnels):
+        finishing = (*d.create_tunnels, *d.finish_tunnels)
+        for t in finishing:
             i = self.index[t.instance]
-            if t.instance in created or self.observed.unnumbered.get(i) != self.gateway:
+            if t.instance in created or observed.unnumbered.get(i) != self.gateway:
                 # The table first: VPP refuses a new table once the interface has an
                 # (unnumbered) address.
                 setup += [interfaces.set_table(i, desired.table_id, t.name),
@@ -368,12 +479,22 @@ class Applier:
             if desired.gso:
                 setup.append(interfaces.gso_feature(i, True, t.name))
         self.api.call_many(setup)
-        protect = [ipsec.protect(self.index[t.instance], t.sa_out, t.sa_in, t.name)
-                   for t in (*d.create_tunnels, *d.finish_tunnels, *d.reprotect_tunnels)]
-        self.api.call_many(protect)
+        for t in finishing:
+            i = self.index[t.instance]
+            observed.unnumbered[i] = self.gateway  # type: ignore[assignment]
+            iface = observed.interfaces.get(i)
+            if iface is not None:
+                observed.interfaces[i] = replace(iface, mtu=desired.mtu)
+        protecting = (*finishing, *d.reprotect_tunnels)
+        self.api.call_many([ipsec.protect(self.index[t.instance], t.sa_out, t.sa_in, t.name)
+                            for t in protecting])
+        for t in protecting:
+            observed.protections[self.index[t.instance]] = (t.sa_out, tuple(t.sa_in))
         # Only now, protected, may a tunnel come up.
         self.api.call_many([interfaces.set_admin(self.index[t.instance], True, t.name)
-                            for t in (*d.create_tunnels, *d.finish_tunnels)])
+                            for t in finishing])
+        for t in finishing:
+            self._set_admin(self.index[t.instance], True)
 
     def _routes(self, d: Diff) -> None:
         table = self.desired.table_id
@@ -381,6 +502,8 @@ class Applier:
             routes.route(table, r.prefix, [self.index[i] for i in r.tunnels], True)
             for r in d.set_routes
         ])
+        for r in d.set_routes:
+            self.observed.routes[r.prefix] = tuple(sorted(self.index[i] for i in r.tunnels))
 
     def _host(self, host: HostLinkSpec, create: bool) -> None:
         seen = self.observed.host
@@ -392,34 +515,87 @@ class Applier:
             endpoints.set_neighbor(self.api, seen.sw_if_index, host, self.desired.table_id)
 
 
+def missing_uplink(desired: DesiredState) -> ConfigError:
+    where = (f"named {desired.uplink!r}" if desired.uplink
+             else f"holding the primary underlay address {desired.uplink_addresses[0]}")
+    return ConfigError(
+        f"no VPP interface {where}: give VPP its uplink first (uplink takeover, or "
+        "`set interface ip address`), or set `uplink:` for this node in the mesh file")
+
+
+class Reconciler:
+    """reconcile() for a long-running agent: remembers what VPP holds between runs.
+
+    The first run (and any run with `full=True`, after an error, or when a node-wide
+    setting changed) dumps VPP. Later runs compare the new desired state with the last
+    applied one peer by peer and diff only the peers that changed against the
+    remembered VPP state, so one peer joining or leaving costs that peer's messages and
+    no dumps, whatever the size of the mesh. A periodic `full=True` run catches changes
+    made to VPP behind the agent's back.
+    """
+
+    def __init__(self, api: VppApi) -> None:
+        self.api = api
+        self._observed: Observed | None = None
+        self._applied: DesiredIndex | None = None
+        self.last_scope: set[int] | None = None  # peers the last run compared; None: all
+
+    def forget(self) -> None:
+        """Dump VPP again on the next run."""
+        self._observed = None
+        self._applied = None
+
+    def reconcile(self, desired: DesiredState, *, dry_run: bool = False,
+                  ledger: KeyLedger | None = None, full: bool = False) -> list[Change]:
+        index = DesiredIndex(desired)
+        before = self._applied
+        observed = self._observed
+        peers: set[int] | None = None
+        if full or observed is None or before is None or \
+                not same_node_settings(before.desired, desired):
+            observed = observe(self.api, desired)
+            self._observed, self._applied = observed, None
+        else:
+            peers = index.changed_peers(before)
+        self.last_scope = peers
+        if observed.uplink is None:
+            raise missing_uplink(desired)
+        d = diff(desired, observed, peers=peers, index=index, before=before)
+        changes = d.changes()
+        if dry_run:
+            return changes
+        if not changes:
+            self._applied = index
+            return changes
+        if ledger is not None:
+            outbound = [s for s in (*d.create_sas, *d.replace_sas) if s.direction == "out"]
+            reused = ledger.reused(outbound)
+            if reused:
+                peer_names = sorted({f"#{s.peer_number}" for s in reused})
+                raise ReusedKeyError(
+                    f"{len(reused)} outbound key(s) towards peer(s) {', '.join(peer_names)} "
+                    "were installed in VPP before (VPP restarted, or its SAs were removed); "
+                    "installing them again would repeat AES-GCM nonces. Nothing was changed. "
+                    "Move the mesh to a new key epoch (`vppmesh rekey`, or raise "
+                    "settings.key_epoch).")
+            ledger.record(outbound)
+        applier = Applier(self.api, desired, observed)
+        try:
+            applier.run(d)
+        finally:
+            if applier.observed_exact:
+                self._applied = index
+            else:
+                self.forget()
+        return changes
+
+
 def reconcile(api: VppApi, desired: DesiredState, *, dry_run: bool = False,
               ledger: KeyLedger | None = None) -> list[Change]:
     """Bring VPP to `desired`; returns what was (or, with dry_run, would be) changed.
 
-    With a ledger, no outbound key that was ever installed before is installed again;
-    such a plan is refused as a whole, before anything is changed.
+    Dumps each kind of object once, then changes only what differs. With a ledger, no
+    outbound key that was ever installed before is installed again; such a plan is
+    refused as a whole, before anything is changed.
     """
-    observed = observe(api, desired)
-    if observed.uplink is None:
-        where = (f"named {desired.uplink!r}" if desired.uplink
-                 else f"holding the primary underlay address {desired.uplink_addresses[0]}")
-        raise ConfigError(
-            f"no VPP interface {where}: give VPP its uplink first (uplink takeover, or "
-            "`set interface ip address`), or set `uplink:` for this node in the mesh file")
-    d = diff(desired, observed)
-    changes = d.changes()
-    if dry_run or not changes:
-        return changes
-    if ledger is not None:
-        outbound = [s for s in (*d.create_sas, *d.replace_sas) if s.direction == "out"]
-        reused = ledger.reused(outbound)
-        if reused:
-            peers = sorted({f"#{s.peer_number}" for s in reused})
-            raise ReusedKeyError(
-                f"{len(reused)} outbound key(s) towards peer(s) {', '.join(peers)} were "
-                "installed in VPP before (VPP restarted, or its SAs were removed); installing "
-                "them again would repeat AES-GCM nonces. Nothing was changed. Move the mesh "
-                "to a new key epoch (`vppmesh rekey`, or raise settings.key_epoch).")
-        ledger.record(outbound)
-    Applier(api, desired, observed).run(d)
-    return changes
+    return Reconciler(api).reconcile(desired, dry_run=dry_run, ledger=ledger)

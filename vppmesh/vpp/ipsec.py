@@ -17,6 +17,10 @@ FLAG_USE_ESN = 0x1
 FLAG_USE_ANTI_REPLAY = 0x2
 SA_FLAGS = FLAG_USE_ESN | FLAG_USE_ANTI_REPLAY
 ALL_SAS = 0xFFFFFFFF
+# thread_index VPP reports for an SA bound to no worker: 0 (the main thread) when VPP has
+# no workers, else ~0 of its 16-bit thread index.
+NO_WORKER_THREAD = 0
+UNBOUND_THREAD = 0xFFFF
 
 
 @dataclass(frozen=True)
@@ -78,6 +82,17 @@ def dump_sas(api: VppApi) -> list[SaState]:
             last_seq_inbound=d.last_seq_inbound, stat_index=d.stat_index,
         ))
     return result
+
+
+def installed_sa(sa: SaSpec, stat_index: int) -> SaState:
+    """What a dump reports for an SA just added: not bound yet, no packets yet.
+
+    plan() leaves `worker` unset only when VPP has no workers.
+    """
+    thread = NO_WORKER_THREAD if sa.worker is None else UNBOUND_THREAD
+    return SaState(spec=sa, flags=SA_FLAGS, crypto_algorithm=CRYPTO_AES_GCM_256,
+                   thread_index=thread, seq_outbound=0, last_seq_inbound=0,
+                   stat_index=stat_index)
 
 
 def protect(sw_if_index: int, sa_out: int, sa_in: tuple[int, ...], what: str = "") -> Request:
