@@ -44,7 +44,8 @@ def summary(observed: Observed) -> dict[str, Any]:
         "protections": {i: (o, tuple(sorted(ins)))
                         for i, (o, ins) in observed.protections.items()},
         "unnumbered": {i: g for i, g in observed.unnumbered.items() if i in indexes},
-        "routes": dict(observed.routes),
+        "routes": {p: paths for p, paths in observed.routes.items()
+                   if set(paths) <= indexes},  # the mesh's own; VPP adds its own routes
         "tunnel_ifaces": {i: (observed.interfaces[i].admin_up, observed.interfaces[i].mtu)
                           for i in indexes},
     }

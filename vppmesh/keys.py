@@ -11,6 +11,7 @@ than hashed, so they can never collide at a receiver.
 from __future__ import annotations
 
 import base64
+import functools
 import os
 import stat
 from dataclasses import dataclass
@@ -128,6 +129,12 @@ def _length_prefixed(*parts: bytes) -> bytes:
     return b"".join(len(p).to_bytes(2, "big") + p for p in parts)
 
 
+# Derivation is deterministic and its inputs are the secret itself, so a cache can never
+# return a stale key; it saves re-deriving every SA of the mesh on each re-plan.
+SA_KEY_CACHE_SIZE = 1 << 16
+
+
+@functools.lru_cache(maxsize=SA_KEY_CACHE_SIZE)
 def derive_sa_key(
     shared: bytes, psk: bytes, *, sender: str, receiver: str, tunnel: int, epoch: int
 ) -> SaKey:

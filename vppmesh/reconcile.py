@@ -10,6 +10,7 @@ half-configured by a crash stays down until the next run finishes it.
 from __future__ import annotations
 
 import ipaddress
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 
@@ -539,6 +540,7 @@ class Reconciler:
         self._observed: Observed | None = None
         self._applied: DesiredIndex | None = None
         self.last_scope: set[int] | None = None  # peers the last run compared; None: all
+        self.last_timings: dict[str, float] = {}  # seconds spent observing, diffing, applying
 
     def forget(self) -> None:
         """Dump VPP again on the next run."""
@@ -547,7 +549,10 @@ class Reconciler:
 
     def reconcile(self, desired: DesiredState, *, dry_run: bool = False,
                   ledger: KeyLedger | None = None, full: bool = False) -> list[Change]:
+        clock = time.perf_counter
+        started = clock()
         index = DesiredIndex(desired)
+        indexed_at = clock()
         before = self._applied
         observed = self._observed
         peers: set[int] | None = None
@@ -558,10 +563,15 @@ class Reconciler:
         else:
             peers = index.changed_peers(before)
         self.last_scope = peers
+        observed_at = clock()
         if observed.uplink is None:
             raise missing_uplink(desired)
         d = diff(desired, observed, peers=peers, index=index, before=before)
         changes = d.changes()
+        diffed_at = clock()
+        # "observe" is the dumps, or on an incremental run the peer-by-peer comparison.
+        self.last_timings = {"index": indexed_at - started, "observe": observed_at - indexed_at,
+                             "diff": diffed_at - observed_at, "apply": 0.0}
         if dry_run:
             return changes
         if not changes:
@@ -587,6 +597,7 @@ class Reconciler:
                 self._applied = index
             else:
                 self.forget()
+            self.last_timings["apply"] = time.perf_counter() - diffed_at
         return changes
 
 

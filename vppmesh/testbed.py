@@ -18,6 +18,8 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -327,6 +329,30 @@ def start_vpp(vpp: Path, netns: str, instance: Instance, workdir: Path,
     proc.kill()
     raise TestbedError(f"VPP in {netns} did not open {instance.api_socket} "
                        f"within {VPP_START_TIMEOUT:.0f} s")
+
+
+@contextmanager
+def single_vpp(netns: str, run_dir: Path, *, profile: str = "testbed",
+               main_heap_size: str | None = None) -> Iterator[Instance]:
+    """One VPP (no uplink, no peers) in its own namespace, for control-plane work.
+
+    Everything is removed afterwards (also on error); `netns` doubles as the prefix that
+    `destroy()` sweeps, so leftovers of a crashed run go too.
+    """
+    require_root()
+    vpp = find_vpp()
+    destroy(netns, run_dir, quiet=True)
+    instance = Instance(name=netns, runtime_dir=run_dir)
+    loaded = load_profile(profile)
+    if main_heap_size is not None:
+        loaded = loaded.model_copy(update={"main_heap_size": main_heap_size})
+    try:
+        sh("ip", "netns", "add", netns)
+        in_ns(netns, "ip", "link", "set", "lo", "up")
+        start_vpp(vpp, netns, instance, run_dir, render(loaded, instance, workers=0))
+        yield instance
+    finally:
+        destroy(netns, run_dir, quiet=True)
 
 
 def _uplink_mac(index: int) -> str:
