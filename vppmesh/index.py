@@ -8,12 +8,16 @@ grouping the desired state by peer lets a reconcile compare only the peers that 
 
 from __future__ import annotations
 
+import functools
 import ipaddress
+import operator
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 from vppmesh.state import (
     SA_DIRECTION_BIT,
+    TUNNEL_INSTANCE_BASE,
     DesiredState,
     RouteSpec,
     SaSpec,
@@ -51,6 +55,19 @@ def possible_sa_ids(peer: int) -> Iterator[int]:
             yield sa_id | SA_DIRECTION_BIT
 
 
+_fields = operator.attrgetter("__dict__")
+
+
+def same_objects(left: list[Any], right: list[Any]) -> bool:
+    """Equal lists of models of one type: their field values (keys included) are equal.
+
+    Comparing the field dicts (in C, through map) is several times cheaper than
+    pydantic's own __eq__ per model; identical objects cost next to nothing.
+    """
+    return left is right or (
+        len(left) == len(right) and list(map(_fields, left)) == list(map(_fields, right)))
+
+
 @dataclass
 class PeerSlice:
     """Everything the desired state holds towards one peer."""
@@ -60,35 +77,48 @@ class PeerSlice:
     routes: list[RouteSpec] = field(default_factory=list)
 
     def same_as(self, other: PeerSlice) -> bool:
-        # List equality tries identity first, so objects reused between plans cost
-        # nothing; otherwise the models compare field by field (keys included).
-        return self.tunnels == other.tunnels and self.routes == other.routes and \
-            self.sas == other.sas
+        return same_objects(self.tunnels, other.tunnels) and \
+            same_objects(self.routes, other.routes) and same_objects(self.sas, other.sas)
 
 
 class DesiredIndex:
-    """The desired state keyed by identifier and grouped by peer (built in one pass)."""
+    """The desired state grouped by peer in one pass; keyed by identifier on demand."""
 
     def __init__(self, desired: DesiredState) -> None:
         self.desired = desired
-        self.sas = {s.sa_id: s for s in desired.sas}
-        self.tunnels = {t.instance: t for t in desired.tunnels}
-        self.routes: dict[ipaddress.IPv4Network, RouteSpec] = {
-            r.prefix: r for r in desired.routes}
-        self.peers: dict[int, PeerSlice] = {}
-        for sa_id, sa in self.sas.items():
-            self._slice(sa_peer(sa_id)).sas.append(sa)
-        for instance, tunnel in self.tunnels.items():
-            self._slice(tunnel_peer(instance)).tunnels.append(tunnel)
+        peers: dict[int, PeerSlice] = {}
+        get = peers.get
+        for sa in desired.sas:
+            peer = (sa.sa_id >> 8) & 0xFFFF  # sa_peer(), inlined: this loop is the hot one
+            found = get(peer)
+            if found is None:
+                found = peers[peer] = PeerSlice()
+            found.sas.append(sa)
+        for tunnel in desired.tunnels:
+            peer = (tunnel.instance - TUNNEL_INSTANCE_BASE) // TUNNEL_SLOTS
+            found = get(peer)
+            if found is None:
+                found = peers[peer] = PeerSlice()
+            found.tunnels.append(tunnel)
         for route in desired.routes:
             for peer in {tunnel_peer(i) for i in route.tunnels} or {0}:
-                self._slice(peer).routes.append(route)
+                found = get(peer)
+                if found is None:
+                    found = peers[peer] = PeerSlice()
+                found.routes.append(route)
+        self.peers = peers
 
-    def _slice(self, peer: int) -> PeerSlice:
-        found = self.peers.get(peer)
-        if found is None:
-            found = self.peers[peer] = PeerSlice()
-        return found
+    @functools.cached_property
+    def sas(self) -> dict[int, SaSpec]:
+        return {s.sa_id: s for s in self.desired.sas}
+
+    @functools.cached_property
+    def tunnels(self) -> dict[int, TunnelSpec]:
+        return {t.instance: t for t in self.desired.tunnels}
+
+    @functools.cached_property
+    def routes(self) -> dict[ipaddress.IPv4Network, RouteSpec]:
+        return {r.prefix: r for r in self.desired.routes}
 
     def changed_peers(self, before: DesiredIndex) -> set[int]:
         """Peers whose objects differ between `before` and this index."""
