@@ -106,6 +106,29 @@ def test_one_peer_joins_and_leaves_without_dumps(
     assert summary(programmed._observed) == summary(observe(api, left))  # type: ignore[arg-type]
 
 
+def test_fast_decoders_match_vpp_papi_on_every_dump(
+        api: VppClient, programmed: Reconciler, mesh,  # type: ignore[no-untyped-def]
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    full, secrets = mesh
+    channel = api._channel
+    assert channel is not None
+    raws: list[bytes] = []
+    read = channel._read_message
+
+    def keep() -> bytes:
+        raw = read()
+        raws.append(raw)
+        return raw
+
+    monkeypatch.setattr(channel, "_read_message", keep)
+    observe(api, plan_for(full, secrets, 0))
+    kinds = {type(channel.reference_decode(r)).__name__ for r in raws}
+    assert {"ipsec_sa_v5_details", "ip_route_details", "sw_interface_details",
+            "ipip_tunnel_details", "ipsec_tunnel_protect_details"} <= kinds
+    for raw in raws:
+        assert channel.decode(raw) == channel.reference_decode(raw)
+
+
 def test_a_failed_request_in_a_batch_is_named_and_the_batch_is_complete(
         api: VppClient) -> None:
     missing = [0x4FFF_0000 + i for i in range(3)]

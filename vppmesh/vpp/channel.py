@@ -22,6 +22,7 @@ from typing import Any
 from vpp_papi.vpp_papi import VPPApiJSONFiles
 
 from vppmesh.errors import VppUnavailableError
+from vppmesh.vpp.decoder import compile_decoder
 
 FRAME = struct.Struct(">QII")  # VPP's socket framing: queue, length, timestamp
 MSG_ID = struct.Struct(">H")
@@ -32,6 +33,7 @@ RECV_BYTES = 1 << 18
 # Requests in flight at once: enough to keep VPP busy while replies are read, small
 # enough that neither side buffers megabytes.
 DEFAULT_WINDOW = 1024
+_UNCOMPILED = object()
 
 
 class UnknownMessageError(KeyError):
@@ -78,6 +80,7 @@ class ApiChannel:
         self._services: dict[str, Any] = {}
         self._types: dict[str, MessageType] = {}
         self._by_id: dict[int, Any] = {}
+        self._fast: dict[int, Any] = {}
         self.sent = 0
         self.received = 0
 
@@ -115,6 +118,7 @@ class ApiChannel:
     def _index_definitions(self) -> None:
         self._types.clear()
         self._by_id.clear()
+        self._fast.clear()
         for name, definition in self._messages.items():
             msg_id = self._ids.get(f"{name}_{definition.crc[2:]}", 0)
             if msg_id > 0:
@@ -169,6 +173,17 @@ class ApiChannel:
             raise EncodeError(type(exc).__name__) from None
 
     def decode(self, raw: bytes) -> Any:
+        msg_id = MSG_ID.unpack_from(raw)[0]
+        fast = self._fast.get(msg_id, _UNCOMPILED)
+        if fast is _UNCOMPILED:
+            definition = self._by_id.get(msg_id)
+            fast = self._fast[msg_id] = compile_decoder(definition) if definition else None
+        if fast is not None:
+            return fast(raw)
+        return self.reference_decode(raw)
+
+    def reference_decode(self, raw: bytes) -> Any:
+        """vpp-papi's own decoding (what the fast decoders must reproduce)."""
         definition = self._by_id.get(MSG_ID.unpack_from(raw)[0])
         if definition is None:
             return None
