@@ -21,7 +21,7 @@ from vppmesh.errors import VppApiError
 from vppmesh.reconcile import Reconciler, observe
 from vppmesh.state import GATEWAY_TAG, SaSpec, is_owned_sa_id, is_owned_tunnel_instance
 from vppmesh.testbed import single_vpp
-from vppmesh.vpp import interfaces, ipip, ipsec, routes
+from vppmesh.vpp import host_interfaces, interfaces, ipip, ipsec, routes
 from vppmesh.vpp.client import Request, VppClient
 
 pytestmark = [pytest.mark.vpp]
@@ -127,6 +127,43 @@ def test_fast_decoders_match_vpp_papi_on_every_dump(
             "ipip_tunnel_details", "ipsec_tunnel_protect_details"} <= kinds
     for raw in raws:
         assert channel.decode(raw) == channel.reference_decode(raw)
+
+
+def every_request_kind(desired) -> list[Request]:  # type: ignore[no-untyped-def]
+    """One of each request the controller builds (from vppmesh/vpp/*)."""
+    tunnel, net, ip = desired.tunnels[0], desired.routes[0].prefix, desired.routes[0].prefix[1]
+    return [
+        ipsec.add_sa(desired.sas[0]), ipsec.del_sa(5), ipsec.bind_sa(1, 0),
+        ipsec.protect(3, 1, (2, 3)), ipsec.unprotect(3), ipsec.set_async_mode(True),
+        ipip.add_tunnel(tunnel.instance, tunnel.src, tunnel.dst), ipip.del_tunnel(4),
+        interfaces.set_admin(3, True), interfaces.set_mtu(3, 1440),
+        interfaces.set_table(3, 1717), interfaces.set_unnumbered(3, 2),
+        interfaces.set_tag(3, GATEWAY_TAG), interfaces.address(3, desired.uplink_addresses[0],
+                                                               True),
+        interfaces.create_loopback("02:fe:00:00:00:00"), interfaces.delete_loopback(3),
+        interfaces.gso_feature(3, True), routes.table(1717, True),
+        routes.route(1717, net, [3, 4, 5, 6], True), routes.route(1717, net, [], False),
+        routes.route(1717, ipaddress.ip_network(f"{ip}/32"), [3], True, nexthop=ip),
+        routes.neighbor(3, ip, "02:fe:00:01:00:02", True),
+        host_interfaces.create_af_packet("eth0", "02:fe:ee:00:00:01"),
+        host_interfaces.delete_af_packet("eth0"),
+        host_interfaces.create_tap("vppmesh0", "02:fe:00:01:00:01", "02:fe:00:01:00:02",
+                                   1440, 2, "ns", "vppmesh:host"),
+        Request("cli_inband", {"cmd": "show version"}),
+    ]
+
+
+def test_compiled_encoders_give_vpp_papis_bytes_for_every_request(
+        api: VppClient, mesh) -> None:  # type: ignore[no-untyped-def]
+    full, secrets = mesh
+    channel = api._channel
+    assert channel is not None
+    compiled = 0
+    for request in every_request_kind(plan_for(full, secrets, 0)):
+        assert channel.encode(request.name, request.args, 7) == \
+            channel.reference_encode(request.name, request.args, 7), request.name
+        compiled += channel.message_type(request.name).encoder is not None
+    assert compiled >= 20  # all but the few with variable-length strings
 
 
 def test_a_failed_request_in_a_batch_is_named_and_the_batch_is_complete(

@@ -23,6 +23,7 @@ from vpp_papi.vpp_papi import VPPApiJSONFiles
 
 from vppmesh.errors import VppUnavailableError
 from vppmesh.vpp.decoder import compile_decoder
+from vppmesh.vpp.encoder import compile_encoder
 
 FRAME = struct.Struct(">QII")  # VPP's socket framing: queue, length, timestamp
 MSG_ID = struct.Struct(">H")
@@ -62,6 +63,7 @@ class MessageType:
     stream: bool
     reply_ends_stream: bool
     end_of_stream: str
+    encoder: Any  # compiled (encoder.py), or None: vpp-papi's pack
 
 
 class ApiChannel:
@@ -149,7 +151,8 @@ class ApiChannel:
                             stream=bool(service.get("stream")),
                             reply_ends_stream="stream_msg" in service,
                             end_of_stream=service["reply"] if "stream_msg" in service
-                            else "control_ping_reply")
+                            else "control_ping_reply",
+                            encoder=compile_encoder(definition))
         self._types[name] = found
         return found
 
@@ -168,9 +171,18 @@ class ApiChannel:
         if unknown:
             raise EncodeError(f"unknown field(s) {sorted(unknown)}")
         try:
+            if kind.encoder is not None:
+                return bytes(kind.encoder(fields))
             return bytes(kind.definition.pack(fields))
         except Exception as exc:  # vpp-papi raises many types; its text repeats arguments
             raise EncodeError(type(exc).__name__) from None
+
+    def reference_encode(self, name: str, args: dict[str, Any], context: int) -> bytes:
+        """vpp-papi's own encoding (what the compiled encoders must reproduce)."""
+        kind = self.message_type(name)
+        fields = {**args, "_vl_msg_id": kind.msg_id, "client_index": self._client_index,
+                  "context": context}
+        return bytes(kind.definition.pack(fields))
 
     def decode(self, raw: bytes) -> Any:
         msg_id = MSG_ID.unpack_from(raw)[0]
