@@ -145,11 +145,10 @@ def test_key_change_of_one_peer_replaces_only_its_sas_and_keeps_cache_exact() ->
     # Only peer 4's objects take the new epoch: the other peers keep theirs.
     old = DesiredIndex(desired_for(mesh, secrets, 6, workers=2))
     new_index = DesiredIndex(rekeyed)
+    others = [p for p in range(2, 8) if p != 4]
     mixed = rekeyed.model_copy(update={
-        "sas": tuple(s for p, sl in sorted(old.peers.items()) if p != 4 for s in sl.sas)
-        + tuple(new_index.peers[4].sas),
-        "tunnels": tuple(t for p, sl in sorted(old.peers.items()) if p != 4 for t in sl.tunnels)
-        + tuple(new_index.peers[4].tunnels),
+        "sas": (*old.sas_of(others).values(), *new_index.sas_of([4]).values()),
+        "tunnels": (*old.tunnels_of(others).values(), *new_index.tunnels_of([4]).values()),
     })
     changes = reconciler.reconcile(mixed)
     assert reconciler.last_scope == {4}

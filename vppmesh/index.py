@@ -10,14 +10,11 @@ from __future__ import annotations
 
 import functools
 import ipaddress
-import operator
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
 from typing import Any
 
 from vppmesh.state import (
     SA_DIRECTION_BIT,
-    TUNNEL_INSTANCE_BASE,
     DesiredState,
     RouteSpec,
     SaSpec,
@@ -55,66 +52,37 @@ def possible_sa_ids(peer: int) -> Iterator[int]:
             yield sa_id | SA_DIRECTION_BIT
 
 
-_fields = operator.attrgetter("__dict__")
+def _changed(now: dict[Any, Any], before: dict[Any, Any]) -> list[Any]:
+    """Keys whose model differs (or exists on one side only), by field values.
 
-
-def same_objects(left: list[Any], right: list[Any]) -> bool:
-    """Equal lists of models of one type: their field values (keys included) are equal.
-
-    Comparing the field dicts (in C, through map) is several times cheaper than
-    pydantic's own __eq__ per model; identical objects cost next to nothing.
+    Comparing the models' field dicts is several times cheaper than pydantic's own
+    __eq__; objects reused between two plans cost nothing at all.
     """
-    return left is right or (
-        len(left) == len(right) and list(map(_fields, left)) == list(map(_fields, right)))
-
-
-@dataclass
-class PeerSlice:
-    """Everything the desired state holds towards one peer."""
-
-    sas: list[SaSpec] = field(default_factory=list)
-    tunnels: list[TunnelSpec] = field(default_factory=list)
-    routes: list[RouteSpec] = field(default_factory=list)
-
-    def same_as(self, other: PeerSlice) -> bool:
-        return same_objects(self.tunnels, other.tunnels) and \
-            same_objects(self.routes, other.routes) and same_objects(self.sas, other.sas)
+    changed = list(now.keys() ^ before.keys())
+    get = before.get
+    for key, model in now.items():
+        old = get(key)
+        if old is not None and old is not model and old.__dict__ != model.__dict__:
+            changed.append(key)
+    return changed
 
 
 class DesiredIndex:
-    """The desired state grouped by peer in one pass; keyed by identifier on demand."""
+    """The desired state keyed by identifier, plus which peer owns each route.
+
+    Building it is three dict comprehensions; comparing two indexes is one lookup and one
+    field-dict comparison per object, and it says which peers changed. The objects of a
+    peer are found again through the identifiers that can belong to it.
+    """
 
     def __init__(self, desired: DesiredState) -> None:
         self.desired = desired
-        peers: dict[int, PeerSlice] = {}
-        get = peers.get
-        for sa in desired.sas:
-            peer = (sa.sa_id >> 8) & 0xFFFF  # sa_peer(), inlined: this loop is the hot one
-            found = get(peer)
-            if found is None:
-                found = peers[peer] = PeerSlice()
-            found.sas.append(sa)
-        for tunnel in desired.tunnels:
-            peer = (tunnel.instance - TUNNEL_INSTANCE_BASE) // TUNNEL_SLOTS
-            found = get(peer)
-            if found is None:
-                found = peers[peer] = PeerSlice()
-            found.tunnels.append(tunnel)
+        self.sas = {s.sa_id: s for s in desired.sas}
+        self.tunnels = {t.instance: t for t in desired.tunnels}
+        # Routes by the peer they lead to: ints hash in C, networks in Python.
+        self.peer_routes: dict[int, list[RouteSpec]] = {}
         for route in desired.routes:
-            for peer in {tunnel_peer(i) for i in route.tunnels} or {0}:
-                found = get(peer)
-                if found is None:
-                    found = peers[peer] = PeerSlice()
-                found.routes.append(route)
-        self.peers = peers
-
-    @functools.cached_property
-    def sas(self) -> dict[int, SaSpec]:
-        return {s.sa_id: s for s in self.desired.sas}
-
-    @functools.cached_property
-    def tunnels(self) -> dict[int, TunnelSpec]:
-        return {t.instance: t for t in self.desired.tunnels}
+            self.peer_routes.setdefault(route_peer(route), []).append(route)
 
     @functools.cached_property
     def routes(self) -> dict[ipaddress.IPv4Network, RouteSpec]:
@@ -122,15 +90,31 @@ class DesiredIndex:
 
     def changed_peers(self, before: DesiredIndex) -> set[int]:
         """Peers whose objects differ between `before` and this index."""
-        changed = set(self.peers.keys() ^ before.peers.keys())
-        for peer, now in self.peers.items():
-            was = before.peers.get(peer)
-            if was is not None and not now.same_as(was):
+        changed = {sa_peer(i) for i in _changed(self.sas, before.sas)}
+        changed.update(tunnel_peer(i) for i in _changed(self.tunnels, before.tunnels))
+        changed.update(self.peer_routes.keys() ^ before.peer_routes.keys())
+        was = before.peer_routes
+        for peer, routes in self.peer_routes.items():
+            old = was.get(peer)
+            if old is not None and old is not routes and \
+                    [r.__dict__ for r in old] != [r.__dict__ for r in routes]:
                 changed.add(peer)
         return changed
 
-    def route_prefixes(self, peers: Iterable[int]) -> set[ipaddress.IPv4Network]:
-        return {r.prefix for p in peers if p in self.peers for r in self.peers[p].routes}
+    def sas_of(self, peers: Iterable[int]) -> dict[int, SaSpec]:
+        return {i: self.sas[i] for p in peers for i in possible_sa_ids(p) if i in self.sas}
+
+    def tunnels_of(self, peers: Iterable[int]) -> dict[int, TunnelSpec]:
+        return {i: self.tunnels[i] for p in peers for i in possible_tunnel_instances(p)
+                if i in self.tunnels}
+
+    def routes_of(self, peers: Iterable[int]) -> dict[ipaddress.IPv4Network, RouteSpec]:
+        return {r.prefix: r for p in peers for r in self.peer_routes.get(p, ())}
+
+
+def route_peer(route: RouteSpec) -> int:
+    """The peer a route leads to (all its paths are that peer's tunnels); 0 if none."""
+    return tunnel_peer(route.tunnels[0]) if route.tunnels else 0
 
 
 def same_node_settings(a: DesiredState, b: DesiredState) -> bool:

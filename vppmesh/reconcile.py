@@ -226,13 +226,12 @@ class Scope:
     def of_peers(cls, peers: set[int], index: DesiredIndex, observed: Observed,
                  before: DesiredIndex | None = None) -> Scope:
         """Only `peers`' objects: found through their identifiers, O(peers), not O(mesh)."""
-        sas = {s.sa_id: s for p in peers if p in index.peers for s in index.peers[p].sas}
-        routes = {r.prefix: r for p in peers if p in index.peers for r in index.peers[p].routes}
-        tunnels = {t.instance: t for p in peers if p in index.peers
-                   for t in index.peers[p].tunnels}
-        prefixes = index.route_prefixes(peers)
+        sas = index.sas_of(peers)
+        tunnels = index.tunnels_of(peers)
+        routes = index.routes_of(peers)
+        prefixes = set(routes)
         if before is not None:
-            prefixes |= before.route_prefixes(peers)
+            prefixes |= set(before.routes_of(peers))
         seen_sas = {i: observed.sas[i] for p in peers for i in possible_sa_ids(p)
                     if i in observed.sas}
         seen_tunnels = {i: observed.tunnels[i] for p in peers
