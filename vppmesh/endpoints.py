@@ -47,8 +47,9 @@ def attach_vpp(api: VppApi, spec: HostLinkSpec, *, table_id: int, mtu: int, gate
     api.call_many([
         *setup,
         interfaces.set_mtu(index, mtu, spec.tag),
-        interfaces.set_admin(index, True, spec.tag),
     ])
+    # Up only once it is in the mesh VRF: a batch is sent whole, so this waits for it.
+    api.call(interfaces.set_admin(index, True, spec.tag))
     set_neighbor(api, index, spec, table_id)
     return index
 
