@@ -17,6 +17,7 @@ from pydantic import SecretBytes
 from test_reconcile_scale import summary
 
 from benchmarks.controlplane import give_uplink, plan_for, synthetic_mesh, with_nodes
+from vppmesh import verify
 from vppmesh.errors import VppApiError
 from vppmesh.reconcile import Reconciler, observe
 from vppmesh.state import GATEWAY_TAG, SaSpec, is_owned_sa_id, is_owned_tunnel_instance
@@ -150,6 +151,7 @@ def every_request_kind(desired) -> list[Request]:  # type: ignore[no-untyped-def
         host_interfaces.create_tap("vppmesh0", "02:fe:00:01:00:01", "02:fe:00:01:00:02",
                                    1440, 2, "ns", "vppmesh:host"),
         Request("cli_inband", {"cmd": "show version"}),
+        verify.pcap_on(1, "/tmp/vppmesh.pcap", 100), verify.pcap_off(),
     ]
 
 
