@@ -35,7 +35,7 @@ from vppmesh.plan import HostOptions, plan
 from vppmesh.reconcile import Reconciler
 from vppmesh.state import DesiredState
 from vppmesh.testbed import TestbedError, find_vpp, require_root, single_vpp
-from vppmesh.vpp import interfaces
+from vppmesh.vpp import interfaces, ipsec
 from vppmesh.vpp.client import VppClient
 
 DEFAULT_SIZES = (100, 300, 1000)
@@ -47,6 +47,7 @@ UNDERLAY = ipaddress.IPv4Network("198.18.0.0/16")  # RFC 2544 benchmarking range
 PODS = ipaddress.IPv4Network("198.19.0.0/16")
 POD_PREFIX = 26  # 1,024 pod CIDRs fit in PODS
 MAX_PEERS = 1000
+BASELINE_SAS = 2000
 TARGETS = {"first_reconcile_s": 2.0, "noop_full_s": 1.0, "add_peer_s": 0.020,
            "remove_peer_s": 0.020}
 
@@ -90,12 +91,24 @@ class SizeResult(BaseModel):
     profile: str = ""
 
 
+class BaselineResult(BaseModel):
+    """vpp-papi's synchronous client against this one, on the same VPP and the same SAs."""
+
+    model_config = ConfigDict(extra="forbid")
+    sas: int
+    papi_sync_messages_per_s: float
+    papi_sync_dump_s: float
+    pipelined_messages_per_s: float
+    pipelined_dump_s: float
+
+
 class RunResult(BaseModel):
     model_config = ConfigDict(extra="forbid")
     started: str
     command: str
     machine: dict[str, str]
     vpp_version: str
+    baseline: BaselineResult | None
     results: list[SizeResult]
 
 
@@ -266,6 +279,38 @@ def measure(peers: int, tunnels: int, workers: int, prefix: str, base_dir: Path,
     )
 
 
+def measure_baseline(prefix: str, base_dir: Path, sas: int = BASELINE_SAS) -> BaselineResult:
+    """The starting point: one round trip per message through vpp-papi, as before."""
+    import logging
+
+    from vpp_papi import VPPApiClient
+
+    mesh, secrets = synthetic_mesh(sas // (2 * 4), 4)
+    specs = plan_for(with_nodes(mesh, mesh.nodes[:-1]), secrets, 0).sas[:sas]
+    requests = [ipsec.add_sa(s) for s in specs]
+    with single_vpp(f"{prefix}cp", base_dir / "controlplane") as instance:
+        papi = VPPApiClient(server_address=str(instance.api_socket), bootstrapapi=True,
+                            logger=logging.getLogger("benchmark.papi"), use_socket=True)
+        papi.connect("vppmesh-baseline")
+        try:
+            started = time.perf_counter()
+            for request in requests:
+                reply = getattr(papi.api, request.name)(**request.args)
+                assert reply.retval == 0, reply.retval
+            papi_rate = len(requests) / (time.perf_counter() - started)
+            _, papi_dump_s = timed(papi.api.ipsec_sa_v5_dump, sa_id=ipsec.ALL_SAS)
+        finally:
+            papi.disconnect()
+        with VppClient(instance.api_socket, timeout=60).connect() as api:
+            api.call_many([ipsec.del_sa(s.sa_id) for s in specs])
+            _, pipelined_s = timed(api.call_many, requests)
+            _, pipelined_dump_s = timed(api.dump, "ipsec_sa_v5_dump", sa_id=ipsec.ALL_SAS)
+    return BaselineResult(sas=len(requests), papi_sync_messages_per_s=papi_rate,
+                          papi_sync_dump_s=papi_dump_s,
+                          pipelined_messages_per_s=len(requests) / pipelined_s,
+                          pipelined_dump_s=pipelined_dump_s)
+
+
 # ---- report ------------------------------------------------------------------------------
 def ms(seconds: float) -> str:
     return f"{seconds * 1000:.0f} ms" if seconds >= 0.1 else f"{seconds * 1000:.1f} ms"
@@ -326,10 +371,21 @@ def render_table(results: list[SizeResult]) -> str:
     lines.append("")
     lines.append("Times are wall clock (controller CPU in parentheses); add/remove: median "
                  "of 5 rounds.")
-    lines.append("")
-    lines.append("Targets at 1000 peers (wall clock): " + ("all met." if not misses
-                                                else "missed: " + "; ".join(misses)))
+    if any(r.peers == MAX_PEERS for r in results):
+        lines.append("")
+        lines.append("Targets at 1000 peers (wall clock): " + (
+            "all met." if not misses else "missed: " + "; ".join(misses)))
     return "\n".join(lines)
+
+
+def render_baseline(b: BaselineResult) -> str:
+    return "\n".join([
+        f"| {b.sas} SAs on one VPP | vpp-papi, synchronous | pipelined (this client) |",
+        "|---|---|---|",
+        f"| add, messages/s | {b.papi_sync_messages_per_s:,.0f} | "
+        f"{b.pipelined_messages_per_s:,.0f} |",
+        f"| dump all | {ms(b.papi_sync_dump_s)} | {ms(b.pipelined_dump_s)} |",
+    ])
 
 
 def machine() -> dict[str, str]:
@@ -347,8 +403,8 @@ def vpp_version() -> str:
         result.stderr else "unknown"
 
 
-def run_child(args: argparse.Namespace, peers: int) -> SizeResult:
-    """One size in a fresh interpreter, so its peak memory is its own."""
+def run_child(args: argparse.Namespace, peers: int) -> SizeResult | BaselineResult:
+    """One size (0: the baseline) in a fresh interpreter, so its peak memory is its own."""
     command = [sys.executable, "-m", "benchmarks.controlplane", "--one", str(peers),
                "--tunnels", str(args.tunnels), "--workers", str(args.workers),
                "--prefix", args.prefix, "--base-dir", str(args.base_dir), "--heap", args.heap]
@@ -357,7 +413,10 @@ def run_child(args: argparse.Namespace, peers: int) -> SizeResult:
     result = subprocess.run(command, capture_output=True, text=True, check=False, timeout=1800)
     if result.returncode != 0:
         raise SystemExit(f"{peers} peers failed:\n{result.stdout[-3000:]}{result.stderr[-3000:]}")
-    return SizeResult.model_validate_json(result.stdout.strip().splitlines()[-1])
+    line = result.stdout.strip().splitlines()[-1]
+    if peers == 0:
+        return BaselineResult.model_validate_json(line)
+    return SizeResult.model_validate_json(line)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -374,6 +433,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=RESULTS_DIR)
     parser.add_argument("--profile", action="store_true",
                         help="add a cProfile of each first reconcile to the JSON")
+    parser.add_argument("--no-baseline", action="store_true",
+                        help="skip the vpp-papi synchronous baseline")
     parser.add_argument("--one", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.workers:
@@ -384,6 +445,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.one == 0:
+        print(measure_baseline(args.prefix, args.base_dir).model_dump_json())
+        return 0
     if args.one is not None:
         result = measure(args.one, args.tunnels, args.workers, args.prefix, args.base_dir,
                          args.heap, args.profile)
@@ -395,6 +459,11 @@ def main(argv: list[str] | None = None) -> int:
         find_vpp()
     except TestbedError as exc:
         raise SystemExit(str(exc)) from None
+    baseline = None
+    if not args.no_baseline:
+        print(f"baseline: {BASELINE_SAS} SAs, vpp-papi synchronous vs pipelined ...",
+              file=sys.stderr, flush=True)
+        baseline = run_child(args, 0)
     results = []
     for peers in sizes:
         print(f"{peers} peers x {args.tunnels} tunnels ...", file=sys.stderr, flush=True)
@@ -402,8 +471,12 @@ def main(argv: list[str] | None = None) -> int:
     run = RunResult(started=datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ"),
                     command=" ".join(["python -m benchmarks.controlplane", *(argv or
                                                                             sys.argv[1:])]),
-                    machine=machine(), vpp_version=vpp_version(), results=results)
-    table = render_table(results)
+                    machine=machine(), vpp_version=vpp_version(),
+                    baseline=baseline,  # type: ignore[arg-type]
+                    results=results)  # type: ignore[arg-type]
+    table = render_table(run.results)
+    if run.baseline is not None:
+        table += "\n\n" + render_baseline(run.baseline)
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / f"{run.started}-controlplane"
     stem.with_suffix(".json").write_text(run.model_dump_json(indent=2))
@@ -412,7 +485,7 @@ def main(argv: list[str] | None = None) -> int:
                                        f"{run.vpp_version}\n\n{table}\n")
     print(table)
     print(f"\nwrote {stem}.json and {stem}.md")
-    return 0 if all(r.converged for r in results) else 1
+    return 0 if all(r.converged for r in run.results) else 1
 
 
 if __name__ == "__main__":
