@@ -1,0 +1,61 @@
+"""The control-plane benchmark's pure parts: the synthetic mesh and the report."""
+
+from __future__ import annotations
+
+import ipaddress
+
+from benchmarks.controlplane import (
+    MAX_PEERS,
+    PODS,
+    UNDERLAY,
+    BaselineResult,
+    SizeResult,
+    render_baseline,
+    render_table,
+    synthetic_mesh,
+)
+
+
+def test_synthetic_mesh_of_1000_peers_is_valid_and_deterministic() -> None:
+    mesh, secrets = synthetic_mesh(MAX_PEERS, 4)
+    assert len(mesh.nodes) == MAX_PEERS + 2  # the measured node, the peers, one to join
+    addresses = [a.ip for n in mesh.nodes for a in n.underlay]
+    assert len(set(addresses)) == len(addresses)
+    assert all(a in UNDERLAY for a in addresses)
+    assert all(n.pod_cidr.subnet_of(PODS) for n in mesh.nodes)  # type: ignore[arg-type]
+    assert mesh.node("n1").uplink == "loop0"
+    again, secrets_again = synthetic_mesh(MAX_PEERS, 4)
+    assert again == mesh
+    assert secrets_again.public_key_b64() == secrets.public_key_b64()
+    assert ipaddress.ip_network("198.18.0.0/15").supernet_of(UNDERLAY)
+
+
+def result(peers: int, scale: float) -> SizeResult:
+    return SizeResult(
+        peers=peers, tunnels_per_peer=4, sas=8 * peers, tunnels=4 * peers, routes=peers,
+        load_average="1.00 1.00 1.00", key_derivation_s=0.1 * scale, plan_cold_s=0.2 * scale,
+        plan_warm_s=0.1 * scale, first_reconcile_s=1.0 * scale,
+        first_reconcile_cpu_s=0.5 * scale,
+        first_reconcile_breakdown={"index": 0.0, "observe": 0.01, "diff": 0.02,
+                                   "apply": 0.9 * scale},
+        first_reconcile_messages=33 * peers, messages_per_s=30000, noop_full_s=1.2 * scale,
+        noop_full_cpu_s=0.4 * scale, noop_full_breakdown={"observe": 1.0, "diff": 0.02},
+        noop_full_messages=7, noop_incremental_s=0.004, noop_incremental_cpu_s=0.004,
+        add_peer_s=0.01, add_peer_cpu_s=0.009, add_peer_messages=33, remove_peer_s=0.009,
+        remove_peer_cpu_s=0.008, remove_peer_messages=21, controller_rss_base_bytes=1 << 26,
+        controller_rss_peak_bytes=1 << 27, vpp_heap_before_bytes=0,
+        vpp_heap_after_bytes=65536 * peers, vpp_heap_per_peer_bytes=65536.0, converged=True)
+
+
+def test_report_shows_growth_and_names_missed_targets() -> None:
+    table = render_table([result(100, 0.1), result(MAX_PEERS, 1.0)])
+    assert "| peers | 100 | 1000 |" in table
+    assert "first reconcile x10.0" in table
+    assert "noop_full_s at 1000 peers: 1200 ms > 1000 ms" in table
+    assert "first_reconcile_s" not in table.split("missed:")[1]
+    assert "64 KiB" in table
+    baseline = render_baseline(BaselineResult(sas=2000, papi_sync_messages_per_s=1900,
+                                              papi_sync_dump_s=0.6,
+                                              pipelined_messages_per_s=60000,
+                                              pipelined_dump_s=0.03))
+    assert "| add, messages/s | 1,900 | 60,000 |" in baseline
