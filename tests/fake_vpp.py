@@ -71,6 +71,9 @@ class FakeVpp:
         """Like the pipelined client: every request is handled, then all are checked."""
         return check_replies(requests, [self._answer(r) for r in requests])
 
+    def close(self) -> None:
+        """Like VppClient.close (the state stays: it is VPP's, not the connection's)."""
+
     def dump(self, name: str, **args: Any) -> list[Any]:
         self.sent += 1
         self.counts[name] += 1

@@ -18,7 +18,10 @@ from test_reconcile_scale import summary
 
 from benchmarks.controlplane import give_uplink, plan_for, synthetic_mesh, with_nodes
 from vppmesh import verify
+from vppmesh.config import dump_mesh
 from vppmesh.errors import VppApiError
+from vppmesh.keys import private_key_b64, write_secret_file
+from vppmesh.node import NodeOptions, Session
 from vppmesh.reconcile import Reconciler, observe
 from vppmesh.state import GATEWAY_TAG, SaSpec, is_owned_sa_id, is_owned_tunnel_instance
 from vppmesh.testbed import single_vpp
@@ -220,3 +223,32 @@ def test_failure_half_way_leaves_new_tunnels_down_and_next_run_converges(
     assert Reconciler(api).reconcile(grown, dry_run=True) == []
     held = {ipaddress.ip_network(p) for p in routes.dump_routes(api, grown.table_id)}
     assert {r.prefix for r in grown.routes} <= held
+
+
+def test_watch_session_applies_a_joining_peer_from_the_mesh_file(
+        api: VppClient, mesh, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    full, secrets = mesh
+    nodes = [n for n in full.nodes if n.name != "n2"]
+    mesh_file = tmp_path / "mesh.yaml"
+    mesh_file.write_text(dump_mesh(with_nodes(full, nodes[:60])))
+    key = tmp_path / "n1.key"
+    write_secret_file(key, private_key_b64(secrets.private_key))
+    options = NodeOptions(mesh_file=mesh_file, node="n1", private_key=key,
+                          api_socket=RUN_DIR / "api.sock", host_link="none", workers=0,
+                          state_dir=tmp_path)
+    session = Session(options)
+    try:
+        session.run()  # dumps, and finishes whatever the last test left
+        mesh_file.write_text(dump_mesh(with_nodes(full, nodes[:61])))
+        client = session._client
+        assert client is not None
+        before = client.messages_sent
+        result = session.run()
+        assert {c.target.split()[0] for c in result.changes if c.kind == "tunnel"} == \
+            {f"ipip{t.instance}" for t in result.desired.tunnels
+             if t.peer_number == nodes[60].node_number}
+        # The peer's messages and the async-mode setting: no dumps.
+        assert client.messages_sent - before == 2 * TUNNELS + 6 * TUNNELS + 1 + 1
+        assert Reconciler(api).reconcile(result.desired, dry_run=True) == []
+    finally:
+        session.close()

@@ -204,10 +204,11 @@ def watch_loop(opts: agent.NodeOptions) -> None:
     log.info("watching %s and VPP at %s", opts.mesh_file, opts.api_socket)
     vpp_gone_at: float | None = None
     last_pid: int | None = None
+    session = agent.Session(opts)  # one connection; only changed peers are re-applied
     for _tick in poll_ticks(opts.mesh_file):
         attempt = time.monotonic()
         try:
-            result = agent.up(opts)
+            result = session.run()
         except VppUnavailableError as exc:
             if vpp_gone_at is None:
                 vpp_gone_at = attempt

@@ -10,17 +10,18 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from vppmesh import epochs, guard
 from vppmesh import host as linux
 from vppmesh import uplink as nic
 from vppmesh.config import Mesh, load_mesh
 from vppmesh.epochs import GenerationState, GenerationStore, PeerKeying, PeerObservation
+from vppmesh.errors import VppUnavailableError
 from vppmesh.keys import NodeSecrets, derive_sa_key, load_secrets, pair_secret, spi_for
 from vppmesh.ledger import KeyLedger
 from vppmesh.plan import HostOptions, plan
-from vppmesh.reconcile import Change, reconcile
+from vppmesh.reconcile import Change, Reconciler, reconcile
 from vppmesh.state import DesiredState, sa_id_for
 from vppmesh.teardown import teardown
 from vppmesh.uplink import UplinkSpec
@@ -98,13 +99,21 @@ def desired_state(options: NodeOptions, mesh: Mesh, secrets: NodeSecrets, worker
 
 
 def apply(api: VppApi, desired: DesiredState, *, dry_run: bool = False,
-          ledger: KeyLedger | None = None) -> list[Change]:
-    """Reconcile VPP, with the Linux end of the host link prepared before and after."""
+          ledger: KeyLedger | None = None, reconciler: Reconciler | None = None,
+          full: bool = False) -> list[Change]:
+    """Reconcile VPP, with the Linux end of the host link prepared before and after.
+
+    With a `reconciler` (kept by a long-running agent), only what changed since its last
+    run is compared and applied, unless `full`.
+    """
     host = desired.host
     if not dry_run and host is not None and host.kind == "af_packet":
         linux.ensure_veth(host.linux_ifname, host.vpp_ifname, linux_mac=host.linux_mac,
                           vpp_mac=host.vpp_mac, mtu=desired.mtu, linux_netns=host.netns)
-    changes = reconcile(api, desired, dry_run=dry_run, ledger=ledger)
+    if reconciler is not None:
+        changes = reconciler.reconcile(desired, dry_run=dry_run, ledger=ledger, full=full)
+    else:
+        changes = reconcile(api, desired, dry_run=dry_run, ledger=ledger)
     if not dry_run and host is not None:
         linux.configure_linux_side(host, desired.mtu)
     return changes
@@ -157,7 +166,8 @@ def observe_keys(api: VppApi, mesh: Mesh, local: str, secrets: NodeSecrets,
 
 
 def up(options: NodeOptions, *, dry_run: bool = False, api: VppApi | None = None,
-       rekey: bool = False, now: float | None = None, mesh: Mesh | None = None) -> UpResult:
+       rekey: bool = False, now: float | None = None, mesh: Mesh | None = None,
+       reconciler: Reconciler | None = None, full: bool = False) -> UpResult:
     """Plan and apply this node's part of the mesh, with key generations advanced first.
 
     The generation file is read and written under its lock, so `vppmesh rekey` and a
@@ -196,7 +206,8 @@ def up(options: NodeOptions, *, dry_run: bool = False, api: VppApi | None = None
             if uplink is not None:  # else reconcile() explains what is missing
                 changes += guard.ensure(client, uplink, desired.uplink_addresses[0].version,
                                         dry_run=dry_run)
-            changes += apply(client, desired, dry_run=dry_run, ledger=options.ledger)
+            changes += apply(client, desired, dry_run=dry_run, ledger=options.ledger,
+                             reconciler=reconciler, full=full)
             if not dry_run and state.model_dump() != before:
                 store.save(state)
         return UpResult(desired=desired, changes=changes, seconds=time.monotonic() - started,
@@ -207,6 +218,49 @@ def up(options: NodeOptions, *, dry_run: bool = False, api: VppApi | None = None
     finally:
         if api is None:
             client.close()  # type: ignore[union-attr]
+
+
+class Session:
+    """What `up --watch` keeps between polls: one VPP connection and what VPP holds.
+
+    Each poll runs `up` as before (key generations advance, SAs are observed), but the
+    reconcile compares the new plan with the last one and applies only the peers that
+    changed, from the remembered state. Every `full_every` seconds, after any error and
+    after a reconnect, it dumps VPP again, which also catches changes made behind the
+    agent's back. A VPP restart breaks the connection: that poll fails with
+    VppUnavailableError and the next one reconnects.
+    """
+
+    def __init__(self, options: NodeOptions, *, full_every: float = 60.0,
+                 connect: Callable[[], VppClient] | None = None) -> None:
+        self.options = options
+        self.full_every = full_every
+        self._connect = connect or VppClient(options.api_socket).connect
+        self._client: VppClient | None = None
+        self._reconciler: Reconciler | None = None
+        self._last_full: float | None = None
+
+    def run(self, **up_options: Any) -> UpResult:
+        if self._client is None:
+            self._client = self._connect()
+            self._reconciler = Reconciler(self._client)
+            self._last_full = None
+        started = time.monotonic()
+        full = self._last_full is None or started - self._last_full >= self.full_every
+        try:
+            result = up(self.options, api=self._client, reconciler=self._reconciler,
+                        full=full, **up_options)
+        except VppUnavailableError:
+            self.close()
+            raise
+        if full:
+            self._last_full = started
+        return result
+
+    def close(self) -> None:
+        client, self._client, self._reconciler = self._client, None, None
+        if client is not None:
+            client.close()
 
 
 def down(options: NodeOptions, *, api: VppApi | None = None,

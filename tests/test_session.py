@@ -1,0 +1,59 @@
+"""`up --watch`'s Session on the fake VPP: after the first run, a change to the mesh file
+is applied from the remembered state (no dumps); a lost VPP means reconnect and dump."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from conftest import make_mesh
+from fake_vpp import FakeVpp
+
+from vppmesh.config import dump_mesh
+from vppmesh.errors import VppUnavailableError
+from vppmesh.keys import private_key_b64, write_secret_file
+from vppmesh.node import NodeOptions, Session
+
+DUMPS = ("sw_interface_dump", "ipsec_sa_v5_dump", "ipip_tunnel_dump")
+
+
+def test_session_applies_one_joining_peer_without_dumps(tmp_path: Path) -> None:
+    mesh, secrets = make_mesh(6, 2)
+    mesh_file = tmp_path / "mesh.yaml"
+    mesh_file.write_text(dump_mesh(mesh.model_copy(update={"nodes": mesh.nodes[:5]})))
+    key = tmp_path / "node1.key"
+    write_secret_file(key, private_key_b64(secrets["node1"].private_key))
+    options = NodeOptions(mesh_file=mesh_file, node="node1", private_key=key,
+                          host_link="none", workers=0, state_dir=tmp_path)
+    vpp = FakeVpp.with_uplink(mesh.node("node1").primary)
+    connections: list[FakeVpp] = []
+
+    def connect() -> FakeVpp:
+        connections.append(vpp)
+        return vpp
+
+    session = Session(options, connect=connect)  # type: ignore[arg-type]
+    first = session.run()
+    assert first.changes and all(vpp.counts[d] == 1 for d in DUMPS)
+
+    mesh_file.write_text(dump_mesh(mesh))  # node6 joins
+    vpp.counts.clear()
+    second = session.run()
+    assert {c.target.split()[0] for c in second.changes if c.kind == "tunnel"} == \
+        {"ipip100000600", "ipip100000601"}
+    assert not any(vpp.counts[d] for d in DUMPS)
+    assert vpp.counts["ipip_add_tunnel"] == 2
+
+    original = vpp.call
+
+    def broken(request):  # type: ignore[no-untyped-def]
+        raise VppUnavailableError("VPP stopped answering (read: the socket was closed)")
+
+    vpp.call = broken  # type: ignore[method-assign]
+    with pytest.raises(VppUnavailableError):
+        session.run()
+    vpp.call = original  # type: ignore[method-assign]
+    vpp.counts.clear()
+    assert session.run().changes == []
+    assert len(connections) == 2  # reconnected
+    assert all(vpp.counts[d] == 1 for d in DUMPS)  # and dumped VPP again
