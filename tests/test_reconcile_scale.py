@@ -204,3 +204,13 @@ def test_identifier_ranges_cover_every_object_of_a_peer() -> None:
         assert {s.sa_id for s in desired.sas if s.peer_number == peer} <= ids
         assert {t.instance for t in desired.tunnels if t.peer_number == peer} <= instances
     assert not set(possible_sa_ids(2)) & set(possible_sa_ids(3))
+
+
+def test_every_peer_changing_at_once_is_diffed_in_one_pass_and_converges() -> None:
+    mesh, secrets, vpp, reconciler = converge(40, workers=2)
+    rekeyed = desired_for(mesh, secrets, 40, workers=2, epochs=(0, 1))
+    changes = reconciler.reconcile(rekeyed)
+    assert reconciler.last_scope is not None and len(reconciler.last_scope) == 40
+    assert sum(1 for c in changes if c.kind == "sa" and c.action == "create") == 40 * 2 * 2
+    assert summary(reconciler._observed) == summary(observe(vpp, rekeyed))  # type: ignore[arg-type]
+    assert Reconciler(vpp).reconcile(rekeyed) == []

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 import ipaddress
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from typing import Any
 
 from vppmesh.state import (
@@ -37,19 +37,23 @@ def tunnel_peer(instance: int) -> int:
     return split_tunnel_instance(instance)[0]
 
 
-def possible_tunnel_instances(peer: int) -> Iterator[int]:
+def possible_tunnel_instances(peer: int) -> list[int]:
     """Every tunnel instance that can belong to `peer` (the identifier is the index)."""
-    return (tunnel_instance(peer, t) for t in range(TUNNEL_SLOTS))
+    first = tunnel_instance(peer, 0)
+    return [first + t for t in range(TUNNEL_SLOTS)]
 
 
-def possible_sa_ids(peer: int) -> Iterator[int]:
+# SA id bits other than the peer's: direction, epoch and tunnel index, every combination.
+_SA_ID_OFFSETS = tuple(
+    sa_id_for("in", 0, tunnel, epoch) | direction
+    for epoch in range(EPOCH_SLOTS) for tunnel in range(TUNNEL_INDEX_SLOTS)
+    for direction in (0, SA_DIRECTION_BIT))
+
+
+def possible_sa_ids(peer: int) -> list[int]:
     """Every SA id that can belong to `peer`: both directions, every tunnel and epoch."""
-    inbound = sa_id_for("in", peer, 0, 0)
-    for epoch in range(EPOCH_SLOTS):
-        for tunnel in range(TUNNEL_INDEX_SLOTS):
-            sa_id = inbound | epoch << 24 | tunnel << 4
-            yield sa_id
-            yield sa_id | SA_DIRECTION_BIT
+    base = sa_id_for("in", peer, 0, 0)
+    return [base | offset for offset in _SA_ID_OFFSETS]
 
 
 def _changed(now: dict[Any, Any], before: dict[Any, Any]) -> list[Any]:

@@ -41,6 +41,7 @@ from vppmesh.vpp.client import Request, VppApi
 from vppmesh.vpp.interfaces import Interface
 
 GATEWAY_LOOPBACK_MAC = "02:fe:00:00:00:00"
+WHOLE_MESH_SHARE = 8  # a scoped diff of more than 1/8 of the peers compares everything
 
 
 @dataclass
@@ -256,6 +257,9 @@ def diff(desired: DesiredState, observed: Observed, *, peers: set[int] | None = 
     gateway_index = gw.sw_if_index if gw is not None else None
     if peers is None:
         _diff_node(d, desired, observed, gateway_index)
+    if peers is None or len(peers) * WHOLE_MESH_SHARE > len(index.peer_routes):
+        # Finding many peers' objects through their identifiers costs more than one pass
+        # over everything (a new key epoch changes every peer): then compare everything.
         scope = Scope.everything(index, observed)
     else:
         scope = Scope.of_peers(peers, index, observed, before)
