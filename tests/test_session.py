@@ -1,5 +1,6 @@
-"""`up --watch`'s Session on the fake VPP: after the first run, a change to the mesh file
-is applied from the remembered state (no dumps); a lost VPP means reconnect and dump."""
+"""`up --watch`'s Session on the fake VPP: a change to the mesh file is applied from the
+remembered state (no interface, tunnel or route dumps), and a lost VPP means reconnect and
+dump."""
 
 from __future__ import annotations
 
