@@ -4,6 +4,7 @@ Reconciler remembers always matches what a fresh dump of VPP says."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -14,6 +15,7 @@ from vppmesh.config import Mesh
 from vppmesh.errors import VppApiError
 from vppmesh.index import DesiredIndex, possible_sa_ids, possible_tunnel_instances
 from vppmesh.keys import NodeSecrets
+from vppmesh.ledger import KeyLedger
 from vppmesh.plan import HostOptions, plan
 from vppmesh.reconcile import Observed, Reconciler, observe
 from vppmesh.state import DesiredState, sa_id_for, tunnel_instance
@@ -169,18 +171,40 @@ def test_node_wide_change_makes_a_full_run() -> None:
     assert all(vpp.ifaces[i]["mtu"] == 1300 for i in vpp.tunnels)
 
 
-def test_failure_in_an_incremental_run_forgets_and_the_next_run_converges() -> None:
+def test_failure_in_an_incremental_run_dumps_and_starts_over_once(
+        monkeypatch: pytest.MonkeyPatch) -> None:
     mesh, secrets, vpp, reconciler = converge(5)
     grown = desired_for(mesh, secrets, 6)
+    # A single refusal: the run dumps VPP, starts over and converges.
     vpp.fail_on["ipsec_tunnel_protect_update"] = -1
-    with pytest.raises(VppApiError, match="ipsec_tunnel_protect_update"):
-        reconciler.reconcile(grown)
-    new = [i for i, t in vpp.tunnels.items() if t["instance"] // 100 % 1_000_000 == 7]
-    assert new and not any(vpp.ifaces[i]["flags"] & 1 for i in new)  # down: unprotected
-    reconciler.reconcile(grown)
-    assert reconciler.last_scope is None  # the failure made it dump VPP again
-    assert all(vpp.ifaces[i]["flags"] & 1 and i in vpp.protections for i in vpp.tunnels)
+    assert reconciler.reconcile(grown)
+    assert reconciler.last_scope is None
     assert Reconciler(vpp).reconcile(grown) == []
+
+    # A lasting refusal: the error reaches the caller, and no tunnel is up unprotected.
+    rekeyed = desired_for(mesh, secrets, epochs=(0, 1))
+    monkeypatch.setattr(vpp, "m_ipsec_tunnel_protect_update",
+                        lambda tunnel: type("Reply", (), {"retval": -1})())
+    with pytest.raises(VppApiError, match="ipsec_tunnel_protect_update"):
+        reconciler.reconcile(rekeyed)
+    assert all(i in vpp.protections for i in vpp.tunnels if vpp.ifaces[i]["flags"] & 1)
+    monkeypatch.undo()
+    reconciler.reconcile(rekeyed)
+    assert all(vpp.ifaces[i]["flags"] & 1 and i in vpp.protections for i in vpp.tunnels)
+    assert Reconciler(vpp).reconcile(rekeyed) == []
+
+
+def test_another_process_changing_vpp_meanwhile_is_caught(tmp_path: Path) -> None:
+    """`vppmesh rekey` runs its own reconcile while `up --watch` remembers the old state."""
+    mesh, secrets, vpp, reconciler = converge(5)
+    ledger = KeyLedger(tmp_path / "used.json")
+    rekeyed = desired_for(mesh, secrets, 5, epochs=(0, 1))
+    Reconciler(vpp).reconcile(rekeyed, ledger=ledger)  # the other process
+    # The watch agent plans the same and would install the same outbound keys again:
+    # the ledger stops that, and the agent finds them already in VPP instead.
+    assert reconciler.reconcile(rekeyed, ledger=ledger) == []
+    assert reconciler.last_scope is None
+    assert summary(reconciler._observed) == summary(observe(vpp, rekeyed))  # type: ignore[arg-type]
 
 
 def test_batch_error_names_the_first_failed_object_and_counts_the_rest() -> None:

@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 
 from vppmesh import endpoints
-from vppmesh.errors import ConfigError, VppMeshError
+from vppmesh.errors import ConfigError, VppApiError, VppMeshError
 from vppmesh.index import (
     DesiredIndex,
     possible_sa_ids,
@@ -551,12 +551,13 @@ def gc_paused() -> Iterator[None]:
 class Reconciler:
     """reconcile() for a long-running agent: remembers what VPP holds between runs.
 
-    The first run (and any run with `full=True`, after an error, or when a node-wide
-    setting changed) dumps VPP. Later runs compare the new desired state with the last
-    applied one peer by peer and diff only the peers that changed against the
-    remembered VPP state, so one peer joining or leaving costs that peer's messages and
-    no dumps, whatever the size of the mesh. A periodic `full=True` run catches changes
-    made to VPP behind the agent's back.
+    The first run, any run with `full=True` and any run after a node-wide setting changed
+    dump VPP. Later runs compare the new desired state with the last applied one peer by
+    peer and diff only the peers that changed against the remembered VPP state, so one
+    peer joining or leaving costs that peer's messages and no dumps, whatever the size of
+    the mesh. Another process may change VPP meanwhile (`vppmesh rekey`, an operator): a
+    run from the remembered state that VPP refuses, or that the key ledger stops, dumps
+    VPP and starts over once, and a periodic `full=True` run catches the rest.
     """
 
     def __init__(self, api: VppApi) -> None:
@@ -574,7 +575,16 @@ class Reconciler:
     def reconcile(self, desired: DesiredState, *, dry_run: bool = False,
                   ledger: KeyLedger | None = None, full: bool = False) -> list[Change]:
         with gc_paused():
-            return self._reconcile(desired, dry_run=dry_run, ledger=ledger, full=full)
+            try:
+                return self._reconcile(desired, dry_run=dry_run, ledger=ledger, full=full)
+            except (VppApiError, ReusedKeyError):
+                if full or self.last_scope is None:
+                    raise
+                # The remembered state was wrong: another process (`vppmesh rekey`, an
+                # operator) changed VPP. Whatever this run applied is in VPP; dump it
+                # and finish from what is really there.
+                self.forget()
+                return self._reconcile(desired, dry_run=dry_run, ledger=ledger, full=True)
 
     def _reconcile(self, desired: DesiredState, *, dry_run: bool, ledger: KeyLedger | None,
                    full: bool) -> list[Change]:
