@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from types import SimpleNamespace as NS
 from typing import Any
 
+from vppmesh.errors import VppApiError
 from vppmesh.vpp.client import Request, check_replies, check_reply
 
 INVALID_SW_IF_INDEX = -2
@@ -68,8 +69,17 @@ class FakeVpp:
         return check_reply(request, self._answer(request))
 
     def call_many(self, requests: Sequence[Request]) -> list[Any]:
-        """Like the pipelined client: every request is handled, then all are checked."""
-        return check_replies(requests, [self._answer(r) for r in requests])
+        """Like the pipelined client: every request is handled, then all are checked.
+
+        Each goes through call(), so subclasses that record calls see batches too.
+        """
+        replies = []
+        for request in requests:
+            try:
+                replies.append(self.call(request))
+            except VppApiError as exc:
+                replies.append(NS(retval=exc.retval))
+        return check_replies(requests, replies)
 
     def close(self) -> None:
         """Like VppClient.close (the state stays: it is VPP's, not the connection's)."""
