@@ -45,15 +45,13 @@ def bed() -> Iterator[Testbed]:
     if not (CNI_PATH / "host-local").exists():
         pytest.skip(f"no host-local IPAM plugin in {CNI_PATH}: apt-get install "
                     "containernetworking-plugins")
-    bed = Testbed(TestbedSpec(prefix=PREFIX, base_dir=BASE, nodes=2, tunnels=2, pods=1))
-    bed.up()
-    try:
+    # Leaving the block kills and removes every vmk- namespace, the pods' too.
+    with Testbed(TestbedSpec(prefix=PREFIX, base_dir=BASE, nodes=2, tunnels=2,
+                             pods=1)) as bed:
         for ns in (POD_NS, OTHER_NS):
             sh("ip", "netns", "add", ns)
             in_ns(ns, "ip", "link", "set", "lo", "up")
         yield bed
-    finally:
-        bed.down(quiet=True)  # kills and removes every vmk- namespace, the pods' too
 
 
 def netconf(bed: Testbed, **override: Any) -> dict[str, Any]:

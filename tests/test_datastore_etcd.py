@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from conftest import make_mesh
+from conftest import wait_for as shared_wait_for
 from etcd_server import EtcdServer, running_etcd
 from fake_vpp import FakeVpp
 
@@ -43,12 +44,7 @@ def store(etcd: EtcdServer, request: pytest.FixtureRequest) -> EtcdStore:
 
 
 def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> float:
-    started = time.monotonic()
-    while not condition():
-        if time.monotonic() - started > timeout:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.05)
-    return time.monotonic() - started
+    return shared_wait_for(condition, timeout, what, interval=0.05)
 
 
 def test_settings_are_stored_once(store: EtcdStore) -> None:

@@ -16,11 +16,11 @@ import json
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import require_vpp
+from conftest import require_vpp, stop_process, wait_for
 from etcd_server import EtcdServer, require_etcd, running_etcd
 
 from vppmesh.state import is_owned_sa_id, is_owned_tunnel_instance, split_tunnel_instance
@@ -35,15 +35,6 @@ ETCD_NS = f"{PREFIX}etcd"
 ETCD_ADDRESS = "203.0.113.1"  # RFC 5737 TEST-NET-3: the management network
 LEASE_TTL = 3
 TUNNELS = 2
-
-
-def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> float:
-    started = time.monotonic()
-    while not condition():
-        if time.monotonic() - started > timeout:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.1)
-    return time.monotonic() - started
 
 
 def management_network(bed: Testbed) -> None:
@@ -87,13 +78,7 @@ class Mesh:
 
     def stop_agents(self) -> None:
         for proc in self.agents.values():
-            if proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+            stop_process(proc)
 
 
 @pytest.fixture(scope="module")

@@ -34,13 +34,9 @@ ERROR_LINE = re.compile(r"^\s*(\d+)\s+(\S+)\s+(.+?)\s+(error|info|warn\w*|unknow
 def bed() -> Iterator[Testbed]:
     require_vpp()
     pytest.importorskip("scapy")
-    bed = Testbed(TestbedSpec(nodes=2, tunnels=2, pods=1, workers=0, prefix=PREFIX,
-                              base_dir=BASE))
-    bed.up()
-    try:
+    with Testbed(TestbedSpec(nodes=2, tunnels=2, pods=1, workers=0, prefix=PREFIX,
+                             base_dir=BASE)) as bed:
         yield bed
-    finally:
-        bed.down(quiet=True)
 
 
 def errors(api: VppClient) -> Counter[tuple[str, str]]:

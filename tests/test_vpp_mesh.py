@@ -28,13 +28,9 @@ BASE = Path("/run/vppmesh-itest")
 @pytest.fixture(scope="module")
 def bed() -> Iterator[Testbed]:
     require_vpp()
-    bed = Testbed(TestbedSpec(nodes=3, tunnels=4, pods=1, workers=1, prefix=PREFIX,
-                              base_dir=BASE))
-    bed.up()
-    try:
+    with Testbed(TestbedSpec(nodes=3, tunnels=4, pods=1, workers=1, prefix=PREFIX,
+                             base_dir=BASE)) as bed:
         yield bed
-    finally:
-        bed.down(quiet=True)
 
 
 def run_cli(bed: Testbed, node, *args: str) -> subprocess.CompletedProcess[str]:  # type: ignore[no-untyped-def]

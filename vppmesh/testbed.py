@@ -167,6 +167,14 @@ class Testbed:
         return cls(TestbedSpec.model_validate_json(path.read_text()))
 
     # ---- building -------------------------------------------------------------------
+    def __enter__(self) -> Testbed:
+        """`with Testbed(spec) as bed:` builds it and always tears it down after."""
+        self.up()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.down(quiet=True)
+
     def up(self, *, progress: object = None, join: bool = True) -> None:
         """Build everything and bring every node into the mesh; cleans up on failure.
 
