@@ -5,18 +5,17 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import os
-import subprocess
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from benchmarks.netns import stop_process
 from vppmesh.config import Mesh, MeshSettings, Node
 from vppmesh.keys import NodeSecrets, public_key_b64
 
@@ -74,13 +73,4 @@ def wait_for(condition: Callable[[], bool], timeout: float, what: str,
     return time.monotonic() - started
 
 
-def stop_process(proc: subprocess.Popen[Any], grace: float = 10.0) -> None:
-    """SIGTERM, then SIGKILL after `grace` seconds; always reaped."""
-    if proc.poll() is not None:
-        return
-    proc.terminate()
-    try:
-        proc.wait(timeout=grace)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+__all__ = ["make_mesh", "require_vpp", "stop_process", "vpp_binary", "wait_for"]

@@ -78,7 +78,7 @@ class Mesh:
 
     def stop_agents(self) -> None:
         for proc in self.agents.values():
-            stop_process(proc)
+            stop_process(proc, grace=10.0)
 
 
 @pytest.fixture(scope="module")
