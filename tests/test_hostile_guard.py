@@ -10,14 +10,14 @@ from fake_vpp import FakeVpp
 
 from vppmesh import guard
 from vppmesh.errors import ConfigError
-from vppmesh.vpp import classify
+from vppmesh.vpp import classify, interfaces
 
 PRIMARY = ipaddress.IPv4Interface("192.0.2.11/24")
 
 
 def test_guard_is_bound_once_and_removed() -> None:
     vpp = FakeVpp.with_uplink(PRIMARY)
-    uplink = guard.find_uplink(vpp, None, PRIMARY)
+    uplink = interfaces.find_uplink(vpp, None, PRIMARY)[0].sw_if_index
     assert uplink is not None
     assert [c.kind for c in guard.ensure(vpp, uplink, 4)] == ["guard"]
     table = vpp.input_acl[uplink]["ip4"]
@@ -34,7 +34,7 @@ def test_guard_is_bound_once_and_removed() -> None:
 
 def test_dry_run_only_reports() -> None:
     vpp = FakeVpp.with_uplink(PRIMARY)
-    uplink = guard.find_uplink(vpp, None, PRIMARY)
+    uplink = interfaces.find_uplink(vpp, None, PRIMARY)[0].sw_if_index
     assert uplink is not None
     assert guard.ensure(vpp, uplink, 4, dry_run=True)
     assert vpp.classify_tables == {}
@@ -42,7 +42,7 @@ def test_dry_run_only_reports() -> None:
 
 def test_an_operators_input_acl_is_left_alone_with_a_clear_error() -> None:
     vpp = FakeVpp.with_uplink(PRIMARY)
-    uplink = guard.find_uplink(vpp, None, PRIMARY)
+    uplink = interfaces.find_uplink(vpp, None, PRIMARY)[0].sw_if_index
     assert uplink is not None
     theirs = vpp.call(classify.add_table(bytes(range(16)), "operator")).new_table_index
     vpp.call(classify.set_input_acl(uplink, ip4=theirs))

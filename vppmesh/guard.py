@@ -16,11 +16,9 @@ under ip4-inacl / ip6-inacl in `show errors`.
 
 from __future__ import annotations
 
-import ipaddress
-
 from vppmesh.errors import ConfigError
 from vppmesh.reconcile import Change
-from vppmesh.vpp import classify, interfaces
+from vppmesh.vpp import classify
 from vppmesh.vpp.client import VppApi
 
 IPIP_PROTOCOLS = (4, 41)
@@ -38,20 +36,6 @@ def match(version: int, protocol: int) -> bytes:
     m = bytearray(classify.VECTOR_BYTES)
     m[PROTOCOL_OFFSET[version]] = protocol
     return bytes(m)
-
-
-def find_uplink(api: VppApi, name: str | None,
-                primary: ipaddress.IPv4Interface | ipaddress.IPv6Interface) -> int | None:
-    """The uplink's sw_if_index: by name, else the interface holding the primary address."""
-    for iface in interfaces.dump_interfaces(api):
-        if name is not None:
-            if iface.name == name:
-                return iface.sw_if_index
-        elif iface.dev_type not in ("Loopback", "IPIP", "local") and \
-                not iface.tag.startswith("vppmesh:") and \
-                primary in interfaces.dump_addresses(api, iface.sw_if_index):
-            return iface.sw_if_index
-    return None
 
 
 def _bound_table(api: VppApi, uplink: int, version: int) -> int:

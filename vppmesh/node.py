@@ -25,7 +25,7 @@ from vppmesh.reconcile import Change, Reconciler, reconcile
 from vppmesh.state import DesiredState, sa_id_for
 from vppmesh.teardown import teardown
 from vppmesh.uplink import UplinkSpec
-from vppmesh.vpp import ipsec, system
+from vppmesh.vpp import interfaces, ipsec, system
 from vppmesh.vpp.client import DEFAULT_API_SOCKET, VppApi, VppClient
 
 HostLinkKind = Literal["auto", "tap", "af_packet", "none"]
@@ -202,9 +202,11 @@ def up(options: NodeOptions, *, dry_run: bool = False, api: VppApi | None = None
             if not dry_run:
                 client.call(ipsec.set_async_mode(mesh.settings.async_crypto))
             changes = []
-            uplink = guard.find_uplink(client, desired.uplink, desired.uplink_addresses[0])
+            uplink, _ = interfaces.find_uplink(client, desired.uplink,
+                                               desired.uplink_addresses[0])
             if uplink is not None:  # else reconcile() explains what is missing
-                changes += guard.ensure(client, uplink, desired.uplink_addresses[0].version,
+                changes += guard.ensure(client, uplink.sw_if_index,
+                                        desired.uplink_addresses[0].version,
                                         dry_run=dry_run)
             changes += apply(client, desired, dry_run=dry_run, ledger=options.ledger,
                              reconciler=reconciler, full=full)
@@ -271,9 +273,9 @@ def down(options: NodeOptions, *, api: VppApi | None = None,
     client = api or VppClient(options.api_socket).connect()
     try:
         removed = teardown(client, mesh.settings.mesh_table_id, tuple(local.underlay[1:]))
-        uplink = guard.find_uplink(client, local.uplink, local.primary)
+        uplink, _ = interfaces.find_uplink(client, local.uplink, local.primary)
         if uplink is not None:  # after the tunnels: they never exist unguarded
-            removed += guard.remove(client, uplink, local.primary.version)
+            removed += guard.remove(client, uplink.sw_if_index, local.primary.version)
         for ifname in nic.saved_uplinks(options.state_dir):
             removed += nic.restore(client, options.state_dir, ifname)
     finally:

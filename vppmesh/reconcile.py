@@ -12,7 +12,7 @@ from __future__ import annotations
 import gc
 import ipaddress
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 
@@ -65,17 +65,6 @@ class Observed:
         return next((i for i in self.interfaces.values() if i.name == name), None)
 
 
-def find_uplink(ifaces: Iterable[Interface], addresses: dict[int, list[object]],
-                wanted: str | None, primary: object) -> Interface | None:
-    """The uplink by name, or else the interface that holds the primary address."""
-    for iface in ifaces:
-        if wanted is not None and iface.name == wanted:
-            return iface
-        if wanted is None and primary in addresses.get(iface.sw_if_index, []):
-            return iface
-    return None
-
-
 def observe(api: VppApi, desired: DesiredState) -> Observed:
     """Dump each kind of object once."""
     ifaces = {i.sw_if_index: i for i in interfaces.dump_interfaces(api)}
@@ -91,22 +80,9 @@ def observe(api: VppApi, desired: DesiredState) -> Observed:
             # Created but not yet tagged when a previous run stopped: adopt it.
             host = ifaces.get(
                 host_interfaces.dump_af_packet(api).get(desired.host.vpp_ifname, -1))
-    uplink = None
-    uplink_addresses: list[ipaddress.IPv4Interface | ipaddress.IPv6Interface] = []
     primary = desired.uplink_addresses[0] if desired.uplink_addresses else None
-    if desired.uplink is not None:
-        uplink = next((i for i in ifaces.values() if i.name == desired.uplink), None)
-    else:
-        candidates = [i for i in ifaces.values()
-                      if i.dev_type not in ("Loopback", "IPIP", "local")
-                      and not i.tag.startswith("vppmesh:")]
-        for iface in candidates:
-            addrs = interfaces.dump_addresses(api, iface.sw_if_index)
-            if primary in addrs:
-                uplink, uplink_addresses = iface, addrs
-                break
-    if uplink is not None and not uplink_addresses:
-        uplink_addresses = interfaces.dump_addresses(api, uplink.sw_if_index)
+    uplink, uplink_addresses = interfaces.find_uplink(api, desired.uplink, primary,
+                                                      ifaces.values())
     return Observed(
         interfaces=ifaces,
         tunnels=tunnels,

@@ -27,6 +27,7 @@ from pydantic import BaseModel
 
 from vppmesh import host as linux
 from vppmesh.config import Mesh, Node
+from vppmesh.errors import VppMeshError
 from vppmesh.keys import SPI_BASE
 from vppmesh.plan import HOST_LINUX_IFNAME
 from vppmesh.state import is_owned_sa_id, is_owned_tunnel_instance, tunnel_instance
@@ -212,16 +213,11 @@ def read_packets(reader: StatsReader | None, indexes: list[int]) -> dict[int, in
 
 
 def find_uplink_interface(api: VppApi, local: Node) -> interfaces.Interface:
-    primary = local.underlay[0]
-    for iface in interfaces.dump_interfaces(api):
-        if iface.tag.startswith("vppmesh:") or iface.dev_type in ("IPIP", "Loopback", "local"):
-            continue
-        if primary in interfaces.dump_addresses(api, iface.sw_if_index):
-            return iface
-    from vppmesh.errors import VppMeshError
-
-    raise VppMeshError(f"no VPP interface holds {local.name}'s primary underlay address "
-                       f"{primary}; is the mesh up (`vppmesh up`)?")
+    uplink, _ = interfaces.find_uplink(api, local.uplink, local.primary)
+    if uplink is None:
+        raise VppMeshError(f"no VPP interface holds {local.name}'s primary underlay address "
+                           f"{local.primary}; is the mesh up (`vppmesh up`)?")
+    return uplink
 
 
 def pcap_on(sw_if_index: int, filename: str, max_packets: int) -> Request:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Iterable
 from dataclasses import dataclass
 
+from vppmesh.state import TAG_PREFIX
 from vppmesh.vpp.client import Request, VppApi
 
 ADMIN_UP = 1
@@ -85,6 +87,28 @@ def dump_addresses(api: VppApi, sw_if_index: int
         for d in api.dump("ip_address_dump", sw_if_index=sw_if_index, is_ipv6=is_ipv6):
             found.append(ipaddress.ip_interface(str(d.prefix)))
     return found
+
+
+NOT_AN_UPLINK = ("Loopback", "IPIP", "local")
+
+
+Address = ipaddress.IPv4Interface | ipaddress.IPv6Interface
+
+
+def find_uplink(api: VppApi, name: str | None, primary: object,
+                ifaces: Iterable[Interface] | None = None) -> tuple[Interface | None,
+                                                                    list[Address]]:
+    """The underlay uplink and its addresses: the interface called `name`, or else the
+    first interface vppmesh did not create that holds the primary address."""
+    for iface in dump_interfaces(api) if ifaces is None else ifaces:
+        if name is not None:
+            if iface.name == name:
+                return iface, dump_addresses(api, iface.sw_if_index)
+        elif iface.dev_type not in NOT_AN_UPLINK and not iface.tag.startswith(TAG_PREFIX):
+            addresses = dump_addresses(api, iface.sw_if_index)
+            if primary in addresses:
+                return iface, addresses
+    return None, []
 
 
 def dump_unnumbered(api: VppApi) -> dict[int, int]:
