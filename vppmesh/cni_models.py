@@ -261,20 +261,11 @@ class IpamIp(BaseModel):
     gateway: str | None = None
 
 
-class IpamDns(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    nameservers: list[str] = Field(default_factory=list)
-    domain: str | None = None
-    search: list[str] = Field(default_factory=list)
-    options: list[str] = Field(default_factory=list)
-
-
 class IpamResult(BaseModel):
     """What we read from the IPAM plugin's result: its addresses (any result version)."""
 
     model_config = ConfigDict(extra="ignore")
     ips: list[IpamIp] = Field(default_factory=list)
-    dns: IpamDns | None = None
 
     def ipv4(self) -> ipaddress.IPv4Address:
         for ip in self.ips:
