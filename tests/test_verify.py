@@ -7,14 +7,12 @@ import ipaddress
 import dpkt
 from conftest import make_mesh
 
-from vppmesh.keys import spi_for
+from vppmesh.keys import spi_for, spi_sender, spi_tunnel
 from vppmesh.verify import (
     CaptureVerdict,
     PeerVerdict,
     VerifyReport,
     classify_capture,
-    spi_sender,
-    spi_tunnel,
 )
 
 MAC_A = b"\x02\xfe\x00\x00\x00\x01"

@@ -15,22 +15,19 @@ from typing import Any
 
 from vppmesh.state import (
     SA_DIRECTION_BIT,
+    TUNNEL_SLOTS,
     DesiredState,
     RouteSpec,
     SaSpec,
     TunnelSpec,
     sa_id_for,
+    sa_peer,
     split_tunnel_instance,
     tunnel_instance,
 )
 
-TUNNEL_SLOTS = 100  # tunnel instances reserved per peer (ipip1PPPPPTT)
 TUNNEL_INDEX_SLOTS = 16  # SA ids keep 4 bits of tunnel index
 EPOCH_SLOTS = 16  # and 4 bits of epoch
-
-
-def sa_peer(sa_id: int) -> int:
-    return (sa_id >> 8) & 0xFFFF
 
 
 def tunnel_peer(instance: int) -> int:

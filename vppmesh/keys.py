@@ -164,3 +164,13 @@ def spi_for(sender_node_number: int, tunnel: int, epoch: int) -> int:
     SPIs clear of the 1-255 range RFC 4303 reserves.
     """
     return SPI_BASE | sender_node_number << 8 | tunnel << EPOCH_SPI_BITS | (epoch & 0xF)
+
+
+def spi_sender(spi: int) -> int:
+    """The sender node number in one of our SPIs (the inverse of spi_for)."""
+    return (spi - SPI_BASE) >> 8
+
+
+def spi_tunnel(spi: int) -> int:
+    """The tunnel index in one of our SPIs."""
+    return (spi >> EPOCH_SPI_BITS) & 0xF

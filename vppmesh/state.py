@@ -20,6 +20,7 @@ IPInterface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
 # T = tunnel index), e.g. ipip100000302 is tunnel 2 towards node 3.
 TUNNEL_INSTANCE_BASE = 100_000_000
 TUNNEL_INSTANCE_END = 200_000_000
+TUNNEL_SLOTS = 100  # tunnel instances reserved per peer
 # SA ids: 0b010D_EEEE_PPPP_PPPP_PPPP_PPPP_TTTT_0000 (D direction, E epoch mod 16).
 SA_ID_BASE = 0x4000_0000
 SA_ID_MASK = 0xE000_0000
@@ -37,7 +38,7 @@ class Frozen(BaseModel):
 
 
 def tunnel_instance(peer_number: int, tunnel: int) -> int:
-    return TUNNEL_INSTANCE_BASE + peer_number * 100 + tunnel
+    return TUNNEL_INSTANCE_BASE + peer_number * TUNNEL_SLOTS + tunnel
 
 
 def is_owned_tunnel_instance(instance: int) -> bool:
@@ -46,12 +47,17 @@ def is_owned_tunnel_instance(instance: int) -> bool:
 
 def split_tunnel_instance(instance: int) -> tuple[int, int]:
     """(peer node number, tunnel index) of one of our tunnel instances."""
-    return divmod(instance - TUNNEL_INSTANCE_BASE, 100)
+    return divmod(instance - TUNNEL_INSTANCE_BASE, TUNNEL_SLOTS)
 
 
 def sa_id_for(direction: Literal["in", "out"], peer_number: int, tunnel: int, epoch: int) -> int:
     dir_bit = SA_DIRECTION_BIT if direction == "out" else 0
     return SA_ID_BASE | dir_bit | (epoch & 0xF) << 24 | peer_number << 8 | tunnel << 4
+
+
+def sa_peer(sa_id: int) -> int:
+    """The peer node number one of our SA ids belongs to."""
+    return (sa_id >> 8) & 0xFFFF
 
 
 def is_owned_sa_id(sa_id: int) -> bool:
@@ -74,7 +80,7 @@ class SaSpec(Frozen):
 
     @property
     def peer_number(self) -> int:
-        return (self.sa_id >> 8) & 0xFFFF
+        return sa_peer(self.sa_id)
 
     @property
     def tunnel(self) -> int:

@@ -28,7 +28,7 @@ from pydantic import BaseModel
 from vppmesh import host as linux
 from vppmesh.config import Mesh, Node
 from vppmesh.errors import VppMeshError
-from vppmesh.keys import SPI_BASE
+from vppmesh.keys import spi_sender, spi_tunnel
 from vppmesh.plan import HOST_LINUX_IFNAME
 from vppmesh.state import is_owned_sa_id, is_owned_tunnel_instance, tunnel_instance
 from vppmesh.vpp import interfaces, ipip, ipsec, routes
@@ -105,14 +105,6 @@ class VerifyReport(BaseModel):
                 reasons.append(f"capture on {c.interface}: no ESP between node addresses "
                                "(no mesh traffic during the window)")
         return "FAIL: " + " | ".join(reasons)
-
-
-def spi_sender(spi: int) -> int:
-    return (spi - SPI_BASE) >> 8
-
-
-def spi_tunnel(spi: int) -> int:
-    return (spi >> 4) & 0xF
 
 
 class Structure(BaseModel):
