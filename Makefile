@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 DEB_TOOLS := iperf3 tcpdump ethtool iproute2 iputils-ping tinc wireguard-go wireguard-tools \
 	containernetworking-plugins etcd-server
 
-.PHONY: venv tools test lint unit demo bench bench-quick bench-control clean
+.PHONY: venv tools test lint unit demo bench bench-quick bench-control bench-capacity clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +42,11 @@ bench: venv tools
 
 bench-quick: venv tools
 	$(PY) -m benchmarks --quick
+
+# Encryption capacity per core: two VPPs over memif, VPP's packet generator as the pods
+# (root + VPP). CAPACITY_ARGS=--quick for a one-minute run.
+bench-capacity: venv
+	$(PY) -m benchmarks.capacity $(CAPACITY_ARGS)
 
 # Control plane at scale: one VPP programmed with 100, 300 and 1000 peers x 4 tunnels.
 bench-control: venv

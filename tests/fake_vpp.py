@@ -52,6 +52,13 @@ class FakeVpp:
         self.pid = 4242
         self.classify_tables: dict[int, dict[str, Any]] = {}
         self.input_acl: dict[int, dict[str, int]] = {}  # sw_if_index -> family -> table
+        # Engines able to run vppmesh's AES-GCM (ESN) single-buffer and chained ops, the
+        # active ones, and the priority the native engine's AES-GCM probe gave the code it
+        # took (20: AVX2, 50: VAES+AVX-512). Like 26.06, native has no chained AES-GCM.
+        self.crypto_engines = ["openssl", "ipsecmb", "native"]
+        self.crypto_active = "native"
+        self.crypto_chained = "ipsecmb"
+        self.native_gcm_priority = 20
 
     # ---- VppApi ------------------------------------------------------------------
     @property
@@ -183,6 +190,45 @@ class FakeVpp:
     def m_show_threads(self) -> Any:
         threads = [NS(type="")] + [NS(type="workers") for _ in range(self.workers)]
         return NS(retval=0, thread_data=threads)
+
+    # crypto: VPP answers these from its CLI only (formats of vnet/crypto/cli.c)
+    def _chained_engines(self) -> list[str]:
+        return [e for e in self.crypto_engines if e != "native"]
+
+    def m_cli_inband(self, cmd: str) -> Any:
+        if cmd == "show crypto handlers":
+            def cell(engines: list[str], active: str) -> str:
+                return " ".join(e + ("*" if e == active else "") for e in engines)
+            simple = cell(self.crypto_engines, self.crypto_active)
+            chained = cell(self._chained_engines(), self.crypto_chained)
+            reply = ("\x1b[33mAlgorithm   \x1b[0m \x1b[33mOp  \x1b[0m \x1b[33mSimple  "
+                     "\x1b[0m \x1b[33mChained  \x1b[0m \x1b[33mAsync  \x1b[0m\n")
+            for alg in ("aes-256-gcm", "aes-256-gcm-icv16-aad12"):
+                for op in ("enc", "dec"):
+                    reply += (f"{alg if op == 'enc' else '':<30} {op}  {simple}   {chained}   "
+                              "sw_scheduler*\n")
+        elif cmd == "show crypto engines":
+            prio = {"native": 100, "ipsecmb": 80, "openssl": 50}
+            reply = "Name                Prio    Description\n" + "".join(
+                f"{e:<20}{prio.get(e, 10):<8}{e} engine\n" for e in self.crypto_engines)
+        elif cmd == "show logging":
+            reply = ("2026/11/30 03:00:00:001 debug      crypto/main    engine native selected "
+                     f"group native_gcm256_group priority={self.native_gcm_priority} "
+                     "key-data-sz=480 per-thread=0\n")
+        else:
+            reply = ""
+        return NS(retval=0, reply=reply)
+
+    def m_crypto_set_handler(self, alg_name: str, engine: str, oct: int, is_async: int) -> Any:
+        chained = oct == 1
+        known = self._chained_engines() if chained else self.crypto_engines
+        if engine not in known or alg_name != "aes-256-gcm-icv16-aad12" or oct == 2:
+            return NS(retval=-1)
+        if chained:
+            self.crypto_chained = engine
+        else:
+            self.crypto_active = engine
+        return NS(retval=0)
 
     def m_ipsec_set_async_mode(self, async_enable: bool) -> Any:
         self.async_mode = async_enable

@@ -221,8 +221,8 @@ def touched(vpp: RecordingVpp, tunnel_index_to_peer: dict[int, int]) -> dict[str
             peer = tunnel_index_to_peer.get(args["unnumbered_sw_if_index"], -1)
         elif "sw_if_index" in args:
             peer = tunnel_index_to_peer.get(args["sw_if_index"], -1)
-        if req.name == "ipsec_set_async_mode":
-            continue  # a global setting, sent on every run
+        if req.name in ("ipsec_set_async_mode", "cli_inband"):
+            continue  # a global setting, and the crypto handler read: sent on every run
         out.setdefault(req.name, set()).add(peer if peer is not None else -1)
     return out
 

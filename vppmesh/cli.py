@@ -105,12 +105,16 @@ def up(
         "(`vppmesh uplink take`).")] = None,
     uplink_driver: Annotated[str, typer.Option(
         help="With --take-uplink: af_packet, af_xdp, avf or dpdk.")] = "af_packet",
+    crypto_engine: Annotated[str, typer.Option(
+        help="VPP crypto engine for AES-GCM-256: auto (the fastest this CPU and VPP build "
+        "have, README: Crypto engines), native, ipsecmb or openssl.")] = "auto",
 ) -> None:
     """Bring this node into the mesh (idempotent: a second run changes nothing)."""
-    opts = options(mesh, node, key, api_socket, host_link, uplink, state_dir)
-    if take_uplink is not None:
-        from dataclasses import replace
+    from dataclasses import replace
 
+    opts = replace(options(mesh, node, key, api_socket, host_link, uplink, state_dir),
+                   crypto_engine=crypto_engine)
+    if take_uplink is not None:
         from pydantic import ValidationError
 
         from vppmesh.uplink import UplinkSpec
@@ -154,9 +158,10 @@ def report_up(result: agent.UpResult) -> None:
         typer.echo(f"* {note}")
     for change in result.changes:
         typer.echo(str(change))
+    engine = f", crypto {result.crypto_engine}" if result.crypto_engine else ""
     typer.echo(f"node {result.desired.node}: {len(result.changes)} change(s) in "
                f"{result.seconds * 1000:.0f} ms, {len(result.desired.tunnels)} tunnel(s), "
-               f"host link {result.host_link}, pod MTU {result.desired.mtu}")
+               f"host link {result.host_link}, pod MTU {result.desired.mtu}{engine}")
     if result.blocked_peers:
         typer.secho(f"fail closed: no usable key towards {', '.join(result.blocked_peers)}; "
                     "their traffic is dropped", fg=typer.colors.RED, err=True)
@@ -490,11 +495,23 @@ def bench(ctx: typer.Context) -> None:
 def testbed_up(
     nodes: int = 3, tunnels: int = 4, pods: int = 1,
     workers: Annotated[int, typer.Option(help="VPP workers per node.")] = 0,
+    underlay: Annotated[str, typer.Option(
+        help="veth: af_packet uplinks on a bridge; memif: two nodes joined by a memif "
+             "link, VPP to VPP")] = "veth",
 ) -> None:
     """Build N nodes (a VPP each) with pods, and run `vppmesh up` on each."""
+    from pydantic import ValidationError
+
     from vppmesh.testbed import Testbed, TestbedSpec
 
-    bed = Testbed(TestbedSpec(nodes=nodes, tunnels=tunnels, pods=pods, workers=workers))
+    try:
+        spec = TestbedSpec(nodes=nodes, tunnels=tunnels, pods=pods, workers=workers,
+                           underlay=underlay)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'testbed'}: "
+                             f"{e['msg'].removeprefix('Value error, ')}" for e in exc.errors())
+        raise fail(f"testbed: {problems}", 2) from None
+    bed = Testbed(spec)
     try:
         bed.up(progress=lambda msg: typer.echo(f"... {msg}", err=True))
     except VppMeshError as exc:

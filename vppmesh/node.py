@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
-from vppmesh import epochs, guard
+from vppmesh import engines, epochs, guard
 from vppmesh import host as linux
 from vppmesh import uplink as nic
 from vppmesh.config import Mesh, load_mesh
@@ -44,6 +44,7 @@ class NodeOptions:
     workers: int | None = None  # None: ask VPP
     state_dir: Path = Path("/var/lib/vppmesh")
     take_uplink: UplinkSpec | None = None  # hand this NIC to VPP first (uplink.py)
+    crypto_engine: str = engines.AUTO  # AES-GCM-256 engine (vppmesh/engines.py)
 
     @property
     def ledger(self) -> KeyLedger:
@@ -67,6 +68,8 @@ class UpResult:
     blocked_peers: list[str] = field(default_factory=list)
     # Peers whose requested rekey waits until they have surely followed the last one.
     rekey_pending: list[str] = field(default_factory=list)
+    # The engine running AES-GCM-256 (None: not looked at in this run, or unknown).
+    crypto_engine: str | None = None
 
 
 def resolve_host_kind(kind: HostLinkKind) -> Literal["tap", "af_packet", "none"]:
@@ -202,6 +205,10 @@ def up(options: NodeOptions, *, dry_run: bool = False, api: VppApi | None = None
             if not dry_run:
                 client.call(ipsec.set_async_mode(mesh.settings.async_crypto))
             changes = []
+            engine = None
+            if reconciler is None or full:  # node-wide: at start, after a restart, resyncs
+                changes, engine = engines.ensure(client, options.crypto_engine,
+                                                 dry_run=dry_run)
             uplink, _ = interfaces.find_uplink(client, desired.uplink,
                                                desired.uplink_addresses[0])
             if uplink is not None:  # else reconcile() explains what is missing
@@ -216,7 +223,8 @@ def up(options: NodeOptions, *, dry_run: bool = False, api: VppApi | None = None
                         host_link=desired.host.kind if desired.host else "none",
                         messages=client.messages_sent, notes=notes, vpp_pid=pid,
                         blocked_peers=sorted(set(peers) - set(keying)),
-                        rekey_pending=sorted(n for n in peers if state.peers[n].rekey_pending))
+                        rekey_pending=sorted(n for n in peers if state.peers[n].rekey_pending),
+                        crypto_engine=engine)
     finally:
         if api is None:
             client.close()  # type: ignore[union-attr]

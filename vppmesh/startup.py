@@ -161,6 +161,11 @@ def render(profile: Profile, instance: Instance, *, workers: int | None = None) 
     lines += ["}", "crypto-engines {", "  default { disable }"]
     lines += [f"  {e} {{ enable }}" for e in profile.crypto_engines]
     lines.append("}")
+    # The native crypto engine says which AES-GCM code it took only at debug level;
+    # `vppmesh status` and `up` read it to pick the fastest engine and to warn.
+    # Its debug lines (a few hundred at start) need a larger ring than the default 512
+    # entries, and more than the default 50 messages a second.
+    lines.append("logging { size 8192 class crypto/main { level debug rate-limit 100000 } }")
     if profile.devices:
         lines.append("devices {")
         for dev in profile.devices:

@@ -6,9 +6,10 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
+from vppmesh import engines
 from vppmesh.config import Mesh
 from vppmesh.state import is_owned_sa_id, is_owned_tunnel_instance, split_tunnel_instance
-from vppmesh.vpp import interfaces, ipip, ipsec, system
+from vppmesh.vpp import crypto, interfaces, ipip, ipsec, system
 from vppmesh.vpp.client import VppApi
 from vppmesh.vpp.stats import StatsReader
 
@@ -43,13 +44,35 @@ class PeerStatus(BaseModel):
         return bool(self.tunnels) and all(t.admin_up and t.protected for t in self.tunnels)
 
 
+class CryptoStatus(BaseModel):
+    """Which engine runs AES-GCM-256, and whether the CPU's widest AES is in use."""
+
+    engine: str | None
+    candidates: list[str]
+    native_variant: str | None  # None: not logged (see vppmesh/vpp/crypto.py)
+    cpu_vaes: bool
+    warning: str | None
+
+
 class NodeStatus(BaseModel):
     node: str
     vpp_version: str
     workers: int
     host_link: str | None
+    crypto: CryptoStatus | None = None
     peers: list[PeerStatus]
     missing_peers: list[str]
+
+
+def crypto_status(api: VppApi, flags: frozenset[str] | None = None) -> CryptoStatus | None:
+    state = crypto.read_state(api)
+    if state.handlers is None:
+        return None
+    flags = engines.cpu_flags() if flags is None else flags
+    return CryptoStatus(engine=state.active, candidates=list(state.handlers.candidates),
+                        native_variant=state.native_variant,
+                        cpu_vaes=engines.host_has_vaes(flags),
+                        warning=engines.warning(state.active, state.native_variant, flags))
 
 
 def collect(api: VppApi, mesh: Mesh, node: str, stats_socket: Path | None) -> NodeStatus:
@@ -91,6 +114,7 @@ def collect(api: VppApi, mesh: Mesh, node: str, stats_socket: Path | None) -> No
         node=node, vpp_version=system.version(api), workers=system.worker_count(api),
         host_link=f"{host.name} ({'tap' if host.dev_type == 'virtio' else 'af_packet'})"
         if host else None,
+        crypto=crypto_status(api),
         peers=list(peers.values()),
         missing_peers=sorted(by_number[n] for n in expected - set(peers)),
     )
@@ -99,6 +123,14 @@ def collect(api: VppApi, mesh: Mesh, node: str, stats_socket: Path | None) -> No
 def render_table(status: NodeStatus) -> str:
     lines = [f"node {status.node}: VPP {status.vpp_version}, {status.workers} worker(s), "
              f"host link {status.host_link or 'none'}"]
+    if status.crypto is not None:
+        c = status.crypto
+        variant = f" ({c.native_variant} code)" if c.engine == "native" and c.native_variant \
+            else ""
+        lines.append(f"crypto: AES-GCM-256 on {c.engine}{variant}; engines "
+                     f"{', '.join(c.candidates)}; CPU VAES {'yes' if c.cpu_vaes else 'no'}")
+        if c.warning:
+            lines.append(f"warning: {c.warning}")
     header = f"{'peer':<12} {'tunnel':<14} {'src -> dst':<34} {'state':<10} " \
              f"{'out pkts':>10} {'in pkts':>10}"
     lines += [header, "-" * len(header)]

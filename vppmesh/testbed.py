@@ -2,10 +2,13 @@
 
 Node k is the network namespace `<prefix>n<k>` running its own VPP (own runtime dir,
 API, CLI and stats sockets, shared-memory prefix), whose uplink is an af_packet
-interface on a veth into the underlay bridge (namespace `<prefix>ul`). The uplink holds
-the node's primary and extra addresses. Pods are namespaces attached to their node's VPP
-like any endpoint. `vppmesh up` then runs once per node, in the node's namespace, exactly
-as on a real host. Everything uses documentation ranges and stays on this machine.
+interface on a veth into the underlay bridge (namespace `<prefix>ul`), or, with
+`underlay="memif"`, one end of a memif link to the other node's VPP (two nodes; the
+link costs VPP almost nothing, so a benchmark measures the mesh, not the wire). The
+uplink holds the node's primary and extra addresses. Pods are namespaces attached to
+their node's VPP like any endpoint. `vppmesh up` then runs once per node, in the node's
+namespace, exactly as on a real host. Everything uses documentation ranges and stays on
+this machine.
 """
 
 from __future__ import annotations
@@ -22,14 +25,15 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from vppmesh.config import Mesh, MeshSettings, Node, dump_mesh
 from vppmesh.errors import VppMeshError
 from vppmesh.keys import generate_private_key
 from vppmesh.startup import Instance, load_profile, render
-from vppmesh.vpp import host_interfaces, interfaces
+from vppmesh.vpp import host_interfaces, interfaces, memif
 from vppmesh.vpp.client import VppClient
 
 DEFAULT_PREFIX = "vmt-"
@@ -39,6 +43,7 @@ POD_SUPERNET = ipaddress.IPv4Network("198.18.0.0/16")  # RFC 2544 benchmarking r
 UPLINK_IFNAME = "eth0"
 UNDERLAY_MTU = 1500
 VPP_START_TIMEOUT = 30.0
+MEMIF_SOCKET_ID = 1
 
 
 class TestbedError(VppMeshError):
@@ -59,6 +64,17 @@ class TestbedSpec(BaseModel):
     base_dir: Path = DEFAULT_BASE
     mesh_table_id: int = 1717
     gso: bool = False
+    underlay: Literal["veth", "memif"] = "veth"
+    # Pin node k's VPP main thread to core k-1 (mod the core count), so two VPPs do not
+    # share a core; its workers follow on the next cores.
+    pin_cores: bool = False
+
+    @model_validator(mode="after")
+    def _memif_is_point_to_point(self) -> TestbedSpec:
+        if self.underlay == "memif" and self.nodes != 2:
+            raise ValueError(f"underlay memif joins exactly 2 nodes (a point-to-point link), "
+                             f"not {self.nodes}: use nodes=2 or underlay veth")
+        return self
 
 
 def find_vpp() -> Path:
@@ -210,7 +226,16 @@ class Testbed:
             self.down(quiet=True)
             raise
 
+    @property
+    def memif_socket(self) -> Path:
+        return self.spec.base_dir / "memif.sock"
+
     def _underlay(self) -> None:
+        if self.spec.underlay == "memif":
+            for node in self.nodes:
+                sh("ip", "netns", "add", node.netns)
+                in_ns(node.netns, "ip", "link", "set", "lo", "up")
+            return
         ns = self.underlay_ns
         sh("ip", "netns", "add", ns)
         in_ns(ns, "ip", "link", "set", "lo", "up")
@@ -241,16 +266,27 @@ class Testbed:
         self.mesh_file.write_text(dump_mesh(mesh))
 
     def _start_vpp(self, node: NodeHandle, vpp: Path) -> None:
+        profile = load_profile(self.spec.profile)
+        if self.spec.pin_cores:
+            core = (node.index - 1) % (os.cpu_count() or 1)
+            profile = profile.model_copy(update={"main_core": core})
         proc = start_vpp(vpp, node.netns, node.instance, node.dir,
-                         render(load_profile(self.spec.profile), node.instance,
-                                workers=self.spec.workers))
+                         render(profile, node.instance, workers=self.spec.workers))
         (node.dir / "launcher.pid").write_text(str(proc.pid))
 
     def _uplink(self, node: NodeHandle) -> None:
-        """Give VPP the node's uplink: af_packet on the veth, MTU, addresses, up."""
+        """Give VPP the node's uplink (af_packet on the veth, or the memif), MTU, address."""
         with VppClient(node.instance.api_socket).connect() as api:
-            index = api.call(host_interfaces.create_af_packet(
-                UPLINK_IFNAME, _uplink_mac(node.index))).sw_if_index
+            if self.spec.underlay == "memif":
+                # Node 2 listens on the socket, node 1 connects; the link comes up by
+                # itself. Both ends copy frames (no zero copy), so each VPP works on
+                # packets in its own buffers, as behind a NIC.
+                api.call(memif.add_socket(MEMIF_SOCKET_ID, self.memif_socket))
+                index = api.call(memif.create(MEMIF_SOCKET_ID, 0, node.index == 2,
+                                              _uplink_mac(node.index))).sw_if_index
+            else:
+                index = api.call(host_interfaces.create_af_packet(
+                    UPLINK_IFNAME, _uplink_mac(node.index))).sw_if_index
             api.call_many([
                 interfaces.set_mtu(index, UNDERLAY_MTU, "uplink"),
                 interfaces.address(index, node.underlay[0], True),

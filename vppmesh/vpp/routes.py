@@ -58,11 +58,14 @@ def dump_routes(api: VppApi, table_id: int) -> dict[ipaddress.IPv4Network, tuple
     return routes
 
 
-def neighbor(sw_if_index: int, ip: ipaddress.IPv4Address, mac: str, is_add: bool) -> Request:
-    """A static neighbor without its own FIB entry (endpoint routes are added explicitly:
-    VPP keeps a neighbor's /32 inactive on an unnumbered interface, which has no cover)."""
+def neighbor(sw_if_index: int, ip: ipaddress.IPv4Address, mac: str, is_add: bool, *,
+             fib_entry: bool = False) -> Request:
+    """A static neighbor, by default without its own FIB entry (endpoint routes are added
+    explicitly: VPP keeps a neighbor's /32 inactive on an unnumbered interface, which has
+    no cover). On a numbered interface, `fib_entry` makes it a usable next hop at once."""
+    flags = NEIGHBOR_STATIC | (0 if fib_entry else NEIGHBOR_NO_FIB_ENTRY)
     return Request("ip_neighbor_add_del", {"is_add": is_add, "neighbor": {
-        "sw_if_index": sw_if_index, "flags": NEIGHBOR_STATIC | NEIGHBOR_NO_FIB_ENTRY,
+        "sw_if_index": sw_if_index, "flags": flags,
         "mac_address": mac,
         "ip_address": str(ip),
     }}, f"neighbor {ip}", tolerate=() if is_add else NOT_FOUND)
