@@ -213,7 +213,9 @@ def _hand_path(contender: Contender, a: VppClient, b: VppClient,
                 "table_id": 0, "endpoint": str(peer_ul.ip), "sw_if_index": wg[side],
                 "flags": 0, "n_allowed_ips": 1, "allowed_ips": [str(allowed)]}},
                 f"wireguard peer {peer}"))
-        a.call(routes.route(HAND_TABLE, POD_B, [wg["a"]], True))
+        # A wg interface is point-to-multipoint: a route needs a next hop inside a peer's
+        # allowed IPs, which picks the peer.
+        a.call(routes.route(HAND_TABLE, POD_B, [wg["a"]], True, nexthop=POD_B[1]))
         return
     raise ValueError(f"unknown contender kind {contender.kind}")
 
