@@ -36,6 +36,7 @@ from cryptography.hazmat.primitives.serialization import (
 from pydantic import SecretBytes
 
 from benchmarks.capacity import traffic
+from vppmesh import engines
 from vppmesh.config import Mesh, MeshSettings, Node, dump_mesh
 from vppmesh.keys import generate_private_key
 from vppmesh.startup import Instance, load_profile, render
@@ -157,8 +158,7 @@ def vppmesh_up(netns: str, mesh_file: Path, node: str, api_socket: Path, key: Pa
         raise RuntimeError(f"vppmesh up on {node} failed: {result.stdout}{result.stderr}")
 
 
-def _hand_tunnel(api: VppClient, uplink: int, src: object, dst: object,
-                 route_to: ipaddress.IPv4Network) -> int:
+def _hand_tunnel(api: VppClient, uplink: int, src: object, dst: object) -> int:
     tunnel = api.call(ipip.add_tunnel(1, src, dst)).sw_if_index
     api.call_many([interfaces.set_unnumbered(tunnel, uplink, True, "tunnel"),
                    interfaces.set_mtu(tunnel, 1480, "tunnel")])
@@ -183,8 +183,8 @@ def _hand_path(contender: Contender, a: VppClient, b: VppClient,
         a.call(routes.route(HAND_TABLE, POD_B, [up_a], True, nexthop=ul_b.ip))
         return
     if contender.kind in ("ipip", "ipsec"):
-        t_a = _hand_tunnel(a, up_a, ul_a.ip, ul_b.ip, POD_B)
-        t_b = _hand_tunnel(b, up_b, ul_b.ip, ul_a.ip, POD_A)
+        t_a = _hand_tunnel(a, up_a, ul_a.ip, ul_b.ip)
+        t_b = _hand_tunnel(b, up_b, ul_b.ip, ul_a.ip)
         if contender.kind == "ipsec":
             k_ab = (secrets.token_bytes(32), secrets.randbits(32))
             k_ba = (secrets.token_bytes(32), secrets.randbits(32))
@@ -221,11 +221,10 @@ def _hand_path(contender: Contender, a: VppClient, b: VppClient,
 
 
 def _set_engine(apis: list[VppClient], engine: str | None) -> None:
-    if engine:
-        from vppmesh.vpp import crypto
-
-        for api in apis:
-            api.call(crypto.set_handler(engine))
+    """The hand-configured contenders run AES-GCM on the engine vppmesh would take (or the
+    one asked for), so that the comparison is of the same crypto."""
+    for api in apis:
+        engines.ensure(api, engine or engines.AUTO)
 
 
 # ---- the pair (two VPPs, memif) -------------------------------------------------------

@@ -89,6 +89,20 @@ def delete_streams(api: VppClient, names: list[str]) -> None:
         api.cli(f"packet-generator delete {name}")
 
 
+def _pod_link(api: VppClient, index: int, table_id: int, unnumbered_to: int | None,
+              address: ipaddress.IPv4Interface | None, what: str) -> int:
+    """pgN in the table, IPv4 enabled (unnumbered to the gateway, or an address), up."""
+    link = create_pg(api, index)
+    setup = [interfaces.set_table(link, table_id, what)]
+    if unnumbered_to is not None:
+        setup.append(interfaces.set_unnumbered(link, unnumbered_to, True, what))
+    if address is not None:
+        setup.append(interfaces.address(link, address, True))
+    setup.append(interfaces.set_admin(link, True, what))
+    api.call_many(setup)
+    return link
+
+
 def add_sink(api: VppClient, index: int, *, table_id: int, dst: ipaddress.IPv4Address,
              unnumbered_to: int | None = None,
              address: ipaddress.IPv4Interface | None = None) -> int:
@@ -96,29 +110,14 @@ def add_sink(api: VppClient, index: int, *, table_id: int, dst: ipaddress.IPv4Ad
 
     Its tx node (`pgN-tx`) counts what the path delivered and discards it.
     """
-    sink = create_pg(api, index)
-    setup = [interfaces.set_table(sink, table_id, "sink")]
-    if unnumbered_to is not None:
-        setup.append(interfaces.set_unnumbered(sink, unnumbered_to, True, "sink"))
-    if address is not None:
-        setup.append(interfaces.address(sink, address, True))
-    setup += [interfaces.set_admin(sink, True, "sink"),
-              routes.neighbor(sink, dst, SINK_MAC, True),
-              routes.route(table_id, ipaddress.IPv4Network(f"{dst}/32"), [sink], True)]
-    api.call_many(setup)
+    sink = _pod_link(api, index, table_id, unnumbered_to, address, "sink")
+    api.call_many([routes.neighbor(sink, dst, SINK_MAC, True),
+                   routes.route(table_id, ipaddress.IPv4Network(f"{dst}/32"), [sink], True)])
     return sink
 
 
 def add_source(api: VppClient, index: int, *, table_id: int,
                unnumbered_to: int | None = None,
                address: ipaddress.IPv4Interface | None = None) -> int:
-    """pgN as the sending pods' link: in the table, IPv4 enabled, up."""
-    source = create_pg(api, index)
-    setup = [interfaces.set_table(source, table_id, "source")]
-    if unnumbered_to is not None:
-        setup.append(interfaces.set_unnumbered(source, unnumbered_to, True, "source"))
-    if address is not None:
-        setup.append(interfaces.address(source, address, True))
-    setup.append(interfaces.set_admin(source, True, "source"))
-    api.call_many(setup)
-    return source
+    """pgN as the sending pods' link."""
+    return _pod_link(api, index, table_id, unnumbered_to, address, "source")
