@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
-from vppmesh import epochs, guard
+from vppmesh import epochs, guard, pods
 from vppmesh import host as linux
 from vppmesh import uplink as nic
 from vppmesh.config import Mesh, load_mesh
@@ -44,6 +44,10 @@ class NodeOptions:
     workers: int | None = None  # None: ask VPP
     state_dir: Path = Path("/var/lib/vppmesh")
     take_uplink: UplinkSpec | None = None  # hand this NIC to VPP first (uplink.py)
+    # The CNI plugin's attachment records (its stateDir): pods the agent re-attaches
+    # after a VPP restart. None: the agent leaves pods alone.
+    cni_state_dir: Path | None = None
+    cni_path: tuple[Path, ...] = pods.DEFAULT_CNI_PATH
 
     @property
     def ledger(self) -> KeyLedger:
@@ -67,6 +71,9 @@ class UpResult:
     blocked_peers: list[str] = field(default_factory=list)
     # Peers whose requested rekey waits until they have surely followed the last one.
     rekey_pending: list[str] = field(default_factory=list)
+    # The pass over the CNI records (Session only, on its full runs); None if none ran.
+    pod_report: pods.PodReport | None = None
+    mesh: Mesh | None = None  # the mesh this run applied (file or datastore)
 
 
 def resolve_host_kind(kind: HostLinkKind) -> Literal["tap", "af_packet", "none"]:
@@ -215,7 +222,7 @@ def up(options: NodeOptions, *, dry_run: bool = False, api: VppApi | None = None
         return UpResult(desired=desired, changes=changes, seconds=time.monotonic() - started,
                         host_link=desired.host.kind if desired.host else "none",
                         messages=client.messages_sent, notes=notes, vpp_pid=pid,
-                        blocked_peers=sorted(set(peers) - set(keying)),
+                        blocked_peers=sorted(set(peers) - set(keying)), mesh=mesh,
                         rekey_pending=sorted(n for n in peers if state.peers[n].rekey_pending))
     finally:
         if api is None:
@@ -231,6 +238,9 @@ class Session:
     after a reconnect, it dumps VPP again, which also catches changes made behind the
     agent's back. A VPP restart breaks the connection: that poll fails with
     VppUnavailableError and the next one reconnects.
+
+    On those full runs it also re-attaches the CNI plugin's pods that VPP lost (after a
+    restart: all of them) and collects the records of pods that are gone (pods.py).
     """
 
     def __init__(self, options: NodeOptions, *, full_every: float = 60.0,
@@ -255,9 +265,21 @@ class Session:
         except VppUnavailableError:
             self.close()
             raise
+        if full and self.options.cni_state_dir is not None:
+            try:
+                result.pod_report = pods.reattach(self._client, self.options.cni_state_dir,
+                                            self.options.cni_path)
+            except VppUnavailableError:
+                self.close()
+                raise
         if full:
             self._last_full = started
         return result
+
+    @property
+    def client(self) -> VppClient | None:
+        """The connection of the last run (None while VPP is away)."""
+        return self._client
 
     def close(self) -> None:
         client, self._client, self._reconciler = self._client, None, None
