@@ -20,6 +20,8 @@ class SaStatus(BaseModel):
     packets: int | None
     bytes: int | None
     thread: int
+    # VPP's sequence number: the last sent (outbound SA) or received (inbound SA).
+    seq: int = 0
 
 
 class TunnelStatus(BaseModel):
@@ -70,7 +72,9 @@ def collect(api: VppApi, mesh: Mesh, node: str, stats_socket: Path | None) -> No
         c = counters.get(sa.stat_index)
         return SaStatus(sa_id=sa_id, spi=sa.spec.spi, direction=sa.spec.direction,
                         packets=c.packets if c else None, bytes=c.bytes if c else None,
-                        thread=sa.thread_index)
+                        thread=sa.thread_index,
+                        seq=sa.seq_outbound if sa.spec.direction == "out"
+                        else sa.last_seq_inbound)
 
     peers: dict[int, PeerStatus] = {}
     for t in sorted(tunnels, key=lambda t: t.instance):
