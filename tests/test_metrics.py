@@ -168,3 +168,13 @@ def test_busy_port_is_a_clear_error() -> None:
             MetricsServer(AgentMetrics(), ("127.0.0.1", first.port))
     finally:
         first.server.server_close()
+
+
+def test_scrape_benchmark_runs_and_reports(capsys: pytest.CaptureFixture[str]) -> None:
+    from benchmarks.metrics_scrape import main
+
+    assert main(["--peers", "3", "--tunnels", "2", "--rounds", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "3 peers x 2 tunnels:" in out
+    for what in ("render", "scrape", "library generate_latest", "snapshot"):
+        assert what in out, what
