@@ -44,7 +44,6 @@ SocketOpt = Annotated[Path, typer.Option("--api-socket", envvar="VPPMESH_API_SOC
 StatsSocketOpt = Annotated[Path | None, typer.Option(
     help="VPP's stats socket (default: stats.sock next to the API socket).")]
 DEFAULT_MESH = Path("/etc/vppmesh/mesh.yaml")
-DEFAULT_CNI_STATE = Path("/var/lib/cni/vppmesh")
 HOSTNAME = socket.gethostname()
 DEFAULT_KEY = Path("/etc/vppmesh/private.key")
 DatastoreOpt = Annotated[str | None, typer.Option(
@@ -110,9 +109,10 @@ def up(
     uplink_driver: Annotated[str, typer.Option(
         help="With --take-uplink: af_packet, af_xdp, avf or dpdk.")] = "af_packet",
     cni_state_dir: Annotated[Path | None, typer.Option(
-        help="With --watch: the CNI plugin's stateDir; its pods are re-attached after a "
-        "VPP restart, and records of pods whose network namespace is gone are removed "
-        "(default /var/lib/cni/vppmesh when it exists).")] = None,
+        help="With --watch: the CNI plugin's stateDir (/var/lib/cni/vppmesh in "
+        "containers/); its pods are re-attached after a VPP restart, and records of pods "
+        "whose network namespace is gone are removed. Without it pods are left alone.")
+                                     ] = None,
     metrics: Annotated[str | None, typer.Option(
         help="With --watch: serve Prometheus metrics on ADDR:PORT (/metrics), e.g. "
         ":9477.")] = None,
@@ -120,8 +120,6 @@ def up(
 ) -> None:
     """Bring this node into the mesh (idempotent: a second run changes nothing)."""
     opts = options(mesh, node, key, api_socket, host_link, uplink, state_dir)
-    if cni_state_dir is None and DEFAULT_CNI_STATE.is_dir():
-        cni_state_dir = DEFAULT_CNI_STATE
     if cni_state_dir is not None:
         from dataclasses import replace
 
