@@ -155,3 +155,77 @@ def test_netns_paths_and_names(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setattr(pods, "NETNS_DIR", tmp_path)
     (tmp_path / "web").touch()
     assert pods.netns_exists("web") and not pods.netns_exists("db")
+
+
+def test_datastore_agent_reattaches_pods_on_a_new_vpp(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`up --watch --datastore` does what node.Session does: pods come back on the first
+    sync with a (new) VPP connection, and are not looked at on every sync."""
+    from test_datastore import MemoryStore
+
+    from vppmesh.datastore.agent import DatastoreOptions, LocalNode, MembershipAgent
+    from vppmesh.datastore.records import DatastoreUrl
+    from vppmesh.keys import private_key_b64
+    from vppmesh.node import NodeOptions
+
+    Linux(monkeypatch, problems=[])
+    mesh, secrets = make_mesh(2)
+    key = tmp_path / "node1.key"
+    key.write_text(private_key_b64(secrets["node1"].private_key))
+    key.chmod(0o600)
+    store = AttachmentStore(tmp_path / "cni")
+    pod = record("aaa", 7, "/proc/self/ns/net")
+    store.save(pod)
+    datastore = MemoryStore(mesh.settings)
+    datastore.put(mesh.nodes[1])
+    local = mesh.nodes[0]
+    options = NodeOptions(mesh_file=tmp_path / "unused.yaml", node="node1", private_key=key,
+                          host_link="none", workers=0, state_dir=tmp_path,
+                          cni_state_dir=store.directory)
+    ds = DatastoreOptions(url=DatastoreUrl.parse("etcd://127.0.0.1/t"),
+                          local=LocalNode(underlay=tuple(local.underlay),
+                                          pod_cidr=local.pod_cidr, node_number=1))
+    vpp = FakeVpp.with_uplink(local.primary)
+    member = MembershipAgent(options, ds, store=datastore, api=vpp)  # type: ignore[arg-type]
+    first = member.sync()
+    assert first is not None and first.pod_report is not None
+    assert len(first.pod_report.reattached) == 1
+    assert endpoints.vpp_side_problems(vpp, spec_of(pod), table_id=1717, mtu=1440) == []
+    assert member.sync().pod_report is None  # type: ignore[union-attr]
+    member._drop_vpp()  # VPP went away; a new one answers
+    member.api = FakeVpp.with_uplink(local.primary)
+    again = member.sync()
+    assert again is not None and again.pod_report is not None
+    assert len(again.pod_report.reattached) == 1
+
+
+def test_watch_session_reattaches_pods_after_a_reconnect(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """node.Session (`up --watch` with a mesh file): pods come back on the first run with
+    a new connection (a restarted VPP), and are not looked at on every poll."""
+    from vppmesh.config import dump_mesh
+    from vppmesh.keys import private_key_b64, write_secret_file
+    from vppmesh.node import NodeOptions, Session
+
+    Linux(monkeypatch, problems=[])
+    mesh, secrets = make_mesh(2)
+    mesh_file = tmp_path / "mesh.yaml"
+    mesh_file.write_text(dump_mesh(mesh))
+    key = tmp_path / "node1.key"
+    write_secret_file(key, private_key_b64(secrets["node1"].private_key))
+    store = AttachmentStore(tmp_path / "cni")
+    pod = record("aaa", 7, "/proc/self/ns/net")
+    store.save(pod)
+    options = NodeOptions(mesh_file=mesh_file, node="node1", private_key=key,
+                          host_link="none", workers=0, state_dir=tmp_path,
+                          cni_state_dir=store.directory)
+    vpps = [FakeVpp.with_uplink(mesh.node("node1").primary) for _ in range(2)]
+    session = Session(options, connect=lambda: vpps.pop(0))  # type: ignore[arg-type,return-value]
+    first = session.run()
+    assert first.pod_report is not None and len(first.pod_report.reattached) == 1
+    assert session.run().pod_report is None  # within full_every: not looked at
+    session.close()  # the watch loop does this when VPP stops answering
+    restarted = session.run()
+    assert restarted.pod_report is not None and len(restarted.pod_report.reattached) == 1
+    assert endpoints.vpp_side_problems(session.client, spec_of(pod),  # type: ignore[arg-type]
+                                       table_id=1717, mtu=1440) == []

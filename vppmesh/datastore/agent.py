@@ -33,6 +33,7 @@ import yaml
 from pydantic import ValidationError
 
 from vppmesh import node as agent
+from vppmesh import pods
 from vppmesh.config import Mesh, MeshSettings, Node, format_validation_error
 from vppmesh.datastore.etcd import DatastoreError, EtcdStore, Registration
 from vppmesh.datastore.records import (
@@ -49,6 +50,8 @@ from vppmesh.vpp.client import VppApi, VppClient
 log = logging.getLogger("vppmesh.datastore")
 IPInterface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
 RETRY_SECONDS = 1.0
+# CNI pods are checked on every new VPP connection and at least this often.
+PODS_EVERY_SECONDS = 60.0
 
 
 @dataclass(frozen=True)
@@ -126,6 +129,7 @@ class MembershipAgent:
         self._stop_watch: Callable[[], None] | None = None
         self._keepalive: threading.Thread | None = None
         self._client: VppClient | None = None
+        self._pods_checked: float | None = None  # None: at the next sync (a new VPP)
 
     # ---- joining ----------------------------------------------------------------------
     def register(self) -> Registration:
@@ -176,6 +180,7 @@ class MembershipAgent:
         return self._client
 
     def _drop_vpp(self) -> None:
+        self._pods_checked = None
         if self._client is not None:
             try:
                 self._client.close()
@@ -206,7 +211,15 @@ class MembershipAgent:
         assert membership.mesh is not None
         self._save(membership)
         change = membership_change(self.applied, membership.mesh)
-        result = agent.up(self.options, mesh=membership.mesh, api=self._vpp())
+        api = self._vpp()
+        result = agent.up(self.options, mesh=membership.mesh, api=api)
+        if self.options.cni_state_dir is not None and (
+                self._pods_checked is None
+                or time.monotonic() - self._pods_checked >= PODS_EVERY_SECONDS):
+            # A new connection may be a new VPP: its pods come back (node.Session too).
+            result.pod_report = pods.reattach(api, self.options.cni_state_dir,
+                                              self.options.cni_path)
+            self._pods_checked = time.monotonic()
         for note in result.notes:  # key generation steps and slides, each told once
             log.info("%s", note)
         if result.blocked_peers and result.blocked_peers != self.blocked:
