@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -288,7 +289,7 @@ def test_agent_restart_loses_no_packet(bed: Testbed, pods: dict[str, Any],
     pinger.wait(timeout=60)
     text = ping_log.read_text()
     times = reply_times(ping_log)
-    gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
+    gaps = [b - a for a, b in pairwise(times)]
     summary = next(line for line in text.splitlines() if "packets transmitted" in line)
     print(f"\nagent restarts on both nodes under ping -i 0.05: {summary}; longest gap "
           f"between replies {max(gaps):.2f} s")
