@@ -100,10 +100,14 @@ class Agent:
     def text(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
 
-    def scrape(self) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-        """The agent's /metrics, read with prometheus_client's own parser."""
+    def scrape(self, *, check: bool = True) -> dict[tuple[str, tuple[tuple[str, str], ...]],
+                                                    float]:
+        """The agent's /metrics, read with prometheus_client's own parser ({} if the
+        agent does not answer and not `check`)."""
         done = in_ns(self.node.netns, "curl", "-sf", f"http://{METRICS}/metrics",
                      check=False, timeout=20)
+        if done.returncode != 0 and not check:
+            return {}
         assert done.returncode == 0, f"scrape failed: {done.stderr}"
         return {(s.name, tuple(sorted(s.labels.items()))): s.value
                 for f in families(done.stdout) for s in f.samples}
@@ -200,14 +204,15 @@ def test_metrics_follow_traffic_replays_and_reconciles(
     n1, n2 = bed.nodes
     target = address(pods, n2)
     wait_for(lambda: ping_ok(pod_ns(n1), target), 30, "pod-to-pod ping")
-    wait_for(lambda: total(agents[n1.name].scrape(), "vppmesh_tunnel_protected") == 2,
+    wait_for(lambda: total(agents[n1.name].scrape(check=False),
+                           "vppmesh_tunnel_protected") == 2,
              30, "a metrics snapshot with both tunnels")
     first = agents[n1.name].scrape()
     assert total(first, "vppmesh_tunnel_up") == 2
     assert total(first, "vppmesh_reconcile_duration_seconds_count") >= 1
     assert total(first, "vppmesh_vpp_up") == 1
     assert total(first, "vppmesh_pods_attached") == 1
-    assert total(first, "vppmesh_key_generation", peer=n2.name) >= 0
+    assert any(name == "vppmesh_key_generation" for name, _ in first)
     for limit in ("packets", "bytes", "seconds"):
         assert 0 <= total(first, "vppmesh_key_limit_used_ratio", limit=limit) < 0.5
     # Traffic: a 5 s iperf3 stream; the next snapshot (at most 5 s later) counts it.
