@@ -229,3 +229,42 @@ def test_watch_session_reattaches_pods_after_a_reconnect(
     assert restarted.pod_report is not None and len(restarted.pod_report.reattached) == 1
     assert endpoints.vpp_side_problems(session.client, spec_of(pod),  # type: ignore[arg-type]
                                        table_id=1717, mtu=1440) == []
+
+
+def test_datastore_agent_fills_the_metrics(tmp_path: Path) -> None:
+    """With --metrics, `up --watch --datastore` records each sync and takes snapshots
+    from VPP, as the file-based watch loop does."""
+    from test_datastore import MemoryStore
+
+    from vppmesh.datastore.agent import DatastoreOptions, LocalNode, MembershipAgent
+    from vppmesh.datastore.records import DatastoreUrl
+    from vppmesh.keys import private_key_b64
+    from vppmesh.metrics import AgentMetrics
+    from vppmesh.node import NodeOptions
+
+    mesh, secrets = make_mesh(3)
+    key = tmp_path / "node1.key"
+    key.write_text(private_key_b64(secrets["node1"].private_key))
+    key.chmod(0o600)
+    datastore = MemoryStore(mesh.settings)
+    for node in mesh.nodes[1:]:
+        datastore.put(node)
+    local = mesh.nodes[0]
+    options = NodeOptions(mesh_file=tmp_path / "unused.yaml", node="node1", private_key=key,
+                          host_link="none", workers=0, state_dir=tmp_path)
+    ds = DatastoreOptions(url=DatastoreUrl.parse("etcd://127.0.0.1/t"),
+                          local=LocalNode(underlay=tuple(local.underlay),
+                                          pod_cidr=local.pod_cidr, node_number=1))
+    metrics = AgentMetrics()
+    member = MembershipAgent(options, ds, store=datastore,  # type: ignore[arg-type]
+                             api=FakeVpp.with_uplink(local.primary), metrics=metrics)
+    result = member.sync()
+    assert result is not None
+    member._measured(result, 0.25, restarted=True)
+    snap = metrics.mesh.snapshot
+    assert {t.peer for t in snap.tunnels} == {"node2", "node3"} and len(snap.tunnels) == 4
+    assert all(t.up and t.protected for t in snap.tunnels)
+    assert {p.peer for p in snap.peers} == {"node2", "node3"}
+    text = metrics.exposition().decode()
+    assert "vppmesh_vpp_restarts_total 1.0" in text
+    assert "vppmesh_vpp_recovery_seconds 0.25" in text

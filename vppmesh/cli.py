@@ -126,8 +126,8 @@ def up(
         opts = replace(opts, cni_state_dir=cni_state_dir)
     exporter = None
     if metrics is not None:
-        if not watch or datastore is not None:
-            raise fail("--metrics needs --watch (and a mesh file: not yet with --datastore)")
+        if not watch:
+            raise fail("--metrics needs --watch: it is served by the running agent")
         exporter = start_metrics(metrics)
     if take_uplink is not None:
         from dataclasses import replace
@@ -146,7 +146,8 @@ def up(
 
         try:
             follow(opts, datastore, watch=watch, underlay=underlay or [], pod_cidr=pod_cidr,
-                   node_number=node_number, settings_file=settings, lease_ttl=lease_ttl)
+                   node_number=node_number, settings_file=settings, lease_ttl=lease_ttl,
+                   metrics=exporter, stats_socket=stats_path(api_socket, stats_socket))
         except VppMeshError as exc:
             raise fail(str(exc)) from None
         return
@@ -200,8 +201,6 @@ WATCH_POLL_SECONDS = 2.0
 WATCH_FILE_CHECK_SECONDS = 0.2
 # While VPP is away the agent knocks this often: pods wait for the first answer.
 WATCH_VPP_RETRY_SECONDS = 0.25
-# A metrics snapshot (dumps and stats segment) is taken at most this often.
-METRICS_EVERY_SECONDS = 5.0
 
 
 def file_signature(path: Path) -> tuple[int, int] | None:
@@ -246,7 +245,6 @@ def watch_loop(opts: agent.NodeOptions, metrics: AgentMetrics | None = None,
     log.info("watching %s and VPP at %s", opts.mesh_file, opts.api_socket)
     vpp_gone_at: float | None = None
     last_pid: int | None = None
-    last_observed = 0.0
     session = agent.Session(opts)  # one connection; only changed peers are re-applied
     # The lambda reads vpp_gone_at as it is at each tick (late binding is the point).
     for _tick in poll_ticks(opts.mesh_file,
@@ -275,30 +273,21 @@ def watch_loop(opts: agent.NodeOptions, metrics: AgentMetrics | None = None,
                      "answered (%d change(s)); %d pod(s) re-attached in %.0f ms in all",
                      result.vpp_pid, result.seconds * 1000, len(result.changes),
                      len(pods.reattached) if pods else 0, elapsed * 1000)
-            if metrics is not None:
-                metrics.vpp_restarts.inc()
-                metrics.recovery_seconds.set(elapsed)
-                if vpp_gone_at is not None:
-                    metrics.vpp_down_seconds.set(attempt - vpp_gone_at)
-            vpp_gone_at = None
+        if metrics is not None:
+            metrics.record_poll(elapsed, pods, restarted=vpp_gone_at is not None or restarted,
+                                unavailable=attempt - vpp_gone_at
+                                if vpp_gone_at is not None else None)
+        vpp_gone_at = None
         if result.changes or result.notes:
             report_up(result)
         last_pid = result.vpp_pid
-        if metrics is not None:
-            metrics.vpp_up.set(1)
-            metrics.reconcile_seconds.observe(elapsed)
-            if pods is not None:
-                metrics.pods_attached.set(pods.attached)
-                metrics.pod_reattachments.inc(len(pods.reattached))
-                metrics.pods_collected.inc(len(pods.collected))
-            if time.monotonic() - last_observed >= METRICS_EVERY_SECONDS \
-                    and session.client is not None and result.mesh is not None:
-                last_observed = time.monotonic()
-                try:
-                    metrics.observe(session.client, result.mesh, opts.node, stats_socket,
-                                    opts.generations.load(), vpp_pid=result.vpp_pid)
-                except VppMeshError as exc:  # the next poll finds out what happened
-                    log.warning("metrics snapshot failed: %s", exc)
+        if metrics is not None and result.mesh is not None and session.client is not None \
+                and metrics.snapshot_due(time.monotonic()):
+            try:
+                metrics.observe(session.client, result.mesh, opts.node, stats_socket,
+                                opts.generations.load(), vpp_pid=result.vpp_pid)
+            except VppMeshError as exc:  # the next poll finds out what happened
+                log.warning("metrics snapshot failed: %s", exc)
 
 
 @app.command()

@@ -41,6 +41,7 @@ from prometheus_client.utils import floatToGoString
 from vppmesh.config import Mesh
 from vppmesh.epochs import GenerationState
 from vppmesh.errors import ConfigError
+from vppmesh.pods import PodReport
 from vppmesh.status import NodeStatus
 from vppmesh.vpp.client import VppApi
 
@@ -55,6 +56,8 @@ ESP_ERRORS = {
 GUARD_DROPS = re.compile(r"^/err/ip[46]-inacl/input ACL hits$")
 ERROR_PATTERN = r"^/err/(esp[46]-decrypt-tun|ipsec[46]-tun-input|ip[46]-inacl)/"
 LIMITS = ("packets", "bytes", "seconds")
+# A snapshot (dumps and stats segment) is taken after a poll at most this often.
+SNAPSHOT_EVERY_SECONDS = 5.0
 RECONCILE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
@@ -333,6 +336,30 @@ class AgentMetrics:
             "network namespace was gone.", registry=self.registry)
         self.mesh = MeshCollector()
         self.observer = Observer()
+        self._last_snapshot = -SNAPSHOT_EVERY_SECONDS
+
+    def record_poll(self, seconds: float, pods: PodReport | None, *, restarted: bool,
+                    unavailable: float | None = None) -> None:
+        """One successful agent poll; `restarted`: the first one with a new VPP, which
+        took `seconds` from VPP answering (after `unavailable` seconds without it)."""
+        self.vpp_up.set(1)
+        self.reconcile_seconds.observe(seconds)
+        if restarted:
+            self.vpp_restarts.inc()
+            self.recovery_seconds.set(seconds)
+            if unavailable is not None:
+                self.vpp_down_seconds.set(unavailable)
+        if pods is not None:
+            self.pods_attached.set(pods.attached)
+            self.pod_reattachments.inc(len(pods.reattached))
+            self.pods_collected.inc(len(pods.collected))
+
+    def snapshot_due(self, now: float) -> bool:
+        """Whether the per-tunnel snapshot is older than SNAPSHOT_EVERY_SECONDS."""
+        if now - self._last_snapshot < SNAPSHOT_EVERY_SECONDS:
+            return False
+        self._last_snapshot = now
+        return True
 
     def observe(self, api: VppApi, mesh: Mesh, node: str, stats_socket: Path | None,
                 generations: GenerationState, *, vpp_pid: int | None) -> Snapshot:

@@ -28,6 +28,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import yaml
 from pydantic import ValidationError
@@ -46,6 +47,9 @@ from vppmesh.datastore.records import (
 from vppmesh.errors import ConfigError, VppMeshError, VppUnavailableError
 from vppmesh.keys import load_secrets
 from vppmesh.vpp.client import VppApi, VppClient
+
+if TYPE_CHECKING:
+    from vppmesh.metrics import AgentMetrics
 
 log = logging.getLogger("vppmesh.datastore")
 IPInterface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
@@ -109,7 +113,9 @@ class MembershipAgent:
     """Keeps this node registered and its VPP in step with the membership."""
 
     def __init__(self, options: agent.NodeOptions, ds: DatastoreOptions,
-                 store: EtcdStore | None = None, api: VppApi | None = None) -> None:
+                 store: EtcdStore | None = None, api: VppApi | None = None,
+                 metrics: AgentMetrics | None = None, stats_socket: Path | None = None,
+                 ) -> None:
         if ds.local is None:
             raise ConfigError("joining through a datastore needs --underlay and --pod-cidr")
         self.options = options
@@ -130,6 +136,8 @@ class MembershipAgent:
         self._keepalive: threading.Thread | None = None
         self._client: VppClient | None = None
         self._pods_checked: float | None = None  # None: at the next sync (a new VPP)
+        self.metrics = metrics  # --metrics: filled after every sync (metrics.py)
+        self.stats_socket = stats_socket
 
     # ---- joining ----------------------------------------------------------------------
     def register(self) -> Registration:
@@ -235,6 +243,22 @@ class MembershipAgent:
         self.applied = membership.mesh
         return result
 
+    def _measured(self, result: agent.UpResult, seconds: float, *, restarted: bool) -> None:
+        """With --metrics: the sync's numbers, and a new snapshot when one is due."""
+        metrics = self.metrics
+        if metrics is None:
+            return
+        metrics.record_poll(seconds, result.pod_report, restarted=restarted)
+        if result.mesh is not None and metrics.snapshot_due(time.monotonic()):
+            try:
+                metrics.observe(self._vpp(), result.mesh, self.options.node,
+                                self.stats_socket, self.options.generations.load(),
+                                vpp_pid=result.vpp_pid)
+            except VppUnavailableError:
+                raise
+            except VppMeshError as exc:
+                log.warning("metrics snapshot failed: %s", exc)
+
     def _save(self, membership: Membership) -> None:
         assert membership.mesh is not None
         path = record_file(self.options)
@@ -302,18 +326,26 @@ class MembershipAgent:
                         # Re-arm the watch from a fresh revision: a broken stream goes quiet.
                         self._watch(self.store.snapshot().revision)
                         next_resync = time.monotonic() + self.ds.resync_seconds
-                    self.sync(event_at)
+                    started = time.monotonic()
+                    result = self.sync(event_at)
                     if vpp_gone:
                         log.info("VPP is back: mesh programmed again")
+                    if result is not None:
+                        self._measured(result, time.monotonic() - started,
+                                       restarted=vpp_gone)
                     retry = vpp_gone = False
                 except VppUnavailableError as exc:
                     self._drop_vpp()
+                    if self.metrics is not None:
+                        self.metrics.vpp_up.set(0)
                     if not vpp_gone:
                         log.warning("VPP unavailable (%s); waiting for it", exc)
                         self._give_back_uplinks()
                     retry = vpp_gone = True
                 except VppMeshError as exc:
                     log.error("%s", exc)
+                    if self.metrics is not None:
+                        self.metrics.reconcile_errors.inc()
                     if isinstance(exc, DatastoreError):
                         self._unwatch()  # re-armed from a fresh revision once etcd answers
                     retry = True
@@ -376,7 +408,8 @@ def parse_local(underlay: list[str], pod_cidr: str | None, node_number: int | No
 
 def follow(options: agent.NodeOptions, url: str, *, watch: bool, underlay: list[str],
            pod_cidr: str | None, node_number: int | None, settings_file: Path | None,
-           lease_ttl: int) -> None:
+           lease_ttl: int, metrics: AgentMetrics | None = None,
+           stats_socket: Path | None = None) -> None:
     """`vppmesh up --datastore`: register and follow the membership until SIGTERM/SIGINT."""
     import signal
 
@@ -388,7 +421,7 @@ def follow(options: agent.NodeOptions, url: str, *, watch: bool, underlay: list[
     ds = DatastoreOptions(url=DatastoreUrl.parse(url),
                           local=parse_local(underlay, pod_cidr, node_number, options.uplink),
                           lease_ttl=lease_ttl, settings_file=settings_file)
-    member = MembershipAgent(options, ds)
+    member = MembershipAgent(options, ds, metrics=metrics, stats_socket=stats_socket)
     member.register()  # a conflicting record fails here, before VPP is touched
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: (member.stop.set(), member.changed.set()))
