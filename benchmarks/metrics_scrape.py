@@ -132,7 +132,7 @@ def with_vpp(peers: int, tunnels: int, rounds: int) -> None:
     desired = plan_for(mesh, secrets, 0)
     generations = synthetic_generations(peers, time.time())
     with single_vpp("vmx-ms", Path(DEFAULT_BASE.parent / "vppmesh-vmx-ms"),
-                    main_heap_size="1G") as instance, \
+                    main_heap_size="2G") as instance, \
             VppClient(instance.api_socket, timeout=60).connect() as api:
         give_uplink(api, mesh.node("n1").primary)  # type: ignore[arg-type]
         Reconciler(api).reconcile(desired)
