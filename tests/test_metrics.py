@@ -5,7 +5,11 @@ The real-VPP metrics test (tests/test_operations_vpp.py) scrapes a live agent.""
 
 from __future__ import annotations
 
+import time
 import urllib.request
+from itertools import pairwise
+from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -178,3 +182,53 @@ def test_scrape_benchmark_runs_and_reports(capsys: pytest.CaptureFixture[str]) -
     assert "3 peers x 2 tunnels:" in out
     for what in ("render", "scrape", "library generate_latest", "snapshot"):
         assert what in out, what
+
+
+def test_watch_loop_knocks_fast_while_vpp_is_away_and_counts_the_restart(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The watch loop (cli.watch_loop) with a Session whose VPP goes away for two polls:
+    it retries at WATCH_VPP_RETRY_SECONDS instead of the 2 s poll, and the metrics count
+    one restart with its unavailability and recovery time."""
+    from vppmesh import cli
+    from vppmesh import node as agent
+    from vppmesh.errors import VppUnavailableError
+    from vppmesh.pods import PodReport
+
+    mesh_file = tmp_path / "mesh.yaml"
+    mesh_file.write_text("")
+    outcomes: list[Any] = ["ok", "gone", "gone", "ok", "ok"]
+    ticks: list[float] = []
+
+    class FakeSession:
+        client = None
+
+        def __init__(self, options: Any) -> None:
+            pass
+
+        def run(self) -> Any:
+            ticks.append(time.monotonic())
+            outcome = outcomes.pop(0)
+            if outcome == "gone":
+                raise VppUnavailableError("VPP stopped answering")
+            if not outcomes:
+                raise KeyboardInterrupt  # end of the script
+            return SimpleNamespace(vpp_pid=len(ticks), seconds=0.01, changes=[], notes=[],
+                                   pod_report=PodReport(attached=2, reattached=["a", "b"]),
+                                   mesh=None)
+
+    monkeypatch.setattr(agent, "Session", FakeSession)
+    monkeypatch.setattr(cli, "WATCH_POLL_SECONDS", 1.0)
+    monkeypatch.setattr(cli, "give_back_uplinks", lambda opts: None)
+    metrics = AgentMetrics()
+    options = agent.NodeOptions(mesh_file=mesh_file, node="n1", private_key=tmp_path / "k")
+    with pytest.raises(KeyboardInterrupt):
+        cli.watch_loop(options, metrics)
+    gaps = [b - a for a, b in pairwise(ticks)]
+    assert gaps[0] >= 0.9  # a normal poll interval
+    assert all(g < 0.6 for g in gaps[1:3])  # VPP away: knocking every 0.25 s
+    assert gaps[3] >= 0.9  # back to normal
+    got = samples(metrics.exposition().decode())
+    assert got[("vppmesh_vpp_restarts_total", ())] == 1
+    assert got[("vppmesh_vpp_up", ())] == 1
+    assert 0.2 < got[("vppmesh_vpp_unavailable_seconds", ())] < 1.5
+    assert got[("vppmesh_pod_reattachments_total", ())] == 4  # 2 per successful poll
