@@ -231,7 +231,9 @@ def test_metrics_follow_traffic_replays_and_reconciles(
             - total(first, "vppmesh_tunnel_packets_total", direction=direction)
         grew_bytes = total(second, "vppmesh_tunnel_bytes_total", direction=direction) \
             - total(first, "vppmesh_tunnel_bytes_total", direction=direction)
-        assert grew > 1000 and grew_bytes > 1_000_000 * (direction == "out"), \
+        # 5 s at 20 Mbit/s out (12.5 MB); TCP's ACKs come back (fewer: delayed ACKs).
+        least_packets, least_bytes = (5000, 5_000_000) if direction == "out" else (100, 5000)
+        assert grew >= least_packets and grew_bytes >= least_bytes, \
             (direction, grew, grew_bytes)
     assert total(second, "vppmesh_reconcile_duration_seconds_count") > \
         total(first, "vppmesh_reconcile_duration_seconds_count")
@@ -246,13 +248,19 @@ def test_metrics_follow_traffic_replays_and_reconciles(
     pinger = subprocess.Popen(["ip", "netns", "exec", pod_ns(n1), "ping", "-i", "0.05",
                                "-w", "30", target], stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL)
+    # The SPI of n2's inbound SA that carries the ping now (ECMP puts one flow on one
+    # tunnel): the one whose last sequence number moves.
+    def inbound_seq() -> dict[int, int]:
+        with VppClient(n2.instance.api_socket).connect() as api:
+            return {s.spec.spi: s.last_seq_inbound for s in ipsec.dump_sas(api)
+                    if s.spec.direction == "in" and s.spec.peer_number == n1.index}
+
+    time.sleep(0.5)
+    first_seq = inbound_seq()
     time.sleep(1)
-    # The SPI of n2's inbound SA that carries the ping (ECMP puts one flow on one tunnel).
-    with VppClient(n2.instance.api_socket).connect() as api:
-        carrying = [s for s in ipsec.dump_sas(api) if s.spec.direction == "in"
-                    and s.spec.peer_number == n1.index and s.last_seq_inbound > 0]
-    assert carrying, "no inbound SA of n2 carries n1's traffic"
-    spi = max(carrying, key=lambda s: s.last_seq_inbound).spec.spi
+    moving = [spi for spi, seq in inbound_seq().items() if seq > first_seq.get(spi, seq)]
+    assert moving, "no inbound SA of n2 carries n1's ping"
+    spi = moving[0]
     tunnel = (spi >> 4) & 0xF  # keys.spi_for: tunnel t runs between underlay addresses t
     try:
         craft = in_ns(bed.underlay_ns, sys.executable, str(CRAFT), "br0",
