@@ -232,3 +232,12 @@ def test_watch_loop_knocks_fast_while_vpp_is_away_and_counts_the_restart(
     assert got[("vppmesh_vpp_up", ())] == 1
     assert 0.2 < got[("vppmesh_vpp_unavailable_seconds", ())] < 1.5
     assert got[("vppmesh_pod_reattachments_total", ())] == 4  # 2 per successful poll
+
+
+def test_snapshots_are_spaced_by_their_cost() -> None:
+    """A snapshot at most every 5 s, and never more than 1/20 of the agent's time."""
+    metrics = AgentMetrics()
+    assert metrics.snapshot_due(100.0)
+    assert not metrics.snapshot_due(104.0) and metrics.snapshot_due(105.0)
+    metrics.snapshot_cost = 1.0  # a 1000-peer VPP's dumps
+    assert not metrics.snapshot_due(124.0) and metrics.snapshot_due(125.0)
