@@ -48,6 +48,7 @@ def test_fast_exposition_is_byte_for_byte_the_librarys() -> None:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(collector)
     assert collector.render() == generate_latest(registry).decode()
+    assert collector.text() == collector.render().encode()  # what scrapes are served
     empty = MeshCollector()
     registry = CollectorRegistry(auto_describe=False)
     registry.register(empty)
@@ -180,7 +181,8 @@ def test_scrape_benchmark_runs_and_reports(capsys: pytest.CaptureFixture[str]) -
     assert main(["--peers", "3", "--tunnels", "2", "--rounds", "3"]) == 0
     out = capsys.readouterr().out
     assert "3 peers x 2 tunnels:" in out
-    for what in ("render", "scrape", "library generate_latest", "snapshot"):
+    for what in ("exposition", "text at each snapshot", "scrape", "library generate_latest",
+                 "snapshot"):
         assert what in out, what
 
 
