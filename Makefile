@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 DEB_TOOLS := iperf3 tcpdump ethtool iproute2 iputils-ping tinc wireguard-go wireguard-tools \
 	containernetworking-plugins etcd-server
 
-.PHONY: venv tools test lint unit demo bench bench-quick bench-control bench-capacity clean
+.PHONY: venv tools test lint unit demo bench bench-quick bench-control bench-capacity bench-metrics clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -51,6 +51,10 @@ bench-capacity: venv
 # Control plane at scale: one VPP programmed with 100, 300 and 1000 peers x 4 tunnels.
 bench-control: venv
 	$(PY) -m benchmarks.controlplane
+
+# What a Prometheus scrape of a 1000-peer node costs the agent (--vpp: snapshots from VPP).
+bench-metrics: venv
+	$(PY) -m benchmarks.metrics_scrape
 
 clean:
 	-$(VENV)/bin/vppmesh testbed down

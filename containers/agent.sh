@@ -20,5 +20,8 @@ while [ ! -S /run/vpp/api.sock ]; do
   sleep 2
 done
 echo $$ > /run/vppmesh/agent.pid
+# --cni-state-dir: pods come back by themselves after a VPP restart (their CNI records);
+# --metrics: Prometheus text format on the node's port 9477 (hostNetwork).
 exec vppmesh up --watch --mesh "$mesh" --node "$node" --key "$key" \
-  --api-socket /run/vpp/api.sock --state-dir /var/lib/vppmesh
+  --api-socket /run/vpp/api.sock --state-dir /var/lib/vppmesh \
+  --cni-state-dir /var/lib/cni/vppmesh --metrics "${VPPMESH_METRICS:-:9477}"

@@ -143,6 +143,20 @@ def test_node_privileges_and_mounts() -> None:
     assert netns["mountPropagation"] == "HostToContainer"
 
 
+def test_agent_reattaches_the_conflists_pods_and_exposes_its_metrics_port() -> None:
+    """agent.sh gives `up --watch` the plugin's stateDir and a metrics port, and the
+    DaemonSet exposes that port (and says so to Prometheus)."""
+    script = (CONTAINERS / "agent.sh").read_text()
+    (plugin,) = conflist()["plugins"]
+    assert f"--cni-state-dir {plugin['stateDir']}" in script
+    port = int(script.split('--metrics "${VPPMESH_METRICS:-:')[1].split("}")[0])
+    (exposed,) = container("agent")["ports"]
+    assert exposed["containerPort"] == exposed["hostPort"] == port
+    annotations = yaml.safe_load((K8S / "daemonset.yaml").read_text()
+                                 )["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/port"] == str(port)
+
+
 def test_conflist_is_accepted_by_the_plugin_and_matches_the_mounts() -> None:
     conf = conflist()
     assert conf["cniVersion"] in SUPPORTED_VERSIONS

@@ -7,9 +7,9 @@ import json
 import logging
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -17,6 +17,9 @@ from vppmesh import node as agent
 from vppmesh.config import Mesh
 from vppmesh.errors import VppMeshError, VppUnavailableError
 from vppmesh.vpp.client import DEFAULT_API_SOCKET, VppClient
+
+if TYPE_CHECKING:
+    from vppmesh.metrics import AgentMetrics
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="An encrypted full mesh of Linux hosts over VPP (IPIP + ESP AES-GCM-256).")
@@ -108,12 +111,28 @@ def up(
     crypto_engine: Annotated[str, typer.Option(
         help="VPP crypto engine for AES-GCM-256: auto (the fastest this CPU and VPP build "
         "have, README: Crypto engines), native, ipsecmb or openssl.")] = "auto",
+    cni_state_dir: Annotated[Path | None, typer.Option(
+        help="With --watch: the CNI plugin's stateDir (/var/lib/cni/vppmesh in "
+        "containers/); its pods are re-attached after a VPP restart, and records of pods "
+        "whose network namespace is gone are removed. Without it pods are left alone.")
+                                     ] = None,
+    metrics: Annotated[str | None, typer.Option(
+        help="With --watch: serve Prometheus metrics on ADDR:PORT (/metrics), e.g. "
+        ":9477.")] = None,
+    stats_socket: StatsSocketOpt = None,
 ) -> None:
     """Bring this node into the mesh (idempotent: a second run changes nothing)."""
     from dataclasses import replace
 
     opts = replace(options(mesh, node, key, api_socket, host_link, uplink, state_dir),
                    crypto_engine=crypto_engine)
+    if cni_state_dir is not None:
+        opts = replace(opts, cni_state_dir=cni_state_dir)
+    exporter = None
+    if metrics is not None:
+        if not watch:
+            raise fail("--metrics needs --watch: it is served by the running agent")
+        exporter = start_metrics(metrics)
     if take_uplink is not None:
         from pydantic import ValidationError
 
@@ -129,7 +148,8 @@ def up(
 
         try:
             follow(opts, datastore, watch=watch, underlay=underlay or [], pod_cidr=pod_cidr,
-                   node_number=node_number, settings_file=settings, lease_ttl=lease_ttl)
+                   node_number=node_number, settings_file=settings, lease_ttl=lease_ttl,
+                   metrics=exporter, stats_socket=stats_path(api_socket, stats_socket))
         except VppMeshError as exc:
             raise fail(str(exc)) from None
         return
@@ -140,7 +160,20 @@ def up(
             raise fail(str(exc)) from None
         log.error("%s", exc)
     if watch:
-        watch_loop(opts)
+        watch_loop(opts, exporter, stats_path(api_socket, stats_socket))
+
+
+def start_metrics(listen: str) -> AgentMetrics:
+    from vppmesh.metrics import AgentMetrics, MetricsServer, parse_listen
+
+    try:
+        address = parse_listen(listen)
+        exporter = AgentMetrics()
+        server = MetricsServer(exporter, address).start()
+    except VppMeshError as exc:
+        raise fail(str(exc)) from None
+    log.info("metrics on http://%s:%d/metrics", address[0], server.port)
+    return exporter
 
 
 def datastore_mesh(url: str | None) -> Mesh | None:
@@ -169,6 +202,8 @@ def report_up(result: agent.UpResult) -> None:
 
 WATCH_POLL_SECONDS = 2.0
 WATCH_FILE_CHECK_SECONDS = 0.2
+# While VPP is away the agent knocks this often: pods wait for the first answer.
+WATCH_VPP_RETRY_SECONDS = 0.25
 
 
 def file_signature(path: Path) -> tuple[int, int] | None:
@@ -179,18 +214,20 @@ def file_signature(path: Path) -> tuple[int, int] | None:
     return st.st_mtime_ns, st.st_size
 
 
-def poll_ticks(path: Path) -> Iterator[None]:
+def poll_ticks(path: Path, hurry: Callable[[], bool] = lambda: False) -> Iterator[None]:
     """Yield every WATCH_POLL_SECONDS, and at once when `path` changes.
 
     A plain timer rather than filesystem events: the agent must run on schedule however
     busy the directory is (rekeys, key limits and receiver windows depend on it), and a
-    stream of unrelated events must not be able to starve it.
+    stream of unrelated events must not be able to starve it. While `hurry()` (VPP is
+    away) the next tick comes after WATCH_VPP_RETRY_SECONDS.
     """
     signature = file_signature(path)
     while True:
-        deadline = time.monotonic() + WATCH_POLL_SECONDS
+        wait = WATCH_VPP_RETRY_SECONDS if hurry() else WATCH_POLL_SECONDS
+        deadline = time.monotonic() + wait
         while time.monotonic() < deadline:
-            time.sleep(WATCH_FILE_CHECK_SECONDS)
+            time.sleep(min(WATCH_FILE_CHECK_SECONDS, wait))
             now = file_signature(path)
             if now != signature:
                 signature = now
@@ -198,19 +235,23 @@ def poll_ticks(path: Path) -> Iterator[None]:
         yield
 
 
-def watch_loop(opts: agent.NodeOptions) -> None:
+def watch_loop(opts: agent.NodeOptions, metrics: AgentMetrics | None = None,
+               stats_socket: Path | None = None) -> None:
     """Re-apply every poll and on mesh file changes; notice VPP restarts and recover.
 
     Every poll runs `up`, which also advances key generations (scheduled rekeys, key
     limits, receivers following their senders). A restart of VPP is noticed whether the
     agent saw VPP gone or only a new VPP process id: either way the mesh is programmed
-    again under fresh keys, and the time from VPP's return to a programmed mesh is logged.
+    again under fresh keys, the CNI pods are re-attached, and the time from VPP's return
+    to that is logged (and exported with --metrics).
     """
     log.info("watching %s and VPP at %s", opts.mesh_file, opts.api_socket)
     vpp_gone_at: float | None = None
     last_pid: int | None = None
     session = agent.Session(opts)  # one connection; only changed peers are re-applied
-    for _tick in poll_ticks(opts.mesh_file):
+    # The lambda reads vpp_gone_at as it is at each tick (late binding is the point).
+    for _tick in poll_ticks(opts.mesh_file,
+                            hurry=lambda: vpp_gone_at is not None):  # noqa: B023
         attempt = time.monotonic()
         try:
             result = session.run()
@@ -219,19 +260,37 @@ def watch_loop(opts: agent.NodeOptions) -> None:
                 vpp_gone_at = attempt
                 log.warning("VPP unavailable (%s); waiting for it", exc)
                 give_back_uplinks(opts)
+                if metrics is not None:
+                    metrics.vpp_up.set(0)
             continue
         except VppMeshError as exc:
             log.error("%s", exc)
+            if metrics is not None:
+                metrics.reconcile_errors.inc()
             continue
+        elapsed = time.monotonic() - attempt
         restarted = last_pid is not None and result.vpp_pid != last_pid
+        pods = result.pod_report
         if vpp_gone_at is not None or restarted:
             log.info("VPP is back (pid %s): mesh programmed again in %.0f ms after it "
-                     "answered (%d change(s))", result.vpp_pid, result.seconds * 1000,
-                     len(result.changes))
-            vpp_gone_at = None
+                     "answered (%d change(s)); %d pod(s) re-attached in %.0f ms in all",
+                     result.vpp_pid, result.seconds * 1000, len(result.changes),
+                     len(pods.reattached) if pods else 0, elapsed * 1000)
+        if metrics is not None:
+            metrics.record_poll(elapsed, pods, restarted=vpp_gone_at is not None or restarted,
+                                unavailable=attempt - vpp_gone_at
+                                if vpp_gone_at is not None else None)
+        vpp_gone_at = None
         if result.changes or result.notes:
             report_up(result)
         last_pid = result.vpp_pid
+        if metrics is not None and result.mesh is not None and session.client is not None \
+                and metrics.snapshot_due(time.monotonic()):
+            try:
+                metrics.observe(session.client, result.mesh, opts.node, stats_socket,
+                                opts.generations.load(), vpp_pid=result.vpp_pid)
+            except VppMeshError as exc:  # the next poll finds out what happened
+                log.warning("metrics snapshot failed: %s", exc)
 
 
 @app.command()
@@ -350,7 +409,8 @@ def status(
     try:
         mesh_obj = datastore_mesh(datastore) or load_mesh(mesh)
         with VppClient(api_socket).connect() as client:
-            result = collect(client, mesh_obj, node, stats_path(api_socket, stats_socket))
+            result = collect(client, mesh_obj, node, stats_path(api_socket, stats_socket),
+                             with_crypto=True)
     except VppMeshError as exc:
         raise fail(str(exc)) from None
     typer.echo(result.model_dump_json(indent=2) if as_json else render_table(result))

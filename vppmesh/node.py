@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
-from vppmesh import engines, epochs, guard
+from vppmesh import engines, epochs, guard, pods
 from vppmesh import host as linux
 from vppmesh import uplink as nic
 from vppmesh.config import Mesh, load_mesh
@@ -45,6 +45,10 @@ class NodeOptions:
     state_dir: Path = Path("/var/lib/vppmesh")
     take_uplink: UplinkSpec | None = None  # hand this NIC to VPP first (uplink.py)
     crypto_engine: str = engines.AUTO  # AES-GCM-256 engine (vppmesh/engines.py)
+    # The CNI plugin's attachment records (its stateDir): pods the agent re-attaches
+    # after a VPP restart. None: the agent leaves pods alone.
+    cni_state_dir: Path | None = None
+    cni_path: tuple[Path, ...] = pods.DEFAULT_CNI_PATH
 
     @property
     def ledger(self) -> KeyLedger:
@@ -70,6 +74,9 @@ class UpResult:
     rekey_pending: list[str] = field(default_factory=list)
     # The engine running AES-GCM-256 (None: not looked at in this run, or unknown).
     crypto_engine: str | None = None
+    # The pass over the CNI records (Session only, on its full runs); None if none ran.
+    pod_report: pods.PodReport | None = None
+    mesh: Mesh | None = None  # the mesh this run applied (file or datastore)
 
 
 def resolve_host_kind(kind: HostLinkKind) -> Literal["tap", "af_packet", "none"]:
@@ -222,7 +229,7 @@ def up(options: NodeOptions, *, dry_run: bool = False, api: VppApi | None = None
         return UpResult(desired=desired, changes=changes, seconds=time.monotonic() - started,
                         host_link=desired.host.kind if desired.host else "none",
                         messages=client.messages_sent, notes=notes, vpp_pid=pid,
-                        blocked_peers=sorted(set(peers) - set(keying)),
+                        blocked_peers=sorted(set(peers) - set(keying)), mesh=mesh,
                         rekey_pending=sorted(n for n in peers if state.peers[n].rekey_pending),
                         crypto_engine=engine)
     finally:
@@ -239,6 +246,9 @@ class Session:
     after a reconnect, it dumps VPP again, which also catches changes made behind the
     agent's back. A VPP restart breaks the connection: that poll fails with
     VppUnavailableError and the next one reconnects.
+
+    On those full runs it also re-attaches the CNI plugin's pods that VPP lost (after a
+    restart: all of them) and collects the records of pods that are gone (pods.py).
     """
 
     def __init__(self, options: NodeOptions, *, full_every: float = 60.0,
@@ -263,9 +273,21 @@ class Session:
         except VppUnavailableError:
             self.close()
             raise
+        if full and self.options.cni_state_dir is not None:
+            try:
+                result.pod_report = pods.reattach(self._client, self.options.cni_state_dir,
+                                            self.options.cni_path)
+            except VppUnavailableError:
+                self.close()
+                raise
         if full:
             self._last_full = started
         return result
+
+    @property
+    def client(self) -> VppClient | None:
+        """The connection of the last run (None while VPP is away)."""
+        return self._client
 
     def close(self) -> None:
         client, self._client, self._reconciler = self._client, None, None

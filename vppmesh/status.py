@@ -21,6 +21,8 @@ class SaStatus(BaseModel):
     packets: int | None
     bytes: int | None
     thread: int
+    # VPP's sequence number: the last sent (outbound SA) or received (inbound SA).
+    seq: int = 0
 
 
 class TunnelStatus(BaseModel):
@@ -75,14 +77,20 @@ def crypto_status(api: VppApi, flags: frozenset[str] | None = None) -> CryptoSta
                         warning=engines.warning(state.active, state.native_variant, flags))
 
 
-def collect(api: VppApi, mesh: Mesh, node: str, stats_socket: Path | None) -> NodeStatus:
+def collect(api: VppApi, mesh: Mesh, node: str, stats_socket: Path | None,
+            reader: StatsReader | None = None, *, with_crypto: bool = False) -> NodeStatus:
+    """Peers, tunnels and SA counters; `reader` (an open stats reader, kept by the
+    agent's metrics) is used instead of connecting to `stats_socket`. `with_crypto` adds
+    the crypto engine view (it reads VPP's log: for `vppmesh status`, not every scrape)."""
     by_number = {n.node_number: n.name for n in mesh.nodes}
     ifaces = {i.sw_if_index: i for i in interfaces.dump_interfaces(api)}
     tunnels = [t for t in ipip.dump_tunnels(api) if is_owned_tunnel_instance(t.instance)]
     sas = {s.spec.sa_id: s for s in ipsec.dump_sas(api) if is_owned_sa_id(s.spec.sa_id)}
     protections = ipsec.dump_protections(api)
     counters = {}
-    if stats_socket is not None and stats_socket.exists():
+    if reader is not None:
+        counters = reader.sa_counters(sorted({s.stat_index for s in sas.values()}))
+    elif stats_socket is not None and stats_socket.exists():
         with StatsReader(stats_socket) as reader:
             counters = reader.sa_counters(sorted({s.stat_index for s in sas.values()}))
 
@@ -91,9 +99,13 @@ def collect(api: VppApi, mesh: Mesh, node: str, stats_socket: Path | None) -> No
         if sa is None:
             return None
         c = counters.get(sa.stat_index)
-        return SaStatus(sa_id=sa_id, spi=sa.spec.spi, direction=sa.spec.direction,
-                        packets=c.packets if c else None, bytes=c.bytes if c else None,
-                        thread=sa.thread_index)
+        # Built without validation: the values come typed from VPP's decoded replies, and
+        # at 1000 peers validating 12,000 of these took 0.2 s of every metrics snapshot.
+        return SaStatus.model_construct(
+            sa_id=sa_id, spi=sa.spec.spi, direction=sa.spec.direction,
+            packets=c.packets if c else None, bytes=c.bytes if c else None,
+            thread=sa.thread_index,
+            seq=sa.seq_outbound if sa.spec.direction == "out" else sa.last_seq_inbound)
 
     peers: dict[int, PeerStatus] = {}
     for t in sorted(tunnels, key=lambda t: t.instance):
@@ -102,7 +114,7 @@ def collect(api: VppApi, mesh: Mesh, node: str, stats_socket: Path | None) -> No
             name=by_number.get(number, f"#{number}"), node_number=number, tunnels=[]))
         protection = protections.get(t.sw_if_index)
         iface = ifaces.get(t.sw_if_index)
-        peer.tunnels.append(TunnelStatus(
+        peer.tunnels.append(TunnelStatus.model_construct(
             name=f"ipip{t.instance}", index=index, src=str(t.src), dst=str(t.dst),
             admin_up=bool(iface and iface.admin_up), protected=protection is not None,
             sa_out=sa_status(protection[0]) if protection else None,
@@ -114,7 +126,7 @@ def collect(api: VppApi, mesh: Mesh, node: str, stats_socket: Path | None) -> No
         node=node, vpp_version=system.version(api), workers=system.worker_count(api),
         host_link=f"{host.name} ({'tap' if host.dev_type == 'virtio' else 'af_packet'})"
         if host else None,
-        crypto=crypto_status(api),
+        crypto=crypto_status(api) if with_crypto else None,
         peers=list(peers.values()),
         missing_peers=sorted(by_number[n] for n in expected - set(peers)),
     )

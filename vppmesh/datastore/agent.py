@@ -28,11 +28,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import yaml
 from pydantic import ValidationError
 
 from vppmesh import node as agent
+from vppmesh import pods
 from vppmesh.config import Mesh, MeshSettings, Node, format_validation_error
 from vppmesh.datastore.etcd import DatastoreError, EtcdStore, Registration
 from vppmesh.datastore.records import (
@@ -46,9 +48,14 @@ from vppmesh.errors import ConfigError, VppMeshError, VppUnavailableError
 from vppmesh.keys import load_secrets
 from vppmesh.vpp.client import VppApi, VppClient
 
+if TYPE_CHECKING:
+    from vppmesh.metrics import AgentMetrics
+
 log = logging.getLogger("vppmesh.datastore")
 IPInterface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
 RETRY_SECONDS = 1.0
+# CNI pods are checked on every new VPP connection and at least this often.
+PODS_EVERY_SECONDS = 60.0
 
 
 @dataclass(frozen=True)
@@ -106,7 +113,9 @@ class MembershipAgent:
     """Keeps this node registered and its VPP in step with the membership."""
 
     def __init__(self, options: agent.NodeOptions, ds: DatastoreOptions,
-                 store: EtcdStore | None = None, api: VppApi | None = None) -> None:
+                 store: EtcdStore | None = None, api: VppApi | None = None,
+                 metrics: AgentMetrics | None = None, stats_socket: Path | None = None,
+                 ) -> None:
         if ds.local is None:
             raise ConfigError("joining through a datastore needs --underlay and --pod-cidr")
         self.options = options
@@ -126,6 +135,9 @@ class MembershipAgent:
         self._stop_watch: Callable[[], None] | None = None
         self._keepalive: threading.Thread | None = None
         self._client: VppClient | None = None
+        self._pods_checked: float | None = None  # None: at the next sync (a new VPP)
+        self.metrics = metrics  # --metrics: filled after every sync (metrics.py)
+        self.stats_socket = stats_socket
 
     # ---- joining ----------------------------------------------------------------------
     def register(self) -> Registration:
@@ -176,6 +188,7 @@ class MembershipAgent:
         return self._client
 
     def _drop_vpp(self) -> None:
+        self._pods_checked = None
         if self._client is not None:
             try:
                 self._client.close()
@@ -206,7 +219,15 @@ class MembershipAgent:
         assert membership.mesh is not None
         self._save(membership)
         change = membership_change(self.applied, membership.mesh)
-        result = agent.up(self.options, mesh=membership.mesh, api=self._vpp())
+        api = self._vpp()
+        result = agent.up(self.options, mesh=membership.mesh, api=api)
+        if self.options.cni_state_dir is not None and (
+                self._pods_checked is None
+                or time.monotonic() - self._pods_checked >= PODS_EVERY_SECONDS):
+            # A new connection may be a new VPP: its pods come back (node.Session too).
+            result.pod_report = pods.reattach(api, self.options.cni_state_dir,
+                                              self.options.cni_path)
+            self._pods_checked = time.monotonic()
         for note in result.notes:  # key generation steps and slides, each told once
             log.info("%s", note)
         if result.blocked_peers and result.blocked_peers != self.blocked:
@@ -221,6 +242,22 @@ class MembershipAgent:
                      since)
         self.applied = membership.mesh
         return result
+
+    def _measured(self, result: agent.UpResult, seconds: float, *, restarted: bool) -> None:
+        """With --metrics: the sync's numbers, and a new snapshot when one is due."""
+        metrics = self.metrics
+        if metrics is None:
+            return
+        metrics.record_poll(seconds, result.pod_report, restarted=restarted)
+        if result.mesh is not None and metrics.snapshot_due(time.monotonic()):
+            try:
+                metrics.observe(self._vpp(), result.mesh, self.options.node,
+                                self.stats_socket, self.options.generations.load(),
+                                vpp_pid=result.vpp_pid)
+            except VppUnavailableError:
+                raise
+            except VppMeshError as exc:
+                log.warning("metrics snapshot failed: %s", exc)
 
     def _save(self, membership: Membership) -> None:
         assert membership.mesh is not None
@@ -289,18 +326,26 @@ class MembershipAgent:
                         # Re-arm the watch from a fresh revision: a broken stream goes quiet.
                         self._watch(self.store.snapshot().revision)
                         next_resync = time.monotonic() + self.ds.resync_seconds
-                    self.sync(event_at)
+                    started = time.monotonic()
+                    result = self.sync(event_at)
                     if vpp_gone:
                         log.info("VPP is back: mesh programmed again")
+                    if result is not None:
+                        self._measured(result, time.monotonic() - started,
+                                       restarted=vpp_gone)
                     retry = vpp_gone = False
                 except VppUnavailableError as exc:
                     self._drop_vpp()
+                    if self.metrics is not None:
+                        self.metrics.vpp_up.set(0)
                     if not vpp_gone:
                         log.warning("VPP unavailable (%s); waiting for it", exc)
                         self._give_back_uplinks()
                     retry = vpp_gone = True
                 except VppMeshError as exc:
                     log.error("%s", exc)
+                    if self.metrics is not None:
+                        self.metrics.reconcile_errors.inc()
                     if isinstance(exc, DatastoreError):
                         self._unwatch()  # re-armed from a fresh revision once etcd answers
                     retry = True
@@ -363,7 +408,8 @@ def parse_local(underlay: list[str], pod_cidr: str | None, node_number: int | No
 
 def follow(options: agent.NodeOptions, url: str, *, watch: bool, underlay: list[str],
            pod_cidr: str | None, node_number: int | None, settings_file: Path | None,
-           lease_ttl: int) -> None:
+           lease_ttl: int, metrics: AgentMetrics | None = None,
+           stats_socket: Path | None = None) -> None:
     """`vppmesh up --datastore`: register and follow the membership until SIGTERM/SIGINT."""
     import signal
 
@@ -375,7 +421,7 @@ def follow(options: agent.NodeOptions, url: str, *, watch: bool, underlay: list[
     ds = DatastoreOptions(url=DatastoreUrl.parse(url),
                           local=parse_local(underlay, pod_cidr, node_number, options.uplink),
                           lease_ttl=lease_ttl, settings_file=settings_file)
-    member = MembershipAgent(options, ds)
+    member = MembershipAgent(options, ds, metrics=metrics, stats_socket=stats_socket)
     member.register()  # a conflicting record fails here, before VPP is touched
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: (member.stop.set(), member.changed.set()))

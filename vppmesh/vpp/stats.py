@@ -54,6 +54,21 @@ class StatsReader:
     def sa_counters(self, stat_indexes: list[int]) -> dict[int, Counter]:
         return self.combined(SA_COUNTERS, stat_indexes)
 
+    def counters(self, names: list[str]) -> dict[str, int]:
+        """Sum over threads of each named simple counter that exists (no directory scan:
+        listing a big VPP's directory costs far more than reading a few entries)."""
+        result = {}
+        for name in names:
+            try:
+                value = self._stats[name]
+            except KeyError:
+                continue
+            result[name] = int(sum(value)) if isinstance(value, list) else int(value)
+        return result
+
+    def close(self) -> None:
+        self.__exit__()
+
     def error_counters(self, pattern: str) -> dict[str, int]:
         """Sum over threads of every error counter whose name contains `pattern`."""
         names = self._stats.ls([pattern])

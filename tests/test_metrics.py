@@ -1,0 +1,245 @@
+"""Agent metrics without VPP: the fast exposition writes exactly what the client library
+writes, counters survive SA replacement, key limits and rekeys are computed from what
+VPP and the generation file say, and the endpoint serves what the official parser reads.
+The real-VPP metrics test (tests/test_operations_vpp.py) scrapes a live agent."""
+
+from __future__ import annotations
+
+import time
+import urllib.request
+from itertools import pairwise
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+from conftest import make_mesh
+from prometheus_client import CollectorRegistry, generate_latest
+
+from vppmesh.epochs import GenerationState, PeerGenerations
+from vppmesh.errors import ConfigError
+from vppmesh.metrics import (
+    AgentMetrics,
+    MeshCollector,
+    MetricsServer,
+    Observer,
+    PeerSample,
+    Snapshot,
+    TunnelSample,
+    families,
+    parse_listen,
+)
+from vppmesh.status import NodeStatus, PeerStatus, SaStatus, TunnelStatus
+
+
+def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for f in families(text) for s in f.samples}
+
+
+def test_fast_exposition_is_byte_for_byte_the_librarys() -> None:
+    collector = MeshCollector()
+    collector.update(Snapshot(
+        tunnels=(TunnelSample('odd"peer\\name', 0, True, False, 5, 600, 7, 800),
+                 TunnelSample("n3", 3, False, True, 0, 0, 2**60, 3)),
+        peers=(PeerSample("n2", 3, 1, (0.1, 1 / 3, 1e-9)), PeerSample("n3", 0, 0, (0, 0, 0))),
+        esp_errors=(("replay", 3), ("decryption_failed", 0), ("no_matching_tunnel", 1)),
+        guard_drops=4))
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(collector)
+    assert collector.render() == generate_latest(registry).decode()
+    assert collector.text() == collector.render().encode()  # what scrapes are served
+    empty = MeshCollector()
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(empty)
+    assert empty.render() == generate_latest(registry).decode()
+
+
+def sa(sa_id: int, direction: str, packets: int, seq: int = 0) -> SaStatus:
+    return SaStatus(sa_id=sa_id, spi=sa_id, direction=direction, packets=packets,
+                    bytes=packets * 100, thread=0, seq=seq)
+
+
+def status(out: SaStatus, ins: list[SaStatus], up: bool = True) -> NodeStatus:
+    tunnel = TunnelStatus(name="ipip1", index=0, src="a", dst="b", admin_up=up,
+                          protected=True, sa_out=out, sa_in=ins)
+    return NodeStatus(node="node1", vpp_version="26.06", workers=0, host_link=None,
+                      peers=[PeerStatus(name="node2", node_number=2, tunnels=[tunnel])],
+                      missing_peers=[])
+
+
+def generations(out: int, since: float) -> GenerationState:
+    return GenerationState(peers={"node2": PeerGenerations(
+        public_key="k", out=out, out_since=since, floor=0, in_base=0)})
+
+
+def test_counters_grow_across_rekeys_and_vpp_restarts() -> None:
+    mesh, _ = make_mesh(2, key_max_packets=2000, key_max_seconds=100,
+                        rekey_interval=0)
+    observer = Observer()
+    first = observer.snapshot(status(sa(1, "out", 10, seq=10), [sa(2, "in", 20)]), mesh,
+                              generations(0, 0.0), None, vpp_pid=7, now=50.0)
+    (t,) = first.tunnels
+    assert (t.out_packets, t.in_packets, t.out_bytes) == (10, 20, 1000)
+    (p,) = first.peers
+    assert p.generation == 0 and p.rekeys == 0
+    assert p.limits[0] == pytest.approx(10 / 2000) and p.limits[2] == pytest.approx(0.5)
+    assert p.limits[1] == pytest.approx(10 * mesh.settings.underlay_mtu
+                                        / mesh.settings.key_max_bytes)
+    # Rekey: the outbound SA is replaced and starts again at 0; generation 0 -> 1.
+    second = observer.snapshot(status(sa(3, "out", 4, seq=4), [sa(2, "in", 25)]), mesh,
+                               generations(1, 60.0), None, vpp_pid=7, now=61.0)
+    (t,) = second.tunnels
+    assert (t.out_packets, t.in_packets) == (14, 25)
+    assert second.peers[0].rekeys == 1 and second.peers[0].generation == 1
+    assert second.peers[0].limits[0] == pytest.approx(4 / 2000)
+    # VPP restarted (new pid): the same SA ids are new SAs; nothing is lost or doubled.
+    third = observer.snapshot(status(sa(3, "out", 1), [sa(2, "in", 2)]), mesh,
+                              generations(2, 70.0), None, vpp_pid=8, now=71.0)
+    (t,) = third.tunnels
+    assert (t.out_packets, t.in_packets) == (15, 27)
+    assert third.peers[0].rekeys == 2
+
+
+def test_vpp_error_counters_by_reason() -> None:
+    mesh, _ = make_mesh(2)
+    errors = {"/err/esp4-decrypt-tun/replay": 10, "/err/esp6-decrypt-tun/replay": 1,
+              "/err/esp4-decrypt-tun/decryption_failed": 5,
+              "/err/ipsec4-tun-input/no_tunnel": 3, "/err/ipsec4-tun-input/Too Short": 9,
+              "/err/ip4-inacl/input ACL hits": 4}
+    snap = Observer().snapshot(status(sa(1, "out", 1), []), mesh, generations(0, 0), errors,
+                               vpp_pid=1, now=1.0)
+    assert dict(snap.esp_errors) == {"replay": 11, "decryption_failed": 5,
+                                     "no_matching_tunnel": 3}
+    assert snap.guard_drops == 4
+
+
+def test_endpoint_serves_what_the_official_parser_reads() -> None:
+    metrics = AgentMetrics()
+    metrics.reconcile_seconds.observe(0.12)
+    metrics.pods_attached.set(3)
+    metrics.mesh.update(Snapshot(
+        tunnels=(TunnelSample("node2", 0, True, True, 5, 500, 6, 600),),
+        peers=(PeerSample("node2", 2, 1, (0.5, 0.1, 0.2)),),
+        esp_errors=(("replay", 2),), guard_drops=0))
+    server = MetricsServer(metrics, ("127.0.0.1", 0)).start()
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{server.port}/metrics",
+                                    timeout=5) as reply:
+            assert reply.headers["Content-Type"].startswith("text/plain")
+            text = reply.read().decode()
+        with pytest.raises(urllib.error.HTTPError):
+            urllib.request.urlopen(f"http://127.0.0.1:{server.port}/other", timeout=5)
+    finally:
+        server.stop()
+    got = samples(text)
+    tunnel = (("direction", "out"), ("peer", "node2"), ("tunnel", "0"))
+    assert got[("vppmesh_tunnel_packets_total", tunnel)] == 5
+    assert got[("vppmesh_tunnel_protected", (("peer", "node2"), ("tunnel", "0")))] == 1
+    assert got[("vppmesh_key_limit_used_ratio", (("limit", "packets"), ("peer", "node2")))] \
+        == 0.5
+    assert got[("vppmesh_esp_errors_total", (("reason", "replay"),))] == 2
+    assert got[("vppmesh_reconcile_duration_seconds_count", ())] == 1
+    assert got[("vppmesh_pods_attached", ())] == 3
+    names = {f.name for f in families(text)}
+    for name in ("vppmesh_reconcile_errors", "vppmesh_vpp_restarts",
+                 "vppmesh_vpp_recovery_seconds", "vppmesh_rekeys",
+                 "vppmesh_guard_dropped_packets", "vppmesh_key_generation"):
+        assert name in names, name
+    # Conventions: every name prefixed; counters end in _total.
+    for f in families(text):
+        assert f.name.startswith("vppmesh_")
+        if f.type == "counter":
+            assert all(s.name.endswith(("_total", "_created")) for s in f.samples)
+
+
+@pytest.mark.parametrize(("value", "expected"), [
+    (":9477", ("0.0.0.0", 9477)), ("127.0.0.1:80", ("127.0.0.1", 80)),
+    ("[::1]:9477", ("::1", 9477))])
+def test_listen_addresses(value: str, expected: Any) -> None:
+    assert parse_listen(value) == expected
+
+
+@pytest.mark.parametrize("value", ["9477", "host:", "host:http", ":70000"])
+def test_bad_listen_address_names_the_option(value: str) -> None:
+    with pytest.raises(ConfigError, match="--metrics"):
+        parse_listen(value)
+
+
+def test_busy_port_is_a_clear_error() -> None:
+    first = MetricsServer(AgentMetrics(), ("127.0.0.1", 0))
+    try:
+        with pytest.raises(ConfigError, match="cannot listen"):
+            MetricsServer(AgentMetrics(), ("127.0.0.1", first.port))
+    finally:
+        first.server.server_close()
+
+
+def test_scrape_benchmark_runs_and_reports(capsys: pytest.CaptureFixture[str]) -> None:
+    from benchmarks.metrics_scrape import main
+
+    assert main(["--peers", "3", "--tunnels", "2", "--rounds", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "3 peers x 2 tunnels:" in out
+    for what in ("exposition", "text at each snapshot", "scrape", "library generate_latest",
+                 "snapshot"):
+        assert what in out, what
+
+
+def test_watch_loop_knocks_fast_while_vpp_is_away_and_counts_the_restart(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The watch loop (cli.watch_loop) with a Session whose VPP goes away for two polls:
+    it retries at WATCH_VPP_RETRY_SECONDS instead of the 2 s poll, and the metrics count
+    one restart with its unavailability and recovery time."""
+    from vppmesh import cli
+    from vppmesh import node as agent
+    from vppmesh.errors import VppUnavailableError
+    from vppmesh.pods import PodReport
+
+    mesh_file = tmp_path / "mesh.yaml"
+    mesh_file.write_text("")
+    outcomes: list[Any] = ["ok", "gone", "gone", "ok", "ok"]
+    ticks: list[float] = []
+
+    class FakeSession:
+        client = None
+
+        def __init__(self, options: Any) -> None:
+            pass
+
+        def run(self) -> Any:
+            ticks.append(time.monotonic())
+            outcome = outcomes.pop(0)
+            if outcome == "gone":
+                raise VppUnavailableError("VPP stopped answering")
+            if not outcomes:
+                raise KeyboardInterrupt  # end of the script
+            return SimpleNamespace(vpp_pid=len(ticks), seconds=0.01, changes=[], notes=[],
+                                   pod_report=PodReport(attached=2, reattached=["a", "b"]),
+                                   mesh=None)
+
+    monkeypatch.setattr(agent, "Session", FakeSession)
+    monkeypatch.setattr(cli, "WATCH_POLL_SECONDS", 1.0)
+    monkeypatch.setattr(cli, "give_back_uplinks", lambda opts: None)
+    metrics = AgentMetrics()
+    options = agent.NodeOptions(mesh_file=mesh_file, node="n1", private_key=tmp_path / "k")
+    with pytest.raises(KeyboardInterrupt):
+        cli.watch_loop(options, metrics)
+    gaps = [b - a for a, b in pairwise(ticks)]
+    assert gaps[0] >= 0.9  # a normal poll interval
+    assert all(g < 0.6 for g in gaps[1:3])  # VPP away: knocking every 0.25 s
+    assert gaps[3] >= 0.9  # back to normal
+    got = samples(metrics.exposition().decode())
+    assert got[("vppmesh_vpp_restarts_total", ())] == 1
+    assert got[("vppmesh_vpp_up", ())] == 1
+    assert 0.2 < got[("vppmesh_vpp_unavailable_seconds", ())] < 1.5
+    assert got[("vppmesh_pod_reattachments_total", ())] == 4  # 2 per successful poll
+
+
+def test_snapshots_are_spaced_by_their_cost() -> None:
+    """A snapshot at most every 5 s, and never more than 1/20 of the agent's time."""
+    metrics = AgentMetrics()
+    assert metrics.snapshot_due(100.0)
+    assert not metrics.snapshot_due(104.0) and metrics.snapshot_due(105.0)
+    metrics.snapshot_cost = 1.0  # a 1000-peer VPP's dumps
+    assert not metrics.snapshot_due(124.0) and metrics.snapshot_due(125.0)
