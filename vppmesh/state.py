@@ -73,6 +73,11 @@ class SaSpec(Frozen):
     salt: int
     anti_replay_window: int
     worker: int | None = None
+    # ESP in UDP (RFC 3948): the ports of our packets (outbound SA); an inbound SA keeps
+    # the flag for symmetry (VPP decapsulates UDP/4500 whatever the SA says).
+    udp_encap: bool = False
+    udp_src_port: int = 4500
+    udp_dst_port: int = 4500
 
     @property
     def direction(self) -> Literal["in", "out"]:
@@ -97,6 +102,9 @@ class SaSpec(Frozen):
             and self.key.get_secret_value() == other.key.get_secret_value()
             and self.salt == other.salt
             and self.anti_replay_window == other.anti_replay_window
+            and self.udp_encap == other.udp_encap
+            and (not self.udp_encap or (self.udp_src_port, self.udp_dst_port)
+                 == (other.udp_src_port, other.udp_dst_port))
         )
 
 
