@@ -205,9 +205,9 @@ def up(options: NodeOptions, *, dry_run: bool = False, api: VppApi | None = None
             uplink, _ = interfaces.find_uplink(client, desired.uplink,
                                                desired.uplink_addresses[0])
             if uplink is not None:  # else reconcile() explains what is missing
-                changes += guard.ensure(client, uplink.sw_if_index,
-                                        desired.uplink_addresses[0].version,
-                                        dry_run=dry_run)
+                for version in sorted({a.version for a in desired.uplink_addresses}):
+                    changes += guard.ensure(client, uplink.sw_if_index, version,
+                                            dry_run=dry_run)
             changes += apply(client, desired, dry_run=dry_run, ledger=options.ledger,
                              reconciler=reconciler, full=full)
             if not dry_run and state.model_dump() != before:
@@ -275,7 +275,8 @@ def down(options: NodeOptions, *, api: VppApi | None = None,
         removed = teardown(client, mesh.settings.mesh_table_id, tuple(local.underlay[1:]))
         uplink, _ = interfaces.find_uplink(client, local.uplink, local.primary)
         if uplink is not None:  # after the tunnels: they never exist unguarded
-            removed += guard.remove(client, uplink.sw_if_index, local.primary.version)
+            for version in sorted({a.version for a in local.underlay}):
+                removed += guard.remove(client, uplink.sw_if_index, version)
         for ifname in nic.saved_uplinks(options.state_dir):
             removed += nic.restore(client, options.state_dir, ifname)
     finally:

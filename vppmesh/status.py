@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import BaseModel
+from pydantic import BaseModel, computed_field
 
 from vppmesh.config import Mesh
 from vppmesh.state import is_owned_sa_id, is_owned_tunnel_instance, split_tunnel_instance
@@ -20,6 +20,8 @@ class SaStatus(BaseModel):
     packets: int | None
     bytes: int | None
     thread: int
+    # ESP in UDP (RFC 3948): (source port, destination port); None for plain ESP.
+    udp_ports: tuple[int, int] | None = None
 
 
 class TunnelStatus(BaseModel):
@@ -31,6 +33,14 @@ class TunnelStatus(BaseModel):
     protected: bool
     sa_out: SaStatus | None
     sa_in: list[SaStatus]
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def encapsulation(self) -> str:
+        """`esp` or `esp-in-udp SPORT->DPORT`, as the outbound SA sends."""
+        if self.sa_out is None or self.sa_out.udp_ports is None:
+            return "esp"
+        return "esp-in-udp {}->{}".format(*self.sa_out.udp_ports)
 
 
 class PeerStatus(BaseModel):
@@ -70,7 +80,9 @@ def collect(api: VppApi, mesh: Mesh, node: str, stats_socket: Path | None) -> No
         c = counters.get(sa.stat_index)
         return SaStatus(sa_id=sa_id, spi=sa.spec.spi, direction=sa.spec.direction,
                         packets=c.packets if c else None, bytes=c.bytes if c else None,
-                        thread=sa.thread_index)
+                        thread=sa.thread_index,
+                        udp_ports=(sa.spec.udp_src_port, sa.spec.udp_dst_port)
+                        if sa.spec.udp_encap else None)
 
     peers: dict[int, PeerStatus] = {}
     for t in sorted(tunnels, key=lambda t: t.instance):
@@ -100,7 +112,7 @@ def render_table(status: NodeStatus) -> str:
     lines = [f"node {status.node}: VPP {status.vpp_version}, {status.workers} worker(s), "
              f"host link {status.host_link or 'none'}"]
     header = f"{'peer':<12} {'tunnel':<14} {'src -> dst':<34} {'state':<10} " \
-             f"{'out pkts':>10} {'in pkts':>10}"
+             f"{'out pkts':>10} {'in pkts':>10}  encapsulation"
     lines += [header, "-" * len(header)]
     for peer in status.peers:
         for t in peer.tunnels:
@@ -109,7 +121,7 @@ def render_table(status: NodeStatus) -> str:
             out_p = t.sa_out.packets if t.sa_out and t.sa_out.packets is not None else "-"
             in_p = sum(s.packets or 0 for s in t.sa_in) if t.sa_in else "-"
             lines.append(f"{peer.name:<12} {t.name:<14} {t.src + ' -> ' + t.dst:<34} "
-                         f"{state:<10} {out_p:>10} {in_p:>10}")
+                         f"{state:<10} {out_p:>10} {in_p:>10}  {t.encapsulation}")
     for name in status.missing_peers:
         lines.append(f"{name:<12} (no tunnels: run `vppmesh up`)")
     return "\n".join(lines)
