@@ -295,3 +295,39 @@ def test_nat_capture_counts_esp_in_udp_to_the_public_address() -> None:
     verdict = classify_capture(frames, mesh, "eth0")
     assert (verdict.esp_between_nodes, verdict.esp_in_udp, verdict.other) == (3, 3, 3)
     assert verdict.ok
+
+
+# ---- testbed shapes ---------------------------------------------------------------------
+
+def test_ipv6_testbed_nodes_get_ipv6_underlays_and_a_valid_mesh() -> None:
+    from vppmesh.testbed import NodeHandle, TestbedSpec
+
+    spec = TestbedSpec(nodes=3, tunnels=2, underlay_family="ipv6")
+    handles = [NodeHandle(i, spec) for i in (1, 2, 3)]
+    assert [str(a) for a in handles[0].underlay] == ["2001:db8:ee::11/64", "2001:db8:ee::12/64"]
+    assert not any(h.behind_nat for h in handles)
+
+
+def test_nat_testbed_puts_the_last_node_behind_the_router() -> None:
+    from vppmesh.testbed import (
+        NAT_STATIC_PORT,
+        NodeHandle,
+        Testbed,
+        TestbedError,
+        TestbedSpec,
+        nat_ruleset,
+    )
+
+    spec = TestbedSpec(nodes=3, tunnels=1, nat="static")
+    last = NodeHandle(3, spec)
+    assert last.behind_nat and not NodeHandle(2, spec).behind_nat
+    assert [str(a) for a in last.underlay] == ["198.51.100.31/24"]
+    assert last.nat is not None and (str(last.nat.public), last.nat.port) == \
+        ("192.0.2.250", NAT_STATIC_PORT)
+    rules = nat_ruleset("static", last.underlay[0].ip, NAT_STATIC_PORT)
+    assert "udp dport 14500 dnat to 198.51.100.31:4500" in rules
+    assert "udp sport 4500 snat to 192.0.2.250:14500" in rules
+    masq = nat_ruleset("masquerade", last.underlay[0].ip, 4500)
+    assert "dnat to" not in masq and "snat to" not in masq and "masquerade" in masq
+    with pytest.raises(TestbedError, match="NAT router is IPv4 only"):
+        Testbed(TestbedSpec(nat="static", underlay_family="ipv6"))

@@ -490,11 +490,29 @@ def bench(ctx: typer.Context) -> None:
 def testbed_up(
     nodes: int = 3, tunnels: int = 4, pods: int = 1,
     workers: Annotated[int, typer.Option(help="VPP workers per node.")] = 0,
+    underlay_family: Annotated[str, typer.Option(
+        help="ipv4 or ipv6: the family of every node's underlay addresses.")] = "ipv4",
+    nat: Annotated[str, typer.Option(
+        help="none, static or masquerade: put the last node behind a NAT router "
+        "(static: UDP port 14500 forwarded to its 4500; masquerade: outgoing only).")
+    ] = "none",
 ) -> None:
     """Build N nodes (a VPP each) with pods, and run `vppmesh up` on each."""
+    from pydantic import ValidationError
+
     from vppmesh.testbed import Testbed, TestbedSpec
 
-    bed = Testbed(TestbedSpec(nodes=nodes, tunnels=tunnels, pods=pods, workers=workers))
+    try:
+        spec = TestbedSpec(nodes=nodes, tunnels=tunnels, pods=pods, workers=workers,
+                           underlay_family=underlay_family, nat=nat)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        raise fail("testbed up: " + "; ".join(
+            f"--{'-'.join(str(p) for p in e['loc']).replace('_', '-')}: {e['msg']}"
+            for e in exc.errors()), 2) from None
+    try:
+        bed = Testbed(spec)
+    except VppMeshError as exc:
+        raise fail(str(exc), 2) from None
     try:
         bed.up(progress=lambda msg: typer.echo(f"... {msg}", err=True))
     except VppMeshError as exc:
