@@ -18,6 +18,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from fake_vpp import FakeVpp
 
 from vppmesh.config import Mesh, MeshSettings, Node, dump_mesh, parse_mesh
+from vppmesh.errors import ConfigError
 from vppmesh.keys import NodeSecrets, public_key_b64
 from vppmesh.overhead import encrypted_size, max_overhead, pod_mtu_for
 from vppmesh.plan import HostOptions, plan
@@ -331,3 +332,54 @@ def test_nat_testbed_puts_the_last_node_behind_the_router() -> None:
     assert "dnat to" not in masq and "snat to" not in masq and "masquerade" in masq
     with pytest.raises(TestbedError, match="NAT router is IPv4 only"):
         Testbed(TestbedSpec(nat="static", underlay_family="ipv6"))
+
+
+# ---- the datastore: a node publishes its public address ---------------------------------
+
+def test_nat_public_option_parses_address_and_port() -> None:
+    from vppmesh.datastore.agent import parse_local, parse_nat
+
+    assert parse_nat(None) is None
+    nat = parse_nat("203.0.113.7:14500")
+    assert nat is not None and (str(nat.public), nat.port) == ("203.0.113.7", 14500)
+    nat = parse_nat("203.0.113.7")
+    assert nat is not None and nat.port == 4500
+    nat = parse_nat("[2001:db8::7]:4501")
+    assert nat is not None and (str(nat.public), nat.port) == ("2001:db8::7", 4501)
+    nat = parse_nat("2001:db8::7")
+    assert nat is not None and (str(nat.public), nat.port) == ("2001:db8::7", 4500)
+    for bad in ("203.0.113.7:0", "203.0.113.7:http", "nat.example", "[2001:db8::7]:99999"):
+        with pytest.raises(ConfigError, match="--nat-public"):
+            parse_nat(bad)
+    local = parse_local(["10.9.0.3/24"], "198.18.3.0/24", None, None, "203.0.113.7:14500")
+    assert local.nat == parse_nat("203.0.113.7:14500") and not local.udp_encap
+
+
+def test_nat_record_round_trip_and_a_shared_public_address_is_rejected() -> None:
+    from vppmesh.datastore.records import Record, assemble, encode_record, parse_record
+
+    mesh, _ = mesh_of(node(1, v4(1)), node(2, v4(2)),
+                      node(3, ["10.9.0.3/24"], nat={"public": "203.0.113.7", "port": 14500}))
+    n1, n2, n3 = mesh.nodes
+    assert b"nat" not in encode_record(n1) and b"udp_encap" not in encode_record(n1)
+    assert parse_record(Record(name="n3", value=encode_record(n3), create_revision=1)) == n3
+    numbers = {n.node_number: n.name for n in mesh.nodes}
+    thief = n2.model_copy(update={"nat": n3.nat})
+    records = [Record(name="n1", value=encode_record(n1), create_revision=1),
+               Record(name="n3", value=encode_record(n3), create_revision=2),
+               Record(name="n2", value=encode_record(thief), create_revision=3)]
+    membership = assemble(mesh.settings, records, numbers)
+    assert membership.has("n3") and not membership.has("n2")
+    assert "203.0.113.7 is already an address of node n3" in membership.rejected["n2"]
+
+
+def test_ipv6_record_that_shares_no_family_with_the_mesh_is_rejected() -> None:
+    from vppmesh.datastore.records import Record, assemble, encode_record
+
+    mesh, _ = mesh_of(node(1, v4(1)), node(2, [*v4(2), *v6(2)]))
+    lone6, _ = node(3, v6(3))
+    records = [Record(name=n.name, value=encode_record(n), create_revision=i)
+               for i, n in enumerate([*mesh.nodes, lone6])]
+    membership = assemble(mesh.settings, records, {1: "n1", 2: "n2", 3: "n3"})
+    assert membership.has("n2") and not membership.has("n3")
+    assert "share no underlay family" in membership.rejected["n3"]

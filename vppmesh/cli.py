@@ -100,6 +100,13 @@ def up(
                         ] = None,
     lease_ttl: Annotated[int, typer.Option(
         help="With --datastore: seconds the record outlives a stopped agent.")] = 30,
+    nat_public: Annotated[str | None, typer.Option(
+        help="With --datastore: this node is behind NAT; peers reach it at this public "
+        "ADDRESS[:PORT] (the port the NAT forwards to its UDP 4500; default 4500), with ESP "
+        "in UDP.")] = None,
+    udp_encap: Annotated[bool, typer.Option(
+        help="With --datastore: ESP in UDP (port 4500) towards and from this node, "
+        "without NAT.")] = False,
     take_uplink: Annotated[str | None, typer.Option(
         help="Hand this NIC to VPP first; the host keeps its network through VPP "
         "(`vppmesh uplink take`).")] = None,
@@ -125,7 +132,8 @@ def up(
 
         try:
             follow(opts, datastore, watch=watch, underlay=underlay or [], pod_cidr=pod_cidr,
-                   node_number=node_number, settings_file=settings, lease_ttl=lease_ttl)
+                   node_number=node_number, settings_file=settings, lease_ttl=lease_ttl,
+                   nat_public=nat_public, udp_encap=udp_encap)
         except VppMeshError as exc:
             raise fail(str(exc)) from None
         return

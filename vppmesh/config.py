@@ -382,6 +382,17 @@ def load_mesh(path: Path) -> Mesh:
     return parse_mesh(data, str(path))
 
 
+def node_data(node: Node) -> dict[str, object]:
+    """A node as the mesh file and the datastore hold it: unset options left out, so a
+    node that uses none of them reads the same to a vppmesh that does not know them."""
+    data = node.model_dump(mode="json", exclude_none=True)
+    if not node.udp_encap:
+        del data["udp_encap"]
+    return data
+
+
 def dump_mesh(mesh: Mesh) -> str:
     """Serialize a mesh back to YAML (for the testbed and the examples)."""
-    return yaml.safe_dump(mesh.model_dump(mode="json", exclude_none=True), sort_keys=False)
+    data = mesh.model_dump(mode="json", exclude_none=True)
+    data["nodes"] = [node_data(n) for n in mesh.nodes]
+    return yaml.safe_dump(data, sort_keys=False)
