@@ -274,8 +274,12 @@ def test_ipv6_capture_counts_esp_and_catches_ipip_in_clear() -> None:
                              dst=ipaddress.IPv4Address("198.18.2.10").packed, p=17,
                              data=b"x" * 8))
     esp = b"\x01\x00\x01\x00" + b"\x00" * 40
-    ok = classify_capture([ip6(a, b, 50, esp), ip6(b, a, 50, esp)], mesh, "eth0")
-    assert (ok.esp_between_nodes, ok.ok) == (2, True)
+    # MLD behind a hop-by-hop header: control traffic, neither ESP nor an offender.
+    hop_by_hop = bytes([58, 0, 5, 2, 0, 0, 1, 0])
+    mld = hop_by_hop + bytes(dpkt.icmp6.ICMP6(type=143, code=0, data=b"\0" * 4))
+    ok = classify_capture([ip6(a, b, 50, esp), ip6(b, a, 50, esp),
+                           ip6("fe80::1", "ff02::16", 0, mld)], mesh, "eth0")
+    assert (ok.esp_between_nodes, ok.other, ok.ok) == (2, 1, True)
     bad = classify_capture([ip6(a, b, 50, esp), ip6(a, b, 4, inner),
                             ip6("2001:db8::99", b, 50, esp)], mesh, "eth0")
     assert (bad.esp_between_nodes, bad.ipip_in_clear, bad.esp_elsewhere, bad.ok) == \

@@ -258,6 +258,8 @@ class Testbed:
         ns = self.underlay_ns
         sh("ip", "netns", "add", ns)
         in_ns(ns, "ip", "link", "set", "lo", "up")
+        for scope in ("all", "default"):  # a plain switch: no IPv6 of its own on the wire
+            in_ns(ns, "sysctl", "-qw", f"net.ipv6.conf.{scope}.disable_ipv6=1")
         in_ns(ns, "ip", "link", "add", "br0", "type", "bridge")
         in_ns(ns, "ip", "link", "set", "br0", "up")
         # Nothing answers MLD here: without snooping, IPv6 neighbor discovery floods.

@@ -260,7 +260,9 @@ def classify_capture(frames: Iterable[bytes], mesh: Mesh, interface: str) -> Cap
             continue
         src = ipaddress.ip_address(ip.src)
         dst = ipaddress.ip_address(ip.dst)
-        proto = ip.p if isinstance(ip, dpkt.ip.IP) else ip.nxt
+        # IPv6: the header after any extension headers (dpkt leaves `p` unset when it
+        # stops at ESP, which it counts among them; then the first next header is ESP).
+        proto = ip.p if isinstance(ip, dpkt.ip.IP) else getattr(ip, "p", ip.nxt)
         summary = f"{src} > {dst} proto {proto}"
         if proto == IPPROTO_UDP and esp_in_udp(ip.data, udp_ports):
             counts["esp_in_udp"] += 1
