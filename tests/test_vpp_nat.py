@@ -228,3 +228,40 @@ def test_nat_hostile_packets_through_the_nat_are_dropped_and_counted(bed: Testbe
     assert grew[("esp4-decrypt-tun", "ESP decryption failed")] >= 5
     assert grew[("ipsec4-tun-input", "no matching tunnel")] >= 5
     assert re.search(r" [0-4]% packet loss", out), out
+
+
+def pods_ping(src, dst, count: int = 3) -> bool:  # type: ignore[no-untyped-def]
+    return in_ns(src.pod_netns(0), "ping", "-c", str(count), "-W", "2",
+                 str(dst.pod_address(0)), check=False).returncode == 0
+
+
+def test_nat_masquerade_only_works_after_the_node_behind_it_sent(bed: Testbed) -> None:
+    """A dynamic NAT (masquerade, no forward): what docs/underlays.md says it does.
+
+    The NAT loses its forward and its state; peers now send to the public port 4500.
+    The node behind it reaches a peer first, and that peer can then answer and start
+    pings of its own (the mapping is open); a peer it never sent to cannot reach it.
+    Runs last: it changes the NAT and the mesh.
+    """
+    from vppmesh.config import dump_mesh
+    from vppmesh.testbed import nat_ruleset
+
+    n1, n2, n3 = bed.nodes
+    mesh = load_mesh(bed.mesh_file)
+    natted = mesh.nodes[2].model_copy(update={"nat": mesh.nodes[2].nat.model_copy(  # type: ignore[union-attr]
+        update={"port": 4500})})
+    bed.mesh_file.write_text(dump_mesh(mesh.model_copy(
+        update={"nodes": [*mesh.nodes[:2], natted]})))
+    rules = BASE / "masquerade.nft"
+    rules.write_text("flush ruleset\n" + nat_ruleset("masquerade", n3.underlay[0].ip, 4500))
+    in_ns(bed.nat_ns, "nft", "-f", str(rules))
+    in_ns(bed.nat_ns, "conntrack", "-F", check=False)
+    for node in bed.nodes:
+        bed.run_vppmesh(node, "up", *bed.state_args(node))
+    status = json.loads(bed.run_vppmesh(n1, "status", "--json").stdout)
+    to_n3 = next(p for p in status["peers"] if p["name"] == "n3")["tunnels"][0]
+    assert to_n3["encapsulation"] == "esp-in-udp 4500->4500"
+
+    assert pods_ping(n3, n1), "the node behind the NAT cannot reach a peer"
+    assert pods_ping(n1, n3), "the peer cannot use the mapping the node opened"
+    assert not pods_ping(n2, n3, count=2), "a peer reached the node through no mapping"
