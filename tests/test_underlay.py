@@ -6,24 +6,22 @@ reconcile against the fake VPP); the real-VPP checks are in test_vpp_underlays.p
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import ipaddress
+from pathlib import Path
 from typing import Any
 
 import dpkt
 import pytest
 import yaml
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
-from fake_vpp import FakeVpp
 
 from vppmesh.config import Mesh, MeshSettings, Node, dump_mesh, parse_mesh
 from vppmesh.errors import ConfigError
 from vppmesh.keys import NodeSecrets, public_key_b64
 from vppmesh.overhead import encrypted_size, max_overhead, pod_mtu_for
 from vppmesh.plan import HostOptions, plan
-from vppmesh.reconcile import reconcile
-from vppmesh.state import SaSpec
+from vppmesh.state import SA_DIRECTION_BIT, SaSpec
 from vppmesh.underlay import pair_family, path
 from vppmesh.verify import classify_capture
 from vppmesh.vpp import ipsec
@@ -167,7 +165,8 @@ def test_nat_peers_send_to_the_public_address_and_port() -> None:
     for t in to_nat:
         out = sas[t.sa_out]
         assert (out.udp_encap, out.udp_src_port, out.udp_dst_port) == (True, 4500, 14500)
-        assert all(sas[i].udp_encap for i in t.sa_in)
+        # Inbound SAs carry no flag: VPP takes UDP/4500 to ESP input regardless.
+        assert not any(sas[i].udp_encap for i in t.sa_in)
     to_plain = [t for t in desired.tunnels if t.peer_number == 2]
     assert not any(sas[t.sa_out].udp_encap or sas[t.sa_in[0]].udp_encap for t in to_plain)
     assert desired.mtu == 1432
@@ -214,23 +213,40 @@ def test_nat_sa_request_sets_vpps_udp_encap_flag_and_ports() -> None:
     assert ipsec.add_sa(plain).args["entry"]["flags"] == ipsec.SA_FLAGS
 
 
-def test_nat_switching_encapsulation_replaces_the_sas() -> None:
-    """Turning ESP in UDP on for a node replaces its pairs' SAs (same keys, new flag)."""
-    mesh, secrets = mesh_of(node(1, v4(1)), node(2, v4(2)))
-    vpp = FakeVpp.with_uplink(mesh.nodes[0].primary)
-    reconcile(vpp, plan(mesh, "n1", secrets["n1"], host=HostOptions(kind="none")))
-    assert not any(sa["entry"]["flags"] & 0x10 for sa in vpp.sas.values())
-    data = yaml.safe_load(dump_mesh(mesh))
-    data["nodes"][1]["nat"] = {"public": "203.0.113.7"}
-    natted = parse_mesh(copy.deepcopy(data))
-    changes = reconcile(vpp, plan(natted, "n1", secrets["n1"], host=HostOptions(kind="none")))
-    described = [str(c) for c in changes]
-    assert any("esp-in-udp 4500->4500" in c for c in described), described
-    assert all(sa["entry"]["flags"] & 0x10 for sa in vpp.sas.values())
-    assert {str(t["dst"]) for t in vpp.tunnels.values()} == {"203.0.113.7"}
-    # And a second run changes nothing: the dump reads the flag and ports back.
-    again = reconcile(vpp, plan(natted, "n1", secrets["n1"], host=HostOptions(kind="none")))
-    assert again == []
+def test_nat_switching_encapsulation_moves_the_outbound_key_forward(tmp_path: Path) -> None:
+    """Turning ESP in UDP on for a node needs new outbound SAs: the same key again would
+    restart the sequence numbers (GCM nonces), so both ends step to a new generation by
+    themselves; the inbound SAs stay as they are (their anti-replay windows too)."""
+    from test_epochs import Pair
+
+    pair = Pair(tmp_path)
+    for name in ("node1", "node2"):
+        pair.run(name, now=0)
+    pair.traffic("node1", "node2")
+    pair.traffic("node2", "node1")
+    inbound_before = {i: dict(sa["entry"]) for i, sa in pair.vpp["node1"].sas.items()
+                      if not i & SA_DIRECTION_BIT}
+    assert not any(sa["entry"]["flags"] & 0x10 for sa in pair.vpp["node1"].sas.values())
+
+    data = yaml.safe_load(pair.mesh_file.read_text())
+    data["nodes"][1]["nat"] = {"public": "203.0.113.7", "port": 14500}
+    pair.mesh_file.write_text(yaml.safe_dump(data))
+    first = pair.run("node1", now=1)
+    assert any("outbound generation 0 -> 1 (UDP encapsulation changed)" in n
+               for n in first.notes), first.notes
+    assert any("esp-in-udp 4500->14500" in str(c) for c in first.changes)
+    second = pair.run("node2", now=1)
+    assert any("(UDP encapsulation changed)" in n for n in second.notes), second.notes
+    for name, port in (("node1", 14500), ("node2", 4500)):
+        out = [sa["entry"] for i, sa in pair.vpp[name].sas.items() if i & SA_DIRECTION_BIT]
+        assert out and all(e["flags"] & 0x10 and e["udp_dst_port"] == port for e in out)
+        assert pair.out_generation(name) == {1}
+    assert {i: dict(sa["entry"]) for i, sa in pair.vpp["node1"].sas.items()
+            if not i & SA_DIRECTION_BIT and i in inbound_before} == inbound_before
+    assert pair.link_ok("node1", "node2") and pair.link_ok("node2", "node1")
+    assert {str(t["dst"]) for t in pair.vpp["node1"].tunnels.values()} == {"203.0.113.7"}
+    # And the next run changes nothing: the dump reads the flag and ports back.
+    assert pair.run("node1", now=2).changes == []
 
 
 def test_sa_content_includes_udp_ports() -> None:

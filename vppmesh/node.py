@@ -24,6 +24,7 @@ from vppmesh.plan import HostOptions, plan
 from vppmesh.reconcile import Change, Reconciler, reconcile
 from vppmesh.state import DesiredState, sa_id_for
 from vppmesh.teardown import teardown
+from vppmesh.underlay import encapsulation, path
 from vppmesh.uplink import UplinkSpec
 from vppmesh.vpp import interfaces, ipsec, system
 from vppmesh.vpp.client import DEFAULT_API_SOCKET, VppApi, VppClient
@@ -142,6 +143,9 @@ def observe_keys(api: VppApi, mesh: Mesh, local: str, secrets: NodeSecrets,
                 shared, secrets.psk, sender=local, receiver=peer.name, tunnel=t,
                 epoch=pg.out).key.get_secret_value()
             for t, sa in enumerate(out))
+        pair = path(me, peer, count)
+        reencapsulate = installed and any(
+            sa is not None and encapsulation(sa.spec) != pair.encapsulation for sa in out)
         active = frozenset(
             g for g in pg.window for t in range(count)
             if (sa := sas.get(sa_id_for("in", peer.node_number, t, g))) is not None
@@ -152,7 +156,8 @@ def observe_keys(api: VppApi, mesh: Mesh, local: str, secrets: NodeSecrets,
             inbound_active=active,
             inbound_seq={g: sum(sa.last_seq_inbound for t in range(count)
                                 if (sa := sas.get(sa_id_for("in", peer.node_number, t, g)))
-                                is not None) for g in pg.window})
+                                is not None) for g in pg.window},
+            encapsulation_changed=reencapsulate)
 
     def key_used(peer: str, generation: int) -> bool:
         for t in range(count):

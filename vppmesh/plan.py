@@ -117,7 +117,7 @@ def plan(
                 sas.append(SaSpec(
                     sa_id=sa_id, spi=spi_for(peer.node_number, index, epoch), key=inbound.key,
                     salt=inbound.salt, anti_replay_window=settings.anti_replay_window,
-                    worker=worker, udp_encap=pair.udp_encap,
+                    worker=worker,
                 ))
                 sa_in.append(sa_id)
             outbound = derive_sa_key(shared, secrets.psk, sender=local.name,

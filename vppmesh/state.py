@@ -73,8 +73,10 @@ class SaSpec(Frozen):
     salt: int
     anti_replay_window: int
     worker: int | None = None
-    # ESP in UDP (RFC 3948): the ports of our packets (outbound SA); an inbound SA keeps
-    # the flag for symmetry (VPP decapsulates UDP/4500 whatever the SA says).
+    # ESP in UDP (RFC 3948), outbound SAs only: the ports of what we send. Inbound SAs
+    # never carry it: tunnel protection takes UDP/4500 to ESP input whatever the SA says,
+    # and an inbound SA left alone when a pair's encapsulation changes keeps its
+    # anti-replay window.
     udp_encap: bool = False
     udp_src_port: int = 4500
     udp_dst_port: int = 4500

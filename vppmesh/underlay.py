@@ -28,6 +28,7 @@ from vppmesh.overhead import max_overhead
 
 if TYPE_CHECKING:
     from vppmesh.config import Node
+    from vppmesh.state import SaSpec
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 # RFC 3948: the port VPP listens on for ESP in UDP (tunnel protection registers it).
@@ -48,6 +49,16 @@ class PairPath:
     @property
     def overhead(self) -> int:
         return max_overhead(ipv6_underlay=self.family == 6, udp_encap=self.udp_encap)
+
+    @property
+    def encapsulation(self) -> tuple[bool, int | None]:
+        """How our outbound SAs must send: (ESP in UDP, destination port if so)."""
+        return self.udp_encap, self.udp_dst_port if self.udp_encap else None
+
+
+def encapsulation(sa: SaSpec) -> tuple[bool, int | None]:
+    """How an outbound SA sends, comparable with PairPath.encapsulation."""
+    return sa.udp_encap, sa.udp_dst_port if sa.udp_encap else None
 
 
 def families(node: Node) -> frozenset[int]:
