@@ -224,8 +224,13 @@ def test_nat_hostile_packets_through_the_nat_are_dropped_and_counted(bed: Testbe
         after = errors(api)
     grew = {key: after[key] - before.get(key, 0) for key in after}
     print("error counters that grew:", {f"{k[0]}: {k[1]}": v for k, v in grew.items() if v})
-    assert grew[("esp4-decrypt-tun", "SA replayed packet")] >= 10
-    assert grew[("esp4-decrypt-tun", "ESP decryption failed")] >= 5
+    replayed = grew[("esp4-decrypt-tun", "SA replayed packet")]
+    failed = grew[("esp4-decrypt-tun", "ESP decryption failed")]
+    assert replayed >= 5  # the genuine packet, again
+    assert failed >= 5  # forged: the ICV cannot match
+    # Sequence number 1, far behind a window that iperf3 moved on: with ESN, VPP takes it
+    # for the next 2^32 cycle and the ICV check fails; dropped either way.
+    assert replayed + failed >= 15
     assert grew[("ipsec4-tun-input", "no matching tunnel")] >= 5
     assert re.search(r" [0-4]% packet loss", out), out
 
