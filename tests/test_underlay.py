@@ -404,3 +404,14 @@ def test_ipv6_record_that_shares_no_family_with_the_mesh_is_rejected() -> None:
     membership = assemble(mesh.settings, records, {1: "n1", 2: "n2", 3: "n3"})
     assert membership.has("n2") and not membership.has("n3")
     assert "share no underlay family" in membership.rejected["n3"]
+
+
+def test_ipv6_mixed_testbed_is_a_valid_mesh_with_both_kinds_of_pairs() -> None:
+    from vppmesh.testbed import NodeHandle, TestbedSpec
+
+    spec = TestbedSpec(nodes=3, tunnels=1, underlay_family="mixed")
+    nodes = [node(i, [str(a) for a in NodeHandle(i, spec).underlay])[0] for i in (1, 2, 3)]
+    mesh = Mesh(settings=MeshSettings(), nodes=nodes)
+    assert [pair_family(nodes[0], n) for n in nodes[1:]] == [4, 4]
+    assert pair_family(nodes[1], nodes[2]) == 6
+    assert mesh.pod_mtu() == 1416

@@ -499,7 +499,8 @@ def testbed_up(
     nodes: int = 3, tunnels: int = 4, pods: int = 1,
     workers: Annotated[int, typer.Option(help="VPP workers per node.")] = 0,
     underlay_family: Annotated[str, typer.Option(
-        help="ipv4 or ipv6: the family of every node's underlay addresses.")] = "ipv4",
+        help="ipv4, ipv6, or mixed (node 1 IPv4, node 2 both, the others IPv6 first): "
+        "the family of the nodes' underlay addresses.")] = "ipv4",
     nat: Annotated[str, typer.Option(
         help="none, static or masquerade: put the last node behind a NAT router "
         "(static: UDP port 14500 forwarded to its 4500; masquerade: outgoing only).")

@@ -72,7 +72,9 @@ class TestbedSpec(BaseModel):
     base_dir: Path = DEFAULT_BASE
     mesh_table_id: int = 1717
     gso: bool = False
-    underlay_family: Literal["ipv4", "ipv6"] = "ipv4"
+    # mixed: node 1 IPv4 only, node 2 IPv4 and IPv6, the others IPv6 and IPv4 (IPv6
+    # primary): pairs with node 1 use IPv4, the others IPv6.
+    underlay_family: Literal["ipv4", "ipv6", "mixed"] = "ipv4"
     nat: Literal["none", "static", "masquerade"] = Field(
         default="none", description="Put the last node behind a NAT router (IPv4 only).")
 
@@ -148,14 +150,17 @@ class NodeHandle:
     @property
     def underlay(self) -> list[ipaddress.IPv4Interface | ipaddress.IPv6Interface]:
         count = max(self.spec.tunnels, 1)
-        if self.spec.underlay_family == "ipv6":
-            base6 = int(UNDERLAY_NET6.network_address) + self.index * 16
-            return [ipaddress.IPv6Interface(f"{ipaddress.IPv6Address(base6 + t + 1)}/64")
-                    for t in range(count)]
+        base6 = int(UNDERLAY_NET6.network_address) + self.index * 16
+        v6 = [ipaddress.IPv6Interface(f"{ipaddress.IPv6Address(base6 + t + 1)}/64")
+              for t in range(count)]
         net = NAT_INSIDE_NET if self.behind_nat else UNDERLAY_NET
         base = int(net.network_address) + self.index * 10
-        return [ipaddress.IPv4Interface(f"{ipaddress.IPv4Address(base + t + 1)}/24")
-                for t in range(count)]
+        v4 = [ipaddress.IPv4Interface(f"{ipaddress.IPv4Address(base + t + 1)}/24")
+              for t in range(count)]
+        family = self.spec.underlay_family
+        if family == "mixed":
+            return v4 if self.index == 1 else [*v4, *v6] if self.index == 2 else [*v6, *v4]
+        return v6 if family == "ipv6" else v4  # type: ignore[return-value]
 
     @property
     def nat(self) -> NatSettings | None:
