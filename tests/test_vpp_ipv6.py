@@ -219,3 +219,44 @@ def test_ipv6_requests_and_dumps_match_vpp_papi(bed: Testbed,
     assert {"ipip_tunnel_details", "ip_address_details"} <= kinds
     for raw in raws:
         assert channel.decode(raw) == channel.reference_decode(raw)
+
+
+def test_ipv6_udp_encap_runs_esp_in_udp_over_ipv6(bed: Testbed) -> None:
+    """`udp_encap: true` on an IPv6 node: its pairs switch to ESP in UDP over IPv6 (a new
+    key generation each way), pods keep talking, and verify sees ESP in UDP. Runs last:
+    it changes the mesh."""
+    import yaml
+
+    n1, _, n3 = bed.nodes
+    data = yaml.safe_load(bed.mesh_file.read_text())
+    data["nodes"][2]["udp_encap"] = True
+    bed.mesh_file.write_text(yaml.safe_dump(data, sort_keys=False))
+    for node in bed.nodes:
+        bed.run_vppmesh(node, "up", *bed.state_args(node))
+    status = json.loads(bed.run_vppmesh(n1, "status", "--json").stdout)
+    encaps = {p["name"]: {t["encapsulation"] for t in p["tunnels"]} for p in status["peers"]}
+    assert encaps == {"n2": {"esp"}, "n3": {"esp-in-udp 4500->4500"}}
+    assert load_mesh(bed.mesh_file).pod_mtu() == 1408  # IPv6 + UDP: 85 bytes
+    capture = BASE / "udp6.pcap"
+    tcpdump = subprocess.Popen(["ip", "netns", "exec", bed.underlay_ns, "tcpdump", "-i",
+                                "br0", "-n", "-s", "200", "-w", str(capture), "-U",
+                                "ip6 and udp"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        time.sleep(1.0)
+        for src, dst in ((n1, n3), (n3, n1)):
+            ping = in_ns(src.pod_netns(0), "ping", "-c", "3", "-W", "2",
+                         str(dst.pod_address(0)), check=False)
+            assert ping.returncode == 0, f"{src.name} -> {dst.name}: {ping.stdout}"
+    finally:
+        time.sleep(0.5)
+        stop_process(tcpdump)
+    with capture.open("rb") as f:
+        udp = [dpkt.ethernet.Ethernet(raw).data.data for _, raw in dpkt.pcap.Reader(f)]
+    assert len(udp) >= 6  # 3 echoes and 3 replies each way, less any capture start misses
+    # IPv6 forbids a zero UDP checksum: VPP's offload must have filled it in.
+    assert all(u.sport == 4500 and u.dport == 4500 and u.sum != 0 for u in udp)
+    result = bed.run_vppmesh(n3, "verify", "--capture", "--json", check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = json.loads(result.stdout)
+    assert report["ok"] and report["capture"]["esp_in_udp"] > 0, report
