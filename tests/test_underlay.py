@@ -121,6 +121,11 @@ def test_ipv6_tunnel_count_counts_addresses_of_the_pair_family() -> None:
         mesh_of(node(1, [*v6(1, 1), *v4(1, 2)]), node(2, v6(2, 2)), tunnels=2)
 
 
+def test_ipv6_a_node_alone_still_needs_its_tunnels_addresses() -> None:
+    with pytest.raises(ValueError, match=r"nodes\[n1\].underlay has 1 IPv6 address"):
+        mesh_of(node(1, v6(1, 1)), tunnels=2)
+
+
 def test_ipv6_only_plan_tunnels_run_between_ipv6_addresses() -> None:
     mesh, secrets = mesh_of(node(1, v6(1, 2)), node(2, v6(2, 2)), node(3, v6(3, 2)),
                             tunnels=2)

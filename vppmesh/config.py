@@ -256,7 +256,9 @@ class Mesh(BaseModel):
         for node in self.nodes:
             example.setdefault(shape(node), node)
             count[shape(node)] = count.get(shape(node), 0) + 1
-        used: dict[tuple[frozenset[int], int, bool], set[int]] = {k: set() for k in example}
+        # A node always needs the addresses of its primary family (also alone in the
+        # mesh, as the first to join a datastore), and of every family its pairs use.
+        used: dict[tuple[frozenset[int], int, bool], set[int]] = {k: {k[1]} for k in example}
         shapes = list(example)
         for i, a in enumerate(shapes):
             for b in shapes[i:]:
