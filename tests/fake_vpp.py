@@ -394,7 +394,10 @@ class FakeVpp:
             out.append(NS(entry=NS(
                 sad_id=sid, spi=e["spi"], crypto_algorithm=e["crypto_algorithm"],
                 crypto_key=NS(length=key["length"], data=key["data"]), flags=e["flags"],
-                salt=salt, anti_replay_window_size=e["anti_replay_window_size"]),
+                salt=salt, anti_replay_window_size=e["anti_replay_window_size"],
+                # VPP reports the ports of UDP-encapsulated SAs only (else zeros).
+                udp_src_port=e.get("udp_src_port", 4500) if e["flags"] & 0x10 else 0,
+                udp_dst_port=e.get("udp_dst_port", 4500) if e["flags"] & 0x10 else 0),
                 thread_index=sa["thread"], seq_outbound=sa.get("seq_out", 0),
                 last_seq_inbound=sa.get("last_seq_in", 0),
                 stat_index=sa["stat_index"], sw_if_index=0xFFFFFFFF))

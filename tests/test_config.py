@@ -41,7 +41,15 @@ def test_round_trip(tmp_path: Path) -> None:
     (lambda d: d["nodes"][0].update(node_number=0), "node_number"),
     (lambda d: d["nodes"][0].update(colour="blue"), "colour"),
     (lambda d: d["settings"].update(tunnels_per_peer="many"), "tunnels_per_peer"),
-    (lambda d: d["nodes"][0].update(underlay=["10.0.0.1/24", "2001:db8::1/64"]), "mixes IPv4"),
+    (lambda d: d["nodes"][0].update(underlay=["2001:db8::1/64", "2001:db8::2/64"]),
+     "nodes[node1] (IPv6 underlay) and nodes[node2] (IPv4 underlay) share no underlay family"),
+    (lambda d: d["nodes"][0].update(nat={"public": "2001:db8::7"}),
+     "nat.public 2001:db8::7 is IPv6 but the node has no IPv6 underlay address"),
+    (lambda d: d["nodes"][0].update(nat={"public": "203.0.113.7", "port": 0}), "nat.port"),
+    (lambda d: [n.update(nat={"public": "203.0.113.7"}) for n in d["nodes"][:2]],
+     "nodes[node2].nat.public: 203.0.113.7 is already an address of node node1"),
+    (lambda d: d["nodes"][1].update(nat={"public": d["nodes"][0]["underlay"][0][:-3]}),
+     "is already an address of node node1"),
 ])
 def test_invalid_mesh_names_field_and_fix(mutate, expected: str) -> None:
     data = copy.deepcopy(mesh_data())

@@ -103,6 +103,13 @@ def up(
                         ] = None,
     lease_ttl: Annotated[int, typer.Option(
         help="With --datastore: seconds the record outlives a stopped agent.")] = 30,
+    nat_public: Annotated[str | None, typer.Option(
+        help="With --datastore: this node is behind NAT; peers reach it at this public "
+        "ADDRESS[:PORT] (the port the NAT forwards to its UDP 4500; default 4500), with ESP "
+        "in UDP.")] = None,
+    udp_encap: Annotated[bool, typer.Option(
+        help="With --datastore: ESP in UDP (port 4500) towards and from this node, "
+        "without NAT.")] = False,
     take_uplink: Annotated[str | None, typer.Option(
         help="Hand this NIC to VPP first; the host keeps its network through VPP "
         "(`vppmesh uplink take`).")] = None,
@@ -149,7 +156,8 @@ def up(
         try:
             follow(opts, datastore, watch=watch, underlay=underlay or [], pod_cidr=pod_cidr,
                    node_number=node_number, settings_file=settings, lease_ttl=lease_ttl,
-                   metrics=exporter, stats_socket=stats_path(api_socket, stats_socket))
+                   metrics=exporter, stats_socket=stats_path(api_socket, stats_socket),
+                   nat_public=nat_public, udp_encap=udp_encap)
         except VppMeshError as exc:
             raise fail(str(exc)) from None
         return
@@ -558,6 +566,13 @@ def testbed_up(
     underlay: Annotated[str, typer.Option(
         help="veth: af_packet uplinks on a bridge; memif: two nodes joined by a memif "
              "link, VPP to VPP")] = "veth",
+    underlay_family: Annotated[str, typer.Option(
+        help="ipv4, ipv6, or mixed (node 1 IPv4, node 2 both, the others IPv6 first): "
+        "the family of the nodes' underlay addresses.")] = "ipv4",
+    nat: Annotated[str, typer.Option(
+        help="none, static or masquerade: put the last node behind a NAT router "
+        "(static: UDP port 14500 forwarded to its 4500; masquerade: outgoing only).")
+    ] = "none",
 ) -> None:
     """Build N nodes (a VPP each) with pods, and run `vppmesh up` on each."""
     from pydantic import ValidationError
@@ -566,12 +581,16 @@ def testbed_up(
 
     try:
         spec = TestbedSpec(nodes=nodes, tunnels=tunnels, pods=pods, workers=workers,
-                           underlay=underlay)  # type: ignore[arg-type]
+                           underlay=underlay, underlay_family=underlay_family,
+                           nat=nat)  # type: ignore[arg-type]
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'testbed'}: "
-                             f"{e['msg'].removeprefix('Value error, ')}" for e in exc.errors())
-        raise fail(f"testbed: {problems}", 2) from None
-    bed = Testbed(spec)
+        raise fail("testbed up: " + "; ".join(
+            f"--{'-'.join(str(p) for p in e['loc']).replace('_', '-') or 'testbed'}: "
+            f"{e['msg'].removeprefix('Value error, ')}" for e in exc.errors()), 2) from None
+    try:
+        bed = Testbed(spec)
+    except VppMeshError as exc:
+        raise fail(str(exc), 2) from None
     try:
         bed.up(progress=lambda msg: typer.echo(f"... {msg}", err=True))
     except VppMeshError as exc:

@@ -27,13 +27,16 @@ from pydantic import (
 )
 
 from vppmesh.errors import ConfigError
-from vppmesh.overhead import max_overhead, pod_mtu_for
+from vppmesh.overhead import aligned_mtu, max_overhead, pod_mtu_for
+from vppmesh.underlay import NAT_T_PORT, addresses, choose_family, families, shape, worst_overhead
 
 NODE_NUMBER_MAX = 65535
 TUNNELS_PER_PEER_MAX = 16
 MAX_MESH_FILE_BYTES = 16 * 1024 * 1024
 
 IPInterface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+FAMILY_NAME = {4: "IPv4", 6: "IPv6"}
 
 
 def decode_key(value: str, what: str) -> bytes:
@@ -100,7 +103,8 @@ class MeshSettings(BaseModel):
 
     @model_validator(mode="after")
     def _pod_mtu_fits(self) -> MeshSettings:
-        # The worst case is an IPv6 underlay; the per-node check repeats this per family.
+        # The smallest overhead (IPv4, plain ESP) here; the mesh checks again with the
+        # largest overhead of its pairs (IPv6, ESP in UDP).
         if self.pod_mtu is not None:
             ceiling = self.underlay_mtu - max_overhead(ipv6_underlay=False)
             if self.pod_mtu < 576 or self.pod_mtu > ceiling:
@@ -115,6 +119,22 @@ class MeshSettings(BaseModel):
                 "overhead; raise it to at least 640"
             )
         return self
+
+
+class NatSettings(BaseModel):
+    """A node behind NAT: the address and UDP port its peers reach it at.
+
+    The NAT must forward `public`:`port` (UDP) to the node's port 4500 and send the
+    node's own packets out from that same address and port: a 1:1 NAT or a static port
+    forward (see docs/underlays.md for what a dynamic NAT does).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    public: IPAddress = Field(description="The node's address outside its NAT.")
+    port: Annotated[int, Field(ge=1, le=65535)] = Field(
+        default=NAT_T_PORT, description="UDP port on `public` that the NAT forwards to the "
+        "node's port 4500.")
 
 
 class Node(BaseModel):
@@ -133,6 +153,12 @@ class Node(BaseModel):
         description="Name of the VPP interface that carries the underlay addresses; found "
         "from the primary address when unset.",
     )
+    nat: NatSettings | None = Field(
+        default=None, description="Set when the node is behind NAT: its peers send to "
+        "nat.public, and every SA towards or from it is ESP in UDP.")
+    udp_encap: bool = Field(
+        default=False, description="ESP in UDP (port 4500) for every SA towards or from this "
+        "node, without NAT (e.g. a firewall that passes UDP but not IP protocol 50).")
 
     @field_validator("public_key")
     @classmethod
@@ -150,13 +176,19 @@ class Node(BaseModel):
     @field_validator("underlay")
     @classmethod
     def _underlay_consistent(cls, value: list[IPInterface]) -> list[IPInterface]:
-        families = {addr.version for addr in value}
-        if len(families) > 1:
-            raise ValueError("underlay mixes IPv4 and IPv6; use one family per node")
         ips = [addr.ip for addr in value]
         if len(set(ips)) != len(ips):
             raise ValueError("underlay lists the same address twice")
         return value
+
+    @model_validator(mode="after")
+    def _nat_matches_underlay(self) -> Node:
+        if self.nat is not None and self.nat.public.version not in families(self):
+            raise ValueError(
+                f"nat.public {self.nat.public} is {FAMILY_NAME[self.nat.public.version]} but "
+                f"the node has no {FAMILY_NAME[self.nat.public.version]} underlay address; "
+                "give the public address of the family its underlay uses")
+        return self
 
     @property
     def primary(self) -> IPInterface:
@@ -194,6 +226,15 @@ class Mesh(BaseModel):
                         f"nodes[{node.name}].underlay: {addr.ip} is already an address of "
                         f"node {other}; every underlay address must belong to one node"
                     )
+        for node in self.nodes:
+            if node.nat is None:
+                continue
+            other = seen.setdefault(str(node.nat.public), node.name)
+            if other != node.name:
+                raise ValueError(
+                    f"nodes[{node.name}].nat.public: {node.nat.public} is already an "
+                    f"address of node {other}; two nodes cannot share a public address "
+                    "(their peers' tunnels would collide): give each its own")
         by_net = sorted(self.nodes, key=lambda n: (int(n.pod_cidr.network_address),
                                                    n.pod_cidr.prefixlen))
         for left, right in itertools.pairwise(by_net):
@@ -203,23 +244,66 @@ class Mesh(BaseModel):
                     f"nodes[{right.name}].pod_cidr {right.pod_cidr}; give each node its "
                     "own range"
                 )
-        wanted = self.settings.tunnels_per_peer
-        for node in self.nodes:
-            if len(node.underlay) < wanted:
-                raise ValueError(
-                    f"nodes[{node.name}].underlay has {len(node.underlay)} address(es) but "
-                    f"settings.tunnels_per_peer={wanted}; add {wanted - len(node.underlay)} "
-                    "extra uplink address(es) or lower tunnels_per_peer (two tunnels cannot "
-                    "share a source and destination)"
-                )
-            if self.settings.pod_mtu is not None and node.primary.version == 6:
-                ceiling = self.settings.underlay_mtu - max_overhead(ipv6_underlay=True)
-                if self.settings.pod_mtu > ceiling:
-                    raise ValueError(
-                        f"settings.pod_mtu={self.settings.pod_mtu} does not fit the IPv6 "
-                        f"underlay of node {node.name}: at most {ceiling}"
-                    )
+        self._pairs_can_meet()
+        self._mtu_fits()
         return self
+
+    def _pairs_can_meet(self) -> None:
+        """Every pair shares a family, with enough addresses of it for the tunnels."""
+        wanted = self.settings.tunnels_per_peer
+        example: dict[tuple[frozenset[int], int, bool], Node] = {}
+        count: dict[tuple[frozenset[int], int, bool], int] = {}
+        for node in self.nodes:
+            example.setdefault(shape(node), node)
+            count[shape(node)] = count.get(shape(node), 0) + 1
+        # A node always needs the addresses of its primary family (also alone in the
+        # mesh, as the first to join a datastore), and of every family its pairs use.
+        used: dict[tuple[frozenset[int], int, bool], set[int]] = {k: {k[1]} for k in example}
+        shapes = list(example)
+        for i, a in enumerate(shapes):
+            for b in shapes[i:]:
+                if a == b and count[a] < 2:
+                    continue
+                family = choose_family(a[0], a[1], b[0], b[1])
+                if family is None:
+                    left, right = example[a], example[b]
+                    raise ValueError(
+                        f"nodes[{left.name}] ({_family_names(left)} underlay) and "
+                        f"nodes[{right.name}] ({_family_names(right)} underlay) share no "
+                        "underlay family; give one of them an address of the other's family")
+                used[a].add(family)
+                used[b].add(family)
+        for node in self.nodes:
+            for family in sorted(used[shape(node)]):
+                have = len(addresses(node, family))
+                if have < wanted:
+                    raise ValueError(
+                        f"nodes[{node.name}].underlay has {have} {FAMILY_NAME[family]} "
+                        f"address(es) but settings.tunnels_per_peer={wanted}; add "
+                        f"{wanted - have} extra uplink address(es) or lower tunnels_per_peer "
+                        "(two tunnels cannot share a source and destination)"
+                    )
+
+    def _mtu_fits(self) -> None:
+        worst = self.worst_overhead()
+        ceiling = self.settings.underlay_mtu - worst
+        if self.settings.pod_mtu is not None and self.settings.pod_mtu > ceiling:
+            raise ValueError(
+                f"settings.pod_mtu={self.settings.pod_mtu} does not fit: the largest "
+                f"overhead of a pair of this mesh (IPv6 underlay or ESP in UDP) is {worst} "
+                f"bytes, so with underlay_mtu={self.settings.underlay_mtu} at most {ceiling}; "
+                "remove pod_mtu to have it computed")
+        if self.settings.pod_mtu is None and aligned_mtu(self.settings.underlay_mtu,
+                                                         worst) < 576:
+            raise ValueError(
+                f"settings.underlay_mtu={self.settings.underlay_mtu} is too small for the "
+                f"{worst}-byte overhead of this mesh's pairs; raise it to at least "
+                f"{576 + worst + 7}")
+
+    def worst_overhead(self) -> int:
+        """Largest per-packet overhead of any pair (IPv4 ESP when there is no pair)."""
+        worst = worst_overhead(self.nodes)
+        return max_overhead(ipv6_underlay=False) if worst is None else worst
 
     def node(self, name: str) -> Node:
         for node in self.nodes:
@@ -236,11 +320,18 @@ class Mesh(BaseModel):
         return sorted((n for n in self.nodes if n.name != name), key=lambda n: n.node_number)
 
     def pod_mtu(self) -> int:
-        """Pod MTU for the whole mesh: the explicit setting or the worst case over nodes."""
+        """Pod MTU for the whole mesh: the explicit setting or the worst case over pairs.
+
+        One MTU serves every pod and every tunnel: a pod's packets may go to any peer,
+        so the pair with the largest overhead (IPv6, ESP in UDP) sets it for all.
+        """
         if self.settings.pod_mtu is not None:
             return self.settings.pod_mtu
-        any_v6 = any(n.primary.version == 6 for n in self.nodes)
-        return pod_mtu_for(self.settings.underlay_mtu, ipv6_underlay=any_v6)
+        return aligned_mtu(self.settings.underlay_mtu, self.worst_overhead())
+
+
+def _family_names(node: Node) -> str:
+    return "/".join(FAMILY_NAME[f] for f in sorted(families(node)))
 
 
 def check_unique(items: Sequence[Node], field: str, key: object) -> None:
@@ -293,6 +384,17 @@ def load_mesh(path: Path) -> Mesh:
     return parse_mesh(data, str(path))
 
 
+def node_data(node: Node) -> dict[str, object]:
+    """A node as the mesh file and the datastore hold it: unset options left out, so a
+    node that uses none of them reads the same to a vppmesh that does not know them."""
+    data = node.model_dump(mode="json", exclude_none=True)
+    if not node.udp_encap:
+        del data["udp_encap"]
+    return data
+
+
 def dump_mesh(mesh: Mesh) -> str:
     """Serialize a mesh back to YAML (for the testbed and the examples)."""
-    return yaml.safe_dump(mesh.model_dump(mode="json", exclude_none=True), sort_keys=False)
+    data = mesh.model_dump(mode="json", exclude_none=True)
+    data["nodes"] = [node_data(n) for n in mesh.nodes]
+    return yaml.safe_dump(data, sort_keys=False)

@@ -108,6 +108,9 @@ class PeerObservation:
     inbound_active: frozenset[int] = frozenset()  # generations whose inbound SAs got traffic
     # Per accepted generation, the sum of last_seq_inbound over the peer's inbound SAs.
     inbound_seq: Mapping[int, int] = field(default_factory=dict)
+    # Those outbound SAs send with another UDP encapsulation (flag or ports) than the pair
+    # needs now: a new SA is needed, and its key must not be one VPP already used.
+    encapsulation_changed: bool = False
 
 
 @dataclass(frozen=True)
@@ -185,8 +188,10 @@ def advance(pg: PeerGenerations, obs: PeerObservation, settings: MeshSettings, *
     if pg.out_sent_at is not None and now - pg.out_sent_at >= 2 * settings.rekey_grace:
         pg.floor = max(pg.floor, pg.out)
 
-    forced = not obs.out_installed and key_used(pg.out)
-    reason = "key already used (VPP lost its SAs)" if forced else (
+    forced = (not obs.out_installed or obs.encapsulation_changed) and key_used(pg.out)
+    lost = "UDP encapsulation changed" if obs.encapsulation_changed else \
+        "key already used (VPP lost its SAs)"
+    reason = lost if forced else (
         "rekey requested" if pg.rekey_pending else
         soft_limit_reached(pg, obs, settings, now) if obs.out_installed else None)
     if reason is not None and not forced and obs.out_installed and obs.out_packets == 0:

@@ -24,6 +24,7 @@ from vppmesh.plan import HostOptions, plan
 from vppmesh.reconcile import Change, Reconciler, reconcile
 from vppmesh.state import DesiredState, sa_id_for
 from vppmesh.teardown import teardown
+from vppmesh.underlay import encapsulation, path
 from vppmesh.uplink import UplinkSpec
 from vppmesh.vpp import interfaces, ipsec, system
 from vppmesh.vpp.client import DEFAULT_API_SOCKET, VppApi, VppClient
@@ -152,6 +153,9 @@ def observe_keys(api: VppApi, mesh: Mesh, local: str, secrets: NodeSecrets,
                 shared, secrets.psk, sender=local, receiver=peer.name, tunnel=t,
                 epoch=pg.out).key.get_secret_value()
             for t, sa in enumerate(out))
+        pair = path(me, peer, count)
+        reencapsulate = installed and any(
+            sa is not None and encapsulation(sa.spec) != pair.encapsulation for sa in out)
         active = frozenset(
             g for g in pg.window for t in range(count)
             if (sa := sas.get(sa_id_for("in", peer.node_number, t, g))) is not None
@@ -162,7 +166,8 @@ def observe_keys(api: VppApi, mesh: Mesh, local: str, secrets: NodeSecrets,
             inbound_active=active,
             inbound_seq={g: sum(sa.last_seq_inbound for t in range(count)
                                 if (sa := sas.get(sa_id_for("in", peer.node_number, t, g)))
-                                is not None) for g in pg.window})
+                                is not None) for g in pg.window},
+            encapsulation_changed=reencapsulate)
 
     def key_used(peer: str, generation: int) -> bool:
         for t in range(count):
@@ -219,9 +224,9 @@ def up(options: NodeOptions, *, dry_run: bool = False, api: VppApi | None = None
             uplink, _ = interfaces.find_uplink(client, desired.uplink,
                                                desired.uplink_addresses[0])
             if uplink is not None:  # else reconcile() explains what is missing
-                changes += guard.ensure(client, uplink.sw_if_index,
-                                        desired.uplink_addresses[0].version,
-                                        dry_run=dry_run)
+                for version in sorted({a.version for a in desired.uplink_addresses}):
+                    changes += guard.ensure(client, uplink.sw_if_index, version,
+                                            dry_run=dry_run)
             changes += apply(client, desired, dry_run=dry_run, ledger=options.ledger,
                              reconciler=reconciler, full=full)
             if not dry_run and state.model_dump() != before:
@@ -305,7 +310,8 @@ def down(options: NodeOptions, *, api: VppApi | None = None,
         removed = teardown(client, mesh.settings.mesh_table_id, tuple(local.underlay[1:]))
         uplink, _ = interfaces.find_uplink(client, local.uplink, local.primary)
         if uplink is not None:  # after the tunnels: they never exist unguarded
-            removed += guard.remove(client, uplink.sw_if_index, local.primary.version)
+            for version in sorted({a.version for a in local.underlay}):
+                removed += guard.remove(client, uplink.sw_if_index, version)
         for ifname in nic.saved_uplinks(options.state_dir):
             removed += nic.restore(client, options.state_dir, ifname)
     finally:

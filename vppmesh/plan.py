@@ -23,6 +23,7 @@ from vppmesh.state import (
     sa_id_for,
     tunnel_instance,
 )
+from vppmesh.underlay import path
 
 HOST_LINUX_IFNAME = "vppmesh0"
 HOST_VETH_PEER = "vppmesh0-vpp"
@@ -104,6 +105,7 @@ def plan(
         if len({e & 0xF for e in in_epochs}) != len(in_epochs):
             raise ValueError(f"inbound generations {in_epochs} of {peer.name} share SPIs")
         shared = pair_secret(secrets, peer.public_key_bytes)
+        pair = path(local, peer, count)
         instances = []
         for index in range(count):
             worker = index % workers if workers > 0 else None
@@ -125,11 +127,12 @@ def plan(
                 sa_id=sa_out, spi=spi_for(local.node_number, index, out_epoch),
                 key=outbound.key, salt=outbound.salt,
                 anti_replay_window=settings.anti_replay_window, worker=worker,
+                udp_encap=pair.udp_encap, udp_dst_port=pair.udp_dst_port,
             ))
             instance = tunnel_instance(peer.node_number, index)
+            src, dst = pair.endpoints[index]
             tunnels.append(TunnelSpec(
-                instance=instance, src=local.underlay[index].ip, dst=peer.underlay[index].ip,
-                sa_out=sa_out, sa_in=tuple(sa_in),
+                instance=instance, src=src, dst=dst, sa_out=sa_out, sa_in=tuple(sa_in),
             ))
             instances.append(instance)
         routes.append(RouteSpec(prefix=peer.pod_cidr, tunnels=tuple(instances)))

@@ -179,8 +179,9 @@ class Diff:
 
 
 def describe_sa(sa: SaSpec) -> str:
+    udp = f" esp-in-udp {sa.udp_src_port}->{sa.udp_dst_port}" if sa.udp_encap else ""
     return (f"{sa.sa_id:#x} {sa.direction} peer#{sa.peer_number} tunnel {sa.tunnel} "
-            f"spi {sa.spi:#x}")
+            f"spi {sa.spi:#x}{udp}")
 
 
 @dataclass

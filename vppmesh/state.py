@@ -73,6 +73,13 @@ class SaSpec(Frozen):
     salt: int
     anti_replay_window: int
     worker: int | None = None
+    # ESP in UDP (RFC 3948), outbound SAs only: the ports of what we send. Inbound SAs
+    # never carry it: tunnel protection takes UDP/4500 to ESP input whatever the SA says,
+    # and an inbound SA left alone when a pair's encapsulation changes keeps its
+    # anti-replay window.
+    udp_encap: bool = False
+    udp_src_port: int = 4500
+    udp_dst_port: int = 4500
 
     @property
     def direction(self) -> Literal["in", "out"]:
@@ -97,6 +104,9 @@ class SaSpec(Frozen):
             and self.key.get_secret_value() == other.key.get_secret_value()
             and self.salt == other.salt
             and self.anti_replay_window == other.anti_replay_window
+            and self.udp_encap == other.udp_encap
+            and (not self.udp_encap or (self.udp_src_port, self.udp_dst_port)
+                 == (other.udp_src_port, other.udp_dst_port))
         )
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import BaseModel
+from pydantic import BaseModel, computed_field
 
 from vppmesh import engines
 from vppmesh.config import Mesh
@@ -23,6 +23,8 @@ class SaStatus(BaseModel):
     thread: int
     # VPP's sequence number: the last sent (outbound SA) or received (inbound SA).
     seq: int = 0
+    # ESP in UDP (RFC 3948): (source port, destination port); None for plain ESP.
+    udp_ports: tuple[int, int] | None = None
 
 
 class TunnelStatus(BaseModel):
@@ -34,6 +36,14 @@ class TunnelStatus(BaseModel):
     protected: bool
     sa_out: SaStatus | None
     sa_in: list[SaStatus]
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def encapsulation(self) -> str:
+        """`esp` or `esp-in-udp SPORT->DPORT`, as the outbound SA sends."""
+        if self.sa_out is None or self.sa_out.udp_ports is None:
+            return "esp"
+        return "esp-in-udp {}->{}".format(*self.sa_out.udp_ports)
 
 
 class PeerStatus(BaseModel):
@@ -105,7 +115,9 @@ def collect(api: VppApi, mesh: Mesh, node: str, stats_socket: Path | None,
             sa_id=sa_id, spi=sa.spec.spi, direction=sa.spec.direction,
             packets=c.packets if c else None, bytes=c.bytes if c else None,
             thread=sa.thread_index,
-            seq=sa.seq_outbound if sa.spec.direction == "out" else sa.last_seq_inbound)
+            seq=sa.seq_outbound if sa.spec.direction == "out" else sa.last_seq_inbound,
+            udp_ports=(sa.spec.udp_src_port, sa.spec.udp_dst_port)
+            if sa.spec.udp_encap else None)
 
     peers: dict[int, PeerStatus] = {}
     for t in sorted(tunnels, key=lambda t: t.instance):
@@ -144,7 +156,7 @@ def render_table(status: NodeStatus) -> str:
         if c.warning:
             lines.append(f"warning: {c.warning}")
     header = f"{'peer':<12} {'tunnel':<14} {'src -> dst':<34} {'state':<10} " \
-             f"{'out pkts':>10} {'in pkts':>10}"
+             f"{'out pkts':>10} {'in pkts':>10}  encapsulation"
     lines += [header, "-" * len(header)]
     for peer in status.peers:
         for t in peer.tunnels:
@@ -153,7 +165,7 @@ def render_table(status: NodeStatus) -> str:
             out_p = t.sa_out.packets if t.sa_out and t.sa_out.packets is not None else "-"
             in_p = sum(s.packets or 0 for s in t.sa_in) if t.sa_in else "-"
             lines.append(f"{peer.name:<12} {t.name:<14} {t.src + ' -> ' + t.dst:<34} "
-                         f"{state:<10} {out_p:>10} {in_p:>10}")
+                         f"{state:<10} {out_p:>10} {in_p:>10}  {t.encapsulation}")
     for name in status.missing_peers:
         lines.append(f"{name:<12} (no tunnels: run `vppmesh up`)")
     return "\n".join(lines)

@@ -5,10 +5,15 @@ API, CLI and stats sockets, shared-memory prefix), whose uplink is an af_packet
 interface on a veth into the underlay bridge (namespace `<prefix>ul`), or, with
 `underlay="memif"`, one end of a memif link to the other node's VPP (two nodes; the
 link costs VPP almost nothing, so a benchmark measures the mesh, not the wire). The
-uplink holds the node's primary and extra addresses. Pods are namespaces attached to
-their node's VPP like any endpoint. `vppmesh up` then runs once per node, in the node's
-namespace, exactly as on a real host. Everything uses documentation ranges and stays on
-this machine.
+uplink holds the node's primary and extra addresses, IPv4 or IPv6 (`underlay_family`).
+Pods are namespaces attached to their node's VPP like any endpoint. `vppmesh up` then
+runs once per node, in the node's namespace, exactly as on a real host. Everything uses
+documentation ranges and stays on this machine.
+
+With `nat`, the last node sits behind a NAT router (namespace `<prefix>nat`, nftables):
+its uplink is on an inside network and the router's outside address on the underlay is
+the node's public address. `static` forwards a UDP port (14500) to the node's 4500 and
+maps the node's 4500 back to it; `masquerade` only rewrites the node's outgoing packets.
 """
 
 from __future__ import annotations
@@ -29,16 +34,22 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from vppmesh.config import Mesh, MeshSettings, Node, dump_mesh
+from vppmesh.config import Mesh, MeshSettings, NatSettings, Node, dump_mesh
 from vppmesh.errors import VppMeshError
 from vppmesh.keys import generate_private_key
 from vppmesh.startup import Instance, load_profile, render
-from vppmesh.vpp import host_interfaces, interfaces, memif
+from vppmesh.vpp import host_interfaces, interfaces, memif, routes
 from vppmesh.vpp.client import VppClient
 
 DEFAULT_PREFIX = "vmt-"
 DEFAULT_BASE = Path("/run/vppmesh-testbed")
 UNDERLAY_NET = ipaddress.IPv4Network("192.0.2.0/24")  # RFC 5737 TEST-NET-1
+UNDERLAY_NET6 = ipaddress.IPv6Network("2001:db8:ee::/64")  # RFC 3849 documentation
+# Behind the NAT router: its inside network (RFC 5737 TEST-NET-2) and its outside address.
+NAT_INSIDE_NET = ipaddress.IPv4Network("198.51.100.0/24")
+NAT_INSIDE_GATEWAY = ipaddress.IPv4Interface("198.51.100.1/24")
+NAT_OUTSIDE = ipaddress.IPv4Interface("192.0.2.250/24")
+NAT_STATIC_PORT = 14500
 POD_SUPERNET = ipaddress.IPv4Network("198.18.0.0/16")  # RFC 2544 benchmarking range
 UPLINK_IFNAME = "eth0"
 UNDERLAY_MTU = 1500
@@ -68,13 +79,23 @@ class TestbedSpec(BaseModel):
     # Pin node k's VPP main thread to core k-1 (mod the core count), so two VPPs do not
     # share a core; its workers follow on the next cores.
     pin_cores: bool = False
+    # mixed: node 1 IPv4 only, node 2 IPv4 and IPv6, the others IPv6 and IPv4 (IPv6
+    # primary): pairs with node 1 use IPv4, the others IPv6.
+    underlay_family: Literal["ipv4", "ipv6", "mixed"] = "ipv4"
+    nat: Literal["none", "static", "masquerade"] = Field(
+        default="none", description="Put the last node behind a NAT router (IPv4 only).")
 
     @model_validator(mode="after")
     def _memif_is_point_to_point(self) -> TestbedSpec:
-        if self.underlay == "memif" and self.nodes != 2:
+        if self.underlay == "memif" and (self.nodes != 2 or self.nat != "none"):
             raise ValueError(f"underlay memif joins exactly 2 nodes (a point-to-point link), "
-                             f"not {self.nodes}: use nodes=2 or underlay veth")
+                             f"with no NAT, not {self.nodes}: use nodes=2 or underlay veth")
         return self
+
+    @property
+    def nat_port(self) -> int:
+        """The public UDP port peers send to: a forwarded one with `static`, else 4500."""
+        return NAT_STATIC_PORT if self.nat == "static" else 4500
 
 
 def find_vpp() -> Path:
@@ -137,11 +158,29 @@ class NodeHandle:
         return self.dir / "private.key"
 
     @property
-    def underlay(self) -> list[ipaddress.IPv4Interface]:
-        base = int(UNDERLAY_NET.network_address) + self.index * 10
+    def behind_nat(self) -> bool:
+        return self.spec.nat != "none" and self.index == self.spec.nodes
+
+    @property
+    def underlay(self) -> list[ipaddress.IPv4Interface | ipaddress.IPv6Interface]:
         count = max(self.spec.tunnels, 1)
-        return [ipaddress.IPv4Interface(f"{ipaddress.IPv4Address(base + t + 1)}/24")
-                for t in range(count)]
+        base6 = int(UNDERLAY_NET6.network_address) + self.index * 16
+        v6 = [ipaddress.IPv6Interface(f"{ipaddress.IPv6Address(base6 + t + 1)}/64")
+              for t in range(count)]
+        net = NAT_INSIDE_NET if self.behind_nat else UNDERLAY_NET
+        base = int(net.network_address) + self.index * 10
+        v4 = [ipaddress.IPv4Interface(f"{ipaddress.IPv4Address(base + t + 1)}/24")
+              for t in range(count)]
+        family = self.spec.underlay_family
+        if family == "mixed":
+            return v4 if self.index == 1 else [*v4, *v6] if self.index == 2 else [*v6, *v4]
+        return v6 if family == "ipv6" else v4  # type: ignore[return-value]
+
+    @property
+    def nat(self) -> NatSettings | None:
+        if not self.behind_nat:
+            return None
+        return NatSettings(public=NAT_OUTSIDE.ip, port=self.spec.nat_port)
 
     @property
     def pod_cidr(self) -> ipaddress.IPv4Network:
@@ -160,12 +199,20 @@ class NodeHandle:
 class Testbed:
     __test__ = False
     def __init__(self, spec: TestbedSpec) -> None:
+        if spec.nat != "none" and spec.underlay_family != "ipv4":
+            raise TestbedError("the testbed's NAT router is IPv4 only: use "
+                               "--underlay-family ipv4 with --nat")
         self.spec = spec
         self.nodes = [NodeHandle(i + 1, spec) for i in range(spec.nodes)]
 
     @property
     def underlay_ns(self) -> str:
         return f"{self.spec.prefix}ul"
+
+    @property
+    def nat_ns(self) -> str:
+        """The NAT router's namespace (with `nat`): `out0` on the underlay, `in0` inside."""
+        return f"{self.spec.prefix}nat"
 
     @property
     def mesh_file(self) -> Path:
@@ -239,16 +286,49 @@ class Testbed:
         ns = self.underlay_ns
         sh("ip", "netns", "add", ns)
         in_ns(ns, "ip", "link", "set", "lo", "up")
+        for scope in ("all", "default"):  # a plain switch: no IPv6 of its own on the wire
+            in_ns(ns, "sysctl", "-qw", f"net.ipv6.conf.{scope}.disable_ipv6=1")
         in_ns(ns, "ip", "link", "add", "br0", "type", "bridge")
         in_ns(ns, "ip", "link", "set", "br0", "up")
+        # Nothing answers MLD here: without snooping, IPv6 neighbor discovery floods.
+        in_ns(ns, "ip", "link", "set", "br0", "type", "bridge", "mcast_snooping", "0")
+        if self.spec.nat != "none":
+            self._nat_router()
         for node in self.nodes:
             sh("ip", "netns", "add", node.netns)
             in_ns(node.netns, "ip", "link", "set", "lo", "up")
-            port = f"ul-{node.name}"
-            in_ns(ns, "ip", "link", "add", port, "mtu", str(UNDERLAY_MTU), "type", "veth",
+            if node.behind_nat:
+                side, port = self.nat_ns, "in0"
+            else:
+                side, port = ns, f"ul-{node.name}"
+            in_ns(side, "ip", "link", "add", port, "mtu", str(UNDERLAY_MTU), "type", "veth",
                   "peer", "name", UPLINK_IFNAME, "netns", node.netns)
-            in_ns(ns, "ip", "link", "set", port, "master", "br0", "up")
+            if node.behind_nat:
+                in_ns(side, "ip", "address", "add", str(NAT_INSIDE_GATEWAY), "dev", port)
+                in_ns(side, "ip", "link", "set", port, "up")
+            else:
+                in_ns(side, "ip", "link", "set", port, "master", "br0", "up")
+            # VPP owns the uplink's addresses: Linux keeps none, IPv6 link-local included.
+            in_ns(node.netns, "sysctl", "-qw",
+                  f"net.ipv6.conf.{UPLINK_IFNAME}.disable_ipv6=1")
             in_ns(node.netns, "ip", "link", "set", UPLINK_IFNAME, "mtu", str(UNDERLAY_MTU), "up")
+
+    def _nat_router(self) -> None:
+        """A Linux NAT between the inside network and the underlay (nftables)."""
+        nat, inside = self.nat_ns, self.nodes[-1]
+        sh("ip", "netns", "add", nat)
+        in_ns(nat, "ip", "link", "set", "lo", "up")
+        for scope in ("all", "default"):  # an IPv4 router: nothing else on either side
+            in_ns(nat, "sysctl", "-qw", f"net.ipv6.conf.{scope}.disable_ipv6=1")
+        in_ns(self.underlay_ns, "ip", "link", "add", "ul-nat", "mtu", str(UNDERLAY_MTU),
+              "type", "veth", "peer", "name", "out0", "netns", nat)
+        in_ns(self.underlay_ns, "ip", "link", "set", "ul-nat", "master", "br0", "up")
+        in_ns(nat, "ip", "address", "add", str(NAT_OUTSIDE), "dev", "out0")
+        in_ns(nat, "ip", "link", "set", "out0", "up")
+        in_ns(nat, "sysctl", "-qw", "net.ipv4.ip_forward=1")
+        (self.spec.base_dir / "nat.nft").write_text(
+            nat_ruleset(self.spec.nat, inside.underlay[0].ip, self.spec.nat_port))
+        in_ns(nat, "nft", "-f", str(self.spec.base_dir / "nat.nft"))
 
     def _mesh(self) -> None:
         nodes = []
@@ -257,7 +337,7 @@ class Testbed:
             public = generate_private_key(node.key_file, force=True)
             nodes.append(Node(name=node.name, node_number=node.index,
                               underlay=node.underlay,  # type: ignore[arg-type]
-                              pod_cidr=node.pod_cidr, public_key=public))
+                              pod_cidr=node.pod_cidr, public_key=public, nat=node.nat))
         mesh = Mesh(settings=MeshSettings(tunnels_per_peer=self.spec.tunnels,
                                           underlay_mtu=UNDERLAY_MTU,
                                           mesh_table_id=self.spec.mesh_table_id,
@@ -292,6 +372,9 @@ class Testbed:
                 interfaces.address(index, node.underlay[0], True),
                 interfaces.set_admin(index, True, "uplink"),
             ])
+            if node.behind_nat:  # the underlay is beyond the NAT router
+                api.call(routes.route(0, UNDERLAY_NET, [index], True,
+                                      nexthop=NAT_INSIDE_GATEWAY.ip))
 
     def restart_vpp(self, node: NodeHandle) -> None:
         """Kill the node's VPP and start a fresh one with its uplink, as after a crash."""
@@ -346,6 +429,35 @@ class Testbed:
                           "pods": [node.pod_netns(p) for p in range(self.spec.pods)],
                           "api_socket": str(node.instance.api_socket)})
         return {"mesh_file": str(self.mesh_file), "nodes": nodes}
+
+
+def nat_ruleset(mode: str, inside: object, public_port: int) -> str:
+    """nftables rules of the NAT router: masquerade out; with `static`, a port forward.
+
+    `static` pins the node's UDP 4500 to the public port both ways (a DNAT in, an SNAT
+    out), as a port forward on a home or branch router does; `masquerade` lets the kernel
+    pick the outside port (4500 while it is free) and accepts from outside only what
+    answers a flow the node started.
+    """
+    forward = ""
+    snat = ""
+    if mode == "static":
+        forward = (f'    iifname "out0" udp dport {public_port} '
+                   f"dnat to {inside}:4500\n")
+        snat = (f'    oifname "out0" ip saddr {inside} udp sport 4500 '
+                f"snat to {NAT_OUTSIDE.ip}:{public_port}\n")
+    return (
+        "table ip vppmesh_nat {\n"
+        "  chain prerouting {\n    type nat hook prerouting priority dstnat; policy accept;\n"
+        f"{forward}  }}\n"
+        "  chain postrouting {\n    type nat hook postrouting priority srcnat; "
+        "policy accept;\n"
+        f'{snat}    oifname "out0" masquerade\n  }}\n'
+        "  chain forward {\n    type filter hook forward priority filter; policy drop;\n"
+        "    ct state established,related accept\n"
+        '    iifname "in0" oifname "out0" accept\n'
+        '    iifname "out0" ct status dnat accept\n  }\n'
+        "}\n")
 
 
 def start_vpp(vpp: Path, netns: str, instance: Instance, workdir: Path,

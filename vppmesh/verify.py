@@ -8,7 +8,8 @@ Three independent pieces of evidence, each from the dataplane itself:
    (probe pings from the host link make traffic when none flows);
 3. capture (`--capture`): VPP itself records the uplink's frames (pcap trace works for
    every driver: af_packet, AVF, DPDK) and each frame is classified. Any frame showing a
-   pod address or an IPIP packet in clear fails the run.
+   pod address or an IPIP packet in clear fails the run. ESP counts over IPv4 and IPv6
+   alike, and inside UDP (RFC 3948) on port 4500 or a NAT's forwarded port.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from vppmesh.errors import VppMeshError
 from vppmesh.keys import spi_sender, spi_tunnel
 from vppmesh.plan import HOST_LINUX_IFNAME
 from vppmesh.state import is_owned_sa_id, is_owned_tunnel_instance, tunnel_instance
+from vppmesh.underlay import NAT_T_PORT, path
 from vppmesh.vpp import interfaces, ipip, ipsec, routes
 from vppmesh.vpp.client import Request, VppApi
 from vppmesh.vpp.stats import StatsReader
@@ -39,6 +41,7 @@ PCAP_DIR = Path("/tmp")  # VPP writes pcap trace files there, whatever name it i
 IPPROTO_IPIP = 4
 IPPROTO_ESP = 50
 IPPROTO_IPV6 = 41
+IPPROTO_UDP = 17
 SNAPLEN = 128  # outer headers plus an inner IPv4/TCP header: enough to classify, no data
 
 
@@ -62,6 +65,7 @@ class CaptureVerdict(BaseModel):
     frames: int
     esp_between_nodes: int
     esp_elsewhere: int
+    esp_in_udp: int = 0  # of the ESP frames above, those carried in UDP (RFC 3948)
     ipip_in_clear: int
     pod_address_in_clear: int
     other: int
@@ -137,6 +141,7 @@ def check_structure(api: VppApi, mesh: Mesh, local: Node) -> Structure:
         tunnel_ifs = []
         out_idx: list[int] = []
         in_idx: list[int] = []
+        pair = path(local, peer, count)
         for index in range(count):
             where = f"tunnel {index}"
             t = tunnels.get(tunnel_instance(peer.node_number, index))
@@ -144,9 +149,10 @@ def check_structure(api: VppApi, mesh: Mesh, local: Node) -> Structure:
                 problems.append(f"{where} missing")
                 continue
             tunnel_ifs.append(t.sw_if_index)
-            if (t.src, t.dst) != (local.underlay[index].ip, peer.underlay[index].ip):
+            want_src, want_dst = pair.endpoints[index]
+            if (t.src, t.dst) != (want_src, want_dst):
                 problems.append(f"{where} runs {t.src} -> {t.dst}, expected "
-                                f"{local.underlay[index].ip} -> {peer.underlay[index].ip}")
+                                f"{want_src} -> {want_dst}")
                 continue
             iface = ifaces.get(t.sw_if_index)
             if iface is None or not iface.admin_up:
@@ -158,8 +164,10 @@ def check_structure(api: VppApi, mesh: Mesh, local: Node) -> Structure:
                 continue
             sa_out, sa_ins = protection
             issue = _sa_issue(sas.get(sa_out), "out", local.node_number, index)
+            issue = issue or _encapsulation_issue(sas.get(sa_out), pair.encapsulation)
             issue = issue or next((i for i in (_sa_issue(sas.get(s), "in", peer.node_number,
-                                                         index) for s in sa_ins) if i), None)
+                                                         index)
+                                               for s in sa_ins) if i), None)
             if not sa_ins:
                 issue = "has no inbound SA"
             if issue:
@@ -182,7 +190,26 @@ def check_structure(api: VppApi, mesh: Mesh, local: Node) -> Structure:
                      tunnel_out=tunnel_out)
 
 
-def _sa_issue(sa: ipsec.SaState | None, direction: str, sender: int, tunnel: int) -> str | None:
+def _encapsulation_issue(sa: ipsec.SaState | None,
+                         want: tuple[bool, int | None]) -> str | None:
+    """An outbound SA must send as its pair needs: ESP in UDP to the right port, or not.
+
+    (Inbound SAs carry no UDP flag: VPP takes UDP/4500 to ESP input regardless.)
+    """
+    if sa is None:
+        return None
+    have = (bool(sa.flags & ipsec.FLAG_UDP_ENCAP),
+            sa.spec.udp_dst_port if sa.flags & ipsec.FLAG_UDP_ENCAP else None)
+    if have == want:
+        return None
+    def say(e: tuple[bool, int | None]) -> str:
+        return f"ESP in UDP to port {e[1]}" if e[0] else "plain ESP"
+    return (f"outbound SA {sa.spec.sa_id:#x} sends {say(have)}, but the pair needs "
+            f"{say(want)}")
+
+
+def _sa_issue(sa: ipsec.SaState | None, direction: str, sender: int,
+              tunnel: int) -> str | None:
     if sa is None:
         return f"protection names a missing {direction}bound SA"
     if sa.spec.direction != direction:
@@ -227,10 +254,12 @@ def pcap_off() -> Request:
 
 def classify_capture(frames: Iterable[bytes], mesh: Mesh, interface: str) -> CaptureVerdict:
     """Sort captured Ethernet frames into ESP between nodes, clear text, and the rest."""
-    node_addrs = {a.ip for n in mesh.nodes for a in n.underlay}
+    node_addrs = {a.ip for n in mesh.nodes for a in n.underlay} | \
+        {n.nat.public for n in mesh.nodes if n.nat is not None}
+    udp_ports = {NAT_T_PORT} | {n.nat.port for n in mesh.nodes if n.nat is not None}
     pods = [n.pod_cidr for n in mesh.nodes]
-    counts = {"frames": 0, "esp_between_nodes": 0, "esp_elsewhere": 0, "ipip_in_clear": 0,
-              "pod_address_in_clear": 0, "other": 0}
+    counts = {"frames": 0, "esp_between_nodes": 0, "esp_elsewhere": 0, "esp_in_udp": 0,
+              "ipip_in_clear": 0, "pod_address_in_clear": 0, "other": 0}
     offenders: list[str] = []
 
     def in_pods(*addrs: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
@@ -245,8 +274,13 @@ def classify_capture(frames: Iterable[bytes], mesh: Mesh, interface: str) -> Cap
             continue
         src = ipaddress.ip_address(ip.src)
         dst = ipaddress.ip_address(ip.dst)
-        proto = ip.p if isinstance(ip, dpkt.ip.IP) else ip.nxt
+        # IPv6: the header after any extension headers (dpkt leaves `p` unset when it
+        # stops at ESP, which it counts among them; then the first next header is ESP).
+        proto = ip.p if isinstance(ip, dpkt.ip.IP) else getattr(ip, "p", ip.nxt)
         summary = f"{src} > {dst} proto {proto}"
+        if proto == IPPROTO_UDP and esp_in_udp(ip.data, udp_ports):
+            counts["esp_in_udp"] += 1
+            proto = IPPROTO_ESP
         if proto == IPPROTO_ESP and not in_pods(src, dst):
             key = "esp_between_nodes" if {src, dst} <= node_addrs else "esp_elsewhere"
             counts[key] += 1
@@ -265,6 +299,15 @@ def classify_capture(frames: Iterable[bytes], mesh: Mesh, interface: str) -> Cap
         if len(offenders) < 5:
             offenders.append(summary)
     return CaptureVerdict(interface=interface, offenders=offenders, **counts)
+
+
+def esp_in_udp(udp: object, ports: set[int]) -> bool:
+    """ESP in UDP (RFC 3948) on one of the mesh's ports: not a NAT keepalive (one 0xff
+    byte) nor IKE (a zero non-ESP marker where the SPI would be)."""
+    if not isinstance(udp, dpkt.udp.UDP) or not ({udp.sport, udp.dport} & ports):
+        return False
+    payload = bytes(udp.data)
+    return len(payload) >= 8 and payload[:4] != b"\0\0\0\0"
 
 
 def read_pcap(path: Path) -> list[bytes]:
@@ -375,7 +418,8 @@ def render(report: VerifyReport) -> str:
     c = report.capture
     if c is not None:
         lines.append(f"capture on {c.interface}: {c.frames} frames: {c.esp_between_nodes} ESP "
-                     f"between node addresses, {c.esp_elsewhere} ESP elsewhere, "
+                     f"between node addresses ({c.esp_in_udp} in UDP), {c.esp_elsewhere} ESP "
+                     "elsewhere, "
                      f"{c.ipip_in_clear} IPIP in clear, {c.pod_address_in_clear} with pod "
                      f"addresses in clear, {c.other} other (ARP, host traffic)")
         lines += [f"  offending frame: {o}" for o in c.offenders]

@@ -35,7 +35,7 @@ from pydantic import ValidationError
 
 from vppmesh import node as agent
 from vppmesh import pods
-from vppmesh.config import Mesh, MeshSettings, Node, format_validation_error
+from vppmesh.config import Mesh, MeshSettings, NatSettings, Node, format_validation_error
 from vppmesh.datastore.etcd import DatastoreError, EtcdStore, Registration
 from vppmesh.datastore.records import (
     DatastoreUrl,
@@ -66,6 +66,9 @@ class LocalNode:
     pod_cidr: ipaddress.IPv4Network
     node_number: int | None = None
     uplink: str | None = None
+    # Behind NAT: the public address (and forwarded port) peers reach this node at.
+    nat: NatSettings | None = None
+    udp_encap: bool = False
 
 
 @dataclass(frozen=True)
@@ -98,10 +101,12 @@ def local_record(options: agent.NodeOptions, local: LocalNode, public_key: str) 
     try:
         return Node(name=options.node, node_number=local.node_number or 1,
                     underlay=list(local.underlay), pod_cidr=local.pod_cidr,
-                    public_key=public_key, uplink=local.uplink)
+                    public_key=public_key, uplink=local.uplink, nat=local.nat,
+                    udp_encap=local.udp_encap)
     except ValidationError as exc:
         raise ConfigError(format_validation_error(exc, "this node's record").replace(
-            "the mesh file is not valid", "check --node, --underlay, --pod-cidr")) from None
+            "the mesh file is not valid",
+            "check --node, --underlay, --pod-cidr, --nat-public")) from None
 
 
 def record_file(options: agent.NodeOptions) -> Path:
@@ -387,8 +392,32 @@ def leave(options: agent.NodeOptions, url: DatastoreUrl, *,
     return removed
 
 
+def parse_nat(value: str | None) -> NatSettings | None:
+    """`--nat-public ADDR[:PORT]` (IPv6: `[ADDR]:PORT`); the port defaults to 4500."""
+    if value is None:
+        return None
+    text, port = value.strip(), None
+    if text.startswith("["):
+        addr, _, rest = text[1:].partition("]")
+        if rest:
+            port = rest.removeprefix(":")
+        text = addr
+    elif text.count(":") == 1:
+        text, port = text.split(":")
+    try:
+        public = ipaddress.ip_address(text)
+        number = int(port) if port is not None else 4500
+        return NatSettings(public=public, port=number)
+    except (ValueError, ValidationError):
+        raise ConfigError(f"--nat-public {value}: give the public ADDRESS[:PORT] peers reach "
+                          "this node at, e.g. 203.0.113.7:4500 or [2001:db8::7]:4500 (the "
+                          "port, 1-65535, is the one the NAT forwards to this node's 4500)"
+                          ) from None
+
+
 def parse_local(underlay: list[str], pod_cidr: str | None, node_number: int | None,
-                uplink: str | None) -> LocalNode:
+                uplink: str | None, nat_public: str | None = None,
+                udp_encap: bool = False) -> LocalNode:
     """The command line's description of this node; errors name the option."""
     if not underlay or pod_cidr is None:
         raise ConfigError("joining through --datastore needs this node's --underlay "
@@ -403,13 +432,14 @@ def parse_local(underlay: list[str], pod_cidr: str | None, node_number: int | No
         raise ConfigError(f"--pod-cidr {pod_cidr}: {exc}; give an IPv4 network such as "
                           "198.18.1.0/24") from None
     return LocalNode(underlay=addresses, pod_cidr=cidr, node_number=node_number,
-                     uplink=uplink)
+                     uplink=uplink, nat=parse_nat(nat_public), udp_encap=udp_encap)
 
 
 def follow(options: agent.NodeOptions, url: str, *, watch: bool, underlay: list[str],
            pod_cidr: str | None, node_number: int | None, settings_file: Path | None,
            lease_ttl: int, metrics: AgentMetrics | None = None,
-           stats_socket: Path | None = None) -> None:
+           stats_socket: Path | None = None, nat_public: str | None = None,
+           udp_encap: bool = False) -> None:
     """`vppmesh up --datastore`: register and follow the membership until SIGTERM/SIGINT."""
     import signal
 
@@ -419,7 +449,8 @@ def follow(options: agent.NodeOptions, url: str, *, watch: bool, underlay: list[
     if lease_ttl < 2:
         raise ConfigError(f"--lease-ttl {lease_ttl}: at least 2 seconds (etcd's minimum)")
     ds = DatastoreOptions(url=DatastoreUrl.parse(url),
-                          local=parse_local(underlay, pod_cidr, node_number, options.uplink),
+                          local=parse_local(underlay, pod_cidr, node_number, options.uplink,
+                                            nat_public, udp_encap),
                           lease_ttl=lease_ttl, settings_file=settings_file)
     member = MembershipAgent(options, ds, metrics=metrics, stats_socket=stats_socket)
     member.register()  # a conflicting record fails here, before VPP is touched

@@ -19,7 +19,14 @@ from urllib.parse import parse_qs, urlsplit
 
 from pydantic import ValidationError
 
-from vppmesh.config import NODE_NUMBER_MAX, Mesh, MeshSettings, Node, format_validation_error
+from vppmesh.config import (
+    NODE_NUMBER_MAX,
+    Mesh,
+    MeshSettings,
+    Node,
+    format_validation_error,
+    node_data,
+)
 from vppmesh.errors import ConfigError
 
 DEFAULT_PREFIX = "/vppmesh"
@@ -132,7 +139,7 @@ class Membership:
 
 
 def encode_record(node: Node) -> bytes:
-    return node.model_dump_json(exclude_none=True).encode()
+    return json.dumps(node_data(node), separators=(",", ":")).encode()
 
 
 def parse_record(record: Record) -> Node:

@@ -15,6 +15,8 @@ CRYPTO_AES_GCM_256 = 9
 INTEG_NONE = 0
 FLAG_USE_ESN = 0x1
 FLAG_USE_ANTI_REPLAY = 0x2
+# IPSEC_API_SAD_FLAG_UDP_ENCAP: ESP in UDP (RFC 3948) from udp_src_port to udp_dst_port.
+FLAG_UDP_ENCAP = 0x10
 SA_FLAGS = FLAG_USE_ESN | FLAG_USE_ANTI_REPLAY
 ALL_SAS = 0xFFFFFFFF
 # thread_index VPP reports for an SA bound to no worker: 0 (the main thread) when VPP has
@@ -36,8 +38,18 @@ class SaState:
     stat_index: int
 
 
+def sa_flags(sa: SaSpec) -> int:
+    return SA_FLAGS | (FLAG_UDP_ENCAP if sa.udp_encap else 0)
+
+
 def add_sa(sa: SaSpec) -> Request:
-    """Transport-mode SA: the IPIP tunnel supplies the outer header (one header only)."""
+    """Transport-mode SA: the IPIP tunnel supplies the outer header (one header only).
+
+    With UDP encapsulation VPP's ESP encrypt inserts the UDP header between that outer
+    header (IPv4 or IPv6) and ESP, and sets the outer protocol to UDP. Inbound, tunnel
+    protection has VPP take UDP/4500 to its ESP input whatever the SA flags say; the
+    ports matter only for what we send.
+    """
     key = sa.key.get_secret_value()
     return Request("ipsec_sad_entry_add_v2", {"entry": {
         "sad_id": sa.sa_id,
@@ -47,8 +59,10 @@ def add_sa(sa: SaSpec) -> Request:
         "crypto_key": {"length": len(key), "data": key},
         "integrity_algorithm": INTEG_NONE,
         "integrity_key": {"length": 0, "data": b""},
-        "flags": SA_FLAGS,
+        "flags": sa_flags(sa),
         "salt": sa.salt,
+        "udp_src_port": sa.udp_src_port,
+        "udp_dst_port": sa.udp_dst_port,
         "anti_replay_window_size": sa.anti_replay_window,
     }}, f"SA {sa.sa_id:#x}")
 
@@ -76,7 +90,9 @@ def dump_sas(api: VppApi) -> list[SaState]:
         result.append(SaState(
             spec=SaSpec(sa_id=e.sad_id, spi=e.spi, key=SecretBytes(key),
                         salt=swap32(e.salt),
-                        anti_replay_window=e.anti_replay_window_size),
+                        anti_replay_window=e.anti_replay_window_size,
+                        udp_encap=bool(e.flags & FLAG_UDP_ENCAP),
+                        udp_src_port=e.udp_src_port, udp_dst_port=e.udp_dst_port),
             flags=int(e.flags), crypto_algorithm=int(e.crypto_algorithm),
             thread_index=d.thread_index, seq_outbound=d.seq_outbound,
             last_seq_inbound=d.last_seq_inbound, stat_index=d.stat_index,
@@ -90,7 +106,7 @@ def installed_sa(sa: SaSpec, stat_index: int) -> SaState:
     plan() leaves `worker` unset only when VPP has no workers.
     """
     thread = NO_WORKER_THREAD if sa.worker is None else UNBOUND_THREAD
-    return SaState(spec=sa, flags=SA_FLAGS, crypto_algorithm=CRYPTO_AES_GCM_256,
+    return SaState(spec=sa, flags=sa_flags(sa), crypto_algorithm=CRYPTO_AES_GCM_256,
                    thread_index=thread, seq_outbound=0, last_seq_inbound=0,
                    stat_index=stat_index)
 
