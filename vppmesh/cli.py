@@ -9,7 +9,7 @@ import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -17,6 +17,9 @@ from vppmesh import node as agent
 from vppmesh.config import Mesh
 from vppmesh.errors import VppMeshError, VppUnavailableError
 from vppmesh.vpp.client import DEFAULT_API_SOCKET, VppClient
+
+if TYPE_CHECKING:
+    from vppmesh.testbed import TestbedSpec
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="An encrypted full mesh of Linux hosts over VPP (IPIP + ESP AES-GCM-256).")
@@ -448,14 +451,21 @@ def attach(
     netns: Annotated[str, typer.Option(help="The pod's network namespace.")],
     address: Annotated[str, typer.Option(help="The pod's address (in this node's pod CIDR).")],
     index: Annotated[int, typer.Option(help="Small unique pod number (stable MACs).")] = 0,
+    attachment: Annotated[str, typer.Option(
+        help="auto (tap v2 if /dev/vhost-net exists, else af_packet), tap or af_packet.")
+                          ] = "auto",
+    queues: Annotated[int, typer.Option(
+        help="Tap queue pairs (default: VPP's worker count).")] = 0,
     mesh: MeshOpt = DEFAULT_MESH,
     node: NodeOpt = HOSTNAME,
     api_socket: SocketOpt = DEFAULT_API_SOCKET,
 ) -> None:
-    """Attach a network namespace (a pod) to this node's mesh through a veth/af_packet."""
+    """Attach a network namespace (a pod) to this node's mesh: a tap v2 or veth/af_packet."""
+    from vppmesh import host as linux
     from vppmesh.config import load_mesh
     from vppmesh.endpoints import attach as attach_endpoint
     from vppmesh.endpoints import pod_spec
+    from vppmesh.vpp import system
 
     try:
         mesh_obj = load_mesh(mesh)
@@ -464,14 +474,26 @@ def attach(
         if ip not in local.pod_cidr or ip == local.mesh_address:
             raise fail(f"--address {ip} is not a pod address of {node} (pod_cidr "
                        f"{local.pod_cidr}, {local.mesh_address} is the host's)")
-        spec = pod_spec(name=name, netns=netns, address=ip, node_number=local.node_number,
-                        pod_index=index, offloads=mesh_obj.settings.gso)
+        if attachment not in ("auto", "tap", "af_packet"):
+            raise fail(f"--attachment {attachment}: use auto, tap or af_packet")
+        kind = attachment
+        if kind == "auto":
+            kind = "tap" if linux.tap_supported() else "af_packet"
+        elif kind == "tap" and not linux.tap_supported():
+            raise fail("--attachment tap needs /dev/vhost-net (modprobe vhost_net); use "
+                       "auto or af_packet")
         with VppClient(api_socket).connect() as client:
+            if kind == "tap" and queues < 1:
+                queues = max(1, system.worker_count(client))
+            spec = pod_spec(name=name, netns=netns, address=ip,
+                            node_number=local.node_number, pod_index=index, kind=kind,
+                            queues=max(1, queues), offloads=mesh_obj.settings.gso)
             attach_endpoint(client, spec, table_id=mesh_obj.settings.mesh_table_id,
                             mtu=mesh_obj.pod_mtu())
     except VppMeshError as exc:
         raise fail(str(exc)) from None
-    typer.echo(f"attached {name} ({ip}) in netns {netns}")
+    typer.echo(f"attached {name} ({ip}) in netns {netns} ({kind}"
+               f"{f', {spec.queues} queue pair(s)' if kind == 'tap' else ''})")
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
@@ -490,16 +512,39 @@ def bench(ctx: typer.Context) -> None:
 def testbed_up(
     nodes: int = 3, tunnels: int = 4, pods: int = 1,
     workers: Annotated[int, typer.Option(help="VPP workers per node.")] = 0,
+    attachment: Annotated[str, typer.Option(
+        help="Host link and pods: af_packet, tap (needs /dev/vhost-net) or auto.")
+                          ] = "af_packet",
+    gso: Annotated[bool, typer.Option(
+        help="settings.gso: large TCP segments between tap endpoints and VPP.")] = False,
 ) -> None:
-    """Build N nodes (a VPP each) with pods, and run `vppmesh up` on each."""
-    from vppmesh.testbed import Testbed, TestbedSpec
+    """Build N nodes (a VPP each) with pods, and run `vppmesh up` on each.
 
-    bed = Testbed(TestbedSpec(nodes=nodes, tunnels=tunnels, pods=pods, workers=workers))
+    For the tap v2 path on a machine without /dev/vhost-net, run it in a VM guest:
+    `vppmesh vm run -- vppmesh testbed up --attachment tap ...` (docs/vm.md).
+    """
+    from vppmesh.testbed import Testbed
+
+    bed = Testbed(testbed_spec(nodes=nodes, tunnels=tunnels, pods=pods, workers=workers,
+                               attachment=attachment, gso=gso))
     try:
         bed.up(progress=lambda msg: typer.echo(f"... {msg}", err=True))
     except VppMeshError as exc:
         raise fail(str(exc), 2) from None
     typer.echo(json.dumps(bed.status(), indent=2))
+
+
+def testbed_spec(**fields: object) -> TestbedSpec:
+    """A TestbedSpec from command-line options; a bad one fails naming the option."""
+    from pydantic import ValidationError
+
+    from vppmesh.testbed import TestbedSpec
+
+    try:
+        return TestbedSpec(**fields)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        raise fail("; ".join(f"--{'-'.join(str(p) for p in e['loc'])}: {e['msg']}"
+                             for e in exc.errors())) from None
 
 
 @testbed_app.command("down")
@@ -526,16 +571,27 @@ def testbed_status() -> None:
 def demo(
     nodes: int = 3, tunnels: int = 4, seconds: int = 5, streams: int = 8,
     keep: Annotated[bool, typer.Option(help="Leave the testbed running afterwards.")] = False,
+    workers: Annotated[int, typer.Option(help="VPP workers per node.")] = 0,
+    attachment: Annotated[str, typer.Option(
+        help="Host link and pods: af_packet, tap (needs /dev/vhost-net) or auto.")
+                          ] = "af_packet",
+    gso: Annotated[bool, typer.Option(
+        help="settings.gso: large TCP segments between tap endpoints and VPP.")] = False,
 ) -> None:
-    """A small encrypted mesh on this machine, with iperf3 across every node pair."""
+    """A small encrypted mesh on this machine, with iperf3 across every node pair.
+
+    In a VM guest with tap v2 endpoints: `vppmesh vm run -- vppmesh demo --attachment tap
+    --gso --workers 2` (docs/vm.md).
+    """
     from vppmesh.demo import render, run_demo
     from vppmesh.testbed import find_vpp, require_root
 
+    spec = testbed_spec(nodes=nodes, tunnels=tunnels, pods=1, workers=workers,
+                        attachment=attachment, gso=gso)
     try:
         require_root()
         find_vpp()
-        results = run_demo(nodes=nodes, tunnels=tunnels, seconds=seconds, streams=streams,
-                           keep=keep)
+        results = run_demo(spec, seconds=seconds, streams=streams, keep=keep)
     except VppMeshError as exc:
         raise fail(str(exc), 2) from None
     typer.echo(render(results))

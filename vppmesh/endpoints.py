@@ -33,9 +33,12 @@ def attach_vpp(api: VppApi, spec: HostLinkSpec, *, table_id: int, mtu: int, gate
                 spec.vpp_ifname, spec.vpp_mac, spec.queues, spec.offloads)).sw_if_index
             api.call(interfaces.set_tag(index, spec.tag, spec.tag))
         else:
+            # A persistent tap left by a VPP that died is taken over, with the addresses
+            # and routes its Linux end still holds; otherwise the name must be free.
+            leftover = spec.persist and linux.link_exists(spec.linux_ifname, spec.netns)
             index = api.call(host_interfaces.create_tap(
                 spec.linux_ifname, spec.vpp_mac, spec.linux_mac, mtu, spec.queues,
-                spec.netns, spec.tag)).sw_if_index
+                spec.netns, spec.tag, persist=spec.persist, attach=leftover)).sw_if_index
     else:
         index = existing.sw_if_index
     setup = []
@@ -97,8 +100,21 @@ def detach(api: VppApi, spec: HostLinkSpec, table_id: int) -> bool:
             api.call(host_interfaces.delete_af_packet(spec.vpp_ifname))
         else:
             api.call(host_interfaces.delete_tap(found.sw_if_index))
-    removed_link = spec.kind == "af_packet" and linux.remove_link(spec.vpp_ifname)
+    if spec.kind == "af_packet":
+        removed_link = linux.remove_link(spec.vpp_ifname)
+    else:
+        # VPP's delete removes its tap; a persistent one whose VPP died is removed here.
+        removed_link = spec.persist and _netns_exists(spec.netns) and \
+            linux.remove_link(spec.linux_ifname, spec.netns)
     return found is not None or removed_link
+
+
+def _netns_exists(netns: str | None) -> bool:
+    if netns is None:
+        return True
+    from pathlib import Path
+
+    return Path(netns if "/" in netns else f"/run/netns/{netns}").exists()
 
 
 def segmentation_offload(gso: bool, kind: str) -> bool:
@@ -135,6 +151,7 @@ def pod_spec(*, name: str, netns: str, address: ipaddress.IPv4Address, node_numb
         routes=(),
         queues=queues,
         offloads=segmentation_offload(offloads, kind),
+        persist=kind == "tap",
     )
 
 

@@ -22,6 +22,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -59,6 +60,14 @@ class TestbedSpec(BaseModel):
     base_dir: Path = DEFAULT_BASE
     mesh_table_id: int = 1717
     gso: bool = False
+    # How the host link and the pods join their node's VPP: af_packet on veths (works
+    # everywhere), tap v2 (needs /dev/vhost-net: a VM guest, see docs/vm.md) or auto.
+    attachment: Literal["af_packet", "tap", "auto"] = "af_packet"
+
+    @property
+    def host_link(self) -> str:
+        """`vppmesh up --host-link` for this attachment."""
+        return self.attachment
 
 
 def find_vpp() -> Path:
@@ -201,7 +210,7 @@ class Testbed:
                 return
             for node in self.nodes:
                 say(f"vppmesh up on {node.name}")
-                self.run_vppmesh(node, "up", *self.state_args(node))
+                self.run_vppmesh(node, "up", *self.up_args(node))
             for node in self.nodes:
                 for pod in range(self.spec.pods):
                     say(f"pod {node.pod_name(pod)}")
@@ -274,8 +283,13 @@ class Testbed:
         ns = node.pod_netns(pod)
         sh("ip", "netns", "add", ns)
         in_ns(ns, "ip", "link", "set", "lo", "up")
-        self.run_vppmesh(node, "attach", "--name", node.pod_name(pod), "--netns", ns,
-                         "--address", str(node.pod_address(pod)), "--index", str(pod))
+        self.run_vppmesh(node, "attach", *self.attach_args(node, pod))
+
+    def attach_args(self, node: NodeHandle, pod: int) -> list[str]:
+        """`vppmesh attach` arguments of one pod (also for re-attaching it)."""
+        return ["--name", node.pod_name(pod), "--netns", node.pod_netns(pod),
+                "--address", str(node.pod_address(pod)), "--index", str(pod),
+                "--attachment", self.spec.attachment]
 
     # ---- running things -------------------------------------------------------------
     def vppmesh_args(self, node: NodeHandle) -> list[str]:
@@ -285,6 +299,10 @@ class Testbed:
     def state_args(self, node: NodeHandle) -> list[str]:
         """What `up` needs besides the common arguments: the key and the key ledger."""
         return ["--key", str(node.key_file), "--state-dir", str(node.dir)]
+
+    def up_args(self, node: NodeHandle) -> list[str]:
+        """Everything `vppmesh up` needs beyond the common arguments."""
+        return [*self.state_args(node), "--host-link", self.spec.host_link]
 
     def run_vppmesh(self, node: NodeHandle, command: str, *extra: str,
                     check: bool = True) -> subprocess.CompletedProcess[str]:
