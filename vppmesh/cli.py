@@ -6,6 +6,7 @@ import ipaddress
 import json
 import logging
 import socket
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,6 +29,9 @@ app.add_typer(testbed_app, name="testbed")
 uplink_app = typer.Typer(no_args_is_help=True,
                          help="Hand the host's NIC to VPP and give the host its network back.")
 app.add_typer(uplink_app, name="uplink")
+vm_app = typer.Typer(no_args_is_help=True,
+                     help="Run commands in a VM guest with /dev/vhost-net (tap v2 path).")
+app.add_typer(vm_app, name="vm")
 log = logging.getLogger("vppmesh")
 
 MeshOpt = Annotated[Path, typer.Option("--mesh", envvar="VPPMESH_MESH",
@@ -663,3 +667,51 @@ def uplink_restore(
         if client is not None:
             client.close()
     typer.echo(f"restored {len(names)} uplink(s)")
+
+
+@vm_app.command("check")
+def vm_check() -> None:
+    """What a guest would boot with (kernel, qemu, virtme-ng, VPP), or what is missing."""
+    from vppmesh import vm
+
+    reason = vm.missing()
+    if reason is not None:
+        raise fail(reason, 2)
+    typer.echo(f"kernel {vm.find_kernel()} (vhost_net), {vm.find_qemu()}, {vm.find_vng()}")
+    try:
+        typer.echo(f"VPP for the guest: {vm.find_guest_vpp()}")
+    except VppMeshError as exc:
+        raise fail(str(exc), 2) from None
+
+
+@vm_app.command("run", context_settings={"allow_extra_args": True,
+                                         "ignore_unknown_options": True})
+def vm_run(
+    ctx: typer.Context,
+    cpus: Annotated[int, typer.Option(help="vCPUs: VPP pins main + workers to them.")] = 4,
+    memory: Annotated[str, typer.Option(help="Guest memory (qemu -m).")] = "4G",
+    rwdir: Annotated[list[Path] | None, typer.Option(
+        help="A host directory the guest may write (repeatable).")] = None,
+) -> None:
+    """Boot a guest sharing this machine's filesystem and run a command in it, as root.
+
+    `vppmesh vm run -- vppmesh demo --nodes 2 --attachment tap --gso --workers 2`; the
+    VPP is $VPPMESH_VM_VPP, else $VPPMESH_VPP or `vpp` on PATH (docs/vm.md).
+    """
+    from vppmesh import vm
+
+    command = list(ctx.args)
+    if not command:
+        raise fail("give the command to run in the guest after --")
+    if command[0] == "vppmesh":
+        command = [sys.executable, "-m", "vppmesh", *command[1:]]
+    try:
+        env = {"VPPMESH_VPP": str(vm.find_guest_vpp())}
+    except VppMeshError:
+        env = {}  # a command that needs no VPP
+    try:
+        code = vm.run(command, vm.GuestSpec(cpus=cpus, memory=memory,
+                                            rwdirs=tuple(rwdir or ()), env=env))
+    except VppMeshError as exc:
+        raise fail(str(exc), 2) from None
+    raise typer.Exit(code)
