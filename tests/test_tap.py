@@ -43,3 +43,26 @@ def test_testbed_passes_the_attachment_to_up_and_attach(tmp_path: Path) -> None:
     assert Testbed(TestbedSpec(nodes=2)).up_args(node)[-1] == "af_packet"
     with pytest.raises(ValidationError, match="attachment"):
         TestbedSpec(attachment="veth")  # type: ignore[arg-type]
+
+
+def test_guest_script_loads_vhost_net_and_reports_the_exit_code(tmp_path: Path) -> None:
+    from vppmesh import vm
+
+    script = vm.guest_script(["python", "-m", "pytest", "a b"], cwd=Path("/repo"),
+                             env={"VPPMESH_VPP": "/opt/vpp/bin/vpp"},
+                             status_file=tmp_path / "rc")
+    assert script.startswith("modprobe vhost_net")
+    assert "export VPPMESH_VPP=/opt/vpp/bin/vpp" in script
+    assert "python -m pytest 'a b'; echo $? > " in script
+
+
+def test_guest_outcomes_are_read_from_junit(tmp_path: Path) -> None:
+    from test_vm import outcomes
+
+    junit = tmp_path / "junit.xml"
+    junit.write_text('<testsuites><testsuite><testcase name="a"/>'
+                     '<testcase name="b"><failure message="boom">trace</failure></testcase>'
+                     '<testcase name="c"><skipped message="no vpp"/></testcase>'
+                     '</testsuite></testsuites>')
+    assert outcomes(junit) == {"a": ("passed", ""), "b": ("failed", "boom\ntrace"),
+                               "c": ("skipped", "no vpp")}

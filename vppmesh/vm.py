@@ -117,9 +117,9 @@ def find_guest_vpp() -> Path:
         return path
     try:
         return find_vpp()
-    except TestbedError as exc:
-        raise VmError(f"no VPP for the guest: set {VPP_ENV} (or VPPMESH_VPP) to a "
-                      f"generic (multi-arch) vpp binary ({exc})") from None
+    except TestbedError:
+        raise VmError(f"no VPP for the guest: set {VPP_ENV} or VPPMESH_VPP to a generic "
+                      "(multi-arch) vpp binary, or put vpp on PATH") from None
 
 
 def missing() -> str | None:
@@ -171,7 +171,7 @@ def vng_command(command: list[str], spec: GuestSpec, *, cwd: Path,
 
 
 def run(command: list[str], spec: GuestSpec, *, cwd: Path | None = None,
-        capture: bool = False) -> int:
+        log: Path | None = None) -> int:
     """Boot a guest, run `command` in it (as root, in `cwd`) and return its exit code.
 
     The exit code comes back through a file in the first of `spec.rwdirs` (one is made
@@ -193,14 +193,18 @@ def run(command: list[str], spec: GuestSpec, *, cwd: Path | None = None,
         # vng starts its helpers (virtme-run) from PATH: the venv's bin must be on it.
         env = dict(os.environ)
         env["PATH"] = f"{Path(args[0]).parent}:{env.get('PATH', '/usr/bin:/bin')}"
+        out = log.open("w") if log is not None else None
         try:
-            done = subprocess.run(args, env=env, stdin=subprocess.DEVNULL,
-                                  capture_output=capture, text=True, timeout=spec.timeout,
-                                  check=False)
+            done = subprocess.run(args, env=env, stdin=subprocess.DEVNULL, stdout=out,
+                                  stderr=subprocess.STDOUT if out else None,
+                                  timeout=spec.timeout, check=False)
         except subprocess.TimeoutExpired:
             raise VmError(f"the guest did not finish within {spec.timeout:.0f} s") from None
+        finally:
+            if out is not None:
+                out.close()
         if not status_file.exists():
-            tail = (done.stdout or "")[-1500:] + (done.stderr or "")[-1500:]
+            tail = log.read_text()[-1500:] if log is not None else ""
             raise VmError(f"the guest ended without running the command (vng exit "
                           f"{done.returncode}){': ' + tail if tail.strip() else ''}")
         code = int(status_file.read_text().strip() or 1)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from vppmesh.vpp.client import Request, VppApi
 from vppmesh.vpp.interfaces import NOT_FOUND
 
@@ -67,3 +69,9 @@ def create_tap(host_if_name: str, mac: str, host_mac: str, mtu: int, queues: int
 def delete_tap(sw_if_index: int) -> Request:
     return Request("tap_delete_v2", {"sw_if_index": sw_if_index}, f"tap {sw_if_index}",
                    tolerate=NOT_FOUND)
+
+
+def dump_taps(api: VppApi) -> dict[int, Any]:
+    """{sw_if_index: tap details (tap_flags, host_if_name, host_namespace, ...)}."""
+    return {d.sw_if_index: d for d in api.dump("sw_interface_tap_v2_dump",
+                                               sw_if_index=0xFFFFFFFF)}
