@@ -20,6 +20,8 @@ def test_tap_flags_gso_gro_consistent_qp_and_persistence() -> None:
         hi.TAP_FLAG_CONSISTENT_QP
     assert plain["num_rx_queues"] == plain["num_tx_queues"] == 2
     assert plain["host_namespace_set"] and plain["host_namespace"] == "pod"
+    assert hi.create_tap("eth0", "m", "h", 1440, 1, None, "t", gso=False).args[
+        "tap_flags"] == hi.TAP_FLAG_CONSISTENT_QP
     kept = hi.create_tap("eth0", "02:00:00:00:00:01", "02:00:00:00:00:02", 1440, 2,
                          "pod", "t", persist=True, attach=True).args
     assert kept["tap_flags"] & hi.TAP_FLAG_PERSIST and kept["tap_flags"] & hi.TAP_FLAG_ATTACH

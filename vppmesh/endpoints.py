@@ -38,7 +38,8 @@ def attach_vpp(api: VppApi, spec: HostLinkSpec, *, table_id: int, mtu: int, gate
             leftover = spec.persist and linux.link_exists(spec.linux_ifname, spec.netns)
             index = api.call(host_interfaces.create_tap(
                 spec.linux_ifname, spec.vpp_mac, spec.linux_mac, mtu, spec.queues,
-                spec.netns, spec.tag, persist=spec.persist, attach=leftover)).sw_if_index
+                spec.netns, spec.tag, gso=spec.offloads, persist=spec.persist,
+                attach=leftover)).sw_if_index
     else:
         index = existing.sw_if_index
     setup = []

@@ -40,16 +40,22 @@ def dump_af_packet(api: VppApi) -> dict[str, int]:
 
 
 def create_tap(host_if_name: str, mac: str, host_mac: str, mtu: int, queues: int,
-               netns: str | None, tag: str, *, persist: bool = False,
+               netns: str | None, tag: str, *, gso: bool = True, persist: bool = False,
                attach: bool = False) -> Request:
-    """Tap v2 with GSO, GRO coalescing and one queue pair per worker.
+    """Tap v2 with one queue pair per worker; with `gso`, GSO and GRO coalescing.
+
+    Without `gso` the tap negotiates no offload at all, so Linux hands VPP only
+    MTU-sized frames with complete checksums: nothing downstream (an IPIP tunnel
+    without the gso feature, an af_packet NIC) ever sees a large segment.
 
     `persist` keeps the Linux end (with its addresses and routes) when VPP dies, and
     `attach` takes such a leftover end over instead of failing on its name; Calico/VPP's
     vpplink (CreateOrAttachTapV2) does the same for its pods. VPP's tap_delete_v2
     clears the persist flag first (plugins/tap/tap.c, tap_free), so a deleted tap goes.
     """
-    flags = TAP_FLAG_GSO | TAP_FLAG_GRO_COALESCE | TAP_FLAG_CONSISTENT_QP
+    flags = TAP_FLAG_CONSISTENT_QP
+    if gso:
+        flags |= TAP_FLAG_GSO | TAP_FLAG_GRO_COALESCE
     if persist:
         flags |= TAP_FLAG_PERSIST
     if attach:
