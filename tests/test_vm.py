@@ -36,6 +36,7 @@ GUEST_TESTS = [
     "test_verify_capture_passes",
     "test_cni_add_check_del_with_attachment_tap",
     "test_pod_tap_survives_a_vpp_restart_and_is_attached_again",
+    "test_uplink_host_tap_carries_tcp_with_gso",
     "test_takeover_keeps_the_host_online_and_restore_is_exact",
 ]
 

@@ -39,7 +39,8 @@ UNDERLAY_NET = ipaddress.IPv4Network("192.0.2.0/24")  # RFC 5737 TEST-NET-1
 POD_SUPERNET = ipaddress.IPv4Network("198.18.0.0/16")  # RFC 2544 benchmarking range
 UPLINK_IFNAME = "eth0"
 UNDERLAY_MTU = 1500
-VPP_START_TIMEOUT = 30.0
+# A VPP under software emulation (the VM guest, docs/vm.md) starts several times slower.
+VPP_START_TIMEOUT = float(os.environ.get("VPPMESH_VPP_START_TIMEOUT", "30"))
 
 
 class TestbedError(VppMeshError):

@@ -141,6 +141,7 @@ def guest_script(command: list[str], *, cwd: Path, env: dict[str, str],
                  status_file: Path | None = None) -> str:
     """The shell script the guest runs: vhost-net, the environment, then `command`."""
     exports = {"PYTHONDONTWRITEBYTECODE": "1", "VPPMESH_VM_GUEST": "1",
+               "VPPMESH_VPP_START_TIMEOUT": "240",
                "PATH": f"{Path(sys.executable).parent}:/usr/sbin:/usr/bin:/sbin:/bin"}
     exports |= {k: v for k in PASSED_ENV if (v := os.environ.get(k))}
     exports |= env
