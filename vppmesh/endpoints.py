@@ -104,18 +104,21 @@ def detach(api: VppApi, spec: HostLinkSpec, table_id: int) -> bool:
     if spec.kind == "af_packet":
         removed_link = linux.remove_link(spec.vpp_ifname)
     else:
-        # VPP's delete removes its tap; a persistent one whose VPP died is removed here.
-        removed_link = spec.persist and _netns_exists(spec.netns) and \
-            linux.remove_link(spec.linux_ifname, spec.netns)
+        removed_link = remove_leftover_tap(spec)
     return found is not None or removed_link
 
 
-def _netns_exists(netns: str | None) -> bool:
-    if netns is None:
-        return True
-    from pathlib import Path
+def remove_leftover_tap(spec: HostLinkSpec) -> bool:
+    """Delete the Linux end of a persistent tap whose VPP died (VPP's own delete of a
+    tap removes it); False if there is none, or its namespace is gone already."""
+    if spec.kind != "tap" or not spec.persist:
+        return False
+    if spec.netns is not None:
+        from pathlib import Path
 
-    return Path(netns if "/" in netns else f"/run/netns/{netns}").exists()
+        if not Path(spec.netns if "/" in spec.netns else f"/run/netns/{spec.netns}").exists():
+            return False
+    return linux.remove_link(spec.linux_ifname, spec.netns)
 
 
 def segmentation_offload(gso: bool, kind: str) -> bool:
@@ -189,7 +192,7 @@ def recover_spec(api: VppApi, spec: HostLinkSpec) -> HostLinkSpec | None:
         return None
     neighbors = routes.dump_neighbors(api, iface.sw_if_index)
     kind = "tap" if iface.dev_type == "virtio" else "af_packet"
-    update: dict[str, object] = {"kind": kind}
+    update: dict[str, object] = {"kind": kind, "persist": kind == "tap"}
     if neighbors:
         ip, mac = next(iter(neighbors.items()))
         update |= {"address": ipaddress.IPv4Interface(f"{ip}/32"), "linux_mac": mac}
