@@ -581,15 +581,32 @@ def demo(
                           ] = "af_packet",
     gso: Annotated[bool, typer.Option(
         help="settings.gso: large TCP segments between tap endpoints and VPP.")] = False,
+    vm: Annotated[bool, typer.Option(
+        "--vm", help="Run it in a VM guest with /dev/vhost-net (docs/vm.md); the "
+        "endpoints are then tap v2 unless --attachment says otherwise.")] = False,
 ) -> None:
     """A small encrypted mesh on this machine, with iperf3 across every node pair.
 
-    In a VM guest with tap v2 endpoints: `vppmesh vm run -- vppmesh demo --attachment tap
-    --gso --workers 2` (docs/vm.md).
+    `--vm` runs it in a VM guest with tap v2 endpoints, e.g. `vppmesh demo --vm --nodes 2
+    --workers 2 --gso` (the same as `vppmesh vm run -- vppmesh demo --attachment tap ...`).
     """
     from vppmesh.demo import render, run_demo
     from vppmesh.testbed import find_vpp, require_root
 
+    if vm:
+        from vppmesh import vm as guest
+
+        command = [sys.executable, "-m", "vppmesh", "demo", "--nodes", str(nodes),
+                   "--tunnels", str(tunnels), "--seconds", str(seconds), "--streams",
+                   str(streams), "--workers", str(workers), "--attachment",
+                   "tap" if attachment == "af_packet" else attachment,
+                   "--gso" if gso else "--no-gso"]
+        try:
+            env = {"VPPMESH_VPP": str(guest.find_guest_vpp())}
+            raise typer.Exit(guest.run(command, guest.GuestSpec(cpus=max(2, workers + 2),
+                                                                env=env)))
+        except VppMeshError as exc:
+            raise fail(str(exc), 2) from None
     spec = testbed_spec(nodes=nodes, tunnels=tunnels, pods=1, workers=workers,
                         attachment=attachment, gso=gso)
     try:
