@@ -72,7 +72,7 @@ def guest() -> dict[str, tuple[str, str]]:
                         env={"VPPMESH_VPP": str(vpp), "VPPMESH_VM_RESULTS": str(results)})
     log = results / "guest.log"
     try:
-        vm.run(command, spec, cwd=REPO, log=log)
+        vm.run(command, spec, cwd=REPO, log=log, output=results / "pytest.log")
     finally:
         # Kept for reading afterwards: the guest's output, junit and measurements.
         shutil.rmtree(keep, ignore_errors=True)
@@ -80,8 +80,10 @@ def guest() -> dict[str, tuple[str, str]]:
         shutil.rmtree(results, ignore_errors=True)
     junit = keep / "junit.xml"
     if not junit.exists():
-        pytest.fail(f"the guest wrote no report; its output is in {keep / 'guest.log'}:\n"
-                    + (keep / "guest.log").read_text()[-3000:])
+        output = keep / "pytest.log"
+        pytest.fail(f"the guest wrote no report; its output is in {keep}:\n"
+                    + (keep / "guest.log").read_text()[-1500:]
+                    + (output.read_text()[-1500:] if output.exists() else ""))
     return outcomes(junit)
 
 

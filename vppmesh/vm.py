@@ -138,8 +138,12 @@ def missing() -> str | None:
 
 
 def guest_script(command: list[str], *, cwd: Path, env: dict[str, str],
-                 status_file: Path | None = None) -> str:
-    """The shell script the guest runs: vhost-net, the environment, then `command`."""
+                 status_file: Path | None = None, output: Path | None = None) -> str:
+    """The shell script the guest runs: vhost-net, the environment, then `command`.
+
+    With `output` (in a shared directory), the command's output goes there as it is
+    written; the guest's console reaches the host only in large, late chunks.
+    """
     exports = {"PYTHONDONTWRITEBYTECODE": "1", "VPPMESH_VM_GUEST": "1",
                "VPPMESH_VPP_START_TIMEOUT": "240",
                "PATH": f"{Path(sys.executable).parent}:/usr/sbin:/usr/bin:/sbin:/bin"}
@@ -151,7 +155,7 @@ def guest_script(command: list[str], *, cwd: Path, env: dict[str, str],
         "[ -c /dev/vhost-net ] || { echo 'guest: no /dev/vhost-net' >&2; exit 97; }",
         *(f"export {k}={shlex.quote(v)}" for k, v in exports.items()),
         f"cd {shlex.quote(str(cwd))}",
-        shlex.join(command),
+        shlex.join(command) + (f" > {shlex.quote(str(output))} 2>&1" if output else ""),
     ]
     if status_file is not None:
         lines.append(f"echo $? > {shlex.quote(str(status_file))}")
@@ -159,7 +163,7 @@ def guest_script(command: list[str], *, cwd: Path, env: dict[str, str],
 
 
 def vng_command(command: list[str], spec: GuestSpec, *, cwd: Path,
-                status_file: Path | None = None) -> list[str]:
+                status_file: Path | None = None, output: Path | None = None) -> list[str]:
     """The virtme-ng command line that boots the guest and runs `command` in it."""
     args = [str(find_vng()), "--run", str(find_kernel()), "--cpus", str(spec.cpus),
             "--memory", spec.memory, "--qemu", str(find_qemu())]
@@ -167,16 +171,18 @@ def vng_command(command: list[str], spec: GuestSpec, *, cwd: Path,
         args.append("--disable-kvm")
     for directory in spec.rwdirs:
         args += ["--rwdir", str(directory)]
-    args += ["--exec", guest_script(command, cwd=cwd, env=spec.env, status_file=status_file)]
+    args += ["--exec", guest_script(command, cwd=cwd, env=spec.env, status_file=status_file,
+                                    output=output)]
     return args
 
 
 def run(command: list[str], spec: GuestSpec, *, cwd: Path | None = None,
-        log: Path | None = None) -> int:
+        log: Path | None = None, output: Path | None = None) -> int:
     """Boot a guest, run `command` in it (as root, in `cwd`) and return its exit code.
 
     The exit code comes back through a file in the first of `spec.rwdirs` (one is made
-    if none is given), so it does not depend on how virtme-ng reports it.
+    if none is given), so it does not depend on how virtme-ng reports it. `log` takes
+    virtme-ng's console, `output` (in a shared directory) the command's own output.
     """
     import tempfile
 
@@ -190,7 +196,7 @@ def run(command: list[str], spec: GuestSpec, *, cwd: Path | None = None,
                          timeout=spec.timeout)
         status_file = rwdirs[0] / f".vppmesh-vm-status-{os.getpid()}"
         status_file.unlink(missing_ok=True)
-        args = vng_command(command, spec, cwd=cwd, status_file=status_file)
+        args = vng_command(command, spec, cwd=cwd, status_file=status_file, output=output)
         # vng starts its helpers (virtme-run) from PATH: the venv's bin must be on it.
         env = dict(os.environ)
         env["PATH"] = f"{Path(args[0]).parent}:{env.get('PATH', '/usr/bin:/bin')}"
