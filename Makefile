@@ -5,7 +5,10 @@ PY := $(VENV)/bin/python
 DEB_TOOLS := iperf3 tcpdump ethtool iproute2 iputils-ping tinc wireguard-go wireguard-tools \
 	containernetworking-plugins etcd-server nftables conntrack
 
-.PHONY: venv tools test lint unit demo bench bench-quick bench-control bench-capacity bench-metrics clean
+VM_DEB := qemu-system-x86 linux-image-amd64 busybox-static
+
+.PHONY: venv tools vm-tools test vm-test lint unit demo bench bench-quick bench-control \
+	bench-capacity bench-metrics clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,10 +32,25 @@ lint: venv
 	$(VENV)/bin/ruff check vppmesh benchmarks tests
 
 unit: venv
-	$(PY) -m pytest -q -m 'not vpp and not root'
+	$(PY) -m pytest -q -m 'not vpp and not root and not vm'
 
+# The VM tests (marker vm) boot a qemu guest under software emulation: 10-20 minutes on
+# 2 cores, so `make test` (and CI, which has no VPP anyway) leaves them out.
 test: venv tools lint
-	$(PY) -m pytest -q -ra
+	$(PY) -m pytest -q -ra -m 'not vm'
+
+# qemu, a Debian kernel (vhost_net), busybox-static and virtme-ng for the VM guest.
+vm-tools: venv tools
+	@if [ "$$(id -u)" = 0 ]; then \
+	  command -v qemu-system-x86_64 >/dev/null && command -v busybox >/dev/null && \
+	    ls /boot/vmlinuz-* >/dev/null 2>&1 || { apt-get update -qq && \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(VM_DEB) >/dev/null; }; \
+	else echo "not root: skipping qemu and the kernel (the VM tests will skip)"; fi
+	$(PY) -m pip install -q -e '.[test,bench,vm]'
+
+# The tap v2 path in a VM guest; VPP from VPPMESH_VM_VPP, else VPPMESH_VPP (docs/vm.md).
+vm-test: vm-tools
+	$(PY) -m pytest -ra -m vm tests/test_vm.py
 
 demo: venv tools
 	$(VENV)/bin/vppmesh demo

@@ -160,7 +160,7 @@ def test_check_passes_and_sees_breakage(bed: Testbed, added: dict[str, Any]) -> 
 
 def test_pod_survives_vppmesh_up_rerun(bed: Testbed, added: dict[str, Any]) -> None:
     node = bed.nodes[0]
-    rerun = bed.run_vppmesh(node, "up", *bed.state_args(node))
+    rerun = bed.run_vppmesh(node, "up", *bed.up_args(node))
     assert rerun.returncode == 0
     assert cni(bed, "CHECK", netconf(bed, prevResult=added)) == (0, None)
     assert ping(POD_NS, str(bed.nodes[1].pod_address(0))).returncode == 0

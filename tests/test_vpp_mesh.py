@@ -39,7 +39,7 @@ def run_cli(bed: Testbed, node, *args: str) -> subprocess.CompletedProcess[str]:
 
 def test_second_up_changes_nothing(bed: Testbed) -> None:
     for node in bed.nodes:
-        result = run_cli(bed, node, "up", *bed.state_args(node))
+        result = run_cli(bed, node, "up", *bed.up_args(node))
         assert result.returncode == 0, result.stderr
         assert " 0 change(s)" in result.stdout
 
@@ -190,7 +190,7 @@ def test_down_leaves_nothing_of_vppmesh(bed: Testbed) -> None:
             [str(node.underlay[0])]
     # Bringing it back reinstalls no outbound key: its old keys were used, so it steps to
     # the next key generation by itself (which its peers already accept).
-    again = run_cli(bed, node, "up", *bed.state_args(node))
+    again = run_cli(bed, node, "up", *bed.up_args(node))
     assert again.returncode == 0, again.stdout + again.stderr
     assert "outbound generation 0 -> 1" in again.stdout
     with VppClient(node.instance.api_socket).connect() as api:

@@ -6,6 +6,7 @@ import ipaddress
 import json
 import logging
 import socket
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -20,6 +21,7 @@ from vppmesh.vpp.client import DEFAULT_API_SOCKET, VppClient
 
 if TYPE_CHECKING:
     from vppmesh.metrics import AgentMetrics
+    from vppmesh.testbed import TestbedSpec
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="An encrypted full mesh of Linux hosts over VPP (IPIP + ESP AES-GCM-256).")
@@ -28,6 +30,9 @@ app.add_typer(testbed_app, name="testbed")
 uplink_app = typer.Typer(no_args_is_help=True,
                          help="Hand the host's NIC to VPP and give the host its network back.")
 app.add_typer(uplink_app, name="uplink")
+vm_app = typer.Typer(no_args_is_help=True,
+                     help="Run commands in a VM guest with /dev/vhost-net (tap v2 path).")
+app.add_typer(vm_app, name="vm")
 log = logging.getLogger("vppmesh")
 
 MeshOpt = Annotated[Path, typer.Option("--mesh", envvar="VPPMESH_MESH",
@@ -521,14 +526,21 @@ def attach(
     netns: Annotated[str, typer.Option(help="The pod's network namespace.")],
     address: Annotated[str, typer.Option(help="The pod's address (in this node's pod CIDR).")],
     index: Annotated[int, typer.Option(help="Small unique pod number (stable MACs).")] = 0,
+    attachment: Annotated[str, typer.Option(
+        help="auto (tap v2 if /dev/vhost-net exists, else af_packet), tap or af_packet.")
+                          ] = "auto",
+    queues: Annotated[int, typer.Option(
+        help="Tap queue pairs (default: VPP's worker count).")] = 0,
     mesh: MeshOpt = DEFAULT_MESH,
     node: NodeOpt = HOSTNAME,
     api_socket: SocketOpt = DEFAULT_API_SOCKET,
 ) -> None:
-    """Attach a network namespace (a pod) to this node's mesh through a veth/af_packet."""
+    """Attach a network namespace (a pod) to this node's mesh: a tap v2 or veth/af_packet."""
+    from vppmesh import host as linux
     from vppmesh.config import load_mesh
     from vppmesh.endpoints import attach as attach_endpoint
     from vppmesh.endpoints import pod_spec
+    from vppmesh.vpp import system
 
     try:
         mesh_obj = load_mesh(mesh)
@@ -537,14 +549,26 @@ def attach(
         if ip not in local.pod_cidr or ip == local.mesh_address:
             raise fail(f"--address {ip} is not a pod address of {node} (pod_cidr "
                        f"{local.pod_cidr}, {local.mesh_address} is the host's)")
-        spec = pod_spec(name=name, netns=netns, address=ip, node_number=local.node_number,
-                        pod_index=index, offloads=mesh_obj.settings.gso)
+        if attachment not in ("auto", "tap", "af_packet"):
+            raise fail(f"--attachment {attachment}: use auto, tap or af_packet")
+        kind = attachment
+        if kind == "auto":
+            kind = "tap" if linux.tap_supported() else "af_packet"
+        elif kind == "tap" and not linux.tap_supported():
+            raise fail("--attachment tap needs /dev/vhost-net (modprobe vhost_net); use "
+                       "auto or af_packet")
         with VppClient(api_socket).connect() as client:
+            if kind == "tap" and queues < 1:
+                queues = max(1, system.worker_count(client))
+            spec = pod_spec(name=name, netns=netns, address=ip,
+                            node_number=local.node_number, pod_index=index, kind=kind,
+                            queues=max(1, queues), offloads=mesh_obj.settings.gso)
             attach_endpoint(client, spec, table_id=mesh_obj.settings.mesh_table_id,
                             mtu=mesh_obj.pod_mtu())
     except VppMeshError as exc:
         raise fail(str(exc)) from None
-    typer.echo(f"attached {name} ({ip}) in netns {netns}")
+    typer.echo(f"attached {name} ({ip}) in netns {netns} ({kind}"
+               f"{f', {spec.queues} queue pair(s)' if kind == 'tap' else ''})")
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
@@ -573,20 +597,22 @@ def testbed_up(
         help="none, static or masquerade: put the last node behind a NAT router "
         "(static: UDP port 14500 forwarded to its 4500; masquerade: outgoing only).")
     ] = "none",
+    attachment: Annotated[str, typer.Option(
+        help="Host link and pods: af_packet, tap (needs /dev/vhost-net) or auto.")
+                          ] = "af_packet",
+    gso: Annotated[bool, typer.Option(
+        help="settings.gso: large TCP segments between tap endpoints and VPP.")] = False,
 ) -> None:
-    """Build N nodes (a VPP each) with pods, and run `vppmesh up` on each."""
-    from pydantic import ValidationError
+    """Build N nodes (a VPP each) with pods, and run `vppmesh up` on each.
 
-    from vppmesh.testbed import Testbed, TestbedSpec
+    For the tap v2 path on a machine without /dev/vhost-net, run it in a VM guest:
+    `vppmesh vm run -- vppmesh testbed up --attachment tap ...` (docs/vm.md).
+    """
+    from vppmesh.testbed import Testbed
 
-    try:
-        spec = TestbedSpec(nodes=nodes, tunnels=tunnels, pods=pods, workers=workers,
-                           underlay=underlay, underlay_family=underlay_family,
-                           nat=nat)  # type: ignore[arg-type]
-    except ValidationError as exc:
-        raise fail("testbed up: " + "; ".join(
-            f"--{'-'.join(str(p) for p in e['loc']).replace('_', '-') or 'testbed'}: "
-            f"{e['msg'].removeprefix('Value error, ')}" for e in exc.errors()), 2) from None
+    spec = testbed_spec(nodes=nodes, tunnels=tunnels, pods=pods, workers=workers,
+                        underlay=underlay, underlay_family=underlay_family, nat=nat,
+                        attachment=attachment, gso=gso)
     try:
         bed = Testbed(spec)
     except VppMeshError as exc:
@@ -596,6 +622,21 @@ def testbed_up(
     except VppMeshError as exc:
         raise fail(str(exc), 2) from None
     typer.echo(json.dumps(bed.status(), indent=2))
+
+
+def testbed_spec(**fields: object) -> TestbedSpec:
+    """A TestbedSpec from command-line options; a bad one fails naming the option."""
+    from pydantic import ValidationError
+
+    from vppmesh.testbed import TestbedSpec
+
+    try:
+        return TestbedSpec(**fields)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        raise fail("testbed: " + "; ".join(
+            (f"--{'-'.join(str(p) for p in e['loc']).replace('_', '-')}: " if e["loc"]
+             else "") + e["msg"].removeprefix("Value error, ")
+            for e in exc.errors()), 2) from None
 
 
 @testbed_app.command("down")
@@ -622,16 +663,44 @@ def testbed_status() -> None:
 def demo(
     nodes: int = 3, tunnels: int = 4, seconds: int = 5, streams: int = 8,
     keep: Annotated[bool, typer.Option(help="Leave the testbed running afterwards.")] = False,
+    workers: Annotated[int, typer.Option(help="VPP workers per node.")] = 0,
+    attachment: Annotated[str, typer.Option(
+        help="Host link and pods: af_packet, tap (needs /dev/vhost-net) or auto.")
+                          ] = "af_packet",
+    gso: Annotated[bool, typer.Option(
+        help="settings.gso: large TCP segments between tap endpoints and VPP.")] = False,
+    vm: Annotated[bool, typer.Option(
+        "--vm", help="Run it in a VM guest with /dev/vhost-net (docs/vm.md); the "
+        "endpoints are then tap v2 unless --attachment says otherwise.")] = False,
 ) -> None:
-    """A small encrypted mesh on this machine, with iperf3 across every node pair."""
+    """A small encrypted mesh on this machine, with iperf3 across every node pair.
+
+    `--vm` runs it in a VM guest with tap v2 endpoints, e.g. `vppmesh demo --vm --nodes 2
+    --workers 2 --gso` (the same as `vppmesh vm run -- vppmesh demo --attachment tap ...`).
+    """
     from vppmesh.demo import render, run_demo
     from vppmesh.testbed import find_vpp, require_root
 
+    if vm:
+        from vppmesh import vm as guest
+
+        command = [sys.executable, "-m", "vppmesh", "demo", "--nodes", str(nodes),
+                   "--tunnels", str(tunnels), "--seconds", str(seconds), "--streams",
+                   str(streams), "--workers", str(workers), "--attachment",
+                   "tap" if attachment == "af_packet" else attachment,
+                   "--gso" if gso else "--no-gso"]
+        try:
+            env = {"VPPMESH_VPP": str(guest.find_guest_vpp())}
+            raise typer.Exit(guest.run(command, guest.GuestSpec(cpus=max(2, workers + 2),
+                                                                env=env)))
+        except VppMeshError as exc:
+            raise fail(str(exc), 2) from None
+    spec = testbed_spec(nodes=nodes, tunnels=tunnels, pods=1, workers=workers,
+                        attachment=attachment, gso=gso)
     try:
         require_root()
         find_vpp()
-        results = run_demo(nodes=nodes, tunnels=tunnels, seconds=seconds, streams=streams,
-                           keep=keep)
+        results = run_demo(spec, seconds=seconds, streams=streams, keep=keep)
     except VppMeshError as exc:
         raise fail(str(exc), 2) from None
     typer.echo(render(results))
@@ -663,8 +732,10 @@ def uplink_take(
                                  vpp_addresses=tuple(address or ()),  # type: ignore[arg-type]
                                  host_link=host_link, queues=queues)  # type: ignore[arg-type]
     except ValidationError as exc:
-        raise fail("; ".join(f"--{'-'.join(str(p) for p in e['loc'])}: {e['msg']}"
-                             for e in exc.errors())) from None
+        raise fail("testbed: " + "; ".join(
+            (f"--{'-'.join(str(p) for p in e['loc']).replace('_', '-')}: " if e["loc"]
+             else "") + e["msg"].removeprefix("Value error, ")
+            for e in exc.errors()), 2) from None
     try:
         with VppClient(api_socket).connect() as client:
             saved = uplink.take(client, spec, state_dir)
@@ -703,3 +774,51 @@ def uplink_restore(
         if client is not None:
             client.close()
     typer.echo(f"restored {len(names)} uplink(s)")
+
+
+@vm_app.command("check")
+def vm_check() -> None:
+    """What a guest would boot with (kernel, qemu, virtme-ng, VPP), or what is missing."""
+    from vppmesh import vm
+
+    reason = vm.missing()
+    if reason is not None:
+        raise fail(reason, 2)
+    typer.echo(f"kernel {vm.find_kernel()} (vhost_net), {vm.find_qemu()}, {vm.find_vng()}")
+    try:
+        typer.echo(f"VPP for the guest: {vm.find_guest_vpp()}")
+    except VppMeshError as exc:
+        raise fail(str(exc), 2) from None
+
+
+@vm_app.command("run", context_settings={"allow_extra_args": True,
+                                         "ignore_unknown_options": True})
+def vm_run(
+    ctx: typer.Context,
+    cpus: Annotated[int, typer.Option(help="vCPUs: VPP pins main + workers to them.")] = 4,
+    memory: Annotated[str, typer.Option(help="Guest memory (qemu -m).")] = "4G",
+    rwdir: Annotated[list[Path] | None, typer.Option(
+        help="A host directory the guest may write (repeatable).")] = None,
+) -> None:
+    """Boot a guest sharing this machine's filesystem and run a command in it, as root.
+
+    `vppmesh vm run -- vppmesh demo --nodes 2 --attachment tap --gso --workers 2`; the
+    VPP is $VPPMESH_VM_VPP, else $VPPMESH_VPP or `vpp` on PATH (docs/vm.md).
+    """
+    from vppmesh import vm
+
+    command = list(ctx.args)
+    if not command:
+        raise fail("give the command to run in the guest after --")
+    if command[0] == "vppmesh":
+        command = [sys.executable, "-m", "vppmesh", *command[1:]]
+    try:
+        env = {"VPPMESH_VPP": str(vm.find_guest_vpp())}
+    except VppMeshError:
+        env = {}  # a command that needs no VPP
+    try:
+        code = vm.run(command, vm.GuestSpec(cpus=cpus, memory=memory,
+                                            rwdirs=tuple(rwdir or ()), env=env))
+    except VppMeshError as exc:
+        raise fail(str(exc), 2) from None
+    raise typer.Exit(code)

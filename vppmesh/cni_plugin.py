@@ -296,10 +296,14 @@ class Plugin:
                 vpp_ifname=vpp_ifname)
             table = view.table_id
         if not self.conf.api_socket.exists():
-            # No VPP runs: it holds nothing of the pod; only the veth can be left.
+            # No VPP runs: it holds nothing of the pod; only the veth (or the pod's
+            # persistent tap) can be left.
             log.warning("no VPP API socket at %s: removing the Linux side only",
                         self.conf.api_socket)
-            linux.remove_link(spec.vpp_ifname)
+            if spec.kind == "tap":
+                endpoints.remove_leftover_tap(spec)
+            else:
+                linux.remove_link(spec.vpp_ifname)
             return
         with vpp(self.conf) as api:
             if record is None:

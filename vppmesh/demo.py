@@ -77,9 +77,9 @@ def iperf_pair(bed: Testbed, src: NodeHandle, dst: NodeHandle, *, seconds: int,
                       tunnels_used=used, tunnels=len(after), ping_ok=ping.returncode == 0)
 
 
-def run_demo(*, nodes: int = 3, tunnels: int = 4, seconds: int = 5, streams: int = 8,
+def run_demo(spec: TestbedSpec | None = None, *, seconds: int = 5, streams: int = 8,
              keep: bool = False) -> list[PairResult]:
-    bed = Testbed(TestbedSpec(nodes=nodes, tunnels=tunnels, pods=1))
+    bed = Testbed(spec or TestbedSpec(nodes=3, tunnels=4, pods=1))
 
     def say(message: str) -> None:
         print(f"... {message}", file=sys.stderr, flush=True)

@@ -33,9 +33,13 @@ def attach_vpp(api: VppApi, spec: HostLinkSpec, *, table_id: int, mtu: int, gate
                 spec.vpp_ifname, spec.vpp_mac, spec.queues, spec.offloads)).sw_if_index
             api.call(interfaces.set_tag(index, spec.tag, spec.tag))
         else:
+            # A persistent tap left by a VPP that died is taken over, with the addresses
+            # and routes its Linux end still holds; otherwise the name must be free.
+            leftover = spec.persist and linux.link_exists(spec.linux_ifname, spec.netns)
             index = api.call(host_interfaces.create_tap(
                 spec.linux_ifname, spec.vpp_mac, spec.linux_mac, mtu, spec.queues,
-                spec.netns, spec.tag)).sw_if_index
+                spec.netns, spec.tag, gso=spec.offloads, persist=spec.persist,
+                attach=leftover)).sw_if_index
     else:
         index = existing.sw_if_index
     setup = []
@@ -97,8 +101,24 @@ def detach(api: VppApi, spec: HostLinkSpec, table_id: int) -> bool:
             api.call(host_interfaces.delete_af_packet(spec.vpp_ifname))
         else:
             api.call(host_interfaces.delete_tap(found.sw_if_index))
-    removed_link = spec.kind == "af_packet" and linux.remove_link(spec.vpp_ifname)
+    if spec.kind == "af_packet":
+        removed_link = linux.remove_link(spec.vpp_ifname)
+    else:
+        removed_link = remove_leftover_tap(spec)
     return found is not None or removed_link
+
+
+def remove_leftover_tap(spec: HostLinkSpec) -> bool:
+    """Delete the Linux end of a persistent tap whose VPP died (VPP's own delete of a
+    tap removes it); False if there is none, or its namespace is gone already."""
+    if spec.kind != "tap" or not spec.persist:
+        return False
+    if spec.netns is not None:
+        from pathlib import Path
+
+        if not Path(spec.netns if "/" in spec.netns else f"/run/netns/{spec.netns}").exists():
+            return False
+    return linux.remove_link(spec.linux_ifname, spec.netns)
 
 
 def segmentation_offload(gso: bool, kind: str) -> bool:
@@ -135,6 +155,7 @@ def pod_spec(*, name: str, netns: str, address: ipaddress.IPv4Address, node_numb
         routes=(),
         queues=queues,
         offloads=segmentation_offload(offloads, kind),
+        persist=kind == "tap",
     )
 
 
@@ -171,7 +192,7 @@ def recover_spec(api: VppApi, spec: HostLinkSpec) -> HostLinkSpec | None:
         return None
     neighbors = routes.dump_neighbors(api, iface.sw_if_index)
     kind = "tap" if iface.dev_type == "virtio" else "af_packet"
-    update: dict[str, object] = {"kind": kind}
+    update: dict[str, object] = {"kind": kind, "persist": kind == "tap"}
     if neighbors:
         ip, mac = next(iter(neighbors.items()))
         update |= {"address": ipaddress.IPv4Interface(f"{ip}/32"), "linux_mac": mac}

@@ -154,6 +154,8 @@ class HostLinkSpec(Frozen):
     queues: int = 1
     # Large segments (TSO/GSO) across the link; off, the kernel segments before VPP.
     offloads: bool = False
+    # A tap whose Linux end outlives VPP (pods): a restarted VPP attaches to it again.
+    persist: bool = False
 
 
 class DesiredState(Frozen):

@@ -53,7 +53,8 @@ NAT_STATIC_PORT = 14500
 POD_SUPERNET = ipaddress.IPv4Network("198.18.0.0/16")  # RFC 2544 benchmarking range
 UPLINK_IFNAME = "eth0"
 UNDERLAY_MTU = 1500
-VPP_START_TIMEOUT = 30.0
+# A VPP under software emulation (the VM guest, docs/vm.md) starts several times slower.
+VPP_START_TIMEOUT = float(os.environ.get("VPPMESH_VPP_START_TIMEOUT", "30"))
 MEMIF_SOCKET_ID = 1
 
 
@@ -84,6 +85,9 @@ class TestbedSpec(BaseModel):
     underlay_family: Literal["ipv4", "ipv6", "mixed"] = "ipv4"
     nat: Literal["none", "static", "masquerade"] = Field(
         default="none", description="Put the last node behind a NAT router (IPv4 only).")
+    # How the host link and the pods join their node's VPP: af_packet on veths (works
+    # everywhere), tap v2 (needs /dev/vhost-net: a VM guest, see docs/vm.md) or auto.
+    attachment: Literal["af_packet", "tap", "auto"] = "af_packet"
 
     @model_validator(mode="after")
     def _memif_is_point_to_point(self) -> TestbedSpec:
@@ -96,6 +100,11 @@ class TestbedSpec(BaseModel):
     def nat_port(self) -> int:
         """The public UDP port peers send to: a forwarded one with `static`, else 4500."""
         return NAT_STATIC_PORT if self.nat == "static" else 4500
+
+    @property
+    def host_link(self) -> str:
+        """`vppmesh up --host-link` for this attachment."""
+        return self.attachment
 
 
 def find_vpp() -> Path:
@@ -264,7 +273,7 @@ class Testbed:
                 return
             for node in self.nodes:
                 say(f"vppmesh up on {node.name}")
-                self.run_vppmesh(node, "up", *self.state_args(node))
+                self.run_vppmesh(node, "up", *self.up_args(node))
             for node in self.nodes:
                 for pod in range(self.spec.pods):
                     say(f"pod {node.pod_name(pod)}")
@@ -393,8 +402,13 @@ class Testbed:
         ns = node.pod_netns(pod)
         sh("ip", "netns", "add", ns)
         in_ns(ns, "ip", "link", "set", "lo", "up")
-        self.run_vppmesh(node, "attach", "--name", node.pod_name(pod), "--netns", ns,
-                         "--address", str(node.pod_address(pod)), "--index", str(pod))
+        self.run_vppmesh(node, "attach", *self.attach_args(node, pod))
+
+    def attach_args(self, node: NodeHandle, pod: int) -> list[str]:
+        """`vppmesh attach` arguments of one pod (also for re-attaching it)."""
+        return ["--name", node.pod_name(pod), "--netns", node.pod_netns(pod),
+                "--address", str(node.pod_address(pod)), "--index", str(pod),
+                "--attachment", self.spec.attachment]
 
     # ---- running things -------------------------------------------------------------
     def vppmesh_args(self, node: NodeHandle) -> list[str]:
@@ -404,6 +418,10 @@ class Testbed:
     def state_args(self, node: NodeHandle) -> list[str]:
         """What `up` needs besides the common arguments: the key and the key ledger."""
         return ["--key", str(node.key_file), "--state-dir", str(node.dir)]
+
+    def up_args(self, node: NodeHandle) -> list[str]:
+        """Everything `vppmesh up` needs beyond the common arguments."""
+        return [*self.state_args(node), "--host-link", self.spec.host_link]
 
     def run_vppmesh(self, node: NodeHandle, command: str, *extra: str,
                     check: bool = True) -> subprocess.CompletedProcess[str]:

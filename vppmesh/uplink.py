@@ -283,6 +283,10 @@ def _take(api: VppApi, saved: SavedUplink) -> None:
     for index, what in ((nic, "uplink NIC"), (host, "host link"), (bvi, "uplink BVI")):
         batch += [interfaces.set_mtu(index, saved.mtu, what),
                   l2.bridge_port(index, BRIDGE_DOMAIN, bvi=index == bvi, what=what)]
+    if saved.host_link == "tap":
+        # The host's large segments (tap GSO) cross the bridge as they are: the NIC's
+        # output segments them (af_packet and most NICs take no large frame from VPP).
+        batch.append(interfaces.gso_feature(nic, True, "uplink NIC"))
     batch += [interfaces.address(bvi, a, True) for a in saved.spec.vpp_addresses]
     batch += [interfaces.set_admin(i, True) for i in (nic, host, bvi)]
     api.call_many(batch)
@@ -315,6 +319,10 @@ def restore(api: VppApi | None, state_dir: Path, ifname: str) -> list[str]:
             if tag in found:
                 batch.append(l2.bridge_port(found[tag].sw_if_index, BRIDGE_DOMAIN,
                                             bvi=tag == TAG_BVI, enable=False))
+        if saved.host_link == "tap" and TAG_NIC in found:
+            # A NIC that stays in VPP (avf, dpdk) goes back to its own output path.
+            batch.append(interfaces.gso_feature(found[TAG_NIC].sw_if_index, False,
+                                                "uplink NIC"))
         api.call_many(batch)
         api.call(l2.bridge_domain(BRIDGE_DOMAIN, False))
         if TAG_BVI in found:

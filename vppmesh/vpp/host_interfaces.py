@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from vppmesh.vpp.client import Request, VppApi
 from vppmesh.vpp.interfaces import NOT_FOUND
 
@@ -9,6 +11,8 @@ AF_PACKET_MODE_ETHERNET = 1
 AF_PACKET_FLAG_QDISC_BYPASS = 1
 AF_PACKET_FLAG_CKSUM_GSO = 2
 TAP_FLAG_GSO = 1
+TAP_FLAG_PERSIST = 4
+TAP_FLAG_ATTACH = 8
 TAP_FLAG_GRO_COALESCE = 32
 TAP_FLAG_CONSISTENT_QP = 256
 
@@ -36,15 +40,33 @@ def dump_af_packet(api: VppApi) -> dict[str, int]:
 
 
 def create_tap(host_if_name: str, mac: str, host_mac: str, mtu: int, queues: int,
-               netns: str | None, tag: str) -> Request:
-    """Tap v2 with GSO, GRO coalescing and one queue pair per worker."""
+               netns: str | None, tag: str, *, gso: bool = True, persist: bool = False,
+               attach: bool = False) -> Request:
+    """Tap v2 with one queue pair per worker; with `gso`, GSO and GRO coalescing.
+
+    Without `gso` the tap negotiates no offload at all, so Linux hands VPP only
+    MTU-sized frames with complete checksums: nothing downstream (an IPIP tunnel
+    without the gso feature, an af_packet NIC) ever sees a large segment.
+
+    `persist` keeps the Linux end (with its addresses and routes) when VPP dies, and
+    `attach` takes such a leftover end over instead of failing on its name; Calico/VPP's
+    vpplink (CreateOrAttachTapV2) does the same for its pods. VPP's tap_delete_v2
+    clears the persist flag first (plugins/tap/tap.c, tap_free), so a deleted tap goes.
+    """
+    flags = TAP_FLAG_CONSISTENT_QP
+    if gso:
+        flags |= TAP_FLAG_GSO | TAP_FLAG_GRO_COALESCE
+    if persist:
+        flags |= TAP_FLAG_PERSIST
+    if attach:
+        flags |= TAP_FLAG_ATTACH
     return Request("tap_create_v3", {
         "id": 0xFFFFFFFF, "use_random_mac": False, "mac_address": mac,
         "num_rx_queues": queues, "num_tx_queues": queues,
         "tx_ring_sz": 1024, "rx_ring_sz": 1024,
         "host_mtu_set": True, "host_mtu_size": mtu,
         "host_mac_addr_set": True, "host_mac_addr": host_mac,
-        "tap_flags": TAP_FLAG_GSO | TAP_FLAG_GRO_COALESCE | TAP_FLAG_CONSISTENT_QP,
+        "tap_flags": flags,
         "host_namespace_set": netns is not None, "host_namespace": netns or "",
         "host_if_name_set": True, "host_if_name": host_if_name, "tag": tag,
     }, f"tap {host_if_name}")
@@ -53,3 +75,9 @@ def create_tap(host_if_name: str, mac: str, host_mac: str, mtu: int, queues: int
 def delete_tap(sw_if_index: int) -> Request:
     return Request("tap_delete_v2", {"sw_if_index": sw_if_index}, f"tap {sw_if_index}",
                    tolerate=NOT_FOUND)
+
+
+def dump_taps(api: VppApi) -> dict[int, Any]:
+    """{sw_if_index: tap details (tap_flags, host_if_name, host_namespace, ...)}."""
+    return {d.sw_if_index: d for d in api.dump("sw_interface_tap_v2_dump",
+                                               sw_if_index=0xFFFFFFFF)}

@@ -51,6 +51,12 @@ class StatsReader:
             result[index] = Counter(packets, octets)
         return result
 
+    def per_thread(self, name: str, index: int) -> list[Counter]:
+        """One combined counter (such as /if/rx) per thread: main first, then workers."""
+        return [Counter(per_thread[index][0], per_thread[index][1])
+                if index < len(per_thread) else Counter(0, 0)
+                for per_thread in self._stats[name]]
+
     def sa_counters(self, stat_indexes: list[int]) -> dict[int, Counter]:
         return self.combined(SA_COUNTERS, stat_indexes)
 

@@ -1,0 +1,70 @@
+"""The tap v2 requests and testbed options, without VPP (the guest tests run them)."""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from vppmesh import endpoints
+from vppmesh.testbed import Testbed, TestbedSpec
+from vppmesh.vpp import host_interfaces as hi
+
+
+def test_tap_flags_gso_gro_consistent_qp_and_persistence() -> None:
+    plain = hi.create_tap("eth0", "02:00:00:00:00:01", "02:00:00:00:00:02", 1440, 2,
+                          "pod", "vppmesh:pod:p").args
+    assert plain["tap_flags"] == hi.TAP_FLAG_GSO | hi.TAP_FLAG_GRO_COALESCE | \
+        hi.TAP_FLAG_CONSISTENT_QP
+    assert plain["num_rx_queues"] == plain["num_tx_queues"] == 2
+    assert plain["host_namespace_set"] and plain["host_namespace"] == "pod"
+    assert hi.create_tap("eth0", "m", "h", 1440, 1, None, "t", gso=False).args[
+        "tap_flags"] == hi.TAP_FLAG_CONSISTENT_QP
+    kept = hi.create_tap("eth0", "02:00:00:00:00:01", "02:00:00:00:00:02", 1440, 2,
+                         "pod", "t", persist=True, attach=True).args
+    assert kept["tap_flags"] & hi.TAP_FLAG_PERSIST and kept["tap_flags"] & hi.TAP_FLAG_ATTACH
+
+
+def test_pod_taps_persist_and_af_packet_pods_do_not() -> None:
+    address = ipaddress.IPv4Address("198.18.1.10")
+    tap = endpoints.pod_spec(name="p", netns="ns", address=address, node_number=1,
+                             pod_index=0, kind="tap", queues=2, offloads=True)
+    assert tap.persist and tap.offloads and tap.queues == 2
+    veth = endpoints.pod_spec(name="p", netns="ns", address=address, node_number=1,
+                              pod_index=0, offloads=True)
+    assert not veth.persist and not veth.offloads
+
+
+def test_testbed_passes_the_attachment_to_up_and_attach(tmp_path: Path) -> None:
+    bed = Testbed(TestbedSpec(nodes=2, attachment="tap", gso=True, base_dir=tmp_path))
+    node = bed.nodes[0]
+    assert bed.up_args(node)[-2:] == ["--host-link", "tap"]
+    assert bed.attach_args(node, 0)[-2:] == ["--attachment", "tap"]
+    assert Testbed(TestbedSpec(nodes=2)).up_args(node)[-1] == "af_packet"
+    with pytest.raises(ValidationError, match="attachment"):
+        TestbedSpec(attachment="veth")  # type: ignore[arg-type]
+
+
+def test_guest_script_loads_vhost_net_and_reports_the_exit_code(tmp_path: Path) -> None:
+    from vppmesh import vm
+
+    script = vm.guest_script(["python", "-m", "pytest", "a b"], cwd=Path("/repo"),
+                             env={"VPPMESH_VPP": "/opt/vpp/bin/vpp"},
+                             status_file=tmp_path / "rc")
+    assert script.startswith("modprobe vhost_net")
+    assert "export VPPMESH_VPP=/opt/vpp/bin/vpp" in script
+    assert "python -m pytest 'a b'; echo $? > " in script
+
+
+def test_guest_outcomes_are_read_from_junit(tmp_path: Path) -> None:
+    from test_vm import outcomes
+
+    junit = tmp_path / "junit.xml"
+    junit.write_text('<testsuites><testsuite><testcase name="a"/>'
+                     '<testcase name="b"><failure message="boom">trace</failure></testcase>'
+                     '<testcase name="c"><skipped message="no vpp"/></testcase>'
+                     '</testsuite></testsuites>')
+    assert outcomes(junit) == {"a": ("passed", ""), "b": ("failed", "boom\ntrace"),
+                               "c": ("skipped", "no vpp")}

@@ -1,0 +1,99 @@
+"""The tap v2 path, checked in a VM guest with /dev/vhost-net (marker `vm`, docs/vm.md).
+
+One guest is booted for the module (virtme-ng, qemu; software emulation unless
+VPPMESH_VM_KVM=1) and runs tests/vm_guest_tap.py plus the uplink takeover test there,
+against the VPP named by VPPMESH_VM_VPP (else VPPMESH_VPP, else `vpp` on PATH); each
+guest test is reported here as one test. Skipped with a one-line reason when qemu, a
+kernel with vhost_net, virtme-ng or a VPP is missing. Expect 10-20 minutes under
+emulation on a 2-core machine; `make test` leaves these out, `make vm-test` runs them.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import tempfile
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+
+from vppmesh import vm
+
+pytestmark = [pytest.mark.vm]
+REPO = Path(__file__).resolve().parent.parent
+UPLINK_TEST = "tests/test_uplink_vpp.py::test_takeover_keeps_the_host_online_and_restore_is_exact"
+GUEST_TESTS = [
+    "test_host_links_and_pods_are_taps_with_a_queue_pair_per_worker",
+    "test_pod_to_pod_ping_and_df_ping_at_the_pod_mtu",
+    "test_iperf3_with_gso_has_no_connection_error",
+    "test_large_segments_reach_vpp_and_are_segmented_before_esp",
+    "test_receiving_pod_sees_no_checksum_errors",
+    "test_no_esp_error_counter_grows",
+    "test_underlay_carries_only_esp_between_nodes_within_the_mtu",
+    "test_both_workers_carry_the_pod_traffic",
+    "test_verify_capture_passes",
+    "test_cni_add_check_del_with_attachment_tap",
+    "test_pod_tap_survives_a_vpp_restart_and_is_attached_again",
+    "test_uplink_host_tap_carries_tcp_with_gso",
+    "test_takeover_keeps_the_host_online_and_restore_is_exact",
+]
+
+
+def outcomes(junit: Path) -> dict[str, tuple[str, str]]:
+    """{test name: (passed | failed | skipped, message)} from a junit XML report."""
+    found = {}
+    for case in ET.parse(junit).getroot().iter("testcase"):
+        outcome, text = "passed", ""
+        for child in case:
+            if child.tag in ("failure", "error", "skipped"):
+                outcome = "skipped" if child.tag == "skipped" else "failed"
+                text = (child.get("message") or "") + "\n" + (child.text or "")
+                break
+        found[case.get("name", "")] = (outcome, text.strip())
+    return found
+
+
+@pytest.fixture(scope="module")
+def guest() -> dict[str, tuple[str, str]]:
+    reason = vm.missing()
+    if reason is not None:
+        pytest.skip(reason)
+    try:
+        vpp = vm.find_guest_vpp()
+    except vm.VmError as exc:
+        pytest.skip(str(exc))
+    results = Path(tempfile.mkdtemp(prefix="vppmesh-vm-results-"))
+    keep = Path(os.environ.get("VPPMESH_VM_KEEP", "/tmp/vppmesh-vm-last"))
+    command = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "-rA",
+               f"--junitxml={results / 'junit.xml'}", "tests/vm_guest_tap.py", UPLINK_TEST]
+    spec = vm.GuestSpec(cpus=4, memory="4G", rwdirs=(results,), timeout=2700,
+                        env={"VPPMESH_VPP": str(vpp), "VPPMESH_VM_RESULTS": str(results)})
+    log = results / "guest.log"
+    try:
+        vm.run(command, spec, cwd=REPO, log=log, output=results / "pytest.log")
+    finally:
+        # Kept for reading afterwards: the guest's output, junit and measurements.
+        shutil.rmtree(keep, ignore_errors=True)
+        shutil.copytree(results, keep)
+        shutil.rmtree(results, ignore_errors=True)
+    junit = keep / "junit.xml"
+    if not junit.exists():
+        output = keep / "pytest.log"
+        pytest.fail(f"the guest wrote no report; its output is in {keep}:\n"
+                    + (keep / "guest.log").read_text()[-1500:]
+                    + (output.read_text()[-1500:] if output.exists() else ""))
+    return outcomes(junit)
+
+
+@pytest.mark.parametrize("name", GUEST_TESTS)
+def test_in_guest(guest: dict[str, tuple[str, str]], name: str) -> None:
+    outcome, text = guest.get(name, ("missing", "the guest did not run it"))
+    if outcome == "skipped":
+        pytest.skip(text.splitlines()[0] if text else "skipped in the guest")
+    assert outcome == "passed", f"{name} in the guest: {outcome}\n{text}"
+
+
+def test_every_guest_test_is_reported(guest: dict[str, tuple[str, str]]) -> None:
+    assert sorted(guest) == sorted(GUEST_TESTS)

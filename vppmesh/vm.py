@@ -1,0 +1,219 @@
+"""Run a command inside a throwaway VM guest that has /dev/vhost-net.
+
+The tap v2 path (pods and the host link as virtio taps with GSO/GRO and one queue pair
+per VPP worker) needs vhost-net, which a container or a PVM host may lack. virtme-ng
+boots a Debian kernel (whose modules include vhost_net) on a snapshot of this machine's
+own filesystem, so the guest has the same Python, venv, VPP and tools; nothing is
+installed in it. Details and caveats: docs/vm.md.
+
+- The guest's root is the host's, read-only (copy-on-write overlays for /etc, /tmp,
+  /var...); directories given as `rwdirs` are shared read-write, which is how results
+  come back. Unix sockets do not work on the shared 9p filesystem, so VPP's runtime
+  directories (API, CLI and stats sockets) must be on the guest's tmpfs: the testbed's
+  /run/... is.
+- KVM is not used unless asked for (`VPPMESH_VM_KVM=1`): on a PVM host (kvm_pvm) a stock
+  kernel does not boot. Software emulation (TCG) is slow but correct; throughput
+  measured in such a guest means nothing.
+- The emulated CPU has no AVX-512: the VPP given to the guest must be a generic
+  (multi-arch) build, as FD.io's packages are.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from vppmesh.errors import VppMeshError
+
+KERNEL_ENV = "VPPMESH_VM_KERNEL"
+VPP_ENV = "VPPMESH_VM_VPP"
+KVM_ENV = "VPPMESH_VM_KVM"
+QEMU = "qemu-system-x86_64"
+# Environment passed on into the guest (virtme-ng starts the command with a fresh one).
+PASSED_ENV = ("VPPMESH_STARTUP_DIR", "PYTHONPATH")
+INSTALL_HINT = ("apt-get install qemu-system-x86 linux-image-amd64 busybox-static; "
+                "pip install virtme-ng (make vm-test does both)")
+
+
+class VmError(VppMeshError):
+    """No guest can be booted here (qemu, kernel or virtme-ng missing), or it failed."""
+
+
+@dataclass(frozen=True)
+class GuestSpec:
+    """One guest: its size and what it shares with the host."""
+
+    cpus: int = 4
+    memory: str = "4G"
+    rwdirs: tuple[Path, ...] = ()
+    env: dict[str, str] = field(default_factory=dict)
+    timeout: float = 1800
+
+
+def _kernel_version(path: Path) -> str:
+    return path.name.removeprefix("vmlinuz-")
+
+
+def _version_key(path: Path) -> list[int | str]:
+    return [int(p) if p.isdigit() else p for p in re.split(r"[.-]", _kernel_version(path))]
+
+
+def has_vhost_net(kernel: Path) -> bool:
+    """Whether the kernel's modules (or the kernel itself) provide vhost_net."""
+    version = _kernel_version(kernel)
+    modules = Path("/lib/modules") / version
+    if any((modules / "kernel/drivers/vhost").glob("vhost_net.ko*")):
+        return True
+    builtin = modules / "modules.builtin"
+    return builtin.exists() and "vhost_net.ko" in builtin.read_text()
+
+
+def find_kernel() -> Path:
+    """$VPPMESH_VM_KERNEL, else the newest /boot/vmlinuz-* whose modules have vhost_net."""
+    if env := os.environ.get(KERNEL_ENV):
+        path = Path(env)
+        if not path.is_file():
+            raise VmError(f"{KERNEL_ENV}={env} is not a file")
+        return path
+    kernels = sorted(Path("/boot").glob("vmlinuz-*"), key=_version_key, reverse=True)
+    for kernel in kernels:
+        if os.access(kernel, os.R_OK) and has_vhost_net(kernel):
+            return kernel
+    raise VmError("no kernel with vhost_net in /boot: " + INSTALL_HINT)
+
+
+def find_vng() -> Path:
+    """virtme-ng's `vng`, next to this Python (a venv) or on PATH."""
+    beside = Path(sys.executable).parent / "vng"
+    if beside.exists():
+        return beside
+    found = shutil.which("vng")
+    if found is None:
+        raise VmError("virtme-ng (vng) is not installed: " + INSTALL_HINT)
+    return Path(found)
+
+
+def find_qemu() -> Path:
+    found = shutil.which(QEMU)
+    if found is None:
+        raise VmError(f"{QEMU} is not installed: " + INSTALL_HINT)
+    return Path(found)
+
+
+def find_guest_vpp() -> Path:
+    """The VPP for the guest: $VPPMESH_VM_VPP, else the testbed's ($VPPMESH_VPP, PATH)."""
+    from vppmesh.testbed import TestbedError, find_vpp
+
+    if env := os.environ.get(VPP_ENV):
+        path = Path(env)
+        if not (path.is_file() and os.access(path, os.X_OK)):
+            raise VmError(f"{VPP_ENV}={env} is not an executable file")
+        return path
+    try:
+        return find_vpp()
+    except TestbedError:
+        raise VmError(f"no VPP for the guest: set {VPP_ENV} or VPPMESH_VPP to a generic "
+                      "(multi-arch) vpp binary, or put vpp on PATH") from None
+
+
+def missing() -> str | None:
+    """Why no guest can be booted here, in one line; None when everything is there."""
+    if os.geteuid() != 0:
+        return "the VM guest runs VPP and namespaces as root: run as root"
+    if shutil.which("busybox") is None:
+        return "busybox-static is missing (virtme-ng's initramfs): " + INSTALL_HINT
+    try:
+        find_qemu()
+        find_vng()
+        find_kernel()
+    except VmError as exc:
+        return str(exc)
+    return None
+
+
+def guest_script(command: list[str], *, cwd: Path, env: dict[str, str],
+                 status_file: Path | None = None, output: Path | None = None) -> str:
+    """The shell script the guest runs: vhost-net, the environment, then `command`.
+
+    With `output` (in a shared directory), the command's output goes there as it is
+    written; the guest's console reaches the host only in large, late chunks.
+    """
+    exports = {"PYTHONDONTWRITEBYTECODE": "1", "VPPMESH_VM_GUEST": "1",
+               "VPPMESH_VPP_START_TIMEOUT": "240",
+               "PATH": f"{Path(sys.executable).parent}:/usr/sbin:/usr/bin:/sbin:/bin"}
+    exports |= {k: v for k in PASSED_ENV if (v := os.environ.get(k))}
+    exports |= env
+    lines = [
+        "modprobe vhost_net; modprobe tun",
+        # vhost-net is crw-rw---- root:kvm; VPP runs as root, so that is enough.
+        "[ -c /dev/vhost-net ] || { echo 'guest: no /dev/vhost-net' >&2; exit 97; }",
+        *(f"export {k}={shlex.quote(v)}" for k, v in exports.items()),
+        f"cd {shlex.quote(str(cwd))}",
+        shlex.join(command) + (f" > {shlex.quote(str(output))} 2>&1" if output else ""),
+    ]
+    if status_file is not None:
+        lines.append(f"echo $? > {shlex.quote(str(status_file))}")
+    return "; ".join(lines)
+
+
+def vng_command(command: list[str], spec: GuestSpec, *, cwd: Path,
+                status_file: Path | None = None, output: Path | None = None) -> list[str]:
+    """The virtme-ng command line that boots the guest and runs `command` in it."""
+    args = [str(find_vng()), "--run", str(find_kernel()), "--cpus", str(spec.cpus),
+            "--memory", spec.memory, "--qemu", str(find_qemu())]
+    if os.environ.get(KVM_ENV) != "1":
+        args.append("--disable-kvm")
+    for directory in spec.rwdirs:
+        args += ["--rwdir", str(directory)]
+    args += ["--exec", guest_script(command, cwd=cwd, env=spec.env, status_file=status_file,
+                                    output=output)]
+    return args
+
+
+def run(command: list[str], spec: GuestSpec, *, cwd: Path | None = None,
+        log: Path | None = None, output: Path | None = None) -> int:
+    """Boot a guest, run `command` in it (as root, in `cwd`) and return its exit code.
+
+    The exit code comes back through a file in the first of `spec.rwdirs` (one is made
+    if none is given), so it does not depend on how virtme-ng reports it. `log` takes
+    virtme-ng's console, `output` (in a shared directory) the command's own output.
+    """
+    import tempfile
+
+    reason = missing()
+    if reason is not None:
+        raise VmError(reason)
+    cwd = cwd or Path.cwd()
+    with tempfile.TemporaryDirectory(prefix="vppmesh-vm-") as scratch:
+        rwdirs = spec.rwdirs or (Path(scratch),)
+        spec = GuestSpec(cpus=spec.cpus, memory=spec.memory, rwdirs=rwdirs, env=spec.env,
+                         timeout=spec.timeout)
+        status_file = rwdirs[0] / f".vppmesh-vm-status-{os.getpid()}"
+        status_file.unlink(missing_ok=True)
+        args = vng_command(command, spec, cwd=cwd, status_file=status_file, output=output)
+        # vng starts its helpers (virtme-run) from PATH: the venv's bin must be on it.
+        env = dict(os.environ)
+        env["PATH"] = f"{Path(args[0]).parent}:{env.get('PATH', '/usr/bin:/bin')}"
+        out = log.open("w") if log is not None else None
+        try:
+            done = subprocess.run(args, env=env, stdin=subprocess.DEVNULL, stdout=out,
+                                  stderr=subprocess.STDOUT if out else None,
+                                  timeout=spec.timeout, check=False)
+        except subprocess.TimeoutExpired:
+            raise VmError(f"the guest did not finish within {spec.timeout:.0f} s") from None
+        finally:
+            if out is not None:
+                out.close()
+        if not status_file.exists():
+            tail = log.read_text()[-1500:] if log is not None else ""
+            raise VmError(f"the guest ended without running the command (vng exit "
+                          f"{done.returncode}){': ' + tail if tail.strip() else ''}")
+        code = int(status_file.read_text().strip() or 1)
+        status_file.unlink(missing_ok=True)
+        return code
