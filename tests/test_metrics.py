@@ -243,3 +243,15 @@ def test_snapshots_are_spaced_by_their_cost() -> None:
     assert not metrics.snapshot_due(104.0) and metrics.snapshot_due(105.0)
     metrics.snapshot_cost = 1.0  # a 1000-peer VPP's dumps
     assert not metrics.snapshot_due(124.0) and metrics.snapshot_due(125.0)
+
+
+def test_cli_metrics_option_errors_name_the_option() -> None:
+    from typer.testing import CliRunner
+
+    from vppmesh.cli import app
+
+    runner = CliRunner()
+    once = runner.invoke(app, ["up", "--metrics", ":9477"])
+    assert once.exit_code == 1 and "--metrics needs --watch" in once.output
+    bad = runner.invoke(app, ["up", "--watch", "--metrics", "9477"])
+    assert bad.exit_code == 1 and "--metrics: '9477' is not ADDR:PORT" in bad.output

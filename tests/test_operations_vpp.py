@@ -106,8 +106,10 @@ class Agent:
                                                     float]:
         """The agent's /metrics, read with prometheus_client's own parser ({} if the
         agent does not answer and not `check`)."""
-        done = in_ns(self.node.netns, "curl", "-sf", f"http://{METRICS}/metrics",
-                     check=False, timeout=20)
+        fetch = ("import sys, urllib.request\n"
+                 f"sys.stdout.write(urllib.request.urlopen('http://{METRICS}/metrics', "
+                 "timeout=10).read().decode())")
+        done = in_ns(self.node.netns, sys.executable, "-c", fetch, check=False, timeout=30)
         if done.returncode != 0 and not check:
             return {}
         assert done.returncode == 0, f"scrape failed: {done.stderr}"
