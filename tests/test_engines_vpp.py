@@ -21,7 +21,7 @@ NO_VAES = frozenset({"aes", "avx2", "pclmulqdq"})
 
 def test_engines_on_a_real_vpp() -> None:
     require_vpp()
-    with single_vpp("vme-", Path("/run/vppmesh-engines")) as instance, \
+    with single_vpp("vmg-", Path("/run/vppmesh-engines")) as instance, \
             VppClient(instance.api_socket).connect() as api:
         state = crypto.read_state(api)
         assert state.handlers is not None, "no handler row for vppmesh's AES-GCM"
