@@ -58,31 +58,44 @@ def test_auto_rule(candidates: tuple[str, ...], variant: str | None, flags: froz
 def test_ensure_auto_moves_gcm_to_ipsecmb_on_a_vaes_cpu_with_a_generic_build() -> None:
     vpp = FakeVpp()
     vpp.native_gcm_priority = 20  # the AVX2 code: all a generic 26.06 build has
-    changes, engine = engines.ensure(vpp, "auto", flags=VAES)  # type: ignore[arg-type]
-    assert engine == "ipsecmb" and vpp.crypto_active == "ipsecmb"
+    choice = engines.ensure(vpp, "auto", flags=VAES)  # type: ignore[arg-type]
+    assert choice.engine == "ipsecmb" and vpp.crypto_active == "ipsecmb"
+    assert choice.warning is None
     # Single-buffer ops move; chained ones were on ipsecmb already.
-    assert [str(c) for c in changes] == [
+    assert [str(c) for c in choice.changes] == [
         "~ crypto handler aes-256-gcm-icv16-aad12 (simple) -> ipsecmb"]
     # A second run changes nothing.
-    assert engines.ensure(vpp, "auto", flags=VAES) == ([], "ipsecmb")  # type: ignore[arg-type]
+    assert engines.ensure(vpp, "auto", flags=VAES) == engines.Choice(  # type: ignore[arg-type]
+        [], "ipsecmb")
 
 
 def test_ensure_auto_keeps_native_with_vaes_code() -> None:
     vpp = FakeVpp()
     vpp.native_gcm_priority = 50
-    assert engines.ensure(vpp, "auto", flags=VAES) == ([], "native")  # type: ignore[arg-type]
+    assert engines.ensure(vpp, "auto", flags=VAES) == engines.Choice(  # type: ignore[arg-type]
+        [], "native")
     assert vpp.counts["crypto_set_handler"] == 0
+
+
+def test_ensure_warns_when_the_named_engine_leaves_vaes_unused() -> None:
+    vpp = FakeVpp()
+    vpp.native_gcm_priority = 20
+    choice = engines.ensure(vpp, "native", flags=VAES)  # type: ignore[arg-type]
+    assert choice.changes == [] and choice.warning and "avx2" in choice.warning
+    assert engines.ensure(vpp, "native", flags=NO_VAES).warning is None  # type: ignore[arg-type]
 
 
 def test_ensure_named_engine_and_dry_run() -> None:
     vpp = FakeVpp()
-    changes, engine = engines.ensure(vpp, "openssl", dry_run=True)  # type: ignore[arg-type]
-    assert engine == "openssl" and len(changes) == 2 and vpp.crypto_active == "native"
+    choice = engines.ensure(vpp, "openssl", dry_run=True)  # type: ignore[arg-type]
+    assert choice.engine == "openssl" and len(choice.changes) == 2
+    assert vpp.crypto_active == "native"
     engines.ensure(vpp, "openssl")  # type: ignore[arg-type]
     assert (vpp.crypto_active, vpp.crypto_chained) == ("openssl", "openssl")
     # native has no chained AES-GCM: only the single-buffer ops move back.
-    changes, _ = engines.ensure(vpp, "native")  # type: ignore[arg-type]
-    assert len(changes) == 1 and (vpp.crypto_active, vpp.crypto_chained) == ("native", "openssl")
+    choice = engines.ensure(vpp, "native")  # type: ignore[arg-type]
+    assert len(choice.changes) == 1
+    assert (vpp.crypto_active, vpp.crypto_chained) == ("native", "openssl")
 
 
 def test_ensure_unknown_engine_names_the_option_and_the_fix() -> None:

@@ -29,17 +29,17 @@ def test_engines_on_a_real_vpp() -> None:
         # The startup profile's debug logging makes the native engine's choice visible.
         assert state.native_variant in crypto.NATIVE_GCM_VARIANTS.values()
         # A named engine moves the single-buffer ops, and the chained ones where it has them.
-        changes, engine = engines.ensure(api, "openssl")
-        assert engine == "openssl" and changes
+        choice = engines.ensure(api, "openssl")
+        assert choice.engine == "openssl" and choice.changes
         moved = crypto.read_handlers(api)
         assert moved is not None and (moved.simple, moved.chained) == ("openssl", "openssl")
-        assert engines.ensure(api, "openssl") == ([], "openssl")
+        assert engines.ensure(api, "openssl").changes == []
         with pytest.raises(ConfigError, match="--crypto-engine nosuch"):
             engines.ensure(api, "nosuch")
         # auto: native when it runs VAES code or the CPU has none; else ipsecmb if loaded.
-        _, chosen = engines.ensure(api, "auto", flags=NO_VAES)
+        chosen = engines.ensure(api, "auto", flags=NO_VAES).engine
         assert chosen == "native" and crypto.read_handlers(api).simple == "native"  # type: ignore[union-attr]
-        _, chosen = engines.ensure(api, "auto", flags=VAES)
+        chosen = engines.ensure(api, "auto", flags=VAES).engine
         expected = engines.choose(state.handlers.candidates, state.native_variant, VAES, "native")
         assert chosen == expected and crypto.read_handlers(api).simple == expected  # type: ignore[union-attr]
         status = crypto_status(api, flags=VAES)

@@ -15,6 +15,7 @@ can name an engine instead (`vppmesh up --crypto-engine ipsecmb`).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 from vppmesh.errors import ConfigError
@@ -68,18 +69,29 @@ def warning(active: str | None, native_variant: str | None,
     return None
 
 
+@dataclass(frozen=True)
+class Choice:
+    """What `ensure` did: the handler changes, the engine now in use, and a warning when
+    that engine leaves the CPU's VAES unused."""
+
+    changes: list[Change]
+    engine: str | None
+    warning: str | None = None
+
+
 def ensure(api: VppApi, wanted: str, *, dry_run: bool = False,
-           flags: frozenset[str] | None = None) -> tuple[list[Change], str | None]:
-    """Make `wanted` (an engine name, or auto) run AES-GCM-256; (changes, engine in use)."""
+           flags: frozenset[str] | None = None) -> Choice:
+    """Make `wanted` (an engine name, or auto) run vppmesh's AES-GCM-256."""
     handlers = crypto.read_handlers(api)
     if handlers is None:
-        return [], None
+        return Choice([], None)
+    flags = cpu_flags() if flags is None else flags
+    variant = None
     if wanted == AUTO:
-        flags = cpu_flags() if flags is None else flags
         # The native engine's variant decides only between native and ipsecmb on a VAES
         # CPU; reading it means reading VPP's whole log, so only then.
-        decides = {"native", "ipsecmb"} <= set(handlers.candidates) and host_has_vaes(flags)
-        variant = crypto.read_native_variant(api) if decides else None
+        if {"native", "ipsecmb"} <= set(handlers.candidates) and host_has_vaes(flags):
+            variant = crypto.read_native_variant(api)
         engine = choose(handlers.candidates, variant, flags, handlers.simple)
     else:
         if wanted not in handlers.candidates:
@@ -90,7 +102,9 @@ def ensure(api: VppApi, wanted: str, *, dry_run: bool = False,
                 "{ enable } }) or pick one of those")
         engine = wanted
     if engine is None:
-        return [], handlers.simple
+        return Choice([], handlers.simple)
+    if engine == "native" and variant is None and host_has_vaes(flags):
+        variant = crypto.read_native_variant(api)
     requests = []
     if engine != handlers.simple:
         requests.append(crypto.set_handler(engine))
@@ -98,5 +112,5 @@ def ensure(api: VppApi, wanted: str, *, dry_run: bool = False,
         requests.append(crypto.set_handler(engine, chained=True))
     if requests and not dry_run:
         api.call_many(requests)
-    return [Change("update", "crypto handler", r.what.removeprefix("crypto handler "))
-            for r in requests], engine
+    return Choice([Change("update", "crypto handler", r.what.removeprefix("crypto handler "))
+                   for r in requests], engine, warning(engine, variant, flags))

@@ -219,8 +219,10 @@ def up(options: NodeOptions, *, dry_run: bool = False, api: VppApi | None = None
             changes = []
             engine = None
             if reconciler is None or full:  # node-wide: at start, after a restart, resyncs
-                changes, engine = engines.ensure(client, options.crypto_engine,
-                                                 dry_run=dry_run)
+                choice = engines.ensure(client, options.crypto_engine, dry_run=dry_run)
+                changes, engine = choice.changes, choice.engine
+                if choice.warning:
+                    notes.append(choice.warning)
             uplink, _ = interfaces.find_uplink(client, desired.uplink,
                                                desired.uplink_addresses[0])
             if uplink is not None:  # else reconcile() explains what is missing
