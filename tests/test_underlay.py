@@ -15,12 +15,14 @@ import dpkt
 import pytest
 import yaml
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from fake_vpp import FakeVpp
 
 from vppmesh.config import Mesh, MeshSettings, Node, dump_mesh, parse_mesh
 from vppmesh.errors import ConfigError
 from vppmesh.keys import NodeSecrets, public_key_b64
 from vppmesh.overhead import encrypted_size, max_overhead, pod_mtu_for
 from vppmesh.plan import HostOptions, plan
+from vppmesh.reconcile import reconcile
 from vppmesh.state import SA_DIRECTION_BIT, SaSpec
 from vppmesh.underlay import pair_family, path
 from vppmesh.verify import classify_capture
@@ -420,3 +422,24 @@ def test_ipv6_mixed_testbed_is_a_valid_mesh_with_both_kinds_of_pairs() -> None:
     assert [pair_family(nodes[0], n) for n in nodes[1:]] == [4, 4]
     assert pair_family(nodes[1], nodes[2]) == 6
     assert mesh.pod_mtu() == 1416
+
+
+def test_nat_verify_structure_checks_each_outbound_sas_encapsulation() -> None:
+    from vppmesh.verify import check_structure
+
+    mesh, secrets = nat_mesh()
+    local = mesh.node("n1")
+    vpp = FakeVpp.with_uplink(local.primary)
+    reconcile(vpp, plan(mesh, "n1", secrets["n1"], host=HostOptions(kind="none")))
+    assert all(p.ok for p in check_structure(vpp, mesh, local).peers)
+    out_to_3 = next(sa for i, sa in vpp.sas.items()
+                    if i & SA_DIRECTION_BIT and (i >> 8) & 0xFFFF == 3)
+    out_to_3["entry"]["udp_dst_port"] = 4500  # the NAT's port is 14500
+    problems = {p.name: p.problems for p in check_structure(vpp, mesh, local).peers}
+    assert problems["n2"] == []
+    assert any("sends ESP in UDP to port 4500, but the pair needs ESP in UDP to port 14500"
+               in p for p in problems["n3"]), problems
+    out_to_3["entry"]["flags"] &= ~0x10
+    problems = {p.name: p.problems for p in check_structure(vpp, mesh, local).peers}
+    assert any("sends plain ESP, but the pair needs ESP in UDP to port 14500" in p
+               for p in problems["n3"]), problems
