@@ -15,12 +15,14 @@ import dpkt
 import pytest
 import yaml
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from fake_vpp import FakeVpp
 
 from vppmesh.config import Mesh, MeshSettings, Node, dump_mesh, parse_mesh
 from vppmesh.errors import ConfigError
 from vppmesh.keys import NodeSecrets, public_key_b64
 from vppmesh.overhead import encrypted_size, max_overhead, pod_mtu_for
 from vppmesh.plan import HostOptions, plan
+from vppmesh.reconcile import reconcile
 from vppmesh.state import SA_DIRECTION_BIT, SaSpec
 from vppmesh.underlay import pair_family, path
 from vppmesh.verify import classify_capture
@@ -180,8 +182,10 @@ def test_nat_peers_send_to_the_public_address_and_port() -> None:
 def test_nat_node_sends_from_its_private_addresses_in_udp_to_4500() -> None:
     mesh, secrets = nat_mesh()
     desired = plan(mesh, "n3", secrets["n3"], host=HostOptions(kind="none"))
+    # Every tunnel starts at the address the NAT forwards to: flows from a second inside
+    # address would meet the first ones on the NAT's one public address and port.
     assert {(str(t.src), str(t.dst)) for t in desired.tunnels if t.peer_number == 1} == \
-        {("10.9.0.3", "192.0.2.11"), ("10.9.0.4", "192.0.2.12")}
+        {("10.9.0.3", "192.0.2.11"), ("10.9.0.3", "192.0.2.12")}
     outs = [sa for sa in desired.sas if sa.direction == "out"]
     assert outs and all((sa.udp_encap, sa.udp_src_port, sa.udp_dst_port) == (True, 4500, 4500)
                         for sa in outs)
@@ -196,6 +200,21 @@ def test_nat_both_ends_agree_on_keys_and_spis() -> None:
     in_3 = {(sa.spi, sa.key.get_secret_value()) for sa in three.sas
             if sa.direction == "in" and sa.peer_number == 1}
     assert out_1 and out_1 == in_3
+
+
+def test_nat_node_needs_one_address_and_two_nat_nodes_need_one_tunnel() -> None:
+    mesh, secrets = mesh_of(node(1, v4(1, 2)), node(2, v4(2, 2)),
+                            node(3, ["10.9.0.3/24"], nat={"public": "203.0.113.7"}),
+                            tunnels=2)
+    desired = plan(mesh, "n3", secrets["n3"], host=HostOptions(kind="none"))
+    assert len({(t.src, t.dst) for t in desired.tunnels}) == 4
+    with pytest.raises(ValueError, match=r"nodes n2 and n3 are both behind NAT, which needs "
+                                         r"settings\.tunnels_per_peer=1"):
+        mesh_of(node(1, v4(1, 2)), node(2, v4(2, 2), nat={"public": "203.0.113.8"}),
+                node(3, ["10.9.0.3/24"], nat={"public": "203.0.113.7"}), tunnels=2)
+    one, _ = mesh_of(node(1, v4(1)), node(2, v4(2), nat={"public": "203.0.113.8"}),
+                     node(3, ["10.9.0.3/24"], nat={"public": "203.0.113.7"}))
+    assert len(one.nodes) == 3
 
 
 def test_udp_encap_without_nat_keeps_the_peer_addresses() -> None:
@@ -420,3 +439,24 @@ def test_ipv6_mixed_testbed_is_a_valid_mesh_with_both_kinds_of_pairs() -> None:
     assert [pair_family(nodes[0], n) for n in nodes[1:]] == [4, 4]
     assert pair_family(nodes[1], nodes[2]) == 6
     assert mesh.pod_mtu() == 1416
+
+
+def test_nat_verify_structure_checks_each_outbound_sas_encapsulation() -> None:
+    from vppmesh.verify import check_structure
+
+    mesh, secrets = nat_mesh()
+    local = mesh.node("n1")
+    vpp = FakeVpp.with_uplink(local.primary)
+    reconcile(vpp, plan(mesh, "n1", secrets["n1"], host=HostOptions(kind="none")))
+    assert all(p.ok for p in check_structure(vpp, mesh, local).peers)
+    out_to_3 = next(sa for i, sa in vpp.sas.items()
+                    if i & SA_DIRECTION_BIT and (i >> 8) & 0xFFFF == 3)
+    out_to_3["entry"]["udp_dst_port"] = 4500  # the NAT's port is 14500
+    problems = {p.name: p.problems for p in check_structure(vpp, mesh, local).peers}
+    assert problems["n2"] == []
+    assert any("sends ESP in UDP to port 4500, but the pair needs ESP in UDP to port 14500"
+               in p for p in problems["n3"]), problems
+    out_to_3["entry"]["flags"] &= ~0x10
+    problems = {p.name: p.problems for p in check_structure(vpp, mesh, local).peers}
+    assert any("sends plain ESP, but the pair needs ESP in UDP to port 14500" in p
+               for p in problems["n3"]), problems

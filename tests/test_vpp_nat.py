@@ -36,12 +36,13 @@ pytestmark = [pytest.mark.vpp]
 PREFIX = "vmn-"
 BASE = Path("/run/vppmesh-vmn")
 PUBLIC = str(NAT_OUTSIDE.ip)
+TUNNELS = 2  # n3 has two inside addresses; its peers' two tunnels both end at PUBLIC
 
 
 @pytest.fixture(scope="module")
 def bed() -> Iterator[Testbed]:
     require_vpp()
-    with Testbed(TestbedSpec(nodes=3, tunnels=1, pods=1, workers=0, prefix=PREFIX,
+    with Testbed(TestbedSpec(nodes=3, tunnels=TUNNELS, pods=1, workers=0, prefix=PREFIX,
                              base_dir=BASE, nat="static")) as bed:
         yield bed
 
@@ -195,24 +196,35 @@ def test_nat_udp_sa_encodes_and_dumps_like_vpp_papi(bed: Testbed,
         assert channel.decode(raw) == channel.reference_decode(raw)
 
 
+def outbound_towards(node, peer_number: int) -> dict:  # type: ignore[no-untyped-def,type-arg]
+    """{outbound SA spec: packets sent so far} of node's SAs towards one peer."""
+    with VppClient(node.instance.api_socket).connect() as api:
+        return {s.spec: s.seq_outbound for s in ipsec.dump_sas(api)
+                if s.spec.direction == "out" and s.spec.peer_number == peer_number}
+
+
 def test_nat_hostile_packets_through_the_nat_are_dropped_and_counted(bed: Testbed) -> None:
     """Replayed, forged and unknown-SPI ESP in UDP, sent to the NAT's forwarded port with
     n1's address as source, reach n3's VPP and die there, counted; pods keep talking."""
     pytest.importorskip("scapy")
     n1, _, n3 = bed.nodes
-    spi = spi_for(n1.index, 0, 0)
     nat_mac = json.loads(in_ns(bed.nat_ns, "ip", "-j", "link", "show", "out0").stdout
                          )[0]["address"]
     with VppClient(n3.instance.api_socket).connect() as api:
-        assert spi in {s.spec.spi for s in ipsec.dump_sas(api)}
         before = errors(api)
     ping = subprocess.Popen(
         ["ip", "netns", "exec", n1.pod_netns(0), "ping", "-i", "0.2", "-c", "40", "-q",
          str(n3.pod_address(0))], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        time.sleep(1)
+        # The ping's one flow takes one of the tunnels (ECMP): replay on that one.
+        first = outbound_towards(n1, n3.index)
+        time.sleep(1.5)
+        now = outbound_towards(n1, n3.index)
+        busy = max(now, key=lambda spec: now[spec] - first.get(spec, 0))
+        spi = busy.spi
+        assert spi == spi_for(n1.index, busy.tunnel, 0)
         craft = in_ns(bed.underlay_ns, sys.executable, str(CRAFT), "br0", nat_mac,
-                      str(n1.underlay[0].ip), PUBLIC, hex(spi), "5",
+                      str(n1.underlay[busy.tunnel].ip), PUBLIC, hex(spi), "5",
                       f"udp:{NAT_STATIC_PORT}", check=False, timeout=60)
         assert craft.returncode == 0, craft.stdout + craft.stderr
         sent = json.loads(craft.stdout.strip().splitlines()[-1])
@@ -240,13 +252,23 @@ def pods_ping(src, dst, count: int = 3) -> bool:  # type: ignore[no-untyped-def]
                  str(dst.pod_address(0)), check=False).returncode == 0
 
 
+SPRAY = """
+import socket, sys
+for _ in range(32):  # one new source port each: the flows spread over every tunnel
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.sendto(b"open the NAT mapping", (sys.argv[1], 9))
+"""
+
+
 def test_nat_masquerade_only_works_after_the_node_behind_it_sent(bed: Testbed) -> None:
     """A dynamic NAT (masquerade, no forward): what docs/underlays.md says it does.
 
     The NAT loses its forward and its state; peers now send to the public port 4500.
-    The node behind it reaches a peer first, and that peer can then answer and start
-    pings of its own (the mapping is open); a peer it never sent to cannot reach it.
-    Runs last: it changes the NAT and the mesh.
+    The node behind it sends to a peer first, over every tunnel (ECMP picks a tunnel per
+    flow and per direction, so an answer may come back on another tunnel than its
+    question: each tunnel needs its own mapping); that peer can then answer and start
+    pings of its own. A peer it never sent to cannot reach it. Runs last: it changes the
+    NAT and the mesh.
     """
     from vppmesh.config import dump_mesh
     from vppmesh.testbed import nat_ruleset
@@ -267,6 +289,7 @@ def test_nat_masquerade_only_works_after_the_node_behind_it_sent(bed: Testbed) -
     to_n3 = next(p for p in status["peers"] if p["name"] == "n3")["tunnels"][0]
     assert to_n3["encapsulation"] == "esp-in-udp 4500->4500"
 
+    in_ns(n3.pod_netns(0), sys.executable, "-c", SPRAY, str(n1.pod_address(0)))
     assert pods_ping(n3, n1), "the node behind the NAT cannot reach a peer"
     assert pods_ping(n1, n3), "the peer cannot use the mapping the node opened"
     assert not pods_ping(n2, n3, count=2), "a peer reached the node through no mapping"

@@ -28,7 +28,15 @@ from pydantic import (
 
 from vppmesh.errors import ConfigError
 from vppmesh.overhead import aligned_mtu, max_overhead, pod_mtu_for
-from vppmesh.underlay import NAT_T_PORT, addresses, choose_family, families, shape, worst_overhead
+from vppmesh.underlay import (
+    NAT_T_PORT,
+    addresses,
+    behind_nat,
+    choose_family,
+    families,
+    shape,
+    worst_overhead,
+)
 
 NODE_NUMBER_MAX = 65535
 TUNNELS_PER_PEER_MAX = 16
@@ -273,10 +281,18 @@ class Mesh(BaseModel):
                         "underlay family; give one of them an address of the other's family")
                 used[a].add(family)
                 used[b].add(family)
+        natted = [n.name for n in self.nodes if n.nat is not None]
+        if wanted > 1 and len(natted) > 1:
+            raise ValueError(
+                f"nodes {natted[0]} and {natted[1]} are both behind NAT, which needs "
+                f"settings.tunnels_per_peer=1 (it is {wanted}): their {wanted} tunnels would "
+                "all run between the same two public addresses and ports")
         for node in self.nodes:
             for family in sorted(used[shape(node)]):
                 have = len(addresses(node, family))
-                if have < wanted:
+                # Behind NAT, every tunnel starts at the address the NAT forwards to.
+                need = 1 if behind_nat(node, family) else wanted
+                if have < need:
                     raise ValueError(
                         f"nodes[{node.name}].underlay has {have} {FAMILY_NAME[family]} "
                         f"address(es) but settings.tunnels_per_peer={wanted}; add "

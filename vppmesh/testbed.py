@@ -452,8 +452,10 @@ class Testbed:
 def nat_ruleset(mode: str, inside: object, public_port: int) -> str:
     """nftables rules of the NAT router: masquerade out; with `static`, a port forward.
 
-    `static` pins the node's UDP 4500 to the public port both ways (a DNAT in, an SNAT
-    out), as a port forward on a home or branch router does; `masquerade` lets the kernel
+    `static` pins the node's UDP 4500 to the public port both ways (a DNAT in, to its
+    first address; an SNAT out, from any of its addresses: one flow per peer address, so
+    they never clash), as a port forward on a home or branch router does; `masquerade`
+    lets the kernel
     pick the outside port (4500 while it is free) and accepts from outside only what
     answers a flow the node started.
     """
@@ -462,7 +464,7 @@ def nat_ruleset(mode: str, inside: object, public_port: int) -> str:
     if mode == "static":
         forward = (f'    iifname "out0" udp dport {public_port} '
                    f"dnat to {inside}:4500\n")
-        snat = (f'    oifname "out0" ip saddr {inside} udp sport 4500 '
+        snat = (f'    oifname "out0" ip saddr {NAT_INSIDE_NET} udp sport 4500 '
                 f"snat to {NAT_OUTSIDE.ip}:{public_port}\n")
     return (
         "table ip vppmesh_nat {\n"

@@ -9,9 +9,12 @@ The mesh file's validation, plan(), verify and status all use them.
   both shared and primaries disagreeing, IPv6. A pair sharing no family cannot exist
   (the mesh file is refused).
 - Endpoints: tunnel i runs from the local node's i-th address of that family to the
-  peer's i-th address, except towards a node behind NAT (`nat.public` of that family):
+  peer's i-th address, except around a node behind NAT (`nat.public` of that family):
   every tunnel towards it ends at its public address, which is what its packets carry as
-  source once they are out of its NAT.
+  source once they are out of its NAT, and every tunnel from it starts at its first
+  address of that family, the one its NAT forwards to. (Its tunnels still differ by the
+  peer's addresses; started from several inside addresses, their flows would meet in
+  the NAT on one public address and port and collide.)
 - ESP in UDP: when either node of a pair asks for it (`udp_encap`, implied by `nat`),
   both directions of every tunnel of the pair carry ESP in UDP (RFC 3948), from port
   4500 to 4500, or to the port the peer's NAT forwards to its port 4500.
@@ -89,10 +92,15 @@ def choose_family(fa: frozenset[int], pa: int, fb: frozenset[int], pb: int) -> i
     return max(shared)  # one shared family, or both with primaries disagreeing: IPv6
 
 
+def behind_nat(node: Node, family: int) -> bool:
+    """Whether the node's tunnels of this family cross its NAT."""
+    return node.nat is not None and node.nat.public.version == family
+
+
 def reach(node: Node, family: int, index: int) -> IPAddress:
     """The address others send tunnel `index` to: the NAT's public one if it has one."""
-    if node.nat is not None and node.nat.public.version == family:
-        return node.nat.public
+    if behind_nat(node, family):
+        return node.nat.public  # type: ignore[union-attr]
     return addresses(node, family)[index]
 
 
@@ -102,6 +110,8 @@ def path(local: Node, peer: Node, count: int) -> PairPath:
     if family is None:  # the mesh validation refuses such a pair
         raise ValueError(f"nodes {local.name} and {peer.name} share no underlay family")
     own = addresses(local, family)
+    if behind_nat(local, family):
+        own = own[:1] * count
     endpoints = tuple((own[i], reach(peer, family, i)) for i in range(count))
     udp = uses_udp(local) or uses_udp(peer)
     port = peer.nat.port if peer.nat is not None else NAT_T_PORT

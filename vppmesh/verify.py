@@ -202,10 +202,13 @@ def _encapsulation_issue(sa: ipsec.SaState | None,
             sa.spec.udp_dst_port if sa.flags & ipsec.FLAG_UDP_ENCAP else None)
     if have == want:
         return None
-    def say(e: tuple[bool, int | None]) -> str:
-        return f"ESP in UDP to port {e[1]}" if e[0] else "plain ESP"
-    return (f"outbound SA {sa.spec.sa_id:#x} sends {say(have)}, but the pair needs "
-            f"{say(want)}")
+    return (f"outbound SA {sa.spec.sa_id:#x} sends {_describe(have)}, but the pair needs "
+            f"{_describe(want)}")
+
+
+def _describe(encapsulation: tuple[bool, int | None]) -> str:
+    udp, port = encapsulation
+    return f"ESP in UDP to port {port}" if udp else "plain ESP"
 
 
 def _sa_issue(sa: ipsec.SaState | None, direction: str, sender: int,
