@@ -38,6 +38,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--engines", default=None,
                    help="encrypt-only crypto engines (default: every engine VPP has for "
                         "aes-256-gcm; --quick: VPP's choice)")
+    p.add_argument("--pair-engine", default=None,
+                   help="crypto engine for AES-GCM on the two-VPP harness (default: vppmesh's "
+                        "auto choice, for every contender)")
     p.add_argument("--no-pair", action="store_true", help="skip the two-VPP harness")
     p.add_argument("--no-encrypt-only", action="store_true", help="skip encrypt-only")
     p.add_argument("--out", type=Path, default=DEFAULT_RESULTS_DIR)
@@ -75,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
         "run_id": run_id, "kind": "capacity", "machine": report.machine(),
         "config": {"repeats": repeats, "window_s": window, "warmup_s": warmup,
                    "mixes": [m.name for m in mixes], "contenders": names,
-                   "encrypt_only_workers": workers, "quick": args.quick},
+                   "encrypt_only_workers": workers, "quick": args.quick,
+                   "pair_engine": args.pair_engine or "auto"},
     }
     pair_samples: dict[str, dict[str, list[Sample]]] = {n: {} for n in names}
     per_repeat: list[dict[str, dict[str, float]]] = []
@@ -85,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
             rates: dict[str, dict[str, float]] = {}
             for name in names:
                 print(f"[pair {repeat + 1}/{repeats}] {name}", file=sys.stderr)
-                with Pair(CONTENDERS[name]) as setup:
+                with Pair(CONTENDERS[name], engine=args.pair_engine) as setup:
                     if not vpp_info:
                         vpp_info = {"version": system.version(setup.sender),
                                     "tsc_ghz": tsc_ghz(setup.sender),
