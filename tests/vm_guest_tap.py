@@ -135,7 +135,7 @@ def test_host_links_and_pods_are_taps_with_a_queue_pair_per_worker(bed: Testbed)
             placement = client.cli("show interface rx-placement")
         for tag in ("vppmesh:host", f"vppmesh:pod:{node.pod_name(0)}"):
             iface = by_tag[tag]
-            assert iface.dev_type == "virtio", (tag, iface)
+            assert iface.dev_type in host_interfaces.TAP_DEV_TYPES, (tag, iface)
             flags = taps[iface.sw_if_index].tap_flags
             for flag in (host_interfaces.TAP_FLAG_GSO, host_interfaces.TAP_FLAG_GRO_COALESCE):
                 assert flags & flag, f"{tag}: tap_flags {flags}"
@@ -318,7 +318,8 @@ def test_cni_add_check_del_with_attachment_tap(bed: Testbed) -> None:
         pod = next(i for i in interfaces.dump_interfaces(client)
                    if i.tag.startswith("vppmesh:pod:cni-"))
         tap = host_interfaces.dump_taps(client)[pod.sw_if_index]
-    assert pod.dev_type == "virtio" and tap.tap_flags & host_interfaces.TAP_FLAG_PERSIST
+    assert pod.dev_type in host_interfaces.TAP_DEV_TYPES
+    assert tap.tap_flags & host_interfaces.TAP_FLAG_PERSIST
     assert queues(CNI_NS) == ["rx-0", "rx-1", "tx-0", "tx-1"]
     done = ping(CNI_NS, str(n2.pod_address(0)))
     assert done.returncode == 0, done.stdout
