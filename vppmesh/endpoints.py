@@ -40,6 +40,10 @@ def attach_vpp(api: VppApi, spec: HostLinkSpec, *, table_id: int, mtu: int, gate
                 spec.linux_ifname, spec.vpp_mac, spec.linux_mac, mtu, spec.queues,
                 spec.netns, spec.tag, gso=spec.offloads, persist=spec.persist,
                 attach=leftover)).sw_if_index
+            # VPP 26.06 stores tap_create_v3's tag without a terminating NUL
+            # (plugins/tap/tapv2_api.c:216-220, vl_api_from_api_to_new_vec), and the
+            # interface dump then reads past it: the tag is set again the ordinary way.
+            api.call(interfaces.set_tag(index, spec.tag, spec.tag))
     else:
         index = existing.sw_if_index
     setup = []
@@ -191,7 +195,7 @@ def recover_spec(api: VppApi, spec: HostLinkSpec) -> HostLinkSpec | None:
     if iface is None:
         return None
     neighbors = routes.dump_neighbors(api, iface.sw_if_index)
-    kind = "tap" if iface.dev_type == "virtio" else "af_packet"
+    kind = "tap" if iface.dev_type in host_interfaces.TAP_DEV_TYPES else "af_packet"
     update: dict[str, object] = {"kind": kind, "persist": kind == "tap"}
     if neighbors:
         ip, mac = next(iter(neighbors.items()))

@@ -52,7 +52,7 @@ def teardown(api: VppApi, table_id: int,
         api.call(interfaces.set_admin(iface.sw_if_index, False, iface.name))
         if iface.sw_if_index in af_packet:
             api.call(host_interfaces.delete_af_packet(af_packet[iface.sw_if_index]))
-        elif iface.dev_type == "virtio":
+        elif iface.dev_type in host_interfaces.TAP_DEV_TYPES:
             api.call(host_interfaces.delete_tap(iface.sw_if_index))
         elif iface.dev_type == "Loopback":
             api.call(interfaces.delete_loopback(iface.sw_if_index, iface.name))

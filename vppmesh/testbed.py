@@ -56,6 +56,8 @@ UNDERLAY_MTU = 1500
 # A VPP under software emulation (the VM guest, docs/vm.md) starts several times slower.
 VPP_START_TIMEOUT = float(os.environ.get("VPPMESH_VPP_START_TIMEOUT", "30"))
 MEMIF_SOCKET_ID = 1
+# ... and each vppmesh command in a node (Python and vpp-papi start-up) takes minutes.
+COMMAND_TIMEOUT = float(os.environ.get("VPPMESH_TESTBED_COMMAND_TIMEOUT", "300"))
 
 
 class TestbedError(VppMeshError):
@@ -426,7 +428,7 @@ class Testbed:
     def run_vppmesh(self, node: NodeHandle, command: str, *extra: str,
                     check: bool = True) -> subprocess.CompletedProcess[str]:
         args = [sys.executable, "-m", "vppmesh", command, *self.vppmesh_args(node), *extra]
-        result = in_ns(node.netns, *args, check=False, timeout=300)
+        result = in_ns(node.netns, *args, check=False, timeout=COMMAND_TIMEOUT)
         if check and result.returncode != 0:
             raise TestbedError(f"`vppmesh {command}` failed on {node.name}:\n"
                                f"{result.stdout}{result.stderr}")

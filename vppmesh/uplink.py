@@ -278,8 +278,9 @@ def _take(api: VppApi, saved: SavedUplink) -> None:
     bvi = api.call(interfaces.create_loopback(bvi_mac(saved.mac), "uplink BVI")).sw_if_index
     batch = [interfaces.set_tag(nic, TAG_NIC), interfaces.set_tag(bvi, TAG_BVI),
              l2.bridge_domain(BRIDGE_DOMAIN, True, "vppmesh-uplink")]
-    if saved.host_link == "veth":
-        batch.append(interfaces.set_tag(host, TAG_HOST))
+    # Always tagged here: VPP 26.06 keeps tap_create_v3's tag without its NUL
+    # (plugins/tap/tapv2_api.c:216-220), so a dump would read past its end.
+    batch.append(interfaces.set_tag(host, TAG_HOST))
     for index, what in ((nic, "uplink NIC"), (host, "host link"), (bvi, "uplink BVI")):
         batch += [interfaces.set_mtu(index, saved.mtu, what),
                   l2.bridge_port(index, BRIDGE_DOMAIN, bvi=index == bvi, what=what)]

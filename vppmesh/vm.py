@@ -145,7 +145,7 @@ def guest_script(command: list[str], *, cwd: Path, env: dict[str, str],
     written; the guest's console reaches the host only in large, late chunks.
     """
     exports = {"PYTHONDONTWRITEBYTECODE": "1", "VPPMESH_VM_GUEST": "1",
-               "VPPMESH_VPP_START_TIMEOUT": "240",
+               "VPPMESH_VPP_START_TIMEOUT": "600", "VPPMESH_TESTBED_COMMAND_TIMEOUT": "1500",
                "PATH": f"{Path(sys.executable).parent}:/usr/sbin:/usr/bin:/sbin:/bin"}
     exports |= {k: v for k in PASSED_ENV if (v := os.environ.get(k))}
     exports |= env

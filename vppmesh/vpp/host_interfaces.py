@@ -15,6 +15,10 @@ TAP_FLAG_PERSIST = 4
 TAP_FLAG_ATTACH = 8
 TAP_FLAG_GRO_COALESCE = 32
 TAP_FLAG_CONSISTENT_QP = 256
+# An interface dump's dev_type for a tap v2: "tap" since VPP moved taps into the tap
+# plugin (26.06: plugins/tap/tap.c, VNET_DEVICE_CLASS (tap_device_class) .name = "tap"),
+# "virtio" before, when taps were virtio devices in vnet.
+TAP_DEV_TYPES = ("tap", "virtio")
 
 
 def create_af_packet(host_if_name: str, mac: str, queues: int = 1,
