@@ -130,3 +130,13 @@ def test_memif_underlay_joins_two_nodes_only() -> None:
     TestbedSpec(nodes=2, underlay="memif")
     with pytest.raises(ValueError, match="memif joins exactly 2 nodes"):
         TestbedSpec(nodes=3, underlay="memif")
+
+
+def test_core_ratios_compare_path_clocks_within_each_repeat() -> None:
+    def s(enc: float, dec: float) -> dict[str, object]:
+        return {"encrypt": {"path_clocks_per_packet": enc},
+                "decrypt": {"path_clocks_per_packet": dec}}
+    samples = {"a": {"1400": [s(500, 600), s(600, 700), s(550, 650)]},
+               "b": {"1400": [s(1000, 600), s(1200, 1400), s(1100, 650)]}}
+    ratios = report.core_ratios(samples, (("a", "b"),))  # type: ignore[arg-type]
+    assert ratios == {"a/b": {"1400 encrypt": 2.0, "1400 decrypt": 1.0}}

@@ -107,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         result["pair_samples"] = {n: {m: [x.as_dict() for x in s] for m, s in by_mix.items()}
                                   for n, by_mix in pair_samples.items()}
         result["ratios"] = report.ratios(per_repeat, RATIOS, [m.name for m in mixes])
+        result["core_ratios"] = report.core_ratios(result["pair_samples"], RATIOS)  # type: ignore[arg-type]
     if not args.no_encrypt_only:
         result["encrypt_only"] = encrypt_only(workers, mixes, args, repeats, window, warmup,
                                               vpp_info)

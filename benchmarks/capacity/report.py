@@ -38,7 +38,7 @@ def machine() -> dict[str, object]:
 
 def ratios(per_repeat: list[dict[str, dict[str, float]]],
            pairs: tuple[tuple[str, str], ...], mixes: list[str]) -> dict[str, dict[str, Any]]:
-    """a ÷ b delivered Mpps within each repeat, then the median over repeats."""
+    """a / b delivered Mpps within each repeat, then the median over repeats."""
     out: dict[str, dict[str, Any]] = {}
     for a, b in pairs:
         for mix in mixes:
@@ -46,6 +46,25 @@ def ratios(per_repeat: list[dict[str, dict[str, float]]],
                       if mix in r.get(a, {}) and r.get(b, {}).get(mix)]
             if values:
                 out.setdefault(f"{a}/{b}", {})[mix] = round(median(values) or 0, 3)
+    return out
+
+
+def core_ratios(samples: dict[str, dict[str, list[dict[str, Any]]]],
+                pairs: tuple[tuple[str, str], ...]) -> dict[str, dict[str, Any]]:
+    """Per-core capacity of a / b on each side: b's path clocks per packet over a's, within
+    each repeat, then the median. Unlike delivered Mpps, which the memif link between
+    the two VPPs can bound, this compares what each dataplane costs a core."""
+    out: dict[str, dict[str, Any]] = {}
+    for a, b in pairs:
+        for mix in samples.get(a, {}):
+            for side in ("encrypt", "decrypt"):
+                values = [sb[side]["path_clocks_per_packet"] / sa[side]["path_clocks_per_packet"]
+                          for sa, sb in zip(samples[a][mix], samples.get(b, {}).get(mix, []),
+                                            strict=False)
+                          if sa.get(side) and sb.get(side)]
+                if values:
+                    out.setdefault(f"{a}/{b}", {})[f"{mix} {side}"] = round(
+                        median(values) or 0, 3)
     return out
 
 
@@ -119,6 +138,14 @@ def markdown(result: dict[str, Any]) -> str:
             for key, by_mix in result["ratios"].items():
                 lines.append(f"| {key} | " + " | ".join(_fmt(by_mix.get(x), 3)
                                                         for x in cfg["mixes"]) + " |")
+        if result.get("core_ratios"):
+            cols = [f"{m} {side}" for m in cfg["mixes"] for side in ("encrypt", "decrypt")]
+            lines += ["", "Per-core capacity ratios (the other's path clocks / this one's, "
+                      "within each repeat, median):", "",
+                      "| ratio | " + " | ".join(cols) + " |", "|---|" + "---:|" * len(cols)]
+            for key, by_col in result["core_ratios"].items():
+                lines.append(f"| {key} | " + " | ".join(_fmt(by_col.get(c), 3)
+                                                        for c in cols) + " |")
         top = result["pair"].get("vppmesh-4t", {}).get("1400") or {}
         for side in ("encrypt", "decrypt"):
             nodes = list((top.get(f"{side}_nodes") or {}).items())[:8]
