@@ -73,4 +73,20 @@ def wait_for(condition: Callable[[], bool], timeout: float, what: str,
     return time.monotonic() - started
 
 
-__all__ = ["make_mesh", "require_vpp", "stop_process", "vpp_binary", "wait_for"]
+def record_raw_replies(channel: object, monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
+    """Keep every raw message an API channel reads from now on (to decode them again with
+    vpp-papi and compare)."""
+    raws: list[bytes] = []
+    read = channel._read_message  # type: ignore[attr-defined]
+
+    def keep() -> bytes:
+        raw = read()
+        raws.append(raw)
+        return raw
+
+    monkeypatch.setattr(channel, "_read_message", keep)
+    return raws
+
+
+__all__ = ["make_mesh", "record_raw_replies", "require_vpp", "stop_process", "vpp_binary",
+           "wait_for"]

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import require_vpp
+from conftest import record_raw_replies, require_vpp
 from pydantic import SecretBytes
 from test_reconcile_scale import summary
 
@@ -116,15 +116,7 @@ def test_fast_decoders_match_vpp_papi_on_every_dump(
     full, secrets = mesh
     channel = api._channel
     assert channel is not None
-    raws: list[bytes] = []
-    read = channel._read_message
-
-    def keep() -> bytes:
-        raw = read()
-        raws.append(raw)
-        return raw
-
-    monkeypatch.setattr(channel, "_read_message", keep)
+    raws = record_raw_replies(channel, monkeypatch)
     observe(api, plan_for(full, secrets, 0))
     kinds = {type(channel.reference_decode(r)).__name__ for r in raws}
     assert {"ipsec_sa_v5_details", "ip_route_details", "sw_interface_details",

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import dpkt
 import pytest
-from conftest import require_vpp, stop_process
+from conftest import record_raw_replies, require_vpp, stop_process
 from test_hostile import errors
 
 from vppmesh.config import load_mesh
@@ -201,15 +201,7 @@ def test_ipv6_requests_and_dumps_match_vpp_papi(bed: Testbed,
         for request in requests:
             assert channel.encode(request.name, request.args, 7) == \
                 channel.reference_encode(request.name, request.args, 7), request.name
-        raws: list[bytes] = []
-        read = channel._read_message
-
-        def keep() -> bytes:
-            raw = read()
-            raws.append(raw)
-            return raw
-
-        monkeypatch.setattr(channel, "_read_message", keep)
+        raws = record_raw_replies(channel, monkeypatch)
         tunnels = ipip.dump_tunnels(api)
         uplink, addresses = interfaces.find_uplink(api, None, n1.underlay[0])
         monkeypatch.undo()

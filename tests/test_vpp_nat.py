@@ -23,7 +23,7 @@ from pathlib import Path
 
 import dpkt
 import pytest
-from conftest import require_vpp, stop_process
+from conftest import record_raw_replies, require_vpp, stop_process
 from test_hostile import CRAFT, errors
 
 from vppmesh.config import load_mesh
@@ -172,15 +172,7 @@ def test_nat_udp_sa_encodes_and_dumps_like_vpp_papi(bed: Testbed,
     with VppClient(n1.instance.api_socket).connect() as api:
         channel = api._channel
         assert channel is not None
-        raws: list[bytes] = []
-        read = channel._read_message
-
-        def keep() -> bytes:
-            raw = read()
-            raws.append(raw)
-            return raw
-
-        monkeypatch.setattr(channel, "_read_message", keep)
+        raws = record_raw_replies(channel, monkeypatch)
         sas = ipsec.dump_sas(api)
         monkeypatch.undo()
     udp = [s.spec for s in sas if s.spec.udp_encap and s.spec.direction == "out"]
