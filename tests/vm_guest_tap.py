@@ -115,11 +115,13 @@ def per_thread(node: NodeHandle, name: str, index: int) -> list[Counter]:
 
 def esp_errors(node: NodeHandle) -> dict[str, int]:
     """VPP's error counters of the ESP and IPsec nodes, but for the packet counts
-    (`IPSec pkts received`, rx_pkts) that some of them keep as informational counters."""
+    (`IPSec pkts received`, rx_pkts, and ipsec4-tun-input's "good packets received",
+    stat name `rx`) that some of them keep as informational counters."""
     with StatsReader(node.instance.stats_socket) as reader:
         found = reader.error_counters("^/err/(esp|ipsec)")
     return {k: v for k, v in found.items()
-            if v and "rx_pkts" not in k and "received" not in k.lower()}
+            if v and "rx_pkts" not in k and "received" not in k.lower()
+            and not k.endswith("/rx")}
 
 
 def snmp(ns: str) -> dict[str, int]:
