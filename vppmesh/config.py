@@ -32,9 +32,9 @@ from vppmesh.underlay import (
     NAT_T_PORT,
     addresses,
     behind_nat,
-    choose_family,
     families,
     shape,
+    shape_pairs,
     worst_overhead,
 )
 
@@ -259,28 +259,17 @@ class Mesh(BaseModel):
     def _pairs_can_meet(self) -> None:
         """Every pair shares a family, with enough addresses of it for the tunnels."""
         wanted = self.settings.tunnels_per_peer
-        example: dict[tuple[frozenset[int], int, bool], Node] = {}
-        count: dict[tuple[frozenset[int], int, bool], int] = {}
-        for node in self.nodes:
-            example.setdefault(shape(node), node)
-            count[shape(node)] = count.get(shape(node), 0) + 1
         # A node always needs the addresses of its primary family (also alone in the
         # mesh, as the first to join a datastore), and of every family its pairs use.
-        used: dict[tuple[frozenset[int], int, bool], set[int]] = {k: {k[1]} for k in example}
-        shapes = list(example)
-        for i, a in enumerate(shapes):
-            for b in shapes[i:]:
-                if a == b and count[a] < 2:
-                    continue
-                family = choose_family(a[0], a[1], b[0], b[1])
-                if family is None:
-                    left, right = example[a], example[b]
-                    raise ValueError(
-                        f"nodes[{left.name}] ({_family_names(left)} underlay) and "
-                        f"nodes[{right.name}] ({_family_names(right)} underlay) share no "
-                        "underlay family; give one of them an address of the other's family")
-                used[a].add(family)
-                used[b].add(family)
+        used = {shape(n): {n.primary.version} for n in self.nodes}
+        for left, right, family in shape_pairs(self.nodes):
+            if family is None:
+                raise ValueError(
+                    f"nodes[{left.name}] ({_family_names(left)} underlay) and "
+                    f"nodes[{right.name}] ({_family_names(right)} underlay) share no "
+                    "underlay family; give one of them an address of the other's family")
+            used[shape(left)].add(family)
+            used[shape(right)].add(family)
         natted = [n.name for n in self.nodes if n.nat is not None]
         if wanted > 1 and len(natted) > 1:
             raise ValueError(

@@ -23,7 +23,7 @@ The mesh file's validation, plan(), verify and status all use them.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -123,24 +123,31 @@ def shape(node: Node) -> tuple[frozenset[int], int, bool]:
     return families(node), node.primary.version, uses_udp(node)
 
 
-def worst_overhead(nodes: Iterable[Node]) -> int | None:
-    """The largest per-packet overhead of any pair of the mesh (None: no pair).
-
-    Compared per shape of node rather than per pair, so it stays cheap on large meshes.
-    """
+def shape_pairs(nodes: Iterable[Node]) -> Iterator[tuple[Node, Node, int | None]]:
+    """(a node, another node, the family their pair uses or None) once per pair of node
+    shapes that occurs in the mesh: cheap on large meshes, since nodes of one shape pair
+    alike. A shape pairs with itself only when two nodes have it."""
+    example: dict[tuple[frozenset[int], int, bool], Node] = {}
     count: dict[tuple[frozenset[int], int, bool], int] = {}
     for node in nodes:
         key = shape(node)
+        example.setdefault(key, node)
         count[key] = count.get(key, 0) + 1
-    worst = None
-    shapes = list(count)
+    shapes = list(example)
     for i, a in enumerate(shapes):
         for b in shapes[i:]:
             if a == b and count[a] < 2:
                 continue
-            family = choose_family(a[0], a[1], b[0], b[1])
-            if family is None:
-                continue
-            overhead = max_overhead(ipv6_underlay=family == 6, udp_encap=a[2] or b[2])
-            worst = overhead if worst is None else max(worst, overhead)
+            yield example[a], example[b], choose_family(a[0], a[1], b[0], b[1])
+
+
+def worst_overhead(nodes: Iterable[Node]) -> int | None:
+    """The largest per-packet overhead of any pair of the mesh (None: no pair)."""
+    worst = None
+    for a, b, family in shape_pairs(nodes):
+        if family is None:
+            continue
+        overhead = max_overhead(ipv6_underlay=family == 6,
+                                udp_encap=uses_udp(a) or uses_udp(b))
+        worst = overhead if worst is None else max(worst, overhead)
     return worst
