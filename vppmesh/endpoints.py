@@ -12,7 +12,7 @@ import ipaddress
 
 from vppmesh import host as linux
 from vppmesh.errors import VppMeshError
-from vppmesh.state import GATEWAY_TAG, HostLinkSpec
+from vppmesh.state import GATEWAY_TAG, HostLinkSpec, node_mac
 from vppmesh.vpp import host_interfaces, interfaces, routes
 from vppmesh.vpp.client import VppApi
 from vppmesh.vpp.interfaces import Interface
@@ -145,8 +145,6 @@ def pod_spec(*, name: str, netns: str, address: ipaddress.IPv4Address, node_numb
 
     `vpp_ifname` (the veth end VPP takes, at most 15 characters) defaults to vpm-<name>.
     """
-    from vppmesh.plan import node_mac
-
     return HostLinkSpec(
         kind=kind,  # type: ignore[arg-type]
         tag=f"{POD_TAG_PREFIX}{name}",

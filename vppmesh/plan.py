@@ -20,6 +20,7 @@ from vppmesh.state import (
     RouteSpec,
     SaSpec,
     TunnelSpec,
+    node_mac,
     sa_id_for,
     tunnel_instance,
 )
@@ -36,12 +37,6 @@ class HostOptions:
     kind: Literal["tap", "af_packet", "none"] = "af_packet"
     netns: str | None = None
     queues: int = 1
-
-
-def node_mac(node_number: int, role: int) -> str:
-    """A stable locally administered MAC, so links keep their MACs across restarts."""
-    octets = [0x02, 0xFE, node_number >> 8, node_number & 0xFF, role >> 8, role & 0xFF]
-    return ":".join(f"{o:02x}" for o in octets)
 
 
 def host_link(local: Node, peers: list[Node], options: HostOptions,

@@ -158,6 +158,12 @@ class HostLinkSpec(Frozen):
     persist: bool = False
 
 
+def node_mac(node_number: int, role: int) -> str:
+    """A stable locally administered MAC, so links keep their MACs across restarts."""
+    octets = [0x02, 0xFE, node_number >> 8, node_number & 0xFF, role >> 8, role & 0xFF]
+    return ":".join(f"{o:02x}" for o in octets)
+
+
 class DesiredState(Frozen):
     """Everything one node's VPP and Linux side hold for the mesh."""
 
