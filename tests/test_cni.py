@@ -15,8 +15,9 @@ from fake_vpp import FakeVpp
 
 from vppmesh import endpoints
 from vppmesh.cni import run
-from vppmesh.cni_ipam import effective_ipam, run_ipam
-from vppmesh.cni_models import (
+from vppmesh.cni.commands import Plugin, pod_names
+from vppmesh.cni.ipam import effective_ipam, run_ipam
+from vppmesh.cni.models import (
     Attachment,
     CniEnv,
     CniError,
@@ -26,8 +27,7 @@ from vppmesh.cni_models import (
     ResultRoute,
     parse_netconf,
 )
-from vppmesh.cni_plugin import Plugin, pod_names
-from vppmesh.cni_store import AttachmentStore
+from vppmesh.cni.store import AttachmentStore
 from vppmesh.config import dump_mesh
 from vppmesh.plan import HostOptions, plan
 from vppmesh.reconcile import reconcile
@@ -147,7 +147,7 @@ def test_unreachable_vpp_asks_to_try_again(tmp_path: Path) -> None:
 
 
 def test_mesh_file_gives_vrf_mtu_and_pod_cidr(tmp_path: Path) -> None:
-    from vppmesh.cni_plugin import mesh_view
+    from vppmesh.cni.commands import mesh_view
 
     mesh, _ = make_mesh(2)
     path = tmp_path / "mesh.yaml"
@@ -270,7 +270,7 @@ def test_host_local_range_from_the_pod_cidr() -> None:
 
 
 def test_ipam_address_outside_the_pod_cidr_is_refused(tmp_path: Path) -> None:
-    from vppmesh.cni_plugin import MeshView
+    from vppmesh.cni.commands import MeshView
 
     plugin = Plugin(parse_netconf(json.dumps(conf()).encode()), CniEnv.from_environ(ENV), ENV)
     view = MeshView(1717, 1440, 1, ipaddress.IPv4Network("198.18.1.0/24"),

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 import yaml
 
-from vppmesh.cni_models import PLUGIN_TYPE, SUPPORTED_VERSIONS, parse_netconf
+from vppmesh.cni.models import PLUGIN_TYPE, SUPPORTED_VERSIONS, parse_netconf
 from vppmesh.config import parse_mesh
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -193,8 +193,8 @@ def test_watch_loop_knocks_fast_while_vpp_is_away_and_counts_the_restart(
     one restart with its unavailability and recovery time."""
     from vppmesh import cli
     from vppmesh import node as agent
+    from vppmesh.cni.reattach import PodReport
     from vppmesh.errors import VppUnavailableError
-    from vppmesh.pods import PodReport
 
     mesh_file = tmp_path / "mesh.yaml"
     mesh_file.write_text("")

@@ -1,6 +1,6 @@
-"""Pods after a VPP restart (pods.reattach), against the fake VPP: every recorded pod is
-put back as ADD made it, a healthy node is only looked at, and the record of a pod whose
-network namespace is gone is collected. The Linux side is stubbed here; the real-VPP
+"""Pods after a VPP restart (vppmesh/cni/reattach.py), against the fake VPP: every recorded
+pod is put back as ADD made it, a healthy node is only looked at, and the record of a pod
+whose network namespace is gone is collected. The Linux side is stubbed here; the real-VPP
 restart test (tests/test_operations_vpp.py) drives all of it for real."""
 
 from __future__ import annotations
@@ -15,11 +15,12 @@ from conftest import make_mesh
 from fake_vpp import FakeVpp
 from test_cni import fake_ipam
 
-from vppmesh import endpoints, pods
+from vppmesh import endpoints
 from vppmesh import host as linux
-from vppmesh.cni_models import Attachment
-from vppmesh.cni_plugin import pod_names, spec_of
-from vppmesh.cni_store import AttachmentStore
+from vppmesh.cni import reattach
+from vppmesh.cni.commands import pod_names, spec_of
+from vppmesh.cni.models import Attachment
+from vppmesh.cni.store import AttachmentStore
 from vppmesh.plan import HostOptions, plan
 from vppmesh.reconcile import reconcile
 
@@ -69,7 +70,7 @@ def test_restarted_vpp_gets_every_pod_back_as_add_made_it(
     for r in records:
         store.save(r)
     vpp = meshed()
-    report = pods.reattach(vpp, store.directory)
+    report = reattach.reattach(vpp, store.directory)
     assert sorted(report.reattached) == sorted(
         f"{r.container_id}/eth0 ({r.address})" for r in records)
     assert report.attached == 2 and not report.repaired and not report.collected
@@ -82,13 +83,13 @@ def test_restarted_vpp_gets_every_pod_back_as_add_made_it(
 
     # A second pass on a healthy node only looks.
     before = vpp.counts.copy()
-    again = pods.reattach(vpp, store.directory)
+    again = reattach.reattach(vpp, store.directory)
     assert again.attached == 2 and not again.reattached
     assert all(name.endswith("_dump") for name in vpp.counts - before)
 
     # VPP restarts again: the same pods come back the same way.
     vpp = meshed()
-    assert len(pods.reattach(vpp, store.directory).reattached) == 2
+    assert len(reattach.reattach(vpp, store.directory).reattached) == 2
     assert endpoints.vpp_side_problems(vpp, spec_of(records[0]), table_id=1717, mtu=1440) == []
 
 
@@ -96,7 +97,7 @@ def test_pod_side_is_repaired_only_where_it_differs(
         store: AttachmentStore, monkeypatch: pytest.MonkeyPatch) -> None:
     host = Linux(monkeypatch, problems=["interface eth0 is missing in netns x"])
     store.save(record("aaa", 7, "/proc/self/ns/net"))
-    report = pods.reattach(meshed(), store.directory)
+    report = reattach.reattach(meshed(), store.directory)
     assert report.repaired == report.reattached and len(report.repaired) == 1
     assert ("configure", record("aaa", 7, "/").vpp_ifname) in host.calls
 
@@ -112,7 +113,7 @@ def test_record_of_a_vanished_pod_is_collected_and_its_address_released(
                   ipam={"type": "host-local", "dataDir": "/x"})
     vpp = meshed()
     store.save(gone)
-    pods.reattach(vpp, store.directory, (plugins,))  # gone already: collected at once
+    reattach.reattach(vpp, store.directory, (plugins,))  # gone already: collected at once
     assert store.all() == []
     sent = json.loads((plugins / "stdin.json").read_text())
     assert sent["ipam"] == {"type": "host-local", "dataDir": "/x"}
@@ -123,9 +124,9 @@ def test_record_of_a_vanished_pod_is_collected_and_its_address_released(
     # A pod attached while its namespace existed, then gone: VPP side removed too.
     store.save(alive)
     store.save(gone.model_copy(update={"netns": "/proc/self/ns/net"}))
-    assert len(pods.reattach(vpp, store.directory, (plugins,)).reattached) == 2
+    assert len(reattach.reattach(vpp, store.directory, (plugins,)).reattached) == 2
     store.save(gone)
-    report = pods.reattach(vpp, store.directory, (plugins,))
+    report = reattach.reattach(vpp, store.directory, (plugins,))
     assert report.collected == [f"bbb/eth0 ({gone.address})"] and report.attached == 1
     assert [r.container_id for r in store.all()] == ["aaa"]
     tags = endpoints.find_tagged(vpp, spec_of(alive).tag, spec_of(gone).tag)
@@ -138,23 +139,23 @@ def test_no_mesh_yet_leaves_pods_for_the_next_pass(
     Linux(monkeypatch, problems=[])
     store.save(record("aaa", 7, "/proc/self/ns/net"))
     empty = FakeVpp.with_uplink(ipaddress.IPv4Interface("10.0.0.17/12"))
-    report = pods.reattach(empty, store.directory)
+    report = reattach.reattach(empty, store.directory)
     assert report.failed and not report.reattached and store.all()
 
 
 def test_no_records_no_vpp_calls(tmp_path: Path) -> None:
     vpp = meshed()
     before = vpp.counts.copy()
-    assert pods.reattach(vpp, tmp_path / "absent") == pods.PodReport()
+    assert reattach.reattach(vpp, tmp_path / "absent") == reattach.PodReport()
     assert vpp.counts == before
 
 
 def test_netns_paths_and_names(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    assert pods.netns_exists("/proc/self/ns/net")
-    assert not pods.netns_exists(str(tmp_path / "gone"))
-    monkeypatch.setattr(pods, "NETNS_DIR", tmp_path)
+    assert reattach.netns_exists("/proc/self/ns/net")
+    assert not reattach.netns_exists(str(tmp_path / "gone"))
+    monkeypatch.setattr(reattach, "NETNS_DIR", tmp_path)
     (tmp_path / "web").touch()
-    assert pods.netns_exists("web") and not pods.netns_exists("db")
+    assert reattach.netns_exists("web") and not reattach.netns_exists("db")
 
 
 def test_datastore_agent_reattaches_pods_on_a_new_vpp(

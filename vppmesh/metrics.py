@@ -38,10 +38,10 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.utils import floatToGoString
 
+from vppmesh.cni.reattach import PodReport
 from vppmesh.config import Mesh
 from vppmesh.epochs import GenerationState
 from vppmesh.errors import ConfigError, VppUnavailableError
-from vppmesh.pods import PodReport
 from vppmesh.reconcile import gc_paused
 from vppmesh.status import NodeStatus
 from vppmesh.vpp.client import VppApi

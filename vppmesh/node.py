@@ -12,9 +12,10 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
-from vppmesh import engines, epochs, guard, pods
+from vppmesh import engines, epochs, guard
 from vppmesh import host as linux
 from vppmesh import uplink as nic
+from vppmesh.cni.reattach import DEFAULT_CNI_PATH, PodReport, reattach
 from vppmesh.config import Mesh, load_mesh
 from vppmesh.epochs import GenerationState, GenerationStore, PeerKeying, PeerObservation
 from vppmesh.errors import VppUnavailableError
@@ -49,7 +50,7 @@ class NodeOptions:
     # The CNI plugin's attachment records (its stateDir): pods the agent re-attaches
     # after a VPP restart. None: the agent leaves pods alone.
     cni_state_dir: Path | None = None
-    cni_path: tuple[Path, ...] = pods.DEFAULT_CNI_PATH
+    cni_path: tuple[Path, ...] = DEFAULT_CNI_PATH
 
     @property
     def ledger(self) -> KeyLedger:
@@ -76,7 +77,7 @@ class UpResult:
     # The engine running AES-GCM-256 (None: not looked at in this run, or unknown).
     crypto_engine: str | None = None
     # The pass over the CNI records (Session only, on its full runs); None if none ran.
-    pod_report: pods.PodReport | None = None
+    pod_report: PodReport | None = None
     mesh: Mesh | None = None  # the mesh this run applied (file or datastore)
 
 
@@ -255,7 +256,8 @@ class Session:
     VppUnavailableError and the next one reconnects.
 
     On those full runs it also re-attaches the CNI plugin's pods that VPP lost (after a
-    restart: all of them) and collects the records of pods that are gone (pods.py).
+    restart: all of them) and collects the records of pods that are gone
+    (vppmesh/cni/reattach.py).
     """
 
     def __init__(self, options: NodeOptions, *, full_every: float = 60.0,
@@ -282,8 +284,8 @@ class Session:
             raise
         if full and self.options.cni_state_dir is not None:
             try:
-                result.pod_report = pods.reattach(self._client, self.options.cni_state_dir,
-                                            self.options.cni_path)
+                result.pod_report = reattach(self._client, self.options.cni_state_dir,
+                                       self.options.cni_path)
             except VppUnavailableError:
                 self.close()
                 raise

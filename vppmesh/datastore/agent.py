@@ -34,7 +34,7 @@ import yaml
 from pydantic import ValidationError
 
 from vppmesh import node as agent
-from vppmesh import pods
+from vppmesh.cni.reattach import reattach
 from vppmesh.config import Mesh, MeshSettings, NatSettings, Node, format_validation_error
 from vppmesh.datastore.etcd import DatastoreError, EtcdStore, Registration
 from vppmesh.datastore.records import (
@@ -230,8 +230,7 @@ class MembershipAgent:
                 self._pods_checked is None
                 or time.monotonic() - self._pods_checked >= PODS_EVERY_SECONDS):
             # A new connection may be a new VPP: its pods come back (node.Session too).
-            result.pod_report = pods.reattach(api, self.options.cni_state_dir,
-                                              self.options.cni_path)
+            result.pod_report = reattach(api, self.options.cni_state_dir, self.options.cni_path)
             self._pods_checked = time.monotonic()
         for note in result.notes:  # key generation steps and slides, each told once
             log.info("%s", note)

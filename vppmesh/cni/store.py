@@ -16,7 +16,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from vppmesh.cni_models import Attachment
+from vppmesh.cni.models import Attachment
 
 
 def attachment_key(container_id: str, ifname: str) -> str:

@@ -9,8 +9,13 @@ as a /32, the mesh MTU and a default route through VPP's gateway 169.254.0.1.
 
 Pod interfaces carry the tag `vppmesh:pod:cni-<hash>`; `vppmesh up` touches only its own
 gateway, host link, tunnels and their routes, so re-running it (or restarting the agent)
-leaves every attached pod in place. An attachment record per pod (cni_store.py) lets DEL
-and GC undo exactly what ADD made.
+leaves every attached pod in place. An attachment record per pod (store.py) lets DEL and
+GC undo exactly what ADD made.
+
+The package: this module is the entry point (environment, stdin, JSON out), commands.py
+runs ADD, CHECK, DEL, GC and STATUS, models.py validates what the runtime hands over,
+ipam.py delegates to the IPAM plugin, store.py keeps the attachment records, and
+reattach.py is the agent's side: it puts the pods back after a VPP restart.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ import os
 import sys
 from typing import Any
 
-from vppmesh.cni_models import LATEST_VERSION, SUPPORTED_VERSIONS, CniEnv, NetConf, parse_netconf
+from vppmesh.cni.models import LATEST_VERSION, SUPPORTED_VERSIONS, CniEnv, NetConf, parse_netconf
 
 log = logging.getLogger("vppmesh.cni")
 
@@ -65,7 +70,7 @@ def run(environ: dict[str, str], stdin: bytes) -> tuple[int, dict[str, Any] | No
         conf = parse_netconf(stdin)
         version = conf.cni_version
         setup_logging(conf)
-        from vppmesh.cni_plugin import Plugin  # loads VPP's API and netlink: not for VERSION
+        from vppmesh.cni.commands import Plugin  # loads VPP's API and netlink: not for VERSION
 
         plugin = Plugin(conf, env, environ)
         if env.command == "ADD":
@@ -80,7 +85,7 @@ def run(environ: dict[str, str], stdin: bytes) -> tuple[int, dict[str, Any] | No
             plugin.status()
         return 0, None
     except Exception as exc:
-        from vppmesh.cni_plugin import as_cni_error
+        from vppmesh.cni.commands import as_cni_error
 
         error = as_cni_error(exc)
         log.error("%s failed: %s%s", environ.get("CNI_COMMAND", "?"), error.msg,
@@ -97,8 +102,3 @@ def main() -> None:
         sys.stdout.write(json.dumps(output) + "\n")
         sys.stdout.flush()
     sys.exit(code)
-
-
-if __name__ == "__main__":
-    main()
-

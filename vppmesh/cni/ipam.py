@@ -15,7 +15,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from vppmesh.cni_models import ERR_IPAM, CniError, IpamResult
+from vppmesh.cni.models import ERR_IPAM, CniError, IpamResult
 
 IPAM_TIMEOUT = 60.0
 

@@ -25,10 +25,10 @@ from pathlib import Path
 
 from vppmesh import endpoints
 from vppmesh import host as linux
-from vppmesh.cni_ipam import run_ipam
-from vppmesh.cni_models import Attachment, CniError
-from vppmesh.cni_plugin import spec_of
-from vppmesh.cni_store import AttachmentStore
+from vppmesh.cni.commands import spec_of
+from vppmesh.cni.ipam import run_ipam
+from vppmesh.cni.models import Attachment, CniError
+from vppmesh.cni.store import AttachmentStore
 from vppmesh.errors import VppMeshError, VppUnavailableError
 from vppmesh.state import GATEWAY_TAG
 from vppmesh.vpp.client import VppApi

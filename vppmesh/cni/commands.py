@@ -1,8 +1,8 @@
 """The commands of vppmesh-cni: ADD, CHECK, DEL, GC and STATUS on one node's VPP and Linux.
 
-vppmesh/cni.py is the entry point (environment, stdin, JSON out); this module does the
-work, so that VERSION and configuration errors answer without loading VPP's API or
-netlink. Pods attach through vppmesh/endpoints.py like every other endpoint.
+The package's __init__ is the entry point (environment, stdin, JSON out); this module
+does the work, so that VERSION and configuration errors answer without loading VPP's API
+or netlink. Pods attach through vppmesh/endpoints.py like every other endpoint.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from vppmesh import endpoints
 from vppmesh import host as linux
-from vppmesh.cni_ipam import effective_ipam, parse_ipam_result, run_ipam
-from vppmesh.cni_models import (
+from vppmesh.cni.ipam import effective_ipam, parse_ipam_result, run_ipam
+from vppmesh.cni.models import (
     ERR_CHECK,
     ERR_INVALID_CONFIG,
     ERR_INVALID_ENV,
@@ -40,7 +40,7 @@ from vppmesh.cni_models import (
     ResultIp,
     ResultRoute,
 )
-from vppmesh.cni_store import AttachmentStore, attachment_key
+from vppmesh.cni.store import AttachmentStore, attachment_key
 from vppmesh.config import load_mesh
 from vppmesh.errors import ConfigError, HostError, VppApiError, VppMeshError, VppUnavailableError
 from vppmesh.state import GATEWAY_ADDRESS, GATEWAY_TAG, HostLinkSpec
