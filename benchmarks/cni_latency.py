@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from vppmesh.testbed import Testbed, TestbedSpec, in_ns, sh
+from vppmesh.lab.testbed import Testbed, TestbedSpec, in_ns, sh
 
 CNI_PATH = Path("/usr/lib/cni")
 

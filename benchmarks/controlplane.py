@@ -31,10 +31,10 @@ from pydantic import BaseModel, ConfigDict
 
 from vppmesh.config import Mesh, MeshSettings, Node
 from vppmesh.keys import NodeSecrets, derive_sa_key, pair_secret, public_key_b64
+from vppmesh.lab.testbed import TestbedError, find_vpp, require_root, single_vpp
 from vppmesh.plan import HostOptions, plan
 from vppmesh.reconcile import Reconciler
 from vppmesh.state import DesiredState
-from vppmesh.testbed import TestbedError, find_vpp, require_root, single_vpp
 from vppmesh.vpp import interfaces, ipsec
 from vppmesh.vpp.client import VppClient
 

@@ -146,8 +146,8 @@ def with_vpp(peers: int, tunnels: int, rounds: int) -> None:
         synthetic_mesh,
         with_nodes,
     )
+    from vppmesh.lab.testbed import require_root, single_vpp
     from vppmesh.reconcile import Reconciler
-    from vppmesh.testbed import require_root, single_vpp
     from vppmesh.vpp.client import VppClient
 
     require_root()

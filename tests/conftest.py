@@ -46,7 +46,7 @@ def mesh3() -> tuple[Mesh, dict[str, NodeSecrets]]:
 
 
 def vpp_binary() -> str | None:
-    from vppmesh.testbed import TestbedError, find_vpp
+    from vppmesh.lab.testbed import TestbedError, find_vpp
 
     try:
         return str(find_vpp())

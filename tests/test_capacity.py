@@ -9,7 +9,7 @@ import pytest
 from benchmarks.capacity import report, traffic
 from benchmarks.capacity.measure import Sample, summarize, workers_for_line_rate
 from benchmarks.capacity.runtime import parse_runtime, path_cost
-from vppmesh.testbed import TestbedSpec
+from vppmesh.lab.testbed import TestbedSpec
 
 DATA = Path(__file__).parent / "data"
 

@@ -19,9 +19,9 @@ from typing import Any
 import pytest
 from conftest import require_vpp
 
-from vppmesh.demo import outbound_packets
+from vppmesh.lab.demo import outbound_packets
+from vppmesh.lab.testbed import Testbed, TestbedSpec, in_ns, sh
 from vppmesh.state import GATEWAY_TAG
-from vppmesh.testbed import Testbed, TestbedSpec, in_ns, sh
 from vppmesh.vpp import interfaces, routes
 from vppmesh.vpp.client import VppClient
 

@@ -23,8 +23,8 @@ import pytest
 from conftest import require_vpp, stop_process, wait_for
 from etcd_server import EtcdServer, require_etcd, running_etcd
 
+from vppmesh.lab.testbed import NodeHandle, Testbed, TestbedSpec, in_ns, sh
 from vppmesh.state import is_owned_sa_id, is_owned_tunnel_instance, split_tunnel_instance
-from vppmesh.testbed import NodeHandle, Testbed, TestbedSpec, in_ns, sh
 from vppmesh.vpp import interfaces, ipip, ipsec
 from vppmesh.vpp.client import VppClient
 

@@ -9,8 +9,8 @@ from conftest import require_vpp
 
 from vppmesh import engines
 from vppmesh.errors import ConfigError
+from vppmesh.lab.testbed import single_vpp
 from vppmesh.status import crypto_status
-from vppmesh.testbed import single_vpp
 from vppmesh.vpp import crypto
 from vppmesh.vpp.client import VppClient
 

@@ -19,7 +19,7 @@ import pytest
 from conftest import require_vpp
 
 from vppmesh.keys import spi_for
-from vppmesh.testbed import Testbed, TestbedSpec, _uplink_mac, in_ns
+from vppmesh.lab.testbed import Testbed, TestbedSpec, _uplink_mac, in_ns
 from vppmesh.vpp import ipsec
 from vppmesh.vpp.client import VppClient
 

@@ -26,8 +26,8 @@ import pytest
 import yaml
 from conftest import require_vpp, stop_process, wait_for
 
+from vppmesh.lab.testbed import NodeHandle, Testbed, TestbedSpec, _uplink_mac, find_vpp, in_ns, sh
 from vppmesh.metrics import families
-from vppmesh.testbed import NodeHandle, Testbed, TestbedSpec, _uplink_mac, find_vpp, in_ns, sh
 from vppmesh.vpp import ipsec
 from vppmesh.vpp.client import VppClient
 

@@ -23,8 +23,8 @@ import pytest
 import yaml
 from conftest import require_vpp
 
+from vppmesh.lab.testbed import NodeHandle, Testbed, TestbedSpec, find_vpp, in_ns
 from vppmesh.state import is_owned_sa_id, is_owned_tunnel_instance
-from vppmesh.testbed import NodeHandle, Testbed, TestbedSpec, find_vpp, in_ns
 from vppmesh.vpp import ipip, ipsec
 from vppmesh.vpp.client import VppClient
 

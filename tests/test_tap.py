@@ -9,7 +9,7 @@ import pytest
 from pydantic import ValidationError
 
 from vppmesh import endpoints
-from vppmesh.testbed import Testbed, TestbedSpec
+from vppmesh.lab.testbed import Testbed, TestbedSpec
 from vppmesh.vpp import host_interfaces as hi
 
 
@@ -48,7 +48,7 @@ def test_testbed_passes_the_attachment_to_up_and_attach(tmp_path: Path) -> None:
 
 
 def test_guest_script_loads_vhost_net_and_reports_the_exit_code(tmp_path: Path) -> None:
-    from vppmesh import vm
+    from vppmesh.lab import vm
 
     script = vm.guest_script(["python", "-m", "pytest", "a b"], cwd=Path("/repo"),
                              env={"VPPMESH_VPP": "/opt/vpp/bin/vpp"},

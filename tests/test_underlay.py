@@ -346,7 +346,7 @@ def test_nat_capture_counts_esp_in_udp_to_the_public_address() -> None:
 # ---- testbed shapes ---------------------------------------------------------------------
 
 def test_ipv6_testbed_nodes_get_ipv6_underlays_and_a_valid_mesh() -> None:
-    from vppmesh.testbed import NodeHandle, TestbedSpec
+    from vppmesh.lab.testbed import NodeHandle, TestbedSpec
 
     spec = TestbedSpec(nodes=3, tunnels=2, underlay_family="ipv6")
     handles = [NodeHandle(i, spec) for i in (1, 2, 3)]
@@ -355,7 +355,7 @@ def test_ipv6_testbed_nodes_get_ipv6_underlays_and_a_valid_mesh() -> None:
 
 
 def test_nat_testbed_puts_the_last_node_behind_the_router() -> None:
-    from vppmesh.testbed import (
+    from vppmesh.lab.testbed import (
         NAT_STATIC_PORT,
         NodeHandle,
         Testbed,
@@ -431,7 +431,7 @@ def test_ipv6_record_that_shares_no_family_with_the_mesh_is_rejected() -> None:
 
 
 def test_ipv6_mixed_testbed_is_a_valid_mesh_with_both_kinds_of_pairs() -> None:
-    from vppmesh.testbed import NodeHandle, TestbedSpec
+    from vppmesh.lab.testbed import NodeHandle, TestbedSpec
 
     spec = TestbedSpec(nodes=3, tunnels=1, underlay_family="mixed")
     nodes = [node(i, [str(a) for a in NodeHandle(i, spec).underlay])[0] for i in (1, 2, 3)]

@@ -22,8 +22,8 @@ from typing import Any
 import pytest
 from conftest import require_vpp
 
+from vppmesh.lab.testbed import destroy, find_vpp, in_ns, sh, start_vpp
 from vppmesh.startup import Instance, load_profile, render
-from vppmesh.testbed import destroy, find_vpp, in_ns, sh, start_vpp
 from vppmesh.vpp import interfaces
 from vppmesh.vpp.client import VppClient
 

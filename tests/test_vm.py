@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from vppmesh import vm
+from vppmesh.lab import vm
 
 pytestmark = [pytest.mark.vm]
 REPO = Path(__file__).resolve().parent.parent

@@ -21,10 +21,10 @@ from vppmesh import verify
 from vppmesh.config import dump_mesh
 from vppmesh.errors import VppApiError
 from vppmesh.keys import private_key_b64, write_secret_file
+from vppmesh.lab.testbed import single_vpp
 from vppmesh.node import NodeOptions, Session
 from vppmesh.reconcile import Reconciler, observe
 from vppmesh.state import GATEWAY_TAG, SaSpec, is_owned_sa_id, is_owned_tunnel_instance
-from vppmesh.testbed import single_vpp
 from vppmesh.vpp import host_interfaces, interfaces, ipip, ipsec, routes
 from vppmesh.vpp.client import Request, VppClient
 

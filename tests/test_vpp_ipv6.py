@@ -23,7 +23,7 @@ from conftest import record_raw_replies, require_vpp, stop_process
 from test_hostile import errors
 
 from vppmesh.config import load_mesh
-from vppmesh.testbed import Testbed, TestbedSpec, _uplink_mac, in_ns
+from vppmesh.lab.testbed import Testbed, TestbedSpec, _uplink_mac, in_ns
 from vppmesh.vpp import ipip, ipsec
 from vppmesh.vpp.client import VppClient
 

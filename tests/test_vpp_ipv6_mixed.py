@@ -21,7 +21,7 @@ import dpkt
 import pytest
 from conftest import require_vpp, stop_process
 
-from vppmesh.testbed import Testbed, TestbedSpec, in_ns
+from vppmesh.lab.testbed import Testbed, TestbedSpec, in_ns
 
 pytestmark = [pytest.mark.vpp]
 PREFIX = "vm7-"

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 from conftest import require_vpp
 
+from vppmesh.lab.testbed import Testbed, TestbedSpec, destroy, in_ns
 from vppmesh.state import is_owned_sa_id, is_owned_tunnel_instance
-from vppmesh.testbed import Testbed, TestbedSpec, destroy, in_ns
 from vppmesh.vpp import interfaces, ipip, ipsec, routes
 from vppmesh.vpp.client import VppClient
 
@@ -84,7 +84,7 @@ def test_mtu_fits_and_one_more_byte_fails_cleanly(bed: Testbed) -> None:
 
 
 def outbound_counters(bed: Testbed, node, peer_number: int) -> dict[int, int]:  # type: ignore[no-untyped-def]
-    from vppmesh.demo import outbound_packets
+    from vppmesh.lab.demo import outbound_packets
 
     return outbound_packets(node, peer_number)
 

@@ -28,7 +28,7 @@ from test_hostile import CRAFT, errors
 
 from vppmesh.config import load_mesh
 from vppmesh.keys import spi_for
-from vppmesh.testbed import NAT_OUTSIDE, NAT_STATIC_PORT, Testbed, TestbedSpec, in_ns
+from vppmesh.lab.testbed import NAT_OUTSIDE, NAT_STATIC_PORT, Testbed, TestbedSpec, in_ns
 from vppmesh.vpp import ipsec
 from vppmesh.vpp.client import VppClient
 
@@ -263,7 +263,7 @@ def test_nat_masquerade_only_works_after_the_node_behind_it_sent(bed: Testbed) -
     NAT and the mesh.
     """
     from vppmesh.config import dump_mesh
-    from vppmesh.testbed import nat_ruleset
+    from vppmesh.lab.testbed import nat_ruleset
 
     n1, n2, n3 = bed.nodes
     mesh = load_mesh(bed.mesh_file)

@@ -19,8 +19,7 @@ import pytest
 from conftest import require_vpp, stop_process, wait_for
 from etcd_server import require_etcd, running_etcd
 
-from vppmesh.state import is_owned_tunnel_instance
-from vppmesh.testbed import (
+from vppmesh.lab.testbed import (
     NAT_OUTSIDE,
     NAT_STATIC_PORT,
     NodeHandle,
@@ -29,6 +28,7 @@ from vppmesh.testbed import (
     in_ns,
     sh,
 )
+from vppmesh.state import is_owned_tunnel_instance
 from vppmesh.vpp import interfaces, ipip, ipsec
 from vppmesh.vpp.client import VppClient
 

@@ -1,6 +1,6 @@
 """The tap v2 path end to end, run INSIDE a VM guest that has /dev/vhost-net.
 
-tests/test_vm.py boots the guest (vppmesh.vm) and runs this module there with pytest;
+tests/test_vm.py boots the guest (vppmesh.lab.vm) and runs this module there with pytest;
 its file name keeps it out of the host's own collection. A 2-node testbed (prefix vmv-)
 with 2 VPP workers per node, the host links and pods attached as tap v2 (GSO, GRO
 coalescing, 2 queue pairs) and `settings.gso: true`. The checks are those of issue 12:
@@ -27,7 +27,7 @@ import pytest
 from conftest import require_vpp, wait_for
 
 from vppmesh import host as linux
-from vppmesh.testbed import NodeHandle, Testbed, TestbedSpec, in_ns, sh
+from vppmesh.lab.testbed import NodeHandle, Testbed, TestbedSpec, in_ns, sh
 from vppmesh.vpp import host_interfaces, interfaces
 from vppmesh.vpp.client import VppClient
 from vppmesh.vpp.stats import Counter, StatsReader
@@ -74,7 +74,7 @@ def bed() -> Iterator[Testbed]:
     if not linux.tap_supported():
         pytest.skip("no /dev/vhost-net in this guest (modprobe vhost_net)")
     require_vpp()
-    from vppmesh.testbed import find_vpp
+    from vppmesh.lab.testbed import find_vpp
 
     if not vpp_runs_here(str(find_vpp())):
         pytest.skip("VPP dies with SIGILL in the guest: build it generically (multi-arch)")
@@ -377,7 +377,7 @@ def test_uplink_host_tap_carries_tcp_with_gso(bed: Testbed) -> None:
     to the wire, segmented by the NIC's output, with correct checksums at the peer."""
     from test_uplink_vpp import HOST_NS, PEER_ADDR, PEER_NS, VPP_ADDR, UplinkBed
 
-    from vppmesh.testbed import destroy
+    from vppmesh.lab.testbed import destroy
 
     uplink = UplinkBed()
     try:

@@ -20,8 +20,8 @@ from vppmesh.errors import VppMeshError, VppUnavailableError
 from vppmesh.vpp.client import DEFAULT_API_SOCKET, VppClient
 
 if TYPE_CHECKING:
+    from vppmesh.lab.testbed import TestbedSpec
     from vppmesh.metrics import AgentMetrics
-    from vppmesh.testbed import TestbedSpec
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="An encrypted full mesh of Linux hosts over VPP (IPIP + ESP AES-GCM-256).")
@@ -608,7 +608,7 @@ def testbed_up(
     For the tap v2 path on a machine without /dev/vhost-net, run it in a VM guest:
     `vppmesh vm run -- vppmesh testbed up --attachment tap ...` (docs/vm.md).
     """
-    from vppmesh.testbed import Testbed
+    from vppmesh.lab.testbed import Testbed
 
     spec = testbed_spec(nodes=nodes, tunnels=tunnels, pods=pods, workers=workers,
                         underlay=underlay, underlay_family=underlay_family, nat=nat,
@@ -628,7 +628,7 @@ def testbed_spec(**fields: object) -> TestbedSpec:
     """A TestbedSpec from command-line options; a bad one fails naming the option."""
     from pydantic import ValidationError
 
-    from vppmesh.testbed import TestbedSpec
+    from vppmesh.lab.testbed import TestbedSpec
 
     try:
         return TestbedSpec(**fields)  # type: ignore[arg-type]
@@ -642,7 +642,7 @@ def testbed_spec(**fields: object) -> TestbedSpec:
 @testbed_app.command("down")
 def testbed_down() -> None:
     """Remove every namespace, link and VPP of the testbed (also after a crash)."""
-    from vppmesh.testbed import DEFAULT_BASE, DEFAULT_PREFIX, destroy
+    from vppmesh.lab.testbed import DEFAULT_BASE, DEFAULT_PREFIX, destroy
 
     removed = destroy(DEFAULT_PREFIX, DEFAULT_BASE, quiet=True)
     typer.echo(f"removed {len(removed)} object(s)")
@@ -651,7 +651,7 @@ def testbed_down() -> None:
 @testbed_app.command("status")
 def testbed_status() -> None:
     """Nodes, namespaces and sockets of the running testbed."""
-    from vppmesh.testbed import Testbed
+    from vppmesh.lab.testbed import Testbed
 
     try:
         typer.echo(json.dumps(Testbed.load().status(), indent=2))
@@ -678,11 +678,11 @@ def demo(
     `--vm` runs it in a VM guest with tap v2 endpoints, e.g. `vppmesh demo --vm --nodes 2
     --workers 2 --gso` (the same as `vppmesh vm run -- vppmesh demo --attachment tap ...`).
     """
-    from vppmesh.demo import render, run_demo
-    from vppmesh.testbed import find_vpp, require_root
+    from vppmesh.lab.demo import render, run_demo
+    from vppmesh.lab.testbed import find_vpp, require_root
 
     if vm:
-        from vppmesh import vm as guest
+        from vppmesh.lab import vm as guest
 
         command = [sys.executable, "-m", "vppmesh", "demo", "--nodes", str(nodes),
                    "--tunnels", str(tunnels), "--seconds", str(seconds), "--streams",
@@ -779,7 +779,7 @@ def uplink_restore(
 @vm_app.command("check")
 def vm_check() -> None:
     """What a guest would boot with (kernel, qemu, virtme-ng, VPP), or what is missing."""
-    from vppmesh import vm
+    from vppmesh.lab import vm
 
     reason = vm.missing()
     if reason is not None:
@@ -805,7 +805,7 @@ def vm_run(
     `vppmesh vm run -- vppmesh demo --nodes 2 --attachment tap --gso --workers 2`; the
     VPP is $VPPMESH_VM_VPP, else $VPPMESH_VPP or `vpp` on PATH (docs/vm.md).
     """
-    from vppmesh import vm
+    from vppmesh.lab import vm
 
     command = list(ctx.args)
     if not command:

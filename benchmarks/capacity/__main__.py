@@ -17,7 +17,7 @@ from benchmarks.capacity import report, traffic
 from benchmarks.capacity.measure import Sample, measure, summarize, tsc_ghz
 from benchmarks.capacity.rig import CONTENDERS, EncryptOnly, Pair, cpu_cores
 from benchmarks.report import DEFAULT_RESULTS_DIR
-from vppmesh.testbed import TestbedError, find_vpp
+from vppmesh.lab.testbed import TestbedError, find_vpp
 from vppmesh.vpp import crypto, system
 
 ENCRYPT_ONLY_CONTENDER = "vppmesh-4t"

@@ -39,9 +39,7 @@ from benchmarks.capacity import traffic
 from vppmesh import engines
 from vppmesh.config import Mesh, MeshSettings, Node, dump_mesh
 from vppmesh.keys import generate_private_key
-from vppmesh.startup import Instance, load_profile, render
-from vppmesh.state import GATEWAY_TAG, SaSpec
-from vppmesh.testbed import (
+from vppmesh.lab.testbed import (
     Testbed,
     TestbedSpec,
     destroy,
@@ -51,6 +49,8 @@ from vppmesh.testbed import (
     sh,
     start_vpp,
 )
+from vppmesh.startup import Instance, load_profile, render
+from vppmesh.state import GATEWAY_TAG, SaSpec
 from vppmesh.vpp import interfaces, ipip, ipsec, routes
 from vppmesh.vpp.client import Request, VppClient
 

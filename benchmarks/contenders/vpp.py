@@ -23,10 +23,10 @@ from vppmesh import host as linux
 from vppmesh.config import Mesh, MeshSettings, Node, dump_mesh
 from vppmesh.errors import VppMeshError
 from vppmesh.keys import generate_private_key
+from vppmesh.lab.testbed import TestbedError, find_vpp, start_vpp
 from vppmesh.overhead import pod_mtu_for
 from vppmesh.startup import Instance, load_profile, render
 from vppmesh.state import node_mac
-from vppmesh.testbed import TestbedError, find_vpp, start_vpp
 from vppmesh.vpp import host_interfaces, interfaces, ipip, routes, system
 from vppmesh.vpp.client import VppClient
 

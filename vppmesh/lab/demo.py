@@ -13,8 +13,8 @@ import sys
 import time
 from dataclasses import dataclass
 
+from vppmesh.lab.testbed import NodeHandle, Testbed, TestbedSpec, in_ns
 from vppmesh.state import is_owned_sa_id
-from vppmesh.testbed import NodeHandle, Testbed, TestbedSpec, in_ns
 from vppmesh.vpp import ipsec
 from vppmesh.vpp.client import VppClient
 from vppmesh.vpp.stats import StatsReader

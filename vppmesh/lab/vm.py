@@ -108,7 +108,7 @@ def find_qemu() -> Path:
 
 def find_guest_vpp() -> Path:
     """The VPP for the guest: $VPPMESH_VM_VPP, else the testbed's ($VPPMESH_VPP, PATH)."""
-    from vppmesh.testbed import TestbedError, find_vpp
+    from vppmesh.lab.testbed import TestbedError, find_vpp
 
     if env := os.environ.get(VPP_ENV):
         path = Path(env)
