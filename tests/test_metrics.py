@@ -188,11 +188,11 @@ def test_scrape_benchmark_runs_and_reports(capsys: pytest.CaptureFixture[str]) -
 
 def test_watch_loop_knocks_fast_while_vpp_is_away_and_counts_the_restart(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The watch loop (cli.watch_loop) with a Session whose VPP goes away for two polls:
+    """The watch loop (watch.watch_loop) with a Session whose VPP goes away for two polls:
     it retries at WATCH_VPP_RETRY_SECONDS instead of the 2 s poll, and the metrics count
     one restart with its unavailability and recovery time."""
-    from vppmesh import cli
     from vppmesh import node as agent
+    from vppmesh import watch
     from vppmesh.cni.reattach import PodReport
     from vppmesh.errors import VppUnavailableError
 
@@ -219,12 +219,12 @@ def test_watch_loop_knocks_fast_while_vpp_is_away_and_counts_the_restart(
                                    mesh=None)
 
     monkeypatch.setattr(agent, "Session", FakeSession)
-    monkeypatch.setattr(cli, "WATCH_POLL_SECONDS", 1.0)
-    monkeypatch.setattr(cli, "give_back_uplinks", lambda opts: None)
+    monkeypatch.setattr(watch, "WATCH_POLL_SECONDS", 1.0)
+    monkeypatch.setattr(watch, "give_back_uplinks", lambda opts: None)
     metrics = AgentMetrics()
     options = agent.NodeOptions(mesh_file=mesh_file, node="n1", private_key=tmp_path / "k")
     with pytest.raises(KeyboardInterrupt):
-        cli.watch_loop(options, metrics)
+        watch.watch_loop(options, metrics)
     gaps = [b - a for a, b in pairwise(ticks)]
     assert gaps[0] >= 0.9  # a normal poll interval
     assert all(g < 0.6 for g in gaps[1:3])  # VPP away: knocking every 0.25 s

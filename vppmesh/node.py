@@ -94,6 +94,16 @@ def load_inputs(options: NodeOptions, mesh: Mesh | None = None) -> tuple[Mesh, N
     return mesh, load_secrets(options.private_key, mesh.settings.psk_file)
 
 
+def datastore_mesh(url: str | None) -> Mesh | None:
+    """The mesh as the datastore holds it now (None without --datastore)."""
+    if url is None:
+        return None
+    from vppmesh.datastore.agent import current_mesh
+    from vppmesh.datastore.records import DatastoreUrl
+
+    return current_mesh(DatastoreUrl.parse(url))
+
+
 def desired_state(options: NodeOptions, mesh: Mesh, secrets: NodeSecrets, workers: int,
                   epochs: tuple[int, ...] | None = None,
                   keying: dict[str, PeerKeying] | None = None) -> DesiredState:

@@ -7,21 +7,18 @@ import json
 import logging
 import socket
 import sys
-import time
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from vppmesh import node as agent
-from vppmesh.config import Mesh
 from vppmesh.errors import VppMeshError, VppUnavailableError
 from vppmesh.vpp.client import DEFAULT_API_SOCKET, VppClient
+from vppmesh.watch import start_metrics, watch_loop
 
 if TYPE_CHECKING:
     from vppmesh.lab.testbed import TestbedSpec
-    from vppmesh.metrics import AgentMetrics
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="An encrypted full mesh of Linux hosts over VPP (IPIP + ESP AES-GCM-256).")
@@ -144,7 +141,10 @@ def up(
     if metrics is not None:
         if not watch:
             raise fail("--metrics needs --watch: it is served by the running agent")
-        exporter = start_metrics(metrics)
+        try:
+            exporter = start_metrics(metrics)
+        except VppMeshError as exc:
+            raise fail(str(exc)) from None
     if take_uplink is not None:
         from pydantic import ValidationError
 
@@ -173,30 +173,7 @@ def up(
             raise fail(str(exc)) from None
         log.error("%s", exc)
     if watch:
-        watch_loop(opts, exporter, stats_path(api_socket, stats_socket))
-
-
-def start_metrics(listen: str) -> AgentMetrics:
-    from vppmesh.metrics import AgentMetrics, MetricsServer, parse_listen
-
-    try:
-        address = parse_listen(listen)
-        exporter = AgentMetrics()
-        server = MetricsServer(exporter, address).start()
-    except VppMeshError as exc:
-        raise fail(str(exc)) from None
-    log.info("metrics on http://%s:%d/metrics", address[0], server.port)
-    return exporter
-
-
-def datastore_mesh(url: str | None) -> Mesh | None:
-    """The mesh as the datastore holds it now (None without --datastore)."""
-    if url is None:
-        return None
-    from vppmesh.datastore.agent import current_mesh
-    from vppmesh.datastore.records import DatastoreUrl
-
-    return current_mesh(DatastoreUrl.parse(url))
+        watch_loop(opts, exporter, stats_path(api_socket, stats_socket), report=report_up)
 
 
 def report_up(result: agent.UpResult) -> None:
@@ -211,99 +188,6 @@ def report_up(result: agent.UpResult) -> None:
     if result.blocked_peers:
         typer.secho(f"fail closed: no usable key towards {', '.join(result.blocked_peers)}; "
                     "their traffic is dropped", fg=typer.colors.RED, err=True)
-
-
-WATCH_POLL_SECONDS = 2.0
-WATCH_FILE_CHECK_SECONDS = 0.2
-# While VPP is away the agent knocks this often: pods wait for the first answer.
-WATCH_VPP_RETRY_SECONDS = 0.25
-
-
-def file_signature(path: Path) -> tuple[int, int] | None:
-    try:
-        st = path.stat()
-    except OSError:
-        return None
-    return st.st_mtime_ns, st.st_size
-
-
-def poll_ticks(path: Path, hurry: Callable[[], bool] = lambda: False) -> Iterator[None]:
-    """Yield every WATCH_POLL_SECONDS, and at once when `path` changes.
-
-    A plain timer rather than filesystem events: the agent must run on schedule however
-    busy the directory is (rekeys, key limits and receiver windows depend on it), and a
-    stream of unrelated events must not be able to starve it. While `hurry()` (VPP is
-    away) the next tick comes after WATCH_VPP_RETRY_SECONDS.
-    """
-    signature = file_signature(path)
-    while True:
-        wait = WATCH_VPP_RETRY_SECONDS if hurry() else WATCH_POLL_SECONDS
-        deadline = time.monotonic() + wait
-        while time.monotonic() < deadline:
-            time.sleep(min(WATCH_FILE_CHECK_SECONDS, wait))
-            now = file_signature(path)
-            if now != signature:
-                signature = now
-                break
-        yield
-
-
-def watch_loop(opts: agent.NodeOptions, metrics: AgentMetrics | None = None,
-               stats_socket: Path | None = None) -> None:
-    """Re-apply every poll and on mesh file changes; notice VPP restarts and recover.
-
-    Every poll runs `up`, which also advances key generations (scheduled rekeys, key
-    limits, receivers following their senders). A restart of VPP is noticed whether the
-    agent saw VPP gone or only a new VPP process id: either way the mesh is programmed
-    again under fresh keys, the CNI pods are re-attached, and the time from VPP's return
-    to that is logged (and exported with --metrics).
-    """
-    log.info("watching %s and VPP at %s", opts.mesh_file, opts.api_socket)
-    vpp_gone_at: float | None = None
-    last_pid: int | None = None
-    session = agent.Session(opts)  # one connection; only changed peers are re-applied
-    # The lambda reads vpp_gone_at as it is at each tick (late binding is the point).
-    for _tick in poll_ticks(opts.mesh_file,
-                            hurry=lambda: vpp_gone_at is not None):  # noqa: B023
-        attempt = time.monotonic()
-        try:
-            result = session.run()
-        except VppUnavailableError as exc:
-            if vpp_gone_at is None:
-                vpp_gone_at = attempt
-                log.warning("VPP unavailable (%s); waiting for it", exc)
-                give_back_uplinks(opts)
-                if metrics is not None:
-                    metrics.vpp_up.set(0)
-            continue
-        except VppMeshError as exc:
-            log.error("%s", exc)
-            if metrics is not None:
-                metrics.reconcile_errors.inc()
-            continue
-        elapsed = time.monotonic() - attempt
-        restarted = last_pid is not None and result.vpp_pid != last_pid
-        pods = result.pod_report
-        if vpp_gone_at is not None or restarted:
-            log.info("VPP is back (pid %s): mesh programmed again in %.0f ms after it "
-                     "answered (%d change(s)); %d pod(s) re-attached in %.0f ms in all",
-                     result.vpp_pid, result.seconds * 1000, len(result.changes),
-                     len(pods.reattached) if pods else 0, elapsed * 1000)
-        if metrics is not None:
-            metrics.record_poll(elapsed, pods, restarted=vpp_gone_at is not None or restarted,
-                                unavailable=attempt - vpp_gone_at
-                                if vpp_gone_at is not None else None)
-        vpp_gone_at = None
-        if result.changes or result.notes:
-            report_up(result)
-        last_pid = result.vpp_pid
-        if metrics is not None and result.mesh is not None and session.client is not None \
-                and metrics.snapshot_due(time.monotonic()):
-            try:
-                metrics.observe(session.client, result.mesh, opts.node, stats_socket,
-                                opts.generations.load(), vpp_pid=result.vpp_pid)
-            except VppMeshError as exc:  # the next poll finds out what happened
-                log.warning("metrics snapshot failed: %s", exc)
 
 
 @app.command()
@@ -330,17 +214,6 @@ def rekey(
         typer.echo(f"rekey deferred towards {', '.join(result.rekey_pending)}: they have not "
                    "yet surely moved to the current generation (no traffic both ways seen "
                    "for 2 x rekey_grace); the agent rekeys them as soon as they have")
-
-
-def give_back_uplinks(opts: agent.NodeOptions) -> None:
-    """VPP went away: the NICs it had go back to Linux, so the host stays reachable."""
-    from vppmesh.uplink import release_all
-
-    try:
-        for line in release_all(opts.state_dir):
-            log.warning("VPP is gone: %s given back to Linux", line)
-    except VppMeshError as exc:
-        log.error("%s", exc)
 
 
 @app.command()
@@ -385,7 +258,7 @@ def plan(
     """Dry run: the ordered changes `up` would make (everything, when VPP is not running)."""
     opts = options(mesh, node, key, api_socket)
     try:
-        mesh_obj, secrets = agent.load_inputs(opts, datastore_mesh(datastore))
+        mesh_obj, secrets = agent.load_inputs(opts, agent.datastore_mesh(datastore))
         try:
             client = VppClient(api_socket).connect()
         except VppUnavailableError:
@@ -420,7 +293,7 @@ def status(
     from vppmesh.status import collect, render_table
 
     try:
-        mesh_obj = datastore_mesh(datastore) or load_mesh(mesh)
+        mesh_obj = agent.datastore_mesh(datastore) or load_mesh(mesh)
         with VppClient(api_socket).connect() as client:
             result = collect(client, mesh_obj, node, stats_path(api_socket, stats_socket),
                              with_crypto=True)
