@@ -1,0 +1,403 @@
+"""A node in the mesh: up, rekey, down, plan, status, verify, keys, startup.conf, attach."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import logging
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from vppmesh import node as agent
+from vppmesh.cli.common import (
+    DEFAULT_KEY,
+    DEFAULT_MESH,
+    DEFAULT_STATE,
+    HOSTNAME,
+    DatastoreOpt,
+    KeyOpt,
+    MeshOpt,
+    NodeOpt,
+    SocketOpt,
+    StateOpt,
+    StatsSocketOpt,
+    fail,
+    options,
+    stats_path,
+)
+from vppmesh.errors import VppMeshError, VppUnavailableError
+from vppmesh.vpp.client import DEFAULT_API_SOCKET, VppClient
+from vppmesh.watch import start_metrics, watch_loop
+
+app = typer.Typer()
+log = logging.getLogger("vppmesh")
+
+
+@app.command()
+def up(
+    mesh: MeshOpt = DEFAULT_MESH,
+    node: NodeOpt = HOSTNAME,
+    key: KeyOpt = DEFAULT_KEY,
+    api_socket: SocketOpt = DEFAULT_API_SOCKET,
+    host_link: Annotated[str, typer.Option(
+        help="How the host joins: auto (tap if /dev/vhost-net exists, else af_packet), tap, "
+        "af_packet, none.")] = "auto",
+    uplink: Annotated[str | None, typer.Option(
+        help="VPP interface carrying the underlay (default: the one holding the primary "
+        "address).")] = None,
+    watch: Annotated[bool, typer.Option(
+        help="Keep running: re-apply when the mesh file changes or VPP restarts.")] = False,
+    state_dir: StateOpt = DEFAULT_STATE,
+    datastore: DatastoreOpt = None,
+    underlay: Annotated[list[str] | None, typer.Option(
+        help="With --datastore: an underlay address of this node (ADDR/LEN), once per "
+        "tunnel; the first is the primary.")] = None,
+    pod_cidr: Annotated[str | None, typer.Option(
+        help="With --datastore: this node's pod CIDR.")] = None,
+    node_number: Annotated[int | None, typer.Option(
+        help="With --datastore: claim this node number (default: keep ours or allocate "
+        "the lowest free one).")] = None,
+    settings: Annotated[Path | None, typer.Option(
+        help="With --datastore: mesh settings (YAML) stored if the datastore has none.")
+                        ] = None,
+    lease_ttl: Annotated[int, typer.Option(
+        help="With --datastore: seconds the record outlives a stopped agent.")] = 30,
+    nat_public: Annotated[str | None, typer.Option(
+        help="With --datastore: this node is behind NAT; peers reach it at this public "
+        "ADDRESS[:PORT] (the port the NAT forwards to its UDP 4500; default 4500), with ESP "
+        "in UDP.")] = None,
+    udp_encap: Annotated[bool, typer.Option(
+        help="With --datastore: ESP in UDP (port 4500) towards and from this node, "
+        "without NAT.")] = False,
+    take_uplink: Annotated[str | None, typer.Option(
+        help="Hand this NIC to VPP first; the host keeps its network through VPP "
+        "(`vppmesh uplink take`).")] = None,
+    uplink_driver: Annotated[str, typer.Option(
+        help="With --take-uplink: af_packet, af_xdp, avf or dpdk.")] = "af_packet",
+    crypto_engine: Annotated[str, typer.Option(
+        help="VPP crypto engine for AES-GCM-256: auto (the fastest this CPU and VPP build "
+        "have, README: Crypto engines), native, ipsecmb or openssl.")] = "auto",
+    cni_state_dir: Annotated[Path | None, typer.Option(
+        help="With --watch: the CNI plugin's stateDir (/var/lib/cni/vppmesh in "
+        "containers/); its pods are re-attached after a VPP restart, and records of pods "
+        "whose network namespace is gone are removed. Without it pods are left alone.")
+                                     ] = None,
+    metrics: Annotated[str | None, typer.Option(
+        help="With --watch: serve Prometheus metrics on ADDR:PORT (/metrics), e.g. "
+        ":9477.")] = None,
+    stats_socket: StatsSocketOpt = None,
+) -> None:
+    """Bring this node into the mesh (idempotent: a second run changes nothing)."""
+    from dataclasses import replace
+
+    opts = replace(options(mesh, node, key, api_socket, host_link, uplink, state_dir),
+                   crypto_engine=crypto_engine)
+    if cni_state_dir is not None:
+        opts = replace(opts, cni_state_dir=cni_state_dir)
+    exporter = None
+    if metrics is not None:
+        if not watch:
+            raise fail("--metrics needs --watch: it is served by the running agent")
+        try:
+            exporter = start_metrics(metrics)
+        except VppMeshError as exc:
+            raise fail(str(exc)) from None
+    if take_uplink is not None:
+        from pydantic import ValidationError
+
+        from vppmesh.uplink import UplinkSpec
+
+        try:
+            spec = UplinkSpec(interface=take_uplink, driver=uplink_driver)  # type: ignore[arg-type]
+        except ValidationError as exc:
+            raise fail(f"--take-uplink/--uplink-driver: {exc.errors()[0]['msg']}") from None
+        opts = replace(opts, take_uplink=spec)
+    if datastore is not None:
+        from vppmesh.datastore.agent import follow
+
+        try:
+            follow(opts, datastore, watch=watch, underlay=underlay or [], pod_cidr=pod_cidr,
+                   node_number=node_number, settings_file=settings, lease_ttl=lease_ttl,
+                   metrics=exporter, stats_socket=stats_path(api_socket, stats_socket),
+                   nat_public=nat_public, udp_encap=udp_encap)
+        except VppMeshError as exc:
+            raise fail(str(exc)) from None
+        return
+    try:
+        report_up(agent.up(opts))
+    except VppMeshError as exc:
+        if not watch:
+            raise fail(str(exc)) from None
+        log.error("%s", exc)
+    if watch:
+        watch_loop(opts, exporter, stats_path(api_socket, stats_socket), report=report_up)
+
+
+def report_up(result: agent.UpResult) -> None:
+    for note in result.notes:
+        typer.echo(f"* {note}")
+    for change in result.changes:
+        typer.echo(str(change))
+    engine = f", crypto {result.crypto_engine}" if result.crypto_engine else ""
+    typer.echo(f"node {result.desired.node}: {len(result.changes)} change(s) in "
+               f"{result.seconds * 1000:.0f} ms, {len(result.desired.tunnels)} tunnel(s), "
+               f"host link {result.host_link}, pod MTU {result.desired.mtu}{engine}")
+    if result.blocked_peers:
+        typer.secho(f"fail closed: no usable key towards {', '.join(result.blocked_peers)}; "
+                    "their traffic is dropped", fg=typer.colors.RED, err=True)
+
+
+@app.command()
+def rekey(
+    mesh: MeshOpt = DEFAULT_MESH,
+    node: NodeOpt = HOSTNAME,
+    key: KeyOpt = DEFAULT_KEY,
+    api_socket: SocketOpt = DEFAULT_API_SOCKET,
+    state_dir: StateOpt = DEFAULT_STATE,
+) -> None:
+    """Move every outbound key of this node to its next generation, now.
+
+    Make-before-break: the peers already accept the next generation; the old outbound SAs
+    go once the tunnels are re-protected. A step the peers could not yet follow is
+    deferred and taken by the next `up` (or the running `up --watch`).
+    """
+    opts = options(mesh, node, key, api_socket, state_dir=state_dir)
+    try:
+        result = agent.up(opts, rekey=True)
+    except VppMeshError as exc:
+        raise fail(str(exc)) from None
+    report_up(result)
+    if result.rekey_pending:
+        typer.echo(f"rekey deferred towards {', '.join(result.rekey_pending)}: they have not "
+                   "yet surely moved to the current generation (no traffic both ways seen "
+                   "for 2 x rekey_grace); the agent rekeys them as soon as they have")
+
+
+@app.command()
+def down(
+    mesh: MeshOpt = DEFAULT_MESH,
+    node: NodeOpt = HOSTNAME,
+    api_socket: SocketOpt = DEFAULT_API_SOCKET,
+    state_dir: StateOpt = DEFAULT_STATE,
+    datastore: DatastoreOpt = None,
+) -> None:
+    """Remove everything vppmesh created in VPP and Linux (an operator's config stays).
+
+    With --datastore, the node's record and number claim are deleted first, so every
+    other node removes its tunnels to this one at once.
+    """
+    opts = options(mesh, node, DEFAULT_KEY, api_socket, state_dir=state_dir)
+    try:
+        if datastore is not None:
+            from vppmesh.datastore.agent import leave
+            from vppmesh.datastore.records import DatastoreUrl
+
+            removed = leave(opts, DatastoreUrl.parse(datastore))
+        else:
+            removed = agent.down(opts)
+    except VppMeshError as exc:
+        raise fail(str(exc)) from None
+    for line in removed:
+        typer.echo(f"- {line}")
+    typer.echo(f"node {node}: removed {len(removed)} object(s)")
+
+
+@app.command()
+def plan(
+    mesh: MeshOpt = DEFAULT_MESH,
+    node: NodeOpt = HOSTNAME,
+    key: KeyOpt = DEFAULT_KEY,
+    api_socket: SocketOpt = DEFAULT_API_SOCKET,
+    workers: Annotated[int | None, typer.Option(
+        help="Worker count to plan for when VPP is not running.")] = None,
+    datastore: DatastoreOpt = None,
+) -> None:
+    """Dry run: the ordered changes `up` would make (everything, when VPP is not running)."""
+    opts = options(mesh, node, key, api_socket)
+    try:
+        mesh_obj, secrets = agent.load_inputs(opts, agent.datastore_mesh(datastore))
+        try:
+            client = VppClient(api_socket).connect()
+        except VppUnavailableError:
+            client = None
+        if client is None:
+            from vppmesh.reconcile import diff, empty_observed
+
+            desired = agent.desired_state(opts, mesh_obj, secrets, workers or 0)
+            changes = diff(desired, empty_observed(desired)).changes()
+            typer.echo(f"(VPP not reachable at {api_socket}: planning against an empty VPP)")
+        else:
+            with client:
+                changes = agent.up(opts, dry_run=True, api=client, mesh=mesh_obj).changes
+    except VppMeshError as exc:
+        raise fail(str(exc)) from None
+    for change in changes:
+        typer.echo(str(change))
+    typer.echo(f"{len(changes)} change(s)")
+
+
+@app.command()
+def status(
+    mesh: MeshOpt = DEFAULT_MESH,
+    node: NodeOpt = HOSTNAME,
+    api_socket: SocketOpt = DEFAULT_API_SOCKET,
+    stats_socket: StatsSocketOpt = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+    datastore: DatastoreOpt = None,
+) -> None:
+    """Peers, tunnels, protection and per-SA counters, from VPP itself."""
+    from vppmesh.config import load_mesh
+    from vppmesh.status import collect, render_table
+
+    try:
+        mesh_obj = agent.datastore_mesh(datastore) or load_mesh(mesh)
+        with VppClient(api_socket).connect() as client:
+            result = collect(client, mesh_obj, node, stats_path(api_socket, stats_socket),
+                             with_crypto=True)
+    except VppMeshError as exc:
+        raise fail(str(exc)) from None
+    typer.echo(result.model_dump_json(indent=2) if as_json else render_table(result))
+    if result.missing_peers or not all(p.healthy for p in result.peers):
+        raise typer.Exit(3)
+
+
+@app.command()
+def verify(
+    mesh: MeshOpt = DEFAULT_MESH,
+    node: NodeOpt = HOSTNAME,
+    api_socket: SocketOpt = DEFAULT_API_SOCKET,
+    stats_socket: StatsSocketOpt = None,
+    capture: Annotated[bool, typer.Option(
+        help="Also record the uplink with VPP's pcap trace and check that only ESP between "
+        "node addresses carries mesh traffic.")] = False,
+    seconds: Annotated[float, typer.Option(min=0.5, max=60.0,
+                                           help="Length of the observation window.")] = 3.0,
+    probes: Annotated[bool, typer.Option(
+        help="Ping every peer's host link during the window, so there is traffic.")] = True,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Prove that this node's mesh traffic is encrypted: tunnels, SA counters, capture."""
+    from vppmesh.config import load_mesh
+    from vppmesh.verify import render
+    from vppmesh.verify import verify as run_verify
+
+    try:
+        mesh_obj = load_mesh(mesh)
+        mesh_obj.node(node)
+        with VppClient(api_socket).connect() as client:
+            report = run_verify(client, mesh_obj, node,
+                                stats_socket=stats_path(api_socket, stats_socket),
+                                seconds=seconds, capture=capture, probes=probes)
+    except VppMeshError as exc:
+        raise fail(str(exc)) from None
+    if as_json:
+        typer.echo(json.dumps({**report.model_dump(mode="json"), "ok": report.ok,
+                               "verdict": report.verdict}, indent=2))
+    else:
+        typer.echo(render(report))
+    if not report.ok:
+        raise typer.Exit(3)
+
+
+@app.command()
+def keygen(
+    key: KeyOpt = DEFAULT_KEY,
+    force: Annotated[bool, typer.Option(help="Replace an existing key file.")] = False,
+) -> None:
+    """Write a new X25519 private key (mode 0600) and print its public key."""
+    from vppmesh.keys import generate_private_key
+
+    try:
+        typer.echo(generate_private_key(key, force=force))
+    except VppMeshError as exc:
+        raise fail(str(exc)) from None
+
+
+@app.command()
+def pubkey(key: KeyOpt = DEFAULT_KEY) -> None:
+    """Print the public key of a private key file (for the mesh file)."""
+    from vppmesh.keys import load_secrets
+
+    try:
+        typer.echo(load_secrets(key, None).public_key_b64())
+    except VppMeshError as exc:
+        raise fail(str(exc)) from None
+
+
+@app.command("render-startup")
+def render_startup(
+    profile: Annotated[str, typer.Option(help="Profile name in vpp-startup/, or a path.")
+                       ] = "testbed",
+    runtime_dir: Annotated[Path, typer.Option(help="VPP's runtime directory (sockets, log, "
+                                              "pid file).")] = Path("/run/vpp"),
+    name: Annotated[str, typer.Option(help="Instance name (shared-memory prefix).")] = "vpp",
+    workers: Annotated[int | None, typer.Option(help="Override the profile's workers.")
+                       ] = None,
+    out: Annotated[Path | None, typer.Option(help="Write here instead of stdout.")] = None,
+) -> None:
+    """Write a VPP startup.conf from a profile (workers, crypto engines, buffers, pages)."""
+    from vppmesh.startup import Instance, load_profile, render
+
+    try:
+        text = render(load_profile(profile), Instance(name=name, runtime_dir=runtime_dir),
+                      workers=workers)
+    except VppMeshError as exc:
+        raise fail(str(exc)) from None
+    if out is None:
+        typer.echo(text, nl=False)
+    else:
+        out.write_text(text)
+        typer.echo(f"wrote {out}")
+
+
+@app.command()
+def attach(
+    name: Annotated[str, typer.Option(help="Endpoint (pod) name, unique on this node.")],
+    netns: Annotated[str, typer.Option(help="The pod's network namespace.")],
+    address: Annotated[str, typer.Option(help="The pod's address (in this node's pod CIDR).")],
+    index: Annotated[int, typer.Option(help="Small unique pod number (stable MACs).")] = 0,
+    attachment: Annotated[str, typer.Option(
+        help="auto (tap v2 if /dev/vhost-net exists, else af_packet), tap or af_packet.")
+                          ] = "auto",
+    queues: Annotated[int, typer.Option(
+        help="Tap queue pairs (default: VPP's worker count).")] = 0,
+    mesh: MeshOpt = DEFAULT_MESH,
+    node: NodeOpt = HOSTNAME,
+    api_socket: SocketOpt = DEFAULT_API_SOCKET,
+) -> None:
+    """Attach a network namespace (a pod) to this node's mesh: a tap v2 or veth/af_packet."""
+    from vppmesh import host as linux
+    from vppmesh.config import load_mesh
+    from vppmesh.endpoints import attach as attach_endpoint
+    from vppmesh.endpoints import pod_spec
+    from vppmesh.vpp import system
+
+    try:
+        mesh_obj = load_mesh(mesh)
+        local = mesh_obj.node(node)
+        ip = ipaddress.IPv4Address(address)
+        if ip not in local.pod_cidr or ip == local.mesh_address:
+            raise fail(f"--address {ip} is not a pod address of {node} (pod_cidr "
+                       f"{local.pod_cidr}, {local.mesh_address} is the host's)")
+        if attachment not in ("auto", "tap", "af_packet"):
+            raise fail(f"--attachment {attachment}: use auto, tap or af_packet")
+        kind = attachment
+        if kind == "auto":
+            kind = "tap" if linux.tap_supported() else "af_packet"
+        elif kind == "tap" and not linux.tap_supported():
+            raise fail("--attachment tap needs /dev/vhost-net (modprobe vhost_net); use "
+                       "auto or af_packet")
+        with VppClient(api_socket).connect() as client:
+            if kind == "tap" and queues < 1:
+                queues = max(1, system.worker_count(client))
+            spec = pod_spec(name=name, netns=netns, address=ip,
+                            node_number=local.node_number, pod_index=index, kind=kind,
+                            queues=max(1, queues), offloads=mesh_obj.settings.gso)
+            attach_endpoint(client, spec, table_id=mesh_obj.settings.mesh_table_id,
+                            mtu=mesh_obj.pod_mtu())
+    except VppMeshError as exc:
+        raise fail(str(exc)) from None
+    typer.echo(f"attached {name} ({ip}) in netns {netns} ({kind}"
+               f"{f', {spec.queues} queue pair(s)' if kind == 'tap' else ''})")

@@ -1,0 +1,79 @@
+"""`vppmesh uplink`: hand the host's NIC to VPP, and give it back."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from vppmesh.cli.common import DEFAULT_STATE, SocketOpt, StateOpt, fail, option_errors
+from vppmesh.errors import VppMeshError, VppUnavailableError
+from vppmesh.vpp.client import DEFAULT_API_SOCKET, VppClient
+
+app = typer.Typer(no_args_is_help=True,
+                  help="Hand the host's NIC to VPP and give the host its network back.")
+
+
+@app.command("take")
+def uplink_take(
+    interface: Annotated[str, typer.Option(help="The host's NIC (Linux name).")],
+    driver: Annotated[str, typer.Option(help="af_packet, af_xdp, avf or dpdk.")] = "af_packet",
+    vpp_interface: Annotated[str | None, typer.Option(
+        help="avf/dpdk: VPP's name of the port given in startup.conf.")] = None,
+    address: Annotated[list[str] | None, typer.Option(
+        help="VPP's own underlay address on the uplink (ADDR/LEN), repeatable.")] = None,
+    host_link: Annotated[str, typer.Option(help="auto, tap or veth.")] = "auto",
+    queues: int = 1,
+    api_socket: SocketOpt = DEFAULT_API_SOCKET,
+    state_dir: StateOpt = DEFAULT_STATE,
+) -> None:
+    """Give VPP the NIC; the host keeps its name, MAC, MTU, addresses and routes."""
+    from pydantic import ValidationError
+
+    from vppmesh import uplink
+
+    try:
+        spec = uplink.UplinkSpec(interface=interface, driver=driver,  # type: ignore[arg-type]
+                                 vpp_interface=vpp_interface,
+                                 vpp_addresses=tuple(address or ()),  # type: ignore[arg-type]
+                                 host_link=host_link, queues=queues)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        raise fail("testbed: " + option_errors(exc), 2) from None
+    try:
+        with VppClient(api_socket).connect() as client:
+            saved = uplink.take(client, spec, state_dir)
+            bvi = uplink.bvi_name(client)
+    except VppMeshError as exc:
+        raise fail(str(exc)) from None
+    if saved.host_link == "veth":
+        typer.echo("no /dev/vhost-net here: the host link is a veth pair (af_packet in VPP)")
+    typer.echo(f"{interface}: now driven by VPP ({driver}); host link {saved.host_link}; "
+               f"VPP's addresses are on {bvi} (use --uplink {bvi} with `vppmesh up`); saved "
+               f"to {uplink.state_file(state_dir, interface)}")
+
+
+@app.command("restore")
+def uplink_restore(
+    interface: Annotated[str | None, typer.Option(
+        help="The NIC to give back (default: every one saved).")] = None,
+    api_socket: SocketOpt = DEFAULT_API_SOCKET,
+    state_dir: StateOpt = DEFAULT_STATE,
+) -> None:
+    """Give the NIC back to Linux exactly as it was (works with VPP stopped, too)."""
+    from vppmesh import uplink
+
+    names = [interface] if interface else uplink.saved_uplinks(state_dir)
+    try:
+        client = VppClient(api_socket).connect()
+    except VppUnavailableError:
+        client = None
+    try:
+        for name in names:
+            for line in uplink.restore(client, state_dir, name):
+                typer.echo(f"- {line}")
+    except VppMeshError as exc:
+        raise fail(str(exc)) from None
+    finally:
+        if client is not None:
+            client.close()
+    typer.echo(f"restored {len(names)} uplink(s)")
