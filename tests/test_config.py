@@ -39,6 +39,9 @@ def test_round_trip(tmp_path: Path) -> None:
     (lambda d: d["nodes"][1].update(underlay=d["nodes"][0]["underlay"]),
      "is already an address of node node1"),
     (lambda d: d["nodes"][0].update(node_number=0), "node_number"),
+    (lambda d: d["nodes"][0]["underlay"].__setitem__(1, "192.0.2.12/99"),
+     "nodes.0.underlay.1: '192.0.2.12/99' is not a valid IPv4 or IPv6 address with prefix "
+     "length (e.g. 192.0.2.11/24 or 2001:db8::11/64)"),
     (lambda d: d["nodes"][0].update(colour="blue"), "colour"),
     (lambda d: d["settings"].update(tunnels_per_peer="many"), "tunnels_per_peer"),
     (lambda d: d["nodes"][0].update(underlay=["2001:db8::1/64", "2001:db8::2/64"]),

@@ -37,6 +37,7 @@ from vppmesh.underlay import (
     shape_pairs,
     worst_overhead,
 )
+from vppmesh.validation import describe
 
 NODE_NUMBER_MAX = 65535
 TUNNELS_PER_PEER_MAX = 16
@@ -353,12 +354,7 @@ def check_unique(items: Sequence[Node], field: str, key: object) -> None:
 
 
 def format_validation_error(exc: ValidationError, source: str) -> str:
-    lines = [f"{source}: the mesh file is not valid:"]
-    for err in exc.errors():
-        where = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        msg = err["msg"].removeprefix("Value error, ")
-        lines.append(f"  - {where}: {msg}")
-    return "\n".join(lines)
+    return f"{source}: the mesh file is not valid:\n  - " + describe(exc, sep="\n  - ")
 
 
 def parse_mesh(data: object, source: str = "mesh") -> Mesh:

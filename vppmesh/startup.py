@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from vppmesh.errors import ConfigError
+from vppmesh.validation import describe
 
 PROFILE_DIR_ENV = "VPPMESH_STARTUP_DIR"
 
@@ -114,8 +115,7 @@ def load_profile(name_or_path: str) -> Profile:
     try:
         return Profile.model_validate(yaml.safe_load(path.read_text()))
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-        raise ConfigError(f"{path}: {problems}") from None
+        raise ConfigError(f"{path}: {describe(exc)}") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
 

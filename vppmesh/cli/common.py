@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from vppmesh import node as agent
+from vppmesh.validation import describe, option_name
 
 if TYPE_CHECKING:
     from pydantic import ValidationError
@@ -51,9 +52,6 @@ def options(mesh: Path, node: str, key: Path, api_socket: Path, host_link: str =
                              state_dir=state_dir)
 
 
-def option_errors(exc: ValidationError) -> str:
+def option_errors(exc: ValidationError, renames: dict[str, str] | None = None) -> str:
     """A model's validation errors, each naming the command-line option it is about."""
-    return "; ".join(
-        (f"--{'-'.join(str(p) for p in e['loc']).replace('_', '-')}: " if e["loc"]
-         else "") + e["msg"].removeprefix("Value error, ")
-        for e in exc.errors())
+    return describe(exc, name=option_name(renames))

@@ -38,7 +38,7 @@ def uplink_take(
                                  vpp_addresses=tuple(address or ()),  # type: ignore[arg-type]
                                  host_link=host_link, queues=queues)  # type: ignore[arg-type]
     except ValidationError as exc:
-        raise fail("testbed: " + option_errors(exc), 2) from None
+        raise fail("uplink take: " + option_errors(exc, {"vpp_addresses": "address"}), 2) from None
     try:
         with VppClient(api_socket).connect() as client:
             saved = uplink.take(client, spec, state_dir)

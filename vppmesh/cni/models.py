@@ -13,6 +13,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from vppmesh.validation import describe
+
 SUPPORTED_VERSIONS = ("0.4.0", "1.0.0", "1.1.0")
 LATEST_VERSION = SUPPORTED_VERSIONS[-1]
 PLUGIN_TYPE = "vppmesh-cni"
@@ -148,7 +150,7 @@ def parse_netconf(raw: bytes) -> NetConf:
         conf = NetConf.model_validate(data)
     except ValidationError as exc:
         raise CniError(ERR_INVALID_CONFIG, "invalid network configuration: "
-                       + describe_errors(exc), "") from None
+                       + describe(exc), "") from None
     unknown = conf.unknown_keys()
     if unknown:
         key, value = next(iter(sorted(unknown.items())))
@@ -157,16 +159,6 @@ def parse_netconf(raw: bytes) -> NetConf:
                        "fields of this plugin: apiSocket, mesh, node, meshTable, mtu, "
                        "nodeNumber, attachment, queues, stateDir, logFile, ipam, dns")
     return conf
-
-
-def describe_errors(exc: ValidationError) -> str:
-    """`field: problem` per error, with the field spelled as in the JSON."""
-    parts = []
-    for err in exc.errors():
-        where = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        msg = err["msg"].removeprefix("Value error, ")
-        parts.append(f"{where}: {msg}")
-    return "; ".join(parts)
 
 
 class CniEnv(BaseModel):

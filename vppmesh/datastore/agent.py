@@ -47,6 +47,7 @@ from vppmesh.datastore.records import (
 from vppmesh.errors import ConfigError, VppMeshError, VppUnavailableError
 from vppmesh.keys import load_secrets
 from vppmesh.vpp.client import VppApi, VppClient
+from vppmesh.watch import give_back_uplinks
 
 if TYPE_CHECKING:
     from vppmesh.metrics import AgentMetrics
@@ -295,15 +296,6 @@ class MembershipAgent:
             self._stop_watch()
         self._stop_watch = None
 
-    def _give_back_uplinks(self) -> None:
-        from vppmesh.uplink import release_all
-
-        try:
-            for line in release_all(self.options.state_dir):
-                log.warning("VPP is gone: %s given back to Linux", line)
-        except VppMeshError as exc:
-            log.error("%s", exc)
-
     def run(self) -> None:
         """Until stop is set: keep the lease, follow the prefix, reconcile on changes."""
         self._keepalive = threading.Thread(target=self._keepalive_loop, daemon=True,
@@ -344,7 +336,7 @@ class MembershipAgent:
                         self.metrics.vpp_up.set(0)
                     if not vpp_gone:
                         log.warning("VPP unavailable (%s); waiting for it", exc)
-                        self._give_back_uplinks()
+                        give_back_uplinks(self.options)
                     retry = vpp_gone = True
                 except VppMeshError as exc:
                     log.error("%s", exc)

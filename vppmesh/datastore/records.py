@@ -28,6 +28,7 @@ from vppmesh.config import (
     node_data,
 )
 from vppmesh.errors import ConfigError
+from vppmesh.validation import problems
 
 DEFAULT_PREFIX = "/vppmesh"
 DEFAULT_PORT = 2379
@@ -178,7 +179,7 @@ def mesh_error(settings: MeshSettings, nodes: list[Node]) -> str | None:
     try:
         Mesh(settings=settings, nodes=nodes)
     except ValidationError as exc:
-        return "; ".join(str(e["msg"]).removeprefix("Value error, ") for e in exc.errors())
+        return "; ".join(message for _, message in problems(exc))
     return None
 
 
