@@ -19,6 +19,9 @@ from benchmarks.netns import stop_process
 from vppmesh.config import Mesh, MeshSettings, Node
 from vppmesh.keys import NodeSecrets, public_key_b64
 
+# Assertions in the shared real-VPP helpers are reported like those in the tests.
+pytest.register_assert_rewrite("vpp_helpers")
+
 
 def make_mesh(n: int, tunnels: int = 2, **settings: object) -> tuple[Mesh, dict[str, NodeSecrets]]:
     secrets: dict[str, NodeSecrets] = {}

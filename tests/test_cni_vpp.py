@@ -9,18 +9,16 @@ VPP, root or host-local is missing.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import require_vpp
+import vpp_helpers
 
 from vppmesh.lab.demo import outbound_packets
-from vppmesh.lab.testbed import Testbed, TestbedSpec, in_ns, sh
+from vppmesh.lab.testbed import Testbed, in_ns
 from vppmesh.state import GATEWAY_TAG
 from vppmesh.vpp import interfaces, routes
 from vppmesh.vpp.client import VppClient
@@ -28,29 +26,17 @@ from vppmesh.vpp.client import VppClient
 pytestmark = [pytest.mark.vpp]
 PREFIX = "vmk-"
 BASE = Path("/run/vppmesh-vmk")
-CNI_PATH = Path("/usr/lib/cni")
 POD_NS = f"{PREFIX}c1"
 OTHER_NS = f"{PREFIX}c2"
 CONTAINER = "f00dcafe0123456789abcdef"
 
 
-def plugin_command() -> list[str]:
-    script = Path(sys.executable).parent / "vppmesh-cni"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "vppmesh.cni"]
-
-
 @pytest.fixture(scope="module")
 def bed() -> Iterator[Testbed]:
-    require_vpp()
-    if not (CNI_PATH / "host-local").exists():
-        pytest.skip(f"no host-local IPAM plugin in {CNI_PATH}: apt-get install "
-                    "containernetworking-plugins")
     # Leaving the block kills and removes every vmk- namespace, the pods' too.
-    with Testbed(TestbedSpec(prefix=PREFIX, base_dir=BASE, nodes=2, tunnels=2,
-                             pods=1)) as bed:
-        for ns in (POD_NS, OTHER_NS):
-            sh("ip", "netns", "add", ns)
-            in_ns(ns, "ip", "link", "set", "lo", "up")
+    with vpp_helpers.testbed(vpp_helpers.require_host_local, prefix=PREFIX, base_dir=BASE,
+                             nodes=2, tunnels=2, pods=1) as bed:
+        vpp_helpers.add_namespaces(POD_NS, OTHER_NS)
         yield bed
 
 
@@ -68,17 +54,10 @@ def netconf(bed: Testbed, **override: Any) -> dict[str, Any]:
 
 
 def cni(bed: Testbed, command: str, conf: dict[str, Any] | str, *, netns: str | None = POD_NS,
-        container: str = CONTAINER, ifname: str = "eth0") -> tuple[int, Any]:
+        container: str = CONTAINER) -> tuple[int, Any]:
     """Run the plugin in node n1's namespace as a runtime would; (exit code, JSON out)."""
-    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "CNI_COMMAND": command,
-           "CNI_CONTAINERID": container, "CNI_IFNAME": ifname, "CNI_PATH": str(CNI_PATH),
-           # As the kubelet sets it: IgnoreUnknown lets host-local accept the K8S_ keys.
-           "CNI_ARGS": "IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME=web-0"}
-    if netns is not None:
-        env["CNI_NETNS"] = f"/var/run/netns/{netns}"
-    stdin = conf if isinstance(conf, str) else json.dumps(conf)
-    done = subprocess.run(["ip", "netns", "exec", bed.nodes[0].netns, *plugin_command()],
-                          input=stdin, env=env, capture_output=True, text=True, timeout=120)
+    done = vpp_helpers.run_cni(bed.nodes[0].netns, command, conf, container=container,
+                               netns=netns, pod="web-0")
     out = json.loads(done.stdout) if done.stdout.strip() else None
     return done.returncode, out
 

@@ -25,7 +25,7 @@ from vppmesh.datastore.records import (
     parse_record,
 )
 from vppmesh.errors import ConfigError
-from vppmesh.keys import private_key_b64
+from vppmesh.keys import NodeSecrets, private_key_b64
 from vppmesh.node import NodeOptions
 from vppmesh.state import split_tunnel_instance
 from vppmesh.vpp.client import Request
@@ -231,21 +231,27 @@ def tunnel_peers(vpp: FakeVpp) -> dict[int, int]:
     return {i: split_tunnel_instance(t["instance"])[0] for i, t in vpp.tunnels.items()}
 
 
+def agent_options(tmp_path: Path, secrets: dict[str, NodeSecrets], name: str, local: LocalNode,
+                  **node: Any) -> tuple[NodeOptions, DatastoreOptions]:
+    """The options of node `name`'s datastore agent: its key written to tmp_path, no mesh
+    file, `local` for its own record."""
+    key = tmp_path / f"{name}.key"
+    key.write_text(private_key_b64(secrets[name].private_key))
+    key.chmod(0o600)
+    options = NodeOptions(mesh_file=tmp_path / "unused.yaml", node=name, private_key=key,
+                          host_link="none", workers=0, state_dir=tmp_path, **node)
+    return options, DatastoreOptions(url=DatastoreUrl.parse("etcd://127.0.0.1/t"), local=local)
+
+
 def test_join_and_leave_touch_only_that_peer(tmp_path: Path) -> None:
     mesh, secrets = make_mesh(4, tunnels=2)
-    key = tmp_path / "node1.key"
-    key.write_text(private_key_b64(secrets["node1"].private_key))
-    key.chmod(0o600)
     store = MemoryStore(mesh.settings)
     for node in mesh.nodes[1:3]:
         store.put(node)
     local = mesh.nodes[0]
     vpp = RecordingVpp.with_uplink(local.primary)
-    options = NodeOptions(mesh_file=tmp_path / "unused.yaml", node="node1", private_key=key,
-                          host_link="none", workers=0, state_dir=tmp_path)
-    ds = DatastoreOptions(url=DatastoreUrl.parse("etcd://127.0.0.1/t"),
-                          local=LocalNode(underlay=tuple(local.underlay),
-                                          pod_cidr=local.pod_cidr, node_number=1))
+    options, ds = agent_options(tmp_path, secrets, "node1", LocalNode(
+        underlay=tuple(local.underlay), pod_cidr=local.pod_cidr, node_number=1))
     member = MembershipAgent(options, ds, store=store, api=vpp)  # type: ignore[arg-type]
     first = member.sync()
     assert first is not None and first.changes
@@ -284,18 +290,12 @@ def test_join_and_leave_touch_only_that_peer(tmp_path: Path) -> None:
 
 def test_conflicting_local_record_is_refused_before_vpp_is_touched(tmp_path: Path) -> None:
     mesh, secrets = make_mesh(2, tunnels=1)
-    key = tmp_path / "node2.key"
-    key.write_text(private_key_b64(secrets["node2"].private_key))
-    key.chmod(0o600)
     store = MemoryStore(mesh.settings)
     store.put(mesh.nodes[0])
     vpp = RecordingVpp.with_uplink(mesh.nodes[1].primary)
-    options = NodeOptions(mesh_file=tmp_path / "unused.yaml", node="node2", private_key=key,
-                          host_link="none", workers=0, state_dir=tmp_path)
     # node2 claims node1's pod CIDR.
-    ds = DatastoreOptions(url=DatastoreUrl.parse("etcd://127.0.0.1/t"),
-                          local=LocalNode(underlay=tuple(mesh.nodes[1].underlay),
-                                          pod_cidr=mesh.nodes[0].pod_cidr))
+    options, ds = agent_options(tmp_path, secrets, "node2", LocalNode(
+        underlay=tuple(mesh.nodes[1].underlay), pod_cidr=mesh.nodes[0].pod_cidr))
     member = MembershipAgent(options, ds, store=store, api=vpp)  # type: ignore[arg-type]
     with pytest.raises(RegistrationError, match="conflicts"):
         member.sync()

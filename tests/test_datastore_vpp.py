@@ -20,10 +20,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import require_vpp, stop_process, wait_for
-from etcd_server import EtcdServer, require_etcd, running_etcd
+import vpp_helpers
+from conftest import stop_process, wait_for
+from etcd_server import EtcdServer, require_etcd
 
-from vppmesh.lab.testbed import NodeHandle, Testbed, TestbedSpec, in_ns, sh
+from vppmesh.lab.testbed import NodeHandle, Testbed, in_ns
 from vppmesh.state import is_owned_sa_id, is_owned_tunnel_instance, split_tunnel_instance
 from vppmesh.vpp import interfaces, ipip, ipsec
 from vppmesh.vpp.client import VppClient
@@ -32,26 +33,8 @@ pytestmark = [pytest.mark.vpp, pytest.mark.root]
 PREFIX = "vme-"
 BASE = Path("/run/vppmesh-vme")
 ETCD_NS = f"{PREFIX}etcd"
-ETCD_ADDRESS = "203.0.113.1"  # RFC 5737 TEST-NET-3: the management network
 LEASE_TTL = 3
 TUNNELS = 2
-
-
-def management_network(bed: Testbed) -> None:
-    """A bridge in the etcd namespace, a veth `mgmt0` from every node namespace into it."""
-    sh("ip", "netns", "add", ETCD_NS)
-    in_ns(ETCD_NS, "ip", "link", "set", "lo", "up")
-    in_ns(ETCD_NS, "ip", "link", "add", "br0", "type", "bridge")
-    in_ns(ETCD_NS, "ip", "addr", "add", f"{ETCD_ADDRESS}/24", "dev", "br0")
-    in_ns(ETCD_NS, "ip", "link", "set", "br0", "up")
-    for node in bed.nodes:
-        port = f"mg-{node.name}"
-        in_ns(ETCD_NS, "ip", "link", "add", port, "type", "veth", "peer", "name", "mgmt0",
-              "netns", node.netns)
-        in_ns(ETCD_NS, "ip", "link", "set", port, "master", "br0", "up")
-        in_ns(node.netns, "ip", "addr", "add", f"203.0.113.{10 + node.index}/24", "dev",
-              "mgmt0")
-        in_ns(node.netns, "ip", "link", "set", "mgmt0", "up")
 
 
 class Mesh:
@@ -60,19 +43,12 @@ class Mesh:
     def __init__(self, bed: Testbed, etcd: EtcdServer) -> None:
         self.bed = bed
         self.etcd = etcd
-        self.url = f"etcd://{ETCD_ADDRESS}:{etcd.port}/vppmesh"
+        self.url = vpp_helpers.etcd_url(etcd)
         self.agents: dict[str, subprocess.Popen[bytes]] = {}
 
     def start_agent(self, node: NodeHandle) -> subprocess.Popen[bytes]:
-        log = open(node.dir / "agent.log", "w")  # noqa: SIM115 - handed to the child
-        args = [sys.executable, "-m", "vppmesh", "up", "--watch", "--datastore", self.url,
-                *self.bed.vppmesh_args(node), *self.bed.state_args(node),
-                "--pod-cidr", str(node.pod_cidr), "--lease-ttl", str(LEASE_TTL),
-                "--settings", str(self.bed.mesh_file)]
-        for address in node.underlay:
-            args += ["--underlay", str(address)]
-        proc = subprocess.Popen(["ip", "netns", "exec", node.netns, *args], stdout=log,
-                                stderr=subprocess.STDOUT)
+        proc = vpp_helpers.start_datastore_agent(self.bed, node, self.url,
+                                                 "--lease-ttl", str(LEASE_TTL))
         self.agents[node.name] = proc
         return proc
 
@@ -83,23 +59,14 @@ class Mesh:
 
 @pytest.fixture(scope="module")
 def mesh() -> Iterator[Mesh]:
-    require_vpp()
-    require_etcd()
-    bed = Testbed(TestbedSpec(prefix=PREFIX, base_dir=BASE, nodes=4, tunnels=TUNNELS,
-                              pods=1))
-    bed.up(join=False)
-    try:
-        management_network(bed)
-        (BASE / "etcd").mkdir()
-        with running_etcd(ETCD_ADDRESS, wrap=["ip", "netns", "exec", ETCD_NS],
-                          data_dir=BASE / "etcd") as etcd:
-            state = Mesh(bed, etcd)
-            try:
-                yield state
-            finally:
-                state.stop_agents()
-    finally:
-        bed.down(quiet=True)
+    with vpp_helpers.testbed(require_etcd, join=False, prefix=PREFIX, base_dir=BASE, nodes=4,
+                             tunnels=TUNNELS, pods=1) as bed, \
+            vpp_helpers.management_etcd(bed, ETCD_NS) as etcd:
+        state = Mesh(bed, etcd)
+        try:
+            yield state
+        finally:
+            state.stop_agents()
 
 
 def in_etcd_ns(code: str) -> str:
@@ -188,8 +155,7 @@ def test_join_and_leave_through_etcd_under_traffic(mesh: Mesh) -> None:
     # Baseline of the n1 <-> n2 pair, then iperf3 between their pods.
     tunnels_before = {n.name: mesh_view(n) for n in (n1, n2)}
     sas_before = {n.name: sa_view(n) for n in (n1, n2)}
-    server = subprocess.Popen(["ip", "netns", "exec", n2.pod_netns(0), "iperf3", "-s", "-1"],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = vpp_helpers.iperf3_server(n2.pod_netns(0))
     try:
         time.sleep(0.5)
         client = subprocess.Popen(
@@ -240,8 +206,7 @@ def test_join_and_leave_through_etcd_under_traffic(mesh: Mesh) -> None:
     peers = json.loads(status.stdout)["peers"]
     assert sorted(p["name"] for p in peers) == ["n2", "n3", "n4"]
     bed.add_pod(n4, 0)
-    ping = in_ns(n1.pod_netns(0), "ping", "-c", "2", "-W", "2", str(n4.pod_address(0)),
-                 check=False)
+    ping = vpp_helpers.pod_ping(n1, n4, count=2)
     assert ping.returncode == 0, ping.stdout
 
     sending = {n.name: sending_generations(n) for n in bed.nodes}
@@ -328,6 +293,5 @@ def test_join_and_leave_through_etcd_under_traffic(mesh: Mesh) -> None:
             peer_of_sa = (sa_id >> 8) & 0xFFFF
             if peer_of_sa == number[peer.name]:
                 assert sas_after[sa_id][0] == stat_index and sas_after[sa_id][1] >= seq
-    ping = in_ns(n1.pod_netns(0), "ping", "-c", "2", "-W", "2", str(n2.pod_address(0)),
-                 check=False)
+    ping = vpp_helpers.pod_ping(n1, n2, count=2)
     assert ping.returncode == 0, ping.stdout

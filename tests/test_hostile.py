@@ -12,14 +12,13 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import require_vpp
+import vpp_helpers
 
 from vppmesh.keys import spi_for
-from vppmesh.lab.testbed import Testbed, TestbedSpec, _uplink_mac, in_ns
+from vppmesh.lab.testbed import Testbed, _uplink_mac, in_ns
 from vppmesh.vpp import ipsec
 from vppmesh.vpp.client import VppClient
 
@@ -29,14 +28,8 @@ BASE = Path("/run/vppmesh-vmr")
 CRAFT = Path(__file__).parent / "hostile_packets.py"
 ERROR_LINE = re.compile(r"^\s*(\d+)\s+(\S+)\s+(.+?)\s+(error|info|warn\w*|unknown)\s*$")
 
-
-@pytest.fixture(scope="module")
-def bed() -> Iterator[Testbed]:
-    require_vpp()
-    pytest.importorskip("scapy")
-    with Testbed(TestbedSpec(nodes=2, tunnels=2, pods=1, workers=0, prefix=PREFIX,
-                             base_dir=BASE)) as bed:
-        yield bed
+bed = vpp_helpers.bed_fixture(lambda: pytest.importorskip("scapy"), nodes=2, tunnels=2, pods=1,
+                              workers=0, prefix=PREFIX, base_dir=BASE)
 
 
 def errors(api: VppClient) -> Counter[tuple[str, str]]:

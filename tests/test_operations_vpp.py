@@ -23,10 +23,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
-from conftest import require_vpp, stop_process, wait_for
+import vpp_helpers
+from conftest import stop_process, wait_for
 
-from vppmesh.lab.testbed import NodeHandle, Testbed, TestbedSpec, _uplink_mac, find_vpp, in_ns, sh
+from vppmesh.lab.testbed import NodeHandle, Testbed, _uplink_mac, find_vpp, in_ns, sh
 from vppmesh.metrics import families
 from vppmesh.vpp import ipsec
 from vppmesh.vpp.client import VppClient
@@ -34,7 +34,6 @@ from vppmesh.vpp.client import VppClient
 pytestmark = [pytest.mark.vpp]
 PREFIX = "vmx-"
 BASE = Path("/run/vppmesh-vmx")
-CNI_PATH = Path("/usr/lib/cni")
 CRAFT = Path(__file__).parent / "hostile_packets.py"
 METRICS = "127.0.0.1:9477"
 RESTARTS = 3
@@ -49,11 +48,6 @@ def container(node: NodeHandle) -> str:
     return f"c0ffee{node.index:02d}" * 4
 
 
-def plugin_command() -> list[str]:
-    script = Path(sys.executable).parent / "vppmesh-cni"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "vppmesh.cni"]
-
-
 def netconf(bed: Testbed, node: NodeHandle) -> dict[str, Any]:
     return {"cniVersion": "1.0.0", "name": "vppmesh", "type": "vppmesh-cni",
             "apiSocket": str(node.instance.api_socket), "mesh": str(bed.mesh_file),
@@ -65,42 +59,20 @@ def netconf(bed: Testbed, node: NodeHandle) -> dict[str, Any]:
 def cni(bed: Testbed, node: NodeHandle, command: str,
         prev: dict[str, Any] | None = None) -> tuple[int, Any]:
     """The plugin in the node's namespace, as the node's container runtime runs it."""
-    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "CNI_COMMAND": command,
-           "CNI_CONTAINERID": container(node), "CNI_IFNAME": "eth0",
-           "CNI_PATH": str(CNI_PATH), "CNI_NETNS": f"/var/run/netns/{pod_ns(node)}",
-           "CNI_ARGS": "IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME=web"}
     conf = netconf(bed, node)
     if prev is not None:
         conf["prevResult"] = prev
-    done = subprocess.run(["ip", "netns", "exec", node.netns, *plugin_command()],
-                          input=json.dumps(conf), env=env, capture_output=True, text=True,
-                          timeout=120)
+    done = vpp_helpers.run_cni(node.netns, command, conf, container=container(node),
+                               netns=pod_ns(node), pod="web")
     return done.returncode, json.loads(done.stdout) if done.stdout.strip() else None
 
 
-class Agent:
+class Agent(vpp_helpers.WatchAgent):
     """`vppmesh up --watch` with pod re-attach and metrics, in the node's namespace."""
 
     def __init__(self, bed: Testbed, node: NodeHandle) -> None:
-        self.bed, self.node = bed, node
-        self.log = node.dir / "agent.log"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        args = ["ip", "netns", "exec", self.node.netns, sys.executable, "-m", "vppmesh", "up",
-                "--watch", *self.bed.vppmesh_args(self.node), *self.bed.state_args(self.node),
-                "--cni-state-dir", str(self.node.dir / "cni"), "--metrics", METRICS,
-                "--stats-socket", str(self.node.instance.stats_socket)]
-        with self.log.open("ab") as out:
-            self.proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT)
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            stop_process(self.proc)
-        self.proc = None
-
-    def text(self) -> str:
-        return self.log.read_text(errors="replace") if self.log.exists() else ""
+        super().__init__(bed, node, "--cni-state-dir", str(node.dir / "cni"),
+                         "--metrics", METRICS, "--stats-socket", str(node.instance.stats_socket))
 
     def scrape(self, *, check: bool = True) -> dict[tuple[str, tuple[tuple[str, str], ...]],
                                                     float]:
@@ -124,19 +96,10 @@ def total(samples: dict[tuple[str, Any], float], name: str, **labels: str) -> fl
 
 @pytest.fixture(scope="module")
 def bed() -> Iterator[Testbed]:
-    require_vpp()
-    if not (CNI_PATH / "host-local").exists():
-        pytest.skip(f"no host-local IPAM plugin in {CNI_PATH}: apt-get install "
-                    "containernetworking-plugins")
-    with Testbed(TestbedSpec(prefix=PREFIX, base_dir=BASE, nodes=2, tunnels=2, pods=0,
-                             workers=0)) as bed:
-        data = yaml.safe_load(bed.mesh_file.read_text())
-        # On-demand rekeys only; receivers follow a new generation in 2 s.
-        data["settings"].update(rekey_grace=GRACE, rekey_interval=0)
-        bed.mesh_file.write_text(yaml.safe_dump(data, sort_keys=False))
-        for node in bed.nodes:
-            sh("ip", "netns", "add", pod_ns(node))
-            in_ns(pod_ns(node), "ip", "link", "set", "lo", "up")
+    with vpp_helpers.testbed(vpp_helpers.require_host_local, prefix=PREFIX, base_dir=BASE,
+                             nodes=2, tunnels=2, pods=0, workers=0) as bed:
+        vpp_helpers.on_demand_rekeys(bed, GRACE)  # receivers follow a new generation in 2 s
+        vpp_helpers.add_namespaces(*(pod_ns(node) for node in bed.nodes))
         yield bed
 
 
@@ -152,62 +115,19 @@ def pods(bed: Testbed) -> dict[str, dict[str, Any]]:
 
 @pytest.fixture(scope="module")
 def agents(bed: Testbed, pods: dict[str, Any]) -> Iterator[dict[str, Agent]]:
-    running = {n.name: Agent(bed, n) for n in bed.nodes}
-    for agent in running.values():
-        agent.start()
-    try:
+    with vpp_helpers.running_agents({n.name: Agent(bed, n) for n in bed.nodes}) as running:
         yield running
-    finally:
-        for agent in running.values():
-            agent.stop()
 
 
 def address(pods: dict[str, Any], node: NodeHandle) -> str:
     return str(pods[node.name]["ips"][0]["address"].split("/")[0])
 
 
-def ping_ok(src_ns: str, dst: str) -> bool:
-    return in_ns(src_ns, "ping", "-c", "1", "-W", "1", dst, check=False).returncode == 0
-
-
-class Capture:
-    """tcpdump on the underlay bridge for the whole run; every IPv4 packet must be ESP
-    between node addresses (no pod address, no IPIP in clear)."""
-
-    def __init__(self, bed: Testbed, name: str) -> None:
-        self.bed, self.path = bed, BASE / f"{name}.pcap"
-        self.proc = subprocess.Popen(
-            ["ip", "netns", "exec", bed.underlay_ns, "tcpdump", "-i", "br0", "-n", "-s",
-             "128", "-U", "-w", str(self.path)], stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL)
-        time.sleep(1.0)
-
-    def stop(self) -> dict[str, int]:
-        time.sleep(0.5)
-        self.proc.terminate()
-        self.proc.wait(timeout=10)
-        text = subprocess.run(["tcpdump", "-n", "-r", str(self.path)], capture_output=True,
-                              text=True, check=False).stdout
-        nodes = {str(a.ip) for n in self.bed.nodes for a in n.underlay}
-        esp = clear = 0
-        for line in text.splitlines():
-            if "198.18." in line:
-                clear += 1
-            if " IP " not in line:
-                continue
-            src, dst = line.split(" IP ")[1].split(":")[0].split(" > ")
-            if "ESP(" in line and src in nodes and dst in nodes:
-                esp += 1
-            else:
-                clear += 1
-        return {"esp": esp, "clear": clear}
-
-
 def test_metrics_follow_traffic_replays_and_reconciles(
         bed: Testbed, pods: dict[str, Any], agents: dict[str, Agent]) -> None:
     n1, n2 = bed.nodes
     target = address(pods, n2)
-    wait_for(lambda: ping_ok(pod_ns(n1), target), 30, "pod-to-pod ping")
+    wait_for(lambda: vpp_helpers.ping_ok(pod_ns(n1), target), 30, "pod-to-pod ping")
     wait_for(lambda: total(agents[n1.name].scrape(check=False),
                            "vppmesh_tunnel_protected") == 2,
              30, "a metrics snapshot with both tunnels")
@@ -220,8 +140,7 @@ def test_metrics_follow_traffic_replays_and_reconciles(
     for limit in ("packets", "bytes", "seconds"):
         assert 0 <= total(first, "vppmesh_key_limit_used_ratio", limit=limit) < 0.5
     # Traffic: a 5 s iperf3 stream; the next snapshot (at most 5 s later) counts it.
-    server = subprocess.Popen(["ip", "netns", "exec", pod_ns(n2), "iperf3", "-s", "-1"],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = vpp_helpers.iperf3_server(pod_ns(n2))
     try:
         time.sleep(0.5)
         in_ns(pod_ns(n1), "iperf3", "-c", target, "-t", "5", "-b", "20M", timeout=60)
@@ -299,7 +218,7 @@ def test_agent_restart_loses_no_packet(bed: Testbed, pods: dict[str, Any],
     nothing, started again; VPP forwards throughout."""
     n1, n2 = bed.nodes
     target = address(pods, n2)
-    wait_for(lambda: ping_ok(pod_ns(n1), target), 30, "pod-to-pod ping")
+    wait_for(lambda: vpp_helpers.ping_ok(pod_ns(n1), target), 30, "pod-to-pod ping")
     ping_log = BASE / "agent-restart-ping.txt"
     with ping_log.open("w") as out:
         pinger = subprocess.Popen(["ip", "netns", "exec", pod_ns(n1), "ping", "-D", "-i",
@@ -343,17 +262,16 @@ def test_pods_survive_vpp_restart_under_traffic_without_plaintext(
         bed: Testbed, pods: dict[str, Any], agents: dict[str, Agent]) -> None:
     n1, n2 = bed.nodes
     target = address(pods, n2)
-    wait_for(lambda: ping_ok(pod_ns(n1), target), 30, "pod-to-pod ping")
+    wait_for(lambda: vpp_helpers.ping_ok(pod_ns(n1), target), 30, "pod-to-pod ping")
     identity = {n.name: netns_identity(pod_ns(n)) for n in bed.nodes}
-    capture = Capture(bed, "restart")
+    capture = vpp_helpers.UnderlayCapture(bed, BASE / "restart.pcap")
     ping_log = BASE / "restart-ping.txt"
     seconds = 20 + RESTARTS * 25
     with ping_log.open("w") as out:
         pinger = subprocess.Popen(["ip", "netns", "exec", pod_ns(n1), "ping", "-D", "-i",
                                    "0.1", "-w", str(seconds), target], stdout=out,
                                   stderr=subprocess.STDOUT)
-    server = subprocess.Popen(["ip", "netns", "exec", pod_ns(n2), "iperf3", "-s", "-1"],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = vpp_helpers.iperf3_server(pod_ns(n2))
     time.sleep(0.5)
     client = subprocess.Popen(
         ["ip", "netns", "exec", pod_ns(n1), "iperf3", "-c", target, "-t", str(seconds - 5),
@@ -428,12 +346,8 @@ def test_vanished_pod_is_collected_after_restart(
     n1 = bed.nodes[0]
     ns = f"{PREFIX}gone"
     sh("ip", "netns", "add", ns)
-    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "CNI_COMMAND": "ADD",
-           "CNI_CONTAINERID": "deadbeef" * 4, "CNI_IFNAME": "eth0",
-           "CNI_PATH": str(CNI_PATH), "CNI_NETNS": f"/var/run/netns/{ns}"}
-    done = subprocess.run(["ip", "netns", "exec", n1.netns, *plugin_command()],
-                          input=json.dumps(netconf(bed, n1)), env=env, capture_output=True,
-                          text=True, timeout=120)
+    done = vpp_helpers.run_cni(n1.netns, "ADD", netconf(bed, n1), container="deadbeef" * 4,
+                               netns=ns, pod=None)
     assert done.returncode == 0, done.stdout
     records = n1.dir / "cni"
     assert len(list(records.glob("*.json"))) == 2

@@ -162,30 +162,21 @@ def test_datastore_agent_reattaches_pods_on_a_new_vpp(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """`up --watch --datastore` does what node.Session does: pods come back on the first
     sync with a (new) VPP connection, and are not looked at on every sync."""
-    from test_datastore import MemoryStore
+    from test_datastore import MemoryStore, agent_options
 
-    from vppmesh.datastore.agent import DatastoreOptions, LocalNode, MembershipAgent
-    from vppmesh.datastore.records import DatastoreUrl
-    from vppmesh.keys import private_key_b64
-    from vppmesh.node import NodeOptions
+    from vppmesh.datastore.agent import LocalNode, MembershipAgent
 
     Linux(monkeypatch, problems=[])
     mesh, secrets = make_mesh(2)
-    key = tmp_path / "node1.key"
-    key.write_text(private_key_b64(secrets["node1"].private_key))
-    key.chmod(0o600)
     store = AttachmentStore(tmp_path / "cni")
     pod = record("aaa", 7, "/proc/self/ns/net")
     store.save(pod)
     datastore = MemoryStore(mesh.settings)
     datastore.put(mesh.nodes[1])
     local = mesh.nodes[0]
-    options = NodeOptions(mesh_file=tmp_path / "unused.yaml", node="node1", private_key=key,
-                          host_link="none", workers=0, state_dir=tmp_path,
-                          cni_state_dir=store.directory)
-    ds = DatastoreOptions(url=DatastoreUrl.parse("etcd://127.0.0.1/t"),
-                          local=LocalNode(underlay=tuple(local.underlay),
-                                          pod_cidr=local.pod_cidr, node_number=1))
+    options, ds = agent_options(tmp_path, secrets, "node1", LocalNode(
+        underlay=tuple(local.underlay), pod_cidr=local.pod_cidr, node_number=1),
+        cni_state_dir=store.directory)
     vpp = FakeVpp.with_uplink(local.primary)
     member = MembershipAgent(options, ds, store=datastore, api=vpp)  # type: ignore[arg-type]
     first = member.sync()
@@ -235,27 +226,18 @@ def test_watch_session_reattaches_pods_after_a_reconnect(
 def test_datastore_agent_fills_the_metrics(tmp_path: Path) -> None:
     """With --metrics, `up --watch --datastore` records each sync and takes snapshots
     from VPP, as the file-based watch loop does."""
-    from test_datastore import MemoryStore
+    from test_datastore import MemoryStore, agent_options
 
-    from vppmesh.datastore.agent import DatastoreOptions, LocalNode, MembershipAgent
-    from vppmesh.datastore.records import DatastoreUrl
-    from vppmesh.keys import private_key_b64
+    from vppmesh.datastore.agent import LocalNode, MembershipAgent
     from vppmesh.metrics import AgentMetrics
-    from vppmesh.node import NodeOptions
 
     mesh, secrets = make_mesh(3)
-    key = tmp_path / "node1.key"
-    key.write_text(private_key_b64(secrets["node1"].private_key))
-    key.chmod(0o600)
     datastore = MemoryStore(mesh.settings)
     for node in mesh.nodes[1:]:
         datastore.put(node)
     local = mesh.nodes[0]
-    options = NodeOptions(mesh_file=tmp_path / "unused.yaml", node="node1", private_key=key,
-                          host_link="none", workers=0, state_dir=tmp_path)
-    ds = DatastoreOptions(url=DatastoreUrl.parse("etcd://127.0.0.1/t"),
-                          local=LocalNode(underlay=tuple(local.underlay),
-                                          pod_cidr=local.pod_cidr, node_number=1))
+    options, ds = agent_options(tmp_path, secrets, "node1", LocalNode(
+        underlay=tuple(local.underlay), pod_cidr=local.pod_cidr, node_number=1))
     metrics = AgentMetrics()
     member = MembershipAgent(options, ds, store=datastore,  # type: ignore[arg-type]
                              api=FakeVpp.with_uplink(local.primary), metrics=metrics)

@@ -14,16 +14,15 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import vpp_helpers
 import yaml
-from conftest import require_vpp
 
-from vppmesh.lab.testbed import NodeHandle, Testbed, TestbedSpec, find_vpp, in_ns
+from vppmesh.lab.testbed import NodeHandle, Testbed, find_vpp
 from vppmesh.state import is_owned_sa_id, is_owned_tunnel_instance
 from vppmesh.vpp import ipip, ipsec
 from vppmesh.vpp.client import VppClient
@@ -35,112 +34,42 @@ SOAK_SECONDS = 70
 GRACE = 2.0
 
 
-class Agent:
-    """`vppmesh up --watch` for one node, in the node's namespace, logging to a file."""
-
-    def __init__(self, bed: Testbed, node: NodeHandle) -> None:
-        self.bed, self.node = bed, node
-        self.log = node.dir / "agent.log"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        args = ["ip", "netns", "exec", self.node.netns, sys.executable, "-m", "vppmesh", "up",
-                "--watch", *self.bed.vppmesh_args(self.node), *self.bed.state_args(self.node)]
-        with self.log.open("ab") as out:
-            self.proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.proc = None
-
-    def text(self) -> str:
-        return self.log.read_text(errors="replace") if self.log.exists() else ""
+def keep_logs(bed: Testbed) -> None:
+    """With VPPMESH_KEEP_LOGS set: agent logs and key generations copied there, for a
+    post-mortem."""
+    keep = os.environ.get("VPPMESH_KEEP_LOGS")
+    if keep:
+        for node in bed.nodes:
+            for f in (node.dir / "agent.log", node.dir / f"{node.name}.generations.json",
+                      node.dir / f"{node.name}.used-keys.json"):
+                if f.exists():
+                    target = Path(keep) / f"{node.name}-{f.name}"
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    target.write_bytes(f.read_bytes())
 
 
 @pytest.fixture(scope="module")
 def bed() -> Iterator[Testbed]:
-    require_vpp()
-    bed = Testbed(TestbedSpec(nodes=3, tunnels=2, pods=1, workers=0, prefix=PREFIX,
-                              base_dir=BASE))
-    bed.up()
-    try:
-        data = yaml.safe_load(bed.mesh_file.read_text())
-        # On-demand rekeys only (the schedule is unit-tested); receivers follow in 2 s.
-        data["settings"].update(rekey_grace=GRACE, rekey_interval=0)
-        bed.mesh_file.write_text(yaml.safe_dump(data, sort_keys=False))
-        yield bed
-    finally:
-        keep = os.environ.get("VPPMESH_KEEP_LOGS")
-        if keep:  # agent logs and key generations, for a post-mortem
-            for node in bed.nodes:
-                for f in (node.dir / "agent.log", node.dir / f"{node.name}.generations.json",
-                          node.dir / f"{node.name}.used-keys.json"):
-                    if f.exists():
-                        target = Path(keep) / f"{node.name}-{f.name}"
-                        target.parent.mkdir(parents=True, exist_ok=True)
-                        target.write_bytes(f.read_bytes())
-        bed.down(quiet=True)
+    with vpp_helpers.testbed(nodes=3, tunnels=2, pods=1, workers=0, prefix=PREFIX,
+                             base_dir=BASE) as bed:
+        try:
+            vpp_helpers.on_demand_rekeys(bed, GRACE)  # receivers follow a new generation in 2 s
+            yield bed
+        finally:
+            keep_logs(bed)
 
 
 @pytest.fixture(scope="module")
-def agents(bed: Testbed) -> Iterator[dict[str, Agent]]:
-    running = {n.name: Agent(bed, n) for n in bed.nodes}
-    for agent in running.values():
-        agent.start()
-    try:
+def agents(bed: Testbed) -> Iterator[dict[str, vpp_helpers.WatchAgent]]:
+    started = {n.name: vpp_helpers.WatchAgent(bed, n, grace=10.0) for n in bed.nodes}
+    with vpp_helpers.running_agents(started) as running:
         yield running
-    finally:
-        for agent in running.values():
-            agent.stop()
-
-
-class Capture:
-    """tcpdump on the underlay bridge (headers only: enough to see any clear pod packet)."""
-
-    def __init__(self, bed: Testbed, name: str) -> None:
-        self.bed = bed
-        self.path = BASE / f"{name}.pcap"
-        self.proc = subprocess.Popen(
-            ["ip", "netns", "exec", bed.underlay_ns, "tcpdump", "-i", "br0", "-n", "-s", "128",
-             "-U", "-w", str(self.path)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(1.0)
-
-    def stop(self) -> dict[str, int]:
-        """Stop and check: every IPv4 packet is ESP between node addresses, none in clear."""
-        time.sleep(0.5)
-        self.proc.terminate()
-        self.proc.wait(timeout=10)
-        text = subprocess.run(["tcpdump", "-n", "-r", str(self.path)], capture_output=True,
-                              text=True, check=False).stdout
-        node_addrs = {str(a.ip) for n in self.bed.nodes for a in n.underlay}
-        esp = clear = 0
-        for line in text.splitlines():
-            if "198.18." in line:
-                clear += 1
-            if " IP " not in line:
-                continue
-            src, dst = line.split(" IP ")[1].split(":")[0].split(" > ")
-            if "ESP(" in line and src in node_addrs and dst in node_addrs:
-                esp += 1
-            else:
-                clear += 1
-        return {"esp": esp, "clear": clear}
 
 
 def run(bed: Testbed, node: NodeHandle, *args: str) -> str:
     result = bed.run_vppmesh(node, *args, check=False)
     assert result.returncode == 0, result.stdout + result.stderr
     return result.stdout
-
-
-def ping_ok(src_ns: str, dst: str) -> bool:
-    return in_ns(src_ns, "ping", "-c", "1", "-W", "1", dst, check=False).returncode == 0
 
 
 def wait_for(predicate, timeout: float, step: float = 0.2) -> float | None:  # type: ignore[no-untyped-def]
@@ -180,16 +109,16 @@ def set_mesh_nodes(bed: Testbed, names: list[str], original: str) -> None:
 
 
 def test_long_tcp_survives_rekeys_agent_restarts_and_churn_without_plaintext(
-        bed: Testbed, agents: dict[str, Agent]) -> None:
+        bed: Testbed, agents: dict[str, vpp_helpers.WatchAgent]) -> None:
     n1, n2, n3 = bed.nodes
-    assert wait_for(lambda: ping_ok(n1.pod_netns(0), str(n2.pod_address(0))), 20) is not None
-    capture = Capture(bed, "soak")
+    assert wait_for(lambda: vpp_helpers.ping_ok(n1.pod_netns(0), str(n2.pod_address(0))),
+                    20) is not None
+    capture = vpp_helpers.UnderlayCapture(bed, BASE / "soak.pcap")
     side_ping = subprocess.Popen(  # keeps traffic on the n1 <-> n3 pair
         ["ip", "netns", "exec", n1.pod_netns(0), "ping", "-i", "0.5", "-w",
          str(SOAK_SECONDS), str(n3.pod_address(0))], stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL)
-    server = subprocess.Popen(["ip", "netns", "exec", n2.pod_netns(0), "iperf3", "-s", "-1"],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = vpp_helpers.iperf3_server(n2.pod_netns(0))
     time.sleep(0.5)
     client = subprocess.Popen(
         ["ip", "netns", "exec", n1.pod_netns(0), "iperf3", "-c", str(n2.pod_address(0)),
@@ -230,7 +159,7 @@ def test_long_tcp_survives_rekeys_agent_restarts_and_churn_without_plaintext(
                       "n1<->n2 objects untouched")
         at(46)
         bed.mesh_file.write_text(original_mesh)
-        back = wait_for(lambda: ping_ok(n1.pod_netns(0), str(n3.pod_address(0))), 20)
+        back = wait_for(lambda: vpp_helpers.ping_ok(n1.pod_netns(0), str(n3.pod_address(0))), 20)
         assert back is not None, "n3 rejoined but is unreachable"
         assert peer_objects(n1, n2.index) == untouched
         events.append(f"t=46s n3 rejoins: reachable from n1's pod in {back:.1f} s")
@@ -263,11 +192,11 @@ def test_long_tcp_survives_rekeys_agent_restarts_and_churn_without_plaintext(
 
 
 def test_vpp_restart_recovers_without_plaintext(bed: Testbed,
-                                                agents: dict[str, Agent]) -> None:
+                                                agents: dict[str, vpp_helpers.WatchAgent]) -> None:
     n1, n2 = bed.nodes[0], bed.nodes[1]
     target = str(n2.pod_address(0))
-    assert wait_for(lambda: ping_ok(n1.pod_netns(0), target), 20) is not None
-    capture = Capture(bed, "vpp-restart")
+    assert wait_for(lambda: vpp_helpers.ping_ok(n1.pod_netns(0), target), 20) is not None
+    capture = vpp_helpers.UnderlayCapture(bed, BASE / "vpp-restart.pcap")
     pinger = subprocess.Popen(["ip", "netns", "exec", n1.pod_netns(0), "ping", "-i", "0.2",
                                "-w", "60", target], stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL)
@@ -284,11 +213,11 @@ def test_vpp_restart_recovers_without_plaintext(bed: Testbed,
         assert programmed is not None, agents[n2.name].text()[log_before:]
         run(bed, n2, "attach", "--name", n2.pod_name(0), "--netns", n2.pod_netns(0),
             "--address", target, "--index", "0")  # what the CNI does for its pods
-        working = wait_for(lambda: ping_ok(n1.pod_netns(0), target), 60)
+        working = wait_for(lambda: vpp_helpers.ping_ok(n1.pod_netns(0), target), 60)
         assert working is not None, "the mesh did not work again after VPP came back"
         recovered = time.monotonic() - ready
         n3 = bed.nodes[2]  # the idle pair recovers too
-        assert wait_for(lambda: ping_ok(n2.pod_netns(0), str(n3.pod_address(0))), 30)
+        assert wait_for(lambda: vpp_helpers.ping_ok(n2.pod_netns(0), str(n3.pod_address(0))), 30)
     finally:
         pinger.kill()
     seen = capture.stop()
@@ -306,7 +235,7 @@ def test_vpp_restart_recovers_without_plaintext(bed: Testbed,
 
 
 def test_down_and_first_up_under_traffic_send_nothing_in_clear(
-        bed: Testbed, agents: dict[str, Agent]) -> None:
+        bed: Testbed, agents: dict[str, vpp_helpers.WatchAgent]) -> None:
     """The transitions left: `down` under traffic, then a first `up` on an empty VPP.
 
     The VPP is restarted in between: `up` on the same VPP after `down` meets a VPP 26.06
@@ -314,7 +243,7 @@ def test_down_and_first_up_under_traffic_send_nothing_in_clear(
     """
     n1, n2 = bed.nodes[0], bed.nodes[1]
     agents[n2.name].stop()  # the operator takes the node out by hand
-    capture = Capture(bed, "down-up")
+    capture = vpp_helpers.UnderlayCapture(bed, BASE / "down-up.pcap")
     target = str(n2.pod_address(0))
     to_n2 = subprocess.Popen(["ip", "netns", "exec", n1.pod_netns(0), "ping", "-i", "0.1",
                               "-w", "40", target], stdout=subprocess.DEVNULL,
@@ -332,7 +261,7 @@ def test_down_and_first_up_under_traffic_send_nothing_in_clear(
         assert "outbound generation" in out  # fresh keys after down, by themselves
         run(bed, n2, "attach", "--name", n2.pod_name(0), "--netns", n2.pod_netns(0),
             "--address", target, "--index", "0")
-        back = wait_for(lambda: ping_ok(n1.pod_netns(0), target), 20)
+        back = wait_for(lambda: vpp_helpers.ping_ok(n1.pod_netns(0), target), 20)
         assert back is not None, out
         time.sleep(1)
     finally:

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import vpp_helpers
 from conftest import record_raw_replies, require_vpp
 from pydantic import SecretBytes
 from test_reconcile_scale import summary
@@ -114,15 +115,13 @@ def test_fast_decoders_match_vpp_papi_on_every_dump(
         api: VppClient, programmed: Reconciler, mesh,  # type: ignore[no-untyped-def]
         monkeypatch: pytest.MonkeyPatch) -> None:
     full, secrets = mesh
-    channel = api._channel
-    assert channel is not None
+    channel = vpp_helpers.channel_of(api)
     raws = record_raw_replies(channel, monkeypatch)
     observe(api, plan_for(full, secrets, 0))
     kinds = {type(channel.reference_decode(r)).__name__ for r in raws}
     assert {"ipsec_sa_v5_details", "ip_route_details", "sw_interface_details",
             "ipip_tunnel_details", "ipsec_tunnel_protect_details"} <= kinds
-    for raw in raws:
-        assert channel.decode(raw) == channel.reference_decode(raw)
+    vpp_helpers.assert_decodes_like_papi(channel, raws)
 
 
 def every_request_kind(desired) -> list[Request]:  # type: ignore[no-untyped-def]
@@ -153,13 +152,10 @@ def every_request_kind(desired) -> list[Request]:  # type: ignore[no-untyped-def
 def test_compiled_encoders_give_vpp_papis_bytes_for_every_request(
         api: VppClient, mesh) -> None:  # type: ignore[no-untyped-def]
     full, secrets = mesh
-    channel = api._channel
-    assert channel is not None
-    compiled = 0
-    for request in every_request_kind(plan_for(full, secrets, 0)):
-        assert channel.encode(request.name, request.args, 7) == \
-            channel.reference_encode(request.name, request.args, 7), request.name
-        compiled += channel.message_type(request.name).encoder is not None
+    channel = vpp_helpers.channel_of(api)
+    requests = every_request_kind(plan_for(full, secrets, 0))
+    vpp_helpers.assert_encodes_like_papi(channel, requests)
+    compiled = sum(channel.message_type(r.name).encoder is not None for r in requests)
     assert compiled >= 20  # all but the few with variable-length strings
 
 

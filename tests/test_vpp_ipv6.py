@@ -14,16 +14,16 @@ import json
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import dpkt
 import pytest
-from conftest import record_raw_replies, require_vpp, stop_process
+import vpp_helpers
+from conftest import record_raw_replies, stop_process
 from test_hostile import errors
 
 from vppmesh.config import load_mesh
-from vppmesh.lab.testbed import Testbed, TestbedSpec, _uplink_mac, in_ns
+from vppmesh.lab.testbed import Testbed, _uplink_mac, in_ns
 from vppmesh.vpp import ipip, ipsec
 from vppmesh.vpp.client import VppClient
 
@@ -35,12 +35,8 @@ TUNNELS = 2
 ICMPV6_CONTROL = {130, 131, 132, 133, 134, 135, 136, 143}
 
 
-@pytest.fixture(scope="module")
-def bed() -> Iterator[Testbed]:
-    require_vpp()
-    with Testbed(TestbedSpec(nodes=3, tunnels=TUNNELS, pods=1, workers=0, prefix=PREFIX,
-                             base_dir=BASE, underlay_family="ipv6")) as bed:
-        yield bed
+bed = vpp_helpers.bed_fixture(nodes=3, tunnels=TUNNELS, pods=1, workers=0, prefix=PREFIX,
+                              base_dir=BASE, underlay_family="ipv6")
 
 
 def mesh_mtu(bed: Testbed) -> int:
@@ -62,12 +58,7 @@ def test_ipv6_tunnels_protected_and_second_up_changes_nothing(bed: Testbed) -> N
 
 
 def test_ipv6_pod_ping_every_pair(bed: Testbed) -> None:
-    for src in bed.nodes:
-        for dst in bed.nodes:
-            if src is not dst:
-                ping = in_ns(src.pod_netns(0), "ping", "-c", "2", "-W", "2",
-                             str(dst.pod_address(0)), check=False)
-                assert ping.returncode == 0, f"{src.name} -> {dst.name}: {ping.stdout}"
+    vpp_helpers.assert_pods_ping(vpp_helpers.every_pair(bed), count=2)
 
 
 def test_ipv6_df_ping_at_the_computed_mtu_and_one_byte_more_fails(bed: Testbed) -> None:
@@ -75,11 +66,9 @@ def test_ipv6_df_ping_at_the_computed_mtu_and_one_byte_more_fails(bed: Testbed) 
     assert mtu == 1416  # 1500 - 77 (40 IPv6 + 37 ESP worst case), aligned down to 8
     src, dst = bed.nodes[0], bed.nodes[2]
     payload = mtu - 28  # ICMP echo over IPv4
-    ok = in_ns(src.pod_netns(0), "ping", "-M", "do", "-s", str(payload), "-c", "3", "-W", "2",
-               str(dst.pod_address(0)), check=False)
+    ok = vpp_helpers.pod_ping(src, dst, count=3, size=payload)
     assert ok.returncode == 0, ok.stdout
-    too_big = in_ns(src.pod_netns(0), "ping", "-M", "do", "-s", str(payload + 1), "-c", "1",
-                    "-W", "2", str(dst.pod_address(0)), check=False)
+    too_big = vpp_helpers.pod_ping(src, dst, count=1, size=payload + 1)
     assert too_big.returncode != 0
     assert "message too long" in (too_big.stdout + too_big.stderr).lower()
 
@@ -87,11 +76,8 @@ def test_ipv6_df_ping_at_the_computed_mtu_and_one_byte_more_fails(bed: Testbed) 
 def test_ipv6_iperf3_and_only_esp_over_ipv6_on_the_wire(bed: Testbed) -> None:
     src, dst = bed.nodes[0], bed.nodes[1]
     capture = BASE / "underlay6.pcap"
-    tcpdump = subprocess.Popen(["ip", "netns", "exec", bed.underlay_ns, "tcpdump", "-i",
-                                "br0", "-n", "-s", "200", "-w", str(capture), "-U"],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    server = subprocess.Popen(["ip", "netns", "exec", dst.pod_netns(0), "iperf3", "-s", "-1"],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    dump = vpp_helpers.tcpdump(bed.underlay_ns, capture)
+    server = vpp_helpers.iperf3_server(dst.pod_netns(0))
     try:
         time.sleep(1.0)
         out = in_ns(src.pod_netns(0), "iperf3", "-c", str(dst.pod_address(0)), "-t", "3",
@@ -99,7 +85,7 @@ def test_ipv6_iperf3_and_only_esp_over_ipv6_on_the_wire(bed: Testbed) -> None:
     finally:
         stop_process(server)
         time.sleep(0.5)
-        stop_process(tcpdump)
+        stop_process(dump)
     result = json.loads(out.stdout)
     assert "error" not in result, result.get("error")
     rate = result["end"]["sum_received"]["bits_per_second"]
@@ -190,17 +176,14 @@ def test_ipv6_requests_and_dumps_match_vpp_papi(bed: Testbed,
 
     n1 = bed.nodes[0]
     with VppClient(n1.instance.api_socket).connect() as api:
-        channel = api._channel
-        assert channel is not None
-        requests = [ipip.add_tunnel(100_000_999, n1.underlay[0].ip,
-                                    ipaddress.ip_address("2001:db8:ee::999")),
-                    interfaces.address(3, n1.underlay[1], True),
-                    classify.add_table(guard.mask(6), "guard"),
-                    classify.deny_session(1, guard.match(6, 41), "guard"),
-                    classify.set_input_acl(1, ip6=2, what="guard")]
-        for request in requests:
-            assert channel.encode(request.name, request.args, 7) == \
-                channel.reference_encode(request.name, request.args, 7), request.name
+        channel = vpp_helpers.channel_of(api)
+        vpp_helpers.assert_encodes_like_papi(channel, [
+            ipip.add_tunnel(100_000_999, n1.underlay[0].ip,
+                            ipaddress.ip_address("2001:db8:ee::999")),
+            interfaces.address(3, n1.underlay[1], True),
+            classify.add_table(guard.mask(6), "guard"),
+            classify.deny_session(1, guard.match(6, 41), "guard"),
+            classify.set_input_acl(1, ip6=2, what="guard")])
         raws = record_raw_replies(channel, monkeypatch)
         tunnels = ipip.dump_tunnels(api)
         uplink, addresses = interfaces.find_uplink(api, None, n1.underlay[0])
@@ -209,8 +192,7 @@ def test_ipv6_requests_and_dumps_match_vpp_papi(bed: Testbed,
     assert any(t.src.version == 6 for t in tunnels)
     kinds = {type(channel.reference_decode(r)).__name__ for r in raws}
     assert {"ipip_tunnel_details", "ip_address_details"} <= kinds
-    for raw in raws:
-        assert channel.decode(raw) == channel.reference_decode(raw)
+    vpp_helpers.assert_decodes_like_papi(channel, raws)
 
 
 def test_ipv6_udp_encap_runs_esp_in_udp_over_ipv6(bed: Testbed) -> None:
@@ -230,19 +212,13 @@ def test_ipv6_udp_encap_runs_esp_in_udp_over_ipv6(bed: Testbed) -> None:
     assert encaps == {"n2": {"esp"}, "n3": {"esp-in-udp 4500->4500"}}
     assert load_mesh(bed.mesh_file).pod_mtu() == 1408  # IPv6 + UDP: 85 bytes
     capture = BASE / "udp6.pcap"
-    tcpdump = subprocess.Popen(["ip", "netns", "exec", bed.underlay_ns, "tcpdump", "-i",
-                                "br0", "-n", "-s", "200", "-w", str(capture), "-U",
-                                "ip6 and udp"],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    dump = vpp_helpers.tcpdump(bed.underlay_ns, capture, "ip6 and udp")
     try:
         time.sleep(1.0)
-        for src, dst in ((n1, n3), (n3, n1)):
-            ping = in_ns(src.pod_netns(0), "ping", "-c", "3", "-W", "2",
-                         str(dst.pod_address(0)), check=False)
-            assert ping.returncode == 0, f"{src.name} -> {dst.name}: {ping.stdout}"
+        vpp_helpers.assert_pods_ping(((n1, n3), (n3, n1)), count=3)
     finally:
         time.sleep(0.5)
-        stop_process(tcpdump)
+        stop_process(dump)
     with capture.open("rb") as f:
         udp = [dpkt.ethernet.Ethernet(raw).data.data for _, raw in dpkt.pcap.Reader(f)]
     assert len(udp) >= 6  # 3 echoes and 3 replies each way, less any capture start misses

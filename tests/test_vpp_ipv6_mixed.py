@@ -11,29 +11,23 @@ from __future__ import annotations
 
 import ipaddress
 import json
-import subprocess
 import time
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 
 import dpkt
 import pytest
-from conftest import require_vpp, stop_process
+import vpp_helpers
+from conftest import stop_process
 
-from vppmesh.lab.testbed import Testbed, TestbedSpec, in_ns
+from vppmesh.lab.testbed import Testbed
 
 pytestmark = [pytest.mark.vpp]
 PREFIX = "vm7-"
 BASE = Path("/run/vppmesh-vm7")
 
-
-@pytest.fixture(scope="module")
-def bed() -> Iterator[Testbed]:
-    require_vpp()
-    with Testbed(TestbedSpec(nodes=3, tunnels=1, pods=1, workers=0, prefix=PREFIX,
-                             base_dir=BASE, underlay_family="mixed")) as bed:
-        yield bed
+bed = vpp_helpers.bed_fixture(nodes=3, tunnels=1, pods=1, workers=0, prefix=PREFIX,
+                              base_dir=BASE, underlay_family="mixed")
 
 
 def test_ipv6_mixed_mesh_pairs_pick_their_family(bed: Testbed) -> None:
@@ -50,24 +44,16 @@ def test_ipv6_mixed_mesh_pairs_pick_their_family(bed: Testbed) -> None:
 
 def test_ipv6_mixed_mesh_ping_and_only_esp_of_each_pairs_family(bed: Testbed) -> None:
     capture = BASE / "mixed.pcap"
-    tcpdump = subprocess.Popen(["ip", "netns", "exec", bed.underlay_ns, "tcpdump", "-i",
-                                "br0", "-n", "-s", "200", "-w", str(capture), "-U"],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    dump = vpp_helpers.tcpdump(bed.underlay_ns, capture)
     try:
         time.sleep(1.0)
-        for src in bed.nodes:
-            for dst in bed.nodes:
-                if src is not dst:
-                    ping = in_ns(src.pod_netns(0), "ping", "-c", "3", "-W", "2",
-                                 str(dst.pod_address(0)), check=False)
-                    assert ping.returncode == 0, f"{src.name} -> {dst.name}: {ping.stdout}"
+        vpp_helpers.assert_pods_ping(vpp_helpers.every_pair(bed), count=3)
         mtu = 1416  # the IPv6 pair sets it for everyone
-        ping = in_ns(bed.nodes[0].pod_netns(0), "ping", "-M", "do", "-s", str(mtu - 28),
-                     "-c", "2", "-W", "2", str(bed.nodes[2].pod_address(0)), check=False)
+        ping = vpp_helpers.pod_ping(bed.nodes[0], bed.nodes[2], count=2, size=mtu - 28)
         assert ping.returncode == 0, ping.stdout
     finally:
         time.sleep(0.5)
-        stop_process(tcpdump)
+        stop_process(dump)
     owner = {a.ip: n.name for n in bed.nodes for a in n.underlay}
     esp: Counter[tuple[int, frozenset[str]]] = Counter()
     with capture.open("rb") as f:

@@ -9,10 +9,10 @@ import ipaddress
 import json
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import vpp_helpers
 from conftest import require_vpp
 
 from vppmesh.lab.testbed import Testbed, TestbedSpec, destroy, in_ns
@@ -24,13 +24,8 @@ pytestmark = [pytest.mark.vpp]
 PREFIX = "vmi-"
 BASE = Path("/run/vppmesh-itest")
 
-
-@pytest.fixture(scope="module")
-def bed() -> Iterator[Testbed]:
-    require_vpp()
-    with Testbed(TestbedSpec(nodes=3, tunnels=4, pods=1, workers=1, prefix=PREFIX,
-                             base_dir=BASE)) as bed:
-        yield bed
+bed = vpp_helpers.bed_fixture(nodes=3, tunnels=4, pods=1, workers=1, prefix=PREFIX,
+                              base_dir=BASE)
 
 
 def run_cli(bed: Testbed, node, *args: str) -> subprocess.CompletedProcess[str]:  # type: ignore[no-untyped-def]
@@ -59,25 +54,16 @@ def test_status_reports_every_peer_protected(bed: Testbed) -> None:
 
 
 def test_pod_to_pod_ping_every_pair(bed: Testbed) -> None:
-    for src in bed.nodes:
-        for dst in bed.nodes:
-            if src is dst:
-                continue
-            ping = in_ns(src.pod_netns(0), "ping", "-c", "2", "-W", "2",
-                         str(dst.pod_address(0)), check=False)
-            assert ping.returncode == 0, f"{src.name} -> {dst.name}: {ping.stdout}"
+    vpp_helpers.assert_pods_ping(vpp_helpers.every_pair(bed), count=2)
 
 
 def test_mtu_fits_and_one_more_byte_fails_cleanly(bed: Testbed) -> None:
     src, dst = bed.nodes[0], bed.nodes[1]
-    target = str(dst.pod_address(0))
     payload = 1440 - 28
-    ok = in_ns(src.pod_netns(0), "ping", "-M", "do", "-s", str(payload), "-c", "2", "-W", "2",
-               target, check=False)
+    ok = vpp_helpers.pod_ping(src, dst, count=2, size=payload)
     assert ok.returncode == 0, ok.stdout
     started = time.monotonic()
-    too_big = in_ns(src.pod_netns(0), "ping", "-M", "do", "-s", str(payload + 1), "-c", "1",
-                    "-W", "2", target, check=False)
+    too_big = vpp_helpers.pod_ping(src, dst, count=1, size=payload + 1)
     assert too_big.returncode != 0
     assert "message too long" in (too_big.stdout + too_big.stderr).lower()
     assert time.monotonic() - started < 3
@@ -92,13 +78,10 @@ def outbound_counters(bed: Testbed, node, peer_number: int) -> dict[int, int]:  
 def test_tcp_over_every_tunnel_and_only_esp_on_the_wire(bed: Testbed) -> None:
     src, dst = bed.nodes[0], bed.nodes[1]
     capture = BASE / "underlay.pcap"
-    tcpdump = subprocess.Popen(["ip", "netns", "exec", bed.underlay_ns, "tcpdump", "-i", "br0",
-                                "-n", "-w", str(capture), "-U"],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    dump = vpp_helpers.tcpdump(bed.underlay_ns, capture, snaplen=None)
     time.sleep(1.0)
     before = outbound_counters(bed, src, dst.index)
-    server = subprocess.Popen(["ip", "netns", "exec", dst.pod_netns(0), "iperf3", "-s", "-1"],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = vpp_helpers.iperf3_server(dst.pod_netns(0))
     try:
         time.sleep(0.5)
         out = in_ns(src.pod_netns(0), "iperf3", "-c", str(dst.pod_address(0)), "-t", "3",
@@ -106,8 +89,8 @@ def test_tcp_over_every_tunnel_and_only_esp_on_the_wire(bed: Testbed) -> None:
     finally:
         server.kill()
         time.sleep(0.5)
-        tcpdump.terminate()
-        tcpdump.wait()
+        dump.terminate()
+        dump.wait()
     result = json.loads(out.stdout)
     assert "error" not in result, result.get("error")
     assert result["end"]["sum_received"]["bits_per_second"] > 10e6
@@ -203,8 +186,7 @@ def test_down_leaves_nothing_of_vppmesh(bed: Testbed) -> None:
     # own /32s (down removes them explicitly before deleting the VRF).
     bed.run_vppmesh(node, "attach", "--name", node.pod_name(0), "--netns", node.pod_netns(0),
                     "--address", str(node.pod_address(0)))
-    ping = in_ns(bed.nodes[0].pod_netns(0), "ping", "-c", "2", "-W", "2",
-                 str(node.pod_address(0)), check=False)
+    ping = vpp_helpers.pod_ping(bed.nodes[0], node, count=2)
     assert ping.returncode == 0, ping.stdout
 
 

@@ -18,17 +18,17 @@ import re
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import dpkt
 import pytest
-from conftest import record_raw_replies, require_vpp, stop_process
+import vpp_helpers
+from conftest import record_raw_replies, stop_process
 from test_hostile import CRAFT, errors
 
 from vppmesh.config import load_mesh
 from vppmesh.keys import spi_for
-from vppmesh.lab.testbed import NAT_OUTSIDE, NAT_STATIC_PORT, Testbed, TestbedSpec, in_ns
+from vppmesh.lab.testbed import NAT_OUTSIDE, NAT_STATIC_PORT, Testbed, in_ns
 from vppmesh.vpp import ipsec
 from vppmesh.vpp.client import VppClient
 
@@ -38,20 +38,13 @@ BASE = Path("/run/vppmesh-vmn")
 PUBLIC = str(NAT_OUTSIDE.ip)
 TUNNELS = 2  # n3 has two inside addresses; its peers' two tunnels both end at PUBLIC
 
-
-@pytest.fixture(scope="module")
-def bed() -> Iterator[Testbed]:
-    require_vpp()
-    with Testbed(TestbedSpec(nodes=3, tunnels=TUNNELS, pods=1, workers=0, prefix=PREFIX,
-                             base_dir=BASE, nat="static")) as bed:
-        yield bed
+bed = vpp_helpers.bed_fixture(nodes=3, tunnels=TUNNELS, pods=1, workers=0, prefix=PREFIX,
+                              base_dir=BASE, nat="static")
 
 
 def capture_outside(bed: Testbed, name: str) -> tuple[subprocess.Popen[bytes], Path]:
     path = BASE / name
-    proc = subprocess.Popen(["ip", "netns", "exec", bed.nat_ns, "tcpdump", "-i", "out0", "-n",
-                             "-s", "200", "-w", str(path), "-U"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = vpp_helpers.tcpdump(bed.nat_ns, path, iface="out0")
     time.sleep(1.0)
     return proc, path
 
@@ -104,14 +97,10 @@ def test_nat_ping_both_ways_and_only_esp_in_udp_outside(bed: Testbed) -> None:
     proc, path = capture_outside(bed, "outside-ping.pcap")
     try:
         # From the outside in first: the static forward needs no packet from n3 before.
-        for src, dst in ((n1, n3), (n2, n3), (n3, n1), (n3, n2)):
-            ping = in_ns(src.pod_netns(0), "ping", "-c", "3", "-W", "2",
-                         str(dst.pod_address(0)), check=False)
-            assert ping.returncode == 0, f"{src.name} -> {dst.name}: {ping.stdout}"
+        vpp_helpers.assert_pods_ping(((n1, n3), (n2, n3), (n3, n1), (n3, n2)), count=3)
         mtu = load_mesh(bed.mesh_file).pod_mtu()
         for src, dst in ((n1, n3), (n3, n1)):
-            full = in_ns(src.pod_netns(0), "ping", "-M", "do", "-s", str(mtu - 28), "-c", "2",
-                         "-W", "2", str(dst.pod_address(0)), check=False)
+            full = vpp_helpers.pod_ping(src, dst, count=2, size=mtu - 28)
             assert full.returncode == 0, f"DF {mtu} {src.name} -> {dst.name}: {full.stdout}"
     finally:
         time.sleep(0.5)
@@ -123,8 +112,7 @@ def test_nat_ping_both_ways_and_only_esp_in_udp_outside(bed: Testbed) -> None:
 
 
 def iperf(bed: Testbed, client, server) -> float:  # type: ignore[no-untyped-def]
-    proc = subprocess.Popen(["ip", "netns", "exec", server.pod_netns(0), "iperf3", "-s", "-1"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = vpp_helpers.iperf3_server(server.pod_netns(0))
     try:
         time.sleep(0.5)
         out = in_ns(client.pod_netns(0), "iperf3", "-c", str(server.pod_address(0)), "-t",
@@ -170,22 +158,18 @@ def test_nat_udp_sa_encodes_and_dumps_like_vpp_papi(bed: Testbed,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     n1 = bed.nodes[0]
     with VppClient(n1.instance.api_socket).connect() as api:
-        channel = api._channel
-        assert channel is not None
+        channel = vpp_helpers.channel_of(api)
         raws = record_raw_replies(channel, monkeypatch)
         sas = ipsec.dump_sas(api)
         monkeypatch.undo()
     udp = [s.spec for s in sas if s.spec.udp_encap and s.spec.direction == "out"]
     assert udp and all((s.udp_src_port, s.udp_dst_port) == (4500, NAT_STATIC_PORT)
                        for s in udp)
-    request = ipsec.add_sa(udp[0])
-    assert channel.encode(request.name, request.args, 7) == \
-        channel.reference_encode(request.name, request.args, 7)
+    vpp_helpers.assert_encodes_like_papi(channel, [ipsec.add_sa(udp[0])])
     details = [r for r in raws
                if type(channel.reference_decode(r)).__name__ == "ipsec_sa_v5_details"]
     assert details
-    for raw in details:
-        assert channel.decode(raw) == channel.reference_decode(raw)
+    vpp_helpers.assert_decodes_like_papi(channel, details)
 
 
 def outbound_towards(node, peer_number: int) -> dict:  # type: ignore[no-untyped-def,type-arg]
@@ -240,8 +224,7 @@ def test_nat_hostile_packets_through_the_nat_are_dropped_and_counted(bed: Testbe
 
 
 def pods_ping(src, dst, count: int = 3) -> bool:  # type: ignore[no-untyped-def]
-    return in_ns(src.pod_netns(0), "ping", "-c", str(count), "-W", "2",
-                 str(dst.pod_address(0)), check=False).returncode == 0
+    return vpp_helpers.pod_ping(src, dst, count=count).returncode == 0
 
 
 SPRAY = """

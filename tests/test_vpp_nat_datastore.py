@@ -11,23 +11,15 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import require_vpp, stop_process, wait_for
-from etcd_server import require_etcd, running_etcd
+import vpp_helpers
+from conftest import stop_process, wait_for
+from etcd_server import require_etcd
 
-from vppmesh.lab.testbed import (
-    NAT_OUTSIDE,
-    NAT_STATIC_PORT,
-    NodeHandle,
-    Testbed,
-    TestbedSpec,
-    in_ns,
-    sh,
-)
+from vppmesh.lab.testbed import NAT_OUTSIDE, NAT_STATIC_PORT, NodeHandle, Testbed
 from vppmesh.state import is_owned_tunnel_instance
 from vppmesh.vpp import interfaces, ipip, ipsec
 from vppmesh.vpp.client import VppClient
@@ -36,61 +28,28 @@ pytestmark = [pytest.mark.vpp, pytest.mark.root]
 PREFIX = "vmq-"
 BASE = Path("/run/vppmesh-vmq")
 ETCD_NS = f"{PREFIX}etcd"
-ETCD_ADDRESS = "203.0.113.1"  # the management network, as in test_datastore_vpp
 PUBLIC = f"{NAT_OUTSIDE.ip}:{NAT_STATIC_PORT}"
-
-
-def management_network(bed: Testbed) -> None:
-    sh("ip", "netns", "add", ETCD_NS)
-    in_ns(ETCD_NS, "ip", "link", "set", "lo", "up")
-    in_ns(ETCD_NS, "ip", "link", "add", "br0", "type", "bridge")
-    in_ns(ETCD_NS, "ip", "addr", "add", f"{ETCD_ADDRESS}/24", "dev", "br0")
-    in_ns(ETCD_NS, "ip", "link", "set", "br0", "up")
-    for node in bed.nodes:
-        port = f"mg-{node.name}"
-        in_ns(ETCD_NS, "ip", "link", "add", port, "type", "veth", "peer", "name", "mgmt0",
-              "netns", node.netns)
-        in_ns(ETCD_NS, "ip", "link", "set", port, "master", "br0", "up")
-        in_ns(node.netns, "ip", "addr", "add", f"203.0.113.{10 + node.index}/24", "dev",
-              "mgmt0")
-        in_ns(node.netns, "ip", "link", "set", "mgmt0", "up")
 
 
 @pytest.fixture(scope="module")
 def bed() -> Iterator[tuple[Testbed, str]]:
-    require_vpp()
-    require_etcd()
-    bed = Testbed(TestbedSpec(prefix=PREFIX, base_dir=BASE, nodes=3, tunnels=1, pods=1,
-                              nat="static"))
-    bed.up(join=False)
     agents: list[subprocess.Popen[bytes]] = []
-    try:
-        management_network(bed)
-        (BASE / "etcd").mkdir()
-        with running_etcd(ETCD_ADDRESS, wrap=["ip", "netns", "exec", ETCD_NS],
-                          data_dir=BASE / "etcd") as etcd:
-            url = f"etcd://{ETCD_ADDRESS}:{etcd.port}/vppmesh"
-            try:
-                for node in bed.nodes:
-                    agents.append(start_agent(bed, node, url))
-                yield bed, url
-            finally:
-                for proc in agents:
-                    stop_process(proc, grace=10.0)
-    finally:
-        bed.down(quiet=True)
+    with vpp_helpers.testbed(require_etcd, join=False, prefix=PREFIX, base_dir=BASE, nodes=3,
+                             tunnels=1, pods=1, nat="static") as bed, \
+            vpp_helpers.management_etcd(bed, ETCD_NS) as etcd:
+        url = vpp_helpers.etcd_url(etcd)
+        try:
+            for node in bed.nodes:
+                agents.append(start_agent(bed, node, url))
+            yield bed, url
+        finally:
+            for proc in agents:
+                stop_process(proc, grace=10.0)
 
 
 def start_agent(bed: Testbed, node: NodeHandle, url: str) -> subprocess.Popen[bytes]:
-    log = open(node.dir / "agent.log", "w")  # noqa: SIM115 - handed to the child
-    args = [sys.executable, "-m", "vppmesh", "up", "--watch", "--datastore", url,
-            *bed.vppmesh_args(node), *bed.state_args(node), "--pod-cidr", str(node.pod_cidr),
-            "--settings", str(bed.mesh_file), "--lease-ttl", "5"]
-    args += [a for address in node.underlay for a in ("--underlay", str(address))]
-    if node.behind_nat:
-        args += ["--nat-public", PUBLIC]
-    return subprocess.Popen(["ip", "netns", "exec", node.netns, *args], stdout=log,
-                            stderr=subprocess.STDOUT)
+    nat = ("--nat-public", PUBLIC) if node.behind_nat else ()
+    return vpp_helpers.start_datastore_agent(bed, node, url, "--lease-ttl", "5", *nat)
 
 
 def ready_peers(node: NodeHandle) -> int:
@@ -110,10 +69,7 @@ def test_nat_node_publishes_its_public_address_through_etcd(
         wait_for(lambda node=node: ready_peers(node) == 2, 90, f"{node.name} to mesh")
     for node in testbed.nodes:
         testbed.add_pod(node, 0)
-    for src, dst in ((n1, n3), (n3, n1), (n2, n3), (n3, n2)):
-        ping = in_ns(src.pod_netns(0), "ping", "-c", "3", "-W", "2", str(dst.pod_address(0)),
-                     check=False)
-        assert ping.returncode == 0, f"{src.name} -> {dst.name}: {ping.stdout}"
+    vpp_helpers.assert_pods_ping(((n1, n3), (n3, n1), (n2, n3), (n3, n2)), count=3)
 
     status = testbed.run_vppmesh(n1, "status", "--json", "--datastore", url, check=False)
     assert status.returncode == 0, status.stdout + status.stderr

@@ -24,10 +24,11 @@ from typing import Any
 
 import dpkt
 import pytest
-from conftest import require_vpp, wait_for
+import vpp_helpers
+from conftest import wait_for
 
 from vppmesh import host as linux
-from vppmesh.lab.testbed import NodeHandle, Testbed, TestbedSpec, in_ns, sh
+from vppmesh.lab.testbed import NodeHandle, Testbed, in_ns, sh
 from vppmesh.vpp import host_interfaces, interfaces
 from vppmesh.vpp.client import VppClient
 from vppmesh.vpp.stats import Counter, StatsReader
@@ -67,20 +68,22 @@ def vpp_runs_here(vpp: str) -> bool:
         return True
 
 
+def require_vpp_runs_here() -> None:
+    from vppmesh.lab.testbed import find_vpp
+
+    if not vpp_runs_here(str(find_vpp())):
+        pytest.skip("VPP dies with SIGILL in the guest: build it generically (multi-arch)")
+
+
 @pytest.fixture(scope="module")
 def bed() -> Iterator[Testbed]:
     if os.environ.get("VPPMESH_VM_GUEST") != "1":
         pytest.skip("runs inside the VM guest that tests/test_vm.py boots")
     if not linux.tap_supported():
         pytest.skip("no /dev/vhost-net in this guest (modprobe vhost_net)")
-    require_vpp()
-    from vppmesh.lab.testbed import find_vpp
-
-    if not vpp_runs_here(str(find_vpp())):
-        pytest.skip("VPP dies with SIGILL in the guest: build it generically (multi-arch)")
-    spec = TestbedSpec(nodes=2, tunnels=2, pods=1, workers=WORKERS, attachment="tap",
-                       gso=True, prefix=PREFIX, base_dir=BASE)
-    with Testbed(spec) as bed:
+    with vpp_helpers.testbed(require_vpp_runs_here, nodes=2, tunnels=2, pods=1,
+                             workers=WORKERS, attachment="tap", gso=True, prefix=PREFIX,
+                             base_dir=BASE) as bed:
         yield bed
 
 
@@ -195,11 +198,8 @@ def iperf(bed: Testbed) -> dict[str, Any]:
         "rx1": per_thread(n1, "/if/rx", tap1.sw_if_index),
         "tx2": per_thread(n2, "/if/tx", tap2.sw_if_index),
     }
-    tcpdump = subprocess.Popen(["ip", "netns", "exec", bed.underlay_ns, "tcpdump", "-i", "br0",
-                                "-n", "-s", "0", "-w", str(capture), "-U"],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    server = subprocess.Popen(["ip", "netns", "exec", n2.pod_netns(0), "iperf3", "-s", "-1"],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    dump = vpp_helpers.tcpdump(bed.underlay_ns, capture, snaplen=0)
+    server = vpp_helpers.iperf3_server(n2.pod_netns(0))
     try:
         time.sleep(3)
         out = in_ns(n1.pod_netns(0), "iperf3", "-c", str(n2.pod_address(0)), "-t", "10",
@@ -208,8 +208,8 @@ def iperf(bed: Testbed) -> dict[str, Any]:
     finally:
         server.kill()
         time.sleep(1)
-        tcpdump.terminate()
-        tcpdump.wait()
+        dump.terminate()
+        dump.wait()
     result = json.loads(out.stdout or "{}")
     after_rx1 = per_thread(n1, "/if/rx", tap1.sw_if_index)
     after_tx2 = per_thread(n2, "/if/tx", tap2.sw_if_index)
@@ -392,8 +392,7 @@ def test_uplink_host_tap_carries_tcp_with_gso(bed: Testbed) -> None:
         assert "tcp-segmentation-offload: on" in in_ns(HOST_NS, "ethtool", "-k", "eth0").stdout
         peer = PEER_ADDR.split("/")[0]
         before = snmp(PEER_NS)["InCsumErrors"]
-        server = subprocess.Popen(["ip", "netns", "exec", PEER_NS, "iperf3", "-s", "-1"],
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        server = vpp_helpers.iperf3_server(PEER_NS)
         try:
             time.sleep(2)
             out = in_ns(HOST_NS, "iperf3", "-c", peer, "-t", "5", "-P", "2", "--json",

@@ -1,0 +1,282 @@
+"""What the real-VPP tests share: their testbeds, agents, CNI runs, pod traffic and captures.
+
+Imported as a sibling module (`import vpp_helpers`), like conftest and fake_vpp. Each test
+file keeps its own namespace prefix and base directory and passes them in.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+import yaml
+from conftest import require_vpp, stop_process
+from etcd_server import EtcdServer, running_etcd
+
+from benchmarks.cni_latency import CNI_PATH, plugin_command
+from vppmesh.lab.testbed import NodeHandle, Testbed, TestbedSpec, in_ns, sh
+from vppmesh.vpp.client import Request, VppClient
+
+ETCD_ADDRESS = "203.0.113.1"  # RFC 5737 TEST-NET-3: the management network
+
+
+# ---- testbeds ---------------------------------------------------------------------------
+@contextmanager
+def testbed(*requirements: Callable[[], object], join: bool = True,
+            **spec: Any) -> Iterator[Testbed]:
+    """A testbed of TestbedSpec(**spec), always torn down after.
+
+    Skipped first when there is no VPP or no root, then by each of `requirements` in turn
+    (each calls pytest.skip when what it needs is missing). With join=False the nodes get
+    their VPP and uplink but do not join a mesh (Testbed.up)."""
+    require_vpp()
+    for requirement in requirements:
+        requirement()
+    bed = Testbed(TestbedSpec(**spec))
+    bed.up(join=join)
+    try:
+        yield bed
+    finally:
+        bed.down(quiet=True)
+
+
+def bed_fixture(*requirements: Callable[[], object], **spec: Any) -> Any:
+    """A module-scoped fixture `bed`: testbed(*requirements, **spec), shared by the module's
+    tests. A test module defines it with `bed = vpp_helpers.bed_fixture(...)`."""
+
+    @pytest.fixture(scope="module", name="bed")
+    def bed() -> Iterator[Testbed]:
+        with testbed(*requirements, **spec) as built:
+            yield built
+
+    return bed
+
+
+def add_namespaces(*names: str) -> None:
+    """Empty network namespaces (the pods a CNI plugin fills), loopback up."""
+    for ns in names:
+        sh("ip", "netns", "add", ns)
+        in_ns(ns, "ip", "link", "set", "lo", "up")
+
+
+def on_demand_rekeys(bed: Testbed, grace: float) -> None:
+    """Rekeys on demand only (the schedule is unit-tested); receivers follow a new
+    generation after `grace` seconds."""
+    data = yaml.safe_load(bed.mesh_file.read_text())
+    data["settings"].update(rekey_grace=grace, rekey_interval=0)
+    bed.mesh_file.write_text(yaml.safe_dump(data, sort_keys=False))
+
+
+# ---- agents -----------------------------------------------------------------------------
+class WatchAgent:
+    """`vppmesh up --watch` for one node (with `extra` options), in the node's namespace,
+    appending to its agent.log; stopped with SIGTERM, killed after `grace` seconds."""
+
+    def __init__(self, bed: Testbed, node: NodeHandle, *extra: str,
+                 grace: float = 3.0) -> None:
+        self.bed, self.node = bed, node
+        self.extra, self.grace = extra, grace
+        self.log = node.dir / "agent.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        args = ["ip", "netns", "exec", self.node.netns, sys.executable, "-m", "vppmesh", "up",
+                "--watch", *self.bed.vppmesh_args(self.node), *self.bed.state_args(self.node),
+                *self.extra]
+        with self.log.open("ab") as out:
+            self.proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT)
+
+    def stop(self) -> None:
+        stop_process(self.proc, grace=self.grace)
+        self.proc = None
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+
+Agents = TypeVar("Agents", bound=dict[str, WatchAgent])
+
+
+@contextmanager
+def running_agents(agents: Agents) -> Iterator[Agents]:
+    """Start every agent; stop them all after."""
+    for agent in agents.values():
+        agent.start()
+    try:
+        yield agents
+    finally:
+        for agent in agents.values():
+            agent.stop()
+
+
+# ---- datastore --------------------------------------------------------------------------
+def management_network(bed: Testbed, etcd_ns: str) -> None:
+    """A bridge in the etcd namespace, a veth `mgmt0` from every node namespace into it."""
+    sh("ip", "netns", "add", etcd_ns)
+    in_ns(etcd_ns, "ip", "link", "set", "lo", "up")
+    in_ns(etcd_ns, "ip", "link", "add", "br0", "type", "bridge")
+    in_ns(etcd_ns, "ip", "addr", "add", f"{ETCD_ADDRESS}/24", "dev", "br0")
+    in_ns(etcd_ns, "ip", "link", "set", "br0", "up")
+    for node in bed.nodes:
+        port = f"mg-{node.name}"
+        in_ns(etcd_ns, "ip", "link", "add", port, "type", "veth", "peer", "name", "mgmt0",
+              "netns", node.netns)
+        in_ns(etcd_ns, "ip", "link", "set", port, "master", "br0", "up")
+        in_ns(node.netns, "ip", "addr", "add", f"203.0.113.{10 + node.index}/24", "dev",
+              "mgmt0")
+        in_ns(node.netns, "ip", "link", "set", "mgmt0", "up")
+
+
+@contextmanager
+def management_etcd(bed: Testbed, etcd_ns: str) -> Iterator[EtcdServer]:
+    """etcd in its own namespace at ETCD_ADDRESS, on a management network every node
+    namespace reaches (the way hosts reach their datastore over the host network); its data
+    in the testbed's base directory."""
+    management_network(bed, etcd_ns)
+    data_dir = bed.spec.base_dir / "etcd"
+    data_dir.mkdir()
+    with running_etcd(ETCD_ADDRESS, wrap=["ip", "netns", "exec", etcd_ns],
+                      data_dir=data_dir) as etcd:
+        yield etcd
+
+
+def etcd_url(etcd: EtcdServer) -> str:
+    return f"etcd://{ETCD_ADDRESS}:{etcd.port}/vppmesh"
+
+
+def start_datastore_agent(bed: Testbed, node: NodeHandle, url: str,
+                          *extra: str) -> subprocess.Popen[bytes]:
+    """`vppmesh up --watch --datastore url` for one node (its own record from the testbed,
+    settings from the mesh file), in the node's namespace, writing its agent.log."""
+    log = open(node.dir / "agent.log", "w")  # noqa: SIM115 - handed to the child
+    args = [sys.executable, "-m", "vppmesh", "up", "--watch", "--datastore", url,
+            *bed.vppmesh_args(node), *bed.state_args(node), "--pod-cidr", str(node.pod_cidr),
+            "--settings", str(bed.mesh_file), *extra]
+    args += [a for address in node.underlay for a in ("--underlay", str(address))]
+    return subprocess.Popen(["ip", "netns", "exec", node.netns, *args], stdout=log,
+                            stderr=subprocess.STDOUT)
+
+
+# ---- CNI --------------------------------------------------------------------------------
+def require_host_local() -> None:
+    if not (CNI_PATH / "host-local").exists():
+        pytest.skip(f"no host-local IPAM plugin in {CNI_PATH}: apt-get install "
+                    "containernetworking-plugins")
+
+
+def run_cni(host_ns: str, command: str, conf: dict[str, Any] | str, *, container: str,
+            netns: str | None, pod: str | None) -> subprocess.CompletedProcess[str]:
+    """The plugin in a node's namespace (`host_ns`), as its container runtime runs it:
+    CNI_* variables, the network configuration on stdin. No CNI_NETNS without `netns`, no
+    CNI_ARGS without `pod` (the pod's name)."""
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "CNI_COMMAND": command,
+           "CNI_CONTAINERID": container, "CNI_IFNAME": "eth0", "CNI_PATH": str(CNI_PATH)}
+    if netns is not None:
+        env["CNI_NETNS"] = f"/var/run/netns/{netns}"
+    if pod is not None:
+        # As the kubelet sets it: IgnoreUnknown lets host-local accept the K8S_ keys.
+        env["CNI_ARGS"] = f"IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME={pod}"
+    stdin = conf if isinstance(conf, str) else json.dumps(conf)
+    return subprocess.run(["ip", "netns", "exec", host_ns, *plugin_command()], input=stdin,
+                          env=env, capture_output=True, text=True, timeout=120)
+
+
+# ---- traffic ----------------------------------------------------------------------------
+def ping_ok(src_ns: str, dst: str) -> bool:
+    return in_ns(src_ns, "ping", "-c", "1", "-W", "1", dst, check=False).returncode == 0
+
+
+def pod_ping(src: NodeHandle, dst: NodeHandle, *, count: int,
+             size: int | None = None) -> subprocess.CompletedProcess[str]:
+    """`ping -c count -W 2` from src's first pod to dst's first pod; with `size`, that
+    payload with DF set (`-M do -s size`)."""
+    df = ["-M", "do", "-s", str(size)] if size is not None else []
+    return in_ns(src.pod_netns(0), "ping", *df, "-c", str(count), "-W", "2",
+                 str(dst.pod_address(0)), check=False)
+
+
+def every_pair(bed: Testbed) -> list[tuple[NodeHandle, NodeHandle]]:
+    """Every (src, dst) pair of distinct nodes, src by src."""
+    return [(src, dst) for src in bed.nodes for dst in bed.nodes if src is not dst]
+
+
+def assert_pods_ping(pairs: Iterable[tuple[NodeHandle, NodeHandle]], *, count: int) -> None:
+    for src, dst in pairs:
+        ping = pod_ping(src, dst, count=count)
+        assert ping.returncode == 0, f"{src.name} -> {dst.name}: {ping.stdout}"
+
+
+def iperf3_server(ns: str) -> subprocess.Popen[bytes]:
+    """A one-shot iperf3 server (`-s -1`) in a namespace."""
+    return subprocess.Popen(["ip", "netns", "exec", ns, "iperf3", "-s", "-1"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+# ---- captures ---------------------------------------------------------------------------
+def tcpdump(ns: str, path: Path, *expression: str, iface: str = "br0",
+            snaplen: int | None = 200) -> subprocess.Popen[bytes]:
+    """tcpdump on `iface` in a namespace, writing every packet to `path` as it comes (-U);
+    `snaplen` bytes of each (None: tcpdump's default, the whole packet)."""
+    size = ["-s", str(snaplen)] if snaplen is not None else []
+    return subprocess.Popen(["ip", "netns", "exec", ns, "tcpdump", "-i", iface, "-n", *size,
+                             "-w", str(path), "-U", *expression],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+class UnderlayCapture:
+    """tcpdump on the underlay bridge (headers only: enough to see any clear pod packet)
+    from now until stop()."""
+
+    def __init__(self, bed: Testbed, path: Path) -> None:
+        self.bed, self.path = bed, path
+        self.proc = tcpdump(bed.underlay_ns, path, snaplen=128)
+        time.sleep(1.0)
+
+    def stop(self) -> dict[str, int]:
+        """Stop and count: every IPv4 packet must be ESP between node addresses; anything
+        else, or any pod address (198.18.), counts as clear."""
+        time.sleep(0.5)
+        self.proc.terminate()
+        self.proc.wait(timeout=10)
+        text = subprocess.run(["tcpdump", "-n", "-r", str(self.path)], capture_output=True,
+                              text=True, check=False).stdout
+        node_addrs = {str(a.ip) for n in self.bed.nodes for a in n.underlay}
+        esp = clear = 0
+        for line in text.splitlines():
+            if "198.18." in line:
+                clear += 1
+            if " IP " not in line:
+                continue
+            src, dst = line.split(" IP ")[1].split(":")[0].split(" > ")
+            if "ESP(" in line and src in node_addrs and dst in node_addrs:
+                esp += 1
+            else:
+                clear += 1
+        return {"esp": esp, "clear": clear}
+
+
+# ---- the API's bytes against vpp-papi's -------------------------------------------------
+def channel_of(api: VppClient) -> Any:
+    """The connected client's API channel (its encoders, decoders and vpp-papi's)."""
+    channel = api._channel
+    assert channel is not None
+    return channel
+
+
+def assert_encodes_like_papi(channel: Any, requests: Iterable[Request]) -> None:
+    for request in requests:
+        assert channel.encode(request.name, request.args, 7) == \
+            channel.reference_encode(request.name, request.args, 7), request.name
+
+
+def assert_decodes_like_papi(channel: Any, raws: Iterable[bytes]) -> None:
+    for raw in raws:
+        assert channel.decode(raw) == channel.reference_decode(raw)
