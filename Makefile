@@ -34,7 +34,7 @@ lint: venv
 unit: venv
 	$(PY) -m pytest -q -m 'not vpp and not root and not vm'
 
-# The VM tests (marker vm) boot a qemu guest under software emulation: 10-20 minutes on
+# The VM tests (marker vm) boot a qemu guest under software emulation: 25-45 minutes on
 # 2 cores, so `make test` (and CI, which has no VPP anyway) leaves them out.
 test: venv tools lint
 	$(PY) -m pytest -q -ra -m 'not vm'

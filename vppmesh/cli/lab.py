@@ -48,8 +48,8 @@ def testbed_up(
         "(static: UDP port 14500 forwarded to its 4500; masquerade: outgoing only).")
     ] = "none",
     attachment: Annotated[str, typer.Option(
-        help="Host link and pods: af_packet, tap (needs /dev/vhost-net) or auto.")
-                          ] = "af_packet",
+        help="Host link and pods: af_packet, tap (needs /dev/vhost-net) or auto (tap where "
+        "/dev/vhost-net exists).")] = "auto",
     gso: Annotated[bool, typer.Option(
         help="settings.gso: large TCP segments between tap endpoints and VPP.")] = False,
 ) -> None:
@@ -112,13 +112,13 @@ def demo(
     keep: Annotated[bool, typer.Option(help="Leave the testbed running afterwards.")] = False,
     workers: Annotated[int, typer.Option(help="VPP workers per node.")] = 0,
     attachment: Annotated[str, typer.Option(
-        help="Host link and pods: af_packet, tap (needs /dev/vhost-net) or auto.")
-                          ] = "af_packet",
+        help="Host link and pods: af_packet, tap (needs /dev/vhost-net) or auto (tap where "
+        "/dev/vhost-net exists).")] = "auto",
     gso: Annotated[bool, typer.Option(
         help="settings.gso: large TCP segments between tap endpoints and VPP.")] = False,
     vm: Annotated[bool, typer.Option(
-        "--vm", help="Run it in a VM guest with /dev/vhost-net (docs/vm.md); the "
-        "endpoints are then tap v2 unless --attachment says otherwise.")] = False,
+        "--vm", help="Run it in a VM guest with /dev/vhost-net (docs/vm.md), where auto "
+        "attaches the endpoints as tap v2.")] = False,
 ) -> None:
     """A small encrypted mesh on this machine, with iperf3 across every node pair.
 
@@ -134,7 +134,7 @@ def demo(
         command = [sys.executable, "-m", "vppmesh", "demo", "--nodes", str(nodes),
                    "--tunnels", str(tunnels), "--seconds", str(seconds), "--streams",
                    str(streams), "--workers", str(workers), "--attachment",
-                   "tap" if attachment == "af_packet" else attachment,
+                   attachment,
                    "--gso" if gso else "--no-gso"]
         try:
             env = {"VPPMESH_VPP": str(guest.find_guest_vpp())}
