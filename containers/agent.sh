@@ -20,8 +20,19 @@ while [ ! -S /run/vpp/api.sock ]; do
   sleep 2
 done
 echo $$ > /run/vppmesh/agent.pid
+# HTTPS for the metrics when a kubernetes.io/tls Secret (tls.crt, tls.key; e.g. from
+# cert-manager) is mounted there; with its ca.crt, only scrapers holding a certificate
+# from that CA are served.
+set --
+tls="${VPPMESH_METRICS_TLS_DIR:-/etc/vppmesh/metrics-tls}"
+if [ -s "$tls/tls.crt" ]; then
+  set -- --metrics-tls-cert "$tls/tls.crt" --metrics-tls-key "$tls/tls.key"
+  if [ -s "$tls/ca.crt" ]; then
+    set -- "$@" --metrics-client-ca "$tls/ca.crt"
+  fi
+fi
 # --cni-state-dir: pods come back by themselves after a VPP restart (their CNI records);
 # --metrics: Prometheus text format on the node's port 9477 (hostNetwork).
 exec vppmesh up --watch --mesh "$mesh" --node "$node" --key "$key" \
   --api-socket /run/vpp/api.sock --state-dir /var/lib/vppmesh \
-  --cni-state-dir /var/lib/cni/vppmesh --metrics "${VPPMESH_METRICS:-:9477}"
+  --cni-state-dir /var/lib/cni/vppmesh --metrics "${VPPMESH_METRICS:-:9477}" "$@"

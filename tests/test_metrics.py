@@ -6,6 +6,7 @@ The real-VPP metrics test (tests/test_operations_vpp.py) scrapes a live agent.""
 from __future__ import annotations
 
 import time
+import urllib.error
 import urllib.request
 from itertools import pairwise
 from pathlib import Path
@@ -22,6 +23,7 @@ from vppmesh.metrics import (
     AgentMetrics,
     MeshCollector,
     MetricsServer,
+    MetricsTls,
     Observer,
     PeerSample,
     Snapshot,
@@ -255,3 +257,157 @@ def test_cli_metrics_option_errors_name_the_option() -> None:
     assert once.exit_code == 1 and "--metrics needs --watch" in once.output
     bad = runner.invoke(app, ["up", "--watch", "--metrics", "9477"])
     assert bad.exit_code == 1 and "--metrics: '9477' is not ADDR:PORT" in bad.output
+
+
+# ---- HTTPS and client certificates ----------------------------------------------------
+
+def _certificate(name: str, key: Any, issuer: tuple[Any, str] | None, *, ca: bool,
+                 serial: int = 1) -> Any:
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.x509.oid import NameOID
+
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    signer_key, signer_name = issuer if issuer else (key, name)
+    now = datetime.datetime.now(datetime.UTC)
+    builder = (x509.CertificateBuilder().subject_name(subject)
+               .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, signer_name)]))
+               .public_key(key.public_key()).serial_number(serial)
+               .not_valid_before(now - datetime.timedelta(minutes=1))
+               .not_valid_after(now + datetime.timedelta(days=1))
+               .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+    if not ca:
+        builder = builder.add_extension(x509.SubjectAlternativeName(
+            [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+    return builder.sign(signer_key, hashes.SHA256())
+
+
+def _pki(tmp_path: Path, serial: int = 1) -> SimpleNamespace:
+    """A CA, a server certificate for 127.0.0.1 and a client certificate, as PEM files."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    def write(name: str, cert: Any, key: Any) -> tuple[Path, Path]:
+        cert_path, key_path = tmp_path / f"{name}.pem", tmp_path / f"{name}-key.pem"
+        cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        key_path.write_bytes(key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption()))
+        key_path.chmod(0o600)
+        return cert_path, key_path
+
+    ca_key, server_key, client_key = (ec.generate_private_key(ec.SECP256R1())
+                                      for _ in range(3))
+    ca = _certificate("test CA", ca_key, None, ca=True)
+    server = _certificate("node1", server_key, (ca_key, "test CA"), ca=False, serial=serial)
+    client = _certificate("prometheus", client_key, (ca_key, "test CA"), ca=False)
+    ca_cert, _ = write("ca", ca, ca_key)
+    server_cert, server_key_path = write("server", server, server_key)
+    client_cert, client_key_path = write("client", client, client_key)
+    return SimpleNamespace(ca=ca_cert, cert=server_cert, key=server_key_path,
+                           client_cert=client_cert, client_key=client_key_path)
+
+
+def _scrape(port: int, pki: SimpleNamespace, *, client_cert: bool) -> tuple[int, int]:
+    """(HTTP status, serial of the server's certificate) of one HTTPS scrape."""
+    import http.client
+    import ssl
+
+    from cryptography import x509
+
+    context = ssl.create_default_context(cafile=str(pki.ca))
+    if client_cert:
+        context.load_cert_chain(pki.client_cert, pki.client_key)
+    connection = http.client.HTTPSConnection("127.0.0.1", port, context=context, timeout=5)
+    try:
+        connection.request("GET", "/metrics")
+        der = connection.sock.getpeercert(binary_form=True)
+        reply = connection.getresponse()
+        body = reply.read().decode()
+        assert reply.status != 200 or "vppmesh_pods_attached" in body
+        return reply.status, x509.load_der_x509_certificate(der).serial_number
+    finally:
+        connection.close()
+
+
+def test_https_endpoint_serves_only_clients_with_a_certificate_from_the_ca(
+        tmp_path: Path) -> None:
+    import ssl
+
+    pki = _pki(tmp_path)
+    tls = MetricsTls(cert=pki.cert, key=pki.key, client_ca=pki.ca)
+    server = MetricsServer(AgentMetrics(), ("127.0.0.1", 0), tls).start()
+    try:
+        assert _scrape(server.port, pki, client_cert=True) == (200, 1)
+        with pytest.raises((ssl.SSLError, ConnectionError, OSError)):
+            _scrape(server.port, pki, client_cert=False)
+        with pytest.raises((urllib.error.URLError, ConnectionError, OSError)):
+            urllib.request.urlopen(f"http://127.0.0.1:{server.port}/metrics", timeout=5)
+        # The endpoint still serves after refusing those.
+        assert _scrape(server.port, pki, client_cert=True)[0] == 200
+    finally:
+        server.stop()
+
+
+def test_https_without_client_ca_serves_any_client(tmp_path: Path) -> None:
+    pki = _pki(tmp_path)
+    server = MetricsServer(AgentMetrics(), ("127.0.0.1", 0),
+                           MetricsTls(cert=pki.cert, key=pki.key)).start()
+    try:
+        assert server.scheme == "https"
+        assert _scrape(server.port, pki, client_cert=False) == (200, 1)
+    finally:
+        server.stop()
+
+
+def test_a_rotated_certificate_is_served_without_a_restart(tmp_path: Path) -> None:
+    pki = _pki(tmp_path)
+    tls = MetricsTls(cert=pki.cert, key=pki.key, reload_seconds=0.0)
+    server = MetricsServer(AgentMetrics(), ("127.0.0.1", 0), tls).start()
+    try:
+        assert _scrape(server.port, pki, client_cert=False)[1] == 1
+        # A rotation that does not load (certificate and key from different pairs)
+        # keeps the previous certificate.
+        (tmp_path / "renewed").mkdir()
+        renewed = _pki(tmp_path / "renewed", serial=2)
+        pki.cert.write_bytes(renewed.cert.read_bytes())
+        assert _scrape(server.port, pki, client_cert=False)[1] == 1
+        # Both files of the new pair: served from the next connection on. The CA changed
+        # too, so the client trusts the new one.
+        pki.key.write_bytes(renewed.key.read_bytes())
+        assert _scrape(server.port, renewed, client_cert=False)[1] == 2
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize(("change", "expected"), [
+    (lambda pki: pki.key.chmod(0o644), "--metrics-tls-key: .* has mode 0644.*chmod 600"),
+    (lambda pki: pki.key.unlink(), "--metrics-tls-key: cannot read"),
+    (lambda pki: pki.cert.write_text("not a certificate"),
+     "--metrics-tls-cert/--metrics-tls-key: cannot load"),
+    (lambda pki: pki.ca.write_text("not a CA"), "--metrics-client-ca: cannot load"),
+])
+def test_bad_tls_files_are_named(tmp_path: Path, change: Any, expected: str) -> None:
+    pki = _pki(tmp_path)
+    change(pki)
+    with pytest.raises(ConfigError, match=expected):
+        MetricsTls(cert=pki.cert, key=pki.key, client_ca=pki.ca).context()
+
+
+@pytest.mark.parametrize(("args", "expected"), [
+    (["--metrics-tls-cert", "c.pem"], "go with --metrics ADDR:PORT"),
+    (["--metrics", "127.0.0.1:0", "--metrics-tls-cert", "c.pem"], "go together"),
+    (["--metrics", "127.0.0.1:0", "--metrics-client-ca", "ca.pem"], "go together"),
+])
+def test_tls_options_given_by_halves_fail_before_anything_starts(args: list[str],
+                                                                 expected: str) -> None:
+    from typer.testing import CliRunner
+
+    from vppmesh.cli import app
+
+    result = CliRunner().invoke(app, ["up", "--watch", *args])
+    assert result.exit_code == 2, result.output
+    assert expected in result.output

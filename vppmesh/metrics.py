@@ -26,12 +26,15 @@ from __future__ import annotations
 
 import logging
 import re
+import ssl
+import stat
 import threading
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -450,13 +453,81 @@ def parse_listen(value: str) -> tuple[str, int]:
     return host.strip("[]") or "0.0.0.0", int(port)
 
 
-class MetricsServer:
-    """The HTTP endpoint (/metrics) in a daemon thread; one request at a time is fine."""
+@dataclass(frozen=True)
+class MetricsTls:
+    """HTTPS for the endpoint and, with a client CA, only scrapers holding a certificate
+    that CA signed (Prometheus' `tls_config` with `cert_file`/`key_file`).
 
-    def __init__(self, metrics: AgentMetrics, listen: tuple[str, int]) -> None:
+    The files are read again when they change (checked at most every `reload_seconds`,
+    on a scrape), so a rotated certificate (cert-manager, a renewed Secret) is served
+    without restarting the agent; a rotation that does not load keeps the previous one.
+    """
+
+    cert: Path
+    key: Path
+    client_ca: Path | None = None
+    reload_seconds: float = 10.0
+
+    def context(self) -> ssl.SSLContext:
+        try:
+            mode = self.key.stat().st_mode
+        except OSError as exc:
+            raise ConfigError(f"--metrics-tls-key: cannot read {self.key} "
+                              f"({exc.strerror})") from None
+        if mode & (stat.S_IRWXG | stat.S_IRWXO):
+            raise ConfigError(
+                f"--metrics-tls-key: {self.key} has mode {stat.S_IMODE(mode):04o}; it must be "
+                f"readable by its owner only: chmod 600 {self.key} (Kubernetes: "
+                "defaultMode: 0400 on the Secret volume)")
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        try:
+            context.load_cert_chain(self.cert, self.key)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(
+                f"--metrics-tls-cert/--metrics-tls-key: cannot load {self.cert} with "
+                f"{self.key} ({exc}); give a PEM certificate (chain) and its own private "
+                "key") from None
+        if self.client_ca is not None:
+            try:
+                context.load_verify_locations(cafile=self.client_ca)
+            except (OSError, ssl.SSLError) as exc:
+                raise ConfigError(f"--metrics-client-ca: cannot load {self.client_ca} "
+                                  f"({exc}); give the PEM certificate of the CA that signs "
+                                  "the scrapers' certificates") from None
+            context.verify_mode = ssl.CERT_REQUIRED
+        return context
+
+    def signature(self) -> tuple[tuple[int, int, int], ...]:
+        """What changes when a file is replaced (a Secret update swaps a symlink)."""
+        found = []
+        for path in (self.cert, self.key, self.client_ca):
+            try:
+                st = path.stat() if path is not None else None
+            except OSError:
+                st = None
+            found.append((st.st_ino, st.st_mtime_ns, st.st_size) if st else (0, 0, 0))
+        return tuple(found)
+
+
+class MetricsServer:
+    """The HTTP(S) endpoint (/metrics) in a daemon thread, one thread per scrape."""
+
+    HANDSHAKE_SECONDS = 10.0  # a client that stalls gives up its thread after this
+
+    def __init__(self, metrics: AgentMetrics, listen: tuple[str, int],
+                 tls: MetricsTls | None = None) -> None:
         owner = metrics
+        self.tls = tls
+        self._context = tls.context() if tls is not None else None
+        self._signature = tls.signature() if tls is not None else ()
+        self._checked = time.monotonic()
+        self._lock = threading.Lock()
+        endpoint = self
 
         class Handler(BaseHTTPRequestHandler):
+            timeout = self.HANDSHAKE_SECONDS
+
             def do_GET(self) -> None:
                 if self.path.split("?")[0] not in ("/metrics", "/"):
                     self.send_error(404, "metrics are at /metrics")
@@ -471,14 +542,55 @@ class MetricsServer:
             def log_message(self, *args: object) -> None:
                 pass  # scrapes every few seconds would flood the agent's log
 
+        class Server(ThreadingHTTPServer):
+            def finish_request(self, request: Any, client_address: Any) -> None:
+                """TLS handshake in the scrape's own thread, never in the accept loop."""
+                context = endpoint.current_context()
+                if context is None:
+                    super().finish_request(request, client_address)
+                    return
+                request.settimeout(endpoint.HANDSHAKE_SECONDS)
+                try:
+                    wrapped = context.wrap_socket(request, server_side=True)
+                except (ssl.SSLError, OSError) as exc:
+                    log.debug("metrics: TLS handshake with %s failed: %s", client_address, exc)
+                    return
+                try:
+                    super().finish_request(wrapped, client_address)
+                finally:
+                    wrapped.close()
+
         try:
-            self.server = ThreadingHTTPServer(listen, Handler)
+            self.server = Server(listen, Handler)
         except OSError as exc:
             raise ConfigError(f"--metrics: cannot listen on {listen[0]}:{listen[1]}: "
                               f"{exc.strerror}; pick a free port") from None
         self.server.daemon_threads = True
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True,
                                        name="metrics")
+
+    def current_context(self) -> ssl.SSLContext | None:
+        """The TLS context, loaded again once its files have changed."""
+        tls = self.tls
+        if tls is None:
+            return None
+        with self._lock:
+            now = time.monotonic()
+            if now - self._checked >= tls.reload_seconds:
+                self._checked = now
+                signature = tls.signature()
+                if signature != self._signature:
+                    self._signature = signature
+                    try:
+                        self._context = tls.context()
+                        log.info("metrics: TLS certificate %s loaded again", tls.cert)
+                    except ConfigError as exc:
+                        log.warning("metrics: keeping the previous TLS certificate: %s", exc)
+            return self._context
+
+    @property
+    def scheme(self) -> str:
+        return "https" if self.tls is not None else "http"
 
     @property
     def port(self) -> int:
@@ -500,5 +612,5 @@ def families(text: str) -> Iterable[Metric]:
     return text_string_to_metric_families(text)
 
 
-__all__ = ["AgentMetrics", "MeshCollector", "MetricsServer", "Observer", "Snapshot",
-           "families", "parse_listen"]
+__all__ = ["AgentMetrics", "MeshCollector", "MetricsServer", "MetricsTls", "Observer",
+           "Snapshot", "families", "parse_listen"]

@@ -18,7 +18,7 @@ from vppmesh import node as agent
 from vppmesh.errors import VppMeshError, VppUnavailableError
 
 if TYPE_CHECKING:
-    from vppmesh.metrics import AgentMetrics
+    from vppmesh.metrics import AgentMetrics, MetricsTls
 
 log = logging.getLogger("vppmesh")
 
@@ -28,14 +28,18 @@ WATCH_FILE_CHECK_SECONDS = 0.2
 WATCH_VPP_RETRY_SECONDS = 0.25
 
 
-def start_metrics(listen: str) -> AgentMetrics:
-    """Serve Prometheus metrics on `listen` (ADDR:PORT); the exporter the loop fills."""
+def start_metrics(listen: str, tls: MetricsTls | None = None) -> AgentMetrics:
+    """Serve Prometheus metrics on `listen` (ADDR:PORT), over HTTPS with `tls`; the
+    exporter the loop fills."""
     from vppmesh.metrics import AgentMetrics, MetricsServer, parse_listen
 
     address = parse_listen(listen)
     exporter = AgentMetrics()
-    server = MetricsServer(exporter, address).start()
-    log.info("metrics on http://%s:%d/metrics", address[0], server.port)
+    server = MetricsServer(exporter, address, tls).start()
+    clients = f", clients need a certificate from {tls.client_ca}" \
+        if tls is not None and tls.client_ca is not None else ""
+    log.info("metrics on %s://%s:%d/metrics%s", server.scheme, address[0], server.port,
+             clients)
     return exporter
 
 

@@ -6,7 +6,7 @@ import ipaddress
 import json
 import logging
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -30,6 +30,9 @@ from vppmesh.cli.common import (
 from vppmesh.errors import VppMeshError, VppUnavailableError
 from vppmesh.vpp.client import DEFAULT_API_SOCKET, VppClient
 from vppmesh.watch import start_metrics, watch_loop
+
+if TYPE_CHECKING:
+    from vppmesh.metrics import MetricsTls
 
 app = typer.Typer()
 log = logging.getLogger("vppmesh")
@@ -87,6 +90,14 @@ def up(
     metrics: Annotated[str | None, typer.Option(
         help="With --watch: serve Prometheus metrics on ADDR:PORT (/metrics), e.g. "
         ":9477.")] = None,
+    metrics_tls_cert: Annotated[Path | None, typer.Option(
+        help="With --metrics: serve HTTPS with this PEM certificate (chain); re-read when "
+        "it changes.")] = None,
+    metrics_tls_key: Annotated[Path | None, typer.Option(
+        help="The certificate's private key (PEM, mode 0600).")] = None,
+    metrics_client_ca: Annotated[Path | None, typer.Option(
+        help="With --metrics-tls-cert: only scrapers with a certificate signed by this CA "
+        "(PEM) are served.")] = None,
     stats_socket: StatsSocketOpt = None,
 ) -> None:
     """Bring this node into the mesh (idempotent: a second run changes nothing)."""
@@ -97,11 +108,12 @@ def up(
     if cni_state_dir is not None:
         opts = replace(opts, cni_state_dir=cni_state_dir)
     exporter = None
+    tls = metrics_tls(metrics, metrics_tls_cert, metrics_tls_key, metrics_client_ca)
     if metrics is not None:
         if not watch:
             raise fail("--metrics needs --watch: it is served by the running agent")
         try:
-            exporter = start_metrics(metrics)
+            exporter = start_metrics(metrics, tls)
         except VppMeshError as exc:
             raise fail(str(exc)) from None
     if take_uplink is not None:
@@ -133,6 +145,22 @@ def up(
         log.error("%s", exc)
     if watch:
         watch_loop(opts, exporter, stats_path(api_socket, stats_socket), report=report_up)
+
+
+def metrics_tls(metrics: str | None, cert: Path | None, key: Path | None,
+                client_ca: Path | None) -> MetricsTls | None:
+    """The endpoint's TLS options, or None for plain HTTP; a half-given set fails."""
+    if cert is None and key is None and client_ca is None:
+        return None
+    if metrics is None:
+        raise fail("--metrics-tls-cert, --metrics-tls-key and --metrics-client-ca go with "
+                   "--metrics ADDR:PORT", 2)
+    if cert is None or key is None:
+        raise fail("--metrics-tls-cert and --metrics-tls-key go together: give the "
+                   "certificate and its private key (--metrics-client-ca needs both)", 2)
+    from vppmesh.metrics import MetricsTls
+
+    return MetricsTls(cert=cert, key=key, client_ca=client_ca)
 
 
 def report_up(result: agent.UpResult) -> None:
