@@ -68,3 +68,12 @@ def test_guest_outcomes_are_read_from_junit(tmp_path: Path) -> None:
                      '</testsuite></testsuites>')
     assert outcomes(junit) == {"a": ("passed", ""), "b": ("failed", "boom\ntrace"),
                                "c": ("skipped", "no vpp")}
+
+
+@pytest.mark.parametrize(("dev_type", "kind"), [
+    ("tap", "tap"),            # VPP 26.06: taps live in the tap plugin
+    ("virtio", "tap"),         # VPP before 26.06: taps were virtio devices in vnet
+    ("af-packet", "af_packet"),
+])
+def test_endpoint_kind_from_the_interface_dump(dev_type: str, kind: str) -> None:
+    assert hi.attachment_kind(dev_type) == kind

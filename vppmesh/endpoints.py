@@ -193,7 +193,7 @@ def recover_spec(api: VppApi, spec: HostLinkSpec) -> HostLinkSpec | None:
     if iface is None:
         return None
     neighbors = routes.dump_neighbors(api, iface.sw_if_index)
-    kind = "tap" if iface.dev_type in host_interfaces.TAP_DEV_TYPES else "af_packet"
+    kind = host_interfaces.attachment_kind(iface.dev_type)
     update: dict[str, object] = {"kind": kind, "persist": kind == "tap"}
     if neighbors:
         ip, mac = next(iter(neighbors.items()))

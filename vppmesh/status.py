@@ -9,7 +9,7 @@ from pydantic import BaseModel, computed_field
 from vppmesh import engines
 from vppmesh.config import Mesh
 from vppmesh.state import is_owned_sa_id, is_owned_tunnel_instance, split_tunnel_instance
-from vppmesh.vpp import crypto, interfaces, ipip, ipsec, system
+from vppmesh.vpp import crypto, host_interfaces, interfaces, ipip, ipsec, system
 from vppmesh.vpp.client import VppApi
 from vppmesh.vpp.stats import StatsReader
 
@@ -136,7 +136,7 @@ def collect(api: VppApi, mesh: Mesh, node: str, stats_socket: Path | None,
     host = next((i for i in ifaces.values() if i.tag == "vppmesh:host"), None)
     return NodeStatus(
         node=node, vpp_version=system.version(api), workers=system.worker_count(api),
-        host_link=f"{host.name} ({'tap' if host.dev_type == 'virtio' else 'af_packet'})"
+        host_link=f"{host.name} ({host_interfaces.attachment_kind(host.dev_type)})"
         if host else None,
         crypto=crypto_status(api) if with_crypto else None,
         peers=list(peers.values()),

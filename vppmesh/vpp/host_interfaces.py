@@ -21,6 +21,11 @@ TAP_FLAG_CONSISTENT_QP = 256
 TAP_DEV_TYPES = ("tap", "virtio")
 
 
+def attachment_kind(dev_type: str) -> str:
+    """How an endpoint found in an interface dump is attached: "tap" or "af_packet"."""
+    return "tap" if dev_type in TAP_DEV_TYPES else "af_packet"
+
+
 def create_af_packet(host_if_name: str, mac: str, queues: int = 1,
                      offloads: bool = False) -> Request:
     """af_packet; with offloads, checksum/GSO metadata (large segments) cross the veth."""
