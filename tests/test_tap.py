@@ -77,3 +77,29 @@ def test_guest_outcomes_are_read_from_junit(tmp_path: Path) -> None:
 ])
 def test_endpoint_kind_from_the_interface_dump(dev_type: str, kind: str) -> None:
     assert hi.attachment_kind(dev_type) == kind
+
+
+def test_guest_output_is_copied_as_it_grows_and_to_the_last_byte(tmp_path: Path) -> None:
+    """`vppmesh vm run` copies the command's output from the shared file while the guest
+    runs (a demo takes minutes) and everything written before the end."""
+    import io
+    import threading
+    import time
+
+    from vppmesh.lab import vm
+
+    shared, sink, done = tmp_path / "out", io.BytesIO(), threading.Event()
+    copier = threading.Thread(target=vm.follow, args=(shared, sink, done, 0.01))
+    copier.start()
+    time.sleep(0.05)  # the file does not exist yet: nothing to copy, no error
+    with shared.open("ab") as f:
+        f.write(b"... VPP on n1\n")
+        f.flush()
+        deadline = time.monotonic() + 5
+        while sink.getvalue() != b"... VPP on n1\n" and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert sink.getvalue() == b"... VPP on n1\n"  # copied before the end
+        f.write(b"pair  ping\n")
+    done.set()
+    copier.join(5)
+    assert sink.getvalue() == b"... VPP on n1\npair  ping\n"

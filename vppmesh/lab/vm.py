@@ -26,8 +26,10 @@ import shlex
 import shutil
 import subprocess
 import sys
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 from vppmesh.errors import VppMeshError
 
@@ -176,6 +178,28 @@ def vng_command(command: list[str], spec: GuestSpec, *, cwd: Path,
     return args
 
 
+def follow(path: Path, sink: BinaryIO, done: threading.Event,
+           interval: float = 0.5) -> None:
+    """Copy what the guest writes to `path` (a shared file) to `sink` as it grows, until
+    `done` is set and everything written has been copied."""
+    offset = 0
+    while True:
+        finished = done.is_set()
+        try:
+            with path.open("rb") as f:
+                f.seek(offset)
+                chunk = f.read()
+        except FileNotFoundError:
+            chunk = b""
+        if chunk:
+            offset += len(chunk)
+            sink.write(chunk)
+            sink.flush()
+        if finished:
+            return
+        done.wait(interval)
+
+
 def run(command: list[str], spec: GuestSpec, *, cwd: Path | None = None,
         log: Path | None = None, output: Path | None = None) -> int:
     """Boot a guest, run `command` in it (as root, in `cwd`) and return its exit code.
@@ -183,6 +207,10 @@ def run(command: list[str], spec: GuestSpec, *, cwd: Path | None = None,
     The exit code comes back through a file in the first of `spec.rwdirs` (one is made
     if none is given), so it does not depend on how virtme-ng reports it. `log` takes
     virtme-ng's console, `output` (in a shared directory) the command's own output.
+    Without `output`, the command's output is copied to this process's stdout as the
+    guest writes it, and the console (the kernel's boot messages) is kept out of it:
+    qemu reopens its stdout, so console and command output would overwrite each other
+    in a redirected file.
     """
     import tempfile
 
@@ -196,24 +224,38 @@ def run(command: list[str], spec: GuestSpec, *, cwd: Path | None = None,
                          timeout=spec.timeout)
         status_file = rwdirs[0] / f".vppmesh-vm-status-{os.getpid()}"
         status_file.unlink(missing_ok=True)
+        streamed = output is None
+        if streamed:
+            output = rwdirs[0] / f".vppmesh-vm-output-{os.getpid()}"
+            output.unlink(missing_ok=True)
+            log = log or Path(scratch) / "console.log"
         args = vng_command(command, spec, cwd=cwd, status_file=status_file, output=output)
         # vng starts its helpers (virtme-run) from PATH: the venv's bin must be on it.
         env = dict(os.environ)
         env["PATH"] = f"{Path(args[0]).parent}:{env.get('PATH', '/usr/bin:/bin')}"
         out = log.open("w") if log is not None else None
+        done = threading.Event()
+        copier = threading.Thread(target=follow, args=(output, sys.stdout.buffer, done),
+                                  daemon=True) if streamed else None
         try:
-            done = subprocess.run(args, env=env, stdin=subprocess.DEVNULL, stdout=out,
-                                  stderr=subprocess.STDOUT if out else None,
-                                  timeout=spec.timeout, check=False)
+            if copier is not None:
+                copier.start()
+            finished = subprocess.run(args, env=env, stdin=subprocess.DEVNULL, stdout=out,
+                                      stderr=subprocess.STDOUT if out else None,
+                                      timeout=spec.timeout, check=False)
         except subprocess.TimeoutExpired:
             raise VmError(f"the guest did not finish within {spec.timeout:.0f} s") from None
         finally:
             if out is not None:
                 out.close()
+            done.set()
+            if copier is not None:
+                copier.join()
+                output.unlink(missing_ok=True)  # type: ignore[union-attr]
         if not status_file.exists():
             tail = log.read_text()[-1500:] if log is not None else ""
             raise VmError(f"the guest ended without running the command (vng exit "
-                          f"{done.returncode}){': ' + tail if tail.strip() else ''}")
+                          f"{finished.returncode}){': ' + tail if tail.strip() else ''}")
         code = int(status_file.read_text().strip() or 1)
         status_file.unlink(missing_ok=True)
         return code
