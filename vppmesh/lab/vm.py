@@ -209,8 +209,8 @@ def run(command: list[str], spec: GuestSpec, *, cwd: Path | None = None,
     virtme-ng's console, `output` (in a shared directory) the command's own output.
     Without `output`, the command's output is copied to this process's stdout as the
     guest writes it, and the console (the kernel's boot messages) is kept out of it:
-    qemu reopens its stdout, so console and command output would overwrite each other
-    in a redirected file.
+    through virtme-ng's console, console and command output reached a redirected file at
+    different offsets and overwrote each other.
     """
     import tempfile
 
