@@ -281,27 +281,20 @@ class MeshCollector:
             add(f"# HELP {full} {doc}\n# TYPE {full} {typ}\n")
             return full
 
-        name = header("packets")
-        for t, lab in labels:
-            add(f'{name}{{direction="in",{lab}}} {number(t.in_packets)}\n'
-                f'{name}{{direction="out",{lab}}} {number(t.out_packets)}\n')
-        name = header("bytes")
-        for t, lab in labels:
-            add(f'{name}{{direction="in",{lab}}} {number(t.in_bytes)}\n'
-                f'{name}{{direction="out",{lab}}} {number(t.out_bytes)}\n')
-        name = header("up")
-        for t, lab in labels:
-            add(f"{name}{{{lab}}} {'1.0' if t.up else '0.0'}\n")
-        name = header("protected")
-        for t, lab in labels:
-            add(f"{name}{{{lab}}} {'1.0' if t.protected else '0.0'}\n")
+        for kind in ("packets", "bytes"):
+            name, inbound, outbound = header(kind), f"in_{kind}", f"out_{kind}"
+            for t, lab in labels:
+                add(f'{name}{{direction="in",{lab}}} {number(getattr(t, inbound))}\n'
+                    f'{name}{{direction="out",{lab}}} {number(getattr(t, outbound))}\n')
+        for kind in ("up", "protected"):
+            name = header(kind)
+            for t, lab in labels:
+                add(f"{name}{{{lab}}} {'1.0' if getattr(t, kind) else '0.0'}\n")
         peers = [(p, f'peer="{escape(p.peer)}"') for p in snap.peers]
-        name = header("generation")
-        for p, lab in peers:
-            add(f"{name}{{{lab}}} {number(p.generation)}\n")
-        name = header("rekeys")
-        for p, lab in peers:
-            add(f"{name}{{{lab}}} {number(p.rekeys)}\n")
+        for kind in ("generation", "rekeys"):
+            name = header(kind)
+            for p, lab in peers:
+                add(f"{name}{{{lab}}} {number(getattr(p, kind))}\n")
         name = header("limit")
         for p, lab in peers:
             packets, octets, seconds = p.limits
