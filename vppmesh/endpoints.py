@@ -31,7 +31,6 @@ def attach_vpp(api: VppApi, spec: HostLinkSpec, *, table_id: int, mtu: int, gate
         if spec.kind == "af_packet":
             index = api.call(host_interfaces.create_af_packet(
                 spec.vpp_ifname, spec.vpp_mac, spec.queues, spec.offloads)).sw_if_index
-            api.call(interfaces.set_tag(index, spec.tag, spec.tag))
         else:
             # A persistent tap left by a VPP that died is taken over, with the addresses
             # and routes its Linux end still holds; otherwise the name must be free.
@@ -40,10 +39,10 @@ def attach_vpp(api: VppApi, spec: HostLinkSpec, *, table_id: int, mtu: int, gate
                 spec.linux_ifname, spec.vpp_mac, spec.linux_mac, mtu, spec.queues,
                 spec.netns, spec.tag, gso=spec.offloads, persist=spec.persist,
                 attach=leftover)).sw_if_index
-            # VPP 26.06 stores tap_create_v3's tag without a terminating NUL
-            # (plugins/tap/tapv2_api.c:216-220, vl_api_from_api_to_new_vec), and the
-            # interface dump then reads past it: the tag is set again the ordinary way.
-            api.call(interfaces.set_tag(index, spec.tag, spec.tag))
+        # Also for taps, which were created with it: VPP 26.06 stores tap_create_v3's tag
+        # without a terminating NUL (plugins/tap/tapv2_api.c:216-220,
+        # vl_api_from_api_to_new_vec), and the interface dump then reads past it.
+        api.call(interfaces.set_tag(index, spec.tag, spec.tag))
     else:
         index = existing.sw_if_index
     setup = []

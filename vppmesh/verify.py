@@ -32,7 +32,7 @@ from vppmesh.errors import VppMeshError
 from vppmesh.keys import spi_sender, spi_tunnel
 from vppmesh.plan import HOST_LINUX_IFNAME
 from vppmesh.state import is_owned_sa_id, is_owned_tunnel_instance, tunnel_instance
-from vppmesh.underlay import NAT_T_PORT, path
+from vppmesh.underlay import NAT_T_PORT, encapsulation, path
 from vppmesh.vpp import interfaces, ipip, ipsec, routes
 from vppmesh.vpp.client import Request, VppApi
 from vppmesh.vpp.stats import StatsReader
@@ -198,8 +198,7 @@ def _encapsulation_issue(sa: ipsec.SaState | None,
     """
     if sa is None:
         return None
-    have = (bool(sa.flags & ipsec.FLAG_UDP_ENCAP),
-            sa.spec.udp_dst_port if sa.flags & ipsec.FLAG_UDP_ENCAP else None)
+    have = encapsulation(sa.spec)
     if have == want:
         return None
     return (f"outbound SA {sa.spec.sa_id:#x} sends {_describe(have)}, but the pair needs "

@@ -405,16 +405,19 @@ def attach(
     try:
         mesh_obj = load_mesh(mesh)
         local = mesh_obj.node(node)
-        ip = ipaddress.IPv4Address(address)
+        try:
+            ip = ipaddress.IPv4Address(address)
+        except ValueError:
+            raise fail(f"--address {address!r} is not an IPv4 address; give a pod address "
+                       f"of {node}, e.g. the first host of its pod_cidr {local.pod_cidr}",
+                       2) from None
         if ip not in local.pod_cidr or ip == local.mesh_address:
             raise fail(f"--address {ip} is not a pod address of {node} (pod_cidr "
                        f"{local.pod_cidr}, {local.mesh_address} is the host's)")
         if attachment not in ("auto", "tap", "af_packet"):
             raise fail(f"--attachment {attachment}: use auto, tap or af_packet")
-        kind = attachment
-        if kind == "auto":
-            kind = "tap" if linux.tap_supported() else "af_packet"
-        elif kind == "tap" and not linux.tap_supported():
+        kind = agent.resolve_host_kind(attachment)  # type: ignore[arg-type]
+        if kind == "tap" and not linux.tap_supported():
             raise fail("--attachment tap needs /dev/vhost-net (modprobe vhost_net); use "
                        "auto or af_packet")
         with VppClient(api_socket).connect() as client:
