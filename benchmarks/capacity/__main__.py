@@ -19,6 +19,7 @@ from benchmarks.capacity.rig import CONTENDERS, EncryptOnly, Pair, cpu_cores
 from benchmarks.report import DEFAULT_RESULTS_DIR
 from vppmesh.lab.testbed import TestbedError, find_vpp
 from vppmesh.vpp import crypto, system
+from vppmesh.vpp.client import VppApi
 
 ENCRYPT_ONLY_CONTENDER = "vppmesh-4t"
 RATIOS = (("vppmesh-1t", "ipsec-hand"), ("vppmesh-4t", "wireguard"),
@@ -90,13 +91,8 @@ def main(argv: list[str] | None = None) -> int:
             for name in names:
                 print(f"[pair {repeat + 1}/{repeats}] {name}", file=sys.stderr)
                 with Pair(CONTENDERS[name], engine=args.pair_engine) as setup:
-                    if not vpp_info:
-                        vpp_info = {"version": system.version(setup.sender),
-                                    "tsc_ghz": tsc_ghz(setup.sender),
-                                    "crypto": crypto.read_state(setup.sender).as_dict()}
-                    if name.startswith("vppmesh"):
-                        pair_engine = crypto.read_state(setup.sender).active
-                        vpp_info.setdefault("vppmesh_engine", pair_engine)
+                    describe_vpp(setup.sender, vpp_info,
+                                 vppmesh=name.startswith("vppmesh"))
                     for mix in mixes:
                         sample = measure(setup, mix, window=window, warmup=warmup)
                         pair_samples[name].setdefault(mix.name, []).append(sample)
@@ -120,6 +116,19 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def describe_vpp(api: VppApi, info: dict[str, object], *,
+                 vppmesh: bool = False) -> crypto.CryptoState:
+    """Fill in what the JSON says of VPP (version, clock, crypto engines; the engine
+    vppmesh runs on) once, with one read of the crypto state per call."""
+    state = crypto.read_state(api)
+    if "version" not in info:
+        info |= {"version": system.version(api), "tsc_ghz": tsc_ghz(api),
+                 "crypto": state.as_dict()}
+    if vppmesh:
+        info.setdefault("vppmesh_engine", state.active)
+    return state
+
+
 def encrypt_only(workers: list[int], mixes: list[traffic.SizeMix], args: argparse.Namespace,
                  repeats: int, window: float, warmup: float,
                  vpp_info: dict[str, object]) -> list[dict[str, object]]:
@@ -131,10 +140,7 @@ def encrypt_only(workers: list[int], mixes: list[traffic.SizeMix], args: argpars
         engines = [None]
     else:
         with EncryptOnly(contender, workers=0) as setup:
-            state = crypto.read_state(setup.sender)
-            vpp_info.setdefault("crypto", state.as_dict())
-            vpp_info.setdefault("version", system.version(setup.sender))
-            vpp_info.setdefault("tsc_ghz", tsc_ghz(setup.sender))
+            state = describe_vpp(setup.sender, vpp_info)
             engines = [None, *[e for e in (state.handlers.candidates if state.handlers else ())
                                if e != state.active]]
     rows = []
@@ -148,8 +154,7 @@ def encrypt_only(workers: list[int], mixes: list[traffic.SizeMix], args: argpars
                       file=sys.stderr)
                 with EncryptOnly(contender, workers=w, engine=engine) as setup:
                     placement = setup.notes.get("placement")
-                    active = crypto.read_state(setup.sender).active
-                    vpp_info.setdefault("tsc_ghz", tsc_ghz(setup.sender))
+                    active = describe_vpp(setup.sender, vpp_info).active
                     for mix in mixes:
                         samples.setdefault(mix.name, []).append(
                             measure(setup, mix, window=window, warmup=warmup))

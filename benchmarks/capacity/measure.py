@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import math
 import re
 import statistics
 import time
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from benchmarks.capacity import traffic
 from benchmarks.capacity.rig import DST, POD_A, SOURCE_PG, Setup
 from benchmarks.capacity.runtime import PathCost, node_vectors, parse_runtime, path_cost
+from benchmarks.stats import median
 from vppmesh.vpp.client import VppClient
 
 GHZ_RE = re.compile(r"Base frequency:\s+([\d.]+) GHz")
@@ -79,11 +78,6 @@ def measure(setup: Setup, mix: traffic.SizeMix, *, window: float, warmup: float)
         delivered, decrypt = sent, None
     return Sample(mix=mix.name, seconds=seconds, sent=sent, delivered=delivered,
                   mean_bytes=mix.mean_bytes, encrypt=path_cost(sender, sent), decrypt=decrypt)
-
-
-def median(values: Iterable[float | None]) -> float | None:
-    present = [v for v in values if v is not None and not math.isnan(v)]
-    return statistics.median(present) if present else None
 
 
 @dataclass

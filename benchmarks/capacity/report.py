@@ -8,8 +8,9 @@ import platform
 from pathlib import Path
 from typing import Any
 
-from benchmarks.capacity.measure import median, workers_for_line_rate
+from benchmarks.capacity.measure import workers_for_line_rate
 from benchmarks.report import _cpu_model
+from benchmarks.stats import median
 
 CPU_FLAGS = ("aes", "pclmulqdq", "avx2", "avx512f", "vaes", "vpclmulqdq")
 # Targets of the capacity issue, reported (never asserted): path clocks per packet at
