@@ -77,6 +77,22 @@ def test_ensure_auto_keeps_native_with_vaes_code() -> None:
     assert vpp.counts["crypto_set_handler"] == 0
 
 
+def test_native_variant_is_read_from_the_log_once_per_vpp_process(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    vpp = FakeVpp()
+    vpp.native_gcm_priority = 50
+    reads = []
+    real = crypto.read_native_variant
+    monkeypatch.setattr(crypto, "read_native_variant",
+                        lambda api: reads.append(1) or real(api))
+    for pid in (101, 101, 101, 202):
+        assert engines.ensure(vpp, "auto", flags=VAES,  # type: ignore[arg-type]
+                              vpp_pid=pid).engine == "native"
+    assert len(reads) == 2  # once for VPP 101, once for its successor 202
+    engines.ensure(vpp, "auto", flags=VAES)  # type: ignore[arg-type]
+    assert len(reads) == 3  # no process id: read every time
+
+
 def test_ensure_warns_when_the_named_engine_leaves_vaes_unused() -> None:
     vpp = FakeVpp()
     vpp.native_gcm_priority = 20

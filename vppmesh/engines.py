@@ -79,8 +79,22 @@ class Choice:
     warning: str | None = None
 
 
+_VARIANTS: dict[int, str | None] = {}  # VPP process id -> native variant (fixed per process)
+
+
+def _native_variant(api: VppApi, vpp_pid: int | None) -> str | None:
+    """The native engine's variant; read from VPP's log once per VPP process, since the
+    agent asks again at every full resync and the log holds thousands of entries."""
+    if vpp_pid is None:
+        return crypto.read_native_variant(api)
+    if vpp_pid not in _VARIANTS:
+        _VARIANTS.clear()  # one VPP per agent: an older process's entry is stale
+        _VARIANTS[vpp_pid] = crypto.read_native_variant(api)
+    return _VARIANTS[vpp_pid]
+
+
 def ensure(api: VppApi, wanted: str, *, dry_run: bool = False,
-           flags: frozenset[str] | None = None) -> Choice:
+           flags: frozenset[str] | None = None, vpp_pid: int | None = None) -> Choice:
     """Make `wanted` (an engine name, or auto) run vppmesh's AES-GCM-256."""
     handlers = crypto.read_handlers(api)
     if handlers is None:
@@ -91,7 +105,7 @@ def ensure(api: VppApi, wanted: str, *, dry_run: bool = False,
         # The native engine's variant decides only between native and ipsecmb on a VAES
         # CPU; reading it means reading VPP's whole log, so only then.
         if {"native", "ipsecmb"} <= set(handlers.candidates) and host_has_vaes(flags):
-            variant = crypto.read_native_variant(api)
+            variant = _native_variant(api, vpp_pid)
         engine = choose(handlers.candidates, variant, flags, handlers.simple)
     else:
         if wanted not in handlers.candidates:
@@ -104,7 +118,7 @@ def ensure(api: VppApi, wanted: str, *, dry_run: bool = False,
     if engine is None:
         return Choice([], handlers.simple)
     if engine == "native" and variant is None and host_has_vaes(flags):
-        variant = crypto.read_native_variant(api)
+        variant = _native_variant(api, vpp_pid)
     requests = []
     if engine != handlers.simple:
         requests.append(crypto.set_handler(engine))

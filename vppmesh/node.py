@@ -230,7 +230,8 @@ def up(options: NodeOptions, *, dry_run: bool = False, api: VppApi | None = None
             changes = []
             engine = None
             if reconciler is None or full:  # node-wide: at start, after a restart, resyncs
-                choice = engines.ensure(client, options.crypto_engine, dry_run=dry_run)
+                choice = engines.ensure(client, options.crypto_engine, dry_run=dry_run,
+                                        vpp_pid=pid)
                 changes, engine = choice.changes, choice.engine
                 if choice.warning:
                     notes.append(choice.warning)
