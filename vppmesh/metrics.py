@@ -25,7 +25,6 @@ SA counters in VPP restart whenever an SA is replaced (every rekey, a VPP restar
 from __future__ import annotations
 
 import logging
-import re
 import ssl
 import stat
 import threading
@@ -52,17 +51,16 @@ from vppmesh.vpp.stats import StatsReader
 
 log = logging.getLogger("vppmesh.metrics")
 
-# VPP's error counters in the stats segment (/err/<node>/<counter name>), by our reason.
-ESP_ERRORS = {
-    "replay": re.compile(r"^/err/esp[46]-decrypt-tun/replay$"),
-    "decryption_failed": re.compile(r"^/err/esp[46]-decrypt-tun/decryption_failed$"),
-    "no_matching_tunnel": re.compile(r"^/err/ipsec[46]-tun-input/no_tunnel$"),
-}
-GUARD_DROPS = re.compile(r"^/err/ip[46]-inacl/input ACL hits$")
-# The exact entries, read by name (listing the stats directory of a big VPP is slow).
-ERROR_COUNTERS = [f"/err/{node}{v}-{rest}" for v in (4, 6) for node, rest in (
-    ("esp", "decrypt-tun/replay"), ("esp", "decrypt-tun/decryption_failed"),
-    ("ipsec", "tun-input/no_tunnel"), ("ip", "inacl/input ACL hits"))]
+# VPP's error counters in the stats segment (/err/<node>/<counter name>) by our reason,
+# IPv4 and IPv6 nodes; read by name (listing the stats directory of a big VPP is slow).
+ERRORS = {reason: tuple(f"/err/{node}{v}-{rest}" for v in (4, 6))
+          for reason, (node, rest) in {
+              "replay": ("esp", "decrypt-tun/replay"),
+              "decryption_failed": ("esp", "decrypt-tun/decryption_failed"),
+              "no_matching_tunnel": ("ipsec", "tun-input/no_tunnel"),
+              "guard": ("ip", "inacl/input ACL hits"),
+          }.items()}
+ERROR_COUNTERS = [name for names in ERRORS.values() for name in names]
 LIMITS = ("packets", "bytes", "seconds")
 # A snapshot (dumps and stats segment) is taken after a poll at most this often, and
 # never more often than SNAPSHOT_COST_FACTOR times its own cost (so snapshots take at
@@ -96,7 +94,7 @@ class PeerSample:
 class Snapshot:
     tunnels: tuple[TunnelSample, ...] = ()
     peers: tuple[PeerSample, ...] = ()
-    esp_errors: tuple[tuple[str, int], ...] = ()  # (reason, count), in ESP_ERRORS order
+    esp_errors: tuple[tuple[str, int], ...] = ()  # (reason, count), in ERRORS order
     guard_drops: int | None = None
     taken_at: float = 0.0
 
@@ -164,9 +162,10 @@ class Observer:
             peers.append(PeerSample(name, pg.out, self._rekeys.get(name, 0), limits))
         esp = guard = None
         if errors is not None:
-            esp = tuple((reason, sum(v for k, v in errors.items() if rx.match(k)))
-                        for reason, rx in ESP_ERRORS.items())
-            guard = sum(v for k, v in errors.items() if GUARD_DROPS.match(k))
+            counts = {reason: sum(errors.get(name, 0) for name in names)
+                      for reason, names in ERRORS.items()}
+            guard = counts.pop("guard")
+            esp = tuple(counts.items())
         return Snapshot(tuple(tunnels), tuple(peers), esp or (), guard, now)
 
 
