@@ -23,6 +23,7 @@ import os
 import secrets
 import sys
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,14 +43,10 @@ from vppmesh.keys import generate_private_key
 from vppmesh.lab.testbed import (
     Testbed,
     TestbedSpec,
-    destroy,
-    find_vpp,
     in_ns,
-    require_root,
-    sh,
-    start_vpp,
+    single_vpp,
 )
-from vppmesh.startup import Instance, load_profile, render
+from vppmesh.startup import Instance
 from vppmesh.state import GATEWAY_TAG, SaSpec
 from vppmesh.vpp import interfaces, ipip, ipsec, routes
 from vppmesh.vpp.client import Request, VppClient
@@ -239,27 +236,23 @@ class Pair:
             nodes=2, tunnels=max(contender.tunnels, 1), pods=0, workers=0, profile=PROFILE,
             prefix=PREFIX, base_dir=BASE / "pair", mesh_table_id=MESH_TABLE,
             underlay="memif", pin_cores=True))
-        self.clients: list[VppClient] = []
+        self._stack = ExitStack()
 
     def __enter__(self) -> Setup:
-        self.bed.up(join=False)
-        try:
-            return self._program()
-        except BaseException:
-            self.__exit__()
-            raise
+        with ExitStack() as stack:
+            stack.callback(self.bed.down, quiet=True)
+            self.bed.up(join=False)
+            n1, n2 = self.bed.nodes
+            setup = self._program(stack.enter_context(VppClient(n1.instance.api_socket).connect()),
+                                  stack.enter_context(VppClient(n2.instance.api_socket).connect()))
+            self._stack = stack.pop_all()
+        return setup
 
     def __exit__(self, *exc: object) -> None:
-        for client in self.clients:
-            client.close()
-        self.clients.clear()
-        self.bed.down(quiet=True)
+        self._stack.close()
 
-    def _program(self) -> Setup:
+    def _program(self, a: VppClient, b: VppClient) -> Setup:
         n1, n2 = self.bed.nodes
-        a = VppClient(n1.instance.api_socket).connect()
-        b = VppClient(n2.instance.api_socket).connect()
-        self.clients += [a, b]
         ul_a, ul_b = n1.underlay[0], n2.underlay[0]
         _wait_link_up(a, _uplink(a, ul_a))
         if self.contender.is_vppmesh:
@@ -299,23 +292,19 @@ class EncryptOnly:
         self.engine = engine
         self.netns = f"{PREFIX}e1"
         self.dir = BASE / "encrypt"
-        self.instance = Instance(name=self.netns, runtime_dir=self.dir / "vpp")
-        self.client: VppClient | None = None
+        self._stack = ExitStack()
 
     def __enter__(self) -> Setup:
-        require_root()
-        destroy(self.netns, self.dir, quiet=True)
-        try:
-            return self._build()
-        except BaseException:
-            self.__exit__()
-            raise
+        with ExitStack() as stack:
+            instance = stack.enter_context(single_vpp(
+                self.netns, self.dir, profile=PROFILE, workers=self.workers, main_core=0))
+            setup = self._build(instance,
+                                stack.enter_context(VppClient(instance.api_socket).connect()))
+            self._stack = stack.pop_all()
+        return setup
 
     def __exit__(self, *exc: object) -> None:
-        if self.client is not None:
-            self.client.close()
-            self.client = None
-        destroy(self.netns, self.dir, quiet=True)
+        self._stack.close()
 
     def _mesh(self) -> tuple[Mesh, list[ipaddress.IPv4Interface], list[ipaddress.IPv4Interface]]:
         tunnels = self.contender.tunnels
@@ -330,17 +319,10 @@ class EncryptOnly:
                                           mesh_table_id=MESH_TABLE), nodes=nodes)
         return mesh, ul[1], ul[2]
 
-    def _build(self) -> Setup:
-        self.dir.mkdir(parents=True, exist_ok=True)
+    def _build(self, instance: Instance, api: VppClient) -> Setup:
         mesh, ul_a, ul_b = self._mesh()
         mesh_file = self.dir / "mesh.yaml"
         mesh_file.write_text(dump_mesh(mesh))
-        sh("ip", "netns", "add", self.netns)
-        in_ns(self.netns, "ip", "link", "set", "lo", "up")
-        profile = load_profile(PROFILE).model_copy(update={"main_core": 0})
-        start_vpp(find_vpp(), self.netns, self.instance, self.instance.runtime_dir,
-                  render(profile, self.instance, workers=self.workers))
-        api = self.client = VppClient(self.instance.api_socket).connect()
         uplink = traffic.create_pg(api, UPLINK_PG)
         api.call_many([interfaces.set_mtu(uplink, 1500, "uplink"),
                        interfaces.address(uplink, ul_a[0], True),
@@ -348,7 +330,7 @@ class EncryptOnly:
         api.call_many([routes.neighbor(uplink, peer.ip, PEER_MAC, True, fib_entry=True)
                        for peer in ul_b])
         extra = ("--crypto-engine", self.engine) if self.engine else ()
-        vppmesh_up(self.netns, mesh_file, "n1", self.instance.api_socket, self.dir / "n1.key",
+        vppmesh_up(self.netns, mesh_file, "n1", instance.api_socket, self.dir / "n1.key",
                    self.dir / "state", "--uplink", f"pg{UPLINK_PG}", *extra)
         traffic.add_source(api, SOURCE_PG, table_id=MESH_TABLE, unnumbered_to=_gateway(api))
         return Setup(sender=api, receiver=None, sent_node=f"pg{UPLINK_PG}-tx", sink_node=None,

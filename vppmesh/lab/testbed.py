@@ -511,8 +511,10 @@ def start_vpp(vpp: Path, netns: str, instance: Instance, workdir: Path,
 
 @contextmanager
 def single_vpp(netns: str, run_dir: Path, *, profile: str = "testbed",
-               main_heap_size: str | None = None) -> Iterator[Instance]:
-    """One VPP (no uplink, no peers) in its own namespace, for control-plane work.
+               main_heap_size: str | None = None, workers: int = 0,
+               main_core: int | None = None) -> Iterator[Instance]:
+    """One VPP (no uplink, no peers) in its own namespace, for control-plane work and
+    the encrypt-only capacity runs (`workers`, main thread pinned to `main_core`).
 
     Everything is removed afterwards (also on error); `netns` doubles as the prefix that
     `destroy()` sweeps, so leftovers of a crashed run go too.
@@ -524,10 +526,12 @@ def single_vpp(netns: str, run_dir: Path, *, profile: str = "testbed",
     loaded = load_profile(profile)
     if main_heap_size is not None:
         loaded = loaded.model_copy(update={"main_heap_size": main_heap_size})
+    if main_core is not None:
+        loaded = loaded.model_copy(update={"main_core": main_core})
     try:
         sh("ip", "netns", "add", netns)
         in_ns(netns, "ip", "link", "set", "lo", "up")
-        start_vpp(vpp, netns, instance, run_dir, render(loaded, instance, workers=0))
+        start_vpp(vpp, netns, instance, run_dir, render(loaded, instance, workers=workers))
         yield instance
     finally:
         destroy(netns, run_dir, quiet=True)
