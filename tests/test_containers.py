@@ -216,21 +216,39 @@ def dockerfile() -> list[tuple[str, str]]:
             if i["instruction"] != "COMMENT"]
 
 
-def test_dockerfile_installs_vpp_from_fdio_and_vppmesh_with_pip() -> None:
+def test_dockerfile_installs_vpp_from_fdio_or_a_local_tree_and_vppmesh_with_pip() -> None:
     steps = dockerfile()
-    assert steps[0] == ("FROM", "debian:bookworm-slim")  # its python3 is 3.11
+    args = dict(v.split("=", 1) for i, v in steps if i == "ARG" and "=" in v)
+    assert args["BASE_IMAGE"] == "debian:bookworm-slim"  # its python3 is 3.11
+    assert args["VPP_FROM"] == "fdio" and args["FDIO_REPO"] == "https://packagecloud.io/fdio/release"
+    stages: dict[str, list[str]] = {}
+    current = ""
+    for instruction, value in steps:
+        if instruction == "FROM":
+            current = value.split(" AS ")[-1] if " AS " in value else value
+            stages[current] = []
+        elif current:
+            stages[current].append(value)
+    # The last stage builds on the VPP stage VPP_FROM names: both must exist.
+    final = next(v for i, v in reversed(steps) if i == "FROM")
+    assert final == "vpp-${VPP_FROM}" and {"vpp-fdio", "vpp-local"} <= set(stages)
+    fdio = " ".join(stages["vpp-fdio"])
+    assert "${FDIO_REPO}/gpgkey" in fdio and "${FDIO_REPO}/debian/ bookworm main" in fdio
+    for package in ("vpp${VPP_VERSION", "vpp-plugin-core", "vpp-plugin-dpdk",
+                    "vpp-crypto-engines", "vpp-drivers"):  # 26.06 splits the last two off
+        assert package in fdio
+    local = " ".join(stages["vpp-local"])
+    assert "--from=vpp . /opt/vpp" in local  # the build context named vpp, never the repo
+    base = " ".join(stages["base"])
+    for package in ("containernetworking-plugins", "python3-venv", "iproute2", "ethtool",
+                    "util-linux", "nftables"):
+        assert package in base
     runs = " ".join(v for i, v in steps if i == "RUN")
-    args = dict(v.split("=", 1) for i, v in steps if i == "ARG")
-    assert args["FDIO_REPO"] == "https://packagecloud.io/fdio/release"
-    assert "${FDIO_REPO}/gpgkey" in runs and "${FDIO_REPO}/debian/ bookworm main" in runs
-    for package in ("vpp${VPP_VERSION", "vpp-plugin-core", "containernetworking-plugins",
-                    "python3-venv", "iproute2", "ethtool", "util-linux"):
-        assert package in runs
     assert "/opt/vppmesh/bin/pip install --no-cache-dir /src" in runs
     # Every COPY source exists, and pip gets what pyproject.toml builds from.
     copied: dict[str, str] = {}
     for instruction, value in steps:
-        if instruction == "COPY":
+        if instruction == "COPY" and not value.startswith("--from"):
             *sources, target = value.split()
             for source in sources:
                 assert (ROOT / source).exists(), f"COPY {source}: not in the repository"
