@@ -67,13 +67,17 @@ def conflist() -> dict[str, Any]:
     return json.loads((CONTAINERS / "10-vppmesh.conflist").read_text())
 
 
+def uninstall_documents() -> list[dict[str, Any]]:
+    return [d for d in yaml.safe_load_all((K8S / "uninstall" / "uninstall.yaml").read_text())
+            if d is not None]
+
+
 def test_every_manifest_is_valid_kubernetes() -> None:
     kubernetes_validate = pytest.importorskip(
         "kubernetes_validate", reason="kubernetes-validate (test extra) is not installed")
     docs = documents()
-    assert {d["kind"] for d in docs} >= {"ServiceAccount", "ClusterRole", "ClusterRoleBinding",
-                                         "ConfigMap", "Secret", "DaemonSet"}
-    for doc in docs:
+    assert {d["kind"] for d in docs} == {"ServiceAccount", "ConfigMap", "Secret", "DaemonSet"}
+    for doc in docs + uninstall_documents():
         kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
 
 
@@ -85,15 +89,18 @@ def test_strict_validation_catches_a_misspelled_field() -> None:
         kubernetes_validate.validate(broken, KUBERNETES_VERSION, strict=True)
 
 
-def test_rbac_ties_the_service_account_to_read_only_rules() -> None:
+def test_no_api_access_because_no_code_uses_the_kubernetes_api() -> None:
+    """The account has no role and the pods no token; nothing in vppmesh or the scripts
+    reaches for the API (a client library, the in-cluster token, the API's paths)."""
     account = one("ServiceAccount", pod_spec()["serviceAccountName"])
-    binding = one("ClusterRoleBinding")
-    role = one("ClusterRole", binding["roleRef"]["name"])
-    assert binding["roleRef"]["kind"] == "ClusterRole"
-    assert {"kind": "ServiceAccount", "name": account["metadata"]["name"],
-            "namespace": account["metadata"]["namespace"]} in binding["subjects"]
-    verbs = {v for rule in role["rules"] for v in rule["verbs"]}
-    assert verbs <= {"get", "list", "watch"}
+    assert account["automountServiceAccountToken"] is False
+    assert pod_spec()["automountServiceAccountToken"] is False
+    code = [p for p in (ROOT / "vppmesh").rglob("*.py")] + list(CONTAINERS.glob("*.sh"))
+    for path in code:
+        text = path.read_text()
+        for needle in ("import kubernetes", "serviceaccount/token", "/api/v1/",
+                       "KUBERNETES_SERVICE_HOST"):
+            assert needle not in text, f"{path.name} uses the Kubernetes API ({needle})"
 
 
 def test_daemonset_references_exist_in_its_namespace() -> None:
@@ -311,3 +318,69 @@ def test_wrapper_enters_the_agent_and_runs_the_plugin(tmp_path: Path) -> None:
     error = json.loads(done.stdout)
     assert done.returncode == 1
     assert error["code"] == 7 and "mtu" in error["msg"]  # the plugin itself answered
+
+
+def size_bytes(text: str) -> int:
+    units = {"K": 2**10, "M": 2**20, "G": 2**30, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30}
+    number = text.rstrip("KMGi")
+    return int(number) * units.get(text[len(number):], 1)
+
+
+def test_vpp_resources_fit_the_configmaps_profile() -> None:
+    """The default profile needs no hugepages, and the vpp container's memory covers
+    VPP's heap, buffers and stats segment; a hugepage profile would need hugepages-2Mi."""
+    from vppmesh.startup import load_profile
+
+    name = one("ConfigMap", "vppmesh-config")["data"]["vpp_profile"]
+    profile = load_profile(str(ROOT / "vpp-startup" / f"{name}.yaml"))
+    assert profile.page_size == "4k" and not profile.dpdk_devices and not profile.devices
+    resources = container("vpp")["resources"]
+    assert not any(k.startswith("hugepages") for k in resources.get("limits", {}))
+    assert "/dev/hugepages" not in mounts("vpp")
+    needed = (size_bytes(profile.main_heap_size) + profile.buffers_per_numa * 2304
+              + size_bytes(profile.statseg_size))
+    assert size_bytes(resources["limits"]["memory"]) > needed
+    assert size_bytes(resources["requests"]["memory"]) <= size_bytes(resources["limits"]["memory"])
+    assert float(resources["requests"]["cpu"]) >= 1 + profile.workers  # the threads poll
+
+
+def test_vpp_sees_pod_namespaces_and_shares_its_capture_directory_with_the_agent() -> None:
+    vols = volumes()
+    for name in ("vpp", "agent"):
+        netns = next(m for m in container(name)["volumeMounts"] if m["name"] == "netns")
+        assert netns["mountPath"] == "/var/run/netns"
+        assert netns["mountPropagation"] == "HostToContainer"  # pods made after the start
+    from vppmesh.verify import PCAP_DIR
+
+    assert mounts("vpp")[str(PCAP_DIR)] == mounts("agent")[str(PCAP_DIR)]
+    assert "emptyDir" in vols[mounts("vpp")[str(PCAP_DIR)]]
+
+
+def test_agent_takes_the_uplink_the_configmap_names_and_checks_readiness_for_real() -> None:
+    env = {e["name"]: e["valueFrom"]["configMapKeyRef"]["key"]
+           for e in container("agent")["env"] if "configMapKeyRef" in e.get("valueFrom", {})}
+    script = (CONTAINERS / "agent.sh").read_text()
+    data = one("ConfigMap", "vppmesh-config")["data"]
+    for variable, key in env.items():
+        assert f"${{{variable}" in script and key in data
+    assert data["uplink_driver"] == "af_packet"
+    assert "--take-uplink" in script and "--uplink-driver" in script
+    probe = container("agent")["readinessProbe"]["exec"]["command"]
+    assert probe == ["/opt/vppmesh/share/ready.sh"]
+    assert "STATUS" in (CONTAINERS / "ready.sh").read_text()
+
+
+def test_uninstall_undoes_what_the_daemonset_installed_on_the_same_host_paths() -> None:
+    (ds,) = uninstall_documents()
+    spec = ds["spec"]["template"]["spec"]
+    (step,) = spec["initContainers"]
+    assert step["command"] == [*container("install-cni")["command"], "uninstall"]
+    assert step["image"] == container("agent")["image"] and spec["hostNetwork"] is True
+    theirs = {v["name"]: v["hostPath"]["path"] for v in spec["volumes"]}
+    ours = {v["name"]: v.get("hostPath", {}).get("path") for v in pod_spec()["volumes"]}
+    used = {m["mountPath"]: theirs[m["name"]] for m in step["volumeMounts"]}
+    for c in ("install-cni", "agent"):
+        for path, volume in mounts(c).items():
+            if path in used:
+                assert used[path] == ours[volume], path
+    assert {"/host/opt/cni/bin", "/host/etc/cni/net.d", "/var/lib/vppmesh"} <= set(used)
