@@ -73,6 +73,18 @@ def test_host_link_routes_every_pod_cidr() -> None:
     assert plan(mesh, "node2", secrets["node2"], host=HostOptions(kind="none")).host is None
 
 
+def test_what_is_not_for_the_mesh_leaves_the_mesh_vrf_through_the_host() -> None:
+    """Pods reach their node, Services, DNS and the outside through the host: VPP's only
+    route towards the host beyond its /32 is the default, less specific than every pod
+    CIDR, so mesh traffic never takes it."""
+    mesh, secrets = make_mesh(3)
+    desired = plan(mesh, "node1", secrets["node1"], host=HostOptions(kind="af_packet"))
+    assert desired.host is not None
+    (default,) = desired.host.vpp_routes
+    assert default.prefixlen == 0
+    assert all(r.prefix.prefixlen > 0 for r in desired.routes)
+
+
 def test_large_segments_only_for_tap_endpoints() -> None:
     mesh, secrets = make_mesh(2, gso=True)
     tap = plan(mesh, "node1", secrets["node1"], host=HostOptions(kind="tap"))

@@ -125,3 +125,17 @@ def test_dry_run_changes_nothing() -> None:
     _, _, desired, vpp = setup()
     changes = reconcile(vpp, desired, dry_run=True)
     assert changes and not vpp.tunnels and not vpp.sas
+
+
+def test_host_link_default_route_is_installed_once_and_repaired() -> None:
+    mesh, secrets = make_mesh(2)
+    api = FakeVpp.with_uplink(mesh.node("node1").primary)
+    desired = plan(mesh, "node1", secrets["node1"], host=HostOptions(kind="af_packet"))
+    reconcile(api, desired)
+    table = api.routes[desired.table_id]
+    host_index = next(i for i, f in api.ifaces.items() if f["tag"] == desired.host.tag)  # type: ignore[union-attr]
+    assert table["0.0.0.0/0"] == (host_index,)
+    assert reconcile(api, desired) == []
+    del table["0.0.0.0/0"]  # someone removed it: the next run puts it back
+    assert [c.kind for c in reconcile(api, desired)] == ["host-link"]
+    assert api.routes[desired.table_id]["0.0.0.0/0"] == (host_index,)

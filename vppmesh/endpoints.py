@@ -62,10 +62,11 @@ def attach_vpp(api: VppApi, spec: HostLinkSpec, *, table_id: int, mtu: int, gate
 
 
 def set_neighbor(api: VppApi, index: int, spec: HostLinkSpec, table_id: int) -> None:
-    """Static neighbor plus the endpoint's /32 route through it."""
+    """Static neighbor plus the endpoint's /32 route (and its vpp_routes) through it."""
     api.call_many([
         routes.neighbor(index, spec.address.ip, spec.linux_mac, True),
-        routes.route(table_id, spec.address.network, [index], True, nexthop=spec.address.ip),
+        *(routes.route(table_id, prefix, [index], True, nexthop=spec.address.ip)
+          for prefix in (spec.address.network, *spec.vpp_routes)),
     ])
 
 

@@ -65,6 +65,18 @@ def ensure_veth(linux_ifname: str, vpp_ifname: str, *, linux_mac: str, vpp_mac: 
                     inner.link("set", index=link_index(inner, temporary), ifname=linux_ifname)
         vpp_index = link_index(ipr, vpp_ifname)
         ipr.link("set", index=vpp_index, mtu=mtu, state="up")
+    no_forwarding(vpp_ifname)
+
+
+def no_forwarding(ifname: str) -> None:
+    """The kernel must not route what it sees on a link VPP reads with af_packet: it sees
+    every frame too, and with forwarding on (any Kubernetes node) it would send a second
+    copy on, or straight back into VPP through the host link, round and round."""
+    path = Path("/proc/sys/net/ipv4/conf") / ifname / "forwarding"
+    try:
+        path.write_text("0\n")
+    except OSError as exc:
+        raise HostError(f"cannot turn IPv4 forwarding off on {ifname}: {exc}") from None
 
 
 OFFLOAD_FEATURES = ("tso", "gso", "gro", "tx", "rx")

@@ -6,6 +6,7 @@ exact dry run and every property of the mesh can be unit-tested on large meshes.
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
@@ -28,6 +29,8 @@ from vppmesh.underlay import path
 
 HOST_LINUX_IFNAME = "vppmesh0"
 HOST_VETH_PEER = "vppmesh0-vpp"
+# What is not for the mesh leaves the mesh VRF through the host (HostLinkSpec.vpp_routes).
+DEFAULT_ROUTE = ipaddress.IPv4Network("0.0.0.0/0")
 
 
 @dataclass(frozen=True)
@@ -58,6 +61,7 @@ def host_link(local: Node, peers: list[Node], options: HostOptions,
         routes=(local.pod_cidr, *(peer.pod_cidr for peer in peers)),
         queues=options.queues,
         offloads=segmentation_offload(offloads, options.kind),
+        vpp_routes=(DEFAULT_ROUTE,),
     )
 
 

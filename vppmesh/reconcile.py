@@ -313,9 +313,10 @@ def _diff_node(d: Diff, desired: DesiredState, observed: Observed,
             seen_host.mtu != desired.mtu or \
             (gateway_index is not None and
              observed.unnumbered.get(seen_host.sw_if_index) != gateway_index)
-        host_route = observed.routes.get(host.address.network)  # type: ignore[call-overload]
+        host_routes = {observed.routes.get(p)  # type: ignore[call-overload]
+                       for p in (host.address.network, *host.vpp_routes)}
         d.host_neighbor = observed.host_neighbors.get(host.address.ip) != host.linux_mac or \
-            seen_host is None or host_route != (seen_host.sw_if_index,)
+            seen_host is None or host_routes != {(seen_host.sw_if_index,)}
 
 
 class Applier:

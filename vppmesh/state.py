@@ -156,6 +156,10 @@ class HostLinkSpec(Frozen):
     offloads: bool = False
     # A tap whose Linux end outlives VPP (pods): a restarted VPP attaches to it again.
     persist: bool = False
+    # Prefixes the mesh VRF sends to this endpoint's Linux side. The host link takes the
+    # default route: pods reach their node, its Services, DNS and the outside through
+    # the host, as under any CNI; the mesh's own prefixes stay more specific.
+    vpp_routes: tuple[ipaddress.IPv4Network, ...] = ()
 
 
 def node_mac(node_number: int, role: int) -> str:
