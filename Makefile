@@ -7,8 +7,8 @@ DEB_TOOLS := iperf3 tcpdump ethtool iproute2 iputils-ping tinc wireguard-go wire
 
 VM_DEB := qemu-system-x86 linux-image-amd64 busybox-static
 
-.PHONY: venv tools vm-tools test vm-test lint unit demo bench bench-quick bench-control \
-	bench-capacity bench-metrics clean
+.PHONY: venv tools vm-tools runtime-tools test vm-test runtime-test lint unit demo bench \
+	bench-quick bench-control bench-capacity bench-metrics clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -51,6 +51,22 @@ vm-tools: venv tools
 # The tap v2 path in a VM guest; VPP from VPPMESH_VM_VPP, else VPPMESH_VPP (docs/vm.md).
 vm-test: vm-tools
 	$(PY) -m pytest -ra -m vm tests/test_vm.py
+
+# The node image under podman (runc, CNI backend) on two testbed hosts (docs/kubernetes.md,
+# "Checked under a real runtime"); VPP from VPPMESH_VPP's /opt/vpp tree, or
+# VPPMESH_IMAGE_VPP=fdio for FD.io's packages. Several minutes: `make test` runs it only
+# where podman and a VPP are present.
+RUNTIME_DEB := podman runc debootstrap containernetworking-plugins nftables tcpdump
+
+runtime-tools: venv tools
+	@if [ "$$(id -u)" = 0 ]; then \
+	  command -v podman >/dev/null && command -v runc >/dev/null && \
+	    command -v debootstrap >/dev/null || { apt-get update -qq && \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(RUNTIME_DEB) >/dev/null; }; \
+	else echo "not root: skipping podman (the runtime test will skip)"; fi
+
+runtime-test: runtime-tools
+	$(PY) -m pytest -s -ra -m runtime tests/test_runtime.py
 
 demo: venv tools
 	$(VENV)/bin/vppmesh demo

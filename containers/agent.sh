@@ -41,7 +41,7 @@ fi
 # masquerades what it forwards from vppmesh0 (to the outside, and to Service backends
 # in the mesh after kube-proxy's DNAT, so the replies come back through the host), and
 # drops what would go straight back into VPP (a pod address no node owns).
-sysctl -qw net.ipv4.ip_forward=1
+echo 1 > /proc/sys/net/ipv4/ip_forward
 nft -f - <<'NFT'
 table ip vppmesh
 delete table ip vppmesh
