@@ -248,7 +248,7 @@ def test_dockerfile_installs_vpp_from_fdio_or_a_local_tree_and_vppmesh_with_pip(
     assert "--from=vpp . /opt/vpp" in local  # the build context named vpp, never the repo
     base = " ".join(stages["base"])
     for package in ("containernetworking-plugins", "python3-venv", "iproute2", "ethtool",
-                    "util-linux", "nftables"):
+                    "util-linux", "nftables", "iputils-ping"):
         assert package in base
     runs = " ".join(v for i, v in steps if i == "RUN")
     assert "/opt/vppmesh/bin/pip install --no-cache-dir /src" in runs

@@ -17,6 +17,7 @@ line naming what is missing: root, podman, runc, debootstrap, VPP, the CNI plugi
 
 from __future__ import annotations
 
+import base64
 import ipaddress
 import json
 import os
@@ -51,6 +52,8 @@ SERVICE_VIP = "10.96.0.10"  # a Service address the host's nftables DNATs (kube-
 # The processes podman starts (conmon, runc) have a lower hard limit here than a shell.
 NPROC = 32768
 REPORT: dict[str, Any] = {}
+# The operator's step 2 (docs/kubernetes.md): the Secret's placeholder becomes a real PSK.
+PSK = base64.b64encode(os.urandom(32)).decode()
 
 
 def sh(*args: str, check: bool = True, timeout: float = 120, env: dict[str, str] | None = None,
@@ -243,7 +246,7 @@ def volume_args(host: Host, spec: dict[str, Any], container: dict[str, Any],
             source = host.root / "secret" / mount["name"]
             source.mkdir(parents=True, exist_ok=True)
             for key, value in secret.items():
-                (source / key).write_text(value)
+                (source / key).write_text(PSK if value.startswith("REPLACE-") else value)
                 (source / key).chmod(volume["secret"]["defaultMode"])
         else:
             raise AssertionError(f"volume {mount['name']}: kind not handled here")

@@ -33,6 +33,7 @@ from vppmesh.keys import spi_sender, spi_tunnel
 from vppmesh.plan import HOST_LINUX_IFNAME
 from vppmesh.state import is_owned_sa_id, is_owned_tunnel_instance, tunnel_instance
 from vppmesh.underlay import NAT_T_PORT, encapsulation, path
+from vppmesh.uplink import TAG_NIC
 from vppmesh.vpp import interfaces, ipip, ipsec, routes
 from vppmesh.vpp.client import Request, VppApi
 from vppmesh.vpp.stats import StatsReader
@@ -234,7 +235,13 @@ def read_packets(reader: StatsReader | None, indexes: list[int]) -> dict[int, in
 
 
 def find_uplink_interface(api: VppApi, local: Node) -> interfaces.Interface:
-    uplink, _ = interfaces.find_uplink(api, local.uplink, local.primary)
+    ifaces = interfaces.dump_interfaces(api)
+    # After an uplink takeover the wire is the NIC VPP bridges (uplink.py); VPP's own
+    # addresses sit on the bridge's BVI, which sees only VPP's side of the traffic.
+    taken = next((i for i in ifaces if i.tag == TAG_NIC), None)
+    if taken is not None:
+        return taken
+    uplink, _ = interfaces.find_uplink(api, local.uplink, local.primary, ifaces)
     if uplink is None:
         raise VppMeshError(f"no VPP interface holds {local.name}'s primary underlay address "
                            f"{local.primary}; is the mesh up (`vppmesh up`)?")
