@@ -81,3 +81,23 @@ def test_spi_fields_round_trip() -> None:
         for tunnel in range(8):
             spi = spi_for(sender, tunnel, 7)
             assert (spi_sender(spi), spi_tunnel(spi)) == (sender, tunnel)
+
+
+def test_capture_after_an_uplink_takeover_records_the_nic_not_the_bvi() -> None:
+    """With the NIC taken (uplink.py), VPP's underlay addresses sit on the bridge's BVI,
+    a loopback: the wire, where clear text would show, is the bridged NIC."""
+    from fake_vpp import FakeVpp
+
+    from vppmesh.uplink import TAG_NIC
+    from vppmesh.verify import find_uplink_interface
+
+    mesh, _ = make_mesh(2)
+    local = mesh.node("node1")
+    plain = FakeVpp.with_uplink(local.primary)
+    assert find_uplink_interface(plain, local).name == "host-eth0"
+    taken = FakeVpp()
+    bvi = taken._new_iface("loop0", "Loopback", mac="02:fe:ff:00:00:01")
+    taken.addresses[bvi] = [str(local.primary)]
+    nic = taken._new_iface("host-eth0-nic", "af-packet", mac="02:00:00:00:00:01",
+                           tag=TAG_NIC)
+    assert find_uplink_interface(taken, local).sw_if_index == nic
