@@ -364,7 +364,7 @@ def teardown() -> None:
 class Cluster:
     hosts: list[Host]
     image: str
-    pods: dict[str, tuple[Host, str]]  # pod name: (host, address)
+    pods: dict[str, tuple[Host, str]]  # container name: (host, address)
 
 
 @pytest.fixture(scope="module")
@@ -427,7 +427,7 @@ def start_pod(cluster: Cluster, host: Host, name: str) -> str:
                 "vppmesh", POD_IMAGE, "sleep", "infinity", timeout=180)
     REPORT.setdefault("pod_run_seconds", []).append(round(time.monotonic() - started, 2))
     address = pod_address(host, host.container(name))
-    cluster.pods[name] = (host, address)
+    cluster.pods[host.container(name)] = (host, address)
     return address
 
 
@@ -508,8 +508,7 @@ def test_pods_reach_their_host_a_service_and_beyond(cluster: Cluster) -> None:
 def test_vpp_restart_pods_keep_addresses_and_reach_each_other(cluster: Cluster) -> None:
     h1, h2 = cluster.hosts
     a1 = h1.container("pod-a")
-    before = {n: pod_address(h, h.container(n)) for n, (h, _) in cluster.pods.items()
-              if h is h1}
+    before = {n: pod_address(h, n) for n, (h, _) in cluster.pods.items() if h is h1}
     far = next(a for h, a in cluster.pods.values() if h is h2)
     started = time.monotonic()
     h1.podman("rm", "-f", "-t", "5", h1.container("vpp"))
@@ -517,7 +516,7 @@ def test_vpp_restart_pods_keep_addresses_and_reach_each_other(cluster: Cluster) 
     wait("pods across the hosts after VPP's restart",
          lambda: ping(h1, a1, far, 1).returncode == 0, 240, 1)
     REPORT["vpp_restart_to_pods_reachable_seconds"] = round(time.monotonic() - started, 1)
-    after = {n: pod_address(h1, h1.container(n)) for n in before}
+    after = {n: pod_address(h1, n) for n in before}
     assert after == before
     assert ping(h1, a1, HOST_ADDRESSES[0].split("/")[0]).returncode == 0
 
@@ -539,10 +538,31 @@ def test_agent_restart_changes_nothing(cluster: Cluster) -> None:
     assert ping(h1, h1.container("pod-a"), far).returncode == 0
 
 
+def kubelet_del(host: Host, container: str, netns: str) -> subprocess.CompletedProcess[str]:
+    """DEL as a kubelet's runtime sends it: after the pod's namespace is gone."""
+    conflist = json.loads(host.path("/etc/cni/net.d/10-vppmesh.conflist").read_text())
+    conf = {"cniVersion": conflist["cniVersion"], "name": conflist["name"],
+            **conflist["plugins"][0]}
+    container_id = host.podman("inspect", "--format", "{{.Id}}", container).stdout.strip()
+    env = {**host.env(), "CNI_COMMAND": "DEL", "CNI_CONTAINERID": container_id,
+           "CNI_NETNS": netns, "CNI_IFNAME": "eth0",
+           "CNI_PATH": f"{host.path('/opt/cni/bin')}:/usr/lib/cni"}
+    return sh("nsenter", f"--net=/run/netns/{host.netns}",
+              str(host.path("/opt/cni/bin") / "vppmesh-cni"), env=env, check=False,
+              input=json.dumps(conf))
+
+
 def test_podman_rm_releases_addresses_and_vpp_interfaces(cluster: Cluster) -> None:
+    # One pod first as a kubelet would: DEL once its namespace is gone, then the runtime's.
+    name, (host, address) = next(iter(cluster.pods.items()))
+    done = kubelet_del(host, name, f"/run/netns/{PREFIX}gone")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert not host.path(f"/var/lib/cni/networks/vppmesh/{address}").exists()
+    host.podman("rm", "-f", "-t", "0", name)
+    del cluster.pods[name]
     for name, (host, address) in list(cluster.pods.items()):
         assert host.path(f"/var/lib/cni/networks/vppmesh/{address}").exists()
-        host.podman("rm", "-f", "-t", "0", host.container(name))
+        host.podman("rm", "-f", "-t", "0", name)
         assert not host.path(f"/var/lib/cni/networks/vppmesh/{address}").exists()
         del cluster.pods[name]
     for host in cluster.hosts:
