@@ -21,6 +21,7 @@ from enum import IntEnum, StrEnum
 
 from vppmesh.channel.noise import DHLEN, TAGLEN
 
+Address = tuple[str, int]  # (IP address, UDP port) a datagram comes from or goes to
 VERSION = 1
 HEADER = struct.Struct(">BBHH")  # version, type, sender node number, receiver node number
 INIT_FIELDS = struct.Struct(">IQ")  # sender index, timestamp (ns, strictly increasing)

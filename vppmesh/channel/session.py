@@ -52,7 +52,7 @@ from vppmesh.channel.noise import (
 )
 from vppmesh.keys import NodeSecrets, pair_secret
 
-Address = tuple[str, int]  # (IP address, UDP port) as the transport sees it
+Address = m.Address
 
 # Timers, in seconds (WireGuard's where it has one).
 REKEY_AFTER = 120.0  # the session's initiator starts a new handshake after this

@@ -27,9 +27,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from vppmesh.channel.messages import MAX_DATAGRAM, Drop
-
-Address = tuple[str, int]
+from vppmesh.channel.messages import MAX_DATAGRAM, Address, Drop
 
 PACKETDESC = struct.Struct("=Ii")  # sw_if_index, enum punt_action_e (host order, packed)
 PUNT_L2, PUNT_IP4_ROUTED, PUNT_IP6_ROUTED = 0, 1, 2
