@@ -18,97 +18,37 @@ import select
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
-from contextlib import ExitStack
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import vpp_helpers
-from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from test_hostile import errors
 
+from benchmarks.channel import VppPair, vpp_pair
 from vppmesh.channel import messages as m
 from vppmesh.channel import session as s
-from vppmesh.channel.endpoint import PORT, ChannelEndpoint
-from vppmesh.channel.noise import public_bytes
-from vppmesh.channel.transport import PuntTransport
-from vppmesh.keys import NodeSecrets
-from vppmesh.lab.testbed import NodeHandle, Testbed, in_ns
+from vppmesh.channel.endpoint import PORT
+from vppmesh.lab.testbed import in_ns
 from vppmesh.vpp import punt
 from vppmesh.vpp.client import VppClient
 
 pytestmark = [pytest.mark.vpp]
 PREFIX = "vch-"
 BASE = Path("/run/vppmesh-vch")
-PSK = bytes(range(32))
 ATTACKER_NS = f"{PREFIX}evil"
 BURST = 5000
 
 
-@dataclass
-class Pair:
-    bed: Testbed
-    endpoints: dict[int, ChannelEndpoint]
-    addresses: dict[int, tuple[str, int]]
-    events: dict[int, list[s.Event]]
-
-    def pump(self, until: Callable[[], bool], timeout: float = 10.0) -> float:
-        """Run both endpoints (receive, tick) until `until()`; the seconds it took."""
-        start = time.monotonic()
-        while not until():
-            if time.monotonic() - start > timeout:
-                raise AssertionError(f"channel did not get there in {timeout} s: "
-                                     f"{self.events}, drops {self.drops()}")
-            readable, _, _ = select.select(list(self.endpoints.values()), [], [], 0.02)
-            now = time.time()
-            for number, endpoint in self.endpoints.items():
-                if endpoint in readable:
-                    self.events[number] += endpoint.receive(now)
-                self.events[number] += endpoint.tick(now)
-        return time.monotonic() - start
-
-    def drops(self) -> dict[int, dict[str, int]]:
-        return {n: {str(k): v for k, v in e.drops().items()} for n, e in self.endpoints.items()}
-
-    def channel(self, number: int) -> s.Channel:
-        return self.endpoints[number].channel
-
-
-def register(node: NodeHandle, path: Path) -> str:
-    """Punt the channel's port to `path`, both families; VPP's own punt socket path."""
-    with VppClient(node.instance.api_socket).connect() as api:
-        replies = api.call_many([punt.register(PORT, False, path),
-                                 punt.register(PORT, True, path)])
-    return str(replies[0].pathname)
-
-
 @pytest.fixture(scope="module", params=["ipv4", "ipv6"])
-def pair(request: pytest.FixtureRequest) -> Iterator[Pair]:
-    with ExitStack() as stack:
-        bed = stack.enter_context(vpp_helpers.testbed(
-            nodes=2, tunnels=1, pods=0, prefix=PREFIX, base_dir=BASE, join=False,
-            underlay_family=request.param))
-        keys = {n.index: X25519PrivateKey.generate() for n in bed.nodes}
-        addresses = {n.index: (str(n.underlay[0].ip), PORT) for n in bed.nodes}
-        endpoints = {}
-        for node in bed.nodes:
-            client = node.dir / "channel.sock"
-            transport = stack.enter_context(PuntTransport(client, node.instance.punt_socket))
-            assert register(node, client) == str(node.instance.punt_socket)
-            peers = [s.PeerConfig(p, public_bytes(k), addresses[p])
-                     for p, k in keys.items() if p != node.index]
-            channel = s.Channel(node.index, NodeSecrets(keys[node.index], PSK), peers,
-                                boot_id=1000 + node.index)
-            endpoints[node.index] = ChannelEndpoint(
-                channel, transport, {node.underlay[0].ip.version: str(node.underlay[0].ip)})
-        built = Pair(bed, endpoints, addresses, {n.index: [] for n in bed.nodes})
-        built.pump(lambda: built.channel(1).established(2) and built.channel(2).established(1),
-                   timeout=15.0)
+def pair(request: pytest.FixtureRequest) -> Iterator[VppPair]:
+    with vpp_helpers.testbed(nodes=2, tunnels=1, pods=0, prefix=PREFIX, base_dir=BASE,
+                             join=False, underlay_family=request.param) as bed, \
+            vpp_pair(bed) as built:
         yield built
 
 
-def test_channel_vpp_punt_registrations_are_listed_and_removable(pair: Pair) -> None:
+def test_channel_vpp_punt_registrations_are_listed_and_removable(pair: VppPair) -> None:
     node = pair.bed.nodes[0]
     with VppClient(node.instance.api_socket).connect() as api:
         listed = {(r.port, r.ipv6, r.path) for r in punt.registrations(api)}
@@ -122,7 +62,7 @@ def test_channel_vpp_punt_registrations_are_listed_and_removable(pair: Pair) -> 
             (r.port, r.ipv6, r.path) for r in punt.registrations(api)}
 
 
-def test_channel_vpp_handshake_keys_and_acks_through_vpp(pair: Pair) -> None:
+def test_channel_vpp_handshake_keys_and_acks_through_vpp(pair: VppPair) -> None:
     # Both agents' events came through VPP, from the peer VPP's own address.
     assert s.HandshakeComplete(2) in pair.events[1] and s.HandshakeComplete(1) in pair.events[2]
     assert pair.channel(1).endpoint(2) == pair.addresses[2]
@@ -130,13 +70,13 @@ def test_channel_vpp_handshake_keys_and_acks_through_vpp(pair: Pair) -> None:
     # A fresh handshake (the rekey) once ARP/ND is resolved: its round trip through VPP.
     before = pair.channel(1).stats["handshakes_completed"]
     now = time.time()
-    pair.events[1] += pair.endpoints[1].emit(pair.channel(1).tick(now + s.REKEY_AFTER))
+    pair.emit(1, pair.channel(1).tick(now + s.REKEY_AFTER))
     took = pair.pump(lambda: pair.channel(1).stats["handshakes_completed"] > before)
     print(json.dumps({"channel_handshake_rtt_ms": round(took * 1000, 2),
                       "family": pair.bed.spec.underlay_family}))
     assert took < 2.0
     # A generation's ephemeral key exchange, then the receiver's acknowledgements.
-    pair.events[1] += pair.endpoints[1].emit(pair.channel(1).start_generation(time.time(), 2, 5))
+    pair.emit(1, pair.channel(1).start_generation(time.time(), 2, 5))
     pair.pump(lambda: pair.channel(1).generation_secret(2, 5) is not None)
     assert pair.channel(1).generation_secret(2, 5) == pair.channel(2).generation_secret(1, 5)
     pair.events[2] += pair.endpoints[2].send(time.time(), 1, m.SasInstalled(5))
@@ -170,7 +110,7 @@ def send_from_underlay(source: str, target: str, datagrams: list[tuple[bytes, in
 
 
 @pytest.fixture(scope="module")
-def evil(pair: Pair) -> Iterator[str]:
+def evil(pair: VppPair) -> Iterator[str]:
     """An attacker's namespace on the underlay switch, with an address of its own (anyone on
     the path between the nodes); its address."""
     bed = pair.bed
@@ -195,7 +135,7 @@ def evil(pair: Pair) -> Iterator[str]:
         vpp_helpers.sh("ip", "netns", "del", ATTACKER_NS, check=False)
 
 
-def test_channel_vpp_hostile_datagrams_are_dropped_and_counted(pair: Pair, evil: str) -> None:
+def test_channel_vpp_hostile_datagrams_are_dropped_and_counted(pair: VppPair, evil: str) -> None:
     target = pair.addresses[1][0]
     node1 = pair.endpoints[1]
     # Real datagrams of node 2 to node 1, recorded: a handshake init and a transport.
@@ -208,8 +148,7 @@ def test_channel_vpp_hostile_datagrams_are_dropped_and_counted(pair: Pair, evil:
 
     pair.endpoints[2].transport.send = record  # type: ignore[method-assign]
     try:
-        pair.events[2] += pair.endpoints[2].emit(
-            pair.channel(2).tick(time.time() + s.REKEY_AFTER + s.REKEY_RESPONDER_SLACK))
+        pair.emit(2, pair.channel(2).tick(time.time() + s.REKEY_AFTER + s.REKEY_RESPONDER_SLACK))
         before = pair.channel(1).stats["handshakes_completed"]
         pair.pump(lambda: pair.channel(1).stats["handshakes_completed"] > before)
         pair.events[2] += pair.endpoints[2].send(time.time(), 1, m.SasInstalled(6))

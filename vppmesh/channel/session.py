@@ -406,8 +406,10 @@ class Channel:
     def _receive_transport(self, now: float, source: Address, state: _Peer,
                            datagram: m.Transport) -> Output:
         found = self._sessions.get(datagram.receiver_index)
-        if found is None or found[0] is not state or now - found[1].created >= REJECT_AFTER:
-            return self._drop(m.Drop.REPLAY)  # a session this node no longer holds
+        if found is None or found[0] is not state:
+            return self._drop(m.Drop.AUTH)  # no session of that peer has this index
+        if now - found[1].created >= REJECT_AFTER:
+            return self._drop(m.Drop.REPLAY)  # recorded under a session now expired
         session = found[1]
         if not session.window.check(datagram.counter):
             return self._drop(m.Drop.REPLAY)
