@@ -10,7 +10,7 @@ from benchmarks import channel
 
 def test_channel_benchmark_reports_every_case(tmp_path: Path, capsys: object) -> None:
     assert channel.main(["--count", "300", "--peers", "30", "--out", str(tmp_path)]) == 0
-    (written,) = tmp_path.glob("channel-*.json")
+    (written,) = tmp_path.glob("*-channel.json")
     result = json.loads(written.read_text())
     cases = result["in_process"]
     assert cases["forged handshake (bad MAC)"]["dropped_as"] == {"auth": 300}
