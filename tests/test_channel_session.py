@@ -306,3 +306,15 @@ def test_channel_three_nodes_keep_pairs_apart() -> None:
 def test_channel_observed_address_carries_ipv6() -> None:
     message = m.ObservedAddress(ipaddress.ip_address("2001:db8::5"), 4500)
     assert m.decode(m.encode(message)) == message
+
+
+@given(st.sampled_from(list(m.DatagramType)), st.binary(max_size=120))
+@settings(max_examples=300)
+def test_channel_receive_never_raises_and_counts_everything(kind: m.DatagramType,
+                                                            body: bytes) -> None:
+    net = up(Net())
+    node = net.nodes[2]
+    received = node.stats["received"]
+    out = node.receive(1001.0, ADDRESSES[1], m.header(kind, 1, 2) + body)
+    assert out == s.Output()
+    assert sum(node.drops.values()) == 1 and node.stats["received"] == received

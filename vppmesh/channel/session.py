@@ -395,7 +395,6 @@ class Channel:
         if not isinstance(hello, m.Hello):
             return self._drop(m.Drop.MALFORMED)
         state.pending = None
-        state.attempts = 0
         send, receive = handshake.split()
         moved = self._move(state, source)
         out = self._established(now, state, _Session(
@@ -519,6 +518,7 @@ class Channel:
         if state.previous is not None:
             self._sessions.pop(state.previous.local_index, None)
         state.previous, state.current = state.current, session
+        state.attempts = 0
         self._sessions[session.local_index] = (state, session)
         self.stats["handshakes_completed"] += 1
         peer = state.config.node_number
