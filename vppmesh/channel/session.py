@@ -358,13 +358,9 @@ class Channel:
         handshake = HandshakeState(initiator=False, static=self._secrets.private_key,
                                    remote_static=state.config.public_key, psk=self._psk,
                                    prologue=init.signed[:m.HEADER.size + m.INIT_FIELDS.size])
-        self.stats["dh"] += 2
-        try:
-            hello = m.decode(handshake.read_message(init.noise))
-        except NoiseError:
-            return self._drop(m.Drop.AUTH)
-        if not isinstance(hello, m.Hello):
-            return self._drop(m.Drop.MALFORMED)
+        hello = self._read_hello(handshake, init.noise)
+        if isinstance(hello, m.Drop):
+            return self._drop(hello)
         state.last_timestamp = init.timestamp
         state.pending = None
         local = self._fresh_index()
@@ -387,13 +383,9 @@ class Channel:
         if not self._dh_allowed(now, source):
             return self._drop(m.Drop.RATE_LIMITED)
         handshake = pending.handshake
-        self.stats["dh"] += 2
-        try:
-            hello = m.decode(handshake.read_message(response.noise))
-        except NoiseError:
-            return self._drop(m.Drop.AUTH)
-        if not isinstance(hello, m.Hello):
-            return self._drop(m.Drop.MALFORMED)
+        hello = self._read_hello(handshake, response.noise)
+        if isinstance(hello, m.Drop):
+            return self._drop(hello)
         state.pending = None
         send, receive = handshake.split()
         moved = self._move(state, source)
@@ -401,6 +393,15 @@ class Channel:
             pending.local_index, response.sender_index, send, receive, now, initiator=True),
             hello)
         return out.extend(self._moved(now, state) if moved else Output())
+
+    def _read_hello(self, handshake: HandshakeState, noise: bytes) -> m.Hello | m.Drop:
+        """The Hello a handshake message carries: two Diffie-Hellmans, then the AEAD."""
+        self.stats["dh"] += 2
+        try:
+            hello = m.decode(handshake.read_message(noise))
+        except NoiseError:
+            return m.Drop.AUTH
+        return hello if isinstance(hello, m.Hello) else m.Drop.MALFORMED
 
     def _receive_transport(self, now: float, source: Address, state: _Peer,
                            datagram: m.Transport) -> Output:
