@@ -6,7 +6,7 @@ import pytest
 from conftest import make_mesh
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from vppmesh.channel import session as s
@@ -37,6 +37,7 @@ def test_forward_secrecy_key_is_the_documented_hkdf() -> None:
 
 
 @given(SECRETS, SECRETS, st.sampled_from([b"", b"\x07" * 32]), NAMES, NAMES, TUNNELS, EPOCHS)
+@settings(deadline=None)
 def test_forward_secrecy_keys_differ_from_every_static_key(
         shared: bytes, ephemeral: bytes, psk: bytes, sender: str, receiver: str, tunnel: int,
         epoch: int) -> None:
@@ -52,6 +53,7 @@ def test_forward_secrecy_keys_differ_from_every_static_key(
 
 
 @given(SECRETS, SECRETS, SECRETS, TUNNELS, EPOCHS)
+@settings(deadline=None)
 def test_forward_secrecy_every_input_changes_the_key(
         shared: bytes, ephemeral: bytes, other: bytes, tunnel: int, epoch: int) -> None:
     base = dict(sender="n1", receiver="n2", tunnel=tunnel, epoch=epoch)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import ipaddress
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from vppmesh.channel import messages as m
@@ -27,6 +27,7 @@ MESSAGES = st.one_of(
 
 
 @given(MESSAGES)
+@settings(deadline=None)
 def test_channel_messages_round_trip(message: m.Message) -> None:
     data = m.encode(message)
     assert len(data) <= m.MAX_MESSAGE
@@ -34,6 +35,7 @@ def test_channel_messages_round_trip(message: m.Message) -> None:
 
 
 @given(MESSAGES, st.data())
+@settings(deadline=None)
 def test_channel_messages_truncated_or_extended_are_dropped(message: m.Message,
                                                            data: st.DataObject) -> None:
     raw = m.encode(message)
@@ -44,11 +46,13 @@ def test_channel_messages_truncated_or_extended_are_dropped(message: m.Message,
 
 
 @given(st.binary(max_size=200))
+@settings(deadline=None)
 def test_channel_decode_never_raises(data: bytes) -> None:
     assert isinstance(m.decode(data), (m.Drop, *m.Message.__args__))  # type: ignore[attr-defined]
 
 
 @given(st.binary(max_size=300))
+@settings(deadline=None)
 def test_channel_parse_datagram_never_raises(data: bytes) -> None:
     parsed = m.parse_datagram(data)
     assert isinstance(parsed, (m.Drop, m.Init, m.Response, m.Transport))

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from vppmesh.channel.noise import (
@@ -121,6 +121,7 @@ def test_channel_replay_window_accepts_each_counter_once() -> None:
 
 
 @given(st.lists(st.integers(min_value=0, max_value=5000), max_size=200))
+@settings(deadline=None)
 def test_channel_replay_window_matches_a_set_model(counters: list[int]) -> None:
     window, seen, highest = ReplayWindow(), set(), -1
     for counter in counters:

@@ -25,7 +25,7 @@ import pytest
 import vpp_helpers
 from test_hostile import errors
 
-from benchmarks.channel import VppPair, vpp_pair
+from benchmarks.channel import VppPair, register_punt, vpp_pair
 from vppmesh.channel import messages as m
 from vppmesh.channel import session as s
 from vppmesh.channel.endpoint import PORT
@@ -210,3 +210,18 @@ def test_channel_vpp_hostile_datagrams_are_dropped_and_counted(pair: VppPair, ev
     # ... and the channel carries on: a message goes through right after.
     pair.events[2] += pair.endpoints[2].send(time.time(), 1, m.WindowSlid(6))
     pair.pump(lambda: s.PeerAcked(2, "slid", 6) in pair.events[1])
+
+
+def test_channel_vpp_restart_reaches_the_peer(pair: VppPair) -> None:
+    """Node 2's VPP restarts: its agent registers the punt socket again and says so; node
+    1 hears it through the new VPP (the first packets of which find no neighbour yet)."""
+    node2 = pair.bed.nodes[1]
+    pair.bed.restart_vpp(node2)
+    assert register_punt(node2, node2.dir / "channel.sock") == str(node2.instance.punt_socket)
+    pair.emit(2, pair.channel(2).restarted(time.time(), 2000))
+    took = pair.pump(lambda: s.PeerRestarted(2, 2000) in pair.events[1])
+    print(json.dumps({"channel_restart_heard_s": round(took, 3),
+                      "family": pair.bed.spec.underlay_family}))
+    assert took < 5.0
+    pair.emit(2, pair.channel(2).send(time.time(), 1, m.SasInstalled(7)))
+    pair.pump(lambda: s.PeerAcked(2, "installed", 7) in pair.events[1])

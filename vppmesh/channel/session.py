@@ -58,7 +58,7 @@ Address = m.Address
 REKEY_AFTER = 120.0  # the session's initiator starts a new handshake after this
 REKEY_RESPONDER_SLACK = 10.0  # ... and the responder, if the initiator did not
 REJECT_AFTER = 180.0  # a session is never used, either way, after this
-HANDSHAKE_RETRY = 1.0  # first retry of an unanswered handshake; doubles each time
+HANDSHAKE_RETRY = 0.25  # first retry of an unanswered handshake; doubles each time
 HANDSHAKE_RETRY_MAX = 30.0
 KEY_RETRY = 1.0  # resend an unanswered KeyInit
 KEEPALIVE_AFTER = 15.0  # send a keepalive when nothing was sent for this long
@@ -279,12 +279,20 @@ class Channel:
         state.keyed.pop(generation, None)
 
     def restarted(self, now: float, boot_id: int) -> Output:
-        """This node's VPP restarted: tell every peer with a session."""
+        """This node's VPP restarted: tell every peer, reliably.
+
+        A Restarted message goes at once over every session; a fresh VPP has resolved no
+        neighbour yet and may drop it, so a new handshake follows too: its Hello carries
+        the new boot id and it is retried until answered.
+        """
         self.boot_id = boot_id
         out = Output()
         for number, state in self._peers.items():
             if state.current is not None:
                 out.extend(self.send(now, number, m.Restarted(boot_id)))
+            if state.pending is None:
+                state.attempts = 0
+                out.extend(self._initiate(now, state))
         return out
 
     def tick(self, now: float) -> Output:
