@@ -7,11 +7,17 @@ import struct
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from vppmesh.channel import messages as m
+from vppmesh.channel import session as s
 from vppmesh.channel import transport as t
+from vppmesh.channel.endpoint import PORT, ChannelEndpoint
 from vppmesh.channel.messages import MAX_DATAGRAM, Drop
+from vppmesh.channel.noise import public_bytes
+from vppmesh.keys import NodeSecrets
 from vppmesh.startup import Instance, load_profile, render
 from vppmesh.vpp import punt
 
@@ -107,3 +113,57 @@ def test_channel_startup_conf_opens_the_punt_socket(tmp_path: Path) -> None:
     text = render(load_profile("testbed"), instance)
     assert f"punt {{ socket {tmp_path / 'punt.sock'} }}" in text.splitlines()
     assert instance.punt_socket == tmp_path / "punt.sock"
+
+
+def test_channel_endpoints_talk_through_a_relay_standing_in_for_vpp(tmp_path: Path) -> None:
+    """Two endpoints whose VPPs are one relay: it takes what an agent writes to "its
+    VPP's" socket and punts it, framed as VPP frames it, to the agent owning the
+    destination address. The real VPPs do the same in test_channel_vpp."""
+    relay = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    relay.bind(str(tmp_path / "vpp.sock"))
+    relay.setblocking(False)
+    keys = {1: X25519PrivateKey.generate(), 2: X25519PrivateKey.generate()}
+    address = {1: "192.0.2.11", 2: "192.0.2.21"}
+    endpoints = {}
+    for n in (1, 2):
+        peer = 3 - n
+        channel = s.Channel(n, NodeSecrets(keys[n], bytes(32)),
+                            [s.PeerConfig(peer, public_bytes(keys[peer]), (address[peer], PORT))],
+                            boot_id=n)
+        endpoints[n] = ChannelEndpoint(
+            channel, t.PuntTransport(tmp_path / f"agent{n}.sock", tmp_path / "vpp.sock"),
+            {4: address[n]})
+    events: dict[int, list[s.Event]] = {1: [], 2: []}
+
+    def relay_all() -> int:
+        moved = 0
+        while True:
+            try:
+                written = relay.recv(4096)
+            except BlockingIOError:
+                return moved
+            packet = written[t.PACKETDESC.size:]
+            destination = ".".join(str(b) for b in packet[16:20])
+            owner = next(n for n, a in address.items() if a == destination)
+            relay.sendto(punted(packet), str(tmp_path / f"agent{owner}.sock"))
+            moved += 1
+
+    events[1] += endpoints[1].tick(100.0)
+    for _ in range(4):
+        relay_all()
+        for n in (1, 2):
+            events[n] += endpoints[n].receive(100.0)
+    assert s.HandshakeComplete(2) in events[1] and s.HandshakeComplete(1) in events[2]
+    assert endpoints[1].channel.endpoint(2) == (address[2], PORT)  # the relayed source
+    events[2] += endpoints[2].send(101.0, 1, m.WindowSlid(4))
+    relay_all()
+    events[1] += endpoints[1].receive(101.0)
+    assert s.PeerAcked(2, "slid", 4) in events[1]
+    # A destination of a family the node has no address of: counted, not sent.
+    endpoints[1].local.pop(4)
+    endpoints[1].send(102.0, 2, m.Keepalive())
+    assert endpoints[1].channel.stats["no_local_address"] == 1 and relay_all() == 0
+    assert not endpoints[1].drops() and not endpoints[2].drops()
+    for endpoint in endpoints.values():
+        endpoint.transport.close()
+    relay.close()
