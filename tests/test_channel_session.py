@@ -119,8 +119,8 @@ def test_channel_key_offer_collision_keeps_the_lower_nodes_offer() -> None:
 
 def test_channel_acks_restarts_and_keepalives_reach_the_peer() -> None:
     net = up(Net())
-    net.run(2, net.nodes[2].send(1001.0, 1, m.SasInstalled(9)), 1001.0)
-    net.run(2, net.nodes[2].send(1001.0, 1, m.WindowSlid(9)), 1001.0)
+    net.run(2, net.nodes[2].acknowledge(1001.0, 1, "installed", 9), 1001.0)
+    net.run(2, net.nodes[2].acknowledge(1001.0, 1, "slid", 9), 1001.0)
     net.run(2, net.nodes[2].restarted(1002.0, 777), 1002.0)
     acks = [e for e in net.events[1] if isinstance(e, (s.PeerAcked, s.PeerRestarted))]
     assert acks == [s.PeerAcked(2, "installed", 9), s.PeerAcked(2, "slid", 9),
@@ -128,8 +128,27 @@ def test_channel_acks_restarts_and_keepalives_reach_the_peer() -> None:
     assert net.nodes[1].stats["handshakes_completed"] == 2
     sent = len(net.wire)
     net.run(1, net.nodes[1].tick(1002.0 + s.KEEPALIVE_AFTER + 1), 1002.0 + 16)
-    assert len(net.wire) == sent + 1
-    assert net.nodes[1].stats["received"] == 3 and net.nodes[2].stats["received"] == 1
+    assert len(net.wire) == sent + 1  # node 1 has nothing to repeat: a bare keepalive
+    assert net.nodes[2].stats["received"] == 1
+
+
+def test_channel_acknowledgements_are_repeated_until_they_arrive() -> None:
+    net = up(Net())
+    net.lose = {len(net.wire)}
+    net.run(2, net.nodes[2].acknowledge(1001.0, 1, "installed", 4), 1001.0)
+    assert not [e for e in net.events[1] if isinstance(e, s.PeerAcked)]
+    net.run(2, net.nodes[2].tick(1001.0 + s.KEEPALIVE_AFTER), 1001.0 + s.KEEPALIVE_AFTER)
+    assert [e for e in net.events[1] if isinstance(e, s.PeerAcked)] == [
+        s.PeerAcked(2, "installed", 4)]
+    # Repeated in place of every keepalive and over a new session; reported once.
+    later = 1001.0 + 2 * s.KEEPALIVE_AFTER
+    net.run(2, net.nodes[2].tick(later), later)
+    net.run(1, net.nodes[1].tick(1000.0 + s.REKEY_AFTER), later)
+    assert net.nodes[1].stats["received"] >= 3
+    assert [e for e in net.events[1] if isinstance(e, s.PeerAcked)] == [
+        s.PeerAcked(2, "installed", 4)]
+    net.run(2, net.nodes[2].acknowledge(later, 1, "installed", 5), later)
+    assert s.PeerAcked(2, "installed", 5) in net.events[1]
 
 
 def test_channel_restart_reaches_the_peer_when_the_message_is_lost() -> None:
@@ -151,8 +170,8 @@ def test_channel_handshake_hello_reveals_a_restart() -> None:
 
 def test_channel_messages_wait_for_the_handshake() -> None:
     net = Net()
-    net.run(1, net.nodes[1].send(1000.0, 2, m.SasInstalled(1)), 1000.0)
-    assert s.PeerAcked(1, "installed", 1) in net.events[2]
+    net.run(1, net.nodes[1].send(1000.0, 2, m.Restarted(5)), 1000.0)
+    assert s.PeerRestarted(1, 5) in net.events[2]
 
 
 def test_channel_unanswered_handshakes_back_off() -> None:

@@ -79,8 +79,8 @@ def test_channel_vpp_handshake_keys_and_acks_through_vpp(pair: VppPair) -> None:
     pair.emit(1, pair.channel(1).start_generation(time.time(), 2, 5))
     pair.pump(lambda: pair.channel(1).generation_secret(2, 5) is not None)
     assert pair.channel(1).generation_secret(2, 5) == pair.channel(2).generation_secret(1, 5)
-    pair.events[2] += pair.endpoints[2].send(time.time(), 1, m.SasInstalled(5))
-    pair.events[2] += pair.endpoints[2].send(time.time(), 1, m.WindowSlid(5))
+    pair.emit(2, pair.channel(2).acknowledge(time.time(), 1, "installed", 5))
+    pair.emit(2, pair.channel(2).acknowledge(time.time(), 1, "slid", 5))
     pair.pump(lambda: s.PeerAcked(2, "slid", 5) in pair.events[1])
     assert s.PeerAcked(2, "installed", 5) in pair.events[1]
     assert all(not e.drops() for e in pair.endpoints.values())
@@ -151,7 +151,7 @@ def test_channel_vpp_hostile_datagrams_are_dropped_and_counted(pair: VppPair, ev
         pair.emit(2, pair.channel(2).tick(time.time() + s.REKEY_AFTER + s.REKEY_RESPONDER_SLACK))
         before = pair.channel(1).stats["handshakes_completed"]
         pair.pump(lambda: pair.channel(1).stats["handshakes_completed"] > before)
-        pair.events[2] += pair.endpoints[2].send(time.time(), 1, m.SasInstalled(6))
+        pair.emit(2, pair.channel(2).acknowledge(time.time(), 1, "installed", 6))
         pair.pump(lambda: s.PeerAcked(2, "installed", 6) in pair.events[1])
     finally:
         pair.endpoints[2].transport.send = original  # type: ignore[method-assign]
@@ -208,7 +208,7 @@ def test_channel_vpp_hostile_datagrams_are_dropped_and_counted(pair: VppPair, ev
     assert node1.channel.stats["dh"] == dh
     assert len(pair.events[1]) == events
     # ... and the channel carries on: a message goes through right after.
-    pair.events[2] += pair.endpoints[2].send(time.time(), 1, m.WindowSlid(6))
+    pair.emit(2, pair.channel(2).acknowledge(time.time(), 1, "slid", 6))
     pair.pump(lambda: s.PeerAcked(2, "slid", 6) in pair.events[1])
 
 
@@ -223,5 +223,5 @@ def test_channel_vpp_restart_reaches_the_peer(pair: VppPair) -> None:
     print(json.dumps({"channel_restart_heard_s": round(took, 3),
                       "family": pair.bed.spec.underlay_family}))
     assert took < 5.0
-    pair.emit(2, pair.channel(2).send(time.time(), 1, m.SasInstalled(7)))
+    pair.emit(2, pair.channel(2).acknowledge(time.time(), 1, "installed", 7))
     pair.pump(lambda: s.PeerAcked(2, "installed", 7) in pair.events[1])

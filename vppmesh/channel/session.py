@@ -69,6 +69,8 @@ MAX_SOURCES = 4096  # rate-limit buckets kept (least recently used dropped)
 MAX_QUEUE = 32  # messages held for a peer while its handshake runs
 MAC_LABEL = b"vppmesh channel mac v1"
 _MAC_SUITE = Suite.parse(PROTOCOL)
+_ACKS: dict[str, type[m.SasInstalled] | type[m.WindowSlid]] = {
+    "installed": m.SasInstalled, "slid": m.WindowSlid}
 
 
 # ---- events -----------------------------------------------------------------------------
@@ -195,6 +197,10 @@ class _Peer:
     # generation -> (their ephemeral public key, our answer's public key) to re-answer
     answers: dict[int, tuple[bytes, bytes]] = field(default_factory=dict)
     keyed: dict[int, bytes] = field(default_factory=dict, repr=False)
+    # Our latest acknowledgement of each kind to the peer, repeated (see acknowledge),
+    # and the latest of the peer's we reported.
+    acks: dict[str, int] = field(default_factory=dict)
+    heard: dict[str, int] = field(default_factory=dict)
 
 
 def pair_mac_key(static_secret: bytes, psk: bytes) -> bytes:
@@ -271,6 +277,17 @@ class Channel:
         state.offers[generation] = (key, now)
         return self.send(now, peer, m.KeyInit(generation, public_bytes(key)))
 
+    def acknowledge(self, now: float, peer: int, what: str, generation: int) -> Output:
+        """Tell `peer` this node's inbound SAs for `generation` are installed ("installed")
+        or that it slid its window to `generation` ("slid").
+
+        Acknowledgements are states, not events: the latest of each kind is sent now,
+        again over every new session and in place of every keepalive, so a lost one
+        arrives within KEEPALIVE_AFTER; the peer reports each state once.
+        """
+        self._peers[peer].acks[what] = generation
+        return self.send(now, peer, _ACKS[what](generation))
+
     def retire_generation(self, peer: int, generation: int) -> None:
         """Forget everything of `generation`: its private key, answer and secret."""
         state = self._peers[peer]
@@ -318,7 +335,8 @@ class Channel:
                     out.extend(self._transmit(now, state, session,
                                               m.KeyInit(generation, public_bytes(key))))
             if now - state.last_sent >= KEEPALIVE_AFTER:
-                out.extend(self._transmit(now, state, session, m.Keepalive()))
+                for message in self._ack_messages(state) or [m.Keepalive()]:
+                    out.extend(self._transmit(now, state, session, message))
         return out
 
     # ---- receiving ----------------------------------------------------------------------
@@ -453,10 +471,12 @@ class Channel:
                     return self._drop(m.Drop.MALFORMED)
                 state.keyed[g] = secret
                 return Output(events=[GenerationKeyed(peer, g, secret)])
-            case m.SasInstalled(generation=g):
-                return Output(events=[PeerAcked(peer, "installed", g)])
-            case m.WindowSlid(generation=g):
-                return Output(events=[PeerAcked(peer, "slid", g)])
+            case m.SasInstalled(generation=g) | m.WindowSlid(generation=g):
+                what = "installed" if isinstance(message, m.SasInstalled) else "slid"
+                if state.heard.get(what) == g:
+                    return Output()  # a repeat
+                state.heard[what] = g
+                return Output(events=[PeerAcked(peer, what, g)])
             case m.Restarted(boot_id=boot):
                 state.boot_id = boot
                 return Output(events=[PeerRestarted(peer, boot)])
@@ -536,9 +556,13 @@ class Channel:
             out.events.append(PeerRestarted(peer, hello.boot_id))
         state.boot_id = hello.boot_id
         queued, state.queue = state.queue, []
-        for message in queued:
+        for message in queued + self._ack_messages(state):
             out.extend(self._transmit(now, state, session, message))
         return out
+
+    @staticmethod
+    def _ack_messages(state: _Peer) -> list[m.Message]:
+        return [_ACKS[what](g) for what, g in sorted(state.acks.items())]
 
     def _transmit(self, now: float, state: _Peer, session: _Session,
                   message: m.Message) -> Output:
