@@ -177,6 +177,11 @@ def test_takeover_keeps_the_host_online_and_restore_is_exact(bed: UplinkBed) -> 
     ping_vpp = in_ns(PEER_NS, "ping", "-c", "2", "-W", "2", VPP_ADDR.split("/")[0],
                      check=False)
     assert ping_vpp.returncode == 0, ping_vpp.stdout
+    # The host gets each frame once, across VPP's bridge: not also off the NIC itself.
+    assert nic["address"] != eth0["address"]
+    ping_host = in_ns(PEER_NS, "ping", "-c", "4", "-i", "0.2", "-W", "2",
+                      HOST_ADDR.split("/")[0], check=False)
+    assert ping_host.returncode == 0 and "duplicates" not in ping_host.stdout, ping_host.stdout
     with VppClient(bed.instance.api_socket).connect() as api:
         tags = {i.tag for i in interfaces.dump_interfaces(api)}
     assert {"vppmesh-uplink:nic", "vppmesh-uplink:host", "vppmesh-uplink:bvi"} <= tags

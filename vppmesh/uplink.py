@@ -260,6 +260,12 @@ def _take(api: VppApi, saved: SavedUplink) -> None:
             ipr.flush_addr(index=index)
             ipr.link("set", index=index, state="down")
             ipr.link("set", index=index, ifname=saved.nic_name)
+            if saved.spec.driver == "af_packet":
+                # Linux sees every frame VPP reads with af_packet: with the host's MAC it
+                # would take the host's frames itself too, and the host got each twice
+                # (directly and across VPP's bridge). Promiscuous, the NIC still hands
+                # VPP the frames for the host's MAC; restore() gives the MAC back.
+                ipr.link("set", index=index, address=linux.vpp_end_mac(saved.mac))
             ipr.link("set", index=index, state="up")
             _set_promisc(ipr, index, True)
     nic = _vpp_nic(api, saved)
