@@ -198,7 +198,7 @@ class FakeVpp:
     def m_cli_inband(self, cmd: str) -> Any:
         if cmd == "show crypto handlers":
             def cell(engines: list[str], active: str) -> str:
-                return " ".join(e + ("*" if e == active else "") for e in engines)
+                return " ".join(e + ("*" if e == active else "") for e in engines) or "-"
             simple = cell(self.crypto_engines, self.crypto_active)
             chained = cell(self._chained_engines(), self.crypto_chained)
             reply = ("\x1b[33mAlgorithm   \x1b[0m \x1b[33mOp  \x1b[0m \x1b[33mSimple  "

@@ -237,6 +237,9 @@ def up(options: NodeOptions, *, dry_run: bool = False, api: VppApi | None = None
                     notes.append(choice.warning)
             uplink, _ = interfaces.find_uplink(client, desired.uplink,
                                                desired.uplink_addresses[0])
+            if uplink is not None and uplink.admin_up and not uplink.link_up:
+                notes.append(f"uplink {uplink.name} is up but has no link (cable, switch "
+                             "port, or the NIC's driver): no peer is reachable through it")
             if uplink is not None:  # else reconcile() explains what is missing
                 for version in sorted({a.version for a in desired.uplink_addresses}):
                     changes += guard.ensure(client, uplink.sw_if_index, version,

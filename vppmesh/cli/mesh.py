@@ -356,18 +356,24 @@ def pubkey(key: KeyOpt = DEFAULT_KEY) -> None:
 
 @app.command("render-startup")
 def render_startup(
-    profile: Annotated[str, typer.Option(help="Profile name in vpp-startup/, or a path.")
-                       ] = "testbed",
+    profile: Annotated[str, typer.Option(
+        help="Profile name (`vppmesh render-startup --list`), or a path.")] = "testbed",
     runtime_dir: Annotated[Path, typer.Option(help="VPP's runtime directory (sockets, log, "
                                               "pid file).")] = Path("/run/vpp"),
     name: Annotated[str, typer.Option(help="Instance name (shared-memory prefix).")] = "vpp",
     workers: Annotated[int | None, typer.Option(help="Override the profile's workers.")
                        ] = None,
     out: Annotated[Path | None, typer.Option(help="Write here instead of stdout.")] = None,
+    list_profiles: Annotated[bool, typer.Option(
+        "--list", help="List the profiles found, and where, instead.")] = False,
 ) -> None:
     """Write a VPP startup.conf from a profile (workers, crypto engines, buffers, pages)."""
-    from vppmesh.startup import Instance, load_profile, render
+    from vppmesh.startup import Instance, available_profiles, load_profile, render
 
+    if list_profiles:
+        for found, path in available_profiles().items():
+            typer.echo(f"{found:<18} {load_profile(str(path)).description}  ({path})")
+        return
     try:
         text = render(load_profile(profile), Instance(name=name, runtime_dir=runtime_dir),
                       workers=workers)
