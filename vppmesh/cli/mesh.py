@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import json
 import logging
@@ -11,6 +12,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from vppmesh import node as agent
+from vppmesh import presence
 from vppmesh.cli.common import (
     DEFAULT_KEY,
     DEFAULT_MESH,
@@ -126,25 +128,36 @@ def up(
         except ValidationError as exc:
             raise fail(f"--take-uplink/--uplink-driver: {exc.errors()[0]['msg']}") from None
         opts = replace(opts, take_uplink=spec)
-    if datastore is not None:
-        from vppmesh.datastore.agent import follow
+    with presence.running(state_dir, node) if watch else contextlib.nullcontext():
+        if datastore is not None:
+            from vppmesh.datastore.agent import follow
 
+            try:
+                follow(opts, datastore, watch=watch, underlay=underlay or [],
+                       pod_cidr=pod_cidr, node_number=node_number, settings_file=settings,
+                       lease_ttl=lease_ttl, metrics=exporter,
+                       stats_socket=stats_path(api_socket, stats_socket),
+                       nat_public=nat_public, udp_encap=udp_encap)
+            except VppMeshError as exc:
+                raise fail(str(exc)) from None
+            return
         try:
-            follow(opts, datastore, watch=watch, underlay=underlay or [], pod_cidr=pod_cidr,
-                   node_number=node_number, settings_file=settings, lease_ttl=lease_ttl,
-                   metrics=exporter, stats_socket=stats_path(api_socket, stats_socket),
-                   nat_public=nat_public, udp_encap=udp_encap)
+            report_up(agent.up(opts))
         except VppMeshError as exc:
-            raise fail(str(exc)) from None
-        return
-    try:
-        report_up(agent.up(opts))
-    except VppMeshError as exc:
-        if not watch:
-            raise fail(str(exc)) from None
-        log.error("%s", exc)
-    if watch:
-        watch_loop(opts, exporter, stats_path(api_socket, stats_socket), report=report_up)
+            if not watch:
+                raise fail(str(exc)) from None
+            log.error("%s", exc)
+        if watch:
+            watch_loop(opts, exporter, stats_path(api_socket, stats_socket), report=report_up)
+        else:
+            warn_no_agent(state_dir, node)
+
+
+def warn_no_agent(state_dir: Path, node: str) -> None:
+    """Say so when no agent rotates this node's keys (vppmesh/presence.py)."""
+    warning = presence.warning(state_dir, node)
+    if warning:
+        typer.secho(f"warning: {warning}", fg=typer.colors.YELLOW, err=True)
 
 
 def metrics_tls(metrics: str | None, cert: Path | None, key: Path | None,
@@ -184,6 +197,7 @@ def rekey(
     key: KeyOpt = DEFAULT_KEY,
     api_socket: SocketOpt = DEFAULT_API_SOCKET,
     state_dir: StateOpt = DEFAULT_STATE,
+    datastore: DatastoreOpt = None,
 ) -> None:
     """Move every outbound key of this node to its next generation, now.
 
@@ -193,10 +207,11 @@ def rekey(
     """
     opts = options(mesh, node, key, api_socket, state_dir=state_dir)
     try:
-        result = agent.up(opts, rekey=True)
+        result = agent.up(opts, rekey=True, mesh=agent.datastore_mesh(datastore))
     except VppMeshError as exc:
         raise fail(str(exc)) from None
     report_up(result)
+    warn_no_agent(state_dir, node)
     if result.rekey_pending:
         typer.echo(f"rekey deferred towards {', '.join(result.rekey_pending)}: they have not "
                    "yet surely moved to the current generation (no traffic both ways seen "
@@ -274,6 +289,7 @@ def status(
     stats_socket: StatsSocketOpt = None,
     as_json: Annotated[bool, typer.Option("--json")] = False,
     datastore: DatastoreOpt = None,
+    state_dir: StateOpt = DEFAULT_STATE,
 ) -> None:
     """Peers, tunnels, protection and per-SA counters, from VPP itself."""
     from vppmesh.config import load_mesh
@@ -287,6 +303,7 @@ def status(
     except VppMeshError as exc:
         raise fail(str(exc)) from None
     typer.echo(result.model_dump_json(indent=2) if as_json else render_table(result))
+    warn_no_agent(state_dir, node)
     if result.missing_peers or not all(p.healthy for p in result.peers):
         raise typer.Exit(3)
 
@@ -305,6 +322,8 @@ def verify(
     probes: Annotated[bool, typer.Option(
         help="Ping every peer's host link during the window, so there is traffic.")] = True,
     as_json: Annotated[bool, typer.Option("--json")] = False,
+    datastore: DatastoreOpt = None,
+    state_dir: StateOpt = DEFAULT_STATE,
 ) -> None:
     """Prove that this node's mesh traffic is encrypted: tunnels, SA counters, capture."""
     from vppmesh.config import load_mesh
@@ -312,7 +331,7 @@ def verify(
     from vppmesh.verify import verify as run_verify
 
     try:
-        mesh_obj = load_mesh(mesh)
+        mesh_obj = agent.datastore_mesh(datastore) or load_mesh(mesh)
         mesh_obj.node(node)
         with VppClient(api_socket).connect() as client:
             report = run_verify(client, mesh_obj, node,
@@ -325,6 +344,7 @@ def verify(
                                "verdict": report.verdict}, indent=2))
     else:
         typer.echo(render(report))
+    warn_no_agent(state_dir, node)
     if not report.ok:
         raise typer.Exit(3)
 
