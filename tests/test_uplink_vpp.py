@@ -150,12 +150,34 @@ def wait_settled(seconds: float = 1.0, timeout: float = 10.0) -> None:
         time.sleep(0.2)
 
 
-def test_takeover_keeps_the_host_online_and_restore_is_exact(bed: UplinkBed) -> None:
+def require_bpffs() -> None:
+    """af_xdp: libxdp wants a BPF filesystem (it falls back to a single program in a
+    namespace whose /sys hides it, but the mount must exist)."""
+    if not Path("/sys/fs/bpf").is_dir():
+        pytest.skip("no /sys/fs/bpf: af_xdp needs a BPF filesystem")
+    mounted = subprocess.run(["mount", "-t", "bpf"], capture_output=True, text=True).stdout
+    if "/sys/fs/bpf" not in mounted:
+        subprocess.run(["mount", "-t", "bpf", "bpf", "/sys/fs/bpf"], check=True)
+
+
+def vpp_pings(bed: UplinkBed, target: str) -> bool:
+    """VPP itself reaches `target` (its own routes, not the host's)."""
+    with VppClient(bed.instance.api_socket).connect() as api:
+        out = api.cli(f"ping {target} repeat 2 interval 0.2")
+    return " 0% packet loss" in out or "2 received" in out
+
+
+@pytest.mark.parametrize("driver", ["af_packet", "af_xdp"])
+def test_takeover_keeps_the_host_online_and_restore_is_exact(bed: UplinkBed,
+                                                             driver: str) -> None:
+    if driver == "af_xdp":
+        require_bpffs()
     wait_settled()
     before = linux_view()
     assert reaches_peer()
 
-    took = bed.vppmesh("take", "--interface", "eth0", "--address", VPP_ADDR)
+    took = bed.vppmesh("take", "--interface", "eth0", "--address", VPP_ADDR,
+                       "--driver", driver)
     assert took.returncode == 0, took.stdout + took.stderr
     assert "no /dev/vhost-net here" in took.stdout or Path("/dev/vhost-net").exists()
     saved = json.loads((BASE / "state" / "uplink-eth0.json").read_text())
@@ -178,8 +200,12 @@ def test_takeover_keeps_the_host_online_and_restore_is_exact(bed: UplinkBed) -> 
                      check=False)
     assert ping_vpp.returncode == 0, ping_vpp.stdout
     with VppClient(bed.instance.api_socket).connect() as api:
-        tags = {i.tag for i in interfaces.dump_interfaces(api)}
-    assert {"vppmesh-uplink:nic", "vppmesh-uplink:host", "vppmesh-uplink:bvi"} <= tags
+        found = {i.tag: i for i in interfaces.dump_interfaces(api)}
+    assert {"vppmesh-uplink:nic", "vppmesh-uplink:host", "vppmesh-uplink:bvi"} <= set(found)
+    assert found["vppmesh-uplink:nic"].name == ("xdp-eth0" if driver == "af_xdp"
+                                                else "host-eth0-nic")
+    # The host's gateway route (BEHIND_PEER via the peer) is VPP's too.
+    assert vpp_pings(bed, BEHIND_PEER)
 
     restored = bed.vppmesh("restore")
     assert restored.returncode == 0, restored.stdout + restored.stderr
@@ -191,7 +217,8 @@ def test_takeover_keeps_the_host_online_and_restore_is_exact(bed: UplinkBed) -> 
                     if i.tag.startswith("vppmesh-uplink:")]
 
     # Again, and this time VPP dies: restore works from the saved JSON alone.
-    took = bed.vppmesh("take", "--interface", "eth0", "--address", VPP_ADDR)
+    took = bed.vppmesh("take", "--interface", "eth0", "--address", VPP_ADDR,
+                       "--driver", driver)
     assert took.returncode == 0, took.stdout + took.stderr
     assert reaches_peer()
     bed.kill_vpp()

@@ -81,6 +81,9 @@ def up(
         "(`vppmesh uplink take`).")] = None,
     uplink_driver: Annotated[str, typer.Option(
         help="With --take-uplink: af_packet, af_xdp, avf or dpdk.")] = "af_packet",
+    vpp_interface: Annotated[str | None, typer.Option(
+        help="With --uplink-driver avf or dpdk: VPP's name of the port the profile gives "
+        "it (its devices: port_name, e.g. uplink0).")] = None,
     crypto_engine: Annotated[str, typer.Option(
         help="VPP crypto engine for AES-GCM-256: auto (the fastest this CPU and VPP build "
         "have, README: Crypto engines), native, ipsecmb or openssl.")] = "auto",
@@ -124,9 +127,13 @@ def up(
         from vppmesh.uplink import UplinkSpec
 
         try:
-            spec = UplinkSpec(interface=take_uplink, driver=uplink_driver)  # type: ignore[arg-type]
+            spec = UplinkSpec(interface=take_uplink, driver=uplink_driver,  # type: ignore[arg-type]
+                              vpp_interface=vpp_interface)
         except ValidationError as exc:
             raise fail(f"--take-uplink/--uplink-driver: {exc.errors()[0]['msg']}") from None
+    elif vpp_interface is not None:
+        raise fail("--vpp-interface goes with --take-uplink and --uplink-driver avf|dpdk; "
+                   "to name VPP's uplink without a takeover use --uplink (or `uplink:`)", 2)
         opts = replace(opts, take_uplink=spec)
     with presence.running(state_dir, node) if watch else contextlib.nullcontext():
         if datastore is not None:
