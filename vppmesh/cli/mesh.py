@@ -131,10 +131,10 @@ def up(
                               vpp_interface=vpp_interface)
         except ValidationError as exc:
             raise fail(f"--take-uplink/--uplink-driver: {exc.errors()[0]['msg']}") from None
+        opts = replace(opts, take_uplink=spec)
     elif vpp_interface is not None:
         raise fail("--vpp-interface goes with --take-uplink and --uplink-driver avf|dpdk; "
                    "to name VPP's uplink without a takeover use --uplink (or `uplink:`)", 2)
-        opts = replace(opts, take_uplink=spec)
     with presence.running(state_dir, node) if watch else contextlib.nullcontext():
         if datastore is not None:
             from vppmesh.datastore.agent import follow

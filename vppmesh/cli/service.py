@@ -44,7 +44,8 @@ def render_unit(up_args: list[str], command: list[str] | None = None) -> str:
                                                "ignore_unknown_options": True})
 def install_unit(
     ctx: typer.Context,
-    out: Annotated[Path, typer.Option(help="Where to write the unit; - prints it.")
+    out: Annotated[Path, typer.Option(envvar="VPPMESH_UNIT_FILE",
+                                      help="Where to write the unit; - prints it.")
                    ] = UNIT_PATH,
 ) -> None:
     """Write the systemd unit that runs `vppmesh up --watch` (options after -- go to up).

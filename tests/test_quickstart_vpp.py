@@ -1,0 +1,243 @@
+"""The README's quick start, run as written on testbed hosts with the real VPP.
+
+The commands come from README.md itself (its "Quick start on real hosts" section), not
+from a copy, and run in order: a fresh virtualenv, a plain (non-editable) `pip install .`,
+render-startup from the installed package, keygen, the mesh file filled in from the
+README's template, the systemd unit from `vppmesh install-unit`, whose ExecStart line
+runs the agent (it takes each host's NIC), then `vppmesh verify`, which must PASS.
+
+What a test bed cannot do is stood in for, and listed in HOST_SETUP: VPP's packages (the
+testbed runs VPPMESH_VPP with the testbed profile), the symlink onto PATH (the venv's bin
+is on PATH instead) and systemd (the unit's ExecStart runs in the node's namespace).
+Paths under /etc and /var are the node's directory here, given through the environment
+variables the commands read (VPPMESH_MESH, VPPMESH_KEY, ...) and substituted in the
+command lines. Each testbed host starts as the quick start expects: VPP running with no
+uplink, the host's NIC eth0 holding the host's own address.
+
+Skipped with the reason when no VPP binary is found or when not root.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import stop_process, wait_for
+from vpp_helpers import testbed
+
+from vppmesh.lab.testbed import UPLINK_IFNAME, NodeHandle, Testbed, in_ns
+from vppmesh.vpp import host_interfaces
+from vppmesh.vpp.client import VppClient
+
+PREFIX = "vqs-"
+BASE = Path("/run/vppmesh-vqs")
+ROOT = Path(__file__).resolve().parent.parent
+HOST_SETUP = ("curl ", "apt-get ", "ln ", "systemctl ")
+
+
+# ---- the quick start, from README.md ----------------------------------------------------
+def quick_start() -> list[tuple[str, str]]:
+    """The quick start's steps in README order: ("sh", command) or ("yaml", mesh file)."""
+    text = (ROOT / "README.md").read_text()
+    section = text.split("## Quick start on real hosts", 1)[1].split("\n## ", 1)[0]
+    steps: list[tuple[str, str]] = []
+    for kind, body in re.findall(r"```(sh|yaml)\n(.*?)```", section, re.S):
+        body = textwrap.dedent(body)
+        if kind == "yaml":
+            steps.append((kind, body))
+            continue
+        for line in body.replace("\\\n", " ").splitlines():
+            if line.strip():
+                steps.append((kind, " ".join(line.split())))
+    return steps
+
+
+def test_quick_start_has_every_step_in_a_working_order() -> None:
+    """No VPP needed: the README's steps are the ones the real test knows how to run."""
+    steps = quick_start()
+    commands = [c for kind, c in steps if kind == "sh"]
+    first = {name: next(i for i, c in enumerate(commands) if name in c)
+             for name in ("apt-get install", "python3 -m venv", "pip install .",
+                          "render-startup", "keygen", "install-unit", "enable --now",
+                          "verify")}
+    assert list(first) == sorted(first, key=first.__getitem__), first
+    apt = next(c for c in commands if c.startswith("apt-get install"))
+    for package in ("vpp=", "vpp-plugin-core=", "vpp-crypto-engines=", "vpp-drivers="):
+        assert package in apt
+    assert "pip install -e" not in " ".join(commands)
+    mesh_at = next(i for i, (kind, _) in enumerate(steps) if kind == "yaml")
+    keygen_at = next(i for i, (_, c) in enumerate(steps) if "keygen" in c)
+    unit_at = next(i for i, (_, c) in enumerate(steps) if "install-unit" in c)
+    assert keygen_at < mesh_at < unit_at
+    for command in commands:
+        assert command.startswith((*HOST_SETUP, "python3 ", "/opt/vppmesh/bin/pip ",
+                                   "vppmesh ", "(umask 077;")), command
+
+
+# ---- running it --------------------------------------------------------------------------
+def host_address(node: NodeHandle) -> str:
+    """The host's own address on its NIC (VPP's underlay addresses are others)."""
+    return f"192.0.2.{200 + node.index}/24"
+
+
+class Host:
+    """One testbed node as a quick-start host: its /etc and /var stand-ins and env."""
+
+    def __init__(self, bed: Testbed, node: NodeHandle, venv: Path) -> None:
+        self.node = node
+        self.etc = node.dir / "etc"
+        self.etc.mkdir(parents=True, exist_ok=True)
+        self.unit = node.dir / "vppmesh.service"
+        self.env = {
+            **os.environ,
+            "PATH": f"{venv / 'bin'}:{os.environ['PATH']}",
+            "VPPMESH_MESH": str(self.etc / "mesh.yaml"),
+            "VPPMESH_KEY": str(self.etc / "private.key"),
+            "VPPMESH_STATE_DIR": str(node.dir / "state"),
+            "VPPMESH_API_SOCKET": str(node.instance.api_socket),
+            "VPPMESH_UNIT_FILE": str(self.unit),
+        }
+        self.env.pop("VIRTUAL_ENV", None)
+        self.agent: subprocess.Popen[bytes] | None = None
+
+    def substitute(self, command: str, venv: Path) -> str:
+        return (command.replace("/etc/vppmesh", str(self.etc))
+                .replace("/etc/vpp/", f"{self.etc}/vpp-")
+                .replace("/opt/vppmesh", str(venv))
+                .replace("node1", self.node.name))
+
+    def run(self, command: str) -> subprocess.CompletedProcess[str]:
+        result = subprocess.run(["ip", "netns", "exec", self.node.netns, "bash", "-c",
+                                 command], env=self.env, capture_output=True, text=True,
+                                timeout=120, check=False)
+        assert result.returncode == 0 or command.startswith("vppmesh verify"), \
+            f"{command}: {result.stdout}{result.stderr}"
+        return result
+
+    def start_unit(self) -> None:
+        """What `systemctl enable --now vppmesh` runs: the unit's ExecStart."""
+        line = next(v for k, _, v in (ln.partition("=") for ln in
+                                      self.unit.read_text().splitlines()) if k == "ExecStart")
+        argv = shlex.split(line.replace("%%", "%").replace("$$", "$"))
+        log = open(self.node.dir / "agent.log", "w")  # noqa: SIM115 - handed to the child
+        self.agent = subprocess.Popen(["ip", "netns", "exec", self.node.netns, *argv],
+                                      env=self.env, stdout=log, stderr=subprocess.STDOUT)
+
+    def log(self) -> str:
+        path = self.node.dir / "agent.log"
+        return path.read_text() if path.exists() else ""
+
+
+def fill_mesh(template: str, hosts: list[Host], public_keys: dict[str, str]) -> str:
+    """The README's mesh file with the testbed's nodes in place of node1, node2, ..."""
+    lines = [line for line in template.splitlines()
+             if line.strip() not in ("...", "- name: node2")]
+    data = yaml.safe_load("\n".join(lines).replace("<output of vppmesh keygen on node1>", "KEY"))
+    example = data["nodes"][0]
+    nodes = []
+    for host in hosts:
+        node = host.node
+        nodes.append({**example, "name": node.name, "node_number": node.index,
+                      "underlay": [str(a) for a in node.underlay],
+                      "pod_cidr": str(node.pod_cidr), "public_key": public_keys[node.name]})
+    return yaml.safe_dump({"settings": data["settings"], "nodes": nodes}, sort_keys=False)
+
+
+@pytest.fixture
+def bed() -> Iterator[Testbed]:
+    with testbed(nodes=2, tunnels=4, pods=0, prefix=PREFIX, base_dir=BASE,
+                 join=False) as built:
+        for node in built.nodes:
+            # As the quick start finds a host: VPP without uplink, the NIC the host's.
+            with VppClient(node.instance.api_socket).connect() as api:
+                api.call(host_interfaces.delete_af_packet(UPLINK_IFNAME))
+            in_ns(node.netns, "ip", "addr", "add", host_address(node), "dev", UPLINK_IFNAME)
+            in_ns(node.netns, "ip", "link", "set", UPLINK_IFNAME, "up")
+        yield built
+
+
+@pytest.mark.vpp
+@pytest.mark.root
+def test_quick_start_as_written(bed: Testbed) -> None:
+    venv = BASE / "venv"
+    hosts = [Host(bed, node, venv) for node in bed.nodes]
+    public_keys: dict[str, str] = {}
+    skipped: list[str] = []
+    timings: dict[str, float] = {}
+    started = time.monotonic()
+    try:
+        for kind, step in quick_start():
+            if kind == "yaml":
+                mesh = fill_mesh(step.replace("/etc/vppmesh", "/ETC"), hosts, public_keys)
+                for host in hosts:  # "copy it to every node"
+                    (host.etc / "mesh.yaml").write_text(mesh.replace("/ETC/", f"{host.etc}/"))
+                continue
+            if step.startswith("systemctl enable --now"):
+                for host in hosts:
+                    host.start_unit()
+                for host in hosts:
+                    try:
+                        wait_for(lambda h=host: f"node {h.node.name}: " in h.log(),  # type: ignore[misc]
+                                 60, f"{host.node.name}'s agent to program the mesh")
+                    except AssertionError as exc:
+                        raise AssertionError(f"{exc}:\n{host.log()[:6000]}") from None
+                timings["agents"] = time.monotonic() - started
+                skipped.append(step)
+                continue
+            if step.startswith(HOST_SETUP):
+                skipped.append(step)
+                continue
+            began = time.monotonic()
+            if step.startswith(("python3 ", "/opt/vppmesh/bin/pip ")):  # once per machine
+                command = step.replace("/opt/vppmesh", str(venv))
+                done = subprocess.run(["bash", "-c", command], cwd=ROOT, capture_output=True,
+                                      text=True, timeout=600, check=False)
+                assert done.returncode == 0, f"{command}: {done.stdout}{done.stderr}"
+                timings[step.split()[0].rsplit("/", 1)[-1] + " " + step.split()[1]] = \
+                    time.monotonic() - began
+                continue
+            if "/etc/vppmesh/psk" in step:  # once for the mesh, copied with the mesh file
+                hosts[0].run(hosts[0].substitute(step, venv))
+                for host in hosts[1:]:
+                    psk = host.etc / "psk"
+                    psk.write_bytes((hosts[0].etc / "psk").read_bytes())
+                    psk.chmod(0o600)
+                continue
+            for host in hosts:
+                result = host.run(host.substitute(step, venv))
+                if " keygen " in f" {step} ":
+                    public_keys[host.node.name] = result.stdout.strip()
+                if step.startswith("vppmesh render-startup"):
+                    # The xl710-avf profile, from the installed package.
+                    conf = (host.etc / "vpp-startup.conf").read_text()
+                    assert "dev pci/0000:3b:02.0" in conf and "driver iavf" in conf
+                if step.startswith("vppmesh verify"):
+                    assert result.returncode == 0, result.stdout + result.stderr + host.log()
+                    assert "PASS" in result.stdout
+                    # The agent runs: no warning that keys would not rotate.
+                    assert "no `vppmesh up --watch` agent" not in result.stderr
+                    timings["verify"] = time.monotonic() - started
+        assert skipped == [c for k, c in quick_start() if k == "sh"
+                           and c.startswith(HOST_SETUP)]
+        installed = venv / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}"
+        # Not editable: the package (and its profiles and unit) are in site-packages.
+        assert list(installed.glob("site-packages/vppmesh/profiles/xl710-avf.yaml"))
+        assert not list(installed.glob("site-packages/__editable__*"))
+        for host in hosts:
+            assert "--take-uplink eth0" in host.unit.read_text()
+            assert (host.node.dir / "state" / f"uplink-{UPLINK_IFNAME}.json").exists()
+        print("\nquick start timings (s from the first step): " +
+              ", ".join(f"{k} {v:.1f}" for k, v in timings.items()))
+    finally:
+        for host in hosts:
+            if host.agent is not None:
+                stop_process(host.agent)
