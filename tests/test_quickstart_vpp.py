@@ -19,6 +19,7 @@ Skipped with the reason when no VPP binary is found or when not root.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -32,10 +33,10 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import stop_process, wait_for
-from vpp_helpers import testbed
+from vpp_helpers import iperf3_server, ping_ok, testbed
 
 from vppmesh.lab.testbed import UPLINK_IFNAME, NodeHandle, Testbed, in_ns
-from vppmesh.vpp import host_interfaces
+from vppmesh.vpp import host_interfaces, interfaces
 from vppmesh.vpp.client import VppClient
 
 PREFIX = "vqs-"
@@ -202,8 +203,7 @@ def test_quick_start_as_written(bed: Testbed) -> None:
                 done = subprocess.run(["bash", "-c", command], cwd=ROOT, capture_output=True,
                                       text=True, timeout=600, check=False)
                 assert done.returncode == 0, f"{command}: {done.stdout}{done.stderr}"
-                timings[step.split()[0].rsplit("/", 1)[-1] + " " + step.split()[1]] = \
-                    time.monotonic() - began
+                timings[" ".join(step.split()[:3])] = time.monotonic() - began
                 continue
             if "/etc/vppmesh/psk" in step:  # once for the mesh, copied with the mesh file
                 hosts[0].run(hosts[0].substitute(step, venv))
@@ -241,3 +241,93 @@ def test_quick_start_as_written(bed: Testbed) -> None:
         for host in hosts:
             if host.agent is not None:
                 stop_process(host.agent)
+
+
+def mesh_ip(node: NodeHandle) -> str:
+    """The node's host link address in the mesh (the first of its pod CIDR)."""
+    return str(next(node.pod_cidr.hosts()))
+
+
+def vppmesh(bed: Testbed, node: NodeHandle, *args: str) -> subprocess.CompletedProcess[str]:
+    """This checkout's vppmesh in the node's namespace, with the testbed's files."""
+    return in_ns(node.netns, sys.executable, "-m", "vppmesh", *args, *bed.vppmesh_args(node),
+                 "--state-dir", str(node.dir), check=False, timeout=120)
+
+
+def iperf_gbits(src: NodeHandle, dst: NodeHandle, seconds: int = 5) -> tuple[float, int]:
+    """TCP from src's host link to dst's (4 streams): Gbit/s received, retransmits."""
+    server = iperf3_server(dst.netns)
+    try:
+        time.sleep(0.5)
+        out = in_ns(src.netns, "iperf3", "-c", mesh_ip(dst), "-t", str(seconds),
+                    "-P", "4", "-J", check=False, timeout=seconds + 30).stdout
+    finally:
+        stop_process(server)
+    end = json.loads(out)["end"]
+    return end["sum_received"]["bits_per_second"] / 1e9, end["sum_sent"]["retransmits"]
+
+
+@pytest.mark.vpp
+@pytest.mark.root
+def test_mesh_over_af_xdp_uplinks_and_restore(bed: Testbed) -> None:
+    """`up --take-uplink eth0 --uplink-driver af_xdp`: the mesh runs over VPP's af_xdp
+    NICs, and `uplink restore` gives each host its NIC back."""
+    from test_uplink_vpp import require_bpffs
+
+    require_bpffs()
+    for node in bed.nodes:
+        done = vppmesh(bed, node, "up", "--key", str(node.key_file), "--host-link",
+                       "af_packet", "--take-uplink", UPLINK_IFNAME, "--uplink-driver", "af_xdp")
+        assert done.returncode == 0, done.stdout + done.stderr
+        with VppClient(node.instance.api_socket).connect() as api:
+            names = {i.name for i in interfaces.dump_interfaces(api)}
+        assert f"xdp-{UPLINK_IFNAME}" in names
+    n1, n2 = bed.nodes
+    wait_for(lambda: ping_ok(n1.netns, mesh_ip(n2)), 10, "n1 -> n2 over the mesh")
+    checked = vppmesh(bed, n1, "verify")
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    # The host keeps its own address and reaches the other host, through VPP's bridge.
+    assert ping_ok(n1.netns, host_address(n2).split("/")[0])
+    gbits, retransmits = iperf_gbits(n1, n2)
+    print(f"\naf_xdp uplinks: iperf3 host link n1 -> n2 over the mesh: {gbits:.3f} Gbit/s, "
+          f"{retransmits} retransmits")
+    assert gbits > 0
+    for node in bed.nodes:
+        restored = in_ns(node.netns, sys.executable, "-m", "vppmesh", "uplink", "restore",
+                         "--api-socket", str(node.instance.api_socket), "--state-dir",
+                         str(node.dir), check=False, timeout=60)
+        assert restored.returncode == 0, restored.stdout + restored.stderr
+        assert not (node.dir / f"uplink-{UPLINK_IFNAME}.json").exists()
+        link = json.loads(in_ns(node.netns, "ip", "-j", "addr", "show", UPLINK_IFNAME).stdout)
+        assert link[0]["link_type"] == "ether" and "UP" in link[0]["flags"]
+        assert host_address(node).split("/")[0] in {a["local"] for a in link[0]["addr_info"]}
+    # Linux's NIC again, no VPP in the path: the hosts still reach each other.
+    wait_for(lambda: ping_ok(n1.netns, host_address(n2).split("/")[0]), 10, "host to host")
+
+
+@pytest.mark.vpp
+@pytest.mark.root
+def test_uplink_option_alone_carries_traffic(bed: Testbed) -> None:
+    """`uplink:` names a VPP interface with no address and down: `up` puts the underlay
+    addresses on it and brings it up, and the mesh carries traffic."""
+    data = yaml.safe_load(bed.mesh_file.read_text())
+    for node in bed.nodes:
+        with VppClient(node.instance.api_socket).connect() as api:
+            api.call(host_interfaces.create_af_packet(UPLINK_IFNAME,
+                                                      f"02:fe:aa:00:00:0{node.index}"))
+        next(n for n in data["nodes"] if n["name"] == node.name)["uplink"] = \
+            f"host-{UPLINK_IFNAME}"
+    bed.mesh_file.write_text(yaml.safe_dump(data, sort_keys=False))
+    for node in bed.nodes:
+        done = vppmesh(bed, node, "up", "--key", str(node.key_file), "--host-link", "af_packet")
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert "~ uplink admin up" in done.stdout
+        with VppClient(node.instance.api_socket).connect() as api:
+            uplink = next(i for i in interfaces.dump_interfaces(api)
+                          if i.name == f"host-{UPLINK_IFNAME}")
+            assert uplink.admin_up
+            assert set(node.underlay) <= set(interfaces.dump_addresses(api, uplink.sw_if_index))
+    n1, n2 = bed.nodes
+    wait_for(lambda: ping_ok(n1.netns, mesh_ip(n2)), 10, "n1 -> n2 over the mesh")
+    checked = vppmesh(bed, n2, "verify")
+    assert checked.returncode == 0, checked.stdout + checked.stderr
