@@ -19,6 +19,7 @@ Skipped with the reason when no VPP binary is found or when not root.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import re
@@ -33,10 +34,20 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import stop_process, wait_for
-from vpp_helpers import iperf3_server, ping_ok, testbed
+from etcd_server import require_etcd
+from vpp_helpers import (
+    etcd_url,
+    iperf3_server,
+    management_etcd,
+    on_demand_rekeys,
+    ping_ok,
+    start_datastore_agent,
+    testbed,
+)
 
 from vppmesh.lab.testbed import UPLINK_IFNAME, NodeHandle, Testbed, in_ns
-from vppmesh.vpp import host_interfaces, interfaces
+from vppmesh.state import is_owned_sa_id, is_owned_tunnel_instance
+from vppmesh.vpp import host_interfaces, interfaces, ipip, ipsec, routes
 from vppmesh.vpp.client import VppClient
 
 PREFIX = "vqs-"
@@ -331,3 +342,78 @@ def test_uplink_option_alone_carries_traffic(bed: Testbed) -> None:
     wait_for(lambda: ping_ok(n1.netns, mesh_ip(n2)), 10, "n1 -> n2 over the mesh")
     checked = vppmesh(bed, n2, "verify")
     assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
+def outbound_generations(node: NodeHandle) -> set[int]:
+    """Key generations of the outbound SAs protecting the node's tunnels."""
+    with VppClient(node.instance.api_socket).connect() as api:
+        owned = {t.sw_if_index for t in ipip.dump_tunnels(api)
+                 if is_owned_tunnel_instance(t.instance)}
+        return {(sa_out >> 24) & 0xF for index, (sa_out, _) in
+                ipsec.dump_protections(api).items() if index in owned}
+
+
+@pytest.mark.vpp
+@pytest.mark.root
+def test_datastore_mode_rekey_verify_status_plan_down() -> None:
+    """Every node command with --datastore, as in file mode; `down` leaves an operator's
+    route in the mesh table, and so the table."""
+    with testbed(require_etcd, join=False, prefix=PREFIX, base_dir=BASE, nodes=2,
+                 tunnels=2, pods=0) as bed, management_etcd(bed, f"{PREFIX}etcd") as etcd:
+        on_demand_rekeys(bed, grace=1.0)
+        url = etcd_url(etcd)
+        agents = {n.name: start_datastore_agent(bed, n, url) for n in bed.nodes}
+        n1, n2 = bed.nodes
+
+        def run(node: NodeHandle, *args: str) -> subprocess.CompletedProcess[str]:
+            return in_ns(node.netns, sys.executable, "-m", "vppmesh", *args, "--datastore",
+                         url, "--node", node.name, "--api-socket",
+                         str(node.instance.api_socket), "--state-dir", str(node.dir),
+                         check=False, timeout=120)
+
+        try:
+            wait_for(lambda: ping_ok(n1.netns, mesh_ip(n2)) and ping_ok(n2.netns, mesh_ip(n1)),
+                     60, "the datastore mesh")
+            checked = run(n1, "verify")
+            assert checked.returncode == 0, checked.stdout + checked.stderr
+            assert "PASS" in checked.stdout
+            assert "no `vppmesh up --watch` agent" not in checked.stderr
+            status = run(n1, "status")
+            assert status.returncode == 0, status.stdout + status.stderr
+            assert "n2" in status.stdout
+            planned = run(n1, "plan", "--key", str(n1.key_file))
+            assert planned.returncode == 0, planned.stdout + planned.stderr
+            assert planned.stdout.strip().endswith("0 change(s)"), planned.stdout
+
+            before = outbound_generations(n1)
+            for _ in range(3):  # traffic both ways: n2 surely has the current generation
+                ping_ok(n1.netns, mesh_ip(n2))
+                time.sleep(1)
+            rekeyed = run(n1, "rekey", "--key", str(n1.key_file))
+            assert rekeyed.returncode == 0, rekeyed.stdout + rekeyed.stderr
+            wait_for(lambda: outbound_generations(n1) == {max(before) + 1}, 30,
+                     f"n1 sending on generation {max(before) + 1}")
+            wait_for(lambda: ping_ok(n1.netns, mesh_ip(n2)), 10, "n1 -> n2 after the rekey")
+            checked = run(n2, "verify")
+            assert checked.returncode == 0, checked.stdout + checked.stderr
+
+            stop_process(agents.pop(n1.name), grace=10.0)
+            with VppClient(n1.instance.api_socket).connect() as api:
+                table = bed.spec.mesh_table_id
+                own = api.call(interfaces.create_loopback("02:00:00:00:00:0b")).sw_if_index
+                api.call(routes.route(table, ipaddress.IPv4Network("10.99.0.0/16"),
+                                      [own], True))
+            down = run(n1, "down")
+            assert down.returncode == 0, down.stdout + down.stderr
+            assert f"kept table {table}: 1 route(s) in it are not vppmesh's" in down.stdout
+            with VppClient(n1.instance.api_socket).connect() as api:
+                assert not [t for t in ipip.dump_tunnels(api)
+                            if is_owned_tunnel_instance(t.instance)]
+                assert not [s for s in ipsec.dump_sas(api) if is_owned_sa_id(s.spec.sa_id)]
+                kept = routes.dump_routes(api, table)
+                assert list(kept) == [ipaddress.IPv4Network("10.99.0.0/16")]
+            # n2 hears that n1 left (its record is gone) and removes its tunnels to it.
+            wait_for(lambda: not outbound_generations(n2), 30, "n2 dropping n1's tunnels")
+        finally:
+            for proc in agents.values():
+                stop_process(proc, grace=10.0)

@@ -263,9 +263,10 @@ def plan(
     workers: Annotated[int | None, typer.Option(
         help="Worker count to plan for when VPP is not running.")] = None,
     datastore: DatastoreOpt = None,
+    state_dir: StateOpt = DEFAULT_STATE,
 ) -> None:
     """Dry run: the ordered changes `up` would make (everything, when VPP is not running)."""
-    opts = options(mesh, node, key, api_socket)
+    opts = options(mesh, node, key, api_socket, state_dir=state_dir)
     try:
         mesh_obj, secrets = agent.load_inputs(opts, agent.datastore_mesh(datastore))
         try:
