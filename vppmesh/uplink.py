@@ -391,9 +391,12 @@ def restore(api: VppApi | None, state_dir: Path, ifname: str) -> list[str]:
                  and i.tag == TAG_HOST), None)
             if host is not None:
                 api.call(host_interfaces.delete_tap(host.sw_if_index))
-        else:
+        # Only what VPP still has: a second restore (avf/dpdk: after the NIC came back to
+        # Linux) finds VPP's side gone, and VPP refuses to delete a missing af_packet.
+        opened = host_interfaces.dump_af_packet(api)
+        if saved.host_link == "veth" and saved.veth_peer in opened:
             api.call(host_interfaces.delete_af_packet(saved.veth_peer))
-        if saved.spec.driver == "af_packet":
+        if saved.spec.driver == "af_packet" and saved.nic_name in opened:
             api.call(host_interfaces.delete_af_packet(saved.nic_name))
         elif saved.spec.driver == "af_xdp" and TAG_NIC in found:
             api.call(Request("af_xdp_delete", {"sw_if_index": found[TAG_NIC].sw_if_index},
