@@ -33,7 +33,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import stop_process, wait_for
+from conftest import require_vpp, stop_process, wait_for
 from etcd_server import require_etcd
 from vpp_helpers import (
     etcd_url,
@@ -45,10 +45,23 @@ from vpp_helpers import (
     testbed,
 )
 
-from vppmesh.lab.testbed import UPLINK_IFNAME, NodeHandle, Testbed, in_ns
+from vppmesh import engines
+from vppmesh.errors import ConfigError
+from vppmesh.lab.testbed import (
+    UPLINK_IFNAME,
+    NodeHandle,
+    Testbed,
+    destroy,
+    find_vpp,
+    in_ns,
+    sh,
+    start_vpp,
+)
+from vppmesh.startup import Instance, load_profile, render
 from vppmesh.state import is_owned_sa_id, is_owned_tunnel_instance
-from vppmesh.vpp import host_interfaces, interfaces, ipip, ipsec, routes
+from vppmesh.vpp import compat, host_interfaces, interfaces, ipip, ipsec, routes
 from vppmesh.vpp.client import VppClient
+from vppmesh.vpp.compat import VppIncompatibleError
 
 PREFIX = "vqs-"
 BASE = Path("/run/vppmesh-vqs")
@@ -417,3 +430,36 @@ def test_datastore_mode_rekey_verify_status_plan_down() -> None:
         finally:
             for proc in agents.values():
                 stop_process(proc, grace=10.0)
+
+
+@pytest.mark.vpp
+@pytest.mark.root
+def test_missing_crypto_engine_untested_release_and_changed_message_are_refused(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A VPP without crypto engines (no vpp-crypto-engines) makes `up` stop, naming the
+    package; a release or an API message vppmesh does not know is refused at connect."""
+    require_vpp()
+    prefix, base = f"{PREFIX}x", BASE / "refused"
+    instance = Instance(name=prefix, runtime_dir=base)
+    profile = load_profile("testbed").model_copy(update={"crypto_engines": []})
+    destroy(prefix, base, quiet=True)
+    sh("ip", "netns", "add", prefix)
+    try:
+        start_vpp(find_vpp(), prefix, instance, base, render(profile, instance))
+        with VppClient(instance.api_socket).connect() as api:
+            assert api.vpp_version is not None and api.vpp_version.startswith("26.06")
+            with pytest.raises(ConfigError, match=r"no crypto engine.*vpp-crypto-engines"):
+                engines.ensure(api, "auto")
+        with monkeypatch.context() as patched:
+            patched.setitem(compat.CRCS, "ip_route_add_del", "0x00000000")
+            with pytest.raises(VppIncompatibleError, match=r"ip_route_add_del \(VPP 0x"):
+                VppClient(instance.api_socket).connect()
+        with monkeypatch.context() as patched:
+            patched.setattr(compat, "TESTED_RELEASES", ("25.10",))
+            with pytest.raises(VppIncompatibleError,
+                               match=r"VPP 26\.06.*tested: 25\.10.*VPPMESH_UNTESTED_VPP"):
+                VppClient(instance.api_socket).connect()
+            patched.setenv(compat.UNTESTED_ENV, "1")
+            VppClient(instance.api_socket).connect().close()
+    finally:
+        destroy(prefix, base, quiet=True)

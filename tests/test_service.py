@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -40,6 +41,11 @@ def test_unit_runs_up_watch_after_vpp_without_dying_with_it(tmp_path: Path) -> N
     assert "Requires" not in fields and "BindsTo" not in fields
     assert fields["Restart"] == ["always"]
     assert fields["WantedBy"] == ["multi-user.target"]
+    if shutil.which("systemd-analyze"):  # systemd's own reading of the unit
+        checked = subprocess.run(["systemd-analyze", "verify", str(out)],
+                                 capture_output=True, text=True, check=False)
+        assert checked.returncode == 0 and "vppmesh.service" not in checked.stderr, \
+            checked.stderr
 
 
 def test_unit_quotes_and_escapes_for_systemd() -> None:
