@@ -76,6 +76,11 @@ class Instance(BaseModel):
         return self.runtime_dir / "stats.sock"
 
     @property
+    def punt_socket(self) -> Path:
+        """VPP's end of the punt socket: what the agent writes here, VPP sends."""
+        return self.runtime_dir / "punt.sock"
+
+    @property
     def log_file(self) -> Path:
         return self.runtime_dir / "vpp.log"
 
@@ -148,6 +153,9 @@ def render(profile: Profile, instance: Instance, *, workers: int | None = None) 
         "}",
         f"api-segment {{ prefix {instance.name} }}",
         f"socksvr {{ socket-name {instance.api_socket} }}",
+        # The agents' channel (vppmesh/channel) sends and receives through it; without
+        # it punt_socket_register fails. Unused, it costs one idle unix socket.
+        f"punt {{ socket {instance.punt_socket} }}",
         f"memory {{ main-heap-size {profile.main_heap_size} main-heap-page-size {page} }}",
         f"buffers {{ buffers-per-numa {profile.buffers_per_numa} page-size {page} }}",
         f"statseg {{ socket-name {instance.stats_socket} size {profile.statseg_size} "
