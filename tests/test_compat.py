@@ -41,7 +41,8 @@ def test_every_message_the_code_uses_has_a_crc() -> None:
     used = messages_named_in_code()
     assert {"ipsec_sad_entry_add_v2", "ipip_add_tunnel", "show_version"} <= used
     missing = sorted(used - set(compat.CRCS))
-    assert not missing, f"add these to compat.CRCS (python -m vppmesh.vpp.compat): {missing}"
+    fix = f"python -m vppmesh.vpp.compat API_DIR {' '.join(missing)}"
+    assert not missing, f"add these to compat.CRCS ({fix}): {missing}"
 
 
 def test_crcs_are_the_installed_vpps() -> None:

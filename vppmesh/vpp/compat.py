@@ -16,7 +16,7 @@ with CRCs) plus one `show_version`:
 CRCS is the set of messages the code in vppmesh/ sends, with their replies and details
 messages, as VPP 26.06 defines them; tests/test_compat.py checks that it covers every
 message the code names and regenerates it from VPP's .api.json files
-(`python -m vppmesh.vpp.compat /usr/share/vpp/api` prints the table).
+(`python -m vppmesh.vpp.compat /usr/share/vpp/api [NEW_MESSAGE ...]` prints the table).
 """
 
 from __future__ import annotations
@@ -115,6 +115,12 @@ CRCS: dict[str, str] = {
     "pcap_trace_off_reply": "0xe8d4e804",
     "pcap_trace_on": "0xcb39e968",
     "pcap_trace_on_reply": "0xe8d4e804",
+    "punt_socket_deregister": "0x75afa766",
+    "punt_socket_deregister_reply": "0xe8d4e804",
+    "punt_socket_details": "0x330466e4",
+    "punt_socket_dump": "0x916fb004",
+    "punt_socket_register": "0x7875badb",
+    "punt_socket_register_reply": "0xbd30ae90",
     "show_threads": "0x51077d14",
     "show_threads_reply": "0xefd78e83",
     "show_version": "0x51077d14",
@@ -219,8 +225,8 @@ def crcs_from_api_json(api_dir: Path, names: Iterable[str]) -> dict[str, str]:
     return dict(sorted(table.items()))
 
 
-if __name__ == "__main__":  # print CRCS for the messages it holds, from an API directory
+if __name__ == "__main__":  # print CRCS (plus messages named after the API directory)
     directory = Path(sys.argv[1] if len(sys.argv) > 1 else "/usr/share/vpp/api")
-    requests = [n for n in CRCS if not n.endswith(("_reply", "_details"))]
+    requests = [n for n in CRCS if not n.endswith(("_reply", "_details"))] + sys.argv[2:]
     for name, crc in crcs_from_api_json(directory, requests).items():
         print(f'    "{name}": "{crc}",')
