@@ -32,6 +32,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import vpp_helpers
 import yaml
 from conftest import require_vpp, stop_process, wait_for
 from etcd_server import require_etcd
@@ -42,7 +43,6 @@ from vpp_helpers import (
     on_demand_rekeys,
     ping_ok,
     start_datastore_agent,
-    testbed,
 )
 
 from vppmesh import engines
@@ -179,7 +179,7 @@ def fill_mesh(template: str, hosts: list[Host], public_keys: dict[str, str]) -> 
 
 @pytest.fixture
 def bed() -> Iterator[Testbed]:
-    with testbed(nodes=2, tunnels=4, pods=0, prefix=PREFIX, base_dir=BASE,
+    with vpp_helpers.testbed(nodes=2, tunnels=4, pods=0, prefix=PREFIX, base_dir=BASE,
                  join=False) as built:
         for node in built.nodes:
             # As the quick start finds a host: VPP without uplink, the NIC the host's.
@@ -371,7 +371,7 @@ def outbound_generations(node: NodeHandle) -> set[int]:
 def test_datastore_mode_rekey_verify_status_plan_down() -> None:
     """Every node command with --datastore, as in file mode; `down` leaves an operator's
     route in the mesh table, and so the table."""
-    with testbed(require_etcd, join=False, prefix=PREFIX, base_dir=BASE, nodes=2,
+    with vpp_helpers.testbed(require_etcd, join=False, prefix=PREFIX, base_dir=BASE, nodes=2,
                  tunnels=2, pods=0) as bed, management_etcd(bed, f"{PREFIX}etcd") as etcd:
         on_demand_rekeys(bed, grace=1.0)
         url = etcd_url(etcd)
