@@ -332,7 +332,7 @@ def test_vpp_resources_fit_the_configmaps_profile() -> None:
     from vppmesh.startup import load_profile
 
     name = one("ConfigMap", "vppmesh-config")["data"]["vpp_profile"]
-    profile = load_profile(str(ROOT / "vpp-startup" / f"{name}.yaml"))
+    profile = load_profile(name)
     assert profile.page_size == "4k" and not profile.dpdk_devices and not profile.devices
     resources = container("vpp")["resources"]
     assert not any(k.startswith("hugepages") for k in resources.get("limits", {}))

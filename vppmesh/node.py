@@ -237,6 +237,9 @@ def up(options: NodeOptions, *, dry_run: bool = False, api: VppApi | None = None
                     notes.append(choice.warning)
             uplink, _ = interfaces.find_uplink(client, desired.uplink,
                                                desired.uplink_addresses[0])
+            if uplink is not None and uplink.admin_up and not uplink.link_up:
+                notes.append(f"uplink {uplink.name} is up but has no link (cable, switch "
+                             "port, or the NIC's driver): no peer is reachable through it")
             if uplink is not None:  # else reconcile() explains what is missing
                 for version in sorted({a.version for a in desired.uplink_addresses}):
                     changes += guard.ensure(client, uplink.sw_if_index, version,
@@ -317,16 +320,26 @@ class Session:
 
 def down(options: NodeOptions, *, api: VppApi | None = None,
          mesh: Mesh | None = None) -> list[str]:
-    """Remove the mesh from VPP and the host link from Linux."""
-    mesh = mesh or load_mesh(options.mesh_file)
-    local = mesh.node(options.node)
+    """Remove the mesh from VPP and the host link from Linux.
+
+    Without the mesh (no file), what VPP itself says is vppmesh's goes (teardown.py),
+    and the guard wherever it is bound; only the extra underlay addresses vppmesh put on
+    the uplink stay, since nothing in VPP tells them from an operator's.
+    """
+    if mesh is None and options.mesh_file.exists():
+        mesh = load_mesh(options.mesh_file)
+    local = mesh.node(options.node) if mesh is not None else None
     client = api or VppClient(options.api_socket).connect()
     try:
-        removed = teardown(client, mesh.settings.mesh_table_id, tuple(local.underlay[1:]))
-        uplink, _ = interfaces.find_uplink(client, local.uplink, local.primary)
-        if uplink is not None:  # after the tunnels: they never exist unguarded
-            for version in sorted({a.version for a in local.underlay}):
-                removed += guard.remove(client, uplink.sw_if_index, version)
+        if local is None or mesh is None:
+            removed = teardown(client, None)
+            removed += guard.remove_everywhere(client)
+        else:
+            removed = teardown(client, mesh.settings.mesh_table_id, tuple(local.underlay[1:]))
+            uplink, _ = interfaces.find_uplink(client, local.uplink, local.primary)
+            if uplink is not None:  # after the tunnels: they never exist unguarded
+                for version in sorted({a.version for a in local.underlay}):
+                    removed += guard.remove(client, uplink.sw_if_index, version)
         for ifname in nic.saved_uplinks(options.state_dir):
             removed += nic.restore(client, options.state_dir, ifname)
     finally:

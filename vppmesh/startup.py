@@ -1,4 +1,4 @@
-"""Render a VPP startup.conf from a profile in `vpp-startup/`.
+"""Render a VPP startup.conf from a profile (vppmesh/profiles/, shipped with the package).
 
 A profile captures what differs between machines (cores, pages, buffers, drivers); the
 rendering adds what differs between instances on one machine (runtime directory, API
@@ -90,13 +90,18 @@ class Instance(BaseModel):
         return self.runtime_dir / "vpp.pid"
 
 
+PACKAGE_PROFILES = Path(__file__).resolve().parent / "profiles"
+LOCAL_PROFILES = Path("/etc/vppmesh/vpp-startup")
+
+
 def profile_dirs() -> list[Path]:
+    """Where profiles are looked up, first match wins: $VPPMESH_STARTUP_DIR, the host's own
+    (/etc/vppmesh/vpp-startup), then those shipped as package data, which every install
+    (editable or not) has."""
     dirs = []
     if env := os.environ.get(PROFILE_DIR_ENV):
         dirs.append(Path(env))
-    here = Path(__file__).resolve().parent
-    dirs += [here.parent / "vpp-startup", here / "profiles", Path("/etc/vppmesh/vpp-startup")]
-    return dirs
+    return [*dirs, LOCAL_PROFILES, PACKAGE_PROFILES]
 
 
 def available_profiles() -> dict[str, Path]:
