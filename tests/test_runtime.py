@@ -134,10 +134,9 @@ class Host:
         return f"{PREFIX}h{self.index}-{name}"
 
     def env(self) -> dict[str, str]:
-        """podman on this host: its CNI directories, and the wrapper's pid file (the
-        hostPath /run/vppmesh of this host)."""
-        return {**os.environ, "CONTAINERS_CONF": str(self.conf),
-                "VPPMESH_AGENT_PID_FILE": str(self.path("/run/vppmesh") / "agent.pid")}
+        """podman on this host: its containers.conf (CNI directories, the wrapper's pid
+        file)."""
+        return {**os.environ, "CONTAINERS_CONF": str(self.conf)}
 
     def podman(self, *args: str, check: bool = True, timeout: float = 120
                ) -> subprocess.CompletedProcess[str]:
@@ -154,13 +153,18 @@ class Host:
                            *args).stdout
 
 
-def containers_conf(path: Path, net_dir: Path, bin_dir: Path) -> None:
+def containers_conf(path: Path, net_dir: Path, bin_dir: Path, pid_file: Path | None = None
+                    ) -> None:
+    """podman's configuration; with `pid_file`, every podman process of the host (also
+    the cleanup that runs DEL when a container stops) hands the CNI wrapper the host's
+    agent pid file, which lives under the host's directory here."""
     nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
     nproc = min(resource.getrlimit(resource.RLIMIT_NPROC)[1], NPROC)
+    env = f'env = ["VPPMESH_AGENT_PID_FILE={pid_file}"]\n' if pid_file else ""
     path.write_text(
         "[containers]\n"
         f'default_ulimits = ["nofile={nofile}:{nofile}", "nproc={nproc}:{nproc}"]\n'
-        '[engine]\nruntime = "runc"\n'
+        f'[engine]\nruntime = "runc"\n{env}'
         '[network]\nnetwork_backend = "cni"\n'
         f'cni_plugin_dirs = ["{bin_dir}", "/usr/lib/cni"]\n'
         f'network_config_dir = "{net_dir}"\n')
@@ -383,7 +387,8 @@ def cluster() -> Iterator[Cluster]:
     underlay(hosts)
     for host in hosts:
         host.root.mkdir(parents=True)
-        containers_conf(host.conf, host.path("/etc/cni/net.d"), host.path("/opt/cni/bin"))
+        containers_conf(host.conf, host.path("/etc/cni/net.d"), host.path("/opt/cni/bin"),
+                        host.path("/run/vppmesh") / "agent.pid")
     try:
         started = time.monotonic()
         for host in hosts:
@@ -545,6 +550,7 @@ def kubelet_del(host: Host, container: str, netns: str) -> subprocess.CompletedP
             **conflist["plugins"][0]}
     container_id = host.podman("inspect", "--format", "{{.Id}}", container).stdout.strip()
     env = {**host.env(), "CNI_COMMAND": "DEL", "CNI_CONTAINERID": container_id,
+           "VPPMESH_AGENT_PID_FILE": str(host.path("/run/vppmesh") / "agent.pid"),
            "CNI_NETNS": netns, "CNI_IFNAME": "eth0",
            "CNI_PATH": f"{host.path('/opt/cni/bin')}:/usr/lib/cni"}
     return sh("nsenter", f"--net=/run/netns/{host.netns}",
