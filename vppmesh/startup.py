@@ -1,4 +1,5 @@
-"""Render a VPP startup.conf from a profile (vppmesh/profiles/, shipped with the package).
+"""Render a VPP startup.conf from a profile (vpp-startup/, shipped with the package as
+vppmesh/profiles/).
 
 A profile captures what differs between machines (cores, pages, buffers, drivers); the
 rendering adds what differs between instances on one machine (runtime directory, API
