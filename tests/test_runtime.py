@@ -175,8 +175,7 @@ def build_images(image: str) -> None:
     if image_missing(BASE_IMAGE):
         rootfs = BASE / "rootfs"
         started = time.monotonic()
-        sh("debootstrap", "--variant=minbase", "bookworm", str(rootfs),
-           "http://deb.debian.org/debian", timeout=900)
+        sh("debootstrap", "--variant=minbase", "bookworm", str(rootfs), timeout=900)
         sh("sh", "-c", f"tar -C {rootfs} -c . | podman import - {BASE_IMAGE}", env=env,
            timeout=300)
         shutil.rmtree(rootfs)
