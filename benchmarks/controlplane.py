@@ -35,6 +35,7 @@ from vppmesh.lab.testbed import TestbedError, find_vpp, require_root, single_vpp
 from vppmesh.plan import HostOptions, plan
 from vppmesh.reconcile import Reconciler
 from vppmesh.state import DesiredState
+from vppmesh.view import build_view
 from vppmesh.vpp import interfaces, ipsec
 from vppmesh.vpp.client import VppClient
 
@@ -144,7 +145,7 @@ def with_nodes(mesh: Mesh, keep: list[Node]) -> Mesh:
 
 
 def plan_for(mesh: Mesh, secrets: NodeSecrets, workers: int) -> DesiredState:
-    return plan(mesh, "n1", secrets, workers=workers, host=HostOptions(kind="none"))
+    return plan(build_view(mesh, "n1", secrets), workers=workers, host=HostOptions(kind="none"))
 
 
 def derive_all(mesh: Mesh, secrets: NodeSecrets) -> None:
