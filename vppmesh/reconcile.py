@@ -318,6 +318,20 @@ def _diff_node(d: Diff, desired: DesiredState, observed: Observed,
             seen_host is None or host_route != (seen_host.sw_if_index,)
 
 
+class TunnelIndexes:
+    """A tunnel's sw_if_index by its instance, read from the observed tunnels, which the
+    Applier keeps in step with VPP: no copy of all of them per run."""
+
+    def __init__(self, tunnels: dict[int, ipip.IpipTunnel]) -> None:
+        self.tunnels = tunnels
+
+    def __getitem__(self, instance: int) -> int:
+        return self.tunnels[instance].sw_if_index
+
+    def __contains__(self, instance: int) -> bool:
+        return instance in self.tunnels
+
+
 class Applier:
     """Applies a Diff in dependency order, pipelining each independent phase.
 
@@ -333,7 +347,7 @@ class Applier:
         self.api = api
         self.desired = desired
         self.observed = observed
-        self.index: dict[int, int] = {i: t.sw_if_index for i, t in observed.tunnels.items()}
+        self.index = TunnelIndexes(observed.tunnels)
         self.gateway = observed.gateway.sw_if_index if observed.gateway else None
         self.observed_exact = True
 
@@ -415,7 +429,6 @@ class Applier:
         self.api.call_many([ipip.del_tunnel(t.sw_if_index, f"ipip{t.instance}")
                             for t in d.delete_tunnels])
         for t in d.delete_tunnels:
-            self.index.pop(t.instance, None)
             observed.tunnels.pop(t.instance, None)
             observed.interfaces.pop(t.sw_if_index, None)
             observed.unnumbered.pop(t.sw_if_index, None)
@@ -442,7 +455,6 @@ class Applier:
         replies = self.api.call_many([ipip.add_tunnel(t.instance, t.src, t.dst)
                                       for t in d.create_tunnels])
         for t, reply in zip(d.create_tunnels, replies, strict=True):
-            self.index[t.instance] = reply.sw_if_index
             observed.tunnels[t.instance] = ipip.IpipTunnel(
                 sw_if_index=reply.sw_if_index, instance=t.instance, src=t.src, dst=t.dst,
                 table_id=0)

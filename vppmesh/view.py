@@ -20,6 +20,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
+from typing import Any
 
 from vppmesh.config import Mesh, MeshSettings, Node
 from vppmesh.errors import KeyFileError
@@ -34,6 +35,10 @@ class PeerView:
     node: Node
     path: PairPath
     secret: bytes = field(repr=False)  # the X25519 pair secret: never in a repr or a log
+    # plan()'s objects for this peer by their inputs (plan.py): they depend only on the
+    # fields above and those inputs, so they live as long as the peer's view.
+    planned: dict[tuple[object, ...], Any] = field(default_factory=dict, repr=False,
+                                                   compare=False)
 
     @property
     def name(self) -> str:
@@ -89,10 +94,11 @@ def build_view(mesh: Mesh, node: str | Node, secrets: NodeSecrets, *,
             "`vppmesh pubkey` output there")
     count = mesh.settings.tunnels_per_peer
     # A path depends on both records and the tunnel count, a pair secret on the two
-    # public keys only (this node's private key is its public_key, checked above).
+    # public keys only (this node's private key is its public_key, checked above); the
+    # peer's planned objects on both records, the settings and the PSK as well.
     known: Mapping[str, PeerView] = previous.by_name if previous is not None else {}
     same_local = previous is not None and previous.node == local and \
-        previous.settings.tunnels_per_peer == count
+        previous.settings == mesh.settings and previous.secrets.psk == secrets.psk
     same_key = previous is not None and previous.node.public_key == local.public_key
     peers = []
     for node in sorted(mesh.nodes, key=lambda n: n.node_number):
