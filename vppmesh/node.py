@@ -24,7 +24,7 @@ from vppmesh.errors import VppUnavailableError
 from vppmesh.keys import load_secrets, spi_for
 from vppmesh.ledger import KeyLedger
 from vppmesh.plan import HostOptions, plan
-from vppmesh.reconcile import Change, Reconciler, reconcile
+from vppmesh.reconcile import Change, Reconciler, gc_paused, reconcile
 from vppmesh.state import DesiredState, sa_id_for
 from vppmesh.teardown import teardown
 from vppmesh.underlay import encapsulation
@@ -208,7 +208,8 @@ def up(options: NodeOptions, *, dry_run: bool = False, api: VppApi | None = None
     ledger = options.ledger
     settings = view.settings
     try:
-        with store.locked():
+        # No cyclic GC while the SA dump and the plan allocate (reconcile.gc_paused).
+        with store.locked(), gc_paused():
             pid = system.vpp_pid(client)
             workers = (options.workers if options.workers is not None
                        else system.worker_count(client))
@@ -342,7 +343,8 @@ class Session:
         started = time.monotonic()
         full = self._client is None or self._last_full is None or \
             started - self._last_full >= self.full_every
-        view = self.view(fresh=full)  # a refused input stops the run before VPP
+        with gc_paused():  # a large mesh's records and view allocate as much as a dump
+            view = self.view(fresh=full)  # a refused input stops the run before VPP
         if self._client is None:
             self._client = self._connect()
             self._reconciler = Reconciler(self._client)
