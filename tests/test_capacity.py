@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from benchmarks.capacity import report, traffic
-from benchmarks.capacity.measure import Sample, summarize, workers_for_line_rate
+from benchmarks.capacity.measure import Sample, sample_of, summarize, workers_for_line_rate
+from benchmarks.capacity.rig import HarnessError, Setup
 from benchmarks.capacity.runtime import parse_runtime, path_cost
 from vppmesh.lab.testbed import TestbedSpec
 
@@ -70,6 +71,29 @@ def test_hand_made_runtime_sums_as_expected() -> None:
     assert cost.io_clocks == pytest.approx(140)
     assert dict(cost.nodes) == {"esp4-encrypt-tun": pytest.approx(1000),
                                 "ip4-input": pytest.approx(50)}
+
+
+def runtime_text(*rows: str) -> str:
+    return "\n".join(["Time 1.0, 10 sec internal node vector rate 256.00 loops/sec 1000.00",
+                      "Name State Calls Vectors Suspends Clocks Vectors/Call", *rows]) + "\n"
+
+
+def test_a_window_that_delivers_nothing_is_a_harness_failure() -> None:
+    """A contender that moves nothing (a WireGuard peer without its handshake) must stop
+    the run with a reason, not become a row of zeros."""
+    setup = Setup(sender=object(), receiver=object(), sent_node="memif1/0-tx",  # type: ignore[arg-type]
+                  sink_node="pg3-tx", workers=0)
+    sender = runtime_text("wg4-output-tun  active  10  2560  0  1.50e3  256.00",
+                          "memif1/0-tx     active  10  2560  0  4.00e1  256.00")
+    silent = runtime_text("memif1/0-input  polling 10     0  0  0.00e0    0.00")
+    with pytest.raises(HarnessError, match=r"nothing was delivered .*2560 packets sent"):
+        sample_of(setup, traffic.MIXES["1400"], [sender, silent], 1.0)
+    delivered = runtime_text("esp4-decrypt-tun active 10 2560 0 6.00e2 256.00",
+                             "pg3-tx           active 10 2560 0 2.00e1 256.00")
+    got = sample_of(setup, traffic.MIXES["1400"], [sender, delivered], 1.0)
+    assert (got.sent, got.delivered) == (2560, 2560)
+    assert got.decrypt is not None and dict(got.decrypt.nodes)["esp4-decrypt-tun"] == \
+        pytest.approx(600)
 
 
 def sample(mpps: float, enc: float, mix: str = "1400") -> Sample:

@@ -42,6 +42,11 @@ def test_round_trip(tmp_path: Path) -> None:
     (lambda d: d["nodes"][0]["underlay"].__setitem__(1, "192.0.2.12/99"),
      "nodes.0.underlay.1: '192.0.2.12/99' is not a valid IPv4 or IPv6 address with prefix "
      "length (e.g. 192.0.2.11/24 or 2001:db8::11/64)"),
+    (lambda d: d["nodes"][0]["underlay"].__setitem__(0, True),
+     "nodes.0.underlay.0: True is not an address: write it as text (e.g. 192.0.2.11/24)"),
+    (lambda d: d["nodes"][0].update(pod_cidr=3232235520),
+     "nodes.0.pod_cidr: 3232235520 is not an address: write it as text (e.g. 198.18.1.0/24)"),
+    (lambda d: d["nodes"][0].update(nat={"public": 7}), "nodes.0.nat.public: 7 is not an address"),
     (lambda d: d["nodes"][0].update(colour="blue"), "colour"),
     (lambda d: d["settings"].update(tunnels_per_peer="many"), "tunnels_per_peer"),
     (lambda d: d["nodes"][0].update(underlay=["2001:db8::1/64", "2001:db8::2/64"]),

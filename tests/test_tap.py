@@ -70,6 +70,54 @@ def test_guest_outcomes_are_read_from_junit(tmp_path: Path) -> None:
                                "c": ("skipped", "no vpp")}
 
 
+def test_a_guest_stopped_by_its_time_limit_reports_what_it_finished() -> None:
+    from test_vm import outcomes_so_far
+
+    log = ("tests/vm_guest_tap.py::test_a PASSED                      [  8%]\n"
+           "tests/vm_guest_tap.py::test_b FAILED                      [ 16%]\n"
+           "tests/vm_guest_tap.py::test_c SKIPPED (no vhost-net)      [ 25%]\n"
+           "tests/vm_guest_tap.py::test_d PASSED                      [ 33%]\n"
+           "tests/vm_guest_tap.py::test_d ERROR                       [ 33%]\n"
+           "tests/vm_guest_tap.py::test_e \n")  # running when the guest was stopped
+    assert outcomes_so_far(log, "timed out") == {
+        "test_a": ("passed", ""), "test_b": ("failed", "timed out"),
+        "test_c": ("skipped", "timed out"), "test_d": ("failed", "teardown error; timed out")}
+
+
+def test_a_guest_past_its_time_limit_is_stopped_with_all_below_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """qemu runs below vng (virtme-run): a time-out must stop the whole tree, including a
+    process that left vng's process group."""
+    import os
+    import sys
+    import time
+
+    from vppmesh.lab import vm
+
+    pids = tmp_path / "pids"
+    tree = (f"import os, subprocess, sys, time\n"
+            f"inner = subprocess.Popen([sys.executable, '-c', 'import os, time; "
+            f"os.setpgid(0, 0); time.sleep(300)'])\n"
+            f"leaf = subprocess.Popen(['sleep', '300'])\n"
+            f"open({str(pids)!r}, 'w').write(f'{{inner.pid}} {{leaf.pid}}')\n"
+            f"time.sleep(300)\n")
+    monkeypatch.setattr(vm, "missing", lambda: None)
+    monkeypatch.setattr(vm, "vng_command", lambda *a, **k: [sys.executable, "-c", tree])
+    started = time.monotonic()
+    with pytest.raises(vm.VmError, match="did not finish within 3 s"):
+        vm.run(["true"], vm.GuestSpec(timeout=3, rwdirs=(tmp_path,)), log=tmp_path / "log")
+    assert time.monotonic() - started < 30
+    below = [int(p) for p in pids.read_text().split()]
+    assert len(below) == 2
+    for pid in below:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            continue
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        assert state == "Z", f"process {pid} below the guest still runs"
+
+
 @pytest.mark.parametrize(("dev_type", "kind"), [
     ("tap", "tap"),            # VPP 26.06: taps live in the tap plugin
     ("virtio", "tap"),         # VPP before 26.06: taps were virtio devices in vnet

@@ -11,6 +11,7 @@ emulation on a 2-core machine; `make test` leaves these out, `make vm-test` runs
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -53,6 +54,24 @@ def outcomes(junit: Path) -> dict[str, tuple[str, str]]:
     return found
 
 
+# `pytest -v` prints each test's outcome as it ends: `tests/vm_guest_tap.py::name PASSED`.
+VERBOSE_LINE = re.compile(r"^\S*::(\w+) (PASSED|FAILED|ERROR|SKIPPED)\b", re.MULTILINE)
+VERBOSE_OUTCOME = {"PASSED": "passed", "FAILED": "failed", "ERROR": "failed",
+                   "SKIPPED": "skipped"}
+
+
+def outcomes_so_far(log: str, reason: str) -> dict[str, tuple[str, str]]:
+    """What a guest that stopped early (its time limit) had finished, from its `pytest -v`
+    output: the checks that passed stay passed, the rest fail with `reason`."""
+    found: dict[str, tuple[str, str]] = {}
+    for name, outcome in VERBOSE_LINE.findall(log):
+        if outcome == "ERROR" and found.get(name, ("",))[0] == "passed":
+            found[name] = ("failed", f"teardown error; {reason}")  # after its own PASSED
+        else:
+            found[name] = (VERBOSE_OUTCOME[outcome], "" if outcome == "PASSED" else reason)
+    return found
+
+
 @pytest.fixture(scope="module")
 def guest() -> dict[str, tuple[str, str]]:
     reason = vm.missing()
@@ -65,21 +84,30 @@ def guest() -> dict[str, tuple[str, str]]:
     results = Path(tempfile.mkdtemp(prefix="vppmesh-vm-results-"))
     keep = Path(os.environ.get("VPPMESH_VM_KEEP", "/tmp/vppmesh-vm-last"))
     command = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-v", "-rA",
+               "--durations=0", "-o", "console_output_style=times",
                f"--junitxml={results / 'junit.xml'}", "tests/vm_guest_tap.py"]
     spec = vm.GuestSpec(cpus=4, memory="4G", rwdirs=(results,), timeout=2800,
                         env={"VPPMESH_VPP": str(vpp), "VPPMESH_VM_RESULTS": str(results)})
     log = results / "guest.log"
+    stopped = None
     try:
         vm.run(command, spec, cwd=REPO, log=log, output=results / "pytest.log")
+    except vm.VmError as exc:  # a time-out: report what had finished
+        stopped = str(exc)
     finally:
         # Kept for reading afterwards: the guest's output, junit and measurements.
         shutil.rmtree(keep, ignore_errors=True)
         shutil.copytree(results, keep)
         shutil.rmtree(results, ignore_errors=True)
     junit = keep / "junit.xml"
+    output = keep / "pytest.log"
+    if stopped is not None and output.exists():
+        found = outcomes_so_far(output.read_text(errors="replace"), stopped)
+        return found | {name: ("failed", f"not reached: {stopped}") for name in GUEST_TESTS
+                        if name not in found}
     if not junit.exists():
-        output = keep / "pytest.log"
-        pytest.fail(f"the guest wrote no report; its output is in {keep}:\n"
+        pytest.fail(f"the guest wrote no report ({stopped or 'it exited'}); its output is in "
+                    f"{keep}:\n"
                     + (keep / "guest.log").read_text()[-1500:]
                     + (output.read_text()[-1500:] if output.exists() else ""))
     return outcomes(junit)

@@ -19,6 +19,7 @@ from typing import Annotated, Literal
 import yaml
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     ValidationError,
@@ -43,8 +44,23 @@ NODE_NUMBER_MAX = 65535
 TUNNELS_PER_PEER_MAX = 16
 MAX_MESH_FILE_BYTES = 16 * 1024 * 1024
 
-IPInterface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+def _written_as_text(example: str) -> BeforeValidator:
+    """ipaddress takes integers (and so booleans) as addresses: `underlay: [true]` would be
+    0.0.0.1/32. In a mesh file an address is text; anything else is a mistake."""
+    def check(value: object) -> object:
+        if isinstance(value, bool | int | float):
+            raise ValueError(f"{value!r} is not an address: write it as text (e.g. {example})")
+        return value
+    return BeforeValidator(check)
+
+
+IPInterface = Annotated[ipaddress.IPv4Interface | ipaddress.IPv6Interface,
+                        _written_as_text("192.0.2.11/24")]
+IPAddress = Annotated[ipaddress.IPv4Address | ipaddress.IPv6Address,
+                      _written_as_text("192.0.2.11")]
+PodCidr = Annotated[ipaddress.IPv4Network, _written_as_text("198.18.1.0/24")]
 FAMILY_NAME = {4: "IPv4", 6: "IPv6"}
 
 
@@ -155,7 +171,7 @@ class Node(BaseModel):
                                pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")]
     node_number: Annotated[int, Field(ge=1, le=NODE_NUMBER_MAX)]
     underlay: Annotated[list[IPInterface], Field(min_length=1, max_length=TUNNELS_PER_PEER_MAX)]
-    pod_cidr: ipaddress.IPv4Network
+    pod_cidr: PodCidr
     public_key: str
     uplink: str | None = Field(
         default=None,

@@ -46,16 +46,29 @@ def link_index(ipr: Any, ifname: str) -> int | None:
     return found[0] if found else None
 
 
+def vpp_end_mac(vpp_mac: str) -> str:
+    """The Linux MAC of a veth's VPP end: not the MAC VPP uses on it.
+
+    VPP's af_packet interface sees every frame the veth receives; if the Linux end had
+    VPP's MAC too, Linux would take the same frames as addressed to itself and, with IP
+    forwarding on (every Kubernetes node), route a second copy of each through its own
+    table: pods' packets looped between VPP and the host until their TTL ran out. With
+    another MAC, Linux drops them as meant for another host. All of vppmesh's MACs start
+    with 02; these start with 06 (also locally administered and unicast)."""
+    return "06" + vpp_mac[2:]
+
+
 def ensure_veth(linux_ifname: str, vpp_ifname: str, *, linux_mac: str, vpp_mac: str,
                 mtu: int, linux_netns: str | None = None) -> None:
     """A veth pair whose VPP end stays here and whose Linux end lives in `linux_netns`."""
+    end_mac = vpp_end_mac(vpp_mac)
     with netlink(None) as ipr:
         if link_index(ipr, vpp_ifname) is None:
             # The Linux end is born under a temporary name: its final name (eth0 in a
             # pod) may well exist here already.
             temporary = linux_ifname if linux_netns is None else f"{vpp_ifname[:11]}-tmp"
             try:
-                ipr.link("add", ifname=vpp_ifname, kind="veth", address=vpp_mac,
+                ipr.link("add", ifname=vpp_ifname, kind="veth", address=end_mac,
                          peer={"ifname": temporary, "address": linux_mac})
             except NetlinkError as exc:
                 raise HostError(f"cannot create veth {vpp_ifname}/{linux_ifname}: {exc}") from None
@@ -64,7 +77,8 @@ def ensure_veth(linux_ifname: str, vpp_ifname: str, *, linux_mac: str, vpp_mac: 
                 with netlink(linux_netns) as inner:
                     inner.link("set", index=link_index(inner, temporary), ifname=linux_ifname)
         vpp_index = link_index(ipr, vpp_ifname)
-        ipr.link("set", index=vpp_index, mtu=mtu, state="up")
+        # An existing end (made before this rule, or by hand) gets the MAC too.
+        ipr.link("set", index=vpp_index, address=end_mac, mtu=mtu, state="up")
 
 
 OFFLOAD_FEATURES = ("tso", "gso", "gro", "tx", "rx")

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from benchmarks.capacity import report, traffic
 from benchmarks.capacity.measure import Sample, measure, summarize, tsc_ghz
-from benchmarks.capacity.rig import CONTENDERS, EncryptOnly, Pair, cpu_cores
+from benchmarks.capacity.rig import CONTENDERS, EncryptOnly, HarnessError, Pair, Setup, cpu_cores
 from benchmarks.report import DEFAULT_RESULTS_DIR
 from vppmesh.lab.testbed import TestbedError, find_vpp
 from vppmesh.vpp import crypto, system
@@ -60,11 +60,6 @@ def main(argv: list[str] | None = None) -> int:
     except TestbedError as exc:
         print(f"capacity: {exc}", file=sys.stderr)
         return 2
-    repeats = args.repeats or (1 if args.quick else 3)
-    window = args.window or (1.0 if args.quick else 3.0)
-    warmup = 0.5 if args.quick else 1.0
-    mixes = [traffic.MIXES[m] for m in (args.mixes or ("1400" if args.quick else
-                                                       "64,imix,1400")).split(",")]
     names = args.only.split(",") if args.only else list(CONTENDERS)
     unknown = [n for n in names if n not in CONTENDERS]
     if unknown:
@@ -73,6 +68,19 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     workers = ([int(w) for w in args.workers.split(",")] if args.workers
                else default_workers())
+    try:
+        return run(args, names, workers)
+    except HarnessError as exc:
+        print(f"capacity: harness failure: {exc}", file=sys.stderr)
+        return 1
+
+
+def run(args: argparse.Namespace, names: list[str], workers: list[int]) -> int:
+    repeats = args.repeats or (1 if args.quick else 3)
+    window = args.window or (1.0 if args.quick else 3.0)
+    warmup = 0.5 if args.quick else 1.0
+    mixes = [traffic.MIXES[m] for m in (args.mixes or ("1400" if args.quick else
+                                                       "64,imix,1400")).split(",")]
     run_id = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     started = time.monotonic()
     result: dict[str, object] = {
@@ -94,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
                     describe_vpp(setup.sender, vpp_info,
                                  vppmesh=name.startswith("vppmesh"))
                     for mix in mixes:
-                        sample = measure(setup, mix, window=window, warmup=warmup)
+                        sample = measured(name, setup, mix, window=window, warmup=warmup)
                         pair_samples[name].setdefault(mix.name, []).append(sample)
                         rates.setdefault(name, {})[mix.name] = sample.mpps
             per_repeat.append(rates)
@@ -114,6 +122,15 @@ def main(argv: list[str] | None = None) -> int:
     print(report.markdown(result))
     print("\n".join(f"wrote {p}" for p in paths), file=sys.stderr)
     return 0
+
+
+def measured(label: str, setup: Setup, mix: traffic.SizeMix, *, window: float,
+             warmup: float) -> Sample:
+    """measure(), with a harness failure naming the contender and the mix."""
+    try:
+        return measure(setup, mix, window=window, warmup=warmup)
+    except HarnessError as exc:
+        raise HarnessError(f"{label} at {mix.name}: {exc}") from exc
 
 
 def describe_vpp(api: VppApi, info: dict[str, object], *,
@@ -156,8 +173,8 @@ def encrypt_only(workers: list[int], mixes: list[traffic.SizeMix], args: argpars
                     placement = setup.notes.get("placement")
                     active = describe_vpp(setup.sender, vpp_info).active
                     for mix in mixes:
-                        samples.setdefault(mix.name, []).append(
-                            measure(setup, mix, window=window, warmup=warmup))
+                        samples.setdefault(mix.name, []).append(measured(
+                            f"encrypt-only W={w}", setup, mix, window=window, warmup=warmup))
             rows.append({"contender": contender.name, "workers": w,
                          "engine": active, "requested_engine": engine or "auto",
                          "placement": placement,

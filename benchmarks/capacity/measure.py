@@ -8,7 +8,7 @@ import time
 from dataclasses import dataclass, field
 
 from benchmarks.capacity import traffic
-from benchmarks.capacity.rig import DST, POD_A, SOURCE_PG, Setup
+from benchmarks.capacity.rig import DST, POD_A, SOURCE_PG, HarnessError, Setup
 from benchmarks.capacity.runtime import PathCost, node_vectors, parse_runtime, path_cost
 from benchmarks.stats import median
 from vppmesh.vpp.client import VppClient
@@ -68,6 +68,12 @@ def measure(setup: Setup, mix: traffic.SizeMix, *, window: float, warmup: float)
     finally:
         traffic.stop(setup.sender)
         traffic.delete_streams(setup.sender, names)
+    return sample_of(setup, mix, texts, seconds)
+
+
+def sample_of(setup: Setup, mix: traffic.SizeMix, texts: list[str], seconds: float) -> Sample:
+    """One window's `show runtime` of each side, as a Sample. A window in which nothing
+    arrived is a harness failure, not a zero: the path was not carrying traffic."""
     sender = parse_runtime(texts[0])
     sent = node_vectors(sender, setup.sent_node)
     if setup.receiver is not None and setup.sink_node:
@@ -76,6 +82,10 @@ def measure(setup: Setup, mix: traffic.SizeMix, *, window: float, warmup: float)
         decrypt = path_cost(receiver, delivered)
     else:
         delivered, decrypt = sent, None
+    if delivered == 0:
+        raise HarnessError(f"nothing was delivered in a {seconds:.1f} s window "
+                           f"({sent} packets sent at {mix.name}); the path is not carrying "
+                           "traffic, so there is nothing to measure")
     return Sample(mix=mix.name, seconds=seconds, sent=sent, delivered=delivered,
                   mean_bytes=mix.mean_bytes, encrypt=path_cost(sender, sent), decrypt=decrypt)
 

@@ -64,7 +64,13 @@ POD_B = ipaddress.IPv4Network("198.18.2.0/24")
 DST = ipaddress.IPv4Address("198.18.2.10")
 PEER_MAC = "02:fe:ee:00:00:02"
 WG_PORT = 51820
+WG_HANDSHAKE_TIMEOUT = 20.0
+WG_PEER_ESTABLISHED = 2  # vl_api_wireguard_peer_flags_t
 LINK_TIMEOUT = 15.0
+
+
+class HarnessError(RuntimeError):
+    """The harness could not measure a contender: a result would be a row of zeros."""
 
 
 @dataclass
@@ -144,6 +150,23 @@ def _wait_link_up(api: VppClient, sw_if_index: int) -> None:
     raise RuntimeError(f"link {sw_if_index} did not come up within {LINK_TIMEOUT:.0f} s")
 
 
+def _wait_wireguard_handshake(api: VppClient) -> None:
+    """Until the sender's peer is established: WireGuard sends data only after its
+    handshake, and a lost first initiation is retried only after REKEY_TIMEOUT (5 s), so a
+    window that starts before the handshake counts nothing. One ping into the tunnel a
+    second starts (and restarts) the handshake."""
+    deadline = time.monotonic() + WG_HANDSHAKE_TIMEOUT
+    while time.monotonic() < deadline:
+        api.cli(f"ping {POD_B[1]} repeat 1")
+        peers = api.dump("wireguard_peers_dump", peer_index=0xFFFFFFFF)
+        if any(int(p.peer.flags) & WG_PEER_ESTABLISHED for p in peers):
+            return
+        time.sleep(0.5)
+    raise HarnessError(f"the WireGuard handshake between the two VPPs did not complete "
+                       f"within {WG_HANDSHAKE_TIMEOUT:.0f} s (see `show wireguard peer` on "
+                       "both); the contender would carry nothing")
+
+
 def vppmesh_up(netns: str, mesh_file: Path, node: str, api_socket: Path, key: Path,
                state_dir: Path, *extra: str) -> None:
     """`vppmesh up` in the node's namespace, as an operator runs it."""
@@ -213,6 +236,7 @@ def _hand_path(contender: Contender, a: VppClient, b: VppClient,
         # A wg interface is point-to-multipoint: a route needs a next hop inside a peer's
         # allowed IPs, which picks the peer.
         a.call(routes.route(HAND_TABLE, POD_B, [wg["a"]], True, nexthop=POD_B[1]))
+        _wait_wireguard_handshake(a)
         return
     raise ValueError(f"unknown contender kind {contender.kind}")
 

@@ -232,7 +232,9 @@ class Plugin:
                                  mtu=record.mtu if version == "1.1.0" else None)
         interfaces = [pod_if]
         if record.kind == "af_packet":
-            interfaces.append(ResultInterface(name=spec.vpp_ifname, mac=spec.vpp_mac))
+            # The host's veth end, with its Linux MAC (not VPP's: host.vpp_end_mac).
+            interfaces.append(ResultInterface(name=spec.vpp_ifname,
+                                              mac=linux.vpp_end_mac(spec.vpp_mac)))
         return Result(
             cniVersion=version, interfaces=interfaces,
             ips=[ResultIp(address=f"{record.address}/32", gateway=gateway, interface=0,

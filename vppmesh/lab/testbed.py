@@ -308,6 +308,10 @@ class Testbed:
         for node in self.nodes:
             sh("ip", "netns", "add", node.netns)
             in_ns(node.netns, "ip", "link", "set", "lo", "up")
+            # A host routes, as every Kubernetes node does (a new namespace inherits the
+            # machine's IPv4 setting, so it would otherwise vary with the machine).
+            for sysctl in ("net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1"):
+                in_ns(node.netns, "sysctl", "-qw", sysctl)
             if node.behind_nat:
                 side, port = self.nat_ns, "in0"
             else:

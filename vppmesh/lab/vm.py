@@ -20,6 +20,7 @@ installed in it. Details and caveats: docs/vm.md.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shlex
@@ -200,6 +201,53 @@ def follow(path: Path, sink: BinaryIO, done: threading.Event,
         done.wait(interval)
 
 
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid`, from /proc (children before grandchildren)."""
+    parents: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue  # gone meanwhile
+        parents.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, queue = [], [pid]
+    while queue:
+        children = parents.get(queue.pop(0), [])
+        found += children
+        queue += children
+    return found
+
+
+def stop_tree(proc: subprocess.Popen[bytes], grace: float = 5.0) -> None:
+    """Stop `proc`, its process group and every process below it: SIGTERM, then SIGKILL
+    after `grace` seconds. Nothing of the guest outlives the call."""
+    import signal
+    import time
+
+    pids = [proc.pid, *descendants(proc.pid)]
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        pids += [p for p in descendants(proc.pid) if p not in pids]
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, sig)
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, sig)
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline:
+            if proc.poll() is not None and not any(_alive(p) for p in pids[1:]):
+                return
+            time.sleep(0.05)
+    proc.wait()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"  # a zombie has stopped; its parent (gone too) reaps it
+
+
 def run(command: list[str], spec: GuestSpec, *, cwd: Path | None = None,
         log: Path | None = None, output: Path | None = None) -> int:
     """Boot a guest, run `command` in it (as root, in `cwd`) and return its exit code.
@@ -237,15 +285,19 @@ def run(command: list[str], spec: GuestSpec, *, cwd: Path | None = None,
         done = threading.Event()
         copier = threading.Thread(target=follow, args=(output, sys.stdout.buffer, done),
                                   daemon=True) if streamed else None
+        # Its own session, so that a time-out or an interrupt stops qemu and virtme-ng's
+        # helpers with it, not vng alone (which left the guest running at full CPU).
+        guest = subprocess.Popen(args, env=env, stdin=subprocess.DEVNULL, stdout=out,
+                                 stderr=subprocess.STDOUT if out else None,
+                                 start_new_session=True)
         try:
             if copier is not None:
                 copier.start()
-            finished = subprocess.run(args, env=env, stdin=subprocess.DEVNULL, stdout=out,
-                                      stderr=subprocess.STDOUT if out else None,
-                                      timeout=spec.timeout, check=False)
+            returncode = guest.wait(timeout=spec.timeout)
         except subprocess.TimeoutExpired:
             raise VmError(f"the guest did not finish within {spec.timeout:.0f} s") from None
         finally:
+            stop_tree(guest)
             if out is not None:
                 out.close()
             done.set()
@@ -255,7 +307,7 @@ def run(command: list[str], spec: GuestSpec, *, cwd: Path | None = None,
         if not status_file.exists():
             tail = log.read_text()[-1500:] if log is not None else ""
             raise VmError(f"the guest ended without running the command (vng exit "
-                          f"{finished.returncode}){': ' + tail if tail.strip() else ''}")
+                          f"{returncode}){': ' + tail if tail.strip() else ''}")
         code = int(status_file.read_text().strip() or 1)
         status_file.unlink(missing_ok=True)
         return code
