@@ -33,10 +33,10 @@ from pydantic import BaseModel, ConfigDict
 from vppmesh.config import Mesh, MeshSettings, Node
 from vppmesh.keys import NodeSecrets, derive_sa_key, pair_secret, public_key_b64
 from vppmesh.lab.testbed import TestbedError, find_vpp, require_root, single_vpp
-from vppmesh.plan import HostOptions, plan
+from vppmesh.plan import HostOptions, plan, plan_by_peer
 from vppmesh.reconcile import Reconciler
 from vppmesh.state import DesiredState
-from vppmesh.view import LocalView, build_view
+from vppmesh.view import build_view
 from vppmesh.vpp import interfaces, ipsec
 from vppmesh.vpp.client import VppClient
 
@@ -173,11 +173,8 @@ def with_nodes(mesh: Mesh, keep: list[Node]) -> Mesh:
     return mesh.model_copy(update={"nodes": keep})
 
 
-def plan_for(mesh: Mesh, secrets: NodeSecrets, workers: int,
-             previous: LocalView | None = None) -> DesiredState:
-    """n1's plan; from the `previous` view as the agent keeps it, if given."""
-    return plan(build_view(mesh, "n1", secrets, previous=previous), workers=workers,
-                host=HostOptions(kind="none"))
+def plan_for(mesh: Mesh, secrets: NodeSecrets, workers: int) -> DesiredState:
+    return plan(build_view(mesh, "n1", secrets), workers=workers, host=HostOptions(kind="none"))
 
 
 def derive_all(mesh: Mesh, secrets: NodeSecrets) -> None:
@@ -240,11 +237,13 @@ def measure(peers: int, tunnels: int, workers: int, prefix: str, base_dir: Path,
     derive_sa_key.cache_clear()
     desired, plan_cold_s = timed(plan_for, current, secrets, workers)
     desired, plan_warm_s = timed(plan_for, current, secrets, workers)
-    # The agent keeps its view: the joined mesh's view is built from the current one, so
-    # every other peer's planned objects are the same ones (view.py, plan.py).
+    # As the agent does: it keeps its view and builds the joined mesh's from it, so every
+    # other peer's planned objects are the same ones, compared peer by peer (plan.py).
     current_view = build_view(current, "n1", secrets)
-    desired = plan(current_view, workers=workers, host=HostOptions(kind="none"))
-    desired_joined = plan_for(joined, secrets, workers, previous=current_view)
+    desired, parts = plan_by_peer(current_view, workers=workers, host=HostOptions(kind="none"))
+    desired_joined, joined_parts = plan_by_peer(
+        build_view(joined, "n1", secrets, previous=current_view), workers=workers,
+        host=HostOptions(kind="none"))
 
     with single_vpp(f"{prefix}cp", base_dir / "controlplane", main_heap_size=heap) as instance, \
             VppClient(instance.api_socket, timeout=60).connect() as api:
@@ -257,7 +256,7 @@ def measure(peers: int, tunnels: int, workers: int, prefix: str, base_dir: Path,
         sent = api.messages_sent
         if profiler:
             profiler.enable()
-        _, first_s, first_cpu = timed_cpu(reconciler.reconcile, desired)
+        _, first_s, first_cpu = timed_cpu(reconciler.reconcile, desired, by_peer=parts)
         if profiler:
             profiler.disable()
         first_breakdown = dict(reconciler.last_timings)
@@ -265,11 +264,13 @@ def measure(peers: int, tunnels: int, workers: int, prefix: str, base_dir: Path,
         heap_after = heap_used(api)
 
         sent = api.messages_sent
-        changes, noop_full_s, noop_full_cpu = timed_cpu(reconciler.reconcile, desired, full=True)
+        changes, noop_full_s, noop_full_cpu = timed_cpu(reconciler.reconcile, desired, full=True,
+                                                        by_peer=parts)
         assert changes == [], [str(c) for c in changes[:5]]
         noop_full_breakdown = dict(reconciler.last_timings)
         noop_full_messages = api.messages_sent - sent
-        changes, noop_inc_s, noop_inc_cpu = timed_cpu(reconciler.reconcile, desired)
+        changes, noop_inc_s, noop_inc_cpu = timed_cpu(reconciler.reconcile, desired,
+                                                      by_peer=parts)
         assert changes == []
 
         # One peer joins, then leaves again; the median of a few rounds, as the machine
@@ -277,9 +278,10 @@ def measure(peers: int, tunnels: int, workers: int, prefix: str, base_dir: Path,
         add: list[tuple[float, float, int]] = []
         remove: list[tuple[float, float, int]] = []
         for _ in range(rounds):
-            for target, samples in ((desired_joined, add), (desired, remove)):
+            for target, by_peer, samples in ((desired_joined, joined_parts, add),
+                                             (desired, parts, remove)):
                 sent = api.messages_sent
-                changes, wall, cpu = timed_cpu(reconciler.reconcile, target)
+                changes, wall, cpu = timed_cpu(reconciler.reconcile, target, by_peer=by_peer)
                 assert changes and reconciler.last_scope is not None and \
                     len(reconciler.last_scope) == 1
                 samples.append((wall, cpu, api.messages_sent - sent))
@@ -356,7 +358,7 @@ PHASES = (("source", "vppmesh.node", "MeshFile.mesh"),
           ("view", "vppmesh.node", "local_view"),
           ("key state (SA dump)", "vppmesh.node", "observe_keys"),
           ("generations", "vppmesh.epochs", "schedule"),
-          ("plan", "vppmesh.node", "desired_state"),
+          ("plan", "vppmesh.node", "planned"),
           ("reconcile", "vppmesh.node", "apply"))
 RECONCILE_PARTS = ("index", "observe", "diff", "apply")
 

@@ -150,3 +150,23 @@ def test_a_changed_record_gets_a_new_path_and_the_ledger_is_one_per_options(
     options = agent.NodeOptions(mesh_file=tmp_path / "m.yaml", node="node1",
                                 private_key=tmp_path / "k", state_dir=tmp_path)
     assert options.ledger is options.ledger
+
+
+def test_a_kept_view_plans_the_same_objects_and_the_index_compares_peer_by_peer() -> None:
+    from vppmesh.index import DesiredIndex
+    from vppmesh.plan import plan, plan_by_peer
+
+    mesh, secrets = make_mesh(5, tunnels=2)
+    fewer = mesh.model_copy(update={"nodes": mesh.nodes[:-1]})
+    before = build_view(fewer, "node1", secrets["node1"])
+    desired, parts = plan_by_peer(before, workers=2)
+    joined, joined_parts = plan_by_peer(build_view(mesh, "node1", secrets["node1"],
+                                                   previous=before), workers=2)
+    assert all(joined_parts[p] is parts[p] for p in parts)  # the very same objects
+    assert joined == plan(build_view(mesh, "node1", secrets["node1"]), workers=2)
+    grouped = DesiredIndex(joined, joined_parts).changed_peers(DesiredIndex(desired, parts))
+    assert grouped == {5} == DesiredIndex(joined).changed_peers(DesiredIndex(desired))
+    rekeyed, rekeyed_parts = plan_by_peer(before, workers=2, epochs=(0, 1))
+    assert DesiredIndex(rekeyed, rekeyed_parts).changed_peers(DesiredIndex(desired, parts)) \
+        == {2, 3, 4}
+    assert DesiredIndex(joined, joined_parts).sas_of({5}) == DesiredIndex(joined).sas_of({5})

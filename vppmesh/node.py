@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -21,9 +21,10 @@ from vppmesh.cni.reattach import DEFAULT_CNI_PATH, PodReport, reattach
 from vppmesh.config import Mesh, load_mesh
 from vppmesh.epochs import GenerationState, GenerationStore, PeerKeying, PeerObservation
 from vppmesh.errors import VppUnavailableError
+from vppmesh.index import PeerObjects
 from vppmesh.keys import load_secrets, spi_for
 from vppmesh.ledger import KeyLedger
-from vppmesh.plan import HostOptions, plan
+from vppmesh.plan import HostOptions, plan_by_peer
 from vppmesh.reconcile import Change, Reconciler, gc_paused, reconcile
 from vppmesh.state import DesiredState, sa_id_for
 from vppmesh.teardown import teardown
@@ -119,25 +120,37 @@ def desired_state(options: NodeOptions, view: LocalView, workers: int,
                   uplink: str | None = None) -> DesiredState:
     """plan() with this machine's host link; `uplink` (a taken NIC's bridge) overrides
     the options' one."""
+    return planned(options, view, workers, epochs, keying, uplink)[0]
+
+
+def planned(options: NodeOptions, view: LocalView, workers: int,
+            epochs: tuple[int, ...] | None = None,
+            keying: dict[str, PeerKeying] | None = None,
+            uplink: str | None = None) -> tuple[DesiredState, dict[int, PeerObjects]]:
+    """desired_state() and its parts by peer (plan.plan_by_peer), for a Reconciler."""
     kind = resolve_host_kind(options.host_link)
-    return plan(view, workers=workers, host=HostOptions(kind=kind, queues=max(1, workers)),
-                epochs=epochs, uplink=uplink or options.uplink, keying=keying)
+    return plan_by_peer(view, workers=workers,
+                        host=HostOptions(kind=kind, queues=max(1, workers)), epochs=epochs,
+                        uplink=uplink or options.uplink, keying=keying)
 
 
 def apply(api: VppApi, desired: DesiredState, *, dry_run: bool = False,
           ledger: KeyLedger | None = None, reconciler: Reconciler | None = None,
-          full: bool = False) -> list[Change]:
+          full: bool = False, by_peer: Mapping[int, PeerObjects] | None = None,
+          ) -> list[Change]:
     """Reconcile VPP, with the Linux end of the host link prepared before and after.
 
     With a `reconciler` (kept by a long-running agent), only what changed since its last
-    run is compared and applied, unless `full`.
+    run is compared (peer by peer with `by_peer`, the plan's parts) and applied, unless
+    `full`.
     """
     host = desired.host
     if not dry_run and host is not None and host.kind == "af_packet":
         linux.ensure_veth(host.linux_ifname, host.vpp_ifname, linux_mac=host.linux_mac,
                           vpp_mac=host.vpp_mac, mtu=desired.mtu, linux_netns=host.netns)
     if reconciler is not None:
-        changes = reconciler.reconcile(desired, dry_run=dry_run, ledger=ledger, full=full)
+        changes = reconciler.reconcile(desired, dry_run=dry_run, ledger=ledger, full=full,
+                                       by_peer=by_peer)
     else:
         changes = reconcile(api, desired, dry_run=dry_run, ledger=ledger)
     if not dry_run and host is not None:
@@ -229,7 +242,7 @@ def up(options: NodeOptions, *, dry_run: bool = False, api: VppApi | None = None
             keying, notes = epochs.schedule(state, settings, peers, observations,
                                             now=time.time() if now is None else now,
                                             key_used=key_used)
-            desired = desired_state(options, view, workers, keying=keying, uplink=uplink)
+            desired, by_peer = planned(options, view, workers, keying=keying, uplink=uplink)
             if not dry_run:
                 client.call(ipsec.set_async_mode(settings.async_crypto))
             changes = []
@@ -247,7 +260,7 @@ def up(options: NodeOptions, *, dry_run: bool = False, api: VppApi | None = None
                     changes += guard.ensure(client, found.sw_if_index, version,
                                             dry_run=dry_run)
             changes += apply(client, desired, dry_run=dry_run, ledger=ledger,
-                             reconciler=reconciler, full=full)
+                             reconciler=reconciler, full=full, by_peer=by_peer)
             if not dry_run and state.model_dump() != before:
                 store.save(state)
         return UpResult(desired=desired, changes=changes, seconds=time.monotonic() - started,

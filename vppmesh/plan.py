@@ -13,6 +13,7 @@ from typing import Literal
 
 from vppmesh.endpoints import segmentation_offload
 from vppmesh.epochs import PeerKeying
+from vppmesh.index import PeerObjects
 from vppmesh.keys import spi_for
 from vppmesh.state import (
     DesiredState,
@@ -71,7 +72,22 @@ def plan(
     uplink: str | None = None,
     keying: Mapping[str, PeerKeying] | None = None,
 ) -> DesiredState:
-    """Everything the VPP of the view's node should hold to join the mesh.
+    """Everything the VPP of the view's node should hold to join the mesh (plan_by_peer)."""
+    return plan_by_peer(view, workers=workers, host=host, epochs=epochs, uplink=uplink,
+                        keying=keying)[0]
+
+
+def plan_by_peer(
+    view: LocalView,
+    *,
+    workers: int = 0,
+    host: HostOptions | None = None,
+    epochs: tuple[int, ...] | None = None,
+    uplink: str | None = None,
+    keying: Mapping[str, PeerKeying] | None = None,
+) -> tuple[DesiredState, dict[int, PeerObjects]]:
+    """Everything the VPP of the view's node should hold to join the mesh, and each
+    peer's part of it by node number (a Reconciler compares two plans peer by peer).
 
     `keying` gives, per peer, the key generation to send on and those to accept
     (vppmesh.epochs decides them); a peer missing from it has no usable key and gets no
@@ -91,6 +107,7 @@ def plan(
     sas: list[SaSpec] = []
     tunnels: list[TunnelSpec] = []
     routes: list[RouteSpec] = []
+    by_peer: dict[int, PeerObjects] = {}
     for peer in peers:
         peer_keying = keying[peer.name]
         in_epochs = tuple(sorted(set(peer_keying.inbound)))
@@ -107,11 +124,12 @@ def plan(
             if len(peer.planned) >= PLANNED_PER_PEER:
                 peer.planned.clear()
             peer.planned[inputs] = objects
-        sas += objects[0]
-        tunnels += objects[1]
-        routes.append(objects[2])
+        by_peer[peer.node.node_number] = objects
+        sas += objects.sas
+        tunnels += objects.tunnels
+        routes.append(objects.route)
 
-    return DesiredState(
+    desired = DesiredState(
         node=local.name,
         table_id=settings.mesh_table_id,
         mtu=view.pod_mtu,
@@ -126,11 +144,11 @@ def plan(
         # key: its packets must die in VPP, not leave by the host's default route.
         host=host_link(view, host or HostOptions()),
     )
+    return desired, by_peer
 
 
 def peer_objects(view: LocalView, peer: PeerView, workers: int, out_epoch: int,
-                 in_epochs: tuple[int, ...],
-                 ) -> tuple[tuple[SaSpec, ...], tuple[TunnelSpec, ...], RouteSpec]:
+                 in_epochs: tuple[int, ...]) -> PeerObjects:
     """One peer's SAs, tunnels and route, for one outbound and some inbound generations."""
     local = view.node
     settings = view.settings
@@ -164,4 +182,4 @@ def peer_objects(view: LocalView, peer: PeerView, workers: int, out_epoch: int,
             sa_in=tuple(sa_in),
         ))
     route = RouteSpec(prefix=peer.node.pod_cidr, tunnels=tuple(t.instance for t in tunnels))
-    return tuple(sas), tuple(tunnels), route
+    return PeerObjects(sas=tuple(sas), tunnels=tuple(tunnels), route=route)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import gc
 import ipaddress
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 
@@ -20,6 +20,7 @@ from vppmesh import endpoints
 from vppmesh.errors import ConfigError, VppApiError, VppMeshError
 from vppmesh.index import (
     DesiredIndex,
+    PeerObjects,
     possible_sa_ids,
     possible_tunnel_instances,
     same_node_settings,
@@ -562,10 +563,14 @@ class Reconciler:
         self._applied = None
 
     def reconcile(self, desired: DesiredState, *, dry_run: bool = False,
-                  ledger: KeyLedger | None = None, full: bool = False) -> list[Change]:
+                  ledger: KeyLedger | None = None, full: bool = False,
+                  by_peer: Mapping[int, PeerObjects] | None = None) -> list[Change]:
+        """`by_peer`: plan_by_peer()'s parts of `desired`, so that two plans are compared
+        peer by peer (index.DesiredIndex)."""
         with gc_paused():
             try:
-                return self._reconcile(desired, dry_run=dry_run, ledger=ledger, full=full)
+                return self._reconcile(desired, by_peer, dry_run=dry_run, ledger=ledger,
+                                       full=full)
             except (VppApiError, ReusedKeyError):
                 if full or self.last_scope is None:
                     raise
@@ -573,13 +578,14 @@ class Reconciler:
                 # operator) changed VPP. Whatever this run applied is in VPP; dump it
                 # and finish from what is really there.
                 self.forget()
-                return self._reconcile(desired, dry_run=dry_run, ledger=ledger, full=True)
+                return self._reconcile(desired, by_peer, dry_run=dry_run, ledger=ledger,
+                                       full=True)
 
-    def _reconcile(self, desired: DesiredState, *, dry_run: bool, ledger: KeyLedger | None,
-                   full: bool) -> list[Change]:
+    def _reconcile(self, desired: DesiredState, by_peer: Mapping[int, PeerObjects] | None,
+                   *, dry_run: bool, ledger: KeyLedger | None, full: bool) -> list[Change]:
         clock = time.perf_counter
         started = clock()
-        index = DesiredIndex(desired)
+        index = DesiredIndex(desired, by_peer)
         indexed_at = clock()
         before = self._applied
         observed = self._observed
