@@ -351,15 +351,22 @@ def measure_baseline(prefix: str, base_dir: Path, sas: int = BASELINE_SAS) -> Ba
 
 
 # ---- the agent in both modes ---------------------------------------------------------------
-# Where one change's time goes: each phase is one function of the agent's run, timed
-# where it is called (the rest of `up`, VPP's pid and workers and the guard, is "other").
+# Where one change's time goes: each phase is one or two functions of the agent's run,
+# timed where they are called (the rest of `up` is "other"). reconcile() looks for the
+# uplink only on full runs, so "uplink and guard" is `up`'s own lookup.
 PHASES = (("source", "vppmesh.node", "MeshFile.mesh"),
           ("source", "vppmesh.datastore.agent", "MembershipAgent.mesh"),
           ("view", "vppmesh.node", "local_view"),
           ("key state (SA dump)", "vppmesh.node", "observe_keys"),
           ("generations", "vppmesh.epochs", "schedule"),
           ("plan", "vppmesh.node", "planned"),
-          ("reconcile", "vppmesh.node", "apply"))
+          ("reconcile", "vppmesh.node", "apply"),
+          ("generation file", "vppmesh.epochs", "GenerationStore.load"),
+          ("generation file", "vppmesh.epochs", "GenerationStore.save"),
+          ("uplink and guard", "vppmesh.vpp.interfaces", "find_uplink"),
+          ("uplink and guard", "vppmesh.guard", "ensure"),
+          ("VPP pid and workers", "vppmesh.vpp.system", "vpp_pid"),
+          ("VPP pid and workers", "vppmesh.vpp.system", "worker_count"))
 RECONCILE_PARTS = ("index", "observe", "diff", "apply")
 
 

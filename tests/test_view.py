@@ -94,7 +94,9 @@ def test_session_keeps_the_view_and_a_joining_peer_costs_one_exchange(
     assert sum(run.exchanges.values()) == 3 and run.lookups["node1"] == 1
 
     run.mesh_file.write_text(dump_mesh(full))  # node5 joins
+    run.vpp.counts.clear()
     joined = session.run()
+    assert run.vpp.counts["sw_interface_dump"] == 0  # the uplink is remembered too
     assert {c.target.split()[0] for c in joined.changes if c.kind == "tunnel"} == \
         {"ipip100000500", "ipip100000501"}
     assert run.exchanges == run.peer_keys()  # only the newcomer's

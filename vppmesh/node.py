@@ -253,8 +253,11 @@ def up(options: NodeOptions, *, dry_run: bool = False, api: VppApi | None = None
                 changes, engine = choice.changes, choice.engine
                 if choice.warning:
                     notes.append(choice.warning)
-            found, _ = interfaces.find_uplink(client, desired.uplink,
-                                              desired.uplink_addresses[0])
+            found = reconciler.uplink_for(desired) if reconciler is not None and not full \
+                else None
+            if found is None:
+                found, _ = interfaces.find_uplink(client, desired.uplink,
+                                                  desired.uplink_addresses[0])
             if found is not None:  # else reconcile() explains what is missing
                 for version in sorted({a.version for a in desired.uplink_addresses}):
                     changes += guard.ensure(client, found.sw_if_index, version,

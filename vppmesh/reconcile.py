@@ -557,6 +557,17 @@ class Reconciler:
         self.last_scope: set[int] | None = None  # peers the last run compared; None: all
         self.last_timings: dict[str, float] = {}  # seconds spent observing, diffing, applying
 
+    def uplink_for(self, desired: DesiredState) -> Interface | None:
+        """The uplink as remembered, if the last applied state looked for the same one
+        (None: look it up). Its index stays while the connection does (a VPP restart
+        breaks it), so a long-running agent need not dump every interface to find it."""
+        applied = self._applied
+        if self._observed is None or applied is None or \
+                applied.desired.uplink != desired.uplink or \
+                applied.desired.uplink_addresses[:1] != desired.uplink_addresses[:1]:
+            return None
+        return self._observed.uplink
+
     def forget(self) -> None:
         """Dump VPP again on the next run."""
         self._observed = None
