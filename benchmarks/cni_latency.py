@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from benchmarks.report import machine_info
 from vppmesh.lab.testbed import Testbed, TestbedSpec, in_ns, sh
 
 CNI_PATH = Path("/usr/lib/cni")
@@ -84,7 +85,9 @@ def measure(pods: int, prefix: str, base: Path) -> dict[str, Any]:
     finally:
         bed.down(quiet=True)
     return {"pods": pods, "attachment": "tap" if Path("/dev/vhost-net").exists()
-            else "af_packet", "commands": {k: summary(v) for k, v in times.items()}}
+            else "af_packet", "machine": machine_info().model_dump(mode="json"),
+            "load_average": os.getloadavg(),
+            "commands": {k: summary(v) for k, v in times.items()}}
 
 
 def main() -> None:

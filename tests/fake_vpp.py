@@ -38,6 +38,7 @@ class FakeVpp:
         self.sas: dict[int, dict[str, Any]] = {}
         self.protections: dict[int, tuple[int, tuple[int, ...]]] = {}
         self.tables: set[int] = {0}
+        self.table_names: dict[int, str] = {}  # VPP names an unnamed table ipv4-VRF:<id>
         self.routes: dict[int, dict[str, tuple[int, ...]]] = {0: {}}
         self.addresses: dict[int, list[str]] = {}
         self.unnumbered: dict[int, int] = {}
@@ -198,7 +199,7 @@ class FakeVpp:
     def m_cli_inband(self, cmd: str) -> Any:
         if cmd == "show crypto handlers":
             def cell(engines: list[str], active: str) -> str:
-                return " ".join(e + ("*" if e == active else "") for e in engines)
+                return " ".join(e + ("*" if e == active else "") for e in engines) or "-"
             simple = cell(self.crypto_engines, self.crypto_active)
             chained = cell(self._chained_engines(), self.crypto_chained)
             reply = ("\x1b[33mAlgorithm   \x1b[0m \x1b[33mOp  \x1b[0m \x1b[33mSimple  "
@@ -235,9 +236,11 @@ class FakeVpp:
         return NS(retval=0)
 
     def d_sw_interface_dump(self, sw_if_index: int) -> list[Any]:
+        """Every interface, or like VPP only the one asked for (none if it does not exist)."""
         return [NS(sw_if_index=i, interface_name=f["name"], tag=f["tag"], flags=f["flags"],
                    mtu=[f["mtu"], 0, 0, 0], l2_address=f["mac"], interface_dev_type=f["dev_type"])
-                for i, f in sorted(self.ifaces.items())]
+                for i, f in sorted(self.ifaces.items())
+                if sw_if_index in (0xFFFFFFFF, i)]
 
     def _check(self, index: int) -> int | None:
         return None if index in self.ifaces else INVALID_SW_IF_INDEX
@@ -426,6 +429,8 @@ class FakeVpp:
     def m_ip_table_add_del(self, is_add: bool, table: dict[str, Any]) -> Any:
         tid = table["table_id"]
         if is_add:
+            if tid not in self.tables:  # a table keeps the name it was created with
+                self.table_names[tid] = table.get("name") or f"ipv4-VRF:{tid}"
             self.tables.add(tid)
             self.routes.setdefault(tid, {})
         else:
@@ -438,7 +443,9 @@ class FakeVpp:
         return NS(retval=0)
 
     def d_ip_table_dump(self) -> list[Any]:
-        return [NS(table=NS(table_id=t, is_ip6=False)) for t in sorted(self.tables)]
+        return [NS(table=NS(table_id=t, is_ip6=False,
+                            name=self.table_names.get(t, f"ipv4-VRF:{t}")))
+                for t in sorted(self.tables)]
 
     def m_ip_route_add_del(self, is_add: bool, is_multipath: bool, route: dict[str, Any]) -> Any:
         table = self.routes.get(route["table_id"])

@@ -122,6 +122,14 @@ def test_ensure_unknown_engine_names_the_option_and_the_fix() -> None:
     assert vpp.crypto_active == "native"
 
 
+@pytest.mark.parametrize("wanted", ["auto", "native"])
+def test_no_engine_for_aes_gcm_is_an_error_naming_the_package(wanted: str) -> None:
+    vpp = FakeVpp()
+    vpp.crypto_engines = []  # VPP 26.06 without vpp-crypto-engines: every cell is "-"
+    with pytest.raises(ConfigError, match=r"no crypto engine.*vpp-crypto-engines"):
+        engines.ensure(vpp, wanted, flags=VAES)  # type: ignore[arg-type]
+
+
 def test_status_warns_when_vaes_goes_unused() -> None:
     vpp = FakeVpp()
     vpp.native_gcm_priority = 20

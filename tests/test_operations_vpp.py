@@ -167,9 +167,6 @@ def test_metrics_follow_traffic_replays_and_reconciles(
     # forged, unknown-SPI and plain IPIP packets land in their counters too.
     pytest.importorskip("scapy")
     before = agents[n2.name].scrape()
-    pinger = subprocess.Popen(["ip", "netns", "exec", pod_ns(n1), "ping", "-i", "0.05",
-                               "-w", "30", target], stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)
     # The SPI of n2's inbound SA that carries the ping now (ECMP puts one flow on one
     # tunnel): the one whose last sequence number moves.
     def inbound_seq() -> dict[int, int]:
@@ -177,20 +174,18 @@ def test_metrics_follow_traffic_replays_and_reconciles(
             return {s.spec.spi: s.last_seq_inbound for s in ipsec.dump_sas(api)
                     if s.spec.direction == "in" and s.spec.peer_number == n1.index}
 
-    time.sleep(0.5)
-    first_seq = inbound_seq()
-    time.sleep(1)
-    moving = [spi for spi, seq in inbound_seq().items() if seq > first_seq.get(spi, seq)]
-    assert moving, "no inbound SA of n2 carries n1's ping"
-    spi = moving[0]
-    tunnel = (spi >> 4) & 0xF  # keys.spi_for: tunnel t runs between underlay addresses t
-    try:
+    with vpp_helpers.SteadyPing(pod_ns(n1), target, interval=0.05):
+        time.sleep(0.5)
+        first_seq = inbound_seq()
+        time.sleep(1)
+        moving = [spi for spi, seq in inbound_seq().items() if seq > first_seq.get(spi, seq)]
+        assert moving, "no inbound SA of n2 carries n1's ping"
+        spi = moving[0]
+        tunnel = (spi >> 4) & 0xF  # keys.spi_for: tunnel t runs between underlay addresses t
         craft = in_ns(bed.underlay_ns, sys.executable, str(CRAFT), "br0",
                       _uplink_mac(n2.index), str(n1.underlay[tunnel].ip),
                       str(n2.underlay[tunnel].ip), hex(spi), "10", check=False, timeout=60)
         assert craft.returncode == 0, craft.stdout + craft.stderr
-    finally:
-        pinger.kill()
     time.sleep(6)
     after = agents[n2.name].scrape()
 

@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 
 import pytest
 from conftest import make_mesh
 from fake_vpp import FakeVpp
 
+from vppmesh import guard, host
 from vppmesh.errors import ConfigError, VppApiError
 from vppmesh.ledger import KeyLedger
+from vppmesh.node import NodeOptions, down
 from vppmesh.plan import HostOptions, plan
 from vppmesh.reconcile import ReusedKeyError, reconcile
 from vppmesh.teardown import teardown
 from vppmesh.view import build_view
-from vppmesh.vpp import interfaces, ipip
+from vppmesh.vpp import interfaces, ipip, routes
 
 
 def setup(n: int = 3, tunnels: int = 2, workers: int = 0, node: str = "node1"):
@@ -64,6 +67,44 @@ def test_down_removes_only_what_vppmesh_owns() -> None:
     assert sum(1 for f in vpp.ifaces.values() if f["dev_type"] == "Loopback") == 1
     assert desired.table_id not in vpp.tables
     assert vpp.addresses[1] == [str(mesh.node("node1").primary)]
+
+
+def test_down_keeps_the_operators_routes_and_tables() -> None:
+    _, _, desired, vpp = setup()
+    reconcile(vpp, desired)
+    # An operator's route in the mesh table, through their own interface.
+    own = vpp.call(interfaces.create_loopback("02:00:00:00:00:0a")).sw_if_index
+    vpp.call(routes.route(desired.table_id, ipaddress.IPv4Network("10.9.0.0/16"), [own], True))
+    removed = teardown(vpp, desired.table_id, ())
+    assert f"kept table {desired.table_id}: 1 route(s) in it are not vppmesh's" in removed
+    assert desired.table_id in vpp.tables
+    assert set(vpp.routes[desired.table_id]) == {"10.9.0.0/16"}
+    assert vpp.owned_objects() == {"tunnels": 0, "sas": 0, "tagged": 0, "protections": 0}
+
+
+def test_down_keeps_a_mesh_table_vppmesh_did_not_create() -> None:
+    _, _, desired, vpp = setup()
+    vpp.call(routes.table(desired.table_id, True, name=""))  # made by the operator first
+    reconcile(vpp, desired)
+    removed = teardown(vpp, desired.table_id, ())
+    assert any(line.startswith(f"kept table {desired.table_id}: vppmesh did not create")
+               for line in removed)
+    assert desired.table_id in vpp.tables
+
+
+def test_down_without_the_mesh_file_finds_the_table_by_its_name(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(host, "remove_link", lambda name, netns=None: False)
+    _, _, desired, vpp = setup()
+    reconcile(vpp, desired)
+    guard.ensure(vpp, 1, 4)
+    options = NodeOptions(mesh_file=tmp_path / "gone.yaml", node="node1",
+                          private_key=tmp_path / "key", state_dir=tmp_path)
+    removed = down(options, api=vpp)  # type: ignore[arg-type]
+    assert f"table {desired.table_id}" in removed
+    assert desired.table_id not in vpp.tables
+    assert vpp.owned_objects() == {"tunnels": 0, "sas": 0, "tagged": 0, "protections": 0}
+    assert any(line.startswith("plain IPIP guard") for line in removed)
 
 
 def test_failure_half_way_leaves_nothing_unprotected_and_next_run_converges() -> None:

@@ -72,3 +72,27 @@ def test_saved_state_round_trips_and_lists(tmp_path: Path) -> None:
     assert SavedUplink.model_validate_json(path.read_text()) == s
     assert uplink.saved_uplinks(tmp_path) == ["enp3s0f0"]
     assert uplink.restore(None, tmp_path, "eth9") == []  # nothing saved: nothing to do
+
+
+def test_gateway_routes_are_the_main_tables_ipv4_routes_via_a_gateway() -> None:
+    s = saved()
+    s.routes += [
+        SavedRoute(family=socket.AF_INET, dst="192.0.2.0", dst_len=24, table=254, proto=2,
+                   scope=253, type=1),  # connected: no gateway
+        SavedRoute(family=socket.AF_INET, dst="10.0.0.0", dst_len=8, table=100,
+                   gateway="192.0.2.2", proto=3, scope=0, type=1),  # another table
+        SavedRoute(family=socket.AF_INET6, dst=None, dst_len=0, table=254,
+                   gateway="2001:db8::1", proto=3, scope=0, type=1)]
+    assert [(r.dst, r.gateway) for r in s.gateway_routes] == [(None, "192.0.2.1")]
+
+
+def test_a_vfio_bound_nic_stays_saved_while_vpp_is_away(tmp_path: Path) -> None:
+    """release_all (VPP gone) cannot give an avf/dpdk NIC to Linux: it says so, keeps the
+    record and touches nothing; an af_packet NIC would be restored."""
+    s = saved("dpdk", vpp_interface="uplink0")
+    path = uplink.state_file(tmp_path, s.ifname)
+    path.write_text(s.model_dump_json())
+    lines = uplink.release_all(tmp_path)
+    assert lines == ["enp3s0f0 stays bound to VPP's dpdk driver until VPP is back (the host "
+                     "has no link through it meanwhile)"]
+    assert SavedUplink.model_validate_json(path.read_text()) == s

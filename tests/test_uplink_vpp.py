@@ -24,7 +24,7 @@ from conftest import require_vpp
 
 from vppmesh.lab.testbed import destroy, find_vpp, in_ns, sh, start_vpp
 from vppmesh.startup import Instance, load_profile, render
-from vppmesh.vpp import interfaces
+from vppmesh.vpp import host_interfaces, interfaces
 from vppmesh.vpp.client import VppClient
 
 pytestmark = [pytest.mark.vpp, pytest.mark.root]
@@ -150,12 +150,34 @@ def wait_settled(seconds: float = 1.0, timeout: float = 10.0) -> None:
         time.sleep(0.2)
 
 
-def test_takeover_keeps_the_host_online_and_restore_is_exact(bed: UplinkBed) -> None:
+def require_bpffs() -> None:
+    """af_xdp: libxdp wants a BPF filesystem (it falls back to a single program in a
+    namespace whose /sys hides it, but the mount must exist)."""
+    if not Path("/sys/fs/bpf").is_dir():
+        pytest.skip("no /sys/fs/bpf: af_xdp needs a BPF filesystem")
+    mounted = subprocess.run(["mount", "-t", "bpf"], capture_output=True, text=True).stdout
+    if "/sys/fs/bpf" not in mounted:
+        subprocess.run(["mount", "-t", "bpf", "bpf", "/sys/fs/bpf"], check=True)
+
+
+def vpp_pings(bed: UplinkBed, target: str) -> bool:
+    """VPP itself reaches `target` (its own routes, not the host's)."""
+    with VppClient(bed.instance.api_socket).connect() as api:
+        out = api.cli(f"ping {target} repeat 2 interval 0.2")
+    return " 0% packet loss" in out or "2 received" in out
+
+
+@pytest.mark.parametrize("driver", ["af_packet", "af_xdp"])
+def test_takeover_keeps_the_host_online_and_restore_is_exact(bed: UplinkBed,
+                                                             driver: str) -> None:
+    if driver == "af_xdp":
+        require_bpffs()
     wait_settled()
     before = linux_view()
     assert reaches_peer()
 
-    took = bed.vppmesh("take", "--interface", "eth0", "--address", VPP_ADDR)
+    took = bed.vppmesh("take", "--interface", "eth0", "--address", VPP_ADDR,
+                       "--driver", driver)
     assert took.returncode == 0, took.stdout + took.stderr
     assert "no /dev/vhost-net here" in took.stdout or Path("/dev/vhost-net").exists()
     saved = json.loads((BASE / "state" / "uplink-eth0.json").read_text())
@@ -178,8 +200,12 @@ def test_takeover_keeps_the_host_online_and_restore_is_exact(bed: UplinkBed) -> 
                      check=False)
     assert ping_vpp.returncode == 0, ping_vpp.stdout
     with VppClient(bed.instance.api_socket).connect() as api:
-        tags = {i.tag for i in interfaces.dump_interfaces(api)}
-    assert {"vppmesh-uplink:nic", "vppmesh-uplink:host", "vppmesh-uplink:bvi"} <= tags
+        found = {i.tag: i for i in interfaces.dump_interfaces(api)}
+    assert {"vppmesh-uplink:nic", "vppmesh-uplink:host", "vppmesh-uplink:bvi"} <= set(found)
+    assert found["vppmesh-uplink:nic"].name == ("xdp-eth0" if driver == "af_xdp"
+                                                else "host-eth0-nic")
+    # The host's gateway route (BEHIND_PEER via the peer) is VPP's too.
+    assert vpp_pings(bed, BEHIND_PEER)
 
     restored = bed.vppmesh("restore")
     assert restored.returncode == 0, restored.stdout + restored.stderr
@@ -191,7 +217,8 @@ def test_takeover_keeps_the_host_online_and_restore_is_exact(bed: UplinkBed) -> 
                     if i.tag.startswith("vppmesh-uplink:")]
 
     # Again, and this time VPP dies: restore works from the saved JSON alone.
-    took = bed.vppmesh("take", "--interface", "eth0", "--address", VPP_ADDR)
+    took = bed.vppmesh("take", "--interface", "eth0", "--address", VPP_ADDR,
+                       "--driver", driver)
     assert took.returncode == 0, took.stdout + took.stderr
     assert reaches_peer()
     bed.kill_vpp()
@@ -265,3 +292,52 @@ def test_up_takes_the_uplink_gives_it_back_when_vpp_dies_and_down_restores(
     assert "linux link eth0: name, MAC, MTU, addresses and routes" in down.stdout
     assert_same(before)
     assert reaches_peer()
+
+
+def test_nic_bound_by_vpp_is_saved_first_and_taken_by_its_port_name(bed: UplinkBed) -> None:
+    """avf/dpdk, emulated: VPP's port for the NIC comes from startup.conf, and Linux loses
+    the NIC when VPP starts. Here a veth renamed away from Linux's view (eth0 -> eth0port,
+    no addresses) and an af_packet port named host-eth0port stand for the vfio-bound NIC
+    and VPP's port; the driver name makes vppmesh treat it as dpdk."""
+    take = ("take", "--interface", "eth0", "--driver", "dpdk", "--vpp-interface",
+            "host-eth0port", "--address", VPP_ADDR)
+    wait_settled()
+    before = linux_view()
+    state = BASE / "state" / "uplink-eth0.json"
+    # VPP not running: only the NIC's Linux configuration is saved.
+    bed.kill_vpp()
+    saved = bed.vppmesh(*take)
+    assert saved.returncode == 0, saved.stdout + saved.stderr
+    assert "configuration is saved" in saved.stdout
+    assert json.loads(state.read_text())["taken"] is False
+    # VPP starts and "binds the NIC": Linux no longer has eth0, VPP has its port.
+    for args in (("link", "set", "eth0", "down"), ("addr", "flush", "dev", "eth0"),
+                 ("link", "set", "eth0", "name", "eth0port"), ("link", "set", "eth0port", "up")):
+        in_ns(HOST_NS, "ip", *args)
+    bed.start_vpp()
+    with VppClient(bed.instance.api_socket).connect() as api:
+        api.call(host_interfaces.create_af_packet("eth0port", "02:00:5e:00:53:10"))
+    took = bed.vppmesh(*take)
+    assert took.returncode == 0, took.stdout + took.stderr
+    assert json.loads(state.read_text())["taken"] is True
+    wait_settled()
+    assert reaches_peer()
+    assert vpp_pings(bed, BEHIND_PEER)
+    # Restore while VPP still has the NIC: VPP's side goes, the configuration stays.
+    restored = bed.vppmesh("restore")
+    assert restored.returncode == 0, restored.stdout + restored.stderr
+    assert "still bound to VPP's driver" in restored.stdout
+    assert state.exists()
+    with VppClient(bed.instance.api_socket).connect() as api:
+        assert not [i for i in interfaces.dump_interfaces(api)
+                    if i.tag.startswith("vppmesh-uplink:") and i.name != "host-eth0port"]
+        # "Bound to its kernel driver again": VPP lets go of the NIC, Linux sees eth0.
+        api.call(host_interfaces.delete_af_packet("eth0port"))
+    in_ns(HOST_NS, "ip", "link", "set", "eth0port", "down")
+    in_ns(HOST_NS, "ip", "link", "set", "eth0port", "name", "eth0")
+    restored = bed.vppmesh("restore")
+    assert restored.returncode == 0, restored.stdout + restored.stderr
+    wait_settled()
+    assert_same(before)
+    assert reaches_peer()
+    assert not state.exists()

@@ -94,9 +94,18 @@ def test_session_keeps_the_view_and_a_joining_peer_costs_one_exchange(
     assert sum(run.exchanges.values()) == 3 and run.lookups["node1"] == 1
 
     run.mesh_file.write_text(dump_mesh(full))  # node5 joins
-    run.vpp.counts.clear()
+    asked: list[Any] = []
+    dump = run.vpp.dump
+
+    def spy(name: str, **args: Any) -> list[Any]:
+        if name == "sw_interface_dump":
+            asked.append(args["sw_if_index"])
+        return dump(name, **args)
+
+    run.vpp.dump = spy  # type: ignore[method-assign]
     joined = session.run()
-    assert run.vpp.counts["sw_interface_dump"] == 0  # the uplink is remembered too
+    uplink = next(i for i, f in run.vpp.ifaces.items() if f["name"] == "host-eth0")
+    assert asked == [uplink]  # the remembered uplink is read alone, not every interface
     assert {c.target.split()[0] for c in joined.changes if c.kind == "tunnel"} == \
         {"ipip100000500", "ipip100000501"}
     assert run.exchanges == run.peer_keys()  # only the newcomer's

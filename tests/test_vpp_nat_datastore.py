@@ -55,10 +55,12 @@ def start_agent(bed: Testbed, node: NodeHandle, url: str) -> subprocess.Popen[by
 def ready_peers(node: NodeHandle) -> int:
     """How many of our tunnels are up and protected in node's VPP."""
     with VppClient(node.instance.api_socket).connect() as api:
-        ifaces = {i.sw_if_index: i for i in interfaces.dump_interfaces(api)}
+        # Tunnels first: one the agent creates between the dumps is simply not counted yet.
+        tunnels = ipip.dump_tunnels(api)
+        up = {i.sw_if_index for i in interfaces.dump_interfaces(api) if i.admin_up}
         protections = ipsec.dump_protections(api)
-        return sum(1 for t in ipip.dump_tunnels(api) if is_owned_tunnel_instance(t.instance)
-                   and ifaces[t.sw_if_index].admin_up and t.sw_if_index in protections)
+        return sum(1 for t in tunnels if is_owned_tunnel_instance(t.instance)
+                   and t.sw_if_index in up and t.sw_if_index in protections)
 
 
 def test_nat_node_publishes_its_public_address_through_etcd(

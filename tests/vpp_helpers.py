@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
 import time
@@ -212,6 +214,34 @@ def assert_pods_ping(pairs: Iterable[tuple[NodeHandle, NodeHandle]], *, count: i
     for src, dst in pairs:
         ping = pod_ping(src, dst, count=count)
         assert ping.returncode == 0, f"{src.name} -> {dst.name}: {ping.stdout}"
+
+
+class SteadyPing:
+    """`ping -i interval -q` from a namespace for as long as a `with` block runs, stopped
+    with SIGINT so that it prints its summary (`summary` after the block). Traffic that a
+    check needs (a packet to replay, an SA that moves) then flows however long the check
+    takes to start, instead of for a count or a deadline guessed in advance."""
+
+    def __init__(self, ns: str, target: str, interval: float = 0.2) -> None:
+        self.args = ["ip", "netns", "exec", ns, "ping", "-i", f"{interval:g}", "-q", target]
+        self.summary = ""
+
+    def __enter__(self) -> SteadyPing:
+        self.proc = subprocess.Popen(self.args, stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, text=True)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.proc.send_signal(signal.SIGINT)  # `ip netns exec` execs ping: same process
+        try:
+            self.summary, _ = self.proc.communicate(timeout=30)
+        finally:
+            stop_process(self.proc)
+
+    def loss_percent(self) -> float:
+        found = re.search(r" ([\d.]+)% packet loss", self.summary)
+        assert found, f"no ping summary: {self.summary!r}"
+        return float(found.group(1))
 
 
 def iperf3_server(ns: str) -> subprocess.Popen[bytes]:

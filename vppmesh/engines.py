@@ -97,8 +97,13 @@ def ensure(api: VppApi, wanted: str, *, dry_run: bool = False,
            flags: frozenset[str] | None = None, vpp_pid: int | None = None) -> Choice:
     """Make `wanted` (an engine name, or auto) run vppmesh's AES-GCM-256."""
     handlers = crypto.read_handlers(api)
-    if handlers is None:
-        return Choice([], None)
+    if handlers is None or not handlers.candidates:
+        # SAs would still be created, and every packet dropped for want of an engine.
+        raise ConfigError(
+            f"VPP has no crypto engine for {crypto.ALG} (AES-GCM-256): install FD.io's "
+            "vpp-crypto-engines package and enable an engine in startup.conf "
+            "(crypto-engines { native { enable } ipsecmb { enable } }; `vppmesh "
+            "render-startup` writes that)")
     flags = cpu_flags() if flags is None else flags
     variant = None
     if wanted == AUTO:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from vppmesh.errors import ConfigError
 from vppmesh.reconcile import Change
-from vppmesh.vpp import classify
+from vppmesh.vpp import classify, interfaces
 from vppmesh.vpp.client import VppApi
 
 IPIP_PROTOCOLS = (4, 41)
@@ -77,3 +77,13 @@ def remove(api: VppApi, uplink: int, version: int) -> list[str]:
                                     enable=False, what="plain IPIP guard"))
     api.call(classify.del_table(current, mask(version), "plain IPIP guard"))
     return [f"plain IPIP guard (classify table {current})"]
+
+
+def remove_everywhere(api: VppApi) -> list[str]:
+    """The guard off every interface that carries it (`down` without a mesh file)."""
+    removed: list[str] = []
+    for iface in interfaces.dump_interfaces(api):
+        if iface.dev_type not in interfaces.NOT_AN_UPLINK:
+            for version in (4, 6):
+                removed += remove(api, iface.sw_if_index, version)
+    return removed

@@ -26,6 +26,8 @@ from vppmesh.config import decode_key
 from vppmesh.errors import KeyFileError
 
 PROTOCOL_LABEL = b"vppmesh esp aes-gcm-256 v1"
+EPHEMERAL_LABEL = b"vppmesh esp aes-gcm-256 ephemeral v1"
+DH_BYTES = 32
 GCM_KEY_BYTES = 32
 GCM_SALT_BYTES = 4
 SPI_BASE = 0x0100_0000
@@ -143,13 +145,38 @@ def derive_sa_key(
     Fields are length-prefixed so that no two (sender, receiver) pairs can produce the
     same `info`, which plain concatenation of names would allow ("a"+"bc" == "ab"+"c").
     """
+    return _hkdf_sa_key(PROTOCOL_LABEL, shared + psk, sender=sender, receiver=receiver,
+                        tunnel=tunnel, epoch=epoch)
+
+
+def derive_sa_key_ephemeral(
+    shared: bytes, ephemeral: bytes, psk: bytes, *, sender: str, receiver: str, tunnel: int,
+    epoch: int
+) -> SaKey:
+    """The SA key of a generation whose agents exchanged ephemeral keys over the channel.
+
+    The input keying material holds the static secret, the generation's ephemeral X25519
+    secret and the PSK, so the key stays authenticated by the static keys and hedged by
+    the PSK, and once both agents have dropped the ephemeral secret (the generation
+    retired) nothing on either node's disk or in the datastore recomputes it. Another
+    label keeps these keys apart from derive_sa_key's even for equal inputs. Not cached:
+    a cache would keep the ephemeral secret alive after its generation retired.
+    """
+    if len(ephemeral) != DH_BYTES:
+        raise ValueError(f"an ephemeral secret has {DH_BYTES} bytes, not {len(ephemeral)}")
+    return _hkdf_sa_key(EPHEMERAL_LABEL, _length_prefixed(shared, ephemeral, psk),
+                        sender=sender, receiver=receiver, tunnel=tunnel, epoch=epoch)
+
+
+def _hkdf_sa_key(label: bytes, ikm: bytes, *, sender: str, receiver: str, tunnel: int,
+                 epoch: int) -> SaKey:
     hkdf = HKDF(
         algorithm=hashes.SHA256(),
         length=GCM_KEY_BYTES + GCM_SALT_BYTES,
-        salt=PROTOCOL_LABEL + epoch.to_bytes(4, "big"),
+        salt=label + epoch.to_bytes(4, "big"),
         info=_length_prefixed(sender.encode(), receiver.encode(), tunnel.to_bytes(2, "big")),
     )
-    okm = hkdf.derive(shared + psk)
+    okm = hkdf.derive(ikm)
     return SaKey(
         key=SecretBytes(okm[:GCM_KEY_BYTES]),
         salt=int.from_bytes(okm[GCM_KEY_BYTES:], "big"),

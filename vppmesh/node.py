@@ -253,11 +253,20 @@ def up(options: NodeOptions, *, dry_run: bool = False, api: VppApi | None = None
                 changes, engine = choice.changes, choice.engine
                 if choice.warning:
                     notes.append(choice.warning)
-            found = reconciler.uplink_for(desired) if reconciler is not None and not full \
-                else None
+            found = None
+            if reconciler is not None and not full:
+                # Its index is remembered; one interface read gives its state now.
+                remembered = reconciler.uplink_for(desired)
+                if remembered is not None:
+                    found = interfaces.dump_interface(client, remembered.sw_if_index)
+                    if found is not None and found.name != remembered.name:
+                        found = None
             if found is None:
                 found, _ = interfaces.find_uplink(client, desired.uplink,
                                                   desired.uplink_addresses[0])
+            if found is not None and found.admin_up and not found.link_up:
+                notes.append(f"uplink {found.name} is up but has no link (cable, switch "
+                             "port, or the NIC's driver): no peer is reachable through it")
             if found is not None:  # else reconcile() explains what is missing
                 for version in sorted({a.version for a in desired.uplink_addresses}):
                     changes += guard.ensure(client, found.sw_if_index, version,
@@ -393,16 +402,26 @@ class Session:
 
 def down(options: NodeOptions, *, api: VppApi | None = None,
          mesh: Mesh | None = None) -> list[str]:
-    """Remove the mesh from VPP and the host link from Linux."""
-    mesh = mesh or load_mesh(options.mesh_file)
-    local = mesh.node(options.node)
+    """Remove the mesh from VPP and the host link from Linux.
+
+    Without the mesh (no file), what VPP itself says is vppmesh's goes (teardown.py),
+    and the guard wherever it is bound; only the extra underlay addresses vppmesh put on
+    the uplink stay, since nothing in VPP tells them from an operator's.
+    """
+    if mesh is None and options.mesh_file.exists():
+        mesh = load_mesh(options.mesh_file)
+    local = mesh.node(options.node) if mesh is not None else None
     client = api or VppClient(options.api_socket).connect()
     try:
-        removed = teardown(client, mesh.settings.mesh_table_id, tuple(local.underlay[1:]))
-        uplink, _ = interfaces.find_uplink(client, local.uplink, local.primary)
-        if uplink is not None:  # after the tunnels: they never exist unguarded
-            for version in sorted({a.version for a in local.underlay}):
-                removed += guard.remove(client, uplink.sw_if_index, version)
+        if local is None or mesh is None:
+            removed = teardown(client, None)
+            removed += guard.remove_everywhere(client)
+        else:
+            removed = teardown(client, mesh.settings.mesh_table_id, tuple(local.underlay[1:]))
+            uplink, _ = interfaces.find_uplink(client, local.uplink, local.primary)
+            if uplink is not None:  # after the tunnels: they never exist unguarded
+                for version in sorted({a.version for a in local.underlay}):
+                    removed += guard.remove(client, uplink.sw_if_index, version)
         for ifname in nic.saved_uplinks(options.state_dir):
             removed += nic.restore(client, options.state_dir, ifname)
     finally:

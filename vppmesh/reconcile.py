@@ -134,6 +134,7 @@ class Diff:
     create_gateway: bool = False
     add_uplink_addresses: list[ipaddress.IPv4Interface | ipaddress.IPv6Interface] = field(
         default_factory=list)
+    uplink_admin_up: bool = False  # an uplink named with `uplink:` may still be down
     delete_routes: list[ipaddress.IPv4Network] = field(default_factory=list)
     delete_tunnels: list[ipip.IpipTunnel] = field(default_factory=list)
     delete_sas: list[int] = field(default_factory=list)
@@ -156,6 +157,8 @@ class Diff:
         if self.create_gateway:
             out.append(Change("create", "gateway", str(GATEWAY_ADDRESS)))
         out += [Change("create", "address", f"{a} on uplink") for a in self.add_uplink_addresses]
+        if self.uplink_admin_up:
+            out.append(Change("update", "uplink", "admin up"))
         out += [Change("delete", "route", str(p)) for p in self.delete_routes]
         out += [Change("delete", "tunnel", f"ipip{t.instance} {t.src} -> {t.dst}")
                 for t in self.delete_tunnels]
@@ -307,6 +310,7 @@ def _diff_node(d: Diff, desired: DesiredState, observed: Observed,
     if observed.uplink is not None:
         have = {a.ip for a in observed.uplink_addresses}
         d.add_uplink_addresses = [a for a in desired.uplink_addresses if a.ip not in have]
+        d.uplink_admin_up = not observed.uplink.admin_up
     host = desired.host
     if host is not None:
         seen_host = observed.host
@@ -398,6 +402,9 @@ class Applier:
             up = observed.uplink.sw_if_index
             self.api.call_many([interfaces.address(up, a, True) for a in d.add_uplink_addresses])
             observed.uplink_addresses += d.add_uplink_addresses
+        if d.uplink_admin_up and observed.uplink is not None:
+            self.api.call(interfaces.set_admin(observed.uplink.sw_if_index, True, "uplink"))
+            observed.uplink = replace(observed.uplink, admin_up=True)
 
     def _removals(self, d: Diff) -> None:
         table = self.desired.table_id

@@ -1,4 +1,5 @@
-"""Render a VPP startup.conf from a profile in `vpp-startup/`.
+"""Render a VPP startup.conf from a profile (vpp-startup/, shipped with the package as
+vppmesh/profiles/).
 
 A profile captures what differs between machines (cores, pages, buffers, drivers); the
 rendering adds what differs between instances on one machine (runtime directory, API
@@ -76,6 +77,11 @@ class Instance(BaseModel):
         return self.runtime_dir / "stats.sock"
 
     @property
+    def punt_socket(self) -> Path:
+        """VPP's end of the punt socket: what the agent writes here, VPP sends."""
+        return self.runtime_dir / "punt.sock"
+
+    @property
     def log_file(self) -> Path:
         return self.runtime_dir / "vpp.log"
 
@@ -85,13 +91,18 @@ class Instance(BaseModel):
         return self.runtime_dir / "vpp.pid"
 
 
+PACKAGE_PROFILES = Path(__file__).resolve().parent / "profiles"
+LOCAL_PROFILES = Path("/etc/vppmesh/vpp-startup")
+
+
 def profile_dirs() -> list[Path]:
+    """Where profiles are looked up, first match wins: $VPPMESH_STARTUP_DIR, the host's own
+    (/etc/vppmesh/vpp-startup), then those shipped as package data, which every install
+    (editable or not) has."""
     dirs = []
     if env := os.environ.get(PROFILE_DIR_ENV):
         dirs.append(Path(env))
-    here = Path(__file__).resolve().parent
-    dirs += [here.parent / "vpp-startup", here / "profiles", Path("/etc/vppmesh/vpp-startup")]
-    return dirs
+    return [*dirs, LOCAL_PROFILES, PACKAGE_PROFILES]
 
 
 def available_profiles() -> dict[str, Path]:
@@ -143,6 +154,9 @@ def render(profile: Profile, instance: Instance, *, workers: int | None = None) 
         "}",
         f"api-segment {{ prefix {instance.name} }}",
         f"socksvr {{ socket-name {instance.api_socket} }}",
+        # The agents' channel (vppmesh/channel) sends and receives through it; without
+        # it punt_socket_register fails. Unused, it costs one idle unix socket.
+        f"punt {{ socket {instance.punt_socket} }}",
         f"memory {{ main-heap-size {profile.main_heap_size} main-heap-page-size {page} }}",
         f"buffers {{ buffers-per-numa {profile.buffers_per_numa} page-size {page} }}",
         f"statseg {{ socket-name {instance.stats_socket} size {profile.statseg_size} "

@@ -1,9 +1,12 @@
 """down: remove every object vppmesh owns from VPP, and nothing else.
 
 Ownership comes from VPP itself (reserved tunnel instances and SA ids, `vppmesh:` tags,
-the mesh VRF), so `down` works even without the mesh file that created the objects.
-Routes go first and tunnels are taken down before their protection is removed, so no
-packet is ever sent unencrypted while the mesh is dismantled.
+the mesh table's name), so `down` works even without the mesh file that created the
+objects. In the mesh table only routes whose paths are all vppmesh's go, and the table
+itself only when vppmesh created it (VPP keeps the name it was created with) and nothing
+else is left in it: an operator's routes or a table of their own stay. Routes go first
+and tunnels are taken down before their protection is removed, so no packet is ever sent
+unencrypted while the mesh is dismantled.
 """
 
 from __future__ import annotations
@@ -15,17 +18,24 @@ from vppmesh.vpp import host_interfaces, interfaces, ipip, ipsec, routes
 from vppmesh.vpp.client import VppApi
 
 
-def teardown(api: VppApi, table_id: int,
+def teardown(api: VppApi, table_id: int | None,
              extra_uplink_addresses: tuple[ipaddress.IPv4Interface | ipaddress.IPv6Interface,
                                            ...] = ()) -> list[str]:
-    """Remove the mesh from VPP; returns a line per removed object."""
+    """Remove the mesh from VPP; returns a line per removed (or knowingly kept) object.
+
+    `table_id` None (no mesh file): the mesh table is the one named routes.TABLE_NAME.
+    """
     removed: list[str] = []
     ifaces = interfaces.dump_interfaces(api)
     tunnels = [t for t in ipip.dump_tunnels(api) if is_owned_tunnel_instance(t.instance)]
     sas = [s.spec.sa_id for s in ipsec.dump_sas(api) if is_owned_sa_id(s.spec.sa_id)]
-    table_exists = table_id in routes.dump_tables(api)
+    names = routes.dump_table_names(api)
+    if table_id is None:
+        table_id = next((t for t, n in names.items() if n == routes.TABLE_NAME), None)
+    table_exists = table_id is not None and table_id in names
+    drop_table = False
 
-    if table_exists:
+    if table_id is not None and table_exists:
         mesh_routes = routes.dump_routes(api, table_id)
         # Endpoint /32 routes go explicitly too: left for the table's deletion, VPP 26.06
         # keeps them in the table's forwarding trie, and a mesh table created again
@@ -35,6 +45,12 @@ def teardown(api: VppApi, table_id: int,
         ours = [p for p, paths in mesh_routes.items() if set(paths) <= owned]
         api.call_many([routes.route(table_id, p, [], False) for p in ours])
         removed += [f"route {p}" for p in ours]
+        others = len(mesh_routes) - len(ours)
+        drop_table = names[table_id] == routes.TABLE_NAME and not others
+        if not drop_table:
+            why = (f"{others} route(s) in it are not vppmesh's" if others
+                   else f"vppmesh did not create it (it is {names[table_id]!r})")
+            removed.append(f"kept table {table_id}: {why}")
     api.call_many([interfaces.set_admin(t.sw_if_index, False, f"ipip{t.instance}")
                    for t in tunnels])
     protected = ipsec.dump_protections(api)
@@ -57,8 +73,8 @@ def teardown(api: VppApi, table_id: int,
         elif iface.dev_type == "Loopback":
             api.call(interfaces.delete_loopback(iface.sw_if_index, iface.name))
         removed.append(f"interface {iface.name} ({iface.tag})")
-    if table_exists:
-        api.call(routes.table(table_id, False))
+    if drop_table:
+        api.call(routes.table(table_id, False))  # type: ignore[arg-type]
         removed.append(f"table {table_id}")
 
     if extra_uplink_addresses:

@@ -10,16 +10,22 @@ VPP's underlay addresses must be others (the mesh wants several per node anyway)
 Sharing one address between host and VPP would need punting (`ip punt redirect` or
 linux-cp, which needs a tap); that is not built.
 
-Drivers: `af_packet` (the NIC stays a Linux netdev, renamed `<name>-nic` so the host
-link can take its name) is what this machine exercises. `af_xdp` works the same way
-through the af_xdp plugin (not in every VPP build). `avf` and `dpdk` take the NIC at
-VPP start from startup.conf (`devices:` / `dpdk_devices:` in the profile; VPP 26.06
-has no separate avf plugin, iavf is a native device driver); run `vppmesh uplink take`
-before VPP starts binds the NIC so the Linux configuration is saved first.
+Drivers: `af_packet` and `af_xdp` (VPP's af_xdp plugin; in generic XDP mode on any
+netdev, a veth too) leave the NIC a Linux netdev, renamed `<name>-nic` so the host link
+can take its name; VPP opens it at takeover, and while VPP is away the agent gives it
+back to Linux. `avf` and `dpdk` take the NIC at VPP start from startup.conf (`devices:` /
+`dpdk_devices:` in the profile; VPP 26.06's iavf is a native device driver in the
+vpp-drivers package): VPP binds it to vfio-pci and Linux no longer sees it. Its Linux
+configuration must therefore be saved before VPP starts (`vppmesh uplink take` while VPP
+is not running only saves it); takeover then finds VPP's port by the name the profile
+gave it (`--vpp-interface`). Such a NIC cannot go back to Linux while VPP is away (it
+stays bound to vfio-pci): restore gives it back once it is bound to its kernel driver
+again.
 
 Before anything is touched the NIC's Linux configuration is saved as JSON in the state
 directory; `vppmesh uplink restore` (also run by `down`) puts it back exactly, with or
-without a running VPP.
+without a running VPP. VPP gets the host's gateway routes (IPv4) through the BVI, so it
+reaches peers beyond the uplink's subnets the way the host did.
 """
 
 from __future__ import annotations
@@ -36,10 +42,11 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from vppmesh import host as linux
 from vppmesh.errors import ConfigError, HostError
-from vppmesh.vpp import host_interfaces, interfaces, l2
+from vppmesh.vpp import host_interfaces, interfaces, l2, routes
 from vppmesh.vpp.client import Request, VppApi
 
 UplinkDriver = Literal["af_packet", "af_xdp", "avf", "dpdk"]
+NIC_IN_VPP = ("avf", "dpdk")  # drivers for which startup.conf hands VPP the NIC
 HostLinkKind = Literal["auto", "tap", "veth"]
 BRIDGE_DOMAIN = 7171
 TAG_NIC = "vppmesh-uplink:nic"
@@ -48,6 +55,7 @@ TAG_BVI = "vppmesh-uplink:bvi"
 IFF_PROMISC = 0x100
 RTPROT_KERNEL = 2
 RT_TABLE_LOCAL = 255
+RT_TABLE_MAIN = 254
 # IFA_F_NODAD | IFA_F_HOMEADDRESS | IFA_F_MANAGETEMPADDR | IFA_F_NOPREFIXROUTE
 ADDRESS_FLAGS = 0x02 | 0x10 | 0x100 | 0x200
 IPInterface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
@@ -104,6 +112,15 @@ class SavedUplink(BaseModel):
     routes: list[SavedRoute]
     nic_name: str  # the NIC's name while VPP has it
     host_link: Literal["tap", "veth"]
+    # False: only saved (avf/dpdk before VPP starts, or after VPP went away); the takeover
+    # is still to be made.
+    taken: bool = True
+
+    @property
+    def gateway_routes(self) -> list[SavedRoute]:
+        """The host's IPv4 routes through a gateway in its main table, which VPP gets."""
+        return [r for r in self.routes if r.family == socket.AF_INET and r.gateway
+                and r.table == RT_TABLE_MAIN]
 
     @property
     def veth_peer(self) -> str:
@@ -148,8 +165,12 @@ def capture(ifname: str, spec: UplinkSpec, host_link: Literal["tap", "veth"]) ->
     with IPRoute() as ipr:
         index = _index(ipr, ifname)
         if index is None:
+            later = (f"; with {spec.driver} save its configuration before VPP takes it: "
+                     f"`vppmesh uplink take --interface {ifname} --driver {spec.driver} "
+                     "--vpp-interface PORT` while VPP is stopped"
+                     if spec.driver in NIC_IN_VPP else "")
             raise HostError(f"uplink {ifname!r} not found in this namespace; name the NIC "
-                            "that carries the host's address")
+                            f"that carries the host's address{later}")
         link = ipr.get_links(index)[0]
         addresses = [
             SavedAddress(family=a["family"], address=a.get_attr("IFA_ADDRESS"),
@@ -234,21 +255,46 @@ def _vpp_nic(api: VppApi, saved: SavedUplink) -> int:
     return found.sw_if_index
 
 
-def take(api: VppApi, spec: UplinkSpec, state_dir: Path) -> SavedUplink:
-    """Hand the NIC to VPP and give the host its network back; idempotent per NIC."""
+def _check_spec(spec: UplinkSpec) -> None:
+    if spec.driver in NIC_IN_VPP and spec.vpp_interface is None:
+        raise ConfigError(f"driver {spec.driver}: name VPP's port (the port name of the "
+                          "profile's device, e.g. uplink0) with --vpp-interface")
+
+
+def save(spec: UplinkSpec, state_dir: Path) -> SavedUplink:
+    """Record the NIC's Linux configuration only (avf/dpdk, before VPP binds the NIC)."""
+    _check_spec(spec)
     path = state_file(state_dir, spec.interface)
     if path.exists():
         return SavedUplink.model_validate_json(path.read_text())
-    if spec.driver in ("avf", "dpdk") and spec.vpp_interface is None:
-        raise ConfigError(f"driver {spec.driver}: name VPP's port with --vpp-interface")
     saved = capture(spec.interface, spec, resolve_host_link(spec.host_link))
+    saved.taken = False
     state_dir.mkdir(parents=True, exist_ok=True)
+    path.write_text(saved.model_dump_json(indent=2))
+    return saved
+
+
+def take(api: VppApi, spec: UplinkSpec, state_dir: Path) -> SavedUplink:
+    """Hand the NIC to VPP and give the host its network back; idempotent per NIC."""
+    _check_spec(spec)
+    path = state_file(state_dir, spec.interface)
+    if path.exists():
+        saved = SavedUplink.model_validate_json(path.read_text())
+        if saved.taken:
+            return saved
+        # Saved before VPP started (avf, dpdk): this run's options name VPP's side.
+        saved = saved.model_copy(update={"spec": spec})
+    else:
+        saved = capture(spec.interface, spec, resolve_host_link(spec.host_link))
+        state_dir.mkdir(parents=True, exist_ok=True)
     path.write_text(saved.model_dump_json(indent=2))  # before anything is touched
     try:
         _take(api, saved)
     except BaseException:
         restore(api, state_dir, spec.interface)
         raise
+    saved.taken = True
+    path.write_text(saved.model_dump_json(indent=2))
     return saved
 
 
@@ -291,6 +337,10 @@ def _take(api: VppApi, saved: SavedUplink) -> None:
     batch += [interfaces.address(bvi, a, True) for a in saved.spec.vpp_addresses]
     batch += [interfaces.set_admin(i, True) for i in (nic, host, bvi)]
     api.call_many(batch)
+    # The host's way to the rest of the underlay is VPP's too (peers beyond the subnet).
+    api.call_many([routes.route(0, _prefix(r), [bvi], True,
+                                nexthop=ipaddress.IPv4Address(str(r.gateway)))
+                   for r in saved.gateway_routes])
     # Linux: the host link takes over the NIC's addresses and routes.
     with IPRoute() as ipr:
         index = _index(ipr, saved.ifname)
@@ -298,6 +348,10 @@ def _take(api: VppApi, saved: SavedUplink) -> None:
             raise HostError(f"the host link {saved.ifname} did not appear")
         ipr.link("set", index=index, mtu=saved.mtu, state="up" if saved.up else "down")
         apply_addresses_and_routes(ipr, index, saved)
+
+
+def _prefix(route: SavedRoute) -> ipaddress.IPv4Network:
+    return ipaddress.IPv4Network(f"{route.dst or '0.0.0.0'}/{route.dst_len}")
 
 
 def bvi_name(api: VppApi) -> str | None:
@@ -327,6 +381,9 @@ def restore(api: VppApi | None, state_dir: Path, ifname: str) -> list[str]:
         api.call_many(batch)
         api.call(l2.bridge_domain(BRIDGE_DOMAIN, False))
         if TAG_BVI in found:
+            api.call_many([routes.route(0, _prefix(r), [found[TAG_BVI].sw_if_index], False,
+                                        nexthop=ipaddress.IPv4Address(str(r.gateway)))
+                           for r in saved.gateway_routes])
             api.call(interfaces.delete_loopback(found[TAG_BVI].sw_if_index))
         if saved.host_link == "tap":
             host = found.get(TAG_HOST) or next(
@@ -334,9 +391,12 @@ def restore(api: VppApi | None, state_dir: Path, ifname: str) -> list[str]:
                  and i.tag == TAG_HOST), None)
             if host is not None:
                 api.call(host_interfaces.delete_tap(host.sw_if_index))
-        else:
+        # Only what VPP still has: a second restore (avf/dpdk: after the NIC came back to
+        # Linux) finds VPP's side gone, and VPP refuses to delete a missing af_packet.
+        opened = host_interfaces.dump_af_packet(api)
+        if saved.host_link == "veth" and saved.veth_peer in opened:
             api.call(host_interfaces.delete_af_packet(saved.veth_peer))
-        if saved.spec.driver == "af_packet":
+        if saved.spec.driver == "af_packet" and saved.nic_name in opened:
             api.call(host_interfaces.delete_af_packet(saved.nic_name))
         elif saved.spec.driver == "af_xdp" and TAG_NIC in found:
             api.call(Request("af_xdp_delete", {"sw_if_index": found[TAG_NIC].sw_if_index},
@@ -350,6 +410,14 @@ def restore(api: VppApi | None, state_dir: Path, ifname: str) -> list[str]:
             ipr.link("set", index=index, state="down")
             ipr.link("set", index=index, ifname=saved.ifname)
         index = _index(ipr, saved.ifname)
+        if index is None and saved.spec.driver in NIC_IN_VPP:
+            # Still bound to vfio-pci: only its kernel driver gives Linux the NIC back.
+            saved.taken = False
+            path.write_text(saved.model_dump_json(indent=2))
+            done.append(f"{saved.ifname} is still bound to VPP's driver ({saved.spec.driver}): "
+                        "bind it to its kernel driver again, then run `vppmesh uplink "
+                        f"restore`; its configuration stays in {path}")
+            return done
         if index is None:
             raise HostError(f"the NIC {saved.ifname} is not here to restore (driver "
                             f"{saved.spec.driver}: give it back to the kernel driver first); "
@@ -381,7 +449,10 @@ def ensure(api: VppApi, spec: UplinkSpec, state_dir: Path, primary: IPInterface)
         spec = spec.model_copy(update={"vpp_addresses": (primary,)})
     name = bvi_name(api)
     if state_file(state_dir, spec.interface).exists() and name is None:
-        restore(None, state_dir, spec.interface)
+        if spec.driver in NIC_IN_VPP:  # a new VPP has the port again: take it over anew
+            _mark_untaken(state_dir, spec.interface)
+        else:
+            restore(None, state_dir, spec.interface)
     if name is None:
         take(api, spec, state_dir)
         name = bvi_name(api)
@@ -390,9 +461,25 @@ def ensure(api: VppApi, spec: UplinkSpec, state_dir: Path, primary: IPInterface)
     return name
 
 
+def _mark_untaken(state_dir: Path, ifname: str) -> None:
+    path = state_file(state_dir, ifname)
+    saved = SavedUplink.model_validate_json(path.read_text())
+    saved.taken = False
+    path.write_text(saved.model_dump_json(indent=2))
+
+
 def release_all(state_dir: Path) -> list[str]:
-    """VPP is gone: give every NIC it had back to Linux, so the host stays online."""
+    """VPP is gone: give every NIC it had back to Linux, so the host stays online.
+
+    An avf/dpdk NIC stays bound to vfio-pci: nothing can give it to Linux meanwhile;
+    its takeover is made again when VPP is back.
+    """
     done: list[str] = []
     for ifname in saved_uplinks(state_dir):
+        saved = SavedUplink.model_validate_json(state_file(state_dir, ifname).read_text())
+        if saved.spec.driver in NIC_IN_VPP:
+            done.append(f"{ifname} stays bound to VPP's {saved.spec.driver} driver until "
+                        "VPP is back (the host has no link through it meanwhile)")
+            continue
         done += restore(None, state_dir, ifname)
     return done

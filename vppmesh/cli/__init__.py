@@ -12,12 +12,13 @@ from typing import Annotated
 
 import typer
 
-from vppmesh.cli import lab, mesh, uplink
+from vppmesh.cli import lab, mesh, service, uplink
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="An encrypted full mesh of Linux hosts over VPP (IPIP + ESP AES-GCM-256).")
 # In the order of `vppmesh --help`: the commands, then the groups.
 app.add_typer(mesh.app)
+app.add_typer(service.app)
 app.add_typer(lab.app)
 app.add_typer(lab.testbed_app, name="testbed")
 app.add_typer(uplink.app, name="uplink")

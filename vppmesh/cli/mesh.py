@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import json
 import logging
@@ -11,6 +12,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from vppmesh import node as agent
+from vppmesh import presence
 from vppmesh.cli.common import (
     DEFAULT_KEY,
     DEFAULT_MESH,
@@ -79,6 +81,9 @@ def up(
         "(`vppmesh uplink take`).")] = None,
     uplink_driver: Annotated[str, typer.Option(
         help="With --take-uplink: af_packet, af_xdp, avf or dpdk.")] = "af_packet",
+    vpp_interface: Annotated[str | None, typer.Option(
+        help="With --uplink-driver avf or dpdk: VPP's name of the port the profile gives "
+        "it (its devices: port_name, e.g. uplink0).")] = None,
     crypto_engine: Annotated[str, typer.Option(
         help="VPP crypto engine for AES-GCM-256: auto (the fastest this CPU and VPP build "
         "have, README: Crypto engines), native, ipsecmb or openssl.")] = "auto",
@@ -122,29 +127,44 @@ def up(
         from vppmesh.uplink import UplinkSpec
 
         try:
-            spec = UplinkSpec(interface=take_uplink, driver=uplink_driver)  # type: ignore[arg-type]
+            spec = UplinkSpec(interface=take_uplink, driver=uplink_driver,  # type: ignore[arg-type]
+                              vpp_interface=vpp_interface)
         except ValidationError as exc:
             raise fail(f"--take-uplink/--uplink-driver: {exc.errors()[0]['msg']}") from None
         opts = replace(opts, take_uplink=spec)
-    if datastore is not None:
-        from vppmesh.datastore.agent import follow
+    elif vpp_interface is not None:
+        raise fail("--vpp-interface goes with --take-uplink and --uplink-driver avf|dpdk; "
+                   "to name VPP's uplink without a takeover use --uplink (or `uplink:`)", 2)
+    with presence.running(state_dir, node) if watch else contextlib.nullcontext():
+        if datastore is not None:
+            from vppmesh.datastore.agent import follow
 
+            try:
+                follow(opts, datastore, watch=watch, underlay=underlay or [],
+                       pod_cidr=pod_cidr, node_number=node_number, settings_file=settings,
+                       lease_ttl=lease_ttl, metrics=exporter,
+                       stats_socket=stats_path(api_socket, stats_socket),
+                       nat_public=nat_public, udp_encap=udp_encap)
+            except VppMeshError as exc:
+                raise fail(str(exc)) from None
+            return
         try:
-            follow(opts, datastore, watch=watch, underlay=underlay or [], pod_cidr=pod_cidr,
-                   node_number=node_number, settings_file=settings, lease_ttl=lease_ttl,
-                   metrics=exporter, stats_socket=stats_path(api_socket, stats_socket),
-                   nat_public=nat_public, udp_encap=udp_encap)
+            report_up(agent.up(opts))
         except VppMeshError as exc:
-            raise fail(str(exc)) from None
-        return
-    try:
-        report_up(agent.up(opts))
-    except VppMeshError as exc:
-        if not watch:
-            raise fail(str(exc)) from None
-        log.error("%s", exc)
-    if watch:
-        watch_loop(opts, exporter, stats_path(api_socket, stats_socket), report=report_up)
+            if not watch:
+                raise fail(str(exc)) from None
+            log.error("%s", exc)
+        if watch:
+            watch_loop(opts, exporter, stats_path(api_socket, stats_socket), report=report_up)
+        else:
+            warn_no_agent(state_dir, node)
+
+
+def warn_no_agent(state_dir: Path, node: str) -> None:
+    """Say so when no agent rotates this node's keys (vppmesh/presence.py)."""
+    warning = presence.warning(state_dir, node)
+    if warning:
+        typer.secho(f"warning: {warning}", fg=typer.colors.YELLOW, err=True)
 
 
 def metrics_tls(metrics: str | None, cert: Path | None, key: Path | None,
@@ -184,6 +204,7 @@ def rekey(
     key: KeyOpt = DEFAULT_KEY,
     api_socket: SocketOpt = DEFAULT_API_SOCKET,
     state_dir: StateOpt = DEFAULT_STATE,
+    datastore: DatastoreOpt = None,
 ) -> None:
     """Move every outbound key of this node to its next generation, now.
 
@@ -193,10 +214,11 @@ def rekey(
     """
     opts = options(mesh, node, key, api_socket, state_dir=state_dir)
     try:
-        result = agent.up(opts, rekey=True)
+        result = agent.up(opts, rekey=True, mesh=agent.datastore_mesh(datastore))
     except VppMeshError as exc:
         raise fail(str(exc)) from None
     report_up(result)
+    warn_no_agent(state_dir, node)
     if result.rekey_pending:
         typer.echo(f"rekey deferred towards {', '.join(result.rekey_pending)}: they have not "
                    "yet surely moved to the current generation (no traffic both ways seen "
@@ -241,9 +263,10 @@ def plan(
     workers: Annotated[int | None, typer.Option(
         help="Worker count to plan for when VPP is not running.")] = None,
     datastore: DatastoreOpt = None,
+    state_dir: StateOpt = DEFAULT_STATE,
 ) -> None:
     """Dry run: the ordered changes `up` would make (everything, when VPP is not running)."""
-    opts = options(mesh, node, key, api_socket)
+    opts = options(mesh, node, key, api_socket, state_dir=state_dir)
     try:
         view = agent.local_view(opts, agent.datastore_mesh(datastore))
         try:
@@ -274,6 +297,7 @@ def status(
     stats_socket: StatsSocketOpt = None,
     as_json: Annotated[bool, typer.Option("--json")] = False,
     datastore: DatastoreOpt = None,
+    state_dir: StateOpt = DEFAULT_STATE,
 ) -> None:
     """Peers, tunnels, protection and per-SA counters, from VPP itself."""
     from vppmesh.config import load_mesh
@@ -287,6 +311,7 @@ def status(
     except VppMeshError as exc:
         raise fail(str(exc)) from None
     typer.echo(result.model_dump_json(indent=2) if as_json else render_table(result))
+    warn_no_agent(state_dir, node)
     if result.missing_peers or not all(p.healthy for p in result.peers):
         raise typer.Exit(3)
 
@@ -305,6 +330,8 @@ def verify(
     probes: Annotated[bool, typer.Option(
         help="Ping every peer's host link during the window, so there is traffic.")] = True,
     as_json: Annotated[bool, typer.Option("--json")] = False,
+    datastore: DatastoreOpt = None,
+    state_dir: StateOpt = DEFAULT_STATE,
 ) -> None:
     """Prove that this node's mesh traffic is encrypted: tunnels, SA counters, capture."""
     from vppmesh.config import load_mesh
@@ -312,7 +339,7 @@ def verify(
     from vppmesh.verify import verify as run_verify
 
     try:
-        mesh_obj = load_mesh(mesh)
+        mesh_obj = agent.datastore_mesh(datastore) or load_mesh(mesh)
         mesh_obj.node(node)
         with VppClient(api_socket).connect() as client:
             report = run_verify(client, mesh_obj, node,
@@ -325,6 +352,7 @@ def verify(
                                "verdict": report.verdict}, indent=2))
     else:
         typer.echo(render(report))
+    warn_no_agent(state_dir, node)
     if not report.ok:
         raise typer.Exit(3)
 
@@ -356,18 +384,24 @@ def pubkey(key: KeyOpt = DEFAULT_KEY) -> None:
 
 @app.command("render-startup")
 def render_startup(
-    profile: Annotated[str, typer.Option(help="Profile name in vpp-startup/, or a path.")
-                       ] = "testbed",
+    profile: Annotated[str, typer.Option(
+        help="Profile name (`vppmesh render-startup --list`), or a path.")] = "testbed",
     runtime_dir: Annotated[Path, typer.Option(help="VPP's runtime directory (sockets, log, "
                                               "pid file).")] = Path("/run/vpp"),
     name: Annotated[str, typer.Option(help="Instance name (shared-memory prefix).")] = "vpp",
     workers: Annotated[int | None, typer.Option(help="Override the profile's workers.")
                        ] = None,
     out: Annotated[Path | None, typer.Option(help="Write here instead of stdout.")] = None,
+    list_profiles: Annotated[bool, typer.Option(
+        "--list", help="List the profiles found, and where, instead.")] = False,
 ) -> None:
     """Write a VPP startup.conf from a profile (workers, crypto engines, buffers, pages)."""
-    from vppmesh.startup import Instance, load_profile, render
+    from vppmesh.startup import Instance, available_profiles, load_profile, render
 
+    if list_profiles:
+        for found, path in available_profiles().items():
+            typer.echo(f"{found:<18} {load_profile(str(path)).description}  ({path})")
+        return
     try:
         text = render(load_profile(profile), Instance(name=name, runtime_dir=runtime_dir),
                       workers=workers)

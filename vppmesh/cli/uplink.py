@@ -27,7 +27,11 @@ def uplink_take(
     api_socket: SocketOpt = DEFAULT_API_SOCKET,
     state_dir: StateOpt = DEFAULT_STATE,
 ) -> None:
-    """Give VPP the NIC; the host keeps its name, MAC, MTU, addresses and routes."""
+    """Give VPP the NIC; the host keeps its name, MAC, MTU, addresses and routes.
+
+    avf/dpdk: run it before VPP starts (it then only saves the NIC's Linux configuration),
+    and again, or `vppmesh up --take-uplink`, once VPP has the port.
+    """
     from pydantic import ValidationError
 
     from vppmesh import uplink
@@ -40,7 +44,23 @@ def uplink_take(
     except ValidationError as exc:
         raise fail("uplink take: " + option_errors(exc, {"vpp_addresses": "address"}), 2) from None
     try:
-        with VppClient(api_socket).connect() as client:
+        client = VppClient(api_socket).connect()
+    except VppUnavailableError as exc:
+        if spec.driver not in uplink.NIC_IN_VPP:
+            raise fail(str(exc)) from None
+        # avf/dpdk: VPP binds the NIC when it starts; its Linux configuration is saved now.
+        try:
+            uplink.save(spec, state_dir)
+        except VppMeshError as exc:
+            raise fail(str(exc)) from None
+        typer.echo(f"VPP is not running: {interface}'s Linux configuration is saved to "
+                   f"{uplink.state_file(state_dir, interface)}; start VPP with the profile "
+                   f"that gives it the NIC as {vpp_interface}, then run `vppmesh up "
+                   f"--take-uplink {interface} --uplink-driver {driver} --vpp-interface "
+                   f"{vpp_interface}` (or this command again)")
+        return
+    try:
+        with client:
             saved = uplink.take(client, spec, state_dir)
             bvi = uplink.bvi_name(client)
     except VppMeshError as exc:

@@ -126,6 +126,11 @@ class ApiChannel:
             if msg_id > 0:
                 self._by_id[msg_id] = definition
 
+    @property
+    def message_table(self) -> list[str]:
+        """VPP's messages as its handshake named them: `<name>_<crc>` each."""
+        return list(self._ids)
+
     def close(self) -> None:
         if self._sock is None:
             return

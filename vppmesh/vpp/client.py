@@ -9,6 +9,7 @@ per phase: a phase's replies are all in and checked before the next phase is sen
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from collections.abc import Sequence
@@ -17,8 +18,10 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from vppmesh.errors import VppApiError, VppUnavailableError
+from vppmesh.vpp import compat
 from vppmesh.vpp.channel import ApiChannel, EncodeError, UnknownMessageError
 
+log = logging.getLogger("vppmesh")
 DEFAULT_API_SOCKET = Path("/run/vpp/api.sock")
 CLIENT_NAME = "vppmesh"
 
@@ -87,6 +90,7 @@ class VppClient:
     def __init__(self, socket_path: Path = DEFAULT_API_SOCKET, *, timeout: float = 10.0,
                  name: str = CLIENT_NAME, window: int | None = None) -> None:
         self.socket_path = socket_path
+        self.vpp_version: str | None = None
         self.timeout = timeout
         self.name = name
         self._lock = threading.Lock()
@@ -122,7 +126,22 @@ class VppClient:
             raise VppUnavailableError(
                 f"cannot connect to VPP at {self.socket_path}: {exc}") from None
         self._channel = channel
+        try:
+            self._check_compat(channel)
+        except BaseException:
+            self.close()
+            raise
         return self
+
+    def _check_compat(self, channel: ApiChannel) -> None:
+        """Refuse an untested VPP release or changed messages (vppmesh/vpp/compat.py):
+        one round trip, the rest comes from the handshake."""
+        version = str(channel.exchange([("show_version", {})])[0].version)
+        warning = compat.check_version(version)
+        if warning:
+            log.warning("%s", warning)
+        compat.check_messages(compat.message_crcs(channel.message_table), version)
+        self.vpp_version = version
 
     def close(self) -> None:
         channel, self._channel = self._channel, None

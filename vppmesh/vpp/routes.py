@@ -16,7 +16,12 @@ EMPTY_LABEL = {"is_uniform": 0, "label": 0, "ttl": 0, "exp": 0}
 NOT_FOUND_ROUTE = (*NOT_FOUND, -8)
 
 
-def table(table_id: int, is_add: bool, name: str = "vppmesh") -> Request:
+# The name vppmesh gives the mesh table: VPP keeps it, so `down` knows the table is
+# vppmesh's (a table someone else made first keeps its own name, `ipv4-VRF:<id>`).
+TABLE_NAME = "vppmesh"
+
+
+def table(table_id: int, is_add: bool, name: str = TABLE_NAME) -> Request:
     return Request("ip_table_add_del",
                    {"is_add": is_add, "table": {"table_id": table_id, "is_ip6": False,
                                                 "name": name}},
@@ -24,7 +29,13 @@ def table(table_id: int, is_add: bool, name: str = "vppmesh") -> Request:
 
 
 def dump_tables(api: VppApi) -> set[int]:
-    return {d.table.table_id for d in api.dump("ip_table_dump") if not d.table.is_ip6}
+    return set(dump_table_names(api))
+
+
+def dump_table_names(api: VppApi) -> dict[int, str]:
+    """{IPv4 table id: its name}."""
+    return {d.table.table_id: str(d.table.name) for d in api.dump("ip_table_dump")
+            if not d.table.is_ip6}
 
 
 def _paths(sw_if_indexes: Sequence[int], nexthop: ipaddress.IPv4Address | None

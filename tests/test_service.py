@@ -1,0 +1,83 @@
+"""The agent as a service: the shipped systemd unit, and knowing whether an agent runs."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import wait_for
+from typer.testing import CliRunner
+
+from vppmesh import presence
+from vppmesh.cli import app
+from vppmesh.cli.service import render_unit
+
+
+def unit_fields(text: str) -> dict[str, list[str]]:
+    fields: dict[str, list[str]] = {}
+    for line in text.splitlines():
+        if "=" in line and not line.startswith("#"):
+            key, _, value = line.partition("=")
+            fields.setdefault(key, []).append(value)
+    return fields
+
+
+def test_unit_runs_up_watch_after_vpp_without_dying_with_it(tmp_path: Path) -> None:
+    out = tmp_path / "vppmesh.service"
+    result = CliRunner().invoke(app, ["install-unit", "--out", str(out), "--", "--node",
+                                      "node1", "--take-uplink", "eth0", "--watch"])
+    assert result.exit_code == 0, result.output
+    fields = unit_fields(out.read_text())
+    exec_start = shlex.split(fields["ExecStart"][0])
+    # This interpreter's vppmesh (the test runs it as python -m pytest: -m vppmesh).
+    assert exec_start[:3] == [sys.executable, "-m", "vppmesh"]
+    assert exec_start[3:] == ["up", "--watch", "--node", "node1", "--take-uplink", "eth0"]
+    assert "vpp.service" in fields["After"][0].split()
+    assert "vpp.service" in fields["Wants"][0].split()
+    assert "Requires" not in fields and "BindsTo" not in fields
+    assert fields["Restart"] == ["always"]
+    assert fields["WantedBy"] == ["multi-user.target"]
+    if shutil.which("systemd-analyze"):  # systemd's own reading of the unit
+        checked = subprocess.run(["systemd-analyze", "verify", str(out)],
+                                 capture_output=True, text=True, check=False)
+        assert checked.returncode == 0 and "vppmesh.service" not in checked.stderr, \
+            checked.stderr
+
+
+def test_unit_quotes_and_escapes_for_systemd() -> None:
+    text = render_unit(["--node", "a b", "--state-dir", "/var/lib/%i$x"],
+                       command=["/opt/vppmesh/bin/vppmesh"])
+    line = next(v for k, v in (ln.split("=", 1) for ln in text.splitlines() if "=" in ln
+                                and not ln.startswith("#")) if k == "ExecStart")
+    assert line == ("/opt/vppmesh/bin/vppmesh up --watch --node 'a b' --state-dir "
+                    "'/var/lib/%%i$$x'")
+
+
+def test_agent_record_lives_as_long_as_the_agent(tmp_path: Path) -> None:
+    assert presence.warning(tmp_path, "n1") is not None
+    with presence.running(tmp_path, "n1") as path:
+        # This process is a python running pytest, not a vppmesh: its id would be a
+        # recycled one, so a record must name a vppmesh process to count.
+        assert path.exists()
+        assert (presence.agent_pid(tmp_path, "n1") is None) == \
+            (b"vppmesh" not in Path(f"/proc/{os.getpid()}/cmdline").read_bytes())
+    assert not path.exists()
+    # A vppmesh-named process counts while it lives, and not after.
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)",
+                             "vppmesh", "up", "--watch"])
+    try:
+        wait_for(lambda: b"vppmesh" in Path(f"/proc/{proc.pid}/cmdline").read_bytes(), 10,
+                 "the child's exec")
+        path.write_text(f'{{"pid": {proc.pid}, "node": "n1", "started": 0}}')
+        assert presence.agent_pid(tmp_path, "n1") == proc.pid
+        assert presence.warning(tmp_path, "n1") is None
+    finally:
+        proc.kill()
+        proc.wait()
+    assert presence.agent_pid(tmp_path, "n1") is None
+    warning = presence.warning(tmp_path, "n1")
+    assert warning is not None and "n1" in warning and "install-unit" in warning

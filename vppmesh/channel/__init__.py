@@ -1,0 +1,1 @@
+"""The authenticated channel between the agents of each node pair (docs/design.md)."""

@@ -1,0 +1,597 @@
+"""The channel's state machine for one node and all its peers: pure, no sockets, no clock.
+
+`Channel.receive(now, source, datagram)`, `send`, `start_generation`, `restarted` and
+`tick(now)` each return an `Output`: datagrams to send (destination, bytes) and events
+for the agent loop (a handshake completed, a generation's ephemeral secret is known, the
+peer acknowledged a generation, the peer's VPP restarted, the peer moved or told us our
+public address). The caller owns the socket and the clock, so every path here runs in
+unit tests and benchmarks exactly as in the agent.
+
+Cheap before expensive. A datagram is dropped, and counted under its `Drop` reason, at
+the first check it fails, in this order:
+
+1. size and clear header (`messages.parse_datagram`): no crypto at all;
+2. sender and receiver: the receiver is this node, the sender a configured peer;
+3. handshakes: the pair MAC (HMAC-BLAKE2s keyed from the pair's static secret, computed
+   once per peer, and the PSK) — one hash, no Diffie-Hellman; only a holder of one of
+   the pair's private keys and the PSK can produce it;
+4. handshakes: the timestamp must exceed the last accepted one from that peer, so a
+   recorded handshake replayed later is refused before any Diffie-Hellman;
+5. handshakes: a token bucket per source address and one for the whole node bound the
+   Diffie-Hellman work per second whatever arrives;
+6. transports: the session index and the replay window, then one AEAD decryption.
+
+Key material: Noise's ephemerals live inside one HandshakeState and are gone after
+split(). A generation's ephemeral private key lives in `_Peer.offers` until the answer
+arrives (or the generation retires); the responder's is dropped right after its single
+exchange. The generation's ephemeral secret is kept, in memory only, until
+`retire_generation`: the agent needs it to reinstall the generation's SAs.
+"""
+
+from __future__ import annotations
+
+import hmac as std_hmac
+import ipaddress
+import secrets as random
+from collections import Counter, OrderedDict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+from vppmesh.channel import messages as m
+from vppmesh.channel.noise import (
+    PROTOCOL,
+    CipherState,
+    HandshakeState,
+    NoiseError,
+    ReplayWindow,
+    Suite,
+    dh,
+    public_bytes,
+)
+from vppmesh.keys import NodeSecrets, pair_secret
+
+Address = m.Address
+
+# Timers, in seconds (WireGuard's where it has one).
+REKEY_AFTER = 120.0  # the session's initiator starts a new handshake after this
+REKEY_RESPONDER_SLACK = 10.0  # ... and the responder, if the initiator did not
+REJECT_AFTER = 180.0  # a session is never used, either way, after this
+HANDSHAKE_RETRY = 0.25  # first retry of an unanswered handshake; doubles each time
+HANDSHAKE_RETRY_MAX = 30.0
+KEY_RETRY = 1.0  # resend an unanswered KeyInit
+KEEPALIVE_AFTER = 15.0  # send a keepalive when nothing was sent for this long
+# Diffie-Hellman budget: handshakes per second per source address, and per node.
+SOURCE_RATE, SOURCE_BURST = 5.0, 10.0
+NODE_RATE, NODE_BURST = 400.0, 400.0
+MAX_SOURCES = 4096  # rate-limit buckets kept (least recently used dropped)
+MAX_QUEUE = 32  # messages held for a peer while its handshake runs
+MAC_LABEL = b"vppmesh channel mac v1"
+_MAC_SUITE = Suite.parse(PROTOCOL)
+_ACKS: dict[str, type[m.SasInstalled] | type[m.WindowSlid]] = {
+    "installed": m.SasInstalled, "slid": m.WindowSlid}
+
+
+# ---- events -----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class HandshakeComplete:
+    peer: int
+
+
+@dataclass(frozen=True)
+class GenerationKeyed:
+    """Both agents now hold `secret`, the ephemeral X25519 secret of `generation`."""
+
+    peer: int
+    generation: int
+    secret: bytes = field(repr=False)
+
+
+@dataclass(frozen=True)
+class PeerAcked:
+    """The peer said its inbound SAs for `generation` are installed, or it slid to it."""
+
+    peer: int
+    what: str  # "installed" or "slid"
+    generation: int
+
+
+@dataclass(frozen=True)
+class PeerRestarted:
+    peer: int
+    boot_id: int
+
+
+@dataclass(frozen=True)
+class EndpointChanged:
+    """Authenticated datagrams from the peer now come from `endpoint` (NAT, roaming)."""
+
+    peer: int
+    endpoint: Address
+
+
+@dataclass(frozen=True)
+class PeerObserved:
+    """The peer sees this node's datagrams come from `endpoint` (its NAT mapping)."""
+
+    peer: int
+    endpoint: Address
+
+
+Event = (HandshakeComplete | GenerationKeyed | PeerAcked | PeerRestarted | EndpointChanged
+         | PeerObserved)
+
+
+@dataclass
+class Output:
+    datagrams: list[tuple[Address, bytes]] = field(default_factory=list)
+    events: list[Event] = field(default_factory=list)
+
+    def extend(self, other: Output) -> Output:
+        self.datagrams += other.datagrams
+        self.events += other.events
+        return self
+
+
+@dataclass(frozen=True)
+class PeerConfig:
+    """A peer as the mesh describes it: node number, static public key, underlay address
+    and the UDP port its channel listens on (None until learned)."""
+
+    node_number: int
+    public_key: bytes
+    endpoint: Address | None = None
+
+
+# ---- internal state ---------------------------------------------------------------------
+class TokenBucket:
+    __slots__ = ("burst", "rate", "stamp", "tokens")
+
+    def __init__(self, rate: float, burst: float, now: float) -> None:
+        self.rate, self.burst, self.tokens, self.stamp = rate, burst, burst, now
+
+    def take(self, now: float) -> bool:
+        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        if self.tokens < 1.0:
+            return False
+        self.tokens -= 1.0
+        return True
+
+
+@dataclass
+class _Session:
+    local_index: int
+    remote_index: int
+    send: CipherState
+    receive: CipherState
+    created: float
+    initiator: bool
+    window: ReplayWindow = field(default_factory=ReplayWindow)
+    next_counter: int = 0
+
+
+@dataclass
+class _Pending:
+    handshake: HandshakeState
+    local_index: int
+    sent: float
+
+
+@dataclass
+class _Peer:
+    config: PeerConfig
+    mac_key: bytes = field(repr=False)
+    endpoint: Address | None
+    current: _Session | None = None
+    previous: _Session | None = None
+    pending: _Pending | None = None
+    attempts: int = 0
+    last_timestamp: int = 0  # highest handshake timestamp accepted from the peer
+    boot_id: int | None = None
+    last_sent: float = float("-inf")
+    queue: list[m.Message] = field(default_factory=list)
+    # generation -> (our ephemeral private key, when the KeyInit was last sent)
+    offers: dict[int, tuple[X25519PrivateKey, float]] = field(default_factory=dict)
+    # generation -> (their ephemeral public key, our answer's public key) to re-answer
+    answers: dict[int, tuple[bytes, bytes]] = field(default_factory=dict)
+    keyed: dict[int, bytes] = field(default_factory=dict, repr=False)
+    # Our latest acknowledgement of each kind to the peer, repeated (see acknowledge),
+    # and the latest of the peer's we reported.
+    acks: dict[str, int] = field(default_factory=dict)
+    heard: dict[str, int] = field(default_factory=dict)
+
+
+def pair_mac_key(static_secret: bytes, psk: bytes) -> bytes:
+    return _MAC_SUITE.hash(MAC_LABEL + static_secret + psk)
+
+
+def pair_mac(key: bytes, data: bytes) -> bytes:
+    return _MAC_SUITE.hmac(key, data)[:m.MAC_BYTES]
+
+
+class Channel:
+    """This node's end of the channel with every peer."""
+
+    def __init__(self, node_number: int, secrets: NodeSecrets, peers: Iterable[PeerConfig],
+                 *, boot_id: int, new_index: Callable[[], int] | None = None) -> None:
+        self.node_number = node_number
+        self._secrets = secrets
+        self.boot_id = boot_id
+        self._new_index = new_index or (lambda: random.randbits(32))
+        # Without a mesh PSK the psk0 slot holds zeros, as Noise allows.
+        self._psk = secrets.psk or bytes(32)
+        self._peers: dict[int, _Peer] = {}
+        for peer in peers:
+            shared = pair_secret(secrets, peer.public_key)
+            self._peers[peer.node_number] = _Peer(
+                peer, pair_mac_key(shared, secrets.psk), peer.endpoint)
+        self._sessions: dict[int, tuple[_Peer, _Session]] = {}
+        self._sources: OrderedDict[str, TokenBucket] = OrderedDict()
+        self._node_bucket: TokenBucket | None = None
+        self.drops: Counter[m.Drop] = Counter()
+        self.stats: Counter[str] = Counter()
+        self._last_timestamp = 0
+
+    def __repr__(self) -> str:
+        return f"Channel(node={self.node_number}, peers={len(self._peers)})"
+
+    # ---- queries ------------------------------------------------------------------------
+    def peers(self) -> list[int]:
+        return sorted(self._peers)
+
+    def established(self, peer: int) -> bool:
+        return self._peers[peer].current is not None
+
+    def endpoint(self, peer: int) -> Address | None:
+        return self._peers[peer].endpoint
+
+    def generation_secret(self, peer: int, generation: int) -> bytes | None:
+        return self._peers[peer].keyed.get(generation)
+
+    def held_private_keys(self) -> int:
+        """Ephemeral private keys of generations this node holds (awaiting an answer)."""
+        return sum(len(p.offers) for p in self._peers.values())
+
+    # ---- what the agent asks for --------------------------------------------------------
+    def send(self, now: float, peer: int, message: m.Message) -> Output:
+        """Send `message` to `peer` now, or as soon as a session is up."""
+        state = self._peers[peer]
+        out = Output()
+        session = self._usable(state, now)
+        if session is None:
+            if len(state.queue) < MAX_QUEUE:
+                state.queue.append(message)
+            else:
+                self.stats["queue_full"] += 1
+            if state.pending is None:
+                out.extend(self._initiate(now, state))
+            return out
+        return self._transmit(now, state, session, message)
+
+    def start_generation(self, now: float, peer: int, generation: int) -> Output:
+        """Offer a fresh ephemeral key for `generation`; GenerationKeyed follows the answer."""
+        state = self._peers[peer]
+        key = X25519PrivateKey.generate()
+        state.offers[generation] = (key, now)
+        return self.send(now, peer, m.KeyInit(generation, public_bytes(key)))
+
+    def acknowledge(self, now: float, peer: int, what: str, generation: int) -> Output:
+        """Tell `peer` this node's inbound SAs for `generation` are installed ("installed")
+        or that it slid its window to `generation` ("slid").
+
+        Acknowledgements are states, not events: the latest of each kind is sent now,
+        again over every new session and in place of every keepalive, so a lost one
+        arrives within KEEPALIVE_AFTER; the peer reports each state once.
+        """
+        self._peers[peer].acks[what] = generation
+        return self.send(now, peer, _ACKS[what](generation))
+
+    def retire_generation(self, peer: int, generation: int) -> None:
+        """Forget everything of `generation`: its private key, answer and secret."""
+        state = self._peers[peer]
+        state.offers.pop(generation, None)
+        state.answers.pop(generation, None)
+        state.keyed.pop(generation, None)
+
+    def restarted(self, now: float, boot_id: int) -> Output:
+        """This node's VPP restarted: tell every peer, reliably.
+
+        A Restarted message goes at once over every session; a fresh VPP has resolved no
+        neighbour yet and may drop it, so a new handshake follows too: its Hello carries
+        the new boot id and it is retried until answered.
+        """
+        self.boot_id = boot_id
+        out = Output()
+        for number, state in self._peers.items():
+            if state.current is not None:
+                out.extend(self.send(now, number, m.Restarted(boot_id)))
+            if state.pending is None:
+                state.attempts = 0
+                out.extend(self._initiate(now, state))
+        return out
+
+    def tick(self, now: float) -> Output:
+        """Timers: handshake retries and rekeys, KeyInit retries, keepalives."""
+        out = Output()
+        for state in self._peers.values():
+            if state.endpoint is None:
+                continue
+            session = self._usable(state, now)
+            if state.pending is not None:
+                wait = min(HANDSHAKE_RETRY * 2 ** max(state.attempts - 1, 0),
+                           HANDSHAKE_RETRY_MAX)
+                if now - state.pending.sent >= wait:
+                    out.extend(self._initiate(now, state))
+            elif session is None or now - session.created >= REKEY_AFTER + (
+                    0.0 if session.initiator else REKEY_RESPONDER_SLACK):
+                out.extend(self._initiate(now, state))
+            if session is None:
+                continue
+            for generation, (key, sent) in list(state.offers.items()):
+                if now - sent >= KEY_RETRY:
+                    state.offers[generation] = (key, now)
+                    out.extend(self._transmit(now, state, session,
+                                              m.KeyInit(generation, public_bytes(key))))
+            if now - state.last_sent >= KEEPALIVE_AFTER:
+                for message in self._ack_messages(state) or [m.Keepalive()]:
+                    out.extend(self._transmit(now, state, session, message))
+        return out
+
+    # ---- receiving ----------------------------------------------------------------------
+    def receive(self, now: float, source: Address, data: bytes) -> Output:
+        """One datagram from the transport; never raises on what the network sends."""
+        parsed = m.parse_datagram(data)
+        if isinstance(parsed, m.Drop):
+            return self._drop(parsed)
+        state = self._peers.get(parsed.sender)
+        if parsed.receiver != self.node_number or state is None:
+            return self._drop(m.Drop.UNKNOWN_PEER)
+        if isinstance(parsed, m.Transport):
+            return self._receive_transport(now, source, state, parsed)
+        if not std_hmac.compare_digest(pair_mac(state.mac_key, parsed.signed), parsed.mac):
+            return self._drop(m.Drop.AUTH)
+        if isinstance(parsed, m.Init):
+            return self._receive_init(now, source, state, parsed)
+        return self._receive_response(now, source, state, parsed)
+
+    def _drop(self, reason: m.Drop) -> Output:
+        self.drops[reason] += 1
+        return Output()
+
+    def _dh_allowed(self, now: float, source: Address) -> bool:
+        host = source[0]
+        bucket = self._sources.get(host)
+        if bucket is None:
+            if len(self._sources) >= MAX_SOURCES:
+                self._sources.popitem(last=False)
+            bucket = self._sources[host] = TokenBucket(SOURCE_RATE, SOURCE_BURST, now)
+        else:
+            self._sources.move_to_end(host)
+        if self._node_bucket is None:
+            self._node_bucket = TokenBucket(NODE_RATE, NODE_BURST, now)
+        return bucket.take(now) and self._node_bucket.take(now)
+
+    def _receive_init(self, now: float, source: Address, state: _Peer, init: m.Init) -> Output:
+        if init.timestamp <= state.last_timestamp:
+            return self._drop(m.Drop.REPLAY)
+        if state.pending is not None and self.node_number < state.config.node_number:
+            self.stats["collisions"] += 1  # both initiated: the lower node number's wins
+            return Output()
+        if not self._dh_allowed(now, source):
+            return self._drop(m.Drop.RATE_LIMITED)
+        handshake = HandshakeState(initiator=False, static=self._secrets.private_key,
+                                   remote_static=state.config.public_key, psk=self._psk,
+                                   prologue=init.signed[:m.HEADER.size + m.INIT_FIELDS.size])
+        hello = self._read_hello(handshake, init.noise)
+        if isinstance(hello, m.Drop):
+            return self._drop(hello)
+        state.last_timestamp = init.timestamp
+        state.pending = None
+        local = self._fresh_index()
+        noise = handshake.write_message(m.encode(m.Hello(self.boot_id)))
+        self.stats["dh"] += 2
+        body = m.build_response(self.node_number, state.config.node_number, local,
+                                init.sender_index, noise)
+        moved = self._move(state, source)
+        out = Output(datagrams=[(source, body + pair_mac(state.mac_key, body))])
+        send, receive = handshake.split()
+        out.extend(self._established(now, state, _Session(
+            local, init.sender_index, send, receive, now, initiator=False), hello))
+        return out.extend(self._moved(now, state) if moved else Output())
+
+    def _receive_response(self, now: float, source: Address, state: _Peer,
+                          response: m.Response) -> Output:
+        pending = state.pending
+        if pending is None or response.receiver_index != pending.local_index:
+            return self._drop(m.Drop.REPLAY)  # no handshake of ours is waiting for it
+        if not self._dh_allowed(now, source):
+            return self._drop(m.Drop.RATE_LIMITED)
+        handshake = pending.handshake
+        hello = self._read_hello(handshake, response.noise)
+        if isinstance(hello, m.Drop):
+            return self._drop(hello)
+        state.pending = None
+        send, receive = handshake.split()
+        moved = self._move(state, source)
+        out = self._established(now, state, _Session(
+            pending.local_index, response.sender_index, send, receive, now, initiator=True),
+            hello)
+        return out.extend(self._moved(now, state) if moved else Output())
+
+    def _read_hello(self, handshake: HandshakeState, noise: bytes) -> m.Hello | m.Drop:
+        """The Hello a handshake message carries: two Diffie-Hellmans, then the AEAD."""
+        self.stats["dh"] += 2
+        try:
+            hello = m.decode(handshake.read_message(noise))
+        except NoiseError:
+            return m.Drop.AUTH
+        return hello if isinstance(hello, m.Hello) else m.Drop.MALFORMED
+
+    def _receive_transport(self, now: float, source: Address, state: _Peer,
+                           datagram: m.Transport) -> Output:
+        found = self._sessions.get(datagram.receiver_index)
+        if found is None or found[0] is not state:
+            return self._drop(m.Drop.AUTH)  # no session of that peer has this index
+        if now - found[1].created >= REJECT_AFTER:
+            return self._drop(m.Drop.REPLAY)  # recorded under a session now expired
+        session = found[1]
+        if not session.window.check(datagram.counter):
+            return self._drop(m.Drop.REPLAY)
+        try:
+            plain = session.receive.decrypt_at(datagram.counter, datagram.header,
+                                               datagram.ciphertext)
+        except NoiseError:
+            return self._drop(m.Drop.AUTH)
+        session.window.mark(datagram.counter)
+        message = m.decode(plain)
+        if isinstance(message, m.Drop):
+            return self._drop(message)
+        self.stats["received"] += 1
+        moved = self._move(state, source)
+        out = self._handle(now, state, session, message)
+        return out.extend(self._moved(now, state) if moved else Output())
+
+    def _handle(self, now: float, state: _Peer, session: _Session,
+                message: m.Message) -> Output:
+        peer = state.config.node_number
+        match message:
+            case m.KeyInit(generation=g, public_key=theirs):
+                return self._answer_key(now, state, session, g, theirs)
+            case m.KeyResponse(generation=g, public_key=theirs):
+                offer = state.offers.pop(g, None)
+                if offer is None:
+                    self.stats["late_key_responses"] += 1
+                    return Output()
+                self.stats["dh"] += 1
+                try:
+                    secret = dh(offer[0], theirs)
+                except NoiseError:
+                    return self._drop(m.Drop.MALFORMED)
+                state.keyed[g] = secret
+                return Output(events=[GenerationKeyed(peer, g, secret)])
+            case m.SasInstalled(generation=g) | m.WindowSlid(generation=g):
+                what = "installed" if isinstance(message, m.SasInstalled) else "slid"
+                if state.heard.get(what) == g:
+                    return Output()  # a repeat
+                state.heard[what] = g
+                return Output(events=[PeerAcked(peer, what, g)])
+            case m.Restarted(boot_id=boot):
+                state.boot_id = boot
+                return Output(events=[PeerRestarted(peer, boot)])
+            case m.ObservedAddress(address=address, port=port):
+                return Output(events=[PeerObserved(peer, (str(address), port))])
+            case m.Keepalive():
+                return Output()
+        return self._drop(m.Drop.MALFORMED)  # a Hello outside a handshake
+
+    def _answer_key(self, now: float, state: _Peer, session: _Session, generation: int,
+                    theirs: bytes) -> Output:
+        if generation in state.offers:
+            if self.node_number < state.config.node_number:
+                self.stats["collisions"] += 1  # ours stands; the peer answers it
+                return Output()
+            del state.offers[generation]
+        answered = state.answers.get(generation)
+        if answered is not None and answered[0] == theirs:  # our answer was lost: again
+            return self._transmit(now, state, session, m.KeyResponse(generation, answered[1]))
+        key = X25519PrivateKey.generate()
+        self.stats["dh"] += 1
+        try:
+            secret = dh(key, theirs)
+        except NoiseError:
+            return self._drop(m.Drop.MALFORMED)
+        ours = public_bytes(key)
+        del key  # the responder's private key is used once, here
+        state.answers[generation] = (theirs, ours)
+        state.keyed[generation] = secret
+        out = self._transmit(now, state, session, m.KeyResponse(generation, ours))
+        out.events.append(GenerationKeyed(state.config.node_number, generation, secret))
+        return out
+
+    # ---- sessions -----------------------------------------------------------------------
+    def _fresh_index(self) -> int:
+        while True:
+            index = self._new_index()
+            if index not in self._sessions:
+                return index
+
+    def _usable(self, state: _Peer, now: float) -> _Session | None:
+        session = state.current
+        if session is None or now - session.created >= REJECT_AFTER:
+            return None
+        return session
+
+    def _initiate(self, now: float, state: _Peer) -> Output:
+        if state.endpoint is None:
+            return Output()
+        timestamp = max(int(now * 1e9), self._last_timestamp + 1)
+        self._last_timestamp = timestamp
+        local = self._fresh_index()
+        prologue = m.build_init(self.node_number, state.config.node_number, local, timestamp,
+                                b"")
+        handshake = HandshakeState(initiator=True, static=self._secrets.private_key,
+                                   remote_static=state.config.public_key, psk=self._psk,
+                                   prologue=prologue)
+        noise = handshake.write_message(m.encode(m.Hello(self.boot_id)))
+        self.stats["dh"] += 2
+        self.stats["handshakes_initiated"] += 1
+        state.pending = _Pending(handshake, local, now)
+        state.attempts += 1
+        body = prologue + noise
+        return Output(datagrams=[(state.endpoint, body + pair_mac(state.mac_key, body))])
+
+    def _established(self, now: float, state: _Peer, session: _Session,
+                     hello: m.Hello) -> Output:
+        if state.previous is not None:
+            self._sessions.pop(state.previous.local_index, None)
+        state.previous, state.current = state.current, session
+        state.attempts = 0
+        self._sessions[session.local_index] = (state, session)
+        self.stats["handshakes_completed"] += 1
+        peer = state.config.node_number
+        out = Output(events=[HandshakeComplete(peer)])
+        if state.boot_id is not None and state.boot_id != hello.boot_id:
+            out.events.append(PeerRestarted(peer, hello.boot_id))
+        state.boot_id = hello.boot_id
+        queued, state.queue = state.queue, []
+        for message in queued + self._ack_messages(state):
+            out.extend(self._transmit(now, state, session, message))
+        return out
+
+    @staticmethod
+    def _ack_messages(state: _Peer) -> list[m.Message]:
+        return [_ACKS[what](g) for what, g in sorted(state.acks.items())]
+
+    def _transmit(self, now: float, state: _Peer, session: _Session,
+                  message: m.Message) -> Output:
+        assert state.endpoint is not None
+        counter = session.next_counter
+        session.next_counter += 1
+        head = m.transport_header(self.node_number, state.config.node_number,
+                                  session.remote_index, counter)
+        body = session.send.encrypt_at(counter, head, m.encode(message))
+        state.last_sent = now
+        self.stats["sent"] += 1
+        return Output(datagrams=[(state.endpoint, head + body)])
+
+    @staticmethod
+    def _move(state: _Peer, source: Address) -> bool:
+        """An authenticated datagram came from `source`: follow the peer there (as
+        WireGuard roams), and say whether that was a move."""
+        moved = state.endpoint != source
+        state.endpoint = source
+        return moved
+
+    def _moved(self, now: float, state: _Peer) -> Output:
+        """Report the move, and tell the peer where its datagrams appear to come from:
+        behind a NAT that is its public address and port."""
+        assert state.endpoint is not None
+        out = Output(events=[EndpointChanged(state.config.node_number, state.endpoint)])
+        session = self._usable(state, now)
+        if session is not None:
+            host, port = state.endpoint
+            out.extend(self._transmit(now, state, session,
+                                      m.ObservedAddress(ipaddress.ip_address(host), port)))
+        return out
