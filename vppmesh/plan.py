@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from vppmesh.endpoints import segmentation_offload
 from vppmesh.epochs import PeerKeying
@@ -63,18 +63,10 @@ def host_link(view: LocalView, options: HostOptions) -> HostLinkSpec | None:
     )
 
 
-def plan(
-    view: LocalView,
-    *,
-    workers: int = 0,
-    host: HostOptions | None = None,
-    epochs: tuple[int, ...] | None = None,
-    uplink: str | None = None,
-    keying: Mapping[str, PeerKeying] | None = None,
-) -> DesiredState:
-    """Everything the VPP of the view's node should hold to join the mesh (plan_by_peer)."""
-    return plan_by_peer(view, workers=workers, host=host, epochs=epochs, uplink=uplink,
-                        keying=keying)[0]
+def plan(view: LocalView, **options: Any) -> DesiredState:
+    """Everything the VPP of the view's node should hold to join the mesh (plan_by_peer,
+    whose keyword options it takes)."""
+    return plan_by_peer(view, **options)[0]
 
 
 def plan_by_peer(
