@@ -19,6 +19,7 @@ import os
 import pstats
 import re
 import resource
+import shutil
 import subprocess
 import sys
 import time
@@ -32,9 +33,10 @@ from pydantic import BaseModel, ConfigDict
 from vppmesh.config import Mesh, MeshSettings, Node
 from vppmesh.keys import NodeSecrets, derive_sa_key, pair_secret, public_key_b64
 from vppmesh.lab.testbed import TestbedError, find_vpp, require_root, single_vpp
-from vppmesh.plan import HostOptions, plan
+from vppmesh.plan import HostOptions, plan, plan_by_peer
 from vppmesh.reconcile import Reconciler
 from vppmesh.state import DesiredState
+from vppmesh.view import build_view
 from vppmesh.vpp import interfaces, ipsec
 from vppmesh.vpp.client import VppClient
 
@@ -48,6 +50,7 @@ PODS = ipaddress.IPv4Network("198.19.0.0/16")
 POD_PREFIX = 26  # 1,024 pod CIDRs fit in PODS
 MAX_PEERS = 1000
 BASELINE_SAS = 2000
+AGENT_RATIO = 1.5  # datastore agent vs file mode, for the same change
 TARGETS = {"first_reconcile_s": 2.0, "noop_full_s": 1.0, "add_peer_s": 0.020,
            "remove_peer_s": 0.020}
 
@@ -102,6 +105,30 @@ class BaselineResult(BaseModel):
     pipelined_dump_s: float
 
 
+class AgentResult(BaseModel):
+    """One peer joining and leaving, applied by the long-running agent in both modes:
+    `up --watch` with a mesh file and `up --watch --datastore` with every peer in etcd.
+
+    Times are the agent's run from "something changed" to "VPP holds it" (median of
+    the rounds); `phases` says where one change's time goes, per mode (median)."""
+
+    model_config = ConfigDict(extra="forbid")
+    peers: int
+    tunnels_per_peer: int
+    rounds: int
+    load_average: str
+    file_join_s: float
+    file_leave_s: float
+    datastore_join_s: float
+    datastore_leave_s: float
+    join_ratio: float  # datastore / file
+    leave_ratio: float
+    file_phases: dict[str, float]
+    datastore_phases: dict[str, float]
+    messages_per_change: int
+    converged: bool
+
+
 class RunResult(BaseModel):
     model_config = ConfigDict(extra="forbid")
     started: str
@@ -110,6 +137,7 @@ class RunResult(BaseModel):
     vpp_version: str
     baseline: BaselineResult | None
     results: list[SizeResult]
+    agents: AgentResult | None = None
 
 
 # ---- the synthetic mesh ------------------------------------------------------------------
@@ -119,22 +147,24 @@ def node_key(number: int) -> X25519PrivateKey:
         hashlib.sha256(b"vppmesh controlplane benchmark node %d" % number).digest())
 
 
+def synthetic_node(number: int, tunnels: int) -> Node:
+    base = int(UNDERLAY.network_address) + number * 8
+    pods = int(PODS.network_address) + number * (1 << (32 - POD_PREFIX))
+    return Node(
+        name=f"n{number}", node_number=number,
+        underlay=[ipaddress.IPv4Interface((base + t, UNDERLAY.prefixlen))
+                  for t in range(tunnels)],
+        pod_cidr=ipaddress.IPv4Network((pods, POD_PREFIX)),
+        public_key=public_key_b64(node_key(number)),
+        uplink=UPLINK if number == 1 else None,
+    )
+
+
 def synthetic_mesh(peers: int, tunnels: int) -> tuple[Mesh, NodeSecrets]:
     """Node 1 (the one measured) and `peers` + 1 peers: the last one is there to join."""
     if not 1 <= peers <= MAX_PEERS:
         raise SystemExit(f"--sizes: {peers} peers is out of range (1..{MAX_PEERS})")
-    nodes = []
-    for number in range(1, peers + 3):
-        base = int(UNDERLAY.network_address) + number * 8
-        pods = int(PODS.network_address) + number * (1 << (32 - POD_PREFIX))
-        nodes.append(Node(
-            name=f"n{number}", node_number=number,
-            underlay=[ipaddress.IPv4Interface((base + t, UNDERLAY.prefixlen))
-                      for t in range(tunnels)],
-            pod_cidr=ipaddress.IPv4Network((pods, POD_PREFIX)),
-            public_key=public_key_b64(node_key(number)),
-            uplink=UPLINK if number == 1 else None,
-        ))
+    nodes = [synthetic_node(number, tunnels) for number in range(1, peers + 3)]
     mesh = Mesh(settings=MeshSettings(tunnels_per_peer=tunnels), nodes=nodes)
     return mesh, NodeSecrets(private_key=node_key(1))
 
@@ -144,7 +174,7 @@ def with_nodes(mesh: Mesh, keep: list[Node]) -> Mesh:
 
 
 def plan_for(mesh: Mesh, secrets: NodeSecrets, workers: int) -> DesiredState:
-    return plan(mesh, "n1", secrets, workers=workers, host=HostOptions(kind="none"))
+    return plan(build_view(mesh, "n1", secrets), workers=workers, host=HostOptions(kind="none"))
 
 
 def derive_all(mesh: Mesh, secrets: NodeSecrets) -> None:
@@ -207,7 +237,13 @@ def measure(peers: int, tunnels: int, workers: int, prefix: str, base_dir: Path,
     derive_sa_key.cache_clear()
     desired, plan_cold_s = timed(plan_for, current, secrets, workers)
     desired, plan_warm_s = timed(plan_for, current, secrets, workers)
-    desired_joined = plan_for(joined, secrets, workers)
+    # As the agent does: it keeps its view and builds the joined mesh's from it, so every
+    # other peer's planned objects are the same ones, compared peer by peer (plan.py).
+    current_view = build_view(current, "n1", secrets)
+    desired, parts = plan_by_peer(current_view, workers=workers, host=HostOptions(kind="none"))
+    desired_joined, joined_parts = plan_by_peer(
+        build_view(joined, "n1", secrets, previous=current_view), workers=workers,
+        host=HostOptions(kind="none"))
 
     with single_vpp(f"{prefix}cp", base_dir / "controlplane", main_heap_size=heap) as instance, \
             VppClient(instance.api_socket, timeout=60).connect() as api:
@@ -220,7 +256,7 @@ def measure(peers: int, tunnels: int, workers: int, prefix: str, base_dir: Path,
         sent = api.messages_sent
         if profiler:
             profiler.enable()
-        _, first_s, first_cpu = timed_cpu(reconciler.reconcile, desired)
+        _, first_s, first_cpu = timed_cpu(reconciler.reconcile, desired, by_peer=parts)
         if profiler:
             profiler.disable()
         first_breakdown = dict(reconciler.last_timings)
@@ -228,11 +264,13 @@ def measure(peers: int, tunnels: int, workers: int, prefix: str, base_dir: Path,
         heap_after = heap_used(api)
 
         sent = api.messages_sent
-        changes, noop_full_s, noop_full_cpu = timed_cpu(reconciler.reconcile, desired, full=True)
+        changes, noop_full_s, noop_full_cpu = timed_cpu(reconciler.reconcile, desired, full=True,
+                                                        by_peer=parts)
         assert changes == [], [str(c) for c in changes[:5]]
         noop_full_breakdown = dict(reconciler.last_timings)
         noop_full_messages = api.messages_sent - sent
-        changes, noop_inc_s, noop_inc_cpu = timed_cpu(reconciler.reconcile, desired)
+        changes, noop_inc_s, noop_inc_cpu = timed_cpu(reconciler.reconcile, desired,
+                                                      by_peer=parts)
         assert changes == []
 
         # One peer joins, then leaves again; the median of a few rounds, as the machine
@@ -240,9 +278,10 @@ def measure(peers: int, tunnels: int, workers: int, prefix: str, base_dir: Path,
         add: list[tuple[float, float, int]] = []
         remove: list[tuple[float, float, int]] = []
         for _ in range(rounds):
-            for target, samples in ((desired_joined, add), (desired, remove)):
+            for target, by_peer, samples in ((desired_joined, joined_parts, add),
+                                             (desired, parts, remove)):
                 sent = api.messages_sent
-                changes, wall, cpu = timed_cpu(reconciler.reconcile, target)
+                changes, wall, cpu = timed_cpu(reconciler.reconcile, target, by_peer=by_peer)
                 assert changes and reconciler.last_scope is not None and \
                     len(reconciler.last_scope) == 1
                 samples.append((wall, cpu, api.messages_sent - sent))
@@ -309,6 +348,186 @@ def measure_baseline(prefix: str, base_dir: Path, sas: int = BASELINE_SAS) -> Ba
                           papi_sync_dump_s=papi_dump_s,
                           pipelined_messages_per_s=len(requests) / pipelined_s,
                           pipelined_dump_s=pipelined_dump_s)
+
+
+# ---- the agent in both modes ---------------------------------------------------------------
+# Where one change's time goes: each phase is one or two functions of the agent's run,
+# timed where they are called (the rest of `up` is "other"). reconcile() looks for the
+# uplink only on full runs, so "uplink and guard" is `up`'s own lookup.
+PHASES = (("source", "vppmesh.node", "MeshFile.mesh"),
+          ("source", "vppmesh.datastore.agent", "MembershipAgent.mesh"),
+          ("view", "vppmesh.node", "local_view"),
+          ("key state (SA dump)", "vppmesh.node", "observe_keys"),
+          ("generations", "vppmesh.epochs", "schedule"),
+          ("plan", "vppmesh.node", "planned"),
+          ("reconcile", "vppmesh.node", "apply"),
+          ("generation file", "vppmesh.epochs", "GenerationStore.load"),
+          ("generation file", "vppmesh.epochs", "GenerationStore.save"),
+          ("uplink and guard", "vppmesh.vpp.interfaces", "find_uplink"),
+          ("uplink and guard", "vppmesh.guard", "ensure"),
+          ("VPP pid and workers", "vppmesh.vpp.system", "vpp_pid"),
+          ("VPP pid and workers", "vppmesh.vpp.system", "worker_count"))
+RECONCILE_PARTS = ("index", "observe", "diff", "apply")
+
+
+class Phases:
+    """Wraps the functions of PHASES with timers (in this benchmark process only)."""
+
+    def __init__(self) -> None:
+        self.spent: dict[str, float] = {}
+        self._undo: list[tuple[object, str, object]] = []
+
+    def __enter__(self) -> Phases:
+        import importlib
+
+        for phase, module, name in PHASES:
+            owner: object = importlib.import_module(module)
+            attr = name
+            if "." in name:
+                cls, attr = name.split(".")
+                owner = getattr(owner, cls)
+            original = getattr(owner, attr)
+            self._undo.append((owner, attr, original))
+            setattr(owner, attr, self._timed(phase, original))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for owner, attr, original in reversed(self._undo):
+            setattr(owner, attr, original)
+
+    def _timed(self, phase: str, fn):  # type: ignore[no-untyped-def]
+        def timed(*args, **kwargs):  # type: ignore[no-untyped-def]
+            started = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.spent[phase] = self.spent.get(phase, 0.0) + time.perf_counter() - started
+        return timed
+
+
+def one_change(run, reconciler_of, phases: Phases):  # type: ignore[no-untyped-def]
+    """(seconds, phases, API messages) of one agent run that applies one peer's change."""
+    phases.spent.clear()
+    reconciler = reconciler_of()
+    sent = reconciler.api.messages_sent
+    result, seconds = timed(run)
+    assert result.changes and any(c.kind == "tunnel" for c in result.changes), \
+        [str(c) for c in result.changes]
+    spent = dict(phases.spent)
+    assert reconciler is not None and reconciler.last_scope is not None and \
+        len(reconciler.last_scope) == 1, "not applied from the remembered state"
+    for part in RECONCILE_PARTS:
+        spent[f"reconcile: {part}"] = reconciler.last_timings[part]
+    spent["other"] = seconds - sum(v for k, v in spent.items() if ":" not in k)
+    spent["total"] = seconds
+    return seconds, spent, reconciler.api.messages_sent - sent
+
+
+def measure_agents(peers: int, tunnels: int, prefix: str, base_dir: Path, heap: str,
+                   rounds: int = 5) -> AgentResult:
+    """The same joins and leaves through the mesh file's Session and the datastore agent,
+    on one VPP holding `peers` peers; each round a new peer (a key never used before)."""
+    import tempfile
+
+    from vppmesh.config import dump_mesh
+    from vppmesh.datastore.agent import DatastoreOptions, LocalNode, MembershipAgent
+    from vppmesh.datastore.etcd import EtcdStore, b64
+    from vppmesh.datastore.records import DatastoreUrl, encode_record
+    from vppmesh.keys import private_key_b64, write_secret_file
+    from vppmesh.lab.etcd import running_etcd
+    from vppmesh.node import NodeOptions, Session
+
+    load = " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    mesh, secrets = synthetic_mesh(peers, tunnels)
+    base = with_nodes(mesh, mesh.nodes[:-1])  # n1 and `peers` peers
+    joiners = [synthetic_node(peers + 2 + i, tunnels) for i in range(2 * rounds)]
+    local = base.nodes[0]
+    work = Path(tempfile.mkdtemp(prefix="vppmesh-agents-"))
+    key = work / "n1.key"
+    write_secret_file(key, private_key_b64(secrets.private_key))
+    mesh_file = work / "mesh.yaml"
+    samples: dict[str, list[tuple[float, dict[str, float], int]]] = {
+        "file join": [], "file leave": [], "datastore join": [], "datastore leave": []}
+    with single_vpp(f"{prefix}ag", base_dir / "agents", main_heap_size=heap) as instance, \
+            Phases() as phases:
+        with VppClient(instance.api_socket, timeout=60).connect() as api:
+            give_uplink(api, local.primary)  # type: ignore[arg-type]
+        options = NodeOptions(mesh_file=mesh_file, node="n1", private_key=key,
+                              api_socket=instance.api_socket, host_link="none", workers=0,
+                              state_dir=work)
+        # `up --watch` with a mesh file: the file changes, the next poll applies it.
+        mesh_file.write_text(dump_mesh(base))
+        session = Session(options)
+        try:
+            session.run()  # programs the whole mesh
+            session.run()
+            for joiner in joiners[:rounds]:
+                mesh_file.write_text(dump_mesh(with_nodes(base, [*base.nodes, joiner])))
+                samples["file join"].append(one_change(
+                    session.run, lambda: session._reconciler, phases))
+                mesh_file.write_text(dump_mesh(base))
+                samples["file leave"].append(one_change(
+                    session.run, lambda: session._reconciler, phases))
+        finally:
+            session.close()
+        # `up --watch --datastore`: every peer registered in etcd; a record comes or goes,
+        # the agent's next sync applies it (the watch and its debounce are not timed).
+        with running_etcd(data_dir=work / "etcd") as etcd:
+            store = EtcdStore(DatastoreUrl.parse(etcd.url()))
+            store.seed_settings(base.settings)
+            lease = store.grant(3600)
+            url = store.url
+
+            def put(node: Node) -> list[dict[str, object]]:
+                return [{"request_put": {"key": b64(url.node_key(node.name)),
+                                         "value": b64(encode_record(node)),
+                                         "lease": lease.id}},
+                        {"request_put": {"key": b64(url.number_key(node.node_number)),
+                                         "value": b64(node.name)}}]
+
+            others = base.nodes[1:]
+            for start in range(0, len(others), 64):  # etcd takes 128 operations per txn
+                store._txn([], [op for n in others[start:start + 64] for op in put(n)])
+            member = MembershipAgent(options, DatastoreOptions(url=url, local=LocalNode(
+                underlay=tuple(local.underlay), pod_cidr=local.pod_cidr,
+                node_number=local.node_number, uplink=local.uplink)), store=store)
+            try:
+                member.sync()  # registers n1, dumps VPP: the mesh is already there
+                member.sync()
+                for joiner in joiners[rounds:]:
+                    store._txn([], put(joiner))
+                    samples["datastore join"].append(one_change(
+                        member.sync, lambda: member.session._reconciler, phases))
+                    store.deregister(joiner.name)
+                    samples["datastore leave"].append(one_change(
+                        member.sync, lambda: member.session._reconciler, phases))
+                client = member.session.client
+                assert client is not None
+                last = member.sync()  # dumps from scratch must agree with the last plan
+                assert last is not None
+                converged = Reconciler(client).reconcile(last.desired, dry_run=True) == []
+            finally:
+                member.session.close()
+                store.revoke(lease)
+    shutil.rmtree(work, ignore_errors=True)
+
+    def seconds(name: str) -> float:
+        return median(s for s, _, _ in samples[name])
+
+    def phase_medians(mode: str) -> dict[str, float]:
+        changes = samples[f"{mode} join"] + samples[f"{mode} leave"]
+        return {k: median(p.get(k, 0.0) for _, p, _ in changes) for k in changes[0][1]}
+
+    return AgentResult(
+        peers=peers, tunnels_per_peer=tunnels, rounds=rounds, load_average=load,
+        file_join_s=seconds("file join"), file_leave_s=seconds("file leave"),
+        datastore_join_s=seconds("datastore join"),
+        datastore_leave_s=seconds("datastore leave"),
+        join_ratio=seconds("datastore join") / seconds("file join"),
+        leave_ratio=seconds("datastore leave") / seconds("file leave"),
+        file_phases=phase_medians("file"), datastore_phases=phase_medians("datastore"),
+        messages_per_change=max(m for v in samples.values() for _, _, m in v),
+        converged=converged)
 
 
 # ---- report ------------------------------------------------------------------------------
@@ -378,6 +597,30 @@ def render_table(results: list[SizeResult]) -> str:
     return "\n".join(lines)
 
 
+def render_agents(a: AgentResult) -> str:
+    """The agent in both modes, and where one change's time goes."""
+    lines = [
+        f"| {a.peers} peers x {a.tunnels_per_peer} tunnels, one peer | mesh file "
+        "(`up --watch`) | datastore (etcd) | datastore / file |",
+        "|---|---|---|---|",
+        f"| joins | {ms(a.file_join_s)} | {ms(a.datastore_join_s)} | x{a.join_ratio:.2f} |",
+        f"| leaves | {ms(a.file_leave_s)} | {ms(a.datastore_leave_s)} | "
+        f"x{a.leave_ratio:.2f} |",
+    ]
+    lines += [f"| {'  ' if ':' in k else ''}{k} | {ms(a.file_phases.get(k, 0.0))} | "
+              f"{ms(a.datastore_phases.get(k, 0.0))} | |"
+              for k in a.file_phases if k != "total"]
+    lines.append("")
+    lines.append(f"One change (median of {a.rounds} joins and {a.rounds} leaves per mode, "
+                 f"each a new peer): the agent's run from the changed input to VPP holding "
+                 f"it, at most {a.messages_per_change} API messages; converged: "
+                 f"{'yes' if a.converged else 'NO'}; load average at start {a.load_average}.")
+    verdict = "met" if max(a.join_ratio, a.leave_ratio) <= AGENT_RATIO else "missed"
+    lines.append(f"Target: the datastore agent within x{AGENT_RATIO} of the file mode: "
+                 f"{verdict}.")
+    return "\n".join(lines)
+
+
 def render_baseline(b: BaselineResult) -> str:
     return "\n".join([
         f"| {b.sas} SAs on one VPP | vpp-papi, synchronous | pipelined (this client) |",
@@ -403,9 +646,11 @@ def vpp_version() -> str:
         result.stderr else "unknown"
 
 
-def run_child(args: argparse.Namespace, peers: int) -> SizeResult | BaselineResult:
+def run_child(args: argparse.Namespace, peers: int, *, agents: bool = False,
+              ) -> SizeResult | BaselineResult | AgentResult:
     """One size (0: the baseline) in a fresh interpreter, so its peak memory is its own."""
-    command = [sys.executable, "-m", "benchmarks.controlplane", "--one", str(peers),
+    command = [sys.executable, "-m", "benchmarks.controlplane",
+               "--one-agents" if agents else "--one", str(peers),
                "--tunnels", str(args.tunnels), "--workers", str(args.workers),
                "--prefix", args.prefix, "--base-dir", str(args.base_dir), "--heap", args.heap]
     if args.profile:
@@ -414,6 +659,8 @@ def run_child(args: argparse.Namespace, peers: int) -> SizeResult | BaselineResu
     if result.returncode != 0:
         raise SystemExit(f"{peers} peers failed:\n{result.stdout[-3000:]}{result.stderr[-3000:]}")
     line = result.stdout.strip().splitlines()[-1]
+    if agents:
+        return AgentResult.model_validate_json(line)
     if peers == 0:
         return BaselineResult.model_validate_json(line)
     return SizeResult.model_validate_json(line)
@@ -435,7 +682,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="add a cProfile of each first reconcile to the JSON")
     parser.add_argument("--no-baseline", action="store_true",
                         help="skip the vpp-papi synchronous baseline")
+    parser.add_argument("--no-agents", action="store_true",
+                        help="skip the agent case (one peer joining and leaving through the "
+                        "mesh file and through etcd, at the largest size)")
     parser.add_argument("--one", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--one-agents", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.workers:
         parser.error("--workers: the benchmark VPP runs without workers; SA binding to "
@@ -447,6 +698,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.one == 0:
         print(measure_baseline(args.prefix, args.base_dir).model_dump_json())
+        return 0
+    if args.one_agents is not None:
+        agent_result = measure_agents(args.one_agents, args.tunnels, args.prefix,
+                                      args.base_dir, args.heap)
+        print(agent_result.model_dump_json())
         return 0
     if args.one is not None:
         result = measure(args.one, args.tunnels, args.workers, args.prefix, args.base_dir,
@@ -468,13 +724,25 @@ def main(argv: list[str] | None = None) -> int:
     for peers in sizes:
         print(f"{peers} peers x {args.tunnels} tunnels ...", file=sys.stderr, flush=True)
         results.append(run_child(args, peers))
+    agents = None
+    if not args.no_agents:
+        from vppmesh.lab.etcd import etcd_binary
+
+        if etcd_binary() is None:
+            print("agents: no etcd (apt-get install etcd-server); skipped", file=sys.stderr)
+        else:
+            print(f"agents: one peer joining and leaving at {sizes[-1]} peers, mesh file "
+                  "and etcd ...", file=sys.stderr, flush=True)
+            agents = run_child(args, sizes[-1], agents=True)
     run = RunResult(started=datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ"),
                     command=" ".join(["python -m benchmarks.controlplane", *(argv or
                                                                             sys.argv[1:])]),
                     machine=machine(), vpp_version=vpp_version(),
                     baseline=baseline,  # type: ignore[arg-type]
-                    results=results)  # type: ignore[arg-type]
+                    results=results, agents=agents)  # type: ignore[arg-type]
     table = render_table(run.results)
+    if run.agents is not None:
+        table += "\n\n" + render_agents(run.agents)
     if run.baseline is not None:
         table += "\n\n" + render_baseline(run.baseline)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -485,7 +753,9 @@ def main(argv: list[str] | None = None) -> int:
                                        f"{run.vpp_version}\n\n{table}\n")
     print(table)
     print(f"\nwrote {stem}.json and {stem}.md")
-    return 0 if all(r.converged for r in run.results) else 1
+    converged = all(r.converged for r in run.results) and \
+        (run.agents is None or run.agents.converged)
+    return 0 if converged else 1
 
 
 if __name__ == "__main__":

@@ -236,9 +236,11 @@ class FakeVpp:
         return NS(retval=0)
 
     def d_sw_interface_dump(self, sw_if_index: int) -> list[Any]:
+        """Every interface, or like VPP only the one asked for (none if it does not exist)."""
         return [NS(sw_if_index=i, interface_name=f["name"], tag=f["tag"], flags=f["flags"],
                    mtu=[f["mtu"], 0, 0, 0], l2_address=f["mac"], interface_dev_type=f["dev_type"])
-                for i, f in sorted(self.ifaces.items())]
+                for i, f in sorted(self.ifaces.items())
+                if sw_if_index in (0xFFFFFFFF, i)]
 
     def _check(self, index: int) -> int | None:
         return None if index in self.ifaces else INVALID_SW_IF_INDEX

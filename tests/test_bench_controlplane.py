@@ -59,3 +59,20 @@ def test_report_shows_growth_and_names_missed_targets() -> None:
                                               pipelined_messages_per_s=60000,
                                               pipelined_dump_s=0.03))
     assert "| add, messages/s | 1,900 | 60,000 |" in baseline
+
+
+def test_agents_report_compares_the_modes_and_names_the_phases() -> None:
+    from benchmarks.controlplane import AgentResult, render_agents
+
+    phases = {"source": 0.05, "view": 0.004, "reconcile": 0.012, "reconcile: index": 0.002,
+              "other": 0.01, "total": 0.076}
+    agents = AgentResult(peers=1000, tunnels_per_peer=4, rounds=5, load_average="1 1 1",
+                         file_join_s=0.1, file_leave_s=0.08, datastore_join_s=0.12,
+                         datastore_leave_s=0.2, join_ratio=1.2, leave_ratio=2.5,
+                         file_phases=phases, datastore_phases=phases,
+                         messages_per_change=40, converged=True)
+    table = render_agents(agents)
+    assert "| joins | 100 ms | 120 ms | x1.20 |" in table
+    assert "|   reconcile: index | 2.0 ms | 2.0 ms | |" in table
+    assert "total" not in table.split("\n\n")[0].split("| leaves")[1]
+    assert table.endswith("x1.5 of the file mode: missed.")

@@ -31,6 +31,7 @@ from vppmesh.cni.store import AttachmentStore
 from vppmesh.config import dump_mesh
 from vppmesh.plan import HostOptions, plan
 from vppmesh.reconcile import reconcile
+from vppmesh.view import build_view
 
 ENV = {"CNI_COMMAND": "ADD", "CNI_CONTAINERID": "abc123", "CNI_NETNS": "/proc/self/ns/net",
        "CNI_IFNAME": "eth0", "CNI_PATH": "/nonexistent"}
@@ -303,7 +304,7 @@ def test_store_round_trip_private_and_atomic(tmp_path: Path) -> None:
 @pytest.fixture
 def meshed_vpp() -> FakeVpp:
     mesh, secrets = make_mesh(2)
-    desired = plan(mesh, "node1", secrets["node1"], host=HostOptions(kind="none"))
+    desired = plan(build_view(mesh, "node1", secrets["node1"]), host=HostOptions(kind="none"))
     vpp = FakeVpp.with_uplink(mesh.node("node1").primary)
     reconcile(vpp, desired)
     return vpp
@@ -380,7 +381,7 @@ def test_up_rerun_keeps_pods_and_down_removes_them() -> None:
     from vppmesh.teardown import teardown
 
     mesh, secrets = make_mesh(2)
-    desired = plan(mesh, "node1", secrets["node1"], host=HostOptions(kind="none"))
+    desired = plan(build_view(mesh, "node1", secrets["node1"]), host=HostOptions(kind="none"))
     vpp = FakeVpp.with_uplink(mesh.node("node1").primary)
     reconcile(vpp, desired)
     spec = pod()

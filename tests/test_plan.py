@@ -7,12 +7,13 @@ from conftest import make_mesh
 
 from vppmesh.plan import HostOptions, plan
 from vppmesh.state import is_owned_sa_id, is_owned_tunnel_instance
+from vppmesh.view import build_view
 
 
 @pytest.mark.parametrize("n", [2, 3, 100])
 def test_plan_shape(n: int) -> None:
     mesh, secrets = make_mesh(n, tunnels=2)
-    desired = plan(mesh, "node1", secrets["node1"], workers=2)
+    desired = plan(build_view(mesh, "node1", secrets["node1"]), workers=2)
     peers = n - 1
     assert len(desired.tunnels) == peers * 2
     assert len(desired.sas) == peers * 2 * 2
@@ -34,12 +35,13 @@ def test_plan_shape(n: int) -> None:
 
 def test_plan_is_deterministic() -> None:
     mesh, secrets = make_mesh(5)
-    assert plan(mesh, "node3", secrets["node3"]) == plan(mesh, "node3", secrets["node3"])
+    view = build_view(mesh, "node3", secrets["node3"])
+    assert plan(view) == plan(build_view(mesh, "node3", secrets["node3"]))
 
 
 def test_two_ends_of_each_tunnel_agree() -> None:
     mesh, secrets = make_mesh(3, tunnels=2)
-    states = {n.name: plan(mesh, n.name, secrets[n.name]) for n in mesh.nodes}
+    states = {n.name: plan(build_view(mesh, n.name, secrets[n.name])) for n in mesh.nodes}
     for a in mesh.nodes:
         for b in mesh.nodes:
             if a is b:
@@ -56,7 +58,7 @@ def test_two_ends_of_each_tunnel_agree() -> None:
 
 def test_rekey_window_accepts_two_epochs_sends_newest() -> None:
     mesh, secrets = make_mesh(2, tunnels=1)
-    desired = plan(mesh, "node1", secrets["node1"], epochs=(4, 5))
+    desired = plan(build_view(mesh, "node1", secrets["node1"]), epochs=(4, 5))
     tunnel = desired.tunnels[0]
     assert len(tunnel.sa_in) == 2
     out = next(s for s in desired.sas if s.sa_id == tunnel.sa_out)
@@ -65,12 +67,13 @@ def test_rekey_window_accepts_two_epochs_sends_newest() -> None:
 
 def test_host_link_routes_every_pod_cidr() -> None:
     mesh, secrets = make_mesh(4)
-    desired = plan(mesh, "node2", secrets["node2"], host=HostOptions(kind="af_packet"))
+    desired = plan(build_view(mesh, "node2", secrets["node2"]), host=HostOptions(kind="af_packet"))
     assert desired.host is not None
     # Peers' pods, and its own (reached through VPP's per-pod /32 routes).
     assert set(desired.host.routes) == {n.pod_cidr for n in mesh.nodes}
     assert desired.host.address.ip == mesh.node("node2").mesh_address
-    assert plan(mesh, "node2", secrets["node2"], host=HostOptions(kind="none")).host is None
+    assert plan(build_view(mesh, "node2", secrets["node2"]),
+                host=HostOptions(kind="none")).host is None
 
 
 def test_what_is_not_for_the_mesh_leaves_the_mesh_vrf_through_the_host() -> None:
@@ -78,7 +81,7 @@ def test_what_is_not_for_the_mesh_leaves_the_mesh_vrf_through_the_host() -> None
     route towards the host beyond its /32 is the default, less specific than every pod
     CIDR, so mesh traffic never takes it."""
     mesh, secrets = make_mesh(3)
-    desired = plan(mesh, "node1", secrets["node1"], host=HostOptions(kind="af_packet"))
+    desired = plan(build_view(mesh, "node1", secrets["node1"]), host=HostOptions(kind="af_packet"))
     assert desired.host is not None
     (default,) = desired.host.vpp_routes
     assert default.prefixlen == 0
@@ -87,9 +90,9 @@ def test_what_is_not_for_the_mesh_leaves_the_mesh_vrf_through_the_host() -> None
 
 def test_large_segments_only_for_tap_endpoints() -> None:
     mesh, secrets = make_mesh(2, gso=True)
-    tap = plan(mesh, "node1", secrets["node1"], host=HostOptions(kind="tap"))
+    tap = plan(build_view(mesh, "node1", secrets["node1"]), host=HostOptions(kind="tap"))
     assert tap.gso and tap.host is not None and tap.host.offloads
-    veth = plan(mesh, "node1", secrets["node1"], host=HostOptions(kind="af_packet"))
+    veth = plan(build_view(mesh, "node1", secrets["node1"]), host=HostOptions(kind="af_packet"))
     assert not veth.gso and veth.host is not None and not veth.host.offloads
     off, _ = make_mesh(2)  # the default: Linux segments
-    assert not plan(off, "node1", secrets["node1"], host=HostOptions(kind="tap")).gso
+    assert not plan(build_view(off, "node1", secrets["node1"]), host=HostOptions(kind="tap")).gso

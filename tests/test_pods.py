@@ -23,6 +23,7 @@ from vppmesh.cni.models import Attachment
 from vppmesh.cni.store import AttachmentStore
 from vppmesh.plan import HostOptions, plan
 from vppmesh.reconcile import reconcile
+from vppmesh.view import build_view
 
 
 def meshed() -> FakeVpp:
@@ -30,7 +31,7 @@ def meshed() -> FakeVpp:
     agent's reconcile ran, before the pods are back."""
     mesh, secrets = make_mesh(2)
     vpp = FakeVpp.with_uplink(mesh.node("node1").primary)
-    reconcile(vpp, plan(mesh, "node1", secrets["node1"], host=HostOptions(kind="none")))
+    reconcile(vpp, plan(build_view(mesh, "node1", secrets["node1"]), host=HostOptions(kind="none")))
     return vpp
 
 
@@ -184,7 +185,7 @@ def test_datastore_agent_reattaches_pods_on_a_new_vpp(
     assert len(first.pod_report.reattached) == 1
     assert endpoints.vpp_side_problems(vpp, spec_of(pod), table_id=1717, mtu=1440) == []
     assert member.sync().pod_report is None  # type: ignore[union-attr]
-    member._drop_vpp()  # VPP went away; a new one answers
+    member.session.close()  # VPP went away; a new one answers
     member.api = FakeVpp.with_uplink(local.primary)
     again = member.sync()
     assert again is not None and again.pod_report is not None
@@ -243,7 +244,7 @@ def test_datastore_agent_fills_the_metrics(tmp_path: Path) -> None:
                              api=FakeVpp.with_uplink(local.primary), metrics=metrics)
     result = member.sync()
     assert result is not None
-    member._measured(result, 0.25, restarted=True)
+    member.loop.measured(result, 0.25, restarted=True)
     snap = metrics.mesh.snapshot
     assert {t.peer for t in snap.tunnels} == {"node2", "node3"} and len(snap.tunnels) == 4
     assert all(t.up and t.protected for t in snap.tunnels)

@@ -19,6 +19,7 @@ from test_epochs import Pair
 from vppmesh.config import MAX_MESH_FILE_BYTES, Mesh, dump_mesh, load_mesh, parse_mesh
 from vppmesh.errors import ConfigError
 from vppmesh.plan import HostOptions, plan
+from vppmesh.view import build_view
 
 BASE_MESH, BASE_SECRETS = make_mesh(3, 2)
 BASE = yaml.safe_load(dump_mesh(BASE_MESH))
@@ -72,7 +73,7 @@ def test_mutated_mesh_is_either_valid_or_a_clear_error(edits: list[tuple[Any, An
     for node in mesh.nodes:
         secrets = BASE_SECRETS.get(node.name)
         if secrets is not None and secrets.public_key_b64() == node.public_key:
-            plan(mesh, node.name, secrets, host=HostOptions(kind="none"))
+            plan(build_view(mesh, node.name, secrets), host=HostOptions(kind="none"))
 
 
 @settings(max_examples=100, deadline=None)
@@ -136,7 +137,7 @@ def meshes(draw: Any) -> tuple[Mesh, dict[str, Any]]:
 @given(meshes(), st.data())
 def test_plan_views_of_every_pair_agree(mesh_secrets: Any, data: Any) -> None:
     mesh, secrets = mesh_secrets
-    views = {n.name: plan(mesh, n.name, secrets[n.name], host=HostOptions(kind="none"))
+    views = {n.name: plan(build_view(mesh, n.name, secrets[n.name]), host=HostOptions(kind="none"))
              for n in mesh.nodes}
     for name, view in views.items():
         ids = [s.sa_id for s in view.sas]

@@ -16,12 +16,14 @@ from vppmesh.node import NodeOptions, down
 from vppmesh.plan import HostOptions, plan
 from vppmesh.reconcile import ReusedKeyError, reconcile
 from vppmesh.teardown import teardown
+from vppmesh.view import build_view
 from vppmesh.vpp import interfaces, ipip, routes
 
 
 def setup(n: int = 3, tunnels: int = 2, workers: int = 0, node: str = "node1"):
     mesh, secrets = make_mesh(n, tunnels)
-    desired = plan(mesh, node, secrets[node], workers=workers, host=HostOptions(kind="none"))
+    desired = plan(build_view(mesh, node, secrets[node]), workers=workers,
+                   host=HostOptions(kind="none"))
     vpp = FakeVpp.with_uplink(mesh.node(node).primary, workers=workers)
     return mesh, secrets, desired, vpp
 
@@ -124,7 +126,7 @@ def test_peer_leaving_touches_only_its_objects() -> None:
     reconcile(vpp, desired)
     before = {i: dict(t) for i, t in vpp.tunnels.items()}
     smaller = mesh.model_copy(update={"nodes": mesh.nodes[:3]})
-    desired2 = plan(smaller, "node1", secrets["node1"], host=HostOptions(kind="none"))
+    desired2 = plan(build_view(smaller, "node1", secrets["node1"]), host=HostOptions(kind="none"))
     changes = reconcile(vpp, desired2)
     assert all("#4" in str(c) or "ipip1000004" in str(c) or "10.64.4.0" in str(c)
                or c.kind == "sa" for c in changes)
@@ -137,7 +139,7 @@ def test_peer_leaving_touches_only_its_objects() -> None:
 def test_changed_peer_key_replaces_its_sas_without_duplicates() -> None:
     mesh, secrets, desired, vpp = setup(n=2, tunnels=1)
     reconcile(vpp, desired)
-    desired2 = plan(mesh, "node1", secrets["node1"], host=HostOptions(kind="none"),
+    desired2 = plan(build_view(mesh, "node1", secrets["node1"]), host=HostOptions(kind="none"),
                     epochs=(1,))
     changes = reconcile(vpp, desired2)
     assert any(c.kind == "sa" and c.action == "create" for c in changes)
@@ -171,7 +173,7 @@ def test_dry_run_changes_nothing() -> None:
 def test_host_link_default_route_is_installed_once_and_repaired() -> None:
     mesh, secrets = make_mesh(2)
     api = FakeVpp.with_uplink(mesh.node("node1").primary)
-    desired = plan(mesh, "node1", secrets["node1"], host=HostOptions(kind="af_packet"))
+    desired = plan(build_view(mesh, "node1", secrets["node1"]), host=HostOptions(kind="af_packet"))
     reconcile(api, desired)
     table = api.routes[desired.table_id]
     host_index = next(i for i, f in api.ifaces.items() if f["tag"] == desired.host.tag)  # type: ignore[union-attr]

@@ -19,6 +19,7 @@ from vppmesh.ledger import KeyLedger
 from vppmesh.plan import HostOptions, plan
 from vppmesh.reconcile import Observed, Reconciler, observe
 from vppmesh.state import DesiredState, sa_id_for, tunnel_instance
+from vppmesh.view import build_view
 
 DUMPS = {"sw_interface_dump", "ipip_tunnel_dump", "ipsec_sa_v5_dump",
          "ipsec_tunnel_protect_dump", "ip_unnumbered_dump", "ip_table_dump",
@@ -30,7 +31,7 @@ def desired_for(mesh: Mesh, secrets: dict[str, NodeSecrets], peers: int | None =
     """node1's desired state towards its first `peers` peers (all of them by default)."""
     if peers is not None:
         mesh = mesh.model_copy(update={"nodes": mesh.nodes[:peers + 1]})
-    return plan(mesh, "node1", secrets["node1"], workers=workers,
+    return plan(build_view(mesh, "node1", secrets["node1"]), workers=workers,
                 host=HostOptions(kind="none"), **kw)
 
 

@@ -26,6 +26,7 @@ from vppmesh.reconcile import reconcile
 from vppmesh.state import SA_DIRECTION_BIT, SaSpec
 from vppmesh.underlay import pair_family, path
 from vppmesh.verify import classify_capture
+from vppmesh.view import build_view
 from vppmesh.vpp import ipsec
 
 MAC = b"\x02\xfe\x00\x00\x00\x01"
@@ -131,7 +132,7 @@ def test_ipv6_a_node_alone_still_needs_its_tunnels_addresses() -> None:
 def test_ipv6_only_plan_tunnels_run_between_ipv6_addresses() -> None:
     mesh, secrets = mesh_of(node(1, v6(1, 2)), node(2, v6(2, 2)), node(3, v6(3, 2)),
                             tunnels=2)
-    desired = plan(mesh, "n1", secrets["n1"], host=HostOptions(kind="none"))
+    desired = plan(build_view(mesh, "n1", secrets["n1"]), host=HostOptions(kind="none"))
     assert desired.mtu == 1416
     ends = {(str(t.src), str(t.dst)) for t in desired.tunnels}
     assert ends == {("2001:db8::1:1", "2001:db8::2:1"), ("2001:db8::1:2", "2001:db8::2:2"),
@@ -142,7 +143,7 @@ def test_ipv6_only_plan_tunnels_run_between_ipv6_addresses() -> None:
 def test_ipv6_mixed_plan_picks_the_family_per_peer() -> None:
     mesh, secrets = mesh_of(node(1, [*v4(1), *v6(1)]), node(2, v4(2)),
                             node(3, [*v6(3), *v4(3)]), node(4, [*v6(4), *v4(4)]))
-    desired = plan(mesh, "n4", secrets["n4"], host=HostOptions(kind="none"))
+    desired = plan(build_view(mesh, "n4", secrets["n4"]), host=HostOptions(kind="none"))
     by_peer = {t.peer_number: (str(t.src), str(t.dst)) for t in desired.tunnels}
     assert by_peer == {1: ("2001:db8::4:1", "2001:db8::1:1"), 2: ("192.0.2.41", "192.0.2.21"),
                        3: ("2001:db8::4:1", "2001:db8::3:1")}
@@ -164,7 +165,7 @@ def nat_mesh() -> tuple[Mesh, dict[str, NodeSecrets]]:
 
 def test_nat_peers_send_to_the_public_address_and_port() -> None:
     mesh, secrets = nat_mesh()
-    desired = plan(mesh, "n1", secrets["n1"], host=HostOptions(kind="none"))
+    desired = plan(build_view(mesh, "n1", secrets["n1"]), host=HostOptions(kind="none"))
     to_nat = [t for t in desired.tunnels if t.peer_number == 3]
     assert [(str(t.src), str(t.dst)) for t in to_nat] == [("192.0.2.11", "203.0.113.7"),
                                                          ("192.0.2.12", "203.0.113.7")]
@@ -181,7 +182,7 @@ def test_nat_peers_send_to_the_public_address_and_port() -> None:
 
 def test_nat_node_sends_from_its_private_addresses_in_udp_to_4500() -> None:
     mesh, secrets = nat_mesh()
-    desired = plan(mesh, "n3", secrets["n3"], host=HostOptions(kind="none"))
+    desired = plan(build_view(mesh, "n3", secrets["n3"]), host=HostOptions(kind="none"))
     # Every tunnel starts at the address the NAT forwards to: flows from a second inside
     # address would meet the first ones on the NAT's one public address and port.
     assert {(str(t.src), str(t.dst)) for t in desired.tunnels if t.peer_number == 1} == \
@@ -193,8 +194,8 @@ def test_nat_node_sends_from_its_private_addresses_in_udp_to_4500() -> None:
 
 def test_nat_both_ends_agree_on_keys_and_spis() -> None:
     mesh, secrets = nat_mesh()
-    one = plan(mesh, "n1", secrets["n1"], host=HostOptions(kind="none"))
-    three = plan(mesh, "n3", secrets["n3"], host=HostOptions(kind="none"))
+    one = plan(build_view(mesh, "n1", secrets["n1"]), host=HostOptions(kind="none"))
+    three = plan(build_view(mesh, "n3", secrets["n3"]), host=HostOptions(kind="none"))
     out_1 = {(sa.spi, sa.key.get_secret_value()) for sa in one.sas
              if sa.direction == "out" and sa.peer_number == 3}
     in_3 = {(sa.spi, sa.key.get_secret_value()) for sa in three.sas
@@ -206,7 +207,7 @@ def test_nat_node_needs_one_address_and_two_nat_nodes_need_one_tunnel() -> None:
     mesh, secrets = mesh_of(node(1, v4(1, 2)), node(2, v4(2, 2)),
                             node(3, ["10.9.0.3/24"], nat={"public": "203.0.113.7"}),
                             tunnels=2)
-    desired = plan(mesh, "n3", secrets["n3"], host=HostOptions(kind="none"))
+    desired = plan(build_view(mesh, "n3", secrets["n3"]), host=HostOptions(kind="none"))
     assert len({(t.src, t.dst) for t in desired.tunnels}) == 4
     with pytest.raises(ValueError, match=r"nodes n2 and n3 are both behind NAT, which needs "
                                          r"settings\.tunnels_per_peer=1"):
@@ -228,7 +229,7 @@ def test_udp_encap_without_nat_keeps_the_peer_addresses() -> None:
 
 def test_nat_sa_request_sets_vpps_udp_encap_flag_and_ports() -> None:
     mesh, secrets = nat_mesh()
-    desired = plan(mesh, "n1", secrets["n1"], host=HostOptions(kind="none"))
+    desired = plan(build_view(mesh, "n1", secrets["n1"]), host=HostOptions(kind="none"))
     udp = next(sa for sa in desired.sas if sa.direction == "out" and sa.peer_number == 3)
     plain = next(sa for sa in desired.sas if sa.direction == "out" and sa.peer_number == 2)
     entry = ipsec.add_sa(udp).args["entry"]
@@ -447,7 +448,7 @@ def test_nat_verify_structure_checks_each_outbound_sas_encapsulation() -> None:
     mesh, secrets = nat_mesh()
     local = mesh.node("n1")
     vpp = FakeVpp.with_uplink(local.primary)
-    reconcile(vpp, plan(mesh, "n1", secrets["n1"], host=HostOptions(kind="none")))
+    reconcile(vpp, plan(build_view(mesh, "n1", secrets["n1"]), host=HostOptions(kind="none")))
     assert all(p.ok for p in check_structure(vpp, mesh, local).peers)
     out_to_3 = next(sa for i, sa in vpp.sas.items()
                     if i & SA_DIRECTION_BIT and (i >> 8) & 0xFFFF == 3)

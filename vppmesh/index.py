@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import functools
 import ipaddress
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from vppmesh.state import (
@@ -68,22 +69,56 @@ def _changed(now: dict[Any, Any], before: dict[Any, Any]) -> list[Any]:
     return changed
 
 
+@dataclass(frozen=True)
+class PeerObjects:
+    """One peer's part of a desired state. plan() makes it once per peer and inputs and
+    keeps it in the peer's view, so an unchanged peer's part is the very same object in
+    the next plan."""
+
+    sas: tuple[SaSpec, ...]
+    tunnels: tuple[TunnelSpec, ...]
+    route: RouteSpec
+
+    def same(self, other: PeerObjects) -> bool:
+        """Equal by field values (cheaper than pydantic's __eq__, see _changed)."""
+        return self is other or (
+            [s.__dict__ for s in self.sas] == [s.__dict__ for s in other.sas]
+            and [t.__dict__ for t in self.tunnels] == [t.__dict__ for t in other.tunnels]
+            and self.route.__dict__ == other.route.__dict__)
+
+
 class DesiredIndex:
     """The desired state keyed by identifier, plus which peer owns each route.
 
     Building it is three dict comprehensions; comparing two indexes is one lookup and one
     field-dict comparison per object, and it says which peers changed. The objects of a
     peer are found again through the identifiers that can belong to it.
+
+    Given plan()'s parts of the state by peer (`by_peer`), both are per peer instead:
+    an unchanged peer's part is the same object, so comparing two plans costs one
+    identity test per peer, and the per-object dicts are built only if a full compare
+    asks for them.
     """
 
-    def __init__(self, desired: DesiredState) -> None:
+    def __init__(self, desired: DesiredState,
+                 by_peer: Mapping[int, PeerObjects] | None = None) -> None:
         self.desired = desired
-        self.sas = {s.sa_id: s for s in desired.sas}
-        self.tunnels = {t.instance: t for t in desired.tunnels}
+        self.by_peer = by_peer
         # Routes by the peer they lead to: ints hash in C, networks in Python.
         self.peer_routes: dict[int, list[RouteSpec]] = {}
+        if by_peer is not None:
+            self.peer_routes = {peer: [part.route] for peer, part in by_peer.items()}
+            return
         for route in desired.routes:
             self.peer_routes.setdefault(route_peer(route), []).append(route)
+
+    @functools.cached_property
+    def sas(self) -> dict[int, SaSpec]:
+        return {s.sa_id: s for s in self.desired.sas}
+
+    @functools.cached_property
+    def tunnels(self) -> dict[int, TunnelSpec]:
+        return {t.instance: t for t in self.desired.tunnels}
 
     @functools.cached_property
     def routes(self) -> dict[ipaddress.IPv4Network, RouteSpec]:
@@ -91,6 +126,15 @@ class DesiredIndex:
 
     def changed_peers(self, before: DesiredIndex) -> set[int]:
         """Peers whose objects differ between `before` and this index."""
+        if self.by_peer is not None and before.by_peer is not None:
+            now, was = self.by_peer, before.by_peer
+            changed = set(now.keys() ^ was.keys())
+            get = was.get
+            for peer, part in now.items():
+                old = get(peer)
+                if old is not None and old is not part and not part.same(old):
+                    changed.add(peer)
+            return changed
         changed = {sa_peer(i) for i in _changed(self.sas, before.sas)}
         changed.update(tunnel_peer(i) for i in _changed(self.tunnels, before.tunnels))
         changed.update(self.peer_routes.keys() ^ before.peer_routes.keys())
@@ -103,9 +147,14 @@ class DesiredIndex:
         return changed
 
     def sas_of(self, peers: Iterable[int]) -> dict[int, SaSpec]:
+        if self.by_peer is not None:
+            return {s.sa_id: s for p in peers if p in self.by_peer for s in self.by_peer[p].sas}
         return {i: self.sas[i] for p in peers for i in possible_sa_ids(p) if i in self.sas}
 
     def tunnels_of(self, peers: Iterable[int]) -> dict[int, TunnelSpec]:
+        if self.by_peer is not None:
+            return {t.instance: t for p in peers if p in self.by_peer
+                    for t in self.by_peer[p].tunnels}
         return {i: self.tunnels[i] for p in peers for i in possible_tunnel_instances(p)
                 if i in self.tunnels}
 

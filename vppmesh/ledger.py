@@ -34,12 +34,25 @@ def key_fingerprint(key: bytes, salt: int) -> str:
 
 
 class KeyLedger:
+    """The ledger file of one node. A long-running agent keeps one: it reads the file
+    again only when another process (`vppmesh rekey`, a second `up`) wrote it since."""
+
     def __init__(self, path: Path) -> None:
         self.path = path
         self._used: set[str] | None = None
+        self._signature: tuple[int, int, int] | None = None
+
+    def _stat(self) -> tuple[int, int, int] | None:
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return None
+        return st.st_ino, st.st_mtime_ns, st.st_size
 
     def used(self) -> set[str]:
-        if self._used is None:
+        signature = self._stat()
+        if self._used is None or signature != self._signature:
+            self._signature = signature
             try:
                 self._used = set(json.loads(self.path.read_text()).get("outbound", []))
             except FileNotFoundError:
@@ -72,3 +85,4 @@ class KeyLedger:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, self.path)
+        self._signature = self._stat()

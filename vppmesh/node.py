@@ -6,11 +6,13 @@ too, so every path a user takes is the path the tests take.
 
 from __future__ import annotations
 
+import logging
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 from vppmesh import engines, epochs, guard
 from vppmesh import host as linux
@@ -19,18 +21,21 @@ from vppmesh.cni.reattach import DEFAULT_CNI_PATH, PodReport, reattach
 from vppmesh.config import Mesh, load_mesh
 from vppmesh.epochs import GenerationState, GenerationStore, PeerKeying, PeerObservation
 from vppmesh.errors import VppUnavailableError
-from vppmesh.keys import NodeSecrets, derive_sa_key, load_secrets, pair_secret, spi_for
+from vppmesh.index import PeerObjects
+from vppmesh.keys import load_secrets, spi_for
 from vppmesh.ledger import KeyLedger
-from vppmesh.plan import HostOptions, plan
-from vppmesh.reconcile import Change, Reconciler, reconcile
+from vppmesh.plan import HostOptions, plan_by_peer
+from vppmesh.reconcile import Change, Reconciler, gc_paused, reconcile
 from vppmesh.state import DesiredState, sa_id_for
 from vppmesh.teardown import teardown
-from vppmesh.underlay import encapsulation, path
+from vppmesh.underlay import encapsulation
 from vppmesh.uplink import UplinkSpec
+from vppmesh.view import LocalView, build_view
 from vppmesh.vpp import interfaces, ipsec, system
 from vppmesh.vpp.client import DEFAULT_API_SOCKET, VppApi, VppClient
 
 HostLinkKind = Literal["auto", "tap", "af_packet", "none"]
+log = logging.getLogger("vppmesh")
 
 
 @dataclass(frozen=True)
@@ -52,8 +57,9 @@ class NodeOptions:
     cni_state_dir: Path | None = None
     cni_path: tuple[Path, ...] = DEFAULT_CNI_PATH
 
-    @property
+    @cached_property
     def ledger(self) -> KeyLedger:
+        """One ledger per options (it re-reads its file when another process wrote it)."""
         return KeyLedger(self.state_dir / f"{self.node}.used-keys.json")
 
     @property
@@ -87,53 +93,64 @@ def resolve_host_kind(kind: HostLinkKind) -> Literal["tap", "af_packet", "none"]
     return kind
 
 
-def load_inputs(options: NodeOptions, mesh: Mesh | None = None) -> tuple[Mesh, NodeSecrets]:
-    """The mesh (from the mesh file unless given, e.g. from the datastore) and the keys."""
+def local_view(options: NodeOptions, mesh: Mesh | None = None, *,
+               previous: LocalView | None = None, source: str | None = None) -> LocalView:
+    """This node's view of the mesh (from the mesh file unless given, e.g. from the
+    datastore, which `source` names in errors) and its keys; see vppmesh/view.py."""
     mesh = mesh or load_mesh(options.mesh_file)
-    mesh.node(options.node)  # fail early, naming the node, if it is not in the mesh
-    return mesh, load_secrets(options.private_key, mesh.settings.psk_file)
+    local = mesh.node(options.node)  # fail early, naming the node, before the key file
+    secrets = load_secrets(options.private_key, mesh.settings.psk_file)
+    return build_view(mesh, local, secrets, previous=previous, key_file=options.private_key,
+                      mesh_source=source or str(options.mesh_file))
 
 
 def datastore_mesh(url: str | None) -> Mesh | None:
     """The mesh as the datastore holds it now (None without --datastore)."""
     if url is None:
         return None
-    from vppmesh.datastore.agent import current_mesh
+    from vppmesh.datastore.etcd import current_mesh
     from vppmesh.datastore.records import DatastoreUrl
 
     return current_mesh(DatastoreUrl.parse(url))
 
 
-def desired_state(options: NodeOptions, mesh: Mesh, secrets: NodeSecrets, workers: int,
+def desired_state(options: NodeOptions, view: LocalView, workers: int,
                   epochs: tuple[int, ...] | None = None,
-                  keying: dict[str, PeerKeying] | None = None) -> DesiredState:
-    local = mesh.node(options.node)
-    if secrets.public_key_b64() != local.public_key:
-        from vppmesh.errors import KeyFileError
+                  keying: dict[str, PeerKeying] | None = None,
+                  uplink: str | None = None) -> DesiredState:
+    """plan() with this machine's host link; `uplink` (a taken NIC's bridge) overrides
+    the options' one."""
+    return planned(options, view, workers, epochs, keying, uplink)[0]
 
-        raise KeyFileError(
-            f"the private key in {options.private_key} does not match the public_key of node "
-            f"{options.node} in {options.mesh_file}; publish `vppmesh pubkey` output there")
+
+def planned(options: NodeOptions, view: LocalView, workers: int,
+            epochs: tuple[int, ...] | None = None,
+            keying: dict[str, PeerKeying] | None = None,
+            uplink: str | None = None) -> tuple[DesiredState, dict[int, PeerObjects]]:
+    """desired_state() and its parts by peer (plan.plan_by_peer), for a Reconciler."""
     kind = resolve_host_kind(options.host_link)
-    return plan(mesh, options.node, secrets, workers=workers,
-                host=HostOptions(kind=kind, queues=max(1, workers)), epochs=epochs,
-                uplink=options.uplink, keying=keying)
+    return plan_by_peer(view, workers=workers,
+                        host=HostOptions(kind=kind, queues=max(1, workers)), epochs=epochs,
+                        uplink=uplink or options.uplink, keying=keying)
 
 
 def apply(api: VppApi, desired: DesiredState, *, dry_run: bool = False,
           ledger: KeyLedger | None = None, reconciler: Reconciler | None = None,
-          full: bool = False) -> list[Change]:
+          full: bool = False, by_peer: Mapping[int, PeerObjects] | None = None,
+          ) -> list[Change]:
     """Reconcile VPP, with the Linux end of the host link prepared before and after.
 
     With a `reconciler` (kept by a long-running agent), only what changed since its last
-    run is compared and applied, unless `full`.
+    run is compared (peer by peer with `by_peer`, the plan's parts) and applied, unless
+    `full`.
     """
     host = desired.host
     if not dry_run and host is not None and host.kind == "af_packet":
         linux.ensure_veth(host.linux_ifname, host.vpp_ifname, linux_mac=host.linux_mac,
                           vpp_mac=host.vpp_mac, mtu=desired.mtu, linux_netns=host.netns)
     if reconciler is not None:
-        changes = reconciler.reconcile(desired, dry_run=dry_run, ledger=ledger, full=full)
+        changes = reconciler.reconcile(desired, dry_run=dry_run, ledger=ledger, full=full,
+                                       by_peer=by_peer)
     else:
         changes = reconcile(api, desired, dry_run=dry_run, ledger=ledger)
     if not dry_run and host is not None:
@@ -141,49 +158,44 @@ def apply(api: VppApi, desired: DesiredState, *, dry_run: bool = False,
     return changes
 
 
-def observe_keys(api: VppApi, mesh: Mesh, local: str, secrets: NodeSecrets,
-                 state: GenerationState, ledger: KeyLedger,
+def observe_keys(api: VppApi, view: LocalView, state: GenerationState, ledger: KeyLedger,
                  ) -> tuple[dict[str, PeerObservation], Callable[[str, int], bool]]:
     """What VPP's SAs say about each peer's generations, and a used-key test per peer."""
-    count = mesh.settings.tunnels_per_peer
-    me = mesh.node(local)
+    count = view.settings.tunnels_per_peer
+    me = view.node.node_number
     sas = {s.spec.sa_id: s for s in ipsec.dump_sas(api)}
-    shared_by_name = {}
     observations = {}
-    numbers = {}
-    for peer in mesh.peers_of(local):
-        numbers[peer.name] = peer.node_number
-        shared = shared_by_name[peer.name] = pair_secret(secrets, peer.public_key_bytes)
+    for peer in view.peers:
+        number = peer.node.node_number
         pg = state.peers.get(peer.name)
-        if pg is None or pg.public_key != peer.public_key:
+        if pg is None or pg.public_key != peer.node.public_key:
             continue
-        out = [sas.get(sa_id_for("out", peer.node_number, t, pg.out)) for t in range(count)]
+        out = [sas.get(sa_id_for("out", number, t, pg.out)) for t in range(count)]
         installed = all(
-            sa is not None and sa.spec.spi == spi_for(me.node_number, t, pg.out)
-            and sa.spec.key.get_secret_value() == derive_sa_key(
-                shared, secrets.psk, sender=local, receiver=peer.name, tunnel=t,
-                epoch=pg.out).key.get_secret_value()
+            sa is not None and sa.spec.spi == spi_for(me, t, pg.out)
+            and sa.spec.key.get_secret_value() == view.sa_key(
+                peer, outbound=True, tunnel=t, epoch=pg.out).key.get_secret_value()
             for t, sa in enumerate(out))
-        pair = path(me, peer, count)
         reencapsulate = installed and any(
-            sa is not None and encapsulation(sa.spec) != pair.encapsulation for sa in out)
+            sa is not None and encapsulation(sa.spec) != peer.path.encapsulation
+            for sa in out)
         active = frozenset(
             g for g in pg.window for t in range(count)
-            if (sa := sas.get(sa_id_for("in", peer.node_number, t, g))) is not None
-            and sa.spec.spi == spi_for(peer.node_number, t, g) and sa.last_seq_inbound > 0)
+            if (sa := sas.get(sa_id_for("in", number, t, g))) is not None
+            and sa.spec.spi == spi_for(number, t, g) and sa.last_seq_inbound > 0)
         observations[peer.name] = PeerObservation(
             out_installed=installed,
             out_packets=max((sa.seq_outbound for sa in out if sa is not None), default=0),
             inbound_active=active,
             inbound_seq={g: sum(sa.last_seq_inbound for t in range(count)
-                                if (sa := sas.get(sa_id_for("in", peer.node_number, t, g)))
+                                if (sa := sas.get(sa_id_for("in", number, t, g)))
                                 is not None) for g in pg.window},
             encapsulation_changed=reencapsulate)
 
-    def key_used(peer: str, generation: int) -> bool:
+    def key_used(name: str, generation: int) -> bool:
+        peer = view.peer(name)
         for t in range(count):
-            key = derive_sa_key(shared_by_name[peer], secrets.psk, sender=local, receiver=peer,
-                                tunnel=t, epoch=generation)
+            key = view.sa_key(peer, outbound=True, tunnel=t, epoch=generation)
             if ledger.seen(key.key.get_secret_value(), key.salt):
                 return True
         return False
@@ -193,40 +205,46 @@ def observe_keys(api: VppApi, mesh: Mesh, local: str, secrets: NodeSecrets,
 
 def up(options: NodeOptions, *, dry_run: bool = False, api: VppApi | None = None,
        rekey: bool = False, now: float | None = None, mesh: Mesh | None = None,
-       reconciler: Reconciler | None = None, full: bool = False) -> UpResult:
+       view: LocalView | None = None, reconciler: Reconciler | None = None,
+       full: bool = False) -> UpResult:
     """Plan and apply this node's part of the mesh, with key generations advanced first.
 
-    The generation file is read and written under its lock, so `vppmesh rekey` and a
-    running `up --watch` never choose generations from a stale copy.
+    `view` (a Session's) or else the view of `mesh` (the mesh file's by default) is
+    built before anything else, so every input is checked before the host or VPP is
+    touched. The generation file is read and written under its lock, so `vppmesh rekey`
+    and a running `up --watch` never choose generations from a stale copy.
     """
-    mesh, secrets = load_inputs(options, mesh)
+    view = view or local_view(options, mesh)
     started = time.monotonic()
     client = api or VppClient(options.api_socket).connect()
     store = options.generations
+    ledger = options.ledger
+    settings = view.settings
     try:
-        with store.locked():
+        # No cyclic GC while the SA dump and the plan allocate (reconcile.gc_paused).
+        with store.locked(), gc_paused():
             pid = system.vpp_pid(client)
             workers = (options.workers if options.workers is not None
                        else system.worker_count(client))
+            uplink = options.uplink
             if options.take_uplink is not None:
                 # One queue pair per worker on the NIC and on the host's link.
                 spec = options.take_uplink.model_copy(update={"queues": max(1, workers)})
                 bvi = nic.bvi_name(client) if dry_run else nic.ensure(
-                    client, spec, options.state_dir, mesh.node(options.node).primary)
-                options = replace(options, uplink=bvi or options.uplink)
+                    client, spec, options.state_dir, view.node.primary)
+                uplink = bvi or uplink
             state = store.load()
             before = state.model_dump()
             if rekey:
                 epochs.request_rekey(state)
-            observations, key_used = observe_keys(client, mesh, options.node, secrets, state,
-                                                  options.ledger)
-            peers = {p.name: p.public_key for p in mesh.peers_of(options.node)}
-            keying, notes = epochs.schedule(state, mesh.settings, peers, observations,
+            observations, key_used = observe_keys(client, view, state, ledger)
+            peers = {p.name: p.node.public_key for p in view.peers}
+            keying, notes = epochs.schedule(state, settings, peers, observations,
                                             now=time.time() if now is None else now,
                                             key_used=key_used)
-            desired = desired_state(options, mesh, secrets, workers, keying=keying)
+            desired, by_peer = planned(options, view, workers, keying=keying, uplink=uplink)
             if not dry_run:
-                client.call(ipsec.set_async_mode(mesh.settings.async_crypto))
+                client.call(ipsec.set_async_mode(settings.async_crypto))
             changes = []
             engine = None
             if reconciler is None or full:  # node-wide: at start, after a restart, resyncs
@@ -235,23 +253,32 @@ def up(options: NodeOptions, *, dry_run: bool = False, api: VppApi | None = None
                 changes, engine = choice.changes, choice.engine
                 if choice.warning:
                     notes.append(choice.warning)
-            uplink, _ = interfaces.find_uplink(client, desired.uplink,
-                                               desired.uplink_addresses[0])
-            if uplink is not None and uplink.admin_up and not uplink.link_up:
-                notes.append(f"uplink {uplink.name} is up but has no link (cable, switch "
+            found = None
+            if reconciler is not None and not full:
+                # Its index is remembered; one interface read gives its state now.
+                remembered = reconciler.uplink_for(desired)
+                if remembered is not None:
+                    found = interfaces.dump_interface(client, remembered.sw_if_index)
+                    if found is not None and found.name != remembered.name:
+                        found = None
+            if found is None:
+                found, _ = interfaces.find_uplink(client, desired.uplink,
+                                                  desired.uplink_addresses[0])
+            if found is not None and found.admin_up and not found.link_up:
+                notes.append(f"uplink {found.name} is up but has no link (cable, switch "
                              "port, or the NIC's driver): no peer is reachable through it")
-            if uplink is not None:  # else reconcile() explains what is missing
+            if found is not None:  # else reconcile() explains what is missing
                 for version in sorted({a.version for a in desired.uplink_addresses}):
-                    changes += guard.ensure(client, uplink.sw_if_index, version,
+                    changes += guard.ensure(client, found.sw_if_index, version,
                                             dry_run=dry_run)
-            changes += apply(client, desired, dry_run=dry_run, ledger=options.ledger,
-                             reconciler=reconciler, full=full)
+            changes += apply(client, desired, dry_run=dry_run, ledger=ledger,
+                             reconciler=reconciler, full=full, by_peer=by_peer)
             if not dry_run and state.model_dump() != before:
                 store.save(state)
         return UpResult(desired=desired, changes=changes, seconds=time.monotonic() - started,
                         host_link=desired.host.kind if desired.host else "none",
                         messages=client.messages_sent, notes=notes, vpp_pid=pid,
-                        blocked_peers=sorted(set(peers) - set(keying)), mesh=mesh,
+                        blocked_peers=sorted(set(peers) - set(keying)), mesh=view.mesh,
                         rekey_pending=sorted(n for n in peers if state.peers[n].rekey_pending),
                         crypto_engine=engine)
     finally:
@@ -259,15 +286,57 @@ def up(options: NodeOptions, *, dry_run: bool = False, api: VppApi | None = None
             client.close()  # type: ignore[union-attr]
 
 
-class Session:
-    """What `up --watch` keeps between polls: one VPP connection and what VPP holds.
+class MeshSource(Protocol):
+    """Where a Session's meshes come from: the mesh file, or the datastore's membership
+    (datastore/agent.py). `name` names it in errors."""
 
-    Each poll runs `up` as before (key generations advance, SAs are observed), but the
-    reconcile compares the new plan with the last one and applies only the peers that
-    changed, from the remembered state. Every `full_every` seconds, after any error and
-    after a reconnect, it dumps VPP again, which also catches changes made behind the
-    agent's back. A VPP restart breaks the connection: that poll fails with
-    VppUnavailableError and the next one reconnects.
+    name: str
+
+    def mesh(self, *, fresh: bool = False) -> Mesh:
+        """The mesh now; `fresh`: read it again even if it looks unchanged."""
+        ...
+
+
+def file_signature(path: Path) -> tuple[int, int, int] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns, st.st_size
+
+
+class MeshFile:
+    """The mesh file as a MeshSource: parsed again only when it changed on disk (or when
+    asked to be fresh), since a large mesh file costs far more to read than a poll."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.name = str(path)
+        self._signature: tuple[int, int, int] | None = None
+        self._mesh: Mesh | None = None
+
+    def mesh(self, *, fresh: bool = False) -> Mesh:
+        signature = file_signature(self.path)  # before reading: a later write is seen
+        if fresh or self._mesh is None or signature is None or signature != self._signature:
+            self._mesh = load_mesh(self.path)
+            self._signature = signature
+        return self._mesh
+
+
+class Session:
+    """What a long-running agent keeps between runs: its mesh source, the local view,
+    one VPP connection and what VPP holds. `up --watch` (mesh file) and the datastore
+    agent (datastore/agent.py) both run one; watch.AgentLoop drives it.
+
+    Each run takes the mesh from the source and keeps the view (view.py) while the mesh
+    is unchanged, building the next one from it when it changed. It then runs `up` (key
+    generations advance, SAs are observed), but the reconcile compares the new plan with
+    the last one and applies only the peers that changed, from the remembered state.
+    Every `full_every` seconds and after a reconnect it dumps VPP again (and so does a
+    run from the remembered state that VPP refuses), which also catches changes made
+    behind the agent's back; those full runs also read the mesh and the key file again.
+    A VPP restart breaks the connection: that run fails with VppUnavailableError and
+    the next one reconnects.
 
     On those full runs it also re-attaches the CNI plugin's pods that VPP lost (after a
     restart: all of them) and collects the records of pods that are gone
@@ -275,47 +344,60 @@ class Session:
     """
 
     def __init__(self, options: NodeOptions, *, full_every: float = 60.0,
-                 connect: Callable[[], VppClient] | None = None) -> None:
+                 connect: Callable[[], VppApi] | None = None,
+                 source: MeshSource | None = None) -> None:
         self.options = options
         self.full_every = full_every
+        self.source: MeshSource = source or MeshFile(options.mesh_file)
         self._connect = connect or VppClient(options.api_socket).connect
-        self._client: VppClient | None = None
+        self._client: VppApi | None = None
         self._reconciler: Reconciler | None = None
         self._last_full: float | None = None
+        self._view: LocalView | None = None
+
+    def view(self, *, fresh: bool = False) -> LocalView:
+        """The local view of the source's mesh now: the last one while it is unchanged."""
+        mesh = self.source.mesh(fresh=fresh)
+        view = self._view
+        if fresh or view is None or (view.mesh is not mesh and view.mesh != mesh):
+            view = self._view = local_view(self.options, mesh, previous=view,
+                                           source=self.source.name)
+        return view
 
     def run(self, **up_options: Any) -> UpResult:
+        started = time.monotonic()
+        full = self._client is None or self._last_full is None or \
+            started - self._last_full >= self.full_every
+        with gc_paused():  # a large mesh's records and view allocate as much as a dump
+            view = self.view(fresh=full)  # a refused input stops the run before VPP
         if self._client is None:
             self._client = self._connect()
             self._reconciler = Reconciler(self._client)
-            self._last_full = None
-        started = time.monotonic()
-        full = self._last_full is None or started - self._last_full >= self.full_every
         try:
-            result = up(self.options, api=self._client, reconciler=self._reconciler,
-                        full=full, **up_options)
+            result = up(self.options, api=self._client, view=view,
+                        reconciler=self._reconciler, full=full, **up_options)
+            if full and self.options.cni_state_dir is not None:
+                result.pod_report = reattach(self._client, self.options.cni_state_dir,
+                                             self.options.cni_path)
         except VppUnavailableError:
             self.close()
             raise
-        if full and self.options.cni_state_dir is not None:
-            try:
-                result.pod_report = reattach(self._client, self.options.cni_state_dir,
-                                       self.options.cni_path)
-            except VppUnavailableError:
-                self.close()
-                raise
         if full:
             self._last_full = started
         return result
 
     @property
-    def client(self) -> VppClient | None:
+    def client(self) -> VppApi | None:
         """The connection of the last run (None while VPP is away)."""
         return self._client
 
     def close(self) -> None:
         client, self._client, self._reconciler = self._client, None, None
         if client is not None:
-            client.close()
+            try:
+                client.close()  # type: ignore[union-attr]
+            except Exception:  # a dead connection may fail to close; it is dropped anyway
+                log.debug("closing the VPP connection failed", exc_info=True)
 
 
 def down(options: NodeOptions, *, api: VppApi | None = None,

@@ -1,4 +1,5 @@
-"""plan(): the pure function from a node's view of the mesh to its desired state.
+"""plan(): the pure function from a node's view of the mesh (view.LocalView) to its
+desired state.
 
 No I/O happens here, so the result depends only on the inputs: `vppmesh plan` is an
 exact dry run and every property of the mesh can be unit-tested on large meshes.
@@ -9,12 +10,12 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
-from vppmesh.config import Mesh, Node
 from vppmesh.endpoints import segmentation_offload
 from vppmesh.epochs import PeerKeying
-from vppmesh.keys import NodeSecrets, derive_sa_key, pair_secret, spi_for
+from vppmesh.index import PeerObjects
+from vppmesh.keys import spi_for
 from vppmesh.state import (
     DesiredState,
     HostLinkSpec,
@@ -25,9 +26,10 @@ from vppmesh.state import (
     sa_id_for,
     tunnel_instance,
 )
-from vppmesh.underlay import path
+from vppmesh.view import LocalView, PeerView
 
 HOST_LINUX_IFNAME = "vppmesh0"
+PLANNED_PER_PEER = 4  # kept plans of one peer (generations in use, worker counts)
 HOST_VETH_PEER = "vppmesh0-vpp"
 # What is not for the mesh leaves the mesh VRF through the host (HostLinkSpec.vpp_routes).
 DEFAULT_ROUTE = ipaddress.IPv4Network("0.0.0.0/0")
@@ -42,10 +44,10 @@ class HostOptions:
     queues: int = 1
 
 
-def host_link(local: Node, peers: list[Node], options: HostOptions,
-              offloads: bool) -> HostLinkSpec | None:
+def host_link(view: LocalView, options: HostOptions) -> HostLinkSpec | None:
     if options.kind == "none":
         return None
+    local = view.node
     vpp_ifname = HOST_VETH_PEER if options.kind == "af_packet" else HOST_LINUX_IFNAME
     return HostLinkSpec(
         kind=options.kind,
@@ -58,25 +60,30 @@ def host_link(local: Node, peers: list[Node], options: HostOptions,
         netns=options.netns,
         # Its own pod CIDR too: the host (a kubelet's probes) reaches local pods
         # through VPP, which holds a /32 route per attached pod.
-        routes=(local.pod_cidr, *(peer.pod_cidr for peer in peers)),
+        routes=(local.pod_cidr, *(peer.node.pod_cidr for peer in view.peers)),
         queues=options.queues,
-        offloads=segmentation_offload(offloads, options.kind),
+        offloads=segmentation_offload(view.settings.gso, options.kind),
         vpp_routes=(DEFAULT_ROUTE,),
     )
 
 
-def plan(
-    mesh: Mesh,
-    local_name: str,
-    secrets: NodeSecrets,
+def plan(view: LocalView, **options: Any) -> DesiredState:
+    """Everything the VPP of the view's node should hold to join the mesh (plan_by_peer,
+    whose keyword options it takes)."""
+    return plan_by_peer(view, **options)[0]
+
+
+def plan_by_peer(
+    view: LocalView,
     *,
     workers: int = 0,
     host: HostOptions | None = None,
     epochs: tuple[int, ...] | None = None,
     uplink: str | None = None,
     keying: Mapping[str, PeerKeying] | None = None,
-) -> DesiredState:
-    """Everything `local_name`'s VPP should hold to join the mesh.
+) -> tuple[DesiredState, dict[int, PeerObjects]]:
+    """Everything the VPP of the view's node should hold to join the mesh, and each
+    peer's part of it by node number (a Reconciler compares two plans peer by peer).
 
     `keying` gives, per peer, the key generation to send on and those to accept
     (vppmesh.epochs decides them); a peer missing from it has no usable key and gets no
@@ -84,62 +91,44 @@ def plan(
     `keying`, every peer uses `epochs` (the newest outbound), by default the mesh's
     key_epoch.
     """
-    local = mesh.node(local_name)
-    all_peers = mesh.peers_of(local_name)
-    settings = mesh.settings
+    local = view.node
+    settings = view.settings
     count = settings.tunnels_per_peer
     live_epochs = tuple(sorted(set(epochs or (settings.key_epoch,))))
     if keying is None:
         default = PeerKeying(outbound=live_epochs[-1], inbound=live_epochs)
-        keying = {peer.name: default for peer in all_peers}
-    peers = [peer for peer in all_peers if peer.name in keying]
+        keying = {peer.name: default for peer in view.peers}
+    peers = [peer for peer in view.peers if peer.name in keying]
 
     sas: list[SaSpec] = []
     tunnels: list[TunnelSpec] = []
     routes: list[RouteSpec] = []
+    by_peer: dict[int, PeerObjects] = {}
     for peer in peers:
         peer_keying = keying[peer.name]
         in_epochs = tuple(sorted(set(peer_keying.inbound)))
         out_epoch = peer_keying.outbound
-        if len({e & 0xF for e in in_epochs}) != len(in_epochs):
-            raise ValueError(f"inbound generations {in_epochs} of {peer.name} share SPIs")
-        shared = pair_secret(secrets, peer.public_key_bytes)
-        pair = path(local, peer, count)
-        instances = []
-        for index in range(count):
-            worker = index % workers if workers > 0 else None
-            sa_in: list[int] = []
-            for epoch in in_epochs:
-                inbound = derive_sa_key(shared, secrets.psk, sender=peer.name,
-                                        receiver=local.name, tunnel=index, epoch=epoch)
-                sa_id = sa_id_for("in", peer.node_number, index, epoch)
-                sas.append(SaSpec(
-                    sa_id=sa_id, spi=spi_for(peer.node_number, index, epoch), key=inbound.key,
-                    salt=inbound.salt, anti_replay_window=settings.anti_replay_window,
-                    worker=worker,
-                ))
-                sa_in.append(sa_id)
-            outbound = derive_sa_key(shared, secrets.psk, sender=local.name,
-                                     receiver=peer.name, tunnel=index, epoch=out_epoch)
-            sa_out = sa_id_for("out", peer.node_number, index, out_epoch)
-            sas.append(SaSpec(
-                sa_id=sa_out, spi=spi_for(local.node_number, index, out_epoch),
-                key=outbound.key, salt=outbound.salt,
-                anti_replay_window=settings.anti_replay_window, worker=worker,
-                udp_encap=pair.udp_encap, udp_dst_port=pair.udp_dst_port,
-            ))
-            instance = tunnel_instance(peer.node_number, index)
-            src, dst = pair.endpoints[index]
-            tunnels.append(TunnelSpec(
-                instance=instance, src=src, dst=dst, sa_out=sa_out, sa_in=tuple(sa_in),
-            ))
-            instances.append(instance)
-        routes.append(RouteSpec(prefix=peer.pod_cidr, tunnels=tuple(instances)))
+        # The same inputs give the same objects: a kept view hands them to the next plan,
+        # and the reconcile sees an unchanged peer's objects as the very same ones.
+        inputs = (local.name, local.node_number, count, settings.anti_replay_window,
+                  workers, out_epoch, in_epochs)
+        objects = peer.planned.get(inputs)
+        if objects is None:
+            if len({e & 0xF for e in in_epochs}) != len(in_epochs):
+                raise ValueError(f"inbound generations {in_epochs} of {peer.name} share SPIs")
+            objects = peer_objects(view, peer, workers, out_epoch, in_epochs)
+            if len(peer.planned) >= PLANNED_PER_PEER:
+                peer.planned.clear()
+            peer.planned[inputs] = objects
+        by_peer[peer.node.node_number] = objects
+        sas += objects.sas
+        tunnels += objects.tunnels
+        routes.append(objects.route)
 
-    return DesiredState(
+    desired = DesiredState(
         node=local.name,
         table_id=settings.mesh_table_id,
-        mtu=mesh.pod_mtu(),
+        mtu=view.pod_mtu,
         # Segmentation in VPP (the `gso` feature on every tunnel) serves tap endpoints.
         gso=segmentation_offload(settings.gso, (host or HostOptions()).kind),
         uplink=uplink or local.uplink,
@@ -149,5 +138,44 @@ def plan(
         routes=tuple(routes),
         # Every peer's pod CIDR stays routed into VPP, also for a peer without a usable
         # key: its packets must die in VPP, not leave by the host's default route.
-        host=host_link(local, all_peers, host or HostOptions(), settings.gso),
+        host=host_link(view, host or HostOptions()),
     )
+    return desired, by_peer
+
+
+def peer_objects(view: LocalView, peer: PeerView, workers: int, out_epoch: int,
+                 in_epochs: tuple[int, ...]) -> PeerObjects:
+    """One peer's SAs, tunnels and route, for one outbound and some inbound generations."""
+    local = view.node
+    settings = view.settings
+    number = peer.node.node_number
+    pair = peer.path
+    sas: list[SaSpec] = []
+    tunnels: list[TunnelSpec] = []
+    for index in range(settings.tunnels_per_peer):
+        worker = index % workers if workers > 0 else None
+        sa_in: list[int] = []
+        for epoch in in_epochs:
+            inbound = view.sa_key(peer, outbound=False, tunnel=index, epoch=epoch)
+            sa_id = sa_id_for("in", number, index, epoch)
+            sas.append(SaSpec(
+                sa_id=sa_id, spi=spi_for(number, index, epoch), key=inbound.key,
+                salt=inbound.salt, anti_replay_window=settings.anti_replay_window,
+                worker=worker,
+            ))
+            sa_in.append(sa_id)
+        outbound = view.sa_key(peer, outbound=True, tunnel=index, epoch=out_epoch)
+        sa_out = sa_id_for("out", number, index, out_epoch)
+        sas.append(SaSpec(
+            sa_id=sa_out, spi=spi_for(local.node_number, index, out_epoch),
+            key=outbound.key, salt=outbound.salt,
+            anti_replay_window=settings.anti_replay_window, worker=worker,
+            udp_encap=pair.udp_encap, udp_dst_port=pair.udp_dst_port,
+        ))
+        src, dst = pair.endpoints[index]
+        tunnels.append(TunnelSpec(
+            instance=tunnel_instance(number, index), src=src, dst=dst, sa_out=sa_out,
+            sa_in=tuple(sa_in),
+        ))
+    route = RouteSpec(prefix=peer.node.pod_cidr, tunnels=tuple(t.instance for t in tunnels))
+    return PeerObjects(sas=tuple(sas), tunnels=tuple(tunnels), route=route)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import gc
 import ipaddress
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 
@@ -20,6 +20,7 @@ from vppmesh import endpoints
 from vppmesh.errors import ConfigError, VppApiError, VppMeshError
 from vppmesh.index import (
     DesiredIndex,
+    PeerObjects,
     possible_sa_ids,
     possible_tunnel_instances,
     same_node_settings,
@@ -323,6 +324,20 @@ def _diff_node(d: Diff, desired: DesiredState, observed: Observed,
             seen_host is None or host_routes != {(seen_host.sw_if_index,)}
 
 
+class TunnelIndexes:
+    """A tunnel's sw_if_index by its instance, read from the observed tunnels, which the
+    Applier keeps in step with VPP: no copy of all of them per run."""
+
+    def __init__(self, tunnels: dict[int, ipip.IpipTunnel]) -> None:
+        self.tunnels = tunnels
+
+    def __getitem__(self, instance: int) -> int:
+        return self.tunnels[instance].sw_if_index
+
+    def __contains__(self, instance: int) -> bool:
+        return instance in self.tunnels
+
+
 class Applier:
     """Applies a Diff in dependency order, pipelining each independent phase.
 
@@ -338,7 +353,7 @@ class Applier:
         self.api = api
         self.desired = desired
         self.observed = observed
-        self.index: dict[int, int] = {i: t.sw_if_index for i, t in observed.tunnels.items()}
+        self.index = TunnelIndexes(observed.tunnels)
         self.gateway = observed.gateway.sw_if_index if observed.gateway else None
         self.observed_exact = True
 
@@ -423,7 +438,6 @@ class Applier:
         self.api.call_many([ipip.del_tunnel(t.sw_if_index, f"ipip{t.instance}")
                             for t in d.delete_tunnels])
         for t in d.delete_tunnels:
-            self.index.pop(t.instance, None)
             observed.tunnels.pop(t.instance, None)
             observed.interfaces.pop(t.sw_if_index, None)
             observed.unnumbered.pop(t.sw_if_index, None)
@@ -450,7 +464,6 @@ class Applier:
         replies = self.api.call_many([ipip.add_tunnel(t.instance, t.src, t.dst)
                                       for t in d.create_tunnels])
         for t, reply in zip(d.create_tunnels, replies, strict=True):
-            self.index[t.instance] = reply.sw_if_index
             observed.tunnels[t.instance] = ipip.IpipTunnel(
                 sw_if_index=reply.sw_if_index, instance=t.instance, src=t.src, dst=t.dst,
                 table_id=0)
@@ -552,16 +565,31 @@ class Reconciler:
         self.last_scope: set[int] | None = None  # peers the last run compared; None: all
         self.last_timings: dict[str, float] = {}  # seconds spent observing, diffing, applying
 
+    def uplink_for(self, desired: DesiredState) -> Interface | None:
+        """The uplink as remembered, if the last applied state looked for the same one
+        (None: look it up). Its index stays while the connection does (a VPP restart
+        breaks it), so a long-running agent need not dump every interface to find it."""
+        applied = self._applied
+        if self._observed is None or applied is None or \
+                applied.desired.uplink != desired.uplink or \
+                applied.desired.uplink_addresses[:1] != desired.uplink_addresses[:1]:
+            return None
+        return self._observed.uplink
+
     def forget(self) -> None:
         """Dump VPP again on the next run."""
         self._observed = None
         self._applied = None
 
     def reconcile(self, desired: DesiredState, *, dry_run: bool = False,
-                  ledger: KeyLedger | None = None, full: bool = False) -> list[Change]:
+                  ledger: KeyLedger | None = None, full: bool = False,
+                  by_peer: Mapping[int, PeerObjects] | None = None) -> list[Change]:
+        """`by_peer`: plan_by_peer()'s parts of `desired`, so that two plans are compared
+        peer by peer (index.DesiredIndex)."""
         with gc_paused():
             try:
-                return self._reconcile(desired, dry_run=dry_run, ledger=ledger, full=full)
+                return self._reconcile(desired, by_peer, dry_run=dry_run, ledger=ledger,
+                                       full=full)
             except (VppApiError, ReusedKeyError):
                 if full or self.last_scope is None:
                     raise
@@ -569,13 +597,14 @@ class Reconciler:
                 # operator) changed VPP. Whatever this run applied is in VPP; dump it
                 # and finish from what is really there.
                 self.forget()
-                return self._reconcile(desired, dry_run=dry_run, ledger=ledger, full=True)
+                return self._reconcile(desired, by_peer, dry_run=dry_run, ledger=ledger,
+                                       full=True)
 
-    def _reconcile(self, desired: DesiredState, *, dry_run: bool, ledger: KeyLedger | None,
-                   full: bool) -> list[Change]:
+    def _reconcile(self, desired: DesiredState, by_peer: Mapping[int, PeerObjects] | None,
+                   *, dry_run: bool, ledger: KeyLedger | None, full: bool) -> list[Change]:
         clock = time.perf_counter
         started = clock()
-        index = DesiredIndex(desired)
+        index = DesiredIndex(desired, by_peer)
         indexed_at = clock()
         before = self._applied
         observed = self._observed

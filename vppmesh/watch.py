@@ -1,16 +1,18 @@
-"""`vppmesh up --watch` with a mesh file: re-apply on a timer and on file changes, and
-recover from VPP restarts.
+"""The one loop of a long-running agent, and `vppmesh up --watch` with a mesh file.
 
-The loop around node.Session (one VPP connection, only changed peers re-applied); the
-datastore path has its own loop (datastore/agent.py). Printing what a poll changed is
-the caller's: it passes `report`.
+AgentLoop drives a node.Session (one VPP connection, the local view kept while the mesh
+is unchanged, only changed peers re-applied) for both kinds of agent: `up --watch`,
+which runs it on a timer and on mesh file changes (watch_loop), and the datastore agent
+(datastore/agent.py), which runs it on membership changes. Recovering from VPP restarts,
+re-attaching pods and filling the metrics happen in AgentLoop.step, for both. Printing
+what a run changed is the caller's: it passes `report`.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -43,14 +45,6 @@ def start_metrics(listen: str, tls: MetricsTls | None = None) -> AgentMetrics:
     return exporter
 
 
-def file_signature(path: Path) -> tuple[int, int] | None:
-    try:
-        st = path.stat()
-    except OSError:
-        return None
-    return st.st_mtime_ns, st.st_size
-
-
 def poll_ticks(path: Path, hurry: Callable[[], bool] = lambda: False) -> Iterator[None]:
     """Yield every WATCH_POLL_SECONDS, and at once when `path` changes.
 
@@ -59,13 +53,13 @@ def poll_ticks(path: Path, hurry: Callable[[], bool] = lambda: False) -> Iterato
     stream of unrelated events must not be able to starve it. While `hurry()` (VPP is
     away) the next tick comes after WATCH_VPP_RETRY_SECONDS.
     """
-    signature = file_signature(path)
+    signature = agent.file_signature(path)
     while True:
         wait = WATCH_VPP_RETRY_SECONDS if hurry() else WATCH_POLL_SECONDS
         deadline = time.monotonic() + wait
         while time.monotonic() < deadline:
             time.sleep(min(WATCH_FILE_CHECK_SECONDS, wait))
-            now = file_signature(path)
+            now = agent.file_signature(path)
             if now != signature:
                 signature = now
                 break
@@ -83,10 +77,102 @@ def give_back_uplinks(opts: agent.NodeOptions) -> None:
         log.error("%s", exc)
 
 
+class AgentLoop:
+    """One iteration of a long-running agent, the same for a mesh file and a datastore.
+
+    `step` is the only place where an iteration's work happens: run the session (which
+    takes the mesh from its source, reconciles and re-attaches pods), notice that VPP
+    went away or restarted and recover, count errors, fill the metrics and hand the
+    result to `report`. Whatever else the agent must do on every iteration belongs here.
+    `run` steps once per tick of the caller's schedule.
+    """
+
+    def __init__(self, session: agent.Session, opts: agent.NodeOptions, *,
+                 metrics: AgentMetrics | None = None, stats_socket: Path | None = None,
+                 report: Callable[[agent.UpResult], None] | None = None,
+                 on_error: Callable[[Exception], None] | None = None) -> None:
+        self.session = session
+        self.opts = opts
+        self.metrics = metrics
+        self.stats_socket = stats_socket
+        self.report = report
+        self.on_error = on_error  # told of every failed step but VPP being away
+        self.vpp_gone_at: float | None = None  # since when VPP has not answered
+        self.failed = False  # the last step failed
+        self.last_pid: int | None = None
+
+    def run(self, ticks: Iterable[object]) -> None:
+        for _tick in ticks:
+            self.step()
+
+    def step(self) -> agent.UpResult | None:
+        """Run the session once; the result, or None if the run failed."""
+        attempt = time.monotonic()
+        self.failed = True
+        try:
+            result = self.session.run()
+        except VppUnavailableError as exc:
+            if self.vpp_gone_at is None:
+                self.vpp_gone_at = attempt
+                log.warning("VPP unavailable (%s); waiting for it", exc)
+                give_back_uplinks(self.opts)
+                if self.metrics is not None:
+                    self.metrics.vpp_up.set(0)
+            return None
+        except VppMeshError as exc:
+            log.error("%s", exc)
+            if self.metrics is not None:
+                self.metrics.reconcile_errors.inc()
+            self._failed(exc)
+            return None
+        except Exception as exc:  # a bug must not stop the node from following the mesh
+            log.exception("unexpected error; trying again")
+            self._failed(exc)
+            return None
+        self.failed = False
+        elapsed = time.monotonic() - attempt
+        restarted = self.last_pid is not None and result.vpp_pid != self.last_pid
+        pods = result.pod_report
+        if self.vpp_gone_at is not None or restarted:
+            log.info("VPP is back (pid %s): mesh programmed again in %.0f ms after it "
+                     "answered (%d change(s)); %d pod(s) re-attached in %.0f ms in all",
+                     result.vpp_pid, result.seconds * 1000, len(result.changes),
+                     len(pods.reattached) if pods else 0, elapsed * 1000)
+        self.measured(result, elapsed, restarted=self.vpp_gone_at is not None or restarted,
+                      unavailable=attempt - self.vpp_gone_at
+                      if self.vpp_gone_at is not None else None)
+        self.vpp_gone_at = None
+        if self.report is not None:
+            self.report(result)
+        self.last_pid = result.vpp_pid
+        return result
+
+    def measured(self, result: agent.UpResult, seconds: float, *, restarted: bool,
+                 unavailable: float | None = None) -> None:
+        """With metrics: the run's numbers, and a new snapshot from VPP when one is due."""
+        metrics = self.metrics
+        if metrics is None:
+            return
+        metrics.record_poll(seconds, result.pod_report, restarted=restarted,
+                            unavailable=unavailable)
+        client = self.session.client
+        if result.mesh is not None and client is not None and \
+                metrics.snapshot_due(time.monotonic()):
+            try:
+                metrics.observe(client, result.mesh, self.opts.node, self.stats_socket,
+                                self.opts.generations.load(), vpp_pid=result.vpp_pid)
+            except VppMeshError as exc:  # the next step finds out what happened
+                log.warning("metrics snapshot failed: %s", exc)
+
+    def _failed(self, exc: Exception) -> None:
+        if self.on_error is not None:
+            self.on_error(exc)
+
+
 def watch_loop(opts: agent.NodeOptions, metrics: AgentMetrics | None = None,
                stats_socket: Path | None = None,
                report: Callable[[agent.UpResult], None] | None = None) -> None:
-    """Re-apply every poll and on mesh file changes; notice VPP restarts and recover.
+    """`up --watch`: re-apply every poll and on mesh file changes (AgentLoop).
 
     Every poll runs `up`, which also advances key generations (scheduled rekeys, key
     limits, receivers following their senders). A restart of VPP is noticed whether the
@@ -96,48 +182,11 @@ def watch_loop(opts: agent.NodeOptions, metrics: AgentMetrics | None = None,
     has notes goes to `report`.
     """
     log.info("watching %s and VPP at %s", opts.mesh_file, opts.api_socket)
-    vpp_gone_at: float | None = None
-    last_pid: int | None = None
-    session = agent.Session(opts)  # one connection; only changed peers are re-applied
-    # The lambda reads vpp_gone_at as it is at each tick (late binding is the point).
-    for _tick in poll_ticks(opts.mesh_file,
-                            hurry=lambda: vpp_gone_at is not None):  # noqa: B023
-        attempt = time.monotonic()
-        try:
-            result = session.run()
-        except VppUnavailableError as exc:
-            if vpp_gone_at is None:
-                vpp_gone_at = attempt
-                log.warning("VPP unavailable (%s); waiting for it", exc)
-                give_back_uplinks(opts)
-                if metrics is not None:
-                    metrics.vpp_up.set(0)
-            continue
-        except VppMeshError as exc:
-            log.error("%s", exc)
-            if metrics is not None:
-                metrics.reconcile_errors.inc()
-            continue
-        elapsed = time.monotonic() - attempt
-        restarted = last_pid is not None and result.vpp_pid != last_pid
-        pods = result.pod_report
-        if vpp_gone_at is not None or restarted:
-            log.info("VPP is back (pid %s): mesh programmed again in %.0f ms after it "
-                     "answered (%d change(s)); %d pod(s) re-attached in %.0f ms in all",
-                     result.vpp_pid, result.seconds * 1000, len(result.changes),
-                     len(pods.reattached) if pods else 0, elapsed * 1000)
-        if metrics is not None:
-            metrics.record_poll(elapsed, pods, restarted=vpp_gone_at is not None or restarted,
-                                unavailable=attempt - vpp_gone_at
-                                if vpp_gone_at is not None else None)
-        vpp_gone_at = None
+
+    def changed(result: agent.UpResult) -> None:
         if report is not None and (result.changes or result.notes):
             report(result)
-        last_pid = result.vpp_pid
-        if metrics is not None and result.mesh is not None and session.client is not None \
-                and metrics.snapshot_due(time.monotonic()):
-            try:
-                metrics.observe(session.client, result.mesh, opts.node, stats_socket,
-                                opts.generations.load(), vpp_pid=result.vpp_pid)
-            except VppMeshError as exc:  # the next poll finds out what happened
-                log.warning("metrics snapshot failed: %s", exc)
+
+    loop = AgentLoop(agent.Session(opts), opts, metrics=metrics, stats_socket=stats_socket,
+                     report=changed)
+    loop.run(poll_ticks(opts.mesh_file, hurry=lambda: loop.vpp_gone_at is not None))

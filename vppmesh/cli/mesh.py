@@ -268,7 +268,7 @@ def plan(
     """Dry run: the ordered changes `up` would make (everything, when VPP is not running)."""
     opts = options(mesh, node, key, api_socket, state_dir=state_dir)
     try:
-        mesh_obj, secrets = agent.load_inputs(opts, agent.datastore_mesh(datastore))
+        view = agent.local_view(opts, agent.datastore_mesh(datastore))
         try:
             client = VppClient(api_socket).connect()
         except VppUnavailableError:
@@ -276,12 +276,12 @@ def plan(
         if client is None:
             from vppmesh.reconcile import diff, empty_observed
 
-            desired = agent.desired_state(opts, mesh_obj, secrets, workers or 0)
+            desired = agent.desired_state(opts, view, workers or 0)
             changes = diff(desired, empty_observed(desired)).changes()
             typer.echo(f"(VPP not reachable at {api_socket}: planning against an empty VPP)")
         else:
             with client:
-                changes = agent.up(opts, dry_run=True, api=client, mesh=mesh_obj).changes
+                changes = agent.up(opts, dry_run=True, api=client, view=view).changes
     except VppMeshError as exc:
         raise fail(str(exc)) from None
     for change in changes:

@@ -25,7 +25,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -34,7 +34,6 @@ import yaml
 from pydantic import ValidationError
 
 from vppmesh import node as agent
-from vppmesh.cni.reattach import reattach
 from vppmesh.config import Mesh, MeshSettings, NatSettings, Node, format_validation_error
 from vppmesh.datastore.etcd import DatastoreError, EtcdStore, Registration
 from vppmesh.datastore.records import (
@@ -44,10 +43,10 @@ from vppmesh.datastore.records import (
     membership_change,
     parse_record,
 )
-from vppmesh.errors import ConfigError, VppMeshError, VppUnavailableError
+from vppmesh.errors import ConfigError, VppMeshError
 from vppmesh.keys import load_secrets
 from vppmesh.vpp.client import VppApi, VppClient
-from vppmesh.watch import give_back_uplinks
+from vppmesh.watch import AgentLoop
 
 if TYPE_CHECKING:
     from vppmesh.metrics import AgentMetrics
@@ -55,8 +54,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("vppmesh.datastore")
 IPInterface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
 RETRY_SECONDS = 1.0
-# CNI pods are checked on every new VPP connection and at least this often.
-PODS_EVERY_SECONDS = 60.0
 
 
 @dataclass(frozen=True)
@@ -116,7 +113,13 @@ def record_file(options: agent.NodeOptions) -> Path:
 
 
 class MembershipAgent:
-    """Keeps this node registered and its VPP in step with the membership."""
+    """Keeps this node registered, and is the mesh source of its node.Session.
+
+    The membership is one more source of meshes for the same Session and AgentLoop that
+    `up --watch` runs (watch.py): one VPP connection, the local view kept while the
+    membership is unchanged, only changed peers re-applied from the remembered state,
+    and one way of recovering from VPP restarts, re-attaching pods and filling metrics.
+    """
 
     def __init__(self, options: agent.NodeOptions, ds: DatastoreOptions,
                  store: EtcdStore | None = None, api: VppApi | None = None,
@@ -127,8 +130,10 @@ class MembershipAgent:
         self.options = options
         self.ds = ds
         self.local = ds.local
+        self.name = str(ds.url)  # names the source in the Session's errors
         self.store = store or EtcdStore(ds.url)
-        self.api = api  # None: the agent keeps its own connection to options.api_socket
+        self._api = api  # None: the session keeps its own connection to options.api_socket
+        self.session = agent.Session(options, source=self, connect=self._connect)
         self.changed = threading.Event()
         self.stop = threading.Event()
         self.registration: Registration | None = None
@@ -138,12 +143,28 @@ class MembershipAgent:
         self.rejected: dict[str, str] = {}
         self.blocked: list[str] = []
         self.changed_at: float | None = None
+        self.event_at: float | None = None  # when the watch reported the change applied now
         self._stop_watch: Callable[[], None] | None = None
         self._keepalive: threading.Thread | None = None
-        self._client: VppClient | None = None
-        self._pods_checked: float | None = None  # None: at the next sync (a new VPP)
-        self.metrics = metrics  # --metrics: filled after every sync (metrics.py)
-        self.stats_socket = stats_socket
+        self._following = False  # run() keeps the watch armed
+        self._next_resync = 0.0
+        # The loop of run(); with --metrics it fills them after every sync (metrics.py).
+        self.loop = AgentLoop(self.session, options, metrics=metrics, stats_socket=stats_socket,
+                              report=self._applied, on_error=self._failed)
+
+    @property
+    def api(self) -> VppApi | None:
+        return self._api
+
+    @api.setter
+    def api(self, api: VppApi | None) -> None:
+        """Another VPP (connection): the session forgets what the last one held."""
+        self._api = api
+        self.session.close()
+
+    def _connect(self) -> VppApi:
+        return self._api if self._api is not None else \
+            VppClient(self.options.api_socket).connect()
 
     # ---- joining ----------------------------------------------------------------------
     def register(self) -> Registration:
@@ -185,28 +206,17 @@ class MembershipAgent:
                 self.changed.set()
 
     # ---- following the membership -------------------------------------------------------
-    def _vpp(self) -> VppApi:
-        """One VPP connection for the agent's life (connecting costs more than a sync)."""
-        if self.api is not None:
-            return self.api
-        if self._client is None:
-            self._client = VppClient(self.options.api_socket).connect()
-        return self._client
+    def mesh(self, *, fresh: bool = False) -> Mesh:
+        """The session's mesh: one snapshot, (re-)registering if our record is gone.
 
-    def _drop_vpp(self) -> None:
-        self._pods_checked = None
-        if self._client is not None:
-            try:
-                self._client.close()
-            except Exception:  # a dead connection may fail to close; it is dropped anyway
-                log.debug("closing the VPP connection failed", exc_info=True)
-            self._client = None
-
-    def sync(self, event_at: float | None = None) -> agent.UpResult | None:
-        """One snapshot, (re-)register if our record is gone, reconcile if needed.
-
-        `event_at` (monotonic) is when the watch reported the change, for the log.
+        Every snapshot is read anew (`fresh` changes nothing): it is what changed.
         """
+        if self._following and (time.monotonic() >= self._next_resync
+                                or self._stop_watch is None or self.watch_broken.is_set()):
+            self.watch_broken.clear()
+            # Re-arm the watch from a fresh revision: a broken stream goes quiet.
+            self._watch(self.store.snapshot().revision)
+            self._next_resync = time.monotonic() + self.ds.resync_seconds
         snap = self.store.snapshot()
         own = next((r for r in snap.records if r.name == self.options.node), None)
         if own is None or self.registration is None or self.lease_lost.is_set() or \
@@ -224,45 +234,40 @@ class MembershipAgent:
                               f"{membership.rejected.get(self.options.node, 'not found')}")
         assert membership.mesh is not None
         self._save(membership)
-        change = membership_change(self.applied, membership.mesh)
-        api = self._vpp()
-        result = agent.up(self.options, mesh=membership.mesh, api=api)
-        if self.options.cni_state_dir is not None and (
-                self._pods_checked is None
-                or time.monotonic() - self._pods_checked >= PODS_EVERY_SECONDS):
-            # A new connection may be a new VPP: its pods come back (node.Session too).
-            result.pod_report = reattach(api, self.options.cni_state_dir, self.options.cni_path)
-            self._pods_checked = time.monotonic()
+        return membership.mesh
+
+    def sync(self, event_at: float | None = None) -> agent.UpResult | None:
+        """One run of the session: snapshot, (re-)register if needed, reconcile.
+
+        `event_at` (monotonic) is when the watch reported the change, for the log.
+        """
+        self.event_at = event_at
+        result = self.session.run()
+        self._applied(result)
+        return result
+
+    def _applied(self, result: agent.UpResult) -> None:
+        """What one run did, in the log: key generation notes, blocked peers, and the
+        membership change (each told once)."""
         for note in result.notes:  # key generation steps and slides, each told once
             log.info("%s", note)
         if result.blocked_peers and result.blocked_peers != self.blocked:
             log.error("fail closed: no usable key towards %s; their traffic is dropped",
                       ", ".join(result.blocked_peers))
         self.blocked = result.blocked_peers
+        mesh = result.mesh
+        assert mesh is not None
+        change = membership_change(self.applied, mesh)
         if self.applied is None or not change.empty or result.changes:
-            since = (f", {1000 * (time.monotonic() - event_at):.0f} ms after the "
-                     "event" if event_at is not None else "")
+            since = (f", {1000 * (time.monotonic() - self.event_at):.0f} ms after the "
+                     "event" if self.event_at is not None else "")
             log.info("membership %s (%d node(s)): %d change(s) in %.0f ms%s", change,
-                     len(membership.mesh.nodes), len(result.changes), result.seconds * 1000,
-                     since)
-        self.applied = membership.mesh
-        return result
+                     len(mesh.nodes), len(result.changes), result.seconds * 1000, since)
+        self.applied = mesh
 
-    def _measured(self, result: agent.UpResult, seconds: float, *, restarted: bool) -> None:
-        """With --metrics: the sync's numbers, and a new snapshot when one is due."""
-        metrics = self.metrics
-        if metrics is None:
-            return
-        metrics.record_poll(seconds, result.pod_report, restarted=restarted)
-        if result.mesh is not None and metrics.snapshot_due(time.monotonic()):
-            try:
-                metrics.observe(self._vpp(), result.mesh, self.options.node,
-                                self.stats_socket, self.options.generations.load(),
-                                vpp_pid=result.vpp_pid)
-            except VppUnavailableError:
-                raise
-            except VppMeshError as exc:
-                log.warning("metrics snapshot failed: %s", exc)
+    def _failed(self, exc: Exception) -> None:
+        if isinstance(exc, DatastoreError) or not isinstance(exc, VppMeshError):
+            self._unwatch()  # re-armed from a fresh revision once etcd answers
 
     def _save(self, membership: Membership) -> None:
         assert membership.mesh is not None
@@ -296,6 +301,20 @@ class MembershipAgent:
             self._stop_watch()
         self._stop_watch = None
 
+    def ticks(self) -> Iterator[None]:
+        """When the loop steps: on a change (a burst settled first), at the resync
+        interval, and every RETRY_SECONDS while the last step failed; until stop."""
+        while not self.stop.is_set():
+            timeout = RETRY_SECONDS if self.loop.failed else \
+                max(0.0, self._next_resync - time.monotonic())
+            if self.changed.wait(timeout) and self.ds.debounce_seconds:
+                self.stop.wait(self.ds.debounce_seconds)  # let a burst of events settle
+            if self.stop.is_set():
+                return
+            self.changed.clear()
+            self.event_at, self.changed_at = self.changed_at, None
+            yield
+
     def run(self) -> None:
         """Until stop is set: keep the lease, follow the prefix, reconcile on changes."""
         self._keepalive = threading.Thread(target=self._keepalive_loop, daemon=True,
@@ -303,55 +322,13 @@ class MembershipAgent:
         self._keepalive.start()
         log.info("following %s as %s (lease TTL %d s)", self.ds.url, self.options.node,
                  self.ds.lease_ttl)
-        next_resync = 0.0
-        retry = False
-        vpp_gone = False
+        self._following = True
         try:
-            while not self.stop.is_set():
-                timeout = RETRY_SECONDS if retry else max(0.0, next_resync - time.monotonic())
-                if self.changed.wait(timeout) and self.ds.debounce_seconds:
-                    self.stop.wait(self.ds.debounce_seconds)  # let a burst of events settle
-                if self.stop.is_set():
-                    break
-                self.changed.clear()
-                event_at, self.changed_at = self.changed_at, None
-                try:
-                    if time.monotonic() >= next_resync or self._stop_watch is None or \
-                            self.watch_broken.is_set():
-                        self.watch_broken.clear()
-                        # Re-arm the watch from a fresh revision: a broken stream goes quiet.
-                        self._watch(self.store.snapshot().revision)
-                        next_resync = time.monotonic() + self.ds.resync_seconds
-                    started = time.monotonic()
-                    result = self.sync(event_at)
-                    if vpp_gone:
-                        log.info("VPP is back: mesh programmed again")
-                    if result is not None:
-                        self._measured(result, time.monotonic() - started,
-                                       restarted=vpp_gone)
-                    retry = vpp_gone = False
-                except VppUnavailableError as exc:
-                    self._drop_vpp()
-                    if self.metrics is not None:
-                        self.metrics.vpp_up.set(0)
-                    if not vpp_gone:
-                        log.warning("VPP unavailable (%s); waiting for it", exc)
-                        give_back_uplinks(self.options)
-                    retry = vpp_gone = True
-                except VppMeshError as exc:
-                    log.error("%s", exc)
-                    if self.metrics is not None:
-                        self.metrics.reconcile_errors.inc()
-                    if isinstance(exc, DatastoreError):
-                        self._unwatch()  # re-armed from a fresh revision once etcd answers
-                    retry = True
-                except Exception:  # a bug must not stop the node from following the mesh
-                    log.exception("unexpected error; trying again")
-                    self._unwatch()
-                    retry = True
+            self.loop.run(self.ticks())
         finally:
+            self._following = False
             self._unwatch()
-            self._drop_vpp()
+            self.session.close()
             self.stop.set()
 
 
@@ -449,15 +426,3 @@ def follow(options: agent.NodeOptions, url: str, *, watch: bool, underlay: list[
         signal.signal(sig, lambda *_: (member.stop.set(), member.changed.set()))
     member.changed.set()
     member.run()
-
-
-def current_mesh(url: DatastoreUrl, *, store: EtcdStore | None = None) -> Mesh:
-    """The mesh every agent derives from the datastore now (for `plan` and `status`)."""
-    store = store or EtcdStore(url)
-    snap = store.snapshot()
-    membership = assemble(store.settings(snap), snap.records, snap.numbers)
-    for reason in sorted(set(membership.rejected.values())):
-        log.warning("ignoring %s", reason)
-    if membership.mesh is None:
-        raise ConfigError(f"{url}: no node is registered")
-    return membership.mesh

@@ -23,7 +23,7 @@ from etcd3gw.client import Etcd3Client
 from etcd3gw.exceptions import Etcd3Exception
 from etcd3gw.lease import Lease
 
-from vppmesh.config import MeshSettings, Node
+from vppmesh.config import Mesh, MeshSettings, Node
 from vppmesh.datastore.records import (
     DatastoreUrl,
     Record,
@@ -278,3 +278,15 @@ class EtcdStore:
 
         threading.Thread(target=read, daemon=True, name="vppmesh-watch").start()
         return stop
+
+
+def current_mesh(url: DatastoreUrl, *, store: EtcdStore | None = None) -> Mesh:
+    """The mesh every agent derives from the datastore now (for `plan` and `status`)."""
+    store = store or EtcdStore(url)
+    snap = store.snapshot()
+    membership = assemble(store.settings(snap), snap.records, snap.numbers)
+    for reason in sorted(set(membership.rejected.values())):
+        log.warning("ignoring %s", reason)
+    if membership.mesh is None:
+        raise ConfigError(f"{url}: no node is registered")
+    return membership.mesh

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from vppmesh.state import TAG_PREFIX
 from vppmesh.vpp.client import Request, VppApi
@@ -29,19 +30,26 @@ class Interface:
 
 
 def dump_interfaces(api: VppApi) -> list[Interface]:
-    result = []
-    for d in api.dump("sw_interface_dump", sw_if_index=NO_INTERFACE):
-        result.append(Interface(
-            sw_if_index=d.sw_if_index,
-            name=d.interface_name,
-            tag=d.tag,
-            admin_up=bool(d.flags & ADMIN_UP),
-            link_up=bool(d.flags & LINK_UP),
-            mtu=d.mtu[0],
-            mac=str(d.l2_address),
-            dev_type=d.interface_dev_type,
-        ))
-    return result
+    return [_interface(d) for d in api.dump("sw_interface_dump", sw_if_index=NO_INTERFACE)]
+
+
+def dump_interface(api: VppApi, sw_if_index: int) -> Interface | None:
+    """One interface as it is now (None: there is none with that index)."""
+    found = api.dump("sw_interface_dump", sw_if_index=sw_if_index)
+    return _interface(found[0]) if found else None
+
+
+def _interface(d: Any) -> Interface:
+    return Interface(
+        sw_if_index=d.sw_if_index,
+        name=d.interface_name,
+        tag=d.tag,
+        admin_up=bool(d.flags & ADMIN_UP),
+        link_up=bool(d.flags & LINK_UP),
+        mtu=d.mtu[0],
+        mac=str(d.l2_address),
+        dev_type=d.interface_dev_type,
+    )
 
 
 def set_admin(sw_if_index: int, up: bool, what: str = "") -> Request:

@@ -1,0 +1,122 @@
+"""No import cycle inside vppmesh/: every import of every module (function-level ones
+included, and a package's __init__ that an import runs first) read with ast. Imports
+under `if TYPE_CHECKING:` never run and do not count."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGE = ROOT / "vppmesh"
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def modules() -> dict[str, Path]:
+    return {module_name(p): p for p in PACKAGE.rglob("*.py")}
+
+
+def runtime_nodes(tree: ast.AST) -> list[ast.AST]:
+    """Every node of the tree but those under `if TYPE_CHECKING:`."""
+    out: list[ast.AST] = []
+    todo = [tree]
+    while todo:
+        node = todo.pop()
+        out.append(node)
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            todo.extend(node.orelse)
+            continue
+        todo.extend(ast.iter_child_nodes(node))
+    return out
+
+
+def imports(name: str, path: Path, known: set[str]) -> set[str]:
+    """The vppmesh modules `name` imports, wherever in the file the import is."""
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    parts = name.split(".")
+    own_packages = {".".join(parts[:i]) for i in range(1, len(parts))}  # already running
+    found: set[str] = set()
+    for node in runtime_nodes(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[:len(package.split(".")) - node.level + 1]
+                base = ".".join([*anchor, *([base] if base else [])])
+            for alias in node.names:  # `from vppmesh.vpp import ipsec` imports a module
+                found.add(f"{base}.{alias.name}" if f"{base}.{alias.name}" in known else base)
+    targets = set()
+    for target in found:
+        while target and target not in known:  # `import vppmesh.x.y.attr`-like spellings
+            target = target.rpartition(".")[0]
+        if not target:  # not a vppmesh module
+            continue
+        # Importing a.b.c runs a/__init__.py and a/b/__init__.py first (unless they are
+        # the importer's own packages, which always ran before it).
+        chain = target.split(".")
+        targets.update(p for p in (".".join(chain[:i]) for i in range(1, len(chain)))
+                       if p in known and p not in own_packages)
+        targets.add(target)
+    targets.discard(name)
+    return targets
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components with more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in sorted(graph[v]):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_no_import_cycle_inside_vppmesh() -> None:
+    known = modules()
+    graph = {name: imports(name, path, set(known)) for name, path in known.items()}
+    assert "vppmesh.node" in graph["vppmesh.watch"]  # the walk sees imports at all
+    assert "vppmesh.datastore.etcd" in graph["vppmesh.node"]  # and function-level ones
+    assert cycles(graph) == []
+
+
+def test_the_cycle_finder_finds_a_cycle_through_a_function_level_import(
+        tmp_path: Path) -> None:
+    graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
+    assert cycles(graph) == [["a", "b", "c"]]
+    source = tmp_path / "m.py"
+    source.write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n"
+                      "    from vppmesh import watch\ndef f():\n    from vppmesh import node\n")
+    known = {"vppmesh.node", "vppmesh.m", "vppmesh.watch"}
+    assert imports("vppmesh.m", source, known) == {"vppmesh.node"}
