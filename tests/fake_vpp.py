@@ -21,6 +21,10 @@ from vppmesh.vpp.client import Request, check_replies, check_reply
 INVALID_SW_IF_INDEX = -2
 NO_SUCH_FIB = -3
 NO_SUCH_ENTRY = -6
+PATH_NORMAL, PATH_DROP = 0, 2
+# The drop routes VPP puts into every IPv4 table (0.0.0.0/0 until a default is added).
+TABLE_DROP_ROUTES = ("0.0.0.0/0", "0.0.0.0/32", "224.0.0.0/4", "240.0.0.0/4",
+                     "255.255.255.255/32")
 ADDRESS_FOUND = -114
 ENTRY_EXISTS = -116
 INSTANCE_IN_USE = -147
@@ -453,6 +457,9 @@ class FakeVpp:
             return NS(retval=NO_SUCH_FIB)
         prefix = str(ipaddress.ip_network(route["prefix"]))
         if is_add:
+            if [p["type"] for p in route["paths"]] == [PATH_DROP]:
+                table[prefix] = ()  # a drop route: no interface
+                return NS(retval=0)
             paths = tuple(p["sw_if_index"] for p in route["paths"])
             for p in paths:
                 if p not in self.ifaces:
@@ -465,8 +472,15 @@ class FakeVpp:
         return NS(retval=0)
 
     def d_ip_route_dump(self, table: dict[str, Any]) -> list[Any]:
-        routes = self.routes.get(table["table_id"], {})
-        return [NS(route=NS(prefix=p, paths=[NS(sw_if_index=i) for i in paths]))
+        """Like VPP: every table also holds its own drop routes, and a drop path has no
+        interface."""
+        if table["table_id"] not in self.routes:
+            return []
+        routes = dict.fromkeys(TABLE_DROP_ROUTES, ())
+        routes.update(self.routes[table["table_id"]])
+        drop = [NS(sw_if_index=0xFFFFFFFF, type=PATH_DROP)]
+        return [NS(route=NS(prefix=p, paths=[NS(sw_if_index=i, type=PATH_NORMAL)
+                                             for i in paths] or drop))
                 for p, paths in sorted(routes.items())]
 
     def m_ip_neighbor_add_del(self, is_add: bool, neighbor: dict[str, Any]) -> Any:

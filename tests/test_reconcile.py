@@ -14,7 +14,7 @@ from vppmesh.errors import ConfigError, VppApiError
 from vppmesh.ledger import KeyLedger
 from vppmesh.node import NodeOptions, down
 from vppmesh.plan import HostOptions, plan
-from vppmesh.reconcile import ReusedKeyError, reconcile
+from vppmesh.reconcile import Reconciler, ReusedKeyError, reconcile
 from vppmesh.teardown import teardown
 from vppmesh.view import build_view
 from vppmesh.vpp import interfaces, ipip, routes
@@ -75,8 +75,9 @@ def test_down_keeps_the_operators_routes_and_tables() -> None:
     # An operator's route in the mesh table, through their own interface.
     own = vpp.call(interfaces.create_loopback("02:00:00:00:00:0a")).sw_if_index
     vpp.call(routes.route(desired.table_id, ipaddress.IPv4Network("10.9.0.0/16"), [own], True))
-    removed = teardown(vpp, desired.table_id, ())
+    removed = teardown(vpp, desired.table_id, (), desired.drop_routes)
     assert f"kept table {desired.table_id}: 1 route(s) in it are not vppmesh's" in removed
+    assert f"route {desired.drop_routes[0]}" in removed
     assert desired.table_id in vpp.tables
     assert set(vpp.routes[desired.table_id]) == {"10.9.0.0/16"}
     assert vpp.owned_objects() == {"tunnels": 0, "sas": 0, "tagged": 0, "protections": 0}
@@ -86,10 +87,11 @@ def test_down_keeps_a_mesh_table_vppmesh_did_not_create() -> None:
     _, _, desired, vpp = setup()
     vpp.call(routes.table(desired.table_id, True, name=""))  # made by the operator first
     reconcile(vpp, desired)
-    removed = teardown(vpp, desired.table_id, ())
+    removed = teardown(vpp, desired.table_id, (), desired.drop_routes)
     assert any(line.startswith(f"kept table {desired.table_id}: vppmesh did not create")
                for line in removed)
     assert desired.table_id in vpp.tables
+    assert vpp.routes[desired.table_id] == {}
 
 
 def test_down_without_the_mesh_file_finds_the_table_by_its_name(
@@ -182,3 +184,45 @@ def test_host_link_default_route_is_installed_once_and_repaired() -> None:
     del table["0.0.0.0/0"]  # someone removed it: the next run puts it back
     assert [c.kind for c in reconcile(api, desired)] == ["host-link"]
     assert api.routes[desired.table_id]["0.0.0.0/0"] == (host_index,)
+
+
+def test_own_pod_cidr_is_dropped_in_vpp_once_kept_and_repaired() -> None:
+    """A packet to an address of the node's pod CIDR that no pod holds must die in VPP,
+    not take the default route to the host, which would send it back into VPP."""
+    mesh, secrets = make_mesh(3)
+    view = build_view(mesh, "node1", secrets["node1"])
+    desired = plan(view, host=HostOptions(kind="af_packet"))
+    own = mesh.node("node1").pod_cidr
+    assert desired.drop_routes == (own,)
+    api = FakeVpp.with_uplink(mesh.node("node1").primary)
+    changes = reconcile(api, desired)
+    assert [str(c) for c in changes].count(f"+ route {own} drop") == 1
+    table = api.routes[desired.table_id]
+    assert table[str(own)] == ()  # a drop route: no interface
+    assert reconcile(api, desired) == []
+    assert reconcile(api, desired, dry_run=True) == []
+
+    # A long-running agent keeps it: a peer leaving changes only that peer's objects.
+    agent = Reconciler(api)
+    assert agent.reconcile(desired) == []
+    smaller = plan(build_view(mesh.model_copy(update={"nodes": mesh.nodes[:2]}), "node1",
+                              secrets["node1"]), host=HostOptions(kind="af_packet"))
+    assert agent.reconcile(smaller)
+    assert agent.last_scope == {3}
+    assert table[str(own)] == ()
+    assert agent.reconcile(smaller) == []
+
+    # Removed behind the agent's back: a full run puts it back, and only it.
+    del table[str(own)]
+    assert [str(c) for c in agent.reconcile(smaller, full=True)] == [f"+ route {own} drop"]
+    assert table[str(own)] == ()
+
+
+def test_down_removes_the_drop_route() -> None:
+    mesh, _, desired, vpp = setup()
+    reconcile(vpp, desired)
+    own = ipaddress.IPv4Network(mesh.node("node1").pod_cidr)
+    assert routes.dump_table(vpp, desired.table_id)[1] >= {own}
+    removed = teardown(vpp, desired.table_id, (), desired.drop_routes)
+    assert f"route {own}" in removed
+    assert desired.table_id not in vpp.tables

@@ -24,7 +24,7 @@ from vppmesh.errors import VppUnavailableError
 from vppmesh.index import PeerObjects
 from vppmesh.keys import load_secrets, spi_for
 from vppmesh.ledger import KeyLedger
-from vppmesh.plan import HostOptions, plan_by_peer
+from vppmesh.plan import HostOptions, drop_routes, plan_by_peer
 from vppmesh.reconcile import Change, Reconciler, gc_paused, reconcile
 from vppmesh.state import DesiredState, sa_id_for
 from vppmesh.teardown import teardown
@@ -417,7 +417,8 @@ def down(options: NodeOptions, *, api: VppApi | None = None,
             removed = teardown(client, None)
             removed += guard.remove_everywhere(client)
         else:
-            removed = teardown(client, mesh.settings.mesh_table_id, tuple(local.underlay[1:]))
+            removed = teardown(client, mesh.settings.mesh_table_id, tuple(local.underlay[1:]),
+                               drop_routes(local))
             uplink, _ = interfaces.find_uplink(client, local.uplink, local.primary)
             if uplink is not None:  # after the tunnels: they never exist unguarded
                 for version in sorted({a.version for a in local.underlay}):

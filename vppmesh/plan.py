@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from vppmesh.config import Node
 from vppmesh.endpoints import segmentation_offload
 from vppmesh.epochs import PeerKeying
 from vppmesh.index import PeerObjects
@@ -65,6 +66,18 @@ def host_link(view: LocalView, options: HostOptions) -> HostLinkSpec | None:
         offloads=segmentation_offload(view.settings.gso, options.kind),
         vpp_routes=(DEFAULT_ROUTE,),
     )
+
+
+def drop_routes(local: Node) -> tuple[ipaddress.IPv4Network, ...]:
+    """The node's own pod CIDR, dropped in the mesh VRF.
+
+    An address of it that no pod holds (a pod just deleted, a scan, pods not yet attached
+    again after a VPP restart) would otherwise take the default route to the host, whose
+    route for the pod CIDR leads back into VPP: each packet would bounce between them
+    until its TTL runs out. Less specific than the pods' /32s and more specific than the
+    default route, the drop route ends it in VPP at once.
+    """
+    return (local.pod_cidr,)
 
 
 def plan(view: LocalView, **options: Any) -> DesiredState:
@@ -139,6 +152,7 @@ def plan_by_peer(
         # Every peer's pod CIDR stays routed into VPP, also for a peer without a usable
         # key: its packets must die in VPP, not leave by the host's default route.
         host=host_link(view, host or HostOptions()),
+        drop_routes=drop_routes(local),
     )
     return desired, by_peer
 

@@ -56,6 +56,7 @@ class Observed:
     unnumbered: dict[int, int]
     table_exists: bool
     routes: dict[ipaddress.IPv4Network, tuple[int, ...]]
+    drop_routes: set[ipaddress.IPv4Network]  # VPP's own drop routes of a table included
     gateway: Interface | None
     host: Interface | None
     host_neighbors: dict[ipaddress.IPv4Address, str]
@@ -81,6 +82,8 @@ def observe(api: VppApi, desired: DesiredState) -> Observed:
             # Created but not yet tagged when a previous run stopped: adopt it.
             host = ifaces.get(
                 host_interfaces.dump_af_packet(api).get(desired.host.vpp_ifname, -1))
+    table_routes, drop_routes = (routes.dump_table(api, desired.table_id) if table_exists
+                                 else ({}, set()))
     primary = desired.uplink_addresses[0] if desired.uplink_addresses else None
     uplink, uplink_addresses = interfaces.find_uplink(api, desired.uplink, primary,
                                                       ifaces.values())
@@ -91,7 +94,8 @@ def observe(api: VppApi, desired: DesiredState) -> Observed:
         protections=ipsec.dump_protections(api),
         unnumbered=interfaces.dump_unnumbered(api),
         table_exists=table_exists,
-        routes=routes.dump_routes(api, desired.table_id) if table_exists else {},
+        routes=table_routes,
+        drop_routes=drop_routes,
         gateway=gateway,
         host=host,
         host_neighbors=(routes.dump_neighbors(api, host.sw_if_index) if host else {}),
@@ -109,7 +113,8 @@ def empty_observed(desired: DesiredState) -> Observed:
     uplink = Interface(sw_if_index=1, name=desired.uplink or "uplink", tag="", admin_up=True,
                        link_up=True, mtu=9000, mac="", dev_type="")
     return Observed(interfaces={1: uplink}, tunnels={}, sas={}, protections={}, unnumbered={},
-                    table_exists=False, routes={}, gateway=None, host=None, host_neighbors={},
+                    table_exists=False, routes={}, drop_routes=set(), gateway=None, host=None,
+                    host_neighbors={},
                     uplink=uplink, uplink_addresses=list(desired.uplink_addresses[:1]))
 
 
@@ -147,6 +152,7 @@ class Diff:
     quiesce_tunnels: list[int] = field(default_factory=list)
     reprotect_tunnels: list[TunnelSpec] = field(default_factory=list)
     set_routes: list[RouteSpec] = field(default_factory=list)
+    set_drop_routes: list[ipaddress.IPv4Network] = field(default_factory=list)
     host_create: bool = False
     host_neighbor: bool = False
 
@@ -159,6 +165,7 @@ class Diff:
         out += [Change("create", "address", f"{a} on uplink") for a in self.add_uplink_addresses]
         if self.uplink_admin_up:
             out.append(Change("update", "uplink", "admin up"))
+        out += [Change("create", "route", f"{p} drop") for p in self.set_drop_routes]
         out += [Change("delete", "route", str(p)) for p in self.delete_routes]
         out += [Change("delete", "tunnel", f"ipip{t.instance} {t.src} -> {t.dst}")
                 for t in self.delete_tunnels]
@@ -303,8 +310,10 @@ def diff(desired: DesiredState, observed: Observed, *, peers: set[int] | None = 
 
 def _diff_node(d: Diff, desired: DesiredState, observed: Observed,
                gateway_index: int | None) -> None:
-    """The node-wide part: mesh table, gateway, uplink addresses, host link."""
+    """The node-wide part: mesh table, its drop routes, gateway, uplink addresses, host
+    link."""
     d.create_table = not observed.table_exists
+    d.set_drop_routes = [p for p in desired.drop_routes if p not in observed.drop_routes]
     gw = observed.gateway
     d.create_gateway = gw is None or not gw.admin_up
     if observed.uplink is not None:
@@ -382,6 +391,10 @@ class Applier:
         if d.create_table:
             self.api.call(routes.table(desired.table_id, True))
             observed.table_exists = True
+        self.api.call_many([routes.drop_route(desired.table_id, p) for p in d.set_drop_routes])
+        for prefix in d.set_drop_routes:
+            observed.routes.pop(prefix, None)  # a route through interfaces it replaced
+            observed.drop_routes.add(prefix)
         if self.gateway is None:
             reply = self.api.call(interfaces.create_loopback(GATEWAY_LOOPBACK_MAC, "gateway"))
             self.gateway = reply.sw_if_index

@@ -181,3 +181,5 @@ class DesiredState(Frozen):
     tunnels: tuple[TunnelSpec, ...]
     routes: tuple[RouteSpec, ...]
     host: HostLinkSpec | None
+    # Prefixes the mesh VRF drops (the node's own pod CIDR: what no pod's /32 matches).
+    drop_routes: tuple[ipaddress.IPv4Network, ...] = ()

@@ -2,7 +2,9 @@
 
 Ownership comes from VPP itself (reserved tunnel instances and SA ids, `vppmesh:` tags,
 the mesh table's name), so `down` works even without the mesh file that created the
-objects. In the mesh table only routes whose paths are all vppmesh's go, and the table
+objects. In the mesh table only routes whose paths are all vppmesh's go (and, given the
+mesh file, the drop route of the node's pod CIDR: a drop route does not say whose it is,
+so without the file it goes only with the table vppmesh created), and the table
 itself only when vppmesh created it (VPP keeps the name it was created with) and nothing
 else is left in it: an operator's routes or a table of their own stay. Routes go first
 and tunnels are taken down before their protection is removed, so no packet is ever sent
@@ -20,10 +22,12 @@ from vppmesh.vpp.client import VppApi
 
 def teardown(api: VppApi, table_id: int | None,
              extra_uplink_addresses: tuple[ipaddress.IPv4Interface | ipaddress.IPv6Interface,
-                                           ...] = ()) -> list[str]:
+                                           ...] = (),
+             drop_routes: tuple[ipaddress.IPv4Network, ...] = ()) -> list[str]:
     """Remove the mesh from VPP; returns a line per removed (or knowingly kept) object.
 
     `table_id` None (no mesh file): the mesh table is the one named routes.TABLE_NAME.
+    `drop_routes`: the planned ones (DesiredState.drop_routes), known from the mesh file.
     """
     removed: list[str] = []
     ifaces = interfaces.dump_interfaces(api)
@@ -36,16 +40,17 @@ def teardown(api: VppApi, table_id: int | None,
     drop_table = False
 
     if table_id is not None and table_exists:
-        mesh_routes = routes.dump_routes(api, table_id)
+        mesh_routes, drops = routes.dump_table(api, table_id)
         # Endpoint /32 routes go explicitly too: left for the table's deletion, VPP 26.06
         # keeps them in the table's forwarding trie, and a mesh table created again
         # with the same id then drops traffic to the node's own host and pods.
         owned = {t.sw_if_index for t in tunnels} | {
             i.sw_if_index for i in ifaces if i.tag.startswith(TAG_PREFIX)}
         ours = [p for p, paths in mesh_routes.items() if set(paths) <= owned]
+        others = len(mesh_routes) - len(ours)
+        ours += [p for p in drop_routes if p in drops]
         api.call_many([routes.route(table_id, p, [], False) for p in ours])
         removed += [f"route {p}" for p in ours]
-        others = len(mesh_routes) - len(ours)
         drop_table = names[table_id] == routes.TABLE_NAME and not others
         if not drop_table:
             why = (f"{others} route(s) in it are not vppmesh's" if others

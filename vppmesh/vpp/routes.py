@@ -6,9 +6,10 @@ import ipaddress
 from collections.abc import Sequence
 
 from vppmesh.vpp.client import Request, VppApi
-from vppmesh.vpp.interfaces import NOT_FOUND
+from vppmesh.vpp.interfaces import NO_INTERFACE, NOT_FOUND
 
 PATH_NORMAL = 0
+PATH_DROP = 2  # FIB_API_PATH_TYPE_DROP
 NH_PROTO_IP4 = 0
 NEIGHBOR_STATIC = 0x1
 NEIGHBOR_NO_FIB_ENTRY = 0x2
@@ -38,35 +39,60 @@ def dump_table_names(api: VppApi) -> dict[int, str]:
             if not d.table.is_ip6}
 
 
-def _paths(sw_if_indexes: Sequence[int], nexthop: ipaddress.IPv4Address | None
-           ) -> list[dict[str, object]]:
-    nh = {"address": {"ip4": str(nexthop or "0.0.0.0")}}
-    return [{"sw_if_index": i, "table_id": 0, "weight": 1, "preference": 0,
-             "type": PATH_NORMAL, "flags": 0, "proto": NH_PROTO_IP4, "nh": nh,
-             "n_labels": 0, "label_stack": [EMPTY_LABEL] * 16}
-            for i in sw_if_indexes]
+def _path(sw_if_index: int, nexthop: ipaddress.IPv4Address | None = None,
+          path_type: int = PATH_NORMAL) -> dict[str, object]:
+    return {"sw_if_index": sw_if_index, "table_id": 0, "weight": 1, "preference": 0,
+            "type": path_type, "flags": 0, "proto": NH_PROTO_IP4,
+            "nh": {"address": {"ip4": str(nexthop or "0.0.0.0")}},
+            "n_labels": 0, "label_stack": [EMPTY_LABEL] * 16}
 
 
 def route(table_id: int, prefix: ipaddress.IPv4Network, sw_if_indexes: Sequence[int],
           is_add: bool, nexthop: ipaddress.IPv4Address | None = None) -> Request:
-    """Add or replace a route: its paths are exactly `sw_if_indexes`, equal cost."""
+    """Add or replace a route: its paths are exactly `sw_if_indexes`, equal cost. Removing
+    a route (is_add False, no paths) removes it whatever its paths, a drop route's too."""
+    return _route_request(table_id, prefix, [_path(i, nexthop) for i in sw_if_indexes],
+                          is_add)
+
+
+def drop_route(table_id: int, prefix: ipaddress.IPv4Network) -> Request:
+    """Add (or turn into) a route whose one path drops what it matches, counted by VPP's
+    ip4-drop node."""
+    return _route_request(table_id, prefix, [_path(NO_INTERFACE, path_type=PATH_DROP)], True)
+
+
+def _route_request(table_id: int, prefix: ipaddress.IPv4Network,
+                   paths: list[dict[str, object]], is_add: bool) -> Request:
     return Request("ip_route_add_del", {
         "is_add": is_add, "is_multipath": False,
         "route": {"table_id": table_id, "prefix": str(prefix),
-                  "n_paths": len(sw_if_indexes), "paths": _paths(sw_if_indexes, nexthop)},
+                  "n_paths": len(paths), "paths": paths},
     }, f"route {prefix} in table {table_id}", tolerate=() if is_add else NOT_FOUND_ROUTE)
 
 
-def dump_routes(api: VppApi, table_id: int) -> dict[ipaddress.IPv4Network, tuple[int, ...]]:
+Routes = dict[ipaddress.IPv4Network, tuple[int, ...]]
+
+
+def dump_routes(api: VppApi, table_id: int) -> Routes:
     """{prefix: sorted sw_if_indexes of its paths} for the API-added routes of a table."""
-    routes: dict[ipaddress.IPv4Network, tuple[int, ...]] = {}
+    return dump_table(api, table_id)[0]
+
+
+def dump_table(api: VppApi, table_id: int) -> tuple[Routes, set[ipaddress.IPv4Network]]:
+    """A table's routes through interfaces (as dump_routes()) and the prefixes of its drop
+    routes, VPP's own ones that every table has (0.0.0.0/32, multicast, broadcast) among
+    them: only a drop route's prefix tells whose it is."""
+    routes: Routes = {}
+    drops: set[ipaddress.IPv4Network] = set()
     for d in api.dump("ip_route_dump", table={"table_id": table_id, "is_ip6": False}):
         prefix = ipaddress.ip_network(str(d.route.prefix))
         paths = tuple(sorted(p.sw_if_index for p in d.route.paths
-                             if p.sw_if_index != 0xFFFFFFFF))
+                             if p.sw_if_index != NO_INTERFACE))
         if paths:
             routes[prefix] = paths  # type: ignore[index]
-    return routes
+        elif d.route.paths and all(p.type == PATH_DROP for p in d.route.paths):
+            drops.add(prefix)  # type: ignore[arg-type]
+    return routes, drops
 
 
 def neighbor(sw_if_index: int, ip: ipaddress.IPv4Address, mac: str, is_add: bool, *,
