@@ -7,11 +7,9 @@ Skipped with the reason when no VPP binary is found or when not root. Testbed pr
 from __future__ import annotations
 
 import json
-import re
 import subprocess
 import sys
 import time
-from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -26,20 +24,9 @@ pytestmark = [pytest.mark.vpp]
 PREFIX = "vmr-"
 BASE = Path("/run/vppmesh-vmr")
 CRAFT = Path(__file__).parent / "hostile_packets.py"
-ERROR_LINE = re.compile(r"^\s*(\d+)\s+(\S+)\s+(.+?)\s+(error|info|warn\w*|unknown)\s*$")
 
 bed = vpp_helpers.bed_fixture(lambda: pytest.importorskip("scapy"), nodes=2, tunnels=2, pods=1,
                               workers=0, prefix=PREFIX, base_dir=BASE)
-
-
-def errors(api: VppClient) -> Counter[tuple[str, str]]:
-    """`show errors` as {(node, reason): count}."""
-    counts: Counter[tuple[str, str]] = Counter()
-    for line in api.cli("show errors").splitlines():
-        m = ERROR_LINE.match(line)
-        if m:
-            counts[(m.group(2), m.group(3).strip())] += int(m.group(1))
-    return counts
 
 
 def test_hostile_packets_are_dropped_and_counted_while_pods_keep_talking(
@@ -48,7 +35,7 @@ def test_hostile_packets_are_dropped_and_counted_while_pods_keep_talking(
     spi = spi_for(n1.index, 0, 0)
     with VppClient(n2.instance.api_socket).connect() as api:
         assert spi in {s.spec.spi for s in ipsec.dump_sas(api)}
-        before = errors(api)
+        before = vpp_helpers.errors(api)
     pod_watch = subprocess.Popen(
         ["ip", "netns", "exec", n2.pod_netns(0), "tcpdump", "-ni", "eth0", "-c", "1", "-l",
          "icmp and src 198.18.1.99"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
@@ -69,7 +56,7 @@ def test_hostile_packets_are_dropped_and_counted_while_pods_keep_talking(
         pod_watch.terminate()
         pod_seen, _ = pod_watch.communicate(timeout=10)
     with VppClient(n2.instance.api_socket).connect() as api:
-        after = errors(api)
+        after = vpp_helpers.errors(api)
     grew = {key: after[key] - before.get(key, 0) for key in after}
     print("error counters that grew:", {f"{k[0]}: {k[1]}": v for k, v in grew.items() if v})
     # Replayed and too-old packets: anti-replay, before any decryption.

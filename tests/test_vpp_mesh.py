@@ -57,6 +57,36 @@ def test_pod_to_pod_ping_every_pair(bed: Testbed) -> None:
     vpp_helpers.assert_pods_ping(vpp_helpers.every_pair(bed), count=2)
 
 
+def link_packets(netns: str, ifname: str) -> int:
+    """Packets received plus sent by a Linux interface."""
+    out = in_ns(netns, "ip", "-s", "-j", "link", "show", ifname).stdout
+    stats = json.loads(out)[0]["stats64"]
+    return int(stats["rx"]["packets"]) + int(stats["tx"]["packets"])
+
+
+def test_unheld_address_of_the_own_pod_cidr_dies_in_vpp(bed: Testbed) -> None:
+    """The mesh VRF's default route leads to the host, whose route for the node's pod CIDR
+    leads back into VPP: without VPP's drop route for that CIDR, a packet to an address
+    no pod holds would bounce between them until its TTL ran out."""
+    node = bed.nodes[0]
+    unheld = node.pod_cidr.network_address + 200
+    count = 20
+    with VppClient(node.instance.api_socket).connect() as api:
+        assert node.pod_cidr in routes.dump_table(api, 1717)[1]
+        before = vpp_helpers.errors(api)
+        host_before = link_packets(node.netns, "vppmesh0")
+        ping = in_ns(node.pod_netns(0), "ping", "-c", str(count), "-i", "0.05", "-W", "1",
+                     str(unheld), check=False)
+        host_after = link_packets(node.netns, "vppmesh0")
+        after = vpp_helpers.errors(api)
+    assert ping.returncode != 0 and f"{count} packets transmitted, 0 received" in ping.stdout
+    drops = sum(n - before.get(key, 0) for key, n in after.items() if key[0] == "ip4-drop")
+    print(f"ip4-drop +{drops}, vppmesh0 rx+tx +{host_after - host_before} for {count} pings")
+    assert count <= drops <= count + 5, after
+    assert host_after - host_before <= count  # at most one copy per packet, never dozens
+    vpp_helpers.assert_pods_ping(vpp_helpers.every_pair(bed), count=1)
+
+
 def test_mtu_fits_and_one_more_byte_fails_cleanly(bed: Testbed) -> None:
     src, dst = bed.nodes[0], bed.nodes[1]
     payload = 1440 - 28

@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -28,6 +29,17 @@ from vppmesh.lab.testbed import NodeHandle, Testbed, TestbedSpec, in_ns, sh
 from vppmesh.vpp.client import Request, VppClient
 
 ETCD_ADDRESS = "203.0.113.1"  # RFC 5737 TEST-NET-3: the management network
+ERROR_LINE = re.compile(r"^\s*(\d+)\s+(\S+)\s+(.+?)\s+(error|info|warn\w*|unknown)\s*$")
+
+
+def errors(api: VppClient) -> Counter[tuple[str, str]]:
+    """`show errors` as {(node, reason): count}."""
+    counts: Counter[tuple[str, str]] = Counter()
+    for line in api.cli("show errors").splitlines():
+        m = ERROR_LINE.match(line)
+        if m:
+            counts[(m.group(2), m.group(3).strip())] += int(m.group(1))
+    return counts
 
 
 # ---- testbeds ---------------------------------------------------------------------------
