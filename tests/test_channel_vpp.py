@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 import vpp_helpers
-from test_hostile import errors
+from vpp_helpers import errors
 
 from benchmarks.channel import VppPair, register_punt, vpp_pair
 from vppmesh.channel import messages as m

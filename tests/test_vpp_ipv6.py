@@ -20,7 +20,7 @@ import dpkt
 import pytest
 import vpp_helpers
 from conftest import record_raw_replies, stop_process
-from test_hostile import errors
+from vpp_helpers import errors
 
 from vppmesh.config import load_mesh
 from vppmesh.lab.testbed import Testbed, _uplink_mac, in_ns

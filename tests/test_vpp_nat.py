@@ -23,7 +23,8 @@ import dpkt
 import pytest
 import vpp_helpers
 from conftest import record_raw_replies, stop_process
-from test_hostile import CRAFT, errors
+from test_hostile import CRAFT
+from vpp_helpers import errors
 
 from vppmesh.config import load_mesh
 from vppmesh.keys import spi_for
