@@ -14,7 +14,7 @@ from vppmesh.errors import ConfigError, VppApiError
 from vppmesh.ledger import KeyLedger
 from vppmesh.node import NodeOptions, down
 from vppmesh.plan import HostOptions, plan
-from vppmesh.reconcile import Reconciler, ReusedKeyError, reconcile
+from vppmesh.reconcile import Reconciler, ReusedKeyError, diff, empty_observed, reconcile
 from vppmesh.teardown import teardown
 from vppmesh.view import build_view
 from vppmesh.vpp import interfaces, ipip, routes
@@ -194,6 +194,9 @@ def test_own_pod_cidr_is_dropped_in_vpp_once_kept_and_repaired() -> None:
     desired = plan(view, host=HostOptions(kind="af_packet"))
     own = mesh.node("node1").pod_cidr
     assert desired.drop_routes == (own,)
+    # `vppmesh plan` without a VPP shows it.
+    planned = diff(desired, empty_observed(desired)).changes()
+    assert f"+ route {own} drop" in [str(c) for c in planned]
     api = FakeVpp.with_uplink(mesh.node("node1").primary)
     changes = reconcile(api, desired)
     assert [str(c) for c in changes].count(f"+ route {own} drop") == 1
