@@ -192,6 +192,7 @@ def test_down_leaves_nothing_of_vppmesh(bed: Testbed) -> None:
     node = bed.nodes[2]
     result = run_cli(bed, node, "down")
     assert result.returncode == 0, result.stderr
+    assert f"- route {node.pod_cidr}\n" in result.stdout  # the drop route, explicitly
     with VppClient(node.instance.api_socket).connect() as api:
         assert not [t for t in ipip.dump_tunnels(api) if is_owned_tunnel_instance(t.instance)]
         assert not [s for s in ipsec.dump_sas(api) if is_owned_sa_id(s.spec.sa_id)]
