@@ -11,7 +11,7 @@ from conftest import make_mesh
 from fake_vpp import FakeVpp
 
 from vppmesh.config import dump_mesh
-from vppmesh.errors import VppUnavailableError
+from vppmesh.errors import VppMeshError, VppUnavailableError
 from vppmesh.keys import private_key_b64, write_secret_file
 from vppmesh.node import NodeOptions, Session
 
@@ -61,3 +61,32 @@ def test_session_applies_one_joining_peer_without_dumps(tmp_path: Path) -> None:
     assert session.run().changes == []
     assert len(connections) == 2  # reconnected
     assert all(vpp.counts[d] == 1 for d in DUMPS)  # and dumped VPP again
+
+
+def test_after_a_reconnect_runs_stay_full_until_one_succeeds(tmp_path: Path) -> None:
+    """A VPP that restarted may not have its uplink back yet when the agent reconnects: that
+    full run fails, and the next one must be full again (dump, pods re-attached), not a
+    run from remembered state that would leave the pods detached until the next resync."""
+    mesh, secrets = make_mesh(3, 2)
+    mesh_file = tmp_path / "mesh.yaml"
+    mesh_file.write_text(dump_mesh(mesh))
+    key = tmp_path / "node1.key"
+    write_secret_file(key, private_key_b64(secrets["node1"].private_key))
+    options = NodeOptions(mesh_file=mesh_file, node="node1", private_key=key,
+                          host_link="none", workers=0, state_dir=tmp_path,
+                          cni_state_dir=tmp_path / "cni")
+    vpp = FakeVpp.with_uplink(mesh.node("node1").primary)
+    session = Session(options, connect=lambda: vpp)  # type: ignore[arg-type,return-value]
+    assert session.run().changes
+    session.close()  # VPP went away; the next run reconnects
+    restarted = FakeVpp.with_uplink(mesh.node("node1").primary)
+    [(uplink, address)] = restarted.addresses.items()
+    restarted.addresses[uplink] = []  # the host has not given VPP its address back yet
+    session._connect = lambda: restarted  # type: ignore[method-assign,assignment,return-value]
+    with pytest.raises(VppMeshError, match="give VPP its uplink first"):
+        session.run()
+    restarted.addresses[uplink] = address
+    restarted.counts.clear()
+    again = session.run()
+    assert again.changes
+    assert again.pod_report is not None  # a full run: the CNI's pods were re-attached

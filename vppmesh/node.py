@@ -373,6 +373,10 @@ class Session:
         if self._client is None:
             self._client = self._connect()
             self._reconciler = Reconciler(self._client)
+            # A new connection (VPP restarted) runs full until one full run succeeds: the
+            # first may fail before the host has given VPP its uplink back, and only full
+            # runs re-attach the pods VPP lost.
+            self._last_full = None
         try:
             result = up(self.options, api=self._client, view=view,
                         reconciler=self._reconciler, full=full, **up_options)
