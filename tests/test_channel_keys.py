@@ -96,8 +96,8 @@ def test_forward_secrecy_both_agents_derive_the_same_sa_keys_over_the_channel() 
             deliver(receiver, channels[receiver].receive(5.0, (str(sender), 1), data))
 
     deliver(a.node_number, channels[a.node_number].start_generation(5.0, b.node_number, 2))
-    ephemeral_a = channels[a.node_number].generation_secret(b.node_number, 2)
-    ephemeral_b = channels[b.node_number].generation_secret(a.node_number, 2)
+    ephemeral_a = channels[a.node_number].generation_secret(b.node_number, 2, outbound=True)
+    ephemeral_b = channels[b.node_number].generation_secret(a.node_number, 2, outbound=False)
     assert ephemeral_a is not None and ephemeral_a == ephemeral_b
     static_a = pair_secret(secrets[a.name], b.public_key_bytes)
     static_b = pair_secret(secrets[b.name], a.public_key_bytes)

@@ -20,6 +20,7 @@ MESSAGES = st.one_of(
     st.builds(m.KeyResponse, GENERATIONS, KEYS),
     st.builds(m.SasInstalled, GENERATIONS),
     st.builds(m.WindowSlid, GENERATIONS),
+    st.builds(m.SendingOn, GENERATIONS),
     st.builds(m.Restarted, BOOT_IDS),
     st.just(m.Keepalive()),
     st.builds(m.ObservedAddress, st.ip_addresses(), PORTS),

@@ -80,16 +80,18 @@ def test_channel_generation_key_exchange_gives_both_the_same_secret() -> None:
     assert len(keyed[1][0].secret) == 32
     assert "secret" not in repr(keyed[1][0])
     assert net.nodes[1].held_private_keys() == 0  # the answer came: the private key is gone
-    net.nodes[1].retire_generation(2, 7)
-    assert net.nodes[1].generation_secret(2, 7) is None
-    assert net.nodes[2].generation_secret(1, 7) == keyed[2][0].secret
+    assert [e.outbound for e in keyed[1]] == [True] and [e.outbound for e in keyed[2]] == [False]
+    net.nodes[1].retire_generation(2, 7, outbound=True)
+    assert net.nodes[1].generation_secret(2, 7, outbound=True) is None
+    assert net.nodes[2].generation_secret(1, 7, outbound=False) == keyed[2][0].secret
 
 
 def test_channel_each_generation_gets_a_fresh_secret() -> None:
     net = up(Net())
     for generation in (1, 2):
         net.run(1, net.nodes[1].start_generation(1001.0, 2, generation), 1001.0)
-    assert net.nodes[1].generation_secret(2, 1) != net.nodes[1].generation_secret(2, 2)
+    assert net.nodes[1].generation_secret(2, 1, outbound=True) != \
+        net.nodes[1].generation_secret(2, 2, outbound=True)
 
 
 def test_channel_lost_key_messages_are_retried_and_answered_alike() -> None:
@@ -97,34 +99,41 @@ def test_channel_lost_key_messages_are_retried_and_answered_alike() -> None:
     net.lose = {len(net.wire) + 1}  # the KeyResponse
     net.run(1, net.nodes[1].start_generation(1001.0, 2, 3), 1001.0)
     assert net.nodes[1].held_private_keys() == 1  # still waiting, still holding its key
-    answer = net.nodes[2].generation_secret(1, 3)
+    answer = net.nodes[2].generation_secret(1, 3, outbound=False)
     net.run(1, net.nodes[1].tick(1001.5), 1001.5)
     assert net.nodes[1].held_private_keys() == 1  # not yet: KEY_RETRY
     net.run(1, net.nodes[1].tick(1002.1), 1002.1)
     assert net.nodes[1].held_private_keys() == 0
-    assert net.nodes[1].generation_secret(2, 3) == answer == net.nodes[2].generation_secret(1, 3)
+    assert net.nodes[1].generation_secret(2, 3, outbound=True) == answer == \
+        net.nodes[2].generation_secret(1, 3, outbound=False)
     assert [type(e) for e in net.events[2]].count(s.GenerationKeyed) == 1
 
 
-def test_channel_key_offer_collision_keeps_the_lower_nodes_offer() -> None:
+def test_channel_key_exchanges_of_the_two_directions_are_independent() -> None:
+    """Both nodes start their own outbound generation 4 at once: two exchanges, two
+    secrets, each node holding its outbound and its inbound one."""
     net = up(Net())
     offer_1 = net.nodes[1].start_generation(1001.0, 2, 4)
     offer_2 = net.nodes[2].start_generation(1001.0, 1, 4)
-    net.run(2, offer_2, 1001.0)  # node 1 ignores it: its own offer stands
-    net.run(1, offer_1, 1001.0)  # node 2 drops its offer and answers
-    assert net.nodes[1].generation_secret(2, 4) == net.nodes[2].generation_secret(1, 4)
-    assert net.nodes[1].generation_secret(2, 4) is not None
-    assert net.nodes[2].held_private_keys() == 0
+    net.run(2, offer_2, 1001.0)
+    net.run(1, offer_1, 1001.0)
+    one_to_two = net.nodes[1].generation_secret(2, 4, outbound=True)
+    two_to_one = net.nodes[2].generation_secret(1, 4, outbound=True)
+    assert one_to_two is not None and two_to_one is not None and one_to_two != two_to_one
+    assert net.nodes[2].generation_secret(1, 4, outbound=False) == one_to_two
+    assert net.nodes[1].generation_secret(2, 4, outbound=False) == two_to_one
+    assert net.nodes[1].held_private_keys() == net.nodes[2].held_private_keys() == 0
 
 
 def test_channel_acks_restarts_and_keepalives_reach_the_peer() -> None:
     net = up(Net())
     net.run(2, net.nodes[2].acknowledge(1001.0, 1, "installed", 9), 1001.0)
     net.run(2, net.nodes[2].acknowledge(1001.0, 1, "slid", 9), 1001.0)
+    net.run(2, net.nodes[2].acknowledge(1001.0, 1, "sending", 3), 1001.0)
     net.run(2, net.nodes[2].restarted(1002.0, 777), 1002.0)
     acks = [e for e in net.events[1] if isinstance(e, (s.PeerAcked, s.PeerRestarted))]
     assert acks == [s.PeerAcked(2, "installed", 9), s.PeerAcked(2, "slid", 9),
-                    s.PeerRestarted(2, 777)]  # once: the handshake's Hello agrees
+                    s.PeerAcked(2, "sending", 3), s.PeerRestarted(2, 777)]  # once: the handshake's Hello agrees
     assert net.nodes[1].stats["handshakes_completed"] == 2
     sent = len(net.wire)
     net.run(1, net.nodes[1].tick(1002.0 + s.KEEPALIVE_AFTER + 1), 1002.0 + 16)
@@ -328,7 +337,8 @@ def test_channel_three_nodes_keep_pairs_apart() -> None:
     assert all(net.nodes[a].established(b) for a in net.nodes for b in net.nodes if a != b)
     for peer in (2, 3):
         net.run(1, net.nodes[1].start_generation(1001.0, peer, 1), 1001.0)
-    assert net.nodes[2].generation_secret(1, 1) != net.nodes[3].generation_secret(1, 1)
+    assert net.nodes[2].generation_secret(1, 1, outbound=False) != \
+        net.nodes[3].generation_secret(1, 1, outbound=False)
 
 
 def test_channel_observed_address_carries_ipv6() -> None:

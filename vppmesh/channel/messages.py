@@ -45,6 +45,7 @@ class Kind(IntEnum):
     RESTARTED = 6
     KEEPALIVE = 7
     OBSERVED_ADDRESS = 8
+    SENDING_ON = 9
 
 
 class Drop(StrEnum):
@@ -98,6 +99,14 @@ class WindowSlid:
 
 
 @dataclass(frozen=True)
+class SendingOn:
+    """The sender sends on `generation` now: the receiver may slide to it after a grace
+    period, traffic or not."""
+
+    generation: int
+
+
+@dataclass(frozen=True)
 class Restarted:
     """The sender's VPP restarted (new boot id): its peers should rekey towards it."""
 
@@ -117,7 +126,7 @@ class ObservedAddress:
     port: int
 
 
-Message = (Hello | KeyInit | KeyResponse | SasInstalled | WindowSlid | Restarted
+Message = (Hello | KeyInit | KeyResponse | SasInstalled | WindowSlid | SendingOn | Restarted
            | Keepalive | ObservedAddress)
 
 _U32 = struct.Struct(">I")
@@ -134,6 +143,7 @@ _BODY_SIZES: dict[Kind, tuple[int, ...]] = {
     Kind.KEY_RESPONSE: (_KEY.size,),
     Kind.SAS_INSTALLED: (_U32.size,),
     Kind.WINDOW_SLID: (_U32.size,),
+    Kind.SENDING_ON: (_U32.size,),
     Kind.RESTARTED: (_U64.size,),
     Kind.KEEPALIVE: (0,),
     Kind.OBSERVED_ADDRESS: (_V4.size, _V6.size),
@@ -154,6 +164,8 @@ def encode(message: Message) -> bytes:
             return bytes([Kind.SAS_INSTALLED]) + _U32.pack(g)
         case WindowSlid(generation=g):
             return bytes([Kind.WINDOW_SLID]) + _U32.pack(g)
+        case SendingOn(generation=g):
+            return bytes([Kind.SENDING_ON]) + _U32.pack(g)
         case Keepalive():
             return bytes([Kind.KEEPALIVE])
         case ObservedAddress(address=address, port=port):
@@ -181,9 +193,9 @@ def decode(data: bytes) -> Message | Drop:
     if kind in (Kind.KEY_INIT, Kind.KEY_RESPONSE):
         generation, key = _KEY.unpack(body)
         return KeyInit(generation, key) if kind is Kind.KEY_INIT else KeyResponse(generation, key)
-    if kind in (Kind.SAS_INSTALLED, Kind.WINDOW_SLID):
+    if kind in (Kind.SAS_INSTALLED, Kind.WINDOW_SLID, Kind.SENDING_ON):
         (generation,) = _U32.unpack(body)
-        return SasInstalled(generation) if kind is Kind.SAS_INSTALLED else WindowSlid(generation)
+        return _STATES[kind](generation)
     if kind is Kind.KEEPALIVE:
         return Keepalive()
     layout, family = (_V4, FAMILY_V4) if len(body) == _V4.size else (_V6, FAMILY_V6)
@@ -191,6 +203,10 @@ def decode(data: bytes) -> Message | Drop:
     if got_family != family or port == 0:
         return Drop.MALFORMED
     return ObservedAddress(ipaddress.ip_address(packed), port)
+
+
+_STATES: dict[Kind, type[SasInstalled] | type[WindowSlid] | type[SendingOn]] = {
+    Kind.SAS_INSTALLED: SasInstalled, Kind.WINDOW_SLID: WindowSlid, Kind.SENDING_ON: SendingOn}
 
 
 # ---- datagrams --------------------------------------------------------------------------

@@ -69,8 +69,10 @@ MAX_SOURCES = 4096  # rate-limit buckets kept (least recently used dropped)
 MAX_QUEUE = 32  # messages held for a peer while its handshake runs
 MAC_LABEL = b"vppmesh channel mac v1"
 _MAC_SUITE = Suite.parse(PROTOCOL)
-_ACKS: dict[str, type[m.SasInstalled] | type[m.WindowSlid]] = {
-    "installed": m.SasInstalled, "slid": m.WindowSlid}
+# The states each side repeats until they arrive (see acknowledge): the receiver's
+# "installed" and "slid", the sender's "sending".
+_ACKS: dict[str, type[m.SasInstalled] | type[m.WindowSlid] | type[m.SendingOn]] = {
+    "installed": m.SasInstalled, "slid": m.WindowSlid, "sending": m.SendingOn}
 
 
 # ---- events -----------------------------------------------------------------------------
@@ -81,19 +83,22 @@ class HandshakeComplete:
 
 @dataclass(frozen=True)
 class GenerationKeyed:
-    """Both agents now hold `secret`, the ephemeral X25519 secret of `generation`."""
+    """Both agents now hold `secret`, the ephemeral X25519 secret of one direction's
+    `generation`: this node's outbound one (`outbound`, it offered) or the peer's."""
 
     peer: int
     generation: int
+    outbound: bool
     secret: bytes = field(repr=False)
 
 
 @dataclass(frozen=True)
 class PeerAcked:
-    """The peer said its inbound SAs for `generation` are installed, or it slid to it."""
+    """The peer said its inbound SAs for `generation` are installed, or it slid to it,
+    or (as sender) that it sends on `generation` now."""
 
     peer: int
-    what: str  # "installed" or "slid"
+    what: str  # "installed", "slid" or "sending"
     generation: int
 
 
@@ -192,11 +197,13 @@ class _Peer:
     boot_id: int | None = None
     last_sent: float = float("-inf")
     queue: list[m.Message] = field(default_factory=list)
-    # generation -> (our ephemeral private key, when the KeyInit was last sent)
+    # Key exchanges are per direction: each is offered by the sender of its generation.
+    # Our outbound generation -> (our ephemeral private key, when the KeyInit was sent)
     offers: dict[int, tuple[X25519PrivateKey, float]] = field(default_factory=dict)
-    # generation -> (their ephemeral public key, our answer's public key) to re-answer
+    # Their outbound generation -> (their ephemeral public key, our answer's) to re-answer
     answers: dict[int, tuple[bytes, bytes]] = field(default_factory=dict)
-    keyed: dict[int, bytes] = field(default_factory=dict, repr=False)
+    keyed_out: dict[int, bytes] = field(default_factory=dict, repr=False)
+    keyed_in: dict[int, bytes] = field(default_factory=dict, repr=False)
     # Our latest acknowledgement of each kind to the peer, repeated (see acknowledge),
     # and the latest of the peer's we reported.
     acks: dict[str, int] = field(default_factory=dict)
@@ -247,8 +254,9 @@ class Channel:
     def endpoint(self, peer: int) -> Address | None:
         return self._peers[peer].endpoint
 
-    def generation_secret(self, peer: int, generation: int) -> bytes | None:
-        return self._peers[peer].keyed.get(generation)
+    def generation_secret(self, peer: int, generation: int, *, outbound: bool) -> bytes | None:
+        state = self._peers[peer]
+        return (state.keyed_out if outbound else state.keyed_in).get(generation)
 
     def held_private_keys(self) -> int:
         """Ephemeral private keys of generations this node holds (awaiting an answer)."""
@@ -271,15 +279,17 @@ class Channel:
         return self._transmit(now, state, session, message)
 
     def start_generation(self, now: float, peer: int, generation: int) -> Output:
-        """Offer a fresh ephemeral key for `generation`; GenerationKeyed follows the answer."""
+        """Offer a fresh ephemeral key for this node's outbound `generation` towards
+        `peer`; GenerationKeyed follows the answer."""
         state = self._peers[peer]
         key = X25519PrivateKey.generate()
         state.offers[generation] = (key, now)
         return self.send(now, peer, m.KeyInit(generation, public_bytes(key)))
 
     def acknowledge(self, now: float, peer: int, what: str, generation: int) -> Output:
-        """Tell `peer` this node's inbound SAs for `generation` are installed ("installed")
-        or that it slid its window to `generation` ("slid").
+        """Tell `peer` this node's inbound SAs for `generation` are installed ("installed"),
+        that it slid its window to `generation` ("slid"), or that it sends on
+        `generation` now ("sending").
 
         Acknowledgements are states, not events: the latest of each kind is sent now,
         again over every new session and in place of every keepalive, so a lost one
@@ -288,12 +298,16 @@ class Channel:
         self._peers[peer].acks[what] = generation
         return self.send(now, peer, _ACKS[what](generation))
 
-    def retire_generation(self, peer: int, generation: int) -> None:
-        """Forget everything of `generation`: its private key, answer and secret."""
+    def retire_generation(self, peer: int, generation: int, *, outbound: bool) -> None:
+        """Forget everything of one direction's `generation`: its private key, answer
+        and secret."""
         state = self._peers[peer]
-        state.offers.pop(generation, None)
-        state.answers.pop(generation, None)
-        state.keyed.pop(generation, None)
+        if outbound:
+            state.offers.pop(generation, None)
+            state.keyed_out.pop(generation, None)
+        else:
+            state.answers.pop(generation, None)
+            state.keyed_in.pop(generation, None)
 
     def restarted(self, now: float, boot_id: int) -> Output:
         """This node's VPP restarted: tell every peer, reliably.
@@ -469,10 +483,11 @@ class Channel:
                     secret = dh(offer[0], theirs)
                 except NoiseError:
                     return self._drop(m.Drop.MALFORMED)
-                state.keyed[g] = secret
-                return Output(events=[GenerationKeyed(peer, g, secret)])
-            case m.SasInstalled(generation=g) | m.WindowSlid(generation=g):
-                what = "installed" if isinstance(message, m.SasInstalled) else "slid"
+                state.keyed_out[g] = secret
+                return Output(events=[GenerationKeyed(peer, g, True, secret)])
+            case m.SasInstalled(generation=g) | m.WindowSlid(generation=g) | \
+                    m.SendingOn(generation=g):
+                what = next(k for k, kind in _ACKS.items() if isinstance(message, kind))
                 if state.heard.get(what) == g:
                     return Output()  # a repeat
                 state.heard[what] = g
@@ -488,11 +503,6 @@ class Channel:
 
     def _answer_key(self, now: float, state: _Peer, session: _Session, generation: int,
                     theirs: bytes) -> Output:
-        if generation in state.offers:
-            if self.node_number < state.config.node_number:
-                self.stats["collisions"] += 1  # ours stands; the peer answers it
-                return Output()
-            del state.offers[generation]
         answered = state.answers.get(generation)
         if answered is not None and answered[0] == theirs:  # our answer was lost: again
             return self._transmit(now, state, session, m.KeyResponse(generation, answered[1]))
@@ -505,9 +515,9 @@ class Channel:
         ours = public_bytes(key)
         del key  # the responder's private key is used once, here
         state.answers[generation] = (theirs, ours)
-        state.keyed[generation] = secret
+        state.keyed_in[generation] = secret
         out = self._transmit(now, state, session, m.KeyResponse(generation, ours))
-        out.events.append(GenerationKeyed(state.config.node_number, generation, secret))
+        out.events.append(GenerationKeyed(state.config.node_number, generation, False, secret))
         return out
 
     # ---- sessions -----------------------------------------------------------------------
