@@ -53,7 +53,7 @@ def read_pcap(path: Path | str) -> list[bytes]:
 
 
 def read_frames(path: Path | str) -> list[Frame]:
-    """Every record of a classic pcap file with the file's link type."""
+    """Every complete record of a classic pcap file, with the file's link type."""
     data = Path(path).read_bytes()
     if len(data) < 24:
         raise ValueError(f"{path}: {len(data)} bytes is too short for a pcap file header")
@@ -69,6 +69,8 @@ def read_frames(path: Path | str) -> list[Frame]:
     while offset + 16 <= len(data):
         _, _, caplen, _ = struct.unpack_from(order + "IIII", data, offset)
         offset += 16
+        if offset + caplen > len(data):
+            break  # a record tcpdump is still writing
         frames.append(Frame(linktype, data[offset:offset + caplen]))
         offset += caplen
     return frames

@@ -152,12 +152,15 @@ def test_cooked_and_raw_captures(tmp_path: Path, linktype: int, cooked) -> None:
     assert [tuple(p) for p in esp_decrypt.esp_packets(esp_decrypt.read_pcap(path))] == wanted
 
 
-def test_big_endian_nanosecond_pcap_and_refusals(tmp_path: Path) -> None:
+def test_big_endian_nanosecond_and_partial_pcap_and_refusals(tmp_path: Path) -> None:
     packets, wanted = captured()
     path = tmp_path / "be.pcap"
     path.write_bytes(pcap([eth(p) for p in packets], 1, order=">",
                           nanoseconds=True))
     assert [tuple(p) for p in esp_decrypt.esp_packets(esp_decrypt.read_pcap(path))] == wanted
+    whole = pcap([eth(p) for p in packets], 1)
+    path.write_bytes(whole[:-1])  # the last record as a capture still being written
+    assert len(esp_decrypt.read_pcap(path)) == len(packets) - 1
     path.write_bytes(struct.pack("<I", 0x0A0D0D0A) + bytes(40))
     with pytest.raises(ValueError, match="pcapng"):
         esp_decrypt.read_pcap(path)
