@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import re
 import struct
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
@@ -115,11 +115,13 @@ class EspPacket(NamedTuple):
     data: bytes  # the ESP packet from its SPI on: header, IV, ciphertext, ICV
 
 
-def esp_packets(packets: Iterable[bytes]) -> list[EspPacket]:
+def esp_packets(packets: Iterable[bytes], *,
+                udp_ports: Collection[int] = (NAT_T_PORT,)) -> list[EspPacket]:
     """The ESP packets among IP packets (read_pcap's): IPv4 or IPv6 protocol 50, and ESP
-    in UDP (RFC 3948) from or to port 4500, where a 1-byte 0xFF NAT keepalive and an IKE
-    packet (non-ESP marker: four zero bytes) are not ESP. Fragments are left out: VPP's
-    mesh never fragments its ESP (the pod MTU leaves room for the overhead)."""
+    in UDP (RFC 3948) from or to one of `udp_ports`, where a 1-byte 0xFF NAT keepalive and
+    an IKE packet (non-ESP marker: four zero bytes) are not ESP. One end of vppmesh's
+    ESP-in-UDP is always port 4500, even across a NAT. Fragments are left out: the mesh
+    never fragments its ESP (the pod MTU leaves room for the overhead)."""
     found = []
     for packet in packets:
         payload = transport_payload(packet)
@@ -130,7 +132,7 @@ def esp_packets(packets: Iterable[bytes]) -> list[EspPacket]:
             if len(body) < 8:
                 continue
             sport, dport = struct.unpack_from("!HH", body)
-            if NAT_T_PORT not in (sport, dport):
+            if sport not in udp_ports and dport not in udp_ports:
                 continue
             body = body[8:]
             if body == b"\xff" or body[:4] == b"\0\0\0\0":

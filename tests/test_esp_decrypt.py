@@ -138,6 +138,8 @@ def test_ethernet_pcap_round_trip(tmp_path: Path) -> None:
     found = esp_decrypt.esp_packets(read)
     assert [tuple(p) for p in found] == wanted[:3] + wanted[2:]
     assert all(esp_decrypt.decrypts(p, KEY, SALT) for p in found)
+    other_port = esp_decrypt.esp_packets(read, udp_ports=(53,))
+    assert [tuple(p) for p in other_port] == [wanted[0], wanted[3], wanted[3], wanted[4]]
 
 
 @pytest.mark.parametrize(("linktype", "cooked"), [
