@@ -55,6 +55,10 @@ class FakeVpp:
         self.counts: Counter[str] = Counter()
         self.fail_on: dict[str, int] = {}  # message name -> retval to answer once
         self.pid = 4242
+        # VPP's own punt socket (startup.conf `punt { socket }`; None: not configured, and
+        # registrations fail as VPP's do) and the registrations: (af, port) -> path.
+        self.punt_socket: str | None = None
+        self.punt_registrations: dict[tuple[int, int], str] = {}
         self.classify_tables: dict[int, dict[str, Any]] = {}
         self.input_acl: dict[int, dict[str, int]] = {}  # sw_if_index -> family -> table
         # Engines able to run vppmesh's AES-GCM (ESN) single-buffer and chained ops, the
@@ -137,6 +141,24 @@ class FakeVpp:
         }
 
     # ---- messages ----------------------------------------------------------------
+    # punt (the agents' channel)
+    def m_punt_socket_register(self, header_version: int, punt: dict[str, Any],
+                               pathname: str) -> Any:
+        if self.punt_socket is None:
+            return NS(retval=-1, pathname="")  # "socket is not configured"
+        l4 = punt["punt"]["l4"]
+        self.punt_registrations[(l4["af"], l4["port"])] = pathname
+        return NS(retval=0, pathname=self.punt_socket)
+
+    def m_punt_socket_deregister(self, punt: dict[str, Any]) -> Any:
+        l4 = punt["punt"]["l4"]
+        return NS(retval=0 if self.punt_registrations.pop((l4["af"], l4["port"]), None)
+                  else -6)
+
+    def d_punt_socket_dump(self, type: int) -> list[Any]:
+        return [NS(pathname=path, punt=NS(punt=NS(l4=NS(af=af, protocol=17, port=port))))
+                for (af, port), path in sorted(self.punt_registrations.items())]
+
     # classify (input ACL)
     def m_classify_add_del_table(self, is_add: bool, mask: bytes = b"", table_index: int = 0,
                                  match_n_vectors: int = 1, mask_len: int = 0,

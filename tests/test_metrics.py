@@ -206,7 +206,7 @@ def test_watch_loop_knocks_fast_while_vpp_is_away_and_counts_the_restart(
     class FakeSession:
         client = None
 
-        def __init__(self, options: Any) -> None:
+        def __init__(self, options: Any, **kwargs: Any) -> None:
             pass
 
         def run(self) -> Any:

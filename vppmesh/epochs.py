@@ -36,6 +36,18 @@ recorded under S's current generation could then be replayed once each (they sti
 authenticate; nothing decrypts for the attacker). The exposure ends at S's next rekey,
 so `rekey_interval` bounds it.
 
+With the agents' channel (vppmesh/secrecy.py, docs/design.md), a pair whose agents both
+run keys every generation with a fresh ephemeral X25519 exchange (forward secrecy), and
+inference gives way to what the peer says: the sender steps to a generation only once
+its key is agreed and the receiver said its inbound SAs for it are installed; the
+receiver's "slid" is the sender's floor; the sender's "sending" lets the receiver slide
+without traffic; a receiver's VPP restart makes the sender rekey at once. A generation
+once offered over the channel is never used with its static key (`ephemeral_out`), and a
+receiver remembers which inbound generations carry agreed keys (`ephemeral_in`), so an
+agent restarted without those keys adopts what VPP holds rather than replace it. Without
+a channel to a peer (its agent not running, a one-shot `up`), the static schedule above
+runs unchanged.
+
 Key limits: VPP 26.06 SAs carry no lifetime (ipsec_sa.h has no soft/hard byte or packet
 limit and ipsec_sad_entry_add_v2 takes none), so the agent enforces them from the SA's
 `seq_outbound` (packets, 64-bit with ESN) and an upper bound on bytes (packets times the
@@ -87,6 +99,10 @@ class PeerGenerations(BaseModel):
     in_seen_at: float | None = None
     rekey_pending: bool = False
     last_note: str | None = None  # repeated notes (a deferral, a block) are told once
+    # Our outbound generations offered over the channel (claimed before the offer: never
+    # used with their static key), and the peer's whose inbound SAs here got agreed keys.
+    ephemeral_out: list[int] = []
+    ephemeral_in: list[int] = []
 
     @property
     def window(self) -> tuple[int, ...]:
@@ -114,12 +130,32 @@ class PeerObservation:
 
 
 @dataclass(frozen=True)
+class PeerSaid:
+    """What the peer's agent said over the channel (vppmesh/secrecy.py), for one run.
+
+    `keyed`: our outbound generations whose ephemeral key is agreed and held; the peer's
+    latest states: `installed` (its inbound SAs for that generation carry the agreed
+    key), `slid` (its window base for our traffic), `sending` (the generation it sends
+    on, and when we heard it); `restarted`: its VPP restarted since the last run.
+    """
+
+    keyed: frozenset[int] = frozenset()
+    installed: int | None = None
+    slid: int | None = None
+    sending: tuple[int, float] | None = None
+    restarted: bool = False
+
+
+@dataclass(frozen=True)
 class Decision:
-    """The outcome for one peer: its keying, or None when it must fail closed."""
+    """The outcome for one peer: its keying, or None when it must fail closed (or, with
+    `waiting`, has no outbound key until the peer's agent answers)."""
 
     keying: PeerKeying | None
     notes: tuple[str, ...] = ()
     stepped: bool = False
+    want: int | None = None  # a generation to agree over the channel before stepping
+    waiting: bool = False
 
 
 def initial(public_key: str, settings: MeshSettings, now: float) -> PeerGenerations:
@@ -150,14 +186,18 @@ def hard_limit_reached(pg: PeerGenerations, obs: PeerObservation, settings: Mesh
 
 
 def advance(pg: PeerGenerations, obs: PeerObservation, settings: MeshSettings, *,
-            now: float, key_used: Callable[[int], bool], peer: str) -> Decision:
-    """Update one peer's generations from what VPP shows; pure but for `pg`, in place."""
+            now: float, key_used: Callable[[int], bool], peer: str,
+            said: PeerSaid | None = None) -> Decision:
+    """Update one peer's generations from what VPP shows and, with a channel to the
+    peer, what its agent said (`said`); pure but for `pg`, in place."""
     notes: list[str] = []
     epoch = settings.key_epoch
     if pg.out < epoch:  # the operator moved the whole mesh forward
         pg.out, pg.out_since, pg.out_sent_at = epoch, now, None
     pg.floor = max(pg.floor, epoch)
     pg.in_base = max(pg.in_base, epoch)
+    if said is not None and said.slid is not None and said.slid <= pg.out:
+        pg.floor = max(pg.floor, said.slid)  # the peer's word, not an inference
 
     # Receiver: follow the peer to a newer generation once its traffic was seen there.
     # What was seen is remembered: a restart of VPP (which resets the counters) in the
@@ -167,6 +207,10 @@ def advance(pg: PeerGenerations, obs: PeerObservation, settings: MeshSettings, *
     newer = [g for g in obs.inbound_active if g > pg.in_base]
     if newer and (pg.in_seen is None or max(newer) > pg.in_seen):
         pg.in_seen, pg.in_seen_at = max(newer), now
+    if said is not None and said.sending is not None:
+        h, heard = said.sending  # the sender's word: it sends on h (traffic or not)
+        if pg.in_base < h < pg.in_base + WINDOW and (pg.in_seen is None or h > pg.in_seen):
+            pg.in_seen, pg.in_seen_at = h, heard
     if pg.in_seen is not None and pg.in_seen_at is not None and \
             now - pg.in_seen_at >= settings.rekey_grace:
         h = pg.in_seen
@@ -191,6 +235,9 @@ def advance(pg: PeerGenerations, obs: PeerObservation, settings: MeshSettings, *
     forced = (not obs.out_installed or obs.encapsulation_changed) and key_used(pg.out)
     lost = "UDP encapsulation changed" if obs.encapsulation_changed else \
         "key already used (VPP lost its SAs)"
+    if said is not None and said.restarted:
+        pg.rekey_pending = True  # its anti-replay state is gone: end the exposure now
+    upgrade = said is not None and pg.out not in pg.ephemeral_out
     reason = lost if forced else (
         "rekey requested" if pg.rekey_pending else
         soft_limit_reached(pg, obs, settings, now) if obs.out_installed else None)
@@ -198,6 +245,8 @@ def advance(pg: PeerGenerations, obs: PeerObservation, settings: MeshSettings, *
         # A key that never protected a packet has nothing to rotate away from, and each
         # step spends a generation of the peer's window: keep it.
         reason, pg.rekey_pending = None, False
+    if reason is None and upgrade:
+        reason = "forward secrecy: the peer's agent answers"
     stepped = False
     if reason is not None:
         candidate = pg.out + 1
@@ -206,6 +255,15 @@ def advance(pg: PeerGenerations, obs: PeerObservation, settings: MeshSettings, *
         # A voluntary step leaves the last generation of the peer's window in reserve, so
         # a VPP restart (which burns the key in use) can always step once more.
         edge = pg.floor + WINDOW - (1 if forced else 2)
+        if candidate <= edge and said is not None and not (
+                candidate in said.keyed and said.installed == candidate):
+            # Make-before-break by acknowledgement: agree the key, let the peer install
+            # it and say so, then step (a later run).
+            note = f"{peer}: agreeing generation {candidate} with the peer's agent ({reason})"
+            if forced:
+                return Decision(keying=None, notes=(note,), want=candidate, waiting=True)
+            return Decision(keying=PeerKeying(outbound=pg.out, inbound=pg.window),
+                            notes=(note,), want=candidate)
         if candidate <= edge:
             notes.append(f"{peer}: outbound generation {pg.out} -> {candidate} ({reason})")
             pg.out, pg.out_since, pg.out_sent_at = candidate, now, None
@@ -232,29 +290,51 @@ def request_rekey(state: GenerationState) -> int:
     return len(state.peers)
 
 
+@dataclass
+class Scheduled:
+    """schedule()'s outcome: keying per peer (peers that must fail closed, or wait for
+    the peer's agent, are absent), the notes to tell, and the generations to agree over
+    the channel first (`wants`)."""
+
+    keying: dict[str, PeerKeying] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    wants: dict[str, int] = field(default_factory=dict)
+    waiting: set[str] = field(default_factory=set)
+
+
 def schedule(state: GenerationState, settings: MeshSettings, peers: Mapping[str, str],
              observations: Mapping[str, PeerObservation], *, now: float,
-             key_used: Callable[[str, int], bool]) -> tuple[dict[str, PeerKeying], list[str]]:
-    """Keying for every peer (name -> public key). Peers that must fail closed are absent.
+             key_used: Callable[[str, int], bool],
+             said: Mapping[str, PeerSaid] | None = None) -> Scheduled:
+    """Keying for every peer (name -> public key); `said`: what the peers with a live
+    channel said (the others run on the static schedule).
 
     A peer whose public key changed starts afresh: its old generations meant other keys.
     State of peers that left is kept, so a peer that rejoins resumes where it was.
     """
-    keying: dict[str, PeerKeying] = {}
-    notes: list[str] = []
+    out = Scheduled()
+    heard = said or {}
     for name, public_key in peers.items():
         pg = state.peers.get(name)
         if pg is None or pg.public_key != public_key:
             pg = state.peers[name] = initial(public_key, settings, now)
         decision = advance(pg, observations.get(name, PeerObservation()), settings, now=now,
-                           key_used=lambda g, n=name: key_used(n, g), peer=name)
+                           key_used=lambda g, n=name: key_used(n, g), peer=name,
+                           said=heard.get(name))
+        # Agreed generations the pair no longer uses are forgotten (their keys too).
+        pg.ephemeral_out = [g for g in pg.ephemeral_out if g >= pg.out]
+        pg.ephemeral_in = [g for g in pg.ephemeral_in if g >= pg.in_base]
         for note in decision.notes:
             if note != pg.last_note:
-                notes.append(note)
+                out.notes.append(note)
                 pg.last_note = note
         if decision.keying is not None:
-            keying[name] = decision.keying
-    return keying, notes
+            out.keying[name] = decision.keying
+        if decision.want is not None:
+            out.wants[name] = decision.want
+        if decision.waiting:
+            out.waiting.add(name)
+    return out
 
 
 class GenerationStore:

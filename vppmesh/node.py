@@ -26,11 +26,12 @@ from vppmesh.keys import load_secrets, spi_for
 from vppmesh.ledger import KeyLedger
 from vppmesh.plan import HostOptions, drop_routes, plan_by_peer
 from vppmesh.reconcile import Change, Reconciler, gc_paused, reconcile
+from vppmesh.secrecy import KeyBook, PairSecrecy, Secrecy, pair_secrecy
 from vppmesh.state import DesiredState, sa_id_for
 from vppmesh.teardown import teardown
 from vppmesh.underlay import encapsulation
 from vppmesh.uplink import UplinkSpec
-from vppmesh.view import LocalView, build_view
+from vppmesh.view import AgreedKeys, LocalView, build_view
 from vppmesh.vpp import interfaces, ipsec, system
 from vppmesh.vpp.client import DEFAULT_API_SOCKET, VppApi, VppClient
 
@@ -80,6 +81,10 @@ class UpResult:
     blocked_peers: list[str] = field(default_factory=list)
     # Peers whose requested rekey waits until they have surely followed the last one.
     rekey_pending: list[str] = field(default_factory=list)
+    # Peers without an outbound key for a moment: their agent is installing a new one.
+    waiting_peers: list[str] = field(default_factory=list)
+    # Per peer: does the pair run on agreed (forward-secret) keys, each way.
+    secrecy: dict[str, PairSecrecy] = field(default_factory=dict)
     # The engine running AES-GCM-256 (None: not looked at in this run, or unknown).
     crypto_engine: str | None = None
     # The pass over the CNI records (Session only, on its full runs); None if none ran.
@@ -126,12 +131,31 @@ def desired_state(options: NodeOptions, view: LocalView, workers: int,
 def planned(options: NodeOptions, view: LocalView, workers: int,
             epochs: tuple[int, ...] | None = None,
             keying: dict[str, PeerKeying] | None = None,
-            uplink: str | None = None) -> tuple[DesiredState, dict[int, PeerObjects]]:
+            uplink: str | None = None, agreed: Mapping[str, AgreedKeys] | None = None,
+            ) -> tuple[DesiredState, dict[int, PeerObjects]]:
     """desired_state() and its parts by peer (plan.plan_by_peer), for a Reconciler."""
     kind = resolve_host_kind(options.host_link)
     return plan_by_peer(view, workers=workers,
                         host=HostOptions(kind=kind, queues=max(1, workers)), epochs=epochs,
-                        uplink=uplink or options.uplink, keying=keying)
+                        uplink=uplink or options.uplink, keying=keying, agreed=agreed)
+
+
+def usable_keying(view: LocalView, state: GenerationState, book: KeyBook,
+                  keying: Mapping[str, PeerKeying]) -> dict[str, PeerKeying]:
+    """`keying` without the inbound generations whose agreed keys nobody holds any
+    more (this agent and its VPP both restarted): their static keys are not the
+    sender's, so they are left out, and the sender's agent is told (Restarted)."""
+    usable = dict(keying)
+    for name, peer_keying in keying.items():
+        pg = state.peers.get(name)
+        if pg is None or not pg.ephemeral_in:
+            continue
+        peer = view.peer(name)
+        inbound = tuple(g for g in peer_keying.inbound if book.key(
+            view, peer, pg, outbound=False, tunnel=0, generation=g) is not None)
+        if inbound != peer_keying.inbound:
+            usable[name] = PeerKeying(outbound=peer_keying.outbound, inbound=inbound)
+    return usable
 
 
 def apply(api: VppApi, desired: DesiredState, *, dry_run: bool = False,
@@ -159,11 +183,18 @@ def apply(api: VppApi, desired: DesiredState, *, dry_run: bool = False,
 
 
 def observe_keys(api: VppApi, view: LocalView, state: GenerationState, ledger: KeyLedger,
+                 book: KeyBook | None = None, secrecy: Secrecy | None = None,
                  ) -> tuple[dict[str, PeerObservation], Callable[[str, int], bool]]:
-    """What VPP's SAs say about each peer's generations, and a used-key test per peer."""
+    """What VPP's SAs say about each peer's generations, and a used-key test per peer.
+
+    Keys come from `book` (agreed generations, adopted from VPP when the book lacks
+    them) or the static schedule; `secrecy` says which offers are under way.
+    """
     count = view.settings.tunnels_per_peer
     me = view.node.node_number
     sas = {s.spec.sa_id: s for s in ipsec.dump_sas(api)}
+    book = book if book is not None else KeyBook()
+    book.prepare(view, state, sas)
     observations = {}
     for peer in view.peers:
         number = peer.node.node_number
@@ -171,11 +202,12 @@ def observe_keys(api: VppApi, view: LocalView, state: GenerationState, ledger: K
         if pg is None or pg.public_key != peer.node.public_key:
             continue
         out = [sas.get(sa_id_for("out", number, t, pg.out)) for t in range(count)]
+        expected = [book.key(view, peer, pg, outbound=True, tunnel=t, generation=pg.out)
+                    for t in range(count)]
         installed = all(
-            sa is not None and sa.spec.spi == spi_for(me, t, pg.out)
-            and sa.spec.key.get_secret_value() == view.sa_key(
-                peer, outbound=True, tunnel=t, epoch=pg.out).key.get_secret_value()
-            for t, sa in enumerate(out))
+            sa is not None and key is not None and sa.spec.spi == spi_for(me, t, pg.out)
+            and sa.spec.key.get_secret_value() == key.key.get_secret_value()
+            for t, (sa, key) in enumerate(zip(out, expected, strict=True)))
         reencapsulate = installed and any(
             sa is not None and encapsulation(sa.spec) != peer.path.encapsulation
             for sa in out)
@@ -194,8 +226,12 @@ def observe_keys(api: VppApi, view: LocalView, state: GenerationState, ledger: K
 
     def key_used(name: str, generation: int) -> bool:
         peer = view.peer(name)
+        pg = state.peers.get(name)
         for t in range(count):
-            key = view.sa_key(peer, outbound=True, tunnel=t, epoch=generation)
+            key = book.key(view, peer, pg, outbound=True, tunnel=t, generation=generation)
+            if key is None:  # agreed, held by nobody: used unless its offer is under way
+                return secrecy is None or not secrecy.offering(peer.node.node_number,
+                                                               generation)
             if ledger.seen(key.key.get_secret_value(), key.salt):
                 return True
         return False
@@ -206,13 +242,14 @@ def observe_keys(api: VppApi, view: LocalView, state: GenerationState, ledger: K
 def up(options: NodeOptions, *, dry_run: bool = False, api: VppApi | None = None,
        rekey: bool = False, now: float | None = None, mesh: Mesh | None = None,
        view: LocalView | None = None, reconciler: Reconciler | None = None,
-       full: bool = False) -> UpResult:
+       full: bool = False, secrecy: Secrecy | None = None) -> UpResult:
     """Plan and apply this node's part of the mesh, with key generations advanced first.
 
     `view` (a Session's) or else the view of `mesh` (the mesh file's by default) is
     built before anything else, so every input is checked before the host or VPP is
     touched. The generation file is read and written under its lock, so `vppmesh rekey`
-    and a running `up --watch` never choose generations from a stale copy.
+    and a running `up --watch` never choose generations from a stale copy. A long-running
+    agent passes its `secrecy` (the channel and its agreed keys: vppmesh/secrecy.py).
     """
     view = view or local_view(options, mesh)
     started = time.monotonic()
@@ -237,12 +274,21 @@ def up(options: NodeOptions, *, dry_run: bool = False, api: VppApi | None = None
             before = state.model_dump()
             if rekey:
                 epochs.request_rekey(state)
-            observations, key_used = observe_keys(client, view, state, ledger)
+            book = secrecy.book if secrecy is not None else KeyBook()
+            observations, key_used = observe_keys(client, view, state, ledger, book, secrecy)
             peers = {p.name: p.node.public_key for p in view.peers}
-            keying, notes = epochs.schedule(state, settings, peers, observations,
-                                            now=time.time() if now is None else now,
-                                            key_used=key_used)
-            desired, by_peer = planned(options, view, workers, keying=keying, uplink=uplink)
+            scheduled = epochs.schedule(state, settings, peers, observations,
+                                        now=time.time() if now is None else now,
+                                        key_used=key_used,
+                                        said=secrecy.said(view) if secrecy else None)
+            notes = scheduled.notes
+            if secrecy is not None and not dry_run:
+                secrecy.claim(state, scheduled.wants)
+            keying = usable_keying(view, state, book, scheduled.keying)
+            agreed = {p.name: a for p in view.peers
+                      if p.name in keying and (a := book.agreed(p)) is not None}
+            desired, by_peer = planned(options, view, workers, keying=keying, uplink=uplink,
+                                       agreed=agreed)
             if not dry_run:
                 client.call(ipsec.set_async_mode(settings.async_crypto))
             changes = []
@@ -273,12 +319,19 @@ def up(options: NodeOptions, *, dry_run: bool = False, api: VppApi | None = None
                                             dry_run=dry_run)
             changes += apply(client, desired, dry_run=dry_run, ledger=ledger,
                              reconciler=reconciler, full=full, by_peer=by_peer)
+            if secrecy is not None and not dry_run:
+                secrecy.applied(view, state, scheduled.wants,
+                                {name: k.inbound for name, k in keying.items()})
             if not dry_run and state.model_dump() != before:
                 store.save(state)
+            if secrecy is not None and not dry_run:
+                secrecy.flush()  # offers go out once their generations are claimed on disk
         return UpResult(desired=desired, changes=changes, seconds=time.monotonic() - started,
                         host_link=desired.host.kind if desired.host else "none",
                         messages=client.messages_sent, notes=notes, vpp_pid=pid,
-                        blocked_peers=sorted(set(peers) - set(keying)), mesh=view.mesh,
+                        blocked_peers=sorted(set(peers) - set(keying) - scheduled.waiting),
+                        waiting_peers=sorted(scheduled.waiting), mesh=view.mesh,
+                        secrecy=pair_secrecy(state, peers),
                         rekey_pending=sorted(n for n in peers if state.peers[n].rekey_pending),
                         crypto_engine=engine)
     finally:
@@ -295,6 +348,14 @@ class MeshSource(Protocol):
     def mesh(self, *, fresh: bool = False) -> Mesh:
         """The mesh now; `fresh`: read it again even if it looks unchanged."""
         ...
+
+
+def channel_socket(options: NodeOptions) -> Path:
+    """The agent's end of VPP's punt socket: beside VPP's API socket, a directory that
+    VPP and the agent share wherever they run (host, containers)."""
+    from vppmesh.secrecy import CHANNEL_SOCKET
+
+    return options.api_socket.parent / CHANNEL_SOCKET
 
 
 def file_signature(path: Path) -> tuple[int, int, int] | None:
@@ -341,12 +402,17 @@ class Session:
     On those full runs it also re-attaches the CNI plugin's pods that VPP lost (after a
     restart: all of them) and collects the records of pods that are gone
     (vppmesh/cni/reattach.py).
+
+    With `secrecy` (the agents' channel: vppmesh/secrecy.py) every run first makes sure
+    the VPP it talks to punts the channel to this agent, and key generations are agreed
+    with the peers' agents.
     """
 
     def __init__(self, options: NodeOptions, *, full_every: float = 60.0,
                  connect: Callable[[], VppApi] | None = None,
-                 source: MeshSource | None = None) -> None:
+                 source: MeshSource | None = None, secrecy: Secrecy | None = None) -> None:
         self.options = options
+        self.secrecy = secrecy
         self.full_every = full_every
         self.source: MeshSource = source or MeshFile(options.mesh_file)
         self._connect = connect or VppClient(options.api_socket).connect
@@ -378,8 +444,11 @@ class Session:
             # runs re-attach the pods VPP lost.
             self._last_full = None
         try:
+            if self.secrecy is not None:  # (again) with a new VPP: punt and tell peers
+                self.secrecy.attach(self._client, view, system.vpp_pid(self._client))
             result = up(self.options, api=self._client, view=view,
-                        reconciler=self._reconciler, full=full, **up_options)
+                        reconciler=self._reconciler, full=full, secrecy=self.secrecy,
+                        **up_options)
             if full and self.options.cni_state_dir is not None:
                 result.pod_report = reattach(self._client, self.options.cni_state_dir,
                                              self.options.cni_path)
@@ -396,6 +465,7 @@ class Session:
         return self._client
 
     def close(self) -> None:
+        """Drop the VPP connection (the channel's socket stays: VPP comes back)."""
         client, self._client, self._reconciler = self._client, None, None
         if client is not None:
             try:

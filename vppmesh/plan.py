@@ -27,7 +27,7 @@ from vppmesh.state import (
     sa_id_for,
     tunnel_instance,
 )
-from vppmesh.view import LocalView, PeerView
+from vppmesh.view import AgreedKeys, LocalView, PeerView
 
 HOST_LINUX_IFNAME = "vppmesh0"
 PLANNED_PER_PEER = 4  # kept plans of one peer (generations in use, worker counts)
@@ -94,6 +94,7 @@ def plan_by_peer(
     epochs: tuple[int, ...] | None = None,
     uplink: str | None = None,
     keying: Mapping[str, PeerKeying] | None = None,
+    agreed: Mapping[str, AgreedKeys] | None = None,
 ) -> tuple[DesiredState, dict[int, PeerObjects]]:
     """Everything the VPP of the view's node should hold to join the mesh, and each
     peer's part of it by node number (a Reconciler compares two plans peer by peer).
@@ -102,7 +103,8 @@ def plan_by_peer(
     (vppmesh.epochs decides them); a peer missing from it has no usable key and gets no
     tunnels, SAs or route at all, so its traffic is dropped (fail closed). Without
     `keying`, every peer uses `epochs` (the newest outbound), by default the mesh's
-    key_epoch.
+    key_epoch. `agreed` gives a peer's keys that are not the static schedule's (its
+    generations agreed over the agents' channel).
     """
     local = view.node
     settings = view.settings
@@ -121,15 +123,17 @@ def plan_by_peer(
         peer_keying = keying[peer.name]
         in_epochs = tuple(sorted(set(peer_keying.inbound)))
         out_epoch = peer_keying.outbound
+        peer_agreed = agreed.get(peer.name) if agreed is not None else None
         # The same inputs give the same objects: a kept view hands them to the next plan,
         # and the reconcile sees an unchanged peer's objects as the very same ones.
         inputs = (local.name, local.node_number, count, settings.anti_replay_window,
-                  workers, out_epoch, in_epochs)
+                  workers, out_epoch, in_epochs,
+                  peer_agreed.revision if peer_agreed is not None else None)
         objects = peer.planned.get(inputs)
         if objects is None:
             if len({e & 0xF for e in in_epochs}) != len(in_epochs):
                 raise ValueError(f"inbound generations {in_epochs} of {peer.name} share SPIs")
-            objects = peer_objects(view, peer, workers, out_epoch, in_epochs)
+            objects = peer_objects(view, peer, workers, out_epoch, in_epochs, peer_agreed)
             if len(peer.planned) >= PLANNED_PER_PEER:
                 peer.planned.clear()
             peer.planned[inputs] = objects
@@ -158,9 +162,11 @@ def plan_by_peer(
 
 
 def peer_objects(view: LocalView, peer: PeerView, workers: int, out_epoch: int,
-                 in_epochs: tuple[int, ...]) -> PeerObjects:
-    """One peer's SAs, tunnels and route, for one outbound and some inbound generations."""
+                 in_epochs: tuple[int, ...], agreed: AgreedKeys | None = None) -> PeerObjects:
+    """One peer's SAs, tunnels and route, for one outbound and some inbound generations
+    (keys from `agreed` where it has them, else the static schedule)."""
     local = view.node
+    keys = agreed.keys if agreed is not None else {}
     settings = view.settings
     number = peer.node.node_number
     pair = peer.path
@@ -170,7 +176,8 @@ def peer_objects(view: LocalView, peer: PeerView, workers: int, out_epoch: int,
         worker = index % workers if workers > 0 else None
         sa_in: list[int] = []
         for epoch in in_epochs:
-            inbound = view.sa_key(peer, outbound=False, tunnel=index, epoch=epoch)
+            inbound = keys.get((False, index, epoch)) or view.sa_key(
+                peer, outbound=False, tunnel=index, epoch=epoch)
             sa_id = sa_id_for("in", number, index, epoch)
             sas.append(SaSpec(
                 sa_id=sa_id, spi=spi_for(number, index, epoch), key=inbound.key,
@@ -178,7 +185,8 @@ def peer_objects(view: LocalView, peer: PeerView, workers: int, out_epoch: int,
                 worker=worker,
             ))
             sa_in.append(sa_id)
-        outbound = view.sa_key(peer, outbound=True, tunnel=index, epoch=out_epoch)
+        outbound = keys.get((True, index, out_epoch)) or view.sa_key(
+            peer, outbound=True, tunnel=index, epoch=out_epoch)
         sa_out = sa_id_for("out", number, index, out_epoch)
         sas.append(SaSpec(
             sa_id=sa_out, spi=spi_for(local.node_number, index, out_epoch),

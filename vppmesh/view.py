@@ -46,6 +46,16 @@ class PeerView:
 
 
 @dataclass(frozen=True)
+class AgreedKeys:
+    """One peer's SA keys that are not the static schedule's (generations agreed over
+    the agents' channel: vppmesh/secrecy.py), by (outbound, tunnel, generation).
+    `revision` never repeats and changes whenever the keys do: plan() caches on it."""
+
+    revision: int
+    keys: Mapping[tuple[bool, int, int], SaKey] = field(repr=False)
+
+
+@dataclass(frozen=True)
 class LocalView:
     """The mesh as one node sees it, computed once per mesh version (see the module)."""
 

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 from vppmesh import node as agent
 from vppmesh.errors import VppMeshError, VppUnavailableError
+from vppmesh.secrecy import Secrecy
 
 if TYPE_CHECKING:
     from vppmesh.metrics import AgentMetrics, MetricsTls
@@ -45,8 +46,15 @@ def start_metrics(listen: str, tls: MetricsTls | None = None) -> AgentMetrics:
     return exporter
 
 
-def poll_ticks(path: Path, hurry: Callable[[], bool] = lambda: False) -> Iterator[None]:
-    """Yield every WATCH_POLL_SECONDS, and at once when `path` changes.
+def sleep(seconds: float) -> bool:
+    time.sleep(seconds)
+    return False
+
+
+def poll_ticks(path: Path, hurry: Callable[[], bool] = lambda: False,
+               wait: Callable[[float], bool] = sleep) -> Iterator[None]:
+    """Yield every WATCH_POLL_SECONDS, at once when `path` changes, and when `wait`
+    (which waits up to the seconds it is given: the agents' channel) says so.
 
     A plain timer rather than filesystem events: the agent must run on schedule however
     busy the directory is (rekeys, key limits and receiver windows depend on it), and a
@@ -55,10 +63,11 @@ def poll_ticks(path: Path, hurry: Callable[[], bool] = lambda: False) -> Iterato
     """
     signature = agent.file_signature(path)
     while True:
-        wait = WATCH_VPP_RETRY_SECONDS if hurry() else WATCH_POLL_SECONDS
-        deadline = time.monotonic() + wait
+        interval = WATCH_VPP_RETRY_SECONDS if hurry() else WATCH_POLL_SECONDS
+        deadline = time.monotonic() + interval
         while time.monotonic() < deadline:
-            time.sleep(min(WATCH_FILE_CHECK_SECONDS, wait))
+            if wait(min(WATCH_FILE_CHECK_SECONDS, interval)):
+                break
             now = agent.file_signature(path)
             if now != signature:
                 signature = now
@@ -187,6 +196,11 @@ def watch_loop(opts: agent.NodeOptions, metrics: AgentMetrics | None = None,
         if report is not None and (result.changes or result.notes):
             report(result)
 
-    loop = AgentLoop(agent.Session(opts), opts, metrics=metrics, stats_socket=stats_socket,
-                     report=changed)
-    loop.run(poll_ticks(opts.mesh_file, hurry=lambda: loop.vpp_gone_at is not None))
+    secrecy = Secrecy(agent.channel_socket(opts))
+    loop = AgentLoop(agent.Session(opts, secrecy=secrecy), opts, metrics=metrics,
+                     stats_socket=stats_socket, report=changed)
+    try:
+        loop.run(poll_ticks(opts.mesh_file, hurry=lambda: loop.vpp_gone_at is not None,
+                            wait=secrecy.wait))
+    finally:
+        secrecy.close()

@@ -230,16 +230,13 @@ class Channel:
         # Without a mesh PSK the psk0 slot holds zeros, as Noise allows.
         self._psk = secrets.psk or bytes(32)
         self._peers: dict[int, _Peer] = {}
-        for peer in peers:
-            shared = pair_secret(secrets, peer.public_key)
-            self._peers[peer.node_number] = _Peer(
-                peer, pair_mac_key(shared, secrets.psk), peer.endpoint)
         self._sessions: dict[int, tuple[_Peer, _Session]] = {}
         self._sources: OrderedDict[str, TokenBucket] = OrderedDict()
         self._node_bucket: TokenBucket | None = None
         self.drops: Counter[m.Drop] = Counter()
         self.stats: Counter[str] = Counter()
         self._last_timestamp = 0
+        self.set_peers(peers)
 
     def __repr__(self) -> str:
         return f"Channel(node={self.node_number}, peers={len(self._peers)})"
@@ -258,9 +255,30 @@ class Channel:
         state = self._peers[peer]
         return (state.keyed_out if outbound else state.keyed_in).get(generation)
 
+    def offering(self, peer: int, generation: int) -> bool:
+        """Our offer for outbound `generation` awaits the peer's answer."""
+        return generation in self._peers[peer].offers
+
     def held_private_keys(self) -> int:
         """Ephemeral private keys of generations this node holds (awaiting an answer)."""
         return sum(len(p.offers) for p in self._peers.values())
+
+    def set_peers(self, peers: Iterable[PeerConfig]) -> None:
+        """Follow the mesh: a peer whose record is unchanged keeps its sessions and
+        generations; a new or changed one starts afresh; one that left is forgotten."""
+        wanted = {peer.node_number: peer for peer in peers}
+        for number in list(self._peers):
+            state = self._peers[number]
+            if wanted.get(number) != state.config:
+                for session in (state.current, state.previous):
+                    if session is not None:
+                        self._sessions.pop(session.local_index, None)
+                del self._peers[number]
+        for number, peer in wanted.items():
+            if number not in self._peers:
+                shared = pair_secret(self._secrets, peer.public_key)
+                self._peers[number] = _Peer(peer, pair_mac_key(shared, self._secrets.psk),
+                                            peer.endpoint)
 
     # ---- what the agent asks for --------------------------------------------------------
     def send(self, now: float, peer: int, message: m.Message) -> Output:

@@ -45,6 +45,7 @@ from vppmesh.datastore.records import (
 )
 from vppmesh.errors import ConfigError, VppMeshError
 from vppmesh.keys import load_secrets
+from vppmesh.secrecy import Secrecy
 from vppmesh.vpp.client import VppApi, VppClient
 from vppmesh.watch import AgentLoop
 
@@ -54,6 +55,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("vppmesh.datastore")
 IPInterface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
 RETRY_SECONDS = 1.0
+# How long the loop waits on the agents' channel before it looks at the membership again.
+CHANNEL_CHECK_SECONDS = 0.1
 
 
 @dataclass(frozen=True)
@@ -133,7 +136,10 @@ class MembershipAgent:
         self.name = str(ds.url)  # names the source in the Session's errors
         self.store = store or EtcdStore(ds.url)
         self._api = api  # None: the session keeps its own connection to options.api_socket
-        self.session = agent.Session(options, source=self, connect=self._connect)
+        # The agents' channel: generations agreed with the peers' agents (secrecy.py).
+        self.secrecy = Secrecy(agent.channel_socket(options))
+        self.session = agent.Session(options, source=self, connect=self._connect,
+                                     secrecy=self.secrecy)
         self.changed = threading.Event()
         self.stop = threading.Event()
         self.registration: Registration | None = None
@@ -307,13 +313,26 @@ class MembershipAgent:
         while not self.stop.is_set():
             timeout = RETRY_SECONDS if self.loop.failed else \
                 max(0.0, self._next_resync - time.monotonic())
-            if self.changed.wait(timeout) and self.ds.debounce_seconds:
+            if self._wait(timeout) and self.changed.is_set() and self.ds.debounce_seconds:
                 self.stop.wait(self.ds.debounce_seconds)  # let a burst of events settle
             if self.stop.is_set():
                 return
             self.changed.clear()
             self.event_at, self.changed_at = self.changed_at, None
             yield
+
+    def _wait(self, timeout: float) -> bool:
+        """Until a membership change, the channel wanting a run, or `timeout`."""
+        deadline = time.monotonic() + timeout
+        while not self.changed.is_set():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            if self.secrecy.endpoint is None:  # no channel: only the membership
+                return self.changed.wait(left)
+            if self.secrecy.wait(min(left, CHANNEL_CHECK_SECONDS)):
+                return True
+        return True
 
     def run(self) -> None:
         """Until stop is set: keep the lease, follow the prefix, reconcile on changes."""
@@ -329,6 +348,7 @@ class MembershipAgent:
             self._following = False
             self._unwatch()
             self.session.close()
+            self.secrecy.close()
             self.stop.set()
 
 

@@ -1,0 +1,452 @@
+"""Forward secrecy in the agent: the agents' channel (vppmesh/channel/) run by the agent
+loop, and the SA keys of the key generations it agrees.
+
+A long-running agent (watch.AgentLoop, through node.Session) keeps one `Secrecy`. It
+registers VPP's punt socket for the channel's port when it meets a VPP (again after a
+restart, announcing the restart to every peer), follows the mesh's peers, and between
+runs services the channel: datagrams in, timers, events. What the peers said goes into
+the key generations (epochs.PeerSaid, per peer with a live session); the generations
+the scheduler wants are offered (KeyInit), and after each successful run the agent
+states what VPP now holds: the inbound generations installed with agreed keys
+("installed"), its window base ("slid") and the generation it sends on ("sending").
+
+The key book holds, per (peer, direction, generation), the SA keys derived from the
+generation's ephemeral secret (keys.derive_sa_key_ephemeral), in memory only. An entry
+is dropped, and the channel forgets the secret, when the generation retires: outbound
+once the sender stepped past it (its SAs deleted), inbound once the receiver's window
+slid past it. From then on nothing on either node recomputes those keys. An agent that
+restarts without its book adopts the keys VPP holds for generations its generation file
+marks as agreed (`ephemeral_out`, `ephemeral_in`), so a restarted agent changes nothing
+in VPP; a generation neither the agent nor VPP holds is never installed with its static
+key: outbound it counts as used (the scheduler steps past it), inbound it is left out.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import select
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from vppmesh.channel import session as s
+from vppmesh.channel.endpoint import PORT, ChannelEndpoint
+from vppmesh.channel.transport import PuntTransport
+from vppmesh.epochs import GenerationState, PeerGenerations, PeerSaid
+from vppmesh.errors import VppMeshError
+from vppmesh.keys import SaKey, derive_sa_key_ephemeral, spi_for
+from vppmesh.state import sa_id_for
+from vppmesh.view import AgreedKeys
+from vppmesh.vpp import punt
+
+if TYPE_CHECKING:
+    from vppmesh.view import LocalView, PeerView
+    from vppmesh.vpp.client import VppApi
+    from vppmesh.vpp.ipsec import SaDetails
+
+log = logging.getLogger("vppmesh")
+
+# The agent's end of VPP's punt socket, beside VPP's API socket (a directory both see).
+CHANNEL_SOCKET = "vppmesh-channel.sock"
+# How many datagrams a burst may queue on the agent's socket before the kernel refuses
+# more (net.unix.max_dgram_qlen is 10 by default): every peer answering at once fits.
+DGRAM_QUEUE = 4096
+DGRAM_QLEN = Path("/proc/sys/net/unix/max_dgram_qlen")
+Direction = tuple[int, bool, int]  # (peer node number, outbound, generation)
+
+
+@dataclass
+class _Heard:
+    """The latest of what one peer's agent said."""
+
+    installed: int | None = None
+    slid: int | None = None
+    sending: tuple[int, float] | None = None
+    restarted: bool = False
+
+
+@dataclass(frozen=True)
+class PairSecrecy:
+    """Whether a pair runs on agreed (forward-secret) keys, each way: the generation
+    this node sends on, and the one the peer's traffic arrives on."""
+
+    outbound: bool
+    inbound: bool
+
+    @property
+    def forward_secret(self) -> bool:
+        return self.outbound and self.inbound
+
+
+def pair_secrecy(state: GenerationState, peers: Iterable[str]) -> dict[str, PairSecrecy]:
+    """Per peer, from the generation state alone (so `status` reads it from the file)."""
+    found = {}
+    for name in peers:
+        pg = state.peers.get(name)
+        if pg is None:
+            continue
+        arriving = pg.in_seen if pg.in_seen is not None else pg.in_base
+        found[name] = PairSecrecy(outbound=pg.out in pg.ephemeral_out,
+                                  inbound=arriving in pg.ephemeral_in)
+    return found
+
+
+def raise_dgram_queue(minimum: int = DGRAM_QUEUE) -> None:
+    """Let a unix datagram socket queue `minimum` datagrams (a node-wide sysctl; only
+    raised, never lowered). Best effort: without it a burst is dropped and retried."""
+    try:
+        if int(DGRAM_QLEN.read_text()) < minimum:
+            DGRAM_QLEN.write_text(str(minimum))
+    except (OSError, ValueError) as exc:
+        log.debug("cannot raise %s: %s", DGRAM_QLEN, exc)
+
+
+class KeyBook:
+    """SA keys of agreed generations, in memory only (see the module): derived from the
+    ephemeral secrets the channel agrees, or adopted from VPP by an agent that restarted
+    without them (and by a one-shot `up`, which has no channel)."""
+
+    def __init__(self) -> None:
+        self._keys: dict[Direction, tuple[SaKey, ...]] = {}
+        self._revision: dict[int, int] = {}
+        self._revisions = itertools.count(1)  # never repeats: plan() caches on it
+        self._agreed: dict[int, AgreedKeys] = {}
+        # How to derive each peer's keys: (local name, peer name, PSK, pair secret,
+        # tunnels), from the last run's view.
+        self._derive: dict[int, tuple[str, str, bytes, bytes, int]] = {}
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def prepare(self, view: LocalView, state: GenerationState,
+                sas: Mapping[int, SaDetails]) -> None:
+        """Before a run's schedule: remember how to derive each peer's keys, and adopt
+        the keys VPP holds for agreed generations this book lacks."""
+        count = view.settings.tunnels_per_peer
+        psk = view.secrets.psk
+        self._derive = {p.node.node_number: (view.name, p.name, psk, p.secret, count)
+                        for p in view.peers}
+        me = view.node.node_number
+        for peer in view.peers:
+            pg = state.peers.get(peer.name)
+            if pg is None or pg.public_key != peer.node.public_key:
+                continue
+            number = peer.node.node_number
+            for outbound, generations in ((True, pg.ephemeral_out), (False, pg.ephemeral_in)):
+                for g in generations:
+                    if (number, outbound, g) in self._keys:
+                        continue
+                    sender = me if outbound else number
+                    held = [sas.get(sa_id_for("out" if outbound else "in", number, t, g))
+                            for t in range(count)]
+                    if all(sa is not None and sa.spec.spi == spi_for(sender, t, g)
+                           for t, sa in enumerate(held)):
+                        self._keys[(number, outbound, g)] = tuple(
+                            SaKey(key=sa.spec.key, salt=sa.spec.salt)
+                            for sa in held if sa is not None)
+                        self._changed(number)
+
+    def add(self, peer: int, generation: int, outbound: bool, secret: bytes) -> bool:
+        """Derive one direction's keys of `generation` from its ephemeral secret."""
+        derive = self._derive.get(peer)
+        if derive is None:
+            return False  # a peer that left meanwhile
+        local, remote, psk, shared, count = derive
+        sender, receiver = (local, remote) if outbound else (remote, local)
+        self._keys[(peer, outbound, generation)] = tuple(
+            derive_sa_key_ephemeral(shared, secret, psk, sender=sender, receiver=receiver,
+                                    tunnel=t, epoch=generation) for t in range(count))
+        self._changed(peer)
+        return True
+
+    def keys(self, peer: int, outbound: bool, generation: int) -> tuple[SaKey, ...] | None:
+        return self._keys.get((peer, outbound, generation))
+
+    def key(self, view: LocalView, peer: PeerView, pg: PeerGenerations | None, *,
+            outbound: bool, tunnel: int, generation: int) -> SaKey | None:
+        """The key of one SA: agreed (or adopted); None for a generation marked agreed
+        that nobody holds; else the static schedule's."""
+        keys = self._keys.get((peer.node.node_number, outbound, generation))
+        if keys is not None:
+            return keys[tunnel]
+        if pg is not None and generation in (pg.ephemeral_out if outbound
+                                             else pg.ephemeral_in):
+            return None
+        return view.sa_key(peer, outbound=outbound, tunnel=tunnel, epoch=generation)
+
+    def outbound(self, peer: int) -> frozenset[int]:
+        """Our outbound generations towards `peer` whose keys are held."""
+        return frozenset(g for (n, outbound, g) in self._keys if n == peer and outbound)
+
+    def agreed(self, peer: PeerView) -> AgreedKeys | None:
+        """The peer's keys that are not the static schedule's (None: it has none)."""
+        number = peer.node.node_number
+        found = self._agreed.get(number)
+        if found is None:
+            keys = {(outbound, t, g): key for (n, outbound, g), keys in self._keys.items()
+                    if n == number for t, key in enumerate(keys)}
+            if not keys:
+                return None
+            found = self._agreed[number] = AgreedKeys(self._revision[number], keys)
+        return found
+
+    def retire(self, peer: PeerView, pg: PeerGenerations) -> list[Direction]:
+        """Drop the keys of generations that are gone: outbound below the one sent on,
+        inbound below the window."""
+        number = peer.node.node_number
+        retired = [e for e in self._keys if e[0] == number and (
+            (e[1] and e[2] < pg.out) or (not e[1] and e[2] < pg.in_base))]
+        for entry in retired:
+            del self._keys[entry]
+        if retired:
+            self._changed(number)
+            peer.planned.clear()  # plan()'s cached objects hold the retired keys
+        return retired
+
+    def forget(self, number: int) -> None:
+        for entry in [e for e in self._keys if e[0] == number]:
+            del self._keys[entry]
+        self._agreed.pop(number, None)
+        self._revision.pop(number, None)
+
+    def _changed(self, peer: int) -> None:
+        self._revision[peer] = next(self._revisions)
+        self._agreed.pop(peer, None)
+
+
+class Secrecy:
+    """One agent's channel and key book (see the module)."""
+
+    def __init__(self, socket_path: Path, *, clock: Callable[[], float] = time.time) -> None:
+        self.socket_path = socket_path
+        self.clock = clock
+        self.book = KeyBook()
+        self.endpoint: ChannelEndpoint | None = None
+        self._pid: int | None = None  # the VPP the punt registration is for
+        self._peers: dict[str, int] = {}  # name -> node number of the current view
+        self._heard: dict[int, _Heard] = {}
+        self._stated: dict[tuple[int, str], int] = {}
+        self._outbox: list[s.Output] = []
+        self.unavailable: str | None = None  # why there is no channel (told once)
+
+    @property
+    def channel(self) -> s.Channel | None:
+        return self.endpoint.channel if self.endpoint is not None else None
+
+    def fileno(self) -> int:
+        assert self.endpoint is not None
+        return self.endpoint.fileno()
+
+    # ---- VPP and the mesh ------------------------------------------------------------
+    def attach(self, api: VppApi, view: LocalView, vpp_pid: int) -> None:
+        """Meet the VPP at `api` (process `vpp_pid`): register the punt socket when it
+        is a VPP not met before, announce a restart, follow the view's peers."""
+        if vpp_pid != self._pid:
+            restarted = self._pid is not None
+            self._pid = vpp_pid  # asked once per VPP: a refusal holds until it restarts
+            try:
+                replies = api.call_many([punt.register(PORT, False, self.socket_path),
+                                         punt.register(PORT, True, self.socket_path)])
+            except VppMeshError as exc:
+                if self.unavailable is None:
+                    log.warning("no channel between agents (keys stay on the static "
+                                "schedule, without forward secrecy): %s; VPP needs "
+                                "`punt { socket ... }` in its startup.conf "
+                                "(vppmesh render-startup)", exc)
+                self.unavailable = str(exc)
+                return
+            self.unavailable = None
+            vpp_socket = Path(str(replies[0].pathname))
+            boot_id = int.from_bytes(os.urandom(8), "big")
+            if self.endpoint is None or self.endpoint.transport.vpp_path != vpp_socket:
+                if self.endpoint is not None:
+                    self.endpoint.transport.close()
+                raise_dgram_queue()
+                transport = PuntTransport(self.socket_path, vpp_socket)
+                channel = s.Channel(view.node.node_number, view.secrets, [],
+                                    boot_id=boot_id)
+                self.endpoint = ChannelEndpoint(channel, transport, {})
+                self._peers = {}
+            elif restarted:
+                log.info("VPP restarted: telling every peer's agent")
+                self.endpoint.emit(self.endpoint.channel.restarted(self.clock(), boot_id))
+        self.follow(view)
+
+    def follow(self, view: LocalView) -> None:
+        """The view's peers and this node's addresses, when they changed."""
+        endpoint = self.endpoint
+        if endpoint is None:
+            return
+        peers = {p.name: p.node.node_number for p in view.peers}
+        local = {version: (address, PORT)
+                 for version, address in local_addresses(view).items()}
+        if peers == self._peers and endpoint.local == local:
+            return
+        endpoint.local = local
+        endpoint.channel.set_peers([
+            s.PeerConfig(p.node.node_number, p.node.public_key_bytes,
+                         (str(p.path.endpoints[0][1]), PORT)) for p in view.peers])
+        for number in set(self._peers.values()) - set(peers.values()):
+            self.book.forget(number)
+            self._heard.pop(number, None)
+        self._peers = peers
+
+    def close(self) -> None:
+        if self.endpoint is not None:
+            self.endpoint.transport.close()
+        self.endpoint, self._pid = None, None
+
+    # ---- between runs --------------------------------------------------------------
+    def wait(self, timeout: float) -> bool:
+        """Wait up to `timeout` for the channel; True when a run should follow now."""
+        if self.endpoint is None:
+            time.sleep(timeout)
+            return False
+        readable, _, _ = select.select([self], [], [], timeout)
+        return self.service(receive=bool(readable))
+
+    def service(self, *, receive: bool = True) -> bool:
+        """Datagrams in, timers, events; True when one of them needs a run."""
+        endpoint = self.endpoint
+        if endpoint is None:
+            return False
+        now = self.clock()
+        events = endpoint.receive(now) if receive else []
+        events += endpoint.tick(now)
+        wanted = False
+        for event in events:
+            wanted |= self._event(now, event)
+        return wanted
+
+    def _event(self, now: float, event: s.Event) -> bool:
+        match event:
+            case s.GenerationKeyed(peer=peer, generation=g, outbound=outbound, secret=secret):
+                return self.book.add(peer, g, outbound, secret)
+            case s.PeerAcked(peer=peer, what=what, generation=g):
+                heard = self._heard.setdefault(peer, _Heard())
+                if what == "installed":
+                    heard.installed = g
+                elif what == "slid":
+                    heard.slid = g
+                else:
+                    heard.sending = (g, now)
+                return True
+            case s.PeerRestarted(peer=peer):
+                self._heard.setdefault(peer, _Heard()).restarted = True
+                return True
+            case s.HandshakeComplete():
+                return True  # a pair on static keys moves to agreed ones
+        return False  # endpoint moves: the channel follows them itself
+
+    # ---- what a run uses -------------------------------------------------------------
+    def said(self, view: LocalView) -> dict[str, PeerSaid]:
+        """What each peer with a live session said, for epochs.schedule."""
+        channel = self.channel
+        if channel is None:
+            return {}
+        said = {}
+        for peer in view.peers:
+            number = peer.node.node_number
+            if number not in channel.peers() or not channel.established(number):
+                continue
+            heard = self._heard.get(number, _Heard())
+            said[peer.name] = PeerSaid(keyed=self.book.outbound(number),
+                                       installed=heard.installed, slid=heard.slid,
+                                       sending=heard.sending, restarted=heard.restarted)
+        return said
+
+    def offering(self, peer: int, generation: int) -> bool:
+        """An offer of our outbound `generation` to `peer` awaits its answer."""
+        channel = self.channel
+        return channel is not None and peer in channel.peers() and \
+            channel.offering(peer, generation)
+
+    def claim(self, state: GenerationState, wants: Mapping[str, int]) -> None:
+        """Before the state is saved: generations about to be offered are marked agreed,
+        so none of them is ever used with its static key."""
+        for name, g in wants.items():
+            pg = state.peers[name]
+            if g not in pg.ephemeral_out:
+                pg.ephemeral_out.append(g)
+
+    def applied(self, view: LocalView, state: GenerationState, wants: Mapping[str, int],
+                installed: Mapping[str, tuple[int, ...]]) -> None:
+        """After a successful run (VPP holds the plan), before the state is saved:
+        record the inbound generations installed with agreed keys, retire what is gone,
+        and queue (flush() sends) the states and offers for the peers.
+
+        `installed`: the inbound generations the run installed, per peer.
+        """
+        channel = self.channel
+        now = self.clock()
+        for peer in view.peers:
+            number = peer.node.node_number
+            pg = state.peers.get(peer.name)
+            if pg is None:
+                continue
+            agreed_in = [g for g in installed.get(peer.name, ())
+                         if self.book.keys(number, False, g) is not None]
+            pg.ephemeral_in = sorted(set(agreed_in) | set(pg.ephemeral_in))
+            live = channel is not None and number in channel.peers()
+            for _, outbound, g in self.book.retire(peer, pg):
+                if live:
+                    assert channel is not None
+                    channel.retire_generation(number, g, outbound=outbound)
+            heard = self._heard.get(number)
+            if heard is not None:
+                heard.restarted = False
+            if not live or channel is None or not channel.established(number):
+                continue
+            states = {"slid": pg.in_base}
+            if agreed_in:
+                states["installed"] = max(agreed_in)
+            if self.book.keys(number, True, pg.out) is not None:
+                states["sending"] = pg.out
+            for what, g in states.items():
+                if self._stated.get((number, what)) != g:
+                    self._stated[(number, what)] = g
+                    self._outbox.append(channel.acknowledge(now, number, what, g))
+            want = wants.get(peer.name)
+            if want is not None and self.book.keys(number, True, want) is None and \
+                    not channel.offering(number, want):
+                self._outbox.append(channel.start_generation(now, number, want))
+
+    def flush(self) -> None:
+        """Send what applied() queued (after the generation state is saved)."""
+        outbox, self._outbox = self._outbox, []
+        if self.endpoint is not None:
+            for out in outbox:
+                self.endpoint.emit(out)
+
+    # ---- reporting -------------------------------------------------------------------
+    def counters(self) -> dict[str, int]:
+        """The channel's counters: drops by reason and its stats (metrics, status)."""
+        endpoint = self.endpoint
+        if endpoint is None:
+            return {}
+        found = {f"drop_{reason}": count for reason, count in endpoint.drops().items()}
+        found.update(endpoint.channel.stats)
+        found["sent_datagrams"] = endpoint.transport.sent
+        found["received_datagrams"] = endpoint.transport.received
+        found["send_errors"] = endpoint.transport.send_errors
+        return found
+
+    def established(self, view: LocalView) -> set[str]:
+        """The peers with a live session now."""
+        channel = self.channel
+        if channel is None:
+            return set()
+        return {p.name for p in view.peers if p.node.node_number in channel.peers()
+                and channel.established(p.node.node_number)}
+
+
+def local_addresses(view: LocalView) -> dict[int, str]:
+    """This node's primary underlay address per IP version (the channel's source)."""
+    found: dict[int, str] = {}
+    for address in view.node.underlay:
+        found.setdefault(address.ip.version, str(address.ip))
+    return found
