@@ -1,0 +1,141 @@
+"""The punt paths of fake VPPs joined: the underlay between agents in unit tests.
+
+A real VPP reads what its agent writes to VPP's punt socket (startup.conf `punt { socket }`:
+a `punt_packetdesc_t` with a ROUTED action, then a whole IP packet, as
+vppmesh/channel/transport.build_routed makes it), routes the packet to the node owning its
+destination address, and that node's VPP punts it to the socket its agent registered for
+the UDP port (punt_socket_register), as the descriptor, the 14-byte L2 header and the
+packet (what transport.parse_punted reads). `PuntRelay` does the same for FakeVpps: it
+binds a unix datagram socket at each fake VPP's `punt_socket` path and, on `pump()`,
+delivers every packet written there to the registered socket of the FakeVpp owning the
+destination address (its `addresses`). Nothing is delivered that the destination's VPP
+has no registration for, as with VPP. `punt()` writes any bytes straight to an agent's
+socket (hostile datagrams), framed as VPP frames them.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from fake_vpp import FakeVpp
+
+from vppmesh.channel import transport as t
+from vppmesh.vpp.punt import AF_IP4, AF_IP6
+
+ETHERNET = bytes(12) + b"\x08\x00"  # what VPP rewinds over before it punts (14 bytes)
+UPLINK_SW_IF_INDEX = 1  # the receiving interface the descriptor names
+
+
+def punted(packet: bytes, sw_if_index: int = UPLINK_SW_IF_INDEX) -> bytes:
+    """What VPP writes to an agent's socket for one received IP packet."""
+    return t.PACKETDESC.pack(sw_if_index, t.PUNT_L2) + ETHERNET + packet
+
+
+@dataclass(frozen=True)
+class Relayed:
+    """One datagram the relay carried: from one node's VPP to another's agent."""
+
+    sender: str
+    receiver: str
+    payload: bytes  # the channel datagram (UDP payload)
+    frame: bytes  # exactly what the receiving agent read
+
+
+class PuntRelay:
+    """Fake VPPs, by node name, whose punt paths reach each other (see the module).
+
+    `lose`: a test's filter; a datagram for which it returns True is not delivered.
+    """
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.vpps: dict[str, FakeVpp] = {}
+        self._sockets: dict[str, socket.socket] = {}
+        self.relayed: list[Relayed] = []
+        self.unrouted = 0  # no VPP owns the destination, or it has no registration
+        self.refused = 0  # the agent's socket was gone or full
+        self.lose: Callable[[Relayed], bool] | None = None
+        self._out = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)  # VPP's end, sending
+        self._out.setblocking(False)
+
+    def attach(self, name: str, vpp: FakeVpp) -> FakeVpp:
+        """`vpp` is node `name`'s VPP now (a first one, or one that restarted): its punt
+        socket is configured and bound here."""
+        path = self.directory / f"{name}-punt.sock"
+        old = self._sockets.pop(name, None)
+        if old is not None:
+            old.close()
+        path.unlink(missing_ok=True)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        sock.bind(str(path))
+        sock.setblocking(False)
+        self._sockets[name] = sock
+        vpp.punt_socket = str(path)
+        self.vpps[name] = vpp
+        return vpp
+
+    def owner(self, address: str) -> str | None:
+        ip = ipaddress.ip_address(address)
+        for name, vpp in self.vpps.items():
+            if any(ipaddress.ip_interface(a).ip == ip
+                   for addresses in vpp.addresses.values() for a in addresses):
+                return name
+        return None
+
+    def agent_path(self, name: str, address: str, port: int) -> str | None:
+        """Where node `name`'s VPP punts UDP `port` of `address`'s family (None: nowhere)."""
+        af = AF_IP4 if ipaddress.ip_address(address).version == 4 else AF_IP6
+        return self.vpps[name].punt_registrations.get((af, port))
+
+    def pump(self) -> int:
+        """Carry everything the agents wrote; returns how many datagrams arrived."""
+        moved = 0
+        for sender, sock in list(self._sockets.items()):
+            while True:
+                try:
+                    written = sock.recv(65536)
+                except BlockingIOError:
+                    break
+                _, action = t.PACKETDESC.unpack_from(written)
+                assert action in (t.PUNT_IP4_ROUTED, t.PUNT_IP6_ROUTED), action
+                frame = punted(written[t.PACKETDESC.size:])
+                parsed = t.parse_punted(frame)
+                assert isinstance(parsed, t.Punted), parsed  # the agent writes valid packets
+                receiver = self.owner(parsed.destination[0])
+                path = None if receiver is None else self.agent_path(receiver,
+                                                                     *parsed.destination)
+                if receiver is None or path is None:
+                    self.unrouted += 1
+                    continue
+                relayed = Relayed(sender, receiver, parsed.payload, frame)
+                self.relayed.append(relayed)
+                if self.lose is not None and self.lose(relayed):
+                    continue
+                moved += self._deliver(path, frame)
+        return moved
+
+    def punt(self, name: str, frame: bytes) -> bool:
+        """Write `frame` (already framed as VPP punts) to node `name`'s agent socket, as
+        its VPP would; False when the socket is full (the agent must read first)."""
+        vpp = self.vpps[name]
+        path = next(iter(vpp.punt_registrations.values()))
+        return bool(self._deliver(path, frame, count_refusal=False))
+
+    def _deliver(self, path: str, frame: bytes, *, count_refusal: bool = True) -> int:
+        try:
+            self._out.sendto(frame, path)
+        except (BlockingIOError, FileNotFoundError, ConnectionRefusedError):
+            if count_refusal:
+                self.refused += 1
+            return 0
+        return 1
+
+    def close(self) -> None:
+        for sock in self._sockets.values():
+            sock.close()
+        self._sockets.clear()
+        self._out.close()
