@@ -8,6 +8,8 @@ hostile ones."""
 from __future__ import annotations
 
 import base64
+import itertools
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,9 +17,10 @@ from types import SimpleNamespace as NS
 
 import pytest
 from conftest import make_mesh
+from fake_punt import PuntRelay
 from fake_vpp import FakeVpp
 
-from vppmesh.config import MeshSettings
+from vppmesh.config import MeshSettings, dump_mesh
 from vppmesh.epochs import (
     WINDOW,
     GenerationState,
@@ -28,10 +31,11 @@ from vppmesh.epochs import (
     initial,
     schedule,
 )
-from vppmesh.keys import load_secrets
+from vppmesh.keys import load_secrets, private_key_b64, write_secret_file
 from vppmesh.ledger import KeyLedger
-from vppmesh.node import observe_keys
-from vppmesh.secrecy import KeyBook
+from vppmesh.node import NodeOptions, Session, UpResult, channel_socket, observe_keys
+from vppmesh.secrecy import KeyBook, Secrecy
+from vppmesh.state import SA_DIRECTION_BIT
 from vppmesh.view import build_view
 
 SETTINGS = MeshSettings(rekey_interval=0, rekey_grace=10)
@@ -251,8 +255,6 @@ def test_forward_secrecy_schedule_forgets_retired_agreed_generations() -> None:
 def pair_view(tmp_path: Path) -> Iterator[NS]:
     mesh, secrets = make_mesh(2, 2, rekey_interval=0, rekey_grace=10)
     key = tmp_path / "node1.key"
-    from vppmesh.keys import private_key_b64, write_secret_file
-
     write_secret_file(key, private_key_b64(secrets["node1"].private_key))
     view = build_view(mesh, "node1", load_secrets(key, None))
     yield NS(view=view, vpp=FakeVpp.with_uplink(mesh.node("node1").primary),
@@ -294,3 +296,224 @@ def key_text_forms(key: bytes) -> list[bytes]:
 def short_tmp() -> Path:
     """A directory for unix sockets (their paths must stay under 107 bytes)."""
     return Path(tempfile.mkdtemp(dir="/tmp", prefix="vfs-"))
+
+
+# ---- two agents on fake VPPs, their punt paths joined ------------------------------------
+
+class Clock:
+    def __init__(self, now: float = 1_000_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Agents:
+    """node1..nodeN, each a long-running agent (Session with a Secrecy) with its own state
+    dir and fake VPP; the VPPs' punt paths are joined by a PuntRelay; one fake clock."""
+
+    def __init__(self, count: int = 2, **settings: object) -> None:
+        self.dir = short_tmp()
+        self.mesh, self.secrets = make_mesh(count, 2, rekey_grace=10, rekey_interval=0,
+                                            **settings)
+        self.mesh_file = self.dir / "mesh.yaml"
+        self.mesh_file.write_text(dump_mesh(self.mesh))
+        self.relay = PuntRelay(self.dir)
+        self.clock = Clock()
+        self.names = [n.name for n in self.mesh.nodes]
+        self.options: dict[str, NodeOptions] = {}
+        self.sessions: dict[str, Session] = {}
+        self.secrecy: dict[str, Secrecy] = {}
+        self.results: dict[str, UpResult] = {}
+        self._pids = itertools.count(5000)
+        for name in self.names:
+            key = self.dir / f"{name}.key"
+            write_secret_file(key, private_key_b64(self.secrets[name].private_key))
+            (self.dir / name).mkdir()
+            self.options[name] = NodeOptions(
+                mesh_file=self.mesh_file, node=name, private_key=key, host_link="none",
+                workers=0, state_dir=self.dir / name, api_socket=self.dir / name / "api.sock")
+            self.restart_vpp(name)
+            self.start_agent(name)
+
+    def vpp(self, name: str) -> FakeVpp:
+        return self.relay.vpps[name]
+
+    def restart_vpp(self, name: str) -> FakeVpp:
+        """A fresh VPP (new pid, nothing configured); the agent's connection broke."""
+        vpp = FakeVpp.with_uplink(self.mesh.node(name).primary)
+        vpp.pid = next(self._pids)
+        if name in self.sessions:
+            self.sessions[name].close()
+        return self.relay.attach(name, vpp)
+
+    def start_agent(self, name: str) -> None:
+        """A new agent process: new Session and Secrecy, the same VPP and state dir."""
+        old = self.secrecy.get(name)
+        if old is not None:
+            old.close()
+        secrecy = Secrecy(channel_socket(self.options[name]), clock=self.clock)
+        self.secrecy[name] = secrecy
+        self.sessions[name] = Session(self.options[name], secrecy=secrecy,
+                                      connect=lambda n=name: self.vpp(n))  # type: ignore[misc]
+
+    def close(self) -> None:
+        for secrecy in self.secrecy.values():
+            secrecy.close()
+        self.relay.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def run(self, name: str, **up_options: object) -> UpResult:
+        result = self.results[name] = self.sessions[name].run(now=self.clock(), **up_options)
+        return result
+
+    def settle(self) -> None:
+        """Deliver and service until the channel is quiet (at the current time)."""
+        for _ in range(50):
+            moved = self.relay.pump()
+            wanted = [self.secrecy[n].service() for n in self.names]
+            if not moved and not any(wanted):
+                return
+        raise AssertionError("the channel never went quiet")
+
+    def step(self, seconds: float = 2.0, traffic: bool = True) -> None:
+        """One poll of every agent, the channel serviced, then `seconds` of traffic."""
+        for name in self.names:
+            self.run(name)
+            self.settle()
+        self.clock.now += seconds
+        if traffic:
+            for a, b in itertools.permutations(self.names, 2):
+                self.traffic(a, b)
+        self.settle()
+
+    def until(self, condition, what: str, steps: int = 30) -> int:  # type: ignore[no-untyped-def]
+        for count in range(steps):
+            if condition():
+                return count
+            self.step()
+        raise AssertionError(f"never reached: {what}")
+
+    def sas(self, name: str, outbound: bool) -> dict[int, tuple[bytes, int]]:
+        """SPI -> (key, salt) of one direction of the SAs in node `name`'s VPP."""
+        return {s["entry"]["spi"]: (bytes(s["entry"]["crypto_key"]["data"]), s["entry"]["salt"])
+                for s in self.vpp(name).sas.values()
+                if bool(s["entry"]["sad_id"] & SA_DIRECTION_BIT) == outbound}
+
+    def traffic(self, sender: str, receiver: str, packets: int = 100) -> None:
+        """Packets on the sender's outbound SAs reach the receiver's inbound twins."""
+        inbound = {s["entry"]["spi"]: s for s in self.vpp(receiver).sas.values()
+                   if not s["entry"]["sad_id"] & SA_DIRECTION_BIT}
+        for sa in self.vpp(sender).sas.values():
+            twin = inbound.get(sa["entry"]["spi"])
+            if sa["entry"]["sad_id"] & SA_DIRECTION_BIT and twin is not None and \
+                    bytes(twin["entry"]["crypto_key"]["data"]) == \
+                    bytes(sa["entry"]["crypto_key"]["data"]):
+                sa["seq_out"] = sa.get("seq_out", 0) + packets
+                twin["last_seq_in"] = sa["seq_out"]
+
+    def link_ok(self, sender: str, receiver: str) -> bool:
+        """Every outbound SA of the sender has its twin (SPI, key, salt) at the receiver."""
+        out, inbound = self.sas(sender, True), self.sas(receiver, False)
+        return bool(out) and all(inbound.get(spi) == key for spi, key in out.items())
+
+    def generations(self, name: str) -> GenerationState:
+        return self.options[name].generations.load()
+
+    def forward_secret(self) -> bool:
+        return len(self.results) == len(self.names) and all(
+            s.forward_secret for r in self.results.values() for s in r.secrecy.values()) \
+            and all(self.link_ok(a, b) for a, b in itertools.permutations(self.names, 2))
+
+    def slid(self, generation: int) -> bool:
+        """Every receiver's window starts at `generation` (for every sender)."""
+        states = {n: self.generations(n).peers for n in self.names}
+        return all(p in states[n] and states[n][p].in_base == generation
+                   for n, p in itertools.permutations(self.names, 2))
+
+    def number(self, name: str) -> int:
+        return self.mesh.node(name).node_number
+
+
+@pytest.fixture
+def agents() -> Iterator[Agents]:
+    pair = Agents()
+    yield pair
+    pair.close()
+
+
+def out_generation(agents: Agents, name: str) -> set[int]:
+    return {spi & 0xF for spi in agents.sas(name, True)}
+
+
+def static_keys(agents: Agents, name: str, peer: str, outbound: bool) -> dict[int, bytes]:
+    """SPI -> key of the static schedule, for every generation SPIs can name."""
+    view = agents.sessions[name].view()
+    me, other = agents.number(name), agents.number(peer)
+    sender = me if outbound else other
+    from vppmesh.keys import spi_for
+
+    return {spi_for(sender, t, g): view.sa_key(view.peer(peer), outbound=outbound, tunnel=t,
+                                               epoch=g).key.get_secret_value()
+            for t in range(view.settings.tunnels_per_peer) for g in range(16)}
+
+
+def test_forward_secrecy_two_agents_move_to_agreed_keys(agents: Agents) -> None:
+    agents.step()
+    assert not agents.forward_secret()  # first runs: static keys, the channel not up yet
+    assert all(agents.link_ok(a, b) for a, b in (("node1", "node2"), ("node2", "node1")))
+    agents.until(agents.forward_secret, "both pairs on agreed keys")
+    for name, peer in (("node1", "node2"), ("node2", "node1")):
+        result = agents.results[name]
+        assert result.secrecy[peer].forward_secret and not result.waiting_peers
+        assert not result.blocked_peers
+        # The SAs of the generations in use, both ways, are not on the static schedule.
+        pg = agents.generations(name).peers[peer]
+        arriving = pg.in_seen if pg.in_seen is not None else pg.in_base
+        for outbound, generation in ((True, pg.out), (False, arriving)):
+            static = static_keys(agents, name, peer, outbound)
+            used = {spi: key for spi, (key, _) in agents.sas(name, outbound).items()
+                    if spi & 0xF == generation}
+            assert len(used) == 2 and all(key != static[spi] for spi, key in used.items())
+    # Both receivers slide to the agreed generation; the static generation 0 is gone.
+    agents.until(lambda: agents.slid(1), "both windows slid to generation 1")
+    assert agents.forward_secret()
+    assert {spi & 0xF for spi in agents.sas("node2", False)} == {1, 2, 3}
+    assert out_generation(agents, "node1") == {1}
+
+
+def test_forward_secrecy_retired_generations_leave_no_key_anywhere(agents: Agents) -> None:
+    agents.until(lambda: agents.slid(1), "both pairs agreed and slid")
+    sender, receiver = agents.secrecy["node1"], agents.secrecy["node2"]
+    assert sender.channel is not None and receiver.channel is not None
+    one = {"sender": sender.book.keys(2, True, 1), "receiver": receiver.book.keys(1, False, 1)}
+    assert one["sender"] == one["receiver"] and one["sender"] is not None
+    secret = sender.channel.generation_secret(2, 1, outbound=True)
+    assert secret is not None and secret == receiver.channel.generation_secret(1, 1,
+                                                                                outbound=False)
+    spent = {key for key, _ in agents.sas("node1", True).values()} | {secret}
+    agents.run("node1", rekey=True)
+    assert any("agreeing generation 2" in n for n in agents.results["node1"].notes)
+    agents.until(lambda: agents.generations("node2").peers["node1"].in_base == 2,
+                 "node2 slid to node1's generation 2")
+    agents.step()
+    assert out_generation(agents, "node1") == {2} and agents.forward_secret()
+    # Generation 1 of node1 -> node2 is gone from both books, both channels, both VPPs.
+    assert sender.book.keys(2, True, 1) is None and receiver.book.keys(1, False, 1) is None
+    assert sender.channel.generation_secret(2, 1, outbound=True) is None
+    assert receiver.channel.generation_secret(1, 1, outbound=False) is None
+    assert not any(key in spent for key, _ in agents.sas("node1", True).values())
+    assert not any(key in spent for key, _ in agents.sas("node2", False).values())
+    assert sender.channel.held_private_keys() == 0  # answered offers keep no private key
+    # Nothing on disk holds a key in any form: neither the spent generation's, nor the
+    # ones in use, nor the channel's secrets.
+    live = {key for n in agents.names for o in (True, False)
+            for key, _ in agents.sas(n, o).values()}
+    secrets = {s for n, p in (("node1", 2), ("node2", 1)) for g in range(16) for o in (True, False)
+               if (s := agents.secrecy[n].channel.generation_secret(p, g, outbound=o))}  # type: ignore[union-attr]
+    files = [f for f in agents.dir.rglob("*") if f.is_file()]
+    assert any(f.name.endswith(".generations.json") for f in files)
+    for path in files:
+        data = path.read_bytes()
+        for key in spent | live | secrets:
+            assert not any(form in data for form in key_text_forms(key)), path
