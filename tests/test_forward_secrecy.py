@@ -34,7 +34,7 @@ from vppmesh.epochs import (
 from vppmesh.keys import load_secrets, private_key_b64, write_secret_file
 from vppmesh.ledger import KeyLedger
 from vppmesh.node import NodeOptions, Session, UpResult, channel_socket, observe_keys
-from vppmesh.secrecy import KeyBook, Secrecy
+from vppmesh.secrecy import KeyBook, Secrecy, vpp_boot_id
 from vppmesh.state import SA_DIRECTION_BIT
 from vppmesh.view import build_view
 
@@ -517,3 +517,59 @@ def test_forward_secrecy_retired_generations_leave_no_key_anywhere(agents: Agent
         data = path.read_bytes()
         for key in spent | live | secrets:
             assert not any(form in data for form in key_text_forms(key)), path
+
+
+def sa_snapshot(vpp: FakeVpp) -> dict[int, tuple[int, bytes, int]]:
+    return {sa_id: (s["entry"]["spi"], bytes(s["entry"]["crypto_key"]["data"]),
+                    s["entry"]["salt"]) for sa_id, s in vpp.sas.items()}
+
+
+def test_forward_secrecy_receiver_vpp_restart_makes_the_sender_rekey_at_once(
+        agents: Agents) -> None:
+    agents.until(lambda: agents.slid(1), "both pairs agreed and slid")
+    agents.step()  # traffic on generation 1 both ways
+    agents.restart_vpp("node2")
+    restarted = agents.run("node2")  # reconnects, punts again, tells node1
+    # Its own outbound key is burnt: it waits for a new agreed one, never a static key
+    # (meanwhile the pair has no tunnel there: protection needs an outbound SA).
+    assert restarted.waiting_peers == ["node1"] and not restarted.blocked_peers
+    assert not agents.sas("node2", True) and not agents.vpp("node2").tunnels
+    agents.settle()
+    sender = agents.run("node1")  # the very next run
+    assert any("agreeing generation 2" in n and "rekey requested" in n for n in sender.notes)
+    agents.settle()
+    again = agents.run("node2")  # its offer was answered and installed by node1
+    assert not again.waiting_peers and out_generation(agents, "node2") == {2}
+    assert agents.link_ok("node2", "node1") and agents.link_ok("node1", "node2")
+    agents.settle()
+    agents.run("node1")  # node2 said its inbound generation 2 is installed
+    assert out_generation(agents, "node1") == {2}
+    assert agents.link_ok("node1", "node2") and agents.forward_secret()
+
+
+def test_forward_secrecy_agent_restart_adopts_what_vpp_holds(agents: Agents) -> None:
+    agents.until(lambda: agents.slid(1), "both pairs agreed and slid")
+    agents.step()
+    held = sa_snapshot(agents.vpp("node1"))
+    agents.start_agent("node1")  # a new process: no key book, no channel state
+    first = agents.run("node1")
+    assert first.changes == [] and sa_snapshot(agents.vpp("node1")) == held
+    assert first.secrecy["node2"].forward_secret
+    # The peer sees a new agent, not a new VPP: nobody rekeys, nothing changes.
+    for _ in range(12):
+        agents.step()
+        assert agents.results["node1"].changes == [] == agents.results["node2"].changes
+    assert sa_snapshot(agents.vpp("node1")) == held
+    assert agents.forward_secret()
+    # The adopted keys are the agreed ones, and the pair can still rekey by agreement.
+    assert agents.secrecy["node1"].book.keys(2, True, 1) is not None
+    agents.run("node1", rekey=True)
+    agents.until(lambda: agents.generations("node2").peers["node1"].in_base == 2,
+                 "node2 slid to node1's generation 2")
+    assert out_generation(agents, "node1") == {2} and agents.forward_secret()
+
+
+def test_forward_secrecy_boot_id_names_the_vpp_not_the_agent() -> None:
+    assert vpp_boot_id(4242) == vpp_boot_id(4242)  # another agent, the same VPP
+    assert vpp_boot_id(4242) != vpp_boot_id(4243)  # VPP restarted
+    assert 0 <= vpp_boot_id(1) < 2**64

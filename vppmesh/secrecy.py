@@ -23,9 +23,9 @@ key: outbound it counts as used (the scheduler steps past it), inbound it is lef
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import logging
-import os
 import select
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -56,6 +56,7 @@ CHANNEL_SOCKET = "vppmesh-channel.sock"
 # more (net.unix.max_dgram_qlen is 10 by default): every peer answering at once fits.
 DGRAM_QUEUE = 4096
 DGRAM_QLEN = Path("/proc/sys/net/unix/max_dgram_qlen")
+KERNEL_BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
 Direction = tuple[int, bool, int]  # (peer node number, outbound, generation)
 
 
@@ -93,6 +94,20 @@ def pair_secrecy(state: GenerationState, peers: Iterable[str]) -> dict[str, Pair
         found[name] = PairSecrecy(outbound=pg.out in pg.ephemeral_out,
                                   inbound=arriving in pg.ephemeral_in)
     return found
+
+
+def vpp_boot_id(vpp_pid: int) -> int:
+    """What the peers are told identifies this VPP's run (Hello, Restarted): a new VPP
+    process (a new pid, or the host rebooted) means its anti-replay state is gone and
+    the peers rekey towards it; a restarted agent meeting the same VPP gives the same
+    id, so its peers do not rekey for nothing. The kernel's boot id tells a reboot
+    from a pid that happens to repeat."""
+    try:
+        kernel = KERNEL_BOOT_ID.read_bytes()
+    except OSError:
+        kernel = b""
+    digest = hashlib.blake2b(kernel + vpp_pid.to_bytes(8, "big"), digest_size=8).digest()
+    return int.from_bytes(digest, "big")
 
 
 def raise_dgram_queue(minimum: int = DGRAM_QUEUE) -> None:
@@ -261,7 +276,7 @@ class Secrecy:
                 return
             self.unavailable = None
             vpp_socket = Path(str(replies[0].pathname))
-            boot_id = int.from_bytes(os.urandom(8), "big")
+            boot_id = vpp_boot_id(vpp_pid)
             if self.endpoint is None or self.endpoint.transport.vpp_path != vpp_socket:
                 if self.endpoint is not None:
                     self.endpoint.transport.close()
