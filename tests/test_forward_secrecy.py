@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import itertools
+import select
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -17,9 +18,15 @@ from types import SimpleNamespace as NS
 
 import pytest
 from conftest import make_mesh
-from fake_punt import PuntRelay
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from fake_punt import PuntRelay, punted
 from fake_vpp import FakeVpp
 
+from vppmesh.channel import messages as m
+from vppmesh.channel import session as s
+from vppmesh.channel.endpoint import PORT
+from vppmesh.channel.messages import Drop
+from vppmesh.channel.transport import build_packet
 from vppmesh.config import MeshSettings, dump_mesh
 from vppmesh.epochs import (
     WINDOW,
@@ -31,7 +38,7 @@ from vppmesh.epochs import (
     initial,
     schedule,
 )
-from vppmesh.keys import load_secrets, private_key_b64, write_secret_file
+from vppmesh.keys import NodeSecrets, load_secrets, private_key_b64, write_secret_file
 from vppmesh.ledger import KeyLedger
 from vppmesh.node import NodeOptions, Session, UpResult, channel_socket, observe_keys
 from vppmesh.secrecy import KeyBook, Secrecy, vpp_boot_id
@@ -573,3 +580,112 @@ def test_forward_secrecy_boot_id_names_the_vpp_not_the_agent() -> None:
     assert vpp_boot_id(4242) == vpp_boot_id(4242)  # another agent, the same VPP
     assert vpp_boot_id(4242) != vpp_boot_id(4243)  # VPP restarted
     assert 0 <= vpp_boot_id(1) < 2**64
+
+
+# ---- hostile datagrams into an agent's socket ----------------------------------------------
+
+def channel_frame(source: str, destination: str, payload: bytes) -> bytes:
+    """A channel datagram as node `destination`'s VPP punts it, from `source`."""
+    return punted(build_packet((source, PORT), (destination, PORT), payload))
+
+
+def hostile_frames(agents: Agents, target: str, peer: str) -> dict[Drop, list[bytes]]:
+    """Datagrams an attacker can make from what crossed the wire between `peer` and
+    `target` (all recorded by the relay), by the drop reason each must get."""
+    me, other = agents.number(target), agents.number(peer)
+    src = str(agents.mesh.node(peer).primary.ip)
+    dst = str(agents.mesh.node(target).primary.ip)
+    heard = [r.payload for r in agents.relay.relayed if (r.sender, r.receiver) == (peer, target)]
+    transports = [p for p in heard if p[1] == m.DatagramType.TRANSPORT]
+    responses = [p for p in heard if p[1] == m.DatagramType.RESPONSE]
+    # Its handshake Init (or, if the target initiated, the target's, turned round).
+    inits = [p for p in heard if p[1] == m.DatagramType.INIT] or [
+        m.HEADER.pack(m.VERSION, m.DatagramType.INIT, other, me) + r.payload[m.HEADER.size:]
+        for r in agents.relay.relayed if r.payload[1] == m.DatagramType.INIT]
+    assert transports and (responses or inits)
+    latest = transports[-1]
+    fresh_counter = latest[:m.HEADER.size + 4] + (2**40).to_bytes(8, "big") + \
+        latest[m.HEADER.size + 12:]
+    corrupted = bytearray(fresh_counter)
+    corrupted[-1] ^= 1
+    bad_mac = bytearray(inits[0])
+    bad_mac[-1] ^= 1
+    # A node outside the mesh, with a key of its own, that knows the target's public key.
+    stranger = s.Channel(99, NodeSecrets(X25519PrivateKey.generate(), bytes(32)),
+                         [s.PeerConfig(me, agents.mesh.node(target).public_key_bytes,
+                                       (dst, PORT))], boot_id=1)
+    [(_, stranger_init)] = stranger.tick(agents.clock()).datagrams
+    relabelled = m.HEADER.pack(m.VERSION, m.DatagramType.TRANSPORT, 99, me) + \
+        fresh_counter[m.HEADER.size:]
+    misaddressed = m.HEADER.pack(m.VERSION, m.DatagramType.TRANSPORT, other, 77) + \
+        fresh_counter[m.HEADER.size:]
+    packet = build_packet((src, PORT), (dst, PORT), latest)
+    too_long = build_packet((src, PORT), (dst, PORT), bytes(m.MAX_DATAGRAM + 1))
+    return {
+        Drop.REPLAY: [channel_frame(src, dst, p) for p in [latest, *responses[:1]]],
+        Drop.AUTH: [channel_frame(src, dst, bytes(corrupted)),
+                    channel_frame(src, dst, bytes(bad_mac))],
+        Drop.UNKNOWN_PEER: [channel_frame(src, dst, stranger_init),
+                            channel_frame("192.0.2.99", dst, relabelled),
+                            channel_frame(src, dst, misaddressed)],
+        Drop.TRUNCATED: [channel_frame(src, dst, latest[:10]),
+                         channel_frame(src, dst, inits[0][:-1]),
+                         punted(packet[:len(packet) - 5]),
+                         punted(b"")],
+        Drop.OVERSIZED: [punted(too_long), punted(packet + bytes(4096))],
+        Drop.MALFORMED: [channel_frame(src, dst, b"\x09" + latest[1:]),
+                         punted(b"\x45" + packet[1:9] + b"\x06" + packet[10:])],  # TCP
+    }
+
+
+def deliver(agents: Agents, target: str, frames: list[bytes]) -> None:
+    """Write every frame to the target agent's socket, letting it read when full."""
+    secrecy = agents.secrecy[target]
+    for frame in frames:
+        while not agents.relay.punt(target, frame):
+            secrecy.service()
+    while select.select([secrecy], [], [], 0)[0]:
+        secrecy.service()
+
+
+def channel_state(agents: Agents, name: str) -> tuple[object, ...]:
+    """Everything hostile datagrams must leave alone in one agent."""
+    secrecy = agents.secrecy[name]
+    channel = secrecy.channel
+    assert channel is not None
+    peers = channel.peers()
+    return (dict(secrecy.book._keys), {k: vars(v).copy() for k, v in secrecy._heard.items()},
+            {p: (channel.established(p), channel.endpoint(p), [
+                channel.generation_secret(p, g, outbound=o) for g in range(16)
+                for o in (True, False)]) for p in peers},
+            channel.held_private_keys(), agents.options[name].generations.path.read_bytes(),
+            sa_snapshot(agents.vpp(name)))
+
+
+def test_channel_hostile_datagrams_are_counted_and_change_nothing(agents: Agents) -> None:
+    agents.until(lambda: agents.slid(1), "both pairs agreed and slid")
+    agents.step()
+    target = agents.secrecy["node1"]
+    frames = hostile_frames(agents, "node1", "node2")
+    before, counters = channel_state(agents, "node1"), target.counters()
+    sent = agents.relay.relayed[:]
+    burst = [f for _ in range(5000 // sum(map(len, frames.values())) + 1)
+             for fs in frames.values() for f in fs][:5000]
+    expected = {f"drop_{reason}": sum(burst.count(f) for f in fs) + len(fs)
+                for reason, fs in frames.items()}
+    assert sum(expected.values()) == 5000 + sum(map(len, frames.values()))
+    deliver(agents, "node1", [f for fs in frames.values() for f in fs])
+    deliver(agents, "node1", burst)
+    after = target.counters()
+    for reason, count in expected.items():
+        assert after.get(reason, 0) - counters.get(reason, 0) == count, reason
+    assert after["dh"] == counters["dh"]  # none of it cost a Diffie-Hellman
+    assert after["received"] == counters["received"]  # nor reached the agent
+    assert agents.relay.pump() == 0 and agents.relay.relayed == sent  # nor got an answer
+    assert channel_state(agents, "node1") == before
+    # The pair works on: a rekey by agreement goes through.
+    agents.step()
+    agents.run("node1", rekey=True)
+    agents.until(lambda: agents.generations("node2").peers["node1"].in_base == 2,
+                 "node2 slid to node1's generation 2")
+    assert out_generation(agents, "node1") == {2} and agents.forward_secret()
