@@ -42,7 +42,7 @@ from vppmesh.keys import NodeSecrets, load_secrets, private_key_b64, write_secre
 from vppmesh.ledger import KeyLedger
 from vppmesh.node import NodeOptions, Session, UpResult, channel_socket, observe_keys
 from vppmesh.secrecy import KeyBook, Secrecy, vpp_boot_id
-from vppmesh.state import SA_DIRECTION_BIT
+from vppmesh.state import SA_DIRECTION_BIT, sa_peer
 from vppmesh.view import build_view
 
 SETTINGS = MeshSettings(rekey_interval=0, rekey_grace=10)
@@ -401,27 +401,33 @@ class Agents:
             self.step()
         raise AssertionError(f"never reached: {what}")
 
-    def sas(self, name: str, outbound: bool) -> dict[int, tuple[bytes, int]]:
-        """SPI -> (key, salt) of one direction of the SAs in node `name`'s VPP."""
+    def sas(self, name: str, outbound: bool, peer: str | None = None,
+            ) -> dict[int, tuple[bytes, int]]:
+        """SPI -> (key, salt) of one direction of the SAs in node `name`'s VPP (towards,
+        or from, `peer` only, when given)."""
+        number = None if peer is None else self.number(peer)
         return {s["entry"]["spi"]: (bytes(s["entry"]["crypto_key"]["data"]), s["entry"]["salt"])
-                for s in self.vpp(name).sas.values()
-                if bool(s["entry"]["sad_id"] & SA_DIRECTION_BIT) == outbound}
+                for sa_id, s in self.vpp(name).sas.items()
+                if bool(sa_id & SA_DIRECTION_BIT) == outbound
+                and number in (None, sa_peer(sa_id))}
 
     def traffic(self, sender: str, receiver: str, packets: int = 100) -> None:
-        """Packets on the sender's outbound SAs reach the receiver's inbound twins."""
-        inbound = {s["entry"]["spi"]: s for s in self.vpp(receiver).sas.values()
-                   if not s["entry"]["sad_id"] & SA_DIRECTION_BIT}
-        for sa in self.vpp(sender).sas.values():
+        """Packets on the sender's outbound SAs to the receiver reach their inbound twins."""
+        me, other = self.number(sender), self.number(receiver)
+        inbound = {s["entry"]["spi"]: s for sa_id, s in self.vpp(receiver).sas.items()
+                   if not sa_id & SA_DIRECTION_BIT and sa_peer(sa_id) == me}
+        for sa_id, sa in self.vpp(sender).sas.items():
             twin = inbound.get(sa["entry"]["spi"])
-            if sa["entry"]["sad_id"] & SA_DIRECTION_BIT and twin is not None and \
-                    bytes(twin["entry"]["crypto_key"]["data"]) == \
-                    bytes(sa["entry"]["crypto_key"]["data"]):
+            if sa_id & SA_DIRECTION_BIT and sa_peer(sa_id) == other and twin is not None \
+                    and twin["entry"]["crypto_key"] == sa["entry"]["crypto_key"]:
                 sa["seq_out"] = sa.get("seq_out", 0) + packets
                 twin["last_seq_in"] = sa["seq_out"]
 
     def link_ok(self, sender: str, receiver: str) -> bool:
-        """Every outbound SA of the sender has its twin (SPI, key, salt) at the receiver."""
-        out, inbound = self.sas(sender, True), self.sas(receiver, False)
+        """Every outbound SA of the sender to the receiver has its twin (SPI, key, salt)
+        there."""
+        out = self.sas(sender, True, receiver)
+        inbound = self.sas(receiver, False, sender)
         return bool(out) and all(inbound.get(spi) == key for spi, key in out.items())
 
     def generations(self, name: str) -> GenerationState:
@@ -479,7 +485,7 @@ def test_forward_secrecy_two_agents_move_to_agreed_keys(agents: Agents) -> None:
         arriving = pg.in_seen if pg.in_seen is not None else pg.in_base
         for outbound, generation in ((True, pg.out), (False, arriving)):
             static = static_keys(agents, name, peer, outbound)
-            used = {spi: key for spi, (key, _) in agents.sas(name, outbound).items()
+            used = {spi: key for spi, (key, _) in agents.sas(name, outbound, peer).items()
                     if spi & 0xF == generation}
             assert len(used) == 2 and all(key != static[spi] for spi, key in used.items())
     # Both receivers slide to the agreed generation; the static generation 0 is gone.
@@ -487,6 +493,22 @@ def test_forward_secrecy_two_agents_move_to_agreed_keys(agents: Agents) -> None:
     assert agents.forward_secret()
     assert {spi & 0xF for spi in agents.sas("node2", False)} == {1, 2, 3}
     assert out_generation(agents, "node1") == {1}
+
+
+def test_forward_secrecy_three_agents_agree_every_pair_apart() -> None:
+    agents = Agents(3)
+    try:
+        agents.until(agents.forward_secret, "every pair on agreed keys")
+        agents.until(lambda: agents.slid(1), "every window slid to generation 1")
+        assert agents.forward_secret()
+        for name in agents.names:
+            peers = [p for p in agents.names if p != name]
+            # The same SPIs towards both peers, each pair with keys of its own.
+            one, two = (agents.sas(name, True, p) for p in peers)
+            assert one.keys() == two.keys()
+            assert all(one[spi][0] != two[spi][0] for spi in one)
+    finally:
+        agents.close()
 
 
 def test_forward_secrecy_retired_generations_leave_no_key_anywhere(agents: Agents) -> None:
