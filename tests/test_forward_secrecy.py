@@ -711,3 +711,37 @@ def test_channel_hostile_datagrams_are_counted_and_change_nothing(agents: Agents
     agents.until(lambda: agents.generations("node2").peers["node1"].in_base == 2,
                  "node2 slid to node1's generation 2")
     assert out_generation(agents, "node1") == {2} and agents.forward_secret()
+
+
+def test_forward_secrecy_vpp_restarts_in_a_row_without_traffic_keep_the_pair(
+        agents: Agents) -> None:
+    """Without traffic nothing proves the receiver slid, but its agent says so: restart
+    after restart, node1 steps to a fresh agreed generation and the pair stays up."""
+    agents.until(lambda: agents.slid(1), "both pairs agreed and slid")
+    for restart in range(4):
+        agents.restart_vpp("node1")
+        for _ in range(12):
+            agents.step(traffic=False)
+            assert not any(r.blocked_peers for r in agents.results.values())
+        assert out_generation(agents, "node1") == {restart + 2}
+        assert agents.generations("node2").peers["node1"].in_base == restart + 2
+        assert agents.forward_secret()
+
+
+def test_forward_secrecy_without_a_punt_socket_the_static_schedule_runs(
+        agents: Agents, caplog: pytest.LogCaptureFixture) -> None:
+    """A VPP without `punt { socket }` refuses the registration: the agents run on the
+    static schedule as without a channel, and say so once."""
+    for name in agents.names:
+        agents.vpp(name).punt_socket = None
+    for _ in range(6):
+        agents.step()
+    assert all(agents.link_ok(a, b) for a, b in itertools.permutations(agents.names, 2))
+    for name, peer in (("node1", "node2"), ("node2", "node1")):
+        assert not agents.results[name].secrecy[peer].outbound
+        assert agents.secrecy[name].channel is None and agents.secrecy[name].unavailable
+        held = agents.sas(name, True, peer)
+        static = static_keys(agents, name, peer, True)
+        assert held and all(key == static[spi] for spi, (key, _) in held.items())
+    assert sum("no channel between agents" in r.message for r in caplog.records) == 2
+    assert agents.relay.relayed == []
