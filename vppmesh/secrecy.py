@@ -404,7 +404,7 @@ class Secrecy:
             states = {"slid": pg.in_base}
             if agreed_in:
                 states["installed"] = max(agreed_in)
-            if self.book.keys(number, True, pg.out) is not None:
+            if peer.name in installed:  # its outbound SAs of pg.out are in VPP now
                 states["sending"] = pg.out
             for what, g in states.items():
                 if self._stated.get((number, what)) != g:
