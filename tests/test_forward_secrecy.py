@@ -406,10 +406,15 @@ class Agents:
         """SPI -> (key, salt) of one direction of the SAs in node `name`'s VPP (towards,
         or from, `peer` only, when given)."""
         number = None if peer is None else self.number(peer)
-        return {s["entry"]["spi"]: (bytes(s["entry"]["crypto_key"]["data"]), s["entry"]["salt"])
-                for sa_id, s in self.vpp(name).sas.items()
-                if bool(sa_id & SA_DIRECTION_BIT) == outbound
-                and number in (None, sa_peer(sa_id))}
+        found = [(s["entry"]["spi"], (bytes(s["entry"]["crypto_key"]["data"]),
+                                      s["entry"]["salt"]))
+                 for sa_id, s in self.vpp(name).sas.items()
+                 if bool(sa_id & SA_DIRECTION_BIT) == outbound
+                 and number in (None, sa_peer(sa_id))]
+        if peer is not None:  # one SA per SPI and peer: a static and an agreed key of
+            # the same generation never stay side by side after a run
+            assert len({spi for spi, _ in found}) == len(found), found
+        return dict(found)
 
     def traffic(self, sender: str, receiver: str, packets: int = 100) -> None:
         """Packets on the sender's outbound SAs to the receiver reach their inbound twins."""
