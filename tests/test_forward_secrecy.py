@@ -750,3 +750,26 @@ def test_forward_secrecy_without_a_punt_socket_the_static_schedule_runs(
         assert held and all(key == static[spi] for spi, (key, _) in held.items())
     assert sum("no channel between agents" in r.message for r in caplog.records) == 2
     assert agents.relay.relayed == []
+
+
+def test_forward_secrecy_a_peer_whose_agent_stopped_falls_back_to_the_static_schedule(
+        agents: Agents) -> None:
+    """node2's agent stops for good while its VPP runs on: once the last session with it
+    has expired, node1 no longer waits for its word. A VPP restart of node1 then steps
+    to a key node2's VPP still accepts (the static schedule), never to no tunnel at
+    all; when node2's agent is back the pair returns to agreed keys."""
+    agents.until(lambda: agents.slid(1), "both pairs agreed and slid")
+    agents.step()
+    agents.secrecy["node2"].close()
+    agents.names = ["node1"]  # only node1's agent runs
+    for _ in range(int(s.REJECT_AFTER / 2) + 1):
+        agents.step()
+    agents.restart_vpp("node1")
+    result = agents.run("node1")
+    assert not result.waiting_peers and not result.blocked_peers  # was: waiting forever
+    assert agents.secrecy["node1"].said(agents.sessions["node1"].view()) == {}
+    assert out_generation(agents, "node1") == {2}
+    assert agents.link_ok("node1", "node2") and agents.link_ok("node2", "node1")
+    agents.names = ["node1", "node2"]
+    agents.start_agent("node2")
+    agents.until(agents.forward_secret, "both pairs on agreed keys again", steps=40)

@@ -366,7 +366,7 @@ class Secrecy:
         said = {}
         for peer in view.peers:
             number = peer.node.node_number
-            if number not in channel.peers() or not channel.established(number):
+            if not self._live(channel, number):
                 continue
             heard = self._heard.get(number, _Heard())
             said[peer.name] = PeerSaid(keyed=self.book.outbound(number),
@@ -375,10 +375,17 @@ class Secrecy:
         return said
 
     def offering(self, peer: int, generation: int) -> bool:
-        """An offer of our outbound `generation` to `peer` awaits its answer."""
+        """An offer of our outbound `generation` to `peer` awaits its answer (from a
+        peer with a live session: else the generation counts as used, node.observe_keys)."""
         channel = self.channel
-        return channel is not None and peer in channel.peers() and \
+        return channel is not None and self._live(channel, peer) and \
             channel.offering(peer, generation)
+
+    def _live(self, channel: s.Channel, peer: int) -> bool:
+        """A usable session with `peer` now. Only then does its word count: a peer
+        whose agent stopped drops out when its last session expires, and the static
+        schedule takes over rather than wait for it forever."""
+        return peer in channel.peers() and channel.established(peer, self.clock())
 
     def claim(self, state: GenerationState, wants: Mapping[str, int]) -> None:
         """Before the state is saved: generations about to be offered are marked agreed,
@@ -414,7 +421,7 @@ class Secrecy:
             heard = self._heard.get(number)
             if heard is not None:
                 heard.restarted = False
-            if not live or channel is None or not channel.established(number):
+            if not live or channel is None or not self._live(channel, number):
                 continue
             states = {"slid": pg.in_base}
             if agreed_in:
@@ -455,8 +462,7 @@ class Secrecy:
         channel = self.channel
         if channel is None:
             return set()
-        return {p.name for p in view.peers if p.node.node_number in channel.peers()
-                and channel.established(p.node.node_number)}
+        return {p.name for p in view.peers if self._live(channel, p.node.node_number)}
 
 
 def local_addresses(view: LocalView) -> dict[int, str]:

@@ -245,8 +245,12 @@ class Channel:
     def peers(self) -> list[int]:
         return sorted(self._peers)
 
-    def established(self, peer: int) -> bool:
-        return self._peers[peer].current is not None
+    def established(self, peer: int, now: float | None = None) -> bool:
+        """A session with `peer` is up; given `now`, one still usable (a peer whose agent
+        stopped answering drops out once its last session expired, REJECT_AFTER)."""
+        state = self._peers[peer]
+        return state.current is not None if now is None else \
+            self._usable(state, now) is not None
 
     def endpoint(self, peer: int) -> Address | None:
         return self._peers[peer].endpoint
