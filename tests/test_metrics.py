@@ -207,7 +207,7 @@ def test_watch_loop_knocks_fast_while_vpp_is_away_and_counts_the_restart(
         client = None
 
         def __init__(self, options: Any, **kwargs: Any) -> None:
-            pass
+            self.secrecy = kwargs["secrecy"]  # never attached: no VPP to punt the channel
 
         def run(self) -> Any:
             ticks.append(time.monotonic())
@@ -236,6 +236,7 @@ def test_watch_loop_knocks_fast_while_vpp_is_away_and_counts_the_restart(
     assert got[("vppmesh_vpp_up", ())] == 1
     assert 0.2 < got[("vppmesh_vpp_unavailable_seconds", ())] < 1.5
     assert got[("vppmesh_pod_reattachments_total", ())] == 4  # 2 per successful poll
+    assert got[("vppmesh_channel_up", ())] == 0  # the loop's Secrecy never met a VPP
 
 
 def test_snapshots_are_spaced_by_their_cost() -> None:
