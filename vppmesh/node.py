@@ -27,7 +27,7 @@ from vppmesh.ledger import KeyLedger
 from vppmesh.plan import HostOptions, drop_routes, plan_by_peer
 from vppmesh.reconcile import Change, Reconciler, gc_paused, reconcile
 from vppmesh.secrecy import KeyBook, PairSecrecy, Secrecy, pair_secrecy
-from vppmesh.state import DesiredState, sa_id_for
+from vppmesh.state import DesiredState, find_sa
 from vppmesh.teardown import teardown
 from vppmesh.underlay import encapsulation
 from vppmesh.uplink import UplinkSpec
@@ -201,7 +201,7 @@ def observe_keys(api: VppApi, view: LocalView, state: GenerationState, ledger: K
         pg = state.peers.get(peer.name)
         if pg is None or pg.public_key != peer.node.public_key:
             continue
-        out = [sas.get(sa_id_for("out", number, t, pg.out)) for t in range(count)]
+        out = [find_sa(sas, "out", number, t, pg.out) for t in range(count)]
         expected = [book.key(view, peer, pg, outbound=True, tunnel=t, generation=pg.out)
                     for t in range(count)]
         installed = all(
@@ -213,14 +213,14 @@ def observe_keys(api: VppApi, view: LocalView, state: GenerationState, ledger: K
             for sa in out)
         active = frozenset(
             g for g in pg.window for t in range(count)
-            if (sa := sas.get(sa_id_for("in", number, t, g))) is not None
+            if (sa := find_sa(sas, "in", number, t, g)) is not None
             and sa.spec.spi == spi_for(number, t, g) and sa.last_seq_inbound > 0)
         observations[peer.name] = PeerObservation(
             out_installed=installed,
             out_packets=max((sa.seq_outbound for sa in out if sa is not None), default=0),
             inbound_active=active,
             inbound_seq={g: sum(sa.last_seq_inbound for t in range(count)
-                                if (sa := sas.get(sa_id_for("in", number, t, g)))
+                                if (sa := find_sa(sas, "in", number, t, g))
                                 is not None) for g in pg.window},
             encapsulation_changed=reencapsulate)
 

@@ -141,8 +141,8 @@ class KeyBook:
                     if (number, outbound, g) in self._keys:
                         continue
                     sender = me if outbound else number
-                    held = [sas.get(sa_id_for("out" if outbound else "in", number, t, g))
-                            for t in range(count)]
+                    held = [sas.get(sa_id_for("out" if outbound else "in", number, t, g,
+                                              agreed=True)) for t in range(count)]
                     if all(sa is not None and sa.spec.spi == spi_for(sender, t, g)
                            for t, sa in enumerate(held)):
                         self._keys[(number, outbound, g)] = tuple(
@@ -404,7 +404,7 @@ class Secrecy:
             states = {"slid": pg.in_base}
             if agreed_in:
                 states["installed"] = max(agreed_in)
-            if self.book.keys(number, True, pg.out) is not None:
+            if peer.name in installed:  # its outbound SAs of pg.out are in VPP now
                 states["sending"] = pg.out
             for what, g in states.items():
                 if self._stated.get((number, what)) != g:

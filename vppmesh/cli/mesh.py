@@ -220,9 +220,10 @@ def rekey(
     report_up(result)
     warn_no_agent(state_dir, node)
     if result.rekey_pending:
-        typer.echo(f"rekey deferred towards {', '.join(result.rekey_pending)}: they have not "
+        typer.echo(f"rekey deferred towards {', '.join(result.rekey_pending)}: pairs on agreed "
+                   "keys are rekeyed by the running agents over their channel; others have not "
                    "yet surely moved to the current generation (no traffic both ways seen "
-                   "for 2 x rekey_grace); the agent rekeys them as soon as they have")
+                   "for 2 x rekey_grace); the agent rekeys them as soon as it may")
 
 
 @app.command()
