@@ -133,7 +133,8 @@ def test_channel_acks_restarts_and_keepalives_reach_the_peer() -> None:
     net.run(2, net.nodes[2].restarted(1002.0, 777), 1002.0)
     acks = [e for e in net.events[1] if isinstance(e, (s.PeerAcked, s.PeerRestarted))]
     assert acks == [s.PeerAcked(2, "installed", 9), s.PeerAcked(2, "slid", 9),
-                    s.PeerAcked(2, "sending", 3), s.PeerRestarted(2, 777)]  # once: the handshake's Hello agrees
+                    s.PeerAcked(2, "sending", 3),
+                    s.PeerRestarted(2, 777)]  # once: the handshake's Hello agrees
     assert net.nodes[1].stats["handshakes_completed"] == 2
     sent = len(net.wire)
     net.run(1, net.nodes[1].tick(1002.0 + s.KEEPALIVE_AFTER + 1), 1002.0 + 16)
