@@ -181,7 +181,8 @@ def test_channel_counters_drops_by_reason_sessions_and_up(tmp_path: Path) -> Non
     ours.receive(1001.0, where[1], message)  # replayed
     ours.receive(1001.0, where[1], later[:-1] + bytes([later[-1] ^ 1]))  # forged
     ours.receive(1001.0, where[1], message[:3])  # truncated
-    secrecy = Secrecy(tmp_path / "channel.sock")
+    clock = SimpleNamespace(now=1001.0)
+    secrecy = Secrecy(tmp_path / "channel.sock", clock=lambda: clock.now)
     metrics = AgentMetrics()
     loop = AgentLoop(SimpleNamespace(secrecy=secrecy, client=None),  # type: ignore[arg-type]
                      SimpleNamespace(), metrics=metrics)  # type: ignore[arg-type]
@@ -211,6 +212,9 @@ def test_channel_counters_drops_by_reason_sessions_and_up(tmp_path: Path) -> Non
     assert dropped == {**{r.value: 0 for r in m.Drop},
                        "oversized": 2, "replay": 1, "auth": 1, "truncated": 1}
     assert channel_samples() == first  # nothing new: nothing counted twice
+    clock.now += s.REJECT_AFTER  # the peer's agent went quiet: its session expired
+    assert channel_samples()[("vppmesh_channel_sessions", ())] == 0
+    clock.now = 1001.0
 
     secrecy.endpoint = endpoint(channel(2, 1))  # a new endpoint: its counters start at 0
     secrecy.endpoint.channel.receive(1002.0, where[1], message[:3])

@@ -435,10 +435,11 @@ class AgentMetrics:
         endpoint = secrecy.endpoint if secrecy is not None else None
         self.channel_up.set(int(endpoint is not None))
         channel = endpoint.channel if endpoint is not None else None
-        self.channel_sessions.set(sum(channel.established(n) for n in channel.peers())
-                                  if channel is not None else 0)
-        if secrecy is None or endpoint is None:
+        if secrecy is None or endpoint is None or channel is None:
+            self.channel_sessions.set(0)
             return
+        now = secrecy.clock()  # live sessions: an expired one is a peer gone quiet
+        self.channel_sessions.set(sum(channel.established(n, now) for n in channel.peers()))
         counters = secrecy.counters()
         origin, last = self._channel_seen
         if origin != id(endpoint):
