@@ -818,3 +818,60 @@ def test_channel_a_replayed_init_does_not_replace_the_live_session() -> None:
     for _, data in nodes[1].send(111.0, 2, m.Keepalive()).datagrams:
         nodes[2].receive(111.0, address[1], data)
     assert nodes[2].drops == {}, nodes[2].drops
+
+
+def test_forward_secrecy_datastore_agents_agree_like_mesh_file_agents() -> None:
+    """Two datastore agents (MembershipAgent: the membership is their mesh source) reach
+    agreed keys through the same channel as `up --watch` agents."""
+    from test_datastore import MemoryStore, agent_options
+
+    from vppmesh.datastore.agent import LocalNode, MembershipAgent
+
+    directory = short_tmp()
+    mesh, secrets = make_mesh(2, 2, rekey_grace=10, rekey_interval=0)
+    store = MemoryStore(mesh.settings)
+    relay = PuntRelay(directory)
+    members: dict[str, MembershipAgent] = {}
+    try:
+        for node in mesh.nodes:
+            (directory / node.name).mkdir()
+            options, ds = agent_options(
+                directory / node.name, secrets, node.name,
+                LocalNode(underlay=tuple(node.underlay), pod_cidr=node.pod_cidr,
+                          node_number=node.node_number),
+                api_socket=directory / node.name / "api.sock")
+            vpp = relay.attach(node.name, FakeVpp.with_uplink(node.primary))
+            members[node.name] = MembershipAgent(options, ds, store=store,  # type: ignore[arg-type]
+                                                 api=vpp)  # type: ignore[arg-type]
+        results: dict[str, UpResult] = {}
+
+        def agreed() -> bool:
+            return len(results) == 2 and all(
+                s.forward_secret for r in results.values() for s in r.secrecy.values())
+
+        for _ in range(10):
+            if agreed():
+                break
+            for name, member in members.items():
+                result = member.sync()
+                assert result is not None
+                results[name] = result
+                for _ in range(20):  # the channel, until quiet
+                    if not relay.pump() and not any(m.secrecy.service()
+                                                    for m in members.values()):
+                        break
+        assert agreed()
+        for a, b in (("node1", "node2"), ("node2", "node1")):
+            number = mesh.node(a).node_number
+            out = {sa["entry"]["spi"]: sa["entry"]["crypto_key"]
+                   for sa_id, sa in relay.vpps[a].sas.items()
+                   if sa_id & SA_DIRECTION_BIT and sa_peer(sa_id) == mesh.node(b).node_number}
+            inbound = {sa["entry"]["spi"]: sa["entry"]["crypto_key"]
+                       for sa_id, sa in relay.vpps[b].sas.items()
+                       if not sa_id & SA_DIRECTION_BIT and sa_peer(sa_id) == number}
+            assert out and all(inbound.get(spi) == key for spi, key in out.items())
+    finally:
+        for member in members.values():
+            member.secrecy.close()
+        relay.close()
+        shutil.rmtree(directory, ignore_errors=True)
