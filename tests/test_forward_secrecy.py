@@ -875,3 +875,30 @@ def test_forward_secrecy_datastore_agents_agree_like_mesh_file_agents() -> None:
             member.secrecy.close()
         relay.close()
         shutil.rmtree(directory, ignore_errors=True)
+
+
+def test_forward_secrecy_rekeys_by_agreement_never_break_the_pair(agents: Agents) -> None:
+    """Make-before-break with acknowledgements: after every single run of either agent
+    (and every channel exchange) each outbound SA has its twin at the receiver."""
+    agents.until(lambda: agents.slid(1), "both pairs agreed and slid")
+
+    def both_ways() -> bool:
+        return agents.link_ok("node1", "node2") and agents.link_ok("node2", "node1")
+
+    generations = []
+    for _ in range(6):
+        agents.run("node1", rekey=True)
+        agents.settle()
+        for _tick in range(14):
+            for name in agents.names:
+                agents.run(name)
+                assert both_ways()
+                agents.settle()
+                assert both_ways()
+            agents.clock.now += 2
+            for a, b in itertools.permutations(agents.names, 2):
+                agents.traffic(a, b)
+        generations.append(out_generation(agents, "node1"))
+    assert generations == [{g} for g in range(2, 8)]
+    assert agents.forward_secret()
+    assert agents.secrecy["node1"].channel.held_private_keys() == 0  # type: ignore[union-attr]
