@@ -902,3 +902,38 @@ def test_forward_secrecy_rekeys_by_agreement_never_break_the_pair(agents: Agents
     assert generations == [{g} for g in range(2, 8)]
     assert agents.forward_secret()
     assert agents.secrecy["node1"].channel.held_private_keys() == 0  # type: ignore[union-attr]
+
+
+def test_forward_secrecy_receiver_reboot_without_traffic_gets_a_new_key(
+        agents: Agents) -> None:
+    """node2's host reboots (VPP and agent: the agreed inbound keys are gone everywhere)
+    before node1 ever sent a packet: node1 must still rekey towards it, or its traffic
+    would be dropped there once it starts."""
+    agents.until(lambda: agents.slid(1), "both pairs agreed and slid")  # no traffic yet:
+    for sa in agents.vpp("node1").sas.values():  # the first steps' counters are forgotten
+        sa["seq_out"] = 0
+    agents.restart_vpp("node2")
+    agents.start_agent("node2")
+    for _ in range(3):
+        agents.step(traffic=False)
+    assert agents.link_ok("node1", "node2") and agents.link_ok("node2", "node1")
+    assert out_generation(agents, "node1") == {2}
+    assert agents.results["node1"].secrecy["node2"].outbound
+    agents.until(agents.forward_secret, "both pairs on agreed keys again")
+
+
+def test_forward_secrecy_restart_request_survives_a_run_without_traffic() -> None:
+    """The peer's restart is said once; the rekey it asks for stays wanted while the
+    agreement is under way, even on a key that never protected a packet."""
+    pg = fresh(out=1, floor=1, base=1, ephemeral_out=(1,))
+    quiet = PeerObservation(out_installed=True)
+    d = advance(pg, quiet, SETTINGS, now=1, key_used=used_up_to(1), peer="p",
+                said=PeerSaid(keyed=frozenset({1}), restarted=True))
+    assert d.want == 2
+    pg.ephemeral_out.append(2)  # Secrecy.claim
+    d = advance(pg, quiet, SETTINGS, now=2, key_used=used_up_to(1), peer="p",
+                said=PeerSaid(keyed=frozenset({1})))
+    assert d.want == 2 and pg.rekey_pending
+    d = advance(pg, quiet, SETTINGS, now=3, key_used=used_up_to(1), peer="p",
+                said=PeerSaid(keyed=frozenset({1, 2}), installed=2))
+    assert d.stepped and pg.out == 2

@@ -241,7 +241,11 @@ def advance(pg: PeerGenerations, obs: PeerObservation, settings: MeshSettings, *
     reason = lost if forced else (
         "rekey requested" if pg.rekey_pending else
         soft_limit_reached(pg, obs, settings, now) if obs.out_installed else None)
-    if reason is not None and not forced and obs.out_installed and obs.out_packets == 0:
+    # The peer's restart (said once) may have cost it our key (its agent restarted too):
+    # that rekey is kept while its agreement is under way, packets or not.
+    asked = said is not None and (said.restarted or any(g > pg.out for g in pg.ephemeral_out))
+    if reason is not None and not forced and obs.out_installed and obs.out_packets == 0 \
+            and not asked:
         # A key that never protected a packet has nothing to rotate away from, and each
         # step spends a generation of the peer's window: keep it.
         reason, pg.rekey_pending = None, False
