@@ -937,3 +937,28 @@ def test_forward_secrecy_restart_request_survives_a_run_without_traffic() -> Non
     d = advance(pg, quiet, SETTINGS, now=3, key_used=used_up_to(1), peer="p",
                 said=PeerSaid(keyed=frozenset({1, 2}), installed=2))
     assert d.stepped and pg.out == 2
+
+
+def test_forward_secrecy_a_peer_that_rejoins_gets_keys_its_receivers_hold() -> None:
+    """node3 leaves node1's and node2's mesh and comes back (a datastore lease that
+    lapsed): they forgot the agreed keys of its traffic, so they ask it to rekey; its
+    traffic is accepted again without waiting for a scheduled rekey."""
+    agents = Agents(3)
+    try:
+        agents.until(lambda: agents.slid(1), "every window slid to generation 1")
+        agents.step()
+        full = agents.mesh
+        agents.mesh_file.write_text(dump_mesh(full.model_copy(update={"nodes": full.nodes[:2]})))
+        agents.names = ["node1", "node2"]  # node3's agent cannot run: its node is gone
+        for _ in range(3):
+            agents.step()
+        assert not agents.sas("node1", False, "node3")  # its SAs and keys are gone
+        assert agents.secrecy["node1"].book.keys(3, False, 1) is None
+        agents.mesh_file.write_text(dump_mesh(full))
+        agents.names = ["node1", "node2", "node3"]
+        agents.until(lambda: all(agents.link_ok(a, b)
+                                 for a, b in itertools.permutations(agents.names, 2)),
+                     "every pair works both ways", steps=6)
+        agents.until(agents.forward_secret, "every pair on agreed keys")
+    finally:
+        agents.close()

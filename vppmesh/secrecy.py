@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING
 
 from vppmesh.channel import session as s
 from vppmesh.channel.endpoint import PORT, ChannelEndpoint
+from vppmesh.channel.messages import Restarted
 from vppmesh.channel.transport import PuntTransport
 from vppmesh.epochs import GenerationState, PeerGenerations, PeerSaid
 from vppmesh.errors import VppMeshError
@@ -245,6 +246,7 @@ class Secrecy:
         self._peers: dict[str, int] = {}  # name -> node number of the current view
         self._heard: dict[int, _Heard] = {}
         self._stated: dict[tuple[int, str], int] = {}
+        self._asked: dict[int, float] = {}  # peer -> when it was last asked to rekey
         self._outbox: list[s.Output] = []
         self.unavailable: str | None = None  # why there is no channel (told once)
 
@@ -308,6 +310,9 @@ class Secrecy:
         for number in set(self._peers.values()) - set(peers.values()):
             self.book.forget(number)
             self._heard.pop(number, None)
+            self._asked.pop(number, None)
+            for key in [k for k in self._stated if k[0] == number]:
+                del self._stated[key]  # its channel state went too: state all again
         self._peers = peers
 
     def close(self) -> None:
@@ -432,6 +437,18 @@ class Secrecy:
                 if self._stated.get((number, what)) != g:
                     self._stated[(number, what)] = g
                     self._outbox.append(channel.acknowledge(now, number, what, g))
+            # Agreed inbound generations whose keys nobody holds any more (the peer left
+            # the mesh and came back; node.usable_keying left them out): the peer is
+            # asked to rekey towards us, as after a restart, again now and then until
+            # it has.
+            lost = (set(pg.ephemeral_in) & set(pg.window)) - set(installed.get(peer.name, ()))
+            asked = self._asked.get(number)
+            if lost and peer.name in installed and (
+                    asked is None or now - asked >= s.KEEPALIVE_AFTER):
+                self._asked[number] = now
+                self._outbox.append(channel.send(now, number, Restarted(channel.boot_id)))
+            elif not lost:
+                self._asked.pop(number, None)
             want = wants.get(peer.name)
             if want is not None and self.book.keys(number, True, want) is None and \
                     not channel.offering(number, want):
