@@ -303,7 +303,7 @@ def key_text_forms(key: bytes) -> list[bytes]:
 
 def short_tmp() -> Path:
     """A directory for unix sockets (their paths must stay under 107 bytes)."""
-    return Path(tempfile.mkdtemp(dir="/tmp", prefix="vfs-"))
+    return Path(tempfile.mkdtemp(dir="/tmp", prefix="fsunit-"))
 
 
 # ---- two agents on fake VPPs, their punt paths joined ------------------------------------

@@ -243,7 +243,8 @@ class Secrecy:
         self.book = KeyBook()
         self.endpoint: ChannelEndpoint | None = None
         self._pid: int | None = None  # the VPP the punt registration is for
-        self._peers: dict[str, int] = {}  # name -> node number of the current view
+        self._configs: dict[int, s.PeerConfig] = {}
+        self._followed: LocalView | None = None
         self._heard: dict[int, _Heard] = {}
         self._stated: dict[tuple[int, str], int] = {}
         self._asked: dict[int, float] = {}  # peer -> when it was last asked to rekey
@@ -287,7 +288,8 @@ class Secrecy:
                 channel = s.Channel(view.node.node_number, view.secrets, [],
                                     boot_id=boot_id)
                 self.endpoint = ChannelEndpoint(channel, transport, {})
-                self._peers = {}
+                self._configs, self._stated = {}, {}
+                self._followed = None
             elif restarted:
                 log.info("VPP restarted: telling every peer's agent")
                 self.endpoint.emit(self.endpoint.channel.restarted(self.clock(), boot_id))
@@ -298,22 +300,24 @@ class Secrecy:
         endpoint = self.endpoint
         if endpoint is None:
             return
-        peers = {p.name: p.node.node_number for p in view.peers}
-        local = {version: (address, PORT)
-                 for version, address in local_addresses(view).items()}
-        if peers == self._peers and endpoint.local == local:
-            return
-        endpoint.local = local
-        endpoint.channel.set_peers([
-            s.PeerConfig(p.node.node_number, p.node.public_key_bytes,
-                         (str(p.path.endpoints[0][1]), PORT)) for p in view.peers])
-        for number in set(self._peers.values()) - set(peers.values()):
-            self.book.forget(number)
+        if view is self._followed:
+            return  # the mesh is unchanged (a Session keeps its view while it is)
+        self._followed = view
+        endpoint.local = {version: (address, PORT)
+                          for version, address in local_addresses(view).items()}
+        configs = {p.node.node_number: s.PeerConfig(
+            p.node.node_number, p.node.public_key_bytes, (str(p.path.endpoints[0][1]), PORT))
+            for p in view.peers}
+        endpoint.channel.set_peers(configs.values())
+        # A peer that left, or whose record changed, starts afresh on both ends.
+        for number in [n for n, c in self._configs.items() if configs.get(n) != c]:
             self._heard.pop(number, None)
             self._asked.pop(number, None)
-            for key in [k for k in self._stated if k[0] == number]:
-                del self._stated[key]  # its channel state went too: state all again
-        self._peers = peers
+            for what in ("installed", "slid", "sending"):
+                self._stated.pop((number, what), None)
+            if number not in configs:
+                self.book.forget(number)
+        self._configs = configs
 
     def close(self) -> None:
         if self.endpoint is not None:
