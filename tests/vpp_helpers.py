@@ -25,6 +25,7 @@ from conftest import require_vpp, stop_process
 from etcd_server import EtcdServer, running_etcd
 
 from benchmarks.cni_latency import CNI_PATH, plugin_command
+from vppmesh.channel.endpoint import PORT as CHANNEL_PORT
 from vppmesh.lab.testbed import NodeHandle, Testbed, TestbedSpec, in_ns, sh
 from vppmesh.vpp.client import Request, VppClient
 
@@ -283,15 +284,17 @@ class UnderlayCapture:
         time.sleep(1.0)
 
     def stop(self) -> dict[str, int]:
-        """Stop and count: every IPv4 packet must be ESP between node addresses; anything
-        else, or any pod address (198.18.), counts as clear."""
+        """Stop and count: every IPv4 packet must be ESP between node addresses, or the
+        agents' channel (UDP 4501 between node addresses, Noise-encrypted); anything else,
+        or any pod address (198.18.), counts as clear."""
         time.sleep(0.5)
         self.proc.terminate()
         self.proc.wait(timeout=10)
         text = subprocess.run(["tcpdump", "-n", "-r", str(self.path)], capture_output=True,
                               text=True, check=False).stdout
         node_addrs = {str(a.ip) for n in self.bed.nodes for a in n.underlay}
-        esp = clear = 0
+        esp = channel = clear = 0
+        port = f".{CHANNEL_PORT}"
         for line in text.splitlines():
             if "198.18." in line:
                 clear += 1
@@ -300,9 +303,12 @@ class UnderlayCapture:
             src, dst = line.split(" IP ")[1].split(":")[0].split(" > ")
             if "ESP(" in line and src in node_addrs and dst in node_addrs:
                 esp += 1
+            elif " UDP," in line and src.endswith(port) and dst.endswith(port) and \
+                    src.removesuffix(port) in node_addrs and dst.removesuffix(port) in node_addrs:
+                channel += 1
             else:
                 clear += 1
-        return {"esp": esp, "clear": clear}
+        return {"esp": esp, "channel": channel, "clear": clear}
 
 
 # ---- the API's bytes against vpp-papi's -------------------------------------------------

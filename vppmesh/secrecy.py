@@ -243,12 +243,15 @@ class Secrecy:
         return self.endpoint.fileno()
 
     # ---- VPP and the mesh ------------------------------------------------------------
-    def attach(self, api: VppApi, view: LocalView, vpp_pid: int) -> None:
-        """Meet the VPP at `api` (process `vpp_pid`): register the punt socket when it
-        is a VPP not met before, announce a restart, follow the view's peers."""
-        if vpp_pid != self._pid:
+    def attach(self, api: VppApi, view: LocalView, vpp_pid: int, *,
+               reconnected: bool = False) -> None:
+        """Meet the VPP at `api` (process `vpp_pid`; `reconnected`: the connection broke
+        since the last run, so this is another VPP whatever its pid): register the punt
+        socket when it is a VPP not met before, announce a restart, follow the peers."""
+        if vpp_pid != self._pid or reconnected:
             restarted = self._pid is not None
             self._pid = vpp_pid  # asked once per VPP: a refusal holds until it restarts
+            boot_id = self._boot_id(vpp_pid, fresh=restarted)
             try:
                 replies = api.call_many([punt.register(PORT, False, self.socket_path),
                                          punt.register(PORT, True, self.socket_path)])
@@ -262,7 +265,6 @@ class Secrecy:
                 return
             self.unavailable = None
             vpp_socket = Path(str(replies[0].pathname))
-            boot_id = int.from_bytes(os.urandom(8), "big")
             if self.endpoint is None or self.endpoint.transport.vpp_path != vpp_socket:
                 if self.endpoint is not None:
                     self.endpoint.transport.close()
@@ -277,6 +279,25 @@ class Secrecy:
                 log.info("VPP restarted: telling every peer's agent")
                 self.endpoint.emit(self.endpoint.channel.restarted(self.clock(), boot_id))
         self.follow(view)
+
+    def _boot_id(self, vpp_pid: int, *, fresh: bool) -> int:
+        """The id peers know this node's VPP by: new for a VPP this agent saw start,
+        kept across agent restarts while the VPP runs (a file beside the socket, on the
+        runtime directory), so a restarted agent is not taken for a restarted VPP."""
+        path = self.socket_path.with_suffix(".boot")
+        if not fresh:
+            try:
+                pid, boot = path.read_text().split()
+                if int(pid) == vpp_pid:
+                    return int(boot)
+            except (OSError, ValueError):
+                pass
+        boot_id = int.from_bytes(os.urandom(8), "big")
+        try:
+            path.write_text(f"{vpp_pid} {boot_id}\n")
+        except OSError as exc:
+            log.debug("cannot keep the boot id in %s: %s", path, exc)
+        return boot_id
 
     def follow(self, view: LocalView) -> None:
         """The view's peers and this node's addresses, when they changed."""
