@@ -24,7 +24,6 @@ import vpp_helpers
 from conftest import stop_process, wait_for
 from etcd_server import EtcdServer, require_etcd
 
-from vppmesh.epochs import GenerationStore
 from vppmesh.lab.testbed import NodeHandle, Testbed, in_ns
 from vppmesh.state import is_owned_sa_id, is_owned_tunnel_instance, split_tunnel_instance
 from vppmesh.vpp import interfaces, ipip, ipsec
@@ -135,22 +134,6 @@ def meshed_with(node: NodeHandle, peer_numbers: set[int]) -> bool:
         for tunnels in view.values())
 
 
-def forward_secret_and_settled(nodes: list[NodeHandle]) -> bool:
-    """Every pair of `nodes` sends on agreed keys both ways, and every receiver has slid
-    to what its peer sends on (nothing left to change)."""
-    states = {n.name: GenerationStore(n.dir, n.name).load() for n in nodes}
-    for node in nodes:
-        for peer in nodes:
-            if peer is node:
-                continue
-            ours, theirs = states[node.name].peers.get(peer.name), \
-                states[peer.name].peers.get(node.name)
-            if ours is None or theirs is None or ours.out not in ours.ephemeral_out or \
-                    theirs.in_base != ours.out or theirs.in_base not in theirs.ephemeral_in:
-                return False
-    return True
-
-
 def test_join_and_leave_through_etcd_under_traffic(mesh: Mesh) -> None:
     bed = mesh.bed
     n1, n2, n3, n4 = bed.nodes
@@ -168,7 +151,7 @@ def test_join_and_leave_through_etcd_under_traffic(mesh: Mesh) -> None:
     print(f"\nthree agents started to full mesh: {time.monotonic() - started:.1f} s")
     # The agents move every pair to agreed keys (forward secrecy), as `up --watch` does;
     # the baseline below is taken once they have settled there.
-    wait_for(lambda: forward_secret_and_settled(first), 60, "agreed keys on every pair")
+    wait_for(lambda: vpp_helpers.settled_on_agreed_keys(first), 60, "agreed keys on every pair")
     print(f"every pair on agreed keys: {time.monotonic() - started:.1f} s")
     for node in first:
         bed.add_pod(node, 0)

@@ -26,6 +26,7 @@ from etcd_server import EtcdServer, running_etcd
 
 from benchmarks.cni_latency import CNI_PATH, plugin_command
 from vppmesh.channel.endpoint import PORT as CHANNEL_PORT
+from vppmesh.epochs import GenerationStore
 from vppmesh.lab.testbed import NodeHandle, Testbed, TestbedSpec, in_ns, sh
 from vppmesh.vpp.client import Request, VppClient
 
@@ -88,6 +89,29 @@ def on_demand_rekeys(bed: Testbed, grace: float) -> None:
     data = yaml.safe_load(bed.mesh_file.read_text())
     data["settings"].update(rekey_grace=grace, rekey_interval=0)
     bed.mesh_file.write_text(yaml.safe_dump(data, sort_keys=False))
+
+
+def settled_on_agreed_keys(nodes: list[NodeHandle]) -> bool:
+    """Every pair of `nodes` sends on agreed keys both ways, and every receiver has slid
+    to what its peer sends on (nothing left to change)."""
+    states = {n.name: GenerationStore(n.dir, n.name).load() for n in nodes}
+    for node in nodes:
+        for peer in nodes:
+            if peer is node:
+                continue
+            ours, theirs = states[node.name].peers.get(peer.name), \
+                states[peer.name].peers.get(node.name)
+            if ours is None or theirs is None or ours.out not in ours.ephemeral_out or \
+                    theirs.in_base != ours.out or theirs.in_base not in theirs.ephemeral_in:
+                return False
+    return True
+
+
+def plan_changes(stdout: str) -> int:
+    """The change count `vppmesh plan` printed."""
+    found = re.search(r"^(\d+) change\(s\)$", stdout, re.M)
+    assert found, f"no change count in: {stdout!r}"
+    return int(found.group(1))
 
 
 # ---- agents -----------------------------------------------------------------------------
