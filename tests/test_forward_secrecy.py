@@ -48,7 +48,7 @@ from vppmesh.keys import (
 )
 from vppmesh.ledger import KeyLedger
 from vppmesh.node import NodeOptions, Session, UpResult, channel_socket, observe_keys
-from vppmesh.secrecy import KeyBook, Secrecy, vpp_boot_id
+from vppmesh.secrecy import KeyBook, Secrecy
 from vppmesh.state import SA_DIRECTION_BIT, sa_peer
 from vppmesh.view import build_view
 
@@ -607,11 +607,6 @@ def test_forward_secrecy_agent_restart_adopts_what_vpp_holds(agents: Agents) -> 
                  "node2 slid to node1's generation 2")
     assert out_generation(agents, "node1") == {2} and agents.forward_secret()
 
-
-def test_forward_secrecy_boot_id_names_the_vpp_not_the_agent() -> None:
-    assert vpp_boot_id(4242) == vpp_boot_id(4242)  # another agent, the same VPP
-    assert vpp_boot_id(4242) != vpp_boot_id(4243)  # VPP restarted
-    assert 0 <= vpp_boot_id(1) < 2**64
 
 
 # ---- hostile datagrams into an agent's socket ----------------------------------------------
