@@ -961,3 +961,31 @@ def test_forward_secrecy_a_peer_that_rejoins_gets_keys_its_receivers_hold() -> N
         agents.until(agents.forward_secret, "every pair on agreed keys")
     finally:
         agents.close()
+
+
+def test_channel_crossing_handshakes_after_a_lost_first_attempt_end_on_one_session() -> None:
+    """node1's first Init is lost (node3's agent was not up yet); its retry and node3's own
+    Init cross, each answered by the other side: both must end on the same session, or
+    everything either sends is dropped as forged until the next handshake."""
+    keys = {n: X25519PrivateKey.generate() for n in (1, 3)}
+    address = {1: ("192.0.2.1", PORT), 3: ("192.0.2.3", PORT)}
+    nodes = {n: s.Channel(n, NodeSecrets(keys[n], bytes(32)),
+                          [s.PeerConfig(4 - n, public_bytes(keys[4 - n]), address[4 - n])],
+                          boot_id=n) for n in (1, 3)}
+    nodes[1].tick(100.0)  # lost
+    retry = nodes[1].tick(100.0 + s.HANDSHAKE_RETRY)
+    own = nodes[3].tick(100.0 + s.HANDSHAKE_RETRY)
+    [(_, init1)], [(_, init3)] = retry.datagrams, own.datagrams
+    now = 101.0
+    answer1 = nodes[1].receive(now, address[3], init3)  # both Inits arrive first ...
+    answer3 = nodes[3].receive(now, address[1], init1)
+    for sender, out in ((1, answer1), (3, answer3)):  # ... then both Responses
+        for _, data in out.datagrams:
+            nodes[4 - sender].receive(now, address[sender], data)
+    for sender in (1, 3):
+        for _, data in nodes[sender].send(now, 4 - sender, m.Keepalive()).datagrams:
+            nodes[4 - sender].receive(now, address[sender], data)
+    # The Response to node3's own (given up) handshake is refused as a replay; nothing
+    # else is dropped, and each keepalive arrives.
+    assert nodes[1].drops == {} and nodes[3].drops == {Drop.REPLAY: 1}
+    assert nodes[1].stats["received"] == 1 == nodes[3].stats["received"]

@@ -428,7 +428,11 @@ class Channel:
         if isinstance(hello, m.Drop):
             return self._drop(hello)
         state.last_timestamp = init.timestamp
-        state.pending = None
+        if self.node_number > state.config.node_number:
+            # The higher node gives its own handshake up. The lower one keeps its own
+            # (answered only after a first attempt went unanswered): if the peer answers
+            # it too, both end on that session rather than on one each.
+            state.pending = None
         local = self._fresh_index()
         noise = handshake.write_message(m.encode(m.Hello(self.boot_id)))
         self.stats["dh"] += 2
