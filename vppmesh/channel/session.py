@@ -192,6 +192,7 @@ class _Peer:
     current: _Session | None = None
     previous: _Session | None = None
     pending: _Pending | None = None
+    given_up: int | None = None  # the index of our handshake given up for the peer's
     attempts: int = 0
     last_timestamp: int = 0  # highest handshake timestamp accepted from the peer
     boot_id: int | None = None
@@ -432,6 +433,8 @@ class Channel:
             # The higher node gives its own handshake up. The lower one keeps its own
             # (answered only after a first attempt went unanswered): if the peer answers
             # it too, both end on that session rather than on one each.
+            if state.pending is not None:
+                state.given_up = state.pending.local_index
             state.pending = None
         local = self._fresh_index()
         noise = handshake.write_message(m.encode(m.Hello(self.boot_id)))
@@ -449,6 +452,10 @@ class Channel:
                           response: m.Response) -> Output:
         pending = state.pending
         if pending is None or response.receiver_index != pending.local_index:
+            if response.receiver_index == state.given_up:  # the peer's answer crossed
+                state.given_up = None  # ours; authentic (its MAC held): not a replay
+                self.stats["collisions"] += 1
+                return Output()
             return self._drop(m.Drop.REPLAY)  # no handshake of ours is waiting for it
         if not self._dh_allowed(now, source):
             return self._drop(m.Drop.RATE_LIMITED)
