@@ -35,7 +35,6 @@ from typing import TYPE_CHECKING
 
 from vppmesh.channel import session as s
 from vppmesh.channel.endpoint import PORT, ChannelEndpoint
-from vppmesh.channel.messages import Restarted
 from vppmesh.channel.transport import PuntTransport
 from vppmesh.epochs import GenerationState, PeerGenerations, PeerSaid
 from vppmesh.errors import VppMeshError
@@ -236,7 +235,7 @@ class Secrecy:
         self._followed: LocalView | None = None
         self._heard: dict[int, _Heard] = {}
         self._stated: dict[tuple[int, str], int] = {}
-        self._asked: dict[int, float] = {}  # peer -> when it was last asked to rekey
+        self._asked: dict[int, frozenset[int]] = {}  # lost inbound generations, asked for
         self._outbox: list[s.Output] = []
         self.unavailable: str | None = None  # why there is no channel (told once)
 
@@ -442,6 +441,14 @@ class Secrecy:
                 heard.restarted = False
             if not live or channel is None or not self._live(channel, number):
                 continue
+            # Inbound generations agreed before, whose keys neither this agent nor VPP
+            # holds any more (the peer left the mesh and came back, say): the peer must
+            # rekey towards us, once per loss.
+            lost = frozenset(g for g in pg.ephemeral_in
+                             if self.book.keys(number, False, g) is None)
+            if lost and self._asked.get(number) != lost:
+                self._outbox.append(channel.ask_rekey(now, number))
+            self._asked[number] = lost
             states = {"slid": pg.in_base}
             if agreed_in:
                 states["installed"] = max(agreed_in)
@@ -451,18 +458,6 @@ class Secrecy:
                 if self._stated.get((number, what)) != g:
                     self._stated[(number, what)] = g
                     self._outbox.append(channel.acknowledge(now, number, what, g))
-            # Agreed inbound generations whose keys nobody holds any more (the peer left
-            # the mesh and came back; node.usable_keying left them out): the peer is
-            # asked to rekey towards us, as after a restart, again now and then until
-            # it has.
-            lost = (set(pg.ephemeral_in) & set(pg.window)) - set(installed.get(peer.name, ()))
-            asked = self._asked.get(number)
-            if lost and peer.name in installed and (
-                    asked is None or now - asked >= s.KEEPALIVE_AFTER):
-                self._asked[number] = now
-                self._outbox.append(channel.send(now, number, Restarted(channel.boot_id)))
-            elif not lost:
-                self._asked.pop(number, None)
             want = wants.get(peer.name)
             if want is not None and self.book.keys(number, True, want) is None and \
                     not channel.offering(number, want):
