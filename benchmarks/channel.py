@@ -258,7 +258,8 @@ def handshake_through_vpp(pair: VppPair) -> float:
 def message_through_vpp(pair: VppPair, generation: int) -> float:
     """A KeyInit from node 1 until node 1 holds the generation's secret (one round trip)."""
     pair.emit(1, pair.channel(1).start_generation(time.time(), 2, generation))
-    return pair.pump(lambda: pair.channel(1).generation_secret(2, generation, outbound=True) is not None)
+    return pair.pump(lambda: pair.channel(1).generation_secret(2, generation, outbound=True)
+                     is not None)
 
 
 def measure_vpp(repeats: int, family: str) -> dict[str, Any]:

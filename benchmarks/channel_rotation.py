@@ -28,6 +28,7 @@ import heapq
 import json
 import os
 import random
+import shutil
 import sys
 import tempfile
 import time
@@ -260,7 +261,7 @@ def simulate(peers: int, interval: float, duration: float, *, grace: float, tunn
             "drops": {str(k): v for k, v in sim.hub.drops.items()}}
 
 
-def summarize(peers: int, interval: float, runs: list[dict[str, Any]],
+def summarize(interval: float, tunnels: int, runs: list[dict[str, Any]],
               reconcile: dict[str, Any] | None) -> dict[str, Any]:
     """Medians over the repeats, per second of simulated time, as % of one core."""
     def rate(key: str) -> float:
@@ -287,6 +288,10 @@ def summarize(peers: int, interval: float, runs: list[dict[str, Any]],
         "run_events_per_s": round(rotations / 2 * RUN_EVENTS_PER_PAIR_ROTATION, 2),
         "runs": runs,
     }
+    if interval:
+        # Every switch records the pair's new outbound keys; nothing is ever dropped.
+        row["ledger_after_a_day"] = measure_ledger(
+            round(rate("out_steps") * tunnels * 86400))
     if reconcile is not None:
         # Per pair and direction: the sender switches, the receiver installs and slides;
         # the node is the sender of half its rotations and the receiver of the other half.
@@ -300,6 +305,34 @@ def summarize(peers: int, interval: float, runs: list[dict[str, Any]],
         row["event_runs_cpu_pct"] = round(min(row["run_events_per_s"] * run["cpu_s"],
                                               run["cpu_s"] / run["wall_s"]) * ONE_CORE, 1)
     return row
+
+
+def measure_ledger(entries: int) -> dict[str, float]:
+    """The used-key ledger holding `entries` fingerprints (what one day of rotations adds):
+    its size, and what recording one switch's new outbound keys costs (the ledger is
+    rewritten whole and synced before the keys reach VPP)."""
+    import secrets
+
+    from pydantic import SecretBytes
+
+    from vppmesh.ledger import KeyLedger
+    from vppmesh.state import SaSpec
+
+    directory = Path(tempfile.mkdtemp(prefix="vppmesh-ledger-"))
+    try:
+        path = directory / "n1.used-keys.json"
+        path.write_text(json.dumps({"outbound": sorted(
+            secrets.token_hex(16) for _ in range(entries))}))
+        ledger = KeyLedger(path)
+        ledger.used()
+        spec = SaSpec.model_construct(key=SecretBytes(os.urandom(32)), salt=1)
+        wall, cpu = time.perf_counter(), time.process_time()
+        ledger.record([spec])
+        return {"entries": entries, "bytes": path.stat().st_size,
+                "record_cpu_s": time.process_time() - cpu,
+                "record_wall_s": time.perf_counter() - wall}
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 STEPS = ("install", "switch", "slide")
@@ -415,7 +448,7 @@ def render_table(result: dict[str, Any]) -> str:
     rows = result["intervals"]
     vpp = result.get("vpp")
     head = ["rekey_interval", "rotations/s (node's ends)", "datagrams/s out / in",
-            "channel CPU", "loop wakeups/s (their ticks)"]
+            "channel CPU", "loop wakeups/s (their ticks)", "key ledger after a day"]
     if vpp:
         head += ["reconcile CPU", "channel + reconcile", "run-waking events/s (as runs)"]
     lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
@@ -424,7 +457,8 @@ def render_table(result: dict[str, Any]) -> str:
         cells = [interval, f"{r['rotations_per_s']:.2f}",
                  f"{r['datagrams_sent_per_s']:.1f} / {r['datagrams_received_per_s']:.1f}",
                  f"{r['channel_cpu_pct']:.2f} %",
-                 f"{r['wakeups_per_s']:.1f} ({r['wakeup_ticks_cpu_pct']:.2f} %)"]
+                 f"{r['wakeups_per_s']:.1f} ({r['wakeup_ticks_cpu_pct']:.2f} %)",
+                 ledger_cell(r.get("ledger_after_a_day"))]
         if vpp:
             cells += [f"{r['reconcile_cpu_pct']:.3f} %",
                       f"{r['channel_cpu_pct'] + r['reconcile_cpu_pct']:.2f} %",
@@ -452,6 +486,13 @@ def render_table(result: dict[str, Any]) -> str:
             f" of a core at any interval; converged: {'yes' if vpp['converged'] else 'NO'}.")
     lines.append(f"Notes: {result['notes']}")
     return "\n".join(lines) + "\n"
+
+
+def ledger_cell(ledger: dict[str, float] | None) -> str:
+    if ledger is None:
+        return ""
+    return (f"{ledger['bytes'] / 1e6:.1f} MB, {ledger['record_cpu_s'] * 1000:.0f} ms CPU "
+            f"({ledger['record_wall_s'] * 1000:.0f} ms wall) a record")
 
 
 def render_png(result: dict[str, Any], path: Path) -> None:
@@ -513,7 +554,7 @@ def main(argv: list[str] | None = None) -> int:
               f"simulated ...", file=sys.stderr, flush=True)
         runs = [simulate(args.peers, interval, args.duration, grace=args.grace,
                          tunnels=args.tunnels, seed=repeat) for repeat in range(args.repeats)]
-        rows.append(summarize(args.peers, interval, runs, vpp))
+        rows.append(summarize(interval, args.tunnels, runs, vpp))
     result: dict[str, Any] = {
         "machine": machine(), "command": " ".join(
             ["python -m benchmarks.channel_rotation", *(argv if argv is not None

@@ -50,21 +50,27 @@ def test_report_adds_the_reconcile_and_the_runs_events_wake() -> None:
            "switch": step(0.001), "slide": step(0.001),
            "agent_run": {"wall_s": 0.8, "cpu_s": 0.4}, "converged": True}
     run = {"cpu_s": 1.0, "sent": 100, "received": 100, "wakeups": 50, "ticks": 500,
-           "out_steps": 100, "in_slides": 100, "derivations": 200, "duration_s": 100.0,
+           "out_steps": 1, "in_slides": 1, "derivations": 2, "duration_s": 100.0,
            "idle_tick_ms": 0.5, "handshake_cpu_ms_both_ends": 1.0, "drops": {}}
-    row = rotation.summarize(1000, 100.0, [run], vpp)
-    assert row["rotations_per_s"] == 2.0
+    row = rotation.summarize(100.0, 4, [run], vpp)
+    assert row["rotations_per_s"] == 0.02
     assert row["channel_cpu_pct"] == 1.0
     assert row["wakeup_ticks_cpu_pct"] == 0.025  # 0.5 wakeups/s x 0.5 ms
-    # 1 outbound switch/s x 1 ms + 1 slide/s x (2 + 1) ms
-    assert row["reconcile_cpu_pct"] == 0.4
-    # 5 events/s would need 5 runs of 0.8 s a second: back to back, 0.4 / 0.8 of a core
-    assert row["event_runs_cpu_pct"] == 50.0
+    # 0.01 outbound switches/s x 1 ms + 0.01 slides/s x (2 + 1) ms
+    assert row["reconcile_cpu_pct"] == 0.004
+    # 0.05 events/s, each a run of 0.4 s CPU
+    assert row["event_runs_cpu_pct"] == 2.0
+    # A day of switches: 0.01/s x 4 tunnels x 86400 s fingerprints, 33 bytes or more each
+    ledger = row["ledger_after_a_day"]
+    assert ledger["entries"] == 3456 and ledger["bytes"] > 3456 * 33
+    assert ledger["record_cpu_s"] > 0
+    run["out_steps"] = 100  # a switch a second: runs back to back, 0.4 / 0.8 of a core
+    assert rotation.summarize(0, 4, [run], vpp)["event_runs_cpu_pct"] == 50.0
     table = rotation.render_table({"intervals": [row], "vpp": vpp, "peers": 1000,
                                    "tunnels_per_peer": 4, "rekey_grace_s": 10.0,
                                    "duration_s": 100.0, "notes": "a qemu guest"})
-    assert "| 100 s | 2.00 | 1.0 / 1.0 | 1.00 % | 0.5 (0.03 %) | 0.400 % | 1.40 % | " \
-        "5.00 (50 %) |" in table
+    assert "| 100 s | 0.02 | 1.0 / 1.0 | 1.00 % | 0.5 (0.03 %) | 0.1 MB, " in table
+    assert "| 0.004 % | 1.00 % | 0.05 (2 %) |" in table
     assert "One agent run with nothing to change 400 ms CPU (800 ms wall): every 2 s poll " \
         "20% of a core" in table
     assert table.rstrip().endswith("Notes: a qemu guest")
