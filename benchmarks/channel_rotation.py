@@ -33,7 +33,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -53,10 +53,10 @@ HUB_TICK = WATCH_FILE_CHECK_SECONDS  # the agent's loop ticks the channel at lea
 PEER_TICK = 1.0  # the peers' ticks (their timing only, not measured)
 RUN_DELAY = 0.2  # from an event to the agent's run acting on it
 WARMUP = 30.0  # sessions up and one rotation each way before the measured stretch
-# Events after which Secrecy.service asks for a run at once (one per step of a rotation):
-# the sender's GenerationKeyed, "installed" and "slid"; the receiver's GenerationKeyed
-# and "sending".
-RUN_EVENTS_PER_PAIR_ROTATION = 5
+# The channel events after which Secrecy.service asks for a run at once: the steps of a
+# rotation (GenerationKeyed, PeerAcked) and every completed handshake (session rekeys
+# included), besides a peer's restart.
+RUN_EVENTS = ("GenerationKeyed", "PeerAcked", "HandshakeComplete", "PeerRestarted")
 ONE_CORE = 100.0  # percent
 
 
@@ -82,6 +82,7 @@ class Meter:
     out_steps: int = 0  # the node switched its outbound generation towards a peer
     in_slides: int = 0  # the node slid its window for a peer's traffic
     derivations: int = 0  # generations whose SA keys the node derived
+    events: dict[str, int] = field(default_factory=dict)  # the node's channel events
 
 
 class Simulation:
@@ -136,6 +137,9 @@ class Simulation:
 
     def on_events(self, node: int, events: list[s.Event], now: float) -> None:
         for event in events:
+            if node == HUB and self.measuring:
+                kind = type(event).__name__
+                self.meter.events[kind] = self.meter.events.get(kind, 0) + 1
             match event:
                 case s.GenerationKeyed(peer=peer, generation=g, outbound=outbound,
                                        secret=secret):
@@ -285,7 +289,9 @@ def summarize(interval: float, tunnels: int, runs: list[dict[str, Any]],
         "idle_tick_ms": round(tick_ms, 3),
         "handshake_cpu_ms_both_ends": round(median(
             r["handshake_cpu_ms_both_ends"] for r in runs) or 0.0, 3),
-        "run_events_per_s": round(rotations / 2 * RUN_EVENTS_PER_PAIR_ROTATION, 2),
+        "run_events_per_s": round(median(
+            sum(r["events"].get(k, 0) for k in RUN_EVENTS) / r["duration_s"]
+            for r in runs) or 0.0, 2),
         "runs": runs,
     }
     if interval:

@@ -30,6 +30,8 @@ def test_channel_rotation_benchmark_reports_every_interval(tmp_path: Path) -> No
         assert row["handshake_cpu_ms_both_ends"] > 0
         assert all(run["drops"] == {} for run in row["runs"])  # nothing refused
         assert "reconcile_cpu_pct" not in row  # no --vpp
+        # Every session rekey and every step of a rotation wakes a run of the agent.
+        assert row["run_events_per_s"] > 0
     # Rotations: none without an interval, twice as many at half the interval.
     assert rows[0]["rotations_per_s"] == 0
     assert rows[1]["rotations_per_s"] > rows[2]["rotations_per_s"] > 0
@@ -38,6 +40,7 @@ def test_channel_rotation_benchmark_reports_every_interval(tmp_path: Path) -> No
             # Every rotation of the node's outbound keys was agreed, so derived.
             assert run["derivations"] >= run["out_steps"] > 0
             assert run["in_slides"] > 0
+            assert run["events"]["GenerationKeyed"] == run["derivations"]
     assert written.with_suffix(".md").read_text().startswith("| rekey_interval")
     assert written.with_suffix(".png").stat().st_size > 0
 
@@ -51,20 +54,21 @@ def test_report_adds_the_reconcile_and_the_runs_events_wake() -> None:
            "agent_run": {"wall_s": 0.8, "cpu_s": 0.4}, "converged": True}
     run = {"cpu_s": 1.0, "sent": 100, "received": 100, "wakeups": 50, "ticks": 500,
            "out_steps": 1, "in_slides": 1, "derivations": 2, "duration_s": 100.0,
-           "idle_tick_ms": 0.5, "handshake_cpu_ms_both_ends": 1.0, "drops": {}}
+           "idle_tick_ms": 0.5, "handshake_cpu_ms_both_ends": 1.0, "drops": {},
+           "events": {"GenerationKeyed": 2, "PeerAcked": 3, "EndpointChanged": 7}}
     row = rotation.summarize(100.0, 4, [run], vpp)
     assert row["rotations_per_s"] == 0.02
     assert row["channel_cpu_pct"] == 1.0
     assert row["wakeup_ticks_cpu_pct"] == 0.025  # 0.5 wakeups/s x 0.5 ms
     # 0.01 outbound switches/s x 1 ms + 0.01 slides/s x (2 + 1) ms
     assert row["reconcile_cpu_pct"] == 0.004
-    # 0.05 events/s, each a run of 0.4 s CPU
+    # 0.05 events/s waking a run (a moved endpoint does not), each a run of 0.4 s CPU
     assert row["event_runs_cpu_pct"] == 2.0
     # A day of switches: 0.01/s x 4 tunnels x 86400 s fingerprints, 33 bytes or more each
     ledger = row["ledger_after_a_day"]
     assert ledger["entries"] == 3456 and ledger["bytes"] > 3456 * 33
     assert ledger["record_cpu_s"] > 0
-    run["out_steps"] = 100  # a switch a second: runs back to back, 0.4 / 0.8 of a core
+    run["events"] = {"HandshakeComplete": 200}  # 2/s: runs back to back, 0.4 / 0.8 of a core
     assert rotation.summarize(0, 4, [run], vpp)["event_runs_cpu_pct"] == 50.0
     table = rotation.render_table({"intervals": [row], "vpp": vpp, "peers": 1000,
                                    "tunnels_per_peer": 4, "rekey_grace_s": 10.0,
