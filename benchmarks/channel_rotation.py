@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.capacity.report import machine
-from benchmarks.channel import PSK, T0, channels
+from benchmarks.channel import PSK, T0, channels, write_results
 from benchmarks.report import DEFAULT_RESULTS_DIR
 from benchmarks.stats import median
 from vppmesh.channel import session as s
@@ -572,16 +572,8 @@ def main(argv: list[str] | None = None) -> int:
         "intervals": rows}
     if vpp is not None:
         result["vpp"] = vpp
-    stem = args.out / f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-channel-rotation"
-    args.out.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(result, indent=1)
-    stem.with_suffix(".json").write_text(text + "\n")
-    table = render_table(result)
-    stem.with_suffix(".md").write_text(table)
-    render_png(result, stem.with_suffix(".png"))
     print(json.dumps({k: v for k, v in result.items() if k != "intervals"}, indent=1))
-    print(table)
-    print(f"wrote {stem}.json, .md and .png", file=sys.stderr)
+    write_results(args.out, "channel-rotation", result, render_table(result), render_png)
     return 0 if vpp is None or vpp["converged"] else 1
 
 
