@@ -258,8 +258,8 @@ def handshake_through_vpp(pair: VppPair) -> float:
 def message_through_vpp(pair: VppPair, generation: int) -> float:
     """A KeyInit from node 1 until node 1 holds the generation's secret (one round trip)."""
     pair.emit(1, pair.channel(1).start_generation(time.time(), 2, generation))
-    return pair.pump(lambda: pair.channel(1).generation_secret(2, generation, outbound=True)
-                     is not None)
+    return pair.pump(
+        lambda: pair.channel(1).generation_secret(2, generation, outbound=True) is not None)
 
 
 def measure_vpp(repeats: int, family: str) -> dict[str, Any]:
@@ -343,22 +343,17 @@ def main(argv: list[str] | None = None) -> int:
                               "peers": measure_peers(args.peers)}
     if args.vpp:
         result["vpp"] = [measure_vpp(args.repeats, family) for family in ("ipv4", "ipv6")]
-    print(json.dumps(result, indent=1))
-    write_results(args.out, "channel", result, render_table(result), render_png)
-    return 0
-
-
-def write_results(out: Path, name: str, result: dict[str, Any], table: str,
-                  render_png: Callable[[dict[str, Any], Path], None]) -> Path:
-    """`<stamp>-<name>.{json,md,png}` in `out`; prints the table. The stem written."""
-    stem = out / f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{name}"
-    out.mkdir(parents=True, exist_ok=True)
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
+    stem = args.out / f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-channel"
+    args.out.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(result, indent=1)
+    stem.with_suffix(".json").write_text(text + "\n")
+    table = render_table(result)
     stem.with_suffix(".md").write_text(table)
     render_png(result, stem.with_suffix(".png"))
+    print(text)
     print(table)
     print(f"wrote {stem}.json, .md and .png", file=sys.stderr)
-    return stem
+    return 0
 
 
 if __name__ == "__main__":

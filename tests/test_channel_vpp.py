@@ -78,7 +78,8 @@ def test_channel_vpp_handshake_keys_and_acks_through_vpp(pair: VppPair) -> None:
     # A generation's ephemeral key exchange, then the receiver's acknowledgements.
     pair.emit(1, pair.channel(1).start_generation(time.time(), 2, 5))
     pair.pump(lambda: pair.channel(1).generation_secret(2, 5, outbound=True) is not None)
-    assert pair.channel(1).generation_secret(2, 5, outbound=True) == pair.channel(2).generation_secret(1, 5, outbound=False)
+    assert pair.channel(1).generation_secret(2, 5, outbound=True) == \
+        pair.channel(2).generation_secret(1, 5, outbound=False)
     pair.emit(2, pair.channel(2).acknowledge(time.time(), 1, "installed", 5))
     pair.emit(2, pair.channel(2).acknowledge(time.time(), 1, "slid", 5))
     pair.pump(lambda: s.PeerAcked(2, "slid", 5) in pair.events[1])

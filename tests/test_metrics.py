@@ -44,7 +44,8 @@ def test_fast_exposition_is_byte_for_byte_the_librarys() -> None:
     collector.update(Snapshot(
         tunnels=(TunnelSample('odd"peer\\name', 0, True, False, 5, 600, 7, 800),
                  TunnelSample("n3", 3, False, True, 0, 0, 2**60, 3)),
-        peers=(PeerSample("n2", 3, 1, (0.1, 1 / 3, 1e-9)), PeerSample("n3", 0, 0, (0, 0, 0))),
+        peers=(PeerSample("n2", 3, 1, (0.1, 1 / 3, 1e-9), (True, False)),
+               PeerSample("n3", 0, 0, (0, 0, 0), (False, True))),
         esp_errors=(("replay", 3), ("decryption_failed", 0), ("no_matching_tunnel", 1)),
         guard_drops=4))
     registry = CollectorRegistry(auto_describe=False)
@@ -114,6 +115,110 @@ def test_vpp_error_counters_by_reason() -> None:
     assert dict(snap.esp_errors) == {"replay": 11, "decryption_failed": 5,
                                      "no_matching_tunnel": 3}
     assert snap.guard_drops == 4
+
+
+def test_forward_secrecy_per_peer_and_direction_from_the_generation_file() -> None:
+    """vppmesh_peer_forward_secret: 1 where the generation in use is one the agents
+    agreed (ephemeral_out / ephemeral_in), 0 where its keys are the static schedule's."""
+    mesh, _ = make_mesh(3)
+    state = GenerationState(peers={
+        "node2": PeerGenerations(public_key="k", out=2, out_since=0.0, floor=0, in_base=1,
+                                 ephemeral_out=[1, 2], ephemeral_in=[1]),
+        "node3": PeerGenerations(public_key="k", out=1, out_since=0.0, floor=0, in_base=0,
+                                 in_seen=1, ephemeral_out=[1], ephemeral_in=[0]),
+        "node4": PeerGenerations(public_key="k", out=0, out_since=0.0, floor=0, in_base=0)})
+    snap = Observer().snapshot(status(sa(1, "out", 1), []), mesh, state, None, vpp_pid=1,
+                               now=1.0)
+    collector = MeshCollector()
+    collector.update(snap)
+    got = {labels: value for (name, labels), value in samples(collector.text().decode())
+           .items() if name == "vppmesh_peer_forward_secret"}
+    assert got == {
+        (("direction", "outbound"), ("peer", "node2")): 1,
+        (("direction", "inbound"), ("peer", "node2")): 1,
+        (("direction", "outbound"), ("peer", "node3")): 1,
+        (("direction", "inbound"), ("peer", "node3")): 0,  # arriving on 1, agreed only 0
+        (("direction", "outbound"), ("peer", "node4")): 0,
+        (("direction", "inbound"), ("peer", "node4")): 0}
+
+
+def test_channel_counters_drops_by_reason_sessions_and_up(tmp_path: Path) -> None:
+    """The channel's counters from a real Secrecy whose endpoint is a real Channel fed a
+    handshake, one message and hostile datagrams, through AgentLoop.measured: every
+    drop reason present (0 when none), and the totals never fall when the endpoint is
+    replaced (its counters start again)."""
+    from collections import Counter as Tally
+
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+    from vppmesh.channel import messages as m
+    from vppmesh.channel import session as s
+    from vppmesh.channel.endpoint import ChannelEndpoint
+    from vppmesh.channel.noise import public_bytes
+    from vppmesh.keys import NodeSecrets
+    from vppmesh.secrecy import Secrecy
+    from vppmesh.watch import AgentLoop
+
+    keys = {1: X25519PrivateKey.generate(), 2: X25519PrivateKey.generate()}
+    where = {1: ("192.0.2.1", 4501), 2: ("192.0.2.2", 4501)}
+
+    def channel(me: int, other: int) -> s.Channel:
+        return s.Channel(me, NodeSecrets(keys[me], bytes(32)),
+                         [s.PeerConfig(other, public_bytes(keys[other]), where[other])],
+                         boot_id=me)
+
+    def endpoint(ours: s.Channel) -> ChannelEndpoint:
+        transport = SimpleNamespace(drops=Tally(), sent=0, received=0, send_errors=0)
+        return ChannelEndpoint(ours, transport, {})  # type: ignore[arg-type]
+
+    peer, ours = channel(1, 2), channel(2, 1)
+    ((_, init),) = peer.tick(1000.0).datagrams
+    ((_, response), *_) = ours.receive(1000.0, where[1], init).datagrams
+    peer.receive(1000.0, where[2], response)
+    ((_, message),) = peer.send(1001.0, 2, m.Keepalive()).datagrams
+    ((_, later),) = peer.send(1001.0, 2, m.Keepalive()).datagrams
+    ours.receive(1001.0, where[1], message)
+    ours.receive(1001.0, where[1], message)  # replayed
+    ours.receive(1001.0, where[1], later[:-1] + bytes([later[-1] ^ 1]))  # forged
+    ours.receive(1001.0, where[1], message[:3])  # truncated
+    secrecy = Secrecy(tmp_path / "channel.sock")
+    metrics = AgentMetrics()
+    loop = AgentLoop(SimpleNamespace(secrecy=secrecy, client=None),  # type: ignore[arg-type]
+                     SimpleNamespace(), metrics=metrics)  # type: ignore[arg-type]
+    result = SimpleNamespace(pod_report=None, mesh=None)
+
+    def channel_samples() -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        loop.measured(result, 0.01, restarted=False)  # type: ignore[arg-type]
+        return {key: value for key, value in samples(metrics.exposition().decode()).items()
+                if key[0].startswith("vppmesh_channel_") and not key[0].endswith("_created")}
+
+    assert channel_samples() == {  # no channel: no punt registration
+        ("vppmesh_channel_up", ()): 0, ("vppmesh_channel_sessions", ()): 0,
+        ("vppmesh_channel_handshakes_total", ()): 0,
+        ("vppmesh_channel_messages_sent_total", ()): 0,
+        ("vppmesh_channel_messages_received_total", ()): 0,
+        **{("vppmesh_channel_dropped_total", (("reason", r.value),)): 0 for r in m.Drop}}
+    secrecy.endpoint = endpoint(ours)
+    secrecy.endpoint.transport.drops[m.Drop.OVERSIZED] = 2  # dropped before the session
+    first = channel_samples()
+    assert first[("vppmesh_channel_up", ())] == 1
+    assert first[("vppmesh_channel_sessions", ())] == 1
+    assert first[("vppmesh_channel_handshakes_total", ())] == 1
+    assert first[("vppmesh_channel_messages_received_total", ())] == 1
+    assert first[("vppmesh_channel_messages_sent_total", ())] == ours.stats["sent"]
+    dropped = {labels[0][1]: value for (name, labels), value in first.items()
+               if name == "vppmesh_channel_dropped_total"}
+    assert dropped == {**{r.value: 0 for r in m.Drop},
+                       "oversized": 2, "replay": 1, "auth": 1, "truncated": 1}
+    assert channel_samples() == first  # nothing new: nothing counted twice
+
+    secrecy.endpoint = endpoint(channel(2, 1))  # a new endpoint: its counters start at 0
+    secrecy.endpoint.channel.receive(1002.0, where[1], message[:3])
+    after = channel_samples()
+    assert after[("vppmesh_channel_sessions", ())] == 0
+    assert after[("vppmesh_channel_dropped_total", (("reason", "truncated"),))] == 2
+    assert after[("vppmesh_channel_dropped_total", (("reason", "replay"),))] == 1
+    assert after[("vppmesh_channel_handshakes_total", ())] == 1
 
 
 def test_endpoint_serves_what_the_official_parser_reads() -> None:
@@ -207,7 +312,7 @@ def test_watch_loop_knocks_fast_while_vpp_is_away_and_counts_the_restart(
         client = None
 
         def __init__(self, options: Any, **kwargs: Any) -> None:
-            pass
+            self.secrecy = kwargs["secrecy"]  # never attached: no VPP to punt the channel
 
         def run(self) -> Any:
             ticks.append(time.monotonic())
@@ -236,6 +341,7 @@ def test_watch_loop_knocks_fast_while_vpp_is_away_and_counts_the_restart(
     assert got[("vppmesh_vpp_up", ())] == 1
     assert 0.2 < got[("vppmesh_vpp_unavailable_seconds", ())] < 1.5
     assert got[("vppmesh_pod_reattachments_total", ())] == 4  # 2 per successful poll
+    assert got[("vppmesh_channel_up", ())] == 0  # the loop's Secrecy never met a VPP
 
 
 def test_snapshots_are_spaced_by_their_cost() -> None:

@@ -52,6 +52,8 @@ def test_status_reports_every_peer_protected(bed: Testbed) -> None:
         assert all(t["admin_up"] and t["protected"] for t in peer["tunnels"])
         # SA i of each peer is bound to worker i mod W (one worker: thread 1).
         assert all(t["sa_out"]["thread"] == 1 for t in peer["tunnels"])
+        # One-shot `up`, no agents: keys from the static schedule, not forward secret.
+        assert (peer["keys"], peer["forward_secret"]) == ("static", False)
 
 
 def test_pod_to_pod_ping_every_pair(bed: Testbed) -> None:
@@ -159,6 +161,13 @@ def test_verify_proves_encryption_from_counters_and_capture(bed: Testbed) -> Non
     assert capture["interface"] == "host-eth0"
     assert capture["esp_between_nodes"] > 0
     assert capture["ipip_in_clear"] == capture["pod_address_in_clear"] == 0
+    # No agents run here: every pair is on static keys, reported but only required on demand.
+    assert [p["keys"] for p in report["peers"]] == ["static", "static"]
+    required = run_cli(bed, node, "verify", "--no-probes", "--seconds", "0.5",
+                       "--require-forward-secrecy")
+    assert required.returncode == 3, required.stdout + required.stderr
+    assert "no forward secrecy on pair(s) n1-n2 (static), n1-n3 (static): run `vppmesh up " \
+           "--watch` (the agent) on both nodes" in required.stdout
 
 
 def test_verify_fails_on_pod_traffic_in_clear(bed: Testbed) -> None:

@@ -247,6 +247,15 @@ def advance(pg: PeerGenerations, obs: PeerObservation, settings: MeshSettings, *
         reason, pg.rekey_pending = None, False
     if reason is None and upgrade:
         reason = "forward secrecy: the peer's agent answers"
+    if said is None and not forced and pg.out in pg.ephemeral_out and reason in (
+            "rekey requested", "scheduled rekey"):
+        # A pair on agreed keys is rekeyed by its agents, over their channel: a one-shot
+        # `up` or `rekey` (no channel) leaves the request to them rather than step to a
+        # static key. Key limits still step, with or without the agents.
+        notes.append(f"{peer}: rekey left to the agents (the pair runs on agreed keys)")
+        pg.rekey_pending = pg.rekey_pending or reason == "rekey requested"
+        return Decision(keying=PeerKeying(outbound=pg.out, inbound=pg.window),
+                        notes=tuple(notes))
     stepped = False
     if reason is not None:
         candidate = pg.out + 1

@@ -41,15 +41,17 @@ def possible_tunnel_instances(peer: int) -> list[int]:
     return [first + t for t in range(TUNNEL_SLOTS)]
 
 
-# SA id bits other than the peer's: direction, epoch and tunnel index, every combination.
+# SA id bits other than the peer's: direction, epoch, tunnel index and whether the key
+# was agreed, every combination.
 _SA_ID_OFFSETS = tuple(
-    sa_id_for("in", 0, tunnel, epoch) | direction
+    sa_id_for("in", 0, tunnel, epoch, agreed) | direction
     for epoch in range(EPOCH_SLOTS) for tunnel in range(TUNNEL_INDEX_SLOTS)
-    for direction in (0, SA_DIRECTION_BIT))
+    for direction in (0, SA_DIRECTION_BIT) for agreed in (False, True))
 
 
 def possible_sa_ids(peer: int) -> list[int]:
-    """Every SA id that can belong to `peer`: both directions, every tunnel and epoch."""
+    """Every SA id that can belong to `peer`: both directions, every tunnel and epoch,
+    agreed keys or static."""
     base = sa_id_for("in", peer, 0, 0)
     return [base | offset for offset in _SA_ID_OFFSETS]
 

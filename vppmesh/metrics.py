@@ -2,10 +2,12 @@
 
 Two kinds of metrics, served together on one endpoint in the text exposition format:
 
-- Per node (reconcile duration and errors, VPP restarts and recovery time, pods): the
-  client library's own Histogram, Counter and Gauge objects, updated by the watch loop.
+- Per node (reconcile duration and errors, VPP restarts and recovery time, pods, the
+  agents' channel: sessions, handshakes, messages, drops by reason): the client
+  library's own Histogram, Counter and Gauge objects, updated by the watch loop.
 - Per peer and tunnel (SA packets and bytes, tunnel up/protected, key generation,
-  rekeys, key limits used) and VPP's ESP and guard error counters: a snapshot taken
+  rekeys, key limits used, forward secrecy each way) and VPP's ESP and guard error
+  counters: a snapshot taken
   after a poll, at most every 5 s and never more than 1/20 of the agent's time, from
   VPP (status.collect: the same dumps and stats-segment reads as `vppmesh status`),
   written out as text once, when it is taken. A scrape never talks to VPP and formats
@@ -20,6 +22,8 @@ snapshot) from label strings built once per tunnel, in about 15 ms
 
 SA counters in VPP restart whenever an SA is replaced (every rekey, a VPP restart). The
 `_total` counters here add the last value of every retired SA, so they only ever grow.
+The channel's counters restart when the agent opens a new channel endpoint (VPP's punt
+socket moved); the `_total` counters here add only what they grew by.
 """
 
 from __future__ import annotations
@@ -33,21 +37,26 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.utils import floatToGoString
 
+from vppmesh.channel.messages import Drop
 from vppmesh.cni.reattach import PodReport
 from vppmesh.config import Mesh
 from vppmesh.epochs import GenerationState
 from vppmesh.errors import ConfigError, VppUnavailableError
 from vppmesh.reconcile import gc_paused
+from vppmesh.secrecy import pair_secrecy
 from vppmesh.status import NodeStatus
 from vppmesh.vpp.client import VppApi
 from vppmesh.vpp.stats import StatsReader
+
+if TYPE_CHECKING:
+    from vppmesh.secrecy import Secrecy
 
 log = logging.getLogger("vppmesh.metrics")
 
@@ -62,6 +71,9 @@ ERRORS = {reason: tuple(f"/err/{node}{v}-{rest}" for v in (4, 6))
           }.items()}
 ERROR_COUNTERS = [name for names in ERRORS.values() for name in names]
 LIMITS = ("packets", "bytes", "seconds")
+# The channel's counters (Secrecy.counters()) exported as counters without a label.
+CHANNEL_COUNTERS = {"handshakes": "handshakes_completed", "sent": "sent",
+                    "received": "received"}
 # A snapshot (dumps and stats segment) is taken after a poll at most this often, and
 # never more often than SNAPSHOT_COST_FACTOR times its own cost (so snapshots take at
 # most 1/20 of the agent's time: about every 20 s at 1000 peers, benchmarks/README.md).
@@ -88,6 +100,8 @@ class PeerSample:
     generation: int  # the outbound key generation
     rekeys: int
     limits: tuple[float, float, float]  # fraction used of LIMITS, in that order
+    # Keys agreed by the two agents (forward secret): (outbound, inbound).
+    forward_secret: tuple[bool, bool] = (False, False)
 
 
 @dataclass(frozen=True)
@@ -150,6 +164,7 @@ class Observer:
         for key in set(self._totals) - seen:  # a peer gone: its SAs are retired
             self._totals[key].update({})
         peers = []
+        secrecy = pair_secrecy(generations, generations.peers)
         for name, pg in sorted(generations.peers.items()):
             last = self._generations.get(name)
             if last is not None and pg.out > last:
@@ -159,7 +174,9 @@ class Observer:
             limits = (packets / settings.key_max_packets,
                       packets * settings.underlay_mtu / settings.key_max_bytes,
                       max(0.0, now - pg.out_since) / settings.key_max_seconds)
-            peers.append(PeerSample(name, pg.out, self._rekeys.get(name, 0), limits))
+            pair = secrecy[name]
+            peers.append(PeerSample(name, pg.out, self._rekeys.get(name, 0), limits,
+                                    (pair.outbound, pair.inbound)))
         esp = guard = None
         if errors is not None:
             counts = {reason: sum(errors.get(name, 0) for name in names)
@@ -185,6 +202,9 @@ FAMILIES = {
     "limit": ("vppmesh_key_limit_used_ratio", "Fraction of each key limit (packets, bytes, "
               "seconds) the current outbound key has used; the agent rekeys at 0.5.",
               "gauge"),
+    "forward_secret": ("vppmesh_peer_forward_secret", "1 if the keys of this direction "
+                       "are agreed by the two nodes' agents (ephemeral: forward secret), 0 "
+                       "if they derive from the static keys.", "gauge"),
     "esp": ("vppmesh_esp_errors", "ESP packets VPP dropped, by reason (since VPP started).",
             "counter"),
     "guard": ("vppmesh_guard_dropped_packets", "Plain IP-in-IP packets dropped by the "
@@ -243,12 +263,17 @@ class MeshCollector:
         rekeys = CounterMetricFamily(name, doc, labels=["peer"])
         name, doc, _ = FAMILIES["limit"]
         limit = GaugeMetricFamily(name, doc, labels=["peer", "limit"])
+        name, doc, _ = FAMILIES["forward_secret"]
+        secret = GaugeMetricFamily(name, doc, labels=["peer", "direction"])
         for p in snap.peers:
             generation.add_metric([p.peer], p.generation)
             rekeys.add_metric([p.peer], p.rekeys)
             for kind, used in zip(LIMITS, p.limits, strict=True):
                 limit.add_metric([p.peer, kind], used)
-        yield from (generation, rekeys, limit)
+            for direction, agreed in zip(("outbound", "inbound"), p.forward_secret,
+                                         strict=True):
+                secret.add_metric([p.peer, direction], int(agreed))
+        yield from (generation, rekeys, limit, secret)
         if snap.esp_errors:
             name, doc, _ = FAMILIES["esp"]
             esp = CounterMetricFamily(name, doc, labels=["reason"])
@@ -300,6 +325,11 @@ class MeshCollector:
             add(f'{name}{{limit="packets",{lab}}} {floatToGoString(packets)}\n'
                 f'{name}{{limit="bytes",{lab}}} {floatToGoString(octets)}\n'
                 f'{name}{{limit="seconds",{lab}}} {floatToGoString(seconds)}\n')
+        name = header("forward_secret")
+        for p, lab in peers:
+            outbound, inbound = ("1.0" if agreed else "0.0" for agreed in p.forward_secret)
+            add(f'{name}{{direction="outbound",{lab}}} {outbound}\n'
+                f'{name}{{direction="inbound",{lab}}} {inbound}\n')
         if snap.esp_errors:
             name = header("esp")
             for reason, count in snap.esp_errors:
@@ -353,6 +383,28 @@ class AgentMetrics:
         self.pods_collected = Counter(
             "vppmesh_pod_records_collected", "CNI records removed because the pod's "
             "network namespace was gone.", registry=self.registry)
+        self.channel_up = Gauge(
+            "vppmesh_channel_up", "1 while VPP punts the agents' channel (UDP 4501) to this "
+            "agent; 0: keys stay static (VPP needs `punt { socket ... }`).",
+            registry=self.registry)
+        self.channel_sessions = Gauge(
+            "vppmesh_channel_sessions", "Peers whose agent has a live channel session with "
+            "this one.", registry=self.registry)
+        self.channel_counters = {
+            "handshakes": Counter("vppmesh_channel_handshakes", "Channel handshakes "
+                                  "completed with peers' agents.", registry=self.registry),
+            "sent": Counter("vppmesh_channel_messages_sent", "Messages sent to peers' "
+                            "agents over the channel.", registry=self.registry),
+            "received": Counter("vppmesh_channel_messages_received", "Authenticated "
+                                "messages received from peers' agents.",
+                                registry=self.registry),
+        }
+        self.channel_dropped = Counter(
+            "vppmesh_channel_dropped", "Channel datagrams dropped (and otherwise ignored), "
+            "by reason.", ["reason"], registry=self.registry)
+        for reason in Drop:
+            self.channel_dropped.labels(reason=reason.value)  # present from the start, at 0
+        self._channel_seen: tuple[int | None, dict[str, int]] = (None, {})
         self.mesh = MeshCollector()
         self.observer = Observer()
         self._last_snapshot = -SNAPSHOT_EVERY_SECONDS
@@ -375,6 +427,30 @@ class AgentMetrics:
             self.pods_attached.set(pods.attached)
             self.pod_reattachments.inc(len(pods.reattached))
             self.pods_collected.inc(len(pods.collected))
+
+    def record_channel(self, secrecy: Secrecy | None) -> None:
+        """The agents' channel after a poll (None: the agent runs none). Its counters
+        restart with each endpoint (secrecy.py opens a new one when VPP's punt socket
+        moves), so only what they grew by since the last look is added."""
+        endpoint = secrecy.endpoint if secrecy is not None else None
+        self.channel_up.set(int(endpoint is not None))
+        channel = endpoint.channel if endpoint is not None else None
+        self.channel_sessions.set(sum(channel.established(n) for n in channel.peers())
+                                  if channel is not None else 0)
+        if secrecy is None or endpoint is None:
+            return
+        counters = secrecy.counters()
+        origin, last = self._channel_seen
+        if origin != id(endpoint):
+            last = {}
+        grown = [(self.channel_counters[kind], key) for kind, key in CHANNEL_COUNTERS.items()]
+        grown += [(self.channel_dropped.labels(reason=reason.value), f"drop_{reason.value}")
+                  for reason in Drop]
+        for counter, key in grown:
+            now, before = counters.get(key, 0), last.get(key, 0)
+            if now != before:
+                counter.inc(now - before if now > before else now)
+        self._channel_seen = (id(endpoint), counters)
 
     def snapshot_due(self, now: float) -> bool:
         """Whether the per-tunnel snapshot is due (see SNAPSHOT_EVERY_SECONDS)."""

@@ -27,7 +27,7 @@ from vppmesh.ledger import KeyLedger
 from vppmesh.plan import HostOptions, drop_routes, plan_by_peer
 from vppmesh.reconcile import Change, Reconciler, gc_paused, reconcile
 from vppmesh.secrecy import KeyBook, PairSecrecy, Secrecy, pair_secrecy
-from vppmesh.state import DesiredState, sa_id_for
+from vppmesh.state import DesiredState, find_sa
 from vppmesh.teardown import teardown
 from vppmesh.underlay import encapsulation
 from vppmesh.uplink import UplinkSpec
@@ -201,7 +201,7 @@ def observe_keys(api: VppApi, view: LocalView, state: GenerationState, ledger: K
         pg = state.peers.get(peer.name)
         if pg is None or pg.public_key != peer.node.public_key:
             continue
-        out = [sas.get(sa_id_for("out", number, t, pg.out)) for t in range(count)]
+        out = [find_sa(sas, "out", number, t, pg.out) for t in range(count)]
         expected = [book.key(view, peer, pg, outbound=True, tunnel=t, generation=pg.out)
                     for t in range(count)]
         installed = all(
@@ -213,14 +213,14 @@ def observe_keys(api: VppApi, view: LocalView, state: GenerationState, ledger: K
             for sa in out)
         active = frozenset(
             g for g in pg.window for t in range(count)
-            if (sa := sas.get(sa_id_for("in", number, t, g))) is not None
+            if (sa := find_sa(sas, "in", number, t, g)) is not None
             and sa.spec.spi == spi_for(number, t, g) and sa.last_seq_inbound > 0)
         observations[peer.name] = PeerObservation(
             out_installed=installed,
             out_packets=max((sa.seq_outbound for sa in out if sa is not None), default=0),
             inbound_active=active,
             inbound_seq={g: sum(sa.last_seq_inbound for t in range(count)
-                                if (sa := sas.get(sa_id_for("in", number, t, g)))
+                                if (sa := find_sa(sas, "in", number, t, g))
                                 is not None) for g in pg.window},
             encapsulation_changed=reencapsulate)
 
@@ -420,6 +420,7 @@ class Session:
         self._reconciler: Reconciler | None = None
         self._last_full: float | None = None
         self._view: LocalView | None = None
+        self._connected = False  # a connection was made before (the next is a reconnect)
 
     def view(self, *, fresh: bool = False) -> LocalView:
         """The local view of the source's mesh now: the last one while it is unchanged."""
@@ -436,8 +437,11 @@ class Session:
             started - self._last_full >= self.full_every
         with gc_paused():  # a large mesh's records and view allocate as much as a dump
             view = self.view(fresh=full)  # a refused input stops the run before VPP
+        reconnected = False
         if self._client is None:
+            reconnected = self._connected
             self._client = self._connect()
+            self._connected = True
             self._reconciler = Reconciler(self._client)
             # A new connection (VPP restarted) runs full until one full run succeeds: the
             # first may fail before the host has given VPP its uplink back, and only full
@@ -445,7 +449,8 @@ class Session:
             self._last_full = None
         try:
             if self.secrecy is not None:  # (again) with a new VPP: punt and tell peers
-                self.secrecy.attach(self._client, view, system.vpp_pid(self._client))
+                self.secrecy.attach(self._client, view, system.vpp_pid(self._client),
+                                    reconnected=reconnected)
             result = up(self.options, api=self._client, view=view,
                         reconciler=self._reconciler, full=full, secrecy=self.secrecy,
                         **up_options)

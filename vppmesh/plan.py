@@ -176,18 +176,18 @@ def peer_objects(view: LocalView, peer: PeerView, workers: int, out_epoch: int,
         worker = index % workers if workers > 0 else None
         sa_in: list[int] = []
         for epoch in in_epochs:
-            inbound = keys.get((False, index, epoch)) or view.sa_key(
-                peer, outbound=False, tunnel=index, epoch=epoch)
-            sa_id = sa_id_for("in", number, index, epoch)
+            inbound = keys.get((False, index, epoch))
+            sa_id = sa_id_for("in", number, index, epoch, agreed=inbound is not None)
+            inbound = inbound or view.sa_key(peer, outbound=False, tunnel=index, epoch=epoch)
             sas.append(SaSpec(
                 sa_id=sa_id, spi=spi_for(number, index, epoch), key=inbound.key,
                 salt=inbound.salt, anti_replay_window=settings.anti_replay_window,
                 worker=worker,
             ))
             sa_in.append(sa_id)
-        outbound = keys.get((True, index, out_epoch)) or view.sa_key(
-            peer, outbound=True, tunnel=index, epoch=out_epoch)
-        sa_out = sa_id_for("out", number, index, out_epoch)
+        outbound = keys.get((True, index, out_epoch))
+        sa_out = sa_id_for("out", number, index, out_epoch, agreed=outbound is not None)
+        outbound = outbound or view.sa_key(peer, outbound=True, tunnel=index, epoch=out_epoch)
         sas.append(SaSpec(
             sa_id=sa_out, spi=spi_for(local.node_number, index, out_epoch),
             key=outbound.key, salt=outbound.salt,

@@ -111,7 +111,8 @@ class KeyBook:
     without them (and by a one-shot `up`, which has no channel)."""
 
     def __init__(self) -> None:
-        self._keys: dict[Direction, tuple[SaKey, ...]] = {}
+        # peer node number -> (outbound, generation) -> the key of each tunnel
+        self._keys: dict[int, dict[tuple[bool, int], tuple[SaKey, ...]]] = {}
         self._revision: dict[int, int] = {}
         self._revisions = itertools.count(1)  # never repeats: plan() caches on it
         self._agreed: dict[int, AgreedKeys] = {}
@@ -120,7 +121,7 @@ class KeyBook:
         self._derive: dict[int, tuple[str, str, bytes, bytes, int]] = {}
 
     def __len__(self) -> int:
-        return len(self._keys)
+        return sum(len(keys) for keys in self._keys.values())
 
     def prepare(self, view: LocalView, state: GenerationState,
                 sas: Mapping[int, SaDetails]) -> None:
@@ -138,14 +139,14 @@ class KeyBook:
             number = peer.node.node_number
             for outbound, generations in ((True, pg.ephemeral_out), (False, pg.ephemeral_in)):
                 for g in generations:
-                    if (number, outbound, g) in self._keys:
+                    if (outbound, g) in self._keys.get(number, {}):
                         continue
                     sender = me if outbound else number
-                    held = [sas.get(sa_id_for("out" if outbound else "in", number, t, g))
-                            for t in range(count)]
+                    held = [sas.get(sa_id_for("out" if outbound else "in", number, t, g,
+                                              agreed=True)) for t in range(count)]
                     if all(sa is not None and sa.spec.spi == spi_for(sender, t, g)
                            for t, sa in enumerate(held)):
-                        self._keys[(number, outbound, g)] = tuple(
+                        self._keys.setdefault(number, {})[(outbound, g)] = tuple(
                             SaKey(key=sa.spec.key, salt=sa.spec.salt)
                             for sa in held if sa is not None)
                         self._changed(number)
@@ -157,20 +158,20 @@ class KeyBook:
             return False  # a peer that left meanwhile
         local, remote, psk, shared, count = derive
         sender, receiver = (local, remote) if outbound else (remote, local)
-        self._keys[(peer, outbound, generation)] = tuple(
+        self._keys.setdefault(peer, {})[(outbound, generation)] = tuple(
             derive_sa_key_ephemeral(shared, secret, psk, sender=sender, receiver=receiver,
                                     tunnel=t, epoch=generation) for t in range(count))
         self._changed(peer)
         return True
 
     def keys(self, peer: int, outbound: bool, generation: int) -> tuple[SaKey, ...] | None:
-        return self._keys.get((peer, outbound, generation))
+        return self._keys.get(peer, {}).get((outbound, generation))
 
     def key(self, view: LocalView, peer: PeerView, pg: PeerGenerations | None, *,
             outbound: bool, tunnel: int, generation: int) -> SaKey | None:
         """The key of one SA: agreed (or adopted); None for a generation marked agreed
         that nobody holds; else the static schedule's."""
-        keys = self._keys.get((peer.node.node_number, outbound, generation))
+        keys = self.keys(peer.node.node_number, outbound, generation)
         if keys is not None:
             return keys[tunnel]
         if pg is not None and generation in (pg.ephemeral_out if outbound
@@ -180,15 +181,16 @@ class KeyBook:
 
     def outbound(self, peer: int) -> frozenset[int]:
         """Our outbound generations towards `peer` whose keys are held."""
-        return frozenset(g for (n, outbound, g) in self._keys if n == peer and outbound)
+        return frozenset(g for outbound, g in self._keys.get(peer, {}) if outbound)
 
     def agreed(self, peer: PeerView) -> AgreedKeys | None:
         """The peer's keys that are not the static schedule's (None: it has none)."""
         number = peer.node.node_number
         found = self._agreed.get(number)
         if found is None:
-            keys = {(outbound, t, g): key for (n, outbound, g), keys in self._keys.items()
-                    if n == number for t, key in enumerate(keys)}
+            keys = {(outbound, t, g): key
+                    for (outbound, g), keys in self._keys.get(number, {}).items()
+                    for t, key in enumerate(keys)}
             if not keys:
                 return None
             found = self._agreed[number] = AgreedKeys(self._revision[number], keys)
@@ -198,18 +200,20 @@ class KeyBook:
         """Drop the keys of generations that are gone: outbound below the one sent on,
         inbound below the window."""
         number = peer.node.node_number
-        retired = [e for e in self._keys if e[0] == number and (
-            (e[1] and e[2] < pg.out) or (not e[1] and e[2] < pg.in_base))]
+        held = self._keys.get(number)
+        if not held:
+            return []
+        retired = [(outbound, g) for outbound, g in held
+                   if g < (pg.out if outbound else pg.in_base)]
         for entry in retired:
-            del self._keys[entry]
+            del held[entry]
         if retired:
             self._changed(number)
             peer.planned.clear()  # plan()'s cached objects hold the retired keys
-        return retired
+        return [(number, outbound, g) for outbound, g in retired]
 
     def forget(self, number: int) -> None:
-        for entry in [e for e in self._keys if e[0] == number]:
-            del self._keys[entry]
+        self._keys.pop(number, None)
         self._agreed.pop(number, None)
         self._revision.pop(number, None)
 
@@ -227,7 +231,8 @@ class Secrecy:
         self.book = KeyBook()
         self.endpoint: ChannelEndpoint | None = None
         self._pid: int | None = None  # the VPP the punt registration is for
-        self._peers: dict[str, int] = {}  # name -> node number of the current view
+        self._configs: dict[int, s.PeerConfig] = {}
+        self._followed: LocalView | None = None
         self._heard: dict[int, _Heard] = {}
         self._stated: dict[tuple[int, str], int] = {}
         self._outbox: list[s.Output] = []
@@ -242,12 +247,15 @@ class Secrecy:
         return self.endpoint.fileno()
 
     # ---- VPP and the mesh ------------------------------------------------------------
-    def attach(self, api: VppApi, view: LocalView, vpp_pid: int) -> None:
-        """Meet the VPP at `api` (process `vpp_pid`): register the punt socket when it
-        is a VPP not met before, announce a restart, follow the view's peers."""
-        if vpp_pid != self._pid:
+    def attach(self, api: VppApi, view: LocalView, vpp_pid: int, *,
+               reconnected: bool = False) -> None:
+        """Meet the VPP at `api` (process `vpp_pid`; `reconnected`: the connection broke
+        since the last run, so this is another VPP whatever its pid): register the punt
+        socket when it is a VPP not met before, announce a restart, follow the peers."""
+        if vpp_pid != self._pid or reconnected:
             restarted = self._pid is not None
             self._pid = vpp_pid  # asked once per VPP: a refusal holds until it restarts
+            boot_id = self._boot_id(vpp_pid, fresh=restarted)
             try:
                 replies = api.call_many([punt.register(PORT, False, self.socket_path),
                                          punt.register(PORT, True, self.socket_path)])
@@ -261,7 +269,6 @@ class Secrecy:
                 return
             self.unavailable = None
             vpp_socket = Path(str(replies[0].pathname))
-            boot_id = int.from_bytes(os.urandom(8), "big")
             if self.endpoint is None or self.endpoint.transport.vpp_path != vpp_socket:
                 if self.endpoint is not None:
                     self.endpoint.transport.close()
@@ -270,30 +277,54 @@ class Secrecy:
                 channel = s.Channel(view.node.node_number, view.secrets, [],
                                     boot_id=boot_id)
                 self.endpoint = ChannelEndpoint(channel, transport, {})
-                self._peers = {}
+                self._configs, self._stated = {}, {}
+                self._followed = None
             elif restarted:
                 log.info("VPP restarted: telling every peer's agent")
                 self.endpoint.emit(self.endpoint.channel.restarted(self.clock(), boot_id))
         self.follow(view)
+
+    def _boot_id(self, vpp_pid: int, *, fresh: bool) -> int:
+        """The id peers know this node's VPP by: new for a VPP this agent saw start,
+        kept across agent restarts while the VPP runs (a file beside the socket, on the
+        runtime directory), so a restarted agent is not taken for a restarted VPP."""
+        path = self.socket_path.with_suffix(".boot")
+        if not fresh:
+            try:
+                pid, boot = path.read_text().split()
+                if int(pid) == vpp_pid:
+                    return int(boot)
+            except (OSError, ValueError):
+                pass
+        boot_id = int.from_bytes(os.urandom(8), "big")
+        try:
+            path.write_text(f"{vpp_pid} {boot_id}\n")
+        except OSError as exc:
+            log.debug("cannot keep the boot id in %s: %s", path, exc)
+        return boot_id
 
     def follow(self, view: LocalView) -> None:
         """The view's peers and this node's addresses, when they changed."""
         endpoint = self.endpoint
         if endpoint is None:
             return
-        peers = {p.name: p.node.node_number for p in view.peers}
-        local = {version: (address, PORT)
-                 for version, address in local_addresses(view).items()}
-        if peers == self._peers and endpoint.local == local:
-            return
-        endpoint.local = local
-        endpoint.channel.set_peers([
-            s.PeerConfig(p.node.node_number, p.node.public_key_bytes,
-                         (str(p.path.endpoints[0][1]), PORT)) for p in view.peers])
-        for number in set(self._peers.values()) - set(peers.values()):
-            self.book.forget(number)
+        if view is self._followed:
+            return  # the mesh is unchanged (a Session keeps its view while it is)
+        self._followed = view
+        endpoint.local = {version: (address, PORT)
+                          for version, address in local_addresses(view).items()}
+        configs = {p.node.node_number: s.PeerConfig(
+            p.node.node_number, p.node.public_key_bytes, (str(p.path.endpoints[0][1]), PORT))
+            for p in view.peers}
+        endpoint.channel.set_peers(configs.values())
+        # A peer that left, or whose record changed, starts afresh on both ends.
+        for number in [n for n, c in self._configs.items() if configs.get(n) != c]:
             self._heard.pop(number, None)
-        self._peers = peers
+            for what in ("installed", "slid", "sending"):
+                self._stated.pop((number, what), None)
+            if number not in configs:
+                self.book.forget(number)
+        self._configs = configs
 
     def close(self) -> None:
         if self.endpoint is not None:
@@ -404,7 +435,7 @@ class Secrecy:
             states = {"slid": pg.in_base}
             if agreed_in:
                 states["installed"] = max(agreed_in)
-            if self.book.keys(number, True, pg.out) is not None:
+            if peer.name in installed:  # its outbound SAs of pg.out are in VPP now
                 states["sending"] = pg.out
             for what, g in states.items():
                 if self._stated.get((number, what)) != g:

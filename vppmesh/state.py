@@ -9,7 +9,8 @@ without any local bookkeeping, and they survive restarts of the agent and of VPP
 from __future__ import annotations
 
 import ipaddress
-from typing import Literal
+from collections.abc import Mapping
+from typing import Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, SecretBytes
 
@@ -21,10 +22,15 @@ IPInterface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
 TUNNEL_INSTANCE_BASE = 100_000_000
 TUNNEL_INSTANCE_END = 200_000_000
 TUNNEL_SLOTS = 100  # tunnel instances reserved per peer
-# SA ids: 0b010D_EEEE_PPPP_PPPP_PPPP_PPPP_TTTT_0000 (D direction, E epoch mod 16).
+# SA ids: 0b010D_EEEE_PPPP_PPPP_PPPP_PPPP_TTTT_000A (D direction, E epoch mod 16, A the
+# key was agreed over the agents' channel). An agreed key gets its own id, so installing
+# it beside the static key of the same generation is a new SA and a hitless protection
+# update, never a replacement in place (which takes the tunnel down for a moment).
 SA_ID_BASE = 0x4000_0000
 SA_ID_MASK = 0xE000_0000
 SA_DIRECTION_BIT = 1 << 28
+SA_AGREED_BIT = 1
+T = TypeVar("T")
 TAG_PREFIX = "vppmesh:"
 GATEWAY_TAG = TAG_PREFIX + "gateway"
 HOST_TAG = TAG_PREFIX + "host"
@@ -50,9 +56,19 @@ def split_tunnel_instance(instance: int) -> tuple[int, int]:
     return divmod(instance - TUNNEL_INSTANCE_BASE, TUNNEL_SLOTS)
 
 
-def sa_id_for(direction: Literal["in", "out"], peer_number: int, tunnel: int, epoch: int) -> int:
+def sa_id_for(direction: Literal["in", "out"], peer_number: int, tunnel: int, epoch: int,
+              agreed: bool = False) -> int:
     dir_bit = SA_DIRECTION_BIT if direction == "out" else 0
-    return SA_ID_BASE | dir_bit | (epoch & 0xF) << 24 | peer_number << 8 | tunnel << 4
+    return SA_ID_BASE | dir_bit | (epoch & 0xF) << 24 | peer_number << 8 | tunnel << 4 | (
+        SA_AGREED_BIT if agreed else 0)
+
+
+def find_sa(sas: Mapping[int, T], direction: Literal["in", "out"], peer_number: int,
+            tunnel: int, epoch: int) -> T | None:
+    """The SA of one direction, tunnel and generation in `sas` (by id): agreed or not."""
+    found = sas.get(sa_id_for(direction, peer_number, tunnel, epoch, agreed=True))
+    return found if found is not None else sas.get(
+        sa_id_for(direction, peer_number, tunnel, epoch))
 
 
 def sa_peer(sa_id: int) -> int:

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 from pydantic import BaseModel, computed_field
 
 from vppmesh import engines
 from vppmesh.config import Mesh
+from vppmesh.epochs import GenerationStore
+from vppmesh.secrecy import PairSecrecy, pair_secrecy
 from vppmesh.state import is_owned_sa_id, is_owned_tunnel_instance, split_tunnel_instance
 from vppmesh.vpp import crypto, host_interfaces, interfaces, ipip, ipsec, system
 from vppmesh.vpp.client import VppApi
@@ -46,7 +49,26 @@ class TunnelStatus(BaseModel):
         return "esp-in-udp {}->{}".format(*self.sa_out.udp_ports)
 
 
-class PeerStatus(BaseModel):
+class PairKeys(BaseModel):
+    """A peer's key kind in `status` and `verify` (and their JSON)."""
+
+    # Whether its keys are agreed over the agents' channel, each way (key_secrecy);
+    # None: not asked (the metrics' snapshots).
+    secrecy: PairSecrecy | None = None
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def keys(self) -> str | None:
+        """`ephemeral`, `static` or e.g. `ephemeral out/static in` (keys_kind)."""
+        return keys_kind(self.secrecy) if self.secrecy is not None else None
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def forward_secret(self) -> bool | None:
+        return self.secrecy.forward_secret if self.secrecy is not None else None
+
+
+class PeerStatus(PairKeys):
     name: str
     node_number: int
     tunnels: list[TunnelStatus]
@@ -76,6 +98,40 @@ class NodeStatus(BaseModel):
     missing_peers: list[str]
 
 
+# What a pair not yet on agreed keys needs, said by status, plan and verify alike.
+FORWARD_SECRECY_FIX = ("run `vppmesh up --watch` (the agent) on both nodes; VPP needs "
+                       "`punt { socket ... }` in startup.conf")
+
+
+def key_secrecy(state_dir: Path, node: str, peers: Iterable[str]) -> dict[str, PairSecrecy]:
+    """Per peer, whether its keys are agreed over the agents' channel, each way: read
+    from the node's generation file, which is what decides the keys (secrecy.py). A peer
+    the file does not know yet runs on static keys (nothing was ever agreed with it)."""
+    names = list(peers)
+    found = pair_secrecy(GenerationStore(state_dir, node).load(), names)
+    return {name: found.get(name, PairSecrecy(outbound=False, inbound=False))
+            for name in names}
+
+
+def keys_kind(pair: PairSecrecy) -> str:
+    """`ephemeral` (agreed both ways: forward secret), `static`, or each way apart."""
+    out, inbound = ("ephemeral" if agreed else "static"
+                    for agreed in (pair.outbound, pair.inbound))
+    return out if out == inbound else f"{out} out/{inbound} in"
+
+
+def secrecy_summary(pairs: Mapping[str, PairSecrecy], limit: int = 10) -> str:
+    """One line: how many pairs are forward secret, and which are not (the first
+    `limit` of them) with the fix."""
+    static = sorted(name for name, pair in pairs.items() if not pair.forward_secret)
+    if not static:
+        return f"keys: ephemeral (forward secret) with all {len(pairs)} peer(s)"
+    named = ", ".join(f"{name} ({keys_kind(pairs[name])})" for name in static[:limit])
+    more = f" and {len(static) - limit} more" if len(static) > limit else ""
+    return (f"keys: ephemeral (forward secret) with {len(pairs) - len(static)} of "
+            f"{len(pairs)} peer(s); not with {named}{more}: {FORWARD_SECRECY_FIX}")
+
+
 def crypto_status(api: VppApi, flags: frozenset[str] | None = None) -> CryptoStatus | None:
     state = crypto.read_state(api)
     if state.handlers is None:
@@ -88,10 +144,12 @@ def crypto_status(api: VppApi, flags: frozenset[str] | None = None) -> CryptoSta
 
 
 def collect(api: VppApi, mesh: Mesh, node: str, stats_socket: Path | None,
-            reader: StatsReader | None = None, *, with_crypto: bool = False) -> NodeStatus:
+            reader: StatsReader | None = None, *, with_crypto: bool = False,
+            secrecy: Mapping[str, PairSecrecy] | None = None) -> NodeStatus:
     """Peers, tunnels and SA counters; `reader` (an open stats reader, kept by the
     agent's metrics) is used instead of connecting to `stats_socket`. `with_crypto` adds
-    the crypto engine view (it reads VPP's log: for `vppmesh status`, not every scrape)."""
+    the crypto engine view (it reads VPP's log: for `vppmesh status`, not every scrape);
+    `secrecy` (key_secrecy) each peer's key kind."""
     by_number = {n.node_number: n.name for n in mesh.nodes}
     ifaces = {i.sw_if_index: i for i in interfaces.dump_interfaces(api)}
     tunnels = [t for t in ipip.dump_tunnels(api) if is_owned_tunnel_instance(t.instance)]
@@ -122,8 +180,12 @@ def collect(api: VppApi, mesh: Mesh, node: str, stats_socket: Path | None,
     peers: dict[int, PeerStatus] = {}
     for t in sorted(tunnels, key=lambda t: t.instance):
         number, index = split_tunnel_instance(t.instance)
-        peer = peers.setdefault(number, PeerStatus(
-            name=by_number.get(number, f"#{number}"), node_number=number, tunnels=[]))
+        peer = peers.get(number)
+        if peer is None:
+            name = by_number.get(number, f"#{number}")
+            peer = peers[number] = PeerStatus(
+                name=name, node_number=number, tunnels=[],
+                secrecy=secrecy.get(name) if secrecy is not None else None)
         protection = protections.get(t.sw_if_index)
         iface = ifaces.get(t.sw_if_index)
         peer.tunnels.append(TunnelStatus.model_construct(
@@ -156,7 +218,7 @@ def render_table(status: NodeStatus) -> str:
         if c.warning:
             lines.append(f"warning: {c.warning}")
     header = f"{'peer':<12} {'tunnel':<14} {'src -> dst':<34} {'state':<10} " \
-             f"{'out pkts':>10} {'in pkts':>10}  encapsulation"
+             f"{'out pkts':>10} {'in pkts':>10}  {'keys':<23}  encapsulation"
     lines += [header, "-" * len(header)]
     for peer in status.peers:
         for t in peer.tunnels:
@@ -165,7 +227,11 @@ def render_table(status: NodeStatus) -> str:
             out_p = t.sa_out.packets if t.sa_out and t.sa_out.packets is not None else "-"
             in_p = sum(s.packets or 0 for s in t.sa_in) if t.sa_in else "-"
             lines.append(f"{peer.name:<12} {t.name:<14} {t.src + ' -> ' + t.dst:<34} "
-                         f"{state:<10} {out_p:>10} {in_p:>10}  {t.encapsulation}")
+                         f"{state:<10} {out_p:>10} {in_p:>10}  {peer.keys or '-':<23}  "
+                         f"{t.encapsulation}")
     for name in status.missing_peers:
         lines.append(f"{name:<12} (no tunnels: run `vppmesh up`)")
+    pairs = {p.name: p.secrecy for p in status.peers if p.secrecy is not None}
+    if pairs:
+        lines.append(secrecy_summary(pairs))
     return "\n".join(lines)

@@ -10,6 +10,10 @@ Three independent pieces of evidence, each from the dataplane itself:
    every driver: af_packet, AVF, DPDK) and each frame is classified. Any frame showing a
    pod address or an IPIP packet in clear fails the run. ESP counts over IPv4 and IPv6
    alike, and inside UDP (RFC 3948) on port 4500 or a NAT's forwarded port.
+
+Beside them, each pair's key kind (from the generation file): agreed by the two agents
+over their channel (ephemeral, forward secret) or derived from the static keys. It is
+reported; with `--require-forward-secrecy` a pair still on static keys fails the run.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import os
 import socket
 import subprocess
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import dpkt
@@ -31,7 +35,9 @@ from vppmesh.config import Mesh, Node
 from vppmesh.errors import VppMeshError
 from vppmesh.keys import spi_sender, spi_tunnel
 from vppmesh.plan import HOST_LINUX_IFNAME
+from vppmesh.secrecy import PairSecrecy
 from vppmesh.state import is_owned_sa_id, is_owned_tunnel_instance, tunnel_instance
+from vppmesh.status import FORWARD_SECRECY_FIX, PairKeys, secrecy_summary
 from vppmesh.underlay import NAT_T_PORT, encapsulation, path
 from vppmesh.uplink import TAG_NIC
 from vppmesh.vpp import interfaces, ipip, ipsec, routes
@@ -46,7 +52,7 @@ IPPROTO_UDP = 17
 SNAPLEN = 128  # outer headers plus an inner IPv4/TCP header: enough to classify, no data
 
 
-class PeerVerdict(BaseModel):
+class PeerVerdict(PairKeys):
     name: str
     node_number: int
     tunnels_expected: int
@@ -84,10 +90,17 @@ class VerifyReport(BaseModel):
     probes: int
     peers: list[PeerVerdict]
     capture: CaptureVerdict | None
+    require_forward_secrecy: bool = False
+
+    @property
+    def not_forward_secret(self) -> list[PeerVerdict]:
+        """The peers whose keys are not agreed both ways (or not known to be)."""
+        return [p for p in self.peers if p.forward_secret is not True]
 
     @property
     def ok(self) -> bool:
-        return all(p.ok for p in self.peers) and (self.capture is None or self.capture.ok)
+        return all(p.ok for p in self.peers) and (self.capture is None or self.capture.ok) \
+            and not (self.require_forward_secrecy and self.not_forward_secret)
 
     @property
     def verdict(self) -> str:
@@ -97,9 +110,15 @@ class VerifyReport(BaseModel):
                 extra = (f"; capture on {self.capture.interface}: {self.capture.frames} frames, "
                          f"{self.capture.esp_between_nodes} ESP between node addresses, "
                          "0 in clear")
+            if self.require_forward_secrecy:
+                extra += "; every pair on ephemeral keys (forward secret)"
             return (f"PASS: {len(self.peers)} peer(s), every tunnel protected and counting "
                     f"both ways{extra}")
         reasons = [f"{p.name}: {'; '.join(p.problems)}" for p in self.peers if p.problems]
+        if self.require_forward_secrecy and self.not_forward_secret:
+            pairs = ", ".join(f"{self.node}-{p.name} ({p.keys or 'unknown'})"
+                              for p in self.not_forward_secret)
+            reasons.append(f"no forward secrecy on pair(s) {pairs}: {FORWARD_SECRECY_FIX}")
         if self.capture is not None and not self.capture.ok:
             c = self.capture
             if c.pod_address_in_clear or c.ipip_in_clear:
@@ -362,10 +381,15 @@ class Probes:
 
 def verify(api: VppApi, mesh: Mesh, node: str, *, stats_socket: Path | None,
            seconds: float = 3.0, capture: bool = False, probes: bool = True,
-           max_packets: int = 20000) -> VerifyReport:
+           max_packets: int = 20000, secrecy: Mapping[str, PairSecrecy] | None = None,
+           require_forward_secrecy: bool = False) -> VerifyReport:
+    """The report; `secrecy` (status.key_secrecy) gives each pair's key kind, which
+    `require_forward_secrecy` demands be ephemeral both ways."""
     local = mesh.node(node)
     structure = check_structure(api, mesh, local)
     peers = structure.peers
+    for peer in peers:
+        peer.secrecy = secrecy.get(peer.name) if secrecy is not None else None
     use_probes = probes and linux.link_exists(HOST_LINUX_IFNAME)
     uplink = find_uplink_interface(api, local) if capture else None
     filename = f"vppmesh-verify-{os.getpid()}.pcap"
@@ -411,19 +435,21 @@ def verify(api: VppApi, mesh: Mesh, node: str, *, stats_socket: Path | None,
         finally:
             path.unlink(missing_ok=True)
     return VerifyReport(node=node, window_seconds=seconds,
-                        probes=len(peers) if use_probes else 0, peers=peers, capture=verdict)
+                        probes=len(peers) if use_probes else 0, peers=peers, capture=verdict,
+                        require_forward_secrecy=require_forward_secrecy)
 
 
 def render(report: VerifyReport) -> str:
     header = f"{'peer':<12} {'tunnels ok':>10} {'route paths':>11} {'out pkts':>9} " \
-             f"{'in pkts':>9}  problems"
+             f"{'in pkts':>9}  {'keys':<23}  problems"
     lines = [f"node {report.node}: {report.window_seconds:g} s window, "
              f"{report.probes} probe(s)", header, "-" * len(header)]
     for p in report.peers:
         out = "-" if p.out_packets is None else f"+{p.out_packets}"
         inb = "-" if p.in_packets is None else f"+{p.in_packets}"
         lines.append(f"{p.name:<12} {f'{p.tunnels_ok}/{p.tunnels_expected}':>10} "
-                     f"{p.route_paths:>11} {out:>9} {inb:>9}  {'; '.join(p.problems) or 'ok'}")
+                     f"{p.route_paths:>11} {out:>9} {inb:>9}  {p.keys or '-':<23}  "
+                     f"{'; '.join(p.problems) or 'ok'}")
     c = report.capture
     if c is not None:
         lines.append(f"capture on {c.interface}: {c.frames} frames: {c.esp_between_nodes} ESP "
@@ -432,5 +458,8 @@ def render(report: VerifyReport) -> str:
                      f"{c.ipip_in_clear} IPIP in clear, {c.pod_address_in_clear} with pod "
                      f"addresses in clear, {c.other} other (ARP, host traffic)")
         lines += [f"  offending frame: {o}" for o in c.offenders]
+    pairs = {p.name: p.secrecy for p in report.peers if p.secrecy is not None}
+    if pairs and not report.require_forward_secrecy:  # (else the verdict says it)
+        lines.append(secrecy_summary(pairs))
     lines.append(report.verdict)
     return "\n".join(lines)

@@ -158,12 +158,14 @@ class AgentLoop:
 
     def measured(self, result: agent.UpResult, seconds: float, *, restarted: bool,
                  unavailable: float | None = None) -> None:
-        """With metrics: the run's numbers, and a new snapshot from VPP when one is due."""
+        """With metrics: the run's numbers and the channel's, and a new snapshot from VPP
+        when one is due."""
         metrics = self.metrics
         if metrics is None:
             return
         metrics.record_poll(seconds, result.pod_report, restarted=restarted,
                             unavailable=unavailable)
+        metrics.record_channel(self.session.secrecy)
         client = self.session.client
         if result.mesh is not None and client is not None and \
                 metrics.snapshot_due(time.monotonic()):

@@ -408,8 +408,12 @@ class Channel:
     def _receive_init(self, now: float, source: Address, state: _Peer, init: m.Init) -> Output:
         if init.timestamp <= state.last_timestamp:
             return self._drop(m.Drop.REPLAY)
-        if state.pending is not None and self.node_number < state.config.node_number:
-            self.stats["collisions"] += 1  # both initiated: the lower node number's wins
+        if state.pending is not None and state.attempts <= 1 and \
+                self.node_number < state.config.node_number:
+            # Both initiated at once: the lower node number's stands. Only while our first
+            # attempt is under way: once it went unanswered (the peer sits behind a NAT
+            # that only lets its own datagrams out, say), the peer's handshake is taken.
+            self.stats["collisions"] += 1
             return Output()
         if not self._dh_allowed(now, source):
             return self._drop(m.Drop.RATE_LIMITED)

@@ -220,9 +220,10 @@ def rekey(
     report_up(result)
     warn_no_agent(state_dir, node)
     if result.rekey_pending:
-        typer.echo(f"rekey deferred towards {', '.join(result.rekey_pending)}: they have not "
+        typer.echo(f"rekey deferred towards {', '.join(result.rekey_pending)}: pairs on agreed "
+                   "keys are rekeyed by the running agents over their channel; others have not "
                    "yet surely moved to the current generation (no traffic both ways seen "
-                   "for 2 x rekey_grace); the agent rekeys them as soon as they have")
+                   "for 2 x rekey_grace); the agent rekeys them as soon as it may")
 
 
 @app.command()
@@ -265,10 +266,14 @@ def plan(
     datastore: DatastoreOpt = None,
     state_dir: StateOpt = DEFAULT_STATE,
 ) -> None:
-    """Dry run: the ordered changes `up` would make (everything, when VPP is not running)."""
+    """Dry run: the ordered changes `up` would make (everything, when VPP is not running),
+    and whether each pair's keys are agreed by the agents (forward secret) or static."""
+    from vppmesh.status import key_secrecy, secrecy_summary
+
     opts = options(mesh, node, key, api_socket, state_dir=state_dir)
     try:
         view = agent.local_view(opts, agent.datastore_mesh(datastore))
+        secrecy = key_secrecy(state_dir, node, (p.name for p in view.peers))
         try:
             client = VppClient(api_socket).connect()
         except VppUnavailableError:
@@ -287,6 +292,8 @@ def plan(
     for change in changes:
         typer.echo(str(change))
     typer.echo(f"{len(changes)} change(s)")
+    if secrecy:
+        typer.echo(secrecy_summary(secrecy))
 
 
 @app.command()
@@ -299,15 +306,17 @@ def status(
     datastore: DatastoreOpt = None,
     state_dir: StateOpt = DEFAULT_STATE,
 ) -> None:
-    """Peers, tunnels, protection and per-SA counters, from VPP itself."""
+    """Peers, tunnels, protection and per-SA counters, from VPP itself; per peer whether
+    its keys are agreed by the agents (ephemeral: forward secret) or static."""
     from vppmesh.config import load_mesh
-    from vppmesh.status import collect, render_table
+    from vppmesh.status import collect, key_secrecy, render_table
 
     try:
         mesh_obj = agent.datastore_mesh(datastore) or load_mesh(mesh)
+        secrecy = key_secrecy(state_dir, node, (p.name for p in mesh_obj.peers_of(node)))
         with VppClient(api_socket).connect() as client:
             result = collect(client, mesh_obj, node, stats_path(api_socket, stats_socket),
-                             with_crypto=True)
+                             with_crypto=True, secrecy=secrecy)
     except VppMeshError as exc:
         raise fail(str(exc)) from None
     typer.echo(result.model_dump_json(indent=2) if as_json else render_table(result))
@@ -329,22 +338,30 @@ def verify(
                                            help="Length of the observation window.")] = 3.0,
     probes: Annotated[bool, typer.Option(
         help="Ping every peer's host link during the window, so there is traffic.")] = True,
+    require_forward_secrecy: Annotated[bool, typer.Option(
+        help="Fail unless every pair runs on keys agreed by the two nodes' agents "
+        "(ephemeral both ways: forward secret); by default the key kind is only "
+        "reported.")] = False,
     as_json: Annotated[bool, typer.Option("--json")] = False,
     datastore: DatastoreOpt = None,
     state_dir: StateOpt = DEFAULT_STATE,
 ) -> None:
-    """Prove that this node's mesh traffic is encrypted: tunnels, SA counters, capture."""
+    """Prove that this node's mesh traffic is encrypted: tunnels, SA counters, capture;
+    and report whether each pair's keys are forward secret."""
     from vppmesh.config import load_mesh
+    from vppmesh.status import key_secrecy
     from vppmesh.verify import render
     from vppmesh.verify import verify as run_verify
 
     try:
         mesh_obj = agent.datastore_mesh(datastore) or load_mesh(mesh)
-        mesh_obj.node(node)
+        secrecy = key_secrecy(state_dir, node, (p.name for p in mesh_obj.peers_of(node)))
         with VppClient(api_socket).connect() as client:
             report = run_verify(client, mesh_obj, node,
                                 stats_socket=stats_path(api_socket, stats_socket),
-                                seconds=seconds, capture=capture, probes=probes)
+                                seconds=seconds, capture=capture, probes=probes,
+                                secrecy=secrecy,
+                                require_forward_secrecy=require_forward_secrecy)
     except VppMeshError as exc:
         raise fail(str(exc)) from None
     if as_json:
