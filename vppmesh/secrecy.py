@@ -235,6 +235,7 @@ class Secrecy:
         self._followed: LocalView | None = None
         self._heard: dict[int, _Heard] = {}
         self._stated: dict[tuple[int, str], int] = {}
+        self._asked: dict[int, frozenset[int]] = {}  # lost inbound generations, asked for
         self._outbox: list[s.Output] = []
         self.unavailable: str | None = None  # why there is no channel (told once)
 
@@ -432,6 +433,14 @@ class Secrecy:
                 heard.restarted = False
             if not live or channel is None or not channel.established(number):
                 continue
+            # Inbound generations agreed before, whose keys neither this agent nor VPP
+            # holds any more (the peer left the mesh and came back, say): the peer must
+            # rekey towards us, once per loss.
+            lost = frozenset(g for g in pg.ephemeral_in
+                             if self.book.keys(number, False, g) is None)
+            if lost and self._asked.get(number) != lost:
+                self._outbox.append(channel.ask_rekey(now, number))
+            self._asked[number] = lost
             states = {"slid": pg.in_base}
             if agreed_in:
                 states["installed"] = max(agreed_in)
