@@ -343,17 +343,22 @@ def main(argv: list[str] | None = None) -> int:
                               "peers": measure_peers(args.peers)}
     if args.vpp:
         result["vpp"] = [measure_vpp(args.repeats, family) for family in ("ipv4", "ipv6")]
-    stem = args.out / f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-channel"
-    args.out.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(result, indent=1)
-    stem.with_suffix(".json").write_text(text + "\n")
-    table = render_table(result)
+    print(json.dumps(result, indent=1))
+    write_results(args.out, "channel", result, render_table(result), render_png)
+    return 0
+
+
+def write_results(out: Path, name: str, result: dict[str, Any], table: str,
+                  render_png: Callable[[dict[str, Any], Path], None]) -> Path:
+    """`<stamp>-<name>.{json,md,png}` in `out`; prints the table. The stem written."""
+    stem = out / f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{name}"
+    out.mkdir(parents=True, exist_ok=True)
+    stem.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
     stem.with_suffix(".md").write_text(table)
     render_png(result, stem.with_suffix(".png"))
-    print(text)
     print(table)
     print(f"wrote {stem}.json, .md and .png", file=sys.stderr)
-    return 0
+    return stem
 
 
 if __name__ == "__main__":

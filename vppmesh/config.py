@@ -94,8 +94,11 @@ class MeshSettings(BaseModel):
         default=0, description="Lowest key generation anyone may use: raising it moves every "
         "node's keys forward at once (the manual escape hatch; rekeying is automatic).")
     rekey_interval: Annotated[int, Field(ge=0, le=365 * 86400)] = Field(
-        default=86400, description="Seconds between scheduled rekeys of each outbound key; "
-        "0 rekeys only on demand (`vppmesh rekey`) and at the key limits.")
+        default=600, description="Seconds between scheduled rekeys of each outbound key; "
+        "with the agents' channel each rekey agrees a fresh ephemeral key, so a recorded "
+        "packet stays decryptable for at most about this plus rekey_grace (forward-secrecy "
+        "window, docs/design.md). 0 rekeys only on demand (`vppmesh rekey`) and at the key "
+        "limits. The default is chosen from benchmarks.channel_rotation at 1000 peers.")
     rekey_grace: Annotated[float, Field(ge=0.5, le=3600)] = Field(
         default=10.0, description="Seconds a receiver keeps accepting a sender's older "
         "generation after that sender's traffic moved to a newer one.")
