@@ -446,6 +446,8 @@ class Session:
         try:
             if self.secrecy is not None:  # (again) with a new VPP: punt and tell peers
                 self.secrecy.attach(self._client, view, system.vpp_pid(self._client))
+            if self.secrecy is not None:  # towards peers behind NAT: the ports learned
+                view = self.secrecy.learned_view(view)
             result = up(self.options, api=self._client, view=view,
                         reconciler=self._reconciler, full=full, secrecy=self.secrecy,
                         **up_options)

@@ -19,6 +19,16 @@ restarts without its book adopts the keys VPP holds for generations its generati
 marks as agreed (`ephemeral_out`, `ephemeral_in`), so a restarted agent changes nothing
 in VPP; a generation neither the agent nor VPP holds is never installed with its static
 key: outbound it counts as used (the scheduler steps past it), inbound it is left out.
+
+NAT. Towards a peer whose pair runs ESP in UDP the channel shares the ESP flow (UDP 4500,
+behind the non-ESP marker: channel/transport.py), so it crosses the peer's NAT on the
+ESP's own mapping. Where the peer's authenticated datagrams come from is where its NAT
+maps its ESP: a port other than its record's `nat.port` (a NAT that changes the source
+port) is learned, and `learned_view` gives the runs a view whose path to that peer sends
+there; the outbound SAs follow through a new key generation (the scheduler's
+"UDP encapsulation changed"). A node behind NAT sends RFC 3948 keepalives on every
+tunnel's flow every NAT_KEEPALIVE_INTERVAL, so a dynamic NAT keeps the mappings while
+the pair is idle.
 """
 
 from __future__ import annotations
@@ -29,8 +39,9 @@ import os
 import select
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from types import MappingProxyType
 from typing import TYPE_CHECKING
 
 from vppmesh.channel import session as s
@@ -40,12 +51,14 @@ from vppmesh.epochs import GenerationState, PeerGenerations, PeerSaid
 from vppmesh.errors import VppMeshError
 from vppmesh.keys import SaKey, derive_sa_key_ephemeral, spi_for
 from vppmesh.state import sa_id_for
-from vppmesh.view import AgreedKeys
+from vppmesh.underlay import NAT_T_PORT
+from vppmesh.view import AgreedKeys, PeerView
 from vppmesh.vpp import punt
 
 if TYPE_CHECKING:
-    from vppmesh.view import LocalView, PeerView
-    from vppmesh.vpp.client import VppApi
+    from vppmesh.channel.messages import Address
+    from vppmesh.view import LocalView
+    from vppmesh.vpp.client import Request, VppApi
     from vppmesh.vpp.ipsec import SaDetails
 
 log = logging.getLogger("vppmesh")
@@ -57,6 +70,9 @@ CHANNEL_SOCKET = "vppmesh-channel.sock"
 DGRAM_QUEUE = 4096
 DGRAM_QLEN = Path("/proc/sys/net/unix/max_dgram_qlen")
 Direction = tuple[int, bool, int]  # (peer node number, outbound, generation)
+# RFC 3948's keepalive period: below the 30 s in which Linux's conntrack forgets a UDP
+# flow that saw no reply (most home routers keep theirs longer).
+NAT_KEEPALIVE_INTERVAL = 20.0
 
 
 @dataclass
@@ -232,6 +248,16 @@ class Secrecy:
         self._stated: dict[tuple[int, str], int] = {}
         self._outbox: list[s.Output] = []
         self.unavailable: str | None = None  # why there is no channel (told once)
+        # NAT: per peer behind one, where its record says its ESP arrives (address and
+        # port of tunnel 0) and the port its authenticated datagrams came from instead;
+        # the keepalive flows of this node's tunnels when it is behind NAT.
+        self._followed: tuple[PeerView, ...] | None = None
+        self._reach: dict[int, tuple[str, int]] = {}
+        self.learned: dict[int, int] = {}
+        self._adjusted: dict[int, tuple[PeerView, int, PeerView]] = {}
+        self._learned_view: tuple[LocalView, dict[int, int], LocalView] | None = None
+        self._keepalive_flows: list[tuple[int, int, Address, Address]] = []
+        self._next_keepalive = float("-inf")
 
     @property
     def channel(self) -> s.Channel | None:
@@ -250,7 +276,8 @@ class Secrecy:
             self._pid = vpp_pid  # asked once per VPP: a refusal holds until it restarts
             try:
                 replies = api.call_many([punt.register(PORT, False, self.socket_path),
-                                         punt.register(PORT, True, self.socket_path)])
+                                         punt.register(PORT, True, self.socket_path),
+                                         *self._esp_flow_registrations(api)])
             except VppMeshError as exc:
                 if self.unavailable is None:
                     log.warning("no channel between agents (keys stay on the static "
@@ -276,24 +303,53 @@ class Secrecy:
                 self.endpoint.emit(self.endpoint.channel.restarted(self.clock(), boot_id))
         self.follow(view)
 
+    def _esp_flow_registrations(self, api: VppApi) -> list[Request]:
+        """Punt what arrives on UDP 4500 with SPI 0 (the channel on the ESP flow) to
+        the agent, where VPP knows those reasons."""
+        reasons = punt.reason_ids(api)
+        missing = [n for n in punt.SPI_UDP_0.values() if n not in reasons]
+        if missing:
+            log.warning("VPP has no punt reason %s: the channel does not cross NATs on "
+                        "the ESP flow (no port learning)", ", ".join(missing))
+        return [punt.register_exception(reasons[n], n, self.socket_path)
+                for n in punt.SPI_UDP_0.values() if n in reasons]
+
     def follow(self, view: LocalView) -> None:
         """The view's peers and this node's addresses, when they changed."""
         endpoint = self.endpoint
         if endpoint is None:
             return
-        peers = {p.name: p.node.node_number for p in view.peers}
         local = {version: (address, PORT)
                  for version, address in local_addresses(view).items()}
-        if peers == self._peers and endpoint.local == local:
+        if view.peers is self._followed and endpoint.local == local:
             return
+        self._followed = view.peers
+        peers = {p.name: p.node.node_number for p in view.peers}
         endpoint.local = local
         endpoint.channel.set_peers([
-            s.PeerConfig(p.node.node_number, p.node.public_key_bytes,
-                         (str(p.path.endpoints[0][1]), PORT)) for p in view.peers])
+            s.PeerConfig(p.node.node_number, p.node.public_key_bytes, channel_address(p))
+            for p in view.peers])
+        endpoint.esp_flow = frozenset(str(p.path.endpoints[0][1]) for p in view.peers
+                                      if p.path.udp_encap)
+        self._follow_nat(view)
         for number in set(self._peers.values()) - set(peers.values()):
             self.book.forget(number)
             self._heard.pop(number, None)
         self._peers = peers
+
+    def _follow_nat(self, view: LocalView) -> None:
+        """Where peers behind NAT are reached (a learned port of an address that moved
+        is forgotten), and this node's keepalive flows."""
+        reach = {p.node.node_number: channel_address(p) for p in view.peers
+                 if p.path.udp_encap and p.node.nat is not None}
+        for number in list(self.learned):
+            if reach.get(number) != self._reach.get(number):
+                del self.learned[number]
+        self._reach = reach
+        self._keepalive_flows = [
+            (p.node.node_number, t, (str(src), NAT_T_PORT), (str(dst), p.path.udp_dst_port))
+            for p in view.peers if p.path.udp_encap and view.node.nat is not None
+            for t, (src, dst) in enumerate(p.path.endpoints)]
 
     def close(self) -> None:
         if self.endpoint is not None:
@@ -317,6 +373,7 @@ class Secrecy:
         now = self.clock()
         events = endpoint.receive(now) if receive else []
         events += endpoint.tick(now)
+        self.keepalives(now)
         wanted = False
         for event in events:
             wanted |= self._event(now, event)
@@ -340,7 +397,66 @@ class Secrecy:
                 return True
             case s.HandshakeComplete():
                 return True  # a pair on static keys moves to agreed ones
-        return False  # endpoint moves: the channel follows them itself
+            case s.EndpointChanged(peer=peer, endpoint=(host, port)):
+                return self.learn(peer, host, port)
+        return False
+
+    # ---- NAT ---------------------------------------------------------------------------
+    def learn(self, peer: int, host: str, port: int) -> bool:
+        """The peer's authenticated datagrams now come from (host, port): behind NAT,
+        its ESP must go there too. True when the SAs towards it must change."""
+        reach = self._reach.get(peer)
+        if reach is None or reach[0] != host:
+            return False  # not behind NAT, or not its public address: the SAs stay
+        before = self.learned.get(peer)
+        if port == reach[1]:
+            self.learned.pop(peer, None)
+        else:
+            self.learned[peer] = port
+        if self.learned.get(peer) == before:
+            return False
+        name = next((n for n, number in self._peers.items() if number == peer), peer)
+        log.info("peer %s: its NAT maps its ESP in UDP to %s port %d: the outbound SAs "
+                 "follow", name, host, port)
+        return True
+
+    def learned_view(self, view: LocalView) -> LocalView:
+        """`view` with the learned ports: the path to each peer whose NAT maps its ESP to
+        another port than its record's sends there (the same object while unchanged,
+        so plan() keeps its cache)."""
+        if not self.learned:
+            return view
+        cached = self._learned_view
+        if cached is not None and cached[0] is view and cached[1] == self.learned:
+            return cached[2]
+        peers = []
+        for peer in view.peers:
+            number = peer.node.node_number
+            port = self.learned.get(number)
+            if port is None or not peer.path.udp_encap:
+                peers.append(peer)
+                continue
+            known = self._adjusted.get(number)
+            if known is None or known[0] is not peer or known[1] != port:
+                known = (peer, port, PeerView(node=peer.node, secret=peer.secret,
+                                              path=replace(peer.path, udp_dst_port=port)))
+                self._adjusted[number] = known
+            peers.append(known[2])
+        adjusted = replace(view, peers=tuple(peers),
+                           by_name=MappingProxyType({p.name: p for p in peers}))
+        self._learned_view = (view, dict(self.learned), adjusted)
+        return adjusted
+
+    def keepalives(self, now: float) -> None:
+        """Behind NAT: an RFC 3948 keepalive on every tunnel's flow when one is due."""
+        endpoint = self.endpoint
+        if endpoint is None or not self._keepalive_flows or now < self._next_keepalive:
+            return
+        self._next_keepalive = now + NAT_KEEPALIVE_INTERVAL
+        for peer, tunnel, source, (host, port) in self._keepalive_flows:
+            if tunnel == 0:
+                port = self.learned.get(peer, port)
+            endpoint.transport.keepalive(source, (host, port))
 
     # ---- what a run uses -------------------------------------------------------------
     def said(self, view: LocalView) -> dict[str, PeerSaid]:
@@ -433,6 +549,7 @@ class Secrecy:
         found["sent_datagrams"] = endpoint.transport.sent
         found["received_datagrams"] = endpoint.transport.received
         found["send_errors"] = endpoint.transport.send_errors
+        found["nat_keepalives"] = endpoint.transport.keepalives
         return found
 
     def established(self, view: LocalView) -> set[str]:
@@ -442,6 +559,13 @@ class Secrecy:
             return set()
         return {p.name for p in view.peers if p.node.node_number in channel.peers()
                 and channel.established(p.node.node_number)}
+
+
+def channel_address(peer: PeerView) -> tuple[str, int]:
+    """Where the channel reaches `peer` first: the ESP flow's address and port when the
+    pair runs ESP in UDP, else the channel's own port."""
+    host = str(peer.path.endpoints[0][1])
+    return (host, peer.path.udp_dst_port) if peer.path.udp_encap else (host, PORT)
 
 
 def local_addresses(view: LocalView) -> dict[int, str]:

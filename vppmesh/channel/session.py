@@ -408,8 +408,12 @@ class Channel:
     def _receive_init(self, now: float, source: Address, state: _Peer, init: m.Init) -> Output:
         if init.timestamp <= state.last_timestamp:
             return self._drop(m.Drop.REPLAY)
-        if state.pending is not None and self.node_number < state.config.node_number:
-            self.stats["collisions"] += 1  # both initiated: the lower node number's wins
+        if state.pending is not None and self.node_number < state.config.node_number \
+                and source == state.endpoint:
+            # Both initiated: the lower node number's wins. Unless the peer's came from
+            # elsewhere than ours went (a NAT chose another port): ours is lost, so the
+            # peer's is answered, or neither would ever complete.
+            self.stats["collisions"] += 1
             return Output()
         if not self._dh_allowed(now, source):
             return self._drop(m.Drop.RATE_LIMITED)
