@@ -1,0 +1,229 @@
+"""The channel through a NAT that changes the source port: the ESP flow, port learning,
+NAT keepalives (vppmesh/secrecy.py, channel/transport.py), without VPP.
+
+Two agents' Secrecy objects talk through unix sockets standing in for their VPPs' punt
+sockets; a relay between them plays the underlay and a NAT in front of node2 that maps
+node2's UDP 4500 to a port of its own choosing and lets in only what answers it. The real
+VPPs and an nftables NAT do the same in test_forward_secrecy_nat_vpp.py.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from conftest import make_mesh
+from fake_vpp import FakeVpp
+
+from vppmesh.channel import messages as m
+from vppmesh.channel import transport as t
+from vppmesh.config import Mesh, NatSettings
+from vppmesh.secrecy import NAT_KEEPALIVE_INTERVAL, Secrecy
+from vppmesh.underlay import NAT_T_PORT
+from vppmesh.view import LocalView, build_view
+
+PUBLIC = "192.0.2.250"
+ETHERNET = bytes(12) + b"\x08\x00"
+
+
+def punted(packet: bytes) -> bytes:
+    """What VPP writes to the agent: descriptor, the L2 header, the packet."""
+    return t.PACKETDESC.pack(3, t.PUNT_L2) + ETHERNET + packet
+
+
+def udp_fields(packet: bytes) -> tuple[t.Address, t.Address, bytes]:
+    """(source, destination, payload) of an IPv4 UDP packet without options."""
+    src, dst = ipaddress.IPv4Address(packet[12:16]), ipaddress.IPv4Address(packet[16:20])
+    sport, dport = struct.unpack("!HH", packet[20:24])
+    return (str(src), sport), (str(dst), dport), packet[28:]
+
+
+# ---- the transport on the ESP flow --------------------------------------------------------
+def test_forward_secrecy_nat_datagrams_on_4500_carry_the_non_esp_marker(tmp_path: Path) -> None:
+    vpp = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    vpp.bind(str(tmp_path / "vpp.sock"))
+    with t.PuntTransport(tmp_path / "agent.sock", tmp_path / "vpp.sock") as agent:
+        agent.send(("192.0.2.1", NAT_T_PORT), ("192.0.2.2", 23456), b"channel")
+        agent.send(("192.0.2.1", 4501), ("192.0.2.2", 4501), b"channel")
+        agent.keepalive(("192.0.2.1", NAT_T_PORT), ("192.0.2.2", NAT_T_PORT))
+        sent = [udp_fields(vpp.recv(4096)[t.PACKETDESC.size:]) for _ in range(3)]
+        assert sent == [(("192.0.2.1", 4500), ("192.0.2.2", 23456), bytes(4) + b"channel"),
+                        (("192.0.2.1", 4501), ("192.0.2.2", 4501), b"channel"),
+                        (("192.0.2.1", 4500), ("192.0.2.2", 4500), b"\xff")]
+        assert (agent.sent, agent.keepalives) == (2, 1)
+    vpp.close()
+
+
+def test_forward_secrecy_nat_punted_esp_flow_datagrams_lose_the_marker() -> None:
+    source, ours = (PUBLIC, 23456), ("192.0.2.1", NAT_T_PORT)
+    biggest = bytes(4) + b"x" * m.MAX_DATAGRAM
+    parsed = t.parse_punted(punted(t.build_packet(source, ours, biggest)))
+    assert isinstance(parsed, t.Punted) and parsed.payload == b"x" * m.MAX_DATAGRAM
+    assert parsed.source == source
+    # Without the marker it is not the channel's (VPP punts only SPI 0, but say so).
+    assert t.parse_punted(punted(t.build_packet(source, ours, b"\x00\x00\x00\x01abc"))) \
+        == m.Drop.MALFORMED
+    assert t.parse_punted(punted(t.build_packet(source, ours, biggest + b"x"))) == \
+        m.Drop.OVERSIZED
+    # On the channel's own port nothing is stripped.
+    plain = t.parse_punted(punted(t.build_packet(source, ("192.0.2.1", 4501), bytes(6))))
+    assert isinstance(plain, t.Punted) and plain.payload == bytes(6)
+
+
+# ---- two agents through a NAT ---------------------------------------------------------------
+@dataclass
+class Nat:
+    """The underlay between node1 (outside) and node2 (behind the NAT at PUBLIC)."""
+
+    inside: str
+    mapped: int  # the public port the NAT maps node2's 4500 flows to now
+    delivered: list[tuple[int, t.Address, t.Address, bytes]] = field(default_factory=list)
+    dropped: int = 0
+
+
+@dataclass
+class Pair:
+    mesh: Mesh
+    views: dict[int, LocalView]
+    agents: dict[int, Secrecy]
+    vpps: dict[int, socket.socket]
+    nat: Nat
+    tmp: Path
+    clock: list[float]
+
+    def relay(self) -> int:
+        """Move what each agent wrote to its "VPP" across the underlay and the NAT."""
+        moved = 0
+        for sender, vpp in self.vpps.items():
+            while True:
+                try:
+                    written = vpp.recv(4096)
+                except BlockingIOError:
+                    break
+                source, destination, payload = udp_fields(written[t.PACKETDESC.size:])
+                if sender == 2:  # out through the NAT: 4500 keeps one mapping
+                    source = (PUBLIC, self.nat.mapped if source[1] == NAT_T_PORT else 31000)
+                    receiver = 1
+                elif destination == (PUBLIC, self.nat.mapped):
+                    destination, receiver = (self.nat.inside, NAT_T_PORT), 2
+                else:  # nothing at the NAT answers it
+                    self.nat.dropped += 1
+                    continue
+                self.nat.delivered.append((sender, source, destination, payload))
+                moved += 1
+                if payload == t.NAT_KEEPALIVE:
+                    continue  # VPP drops it ("NAT Keepalive")
+                packet = t.build_packet(source, destination, payload)
+                vpp.sendto(punted(packet), str(self.tmp / f"agent{receiver}.sock"))
+        return moved
+
+    def run(self, seconds: float, step: float = 0.25) -> bool:
+        """Both agents' loops for `seconds`: True if either wanted a run."""
+        wanted = False
+        for _ in range(int(seconds / step)):
+            self.clock[0] += step
+            for agent in self.agents.values():
+                wanted |= agent.service()
+            self.relay()
+        return wanted
+
+
+@pytest.fixture
+def pair(tmp_path: Path) -> Iterator[Pair]:
+    mesh, secrets = make_mesh(2, tunnels=2)
+    behind = mesh.nodes[1].model_copy(update={"nat": NatSettings(
+        public=ipaddress.ip_address(PUBLIC), port=NAT_T_PORT)})
+    mesh = mesh.model_copy(update={"nodes": [mesh.nodes[0], behind]})
+    clock = [1000.0]
+    views, agents, vpps = {}, {}, {}
+    for n in (1, 2):
+        views[n] = build_view(mesh, f"node{n}", secrets[f"node{n}"])
+        vpp = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        vpp.bind(str(tmp_path / f"vpp{n}.sock"))
+        vpp.setblocking(False)
+        vpps[n] = vpp
+        fake = FakeVpp()
+        fake.punt_socket = str(tmp_path / f"vpp{n}.sock")
+        agents[n] = Secrecy(tmp_path / f"agent{n}.sock", clock=lambda: clock[0])
+        agents[n].attach(fake, views[n], 1)
+        assert fake.punt_exceptions == {1: str(tmp_path / f"agent{n}.sock"),
+                                        4: str(tmp_path / f"agent{n}.sock")}
+    nat = Nat(inside=str(behind.underlay[0].ip), mapped=23456)
+    yield Pair(mesh, views, agents, vpps, nat, tmp_path, clock)
+    for n in (1, 2):
+        agents[n].close()
+        vpps[n].close()
+
+
+def test_forward_secrecy_nat_peer_learns_the_port_the_nat_chose(pair: Pair) -> None:
+    one, two = pair.agents[1], pair.agents[2]
+    wanted = pair.run(3.0)
+    assert one.established(pair.views[1]) == {"node2"}
+    assert two.established(pair.views[2]) == {"node1"}
+    assert wanted
+    # node1 reaches node2 where the NAT maps node2's 4500, not at its record's port.
+    assert one.learned == {2: 23456} and two.learned == {}
+    assert one.channel is not None and one.channel.endpoint(2) == (PUBLIC, 23456)
+    learned = one.learned_view(pair.views[1])
+    assert learned.peer("node2").path.udp_dst_port == 23456
+    assert learned.peer("node2").path.endpoints == pair.views[1].peer("node2").path.endpoints
+    assert pair.views[1].peer("node2").path.udp_dst_port == NAT_T_PORT  # the record's
+    assert one.learned_view(pair.views[1]) is learned  # unchanged: plan() keeps its cache
+    assert two.learned_view(pair.views[2]) is pair.views[2]
+    # Every channel datagram of the pair ran on the ESP flow, from and to UDP 4500.
+    channel = [d for d in pair.nat.delivered if d[3] != t.NAT_KEEPALIVE]
+    assert channel and all(d[3][:4] == bytes(4) for d in channel)
+    assert {d[1][1] for d in channel if d[0] == 2} == {23456}  # node2's, through the NAT
+    assert {d[1][1] for d in channel if d[0] == 1} == {NAT_T_PORT}
+    # node1's first handshake went to the record's port and died at the NAT; node2's
+    # (the higher node number's) was answered all the same.
+    assert pair.nat.dropped >= 1
+    malformed = f"drop_{m.Drop.MALFORMED.value}"
+    assert not one.counters().get(malformed) and not two.counters().get(malformed)
+
+
+def test_forward_secrecy_nat_a_new_mapping_is_followed(pair: Pair) -> None:
+    one, two = pair.agents[1], pair.agents[2]
+    pair.run(3.0)
+    pair.nat.mapped = 27001  # the mapping expired and the NAT chose another port
+    assert two.endpoint is not None
+    two.endpoint.send(pair.clock[0], 1, m.Keepalive())
+    assert pair.relay() == 1
+    assert one.service() is True  # the SAs towards node2 must follow: a run is due
+    assert one.learned == {2: 27001}
+    assert one.learned_view(pair.views[1]).peer("node2").path.udp_dst_port == 27001
+    pair.run(1.0)
+    assert one.established(pair.views[1]) == {"node2"}
+    # Learning is for peers behind NAT, at their public address only.
+    assert not two.learn(1, "10.0.0.17", 40000) and two.learned == {}
+    assert not one.learn(2, "192.0.2.99", 40000) and one.learned == {2: 27001}
+    assert one.learn(2, PUBLIC, NAT_T_PORT) and one.learned == {}  # back to the record
+    assert one.learned_view(pair.views[1]) is pair.views[1]
+
+
+def test_forward_secrecy_nat_node_behind_nat_sends_keepalives_on_every_tunnel(
+        pair: Pair) -> None:
+    view = pair.views[2]
+    flows = {((str(src), NAT_T_PORT), (str(dst), NAT_T_PORT))
+             for src, dst in view.peer("node1").path.endpoints}
+    assert len(flows) == 2  # one mapping per tunnel: from its first address to each peer's
+
+    def keepalives() -> list[tuple[t.Address, t.Address]]:
+        return [(d[1], d[2]) for d in pair.nat.delivered if d[3] == t.NAT_KEEPALIVE]
+
+    pair.run(0.25)
+    assert {(src, dst) for src, dst in keepalives()} == {
+        ((PUBLIC, 23456), dst) for _, dst in flows}  # as node1 sees them
+    assert len(keepalives()) == 2
+    pair.run(NAT_KEEPALIVE_INTERVAL - 1.0)
+    assert len(keepalives()) == 2
+    pair.run(1.0)
+    assert len(keepalives()) == 4
+    assert all(d[0] == 2 for d in pair.nat.delivered if d[3] == t.NAT_KEEPALIVE)  # node1: none
+    assert pair.agents[2].counters()["nat_keepalives"] == 4
+    assert pair.agents[1].counters()["nat_keepalives"] == 0

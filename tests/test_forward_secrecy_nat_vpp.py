@@ -1,0 +1,162 @@
+"""A node behind a NAT that changes the source port, against real VPPs with agents.
+
+n2 sits behind a Linux NAT (namespace vfn-nat) that masquerades its UDP to a random
+port in 20000-30000, never the 4500 its record names, with no forward. Its peer n1 can
+reach it only at the port the NAT chose for n2's ESP flow, and learns it from n2's
+agent's authenticated channel datagrams, which share that flow (UDP 4500, non-ESP
+marker). n2's agent sends RFC 3948 keepalives on the flow, so the mapping survives an
+idle period longer than the NAT's UDP timeout (set to 30 s, Linux's default for a flow
+without replies, for flows with replies too). Checks:
+
+- with both `up --watch` agents running, pods ping both ways; n1's outbound SA sends to
+  the port the NAT really maps n2's 4500 to (read from the NAT's conntrack), n1's VPP
+  counts n2's keepalives as "NAT Keepalive", and the pair runs on agreed keys;
+- after 45 s without pod traffic (past the NAT's timeout), pods ping both ways at
+  once, over the same mapping;
+- the control: with the agents stopped, the same idle period loses the mapping, and n1
+  can no longer reach n2.
+
+Two nodes (prefix vfn-). Skipped with the reason when no VPP binary is found or when not
+root. Select with `pytest -k forward_secrecy` or `pytest -k nat`.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import vpp_helpers
+from conftest import wait_for
+
+from vppmesh.config import load_mesh
+from vppmesh.epochs import GenerationStore
+from vppmesh.lab.testbed import NAT_OUTSIDE, NAT_RANDOM_PORTS, NodeHandle, Testbed, in_ns
+from vppmesh.secrecy import NAT_KEEPALIVE_INTERVAL, pair_secrecy
+from vppmesh.underlay import NAT_T_PORT
+from vppmesh.vpp import ipsec
+from vppmesh.vpp.client import VppClient
+
+pytestmark = [pytest.mark.vpp]
+PREFIX = "vfn-"
+BASE = Path("/run/vppmesh-vfn")
+NAT_TIMEOUT = 30  # seconds: the NAT forgets a UDP flow idle this long
+IDLE = 45.0
+PUBLIC = str(NAT_OUTSIDE.ip)
+
+
+@pytest.fixture(scope="module")
+def bed() -> Iterator[Testbed]:
+    with vpp_helpers.testbed(nodes=2, tunnels=1, pods=1, workers=0, prefix=PREFIX,
+                             base_dir=BASE, nat="masquerade-random") as bed:
+        vpp_helpers.on_demand_rekeys(bed, 1.0)
+        for name in ("nf_conntrack_udp_timeout", "nf_conntrack_udp_timeout_stream"):
+            in_ns(bed.nat_ns, "sysctl", "-qw", f"net.netfilter.{name}={NAT_TIMEOUT}")
+        in_ns(bed.nat_ns, "conntrack", "-F", check=False)
+        yield bed
+
+
+@pytest.fixture(scope="module")
+def agents(bed: Testbed) -> Iterator[dict[str, vpp_helpers.WatchAgent]]:
+    started = {n.name: vpp_helpers.WatchAgent(bed, n, grace=10.0) for n in bed.nodes}
+    with vpp_helpers.running_agents(started) as running:
+        yield running
+
+
+def pods_ping(src: NodeHandle, dst: NodeHandle, count: int = 3) -> bool:
+    return vpp_helpers.pod_ping(src, dst, count=count).returncode == 0
+
+
+def both_ways(bed: Testbed) -> bool:
+    n1, n2 = bed.nodes
+    return pods_ping(n1, n2, count=1) and pods_ping(n2, n1, count=1)
+
+
+def outbound_ports(bed: Testbed, node: NodeHandle, peer: NodeHandle) -> set[int]:
+    """The UDP destination ports of node's outbound SAs towards peer."""
+    number = load_mesh(bed.mesh_file).node(peer.name).node_number
+    with VppClient(node.instance.api_socket).connect() as api:
+        return {s.spec.udp_dst_port for s in ipsec.dump_sas(api)
+                if s.spec.direction == "out" and s.spec.peer_number == number
+                and s.spec.udp_encap}
+
+
+def nat_mapped_port(bed: Testbed) -> int | None:
+    """The public port the NAT maps n2's UDP 4500 flow to n1's 4500 to (conntrack)."""
+    n1, n2 = bed.nodes
+    listing = in_ns(bed.nat_ns, "conntrack", "-L", "-p", "udp", check=False).stdout
+    for line in listing.splitlines():
+        tuples = re.findall(r"src=(\S+) dst=(\S+) sport=(\d+) dport=(\d+)", line)
+        if len(tuples) == 2:
+            (osrc, odst, osport, odport), (_, rdst, _, rdport) = tuples
+            if osrc == str(n2.underlay[0].ip) and odst == str(n1.underlay[0].ip) and \
+                    int(osport) == NAT_T_PORT and int(odport) == NAT_T_PORT:
+                assert rdst == PUBLIC
+                return int(rdport)
+    return None
+
+
+def nat_keepalives(node: NodeHandle) -> int:
+    with VppClient(node.instance.api_socket).connect() as api:
+        counts = vpp_helpers.errors(api)
+    return sum(n for (_, reason), n in counts.items() if reason == "NAT Keepalive")
+
+
+def forward_secret(bed: Testbed) -> bool:
+    for node in bed.nodes:
+        peers = [p.name for p in bed.nodes if p is not node]
+        found = pair_secrecy(GenerationStore(node.dir, node.name).load(), peers)
+        if len(found) != len(peers) or not all(f.forward_secret for f in found.values()):
+            return False
+    return True
+
+
+def test_forward_secrecy_nat_pair_comes_up_both_ways_on_the_learned_port(
+        bed: Testbed, agents: dict[str, vpp_helpers.WatchAgent]) -> None:
+    n1, n2 = bed.nodes
+    took = wait_for(lambda: both_ways(bed), 90, "pods pinging both ways through the NAT",
+                    interval=0.5)
+    print(f"\npods ping both ways {took:.1f} s after the agents started", flush=True)
+    mapped = nat_mapped_port(bed)
+    assert mapped is not None, "the NAT has no mapping of n2's 4500 to n1's 4500"
+    assert NAT_RANDOM_PORTS[0] <= mapped <= NAT_RANDOM_PORTS[1]
+    assert outbound_ports(bed, n1, n2) == {mapped}, "n1's ESP does not go where the NAT maps"
+    assert outbound_ports(bed, n2, n1) == {NAT_T_PORT}
+    assert re.search(rf"peer n2: its NAT maps its ESP in UDP to {PUBLIC} port {mapped}",
+                     agents["n1"].text())
+    assert pods_ping(n1, n2, count=5) and pods_ping(n2, n1, count=5)
+    wait_for(lambda: forward_secret(bed), 60, "both directions on agreed keys")
+    wait_for(lambda: nat_keepalives(n1) > 0, NAT_KEEPALIVE_INTERVAL + 5,
+             "n2's NAT keepalives counted by n1's VPP")
+
+
+def test_forward_secrecy_nat_mapping_survives_an_idle_period_past_the_nat_timeout(
+        bed: Testbed, agents: dict[str, vpp_helpers.WatchAgent]) -> None:
+    n1, n2 = bed.nodes
+    wait_for(lambda: both_ways(bed), 90, "pods pinging both ways through the NAT",
+             interval=0.5)
+    mapped, keepalives = nat_mapped_port(bed), nat_keepalives(n1)
+    time.sleep(IDLE)  # no pod traffic: only the agents' keepalives and channel
+    assert pods_ping(n1, n2), "n1 lost n2 after the idle period"  # n1 first: the test
+    assert pods_ping(n2, n1)
+    assert nat_mapped_port(bed) == mapped, "the NAT mapped n2's ESP flow anew"
+    assert outbound_ports(bed, n1, n2) == {mapped}
+    grew = nat_keepalives(n1) - keepalives
+    assert grew >= int(IDLE // NAT_KEEPALIVE_INTERVAL), grew
+
+
+def test_forward_secrecy_nat_without_agents_the_idle_mapping_expires(
+        bed: Testbed, agents: dict[str, vpp_helpers.WatchAgent]) -> None:
+    """The control: the NAT's timeout is real. Runs last: it stops the agents."""
+    n1, n2 = bed.nodes
+    for agent in agents.values():
+        agent.stop()
+    assert pods_ping(n2, n1, count=1)  # n2 sends: the mapping is fresh
+    mapped = nat_mapped_port(bed)
+    assert mapped is not None
+    assert outbound_ports(bed, n1, n2) == {mapped}
+    time.sleep(NAT_TIMEOUT + 5)
+    assert nat_mapped_port(bed) is None, "the NAT kept an idle mapping"
+    assert not pods_ping(n1, n2, count=2), "n1 reached n2 with no mapping at the NAT"
