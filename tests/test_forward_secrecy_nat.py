@@ -23,6 +23,7 @@ from fake_vpp import FakeVpp
 from vppmesh.channel import messages as m
 from vppmesh.channel import transport as t
 from vppmesh.config import Mesh, NatSettings
+from vppmesh.epochs import GenerationState, PeerGenerations
 from vppmesh.secrecy import NAT_KEEPALIVE_INTERVAL, Secrecy
 from vppmesh.underlay import NAT_T_PORT
 from vppmesh.view import LocalView, build_view
@@ -95,6 +96,10 @@ class Pair:
     nat: Nat
     tmp: Path
     clock: list[float]
+
+    def learned(self, n: int, state: GenerationState | None = None) -> LocalView:
+        """node n's view for a run: with the ports its agent learned."""
+        return self.agents[n].learned_view(self.views[n], state or GenerationState())
 
     def relay(self) -> int:
         """Move what each agent wrote to its "VPP" across the underlay and the NAT."""
@@ -169,12 +174,12 @@ def test_forward_secrecy_nat_peer_learns_the_port_the_nat_chose(pair: Pair) -> N
     # node1 reaches node2 where the NAT maps node2's 4500, not at its record's port.
     assert one.learned == {2: 23456} and two.learned == {}
     assert one.channel is not None and one.channel.endpoint(2) == (PUBLIC, 23456)
-    learned = one.learned_view(pair.views[1])
+    learned = pair.learned(1)
     assert learned.peer("node2").path.udp_dst_port == 23456
     assert learned.peer("node2").path.endpoints == pair.views[1].peer("node2").path.endpoints
     assert pair.views[1].peer("node2").path.udp_dst_port == NAT_T_PORT  # the record's
-    assert one.learned_view(pair.views[1]) is learned  # unchanged: plan() keeps its cache
-    assert two.learned_view(pair.views[2]) is pair.views[2]
+    assert pair.learned(1) is learned  # unchanged: plan() keeps its cache
+    assert pair.learned(2) is pair.views[2]
     # Every channel datagram of the pair ran on the ESP flow, from and to UDP 4500.
     channel = [d for d in pair.nat.delivered if d[3] != t.NAT_KEEPALIVE]
     assert channel and all(d[3][:4] == bytes(4) for d in channel)
@@ -196,14 +201,14 @@ def test_forward_secrecy_nat_a_new_mapping_is_followed(pair: Pair) -> None:
     assert pair.relay() == 1
     assert one.service() is True  # the SAs towards node2 must follow: a run is due
     assert one.learned == {2: 27001}
-    assert one.learned_view(pair.views[1]).peer("node2").path.udp_dst_port == 27001
+    assert pair.learned(1).peer("node2").path.udp_dst_port == 27001
     pair.run(1.0)
     assert one.established(pair.views[1]) == {"node2"}
     # Learning is for peers behind NAT, at their public address only.
     assert not two.learn(1, "10.0.0.17", 40000) and two.learned == {}
     assert not one.learn(2, "192.0.2.99", 40000) and one.learned == {2: 27001}
     assert one.learn(2, PUBLIC, NAT_T_PORT) and one.learned == {}  # back to the record
-    assert one.learned_view(pair.views[1]) is pair.views[1]
+    assert pair.learned(1) is pair.views[1]
 
 
 def test_forward_secrecy_nat_node_behind_nat_sends_keepalives_on_every_tunnel(
@@ -227,3 +232,36 @@ def test_forward_secrecy_nat_node_behind_nat_sends_keepalives_on_every_tunnel(
     assert all(d[0] == 2 for d in pair.nat.delivered if d[3] == t.NAT_KEEPALIVE)  # node1: none
     assert pair.agents[2].counters()["nat_keepalives"] == 4
     assert pair.agents[1].counters()["nat_keepalives"] == 0
+
+
+def generations(view: LocalView) -> GenerationState:
+    return GenerationState(peers={p.name: PeerGenerations(
+        public_key=p.node.public_key, out=0, out_since=0.0, floor=0, in_base=0)
+        for p in view.peers})
+
+
+def test_forward_secrecy_nat_a_restarted_agent_sends_where_the_last_one_learned(
+        pair: Pair, tmp_path: Path) -> None:
+    one = pair.agents[1]
+    pair.run(3.0)
+    state = generations(pair.views[1])
+    one.applied(pair.learned(1, state), state, {}, {})
+    assert state.peers["node2"].nat_port == 23456  # saved with the generations
+    # node1's agent restarts: nothing learned in memory, node2's session is stale.
+    one.close()
+    fake = FakeVpp()
+    fake.punt_socket = str(tmp_path / "vpp1.sock")
+    again = pair.agents[1] = Secrecy(tmp_path / "agent1.sock", clock=lambda: pair.clock[0])
+    again.attach(fake, pair.views[1], 2)
+    assert again.channel is not None and again.channel.endpoint(2) == (PUBLIC, NAT_T_PORT)
+    view = pair.learned(1, state)
+    assert view.peer("node2").path.udp_dst_port == 23456  # no step back to the record's
+    assert again.channel.endpoint(2) == (PUBLIC, 23456)
+    dropped = pair.nat.dropped
+    pair.run(1.0)
+    assert again.established(pair.views[1]) == {"node2"}  # its handshake got through
+    assert pair.nat.dropped == dropped
+    # Taken once: a later move back to the record's port is not undone by the file.
+    assert again.learn(2, PUBLIC, NAT_T_PORT) and pair.learned(1, state) is pair.views[1]
+    again.applied(pair.views[1], state, {}, {})
+    assert state.peers["node2"].nat_port is None

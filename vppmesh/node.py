@@ -272,6 +272,8 @@ def up(options: NodeOptions, *, dry_run: bool = False, api: VppApi | None = None
                 uplink = bvi or uplink
             state = store.load()
             before = state.model_dump()
+            if secrecy is not None:  # towards peers behind NAT: the ports learned
+                view = secrecy.learned_view(view, state)
             if rekey:
                 epochs.request_rekey(state)
             book = secrecy.book if secrecy is not None else KeyBook()
@@ -446,8 +448,6 @@ class Session:
         try:
             if self.secrecy is not None:  # (again) with a new VPP: punt and tell peers
                 self.secrecy.attach(self._client, view, system.vpp_pid(self._client))
-            if self.secrecy is not None:  # towards peers behind NAT: the ports learned
-                view = self.secrecy.learned_view(view)
             result = up(self.options, api=self._client, view=view,
                         reconciler=self._reconciler, full=full, secrecy=self.secrecy,
                         **up_options)

@@ -254,6 +254,7 @@ class Secrecy:
         self._followed: tuple[PeerView, ...] | None = None
         self._reach: dict[int, tuple[str, int]] = {}
         self.learned: dict[int, int] = {}
+        self._adopted: set[int] = set()  # peers whose saved port was looked at
         self._adjusted: dict[int, tuple[PeerView, int, PeerView]] = {}
         self._learned_view: tuple[LocalView, dict[int, int], LocalView] | None = None
         self._keepalive_flows: list[tuple[int, int, Address, Address]] = []
@@ -420,10 +421,21 @@ class Secrecy:
                  "follow", name, host, port)
         return True
 
-    def learned_view(self, view: LocalView) -> LocalView:
+    def learned_view(self, view: LocalView, state: GenerationState) -> LocalView:
         """`view` with the learned ports: the path to each peer whose NAT maps its ESP to
         another port than its record's sends there (the same object while unchanged,
-        so plan() keeps its cache)."""
+        so plan() keeps its cache). A port an earlier agent learned (the generation
+        file's `nat_port`) is taken once, and the channel sent there."""
+        for number, (host, _) in self._reach.items():
+            if number in self._adopted:
+                continue
+            self._adopted.add(number)
+            name = next((n for n, p in self._peers.items() if p == number), None)
+            pg = state.peers.get(name) if name is not None else None
+            if pg is not None and pg.nat_port is not None and number not in self.learned:
+                self.learned[number] = pg.nat_port
+                if self.channel is not None and number in self.channel.peers():
+                    self.channel.reach(number, (host, pg.nat_port))
         if not self.learned:
             return view
         cached = self._learned_view
@@ -504,6 +516,7 @@ class Secrecy:
             pg = state.peers.get(peer.name)
             if pg is None:
                 continue
+            pg.nat_port = self.learned.get(number)
             agreed_in = [g for g in installed.get(peer.name, ())
                          if self.book.keys(number, False, g) is not None]
             pg.ephemeral_in = sorted(set(agreed_in) | set(pg.ephemeral_in))

@@ -113,6 +113,13 @@ def key_secrecy(state_dir: Path, node: str, peers: Iterable[str]) -> dict[str, P
             for name in names}
 
 
+def nat_ports(state_dir: Path, node: str) -> dict[str, int]:
+    """Per peer behind a NAT that maps its ESP to another port than its record says, the
+    port the agent learned (the generation file's `nat_port`)."""
+    state = GenerationStore(state_dir, node).load()
+    return {name: pg.nat_port for name, pg in state.peers.items() if pg.nat_port is not None}
+
+
 def keys_kind(pair: PairSecrecy) -> str:
     """`ephemeral` (agreed both ways: forward secret), `static`, or each way apart."""
     out, inbound = ("ephemeral" if agreed else "static"

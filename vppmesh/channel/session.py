@@ -263,6 +263,13 @@ class Channel:
         """Ephemeral private keys of generations this node holds (awaiting an answer)."""
         return sum(len(p.offers) for p in self._peers.values())
 
+    def reach(self, peer: int, endpoint: Address) -> None:
+        """Send to `endpoint` until the peer is heard from (a NAT mapping learned by an
+        earlier agent); a live session keeps following the peer itself."""
+        state = self._peers[peer]
+        if state.current is None:
+            state.endpoint = endpoint
+
     def set_peers(self, peers: Iterable[PeerConfig]) -> None:
         """Follow the mesh: a peer whose record is unchanged keeps its sessions and
         generations; a new or changed one starts afresh; one that left is forgotten."""
