@@ -13,6 +13,8 @@ without replies, for flows with replies too). Checks:
   counts n2's keepalives as "NAT Keepalive", and the pair runs on agreed keys;
 - after 45 s without pod traffic (past the NAT's timeout), pods ping both ways at
   once, over the same mapping;
+- n1's agent restarts: it takes the learned port from its generation file, so its SAs
+  stay, and a rekey is agreed with n2's agent through the NAT;
 - the control: with the agents stopped, the same idle period loses the mapping, and n1
   can no longer reach n2.
 
@@ -22,6 +24,7 @@ root. Select with `pytest -k forward_secrecy` or `pytest -k nat`.
 
 from __future__ import annotations
 
+import json
 import re
 import time
 from collections.abc import Iterator
@@ -32,11 +35,11 @@ import vpp_helpers
 from conftest import wait_for
 
 from vppmesh.config import load_mesh
-from vppmesh.epochs import GenerationStore
+from vppmesh.epochs import GenerationStore, PeerGenerations
 from vppmesh.lab.testbed import NAT_OUTSIDE, NAT_RANDOM_PORTS, NodeHandle, Testbed, in_ns
 from vppmesh.secrecy import NAT_KEEPALIVE_INTERVAL, pair_secrecy
 from vppmesh.underlay import NAT_T_PORT
-from vppmesh.vpp import ipsec
+from vppmesh.vpp import ipsec, punt
 from vppmesh.vpp.client import VppClient
 
 pytestmark = [pytest.mark.vpp]
@@ -104,6 +107,10 @@ def nat_keepalives(node: NodeHandle) -> int:
     return sum(n for (_, reason), n in counts.items() if reason == "NAT Keepalive")
 
 
+def peer_state(node: NodeHandle, peer: NodeHandle) -> PeerGenerations:
+    return GenerationStore(node.dir, node.name).load().peers[peer.name]
+
+
 def forward_secret(bed: Testbed) -> bool:
     for node in bed.nodes:
         peers = [p.name for p in bed.nodes if p is not node]
@@ -130,6 +137,19 @@ def test_forward_secrecy_nat_pair_comes_up_both_ways_on_the_learned_port(
     wait_for(lambda: forward_secret(bed), 60, "both directions on agreed keys")
     wait_for(lambda: nat_keepalives(n1) > 0, NAT_KEEPALIVE_INTERVAL + 5,
              "n2's NAT keepalives counted by n1's VPP")
+    # VPP punts SPI 0 on UDP 4500 (the channel on the ESP flow) to the agent.
+    with VppClient(n1.instance.api_socket).connect() as api:
+        reasons = punt.reason_ids(api)
+        listed = {int(d.punt.punt.exception.id): str(d.pathname)
+                  for d in api.dump("punt_socket_dump", type=punt.PUNT_TYPE_EXCEPTION)}
+    assert {reasons[name] for name in punt.SPI_UDP_0.values()} <= set(listed)
+    # The learned port is kept with the generations, and verify checks the SAs against it.
+    assert peer_state(n1, n2).nat_port == mapped
+    result = bed.run_vppmesh(n1, "verify", "--capture", "--json", "--state-dir",
+                             str(n1.dir), check=False)
+    report = json.loads(result.stdout)
+    assert result.returncode == 0 and report["ok"], result.stdout + result.stderr
+    assert report["capture"]["esp_in_udp"] > 0
 
 
 def test_forward_secrecy_nat_mapping_survives_an_idle_period_past_the_nat_timeout(
@@ -145,6 +165,32 @@ def test_forward_secrecy_nat_mapping_survives_an_idle_period_past_the_nat_timeou
     assert outbound_ports(bed, n1, n2) == {mapped}
     grew = nat_keepalives(n1) - keepalives
     assert grew >= int(IDLE // NAT_KEEPALIVE_INTERVAL), grew
+
+
+def test_forward_secrecy_nat_restarted_agent_sends_to_the_learned_port_at_once(
+        bed: Testbed, agents: dict[str, vpp_helpers.WatchAgent]) -> None:
+    """n1's agent restarts with nothing in memory: it takes the port from its generation
+    file, so its SAs stay where they are and its first handshakes pass the NAT."""
+    n1, n2 = bed.nodes
+    mapped = nat_mapped_port(bed)
+    generation = peer_state(n1, n2).out
+    agents["n1"].stop()
+    logged = len(agents["n1"].text())
+    started = time.monotonic()
+    agents["n1"].start()
+    took = wait_for(lambda: pods_ping(n1, n2, count=1), 30, "n1 reaching n2's pod again",
+                    interval=0.5)
+    print(f"\nn1's agent restarted: its pod reaches n2's after {took:.1f} s", flush=True)
+    assert outbound_ports(bed, n1, n2) == {mapped}
+    # Its channel passes the NAT: a rekey is agreed with n2's agent over it.
+    bed.run_vppmesh(n1, "rekey", *bed.state_args(n1))
+    took = wait_for(lambda: peer_state(n1, n2).out > generation and forward_secret(bed),
+                    60, "a generation agreed over the channel after the restart")
+    print(f"a new generation agreed {time.monotonic() - started:.1f} s after the restart",
+          flush=True)
+    assert outbound_ports(bed, n1, n2) == {mapped}
+    assert pods_ping(n1, n2, count=3) and pods_ping(n2, n1, count=3)
+    assert "UDP encapsulation changed" not in agents["n1"].text()[logged:]
 
 
 def test_forward_secrecy_nat_without_agents_the_idle_mapping_expires(
