@@ -25,6 +25,7 @@ from vppmesh.channel import transport as t
 from vppmesh.config import Mesh, NatSettings
 from vppmesh.epochs import GenerationState, PeerGenerations
 from vppmesh.secrecy import NAT_KEEPALIVE_INTERVAL, Secrecy
+from vppmesh.state import SA_DIRECTION_BIT, sa_peer
 from vppmesh.underlay import NAT_T_PORT
 from vppmesh.view import LocalView, build_view
 
@@ -265,3 +266,38 @@ def test_forward_secrecy_nat_a_restarted_agent_sends_where_the_last_one_learned(
     assert again.learn(2, PUBLIC, NAT_T_PORT) and pair.learned(1, state) is pair.views[1]
     again.applied(pair.views[1], state, {}, {})
     assert state.peers["node2"].nat_port is None
+
+
+def test_forward_secrecy_nat_one_shot_up_sends_to_the_saved_port(pair: Pair,
+                                                                 tmp_path: Path) -> None:
+    """`up --watch` runs a one-shot `up` before its agent starts, and `vppmesh rekey` is
+    one: neither has a channel, so both take the port an agent saved."""
+    from vppmesh.config import dump_mesh
+    from vppmesh.epochs import GenerationStore
+    from vppmesh.keys import private_key_b64, write_secret_file
+    from vppmesh.node import NodeOptions, up
+
+    mesh_file, key = tmp_path / "mesh.yaml", tmp_path / "node1.key"
+    mesh_file.write_text(dump_mesh(pair.mesh))
+    write_secret_file(key, private_key_b64(pair.views[1].secrets.private_key))
+    options = NodeOptions(mesh_file=mesh_file, node="node1", private_key=key,
+                          host_link="none", workers=0, state_dir=tmp_path / "state")
+    vpp = FakeVpp.with_uplink(pair.mesh.node("node1").primary)
+
+    def outbound_ports() -> set[int]:
+        return {sa["entry"]["udp_dst_port"] for sa_id, sa in vpp.sas.items()
+                if sa_id & SA_DIRECTION_BIT and sa_peer(sa_id) == 2}
+
+    up(options, api=vpp)
+    assert outbound_ports() == {NAT_T_PORT}  # nothing learned yet: the record's port
+    store = GenerationStore(tmp_path / "state", "node1")
+    state = store.load()
+    state.peers["node2"].nat_port = 23456  # what node1's agent learned and saved
+    store.save(state)
+    generation = state.peers["node2"].out
+    result = up(options, api=vpp)
+    assert outbound_ports() == {23456}
+    # The SA's encapsulation changed, so its key is not reused: a new generation.
+    assert store.load().peers["node2"].out == generation + 1, result.notes
+    up(options, api=vpp)
+    assert outbound_ports() == {23456} and store.load().peers["node2"].out == generation + 1

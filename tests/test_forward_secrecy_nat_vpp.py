@@ -33,11 +33,11 @@ from pathlib import Path
 import pytest
 import vpp_helpers
 from conftest import wait_for
+from test_forward_secrecy_vpp import all_forward_secret, peer_state
 
 from vppmesh.config import load_mesh
-from vppmesh.epochs import GenerationStore, PeerGenerations
 from vppmesh.lab.testbed import NAT_OUTSIDE, NAT_RANDOM_PORTS, NodeHandle, Testbed, in_ns
-from vppmesh.secrecy import NAT_KEEPALIVE_INTERVAL, pair_secrecy
+from vppmesh.secrecy import NAT_KEEPALIVE_INTERVAL
 from vppmesh.underlay import NAT_T_PORT
 from vppmesh.vpp import ipsec, punt
 from vppmesh.vpp.client import VppClient
@@ -107,19 +107,6 @@ def nat_keepalives(node: NodeHandle) -> int:
     return sum(n for (_, reason), n in counts.items() if reason == "NAT Keepalive")
 
 
-def peer_state(node: NodeHandle, peer: NodeHandle) -> PeerGenerations:
-    return GenerationStore(node.dir, node.name).load().peers[peer.name]
-
-
-def forward_secret(bed: Testbed) -> bool:
-    for node in bed.nodes:
-        peers = [p.name for p in bed.nodes if p is not node]
-        found = pair_secrecy(GenerationStore(node.dir, node.name).load(), peers)
-        if len(found) != len(peers) or not all(f.forward_secret for f in found.values()):
-            return False
-    return True
-
-
 def test_forward_secrecy_nat_pair_comes_up_both_ways_on_the_learned_port(
         bed: Testbed, agents: dict[str, vpp_helpers.WatchAgent]) -> None:
     n1, n2 = bed.nodes
@@ -134,7 +121,7 @@ def test_forward_secrecy_nat_pair_comes_up_both_ways_on_the_learned_port(
     assert re.search(rf"peer n2: its NAT maps its ESP in UDP to {PUBLIC} port {mapped}",
                      agents["n1"].text())
     assert pods_ping(n1, n2, count=5) and pods_ping(n2, n1, count=5)
-    wait_for(lambda: forward_secret(bed), 60, "both directions on agreed keys")
+    wait_for(lambda: all_forward_secret(bed), 60, "both directions on agreed keys")
     wait_for(lambda: nat_keepalives(n1) > 0, NAT_KEEPALIVE_INTERVAL + 5,
              "n2's NAT keepalives counted by n1's VPP")
     # VPP punts SPI 0 on UDP 4500 (the channel on the ESP flow) to the agent.
@@ -184,7 +171,7 @@ def test_forward_secrecy_nat_restarted_agent_sends_to_the_learned_port_at_once(
     assert outbound_ports(bed, n1, n2) == {mapped}
     # Its channel passes the NAT: a rekey is agreed with n2's agent over it.
     bed.run_vppmesh(n1, "rekey", *bed.state_args(n1))
-    took = wait_for(lambda: peer_state(n1, n2).out > generation and forward_secret(bed),
+    took = wait_for(lambda: peer_state(n1, n2).out > generation and all_forward_secret(bed),
                     60, "a generation agreed over the channel after the restart")
     print(f"a new generation agreed {time.monotonic() - started:.1f} s after the restart",
           flush=True)

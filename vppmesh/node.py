@@ -26,7 +26,14 @@ from vppmesh.keys import load_secrets, spi_for
 from vppmesh.ledger import KeyLedger
 from vppmesh.plan import HostOptions, drop_routes, plan_by_peer
 from vppmesh.reconcile import Change, Reconciler, gc_paused, reconcile
-from vppmesh.secrecy import KeyBook, PairSecrecy, Secrecy, pair_secrecy
+from vppmesh.secrecy import (
+    KeyBook,
+    PairSecrecy,
+    Secrecy,
+    pair_secrecy,
+    ported_view,
+    saved_ports,
+)
 from vppmesh.state import DesiredState, find_sa
 from vppmesh.teardown import teardown
 from vppmesh.underlay import encapsulation
@@ -272,8 +279,9 @@ def up(options: NodeOptions, *, dry_run: bool = False, api: VppApi | None = None
                 uplink = bvi or uplink
             state = store.load()
             before = state.model_dump()
-            if secrecy is not None:  # towards peers behind NAT: the ports learned
-                view = secrecy.learned_view(view, state)
+            # Towards peers behind NAT: the ports their NATs map to, as learned.
+            view = secrecy.learned_view(view, state) if secrecy is not None else \
+                ported_view(view, saved_ports(view, state))
             if rekey:
                 epochs.request_rekey(state)
             book = secrecy.book if secrecy is not None else KeyBook()

@@ -422,40 +422,23 @@ class Secrecy:
         return True
 
     def learned_view(self, view: LocalView, state: GenerationState) -> LocalView:
-        """`view` with the learned ports: the path to each peer whose NAT maps its ESP to
-        another port than its record's sends there (the same object while unchanged,
-        so plan() keeps its cache). A port an earlier agent learned (the generation
-        file's `nat_port`) is taken once, and the channel sent there."""
-        for number, (host, _) in self._reach.items():
-            if number in self._adopted:
+        """`view` with the learned ports (ported_view; the same object while they are
+        unchanged, so plan() keeps its cache). A port an earlier agent learned (the
+        generation file's `nat_port`) is taken once, and the channel sent there."""
+        for number, port in saved_ports(view, state).items():
+            if number in self._adopted or number not in self._reach:
                 continue
             self._adopted.add(number)
-            name = next((n for n, p in self._peers.items() if p == number), None)
-            pg = state.peers.get(name) if name is not None else None
-            if pg is not None and pg.nat_port is not None and number not in self.learned:
-                self.learned[number] = pg.nat_port
+            if number not in self.learned:
+                self.learned[number] = port
                 if self.channel is not None and number in self.channel.peers():
-                    self.channel.reach(number, (host, pg.nat_port))
+                    self.channel.reach(number, (self._reach[number][0], port))
         if not self.learned:
             return view
         cached = self._learned_view
         if cached is not None and cached[0] is view and cached[1] == self.learned:
             return cached[2]
-        peers = []
-        for peer in view.peers:
-            number = peer.node.node_number
-            port = self.learned.get(number)
-            if port is None or not peer.path.udp_encap:
-                peers.append(peer)
-                continue
-            known = self._adjusted.get(number)
-            if known is None or known[0] is not peer or known[1] != port:
-                known = (peer, port, PeerView(node=peer.node, secret=peer.secret,
-                                              path=replace(peer.path, udp_dst_port=port)))
-                self._adjusted[number] = known
-            peers.append(known[2])
-        adjusted = replace(view, peers=tuple(peers),
-                           by_name=MappingProxyType({p.name: p for p in peers}))
+        adjusted = ported_view(view, self.learned, self._adjusted)
         self._learned_view = (view, dict(self.learned), adjusted)
         return adjusted
 
@@ -572,6 +555,42 @@ class Secrecy:
             return set()
         return {p.name for p in view.peers if p.node.node_number in channel.peers()
                 and channel.established(p.node.node_number)}
+
+
+def saved_ports(view: LocalView, state: GenerationState) -> dict[int, int]:
+    """Per peer behind NAT (node number), the port its NAT maps its ESP to as an agent
+    learned it (the generation file's `nat_port`): a one-shot `up` sends there too."""
+    found = {}
+    for peer in view.peers:
+        pg = state.peers.get(peer.name)
+        if peer.path.udp_encap and peer.node.nat is not None and pg is not None and \
+                pg.nat_port is not None:
+            found[peer.node.node_number] = pg.nat_port
+    return found
+
+
+def ported_view(view: LocalView, ports: Mapping[int, int],
+                known: dict[int, tuple[PeerView, int, PeerView]] | None = None) -> LocalView:
+    """`view` whose path to each peer in `ports` (node number -> port) sends its ESP in
+    UDP to that port; `known` keeps the peer views made before (plan() caches on them)."""
+    if not ports:
+        return view
+    known = known if known is not None else {}
+    peers = []
+    for peer in view.peers:
+        number = peer.node.node_number
+        port = ports.get(number)
+        if port is None or not peer.path.udp_encap:
+            peers.append(peer)
+            continue
+        made = known.get(number)
+        if made is None or made[0] is not peer or made[1] != port:
+            made = (peer, port, PeerView(node=peer.node, secret=peer.secret,
+                                         path=replace(peer.path, udp_dst_port=port)))
+            known[number] = made
+        peers.append(made[2])
+    return replace(view, peers=tuple(peers),
+                   by_name=MappingProxyType({p.name: p for p in peers}))
 
 
 def channel_address(peer: PeerView) -> tuple[str, int]:
