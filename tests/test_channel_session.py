@@ -71,6 +71,20 @@ def test_channel_simultaneous_handshakes_settle_on_one() -> None:
     assert net.nodes[2].stats["received"] == 1
 
 
+def test_channel_peer_that_only_it_can_reach_us_gets_its_handshake_answered() -> None:
+    """Node 1's handshakes never reach node 2 (node 2 sits behind a NAT); once node 1's
+    first attempt went unanswered, node 2's own handshake is taken, not refused as a
+    collision, and both hold the session."""
+    net = Net()
+    net.lose = set(range(0, 10))  # node 1's first handshakes are lost
+    net.run(1, net.nodes[1].tick(1000.0), 1000.0)
+    net.run(1, net.nodes[1].tick(1000.3), 1000.3)  # a retry: attempt 2, lost too
+    net.lose = set()
+    net.run(2, net.nodes[2].tick(1000.4), 1000.4)
+    assert net.nodes[1].established(2) and net.nodes[2].established(1)
+    assert net.nodes[1].stats["collisions"] == 0
+
+
 def test_channel_generation_key_exchange_gives_both_the_same_secret() -> None:
     net = up(Net())
     net.run(1, net.nodes[1].start_generation(1001.0, 2, 7), 1001.0)

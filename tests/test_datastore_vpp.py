@@ -149,6 +149,10 @@ def test_join_and_leave_through_etcd_under_traffic(mesh: Mesh) -> None:
         wait_for(lambda node=node, others=others: meshed_with(node, others), 60,
                  f"{node.name} to mesh")
     print(f"\nthree agents started to full mesh: {time.monotonic() - started:.1f} s")
+    # The agents move every pair to agreed keys (forward secrecy), as `up --watch` does;
+    # the baseline below is taken once they have settled there.
+    wait_for(lambda: vpp_helpers.settled_on_agreed_keys(first), 60, "agreed keys on every pair")
+    print(f"every pair on agreed keys: {time.monotonic() - started:.1f} s")
     for node in first:
         bed.add_pod(node, 0)
 

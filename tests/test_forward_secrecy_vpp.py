@@ -107,6 +107,16 @@ def log_time(text: str, pattern: str) -> float:
     return datetime.strptime(stamps[-1], "%Y-%m-%d %H:%M:%S,%f").timestamp()
 
 
+def test_forward_secrecy_status_and_verify_say_every_pair_has_it(
+        bed: Testbed, agents: dict[str, vpp_helpers.WatchAgent]) -> None:
+    node = bed.nodes[0]
+    status = bed.run_vppmesh(node, "status", "--json", "--state-dir", str(node.dir))
+    assert [p["keys"] for p in json.loads(status.stdout)["peers"]] == ["ephemeral"]
+    checked = bed.run_vppmesh(node, "verify", "--require-forward-secrecy", "--state-dir",
+                              str(node.dir), check=False)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
 def test_forward_secrecy_seized_nodes_decrypt_nothing_of_a_retired_generation(
         bed: Testbed, agents: dict[str, vpp_helpers.WatchAgent]) -> None:
     src, dst = bed.nodes

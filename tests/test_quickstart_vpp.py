@@ -42,6 +42,8 @@ from vpp_helpers import (
     management_etcd,
     on_demand_rekeys,
     ping_ok,
+    plan_changes,
+    settled_on_agreed_keys,
     start_datastore_agent,
 )
 
@@ -396,9 +398,10 @@ def test_datastore_mode_rekey_verify_status_plan_down() -> None:
             status = run(n1, "status")
             assert status.returncode == 0, status.stdout + status.stderr
             assert "n2" in status.stdout
+            wait_for(lambda: settled_on_agreed_keys([n1, n2]), 60, "agreed keys both ways")
             planned = run(n1, "plan", "--key", str(n1.key_file))
             assert planned.returncode == 0, planned.stdout + planned.stderr
-            assert planned.stdout.strip().endswith("0 change(s)"), planned.stdout
+            assert plan_changes(planned.stdout) == 0, planned.stdout
 
             before = outbound_generations(n1)
             for _ in range(3):  # traffic both ways: n2 surely has the current generation

@@ -22,6 +22,7 @@ import pytest
 import vpp_helpers
 import yaml
 
+from vppmesh.epochs import GenerationStore
 from vppmesh.lab.testbed import NodeHandle, Testbed, find_vpp
 from vppmesh.state import is_owned_sa_id, is_owned_tunnel_instance
 from vppmesh.vpp import ipip, ipsec
@@ -102,6 +103,11 @@ def peer_objects(node: NodeHandle, peer_number: int) -> set[tuple[str, int]]:
     return tunnels | sas
 
 
+def sending(node: NodeHandle, peer: NodeHandle) -> int:
+    """The generation `node` sends on towards `peer`."""
+    return GenerationStore(node.dir, node.name).load().peers[peer.name].out
+
+
 def set_mesh_nodes(bed: Testbed, names: list[str], original: str) -> None:
     data = yaml.safe_load(original)
     data["nodes"] = [n for n in data["nodes"] if n["name"] in names]
@@ -133,13 +139,18 @@ def test_long_tcp_survives_rekeys_agent_restarts_and_churn_without_plaintext(
         time.sleep(max(0.0, started + second - time.monotonic()))
 
     try:
-        for second, node in ((3, n1), (9, n2), (15, n1), (21, n2), (27, n1)):
+        for second, node, partner in ((3, n1, n2), (9, n2, n1), (15, n1, n2), (21, n2, n1),
+                                      (27, n1, n2)):
             at(second)
+            before = sending(node, partner)
             out = run(bed, node, "rekey", *bed.state_args(node))
-            assert "outbound generation" in out, out
+            # Pairs on agreed keys are rekeyed by the running agent, over the channel.
+            took = wait_for(lambda node=node, partner=partner, before=before:
+                            sending(node, partner) > before, 10)
+            assert took is not None, out
             rekeys += 1
-            events.append(f"t={second}s rekey {node.name}: "
-                          + "; ".join(re.findall(r"generation \d+ -> \d+", out)))
+            events.append(f"t={second}s rekey {node.name}: towards {partner.name} generation "
+                          f"{before} -> {sending(node, partner)} in {took:.1f} s")
             print(events[-1], flush=True)
         at(33)
         for node in (n1, n2):  # agent restart on both ends of the stream

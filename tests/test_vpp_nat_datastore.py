@@ -79,7 +79,10 @@ def test_nat_node_publishes_its_public_address_through_etcd(
     assert peers["n3"]["dst"] == str(NAT_OUTSIDE.ip)
     assert peers["n3"]["encapsulation"] == f"esp-in-udp 4500->{NAT_STATIC_PORT}"
     assert peers["n2"]["encapsulation"] == "esp"
-    plan = testbed.run_vppmesh(n1, "plan", "--datastore", url, *testbed.state_args(n1)[:2],
+    # The agents agree keys (forward secrecy); the plan reads their generations.
+    wait_for(lambda: vpp_helpers.settled_on_agreed_keys(list(testbed.nodes)), 60,
+             "agreed keys on every pair")
+    plan = testbed.run_vppmesh(n1, "plan", "--datastore", url, *testbed.state_args(n1),
                                check=False)
     assert plan.returncode == 0, plan.stdout + plan.stderr
-    assert plan.stdout.strip().endswith("0 change(s)"), plan.stdout
+    assert vpp_helpers.plan_changes(plan.stdout) == 0, plan.stdout

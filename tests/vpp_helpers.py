@@ -25,6 +25,8 @@ from conftest import require_vpp, stop_process
 from etcd_server import EtcdServer, running_etcd
 
 from benchmarks.cni_latency import CNI_PATH, plugin_command
+from vppmesh.channel.endpoint import PORT as CHANNEL_PORT
+from vppmesh.epochs import GenerationStore
 from vppmesh.lab.testbed import NodeHandle, Testbed, TestbedSpec, in_ns, sh
 from vppmesh.vpp.client import Request, VppClient
 
@@ -87,6 +89,29 @@ def on_demand_rekeys(bed: Testbed, grace: float) -> None:
     data = yaml.safe_load(bed.mesh_file.read_text())
     data["settings"].update(rekey_grace=grace, rekey_interval=0)
     bed.mesh_file.write_text(yaml.safe_dump(data, sort_keys=False))
+
+
+def settled_on_agreed_keys(nodes: list[NodeHandle]) -> bool:
+    """Every pair of `nodes` sends on agreed keys both ways, and every receiver has slid
+    to what its peer sends on (nothing left to change)."""
+    states = {n.name: GenerationStore(n.dir, n.name).load() for n in nodes}
+    for node in nodes:
+        for peer in nodes:
+            if peer is node:
+                continue
+            ours, theirs = states[node.name].peers.get(peer.name), \
+                states[peer.name].peers.get(node.name)
+            if ours is None or theirs is None or ours.out not in ours.ephemeral_out or \
+                    theirs.in_base != ours.out or theirs.in_base not in theirs.ephemeral_in:
+                return False
+    return True
+
+
+def plan_changes(stdout: str) -> int:
+    """The change count `vppmesh plan` printed."""
+    found = re.search(r"^(\d+) change\(s\)$", stdout, re.M)
+    assert found, f"no change count in: {stdout!r}"
+    return int(found.group(1))
 
 
 # ---- agents -----------------------------------------------------------------------------
@@ -283,15 +308,17 @@ class UnderlayCapture:
         time.sleep(1.0)
 
     def stop(self) -> dict[str, int]:
-        """Stop and count: every IPv4 packet must be ESP between node addresses; anything
-        else, or any pod address (198.18.), counts as clear."""
+        """Stop and count: every IPv4 packet must be ESP between node addresses, or the
+        agents' channel (UDP 4501 between node addresses, Noise-encrypted); anything else,
+        or any pod address (198.18.), counts as clear."""
         time.sleep(0.5)
         self.proc.terminate()
         self.proc.wait(timeout=10)
         text = subprocess.run(["tcpdump", "-n", "-r", str(self.path)], capture_output=True,
                               text=True, check=False).stdout
         node_addrs = {str(a.ip) for n in self.bed.nodes for a in n.underlay}
-        esp = clear = 0
+        esp = channel = clear = 0
+        port = f".{CHANNEL_PORT}"
         for line in text.splitlines():
             if "198.18." in line:
                 clear += 1
@@ -300,9 +327,12 @@ class UnderlayCapture:
             src, dst = line.split(" IP ")[1].split(":")[0].split(" > ")
             if "ESP(" in line and src in node_addrs and dst in node_addrs:
                 esp += 1
+            elif " UDP," in line and src.endswith(port) and dst.endswith(port) and \
+                    src.removesuffix(port) in node_addrs and dst.removesuffix(port) in node_addrs:
+                channel += 1
             else:
                 clear += 1
-        return {"esp": esp, "clear": clear}
+        return {"esp": esp, "channel": channel, "clear": clear}
 
 
 # ---- the API's bytes against vpp-papi's -------------------------------------------------

@@ -430,6 +430,7 @@ class Session:
         self._reconciler: Reconciler | None = None
         self._last_full: float | None = None
         self._view: LocalView | None = None
+        self._connected = False  # a connection was made before (the next is a reconnect)
 
     def view(self, *, fresh: bool = False) -> LocalView:
         """The local view of the source's mesh now: the last one while it is unchanged."""
@@ -446,8 +447,11 @@ class Session:
             started - self._last_full >= self.full_every
         with gc_paused():  # a large mesh's records and view allocate as much as a dump
             view = self.view(fresh=full)  # a refused input stops the run before VPP
+        reconnected = False
         if self._client is None:
+            reconnected = self._connected
             self._client = self._connect()
+            self._connected = True
             self._reconciler = Reconciler(self._client)
             # A new connection (VPP restarted) runs full until one full run succeeds: the
             # first may fail before the host has given VPP its uplink back, and only full
@@ -455,7 +459,8 @@ class Session:
             self._last_full = None
         try:
             if self.secrecy is not None:  # (again) with a new VPP: punt and tell peers
-                self.secrecy.attach(self._client, view, system.vpp_pid(self._client))
+                self.secrecy.attach(self._client, view, system.vpp_pid(self._client),
+                                    reconnected=reconnected)
             result = up(self.options, api=self._client, view=view,
                         reconciler=self._reconciler, full=full, secrecy=self.secrecy,
                         **up_options)

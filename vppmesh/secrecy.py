@@ -243,7 +243,8 @@ class Secrecy:
         self.book = KeyBook()
         self.endpoint: ChannelEndpoint | None = None
         self._pid: int | None = None  # the VPP the punt registration is for
-        self._peers: dict[str, int] = {}  # name -> node number of the current view
+        self._configs: dict[int, s.PeerConfig] = {}
+        self._followed: LocalView | None = None
         self._heard: dict[int, _Heard] = {}
         self._stated: dict[tuple[int, str], int] = {}
         self._outbox: list[s.Output] = []
@@ -251,8 +252,8 @@ class Secrecy:
         # NAT: per peer behind one, where its record says its ESP arrives (address and
         # port of tunnel 0) and the port its authenticated datagrams came from instead;
         # the keepalive flows of this node's tunnels when it is behind NAT.
-        self._followed: tuple[PeerView, ...] | None = None
         self._reach: dict[int, tuple[str, int]] = {}
+        self._names: dict[int, str] = {}
         self.learned: dict[int, int] = {}
         self._adopted: set[int] = set()  # peers whose saved port was looked at
         self._adjusted: dict[int, tuple[PeerView, int, PeerView]] = {}
@@ -269,12 +270,15 @@ class Secrecy:
         return self.endpoint.fileno()
 
     # ---- VPP and the mesh ------------------------------------------------------------
-    def attach(self, api: VppApi, view: LocalView, vpp_pid: int) -> None:
-        """Meet the VPP at `api` (process `vpp_pid`): register the punt socket when it
-        is a VPP not met before, announce a restart, follow the view's peers."""
-        if vpp_pid != self._pid:
+    def attach(self, api: VppApi, view: LocalView, vpp_pid: int, *,
+               reconnected: bool = False) -> None:
+        """Meet the VPP at `api` (process `vpp_pid`; `reconnected`: the connection broke
+        since the last run, so this is another VPP whatever its pid): register the punt
+        socket when it is a VPP not met before, announce a restart, follow the peers."""
+        if vpp_pid != self._pid or reconnected:
             restarted = self._pid is not None
             self._pid = vpp_pid  # asked once per VPP: a refusal holds until it restarts
+            boot_id = self._boot_id(vpp_pid, fresh=restarted)
             try:
                 replies = api.call_many([punt.register(PORT, False, self.socket_path),
                                          punt.register(PORT, True, self.socket_path),
@@ -289,7 +293,6 @@ class Secrecy:
                 return
             self.unavailable = None
             vpp_socket = Path(str(replies[0].pathname))
-            boot_id = int.from_bytes(os.urandom(8), "big")
             if self.endpoint is None or self.endpoint.transport.vpp_path != vpp_socket:
                 if self.endpoint is not None:
                     self.endpoint.transport.close()
@@ -298,7 +301,8 @@ class Secrecy:
                 channel = s.Channel(view.node.node_number, view.secrets, [],
                                     boot_id=boot_id)
                 self.endpoint = ChannelEndpoint(channel, transport, {})
-                self._peers = {}
+                self._configs, self._stated = {}, {}
+                self._followed = None
             elif restarted:
                 log.info("VPP restarted: telling every peer's agent")
                 self.endpoint.emit(self.endpoint.channel.restarted(self.clock(), boot_id))
@@ -315,28 +319,50 @@ class Secrecy:
         return [punt.register_exception(reasons[n], n, self.socket_path)
                 for n in punt.SPI_UDP_0.values() if n in reasons]
 
+    def _boot_id(self, vpp_pid: int, *, fresh: bool) -> int:
+        """The id peers know this node's VPP by: new for a VPP this agent saw start,
+        kept across agent restarts while the VPP runs (a file beside the socket, on the
+        runtime directory), so a restarted agent is not taken for a restarted VPP."""
+        path = self.socket_path.with_suffix(".boot")
+        if not fresh:
+            try:
+                pid, boot = path.read_text().split()
+                if int(pid) == vpp_pid:
+                    return int(boot)
+            except (OSError, ValueError):
+                pass
+        boot_id = int.from_bytes(os.urandom(8), "big")
+        try:
+            path.write_text(f"{vpp_pid} {boot_id}\n")
+        except OSError as exc:
+            log.debug("cannot keep the boot id in %s: %s", path, exc)
+        return boot_id
+
     def follow(self, view: LocalView) -> None:
         """The view's peers and this node's addresses, when they changed."""
         endpoint = self.endpoint
         if endpoint is None:
             return
-        local = {version: (address, PORT)
-                 for version, address in local_addresses(view).items()}
-        if view.peers is self._followed and endpoint.local == local:
-            return
-        self._followed = view.peers
-        peers = {p.name: p.node.node_number for p in view.peers}
-        endpoint.local = local
-        endpoint.channel.set_peers([
-            s.PeerConfig(p.node.node_number, p.node.public_key_bytes, channel_address(p))
-            for p in view.peers])
+        if view is self._followed:
+            return  # the mesh is unchanged (a Session keeps its view while it is)
+        self._followed = view
+        endpoint.local = {version: (address, PORT)
+                          for version, address in local_addresses(view).items()}
+        configs = {p.node.node_number: s.PeerConfig(
+            p.node.node_number, p.node.public_key_bytes, channel_address(p))
+            for p in view.peers}
+        endpoint.channel.set_peers(configs.values())
         endpoint.esp_flow = frozenset(str(p.path.endpoints[0][1]) for p in view.peers
                                       if p.path.udp_encap)
         self._follow_nat(view)
-        for number in set(self._peers.values()) - set(peers.values()):
-            self.book.forget(number)
+        # A peer that left, or whose record changed, starts afresh on both ends.
+        for number in [n for n, c in self._configs.items() if configs.get(n) != c]:
             self._heard.pop(number, None)
-        self._peers = peers
+            for what in ("installed", "slid", "sending"):
+                self._stated.pop((number, what), None)
+            if number not in configs:
+                self.book.forget(number)
+        self._configs = configs
 
     def _follow_nat(self, view: LocalView) -> None:
         """Where peers behind NAT are reached (a learned port of an address that moved
@@ -347,6 +373,8 @@ class Secrecy:
             if reach.get(number) != self._reach.get(number):
                 del self.learned[number]
         self._reach = reach
+        self._names = {p.node.node_number: p.name for p in view.peers
+                       if p.node.node_number in reach}
         self._keepalive_flows = [
             (p.node.node_number, t, (str(src), NAT_T_PORT), (str(dst), p.path.udp_dst_port))
             for p in view.peers if p.path.udp_encap and view.node.nat is not None
@@ -416,7 +444,7 @@ class Secrecy:
             self.learned[peer] = port
         if self.learned.get(peer) == before:
             return False
-        name = next((n for n, number in self._peers.items() if number == peer), peer)
+        name = self._names.get(peer, peer)
         log.info("peer %s: its NAT maps its ESP in UDP to %s port %d: the outbound SAs "
                  "follow", name, host, port)
         return True
