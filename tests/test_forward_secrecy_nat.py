@@ -193,9 +193,13 @@ def test_forward_secrecy_nat_peer_learns_the_port_the_nat_chose(pair: Pair) -> N
     assert not one.counters().get(malformed) and not two.counters().get(malformed)
 
 
-def test_forward_secrecy_nat_a_new_mapping_is_followed(pair: Pair) -> None:
+def test_forward_secrecy_nat_a_new_mapping_is_followed(
+        pair: Pair, caplog: pytest.LogCaptureFixture) -> None:
     one, two = pair.agents[1], pair.agents[2]
     pair.run(3.0)
+    # 2 tunnels per peer: only tunnel 0's mapping is learned, and the agent says so.
+    assert "only tunnel 0's mapping is learned: what tunnel 1 send(s) towards it is " \
+        "lost" in caplog.text
     pair.nat.mapped = 27001  # the mapping expired and the NAT chose another port
     assert two.endpoint is not None
     two.endpoint.send(pair.clock[0], 1, m.Keepalive())

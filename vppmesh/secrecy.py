@@ -254,6 +254,7 @@ class Secrecy:
         # the keepalive flows of this node's tunnels when it is behind NAT.
         self._reach: dict[int, tuple[str, int]] = {}
         self._names: dict[int, str] = {}
+        self._tunnels = 1
         self.learned: dict[int, int] = {}
         self._adopted: set[int] = set()  # peers whose saved port was looked at
         self._adjusted: dict[int, tuple[PeerView, int, PeerView]] = {}
@@ -373,6 +374,7 @@ class Secrecy:
             if reach.get(number) != self._reach.get(number):
                 del self.learned[number]
         self._reach = reach
+        self._tunnels = view.settings.tunnels_per_peer
         self._names = {p.node.node_number: p.name for p in view.peers
                        if p.node.node_number in reach}
         self._keepalive_flows = [
@@ -447,6 +449,12 @@ class Secrecy:
         name = self._names.get(peer, peer)
         log.info("peer %s: its NAT maps its ESP in UDP to %s port %d: the outbound SAs "
                  "follow", name, host, port)
+        if port != reach[1] and self._tunnels > 1:
+            others = "tunnel 1" if self._tunnels == 2 else f"tunnels 1-{self._tunnels - 1}"
+            log.warning("peer %s: its NAT changes the source port, and only tunnel 0's "
+                        "mapping is learned: what %s send(s) towards it is lost at the "
+                        "NAT; set settings.tunnels_per_peer: 1 (docs/underlays.md)",
+                        name, others)
         return True
 
     def learned_view(self, view: LocalView, state: GenerationState) -> LocalView:
