@@ -10,6 +10,8 @@ VPPs and an nftables NAT do the same in test_forward_secrecy_nat_vpp.py.
 from __future__ import annotations
 
 import ipaddress
+import itertools
+import logging
 import socket
 import struct
 from collections.abc import Iterator
@@ -83,9 +85,24 @@ class Nat:
     """The underlay between node1 (outside) and node2 (behind the NAT at PUBLIC)."""
 
     inside: str
-    mapped: int  # the public port the NAT maps node2's 4500 flows to now
+    remotes: list[str]  # node1's addresses: tunnel i's flow goes to the i-th
+    mapped: int  # the public port of node2's 4500 flow to node1's first address now
     delivered: list[tuple[int, t.Address, t.Address, bytes]] = field(default_factory=list)
     dropped: int = 0
+
+    def port(self, tunnel: int) -> int:
+        """Where the NAT maps node2's UDP 4500 flow to node1's address of `tunnel`: each
+        flow has a port of its own, as with a NAT that randomises them."""
+        return self.mapped + 1000 * tunnel
+
+    def out(self, source: t.Address, destination: t.Address) -> t.Address:
+        tunnel = self.remotes.index(destination[0])
+        return PUBLIC, self.port(tunnel) if source[1] == NAT_T_PORT else 31000
+
+    def answers(self, source: t.Address, destination: t.Address) -> bool:
+        """Whether a packet from node1 matches a mapping (the flow's reply tuple)."""
+        return source[1] == NAT_T_PORT and source[0] in self.remotes and \
+            destination == (PUBLIC, self.port(self.remotes.index(source[0])))
 
 
 @dataclass
@@ -112,10 +129,9 @@ class Pair:
                 except BlockingIOError:
                     break
                 source, destination, payload = udp_fields(written[t.PACKETDESC.size:])
-                if sender == 2:  # out through the NAT: 4500 keeps one mapping
-                    source = (PUBLIC, self.nat.mapped if source[1] == NAT_T_PORT else 31000)
-                    receiver = 1
-                elif destination == (PUBLIC, self.nat.mapped):
+                if sender == 2:  # out through the NAT: one mapping per flow
+                    source, receiver = self.nat.out(source, destination), 1
+                elif self.nat.answers(source, destination):
                     destination, receiver = (self.nat.inside, NAT_T_PORT), 2
                 else:  # nothing at the NAT answers it
                     self.nat.dropped += 1
@@ -159,7 +175,8 @@ def pair(tmp_path: Path) -> Iterator[Pair]:
         agents[n].attach(fake, views[n], 1)
         assert fake.punt_exceptions == {1: str(tmp_path / f"agent{n}.sock"),
                                         4: str(tmp_path / f"agent{n}.sock")}
-    nat = Nat(inside=str(behind.underlay[0].ip), mapped=23456)
+    nat = Nat(inside=str(behind.underlay[0].ip),
+              remotes=[str(a.ip) for a in mesh.nodes[0].underlay], mapped=23456)
     yield Pair(mesh, views, agents, vpps, nat, tmp_path, clock)
     for n in (1, 2):
         agents[n].close()
@@ -172,19 +189,22 @@ def test_forward_secrecy_nat_peer_learns_the_port_the_nat_chose(pair: Pair) -> N
     assert one.established(pair.views[1]) == {"node2"}
     assert two.established(pair.views[2]) == {"node1"}
     assert wanted
-    # node1 reaches node2 where the NAT maps node2's 4500, not at its record's port.
-    assert one.learned == {2: 23456} and two.learned == {}
+    # node1 reaches node2 where the NAT maps node2's 4500, not at its record's port:
+    # tunnel 0's mapping from the channel, tunnel 1's from node2's probe on that flow.
+    assert one.learned == {2: {0: 23456, 1: 24456}} and two.learned == {}
     assert one.channel is not None and one.channel.endpoint(2) == (PUBLIC, 23456)
     learned = pair.learned(1)
-    assert learned.peer("node2").path.udp_dst_port == 23456
-    assert learned.peer("node2").path.endpoints == pair.views[1].peer("node2").path.endpoints
-    assert pair.views[1].peer("node2").path.udp_dst_port == NAT_T_PORT  # the record's
+    path = learned.peer("node2").path
+    assert [path.dst_port(i) for i in (0, 1)] == [23456, 24456]
+    assert path.endpoints == pair.views[1].peer("node2").path.endpoints
+    base = pair.views[1].peer("node2").path  # the record's
+    assert [base.dst_port(i) for i in (0, 1)] == [NAT_T_PORT, NAT_T_PORT]
     assert pair.learned(1) is learned  # unchanged: plan() keeps its cache
     assert pair.learned(2) is pair.views[2]
     # Every channel datagram of the pair ran on the ESP flow, from and to UDP 4500.
     channel = [d for d in pair.nat.delivered if d[3] != t.NAT_KEEPALIVE]
     assert channel and all(d[3][:4] == bytes(4) for d in channel)
-    assert {d[1][1] for d in channel if d[0] == 2} == {23456}  # node2's, through the NAT
+    assert {d[1][1] for d in channel if d[0] == 2} == {23456, 24456}  # through the NAT
     assert {d[1][1] for d in channel if d[0] == 1} == {NAT_T_PORT}
     # node1's first handshake went to the record's port and died at the NAT; node2's
     # (the higher node number's) was answered all the same.
@@ -195,24 +215,26 @@ def test_forward_secrecy_nat_peer_learns_the_port_the_nat_chose(pair: Pair) -> N
 
 def test_forward_secrecy_nat_a_new_mapping_is_followed(
         pair: Pair, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="vppmesh")
     one, two = pair.agents[1], pair.agents[2]
     pair.run(3.0)
-    # 2 tunnels per peer: only tunnel 0's mapping is learned, and the agent says so.
-    assert "only tunnel 0's mapping is learned: what tunnel 1 send(s) towards it is " \
-        "lost" in caplog.text
-    pair.nat.mapped = 27001  # the mapping expired and the NAT chose another port
+    assert "NAT maps its ESP in UDP (tunnel 1) to 192.0.2.250 port 24456" in caplog.text
+    pair.nat.mapped = 27001  # the mappings expired and the NAT chose other ports
     assert two.endpoint is not None
     two.endpoint.send(pair.clock[0], 1, m.Keepalive())
     assert pair.relay() == 1
     assert one.service() is True  # the SAs towards node2 must follow: a run is due
-    assert one.learned == {2: 27001}
-    assert pair.learned(1).peer("node2").path.udp_dst_port == 27001
-    pair.run(1.0)
+    assert one.learned == {2: {0: 27001, 1: 24456}}
+    pair.run(NAT_KEEPALIVE_INTERVAL)  # tunnel 1's probe comes with the next keepalives
+    assert one.learned == {2: {0: 27001, 1: 28001}}
+    path = pair.learned(1).peer("node2").path
+    assert [path.dst_port(i) for i in (0, 1)] == [27001, 28001]
     assert one.established(pair.views[1]) == {"node2"}
-    # Learning is for peers behind NAT, at their public address only.
+    # Learning is for peers behind NAT, at their public address, for their tunnels only.
     assert not two.learn(1, "10.0.0.17", 40000) and two.learned == {}
-    assert not one.learn(2, "192.0.2.99", 40000) and one.learned == {2: 27001}
-    assert one.learn(2, PUBLIC, NAT_T_PORT) and one.learned == {}  # back to the record
+    assert not one.learn(2, "192.0.2.99", 40000) and not one.learn(2, PUBLIC, 40000, 2)
+    assert one.learn(2, PUBLIC, NAT_T_PORT) and one.learned == {2: {1: 28001}}
+    assert one.learn(2, PUBLIC, NAT_T_PORT, 1) and one.learned == {}  # the record's
     assert pair.learned(1) is pair.views[1]
 
 
@@ -228,14 +250,20 @@ def test_forward_secrecy_nat_node_behind_nat_sends_keepalives_on_every_tunnel(
 
     pair.run(0.25)
     assert {(src, dst) for src, dst in keepalives()} == {
-        ((PUBLIC, 23456), dst) for _, dst in flows}  # as node1 sees them
-    assert len(keepalives()) == 2
-    pair.run(NAT_KEEPALIVE_INTERVAL - 1.0)
-    assert len(keepalives()) == 2
-    pair.run(1.0)
-    assert len(keepalives()) == 4
+        ((PUBLIC, pair.nat.port(t)), dst)
+        for t, (_, dst) in enumerate(sorted(flows))}  # as node1 sees them
+    rounds, seen = [pair.clock[0]], len(keepalives())
+    for _ in range(int(2.5 * NAT_KEEPALIVE_INTERVAL / 0.25)):
+        pair.run(0.25)
+        if len(keepalives()) > seen:
+            assert len(keepalives()) == seen + 2  # one per tunnel
+            rounds.append(pair.clock[0])
+            seen = len(keepalives())
+    # Every 20 s, and once more as the session came up (tunnel 1's probe goes with it).
+    assert len(rounds) == 4 and rounds[1] - rounds[0] <= 2.0
+    assert [b - a for a, b in itertools.pairwise(rounds[1:])] == [NAT_KEEPALIVE_INTERVAL] * 2
     assert all(d[0] == 2 for d in pair.nat.delivered if d[3] == t.NAT_KEEPALIVE)  # node1: none
-    assert pair.agents[2].counters()["nat_keepalives"] == 4
+    assert pair.agents[2].counters()["nat_keepalives"] == 8
     assert pair.agents[1].counters()["nat_keepalives"] == 0
 
 
@@ -251,7 +279,7 @@ def test_forward_secrecy_nat_a_restarted_agent_sends_where_the_last_one_learned(
     pair.run(3.0)
     state = generations(pair.views[1])
     one.applied(pair.learned(1, state), state, {}, {})
-    assert state.peers["node2"].nat_port == 23456  # saved with the generations
+    assert state.peers["node2"].nat_ports == [23456, 24456]  # saved with the generations
     # node1's agent restarts: nothing learned in memory, node2's session is stale.
     one.close()
     fake = FakeVpp()
@@ -259,17 +287,18 @@ def test_forward_secrecy_nat_a_restarted_agent_sends_where_the_last_one_learned(
     again = pair.agents[1] = Secrecy(tmp_path / "agent1.sock", clock=lambda: pair.clock[0])
     again.attach(fake, pair.views[1], 2)
     assert again.channel is not None and again.channel.endpoint(2) == (PUBLIC, NAT_T_PORT)
-    view = pair.learned(1, state)
-    assert view.peer("node2").path.udp_dst_port == 23456  # no step back to the record's
+    path = pair.learned(1, state).peer("node2").path
+    assert [path.dst_port(i) for i in (0, 1)] == [23456, 24456]  # not back to the record's
     assert again.channel.endpoint(2) == (PUBLIC, 23456)
     dropped = pair.nat.dropped
     pair.run(1.0)
     assert again.established(pair.views[1]) == {"node2"}  # its handshake got through
     assert pair.nat.dropped == dropped
     # Taken once: a later move back to the record's port is not undone by the file.
-    assert again.learn(2, PUBLIC, NAT_T_PORT) and pair.learned(1, state) is pair.views[1]
+    assert again.learn(2, PUBLIC, NAT_T_PORT) and again.learn(2, PUBLIC, NAT_T_PORT, 1)
+    assert pair.learned(1, state) is pair.views[1]
     again.applied(pair.views[1], state, {}, {})
-    assert state.peers["node2"].nat_port is None
+    assert state.peers["node2"].nat_ports == []
 
 
 def test_forward_secrecy_nat_one_shot_up_sends_to_the_saved_port(pair: Pair,
@@ -296,12 +325,37 @@ def test_forward_secrecy_nat_one_shot_up_sends_to_the_saved_port(pair: Pair,
     assert outbound_ports() == {NAT_T_PORT}  # nothing learned yet: the record's port
     store = GenerationStore(tmp_path / "state", "node1")
     state = store.load()
-    state.peers["node2"].nat_port = 23456  # what node1's agent learned and saved
+    state.peers["node2"].nat_ports = [23456, 24456]  # what node1's agent learned
     store.save(state)
     generation = state.peers["node2"].out
     result = up(options, api=vpp)
-    assert outbound_ports() == {23456}
+    assert outbound_ports() == {23456, 24456}
     # The SA's encapsulation changed, so its key is not reused: a new generation.
     assert store.load().peers["node2"].out == generation + 1, result.notes
     up(options, api=vpp)
-    assert outbound_ports() == {23456} and store.load().peers["node2"].out == generation + 1
+    assert outbound_ports() == {23456, 24456}
+    assert store.load().peers["node2"].out == generation + 1
+
+
+def test_forward_secrecy_nat_flow_probe_is_reported_and_moves_nothing() -> None:
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+    from vppmesh.channel import session as s
+    from vppmesh.channel.noise import public_bytes
+    from vppmesh.keys import NodeSecrets
+
+    keys = {1: X25519PrivateKey.generate(), 2: X25519PrivateKey.generate()}
+    where = {1: ("192.0.2.1", NAT_T_PORT), 2: (PUBLIC, 23456)}
+    node = {n: s.Channel(n, NodeSecrets(keys[n], bytes(32)), [s.PeerConfig(
+        3 - n, public_bytes(keys[3 - n]), where[3 - n])], boot_id=n) for n in (1, 2)}
+    assert node[2].probe(1000.0, 1, 1) is None  # no session yet
+    ((_, init),) = node[2].tick(1000.0).datagrams
+    ((_, response), *_) = node[1].receive(1000.0, where[2], init).datagrams
+    node[2].receive(1000.0, where[1], response)
+    probe = node[2].probe(1001.0, 1, 1)
+    assert probe is not None
+    out = node[1].receive(1001.0, (PUBLIC, 24456), probe)
+    assert out.events == [s.FlowSeen(2, 1, (PUBLIC, 24456))] and not out.datagrams
+    assert node[1].endpoint(2) == where[2]  # the channel stays on tunnel 0's flow
+    assert node[1].receive(1001.0, (PUBLIC, 24456), probe).events == []  # replayed
+    assert node[1].drops[m.Drop.REPLAY] == 1

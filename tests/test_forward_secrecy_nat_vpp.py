@@ -48,11 +48,12 @@ BASE = Path("/run/vppmesh-vfn")
 NAT_TIMEOUT = 30  # seconds: the NAT forgets a UDP flow idle this long
 IDLE = 45.0
 PUBLIC = str(NAT_OUTSIDE.ip)
+TUNNELS = 2  # each tunnel's flow is its own NAT mapping, with a port of its own
 
 
 @pytest.fixture(scope="module")
 def bed() -> Iterator[Testbed]:
-    with vpp_helpers.testbed(nodes=2, tunnels=1, pods=1, workers=0, prefix=PREFIX,
+    with vpp_helpers.testbed(nodes=2, tunnels=TUNNELS, pods=1, workers=0, prefix=PREFIX,
                              base_dir=BASE, nat="masquerade-random") as bed:
         vpp_helpers.on_demand_rekeys(bed, 1.0)
         for name in ("nf_conntrack_udp_timeout", "nf_conntrack_udp_timeout_stream"):
@@ -77,28 +78,33 @@ def both_ways(bed: Testbed) -> bool:
     return pods_ping(n1, n2, count=1) and pods_ping(n2, n1, count=1)
 
 
-def outbound_ports(bed: Testbed, node: NodeHandle, peer: NodeHandle) -> set[int]:
-    """The UDP destination ports of node's outbound SAs towards peer."""
+def outbound_ports(bed: Testbed, node: NodeHandle, peer: NodeHandle) -> dict[int, int]:
+    """Per tunnel, the UDP destination port of node's outbound SA towards peer."""
     number = load_mesh(bed.mesh_file).node(peer.name).node_number
     with VppClient(node.instance.api_socket).connect() as api:
-        return {s.spec.udp_dst_port for s in ipsec.dump_sas(api)
-                if s.spec.direction == "out" and s.spec.peer_number == number
-                and s.spec.udp_encap}
+        found = [s.spec for s in ipsec.dump_sas(api)
+                 if s.spec.direction == "out" and s.spec.peer_number == number
+                 and s.spec.udp_encap]
+    assert len(found) == TUNNELS, found  # one outbound SA per tunnel (no step under way)
+    return {spec.tunnel: spec.udp_dst_port for spec in found}
 
 
-def nat_mapped_port(bed: Testbed) -> int | None:
-    """The public port the NAT maps n2's UDP 4500 flow to n1's 4500 to (conntrack)."""
+def nat_mapped_ports(bed: Testbed) -> dict[int, int]:
+    """Per tunnel, the public port the NAT maps n2's UDP 4500 flow to n1's address of that
+    tunnel to (from the NAT's conntrack)."""
     n1, n2 = bed.nodes
+    remotes = [str(a.ip) for a in n1.underlay]
     listing = in_ns(bed.nat_ns, "conntrack", "-L", "-p", "udp", check=False).stdout
+    found = {}
     for line in listing.splitlines():
         tuples = re.findall(r"src=(\S+) dst=(\S+) sport=(\d+) dport=(\d+)", line)
         if len(tuples) == 2:
             (osrc, odst, osport, odport), (_, rdst, _, rdport) = tuples
-            if osrc == str(n2.underlay[0].ip) and odst == str(n1.underlay[0].ip) and \
+            if osrc == str(n2.underlay[0].ip) and odst in remotes and \
                     int(osport) == NAT_T_PORT and int(odport) == NAT_T_PORT:
                 assert rdst == PUBLIC
-                return int(rdport)
-    return None
+                found[remotes.index(odst)] = int(rdport)
+    return found
 
 
 def nat_keepalives(node: NodeHandle) -> int:
@@ -113,13 +119,15 @@ def test_forward_secrecy_nat_pair_comes_up_both_ways_on_the_learned_port(
     took = wait_for(lambda: both_ways(bed), 90, "pods pinging both ways through the NAT",
                     interval=0.5)
     print(f"\npods ping both ways {took:.1f} s after the agents started", flush=True)
-    mapped = nat_mapped_port(bed)
-    assert mapped is not None, "the NAT has no mapping of n2's 4500 to n1's 4500"
-    assert NAT_RANDOM_PORTS[0] <= mapped <= NAT_RANDOM_PORTS[1]
-    assert outbound_ports(bed, n1, n2) == {mapped}, "n1's ESP does not go where the NAT maps"
-    assert outbound_ports(bed, n2, n1) == {NAT_T_PORT}
-    assert re.search(rf"peer n2: its NAT maps its ESP in UDP to {PUBLIC} port {mapped}",
-                     agents["n1"].text())
+    mapped = nat_mapped_ports(bed)
+    assert set(mapped) == set(range(TUNNELS)), "the NAT maps n2's 4500 flows incompletely"
+    assert all(NAT_RANDOM_PORTS[0] <= p <= NAT_RANDOM_PORTS[1] for p in mapped.values())
+    wait_for(lambda: outbound_ports(bed, n1, n2) == mapped, 60,
+             "n1's ESP going where the NAT maps each tunnel's flow", interval=0.5)
+    assert outbound_ports(bed, n2, n1) == dict.fromkeys(range(TUNNELS), NAT_T_PORT)
+    for t, port in mapped.items():
+        assert f"peer n2: its NAT maps its ESP in UDP (tunnel {t}) to {PUBLIC} port {port}" \
+            in agents["n1"].text()
     assert pods_ping(n1, n2, count=5) and pods_ping(n2, n1, count=5)
     wait_for(lambda: all_forward_secret(bed), 60, "both directions on agreed keys")
     wait_for(lambda: nat_keepalives(n1) > 0, NAT_KEEPALIVE_INTERVAL + 5,
@@ -131,12 +139,18 @@ def test_forward_secrecy_nat_pair_comes_up_both_ways_on_the_learned_port(
                   for d in api.dump("punt_socket_dump", type=punt.PUNT_TYPE_EXCEPTION)}
     assert {reasons[name] for name in punt.SPI_UDP_0.values()} <= set(listed)
     # The learned port is kept with the generations, and verify checks the SAs against it.
-    assert peer_state(n1, n2).nat_port == mapped
+    assert peer_state(n1, n2).nat_ports == [mapped[t] for t in range(TUNNELS)]
     result = bed.run_vppmesh(n1, "verify", "--capture", "--json", "--state-dir",
                              str(n1.dir), check=False)
     report = json.loads(result.stdout)
     assert result.returncode == 0 and report["ok"], result.stdout + result.stderr
     assert report["capture"]["esp_in_udp"] > 0
+    # verify's probes went over every tunnel: each reached n2 through its own mapping.
+    number = load_mesh(bed.mesh_file).node(n1.name).node_number
+    with VppClient(n2.instance.api_socket).connect() as api:
+        arrived = {s.spec.tunnel for s in ipsec.dump_sas(api) if s.spec.direction == "in"
+                   and s.spec.peer_number == number and s.last_seq_inbound > 0}
+    assert arrived == set(range(TUNNELS))
 
 
 def test_forward_secrecy_nat_mapping_survives_an_idle_period_past_the_nat_timeout(
@@ -144,14 +158,14 @@ def test_forward_secrecy_nat_mapping_survives_an_idle_period_past_the_nat_timeou
     n1, n2 = bed.nodes
     wait_for(lambda: both_ways(bed), 90, "pods pinging both ways through the NAT",
              interval=0.5)
-    mapped, keepalives = nat_mapped_port(bed), nat_keepalives(n1)
+    mapped, keepalives = nat_mapped_ports(bed), nat_keepalives(n1)
     time.sleep(IDLE)  # no pod traffic: only the agents' keepalives and channel
     assert pods_ping(n1, n2), "n1 lost n2 after the idle period"  # n1 first: the test
     assert pods_ping(n2, n1)
-    assert nat_mapped_port(bed) == mapped, "the NAT mapped n2's ESP flow anew"
-    assert outbound_ports(bed, n1, n2) == {mapped}
+    assert nat_mapped_ports(bed) == mapped, "the NAT mapped n2's ESP flows anew"
+    assert outbound_ports(bed, n1, n2) == mapped
     grew = nat_keepalives(n1) - keepalives
-    assert grew >= int(IDLE // NAT_KEEPALIVE_INTERVAL), grew
+    assert grew >= TUNNELS * int(IDLE // NAT_KEEPALIVE_INTERVAL), grew
 
 
 def test_forward_secrecy_nat_restarted_agent_sends_to_the_learned_port_at_once(
@@ -159,7 +173,7 @@ def test_forward_secrecy_nat_restarted_agent_sends_to_the_learned_port_at_once(
     """n1's agent restarts with nothing in memory: it takes the port from its generation
     file, so its SAs stay where they are and its first handshakes pass the NAT."""
     n1, n2 = bed.nodes
-    mapped = nat_mapped_port(bed)
+    mapped = nat_mapped_ports(bed)
     generation = peer_state(n1, n2).out
     agents["n1"].stop()
     logged = len(agents["n1"].text())
@@ -168,14 +182,14 @@ def test_forward_secrecy_nat_restarted_agent_sends_to_the_learned_port_at_once(
     took = wait_for(lambda: pods_ping(n1, n2, count=1), 30, "n1 reaching n2's pod again",
                     interval=0.5)
     print(f"\nn1's agent restarted: its pod reaches n2's after {took:.1f} s", flush=True)
-    assert outbound_ports(bed, n1, n2) == {mapped}
+    assert outbound_ports(bed, n1, n2) == mapped
     # Its channel passes the NAT: a rekey is agreed with n2's agent over it.
     bed.run_vppmesh(n1, "rekey", *bed.state_args(n1))
     took = wait_for(lambda: peer_state(n1, n2).out > generation and all_forward_secret(bed),
                     60, "a generation agreed over the channel after the restart")
     print(f"a new generation agreed {time.monotonic() - started:.1f} s after the restart",
           flush=True)
-    assert outbound_ports(bed, n1, n2) == {mapped}
+    assert outbound_ports(bed, n1, n2) == mapped
     assert pods_ping(n1, n2, count=3) and pods_ping(n2, n1, count=3)
     assert "UDP encapsulation changed" not in agents["n1"].text()[logged:]
 
@@ -186,10 +200,8 @@ def test_forward_secrecy_nat_without_agents_the_idle_mapping_expires(
     n1, n2 = bed.nodes
     for agent in agents.values():
         agent.stop()
-    assert pods_ping(n2, n1, count=1)  # n2 sends: the mapping is fresh
-    mapped = nat_mapped_port(bed)
-    assert mapped is not None
-    assert outbound_ports(bed, n1, n2) == {mapped}
+    assert pods_ping(n2, n1, count=1)  # n2 sends: a mapping is fresh
+    assert outbound_ports(bed, n1, n2) == nat_mapped_ports(bed)
     time.sleep(NAT_TIMEOUT + 5)
-    assert nat_mapped_port(bed) is None, "the NAT kept an idle mapping"
+    assert nat_mapped_ports(bed) == {}, "the NAT kept an idle mapping"
     assert not pods_ping(n1, n2, count=2), "n1 reached n2 with no mapping at the NAT"

@@ -216,8 +216,8 @@ def observe_keys(api: VppApi, view: LocalView, state: GenerationState, ledger: K
             and sa.spec.key.get_secret_value() == key.key.get_secret_value()
             for t, (sa, key) in enumerate(zip(out, expected, strict=True)))
         reencapsulate = installed and any(
-            sa is not None and encapsulation(sa.spec) != peer.path.encapsulation
-            for sa in out)
+            sa is not None and encapsulation(sa.spec) != peer.path.encapsulation(t)
+            for t, sa in enumerate(out))
         active = frozenset(
             g for g in pg.window for t in range(count)
             if (sa := find_sa(sas, "in", number, t, g)) is not None

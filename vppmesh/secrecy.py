@@ -20,12 +20,13 @@ marks as agreed (`ephemeral_out`, `ephemeral_in`), so a restarted agent changes 
 in VPP; a generation neither the agent nor VPP holds is never installed with its static
 key: outbound it counts as used (the scheduler steps past it), inbound it is left out.
 
-NAT. Towards a peer whose pair runs ESP in UDP the channel shares the ESP flow (UDP 4500,
-behind the non-ESP marker: channel/transport.py), so it crosses the peer's NAT on the
-ESP's own mapping. Where the peer's authenticated datagrams come from is where its NAT
-maps its ESP: a port other than its record's `nat.port` (a NAT that changes the source
-port) is learned, and `learned_view` gives the runs a view whose path to that peer sends
-there; the outbound SAs follow through a new key generation (the scheduler's
+NAT. Towards a peer whose pair runs ESP in UDP the channel shares the ESP flow of tunnel
+0 (UDP 4500, behind the non-ESP marker: channel/transport.py), so it crosses the peer's
+NAT on the ESP's own mapping; a node behind NAT probes each other tunnel's flow
+(FlowProbe). Where the peer's authenticated datagrams come from is where its NAT maps
+that tunnel's ESP: a port other than its record's `nat.port` (a NAT that changes the
+source port) is learned, and `learned_view` gives the runs a view whose path to that
+peer sends there; the outbound SAs follow through a new key generation (the scheduler's
 "UDP encapsulation changed"). A node behind NAT sends RFC 3948 keepalives on every
 tunnel's flow every NAT_KEEPALIVE_INTERVAL, so a dynamic NAT keeps the mappings while
 the pair is idle.
@@ -250,15 +251,15 @@ class Secrecy:
         self._outbox: list[s.Output] = []
         self.unavailable: str | None = None  # why there is no channel (told once)
         # NAT: per peer behind one, where its record says its ESP arrives (address and
-        # port of tunnel 0) and the port its authenticated datagrams came from instead;
+        # port) and, per tunnel, the port its authenticated datagrams came from instead;
         # the keepalive flows of this node's tunnels when it is behind NAT.
         self._reach: dict[int, tuple[str, int]] = {}
         self._names: dict[int, str] = {}
         self._tunnels = 1
-        self.learned: dict[int, int] = {}
+        self.learned: dict[int, dict[int, int]] = {}  # peer -> {tunnel: port}
         self._adopted: set[int] = set()  # peers whose saved port was looked at
-        self._adjusted: dict[int, tuple[PeerView, int, PeerView]] = {}
-        self._learned_view: tuple[LocalView, dict[int, int], LocalView] | None = None
+        self._adjusted: dict[int, tuple[PeerView, tuple[int, ...], PeerView]] = {}
+        self._learned_view: tuple[LocalView, dict[int, tuple[int, ...]], LocalView] | None = None
         self._keepalive_flows: list[tuple[int, int, Address, Address]] = []
         self._next_keepalive = float("-inf")
 
@@ -427,55 +428,66 @@ class Secrecy:
                 self._heard.setdefault(peer, _Heard()).restarted = True
                 return True
             case s.HandshakeComplete():
+                if self._keepalive_flows:  # probes of the other tunnels' flows now
+                    self._next_keepalive = min(self._next_keepalive, now)
                 return True  # a pair on static keys moves to agreed ones
             case s.EndpointChanged(peer=peer, endpoint=(host, port)):
                 return self.learn(peer, host, port)
+            case s.FlowSeen(peer=peer, tunnel=tunnel, source=(host, port)):
+                return self.learn(peer, host, port, tunnel)
         return False
 
     # ---- NAT ---------------------------------------------------------------------------
-    def learn(self, peer: int, host: str, port: int) -> bool:
-        """The peer's authenticated datagrams now come from (host, port): behind NAT,
-        its ESP must go there too. True when the SAs towards it must change."""
+    def learn(self, peer: int, host: str, port: int, tunnel: int = 0) -> bool:
+        """The peer's authenticated datagrams on tunnel `tunnel`'s flow (tunnel 0: the
+        channel's) now come from (host, port): behind NAT, that tunnel's ESP must go
+        there too. True when the SAs towards it must change."""
         reach = self._reach.get(peer)
-        if reach is None or reach[0] != host:
+        if reach is None or reach[0] != host or not 0 <= tunnel < self._tunnels:
             return False  # not behind NAT, or not its public address: the SAs stay
-        before = self.learned.get(peer)
+        ports = self.learned.setdefault(peer, {})
+        before = ports.get(tunnel)
         if port == reach[1]:
-            self.learned.pop(peer, None)
+            ports.pop(tunnel, None)
         else:
-            self.learned[peer] = port
-        if self.learned.get(peer) == before:
+            ports[tunnel] = port
+        if not ports:
+            del self.learned[peer]
+        if ports.get(tunnel) == before:
             return False
         name = self._names.get(peer, peer)
-        log.info("peer %s: its NAT maps its ESP in UDP to %s port %d: the outbound SAs "
-                 "follow", name, host, port)
-        if port != reach[1] and self._tunnels > 1:
-            others = "tunnel 1" if self._tunnels == 2 else f"tunnels 1-{self._tunnels - 1}"
-            log.warning("peer %s: its NAT changes the source port, and only tunnel 0's "
-                        "mapping is learned: what %s send(s) towards it is lost at the "
-                        "NAT; set settings.tunnels_per_peer: 1 (docs/underlays.md)",
-                        name, others)
+        which = f" (tunnel {tunnel})" if self._tunnels > 1 else ""
+        log.info("peer %s: its NAT maps its ESP in UDP%s to %s port %d: the outbound SAs "
+                 "follow", name, which, host, port)
         return True
+
+    def ports(self) -> dict[int, tuple[int, ...]]:
+        """Per peer with a learned port, the ports of all its tunnels (the record's where
+        none was learned)."""
+        return {peer: tuple(learned.get(t, self._reach[peer][1]) for t in range(self._tunnels))
+                for peer, learned in self.learned.items()}
 
     def learned_view(self, view: LocalView, state: GenerationState) -> LocalView:
         """`view` with the learned ports (ported_view; the same object while they are
-        unchanged, so plan() keeps its cache). A port an earlier agent learned (the
-        generation file's `nat_port`) is taken once, and the channel sent there."""
-        for number, port in saved_ports(view, state).items():
+        unchanged, so plan() keeps its cache). Ports an earlier agent learned (the
+        generation file's `nat_ports`) are taken once, and the channel sent there."""
+        for number, saved in saved_ports(view, state).items():
             if number in self._adopted or number not in self._reach:
                 continue
             self._adopted.add(number)
+            host, port = self._reach[number]
             if number not in self.learned:
-                self.learned[number] = port
+                self.learned[number] = {t: p for t, p in enumerate(saved) if p != port}
                 if self.channel is not None and number in self.channel.peers():
-                    self.channel.reach(number, (self._reach[number][0], port))
+                    self.channel.reach(number, (host, saved[0]))
         if not self.learned:
             return view
+        ports = self.ports()
         cached = self._learned_view
-        if cached is not None and cached[0] is view and cached[1] == self.learned:
+        if cached is not None and cached[0] is view and cached[1] == ports:
             return cached[2]
-        adjusted = ported_view(view, self.learned, self._adjusted)
-        self._learned_view = (view, dict(self.learned), adjusted)
+        adjusted = ported_view(view, ports, self._adjusted)
+        self._learned_view = (view, ports, adjusted)
         return adjusted
 
     def keepalives(self, now: float) -> None:
@@ -484,10 +496,14 @@ class Secrecy:
         if endpoint is None or not self._keepalive_flows or now < self._next_keepalive:
             return
         self._next_keepalive = now + NAT_KEEPALIVE_INTERVAL
+        channel = endpoint.channel
         for peer, tunnel, source, (host, port) in self._keepalive_flows:
-            if tunnel == 0:
-                port = self.learned.get(peer, port)
+            port = self.learned.get(peer, {}).get(tunnel, port)
             endpoint.transport.keepalive(source, (host, port))
+            if tunnel and peer in channel.peers():  # the peer learns this flow's mapping
+                probe = channel.probe(now, peer, tunnel)
+                if probe is not None:
+                    endpoint.transport.send(source, (host, port), probe)
 
     # ---- what a run uses -------------------------------------------------------------
     def said(self, view: LocalView) -> dict[str, PeerSaid]:
@@ -535,7 +551,7 @@ class Secrecy:
             pg = state.peers.get(peer.name)
             if pg is None:
                 continue
-            pg.nat_port = self.learned.get(number)
+            pg.nat_ports = list(self.ports().get(number, ()))
             agreed_in = [g for g in installed.get(peer.name, ())
                          if self.book.keys(number, False, g) is not None]
             pg.ephemeral_in = sorted(set(agreed_in) | set(pg.ephemeral_in))
@@ -593,36 +609,40 @@ class Secrecy:
                 and channel.established(p.node.node_number)}
 
 
-def saved_ports(view: LocalView, state: GenerationState) -> dict[int, int]:
-    """Per peer behind NAT (node number), the port its NAT maps its ESP to as an agent
-    learned it (the generation file's `nat_port`): a one-shot `up` sends there too."""
+def saved_ports(view: LocalView, state: GenerationState) -> dict[int, tuple[int, ...]]:
+    """Per peer behind NAT (node number), the ports its NAT maps its tunnels' ESP to as
+    an agent learned them (the generation file's `nat_ports`): a one-shot `up` sends
+    there too."""
+    count = view.settings.tunnels_per_peer
     found = {}
     for peer in view.peers:
         pg = state.peers.get(peer.name)
         if peer.path.udp_encap and peer.node.nat is not None and pg is not None and \
-                pg.nat_port is not None:
-            found[peer.node.node_number] = pg.nat_port
+                len(pg.nat_ports) == count:
+            found[peer.node.node_number] = tuple(pg.nat_ports)
     return found
 
 
-def ported_view(view: LocalView, ports: Mapping[int, int],
-                known: dict[int, tuple[PeerView, int, PeerView]] | None = None) -> LocalView:
-    """`view` whose path to each peer in `ports` (node number -> port) sends its ESP in
-    UDP to that port; `known` keeps the peer views made before (plan() caches on them)."""
+def ported_view(view: LocalView, ports: Mapping[int, tuple[int, ...]],
+                known: dict[int, tuple[PeerView, tuple[int, ...], PeerView]] | None = None,
+                ) -> LocalView:
+    """`view` whose path to each peer in `ports` (node number -> port per tunnel) sends
+    its ESP in UDP to those ports; `known` keeps the peer views made before (plan()
+    caches on them)."""
     if not ports:
         return view
     known = known if known is not None else {}
     peers = []
     for peer in view.peers:
         number = peer.node.node_number
-        port = ports.get(number)
-        if port is None or not peer.path.udp_encap:
+        wanted = ports.get(number)
+        if wanted is None or not peer.path.udp_encap:
             peers.append(peer)
             continue
         made = known.get(number)
-        if made is None or made[0] is not peer or made[1] != port:
-            made = (peer, port, PeerView(node=peer.node, secret=peer.secret,
-                                         path=replace(peer.path, udp_dst_port=port)))
+        if made is None or made[0] is not peer or made[1] != wanted:
+            made = (peer, wanted, PeerView(node=peer.node, secret=peer.secret,
+                                           path=replace(peer.path, udp_dst_ports=wanted)))
             known[number] = made
         peers.append(made[2])
     return replace(view, peers=tuple(peers),

@@ -143,7 +143,7 @@ class Structure(BaseModel):
 
 
 def check_structure(api: VppApi, mesh: Mesh, local: Node,
-                    nat_ports: Mapping[str, int] | None = None) -> Structure:
+                    nat_ports: Mapping[str, tuple[int, ...]] | None = None) -> Structure:
     """Per peer, what VPP holds against what the mesh file says it must hold."""
     ifaces = {i.sw_if_index: i for i in interfaces.dump_interfaces(api)}
     tunnels = {t.instance: t for t in ipip.dump_tunnels(api)
@@ -165,7 +165,7 @@ def check_structure(api: VppApi, mesh: Mesh, local: Node,
         in_idx: list[int] = []
         pair = path(local, peer, count)
         if nat_ports and peer.name in nat_ports and pair.udp_encap:
-            pair = replace(pair, udp_dst_port=nat_ports[peer.name])  # where its NAT maps
+            pair = replace(pair, udp_dst_ports=nat_ports[peer.name])  # where its NAT maps
         for index in range(count):
             where = f"tunnel {index}"
             t = tunnels.get(tunnel_instance(peer.node_number, index))
@@ -188,7 +188,8 @@ def check_structure(api: VppApi, mesh: Mesh, local: Node,
                 continue
             sa_out, sa_ins = protection
             issue = _sa_issue(sas.get(sa_out), "out", local.node_number, index)
-            issue = issue or _encapsulation_issue(sas.get(sa_out), pair.encapsulation)
+            issue = issue or _encapsulation_issue(sas.get(sa_out),
+                                                  pair.encapsulation(index))
             issue = issue or next((i for i in (_sa_issue(sas.get(s), "in", peer.node_number,
                                                          index)
                                                for s in sa_ins) if i), None)
@@ -387,7 +388,7 @@ def verify(api: VppApi, mesh: Mesh, node: str, *, stats_socket: Path | None,
            seconds: float = 3.0, capture: bool = False, probes: bool = True,
            max_packets: int = 20000, secrecy: Mapping[str, PairSecrecy] | None = None,
            require_forward_secrecy: bool = False,
-           nat_ports: Mapping[str, int] | None = None) -> VerifyReport:
+           nat_ports: Mapping[str, tuple[int, ...]] | None = None) -> VerifyReport:
     """The report; `secrecy` (status.key_secrecy) gives each pair's key kind, which
     `require_forward_secrecy` demands be ephemeral both ways; `nat_ports` (status.nat_ports)
     the ports the agent learned that peers' NATs map their ESP to."""

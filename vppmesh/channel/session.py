@@ -124,8 +124,18 @@ class PeerObserved:
     endpoint: Address
 
 
+@dataclass(frozen=True)
+class FlowSeen:
+    """The peer's probe of its tunnel `tunnel` came from `source` (that flow's mapping at
+    its NAT); the channel itself stays where it is."""
+
+    peer: int
+    tunnel: int
+    source: Address
+
+
 Event = (HandshakeComplete | GenerationKeyed | PeerAcked | PeerRestarted | EndpointChanged
-         | PeerObserved)
+         | PeerObserved | FlowSeen)
 
 
 @dataclass
@@ -262,6 +272,16 @@ class Channel:
     def held_private_keys(self) -> int:
         """Ephemeral private keys of generations this node holds (awaiting an answer)."""
         return sum(len(p.offers) for p in self._peers.values())
+
+    def probe(self, now: float, peer: int, tunnel: int) -> bytes | None:
+        """A FlowProbe for the peer, to be sent on tunnel `tunnel`'s flow (None: no
+        session yet)."""
+        state = self._peers[peer]
+        session = self._usable(state, now)
+        if session is None:
+            return None
+        ((_, datagram),) = self._transmit(now, state, session, m.FlowProbe(tunnel)).datagrams
+        return datagram
 
     def reach(self, peer: int, endpoint: Address) -> None:
         """Send to `endpoint` until the peer is heard from (a NAT mapping learned by an
@@ -494,6 +514,8 @@ class Channel:
         if isinstance(message, m.Drop):
             return self._drop(message)
         self.stats["received"] += 1
+        if isinstance(message, m.FlowProbe):  # another flow than the channel's: no move
+            return Output(events=[FlowSeen(state.config.node_number, message.tunnel, source)])
         moved = self._move(state, source)
         out = self._handle(now, state, session, message)
         return out.extend(self._moved(now, state) if moved else Output())
