@@ -371,3 +371,11 @@ def test_channel_receive_never_raises_and_counts_everything(kind: m.DatagramType
     out = node.receive(1001.0, ADDRESSES[1], m.header(kind, 1, 2) + body)
     assert out == s.Output()
     assert sum(node.drops.values()) == 1 and node.stats["received"] == received
+
+
+def test_channel_ask_rekey_reaches_the_peer_as_a_restart_with_the_same_boot_id() -> None:
+    """A receiver that lost a peer's inbound keys (not its VPP) asks for a rekey."""
+    net = up(Net())
+    net.run(2, net.nodes[2].ask_rekey(1001.0, 1), 1001.0)
+    assert [e for e in net.events[1] if isinstance(e, s.PeerRestarted)] == [
+        s.PeerRestarted(2, 102)]

@@ -4,6 +4,7 @@ dump."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -90,3 +91,19 @@ def test_after_a_reconnect_runs_stay_full_until_one_succeeds(tmp_path: Path) -> 
     again = session.run()
     assert again.changes
     assert again.pod_report is not None  # a full run: the CNI's pods were re-attached
+
+
+def test_watch_ticks_end_between_runs_once_stopped(tmp_path: Path) -> None:
+    """SIGTERM sets the stop event: the loop ends at its next wait, never inside a run."""
+    import threading
+
+    from vppmesh.watch import poll_ticks
+
+    mesh = tmp_path / "mesh.yaml"
+    mesh.write_text("x")
+    stop = threading.Event()
+    ticks = poll_ticks(mesh, stop=stop)
+    threading.Timer(0.3, stop.set).start()
+    started = time.monotonic()
+    assert list(ticks) == []  # the first tick (2 s away) never came
+    assert time.monotonic() - started < 1.0

@@ -118,6 +118,41 @@ def test_a_guest_past_its_time_limit_is_stopped_with_all_below_it(
         assert state == "Z", f"process {pid} below the guest still runs"
 
 
+def test_a_terminated_guest_run_stops_the_guest_then_ends_by_the_signal(tmp_path: Path) -> None:
+    """SIGTERM to the process running a guest (a cancelled CI job) stops qemu and all
+    below it, then ends the process as SIGTERM would: nothing is left running."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    pids = tmp_path / "pids"
+    tree = (f"import os, subprocess, sys, time\n"
+            f"leaf = subprocess.Popen(['sleep', '300'])\n"
+            f"open({str(pids)!r}, 'w').write(f'{{os.getpid()}} {{leaf.pid}}')\n"
+            f"time.sleep(300)\n")
+    runner = (f"import sys\nfrom pathlib import Path\nfrom vppmesh.lab import vm\n"
+              f"vm.missing = lambda: None\n"
+              f"vm.vng_command = lambda *a, **k: [sys.executable, '-c', {tree!r}]\n"
+              f"vm.run(['true'], vm.GuestSpec(timeout=120, rwdirs=(Path({str(tmp_path)!r}),)),"
+              f" log=Path({str(tmp_path / 'log')!r}))\n")
+    proc = subprocess.Popen([sys.executable, "-c", runner])
+    deadline = time.monotonic() + 30
+    while not pids.exists() or len(pids.read_text().split()) < 2:
+        assert time.monotonic() < deadline, "the fake guest did not start"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == -signal.SIGTERM
+    for pid in (int(p) for p in pids.read_text().split()):
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            continue
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        assert state == "Z", f"process {pid} of the guest still runs"
+
+
 @pytest.mark.parametrize(("dev_type", "kind"), [
     ("tap", "tap"),            # VPP 26.06: taps live in the tap plugin
     ("virtio", "tap"),         # VPP before 26.06: taps were virtio devices in vnet

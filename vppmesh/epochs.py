@@ -240,12 +240,18 @@ def advance(pg: PeerGenerations, obs: PeerObservation, settings: MeshSettings, *
     lost = "UDP encapsulation changed" if obs.encapsulation_changed else \
         "key already used (VPP lost its SAs)"
     if said is not None and said.restarted:
-        pg.rekey_pending = True  # its anti-replay state is gone: end the exposure now
+        # Its anti-replay state, or its keys, are gone: a new generation at once, kept
+        # as a request until taken.
+        pg.rekey_pending = True
     upgrade = said is not None and pg.out not in pg.ephemeral_out
     reason = lost if forced else (
         "rekey requested" if pg.rekey_pending else
         soft_limit_reached(pg, obs, settings, now) if obs.out_installed else None)
-    if reason is not None and not forced and obs.out_installed and obs.out_packets == 0:
+    # A request over the channel is taken even for a key that protected nothing: the
+    # peer may have lost it.
+    asked = said is not None and pg.rekey_pending
+    if reason is not None and not forced and not asked and obs.out_installed and \
+            obs.out_packets == 0:
         # A key that never protected a packet has nothing to rotate away from, and each
         # step spends a generation of the peer's window: keep it.
         reason, pg.rekey_pending = None, False

@@ -128,7 +128,8 @@ class KeyBook:
     without them (and by a one-shot `up`, which has no channel)."""
 
     def __init__(self) -> None:
-        self._keys: dict[Direction, tuple[SaKey, ...]] = {}
+        # peer node number -> (outbound, generation) -> the key of each tunnel
+        self._keys: dict[int, dict[tuple[bool, int], tuple[SaKey, ...]]] = {}
         self._revision: dict[int, int] = {}
         self._revisions = itertools.count(1)  # never repeats: plan() caches on it
         self._agreed: dict[int, AgreedKeys] = {}
@@ -137,7 +138,7 @@ class KeyBook:
         self._derive: dict[int, tuple[str, str, bytes, bytes, int]] = {}
 
     def __len__(self) -> int:
-        return len(self._keys)
+        return sum(len(keys) for keys in self._keys.values())
 
     def prepare(self, view: LocalView, state: GenerationState,
                 sas: Mapping[int, SaDetails]) -> None:
@@ -155,14 +156,14 @@ class KeyBook:
             number = peer.node.node_number
             for outbound, generations in ((True, pg.ephemeral_out), (False, pg.ephemeral_in)):
                 for g in generations:
-                    if (number, outbound, g) in self._keys:
+                    if (outbound, g) in self._keys.get(number, {}):
                         continue
                     sender = me if outbound else number
                     held = [sas.get(sa_id_for("out" if outbound else "in", number, t, g,
                                               agreed=True)) for t in range(count)]
                     if all(sa is not None and sa.spec.spi == spi_for(sender, t, g)
                            for t, sa in enumerate(held)):
-                        self._keys[(number, outbound, g)] = tuple(
+                        self._keys.setdefault(number, {})[(outbound, g)] = tuple(
                             SaKey(key=sa.spec.key, salt=sa.spec.salt)
                             for sa in held if sa is not None)
                         self._changed(number)
@@ -174,20 +175,20 @@ class KeyBook:
             return False  # a peer that left meanwhile
         local, remote, psk, shared, count = derive
         sender, receiver = (local, remote) if outbound else (remote, local)
-        self._keys[(peer, outbound, generation)] = tuple(
+        self._keys.setdefault(peer, {})[(outbound, generation)] = tuple(
             derive_sa_key_ephemeral(shared, secret, psk, sender=sender, receiver=receiver,
                                     tunnel=t, epoch=generation) for t in range(count))
         self._changed(peer)
         return True
 
     def keys(self, peer: int, outbound: bool, generation: int) -> tuple[SaKey, ...] | None:
-        return self._keys.get((peer, outbound, generation))
+        return self._keys.get(peer, {}).get((outbound, generation))
 
     def key(self, view: LocalView, peer: PeerView, pg: PeerGenerations | None, *,
             outbound: bool, tunnel: int, generation: int) -> SaKey | None:
         """The key of one SA: agreed (or adopted); None for a generation marked agreed
         that nobody holds; else the static schedule's."""
-        keys = self._keys.get((peer.node.node_number, outbound, generation))
+        keys = self.keys(peer.node.node_number, outbound, generation)
         if keys is not None:
             return keys[tunnel]
         if pg is not None and generation in (pg.ephemeral_out if outbound
@@ -197,15 +198,16 @@ class KeyBook:
 
     def outbound(self, peer: int) -> frozenset[int]:
         """Our outbound generations towards `peer` whose keys are held."""
-        return frozenset(g for (n, outbound, g) in self._keys if n == peer and outbound)
+        return frozenset(g for outbound, g in self._keys.get(peer, {}) if outbound)
 
     def agreed(self, peer: PeerView) -> AgreedKeys | None:
         """The peer's keys that are not the static schedule's (None: it has none)."""
         number = peer.node.node_number
         found = self._agreed.get(number)
         if found is None:
-            keys = {(outbound, t, g): key for (n, outbound, g), keys in self._keys.items()
-                    if n == number for t, key in enumerate(keys)}
+            keys = {(outbound, t, g): key
+                    for (outbound, g), keys in self._keys.get(number, {}).items()
+                    for t, key in enumerate(keys)}
             if not keys:
                 return None
             found = self._agreed[number] = AgreedKeys(self._revision[number], keys)
@@ -215,18 +217,20 @@ class KeyBook:
         """Drop the keys of generations that are gone: outbound below the one sent on,
         inbound below the window."""
         number = peer.node.node_number
-        retired = [e for e in self._keys if e[0] == number and (
-            (e[1] and e[2] < pg.out) or (not e[1] and e[2] < pg.in_base))]
+        held = self._keys.get(number)
+        if not held:
+            return []
+        retired = [(outbound, g) for outbound, g in held
+                   if g < (pg.out if outbound else pg.in_base)]
         for entry in retired:
-            del self._keys[entry]
+            del held[entry]
         if retired:
             self._changed(number)
             peer.planned.clear()  # plan()'s cached objects hold the retired keys
-        return retired
+        return [(number, outbound, g) for outbound, g in retired]
 
     def forget(self, number: int) -> None:
-        for entry in [e for e in self._keys if e[0] == number]:
-            del self._keys[entry]
+        self._keys.pop(number, None)
         self._agreed.pop(number, None)
         self._revision.pop(number, None)
 
@@ -248,6 +252,7 @@ class Secrecy:
         self._followed: LocalView | None = None
         self._heard: dict[int, _Heard] = {}
         self._stated: dict[tuple[int, str], int] = {}
+        self._asked: dict[int, frozenset[int]] = {}  # lost inbound generations, asked for
         self._outbox: list[s.Output] = []
         self.unavailable: str | None = None  # why there is no channel (told once)
         # NAT: per peer behind one, where its record says its ESP arrives (address and
@@ -565,6 +570,14 @@ class Secrecy:
                 heard.restarted = False
             if not live or channel is None or not channel.established(number):
                 continue
+            # Inbound generations agreed before, whose keys neither this agent nor VPP
+            # holds any more (the peer left the mesh and came back, say): the peer must
+            # rekey towards us, once per loss.
+            lost = frozenset(g for g in pg.ephemeral_in
+                             if self.book.keys(number, False, g) is None)
+            if lost and self._asked.get(number) != lost:
+                self._outbox.append(channel.ask_rekey(now, number))
+            self._asked[number] = lost
             states = {"slid": pg.in_base}
             if agreed_in:
                 states["installed"] = max(agreed_in)

@@ -11,6 +11,8 @@ what a run changed is the caller's: it passes `report`.
 from __future__ import annotations
 
 import logging
+import signal
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -52,27 +54,30 @@ def sleep(seconds: float) -> bool:
 
 
 def poll_ticks(path: Path, hurry: Callable[[], bool] = lambda: False,
-               wait: Callable[[float], bool] = sleep) -> Iterator[None]:
+               wait: Callable[[float], bool] = sleep,
+               stop: threading.Event | None = None) -> Iterator[None]:
     """Yield every WATCH_POLL_SECONDS, at once when `path` changes, and when `wait`
     (which waits up to the seconds it is given: the agents' channel) says so.
 
     A plain timer rather than filesystem events: the agent must run on schedule however
     busy the directory is (rekeys, key limits and receiver windows depend on it), and a
     stream of unrelated events must not be able to starve it. While `hurry()` (VPP is
-    away) the next tick comes after WATCH_VPP_RETRY_SECONDS.
+    away) the next tick comes after WATCH_VPP_RETRY_SECONDS. Ends once `stop` is set.
     """
     signature = agent.file_signature(path)
-    while True:
+    stop = stop or threading.Event()
+    while not stop.is_set():
         interval = WATCH_VPP_RETRY_SECONDS if hurry() else WATCH_POLL_SECONDS
         deadline = time.monotonic() + interval
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and not stop.is_set():
             if wait(min(WATCH_FILE_CHECK_SECONDS, interval)):
                 break
             now = agent.file_signature(path)
             if now != signature:
                 signature = now
                 break
-        yield
+        if not stop.is_set():
+            yield
 
 
 def give_back_uplinks(opts: agent.NodeOptions) -> None:
@@ -201,8 +206,15 @@ def watch_loop(opts: agent.NodeOptions, metrics: AgentMetrics | None = None,
     secrecy = Secrecy(agent.channel_socket(opts))
     loop = AgentLoop(agent.Session(opts, secrecy=secrecy), opts, metrics=metrics,
                      stats_socket=stats_socket, report=changed)
+    # SIGTERM (systemd, a container runtime, an upgrade) ends the loop between two runs:
+    # a run cut short after VPP took its changes but before the generation file did
+    # would make the next agent step past a key for nothing.
+    stop = threading.Event()
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
         loop.run(poll_ticks(opts.mesh_file, hurry=lambda: loop.vpp_gone_at is not None,
-                            wait=secrecy.wait))
+                            wait=secrecy.wait, stop=stop))
+        log.info("stopped (SIGTERM)")
     finally:
         secrecy.close()

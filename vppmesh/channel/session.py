@@ -354,6 +354,11 @@ class Channel:
             state.answers.pop(generation, None)
             state.keyed_in.pop(generation, None)
 
+    def ask_rekey(self, now: float, peer: int) -> Output:
+        """Ask `peer` to rekey towards this node now (a Restarted message with the boot
+        id unchanged): its inbound keys here are lost, although VPP did not restart."""
+        return self.send(now, peer, m.Restarted(self.boot_id))
+
     def restarted(self, now: float, boot_id: int) -> Output:
         """This node's VPP restarted: tell every peer, reliably.
 

@@ -28,6 +28,7 @@ import shutil
 import subprocess
 import sys
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
@@ -248,6 +249,37 @@ def _alive(pid: int) -> bool:
     return state != "Z"  # a zombie has stopped; its parent (gone too) reaps it
 
 
+class _Terminated(BaseException):
+    """SIGTERM or SIGHUP arrived while the guest ran (see _signals_stop_the_guest)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def _signals_stop_the_guest() -> Iterator[None]:
+    """While the guest runs, SIGTERM and SIGHUP (a CI job cancelled, a terminal closed)
+    raise _Terminated, so that run() stops the guest's whole tree before this process
+    ends as the signal would have ended it: by default they end it at once and leave
+    qemu running."""
+    import signal
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def terminated(signum: int, _frame: object) -> None:
+        raise _Terminated(signum)
+
+    before = {sig: signal.signal(sig, terminated) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
+
+
 def run(command: list[str], spec: GuestSpec, *, cwd: Path | None = None,
         log: Path | None = None, output: Path | None = None) -> int:
     """Boot a guest, run `command` in it (as root, in `cwd`) and return its exit code.
@@ -260,6 +292,15 @@ def run(command: list[str], spec: GuestSpec, *, cwd: Path | None = None,
     through virtme-ng's console, console and command output reached a redirected file at
     different offsets and overwrote each other.
     """
+    try:
+        return _run(command, spec, cwd=cwd, log=log, output=output)
+    except _Terminated as exc:  # the guest is stopped: now the signal does what it does
+        os.kill(os.getpid(), exc.signum)
+        raise
+
+
+def _run(command: list[str], spec: GuestSpec, *, cwd: Path | None, log: Path | None,
+         output: Path | None) -> int:
     import tempfile
 
     reason = missing()
@@ -291,9 +332,10 @@ def run(command: list[str], spec: GuestSpec, *, cwd: Path | None = None,
                                  stderr=subprocess.STDOUT if out else None,
                                  start_new_session=True)
         try:
-            if copier is not None:
-                copier.start()
-            returncode = guest.wait(timeout=spec.timeout)
+            with _signals_stop_the_guest():
+                if copier is not None:
+                    copier.start()
+                returncode = guest.wait(timeout=spec.timeout)
         except subprocess.TimeoutExpired:
             raise VmError(f"the guest did not finish within {spec.timeout:.0f} s") from None
         finally:
