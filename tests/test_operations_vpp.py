@@ -327,7 +327,7 @@ def test_pods_survive_vpp_restart_under_traffic_without_plaintext(
                "unavailable_s": total(metrics, "vppmesh_vpp_unavailable_seconds")}
     print("\nVPP restarts:", json.dumps(summary))
     assert all(r["resumed_after_answer_s"] <= 5.0 for r in runs), runs
-    assert seen["clear"] == 0 and seen["esp"] > 1000
+    assert seen["clear"] == 0 and seen["esp"] > 1000, capture.clear_lines[:10]
     assert intervals[-1] > 0  # the TCP stream carried data again after the last restart
     assert total(metrics, "vppmesh_vpp_restarts_total") == RESTARTS
     assert total(metrics, "vppmesh_pod_reattachments_total") == RESTARTS
