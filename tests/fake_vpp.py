@@ -59,6 +59,11 @@ class FakeVpp:
         # registrations fail as VPP's do) and the registrations: (af, port) -> path.
         self.punt_socket: str | None = None
         self.punt_registrations: dict[tuple[int, int], str] = {}
+        # Exception punt reasons VPP allocates at start (ipsec_punt.h's, in its order),
+        # and those registered to a socket: reason id -> path.
+        self.punt_reasons = {"ipsec4-spi-o-udp-0": 1, "ipsec4-no-such-tunnel": 2,
+                             "ipsec6-no-such-tunnel": 3, "ipsec6-spi-o-udp-0": 4}
+        self.punt_exceptions: dict[int, str] = {}
         self.classify_tables: dict[int, dict[str, Any]] = {}
         self.input_acl: dict[int, dict[str, int]] = {}  # sw_if_index -> family -> table
         # Engines able to run vppmesh's AES-GCM (ESN) single-buffer and chained ops, the
@@ -146,6 +151,12 @@ class FakeVpp:
                                pathname: str) -> Any:
         if self.punt_socket is None:
             return NS(retval=-1, pathname="")  # "socket is not configured"
+        if punt["type"] == 2:  # PUNT_API_TYPE_EXCEPTION
+            reason = punt["punt"]["exception"]["id"]
+            if reason not in self.punt_reasons.values():
+                return NS(retval=-1, pathname="")
+            self.punt_exceptions[reason] = pathname
+            return NS(retval=0, pathname=self.punt_socket)
         l4 = punt["punt"]["l4"]
         self.punt_registrations[(l4["af"], l4["port"])] = pathname
         return NS(retval=0, pathname=self.punt_socket)
@@ -155,7 +166,14 @@ class FakeVpp:
         return NS(retval=0 if self.punt_registrations.pop((l4["af"], l4["port"]), None)
                   else -6)
 
+    def d_punt_reason_dump(self, reason: dict[str, Any]) -> list[Any]:
+        return [NS(reason=NS(id=i, name=name)) for name, i in self.punt_reasons.items()
+                if not reason.get("name") or reason["name"] == name]
+
     def d_punt_socket_dump(self, type: int) -> list[Any]:
+        if type == 2:
+            return [NS(pathname=path, punt=NS(punt=NS(exception=NS(id=reason))))
+                    for reason, path in sorted(self.punt_exceptions.items())]
         return [NS(pathname=path, punt=NS(punt=NS(l4=NS(af=af, protocol=17, port=port))))
                 for (af, port), path in sorted(self.punt_registrations.items())]
 

@@ -24,6 +24,7 @@ MESSAGES = st.one_of(
     st.builds(m.Restarted, BOOT_IDS),
     st.just(m.Keepalive()),
     st.builds(m.ObservedAddress, st.ip_addresses(), PORTS),
+    st.builds(m.FlowProbe, GENERATIONS),
 )
 
 

@@ -168,7 +168,8 @@ def test_channel_counters_drops_by_reason_sessions_and_up(tmp_path: Path) -> Non
                          boot_id=me)
 
     def endpoint(ours: s.Channel) -> ChannelEndpoint:
-        transport = SimpleNamespace(drops=Tally(), sent=0, received=0, send_errors=0)
+        transport = SimpleNamespace(drops=Tally(), sent=0, received=0, send_errors=0,
+                                    keepalives=0)
         return ChannelEndpoint(ours, transport, {})  # type: ignore[arg-type]
 
     peer, ours = channel(1, 2), channel(2, 1)
@@ -198,6 +199,7 @@ def test_channel_counters_drops_by_reason_sessions_and_up(tmp_path: Path) -> Non
         ("vppmesh_channel_handshakes_total", ()): 0,
         ("vppmesh_channel_messages_sent_total", ()): 0,
         ("vppmesh_channel_messages_received_total", ()): 0,
+        ("vppmesh_channel_nat_keepalives_total", ()): 0,
         **{("vppmesh_channel_dropped_total", (("reason", r.value),)): 0 for r in m.Drop}}
     secrecy.endpoint = endpoint(ours)
     secrecy.endpoint.transport.drops[m.Drop.OVERSIZED] = 2  # dropped before the session

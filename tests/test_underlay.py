@@ -457,6 +457,15 @@ def test_nat_verify_structure_checks_each_outbound_sas_encapsulation() -> None:
     assert problems["n2"] == []
     assert any("sends ESP in UDP to port 4500, but the pair needs ESP in UDP to port 14500"
                in p for p in problems["n3"]), problems
+    # The agent learned that n3's NAT maps its ESP to 4500 (the generation file's nat_ports)
+    # and both tunnels' SAs send there.
+    for i, sa in vpp.sas.items():
+        if i & SA_DIRECTION_BIT and (i >> 8) & 0xFFFF == 3:
+            sa["entry"]["udp_dst_port"] = 4500
+    assert all(p.ok for p in check_structure(vpp, mesh, local, {"n3": (4500, 4500)}).peers)
+    problems = {p.name: p.problems for p in check_structure(vpp, mesh, local,
+                                                            {"n3": (4500, 23456)}).peers}
+    assert any("but the pair needs ESP in UDP to port 23456" in p for p in problems["n3"])
     out_to_3["entry"]["flags"] &= ~0x10
     problems = {p.name: p.problems for p in check_structure(vpp, mesh, local).peers}
     assert any("sends plain ESP, but the pair needs ESP in UDP to port 14500" in p

@@ -152,9 +152,10 @@ class MeshSettings(BaseModel):
 class NatSettings(BaseModel):
     """A node behind NAT: the address and UDP port its peers reach it at.
 
-    The NAT must forward `public`:`port` (UDP) to the node's port 4500 and send the
-    node's own packets out from that same address and port: a 1:1 NAT or a static port
-    forward (see docs/underlays.md for what a dynamic NAT does).
+    Without agents the NAT must forward `public`:`port` (UDP) to the node's port 4500
+    and send the node's own packets out from that same address and port: a 1:1 NAT or a
+    static port forward. With agents (`up --watch`) a dynamic NAT works too: keepalives
+    hold its mappings and the peers learn the port it chose (docs/underlays.md).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)

@@ -103,6 +103,10 @@ class PeerGenerations(BaseModel):
     # used with their static key), and the peer's whose inbound SAs here got agreed keys.
     ephemeral_out: list[int] = []
     ephemeral_in: list[int] = []
+    # Per tunnel, the port the peer's NAT maps its ESP in UDP to, learned over the channel
+    # when one is not its record's `nat.port` (secrecy.py); kept so a restarted agent
+    # sends there. Empty: the record's.
+    nat_ports: list[int] = []
 
     @property
     def window(self) -> tuple[int, ...]:

@@ -73,7 +73,7 @@ ERROR_COUNTERS = [name for names in ERRORS.values() for name in names]
 LIMITS = ("packets", "bytes", "seconds")
 # The channel's counters (Secrecy.counters()) exported as counters without a label.
 CHANNEL_COUNTERS = {"handshakes": "handshakes_completed", "sent": "sent",
-                    "received": "received"}
+                    "received": "received", "nat_keepalives": "nat_keepalives"}
 # A snapshot (dumps and stats segment) is taken after a poll at most this often, and
 # never more often than SNAPSHOT_COST_FACTOR times its own cost (so snapshots take at
 # most 1/20 of the agent's time: about every 20 s at 1000 peers, benchmarks/README.md).
@@ -398,6 +398,10 @@ class AgentMetrics:
             "received": Counter("vppmesh_channel_messages_received", "Authenticated "
                                 "messages received from peers' agents.",
                                 registry=self.registry),
+            "nat_keepalives": Counter("vppmesh_channel_nat_keepalives", "RFC 3948 NAT "
+                                      "keepalives sent from VPP's UDP 4500 (a node behind "
+                                      "NAT: one per tunnel every 20 s).",
+                                      registry=self.registry),
         }
         self.channel_dropped = Counter(
             "vppmesh_channel_dropped", "Channel datagrams dropped (and otherwise ignored), "

@@ -26,7 +26,14 @@ from vppmesh.keys import load_secrets, spi_for
 from vppmesh.ledger import KeyLedger
 from vppmesh.plan import HostOptions, drop_routes, plan_by_peer
 from vppmesh.reconcile import Change, Reconciler, gc_paused, reconcile
-from vppmesh.secrecy import KeyBook, PairSecrecy, Secrecy, pair_secrecy
+from vppmesh.secrecy import (
+    KeyBook,
+    PairSecrecy,
+    Secrecy,
+    pair_secrecy,
+    ported_view,
+    saved_ports,
+)
 from vppmesh.state import DesiredState, find_sa
 from vppmesh.teardown import teardown
 from vppmesh.underlay import encapsulation
@@ -209,8 +216,8 @@ def observe_keys(api: VppApi, view: LocalView, state: GenerationState, ledger: K
             and sa.spec.key.get_secret_value() == key.key.get_secret_value()
             for t, (sa, key) in enumerate(zip(out, expected, strict=True)))
         reencapsulate = installed and any(
-            sa is not None and encapsulation(sa.spec) != peer.path.encapsulation
-            for sa in out)
+            sa is not None and encapsulation(sa.spec) != peer.path.encapsulation(t)
+            for t, sa in enumerate(out))
         active = frozenset(
             g for g in pg.window for t in range(count)
             if (sa := find_sa(sas, "in", number, t, g)) is not None
@@ -272,6 +279,9 @@ def up(options: NodeOptions, *, dry_run: bool = False, api: VppApi | None = None
                 uplink = bvi or uplink
             state = store.load()
             before = state.model_dump()
+            # Towards peers behind NAT: the ports their NATs map to, as learned.
+            view = secrecy.learned_view(view, state) if secrecy is not None else \
+                ported_view(view, saved_ports(view, state))
             if rekey:
                 epochs.request_rekey(state)
             book = secrecy.book if secrecy is not None else KeyBook()

@@ -192,7 +192,7 @@ def peer_objects(view: LocalView, peer: PeerView, workers: int, out_epoch: int,
             sa_id=sa_out, spi=spi_for(local.node_number, index, out_epoch),
             key=outbound.key, salt=outbound.salt,
             anti_replay_window=settings.anti_replay_window, worker=worker,
-            udp_encap=pair.udp_encap, udp_dst_port=pair.udp_dst_port,
+            udp_encap=pair.udp_encap, udp_dst_port=pair.dst_port(index),
         ))
         src, dst = pair.endpoints[index]
         tunnels.append(TunnelSpec(

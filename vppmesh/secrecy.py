@@ -19,6 +19,17 @@ restarts without its book adopts the keys VPP holds for generations its generati
 marks as agreed (`ephemeral_out`, `ephemeral_in`), so a restarted agent changes nothing
 in VPP; a generation neither the agent nor VPP holds is never installed with its static
 key: outbound it counts as used (the scheduler steps past it), inbound it is left out.
+
+NAT. Towards a peer whose pair runs ESP in UDP the channel shares the ESP flow of tunnel
+0 (UDP 4500, behind the non-ESP marker: channel/transport.py), so it crosses the peer's
+NAT on the ESP's own mapping; a node behind NAT probes each other tunnel's flow
+(FlowProbe). Where the peer's authenticated datagrams come from is where its NAT maps
+that tunnel's ESP: a port other than its record's `nat.port` (a NAT that changes the
+source port) is learned, and `learned_view` gives the runs a view whose path to that
+peer sends there; the outbound SAs follow through a new key generation (the scheduler's
+"UDP encapsulation changed"). A node behind NAT sends RFC 3948 keepalives on every
+tunnel's flow every NAT_KEEPALIVE_INTERVAL, so a dynamic NAT keeps the mappings while
+the pair is idle.
 """
 
 from __future__ import annotations
@@ -29,8 +40,9 @@ import os
 import select
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from types import MappingProxyType
 from typing import TYPE_CHECKING
 
 from vppmesh.channel import session as s
@@ -40,12 +52,14 @@ from vppmesh.epochs import GenerationState, PeerGenerations, PeerSaid
 from vppmesh.errors import VppMeshError
 from vppmesh.keys import SaKey, derive_sa_key_ephemeral, spi_for
 from vppmesh.state import sa_id_for
-from vppmesh.view import AgreedKeys
+from vppmesh.underlay import NAT_T_PORT
+from vppmesh.view import AgreedKeys, PeerView
 from vppmesh.vpp import punt
 
 if TYPE_CHECKING:
-    from vppmesh.view import LocalView, PeerView
-    from vppmesh.vpp.client import VppApi
+    from vppmesh.channel.messages import Address
+    from vppmesh.view import LocalView
+    from vppmesh.vpp.client import Request, VppApi
     from vppmesh.vpp.ipsec import SaDetails
 
 log = logging.getLogger("vppmesh")
@@ -57,6 +71,9 @@ CHANNEL_SOCKET = "vppmesh-channel.sock"
 DGRAM_QUEUE = 4096
 DGRAM_QLEN = Path("/proc/sys/net/unix/max_dgram_qlen")
 Direction = tuple[int, bool, int]  # (peer node number, outbound, generation)
+# RFC 3948's keepalive period: below the 30 s in which Linux's conntrack forgets a UDP
+# flow that saw no reply (most home routers keep theirs longer).
+NAT_KEEPALIVE_INTERVAL = 20.0
 
 
 @dataclass
@@ -238,6 +255,18 @@ class Secrecy:
         self._asked: dict[int, frozenset[int]] = {}  # lost inbound generations, asked for
         self._outbox: list[s.Output] = []
         self.unavailable: str | None = None  # why there is no channel (told once)
+        # NAT: per peer behind one, where its record says its ESP arrives (address and
+        # port) and, per tunnel, the port its authenticated datagrams came from instead;
+        # the keepalive flows of this node's tunnels when it is behind NAT.
+        self._reach: dict[int, tuple[str, int]] = {}
+        self._names: dict[int, str] = {}
+        self._tunnels = 1
+        self.learned: dict[int, dict[int, int]] = {}  # peer -> {tunnel: port}
+        self._adopted: set[int] = set()  # peers whose saved port was looked at
+        self._adjusted: dict[int, tuple[PeerView, tuple[int, ...], PeerView]] = {}
+        self._learned_view: tuple[LocalView, dict[int, tuple[int, ...]], LocalView] | None = None
+        self._keepalive_flows: list[tuple[int, int, Address, Address]] = []
+        self._next_keepalive = float("-inf")
 
     @property
     def channel(self) -> s.Channel | None:
@@ -259,7 +288,8 @@ class Secrecy:
             boot_id = self._boot_id(vpp_pid, fresh=restarted)
             try:
                 replies = api.call_many([punt.register(PORT, False, self.socket_path),
-                                         punt.register(PORT, True, self.socket_path)])
+                                         punt.register(PORT, True, self.socket_path),
+                                         *self._esp_flow_registrations(api)])
             except VppMeshError as exc:
                 if self.unavailable is None:
                     log.warning("no channel between agents (keys stay on the static "
@@ -284,6 +314,17 @@ class Secrecy:
                 log.info("VPP restarted: telling every peer's agent")
                 self.endpoint.emit(self.endpoint.channel.restarted(self.clock(), boot_id))
         self.follow(view)
+
+    def _esp_flow_registrations(self, api: VppApi) -> list[Request]:
+        """Punt what arrives on UDP 4500 with SPI 0 (the channel on the ESP flow) to
+        the agent, where VPP knows those reasons."""
+        reasons = punt.reason_ids(api)
+        missing = [n for n in punt.SPI_UDP_0.values() if n not in reasons]
+        if missing:
+            log.warning("VPP has no punt reason %s: the channel does not cross NATs on "
+                        "the ESP flow (no port learning)", ", ".join(missing))
+        return [punt.register_exception(reasons[n], n, self.socket_path)
+                for n in punt.SPI_UDP_0.values() if n in reasons]
 
     def _boot_id(self, vpp_pid: int, *, fresh: bool) -> int:
         """The id peers know this node's VPP by: new for a VPP this agent saw start,
@@ -315,9 +356,12 @@ class Secrecy:
         endpoint.local = {version: (address, PORT)
                           for version, address in local_addresses(view).items()}
         configs = {p.node.node_number: s.PeerConfig(
-            p.node.node_number, p.node.public_key_bytes, (str(p.path.endpoints[0][1]), PORT))
+            p.node.node_number, p.node.public_key_bytes, channel_address(p))
             for p in view.peers}
         endpoint.channel.set_peers(configs.values())
+        endpoint.esp_flow = frozenset(str(p.path.endpoints[0][1]) for p in view.peers
+                                      if p.path.udp_encap)
+        self._follow_nat(view)
         # A peer that left, or whose record changed, starts afresh on both ends.
         for number in [n for n, c in self._configs.items() if configs.get(n) != c]:
             self._heard.pop(number, None)
@@ -327,6 +371,23 @@ class Secrecy:
             if number not in configs:
                 self.book.forget(number)
         self._configs = configs
+
+    def _follow_nat(self, view: LocalView) -> None:
+        """Where peers behind NAT are reached (a learned port of an address that moved
+        is forgotten), and this node's keepalive flows."""
+        reach = {p.node.node_number: channel_address(p) for p in view.peers
+                 if p.path.udp_encap and p.node.nat is not None}
+        for number in list(self.learned):
+            if reach.get(number) != self._reach.get(number):
+                del self.learned[number]
+        self._reach = reach
+        self._tunnels = view.settings.tunnels_per_peer
+        self._names = {p.node.node_number: p.name for p in view.peers
+                       if p.node.node_number in reach}
+        self._keepalive_flows = [
+            (p.node.node_number, t, (str(src), NAT_T_PORT), (str(dst), p.path.udp_dst_port))
+            for p in view.peers if p.path.udp_encap and view.node.nat is not None
+            for t, (src, dst) in enumerate(p.path.endpoints)]
 
     def close(self) -> None:
         if self.endpoint is not None:
@@ -350,6 +411,7 @@ class Secrecy:
         now = self.clock()
         events = endpoint.receive(now) if receive else []
         events += endpoint.tick(now)
+        self.keepalives(now)
         wanted = False
         for event in events:
             wanted |= self._event(now, event)
@@ -372,8 +434,82 @@ class Secrecy:
                 self._heard.setdefault(peer, _Heard()).restarted = True
                 return True
             case s.HandshakeComplete():
+                if self._keepalive_flows:  # probes of the other tunnels' flows now
+                    self._next_keepalive = min(self._next_keepalive, now)
                 return True  # a pair on static keys moves to agreed ones
-        return False  # endpoint moves: the channel follows them itself
+            case s.EndpointChanged(peer=peer, endpoint=(host, port)):
+                return self.learn(peer, host, port)
+            case s.FlowSeen(peer=peer, tunnel=tunnel, source=(host, port)):
+                return self.learn(peer, host, port, tunnel)
+        return False
+
+    # ---- NAT ---------------------------------------------------------------------------
+    def learn(self, peer: int, host: str, port: int, tunnel: int = 0) -> bool:
+        """The peer's authenticated datagrams on tunnel `tunnel`'s flow (tunnel 0: the
+        channel's) now come from (host, port): behind NAT, that tunnel's ESP must go
+        there too. True when the SAs towards it must change."""
+        reach = self._reach.get(peer)
+        if reach is None or reach[0] != host or not 0 <= tunnel < self._tunnels:
+            return False  # not behind NAT, or not its public address: the SAs stay
+        ports = self.learned.setdefault(peer, {})
+        before = ports.get(tunnel)
+        if port == reach[1]:
+            ports.pop(tunnel, None)
+        else:
+            ports[tunnel] = port
+        if not ports:
+            del self.learned[peer]
+        if ports.get(tunnel) == before:
+            return False
+        name = self._names.get(peer, peer)
+        which = f" (tunnel {tunnel})" if self._tunnels > 1 else ""
+        log.info("peer %s: its NAT maps its ESP in UDP%s to %s port %d: the outbound SAs "
+                 "follow", name, which, host, port)
+        return True
+
+    def ports(self) -> dict[int, tuple[int, ...]]:
+        """Per peer with a learned port, the ports of all its tunnels (the record's where
+        none was learned)."""
+        return {peer: tuple(learned.get(t, self._reach[peer][1]) for t in range(self._tunnels))
+                for peer, learned in self.learned.items()}
+
+    def learned_view(self, view: LocalView, state: GenerationState) -> LocalView:
+        """`view` with the learned ports (ported_view; the same object while they are
+        unchanged, so plan() keeps its cache). Ports an earlier agent learned (the
+        generation file's `nat_ports`) are taken once, and the channel sent there."""
+        for number, saved in saved_ports(view, state).items():
+            if number in self._adopted or number not in self._reach:
+                continue
+            self._adopted.add(number)
+            host, port = self._reach[number]
+            if number not in self.learned:
+                self.learned[number] = {t: p for t, p in enumerate(saved) if p != port}
+                if self.channel is not None and number in self.channel.peers():
+                    self.channel.reach(number, (host, saved[0]))
+        if not self.learned:
+            return view
+        ports = self.ports()
+        cached = self._learned_view
+        if cached is not None and cached[0] is view and cached[1] == ports:
+            return cached[2]
+        adjusted = ported_view(view, ports, self._adjusted)
+        self._learned_view = (view, ports, adjusted)
+        return adjusted
+
+    def keepalives(self, now: float) -> None:
+        """Behind NAT: an RFC 3948 keepalive on every tunnel's flow when one is due."""
+        endpoint = self.endpoint
+        if endpoint is None or not self._keepalive_flows or now < self._next_keepalive:
+            return
+        self._next_keepalive = now + NAT_KEEPALIVE_INTERVAL
+        channel = endpoint.channel
+        for peer, tunnel, source, (host, port) in self._keepalive_flows:
+            port = self.learned.get(peer, {}).get(tunnel, port)
+            endpoint.transport.keepalive(source, (host, port))
+            if tunnel and peer in channel.peers():  # the peer learns this flow's mapping
+                probe = channel.probe(now, peer, tunnel)
+                if probe is not None:
+                    endpoint.transport.send(source, (host, port), probe)
 
     # ---- what a run uses -------------------------------------------------------------
     def said(self, view: LocalView) -> dict[str, PeerSaid]:
@@ -428,6 +564,7 @@ class Secrecy:
             pg = state.peers.get(peer.name)
             if pg is None:
                 continue
+            pg.nat_ports = list(self.ports().get(number, ()))
             agreed_in = [g for g in installed.get(peer.name, ())
                          if self.book.keys(number, False, g) is not None]
             pg.ephemeral_in = sorted(set(agreed_in) | set(pg.ephemeral_in))
@@ -481,6 +618,7 @@ class Secrecy:
         found["sent_datagrams"] = endpoint.transport.sent
         found["received_datagrams"] = endpoint.transport.received
         found["send_errors"] = endpoint.transport.send_errors
+        found["nat_keepalives"] = endpoint.transport.keepalives
         return found
 
     def established(self, view: LocalView) -> set[str]:
@@ -489,6 +627,53 @@ class Secrecy:
         if channel is None:
             return set()
         return {p.name for p in view.peers if self._live(channel, p.node.node_number)}
+
+
+def saved_ports(view: LocalView, state: GenerationState) -> dict[int, tuple[int, ...]]:
+    """Per peer behind NAT (node number), the ports its NAT maps its tunnels' ESP to as
+    an agent learned them (the generation file's `nat_ports`): a one-shot `up` sends
+    there too."""
+    count = view.settings.tunnels_per_peer
+    found = {}
+    for peer in view.peers:
+        pg = state.peers.get(peer.name)
+        if peer.path.udp_encap and peer.node.nat is not None and pg is not None and \
+                len(pg.nat_ports) == count:
+            found[peer.node.node_number] = tuple(pg.nat_ports)
+    return found
+
+
+def ported_view(view: LocalView, ports: Mapping[int, tuple[int, ...]],
+                known: dict[int, tuple[PeerView, tuple[int, ...], PeerView]] | None = None,
+                ) -> LocalView:
+    """`view` whose path to each peer in `ports` (node number -> port per tunnel) sends
+    its ESP in UDP to those ports; `known` keeps the peer views made before (plan()
+    caches on them)."""
+    if not ports:
+        return view
+    known = known if known is not None else {}
+    peers = []
+    for peer in view.peers:
+        number = peer.node.node_number
+        wanted = ports.get(number)
+        if wanted is None or not peer.path.udp_encap:
+            peers.append(peer)
+            continue
+        made = known.get(number)
+        if made is None or made[0] is not peer or made[1] != wanted:
+            made = (peer, wanted, PeerView(node=peer.node, secret=peer.secret,
+                                           path=replace(peer.path, udp_dst_ports=wanted)))
+            known[number] = made
+        peers.append(made[2])
+    return replace(view, peers=tuple(peers),
+                   by_name=MappingProxyType({p.name: p for p in peers}))
+
+
+def channel_address(peer: PeerView) -> tuple[str, int]:
+    """Where the channel reaches `peer` first: the ESP flow's address and port when the
+    pair runs ESP in UDP, else the channel's own port."""
+    host = str(peer.path.endpoints[0][1])
+    return (host, peer.path.udp_dst_port) if peer.path.udp_encap else (host, PORT)
 
 
 def local_addresses(view: LocalView) -> dict[int, str]:

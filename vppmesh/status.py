@@ -113,6 +113,13 @@ def key_secrecy(state_dir: Path, node: str, peers: Iterable[str]) -> dict[str, P
             for name in names}
 
 
+def nat_ports(state_dir: Path, node: str) -> dict[str, tuple[int, ...]]:
+    """Per peer behind a NAT that maps its ESP to other ports than its record says, the
+    ports per tunnel the agent learned (the generation file's `nat_ports`)."""
+    state = GenerationStore(state_dir, node).load()
+    return {name: tuple(pg.nat_ports) for name, pg in state.peers.items() if pg.nat_ports}
+
+
 def keys_kind(pair: PairSecrecy) -> str:
     """`ephemeral` (agreed both ways: forward secret), `static`, or each way apart."""
     out, inbound = ("ephemeral" if agreed else "static"

@@ -48,19 +48,26 @@ class PairPath:
     udp_encap: bool
     # Destination port of our ESP-in-UDP packets: the peer's NAT's forwarded port.
     udp_dst_port: int
+    # Per tunnel, where the peer's NAT maps that tunnel's flow, when an agent learned it
+    # (secrecy.py: a NAT that changes the source port); empty: udp_dst_port for all.
+    udp_dst_ports: tuple[int, ...] = ()
 
     @property
     def overhead(self) -> int:
         return max_overhead(ipv6_underlay=self.family == 6, udp_encap=self.udp_encap)
 
-    @property
-    def encapsulation(self) -> tuple[bool, int | None]:
-        """How our outbound SAs must send: (ESP in UDP, destination port if so)."""
-        return self.udp_encap, self.udp_dst_port if self.udp_encap else None
+    def dst_port(self, tunnel: int) -> int:
+        """Where tunnel `tunnel`'s ESP in UDP goes."""
+        ports = self.udp_dst_ports
+        return ports[tunnel] if tunnel < len(ports) else self.udp_dst_port
+
+    def encapsulation(self, tunnel: int) -> tuple[bool, int | None]:
+        """How our outbound SAs of `tunnel` must send: (ESP in UDP, destination port if so)."""
+        return self.udp_encap, self.dst_port(tunnel) if self.udp_encap else None
 
 
 def encapsulation(sa: SaSpec) -> tuple[bool, int | None]:
-    """How an outbound SA sends, comparable with PairPath.encapsulation."""
+    """How an outbound SA sends, comparable with PairPath.encapsulation()."""
     return sa.udp_encap, sa.udp_dst_port if sa.udp_encap else None
 
 

@@ -25,6 +25,7 @@ import socket
 import subprocess
 import time
 from collections.abc import Iterable, Mapping
+from dataclasses import replace
 from pathlib import Path
 
 import dpkt
@@ -141,7 +142,8 @@ class Structure(BaseModel):
         return sorted({i for v in (*self.sa_out.values(), *self.sa_in.values()) for i in v})
 
 
-def check_structure(api: VppApi, mesh: Mesh, local: Node) -> Structure:
+def check_structure(api: VppApi, mesh: Mesh, local: Node,
+                    nat_ports: Mapping[str, tuple[int, ...]] | None = None) -> Structure:
     """Per peer, what VPP holds against what the mesh file says it must hold."""
     ifaces = {i.sw_if_index: i for i in interfaces.dump_interfaces(api)}
     tunnels = {t.instance: t for t in ipip.dump_tunnels(api)
@@ -162,6 +164,8 @@ def check_structure(api: VppApi, mesh: Mesh, local: Node) -> Structure:
         out_idx: list[int] = []
         in_idx: list[int] = []
         pair = path(local, peer, count)
+        if nat_ports and peer.name in nat_ports and pair.udp_encap:
+            pair = replace(pair, udp_dst_ports=nat_ports[peer.name])  # where its NAT maps
         for index in range(count):
             where = f"tunnel {index}"
             t = tunnels.get(tunnel_instance(peer.node_number, index))
@@ -184,7 +188,8 @@ def check_structure(api: VppApi, mesh: Mesh, local: Node) -> Structure:
                 continue
             sa_out, sa_ins = protection
             issue = _sa_issue(sas.get(sa_out), "out", local.node_number, index)
-            issue = issue or _encapsulation_issue(sas.get(sa_out), pair.encapsulation)
+            issue = issue or _encapsulation_issue(sas.get(sa_out),
+                                                  pair.encapsulation(index))
             issue = issue or next((i for i in (_sa_issue(sas.get(s), "in", peer.node_number,
                                                          index)
                                                for s in sa_ins) if i), None)
@@ -382,11 +387,13 @@ class Probes:
 def verify(api: VppApi, mesh: Mesh, node: str, *, stats_socket: Path | None,
            seconds: float = 3.0, capture: bool = False, probes: bool = True,
            max_packets: int = 20000, secrecy: Mapping[str, PairSecrecy] | None = None,
-           require_forward_secrecy: bool = False) -> VerifyReport:
+           require_forward_secrecy: bool = False,
+           nat_ports: Mapping[str, tuple[int, ...]] | None = None) -> VerifyReport:
     """The report; `secrecy` (status.key_secrecy) gives each pair's key kind, which
-    `require_forward_secrecy` demands be ephemeral both ways."""
+    `require_forward_secrecy` demands be ephemeral both ways; `nat_ports` (status.nat_ports)
+    the ports the agent learned that peers' NATs map their ESP to."""
     local = mesh.node(node)
-    structure = check_structure(api, mesh, local)
+    structure = check_structure(api, mesh, local, nat_ports)
     peers = structure.peers
     for peer in peers:
         peer.secrecy = secrecy.get(peer.name) if secrecy is not None else None

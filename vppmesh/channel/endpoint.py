@@ -13,6 +13,7 @@ from collections import Counter
 from vppmesh.channel.messages import Drop, Message
 from vppmesh.channel.session import Channel, Event, Output
 from vppmesh.channel.transport import PuntTransport
+from vppmesh.underlay import NAT_T_PORT
 
 # The channel's UDP port on every node's VPP: next to ESP in UDP's 4500, unassigned.
 PORT = 4501
@@ -25,6 +26,9 @@ class ChannelEndpoint:
                  local: dict[int, str], port: int = PORT) -> None:
         self.channel, self.transport, self.port = channel, transport, port
         self.local = {version: (address, port) for version, address in local.items()}
+        # Peer addresses whose pair runs ESP in UDP: the channel shares the ESP flow there
+        # (from UDP 4500, behind the non-ESP marker: transport.py).
+        self.esp_flow: frozenset[str] = frozenset()
 
     def fileno(self) -> int:
         return self.transport.fileno()
@@ -49,6 +53,8 @@ class ChannelEndpoint:
             if source is None:
                 self.channel.stats["no_local_address"] += 1
                 continue
+            if destination[0] in self.esp_flow:
+                source = (source[0], NAT_T_PORT)
             self.transport.send(source, destination, data)
         return out.events
 

@@ -46,6 +46,7 @@ class Kind(IntEnum):
     KEEPALIVE = 7
     OBSERVED_ADDRESS = 8
     SENDING_ON = 9
+    FLOW_PROBE = 10
 
 
 class Drop(StrEnum):
@@ -126,8 +127,16 @@ class ObservedAddress:
     port: int
 
 
+@dataclass(frozen=True)
+class FlowProbe:
+    """Sent by a node behind NAT on the ESP flow of tunnel `tunnel` (not the channel's
+    own, tunnel 0's): where it arrives from is where that tunnel's ESP must go."""
+
+    tunnel: int
+
+
 Message = (Hello | KeyInit | KeyResponse | SasInstalled | WindowSlid | SendingOn | Restarted
-           | Keepalive | ObservedAddress)
+           | Keepalive | ObservedAddress | FlowProbe)
 
 _U32 = struct.Struct(">I")
 _U64 = struct.Struct(">Q")
@@ -144,6 +153,7 @@ _BODY_SIZES: dict[Kind, tuple[int, ...]] = {
     Kind.SAS_INSTALLED: (_U32.size,),
     Kind.WINDOW_SLID: (_U32.size,),
     Kind.SENDING_ON: (_U32.size,),
+    Kind.FLOW_PROBE: (_U32.size,),
     Kind.RESTARTED: (_U64.size,),
     Kind.KEEPALIVE: (0,),
     Kind.OBSERVED_ADDRESS: (_V4.size, _V6.size),
@@ -168,6 +178,8 @@ def encode(message: Message) -> bytes:
             return bytes([Kind.SENDING_ON]) + _U32.pack(g)
         case Keepalive():
             return bytes([Kind.KEEPALIVE])
+        case FlowProbe(tunnel=tunnel):
+            return bytes([Kind.FLOW_PROBE]) + _U32.pack(tunnel)
         case ObservedAddress(address=address, port=port):
             layout, family = (_V4, FAMILY_V4) if address.version == 4 else (_V6, FAMILY_V6)
             return bytes([Kind.OBSERVED_ADDRESS]) + layout.pack(family, address.packed, port)
@@ -198,6 +210,8 @@ def decode(data: bytes) -> Message | Drop:
         return _STATES[kind](generation)
     if kind is Kind.KEEPALIVE:
         return Keepalive()
+    if kind is Kind.FLOW_PROBE:
+        return FlowProbe(_U32.unpack(body)[0])
     layout, family = (_V4, FAMILY_V4) if len(body) == _V4.size else (_V6, FAMILY_V6)
     got_family, packed, port = layout.unpack(body)
     if got_family != family or port == 0:

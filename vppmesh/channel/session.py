@@ -124,8 +124,18 @@ class PeerObserved:
     endpoint: Address
 
 
+@dataclass(frozen=True)
+class FlowSeen:
+    """The peer's probe of its tunnel `tunnel` came from `source` (that flow's mapping at
+    its NAT); the channel itself stays where it is."""
+
+    peer: int
+    tunnel: int
+    source: Address
+
+
 Event = (HandshakeComplete | GenerationKeyed | PeerAcked | PeerRestarted | EndpointChanged
-         | PeerObserved)
+         | PeerObserved | FlowSeen)
 
 
 @dataclass
@@ -267,6 +277,23 @@ class Channel:
     def held_private_keys(self) -> int:
         """Ephemeral private keys of generations this node holds (awaiting an answer)."""
         return sum(len(p.offers) for p in self._peers.values())
+
+    def probe(self, now: float, peer: int, tunnel: int) -> bytes | None:
+        """A FlowProbe for the peer, to be sent on tunnel `tunnel`'s flow (None: no
+        session yet)."""
+        state = self._peers[peer]
+        session = self._usable(state, now)
+        if session is None:
+            return None
+        ((_, datagram),) = self._transmit(now, state, session, m.FlowProbe(tunnel)).datagrams
+        return datagram
+
+    def reach(self, peer: int, endpoint: Address) -> None:
+        """Send to `endpoint` until the peer is heard from (a NAT mapping learned by an
+        earlier agent); a live session keeps following the peer itself."""
+        state = self._peers[peer]
+        if state.current is None:
+            state.endpoint = endpoint
 
     def set_peers(self, peers: Iterable[PeerConfig]) -> None:
         """Follow the mesh: a peer whose record is unchanged keeps its sessions and
@@ -419,10 +446,12 @@ class Channel:
         if init.timestamp <= state.last_timestamp:
             return self._drop(m.Drop.REPLAY)
         if state.pending is not None and state.attempts <= 1 and \
-                self.node_number < state.config.node_number:
+                self.node_number < state.config.node_number and source == state.endpoint:
             # Both initiated at once: the lower node number's stands. Only while our first
-            # attempt is under way: once it went unanswered (the peer sits behind a NAT
-            # that only lets its own datagrams out, say), the peer's handshake is taken.
+            # attempt is under way (once it went unanswered, the peer sitting behind a NAT
+            # that only lets its own datagrams out, say, the peer's is taken), and only if
+            # the peer's came from where ours went (else a NAT chose another port: ours
+            # is lost, and neither would ever complete).
             self.stats["collisions"] += 1
             return Output()
         if not self._dh_allowed(now, source):
@@ -505,6 +534,8 @@ class Channel:
         if isinstance(message, m.Drop):
             return self._drop(message)
         self.stats["received"] += 1
+        if isinstance(message, m.FlowProbe):  # another flow than the channel's: no move
+            return Output(events=[FlowSeen(state.config.node_number, message.tunnel, source)])
         moved = self._move(state, source)
         out = self._handle(now, state, session, message)
         return out.extend(self._moved(now, state) if moved else Output())

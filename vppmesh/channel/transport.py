@@ -11,6 +11,14 @@ own (locally originated: no TTL decrement, no checksum offload, so this module f
 in the IP and UDP checksums). The source address is VPP's node address, whether or not
 the host owns it.
 
+Towards a peer whose pair runs ESP in UDP, the channel shares the ESP flow's ports
+(4500 to the peer's 4500, or to the port its NAT maps): each datagram starts with RFC
+3948's non-ESP marker (four zero bytes, where ESP has its SPI), which makes the peer's
+VPP punt it to its agent instead of decrypting it (vppmesh/vpp/punt.py). So the channel
+crosses a NAT on exactly the mapping the ESP uses, and what the peer sees as its source
+is where the ESP must go. On that flow the agent also sends RFC 3948 NAT keepalives
+(one byte, 0xFF), which the peer's VPP drops and counts.
+
 Everything a peer or an attacker controls is parsed without raising: a packet that is
 not IPv4/IPv6 UDP is counted as malformed, one longer than any channel datagram as
 oversized (the socket reads only a little more than that), and never reaches the
@@ -28,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vppmesh.channel.messages import MAX_DATAGRAM, Address, Drop
+from vppmesh.underlay import NAT_T_PORT
 
 PACKETDESC = struct.Struct("=Ii")  # sw_if_index, enum punt_action_e (host order, packed)
 PUNT_L2, PUNT_IP4_ROUTED, PUNT_IP6_ROUTED = 0, 1, 2
@@ -37,9 +46,12 @@ IPV6 = struct.Struct("!IHBB16s16s")
 UDP = struct.Struct("!HHHH")
 PROTO_UDP = 17
 TTL = 64
+NON_ESP_MARKER = bytes(4)  # RFC 3948: SPI 0 says "not ESP" on UDP 4500
+NAT_KEEPALIVE = b"\xff"  # RFC 3948 section 2.3
 # Read a little more than the largest channel datagram: anything longer is oversized,
 # and the kernel's truncation flag says so without copying it.
-READ_BYTES = PACKETDESC.size + L2_HEADER + IPV6.size + UDP.size + MAX_DATAGRAM + 1
+READ_BYTES = (PACKETDESC.size + L2_HEADER + IPV6.size + UDP.size + len(NON_ESP_MARKER)
+              + MAX_DATAGRAM + 1)
 # Room for a burst of hostile datagrams while the agent is busy (SO_RCVBUFFORCE as root).
 RECEIVE_BUFFER = 4 << 20
 SO_RCVBUFFORCE = 33  # Linux's; Python's socket module does not name it
@@ -134,6 +146,10 @@ def parse_punted(data: bytes) -> Punted | Drop:
     if udp_length < UDP.size or udp_at + udp_length > end:
         return Drop.MALFORMED
     payload = data[udp_at + UDP.size:udp_at + udp_length]
+    if dport == NAT_T_PORT:  # on the ESP flow (punted as SPI 0): the marker, then ours
+        if payload[:len(NON_ESP_MARKER)] != NON_ESP_MARKER:
+            return Drop.MALFORMED
+        payload = payload[len(NON_ESP_MARKER):]
     if len(payload) > MAX_DATAGRAM:
         return Drop.OVERSIZED
     return Punted(sw_if_index, (str(source_ip), sport), (str(destination_ip), dport), payload)
@@ -153,6 +169,7 @@ class PuntTransport:
         self.received = 0
         self.sent = 0
         self.send_errors = 0
+        self.keepalives = 0
         client_path.unlink(missing_ok=True)  # a socket file left by an earlier agent
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         try:
@@ -191,14 +208,26 @@ class PuntTransport:
         return found
 
     def send(self, source: Address, destination: Address, payload: bytes) -> None:
-        """Have VPP send `payload` from `source` (its own address and the channel's port)."""
+        """Have VPP send `payload` from `source` (its own address and the channel's port;
+        from UDP 4500, behind the non-ESP marker)."""
+        if source[1] == NAT_T_PORT:
+            payload = NON_ESP_MARKER + payload
+        if self._write(source, destination, payload):
+            self.sent += 1
+
+    def keepalive(self, source: Address, destination: Address) -> None:
+        """An RFC 3948 NAT keepalive from `source` (VPP's address, UDP 4500)."""
+        if self._write(source, destination, NAT_KEEPALIVE):
+            self.keepalives += 1
+
+    def _write(self, source: Address, destination: Address, payload: bytes) -> bool:
         try:
             self.sock.sendto(build_routed(source, destination, payload, self.sw_if_index),
                              str(self.vpp_path))
         except OSError:  # VPP gone (restarting) or its socket full: the channel retries
             self.send_errors += 1
-            return
-        self.sent += 1
+            return False
+        return True
 
     def close(self) -> None:
         self.sock.close()

@@ -44,8 +44,9 @@ def testbed_up(
         help="ipv4, ipv6, or mixed (node 1 IPv4, node 2 both, the others IPv6 first): "
         "the family of the nodes' underlay addresses.")] = "ipv4",
     nat: Annotated[str, typer.Option(
-        help="none, static or masquerade: put the last node behind a NAT router "
-        "(static: UDP port 14500 forwarded to its 4500; masquerade: outgoing only).")
+        help="none, static, masquerade or masquerade-random: put the last node behind a "
+        "NAT router (static: UDP port 14500 forwarded to its 4500; masquerade: outgoing "
+        "only; masquerade-random: outgoing only, to a random port in 20000-30000).")
     ] = "none",
     attachment: Annotated[str, typer.Option(
         help="Host link and pods: af_packet, tap (needs /dev/vhost-net) or auto (tap where "

@@ -349,7 +349,7 @@ def verify(
     """Prove that this node's mesh traffic is encrypted: tunnels, SA counters, capture;
     and report whether each pair's keys are forward secret."""
     from vppmesh.config import load_mesh
-    from vppmesh.status import key_secrecy
+    from vppmesh.status import key_secrecy, nat_ports
     from vppmesh.verify import render
     from vppmesh.verify import verify as run_verify
 
@@ -361,7 +361,8 @@ def verify(
                                 stats_socket=stats_path(api_socket, stats_socket),
                                 seconds=seconds, capture=capture, probes=probes,
                                 secrecy=secrecy,
-                                require_forward_secrecy=require_forward_secrecy)
+                                require_forward_secrecy=require_forward_secrecy,
+                                nat_ports=nat_ports(state_dir, node))
     except VppMeshError as exc:
         raise fail(str(exc)) from None
     if as_json:

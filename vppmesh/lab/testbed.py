@@ -13,7 +13,9 @@ documentation ranges and stays on this machine.
 With `nat`, the last node sits behind a NAT router (namespace `<prefix>nat`, nftables):
 its uplink is on an inside network and the router's outside address on the underlay is
 the node's public address. `static` forwards a UDP port (14500) to the node's 4500 and
-maps the node's 4500 back to it; `masquerade` only rewrites the node's outgoing packets.
+maps the node's 4500 back to it; `masquerade` only rewrites the node's outgoing packets;
+`masquerade-random` does too, to a random port in NAT_RANDOM_PORTS (never the 4500 the
+node's record names), as a NAT that randomises ports or shares its address does.
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ NAT_INSIDE_NET = ipaddress.IPv4Network("198.51.100.0/24")
 NAT_INSIDE_GATEWAY = ipaddress.IPv4Interface("198.51.100.1/24")
 NAT_OUTSIDE = ipaddress.IPv4Interface("192.0.2.250/24")
 NAT_STATIC_PORT = 14500
+NAT_RANDOM_PORTS = (20000, 30000)  # masquerade-random: where the NAT maps each flow
 POD_SUPERNET = ipaddress.IPv4Network("198.18.0.0/16")  # RFC 2544 benchmarking range
 UPLINK_IFNAME = "eth0"
 UNDERLAY_MTU = 1500
@@ -85,7 +88,7 @@ class TestbedSpec(BaseModel):
     # mixed: node 1 IPv4 only, node 2 IPv4 and IPv6, the others IPv6 and IPv4 (IPv6
     # primary): pairs with node 1 use IPv4, the others IPv6.
     underlay_family: Literal["ipv4", "ipv6", "mixed"] = "ipv4"
-    nat: Literal["none", "static", "masquerade"] = Field(
+    nat: Literal["none", "static", "masquerade", "masquerade-random"] = Field(
         default="none", description="Put the last node behind a NAT router (IPv4 only).")
     # How the host link and the pods join their node's VPP: af_packet on veths (works
     # everywhere), tap v2 (needs /dev/vhost-net: a VM guest, see docs/vm.md) or auto.
@@ -463,10 +466,15 @@ def nat_ruleset(mode: str, inside: object, public_port: int) -> str:
     they never clash), as a port forward on a home or branch router does; `masquerade`
     lets the kernel
     pick the outside port (4500 while it is free) and accepts from outside only what
-    answers a flow the node started.
+    answers a flow the node started; `masquerade-random` picks it at random from
+    NAT_RANDOM_PORTS for each flow.
     """
     forward = ""
     snat = ""
+    low, high = NAT_RANDOM_PORTS
+    if mode == "masquerade-random":  # UDP only: a port range needs a transport match
+        snat = (f'    oifname "out0" meta l4proto udp masquerade to :{low}-{high} '
+                "random\n")
     if mode == "static":
         forward = (f'    iifname "out0" udp dport {public_port} '
                    f"dnat to {inside}:4500\n")

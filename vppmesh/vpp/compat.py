@@ -115,6 +115,8 @@ CRCS: dict[str, str] = {
     "pcap_trace_off_reply": "0xe8d4e804",
     "pcap_trace_on": "0xcb39e968",
     "pcap_trace_on_reply": "0xe8d4e804",
+    "punt_reason_details": "0x2c9d4a40",
+    "punt_reason_dump": "0x5c0dd4fe",
     "punt_socket_deregister": "0x75afa766",
     "punt_socket_deregister_reply": "0xe8d4e804",
     "punt_socket_details": "0x330466e4",
