@@ -901,6 +901,11 @@ def test_forward_secrecy_rekeys_by_agreement_never_break_the_pair(agents: Agents
     assert generations == [{g} for g in range(2, 8)]
     assert agents.forward_secret()
     assert agents.secrecy["node1"].channel.held_private_keys() == 0  # type: ignore[union-attr]
+    # The ledger keeps the static key of generation 0 and the live agreed ones only: the
+    # fingerprints of retired agreed keys go with them (it does not grow by rotation).
+    used = agents.options["node1"].ledger.used()
+    tunnels = agents.sessions["node1"].view().settings.tunnels_per_peer
+    assert len(used) <= 3 * tunnels < 7 * tunnels, len(used)  # 7 generations were used
 
 
 def test_forward_secrecy_receiver_reboot_without_traffic_gets_a_new_key(

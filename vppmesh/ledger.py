@@ -77,6 +77,23 @@ class KeyLedger:
         if not new:
             return
         used |= new
+        self._write(used)
+
+    def forget(self, keys: Iterable[tuple[bytes, int]]) -> None:
+        """Drop the fingerprints of agreed keys whose generation retired (key, salt).
+
+        Only keys nothing can derive again may go: an agreed key lived in the agent's
+        memory and VPP, both of which dropped it, so it can never be installed again,
+        and its fingerprint would only grow the ledger (a rotation every few minutes at
+        1000 peers adds half a million a day). Static keys are never forgotten.
+        """
+        used = self.used()
+        gone = {key_fingerprint(key, salt) for key, salt in keys} & used
+        if gone:
+            self._write(used - gone)
+
+    def _write(self, used: set[str]) -> None:
+        self._used = used
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_suffix(".tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)

@@ -332,6 +332,8 @@ def up(options: NodeOptions, *, dry_run: bool = False, api: VppApi | None = None
             if secrecy is not None and not dry_run:
                 secrecy.applied(view, state, scheduled.wants,
                                 {name: k.inbound for name, k in keying.items()})
+                retired, secrecy.retired = secrecy.retired, []
+                ledger.forget(retired)  # their SAs are gone: nothing can install them
             if not dry_run and state.model_dump() != before:
                 store.save(state)
             if secrecy is not None and not dry_run:

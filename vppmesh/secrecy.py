@@ -213,21 +213,21 @@ class KeyBook:
             found = self._agreed[number] = AgreedKeys(self._revision[number], keys)
         return found
 
-    def retire(self, peer: PeerView, pg: PeerGenerations) -> list[Direction]:
+    def retire(self, peer: PeerView, pg: PeerGenerations,
+               ) -> list[tuple[Direction, tuple[SaKey, ...]]]:
         """Drop the keys of generations that are gone: outbound below the one sent on,
-        inbound below the window."""
+        inbound below the window. Returns what was dropped (the ledger forgets it)."""
         number = peer.node.node_number
         held = self._keys.get(number)
         if not held:
             return []
         retired = [(outbound, g) for outbound, g in held
                    if g < (pg.out if outbound else pg.in_base)]
-        for entry in retired:
-            del held[entry]
+        dropped = [((number, outbound, g), held.pop((outbound, g))) for outbound, g in retired]
         if retired:
             self._changed(number)
             peer.planned.clear()  # plan()'s cached objects hold the retired keys
-        return [(number, outbound, g) for outbound, g in retired]
+        return dropped
 
     def forget(self, number: int) -> None:
         self._keys.pop(number, None)
@@ -253,6 +253,8 @@ class Secrecy:
         self._heard: dict[int, _Heard] = {}
         self._stated: dict[tuple[int, str], int] = {}
         self._asked: dict[int, frozenset[int]] = {}  # lost inbound generations, asked for
+        # Outbound agreed keys retired by applied(), (key, salt): the ledger forgets them.
+        self.retired: list[tuple[bytes, int]] = []
         self._outbox: list[s.Output] = []
         self.unavailable: str | None = None  # why there is no channel (told once)
         # NAT: per peer behind one, where its record says its ESP arrives (address and
@@ -436,7 +438,9 @@ class Secrecy:
             case s.HandshakeComplete():
                 if self._keepalive_flows:  # probes of the other tunnels' flows now
                     self._next_keepalive = min(self._next_keepalive, now)
-                return True  # a pair on static keys moves to agreed ones
+                # No run for it: sessions rekey every 2 minutes (8 a second at 1000
+                # peers); a pair on static keys moves to agreed ones at the next poll.
+                return False
             case s.EndpointChanged(peer=peer, endpoint=(host, port)):
                 return self.learn(peer, host, port)
             case s.FlowSeen(peer=peer, tunnel=tunnel, source=(host, port)):
@@ -569,7 +573,9 @@ class Secrecy:
                          if self.book.keys(number, False, g) is not None]
             pg.ephemeral_in = sorted(set(agreed_in) | set(pg.ephemeral_in))
             live = channel is not None and number in channel.peers()
-            for _, outbound, g in self.book.retire(peer, pg):
+            for (_, outbound, g), keys in self.book.retire(peer, pg):
+                if outbound:
+                    self.retired += [(k.key.get_secret_value(), k.salt) for k in keys]
                 if live:
                     assert channel is not None
                     channel.retire_generation(number, g, outbound=outbound)

@@ -31,6 +31,8 @@ WATCH_POLL_SECONDS = 2.0
 WATCH_FILE_CHECK_SECONDS = 0.2
 # While VPP is away the agent knocks this often: pods wait for the first answer.
 WATCH_VPP_RETRY_SECONDS = 0.25
+# The shortest gap between two runs the agents' channel asks for (AgentLoop.may_run_early).
+EARLY_MIN_GAP = 0.05
 
 
 def start_metrics(listen: str, tls: MetricsTls | None = None) -> AgentMetrics:
@@ -55,7 +57,8 @@ def sleep(seconds: float) -> bool:
 
 def poll_ticks(path: Path, hurry: Callable[[], bool] = lambda: False,
                wait: Callable[[float], bool] = sleep,
-               stop: threading.Event | None = None) -> Iterator[None]:
+               stop: threading.Event | None = None,
+               early: Callable[[], bool] = lambda: True) -> Iterator[None]:
     """Yield every WATCH_POLL_SECONDS, at once when `path` changes, and when `wait`
     (which waits up to the seconds it is given: the agents' channel) says so.
 
@@ -63,14 +66,18 @@ def poll_ticks(path: Path, hurry: Callable[[], bool] = lambda: False,
     busy the directory is (rekeys, key limits and receiver windows depend on it), and a
     stream of unrelated events must not be able to starve it. While `hurry()` (VPP is
     away) the next tick comes after WATCH_VPP_RETRY_SECONDS. Ends once `stop` is set.
+    A tick the channel asks for comes as soon as `early()` allows (AgentLoop spaces
+    such runs by their cost).
     """
     signature = agent.file_signature(path)
     stop = stop or threading.Event()
     while not stop.is_set():
         interval = WATCH_VPP_RETRY_SECONDS if hurry() else WATCH_POLL_SECONDS
         deadline = time.monotonic() + interval
+        wanted = False
         while time.monotonic() < deadline and not stop.is_set():
-            if wait(min(WATCH_FILE_CHECK_SECONDS, interval)):
+            wanted |= wait(min(WATCH_FILE_CHECK_SECONDS, interval))
+            if wanted and early():
                 break
             now = agent.file_signature(path)
             if now != signature:
@@ -112,12 +119,24 @@ class AgentLoop:
         self.report = report
         self.on_error = on_error  # told of every failed step but VPP being away
         self.vpp_gone_at: float | None = None  # since when VPP has not answered
+        self.last_end = float("-inf")  # when the last step ended (monotonic)
+        self.last_seconds = 0.0  # and how long it took
         self.failed = False  # the last step failed
         self.last_pid: int | None = None
 
     def run(self, ticks: Iterable[object]) -> None:
         for _tick in ticks:
+            started = time.monotonic()
             self.step()
+            self.last_end = time.monotonic()
+            self.last_seconds = self.last_end - started
+
+    def may_run_early(self) -> bool:
+        """Whether a step the channel asks for may come now, before its schedule: once
+        three times the last step's duration has passed since it ended. A small mesh
+        answers its peers within a tenth of a second; a large one, whose runs cost more,
+        batches their messages instead of running back to back."""
+        return time.monotonic() - self.last_end >= max(EARLY_MIN_GAP, 3 * self.last_seconds)
 
     def step(self) -> agent.UpResult | None:
         """Run the session once; the result, or None if the run failed."""
@@ -214,7 +233,7 @@ def watch_loop(opts: agent.NodeOptions, metrics: AgentMetrics | None = None,
         signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
         loop.run(poll_ticks(opts.mesh_file, hurry=lambda: loop.vpp_gone_at is not None,
-                            wait=secrecy.wait, stop=stop))
+                            wait=secrecy.wait, stop=stop, early=loop.may_run_early))
         log.info("stopped (SIGTERM)")
     finally:
         secrecy.close()

@@ -324,13 +324,15 @@ class MembershipAgent:
     def _wait(self, timeout: float) -> bool:
         """Until a membership change, the channel wanting a run, or `timeout`."""
         deadline = time.monotonic() + timeout
+        wanted = False
         while not self.changed.is_set():
             left = deadline - time.monotonic()
             if left <= 0:
                 return False
             if self.secrecy.endpoint is None:  # no channel: only the membership
                 return self.changed.wait(left)
-            if self.secrecy.wait(min(left, CHANNEL_CHECK_SECONDS)):
+            wanted |= self.secrecy.wait(min(left, CHANNEL_CHECK_SECONDS))
+            if wanted and self.loop.may_run_early():
                 return True
         return True
 
