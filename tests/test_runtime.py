@@ -525,8 +525,24 @@ def test_vpp_restart_pods_keep_addresses_and_reach_each_other(cluster: Cluster) 
     assert ping(h1, a1, HOST_ADDRESSES[0].split("/")[0]).returncode == 0
 
 
+def settled(host: Host, quiet: float = 12.0, timeout: float = 120.0) -> None:
+    """The host's SAs unchanged for `quiet` seconds (longer than rekey_grace): the agents
+    have finished the rekeys and window slides an earlier VPP restart started."""
+    deadline = time.monotonic() + timeout
+    last = host.vppctl("show", "ipsec", "sa")
+    while time.monotonic() < deadline:
+        time.sleep(quiet)
+        now = host.vppctl("show", "ipsec", "sa")
+        if now == last:
+            return
+        last = now
+    raise AssertionError(f"{host.node}: SAs still changing after {timeout:.0f} s")
+
+
 def test_agent_restart_changes_nothing(cluster: Cluster) -> None:
     h1, h2 = cluster.hosts
+    for host in (h2, h1):  # a slide still due would be the new agent's first change
+        settled(host)
     before = h1.vppctl("show", "interface", "address")
     fib = h1.vppctl("show", "ip", "fib", "summary")
     h1.podman("rm", "-f", "-t", "5", h1.container("agent"))
