@@ -75,50 +75,6 @@ def require_vpp_runs_here() -> None:
         pytest.skip("VPP dies with SIGILL in the guest: build it generically (multi-arch)")
 
 
-# ---- uplink takeover (first: its VPP runs alone, before the two nodes' VPPs exist) --
-def test_uplink_host_tap_carries_tcp_with_gso() -> None:
-    """The takeover's host link as a tap (GSO/GRO): TCP from the host through VPP's bridge
-    to the wire, segmented by the NIC's output, with correct checksums at the peer."""
-    from test_uplink_vpp import HOST_NS, PEER_ADDR, PEER_NS, VPP_ADDR, UplinkBed
-
-    from vppmesh.lab.testbed import destroy
-
-    require_vpp_runs_here()
-
-    uplink = UplinkBed()
-    try:
-        uplink.build()
-        took = in_ns(HOST_NS, sys.executable, "-m", "vppmesh", "uplink", "take", "--interface",
-                     "eth0", "--address", VPP_ADDR, "--host-link", "tap", "--api-socket",
-                     str(uplink.instance.api_socket), "--state-dir",
-                     "/run/vppmesh-vme-uplink/state", check=False, timeout=1500)
-        assert took.returncode == 0, took.stdout + took.stderr
-        link = json.loads(in_ns(HOST_NS, "ip", "-j", "-d", "link", "show", "eth0").stdout)[0]
-        assert link["linkinfo"]["info_kind"] == "tun"
-        assert "tcp-segmentation-offload: on" in in_ns(HOST_NS, "ethtool", "-k", "eth0").stdout
-        peer = PEER_ADDR.split("/")[0]
-        before = snmp(PEER_NS)["InCsumErrors"]
-        server = vpp_helpers.iperf3_server(PEER_NS)
-        try:
-            time.sleep(2)
-            out = in_ns(HOST_NS, "iperf3", "-c", peer, "-t", "5", "-P", "2", "--json",
-                        "--connect-timeout", "20000", check=False, timeout=120)
-        finally:
-            server.kill()
-        result = json.loads(out.stdout or "{}")
-        record("uplink_tap", {"error": result.get("error"), "mbit_s": result.get(
-            "end", {}).get("sum_received", {}).get("bits_per_second", 0) / 1e6,
-            "peer_csum_errors": snmp(PEER_NS)["InCsumErrors"] - before})
-        assert "error" not in result, result.get("error")
-        assert snmp(PEER_NS)["InCsumErrors"] == before
-        restored = in_ns(HOST_NS, sys.executable, "-m", "vppmesh", "uplink", "restore",
-                         "--api-socket", str(uplink.instance.api_socket), "--state-dir",
-                         "/run/vppmesh-vme-uplink/state", check=False, timeout=1500)
-        assert restored.returncode == 0, restored.stdout + restored.stderr
-    finally:
-        destroy("vme-u", Path("/run/vppmesh-vme-uplink"), quiet=True)
-
-
 @pytest.fixture(scope="module")
 def bed() -> Iterator[Testbed]:
     if os.environ.get("VPPMESH_VM_GUEST") != "1":
@@ -413,3 +369,45 @@ def test_pod_tap_survives_a_vpp_restart_and_is_attached_again(bed: Testbed) -> N
     took = wait_for(lambda: ping(n1.pod_netns(0), str(n2.pod_address(0))).returncode == 0,
                     120, "pod-to-pod ping after n2's VPP restart", interval=1)
     record("restart_ping_seconds", round(took, 1))
+
+
+# ---- uplink takeover ------------------------------------------------------------------
+def test_uplink_host_tap_carries_tcp_with_gso(bed: Testbed) -> None:
+    """The takeover's host link as a tap (GSO/GRO): TCP from the host through VPP's bridge
+    to the wire, segmented by the NIC's output, with correct checksums at the peer."""
+    from test_uplink_vpp import HOST_NS, PEER_ADDR, PEER_NS, VPP_ADDR, UplinkBed
+
+    from vppmesh.lab.testbed import destroy
+
+    uplink = UplinkBed()
+    try:
+        uplink.build()
+        took = in_ns(HOST_NS, sys.executable, "-m", "vppmesh", "uplink", "take", "--interface",
+                     "eth0", "--address", VPP_ADDR, "--host-link", "tap", "--api-socket",
+                     str(uplink.instance.api_socket), "--state-dir",
+                     "/run/vppmesh-vme-uplink/state", check=False, timeout=1500)
+        assert took.returncode == 0, took.stdout + took.stderr
+        link = json.loads(in_ns(HOST_NS, "ip", "-j", "-d", "link", "show", "eth0").stdout)[0]
+        assert link["linkinfo"]["info_kind"] == "tun"
+        assert "tcp-segmentation-offload: on" in in_ns(HOST_NS, "ethtool", "-k", "eth0").stdout
+        peer = PEER_ADDR.split("/")[0]
+        before = snmp(PEER_NS)["InCsumErrors"]
+        server = vpp_helpers.iperf3_server(PEER_NS)
+        try:
+            time.sleep(2)
+            out = in_ns(HOST_NS, "iperf3", "-c", peer, "-t", "5", "-P", "2", "--json",
+                        "--connect-timeout", "20000", check=False, timeout=120)
+        finally:
+            server.kill()
+        result = json.loads(out.stdout or "{}")
+        record("uplink_tap", {"error": result.get("error"), "mbit_s": result.get(
+            "end", {}).get("sum_received", {}).get("bits_per_second", 0) / 1e6,
+            "peer_csum_errors": snmp(PEER_NS)["InCsumErrors"] - before})
+        assert "error" not in result, result.get("error")
+        assert snmp(PEER_NS)["InCsumErrors"] == before
+        restored = in_ns(HOST_NS, sys.executable, "-m", "vppmesh", "uplink", "restore",
+                         "--api-socket", str(uplink.instance.api_socket), "--state-dir",
+                         "/run/vppmesh-vme-uplink/state", check=False, timeout=1500)
+        assert restored.returncode == 0, restored.stdout + restored.stderr
+    finally:
+        destroy("vme-u", Path("/run/vppmesh-vme-uplink"), quiet=True)
