@@ -76,6 +76,7 @@ def test_channel_peer_that_only_it_can_reach_us_gets_its_handshake_answered() ->
     first attempt went unanswered, node 2's own handshake is taken, not refused as a
     collision, and both hold the session."""
     net = Net()
+    net.source[2] = ("203.0.113.7", 23456)  # node 2's NAT maps it elsewhere
     net.lose = set(range(0, 10))  # node 1's first handshakes are lost
     net.run(1, net.nodes[1].tick(1000.0), 1000.0)
     net.run(1, net.nodes[1].tick(1000.3), 1000.3)  # a retry: attempt 2, lost too

@@ -445,13 +445,11 @@ class Channel:
     def _receive_init(self, now: float, source: Address, state: _Peer, init: m.Init) -> Output:
         if init.timestamp <= state.last_timestamp:
             return self._drop(m.Drop.REPLAY)
-        if state.pending is not None and state.attempts <= 1 and \
-                self.node_number < state.config.node_number and source == state.endpoint:
-            # Both initiated at once: the lower node number's stands. Only while our first
-            # attempt is under way (once it went unanswered, the peer sitting behind a NAT
-            # that only lets its own datagrams out, say, the peer's is taken), and only if
-            # the peer's came from where ours went (else a NAT chose another port: ours
-            # is lost, and neither would ever complete).
+        if state.pending is not None and self.node_number < state.config.node_number and \
+                source == state.endpoint:
+            # Both initiated at once: the lower node number's stands, but only if the
+            # peer's came from where ours went (else a NAT chose another port: ours is
+            # lost, and neither would ever complete).
             self.stats["collisions"] += 1
             return Output()
         if not self._dh_allowed(now, source):
