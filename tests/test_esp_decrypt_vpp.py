@@ -11,33 +11,21 @@ Skipped with the reason when no VPP binary is found or when not root.
 
 from __future__ import annotations
 
-import shutil
-import subprocess
 import time
 from pathlib import Path
 
 import esp_decrypt
 import pytest
 import vpp_helpers
-from conftest import vpp_binary, wait_for
+from conftest import wait_for
 
 from vppmesh.epochs import GenerationStore
 from vppmesh.keys import spi_for, spi_tunnel
-from vppmesh.lab.testbed import NodeHandle
 
 pytestmark = [pytest.mark.vpp]
 PREFIX = "ved-"
 BASE = Path("/run/vppmesh-esp-decrypt")
 PINGS = 5
-
-
-def vppctl(node: NodeHandle, *command: str) -> str:
-    binary = Path(vpp_binary() or "vpp").with_name("vppctl")
-    found = str(binary) if binary.exists() else shutil.which("vppctl")
-    if found is None:
-        pytest.skip(f"no vppctl next to the VPP binary ({binary}) nor on PATH")
-    return subprocess.run([found, "-s", str(node.instance.cli_socket), *command],
-                          capture_output=True, text=True, check=True, timeout=30).stdout
 
 
 def recorded(capture: Path) -> list[esp_decrypt.EspPacket]:
@@ -60,11 +48,11 @@ def test_vpp_sa_key_and_static_schedule_open_recorded_packets() -> None:
             dump.terminate()
             dump.wait(timeout=10)
         out = GenerationStore(src.dir, src.name).load().peers[dst.name].out
-        indices = esp_decrypt.vpp_sa_indices(vppctl(src, "show", "ipsec", "sa"))
+        indices = esp_decrypt.vpp_sa_indices(vpp_helpers.vppctl(src, "show", "ipsec", "sa"))
         keys = {}
         for tunnel in range(bed.spec.tunnels):
             spi = spi_for(src.index, tunnel, out)
-            keys[spi] = esp_decrypt.vpp_sa_key(vppctl(src, "show", "ipsec", "sa",
+            keys[spi] = esp_decrypt.vpp_sa_key(vpp_helpers.vppctl(src, "show", "ipsec", "sa",
                                                       str(indices[spi])))
         seized = esp_decrypt.static_schedule_keys(
             bed.mesh_file, [n.dir for n in bed.nodes], [n.key_file for n in bed.nodes], None)

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import subprocess
 import time
 from collections.abc import Iterator
@@ -31,7 +30,7 @@ import esp_decrypt
 import pytest
 import vpp_helpers
 import yaml
-from conftest import vpp_binary, wait_for
+from conftest import wait_for
 
 from vppmesh.epochs import GenerationStore, PeerGenerations
 from vppmesh.keys import spi_for
@@ -78,15 +77,6 @@ def all_forward_secret(bed: Testbed) -> bool:
         if len(found) != len(peers) or not all(f.forward_secret for f in found.values()):
             return False
     return True
-
-
-def vppctl(node: NodeHandle, *command: str) -> str:
-    binary = Path(vpp_binary() or "vpp").with_name("vppctl")
-    found = str(binary) if binary.exists() else shutil.which("vppctl")
-    if found is None:
-        pytest.skip(f"no vppctl next to the VPP binary ({binary}) nor on PATH")
-    return subprocess.run([found, "-s", str(node.instance.cli_socket), *command],
-                          capture_output=True, text=True, check=True, timeout=30).stdout
 
 
 def spis(node: NodeHandle) -> set[int]:
@@ -139,8 +129,8 @@ def test_forward_secrecy_seized_nodes_decrypt_nothing_of_a_retired_generation(
     assert len(sent) == PINGS, [(hex(p.spi), p.seq) for p in packets]
 
     # Positive control: the key VPP holds while the generation is live opens them.
-    indices = esp_decrypt.vpp_sa_indices(vppctl(src, "show", "ipsec", "sa"))
-    live = esp_decrypt.vpp_sa_key(vppctl(src, "show", "ipsec", "sa",
+    indices = esp_decrypt.vpp_sa_indices(vpp_helpers.vppctl(src, "show", "ipsec", "sa"))
+    live = esp_decrypt.vpp_sa_key(vpp_helpers.vppctl(src, "show", "ipsec", "sa",
                                          str(indices[sent[0].spi])))
     assert all(esp_decrypt.decrypts(p, *live) for p in sent)
 

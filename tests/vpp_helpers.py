@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -21,7 +22,7 @@ from typing import Any, TypeVar
 
 import pytest
 import yaml
-from conftest import require_vpp, stop_process
+from conftest import require_vpp, stop_process, vpp_binary
 from etcd_server import EtcdServer, running_etcd
 
 from benchmarks.cni_latency import CNI_PATH, plugin_command
@@ -112,6 +113,16 @@ def plan_changes(stdout: str) -> int:
     found = re.search(r"^(\d+) change\(s\)$", stdout, re.M)
     assert found, f"no change count in: {stdout!r}"
     return int(found.group(1))
+
+
+def vppctl(node: NodeHandle, *command: str) -> str:
+    """A CLI command on the node's VPP (the vppctl beside the VPP binary, else PATH's)."""
+    binary = Path(vpp_binary() or "vpp").with_name("vppctl")
+    found = str(binary) if binary.exists() else shutil.which("vppctl")
+    if found is None:
+        pytest.skip(f"no vppctl next to the VPP binary ({binary}) nor on PATH")
+    return subprocess.run([found, "-s", str(node.instance.cli_socket), *command],
+                          capture_output=True, text=True, check=True, timeout=30).stdout
 
 
 # ---- agents -----------------------------------------------------------------------------
