@@ -249,14 +249,16 @@ def observe_keys(api: VppApi, view: LocalView, state: GenerationState, ledger: K
 def up(options: NodeOptions, *, dry_run: bool = False, api: VppApi | None = None,
        rekey: bool = False, now: float | None = None, mesh: Mesh | None = None,
        view: LocalView | None = None, reconciler: Reconciler | None = None,
-       full: bool = False, secrecy: Secrecy | None = None) -> UpResult:
+       full: bool = False, secrecy: Secrecy | None = None,
+       vpp_pid: int | None = None) -> UpResult:
     """Plan and apply this node's part of the mesh, with key generations advanced first.
 
     `view` (a Session's) or else the view of `mesh` (the mesh file's by default) is
     built before anything else, so every input is checked before the host or VPP is
     touched. The generation file is read and written under its lock, so `vppmesh rekey`
     and a running `up --watch` never choose generations from a stale copy. A long-running
-    agent passes its `secrecy` (the channel and its agreed keys: vppmesh/secrecy.py).
+    agent passes its `secrecy` (the channel and its agreed keys: vppmesh/secrecy.py), and
+    `vpp_pid` when it already asked VPP for it (one round trip less per run).
     """
     view = view or local_view(options, mesh)
     started = time.monotonic()
@@ -267,7 +269,7 @@ def up(options: NodeOptions, *, dry_run: bool = False, api: VppApi | None = None
     try:
         # No cyclic GC while the SA dump and the plan allocate (reconcile.gc_paused).
         with store.locked(), gc_paused():
-            pid = system.vpp_pid(client)
+            pid = vpp_pid if vpp_pid is not None else system.vpp_pid(client)
             workers = (options.workers if options.workers is not None
                        else system.worker_count(client))
             uplink = options.uplink
@@ -460,12 +462,13 @@ class Session:
             # runs re-attach the pods VPP lost.
             self._last_full = None
         try:
+            pid = None
             if self.secrecy is not None:  # (again) with a new VPP: punt and tell peers
-                self.secrecy.attach(self._client, view, system.vpp_pid(self._client),
-                                    reconnected=reconnected)
+                pid = system.vpp_pid(self._client)  # asked once: up() takes it too
+                self.secrecy.attach(self._client, view, pid, reconnected=reconnected)
             result = up(self.options, api=self._client, view=view,
                         reconciler=self._reconciler, full=full, secrecy=self.secrecy,
-                        **up_options)
+                        vpp_pid=pid, **up_options)
             if full and self.options.cni_state_dir is not None:
                 result.pod_report = reattach(self._client, self.options.cni_state_dir,
                                              self.options.cni_path)

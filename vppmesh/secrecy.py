@@ -137,9 +137,6 @@ class KeyBook:
         # tunnels), from the last run's view.
         self._derive: dict[int, tuple[str, str, bytes, bytes, int]] = {}
 
-    def __len__(self) -> int:
-        return sum(len(keys) for keys in self._keys.values())
-
     def prepare(self, view: LocalView, state: GenerationState,
                 sas: Mapping[int, SaDetails]) -> None:
         """Before a run's schedule: remember how to derive each peer's keys, and adopt
