@@ -49,6 +49,7 @@ class FakeVpp:
         self.table_of: dict[int, int] = {}
         self.neighbors: dict[int, dict[str, str]] = {}
         self.af_packet: dict[str, int] = {}
+        self.taps: dict[int, str] = {}  # sw_if_index -> Linux name
         self.gso: set[int] = set()
         self.async_mode = False
         self.sent = 0
@@ -114,8 +115,10 @@ class FakeVpp:
     @staticmethod
     def _iface(name: str, dev_type: str, mac: str = "00:00:00:00:00:00", tag: str = ""
                ) -> dict[str, Any]:
+        # rx_mode as VPP starts each kind: af_packet waits on interrupts, taps poll.
         return {"name": name, "dev_type": dev_type, "mac": mac, "tag": tag, "flags": 0,
-                "mtu": 9000 if dev_type != "local" else 0}
+                "mtu": 9000 if dev_type != "local" else 0,
+                "rx_mode": 2 if dev_type == "af-packet" else 1}
 
     def _new_iface(self, name: str, dev_type: str, **kw: Any) -> int:
         index = self.next_index
@@ -555,3 +558,26 @@ class FakeVpp:
 
     def d_af_packet_dump(self) -> list[Any]:
         return [NS(host_if_name=n, sw_if_index=i) for n, i in self.af_packet.items()]
+
+    def m_tap_create_v3(self, host_if_name: str, mac_address: str, **_: Any) -> Any:
+        if host_if_name in self.taps.values():
+            return NS(retval=-79)
+        index = self._new_iface(f"tap{self.next_index}", "tap", mac=mac_address)
+        self.taps[index] = host_if_name
+        return NS(retval=0, sw_if_index=index)
+
+    def m_tap_delete_v2(self, sw_if_index: int) -> Any:
+        if self.taps.pop(sw_if_index, None) is None:
+            return NS(retval=INVALID_SW_IF_INDEX)
+        self._delete_iface(sw_if_index)
+        return NS(retval=0)
+
+    def m_sw_interface_set_rx_mode(self, sw_if_index: int, queue_id_valid: bool,
+                                   queue_id: int, mode: int) -> Any:
+        if err := self._check(sw_if_index):
+            return NS(retval=err)
+        iface = self.ifaces[sw_if_index]
+        if mode == 3 and iface["dev_type"] == "af-packet":
+            return NS(retval=-9)  # VPP 26.06's af_packet has no adaptive mode
+        iface["rx_mode"] = mode
+        return NS(retval=0)

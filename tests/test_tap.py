@@ -37,6 +37,26 @@ def test_pod_taps_persist_and_af_packet_pods_do_not() -> None:
     assert not veth.persist and not veth.offloads
 
 
+@pytest.mark.parametrize(("kind", "rx_mode"), [("tap", 3), ("af_packet", 2)])
+def test_endpoint_taps_receive_adaptively_and_af_packet_keeps_its_interrupts(
+        monkeypatch: pytest.MonkeyPatch, kind: str, rx_mode: int) -> None:
+    """A tap's queues poll unless told otherwise, and one polling queue keeps a VPP thread
+    from ever sleeping; af_packet (no adaptive mode in VPP 26.06) waits on interrupts."""
+    from test_pods import meshed
+
+    from vppmesh import host as linux
+
+    monkeypatch.setattr(linux, "link_exists", lambda name, netns=None: False)
+    vpp = meshed()
+    gateway = endpoints.find_tagged(vpp, endpoints.GATEWAY_TAG)[endpoints.GATEWAY_TAG]
+    spec = endpoints.pod_spec(name="p", netns="ns", address=ipaddress.IPv4Address(
+        "10.64.1.10"), node_number=1, pod_index=0, kind=kind, queues=2, offloads=True)
+    index = endpoints.attach_vpp(vpp, spec, table_id=1717, mtu=1440,
+                                 gateway=gateway.sw_if_index, existing=None)
+    assert vpp.ifaces[index]["rx_mode"] == rx_mode
+    assert vpp.counts["sw_interface_set_rx_mode"] == (kind == "tap")
+
+
 def test_testbed_passes_the_attachment_to_up_and_attach(tmp_path: Path) -> None:
     bed = Testbed(TestbedSpec(nodes=2, attachment="tap", gso=True, base_dir=tmp_path))
     node = bed.nodes[0]

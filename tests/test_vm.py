@@ -83,7 +83,8 @@ def guest() -> dict[str, tuple[str, str]]:
         pytest.skip(str(exc))
     results = Path(tempfile.mkdtemp(prefix="vppmesh-vm-results-"))
     keep = Path(os.environ.get("VPPMESH_VM_KEEP", "/tmp/vppmesh-vm-last"))
-    command = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-v", "-rA",
+    command = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-p",
+               "no:hypothesispytest", "-v", "-rA",
                "--durations=0", "-o", "console_output_style=times",
                f"--junitxml={results / 'junit.xml'}", "tests/vm_guest_tap.py"]
     spec = vm.GuestSpec(cpus=4, memory="4G", rwdirs=(results,), timeout=2800,

@@ -22,7 +22,7 @@ from vppmesh import verify
 from vppmesh.config import dump_mesh
 from vppmesh.errors import VppApiError
 from vppmesh.keys import private_key_b64, write_secret_file
-from vppmesh.lab.testbed import single_vpp
+from vppmesh.lab.testbed import in_ns, single_vpp
 from vppmesh.node import NodeOptions, Session
 from vppmesh.reconcile import Reconciler, observe
 from vppmesh.state import GATEWAY_TAG, SaSpec, is_owned_sa_id, is_owned_tunnel_instance
@@ -136,7 +136,8 @@ def every_request_kind(desired) -> list[Request]:  # type: ignore[no-untyped-def
         interfaces.set_tag(3, GATEWAY_TAG), interfaces.address(3, desired.uplink_addresses[0],
                                                                True),
         interfaces.create_loopback("02:fe:00:00:00:00"), interfaces.delete_loopback(3),
-        interfaces.gso_feature(3, True), routes.table(1717, True),
+        interfaces.gso_feature(3, True), interfaces.set_rx_mode(3, interfaces.RX_MODE_ADAPTIVE),
+        routes.table(1717, True),
         routes.route(1717, net, [3, 4, 5, 6], True), routes.route(1717, net, [], False),
         routes.route(1717, ipaddress.ip_network(f"{ip}/32"), [3], True, nexthop=ip),
         routes.neighbor(3, ip, "02:fe:00:01:00:02", True),
@@ -157,6 +158,29 @@ def test_compiled_encoders_give_vpp_papis_bytes_for_every_request(
     vpp_helpers.assert_encodes_like_papi(channel, requests)
     compiled = sum(channel.message_type(r.name).encoder is not None for r in requests)
     assert compiled >= 20  # all but the few with variable-length strings
+
+
+def test_receive_modes_are_as_the_fake_keeps_them(api: VppClient) -> None:
+    """af_packet starts in interrupt mode, takes polling and interrupt, and refuses adaptive
+    (endpoint taps get adaptive: docs/vm.md runs those)."""
+    def mode() -> str:
+        placement = api.cli("show interface rx-placement")
+        return next(line.rsplit("(", 1)[1].rstrip(")") for line in placement.splitlines()
+                    if "host-vmcrx0" in line)
+
+    in_ns(NETNS, "ip", "link", "add", "vmcrx0", "type", "veth", "peer", "name", "vmcrx1")
+    index = api.call(host_interfaces.create_af_packet("vmcrx0", "02:fe:00:00:0e:01")).sw_if_index
+    try:
+        assert mode() == "interrupt"
+        api.call(interfaces.set_rx_mode(index, interfaces.RX_MODE_POLLING, "rx"))
+        assert mode() == "polling"
+        with pytest.raises(VppApiError, match="sw_interface_set_rx_mode") as refused:
+            api.call(interfaces.set_rx_mode(index, interfaces.RX_MODE_ADAPTIVE, "rx"))
+        assert refused.value.retval == -9
+        api.call(interfaces.set_rx_mode(index, interfaces.RX_MODE_INTERRUPT, "rx"))
+        assert mode() == "interrupt"
+    finally:
+        api.call(host_interfaces.delete_af_packet("vmcrx0"))
 
 
 def test_a_failed_request_in_a_batch_is_named_and_the_batch_is_complete(

@@ -111,6 +111,14 @@ def pod_tap(node: NodeHandle) -> interfaces.Interface:
     return found[0]
 
 
+def rx_modes(node: NodeHandle, ifname: str) -> list[str]:
+    """The receive mode of each of an interface's queues (`show interface rx-placement`)."""
+    with api(node) as client:
+        placement = client.cli("show interface rx-placement")
+    return [line.rsplit("(", 1)[1].rstrip(")") for line in placement.splitlines()
+            if line.split()[:1] == [ifname]]
+
+
 def per_thread(node: NodeHandle, name: str, index: int) -> list[Counter]:
     with StatsReader(node.instance.stats_socket) as reader:
         return reader.per_thread(name, index)
@@ -158,6 +166,8 @@ def test_host_links_and_pods_are_taps_with_a_queue_pair_per_worker(bed: Testbed)
             for flag in (host_interfaces.TAP_FLAG_GSO, host_interfaces.TAP_FLAG_GRO_COALESCE):
                 assert flags & flag, f"{tag}: tap_flags {flags}"
             assert iface.name in placement
+            # Adaptive: an idle tap lets its worker sleep (polling never does).
+            assert rx_modes(node, iface.name) == ["adaptive"] * WORKERS, placement
         pod_flags = taps[pod.sw_if_index].tap_flags
         assert pod_flags & host_interfaces.TAP_FLAG_PERSIST
         # Linux side: one rx and one tx queue per worker, TSO on (large segments).
@@ -336,6 +346,7 @@ def test_cni_add_check_del_with_attachment_tap(bed: Testbed) -> None:
     assert pod.dev_type in host_interfaces.TAP_DEV_TYPES
     assert tap.tap_flags & host_interfaces.TAP_FLAG_PERSIST
     assert queues(CNI_NS) == ["rx-0", "rx-1", "tx-0", "tx-1"]
+    assert rx_modes(n1, pod.name) == ["adaptive"] * WORKERS
     done = ping(CNI_NS, str(n2.pod_address(0)))
     assert done.returncode == 0, done.stdout
     code, checked = cni(bed, "CHECK", {**conf, "prevResult": added})
@@ -366,6 +377,7 @@ def test_pod_tap_survives_a_vpp_restart_and_is_attached_again(bed: Testbed) -> N
     after = json.loads(in_ns(ns, "ip", "-j", "addr", "show", "eth0").stdout)[0]
     assert after["ifindex"] == before["ifindex"]
     assert queues(ns) == ["rx-0", "rx-1", "tx-0", "tx-1"]
+    assert rx_modes(n2, pod_tap(n2).name) == ["adaptive"] * WORKERS
     took = wait_for(lambda: ping(n1.pod_netns(0), str(n2.pod_address(0))).returncode == 0,
                     120, "pod-to-pod ping after n2's VPP restart", interval=1)
     record("restart_ping_seconds", round(took, 1))
@@ -378,6 +390,7 @@ def test_uplink_host_tap_carries_tcp_with_gso(bed: Testbed) -> None:
     from test_uplink_vpp import HOST_NS, PEER_ADDR, PEER_NS, VPP_ADDR, UplinkBed
 
     from vppmesh.lab.testbed import destroy
+    from vppmesh.uplink import TAG_HOST
 
     uplink = UplinkBed()
     try:
@@ -390,6 +403,11 @@ def test_uplink_host_tap_carries_tcp_with_gso(bed: Testbed) -> None:
         link = json.loads(in_ns(HOST_NS, "ip", "-j", "-d", "link", "show", "eth0").stdout)[0]
         assert link["linkinfo"]["info_kind"] == "tun"
         assert "tcp-segmentation-offload: on" in in_ns(HOST_NS, "ethtool", "-k", "eth0").stdout
+        with VppClient(uplink.instance.api_socket, timeout=30).connect() as client:
+            host_tap = next(i for i in interfaces.dump_interfaces(client)
+                            if i.tag == TAG_HOST)
+            placement = client.cli("show interface rx-placement")
+        assert f"{host_tap.name} queue 0 (adaptive)" in placement, placement
         peer = PEER_ADDR.split("/")[0]
         before = snmp(PEER_NS)["InCsumErrors"]
         server = vpp_helpers.iperf3_server(PEER_NS)

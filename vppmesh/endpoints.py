@@ -46,6 +46,8 @@ def attach_vpp(api: VppApi, spec: HostLinkSpec, *, table_id: int, mtu: int, gate
     else:
         index = existing.sw_if_index
     setup = []
+    if existing is None and spec.kind == "tap":
+        setup.append(host_interfaces.tap_rx_mode(index, spec.tag))
     # VPP refuses a new table once the interface has an (unnumbered) address: an
     # interface attached before keeps its table and gateway.
     if existing is None or interfaces.dump_unnumbered(api).get(index) != gateway:

@@ -46,7 +46,6 @@ class Profile(BaseModel):
     workers: int = Field(default=0, ge=0, le=256)
     corelist_workers: str | None = None
     poll_sleep_usec: int = Field(default=0, ge=0)
-    interrupt_mode: bool = False
     page_size: Literal["4k", "default-hugepage", "2M", "1G"] = "4k"
     main_heap_size: str = "1G"
     buffers_per_numa: int = Field(default=32768, ge=1024)

@@ -337,6 +337,7 @@ def _take(api: VppApi, saved: SavedUplink) -> None:
         batch += [interfaces.set_mtu(index, saved.mtu, what),
                   l2.bridge_port(index, BRIDGE_DOMAIN, bvi=index == bvi, what=what)]
     if saved.host_link == "tap":
+        batch.append(host_interfaces.tap_rx_mode(host, "host link"))
         # The host's large segments (tap GSO) cross the bridge as they are: the NIC's
         # output segments them (af_packet and most NICs take no large frame from VPP).
         batch.append(interfaces.gso_feature(nic, True, "uplink NIC"))

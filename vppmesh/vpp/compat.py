@@ -137,6 +137,8 @@ CRCS: dict[str, str] = {
     "sw_interface_set_l2_bridge_reply": "0xe8d4e804",
     "sw_interface_set_mtu": "0x5cbe85e5",
     "sw_interface_set_mtu_reply": "0xe8d4e804",
+    "sw_interface_set_rx_mode": "0xb04d1cfe",
+    "sw_interface_set_rx_mode_reply": "0xe8d4e804",
     "sw_interface_set_table": "0xdf42a577",
     "sw_interface_set_table_reply": "0xe8d4e804",
     "sw_interface_set_unnumbered": "0x154a6439",

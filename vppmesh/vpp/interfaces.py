@@ -75,6 +75,24 @@ def set_unnumbered(sw_if_index: int, borrow_from: int, is_add: bool = True,
                     "is_add": is_add}, what)
 
 
+# vl_api_rx_mode_t
+RX_MODE_POLLING = 1
+RX_MODE_INTERRUPT = 2
+RX_MODE_ADAPTIVE = 3
+
+
+def set_rx_mode(sw_if_index: int, mode: int, what: str = "") -> Request:
+    """The receive mode of every queue of an interface.
+
+    A queue in polling mode keeps its thread spinning even when nothing arrives (VPP's
+    threads sleep only when none of their queues polls: vlib/unix/input.c). Adaptive
+    polls only while packets keep coming and waits on the queue's interrupt otherwise.
+    """
+    return Request("sw_interface_set_rx_mode",
+                   {"sw_if_index": sw_if_index, "queue_id_valid": False, "queue_id": 0,
+                    "mode": mode}, what)
+
+
 def set_tag(sw_if_index: int, tag: str, what: str = "") -> Request:
     return Request("sw_interface_tag_add_del",
                    {"is_add": True, "sw_if_index": sw_if_index, "tag": tag}, what)
