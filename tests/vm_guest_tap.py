@@ -410,6 +410,7 @@ def test_uplink_host_tap_carries_tcp_with_gso(bed: Testbed) -> None:
         assert f"{host_tap.name} queue 0 (adaptive)" in placement, placement
         peer = PEER_ADDR.split("/")[0]
         before = snmp(PEER_NS)["InCsumErrors"]
+        host_before = snmp(HOST_NS)["InCsumErrors"]
         server = vpp_helpers.iperf3_server(PEER_NS)
         try:
             time.sleep(2)
@@ -420,9 +421,11 @@ def test_uplink_host_tap_carries_tcp_with_gso(bed: Testbed) -> None:
         result = json.loads(out.stdout or "{}")
         record("uplink_tap", {"error": result.get("error"), "mbit_s": result.get(
             "end", {}).get("sum_received", {}).get("bits_per_second", 0) / 1e6,
-            "peer_csum_errors": snmp(PEER_NS)["InCsumErrors"] - before})
+            "peer_csum_errors": snmp(PEER_NS)["InCsumErrors"] - before,
+            "host_csum_errors": snmp(HOST_NS)["InCsumErrors"] - host_before})
         assert "error" not in result, result.get("error")
         assert snmp(PEER_NS)["InCsumErrors"] == before
+        assert snmp(HOST_NS)["InCsumErrors"] == host_before
         restored = in_ns(HOST_NS, sys.executable, "-m", "vppmesh", "uplink", "restore",
                          "--api-socket", str(uplink.instance.api_socket), "--state-dir",
                          "/run/vppmesh-vme-uplink/state", check=False, timeout=1500)
