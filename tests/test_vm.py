@@ -14,7 +14,6 @@ import os
 import re
 import shutil
 import sys
-import tempfile
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -81,25 +80,22 @@ def guest() -> dict[str, tuple[str, str]]:
         vpp = vm.find_guest_vpp()
     except vm.VmError as exc:
         pytest.skip(str(exc))
-    results = Path(tempfile.mkdtemp(prefix="vppmesh-vm-results-"))
+    # The guest writes its output, junit and measurements straight here, kept for reading
+    # afterwards: nothing is left elsewhere when a signal ends the run half-way.
     keep = Path(os.environ.get("VPPMESH_VM_KEEP", "/tmp/vppmesh-vm-last"))
+    shutil.rmtree(keep, ignore_errors=True)
+    keep.mkdir(parents=True)
     command = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-p",
                "no:hypothesispytest", "-v", "-rA",
                "--durations=0", "-o", "console_output_style=times",
-               f"--junitxml={results / 'junit.xml'}", "tests/vm_guest_tap.py"]
-    spec = vm.GuestSpec(cpus=4, memory="4G", rwdirs=(results,), timeout=2800,
-                        env={"VPPMESH_VPP": str(vpp), "VPPMESH_VM_RESULTS": str(results)})
-    log = results / "guest.log"
+               f"--junitxml={keep / 'junit.xml'}", "tests/vm_guest_tap.py"]
+    spec = vm.GuestSpec(cpus=4, memory="4G", rwdirs=(keep,), timeout=2800,
+                        env={"VPPMESH_VPP": str(vpp), "VPPMESH_VM_RESULTS": str(keep)})
     stopped = None
     try:
-        vm.run(command, spec, cwd=REPO, log=log, output=results / "pytest.log")
+        vm.run(command, spec, cwd=REPO, log=keep / "guest.log", output=keep / "pytest.log")
     except vm.VmError as exc:  # a time-out: report what had finished
         stopped = str(exc)
-    finally:
-        # Kept for reading afterwards: the guest's output, junit and measurements.
-        shutil.rmtree(keep, ignore_errors=True)
-        shutil.copytree(results, keep)
-        shutil.rmtree(results, ignore_errors=True)
     junit = keep / "junit.xml"
     output = keep / "pytest.log"
     if stopped is not None and output.exists():
