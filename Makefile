@@ -34,8 +34,8 @@ lint: venv
 unit: venv
 	$(PY) -m pytest -q -m 'not vpp and not root and not vm'
 
-# The VM tests (marker vm) boot a qemu guest under software emulation: 25-45 minutes on
-# 2 cores, so `make test` (and CI, which has no VPP anyway) leaves them out.
+# The VM tests (marker vm) boot a qemu guest under software emulation: about 17 minutes
+# on 2 cores, so `make test` (and CI, already 28 minutes) leaves them out.
 test: venv tools lint
 	$(PY) -m pytest -q -ra -m 'not vm'
 

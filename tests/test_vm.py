@@ -4,7 +4,7 @@ One guest is booted for the module (virtme-ng, qemu; software emulation unless
 VPPMESH_VM_KVM=1) and runs tests/vm_guest_tap.py there,
 against the VPP named by VPPMESH_VM_VPP (else VPPMESH_VPP, else `vpp` on PATH); each
 guest test is reported here as one test. Skipped with a one-line reason when qemu, a
-kernel with vhost_net, virtme-ng or a VPP is missing. Expect 10-20 minutes under
+kernel with vhost_net, virtme-ng or a VPP is missing. Expect about 17 minutes under
 emulation on a 2-core machine; `make test` leaves these out, `make vm-test` runs them.
 """
 
