@@ -17,6 +17,7 @@ from typing import Any
 
 from vppmesh.errors import VppApiError
 from vppmesh.vpp.client import Request, check_replies, check_reply
+from vppmesh.vpp.interfaces import RX_MODE_ADAPTIVE, RX_MODE_INTERRUPT, RX_MODE_POLLING
 
 INVALID_SW_IF_INDEX = -2
 NO_SUCH_FIB = -3
@@ -118,7 +119,7 @@ class FakeVpp:
         # rx_mode as VPP starts each kind: af_packet waits on interrupts, taps poll.
         return {"name": name, "dev_type": dev_type, "mac": mac, "tag": tag, "flags": 0,
                 "mtu": 9000 if dev_type != "local" else 0,
-                "rx_mode": 2 if dev_type == "af-packet" else 1}
+                "rx_mode": RX_MODE_INTERRUPT if dev_type == "af-packet" else RX_MODE_POLLING}
 
     def _new_iface(self, name: str, dev_type: str, **kw: Any) -> int:
         index = self.next_index
@@ -577,7 +578,7 @@ class FakeVpp:
         if err := self._check(sw_if_index):
             return NS(retval=err)
         iface = self.ifaces[sw_if_index]
-        if mode == 3 and iface["dev_type"] == "af-packet":
+        if mode == RX_MODE_ADAPTIVE and iface["dev_type"] == "af-packet":
             return NS(retval=-9)  # VPP 26.06's af_packet has no adaptive mode
         iface["rx_mode"] = mode
         return NS(retval=0)

@@ -11,6 +11,7 @@ from pydantic import ValidationError
 from vppmesh import endpoints
 from vppmesh.lab.testbed import Testbed, TestbedSpec
 from vppmesh.vpp import host_interfaces as hi
+from vppmesh.vpp.interfaces import RX_MODE_ADAPTIVE, RX_MODE_INTERRUPT
 
 
 def test_tap_flags_gso_gro_consistent_qp_and_persistence() -> None:
@@ -37,7 +38,8 @@ def test_pod_taps_persist_and_af_packet_pods_do_not() -> None:
     assert not veth.persist and not veth.offloads
 
 
-@pytest.mark.parametrize(("kind", "rx_mode"), [("tap", 3), ("af_packet", 2)])
+@pytest.mark.parametrize(("kind", "rx_mode"), [("tap", RX_MODE_ADAPTIVE),
+                                               ("af_packet", RX_MODE_INTERRUPT)])
 def test_endpoint_taps_receive_adaptively_and_af_packet_keeps_its_interrupts(
         monkeypatch: pytest.MonkeyPatch, kind: str, rx_mode: int) -> None:
     """A tap's queues poll unless told otherwise, and one polling queue keeps a VPP thread

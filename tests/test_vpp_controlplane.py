@@ -164,9 +164,7 @@ def test_receive_modes_are_as_the_fake_keeps_them(api: VppClient) -> None:
     """af_packet starts in interrupt mode, takes polling and interrupt, and refuses adaptive
     (endpoint taps get adaptive: docs/vm.md runs those)."""
     def mode() -> str:
-        placement = api.cli("show interface rx-placement")
-        return next(line.rsplit("(", 1)[1].rstrip(")") for line in placement.splitlines()
-                    if "host-vmcrx0" in line)
+        return vpp_helpers.rx_modes(api, "host-vmcrx0")[0]
 
     in_ns(NETNS, "ip", "link", "add", "vmcrx0", "type", "veth", "peer", "name", "vmcrx1")
     index = api.call(host_interfaces.create_af_packet("vmcrx0", "02:fe:00:00:0e:01")).sw_if_index

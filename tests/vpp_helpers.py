@@ -45,6 +45,13 @@ def errors(api: VppClient) -> Counter[tuple[str, str]]:
     return counts
 
 
+def rx_modes(api: VppClient, ifname: str) -> list[str]:
+    """The receive mode of each queue of an interface (`show interface rx-placement`)."""
+    return [line.rsplit("(", 1)[1].rstrip(")")
+            for line in api.cli("show interface rx-placement").splitlines()
+            if line.split()[:1] == [ifname]]
+
+
 # ---- testbeds ---------------------------------------------------------------------------
 @contextmanager
 def testbed(*requirements: Callable[[], object], join: bool = True,
