@@ -124,6 +124,41 @@ def test_channel_lost_key_messages_are_retried_and_answered_alike() -> None:
     assert [type(e) for e in net.events[2]].count(s.GenerationKeyed) == 1
 
 
+def test_channel_next_retry_is_when_tick_sends_again() -> None:
+    """The loop waits no longer than next_retry: at that moment tick resends, not before."""
+    net = Net()
+    net.lose = {0}  # the first handshake
+    assert net.nodes[1].next_retry(1000.0) is None  # nothing sent, nothing to retry
+    net.run(1, net.nodes[1].tick(1000.0), 1000.0)
+    due = net.nodes[1].next_retry(1000.0)
+    assert due == 1000.0 + s.HANDSHAKE_RETRY
+    sent = len(net.wire)
+    net.run(1, net.nodes[1].tick(due - 0.01), due - 0.01)
+    assert len(net.wire) == sent
+    net.run(1, net.nodes[1].tick(due), due)
+    assert net.nodes[1].established(2)
+    net.lose = {len(net.wire)}  # the first KeyInit
+    net.run(1, net.nodes[1].start_generation(1001.0, 2, 3), 1001.0)
+    assert net.nodes[1].generation_secret(2, 3, outbound=True) is None
+    assert net.nodes[1].next_retry(1001.0) == 1001.0 + s.KEY_RETRY
+    net.run(1, net.nodes[1].tick(1001.0 + s.KEY_RETRY), 1001.0 + s.KEY_RETRY)
+    assert net.nodes[1].generation_secret(2, 3, outbound=True) is not None
+    assert net.nodes[1].next_retry(1002.0) is None
+
+
+def test_channel_a_new_session_resends_unanswered_offers_at_once() -> None:
+    """After a VPP restart the first KeyInit dies while VPP resolves the neighbour; the
+    handshake that follows carries it again instead of leaving it to KEY_RETRY."""
+    net = up(Net())
+    net.lose = {len(net.wire)}  # the KeyInit
+    net.run(1, net.nodes[1].start_generation(1001.0, 2, 5), 1001.0)
+    assert net.nodes[1].generation_secret(2, 5, outbound=True) is None
+    net.run(1, net.nodes[1].restarted(1001.1, 999), 1001.1)  # well before KEY_RETRY
+    assert net.nodes[1].generation_secret(2, 5, outbound=True) == \
+        net.nodes[2].generation_secret(1, 5, outbound=False) is not None
+    assert net.nodes[1].held_private_keys() == 0
+
+
 def test_channel_key_exchanges_of_the_two_directions_are_independent() -> None:
     """Both nodes start their own outbound generation 4 at once: two exchanges, two
     secrets, each node holding its outbound and its inbound one."""

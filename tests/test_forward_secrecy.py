@@ -39,6 +39,7 @@ from vppmesh.epochs import (
     initial,
     schedule,
 )
+from vppmesh.errors import VppMeshError
 from vppmesh.keys import (
     NodeSecrets,
     load_secrets,
@@ -584,6 +585,28 @@ def test_forward_secrecy_receiver_vpp_restart_makes_the_sender_rekey_at_once(
     agents.run("node1")  # node2 said its inbound generation 2 is installed
     assert out_generation(agents, "node1") == {2}
     assert agents.link_ok("node1", "node2") and agents.forward_secret()
+
+
+def test_forward_secrecy_restart_is_announced_once_vpp_holds_the_mesh(
+        agents: Agents) -> None:
+    """A restarted VPP without its uplink address yet (the host gives it back after VPP
+    starts) can send nothing: the announcement waits for the run that programs VPP
+    instead of dying there and waiting for a retry."""
+    agents.until(lambda: agents.slid(1), "both pairs agreed and slid")
+    vpp = agents.restart_vpp("node2")
+    uplink = dict(vpp.addresses)
+    vpp.addresses.clear()
+    with pytest.raises(VppMeshError, match="primary underlay address"):
+        agents.run("node2")
+    sent = len(agents.relay.relayed)
+    agents.settle()
+    assert agents.relay.relayed[sent:] == []  # nothing announced from an unprogrammed VPP
+    vpp.addresses.update(uplink)
+    agents.run("node2")
+    agents.settle()
+    assert {r.sender for r in agents.relay.relayed[sent:]} == {"node1", "node2"}
+    sender = agents.run("node1")
+    assert any("agreeing generation 2" in n and "rekey requested" in n for n in sender.notes)
 
 
 def test_forward_secrecy_agent_restart_adopts_what_vpp_holds(agents: Agents) -> None:

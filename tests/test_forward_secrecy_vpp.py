@@ -9,8 +9,9 @@ generation over their channel, and what an attacker seizes afterwards decrypts n
   PSK, mesh file, state directories) fed to an independent decryptor that tries every key
   the static schedule can produce opens none.
 - Rekeys every few seconds under a 100 pps pod ping and a TCP stream lose nothing.
-- A receiver's VPP restart makes its peer rekey towards it within a second of its agent
-  reconnecting; two VPP restarts in a row without traffic leave the pair working.
+- A receiver's VPP restart makes its peer rekey towards it at once, in answer to the
+  restart's announcement (the time it took is printed); two VPP restarts in a row
+  without traffic leave the pair working.
 
 Two nodes (prefix vfs-). Skipped with the reason when no VPP binary is found or when not
 root. Select with `pytest -k forward_secrecy`.
@@ -189,26 +190,40 @@ def test_forward_secrecy_rekeys_under_ping_and_tcp_lose_nothing(
 
 def test_forward_secrecy_receiver_restart_makes_the_peer_rekey_at_once(
         bed: Testbed, agents: dict[str, vpp_helpers.WatchAgent]) -> None:
+    """Nothing else makes the sender rekey here (rekey_interval 0, key limits far): its
+    step must be the answer to the restart's announcement, taken in the runs the channel
+    wakes (the very next run on the fake VPPs: tests/test_forward_secrecy.py). How long
+    that took is printed (docs/design.md, Key generations, has the figures)."""
     sender, receiver = bed.nodes
-    with vpp_helpers.SteadyPing(sender.pod_netns(0), str(receiver.pod_address(0))):
-        time.sleep(2 * GRACE + 1)  # traffic on the generation in use, windows slid
-        before = peer_state(sender, receiver).out
-        bed.restart_vpp(receiver)
-        stepped: list[float] = []
+    try:
+        with vpp_helpers.SteadyPing(sender.pod_netns(0), str(receiver.pod_address(0))):
+            time.sleep(2 * GRACE + 1)  # traffic on the generation in use, windows slid
+            before = peer_state(sender, receiver).out
+            log_before = len(agents[sender.name].text())
+            bed.restart_vpp(receiver)
+            stepped: list[float] = []
 
-        def rekeyed() -> bool:
-            if peer_state(sender, receiver).out > before:
-                stepped.append(time.time())
-                return True
-            return False
+            def rekeyed() -> bool:
+                if peer_state(sender, receiver).out > before:
+                    stepped.append(time.time())
+                    return True
+                return False
 
-        wait_for(rekeyed, 20, f"{sender.name} to rekey towards the restarted {receiver.name}",
-                 interval=0.02)
-    back = log_time(agents[receiver.name].text(), "VPP is back")
-    print(f"\n{sender.name} rekeyed towards {receiver.name} {stepped[0] - back:.2f} s after "
-          f"{receiver.name}'s agent programmed its restarted VPP", flush=True)
-    assert stepped[0] - back < 1.0
-    reattach(bed, receiver)
+            wait_for(rekeyed, 20,
+                     f"{sender.name} to rekey towards the restarted {receiver.name}",
+                     interval=0.02)
+        back = log_time(agents[receiver.name].text(), "VPP is back")
+        print(f"\n{sender.name} rekeyed towards {receiver.name} {stepped[0] - back:.2f} s "
+              f"after {receiver.name}'s agent programmed its restarted VPP", flush=True)
+        notes = [line for line in agents[sender.name].text()[log_before:].splitlines()
+                 if line.startswith(f"* {receiver.name}: ") and
+                 ("agreeing generation" in line or "outbound generation" in line)]
+        step = f"outbound generation {before} -> {before + 1} (rekey requested)"
+        assert notes[:2] == [
+            f"* {receiver.name}: agreeing generation {before + 1} with the peer's agent "
+            "(rekey requested)", f"* {receiver.name}: {step}"], notes
+    finally:
+        reattach(bed, receiver)  # the next tests ping its pod
     assert vpp_helpers.pod_ping(sender, receiver, count=3).returncode == 0
     wait_for(lambda: all_forward_secret(bed), 30, "agreed keys both ways again")
 

@@ -216,8 +216,10 @@ def test_agent_restart_loses_no_packet(bed: Testbed, pods: dict[str, Any],
     wait_for(lambda: vpp_helpers.ping_ok(pod_ns(n1), target), 30, "pod-to-pod ping")
     ping_log = BASE / "agent-restart-ping.txt"
     with ping_log.open("w") as out:
+        # A count, not a deadline: -w alone ends ping with the last reply in flight,
+        # which would count as lost; with -c ping waits for every reply (up to -w).
         pinger = subprocess.Popen(["ip", "netns", "exec", pod_ns(n1), "ping", "-D", "-i",
-                                   "0.05", "-w", "25", target], stdout=out,
+                                   "0.05", "-c", "500", "-w", "60", target], stdout=out,
                                   stderr=subprocess.STDOUT)
     time.sleep(2)
     for node in (n1, n2):

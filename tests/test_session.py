@@ -107,3 +107,82 @@ def test_watch_ticks_end_between_runs_once_stopped(tmp_path: Path) -> None:
     started = time.monotonic()
     assert list(ticks) == []  # the first tick (2 s away) never came
     assert time.monotonic() - started < 1.0
+
+
+def test_watch_tick_the_channel_asks_for_waits_only_until_it_may_come(tmp_path: Path) -> None:
+    """A run the channel asks for while the last one is too recent comes once the gap
+    has passed, not at the next file check."""
+    from vppmesh.watch import WATCH_FILE_CHECK_SECONDS, poll_ticks
+
+    mesh = tmp_path / "mesh.yaml"
+    mesh.write_text("x")
+    allowed = time.monotonic() + 0.05
+    pauses: list[float] = []
+
+    def wait(seconds: float) -> bool:
+        pauses.append(seconds)
+        if len(pauses) == 1:
+            return True  # a datagram at once: the channel wants a run
+        time.sleep(seconds)
+        return False
+
+    next(poll_ticks(mesh, wait=wait, early_in=lambda: allowed - time.monotonic()))
+    assert pauses[0] == WATCH_FILE_CHECK_SECONDS
+    assert len(pauses) == 2 and pauses[1] <= 0.05
+
+
+def test_watch_tick_comes_when_vpp_makes_its_api_socket_again(tmp_path: Path) -> None:
+    """A restarted VPP makes its API socket again: the next run comes at the next file
+    check, not at the next poll, and so does one when the socket is gone."""
+    from vppmesh.watch import WATCH_FILE_CHECK_SECONDS, poll_ticks
+
+    mesh, api = tmp_path / "mesh.yaml", tmp_path / "api.sock"
+    mesh.write_text("x")
+    api.write_text("")
+    waits: list[float] = []
+
+    def wait(seconds: float) -> bool:
+        waits.append(seconds)
+        if len(waits) == 2:
+            made = tmp_path / "api.new"
+            made.write_text("")
+            made.replace(api)  # another inode: VPP started again
+        if len(waits) == 4:
+            api.unlink()  # VPP stopped
+        return False
+
+    ticks = poll_ticks(mesh, wait=wait, vpp_socket=api)
+    next(ticks)
+    assert len(waits) == 2
+    next(ticks)
+    assert len(waits) == 4 and waits == [WATCH_FILE_CHECK_SECONDS] * 4
+
+
+def test_agent_loop_spaces_channel_runs_by_plain_steps_only(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The gap before a run the channel asks for is 3 x the last plain step: a first
+    step, a failed one or one that recovered a restarted VPP does not set it."""
+    from types import SimpleNamespace
+
+    from vppmesh import watch
+
+    clock = SimpleNamespace(now=100.0)
+    monkeypatch.setattr(watch, "time", SimpleNamespace(monotonic=lambda: clock.now))
+    monkeypatch.setattr(watch, "give_back_uplinks", lambda opts: None)
+    script = [(0.5, 1), (0.1, 1), (0.4, 2), (0.3, None), (0.02, 2)]
+
+    class FakeSession:
+        def run(self) -> object:
+            seconds, pid = script.pop(0)
+            clock.now += seconds
+            if pid is None:
+                raise VppMeshError("no VPP interface holding the primary underlay address")
+            return SimpleNamespace(vpp_pid=pid, seconds=seconds, changes=[], pod_report=None)
+
+    loop = watch.AgentLoop(FakeSession(), SimpleNamespace())  # type: ignore[arg-type]
+    gaps = []
+    for _ in range(5):
+        loop.run([None])
+        gaps.append(round(loop.early_in(), 3))
+    assert gaps == [watch.EARLY_MIN_GAP, 0.3, 0.3, 0.3, 0.06]
+    assert loop.recovered is False and loop.last_pid == 2

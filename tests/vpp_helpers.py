@@ -272,13 +272,14 @@ def assert_pods_ping(pairs: Iterable[tuple[NodeHandle, NodeHandle]], *, count: i
 
 
 class SteadyPing:
-    """`ping -i interval -q` from a namespace for as long as a `with` block runs, stopped
+    """`ping -i interval` from a namespace for as long as a `with` block runs, stopped
     with SIGINT so that it prints its summary (`summary` after the block). Traffic that a
     check needs (a packet to replay, an SA that moves) then flows however long the check
     takes to start, instead of for a count or a deadline guessed in advance."""
 
     def __init__(self, ns: str, target: str, interval: float = 0.2) -> None:
-        self.args = ["ip", "netns", "exec", ns, "ping", "-i", f"{interval:g}", "-q", target]
+        self.args = ["ip", "netns", "exec", ns, "ping", "-i", f"{interval:g}", target]
+        self.output = ""
         self.summary = ""
 
     def __enter__(self) -> SteadyPing:
@@ -289,15 +290,24 @@ class SteadyPing:
     def __exit__(self, *exc: object) -> None:
         self.proc.send_signal(signal.SIGINT)  # `ip netns exec` execs ping: same process
         try:
-            self.summary, _ = self.proc.communicate(timeout=30)
+            self.output, _ = self.proc.communicate(timeout=30)
         finally:
             stop_process(self.proc)
+        self.summary = "\n".join(line for line in self.output.splitlines()
+                                 if "icmp_seq=" not in line)
 
     def loss_percent(self) -> float:
-        found = re.search(r" ([\d.]+)% packet loss", self.summary)
+        """The requests left unanswered, in percent of those whose fate was known when
+        ping stopped: every one up to the last answered. SIGINT ends ping at once, so the
+        requests still in flight then (after the last reply) are not losses; a request
+        lost while the stream went on always has a later one answered."""
+        found = re.search(r"(\d+) packets transmitted", self.summary)
         assert found, f"no ping summary: {self.summary!r}"
-        return float(found.group(1))
-
+        answered = {int(n) for n in re.findall(r"bytes from .* icmp_seq=(\d+) ", self.output)}
+        if not answered:
+            return 100.0
+        known = max(answered)
+        return 100.0 * (known - len(answered)) / known
 
 def iperf3_server(ns: str) -> subprocess.Popen[bytes]:
     """A one-shot iperf3 server (`-s -1`) in a namespace."""

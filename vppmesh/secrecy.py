@@ -253,6 +253,7 @@ class Secrecy:
         # Outbound agreed keys retired by applied(), (key, salt): the ledger forgets them.
         self.retired: list[tuple[bytes, int]] = []
         self._outbox: list[s.Output] = []
+        self._announce: int | None = None  # the boot id of a restart not yet announced
         self.unavailable: str | None = None  # why there is no channel (told once)
         # NAT: per peer behind one, where its record says its ESP arrives (address and
         # port) and, per tunnel, the port its authenticated datagrams came from instead;
@@ -307,11 +308,12 @@ class Secrecy:
                 channel = s.Channel(view.node.node_number, view.secrets, [],
                                     boot_id=boot_id)
                 self.endpoint = ChannelEndpoint(channel, transport, {})
-                self._configs, self._stated = {}, {}
+                self._configs, self._stated, self._announce = {}, {}, None
                 self._followed = None
             elif restarted:
-                log.info("VPP restarted: telling every peer's agent")
-                self.endpoint.emit(self.endpoint.channel.restarted(self.clock(), boot_id))
+                # Told once this VPP holds the mesh (flush): before that it has no address
+                # to send from, and every datagram would wait for a retry.
+                self._announce = boot_id
         self.follow(view)
 
     def _esp_flow_registrations(self, api: VppApi) -> list[Request]:
@@ -395,10 +397,15 @@ class Secrecy:
 
     # ---- between runs --------------------------------------------------------------
     def wait(self, timeout: float) -> bool:
-        """Wait up to `timeout` for the channel; True when a run should follow now."""
+        """Wait up to `timeout` for the channel, less when one of its retries is due
+        sooner; True when a run should follow now."""
         if self.endpoint is None:
             time.sleep(timeout)
             return False
+        now = self.clock()
+        retry = self.endpoint.channel.next_retry(now)
+        if retry is not None:
+            timeout = max(0.0, min(timeout, retry - now))
         readable, _, _ = select.select([self], [], [], timeout)
         return self.service(receive=bool(readable))
 
@@ -604,8 +611,13 @@ class Secrecy:
                 self._outbox.append(channel.start_generation(now, number, want))
 
     def flush(self) -> None:
-        """Send what applied() queued (after the generation state is saved)."""
+        """Send what applied() queued (after the generation state is saved), after a
+        restart of VPP first its announcement."""
         outbox, self._outbox = self._outbox, []
+        if self.endpoint is not None and self._announce is not None:
+            log.info("VPP restarted: telling every peer's agent")
+            outbox.insert(0, self.endpoint.channel.restarted(self.clock(), self._announce))
+            self._announce = None
         if self.endpoint is not None:
             for out in outbox:
                 self.endpoint.emit(out)

@@ -58,28 +58,36 @@ def sleep(seconds: float) -> bool:
 def poll_ticks(path: Path, hurry: Callable[[], bool] = lambda: False,
                wait: Callable[[float], bool] = sleep,
                stop: threading.Event | None = None,
-               early: Callable[[], bool] = lambda: True) -> Iterator[None]:
-    """Yield every WATCH_POLL_SECONDS, at once when `path` changes, and when `wait`
-    (which waits up to the seconds it is given: the agents' channel) says so.
+               early_in: Callable[[], float] = lambda: 0.0,
+               vpp_socket: Path | None = None) -> Iterator[None]:
+    """Yield every WATCH_POLL_SECONDS, at once when `path` changes or VPP's API socket
+    `vpp_socket` is made again or removed (VPP restarted or stopped: the recovery, or
+    giving the uplinks back, need not wait for the next poll), and when `wait` (which
+    waits up to the seconds it is given: the agents' channel) says so.
 
     A plain timer rather than filesystem events: the agent must run on schedule however
     busy the directory is (rekeys, key limits and receiver windows depend on it), and a
     stream of unrelated events must not be able to starve it. While `hurry()` (VPP is
     away) the next tick comes after WATCH_VPP_RETRY_SECONDS. Ends once `stop` is set.
-    A tick the channel asks for comes as soon as `early()` allows (AgentLoop spaces
-    such runs by their cost).
+    A tick the channel asks for comes as soon as `early_in()` (the seconds until a run
+    may come early: AgentLoop spaces such runs by their cost) allows, not at the next
+    file check.
     """
-    signature = agent.file_signature(path)
+    watched = [path] if vpp_socket is None else [path, vpp_socket]
+    signature = [agent.file_signature(p) for p in watched]
     stop = stop or threading.Event()
     while not stop.is_set():
         interval = WATCH_VPP_RETRY_SECONDS if hurry() else WATCH_POLL_SECONDS
         deadline = time.monotonic() + interval
         wanted = False
         while time.monotonic() < deadline and not stop.is_set():
-            wanted |= wait(min(WATCH_FILE_CHECK_SECONDS, interval))
-            if wanted and early():
+            pause = min(WATCH_FILE_CHECK_SECONDS, interval)
+            if wanted:
+                pause = min(pause, max(0.0, early_in()))
+            wanted |= wait(pause)
+            if wanted and early_in() <= 0:
                 break
-            now = agent.file_signature(path)
+            now = [agent.file_signature(p) for p in watched]
             if now != signature:
                 signature = now
                 break
@@ -123,25 +131,33 @@ class AgentLoop:
         self.last_seconds = 0.0  # and how long it took
         self.failed = False  # the last step failed
         self.last_pid: int | None = None
+        self.recovered = False  # the last step programmed a VPP met again (restarted)
 
     def run(self, ticks: Iterable[object]) -> None:
         for _tick in ticks:
-            started = time.monotonic()
+            started, first = time.monotonic(), self.last_pid is None
             self.step()
             self.last_end = time.monotonic()
-            self.last_seconds = self.last_end - started
+            if not (first or self.recovered or self.failed):
+                self.last_seconds = self.last_end - started
+
+    def early_in(self) -> float:
+        """Seconds until a step the channel asks for may come, before its schedule (0:
+        now): three times the last step's duration after it ended. A small mesh answers
+        its peers within a tenth of a second; a large one, whose runs cost more, batches
+        their messages instead of running back to back. Only a plain step's duration
+        counts: a first one, a failed one or one that recovered from a VPP restart (a
+        full reconcile, pods re-attached) says nothing about the next, and after a
+        restart the peers' answers are what the pair waits for."""
+        return self.last_end + max(EARLY_MIN_GAP, 3 * self.last_seconds) - time.monotonic()
 
     def may_run_early(self) -> bool:
-        """Whether a step the channel asks for may come now, before its schedule: once
-        three times the last step's duration has passed since it ended. A small mesh
-        answers its peers within a tenth of a second; a large one, whose runs cost more,
-        batches their messages instead of running back to back."""
-        return time.monotonic() - self.last_end >= max(EARLY_MIN_GAP, 3 * self.last_seconds)
+        return self.early_in() <= 0
 
     def step(self) -> agent.UpResult | None:
         """Run the session once; the result, or None if the run failed."""
         attempt = time.monotonic()
-        self.failed = True
+        self.failed, self.recovered = True, False
         try:
             result = self.session.run()
         except VppUnavailableError as exc:
@@ -165,13 +181,14 @@ class AgentLoop:
         self.failed = False
         elapsed = time.monotonic() - attempt
         restarted = self.last_pid is not None and result.vpp_pid != self.last_pid
+        self.recovered = self.vpp_gone_at is not None or restarted
         pods = result.pod_report
-        if self.vpp_gone_at is not None or restarted:
+        if self.recovered:
             log.info("VPP is back (pid %s): mesh programmed again in %.0f ms after it "
                      "answered (%d change(s)); %d pod(s) re-attached in %.0f ms in all",
                      result.vpp_pid, result.seconds * 1000, len(result.changes),
                      len(pods.reattached) if pods else 0, elapsed * 1000)
-        self.measured(result, elapsed, restarted=self.vpp_gone_at is not None or restarted,
+        self.measured(result, elapsed, restarted=self.recovered,
                       unavailable=attempt - self.vpp_gone_at
                       if self.vpp_gone_at is not None else None)
         self.vpp_gone_at = None
@@ -233,7 +250,8 @@ def watch_loop(opts: agent.NodeOptions, metrics: AgentMetrics | None = None,
         signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
         loop.run(poll_ticks(opts.mesh_file, hurry=lambda: loop.vpp_gone_at is not None,
-                            wait=secrecy.wait, stop=stop, early=loop.may_run_early))
+                            wait=secrecy.wait, stop=stop, early_in=loop.early_in,
+                            vpp_socket=opts.api_socket))
         log.info("stopped (SIGTERM)")
     finally:
         secrecy.close()

@@ -221,6 +221,11 @@ class _Peer:
     heard: dict[str, int] = field(default_factory=dict)
 
 
+def _handshake_retry(state: _Peer) -> float:
+    """How long an unanswered handshake waits before it is sent again."""
+    return min(HANDSHAKE_RETRY * 2 ** max(state.attempts - 1, 0), HANDSHAKE_RETRY_MAX)
+
+
 def pair_mac_key(static_secret: bytes, psk: bytes) -> bytes:
     return _MAC_SUITE.hash(MAC_LABEL + static_secret + psk)
 
@@ -389,9 +394,7 @@ class Channel:
                 continue
             session = self._usable(state, now)
             if state.pending is not None:
-                wait = min(HANDSHAKE_RETRY * 2 ** max(state.attempts - 1, 0),
-                           HANDSHAKE_RETRY_MAX)
-                if now - state.pending.sent >= wait:
+                if now - state.pending.sent >= _handshake_retry(state):
                     out.extend(self._initiate(now, state))
             elif session is None or now - session.created >= REKEY_AFTER + (
                     0.0 if session.initiator else REKEY_RESPONDER_SLACK):
@@ -407,6 +410,21 @@ class Channel:
                 for message in self._ack_messages(state) or [m.Keepalive()]:
                     out.extend(self._transmit(now, state, session, message))
         return out
+
+    def next_retry(self, now: float) -> float | None:
+        """When tick's earliest retry is due (a handshake, or a KeyInit over a usable
+        session, still unanswered), or None. The loop waits no longer than that: after a
+        VPP restart the first datagrams die while VPP resolves its neighbours, and a retry
+        that waits for the loop's next poll adds that poll's period to the recovery."""
+        due = []
+        for state in self._peers.values():
+            if state.endpoint is None:
+                continue
+            if state.pending is not None:
+                due.append(state.pending.sent + _handshake_retry(state))
+            if state.offers and self._usable(state, now) is not None:
+                due += [sent + KEY_RETRY for _key, sent in state.offers.values()]
+        return min(due, default=None)
 
     # ---- receiving ----------------------------------------------------------------------
     def receive(self, now: float, source: Address, data: bytes) -> Output:
@@ -637,7 +655,13 @@ class Channel:
             out.events.append(PeerRestarted(peer, hello.boot_id))
         state.boot_id = hello.boot_id
         queued, state.queue = state.queue, []
-        for message in queued + self._ack_messages(state):
+        # Offers still unanswered go again at once: the new session proves the path,
+        # and after a VPP restart the first ones died while VPP resolved the neighbour.
+        offers = []
+        for generation, (key, _sent) in state.offers.items():
+            state.offers[generation] = (key, now)
+            offers.append(m.KeyInit(generation, public_bytes(key)))
+        for message in queued + self._ack_messages(state) + offers:
             out.extend(self._transmit(now, state, session, message))
         return out
 

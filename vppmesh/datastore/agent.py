@@ -331,7 +331,10 @@ class MembershipAgent:
                 return False
             if self.secrecy.endpoint is None:  # no channel: only the membership
                 return self.changed.wait(left)
-            wanted |= self.secrecy.wait(min(left, CHANNEL_CHECK_SECONDS))
+            pause = min(left, CHANNEL_CHECK_SECONDS)
+            if wanted:  # a run is asked for: wait only until it may come
+                pause = min(pause, max(0.0, self.loop.early_in()))
+            wanted |= self.secrecy.wait(pause)
             if wanted and self.loop.may_run_early():
                 return True
         return True
