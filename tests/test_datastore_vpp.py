@@ -89,7 +89,10 @@ def numbers(mesh: Mesh) -> dict[str, int]:
 
 
 def mesh_view(node: NodeHandle) -> dict[int, list[tuple[int, bool]]]:
-    """{peer number: [(sw_if_index, up and protected)]} of our tunnels in node's VPP."""
+    """{peer number: [(sw_if_index, up and protected)]} of our tunnels in node's VPP.
+
+    Three dumps while the agent may be programming: a tunnel made after the interface
+    dump is not ready yet (the next look sees it)."""
     with VppClient(node.instance.api_socket).connect() as api:
         ifaces = {i.sw_if_index: i for i in interfaces.dump_interfaces(api)}
         protections = ipsec.dump_protections(api)
@@ -98,7 +101,8 @@ def mesh_view(node: NodeHandle) -> dict[int, list[tuple[int, bool]]]:
             if not is_owned_tunnel_instance(t.instance):
                 continue
             peer, _ = split_tunnel_instance(t.instance)
-            ready = ifaces[t.sw_if_index].admin_up and t.sw_if_index in protections
+            iface = ifaces.get(t.sw_if_index)
+            ready = iface is not None and iface.admin_up and t.sw_if_index in protections
             out.setdefault(peer, []).append((t.sw_if_index, ready))
         return out
 
