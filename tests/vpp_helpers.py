@@ -309,6 +309,7 @@ class SteadyPing:
         known = max(answered)
         return 100.0 * (known - len(answered)) / known
 
+
 def iperf3_server(ns: str) -> subprocess.Popen[bytes]:
     """A one-shot iperf3 server (`-s -1`) in a namespace."""
     return subprocess.Popen(["ip", "netns", "exec", ns, "iperf3", "-s", "-1"],

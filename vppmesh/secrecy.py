@@ -614,13 +614,14 @@ class Secrecy:
         """Send what applied() queued (after the generation state is saved), after a
         restart of VPP first its announcement."""
         outbox, self._outbox = self._outbox, []
-        if self.endpoint is not None and self._announce is not None:
+        if self.endpoint is None:
+            return
+        if self._announce is not None:
             log.info("VPP restarted: telling every peer's agent")
             outbox.insert(0, self.endpoint.channel.restarted(self.clock(), self._announce))
             self._announce = None
-        if self.endpoint is not None:
-            for out in outbox:
-                self.endpoint.emit(out)
+        for out in outbox:
+            self.endpoint.emit(out)
 
     # ---- reporting -------------------------------------------------------------------
     def counters(self) -> dict[str, int]:

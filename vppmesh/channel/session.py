@@ -226,6 +226,14 @@ def _handshake_retry(state: _Peer) -> float:
     return min(HANDSHAKE_RETRY * 2 ** max(state.attempts - 1, 0), HANDSHAKE_RETRY_MAX)
 
 
+def _offers_again(state: _Peer, now: float, after: float) -> list[m.KeyInit]:
+    """The KeyInits of the peer's offers unanswered for `after` seconds, sent now."""
+    due = [(g, key) for g, (key, sent) in state.offers.items() if now - sent >= after]
+    for generation, key in due:
+        state.offers[generation] = (key, now)
+    return [m.KeyInit(generation, public_bytes(key)) for generation, key in due]
+
+
 def pair_mac_key(static_secret: bytes, psk: bytes) -> bytes:
     return _MAC_SUITE.hash(MAC_LABEL + static_secret + psk)
 
@@ -401,11 +409,8 @@ class Channel:
                 out.extend(self._initiate(now, state))
             if session is None:
                 continue
-            for generation, (key, sent) in list(state.offers.items()):
-                if now - sent >= KEY_RETRY:
-                    state.offers[generation] = (key, now)
-                    out.extend(self._transmit(now, state, session,
-                                              m.KeyInit(generation, public_bytes(key))))
+            for message in _offers_again(state, now, KEY_RETRY):
+                out.extend(self._transmit(now, state, session, message))
             if now - state.last_sent >= KEEPALIVE_AFTER:
                 for message in self._ack_messages(state) or [m.Keepalive()]:
                     out.extend(self._transmit(now, state, session, message))
@@ -657,10 +662,7 @@ class Channel:
         queued, state.queue = state.queue, []
         # Offers still unanswered go again at once: the new session proves the path,
         # and after a VPP restart the first ones died while VPP resolved the neighbour.
-        offers = []
-        for generation, (key, _sent) in state.offers.items():
-            state.offers[generation] = (key, now)
-            offers.append(m.KeyInit(generation, public_bytes(key)))
+        offers = _offers_again(state, now, 0.0)
         for message in queued + self._ack_messages(state) + offers:
             out.extend(self._transmit(now, state, session, message))
         return out
