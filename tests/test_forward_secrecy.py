@@ -295,11 +295,18 @@ def test_forward_secrecy_claimed_generation_without_a_key_counts_as_used(pair_vi
     _, key_used = observe_keys(pair_view.vpp, view, state, pair_view.ledger, book,
                                Offering())  # type: ignore[arg-type]
     assert not key_used("node2", 1)  # its offer is under way: the step waits for it
-    # The scheduler, after a VPP restart burnt generation 0, skips 1 for 2 (no channel).
+    # The scheduler, after a VPP restart burnt generation 0, skips 1 for 2 (no channel),
+    # with `forward_secrecy: preferred`; `required` (the default) stops the pair instead:
+    # its agents met (an offer was made), so no static key may follow.
     observations, key_used = observe_keys(pair_view.vpp, view, state, pair_view.ledger, book)
+    preferred = view.settings.model_copy(update={"forward_secrecy": "preferred"})
+    out = schedule(state.model_copy(deep=True), preferred, {"node2": peer.node.public_key},
+                   observations, now=1, key_used=lambda n, g: g == 0 or key_used(n, g))
+    assert out.keying["node2"].outbound == 2 and out.downgraded == {"node2"}
     out = schedule(state, view.settings, {"node2": peer.node.public_key}, observations,
                    now=1, key_used=lambda n, g: g == 0 or key_used(n, g))
-    assert out.keying["node2"].outbound == 2
+    assert "node2" not in out.keying and out.stopped == {"node2": "no agreement"}
+    assert state.peers["node2"].out == 0
 
 
 def key_text_forms(key: bytes) -> list[bytes]:
@@ -502,7 +509,11 @@ def test_forward_secrecy_two_agents_move_to_agreed_keys(agents: Agents) -> None:
     # Both receivers slide to the agreed generation; the static generation 0 is gone.
     agents.until(lambda: agents.slid(1), "both windows slid to generation 1")
     assert agents.forward_secret()
-    assert {spi & 0xF for spi in agents.sas("node2", False)} == {1, 2, 3}
+    # Only agreed inbound SAs (`forward_secrecy: required`): generations 2 and 3 of the
+    # window get theirs once agreed, never a static key beforehand.
+    assert {spi & 0xF for spi in agents.sas("node2", False)} == {1}
+    static = static_keys(agents, "node2", "node1", False)
+    assert all(static[spi] != key for spi, (key, _) in agents.sas("node2", False).items())
     assert out_generation(agents, "node1") == {1}
 
 
@@ -775,12 +786,21 @@ def test_forward_secrecy_without_a_punt_socket_the_static_schedule_runs(
     assert agents.relay.relayed == []
 
 
-def test_forward_secrecy_a_peer_whose_agent_stopped_falls_back_to_the_static_schedule(
-        agents: Agents) -> None:
-    """node2's agent stops for good while its VPP runs on: once the last session with it
-    has expired, node1 no longer waits for its word. A VPP restart of node1 then steps
-    to a key node2's VPP still accepts (the static schedule), never to no tunnel at
-    all; when node2's agent is back the pair returns to agreed keys."""
+@pytest.fixture
+def preferred_agents() -> Iterator[Agents]:
+    pair = Agents(forward_secrecy="preferred")
+    yield pair
+    pair.close()
+
+
+def test_forward_secrecy_preferred_a_peer_whose_agent_stopped_falls_back_to_static_keys(
+        preferred_agents: Agents, caplog: pytest.LogCaptureFixture) -> None:
+    """`forward_secrecy: preferred`: node2's agent stops for good while its VPP runs on:
+    once the last session with it has expired, node1 no longer waits for its word. A VPP
+    restart of node1 then steps to a key node2's VPP still accepts (the static schedule),
+    never to no tunnel at all, and says so as a downgrade; when node2's agent is back the
+    pair returns to agreed keys."""
+    agents = preferred_agents
     agents.until(lambda: agents.slid(1), "both pairs agreed and slid")
     agents.step()
     agents.secrecy["node2"].close()
@@ -790,12 +810,41 @@ def test_forward_secrecy_a_peer_whose_agent_stopped_falls_back_to_the_static_sch
     agents.restart_vpp("node1")
     result = agents.run("node1")
     assert not result.waiting_peers and not result.blocked_peers  # was: waiting forever
+    assert result.downgraded_peers == ["node2"] and not result.stopped_peers
+    assert any("leaving agreed keys for the static schedule" in n for n in result.notes)
     assert agents.secrecy["node1"].said(agents.sessions["node1"].view()) == {}
     assert out_generation(agents, "node1") == {2}
     assert agents.link_ok("node1", "node2") and agents.link_ok("node2", "node1")
     agents.names = ["node1", "node2"]
     agents.start_agent("node2")
     agents.until(agents.forward_secret, "both pairs on agreed keys again", steps=40)
+
+
+def test_forward_secrecy_required_a_peer_whose_agent_stopped_never_gets_a_static_key(
+        agents: Agents) -> None:
+    """`forward_secrecy: required` (the default): the same story ends with node1's pair
+    stopped (fail closed, reported), never on a static key in either direction; when
+    node2's agent is back the pair returns to agreed keys."""
+    agents.until(lambda: agents.slid(1), "both pairs agreed and slid")
+    agents.step()
+    agents.secrecy["node2"].close()
+    agents.names = ["node1"]
+    for _ in range(int(s.REJECT_AFTER / 2) + 1):
+        agents.step()
+    agents.restart_vpp("node1")
+    result = agents.run("node1")
+    assert result.stopped_peers == {"node2": "no agreement"} and not result.downgraded_peers
+    assert any("no agreed key to send on" in n for n in result.notes)
+    for outbound in (True, False):  # not one static key in node1's VPP, either way
+        static = static_keys(agents, "node1", "node2", outbound)
+        held = agents.sas("node1", outbound, "node2")
+        assert all(static.get(spi) != key for spi, (key, _) in held.items())
+    assert agents.sas("node1", True, "node2") == {}
+    assert agents.generations("node1").peers["node2"].stopped_why == "no agreement"
+    agents.names = ["node1", "node2"]
+    agents.start_agent("node2")
+    agents.until(agents.forward_secret, "both pairs on agreed keys again", steps=40)
+    assert agents.generations("node1").peers["node2"].stopped_since is None
 
 
 # ---- known gaps (strict: each turns red once fixed, so the marker is removed) --------------
@@ -941,7 +990,7 @@ def test_forward_secrecy_receiver_reboot_without_traffic_gets_a_new_key(
         sa["seq_out"] = 0
     agents.restart_vpp("node2")
     agents.start_agent("node2")
-    for _ in range(3):
+    for _ in range(4):  # its first run has no session yet: it waits for the agents
         agents.step(traffic=False)
     assert agents.link_ok("node1", "node2") and agents.link_ok("node2", "node1")
     assert out_generation(agents, "node1") == {2}
@@ -1018,3 +1067,95 @@ def test_channel_crossing_handshakes_after_a_lost_first_attempt_end_on_one_sessi
     assert nodes[1].drops == {} and nodes[3].drops == {}
     assert nodes[1].stats["collisions"] + nodes[3].stats["collisions"] == 1
     assert nodes[1].stats["received"] == 1 == nodes[3].stats["received"]
+
+
+# ---- an attacker on the path: no quiet downgrade, no key past its limit ------------------
+
+def key_exchange_sized(relayed: object) -> bool:
+    """The attacker's filter: channel transport datagrams the size of a KeyInit or a
+    KeyResponse (once every transport plaintext is padded to one size, that is every
+    transport datagram: the attacker cannot pick the key exchange out)."""
+    payload = relayed.payload  # type: ignore[attr-defined]
+    size = len(m.transport_header(1, 2, 0, 0)) + len(m.encode(m.KeyInit(1, bytes(32)))) + 16
+    return payload[1] == m.DatagramType.TRANSPORT and len(payload) == size
+
+
+@pytest.mark.parametrize("mode", ["required", "preferred"])
+def test_forward_secrecy_dropped_key_exchanges_never_stretch_a_key_past_its_limit(
+        mode: str) -> None:
+    """An attacker drops only the key exchange: sessions and keepalives live on, no new
+    generation is ever agreed. The key in use still stops at its hard limit (packets
+    here): the pair then sends nothing (fail closed, reported, `stopped_why`), never on
+    the old key past the limit, never on a static key; once the attacker stops, the pair
+    is back on a new agreed key."""
+    agents = Agents(key_max_packets=2048, forward_secrecy=mode)
+    try:
+        agents.until(lambda: agents.slid(1), "both pairs agreed and slid")
+        agents.step()
+        agents.relay.lose = key_exchange_sized
+        limit = agents.mesh.settings.key_max_packets
+        stopped = None
+        for _ in range(40):
+            agents.step()
+            for name, peer in (("node1", "node2"), ("node2", "node1")):
+                for sa_id, sa in agents.vpp(name).sas.items():
+                    if sa_id & SA_DIRECTION_BIT:  # no outbound key beyond its limit
+                        assert sa.get("seq_out", 0) <= limit + 100, (name, sa_id)
+                held = agents.sas(name, True, peer)
+                static = static_keys(agents, name, peer, True)
+                assert all(static[spi] != key for spi, (key, _) in held.items())
+            if agents.results["node1"].stopped_peers:
+                stopped = agents.results["node1"]
+                break
+        assert stopped is not None, "the pair never stopped at its key's hard limit"
+        assert stopped.stopped_peers == {"node2": "key limit"}
+        assert any("reached a hard limit" in n for n in stopped.notes)
+        pg = agents.generations("node1").peers["node2"]
+        assert pg.stopped_why == "key limit" and pg.agreeing_since is not None
+        assert agents.sas("node1", True, "node2") == {}  # sends nothing
+        agents.relay.lose = None
+        agents.until(agents.forward_secret, "a new agreed key once the attacker stops",
+                     steps=40)
+        assert agents.generations("node1").peers["node2"].out > pg.out
+    finally:
+        agents.close()
+
+
+@pytest.mark.parametrize("mode", ["required", "preferred"])
+def test_forward_secrecy_blocked_channel_and_a_forced_step(
+        mode: str, caplog: pytest.LogCaptureFixture) -> None:
+    """The channel's port is blocked (every datagram dropped) until the sessions expire,
+    then node1's VPP restarts (its key is burnt: a step is forced). `required` (the
+    default): no static-schedule key is installed in either direction on either node;
+    the pair is stopped and says why. `preferred`: the pair falls back to a static key,
+    and says so as a downgrade (a warning each time)."""
+    agents = Agents(forward_secrecy=mode)
+    try:
+        agents.until(lambda: agents.slid(1), "both pairs agreed and slid")
+        agents.step()
+        agents.relay.lose = lambda _relayed: True
+        for _ in range(int(s.REJECT_AFTER / 2) + 1):
+            agents.step()
+        agents.restart_vpp("node1")
+        for _ in range(3):
+            agents.step()
+        result = agents.results["node1"]
+        statics = [
+            (name, peer, outbound)
+            for name, peer in (("node1", "node2"), ("node2", "node1"))
+            for outbound in (True, False)
+            for spi, (key, _) in agents.sas(name, outbound, peer).items()
+            if static_keys(agents, name, peer, outbound)[spi] == key]
+        if mode == "required":
+            assert statics == []
+            assert result.stopped_peers == {"node2": "no agreement"}
+            assert not any("forward secrecy lost" in r.message for r in caplog.records)
+        else:
+            assert ("node1", "node2", True) in statics  # the fallback, out in the open
+            assert agents.link_ok("node1", "node2")
+            assert any("forward secrecy lost" in r.message and r.levelname == "WARNING"
+                       for r in caplog.records)
+        agents.relay.lose = None
+        agents.until(agents.forward_secret, "both pairs on agreed keys again", steps=60)
+    finally:
+        agents.close()

@@ -90,6 +90,14 @@ class MeshSettings(BaseModel):
         "ESP/IPIP overhead when unset.",
     )
     crypto: Literal["aes-gcm-256"] = "aes-gcm-256"
+    forward_secrecy: Literal["required", "preferred"] = Field(
+        default="required", description="Once a pair's agents have met over their "
+        "channel, `required` never puts it on a key of the static schedule again, either "
+        "way: a rekey waits for the agents' agreement, and a key that reaches its hard "
+        "limit first stops the pair (fail closed, reported) rather than fall back. "
+        "`preferred` falls back to the static schedule when the agents cannot agree, "
+        "with a warning and a metric each time. A pair whose agents never met (a one-shot "
+        "`up`, no agent on a node) runs on the static schedule either way, and says so.")
     key_epoch: Annotated[int, Field(ge=0, le=2**32 - 1)] = Field(
         default=0, description="Lowest key generation anyone may use: raising it moves every "
         "node's keys forward at once (the manual escape hatch; rekeying is automatic).")

@@ -107,6 +107,19 @@ class PeerGenerations(BaseModel):
     # when one is not its record's `nat.port` (secrecy.py); kept so a restarted agent
     # sends there. Empty: the record's.
     nat_ports: list[int] = []
+    # The pair's agents have spoken over an authenticated session (this public key):
+    # under `forward_secrecy: required` the pair never goes back to static keys.
+    agents_met: bool = False
+    # Since when the next outbound generation is being agreed (None: nothing pending),
+    # and since when the pair has no usable outbound key (None: it has one) and why.
+    agreeing_since: float | None = None
+    stopped_since: float | None = None
+    stopped_why: str | None = None
+
+    @property
+    def pinned(self) -> bool:
+        """Agreed keys only, whatever happens (with `forward_secrecy: required`)."""
+        return self.agents_met or bool(self.ephemeral_out or self.ephemeral_in)
 
     @property
     def window(self) -> tuple[int, ...]:
@@ -160,6 +173,13 @@ class Decision:
     stepped: bool = False
     want: int | None = None  # a generation to agree over the channel before stepping
     waiting: bool = False
+    # The pair left agreed keys for the static schedule (`forward_secrecy: preferred`).
+    downgraded: bool = False
+    # Why the pair has no outbound key, when it fails closed: "key limit" (the key in
+    # use reached a hard limit before a new one was agreed), "no agreement" (agreed keys
+    # are required and the peer's agent cannot be reached), "window" (no generation the
+    # peer surely accepts).
+    stopped: str | None = None
 
 
 def initial(public_key: str, settings: MeshSettings, now: float) -> PeerGenerations:
@@ -243,30 +263,46 @@ def advance(pg: PeerGenerations, obs: PeerObservation, settings: MeshSettings, *
         # Its anti-replay state, or its keys, are gone: a new generation at once, kept
         # as a request until taken.
         pg.rekey_pending = True
+    # Agreed keys only, whatever happens: a pair whose agents have met never moves to a
+    # key of the static schedule, which anyone holding one node's private key (and the
+    # PSK) can recompute for ever; an attacker who blocks the channel must not be able
+    # to bring that about.
+    strict = settings.forward_secrecy == "required" and pg.pinned
     upgrade = said is not None and pg.out not in pg.ephemeral_out
+    hard = obs.out_installed and hard_limit_reached(pg, obs, settings, now)
     reason = lost if forced else (
         "rekey requested" if pg.rekey_pending else
         soft_limit_reached(pg, obs, settings, now) if obs.out_installed else None)
     # A request over the channel is taken even for a key that protected nothing: the
     # peer may have lost it.
     asked = said is not None and pg.rekey_pending
-    if reason is not None and not forced and not asked and obs.out_installed and \
-            obs.out_packets == 0:
-        # A key that never protected a packet has nothing to rotate away from, and each
-        # step spends a generation of the peer's window: keep it.
+    if reason is not None and not forced and not asked and not hard and said is None and \
+            obs.out_installed and obs.out_packets == 0:
+        # On the static schedule a key that never protected a packet has nothing to
+        # rotate away from, and each step spends a generation of the peer's window
+        # (which only traffic both ways gives back): keep it. With the agents, steps
+        # are acknowledged and idle pairs rotate too (the forward-secrecy window).
         reason, pg.rekey_pending = None, False
     if reason is None and upgrade:
         reason = "forward secrecy: the peer's agent answers"
-    if said is None and not forced and pg.out in pg.ephemeral_out and reason in (
-            "rekey requested", "scheduled rekey"):
+    if said is None and reason is not None and (strict or (
+            not forced and not hard and pg.out in pg.ephemeral_out
+            and reason in ("rekey requested", "scheduled rekey"))):
         # A pair on agreed keys is rekeyed by its agents, over their channel: a one-shot
-        # `up` or `rekey` (no channel) leaves the request to them rather than step to a
-        # static key. Key limits still step, with or without the agents.
+        # `up` or `rekey`, or an agent that cannot reach the peer's, leaves the request
+        # to them rather than step to a static key.
+        if forced or hard:
+            why = lost if forced else "its key reached a hard limit"
+            note = (f"{peer}: no agreed key to send on ({why}) and no channel to the "
+                    "peer's agent: the pair is stopped (forward_secrecy: required) until "
+                    "the agents agree a new key; its traffic is dropped")
+            return Decision(keying=None, notes=(note,),
+                            stopped="key limit" if hard and not forced else "no agreement")
         notes.append(f"{peer}: rekey left to the agents (the pair runs on agreed keys)")
         pg.rekey_pending = pg.rekey_pending or reason == "rekey requested"
         return Decision(keying=PeerKeying(outbound=pg.out, inbound=pg.window),
                         notes=tuple(notes))
-    stepped = False
+    stepped = downgraded = False
     if reason is not None:
         candidate = pg.out + 1
         while key_used(candidate):
@@ -274,32 +310,51 @@ def advance(pg: PeerGenerations, obs: PeerObservation, settings: MeshSettings, *
         # A voluntary step leaves the last generation of the peer's window in reserve, so
         # a VPP restart (which burns the key in use) can always step once more.
         edge = pg.floor + WINDOW - (1 if forced else 2)
-        if candidate <= edge and said is not None and not (
+        # A pair that has no usable key anyway (the key is burnt, or at its limit) steps
+        # as soon as the key is agreed, without waiting for the peer's "installed": there
+        # is nothing left to break, and a peer in the same state installs our generation
+        # only once it has a key again itself (each would wait for the other).
+        broken_and_keyed = (forced or hard) and said is not None and candidate in said.keyed
+        if candidate <= edge and said is not None and not broken_and_keyed and not (
                 candidate in said.keyed and said.installed == candidate):
             # Make-before-break by acknowledgement: agree the key, let the peer install
             # it and say so, then step (a later run).
             note = f"{peer}: agreeing generation {candidate} with the peer's agent ({reason})"
             if forced:
                 return Decision(keying=None, notes=(note,), want=candidate, waiting=True)
+            if hard:
+                # The agreement is late (dropped, delayed): the key in use goes no
+                # further than its limit, and no static key stands in.
+                return Decision(keying=None, want=candidate, stopped="key limit", notes=(
+                    note, f"{peer}: its outbound key reached a hard limit before the "
+                    f"agents agreed generation {candidate}: the pair is stopped until "
+                    "they do; its traffic is dropped"))
             return Decision(keying=PeerKeying(outbound=pg.out, inbound=pg.window),
                             notes=(note,), want=candidate)
         if candidate <= edge:
+            if said is None and pg.pinned:
+                # Only `preferred` gets here (`required` returned above).
+                downgraded = True
+                notes.append(f"{peer}: leaving agreed keys for the static schedule "
+                             f"(forward_secrecy: preferred; {reason}, no channel to the "
+                             "peer's agent): generation "
+                             f"{candidate}'s key is not forward secret")
             notes.append(f"{peer}: outbound generation {pg.out} -> {candidate} ({reason})")
             pg.out, pg.out_since, pg.out_sent_at = candidate, now, None
             pg.rekey_pending = False
             stepped = True
-        elif forced or hard_limit_reached(pg, obs, settings, now):
+        elif forced or hard:
             notes.append(
                 f"{peer}: no usable outbound key: generation {candidate} is beyond what the "
                 f"peer surely accepts (up to {pg.floor + WINDOW - 1}); its traffic is dropped. "
                 "Raise settings.key_epoch on every node to resynchronise")
-            return Decision(keying=None, notes=tuple(notes))
+            return Decision(keying=None, notes=tuple(notes), stopped="window")
         else:
             pg.rekey_pending = True
             notes.append(f"{peer}: rekey deferred ({reason}): the peer has not yet moved to "
                          f"generation {pg.out}")
     return Decision(keying=PeerKeying(outbound=pg.out, inbound=pg.window), notes=tuple(notes),
-                    stepped=stepped)
+                    stepped=stepped, downgraded=downgraded)
 
 
 def request_rekey(state: GenerationState) -> int:
@@ -312,13 +367,16 @@ def request_rekey(state: GenerationState) -> int:
 @dataclass
 class Scheduled:
     """schedule()'s outcome: keying per peer (peers that must fail closed, or wait for
-    the peer's agent, are absent), the notes to tell, and the generations to agree over
-    the channel first (`wants`)."""
+    the peer's agent, are absent), the notes to tell, the generations to agree over the
+    channel first (`wants`), the peers stopped (fail closed) and those that left agreed
+    keys for static ones (`forward_secrecy: preferred`)."""
 
     keying: dict[str, PeerKeying] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     wants: dict[str, int] = field(default_factory=dict)
     waiting: set[str] = field(default_factory=set)
+    stopped: dict[str, str] = field(default_factory=dict)  # failed closed, and why
+    downgraded: set[str] = field(default_factory=set)  # left agreed keys (preferred)
 
 
 def schedule(state: GenerationState, settings: MeshSettings, peers: Mapping[str, str],
@@ -337,9 +395,19 @@ def schedule(state: GenerationState, settings: MeshSettings, peers: Mapping[str,
         pg = state.peers.get(name)
         if pg is None or pg.public_key != public_key:
             pg = state.peers[name] = initial(public_key, settings, now)
+        if heard.get(name) is not None:
+            pg.agents_met = True  # the peer's agent answered over an authenticated session
         decision = advance(pg, observations.get(name, PeerObservation()), settings, now=now,
                            key_used=lambda g, n=name: key_used(n, g), peer=name,
                            said=heard.get(name))
+        if decision.want is None:
+            pg.agreeing_since = None
+        elif pg.agreeing_since is None:
+            pg.agreeing_since = now
+        if decision.stopped is None:
+            pg.stopped_since, pg.stopped_why = None, None
+        elif pg.stopped_since is None or pg.stopped_why != decision.stopped:
+            pg.stopped_since, pg.stopped_why = now, decision.stopped
         # Agreed generations the pair no longer uses are forgotten (their keys too).
         pg.ephemeral_out = [g for g in pg.ephemeral_out if g >= pg.out]
         pg.ephemeral_in = [g for g in pg.ephemeral_in if g >= pg.in_base]
@@ -353,6 +421,10 @@ def schedule(state: GenerationState, settings: MeshSettings, peers: Mapping[str,
             out.wants[name] = decision.want
         if decision.waiting:
             out.waiting.add(name)
+        if decision.stopped is not None:
+            out.stopped[name] = decision.stopped
+        if decision.downgraded:
+            out.downgraded.add(name)
     return out
 
 

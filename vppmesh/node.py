@@ -90,6 +90,10 @@ class UpResult:
     rekey_pending: list[str] = field(default_factory=list)
     # Peers without an outbound key for a moment: their agent is installing a new one.
     waiting_peers: list[str] = field(default_factory=list)
+    # Peers failed closed, and why (epochs.Decision.stopped): no agreed key may be used.
+    stopped_peers: dict[str, str] = field(default_factory=dict)
+    # Peers that left agreed keys for the static schedule in this run (`preferred`).
+    downgraded_peers: list[str] = field(default_factory=list)
     # Per peer: does the pair run on agreed (forward-secret) keys, each way.
     secrecy: dict[str, PairSecrecy] = field(default_factory=dict)
     # The engine running AES-GCM-256 (None: not looked at in this run, or unknown).
@@ -151,15 +155,25 @@ def usable_keying(view: LocalView, state: GenerationState, book: KeyBook,
                   keying: Mapping[str, PeerKeying]) -> dict[str, PeerKeying]:
     """`keying` without the inbound generations whose agreed keys nobody holds any
     more (this agent and its VPP both restarted): their static keys are not the
-    sender's, so they are left out, and the sender's agent is told (Restarted)."""
+    sender's, so they are left out, and the sender's agent is told (Restarted).
+
+    With `forward_secrecy: required`, once the pair's agents have met, no inbound
+    generation above the window's base is installed with a static key either: the
+    sender steps only to agreed generations, so a static inbound SA there would only
+    serve a sender tricked into falling back. The base itself keeps its key, whatever
+    it is: the peer's traffic arrives on it while the pair moves to agreed keys."""
+    required = view.settings.forward_secrecy == "required"
     usable = dict(keying)
     for name, peer_keying in keying.items():
         pg = state.peers.get(name)
-        if pg is None or not pg.ephemeral_in:
+        strict = required and pg is not None and pg.pinned
+        if pg is None or not (pg.ephemeral_in or strict):
             continue
         peer = view.peer(name)
+        number = peer.node.node_number
         inbound = tuple(g for g in peer_keying.inbound if book.key(
-            view, peer, pg, outbound=False, tunnel=0, generation=g) is not None)
+            view, peer, pg, outbound=False, tunnel=0, generation=g) is not None and (
+                not strict or g == pg.in_base or book.keys(number, False, g) is not None))
         if inbound != peer_keying.inbound:
             usable[name] = PeerKeying(outbound=peer_keying.outbound, inbound=inbound)
     return usable
@@ -294,6 +308,9 @@ def up(options: NodeOptions, *, dry_run: bool = False, api: VppApi | None = None
                                         key_used=key_used,
                                         said=secrecy.said(view) if secrecy else None)
             notes = scheduled.notes
+            for name in sorted(scheduled.downgraded):  # never quietly (`preferred` only)
+                log.warning("%s: forward secrecy lost: the pair leaves agreed keys for the "
+                            "static schedule (forward_secrecy: preferred)", name)
             if secrecy is not None and not dry_run:
                 secrecy.claim(state, scheduled.wants)
             keying = usable_keying(view, state, book, scheduled.keying)
@@ -343,8 +360,12 @@ def up(options: NodeOptions, *, dry_run: bool = False, api: VppApi | None = None
         return UpResult(desired=desired, changes=changes, seconds=time.monotonic() - started,
                         host_link=desired.host.kind if desired.host else "none",
                         messages=client.messages_sent, notes=notes, vpp_pid=pid,
-                        blocked_peers=sorted(set(peers) - set(keying) - scheduled.waiting),
+                        blocked_peers=sorted(set(peers) - set(keying) - scheduled.waiting
+                                             - {n for n, why in scheduled.stopped.items()
+                                                if why != "window"}),
                         waiting_peers=sorted(scheduled.waiting), mesh=view.mesh,
+                        stopped_peers=dict(sorted(scheduled.stopped.items())),
+                        downgraded_peers=sorted(scheduled.downgraded),
                         secrecy=pair_secrecy(state, peers),
                         rekey_pending=sorted(n for n in peers if state.peers[n].rekey_pending),
                         crypto_engine=engine)

@@ -195,6 +195,16 @@ def report_up(result: agent.UpResult) -> None:
     if result.blocked_peers:
         typer.secho(f"fail closed: no usable key towards {', '.join(result.blocked_peers)}; "
                     "their traffic is dropped", fg=typer.colors.RED, err=True)
+    stopped = {n: why for n, why in result.stopped_peers.items() if why != "window"}
+    if stopped:
+        listed = ", ".join(f"{n} ({why})" for n, why in stopped.items())
+        typer.secho(f"fail closed: no agreed key towards {listed} (forward_secrecy: "
+                    "required); their traffic is dropped until the agents agree one",
+                    fg=typer.colors.RED, err=True)
+    if result.downgraded_peers:
+        typer.secho(f"forward secrecy lost: {', '.join(result.downgraded_peers)} moved to "
+                    "static keys (forward_secrecy: preferred; the agents could not agree)",
+                    fg=typer.colors.YELLOW, err=True)
 
 
 @app.command()
