@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -111,11 +112,14 @@ def test_status_says_static_then_ephemeral_forward_secrecy(node1: Node1) -> None
     assert "with 1 of 2 peer(s); not with node3 (ephemeral out/static in)" in agreed.output
 
     as_json = json.loads(node1.cli("status", "--json").stdout.split("\nwarning:")[0])
-    keys = {p["name"]: (p["keys"], p["forward_secret"], p["secrecy"])
+    keys = {p["name"]: (p["keys"], p["forward_secret"],
+                        {k: p["secrecy"][k] for k in ("outbound", "inbound")})
             for p in as_json["peers"]}
     assert keys == {"node2": ("ephemeral", True, {"outbound": True, "inbound": True}),
                     "node3": ("ephemeral out/static in", False,
                               {"outbound": True, "inbound": False})}
+    assert all(p["key_problems"] == [] and p["secrecy"]["stopped_since"] is None
+               for p in as_json["peers"])
 
 
 def test_plan_says_which_pairs_are_forward_secret_forward_secrecy(node1: Node1) -> None:
@@ -161,3 +165,35 @@ def test_verify_reports_key_kinds_and_requires_forward_secrecy_on_demand(
                        "--require-forward-secrecy")
     assert passed.exit_code == 0, passed.output
     assert "every pair on ephemeral keys (forward secret)" in passed.output
+
+
+def test_a_stalled_agreement_is_visible_and_fails_required_forward_secrecy(
+        node1: Node1) -> None:
+    """Both pairs on agreed keys, but node2's key is older than the forward-secrecy
+    window while its next agreement waits (an attacker drops the key exchange), and
+    node3's pair is stopped at a key limit: `status` names both, and `verify
+    --require-forward-secrecy` fails on them where it passed before."""
+    node1.agree("node2", outbound=True, inbound=True)
+    node1.agree("node3", outbound=True, inbound=True)
+    passed = node1.cli("verify", "--no-probes", "--seconds", "0.5",
+                       "--require-forward-secrecy")
+    assert passed.exit_code == 0, passed.output
+    state = node1.store.load()
+    now = time.time()
+    state.peers["node2"].out_since = now - 3600
+    state.peers["node2"].agreeing_since = now - 3000
+    state.peers["node3"].stopped_since = now - 40
+    state.peers["node3"].stopped_why = "key limit"
+    node1.store.save(state)
+    status = node1.cli("status")
+    assert status.exit_code == 0, status.output
+    assert "node2: agreement of the next key pending for 3000 s" in status.output
+    assert "node2: agreed key 0 is 3600 s old, beyond the forward-secrecy window (670 s)" \
+        in status.output
+    assert "node3: stopped for 40 s (key limit)" in status.output
+    failed = node1.cli("verify", "--no-probes", "--seconds", "0.5",
+                       "--require-forward-secrecy")
+    assert failed.exit_code == 3, failed.output
+    verdict = next(line for line in failed.output.splitlines() if line.startswith("FAIL: "))
+    assert "node1-node2 (agreement" in verdict
+    assert "node1-node3 (stopped for 40 s (key limit)" in verdict

@@ -142,6 +142,35 @@ def test_forward_secrecy_per_peer_and_direction_from_the_generation_file() -> No
         (("direction", "inbound"), ("peer", "node4")): 0}
 
 
+def test_stalled_agreement_and_stopped_pairs_per_peer() -> None:
+    """vppmesh_key_age_seconds, vppmesh_key_agreement_pending_seconds and
+    vppmesh_peer_stopped from the generation file: a stalled agreement and a stopped pair
+    show, a healthy pair reads 0; both expositions agree."""
+    mesh, _ = make_mesh(3)
+    state = GenerationState(peers={
+        "node2": PeerGenerations(public_key="k", out=2, out_since=100.0, floor=0, in_base=1,
+                                 agreeing_since=400.0),
+        "node3": PeerGenerations(public_key="k", out=1, out_since=900.0, floor=0, in_base=0,
+                                 stopped_since=950.0, stopped_why="key limit")})
+    snap = Observer().snapshot(status(sa(1, "out", 1), []), mesh, state, None, vpp_pid=1,
+                               now=1000.0)
+    collector = MeshCollector()
+    collector.update(snap)
+    got = {(name, labels): value for (name, labels), value
+           in samples(collector.text().decode()).items()
+           if name in ("vppmesh_key_age_seconds", "vppmesh_key_agreement_pending_seconds",
+                       "vppmesh_peer_stopped")}
+    node2, node3 = (("peer", "node2"),), (("peer", "node3"),)
+    assert got == {("vppmesh_key_age_seconds", node2): 900,
+                   ("vppmesh_key_age_seconds", node3): 100,
+                   ("vppmesh_key_agreement_pending_seconds", node2): 600,
+                   ("vppmesh_key_agreement_pending_seconds", node3): 0,
+                   ("vppmesh_peer_stopped", node2): 0, ("vppmesh_peer_stopped", node3): 1}
+    registry = CollectorRegistry()
+    registry.register(collector)
+    assert collector.render() == generate_latest(registry).decode()
+
+
 def test_channel_counters_drops_by_reason_sessions_and_up(tmp_path: Path) -> None:
     """The channel's counters from a real Secrecy whose endpoint is a real Channel fed a
     handshake, one message and hostile datagrams, through AgentLoop.measured: every
@@ -187,7 +216,8 @@ def test_channel_counters_drops_by_reason_sessions_and_up(tmp_path: Path) -> Non
     metrics = AgentMetrics()
     loop = AgentLoop(SimpleNamespace(secrecy=secrecy, client=None),  # type: ignore[arg-type]
                      SimpleNamespace(), metrics=metrics)  # type: ignore[arg-type]
-    result = SimpleNamespace(pod_report=None, mesh=None)
+    result = SimpleNamespace(pod_report=None, mesh=None, downgraded_peers=[], stopped_peers={},
+                             blocked_peers=[])
 
     def channel_samples() -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
         loop.measured(result, 0.01, restarted=False)  # type: ignore[arg-type]
@@ -328,6 +358,7 @@ def test_watch_loop_knocks_fast_while_vpp_is_away_and_counts_the_restart(
             if not outcomes:
                 raise KeyboardInterrupt  # end of the script
             return SimpleNamespace(vpp_pid=len(ticks), seconds=0.01, changes=[], notes=[],
+                                   downgraded_peers=[], stopped_peers={}, blocked_peers=[],
                                    pod_report=PodReport(attached=2, reattached=["a", "b"]),
                                    mesh=None)
 

@@ -102,6 +102,9 @@ class PeerSample:
     limits: tuple[float, float, float]  # fraction used of LIMITS, in that order
     # Keys agreed by the two agents (forward secret): (outbound, inbound).
     forward_secret: tuple[bool, bool] = (False, False)
+    key_age: float = 0.0  # seconds the outbound key has been in use
+    agreement_pending: float = 0.0  # seconds the next key's agreement has waited (0: none)
+    stopped: bool = False  # failed closed: no key may be used towards the peer
 
 
 @dataclass(frozen=True)
@@ -175,8 +178,12 @@ class Observer:
                       packets * settings.underlay_mtu / settings.key_max_bytes,
                       max(0.0, now - pg.out_since) / settings.key_max_seconds)
             pair = secrecy[name]
-            peers.append(PeerSample(name, pg.out, self._rekeys.get(name, 0), limits,
-                                    (pair.outbound, pair.inbound)))
+            peers.append(PeerSample(
+                name, pg.out, self._rekeys.get(name, 0), limits, (pair.outbound, pair.inbound),
+                key_age=max(0.0, now - pg.out_since),
+                agreement_pending=max(0.0, now - pg.agreeing_since)
+                if pg.agreeing_since is not None else 0.0,
+                stopped=pg.stopped_since is not None))
         esp = guard = None
         if errors is not None:
             counts = {reason: sum(errors.get(name, 0) for name in names)
@@ -205,6 +212,16 @@ FAMILIES = {
     "forward_secret": ("vppmesh_peer_forward_secret", "1 if the keys of this direction "
                        "are agreed by the two nodes' agents (ephemeral: forward secret), 0 "
                        "if they derive from the static keys.", "gauge"),
+    "key_age": ("vppmesh_key_age_seconds", "Seconds the outbound key towards the peer "
+                "has been in use; with forward secrecy a recorded packet stays decryptable "
+                "about this long plus rekey_grace.", "gauge"),
+    "agreement_pending": ("vppmesh_key_agreement_pending_seconds", "Seconds the agreement "
+                          "of the next outbound key with the peer's agent has been waiting "
+                          "(0: none pending); growing without end is a stalled or blocked "
+                          "channel.", "gauge"),
+    "stopped": ("vppmesh_peer_stopped", "1 while the pair fails closed: no key may be used "
+                "towards the peer (a key at its hard limit before a new one was agreed, or "
+                "agreed keys required and the peer's agent unreachable).", "gauge"),
     "esp": ("vppmesh_esp_errors", "ESP packets VPP dropped, by reason (since VPP started).",
             "counter"),
     "guard": ("vppmesh_guard_dropped_packets", "Plain IP-in-IP packets dropped by the "
@@ -265,6 +282,8 @@ class MeshCollector:
         limit = GaugeMetricFamily(name, doc, labels=["peer", "limit"])
         name, doc, _ = FAMILIES["forward_secret"]
         secret = GaugeMetricFamily(name, doc, labels=["peer", "direction"])
+        gauges = {kind: GaugeMetricFamily(*FAMILIES[kind][:2], labels=["peer"])
+                  for kind in ("key_age", "agreement_pending", "stopped")}
         for p in snap.peers:
             generation.add_metric([p.peer], p.generation)
             rekeys.add_metric([p.peer], p.rekeys)
@@ -273,7 +292,9 @@ class MeshCollector:
             for direction, agreed in zip(("outbound", "inbound"), p.forward_secret,
                                          strict=True):
                 secret.add_metric([p.peer, direction], int(agreed))
-        yield from (generation, rekeys, limit, secret)
+            for kind, family in gauges.items():
+                family.add_metric([p.peer], float(getattr(p, kind)))
+        yield from (generation, rekeys, limit, secret, *gauges.values())
         if snap.esp_errors:
             name, doc, _ = FAMILIES["esp"]
             esp = CounterMetricFamily(name, doc, labels=["reason"])
@@ -330,6 +351,10 @@ class MeshCollector:
             outbound, inbound = ("1.0" if agreed else "0.0" for agreed in p.forward_secret)
             add(f'{name}{{direction="outbound",{lab}}} {outbound}\n'
                 f'{name}{{direction="inbound",{lab}}} {inbound}\n')
+        for kind in ("key_age", "agreement_pending", "stopped"):
+            name = header(kind)
+            for p, lab in peers:
+                add(f"{name}{{{lab}}} {floatToGoString(float(getattr(p, kind)))}\n")
         if snap.esp_errors:
             name = header("esp")
             for reason, count in snap.esp_errors:
@@ -403,6 +428,13 @@ class AgentMetrics:
                                       "NAT: one per tunnel every 20 s).",
                                       registry=self.registry),
         }
+        self.forward_secrecy_downgrades = Counter(
+            "vppmesh_forward_secrecy_downgrades", "Times a pair left agreed keys for the "
+            "static schedule (forward_secrecy: preferred, the agents could not agree).",
+            registry=self.registry)
+        self.pairs_stopped = Gauge(
+            "vppmesh_pairs_stopped", "Pairs failing closed after the last run: no key may "
+            "be used towards them (vppmesh_peer_stopped names them).", registry=self.registry)
         self.channel_dropped = Counter(
             "vppmesh_channel_dropped", "Channel datagrams dropped (and otherwise ignored), "
             "by reason.", ["reason"], registry=self.registry)
@@ -431,6 +463,12 @@ class AgentMetrics:
             self.pods_attached.set(pods.attached)
             self.pod_reattachments.inc(len(pods.reattached))
             self.pods_collected.inc(len(pods.collected))
+
+    def record_keys(self, downgraded: int, stopped: int) -> None:
+        """A run's key outcome: pairs that left agreed keys, pairs failing closed."""
+        if downgraded:
+            self.forward_secrecy_downgrades.inc(downgraded)
+        self.pairs_stopped.set(stopped)
 
     def record_channel(self, secrecy: Secrecy | None) -> None:
         """The agents' channel after a poll (None: the agent runs none). Its counters

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -55,6 +56,9 @@ class PairKeys(BaseModel):
     # Whether its keys are agreed over the agents' channel, each way (key_secrecy);
     # None: not asked (the metrics' snapshots).
     secrecy: PairSecrecy | None = None
+    # What keeps the pair from forward secrecy within its window now: a stalled
+    # agreement, a stopped pair, an agreed key too old (PairSecrecy.problems).
+    key_problems: list[str] = []
 
     @computed_field  # type: ignore[prop-decorator]
     @property
@@ -190,9 +194,10 @@ def collect(api: VppApi, mesh: Mesh, node: str, stats_socket: Path | None,
         peer = peers.get(number)
         if peer is None:
             name = by_number.get(number, f"#{number}")
+            pair = secrecy.get(name) if secrecy is not None else None
             peer = peers[number] = PeerStatus(
-                name=name, node_number=number, tunnels=[],
-                secrecy=secrecy.get(name) if secrecy is not None else None)
+                name=name, node_number=number, tunnels=[], secrecy=pair,
+                key_problems=pair.problems(mesh.settings, time.time()) if pair else [])
         protection = protections.get(t.sw_if_index)
         iface = ifaces.get(t.sw_if_index)
         peer.tunnels.append(TunnelStatus.model_construct(
@@ -241,4 +246,5 @@ def render_table(status: NodeStatus) -> str:
     pairs = {p.name: p.secrecy for p in status.peers if p.secrecy is not None}
     if pairs:
         lines.append(secrecy_summary(pairs))
+    lines += [f"{p.name}: {problem}" for p in status.peers for problem in p.key_problems]
     return "\n".join(lines)

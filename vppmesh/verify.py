@@ -95,8 +95,9 @@ class VerifyReport(BaseModel):
 
     @property
     def not_forward_secret(self) -> list[PeerVerdict]:
-        """The peers whose keys are not agreed both ways (or not known to be)."""
-        return [p for p in self.peers if p.forward_secret is not True]
+        """The peers whose keys are not agreed both ways (or not known to be), or whose
+        agreed key is older than the forward-secrecy window, or that are stopped."""
+        return [p for p in self.peers if p.forward_secret is not True or p.key_problems]
 
     @property
     def ok(self) -> bool:
@@ -117,8 +118,9 @@ class VerifyReport(BaseModel):
                     f"both ways{extra}")
         reasons = [f"{p.name}: {'; '.join(p.problems)}" for p in self.peers if p.problems]
         if self.require_forward_secrecy and self.not_forward_secret:
-            pairs = ", ".join(f"{self.node}-{p.name} ({p.keys or 'unknown'})"
-                              for p in self.not_forward_secret)
+            pairs = ", ".join(
+                f"{self.node}-{p.name} ({'; '.join(p.key_problems) or p.keys or 'unknown'})"
+                for p in self.not_forward_secret)
             reasons.append(f"no forward secrecy on pair(s) {pairs}: {FORWARD_SECRECY_FIX}")
         if self.capture is not None and not self.capture.ok:
             c = self.capture
@@ -397,6 +399,8 @@ def verify(api: VppApi, mesh: Mesh, node: str, *, stats_socket: Path | None,
     peers = structure.peers
     for peer in peers:
         peer.secrecy = secrecy.get(peer.name) if secrecy is not None else None
+        if peer.secrecy is not None:
+            peer.key_problems = peer.secrecy.problems(mesh.settings, time.time())
     use_probes = probes and linux.link_exists(HOST_LINUX_IFNAME)
     uplink = find_uplink_interface(api, local) if capture else None
     filename = f"vppmesh-verify-{os.getpid()}.pcap"
@@ -468,5 +472,6 @@ def render(report: VerifyReport) -> str:
     pairs = {p.name: p.secrecy for p in report.peers if p.secrecy is not None}
     if pairs and not report.require_forward_secrecy:  # (else the verdict says it)
         lines.append(secrecy_summary(pairs))
+        lines += [f"{p.name}: {problem}" for p in report.peers for problem in p.key_problems]
     lines.append(report.verdict)
     return "\n".join(lines)

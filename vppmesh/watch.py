@@ -207,6 +207,8 @@ class AgentLoop:
         metrics.record_poll(seconds, result.pod_report, restarted=restarted,
                             unavailable=unavailable)
         metrics.record_channel(self.session.secrecy)
+        metrics.record_keys(len(result.downgraded_peers),
+                            len(result.stopped_peers) + len(result.blocked_peers))
         client = self.session.client
         if result.mesh is not None and client is not None and \
                 metrics.snapshot_due(time.monotonic()):
