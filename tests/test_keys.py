@@ -113,3 +113,17 @@ def test_low_order_public_key_is_refused() -> None:
     with pytest.raises(KeyFileError, match="low-order"):
         pair_secret(secrets, bytes(32))
     assert X25519PublicKey  # imported for clarity of the primitive under test
+
+
+def test_a_generation_past_32_bits_is_refused_not_wrapped() -> None:
+    """The highest key_epoch leaves 2^31 generations to rekey into; past 32 bits the
+    derivation refuses (a wrapped generation would repeat a key) with the fix."""
+    from vppmesh.errors import ConfigError
+
+    shared = bytes(range(32))
+    for epoch in (2**31 - 1, 2**31 + 2**30, 2**32 - 1):
+        derive_sa_key(shared, b"", sender="a", receiver="b", tunnel=0, epoch=epoch)
+    for epoch in (2**32, 2**40, -1):
+        with pytest.raises(ConfigError, match=f"key generation {epoch} does not fit in "
+                           "32 bits.*vppmesh keygen"):
+            derive_sa_key(shared, b"", sender="a", receiver="b", tunnel=0, epoch=epoch)
