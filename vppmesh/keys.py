@@ -22,6 +22,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from pydantic import SecretBytes
 
+from vppmesh import hardening
 from vppmesh.config import GENERATION_MAX, decode_key
 from vppmesh.errors import ConfigError, KeyFileError
 
@@ -105,6 +106,8 @@ def read_secret_file(path: Path, what: str) -> bytes:
 
 
 def load_secrets(private_key_file: Path, psk_file: Path | None) -> NodeSecrets:
+    """The node's secrets; from here on this process writes no core file (hardening)."""
+    hardening.forbid_core_dumps()
     raw = read_secret_file(private_key_file, "private key")
     psk = read_secret_file(psk_file, "PSK") if psk_file is not None else b""
     return NodeSecrets(private_key=X25519PrivateKey.from_private_bytes(raw), psk=psk)

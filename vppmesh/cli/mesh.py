@@ -108,6 +108,9 @@ def up(
     """Bring this node into the mesh (idempotent: a second run changes nothing)."""
     from dataclasses import replace
 
+    from vppmesh import hardening
+
+    hardening.forbid_core_dumps()  # before any key (node, PSK, metrics TLS) is read
     opts = replace(options(mesh, node, key, api_socket, host_link, uplink, state_dir),
                    crypto_engine=crypto_engine)
     if cni_state_dir is not None:
