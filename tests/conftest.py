@@ -7,7 +7,7 @@ import ipaddress
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -89,6 +89,18 @@ def record_raw_replies(channel: object, monkeypatch: pytest.MonkeyPatch) -> list
 
     monkeypatch.setattr(channel, "_read_message", keep)
     return raws
+
+
+@pytest.fixture(autouse=True, scope="session")
+def core_dumps_left_to_pytest() -> Iterator[None]:
+    """Every process that loads a private key forbids its own core dumps
+    (vppmesh/hardening.py); the tests load keys in pytest's own process, which stays as
+    it was (test_keys checks the real thing in a subprocess)."""
+    from vppmesh import hardening
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(hardening, "forbid_core_dumps", lambda: None)
+        yield
 
 
 __all__ = ["make_mesh", "record_raw_replies", "require_vpp", "stop_process", "vpp_binary",

@@ -167,3 +167,30 @@ def test_channel_endpoints_talk_through_a_relay_standing_in_for_vpp(tmp_path: Pa
     for endpoint in endpoints.values():
         endpoint.transport.close()
     relay.close()
+
+
+def test_channel_socket_is_never_writable_by_others(tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under a loose umask (0: a unit or container that sets none), a local user who
+    writes to the agent's socket between its bind and a chmod feeds it datagrams as
+    VPP. The socket is created 0600: its mode as bind leaves it is checked."""
+    import os
+    import stat
+
+    seen: list[int] = []
+    bind = socket.socket.bind
+
+    def spying_bind(sock: socket.socket, address: str) -> None:
+        bind(sock, address)
+        if sock.family == socket.AF_UNIX:
+            seen.append(stat.S_IMODE(os.stat(address).st_mode))
+
+    monkeypatch.setattr(socket.socket, "bind", spying_bind)
+    loose = os.umask(0)
+    try:
+        with t.PuntTransport(tmp_path / "agent.sock", tmp_path / "vpp.sock"):
+            assert stat.S_IMODE((tmp_path / "agent.sock").stat().st_mode) == 0o600
+        assert os.umask(loose) == 0  # the process's own umask is given back
+    finally:
+        os.umask(loose)
+    assert seen == [0o600]

@@ -97,3 +97,24 @@ def test_pod_mtu_computed_from_overhead() -> None:
     assert encrypted_size(1446, ipv6_underlay=False) == 1500
     assert encrypted_size(1447, ipv6_underlay=False) > 1500
     assert pod_mtu_for(1500, ipv6_underlay=True) == 1416
+
+
+@pytest.mark.parametrize("key_epoch", [2**32 - 1, 2**31, 2**40])
+def test_key_epoch_leaves_room_for_the_generations_after_it(key_epoch: int) -> None:
+    """A key_epoch near 2^32 (a typo, or a datastore writer) is refused when the mesh is
+    read, naming the field and the fix, not at the next rekey, when the generation no
+    longer fits the key derivation. The datastore's settings are checked the same way."""
+    from vppmesh.datastore.records import parse_settings
+
+    highest = 2**31 - 1  # half the 32-bit space stays for the rekeys that follow
+
+    data = copy.deepcopy(mesh_data())
+    data["settings"]["key_epoch"] = key_epoch
+    expected = f"settings.key_epoch={key_epoch} leaves too few key generations"
+    with pytest.raises(ConfigError, match=expected) as err:
+        parse_mesh(data, "mesh.yaml")
+    assert f"use at most {highest}" in str(err.value)
+    with pytest.raises(ConfigError, match=expected):
+        parse_settings(f'{{"key_epoch": {key_epoch}}}'.encode(), "etcd://db/vppmesh/settings")
+    data["settings"]["key_epoch"] = highest
+    assert parse_mesh(data, "mesh.yaml").settings.key_epoch == highest

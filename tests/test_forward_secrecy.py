@@ -44,6 +44,7 @@ from vppmesh.keys import (
     NodeSecrets,
     load_secrets,
     private_key_b64,
+    public_key_b64,
     spi_for,
     write_secret_file,
 )
@@ -640,6 +641,30 @@ def test_forward_secrecy_agent_restart_adopts_what_vpp_holds(agents: Agents) -> 
     agents.until(lambda: agents.generations("node2").peers["node1"].in_base == 2,
                  "node2 slid to node1's generation 2")
     assert out_generation(agents, "node1") == {2} and agents.forward_secret()
+
+
+def test_forward_secrecy_a_new_public_key_drops_the_keys_agreed_under_the_old_one(
+        agents: Agents) -> None:
+    """node2's private key leaked and the operator gives node2 a new one. Every key node1
+    agreed with "node2" was authenticated by the leaked key only, so it may have been
+    agreed with the attacker: none of them may stay in node1's book or VPP."""
+    agents.until(lambda: agents.slid(1), "both pairs agreed and slid")
+    agents.step()
+    book = agents.secrecy["node1"].book
+    agreed = {k.key.get_secret_value() for o in (True, False) for g in range(16)
+              if (keys := book.keys(2, o, g)) is not None for k in keys}
+    assert agreed
+    new_key = X25519PrivateKey.generate()
+    write_secret_file(agents.options["node2"].private_key, private_key_b64(new_key),
+                      force=True)
+    nodes = [n.model_copy(update={"public_key": public_key_b64(new_key)})
+             if n.name == "node2" else n for n in agents.mesh.nodes]
+    agents.mesh_file.write_text(dump_mesh(agents.mesh.model_copy(update={"nodes": nodes})))
+    agents.clock.now += 1
+    agents.run("node1")
+    assert not any(book.keys(2, o, g) for o in (True, False) for g in range(16))
+    installed = {key for o in (True, False) for key, _ in agents.sas("node1", o, "node2").values()}
+    assert installed and not installed & agreed
 
 
 

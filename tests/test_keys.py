@@ -113,3 +113,78 @@ def test_low_order_public_key_is_refused() -> None:
     with pytest.raises(KeyFileError, match="low-order"):
         pair_secret(secrets, bytes(32))
     assert X25519PublicKey  # imported for clarity of the primitive under test
+
+
+def test_a_generation_past_32_bits_is_refused_not_wrapped() -> None:
+    """The highest key_epoch leaves 2^31 generations to rekey into; past 32 bits the
+    derivation refuses (a wrapped generation would repeat a key) with the fix."""
+    from vppmesh.errors import ConfigError
+
+    shared = bytes(range(32))
+    for epoch in (2**31 - 1, 2**31 + 2**30, 2**32 - 1):
+        derive_sa_key(shared, b"", sender="a", receiver="b", tunnel=0, epoch=epoch)
+    for epoch in (2**32, 2**40, -1):
+        with pytest.raises(ConfigError, match=f"key generation {epoch} does not fit in "
+                           "32 bits.*vppmesh keygen"):
+            derive_sa_key(shared, b"", sender="a", receiver="b", tunnel=0, epoch=epoch)
+
+
+CORE_STATE = """
+import ctypes, resource, sys
+from pathlib import Path
+libc = ctypes.CDLL(None)
+def state():
+    return resource.getrlimit(resource.RLIMIT_CORE), libc.prctl(3, 0, 0, 0, 0)  # GET_DUMPABLE
+print(state())
+from vppmesh.keys import load_secrets
+load_secrets(Path(sys.argv[1]), None)
+print(state())
+"""
+
+
+def test_a_process_holding_the_private_key_cannot_dump_core(tmp_path: Path) -> None:
+    """A crash or SIGQUIT of the agent, or a same-uid user's gcore, would write the private
+    key, the PSK and the agreed SA keys to a core file. Once the key is loaded, the process
+    has RLIMIT_CORE (0, 0) and is not dumpable. In a subprocess: pytest's own is left be."""
+    import resource
+    import subprocess
+    import sys
+
+    key = tmp_path / "private.key"
+    generate_private_key(key)
+
+    def allow_core() -> None:  # a process that could dump core before
+        hard = resource.getrlimit(resource.RLIMIT_CORE)[1]
+        resource.setrlimit(resource.RLIMIT_CORE, (hard, hard))
+
+    done = subprocess.run([sys.executable, "-c", CORE_STATE, str(key)], check=True,
+                          capture_output=True, text=True, preexec_fn=allow_core,
+                          cwd=Path(__file__).parents[1])
+    before, after = done.stdout.splitlines()
+    assert before.endswith(", 1)")  # dumpable, as every process starts
+    assert after == "((0, 0), 0)"
+
+
+def test_the_agents_forbid_core_dumps_before_reading_any_key(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`up` (with --watch, the metrics TLS key is read before the node's) and the
+    datastore agent forbid core dumps first thing."""
+    from typer.testing import CliRunner
+
+    from vppmesh import hardening
+    from vppmesh.cli import app
+    from vppmesh.datastore.agent import follow
+    from vppmesh.errors import ConfigError
+    from vppmesh.node import NodeOptions
+
+    calls: list[str] = []
+    monkeypatch.setattr(hardening, "forbid_core_dumps", lambda: calls.append("forbidden"))
+    missing = tmp_path / "missing"
+    result = CliRunner().invoke(app, ["up", "--mesh", str(missing), "--key", str(missing),
+                                      "--node", "node1", "--state-dir", str(tmp_path)])
+    assert result.exit_code != 0 and calls == ["forbidden"]
+    options = NodeOptions(mesh_file=missing, node="node1", private_key=missing)
+    with pytest.raises(ConfigError, match="--datastore needs --watch"):
+        follow(options, "etcd://127.0.0.1:1", watch=False, underlay=[], pod_cidr=None,
+               node_number=None, settings_file=None, lease_ttl=30)
+    assert calls == ["forbidden", "forbidden"]

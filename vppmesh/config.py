@@ -42,6 +42,12 @@ from vppmesh.validation import describe
 
 NODE_NUMBER_MAX = 65535
 TUNNELS_PER_PEER_MAX = 16
+# Key generations are 32-bit (the key derivation's salt, the channel's messages), and
+# keys step one generation up from settings.key_epoch at every rekey. key_epoch stays in
+# the lower half, so the generations after it outlast any rekey_interval (68 years at
+# one rekey a second; 2^16 would last 18 hours at that rate).
+GENERATION_MAX = 2**32 - 1
+KEY_EPOCH_MAX = 2**31 - 1
 MAX_MESH_FILE_BYTES = 16 * 1024 * 1024
 
 
@@ -98,9 +104,10 @@ class MeshSettings(BaseModel):
         "`preferred` falls back to the static schedule when the agents cannot agree, "
         "with a warning and a metric each time. A pair whose agents never met (a one-shot "
         "`up`, no agent on a node) runs on the static schedule either way, and says so.")
-    key_epoch: Annotated[int, Field(ge=0, le=2**32 - 1)] = Field(
+    key_epoch: Annotated[int, Field(ge=0)] = Field(
         default=0, description="Lowest key generation anyone may use: raising it moves every "
-        "node's keys forward at once (the manual escape hatch; rekeying is automatic).")
+        f"node's keys forward at once (the manual escape hatch; rekeying is automatic). At "
+        f"most {KEY_EPOCH_MAX}, so the 32-bit generations that follow it never run out.")
     rekey_interval: Annotated[int, Field(ge=0, le=365 * 86400)] = Field(
         default=600, description="Seconds between scheduled rekeys of each outbound key; "
         "with the agents' channel each rekey agrees a fresh ephemeral key, so a recorded "
@@ -127,6 +134,16 @@ class MeshSettings(BaseModel):
         "which segments them before encryption. af_packet endpoints never use it (see "
         "endpoints.segmentation_offload). Off (default): Linux segments before VPP.",
     )
+
+    @field_validator("key_epoch")
+    @classmethod
+    def _generations_fit(cls, value: int) -> int:
+        if value > KEY_EPOCH_MAX:
+            raise ValueError(
+                f"settings.key_epoch={value} leaves too few key generations: keys step one "
+                f"generation up from it at every rekey and a generation has 32 bits; use at "
+                f"most {KEY_EPOCH_MAX} (raising it by a few moves every key forward)")
+        return value
 
     @model_validator(mode="after")
     def _rekey_before_limit(self) -> MeshSettings:

@@ -22,8 +22,9 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from pydantic import SecretBytes
 
-from vppmesh.config import decode_key
-from vppmesh.errors import KeyFileError
+from vppmesh import hardening
+from vppmesh.config import GENERATION_MAX, decode_key
+from vppmesh.errors import ConfigError, KeyFileError
 
 PROTOCOL_LABEL = b"vppmesh esp aes-gcm-256 v1"
 EPHEMERAL_LABEL = b"vppmesh esp aes-gcm-256 ephemeral v1"
@@ -105,6 +106,8 @@ def read_secret_file(path: Path, what: str) -> bytes:
 
 
 def load_secrets(private_key_file: Path, psk_file: Path | None) -> NodeSecrets:
+    """The node's secrets; from here on this process writes no core file (hardening)."""
+    hardening.forbid_core_dumps()
     raw = read_secret_file(private_key_file, "private key")
     psk = read_secret_file(psk_file, "PSK") if psk_file is not None else b""
     return NodeSecrets(private_key=X25519PrivateKey.from_private_bytes(raw), psk=psk)
@@ -170,6 +173,7 @@ def derive_sa_key_ephemeral(
 
 def _hkdf_sa_key(label: bytes, ikm: bytes, *, sender: str, receiver: str, tunnel: int,
                  epoch: int) -> SaKey:
+    check_generation(epoch)
     hkdf = HKDF(
         algorithm=hashes.SHA256(),
         length=GCM_KEY_BYTES + GCM_SALT_BYTES,
@@ -181,6 +185,17 @@ def _hkdf_sa_key(label: bytes, ikm: bytes, *, sender: str, receiver: str, tunnel
         key=SecretBytes(okm[:GCM_KEY_BYTES]),
         salt=int.from_bytes(okm[GCM_KEY_BYTES:], "big"),
     )
+
+
+def check_generation(epoch: int) -> None:
+    """Refuse a key generation past 32 bits rather than let it wrap or overflow: a wrapped
+    generation would derive a key used before (nonce reuse). MeshSettings keeps key_epoch
+    low enough that rekeys never get here."""
+    if not 0 <= epoch <= GENERATION_MAX:
+        raise ConfigError(
+            f"key generation {epoch} does not fit in 32 bits: this mesh has used up its key "
+            "generations (settings.key_epoch too high?); give every node a new key "
+            "(`vppmesh keygen --force`) and start the mesh again at settings.key_epoch 0")
 
 
 def spi_for(sender_node_number: int, tunnel: int, epoch: int) -> int:

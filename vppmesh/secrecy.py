@@ -14,7 +14,8 @@ The key book holds, per (peer, direction, generation), the SA keys derived from 
 generation's ephemeral secret (keys.derive_sa_key_ephemeral), in memory only. An entry
 is dropped, and the channel forgets the secret, when the generation retires: outbound
 once the sender stepped past it (its SAs deleted), inbound once the receiver's window
-slid past it. From then on nothing on either node recomputes those keys. An agent that
+slid past it; all of a peer's when it leaves the mesh or its public key changes. From
+then on nothing on either node recomputes those keys. An agent that
 restarts without its book adopts the keys VPP holds for generations its generation file
 marks as agreed (`ephemeral_out`, `ephemeral_in`), so a restarted agent changes nothing
 in VPP; a generation neither the agent nor VPP holds is never installed with its static
@@ -403,7 +404,10 @@ class Secrecy:
             self._asked.pop(number, None)
             for what in ("installed", "slid", "sending"):
                 self._stated.pop((number, what), None)
-            if number not in configs:
+            new = configs.get(number)
+            if new is None or new.public_key != self._configs[number].public_key:
+                # Its agreed keys were authenticated by the old key only (perhaps the
+                # reason it was replaced): none may protect another packet.
                 self.book.forget(number)
         self._configs = configs
 

@@ -8,6 +8,7 @@ and CLI sockets, shared-memory prefix), so several VPPs can run side by side.
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Literal
@@ -19,6 +20,12 @@ from vppmesh.errors import ConfigError
 from vppmesh.validation import describe
 
 PROFILE_DIR_ENV = "VPPMESH_STARTUP_DIR"
+COREDUMP_WARNING = ("VPP will write full core files: a core file holds every live ESP key "
+                    "(and the keys of recent generations), readable by whoever can read "
+                    "the core files; enable this only to debug a crash, and delete the "
+                    "core files after")
+
+log = logging.getLogger(__name__)
 
 
 class Device(BaseModel):
@@ -54,6 +61,9 @@ class Profile(BaseModel):
     crypto_engines: list[str] = Field(default_factory=lambda: ["native", "openssl"])
     devices: list[Device] = Field(default_factory=list)
     dpdk_devices: list[DpdkDevice] = Field(default_factory=list)
+    # Off: VPP writes no core file at all (coredump-size 0). A core file holds the SAs'
+    # keys, so it would undo forward secrecy for whoever reads it.
+    full_coredump: bool = False
 
 
 class Instance(BaseModel):
@@ -134,8 +144,20 @@ def _plugin_file(name: str) -> str:
     return name if name.endswith(".so") else f"{name}_plugin.so"
 
 
-def render(profile: Profile, instance: Instance, *, workers: int | None = None) -> str:
-    """startup.conf text for one VPP instance."""
+def core_files(enabled: bool) -> list[str]:
+    """The unix section's lines for VPP's core files: none by default (they hold every
+    live ESP key); with `enabled`, full ones (hugepage memory included, no size limit,
+    whatever the agent or systemd set) and a warning."""
+    if not enabled:
+        return ["  coredump-size 0"]
+    log.warning("%s", COREDUMP_WARNING)
+    return ["  full-coredump", "  coredump-size unlimited"]
+
+
+def render(profile: Profile, instance: Instance, *, workers: int | None = None,
+           coredump: bool | None = None) -> str:
+    """startup.conf text for one VPP instance; `coredump` overrides the profile's
+    full_coredump."""
     n_workers = profile.workers if workers is None else workers
     page = profile.page_size
     lines = [
@@ -145,7 +167,7 @@ def render(profile: Profile, instance: Instance, *, workers: int | None = None) 
         f"  cli-listen {instance.cli_socket}",
         f"  log {instance.log_file}",
         f"  pidfile {instance.pid_file}",
-        "  full-coredump" if page != "4k" else "  coredump-size 0",
+        *core_files(profile.full_coredump if coredump is None else coredump),
     ]
     if profile.poll_sleep_usec:
         lines.append(f"  poll-sleep-usec {profile.poll_sleep_usec}")

@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from vppmesh import hardening
 from vppmesh import node as agent
 from vppmesh.errors import VppMeshError, VppUnavailableError
 from vppmesh.secrecy import Secrecy
@@ -235,6 +236,7 @@ def watch_loop(opts: agent.NodeOptions, metrics: AgentMetrics | None = None,
     to that is logged (and exported with --metrics). A poll that changed something or
     has notes goes to `report`.
     """
+    hardening.forbid_core_dumps()  # before any key is read: see vppmesh/hardening.py
     log.info("watching %s and VPP at %s", opts.mesh_file, opts.api_socket)
 
     def changed(result: agent.UpResult) -> None:

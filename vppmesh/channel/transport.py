@@ -173,8 +173,15 @@ class PuntTransport:
         client_path.unlink(missing_ok=True)  # a socket file left by an earlier agent
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         try:
-            sock.bind(str(client_path))
-            os.chmod(client_path, 0o600)  # VPP runs as root; nobody else writes to it
+            # VPP runs as root; nobody else writes to it. Created so (umask) rather than
+            # only chmod-ed after bind: until the chmod the socket had the mode the
+            # process's umask gave, writable by every local user under umask 0.
+            previous = os.umask(0o177)
+            try:
+                sock.bind(str(client_path))
+            finally:
+                os.umask(previous)
+            os.chmod(client_path, 0o600)
             try:  # past net.core.rmem_max, which root may do
                 sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, RECEIVE_BUFFER)
             except PermissionError:

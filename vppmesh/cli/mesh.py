@@ -108,6 +108,9 @@ def up(
     """Bring this node into the mesh (idempotent: a second run changes nothing)."""
     from dataclasses import replace
 
+    from vppmesh import hardening
+
+    hardening.forbid_core_dumps()  # before any key (node, PSK, metrics TLS) is read
     opts = replace(options(mesh, node, key, api_socket, host_link, uplink, state_dir),
                    crypto_engine=crypto_engine)
     if cni_state_dir is not None:
@@ -422,19 +425,32 @@ def render_startup(
     out: Annotated[Path | None, typer.Option(help="Write here instead of stdout.")] = None,
     list_profiles: Annotated[bool, typer.Option(
         "--list", help="List the profiles found, and where, instead.")] = False,
+    coredump: Annotated[bool | None, typer.Option(
+        "--coredump/--no-coredump", help="Let VPP write full core files (default: the "
+        "profile's full_coredump, off in every shipped profile). A core file holds every "
+        "live ESP key.")] = None,
 ) -> None:
     """Write a VPP startup.conf from a profile (workers, crypto engines, buffers, pages)."""
-    from vppmesh.startup import Instance, available_profiles, load_profile, render
+    from vppmesh.startup import (
+        COREDUMP_WARNING,
+        Instance,
+        available_profiles,
+        load_profile,
+        render,
+    )
 
     if list_profiles:
         for found, path in available_profiles().items():
             typer.echo(f"{found:<18} {load_profile(str(path)).description}  ({path})")
         return
     try:
-        text = render(load_profile(profile), Instance(name=name, runtime_dir=runtime_dir),
-                      workers=workers)
+        loaded = load_profile(profile)
+        text = render(loaded, Instance(name=name, runtime_dir=runtime_dir), workers=workers,
+                      coredump=coredump)
     except VppMeshError as exc:
         raise fail(str(exc)) from None
+    if loaded.full_coredump if coredump is None else coredump:
+        typer.secho(f"warning: {COREDUMP_WARNING}", fg=typer.colors.YELLOW, err=True)
     if out is None:
         typer.echo(text, nl=False)
     else:

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING
 import yaml
 from pydantic import ValidationError
 
+from vppmesh import hardening
 from vppmesh import node as agent
 from vppmesh.config import Mesh, MeshSettings, NatSettings, Node, format_validation_error
 from vppmesh.datastore.etcd import DatastoreError, EtcdStore, Registration
@@ -436,6 +437,7 @@ def follow(options: agent.NodeOptions, url: str, *, watch: bool, underlay: list[
     """`vppmesh up --datastore`: register and follow the membership until SIGTERM/SIGINT."""
     import signal
 
+    hardening.forbid_core_dumps()  # before any key is read: see vppmesh/hardening.py
     if not watch:
         raise ConfigError("--datastore needs --watch: a node's record lives only while its "
                           "agent keeps the lease alive")
