@@ -16,7 +16,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_epochs import Pair
 
-from vppmesh.config import MAX_MESH_FILE_BYTES, Mesh, dump_mesh, load_mesh, parse_mesh
+from vppmesh.config import (
+    KEY_EPOCH_MAX,
+    MAX_MESH_FILE_BYTES,
+    Mesh,
+    dump_mesh,
+    load_mesh,
+    parse_mesh,
+)
 from vppmesh.errors import ConfigError
 from vppmesh.plan import HostOptions, plan
 from vppmesh.view import build_view
@@ -129,7 +136,7 @@ def test_huge_file_is_refused_before_parsing(tmp_path: Path) -> None:
 def meshes(draw: Any) -> tuple[Mesh, dict[str, Any]]:
     n = draw(st.integers(min_value=2, max_value=5))
     tunnels = draw(st.integers(min_value=1, max_value=4))
-    epoch = draw(st.integers(min_value=0, max_value=2**32 - 1))
+    epoch = draw(st.integers(min_value=0, max_value=KEY_EPOCH_MAX))
     return make_mesh(n, tunnels, key_epoch=epoch)
 
 
