@@ -194,6 +194,8 @@ class Simulation:
 
     def slide(self, receiver: int, sender: int, generation: int, now: float) -> None:
         self.acknowledge(receiver, sender, "slid", generation, now)
+        self.call(receiver, self.nodes[receiver].accept_generations, sender, generation,
+                  s.MAX_WINDOW)
         self.call(receiver, self.nodes[receiver].retire_generation, sender, generation - 1,
                   outbound=False)
         if receiver == HUB and self.measuring:

@@ -89,6 +89,7 @@ def test_forward_secrecy_both_agents_derive_the_same_sa_keys_over_the_channel() 
             [s.PeerConfig(peer.node_number, peer.public_key_bytes, (str(peer.node_number), 1))
              for peer in mesh.nodes if peer is not node], boot_id=1)
         for node in mesh.nodes}
+    channels[b.node_number].accept_generations(a.node_number, 0, 3)
 
     def deliver(sender: int, out: s.Output) -> None:
         for _, data in out.datagrams:

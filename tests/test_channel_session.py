@@ -29,6 +29,9 @@ class Net:
                          [s.PeerConfig(p, public_bytes(k), ADDRESSES[p])
                           for p, k in self.keys.items() if p != n], boot_id=100 + n)
             for n, key in self.keys.items()}
+        for node in self.nodes.values():  # as the agent's: generations 0 .. 15 answered
+            for p in node.peers():
+                node.accept_generations(p, 0, s.MAX_WINDOW)
         self.wire: list[tuple[int, int, bytes]] = []  # (from, to, datagram)
         self.events: dict[int, list[s.Event]] = {n: [] for n in self.nodes}
         self.source = dict(ADDRESSES)  # where each node's datagrams appear to come from
@@ -68,7 +71,7 @@ def test_channel_simultaneous_handshakes_settle_on_one() -> None:
     net.run(1, first, 1000.0)
     assert net.nodes[1].established(2) and net.nodes[2].established(1)
     net.run(1, net.nodes[1].send(1001.0, 2, m.Keepalive()), 1001.0)
-    assert net.nodes[2].stats["received"] == 1
+    assert net.nodes[2].stats["received"] == 2  # node 1's confirmation, then this one
 
 
 def test_channel_peer_that_only_it_can_reach_us_gets_its_handshake_answered() -> None:
@@ -177,6 +180,7 @@ def test_channel_key_exchanges_of_the_two_directions_are_independent() -> None:
 
 def test_channel_acks_restarts_and_keepalives_reach_the_peer() -> None:
     net = up(Net())
+    net.run(1, net.nodes[1].start_generation(1000.5, 2, 9), 1000.5)
     net.run(2, net.nodes[2].acknowledge(1001.0, 1, "installed", 9), 1001.0)
     net.run(2, net.nodes[2].acknowledge(1001.0, 1, "slid", 9), 1001.0)
     net.run(2, net.nodes[2].acknowledge(1001.0, 1, "sending", 3), 1001.0)
@@ -186,14 +190,16 @@ def test_channel_acks_restarts_and_keepalives_reach_the_peer() -> None:
                     s.PeerAcked(2, "sending", 3),
                     s.PeerRestarted(2, 777)]  # once: the handshake's Hello agrees
     assert net.nodes[1].stats["handshakes_completed"] == 2
-    sent = len(net.wire)
+    sent, received = len(net.wire), net.nodes[2].stats["received"]
     net.run(1, net.nodes[1].tick(1002.0 + s.KEEPALIVE_AFTER + 1), 1002.0 + 16)
     assert len(net.wire) == sent + 1  # node 1 has nothing to repeat: a bare keepalive
-    assert net.nodes[2].stats["received"] == 1
+    assert net.nodes[2].stats["received"] == received + 1
 
 
 def test_channel_acknowledgements_are_repeated_until_they_arrive() -> None:
     net = up(Net())
+    for generation in (4, 5):
+        net.run(1, net.nodes[1].start_generation(1000.5, 2, generation), 1000.5)
     net.lose = {len(net.wire)}
     net.run(2, net.nodes[2].acknowledge(1001.0, 1, "installed", 4), 1001.0)
     assert not [e for e in net.events[1] if isinstance(e, s.PeerAcked)]
@@ -335,7 +341,8 @@ def test_channel_wrong_psk_never_completes() -> None:
     (b"", m.Drop.TRUNCATED),
     (bytes(m.MAX_DATAGRAM + 1), m.Drop.OVERSIZED),
     (bytes(65000), m.Drop.OVERSIZED),
-    (b"\x01\x01\x00\x01\x00\x02" + bytes(10), m.Drop.TRUNCATED),
+    (bytes([m.VERSION]) + b"\x01\x00\x01\x00\x02" + bytes(10), m.Drop.TRUNCATED),
+    (b"\x01\x01\x00\x01\x00\x02" + bytes(m.INIT_BYTES - 6), m.Drop.MALFORMED),  # version 1
     (b"\x07" + bytes(60), m.Drop.MALFORMED),
 ])
 def test_channel_malformed_datagrams_are_counted(datagram: bytes, reason: m.Drop) -> None:
@@ -354,8 +361,8 @@ def test_channel_a_flood_of_handshakes_is_rate_limited() -> None:
         insider._peers[2].pending = None
         init = insider.tick(2000.0 + i * 1e-4).datagrams[0][1]
         node2.receive(2000.0 + i * 1e-4, ADDRESSES[1], init)
-    assert node2.stats["handshakes_completed"] == s.SOURCE_BURST  # the burst, in 0.1 s
-    assert node2.drops[m.Drop.RATE_LIMITED] == 1000 - s.SOURCE_BURST
+    assert node2.stats["handshakes_answered"] == s.PEER_BURST  # the burst, in 0.1 s
+    assert node2.drops[m.Drop.RATE_LIMITED] == 1000 - s.PEER_BURST
 
 
 def test_channel_node_budget_caps_many_sources() -> None:
@@ -410,8 +417,175 @@ def test_channel_receive_never_raises_and_counts_everything(kind: m.DatagramType
 
 
 def test_channel_ask_rekey_reaches_the_peer_as_a_restart_with_the_same_boot_id() -> None:
-    """A receiver that lost a peer's inbound keys (not its VPP) asks for a rekey."""
+    """A receiver that lost a peer's inbound keys (not its VPP) asks for a rekey: each
+    request once, however often its message is repeated."""
     net = up(Net())
     net.run(2, net.nodes[2].ask_rekey(1001.0, 1), 1001.0)
     assert [e for e in net.events[1] if isinstance(e, s.PeerRestarted)] == [
         s.PeerRestarted(2, 102)]
+    for _ in range(3):  # the same request again (a peer repeating itself)
+        net.run(2, net.nodes[2].send(1002.0, 1, m.RekeyRequest(42)), 1002.0)
+    net.run(2, net.nodes[2].ask_rekey(1003.0, 1), 1003.0)  # a new loss: honoured
+    assert [e for e in net.events[1] if isinstance(e, s.PeerRestarted)] == [
+        s.PeerRestarted(2, 102)] * 3
+    assert net.nodes[1].stats["rekey_requests_repeated"] == 2
+
+
+# ---- key confirmation -------------------------------------------------------------------
+def test_channel_responder_sends_nothing_before_the_initiator_confirms() -> None:
+    """The responder's session is `next` until the initiator's first message: its queued
+    messages wait, it is not established, and the Init's source is answered without
+    becoming the peer's endpoint; the initiator confirms at once."""
+    net = Net()
+    two = net.nodes[2]
+    two.send(999.0, 1, m.SendingOn(4))  # queued: node 2 has no session yet
+    two._peers[1].pending = None  # (its own handshake is not what this test follows)
+    [(_, init)] = net.nodes[1].tick(1000.0).datagrams
+    elsewhere = ("198.51.100.9", 7777)  # where the Init appears to come from
+    out = two.receive(1000.0, elsewhere, init)
+    assert [(d, data[1]) for d, data in out.datagrams] == [(elsewhere, m.DatagramType.RESPONSE)]
+    assert out.events == [] and not two.established(1) and two.endpoint(1) == ADDRESSES[1]
+    [(_, response)] = out.datagrams
+    confirm = net.nodes[1].receive(1000.0, ADDRESSES[2], response)
+    assert net.nodes[1].established(2)
+    assert [data[1] for _, data in confirm.datagrams] == [m.DatagramType.TRANSPORT]
+    [(_, confirmation)] = confirm.datagrams
+    done = two.receive(1000.1, ("198.51.100.9", 7778), confirmation)
+    assert two.established(1) and s.HandshakeComplete(1) in done.events
+    assert two.endpoint(1) == ("198.51.100.9", 7778)  # where the confirmation came from
+    assert s.EndpointChanged(1, ("198.51.100.9", 7778)) in done.events
+    assert len(done.datagrams) == 2  # the queued SendingOn, then the ObservedAddress
+
+
+def test_channel_a_restart_in_an_unconfirmed_handshake_is_not_reported() -> None:
+    """A Hello's new boot id counts only once the session is confirmed: an Init replayed
+    from an earlier boot (or forged by nobody: held back) reports no restart."""
+    net = up(Net())
+    old = Net()  # node 2's Init under another boot id, its MAC valid for this pair
+    old.keys, old.nodes = net.keys, {2: s.Channel(2, NodeSecrets(net.keys[2], PSK), [
+        s.PeerConfig(1, public_bytes(net.keys[1]), ADDRESSES[1])], boot_id=55)}
+    [(_, init)] = old.nodes[2].tick(1001.0).datagrams
+    out = net.nodes[1].receive(1001.0, ("203.0.113.66", 4501), init)
+    assert len(out.datagrams) == 1 and out.events == []
+    net.run(1, net.nodes[1].send(1002.0, 2, m.Keepalive()), 1002.0)  # the live session
+    assert not net.nodes[2].drops and net.nodes[1].endpoint(2) == ADDRESSES[2]
+    assert not [e for e in net.events[1] if isinstance(e, s.PeerRestarted)]
+
+
+# ---- SasInstalled names its key ---------------------------------------------------------
+def test_channel_installed_acks_confirm_only_the_agreed_key() -> None:
+    """The sender's KeyResponse is dropped: the receiver's "installed" arrives while the
+    sender holds no key for the generation, and must not let it switch; once the offer
+    is answered again, the same (repeated) acknowledgement counts."""
+    net = up(Net())
+    net.lose = {len(net.wire) + 1}  # the KeyResponse
+    net.run(1, net.nodes[1].start_generation(1001.0, 2, 3), 1001.0)
+    net.run(2, net.nodes[2].acknowledge(1001.2, 1, "installed", 3), 1001.2)
+    assert not [e for e in net.events[1] if isinstance(e, s.PeerAcked)]
+    assert net.nodes[1].stats["installed_mismatch"] == 1
+    net.run(1, net.nodes[1].tick(1001.0 + s.KEY_RETRY), 1001.0 + s.KEY_RETRY)  # answered
+    later = 1001.0 + s.KEY_RETRY + s.KEEPALIVE_AFTER
+    net.run(2, net.nodes[2].tick(later), later)  # the acknowledgement, repeated
+    assert [e for e in net.events[1] if isinstance(e, s.PeerAcked)] == [
+        s.PeerAcked(2, "installed", 3)]
+    # Another key's digest never counts, and a generation whose secret the receiver's
+    # channel does not hold is acknowledged with nothing at all.
+    net.run(2, net.nodes[2].send(later, 1, m.SasInstalled(3, s.installed_digest(bytes(32)))),
+            later)
+    assert net.nodes[1].stats["installed_mismatch"] == 2
+    assert net.nodes[2].acknowledge(later, 1, "installed", 9) == s.Output()
+    assert net.nodes[2].stats["installed_unknown_secret"] == 1
+
+
+# ---- padding ----------------------------------------------------------------------------
+def test_channel_every_transport_datagram_has_one_length() -> None:
+    """An observer cannot pick the key exchanges (or any kind) out by their length."""
+    net = up(Net())
+    one, two = net.nodes[1], net.nodes[2]
+    net.run(1, one.start_generation(1001.0, 2, 1), 1001.0)
+    for what in ("installed", "slid", "sending"):
+        net.run(2, two.acknowledge(1001.0, 1, what, 1), 1001.0)
+    for message in (m.Keepalive(), m.Restarted(9), m.RekeyRequest(5), m.FlowProbe(1),
+                    m.ObservedAddress(ipaddress.ip_address("192.0.2.9"), 4500),
+                    m.ObservedAddress(ipaddress.ip_address("2001:db8::9"), 4500)):
+        net.run(1, one.send(1001.0, 2, message), 1001.0)
+    transports = [d for _, _, d in net.wire if d[1] == m.DatagramType.TRANSPORT]
+    assert len(transports) >= 12
+    assert {len(d) for d in transports} == {m.TRANSPORT_BYTES}
+    assert not one.drops and not two.drops
+
+
+# ---- bounded work -----------------------------------------------------------------------
+def test_channel_spoofed_source_handshakes_do_not_spend_an_honest_peers_budget() -> None:
+    """Node 3 (a member: its MACs verify) sends a burst of handshakes from a thousand
+    spoofed addresses, and strangers send forged ones: node 1's handshake with node 2
+    still completes."""
+    net = Net(3)
+    two, insider = net.nodes[2], net.nodes[3]
+    forged = bytearray(next(d for _, d in insider.tick(1000.0).datagrams if d[5] == 2))
+    forged[-1] ^= 1  # its MAC broken: as a stranger's
+    for i in range(1000):
+        insider._peers[2].pending = None
+        now = 1000.0 + i * 1e-5
+        [(_, init)] = [d for d in insider.tick(now).datagrams if d[1][5] == 2]
+        two.receive(now, (f"10.{i >> 8}.{i & 0xFF}.9", 4501), init)
+        two.receive(now, (f"10.9.{i & 0xFF}.{i >> 8}", 4501), bytes(forged))
+    net.run(1, net.nodes[1].tick(now), now)  # at once, the burst just over
+    assert net.nodes[1].established(2) and two.established(1)
+    assert two.drops[m.Drop.RATE_LIMITED] == 1000 - s.PEER_BURST  # one budget for node 3
+    assert two.drops[m.Drop.AUTH] == 1000  # the forgeries: before any budget
+
+
+def test_channel_key_inits_outside_the_window_cost_no_diffie_hellman() -> None:
+    """A member (or a confused peer) offering generations far outside the receiver's
+    window: no Diffie-Hellman, no event, nothing kept, each counted."""
+    net = up(Net())
+    two = net.nodes[2]
+    two.accept_generations(1, 5, 3)
+    dh, events = two.stats["dh"], len(net.events[2])
+    for generation in (0, 4, 8, 123456, 10**9, 2**32 - 1):
+        net.run(1, net.nodes[1].start_generation(1001.0, 2, generation), 1001.0)
+    assert two.stats["dh"] == dh and len(net.events[2]) == events
+    assert two.drops == {m.Drop.OUT_OF_WINDOW: 6}
+    assert two._peers[1].answers == {} and two._peers[1].keyed_in == {}
+    net.run(1, net.nodes[1].start_generation(1001.0, 2, 6), 1001.0)  # inside: answered
+    assert two.generation_secret(1, 6, outbound=False) is not None
+    two.accept_generations(1, 7, 3)  # the window slid past 6: its answer is forgotten
+    assert two._peers[1].answers == {} and two.generation_secret(1, 6, outbound=False) is None
+    fresh = Net()  # before the agent gives a window, nothing is answered
+    fresh.nodes[2].accept_generations(1, 0, 0)
+    up(fresh)
+    fresh.run(1, fresh.nodes[1].start_generation(1001.0, 2, 0), 1001.0)
+    assert fresh.nodes[2].drops == {m.Drop.OUT_OF_WINDOW: 1}
+
+
+def test_channel_restarted_is_honoured_once_per_boot_id() -> None:
+    net = up(Net())
+    for _ in range(3):
+        net.run(2, net.nodes[2].send(1001.0, 1, m.Restarted(777)), 1001.0)
+        net.run(2, net.nodes[2].send(1001.0, 1, m.Restarted(102)), 1001.0)  # its own boot
+    assert [e for e in net.events[1] if isinstance(e, s.PeerRestarted)] == [
+        s.PeerRestarted(2, 777)]
+    assert net.nodes[1].stats["restarts_repeated"] == 5
+
+
+def test_channel_key_inits_back_off_while_unanswered() -> None:
+    """An attacker drops every key exchange: the offer is resent after 1, 2, 4 ... up to
+    KEY_RETRY_MAX seconds, not every second for ever; a new session sends it at once."""
+    net = up(Net())
+    one = net.nodes[1]
+    net.lose = set(range(len(net.wire), 10_000))
+    net.run(1, one.start_generation(1001.0, 2, 3), 1001.0)
+    sent = [1001.0]
+    for step in range(1, 880):  # 110 s, before the session's own rekey
+        now = 1001.0 + step * 0.125
+        net.run(1, one.tick(now), now)
+        last = one._peers[2].offers[3][1]
+        if last != sent[-1]:
+            sent.append(last)
+    gaps = [b - a for a, b in itertools.pairwise(sent)]
+    assert gaps == [1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 30.0]
+    assert one.next_retry(now) == sent[-1] + s.KEY_RETRY_MAX
+    net.lose = set()
+    net.run(1, one.tick(1000.0 + s.REKEY_AFTER), 1000.0 + s.REKEY_AFTER)  # a new session
+    assert one.generation_secret(2, 3, outbound=True) is not None

@@ -356,7 +356,8 @@ def test_forward_secrecy_nat_flow_probe_is_reported_and_moves_nothing() -> None:
     assert node[2].probe(1000.0, 1, 1) is None  # no session yet
     ((_, init),) = node[2].tick(1000.0).datagrams
     ((_, response), *_) = node[1].receive(1000.0, where[2], init).datagrams
-    node[2].receive(1000.0, where[1], response)
+    ((_, confirmation),) = node[2].receive(1000.0, where[1], response).datagrams
+    node[1].receive(1000.0, where[2], confirmation)
     probe = node[2].probe(1001.0, 1, 1)
     assert probe is not None
     out = node[1].receive(1001.0, (PUBLIC, 24456), probe)

@@ -50,7 +50,7 @@ from vppmesh.channel import session as s
 from vppmesh.channel.endpoint import PORT, ChannelEndpoint
 from vppmesh.channel.transport import PuntTransport
 from vppmesh.config import MeshSettings
-from vppmesh.epochs import GenerationState, PeerGenerations, PeerSaid
+from vppmesh.epochs import WINDOW, GenerationState, PeerGenerations, PeerSaid
 from vppmesh.errors import VppMeshError
 from vppmesh.keys import SaKey, derive_sa_key_ephemeral, spi_for
 from vppmesh.state import sa_id_for
@@ -615,6 +615,9 @@ class Secrecy:
                          if self.book.keys(number, False, g) is not None]
             pg.ephemeral_in = sorted(set(agreed_in) | set(pg.ephemeral_in))
             live = channel is not None and number in channel.peers()
+            if live:  # the peer's KeyInits are answered for its window here only
+                assert channel is not None
+                channel.accept_generations(number, pg.in_base, WINDOW)
             for (_, outbound, g), keys in self.book.retire(peer, pg):
                 if outbound:
                     self.retired += [(k.key.get_secret_value(), k.salt) for k in keys]

@@ -4,9 +4,15 @@ Two layers. The *datagram* is what crosses the underlay (through VPP's punt sock
 6-byte clear header (version, type, sender and receiver node numbers), then a Noise
 handshake message or a transport message with its counter. The *message* is what a
 handshake payload or a transport message decrypts to: one kind byte and fixed-size
-fields. Every kind has one exact length and every datagram type one exact length or a
-small bound, so the parser checks sizes before it looks at anything else and a whole
-datagram is never larger than MAX_DATAGRAM.
+fields. Every kind has one exact length and every datagram type one exact length, so the
+parser checks sizes before it looks at anything else and a whole datagram is never
+larger than MAX_DATAGRAM.
+
+Transport plaintexts are padded with zeros to MESSAGE_BYTES (the largest kind's length),
+so an observer cannot tell a KeyInit from a keepalive by its length, nor drop only the
+key exchanges: every transport datagram is TRANSPORT_BYTES long. Handshake datagrams have
+their own fixed lengths, INIT_BYTES and RESPONSE_BYTES (their type is in the clear header
+anyway). With VERSION 2: transport 71 bytes, Init 91, Response 87 (UDP payloads).
 
 Parsing never raises: `parse_datagram` and `decode` return the parsed value or a `Drop`
 reason the caller counts. Nothing here holds keys; `session` authenticates.
@@ -22,7 +28,7 @@ from enum import IntEnum, StrEnum
 from vppmesh.channel.noise import DHLEN, TAGLEN
 
 Address = tuple[str, int]  # (IP address, UDP port) a datagram comes from or goes to
-VERSION = 1
+VERSION = 2  # 2: padded transport plaintexts, SasInstalled's digest, RekeyRequest
 HEADER = struct.Struct(">BBHH")  # version, type, sender node number, receiver node number
 INIT_FIELDS = struct.Struct(">IQ")  # sender index, timestamp (ns, strictly increasing)
 RESPONSE_FIELDS = struct.Struct(">II")  # sender index, receiver index
@@ -47,6 +53,7 @@ class Kind(IntEnum):
     OBSERVED_ADDRESS = 8
     SENDING_ON = 9
     FLOW_PROBE = 10
+    REKEY_REQUEST = 11
 
 
 class Drop(StrEnum):
@@ -59,6 +66,7 @@ class Drop(StrEnum):
     AUTH = "auth"  # a MAC or an AEAD tag that does not verify: forged or corrupted
     REPLAY = "replay"
     RATE_LIMITED = "rate_limited"
+    OUT_OF_WINDOW = "out_of_window"  # a KeyInit for a generation the receiver does not accept
 
 
 # ---- messages ---------------------------------------------------------------------------
@@ -87,9 +95,13 @@ class KeyResponse:
 
 @dataclass(frozen=True)
 class SasInstalled:
-    """The receiver's inbound SAs for `generation` are in its VPP: the sender may switch."""
+    """The receiver's inbound SAs for `generation` are in its VPP: the sender may switch.
+
+    `digest` is a short hash of the generation's agreed secret (session.installed_digest):
+    the sender believes the ack only for the key it agreed itself, never for another."""
 
     generation: int
+    digest: bytes = bytes(8)
 
 
 @dataclass(frozen=True)
@@ -115,6 +127,14 @@ class Restarted:
 
 
 @dataclass(frozen=True)
+class RekeyRequest:
+    """The sender lost its inbound keys from the receiver (not its VPP): the receiver
+    should rekey towards it. `nonce` is new for each loss; a repeat is not honoured."""
+
+    nonce: int
+
+
+@dataclass(frozen=True)
 class Keepalive:
     """Nothing but proof of life (and a packet to keep a NAT mapping open)."""
 
@@ -136,11 +156,13 @@ class FlowProbe:
 
 
 Message = (Hello | KeyInit | KeyResponse | SasInstalled | WindowSlid | SendingOn | Restarted
-           | Keepalive | ObservedAddress | FlowProbe)
+           | Keepalive | ObservedAddress | FlowProbe | RekeyRequest)
 
 _U32 = struct.Struct(">I")
 _U64 = struct.Struct(">Q")
 _KEY = struct.Struct(f">I{DHLEN}s")
+DIGEST_BYTES = 8
+_INSTALLED = struct.Struct(f">I{DIGEST_BYTES}s")
 _V4 = struct.Struct(">B4sH")
 _V6 = struct.Struct(">B16sH")
 FAMILY_V4, FAMILY_V6 = 4, 6
@@ -150,19 +172,28 @@ _BODY_SIZES: dict[Kind, tuple[int, ...]] = {
     Kind.HELLO: (_U64.size,),
     Kind.KEY_INIT: (_KEY.size,),
     Kind.KEY_RESPONSE: (_KEY.size,),
-    Kind.SAS_INSTALLED: (_U32.size,),
+    Kind.SAS_INSTALLED: (_INSTALLED.size,),
     Kind.WINDOW_SLID: (_U32.size,),
     Kind.SENDING_ON: (_U32.size,),
     Kind.FLOW_PROBE: (_U32.size,),
     Kind.RESTARTED: (_U64.size,),
+    Kind.REKEY_REQUEST: (_U64.size,),
     Kind.KEEPALIVE: (0,),
     Kind.OBSERVED_ADDRESS: (_V4.size, _V6.size),
 }
 MAX_MESSAGE = 1 + max(max(sizes) for sizes in _BODY_SIZES.values())
+MESSAGE_BYTES = MAX_MESSAGE  # every transport plaintext, padded with zeros
 HELLO_BYTES = 1 + _U64.size
 
 
-def encode(message: Message) -> bytes:
+def encode(message: Message, *, padded: bool = True) -> bytes:
+    """The message's bytes, padded to MESSAGE_BYTES (a transport's) unless `padded` is
+    False (a handshake's Hello, inside a datagram of fixed length already)."""
+    data = _compact(message)
+    return data + bytes(MESSAGE_BYTES - len(data)) if padded else data
+
+
+def _compact(message: Message) -> bytes:
     match message:
         case Hello(boot_id=boot) | Restarted(boot_id=boot):
             kind = Kind.HELLO if isinstance(message, Hello) else Kind.RESTARTED
@@ -170,8 +201,10 @@ def encode(message: Message) -> bytes:
         case KeyInit(generation=g, public_key=key) | KeyResponse(generation=g, public_key=key):
             kind = Kind.KEY_INIT if isinstance(message, KeyInit) else Kind.KEY_RESPONSE
             return bytes([kind]) + _KEY.pack(g, key)
-        case SasInstalled(generation=g):
-            return bytes([Kind.SAS_INSTALLED]) + _U32.pack(g)
+        case SasInstalled(generation=g, digest=digest):
+            return bytes([Kind.SAS_INSTALLED]) + _INSTALLED.pack(g, digest)
+        case RekeyRequest(nonce=nonce):
+            return bytes([Kind.REKEY_REQUEST]) + _U64.pack(nonce)
         case WindowSlid(generation=g):
             return bytes([Kind.WINDOW_SLID]) + _U32.pack(g)
         case SendingOn(generation=g):
@@ -186,9 +219,10 @@ def encode(message: Message) -> bytes:
     raise TypeError(f"not a channel message: {type(message).__name__}")
 
 
-def decode(data: bytes) -> Message | Drop:
-    """The message in a decrypted payload, or why it is not one."""
-    if not data:
+def decode(data: bytes, *, padded: bool = True) -> Message | Drop:
+    """The message in a decrypted payload, or why it is not one. A transport's (`padded`)
+    is exactly MESSAGE_BYTES long and its padding all zeros."""
+    if not data or (padded and len(data) < MESSAGE_BYTES):
         return Drop.TRUNCATED
     if len(data) > MAX_MESSAGE:
         return Drop.OVERSIZED
@@ -197,15 +231,23 @@ def decode(data: bytes) -> Message | Drop:
     except ValueError:
         return Drop.MALFORMED
     body = data[1:]
+    if padded:
+        size = _padded_body_size(kind, body)
+        if size is None or any(body[size:]):
+            return Drop.MALFORMED  # an unknown address family, or padding that is not zeros
+        body = body[:size]
     if len(body) not in _BODY_SIZES[kind]:
         return Drop.TRUNCATED if len(body) < min(_BODY_SIZES[kind]) else Drop.MALFORMED
-    if kind in (Kind.HELLO, Kind.RESTARTED):
-        (boot,) = _U64.unpack(body)
-        return Hello(boot) if kind is Kind.HELLO else Restarted(boot)
+    if kind in (Kind.HELLO, Kind.RESTARTED, Kind.REKEY_REQUEST):
+        (value,) = _U64.unpack(body)
+        return {Kind.HELLO: Hello, Kind.RESTARTED: Restarted,
+                Kind.REKEY_REQUEST: RekeyRequest}[kind](value)
     if kind in (Kind.KEY_INIT, Kind.KEY_RESPONSE):
         generation, key = _KEY.unpack(body)
         return KeyInit(generation, key) if kind is Kind.KEY_INIT else KeyResponse(generation, key)
-    if kind in (Kind.SAS_INSTALLED, Kind.WINDOW_SLID, Kind.SENDING_ON):
+    if kind is Kind.SAS_INSTALLED:
+        return SasInstalled(*_INSTALLED.unpack(body))
+    if kind in (Kind.WINDOW_SLID, Kind.SENDING_ON):
         (generation,) = _U32.unpack(body)
         return _STATES[kind](generation)
     if kind is Kind.KEEPALIVE:
@@ -219,19 +261,26 @@ def decode(data: bytes) -> Message | Drop:
     return ObservedAddress(ipaddress.ip_address(packed), port)
 
 
-_STATES: dict[Kind, type[SasInstalled] | type[WindowSlid] | type[SendingOn]] = {
-    Kind.SAS_INSTALLED: SasInstalled, Kind.WINDOW_SLID: WindowSlid, Kind.SENDING_ON: SendingOn}
+def _padded_body_size(kind: Kind, body: bytes) -> int | None:
+    """Where a padded message's body ends: its kind's length (an address's, by family)."""
+    if kind is not Kind.OBSERVED_ADDRESS:
+        return _BODY_SIZES[kind][0]
+    return {FAMILY_V4: _V4.size, FAMILY_V6: _V6.size}.get(body[0])
+
+
+_STATES: dict[Kind, type[WindowSlid] | type[SendingOn]] = {
+    Kind.WINDOW_SLID: WindowSlid, Kind.SENDING_ON: SendingOn}
 
 
 # ---- datagrams --------------------------------------------------------------------------
-# Handshake payloads are exactly one Hello; transport payloads one message of any kind.
+# Handshake payloads are exactly one Hello (unpadded); transport payloads one message of
+# any kind, padded to MESSAGE_BYTES.
 NOISE_INIT_BYTES = DHLEN + HELLO_BYTES + TAGLEN  # KK message 1: e, then the payload
 NOISE_RESPONSE_BYTES = DHLEN + HELLO_BYTES + TAGLEN
 INIT_BYTES = HEADER.size + INIT_FIELDS.size + NOISE_INIT_BYTES + MAC_BYTES
 RESPONSE_BYTES = HEADER.size + RESPONSE_FIELDS.size + NOISE_RESPONSE_BYTES + MAC_BYTES
-TRANSPORT_MIN = HEADER.size + TRANSPORT_FIELDS.size + 1 + TAGLEN
-TRANSPORT_MAX = HEADER.size + TRANSPORT_FIELDS.size + MAX_MESSAGE + TAGLEN
-MAX_DATAGRAM = max(INIT_BYTES, RESPONSE_BYTES, TRANSPORT_MAX)
+TRANSPORT_BYTES = HEADER.size + TRANSPORT_FIELDS.size + MESSAGE_BYTES + TAGLEN
+MAX_DATAGRAM = max(INIT_BYTES, RESPONSE_BYTES, TRANSPORT_BYTES)
 
 
 @dataclass(frozen=True)
@@ -316,8 +365,8 @@ def parse_datagram(data: bytes) -> Datagram | Drop:
         return Response(sender, receiver, index, receiver_index, data[start:-MAC_BYTES],
                         data[-MAC_BYTES:], data[:-MAC_BYTES])
     if kind == DatagramType.TRANSPORT:
-        if size < TRANSPORT_MIN:
-            return Drop.TRUNCATED
+        if size != TRANSPORT_BYTES:
+            return Drop.TRUNCATED if size < TRANSPORT_BYTES else Drop.MALFORMED
         index, counter = TRANSPORT_FIELDS.unpack_from(data, HEADER.size)
         start = HEADER.size + TRANSPORT_FIELDS.size
         return Transport(sender, receiver, index, counter, data[start:], data[:start])

@@ -17,9 +17,20 @@ the first check it fails, in this order:
    the pair's private keys and the PSK can produce it;
 4. handshakes: the timestamp must exceed the last accepted one from that peer, so a
    recorded handshake replayed later is refused before any Diffie-Hellman;
-5. handshakes: a token bucket per source address and one for the whole node bound the
-   Diffie-Hellman work per second whatever arrives;
-6. transports: the session index and the replay window, then one AEAD decryption.
+5. handshakes: a token bucket per peer (the MAC above authenticated which peer sent it,
+   whatever the source address says) and one for the whole node bound the
+   Diffie-Hellman work per second: spoofed sources cannot spend an honest peer's budget;
+6. transports: the session index and the replay window, then one AEAD decryption;
+7. KeyInits: only generations inside the window the agent gave (accept_generations)
+   are answered; any other costs no Diffie-Hellman.
+
+Key confirmation (as WireGuard's responder keeps its keypair as "next"): a responder's
+new session stays `next` until the initiator's first authenticated transport message
+arrives on it, and the responder sends nothing on it before. An Init replayed or held back
+by an attacker therefore never replaces the live session nor moves the peer's endpoint
+(the Response goes to the Init's source; the endpoint moves to where the confirming
+message came from). The initiator, once it has the Response, sends at once (its queue,
+its acknowledgements, or a keepalive), so confirmation takes one round trip.
 
 Key material: Noise's ephemerals live inside one HandshakeState and are gone after
 split(). A generation's ephemeral private key lives in `_Peer.offers` until the answer
@@ -30,10 +41,11 @@ exchange. The generation's ephemeral secret is kept, in memory only, until
 
 from __future__ import annotations
 
+import hashlib
 import hmac as std_hmac
 import ipaddress
 import secrets as random
-from collections import Counter, OrderedDict
+from collections import Counter, deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -60,14 +72,18 @@ REKEY_RESPONDER_SLACK = 10.0  # ... and the responder, if the initiator did not
 REJECT_AFTER = 180.0  # a session is never used, either way, after this
 HANDSHAKE_RETRY = 0.25  # first retry of an unanswered handshake; doubles each time
 HANDSHAKE_RETRY_MAX = 30.0
-KEY_RETRY = 1.0  # resend an unanswered KeyInit
+KEY_RETRY = 1.0  # first resend of an unanswered KeyInit; doubles each time
+KEY_RETRY_MAX = 30.0
+CONFIRM_WAIT = 1.0  # a responder waiting this long for confirmation starts no handshake
 KEEPALIVE_AFTER = 15.0  # send a keepalive when nothing was sent for this long
-# Diffie-Hellman budget: handshakes per second per source address, and per node.
-SOURCE_RATE, SOURCE_BURST = 5.0, 10.0
+# Diffie-Hellman budget: handshakes per second per (authenticated) peer, and per node.
+PEER_RATE, PEER_BURST = 5.0, 10.0
 NODE_RATE, NODE_BURST = 400.0, 400.0
-MAX_SOURCES = 4096  # rate-limit buckets kept (least recently used dropped)
 MAX_QUEUE = 32  # messages held for a peer while its handshake runs
+MAX_WINDOW = 16  # generations a peer may have answered at once (accept_generations)
+MAX_REMEMBERED = 16  # boot ids and rekey requests remembered per peer
 MAC_LABEL = b"vppmesh channel mac v1"
+INSTALLED_LABEL = b"vppmesh sas installed v1"
 _MAC_SUITE = Suite.parse(PROTOCOL)
 # The states each side repeats until they arrive (see acknowledge): the receiver's
 # "installed" and "slid", the sender's "sending".
@@ -201,24 +217,37 @@ class _Peer:
     endpoint: Address | None
     current: _Session | None = None
     previous: _Session | None = None
+    next: _Session | None = None  # answered, not yet confirmed by the initiator
+    next_boot: int = 0  # the boot id in the Hello of `next`'s Init
     pending: _Pending | None = None
     given_up: int | None = None  # the index of our handshake given up for the peer's
     attempts: int = 0
     last_timestamp: int = 0  # highest handshake timestamp accepted from the peer
     boot_id: int | None = None
+    boots: deque[int] = field(default_factory=lambda: deque(maxlen=MAX_REMEMBERED))
+    rekeys: deque[int] = field(default_factory=lambda: deque(maxlen=MAX_REMEMBERED))
+    bucket: TokenBucket | None = None  # its handshakes' Diffie-Hellman budget
+    accept: range = range(0)  # its outbound generations we answer (accept_generations)
     last_sent: float = float("-inf")
     queue: list[m.Message] = field(default_factory=list)
     # Key exchanges are per direction: each is offered by the sender of its generation.
-    # Our outbound generation -> (our ephemeral private key, when the KeyInit was sent)
-    offers: dict[int, tuple[X25519PrivateKey, float]] = field(default_factory=dict)
+    # Our outbound generation -> (our ephemeral private key, when the KeyInit was last
+    # sent, how many times)
+    offers: dict[int, tuple[X25519PrivateKey, float, int]] = field(default_factory=dict)
     # Their outbound generation -> (their ephemeral public key, our answer's) to re-answer
     answers: dict[int, tuple[bytes, bytes]] = field(default_factory=dict)
     keyed_out: dict[int, bytes] = field(default_factory=dict, repr=False)
     keyed_in: dict[int, bytes] = field(default_factory=dict, repr=False)
     # Our latest acknowledgement of each kind to the peer, repeated (see acknowledge),
     # and the latest of the peer's we reported.
-    acks: dict[str, int] = field(default_factory=dict)
+    acks: dict[str, m.Message] = field(default_factory=dict)
     heard: dict[str, int] = field(default_factory=dict)
+
+
+def installed_digest(secret: bytes) -> bytes:
+    """What SasInstalled carries for a generation agreed on `secret`: a short hash, so an
+    acknowledgement confirms that key and no other (and reveals nothing of it)."""
+    return hashlib.blake2s(INSTALLED_LABEL + secret, digest_size=m.DIGEST_BYTES).digest()
 
 
 def _handshake_retry(state: _Peer) -> float:
@@ -226,12 +255,19 @@ def _handshake_retry(state: _Peer) -> float:
     return min(HANDSHAKE_RETRY * 2 ** max(state.attempts - 1, 0), HANDSHAKE_RETRY_MAX)
 
 
-def _offers_again(state: _Peer, now: float, after: float) -> list[m.KeyInit]:
-    """The KeyInits of the peer's offers unanswered for `after` seconds, sent now."""
-    due = [(g, key) for g, (key, sent) in state.offers.items() if now - sent >= after]
-    for generation, key in due:
-        state.offers[generation] = (key, now)
-    return [m.KeyInit(generation, public_bytes(key)) for generation, key in due]
+def _key_retry(tries: int) -> float:
+    """How long an offer sent `tries` times waits before it is sent again."""
+    return min(KEY_RETRY * 2 ** max(tries - 1, 0), KEY_RETRY_MAX)
+
+
+def _offers_again(state: _Peer, now: float, *, at_once: bool = False) -> list[m.KeyInit]:
+    """The KeyInits of the peer's offers whose retry is due (`at_once`: all of them, the
+    backoff started again: a new session proves the path), sent now."""
+    due = [(g, key, 0 if at_once else tries) for g, (key, sent, tries) in state.offers.items()
+           if at_once or now - sent >= _key_retry(tries)]
+    for generation, key, tries in due:
+        state.offers[generation] = (key, now, tries + 1)
+    return [m.KeyInit(generation, public_bytes(key)) for generation, key, _ in due]
 
 
 def pair_mac_key(static_secret: bytes, psk: bytes) -> bytes:
@@ -255,7 +291,6 @@ class Channel:
         self._psk = secrets.psk or bytes(32)
         self._peers: dict[int, _Peer] = {}
         self._sessions: dict[int, tuple[_Peer, _Session]] = {}
-        self._sources: OrderedDict[str, TokenBucket] = OrderedDict()
         self._node_bucket: TokenBucket | None = None
         self.drops: Counter[m.Drop] = Counter()
         self.stats: Counter[str] = Counter()
@@ -315,7 +350,7 @@ class Channel:
         for number in list(self._peers):
             state = self._peers[number]
             if wanted.get(number) != state.config:
-                for session in (state.current, state.previous):
+                for session in (state.current, state.previous, state.next):
                     if session is not None:
                         self._sessions.pop(session.local_index, None)
                 del self._peers[number]
@@ -346,7 +381,7 @@ class Channel:
         `peer`; GenerationKeyed follows the answer."""
         state = self._peers[peer]
         key = X25519PrivateKey.generate()
-        state.offers[generation] = (key, now)
+        state.offers[generation] = (key, now, 1)
         return self.send(now, peer, m.KeyInit(generation, public_bytes(key)))
 
     def acknowledge(self, now: float, peer: int, what: str, generation: int) -> Output:
@@ -357,9 +392,33 @@ class Channel:
         Acknowledgements are states, not events: the latest of each kind is sent now,
         again over every new session and in place of every keepalive, so a lost one
         arrives within KEEPALIVE_AFTER; the peer reports each state once.
+
+        "installed" carries the digest of the generation's secret as this node agreed it
+        (installed_digest); for a generation whose secret the channel does not hold (SAs
+        adopted from VPP by a restarted agent) nothing is sent, and it is counted.
         """
-        self._peers[peer].acks[what] = generation
-        return self.send(now, peer, _ACKS[what](generation))
+        state = self._peers[peer]
+        message: m.Message
+        if what == "installed":
+            secret = state.keyed_in.get(generation)
+            if secret is None:
+                self.stats["installed_unknown_secret"] += 1
+                return Output()
+            message = m.SasInstalled(generation, installed_digest(secret))
+        else:
+            message = _ACKS[what](generation)
+        state.acks[what] = message
+        return self.send(now, peer, message)
+
+    def accept_generations(self, peer: int, base: int, count: int) -> None:
+        """Answer the peer's KeyInits for generations base .. base + count - 1 only (its
+        outbound window at this node), and forget answers outside it. Until the agent
+        sets a window, no KeyInit is answered."""
+        state = self._peers[peer]
+        state.accept = range(base, base + min(count, MAX_WINDOW))
+        for table in (state.answers, state.keyed_in):
+            for generation in [g for g in table if g not in state.accept]:
+                del table[generation]
 
     def retire_generation(self, peer: int, generation: int, *, outbound: bool) -> None:
         """Forget everything of one direction's `generation`: its private key, answer
@@ -373,9 +432,9 @@ class Channel:
             state.keyed_in.pop(generation, None)
 
     def ask_rekey(self, now: float, peer: int) -> Output:
-        """Ask `peer` to rekey towards this node now (a Restarted message with the boot
-        id unchanged): its inbound keys here are lost, although VPP did not restart."""
-        return self.send(now, peer, m.Restarted(self.boot_id))
+        """Ask `peer` to rekey towards this node now (a RekeyRequest with a fresh nonce,
+        honoured once): its inbound keys here are lost, although VPP did not restart."""
+        return self.send(now, peer, m.RekeyRequest(random.randbits(64)))
 
     def restarted(self, now: float, boot_id: int) -> Output:
         """This node's VPP restarted: tell every peer, reliably.
@@ -404,12 +463,14 @@ class Channel:
             if state.pending is not None:
                 if now - state.pending.sent >= _handshake_retry(state):
                     out.extend(self._initiate(now, state))
+            elif state.next is not None and now - state.next.created < CONFIRM_WAIT:
+                pass  # the peer's handshake is one confirmation away
             elif session is None or now - session.created >= REKEY_AFTER + (
                     0.0 if session.initiator else REKEY_RESPONDER_SLACK):
                 out.extend(self._initiate(now, state))
             if session is None:
                 continue
-            for message in _offers_again(state, now, KEY_RETRY):
+            for message in _offers_again(state, now):
                 out.extend(self._transmit(now, state, session, message))
             if now - state.last_sent >= KEEPALIVE_AFTER:
                 for message in self._ack_messages(state) or [m.Keepalive()]:
@@ -428,7 +489,7 @@ class Channel:
             if state.pending is not None:
                 due.append(state.pending.sent + _handshake_retry(state))
             if state.offers and self._usable(state, now) is not None:
-                due += [sent + KEY_RETRY for _key, sent in state.offers.values()]
+                due += [sent + _key_retry(tries) for _key, sent, tries in state.offers.values()]
         return min(due, default=None)
 
     # ---- receiving ----------------------------------------------------------------------
@@ -452,18 +513,15 @@ class Channel:
         self.drops[reason] += 1
         return Output()
 
-    def _dh_allowed(self, now: float, source: Address) -> bool:
-        host = source[0]
-        bucket = self._sources.get(host)
-        if bucket is None:
-            if len(self._sources) >= MAX_SOURCES:
-                self._sources.popitem(last=False)
-            bucket = self._sources[host] = TokenBucket(SOURCE_RATE, SOURCE_BURST, now)
-        else:
-            self._sources.move_to_end(host)
+    def _dh_allowed(self, now: float, state: _Peer) -> bool:
+        """The peer's budget (its MAC verified: the sender is that peer, or replays its
+        datagrams), then the node's: whatever the source addresses, one peer cannot
+        spend the others' handshakes."""
+        if state.bucket is None:
+            state.bucket = TokenBucket(PEER_RATE, PEER_BURST, now)
         if self._node_bucket is None:
             self._node_bucket = TokenBucket(NODE_RATE, NODE_BURST, now)
-        return bucket.take(now) and self._node_bucket.take(now)
+        return state.bucket.take(now) and self._node_bucket.take(now)
 
     def _receive_init(self, now: float, source: Address, state: _Peer, init: m.Init) -> Output:
         if init.timestamp <= state.last_timestamp:
@@ -475,7 +533,7 @@ class Channel:
             # lost, and neither would ever complete).
             self.stats["collisions"] += 1
             return Output()
-        if not self._dh_allowed(now, source):
+        if not self._dh_allowed(now, state):
             return self._drop(m.Drop.RATE_LIMITED)
         handshake = HandshakeState(initiator=False, static=self._secrets.private_key,
                                    remote_static=state.config.public_key, psk=self._psk,
@@ -492,16 +550,20 @@ class Channel:
                 state.given_up = state.pending.local_index
             state.pending = None
         local = self._fresh_index()
-        noise = handshake.write_message(m.encode(m.Hello(self.boot_id)))
+        noise = handshake.write_message(m.encode(m.Hello(self.boot_id), padded=False))
         self.stats["dh"] += 2
+        self.stats["handshakes_answered"] += 1
         body = m.build_response(self.node_number, state.config.node_number, local,
                                 init.sender_index, noise)
-        moved = self._move(state, source)
-        out = Output(datagrams=[(source, body + pair_mac(state.mac_key, body))])
         send, receive = handshake.split()
-        out.extend(self._established(now, state, _Session(
-            local, init.sender_index, send, receive, now, initiator=False), hello))
-        return out.extend(self._moved(now, state) if moved else Output())
+        # Held as `next` until the initiator confirms it; answered where the Init came
+        # from, but the peer's endpoint stays until then.
+        if state.next is not None:
+            self._sessions.pop(state.next.local_index, None)
+        state.next = _Session(local, init.sender_index, send, receive, now, initiator=False)
+        state.next_boot = hello.boot_id
+        self._sessions[local] = (state, state.next)
+        return Output(datagrams=[(source, body + pair_mac(state.mac_key, body))])
 
     def _receive_response(self, now: float, source: Address, state: _Peer,
                           response: m.Response) -> Output:
@@ -512,7 +574,7 @@ class Channel:
                 self.stats["collisions"] += 1
                 return Output()
             return self._drop(m.Drop.REPLAY)  # no handshake of ours is waiting for it
-        if not self._dh_allowed(now, source):
+        if not self._dh_allowed(now, state):
             return self._drop(m.Drop.RATE_LIMITED)
         handshake = pending.handshake
         hello = self._read_hello(handshake, response.noise)
@@ -523,14 +585,17 @@ class Channel:
         moved = self._move(state, source)
         out = self._established(now, state, _Session(
             pending.local_index, response.sender_index, send, receive, now, initiator=True),
-            hello)
-        return out.extend(self._moved(now, state) if moved else Output())
+            hello.boot_id)
+        out.extend(self._moved(now, state) if moved else Output())
+        if not out.datagrams:  # the responder waits for a first message: confirm at once
+            out.extend(self._transmit(now, state, state.current, m.Keepalive()))
+        return out
 
     def _read_hello(self, handshake: HandshakeState, noise: bytes) -> m.Hello | m.Drop:
         """The Hello a handshake message carries: two Diffie-Hellmans, then the AEAD."""
         self.stats["dh"] += 2
         try:
-            hello = m.decode(handshake.read_message(noise))
+            hello = m.decode(handshake.read_message(noise), padded=False)
         except NoiseError:
             return m.Drop.AUTH
         return hello if isinstance(hello, m.Hello) else m.Drop.MALFORMED
@@ -555,10 +620,18 @@ class Channel:
         if isinstance(message, m.Drop):
             return self._drop(message)
         self.stats["received"] += 1
-        if isinstance(message, m.FlowProbe):  # another flow than the channel's: no move
-            return Output(events=[FlowSeen(state.config.node_number, message.tunnel, source)])
-        moved = self._move(state, source)
-        out = self._handle(now, state, session, message)
+        probe = isinstance(message, m.FlowProbe)  # another flow than the channel's: no move
+        moved = not probe and self._move(state, source)
+        out = Output()
+        if session is state.next:  # the initiator's first message: the session is proven
+            # Our own handshake, if one is pending, is not needed any more: answered
+            # later, it stays the peer's `next`, never confirmed, and both keep this one.
+            state.next, state.pending = None, None
+            out.extend(self._established(now, state, session, state.next_boot))
+        if isinstance(message, m.FlowProbe):
+            out.events.append(FlowSeen(state.config.node_number, message.tunnel, source))
+            return out
+        out.extend(self._handle(now, state, session, message))
         return out.extend(self._moved(now, state) if moved else Output())
 
     def _handle(self, now: float, state: _Peer, session: _Session,
@@ -579,6 +652,9 @@ class Channel:
                     return self._drop(m.Drop.MALFORMED)
                 state.keyed_out[g] = secret
                 return Output(events=[GenerationKeyed(peer, g, True, secret)])
+            case m.SasInstalled(generation=g, digest=digest) if not self._agreed(state, g,
+                                                                                 digest):
+                return Output()
             case m.SasInstalled(generation=g) | m.WindowSlid(generation=g) | \
                     m.SendingOn(generation=g):
                 what = next(k for k, kind in _ACKS.items() if isinstance(message, kind))
@@ -587,16 +663,36 @@ class Channel:
                 state.heard[what] = g
                 return Output(events=[PeerAcked(peer, what, g)])
             case m.Restarted(boot_id=boot):
+                if boot in state.boots:  # honoured once per boot id
+                    self.stats["restarts_repeated"] += 1
+                    return Output()
+                state.boots.append(boot)
                 state.boot_id = boot
                 return Output(events=[PeerRestarted(peer, boot)])
+            case m.RekeyRequest(nonce=nonce):
+                if nonce in state.rekeys:  # honoured once per request
+                    self.stats["rekey_requests_repeated"] += 1
+                    return Output()
+                state.rekeys.append(nonce)
+                return Output(events=[PeerRestarted(peer, state.boot_id or 0)])
             case m.ObservedAddress(address=address, port=port):
                 return Output(events=[PeerObserved(peer, (str(address), port))])
             case m.Keepalive():
                 return Output()
         return self._drop(m.Drop.MALFORMED)  # a Hello outside a handshake
 
+    def _agreed(self, state: _Peer, generation: int, digest: bytes) -> bool:
+        """The peer's "installed" is for the secret this node agreed for `generation`."""
+        secret = state.keyed_out.get(generation)
+        if secret is not None and std_hmac.compare_digest(installed_digest(secret), digest):
+            return True
+        self.stats["installed_mismatch"] += 1
+        return False
+
     def _answer_key(self, now: float, state: _Peer, session: _Session, generation: int,
                     theirs: bytes) -> Output:
+        if generation not in state.accept:  # outside the window: no work, no event
+            return self._drop(m.Drop.OUT_OF_WINDOW)
         answered = state.answers.get(generation)
         if answered is not None and answered[0] == theirs:  # our answer was lost: again
             return self._transmit(now, state, session, m.KeyResponse(generation, answered[1]))
@@ -638,7 +734,7 @@ class Channel:
         handshake = HandshakeState(initiator=True, static=self._secrets.private_key,
                                    remote_static=state.config.public_key, psk=self._psk,
                                    prologue=prologue)
-        noise = handshake.write_message(m.encode(m.Hello(self.boot_id)))
+        noise = handshake.write_message(m.encode(m.Hello(self.boot_id), padded=False))
         self.stats["dh"] += 2
         self.stats["handshakes_initiated"] += 1
         state.pending = _Pending(handshake, local, now)
@@ -646,8 +742,9 @@ class Channel:
         body = prologue + noise
         return Output(datagrams=[(state.endpoint, body + pair_mac(state.mac_key, body))])
 
-    def _established(self, now: float, state: _Peer, session: _Session,
-                     hello: m.Hello) -> Output:
+    def _established(self, now: float, state: _Peer, session: _Session, boot: int) -> Output:
+        """`session` becomes current: the initiator's on the Response, the responder's on
+        the first message that confirms it. Only now does its Hello's boot id count."""
         if state.previous is not None:
             self._sessions.pop(state.previous.local_index, None)
         state.previous, state.current = state.current, session
@@ -656,20 +753,22 @@ class Channel:
         self.stats["handshakes_completed"] += 1
         peer = state.config.node_number
         out = Output(events=[HandshakeComplete(peer)])
-        if state.boot_id is not None and state.boot_id != hello.boot_id:
-            out.events.append(PeerRestarted(peer, hello.boot_id))
-        state.boot_id = hello.boot_id
+        if boot not in state.boots:
+            if state.boot_id is not None:
+                out.events.append(PeerRestarted(peer, boot))
+            state.boots.append(boot)
+        state.boot_id = boot
         queued, state.queue = state.queue, []
         # Offers still unanswered go again at once: the new session proves the path,
         # and after a VPP restart the first ones died while VPP resolved the neighbour.
-        offers = _offers_again(state, now, 0.0)
+        offers = _offers_again(state, now, at_once=True)
         for message in queued + self._ack_messages(state) + offers:
             out.extend(self._transmit(now, state, session, message))
         return out
 
     @staticmethod
     def _ack_messages(state: _Peer) -> list[m.Message]:
-        return [_ACKS[what](g) for what, g in sorted(state.acks.items())]
+        return [message for _what, message in sorted(state.acks.items())]
 
     def _transmit(self, now: float, state: _Peer, session: _Session,
                   message: m.Message) -> Output:
