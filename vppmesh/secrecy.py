@@ -48,6 +48,7 @@ from typing import TYPE_CHECKING
 from vppmesh.channel import session as s
 from vppmesh.channel.endpoint import PORT, ChannelEndpoint
 from vppmesh.channel.transport import PuntTransport
+from vppmesh.clock import AgentClock, TimestampFile, Timestamps
 from vppmesh.epochs import GenerationState, PeerGenerations, PeerSaid
 from vppmesh.errors import VppMeshError
 from vppmesh.keys import SaKey, derive_sa_key_ephemeral, spi_for
@@ -239,9 +240,19 @@ class KeyBook:
 class Secrecy:
     """One agent's channel and key book (see the module)."""
 
-    def __init__(self, socket_path: Path, *, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, socket_path: Path, *, state_dir: Path | None = None,
+                 clock: Callable[[], float] | None = None) -> None:
+        """`clock`: the node's (vppmesh/clock.py: NodeOptions.clock), the same as its runs'
+        `now`, since what the peers said (`sending`) meets the generation file's times;
+        None: a clock of this process only. `state_dir`: where the handshake timestamps'
+        reservation and the peers' timestamp marks survive the agent (TimestampFile);
+        None: nothing persists (a restarted agent could accept a handshake recorded
+        before, and its own timestamps rest on its clock alone)."""
         self.socket_path = socket_path
-        self.clock = clock
+        self.state_dir = state_dir
+        self.clock: Callable[[], float] = clock or AgentClock(None)
+        self._stamps: tuple[Timestamps, TimestampFile | None] | None = None
+        self._marks: dict[int, int] = {}  # the peers' timestamp marks as last saved
         self.book = KeyBook()
         self.endpoint: ChannelEndpoint | None = None
         self._pid: int | None = None  # the VPP the punt registration is for
@@ -305,8 +316,10 @@ class Secrecy:
                     self.endpoint.transport.close()
                 raise_dgram_queue()
                 transport = PuntTransport(self.socket_path, vpp_socket)
+                timestamps = self._timestamps(view.name)
                 channel = s.Channel(view.node.node_number, view.secrets, [],
-                                    boot_id=boot_id)
+                                    boot_id=boot_id, timestamps=timestamps,
+                                    timestamp_marks=self._marks)
                 self.endpoint = ChannelEndpoint(channel, transport, {})
                 self._configs, self._stated, self._announce = {}, {}, None
                 self._followed = None
@@ -315,6 +328,36 @@ class Secrecy:
                 # to send from, and every datagram would wait for a retry.
                 self._announce = boot_id
         self.follow(view)
+
+    def _timestamps(self, node: str) -> Timestamps:
+        """This agent's handshake timestamps (one issuer for every channel it opens),
+        starting above what an earlier agent reserved; the marks it kept come along."""
+        if self._stamps is None:
+            store = TimestampFile(self.state_dir / f"{node}.handshakes.json") \
+                if self.state_dir is not None else None
+            issued, self._marks = store.load() if store is not None else (0, {})
+            reserve = (lambda up_to: store.save(up_to, self._marks)) \
+                if store is not None else None
+            self._stamps = (Timestamps(self.clock, issued=issued, reserve=reserve), store)
+        elif self.endpoint is not None:  # another channel: it takes this one's marks
+            self._marks = self.endpoint.channel.timestamp_marks()
+        return self._stamps[0]
+
+    def _save_marks(self, *, closing: bool = False) -> None:
+        """The peers' timestamp marks, when they changed; `closing`: with the timestamp
+        really issued last (the next agent starts right above it)."""
+        if self._stamps is None:
+            return
+        timestamps, store = self._stamps
+        channel = self.channel
+        marks = channel.timestamp_marks() if channel is not None else self._marks
+        if store is None or (marks == self._marks and not closing):
+            self._marks = marks
+            return
+        issued = timestamps.issued if closing else timestamps.reserved
+        if store.save(issued, marks):
+            self._marks = marks
+            timestamps.reserved = issued
 
     def _esp_flow_registrations(self, api: VppApi) -> list[Request]:
         """Punt what arrives on UDP 4500 with SPI 0 (the channel on the ESP flow) to
@@ -391,6 +434,7 @@ class Secrecy:
             for t, (src, dst) in enumerate(p.path.endpoints)]
 
     def close(self) -> None:
+        self._save_marks(closing=True)
         if self.endpoint is not None:
             self.endpoint.transport.close()
         self.endpoint, self._pid = None, None
@@ -622,6 +666,7 @@ class Secrecy:
             self._announce = None
         for out in outbox:
             self.endpoint.emit(out)
+        self._save_marks()  # handshakes accepted since the last run: at most one write
 
     # ---- reporting -------------------------------------------------------------------
     def counters(self) -> dict[str, int]:

@@ -15,8 +15,9 @@ the first check it fails, in this order:
 3. handshakes: the pair MAC (HMAC-BLAKE2s keyed from the pair's static secret, computed
    once per peer, and the PSK) — one hash, no Diffie-Hellman; only a holder of one of
    the pair's private keys and the PSK can produce it;
-4. handshakes: the timestamp must exceed the last accepted one from that peer, so a
-   recorded handshake replayed later is refused before any Diffie-Hellman;
+4. handshakes: the timestamp must exceed the last accepted one from that peer (the marks,
+   which the agent keeps across restarts: `timestamp_marks`), so a recorded handshake
+   replayed later is refused before any Diffie-Hellman;
 5. handshakes: a token bucket per source address and one for the whole node bound the
    Diffie-Hellman work per second whatever arrives;
 6. transports: the session index and the replay window, then one AEAD decryption.
@@ -34,7 +35,7 @@ import hmac as std_hmac
 import ipaddress
 import secrets as random
 from collections import Counter, OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
@@ -50,6 +51,7 @@ from vppmesh.channel.noise import (
     dh,
     public_bytes,
 )
+from vppmesh.clock import Timestamps
 from vppmesh.keys import NodeSecrets, pair_secret
 
 Address = m.Address
@@ -60,6 +62,9 @@ REKEY_RESPONDER_SLACK = 10.0  # ... and the responder, if the initiator did not
 REJECT_AFTER = 180.0  # a session is never used, either way, after this
 HANDSHAKE_RETRY = 0.25  # first retry of an unanswered handshake; doubles each time
 HANDSHAKE_RETRY_MAX = 30.0
+# The lower node number answers the peer's crossing handshake once this many of its own
+# went unanswered (see _receive_init).
+YIELD_AFTER = 2
 KEY_RETRY = 1.0  # resend an unanswered KeyInit
 KEEPALIVE_AFTER = 15.0  # send a keepalive when nothing was sent for this long
 # Diffie-Hellman budget: handshakes per second per source address, and per node.
@@ -167,7 +172,9 @@ class TokenBucket:
         self.rate, self.burst, self.tokens, self.stamp = rate, burst, burst, now
 
     def take(self, now: float) -> bool:
-        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+        # Elapsed time clamped at zero: a clock that went back refills nothing, and
+        # drains nothing either (else one step back of an hour refuses for an hour).
+        self.tokens = min(self.burst, self.tokens + max(0.0, now - self.stamp) * self.rate)
         self.stamp = now
         if self.tokens < 1.0:
             return False
@@ -204,7 +211,6 @@ class _Peer:
     pending: _Pending | None = None
     given_up: int | None = None  # the index of our handshake given up for the peer's
     attempts: int = 0
-    last_timestamp: int = 0  # highest handshake timestamp accepted from the peer
     boot_id: int | None = None
     last_sent: float = float("-inf")
     queue: list[m.Message] = field(default_factory=list)
@@ -234,6 +240,21 @@ def _offers_again(state: _Peer, now: float, after: float) -> list[m.KeyInit]:
     return [m.KeyInit(generation, public_bytes(key)) for generation, key in due]
 
 
+def _pull_back(state: _Peer, now: float) -> None:
+    """Stamps ahead of `now` come back to `now`: the caller's clock went back (the agent's
+    never does: vppmesh/clock.py). A timer then restarts rather than stall for as long as
+    the step, and a session lives at most REJECT_AFTER past it."""
+    for session in (state.current, state.previous):
+        if session is not None and session.created > now:
+            session.created = now
+    if state.pending is not None and state.pending.sent > now:
+        state.pending.sent = now
+    for generation, (key, sent) in state.offers.items():
+        if sent > now:
+            state.offers[generation] = (key, now)
+    state.last_sent = min(state.last_sent, now)
+
+
 def pair_mac_key(static_secret: bytes, psk: bytes) -> bytes:
     return _MAC_SUITE.hash(MAC_LABEL + static_secret + psk)
 
@@ -246,7 +267,13 @@ class Channel:
     """This node's end of the channel with every peer."""
 
     def __init__(self, node_number: int, secrets: NodeSecrets, peers: Iterable[PeerConfig],
-                 *, boot_id: int, new_index: Callable[[], int] | None = None) -> None:
+                 *, boot_id: int, new_index: Callable[[], int] | None = None,
+                 timestamps: Callable[[], int] | None = None,
+                 timestamp_marks: Mapping[int, int] | None = None) -> None:
+        """`timestamps`: the next handshake timestamp (the agent's: clock.Timestamps,
+        strictly increasing across restarts); None: from the `now` of each call, strictly
+        increasing for this object only. `timestamp_marks`: per peer node number, the
+        highest handshake timestamp accepted before (what an earlier agent kept)."""
         self.node_number = node_number
         self._secrets = secrets
         self.boot_id = boot_id
@@ -259,7 +286,11 @@ class Channel:
         self._node_bucket: TokenBucket | None = None
         self.drops: Counter[m.Drop] = Counter()
         self.stats: Counter[str] = Counter()
-        self._last_timestamp = 0
+        self._timestamps = timestamps
+        self._own_timestamps = Timestamps()
+        # Per peer, the highest handshake timestamp accepted (kept for a peer whose
+        # record changes, or that leaves and comes back: its old handshakes stay old).
+        self._marks: dict[int, int] = dict(timestamp_marks or {})
         self.set_peers(peers)
 
     def __repr__(self) -> str:
@@ -290,6 +321,11 @@ class Channel:
     def held_private_keys(self) -> int:
         """Ephemeral private keys of generations this node holds (awaiting an answer)."""
         return sum(len(p.offers) for p in self._peers.values())
+
+    def timestamp_marks(self) -> dict[int, int]:
+        """Per peer node number, the highest handshake timestamp accepted (for the next
+        agent: the constructor's `timestamp_marks`)."""
+        return dict(self._marks)
 
     def probe(self, now: float, peer: int, tunnel: int) -> bytes | None:
         """A FlowProbe for the peer, to be sent on tunnel `tunnel`'s flow (None: no
@@ -400,6 +436,7 @@ class Channel:
         for state in self._peers.values():
             if state.endpoint is None:
                 continue
+            _pull_back(state, now)
             session = self._usable(state, now)
             if state.pending is not None:
                 if now - state.pending.sent >= _handshake_retry(state):
@@ -466,13 +503,16 @@ class Channel:
         return bucket.take(now) and self._node_bucket.take(now)
 
     def _receive_init(self, now: float, source: Address, state: _Peer, init: m.Init) -> Output:
-        if init.timestamp <= state.last_timestamp:
+        peer = state.config.node_number
+        if init.timestamp <= self._marks.get(peer, 0):
             return self._drop(m.Drop.REPLAY)
-        if state.pending is not None and self.node_number < state.config.node_number and \
-                source == state.endpoint:
+        if state.pending is not None and self.node_number < peer and \
+                source == state.endpoint and state.attempts <= YIELD_AFTER:
             # Both initiated at once: the lower node number's stands, but only if the
             # peer's came from where ours went (else a NAT chose another port: ours is
-            # lost, and neither would ever complete).
+            # lost, and neither would ever complete), and only while ours has a chance:
+            # once YIELD_AFTER of ours went unanswered (the peer refuses them, say),
+            # the peer's is answered, ours still pending (below).
             self.stats["collisions"] += 1
             return Output()
         if not self._dh_allowed(now, source):
@@ -483,7 +523,7 @@ class Channel:
         hello = self._read_hello(handshake, init.noise)
         if isinstance(hello, m.Drop):
             return self._drop(hello)
-        state.last_timestamp = init.timestamp
+        self._marks[peer] = init.timestamp
         if self.node_number > state.config.node_number:
             # The higher node gives its own handshake up. The lower one keeps its own
             # (answered only after a first attempt went unanswered): if the peer answers
@@ -630,8 +670,8 @@ class Channel:
     def _initiate(self, now: float, state: _Peer) -> Output:
         if state.endpoint is None:
             return Output()
-        timestamp = max(int(now * 1e9), self._last_timestamp + 1)
-        self._last_timestamp = timestamp
+        timestamp = self._timestamps() if self._timestamps is not None else \
+            self._own_timestamps.next(now)
         local = self._fresh_index()
         prologue = m.build_init(self.node_number, state.config.node_number, local, timestamp,
                                 b"")
