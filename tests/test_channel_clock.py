@@ -129,3 +129,18 @@ def test_channel_lower_node_answers_the_peer_once_its_own_keep_failing() -> None
     net.run(2, node2.send(now, 1, m.Keepalive()), now)
     assert node1.stats["received"] >= 1 and node2.stats["received"] >= 1
     assert not node1.drops and not node2.drops
+
+
+def test_channel_a_new_key_of_the_peer_starts_a_new_mark() -> None:
+    """The peer reinstalled (new static key) with its clock behind what its old key's
+    handshakes said: its handshakes are answered (the old key's cannot pass the MAC)."""
+    net = up(Net())
+    node2 = net.nodes[2]
+    node2._marks[1] = 10**19
+    key = X25519PrivateKey.generate()
+    node2.set_peers([s.PeerConfig(1, public_bytes(key), ADDRESSES[1])])
+    reinstalled = s.Channel(1, NodeSecrets(key, PSK),
+                            [s.PeerConfig(2, public_bytes(net.keys[2]), ADDRESSES[2])], boot_id=9)
+    [init] = inits(reinstalled.tick(1000.0))
+    out = node2.receive(1000.0, ADDRESSES[1], init)
+    assert [d for _, d in out.datagrams if d[1] == m.DatagramType.RESPONSE]

@@ -355,6 +355,11 @@ class Channel:
                     if session is not None:
                         self._sessions.pop(session.local_index, None)
                 del self._peers[number]
+                if number in wanted and wanted[number].public_key != state.config.public_key:
+                    # Handshakes made with its old key fail the pair MAC now: the mark
+                    # protects nothing, and would refuse a reinstalled node's clock.
+                    # (One that left keeps it: it may come back with the same key.)
+                    self._marks.pop(number, None)
         for number, peer in wanted.items():
             if number not in self._peers:
                 shared = pair_secret(self._secrets, peer.public_key)
