@@ -252,7 +252,7 @@ class Secrecy:
         self.state_dir = state_dir
         self.clock: Callable[[], float] = clock or AgentClock(None)
         self._stamps: tuple[Timestamps, TimestampFile | None] | None = None
-        self._marks: dict[int, int] = {}  # the peers' timestamp marks as last saved
+        self._saved_marks: dict[int, int] = {}  # the peers' timestamp marks on disk
         self.book = KeyBook()
         self.endpoint: ChannelEndpoint | None = None
         self._pid: int | None = None  # the VPP the punt registration is for
@@ -316,10 +316,10 @@ class Secrecy:
                     self.endpoint.transport.close()
                 raise_dgram_queue()
                 transport = PuntTransport(self.socket_path, vpp_socket)
-                timestamps = self._timestamps(view.name)
+                timestamps, marks = self._handshakes(view.name)
                 channel = s.Channel(view.node.node_number, view.secrets, [],
                                     boot_id=boot_id, timestamps=timestamps,
-                                    timestamp_marks=self._marks)
+                                    timestamp_marks=marks)
                 self.endpoint = ChannelEndpoint(channel, transport, {})
                 self._configs, self._stated, self._announce = {}, {}, None
                 self._followed = None
@@ -329,34 +329,34 @@ class Secrecy:
                 self._announce = boot_id
         self.follow(view)
 
-    def _timestamps(self, node: str) -> Timestamps:
+    def _handshakes(self, node: str) -> tuple[Timestamps, dict[int, int]]:
         """This agent's handshake timestamps (one issuer for every channel it opens),
-        starting above what an earlier agent reserved; the marks it kept come along."""
+        starting above what an earlier agent reserved, and the peers' timestamp marks a
+        new channel starts from: what the earlier agent kept, or the last channel's."""
         if self._stamps is None:
             store = TimestampFile(self.state_dir / f"{node}.handshakes.json") \
                 if self.state_dir is not None else None
-            issued, self._marks = store.load() if store is not None else (0, {})
-            reserve = (lambda up_to: store.save(up_to, self._marks)) \
+            issued, self._saved_marks = store.load() if store is not None else (0, {})
+            reserve = (lambda up_to: store.save(up_to, self._saved_marks)) \
                 if store is not None else None
             self._stamps = (Timestamps(self.clock, issued=issued, reserve=reserve), store)
-        elif self.endpoint is not None:  # another channel: it takes this one's marks
-            self._marks = self.endpoint.channel.timestamp_marks()
-        return self._stamps[0]
+        channel = self.channel
+        marks = channel.timestamp_marks() if channel is not None else self._saved_marks
+        return self._stamps[0], marks
 
     def _save_marks(self, *, closing: bool = False) -> None:
         """The peers' timestamp marks, when they changed; `closing`: with the timestamp
         really issued last (the next agent starts right above it)."""
-        if self._stamps is None:
+        if self._stamps is None or self._stamps[1] is None:
             return
         timestamps, store = self._stamps
         channel = self.channel
-        marks = channel.timestamp_marks() if channel is not None else self._marks
-        if store is None or (marks == self._marks and not closing):
-            self._marks = marks
+        marks = channel.timestamp_marks() if channel is not None else self._saved_marks
+        if marks == self._saved_marks and not closing:
             return
         issued = timestamps.issued if closing else timestamps.reserved
         if store.save(issued, marks):
-            self._marks = marks
+            self._saved_marks = marks
             timestamps.reserved = issued
 
     def _esp_flow_registrations(self, api: VppApi) -> list[Request]:
