@@ -28,6 +28,7 @@ from vppmesh.channel.endpoint import PORT
 from vppmesh.channel.messages import Drop
 from vppmesh.channel.noise import public_bytes
 from vppmesh.channel.transport import build_packet
+from vppmesh.clock import AgentClock, TimestampFile
 from vppmesh.config import MeshSettings, dump_mesh
 from vppmesh.epochs import (
     WINDOW,
@@ -333,7 +334,9 @@ class Clock:
 
 class Agents:
     """node1..nodeN, each a long-running agent (Session with a Secrecy) with its own state
-    dir and fake VPP; the VPPs' punt paths are joined by a PuntRelay; one fake clock."""
+    dir and fake VPP; the VPPs' punt paths are joined by a PuntRelay; one fake clock for
+    the time that passes, from which each node's boot clock and wall clock are made (a
+    test steps a node's wall clock, or reboots it), read through the node's AgentClock."""
 
     def __init__(self, count: int = 2, **settings: object) -> None:
         self.dir = short_tmp()
@@ -344,6 +347,9 @@ class Agents:
         self.relay = PuntRelay(self.dir)
         self.clock = Clock()
         self.names = [n.name for n in self.mesh.nodes]
+        self.wall_step = {name: 0.0 for name in self.names}  # each node's wall clock error
+        self.booted = {name: 0.0 for name in self.names}  # fake time at each node's boot
+        self.boot = {name: 1 for name in self.names}
         self.options: dict[str, NodeOptions] = {}
         self.sessions: dict[str, Session] = {}
         self.secrecy: dict[str, Secrecy] = {}
@@ -375,10 +381,22 @@ class Agents:
         old = self.secrecy.get(name)
         if old is not None:
             old.close()
-        secrecy = Secrecy(channel_socket(self.options[name]), clock=self.clock)
+        options = self.options[name]
+        clock = AgentClock(options.state_dir / f"{name}.clock.json",
+                           boottime=lambda: self.clock() - self.booted[name],
+                           wall=lambda: self.clock() + self.wall_step[name],
+                           boot_id=lambda: f"boot-{self.boot[name]}")
+        secrecy = Secrecy(channel_socket(options), state_dir=options.state_dir, clock=clock)
         self.secrecy[name] = secrecy
         self.sessions[name] = Session(self.options[name], secrecy=secrecy,
                                       connect=lambda n=name: self.vpp(n))  # type: ignore[misc]
+
+    def reboot(self, name: str) -> None:
+        """The node's host reboots: a new VPP and agent, its boot clock from zero."""
+        self.booted[name] = self.clock()
+        self.boot[name] += 1
+        self.restart_vpp(name)
+        self.start_agent(name)
 
     def close(self) -> None:
         for secrecy in self.secrecy.values():
@@ -387,7 +405,8 @@ class Agents:
         shutil.rmtree(self.dir, ignore_errors=True)
 
     def run(self, name: str, **up_options: object) -> UpResult:
-        result = self.results[name] = self.sessions[name].run(now=self.clock(), **up_options)
+        result = self.results[name] = self.sessions[name].run(
+            now=self.secrecy[name].clock(), **up_options)
         return result
 
     def settle(self) -> None:
@@ -1217,3 +1236,84 @@ def test_forward_secrecy_blocked_channel_and_a_forced_step(
         agents.until(agents.forward_secret, "both pairs on agreed keys again", steps=60)
     finally:
         agents.close()
+
+
+# ---- clock attacks: the wall clock stepped, the agent restarted, the host rebooted ------
+
+HOUR = 3600.0
+
+
+def sessions_up(agents: Agents) -> bool:
+    """Every agent has a usable channel session with every peer now."""
+    for name in agents.names:
+        channel = agents.secrecy[name].channel
+        now = agents.secrecy[name].clock()
+        if channel is None or not all(channel.established(agents.number(p), now)
+                                      for p in agents.names if p != name):
+            return False
+    return True
+
+
+@pytest.mark.parametrize("steps", [(-HOUR,), (HOUR, -HOUR)], ids=["back", "ahead-then-back"])
+def test_forward_secrecy_a_wall_clock_step_and_an_agent_restart_keep_agreed_keys(
+        agents: Agents, steps: tuple[float, ...]) -> None:
+    """node1's wall clock steps an hour (NTP, or an attacker answering it) and its agent
+    restarts: sessions are back at the first poll, stay up through rekeys and expiries
+    (5 minutes), the pair stays on agreed keys and a rekey still goes through."""
+    agents.until(lambda: agents.slid(1) and agents.forward_secret(), "agreed and slid")
+    for step in steps:
+        agents.wall_step["node1"] += step
+        agents.start_agent("node1")
+        for _ in range(30):
+            agents.step(10.0)
+            assert sessions_up(agents) and agents.forward_secret()
+    drops = agents.secrecy["node2"].counters()
+    assert drops.get("drop_replay", 0) == 0 and drops.get("drop_rate_limited", 0) == 0
+    agents.run("node1", rekey=True)
+    agents.until(lambda: agents.generations("node2").peers["node1"].in_base == 2,
+                 "node2 slid to node1's generation 2")
+    assert agents.forward_secret()
+
+
+def test_forward_secrecy_a_reboot_with_the_wall_clock_behind_regains_agreed_keys(
+        agents: Agents) -> None:
+    """node1's host reboots and comes up with its wall clock an hour behind: its
+    handshakes are answered at the first poll (its timestamps start above what it
+    reserved before the reboot, so node2 does not take them for replays), and the pair
+    is back on agreed keys as soon as after a reboot on a right clock (9 polls here)."""
+    agents.until(lambda: agents.slid(1) and agents.forward_secret(), "agreed and slid")
+    agents.step()
+    agents.wall_step["node1"] -= HOUR
+    agents.reboot("node1")
+    agents.step()
+    assert sessions_up(agents)
+    assert agents.secrecy["node2"].counters().get("drop_replay", 0) == 0
+    agents.until(agents.forward_secret, "both pairs on agreed keys again", steps=10)
+
+
+def test_forward_secrecy_a_restarted_agent_refuses_a_recorded_handshake(
+        agents: Agents) -> None:
+    """node1's handshake Init, recorded on the wire, replayed to node2's agent after it
+    restarted: refused before any Diffie-Hellman (the marks outlive the agent), nothing
+    changes."""
+    agents.until(lambda: agents.slid(1) and agents.forward_secret(), "agreed and slid")
+    agents.step()
+    recorded = [r.payload for r in agents.relay.relayed
+                if (r.sender, r.receiver) == ("node1", "node2")
+                and r.payload[1] == m.DatagramType.INIT]
+    assert recorded
+    # Kept at the run after the handshake (a crash now loses nothing), not per handshake.
+    marks = TimestampFile(agents.options["node2"].state_dir / "node2.handshakes.json").load()[1]
+    assert marks[1] >= max(m.parse_datagram(i).timestamp for i in recorded)  # type: ignore[union-attr]
+    agents.start_agent("node2")
+    agents.step()
+    channel = agents.secrecy["node2"].channel
+    assert channel is not None
+    completed, dh = channel.stats["handshakes_completed"], channel.stats["dh"]
+    replays = channel.drops[Drop.REPLAY]
+    src = str(agents.mesh.node("node1").primary.ip)
+    dst = str(agents.mesh.node("node2").primary.ip)
+    deliver(agents, "node2", [channel_frame(src, dst, init) for init in recorded])
+    assert channel.drops[Drop.REPLAY] - replays == len(recorded)
+    assert channel.stats["handshakes_completed"] == completed and channel.stats["dh"] == dh
+    assert sessions_up(agents) and agents.forward_secret()

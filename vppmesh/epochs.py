@@ -187,13 +187,38 @@ def initial(public_key: str, settings: MeshSettings, now: float) -> PeerGenerati
     return PeerGenerations(public_key=public_key, out=g, out_since=now, floor=g, in_base=g)
 
 
+def age(now: float, since: float) -> float:
+    """Seconds from `since` to `now`, never negative (see clamp_future)."""
+    return max(0.0, now - since)
+
+
+def clamp_future(pg: PeerGenerations, now: float) -> None:
+    """Times the file holds that lie ahead of `now` come back to `now`.
+
+    Times are on the node's clock (vppmesh/clock.py), which never steps back within a
+    boot; one ahead of it was written under another boot's anchor (the wall clock was
+    behind when this boot's was taken) or by an older vppmesh on the wall clock before
+    a step back. Kept as they are, the key would not age, nor the receiver slide, until
+    the clock caught up (an hour's step: an hour more on one key). Brought to `now`, the
+    key's age restarts once: at most the age it had, once per such event, and a new boot
+    restarts VPP, whose lost SAs make the sender step to a new generation anyway; the
+    packet and byte limits count VPP's packets, whatever the clocks say.
+    """
+    if pg.out_since > now:
+        pg.out_since = now
+    if pg.out_sent_at is not None and pg.out_sent_at > now:
+        pg.out_sent_at = now
+    if pg.in_seen_at is not None and pg.in_seen_at > now:
+        pg.in_seen_at = now
+
+
 def soft_limit_reached(pg: PeerGenerations, obs: PeerObservation, settings: MeshSettings,
                        now: float) -> str | None:
     """Why the current outbound key should be replaced now (None: it is fine)."""
-    age = now - pg.out_since
-    if settings.rekey_interval and age >= settings.rekey_interval:
+    age_now = age(now, pg.out_since)
+    if settings.rekey_interval and age_now >= settings.rekey_interval:
         return "scheduled rekey"
-    if age >= settings.key_max_seconds / 2:
+    if age_now >= settings.key_max_seconds / 2:
         return "key age at half of key_max_seconds"
     if obs.out_packets >= settings.key_max_packets // 2:
         return "packets at half of key_max_packets"
@@ -204,7 +229,7 @@ def soft_limit_reached(pg: PeerGenerations, obs: PeerObservation, settings: Mesh
 
 def hard_limit_reached(pg: PeerGenerations, obs: PeerObservation, settings: MeshSettings,
                        now: float) -> bool:
-    return (now - pg.out_since >= settings.key_max_seconds
+    return (age(now, pg.out_since) >= settings.key_max_seconds
             or obs.out_packets >= settings.key_max_packets
             or obs.out_packets * settings.underlay_mtu >= settings.key_max_bytes)
 
@@ -215,6 +240,7 @@ def advance(pg: PeerGenerations, obs: PeerObservation, settings: MeshSettings, *
     """Update one peer's generations from what VPP shows and, with a channel to the
     peer, what its agent said (`said`); pure but for `pg`, in place."""
     notes: list[str] = []
+    clamp_future(pg, now)
     epoch = settings.key_epoch
     if pg.out < epoch:  # the operator moved the whole mesh forward
         pg.out, pg.out_since, pg.out_sent_at = epoch, now, None
@@ -234,9 +260,9 @@ def advance(pg: PeerGenerations, obs: PeerObservation, settings: MeshSettings, *
     if said is not None and said.sending is not None:
         h, heard = said.sending  # the sender's word: it sends on h (traffic or not)
         if pg.in_base < h < pg.in_base + WINDOW and (pg.in_seen is None or h > pg.in_seen):
-            pg.in_seen, pg.in_seen_at = h, heard
+            pg.in_seen, pg.in_seen_at = h, min(heard, now)
     if pg.in_seen is not None and pg.in_seen_at is not None and \
-            now - pg.in_seen_at >= settings.rekey_grace:
+            age(now, pg.in_seen_at) >= settings.rekey_grace:
         h = pg.in_seen
         notes.append(f"{peer}: accepting generations {h}..{h + WINDOW - 1} "
                      f"(was {pg.in_base}..{pg.in_base + WINDOW - 1})")
@@ -253,7 +279,7 @@ def advance(pg: PeerGenerations, obs: PeerObservation, settings: MeshSettings, *
     pg.in_marks = dict(obs.inbound_seq)
     if obs.out_installed and obs.out_packets > 0 and peer_sending and pg.out_sent_at is None:
         pg.out_sent_at = now
-    if pg.out_sent_at is not None and now - pg.out_sent_at >= 2 * settings.rekey_grace:
+    if pg.out_sent_at is not None and age(now, pg.out_sent_at) >= 2 * settings.rekey_grace:
         pg.floor = max(pg.floor, pg.out)
 
     forced = (not obs.out_installed or obs.encapsulation_changed) and key_used(pg.out)

@@ -504,11 +504,14 @@ class AgentMetrics:
         return True
 
     def observe(self, api: VppApi, mesh: Mesh, node: str, stats_socket: Path | None,
-                generations: GenerationState, *, vpp_pid: int | None) -> Snapshot:
-        """Take a new snapshot from VPP (dumps, stats segment) and the generation file."""
+                generations: GenerationState, *, vpp_pid: int | None,
+                now: float | None = None) -> Snapshot:
+        """Take a new snapshot from VPP (dumps, stats segment) and the generation file;
+        `now`: the node's clock (vppmesh/clock.py), the one the file's times are on."""
         from vppmesh.status import collect
 
-        started, now = time.monotonic(), time.time()
+        started = time.monotonic()
+        now = time.time() if now is None else now
         reader = self._reader(stats_socket, vpp_pid)
         try:
             status = collect(api, mesh, node, None, reader)

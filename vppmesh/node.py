@@ -17,6 +17,7 @@ from typing import Any, Literal, Protocol
 from vppmesh import engines, epochs, guard
 from vppmesh import host as linux
 from vppmesh import uplink as nic
+from vppmesh.clock import AgentClock
 from vppmesh.cni.reattach import DEFAULT_CNI_PATH, PodReport, reattach
 from vppmesh.config import Mesh, load_mesh
 from vppmesh.epochs import GenerationState, GenerationStore, PeerKeying, PeerObservation
@@ -69,6 +70,13 @@ class NodeOptions:
     def ledger(self) -> KeyLedger:
         """One ledger per options (it re-reads its file when another process wrote it)."""
         return KeyLedger(self.state_dir / f"{self.node}.used-keys.json")
+
+    @cached_property
+    def clock(self) -> AgentClock:
+        """The node's clock (vppmesh/clock.py): every run's `now`, the agent's channel,
+        `up` and `rekey` read this one, so the generation file's times stay comparable
+        whatever the wall clock does."""
+        return AgentClock(self.state_dir / f"{self.node}.clock.json")
 
     @property
     def generations(self) -> GenerationStore:
@@ -303,8 +311,9 @@ def up(options: NodeOptions, *, dry_run: bool = False, api: VppApi | None = None
             book = secrecy.book if secrecy is not None else KeyBook()
             observations, key_used = observe_keys(client, view, state, ledger, book, secrecy)
             peers = {p.name: p.node.public_key for p in view.peers}
-            scheduled = epochs.schedule(state, settings, peers, observations,
-                                        now=time.time() if now is None else now,
+            if now is None:  # the agent's channel and its runs on one clock
+                now = secrecy.clock() if secrecy is not None else options.clock()
+            scheduled = epochs.schedule(state, settings, peers, observations, now=now,
                                         key_used=key_used,
                                         said=secrecy.said(view) if secrecy else None)
             notes = scheduled.notes

@@ -49,6 +49,7 @@ from typing import TYPE_CHECKING
 from vppmesh.channel import session as s
 from vppmesh.channel.endpoint import PORT, ChannelEndpoint
 from vppmesh.channel.transport import PuntTransport
+from vppmesh.clock import AgentClock, TimestampFile, Timestamps
 from vppmesh.config import MeshSettings
 from vppmesh.epochs import WINDOW, GenerationState, PeerGenerations, PeerSaid
 from vppmesh.errors import VppMeshError
@@ -274,9 +275,19 @@ class KeyBook:
 class Secrecy:
     """One agent's channel and key book (see the module)."""
 
-    def __init__(self, socket_path: Path, *, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, socket_path: Path, *, state_dir: Path | None = None,
+                 clock: Callable[[], float] | None = None) -> None:
+        """`clock`: the node's (vppmesh/clock.py: NodeOptions.clock), the same as its runs'
+        `now`, since what the peers said (`sending`) meets the generation file's times;
+        None: a clock of this process only. `state_dir`: where the handshake timestamps'
+        reservation and the peers' timestamp marks survive the agent (TimestampFile);
+        None: nothing persists (a restarted agent could accept a handshake recorded
+        before, and its own timestamps rest on its clock alone)."""
         self.socket_path = socket_path
-        self.clock = clock
+        self.state_dir = state_dir
+        self.clock: Callable[[], float] = clock or AgentClock(None)
+        self._stamps: tuple[Timestamps, TimestampFile | None] | None = None
+        self._saved_marks: dict[int, int] = {}  # the peers' timestamp marks on disk
         self.book = KeyBook()
         self.endpoint: ChannelEndpoint | None = None
         self._pid: int | None = None  # the VPP the punt registration is for
@@ -340,8 +351,10 @@ class Secrecy:
                     self.endpoint.transport.close()
                 raise_dgram_queue()
                 transport = PuntTransport(self.socket_path, vpp_socket)
+                timestamps, marks = self._handshakes(view.name)
                 channel = s.Channel(view.node.node_number, view.secrets, [],
-                                    boot_id=boot_id)
+                                    boot_id=boot_id, timestamps=timestamps,
+                                    timestamp_marks=marks)
                 self.endpoint = ChannelEndpoint(channel, transport, {})
                 self._configs, self._stated, self._announce = {}, {}, None
                 self._followed = None
@@ -350,6 +363,36 @@ class Secrecy:
                 # to send from, and every datagram would wait for a retry.
                 self._announce = boot_id
         self.follow(view)
+
+    def _handshakes(self, node: str) -> tuple[Timestamps, dict[int, int]]:
+        """This agent's handshake timestamps (one issuer for every channel it opens),
+        starting above what an earlier agent reserved, and the peers' timestamp marks a
+        new channel starts from: what the earlier agent kept, or the last channel's."""
+        if self._stamps is None:
+            store = TimestampFile(self.state_dir / f"{node}.handshakes.json") \
+                if self.state_dir is not None else None
+            issued, self._saved_marks = store.load() if store is not None else (0, {})
+            reserve = (lambda up_to: store.save(up_to, self._saved_marks)) \
+                if store is not None else None
+            self._stamps = (Timestamps(self.clock, issued=issued, reserve=reserve), store)
+        channel = self.channel
+        marks = channel.timestamp_marks() if channel is not None else self._saved_marks
+        return self._stamps[0], marks
+
+    def _save_marks(self, *, closing: bool = False) -> None:
+        """The peers' timestamp marks, when they changed; `closing`: with the timestamp
+        really issued last (the next agent starts right above it)."""
+        if self._stamps is None or self._stamps[1] is None:
+            return
+        timestamps, store = self._stamps
+        channel = self.channel
+        marks = channel.timestamp_marks() if channel is not None else self._saved_marks
+        if marks == self._saved_marks and not closing:
+            return
+        issued = timestamps.issued if closing else timestamps.reserved
+        if store.save(issued, marks):
+            self._saved_marks = marks
+            timestamps.reserved = issued
 
     def _esp_flow_registrations(self, api: VppApi) -> list[Request]:
         """Punt what arrives on UDP 4500 with SPI 0 (the channel on the ESP flow) to
@@ -429,6 +472,7 @@ class Secrecy:
             for t, (src, dst) in enumerate(p.path.endpoints)]
 
     def close(self) -> None:
+        self._save_marks(closing=True)
         if self.endpoint is not None:
             self.endpoint.transport.close()
         self.endpoint, self._pid = None, None
@@ -663,6 +707,7 @@ class Secrecy:
             self._announce = None
         for out in outbox:
             self.endpoint.emit(out)
+        self._save_marks()  # handshakes accepted since the last run: at most one write
 
     # ---- reporting -------------------------------------------------------------------
     def counters(self) -> dict[str, int]:

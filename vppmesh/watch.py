@@ -214,8 +214,10 @@ class AgentLoop:
         if result.mesh is not None and client is not None and \
                 metrics.snapshot_due(time.monotonic()):
             try:
+                secrecy = self.session.secrecy
                 metrics.observe(client, result.mesh, self.opts.node, self.stats_socket,
-                                self.opts.generations.load(), vpp_pid=result.vpp_pid)
+                                self.opts.generations.load(), vpp_pid=result.vpp_pid,
+                                now=secrecy.clock() if secrecy else self.opts.clock())
             except VppMeshError as exc:  # the next step finds out what happened
                 log.warning("metrics snapshot failed: %s", exc)
 
@@ -243,7 +245,7 @@ def watch_loop(opts: agent.NodeOptions, metrics: AgentMetrics | None = None,
         if report is not None and (result.changes or result.notes):
             report(result)
 
-    secrecy = Secrecy(agent.channel_socket(opts))
+    secrecy = Secrecy(agent.channel_socket(opts), state_dir=opts.state_dir, clock=opts.clock)
     loop = AgentLoop(agent.Session(opts, secrecy=secrecy), opts, metrics=metrics,
                      stats_socket=stats_socket, report=changed)
     # SIGTERM (systemd, a container runtime, an upgrade) ends the loop between two runs:

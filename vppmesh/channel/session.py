@@ -15,8 +15,9 @@ the first check it fails, in this order:
 3. handshakes: the pair MAC (HMAC-BLAKE2s keyed from the pair's static secret, computed
    once per peer, and the PSK) — one hash, no Diffie-Hellman; only a holder of one of
    the pair's private keys and the PSK can produce it;
-4. handshakes: the timestamp must exceed the last accepted one from that peer, so a
-   recorded handshake replayed later is refused before any Diffie-Hellman;
+4. handshakes: the timestamp must exceed the last accepted one from that peer (the marks,
+   which the agent keeps across restarts: `timestamp_marks`), so a recorded handshake
+   replayed later is refused before any Diffie-Hellman;
 5. handshakes: a token bucket per peer (the MAC above authenticated which peer sent it,
    whatever the source address says) and one for the whole node bound the
    Diffie-Hellman work per second: spoofed sources cannot spend an honest peer's budget;
@@ -46,7 +47,7 @@ import hmac as std_hmac
 import ipaddress
 import secrets as random
 from collections import Counter, deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
@@ -62,6 +63,7 @@ from vppmesh.channel.noise import (
     dh,
     public_bytes,
 )
+from vppmesh.clock import Timestamps
 from vppmesh.keys import NodeSecrets, pair_secret
 
 Address = m.Address
@@ -72,6 +74,9 @@ REKEY_RESPONDER_SLACK = 10.0  # ... and the responder, if the initiator did not
 REJECT_AFTER = 180.0  # a session is never used, either way, after this
 HANDSHAKE_RETRY = 0.25  # first retry of an unanswered handshake; doubles each time
 HANDSHAKE_RETRY_MAX = 30.0
+# The lower node number answers the peer's crossing handshake once this many of its own
+# went unanswered (see _receive_init).
+YIELD_AFTER = 2
 KEY_RETRY = 1.0  # first resend of an unanswered KeyInit; doubles each time
 KEY_RETRY_MAX = 30.0
 CONFIRM_WAIT = 1.0  # a responder waiting this long for confirmation starts no handshake
@@ -183,7 +188,9 @@ class TokenBucket:
         self.rate, self.burst, self.tokens, self.stamp = rate, burst, burst, now
 
     def take(self, now: float) -> bool:
-        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+        # Elapsed time clamped at zero: a clock that went back refills nothing, and
+        # drains nothing either (else one step back of an hour refuses for an hour).
+        self.tokens = min(self.burst, self.tokens + max(0.0, now - self.stamp) * self.rate)
         self.stamp = now
         if self.tokens < 1.0:
             return False
@@ -222,7 +229,6 @@ class _Peer:
     pending: _Pending | None = None
     given_up: int | None = None  # the index of our handshake given up for the peer's
     attempts: int = 0
-    last_timestamp: int = 0  # highest handshake timestamp accepted from the peer
     boot_id: int | None = None
     boots: deque[int] = field(default_factory=lambda: deque(maxlen=MAX_REMEMBERED))
     rekeys: deque[int] = field(default_factory=lambda: deque(maxlen=MAX_REMEMBERED))
@@ -270,6 +276,21 @@ def _offers_again(state: _Peer, now: float, *, at_once: bool = False) -> list[m.
     return [m.KeyInit(generation, public_bytes(key)) for generation, key, _ in due]
 
 
+def _pull_back(state: _Peer, now: float) -> None:
+    """Stamps ahead of `now` come back to `now`: the caller's clock went back (the agent's
+    never does: vppmesh/clock.py). A timer then restarts rather than stall for as long as
+    the step, and a session lives at most REJECT_AFTER past it."""
+    for session in (state.current, state.previous):
+        if session is not None and session.created > now:
+            session.created = now
+    if state.pending is not None and state.pending.sent > now:
+        state.pending.sent = now
+    for generation, (key, sent, tries) in state.offers.items():
+        if sent > now:
+            state.offers[generation] = (key, now, tries)
+    state.last_sent = min(state.last_sent, now)
+
+
 def pair_mac_key(static_secret: bytes, psk: bytes) -> bytes:
     return _MAC_SUITE.hash(MAC_LABEL + static_secret + psk)
 
@@ -282,7 +303,13 @@ class Channel:
     """This node's end of the channel with every peer."""
 
     def __init__(self, node_number: int, secrets: NodeSecrets, peers: Iterable[PeerConfig],
-                 *, boot_id: int, new_index: Callable[[], int] | None = None) -> None:
+                 *, boot_id: int, new_index: Callable[[], int] | None = None,
+                 timestamps: Callable[[], int] | None = None,
+                 timestamp_marks: Mapping[int, int] | None = None) -> None:
+        """`timestamps`: the next handshake timestamp (the agent's: clock.Timestamps,
+        strictly increasing across restarts); None: from the `now` of each call, strictly
+        increasing for this object only. `timestamp_marks`: per peer node number, the
+        highest handshake timestamp accepted before (what an earlier agent kept)."""
         self.node_number = node_number
         self._secrets = secrets
         self.boot_id = boot_id
@@ -294,7 +321,11 @@ class Channel:
         self._node_bucket: TokenBucket | None = None
         self.drops: Counter[m.Drop] = Counter()
         self.stats: Counter[str] = Counter()
-        self._last_timestamp = 0
+        self._timestamps = timestamps
+        self._own_timestamps = Timestamps()
+        # Per peer, the highest handshake timestamp accepted (kept for a peer whose
+        # record changes, or that leaves and comes back: its old handshakes stay old).
+        self._marks: dict[int, int] = dict(timestamp_marks or {})
         self.set_peers(peers)
 
     def __repr__(self) -> str:
@@ -326,6 +357,11 @@ class Channel:
         """Ephemeral private keys of generations this node holds (awaiting an answer)."""
         return sum(len(p.offers) for p in self._peers.values())
 
+    def timestamp_marks(self) -> dict[int, int]:
+        """Per peer node number, the highest handshake timestamp accepted (for the next
+        agent: the constructor's `timestamp_marks`)."""
+        return dict(self._marks)
+
     def probe(self, now: float, peer: int, tunnel: int) -> bytes | None:
         """A FlowProbe for the peer, to be sent on tunnel `tunnel`'s flow (None: no
         session yet)."""
@@ -354,6 +390,11 @@ class Channel:
                     if session is not None:
                         self._sessions.pop(session.local_index, None)
                 del self._peers[number]
+                if number in wanted and wanted[number].public_key != state.config.public_key:
+                    # Handshakes made with its old key fail the pair MAC now: the mark
+                    # protects nothing, and would refuse a reinstalled node's clock.
+                    # (One that left keeps it: it may come back with the same key.)
+                    self._marks.pop(number, None)
         for number, peer in wanted.items():
             if number not in self._peers:
                 shared = pair_secret(self._secrets, peer.public_key)
@@ -459,6 +500,7 @@ class Channel:
         for state in self._peers.values():
             if state.endpoint is None:
                 continue
+            _pull_back(state, now)
             session = self._usable(state, now)
             if state.pending is not None:
                 if now - state.pending.sent >= _handshake_retry(state):
@@ -524,13 +566,16 @@ class Channel:
         return state.bucket.take(now) and self._node_bucket.take(now)
 
     def _receive_init(self, now: float, source: Address, state: _Peer, init: m.Init) -> Output:
-        if init.timestamp <= state.last_timestamp:
+        peer = state.config.node_number
+        if init.timestamp <= self._marks.get(peer, 0):
             return self._drop(m.Drop.REPLAY)
-        if state.pending is not None and self.node_number < state.config.node_number and \
-                source == state.endpoint:
+        if state.pending is not None and self.node_number < peer and \
+                source == state.endpoint and state.attempts <= YIELD_AFTER:
             # Both initiated at once: the lower node number's stands, but only if the
             # peer's came from where ours went (else a NAT chose another port: ours is
-            # lost, and neither would ever complete).
+            # lost, and neither would ever complete), and only while ours has a chance:
+            # once YIELD_AFTER of ours went unanswered (the peer refuses them, say),
+            # the peer's is answered, ours still pending (below).
             self.stats["collisions"] += 1
             return Output()
         if not self._dh_allowed(now, state):
@@ -541,7 +586,7 @@ class Channel:
         hello = self._read_hello(handshake, init.noise)
         if isinstance(hello, m.Drop):
             return self._drop(hello)
-        state.last_timestamp = init.timestamp
+        self._marks[peer] = init.timestamp
         if self.node_number > state.config.node_number:
             # The higher node gives its own handshake up. The lower one keeps its own
             # (answered only after a first attempt went unanswered): if the peer answers
@@ -726,8 +771,8 @@ class Channel:
     def _initiate(self, now: float, state: _Peer) -> Output:
         if state.endpoint is None:
             return Output()
-        timestamp = max(int(now * 1e9), self._last_timestamp + 1)
-        self._last_timestamp = timestamp
+        timestamp = self._timestamps() if self._timestamps is not None else \
+            self._own_timestamps.next(now)
         local = self._fresh_index()
         prologue = m.build_init(self.node_number, state.config.node_number, local, timestamp,
                                 b"")

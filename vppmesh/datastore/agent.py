@@ -138,7 +138,8 @@ class MembershipAgent:
         self.store = store or EtcdStore(ds.url)
         self._api = api  # None: the session keeps its own connection to options.api_socket
         # The agents' channel: generations agreed with the peers' agents (secrecy.py).
-        self.secrecy = Secrecy(agent.channel_socket(options))
+        self.secrecy = Secrecy(agent.channel_socket(options), state_dir=options.state_dir,
+                               clock=options.clock)
         self.session = agent.Session(options, source=self, connect=self._connect,
                                      secrecy=self.secrecy)
         self.changed = threading.Event()

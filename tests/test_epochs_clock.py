@@ -1,0 +1,84 @@
+"""Key generations against times from the future: a generation file written before the
+clock went back (another boot's anchor, an older vppmesh on the wall clock) must neither
+stall a key's rotation nor stretch it past its limits; and every run is on the node's
+clock (vppmesh/clock.py), one-shot `up` included."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from test_epochs import Pair, fresh, never
+
+from vppmesh.clock import boot_id
+from vppmesh.config import MeshSettings
+from vppmesh.epochs import PeerObservation, PeerSaid, advance, age
+from vppmesh.node import up
+
+HOUR = 3600.0
+NOW = 50_000.0
+USED = PeerObservation(out_installed=True, out_packets=5)
+
+
+def test_age_never_negative() -> None:
+    assert age(10.0, 4.0) == 6.0 and age(10.0, 10.0 + HOUR) == 0.0
+
+
+def test_a_key_started_in_the_future_still_rekeys_on_schedule() -> None:
+    """Its age restarts at `now` (once), rather than waiting an hour for the clock."""
+    settings = MeshSettings(rekey_interval=600, rekey_grace=10)
+    pg = fresh(since=NOW + HOUR)
+    assert not advance(pg, USED, settings, now=NOW, key_used=never, peer="p").stepped
+    assert pg.out_since == NOW
+    d = advance(pg, USED, settings, now=NOW + 600, key_used=never, peer="p")
+    assert d.stepped and pg.out == 1
+
+
+def test_a_key_started_in_the_future_still_reaches_its_hard_limit() -> None:
+    """No step possible (the peer has not followed the last one): at key_max_seconds
+    after the clock went back, the peer fails closed, not an hour later."""
+    settings = MeshSettings(rekey_interval=0, rekey_grace=10, key_max_seconds=7200)
+    pg = fresh(out=2, floor=0, since=NOW + HOUR)
+    assert advance(pg, USED, settings, now=NOW, key_used=never, peer="p").keying is not None
+    d = advance(pg, USED, settings, now=NOW + 7200, key_used=never, peer="p")
+    assert d.keying is None
+
+
+def test_the_receiver_slides_after_its_grace_whatever_the_file_says() -> None:
+    settings = MeshSettings(rekey_interval=0, rekey_grace=10)
+    pg = fresh()
+    pg.in_seen, pg.in_seen_at = 1, NOW + HOUR  # seen "in the future"
+    advance(pg, USED, settings, now=NOW, key_used=never, peer="p")
+    advance(pg, USED, settings, now=NOW + 10, key_used=never, peer="p")
+    assert pg.in_base == 1
+
+
+def test_the_senders_word_from_the_future_lets_the_receiver_slide_after_its_grace() -> None:
+    settings = MeshSettings(rekey_interval=0, rekey_grace=10)
+    pg = fresh()
+    said = PeerSaid(sending=(1, NOW + HOUR))
+    advance(pg, USED, settings, now=NOW, key_used=never, peer="p", said=said)
+    advance(pg, USED, settings, now=NOW + 10, key_used=never, peer="p", said=said)
+    assert pg.in_base == 1
+
+
+def test_sender_floor_evidence_from_the_future_counts_after_twice_the_grace() -> None:
+    settings = MeshSettings(rekey_interval=0, rekey_grace=10)
+    pg = fresh(out=1, floor=0)
+    pg.out_sent_at = NOW + HOUR
+    advance(pg, USED, settings, now=NOW, key_used=never, peer="p")
+    advance(pg, USED, settings, now=NOW + 20, key_used=never, peer="p")
+    assert pg.floor == 1
+
+
+def test_a_one_shot_up_runs_on_the_nodes_clock(tmp_path: Path) -> None:
+    """`up` without `now` (the CLI's `up` and `rekey`) reads the node's clock, whose
+    anchor it keeps in the state directory for every later process of this boot."""
+    pair = Pair(tmp_path)
+    before = time.time()
+    up(pair.opts["node1"], api=pair.vpp["node1"])
+    anchor = json.loads((tmp_path / "node1" / "node1.clock.json").read_text())
+    assert anchor["boot_id"] == boot_id()
+    since = pair.opts["node1"].generations.load().peers["node2"].out_since
+    assert before - 1 <= since <= time.time() + 1
