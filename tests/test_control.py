@@ -423,3 +423,13 @@ def test_control_rekey_command_without_an_agent_runs_once_and_says_so() -> None:
     result = run_rekey(directory, "--mesh", str(directory / "missing.yaml"))
     assert "no agent answers" in result.output and "one-shot" in result.output
     assert result.exit_code == 1  # the one-shot run itself fails here: no mesh file
+
+
+def test_control_a_rekey_wakes_the_agent_loop_at_once(server: Control) -> None:
+    """The loop's wait (watch.poll_ticks, the datastore agent's) says a run is wanted as
+    soon as a rekey is taken, whatever the channel's wait says."""
+    waiting = server.wait(lambda _timeout: False)
+    assert not waiting(0.01)
+    Client(server.path, {"request": "rekey", "timeout": 5})
+    assert any(waiting(0.01) for _ in range(200))
+    assert not waiting(0.01)  # once per request
