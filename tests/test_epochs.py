@@ -150,12 +150,20 @@ def test_scheduled_rekey() -> None:
     assert advance(pg, used, settings, now=3600, key_used=never, peer="p").stepped
 
 
-def test_a_key_that_never_protected_a_packet_is_not_rotated() -> None:
+def test_a_key_that_never_protected_a_packet_is_not_rotated_by_the_schedule() -> None:
+    pg = fresh(since=0)
+    d = advance(pg, PeerObservation(out_installed=True), MeshSettings(rekey_interval=3600),
+                now=7200, key_used=never, peer="p")
+    assert not d.stepped and not pg.rekey_pending and pg.out == 0
+
+
+def test_an_operator_rekey_rotates_a_key_that_never_protected_a_packet() -> None:
+    """`vppmesh rekey` after a suspected compromise is about the key, not its use."""
     pg = fresh(since=0)
     pg.rekey_pending = True
     d = advance(pg, PeerObservation(out_installed=True), MeshSettings(rekey_interval=3600),
-                now=7200, key_used=never, peer="p")
-    assert not d.stepped and not pg.rekey_pending
+                now=10, key_used=never, peer="p")
+    assert d.stepped and pg.out == 1 and not pg.rekey_pending
 
 
 def test_raising_key_epoch_moves_everything_forward() -> None:

@@ -12,6 +12,9 @@ generation over their channel, and what an attacker seizes afterwards decrypts n
 - A receiver's VPP restart makes its peer rekey towards it at once, in answer to the
   restart's announcement (the time it took is printed); two VPP restarts in a row
   without traffic leave the pair working.
+- `vppmesh rekey` with the agents running (three nodes, prefix vfr-, a testbed of its
+  own): on each node, every pair's outbound generation moves by agreement within
+  seconds, idle pairs too, twice in a row, while pods ping without loss.
 
 Two nodes (prefix vfs-). Skipped with the reason when no VPP binary is found or when not
 root. Select with `pytest -k forward_secrecy`.
@@ -96,6 +99,69 @@ def log_time(text: str, pattern: str) -> float:
     stamps = re.findall(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) .*" + pattern, text, re.M)
     assert stamps, f"no log line matches {pattern!r}"
     return datetime.strptime(stamps[-1], "%Y-%m-%d %H:%M:%S,%f").timestamp()
+
+
+REKEY_PREFIX = "vfr-"
+REKEY_BASE = Path("/run/vppmesh-vfr")
+
+
+def rekey_answer(stdout: str) -> dict[str, tuple[int, int]]:
+    """`vppmesh rekey`'s lines "peer: generation A -> B" as {peer: (A, B)}."""
+    return {m[0]: (int(m[1]), int(m[2]))
+            for m in re.findall(r"^(\S+): generation (\d+) -> (\d+)$", stdout, re.M)}
+
+
+def test_forward_secrecy_rekey_with_the_agents_running_moves_every_pair() -> None:
+    """First in the module: its three-node testbed is gone before the module's own two
+    nodes come up (two testbeds at once would share two cores between five VPPs).
+
+    Pods ping n1 -> n2 and n2 -> n3: the n1-n3 pair stays idle (its keys protected no
+    packet, which a one-shot `rekey` used to leave alone)."""
+    with vpp_helpers.testbed(nodes=3, tunnels=2, pods=1, workers=0, prefix=REKEY_PREFIX,
+                             base_dir=REKEY_BASE) as bed:
+        vpp_helpers.on_demand_rekeys(bed, GRACE)
+        started = {n.name: vpp_helpers.WatchAgent(bed, n, grace=10.0) for n in bed.nodes}
+        with vpp_helpers.running_agents(started) as running:
+            wait_for(lambda: vpp_helpers.settled_on_agreed_keys(bed.nodes), 90,
+                     "every pair on agreed keys, every window slid")
+            n1, n2, n3 = bed.nodes
+            took: dict[str, list[float]] = {n.name: [] for n in bed.nodes}
+            # Neighbours resolved first: VPP drops the packet that starts an ARP lookup.
+            vpp_helpers.assert_pods_ping([(n1, n2), (n2, n3)], count=2)
+            with vpp_helpers.SteadyPing(n1.pod_netns(0), str(n2.pod_address(0)),
+                                        interval=0.05) as one, \
+                    vpp_helpers.SteadyPing(n2.pod_netns(0), str(n3.pod_address(0)),
+                                           interval=0.05) as two:
+                time.sleep(1.0)
+                for _round in range(2):  # twice in a row (the reserve rule may hold one)
+                    for node in bed.nodes:
+                        peers = [p for p in bed.nodes if p is not node]
+                        before = {p.name: peer_state(node, p).out for p in peers}
+                        began = time.monotonic()
+                        done = bed.run_vppmesh(node, "rekey", *bed.state_args(node),
+                                               "--timeout", "30", check=False)
+                        took[node.name].append(time.monotonic() - began)
+                        assert done.returncode == 0, done.stdout + done.stderr
+                        assert "one-shot" not in done.stdout
+                        assert rekey_answer(done.stdout) == {
+                            name: (g, g + 1) for name, g in before.items()}, done.stdout
+                        for peer in peers:  # by agreement, installed by the peer
+                            ours = peer_state(node, peer)
+                            assert ours.out == before[peer.name] + 1
+                            assert ours.out in ours.ephemeral_out
+                            assert ours.out in peer_state(peer, node).ephemeral_in
+                time.sleep(1.0)
+        for agent in running.values():
+            assert "fail closed" not in agent.text(), agent.text()[-2000:]
+        print("\n`vppmesh rekey` with agents running, seconds per node (two rounds): "
+              + ", ".join(f"{n} {' / '.join(f'{s:.2f}' for s in t)}"
+                          for n, t in took.items())
+              + f"; ping n1->n2 {one.summary.strip().splitlines()[-2:]}, n2->n3 "
+              f"{two.summary.strip().splitlines()[-2:]}", flush=True)
+        for ping in (one, two):
+            answered = {int(n) for n in re.findall(r"icmp_seq=(\d+) ", ping.output)}
+            missing = sorted(set(range(1, max(answered, default=0))) - answered)
+            assert ping.loss_percent() == 0.0, f"lost icmp_seq {missing}: {ping.summary}"
 
 
 def test_forward_secrecy_status_and_verify_say_every_pair_has_it(

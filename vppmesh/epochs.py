@@ -299,16 +299,17 @@ def advance(pg: PeerGenerations, obs: PeerObservation, settings: MeshSettings, *
     reason = lost if forced else (
         "rekey requested" if pg.rekey_pending else
         soft_limit_reached(pg, obs, settings, now) if obs.out_installed else None)
-    # A request over the channel is taken even for a key that protected nothing: the
-    # peer may have lost it.
-    asked = said is not None and pg.rekey_pending
+    # A request is taken even for a key that protected nothing: the operator's
+    # (`vppmesh rekey`, a suspected compromise) and the peer's (it may have lost the key)
+    # are about the key, not its use.
+    asked = pg.rekey_pending
     if reason is not None and not forced and not asked and not hard and said is None and \
             obs.out_installed and obs.out_packets == 0:
         # On the static schedule a key that never protected a packet has nothing to
         # rotate away from, and each step spends a generation of the peer's window
         # (which only traffic both ways gives back): keep it. With the agents, steps
         # are acknowledged and idle pairs rotate too (the forward-secrecy window).
-        reason, pg.rekey_pending = None, False
+        reason = None
     if reason is None and upgrade:
         reason = "forward secrecy: the peer's agent answers"
     if said is None and reason is not None and (strict or (

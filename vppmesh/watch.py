@@ -24,6 +24,7 @@ from vppmesh.errors import VppMeshError, VppUnavailableError
 from vppmesh.secrecy import Secrecy
 
 if TYPE_CHECKING:
+    from vppmesh.control import Control
     from vppmesh.metrics import AgentMetrics, MetricsTls
 
 log = logging.getLogger("vppmesh")
@@ -120,7 +121,8 @@ class AgentLoop:
     def __init__(self, session: agent.Session, opts: agent.NodeOptions, *,
                  metrics: AgentMetrics | None = None, stats_socket: Path | None = None,
                  report: Callable[[agent.UpResult], None] | None = None,
-                 on_error: Callable[[Exception], None] | None = None) -> None:
+                 on_error: Callable[[Exception], None] | None = None,
+                 control: Control | None = None) -> None:
         self.session = session
         self.opts = opts
         self.metrics = metrics
@@ -133,14 +135,18 @@ class AgentLoop:
         self.failed = False  # the last step failed
         self.last_pid: int | None = None
         self.recovered = False  # the last step programmed a VPP met again (restarted)
+        self.control = control  # the control socket (vppmesh rekey): told of every step
+        self.last_error: str | None = None  # why the last step failed
 
     def run(self, ticks: Iterable[object]) -> None:
         for _tick in ticks:
             started, first = time.monotonic(), self.last_pid is None
-            self.step()
+            result = self.step()
             self.last_end = time.monotonic()
             if not (first or self.recovered or self.failed):
                 self.last_seconds = self.last_end - started
+            if self.control is not None:
+                self.control.stepped(result, self.session.secrecy, self.last_error)
 
     def early_in(self) -> float:
         """Seconds until a step the channel asks for may come, before its schedule (0:
@@ -162,6 +168,7 @@ class AgentLoop:
         try:
             result = self.session.run()
         except VppUnavailableError as exc:
+            self.last_error = f"VPP unavailable ({exc})"
             if self.vpp_gone_at is None:
                 self.vpp_gone_at = attempt
                 log.warning("VPP unavailable (%s); waiting for it", exc)
@@ -170,12 +177,14 @@ class AgentLoop:
                     self.metrics.vpp_up.set(0)
             return None
         except VppMeshError as exc:
+            self.last_error = str(exc)
             log.error("%s", exc)
             if self.metrics is not None:
                 self.metrics.reconcile_errors.inc()
             self._failed(exc)
             return None
         except Exception as exc:  # a bug must not stop the node from following the mesh
+            self.last_error = f"unexpected error: {exc}"
             log.exception("unexpected error; trying again")
             self._failed(exc)
             return None
@@ -246,8 +255,9 @@ def watch_loop(opts: agent.NodeOptions, metrics: AgentMetrics | None = None,
             report(result)
 
     secrecy = Secrecy(agent.channel_socket(opts), state_dir=opts.state_dir, clock=opts.clock)
+    control = open_control(opts)
     loop = AgentLoop(agent.Session(opts, secrecy=secrecy), opts, metrics=metrics,
-                     stats_socket=stats_socket, report=changed)
+                     stats_socket=stats_socket, report=changed, control=control)
     # SIGTERM (systemd, a container runtime, an upgrade) ends the loop between two runs:
     # a run cut short after VPP took its changes but before the generation file did
     # would make the next agent step past a key for nothing.
@@ -256,8 +266,22 @@ def watch_loop(opts: agent.NodeOptions, metrics: AgentMetrics | None = None,
         signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
         loop.run(poll_ticks(opts.mesh_file, hurry=lambda: loop.vpp_gone_at is not None,
-                            wait=secrecy.wait, stop=stop, early_in=loop.early_in,
-                            vpp_socket=opts.api_socket))
+                            wait=control.wait(secrecy.wait) if control else secrecy.wait,
+                            stop=stop, early_in=loop.early_in, vpp_socket=opts.api_socket))
         log.info("stopped (SIGTERM)")
     finally:
         secrecy.close()
+        if control is not None:
+            control.close()
+
+
+def open_control(opts: agent.NodeOptions) -> Control | None:
+    """The agent's control socket (vppmesh/control.py); None, said once, when it cannot
+    be made: the agent runs on, and `vppmesh rekey` falls back to a one-shot run."""
+    from vppmesh.control import Control, socket_path
+
+    try:
+        return Control(socket_path(opts), opts.generations)
+    except VppMeshError as exc:
+        log.warning("no control socket (`vppmesh rekey` cannot ask this agent): %s", exc)
+        return None

@@ -218,20 +218,60 @@ def rekey(
     api_socket: SocketOpt = DEFAULT_API_SOCKET,
     state_dir: StateOpt = DEFAULT_STATE,
     datastore: DatastoreOpt = None,
+    timeout: Annotated[float, typer.Option(
+        help="Seconds to wait for every peer to move (with a running agent).")] = 30.0,
 ) -> None:
     """Move every outbound key of this node to its next generation, now.
 
-    Make-before-break: the peers already accept the next generation; the old outbound SAs
-    go once the tunnels are re-protected. A step the peers could not yet follow is
-    deferred and taken by the next `up` (or the running `up --watch`).
+    With the agent running (`up --watch`), it is asked over its control socket: it
+    agrees the next generation with every peer's agent, and this prints per peer the
+    generation reached once the peer installed it and the agent sends on it, or why
+    not at the timeout (exit status 1). Without an agent: a one-shot run steps the pairs
+    on static keys (make-before-break: the peers already accept the next generation)
+    and leaves pairs on agreed keys to their agents.
     """
+    from vppmesh import control
+
+    if not 0 < timeout <= control.MAX_TIMEOUT:
+        raise fail(f"--timeout {timeout:g}: give seconds in (0, {control.MAX_TIMEOUT:g}]", 2)
     opts = options(mesh, node, key, api_socket, state_dir=state_dir)
+    path = control.socket_path(opts)
+    try:
+        answer = control.request(path, {"request": "rekey", "timeout": timeout},
+                                 timeout + 10)
+    except control.NoAgent:
+        typer.echo(f"no agent answers on {path}: one-shot rekey (pairs on agreed keys are "
+                   "left to their agents)")
+        rekey_once(opts, datastore)
+        return
+    except VppMeshError as exc:
+        raise fail(str(exc)) from None
+    if "error" in answer:
+        raise fail(f"the agent refused the rekey: {answer['error']}")
+    peers = answer.get("peers", [])
+    for peer in peers:
+        if peer["moved"]:
+            how = "" if peer["agreed"] else " (static key: no session with its agent)"
+            typer.echo(f"{peer['peer']}: generation {peer['from']} -> {peer['to']}{how}")
+        else:
+            typer.echo(f"{peer['peer']}: generation {peer['from']}, not moved: "
+                       f"{peer['reason']}")
+    moved = sum(1 for p in peers if p["moved"])
+    typer.echo(f"node {node}: {moved} of {len(peers)} peer(s) moved in "
+               f"{answer.get('seconds', 0):.2f} s")
+    if not answer.get("ok"):
+        raise fail("not every peer moved; the agent keeps the request and moves them as "
+                   "soon as it may")
+
+
+def rekey_once(opts: agent.NodeOptions, datastore: str | None) -> None:
+    """`rekey` without an agent: one `up` that marks every peer for a rekey."""
     try:
         result = agent.up(opts, rekey=True, mesh=agent.datastore_mesh(datastore))
     except VppMeshError as exc:
         raise fail(str(exc)) from None
     report_up(result)
-    warn_no_agent(state_dir, node)
+    warn_no_agent(opts.state_dir, opts.node)
     if result.rekey_pending:
         typer.echo(f"rekey deferred towards {', '.join(result.rekey_pending)}: pairs on agreed "
                    "keys are rekeyed by the running agents over their channel; others have not "

@@ -48,7 +48,7 @@ from vppmesh.errors import ConfigError, VppMeshError
 from vppmesh.keys import load_secrets
 from vppmesh.secrecy import Secrecy
 from vppmesh.vpp.client import VppApi, VppClient
-from vppmesh.watch import AgentLoop
+from vppmesh.watch import AgentLoop, open_control
 
 if TYPE_CHECKING:
     from vppmesh.metrics import AgentMetrics
@@ -331,12 +331,13 @@ class MembershipAgent:
             left = deadline - time.monotonic()
             if left <= 0:
                 return False
-            if self.secrecy.endpoint is None:  # no channel: only the membership
+            control = self.loop.control  # its socket is looked at between the waits
+            if self.secrecy.endpoint is None and control is None:  # only the membership
                 return self.changed.wait(left)
             pause = min(left, CHANNEL_CHECK_SECONDS)
             if wanted:  # a run is asked for: wait only until it may come
                 pause = min(pause, max(0.0, self.loop.early_in()))
-            wanted |= self.secrecy.wait(pause)
+            wanted |= (control.wait(self.secrecy.wait) if control else self.secrecy.wait)(pause)
             if wanted and self.loop.may_run_early():
                 return True
         return True
@@ -349,6 +350,7 @@ class MembershipAgent:
         log.info("following %s as %s (lease TTL %d s)", self.ds.url, self.options.node,
                  self.ds.lease_ttl)
         self._following = True
+        self.loop.control = open_control(self.options)
         try:
             self.loop.run(self.ticks())
         finally:
@@ -356,6 +358,8 @@ class MembershipAgent:
             self._unwatch()
             self.session.close()
             self.secrecy.close()
+            if self.loop.control is not None:
+                self.loop.control.close()
             self.stop.set()
 
 
