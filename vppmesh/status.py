@@ -156,11 +156,14 @@ def crypto_status(api: VppApi, flags: frozenset[str] | None = None) -> CryptoSta
 
 def collect(api: VppApi, mesh: Mesh, node: str, stats_socket: Path | None,
             reader: StatsReader | None = None, *, with_crypto: bool = False,
-            secrecy: Mapping[str, PairSecrecy] | None = None) -> NodeStatus:
+            secrecy: Mapping[str, PairSecrecy] | None = None,
+            now: float | None = None) -> NodeStatus:
     """Peers, tunnels and SA counters; `reader` (an open stats reader, kept by the
     agent's metrics) is used instead of connecting to `stats_socket`. `with_crypto` adds
     the crypto engine view (it reads VPP's log: for `vppmesh status`, not every scrape);
-    `secrecy` (key_secrecy) each peer's key kind."""
+    `secrecy` (key_secrecy) each peer's key kind; `now` (the agent's clock) dates the
+    keys' ages."""
+    now = time.time() if now is None else now
     by_number = {n.node_number: n.name for n in mesh.nodes}
     ifaces = {i.sw_if_index: i for i in interfaces.dump_interfaces(api)}
     tunnels = [t for t in ipip.dump_tunnels(api) if is_owned_tunnel_instance(t.instance)]
@@ -197,7 +200,7 @@ def collect(api: VppApi, mesh: Mesh, node: str, stats_socket: Path | None,
             pair = secrecy.get(name) if secrecy is not None else None
             peer = peers[number] = PeerStatus(
                 name=name, node_number=number, tunnels=[], secrecy=pair,
-                key_problems=pair.problems(mesh.settings, time.time()) if pair else [])
+                key_problems=pair.problems(mesh.settings, now) if pair else [])
         protection = protections.get(t.sw_if_index)
         iface = ifaces.get(t.sw_if_index)
         peer.tunnels.append(TunnelStatus.model_construct(

@@ -390,7 +390,8 @@ def verify(api: VppApi, mesh: Mesh, node: str, *, stats_socket: Path | None,
            seconds: float = 3.0, capture: bool = False, probes: bool = True,
            max_packets: int = 20000, secrecy: Mapping[str, PairSecrecy] | None = None,
            require_forward_secrecy: bool = False,
-           nat_ports: Mapping[str, tuple[int, ...]] | None = None) -> VerifyReport:
+           nat_ports: Mapping[str, tuple[int, ...]] | None = None,
+           now: float | None = None) -> VerifyReport:
     """The report; `secrecy` (status.key_secrecy) gives each pair's key kind, which
     `require_forward_secrecy` demands be ephemeral both ways; `nat_ports` (status.nat_ports)
     the ports the agent learned that peers' NATs map their ESP to."""
@@ -400,7 +401,8 @@ def verify(api: VppApi, mesh: Mesh, node: str, *, stats_socket: Path | None,
     for peer in peers:
         peer.secrecy = secrecy.get(peer.name) if secrecy is not None else None
         if peer.secrecy is not None:
-            peer.key_problems = peer.secrecy.problems(mesh.settings, time.time())
+            peer.key_problems = peer.secrecy.problems(
+                mesh.settings, time.time() if now is None else now)
     use_probes = probes and linux.link_exists(HOST_LINUX_IFNAME)
     uplink = find_uplink_interface(api, local) if capture else None
     filename = f"vppmesh-verify-{os.getpid()}.pcap"

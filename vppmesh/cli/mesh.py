@@ -186,6 +186,14 @@ def metrics_tls(metrics: str | None, cert: Path | None, key: Path | None,
     return MetricsTls(cert=cert, key=key, client_ca=client_ca)
 
 
+def agent_now(state_dir: Path, node: str) -> float:
+    """Now on the node's agent clock (vppmesh/clock.py), which the generation file's
+    times are on: a wall clock stepped since boot does not age a key by the step."""
+    from vppmesh.clock import AgentClock
+
+    return AgentClock(state_dir / f"{node}.clock.json")()
+
+
 def report_up(result: agent.UpResult) -> None:
     for note in result.notes:
         typer.echo(f"* {note}")
@@ -369,7 +377,7 @@ def status(
         secrecy = key_secrecy(state_dir, node, (p.name for p in mesh_obj.peers_of(node)))
         with VppClient(api_socket).connect() as client:
             result = collect(client, mesh_obj, node, stats_path(api_socket, stats_socket),
-                             with_crypto=True, secrecy=secrecy)
+                             with_crypto=True, secrecy=secrecy, now=agent_now(state_dir, node))
     except VppMeshError as exc:
         raise fail(str(exc)) from None
     typer.echo(result.model_dump_json(indent=2) if as_json else render_table(result))
@@ -415,7 +423,8 @@ def verify(
                                 seconds=seconds, capture=capture, probes=probes,
                                 secrecy=secrecy,
                                 require_forward_secrecy=require_forward_secrecy,
-                                nat_ports=nat_ports(state_dir, node))
+                                nat_ports=nat_ports(state_dir, node),
+                                now=agent_now(state_dir, node))
     except VppMeshError as exc:
         raise fail(str(exc)) from None
     if as_json:
