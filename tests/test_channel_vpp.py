@@ -79,6 +79,7 @@ def test_channel_vpp_handshake_keys_and_acks_through_vpp(pair: VppPair) -> None:
                       "family": pair.bed.spec.underlay_family}))
     assert took < 2.0
     # A generation's ephemeral key exchange, then the receiver's acknowledgements.
+    pair.channel(2).accept_generations(1, 5, 3)  # node 2's window for node 1's keys
     pair.emit(1, pair.channel(1).start_generation(time.time(), 2, 5))
     pair.pump(lambda: pair.channel(1).generation_secret(2, 5, outbound=True) is not None)
     assert pair.channel(1).generation_secret(2, 5, outbound=True) == \
@@ -155,8 +156,8 @@ def test_channel_vpp_hostile_datagrams_are_dropped_and_counted(pair: VppPair, ev
         pair.emit(2, pair.channel(2).tick(time.time() + s.REKEY_AFTER + s.REKEY_RESPONDER_SLACK))
         before = pair.channel(1).stats["handshakes_completed"]
         pair.pump(lambda: pair.channel(1).stats["handshakes_completed"] > before)
-        pair.emit(2, pair.channel(2).acknowledge(time.time(), 1, "installed", 6))
-        pair.pump(lambda: s.PeerAcked(2, "installed", 6) in pair.events[1])
+        pair.emit(2, pair.channel(2).acknowledge(time.time(), 1, "slid", 6))
+        pair.pump(lambda: s.PeerAcked(2, "slid", 6) in pair.events[1])
     finally:
         pair.endpoints[2].transport.send = original  # type: ignore[method-assign]
     init = next(d for d in recorded if d[1] == m.DatagramType.INIT)
@@ -218,8 +219,8 @@ def test_channel_vpp_hostile_datagrams_are_dropped_and_counted(pair: VppPair, ev
     assert node1.channel.stats["dh"] == dh
     assert len(pair.events[1]) == events
     # ... and the channel carries on: a message goes through right after.
-    pair.emit(2, pair.channel(2).acknowledge(time.time(), 1, "slid", 6))
-    pair.pump(lambda: s.PeerAcked(2, "slid", 6) in pair.events[1])
+    pair.emit(2, pair.channel(2).acknowledge(time.time(), 1, "sending", 6))
+    pair.pump(lambda: s.PeerAcked(2, "sending", 6) in pair.events[1])
 
 
 def test_channel_vpp_restart_reaches_the_peer(pair: VppPair) -> None:
@@ -233,5 +234,5 @@ def test_channel_vpp_restart_reaches_the_peer(pair: VppPair) -> None:
     print(json.dumps({"channel_restart_heard_s": round(took, 3),
                       "family": pair.bed.spec.underlay_family}))
     assert took < 5.0
-    pair.emit(2, pair.channel(2).acknowledge(time.time(), 1, "installed", 7))
-    pair.pump(lambda: s.PeerAcked(2, "installed", 7) in pair.events[1])
+    pair.emit(2, pair.channel(2).acknowledge(time.time(), 1, "slid", 7))
+    pair.pump(lambda: s.PeerAcked(2, "slid", 7) in pair.events[1])
