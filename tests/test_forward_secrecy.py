@@ -1190,6 +1190,11 @@ def test_forward_secrecy_dropped_key_exchanges_never_stretch_a_key_past_its_limi
         pg = agents.generations("node1").peers["node2"]
         assert pg.stopped_why == "key limit" and pg.agreeing_since is not None
         assert agents.sas("node1", True, "node2") == {}  # sends nothing
+        # Its pods' packets die in VPP (a drop route), not bounce to the host and back.
+        cidr = str(agents.mesh.node("node2").pod_cidr)
+        assert agents.vpp("node1").routes[agents.mesh.settings.mesh_table_id][cidr] == ()
+        agents.step()  # the next run (its key burnt by the stop) still says stopped
+        assert agents.generations("node1").peers["node2"].stopped_why == "key limit"
         agents.relay.lose = None
         agents.until(agents.forward_secret, "a new agreed key once the attacker stops",
                      steps=40)

@@ -431,10 +431,13 @@ def schedule(state: GenerationState, settings: MeshSettings, peers: Mapping[str,
             pg.agreeing_since = None
         elif pg.agreeing_since is None:
             pg.agreeing_since = now
-        if decision.stopped is None:
+        if decision.keying is not None:
             pg.stopped_since, pg.stopped_why = None, None
-        elif pg.stopped_since is None or pg.stopped_why != decision.stopped:
+        elif decision.stopped is not None and (pg.stopped_since is None
+                                               or pg.stopped_why != decision.stopped):
             pg.stopped_since, pg.stopped_why = now, decision.stopped
+        # (A stopped pair whose next run waits for the agreement, its key now burnt
+        # because the stop removed it, is still stopped, for the same reason.)
         # Agreed generations the pair no longer uses are forgotten (their keys too).
         pg.ephemeral_out = [g for g in pg.ephemeral_out if g >= pg.out]
         pg.ephemeral_in = [g for g in pg.ephemeral_in if g >= pg.in_base]

@@ -119,6 +119,15 @@ def plan_by_peer(
     tunnels: list[TunnelSpec] = []
     routes: list[RouteSpec] = []
     by_peer: dict[int, PeerObjects] = {}
+    for peer in view.peers:
+        if peer.name not in keying:
+            # No key may be used towards it (fail closed): no SA, no tunnel, and its pod
+            # CIDR dropped in VPP. Without the drop route its pods' packets would take the
+            # default route to the host, whose route for the pod range leads back into
+            # VPP: they would bounce until their TTL ran out.
+            drop = RouteSpec(prefix=peer.node.pod_cidr, tunnels=())
+            by_peer[peer.node.node_number] = PeerObjects(sas=(), tunnels=(), route=drop)
+            routes.append(drop)
     for peer in peers:
         peer_keying = keying[peer.name]
         in_epochs = tuple(sorted(set(peer_keying.inbound)))

@@ -12,7 +12,7 @@ from __future__ import annotations
 import gc
 import ipaddress
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 
@@ -180,7 +180,8 @@ class Diff:
                 for t in self.finish_tunnels]
         out += [Change("update", "protection", f"{t.name} out={t.sa_out:#x}")
                 for t in self.reprotect_tunnels]
-        out += [Change("update", "route", f"{r.prefix} via {len(r.tunnels)} tunnel(s)")
+        out += [Change("update", "route", f"{r.prefix} via {len(r.tunnels)} tunnel(s)"
+                       if r.tunnels else f"{r.prefix} drop (no usable key)")
                 for r in self.set_routes]
         if self.host_create:
             out.append(Change("create", "host-link", "host attachment"))
@@ -209,7 +210,7 @@ class Scope:
     @classmethod
     def everything(cls, index: DesiredIndex, observed: Observed) -> Scope:
         return cls(index.sas, index.tunnels, index.routes, observed.sas, observed.tunnels,
-                   observed.routes)
+                   seen_routes(observed, set(observed.routes) | set(index.routes)))
 
     @classmethod
     def of_peers(cls, peers: set[int], index: DesiredIndex, observed: Observed,
@@ -225,9 +226,21 @@ class Scope:
                     if i in observed.sas}
         seen_tunnels = {i: observed.tunnels[i] for p in peers
                         for i in possible_tunnel_instances(p) if i in observed.tunnels}
-        return cls(sas, tunnels, routes,
-                   seen_sas, seen_tunnels,
-                   {p: observed.routes[p] for p in prefixes if p in observed.routes})
+        return cls(sas, tunnels, routes, seen_sas, seen_tunnels,
+                   seen_routes(observed, prefixes))
+
+
+def seen_routes(observed: Observed, prefixes: Iterable[ipaddress.IPv4Network],
+                ) -> dict[ipaddress.IPv4Network, tuple[int, ...]]:
+    """The routes VPP holds for `prefixes`: their paths, and () for a drop route (a peer
+    that fails closed). VPP's own drop routes are never among the prefixes asked for."""
+    found: dict[ipaddress.IPv4Network, tuple[int, ...]] = {}
+    for prefix in prefixes:
+        if prefix in observed.routes:
+            found[prefix] = observed.routes[prefix]
+        elif prefix in observed.drop_routes:
+            found[prefix] = ()
+    return found
 
 
 def diff(desired: DesiredState, observed: Observed, *, peers: set[int] | None = None,
@@ -304,7 +317,7 @@ def diff(desired: DesiredState, observed: Observed, *, peers: set[int] | None = 
         seen_instances = sorted(index_to_instance.get(p, -1) for p in seen_paths or ())
         if seen_paths is None or seen_instances != sorted(route.tunnels) or \
                 recreated & set(route.tunnels):
-            d.set_routes.append(route)
+            d.set_routes.append(route)  # (no tunnels: a drop route)
     return d
 
 
@@ -426,6 +439,7 @@ class Applier:
         self.api.call_many([routes.route(table, p, [], False) for p in d.delete_routes])
         for prefix in d.delete_routes:
             observed.routes.pop(prefix, None)
+            observed.drop_routes.discard(prefix)
         # Down first: a tunnel without protection must never carry traffic.
         down = [interfaces.set_admin(t.sw_if_index, False, f"ipip{t.instance}")
                 for t in d.delete_tunnels]
@@ -518,10 +532,16 @@ class Applier:
         table = self.desired.table_id
         self.api.call_many([
             routes.route(table, r.prefix, [self.index[i] for i in r.tunnels], True)
+            if r.tunnels else routes.drop_route(table, r.prefix)
             for r in d.set_routes
         ])
         for r in d.set_routes:
-            self.observed.routes[r.prefix] = tuple(sorted(self.index[i] for i in r.tunnels))
+            if r.tunnels:
+                self.observed.routes[r.prefix] = tuple(sorted(self.index[i] for i in r.tunnels))
+                self.observed.drop_routes.discard(r.prefix)
+            else:
+                self.observed.routes.pop(r.prefix, None)
+                self.observed.drop_routes.add(r.prefix)
 
     def _host(self, host: HostLinkSpec, create: bool) -> None:
         seen = self.observed.host
