@@ -182,6 +182,15 @@ def test_dashboard_is_json_and_names_only_series_the_agent_exports() -> None:
     assert len(ids) == len(set(ids))
 
 
+def test_operations_doc_lists_every_metric_the_agent_exports() -> None:
+    """The metrics table the alerts and panels are read against (docs/operations.md)."""
+    doc = (ROOT / "docs" / "operations.md").read_text()
+    names = {f"{f.name}_total" if f.type == "counter" else f.name
+             for f in families(one_peer_metrics().exposition().decode())
+             if not f.name.endswith("_created")}  # the library's creation times
+    assert sorted(name for name in names if f"| `{name}` |" not in doc) == []
+
+
 # -- the Prometheus Operator's copy ------------------------------------------------------
 def prometheus_rule(plain: str) -> str:
     """vppmesh-alerts.yaml as a PrometheusRule (spec.groups: the same text, indented)."""
