@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 DEB_TOOLS := iperf3 tcpdump ethtool iproute2 iputils-ping tinc wireguard-go wireguard-tools \
-	containernetworking-plugins etcd-server nftables conntrack
+	containernetworking-plugins etcd-server nftables conntrack prometheus
 
 VM_DEB := qemu-system-x86 linux-image-amd64 busybox-static
 
@@ -21,7 +21,8 @@ venv: $(VENV)/.installed
 # Debian tools the testbed and benchmarks drive (root only; skipped otherwise).
 tools:
 	@if [ "$$(id -u)" = 0 ]; then \
-	  missing=""; for t in iperf3 tcpdump ethtool tincd wireguard-go ping etcd nft conntrack; do \
+	  missing=""; for t in iperf3 tcpdump ethtool tincd wireguard-go ping etcd nft conntrack \
+	      promtool prometheus; do \
 	    command -v $$t >/dev/null 2>&1 || missing=1; done; \
 	  [ -x /usr/lib/cni/host-local ] || missing=1; \
 	  if [ -n "$$missing" ]; then apt-get update -qq && \
