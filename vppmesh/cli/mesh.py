@@ -440,12 +440,21 @@ def verify(
 @app.command()
 def keygen(
     key: KeyOpt = DEFAULT_KEY,
+    psk: Annotated[Path | None, typer.Option(
+        help="Instead: write a new pre-shared key (32 random bytes, base64, mode 0600) to "
+        "this file, the mesh's settings.psk_file; copy it to every node.")] = None,
     force: Annotated[bool, typer.Option(help="Replace an existing key file.")] = False,
 ) -> None:
-    """Write a new X25519 private key (mode 0600) and print its public key."""
-    from vppmesh.keys import generate_private_key
+    """Write a new X25519 private key (mode 0600) and print its public key; with --psk,
+    a new PSK file instead (nothing printed: it is a secret)."""
+    from vppmesh.keys import generate_private_key, generate_psk
 
     try:
+        if psk is not None:
+            generate_psk(psk, force=force)
+            typer.echo(f"wrote {psk}: copy it to every node (the same PSK everywhere, mode "
+                       "0600), and name it in the mesh file's settings.psk_file", err=True)
+            return
         typer.echo(generate_private_key(key, force=force))
     except VppMeshError as exc:
         raise fail(str(exc)) from None
