@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import re
 import stat
 from pathlib import Path
 
@@ -188,3 +190,35 @@ def test_the_agents_forbid_core_dumps_before_reading_any_key(
         follow(options, "etcd://127.0.0.1:1", watch=False, underlay=[], pod_cidr=None,
                node_number=None, settings_file=None, lease_ttl=30)
     assert calls == ["forbidden", "forbidden"]
+
+
+def test_a_missing_psk_names_the_command_that_makes_one(tmp_path: Path) -> None:
+    """The error said `vppmesh keygen`, which makes a node key, not a PSK: it now names
+    `vppmesh keygen --psk FILE`, which writes one (0600) that load_secrets takes."""
+    from typer.testing import CliRunner
+
+    from vppmesh.cli import app
+
+    key = tmp_path / "private.key"
+    psk = tmp_path / "psk"
+    with pytest.raises(KeyFileError, match=re.escape(
+            f"private key file {tmp_path}/nokey does not exist; create it with `vppmesh "
+            f"keygen --key {tmp_path}/nokey`")):
+        load_secrets(tmp_path / "nokey", None)
+    generate_private_key(key)
+    with pytest.raises(KeyFileError, match=re.escape(
+            f"`vppmesh keygen --psk {psk}` and copy it to every node")):
+        load_secrets(key, psk)
+    made = CliRunner().invoke(app, ["keygen", "--psk", str(psk)])
+    assert made.exit_code == 0, made.output
+    assert stat.S_IMODE(psk.stat().st_mode) == 0o600
+    secret = load_secrets(key, psk).psk
+    assert len(secret) == 32
+    assert psk.read_text().strip() not in made.output  # a secret is never printed
+    again = CliRunner().invoke(app, ["keygen", "--psk", str(psk)])
+    assert again.exit_code == 1 and "--force" in again.output
+    assert load_secrets(key, psk).psk == secret
+    psk.write_text(base64.b64encode(bytes(16)).decode() + "\n")
+    with pytest.raises(KeyFileError, match="expected 32; create it on one node with "
+                       "`vppmesh keygen --psk"):
+        load_secrets(key, psk)

@@ -9,12 +9,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from conftest import wait_for
 from typer.testing import CliRunner
 
 from vppmesh import presence
 from vppmesh.cli import app
 from vppmesh.cli.service import render_unit
+from vppmesh.errors import VppMeshError
 
 
 def unit_fields(text: str) -> dict[str, list[str]]:
@@ -81,3 +83,43 @@ def test_agent_record_lives_as_long_as_the_agent(tmp_path: Path) -> None:
     assert presence.agent_pid(tmp_path, "n1") is None
     warning = presence.warning(tmp_path, "n1")
     assert warning is not None and "n1" in warning and "install-unit" in warning
+
+
+def test_install_unit_refuses_options_up_would_refuse(tmp_path: Path) -> None:
+    """A typo in the unit's options made a service that failed and restarted every 2 s:
+    the options are parsed by `up`'s own parser first, and nothing is written."""
+    out = tmp_path / "vppmesh.service"
+    for args, said in ((["--nodee", "node1"], "No such option: --nodee"),
+                       (["--node", "node1", "--lease-ttl", "soon"], "'--lease-ttl'"),
+                       (["--node", "node1", "stray"], "unexpected extra argument"),
+                       (["--node", "node1", "--take-uplink"], "'--take-uplink' requires an "
+                                                              "argument")):
+        result = CliRunner().invoke(app, ["install-unit", "--out", str(out), "--", *args])
+        assert result.exit_code == 2, (args, result.output)
+        assert said in result.output and "nothing was written" in result.output, \
+            result.output
+        assert not out.exists()
+    fine = CliRunner().invoke(app, ["install-unit", "--out", str(out), "--", "--node",
+                                    "node1", "--take-uplink", "eth0", "--uplink-driver",
+                                    "af_xdp", "--metrics", ":9477", "--state-dir", "/x y"])
+    assert fine.exit_code == 0, fine.output
+    assert "--uplink-driver af_xdp" in unit_fields(out.read_text())["ExecStart"][0]
+
+
+def test_install_unit_can_let_an_untested_vpp_run(tmp_path: Path) -> None:
+    """The unit carries VPPMESH_UNTESTED_VPP=1 only when asked, and then the agent's
+    version check lets another release through."""
+    from vppmesh.vpp import compat
+
+    out = tmp_path / "vppmesh.service"
+    plain = CliRunner().invoke(app, ["install-unit", "--out", str(out), "--", "--node", "n1"])
+    assert plain.exit_code == 0, plain.output
+    assert "VPPMESH_UNTESTED_VPP" not in out.read_text()
+    opted = CliRunner().invoke(app, ["install-unit", "--allow-untested-vpp", "--out",
+                                     str(out), "--", "--node", "n1"])
+    assert opted.exit_code == 0, opted.output
+    environment = dict(e.split("=", 1) for e in unit_fields(out.read_text())["Environment"])
+    assert environment == {"PYTHONUNBUFFERED": "1", "VPPMESH_UNTESTED_VPP": "1"}
+    with pytest.raises(VppMeshError):
+        compat.check_version("26.10-release", {})
+    assert compat.check_version("26.10-release", environment) is not None  # a warning

@@ -4,12 +4,14 @@ unless the operator asks for one, and is told what it holds."""
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import pytest
 import yaml
-from typer.testing import CliRunner
+from typer.testing import CliRunner, Result
 
+from vppmesh import startup
 from vppmesh.cli import app
 from vppmesh.startup import Instance, available_profiles, load_profile, render
 
@@ -48,13 +50,129 @@ def test_full_coredump_is_an_opt_in_with_a_warning(tmp_path: Path,
 
 def test_render_startup_coredump_flag_warns(tmp_path: Path) -> None:
     runner = CliRunner()
-    plain = runner.invoke(app, ["render-startup", "--profile", "xl710-avf"])
+    plain = runner.invoke(app, ["render-startup", "--profile", "xl710-avf", "--no-host-check"])
     assert plain.exit_code == 0, plain.output
     assert "full-coredump" not in plain.output and "ESP key" not in plain.output
     out = tmp_path / "startup.conf"
     opted = runner.invoke(app, ["render-startup", "--profile", "xl710-avf", "--coredump",
-                                "--out", str(out)])
+                                "--no-host-check", "--out", str(out)])
     assert opted.exit_code == 0, opted.output
     assert "full-coredump" in unix_section(out.read_text())
     assert "warning: VPP will write full core files: a core file holds every live ESP " \
            "key" in opted.output
+
+
+# ---- this machine's NIC, cores and hugepages ---------------------------------------------
+def meminfo(tmp_path: Path, total: int, free: int, size_kb: int = 2048) -> Path:
+    path = tmp_path / "meminfo"
+    path.write_text(f"MemTotal:       65536000 kB\nHugePages_Total:    {total}\n"
+                    f"HugePages_Free:     {free}\nHugepagesize:       {size_kb} kB\n")
+    return path
+
+
+@pytest.fixture
+def machine(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A 16-CPU, one-NUMA-node host with 2048 free 2 MiB hugepages (fake /proc, /sys)."""
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    monkeypatch.setattr(startup, "MEMINFO", meminfo(tmp_path, 2048, 2048))
+    monkeypatch.setattr(startup, "NODE_SYSFS", tmp_path / "no-numa")
+    return tmp_path
+
+
+def render_cli(*args: str) -> Result:
+    return CliRunner().invoke(app, ["render-startup", *args])
+
+
+def test_pci_and_cores_replace_the_example_machines(machine: Path) -> None:
+    """The hardware profiles name an example's PCI address and cores 1-3: --pci and
+    --cores give this machine's, with one queue pair per worker."""
+    done = render_cli("--profile", "xl710-avf", "--pci", "0000:5E:02.1", "--pci", "5e:02.2",
+                      "--cores", "4-7")
+    assert done.exit_code == 0, done.output
+    assert "  main-core 4" in done.stdout and "  corelist-workers 5,6,7" in done.stdout
+    assert "dev pci/0000:5e:02.1 {" in done.stdout and "dev pci/0000:5e:02.2 {" in done.stdout
+    assert "port 0 { name uplink0 num-rx-queues 3 num-tx-queues 3 }" in done.stdout
+    assert "port 0 { name uplink1 num-rx-queues 3" in done.stdout
+    assert "3b:02.0" not in done.stdout
+    dpdk = render_cli("--profile", "bare-metal-dpdk", "--pci", "0000:af:00.1", "--main-core",
+                      "8", "--workers", "2")
+    assert dpdk.exit_code == 0, dpdk.output
+    assert "  dev 0000:af:00.1 { num-rx-queues 2 num-tx-queues 2 }" in dpdk.stdout
+    assert "  main-core 8" in dpdk.stdout and "  workers 2" in dpdk.stdout
+
+
+@pytest.mark.parametrize(("args", "said"), [
+    (["--pci", "3b:02"], "--pci '3b:02' is not a PCI address"),
+    (["--pci", "0000:3b:20.0"], "is not a PCI address: give domain:bus:device.function"),
+    (["--cores", "3-1"], "--cores '3-1' is not a CPU list"),
+    (["--cores", "12-16"], "core 16 does not exist on this host (it has 16 CPUs, 0-15)"),
+    (["--main-core", "2"], "core 2 is the main thread's and a worker's"),
+    (["--cores", "1-3", "--workers", "2"], "give --cores or --workers"),
+    (["--cores", "1-3", "--main-core", "1"], "give either --cores or --main-core"),
+])
+def test_bad_pci_addresses_and_cores_are_refused(machine: Path, args: list[str],
+                                                 said: str) -> None:
+    out = machine / "startup.conf"
+    done = render_cli("--profile", "xl710-avf", "--out", str(out), *args)
+    assert done.exit_code == 2, done.output
+    assert said in done.output
+    assert not out.exists()
+
+
+def test_the_profiles_own_cores_are_checked_against_this_host(
+        machine: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(os, "cpu_count", lambda: 4)
+    refused = render_cli("--profile", "bare-metal-dpdk")  # main 1, workers on 2-5
+    assert refused.exit_code == 2 and "core 4 does not exist on this host" in refused.output
+    assert "--cores" in refused.output
+    assert render_cli("--profile", "bare-metal-dpdk", "--no-host-check").exit_code == 0
+    assert render_cli("--profile", "generic", "--workers", "4").exit_code == 2
+
+
+def test_hugepages_needed_are_printed_and_a_short_host_is_refused(
+        machine: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """xl710-avf needs its 2G heap, 131072 buffers and 128M of statistics in hugepages
+    (about 2.4 GiB): more than FD.io's default 1024 x 2 MiB, so VPP would not start."""
+    out = machine / "startup.conf"
+    done = render_cli("--profile", "xl710-avf", "--cores", "1-3", "--out", str(out))
+    assert done.exit_code == 0, done.output
+    assert "needs 1236 pages of 2048 kB (2472 MiB: main heap 2G, buffers 131072 x 2368 B " \
+           "x 1 NUMA node(s) = 296 MiB, stats segment 128M); this host has 2048 (2048 " \
+           "free)" in done.output
+    assert "hugepages" not in out.read_text()
+    out.unlink()
+    monkeypatch.setattr(startup, "MEMINFO", meminfo(machine, 1024, 1024))  # FD.io's default
+    short = render_cli("--profile", "xl710-avf", "--cores", "1-3", "--out", str(out))
+    assert short.exit_code == 1, short.output
+    assert "this host has 1024 hugepages of 2048 kB, the startup.conf needs 1236" \
+        in short.output
+    assert "sysctl -w vm.nr_hugepages=1236" in short.output
+    assert "/etc/sysctl.d/80-vpp.conf" in short.output and not out.exists()
+    forced = render_cli("--profile", "xl710-avf", "--cores", "1-3", "--out", str(out),
+                        "--no-hugepage-check")
+    assert forced.exit_code == 0 and out.exists() and "needs 1236 pages" in forced.output
+    # Reserved but held by the running VPP: written, with a warning.
+    monkeypatch.setattr(startup, "MEMINFO", meminfo(machine, 2048, 100))
+    held = render_cli("--profile", "xl710-avf", "--cores", "1-3", "--out", str(out))
+    assert held.exit_code == 0 and "only 100 of them are free now" in held.output
+    # 4K-page profiles need none and say nothing about them.
+    plain = render_cli("--profile", "generic")
+    assert plain.exit_code == 0 and "hugepages" not in plain.output
+
+
+def test_hugepages_of_1g_pages_and_numa_nodes(tmp_path: Path) -> None:
+    sysfs = tmp_path / "hugepages"
+    (sysfs / "hugepages-1048576kB").mkdir(parents=True)
+    (sysfs / "hugepages-1048576kB" / "nr_hugepages").write_text("4\n")
+    (sysfs / "hugepages-1048576kB" / "free_hugepages").write_text("4\n")
+    profile = load_profile("bare-metal-dpdk").model_copy(update={"page_size": "1G"})
+    pages = startup.hugepages(profile, meminfo=meminfo(tmp_path, 0, 0), sysfs=sysfs, numa=2)
+    assert pages is not None
+    # Heap 2 pages, buffers 2 x 131072 x 2496 B (624 MiB) 1 page, statistics 1 page.
+    assert (pages.page_kb, pages.needed, pages.total) == (1 << 20, 4, 4) and pages.enough
+    assert "hugepagesz=1G hugepages=4" in pages.fix()
+    nodes = tmp_path / "node"
+    nodes.mkdir()
+    (nodes / "has_cpu").write_text("0-1\n")
+    assert startup.numa_nodes(nodes) == 2 and startup.numa_nodes(tmp_path / "none") == 1
+    assert startup.hugepages(load_profile("small-node")) is None

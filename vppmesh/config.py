@@ -70,16 +70,15 @@ PodCidr = Annotated[ipaddress.IPv4Network, _written_as_text("198.18.1.0/24")]
 FAMILY_NAME = {4: "IPv4", 6: "IPv6"}
 
 
-def decode_key(value: str, what: str) -> bytes:
+def decode_key(value: str, what: str, fix: str = "use the output of `vppmesh keygen`"
+               ) -> bytes:
     """Decode a base64 32-byte key, the format `vppmesh keygen` and WireGuard use."""
     try:
         raw = base64.b64decode(value.strip(), validate=True)
     except (binascii.Error, ValueError) as exc:
-        raise ValueError(f"{what} is not valid base64 ({exc}); use the output of "
-                         "`vppmesh keygen`") from None
+        raise ValueError(f"{what} is not valid base64 ({exc}); {fix}") from None
     if len(raw) != 32:
-        raise ValueError(f"{what} decodes to {len(raw)} bytes, expected 32; use the output of "
-                         "`vppmesh keygen`")
+        raise ValueError(f"{what} decodes to {len(raw)} bytes, expected 32; {fix}")
     return raw
 
 

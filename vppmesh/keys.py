@@ -84,14 +84,28 @@ def generate_private_key(path: Path, *, force: bool = False) -> str:
     return public_key_b64(key)
 
 
+def generate_psk(path: Path, *, force: bool = False) -> None:
+    """Write a new pre-shared key (32 random bytes, base64, 0600): settings.psk_file,
+    the same file on every node."""
+    write_secret_file(path, base64.b64encode(os.urandom(32)).decode(), force=force)
+
+
+def secret_file_fix(path: Path, what: str) -> str:
+    """How to make the secret file `what` ("private key" or "PSK") at `path`."""
+    if what == "PSK":
+        return (f"create it on one node with `vppmesh keygen --psk {path}` and copy it to "
+                "every node (they all need the same PSK)")
+    return f"create it with `vppmesh keygen --key {path}`"
+
+
 def read_secret_file(path: Path, what: str) -> bytes:
     """Read a base64 32-byte secret, refusing files that others can read."""
     try:
         mode = path.stat().st_mode
         text = path.read_text(encoding="ascii")
     except FileNotFoundError:
-        raise KeyFileError(f"{what} file {path} does not exist; create it with "
-                           "`vppmesh keygen`") from None
+        raise KeyFileError(f"{what} file {path} does not exist; "
+                           f"{secret_file_fix(path, what)}") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise KeyFileError(f"{what} file {path} cannot be read ({exc})") from None
     if mode & (stat.S_IRWXG | stat.S_IRWXO):
@@ -100,7 +114,7 @@ def read_secret_file(path: Path, what: str) -> bytes:
             f"its owner only: chmod 600 {path}"
         )
     try:
-        return decode_key(text, f"{what} file {path}")
+        return decode_key(text, f"{what} file {path}", secret_file_fix(path, what))
     except ValueError as exc:
         raise KeyFileError(str(exc)) from None
 

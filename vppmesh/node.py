@@ -14,7 +14,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
-from vppmesh import engines, epochs, guard
+from vppmesh import engines, epochs, guard, preflight
 from vppmesh import host as linux
 from vppmesh import uplink as nic
 from vppmesh.clock import AgentClock
@@ -283,6 +283,10 @@ def up(options: NodeOptions, *, dry_run: bool = False, api: VppApi | None = None
     `vpp_pid` when it already asked VPP for it (one round trip less per run).
     """
     view = view or local_view(options, mesh)
+    if reconciler is None or full:  # node-wide runs: at start, after a restart, resyncs
+        # An underlay address the host holds too would be on the wire twice.
+        preflight.refuse_host_addresses(view.node.underlay,
+                                        f"node {view.node.name}'s underlay")
     started = time.monotonic()
     client = api or VppClient(options.api_socket).connect()
     store = options.generations
@@ -299,7 +303,8 @@ def up(options: NodeOptions, *, dry_run: bool = False, api: VppApi | None = None
                 # One queue pair per worker on the NIC and on the host's link.
                 spec = options.take_uplink.model_copy(update={"queues": max(1, workers)})
                 bvi = nic.bvi_name(client) if dry_run else nic.ensure(
-                    client, spec, options.state_dir, view.node.primary)
+                    client, spec, options.state_dir, view.node.primary,
+                    underlay_mtu=settings.underlay_mtu)
                 uplink = bvi or uplink
             state = store.load()
             before = state.model_dump()
@@ -348,6 +353,8 @@ def up(options: NodeOptions, *, dry_run: bool = False, api: VppApi | None = None
             if found is None:
                 found, _ = interfaces.find_uplink(client, desired.uplink,
                                                   desired.uplink_addresses[0])
+            if found is not None:
+                refuse_uplink_mtu(settings.underlay_mtu, found)
             if found is not None and found.admin_up and not found.link_up:
                 notes.append(f"uplink {found.name} is up but has no link (cable, switch "
                              "port, or the NIC's driver): no peer is reachable through it")
@@ -381,6 +388,18 @@ def up(options: NodeOptions, *, dry_run: bool = False, api: VppApi | None = None
     finally:
         if api is None:
             client.close()  # type: ignore[union-attr]
+
+
+def refuse_uplink_mtu(underlay_mtu: int, found: interfaces.Interface) -> None:
+    """settings.underlay_mtu must fit VPP's uplink (a taken NIC's bridge has the NIC's
+    MTU, so the fix is then the NIC's)."""
+    if found.tag == nic.TAG_BVI:
+        fix = ("raise the MTU of the NIC VPP took (`vppmesh uplink restore`, `ip link set "
+               f"NIC mtu {underlay_mtu}`, then take it again), and the switch ports' alike")
+    else:
+        fix = (f"raise {found.name}'s MTU in VPP (`set interface mtu {underlay_mtu} "
+               f"{found.name}`), the NIC's and the switch ports' alike")
+    preflight.refuse_mtu_above(underlay_mtu, found.mtu, f"VPP's uplink {found.name}", fix)
 
 
 class MeshSource(Protocol):

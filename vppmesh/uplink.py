@@ -41,6 +41,7 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from vppmesh import host as linux
+from vppmesh import preflight
 from vppmesh.errors import ConfigError, HostError
 from vppmesh.vpp import host_interfaces, interfaces, l2, routes
 from vppmesh.vpp.client import Request, VppApi
@@ -268,14 +269,36 @@ def save(spec: UplinkSpec, state_dir: Path) -> SavedUplink:
     if path.exists():
         return SavedUplink.model_validate_json(path.read_text())
     saved = capture(spec.interface, spec, resolve_host_link(spec.host_link))
+    _check_addresses(saved)
     saved.taken = False
     state_dir.mkdir(parents=True, exist_ok=True)
     path.write_text(saved.model_dump_json(indent=2))
     return saved
 
 
-def take(api: VppApi, spec: UplinkSpec, state_dir: Path) -> SavedUplink:
-    """Hand the NIC to VPP and give the host its network back; idempotent per NIC."""
+def _check_addresses(saved: SavedUplink) -> None:
+    """VPP's addresses on the bridge are none of the host's: neither on a Linux link of
+    this namespace now nor among the NIC's saved ones (the host link gets those)."""
+    held = {**preflight.host_addresses(),
+            **{ipaddress.ip_address(a.address): saved.ifname for a in saved.addresses}}
+    preflight.refuse_host_addresses(saved.spec.vpp_addresses, f"uplink {saved.ifname}", held)
+
+
+def _check_mtu(saved: SavedUplink, underlay_mtu: int | None) -> None:
+    """VPP's side of the bridge gets the NIC's MTU: the underlay must fit in it."""
+    if underlay_mtu is not None:
+        preflight.refuse_mtu_above(
+            underlay_mtu, saved.mtu, f"the uplink NIC {saved.ifname}",
+            f"raise the NIC's MTU (and the switch ports') before vppmesh takes it: `ip link "
+            f"set {saved.ifname} mtu {underlay_mtu}`")
+
+
+def take(api: VppApi, spec: UplinkSpec, state_dir: Path, *,
+         underlay_mtu: int | None = None) -> SavedUplink:
+    """Hand the NIC to VPP and give the host its network back; idempotent per NIC.
+
+    Refused before anything is touched when VPP's addresses are the host's own or
+    `underlay_mtu` (the mesh's settings.underlay_mtu) is above the NIC's MTU."""
     _check_spec(spec)
     path = state_file(state_dir, spec.interface)
     if path.exists():
@@ -287,6 +310,8 @@ def take(api: VppApi, spec: UplinkSpec, state_dir: Path) -> SavedUplink:
     else:
         saved = capture(spec.interface, spec, resolve_host_link(spec.host_link))
         state_dir.mkdir(parents=True, exist_ok=True)
+    _check_addresses(saved)
+    _check_mtu(saved, underlay_mtu)
     path.write_text(saved.model_dump_json(indent=2))  # before anything is touched
     try:
         _take(api, saved)
@@ -445,7 +470,8 @@ def saved_uplinks(state_dir: Path) -> list[str]:
                   for p in state_dir.glob("uplink-*.json"))
 
 
-def ensure(api: VppApi, spec: UplinkSpec, state_dir: Path, primary: IPInterface) -> str:
+def ensure(api: VppApi, spec: UplinkSpec, state_dir: Path, primary: IPInterface, *,
+           underlay_mtu: int | None = None) -> str:
     """For `vppmesh up`: the NIC is VPP's (taking it if needed); returns the BVI's name.
 
     VPP's address on the uplink is the node's primary underlay address unless the spec
@@ -461,7 +487,7 @@ def ensure(api: VppApi, spec: UplinkSpec, state_dir: Path, primary: IPInterface)
         else:
             restore(None, state_dir, spec.interface)
     if name is None:
-        take(api, spec, state_dir)
+        take(api, spec, state_dir, underlay_mtu=underlay_mtu)
         name = bvi_name(api)
     if name is None:
         raise HostError(f"uplink takeover of {spec.interface}: no BVI in VPP afterwards")

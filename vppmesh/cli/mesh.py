@@ -440,12 +440,21 @@ def verify(
 @app.command()
 def keygen(
     key: KeyOpt = DEFAULT_KEY,
+    psk: Annotated[Path | None, typer.Option(
+        help="Instead: write a new pre-shared key (32 random bytes, base64, mode 0600) to "
+        "this file, the mesh's settings.psk_file; copy it to every node.")] = None,
     force: Annotated[bool, typer.Option(help="Replace an existing key file.")] = False,
 ) -> None:
-    """Write a new X25519 private key (mode 0600) and print its public key."""
-    from vppmesh.keys import generate_private_key
+    """Write a new X25519 private key (mode 0600) and print its public key; with --psk,
+    a new PSK file instead (nothing printed: it is a secret)."""
+    from vppmesh.keys import generate_private_key, generate_psk
 
     try:
+        if psk is not None:
+            generate_psk(psk, force=force)
+            typer.echo(f"wrote {psk}: copy it to every node (the same PSK everywhere, mode "
+                       "0600), and name it in the mesh file's settings.psk_file", err=True)
+            return
         typer.echo(generate_private_key(key, force=force))
     except VppMeshError as exc:
         raise fail(str(exc)) from None
@@ -471,6 +480,20 @@ def render_startup(
     name: Annotated[str, typer.Option(help="Instance name (shared-memory prefix).")] = "vpp",
     workers: Annotated[int | None, typer.Option(help="Override the profile's workers.")
                        ] = None,
+    pci: Annotated[list[str] | None, typer.Option(
+        help="The NIC VPP drives (xl710-avf, bare-metal-dpdk): its PCI address, e.g. "
+        "0000:3b:02.0 (`lspci -D`); repeat for more ports (uplink0, uplink1, ...).")] = None,
+    cores: Annotated[str | None, typer.Option(
+        help="Cores to pin VPP to, e.g. 1-3: the main thread on the first, one worker on "
+        "each of the others.")] = None,
+    main_core: Annotated[int | None, typer.Option(
+        help="The core of VPP's main thread (without --cores).")] = None,
+    no_hugepage_check: Annotated[bool, typer.Option(
+        help="Write the file even if this host has fewer hugepages than it needs.")
+                                 ] = False,
+    no_host_check: Annotated[bool, typer.Option(
+        help="Render for another machine: check neither cores nor hugepages here.")
+                             ] = False,
     out: Annotated[Path | None, typer.Option(help="Write here instead of stdout.")] = None,
     list_profiles: Annotated[bool, typer.Option(
         "--list", help="List the profiles found, and where, instead.")] = False,
@@ -479,11 +502,18 @@ def render_startup(
         "profile's full_coredump, off in every shipped profile). A core file holds every "
         "live ESP key.")] = None,
 ) -> None:
-    """Write a VPP startup.conf from a profile (workers, crypto engines, buffers, pages)."""
+    """Write a VPP startup.conf from a profile (workers, crypto engines, buffers, pages),
+    with this machine's NIC and cores; say how many hugepages it needs and refuse when the
+    host has fewer (a VPP without them does not start)."""
+    import os
+
     from vppmesh.startup import (
         COREDUMP_WARNING,
         Instance,
         available_profiles,
+        check_cores,
+        customize,
+        hugepages,
         load_profile,
         render,
     )
@@ -492,12 +522,31 @@ def render_startup(
         for found, path in available_profiles().items():
             typer.echo(f"{found:<18} {load_profile(str(path)).description}  ({path})")
         return
+    if cores is not None and workers is not None:
+        raise fail("--cores sets the workers too (one on each core after the first): give "
+                   "--cores or --workers", 2)
+    if workers is not None and workers < 0:
+        raise fail(f"--workers {workers}: give 0 or more", 2)
     try:
-        loaded = load_profile(profile)
+        loaded = customize(load_profile(profile), pci=pci, cores=cores, main_core=main_core,
+                           workers=workers)
+        if not no_host_check:
+            check_cores(loaded, workers, os.cpu_count() or 1)
         text = render(loaded, Instance(name=name, runtime_dir=runtime_dir), workers=workers,
                       coredump=coredump)
+        pages = hugepages(loaded)
     except VppMeshError as exc:
-        raise fail(str(exc)) from None
+        raise fail(str(exc), 2) from None
+    if pages is not None:
+        typer.echo(pages.describe(), err=True)
+        if not pages.enough and not (no_hugepage_check or no_host_check):
+            raise fail(f"this host has {pages.total} hugepages of {pages.page_kb} kB, the "
+                       f"startup.conf needs {pages.needed}: VPP would not start. Reserve "
+                       f"them: {pages.fix()}; or pass --no-hugepage-check (nothing was "
+                       "written)")
+        if pages.enough and pages.free < pages.needed:
+            typer.secho(f"warning: only {pages.free} of them are free now (a running VPP "
+                        "holds its own until it stops)", fg=typer.colors.YELLOW, err=True)
     if loaded.full_coredump if coredump is None else coredump:
         typer.secho(f"warning: {COREDUMP_WARNING}", fg=typer.colors.YELLOW, err=True)
     if out is None:

@@ -176,7 +176,8 @@ def check_version(version: str, environ: Mapping[str, str] = os.environ) -> str 
     raise VppIncompatibleError(
         f"VPP {version} is not a release vppmesh is tested with (tested: {tested}); install "
         f"VPP {TESTED_RELEASES[-1]} (README: Quick start), or set {UNTESTED_ENV}=1 to try "
-        "this one anyway")
+        "this one anyway (for the agent's service: `vppmesh install-unit "
+        "--allow-untested-vpp -- UP-OPTIONS`)")
 
 
 def message_crcs(message_table: Iterable[str]) -> dict[str, str]:
