@@ -28,10 +28,15 @@ K8S = CONTAINERS / "k8s"
 KUBERNETES_VERSION = "1.30"
 
 
-def documents() -> list[dict[str, Any]]:
+def kustomization(directory: Path) -> dict[str, Any]:
+    return yaml.safe_load((directory / "kustomization.yaml").read_text())
+
+
+def documents(directory: Path = K8S) -> list[dict[str, Any]]:
+    """What `kubectl apply -k DIRECTORY` deploys: the kustomization's resources."""
     docs = []
-    for path in sorted(K8S.glob("*.yaml")):
-        docs += [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
+    for name in kustomization(directory)["resources"]:
+        docs += [d for d in yaml.safe_load_all((directory / name).read_text()) if d is not None]
     return docs
 
 
@@ -68,8 +73,56 @@ def conflist() -> dict[str, Any]:
 
 
 def uninstall_documents() -> list[dict[str, Any]]:
-    return [d for d in yaml.safe_load_all((K8S / "uninstall" / "uninstall.yaml").read_text())
-            if d is not None]
+    return documents(K8S / "uninstall")
+
+
+def image_references(docs: list[dict[str, Any]]) -> list[str]:
+    """Every container's image in the documents' pod templates."""
+    found = []
+    for doc in docs:
+        spec = doc.get("spec", {}).get("template", {}).get("spec", {})
+        found += [c["image"] for c in spec.get("initContainers", []) + spec.get("containers", [])]
+    return found
+
+
+@pytest.mark.parametrize("directory", [K8S, K8S / "uninstall"], ids=["k8s", "uninstall"])
+def test_kustomization_deploys_every_manifest_and_names_the_one_image(directory: Path) -> None:
+    """`kubectl apply -k` takes every manifest of the directory (a file left out would
+    silently not be deployed), and the node image is set in one place: every image
+    reference is the kustomization's `images` entry, whose tag is vppmesh's version, the
+    same for the install and the uninstall."""
+    kustom = kustomization(directory)
+    manifests = sorted(p.name for p in directory.glob("*.yaml") if p.name != "kustomization.yaml")
+    assert sorted(kustom["resources"]) == manifests
+    (image,) = kustom["images"]
+    references = image_references(documents(directory))
+    assert references and {r.rsplit(":", 1)[0] for r in references} == {image["name"]}
+    version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    assert image["newTag"] == version
+    assert kustomization(K8S)["images"] == kustom["images"]
+
+
+@pytest.mark.parametrize("directory", [K8S, K8S / "uninstall"], ids=["k8s", "uninstall"])
+def test_one_image_override_moves_every_reference(directory: Path, tmp_path: Path) -> None:
+    """What the docs tell the operator to do (set the kustomization's image) reaches every
+    container that kubectl then applies: rendered with kubectl's own kustomize."""
+    import shutil
+
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.skip("kubectl (its built-in kustomize) is not installed")
+    copy = tmp_path / "k"
+    shutil.copytree(directory, copy)
+    kustom = kustomization(copy)
+    kustom["images"][0].update(newName="registry.example.com/mesh/node", newTag="9.9.9")
+    (copy / "kustomization.yaml").write_text(yaml.safe_dump(kustom))
+    done = subprocess.run([kubectl, "kustomize", str(copy)], capture_output=True, text=True,
+                          check=False, timeout=60)
+    assert done.returncode == 0, done.stderr
+    rendered = [d for d in yaml.safe_load_all(done.stdout) if d is not None]
+    assert len(rendered) == len(documents(directory))
+    references = image_references(rendered)
+    assert references and set(references) == {"registry.example.com/mesh/node:9.9.9"}
 
 
 def test_every_manifest_is_valid_kubernetes() -> None:
@@ -221,6 +274,39 @@ def dockerfile() -> list[tuple[str, str]]:
     parser = parser_module.DockerfileParser(path=str(CONTAINERS / "Dockerfile"))
     return [(i["instruction"], i["value"]) for i in parser.structure
             if i["instruction"] != "COMMENT"]
+
+
+def test_image_and_quick_start_pin_the_vpp_release_vppmesh_accepts() -> None:
+    """The image cannot pick up a VPP release the agent refuses (compat.TESTED_RELEASES is
+    the one source of truth): the Dockerfile's pin and the README's apt-get line name it."""
+    import re
+
+    from vppmesh.vpp import compat
+
+    args = dict(v.split("=", 1) for i, v in dockerfile() if i == "ARG" and "=" in v)
+    pinned = args.get("VPP_VERSION", "")
+    assert pinned, "VPP_VERSION must pin a release (empty takes FD.io's newest)"
+    assert compat.release(pinned) == compat.TESTED_RELEASES[-1], pinned
+    readme = (ROOT / "README.md").read_text()
+    versions = set(re.findall(r"\b(?:vpp|libvppinfra|vpp-[a-z-]+)=(\S+)", readme))
+    assert versions == {pinned}, versions
+
+
+def test_benchmarks_are_not_installed_and_the_license_is_shipped() -> None:
+    """The wheel holds vppmesh only (pyproject's find is namespace-aware, as setuptools
+    runs it; no top-level `benchmarks` in site-packages), and the
+    license pyproject.toml declares is in the repository."""
+    from setuptools import find_namespace_packages
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    include = project["tool"]["setuptools"]["packages"]["find"]["include"]
+    packages = find_namespace_packages(where=str(ROOT), include=include)
+    assert "vppmesh" in packages and "vppmesh.cni" in packages
+    assert not [p for p in packages if not p.startswith("vppmesh")], packages
+    assert project["project"]["license"] == "Apache-2.0"
+    for name in project["project"]["license-files"]:
+        text = (ROOT / name).read_text()
+        assert "Apache License" in text and "Version 2.0, January 2004" in text
 
 
 def test_dockerfile_installs_vpp_from_fdio_or_a_local_tree_and_vppmesh_with_pip() -> None:
@@ -384,3 +470,60 @@ def test_uninstall_undoes_what_the_daemonset_installed_on_the_same_host_paths() 
             if path in used:
                 assert used[path] == ours[volume], path
     assert {"/host/opt/cni/bin", "/host/etc/cni/net.d", "/var/lib/vppmesh"} <= set(used)
+
+
+def test_af_xdp_has_the_hosts_bpf_filesystem() -> None:
+    """VPP's libxdp pins its XDP program in bpffs: the vpp container sees the host's."""
+    bpffs = volumes()[mounts("vpp")["/sys/fs/bpf"]]
+    assert bpffs["hostPath"]["path"] == "/sys/fs/bpf"
+    mount = next(m for m in container("vpp")["volumeMounts"] if m["mountPath"] == "/sys/fs/bpf")
+    assert mount.get("mountPropagation") == "HostToContainer"
+
+
+def run_vpp_script(tmp_path: Path, profile_file: str) -> str:
+    """containers/vpp.sh with the manifest's environment; `vpp` is a stand-in that prints
+    the startup.conf it is given, `vppmesh` this checkout's."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(parents=True)
+    (bin_dir / "vpp").write_text('#!/bin/sh\n[ "$1" = -c ] && cat "$2"\n')
+    (bin_dir / "vppmesh").write_text(f'#!/bin/sh\nexec {sys.executable} -m vppmesh "$@"\n')
+    for script in bin_dir.iterdir():
+        script.chmod(0o755)
+    env = {e["name"]: e.get("value") for e in container("vpp")["env"]}
+    data = one("ConfigMap", "vppmesh-config")["data"]
+    mounted = Path(str(env["VPPMESH_PROFILE_FILE"]))
+    profile_dir = tmp_path / "vpp-profile"
+    profile_dir.mkdir()
+    (profile_dir / mounted.name).write_text(profile_file)
+    done = subprocess.run(
+        ["sh", str(CONTAINERS / "vpp.sh")], capture_output=True, text=True, check=False,
+        timeout=120, cwd=ROOT,
+        env={"PATH": f"{bin_dir}:{os.environ['PATH']}", "PYTHONPATH": str(ROOT),
+             "VPPMESH_PROFILE": data["vpp_profile"],
+             "VPPMESH_PROFILE_FILE": str(profile_dir / mounted.name),
+             "VPPMESH_VPP_RUNTIME_DIR": str(tmp_path / "run-vpp"),
+             "VPPMESH_STARTUP_CONF": str(tmp_path / "run" / "startup.conf")})
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout
+
+
+def test_vpp_profile_comes_from_the_configmap_without_rebuilding_the_image(
+        tmp_path: Path) -> None:
+    """The ConfigMap's `vpp_profile.yaml`, mounted where the vpp container's
+    VPPMESH_PROFILE_FILE says, is the profile VPP starts with (a PCI address changed there
+    reaches startup.conf); left empty, the named `vpp_profile` is."""
+    mount = next(m for m in container("vpp")["volumeMounts"] if m["name"] == "vpp-profile")
+    volume = volumes()["vpp-profile"]["configMap"]
+    env = {e["name"]: e.get("value") for e in container("vpp")["env"]}
+    (item,) = volume["items"]
+    assert env["VPPMESH_PROFILE_FILE"] == f"{mount['mountPath']}/{item['path']}"
+    assert volume["name"] == "vppmesh-config" and volume["optional"] is True
+    data = one("ConfigMap", "vppmesh-config")["data"]
+    assert data[item["key"]] == ""  # the default: the named profile
+
+    default = run_vpp_script(tmp_path / "a", data[item["key"]])
+    assert "main-core" not in default and "dev pci/" not in default  # small-node
+    own = yaml.safe_load((ROOT / "vpp-startup" / "xl710-avf.yaml").read_text())
+    own["devices"][0]["id"] = "pci/0000:5e:02.1"
+    conf = run_vpp_script(tmp_path / "b", yaml.safe_dump(own))
+    assert "dev pci/0000:5e:02.1 {" in conf and "0000:3b:02.0" not in conf

@@ -6,9 +6,10 @@ render-startup from the installed package, keygen, the mesh file filled in from 
 README's template, the systemd unit from `vppmesh install-unit`, whose ExecStart line
 runs the agent (it takes each host's NIC), then `vppmesh verify`, which must PASS.
 
-What a test bed cannot do is stood in for, and listed in HOST_SETUP: VPP's packages (the
-testbed runs VPPMESH_VPP with the testbed profile), the symlink onto PATH (the venv's bin
-is on PATH instead) and systemd (the unit's ExecStart runs in the node's namespace).
+What a test bed cannot do is stood in for, and listed in HOST_SETUP: VPP's packages and
+their hold (the testbed runs VPPMESH_VPP with the testbed profile), the symlink onto
+PATH (the venv's bin is on PATH instead) and systemd (the unit's ExecStart runs in the
+node's namespace).
 Paths under /etc and /var are the node's directory here, given through the environment
 variables the commands read (VPPMESH_MESH, VPPMESH_KEY, ...) and substituted in the
 command lines. Each testbed host starts as the quick start expects: VPP running with no
@@ -68,7 +69,7 @@ from vppmesh.vpp.compat import VppIncompatibleError
 PREFIX = "vqs-"
 BASE = Path("/run/vppmesh-vqs")
 ROOT = Path(__file__).resolve().parent.parent
-HOST_SETUP = ("curl ", "apt-get ", "ln ", "systemctl ")
+HOST_SETUP = ("curl ", "apt-get ", "apt-mark ", "ln ", "systemctl ")
 
 
 # ---- the quick start, from README.md ----------------------------------------------------
@@ -93,13 +94,16 @@ def test_quick_start_has_every_step_in_a_working_order() -> None:
     steps = quick_start()
     commands = [c for kind, c in steps if kind == "sh"]
     first = {name: next(i for i, c in enumerate(commands) if name in c)
-             for name in ("apt-get install", "python3 -m venv", "pip install .",
+             for name in ("apt-get install", "apt-mark hold", "python3 -m venv", "pip install .",
                           "render-startup", "keygen", "install-unit", "enable --now",
                           "verify")}
     assert list(first) == sorted(first, key=first.__getitem__), first
     apt = next(c for c in commands if c.startswith("apt-get install"))
     for package in ("vpp=", "vpp-plugin-core=", "vpp-crypto-engines=", "vpp-drivers="):
         assert package in apt
+    # What apt-get pinned stays pinned: `apt upgrade` must not move VPP off the release.
+    hold = next(c for c in commands if c.startswith("apt-mark hold")).split()[2:]
+    assert sorted(hold) == sorted(w.split("=")[0] for w in apt.split() if "=" in w), hold
     assert "pip install -e" not in " ".join(commands)
     mesh_at = next(i for i, (kind, _) in enumerate(steps) if kind == "yaml")
     keygen_at = next(i for i, (_, c) in enumerate(steps) if "keygen" in c)

@@ -27,7 +27,11 @@ def bench(ctx: typer.Context) -> None:
 
     Options are those of `python -m benchmarks` (try `vppmesh bench --help-bench`).
     """
-    from benchmarks.__main__ import main as bench_main
+    try:
+        from benchmarks.__main__ import main as bench_main
+    except ModuleNotFoundError:  # benchmarks/ is not installed with the package
+        raise fail("vppmesh bench runs from a checkout of the repository: run it from the "
+                   "checkout's root (or `python -m benchmarks` there)", 2) from None
 
     args = ["--help" if a == "--help-bench" else a for a in ctx.args]
     raise typer.Exit(bench_main(args))
