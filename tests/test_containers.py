@@ -525,5 +525,9 @@ def test_vpp_profile_comes_from_the_configmap_without_rebuilding_the_image(
     assert "main-core" not in default and "dev pci/" not in default  # small-node
     own = yaml.safe_load((ROOT / "vpp-startup" / "xl710-avf.yaml").read_text())
     own["devices"][0]["id"] = "pci/0000:5e:02.1"
+    # Rendered on the node itself, the profile is checked against it: this machine's
+    # cores, and 4K pages (it has no hugepages).
+    own.update(main_core=0, workers=1, corelist_workers="1", page_size="4k")
+    own["devices"][0]["queues"] = 1
     conf = run_vpp_script(tmp_path / "b", yaml.safe_dump(own))
     assert "dev pci/0000:5e:02.1 {" in conf and "0000:3b:02.0" not in conf
