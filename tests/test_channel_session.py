@@ -146,7 +146,39 @@ def test_channel_next_retry_is_when_tick_sends_again() -> None:
     assert net.nodes[1].next_retry(1001.0) == 1001.0 + s.KEY_RETRY
     net.run(1, net.nodes[1].tick(1001.0 + s.KEY_RETRY), 1001.0 + s.KEY_RETRY)
     assert net.nodes[1].generation_secret(2, 3, outbound=True) is not None
-    assert net.nodes[1].next_retry(1002.0) is None
+    # Answered: next, the answer's "installed" is awaited (INSTALL_WAIT), then nothing.
+    assert net.nodes[1].next_retry(1002.0) == 1002.0 + s.INSTALL_WAIT
+    net.run(2, net.nodes[2].acknowledge(1002.5, 1, "installed", 3), 1002.5)
+    assert s.PeerAcked(2, "installed", 3) in net.events[1]
+    assert net.nodes[1].next_retry(1003.0) is None
+
+
+def test_channel_an_answered_offer_is_renewed_when_installed_never_comes() -> None:
+    """The receiver's agent answered, then died before it installed the generation (its
+    successor knows nothing of it): after INSTALL_WAIT the sender offers the generation
+    again with a fresh key, and a late "installed" for the old secret no longer counts;
+    an offer whose "installed" came is never renewed."""
+    net = up(Net())
+    net.run(1, net.nodes[1].start_generation(1001.0, 2, 3), 1001.0)
+    old = net.nodes[1].generation_secret(2, 3, outbound=True)
+    assert old is not None
+    late = net.nodes[2].acknowledge(1001.1, 1, "installed", 3)  # held back by the path
+    net.run(1, net.nodes[1].tick(1001.0 + s.INSTALL_WAIT - 0.1), 1001.0 + s.INSTALL_WAIT - 0.1)
+    assert net.nodes[1].generation_secret(2, 3, outbound=True) == old  # not yet
+    net.run(1, net.nodes[1].tick(1001.0 + s.INSTALL_WAIT), 1001.0 + s.INSTALL_WAIT)
+    new = net.nodes[1].generation_secret(2, 3, outbound=True)
+    assert new is not None and new != old
+    assert net.nodes[1].stats["offers_renewed"] == 1
+    assert net.nodes[2].generation_secret(1, 3, outbound=False) == new
+    net.run(2, late, 1012.0)  # the old secret's "installed": not for this key
+    assert s.PeerAcked(2, "installed", 3) not in net.events[1]
+    assert net.nodes[1].stats["installed_mismatch"] == 1
+    net.run(2, net.nodes[2].acknowledge(1012.0, 1, "installed", 3), 1012.0)
+    assert s.PeerAcked(2, "installed", 3) in net.events[1]
+    for later in (1100.0, 1500.0):  # confirmed: never renewed again
+        net.run(1, net.nodes[1].tick(later), later)
+    assert net.nodes[1].generation_secret(2, 3, outbound=True) == new
+    assert net.nodes[1].stats["offers_renewed"] == 1
 
 
 def test_channel_a_new_session_resends_unanswered_offers_at_once() -> None:

@@ -80,6 +80,10 @@ YIELD_AFTER = 2
 KEY_RETRY = 1.0  # first resend of an unanswered KeyInit; doubles each time
 KEY_RETRY_MAX = 30.0
 CONFIRM_WAIT = 1.0  # a responder waiting this long for confirmation starts no handshake
+# An answered offer whose "installed" has not come after this long (doubling, up to
+# KEY_RETRY_MAX) is offered again with a fresh key: the receiver's agent that answered
+# may have died before it installed the generation, and its successor knows nothing of it.
+INSTALL_WAIT = 10.0
 KEEPALIVE_AFTER = 15.0  # send a keepalive when nothing was sent for this long
 # Diffie-Hellman budget: handshakes per second per (authenticated) peer, and per node.
 PEER_RATE, PEER_BURST = 5.0, 10.0
@@ -244,6 +248,12 @@ class _Peer:
     answers: dict[int, tuple[bytes, bytes]] = field(default_factory=dict)
     keyed_out: dict[int, bytes] = field(default_factory=dict, repr=False)
     keyed_in: dict[int, bytes] = field(default_factory=dict, repr=False)
+    # Our answered offers awaiting the peer's "installed": generation -> (when answered,
+    # how many times it was renewed before); those whose "installed" (for that very
+    # secret) came; and how often each generation's offer was renewed (_offers_lost).
+    awaiting: dict[int, tuple[float, int]] = field(default_factory=dict)
+    confirmed: set[int] = field(default_factory=set)
+    renewed: dict[int, int] = field(default_factory=dict)
     # Our latest acknowledgement of each kind to the peer, repeated (see acknowledge),
     # and the latest of the peer's we reported.
     acks: dict[str, m.Message] = field(default_factory=dict)
@@ -259,6 +269,12 @@ def installed_digest(secret: bytes) -> bytes:
 def _handshake_retry(state: _Peer) -> float:
     """How long an unanswered handshake waits before it is sent again."""
     return min(HANDSHAKE_RETRY * 2 ** max(state.attempts - 1, 0), HANDSHAKE_RETRY_MAX)
+
+
+def _install_wait(renewed: int) -> float:
+    """How long an answered offer, renewed `renewed` times before, waits for its
+    "installed"."""
+    return min(INSTALL_WAIT * 2 ** renewed, KEY_RETRY_MAX)
 
 
 def _key_retry(tries: int) -> float:
@@ -468,6 +484,9 @@ class Channel:
         if outbound:
             state.offers.pop(generation, None)
             state.keyed_out.pop(generation, None)
+            state.awaiting.pop(generation, None)
+            state.confirmed.discard(generation)
+            state.renewed.pop(generation, None)
         else:
             state.answers.pop(generation, None)
             state.keyed_in.pop(generation, None)
@@ -512,7 +531,7 @@ class Channel:
                 out.extend(self._initiate(now, state))
             if session is None:
                 continue
-            for message in _offers_again(state, now):
+            for message in _offers_again(state, now) + self._offers_lost(state, now):
                 out.extend(self._transmit(now, state, session, message))
             if now - state.last_sent >= KEEPALIVE_AFTER:
                 for message in self._ack_messages(state) or [m.Keepalive()]:
@@ -530,9 +549,30 @@ class Channel:
                 continue
             if state.pending is not None:
                 due.append(state.pending.sent + _handshake_retry(state))
-            if state.offers and self._usable(state, now) is not None:
+            if (state.offers or state.awaiting) and self._usable(state, now) is not None:
                 due += [sent + _key_retry(tries) for _key, sent, tries in state.offers.values()]
+                due += [at + _install_wait(tries) for at, tries in state.awaiting.values()]
         return min(due, default=None)
+
+    def _offers_lost(self, state: _Peer, now: float) -> list[m.KeyInit]:
+        """Answered offers whose "installed" is overdue, offered again with a fresh key
+        (INSTALL_WAIT). Safe: the sender steps to a generation only on an "installed"
+        for its very secret, so the old one protected nothing, and a late "installed" for
+        it no longer matches; a generation whose "installed" came is never offered again."""
+        again = []
+        for g, (at, tries) in list(state.awaiting.items()):
+            if g in state.confirmed or g not in state.keyed_out:
+                del state.awaiting[g]
+                continue
+            if now - at < _install_wait(tries):
+                continue
+            del state.awaiting[g], state.keyed_out[g]
+            state.renewed[g] = tries + 1
+            key = X25519PrivateKey.generate()
+            state.offers[g] = (key, now, 1)
+            self.stats["offers_renewed"] += 1
+            again.append(m.KeyInit(g, public_bytes(key)))
+        return again
 
     # ---- receiving ----------------------------------------------------------------------
     def receive(self, now: float, source: Address, data: bytes) -> Output:
@@ -696,6 +736,7 @@ class Channel:
                 except NoiseError:
                     return self._drop(m.Drop.MALFORMED)
                 state.keyed_out[g] = secret
+                state.awaiting[g] = (now, state.renewed.get(g, 0))
                 return Output(events=[GenerationKeyed(peer, g, True, secret)])
             case m.SasInstalled(generation=g, digest=digest) if not self._agreed(state, g,
                                                                                  digest):
@@ -730,6 +771,8 @@ class Channel:
         """The peer's "installed" is for the secret this node agreed for `generation`."""
         secret = state.keyed_out.get(generation)
         if secret is not None and std_hmac.compare_digest(installed_digest(secret), digest):
+            state.confirmed.add(generation)
+            state.awaiting.pop(generation, None)
             return True
         self.stats["installed_mismatch"] += 1
         return False
