@@ -100,6 +100,9 @@ class NodeStatus(BaseModel):
     crypto: CryptoStatus | None = None
     peers: list[PeerStatus]
     missing_peers: list[str]
+    # What keeps each pair (with tunnels or not) from forward secrecy now, by peer name:
+    # a stalled agreement, a stopped pair (which has no tunnels), a key too old.
+    key_problems: dict[str, list[str]] = {}
 
 
 # What a pair not yet on agreed keys needs, said by status, plan and verify alike.
@@ -218,6 +221,8 @@ def collect(api: VppApi, mesh: Mesh, node: str, stats_socket: Path | None,
         crypto=crypto_status(api) if with_crypto else None,
         peers=list(peers.values()),
         missing_peers=sorted(by_number[n] for n in expected - set(peers)),
+        key_problems={name: found for name, pair in (secrecy or {}).items()
+                      if (found := pair.problems(mesh.settings, now))},
     )
 
 
@@ -245,9 +250,12 @@ def render_table(status: NodeStatus) -> str:
                          f"{state:<10} {out_p:>10} {in_p:>10}  {peer.keys or '-':<23}  "
                          f"{t.encapsulation}")
     for name in status.missing_peers:
-        lines.append(f"{name:<12} (no tunnels: run `vppmesh up`)")
+        stopped = any(p.startswith("stopped") for p in status.key_problems.get(name, ()))
+        lines.append(f"{name:<12} (no tunnels: " + ("fail closed, below)" if stopped
+                                                     else "run `vppmesh up`)"))
     pairs = {p.name: p.secrecy for p in status.peers if p.secrecy is not None}
     if pairs:
         lines.append(secrecy_summary(pairs))
-    lines += [f"{p.name}: {problem}" for p in status.peers for problem in p.key_problems]
+    lines += [f"{name}: {problem}" for name, problems in sorted(status.key_problems.items())
+              for problem in problems]
     return "\n".join(lines)
