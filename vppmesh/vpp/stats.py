@@ -58,7 +58,14 @@ class StatsReader:
                 for per_thread in self._stats[name]]
 
     def sa_counters(self, stat_indexes: list[int]) -> dict[int, Counter]:
-        return self.combined(SA_COUNTERS, stat_indexes)
+        """The SAs' counters; none while VPP has no SA (a VPP restarted under a pair that
+        fails closed): VPP makes the counter vector with its first SA."""
+        if not stat_indexes:
+            return {}
+        try:
+            return self.combined(SA_COUNTERS, stat_indexes)
+        except KeyError:
+            return {}
 
     def counters(self, names: list[str]) -> dict[str, int]:
         """Sum over threads of each named simple counter that exists (no directory scan:
