@@ -335,6 +335,8 @@ def test_forward_secrecy_attack_replayed_handshakes_after_an_agent_restart_chang
                  "n1's new agent's handshake with n2")
         wait_for(lambda: settled(bed), 60, "n1's new agent on agreed keys")
     restart_agent(agents[n2.name])
+    wait_for(lambda: metric(n2, "vppmesh_channel_handshakes_total") >= 1, 30,
+             "n2's new agent's handshake with n1")
     wait_for(lambda: settled(bed), 60, "n2's new agent on agreed keys")
     handshakes = metric(n2, "vppmesh_channel_handshakes_total")
     replays, auth = drops(n2, "replay"), drops(n2, "auth")
