@@ -5,6 +5,7 @@ when VPP goes away too."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -298,3 +299,88 @@ def test_agent_on_sigterm_gives_the_nic_back_when_vpp_is_gone(
     finally:
         signal.signal(signal.SIGTERM, before)
     assert [d for d, _ in releases.calls] == [tmp_path / "state"]
+
+
+# ---- for real: a veth in a namespace of its own stands for the NIC -----------------------
+NS = f"vpr-{os.getpid()}"
+
+
+def in_ns(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["ip", "netns", "exec", NS, *args], capture_output=True, text=True,
+                          check=True, timeout=60)
+
+
+def nic_view() -> dict[str, object]:
+    """What the host needs of its NIC: name, MAC, promiscuity, addresses, routes."""
+    links = {link["ifname"]: link for link in json.loads(in_ns("ip", "-j", "-d", "link",
+                                                                "show").stdout)}
+    eth0 = links.get("eth0", {})
+    return {"links": sorted(links), "mac": eth0.get("address"),
+            "promiscuity": eth0.get("promiscuity"),
+            "addresses": sorted(f"{a['local']}/{a['prefixlen']}" for a in json.loads(
+                in_ns("ip", "-j", "addr", "show", "dev", "eth0").stdout or "[{}]"
+            )[0].get("addr_info", []) if a["family"] == "inet") if "eth0" in links else [],
+            "routes": sorted(json.dumps(r, sort_keys=True) for r in json.loads(
+                in_ns("ip", "-j", "route", "show").stdout))}
+
+
+@pytest.mark.root
+def test_vpp_exiting_gives_a_real_nic_its_address_and_routes_back(tmp_path: Path) -> None:
+    """A veth "NIC" with an address and a route through a gateway; its configuration saved
+    by the uplink code that needs no VPP, then moved away as a takeover with a veth host
+    link leaves it once VPP died (the NIC renamed eth0-nic with VPP's MAC and promiscuous,
+    the host's address on the host link's veth). `vppmesh vpp-run` with a stand-in VPP that
+    exits: within 5 s the NIC is eth0 again with its MAC, address and routes."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root (a network namespace)")
+    state = tmp_path / "state"
+    subprocess.run(["ip", "netns", "add", NS], check=True)
+    try:
+        in_ns("ip", "link", "set", "lo", "up")
+        in_ns("ip", "link", "add", "eth0", "address", "02:00:5e:00:53:21", "type", "veth",
+              "peer", "name", "wire0")
+        in_ns("ip", "addr", "add", "198.51.100.21/24", "dev", "eth0")
+        in_ns("ip", "link", "set", "wire0", "up")
+        in_ns("ip", "link", "set", "eth0", "up")
+        in_ns("ip", "route", "add", "203.0.113.0/24", "via", "198.51.100.1", "metric", "7")
+        before = nic_view()
+        in_ns(sys.executable, "-c", (
+            "import pathlib, json\n"
+            "from vppmesh import uplink\n"
+            f"state = pathlib.Path({str(state)!r})\n"
+            "uplink.save(uplink.UplinkSpec(interface='eth0', host_link='veth'), state)\n"
+            "path = uplink.state_file(state, 'eth0')\n"
+            "saved = json.loads(path.read_text()); saved['taken'] = True\n"
+            "path.write_text(json.dumps(saved))\n"))
+        # What a takeover left once VPP died: the NIC renamed, VPP's end MAC, promiscuous;
+        # the host's address on the host link (a veth whose other end VPP had opened).
+        in_ns("ip", "addr", "flush", "dev", "eth0")
+        in_ns("ip", "link", "set", "eth0", "down")
+        in_ns("ip", "link", "set", "eth0", "name", "eth0-nic")
+        in_ns("ip", "link", "set", "eth0-nic", "address", "02:fe:fd:00:53:21", "promisc", "on",
+              "up")
+        in_ns("ip", "link", "add", "eth0", "type", "veth", "peer", "name", "eth0-vpp")
+        in_ns("ip", "addr", "add", "198.51.100.21/24", "dev", "eth0")
+        in_ns("ip", "link", "set", "eth0", "up")
+        taken = nic_view()
+        assert "eth0-nic" in taken["links"] and taken["mac"] != before["mac"]
+        exited = tmp_path / "exited"
+        guard = subprocess.Popen(
+            ["ip", "netns", "exec", NS, sys.executable, "-m", "vppmesh", "vpp-run",
+             "--state-dir", str(state), "--", "sh", "-c", f"sleep 1; touch {exited}; exit 3"],
+            cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stderr=subprocess.PIPE,
+            text=True)
+        try:
+            wait_for(exited.exists, 30, "the stand-in VPP's exit")
+            seconds = wait_for(lambda: nic_view() == before, 5,
+                               "eth0 as it was before the takeover")
+            _, stderr = guard.communicate(timeout=30)
+        finally:
+            if guard.poll() is None:
+                guard.kill()
+        assert guard.returncode == 3, stderr
+        assert "vpp-run: VPP exited (status 3)" in stderr
+        assert not uplink.saved_uplinks(state)
+        print(f"\nNIC back {seconds:.2f} s after VPP exited")
+    finally:
+        subprocess.run(["ip", "netns", "del", NS], check=False)
