@@ -24,8 +24,10 @@ again.
 
 Before anything is touched the NIC's Linux configuration is saved as JSON in the state
 directory; `vppmesh uplink restore` (also run by `down`) puts it back exactly, with or
-without a running VPP. VPP gets the host's gateway routes (IPv4) through the BVI, so it
-reaches peers beyond the uplink's subnets the way the host did.
+without a running VPP. Whatever stops VPP, release_all gives an af_packet/af_xdp NIC back
+at once, run by what outlives VPP: `vppmesh vpp-run` (vpprun.py) in a container, the
+vpp.service drop-in on a host, and the agent. VPP gets the host's gateway routes (IPv4)
+through the BVI, so it reaches peers beyond the uplink's subnets the way the host did.
 """
 
 from __future__ import annotations
