@@ -384,3 +384,26 @@ def test_vpp_exiting_gives_a_real_nic_its_address_and_routes_back(tmp_path: Path
         print(f"\nNIC back {seconds:.2f} s after VPP exited")
     finally:
         subprocess.run(["ip", "netns", "del", NS], check=False)
+
+
+def test_a_second_sigterm_does_not_cut_the_give_back_short(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The runtime (or an impatient operator) signals again while the NIC is being given
+    back: the guard finishes giving it back; only then are its handlers gone."""
+    steps: list[str] = []
+
+    def slow(state_dir: Path) -> list[str]:
+        os.kill(os.getpid(), signal.SIGTERM)  # arrives in the middle of the give-back
+        time.sleep(0.1)
+        steps.append("all given back")
+        return []
+
+    monkeypatch.setattr(uplink, "release_all", slow)
+    before = signal.getsignal(signal.SIGTERM)
+    caught: list[int] = []
+    signal.signal(signal.SIGTERM, lambda signum, _frame: caught.append(signum))
+    try:
+        assert vpprun.run(stand_in(tmp_path, "exit 6"), tmp_path / "s") == 6
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert steps == ["all given back"] and caught == []  # the guard's handler took it

@@ -42,9 +42,9 @@ from vppmesh.errors import ConfigError
 log = logging.getLogger("vppmesh")
 
 FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
-# After a forwarded signal, how long VPP gets before it is killed: shorter than the
-# DaemonSet's terminationGracePeriodSeconds (30), so the NIC goes back before the runtime
-# kills the container.
+# After a forwarded signal, how long VPP gets before it is killed (VPP ignores SIGTERM
+# while it starts): shorter than the DaemonSet's terminationGracePeriodSeconds (30), so
+# the NIC goes back before the runtime kills the container.
 KILL_AFTER_SECONDS = 10.0
 
 
@@ -105,14 +105,17 @@ class Guard:
             if self.pending is not None:
                 self.forward(self.pending)
             returncode = self.child.wait()
+            if self.killer is not None:
+                self.killer.cancel()
+            status = exit_status(returncode)
+            # Still under our handlers: a second SIGTERM must not cut the give-back short.
+            give_back(uplink.release_all, self.state_dir, status)
+            return status
         finally:
             if self.killer is not None:
                 self.killer.cancel()
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
-        status = exit_status(returncode)
-        give_back(uplink.release_all, self.state_dir, status)
-        return status
 
 
 def give_back(release: Callable[[Path], list[str]], state_dir: Path, status: int) -> None:
