@@ -1,5 +1,9 @@
 #!/bin/sh
-# The DaemonSet's vpp container: render startup.conf from the configured profile, run VPP.
+# The DaemonSet's vpp container: render startup.conf from the configured profile, run VPP
+# under `vppmesh vpp-run`, which gives the uplink NIC the agent took back to the host
+# whenever VPP exits (a rolling update, an uninstall, a crash, an OOM kill): without it the
+# node has no network while VPP is down, so it cannot pull the next pod's image nor reach
+# the API server, and stays stranded. The saved NICs are in the node's state directory.
 # small-node (the default) fits any node: 4K pages, no hugepages, main thread only.
 # The profile is the ConfigMap's `vpp_profile` (a name: vpp-startup/ in the image), or,
 # when the ConfigMap holds `vpp_profile.yaml` (mounted at VPPMESH_PROFILE_FILE), that
@@ -14,4 +18,4 @@ runtime="${VPPMESH_VPP_RUNTIME_DIR:-/run/vpp}"
 conf="${VPPMESH_STARTUP_CONF:-/run/vppmesh/startup.conf}"
 mkdir -p "$runtime" "$(dirname "$conf")"
 vppmesh render-startup --profile "$profile" --runtime-dir "$runtime" --out "$conf"
-exec vpp -c "$conf"
+exec vppmesh vpp-run --state-dir "${VPPMESH_STATE_DIR:-/var/lib/vppmesh}" -- vpp -c "$conf"

@@ -483,9 +483,18 @@ def test_af_xdp_has_the_hosts_bpf_filesystem() -> None:
 def run_vpp_script(tmp_path: Path, profile_file: str) -> str:
     """containers/vpp.sh with the manifest's environment; `vpp` is a stand-in that prints
     the startup.conf it is given, `vppmesh` this checkout's."""
+    done = vpp_script(tmp_path, profile_file)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout
+
+
+def vpp_script(tmp_path: Path, profile_file: str,
+               vpp: str = '[ "$1" = -c ] && cat "$2"') -> subprocess.CompletedProcess[str]:
+    """containers/vpp.sh run with `vpp` (the stand-in's shell text) and a state directory
+    of its own (tmp_path/state, never the machine's /var/lib/vppmesh)."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir(parents=True)
-    (bin_dir / "vpp").write_text('#!/bin/sh\n[ "$1" = -c ] && cat "$2"\n')
+    (bin_dir / "vpp").write_text(f"#!/bin/sh\n{vpp}\n")
     (bin_dir / "vppmesh").write_text(f'#!/bin/sh\nexec {sys.executable} -m vppmesh "$@"\n')
     for script in bin_dir.iterdir():
         script.chmod(0o755)
@@ -502,9 +511,9 @@ def run_vpp_script(tmp_path: Path, profile_file: str) -> str:
              "VPPMESH_PROFILE": data["vpp_profile"],
              "VPPMESH_PROFILE_FILE": str(profile_dir / mounted.name),
              "VPPMESH_VPP_RUNTIME_DIR": str(tmp_path / "run-vpp"),
-             "VPPMESH_STARTUP_CONF": str(tmp_path / "run" / "startup.conf")})
-    assert done.returncode == 0, done.stdout + done.stderr
-    return done.stdout
+             "VPPMESH_STARTUP_CONF": str(tmp_path / "run" / "startup.conf"),
+             "VPPMESH_STATE_DIR": str(tmp_path / "state")})
+    return done
 
 
 def test_vpp_profile_comes_from_the_configmap_without_rebuilding_the_image(
@@ -531,3 +540,35 @@ def test_vpp_profile_comes_from_the_configmap_without_rebuilding_the_image(
     own["devices"][0]["queues"] = 1
     conf = run_vpp_script(tmp_path / "b", yaml.safe_dump(own))
     assert "dev pci/0000:5e:02.1 {" in conf and "0000:3b:02.0" not in conf
+
+
+def test_vpp_runs_under_the_guard_that_gives_the_nic_back_when_it_exits(
+        tmp_path: Path) -> None:
+    """vpp.sh starts VPP under `vppmesh vpp-run`: when VPP exits (here by itself, with
+    status 5), the NICs saved in the node's state directory (the agent's: the same
+    hostPath, mounted in the vpp container too) are looked at and given back, and the
+    container's status is VPP's. An avf record stands for the NIC: release_all reads it
+    and leaves Linux alone, so this runs anywhere."""
+    from vppmesh import uplink
+
+    state = tmp_path / "state"
+    state.mkdir()
+    uplink.state_file(state, "ens1f0").write_text(uplink.SavedUplink(
+        spec=uplink.UplinkSpec(interface="ens1f0", driver="avf", vpp_interface="uplink0"),
+        ifname="ens1f0", mac="3c:fd:fe:12:34:56", mtu=1500, up=True, promisc=False,
+        addresses=[], routes=[], nic_name=uplink.nic_name("ens1f0"), host_link="veth",
+    ).model_dump_json())
+    done = vpp_script(tmp_path, "", vpp='[ "$1" = -c ] && [ -s "$2" ] && exit 5')
+    assert done.returncode == 5, done.stdout + done.stderr
+    assert "vpp-run: VPP exited (status 5)" in done.stderr, done.stderr
+    assert "ens1f0 stays bound to VPP's avf driver" in done.stderr
+    # The vpp container sees the agent's state directory, where the takeover is saved.
+    vols = volumes()
+    assert vols[mounts("vpp")["/var/lib/vppmesh"]]["hostPath"]["path"] == \
+        vols[mounts("agent")["/var/lib/vppmesh"]]["hostPath"]["path"] == "/var/lib/vppmesh"
+    script = (CONTAINERS / "vpp.sh").read_text()
+    assert "VPPMESH_STATE_DIR:-/var/lib/vppmesh" in script
+    # VPP's SIGTERM grace (then vpp-run kills it) fits in the pod's.
+    from vppmesh.vpprun import KILL_AFTER_SECONDS
+
+    assert pod_spec()["terminationGracePeriodSeconds"] > KILL_AFTER_SECONDS + 5

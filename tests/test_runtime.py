@@ -525,6 +525,73 @@ def test_vpp_restart_pods_keep_addresses_and_reach_each_other(cluster: Cluster) 
     assert ping(h1, a1, HOST_ADDRESSES[0].split("/")[0]).returncode == 0
 
 
+def underlay_ping(address: str) -> bool:
+    """`address` answers a ping from the hosts' router (the underlay namespace)."""
+    return sh("ip", "netns", "exec", UNDERLAY_NS, "ping", "-c", "1", "-W", "1", address,
+              check=False, timeout=10).returncode == 0
+
+
+def nic_taken(host: Host) -> bool:
+    """VPP has the host's NIC: Linux knows it as eth0-nic (eth0 is then the host link)."""
+    return host.run("ip", "link", "show", "eth0-nic", check=False).returncode == 0
+
+
+def test_rolling_update_gives_the_host_its_uplink_back_and_the_new_pod_takes_it(
+        cluster: Cluster) -> None:
+    """A DaemonSet rolling update deletes the node's pod: the vpp and agent containers get
+    SIGTERM together. VPP runs under `vppmesh vpp-run` (vpp.sh), which gives the host its
+    NIC back as soon as VPP exits: the host answers ping on its own address, on its NIC,
+    within 5 s of the SIGTERM (it can reach the API server and pull the next image). The
+    replacement pod takes the NIC again and re-attaches the node's pods."""
+    h1, h2 = cluster.hosts
+    host, address = h2, HOST_ADDRESSES[1].split("/")[0]
+    for h in (h1, h2):  # the earlier VPP restart's rekeys done: this one steps again
+        settled(h)
+    assert nic_taken(host) and underlay_ping(address)
+    pods = {n: pod_address(h, n) for n, (h, _) in cluster.pods.items() if h is host}
+    near = next(iter(pods))
+    far = next(a for h, a in cluster.pods.values() if h is h1)
+    pod, _, _ = manifest()
+    grace = str(pod["terminationGracePeriodSeconds"])
+    started = time.monotonic()
+    stops = [subprocess.Popen(["nsenter", f"--net=/run/netns/{host.netns}", "podman", "stop",
+                               "-t", grace, host.container(name)], env=host.env(),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+             for name in ("vpp", "agent")]
+    try:
+        back = wait("the host answering on its own NIC",
+                    lambda: not nic_taken(host) and underlay_ping(address), 5, 0.2)
+    finally:
+        for stop in stops:
+            stop.wait(int(grace) + 30)
+    REPORT["rolling_update_host_back_seconds"] = round(back, 2)
+    addresses = host.run("ip", "-4", "-o", "addr", "show", "eth0").stdout
+    assert HOST_ADDRESSES[1] in addresses
+    assert host.run("ping", "-c", "1", "-W", "2", BEYOND, check=False).returncode == 0
+    logs = {}
+    for name in ("vpp", "agent"):
+        done = host.podman("logs", host.container(name))
+        logs[name] = done.stdout + done.stderr
+    assert "vpp-run: VPP exited" in logs["vpp"], logs["vpp"]
+    gave = [name for name, text in logs.items()
+            if "uplink: linux link eth0" in text or "given back to Linux" in text]
+    assert gave, logs  # vpp-run, or the agent when VPP went first (the lock: one of them)
+    REPORT["rolling_update_nic_given_back_by"] = gave
+    # The replacement pod: VPP takes the NIC again, the pods come back with their addresses.
+    started = time.monotonic()
+    for name in ("vpp", "agent"):
+        host.podman("rm", "-f", "-t", "0", host.container(name))
+    for name in ("vpp", "agent"):
+        run_container(host, name, cluster.image)
+    wait("pods across the hosts from the replacement pod",
+         lambda: ping(host, near, far, 1).returncode == 0, 240, 1)
+    REPORT["rolling_update_replacement_to_pods_reachable_seconds"] = round(
+        time.monotonic() - started, 1)
+    assert nic_taken(host) and underlay_ping(address)
+    assert {n: pod_address(host, n) for n in pods} == pods
+    wait(f"{host.node} ready", lambda: ready(host), 120, 1)
+
+
 def settled(host: Host, quiet: float = 12.0, timeout: float = 120.0) -> None:
     """The host's SAs unchanged for `quiet` seconds (longer than rekey_grace): the agents
     have finished the rekeys and window slides an earlier VPP restart started."""
@@ -600,6 +667,10 @@ def test_uninstall_leaves_no_conflist_plugin_or_taken_nic(cluster: Cluster) -> N
         assert host.path("/etc/cni/net.d/10-vppmesh.conflist").exists()
         for name in ("agent", "vpp"):  # kubectl delete -f containers/k8s/
             host.podman("rm", "-f", "-t", "5", host.container(name))
+        # VPP's exit gave the NIC back already (vpp-run): the kubelet can pull the
+        # uninstall DaemonSet's image.
+        assert not nic_taken(host)
+        assert host.run("ping", "-c", "1", "-W", "2", BEYOND, check=False).returncode == 0
         run_container(host, "uninstall", cluster.image, detach=False, spec=spec)
         assert not host.path("/etc/cni/net.d/10-vppmesh.conflist").exists()
         assert not list(host.path("/opt/cni/bin").iterdir())

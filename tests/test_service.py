@@ -123,3 +123,53 @@ def test_install_unit_can_let_an_untested_vpp_run(tmp_path: Path) -> None:
     with pytest.raises(VppMeshError):
         compat.check_version("26.10-release", {})
     assert compat.check_version("26.10-release", environment) is not None  # a warning
+
+
+def test_install_unit_gives_vpp_a_drop_in_that_returns_the_nic_when_it_stops(
+        tmp_path: Path) -> None:
+    """Whatever stops vpp.service (stop, crash, OOM kill), systemd runs ExecStopPost: the
+    drop-in gives back every NIC saved in the agent's state directory."""
+    out = tmp_path / "vppmesh.service"
+    result = CliRunner().invoke(app, ["install-unit", "--out", str(out), "--", "--node",
+                                      "node1", "--take-uplink", "eth0", "--state-dir",
+                                      "/srv/vpp mesh"])
+    assert result.exit_code == 0, result.output
+    drop_in = tmp_path / "vpp.service.d" / "vppmesh-uplink.conf"
+    assert str(drop_in) in result.output
+    fields = unit_fields(drop_in.read_text())
+    assert list(fields) == ["ExecStopPost"]  # nothing else of VPP's unit changes
+    (command,) = fields["ExecStopPost"]
+    assert command.startswith("-")  # a failure is logged, VPP still restarts
+    words = shlex.split(command[1:])
+    assert words[:3] == [sys.executable, "-m", "vppmesh"]
+    assert words[3:] == ["uplink", "restore", "--all", "--state-dir", "/srv/vpp mesh"]
+    # The command it runs exists with these options (parsed by the real CLI).
+    from typer.main import get_command
+
+    restore = get_command(app).commands["uplink"].commands["restore"]  # type: ignore[attr-defined]
+    restore.make_context("restore", words[5:])
+    # Without --state-dir: the agent's default, the same as the unit's agent uses.
+    CliRunner().invoke(app, ["install-unit", "--out", str(out), "--", "--node", "node1"],
+                       env={"VPPMESH_STATE_DIR": None})
+    assert shlex.split(unit_fields(drop_in.read_text())["ExecStopPost"][0][1:])[-1] == \
+        "/var/lib/vppmesh"
+    printed = CliRunner().invoke(app, ["install-unit", "--out", "-", "--vpp-drop-in", "-",
+                                       "--", "--node", "node1"])
+    assert printed.output.count("[Service]") == 2 and "ExecStopPost=-" in printed.output
+    if shutil.which("systemd-analyze"):
+        unit = tmp_path / "vpp.service"
+        unit.write_text("[Service]\nExecStart=/bin/true\n")
+        checked = subprocess.run(["systemd-analyze", "verify", str(unit)],
+                                 capture_output=True, text=True, check=False)
+        # It reads vpp.service.d/ beside the unit and names a drop-in it finds fault with.
+        assert checked.returncode == 0 and "vppmesh-uplink.conf" not in checked.stderr, \
+            checked.stderr
+
+
+def test_uplink_restore_all_is_every_saved_nic_and_excludes_interface(tmp_path: Path) -> None:
+    done = CliRunner().invoke(app, ["uplink", "restore", "--all", "--state-dir",
+                                    str(tmp_path), "--api-socket", str(tmp_path / "no.sock")])
+    assert done.exit_code == 0 and "restored 0 uplink(s)" in done.output, done.output
+    both = CliRunner().invoke(app, ["uplink", "restore", "--all", "--interface", "eth0",
+                                    "--state-dir", str(tmp_path)])
+    assert both.exit_code == 2 and "--all" in both.output and "--interface" in both.output

@@ -96,3 +96,26 @@ def test_a_vfio_bound_nic_stays_saved_while_vpp_is_away(tmp_path: Path) -> None:
     assert lines == ["enp3s0f0 stays bound to VPP's dpdk driver until VPP is back (the host "
                      "has no link through it meanwhile)"]
     assert SavedUplink.model_validate_json(path.read_text()) == s
+
+
+def test_release_all_waits_for_another_giver_back_and_finds_the_nic_back(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """VPP's guard and the agent see the same VPP go: the second waits for the first and
+    finds nothing left to do, instead of renaming and readdressing the NIC under it."""
+    import threading
+
+    restored: list[str] = []
+    monkeypatch.setattr(uplink, "restore", lambda api, d, name: restored.append(name) or [])
+    path = uplink.state_file(tmp_path, "enp3s0f0")
+    path.write_text(saved().model_dump_json())
+    results: list[list[str]] = []
+    with uplink.locked(tmp_path):  # the first one at work
+        second = threading.Thread(target=lambda: results.append(uplink.release_all(tmp_path)))
+        second.start()
+        second.join(0.3)
+        assert second.is_alive() and restored == []  # waiting
+        path.unlink()  # the first one is done: the NIC is back, its record gone
+    second.join(5)
+    assert results == [[]] and restored == []
+    assert uplink.release_all(tmp_path / "absent") == []  # no state directory: nothing
+    assert not (tmp_path / "absent").exists()

@@ -24,15 +24,20 @@ again.
 
 Before anything is touched the NIC's Linux configuration is saved as JSON in the state
 directory; `vppmesh uplink restore` (also run by `down`) puts it back exactly, with or
-without a running VPP. VPP gets the host's gateway routes (IPv4) through the BVI, so it
-reaches peers beyond the uplink's subnets the way the host did.
+without a running VPP. Whatever stops VPP, release_all gives an af_packet/af_xdp NIC back
+at once, run by what outlives VPP: `vppmesh vpp-run` (vpprun.py) in a container, the
+vpp.service drop-in on a host, and the agent. VPP gets the host's gateway routes (IPv4)
+through the BVI, so it reaches peers beyond the uplink's subnets the way the host did.
 """
 
 from __future__ import annotations
 
+import fcntl
 import ipaddress
 import json
 import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
 
@@ -53,6 +58,7 @@ BRIDGE_DOMAIN = 7171
 TAG_NIC = "vppmesh-uplink:nic"
 TAG_HOST = "vppmesh-uplink:host"
 TAG_BVI = "vppmesh-uplink:bvi"
+LOCK_FILE = "uplink.lock"  # in the state directory: see locked()
 IFF_PROMISC = 0x100
 RTPROT_KERNEL = 2
 RT_TABLE_LOCAL = 255
@@ -501,18 +507,42 @@ def _mark_untaken(state_dir: Path, ifname: str) -> None:
     path.write_text(saved.model_dump_json(indent=2))
 
 
+@contextmanager
+def locked(state_dir: Path) -> Iterator[None]:
+    """One giver-back at a time. VPP's guard (`vppmesh vpp-run`, vpprun.py), the agent and
+    `uplink restore` may all see the same VPP go (a rolling update stops VPP and the agent
+    together): the second waits, then finds the NIC already back instead of renaming and
+    readdressing it half-way through the first one's work."""
+    with open(state_dir / LOCK_FILE, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def releasable(state_dir: Path) -> list[str]:
+    """The saved NICs Linux can have back while VPP is away (af_packet, af_xdp)."""
+    return [ifname for ifname in saved_uplinks(state_dir)
+            if SavedUplink.model_validate_json(state_file(state_dir, ifname).read_text()
+                                               ).spec.driver not in NIC_IN_VPP]
+
+
 def release_all(state_dir: Path) -> list[str]:
     """VPP is gone: give every NIC it had back to Linux, so the host stays online.
 
     An avf/dpdk NIC stays bound to vfio-pci: nothing can give it to Linux meanwhile;
     its takeover is made again when VPP is back.
     """
+    if not state_dir.is_dir():
+        return []
     done: list[str] = []
-    for ifname in saved_uplinks(state_dir):
-        saved = SavedUplink.model_validate_json(state_file(state_dir, ifname).read_text())
-        if saved.spec.driver in NIC_IN_VPP:
-            done.append(f"{ifname} stays bound to VPP's {saved.spec.driver} driver until "
-                        "VPP is back (the host has no link through it meanwhile)")
-            continue
-        done += restore(None, state_dir, ifname)
+    with locked(state_dir):
+        for ifname in saved_uplinks(state_dir):
+            saved = SavedUplink.model_validate_json(state_file(state_dir, ifname).read_text())
+            if saved.spec.driver in NIC_IN_VPP:
+                done.append(f"{ifname} stays bound to VPP's {saved.spec.driver} driver until "
+                            "VPP is back (the host has no link through it meanwhile)")
+                continue
+            done += restore(None, state_dir, ifname)
     return done

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -35,6 +36,8 @@ WATCH_FILE_CHECK_SECONDS = 0.2
 WATCH_VPP_RETRY_SECONDS = 0.25
 # The shortest gap between two runs the agents' channel asks for (AgentLoop.may_run_early).
 EARLY_MIN_GAP = 0.05
+# After SIGTERM: how long the agent watches whether VPP is going away too.
+VPP_STOP_GRACE_SECONDS = 3.0
 
 
 def start_metrics(listen: str, tls: MetricsTls | None = None) -> AgentMetrics:
@@ -106,6 +109,44 @@ def give_back_uplinks(opts: agent.NodeOptions) -> None:
             log.warning("VPP is gone: %s given back to Linux", line)
     except VppMeshError as exc:
         log.error("%s", exc)
+
+
+def vpp_answers(api_socket: Path) -> bool:
+    """VPP accepts connections on its API socket (a dead VPP's socket file may stay)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(1.0)
+        try:
+            probe.connect(str(api_socket))
+        except OSError:
+            return False
+    return True
+
+
+def leave_uplinks(opts: agent.NodeOptions, grace: float | None = None,
+                  answers: Callable[[Path], bool] | None = None,
+                  pause: Callable[[float], None] = time.sleep) -> None:
+    """The agent stops (SIGTERM): a taken af_packet/af_xdp NIC goes back to Linux only if
+    VPP stops answering within `grace` too.
+
+    VPP and the agent stopped together (a DaemonSet rolling update signals both
+    containers at once): VPP's guard (`vppmesh vpp-run`; on a host the vpp.service
+    drop-in) gives the NIC back, and this is the second line, for a VPP run without
+    either. uplink.release_all takes a lock, so whichever comes second finds the NIC back
+    already. VPP still answering after `grace` means only the agent stops (an agent
+    upgrade, README "Upgrades"): the NIC stays VPP's and the host's traffic goes on.
+    """
+    from vppmesh.uplink import releasable
+
+    if not releasable(opts.state_dir):
+        return
+    answers = answers or vpp_answers
+    deadline = time.monotonic() + (VPP_STOP_GRACE_SECONDS if grace is None else grace)
+    while answers(opts.api_socket):
+        if time.monotonic() >= deadline:
+            log.info("VPP still answers: the uplink stays VPP's (only the agent stops)")
+            return
+        pause(0.1)
+    give_back_uplinks(opts)
 
 
 class AgentLoop:
@@ -269,6 +310,7 @@ def watch_loop(opts: agent.NodeOptions, metrics: AgentMetrics | None = None,
                             wait=control.wait(secrecy.wait) if control else secrecy.wait,
                             stop=stop, early_in=loop.early_in, vpp_socket=opts.api_socket))
         log.info("stopped (SIGTERM)")
+        leave_uplinks(opts)
     finally:
         secrecy.close()
         if control is not None:

@@ -1,4 +1,6 @@
-"""`vppmesh install-unit`: run the agent (`vppmesh up --watch`) as a systemd service."""
+"""`vppmesh install-unit`: run the agent (`vppmesh up --watch`) as a systemd service, with
+a drop-in for VPP's unit that gives a taken NIC back whenever VPP stops; `vppmesh
+vpp-run`: VPP under the same guard where systemd does not run it (a container)."""
 
 from __future__ import annotations
 
@@ -10,11 +12,17 @@ from typing import Annotated
 
 import typer
 
+from vppmesh import vpprun
+from vppmesh.cli.common import DEFAULT_STATE, StateOpt
+
 app = typer.Typer()
 UNIT_PATH = Path("/etc/systemd/system/vppmesh.service")
 # Package data (pyproject.toml), beside the sources in every install.
 TEMPLATE = Path(__file__).resolve().parent.parent / "systemd" / "vppmesh.service"
 UNBUFFERED = "Environment=PYTHONUNBUFFERED=1"
+# VPP's drop-in (systemd/vpp-uplink.conf), in vpp.service.d/ beside the agent's unit.
+DROP_IN = TEMPLATE.parent / "vpp-uplink.conf"
+DROP_IN_NAME = "vppmesh-uplink.conf"
 
 
 def executable() -> list[str]:
@@ -48,6 +56,28 @@ def render_unit(up_args: list[str], command: list[str] | None = None, *,
     return text
 
 
+def render_vpp_drop_in(state_dir: Path, command: list[str] | None = None) -> str:
+    """The drop-in for vpp.service (vppmesh/systemd/vpp-uplink.conf): `ExecStopPost` gives
+    every NIC saved in `state_dir` back to Linux whenever VPP stops. systemd runs it after
+    a stop, a crash and an OOM kill alike, so on a host it is VPP's guard (in a container,
+    `vppmesh vpp-run` is: vppmesh/vpprun.py)."""
+    return (DROP_IN.read_text()
+            .replace("@EXEC@", " ".join(_systemd_word(w) for w in command or executable()))
+            .replace("@STATE@", _systemd_word(str(state_dir))))
+
+
+def drop_in_path(unit: Path) -> Path:
+    return unit.parent / "vpp.service.d" / DROP_IN_NAME
+
+
+def up_state_dir(up_args: list[str]) -> Path:
+    """The state directory `vppmesh up --watch` with these (valid) options uses."""
+    from vppmesh.cli import mesh
+
+    up = typer.main.get_command(mesh.app).commands["up"]  # type: ignore[attr-defined]
+    return Path(up.make_context("vppmesh up", ["--watch", *up_args]).params["state_dir"])
+
+
 def check_up_args(up_args: list[str]) -> str | None:
     """What `vppmesh up --watch` would say about these options (None: it takes them).
 
@@ -79,10 +109,14 @@ def install_unit(
         help="Let the agent run with a VPP release vppmesh is not tested with (the unit "
         "sets VPPMESH_UNTESTED_VPP=1): for trying a new VPP before vppmesh supports it.")
                                   ] = False,
+    vpp_drop_in: Annotated[Path | None, typer.Option(
+        help="Where to write VPP's drop-in (default: vpp.service.d/vppmesh-uplink.conf "
+        "beside the unit); - prints it.")] = None,
 ) -> None:
-    """Write the systemd unit that runs `vppmesh up --watch` (options after -- go to up).
+    """Write the systemd unit that runs `vppmesh up --watch` (options after -- go to up),
+    and a drop-in for vpp.service that gives a taken NIC back to Linux whenever VPP stops.
 
-    The options are checked as `vppmesh up` parses them before the unit is written.
+    The options are checked as `vppmesh up` parses them before anything is written.
     Example: vppmesh install-unit -- --node node1 --take-uplink eth0
     """
     from vppmesh.cli.common import fail
@@ -95,10 +129,45 @@ def install_unit(
                    "the service would restart every 2 s. Fix them (`vppmesh up --help` "
                    "lists them); nothing was written", 2)
     text = render_unit(list(ctx.args), untested_vpp=allow_untested_vpp)
-    if str(out) == "-":
-        typer.echo(text, nl=False)
-        return
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
-    typer.echo(f"wrote {out}; start it with: systemctl daemon-reload && "
-               f"systemctl enable --now {out.stem}")
+    drop_in = render_vpp_drop_in(up_state_dir(list(ctx.args)))
+    if vpp_drop_in is None and str(out) != "-":
+        vpp_drop_in = drop_in_path(out)
+    written = []
+    for path, content in ((out, text), (vpp_drop_in, drop_in)):
+        if path is None:
+            continue
+        if str(path) == "-":
+            typer.echo(content, nl=False)
+            continue
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(content)
+        written.append(str(path))
+    if written:
+        unit = UNIT_PATH if str(out) == "-" else out
+        typer.echo(f"wrote {' and '.join(written)}; start it with: systemctl daemon-reload "
+                   f"&& systemctl enable --now {unit.stem}")
+
+
+@app.command("vpp-run", context_settings={"allow_extra_args": True,
+                                         "ignore_unknown_options": True})
+def vpp_run(
+    ctx: typer.Context,
+    state_dir: StateOpt = DEFAULT_STATE,
+    kill_after: Annotated[float, typer.Option(
+        help="Seconds VPP gets after a signal it was passed before it is killed (less "
+        "than the container's grace period).")] = vpprun.KILL_AFTER_SECONDS,
+) -> None:
+    """Run VPP (the command after --) and give every taken NIC back to Linux when it
+    exits, however it exits; exits with VPP's status.
+
+    For VPP where systemd does not run it (the DaemonSet's vpp container): SIGTERM, SIGINT
+    and SIGHUP are passed to VPP. Example: vppmesh vpp-run -- vpp -c /etc/vpp/startup.conf
+    """
+    from vppmesh.cli.common import fail
+    from vppmesh.errors import VppMeshError
+
+    try:
+        status = vpprun.run(list(ctx.args), state_dir, kill_after=kill_after)
+    except VppMeshError as exc:
+        raise fail(str(exc), 2) from None
+    raise typer.Exit(status)

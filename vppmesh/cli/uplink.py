@@ -76,21 +76,34 @@ def uplink_take(
 def uplink_restore(
     interface: Annotated[str | None, typer.Option(
         help="The NIC to give back (default: every one saved).")] = None,
+    all_saved: Annotated[bool, typer.Option(
+        "--all", help="Every NIC saved in the state directory (the default; say it in "
+        "units and scripts).")] = False,
     api_socket: SocketOpt = DEFAULT_API_SOCKET,
     state_dir: StateOpt = DEFAULT_STATE,
 ) -> None:
-    """Give the NIC back to Linux exactly as it was (works with VPP stopped, too)."""
+    """Give the NIC back to Linux exactly as it was (works with VPP stopped, too).
+
+    VPP's systemd drop-in (`vppmesh install-unit`) runs `uplink restore --all` whenever
+    VPP stops; with nothing saved it has nothing to do and says so.
+    """
+    from contextlib import nullcontext
+
     from vppmesh import uplink
 
+    if interface and all_saved:
+        raise fail("uplink restore: --interface names one NIC, --all means every saved one: "
+                   "give one of them", 2)
     names = [interface] if interface else uplink.saved_uplinks(state_dir)
     try:
         client = VppClient(api_socket).connect()
     except VppUnavailableError:
         client = None
     try:
-        for name in names:
-            for line in uplink.restore(client, state_dir, name):
-                typer.echo(f"- {line}")
+        with uplink.locked(state_dir) if state_dir.is_dir() else nullcontext():
+            for name in names:
+                for line in uplink.restore(client, state_dir, name):
+                    typer.echo(f"- {line}")
     except VppMeshError as exc:
         raise fail(str(exc)) from None
     finally:

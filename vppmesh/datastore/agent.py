@@ -48,7 +48,7 @@ from vppmesh.errors import ConfigError, VppMeshError
 from vppmesh.keys import load_secrets
 from vppmesh.secrecy import Secrecy
 from vppmesh.vpp.client import VppApi, VppClient
-from vppmesh.watch import AgentLoop, open_control
+from vppmesh.watch import AgentLoop, leave_uplinks, open_control
 
 if TYPE_CHECKING:
     from vppmesh.metrics import AgentMetrics
@@ -458,3 +458,4 @@ def follow(options: agent.NodeOptions, url: str, *, watch: bool, underlay: list[
         signal.signal(sig, lambda *_: (member.stop.set(), member.changed.set()))
     member.changed.set()
     member.run()
+    leave_uplinks(options)  # VPP stopping too (a rolling update): the NIC back
