@@ -15,10 +15,13 @@ from pathlib import Path
 
 from vppmesh.errors import VppMeshError
 
+SYSTEMD_RUNNING = Path("/run/systemd/system")  # sd_booted(3): systemd is PID 1
+
 
 def systemctl(*args: str) -> subprocess.CompletedProcess[str] | None:
-    """systemctl ARGS; None where there is no systemctl (a container, a test)."""
-    if shutil.which("systemctl") is None:
+    """systemctl ARGS; None where systemd does not run (a container): no unit runs there,
+    its file is only a file."""
+    if shutil.which("systemctl") is None or not SYSTEMD_RUNNING.is_dir():
         return None
     return subprocess.run(["systemctl", *args], capture_output=True, text=True, check=False,
                           timeout=120)
