@@ -371,8 +371,8 @@ def install(host: Host) -> Path:
     made = CliRunner().invoke(app, ["install-unit", "--out", str(host.unit_file), "--",
                                     "--node", "node1"])
     assert made.exit_code == 0, made.output
-    drop_in = host.unit_file.parent / "vpp.service.d" / "vppmesh-guard.conf"
-    drop_in.parent.mkdir()
+    drop_in = host.unit_file.parent / "vpp.service.d" / "vppmesh-uplink.conf"
+    drop_in.parent.mkdir(exist_ok=True)
     drop_in.write_text("[Service]\n")
     startup = host.etc.parent / "vpp" / "startup.conf"
     startup.parent.mkdir()
@@ -395,7 +395,7 @@ def test_uninstall_stops_everything_keeps_the_key_and_state_then_purge_leaves_no
     assert ("disable", "--now", "vppmesh.service") in host.systemd.calls
     assert ("daemon-reload",) in host.systemd.calls
     assert not host.unit_file.exists()
-    assert not (host.unit_file.parent / "vpp.service.d" / "vppmesh-guard.conf").exists()
+    assert not (host.unit_file.parent / "vpp.service.d").exists()  # VPP's drop-in too
     assert f"- service vppmesh.service: stopped, disabled, unit file {host.unit_file}" \
         in first.output
     assert "over its control socket" in first.output

@@ -31,7 +31,8 @@ from vppmesh.unit import Unit, systemctl
 # What the render-startup's startup.conf holds that FD.io's does not: the channel's punt
 # socket (startup.py). Only such a file is named as vppmesh's.
 RENDERED_MARK = "punt { socket "
-# vpp.service drop-ins vppmesh installs, beside its own unit (systemd's directory).
+# vpp.service drop-ins vppmesh installs beside its own unit (install-unit: the one that
+# gives a taken NIC back whenever VPP stops), in systemd's directory.
 VPP_DROP_INS = "vpp.service.d/vppmesh*.conf"
 
 
@@ -65,6 +66,8 @@ def uninstall(options: agent.NodeOptions, unit: Unit, *, purge: bool, startup_co
     for drop_in in drop_ins:
         drop_in.unlink()
         done.removed.append(f"drop-in {drop_in}")
+    if drop_ins:
+        _remove_if_empty(drop_ins[0].parent, done)
     if unit.installed():
         unit.disable_now()
         unit.remove()  # and systemd reloaded: the drop-ins' removal with it
