@@ -271,7 +271,7 @@ def watch_loop(opts: agent.NodeOptions, metrics: AgentMetrics | None = None,
         loop.run(poll_ticks(opts.mesh_file, hurry=lambda: loop.vpp_gone_at is not None,
                             wait=control.wait(secrecy.wait) if control else secrecy.wait,
                             stop=stop, early_in=loop.early_in, vpp_socket=opts.api_socket))
-        log.info("stopped (SIGTERM or a stop request)")
+        log.info("stopped (SIGTERM)")
     finally:
         secrecy.close()
         if control is not None:

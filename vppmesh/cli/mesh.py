@@ -25,11 +25,12 @@ from vppmesh.cli.common import (
     SocketOpt,
     StateOpt,
     StatsSocketOpt,
+    UnitFileOpt,
     fail,
     options,
     stats_path,
 )
-from vppmesh.cli.service import UNIT_PATH, UnitFileOpt
+from vppmesh.cli.service import UNIT_PATH
 from vppmesh.errors import VppMeshError, VppUnavailableError
 from vppmesh.unit import Unit
 from vppmesh.vpp.client import DEFAULT_API_SOCKET, VppClient

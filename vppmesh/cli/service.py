@@ -15,9 +15,6 @@ UNIT_PATH = Path("/etc/systemd/system/vppmesh.service")
 # Package data (pyproject.toml), beside the sources in every install.
 TEMPLATE = Path(__file__).resolve().parent.parent / "systemd" / "vppmesh.service"
 UNBUFFERED = "Environment=PYTHONUNBUFFERED=1"
-UnitFileOpt = Annotated[Path, typer.Option(
-    "--unit-file", envvar="VPPMESH_UNIT_FILE",
-    help="The agent's systemd unit file (install-unit's --out).")]
 
 
 def executable() -> list[str]:

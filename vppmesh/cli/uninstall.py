@@ -18,10 +18,11 @@ from vppmesh.cli.common import (
     NodeOpt,
     SocketOpt,
     StateOpt,
+    UnitFileOpt,
     fail,
     options,
 )
-from vppmesh.cli.service import UNIT_PATH, UnitFileOpt
+from vppmesh.cli.service import UNIT_PATH
 from vppmesh.errors import VppMeshError
 from vppmesh.vpp.client import DEFAULT_API_SOCKET
 
