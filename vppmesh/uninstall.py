@@ -44,12 +44,12 @@ class Uninstalled:
 
 def state_files(state_dir: Path, node: str) -> list[Path]:
     """The node's files in the state directory: ledger, generations, clock, handshakes,
-    lock, agent and datastore records (and their half-written .tmp), taken NICs."""
+    lock, agent and datastore records (and their half-written .tmp); the taken NICs'
+    records (uplink-IFNAME.json) and their lock."""
     if not state_dir.is_dir():
         return []
     return sorted(p for p in state_dir.iterdir()
-                  if p.name.startswith(f"{node}.") or
-                  (p.name.startswith("uplink-") and p.name.endswith(".json")))
+                  if p.name.startswith((f"{node}.", "uplink-", "uplink.")))
 
 
 def uninstall(options: agent.NodeOptions, unit: Unit, *, purge: bool, startup_conf: Path,
