@@ -429,6 +429,12 @@ def test_uninstall_stops_everything_keeps_the_key_and_state_then_purge_leaves_no
         [next(line for line in last.output.splitlines() if "vppmesh itself" in line)]
 
 
+def test_down_and_uninstall_look_where_install_unit_writes() -> None:
+    from vppmesh.cli.service import UNIT_PATH
+
+    assert unit.UNIT_FILE == UNIT_PATH
+
+
 def test_uninstall_with_vpp_stopped_gives_the_host_back_and_purges(host: Host) -> None:
     host.vpp_up = False
     result = host.cli("uninstall", "--purge", "--key", str(host.key), "--startup-conf",

@@ -16,6 +16,9 @@ from pathlib import Path
 from vppmesh.errors import VppMeshError
 
 SYSTEMD_RUNNING = Path("/run/systemd/system")  # sd_booted(3): systemd is PID 1
+# Where install-unit writes the unit (cli/service.py's UNIT_PATH; the commands that only
+# read it take it from here, so they need not import install-unit's module).
+UNIT_FILE = Path("/etc/systemd/system/vppmesh.service")
 
 
 def systemctl(*args: str) -> subprocess.CompletedProcess[str] | None:

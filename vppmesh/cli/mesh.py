@@ -30,9 +30,8 @@ from vppmesh.cli.common import (
     options,
     stats_path,
 )
-from vppmesh.cli.service import UNIT_PATH
 from vppmesh.errors import VppMeshError, VppUnavailableError
-from vppmesh.unit import Unit
+from vppmesh.unit import UNIT_FILE, Unit
 from vppmesh.vpp.client import DEFAULT_API_SOCKET, VppClient
 from vppmesh.watch import start_metrics, watch_loop
 
@@ -306,7 +305,7 @@ def down(
     force: Annotated[bool, typer.Option(
         help="Remove the mesh even though an agent runs (it puts it back at its next "
         "poll).")] = False,
-    unit_file: UnitFileOpt = UNIT_PATH,
+    unit_file: UnitFileOpt = UNIT_FILE,
 ) -> None:
     """Remove everything vppmesh created in VPP and Linux (an operator's config stays).
 

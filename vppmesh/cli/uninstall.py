@@ -22,8 +22,8 @@ from vppmesh.cli.common import (
     fail,
     options,
 )
-from vppmesh.cli.service import UNIT_PATH
 from vppmesh.errors import VppMeshError
+from vppmesh.unit import UNIT_FILE, Unit
 from vppmesh.vpp.client import DEFAULT_API_SOCKET
 
 app = typer.Typer()
@@ -37,7 +37,7 @@ def uninstall(
     api_socket: SocketOpt = DEFAULT_API_SOCKET,
     state_dir: StateOpt = DEFAULT_STATE,
     datastore: DatastoreOpt = None,
-    unit_file: UnitFileOpt = UNIT_PATH,
+    unit_file: UnitFileOpt = UNIT_FILE,
     startup_conf: Annotated[Path, typer.Option(
         help="VPP's startup.conf: named if `vppmesh render-startup` wrote it, removed "
         "with --purge.")] = Path("/etc/vpp/startup.conf"),
@@ -56,7 +56,6 @@ def uninstall(
     from vppmesh import node as agent
     from vppmesh.uninstall import program_hint
     from vppmesh.uninstall import uninstall as run_uninstall
-    from vppmesh.unit import Unit
 
     opts = options(mesh, node, key, api_socket, state_dir=state_dir)
 
