@@ -432,7 +432,7 @@ def test_control_rekey_command_without_an_agent_runs_once_and_says_so() -> None:
 def test_control_a_rekey_wakes_the_agent_loop_at_once(server: Control) -> None:
     """The loop's wait (watch.poll_ticks, the datastore agent's) says a run is wanted as
     soon as a rekey is taken, whatever the channel's wait says."""
-    waiting = server.wait(lambda _timeout: False)
+    waiting = server.wait(threading.Event().wait)  # waits its timeout: the client connects
     assert not waiting(0.01)
     Client(server.path, {"request": "rekey", "timeout": 5})
     assert any(waiting(0.01) for _ in range(200))

@@ -26,6 +26,17 @@ The protocol is one JSON object per line, one request per connection, one answer
 reserve rule, waiting for the peer's agent, no session...) and the request stays
 marked, so the agent moves the peer as soon as it may.
 
+Two more requests let `vppmesh down` and `vppmesh uninstall` find and stop the agent that
+would otherwise put back what they remove at its next poll:
+
+    -> {"request": "ping"}
+    <- {"ok": true, "pid": 1234}                (an agent of this VPP runs: that process)
+    -> {"request": "stop"}
+    <- {"ok": true, "stopped": true, "pid": 1234}
+
+`stop` ends the agent's loop between two runs, as SIGTERM does; its answer comes once the
+loop ended and the socket is being closed, so the client knows the agent is done.
+
 The agent's loop is single-threaded (watch.AgentLoop): `service()` does the socket's
 work without blocking (non-blocking accept and reads, answers of a few kilobytes) and is
 called from the loop's waits between runs; `stepped()` after every run checks the open
@@ -117,23 +128,30 @@ class Control:
         self.store = store
         self.uids = frozenset(uids)
         self.clock = clock
+        # Ends the agent's loop (a `stop` request); the loop that owns the socket sets it.
+        self.on_stop: Callable[[], None] | None = None
         self._connections: list[_Connection] = []
         self._rekeys: list[_Rekey] = []
+        self._stops: list[_Connection] = []  # answered at close(): the loop has ended
         self.sock = _listen(path)
 
     def fileno(self) -> int:
         return self.sock.fileno()
 
     def close(self) -> None:
-        for conn in self._connections:
-            conn.sock.close()
-        self._connections, self._rekeys = [], []
         self.sock.close()
         try:
             if self.path.is_socket():
                 self.path.unlink()
         except OSError:
             pass
+        # Answered once nobody can connect any more: whoever asked the agent to stop
+        # finds no agent from then on.
+        for conn in list(self._stops):
+            self._answer(conn, {"ok": True, "stopped": True, "pid": os.getpid()})
+        for conn in self._connections:
+            conn.sock.close()
+        self._connections, self._rekeys, self._stops = [], [], []
 
     def wait(self, inner: Callable[[float], bool]) -> Callable[[float], bool]:
         """`inner` (the channel's wait: watch.poll_ticks) with this socket serviced before
@@ -152,7 +170,7 @@ class Control:
         self._accept(now)
         wanted = False
         for conn in list(self._connections):
-            if any(r.conn is conn for r in self._rekeys):
+            if any(r.conn is conn for r in self._rekeys) or conn in self._stops:
                 continue
             line = self._read(conn, now)
             if line is not None:
@@ -218,10 +236,15 @@ class Control:
             self._answer(conn, {"ok": False, "error": 'not JSON: send one object such as '
                                 '{"request": "rekey", "timeout": 30} on one line'})
             return False
-        if not isinstance(request, dict) or request.get("request") != "rekey":
-            what = request.get("request") if isinstance(request, dict) else None
+        what = request.get("request") if isinstance(request, dict) else None
+        if what == "ping":
+            self._answer(conn, {"ok": True, "pid": os.getpid()})
+            return False
+        if what == "stop":
+            return self._stop(conn)
+        if what != "rekey":
             self._answer(conn, {"ok": False, "error": f"request: unknown {what!r}; the "
-                                'agent answers "rekey"'})
+                                'agent answers "rekey", "ping" and "stop"'})
             return False
         timeout = request.get("timeout", DEFAULT_TIMEOUT)
         if isinstance(timeout, bool) or not isinstance(timeout, int | float) or \
@@ -236,6 +259,17 @@ class Control:
             return False
         log.info("rekey requested on the control socket: %d peer(s)", len(start))
         self._rekeys.append(_Rekey(conn, now, now + float(timeout), start))
+        return True
+
+    def _stop(self, conn: _Connection) -> bool:
+        """End the agent's loop (the answer waits for close()); True: wake the loop."""
+        if self.on_stop is None:
+            self._answer(conn, {"ok": False, "error": "this agent cannot be stopped over its "
+                                "control socket; stop it as it was started (SIGTERM)"})
+            return False
+        log.info("stop requested on the control socket: the agent ends after this run")
+        self._stops.append(conn)
+        self.on_stop()
         return True
 
     def mark(self) -> dict[str, int]:
@@ -374,6 +408,10 @@ class NoAgent(Exception):
     """Nobody answers on the control socket: no agent runs (or an older one)."""
 
 
+class NotAllowed(VppMeshError):
+    """The socket's permissions refuse us (not root): whether an agent runs is unknown."""
+
+
 def request(path: Path, message: dict[str, Any], wait: float) -> dict[str, Any]:
     """Send one request, wait up to `wait` seconds for its answer. NoAgent when nothing
     listens; VppMeshError when the socket refuses us or the answer does not come."""
@@ -385,7 +423,7 @@ def request(path: Path, message: dict[str, Any], wait: float) -> dict[str, Any]:
         except (FileNotFoundError, ConnectionRefusedError) as exc:
             raise NoAgent(str(exc)) from None
         except PermissionError:
-            raise VppMeshError(f"{path}: permission denied; the agent's control socket is "
+            raise NotAllowed(f"{path}: permission denied; the agent's control socket is "
                                "root's only (run vppmesh as root)") from None
         sock.sendall(json.dumps(message).encode() + b"\n")
         deadline = time.monotonic() + wait

@@ -302,9 +302,12 @@ def watch_loop(opts: agent.NodeOptions, metrics: AgentMetrics | None = None,
     # SIGTERM (systemd, a container runtime, an upgrade) ends the loop between two runs:
     # a run cut short after VPP took its changes but before the generation file did
     # would make the next agent step past a key for nothing.
+    # A `stop` on the control socket (`vppmesh down --stop-agent`) ends it the same way.
     stop = threading.Event()
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    if control is not None:
+        control.on_stop = stop.set
     try:
         loop.run(poll_ticks(opts.mesh_file, hurry=lambda: loop.vpp_gone_at is not None,
                             wait=control.wait(secrecy.wait) if control else secrecy.wait,

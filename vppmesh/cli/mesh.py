@@ -25,11 +25,13 @@ from vppmesh.cli.common import (
     SocketOpt,
     StateOpt,
     StatsSocketOpt,
+    UnitFileOpt,
     fail,
     options,
     stats_path,
 )
 from vppmesh.errors import VppMeshError, VppUnavailableError
+from vppmesh.unit import UNIT_FILE, Unit
 from vppmesh.vpp.client import DEFAULT_API_SOCKET, VppClient
 from vppmesh.watch import start_metrics, watch_loop
 
@@ -287,6 +289,9 @@ def rekey_once(opts: agent.NodeOptions, datastore: str | None) -> None:
                    "for 2 x rekey_grace); the agent rekeys them as soon as it may")
 
 
+AGENT_RUNS = 4  # `down`'s exit status when a live agent would undo it
+
+
 @app.command()
 def down(
     mesh: MeshOpt = DEFAULT_MESH,
@@ -294,13 +299,26 @@ def down(
     api_socket: SocketOpt = DEFAULT_API_SOCKET,
     state_dir: StateOpt = DEFAULT_STATE,
     datastore: DatastoreOpt = None,
+    stop_agent: Annotated[bool, typer.Option(
+        help="Stop this node's running agent first: the service through systemd "
+        "(`systemctl stop`), else by a stop request on its control socket.")] = False,
+    force: Annotated[bool, typer.Option(
+        help="Remove the mesh even though an agent runs (it puts it back at its next "
+        "poll).")] = False,
+    unit_file: UnitFileOpt = UNIT_FILE,
 ) -> None:
     """Remove everything vppmesh created in VPP and Linux (an operator's config stays).
 
-    With --datastore, the node's record and number claim are deleted first, so every
-    other node removes its tunnels to this one at once.
+    A running agent (`up --watch`, the service) would put it all back at its next poll,
+    so `down` refuses (exit status 4) while one answers on its control socket, unless
+    --stop-agent (stop it first) or --force. With --datastore, the node's record and
+    number claim are deleted first, so every other node removes its tunnels to this one
+    at once.
     """
     opts = options(mesh, node, DEFAULT_KEY, api_socket, state_dir=state_dir)
+    if stop_agent and force:
+        raise fail("--stop-agent or --force, not both", 2)
+    guard_agent(opts, stop=stop_agent, force=force, unit=Unit(unit_file))
     try:
         if datastore is not None:
             from vppmesh.datastore.agent import leave
@@ -314,6 +332,32 @@ def down(
     for line in removed:
         typer.echo(f"- {line}")
     typer.echo(f"node {node}: removed {len(removed)} object(s)")
+
+
+def guard_agent(opts: agent.NodeOptions, *, stop: bool, force: bool, unit: Unit) -> None:
+    """Before `down`: no agent of this node may be left running to undo it (see down)."""
+    from vppmesh.control import socket_path
+
+    path = socket_path(opts)
+    try:
+        found = presence.live_agent(path, opts.state_dir, opts.node)
+        if found is None:
+            return
+        if force:
+            typer.secho(f"warning: {found.describe()}: it puts back what down removes at "
+                        "its next poll, within seconds (--force)", fg=typer.colors.YELLOW,
+                        err=True)
+            return
+        if not stop:
+            raise fail(f"{found.describe()}; it would put back what down removes at its "
+                       f"next poll. Stop it first: `systemctl stop {unit.name}` (and "
+                       f"`systemctl disable {unit.name}` if it must not come back at boot), "
+                       "or `vppmesh down --stop-agent`; --force removes it anyway. Nothing "
+                       "was removed", AGENT_RUNS)
+        for line in presence.stop_agent(found, path, opts.state_dir, opts.node, unit):
+            typer.echo(f"* {line}")
+    except VppMeshError as exc:
+        raise fail(f"{exc}; nothing was removed") from None
 
 
 @app.command()

@@ -351,6 +351,8 @@ class MembershipAgent:
                  self.ds.lease_ttl)
         self._following = True
         self.loop.control = open_control(self.options)
+        if self.loop.control is not None:  # a `stop` request ends it as SIGTERM does
+            self.loop.control.on_stop = lambda: (self.stop.set(), self.changed.set())
         try:
             self.loop.run(self.ticks())
         finally:
