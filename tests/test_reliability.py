@@ -269,7 +269,9 @@ def test_down_and_first_up_under_traffic_send_nothing_in_clear(
         bed._start_vpp(n2, find_vpp())
         bed._uplink(n2)
         out = run(bed, n2, "up", *bed.state_args(n2))
-        assert "outbound generation" in out  # fresh keys after down, by themselves
+        # The pair's agents met: `forward_secrecy: required` lets no one-shot `up` put it
+        # on a static key; it waits, fail closed, for the agents' next agreement.
+        assert "no agreed key to send on" in out and "outbound generation" not in out
         run(bed, n2, "attach", "--name", n2.pod_name(0), "--netns", n2.pod_netns(0),
             "--address", target, "--index", "0")
         # The keys n1 sends on were agreed by the two agents and lived only in n2's
