@@ -71,8 +71,23 @@ def test_the_gap_finder_reads_ping_output() -> None:
     assert abs(gaps[0].seconds(0.01) - 1.51) < 1e-9
 
 
+def test_replies_held_up_and_delivered_late_count_as_an_outage() -> None:
+    """A link down for 12 s: the requests sent just before are held and answered when it
+    comes back (time=12000 ms), so no sequence number is missing there; the pod heard
+    nothing for 12 s all the same."""
+    text = "\n".join([
+        "[100.00] 64 bytes from x: icmp_seq=1 ttl=1 time=1 ms",
+        "[100.01] 64 bytes from x: icmp_seq=2 ttl=1 time=1 ms",
+        "[112.01] 64 bytes from x: icmp_seq=3 ttl=1 time=12000 ms",
+        "[112.01] 64 bytes from x: icmp_seq=4 ttl=1 time=11990 ms",
+        "[112.02] 64 bytes from x: icmp_seq=9 ttl=1 time=1 ms",
+        "[112.03] 64 bytes from x: icmp_seq=10 ttl=1 time=1 ms"])
+    gaps = analysis.ping_gaps(analysis.ping_replies(text))
+    assert [(g.lost, round(g.seconds(0.01), 2)) for g in gaps] == [(0, 12.0), (4, 0.05)]
+
+
 def test_the_gap_finder_follows_icmp_seq_past_its_wrap() -> None:
-    text = "\n".join(f"[{i}.0] 64 bytes from x: icmp_seq={s} ttl=1 time=1 ms"
+    text = "\n".join(f"[{i / 100}] 64 bytes from x: icmp_seq={s} ttl=1 time=1 ms"
                      for i, s in enumerate([65534, 65535, 1, 2]))
     assert [g.lost for g in analysis.ping_gaps(analysis.ping_replies(text))] == [1]
 
@@ -166,12 +181,12 @@ def fake_storm(tmp_path: Path, frames: list[tuple[float, bytes]]) -> SimpleNames
                                                  "age": 10.0 + i}}} for i in range(8)]
     agent = [{"t": 990.0 + 10 * i, "rss_kib": 50000 + i, "fds": 20, "life": 1}
              for i in range(5)]
-    vpp = [{"t": 990.0 + 10 * i, "sas": 8, "heap": 1 << 20} for i in range(5)]
+    vpp = [{"t": 990.0 + 10 * i, "sas": 8, "dump_s": 0.01} for i in range(5)]
     return SimpleNamespace(
         bed=Testbed(spec), spec=spec, pings={"n1->n2": (None, ping)}, work=tmp_path,
         key_samples=keys, capture_path=capture, key_max_seconds=60,
         agent_samples={"n1": agent}, vpp_samples={"n1": vpp}, metric_samples={},
-        injections=[])
+        injections=[], heap_start={"n1": 1 << 20}, heap_end={"n1": 3 << 19})
 
 
 def run_analysis(storm: SimpleNamespace, recovery: float | None) -> dict:
@@ -187,7 +202,7 @@ def test_the_report_has_the_json_the_table_and_the_timeline(tmp_path: Path) -> N
     storm = fake_storm(tmp_path, [(1000.0, ESP), (1000.5, CHANNEL)])
     result = run_analysis(storm, recovery=3.0)
     assert result["failures"] == []
-    row = result["per_kind"]["link_down"]
+    row = result["per_kind"]["link_down"]  # the gap at 1000.02-1001.53 is its own
     assert row["count"] == 1 and row["outage_s"]["worst"] == 1.51
     assert row["pings_lost"]["worst"] == 151.0 and row["tcp_stalls"]["worst"] == 1.0
     assert row["agreed_after_s"]["worst"] == 1.0  # the sample at 1002 after 1001
@@ -199,6 +214,7 @@ def test_the_report_has_the_json_the_table_and_the_timeline(tmp_path: Path) -> N
     table = stem.with_suffix(".md").read_text()
     assert "| link_down | 1 | 1.5 | 1.5 | 151 | 151 | 1 | 1.0 | 1.0 | 0 |" in table
     assert "Verdict: **PASS**" in table
+    assert "| n1 | 8 | 8 | 0.00 | 1.0 | 1.5 |" in table
     png = stem.with_suffix(".png")
     if importlib.util.find_spec("matplotlib") is not None:
         assert png.stat().st_size > 0

@@ -71,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         settled = storm.wait_agreed(180)
         log(f"every pair on agreed keys after {settled} s" if settled is not None
             else "not every pair on agreed keys after 180 s: storming anyway")
+        storm.heap_start = storm.heap_sample()
         storm.start_capture()
         storm.start_traffic()
         storm.start_samplers()
@@ -175,7 +176,8 @@ def analyse(storm: Storm, records: list[dict[str, Any]], *, seed: int, minutes: 
         "agent_samples": storm.agent_samples, "vpp_samples": storm.vpp_samples,
         "metric_samples": storm.metric_samples, "injections": storm.injections,
         "metrics": metrics_totals(storm.metric_samples),
-        "leaks": leaks(storm.agent_samples, storm.vpp_samples, t0),
+        "leaks": leaks(storm.agent_samples, storm.vpp_samples, t0,
+                       getattr(storm, "heap_start", {}), getattr(storm, "heap_end", {})),
     }
 
 
@@ -195,9 +197,10 @@ def metrics_totals(samples: dict[str, list[dict[str, Any]]]) -> dict[str, float]
 
 
 def leaks(agents: dict[str, list[dict[str, Any]]], vpps: dict[str, list[dict[str, Any]]],
-          t0: float) -> dict[str, Any]:
+          t0: float, heap_start: dict[str, int], heap_end: dict[str, int]) -> dict[str, Any]:
     """Per agent (its last life: a restarted agent starts over) RSS and descriptors, per
-    VPP its SAs and heap: first, last, least-squares slope, RSS growth from minute 5."""
+    VPP its SAs (first, last, least-squares slope; RSS growth from minute 5) and its
+    heap before the traffic and after it (a VPP killed in between starts over)."""
     out: dict[str, Any] = {"agents": {}, "vpp": {}}
     for node, samples in agents.items():
         life = [s for s in samples if s["life"] == samples[-1]["life"]] if samples else []
@@ -215,13 +218,14 @@ def leaks(agents: dict[str, list[dict[str, Any]]], vpps: dict[str, list[dict[str
             "fds_slope_min": fd_slope * 60 if fd_slope is not None else None}
     for node, samples in vpps.items():
         sas = [(s["t"], float(s["sas"])) for s in samples]
-        heap = [(s["t"], s["heap"] / 1024) for s in samples]
-        sa_slope, heap_slope = analysis.slope(sas), analysis.slope(heap)
+        sa_slope = analysis.slope(sas)
         out["vpp"][node] = {
             "sas_start": int(sas[0][1]) if sas else None,
             "sas_end": int(sas[-1][1]) if sas else None,
             "sas_slope_min": sa_slope * 60 if sa_slope is not None else None,
-            "heap_slope_kib_min": heap_slope * 60 if heap_slope is not None else None}
+            "dump_worst_s": max((s.get("dump_s", 0.0) for s in samples), default=None),
+            "heap_start_mib": heap_start[node] / 2**20 if node in heap_start else None,
+            "heap_end_mib": heap_end[node] / 2**20 if node in heap_end else None}
     return out
 
 

@@ -25,13 +25,17 @@ POD_NET = ipaddress.IPv4Network("198.18.0.0/16")
 CHANNEL_PORT = 4501
 NAT_T_PORT = 4500
 STALL_SECONDS = 1.0
+SILENCE = 0.5  # seconds without a reply that count as a gap even when nothing was lost
 PING_LINE = re.compile(r"^\[(\d+\.\d+)\] \d+ bytes from \S+ icmp_seq=(\d+) ")
 
 
 # ---- ping ----------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Gap:
-    """Requests first_seq..last_seq went unanswered, between two answered replies."""
+    """Between two answered requests (consecutive in sequence): first_seq..last_seq went
+    unanswered (none when last_seq < first_seq), or the pod heard nothing for longer than
+    SILENCE (replies held up and delivered late, as af_packet's ring does while a link is
+    down, are no answer while they are held)."""
 
     first_seq: int
     last_seq: int
@@ -40,11 +44,13 @@ class Gap:
 
     @property
     def lost(self) -> int:
-        return self.last_seq - self.first_seq + 1
+        return max(0, self.last_seq - self.first_seq + 1)
 
     def seconds(self, interval: float) -> float:
-        """The outage the gap stands for: the unanswered requests' share of the stream."""
-        return (self.lost + 1) * interval
+        """The outage the gap stands for: the silence between the two replies, or the
+        unanswered requests' share of the stream, whichever is longer (ping sends more
+        slowly while nothing answers)."""
+        return max(self.end - self.start, (self.lost + 1) * interval)
 
 
 def ping_replies(text: str) -> list[tuple[int, float]]:
@@ -70,12 +76,13 @@ def ping_replies(text: str) -> list[tuple[int, float]]:
     return out
 
 
-def ping_gaps(replies: list[tuple[int, float]]) -> list[Gap]:
-    """The runs of unanswered requests between answered ones (requests still in flight
-    when ping stopped, after the last answer, are not losses)."""
+def ping_gaps(replies: list[tuple[int, float]], silence: float = SILENCE) -> list[Gap]:
+    """The runs of unanswered requests between answered ones, and the silences longer
+    than `silence` (requests still in flight when ping stopped, after the last answer,
+    are not losses)."""
     gaps = []
     for (seq, at), (nseq, nat) in itertools.pairwise(replies):
-        if nseq > seq + 1:
+        if nseq > seq + 1 or nat - at > silence:
             gaps.append(Gap(seq + 1, nseq - 1, at, nat))
     return gaps
 
@@ -269,17 +276,22 @@ def attribute(faults: list[dict[str, Any]], gaps: dict[str, list[Gap]],
               end: float) -> None:
     """Per fault (in place): the longest ping gap of any pair and the pings lost, the TCP
     stalls, and the time until every pair was on agreed keys again, all within its
-    window (from its start to the next fault's start)."""
+    window (from its start to the next fault's start; a gap or stall belongs to the
+    window holding its middle)."""
     for i, fault in enumerate(faults):
         start = fault.get("started")
         if start is None:
             continue
         stop = faults[i + 1]["started"] if i + 1 < len(faults) and \
             faults[i + 1].get("started") is not None else end
-        inside = [g for pair in gaps.values() for g in pair if g.end > start and g.start < stop]
+
+        def owned(a: float, b: float, start: float = start, stop: float = stop) -> bool:
+            return start <= (a + b) / 2 < stop  # each gap or stall counts once, by its middle
+
+        inside = [g for pair in gaps.values() for g in pair if owned(g.start, g.end)]
         fault["outage_s"] = max((g.seconds(interval) for g in inside), default=0.0)
         fault["pings_lost"] = sum(g.lost for g in inside)
-        mine = [s for s in stalls if s["end"] > start and s["start"] < stop]
+        mine = [s for s in stalls if owned(s["start"], s["end"])]
         fault["tcp_stalls"] = len(mine)
         fault["tcp_stall_worst_s"] = max((s["seconds"] for s in mine), default=0.0)
         restored = fault.get("restored", start)
@@ -361,11 +373,12 @@ def render_table(result: dict[str, Any]) -> str:
             f"{_cell(row['fds_start'])} | {_cell(row['fds_end'])} | "
             f"{_cell(row['fds_slope_min'], 2)} |")
     vpp = result["leaks"]["vpp"]
-    lines += ["", "| VPP | SAs start | SAs end | SA slope /min | heap slope KiB/min |",
-              "|---|---:|---:|---:|---:|"]
+    lines += ["", "| VPP | SAs start | SAs end | SA slope /min | heap before MiB | "
+              "heap after MiB |", "|---|---:|---:|---:|---:|---:|"]
     for node, row in sorted(vpp.items()):
         lines.append(f"| {node} | {_cell(row['sas_start'])} | {_cell(row['sas_end'])} | "
-                     f"{_cell(row['sas_slope_min'], 2)} | {_cell(row['heap_slope_kib_min'])} |")
+                     f"{_cell(row['sas_slope_min'], 2)} | {_cell(row.get('heap_start_mib'))} "
+                     f"| {_cell(row.get('heap_end_mib'))} |")
     drops = {k: v for k, v in result.get("metrics", {}).items() if v}
     if drops:
         lines += ["", "Agents' counters (summed over nodes and agent lives): " + ", ".join(

@@ -126,6 +126,8 @@ class Storm:
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self.mesh_text = ""
+        self.heap_start: dict[str, int] = {}
+        self.heap_end: dict[str, int] = {}
 
     # ---- building ----------------------------------------------------------------------
     def build(self) -> None:
@@ -251,12 +253,26 @@ class Storm:
         for node in self.bed.nodes:
             try:
                 with VppClient(node.instance.api_socket, timeout=3).connect() as api:
+                    asked = time.time()
                     sas = len(ipsec.dump_sas(api))
-                    heap = heap_used(api)
+                    took = time.time() - asked
             except Exception:  # VPP restarting: no sample
                 continue
             self.vpp_samples.setdefault(node.name, []).append(
-                {"t": now, "sas": sas, "heap": heap})
+                {"t": now, "sas": sas, "dump_s": took})
+
+    def heap_sample(self) -> dict[str, int]:
+        """Each VPP's main heap in use. Only before the traffic starts and after it stops:
+        `show memory` holds VPP's main thread (which forwards, with no workers) for up to
+        half a second, which the pods' pings saw as an outage when it ran every 10 s."""
+        found = {}
+        for node in self.bed.nodes:
+            try:
+                with VppClient(node.instance.api_socket, timeout=10).connect() as api:
+                    found[node.name] = heap_used(api)
+            except Exception:  # VPP not answering: no sample
+                continue
+        return found
 
     def metrics_sample(self) -> None:
         for name, agent in self.agents.items():
@@ -420,6 +436,8 @@ class Storm:
     def teardown(self) -> None:
         self._stop.set()
         self.stop_traffic()
+        if not self.heap_end:
+            self.heap_end = self.heap_sample()
         for agent in self.agents.values():
             agent.signal(signal.SIGTERM)
         self.nft(None)
