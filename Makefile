@@ -8,7 +8,7 @@ DEB_TOOLS := iperf3 tcpdump ethtool iproute2 iputils-ping tinc wireguard-go wire
 VM_DEB := qemu-system-x86 linux-image-amd64 busybox-static
 
 .PHONY: venv tools vm-tools runtime-tools test vm-test runtime-test lint unit demo bench \
-	bench-quick bench-control bench-capacity bench-metrics clean
+	bench-quick bench-control bench-capacity bench-metrics storm clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -90,6 +90,12 @@ bench-control: venv
 # What a Prometheus scrape of a 1000-peer node costs the agent (--vpp: snapshots from VPP).
 bench-metrics: venv
 	$(PY) -m benchmarks.metrics_scrape
+
+# The storm: 4 nodes under pod traffic and a seeded fault schedule for 30 minutes (root +
+# VPP; benchmarks/README.md, "The storm"). STORM_ARGS="--quick --seed 1" for ~5 minutes;
+# too long for `make test` (CI is already at its budget), so it runs only here.
+storm: venv tools
+	$(PY) -m benchmarks.storm $(STORM_ARGS)
 
 clean:
 	-$(VENV)/bin/vppmesh testbed down

@@ -1,0 +1,475 @@
+"""The storm's moving parts on the namespace testbed (vppmesh/lab/testbed.py): the agents
+as users run them, the pods' traffic, the underlay capture, the samplers and the faults.
+
+Root and a VPP (VPPMESH_VPP) are needed; everything lives in namespaces of PREFIX and is
+removed afterwards. What the run records (pings, TCP logs, capture, agent logs) goes to a
+work directory outside the testbed's, so it survives the teardown.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from benchmarks.storm import analysis
+from benchmarks.storm.schedule import Fault
+from vppmesh.clock import AgentClock
+from vppmesh.epochs import GenerationStore
+from vppmesh.lab.testbed import NodeHandle, Testbed, TestbedSpec, in_ns
+from vppmesh.secrecy import pair_secrecy
+from vppmesh.vpp import ipsec
+from vppmesh.vpp.client import VppClient
+
+PREFIX = "vst-"
+BASE = Path("/run/vppmesh-storm")
+METRICS = "127.0.0.1:9477"  # each agent's, inside its node's namespace
+TCP_PORT = 5201
+PING_INTERVAL = 0.01  # 100 pps per pair
+NFT_TABLE = "vppmesh_storm"
+OUTSIDE = "192.0.2.200"  # the attacker's own address on the underlay: no node has it
+HERE = Path(__file__).parent
+# The agent with its wall clock stepped by argv[1] seconds (time.time and time.time_ns,
+# what an NTP step moves), set before vppmesh is imported (libfaketime fails Python's
+# sleeps when it moves the clock back).
+WALL_STEPPED = """
+import runpy, sys, time
+step = float(sys.argv.pop(1))
+wall, wall_ns = time.time, time.time_ns
+time.time = lambda: wall() + step
+time.time_ns = lambda: wall_ns() + int(step * 1e9)
+sys.argv[0] = "vppmesh"
+runpy.run_module("vppmesh", run_name="__main__", alter_sys=True)
+"""
+
+
+def log(message: str) -> None:
+    print(f"[storm {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def stop(proc: subprocess.Popen[Any] | None, sig: int = signal.SIGTERM,
+         grace: float = 10.0) -> None:
+    """Signal a process we started and reap it (SIGKILL after `grace`)."""
+    if proc is None or proc.poll() is not None:
+        return
+    proc.send_signal(sig)
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=10)
+
+
+class Agent:
+    """`vppmesh up --watch --metrics` for one node, in its namespace, logging to the work
+    directory; optionally with its wall clock stepped."""
+
+    def __init__(self, bed: Testbed, node: NodeHandle, work: Path) -> None:
+        self.bed, self.node = bed, node
+        self.log = work / f"agent-{node.name}.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.lives = 0
+
+    def start(self, wall_step: float | None = None) -> None:
+        bed, node = self.bed, self.node
+        args = ["up", "--watch", *bed.vppmesh_args(node), *bed.state_args(node),
+                "--metrics", METRICS]
+        head = [sys.executable, "-m", "vppmesh"] if wall_step is None else \
+            [sys.executable, "-c", WALL_STEPPED, str(wall_step)]
+        with self.log.open("ab") as out:
+            out.write(f"\n==== storm: agent started at {time.time():.3f}"
+                      f"{'' if wall_step is None else f' wall clock {wall_step:+.0f} s'}\n"
+                      .encode())
+            out.flush()
+            self.proc = subprocess.Popen(["ip", "netns", "exec", node.netns, *head, *args],
+                                         stdout=out, stderr=subprocess.STDOUT)
+        self.lives += 1
+
+    def signal(self, sig: int) -> None:
+        stop(self.proc, sig)
+        self.proc = None
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None and self.proc.poll() is None else None
+
+
+class Storm:
+    def __init__(self, *, nodes: int, work: Path, key_max_seconds: int = 60,
+                 prefix: str = PREFIX, base_dir: Path = BASE) -> None:
+        self.spec = TestbedSpec(nodes=nodes, tunnels=2, pods=1, workers=0, prefix=prefix,
+                                base_dir=base_dir)
+        self.bed = Testbed(self.spec)
+        self.work = work
+        self.key_max_seconds = key_max_seconds
+        self.agents: dict[str, Agent] = {}
+        self.procs: list[subprocess.Popen[Any]] = []
+        self.pings: dict[str, tuple[subprocess.Popen[Any], Path]] = {}
+        self.capture: subprocess.Popen[Any] | None = None
+        self.capture_path = work / "underlay.pcap"
+        self.key_samples: list[dict[str, Any]] = []
+        self.agent_samples: dict[str, list[dict[str, Any]]] = {}
+        self.vpp_samples: dict[str, list[dict[str, Any]]] = {}
+        self.metric_samples: dict[str, list[dict[str, Any]]] = {}
+        self.injections: list[dict[str, Any]] = []
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self.mesh_text = ""
+        self.heap_start: dict[str, int] = {}
+        self.heap_end: dict[str, int] = {}
+
+    # ---- building ----------------------------------------------------------------------
+    def build(self) -> None:
+        log(f"testbed: {self.spec.nodes} nodes, 2 tunnels per pair (prefix {self.spec.prefix})")
+        self.bed.up(progress=log)
+        data = yaml.safe_load(self.bed.mesh_file.read_text())
+        # Rekeys at half of key_max_seconds (every 30 s): a storm full of rotations, and a
+        # UDP 4501 outage can outlast a key's life.
+        data["settings"].update(rekey_interval=0, key_max_seconds=self.key_max_seconds,
+                                rekey_grace=2.0)
+        self.mesh_text = yaml.safe_dump(data, sort_keys=False)
+        self.write_mesh(self.mesh_text)
+        for node in self.bed.nodes:
+            agent = Agent(self.bed, node, self.work)
+            agent.start()
+            self.agents[node.name] = agent
+
+    def write_mesh(self, text: str) -> None:
+        """Replace the mesh file atomically (as an operator's tooling would)."""
+        tmp = self.bed.mesh_file.with_suffix(".tmp")
+        tmp.write_text(text)
+        os.replace(tmp, self.bed.mesh_file)
+
+    def wait_agreed(self, timeout: float) -> float | None:
+        start = time.time()
+        while time.time() - start < timeout:
+            sample = self.key_sample()
+            if analysis.all_agreed(sample):
+                return time.time() - start
+            time.sleep(1.0)
+        return None
+
+    # ---- traffic and capture -----------------------------------------------------------
+    def start_capture(self) -> None:
+        self.capture = subprocess.Popen(
+            ["ip", "netns", "exec", self.bed.underlay_ns, "tcpdump", "-i", "br0", "-n", "-s",
+             "128", "-w", str(self.capture_path), "-U"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(1.0)
+
+    def start_traffic(self) -> None:
+        nodes = self.bed.nodes
+        for node in nodes:
+            ns = node.pod_netns(0)
+            recv_log = self.work / f"tcp-{node.name}.jsonl"
+            self.procs.append(subprocess.Popen(
+                ["ip", "netns", "exec", ns, sys.executable, str(HERE / "tcp_stream.py"), "recv",
+                 str(TCP_PORT), str(recv_log)], stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL))
+        time.sleep(1.0)
+        for src in nodes:
+            dsts = [str(d.pod_address(0)) for d in nodes if d is not src]
+            self.procs.append(subprocess.Popen(
+                ["ip", "netns", "exec", src.pod_netns(0), sys.executable,
+                 str(HERE / "tcp_stream.py"), "send", src.name, str(TCP_PORT), *dsts],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+            for dst in nodes:
+                if dst is src:
+                    continue
+                path = self.work / f"ping-{src.name}-{dst.name}.txt"
+                out = path.open("w")
+                proc = subprocess.Popen(
+                    ["ip", "netns", "exec", src.pod_netns(0), "ping", "-n", "-D", "-i",
+                     f"{PING_INTERVAL:g}", str(dst.pod_address(0))],
+                    stdout=out, stderr=subprocess.STDOUT)
+                out.close()
+                self.pings[f"{src.name}->{dst.name}"] = (proc, path)
+
+    def stop_traffic(self) -> None:
+        for proc, _ in self.pings.values():
+            stop(proc, signal.SIGINT)
+        for proc in self.procs:
+            stop(proc, signal.SIGTERM, grace=3)
+        self.procs = []
+        time.sleep(0.5)
+        stop(self.capture, signal.SIGTERM)
+
+    # ---- samplers ----------------------------------------------------------------------
+    def key_sample(self) -> dict[str, Any]:
+        """Per unordered pair: agreed both ways and not stopped; per direction the key's
+        age on the node's clock."""
+        names = [n.name for n in self.bed.nodes]
+        directions: dict[tuple[str, str], dict[str, Any]] = {}
+        for node in self.bed.nodes:
+            try:
+                state = GenerationStore(node.dir, node.name).load()
+                now = AgentClock(node.dir / f"{node.name}.clock.json")()
+            except Exception:  # a file being replaced: no sample this time
+                continue
+            found = pair_secrecy(state, [p for p in names if p != node.name])
+            for peer, secrecy in found.items():
+                age = now - secrecy.key_since if secrecy.key_since is not None else None
+                directions[(node.name, peer)] = {
+                    "agreed": secrecy.forward_secret and secrecy.stopped_since is None,
+                    "stopped": secrecy.stopped_since is not None,
+                    "age": age if secrecy.stopped_since is None else None,
+                    "generation": secrecy.generation}
+        pairs = {}
+        for i, a in enumerate(names):
+            for b in names[i + 1:]:
+                ab, ba = directions.get((a, b)), directions.get((b, a))
+                pairs[f"{a}-{b}"] = {
+                    "agreed": bool(ab and ba and ab["agreed"] and ba["agreed"]),
+                    "stopped": bool((ab and ab["stopped"]) or (ba and ba["stopped"])),
+                    "age": max((d["age"] for d in (ab, ba) if d and d["age"] is not None),
+                               default=None)}
+        return {"t": time.time(), "pairs": pairs}
+
+    def resource_sample(self) -> None:
+        now = time.time()
+        for name, agent in self.agents.items():
+            pid = agent.pid
+            if pid is None:
+                continue
+            try:
+                status = Path(f"/proc/{pid}/status").read_text()
+                rss = int(re.search(r"VmRSS:\s+(\d+)", status).group(1))  # type: ignore[union-attr]
+                fds = len(os.listdir(f"/proc/{pid}/fd"))
+            except (OSError, AttributeError):
+                continue
+            self.agent_samples.setdefault(name, []).append(
+                {"t": now, "rss_kib": rss, "fds": fds, "life": agent.lives})
+        for node in self.bed.nodes:
+            try:
+                with VppClient(node.instance.api_socket, timeout=3).connect() as api:
+                    asked = time.time()
+                    sas = len(ipsec.dump_sas(api))
+                    took = time.time() - asked
+            except Exception:  # VPP restarting: no sample
+                continue
+            self.vpp_samples.setdefault(node.name, []).append(
+                {"t": now, "sas": sas, "dump_s": took})
+
+    def heap_sample(self) -> dict[str, int]:
+        """Each VPP's main heap in use. Only before the traffic starts and after it stops:
+        `show memory` holds VPP's main thread (which forwards, with no workers) for up to
+        half a second, which the pods' pings saw as an outage when it ran every 10 s."""
+        found = {}
+        for node in self.bed.nodes:
+            try:
+                with VppClient(node.instance.api_socket, timeout=10).connect() as api:
+                    found[node.name] = heap_used(api)
+            except Exception:  # VPP not answering: no sample
+                continue
+        return found
+
+    def metrics_sample(self) -> None:
+        for name, agent in self.agents.items():
+            if agent.pid is None:
+                continue
+            try:
+                text = in_ns(agent.node.netns, sys.executable, "-c",
+                             "import urllib.request,sys; sys.stdout.write(urllib.request."
+                             f"urlopen('http://{METRICS}/metrics', timeout=5).read().decode())",
+                             check=True, timeout=20).stdout
+            except Exception:  # agent (re)starting
+                continue
+            wanted = {}
+            for line in text.splitlines():
+                if line.startswith(("vppmesh_channel_dropped_total", "vppmesh_esp_errors",
+                                    "vppmesh_guard_dropped",
+                                    "vppmesh_forward_secrecy_downgrades_total",
+                                    "vppmesh_reconcile_errors_total")):
+                    series, _, value = line.rpartition(" ")
+                    with contextlib.suppress(ValueError):
+                        wanted[series] = float(value)
+            self.metric_samples.setdefault(name, []).append(
+                {"t": time.time(), "life": agent.lives, "values": wanted})
+
+    def start_samplers(self) -> None:
+        def every(seconds: float, fn: Callable[[], None]) -> None:
+            while not self._stop.wait(seconds):
+                try:
+                    fn()
+                except Exception as exc:  # a sampler must not end the storm
+                    log(f"sampler {fn.__name__}: {exc}")
+
+        def keys() -> None:
+            self.key_samples.append(self.key_sample())
+
+        for seconds, fn in ((2.0, keys), (10.0, self.resource_sample),
+                            (30.0, self.metrics_sample)):
+            thread = threading.Thread(target=every, args=(seconds, fn), daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def stop_samplers(self) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout=60)
+
+    # ---- faults ------------------------------------------------------------------------
+    def reattach(self, node: NodeHandle, timeout: float = 60) -> None:
+        """The testbed's pods have no CNI records: attach them again after a VPP restart
+        (retried while the agent has not yet rebuilt the node's mesh)."""
+        deadline = time.time() + timeout
+        while True:
+            result = self.bed.run_vppmesh(node, "attach", *self.bed.attach_args(node, 0),
+                                          check=False)
+            if result.returncode == 0 or time.time() > deadline:
+                if result.returncode != 0:
+                    raise RuntimeError(f"attach on {node.name}: {result.stderr[-500:]}")
+                return
+            time.sleep(2)
+
+    def nft(self, rule: str | None) -> None:
+        subprocess.run(["ip", "netns", "exec", self.bed.underlay_ns, "nft", "delete", "table",
+                        "bridge", NFT_TABLE], capture_output=True, check=False, timeout=30)
+        if rule is None:
+            return
+        script = (f"table bridge {NFT_TABLE} {{\n chain forward {{\n"
+                  f"  type filter hook forward priority 0; policy accept;\n  {rule}\n }}\n}}\n")
+        subprocess.run(["ip", "netns", "exec", self.bed.underlay_ns, "nft", "-f", "-"],
+                       input=script, text=True, check=True, timeout=30)
+
+    def apply(self, fault: Fault, record: dict[str, Any]) -> None:
+        """Inflict one fault, hold it, undo it; `record` gets `started` and `restored`."""
+        node = self.bed.nodes[fault.node - 1]
+        agent = self.agents[node.name]
+        ul = self.bed.underlay_ns
+        port = f"ul-{node.name}"
+        record["started"] = time.time()
+        kind = fault.kind
+        if kind in ("agent_kill", "agent_term"):
+            agent.signal(signal.SIGKILL if kind == "agent_kill" else signal.SIGTERM)
+            time.sleep(fault.duration)
+            agent.start()
+        elif kind == "vpp_kill":
+            kill_vpp(node, signal.SIGKILL)
+            self.bed.restart_vpp(node)
+            record["restored"] = time.time()
+            self.reattach(node)
+        elif kind == "vpp_agent_stop":
+            agent.signal(signal.SIGTERM)
+            kill_vpp(node, signal.SIGTERM)
+            time.sleep(fault.duration)
+            self.bed.restart_vpp(node)
+            agent.start()
+            record["restored"] = time.time()
+            self.reattach(node)
+        elif kind == "peer_leave":
+            agent.signal(signal.SIGTERM)
+            data = yaml.safe_load(self.mesh_text)
+            data["nodes"] = [n for n in data["nodes"] if n["name"] != node.name]
+            self.write_mesh(yaml.safe_dump(data, sort_keys=False))
+            time.sleep(fault.duration)
+            self.write_mesh(self.mesh_text)
+            agent.start()
+        elif kind == "torn_write":
+            with self.bed.mesh_file.open("w") as f:  # in place: what a crash mid-write leaves
+                f.write(self.mesh_text[: len(self.mesh_text) // 2])
+            time.sleep(fault.duration)
+            with self.bed.mesh_file.open("w") as f:
+                f.write(self.mesh_text)
+        elif kind == "link_down":
+            in_ns(ul, "ip", "link", "set", port, "down")
+            time.sleep(fault.duration)
+            in_ns(ul, "ip", "link", "set", port, "up")
+        elif kind == "netem":
+            in_ns(ul, "tc", "qdisc", "add", "dev", port, "root", "netem", "delay", "50ms",
+                  "50ms", "loss", "30%")
+            time.sleep(fault.duration)
+            in_ns(ul, "tc", "qdisc", "del", "dev", port, "root", check=False)
+        elif kind in ("channel_drop", "kex_drop"):
+            rule = "udp dport 4501 drop" if kind == "channel_drop" else \
+                "udp dport 4501 udp length 79 drop"
+            self.nft(rule)
+            time.sleep(fault.duration)
+            self.nft(None)
+        elif kind == "replay_spoof":
+            # Recorded first: the channel's datagrams (rekeys every 30 s, keepalives) for up
+            # to 12 s, then a moment of ESP.
+            recorded = []
+            for what, count, seconds in (("udp port 4501", 40, 12), ("ip proto 50", 200, 5)):
+                pcap = self.work / f"recorded-{len(self.injections)}-{len(recorded)}.pcap"
+                in_ns(ul, "timeout", str(seconds), "tcpdump", "-i", "br0", "-n", "-c",
+                      str(count), "-w", str(pcap), what, check=False, timeout=60)
+                recorded.append(str(pcap))
+            sent = in_ns(ul, sys.executable, str(HERE / "packets.py"), "br0",
+                         ",".join(recorded), OUTSIDE, "20", check=True, timeout=120).stdout
+            record["sent"] = json.loads(sent.strip().splitlines()[-1])
+            self.injections.append(record["sent"])
+        elif kind == "clock_step":
+            agent.signal(signal.SIGTERM)
+            agent.start(wall_step=fault.param)
+            time.sleep(fault.duration)
+            agent.signal(signal.SIGTERM)
+            agent.start()
+        else:
+            raise ValueError(f"unknown fault kind {kind}")
+        record.setdefault("restored", time.time())
+
+    def check_agents(self) -> list[str]:
+        """Agents that exited on their own (a product failure: recorded with the end of
+        their log), started again so the storm goes on."""
+        found = []
+        for name, agent in self.agents.items():
+            if agent.proc is not None and agent.proc.poll() is not None:
+                tail = agent.log.read_text(errors="replace")[-1500:]
+                found.append(f"{name}'s agent exited ({agent.proc.returncode}): {tail}")
+                log(f"  {name}'s agent exited with {agent.proc.returncode}: restarting it")
+                agent.start()
+        return found
+
+    # ---- tearing down ------------------------------------------------------------------
+    def teardown(self) -> None:
+        self._stop.set()
+        self.stop_traffic()
+        if not self.heap_end:
+            self.heap_end = self.heap_sample()
+        for agent in self.agents.values():
+            agent.signal(signal.SIGTERM)
+        self.nft(None)
+        self.bed.down(quiet=True)
+
+
+def kill_vpp(node: NodeHandle, sig: int) -> None:
+    """Signal the node's VPP and reap it (it is our child: the testbed started it), so
+    Testbed.restart_vpp does not wait on a zombie."""
+    try:
+        pid = int(node.instance.pid_file.read_text().strip())
+        os.kill(pid, sig)
+    except (OSError, ValueError):
+        return
+    deadline = time.time() + 15
+    while time.time() < deadline:
+        try:
+            done, _ = os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:  # not ours: wait for it to go
+            if not Path(f"/proc/{pid}").exists():
+                return
+            done = 0
+        if done:
+            return
+        time.sleep(0.05)
+
+
+def heap_used(api: VppClient) -> int:
+    """Bytes in use on VPP's main heap (`show memory main-heap`)."""
+    text = api.cli("show memory main-heap")
+    match = re.search(r"used: ([\d.]+)([KMGT]?)", text)
+    if match is None:
+        return 0
+    scale = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}[match.group(2)]
+    return int(float(match.group(1)) * scale)

@@ -1,0 +1,104 @@
+"""The storm's fault schedule: a pure function of the seed, the length and the node count,
+so a run is replayed from the seed it printed (the same kinds, nodes, lengths and order).
+
+Faults run one after another (each is attributed the outage, stalls and recovery that
+follow it until the next one starts): each holds for `duration` seconds, is then undone,
+and the mesh gets `settle` seconds before the next. A default run repeats shuffled rounds
+of every kind until the minutes are used; `--quick` runs one round of QUICK_KINDS with
+shorter holds.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import asdict, dataclass
+
+# What each kind does (rig.py applies it); the key is the name in results and tables.
+KINDS: dict[str, str] = {
+    "agent_kill": "one node's agent SIGKILLed, started again after `duration`",
+    "agent_term": "one node's agent stopped with SIGTERM, started again after `duration`",
+    "vpp_kill": "one node's VPP SIGKILLed and started fresh, its pods attached again",
+    "vpp_agent_stop": "one node's agent stopped, then its VPP; both back after `duration`",
+    "peer_leave": "one node (agent stopped) taken out of the mesh file, put back after "
+                  "`duration`",
+    "torn_write": "the mesh file written half-way, completed after `duration`",
+    "link_down": "one node's underlay link down for `duration` (5-30 s)",
+    "netem": "30 % loss and 50 ms jitter towards one node on the underlay",
+    "channel_drop": "UDP 4501 dropped on the underlay for longer than key_max_seconds",
+    "kex_drop": "only key-exchange-sized channel datagrams (UDP length 79) dropped",
+    "replay_spoof": "a burst of replayed channel datagrams, replayed and spoofed ESP",
+    "clock_step": "one node's agent restarted with its wall clock stepped +-10 minutes",
+}
+NODE_KINDS = {"agent_kill", "agent_term", "vpp_kill", "vpp_agent_stop", "peer_leave",
+              "link_down", "netem", "clock_step"}
+QUICK_KINDS = ("agent_kill", "vpp_kill", "link_down", "kex_drop", "replay_spoof",
+               "clock_step", "torn_write")
+CLOCK_STEP = 600.0  # seconds, either way
+SETTLE = 30.0  # planned seconds after each fault for the mesh to come back
+
+
+@dataclass(frozen=True)
+class Fault:
+    kind: str
+    node: int  # 1-based node index (the victim; for mesh-wide kinds, whose record is torn)
+    duration: float  # seconds the fault holds
+    param: float = 0.0  # clock_step: the step in seconds; others: unused
+    planned_at: float = 0.0  # seconds from the storm's start, as planned
+
+    def describe(self) -> str:
+        extra = f", step {self.param:+.0f} s" if self.kind == "clock_step" else ""
+        where = f"n{self.node}" if self.kind in NODE_KINDS else "the underlay" \
+            if self.kind in ("channel_drop", "kex_drop", "replay_spoof") else "the mesh file"
+        held = f" for {self.duration:.0f} s" if self.duration else ""
+        return f"{self.kind} on {where}{held}{extra}"
+
+
+def duration_of(kind: str, rng: random.Random, *, quick: bool, key_max_seconds: int) -> float:
+    """How long one fault of `kind` holds (drawn from `rng`)."""
+    if kind == "link_down":
+        return float(rng.randint(5, 30 if not quick else 15))
+    if kind == "netem":
+        return 30.0 if quick else 60.0
+    if kind == "channel_drop":
+        return float(key_max_seconds + 20)
+    if kind == "kex_drop":
+        return 20.0 if quick else float(rng.randint(30, 90))
+    if kind in ("vpp_agent_stop", "peer_leave"):
+        return float(rng.randint(5, 20 if not quick else 10))
+    if kind == "clock_step":
+        return 30.0 if quick else 60.0
+    if kind == "torn_write":
+        return float(rng.randint(3, 10))
+    if kind == "replay_spoof":
+        return 5.0
+    if kind == "vpp_kill":
+        return 0.0  # killed and started again at once (a crash and its supervisor)
+    return float(rng.randint(1, 5))  # agent restarts and VPP kills: downtime before start
+
+
+def build(seed: int, *, minutes: float, nodes: int, quick: bool = False,
+          key_max_seconds: int = 60, settle: float = SETTLE) -> list[Fault]:
+    """The faults of a run, in order, from the seed alone (with the run's shape)."""
+    rng = random.Random(seed)
+    budget = minutes * 60.0
+    faults: list[Fault] = []
+    at = 0.0
+    while True:
+        kinds = list(QUICK_KINDS if quick else KINDS)
+        rng.shuffle(kinds)
+        added = False
+        for kind in kinds:
+            duration = duration_of(kind, rng, quick=quick, key_max_seconds=key_max_seconds)
+            node = rng.randint(1, nodes)
+            param = rng.choice((-CLOCK_STEP, CLOCK_STEP)) if kind == "clock_step" else 0.0
+            if at + duration + settle > budget and faults:
+                continue
+            faults.append(Fault(kind, node, duration, param, round(at, 1)))
+            at += duration + settle
+            added = True
+        if quick or not added:
+            return faults
+
+
+def as_dicts(faults: list[Fault]) -> list[dict[str, object]]:
+    return [asdict(f) for f in faults]

@@ -1,0 +1,236 @@
+"""The storm benchmark's pure parts (no VPP, no root): the seeded fault schedule, the ping
+gap finder, the TCP stall finder, the underlay capture's classifier and the report."""
+
+from __future__ import annotations
+
+import importlib.util
+import ipaddress
+import json
+import struct
+from pathlib import Path
+from types import SimpleNamespace
+
+from benchmarks.storm import analysis, schedule
+from benchmarks.storm.__main__ import analyse
+from vppmesh.lab.testbed import Testbed, TestbedSpec
+
+NODES = {"192.0.2.11", "192.0.2.21", "192.0.2.31"}
+
+
+# ---- the schedule ------------------------------------------------------------------------
+def test_the_same_seed_gives_the_same_fault_sequence() -> None:
+    first = schedule.build(42, minutes=30, nodes=4)
+    assert first == schedule.build(42, minutes=30, nodes=4)
+    assert first != schedule.build(43, minutes=30, nodes=4)
+    assert schedule.build(42, minutes=5, nodes=4, quick=True) == \
+        schedule.build(42, minutes=5, nodes=4, quick=True)
+
+
+def test_a_default_run_has_every_kind_several_times() -> None:
+    for seed in range(5):
+        faults = schedule.build(seed, minutes=30, nodes=4, key_max_seconds=60)
+        kinds = [f.kind for f in faults]
+        assert {k: kinds.count(k) for k in schedule.KINDS if kinds.count(k) < 2} == {}
+        assert all(1 <= f.node <= 4 for f in faults)
+        starts = [f.planned_at for f in faults]
+        assert starts == sorted(starts) and starts[-1] < 30 * 60
+        assert all(f.duration > 60 for f in faults if f.kind == "channel_drop"), \
+            "the channel must stay dropped for longer than key_max_seconds"
+        assert {abs(f.param) for f in faults if f.kind == "clock_step"} == {600.0}
+
+
+def test_quick_runs_one_round_of_the_representative_kinds_in_about_five_minutes() -> None:
+    faults = schedule.build(1, minutes=5, nodes=4, quick=True)
+    assert sorted(f.kind for f in faults) == sorted(schedule.QUICK_KINDS)
+    last = faults[-1]
+    assert last.planned_at + last.duration + schedule.SETTLE <= 5 * 60 + 30
+
+
+# ---- pings and TCP -------------------------------------------------------------------------
+PING = """PING 198.18.2.10 (198.18.2.10) 56(84) bytes of data.
+[1000.000000] 64 bytes from 198.18.2.10: icmp_seq=1 ttl=62 time=1.1 ms
+[1000.010000] 64 bytes from 198.18.2.10: icmp_seq=2 ttl=62 time=1.0 ms
+[1000.020000] 64 bytes from 198.18.2.10: icmp_seq=3 ttl=62 time=1.0 ms
+[1001.530000] 64 bytes from 198.18.2.10: icmp_seq=154 ttl=62 time=1.2 ms
+[1001.540000] 64 bytes from 198.18.2.10: icmp_seq=155 ttl=62 time=1.2 ms
+[1001.540500] 64 bytes from 198.18.2.10: icmp_seq=155 ttl=62 time=1.2 ms (DUP!)
+[1001.560000] 64 bytes from 198.18.2.10: icmp_seq=157 ttl=62 time=1.2 ms
+From 198.18.2.1 icmp_seq=158 Destination Host Unreachable
+
+--- 198.18.2.10 ping statistics ---
+160 packets transmitted, 6 received, 96% packet loss, time 1600ms
+"""
+
+
+def test_the_gap_finder_reads_ping_output() -> None:
+    replies = analysis.ping_replies(PING)
+    assert [seq for seq, _ in replies] == [1, 2, 3, 154, 155, 157]
+    gaps = analysis.ping_gaps(replies)
+    assert [(g.first_seq, g.last_seq, g.lost) for g in gaps] == [(4, 153, 150), (156, 156, 1)]
+    assert gaps[0].start == 1000.02 and gaps[0].end == 1001.53
+    assert abs(gaps[0].seconds(0.01) - 1.51) < 1e-9
+
+
+def test_replies_held_up_and_delivered_late_count_as_an_outage() -> None:
+    """A link down for 12 s: the requests sent just before are held and answered when it
+    comes back (time=12000 ms), so no sequence number is missing there; the pod heard
+    nothing for 12 s all the same."""
+    text = "\n".join([
+        "[100.00] 64 bytes from x: icmp_seq=1 ttl=1 time=1 ms",
+        "[100.01] 64 bytes from x: icmp_seq=2 ttl=1 time=1 ms",
+        "[112.01] 64 bytes from x: icmp_seq=3 ttl=1 time=12000 ms",
+        "[112.01] 64 bytes from x: icmp_seq=4 ttl=1 time=11990 ms",
+        "[112.02] 64 bytes from x: icmp_seq=9 ttl=1 time=1 ms",
+        "[112.03] 64 bytes from x: icmp_seq=10 ttl=1 time=1 ms"])
+    gaps = analysis.ping_gaps(analysis.ping_replies(text))
+    assert [(g.lost, round(g.seconds(0.01), 2)) for g in gaps] == [(0, 12.0), (4, 0.05)]
+
+
+def test_the_gap_finder_follows_icmp_seq_past_its_wrap() -> None:
+    text = "\n".join(f"[{i / 100}] 64 bytes from x: icmp_seq={s} ttl=1 time=1 ms"
+                     for i, s in enumerate([65534, 65535, 1, 2]))
+    assert [g.lost for g in analysis.ping_gaps(analysis.ping_replies(text))] == [1]
+
+
+def test_tcp_stalls_are_the_silences_longer_than_a_second_per_source() -> None:
+    lines = [json.dumps(e) for e in (
+        {"src": "n1", "connect": 9.0}, {"src": "n1", "t": 10.0}, {"src": "n2", "t": 10.1},
+        {"src": "n1", "t": 10.2}, {"src": "n2", "t": 13.1}, {"src": "n1", "t": 11.1},
+        {"src": "n1", "t": 12.5})] + ["not json"]
+    stalls = analysis.tcp_stalls(lines)
+    assert [(s["src"], s["start"], s["end"]) for s in stalls] == \
+        [("n2", 10.1, 13.1), ("n1", 11.1, 12.5)]
+
+
+# ---- the capture ----------------------------------------------------------------------------
+def ipv4(src: str, dst: str, proto: int, payload: bytes) -> bytes:
+    header = struct.pack(">BBHHHBBH4s4s", 0x45, 0, 20 + len(payload), 0, 0, 64, proto, 0,
+                         ipaddress.IPv4Address(src).packed, ipaddress.IPv4Address(dst).packed)
+    return header + payload
+
+
+def ether(packet: bytes, ethertype: int = 0x0800) -> bytes:
+    return b"\x02" * 6 + b"\x04" * 6 + ethertype.to_bytes(2, "big") + packet
+
+
+def udp(sport: int, dport: int, body: bytes) -> bytes:
+    return struct.pack(">HHHH", sport, dport, 8 + len(body), 0) + body
+
+
+A, B = "192.0.2.11", "192.0.2.21"
+ESP = ether(ipv4(A, B, 50, bytes(range(8)) + b"\xc6\x12" * 40))  # 198.18 in ciphertext
+CHANNEL = ether(ipv4(A, B, 17, udp(4501, 4501, b"\x02\x03" + bytes(69))))
+ESP_UDP = ether(ipv4(A, B, 17, udp(4500, 4500, bytes(40))))
+POD_ICMP = ether(ipv4("198.18.1.10", "198.18.2.10", 1, b"\x08\x00" + bytes(62)))
+MARKER_TCP = ether(ipv4(A, B, 6, bytes(20) + analysis.MARKER + b" n1 xxxx"))
+IPIP = ether(ipv4(A, B, 4, ipv4("198.18.1.10", "198.18.2.10", 1, bytes(8))))
+OTHER = ether(ipv4(A, B, 17, udp(53, 53, bytes(20))))
+SPOOF = ether(ipv4("192.0.2.200", B, 50, bytes(40)))
+UNREACH = ether(ipv4(B, A, 1, b"\x03\x03\x00\x00" + bytes(4) +
+                     ipv4(A, B, 17, udp(4501, 4501, bytes(8)))))
+
+
+def test_the_classifier_accepts_esp_and_the_channel_and_flags_anything_in_clear() -> None:
+    def kind(frame: bytes) -> str:
+        return analysis.classify(frame, NODES, {"192.0.2.200"})
+
+    assert kind(ESP) == "esp"
+    assert kind(CHANNEL) == "channel"
+    assert kind(ESP_UDP) == "esp_udp"
+    assert kind(UNREACH) == "unreachable"
+    assert kind(ether(b"\x00" * 28, 0x0806)) == "arp"
+    assert kind(SPOOF) == "injected"
+    assert kind(OTHER) == "other"
+    assert kind(POD_ICMP) == "clear"
+    assert kind(MARKER_TCP) == "clear"
+    assert kind(IPIP) == "clear"
+    assert kind(MARKER_TCP[:60]) == "other"  # cut before the marker: headers only
+
+
+def write_pcap(path: Path, frames: list[tuple[float, bytes]]) -> None:
+    out = struct.pack("<IHHiIII", 0xA1B2C3D4, 2, 4, 0, 0, 128, 1)
+    for at, frame in frames:
+        data = frame[:128]
+        out += struct.pack("<IIII", int(at), round(at % 1 * 1e6), len(data), len(frame))
+        out += data
+    path.write_bytes(out)
+
+
+def test_a_pod_address_in_the_capture_is_reported_with_the_fault_before_it(
+        tmp_path: Path) -> None:
+    pcap = tmp_path / "u.pcap"
+    write_pcap(pcap, [(100.0, ESP), (101.0, CHANNEL), (105.5, POD_ICMP), (106.0, ESP)])
+    faults = [{"kind": "agent_kill", "node": 2, "started": 99.0},
+              {"kind": "vpp_kill", "node": 3, "started": 104.0}, {"kind": "netem", "node": 1}]
+    found = analysis.check_capture(pcap, NODES, set(), faults)
+    assert found["counts"] == {"esp": 2, "channel": 1, "clear": 1}
+    assert found["clear"][0]["t"] == 105.5
+    assert found["clear"][0]["after"] == "vpp_kill n3 at 104.0"
+
+
+# ---- analysis and the report ---------------------------------------------------------------
+def fake_storm(tmp_path: Path, frames: list[tuple[float, bytes]]) -> SimpleNamespace:
+    spec = TestbedSpec(nodes=2, tunnels=2, pods=1)
+    ping = tmp_path / "ping.txt"
+    ping.write_text(PING)
+    (tmp_path / "tcp-n2.jsonl").write_text(
+        "\n".join(json.dumps({"src": "n1", "t": t}) for t in (1000.0, 1000.2, 1002.0)))
+    capture = tmp_path / "underlay.pcap"
+    write_pcap(capture, frames)
+    keys = [{"t": 999.0 + i, "pairs": {"n1-n2": {"agreed": i != 2, "stopped": False,
+                                                 "age": 10.0 + i}}} for i in range(8)]
+    agent = [{"t": 990.0 + 10 * i, "rss_kib": 50000 + i, "fds": 20, "life": 1}
+             for i in range(5)]
+    vpp = [{"t": 990.0 + 10 * i, "sas": 8, "dump_s": 0.01} for i in range(5)]
+    return SimpleNamespace(
+        bed=Testbed(spec), spec=spec, pings={"n1->n2": (None, ping)}, work=tmp_path,
+        key_samples=keys, capture_path=capture, key_max_seconds=60,
+        agent_samples={"n1": agent}, vpp_samples={"n1": vpp}, metric_samples={},
+        injections=[], heap_start={"n1": 1 << 20}, heap_end={"n1": 3 << 19})
+
+
+def run_analysis(storm: SimpleNamespace, recovery: float | None) -> dict:
+    records = [{"kind": "link_down", "node": 1, "duration": 1.0, "param": 0.0,
+                "planned_at": 0.0, "description": "link_down on n1 for 1 s",
+                "started": 1000.01, "restored": 1001.0}]
+    return analyse(storm, records, seed=7, minutes=5, quick=True, t0=990.0,  # type: ignore[arg-type]
+                   end=1010.0, recovery=recovery, run_id="20260101T000000Z", notes="",
+                   command="python -m benchmarks.storm --quick --seed 7")
+
+
+def test_the_report_has_the_json_the_table_and_the_timeline(tmp_path: Path) -> None:
+    storm = fake_storm(tmp_path, [(1000.0, ESP), (1000.5, CHANNEL)])
+    result = run_analysis(storm, recovery=3.0)
+    assert result["failures"] == []
+    row = result["per_kind"]["link_down"]  # the gap at 1000.02-1001.53 is its own
+    assert row["count"] == 1 and row["outage_s"]["worst"] == 1.51
+    assert row["pings_lost"]["worst"] == 151.0 and row["tcp_stalls"]["worst"] == 1.0
+    assert row["agreed_after_s"]["worst"] == 1.0  # the sample at 1002 after 1001
+    out = tmp_path / "results"
+    stem = analysis.write_results(out, result)
+    assert stem.name == "20260101T000000Z-storm"
+    data = json.loads(stem.with_suffix(".json").read_text())
+    assert data["seed"] == 7 and data["capture"]["counts"] == {"esp": 1, "channel": 1}
+    table = stem.with_suffix(".md").read_text()
+    assert "| link_down | 1 | 1.5 | 1.5 | 151 | 151 | 1 | 1.0 | 1.0 | 0 |" in table
+    assert "Verdict: **PASS**" in table
+    assert "| n1 | 8 | 8 | 0.00 | 1.0 | 1.5 |" in table
+    png = stem.with_suffix(".png")
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert png.stat().st_size > 0
+    else:
+        assert not png.exists()
+
+
+def test_a_clear_packet_or_a_pair_not_back_fails_the_run(tmp_path: Path) -> None:
+    storm = fake_storm(tmp_path, [(1000.0, ESP), (1000.7, POD_ICMP)])
+    result = run_analysis(storm, recovery=None)
+    assert len(result["failures"]) == 2
+    assert "1 frames in clear" in result["failures"][0]
+    assert "link_down n1 at 1000.0" in result["failures"][0]
+    assert "not every pair back" in result["failures"][1]
+    storm = fake_storm(tmp_path, [(1000.0, ESP)])
+    storm.key_samples[-1]["pairs"]["n1-n2"]["age"] = 75.0  # key_max_seconds 60, slack 10
+    result = run_analysis(storm, recovery=1.0)
+    assert len(result["failures"]) == 1
+    assert "key older than key_max_seconds" in result["failures"][0]
