@@ -242,6 +242,8 @@ def test_forward_secrecy_rekeys_under_ping_and_tcp_lose_nothing(
         vpp_helpers.stop_process(server)
     after = peer_state(src, dst).out, peer_state(dst, src).out
     report = json.loads(client.stdout)
+    assert client.returncode == 0 and "error" not in report, \
+        f"iperf3: {report.get('error')} {client.stderr}"
     intervals = [i["sum"]["bytes"] for i in report.get("intervals", [])]
     print(f"\nrekeys in 30 s: {after[0] - before[0]} ({src.name}), {after[1] - before[1]} "
           f"({dst.name}); ping: {ping.summary.strip().splitlines()[-2:]}; TCP "

@@ -311,9 +311,18 @@ class SteadyPing:
 
 
 def iperf3_server(ns: str) -> subprocess.Popen[bytes]:
-    """A one-shot iperf3 server (`-s -1`) in a namespace."""
-    return subprocess.Popen(["ip", "netns", "exec", ns, "iperf3", "-s", "-1"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    """A one-shot iperf3 server (`-s -1`) in a namespace, listening when this returns (a
+    client started at once on a loaded machine found no server yet)."""
+    server = subprocess.Popen(["ip", "netns", "exec", ns, "iperf3", "-s", "-1"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and server.poll() is None:
+        listening = subprocess.run(["ip", "netns", "exec", ns, "ss", "-Htln", "sport", "=",
+                                    ":5201"], capture_output=True, text=True, check=False)
+        if listening.stdout.strip():
+            break
+        time.sleep(0.05)
+    return server
 
 
 # ---- captures ---------------------------------------------------------------------------
