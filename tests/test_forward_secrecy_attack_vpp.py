@@ -45,6 +45,7 @@ from vppmesh.channel.endpoint import PORT
 from vppmesh.epochs import GenerationStore, PeerGenerations
 from vppmesh.keys import spi_for
 from vppmesh.lab.testbed import NodeHandle, Testbed, _uplink_mac, in_ns
+from vppmesh.lab.wallclock import wall_stepped
 from vppmesh.secrecy import pair_secrecy
 from vppmesh.vpp import ipsec
 from vppmesh.vpp.client import VppClient
@@ -199,20 +200,6 @@ def capture(bed: Testbed, path: Path) -> Iterator[Path]:
         proc.wait(timeout=10)
 
 
-# The agent with its wall clock stepped by argv[1] seconds (time.time and time.time_ns,
-# what an NTP step moves; CLOCK_BOOTTIME untouched), set before vppmesh is imported.
-# (libfaketime 0.9.10 fails Python's sleeps with EINVAL when it moves the clock back.)
-WALL_STEPPED = """
-import runpy, sys, time
-step = float(sys.argv.pop(1))
-wall, wall_ns = time.time, time.time_ns
-time.time = lambda: wall() + step
-time.time_ns = lambda: wall_ns() + int(step * 1e9)
-sys.argv[0] = "vppmesh"
-runpy.run_module("vppmesh", run_name="__main__", alter_sys=True)
-"""
-
-
 def restart_agent(agent: vpp_helpers.WatchAgent, wall_step: float | None = None) -> None:
     """Stop the agent (SIGTERM) and start it again, its wall clock stepped by
     `wall_step` seconds when given; back once its metrics answer (it has run)."""
@@ -222,9 +209,8 @@ def restart_agent(agent: vpp_helpers.WatchAgent, wall_step: float | None = None)
         agent.start()
     else:
         node, bed = agent.node, agent.bed
-        args = ["ip", "netns", "exec", node.netns, sys.executable, "-c", WALL_STEPPED,
-                str(wall_step), "up", "--watch", *bed.vppmesh_args(node),
-                *bed.state_args(node), *agent.extra]
+        args = ["ip", "netns", "exec", node.netns, *wall_stepped(wall_step), "up", "--watch",
+                *bed.vppmesh_args(node), *bed.state_args(node), *agent.extra]
         with agent.log.open("ab") as out:
             agent.proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT)
 

@@ -194,6 +194,10 @@ def collect(api: VppApi, mesh: Mesh, node: str, stats_socket: Path | None,
             udp_ports=(sa.spec.udp_src_port, sa.spec.udp_dst_port)
             if sa.spec.udp_encap else None)
 
+    # Once per pair, for its row and for the lines below the table (pairs without
+    # tunnels too: a stopped pair has none).
+    key_problems = {name: found for name, pair in (secrecy or {}).items()
+                    if (found := pair.problems(mesh.settings, now))}
     peers: dict[int, PeerStatus] = {}
     for t in sorted(tunnels, key=lambda t: t.instance):
         number, index = split_tunnel_instance(t.instance)
@@ -203,7 +207,7 @@ def collect(api: VppApi, mesh: Mesh, node: str, stats_socket: Path | None,
             pair = secrecy.get(name) if secrecy is not None else None
             peer = peers[number] = PeerStatus(
                 name=name, node_number=number, tunnels=[], secrecy=pair,
-                key_problems=pair.problems(mesh.settings, now) if pair else [])
+                key_problems=key_problems.get(name, []))
         protection = protections.get(t.sw_if_index)
         iface = ifaces.get(t.sw_if_index)
         peer.tunnels.append(TunnelStatus.model_construct(
@@ -221,8 +225,7 @@ def collect(api: VppApi, mesh: Mesh, node: str, stats_socket: Path | None,
         crypto=crypto_status(api) if with_crypto else None,
         peers=list(peers.values()),
         missing_peers=sorted(by_number[n] for n in expected - set(peers)),
-        key_problems={name: found for name, pair in (secrecy or {}).items()
-                      if (found := pair.problems(mesh.settings, now))},
+        key_problems=key_problems,
     )
 
 

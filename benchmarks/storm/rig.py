@@ -28,6 +28,7 @@ from benchmarks.storm.schedule import Fault
 from vppmesh.clock import AgentClock
 from vppmesh.epochs import GenerationStore
 from vppmesh.lab.testbed import NodeHandle, Testbed, TestbedSpec, in_ns
+from vppmesh.lab.wallclock import wall_stepped
 from vppmesh.secrecy import pair_secrecy
 from vppmesh.vpp import ipsec
 from vppmesh.vpp.client import VppClient
@@ -40,18 +41,6 @@ PING_INTERVAL = 0.01  # 100 pps per pair
 NFT_TABLE = "vppmesh_storm"
 OUTSIDE = "192.0.2.200"  # the attacker's own address on the underlay: no node has it
 HERE = Path(__file__).parent
-# The agent with its wall clock stepped by argv[1] seconds (time.time and time.time_ns,
-# what an NTP step moves), set before vppmesh is imported (libfaketime fails Python's
-# sleeps when it moves the clock back).
-WALL_STEPPED = """
-import runpy, sys, time
-step = float(sys.argv.pop(1))
-wall, wall_ns = time.time, time.time_ns
-time.time = lambda: wall() + step
-time.time_ns = lambda: wall_ns() + int(step * 1e9)
-sys.argv[0] = "vppmesh"
-runpy.run_module("vppmesh", run_name="__main__", alter_sys=True)
-"""
 
 
 def log(message: str) -> None:
@@ -86,7 +75,7 @@ class Agent:
         args = ["up", "--watch", *bed.vppmesh_args(node), *bed.state_args(node),
                 "--metrics", METRICS]
         head = [sys.executable, "-m", "vppmesh"] if wall_step is None else \
-            [sys.executable, "-c", WALL_STEPPED, str(wall_step)]
+            wall_stepped(wall_step)
         with self.log.open("ab") as out:
             out.write(f"\n==== storm: agent started at {time.time():.3f}"
                       f"{'' if wall_step is None else f' wall clock {wall_step:+.0f} s'}\n"
