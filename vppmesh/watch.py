@@ -258,8 +258,9 @@ class AgentLoop:
         metrics.record_poll(seconds, result.pod_report, restarted=restarted,
                             unavailable=unavailable)
         metrics.record_channel(self.session.secrecy)
+        # (a peer stopped outside the window is among the blocked too: counted once)
         metrics.record_keys(len(result.downgraded_peers),
-                            len(result.stopped_peers) + len(result.blocked_peers))
+                            len(set(result.stopped_peers) | set(result.blocked_peers)))
         client = self.session.client
         if result.mesh is not None and client is not None and \
                 metrics.snapshot_due(time.monotonic()):
