@@ -350,6 +350,9 @@ def test_watch_loop_knocks_fast_while_vpp_is_away_and_counts_the_restart(
         def __init__(self, options: Any, **kwargs: Any) -> None:
             self.secrecy = kwargs["secrecy"]  # never attached: no VPP to punt the channel
 
+        def close(self) -> None:
+            pass
+
         def run(self) -> Any:
             ticks.append(time.monotonic())
             outcome = outcomes.pop(0)

@@ -5,6 +5,7 @@ when VPP goes away too."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -202,23 +203,110 @@ def saved_uplink(state: Path, driver: str = "af_packet") -> None:
     ).model_dump_json())
 
 
-def listening(path: Path) -> socket.socket:
-    """A VPP API socket that accepts connections."""
-    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    server.bind(str(path))
-    server.listen(4)
-    return server
+class ApiSocketDouble:
+    """VPP's API socket as far as a stopping agent sees it: it answers sockclnt_create,
+    closes a client that says sockclnt_delete, and `die()` closes every connection and
+    the listener (the socket file stays, as a dead VPP's does on a hostPath). It counts
+    clients that closed on it without sockclnt_delete: VPP may never notice those (see
+    watch.vpp_stops_within)."""
+
+    def __init__(self, path: Path) -> None:
+        import importlib.resources
+
+        from vpp_papi.vpp_papi import VPPApiJSONFiles
+
+        memclnt = importlib.resources.files("vpp_papi.data").joinpath("memclnt.api.json")
+        self.messages, _ = VPPApiJSONFiles.process_json_str(memclnt.read_text())
+        self.ids = {"sockclnt_delete": 17, "sockclnt_delete_reply": 18}
+        self.server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.server.bind(str(path))
+        self.server.listen(8)
+        self.conns: list[socket.socket] = []
+        self.registered = self.deleted = self.dropped = 0
+        self.lock = threading.Lock()
+        threading.Thread(target=self.accept, daemon=True).start()
+
+    def accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.server.accept()
+            except OSError:
+                return
+            with self.lock:
+                self.conns.append(conn)
+            threading.Thread(target=self.serve, args=(conn,), daemon=True).start()
+
+    def send(self, conn: socket.socket, name: str, fields: dict[str, object]) -> None:
+        from vppmesh.vpp.channel import FRAME
+
+        body = bytes(self.messages[name].pack(fields))
+        conn.sendall(FRAME.pack(0, len(body), 0) + body)
+
+    def serve(self, conn: socket.socket) -> None:
+        from vppmesh.vpp.channel import FRAME, MSG_ID
+
+        buf = b""
+        while True:
+            try:
+                chunk = conn.recv(65536)
+            except OSError:
+                return  # died
+            if not chunk:
+                with self.lock:
+                    self.dropped += 1
+                return
+            buf += chunk
+            while len(buf) >= FRAME.size and len(buf) >= FRAME.size + FRAME.unpack_from(buf)[1]:
+                length = FRAME.unpack_from(buf)[1]
+                raw, buf = buf[FRAME.size:FRAME.size + length], buf[FRAME.size + length:]
+                msg_id = MSG_ID.unpack_from(raw)[0]
+                if msg_id == 15:
+                    with self.lock:
+                        self.registered += 1
+                    table = [{"index": i, "name": f"{n}_{self.messages[n].crc[2:]}"}
+                             for n, i in self.ids.items()]
+                    self.send(conn, "sockclnt_create_reply", {
+                        "_vl_msg_id": 16, "context": 124, "response": 0, "index": 3,
+                        "count": len(table), "message_table": table})
+                elif msg_id == self.ids["sockclnt_delete"]:
+                    request, _ = self.messages["sockclnt_delete"].unpack(raw)
+                    self.send(conn, "sockclnt_delete_reply", {
+                        "_vl_msg_id": 18, "context": request.context, "response": 1})
+                    with self.lock:
+                        self.deleted += 1
+                    conn.close()
+                    return
+
+    def die(self) -> None:
+        with contextlib.suppress(OSError):
+            self.server.shutdown(socket.SHUT_RDWR)  # wakes the accept(): nothing listens
+        self.server.close()
+        with self.lock:
+            for conn in self.conns:
+                if conn.fileno() >= 0:  # one that said sockclnt_delete is closed already
+                    conn.shutdown(socket.SHUT_RDWR)
+                    conn.close()
 
 
-def test_vpp_answers_only_while_something_accepts_on_its_socket(tmp_path: Path) -> None:
-    from vppmesh.watch import vpp_answers
+def test_vpp_stops_within_watches_one_registered_connection(tmp_path: Path) -> None:
+    from vppmesh.watch import vpp_stops_within
 
     api = tmp_path / "api.sock"
-    assert not vpp_answers(api)  # no file
-    server = listening(api)
-    assert vpp_answers(api)
-    server.close()
-    assert api.exists() and not vpp_answers(api)  # a dead VPP's file stays on the hostPath
+    assert vpp_stops_within(api, 0.5)  # no file
+    vpp = ApiSocketDouble(api)
+    started = time.monotonic()
+    assert not vpp_stops_within(api, 0.5)
+    assert 0.5 <= time.monotonic() - started < 2
+    # One registered client, which left with sockclnt_delete: nothing for VPP to notice
+    # by a read that may fail with a stale EAGAIN. The old probe (connect, close) left
+    # VPP a dead connection per try, ten a second.
+    wait_for(lambda: vpp.deleted == 1, 5, "the watcher's sockclnt_delete")
+    assert (vpp.registered, vpp.dropped) == (1, 0)
+    later(0.3, vpp.die)
+    started = time.monotonic()
+    assert vpp_stops_within(api, 3)
+    assert time.monotonic() - started < 1.5
+    assert api.exists() and vpp_stops_within(api, 3)  # a dead VPP's file stays on the hostPath
 
 
 def test_stopped_agent_leaves_the_nic_to_a_vpp_that_still_runs(
@@ -228,7 +316,7 @@ def test_stopped_agent_leaves_the_nic_to_a_vpp_that_still_runs(
     from vppmesh.watch import leave_uplinks
 
     saved_uplink(tmp_path / "state")
-    server = listening(tmp_path / "api.sock")
+    vpp = ApiSocketDouble(tmp_path / "api.sock")
     options = agent.NodeOptions(mesh_file=tmp_path / "m", node="n1", private_key=tmp_path / "k",
                                 api_socket=tmp_path / "api.sock", state_dir=tmp_path / "state")
     try:
@@ -236,20 +324,20 @@ def test_stopped_agent_leaves_the_nic_to_a_vpp_that_still_runs(
         leave_uplinks(options, grace=0.3)
         assert 0.3 <= time.monotonic() - started < 2
     finally:
-        server.close()
+        vpp.die()
     assert releases.calls == []
 
 
 def test_stopped_agent_gives_the_nic_back_when_vpp_goes_too(
         tmp_path: Path, releases: Releases) -> None:
-    """A rolling update signals VPP and the agent at once: VPP stops answering within the
-    grace, and the agent gives the NIC back (in case no guard ran VPP)."""
+    """A rolling update signals VPP and the agent at once: VPP stops within the grace, and
+    the agent gives the NIC back (in case no guard ran VPP)."""
     from vppmesh import node as agent
     from vppmesh.watch import leave_uplinks
 
     saved_uplink(tmp_path / "state")
-    server = listening(tmp_path / "api.sock")
-    later(0.3, server.close)
+    vpp = ApiSocketDouble(tmp_path / "api.sock")
+    later(0.3, vpp.die)
     options = agent.NodeOptions(mesh_file=tmp_path / "m", node="n1", private_key=tmp_path / "k",
                                 api_socket=tmp_path / "api.sock", state_dir=tmp_path / "state")
     started = time.monotonic()
@@ -260,7 +348,7 @@ def test_stopped_agent_gives_the_nic_back_when_vpp_goes_too(
     (tmp_path / "state" / "uplink-eth0.json").unlink()
     saved_uplink(tmp_path / "state", "avf")
     probes: list[Path] = []
-    leave_uplinks(options, grace=3, answers=lambda p: bool(probes.append(p)) or True)
+    leave_uplinks(options, grace=3, stops_within=lambda p, _: bool(probes.append(p)) or True)
     assert probes == [] and len(releases.calls) == 1
 
 
@@ -275,6 +363,10 @@ def test_agent_on_sigterm_gives_the_nic_back_when_vpp_is_gone(
 
     class FakeSession:
         client = None
+        closed = 0
+
+        def close(self) -> None:
+            FakeSession.closed += 1
 
         def __init__(self, options: object, **kwargs: object) -> None:
             self.secrecy = kwargs["secrecy"]
@@ -287,8 +379,7 @@ def test_agent_on_sigterm_gives_the_nic_back_when_vpp_is_gone(
 
     monkeypatch.setattr(agent, "Session", FakeSession)
     (tmp_path / "mesh.yaml").write_text("")
-    dead = listening(tmp_path / "api.sock")
-    dead.close()  # VPP went with the pod: its socket file stays, nothing answers
+    ApiSocketDouble(tmp_path / "api.sock").die()  # VPP went with the pod: its file stays
     saved_uplink(tmp_path / "state")
     options = agent.NodeOptions(mesh_file=tmp_path / "mesh.yaml", node="n1",
                                 private_key=tmp_path / "k", api_socket=tmp_path / "api.sock",
@@ -299,6 +390,7 @@ def test_agent_on_sigterm_gives_the_nic_back_when_vpp_is_gone(
     finally:
         signal.signal(signal.SIGTERM, before)
     assert [d for d, _ in releases.calls] == [tmp_path / "state"]
+    assert FakeSession.closed >= 1  # its VPP connection left with sockclnt_delete
 
 
 # ---- for real: a veth in a namespace of its own stands for the NIC -----------------------

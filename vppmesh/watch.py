@@ -11,8 +11,8 @@ what a run changed is the caller's: it passes `report`.
 from __future__ import annotations
 
 import logging
+import os
 import signal
-import socket
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -111,41 +111,55 @@ def give_back_uplinks(opts: agent.NodeOptions) -> None:
         log.error("%s", exc)
 
 
-def vpp_answers(api_socket: Path) -> bool:
-    """VPP accepts connections on its API socket (a dead VPP's socket file may stay)."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-        probe.settimeout(1.0)
-        try:
-            probe.connect(str(api_socket))
-        except OSError:
-            return False
-    return True
+def vpp_stops_within(api_socket: Path, grace: float) -> bool:
+    """Whether VPP stops within `grace` seconds: one registered API connection, watched
+    until VPP's end closes (a stopped or killed VPP's kernel closes it at once), then left
+    with sockclnt_delete. A VPP that does not answer the handshake within `grace` (nothing
+    listens; a dead VPP's socket file may stay on a hostPath) counts as stopped.
+
+    Never a connect-and-close probe: VPP's socket server drops a client that just closes
+    only when its read() fails with an errno other than EAGAIN, and a stale EAGAIN from an
+    earlier call leaves the dead connection readable in its epoll set for good. Thirty
+    such probes in three seconds on a loaded machine left VPP 26.06 answering neither its
+    API nor its CLI (tests/test_uplink_vpp.py ran into it). A client that says
+    sockclnt_delete is closed by VPP itself.
+    """
+    from vppmesh.vpp.channel import ApiChannel
+    from vppmesh.vpp.client import CLIENT_NAME
+
+    started = time.monotonic()
+    channel = ApiChannel(api_socket, max(grace, 0.1))
+    try:
+        channel.open(f"{CLIENT_NAME}-stopping-{os.getpid()}", definitions=False)
+    except (OSError, VppMeshError):
+        return True
+    try:
+        return channel.closed_within(grace - (time.monotonic() - started))
+    finally:
+        channel.close()
 
 
 def leave_uplinks(opts: agent.NodeOptions, grace: float | None = None,
-                  answers: Callable[[Path], bool] | None = None,
-                  pause: Callable[[float], None] = time.sleep) -> None:
+                  stops_within: Callable[[Path, float], bool] | None = None) -> None:
     """The agent stops (SIGTERM): a taken af_packet/af_xdp NIC goes back to Linux only if
-    VPP stops answering within `grace` too.
+    VPP stops within `grace` too.
 
     VPP and the agent stopped together (a DaemonSet rolling update signals both
     containers at once): VPP's guard (`vppmesh vpp-run`; on a host the vpp.service
     drop-in) gives the NIC back, and this is the second line, for a VPP run without
     either. uplink.release_all takes a lock, so whichever comes second finds the NIC back
-    already. VPP still answering after `grace` means only the agent stops (an agent
+    already. VPP still running after `grace` means only the agent stops (an agent
     upgrade, README "Upgrades"): the NIC stays VPP's and the host's traffic goes on.
     """
     from vppmesh.uplink import releasable
 
     if not releasable(opts.state_dir):
         return
-    answers = answers or vpp_answers
-    deadline = time.monotonic() + (VPP_STOP_GRACE_SECONDS if grace is None else grace)
-    while answers(opts.api_socket):
-        if time.monotonic() >= deadline:
-            log.info("VPP still answers: the uplink stays VPP's (only the agent stops)")
-            return
-        pause(0.1)
+    stops_within = stops_within or vpp_stops_within
+    if not stops_within(opts.api_socket,
+                        VPP_STOP_GRACE_SECONDS if grace is None else grace):
+        log.info("VPP still answers: the uplink stays VPP's (only the agent stops)")
+        return
     give_back_uplinks(opts)
 
 
@@ -314,8 +328,10 @@ def watch_loop(opts: agent.NodeOptions, metrics: AgentMetrics | None = None,
                             wait=control.wait(secrecy.wait) if control else secrecy.wait,
                             stop=stop, early_in=loop.early_in, vpp_socket=opts.api_socket))
         log.info("stopped (SIGTERM)")
+        loop.session.close()  # sockclnt_delete: VPP closes its end (vpp_stops_within)
         leave_uplinks(opts)
     finally:
+        loop.session.close()
         secrecy.close()
         if control is not None:
             control.close()

@@ -12,8 +12,10 @@ requests in flight, and reads the replies straight off the socket.
 from __future__ import annotations
 
 import importlib.resources
+import select
 import socket
 import struct
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -91,7 +93,10 @@ class ApiChannel:
     def connected(self) -> bool:
         return self._sock is not None
 
-    def open(self, name: str) -> None:
+    def open(self, name: str, *, definitions: bool = True) -> None:
+        """Connect and register as client `name`; with `definitions`, also learn the whole
+        API from VPP (without, only memclnt's messages: enough to stay connected and to
+        leave with sockclnt_delete)."""
         memclnt = importlib.resources.files("vpp_papi.data").joinpath("memclnt.api.json")
         self._messages, self._services = VPPApiJSONFiles.process_json_str(memclnt.read_text())
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -110,6 +115,8 @@ class ApiChannel:
         self._client_index = reply.index
         self._ids = {m.name: m.index for m in reply.message_table}
         self._index_definitions()
+        if not definitions:
+            return
         # The rest of the API: its JSON definitions, from VPP itself (as vpp-papi does).
         api_json = self.exchange([("get_api_json", {})])[0]
         messages, services = VPPApiJSONFiles.process_json_array_str(api_json.json)
@@ -142,6 +149,26 @@ class ApiChannel:
             if self._sock is not None:
                 self._sock.close()
                 self._sock = None
+
+    def closed_within(self, seconds: float) -> bool:
+        """Whether VPP closes this connection within `seconds` (it stopped or died: the
+        kernel closes its end at once). Whatever VPP sends meanwhile is kept for the next
+        reads."""
+        sock = self._socket()
+        deadline = time.monotonic() + seconds
+        while (left := deadline - time.monotonic()) > 0:
+            ready, _, _ = select.select([sock], [], [], left)
+            if not ready:
+                break
+            try:
+                chunk = sock.recv(RECV_BYTES)
+            except OSError:
+                chunk = b""
+            if not chunk:
+                self._broken("read", "the socket was closed")
+                return True
+            self._buf += chunk
+        return False
 
     def message_type(self, name: str) -> MessageType:
         found = self._types.get(name)
