@@ -113,6 +113,12 @@ def configure_linux_side(spec: HostLinkSpec, mtu: int, *, default_route: bool = 
         if index is None:
             raise HostError(f"interface {spec.linux_ifname} not found in "
                             f"{'netns ' + spec.netns if spec.netns else 'the host namespace'}")
+        link = ipr.get_links(index)[0]
+        if link.get_attr("IFLA_ADDRESS") != spec.linux_mac:
+            # The end outlived its MAC: the node's number changed (it left the mesh and
+            # joined again) and VPP's neighbor entry for it now says another MAC, so
+            # every frame VPP sends it would be dropped as meant for another host.
+            ipr.link("set", index=index, address=spec.linux_mac)
         ipr.link("set", index=index, mtu=mtu, state="up")
         if spec.kind == "af_packet":
             set_offloads(spec.linux_ifname, spec.netns, spec.offloads)
