@@ -391,7 +391,8 @@ def render_table(result: dict[str, Any]) -> str:
                      f"{f['outage_s']:.2f} s, {f['pings_lost']} pings lost, "
                      f"{f['tcp_stalls']} stalls, agreed after "
                      f"{_cell(f.get('agreed_after_s'))} s"
-                     + (f" ({f['error']})" if f.get("error") else ""))
+                     + (f" ({f['error']})" if f.get("error") else "")
+                     + (f" [{f['applied']}]" if f.get("applied") else ""))
     lines += ["", f"Machine: {m.get('cpu_model')}, {m.get('cores')} cores ({flags}), kernel "
               f"{m.get('kernel')}. {result.get('notes', '')}".rstrip(), ""]
     return "\n".join(lines)
