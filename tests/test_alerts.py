@@ -256,7 +256,7 @@ def api(port: int, path: str, **params: str) -> Any:
     return answer["data"]
 
 
-def wait_for(what: str, check: Any, log: Path, timeout: float = 30.0) -> Any:
+def prometheus_answer(what: str, check: Any, log: Path, timeout: float = 30.0) -> Any:
     deadline = time.monotonic() + timeout
     while True:
         try:
@@ -275,9 +275,9 @@ def wait_for(what: str, check: Any, log: Path, timeout: float = 30.0) -> Any:
 def prometheus(tmp_path: Path) -> Iterator[tuple[int, Path]]:
     """A real Prometheus scraping an in-process agent endpoint over HTTPS with a client
     certificate every second, the shipped rules loaded; (its port, its log)."""
-    from test_metrics import _pki
+    from vppmesh.testing.pki import make_pki
 
-    pki = _pki(tmp_path)
+    pki = make_pki(tmp_path)
     server = MetricsServer(one_peer_metrics(), ("127.0.0.1", 0),
                            MetricsTls(cert=pki.cert, key=pki.key, client_ca=pki.ca)).start()
     config = tmp_path / "prometheus.yml"
@@ -312,7 +312,7 @@ def prometheus(tmp_path: Path) -> Iterator[tuple[int, Path]]:
 def test_real_prometheus_scrapes_the_agent_over_tls_and_evaluates_rules_and_dashboard(
         prometheus: tuple[int, Path]) -> None:
     port, log = prometheus
-    secret = wait_for("vppmesh_peer_forward_secret", lambda: api(
+    secret = prometheus_answer("vppmesh_peer_forward_secret", lambda: api(
         port, "query", query="vppmesh_peer_forward_secret")["result"], log)
     assert {(s["metric"]["peer"], s["metric"]["direction"], s["metric"]["job"]): s["value"][1]
             for s in secret} == {("node2", "outbound", "vppmesh"): "1",
@@ -324,7 +324,7 @@ def test_real_prometheus_scrapes_the_agent_over_tls_and_evaluates_rules_and_dash
     # VppmeshPairNotForwardSecret pending (it fires after 15 minutes), nothing else.
     def pending() -> list[dict[str, Any]]:
         return [a for a in api(port, "alerts")["alerts"] if a["state"] == "pending"]
-    alerts = wait_for("a pending alert", pending, log)
+    alerts = prometheus_answer("a pending alert", pending, log)
     assert [(a["labels"]["alertname"], a["labels"]["peer"], a["labels"]["direction"])
             for a in alerts] == [("VppmeshPairNotForwardSecret", "node2", "inbound")]
     rules = [r for g in api(port, "rules")["groups"] for r in g["rules"]]
@@ -348,7 +348,7 @@ def test_real_prometheus_scrapes_the_agent_over_tls_and_evaluates_rules_and_dash
         if re.search(r"> 0\s*$", expr):
             answered(expr)
             continue
-        wait_for(f"{where}: {expr}", lambda e=expr: answered(e), log, timeout=10)
+        prometheus_answer(f"{where}: {expr}", lambda e=expr: answered(e), log, timeout=10)
 
 
 if __name__ == "__main__":

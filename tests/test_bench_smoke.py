@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import vpp_binary
 from pyroute2 import IPRoute  # type: ignore[import-untyped]
 
 from benchmarks import netns
@@ -20,6 +19,7 @@ from benchmarks.contenders.base import Contender
 from benchmarks.harness import QUICK_STREAMS, exclusive_run, measure
 from benchmarks.models import RunReport
 from benchmarks.topology import Topology
+from vppmesh.testing.vpp_helpers import vpp_binary
 
 pytestmark = pytest.mark.root
 

@@ -14,9 +14,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import require_vpp
 
 from benchmarks.capacity.rig import CONTENDERS
+from vppmesh.testing.vpp_helpers import require_vpp
 
 pytestmark = [pytest.mark.vpp, pytest.mark.root]
 

@@ -6,12 +6,12 @@ steps (vppmesh/clock.py, tests/test_clock.py); the channel must not rely on that
 from __future__ import annotations
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
-from test_channel_session import ADDRESSES, PSK, Net, up
 
 from vppmesh.channel import messages as m
 from vppmesh.channel import session as s
 from vppmesh.channel.noise import public_bytes
 from vppmesh.keys import NodeSecrets
+from vppmesh.testing.channel_net import ADDRESSES, PSK, Net, up
 
 HOUR = 3600.0
 

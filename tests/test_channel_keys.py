@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-from conftest import make_mesh
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from hypothesis import given, settings
@@ -17,6 +16,7 @@ from vppmesh.keys import (
     derive_sa_key_ephemeral,
     pair_secret,
 )
+from vppmesh.testing.meshes import make_mesh
 
 SECRETS = st.binary(min_size=32, max_size=32)
 NAMES = st.text(alphabet="abcdefgh0123456789-", min_size=1, max_size=12)

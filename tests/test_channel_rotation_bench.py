@@ -83,7 +83,7 @@ def test_report_adds_the_reconcile_and_the_runs_events_wake() -> None:
 @pytest.mark.vpp
 @pytest.mark.root
 def test_channel_rotation_steps_reconcile_against_vpp() -> None:
-    from conftest import require_vpp
+    from vppmesh.testing.vpp_helpers import require_vpp
 
     require_vpp()
     found = rotation.measure_vpp(6, 2, 2, "vrt-", Path("/run/vppmesh-vrt"), "256M")

@@ -19,14 +19,8 @@ from vppmesh.channel.messages import MAX_DATAGRAM, Drop
 from vppmesh.channel.noise import public_bytes
 from vppmesh.keys import NodeSecrets
 from vppmesh.startup import Instance, load_profile, render
+from vppmesh.testing.fake_punt import punted
 from vppmesh.vpp import punt
-
-ETHERNET = bytes(12) + b"\x08\x00"
-
-
-def punted(packet: bytes, sw_if_index: int = 3) -> bytes:
-    """What VPP writes to the agent: descriptor, the L2 header, the packet."""
-    return t.PACKETDESC.pack(sw_if_index, t.PUNT_L2) + ETHERNET + packet
 
 
 @pytest.mark.parametrize("source,destination", [
@@ -37,7 +31,7 @@ def test_channel_packets_round_trip_with_valid_checksums(source: t.Address,
                                                          destination: t.Address) -> None:
     payload = b"\x01\x03hello channel"
     packet = t.build_packet(source, destination, payload)
-    parsed = t.parse_punted(punted(packet))
+    parsed = t.parse_punted(punted(packet, sw_if_index=3))
     assert parsed == t.Punted(3, source, destination, payload)
     if packet[0] >> 4 == 4:
         assert t.checksum(packet[:20]) == 0  # header checksum verifies

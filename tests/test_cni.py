@@ -10,8 +10,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import make_mesh
-from fake_vpp import FakeVpp
 
 from vppmesh import endpoints
 from vppmesh.cni import run
@@ -31,6 +29,9 @@ from vppmesh.cni.store import AttachmentStore
 from vppmesh.config import dump_mesh
 from vppmesh.plan import HostOptions, plan
 from vppmesh.reconcile import reconcile
+from vppmesh.testing.cni import fake_ipam
+from vppmesh.testing.fake_vpp import FakeVpp
+from vppmesh.testing.meshes import make_mesh
 from vppmesh.view import build_view
 
 ENV = {"CNI_COMMAND": "ADD", "CNI_CONTAINERID": "abc123", "CNI_NETNS": "/proc/self/ns/net",
@@ -216,22 +217,6 @@ def test_pod_names_fit_linux_and_vpp_limits() -> None:
 
 
 # ---- IPAM delegation ------------------------------------------------------------------
-def fake_ipam(tmp_path: Path, body: str, exit_code: int = 0) -> Path:
-    """An executable that records its stdin and environment and answers `body`."""
-    script = tmp_path / "host-local"
-    script.write_text(f"""#!/bin/sh
-cat > {tmp_path}/stdin.json
-env > {tmp_path}/env.txt
-if [ "$CNI_COMMAND" = VERSION ]; then
-  echo '{{"cniVersion":"1.0.0","supportedVersions":["0.4.0","1.0.0"]}}'; exit 0
-fi
-echo '{body}'
-exit {exit_code}
-""")
-    script.chmod(script.stat().st_mode | stat.S_IXUSR)
-    return script
-
-
 def test_ipam_is_run_like_a_plugin(tmp_path: Path) -> None:
     fake_ipam(tmp_path, '{"cniVersion":"1.0.0","ips":[{"address":"198.18.1.2/24"}]}')
     body = {"cniVersion": "1.1.0", "name": "n", "ipam": {"type": "host-local"}}

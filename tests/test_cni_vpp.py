@@ -15,11 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import vpp_helpers
 
 from vppmesh.lab.demo import outbound_packets
 from vppmesh.lab.testbed import Testbed, in_ns
 from vppmesh.state import GATEWAY_TAG
+from vppmesh.testing import vpp_helpers
 from vppmesh.vpp import interfaces, routes
 from vppmesh.vpp.client import VppClient
 

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import make_mesh
 
 from vppmesh.config import dump_mesh, load_mesh, parse_mesh
 from vppmesh.errors import ConfigError
+from vppmesh.testing.meshes import make_mesh
 
 
 def mesh_data(n: int = 3, tunnels: int = 2) -> dict:

@@ -2,7 +2,7 @@
 peer (idle pairs too, by agreement, never onto a static key), and the agent's control
 socket (vppmesh/control.py) answers per peer once the peers acknowledged, or why not.
 
-Agents on fake VPPs joined by a punt relay (test_forward_secrecy.Agents), one fake clock;
+Agents on fake VPPs joined by a punt relay (vppmesh.testing.agents.Agents), one fake clock;
 the control socket's clients run in threads, as `vppmesh rekey` would. `-k
 forward_secrecy` selects the agent tests, `-k control` all of them."""
 
@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_forward_secrecy import Agents, short_tmp, static_keys
 from typer.testing import CliRunner
 
 from vppmesh import control
@@ -27,6 +26,7 @@ from vppmesh.control import Control, request
 from vppmesh.epochs import GenerationStore
 from vppmesh.errors import VppMeshError
 from vppmesh.node import up
+from vppmesh.testing.agents import Agents, short_tmp, static_keys
 
 
 def settled_idle(count: int = 3) -> Agents:

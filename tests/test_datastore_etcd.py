@@ -10,14 +10,10 @@ import logging
 import re
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import make_mesh
-from conftest import wait_for as shared_wait_for
-from etcd_server import EtcdServer, running_etcd
-from fake_vpp import FakeVpp
 
 from vppmesh.config import Mesh
 from vppmesh.datastore.agent import DatastoreOptions, LocalNode, MembershipAgent
@@ -26,6 +22,10 @@ from vppmesh.datastore.records import DatastoreUrl, assemble
 from vppmesh.keys import private_key_b64
 from vppmesh.node import NodeOptions
 from vppmesh.state import SA_DIRECTION_BIT, is_owned_sa_id, split_tunnel_instance
+from vppmesh.testing.etcd_server import EtcdServer, running_etcd
+from vppmesh.testing.fake_vpp import FakeVpp
+from vppmesh.testing.meshes import make_mesh
+from vppmesh.testing.wait import wait_for
 
 TTL = 2  # etcd's minimum lease
 
@@ -41,10 +41,6 @@ def store(etcd: EtcdServer, request: pytest.FixtureRequest) -> EtcdStore:
     # A prefix per test: tests do not see each other's records.
     name = re.sub(r"[^A-Za-z0-9._-]", "-", request.node.name)
     return EtcdStore(DatastoreUrl.parse(etcd.url(f"/t/{name}")))
-
-
-def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> float:
-    return shared_wait_for(condition, timeout, what, interval=0.05)
 
 
 def test_settings_are_stored_once(store: EtcdStore) -> None:
@@ -239,7 +235,7 @@ def test_tls_with_client_certificates(tmp_path: Path) -> None:
 
 
 def test_agents_recover_from_an_etcd_restart(tmp_path: Path) -> None:
-    from etcd_server import free_port
+    from vppmesh.testing.etcd_server import free_port
 
     ports = (free_port(), free_port())
     data = tmp_path / "etcd"

@@ -20,12 +20,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import vpp_helpers
-from conftest import stop_process, wait_for
-from etcd_server import EtcdServer, require_etcd
 
+from benchmarks.netns import stop_process
 from vppmesh.lab.testbed import NodeHandle, Testbed, in_ns
 from vppmesh.state import is_owned_sa_id, is_owned_tunnel_instance, split_tunnel_instance
+from vppmesh.testing import vpp_helpers
+from vppmesh.testing.etcd_server import EtcdServer, require_etcd
+from vppmesh.testing.wait import wait_for
 from vppmesh.vpp import interfaces, ipip, ipsec
 from vppmesh.vpp.client import VppClient
 

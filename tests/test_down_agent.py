@@ -26,9 +26,6 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
-from conftest import make_mesh, wait_for
-from fake_vpp import FakeVpp
-from test_forward_secrecy import short_tmp
 from typer.testing import CliRunner, Result
 
 from vppmesh import control, presence, unit, watch
@@ -39,6 +36,10 @@ from vppmesh.control import Control, request
 from vppmesh.epochs import GenerationStore
 from vppmesh.errors import VppUnavailableError
 from vppmesh.keys import private_key_b64, write_secret_file
+from vppmesh.testing.agents import short_tmp
+from vppmesh.testing.fake_vpp import FakeVpp
+from vppmesh.testing.meshes import make_mesh
+from vppmesh.testing.wait import wait_for
 
 
 def owned(vpp: FakeVpp) -> int:
@@ -328,9 +329,8 @@ def test_datastore_agent_ends_on_a_stop_request(tmp_path: Path,
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     from dataclasses import replace
 
-    from test_datastore import MemoryStore, agent_options
-
     from vppmesh.datastore.agent import LocalNode, MembershipAgent
+    from vppmesh.testing.datastore import MemoryStore, agent_options
 
     class Store(MemoryStore):
         def watch(self, revision: int, on_change: Any, on_end: Any) -> Any:

@@ -9,8 +9,8 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from test_decoder import definitions
 
+from vppmesh.testing.decoder_types import definitions
 from vppmesh.vpp.decoder import compile_decoder
 from vppmesh.vpp.encoder import compile_encoder
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from fake_vpp import FakeVpp
 
 from vppmesh import engines
 from vppmesh.errors import ConfigError
 from vppmesh.status import crypto_status
+from vppmesh.testing.fake_vpp import FakeVpp
 from vppmesh.vpp import crypto
 
 DATA = Path(__file__).parent / "data"

@@ -5,12 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import require_vpp
 
 from vppmesh import engines
 from vppmesh.errors import ConfigError
 from vppmesh.lab.testbed import single_vpp
 from vppmesh.status import crypto_status
+from vppmesh.testing.vpp_helpers import require_vpp
 from vppmesh.vpp import crypto
 from vppmesh.vpp.client import VppClient
 

@@ -5,31 +5,19 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import make_mesh
-from fake_vpp import FakeVpp
 
-from vppmesh.config import MeshSettings, dump_mesh
+from vppmesh.config import MeshSettings
 from vppmesh.epochs import (
     WINDOW,
     GenerationStore,
-    PeerGenerations,
     PeerObservation,
     advance,
 )
 from vppmesh.errors import ConfigError
-from vppmesh.keys import private_key_b64, write_secret_file
-from vppmesh.node import NodeOptions, up
 from vppmesh.state import SA_DIRECTION_BIT
+from vppmesh.testing.agents import Pair, fresh, never
 
 SETTINGS = MeshSettings(rekey_interval=0, rekey_grace=10)
-
-
-def fresh(out: int = 0, floor: int = 0, base: int = 0, since: float = 0.0) -> PeerGenerations:
-    return PeerGenerations(public_key="k", out=out, out_since=since, floor=floor, in_base=base)
-
-
-def never(_g: int) -> bool:
-    return False
 
 
 def test_agent_restart_keeps_the_installed_generation() -> None:
@@ -191,55 +179,6 @@ def test_generation_file_is_private_and_edits_are_refused(tmp_path: Path) -> Non
 
 
 # ---- two agents, two fake VPPs ------------------------------------------------------
-
-class Pair:
-    """node1 and node2, each an agent with its own state dir and fake VPP."""
-
-    def __init__(self, tmp: Path, **settings: object) -> None:
-        self.mesh, self.secrets = make_mesh(2, 2, rekey_grace=10, rekey_interval=0, **settings)
-        self.mesh_file = tmp / "mesh.yaml"
-        self.mesh_file.write_text(dump_mesh(self.mesh))
-        self.opts = {}
-        self.vpp = {}
-        for name in ("node1", "node2"):
-            key = tmp / f"{name}.key"
-            write_secret_file(key, private_key_b64(self.secrets[name].private_key), force=True)
-            self.opts[name] = NodeOptions(mesh_file=self.mesh_file, node=name, private_key=key,
-                                          host_link="none", workers=0, state_dir=tmp / name)
-            self.restart_vpp(name)
-
-    def restart_vpp(self, name: str) -> None:
-        self.vpp[name] = FakeVpp.with_uplink(self.mesh.node(name).primary)
-
-    def run(self, name: str, now: float, rekey: bool = False):  # type: ignore[no-untyped-def]
-        return up(self.opts[name], api=self.vpp[name], now=now, rekey=rekey)
-
-    def traffic(self, sender: str, receiver: str, packets: int = 100) -> None:
-        """Packets on the sender's current outbound SAs reach the receiver's inbound SAs."""
-        out = {sa["entry"]["spi"]: sa for sa in self.vpp[sender].sas.values()
-               if sa["entry"]["sad_id"] & SA_DIRECTION_BIT}
-        for spi, sa in out.items():
-            sa["seq_out"] = sa.get("seq_out", 0) + packets
-            inbound = [s for s in self.vpp[receiver].sas.values()
-                       if not s["entry"]["sad_id"] & SA_DIRECTION_BIT
-                       and s["entry"]["spi"] == spi]
-            if inbound:
-                inbound[0]["last_seq_in"] = sa["seq_out"]
-
-    def link_ok(self, sender: str, receiver: str) -> bool:
-        """Every outbound SA of the sender has its twin (SPI, key, salt) at the receiver."""
-        inbound = {(s["entry"]["spi"], bytes(s["entry"]["crypto_key"]["data"]),
-                    s["entry"]["salt"])
-                   for s in self.vpp[receiver].sas.values()
-                   if not s["entry"]["sad_id"] & SA_DIRECTION_BIT}
-        out = [(s["entry"]["spi"], bytes(s["entry"]["crypto_key"]["data"]), s["entry"]["salt"])
-               for s in self.vpp[sender].sas.values() if s["entry"]["sad_id"] & SA_DIRECTION_BIT]
-        return bool(out) and all(o in inbound for o in out)
-
-    def out_generation(self, name: str) -> set[int]:
-        return {s["entry"]["spi"] & 0xF for s in self.vpp[name].sas.values()
-                if s["entry"]["sad_id"] & SA_DIRECTION_BIT}
-
 
 def test_vpp_restart_steps_to_a_generation_the_peer_already_accepts(tmp_path: Path) -> None:
     pair = Pair(tmp_path)

@@ -9,12 +9,11 @@ import json
 import time
 from pathlib import Path
 
-from test_epochs import Pair, fresh, never
-
 from vppmesh.clock import boot_id
 from vppmesh.config import MeshSettings
 from vppmesh.epochs import PeerObservation, PeerSaid, advance, age
 from vppmesh.node import up
+from vppmesh.testing.agents import Pair, fresh, never
 
 HOUR = 3600.0
 NOW = 50_000.0

@@ -1,4 +1,4 @@
-"""The independent ESP decryptor (tests/esp_decrypt.py) against packets built here.
+"""The independent ESP decryptor (vppmesh/testing/esp_decrypt.py) against packets built here.
 
 Packets are sealed with AESGCM directly and framed with scapy, so the decryptor's
 parsing and AAD are checked against RFC 4106 and the wire formats, not against itself.
@@ -10,9 +10,7 @@ import base64
 import struct
 from pathlib import Path
 
-import esp_decrypt
 import pytest
-from conftest import make_mesh
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from scapy.layers.inet import IP, UDP
 from scapy.layers.inet6 import IPv6, IPv6ExtHdrDestOpt, IPv6ExtHdrFragment
@@ -21,6 +19,8 @@ from scapy.layers.l2 import ARP, CookedLinux, CookedLinuxV2, Dot1Q, Ether
 from vppmesh.config import dump_mesh
 from vppmesh.epochs import WINDOW, GenerationState, PeerGenerations
 from vppmesh.keys import private_key_b64, spi_for, write_secret_file
+from vppmesh.testing import esp_decrypt
+from vppmesh.testing.meshes import make_mesh
 from vppmesh.view import build_view
 
 KEY = bytes(range(32))

@@ -1,4 +1,4 @@
-"""The ESP decryptor (tests/esp_decrypt.py) against what real VPPs put on the wire.
+"""The ESP decryptor (vppmesh/testing/esp_decrypt.py) against what real VPPs put on the wire.
 
 A 2-node testbed pings pod to pod while tcpdump records the underlay bridge. The key VPP
 holds for the outbound SA (`vppctl show ipsec sa <index>`) must open every recorded packet
@@ -14,13 +14,12 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import esp_decrypt
 import pytest
-import vpp_helpers
-from conftest import wait_for
 
 from vppmesh.epochs import GenerationStore
 from vppmesh.keys import spi_for, spi_tunnel
+from vppmesh.testing import esp_decrypt, vpp_helpers
+from vppmesh.testing.wait import wait_for
 
 pytestmark = [pytest.mark.vpp]
 PREFIX = "ved-"

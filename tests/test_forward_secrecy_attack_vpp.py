@@ -34,11 +34,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import esp_decrypt
 import pytest
-import vpp_helpers
 import yaml
-from conftest import wait_for
 
 from vppmesh.channel import messages as m
 from vppmesh.channel.endpoint import PORT
@@ -47,6 +44,8 @@ from vppmesh.keys import spi_for
 from vppmesh.lab.testbed import NodeHandle, Testbed, _uplink_mac, in_ns
 from vppmesh.lab.wallclock import wall_stepped
 from vppmesh.secrecy import pair_secrecy
+from vppmesh.testing import CHANNEL_PACKETS, esp_decrypt, vpp_helpers
+from vppmesh.testing.wait import wait_for
 from vppmesh.vpp import ipsec
 from vppmesh.vpp.client import VppClient
 
@@ -56,7 +55,7 @@ BASE = Path("/run/vppmesh-vfa")
 GRACE = 1.0
 KEY_SECONDS = 60  # key_max_seconds (its minimum): a key is replaced at 30 s, dead at 60 s
 METRICS = "127.0.0.1:9477"  # each agent's, in its node's namespace
-CRAFT = Path(__file__).parent / "channel_packets.py"
+CRAFT = CHANNEL_PACKETS
 TABLE = "vppmesh_attack"
 
 

@@ -19,8 +19,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from conftest import make_mesh
-from fake_vpp import FakeVpp
 
 from vppmesh.channel import messages as m
 from vppmesh.channel import transport as t
@@ -28,18 +26,13 @@ from vppmesh.config import Mesh, NatSettings
 from vppmesh.epochs import GenerationState, PeerGenerations
 from vppmesh.secrecy import NAT_KEEPALIVE_INTERVAL, Secrecy
 from vppmesh.state import SA_DIRECTION_BIT, sa_peer
+from vppmesh.testing.fake_punt import punted
+from vppmesh.testing.fake_vpp import FakeVpp
+from vppmesh.testing.meshes import make_mesh
 from vppmesh.underlay import NAT_T_PORT
 from vppmesh.view import LocalView, build_view
 
 PUBLIC = "192.0.2.250"
-ETHERNET = bytes(12) + b"\x08\x00"
-
-
-def punted(packet: bytes) -> bytes:
-    """What VPP writes to the agent: descriptor, the L2 header, the packet."""
-    return t.PACKETDESC.pack(3, t.PUNT_L2) + ETHERNET + packet
-
-
 def udp_fields(packet: bytes) -> tuple[t.Address, t.Address, bytes]:
     """(source, destination, payload) of an IPv4 UDP packet without options."""
     src, dst = ipaddress.IPv4Address(packet[12:16]), ipaddress.IPv4Address(packet[16:20])

@@ -31,13 +31,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import vpp_helpers
-from conftest import wait_for
-from test_forward_secrecy_vpp import all_forward_secret, peer_state
 
 from vppmesh.config import load_mesh
 from vppmesh.lab.testbed import NAT_OUTSIDE, NAT_RANDOM_PORTS, NodeHandle, Testbed, in_ns
 from vppmesh.secrecy import NAT_KEEPALIVE_INTERVAL
+from vppmesh.testing import vpp_helpers
+from vppmesh.testing.vpp_helpers import all_forward_secret, peer_state
+from vppmesh.testing.wait import wait_for
 from vppmesh.underlay import NAT_T_PORT
 from vppmesh.vpp import ipsec, punt
 from vppmesh.vpp.client import VppClient

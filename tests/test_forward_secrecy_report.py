@@ -12,8 +12,6 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from conftest import make_mesh
-from fake_vpp import FakeVpp
 from typer.testing import CliRunner, Result
 
 from vppmesh.cli import app
@@ -23,6 +21,8 @@ from vppmesh.keys import private_key_b64, write_secret_file
 from vppmesh.node import NodeOptions, up
 from vppmesh.secrecy import PairSecrecy
 from vppmesh.status import keys_kind, secrecy_summary
+from vppmesh.testing.fake_vpp import FakeVpp
+from vppmesh.testing.meshes import make_mesh
 
 FIX = "run `vppmesh up --watch` (the agent) on both nodes"
 

@@ -30,16 +30,15 @@ from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 
-import esp_decrypt
 import pytest
-import vpp_helpers
 import yaml
-from conftest import wait_for
 
 from vppmesh.epochs import GenerationStore, PeerGenerations
 from vppmesh.keys import spi_for
 from vppmesh.lab.testbed import NodeHandle, Testbed
 from vppmesh.secrecy import pair_secrecy
+from vppmesh.testing import esp_decrypt, vpp_helpers
+from vppmesh.testing.wait import wait_for
 from vppmesh.vpp import ipsec
 from vppmesh.vpp.client import VppClient
 

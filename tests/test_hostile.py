@@ -13,17 +13,17 @@ import time
 from pathlib import Path
 
 import pytest
-import vpp_helpers
 
 from vppmesh.keys import spi_for
 from vppmesh.lab.testbed import Testbed, _uplink_mac, in_ns
+from vppmesh.testing import HOSTILE_PACKETS, vpp_helpers
 from vppmesh.vpp import ipsec
 from vppmesh.vpp.client import VppClient
 
 pytestmark = [pytest.mark.vpp]
 PREFIX = "vmr-"
 BASE = Path("/run/vppmesh-vmr")
-CRAFT = Path(__file__).parent / "hostile_packets.py"
+CRAFT = HOSTILE_PACKETS
 
 bed = vpp_helpers.bed_fixture(lambda: pytest.importorskip("scapy"), nodes=2, tunnels=2, pods=1,
                               workers=0, prefix=PREFIX, base_dir=BASE)

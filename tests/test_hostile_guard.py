@@ -6,10 +6,10 @@ from __future__ import annotations
 import ipaddress
 
 import pytest
-from fake_vpp import FakeVpp
 
 from vppmesh import guard
 from vppmesh.errors import ConfigError
+from vppmesh.testing.fake_vpp import FakeVpp
 from vppmesh.vpp import classify, interfaces
 
 PRIMARY = ipaddress.IPv4Interface("192.0.2.11/24")

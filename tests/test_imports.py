@@ -120,3 +120,83 @@ def test_the_cycle_finder_finds_a_cycle_through_a_function_level_import(
                       "    from vppmesh import watch\ndef f():\n    from vppmesh import node\n")
     known = {"vppmesh.node", "vppmesh.m", "vppmesh.watch"}
     assert imports("vppmesh.m", source, known) == {"vppmesh.node"}
+
+
+# ---- test support is a package: no sys.path games, no test imports another ----------------
+
+TESTS = ROOT / "tests"
+TESTING = "vppmesh.testing"
+
+
+def path_changes(path: Path) -> list[str]:
+    """Every `sys.path.<insert|append|extend>(...)` call and `sys.path = ...` in the file."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        target = node.func if isinstance(node, ast.Call) else None
+        if isinstance(node, ast.Assign | ast.AugAssign):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            found += [f"{path.name}:{node.lineno}" for t in targets
+                      if ast.unparse(t) == "sys.path"]
+        elif isinstance(target, ast.Attribute) and ast.unparse(target.value) == "sys.path" \
+                and target.attr in ("insert", "append", "extend"):
+            found.append(f"{path.name}:{node.lineno}")
+    return sorted(found, key=lambda place: int(place.rpartition(":")[2]))
+
+
+def imported_modules(path: Path) -> set[str]:
+    """The absolute names of every module the file imports, anywhere in it."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            found.add(node.module)
+            found.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return found
+
+
+def imports_of_test_modules(path: Path) -> set[str]:
+    """The test modules (`test_*`, conftest) a file imports: tests share helpers through
+    vppmesh/testing, never through each other or pytest's rootdir on sys.path."""
+    return {name for name in imported_modules(path)
+            if name.split(".")[0].startswith("test_") or name.split(".")[0] == "conftest"}
+
+
+
+def test_no_sys_path_games_under_tests_or_in_test_support() -> None:
+    files = [*TESTS.rglob("*.py"), *(PACKAGE / "testing").rglob("*.py")]
+    assert len(files) > 50  # the walk sees the tests at all
+    assert [c for f in files for c in path_changes(f)] == []
+
+
+def test_no_test_module_imports_another() -> None:
+    files = [*TESTS.rglob("*.py"), *(PACKAGE / "testing").rglob("*.py")]
+    found = {f.name: imports_of_test_modules(f) for f in files}
+    assert {name: mods for name, mods in found.items() if mods} == {}
+
+
+def test_vppmesh_never_imports_its_test_support() -> None:
+    """The doubles are for tests: nothing the product runs imports vppmesh.testing."""
+    product = {name: path for name, path in modules().items()
+               if name != TESTING and not name.startswith(TESTING + ".")}
+    known = set(modules())
+    assert "vppmesh.testing.fake_vpp" in known and "vppmesh.node" in product
+    offenders = {name: sorted(m for m in imports(name, path, known) | imported_modules(path)
+                              if m == TESTING or m.startswith(TESTING + "."))
+                 for name, path in product.items()}
+    assert {name: found for name, found in offenders.items() if found} == {}
+
+
+def test_the_test_support_checks_find_what_they_forbid(tmp_path: Path) -> None:
+    games = tmp_path / "test_games.py"
+    games.write_text("import sys\nsys.path.insert(0, 'tests')\nsys.path.append('x')\n"
+                     "sys.path += ['y']\ndef f():\n    from test_epochs import Pair\n"
+                     "    import conftest\n    from vppmesh.testing.agents import Agents\n")
+    assert path_changes(games) == ["test_games.py:2", "test_games.py:3", "test_games.py:4"]
+    assert imports_of_test_modules(games) == {"test_epochs", "test_epochs.Pair",
+                                                          "conftest"}
+    product = tmp_path / "vppmesh" / "m.py"
+    product.parent.mkdir()
+    product.write_text("def f():\n    from vppmesh.testing import fake_vpp\n")
+    known = {"vppmesh.m", "vppmesh.testing", "vppmesh.testing.fake_vpp"}
+    assert "vppmesh.testing.fake_vpp" in imports("vppmesh.m", product, known)

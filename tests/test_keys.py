@@ -8,7 +8,6 @@ import stat
 from pathlib import Path
 
 import pytest
-from conftest import make_mesh
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
@@ -24,6 +23,7 @@ from vppmesh.keys import (
     spi_for,
     write_secret_file,
 )
+from vppmesh.testing.meshes import make_mesh
 
 
 def test_x25519_rfc7748_vector() -> None:

@@ -14,7 +14,6 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
-from conftest import make_mesh
 from prometheus_client import CollectorRegistry, generate_latest
 
 from vppmesh.epochs import GenerationState, PeerGenerations
@@ -32,6 +31,8 @@ from vppmesh.metrics import (
     parse_listen,
 )
 from vppmesh.status import NodeStatus, PeerStatus, SaStatus, TunnelStatus
+from vppmesh.testing.meshes import make_mesh
+from vppmesh.testing.pki import make_pki
 
 
 def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -407,56 +408,6 @@ def test_cli_metrics_option_errors_name_the_option() -> None:
 
 # ---- HTTPS and client certificates ----------------------------------------------------
 
-def _certificate(name: str, key: Any, issuer: tuple[Any, str] | None, *, ca: bool,
-                 serial: int = 1) -> Any:
-    import datetime
-    import ipaddress
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes
-    from cryptography.x509.oid import NameOID
-
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    signer_key, signer_name = issuer if issuer else (key, name)
-    now = datetime.datetime.now(datetime.UTC)
-    builder = (x509.CertificateBuilder().subject_name(subject)
-               .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, signer_name)]))
-               .public_key(key.public_key()).serial_number(serial)
-               .not_valid_before(now - datetime.timedelta(minutes=1))
-               .not_valid_after(now + datetime.timedelta(days=1))
-               .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
-    if not ca:
-        builder = builder.add_extension(x509.SubjectAlternativeName(
-            [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
-    return builder.sign(signer_key, hashes.SHA256())
-
-
-def _pki(tmp_path: Path, serial: int = 1) -> SimpleNamespace:
-    """A CA, a server certificate for 127.0.0.1 and a client certificate, as PEM files."""
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-
-    def write(name: str, cert: Any, key: Any) -> tuple[Path, Path]:
-        cert_path, key_path = tmp_path / f"{name}.pem", tmp_path / f"{name}-key.pem"
-        cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-        key_path.write_bytes(key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption()))
-        key_path.chmod(0o600)
-        return cert_path, key_path
-
-    ca_key, server_key, client_key = (ec.generate_private_key(ec.SECP256R1())
-                                      for _ in range(3))
-    ca = _certificate("test CA", ca_key, None, ca=True)
-    server = _certificate("node1", server_key, (ca_key, "test CA"), ca=False, serial=serial)
-    client = _certificate("prometheus", client_key, (ca_key, "test CA"), ca=False)
-    ca_cert, _ = write("ca", ca, ca_key)
-    server_cert, server_key_path = write("server", server, server_key)
-    client_cert, client_key_path = write("client", client, client_key)
-    return SimpleNamespace(ca=ca_cert, cert=server_cert, key=server_key_path,
-                           client_cert=client_cert, client_key=client_key_path)
-
-
 def _scrape(port: int, pki: SimpleNamespace, *, client_cert: bool) -> tuple[int, int]:
     """(HTTP status, serial of the server's certificate) of one HTTPS scrape."""
     import http.client
@@ -483,7 +434,7 @@ def test_https_endpoint_serves_only_clients_with_a_certificate_from_the_ca(
         tmp_path: Path) -> None:
     import ssl
 
-    pki = _pki(tmp_path)
+    pki = make_pki(tmp_path)
     tls = MetricsTls(cert=pki.cert, key=pki.key, client_ca=pki.ca)
     server = MetricsServer(AgentMetrics(), ("127.0.0.1", 0), tls).start()
     try:
@@ -499,7 +450,7 @@ def test_https_endpoint_serves_only_clients_with_a_certificate_from_the_ca(
 
 
 def test_https_without_client_ca_serves_any_client(tmp_path: Path) -> None:
-    pki = _pki(tmp_path)
+    pki = make_pki(tmp_path)
     server = MetricsServer(AgentMetrics(), ("127.0.0.1", 0),
                            MetricsTls(cert=pki.cert, key=pki.key)).start()
     try:
@@ -510,7 +461,7 @@ def test_https_without_client_ca_serves_any_client(tmp_path: Path) -> None:
 
 
 def test_a_rotated_certificate_is_served_without_a_restart(tmp_path: Path) -> None:
-    pki = _pki(tmp_path)
+    pki = make_pki(tmp_path)
     tls = MetricsTls(cert=pki.cert, key=pki.key, reload_seconds=0.0)
     server = MetricsServer(AgentMetrics(), ("127.0.0.1", 0), tls).start()
     try:
@@ -518,7 +469,7 @@ def test_a_rotated_certificate_is_served_without_a_restart(tmp_path: Path) -> No
         # A rotation that does not load (certificate and key from different pairs)
         # keeps the previous certificate.
         (tmp_path / "renewed").mkdir()
-        renewed = _pki(tmp_path / "renewed", serial=2)
+        renewed = make_pki(tmp_path / "renewed", serial=2)
         pki.cert.write_bytes(renewed.cert.read_bytes())
         assert _scrape(server.port, pki, client_cert=False)[1] == 1
         # Both files of the new pair: served from the next connection on. The CA changed
@@ -537,7 +488,7 @@ def test_a_rotated_certificate_is_served_without_a_restart(tmp_path: Path) -> No
     (lambda pki: pki.ca.write_text("not a CA"), "--metrics-client-ca: cannot load"),
 ])
 def test_bad_tls_files_are_named(tmp_path: Path, change: Any, expected: str) -> None:
-    pki = _pki(tmp_path)
+    pki = make_pki(tmp_path)
     change(pki)
     with pytest.raises(ConfigError, match=expected):
         MetricsTls(cert=pki.cert, key=pki.key, client_ca=pki.ca).context()

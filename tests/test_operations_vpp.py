@@ -23,18 +23,19 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import vpp_helpers
-from conftest import stop_process, wait_for
 
+from benchmarks.netns import stop_process
 from vppmesh.lab.testbed import NodeHandle, Testbed, _uplink_mac, find_vpp, in_ns, sh
 from vppmesh.metrics import families
+from vppmesh.testing import HOSTILE_PACKETS, vpp_helpers
+from vppmesh.testing.wait import wait_for
 from vppmesh.vpp import ipsec
 from vppmesh.vpp.client import VppClient
 
 pytestmark = [pytest.mark.vpp]
 PREFIX = "vmx-"
 BASE = Path("/run/vppmesh-vmx")
-CRAFT = Path(__file__).parent / "hostile_packets.py"
+CRAFT = HOSTILE_PACKETS
 METRICS = "127.0.0.1:9477"
 RESTARTS = 3
 GRACE = 2.0
@@ -163,7 +164,7 @@ def test_metrics_follow_traffic_replays_and_reconciles(
           f"{total(second, 'vppmesh_tunnel_packets_total', direction='out'):.0f}, "
           f"reconcile polls {total(second, 'vppmesh_reconcile_duration_seconds_count'):.0f}")
 
-    # Hostile ESP against n2 (tests/hostile_packets.py): the replay counter rises, and
+    # Hostile ESP against n2 (vppmesh/testing/hostile_packets.py): the replay counter rises, and
     # forged, unknown-SPI and plain IPIP packets land in their counters too.
     pytest.importorskip("scapy")
     before = agents[n2.name].scrape()

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import pytest
-from conftest import make_mesh
 
 from vppmesh.plan import HostOptions, plan
 from vppmesh.state import is_owned_sa_id, is_owned_tunnel_instance
+from vppmesh.testing.meshes import make_mesh
 from vppmesh.view import build_view
 
 

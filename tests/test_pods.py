@@ -11,9 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import make_mesh
-from fake_vpp import FakeVpp
-from test_cni import fake_ipam
 
 from vppmesh import endpoints
 from vppmesh import host as linux
@@ -21,18 +18,9 @@ from vppmesh.cni import reattach
 from vppmesh.cni.commands import pod_names, spec_of
 from vppmesh.cni.models import Attachment
 from vppmesh.cni.store import AttachmentStore
-from vppmesh.plan import HostOptions, plan
-from vppmesh.reconcile import reconcile
-from vppmesh.view import build_view
-
-
-def meshed() -> FakeVpp:
-    """A VPP that `up` programmed (gateway, VRF): what a restarted VPP looks like once the
-    agent's reconcile ran, before the pods are back."""
-    mesh, secrets = make_mesh(2)
-    vpp = FakeVpp.with_uplink(mesh.node("node1").primary)
-    reconcile(vpp, plan(build_view(mesh, "node1", secrets["node1"]), host=HostOptions(kind="none")))
-    return vpp
+from vppmesh.testing.cni import fake_ipam, meshed
+from vppmesh.testing.fake_vpp import FakeVpp
+from vppmesh.testing.meshes import make_mesh
 
 
 def record(container: str, index: int, netns: str, **fields: Any) -> Attachment:
@@ -163,9 +151,8 @@ def test_datastore_agent_reattaches_pods_on_a_new_vpp(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """`up --watch --datastore` does what node.Session does: pods come back on the first
     sync with a (new) VPP connection, and are not looked at on every sync."""
-    from test_datastore import MemoryStore, agent_options
-
     from vppmesh.datastore.agent import LocalNode, MembershipAgent
+    from vppmesh.testing.datastore import MemoryStore, agent_options
 
     Linux(monkeypatch, problems=[])
     mesh, secrets = make_mesh(2)
@@ -227,10 +214,9 @@ def test_watch_session_reattaches_pods_after_a_reconnect(
 def test_datastore_agent_fills_the_metrics(tmp_path: Path) -> None:
     """With --metrics, `up --watch --datastore` records each sync and takes snapshots
     from VPP, as the file-based watch loop does."""
-    from test_datastore import MemoryStore, agent_options
-
     from vppmesh.datastore.agent import LocalNode, MembershipAgent
     from vppmesh.metrics import AgentMetrics
+    from vppmesh.testing.datastore import MemoryStore, agent_options
 
     mesh, secrets = make_mesh(3)
     datastore = MemoryStore(mesh.settings)

@@ -9,14 +9,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import make_mesh
-from fake_vpp import FakeVpp
 
 from vppmesh import node as agent
 from vppmesh import preflight, uplink
 from vppmesh.config import dump_mesh
 from vppmesh.errors import ConfigError
 from vppmesh.keys import private_key_b64, write_secret_file
+from vppmesh.testing.fake_vpp import FakeVpp
+from vppmesh.testing.meshes import make_mesh
 from vppmesh.uplink import SavedAddress, SavedUplink, UplinkSpec
 
 

@@ -11,10 +11,8 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import make_mesh
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_epochs import Pair
 
 from vppmesh.config import (
     KEY_EPOCH_MAX,
@@ -26,6 +24,8 @@ from vppmesh.config import (
 )
 from vppmesh.errors import ConfigError
 from vppmesh.plan import HostOptions, plan
+from vppmesh.testing.agents import Pair
+from vppmesh.testing.meshes import make_mesh
 from vppmesh.view import build_view
 
 BASE_MESH, BASE_SECRETS = make_mesh(3, 2)

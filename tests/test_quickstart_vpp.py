@@ -33,21 +33,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import vpp_helpers
 import yaml
-from conftest import require_vpp, stop_process, wait_for
-from etcd_server import require_etcd
-from vpp_helpers import (
-    etcd_url,
-    iperf3_server,
-    management_etcd,
-    on_demand_rekeys,
-    ping_ok,
-    plan_changes,
-    settled_on_agreed_keys,
-    start_datastore_agent,
-)
 
+from benchmarks.netns import stop_process
 from vppmesh import engines
 from vppmesh.errors import ConfigError
 from vppmesh.lab.testbed import (
@@ -62,6 +50,20 @@ from vppmesh.lab.testbed import (
 )
 from vppmesh.startup import Instance, load_profile, render
 from vppmesh.state import is_owned_sa_id, is_owned_tunnel_instance
+from vppmesh.testing import vpp_helpers
+from vppmesh.testing.etcd_server import require_etcd
+from vppmesh.testing.vpp_helpers import (
+    etcd_url,
+    iperf3_server,
+    management_etcd,
+    on_demand_rekeys,
+    ping_ok,
+    plan_changes,
+    require_vpp,
+    settled_on_agreed_keys,
+    start_datastore_agent,
+)
+from vppmesh.testing.wait import wait_for
 from vppmesh.vpp import compat, host_interfaces, interfaces, ipip, ipsec, routes
 from vppmesh.vpp.client import VppClient
 from vppmesh.vpp.compat import VppIncompatibleError
@@ -304,7 +306,7 @@ def iperf_gbits(src: NodeHandle, dst: NodeHandle, seconds: int = 5) -> tuple[flo
 def test_mesh_over_af_xdp_uplinks_and_restore(bed: Testbed) -> None:
     """`up --take-uplink eth0 --uplink-driver af_xdp`: the mesh runs over VPP's af_xdp
     NICs, and `uplink restore` gives each host its NIC back."""
-    from test_uplink_vpp import require_bpffs
+    from vppmesh.testing.vpp_helpers import require_bpffs
 
     require_bpffs()
     for node in bed.nodes:

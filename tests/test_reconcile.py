@@ -6,8 +6,6 @@ import ipaddress
 from pathlib import Path
 
 import pytest
-from conftest import make_mesh
-from fake_vpp import FakeVpp
 
 from vppmesh import guard, host
 from vppmesh.errors import ConfigError, VppApiError
@@ -16,6 +14,8 @@ from vppmesh.node import NodeOptions, down
 from vppmesh.plan import HostOptions, plan
 from vppmesh.reconcile import Reconciler, ReusedKeyError, diff, empty_observed, reconcile
 from vppmesh.teardown import teardown
+from vppmesh.testing.fake_vpp import FakeVpp
+from vppmesh.testing.meshes import make_mesh
 from vppmesh.view import build_view
 from vppmesh.vpp import interfaces, ipip, routes
 

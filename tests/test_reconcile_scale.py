@@ -8,8 +8,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import make_mesh
-from fake_vpp import FakeVpp
 
 from vppmesh.config import Mesh
 from vppmesh.errors import VppApiError
@@ -17,8 +15,11 @@ from vppmesh.index import DesiredIndex, possible_sa_ids, possible_tunnel_instanc
 from vppmesh.keys import NodeSecrets
 from vppmesh.ledger import KeyLedger
 from vppmesh.plan import HostOptions, plan
-from vppmesh.reconcile import Observed, Reconciler, observe
+from vppmesh.reconcile import Reconciler, observe
 from vppmesh.state import DesiredState, sa_id_for, tunnel_instance
+from vppmesh.testing.fake_vpp import FakeVpp
+from vppmesh.testing.meshes import make_mesh
+from vppmesh.testing.observed import summary
 from vppmesh.view import build_view
 
 DUMPS = {"sw_interface_dump", "ipip_tunnel_dump", "ipsec_sa_v5_dump",
@@ -33,25 +34,6 @@ def desired_for(mesh: Mesh, secrets: dict[str, NodeSecrets], peers: int | None =
         mesh = mesh.model_copy(update={"nodes": mesh.nodes[:peers + 1]})
     return plan(build_view(mesh, "node1", secrets["node1"]), workers=workers,
                 host=HostOptions(kind="none"), **kw)
-
-
-def summary(observed: Observed) -> dict[str, Any]:
-    """What reconcile() compares, in a form a cache and a fresh dump can be checked by."""
-    tunnels = {i: (t.sw_if_index, str(t.src), str(t.dst)) for i, t in observed.tunnels.items()}
-    indexes = {t.sw_if_index for t in observed.tunnels.values()}
-    return {
-        "tunnels": tunnels,
-        "sas": {i: (s.spec.spi, s.spec.key.get_secret_value(), s.spec.salt,
-                    s.spec.anti_replay_window, s.thread_index)
-                for i, s in observed.sas.items()},
-        "protections": {i: (o, tuple(sorted(ins)))
-                        for i, (o, ins) in observed.protections.items()},
-        "unnumbered": {i: g for i, g in observed.unnumbered.items() if i in indexes},
-        "routes": {p: paths for p, paths in observed.routes.items()
-                   if set(paths) <= indexes},  # the mesh's own; VPP adds its own routes
-        "tunnel_ifaces": {i: (observed.interfaces[i].admin_up, observed.interfaces[i].mtu)
-                          for i in indexes},
-    }
 
 
 def converge(size: int, tunnels: int = 2, workers: int = 0

@@ -19,12 +19,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import vpp_helpers
 import yaml
 
 from vppmesh.epochs import GenerationStore
 from vppmesh.lab.testbed import NodeHandle, Testbed, find_vpp
 from vppmesh.state import is_owned_sa_id, is_owned_tunnel_instance
+from vppmesh.testing import vpp_helpers
 from vppmesh.vpp import ipip, ipsec
 from vppmesh.vpp.client import VppClient
 
@@ -73,7 +73,7 @@ def run(bed: Testbed, node: NodeHandle, *args: str) -> str:
     return result.stdout
 
 
-def wait_for(predicate, timeout: float, step: float = 0.2) -> float | None:  # type: ignore[no-untyped-def]
+def seconds_until(predicate, timeout: float, step: float = 0.2) -> float | None:  # type: ignore[no-untyped-def]
     """Seconds until predicate() held, or None."""
     started = time.monotonic()
     while time.monotonic() - started < timeout:
@@ -117,7 +117,7 @@ def set_mesh_nodes(bed: Testbed, names: list[str], original: str) -> None:
 def test_long_tcp_survives_rekeys_agent_restarts_and_churn_without_plaintext(
         bed: Testbed, agents: dict[str, vpp_helpers.WatchAgent]) -> None:
     n1, n2, n3 = bed.nodes
-    assert wait_for(lambda: vpp_helpers.ping_ok(n1.pod_netns(0), str(n2.pod_address(0))),
+    assert seconds_until(lambda: vpp_helpers.ping_ok(n1.pod_netns(0), str(n2.pod_address(0))),
                     20) is not None
     capture = vpp_helpers.UnderlayCapture(bed, BASE / "soak.pcap")
     side_ping = subprocess.Popen(  # keeps traffic on the n1 <-> n3 pair
@@ -145,7 +145,7 @@ def test_long_tcp_survives_rekeys_agent_restarts_and_churn_without_plaintext(
             before = sending(node, partner)
             out = run(bed, node, "rekey", *bed.state_args(node))
             # Pairs on agreed keys are rekeyed by the running agent, over the channel.
-            took = wait_for(lambda node=node, partner=partner, before=before:
+            took = seconds_until(lambda node=node, partner=partner, before=before:
                             sending(node, partner) > before, 10)
             assert took is not None, out
             rekeys += 1
@@ -162,7 +162,7 @@ def test_long_tcp_survives_rekeys_agent_restarts_and_churn_without_plaintext(
         at(38)
         untouched = peer_objects(n1, n2.index)
         set_mesh_nodes(bed, ["n1", "n2"], original_mesh)
-        gone = wait_for(lambda: not peer_objects(n1, n3.index)
+        gone = seconds_until(lambda: not peer_objects(n1, n3.index)
                         and not peer_objects(n2, n3.index), 15)
         assert gone is not None, "n3 left the mesh file but its objects stayed"
         assert peer_objects(n1, n2.index) == untouched
@@ -170,7 +170,8 @@ def test_long_tcp_survives_rekeys_agent_restarts_and_churn_without_plaintext(
                       "n1<->n2 objects untouched")
         at(46)
         bed.mesh_file.write_text(original_mesh)
-        back = wait_for(lambda: vpp_helpers.ping_ok(n1.pod_netns(0), str(n3.pod_address(0))), 20)
+        back = seconds_until(
+            lambda: vpp_helpers.ping_ok(n1.pod_netns(0), str(n3.pod_address(0))), 20)
         assert back is not None, "n3 rejoined but is unreachable"
         assert peer_objects(n1, n2.index) == untouched
         events.append(f"t=46s n3 rejoins: reachable from n1's pod in {back:.1f} s")
@@ -206,7 +207,7 @@ def test_vpp_restart_recovers_without_plaintext(bed: Testbed,
                                                 agents: dict[str, vpp_helpers.WatchAgent]) -> None:
     n1, n2 = bed.nodes[0], bed.nodes[1]
     target = str(n2.pod_address(0))
-    assert wait_for(lambda: vpp_helpers.ping_ok(n1.pod_netns(0), target), 20) is not None
+    assert seconds_until(lambda: vpp_helpers.ping_ok(n1.pod_netns(0), target), 20) is not None
     capture = vpp_helpers.UnderlayCapture(bed, BASE / "vpp-restart.pcap")
     pinger = subprocess.Popen(["ip", "netns", "exec", n1.pod_netns(0), "ping", "-i", "0.2",
                                "-w", "60", target], stdout=subprocess.DEVNULL,
@@ -215,20 +216,21 @@ def test_vpp_restart_recovers_without_plaintext(bed: Testbed,
     try:
         pid = int(n2.instance.pid_file.read_text())
         os.kill(pid, signal.SIGKILL)
-        assert wait_for(lambda: not alive(pid), 10) is not None
+        assert seconds_until(lambda: not alive(pid), 10) is not None
         time.sleep(3)  # the agent notices VPP is gone
         bed._start_vpp(n2, find_vpp())
         ready = time.monotonic()  # VPP answers its API again
         bed._uplink(n2)  # the host's own configuration (startup.conf on a real host)
-        programmed = wait_for(lambda: "VPP is back" in agents[n2.name].text()[log_before:], 60)
+        programmed = seconds_until(lambda: "VPP is back" in agents[n2.name].text()[log_before:], 60)
         assert programmed is not None, agents[n2.name].text()[log_before:]
         run(bed, n2, "attach", "--name", n2.pod_name(0), "--netns", n2.pod_netns(0),
             "--address", target, "--index", "0")  # what the CNI does for its pods
-        working = wait_for(lambda: vpp_helpers.ping_ok(n1.pod_netns(0), target), 60)
+        working = seconds_until(lambda: vpp_helpers.ping_ok(n1.pod_netns(0), target), 60)
         assert working is not None, "the mesh did not work again after VPP came back"
         recovered = time.monotonic() - ready
         n3 = bed.nodes[2]  # the idle pair recovers too
-        assert wait_for(lambda: vpp_helpers.ping_ok(n2.pod_netns(0), str(n3.pod_address(0))), 30)
+        assert seconds_until(
+            lambda: vpp_helpers.ping_ok(n2.pod_netns(0), str(n3.pod_address(0))), 30)
     finally:
         pinger.kill()
     seen = capture.stop()
@@ -265,7 +267,7 @@ def test_down_and_first_up_under_traffic_send_nothing_in_clear(
         time.sleep(2)
         pid = int(n2.instance.pid_file.read_text())
         os.kill(pid, signal.SIGKILL)
-        assert wait_for(lambda: not alive(pid), 10) is not None
+        assert seconds_until(lambda: not alive(pid), 10) is not None
         bed._start_vpp(n2, find_vpp())
         bed._uplink(n2)
         out = run(bed, n2, "up", *bed.state_args(n2))
@@ -277,7 +279,7 @@ def test_down_and_first_up_under_traffic_send_nothing_in_clear(
         # The keys n1 sends on were agreed by the two agents and lived only in n2's
         # agent and VPP: n2's agent, started again, asks n1 for a new generation.
         agents[n2.name].start()
-        back = wait_for(lambda: vpp_helpers.ping_ok(n1.pod_netns(0), target), 20)
+        back = seconds_until(lambda: vpp_helpers.ping_ok(n1.pod_netns(0), target), 20)
         assert back is not None, out
         time.sleep(1)
     finally:

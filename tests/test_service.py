@@ -10,13 +10,13 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import wait_for
 from typer.testing import CliRunner
 
 from vppmesh import presence
 from vppmesh.cli import app
 from vppmesh.cli.service import render_unit
 from vppmesh.errors import VppMeshError
+from vppmesh.testing.wait import wait_for
 
 
 def unit_fields(text: str) -> dict[str, list[str]]:

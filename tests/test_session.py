@@ -8,13 +8,13 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import make_mesh
-from fake_vpp import FakeVpp
 
 from vppmesh.config import dump_mesh
 from vppmesh.errors import VppMeshError, VppUnavailableError
 from vppmesh.keys import private_key_b64, write_secret_file
 from vppmesh.node import NodeOptions, Session
+from vppmesh.testing.fake_vpp import FakeVpp
+from vppmesh.testing.meshes import make_mesh
 
 # The dumps only reconcile() makes (`up` itself also reads interfaces and SAs each poll,
 # for the uplink guard and the key generations).

@@ -44,9 +44,8 @@ def test_endpoint_taps_receive_adaptively_and_af_packet_keeps_its_interrupts(
         monkeypatch: pytest.MonkeyPatch, kind: str, rx_mode: int) -> None:
     """A tap's queues poll unless told otherwise, and one polling queue keeps a VPP thread
     from ever sleeping; af_packet (no adaptive mode in VPP 26.06) waits on interrupts."""
-    from test_pods import meshed
-
     from vppmesh import host as linux
+    from vppmesh.testing.cni import meshed
 
     monkeypatch.setattr(linux, "link_exists", lambda name, netns=None: False)
     vpp = meshed()
@@ -81,7 +80,7 @@ def test_guest_script_loads_vhost_net_and_reports_the_exit_code(tmp_path: Path) 
 
 
 def test_guest_outcomes_are_read_from_junit(tmp_path: Path) -> None:
-    from test_vm import outcomes
+    from vppmesh.testing.vm_outcomes import outcomes
 
     junit = tmp_path / "junit.xml"
     junit.write_text('<testsuites><testsuite><testcase name="a"/>'
@@ -93,7 +92,7 @@ def test_guest_outcomes_are_read_from_junit(tmp_path: Path) -> None:
 
 
 def test_a_guest_stopped_by_its_time_limit_reports_what_it_finished() -> None:
-    from test_vm import outcomes_so_far
+    from vppmesh.testing.vm_outcomes import outcomes_so_far
 
     log = ("tests/vm_guest_tap.py::test_a PASSED                      [  8%]\n"
            "tests/vm_guest_tap.py::test_b FAILED                      [ 16%]\n"

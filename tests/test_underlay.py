@@ -15,7 +15,6 @@ import dpkt
 import pytest
 import yaml
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
-from fake_vpp import FakeVpp
 
 from vppmesh.config import Mesh, MeshSettings, Node, dump_mesh, parse_mesh
 from vppmesh.errors import ConfigError
@@ -24,6 +23,7 @@ from vppmesh.overhead import encrypted_size, max_overhead, pod_mtu_for
 from vppmesh.plan import HostOptions, plan
 from vppmesh.reconcile import reconcile
 from vppmesh.state import SA_DIRECTION_BIT, SaSpec
+from vppmesh.testing.fake_vpp import FakeVpp
 from vppmesh.underlay import pair_family, path
 from vppmesh.verify import classify_capture
 from vppmesh.view import build_view
@@ -242,7 +242,7 @@ def test_nat_switching_encapsulation_moves_the_outbound_key_forward(tmp_path: Pa
     """Turning ESP in UDP on for a node needs new outbound SAs: the same key again would
     restart the sequence numbers (GCM nonces), so both ends step to a new generation by
     themselves; the inbound SAs stay as they are (their anti-replay windows too)."""
-    from test_epochs import Pair
+    from vppmesh.testing.agents import Pair
 
     pair = Pair(tmp_path)
     for name in ("node1", "node2"):

@@ -5,9 +5,9 @@ from __future__ import annotations
 import ipaddress
 
 import dpkt
-from conftest import make_mesh
 
 from vppmesh.keys import spi_for, spi_sender, spi_tunnel
+from vppmesh.testing.meshes import make_mesh
 from vppmesh.verify import (
     CaptureVerdict,
     PeerVerdict,
@@ -86,8 +86,7 @@ def test_spi_fields_round_trip() -> None:
 def test_capture_after_an_uplink_takeover_records_the_nic_not_the_bvi() -> None:
     """With the NIC taken (uplink.py), VPP's underlay addresses sit on the bridge's BVI,
     a loopback: the wire, where clear text would show, is the bridged NIC."""
-    from fake_vpp import FakeVpp
-
+    from vppmesh.testing.fake_vpp import FakeVpp
     from vppmesh.uplink import TAG_NIC
     from vppmesh.verify import find_uplink_interface
 

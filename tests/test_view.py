@@ -9,14 +9,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import make_mesh
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
-from fake_vpp import FakeVpp
 
 from vppmesh import node as agent
 from vppmesh.config import Mesh, dump_mesh
 from vppmesh.errors import ConfigError, KeyFileError
 from vppmesh.keys import NodeSecrets, private_key_b64, write_secret_file
+from vppmesh.testing.fake_vpp import FakeVpp
+from vppmesh.testing.meshes import make_mesh
 from vppmesh.uplink import UplinkSpec
 from vppmesh.view import build_view
 

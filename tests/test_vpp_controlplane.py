@@ -12,10 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import vpp_helpers
-from conftest import record_raw_replies, require_vpp
 from pydantic import SecretBytes
-from test_reconcile_scale import summary
 
 from benchmarks.controlplane import give_uplink, plan_for, synthetic_mesh, with_nodes
 from vppmesh import verify
@@ -26,6 +23,9 @@ from vppmesh.lab.testbed import in_ns, single_vpp
 from vppmesh.node import NodeOptions, Session
 from vppmesh.reconcile import Reconciler, observe
 from vppmesh.state import GATEWAY_TAG, SaSpec, is_owned_sa_id, is_owned_tunnel_instance
+from vppmesh.testing import vpp_helpers
+from vppmesh.testing.observed import summary
+from vppmesh.testing.vpp_helpers import record_raw_replies, require_vpp
 from vppmesh.vpp import host_interfaces, interfaces, ipip, ipsec, routes
 from vppmesh.vpp.client import Request, VppClient
 

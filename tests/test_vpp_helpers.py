@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import vpp_helpers
+from vppmesh.testing import vpp_helpers
 
 REPLY = "64 bytes from 198.18.2.2: icmp_seq={} ttl=63 time=0.{} ms"
 SUMMARY = """

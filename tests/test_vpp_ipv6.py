@@ -18,12 +18,12 @@ from pathlib import Path
 
 import dpkt
 import pytest
-import vpp_helpers
-from conftest import record_raw_replies, stop_process
-from vpp_helpers import errors
 
+from benchmarks.netns import stop_process
 from vppmesh.config import load_mesh
 from vppmesh.lab.testbed import Testbed, _uplink_mac, in_ns
+from vppmesh.testing import vpp_helpers
+from vppmesh.testing.vpp_helpers import errors, record_raw_replies
 from vppmesh.vpp import ipip, ipsec
 from vppmesh.vpp.client import VppClient
 

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import dpkt
 import pytest
-import vpp_helpers
-from conftest import stop_process
 
+from benchmarks.netns import stop_process
 from vppmesh.lab.testbed import Testbed
+from vppmesh.testing import vpp_helpers
 
 pytestmark = [pytest.mark.vpp]
 PREFIX = "vm7-"

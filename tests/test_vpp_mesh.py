@@ -13,11 +13,11 @@ import time
 from pathlib import Path
 
 import pytest
-import vpp_helpers
-from conftest import require_vpp
 
 from vppmesh.lab.testbed import Testbed, TestbedSpec, destroy, in_ns
 from vppmesh.state import is_owned_sa_id, is_owned_tunnel_instance
+from vppmesh.testing import vpp_helpers
+from vppmesh.testing.vpp_helpers import require_vpp
 from vppmesh.vpp import interfaces, ipip, ipsec, routes
 from vppmesh.vpp.client import VppClient
 

@@ -15,12 +15,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import vpp_helpers
-from conftest import stop_process, wait_for
-from etcd_server import require_etcd
 
+from benchmarks.netns import stop_process
 from vppmesh.lab.testbed import NAT_OUTSIDE, NAT_STATIC_PORT, NodeHandle, Testbed
 from vppmesh.state import is_owned_tunnel_instance
+from vppmesh.testing import vpp_helpers
+from vppmesh.testing.etcd_server import require_etcd
+from vppmesh.testing.wait import wait_for
 from vppmesh.vpp import interfaces, ipip, ipsec
 from vppmesh.vpp.client import VppClient
 

@@ -17,10 +17,10 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import wait_for
 
 from vppmesh import uplink, vpprun
 from vppmesh.errors import ConfigError, HostError
+from vppmesh.testing.wait import wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 

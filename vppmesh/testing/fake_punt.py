@@ -21,9 +21,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from fake_vpp import FakeVpp
-
 from vppmesh.channel import transport as t
+from vppmesh.testing.fake_vpp import FakeVpp
 from vppmesh.vpp.punt import AF_IP4, AF_IP6
 
 ETHERNET = bytes(12) + b"\x08\x00"  # what VPP rewinds over before it punts (14 bytes)

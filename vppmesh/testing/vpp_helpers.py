@@ -1,7 +1,8 @@
 """What the real-VPP tests share: their testbeds, agents, CNI runs, pod traffic and captures.
 
-Imported as a sibling module (`import vpp_helpers`), like conftest and fake_vpp. Each test
-file keeps its own namespace prefix and base directory and passes them in.
+Imported as `from vppmesh.testing import vpp_helpers`. Each test file keeps its own
+namespace prefix and base directory and passes them in. It uses benchmarks/ (the CNI
+plugin command, stopping processes): it runs from a checkout, as the real-VPP tests do.
 """
 
 from __future__ import annotations
@@ -22,14 +23,58 @@ from typing import Any, TypeVar
 
 import pytest
 import yaml
-from conftest import require_vpp, stop_process, vpp_binary
-from etcd_server import EtcdServer, running_etcd
 
 from benchmarks.cni_latency import CNI_PATH, plugin_command
+from benchmarks.netns import stop_process
 from vppmesh.channel.endpoint import PORT as CHANNEL_PORT
-from vppmesh.epochs import GenerationStore
+from vppmesh.epochs import GenerationStore, PeerGenerations
 from vppmesh.lab.testbed import NodeHandle, Testbed, TestbedSpec, in_ns, sh
+from vppmesh.secrecy import pair_secrecy
+from vppmesh.testing.etcd_server import EtcdServer, running_etcd
 from vppmesh.vpp.client import Request, VppClient
+
+
+def vpp_binary() -> str | None:
+    from vppmesh.lab.testbed import TestbedError, find_vpp
+
+    try:
+        return str(find_vpp())
+    except TestbedError:
+        return None
+
+
+def require_vpp() -> None:
+    if vpp_binary() is None:
+        pytest.skip("no VPP: set VPPMESH_VPP to a vpp binary or put vpp on PATH "
+                    "(install from FD.io's packages)")
+    if os.geteuid() != 0:
+        pytest.skip("the VPP tests create network namespaces and need root")
+
+
+def require_bpffs() -> None:
+    """af_xdp: libxdp wants a BPF filesystem (it falls back to a single program in a
+    namespace whose /sys hides it, but the mount must exist)."""
+    if not Path("/sys/fs/bpf").is_dir():
+        pytest.skip("no /sys/fs/bpf: af_xdp needs a BPF filesystem")
+    mounted = subprocess.run(["mount", "-t", "bpf"], capture_output=True, text=True).stdout
+    if "/sys/fs/bpf" not in mounted:
+        subprocess.run(["mount", "-t", "bpf", "bpf", "/sys/fs/bpf"], check=True)
+
+
+def record_raw_replies(channel: object, monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
+    """Keep every raw message an API channel reads from now on (to decode them again with
+    vpp-papi and compare)."""
+    raws: list[bytes] = []
+    read = channel._read_message  # type: ignore[attr-defined]
+
+    def keep() -> bytes:
+        raw = read()
+        raws.append(raw)
+        return raw
+
+    monkeypatch.setattr(channel, "_read_message", keep)
+    return raws
+
 
 ETCD_ADDRESS = "203.0.113.1"  # RFC 5737 TEST-NET-3: the management network
 ERROR_LINE = re.compile(r"^\s*(\d+)\s+(\S+)\s+(.+?)\s+(error|info|warn\w*|unknown)\s*$")
@@ -112,6 +157,19 @@ def settled_on_agreed_keys(nodes: list[NodeHandle]) -> bool:
             if ours is None or theirs is None or ours.out not in ours.ephemeral_out or \
                     theirs.in_base != ours.out or theirs.in_base not in theirs.ephemeral_in:
                 return False
+    return True
+
+
+def peer_state(node: NodeHandle, peer: NodeHandle) -> PeerGenerations:
+    return GenerationStore(node.dir, node.name).load().peers[peer.name]
+
+
+def all_forward_secret(bed: Testbed) -> bool:
+    for node in bed.nodes:
+        peers = [p.name for p in bed.nodes if p is not node]
+        found = pair_secrecy(GenerationStore(node.dir, node.name).load(), peers)
+        if len(found) != len(peers) or not all(f.forward_secret for f in found.values()):
+            return False
     return True
 
 
