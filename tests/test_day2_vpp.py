@@ -18,11 +18,11 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-import vpp_helpers
 import yaml
 
 from vppmesh.lab.testbed import NodeHandle, Testbed
 from vppmesh.state import is_owned_sa_id, is_owned_tunnel_instance
+from vppmesh.testing import vpp_helpers
 from vppmesh.vpp import ipip, ipsec
 from vppmesh.vpp.client import VppClient
 
