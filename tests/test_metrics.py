@@ -227,6 +227,8 @@ def test_channel_counters_drops_by_reason_sessions_and_up(tmp_path: Path) -> Non
 
     assert channel_samples() == {  # no channel: no punt registration
         ("vppmesh_channel_up", ()): 0, ("vppmesh_channel_sessions", ()): 0,
+        **{("vppmesh_channel_psk_sessions", (("psk", r),)): 0
+           for r in ("current", "next", "previous")},
         ("vppmesh_channel_handshakes_total", ()): 0,
         ("vppmesh_channel_messages_sent_total", ()): 0,
         ("vppmesh_channel_messages_received_total", ()): 0,
@@ -237,6 +239,8 @@ def test_channel_counters_drops_by_reason_sessions_and_up(tmp_path: Path) -> Non
     first = channel_samples()
     assert first[("vppmesh_channel_up", ())] == 1
     assert first[("vppmesh_channel_sessions", ())] == 1
+    assert first[("vppmesh_channel_psk_sessions", (("psk", "current"),))] == 1
+    assert first[("vppmesh_channel_psk_sessions", (("psk", "next"),))] == 0
     assert first[("vppmesh_channel_handshakes_total", ())] == 1
     assert first[("vppmesh_channel_messages_received_total", ())] == 1
     assert first[("vppmesh_channel_messages_sent_total", ())] == ours.stats["sent"]

@@ -115,6 +115,9 @@ class PeerGenerations(BaseModel):
     agreeing_since: float | None = None
     stopped_since: float | None = None
     stopped_why: str | None = None
+    # The PSK the pair's channel session runs on, as "ROLE ID" (role here: current,
+    # next or previous; keys.psk_id), at the agent's last run; None: no session.
+    channel_psk: str | None = None
 
     @property
     def pinned(self) -> bool:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import functools
+import hashlib
 import os
 import stat
 from dataclasses import dataclass
@@ -35,19 +36,62 @@ SPI_BASE = 0x0100_0000
 EPOCH_SPI_BITS = 4
 
 
+PSK_ID_LABEL = b"vppmesh psk id v1"
+# A PSK rotation's second PSK, a file beside settings.psk_file (see load_secrets).
+PSK_NEXT_SUFFIX = ".next"
+PSK_PREVIOUS_SUFFIX = ".previous"
+
+
 @dataclass(frozen=True)
 class NodeSecrets:
-    """What a node keeps to itself: its private key and the optional mesh PSK."""
+    """What a node keeps to itself: its private key and the optional mesh PSK.
+
+    During a PSK rotation (docs/operations.md) a node holds a second PSK beside the
+    current one, never more: `psk_next` (staged, not yet promoted here) or
+    `psk_previous` (promoted here, the old one not yet retired). The channel accepts a
+    handshake under either and initiates under `psk` first; the static key schedule
+    takes `static_psk`, the older of the two, which every node holds from the first step
+    to the last but one."""
 
     private_key: X25519PrivateKey
     psk: bytes = b""
+    psk_next: bytes = b""
+    psk_previous: bytes = b""
+
+    def __post_init__(self) -> None:
+        if self.psk_next and self.psk_previous:
+            raise KeyFileError("a node holds at most two PSKs: the current one and either a "
+                               "next or a previous one")
 
     def __repr__(self) -> str:  # never show key material, even in a traceback
         psk = "set" if self.psk else "unset"
-        return f"NodeSecrets(public_key={self.public_key_b64()!r}, psk={psk})"
+        other = "".join(f", psk_{role}=set" for role, _ in self.psks()[1:])
+        return f"NodeSecrets(public_key={self.public_key_b64()!r}, psk={psk}{other})"
 
     def public_key_b64(self) -> str:
         return public_key_b64(self.private_key)
+
+    def psks(self) -> tuple[tuple[str, bytes], ...]:
+        """The PSKs a handshake may use, by role ("current", "next", "previous"), the
+        current first; one entry (b"" without a mesh PSK) outside a rotation."""
+        other = (("next", self.psk_next),) if self.psk_next else \
+            (("previous", self.psk_previous),) if self.psk_previous else ()
+        return (("current", self.psk), *other)
+
+    @property
+    def static_psk(self) -> bytes:
+        """The PSK of the static key schedule: the previous one while it is held, else
+        the current one (a staged next one never): every node holds it from staging
+        to promotion, so pairs on static keys keep agreeing until the old PSK retires."""
+        return self.psk_previous or self.psk
+
+
+def psk_id(psk: bytes) -> str:
+    """A short public name of a PSK (a keyed hash: it reveals nothing of the PSK), so
+    status and metrics can say which PSK a pair uses without showing it."""
+    if not psk:
+        return "none"
+    return hashlib.blake2s(PSK_ID_LABEL + psk, digest_size=4).hexdigest()
 
 
 def public_key_b64(private_key: X25519PrivateKey) -> str:
@@ -119,12 +163,38 @@ def read_secret_file(path: Path, what: str) -> bytes:
         raise KeyFileError(str(exc)) from None
 
 
+def psk_sibling(psk_file: Path, suffix: str) -> Path:
+    """The rotation file beside the PSK: `psk_file` with `suffix` appended."""
+    return psk_file.with_name(psk_file.name + suffix)
+
+
 def load_secrets(private_key_file: Path, psk_file: Path | None) -> NodeSecrets:
-    """The node's secrets; from here on this process writes no core file (hardening)."""
+    """The node's secrets; from here on this process writes no core file (hardening).
+
+    A PSK rotation's second PSK is a file beside settings.psk_file, per node (the mesh
+    file is the same everywhere, and a datastore's settings too, while the rotation
+    moves node by node): `PSK.next` (the new PSK, staged) or `PSK.previous` (the old
+    one, once the new one is promoted to `PSK`); both at once is refused. A second file
+    equal to the current one is ignored (a promotion caught halfway)."""
     hardening.forbid_core_dumps()
     raw = read_secret_file(private_key_file, "private key")
     psk = read_secret_file(psk_file, "PSK") if psk_file is not None else b""
-    return NodeSecrets(private_key=X25519PrivateKey.from_private_bytes(raw), psk=psk)
+    others = {}
+    for suffix in (PSK_NEXT_SUFFIX, PSK_PREVIOUS_SUFFIX) if psk_file is not None else ():
+        path = psk_sibling(psk_file, suffix)  # type: ignore[arg-type]
+        if path.exists() or path.is_symlink():
+            other = read_secret_file(path, "PSK")
+            if other != psk:
+                others[suffix] = (path, other)
+    if len(others) > 1:
+        (next_path, _), (previous_path, _) = others.values()
+        raise KeyFileError(
+            f"both {next_path} and {previous_path} exist: a node holds at most two PSKs; "
+            f"finish the rotation in progress (remove {previous_path} once every node "
+            "promoted the new PSK) before staging another")
+    return NodeSecrets(private_key=X25519PrivateKey.from_private_bytes(raw), psk=psk,
+                       psk_next=others.get(PSK_NEXT_SUFFIX, (None, b""))[1],
+                       psk_previous=others.get(PSK_PREVIOUS_SUFFIX, (None, b""))[1])
 
 
 def pair_secret(secrets: NodeSecrets, peer_public_key: bytes) -> bytes:

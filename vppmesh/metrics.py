@@ -33,6 +33,7 @@ import ssl
 import stat
 import threading
 import time
+from collections import Counter as Counter_
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -72,6 +73,8 @@ ERRORS = {reason: tuple(f"/err/{node}{v}-{rest}" for v in (4, 6))
 ERROR_COUNTERS = [name for names in ERRORS.values() for name in names]
 LIMITS = ("packets", "bytes", "seconds")
 # The channel's counters (Secrecy.counters()) exported as counters without a label.
+# The roles a PSK has at a node during a rotation (keys.NodeSecrets.psks).
+PSK_ROLES = ("current", "next", "previous")
 CHANNEL_COUNTERS = {"handshakes": "handshakes_completed", "sent": "sent",
                     "received": "received", "nat_keepalives": "nat_keepalives"}
 # A snapshot (dumps and stats segment) is taken after a poll at most this often, and
@@ -415,6 +418,12 @@ class AgentMetrics:
         self.channel_sessions = Gauge(
             "vppmesh_channel_sessions", "Peers whose agent has a live channel session with "
             "this one.", registry=self.registry)
+        self.channel_psk_sessions = Gauge(
+            "vppmesh_channel_psk_sessions", "Live channel sessions by the role here of the "
+            "PSK they were made with (current, next, previous): during a PSK rotation, "
+            "how many pairs moved.", ["psk"], registry=self.registry)
+        for role in PSK_ROLES:
+            self.channel_psk_sessions.labels(psk=role)  # present from the start, at 0
         self.channel_counters = {
             "handshakes": Counter("vppmesh_channel_handshakes", "Channel handshakes "
                                   "completed with peers' agents.", registry=self.registry),
@@ -479,9 +488,14 @@ class AgentMetrics:
         channel = endpoint.channel if endpoint is not None else None
         if secrecy is None or endpoint is None or channel is None:
             self.channel_sessions.set(0)
+            for role in PSK_ROLES:
+                self.channel_psk_sessions.labels(psk=role).set(0)
             return
         now = secrecy.clock()  # live sessions: an expired one is a peer gone quiet
         self.channel_sessions.set(sum(channel.established(n, now) for n in channel.peers()))
+        roles = Counter_(channel.session_psk(n, now) for n in channel.peers())
+        for role in PSK_ROLES:
+            self.channel_psk_sessions.labels(psk=role).set(roles.get(role, 0))
         counters = secrecy.counters()
         origin, last = self._channel_seen
         if origin != id(endpoint):

@@ -53,7 +53,7 @@ from vppmesh.clock import AgentClock, TimestampFile, Timestamps
 from vppmesh.config import MeshSettings
 from vppmesh.epochs import WINDOW, GenerationState, PeerGenerations, PeerSaid
 from vppmesh.errors import VppMeshError
-from vppmesh.keys import SaKey, derive_sa_key_ephemeral, spi_for
+from vppmesh.keys import SaKey, derive_sa_key_ephemeral, psk_id, spi_for
 from vppmesh.state import sa_id_for
 from vppmesh.underlay import NAT_T_PORT
 from vppmesh.view import AgreedKeys, PeerView
@@ -103,6 +103,7 @@ class PairSecrecy:
     agreeing_since: float | None = None
     stopped_since: float | None = None
     stopped_why: str | None = None
+    channel_psk: str | None = None  # "ROLE ID" of the channel session's PSK (None: none)
 
     @property
     def forward_secret(self) -> bool:
@@ -144,7 +145,8 @@ def pair_secrecy(state: GenerationState, peers: Iterable[str]) -> dict[str, Pair
         found[name] = PairSecrecy(outbound=pg.out in pg.ephemeral_out,
                                   inbound=arriving in pg.ephemeral_in, generation=pg.out,
                                   key_since=pg.out_since, agreeing_since=pg.agreeing_since,
-                                  stopped_since=pg.stopped_since, stopped_why=pg.stopped_why)
+                                  stopped_since=pg.stopped_since, stopped_why=pg.stopped_why,
+                                  channel_psk=pg.channel_psk)
     return found
 
 
@@ -169,8 +171,8 @@ class KeyBook:
         self._revision: dict[int, int] = {}
         self._revisions = itertools.count(1)  # never repeats: plan() caches on it
         self._agreed: dict[int, AgreedKeys] = {}
-        # How to derive each peer's keys: (local name, peer name, PSK, pair secret,
-        # tunnels), from the last run's view.
+        # How to derive each peer's keys: (local name, peer name, static PSK, pair
+        # secret, tunnels), from the last run's view.
         self._derive: dict[int, tuple[str, str, bytes, bytes, int]] = {}
 
     def prepare(self, view: LocalView, state: GenerationState,
@@ -178,7 +180,7 @@ class KeyBook:
         """Before a run's schedule: remember how to derive each peer's keys, and adopt
         the keys VPP holds for agreed generations this book lacks."""
         count = view.settings.tunnels_per_peer
-        psk = view.secrets.psk
+        psk = view.secrets.static_psk
         self._derive = {p.node.node_number: (view.name, p.name, psk, p.secret, count)
                         for p in view.peers}
         me = view.node.node_number
@@ -201,12 +203,15 @@ class KeyBook:
                             for sa in held if sa is not None)
                         self._changed(number)
 
-    def add(self, peer: int, generation: int, outbound: bool, secret: bytes) -> bool:
-        """Derive one direction's keys of `generation` from its ephemeral secret."""
+    def add(self, peer: int, generation: int, outbound: bool, secret: bytes,
+            psk: bytes | None = None) -> bool:
+        """Derive one direction's keys of `generation` from its ephemeral secret, under
+        `psk`: the PSK of the channel session it was agreed on (None: the static one)."""
         derive = self._derive.get(peer)
         if derive is None:
             return False  # a peer that left meanwhile
-        local, remote, psk, shared, count = derive
+        local, remote, static_psk, shared, count = derive
+        psk = static_psk if psk is None else psk
         sender, receiver = (local, remote) if outbound else (remote, local)
         self._keys.setdefault(peer, {})[(outbound, generation)] = tuple(
             derive_sa_key_ephemeral(shared, secret, psk, sender=sender, receiver=receiver,
@@ -313,6 +318,8 @@ class Secrecy:
         self._learned_view: tuple[LocalView, dict[int, tuple[int, ...]], LocalView] | None = None
         self._keepalive_flows: list[tuple[int, int, Address, Address]] = []
         self._next_keepalive = float("-inf")
+        # The PSKs held (role, id) and the static schedule's id, as last followed.
+        self._psks: tuple[tuple[tuple[str, str], ...], str] | None = None
 
     @property
     def channel(self) -> s.Channel | None:
@@ -431,6 +438,8 @@ class Secrecy:
             return
         if view is self._followed:
             return  # the mesh is unchanged (a Session keeps its view while it is)
+        self._follow_psks(view)
+        endpoint.channel.set_secrets(view.secrets)
         self._followed = view
         endpoint.local = {version: (address, PORT)
                           for version, address in local_addresses(view).items()}
@@ -453,6 +462,23 @@ class Secrecy:
                 # reason it was replaced): none may protect another packet.
                 self.book.forget(number)
         self._configs = configs
+
+    def _follow_psks(self, view: LocalView) -> None:
+        """Say what a PSK rotation step changed (never the PSKs themselves: their ids)."""
+        held = tuple((role, psk_id(psk)) for role, psk in view.secrets.psks())
+        static = psk_id(view.secrets.static_psk)
+        before, self._psks = self._psks, (held, static)
+        if before is None or before == self._psks:
+            return
+        log.info("PSKs held now: %s; the channel accepts handshakes under each and "
+                 "initiates under the current one", ", ".join(f"{r} {i}" for r, i in held))
+        if before[1] != static:
+            log.warning(
+                "the static key schedule moved to PSK %s (was %s): a pair on static keys "
+                "(its agents have not met, or `forward_secrecy: preferred` fell back) with "
+                "a node that has not made the same step fails closed (its ESP does not "
+                "authenticate) until it has; pairs on agreed keys are not affected",
+                static, before[1])
 
     def _follow_nat(self, view: LocalView) -> None:
         """Where peers behind NAT are reached (a learned port of an address that moved
@@ -507,8 +533,9 @@ class Secrecy:
 
     def _event(self, now: float, event: s.Event) -> bool:
         match event:
-            case s.GenerationKeyed(peer=peer, generation=g, outbound=outbound, secret=secret):
-                return self.book.add(peer, g, outbound, secret)
+            case s.GenerationKeyed(peer=peer, generation=g, outbound=outbound, secret=secret,
+                                   psk=psk):
+                return self.book.add(peer, g, outbound, secret, psk)
             case s.PeerAcked(peer=peer, what=what, generation=g):
                 heard = self._heard.setdefault(peer, _Heard())
                 if what == "installed":
@@ -655,6 +682,7 @@ class Secrecy:
             if pg is None:
                 continue
             pg.nat_ports = list(self.ports().get(number, ()))
+            pg.channel_psk = self.session_psk(view, number)
             agreed_in = [g for g in installed.get(peer.name, ())
                          if self.book.keys(number, False, g) is not None]
             pg.ephemeral_in = sorted(set(agreed_in) | set(pg.ephemeral_in))
@@ -722,6 +750,16 @@ class Secrecy:
         found["send_errors"] = endpoint.transport.send_errors
         found["nat_keepalives"] = endpoint.transport.keepalives
         return found
+
+    def session_psk(self, view: LocalView, peer: int) -> str | None:
+        """"ROLE ID" of the PSK the peer's live session runs on (None: no session)."""
+        channel = self.channel
+        if channel is None or peer not in channel.peers():
+            return None
+        role = channel.session_psk(peer, self.clock())
+        if role is None:
+            return None
+        return f"{role} {psk_id(dict(view.secrets.psks()).get(role, b''))}"
 
     def established(self, view: LocalView) -> set[str]:
         """The peers with a live session now."""

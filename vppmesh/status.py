@@ -146,6 +146,19 @@ def secrecy_summary(pairs: Mapping[str, PairSecrecy], limit: int = 10) -> str:
             f"{len(pairs)} peer(s); not with {named}{more}: {FORWARD_SECRECY_FIX}")
 
 
+def psk_summary(pairs: Mapping[str, PairSecrecy], limit: int = 10) -> str:
+    """One line: which PSK the pairs' channel sessions run on, by role here and id
+    (keys.psk_id), so an operator rotating the PSK sees when every pair moved."""
+    by_psk: dict[str, list[str]] = {}
+    for name, pair in sorted(pairs.items()):
+        by_psk.setdefault(pair.channel_psk or "no session", []).append(name)
+    parts = []
+    for psk, names in sorted(by_psk.items()):
+        more = f" and {len(names) - limit} more" if len(names) > limit else ""
+        parts.append(f"{psk}: {', '.join(names[:limit])}{more}")
+    return "channel PSK: " + "; ".join(parts)
+
+
 def crypto_status(api: VppApi, flags: frozenset[str] | None = None) -> CryptoStatus | None:
     state = crypto.read_state(api)
     if state.handlers is None:
@@ -259,6 +272,7 @@ def render_table(status: NodeStatus) -> str:
     pairs = {p.name: p.secrecy for p in status.peers if p.secrecy is not None}
     if pairs:
         lines.append(secrecy_summary(pairs))
+        lines.append(psk_summary(pairs))
     lines += [f"{name}: {problem}" for name, problems in sorted(status.key_problems.items())
               for problem in problems]
     return "\n".join(lines)

@@ -78,10 +78,11 @@ class LocalView:
         return self.by_name[name]
 
     def sa_key(self, peer: PeerView, *, outbound: bool, tunnel: int, epoch: int) -> SaKey:
-        """The key of one SA between this node and `peer` (outbound: this node sends)."""
+        """The static schedule's key of one SA between this node and `peer` (outbound:
+        this node sends), under the static PSK (NodeSecrets.static_psk)."""
         sender, receiver = (self.name, peer.name) if outbound else (peer.name, self.name)
-        return derive_sa_key(peer.secret, self.secrets.psk, sender=sender, receiver=receiver,
-                             tunnel=tunnel, epoch=epoch)
+        return derive_sa_key(peer.secret, self.secrets.static_psk, sender=sender,
+                             receiver=receiver, tunnel=tunnel, epoch=epoch)
 
 
 def build_view(mesh: Mesh, node: str | Node, secrets: NodeSecrets, *,
@@ -108,7 +109,8 @@ def build_view(mesh: Mesh, node: str | Node, secrets: NodeSecrets, *,
     # peer's planned objects on both records, the settings and the PSK as well.
     known: Mapping[str, PeerView] = previous.by_name if previous is not None else {}
     same_local = previous is not None and previous.node == local and \
-        previous.settings == mesh.settings and previous.secrets.psk == secrets.psk
+        previous.settings == mesh.settings and \
+        previous.secrets.static_psk == secrets.static_psk
     same_key = previous is not None and previous.node.public_key == local.public_key
     peers = []
     for node in sorted(mesh.nodes, key=lambda n: n.node_number):

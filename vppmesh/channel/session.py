@@ -109,12 +109,16 @@ class HandshakeComplete:
 @dataclass(frozen=True)
 class GenerationKeyed:
     """Both agents now hold `secret`, the ephemeral X25519 secret of one direction's
-    `generation`: this node's outbound one (`outbound`, it offered) or the peer's."""
+    `generation`: this node's outbound one (`outbound`, it offered) or the peer's.
+    `psk`: the PSK of the session the exchange ran on, which both ends hold and derive
+    the generation's keys under (during a PSK rotation a pair's sessions may use
+    either); None: the node's static one."""
 
     peer: int
     generation: int
     outbound: bool
     secret: bytes = field(repr=False)
+    psk: bytes | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True)
@@ -212,6 +216,7 @@ class _Session:
     initiator: bool
     window: ReplayWindow = field(default_factory=ReplayWindow)
     next_counter: int = 0
+    psk: bytes = field(default=b"", repr=False)  # the PSK its handshake used
 
 
 @dataclass
@@ -219,12 +224,16 @@ class _Pending:
     handshake: HandshakeState
     local_index: int
     sent: float
+    psk: bytes = field(default=b"", repr=False)
 
 
 @dataclass
 class _Peer:
     config: PeerConfig
-    mac_key: bytes = field(repr=False)
+    # The pair MAC's keys, one per PSK this node holds (the current one's first), and
+    # the pair's static secret they are made from.
+    mac_keys: tuple[tuple[bytes, bytes], ...] = field(repr=False)  # (PSK, MAC key)
+    shared: bytes = field(repr=False)
     endpoint: Address | None
     current: _Session | None = None
     previous: _Session | None = None
@@ -244,8 +253,9 @@ class _Peer:
     # Our outbound generation -> (our ephemeral private key, when the KeyInit was last
     # sent, how many times)
     offers: dict[int, tuple[X25519PrivateKey, float, int]] = field(default_factory=dict)
-    # Their outbound generation -> (their ephemeral public key, our answer's) to re-answer
-    answers: dict[int, tuple[bytes, bytes]] = field(default_factory=dict)
+    # Their outbound generation -> (their ephemeral public key, our answer's, the PSK of
+    # the session it went on) to re-answer
+    answers: dict[int, tuple[bytes, bytes, bytes]] = field(default_factory=dict)
     keyed_out: dict[int, bytes] = field(default_factory=dict, repr=False)
     keyed_in: dict[int, bytes] = field(default_factory=dict, repr=False)
     # Our answered offers awaiting the peer's "installed": generation -> (when answered,
@@ -258,6 +268,16 @@ class _Peer:
     # and the latest of the peer's we reported.
     acks: dict[str, m.Message] = field(default_factory=dict)
     heard: dict[str, int] = field(default_factory=dict)
+    # The PSK of the peer's last authenticated handshake: the one it is known to hold.
+    psk_hint: bytes | None = field(default=None, repr=False)
+
+    @property
+    def mac_key(self) -> bytes:
+        """The MAC key of the current PSK (this node's first choice)."""
+        return self.mac_keys[0][1]
+
+    def mac_key_for(self, psk: bytes) -> bytes:
+        return next(key for held, key in self.mac_keys if held == psk)
 
 
 def installed_digest(secret: bytes) -> bytes:
@@ -307,6 +327,12 @@ def _pull_back(state: _Peer, now: float) -> None:
     state.last_sent = min(state.last_sent, now)
 
 
+def _noise_psk(psk: bytes) -> bytes:
+    """Noise's psk0 for the mesh PSK `psk`: without a mesh PSK the slot holds zeros, as
+    Noise allows."""
+    return psk or bytes(32)
+
+
 def pair_mac_key(static_secret: bytes, psk: bytes) -> bytes:
     return _MAC_SUITE.hash(MAC_LABEL + static_secret + psk)
 
@@ -330,8 +356,6 @@ class Channel:
         self._secrets = secrets
         self.boot_id = boot_id
         self._new_index = new_index or (lambda: random.randbits(32))
-        # Without a mesh PSK the psk0 slot holds zeros, as Noise allows.
-        self._psk = secrets.psk or bytes(32)
         self._peers: dict[int, _Peer] = {}
         self._sessions: dict[int, tuple[_Peer, _Session]] = {}
         self._node_bucket: TokenBucket | None = None
@@ -360,6 +384,15 @@ class Channel:
 
     def endpoint(self, peer: int) -> Address | None:
         return self._peers[peer].endpoint
+
+    def session_psk(self, peer: int, now: float) -> str | None:
+        """The role here ("current", "next", "previous") of the PSK the peer's usable
+        session was made with (None: no session): during a PSK rotation, which PSK the
+        pair's channel runs on."""
+        session = self._usable(self._peers[peer], now)
+        if session is None:
+            return None
+        return next((role for role, psk in self._secrets.psks() if psk == session.psk), None)
 
     def generation_secret(self, peer: int, generation: int, *, outbound: bool) -> bytes | None:
         state = self._peers[peer]
@@ -414,8 +447,40 @@ class Channel:
         for number, peer in wanted.items():
             if number not in self._peers:
                 shared = pair_secret(self._secrets, peer.public_key)
-                self._peers[number] = _Peer(peer, pair_mac_key(shared, self._secrets.psk),
+                self._peers[number] = _Peer(peer, self._mac_keys(shared), shared,
                                             peer.endpoint)
+
+    def _mac_keys(self, shared: bytes) -> tuple[tuple[bytes, bytes], ...]:
+        return tuple((psk, pair_mac_key(shared, psk)) for _role, psk in self._secrets.psks())
+
+    def set_secrets(self, secrets: NodeSecrets) -> None:
+        """Follow the node's secrets as its key files say now: its PSKs (a rotation's
+        step: docs/operations.md) or its private key.
+
+        A session or a pending handshake made with a PSK no longer held ends here, and
+        a new handshake starts at the next tick: the retired PSK authenticates nothing
+        more, not even what was agreed under it before. A new private key ends every
+        session (they were authenticated by the old one)."""
+        new_key = public_bytes(secrets.private_key) != public_bytes(self._secrets.private_key)
+        if not new_key and secrets.psks() == self._secrets.psks():
+            self._secrets = secrets
+            return
+        self._secrets = secrets
+        held = {psk for _role, psk in secrets.psks()} if not new_key else set()
+        for state in self._peers.values():
+            if new_key:
+                state.shared = pair_secret(secrets, state.config.public_key)
+            state.mac_keys = self._mac_keys(state.shared)
+            if state.psk_hint not in held:
+                state.psk_hint = None
+            if state.pending is not None and state.pending.psk not in held:
+                state.pending, state.attempts = None, 0
+            for name in ("current", "previous", "next"):
+                session = getattr(state, name)
+                if session is not None and session.psk not in held:
+                    self._sessions.pop(session.local_index, None)
+                    setattr(state, name, None)
+                    self.stats["sessions_psk_retired"] += 1
 
     # ---- what the agent asks for --------------------------------------------------------
     def send(self, now: float, peer: int, message: m.Message) -> Output:
@@ -585,11 +650,23 @@ class Channel:
             return self._drop(m.Drop.UNKNOWN_PEER)
         if isinstance(parsed, m.Transport):
             return self._receive_transport(now, source, state, parsed)
-        if not std_hmac.compare_digest(pair_mac(state.mac_key, parsed.signed), parsed.mac):
+        psk = self._mac_psk(state, parsed.signed, parsed.mac)
+        if psk is None:
             return self._drop(m.Drop.AUTH)
         if isinstance(parsed, m.Init):
-            return self._receive_init(now, source, state, parsed)
-        return self._receive_response(now, source, state, parsed)
+            return self._receive_init(now, source, state, parsed, psk)
+        return self._receive_response(now, source, state, parsed, psk)
+
+    @staticmethod
+    def _mac_psk(state: _Peer, signed: bytes, mac: bytes) -> bytes | None:
+        """The PSK whose pair MAC `mac` is (None: none this node holds). One HMAC per PSK
+        held, two at most (during a rotation), and no Diffie-Hellman: the MAC names the
+        PSK, so the handshake itself is read once, with that PSK, and counted under the
+        peer's and the node's handshake budgets like any other."""
+        for psk, key in state.mac_keys:
+            if std_hmac.compare_digest(pair_mac(key, signed), mac):
+                return psk
+        return None
 
     def _drop(self, reason: m.Drop) -> Output:
         self.drops[reason] += 1
@@ -605,7 +682,8 @@ class Channel:
             self._node_bucket = TokenBucket(NODE_RATE, NODE_BURST, now)
         return state.bucket.take(now) and self._node_bucket.take(now)
 
-    def _receive_init(self, now: float, source: Address, state: _Peer, init: m.Init) -> Output:
+    def _receive_init(self, now: float, source: Address, state: _Peer, init: m.Init,
+                      psk: bytes) -> Output:
         peer = state.config.node_number
         if init.timestamp <= self._marks.get(peer, 0):
             return self._drop(m.Drop.REPLAY)
@@ -621,12 +699,14 @@ class Channel:
         if not self._dh_allowed(now, state):
             return self._drop(m.Drop.RATE_LIMITED)
         handshake = HandshakeState(initiator=False, static=self._secrets.private_key,
-                                   remote_static=state.config.public_key, psk=self._psk,
+                                   remote_static=state.config.public_key,
+                                   psk=_noise_psk(psk),
                                    prologue=init.signed[:m.HEADER.size + m.INIT_FIELDS.size])
         hello = self._read_hello(handshake, init.noise)
         if isinstance(hello, m.Drop):
             return self._drop(hello)
         self._marks[peer] = init.timestamp
+        state.psk_hint = psk
         if self.node_number > state.config.node_number:
             # The higher node gives its own handshake up. The lower one keeps its own
             # (answered only after a first attempt went unanswered): if the peer answers
@@ -645,14 +725,18 @@ class Channel:
         # from, but the peer's endpoint stays until then.
         if state.next is not None:
             self._sessions.pop(state.next.local_index, None)
-        state.next = _Session(local, init.sender_index, send, receive, now, initiator=False)
+        state.next = _Session(local, init.sender_index, send, receive, now, initiator=False,
+                              psk=psk)
         state.next_boot = hello.boot_id
         self._sessions[local] = (state, state.next)
-        return Output(datagrams=[(source, body + pair_mac(state.mac_key, body))])
+        return Output(datagrams=[(source, body + pair_mac(state.mac_key_for(psk), body))])
 
     def _receive_response(self, now: float, source: Address, state: _Peer,
-                          response: m.Response) -> Output:
+                          response: m.Response, psk: bytes) -> Output:
         pending = state.pending
+        if pending is not None and response.receiver_index == pending.local_index and \
+                psk != pending.psk:
+            return self._drop(m.Drop.AUTH)  # answered under another PSK than ours: forged
         if pending is None or response.receiver_index != pending.local_index:
             if response.receiver_index == state.given_up:  # the peer's answer crossed
                 state.given_up = None  # ours; authentic (its MAC held): not a replay
@@ -666,11 +750,12 @@ class Channel:
         if isinstance(hello, m.Drop):
             return self._drop(hello)
         state.pending = None
+        state.psk_hint = psk
         send, receive = handshake.split()
         moved = self._move(state, source)
         out = self._established(now, state, _Session(
-            pending.local_index, response.sender_index, send, receive, now, initiator=True),
-            hello.boot_id)
+            pending.local_index, response.sender_index, send, receive, now, initiator=True,
+            psk=psk), hello.boot_id)
         out.extend(self._moved(now, state) if moved else Output())
         if not out.datagrams:  # the responder waits for a first message: confirm at once
             out.extend(self._transmit(now, state, state.current, m.Keepalive()))
@@ -737,7 +822,7 @@ class Channel:
                     return self._drop(m.Drop.MALFORMED)
                 state.keyed_out[g] = secret
                 state.awaiting[g] = (now, state.renewed.get(g, 0))
-                return Output(events=[GenerationKeyed(peer, g, True, secret)])
+                return Output(events=[GenerationKeyed(peer, g, True, secret, session.psk)])
             case m.SasInstalled(generation=g, digest=digest) if not self._agreed(state, g,
                                                                                  digest):
                 return Output()
@@ -782,7 +867,9 @@ class Channel:
         if generation not in state.accept:  # outside the window: no work, no event
             return self._drop(m.Drop.OUT_OF_WINDOW)
         answered = state.answers.get(generation)
-        if answered is not None and answered[0] == theirs:  # our answer was lost: again
+        if answered is not None and answered[0] == theirs and answered[2] == session.psk:
+            # our answer was lost: again (over a session of another PSK a fresh answer,
+            # so both ends derive the generation's keys under the PSK it went with)
             return self._transmit(now, state, session, m.KeyResponse(generation, answered[1]))
         key = X25519PrivateKey.generate()
         self.stats["dh"] += 1
@@ -792,10 +879,11 @@ class Channel:
             return self._drop(m.Drop.MALFORMED)
         ours = public_bytes(key)
         del key  # the responder's private key is used once, here
-        state.answers[generation] = (theirs, ours)
+        state.answers[generation] = (theirs, ours, session.psk)
         state.keyed_in[generation] = secret
         out = self._transmit(now, state, session, m.KeyResponse(generation, ours))
-        out.events.append(GenerationKeyed(state.config.node_number, generation, False, secret))
+        out.events.append(GenerationKeyed(state.config.node_number, generation, False, secret,
+                                          session.psk))
         return out
 
     # ---- sessions -----------------------------------------------------------------------
@@ -819,16 +907,28 @@ class Channel:
         local = self._fresh_index()
         prologue = m.build_init(self.node_number, state.config.node_number, local, timestamp,
                                 b"")
+        psk = self._initiator_psk(state)
         handshake = HandshakeState(initiator=True, static=self._secrets.private_key,
-                                   remote_static=state.config.public_key, psk=self._psk,
-                                   prologue=prologue)
+                                   remote_static=state.config.public_key,
+                                   psk=_noise_psk(psk), prologue=prologue)
         noise = handshake.write_message(m.encode(m.Hello(self.boot_id), padded=False))
         self.stats["dh"] += 2
         self.stats["handshakes_initiated"] += 1
-        state.pending = _Pending(handshake, local, now)
+        state.pending = _Pending(handshake, local, now, psk)
         state.attempts += 1
         body = prologue + noise
-        return Output(datagrams=[(state.endpoint, body + pair_mac(state.mac_key, body))])
+        return Output(datagrams=[(state.endpoint,
+                                  body + pair_mac(state.mac_key_for(psk), body))])
+
+    def _initiator_psk(self, state: _Peer) -> bytes:
+        """The PSK of our next handshake to the peer: the one it is known to hold when
+        that is our next one (it promoted before us), else our current one; every other
+        retry of an unanswered handshake takes the other PSK held (a peer that has not
+        staged our current one yet, or retired our previous one)."""
+        held = [psk for _role, psk in self._secrets.psks()]
+        if state.psk_hint is not None and state.psk_hint == self._secrets.psk_next:
+            held.reverse()
+        return held[state.attempts % 2] if len(held) > 1 else held[0]
 
     def _established(self, now: float, state: _Peer, session: _Session, boot: int) -> Output:
         """`session` becomes current: the initiator's on the Response, the responder's on
