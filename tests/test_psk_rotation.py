@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
-from test_forward_secrecy import Agents
 
 from vppmesh.channel import messages as m
 from vppmesh.channel import session as s
@@ -21,6 +20,7 @@ from vppmesh.channel.noise import public_bytes
 from vppmesh.config import dump_mesh
 from vppmesh.errors import KeyFileError
 from vppmesh.keys import NodeSecrets, load_secrets, private_key_b64, write_secret_file
+from vppmesh.testing.agents import Agents
 
 OLD, NEW, WRONG = b"\x01" * 32, b"\x02" * 32, b"\x03" * 32
 ADDRESSES = {n: (f"192.0.2.{n}", 5199) for n in range(1, 5)}
