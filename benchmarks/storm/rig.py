@@ -345,13 +345,13 @@ class Storm:
             time.sleep(fault.duration)
             agent.start()
         elif kind == "vpp_kill":
-            kill_vpp(node, signal.SIGKILL)
+            self.bed.kill_vpp(node, signal.SIGKILL)
             self.bed.restart_vpp(node)
             record["restored"] = time.time()
             self.reattach(node)
         elif kind == "vpp_agent_stop":
             agent.signal(signal.SIGTERM)
-            kill_vpp(node, signal.SIGTERM)
+            self.bed.kill_vpp(node, signal.SIGTERM)
             time.sleep(fault.duration)
             self.bed.restart_vpp(node)
             agent.start()
@@ -441,27 +441,6 @@ class Storm:
             agent.signal(signal.SIGTERM)
         self.nft(None)
         self.bed.down(quiet=True)
-
-
-def kill_vpp(node: NodeHandle, sig: int) -> None:
-    """Signal the node's VPP and reap it (it is our child: the testbed started it), so
-    Testbed.restart_vpp does not wait on a zombie."""
-    try:
-        pid = int(node.instance.pid_file.read_text().strip())
-        os.kill(pid, sig)
-    except (OSError, ValueError):
-        return
-    deadline = time.time() + 15
-    while time.time() < deadline:
-        try:
-            done, _ = os.waitpid(pid, os.WNOHANG)
-        except ChildProcessError:  # not ours: wait for it to go
-            if not Path(f"/proc/{pid}").exists():
-                return
-            done = 0
-        if done:
-            return
-        time.sleep(0.05)
 
 
 def heap_used(api: VppClient) -> int:

@@ -394,6 +394,23 @@ class Testbed:
                 api.call(routes.route(0, UNDERLAY_NET, [index], True,
                                       nexthop=NAT_INSIDE_GATEWAY.ip))
 
+    def kill_vpp(self, node: NodeHandle, sig: int = signal.SIGKILL) -> None:
+        """Signal the node's VPP and wait until it is gone (reaped when it is this
+        process's child), so that restart_vpp does not wait on a zombie."""
+        pid = _vpp_pid(node)
+        if pid is None:
+            return
+        os.kill(pid, sig)
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            try:
+                done, _ = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:  # not ours: wait for it to go
+                done = 0 if Path(f"/proc/{pid}").exists() else pid
+            if done:
+                return
+            time.sleep(0.05)
+
     def restart_vpp(self, node: NodeHandle) -> None:
         """Kill the node's VPP and start a fresh one with its uplink, as after a crash."""
         pid = _vpp_pid(node)
