@@ -186,3 +186,33 @@ def test_agent_loop_spaces_channel_runs_by_plain_steps_only(
         gaps.append(round(loop.early_in(), 3))
     assert gaps == [watch.EARLY_MIN_GAP, 0.3, 0.3, 0.3, 0.06]
     assert loop.recovered is False and loop.last_pid == 2
+
+
+def test_a_psk_rotation_step_takes_effect_at_the_next_run_not_the_next_full_one(
+        tmp_path: Path) -> None:
+    """Staging the next PSK (docs/operations.md, PSK rotation) changes no mesh file: the
+    session sees the node's secret files change and builds its view again at once."""
+    import base64
+    import os
+
+    psk, psk_next = tmp_path / "psk", tmp_path / "psk.next"
+    write_secret_file(psk, base64.b64encode(os.urandom(32)).decode())
+    mesh, secrets = make_mesh(3, 2, psk_file=psk)
+    mesh_file = tmp_path / "mesh.yaml"
+    mesh_file.write_text(dump_mesh(mesh))
+    key = tmp_path / "node1.key"
+    write_secret_file(key, private_key_b64(secrets["node1"].private_key))
+    options = NodeOptions(mesh_file=mesh_file, node="node1", private_key=key,
+                          host_link="none", workers=0, state_dir=tmp_path)
+    vpp = FakeVpp.with_uplink(mesh.node("node1").primary)
+    session = Session(options, connect=lambda: vpp, full_every=3600)  # type: ignore[arg-type,return-value]
+    session.run()
+    first = session.view()
+    assert first.secrets.psk_next == b""
+    assert session.view() is first  # nothing changed: the same view
+    write_secret_file(psk_next, base64.b64encode(os.urandom(32)).decode())
+    session.run()
+    assert session.view().secrets.psk_next != b""
+    psk_next.unlink()
+    session.run()
+    assert session.view().secrets.psk_next == b""

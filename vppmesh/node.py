@@ -483,16 +483,33 @@ class Session:
         self._reconciler: Reconciler | None = None
         self._last_full: float | None = None
         self._view: LocalView | None = None
+        self._secrets_seen: tuple[tuple[int, int, int] | None, ...] = ()
         self._connected = False  # a connection was made before (the next is a reconnect)
 
     def view(self, *, fresh: bool = False) -> LocalView:
-        """The local view of the source's mesh now: the last one while it is unchanged."""
+        """The local view of the source's mesh now: the last one while the mesh and the
+        node's secret files (key, PSK and a rotation's second PSK) are unchanged. A PSK
+        rotation step (docs/operations.md) takes effect at the next run, not the next
+        full one."""
         mesh = self.source.mesh(fresh=fresh)
         view = self._view
-        if fresh or view is None or (view.mesh is not mesh and view.mesh != mesh):
+        secrets = self._secret_files(mesh)
+        if fresh or view is None or (view.mesh is not mesh and view.mesh != mesh) or \
+                secrets != self._secrets_seen:
             view = self._view = local_view(self.options, mesh, previous=view,
                                            source=self.source.name)
+            self._secrets_seen = secrets
         return view
+
+    def _secret_files(self, mesh: Mesh) -> tuple[tuple[int, int, int] | None, ...]:
+        from vppmesh.keys import PSK_NEXT_SUFFIX, PSK_PREVIOUS_SUFFIX, psk_sibling
+
+        paths = [self.options.private_key]
+        psk = mesh.settings.psk_file
+        if psk is not None:
+            paths += [psk, psk_sibling(psk, PSK_NEXT_SUFFIX),
+                      psk_sibling(psk, PSK_PREVIOUS_SUFFIX)]
+        return tuple(file_signature(p) for p in paths)
 
     def run(self, **up_options: Any) -> UpResult:
         started = time.monotonic()
