@@ -416,8 +416,11 @@ class FakeVpp:
             return NS(retval=ENTRY_EXISTS)
         # VPP reports thread 0 for an unbound SA without workers, else ~0 (16 bits).
         unbound = 0 if self.workers == 0 else 0xFFFF
+        # VPP's SA pool: a deleted SA's index (its counters' too) goes to the next one.
+        taken = {sa["stat_index"] for sa in self.sas.values()}
+        index = next(i for i in range(len(self.sas) + 1) if i not in taken)
         self.sas[entry["sad_id"]] = {"entry": dict(entry), "thread": unbound,
-                                     "stat_index": len(self.sas)}
+                                     "stat_index": index}
         return NS(retval=0, stat_index=self.sas[entry["sad_id"]]["stat_index"])
 
     def m_ipsec_sad_entry_del(self, id: int) -> Any:
@@ -453,6 +456,20 @@ class FakeVpp:
                 last_seq_inbound=sa.get("last_seq_in", 0),
                 stat_index=sa["stat_index"], sw_if_index=0xFFFFFFFF))
         return out
+
+    def sa_counters(self, stat_indexes: list[int]) -> dict[int, Any]:
+        """The stats segment's /net/ipsec/sa counters (StatsReader.sa_counters): packets
+        an SA encrypted or accepted, as its seq_out / last_seq_in say (tests move those);
+        a FakeVpp is its own stats reader (vpp/stats.SaCounters' open_reader)."""
+        from vppmesh.vpp.stats import Counter
+
+        by_index = {sa["stat_index"]: sa for sa in self.sas.values()}
+        counted = {}
+        for index in stat_indexes:
+            sa = by_index.get(index, {})
+            packets = max(sa.get("seq_out", 0), sa.get("last_seq_in", 0))
+            counted[index] = Counter(packets=packets, bytes=packets * 100)
+        return counted
 
     def m_ipsec_tunnel_protect_update(self, tunnel: dict[str, Any]) -> Any:
         if tunnel["sw_if_index"] not in self.tunnels:

@@ -54,6 +54,7 @@ from vppmesh.node import NodeOptions, Session, UpResult, channel_socket, observe
 from vppmesh.secrecy import KeyBook, Secrecy
 from vppmesh.state import SA_DIRECTION_BIT, sa_peer
 from vppmesh.view import build_view
+from vppmesh.vpp.stats import SaCounters
 
 SETTINGS = MeshSettings(rekey_interval=0, rekey_grace=10)
 INSTALLED = PeerObservation(out_installed=True, out_packets=100)
@@ -338,8 +339,9 @@ class Agents:
     the time that passes, from which each node's boot clock and wall clock are made (a
     test steps a node's wall clock, or reboots it), read through the node's AgentClock."""
 
-    def __init__(self, count: int = 2, **settings: object) -> None:
+    def __init__(self, count: int = 2, counters: bool = False, **settings: object) -> None:
         self.dir = short_tmp()
+        self.counters = counters  # agents read SA counts from the (fake) stats segment
         self.mesh, self.secrets = make_mesh(count, 2, rekey_grace=10, rekey_interval=0,
                                             **settings)
         self.mesh_file = self.dir / "mesh.yaml"
@@ -388,7 +390,10 @@ class Agents:
                            boot_id=lambda: f"boot-{self.boot[name]}")
         secrecy = Secrecy(channel_socket(options), state_dir=options.state_dir, clock=clock)
         self.secrecy[name] = secrecy
-        self.sessions[name] = Session(self.options[name], secrecy=secrecy,
+        counters = SaCounters(self.dir / f"{name}.stats.sock",  # FakeVpp reads its own
+                              open_reader=lambda _p, n=name: self.vpp(n)) \
+            if self.counters else None
+        self.sessions[name] = Session(self.options[name], secrecy=secrecy, counters=counters,
                                       connect=lambda n=name: self.vpp(n))  # type: ignore[misc]
 
     def reboot(self, name: str) -> None:
@@ -1157,19 +1162,23 @@ def key_exchange_sized(relayed: object) -> bool:
     return payload[1] == m.DatagramType.TRANSPORT and len(payload) == size
 
 
+@pytest.mark.parametrize("counters", [False, True], ids=["dumps", "counters"])
 @pytest.mark.parametrize("mode", ["required", "preferred"])
 def test_forward_secrecy_dropped_key_exchanges_never_stretch_a_key_past_its_limit(
-        mode: str) -> None:
+        mode: str, counters: bool) -> None:
     """An attacker drops only the key exchange: sessions and keepalives live on, no new
     generation is ever agreed. The key in use still stops at its hard limit (packets
     here): the pair then sends nothing (fail closed, reported, `stopped_why`), never on
     the old key past the limit, never on a static key; once the attacker stops, the pair
-    is back on a new agreed key."""
-    agents = Agents(key_max_packets=2048, forward_secrecy=mode)
+    is back on a new agreed key. With `counters` the agents' steady runs dump no SA (the
+    packets come from the stats segment's counters) and stop exactly the same way."""
+    agents = Agents(key_max_packets=2048, forward_secrecy=mode, counters=counters)
     try:
         agents.until(lambda: agents.slid(1), "both pairs agreed and slid")
         agents.step()
         agents.relay.lose = key_exchange_sized
+        for name in agents.names:
+            agents.vpp(name).counts.clear()
         limit = agents.mesh.settings.key_max_packets
         stopped = None
         for _ in range(40):
@@ -1185,6 +1194,8 @@ def test_forward_secrecy_dropped_key_exchanges_never_stretch_a_key_past_its_limi
                 stopped = agents.results["node1"]
                 break
         assert stopped is not None, "the pair never stopped at its key's hard limit"
+        if counters:  # the limit was seen without a single SA dump
+            assert all(agents.vpp(n).counts["ipsec_sa_v5_dump"] == 0 for n in agents.names)
         assert stopped.stopped_peers == {"node2": "key limit"}
         assert any("reached a hard limit" in n for n in stopped.notes)
         pg = agents.generations("node1").peers["node2"]
