@@ -457,19 +457,13 @@ class FakeVpp:
                 stat_index=sa["stat_index"], sw_if_index=0xFFFFFFFF))
         return out
 
-    def sa_counters(self, stat_indexes: list[int]) -> dict[int, Any]:
-        """The stats segment's /net/ipsec/sa counters (StatsReader.sa_counters): packets
-        an SA encrypted or accepted, as its seq_out / last_seq_in say (tests move those);
-        a FakeVpp is its own stats reader (vpp/stats.SaCounters' open_reader)."""
-        from vppmesh.vpp.stats import Counter
-
+    def sa_packets(self, stat_indexes: list[int]) -> dict[int, int]:
+        """The stats segment's /net/ipsec/sa packet counters (StatsReader.sa_packets):
+        what an SA encrypted or accepted, as its seq_out / last_seq_in say (tests move
+        those); a FakeVpp is its own stats reader (vpp/stats.SaCounters' open_reader)."""
         by_index = {sa["stat_index"]: sa for sa in self.sas.values()}
-        counted = {}
-        for index in stat_indexes:
-            sa = by_index.get(index, {})
-            packets = max(sa.get("seq_out", 0), sa.get("last_seq_in", 0))
-            counted[index] = Counter(packets=packets, bytes=packets * 100)
-        return counted
+        return {i: max(by_index.get(i, {}).get("seq_out", 0),
+                       by_index.get(i, {}).get("last_seq_in", 0)) for i in stat_indexes}
 
     def m_ipsec_tunnel_protect_update(self, tunnel: dict[str, Any]) -> Any:
         if tunnel["sw_if_index"] not in self.tunnels:
