@@ -378,7 +378,8 @@ def up(options: NodeOptions, *, dry_run: bool = False, api: VppApi | None = None
                 now = secrecy.clock() if secrecy is not None else options.clock()
             scheduled = epochs.schedule(state, settings, peers, observations, now=now,
                                         key_used=key_used,
-                                        said=secrecy.said(view) if secrecy else None)
+                                        said=secrecy.said(view) if secrecy else None,
+                                        me=view.node.public_key)
             notes = scheduled.notes
             if key_sas.note is not None:
                 notes.append(key_sas.note)
