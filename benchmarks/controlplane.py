@@ -6,6 +6,11 @@ N ECMP routes. Per size it reports the first full reconcile, a no-op reconcile (
 dumps, and from the remembered state), one peer joining and one leaving, plan() and key
 derivation, the controller's peak memory, VPP's heap per peer and the API messages sent.
 Each size runs in a fresh process against a fresh VPP, so memory numbers do not mix.
+
+The idle case (at the largest size) is `up --watch` with nothing to change: the CPU of
+an agent polling every 2 s with a full resync every minute, and one peer joining from the
+mesh file to VPP, with the SA counts for key limits read from the stats segment (the
+agent's way) and from an SA dump on every run (the way before), in one run.
 """
 
 from __future__ import annotations
@@ -129,6 +134,38 @@ class AgentResult(BaseModel):
     converged: bool
 
 
+class IdleMode(BaseModel):
+    """The idle agent with one way of reading SA counts for the key generations."""
+
+    model_config = ConfigDict(extra="forbid")
+    mode: str  # "counters" (stats segment) | "dumps" (an SA dump every run, as before)
+    steady_run_s: float  # median of the rounds: a poll with nothing to change
+    steady_run_cpu_s: float
+    full_run_s: float  # the periodic resync (full_every)
+    full_run_cpu_s: float
+    cpu_s_per_minute: float  # 29 steady polls and one full resync
+    sa_dumps_per_steady_run: float
+    sa_dumps_per_full_run: float
+    join_s: float  # median: mesh file written -> the run that programmed VPP ended
+    join_cpu_s: float
+    leave_s: float
+    join_phases: dict[str, float]
+
+
+class IdleResult(BaseModel):
+    """`up --watch` at N peers with nothing to change, and one peer joining, per mode."""
+
+    model_config = ConfigDict(extra="forbid")
+    peers: int
+    tunnels_per_peer: int
+    rounds: int
+    poll_s: float
+    full_every_s: float
+    load_average: str
+    modes: list[IdleMode]
+    converged: bool
+
+
 class RunResult(BaseModel):
     model_config = ConfigDict(extra="forbid")
     started: str
@@ -138,6 +175,7 @@ class RunResult(BaseModel):
     baseline: BaselineResult | None
     results: list[SizeResult]
     agents: AgentResult | None = None
+    idle: IdleResult | None = None
 
 
 # ---- the synthetic mesh ------------------------------------------------------------------
@@ -357,7 +395,8 @@ def measure_baseline(prefix: str, base_dir: Path, sas: int = BASELINE_SAS) -> Ba
 PHASES = (("source", "vppmesh.node", "MeshFile.mesh"),
           ("source", "vppmesh.datastore.agent", "MembershipAgent.mesh"),
           ("view", "vppmesh.node", "local_view"),
-          ("key state (SA dump)", "vppmesh.node", "observe_keys"),
+          ("key state: SAs (dump or counters)", "vppmesh.node", "read_key_sas"),
+          ("key state: observe", "vppmesh.node", "observe_keys"),
           ("generations", "vppmesh.epochs", "schedule"),
           ("plan", "vppmesh.node", "planned"),
           ("reconcile", "vppmesh.node", "apply"),
@@ -436,6 +475,7 @@ def measure_agents(peers: int, tunnels: int, prefix: str, base_dir: Path, heap: 
     from vppmesh.keys import private_key_b64, write_secret_file
     from vppmesh.lab.etcd import running_etcd
     from vppmesh.node import NodeOptions, Session
+    from vppmesh.vpp.stats import SaCounters
 
     load = " ".join(Path("/proc/loadavg").read_text().split()[:3])
     mesh, secrets = synthetic_mesh(peers, tunnels)
@@ -457,7 +497,7 @@ def measure_agents(peers: int, tunnels: int, prefix: str, base_dir: Path, heap: 
                               state_dir=work)
         # `up --watch` with a mesh file: the file changes, the next poll applies it.
         mesh_file.write_text(dump_mesh(base))
-        session = Session(options)
+        session = Session(options, counters=SaCounters(instance.stats_socket))
         try:
             session.run()  # programs the whole mesh
             session.run()
@@ -490,7 +530,8 @@ def measure_agents(peers: int, tunnels: int, prefix: str, base_dir: Path, heap: 
                 store._txn([], [op for n in others[start:start + 64] for op in put(n)])
             member = MembershipAgent(options, DatastoreOptions(url=url, local=LocalNode(
                 underlay=tuple(local.underlay), pod_cidr=local.pod_cidr,
-                node_number=local.node_number, uplink=local.uplink)), store=store)
+                node_number=local.node_number, uplink=local.uplink)), store=store,
+                stats_socket=instance.stats_socket)
             try:
                 member.sync()  # registers n1, dumps VPP: the mesh is already there
                 member.sync()
@@ -528,6 +569,166 @@ def measure_agents(peers: int, tunnels: int, prefix: str, base_dir: Path, heap: 
         file_phases=phase_medians("file"), datastore_phases=phase_medians("datastore"),
         messages_per_change=max(m for v in samples.values() for _, _, m in v),
         converged=converged)
+
+
+# ---- the idle agent ---------------------------------------------------------------------
+POLL_SECONDS = 2.0  # `up --watch`'s poll (watch.WATCH_POLL_SECONDS)
+FULL_EVERY = 60.0  # Session.full_every
+IDLE_TARGETS = {"cpu_share": 0.01, "join_s": 0.020}  # issue 30, at 1000 peers
+IDLE_MODES = ("dumps", "counters")
+
+
+class SaDumps:
+    """Counts ipsec.dump_sas calls (the key generations' and the reconcile's)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._original = None
+
+    def __enter__(self) -> SaDumps:
+        self._original = original = ipsec.dump_sas
+
+        def counted(*args, **kwargs):  # type: ignore[no-untyped-def]
+            self.count += 1
+            return original(*args, **kwargs)
+        ipsec.dump_sas = counted  # type: ignore[assignment]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        ipsec.dump_sas = self._original  # type: ignore[assignment]
+
+
+def measure_idle(peers: int, tunnels: int, prefix: str, base_dir: Path, heap: str,
+                 rounds: int = 10, modes: tuple[str, ...] = IDLE_MODES) -> IdleResult:
+    """One VPP holding `peers` peers; per mode a new agent (Session, as `up --watch` makes
+    it) on it: its first run (full), `rounds` polls with nothing to change, a periodic
+    resync, then `rounds` // 2 peers joining and leaving through the mesh file (each a new
+    peer). CPU is this process's (the agent's), whatever else the shared machine runs."""
+    import tempfile
+
+    from vppmesh.config import dump_mesh
+    from vppmesh.keys import private_key_b64, write_secret_file
+    from vppmesh.node import NodeOptions, Session
+    from vppmesh.vpp.stats import SaCounters
+
+    load = " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    mesh, secrets = synthetic_mesh(peers, tunnels)
+    base = with_nodes(mesh, mesh.nodes[:-1])
+    joins = max(1, rounds // 2)
+    joiners = iter([synthetic_node(peers + 2 + i, tunnels)
+                    for i in range(joins * len(modes))])
+    work = Path(tempfile.mkdtemp(prefix="vppmesh-idle-"))
+    key = work / "n1.key"
+    write_secret_file(key, private_key_b64(secrets.private_key))
+    mesh_file = work / "mesh.yaml"
+    mesh_file.write_text(dump_mesh(base))
+    results = []
+    with single_vpp(f"{prefix}id", base_dir / "idle", main_heap_size=heap) as instance, \
+            Phases() as phases, SaDumps() as dumps:
+        with VppClient(instance.api_socket, timeout=60).connect() as api:
+            give_uplink(api, base.nodes[0].primary)  # type: ignore[arg-type]
+        options = NodeOptions(mesh_file=mesh_file, node="n1", private_key=key,
+                              api_socket=instance.api_socket, host_link="none", workers=0,
+                              state_dir=work)
+        for mode in modes:
+            counters = SaCounters(instance.stats_socket) if mode == "counters" else None
+            # Resyncs come when this benchmark says (full_every is far away).
+            session = Session(options, counters=counters, full_every=1e9)
+            try:
+                session.run()  # the agent starts: full (the first mode programs VPP)
+                steady = []
+                for _ in range(rounds):
+                    before = dumps.count
+                    result, wall, cpu = timed_cpu(session.run)
+                    assert result.changes == [], [str(c) for c in result.changes[:5]]
+                    steady.append((wall, cpu, dumps.count - before))
+                session._last_full = None  # the periodic resync is due
+                before = dumps.count
+                result, full_s, full_cpu = timed_cpu(session.run)
+                full_dumps = dumps.count - before
+                assert result.changes == [], [str(c) for c in result.changes[:5]]
+                joined, left = [], []
+                for _ in range(joins):
+                    mesh_file.write_text(dump_mesh(with_nodes(base, [*base.nodes,
+                                                                     next(joiners)])))
+                    cpu_before = time.process_time()
+                    join = one_change(session.run, lambda s=session: s._reconciler, phases)
+                    joined.append((*join, time.process_time() - cpu_before))
+                    mesh_file.write_text(dump_mesh(base))
+                    left.append(one_change(session.run, lambda s=session: s._reconciler,
+                                           phases))
+                if counters is not None:
+                    assert counters.unavailable is None, counters.unavailable
+                steady_cpu = median(c for _, c, _ in steady)
+                per_poll = FULL_EVERY / POLL_SECONDS
+                results.append(IdleMode(
+                    mode=mode, steady_run_s=median(w for w, _, _ in steady),
+                    steady_run_cpu_s=steady_cpu, full_run_s=full_s, full_run_cpu_s=full_cpu,
+                    cpu_s_per_minute=(per_poll - 1) * steady_cpu + full_cpu,
+                    sa_dumps_per_steady_run=sum(d for _, _, d in steady) / len(steady),
+                    sa_dumps_per_full_run=full_dumps,
+                    join_s=median(s for s, _, _, _ in joined),
+                    join_cpu_s=median(c for _, _, _, c in joined),
+                    leave_s=median(s for s, _, _ in left),
+                    join_phases={k: median(p.get(k, 0.0) for _, p, _, _ in joined)
+                                 for k in joined[0][1]}))
+            finally:
+                session.close()
+        with VppClient(instance.api_socket, timeout=60).connect() as api:
+            last = Session(options, connect=lambda: api).run(dry_run=True)  # type: ignore[arg-type,return-value]
+            converged = last.changes == []
+    shutil.rmtree(work, ignore_errors=True)
+    return IdleResult(peers=peers, tunnels_per_peer=tunnels, rounds=rounds,
+                      poll_s=POLL_SECONDS, full_every_s=FULL_EVERY, load_average=load,
+                      modes=results, converged=converged)
+
+
+def render_idle(idle: IdleResult) -> str:
+    """The idle agent per mode (before: dumps; after: counters) and one peer joining."""
+    modes = idle.modes
+
+    def row(name: str, cell) -> str:  # type: ignore[no-untyped-def]
+        return f"| {name} | " + " | ".join(cell(m) for m in modes) + " |"
+
+    def share(m: IdleMode) -> float:
+        return m.cpu_s_per_minute / 60.0
+
+    lines = [
+        f"| idle `up --watch`, {idle.peers} peers x {idle.tunnels_per_peer} tunnels | "
+        + " | ".join({"dumps": "SA dump every run (before)",
+                      "counters": "stats segment counters (now)"}.get(m.mode, m.mode)
+                     for m in modes) + " |",
+        "|---|" + "---|" * len(modes),
+        row("poll with nothing to change, wall (CPU)",
+            lambda m: f"{ms(m.steady_run_s)} ({ms(m.steady_run_cpu_s)})"),
+        row("  SA dumps per poll", lambda m: f"{m.sa_dumps_per_steady_run:g}"),
+        row("full resync, wall (CPU)", lambda m: f"{ms(m.full_run_s)} ({ms(m.full_run_cpu_s)})"),
+        row("  SA dumps per resync", lambda m: f"{m.sa_dumps_per_full_run:g}"),
+        row(f"CPU per minute ({idle.poll_s:g} s polls, resync every {idle.full_every_s:g} s)",
+            lambda m: f"{m.cpu_s_per_minute:.2f} s ({share(m) * 100:.1f} % of a core)"),
+        row("one peer joins: mesh file -> VPP programmed",
+            lambda m: f"{ms(m.join_s)} (CPU {ms(m.join_cpu_s)})"),
+        row("one peer leaves", lambda m: ms(m.leave_s)),
+    ]
+    for k in modes[0].join_phases:
+        if k != "total":
+            lines.append(row(f"  join: {k}", lambda m, k=k: ms(m.join_phases.get(k, 0.0))))
+    lines.append("")
+    lines.append(f"Medians of {idle.rounds} polls and {max(1, idle.rounds // 2)} joins per "
+                 f"mode, the agent without the channel; converged: "
+                 f"{'yes' if idle.converged else 'NO'}; load average at start "
+                 f"{idle.load_average}.")
+    now = next((m for m in modes if m.mode == "counters"), None)
+    if now is not None and idle.peers == MAX_PEERS:
+        misses = []
+        if share(now) > IDLE_TARGETS["cpu_share"]:
+            misses.append(f"idle CPU {share(now) * 100:.1f} % > "
+                          f"{IDLE_TARGETS['cpu_share'] * 100:g} % of a core")
+        if now.join_s > IDLE_TARGETS["join_s"]:
+            misses.append(f"join {ms(now.join_s)} > {ms(IDLE_TARGETS['join_s'])}")
+        lines.append("Targets at 1000 peers: " + ("met." if not misses else
+                                                  "missed: " + "; ".join(misses) + "."))
+    return "\n".join(lines)
 
 
 # ---- report ------------------------------------------------------------------------------
@@ -631,12 +832,20 @@ def render_baseline(b: BaselineResult) -> str:
     ])
 
 
+CPU_FLAGS = ("aes", "pclmulqdq", "avx", "avx2", "avx512f", "avx512bw", "vaes",
+             "vpclmulqdq", "sha_ni")
+
+
 def machine() -> dict[str, str]:
     cpu = next((line.split(":", 1)[1].strip() for line in
                 Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")),
                "unknown")
+    flags = next((line.split(":", 1)[1].split() for line in
+                  Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")),
+                 [])
+    crypto = " ".join(f for f in CPU_FLAGS if f in flags)  # what AES-GCM engines use
     return {"cpu": cpu, "cpus": str(os.cpu_count()), "kernel": os.uname().release,
-            "python": sys.version.split()[0]}
+            "python": sys.version.split()[0], "cpu_flags": crypto}
 
 
 def vpp_version() -> str:
@@ -647,18 +856,21 @@ def vpp_version() -> str:
 
 
 def run_child(args: argparse.Namespace, peers: int, *, agents: bool = False,
-              ) -> SizeResult | BaselineResult | AgentResult:
+              idle: bool = False) -> SizeResult | BaselineResult | AgentResult | IdleResult:
     """One size (0: the baseline) in a fresh interpreter, so its peak memory is its own."""
-    command = [sys.executable, "-m", "benchmarks.controlplane",
-               "--one-agents" if agents else "--one", str(peers),
+    which = "--one-idle" if idle else "--one-agents" if agents else "--one"
+    command = [sys.executable, "-m", "benchmarks.controlplane", which, str(peers),
                "--tunnels", str(args.tunnels), "--workers", str(args.workers),
-               "--prefix", args.prefix, "--base-dir", str(args.base_dir), "--heap", args.heap]
+               "--prefix", args.prefix, "--base-dir", str(args.base_dir), "--heap", args.heap,
+               "--idle-modes", ",".join(args.idle_modes)]
     if args.profile:
         command.append("--profile")
     result = subprocess.run(command, capture_output=True, text=True, check=False, timeout=1800)
     if result.returncode != 0:
         raise SystemExit(f"{peers} peers failed:\n{result.stdout[-3000:]}{result.stderr[-3000:]}")
     line = result.stdout.strip().splitlines()[-1]
+    if idle:
+        return IdleResult.model_validate_json(line)
     if agents:
         return AgentResult.model_validate_json(line)
     if peers == 0:
@@ -685,9 +897,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-agents", action="store_true",
                         help="skip the agent case (one peer joining and leaving through the "
                         "mesh file and through etcd, at the largest size)")
+    parser.add_argument("--no-idle", action="store_true",
+                        help="skip the idle agent (CPU of `up --watch` with nothing to "
+                        "change, one peer joining; SA counts from the stats segment and "
+                        "from dumps) at the largest size")
+    parser.add_argument("--idle-modes", default=",".join(IDLE_MODES),
+                        help="the idle agent's ways of reading SA counts: counters (the "
+                        "stats segment, as the agent does), dumps (an SA dump every run, "
+                        "as before); default %(default)s")
     parser.add_argument("--one", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--one-idle", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--one-agents", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    args.idle_modes = tuple(m.strip() for m in args.idle_modes.split(",") if m.strip())
+    if not args.idle_modes or set(args.idle_modes) - set(IDLE_MODES):
+        parser.error(f"--idle-modes: one or more of {', '.join(IDLE_MODES)}")
     if args.workers:
         parser.error("--workers: the benchmark VPP runs without workers; SA binding to "
                      "workers is exercised by the testbed instead")
@@ -698,6 +922,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.one == 0:
         print(measure_baseline(args.prefix, args.base_dir).model_dump_json())
+        return 0
+    if args.one_idle is not None:
+        print(measure_idle(args.one_idle, args.tunnels, args.prefix, args.base_dir, args.heap,
+                           modes=args.idle_modes).model_dump_json())
         return 0
     if args.one_agents is not None:
         agent_result = measure_agents(args.one_agents, args.tunnels, args.prefix,
@@ -734,27 +962,37 @@ def main(argv: list[str] | None = None) -> int:
             print(f"agents: one peer joining and leaving at {sizes[-1]} peers, mesh file "
                   "and etcd ...", file=sys.stderr, flush=True)
             agents = run_child(args, sizes[-1], agents=True)
+    idle = None
+    if not args.no_idle:
+        print(f"idle agent: {sizes[-1]} peers, modes {', '.join(args.idle_modes)} ...",
+              file=sys.stderr, flush=True)
+        idle = run_child(args, sizes[-1], idle=True)
     run = RunResult(started=datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ"),
                     command=" ".join(["python -m benchmarks.controlplane", *(argv or
                                                                             sys.argv[1:])]),
                     machine=machine(), vpp_version=vpp_version(),
                     baseline=baseline,  # type: ignore[arg-type]
-                    results=results, agents=agents)  # type: ignore[arg-type]
+                    results=results, agents=agents,  # type: ignore[arg-type]
+                    idle=idle)  # type: ignore[arg-type]
     table = render_table(run.results)
     if run.agents is not None:
         table += "\n\n" + render_agents(run.agents)
+    if run.idle is not None:
+        table += "\n\n" + render_idle(run.idle)
     if run.baseline is not None:
         table += "\n\n" + render_baseline(run.baseline)
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / f"{run.started}-controlplane"
     stem.with_suffix(".json").write_text(run.model_dump_json(indent=2))
     stem.with_suffix(".md").write_text(f"# Control plane, {run.started}\n\n`{run.command}` "
-                                       f"on {run.machine['cpu']} ({run.machine['cpus']} CPUs), "
+                                       f"on {run.machine['cpu']} ({run.machine['cpus']} CPUs, "
+                                       f"{run.machine.get('cpu_flags') or 'no AES flags'}), "
                                        f"{run.vpp_version}\n\n{table}\n")
     print(table)
     print(f"\nwrote {stem}.json and {stem}.md")
     converged = all(r.converged for r in run.results) and \
-        (run.agents is None or run.agents.converged)
+        (run.agents is None or run.agents.converged) and \
+        (run.idle is None or run.idle.converged)
     return 0 if converged else 1
 
 

@@ -76,3 +76,25 @@ def test_agents_report_compares_the_modes_and_names_the_phases() -> None:
     assert "|   reconcile: index | 2.0 ms | 2.0 ms | |" in table
     assert "total" not in table.split("\n\n")[0].split("| leaves")[1]
     assert table.endswith("x1.5 of the file mode: missed.")
+
+
+def test_idle_report_compares_dumps_with_counters_and_names_missed_targets() -> None:
+    from benchmarks.controlplane import IdleMode, IdleResult, render_idle
+
+    def mode(name: str, steady_cpu: float, dumps: float, join: float) -> IdleMode:
+        return IdleMode(mode=name, steady_run_s=steady_cpu * 1.2, steady_run_cpu_s=steady_cpu,
+                        full_run_s=1.5, full_run_cpu_s=1.0,
+                        cpu_s_per_minute=29 * steady_cpu + 1.0,
+                        sa_dumps_per_steady_run=dumps, sa_dumps_per_full_run=1, join_s=join,
+                        join_cpu_s=join, leave_s=join,
+                        join_phases={"source": 0.1, "total": join})
+
+    idle = IdleResult(peers=1000, tunnels_per_peer=4, rounds=10, poll_s=2, full_every_s=60,
+                      load_average="1 1 1", converged=True,
+                      modes=[mode("dumps", 0.5, 1, 0.45), mode("counters", 0.02, 0, 0.15)])
+    table = render_idle(idle)
+    assert "| CPU per minute (2 s polls, resync every 60 s) | 15.50 s (25.8 % of a core) | " \
+        "1.58 s (2.6 % of a core) |" in table
+    assert "|   SA dumps per poll | 1 | 0 |" in table
+    assert "|   join: source | 100 ms | 100 ms |" in table
+    assert table.endswith("missed: idle CPU 2.6 % > 1 % of a core; join 150 ms > 20.0 ms.")

@@ -81,3 +81,34 @@ def test_a_one_shot_up_runs_on_the_nodes_clock(tmp_path: Path) -> None:
     assert anchor["boot_id"] == boot_id()
     since = pair.opts["node1"].generations.load().peers["node2"].out_since
     assert before - 1 <= since <= time.time() + 1
+
+
+def test_pairs_started_together_rotate_apart_and_never_later_than_the_interval() -> None:
+    """A node that starts with 1000 peers used to rotate every pair's key in the same run,
+    every rekey_interval: a burst of key exchanges and SA changes. Each pair's first
+    rotation now falls at its own point of the interval's second half (derived from the
+    two public keys: the same on every run), and none comes later than the interval."""
+    from vppmesh.epochs import GenerationState, schedule
+
+    settings = MeshSettings(rekey_interval=120, rekey_grace=10)
+    peers = {f"p{i}": f"key{i}" for i in range(200)}
+
+    def first_rotations() -> dict[str, float]:
+        state = GenerationState()
+        rotated: dict[str, float] = {}
+        now = NOW
+        while now <= NOW + 120:
+            observations = {n: USED for n in peers}
+            schedule(state, settings, peers, observations, now=now, key_used=lambda n, g: False,
+                     me="mine")
+            rotated.update({n: now for n, pg in state.peers.items()
+                            if pg.out > 0 and n not in rotated})
+            now += 2  # the agent's poll
+        return rotated
+
+    rotated = first_rotations()
+    assert set(rotated) == set(peers)  # every pair rotated within the interval
+    assert all(NOW + 60 <= at <= NOW + 120 for at in rotated.values())
+    assert len(set(rotated.values())) >= 25  # spread over the second half's 30 polls
+    assert max(list(rotated.values()).count(at) for at in rotated.values()) <= 20
+    assert first_rotations() == rotated  # deterministic per pair

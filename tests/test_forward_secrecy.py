@@ -965,19 +965,23 @@ def key_exchange_sized(relayed: object) -> bool:
     return payload[1] == m.DatagramType.TRANSPORT and len(payload) == size
 
 
+@pytest.mark.parametrize("counters", [False, True], ids=["dumps", "counters"])
 @pytest.mark.parametrize("mode", ["required", "preferred"])
 def test_forward_secrecy_dropped_key_exchanges_never_stretch_a_key_past_its_limit(
-        mode: str) -> None:
+        mode: str, counters: bool) -> None:
     """An attacker drops only the key exchange: sessions and keepalives live on, no new
     generation is ever agreed. The key in use still stops at its hard limit (packets
     here): the pair then sends nothing (fail closed, reported, `stopped_why`), never on
     the old key past the limit, never on a static key; once the attacker stops, the pair
-    is back on a new agreed key."""
-    agents = Agents(key_max_packets=2048, forward_secrecy=mode)
+    is back on a new agreed key. With `counters` the agents' steady runs dump no SA (the
+    packets come from the stats segment's counters) and stop exactly the same way."""
+    agents = Agents(key_max_packets=2048, forward_secrecy=mode, counters=counters)
     try:
         agents.until(lambda: agents.slid(1), "both pairs agreed and slid")
         agents.step()
         agents.relay.lose = key_exchange_sized
+        for name in agents.names:
+            agents.vpp(name).counts.clear()
         limit = agents.mesh.settings.key_max_packets
         stopped = None
         for _ in range(40):
@@ -993,6 +997,8 @@ def test_forward_secrecy_dropped_key_exchanges_never_stretch_a_key_past_its_limi
                 stopped = agents.results["node1"]
                 break
         assert stopped is not None, "the pair never stopped at its key's hard limit"
+        if counters:  # the limit was seen without a single SA dump
+            assert all(agents.vpp(n).counts["ipsec_sa_v5_dump"] == 0 for n in agents.names)
         assert stopped.stopped_peers == {"node2": "key limit"}
         assert any("reached a hard limit" in n for n in stopped.notes)
         pg = agents.generations("node1").peers["node2"]

@@ -13,6 +13,7 @@ from vppmesh.config import dump_mesh
 from vppmesh.errors import VppMeshError, VppUnavailableError
 from vppmesh.keys import private_key_b64, write_secret_file
 from vppmesh.node import NodeOptions, Session
+from vppmesh.state import SA_DIRECTION_BIT
 from vppmesh.testing.fake_vpp import FakeVpp
 from vppmesh.testing.meshes import make_mesh
 
@@ -186,6 +187,99 @@ def test_agent_loop_spaces_channel_runs_by_plain_steps_only(
         gaps.append(round(loop.early_in(), 3))
     assert gaps == [watch.EARLY_MIN_GAP, 0.3, 0.3, 0.3, 0.06]
     assert loop.recovered is False and loop.last_pid == 2
+
+
+SA_DUMP = "ipsec_sa_v5_dump"
+
+
+def counted_session(tmp_path: Path, nodes: int = 3, **settings: object,
+                    ) -> tuple[Session, FakeVpp, Path, object]:
+    """node1's Session on a fake VPP whose SA counters it reads (a FakeVpp is its own
+    stats reader), the mesh file holding all nodes but the last."""
+    from vppmesh.vpp.stats import SaCounters
+
+    mesh, secrets = make_mesh(nodes, 2, **settings)
+    mesh_file = tmp_path / "mesh.yaml"
+    mesh_file.write_text(dump_mesh(mesh.model_copy(update={"nodes": mesh.nodes[:-1]})))
+    key = tmp_path / "node1.key"
+    write_secret_file(key, private_key_b64(secrets["node1"].private_key))
+    options = NodeOptions(mesh_file=mesh_file, node="node1", private_key=key,
+                          host_link="none", workers=0, state_dir=tmp_path)
+    vpp = FakeVpp.with_uplink(mesh.node("node1").primary)
+    counters = SaCounters(tmp_path / "stats.sock", open_reader=lambda _path: vpp)
+    session = Session(options, connect=lambda: vpp,  # type: ignore[arg-type,return-value]
+                      counters=counters)
+    return session, vpp, mesh_file, mesh
+
+
+def test_idle_runs_dump_no_sa_and_full_runs_dump_them_once(tmp_path: Path) -> None:
+    """An idle `up --watch` at 1000 peers spent most of its CPU dumping every SA for the
+    key generations, twice on a full run. Now: one SA dump per full run (the key
+    generations and the reconcile share it), none in a steady-state run, a peer joining
+    included; a resync and a reconnect dump again."""
+    session, vpp, mesh_file, mesh = counted_session(tmp_path)
+    assert session.run().changes and vpp.counts[SA_DUMP] == 1  # the first run is full
+    for _ in range(3):
+        vpp.counts.clear()
+        assert session.run().changes == []
+        assert vpp.counts[SA_DUMP] == 0
+    mesh_file.write_text(dump_mesh(mesh))  # node3 joins: applied without an SA dump
+    vpp.counts.clear()
+    joined = session.run()
+    assert any(c.kind == "sa" for c in joined.changes) and vpp.counts[SA_DUMP] == 0
+    session._last_full = float("-inf")  # the periodic resync is due
+    vpp.counts.clear()
+    assert session.run().changes == [] and vpp.counts[SA_DUMP] == 1
+    session.close()  # VPP went away: the reconnect's run is full
+    vpp.counts.clear()
+    assert session.run().changes == [] and vpp.counts[SA_DUMP] == 1
+    vpp.counts.clear()
+    assert session.run().changes == [] and vpp.counts[SA_DUMP] == 0
+
+
+def test_unreadable_stats_segment_falls_back_to_dumps_and_says_so_once(
+        tmp_path: Path) -> None:
+    """No counters, no guessing: every run dumps the SAs (once), the first run says why
+    in its notes, and the counters object says it is unavailable (the agent's metric)."""
+    session, vpp, _, _ = counted_session(tmp_path)
+    session.run()
+
+    def unreadable(_path: Path) -> FakeVpp:
+        raise OSError("stats segment gone")
+
+    assert session.counters is not None
+    session.counters.close()
+    session.counters._open = unreadable  # type: ignore[method-assign]
+    notes = []
+    for _ in range(3):
+        vpp.counts.clear()
+        result = session.run()
+        assert vpp.counts[SA_DUMP] == 1
+        notes += [n for n in result.notes if "stats segment" in n]
+    assert len(notes) == 1 and "full SA dumps" in notes[0]
+    assert session.counters.unavailable is not None and session.counters.fallbacks == 3
+
+
+def test_key_limit_is_read_from_counters_on_idle_runs(tmp_path: Path) -> None:
+    """Traffic pushes node1's outbound SAs past half of key_max_packets while its runs
+    dump no SA: the counters show it and the key is replaced, as a dump would have."""
+    session, vpp, _, _ = counted_session(tmp_path, key_max_packets=2048, rekey_interval=0)
+    session.run()
+    session.run()
+
+    def out_spis() -> set[int]:
+        return {sa["entry"]["spi"] for sa_id, sa in vpp.sas.items()
+                if sa_id & SA_DIRECTION_BIT}
+
+    before = out_spis()
+    for sa_id, sa in vpp.sas.items():
+        if sa_id & SA_DIRECTION_BIT:
+            sa["seq_out"] = 1024  # half of key_max_packets: a new key is due
+    vpp.counts.clear()
+    result = session.run()
+    assert vpp.counts[SA_DUMP] == 0
+    assert any("key_max_packets" in n for n in result.notes), result.notes
+    assert out_spis().isdisjoint(before)
 
 
 def test_a_psk_rotation_step_takes_effect_at_the_next_run_not_the_next_full_one(

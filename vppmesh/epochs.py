@@ -58,6 +58,7 @@ it still could not, the peer fails closed.
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import os
 from collections.abc import Callable, Iterator, Mapping
@@ -185,9 +186,27 @@ class Decision:
     stopped: str | None = None
 
 
-def initial(public_key: str, settings: MeshSettings, now: float) -> PeerGenerations:
+def initial(public_key: str, settings: MeshSettings, now: float,
+            offset: float = 0.0) -> PeerGenerations:
+    """A new pair's generations; its first key counts as `offset` seconds old
+    (rotation_offset), so that the pairs a node starts with together rotate apart."""
     g = settings.key_epoch
-    return PeerGenerations(public_key=public_key, out=g, out_since=now, floor=g, in_base=g)
+    return PeerGenerations(public_key=public_key, out=g, out_since=now - offset, floor=g,
+                           in_base=g)
+
+
+def rotation_offset(settings: MeshSettings, me: str, peer_key: str) -> float:
+    """Where in the first half of rekey_interval this pair's first scheduled rotation
+    falls early: the pairs of a node (all started in one run) would otherwise rotate in
+    the same run, every interval, a burst of key exchanges and SA changes at 1000 peers.
+    Derived from the two public keys, so it is the same on every run and every restart
+    (and in tests); each later rotation comes one interval after the last, so the pairs
+    stay apart. 0 without a rekey_interval. The key only ever counts older than it is:
+    every limit comes sooner, none later."""
+    if not settings.rekey_interval:
+        return 0.0
+    digest = hashlib.sha256(f"{me}\0{peer_key}".encode()).digest()
+    return settings.rekey_interval / 2 * int.from_bytes(digest[:8], "big") / 2**64
 
 
 def age(now: float, since: float) -> float:
@@ -412,9 +431,10 @@ class Scheduled:
 def schedule(state: GenerationState, settings: MeshSettings, peers: Mapping[str, str],
              observations: Mapping[str, PeerObservation], *, now: float,
              key_used: Callable[[str, int], bool],
-             said: Mapping[str, PeerSaid] | None = None) -> Scheduled:
+             said: Mapping[str, PeerSaid] | None = None, me: str = "") -> Scheduled:
     """Keying for every peer (name -> public key); `said`: what the peers with a live
-    channel said (the others run on the static schedule).
+    channel said (the others run on the static schedule); `me`: this node's public key
+    (a new pair's rotation_offset).
 
     A peer whose public key changed starts afresh: its old generations meant other keys.
     State of peers that left is kept, so a peer that rejoins resumes where it was.
@@ -424,7 +444,8 @@ def schedule(state: GenerationState, settings: MeshSettings, peers: Mapping[str,
     for name, public_key in peers.items():
         pg = state.peers.get(name)
         if pg is None or pg.public_key != public_key:
-            pg = state.peers[name] = initial(public_key, settings, now)
+            pg = state.peers[name] = initial(public_key, settings, now,
+                                             rotation_offset(settings, me, public_key))
         if heard.get(name) is not None:
             pg.agents_met = True  # the peer's agent answered over an authenticated session
         decision = advance(pg, observations.get(name, PeerObservation()), settings, now=now,

@@ -392,6 +392,10 @@ class AgentMetrics:
             registry=self.registry)
         self.vpp_up = Gauge("vppmesh_vpp_up", "1 while VPP answers the agent.",
                             registry=self.registry)
+        self.sa_counters_unavailable = Gauge(
+            "vppmesh_sa_counters_unavailable", "1 while VPP's stats segment cannot be "
+            "read: every run dumps all SAs for the key limits instead.",
+            registry=self.registry)
         self.vpp_restarts = Counter(
             "vppmesh_vpp_restarts", "VPP restarts the agent recovered from.",
             registry=self.registry)

@@ -42,6 +42,7 @@ from vppmesh.uplink import UplinkSpec
 from vppmesh.view import AgreedKeys, LocalView, build_view
 from vppmesh.vpp import interfaces, ipsec, system
 from vppmesh.vpp.client import DEFAULT_API_SOCKET, VppApi, VppClient
+from vppmesh.vpp.stats import SaCounters
 
 HostLinkKind = Literal["auto", "tap", "af_packet", "none"]
 log = logging.getLogger("vppmesh")
@@ -190,12 +191,12 @@ def usable_keying(view: LocalView, state: GenerationState, book: KeyBook,
 def apply(api: VppApi, desired: DesiredState, *, dry_run: bool = False,
           ledger: KeyLedger | None = None, reconciler: Reconciler | None = None,
           full: bool = False, by_peer: Mapping[int, PeerObjects] | None = None,
-          ) -> list[Change]:
+          sas: Mapping[int, ipsec.SaState] | None = None) -> list[Change]:
     """Reconcile VPP, with the Linux end of the host link prepared before and after.
 
     With a `reconciler` (kept by a long-running agent), only what changed since its last
     run is compared (peer by peer with `by_peer`, the plan's parts) and applied, unless
-    `full`.
+    `full`. `sas`: this run's SA dump (read_key_sas), compared instead of a second one.
     """
     host = desired.host
     if not dry_run and host is not None and host.kind == "af_packet":
@@ -203,25 +204,41 @@ def apply(api: VppApi, desired: DesiredState, *, dry_run: bool = False,
                           vpp_mac=host.vpp_mac, mtu=desired.mtu, linux_netns=host.netns)
     if reconciler is not None:
         changes = reconciler.reconcile(desired, dry_run=dry_run, ledger=ledger, full=full,
-                                       by_peer=by_peer)
+                                       by_peer=by_peer, sas=sas)
     else:
-        changes = reconcile(api, desired, dry_run=dry_run, ledger=ledger)
+        changes = reconcile(api, desired, dry_run=dry_run, ledger=ledger, sas=sas)
     if not dry_run and host is not None:
         linux.configure_linux_side(host, desired.mtu)
     return changes
 
 
 def observe_keys(api: VppApi, view: LocalView, state: GenerationState, ledger: KeyLedger,
-                 book: KeyBook | None = None, secrecy: Secrecy | None = None,
+                 book: KeyBook | None = None, secrecy: Secrecy | None = None, *,
+                 sas: Mapping[int, ipsec.SaState] | None = None,
+                 packets: Mapping[int, int] | None = None,
                  ) -> tuple[dict[str, PeerObservation], Callable[[str, int], bool]]:
     """What VPP's SAs say about each peer's generations, and a used-key test per peer.
 
     Keys come from `book` (agreed generations, adopted from VPP when the book lacks
     them) or the static schedule; `secrecy` says which offers are under way.
+
+    `sas` (by SA id): this run's dump, or the SAs a Reconciler remembers (read_key_sas);
+    None: dump them here. `packets` (by stat index, from the stats segment) raises each
+    SA's count to what its counter says now: a remembered SA's counts are those of the
+    last dump, and a count is never taken below what either source says, so a key's
+    limit is never reached later than with dumps alone.
     """
     count = view.settings.tunnels_per_peer
     me = view.node.node_number
-    sas = {s.spec.sa_id: s for s in ipsec.dump_sas(api)}
+    if sas is None:
+        sas = {s.spec.sa_id: s for s in ipsec.dump_sas(api)}
+    counted = packets or {}
+
+    def sent(sa: ipsec.SaState) -> int:
+        return max(sa.seq_outbound, counted.get(sa.stat_index, 0))
+
+    def received(sa: ipsec.SaState) -> int:
+        return max(sa.last_seq_inbound, counted.get(sa.stat_index, 0))
     book = book if book is not None else KeyBook()
     book.prepare(view, state, sas)
     observations = {}
@@ -243,12 +260,12 @@ def observe_keys(api: VppApi, view: LocalView, state: GenerationState, ledger: K
         active = frozenset(
             g for g in pg.window for t in range(count)
             if (sa := find_sa(sas, "in", number, t, g)) is not None
-            and sa.spec.spi == spi_for(number, t, g) and sa.last_seq_inbound > 0)
+            and sa.spec.spi == spi_for(number, t, g) and received(sa) > 0)
         observations[peer.name] = PeerObservation(
             out_installed=installed,
-            out_packets=max((sa.seq_outbound for sa in out if sa is not None), default=0),
+            out_packets=max((sent(sa) for sa in out if sa is not None), default=0),
             inbound_active=active,
-            inbound_seq={g: sum(sa.last_seq_inbound for t in range(count)
+            inbound_seq={g: sum(received(sa) for t in range(count)
                                 if (sa := find_sa(sas, "in", number, t, g))
                                 is not None) for g in pg.window},
             encapsulation_changed=reencapsulate)
@@ -268,11 +285,49 @@ def observe_keys(api: VppApi, view: LocalView, state: GenerationState, ledger: K
     return observations, key_used
 
 
+@dataclass
+class KeySas:
+    """The SAs a run's key generations look at (observe_keys) and where they came from."""
+
+    sas: Mapping[int, ipsec.SaState]  # by SA id
+    packets: Mapping[int, int] | None  # by stat index, from the stats segment
+    dumped: dict[int, ipsec.SaState] | None  # this run's dump: the reconcile's too
+    note: str | None = None  # the stats segment became unreadable in this run
+
+
+def read_key_sas(api: VppApi, reconciler: Reconciler | None, full: bool,
+                 counters: SaCounters | None, vpp_pid: int | None) -> KeySas:
+    """The SAs and their packet counts for this run, at the least cost that is exact.
+
+    A long-running agent's steady-state run (not `full`, its reconciler remembers VPP
+    exactly) takes the SAs it remembers and their counts from the stats segment: no SA
+    dump, whatever the size of the mesh. Full runs (the periodic resync, a reconnect), a
+    one-shot `up`, a reconciler that forgot, or an unreadable stats segment dump the SAs,
+    once per run: reconcile() compares the same dump.
+    """
+    remembered = None if full or reconciler is None or counters is None else \
+        reconciler.remembered_sas()
+    was = counters.unavailable if counters is not None else None
+    if remembered is not None and counters is not None:
+        packets = counters.read(sorted(sa.stat_index for sa in remembered.values()), vpp_pid)
+        if packets is not None:
+            return KeySas(remembered, packets, None)
+    dumped = {sa.spec.sa_id: sa for sa in ipsec.dump_sas(api)}
+    packets = None
+    if counters is not None and (remembered is None or counters.unavailable is None):
+        packets = counters.read(sorted(sa.stat_index for sa in dumped.values()), vpp_pid)
+    note = None
+    if counters is not None and was is None and counters.unavailable is not None:
+        note = (f"VPP's stats segment is unavailable ({counters.unavailable}): SA counts "
+                "for key limits come from full SA dumps on every run until it is back")
+    return KeySas(dumped, packets, dumped, note)
+
+
 def up(options: NodeOptions, *, dry_run: bool = False, api: VppApi | None = None,
        rekey: bool = False, now: float | None = None, mesh: Mesh | None = None,
        view: LocalView | None = None, reconciler: Reconciler | None = None,
        full: bool = False, secrecy: Secrecy | None = None,
-       vpp_pid: int | None = None) -> UpResult:
+       vpp_pid: int | None = None, counters: SaCounters | None = None) -> UpResult:
     """Plan and apply this node's part of the mesh, with key generations advanced first.
 
     `view` (a Session's) or else the view of `mesh` (the mesh file's by default) is
@@ -280,7 +335,8 @@ def up(options: NodeOptions, *, dry_run: bool = False, api: VppApi | None = None
     touched. The generation file is read and written under its lock, so `vppmesh rekey`
     and a running `up --watch` never choose generations from a stale copy. A long-running
     agent passes its `secrecy` (the channel and its agreed keys: vppmesh/secrecy.py), and
-    `vpp_pid` when it already asked VPP for it (one round trip less per run).
+    `vpp_pid` when it already asked VPP for it (one round trip less per run), and its
+    `counters` (the stats segment's SA counters: read_key_sas).
     """
     view = view or local_view(options, mesh)
     if reconciler is None or full:  # node-wide runs: at start, after a restart, resyncs
@@ -314,14 +370,19 @@ def up(options: NodeOptions, *, dry_run: bool = False, api: VppApi | None = None
             if rekey:
                 epochs.request_rekey(state)
             book = secrecy.book if secrecy is not None else KeyBook()
-            observations, key_used = observe_keys(client, view, state, ledger, book, secrecy)
+            key_sas = read_key_sas(client, reconciler, full, counters, pid)
+            observations, key_used = observe_keys(client, view, state, ledger, book, secrecy,
+                                                  sas=key_sas.sas, packets=key_sas.packets)
             peers = {p.name: p.node.public_key for p in view.peers}
             if now is None:  # the agent's channel and its runs on one clock
                 now = secrecy.clock() if secrecy is not None else options.clock()
             scheduled = epochs.schedule(state, settings, peers, observations, now=now,
                                         key_used=key_used,
-                                        said=secrecy.said(view) if secrecy else None)
+                                        said=secrecy.said(view) if secrecy else None,
+                                        me=view.node.public_key)
             notes = scheduled.notes
+            if key_sas.note is not None:
+                notes.append(key_sas.note)
             for name in sorted(scheduled.downgraded):  # never quietly (`preferred` only)
                 log.warning("%s: forward secrecy lost: the pair leaves agreed keys for the "
                             "static schedule (forward_secrecy: preferred)", name)
@@ -363,7 +424,8 @@ def up(options: NodeOptions, *, dry_run: bool = False, api: VppApi | None = None
                     changes += guard.ensure(client, found.sw_if_index, version,
                                             dry_run=dry_run)
             changes += apply(client, desired, dry_run=dry_run, ledger=ledger,
-                             reconciler=reconciler, full=full, by_peer=by_peer)
+                             reconciler=reconciler, full=full, by_peer=by_peer,
+                             sas=key_sas.dumped)
             if secrecy is not None and not dry_run:
                 secrecy.applied(view, state, scheduled.wants,
                                 {name: k.inbound for name, k in keying.items()})
@@ -469,13 +531,18 @@ class Session:
     With `secrecy` (the agents' channel: vppmesh/secrecy.py) every run first makes sure
     the VPP it talks to punts the channel to this agent, and key generations are agreed
     with the peers' agents.
+
+    With `counters` (VPP's stats segment) a run that is not full dumps no SA: the key
+    generations take the SAs the reconciler remembers and their counters (read_key_sas).
     """
 
     def __init__(self, options: NodeOptions, *, full_every: float = 60.0,
                  connect: Callable[[], VppApi] | None = None,
-                 source: MeshSource | None = None, secrecy: Secrecy | None = None) -> None:
+                 source: MeshSource | None = None, secrecy: Secrecy | None = None,
+                 counters: SaCounters | None = None) -> None:
         self.options = options
         self.secrecy = secrecy
+        self.counters = counters
         self.full_every = full_every
         self.source: MeshSource = source or MeshFile(options.mesh_file)
         self._connect = connect or VppClient(options.api_socket).connect
@@ -534,7 +601,7 @@ class Session:
                 self.secrecy.attach(self._client, view, pid, reconnected=reconnected)
             result = up(self.options, api=self._client, view=view,
                         reconciler=self._reconciler, full=full, secrecy=self.secrecy,
-                        vpp_pid=pid, **up_options)
+                        vpp_pid=pid, counters=self.counters, **up_options)
             if full and self.options.cni_state_dir is not None:
                 result.pod_report = reattach(self._client, self.options.cni_state_dir,
                                              self.options.cni_path)
@@ -553,6 +620,8 @@ class Session:
     def close(self) -> None:
         """Drop the VPP connection (the channel's socket stays: VPP comes back)."""
         client, self._client, self._reconciler = self._client, None, None
+        if self.counters is not None:
+            self.counters.close()
         if client is not None:
             try:
                 client.close()  # type: ignore[union-attr]

@@ -67,12 +67,14 @@ class Observed:
         return next((i for i in self.interfaces.values() if i.name == name), None)
 
 
-def observe(api: VppApi, desired: DesiredState) -> Observed:
-    """Dump each kind of object once."""
+def observe(api: VppApi, desired: DesiredState,
+            sas: Mapping[int, ipsec.SaState] | None = None) -> Observed:
+    """Dump each kind of object once; the SAs only if the run has not (`sas`, by id)."""
     ifaces = {i.sw_if_index: i for i in interfaces.dump_interfaces(api)}
     tunnels = {t.instance: t for t in ipip.dump_tunnels(api)
                if is_owned_tunnel_instance(t.instance)}
-    sas = {s.spec.sa_id: s for s in ipsec.dump_sas(api) if is_owned_sa_id(s.spec.sa_id)}
+    found = sas.values() if sas is not None else ipsec.dump_sas(api)
+    sas = {s.spec.sa_id: s for s in found if is_owned_sa_id(s.spec.sa_id)}
     table_exists = desired.table_id in routes.dump_tables(api)
     gateway = next((i for i in ifaces.values() if i.tag == GATEWAY_TAG), None)
     host = None
@@ -609,6 +611,13 @@ class Reconciler:
             return None
         return self._observed.uplink
 
+    def remembered_sas(self) -> Mapping[int, ipsec.SaState] | None:
+        """Our SAs as VPP holds them after the last run (by id; their counts are the last
+        dump's), or None when that is not known exactly: dump them."""
+        if self._observed is None or self._applied is None:
+            return None
+        return self._observed.sas
+
     def forget(self) -> None:
         """Dump VPP again on the next run."""
         self._observed = None
@@ -616,13 +625,15 @@ class Reconciler:
 
     def reconcile(self, desired: DesiredState, *, dry_run: bool = False,
                   ledger: KeyLedger | None = None, full: bool = False,
-                  by_peer: Mapping[int, PeerObjects] | None = None) -> list[Change]:
+                  by_peer: Mapping[int, PeerObjects] | None = None,
+                  sas: Mapping[int, ipsec.SaState] | None = None) -> list[Change]:
         """`by_peer`: plan_by_peer()'s parts of `desired`, so that two plans are compared
-        peer by peer (index.DesiredIndex)."""
+        peer by peer (index.DesiredIndex). `sas`: the run's own SA dump, used if this
+        run dumps VPP (one SA dump per run)."""
         with gc_paused():
             try:
                 return self._reconcile(desired, by_peer, dry_run=dry_run, ledger=ledger,
-                                       full=full)
+                                       full=full, sas=sas)
             except (VppApiError, ReusedKeyError):
                 if full or self.last_scope is None:
                     raise
@@ -634,7 +645,8 @@ class Reconciler:
                                        full=True)
 
     def _reconcile(self, desired: DesiredState, by_peer: Mapping[int, PeerObjects] | None,
-                   *, dry_run: bool, ledger: KeyLedger | None, full: bool) -> list[Change]:
+                   *, dry_run: bool, ledger: KeyLedger | None, full: bool,
+                   sas: Mapping[int, ipsec.SaState] | None = None) -> list[Change]:
         clock = time.perf_counter
         started = clock()
         index = DesiredIndex(desired, by_peer)
@@ -644,7 +656,7 @@ class Reconciler:
         peers: set[int] | None = None
         if full or observed is None or before is None or \
                 not same_node_settings(before.desired, desired):
-            observed = observe(self.api, desired)
+            observed = observe(self.api, desired, sas)
             self._observed, self._applied = observed, None
         else:
             peers = index.changed_peers(before)
@@ -688,11 +700,12 @@ class Reconciler:
 
 
 def reconcile(api: VppApi, desired: DesiredState, *, dry_run: bool = False,
-              ledger: KeyLedger | None = None) -> list[Change]:
+              ledger: KeyLedger | None = None,
+              sas: Mapping[int, ipsec.SaState] | None = None) -> list[Change]:
     """Bring VPP to `desired`; returns what was (or, with dry_run, would be) changed.
 
     Dumps each kind of object once, then changes only what differs. With a ledger, no
     outbound key that was ever installed before is installed again; such a plan is
     refused as a whole, before anything is changed.
     """
-    return Reconciler(api).reconcile(desired, dry_run=dry_run, ledger=ledger)
+    return Reconciler(api).reconcile(desired, dry_run=dry_run, ledger=ledger, sas=sas)

@@ -23,6 +23,7 @@ from vppmesh import hardening
 from vppmesh import node as agent
 from vppmesh.errors import VppMeshError, VppUnavailableError
 from vppmesh.secrecy import Secrecy
+from vppmesh.vpp.stats import SaCounters
 
 if TYPE_CHECKING:
     from vppmesh.control import Control
@@ -272,6 +273,9 @@ class AgentLoop:
         metrics.record_poll(seconds, result.pod_report, restarted=restarted,
                             unavailable=unavailable)
         metrics.record_channel(self.session.secrecy)
+        counters = getattr(self.session, "counters", None)  # (stand-ins have none)
+        if counters is not None:
+            metrics.sa_counters_unavailable.set(int(counters.unavailable is not None))
         # (a peer stopped outside the window is among the blocked too: counted once)
         metrics.record_keys(len(result.downgraded_peers),
                             len(set(result.stopped_peers) | set(result.blocked_peers)))
@@ -312,7 +316,10 @@ def watch_loop(opts: agent.NodeOptions, metrics: AgentMetrics | None = None,
 
     secrecy = Secrecy(agent.channel_socket(opts), state_dir=opts.state_dir, clock=opts.clock)
     control = open_control(opts)
-    loop = AgentLoop(agent.Session(opts, secrecy=secrecy), opts, metrics=metrics,
+    # Idle runs read SA counts from the stats segment instead of dumping every SA.
+    counters = SaCounters(stats_socket) if stats_socket is not None else None
+    loop = AgentLoop(agent.Session(opts, secrecy=secrecy, counters=counters), opts,
+                     metrics=metrics,
                      stats_socket=stats_socket, report=changed, control=control)
     # SIGTERM (systemd, a container runtime, an upgrade) ends the loop between two runs:
     # a run cut short after VPP took its changes but before the generation file did

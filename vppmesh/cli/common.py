@@ -26,7 +26,8 @@ DEFAULT_STATE = Path("/var/lib/vppmesh")
 SocketOpt = Annotated[Path, typer.Option("--api-socket", envvar="VPPMESH_API_SOCKET",
                                          help="VPP's binary API socket.")]
 StatsSocketOpt = Annotated[Path | None, typer.Option(
-    help="VPP's stats socket (default: stats.sock next to the API socket).")]
+    help="VPP's stats socket (default: stats.sock next to the API socket); `up --watch` "
+    "reads the SAs' packet counts there between its full runs.")]
 DEFAULT_MESH = Path("/etc/vppmesh/mesh.yaml")
 HOSTNAME = socket.gethostname()
 DEFAULT_KEY = Path("/etc/vppmesh/private.key")

@@ -48,6 +48,7 @@ from vppmesh.errors import ConfigError, VppMeshError
 from vppmesh.keys import load_secrets
 from vppmesh.secrecy import Secrecy
 from vppmesh.vpp.client import VppApi, VppClient
+from vppmesh.vpp.stats import SaCounters
 from vppmesh.watch import AgentLoop, leave_uplinks, open_control
 
 if TYPE_CHECKING:
@@ -140,8 +141,9 @@ class MembershipAgent:
         # The agents' channel: generations agreed with the peers' agents (secrecy.py).
         self.secrecy = Secrecy(agent.channel_socket(options), state_dir=options.state_dir,
                                clock=options.clock)
-        self.session = agent.Session(options, source=self, connect=self._connect,
-                                     secrecy=self.secrecy)
+        self.session = agent.Session(
+            options, source=self, connect=self._connect, secrecy=self.secrecy,
+            counters=SaCounters(stats_socket) if stats_socket is not None else None)
         self.changed = threading.Event()
         self.stop = threading.Event()
         self.registration: Registration | None = None

@@ -19,6 +19,7 @@ from vppmesh.state import SA_DIRECTION_BIT, sa_peer
 from vppmesh.testing.fake_punt import PuntRelay
 from vppmesh.testing.fake_vpp import FakeVpp
 from vppmesh.testing.meshes import make_mesh
+from vppmesh.vpp.stats import SaCounters
 
 
 def fresh(out: int = 0, floor: int = 0, base: int = 0, since: float = 0.0,
@@ -52,8 +53,9 @@ class Agents:
     the time that passes, from which each node's boot clock and wall clock are made (a
     test steps a node's wall clock, or reboots it), read through the node's AgentClock."""
 
-    def __init__(self, count: int = 2, **settings: object) -> None:
+    def __init__(self, count: int = 2, counters: bool = False, **settings: object) -> None:
         self.dir = short_tmp()
+        self.counters = counters  # agents read SA counts from the (fake) stats segment
         self.mesh, self.secrets = make_mesh(count, 2, rekey_grace=10, rekey_interval=0,
                                             **settings)
         self.mesh_file = self.dir / "mesh.yaml"
@@ -102,7 +104,10 @@ class Agents:
                            boot_id=lambda: f"boot-{self.boot[name]}")
         secrecy = Secrecy(channel_socket(options), state_dir=options.state_dir, clock=clock)
         self.secrecy[name] = secrecy
-        self.sessions[name] = Session(self.options[name], secrecy=secrecy,
+        counters = SaCounters(self.dir / f"{name}.stats.sock",  # FakeVpp reads its own
+                              open_reader=lambda _p, n=name: self.vpp(n)) \
+            if self.counters else None
+        self.sessions[name] = Session(self.options[name], secrecy=secrecy, counters=counters,
                                       connect=lambda n=name: self.vpp(n))  # type: ignore[misc]
 
     def reboot(self, name: str) -> None:

@@ -416,8 +416,11 @@ class FakeVpp:
             return NS(retval=ENTRY_EXISTS)
         # VPP reports thread 0 for an unbound SA without workers, else ~0 (16 bits).
         unbound = 0 if self.workers == 0 else 0xFFFF
+        # VPP's SA pool: a deleted SA's index (its counters' too) goes to the next one.
+        taken = {sa["stat_index"] for sa in self.sas.values()}
+        index = next(i for i in range(len(self.sas) + 1) if i not in taken)
         self.sas[entry["sad_id"]] = {"entry": dict(entry), "thread": unbound,
-                                     "stat_index": len(self.sas)}
+                                     "stat_index": index}
         return NS(retval=0, stat_index=self.sas[entry["sad_id"]]["stat_index"])
 
     def m_ipsec_sad_entry_del(self, id: int) -> Any:
@@ -453,6 +456,14 @@ class FakeVpp:
                 last_seq_inbound=sa.get("last_seq_in", 0),
                 stat_index=sa["stat_index"], sw_if_index=0xFFFFFFFF))
         return out
+
+    def sa_packets(self, stat_indexes: list[int]) -> dict[int, int]:
+        """The stats segment's /net/ipsec/sa packet counters (StatsReader.sa_packets):
+        what an SA encrypted or accepted, as its seq_out / last_seq_in say (tests move
+        those); a FakeVpp is its own stats reader (vpp/stats.SaCounters' open_reader)."""
+        by_index = {sa["stat_index"]: sa for sa in self.sas.values()}
+        return {i: max(by_index.get(i, {}).get("seq_out", 0),
+                       by_index.get(i, {}).get("last_seq_in", 0)) for i in stat_indexes}
 
     def m_ipsec_tunnel_protect_update(self, tunnel: dict[str, Any]) -> Any:
         if tunnel["sw_if_index"] not in self.tunnels:

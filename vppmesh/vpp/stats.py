@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import logging
+from array import array
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from vppmesh.errors import VppUnavailableError
 
+log = logging.getLogger("vppmesh")
+
 SA_COUNTERS = "/net/ipsec/sa"
+SA_NAME = SA_COUNTERS.encode() + b"\0"
+COMBINED = 3  # STAT_DIR_TYPE_COUNTER_VECTOR_COMBINED
 
 
 @dataclass(frozen=True)
@@ -23,6 +30,7 @@ class StatsReader:
     def __init__(self, socket_path: Path) -> None:
         self.socket_path = socket_path
         self._stats: Any = None
+        self._sa_entry: int | None = None  # the SA counters' place in the directory
 
     def __enter__(self) -> StatsReader:
         from vpp_papi.vpp_stats import VPPStats
@@ -67,6 +75,49 @@ class StatsReader:
         except KeyError:
             return {}
 
+    def sa_packets(self, stat_indexes: list[int]) -> dict[int, int]:
+        """Packets counted by each SA (by stat index, summed over threads), read straight
+        from the counter vector: unlike `stats[name]`, no re-read of the directory when
+        its epoch moved (it moves whenever VPP adds an interface or grows a counter
+        vector, and reading a 1000-peer VPP's directory costs hundreds of ms: a peer
+        joining would pay it). Retried while VPP is writing the directory."""
+        if not stat_indexes:
+            return {}
+        for _attempt in range(100):
+            try:
+                with self._stats.lock:
+                    return self._sa_packets(stat_indexes)
+            except OSError:  # VPP wrote the directory meanwhile: read again
+                continue
+            except KeyError:  # moved, or not there yet (VPP makes it with its first SA)
+                self._sa_entry = None
+        raise VppUnavailableError("VPP's stats segment kept changing under the reader")
+
+    def _sa_packets(self, stat_indexes: list[int]) -> dict[int, int]:
+        from vpp_papi.vpp_stats import StatsVector
+
+        stats = self._stats
+        directory = StatsVector(stats, stats.directory_vector, stats.elementfmt)
+        index = self._sa_entry
+        if index is None:
+            if stats.last_epoch != stats.epoch or SA_COUNTERS not in stats.directory:
+                stats.refresh()  # the whole directory: at most once, and when it moved
+            if SA_COUNTERS not in stats.directory:
+                return {i: 0 for i in stat_indexes}  # no SA yet: no counter vector yet
+            index = self._sa_entry = stats.directory[SA_COUNTERS].index
+        kind, value, name = directory[index]
+        if kind != COMBINED or name[:len(SA_NAME)] != SA_NAME:
+            raise KeyError(SA_COUNTERS)  # the entry moved: look it up again
+        totals = [0] * (max(stat_indexes, default=-1) + 1)
+        for (per_thread,) in StatsVector(stats, value, "P"):
+            vector = StatsVector(stats, per_thread, "QQ")
+            start = vector.vec_start
+            words = array("Q", stats.statseg[start:start + 16 * vector.vec_len])
+            packets = words[0::2]  # (packets, bytes) pairs
+            for i in range(min(len(packets), len(totals))):
+                totals[i] += packets[i]
+        return {i: totals[i] for i in stat_indexes}
+
     def counters(self, names: list[str]) -> dict[str, int]:
         """Sum over threads of each named simple counter that exists (no directory scan:
         listing a big VPP's directory costs far more than reading a few entries)."""
@@ -88,3 +139,63 @@ class StatsReader:
         values = self._stats.dump(names)
         return {name: int(sum(v)) if isinstance(v, list) else int(v)
                 for name, v in values.items()}
+
+
+class SaCounters:
+    """The SAs' packet counts for a long-running agent's key generations, from the stats
+    segment: reading one counter vector costs a small fraction of dumping every SA over
+    the API (at 1000 peers x 4 tunnels the dump is most of an idle run), so a run with
+    nothing to change reads these and the SAs it remembers instead.
+
+    The reader is opened once per VPP (its pid: a restarted VPP has a new segment).
+    `read` answers None when the segment cannot be read: the caller then dumps the SAs,
+    as it did before; that is logged once per outage and `unavailable` says why, so a
+    node whose limits come from dumps is never taken for one reading counters.
+    """
+
+    def __init__(self, socket_path: Path | None,
+                 open_reader: Callable[[Path], Any] | None = None) -> None:
+        self.socket_path = socket_path
+        self._open = open_reader or (lambda path: StatsReader(path).__enter__())
+        self._reader: Any = None
+        self._owner: int | None = None
+        self.unavailable: str | None = None  # why the last read fell back to the dump
+        self.fallbacks = 0  # reads that fell back, since the agent started
+
+    def read(self, stat_indexes: list[int], vpp_pid: int | None) -> dict[int, int] | None:
+        """Packets counted so far by each SA (by stat index); None: unreadable."""
+        try:
+            reader = self._connected(vpp_pid)
+            counted = reader.sa_packets(stat_indexes)
+        except Exception as exc:  # a torn or remapped segment: connect again next time
+            self.close()
+            return self._fell_back(f"{type(exc).__name__}: {exc}")
+        if self.unavailable is not None:
+            log.info("SA counters read from VPP's stats segment again")
+            self.unavailable = None
+        return counted
+
+    def _connected(self, vpp_pid: int | None) -> Any:
+        if self._reader is None or self._owner != vpp_pid:
+            self.close()
+            if self.socket_path is None:
+                raise VppUnavailableError("no stats socket configured (--stats-socket)")
+            self._reader = self._open(self.socket_path)
+            self._owner = vpp_pid
+        return self._reader
+
+    def _fell_back(self, why: str) -> None:
+        self.fallbacks += 1
+        if self.unavailable is None:
+            log.warning("VPP's stats segment is unavailable (%s): key limits are read from "
+                        "full SA dumps on every run until it is back", why)
+        self.unavailable = why
+        return None
+
+    def close(self) -> None:
+        reader, self._reader = self._reader, None
+        if reader is not None:
+            try:
+                reader.close()
+            except Exception:  # an unmapped segment may fail to close; it is dropped
+                log.debug("closing the stats reader failed", exc_info=True)
