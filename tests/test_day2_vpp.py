@@ -20,11 +20,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from vppmesh.lab.testbed import NodeHandle, Testbed
-from vppmesh.state import is_owned_sa_id, is_owned_tunnel_instance
+from vppmesh.lab.testbed import Testbed
 from vppmesh.testing import vpp_helpers
-from vppmesh.vpp import ipip, ipsec
-from vppmesh.vpp.client import VppClient
+from vppmesh.testing.vpp_helpers import owned
 
 pytestmark = [pytest.mark.vpp]
 PREFIX = "vd2-"
@@ -54,19 +52,6 @@ def wait_until(predicate: Callable[[], bool], timeout: float) -> float | None:
             return time.monotonic() - started
         time.sleep(0.2)
     return None
-
-
-def owned(node: NodeHandle, peer_number: int | None = None) -> set[tuple[str, int]]:
-    """vppmesh's tunnels (by sw_if_index) and SAs (by id) in the node's VPP: towards one
-    peer, or all of them."""
-    with VppClient(node.instance.api_socket).connect() as api:
-        tunnels = {("tunnel", t.sw_if_index) for t in ipip.dump_tunnels(api)
-                   if is_owned_tunnel_instance(t.instance)
-                   and (peer_number is None or (t.instance // 100) % 100_000 == peer_number)}
-        sas = {("sa", s.spec.sa_id) for s in ipsec.dump_sas(api)
-               if is_owned_sa_id(s.spec.sa_id)
-               and (peer_number is None or s.spec.peer_number == peer_number)}
-    return tunnels | sas
 
 
 def edit_mesh(bed: Testbed, edit: Callable[[list[dict[str, object]]], None]) -> None:

@@ -33,10 +33,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from vppmesh.epochs import GenerationStore, PeerGenerations
 from vppmesh.keys import spi_for
 from vppmesh.lab.testbed import NodeHandle, Testbed
-from vppmesh.secrecy import pair_secrecy
 from vppmesh.testing import esp_decrypt, vpp_helpers
 from vppmesh.testing.wait import wait_for
 from vppmesh.vpp import ipsec
@@ -62,24 +60,11 @@ def agents(bed: Testbed) -> Iterator[dict[str, vpp_helpers.WatchAgent]]:
     started = {n.name: vpp_helpers.WatchAgent(bed, n, grace=10.0) for n in bed.nodes}
     started_at = time.monotonic()
     with vpp_helpers.running_agents(started) as running:
-        took = wait_for(lambda: all_forward_secret(bed), 60,
+        took = wait_for(lambda: vpp_helpers.all_forward_secret(bed), 60,
                         "both directions of the pair on agreed keys")
         print(f"\nforward secrecy both ways {took:.1f} s after the agents started "
               f"({time.monotonic() - started_at:.1f} s in all)", flush=True)
         yield running
-
-
-def peer_state(node: NodeHandle, peer: NodeHandle) -> PeerGenerations:
-    return GenerationStore(node.dir, node.name).load().peers[peer.name]
-
-
-def all_forward_secret(bed: Testbed) -> bool:
-    for node in bed.nodes:
-        peers = [p.name for p in bed.nodes if p is not node]
-        found = pair_secrecy(GenerationStore(node.dir, node.name).load(), peers)
-        if len(found) != len(peers) or not all(f.forward_secret for f in found.values()):
-            return False
-    return True
 
 
 def spis(node: NodeHandle) -> set[int]:
@@ -135,7 +120,7 @@ def test_forward_secrecy_rekey_with_the_agents_running_moves_every_pair() -> Non
                 for _round in range(2):  # twice in a row (the reserve rule may hold one)
                     for node in bed.nodes:
                         peers = [p for p in bed.nodes if p is not node]
-                        before = {p.name: peer_state(node, p).out for p in peers}
+                        before = {p.name: vpp_helpers.peer_state(node, p).out for p in peers}
                         began = time.monotonic()
                         done = bed.run_vppmesh(node, "rekey", *bed.state_args(node),
                                                "--timeout", "30", check=False)
@@ -145,10 +130,10 @@ def test_forward_secrecy_rekey_with_the_agents_running_moves_every_pair() -> Non
                         assert rekey_answer(done.stdout) == {
                             name: (g, g + 1) for name, g in before.items()}, done.stdout
                         for peer in peers:  # by agreement, installed by the peer
-                            ours = peer_state(node, peer)
+                            ours = vpp_helpers.peer_state(node, peer)
                             assert ours.out == before[peer.name] + 1
                             assert ours.out in ours.ephemeral_out
-                            assert ours.out in peer_state(peer, node).ephemeral_in
+                            assert ours.out in vpp_helpers.peer_state(peer, node).ephemeral_in
                 time.sleep(1.0)
         for agent in running.values():
             assert "fail closed" not in agent.text(), agent.text()[-2000:]
@@ -176,8 +161,8 @@ def test_forward_secrecy_status_and_verify_say_every_pair_has_it(
 def test_forward_secrecy_seized_nodes_decrypt_nothing_of_a_retired_generation(
         bed: Testbed, agents: dict[str, vpp_helpers.WatchAgent]) -> None:
     src, dst = bed.nodes
-    generation = peer_state(src, dst).out
-    assert generation in peer_state(src, dst).ephemeral_out
+    generation = vpp_helpers.peer_state(src, dst).out
+    assert generation in vpp_helpers.peer_state(src, dst).ephemeral_out
     capture = BASE / "fs.pcap"
     dump = vpp_helpers.tcpdump(bed.underlay_ns, capture, snaplen=None)
     try:
@@ -204,8 +189,8 @@ def test_forward_secrecy_seized_nodes_decrypt_nothing_of_a_retired_generation(
     # receiver slides its window past it, so neither VPP holds its SAs any more.
     for node in bed.nodes:
         bed.run_vppmesh(node, "rekey", *bed.state_args(node))
-    wait_for(lambda: peer_state(src, dst).out > generation
-             and peer_state(dst, src).in_base > generation
+    wait_for(lambda: vpp_helpers.peer_state(src, dst).out > generation
+             and vpp_helpers.peer_state(dst, src).in_base > generation
              and not ours & (spis(src) | spis(dst)), 30, "the generation to retire")
     assert vpp_helpers.pod_ping(src, dst, count=3).returncode == 0
 
@@ -226,7 +211,7 @@ def test_forward_secrecy_seized_nodes_decrypt_nothing_of_a_retired_generation(
 def test_forward_secrecy_rekeys_under_ping_and_tcp_lose_nothing(
         bed: Testbed, agents: dict[str, vpp_helpers.WatchAgent]) -> None:
     src, dst = bed.nodes
-    before = peer_state(src, dst).out, peer_state(dst, src).out
+    before = vpp_helpers.peer_state(src, dst).out, vpp_helpers.peer_state(dst, src).out
     set_settings(bed, rekey_interval=6)
     server = vpp_helpers.iperf3_server(dst.pod_netns(0))
     try:
@@ -239,7 +224,7 @@ def test_forward_secrecy_rekeys_under_ping_and_tcp_lose_nothing(
     finally:
         set_settings(bed, rekey_interval=0)
         vpp_helpers.stop_process(server)
-    after = peer_state(src, dst).out, peer_state(dst, src).out
+    after = vpp_helpers.peer_state(src, dst).out, vpp_helpers.peer_state(dst, src).out
     report = json.loads(client.stdout)
     assert client.returncode == 0 and "error" not in report, \
         f"iperf3: {report.get('error')} {client.stderr}"
@@ -252,7 +237,7 @@ def test_forward_secrecy_rekeys_under_ping_and_tcp_lose_nothing(
     assert after[0] - before[0] >= 3 and after[1] - before[1] >= 3
     assert ping.loss_percent() == 0.0, ping.summary
     assert all(b > 0 for b in intervals), intervals  # no second without data
-    assert all_forward_secret(bed)
+    assert vpp_helpers.all_forward_secret(bed)
 
 
 def test_forward_secrecy_receiver_restart_makes_the_peer_rekey_at_once(
@@ -265,13 +250,13 @@ def test_forward_secrecy_receiver_restart_makes_the_peer_rekey_at_once(
     try:
         with vpp_helpers.SteadyPing(sender.pod_netns(0), str(receiver.pod_address(0))):
             time.sleep(2 * GRACE + 1)  # traffic on the generation in use, windows slid
-            before = peer_state(sender, receiver).out
+            before = vpp_helpers.peer_state(sender, receiver).out
             log_before = len(agents[sender.name].text())
             bed.restart_vpp(receiver)
             stepped: list[float] = []
 
             def rekeyed() -> bool:
-                if peer_state(sender, receiver).out > before:
+                if vpp_helpers.peer_state(sender, receiver).out > before:
                     stepped.append(time.time())
                     return True
                 return False
@@ -292,7 +277,7 @@ def test_forward_secrecy_receiver_restart_makes_the_peer_rekey_at_once(
     finally:
         reattach(bed, receiver)  # the next tests ping its pod
     assert vpp_helpers.pod_ping(sender, receiver, count=3).returncode == 0
-    wait_for(lambda: all_forward_secret(bed), 30, "agreed keys both ways again")
+    wait_for(lambda: vpp_helpers.all_forward_secret(bed), 30, "agreed keys both ways again")
 
 
 def reattach(bed: Testbed, node: NodeHandle) -> None:
@@ -304,9 +289,9 @@ def test_forward_secrecy_two_vpp_restarts_without_traffic_keep_the_pair(
         bed: Testbed, agents: dict[str, vpp_helpers.WatchAgent]) -> None:
     node, peer = bed.nodes
     for _ in range(2):
-        before = peer_state(node, peer).out
+        before = vpp_helpers.peer_state(node, peer).out
         bed.restart_vpp(node)
-        wait_for(lambda before=before: peer_state(node, peer).out > before, 30,
+        wait_for(lambda before=before: vpp_helpers.peer_state(node, peer).out > before, 30,
                  f"{node.name} to step past the key its VPP lost")
     reattach(bed, node)
     assert vpp_helpers.pod_ping(node, peer, count=3).returncode == 0
@@ -314,4 +299,4 @@ def test_forward_secrecy_two_vpp_restarts_without_traffic_keep_the_pair(
     for agent in agents.values():
         assert "fail closed" not in agent.text() and "no usable outbound key" not in \
             agent.text()
-    wait_for(lambda: all_forward_secret(bed), 30, "agreed keys both ways again")
+    wait_for(lambda: vpp_helpers.all_forward_secret(bed), 30, "agreed keys both ways again")

@@ -24,7 +24,6 @@ from pathlib import Path
 import pytest
 import yaml
 
-from vppmesh.epochs import GenerationStore
 from vppmesh.keys import write_secret_file
 from vppmesh.lab.testbed import NodeHandle, Testbed
 from vppmesh.testing import vpp_helpers
@@ -76,19 +75,15 @@ def own(node: NodeHandle, *, key: bool = False) -> list[str]:
             *(["--key", str(node.dir / "private.key")] if key else [])]
 
 
-def sending(node: NodeHandle, peer: NodeHandle) -> int:
-    return GenerationStore(node.dir, node.name).load().peers[peer.name].out
-
-
 def rekey_agreed(bed: Testbed, node: NodeHandle) -> float:
     """`vppmesh rekey` on the node; seconds until both its pairs send on a newer key."""
     others = [n for n in bed.nodes if n is not node]
-    before = {p.name: sending(node, p) for p in others}
+    before = {p.name: vpp_helpers.sending(node, p) for p in others}
     started = time.monotonic()
     out = bed.run_vppmesh(node, "rekey", *own(node, key=True), check=False)
     assert out.returncode == 0, out.stdout + out.stderr
     wait_until(f"rekey of {node.name} agreed with {[p.name for p in others]}",
-               lambda: all(sending(node, p) > before[p.name] for p in others), 30)
+               lambda: all(vpp_helpers.sending(node, p) > before[p.name] for p in others), 30)
     return time.monotonic() - started
 
 

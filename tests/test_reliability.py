@@ -21,12 +21,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from vppmesh.epochs import GenerationStore
 from vppmesh.lab.testbed import NodeHandle, Testbed, find_vpp
-from vppmesh.state import is_owned_sa_id, is_owned_tunnel_instance
 from vppmesh.testing import vpp_helpers
-from vppmesh.vpp import ipip, ipsec
-from vppmesh.vpp.client import VppClient
 
 pytestmark = [pytest.mark.vpp]
 PREFIX = "vmr-"
@@ -92,22 +88,6 @@ def alive(pid: int) -> bool:
     return state != "Z"
 
 
-def peer_objects(node: NodeHandle, peer_number: int) -> set[tuple[str, int]]:
-    """The tunnels (by sw_if_index) and SAs (by id) a node holds towards one peer."""
-    with VppClient(node.instance.api_socket).connect() as api:
-        tunnels = {("tunnel", t.sw_if_index) for t in ipip.dump_tunnels(api)
-                   if is_owned_tunnel_instance(t.instance)
-                   and (t.instance // 100) % 100_000 == peer_number}
-        sas = {("sa", s.spec.sa_id) for s in ipsec.dump_sas(api)
-               if is_owned_sa_id(s.spec.sa_id) and s.spec.peer_number == peer_number}
-    return tunnels | sas
-
-
-def sending(node: NodeHandle, peer: NodeHandle) -> int:
-    """The generation `node` sends on towards `peer`."""
-    return GenerationStore(node.dir, node.name).load().peers[peer.name].out
-
-
 def set_mesh_nodes(bed: Testbed, names: list[str], original: str) -> None:
     data = yaml.safe_load(original)
     data["nodes"] = [n for n in data["nodes"] if n["name"] in names]
@@ -142,15 +122,15 @@ def test_long_tcp_survives_rekeys_agent_restarts_and_churn_without_plaintext(
         for second, node, partner in ((3, n1, n2), (9, n2, n1), (15, n1, n2), (21, n2, n1),
                                       (27, n1, n2)):
             at(second)
-            before = sending(node, partner)
+            before = vpp_helpers.sending(node, partner)
             out = run(bed, node, "rekey", *bed.state_args(node))
             # Pairs on agreed keys are rekeyed by the running agent, over the channel.
             took = seconds_until(lambda node=node, partner=partner, before=before:
-                            sending(node, partner) > before, 10)
+                            vpp_helpers.sending(node, partner) > before, 10)
             assert took is not None, out
             rekeys += 1
             events.append(f"t={second}s rekey {node.name}: towards {partner.name} generation "
-                          f"{before} -> {sending(node, partner)} in {took:.1f} s")
+                          f"{before} -> {vpp_helpers.sending(node, partner)} in {took:.1f} s")
             print(events[-1], flush=True)
         at(33)
         for node in (n1, n2):  # agent restart on both ends of the stream
@@ -160,12 +140,12 @@ def test_long_tcp_survives_rekeys_agent_restarts_and_churn_without_plaintext(
             agents[node.name].start()
             events.append(f"t=33s agent restart {node.name}: 0 changes")
         at(38)
-        untouched = peer_objects(n1, n2.index)
+        untouched = vpp_helpers.owned(n1, n2.index)
         set_mesh_nodes(bed, ["n1", "n2"], original_mesh)
-        gone = seconds_until(lambda: not peer_objects(n1, n3.index)
-                        and not peer_objects(n2, n3.index), 15)
+        gone = seconds_until(lambda: not vpp_helpers.owned(n1, n3.index)
+                        and not vpp_helpers.owned(n2, n3.index), 15)
         assert gone is not None, "n3 left the mesh file but its objects stayed"
-        assert peer_objects(n1, n2.index) == untouched
+        assert vpp_helpers.owned(n1, n2.index) == untouched
         events.append(f"t=38s n3 leaves: its objects gone from n1, n2 in {gone:.1f} s; "
                       "n1<->n2 objects untouched")
         at(46)
@@ -173,7 +153,7 @@ def test_long_tcp_survives_rekeys_agent_restarts_and_churn_without_plaintext(
         back = seconds_until(
             lambda: vpp_helpers.ping_ok(n1.pod_netns(0), str(n3.pod_address(0))), 20)
         assert back is not None, "n3 rejoined but is unreachable"
-        assert peer_objects(n1, n2.index) == untouched
+        assert vpp_helpers.owned(n1, n2.index) == untouched
         events.append(f"t=46s n3 rejoins: reachable from n1's pod in {back:.1f} s")
         out, _err = client.communicate(timeout=SOAK_SECONDS + 60)
     finally:

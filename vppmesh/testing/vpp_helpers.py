@@ -164,6 +164,27 @@ def peer_state(node: NodeHandle, peer: NodeHandle) -> PeerGenerations:
     return GenerationStore(node.dir, node.name).load().peers[peer.name]
 
 
+def sending(node: NodeHandle, peer: NodeHandle) -> int:
+    """The generation `node` sends on towards `peer`."""
+    return peer_state(node, peer).out
+
+
+def owned(node: NodeHandle, peer_number: int | None = None) -> set[tuple[str, int]]:
+    """vppmesh's tunnels (by sw_if_index) and SAs (by id) in the node's VPP: towards one
+    peer, or all of them."""
+    from vppmesh.state import is_owned_sa_id, is_owned_tunnel_instance
+    from vppmesh.vpp import ipip, ipsec
+
+    with VppClient(node.instance.api_socket).connect() as api:
+        tunnels = {("tunnel", t.sw_if_index) for t in ipip.dump_tunnels(api)
+                   if is_owned_tunnel_instance(t.instance)
+                   and (peer_number is None or (t.instance // 100) % 100_000 == peer_number)}
+        sas = {("sa", s.spec.sa_id) for s in ipsec.dump_sas(api)
+               if is_owned_sa_id(s.spec.sa_id)
+               and (peer_number is None or s.spec.peer_number == peer_number)}
+    return tunnels | sas
+
+
 def all_forward_secret(bed: Testbed) -> bool:
     for node in bed.nodes:
         peers = [p.name for p in bed.nodes if p is not node]
