@@ -310,3 +310,59 @@ def test_a_psk_rotation_step_takes_effect_at_the_next_run_not_the_next_full_one(
     psk_next.unlink()
     session.run()
     assert session.view().secrets.psk_next == b""
+
+
+def test_up_watch_makes_its_first_run_once_through_the_loop_and_reports_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`up --watch` used to run a one-shot `up` and then the loop's own first (full) run:
+    the first run twice, by two paths. Now the loop's first run is the agent's `up`; it
+    is reported even with nothing to change (an agent restart), later runs only when they
+    change something."""
+    import os
+    import signal
+    from types import SimpleNamespace
+
+    from typer.testing import CliRunner
+
+    from vppmesh import node as agent
+    from vppmesh import watch
+    from vppmesh.cli import app
+
+    one_shot: list[object] = []
+    monkeypatch.setattr(agent, "up", lambda *a, **k: one_shot.append(a) or pytest.fail(
+        "a one-shot up before the loop"))
+    runs: list[int] = []
+
+    class FakeSession:
+        client = None
+
+        def __init__(self, options: object, **kwargs: object) -> None:
+            self.secrecy = kwargs["secrecy"]
+
+        def close(self) -> None:
+            pass
+
+        def run(self) -> object:
+            runs.append(len(runs))
+            if len(runs) == 3:
+                os.kill(os.getpid(), signal.SIGTERM)
+            desired = SimpleNamespace(node="n1", tunnels=[], mtu=1440)
+            return SimpleNamespace(vpp_pid=1, seconds=0.01, changes=[], notes=[],
+                                   downgraded_peers=[], stopped_peers={}, blocked_peers=[],
+                                   pod_report=None, mesh=None, desired=desired,
+                                   crypto_engine=None, host_link="none")
+
+    monkeypatch.setattr(agent, "Session", FakeSession)
+    monkeypatch.setattr(watch, "WATCH_POLL_SECONDS", 0.05)
+    (tmp_path / "mesh.yaml").write_text("")
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        result = CliRunner().invoke(app, [
+            "up", "--watch", "--mesh", str(tmp_path / "mesh.yaml"), "--node", "n1",
+            "--key", str(tmp_path / "k"), "--api-socket", str(tmp_path / "api.sock"),
+            "--state-dir", str(tmp_path / "state")])
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert result.exit_code == 0, result.output
+    assert one_shot == [] and len(runs) == 3
+    assert result.output.count("node n1: 0 change(s)") == 1  # the first run, said once

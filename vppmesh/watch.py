@@ -310,8 +310,13 @@ def watch_loop(opts: agent.NodeOptions, metrics: AgentMetrics | None = None,
     hardening.forbid_core_dumps()  # before any key is read: see vppmesh/hardening.py
     log.info("watching %s and VPP at %s", opts.mesh_file, opts.api_socket)
 
+    reported: list[bool] = []
+
     def changed(result: agent.UpResult) -> None:
-        if report is not None and (result.changes or result.notes):
+        """The first run is reported whatever it did (it is the agent's `up`); later
+        ones when they changed something or have notes."""
+        if report is not None and (not reported or result.changes or result.notes):
+            reported.append(True)
             report(result)
 
     secrecy = Secrecy(agent.channel_socket(opts), state_dir=opts.state_dir, clock=opts.clock)

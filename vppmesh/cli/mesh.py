@@ -153,16 +153,14 @@ def up(
             except VppMeshError as exc:
                 raise fail(str(exc)) from None
             return
+        if watch:  # the loop's first run is the first `up`: one run, one path
+            watch_loop(opts, exporter, stats_path(api_socket, stats_socket), report=report_up)
+            return
         try:
             report_up(agent.up(opts))
         except VppMeshError as exc:
-            if not watch:
-                raise fail(str(exc)) from None
-            log.error("%s", exc)
-        if watch:
-            watch_loop(opts, exporter, stats_path(api_socket, stats_socket), report=report_up)
-        else:
-            warn_no_agent(state_dir, node)
+            raise fail(str(exc)) from None
+        warn_no_agent(state_dir, node)
 
 
 def warn_no_agent(state_dir: Path, node: str) -> None:
