@@ -257,17 +257,24 @@ def observe_keys(api: VppApi, view: LocalView, state: GenerationState, ledger: K
         reencapsulate = installed and any(
             sa is not None and encapsulation(sa.spec) != peer.path.encapsulation(t)
             for t, sa in enumerate(out))
-        active = frozenset(
-            g for g in pg.window for t in range(count)
-            if (sa := find_sa(sas, "in", number, t, g)) is not None
-            and sa.spec.spi == spi_for(number, t, g) and received(sa) > 0)
+        active: set[int] = set()
+        inbound_seq: dict[int, int] = {}
+        for g in pg.window:  # one lookup per inbound SA
+            seq = 0
+            for t in range(count):
+                sa = find_sa(sas, "in", number, t, g)
+                if sa is None:
+                    continue
+                got = received(sa)
+                seq += got
+                if got > 0 and sa.spec.spi == spi_for(number, t, g):
+                    active.add(g)
+            inbound_seq[g] = seq
         observations[peer.name] = PeerObservation(
             out_installed=installed,
             out_packets=max((sent(sa) for sa in out if sa is not None), default=0),
-            inbound_active=active,
-            inbound_seq={g: sum(received(sa) for t in range(count)
-                                if (sa := find_sa(sas, "in", number, t, g))
-                                is not None) for g in pg.window},
+            inbound_active=frozenset(active),
+            inbound_seq=inbound_seq,
             encapsulation_changed=reencapsulate)
 
     def key_used(name: str, generation: int) -> bool:
