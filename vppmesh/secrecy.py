@@ -443,9 +443,12 @@ class Secrecy:
         self._followed = view
         endpoint.local = {version: (address, PORT)
                           for version, address in local_addresses(view).items()}
+        # Keepalives only where a middlebox keeps state for the pair's flow: ESP in UDP
+        # (a NAT, or a node that asked for UDP); elsewhere an idle pair is silent between
+        # rekeys, and its sessions still expire by age.
         configs = {p.node.node_number: s.PeerConfig(
-            p.node.node_number, p.node.public_key_bytes, channel_address(p))
-            for p in view.peers}
+            p.node.node_number, p.node.public_key_bytes, channel_address(p),
+            keepalive=p.path.udp_encap) for p in view.peers}
         endpoint.channel.set_peers(configs.values())
         endpoint.esp_flow = frozenset(str(p.path.endpoints[0][1]) for p in view.peers
                                       if p.path.udp_encap)
@@ -505,15 +508,15 @@ class Secrecy:
 
     # ---- between runs --------------------------------------------------------------
     def wait(self, timeout: float) -> bool:
-        """Wait up to `timeout` for the channel, less when one of its retries is due
+        """Wait up to `timeout` for the channel, less when one of its timers is due
         sooner; True when a run should follow now."""
         if self.endpoint is None:
             time.sleep(timeout)
             return False
         now = self.clock()
-        retry = self.endpoint.channel.next_retry(now)
-        if retry is not None:
-            timeout = max(0.0, min(timeout, retry - now))
+        due = self.endpoint.channel.next_due()
+        if due is not None:
+            timeout = max(0.0, min(timeout, due - now))
         readable, _, _ = select.select([self], [], [], timeout)
         return self.service(receive=bool(readable))
 

@@ -43,12 +43,14 @@ exchange. The generation's ephemeral secret is kept, in memory only, until
 from __future__ import annotations
 
 import hashlib
+import heapq
 import hmac as std_hmac
 import ipaddress
+import itertools
 import secrets as random
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
@@ -85,6 +87,9 @@ CONFIRM_WAIT = 1.0  # a responder waiting this long for confirmation starts no h
 # may have died before it installed the generation, and its successor knows nothing of it.
 INSTALL_WAIT = 10.0
 KEEPALIVE_AFTER = 15.0  # send a keepalive when nothing was sent for this long
+# Towards a peer that needs no keepalives (PeerConfig.keepalive), a new acknowledgement is
+# repeated this many times, KEEPALIVE_AFTER apart; every new session carries it again.
+ACK_REPEATS = 2
 # Diffie-Hellman budget: handshakes per second per (authenticated) peer, and per node.
 PEER_RATE, PEER_BURST = 5.0, 10.0
 NODE_RATE, NODE_BURST = 400.0, 400.0
@@ -181,11 +186,18 @@ class Output:
 @dataclass(frozen=True)
 class PeerConfig:
     """A peer as the mesh describes it: node number, static public key, underlay address
-    and the UDP port its channel listens on (None until learned)."""
+    and the UDP port its channel listens on (None until learned).
+
+    `keepalive`: something between the pair keeps state only while datagrams flow (a NAT
+    mapping): send at least every KEEPALIVE_AFTER, the latest acknowledgements or a
+    Keepalive. Without it an idle pair sends nothing between its sessions' rekeys (no
+    timer here needs the peer's traffic: a session expires by age, REJECT_AFTER, heard
+    from or not), and a new acknowledgement is repeated ACK_REPEATS times."""
 
     node_number: int
     public_key: bytes
     endpoint: Address | None = None
+    keepalive: bool = True
 
 
 # ---- internal state ---------------------------------------------------------------------
@@ -270,6 +282,22 @@ class _Peer:
     heard: dict[str, int] = field(default_factory=dict)
     # The PSK of the peer's last authenticated handshake: the one it is known to hold.
     psk_hint: bytes | None = field(default=None, repr=False)
+    repeats: int = 0  # repeats of the acknowledgements left (a peer without keepalives)
+    # The channel's timer queue: the peer's place in the channel's peers (the order tick
+    # visits them in), when its next timer is due as queued (None: not queued), and the
+    # channel's set of peers whose timers may have moved (see __setattr__).
+    order: int = field(default=0, compare=False)
+    due: float | None = field(default=None, compare=False)
+    touched: set[int] | None = field(default=None, repr=False, compare=False)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        """Whoever replaces a field a timer is computed from, the channel computes the
+        peer's next deadline again before its next tick."""
+        object.__setattr__(self, name, value)
+        if name in _TIMED:
+            touched = self.__dict__.get("touched")
+            if touched is not None:
+                touched.add(self.config.node_number)
 
     @property
     def mac_key(self) -> bytes:
@@ -278,6 +306,12 @@ class _Peer:
 
     def mac_key_for(self, psk: bytes) -> bytes:
         return next(key for held, key in self.mac_keys if held == psk)
+
+
+# The fields of _Peer the deadline of its timers depends on (besides its offers and
+# awaiting tables, whose changes the channel marks itself).
+_TIMED = frozenset({"config", "endpoint", "current", "next", "pending", "attempts",
+                    "last_sent", "repeats"})
 
 
 def installed_digest(secret: bytes) -> bytes:
@@ -300,6 +334,34 @@ def _install_wait(renewed: int) -> float:
 def _key_retry(tries: int) -> float:
     """How long an offer sent `tries` times waits before it is sent again."""
     return min(KEY_RETRY * 2 ** max(tries - 1, 0), KEY_RETRY_MAX)
+
+
+def _deadline(state: _Peer, now: float) -> float | None:
+    """The earliest time tick has something to do for the peer (None: never, until its
+    state changes), from its state and the latest `now`: a handshake retry or rekey, and
+    over its session a KeyInit's resend, an answered offer renewed, a keepalive. Never
+    later than the first time tick would act (earlier costs one visit that does nothing)."""
+    if state.endpoint is None:
+        return None  # tick passes it by
+    if state.pending is not None:
+        due = state.pending.sent + _handshake_retry(state)
+    else:
+        current = state.current
+        due = float("-inf") if current is None else current.created + REKEY_AFTER + (
+            0.0 if current.initiator else REKEY_RESPONDER_SLACK)
+        if state.next is not None:  # the peer's handshake, one confirmation away
+            due = max(due, state.next.created + CONFIRM_WAIT)
+    session = state.current
+    if session is None:
+        return due
+    expires = session.created + REJECT_AFTER  # the session's timers die with it
+    if now >= expires:
+        return due
+    timers = [sent + _key_retry(tries) for _key, sent, tries in state.offers.values()]
+    timers += [at + _install_wait(tries) for at, tries in state.awaiting.values()]
+    if state.config.keepalive or state.repeats:
+        timers.append(state.last_sent + KEEPALIVE_AFTER)
+    return min([due] + [t for t in timers if t < expires])
 
 
 def _offers_again(state: _Peer, now: float, *, at_once: bool = False) -> list[m.KeyInit]:
@@ -366,6 +428,13 @@ class Channel:
         # Per peer, the highest handshake timestamp accepted (kept for a peer whose
         # record changes, or that leaves and comes back: its old handshakes stay old).
         self._marks: dict[int, int] = dict(timestamp_marks or {})
+        # Timers: a heap of (deadline, peer), one live entry per peer (_Peer.due; others
+        # are stale and skipped), the peers whose deadline may have moved since, and the
+        # latest `now` seen (a tick before it means the caller's clock went back).
+        self._due: list[tuple[float, int]] = []
+        self._touched: set[int] = set()
+        self._order = itertools.count()
+        self._latest = float("-inf")
         self.set_peers(peers)
 
     def __repr__(self) -> str:
@@ -414,6 +483,7 @@ class Channel:
     def probe(self, now: float, peer: int, tunnel: int) -> bytes | None:
         """A FlowProbe for the peer, to be sent on tunnel `tunnel`'s flow (None: no
         session yet)."""
+        self._see(now)
         state = self._peers[peer]
         session = self._usable(state, now)
         if session is None:
@@ -434,7 +504,11 @@ class Channel:
         wanted = {peer.node_number: peer for peer in peers}
         for number in list(self._peers):
             state = self._peers[number]
-            if wanted.get(number) != state.config:
+            config = wanted.get(number)
+            if config is not None and config != state.config and \
+                    replace(config, keepalive=state.config.keepalive) == state.config:
+                state.config = config  # only whether it needs keepalives changed
+            if config != state.config:
                 for session in (state.current, state.previous, state.next):
                     if session is not None:
                         self._sessions.pop(session.local_index, None)
@@ -447,8 +521,11 @@ class Channel:
         for number, peer in wanted.items():
             if number not in self._peers:
                 shared = pair_secret(self._secrets, peer.public_key)
-                self._peers[number] = _Peer(peer, self._mac_keys(shared), shared,
-                                            peer.endpoint)
+                state = _Peer(peer, self._mac_keys(shared), shared, peer.endpoint,
+                              order=next(self._order))
+                state.touched = self._touched
+                self._peers[number] = state
+                self._touched.add(number)
 
     def _mac_keys(self, shared: bytes) -> tuple[tuple[bytes, bytes], ...]:
         return tuple((psk, pair_mac_key(shared, psk)) for _role, psk in self._secrets.psks())
@@ -485,6 +562,7 @@ class Channel:
     # ---- what the agent asks for --------------------------------------------------------
     def send(self, now: float, peer: int, message: m.Message) -> Output:
         """Send `message` to `peer` now, or as soon as a session is up."""
+        self._see(now)
         state = self._peers[peer]
         out = Output()
         session = self._usable(state, now)
@@ -501,9 +579,11 @@ class Channel:
     def start_generation(self, now: float, peer: int, generation: int) -> Output:
         """Offer a fresh ephemeral key for this node's outbound `generation` towards
         `peer`; GenerationKeyed follows the answer."""
+        self._see(now)
         state = self._peers[peer]
         key = X25519PrivateKey.generate()
         state.offers[generation] = (key, now, 1)
+        self._touched.add(peer)
         return self.send(now, peer, m.KeyInit(generation, public_bytes(key)))
 
     def acknowledge(self, now: float, peer: int, what: str, generation: int) -> Output:
@@ -530,6 +610,7 @@ class Channel:
         else:
             message = _ACKS[what](generation)
         state.acks[what] = message
+        state.repeats = ACK_REPEATS
         return self.send(now, peer, message)
 
     def accept_generations(self, peer: int, base: int, count: int) -> None:
@@ -546,6 +627,7 @@ class Channel:
         """Forget everything of one direction's `generation`: its private key, answer
         and secret."""
         state = self._peers[peer]
+        self._touched.add(peer)
         if outbound:
             state.offers.pop(generation, None)
             state.keyed_out.pop(generation, None)
@@ -568,6 +650,7 @@ class Channel:
         neighbour yet and may drop it, so a new handshake follows too: its Hello carries
         the new boot id and it is retried until answered.
         """
+        self._see(now)
         self.boot_id = boot_id
         out = Output()
         for number, state in self._peers.items():
@@ -579,35 +662,110 @@ class Channel:
         return out
 
     def tick(self, now: float) -> Output:
-        """Timers: handshake retries and rekeys, KeyInit retries, keepalives."""
+        """Timers: handshake retries and rekeys, KeyInit retries, keepalives. Visits only
+        the peers whose earliest timer is due (the heap), in the order of the peers; after
+        a step back of the caller's clock, every peer (their stamps come back to `now`)."""
+        if now < self._latest:
+            return self._tick_every_peer(now)
+        self._latest = now
+        self._reschedule()
+        due: list[_Peer] = []
+        while self._due and self._due[0][0] <= now:
+            when, number = heapq.heappop(self._due)
+            state = self._peers.get(number)
+            if state is not None and state.due == when:
+                state.due = None
+                due.append(state)
+        out = Output()
+        for state in sorted(due, key=lambda state: state.order):
+            out.extend(self._tick_peer(now, state))
+            self._touched.add(state.config.node_number)
+        self._reschedule()
+        return out
+
+    def _tick_every_peer(self, now: float) -> Output:
+        """tick, visiting every peer (a clock step back; tests compare tick with it)."""
         out = Output()
         for state in self._peers.values():
-            if state.endpoint is None:
-                continue
-            _pull_back(state, now)
-            session = self._usable(state, now)
-            if state.pending is not None:
-                if now - state.pending.sent >= _handshake_retry(state):
-                    out.extend(self._initiate(now, state))
-            elif state.next is not None and now - state.next.created < CONFIRM_WAIT:
-                pass  # the peer's handshake is one confirmation away
-            elif session is None or now - session.created >= REKEY_AFTER + (
-                    0.0 if session.initiator else REKEY_RESPONDER_SLACK):
-                out.extend(self._initiate(now, state))
-            if session is None:
-                continue
-            for message in _offers_again(state, now) + self._offers_lost(state, now):
-                out.extend(self._transmit(now, state, session, message))
-            if now - state.last_sent >= KEEPALIVE_AFTER:
-                for message in self._ack_messages(state) or [m.Keepalive()]:
-                    out.extend(self._transmit(now, state, session, message))
+            out.extend(self._tick_peer(now, state))
+        self._latest = now  # every stamp _pull_back moves is at `now` at most now
+        self._touched.clear()
+        self._due = []
+        for number, state in self._peers.items():
+            state.due = _deadline(state, now)
+            if state.due is not None:
+                self._due.append((state.due, number))
+        heapq.heapify(self._due)
         return out
+
+    def _tick_peer(self, now: float, state: _Peer) -> Output:
+        """One peer's timers at `now`."""
+        out = Output()
+        if state.endpoint is None:
+            return out
+        _pull_back(state, now)
+        session = self._usable(state, now)
+        if state.pending is not None:
+            if now - state.pending.sent >= _handshake_retry(state):
+                out.extend(self._initiate(now, state))
+        elif state.next is not None and now - state.next.created < CONFIRM_WAIT:
+            pass  # the peer's handshake is one confirmation away
+        elif session is None or now - session.created >= REKEY_AFTER + (
+                0.0 if session.initiator else REKEY_RESPONDER_SLACK):
+            out.extend(self._initiate(now, state))
+        if session is None:
+            return out
+        for message in _offers_again(state, now) + self._offers_lost(state, now):
+            out.extend(self._transmit(now, state, session, message))
+        if now - state.last_sent >= KEEPALIVE_AFTER and (state.config.keepalive
+                                                         or state.repeats):
+            if not state.config.keepalive:
+                state.repeats -= 1
+            for message in self._ack_messages(state) or [m.Keepalive()]:
+                out.extend(self._transmit(now, state, session, message))
+        return out
+
+    def _see(self, now: float) -> None:
+        """A call at `now`: a later tick before it visits every peer (_pull_back)."""
+        if now > self._latest:
+            self._latest = now
+
+    def _reschedule(self) -> None:
+        """Queue the deadline of every peer marked as moved, where it changed."""
+        for number in self._touched:
+            state = self._peers.get(number)
+            if state is None:
+                continue
+            due = _deadline(state, self._latest)
+            if due != state.due:
+                state.due = due
+                if due is not None:
+                    heapq.heappush(self._due, (due, number))
+        self._touched.clear()
+        if len(self._due) > 2 * len(self._peers) + 64:  # mostly stale entries: compact
+            self._due = [(state.due, number) for number, state in self._peers.items()
+                         if state.due is not None]
+            heapq.heapify(self._due)
+
+    def next_due(self) -> float | None:
+        """When tick next has something to do (a handshake or KeyInit retry, a rekey, a
+        keepalive), or None: the top of the timer heap. The loop waits no longer than
+        that: after a VPP restart the first datagrams die while VPP resolves its
+        neighbours, and a retry that waits for the loop's next poll adds that poll's
+        period to the recovery."""
+        self._reschedule()
+        while self._due:
+            when, number = self._due[0]
+            state = self._peers.get(number)
+            if state is not None and state.due == when:
+                return when
+            heapq.heappop(self._due)
+        return None
 
     def next_retry(self, now: float) -> float | None:
         """When tick's earliest retry is due (a handshake, or a KeyInit over a usable
-        session, still unanswered), or None. The loop waits no longer than that: after a
-        VPP restart the first datagrams die while VPP resolves its neighbours, and a retry
-        that waits for the loop's next poll adds that poll's period to the recovery."""
+        session, still unanswered), or None (every peer looked at: the loop asks
+        next_due)."""
         due = []
         for state in self._peers.values():
             if state.endpoint is None:
@@ -642,12 +800,14 @@ class Channel:
     # ---- receiving ----------------------------------------------------------------------
     def receive(self, now: float, source: Address, data: bytes) -> Output:
         """One datagram from the transport; never raises on what the network sends."""
+        self._see(now)
         parsed = m.parse_datagram(data)
         if isinstance(parsed, m.Drop):
             return self._drop(parsed)
         state = self._peers.get(parsed.sender)
         if parsed.receiver != self.node_number or state is None:
             return self._drop(m.Drop.UNKNOWN_PEER)
+        self._touched.add(parsed.sender)  # its offers may be answered, its timers moved
         if isinstance(parsed, m.Transport):
             return self._receive_transport(now, source, state, parsed)
         psk = self._mac_psk(state, parsed.signed, parsed.mac)
