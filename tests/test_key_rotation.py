@@ -345,3 +345,32 @@ def test_key_rotation_agents_never_lose_a_pair_through_the_procedure() -> None:
             assert channel is not None and not channel.stats["sessions_key_retired"]
     finally:
         agents.close()
+
+
+def test_key_rotation_previous_removed_too_early_fails_closed_and_says_so(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """KEY.previous removed while the peers' mesh files still name the old key: the
+    node's sessions on it end, the log names the stranded peers, and the peers' renewed
+    handshakes to the old key are refused (auth drops), never answered."""
+    agents = key_agents()
+    try:
+        agents.until(lambda: agents.slid(1), "every pair agreed and slid")
+        publish(agents, ROTATING, rotate_on_disk(agents))  # its own file only
+        check_links_through(agents, "rotated", 10)
+        assert key_roles(agents) == {"previous"}
+        os.unlink(key_previous_file(agents.options[ROTATING].private_key))
+        agents.sessions[ROTATING]._last_full = None
+        with caplog.at_level("WARNING", logger="vppmesh"):
+            agents.run(ROTATING)
+        assert "previous key was removed while node1, node3 still knew this node" in \
+            caplog.text
+        channel = agents.secrecy[ROTATING].channel
+        assert channel is not None and channel.stats["sessions_key_retired"] == 2
+        agents.clock.now += s.REJECT_AFTER  # the peers' sessions expire and renew
+        for _ in range(5):
+            agents.step()
+        assert channel.drops[m.Drop.AUTH] > 0
+        assert not any(channel.established(n, agents.secrecy[ROTATING].clock())
+                       for n in channel.peers())
+    finally:
+        agents.close()

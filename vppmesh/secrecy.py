@@ -54,7 +54,7 @@ from vppmesh.clock import AgentClock, TimestampFile, Timestamps
 from vppmesh.config import MeshSettings
 from vppmesh.epochs import WINDOW, GenerationState, PeerGenerations, PeerSaid
 from vppmesh.errors import VppMeshError
-from vppmesh.keys import SaKey, derive_sa_key_ephemeral, psk_id, spi_for
+from vppmesh.keys import SaKey, derive_sa_key_ephemeral, psk_id, public_key_b64, spi_for
 from vppmesh.state import sa_id_for
 from vppmesh.underlay import NAT_T_PORT
 from vppmesh.view import AgreedKeys, PeerView
@@ -454,6 +454,7 @@ class Secrecy:
         if view is self._followed:
             return  # the mesh is unchanged (a Session keeps its view while it is)
         self._follow_psks(view)
+        self._follow_own_keys(view)
         endpoint.channel.set_secrets(view.secrets)
         self._followed = view
         endpoint.local = {version: (address, PORT)
@@ -479,6 +480,27 @@ class Secrecy:
             # (perhaps the reason it was replaced); follow_keys keeps them only if the
             # peer, authenticated by the new key, vouches for the old one.
         self._configs = configs
+
+    def _follow_own_keys(self, view: LocalView) -> None:
+        """Say what a step of this node's key rotation changed (public keys only)."""
+        channel = self.channel
+        if channel is None:
+            return
+        held = tuple(public_key_b64(key) for _role, key in view.secrets.private_keys())
+        before = tuple(public_key_b64(key) for _role, key in channel.secrets.private_keys())
+        if held == before:
+            return
+        log.info("private keys held now: %s; the channel answers handshakes to each",
+                 ", ".join(f"{role} {public_key_b64(key)}"
+                           for role, key in view.secrets.private_keys()))
+        now = self.clock()
+        names = {p.node.node_number: p.name for p in view.peers}
+        stranded = sorted(names.get(n, str(n)) for n in channel.peers()
+                          if channel.session_key(n, now) == "previous" and len(held) == 1)
+        if stranded:
+            log.warning("the previous key was removed while %s still knew this node by it: "
+                        "their channel ends (their handshakes fail the pair MAC) until their "
+                        "mesh file names the new key", ", ".join(stranded))
 
     def _follow_psks(self, view: LocalView) -> None:
         """Say what a PSK rotation step changed (never the PSKs themselves: their ids)."""

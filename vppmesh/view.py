@@ -106,7 +106,8 @@ def build_view(mesh: Mesh, node: str | Node, secrets: NodeSecrets, *,
         where = f" in {mesh_source}" if mesh_source else ""
         raise KeyFileError(
             f"{key} does not match the public_key of node {name}{where}; publish "
-            "`vppmesh pubkey` output there")
+            "`vppmesh pubkey` output there (after `keygen --rotate`, before removing "
+            "KEY.previous)")
     count = mesh.settings.tunnels_per_peer
     # A path depends on both records and the tunnel count, a pair secret on the two
     # public keys only (this node's private key is its public_key, checked above); the

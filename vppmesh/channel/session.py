@@ -413,6 +413,11 @@ class Channel:
         return f"Channel(node={self.node_number}, peers={len(self._peers)})"
 
     # ---- queries ------------------------------------------------------------------------
+    @property
+    def secrets(self) -> NodeSecrets:
+        """The node's secrets the channel follows now (set_secrets)."""
+        return self._secrets
+
     def peers(self) -> list[int]:
         return sorted(self._peers)
 
