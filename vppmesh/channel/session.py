@@ -14,7 +14,10 @@ the first check it fails, in this order:
 2. sender and receiver: the receiver is this node, the sender a configured peer;
 3. handshakes: the pair MAC (HMAC-BLAKE2s keyed from the pair's static secret, computed
    once per peer, and the PSK) — one hash, no Diffie-Hellman; only a holder of one of
-   the pair's private keys and the PSK can produce it;
+   the pair's private keys and the PSK can produce it. During a PSK rotation or a node
+   key rotation a node holds two PSKs or two private keys, and the MAC names which the
+   handshake used: one hash per combination held (four at most), still no
+   Diffie-Hellman, and the handshake is read once, with that PSK and key;
 4. handshakes: the timestamp must exceed the last accepted one from that peer (the marks,
    which the agent keeps across restarts: `timestamp_marks`), so a recorded handshake
    replayed later is refused before any Diffie-Hellman;
@@ -124,6 +127,18 @@ class GenerationKeyed:
     outbound: bool
     secret: bytes = field(repr=False)
     psk: bytes | None = field(default=None, repr=False)
+    # The pair secret of the static keys that session authenticated (during a node key
+    # rotation, of this node's previous key or its current one); None: the view's.
+    shared: bytes | None = field(default=None, repr=False)
+
+
+@dataclass(frozen=True)
+class PreviousKeyHeld:
+    """The peer, over a session authenticated by its current key, says it still holds
+    the private key of `public_key` (its previous one: a node key rotation)."""
+
+    peer: int
+    public_key: bytes
 
 
 @dataclass(frozen=True)
@@ -169,7 +184,7 @@ class FlowSeen:
 
 
 Event = (HandshakeComplete | GenerationKeyed | PeerAcked | PeerRestarted | EndpointChanged
-         | PeerObserved | FlowSeen)
+         | PeerObserved | FlowSeen | PreviousKeyHeld)
 
 
 @dataclass
@@ -229,6 +244,9 @@ class _Session:
     window: ReplayWindow = field(default_factory=ReplayWindow)
     next_counter: int = 0
     psk: bytes = field(default=b"", repr=False)  # the PSK its handshake used
+    # This node's static public key its handshake used, and the pair secret of it
+    key: bytes = b""
+    shared: bytes = field(default=b"", repr=False)
 
 
 @dataclass
@@ -236,16 +254,28 @@ class _Pending:
     handshake: HandshakeState
     local_index: int
     sent: float
-    psk: bytes = field(default=b"", repr=False)
+    credential: _Credential
+
+
+@dataclass(frozen=True)
+class _Credential:
+    """One way this node authenticates to a peer: one of its private keys and one of its
+    PSKs (more than one of each during a rotation), the pair secret of that key with the
+    peer's and the pair MAC's key made from both."""
+
+    key_role: str  # "current" or "previous" (NodeSecrets.private_keys)
+    private_key: X25519PrivateKey = field(repr=False)
+    public_key: bytes
+    psk: bytes = field(repr=False)
+    shared: bytes = field(repr=False)
+    mac_key: bytes = field(repr=False)
 
 
 @dataclass
 class _Peer:
     config: PeerConfig
-    # The pair MAC's keys, one per PSK this node holds (the current one's first), and
-    # the pair's static secret they are made from.
-    mac_keys: tuple[tuple[bytes, bytes], ...] = field(repr=False)  # (PSK, MAC key)
-    shared: bytes = field(repr=False)
+    # Per (private key, PSK) this node holds, the credential (the current ones first).
+    credentials: tuple[_Credential, ...] = field(repr=False)
     endpoint: Address | None
     current: _Session | None = None
     previous: _Session | None = None
@@ -265,9 +295,9 @@ class _Peer:
     # Our outbound generation -> (our ephemeral private key, when the KeyInit was last
     # sent, how many times)
     offers: dict[int, tuple[X25519PrivateKey, float, int]] = field(default_factory=dict)
-    # Their outbound generation -> (their ephemeral public key, our answer's, the PSK of
-    # the session it went on) to re-answer
-    answers: dict[int, tuple[bytes, bytes, bytes]] = field(default_factory=dict)
+    # Their outbound generation -> (their ephemeral public key, our answer's, the PSK and
+    # our static key of the session it went on) to re-answer
+    answers: dict[int, tuple[bytes, bytes, bytes, bytes]] = field(default_factory=dict)
     keyed_out: dict[int, bytes] = field(default_factory=dict, repr=False)
     keyed_in: dict[int, bytes] = field(default_factory=dict, repr=False)
     # Our answered offers awaiting the peer's "installed": generation -> (when answered,
@@ -280,8 +310,10 @@ class _Peer:
     # and the latest of the peer's we reported.
     acks: dict[str, m.Message] = field(default_factory=dict)
     heard: dict[str, int] = field(default_factory=dict)
-    # The PSK of the peer's last authenticated handshake: the one it is known to hold.
+    # The PSK of the peer's last authenticated handshake: the one it is known to hold;
+    # and which of this node's public keys it used: the one it knows for this node.
     psk_hint: bytes | None = field(default=None, repr=False)
+    key_hint: bytes | None = None
     repeats: int = 0  # repeats of the acknowledgements left (a peer without keepalives)
     # The channel's timer queue: the peer's place in the channel's peers (the order tick
     # visits them in), when its next timer is due as queued (None: not queued), and the
@@ -298,14 +330,6 @@ class _Peer:
             touched = self.__dict__.get("touched")
             if touched is not None:
                 touched.add(self.config.node_number)
-
-    @property
-    def mac_key(self) -> bytes:
-        """The MAC key of the current PSK (this node's first choice)."""
-        return self.mac_keys[0][1]
-
-    def mac_key_for(self, psk: bytes) -> bytes:
-        return next(key for held, key in self.mac_keys if held == psk)
 
 
 # The fields of _Peer the deadline of its timers depends on (besides its offers and
@@ -395,6 +419,21 @@ def _noise_psk(psk: bytes) -> bytes:
     return psk or bytes(32)
 
 
+def _held_keys(secrets: NodeSecrets) -> dict[bytes, tuple[X25519PrivateKey, str]]:
+    """This node's private keys by public key, with their roles (the current first)."""
+    return {public_bytes(key): (key, role) for role, key in secrets.private_keys()}
+
+
+def _roles(keys: Mapping[bytes, tuple[X25519PrivateKey, str]]) -> dict[bytes, str]:
+    return {public: role for public, (_key, role) in keys.items()}
+
+
+def _session(local: int, remote: int, send: CipherState, receive: CipherState, now: float,
+             initiator: bool, credential: _Credential) -> _Session:
+    return _Session(local, remote, send, receive, now, initiator=initiator,
+                    psk=credential.psk, key=credential.public_key, shared=credential.shared)
+
+
 def pair_mac_key(static_secret: bytes, psk: bytes) -> bytes:
     return _MAC_SUITE.hash(MAC_LABEL + static_secret + psk)
 
@@ -419,6 +458,8 @@ class Channel:
         self.boot_id = boot_id
         self._new_index = new_index or (lambda: random.randbits(32))
         self._peers: dict[int, _Peer] = {}
+        # Per this node's public key, its private key and role (two during a rotation).
+        self._keys = _held_keys(secrets)
         self._sessions: dict[int, tuple[_Peer, _Session]] = {}
         self._node_bucket: TokenBucket | None = None
         self.drops: Counter[m.Drop] = Counter()
@@ -441,6 +482,11 @@ class Channel:
         return f"Channel(node={self.node_number}, peers={len(self._peers)})"
 
     # ---- queries ------------------------------------------------------------------------
+    @property
+    def secrets(self) -> NodeSecrets:
+        """The node's secrets the channel follows now (set_secrets)."""
+        return self._secrets
+
     def peers(self) -> list[int]:
         return sorted(self._peers)
 
@@ -453,6 +499,15 @@ class Channel:
 
     def endpoint(self, peer: int) -> Address | None:
         return self._peers[peer].endpoint
+
+    def session_key(self, peer: int, now: float) -> str | None:
+        """The role here ("current", "previous") of this node's key the peer's usable
+        session authenticated (None: no session): during a node key rotation, whether
+        the peer still knows this node by its previous key."""
+        session = self._usable(self._peers[peer], now)
+        if session is None or session.key not in self._keys:
+            return None
+        return self._keys[session.key][1]
 
     def session_psk(self, peer: int, now: float) -> str | None:
         """The role here ("current", "next", "previous") of the PSK the peer's usable
@@ -520,44 +575,53 @@ class Channel:
                     self._marks.pop(number, None)
         for number, peer in wanted.items():
             if number not in self._peers:
-                shared = pair_secret(self._secrets, peer.public_key)
-                state = _Peer(peer, self._mac_keys(shared), shared, peer.endpoint,
+                state = _Peer(peer, self._credentials(peer.public_key), peer.endpoint,
                               order=next(self._order))
                 state.touched = self._touched
                 self._peers[number] = state
                 self._touched.add(number)
 
-    def _mac_keys(self, shared: bytes) -> tuple[tuple[bytes, bytes], ...]:
-        return tuple((psk, pair_mac_key(shared, psk)) for _role, psk in self._secrets.psks())
+    def _credentials(self, peer_key: bytes) -> tuple[_Credential, ...]:
+        """Every (key, PSK) this node holds towards the peer: one X25519 per key held,
+        once per peer and secrets change, never per datagram."""
+        found = []
+        for role, key in self._secrets.private_keys():
+            shared = pair_secret(self._secrets, peer_key, key)
+            found += [_Credential(role, key, public_bytes(key), psk, shared,
+                                  pair_mac_key(shared, psk))
+                      for _psk_role, psk in self._secrets.psks()]
+        return tuple(found)
 
     def set_secrets(self, secrets: NodeSecrets) -> None:
         """Follow the node's secrets as its key files say now: its PSKs (a rotation's
-        step: docs/operations.md) or its private key.
+        step: docs/operations.md) or its private keys (a node key rotation's step).
 
-        A session or a pending handshake made with a PSK no longer held ends here, and
-        a new handshake starts at the next tick: the retired PSK authenticates nothing
-        more, not even what was agreed under it before. A new private key ends every
-        session (they were authenticated by the old one)."""
-        new_key = public_bytes(secrets.private_key) != public_bytes(self._secrets.private_key)
-        if not new_key and secrets.psks() == self._secrets.psks():
+        A session or a pending handshake made with a PSK or a private key no longer held
+        ends here, and a new handshake starts at the next tick: the retired secret
+        authenticates nothing more, not even what was agreed under it before. A key
+        rotated to previous keeps its sessions: it is still held."""
+        keys = _held_keys(secrets)
+        if _roles(keys) == _roles(self._keys) and secrets.psks() == self._secrets.psks():
             self._secrets = secrets
             return
-        self._secrets = secrets
-        held = {psk for _role, psk in secrets.psks()} if not new_key else set()
+        self._secrets, self._keys = secrets, keys
+        held = {(key, psk) for key in keys for _role, psk in secrets.psks()}
         for state in self._peers.values():
-            if new_key:
-                state.shared = pair_secret(secrets, state.config.public_key)
-            state.mac_keys = self._mac_keys(state.shared)
-            if state.psk_hint not in held:
+            state.credentials = self._credentials(state.config.public_key)
+            if state.psk_hint not in {psk for _key, psk in held}:
                 state.psk_hint = None
-            if state.pending is not None and state.pending.psk not in held:
+            if state.key_hint not in keys:
+                state.key_hint = None
+            if state.pending is not None and (state.pending.credential.public_key,
+                                              state.pending.credential.psk) not in held:
                 state.pending, state.attempts = None, 0
             for name in ("current", "previous", "next"):
                 session = getattr(state, name)
-                if session is not None and session.psk not in held:
+                if session is not None and (session.key, session.psk) not in held:
                     self._sessions.pop(session.local_index, None)
                     setattr(state, name, None)
-                    self.stats["sessions_psk_retired"] += 1
+                    self.stats["sessions_psk_retired" if session.key in keys
+                               else "sessions_key_retired"] += 1
 
     # ---- what the agent asks for --------------------------------------------------------
     def send(self, now: float, peer: int, message: m.Message) -> Output:
@@ -810,22 +874,24 @@ class Channel:
         self._touched.add(parsed.sender)  # its offers may be answered, its timers moved
         if isinstance(parsed, m.Transport):
             return self._receive_transport(now, source, state, parsed)
-        psk = self._mac_psk(state, parsed.signed, parsed.mac)
-        if psk is None:
+        credential = self._mac_credential(state, parsed.signed, parsed.mac)
+        if credential is None:
             return self._drop(m.Drop.AUTH)
         if isinstance(parsed, m.Init):
-            return self._receive_init(now, source, state, parsed, psk)
-        return self._receive_response(now, source, state, parsed, psk)
+            return self._receive_init(now, source, state, parsed, credential)
+        return self._receive_response(now, source, state, parsed, credential)
 
     @staticmethod
-    def _mac_psk(state: _Peer, signed: bytes, mac: bytes) -> bytes | None:
-        """The PSK whose pair MAC `mac` is (None: none this node holds). One HMAC per PSK
-        held, two at most (during a rotation), and no Diffie-Hellman: the MAC names the
-        PSK, so the handshake itself is read once, with that PSK, and counted under the
-        peer's and the node's handshake budgets like any other."""
-        for psk, key in state.mac_keys:
-            if std_hmac.compare_digest(pair_mac(key, signed), mac):
-                return psk
+    def _mac_credential(state: _Peer, signed: bytes, mac: bytes) -> _Credential | None:
+        """The (private key, PSK) whose pair MAC `mac` is (None: none this node holds).
+        One HMAC per combination held, four at most (a PSK rotation and a key rotation
+        at once), and no Diffie-Hellman: the MAC names the PSK and the key, so the
+        handshake itself is read once, with them, and counted under the peer's and the
+        node's handshake budgets like any other: a handshake to the previous key costs
+        what one to the current key costs, and a retired key's MAC matches nothing."""
+        for credential in state.credentials:
+            if std_hmac.compare_digest(pair_mac(credential.mac_key, signed), mac):
+                return credential
         return None
 
     def _drop(self, reason: m.Drop) -> Output:
@@ -843,7 +909,7 @@ class Channel:
         return state.bucket.take(now) and self._node_bucket.take(now)
 
     def _receive_init(self, now: float, source: Address, state: _Peer, init: m.Init,
-                      psk: bytes) -> Output:
+                      credential: _Credential) -> Output:
         peer = state.config.node_number
         if init.timestamp <= self._marks.get(peer, 0):
             return self._drop(m.Drop.REPLAY)
@@ -858,15 +924,15 @@ class Channel:
             return Output()
         if not self._dh_allowed(now, state):
             return self._drop(m.Drop.RATE_LIMITED)
-        handshake = HandshakeState(initiator=False, static=self._secrets.private_key,
+        handshake = HandshakeState(initiator=False, static=credential.private_key,
                                    remote_static=state.config.public_key,
-                                   psk=_noise_psk(psk),
+                                   psk=_noise_psk(credential.psk),
                                    prologue=init.signed[:m.HEADER.size + m.INIT_FIELDS.size])
         hello = self._read_hello(handshake, init.noise)
         if isinstance(hello, m.Drop):
             return self._drop(hello)
         self._marks[peer] = init.timestamp
-        state.psk_hint = psk
+        state.psk_hint, state.key_hint = credential.psk, credential.public_key
         if self.node_number > state.config.node_number:
             # The higher node gives its own handshake up. The lower one keeps its own
             # (answered only after a first attempt went unanswered): if the peer answers
@@ -885,18 +951,17 @@ class Channel:
         # from, but the peer's endpoint stays until then.
         if state.next is not None:
             self._sessions.pop(state.next.local_index, None)
-        state.next = _Session(local, init.sender_index, send, receive, now, initiator=False,
-                              psk=psk)
+        state.next = _session(local, init.sender_index, send, receive, now, False, credential)
         state.next_boot = hello.boot_id
         self._sessions[local] = (state, state.next)
-        return Output(datagrams=[(source, body + pair_mac(state.mac_key_for(psk), body))])
+        return Output(datagrams=[(source, body + pair_mac(credential.mac_key, body))])
 
     def _receive_response(self, now: float, source: Address, state: _Peer,
-                          response: m.Response, psk: bytes) -> Output:
+                          response: m.Response, credential: _Credential) -> Output:
         pending = state.pending
         if pending is not None and response.receiver_index == pending.local_index and \
-                psk != pending.psk:
-            return self._drop(m.Drop.AUTH)  # answered under another PSK than ours: forged
+                credential != pending.credential:
+            return self._drop(m.Drop.AUTH)  # answered under another PSK or key: forged
         if pending is None or response.receiver_index != pending.local_index:
             if response.receiver_index == state.given_up:  # the peer's answer crossed
                 state.given_up = None  # ours; authentic (its MAC held): not a replay
@@ -910,12 +975,12 @@ class Channel:
         if isinstance(hello, m.Drop):
             return self._drop(hello)
         state.pending = None
-        state.psk_hint = psk
+        state.psk_hint, state.key_hint = credential.psk, credential.public_key
         send, receive = handshake.split()
         moved = self._move(state, source)
-        out = self._established(now, state, _Session(
-            pending.local_index, response.sender_index, send, receive, now, initiator=True,
-            psk=psk), hello.boot_id)
+        out = self._established(now, state, _session(
+            pending.local_index, response.sender_index, send, receive, now, True, credential),
+            hello.boot_id)
         out.extend(self._moved(now, state) if moved else Output())
         if not out.datagrams:  # the responder waits for a first message: confirm at once
             out.extend(self._transmit(now, state, state.current, m.Keepalive()))
@@ -982,7 +1047,8 @@ class Channel:
                     return self._drop(m.Drop.MALFORMED)
                 state.keyed_out[g] = secret
                 state.awaiting[g] = (now, state.renewed.get(g, 0))
-                return Output(events=[GenerationKeyed(peer, g, True, secret, session.psk)])
+                return Output(events=[GenerationKeyed(peer, g, True, secret, session.psk,
+                                                      session.shared)])
             case m.SasInstalled(generation=g, digest=digest) if not self._agreed(state, g,
                                                                                  digest):
                 return Output()
@@ -1008,6 +1074,8 @@ class Channel:
                 return Output(events=[PeerRestarted(peer, state.boot_id or 0)])
             case m.ObservedAddress(address=address, port=port):
                 return Output(events=[PeerObserved(peer, (str(address), port))])
+            case m.PreviousKey(public_key=key):
+                return Output(events=[PreviousKeyHeld(peer, key)])
             case m.Keepalive():
                 return Output()
         return self._drop(m.Drop.MALFORMED)  # a Hello outside a handshake
@@ -1027,9 +1095,11 @@ class Channel:
         if generation not in state.accept:  # outside the window: no work, no event
             return self._drop(m.Drop.OUT_OF_WINDOW)
         answered = state.answers.get(generation)
-        if answered is not None and answered[0] == theirs and answered[2] == session.psk:
-            # our answer was lost: again (over a session of another PSK a fresh answer,
-            # so both ends derive the generation's keys under the PSK it went with)
+        if answered is not None and answered[0] == theirs and \
+                answered[2:] == (session.psk, session.key):
+            # our answer was lost: again (over a session of another PSK or key a fresh
+            # answer, so both ends derive the generation's keys under the PSK and the
+            # pair secret it went with)
             return self._transmit(now, state, session, m.KeyResponse(generation, answered[1]))
         key = X25519PrivateKey.generate()
         self.stats["dh"] += 1
@@ -1039,11 +1109,11 @@ class Channel:
             return self._drop(m.Drop.MALFORMED)
         ours = public_bytes(key)
         del key  # the responder's private key is used once, here
-        state.answers[generation] = (theirs, ours, session.psk)
+        state.answers[generation] = (theirs, ours, session.psk, session.key)
         state.keyed_in[generation] = secret
         out = self._transmit(now, state, session, m.KeyResponse(generation, ours))
         out.events.append(GenerationKeyed(state.config.node_number, generation, False, secret,
-                                          session.psk))
+                                          session.psk, session.shared))
         return out
 
     # ---- sessions -----------------------------------------------------------------------
@@ -1067,28 +1137,38 @@ class Channel:
         local = self._fresh_index()
         prologue = m.build_init(self.node_number, state.config.node_number, local, timestamp,
                                 b"")
-        psk = self._initiator_psk(state)
-        handshake = HandshakeState(initiator=True, static=self._secrets.private_key,
+        credential = self._initiator_credential(state)
+        handshake = HandshakeState(initiator=True, static=credential.private_key,
                                    remote_static=state.config.public_key,
-                                   psk=_noise_psk(psk), prologue=prologue)
+                                   psk=_noise_psk(credential.psk), prologue=prologue)
         noise = handshake.write_message(m.encode(m.Hello(self.boot_id), padded=False))
         self.stats["dh"] += 2
         self.stats["handshakes_initiated"] += 1
-        state.pending = _Pending(handshake, local, now, psk)
+        state.pending = _Pending(handshake, local, now, credential)
         state.attempts += 1
         body = prologue + noise
         return Output(datagrams=[(state.endpoint,
-                                  body + pair_mac(state.mac_key_for(psk), body))])
+                                  body + pair_mac(credential.mac_key, body))])
 
-    def _initiator_psk(self, state: _Peer) -> bytes:
-        """The PSK of our next handshake to the peer: the one it is known to hold when
-        that is our next one (it promoted before us), else our current one; every other
-        retry of an unanswered handshake takes the other PSK held (a peer that has not
-        staged our current one yet, or retired our previous one)."""
-        held = [psk for _role, psk in self._secrets.psks()]
+    def _initiator_credential(self, state: _Peer) -> _Credential:
+        """The PSK and the key of our next handshake to the peer.
+
+        PSK: the one it is known to hold when that is our next one (it promoted before
+        us), else our current one; every other retry of an unanswered handshake takes
+        the other PSK held (a peer that has not staged our current one yet, or retired
+        our previous one). Key (a node key rotation): the one the peer is known to know
+        this node by (its last handshake used it), else the current one; unanswered
+        retries go through the PSKs under one key, then under the other (a peer whose
+        mesh file does not name the new key yet)."""
+        psks = [psk for _role, psk in self._secrets.psks()]
         if state.psk_hint is not None and state.psk_hint == self._secrets.psk_next:
-            held.reverse()
-        return held[state.attempts % 2] if len(held) > 1 else held[0]
+            psks.reverse()
+        keys = list(self._keys)
+        if state.key_hint is not None and state.key_hint != keys[0]:
+            keys.reverse()
+        psk = psks[state.attempts % len(psks)]
+        key = keys[state.attempts // len(psks) % len(keys)]
+        return next(c for c in state.credentials if (c.public_key, c.psk) == (key, psk))
 
     def _established(self, now: float, state: _Peer, session: _Session, boot: int) -> Output:
         """`session` becomes current: the initiator's on the Response, the responder's on
@@ -1110,9 +1190,18 @@ class Channel:
         # Offers still unanswered go again at once: the new session proves the path,
         # and after a VPP restart the first ones died while VPP resolved the neighbour.
         offers = _offers_again(state, now, at_once=True)
-        for message in queued + self._ack_messages(state) + offers:
+        for message in self._vouch(session) + queued + self._ack_messages(state) + offers:
             out.extend(self._transmit(now, state, session, message))
         return out
+
+    def _vouch(self, session: _Session) -> list[m.Message]:
+        """During a node key rotation, over a session the current key authenticated:
+        this node still holds its previous key (a peer that just learned the new key
+        keeps what it agreed under the old one; without it, it drops it)."""
+        previous = self._secrets.private_key_previous
+        if previous is None or self._keys.get(session.key, (None, ""))[1] != "current":
+            return []
+        return [m.PreviousKey(public_bytes(previous))]
 
     @staticmethod
     def _ack_messages(state: _Peer) -> list[m.Message]:
