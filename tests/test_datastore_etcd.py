@@ -87,6 +87,9 @@ def test_records_claiming_a_name_or_address_are_refused(store: EtcdStore) -> Non
     impostor = n2.model_copy(update={"name": "node1"})
     with pytest.raises(RegistrationError, match=r"'node1' is registered .* another public key"):
         store.register(impostor, store.grant(30))
+    # ... unless it names the registered key as its previous one (a key rotation's host)
+    with pytest.raises(RegistrationError, match=r"'node1' is registered .* another public key"):
+        store.register(impostor, store.grant(30), previous_key=n3.public_key)
     squatter = n3.model_copy(update={"underlay": n1.underlay})
     with pytest.raises(RegistrationError, match=r"already an address of node node1"):
         store.register(squatter, lease)
@@ -372,3 +375,21 @@ def test_vpp_restart_is_healed_by_a_generation_step(store: EtcdStore, tmp_path: 
     finally:
         for m in (a, b):
             m.stop()
+
+
+def test_a_rotated_key_takes_its_record_over_with_the_previous_key(store: EtcdStore) -> None:
+    """A node key rotation in datastore mode: the agent restarted with its new key (and
+    KEY.previous) registers under its name; the record moves to the new key, and a
+    host that does not name the registered key as its previous one is still refused."""
+    mesh, _ = make_mesh(2, tunnels=1)
+    n1, n2 = mesh.nodes
+    store.seed_settings(mesh.settings)
+    store.register(n1, store.grant(30))
+    rotated = n1.model_copy(update={"public_key": n2.public_key})
+    with pytest.raises(RegistrationError, match="another public key"):
+        store.register(rotated, store.grant(30))
+    store.register(rotated, store.grant(30), previous_key=n1.public_key)
+    membership = assemble(store.settings(store.snapshot()), store.snapshot().records,
+                          store.snapshot().numbers)
+    assert membership.mesh is not None
+    assert membership.mesh.node("node1").public_key == n2.public_key

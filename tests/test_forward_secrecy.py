@@ -45,7 +45,7 @@ from vppmesh.keys import (
 )
 from vppmesh.ledger import KeyLedger
 from vppmesh.node import UpResult, observe_keys
-from vppmesh.secrecy import KeyBook
+from vppmesh.secrecy import KEY_VOUCH_WAIT, KeyBook
 from vppmesh.state import SA_DIRECTION_BIT, sa_peer
 from vppmesh.testing.agents import Agents, fresh, never, short_tmp, static_keys
 from vppmesh.testing.fake_punt import PuntRelay, punted
@@ -473,9 +473,11 @@ def test_forward_secrecy_agent_restart_adopts_what_vpp_holds(agents: Agents) -> 
 
 def test_forward_secrecy_a_new_public_key_drops_the_keys_agreed_under_the_old_one(
         agents: Agents) -> None:
-    """node2's private key leaked and the operator gives node2 a new one. Every key node1
-    agreed with "node2" was authenticated by the leaked key only, so it may have been
-    agreed with the attacker: none of them may stay in node1's book or VPP."""
+    """node2's private key leaked and the operator gives node2 a new one (no KEY.previous:
+    not a rotation). Every key node1 agreed with "node2" was authenticated by the leaked
+    key only, so it may have been agreed with the attacker: node2's agent, authenticated
+    by its new key, never vouches for the old one, so within KEY_VOUCH_WAIT none of them
+    stays in node1's book or VPP."""
     agents.until(lambda: agents.slid(1), "both pairs agreed and slid")
     agents.step()
     book = agents.secrecy["node1"].book
@@ -490,6 +492,11 @@ def test_forward_secrecy_a_new_public_key_drops_the_keys_agreed_under_the_old_on
     agents.mesh_file.write_text(dump_mesh(agents.mesh.model_copy(update={"nodes": nodes})))
     agents.clock.now += 1
     agents.run("node1")
+    for _ in range(int(KEY_VOUCH_WAIT // 5) + 1):  # both agents run: node2 never vouches
+        agents.clock.now += 5
+        agents.run("node2")
+        agents.run("node1")
+    assert agents.secrecy["node1"].unvouched == 1
     assert not any(book.keys(2, o, g) for o in (True, False) for g in range(16))
     installed = {key for o in (True, False) for key, _ in agents.sas("node1", o, "node2").values()}
     assert installed and not installed & agreed

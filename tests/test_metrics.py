@@ -229,6 +229,8 @@ def test_channel_counters_drops_by_reason_sessions_and_up(tmp_path: Path) -> Non
         ("vppmesh_channel_up", ()): 0, ("vppmesh_channel_sessions", ()): 0,
         **{("vppmesh_channel_psk_sessions", (("psk", r),)): 0
            for r in ("current", "next", "previous")},
+        **{("vppmesh_channel_key_sessions", (("key", r),)): 0 for r in ("current", "previous")},
+        ("vppmesh_channel_previous_key_unvouched_total", ()): 0,
         ("vppmesh_channel_handshakes_total", ()): 0,
         ("vppmesh_channel_messages_sent_total", ()): 0,
         ("vppmesh_channel_messages_received_total", ()): 0,
@@ -241,6 +243,8 @@ def test_channel_counters_drops_by_reason_sessions_and_up(tmp_path: Path) -> Non
     assert first[("vppmesh_channel_sessions", ())] == 1
     assert first[("vppmesh_channel_psk_sessions", (("psk", "current"),))] == 1
     assert first[("vppmesh_channel_psk_sessions", (("psk", "next"),))] == 0
+    assert first[("vppmesh_channel_key_sessions", (("key", "current"),))] == 1
+    assert first[("vppmesh_channel_key_sessions", (("key", "previous"),))] == 0
     assert first[("vppmesh_channel_handshakes_total", ())] == 1
     assert first[("vppmesh_channel_messages_received_total", ())] == 1
     assert first[("vppmesh_channel_messages_sent_total", ())] == ours.stats["sent"]

@@ -119,6 +119,16 @@ class PeerGenerations(BaseModel):
     # The PSK the pair's channel session runs on, as "ROLE ID" (role here: current,
     # next or previous; keys.psk_id), at the agent's last run; None: no session.
     channel_psk: str | None = None
+    # Which of this node's keys ("current", "previous") that session authenticated:
+    # during this node's key rotation, whether the peer still knows it by the old one.
+    channel_key: str | None = None
+    # The peer's public key changed in the mesh file while the pair held agreed keys:
+    # its old key, and since when its agent has not yet vouched, over a session of the
+    # new key, that it still holds the old one (a node key rotation: Secrecy.follow_keys).
+    # Until it does, for KEY_VOUCH_WAIT at most, the keys agreed under the old key stay;
+    # then they are dropped, as for a key replaced because it leaked.
+    previous_public_key: str | None = None
+    key_changed_since: float | None = None
 
     @property
     def pinned(self) -> bool:

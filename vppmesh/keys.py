@@ -40,6 +40,8 @@ PSK_ID_LABEL = b"vppmesh psk id v1"
 # A PSK rotation's second PSK, a file beside settings.psk_file (see load_secrets).
 PSK_NEXT_SUFFIX = ".next"
 PSK_PREVIOUS_SUFFIX = ".previous"
+# A node key rotation's previous private key, a file beside the private key file.
+KEY_PREVIOUS_SUFFIX = ".previous"
 
 
 @dataclass(frozen=True)
@@ -57,6 +59,10 @@ class NodeSecrets:
     psk: bytes = b""
     psk_next: bytes = b""
     psk_previous: bytes = b""
+    # During a node key rotation (docs/operations.md), the node's previous private key,
+    # held until every peer's mesh file names the new one: the channel answers a
+    # handshake addressed to either key and authenticates with the one each peer knows.
+    private_key_previous: X25519PrivateKey | None = None
 
     def __post_init__(self) -> None:
         if self.psk_next and self.psk_previous:
@@ -66,7 +72,21 @@ class NodeSecrets:
     def __repr__(self) -> str:  # never show key material, even in a traceback
         psk = "set" if self.psk else "unset"
         other = "".join(f", psk_{role}=set" for role, _ in self.psks()[1:])
+        if self.private_key_previous is not None:
+            other += f", previous_public_key={public_key_b64(self.private_key_previous)!r}"
         return f"NodeSecrets(public_key={self.public_key_b64()!r}, psk={psk}{other})"
+
+    def private_keys(self) -> tuple[tuple[str, X25519PrivateKey], ...]:
+        """The node's private keys by role ("current", "previous"), the current first;
+        one entry outside a key rotation."""
+        previous = (("previous", self.private_key_previous),) \
+            if self.private_key_previous is not None else ()
+        return (("current", self.private_key), *previous)
+
+    def key_for(self, public_key: str) -> X25519PrivateKey | None:
+        """The private key held for `public_key` (base64; None: neither key's)."""
+        return next((key for _role, key in self.private_keys()
+                     if public_key_b64(key) == public_key), None)
 
     def public_key_b64(self) -> str:
         return public_key_b64(self.private_key)
@@ -168,6 +188,30 @@ def psk_sibling(psk_file: Path, suffix: str) -> Path:
     return psk_file.with_name(psk_file.name + suffix)
 
 
+def key_previous_file(private_key_file: Path) -> Path:
+    """Where a node key rotation keeps the previous private key: beside the key file."""
+    return private_key_file.with_name(private_key_file.name + KEY_PREVIOUS_SUFFIX)
+
+
+def rotate_private_key(path: Path) -> str:
+    """A node key rotation's first step: the current key moves to KEY.previous (0600)
+    and a new one takes its place; returns the new public key. Refused while a previous
+    key is held (a rotation in progress: at most two keys), and the key file is replaced
+    atomically: a crash leaves the old key or the new one in place, never none."""
+    previous = key_previous_file(path)
+    if previous.exists() or previous.is_symlink():
+        raise KeyFileError(
+            f"{previous} exists: a rotation of this node's key is in progress; remove it "
+            "once `vppmesh status` shows no peer on the previous key, then rotate again")
+    read_secret_file(path, "private key")  # the current key is sound before it moves
+    staged = path.with_name(path.name + ".new")
+    key = X25519PrivateKey.generate()
+    write_secret_file(staged, private_key_b64(key), force=True)
+    os.link(path, previous)
+    os.replace(staged, path)
+    return public_key_b64(key)
+
+
 def load_secrets(private_key_file: Path, psk_file: Path | None) -> NodeSecrets:
     """The node's secrets; from here on this process writes no core file (hardening).
 
@@ -178,6 +222,13 @@ def load_secrets(private_key_file: Path, psk_file: Path | None) -> NodeSecrets:
     equal to the current one is ignored (a promotion caught halfway)."""
     hardening.forbid_core_dumps()
     raw = read_secret_file(private_key_file, "private key")
+    # A node key rotation's previous key (rotate_private_key), equal to the current one
+    # ignored (a rotation caught halfway).
+    previous_file = key_previous_file(private_key_file)
+    previous = None
+    if previous_file.exists() or previous_file.is_symlink():
+        old = read_secret_file(previous_file, "private key")
+        previous = X25519PrivateKey.from_private_bytes(old) if old != raw else None
     psk = read_secret_file(psk_file, "PSK") if psk_file is not None else b""
     others = {}
     for suffix in (PSK_NEXT_SUFFIX, PSK_PREVIOUS_SUFFIX) if psk_file is not None else ():
@@ -194,13 +245,17 @@ def load_secrets(private_key_file: Path, psk_file: Path | None) -> NodeSecrets:
             "promoted the new PSK) before staging another")
     return NodeSecrets(private_key=X25519PrivateKey.from_private_bytes(raw), psk=psk,
                        psk_next=others.get(PSK_NEXT_SUFFIX, (None, b""))[1],
-                       psk_previous=others.get(PSK_PREVIOUS_SUFFIX, (None, b""))[1])
+                       psk_previous=others.get(PSK_PREVIOUS_SUFFIX, (None, b""))[1],
+                       private_key_previous=previous)
 
 
-def pair_secret(secrets: NodeSecrets, peer_public_key: bytes) -> bytes:
-    """X25519 shared secret; identical on both ends of the pair."""
+def pair_secret(secrets: NodeSecrets, peer_public_key: bytes,
+                private_key: X25519PrivateKey | None = None) -> bytes:
+    """X25519 shared secret; identical on both ends of the pair. `private_key`: which of
+    the node's keys (during a key rotation); the current one by default."""
     try:
-        return secrets.private_key.exchange(X25519PublicKey.from_public_bytes(peer_public_key))
+        return (private_key or secrets.private_key).exchange(
+            X25519PublicKey.from_public_bytes(peer_public_key))
     except ValueError:
         # A low-order point gives the all-zero secret: an attacker-chosen key.
         raise KeyFileError("a peer's public key is a low-order point; it cannot be used") from None

@@ -75,6 +75,8 @@ LIMITS = ("packets", "bytes", "seconds")
 # The channel's counters (Secrecy.counters()) exported as counters without a label.
 # The roles a PSK has at a node during a rotation (keys.NodeSecrets.psks).
 PSK_ROLES = ("current", "next", "previous")
+# The roles of a node's private keys during a node key rotation (keys.NodeSecrets.private_keys).
+KEY_ROLES = ("current", "previous")
 CHANNEL_COUNTERS = {"handshakes": "handshakes_completed", "sent": "sent",
                     "received": "received", "nat_keepalives": "nat_keepalives"}
 # A snapshot (dumps and stats segment) is taken after a poll at most this often, and
@@ -428,6 +430,19 @@ class AgentMetrics:
             "how many pairs moved.", ["psk"], registry=self.registry)
         for role in PSK_ROLES:
             self.channel_psk_sessions.labels(psk=role)  # present from the start, at 0
+        self.channel_key_sessions = Gauge(
+            "vppmesh_channel_key_sessions", "Live channel sessions by the role of this "
+            "node's private key they authenticated (current, previous): during its key "
+            "rotation, KEY.previous may go once `previous` is 0 for good.", ["key"],
+            registry=self.registry)
+        for role in KEY_ROLES:
+            self.channel_key_sessions.labels(key=role)
+        self.previous_key_unvouched = Counter(
+            "vppmesh_channel_previous_key_unvouched", "Peers whose public key changed in "
+            "the mesh file without their agent vouching for the old one in time: the keys "
+            "agreed under it were dropped (a replaced key, or KEY.previous removed too "
+            "early).", registry=self.registry)
+        self._unvouched_seen = 0
         self.channel_counters = {
             "handshakes": Counter("vppmesh_channel_handshakes", "Channel handshakes "
                                   "completed with peers' agents.", registry=self.registry),
@@ -494,12 +509,20 @@ class AgentMetrics:
             self.channel_sessions.set(0)
             for role in PSK_ROLES:
                 self.channel_psk_sessions.labels(psk=role).set(0)
+            for role in KEY_ROLES:
+                self.channel_key_sessions.labels(key=role).set(0)
             return
         now = secrecy.clock()  # live sessions: an expired one is a peer gone quiet
         self.channel_sessions.set(sum(channel.established(n, now) for n in channel.peers()))
         roles = Counter_(channel.session_psk(n, now) for n in channel.peers())
         for role in PSK_ROLES:
             self.channel_psk_sessions.labels(psk=role).set(roles.get(role, 0))
+        keys = Counter_(channel.session_key(n, now) for n in channel.peers())
+        for role in KEY_ROLES:
+            self.channel_key_sessions.labels(key=role).set(keys.get(role, 0))
+        if secrecy.unvouched > self._unvouched_seen:
+            self.previous_key_unvouched.inc(secrecy.unvouched - self._unvouched_seen)
+            self._unvouched_seen = secrecy.unvouched
         counters = secrecy.counters()
         origin, last = self._channel_seen
         if origin != id(endpoint):

@@ -257,17 +257,24 @@ def observe_keys(api: VppApi, view: LocalView, state: GenerationState, ledger: K
         reencapsulate = installed and any(
             sa is not None and encapsulation(sa.spec) != peer.path.encapsulation(t)
             for t, sa in enumerate(out))
-        active = frozenset(
-            g for g in pg.window for t in range(count)
-            if (sa := find_sa(sas, "in", number, t, g)) is not None
-            and sa.spec.spi == spi_for(number, t, g) and received(sa) > 0)
+        active: set[int] = set()
+        inbound_seq: dict[int, int] = {}
+        for g in pg.window:  # one lookup per inbound SA
+            seq = 0
+            for t in range(count):
+                sa = find_sa(sas, "in", number, t, g)
+                if sa is None:
+                    continue
+                got = received(sa)
+                seq += got
+                if got > 0 and sa.spec.spi == spi_for(number, t, g):
+                    active.add(g)
+            inbound_seq[g] = seq
         observations[peer.name] = PeerObservation(
             out_installed=installed,
             out_packets=max((sent(sa) for sa in out if sa is not None), default=0),
-            inbound_active=active,
-            inbound_seq={g: sum(received(sa) for t in range(count)
-                                if (sa := find_sa(sas, "in", number, t, g))
-                                is not None) for g in pg.window},
+            inbound_active=frozenset(active),
+            inbound_seq=inbound_seq,
             encapsulation_changed=reencapsulate)
 
     def key_used(name: str, generation: int) -> bool:
@@ -364,6 +371,8 @@ def up(options: NodeOptions, *, dry_run: bool = False, api: VppApi | None = None
                 uplink = bvi or uplink
             state = store.load()
             before = state.model_dump()
+            if secrecy is not None:  # a peer's new public key: keep what it vouches for
+                secrecy.follow_keys(view, state)
             # Towards peers behind NAT: the ports their NATs map to, as learned.
             view = secrecy.learned_view(view, state) if secrecy is not None else \
                 ported_view(view, saved_ports(view, state))
@@ -555,7 +564,8 @@ class Session:
 
     def view(self, *, fresh: bool = False) -> LocalView:
         """The local view of the source's mesh now: the last one while the mesh and the
-        node's secret files (key, PSK and a rotation's second PSK) are unchanged. A PSK
+        node's secret files (key, previous key, PSK and a rotation's second PSK) are
+        unchanged. A PSK
         rotation step (docs/operations.md) takes effect at the next run, not the next
         full one."""
         mesh = self.source.mesh(fresh=fresh)
@@ -569,9 +579,14 @@ class Session:
         return view
 
     def _secret_files(self, mesh: Mesh) -> tuple[tuple[int, int, int] | None, ...]:
-        from vppmesh.keys import PSK_NEXT_SUFFIX, PSK_PREVIOUS_SUFFIX, psk_sibling
+        from vppmesh.keys import (
+            PSK_NEXT_SUFFIX,
+            PSK_PREVIOUS_SUFFIX,
+            key_previous_file,
+            psk_sibling,
+        )
 
-        paths = [self.options.private_key]
+        paths = [self.options.private_key, key_previous_file(self.options.private_key)]
         psk = mesh.settings.psk_file
         if psk is not None:
             paths += [psk, psk_sibling(psk, PSK_NEXT_SUFFIX),

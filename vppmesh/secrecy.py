@@ -35,6 +35,7 @@ the pair is idle.
 
 from __future__ import annotations
 
+import base64
 import itertools
 import logging
 import os
@@ -53,7 +54,7 @@ from vppmesh.clock import AgentClock, TimestampFile, Timestamps
 from vppmesh.config import MeshSettings
 from vppmesh.epochs import WINDOW, GenerationState, PeerGenerations, PeerSaid
 from vppmesh.errors import VppMeshError
-from vppmesh.keys import SaKey, derive_sa_key_ephemeral, psk_id, spi_for
+from vppmesh.keys import SaKey, derive_sa_key_ephemeral, psk_id, public_key_b64, spi_for
 from vppmesh.state import sa_id_for
 from vppmesh.underlay import NAT_T_PORT
 from vppmesh.view import AgreedKeys, PeerView
@@ -77,6 +78,11 @@ Direction = tuple[int, bool, int]  # (peer node number, outbound, generation)
 # RFC 3948's keepalive period: below the 30 s in which Linux's conntrack forgets a UDP
 # flow that saw no reply (most home routers keep theirs longer).
 NAT_KEEPALIVE_INTERVAL = 20.0
+# A peer's public key changed in the mesh file: how long the keys agreed under its old
+# key wait for its agent's word (over a session of the new key) that it still holds the
+# old one, before they are dropped (follow_keys). Two handshake retry ceilings: a peer
+# whose agent runs answers within a few retries.
+KEY_VOUCH_WAIT = 2 * s.HANDSHAKE_RETRY_MAX
 
 
 @dataclass
@@ -104,6 +110,7 @@ class PairSecrecy:
     stopped_since: float | None = None
     stopped_why: str | None = None
     channel_psk: str | None = None  # "ROLE ID" of the channel session's PSK (None: none)
+    channel_key: str | None = None  # the role of this node's key it uses (None: none)
 
     @property
     def forward_secret(self) -> bool:
@@ -146,7 +153,7 @@ def pair_secrecy(state: GenerationState, peers: Iterable[str]) -> dict[str, Pair
                                   inbound=arriving in pg.ephemeral_in, generation=pg.out,
                                   key_since=pg.out_since, agreeing_since=pg.agreeing_since,
                                   stopped_since=pg.stopped_since, stopped_why=pg.stopped_why,
-                                  channel_psk=pg.channel_psk)
+                                  channel_psk=pg.channel_psk, channel_key=pg.channel_key)
     return found
 
 
@@ -204,14 +211,18 @@ class KeyBook:
                         self._changed(number)
 
     def add(self, peer: int, generation: int, outbound: bool, secret: bytes,
-            psk: bytes | None = None) -> bool:
+            psk: bytes | None = None, shared: bytes | None = None) -> bool:
         """Derive one direction's keys of `generation` from its ephemeral secret, under
-        `psk`: the PSK of the channel session it was agreed on (None: the static one)."""
+        `psk` and `shared`: the PSK and the pair secret of the static keys of the channel
+        session it was agreed on (None: the static ones). During a node key rotation a
+        session may run on either key of the rotating node: both ends derive with the
+        pair secret of the keys that session authenticated."""
         derive = self._derive.get(peer)
         if derive is None:
             return False  # a peer that left meanwhile
-        local, remote, static_psk, shared, count = derive
+        local, remote, static_psk, static_shared, count = derive
         psk = static_psk if psk is None else psk
+        shared = static_shared if shared is None else shared
         sender, receiver = (local, remote) if outbound else (remote, local)
         self._keys.setdefault(peer, {})[(outbound, generation)] = tuple(
             derive_sa_key_ephemeral(shared, secret, psk, sender=sender, receiver=receiver,
@@ -320,6 +331,10 @@ class Secrecy:
         self._next_keepalive = float("-inf")
         # The PSKs held (role, id) and the static schedule's id, as last followed.
         self._psks: tuple[tuple[tuple[str, str], ...], str] | None = None
+        # Per peer, the previous public key its agent said (over a session of its
+        # current key) it still holds (s.PreviousKeyHeld; follow_keys).
+        self._vouched: dict[int, bytes] = {}
+        self.unvouched = 0  # peers' agreed keys dropped for want of a vouch (follow_keys)
 
     @property
     def channel(self) -> s.Channel | None:
@@ -439,13 +454,17 @@ class Secrecy:
         if view is self._followed:
             return  # the mesh is unchanged (a Session keeps its view while it is)
         self._follow_psks(view)
+        self._follow_own_keys(view)
         endpoint.channel.set_secrets(view.secrets)
         self._followed = view
         endpoint.local = {version: (address, PORT)
                           for version, address in local_addresses(view).items()}
+        # Keepalives only where a middlebox keeps state for the pair's flow: ESP in UDP
+        # (a NAT, or a node that asked for UDP); elsewhere an idle pair is silent between
+        # rekeys, and its sessions still expire by age.
         configs = {p.node.node_number: s.PeerConfig(
-            p.node.node_number, p.node.public_key_bytes, channel_address(p))
-            for p in view.peers}
+            p.node.node_number, p.node.public_key_bytes, channel_address(p),
+            keepalive=p.path.udp_encap) for p in view.peers}
         endpoint.channel.set_peers(configs.values())
         endpoint.esp_flow = frozenset(str(p.path.endpoints[0][1]) for p in view.peers
                                       if p.path.udp_encap)
@@ -457,11 +476,34 @@ class Secrecy:
             for what in ("installed", "slid", "sending"):
                 self._stated.pop((number, what), None)
             new = configs.get(number)
-            if new is None or new.public_key != self._configs[number].public_key:
-                # Its agreed keys were authenticated by the old key only (perhaps the
-                # reason it was replaced): none may protect another packet.
+            self._vouched.pop(number, None)
+            if new is None:
                 self.book.forget(number)
+            # A new public key: its agreed keys were authenticated by the old key only
+            # (perhaps the reason it was replaced); follow_keys keeps them only if the
+            # peer, authenticated by the new key, vouches for the old one.
         self._configs = configs
+
+    def _follow_own_keys(self, view: LocalView) -> None:
+        """Say what a step of this node's key rotation changed (public keys only)."""
+        channel = self.channel
+        if channel is None:
+            return
+        held = tuple(public_key_b64(key) for _role, key in view.secrets.private_keys())
+        before = tuple(public_key_b64(key) for _role, key in channel.secrets.private_keys())
+        if held == before:
+            return
+        log.info("private keys held now: %s; the channel answers handshakes to each",
+                 ", ".join(f"{role} {public_key_b64(key)}"
+                           for role, key in view.secrets.private_keys()))
+        now = self.clock()
+        names = {p.node.node_number: p.name for p in view.peers}
+        stranded = sorted(names.get(n, str(n)) for n in channel.peers()
+                          if channel.session_key(n, now) == "previous" and len(held) == 1)
+        if stranded:
+            log.warning("the previous key was removed while %s still knew this node by it: "
+                        "their channel ends (their handshakes fail the pair MAC) until their "
+                        "mesh file names the new key", ", ".join(stranded))
 
     def _follow_psks(self, view: LocalView) -> None:
         """Say what a PSK rotation step changed (never the PSKs themselves: their ids)."""
@@ -505,15 +547,15 @@ class Secrecy:
 
     # ---- between runs --------------------------------------------------------------
     def wait(self, timeout: float) -> bool:
-        """Wait up to `timeout` for the channel, less when one of its retries is due
+        """Wait up to `timeout` for the channel, less when one of its timers is due
         sooner; True when a run should follow now."""
         if self.endpoint is None:
             time.sleep(timeout)
             return False
         now = self.clock()
-        retry = self.endpoint.channel.next_retry(now)
-        if retry is not None:
-            timeout = max(0.0, min(timeout, retry - now))
+        due = self.endpoint.channel.next_due()
+        if due is not None:
+            timeout = max(0.0, min(timeout, due - now))
         readable, _, _ = select.select([self], [], [], timeout)
         return self.service(receive=bool(readable))
 
@@ -534,8 +576,12 @@ class Secrecy:
     def _event(self, now: float, event: s.Event) -> bool:
         match event:
             case s.GenerationKeyed(peer=peer, generation=g, outbound=outbound, secret=secret,
-                                   psk=psk):
-                return self.book.add(peer, g, outbound, secret, psk)
+                                   psk=psk, shared=shared):
+                return self.book.add(peer, g, outbound, secret, psk, shared)
+            case s.PreviousKeyHeld(peer=peer, public_key=key):
+                changed = self._vouched.get(peer) != key
+                self._vouched[peer] = key
+                return changed
             case s.PeerAcked(peer=peer, what=what, generation=g):
                 heard = self._heard.setdefault(peer, _Heard())
                 if what == "installed":
@@ -683,6 +729,7 @@ class Secrecy:
                 continue
             pg.nat_ports = list(self.ports().get(number, ()))
             pg.channel_psk = self.session_psk(view, number)
+            pg.channel_key = self.session_key(number)
             agreed_in = [g for g in installed.get(peer.name, ())
                          if self.book.keys(number, False, g) is not None]
             pg.ephemeral_in = sorted(set(agreed_in) | set(pg.ephemeral_in))
@@ -750,6 +797,63 @@ class Secrecy:
         found["send_errors"] = endpoint.transport.send_errors
         found["nat_keepalives"] = endpoint.transport.keepalives
         return found
+
+    def session_key(self, peer: int) -> str | None:
+        """The role ("current", "previous") of this node's key the peer's live session
+        authenticated (None: no session)."""
+        channel = self.channel
+        if channel is None or peer not in channel.peers():
+            return None
+        return channel.session_key(peer, self.clock())
+
+    def follow_keys(self, view: LocalView, state: GenerationState) -> None:
+        """A peer's public key changed in the mesh file (a node key rotation's step 2, or
+        a key replaced because it leaked): keep the pair's agreed keys only if the peer
+        vouches for its old key.
+
+        The keys agreed under the old key were authenticated by it alone. The peer's
+        agent, over a session the new key authenticated, says it still holds the old
+        one (PreviousKey: it rotated with `keygen --rotate` and keeps KEY.previous):
+        then they are its keys, and they stay until the pair's generations move on, so
+        no packet is lost. Until it does, for KEY_VOUCH_WAIT at most, they stay too
+        (the new key's handshake takes a round trip, and no one holding the old key
+        only can make a session any more); past it they are dropped and the pair starts
+        afresh (fail closed: a leaked key's agreements protect nothing more), said in
+        the log and counted (vppmesh_channel_previous_key_unvouched)."""
+        now = self.clock()
+        for peer in view.peers:
+            pg = state.peers.get(peer.name)
+            number = peer.node.node_number
+            if pg is None:
+                continue
+            if pg.public_key != peer.node.public_key:
+                if not pg.pinned:
+                    continue  # nothing agreed: the pair starts afresh (epochs.schedule)
+                pg.previous_public_key, pg.key_changed_since = pg.public_key, now
+                pg.public_key = peer.node.public_key
+                log.info("%s: new public key in the mesh file; the keys agreed under its "
+                         "old one stay while its agent vouches for it (a key rotation), "
+                         "%.0f s at most", peer.name, KEY_VOUCH_WAIT)
+            if pg.previous_public_key is None:
+                continue
+            vouched = self._vouched.get(number)
+            if vouched is not None and base64.b64encode(vouched).decode() == \
+                    pg.previous_public_key:
+                log.info("%s: its agent holds its previous key still: the keys agreed under "
+                         "it stay until the pair's next generations", peer.name)
+                pg.previous_public_key = pg.key_changed_since = None
+                continue
+            since = pg.key_changed_since if pg.key_changed_since is not None else now
+            if 0 <= now - since < KEY_VOUCH_WAIT:
+                continue
+            log.warning(
+                "%s: its agent did not vouch for its previous key within %.0f s (it no "
+                "longer holds it: the key was replaced, not rotated, or KEY.previous was "
+                "removed too early): the keys agreed under the old key are dropped and "
+                "the pair starts afresh under the new one", peer.name, KEY_VOUCH_WAIT)
+            self.book.forget(number)
+            self.unvouched += 1
+            pg.public_key = ""  # epochs.schedule starts the pair afresh
 
     def session_psk(self, view: LocalView, peer: int) -> str | None:
         """"ROLE ID" of the PSK the peer's live session runs on (None: no session)."""

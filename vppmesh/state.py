@@ -66,9 +66,9 @@ def sa_id_for(direction: Literal["in", "out"], peer_number: int, tunnel: int, ep
 def find_sa(sas: Mapping[int, T], direction: Literal["in", "out"], peer_number: int,
             tunnel: int, epoch: int) -> T | None:
     """The SA of one direction, tunnel and generation in `sas` (by id): agreed or not."""
-    found = sas.get(sa_id_for(direction, peer_number, tunnel, epoch, agreed=True))
-    return found if found is not None else sas.get(
-        sa_id_for(direction, peer_number, tunnel, epoch))
+    plain = sa_id_for(direction, peer_number, tunnel, epoch)
+    found = sas.get(plain | SA_AGREED_BIT)
+    return found if found is not None else sas.get(plain)
 
 
 def sa_peer(sa_id: int) -> int:

@@ -159,6 +159,20 @@ def psk_summary(pairs: Mapping[str, PairSecrecy], limit: int = 10) -> str:
     return "channel PSK: " + "; ".join(parts)
 
 
+def key_summary(pairs: Mapping[str, PairSecrecy], limit: int = 10) -> str:
+    """One line: which of this node's private keys (current, previous: during its key
+    rotation) each pair's channel session authenticated, so the operator sees when
+    KEY.previous may go (no peer left on `previous`)."""
+    by_key: dict[str, list[str]] = {}
+    for name, pair in sorted(pairs.items()):
+        by_key.setdefault(pair.channel_key or "no session", []).append(name)
+    parts = []
+    for key, names in sorted(by_key.items()):
+        more = f" and {len(names) - limit} more" if len(names) > limit else ""
+        parts.append(f"{key}: {', '.join(names[:limit])}{more}")
+    return "channel key: " + "; ".join(parts)
+
+
 def crypto_status(api: VppApi, flags: frozenset[str] | None = None) -> CryptoStatus | None:
     state = crypto.read_state(api)
     if state.handlers is None:
@@ -273,6 +287,7 @@ def render_table(status: NodeStatus) -> str:
     if pairs:
         lines.append(secrecy_summary(pairs))
         lines.append(psk_summary(pairs))
+        lines.append(key_summary(pairs))
     lines += [f"{name}: {problem}" for name, problems in sorted(status.key_problems.items())
               for problem in problems]
     return "\n".join(lines)

@@ -97,12 +97,17 @@ def build_view(mesh: Mesh, node: str | Node, secrets: NodeSecrets, *,
     # A name not in the mesh fails here, naming the nodes that are.
     local = mesh.node(node) if isinstance(node, str) else node
     name = local.name
-    if secrets.public_key_b64() != local.public_key:
+    # During a key rotation the mesh file may name the previous key still (step 2 has
+    # not reached this node's copy): the static schedule's pair secrets take that key,
+    # the one the mesh's other copies name too until they move.
+    own_key = secrets.key_for(local.public_key)
+    if own_key is None:
         key = f"the private key in {key_file}" if key_file else "this node's private key"
         where = f" in {mesh_source}" if mesh_source else ""
         raise KeyFileError(
             f"{key} does not match the public_key of node {name}{where}; publish "
-            "`vppmesh pubkey` output there")
+            "`vppmesh pubkey` output there (after `keygen --rotate`, before removing "
+            "KEY.previous)")
     count = mesh.settings.tunnels_per_peer
     # A path depends on both records and the tunnel count, a pair secret on the two
     # public keys only (this node's private key is its public_key, checked above); the
@@ -123,7 +128,7 @@ def build_view(mesh: Mesh, node: str | Node, secrets: NodeSecrets, *,
         if old is not None and same_key and old.node.public_key == node.public_key:
             secret = old.secret
         else:
-            secret = pair_secret(secrets, node.public_key_bytes)
+            secret = pair_secret(secrets, node.public_key_bytes, own_key)
         peers.append(PeerView(node=node, path=path(local, node, count), secret=secret))
     return LocalView(mesh=mesh, node=local, pod_mtu=mesh.pod_mtu(), peers=tuple(peers),
                      secrets=secrets, by_name=MappingProxyType({p.name: p for p in peers}))

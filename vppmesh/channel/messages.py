@@ -54,6 +54,7 @@ class Kind(IntEnum):
     SENDING_ON = 9
     FLOW_PROBE = 10
     REKEY_REQUEST = 11
+    PREVIOUS_KEY = 12
 
 
 class Drop(StrEnum):
@@ -135,6 +136,15 @@ class RekeyRequest:
 
 
 @dataclass(frozen=True)
+class PreviousKey:
+    """The sender, authenticated by this session's static key (its current one), still
+    holds the private key of `public_key`, its previous one (a node key rotation): what
+    its peer agreed with it under that key stays good. Never sent outside a rotation."""
+
+    public_key: bytes
+
+
+@dataclass(frozen=True)
 class Keepalive:
     """Nothing but proof of life (and a packet to keep a NAT mapping open)."""
 
@@ -156,7 +166,7 @@ class FlowProbe:
 
 
 Message = (Hello | KeyInit | KeyResponse | SasInstalled | WindowSlid | SendingOn | Restarted
-           | Keepalive | ObservedAddress | FlowProbe | RekeyRequest)
+           | Keepalive | ObservedAddress | FlowProbe | RekeyRequest | PreviousKey)
 
 _U32 = struct.Struct(">I")
 _U64 = struct.Struct(">Q")
@@ -178,6 +188,7 @@ _BODY_SIZES: dict[Kind, tuple[int, ...]] = {
     Kind.FLOW_PROBE: (_U32.size,),
     Kind.RESTARTED: (_U64.size,),
     Kind.REKEY_REQUEST: (_U64.size,),
+    Kind.PREVIOUS_KEY: (DHLEN,),
     Kind.KEEPALIVE: (0,),
     Kind.OBSERVED_ADDRESS: (_V4.size, _V6.size),
 }
@@ -205,6 +216,8 @@ def _compact(message: Message) -> bytes:
             return bytes([Kind.SAS_INSTALLED]) + _INSTALLED.pack(g, digest)
         case RekeyRequest(nonce=nonce):
             return bytes([Kind.REKEY_REQUEST]) + _U64.pack(nonce)
+        case PreviousKey(public_key=key) if len(key) == DHLEN:
+            return bytes([Kind.PREVIOUS_KEY]) + key
         case WindowSlid(generation=g):
             return bytes([Kind.WINDOW_SLID]) + _U32.pack(g)
         case SendingOn(generation=g):
@@ -254,6 +267,8 @@ def decode(data: bytes, *, padded: bool = True) -> Message | Drop:
         return Keepalive()
     if kind is Kind.FLOW_PROBE:
         return FlowProbe(_U32.unpack(body)[0])
+    if kind is Kind.PREVIOUS_KEY:
+        return PreviousKey(bytes(body))
     layout, family = (_V4, FAMILY_V4) if len(body) == _V4.size else (_V6, FAMILY_V6)
     got_family, packed, port = layout.unpack(body)
     if got_family != family or port == 0:

@@ -14,7 +14,10 @@ the first check it fails, in this order:
 2. sender and receiver: the receiver is this node, the sender a configured peer;
 3. handshakes: the pair MAC (HMAC-BLAKE2s keyed from the pair's static secret, computed
    once per peer, and the PSK) — one hash, no Diffie-Hellman; only a holder of one of
-   the pair's private keys and the PSK can produce it;
+   the pair's private keys and the PSK can produce it. During a PSK rotation or a node
+   key rotation a node holds two PSKs or two private keys, and the MAC names which the
+   handshake used: one hash per combination held (four at most), still no
+   Diffie-Hellman, and the handshake is read once, with that PSK and key;
 4. handshakes: the timestamp must exceed the last accepted one from that peer (the marks,
    which the agent keeps across restarts: `timestamp_marks`), so a recorded handshake
    replayed later is refused before any Diffie-Hellman;
@@ -43,12 +46,14 @@ exchange. The generation's ephemeral secret is kept, in memory only, until
 from __future__ import annotations
 
 import hashlib
+import heapq
 import hmac as std_hmac
 import ipaddress
+import itertools
 import secrets as random
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
@@ -85,6 +90,9 @@ CONFIRM_WAIT = 1.0  # a responder waiting this long for confirmation starts no h
 # may have died before it installed the generation, and its successor knows nothing of it.
 INSTALL_WAIT = 10.0
 KEEPALIVE_AFTER = 15.0  # send a keepalive when nothing was sent for this long
+# Towards a peer that needs no keepalives (PeerConfig.keepalive), a new acknowledgement is
+# repeated this many times, KEEPALIVE_AFTER apart; every new session carries it again.
+ACK_REPEATS = 2
 # Diffie-Hellman budget: handshakes per second per (authenticated) peer, and per node.
 PEER_RATE, PEER_BURST = 5.0, 10.0
 NODE_RATE, NODE_BURST = 400.0, 400.0
@@ -119,6 +127,18 @@ class GenerationKeyed:
     outbound: bool
     secret: bytes = field(repr=False)
     psk: bytes | None = field(default=None, repr=False)
+    # The pair secret of the static keys that session authenticated (during a node key
+    # rotation, of this node's previous key or its current one); None: the view's.
+    shared: bytes | None = field(default=None, repr=False)
+
+
+@dataclass(frozen=True)
+class PreviousKeyHeld:
+    """The peer, over a session authenticated by its current key, says it still holds
+    the private key of `public_key` (its previous one: a node key rotation)."""
+
+    peer: int
+    public_key: bytes
 
 
 @dataclass(frozen=True)
@@ -164,7 +184,7 @@ class FlowSeen:
 
 
 Event = (HandshakeComplete | GenerationKeyed | PeerAcked | PeerRestarted | EndpointChanged
-         | PeerObserved | FlowSeen)
+         | PeerObserved | FlowSeen | PreviousKeyHeld)
 
 
 @dataclass
@@ -181,11 +201,18 @@ class Output:
 @dataclass(frozen=True)
 class PeerConfig:
     """A peer as the mesh describes it: node number, static public key, underlay address
-    and the UDP port its channel listens on (None until learned)."""
+    and the UDP port its channel listens on (None until learned).
+
+    `keepalive`: something between the pair keeps state only while datagrams flow (a NAT
+    mapping): send at least every KEEPALIVE_AFTER, the latest acknowledgements or a
+    Keepalive. Without it an idle pair sends nothing between its sessions' rekeys (no
+    timer here needs the peer's traffic: a session expires by age, REJECT_AFTER, heard
+    from or not), and a new acknowledgement is repeated ACK_REPEATS times."""
 
     node_number: int
     public_key: bytes
     endpoint: Address | None = None
+    keepalive: bool = True
 
 
 # ---- internal state ---------------------------------------------------------------------
@@ -217,6 +244,9 @@ class _Session:
     window: ReplayWindow = field(default_factory=ReplayWindow)
     next_counter: int = 0
     psk: bytes = field(default=b"", repr=False)  # the PSK its handshake used
+    # This node's static public key its handshake used, and the pair secret of it
+    key: bytes = b""
+    shared: bytes = field(default=b"", repr=False)
 
 
 @dataclass
@@ -224,16 +254,28 @@ class _Pending:
     handshake: HandshakeState
     local_index: int
     sent: float
-    psk: bytes = field(default=b"", repr=False)
+    credential: _Credential
+
+
+@dataclass(frozen=True)
+class _Credential:
+    """One way this node authenticates to a peer: one of its private keys and one of its
+    PSKs (more than one of each during a rotation), the pair secret of that key with the
+    peer's and the pair MAC's key made from both."""
+
+    key_role: str  # "current" or "previous" (NodeSecrets.private_keys)
+    private_key: X25519PrivateKey = field(repr=False)
+    public_key: bytes
+    psk: bytes = field(repr=False)
+    shared: bytes = field(repr=False)
+    mac_key: bytes = field(repr=False)
 
 
 @dataclass
 class _Peer:
     config: PeerConfig
-    # The pair MAC's keys, one per PSK this node holds (the current one's first), and
-    # the pair's static secret they are made from.
-    mac_keys: tuple[tuple[bytes, bytes], ...] = field(repr=False)  # (PSK, MAC key)
-    shared: bytes = field(repr=False)
+    # Per (private key, PSK) this node holds, the credential (the current ones first).
+    credentials: tuple[_Credential, ...] = field(repr=False)
     endpoint: Address | None
     current: _Session | None = None
     previous: _Session | None = None
@@ -253,9 +295,9 @@ class _Peer:
     # Our outbound generation -> (our ephemeral private key, when the KeyInit was last
     # sent, how many times)
     offers: dict[int, tuple[X25519PrivateKey, float, int]] = field(default_factory=dict)
-    # Their outbound generation -> (their ephemeral public key, our answer's, the PSK of
-    # the session it went on) to re-answer
-    answers: dict[int, tuple[bytes, bytes, bytes]] = field(default_factory=dict)
+    # Their outbound generation -> (their ephemeral public key, our answer's, the PSK and
+    # our static key of the session it went on) to re-answer
+    answers: dict[int, tuple[bytes, bytes, bytes, bytes]] = field(default_factory=dict)
     keyed_out: dict[int, bytes] = field(default_factory=dict, repr=False)
     keyed_in: dict[int, bytes] = field(default_factory=dict, repr=False)
     # Our answered offers awaiting the peer's "installed": generation -> (when answered,
@@ -268,16 +310,32 @@ class _Peer:
     # and the latest of the peer's we reported.
     acks: dict[str, m.Message] = field(default_factory=dict)
     heard: dict[str, int] = field(default_factory=dict)
-    # The PSK of the peer's last authenticated handshake: the one it is known to hold.
+    # The PSK of the peer's last authenticated handshake: the one it is known to hold;
+    # and which of this node's public keys it used: the one it knows for this node.
     psk_hint: bytes | None = field(default=None, repr=False)
+    key_hint: bytes | None = None
+    repeats: int = 0  # repeats of the acknowledgements left (a peer without keepalives)
+    # The channel's timer queue: the peer's place in the channel's peers (the order tick
+    # visits them in), when its next timer is due as queued (None: not queued), and the
+    # channel's set of peers whose timers may have moved (see __setattr__).
+    order: int = field(default=0, compare=False)
+    due: float | None = field(default=None, compare=False)
+    touched: set[int] | None = field(default=None, repr=False, compare=False)
 
-    @property
-    def mac_key(self) -> bytes:
-        """The MAC key of the current PSK (this node's first choice)."""
-        return self.mac_keys[0][1]
+    def __setattr__(self, name: str, value: object) -> None:
+        """Whoever replaces a field a timer is computed from, the channel computes the
+        peer's next deadline again before its next tick."""
+        object.__setattr__(self, name, value)
+        if name in _TIMED:
+            touched = self.__dict__.get("touched")
+            if touched is not None:
+                touched.add(self.config.node_number)
 
-    def mac_key_for(self, psk: bytes) -> bytes:
-        return next(key for held, key in self.mac_keys if held == psk)
+
+# The fields of _Peer the deadline of its timers depends on (besides its offers and
+# awaiting tables, whose changes the channel marks itself).
+_TIMED = frozenset({"config", "endpoint", "current", "next", "pending", "attempts",
+                    "last_sent", "repeats"})
 
 
 def installed_digest(secret: bytes) -> bytes:
@@ -300,6 +358,34 @@ def _install_wait(renewed: int) -> float:
 def _key_retry(tries: int) -> float:
     """How long an offer sent `tries` times waits before it is sent again."""
     return min(KEY_RETRY * 2 ** max(tries - 1, 0), KEY_RETRY_MAX)
+
+
+def _deadline(state: _Peer, now: float) -> float | None:
+    """The earliest time tick has something to do for the peer (None: never, until its
+    state changes), from its state and the latest `now`: a handshake retry or rekey, and
+    over its session a KeyInit's resend, an answered offer renewed, a keepalive. Never
+    later than the first time tick would act (earlier costs one visit that does nothing)."""
+    if state.endpoint is None:
+        return None  # tick passes it by
+    if state.pending is not None:
+        due = state.pending.sent + _handshake_retry(state)
+    else:
+        current = state.current
+        due = float("-inf") if current is None else current.created + REKEY_AFTER + (
+            0.0 if current.initiator else REKEY_RESPONDER_SLACK)
+        if state.next is not None:  # the peer's handshake, one confirmation away
+            due = max(due, state.next.created + CONFIRM_WAIT)
+    session = state.current
+    if session is None:
+        return due
+    expires = session.created + REJECT_AFTER  # the session's timers die with it
+    if now >= expires:
+        return due
+    timers = [sent + _key_retry(tries) for _key, sent, tries in state.offers.values()]
+    timers += [at + _install_wait(tries) for at, tries in state.awaiting.values()]
+    if state.config.keepalive or state.repeats:
+        timers.append(state.last_sent + KEEPALIVE_AFTER)
+    return min([due] + [t for t in timers if t < expires])
 
 
 def _offers_again(state: _Peer, now: float, *, at_once: bool = False) -> list[m.KeyInit]:
@@ -333,6 +419,21 @@ def _noise_psk(psk: bytes) -> bytes:
     return psk or bytes(32)
 
 
+def _held_keys(secrets: NodeSecrets) -> dict[bytes, tuple[X25519PrivateKey, str]]:
+    """This node's private keys by public key, with their roles (the current first)."""
+    return {public_bytes(key): (key, role) for role, key in secrets.private_keys()}
+
+
+def _roles(keys: Mapping[bytes, tuple[X25519PrivateKey, str]]) -> dict[bytes, str]:
+    return {public: role for public, (_key, role) in keys.items()}
+
+
+def _session(local: int, remote: int, send: CipherState, receive: CipherState, now: float,
+             initiator: bool, credential: _Credential) -> _Session:
+    return _Session(local, remote, send, receive, now, initiator=initiator,
+                    psk=credential.psk, key=credential.public_key, shared=credential.shared)
+
+
 def pair_mac_key(static_secret: bytes, psk: bytes) -> bytes:
     return _MAC_SUITE.hash(MAC_LABEL + static_secret + psk)
 
@@ -357,6 +458,8 @@ class Channel:
         self.boot_id = boot_id
         self._new_index = new_index or (lambda: random.randbits(32))
         self._peers: dict[int, _Peer] = {}
+        # Per this node's public key, its private key and role (two during a rotation).
+        self._keys = _held_keys(secrets)
         self._sessions: dict[int, tuple[_Peer, _Session]] = {}
         self._node_bucket: TokenBucket | None = None
         self.drops: Counter[m.Drop] = Counter()
@@ -366,12 +469,24 @@ class Channel:
         # Per peer, the highest handshake timestamp accepted (kept for a peer whose
         # record changes, or that leaves and comes back: its old handshakes stay old).
         self._marks: dict[int, int] = dict(timestamp_marks or {})
+        # Timers: a heap of (deadline, peer), one live entry per peer (_Peer.due; others
+        # are stale and skipped), the peers whose deadline may have moved since, and the
+        # latest `now` seen (a tick before it means the caller's clock went back).
+        self._due: list[tuple[float, int]] = []
+        self._touched: set[int] = set()
+        self._order = itertools.count()
+        self._latest = float("-inf")
         self.set_peers(peers)
 
     def __repr__(self) -> str:
         return f"Channel(node={self.node_number}, peers={len(self._peers)})"
 
     # ---- queries ------------------------------------------------------------------------
+    @property
+    def secrets(self) -> NodeSecrets:
+        """The node's secrets the channel follows now (set_secrets)."""
+        return self._secrets
+
     def peers(self) -> list[int]:
         return sorted(self._peers)
 
@@ -384,6 +499,15 @@ class Channel:
 
     def endpoint(self, peer: int) -> Address | None:
         return self._peers[peer].endpoint
+
+    def session_key(self, peer: int, now: float) -> str | None:
+        """The role here ("current", "previous") of this node's key the peer's usable
+        session authenticated (None: no session): during a node key rotation, whether
+        the peer still knows this node by its previous key."""
+        session = self._usable(self._peers[peer], now)
+        if session is None or session.key not in self._keys:
+            return None
+        return self._keys[session.key][1]
 
     def session_psk(self, peer: int, now: float) -> str | None:
         """The role here ("current", "next", "previous") of the PSK the peer's usable
@@ -414,6 +538,7 @@ class Channel:
     def probe(self, now: float, peer: int, tunnel: int) -> bytes | None:
         """A FlowProbe for the peer, to be sent on tunnel `tunnel`'s flow (None: no
         session yet)."""
+        self._see(now)
         state = self._peers[peer]
         session = self._usable(state, now)
         if session is None:
@@ -434,7 +559,11 @@ class Channel:
         wanted = {peer.node_number: peer for peer in peers}
         for number in list(self._peers):
             state = self._peers[number]
-            if wanted.get(number) != state.config:
+            config = wanted.get(number)
+            if config is not None and config != state.config and \
+                    replace(config, keepalive=state.config.keepalive) == state.config:
+                state.config = config  # only whether it needs keepalives changed
+            if config != state.config:
                 for session in (state.current, state.previous, state.next):
                     if session is not None:
                         self._sessions.pop(session.local_index, None)
@@ -446,45 +575,58 @@ class Channel:
                     self._marks.pop(number, None)
         for number, peer in wanted.items():
             if number not in self._peers:
-                shared = pair_secret(self._secrets, peer.public_key)
-                self._peers[number] = _Peer(peer, self._mac_keys(shared), shared,
-                                            peer.endpoint)
+                state = _Peer(peer, self._credentials(peer.public_key), peer.endpoint,
+                              order=next(self._order))
+                state.touched = self._touched
+                self._peers[number] = state
+                self._touched.add(number)
 
-    def _mac_keys(self, shared: bytes) -> tuple[tuple[bytes, bytes], ...]:
-        return tuple((psk, pair_mac_key(shared, psk)) for _role, psk in self._secrets.psks())
+    def _credentials(self, peer_key: bytes) -> tuple[_Credential, ...]:
+        """Every (key, PSK) this node holds towards the peer: one X25519 per key held,
+        once per peer and secrets change, never per datagram."""
+        found = []
+        for role, key in self._secrets.private_keys():
+            shared = pair_secret(self._secrets, peer_key, key)
+            found += [_Credential(role, key, public_bytes(key), psk, shared,
+                                  pair_mac_key(shared, psk))
+                      for _psk_role, psk in self._secrets.psks()]
+        return tuple(found)
 
     def set_secrets(self, secrets: NodeSecrets) -> None:
         """Follow the node's secrets as its key files say now: its PSKs (a rotation's
-        step: docs/operations.md) or its private key.
+        step: docs/operations.md) or its private keys (a node key rotation's step).
 
-        A session or a pending handshake made with a PSK no longer held ends here, and
-        a new handshake starts at the next tick: the retired PSK authenticates nothing
-        more, not even what was agreed under it before. A new private key ends every
-        session (they were authenticated by the old one)."""
-        new_key = public_bytes(secrets.private_key) != public_bytes(self._secrets.private_key)
-        if not new_key and secrets.psks() == self._secrets.psks():
+        A session or a pending handshake made with a PSK or a private key no longer held
+        ends here, and a new handshake starts at the next tick: the retired secret
+        authenticates nothing more, not even what was agreed under it before. A key
+        rotated to previous keeps its sessions: it is still held."""
+        keys = _held_keys(secrets)
+        if _roles(keys) == _roles(self._keys) and secrets.psks() == self._secrets.psks():
             self._secrets = secrets
             return
-        self._secrets = secrets
-        held = {psk for _role, psk in secrets.psks()} if not new_key else set()
+        self._secrets, self._keys = secrets, keys
+        held = {(key, psk) for key in keys for _role, psk in secrets.psks()}
         for state in self._peers.values():
-            if new_key:
-                state.shared = pair_secret(secrets, state.config.public_key)
-            state.mac_keys = self._mac_keys(state.shared)
-            if state.psk_hint not in held:
+            state.credentials = self._credentials(state.config.public_key)
+            if state.psk_hint not in {psk for _key, psk in held}:
                 state.psk_hint = None
-            if state.pending is not None and state.pending.psk not in held:
+            if state.key_hint not in keys:
+                state.key_hint = None
+            if state.pending is not None and (state.pending.credential.public_key,
+                                              state.pending.credential.psk) not in held:
                 state.pending, state.attempts = None, 0
             for name in ("current", "previous", "next"):
                 session = getattr(state, name)
-                if session is not None and session.psk not in held:
+                if session is not None and (session.key, session.psk) not in held:
                     self._sessions.pop(session.local_index, None)
                     setattr(state, name, None)
-                    self.stats["sessions_psk_retired"] += 1
+                    self.stats["sessions_psk_retired" if session.key in keys
+                               else "sessions_key_retired"] += 1
 
     # ---- what the agent asks for --------------------------------------------------------
     def send(self, now: float, peer: int, message: m.Message) -> Output:
         """Send `message` to `peer` now, or as soon as a session is up."""
+        self._see(now)
         state = self._peers[peer]
         out = Output()
         session = self._usable(state, now)
@@ -501,9 +643,11 @@ class Channel:
     def start_generation(self, now: float, peer: int, generation: int) -> Output:
         """Offer a fresh ephemeral key for this node's outbound `generation` towards
         `peer`; GenerationKeyed follows the answer."""
+        self._see(now)
         state = self._peers[peer]
         key = X25519PrivateKey.generate()
         state.offers[generation] = (key, now, 1)
+        self._touched.add(peer)
         return self.send(now, peer, m.KeyInit(generation, public_bytes(key)))
 
     def acknowledge(self, now: float, peer: int, what: str, generation: int) -> Output:
@@ -530,6 +674,7 @@ class Channel:
         else:
             message = _ACKS[what](generation)
         state.acks[what] = message
+        state.repeats = ACK_REPEATS
         return self.send(now, peer, message)
 
     def accept_generations(self, peer: int, base: int, count: int) -> None:
@@ -546,6 +691,7 @@ class Channel:
         """Forget everything of one direction's `generation`: its private key, answer
         and secret."""
         state = self._peers[peer]
+        self._touched.add(peer)
         if outbound:
             state.offers.pop(generation, None)
             state.keyed_out.pop(generation, None)
@@ -568,6 +714,7 @@ class Channel:
         neighbour yet and may drop it, so a new handshake follows too: its Hello carries
         the new boot id and it is retried until answered.
         """
+        self._see(now)
         self.boot_id = boot_id
         out = Output()
         for number, state in self._peers.items():
@@ -579,35 +726,110 @@ class Channel:
         return out
 
     def tick(self, now: float) -> Output:
-        """Timers: handshake retries and rekeys, KeyInit retries, keepalives."""
+        """Timers: handshake retries and rekeys, KeyInit retries, keepalives. Visits only
+        the peers whose earliest timer is due (the heap), in the order of the peers; after
+        a step back of the caller's clock, every peer (their stamps come back to `now`)."""
+        if now < self._latest:
+            return self._tick_every_peer(now)
+        self._latest = now
+        self._reschedule()
+        due: list[_Peer] = []
+        while self._due and self._due[0][0] <= now:
+            when, number = heapq.heappop(self._due)
+            state = self._peers.get(number)
+            if state is not None and state.due == when:
+                state.due = None
+                due.append(state)
+        out = Output()
+        for state in sorted(due, key=lambda state: state.order):
+            out.extend(self._tick_peer(now, state))
+            self._touched.add(state.config.node_number)
+        self._reschedule()
+        return out
+
+    def _tick_every_peer(self, now: float) -> Output:
+        """tick, visiting every peer (a clock step back; tests compare tick with it)."""
         out = Output()
         for state in self._peers.values():
-            if state.endpoint is None:
-                continue
-            _pull_back(state, now)
-            session = self._usable(state, now)
-            if state.pending is not None:
-                if now - state.pending.sent >= _handshake_retry(state):
-                    out.extend(self._initiate(now, state))
-            elif state.next is not None and now - state.next.created < CONFIRM_WAIT:
-                pass  # the peer's handshake is one confirmation away
-            elif session is None or now - session.created >= REKEY_AFTER + (
-                    0.0 if session.initiator else REKEY_RESPONDER_SLACK):
-                out.extend(self._initiate(now, state))
-            if session is None:
-                continue
-            for message in _offers_again(state, now) + self._offers_lost(state, now):
-                out.extend(self._transmit(now, state, session, message))
-            if now - state.last_sent >= KEEPALIVE_AFTER:
-                for message in self._ack_messages(state) or [m.Keepalive()]:
-                    out.extend(self._transmit(now, state, session, message))
+            out.extend(self._tick_peer(now, state))
+        self._latest = now  # every stamp _pull_back moves is at `now` at most now
+        self._touched.clear()
+        self._due = []
+        for number, state in self._peers.items():
+            state.due = _deadline(state, now)
+            if state.due is not None:
+                self._due.append((state.due, number))
+        heapq.heapify(self._due)
         return out
+
+    def _tick_peer(self, now: float, state: _Peer) -> Output:
+        """One peer's timers at `now`."""
+        out = Output()
+        if state.endpoint is None:
+            return out
+        _pull_back(state, now)
+        session = self._usable(state, now)
+        if state.pending is not None:
+            if now - state.pending.sent >= _handshake_retry(state):
+                out.extend(self._initiate(now, state))
+        elif state.next is not None and now - state.next.created < CONFIRM_WAIT:
+            pass  # the peer's handshake is one confirmation away
+        elif session is None or now - session.created >= REKEY_AFTER + (
+                0.0 if session.initiator else REKEY_RESPONDER_SLACK):
+            out.extend(self._initiate(now, state))
+        if session is None:
+            return out
+        for message in _offers_again(state, now) + self._offers_lost(state, now):
+            out.extend(self._transmit(now, state, session, message))
+        if now - state.last_sent >= KEEPALIVE_AFTER and (state.config.keepalive
+                                                         or state.repeats):
+            if not state.config.keepalive:
+                state.repeats -= 1
+            for message in self._ack_messages(state) or [m.Keepalive()]:
+                out.extend(self._transmit(now, state, session, message))
+        return out
+
+    def _see(self, now: float) -> None:
+        """A call at `now`: a later tick before it visits every peer (_pull_back)."""
+        if now > self._latest:
+            self._latest = now
+
+    def _reschedule(self) -> None:
+        """Queue the deadline of every peer marked as moved, where it changed."""
+        for number in self._touched:
+            state = self._peers.get(number)
+            if state is None:
+                continue
+            due = _deadline(state, self._latest)
+            if due != state.due:
+                state.due = due
+                if due is not None:
+                    heapq.heappush(self._due, (due, number))
+        self._touched.clear()
+        if len(self._due) > 2 * len(self._peers) + 64:  # mostly stale entries: compact
+            self._due = [(state.due, number) for number, state in self._peers.items()
+                         if state.due is not None]
+            heapq.heapify(self._due)
+
+    def next_due(self) -> float | None:
+        """When tick next has something to do (a handshake or KeyInit retry, a rekey, a
+        keepalive), or None: the top of the timer heap. The loop waits no longer than
+        that: after a VPP restart the first datagrams die while VPP resolves its
+        neighbours, and a retry that waits for the loop's next poll adds that poll's
+        period to the recovery."""
+        self._reschedule()
+        while self._due:
+            when, number = self._due[0]
+            state = self._peers.get(number)
+            if state is not None and state.due == when:
+                return when
+            heapq.heappop(self._due)
+        return None
 
     def next_retry(self, now: float) -> float | None:
         """When tick's earliest retry is due (a handshake, or a KeyInit over a usable
-        session, still unanswered), or None. The loop waits no longer than that: after a
-        VPP restart the first datagrams die while VPP resolves its neighbours, and a retry
-        that waits for the loop's next poll adds that poll's period to the recovery."""
+        session, still unanswered), or None (every peer looked at: the loop asks
+        next_due)."""
         due = []
         for state in self._peers.values():
             if state.endpoint is None:
@@ -642,30 +864,34 @@ class Channel:
     # ---- receiving ----------------------------------------------------------------------
     def receive(self, now: float, source: Address, data: bytes) -> Output:
         """One datagram from the transport; never raises on what the network sends."""
+        self._see(now)
         parsed = m.parse_datagram(data)
         if isinstance(parsed, m.Drop):
             return self._drop(parsed)
         state = self._peers.get(parsed.sender)
         if parsed.receiver != self.node_number or state is None:
             return self._drop(m.Drop.UNKNOWN_PEER)
+        self._touched.add(parsed.sender)  # its offers may be answered, its timers moved
         if isinstance(parsed, m.Transport):
             return self._receive_transport(now, source, state, parsed)
-        psk = self._mac_psk(state, parsed.signed, parsed.mac)
-        if psk is None:
+        credential = self._mac_credential(state, parsed.signed, parsed.mac)
+        if credential is None:
             return self._drop(m.Drop.AUTH)
         if isinstance(parsed, m.Init):
-            return self._receive_init(now, source, state, parsed, psk)
-        return self._receive_response(now, source, state, parsed, psk)
+            return self._receive_init(now, source, state, parsed, credential)
+        return self._receive_response(now, source, state, parsed, credential)
 
     @staticmethod
-    def _mac_psk(state: _Peer, signed: bytes, mac: bytes) -> bytes | None:
-        """The PSK whose pair MAC `mac` is (None: none this node holds). One HMAC per PSK
-        held, two at most (during a rotation), and no Diffie-Hellman: the MAC names the
-        PSK, so the handshake itself is read once, with that PSK, and counted under the
-        peer's and the node's handshake budgets like any other."""
-        for psk, key in state.mac_keys:
-            if std_hmac.compare_digest(pair_mac(key, signed), mac):
-                return psk
+    def _mac_credential(state: _Peer, signed: bytes, mac: bytes) -> _Credential | None:
+        """The (private key, PSK) whose pair MAC `mac` is (None: none this node holds).
+        One HMAC per combination held, four at most (a PSK rotation and a key rotation
+        at once), and no Diffie-Hellman: the MAC names the PSK and the key, so the
+        handshake itself is read once, with them, and counted under the peer's and the
+        node's handshake budgets like any other: a handshake to the previous key costs
+        what one to the current key costs, and a retired key's MAC matches nothing."""
+        for credential in state.credentials:
+            if std_hmac.compare_digest(pair_mac(credential.mac_key, signed), mac):
+                return credential
         return None
 
     def _drop(self, reason: m.Drop) -> Output:
@@ -683,7 +909,7 @@ class Channel:
         return state.bucket.take(now) and self._node_bucket.take(now)
 
     def _receive_init(self, now: float, source: Address, state: _Peer, init: m.Init,
-                      psk: bytes) -> Output:
+                      credential: _Credential) -> Output:
         peer = state.config.node_number
         if init.timestamp <= self._marks.get(peer, 0):
             return self._drop(m.Drop.REPLAY)
@@ -698,15 +924,15 @@ class Channel:
             return Output()
         if not self._dh_allowed(now, state):
             return self._drop(m.Drop.RATE_LIMITED)
-        handshake = HandshakeState(initiator=False, static=self._secrets.private_key,
+        handshake = HandshakeState(initiator=False, static=credential.private_key,
                                    remote_static=state.config.public_key,
-                                   psk=_noise_psk(psk),
+                                   psk=_noise_psk(credential.psk),
                                    prologue=init.signed[:m.HEADER.size + m.INIT_FIELDS.size])
         hello = self._read_hello(handshake, init.noise)
         if isinstance(hello, m.Drop):
             return self._drop(hello)
         self._marks[peer] = init.timestamp
-        state.psk_hint = psk
+        state.psk_hint, state.key_hint = credential.psk, credential.public_key
         if self.node_number > state.config.node_number:
             # The higher node gives its own handshake up. The lower one keeps its own
             # (answered only after a first attempt went unanswered): if the peer answers
@@ -725,18 +951,17 @@ class Channel:
         # from, but the peer's endpoint stays until then.
         if state.next is not None:
             self._sessions.pop(state.next.local_index, None)
-        state.next = _Session(local, init.sender_index, send, receive, now, initiator=False,
-                              psk=psk)
+        state.next = _session(local, init.sender_index, send, receive, now, False, credential)
         state.next_boot = hello.boot_id
         self._sessions[local] = (state, state.next)
-        return Output(datagrams=[(source, body + pair_mac(state.mac_key_for(psk), body))])
+        return Output(datagrams=[(source, body + pair_mac(credential.mac_key, body))])
 
     def _receive_response(self, now: float, source: Address, state: _Peer,
-                          response: m.Response, psk: bytes) -> Output:
+                          response: m.Response, credential: _Credential) -> Output:
         pending = state.pending
         if pending is not None and response.receiver_index == pending.local_index and \
-                psk != pending.psk:
-            return self._drop(m.Drop.AUTH)  # answered under another PSK than ours: forged
+                credential != pending.credential:
+            return self._drop(m.Drop.AUTH)  # answered under another PSK or key: forged
         if pending is None or response.receiver_index != pending.local_index:
             if response.receiver_index == state.given_up:  # the peer's answer crossed
                 state.given_up = None  # ours; authentic (its MAC held): not a replay
@@ -750,12 +975,12 @@ class Channel:
         if isinstance(hello, m.Drop):
             return self._drop(hello)
         state.pending = None
-        state.psk_hint = psk
+        state.psk_hint, state.key_hint = credential.psk, credential.public_key
         send, receive = handshake.split()
         moved = self._move(state, source)
-        out = self._established(now, state, _Session(
-            pending.local_index, response.sender_index, send, receive, now, initiator=True,
-            psk=psk), hello.boot_id)
+        out = self._established(now, state, _session(
+            pending.local_index, response.sender_index, send, receive, now, True, credential),
+            hello.boot_id)
         out.extend(self._moved(now, state) if moved else Output())
         if not out.datagrams:  # the responder waits for a first message: confirm at once
             out.extend(self._transmit(now, state, state.current, m.Keepalive()))
@@ -822,7 +1047,8 @@ class Channel:
                     return self._drop(m.Drop.MALFORMED)
                 state.keyed_out[g] = secret
                 state.awaiting[g] = (now, state.renewed.get(g, 0))
-                return Output(events=[GenerationKeyed(peer, g, True, secret, session.psk)])
+                return Output(events=[GenerationKeyed(peer, g, True, secret, session.psk,
+                                                      session.shared)])
             case m.SasInstalled(generation=g, digest=digest) if not self._agreed(state, g,
                                                                                  digest):
                 return Output()
@@ -848,6 +1074,8 @@ class Channel:
                 return Output(events=[PeerRestarted(peer, state.boot_id or 0)])
             case m.ObservedAddress(address=address, port=port):
                 return Output(events=[PeerObserved(peer, (str(address), port))])
+            case m.PreviousKey(public_key=key):
+                return Output(events=[PreviousKeyHeld(peer, key)])
             case m.Keepalive():
                 return Output()
         return self._drop(m.Drop.MALFORMED)  # a Hello outside a handshake
@@ -867,9 +1095,11 @@ class Channel:
         if generation not in state.accept:  # outside the window: no work, no event
             return self._drop(m.Drop.OUT_OF_WINDOW)
         answered = state.answers.get(generation)
-        if answered is not None and answered[0] == theirs and answered[2] == session.psk:
-            # our answer was lost: again (over a session of another PSK a fresh answer,
-            # so both ends derive the generation's keys under the PSK it went with)
+        if answered is not None and answered[0] == theirs and \
+                answered[2:] == (session.psk, session.key):
+            # our answer was lost: again (over a session of another PSK or key a fresh
+            # answer, so both ends derive the generation's keys under the PSK and the
+            # pair secret it went with)
             return self._transmit(now, state, session, m.KeyResponse(generation, answered[1]))
         key = X25519PrivateKey.generate()
         self.stats["dh"] += 1
@@ -879,11 +1109,11 @@ class Channel:
             return self._drop(m.Drop.MALFORMED)
         ours = public_bytes(key)
         del key  # the responder's private key is used once, here
-        state.answers[generation] = (theirs, ours, session.psk)
+        state.answers[generation] = (theirs, ours, session.psk, session.key)
         state.keyed_in[generation] = secret
         out = self._transmit(now, state, session, m.KeyResponse(generation, ours))
         out.events.append(GenerationKeyed(state.config.node_number, generation, False, secret,
-                                          session.psk))
+                                          session.psk, session.shared))
         return out
 
     # ---- sessions -----------------------------------------------------------------------
@@ -907,28 +1137,38 @@ class Channel:
         local = self._fresh_index()
         prologue = m.build_init(self.node_number, state.config.node_number, local, timestamp,
                                 b"")
-        psk = self._initiator_psk(state)
-        handshake = HandshakeState(initiator=True, static=self._secrets.private_key,
+        credential = self._initiator_credential(state)
+        handshake = HandshakeState(initiator=True, static=credential.private_key,
                                    remote_static=state.config.public_key,
-                                   psk=_noise_psk(psk), prologue=prologue)
+                                   psk=_noise_psk(credential.psk), prologue=prologue)
         noise = handshake.write_message(m.encode(m.Hello(self.boot_id), padded=False))
         self.stats["dh"] += 2
         self.stats["handshakes_initiated"] += 1
-        state.pending = _Pending(handshake, local, now, psk)
+        state.pending = _Pending(handshake, local, now, credential)
         state.attempts += 1
         body = prologue + noise
         return Output(datagrams=[(state.endpoint,
-                                  body + pair_mac(state.mac_key_for(psk), body))])
+                                  body + pair_mac(credential.mac_key, body))])
 
-    def _initiator_psk(self, state: _Peer) -> bytes:
-        """The PSK of our next handshake to the peer: the one it is known to hold when
-        that is our next one (it promoted before us), else our current one; every other
-        retry of an unanswered handshake takes the other PSK held (a peer that has not
-        staged our current one yet, or retired our previous one)."""
-        held = [psk for _role, psk in self._secrets.psks()]
+    def _initiator_credential(self, state: _Peer) -> _Credential:
+        """The PSK and the key of our next handshake to the peer.
+
+        PSK: the one it is known to hold when that is our next one (it promoted before
+        us), else our current one; every other retry of an unanswered handshake takes
+        the other PSK held (a peer that has not staged our current one yet, or retired
+        our previous one). Key (a node key rotation): the one the peer is known to know
+        this node by (its last handshake used it), else the current one; unanswered
+        retries go through the PSKs under one key, then under the other (a peer whose
+        mesh file does not name the new key yet)."""
+        psks = [psk for _role, psk in self._secrets.psks()]
         if state.psk_hint is not None and state.psk_hint == self._secrets.psk_next:
-            held.reverse()
-        return held[state.attempts % 2] if len(held) > 1 else held[0]
+            psks.reverse()
+        keys = list(self._keys)
+        if state.key_hint is not None and state.key_hint != keys[0]:
+            keys.reverse()
+        psk = psks[state.attempts % len(psks)]
+        key = keys[state.attempts // len(psks) % len(keys)]
+        return next(c for c in state.credentials if (c.public_key, c.psk) == (key, psk))
 
     def _established(self, now: float, state: _Peer, session: _Session, boot: int) -> Output:
         """`session` becomes current: the initiator's on the Response, the responder's on
@@ -950,9 +1190,18 @@ class Channel:
         # Offers still unanswered go again at once: the new session proves the path,
         # and after a VPP restart the first ones died while VPP resolved the neighbour.
         offers = _offers_again(state, now, at_once=True)
-        for message in queued + self._ack_messages(state) + offers:
+        for message in self._vouch(session) + queued + self._ack_messages(state) + offers:
             out.extend(self._transmit(now, state, session, message))
         return out
+
+    def _vouch(self, session: _Session) -> list[m.Message]:
+        """During a node key rotation, over a session the current key authenticated:
+        this node still holds its previous key (a peer that just learned the new key
+        keeps what it agreed under the old one; without it, it drops it)."""
+        previous = self._secrets.private_key_previous
+        if previous is None or self._keys.get(session.key, (None, ""))[1] != "current":
+            return []
+        return [m.PreviousKey(public_bytes(previous))]
 
     @staticmethod
     def _ack_messages(state: _Peer) -> list[m.Message]:

@@ -486,12 +486,31 @@ def keygen(
         help="Instead: write a new pre-shared key (32 random bytes, base64, mode 0600) to "
         "this file, the mesh's settings.psk_file; copy it to every node.")] = None,
     force: Annotated[bool, typer.Option(help="Replace an existing key file.")] = False,
+    rotate: Annotated[bool, typer.Option(
+        help="Rotate this node's key without an outage: the current key moves to "
+        "KEY.previous (still answered while peers learn the new one) and a new key takes "
+        "its place; prints the new public key, for the mesh file (docs/operations.md).")
+                      ] = False,
 ) -> None:
     """Write a new X25519 private key (mode 0600) and print its public key; with --psk,
     a new PSK file instead (nothing printed: it is a secret)."""
-    from vppmesh.keys import generate_private_key, generate_psk
+    from vppmesh.keys import (
+        generate_private_key,
+        generate_psk,
+        key_previous_file,
+        rotate_private_key,
+    )
 
     try:
+        if rotate:
+            if psk is not None or force:
+                raise fail("--rotate takes neither --psk nor --force: it keeps the current "
+                           "key as KEY.previous")
+            typer.echo(rotate_private_key(key))
+            typer.echo(f"the previous key is kept in {key_previous_file(key)}: publish the "
+                       "new public key above in the mesh file of every node, then remove "
+                       "it once `vppmesh status` shows no peer on the previous key", err=True)
+            return
         if psk is not None:
             generate_psk(psk, force=force)
             typer.echo(f"wrote {psk}: copy it to every node (the same PSK everywhere, mode "

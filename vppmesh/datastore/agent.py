@@ -45,7 +45,7 @@ from vppmesh.datastore.records import (
     parse_record,
 )
 from vppmesh.errors import ConfigError, VppMeshError
-from vppmesh.keys import load_secrets
+from vppmesh.keys import load_secrets, public_key_b64
 from vppmesh.secrecy import Secrecy
 from vppmesh.vpp.client import VppApi, VppClient
 from vppmesh.vpp.stats import SaCounters
@@ -186,12 +186,14 @@ class MembershipAgent:
             elif self.store.settings() != wanted:
                 log.warning("%s holds other mesh settings than %s: the datastore's apply",
                             self.ds.url, self.ds.settings_file)
-        public = load_secrets(self.options.private_key, None).public_key_b64()
-        record = local_record(self.options, self.local, public)
+        secrets = load_secrets(self.options.private_key, None)
+        record = local_record(self.options, self.local, secrets.public_key_b64())
+        previous = secrets.private_key_previous  # a key rotation: the record may move
         lease = self.store.grant(self.ds.lease_ttl)
         try:
-            self.registration = self.store.register(record, lease,
-                                                    requested_number=self.local.node_number)
+            self.registration = self.store.register(
+                record, lease, requested_number=self.local.node_number,
+                previous_key=public_key_b64(previous) if previous is not None else None)
         except VppMeshError:
             self.store.revoke(lease)
             raise

@@ -154,8 +154,8 @@ class EtcdStore:
             raise DatastoreError(f"etcd at {self.url.host}:{self.url.port}: lease keepalive "
                                  f"failed ({exc})") from None
 
-    def register(self, node: Node, lease: Lease, *, requested_number: int | None = None
-                 ) -> Registration:
+    def register(self, node: Node, lease: Lease, *, requested_number: int | None = None,
+                 previous_key: str | None = None) -> Registration:
         """Create or take back this node's record under `lease`, claiming its number.
 
         The record is checked against every other node first (same rules as the mesh
@@ -170,7 +170,10 @@ class EtcdStore:
                     current = parse_record(own)
                 except ConfigError:
                     current = None
-                if current is not None and current.public_key != node.public_key:
+                # A record under the node's previous key (a key rotation: the agent
+                # holds KEY.previous, so it is the same host) moves to the new key.
+                if current is not None and current.public_key not in (node.public_key,
+                                                                      previous_key):
                     raise RegistrationError(
                         f"node name {node.name!r} is registered in {self.url} with another "
                         "public key: another host uses this name. Pick another --node, or, "

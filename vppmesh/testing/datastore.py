@@ -59,8 +59,8 @@ class MemoryStore:
     def revoke(self, lease: Any) -> None:
         self.revoked.append(lease.id)
 
-    def register(self, node: Node, lease: Any, *, requested_number: int | None = None
-                 ) -> Registration:
+    def register(self, node: Node, lease: Any, *, requested_number: int | None = None,
+                 previous_key: str | None = None) -> Registration:
         number = free_number(self.numbers, node.name, requested_number)
         candidate = node.model_copy(update={"node_number": number})
         others = assemble(self.settings_value, [r for r in self.records.values()
