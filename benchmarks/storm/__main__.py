@@ -198,12 +198,16 @@ def metrics_totals(samples: dict[str, list[dict[str, Any]]]) -> dict[str, float]
 
 def leaks(agents: dict[str, list[dict[str, Any]]], vpps: dict[str, list[dict[str, Any]]],
           t0: float, heap_start: dict[str, int], heap_end: dict[str, int]) -> dict[str, Any]:
-    """Per agent (its last life: a restarted agent starts over) RSS and descriptors, per
-    VPP its SAs (first, last, least-squares slope; RSS growth from minute 5) and its
-    heap before the traffic and after it (a VPP killed in between starts over)."""
+    """Per agent its longest life (a restarted agent starts over): RSS and descriptors
+    (first, last, least-squares slope) and RSS growth from that life's minute 5 (start-up
+    growth is not a leak); per VPP its SAs and its heap before the traffic and after it
+    (a VPP killed in between starts over)."""
     out: dict[str, Any] = {"agents": {}, "vpp": {}}
     for node, samples in agents.items():
-        life = [s for s in samples if s["life"] == samples[-1]["life"]] if samples else []
+        lives: dict[int, list[dict[str, Any]]] = {}
+        for sample in samples:
+            lives.setdefault(sample["life"], []).append(sample)
+        life = max(lives.values(), key=lambda ss: ss[-1]["t"] - ss[0]["t"], default=[])
         rss = [(s["t"], s["rss_kib"]) for s in life]
         fds = [(s["t"], float(s["fds"])) for s in life]
         rss_slope, fd_slope = analysis.slope(rss), analysis.slope(fds)
@@ -211,7 +215,9 @@ def leaks(agents: dict[str, list[dict[str, Any]]], vpps: dict[str, list[dict[str
             "samples": len(life), "lives": samples[-1]["life"] if samples else 0,
             "rss_start_mib": rss[0][1] / 1024 if rss else None,
             "rss_end_mib": rss[-1][1] / 1024 if rss else None,
-            "rss_growth_percent": analysis.growth_percent(rss, t0 + 300),
+            "life_minutes": (rss[-1][0] - rss[0][0]) / 60 if rss else None,
+            "rss_growth_percent": analysis.growth_percent(rss, rss[0][0] + 300)
+            if rss else None,
             "rss_slope_kib_min": rss_slope * 60 if rss_slope is not None else None,
             "fds_start": int(fds[0][1]) if fds else None,
             "fds_end": int(fds[-1][1]) if fds else None,

@@ -362,13 +362,16 @@ def render_table(result: dict[str, Any]) -> str:
         "Underlay capture: " + ", ".join(f"{k} {v}" for k, v in sorted(cap.items()))
         + f"; clear frames: {len(result['capture']['clear'])}.",
         "",
-        "| Agent | RSS start MiB | RSS end MiB | RSS growth from min 5 % | RSS slope KiB/min | "
-        "fds start | fds end | fd slope /min |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "Agents, each over its longest life (a restarted agent starts over):",
+        "",
+        "| Agent | life min | RSS start MiB | RSS end MiB | RSS growth from the life's min 5 "
+        "% | RSS slope KiB/min | fds start | fds end | fd slope /min |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for node, row in sorted(result["leaks"]["agents"].items()):
         lines.append(
-            f"| {node} | {_cell(row['rss_start_mib'])} | {_cell(row['rss_end_mib'])} | "
+            f"| {node} | {_cell(row.get('life_minutes'))} | {_cell(row['rss_start_mib'])} | "
+            f"{_cell(row['rss_end_mib'])} | "
             f"{_cell(row['rss_growth_percent'])} | {_cell(row['rss_slope_kib_min'])} | "
             f"{_cell(row['fds_start'])} | {_cell(row['fds_end'])} | "
             f"{_cell(row['fds_slope_min'], 2)} |")
