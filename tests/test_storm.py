@@ -248,3 +248,14 @@ def test_agent_rss_is_judged_over_its_longest_life_from_that_lifes_minute_5() ->
     assert found["life_minutes"] == 19.0
     assert found["rss_growth_percent"] is not None and found["rss_growth_percent"] < 0.1
     assert found["lives"] == 2
+
+
+def test_nat_variant_adds_conntrack_flushes_and_leaves_the_plain_schedule_as_it_was() -> None:
+    plain = schedule.build(11, minutes=30, nodes=4)
+    assert plain == schedule.build(11, minutes=30, nodes=4, nat=False)
+    assert not any(f.kind == "nat_flush" for f in plain)
+    nat = schedule.build(11, minutes=30, nodes=4, nat=True)
+    assert nat == schedule.build(11, minutes=30, nodes=4, nat=True)  # replayed by seed
+    flushes = [f for f in nat if f.kind == "nat_flush"]
+    assert len(flushes) >= 2 and all(f.duration == 0.0 for f in flushes)
+    assert flushes[0].describe() == "nat_flush on the NAT router"

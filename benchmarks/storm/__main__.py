@@ -42,6 +42,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="the fault schedule's seed (printed; default: random)")
     parser.add_argument("--nodes", type=int, default=4)
     parser.add_argument("--key-max-seconds", type=int, default=60)
+    parser.add_argument("--nat", choices=("none", "masquerade", "masquerade-random",
+                                          "static"), default="none",
+                        help="the last node behind a NAT router of this kind (testbed "
+                        "--nat); adds the nat_flush fault (conntrack -F)")
     parser.add_argument("--schedule-only", action="store_true",
                         help="print the schedule and exit (no root needed)")
     parser.add_argument("--work", type=Path, default=Path("/var/tmp/vppmesh-storm"),
@@ -52,9 +56,10 @@ def main(argv: list[str] | None = None) -> int:
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(1 << 31)
     minutes = 5.0 if args.quick else args.minutes
     faults = schedule.build(seed, minutes=minutes, nodes=args.nodes, quick=args.quick,
-                            key_max_seconds=args.key_max_seconds)
+                            key_max_seconds=args.key_max_seconds, nat=args.nat != "none")
     print(f"storm seed {seed}: {len(faults)} faults over {minutes:g} min "
-          f"(replay: --seed {seed}{' --quick' if args.quick else ''})", flush=True)
+          f"(replay: --seed {seed}{' --quick' if args.quick else ''}"
+          f"{f' --nat {args.nat}' if args.nat != 'none' else ''})", flush=True)
     for fault in faults:
         print(f"  t+{fault.planned_at:.0f} s  {fault.describe()}", flush=True)
     if args.schedule_only:
@@ -62,7 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     run_id = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     work = args.work / run_id
     work.mkdir(parents=True, exist_ok=True)
-    storm = Storm(nodes=args.nodes, work=work, key_max_seconds=args.key_max_seconds)
+    storm = Storm(nodes=args.nodes, work=work, key_max_seconds=args.key_max_seconds,
+                  nat=args.nat)
     records: list[dict[str, Any]] = []
     recovery: float | None = None
     t0 = end = time.time()

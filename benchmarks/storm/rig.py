@@ -96,9 +96,9 @@ class Agent:
 
 class Storm:
     def __init__(self, *, nodes: int, work: Path, key_max_seconds: int = 60,
-                 prefix: str = PREFIX, base_dir: Path = BASE) -> None:
+                 prefix: str = PREFIX, base_dir: Path = BASE, nat: str = "none") -> None:
         self.spec = TestbedSpec(nodes=nodes, tunnels=2, pods=1, workers=0, prefix=prefix,
-                                base_dir=base_dir)
+                                base_dir=base_dir, nat=nat)  # type: ignore[arg-type]
         self.bed = Testbed(self.spec)
         self.work = work
         self.key_max_seconds = key_max_seconds
@@ -337,7 +337,9 @@ class Storm:
         node = self.bed.nodes[fault.node - 1]
         agent = self.agents[node.name]
         ul = self.bed.underlay_ns
-        port = f"ul-{node.name}"
+        # The bridge port a node's underlay traffic crosses: a node behind the NAT router
+        # reaches the bridge through the router's own port.
+        port = "ul-nat" if node.behind_nat else f"ul-{node.name}"
         record["started"] = time.time()
         kind = fault.kind
         if kind in ("agent_kill", "agent_term"):
@@ -409,6 +411,8 @@ class Storm:
                          ",".join(recorded), OUTSIDE, "20", check=True, timeout=120).stdout
             record["sent"] = json.loads(sent.strip().splitlines()[-1])
             self.injections.append(record["sent"])
+        elif kind == "nat_flush":
+            in_ns(self.bed.nat_ns, "conntrack", "-F", check=True)
         elif kind == "clock_step":
             agent.signal(signal.SIGTERM)
             agent.start(wall_step=fault.param)

@@ -29,6 +29,11 @@ KINDS: dict[str, str] = {
     "replay_spoof": "a burst of replayed channel datagrams, replayed and spoofed ESP",
     "clock_step": "one node's agent restarted with its wall clock stepped +-10 minutes",
 }
+# The NAT variant's own kind (`--nat`: the last node behind a NAT router).
+NAT_KINDS: dict[str, str] = {
+    "nat_flush": "the NAT router's connection tracking flushed (`conntrack -F`): its "
+                 "mappings, and so the NAT node's public ports, start over",
+}
 NODE_KINDS = {"agent_kill", "agent_term", "vpp_kill", "vpp_agent_stop", "peer_leave",
               "link_down", "netem", "clock_step"}
 QUICK_KINDS = ("agent_kill", "vpp_kill", "link_down", "kex_drop", "replay_spoof",
@@ -48,7 +53,8 @@ class Fault:
     def describe(self) -> str:
         extra = f", step {self.param:+.0f} s" if self.kind == "clock_step" else ""
         where = f"n{self.node}" if self.kind in NODE_KINDS else "the underlay" \
-            if self.kind in ("channel_drop", "kex_drop", "replay_spoof") else "the mesh file"
+            if self.kind in ("channel_drop", "kex_drop", "replay_spoof") else \
+            "the NAT router" if self.kind in NAT_KINDS else "the mesh file"
         held = f" for {self.duration:.0f} s" if self.duration else ""
         return f"{self.kind} on {where}{held}{extra}"
 
@@ -71,20 +77,22 @@ def duration_of(kind: str, rng: random.Random, *, quick: bool, key_max_seconds: 
         return float(rng.randint(3, 10))
     if kind == "replay_spoof":
         return 5.0
-    if kind == "vpp_kill":
+    if kind in ("vpp_kill", "nat_flush"):
         return 0.0  # killed and started again at once (a crash and its supervisor)
     return float(rng.randint(1, 5))  # agent restarts and VPP kills: downtime before start
 
 
 def build(seed: int, *, minutes: float, nodes: int, quick: bool = False,
-          key_max_seconds: int = 60, settle: float = SETTLE) -> list[Fault]:
-    """The faults of a run, in order, from the seed alone (with the run's shape)."""
+          key_max_seconds: int = 60, settle: float = SETTLE, nat: bool = False,
+          ) -> list[Fault]:
+    """The faults of a run, in order, from the seed alone (with the run's shape); `nat`
+    adds NAT_KINDS to every round (a run without it replays as before)."""
     rng = random.Random(seed)
     budget = minutes * 60.0
     faults: list[Fault] = []
     at = 0.0
     while True:
-        kinds = list(QUICK_KINDS if quick else KINDS)
+        kinds = list(QUICK_KINDS if quick else KINDS) + (list(NAT_KINDS) if nat else [])
         rng.shuffle(kinds)
         added = False
         for kind in kinds:
