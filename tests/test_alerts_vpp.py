@@ -1,6 +1,7 @@
 """The shipped alert rules in a real Prometheus that scrapes a real node's agent
-(`up --watch --metrics`, real VPPs, two testbed nodes), as an operator runs them: real
-faults make the matching alerts fire, and they resolve when the fault ends.
+(`up --watch --metrics` over HTTPS with client certificates, real VPPs, two testbed
+nodes), as an operator runs them: real faults make the matching alerts fire, and they
+resolve when the fault ends.
 
 - VPP killed on the node: VppmeshVppDown fires; VPP back: it resolves and
   VppmeshVppRestarted fires.
@@ -33,6 +34,7 @@ import yaml
 
 from vppmesh.lab.testbed import Testbed
 from vppmesh.testing import vpp_helpers
+from vppmesh.testing.pki import make_pki
 
 pytestmark = [pytest.mark.vpp]
 PREFIX = "vpa-"
@@ -74,15 +76,18 @@ def quick_rules(target: Path) -> Path:
 class Prometheus:
     """A real Prometheus in the node's namespace, scraping its agent every second."""
 
-    def __init__(self, bed: Testbed, work: Path) -> None:
+    def __init__(self, bed: Testbed, work: Path, pki: Any) -> None:
         self.ns = bed.nodes[0].netns
         work.mkdir(parents=True, exist_ok=True)
         config = work / "prometheus.yml"
         config.write_text(yaml.safe_dump({
             "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
             "rule_files": [str(quick_rules(work / "rules.yaml"))],
-            "scrape_configs": [{"job_name": "vppmesh", "static_configs": [
-                {"targets": [f"127.0.0.1:{METRICS_PORT}"]}]}]}))
+            "scrape_configs": [{
+                "job_name": "vppmesh", "scheme": "https",
+                "tls_config": {"ca_file": str(pki.ca), "cert_file": str(pki.client_cert),
+                               "key_file": str(pki.client_key)},
+                "static_configs": [{"targets": [f"127.0.0.1:{METRICS_PORT}"]}]}]}))
         self.log = work / "prometheus.log"
         shutil.rmtree(work / "tsdb", ignore_errors=True)
         with self.log.open("w") as out:
@@ -124,10 +129,14 @@ class Prometheus:
 
 def test_real_faults_fire_the_shipped_alerts_and_they_resolve(bed: Testbed) -> None:
     n1 = bed.nodes[0]
-    agents = {n.name: vpp_helpers.WatchAgent(
-        bed, n, *(("--metrics", f"127.0.0.1:{METRICS_PORT}") if n is n1 else ()))
-        for n in bed.nodes}
-    prometheus = Prometheus(bed, BASE / "prometheus")
+    # HTTPS with client certificates, as docs/operations.md#metrics says.
+    (BASE / "pki").mkdir(parents=True, exist_ok=True)
+    pki = make_pki(BASE / "pki")
+    metrics = ("--metrics", f"127.0.0.1:{METRICS_PORT}", "--metrics-tls-cert", str(pki.cert),
+               "--metrics-tls-key", str(pki.key), "--metrics-client-ca", str(pki.ca))
+    agents = {n.name: vpp_helpers.WatchAgent(bed, n, *(metrics if n is n1 else ()))
+              for n in bed.nodes}
+    prometheus = Prometheus(bed, BASE / "prometheus", pki)
     events: list[str] = []
     try:
         with vpp_helpers.running_agents(agents):
