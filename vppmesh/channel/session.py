@@ -77,18 +77,23 @@ Address = m.Address
 REKEY_AFTER = 120.0  # the session's initiator starts a new handshake after this
 REKEY_RESPONDER_SLACK = 10.0  # ... and the responder, if the initiator did not
 REJECT_AFTER = 180.0  # a session is never used, either way, after this
+# Retries back off to a short cap (WireGuard's REKEY_TIMEOUT is 5 s): the cap is how long
+# a pair whose messages an attacker dropped stays without a key after the attacker
+# stops, and a stopped pair (fail closed at its key's hard limit) carries no traffic
+# until then. A cap of 30 s kept pairs down up to 29 s after the drops ended (the storm).
 HANDSHAKE_RETRY = 0.25  # first retry of an unanswered handshake; doubles each time
-HANDSHAKE_RETRY_MAX = 30.0
+HANDSHAKE_RETRY_MAX = 5.0
 # The lower node number answers the peer's crossing handshake once this many of its own
 # went unanswered (see _receive_init).
 YIELD_AFTER = 2
 KEY_RETRY = 1.0  # first resend of an unanswered KeyInit; doubles each time
-KEY_RETRY_MAX = 30.0
+KEY_RETRY_MAX = 5.0
 CONFIRM_WAIT = 1.0  # a responder waiting this long for confirmation starts no handshake
 # An answered offer whose "installed" has not come after this long (doubling, up to
-# KEY_RETRY_MAX) is offered again with a fresh key: the receiver's agent that answered
+# INSTALL_WAIT_MAX) is offered again with a fresh key: the receiver's agent that answered
 # may have died before it installed the generation, and its successor knows nothing of it.
 INSTALL_WAIT = 10.0
+INSTALL_WAIT_MAX = 30.0
 KEEPALIVE_AFTER = 15.0  # send a keepalive when nothing was sent for this long
 # Towards a peer that needs no keepalives (PeerConfig.keepalive), a new acknowledgement is
 # repeated this many times, KEEPALIVE_AFTER apart; every new session carries it again.
@@ -352,7 +357,7 @@ def _handshake_retry(state: _Peer) -> float:
 def _install_wait(renewed: int) -> float:
     """How long an answered offer, renewed `renewed` times before, waits for its
     "installed"."""
-    return min(INSTALL_WAIT * 2 ** renewed, KEY_RETRY_MAX)
+    return min(INSTALL_WAIT * 2 ** renewed, INSTALL_WAIT_MAX)
 
 
 def _key_retry(tries: int) -> float:
