@@ -149,28 +149,26 @@ def secrecy_summary(pairs: Mapping[str, PairSecrecy], limit: int = 10) -> str:
 def psk_summary(pairs: Mapping[str, PairSecrecy], limit: int = 10) -> str:
     """One line: which PSK the pairs' channel sessions run on, by role here and id
     (keys.psk_id), so an operator rotating the PSK sees when every pair moved."""
-    by_psk: dict[str, list[str]] = {}
-    for name, pair in sorted(pairs.items()):
-        by_psk.setdefault(pair.channel_psk or "no session", []).append(name)
-    parts = []
-    for psk, names in sorted(by_psk.items()):
-        more = f" and {len(names) - limit} more" if len(names) > limit else ""
-        parts.append(f"{psk}: {', '.join(names[:limit])}{more}")
-    return "channel PSK: " + "; ".join(parts)
+    return _by_role("channel PSK", {n: p.channel_psk for n, p in pairs.items()}, limit)
 
 
 def key_summary(pairs: Mapping[str, PairSecrecy], limit: int = 10) -> str:
     """One line: which of this node's private keys (current, previous: during its key
     rotation) each pair's channel session authenticated, so the operator sees when
     KEY.previous may go (no peer left on `previous`)."""
-    by_key: dict[str, list[str]] = {}
-    for name, pair in sorted(pairs.items()):
-        by_key.setdefault(pair.channel_key or "no session", []).append(name)
+    return _by_role("channel key", {n: p.channel_key for n, p in pairs.items()}, limit)
+
+
+def _by_role(label: str, roles: Mapping[str, str | None], limit: int) -> str:
+    """`label: ROLE: peers; ...`, peers without a session under `no session`."""
+    grouped: dict[str, list[str]] = {}
+    for name, role in sorted(roles.items()):
+        grouped.setdefault(role or "no session", []).append(name)
     parts = []
-    for key, names in sorted(by_key.items()):
+    for role, names in sorted(grouped.items()):
         more = f" and {len(names) - limit} more" if len(names) > limit else ""
-        parts.append(f"{key}: {', '.join(names[:limit])}{more}")
-    return "channel key: " + "; ".join(parts)
+        parts.append(f"{role}: {', '.join(names[:limit])}{more}")
+    return f"{label}: " + "; ".join(parts)
 
 
 def crypto_status(api: VppApi, flags: frozenset[str] | None = None) -> CryptoStatus | None:
