@@ -22,10 +22,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from vppmesh.epochs import GenerationStore
 from vppmesh.keys import key_previous_file
 from vppmesh.lab.testbed import NodeHandle, Testbed
 from vppmesh.testing import vpp_helpers
+from vppmesh.testing.wait import wait_for
 
 pytestmark = [pytest.mark.vpp]
 PREFIX = "vkr-"
@@ -40,54 +40,6 @@ def bed() -> Iterator[Testbed]:
         yield bed
 
 
-class NodeAgent(vpp_helpers.WatchAgent):
-    """`up --watch` reading the node's own mesh file."""
-
-    def start(self) -> None:
-        mesh = self.node.dir / "mesh.yaml"
-        args = ["ip", "netns", "exec", self.node.netns, sys.executable, "-m", "vppmesh", "up",
-                "--watch", "--mesh", str(mesh), "--node", self.node.name, "--api-socket",
-                str(self.node.instance.api_socket), *self.bed.state_args(self.node)]
-        with self.log.open("ab") as out:
-            self.proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT)
-
-
-def wait_until(what: str, predicate: Callable[[], bool], timeout: float) -> float:
-    started = time.monotonic()
-    while not predicate():
-        assert time.monotonic() - started < timeout, f"{what}: not within {timeout:.0f} s"
-        time.sleep(0.2)
-    return time.monotonic() - started
-
-
-def own(node: NodeHandle, *, key: bool = False) -> list[str]:
-    """The node's own mesh file (the last --mesh wins), its state (and key)."""
-    return ["--mesh", str(node.dir / "mesh.yaml"), "--state-dir", str(node.dir),
-            *(["--key", str(node.key_file)] if key else [])]
-
-
-def sending(node: NodeHandle, peer: NodeHandle) -> int:
-    return GenerationStore(node.dir, node.name).load().peers[peer.name].out
-
-
-def rekey_agreed(bed: Testbed, node: NodeHandle) -> float:
-    """`vppmesh rekey` on the node; seconds until both its pairs send on a newer key."""
-    others = [n for n in bed.nodes if n is not node]
-    before = {p.name: sending(node, p) for p in others}
-    started = time.monotonic()
-    out = bed.run_vppmesh(node, "rekey", *own(node, key=True), check=False)
-    assert out.returncode == 0, out.stdout + out.stderr
-    wait_until(f"rekey of {node.name} agreed with {[p.name for p in others]}",
-               lambda: all(sending(node, p) > before[p.name] for p in others), 30)
-    return time.monotonic() - started
-
-
-def channel_keys(bed: Testbed, node: NodeHandle) -> str:
-    out = bed.run_vppmesh(node, "status", *own(node), check=False).stdout
-    found = re.search(r"^.*channel key: .*$", out, re.M)
-    return found.group(0) if found else ""
-
-
 def publish(bed: Testbed, node: NodeHandle, rotating: NodeHandle, public_key: str) -> None:
     """Step 2 on `node`: its own mesh file names the rotating node's new key."""
     data = yaml.safe_load((node.dir / "mesh.yaml").read_text())
@@ -97,11 +49,15 @@ def publish(bed: Testbed, node: NodeHandle, rotating: NodeHandle, public_key: st
     (node.dir / "mesh.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
 
 
+
+def wait_until(what: str, predicate: Callable[[], bool], timeout: float) -> float:
+    return wait_for(predicate, timeout, what, interval=0.2)
+
 def test_key_rotation_step_by_step_loses_no_packet(bed: Testbed) -> None:
     n1, n2, n3 = bed.nodes
     for node in bed.nodes:
         (node.dir / "mesh.yaml").write_text(bed.mesh_file.read_text())
-    agents = {n.name: NodeAgent(bed, n) for n in bed.nodes}
+    agents = {n.name: vpp_helpers.OwnMeshAgent(bed, n) for n in bed.nodes}
     events: list[str] = []
     with vpp_helpers.running_agents(agents):
         wait_until("every pair on agreed keys",
@@ -123,31 +79,32 @@ def test_key_rotation_step_by_step_loses_no_packet(bed: Testbed) -> None:
             assert out.returncode == 0, out.stdout + out.stderr
             new_public = out.stdout.strip().splitlines()[0]
             wait_until("node 2's peers on its previous key", lambda: "previous: " in
-                       channel_keys(bed, n2), 30)
-            took = rekey_agreed(bed, n2)
+                       vpp_helpers.status_line(bed, n2, "channel key"), 30)
+            took = vpp_helpers.rekey_agreed(bed, n2)
             events.append(f"t+{time.monotonic() - t0:.1f} s rotated on n2; rekey agreed in "
                           f"{took:.1f} s")
             # 2. The new public key in each node's mesh file, one node at a time.
             for node in (n1, n2, n3):
                 publish(bed, node, n2, new_public)
                 time.sleep(5)  # the agents read the file and meet under the new key
-                took = rekey_agreed(bed, n2)
+                took = vpp_helpers.rekey_agreed(bed, n2)
                 events.append(f"t+{time.monotonic() - t0:.1f} s published at {node.name}: "
                               f"rekey of n2 agreed in {took:.1f} s")
             wait_until("no peer on node 2's previous key", lambda: "previous" not in
-                       channel_keys(bed, n2) and "current: " in channel_keys(bed, n2), 200)
+                       vpp_helpers.status_line(bed, n2, "channel key") and "current: " in
+                       vpp_helpers.status_line(bed, n2, "channel key"), 200)
             # 3. KEY.previous removed.
             key_previous_file(n2.key_file).unlink()
             for node in bed.nodes:
-                took = rekey_agreed(bed, node)
+                took = vpp_helpers.rekey_agreed(bed, node)
                 events.append(f"t+{time.monotonic() - t0:.1f} s previous key removed: "
                               f"rekey of {node.name} agreed in {took:.1f} s")
         finally:
             for ping in pings:
                 ping.__exit__(None, None, None)
         for node in bed.nodes:
-            out = bed.run_vppmesh(node, "verify", "--require-forward-secrecy", *own(node),
-                                  check=False)
+            out = bed.run_vppmesh(node, "verify", "--require-forward-secrecy",
+                                  *vpp_helpers.own_args(node), check=False)
             assert out.returncode == 0, out.stdout + out.stderr
             assert "did not vouch" not in agents[node.name].text()
     for line in events:

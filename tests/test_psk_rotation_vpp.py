@@ -15,8 +15,6 @@ from __future__ import annotations
 import base64
 import os
 import re
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -27,6 +25,7 @@ import yaml
 from vppmesh.keys import write_secret_file
 from vppmesh.lab.testbed import NodeHandle, Testbed
 from vppmesh.testing import vpp_helpers
+from vppmesh.testing.wait import wait_for
 
 pytestmark = [pytest.mark.vpp]
 PREFIX = "vpr-"
@@ -41,18 +40,6 @@ def bed() -> Iterator[Testbed]:
         yield bed
 
 
-class NodeAgent(vpp_helpers.WatchAgent):
-    """`up --watch` reading the node's own mesh file (which names the node's PSK file)."""
-
-    def start(self) -> None:
-        mesh = self.node.dir / "mesh.yaml"
-        args = ["ip", "netns", "exec", self.node.netns, sys.executable, "-m", "vppmesh", "up",
-                "--watch", "--mesh", str(mesh), "--node", self.node.name, "--api-socket",
-                str(self.node.instance.api_socket), *self.bed.state_args(self.node)]
-        with self.log.open("ab") as out:
-            self.proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT)
-
-
 def new_psk() -> str:
     return base64.b64encode(os.urandom(32)).decode()
 
@@ -61,37 +48,9 @@ def psk(node: NodeHandle, suffix: str = "") -> Path:
     return node.dir / f"psk{suffix}"
 
 
+
 def wait_until(what: str, predicate: Callable[[], bool], timeout: float) -> float:
-    started = time.monotonic()
-    while not predicate():
-        assert time.monotonic() - started < timeout, f"{what}: not within {timeout:.0f} s"
-        time.sleep(0.2)
-    return time.monotonic() - started
-
-
-def own(node: NodeHandle, *, key: bool = False) -> list[str]:
-    """The node's own mesh file (the last --mesh wins), its state (and key)."""
-    return ["--mesh", str(node.dir / "mesh.yaml"), "--state-dir", str(node.dir),
-            *(["--key", str(node.dir / "private.key")] if key else [])]
-
-
-def rekey_agreed(bed: Testbed, node: NodeHandle) -> float:
-    """`vppmesh rekey` on the node; seconds until both its pairs send on a newer key."""
-    others = [n for n in bed.nodes if n is not node]
-    before = {p.name: vpp_helpers.sending(node, p) for p in others}
-    started = time.monotonic()
-    out = bed.run_vppmesh(node, "rekey", *own(node, key=True), check=False)
-    assert out.returncode == 0, out.stdout + out.stderr
-    wait_until(f"rekey of {node.name} agreed with {[p.name for p in others]}",
-               lambda: all(vpp_helpers.sending(node, p) > before[p.name] for p in others), 30)
-    return time.monotonic() - started
-
-
-def channel_psks(bed: Testbed, node: NodeHandle) -> str:
-    out = bed.run_vppmesh(node, "status", *own(node), check=False).stdout
-    found = re.search(r"^.*channel PSK: .*$", out, re.M)
-    return found.group(0) if found else ""
-
+    return wait_for(predicate, timeout, what, interval=0.2)
 
 def test_psk_rotation_step_by_step_loses_no_packet(bed: Testbed) -> None:
     n1, n2, n3 = bed.nodes
@@ -101,7 +60,7 @@ def test_psk_rotation_step_by_step_loses_no_packet(bed: Testbed) -> None:
         data = yaml.safe_load(bed.mesh_file.read_text())
         data["settings"]["psk_file"] = str(psk(node))
         (node.dir / "mesh.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
-    agents = {n.name: NodeAgent(bed, n) for n in bed.nodes}
+    agents = {n.name: vpp_helpers.OwnMeshAgent(bed, n) for n in bed.nodes}
     events: list[str] = []
     with vpp_helpers.running_agents(agents):
         wait_until("every pair on agreed keys",
@@ -124,7 +83,7 @@ def test_psk_rotation_step_by_step_loses_no_packet(bed: Testbed) -> None:
                 wait_until(f"{node.name} holds the next PSK",
                            lambda node=node, logged=logged:
                            agents[node.name].text().count("PSKs held now") > logged, 15)
-            took = rekey_agreed(bed, n1)
+            took = vpp_helpers.rekey_agreed(bed, n1)
             events.append(f"t+{time.monotonic() - t0:.1f} s staged on every node; rekey of "
                           f"n1 agreed in {took:.1f} s")
             # 2. Promoted node by node: PSK.previous keeps the old one.
@@ -132,25 +91,26 @@ def test_psk_rotation_step_by_step_loses_no_packet(bed: Testbed) -> None:
                 os.link(psk(node), psk(node, ".previous.tmp"))
                 os.replace(psk(node, ".previous.tmp"), psk(node, ".previous"))
                 os.replace(psk(node, ".next"), psk(node))
-                took = rekey_agreed(bed, node)
+                took = vpp_helpers.rekey_agreed(bed, node)
                 events.append(f"t+{time.monotonic() - t0:.1f} s {node.name} promoted: its "
                               f"rekey agreed with both peers in {took:.1f} s")
             # 3. The old PSK dropped everywhere.
             for node in bed.nodes:
                 psk(node, ".previous").unlink()
             for node in bed.nodes:
-                took = rekey_agreed(bed, node)
+                took = vpp_helpers.rekey_agreed(bed, node)
                 events.append(f"t+{time.monotonic() - t0:.1f} s old PSK dropped: rekey of "
                               f"{node.name} agreed in {took:.1f} s")
             wait_until("every channel session on the new PSK", lambda: all(
-                "previous" not in channel_psks(bed, n) and "current" in channel_psks(bed, n)
+                "previous" not in vpp_helpers.status_line(bed, n, "channel PSK")
+                and "current" in vpp_helpers.status_line(bed, n, "channel PSK")
                 for n in bed.nodes), 60)
         finally:
             for ping in pings:
                 ping.__exit__(None, None, None)
         for node in bed.nodes:
-            out = bed.run_vppmesh(node, "verify", "--require-forward-secrecy", *own(node),
-                                  check=False)
+            out = bed.run_vppmesh(node, "verify", "--require-forward-secrecy",
+                                  *vpp_helpers.own_args(node), check=False)
             assert out.returncode == 0, out.stdout + out.stderr
     for line in events:
         print("  ", line)

@@ -238,6 +238,48 @@ class WatchAgent:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
 
 
+class OwnMeshAgent(WatchAgent):
+    """`up --watch` reading the node's own copy of the mesh file (`<node dir>/mesh.yaml`):
+    a rotation's steps reach the nodes one at a time, as files copied to real hosts do."""
+
+    def start(self) -> None:
+        args = ["ip", "netns", "exec", self.node.netns, sys.executable, "-m", "vppmesh", "up",
+                "--watch", *own_args(self.node), "--node", self.node.name, "--api-socket",
+                str(self.node.instance.api_socket), "--key", str(self.node.key_file),
+                *self.extra]
+        with self.log.open("ab") as out:
+            self.proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT)
+
+
+def own_args(node: NodeHandle, *, key: bool = False) -> list[str]:
+    """The node's own mesh file (after the testbed's arguments: the last --mesh wins), its
+    state (and key)."""
+    return ["--mesh", str(node.dir / "mesh.yaml"), "--state-dir", str(node.dir),
+            *(["--key", str(node.key_file)] if key else [])]
+
+
+def rekey_agreed(bed: Testbed, node: NodeHandle) -> float:
+    """`vppmesh rekey` on the node (its own mesh file); seconds until every pair of it
+    sends on a newer key."""
+    from vppmesh.testing.wait import wait_for
+
+    others = [n for n in bed.nodes if n is not node]
+    before = {p.name: sending(node, p) for p in others}
+    started = time.monotonic()
+    out = bed.run_vppmesh(node, "rekey", *own_args(node, key=True), check=False)
+    assert out.returncode == 0, out.stdout + out.stderr
+    wait_for(lambda: all(sending(node, p) > before[p.name] for p in others), 30,
+             f"rekey of {node.name} agreed with {[p.name for p in others]}", interval=0.2)
+    return time.monotonic() - started
+
+
+def status_line(bed: Testbed, node: NodeHandle, label: str) -> str:
+    """The line of the node's `vppmesh status` that starts with `label:` ("" if none)."""
+    out = bed.run_vppmesh(node, "status", *own_args(node), check=False).stdout
+    found = re.search(rf"^.*{re.escape(label)}: .*$", out, re.M)
+    return found.group(0) if found else ""
+
+
 Agents = TypeVar("Agents", bound=dict[str, WatchAgent])
 
 
