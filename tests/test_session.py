@@ -366,3 +366,51 @@ def test_up_watch_makes_its_first_run_once_through_the_loop_and_reports_it(
     assert result.exit_code == 0, result.output
     assert one_shot == [] and len(runs) == 3
     assert result.output.count("node n1: 0 change(s)") == 1  # the first run, said once
+
+
+def test_watch_reads_the_mesh_file_once_per_change(tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """One `up --watch` loop (AgentLoop over a Session) against the fake VPP: the mesh file
+    is parsed on the first run and once after each change, never on runs where it did not
+    change (a 1000-peer file costs far more to parse than a poll), and each change reaches
+    VPP in the run that read it. Full runs, which read it again on purpose, are kept out
+    of the window (full_every is long)."""
+    import vppmesh.node as node_module
+    from vppmesh.watch import AgentLoop
+
+    reads: list[Path] = []
+    real_load = node_module.load_mesh
+
+    def counted(path: Path):  # type: ignore[no-untyped-def]
+        reads.append(path)
+        return real_load(path)
+
+    monkeypatch.setattr(node_module, "load_mesh", counted)
+    mesh, secrets = make_mesh(6, 2)
+    mesh_file = tmp_path / "mesh.yaml"
+    mesh_file.write_text(dump_mesh(mesh.model_copy(update={"nodes": mesh.nodes[:4]})))
+    key = tmp_path / "node1.key"
+    write_secret_file(key, private_key_b64(secrets["node1"].private_key))
+    options = NodeOptions(mesh_file=mesh_file, node="node1", private_key=key,
+                          host_link="none", workers=0, state_dir=tmp_path)
+    vpp = FakeVpp.with_uplink(mesh.node("node1").primary)
+    loop = AgentLoop(Session(options, full_every=3600.0, connect=lambda: vpp),  # type: ignore[arg-type]
+                     options)
+    tunnels: list[int] = []
+
+    def ticks():  # type: ignore[no-untyped-def]
+        for step in range(12):
+            if step == 4:  # node5 joins
+                mesh_file.write_text(dump_mesh(mesh.model_copy(
+                    update={"nodes": mesh.nodes[:5]})))
+            if step == 8:  # node5 leaves, node6 joins (the same size: a rewrite, not a grow)
+                mesh_file.write_text(dump_mesh(mesh.model_copy(
+                    update={"nodes": mesh.nodes[:4] + mesh.nodes[5:]})))
+            before = len(reads)
+            yield step
+            tunnels.append(len(vpp.tunnels))
+            assert len(reads) - before == (1 if step in (0, 4, 8) else 0), step
+
+    loop.run(ticks())
+    assert len(reads) == 3
+    assert tunnels[3] == 3 * 2 and tunnels[4] == 4 * 2 and tunnels[8] == 4 * 2
