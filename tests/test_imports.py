@@ -200,3 +200,74 @@ def test_the_test_support_checks_find_what_they_forbid(tmp_path: Path) -> None:
     product.write_text("def f():\n    from vppmesh.testing import fake_vpp\n")
     known = {"vppmesh.m", "vppmesh.testing", "vppmesh.testing.fake_vpp"}
     assert "vppmesh.testing.fake_vpp" in imports("vppmesh.m", product, known)
+
+
+# ---- uplink drivers: one module each, no driver branch outside them -------------------------
+
+DRIVER_NAMES = {"af_packet", "af_xdp", "avf", "dpdk"}
+DRIVER_MODULES = {f"vppmesh.uplink.{m}" for m in ("base", "af_packet", "af_xdp", "avf", "dpdk")}
+# The same words name other things elsewhere: a host link's or pod's attachment (`kind`,
+# `attachment`: "af_packet") and VPP's plugins (`plugins`: "dpdk").
+OTHER_MEANINGS = ("kind", "attachment", "plugins")
+
+
+def driver_literals(node: ast.AST) -> set[str]:
+    """The driver names a string literal, or a literal tuple/list/set of them, spells."""
+    if isinstance(node, ast.Constant) and isinstance(node.value, str):
+        return {node.value} & DRIVER_NAMES
+    if isinstance(node, ast.Tuple | ast.List | ast.Set):
+        return {name for element in node.elts for name in driver_literals(element)}
+    return set()
+
+
+def names_a_driver(node: ast.AST) -> bool:
+    """`spec.driver`, `driver`, `uplink_driver`, NIC_IN_VPP and the like."""
+    return any((isinstance(n, ast.Name) and ("driver" in n.id or n.id == "NIC_IN_VPP"))
+               or (isinstance(n, ast.Attribute) and ("driver" in n.attr
+                                                      or n.attr == "NIC_IN_VPP"))
+               for n in ast.walk(node))
+
+
+def driver_branches(path: Path) -> list[str]:
+    """Every comparison (`==`, `in`, `match`) of a driver's configured name in the file:
+    with a driver-name literal (unless the other side is one of OTHER_MEANINGS), or of
+    anything named after the driver."""
+    found: list[tuple[int, str]] = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Compare):
+            operands = [node.left, *node.comparators]
+        elif isinstance(node, ast.Match):
+            operands = [node.subject, *(c.pattern.value for c in node.cases
+                                        if isinstance(c.pattern, ast.MatchValue))]
+        else:
+            continue
+        others = [o for o in operands if not driver_literals(o)]
+        literal = any(driver_literals(o) for o in operands) and not any(
+            ast.unparse(o).endswith(OTHER_MEANINGS) for o in others)
+        if literal or any(names_a_driver(o) for o in operands):
+            found.append((node.lineno, f"{path.name}:{node.lineno}: "
+                                       f"{ast.unparse(node).splitlines()[0]}"))
+    return [place for _, place in sorted(found)]
+
+
+def test_no_driver_name_is_compared_outside_the_uplink_drivers() -> None:
+    known = modules()
+    assert set(known) >= DRIVER_MODULES
+    found = [b for name, path in sorted(known.items()) if name not in DRIVER_MODULES
+             for b in driver_branches(path)]
+    assert found == []
+
+
+def test_the_driver_branch_check_finds_what_it_forbids(tmp_path: Path) -> None:
+    source = tmp_path / "m.py"
+    source.write_text(
+        "if spec.driver == 'af_packet': pass\n"
+        "if driver in ('avf', 'dpdk'): pass\n"
+        "if saved.spec.driver not in NIC_IN_VPP: pass\n"
+        "if name == 'af_xdp': pass\n"
+        "match spec.driver:\n    case 'avf': pass\n"
+        "if spec.kind == 'af_packet': pass\n"  # a host link's attachment
+        "if 'dpdk' in profile.plugins: pass\n"  # a VPP plugin
+        "if driver_for(spec).nic_in_vpp: pass\n")  # asking the driver: no comparison
+    assert [b.partition(": ")[0] for b in driver_branches(source)] == [
+        "m.py:1", "m.py:2", "m.py:3", "m.py:4", "m.py:5"]

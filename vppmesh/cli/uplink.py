@@ -46,7 +46,7 @@ def uplink_take(
     try:
         client = VppClient(api_socket).connect()
     except VppUnavailableError as exc:
-        if spec.driver not in uplink.NIC_IN_VPP:
+        if not uplink.driver_for(spec).nic_in_vpp:
             raise fail(str(exc)) from None
         # avf/dpdk: VPP binds the NIC when it starts; its Linux configuration is saved now.
         try:

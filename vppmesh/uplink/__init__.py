@@ -28,6 +28,9 @@ without a running VPP. Whatever stops VPP, release_all gives an af_packet/af_xdp
 at once, run by what outlives VPP: `vppmesh vpp-run` (vpprun.py) in a container, the
 vpp.service drop-in on a host, and the agent. VPP gets the host's gateway routes (IPv4)
 through the BVI, so it reaches peers beyond the uplink's subnets the way the host did.
+
+What differs by driver is a `Driver` (base.py), one module each (af_packet.py, af_xdp.py,
+avf.py, dpdk.py); DRIVERS maps the configured name to it.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ import json
 import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -48,18 +52,23 @@ from pyroute2.netlink.exceptions import NetlinkError
 from vppmesh import host as linux
 from vppmesh import preflight
 from vppmesh.errors import ConfigError, HostError
+from vppmesh.uplink.af_packet import AfPacket
+from vppmesh.uplink.af_xdp import AfXdp
+from vppmesh.uplink.avf import Avf
+from vppmesh.uplink.base import IFF_PROMISC, Driver, set_promisc
+from vppmesh.uplink.dpdk import Dpdk
 from vppmesh.vpp import host_interfaces, interfaces, l2, routes
 from vppmesh.vpp.client import Request, VppApi
 
 UplinkDriver = Literal["af_packet", "af_xdp", "avf", "dpdk"]
-NIC_IN_VPP = ("avf", "dpdk")  # drivers for which startup.conf hands VPP the NIC
+DRIVERS: dict[str, Driver] = {d.name: d for d in (AfPacket(), AfXdp(), Avf(), Dpdk())}
+NIC_IN_VPP = tuple(n for n, d in DRIVERS.items() if d.nic_in_vpp)  # startup.conf's NICs
 HostLinkKind = Literal["auto", "tap", "veth"]
 BRIDGE_DOMAIN = 7171
 TAG_NIC = "vppmesh-uplink:nic"
 TAG_HOST = "vppmesh-uplink:host"
 TAG_BVI = "vppmesh-uplink:bvi"
 LOCK_FILE = "uplink.lock"  # in the state directory: see locked()
-IFF_PROMISC = 0x100
 RTPROT_KERNEL = 2
 RT_TABLE_LOCAL = 255
 RT_TABLE_MAIN = 254
@@ -134,6 +143,11 @@ class SavedUplink(BaseModel):
         return f"{self.ifname[:11]}-vpp"
 
 
+def driver_for(spec: UplinkSpec) -> Driver:
+    """The driver the spec names."""
+    return DRIVERS[spec.driver]
+
+
 def state_file(state_dir: Path, ifname: str) -> Path:
     return state_dir / f"uplink-{ifname}.json"
 
@@ -172,12 +186,9 @@ def capture(ifname: str, spec: UplinkSpec, host_link: Literal["tap", "veth"]) ->
     with IPRoute() as ipr:
         index = _index(ipr, ifname)
         if index is None:
-            later = (f"; with {spec.driver} save its configuration before VPP takes it: "
-                     f"`vppmesh uplink take --interface {ifname} --driver {spec.driver} "
-                     "--vpp-interface PORT` while VPP is stopped"
-                     if spec.driver in NIC_IN_VPP else "")
             raise HostError(f"uplink {ifname!r} not found in this namespace; name the NIC "
-                            f"that carries the host's address{later}")
+                            "that carries the host's address"
+                            f"{driver_for(spec).not_found_hint(ifname)}")
         link = ipr.get_links(index)[0]
         addresses = [
             SavedAddress(family=a["family"], address=a.get_attr("IFA_ADDRESS"),
@@ -200,10 +211,6 @@ def capture(ifname: str, spec: UplinkSpec, host_link: Literal["tap", "veth"]) ->
                        mtu=link.get_attr("IFLA_MTU"), up=bool(link["flags"] & 1),
                        promisc=bool(link["flags"] & IFF_PROMISC), addresses=addresses,
                        routes=routes, nic_name=nic_name(ifname), host_link=host_link)
-
-
-def _set_promisc(ipr: Any, index: int, on: bool) -> None:
-    ipr.link("set", index=index, flags=IFF_PROMISC if on else 0, change=IFF_PROMISC)
 
 
 def apply_addresses_and_routes(ipr: Any, index: int, saved: SavedUplink) -> None:
@@ -237,40 +244,12 @@ def apply_addresses_and_routes(ipr: Any, index: int, saved: SavedUplink) -> None
 # ---- VPP ------------------------------------------------------------------------------
 def nic_request(saved: SavedUplink) -> Request | None:
     """The API call that gives VPP the NIC (None: startup.conf gave it at VPP start)."""
-    spec = saved.spec
-    if spec.driver == "af_packet":
-        return host_interfaces.create_af_packet(saved.nic_name, saved.mac, spec.queues)
-    if spec.driver == "af_xdp":
-        return Request("af_xdp_create_v3", {
-            "host_if": saved.nic_name, "name": f"xdp-{saved.ifname}", "rxq_num": spec.queues,
-            "rxq_size": 0, "txq_size": 0, "mode": 0, "flags": 0, "prog": "", "netns": "",
-        }, f"af_xdp {saved.nic_name}")
-    return None
-
-
-def _vpp_nic(api: VppApi, saved: SavedUplink) -> int:
-    request = nic_request(saved)
-    if request is not None:
-        return int(api.call(request).sw_if_index)
-    wanted = saved.spec.vpp_interface
-    found = next((i for i in interfaces.dump_interfaces(api) if i.name == wanted), None)
-    if found is None:
-        raise ConfigError(
-            f"driver {saved.spec.driver}: VPP has no interface {wanted!r}; give the NIC to "
-            "VPP in startup.conf (profile `devices:` for iavf, `dpdk_devices:` for dpdk) "
-            "and name that port with --vpp-interface")
-    return found.sw_if_index
-
-
-def _check_spec(spec: UplinkSpec) -> None:
-    if spec.driver in NIC_IN_VPP and spec.vpp_interface is None:
-        raise ConfigError(f"driver {spec.driver}: name VPP's port (the port name of the "
-                          "profile's device, e.g. uplink0) with --vpp-interface")
+    return driver_for(saved.spec).request(saved)
 
 
 def save(spec: UplinkSpec, state_dir: Path) -> SavedUplink:
     """Record the NIC's Linux configuration only (avf/dpdk, before VPP binds the NIC)."""
-    _check_spec(spec)
+    driver_for(spec).check(spec)
     path = state_file(state_dir, spec.interface)
     if path.exists():
         return SavedUplink.model_validate_json(path.read_text())
@@ -305,7 +284,7 @@ def take(api: VppApi, spec: UplinkSpec, state_dir: Path, *,
 
     Refused before anything is touched when VPP's addresses are the host's own or
     `underlay_mtu` (the mesh's settings.underlay_mtu) is above the NIC's MTU."""
-    _check_spec(spec)
+    driver_for(spec).check(spec)
     path = state_file(state_dir, spec.interface)
     if path.exists():
         saved = SavedUplink.model_validate_json(path.read_text())
@@ -330,22 +309,12 @@ def take(api: VppApi, spec: UplinkSpec, state_dir: Path, *,
 
 
 def _take(api: VppApi, saved: SavedUplink) -> None:
-    # Linux: the NIC loses its addresses (and so its routes) and its name.
+    driver = driver_for(saved.spec)
     with IPRoute() as ipr:
         index = _index(ipr, saved.ifname)
-        if index is not None and saved.spec.driver in ("af_packet", "af_xdp"):
-            ipr.flush_addr(index=index)
-            ipr.link("set", index=index, state="down")
-            ipr.link("set", index=index, ifname=saved.nic_name)
-            if saved.spec.driver == "af_packet":
-                # Linux sees every frame VPP reads with af_packet: with the host's MAC it
-                # would take the host's frames itself too, and the host got each twice
-                # (directly and across VPP's bridge). Promiscuous, the NIC still hands
-                # VPP the frames for the host's MAC; restore() gives the MAC back.
-                ipr.link("set", index=index, address=linux.vpp_end_mac(saved.mac))
-            ipr.link("set", index=index, state="up")
-            _set_promisc(ipr, index, True)
-    nic = _vpp_nic(api, saved)
+        if index is not None:
+            driver.hand_over(ipr, index, saved)
+    nic = driver.vpp_port(api, saved)
     # The host's link, named like the NIC.
     if saved.host_link == "tap":
         host = api.call(host_interfaces.create_tap(
@@ -403,6 +372,7 @@ def restore(api: VppApi | None, state_dir: Path, ifname: str) -> list[str]:
     if not path.exists():
         return []
     saved = SavedUplink.model_validate_json(path.read_text())
+    driver = driver_for(saved.spec)
     done: list[str] = []
     if api is not None:
         found = {i.tag: i for i in interfaces.dump_interfaces(api)
@@ -434,11 +404,8 @@ def restore(api: VppApi | None, state_dir: Path, ifname: str) -> list[str]:
         opened = host_interfaces.dump_af_packet(api)
         if saved.host_link == "veth" and saved.veth_peer in opened:
             api.call(host_interfaces.delete_af_packet(saved.veth_peer))
-        if saved.spec.driver == "af_packet" and saved.nic_name in opened:
-            api.call(host_interfaces.delete_af_packet(saved.nic_name))
-        elif saved.spec.driver == "af_xdp" and TAG_NIC in found:
-            api.call(Request("af_xdp_delete", {"sw_if_index": found[TAG_NIC].sw_if_index},
-                             f"af_xdp {saved.nic_name}", tolerate=interfaces.NOT_FOUND))
+        driver.delete_port(api, saved, found[TAG_NIC].sw_if_index if TAG_NIC in found
+                           else None, opened)
         done.append("VPP: uplink bridge, BVI, host link and NIC interface")
     if saved.host_link == "veth" and linux.remove_link(saved.veth_peer):
         done.append(f"linux link {saved.ifname} (host veth)")
@@ -448,19 +415,9 @@ def restore(api: VppApi | None, state_dir: Path, ifname: str) -> list[str]:
             ipr.link("set", index=index, state="down")
             ipr.link("set", index=index, ifname=saved.ifname)
         index = _index(ipr, saved.ifname)
-        if index is None and saved.spec.driver in NIC_IN_VPP:
-            # Still bound to vfio-pci: only its kernel driver gives Linux the NIC back.
-            saved.taken = False
-            path.write_text(saved.model_dump_json(indent=2))
-            done.append(f"{saved.ifname} is still bound to VPP's driver ({saved.spec.driver}): "
-                        "bind it to its kernel driver again, then run `vppmesh uplink "
-                        f"restore`; its configuration stays in {path}")
-            return done
         if index is None:
-            raise HostError(f"the NIC {saved.ifname} is not here to restore (driver "
-                            f"{saved.spec.driver}: give it back to the kernel driver first); "
-                            f"its configuration stays saved in {path}")
-        _set_promisc(ipr, index, saved.promisc)
+            return done + driver.not_in_linux(saved, path)
+        set_promisc(ipr, index, saved.promisc)
         ipr.link("set", index=index, mtu=saved.mtu, address=saved.mac)
         if saved.up:
             ipr.link("set", index=index, state="up")
@@ -487,24 +444,16 @@ def ensure(api: VppApi, spec: UplinkSpec, state_dir: Path, primary: IPInterface,
     if not spec.vpp_addresses:
         spec = spec.model_copy(update={"vpp_addresses": (primary,)})
     name = bvi_name(api)
-    if state_file(state_dir, spec.interface).exists() and name is None:
-        if spec.driver in NIC_IN_VPP:  # a new VPP has the port again: take it over anew
-            _mark_untaken(state_dir, spec.interface)
-        else:
-            restore(None, state_dir, spec.interface)
+    path = state_file(state_dir, spec.interface)
+    if path.exists() and name is None:
+        driver_for(spec).vpp_restarted(SavedUplink.model_validate_json(path.read_text()), path,
+                                       lambda: restore(None, state_dir, spec.interface))
     if name is None:
         take(api, spec, state_dir, underlay_mtu=underlay_mtu)
         name = bvi_name(api)
     if name is None:
         raise HostError(f"uplink takeover of {spec.interface}: no BVI in VPP afterwards")
     return name
-
-
-def _mark_untaken(state_dir: Path, ifname: str) -> None:
-    path = state_file(state_dir, ifname)
-    saved = SavedUplink.model_validate_json(path.read_text())
-    saved.taken = False
-    path.write_text(saved.model_dump_json(indent=2))
 
 
 @contextmanager
@@ -524,8 +473,8 @@ def locked(state_dir: Path) -> Iterator[None]:
 def releasable(state_dir: Path) -> list[str]:
     """The saved NICs Linux can have back while VPP is away (af_packet, af_xdp)."""
     return [ifname for ifname in saved_uplinks(state_dir)
-            if SavedUplink.model_validate_json(state_file(state_dir, ifname).read_text()
-                                               ).spec.driver not in NIC_IN_VPP]
+            if not driver_for(SavedUplink.model_validate_json(
+                state_file(state_dir, ifname).read_text()).spec).nic_in_vpp]
 
 
 def release_all(state_dir: Path) -> list[str]:
@@ -540,9 +489,6 @@ def release_all(state_dir: Path) -> list[str]:
     with locked(state_dir):
         for ifname in saved_uplinks(state_dir):
             saved = SavedUplink.model_validate_json(state_file(state_dir, ifname).read_text())
-            if saved.spec.driver in NIC_IN_VPP:
-                done.append(f"{ifname} stays bound to VPP's {saved.spec.driver} driver until "
-                            "VPP is back (the host has no link through it meanwhile)")
-                continue
-            done += restore(None, state_dir, ifname)
+            done += driver_for(saved.spec).vpp_gone(
+                saved, partial(restore, None, state_dir, ifname))
     return done
