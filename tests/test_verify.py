@@ -84,7 +84,7 @@ def test_spi_fields_round_trip() -> None:
 
 
 def test_capture_after_an_uplink_takeover_records_the_nic_not_the_bvi() -> None:
-    """With the NIC taken (uplink.py), VPP's underlay addresses sit on the bridge's BVI,
+    """With the NIC taken (vppmesh/uplink/), VPP's underlay addresses sit on the bridge's BVI,
     a loopback: the wire, where clear text would show, is the bridged NIC."""
     from vppmesh.testing.fake_vpp import FakeVpp
     from vppmesh.uplink import TAG_NIC

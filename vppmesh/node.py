@@ -60,7 +60,7 @@ class NodeOptions:
     uplink: str | None = None
     workers: int | None = None  # None: ask VPP
     state_dir: Path = Path("/var/lib/vppmesh")
-    take_uplink: UplinkSpec | None = None  # hand this NIC to VPP first (uplink.py)
+    take_uplink: UplinkSpec | None = None  # hand this NIC to VPP first (vppmesh/uplink/)
     crypto_engine: str = engines.AUTO  # AES-GCM-256 engine (vppmesh/engines.py)
     # The CNI plugin's attachment records (its stateDir): pods the agent re-attaches
     # after a VPP restart. None: the agent leaves pods alone.

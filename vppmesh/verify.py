@@ -262,7 +262,7 @@ def read_packets(reader: StatsReader | None, indexes: list[int]) -> dict[int, in
 
 def find_uplink_interface(api: VppApi, local: Node) -> interfaces.Interface:
     ifaces = interfaces.dump_interfaces(api)
-    # After an uplink takeover the wire is the NIC VPP bridges (uplink.py); VPP's own
+    # After an uplink takeover the wire is the NIC VPP bridges (vppmesh/uplink/); VPP's own
     # addresses sit on the bridge's BVI, which sees only VPP's side of the traffic.
     taken = next((i for i in ifaces if i.tag == TAG_NIC), None)
     if taken is not None:
