@@ -141,7 +141,7 @@ def analyse(storm: Storm, records: list[dict[str, Any]], *, seed: int, minutes: 
                 stall["dst"] = node.name
                 stalls.append(stall)
     analysis.attribute(records, gaps, stalls, storm.key_samples, PING_INTERVAL, end)
-    nodes = {str(a.ip) for n in storm.bed.nodes for a in n.underlay}
+    nodes = analysis.underlay_addresses(storm.bed.nodes)
     capture = analysis.check_capture(storm.capture_path, nodes, {OUTSIDE}, records) \
         if storm.capture_path.exists() else {"counts": {}, "clear": [], "other_examples": []}
     over = [{"t": s["t"], "pair": p, "age": v["age"]} for s in storm.key_samples
