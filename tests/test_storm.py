@@ -296,3 +296,25 @@ def test_nat_variant_adds_conntrack_flushes_and_leaves_the_plain_schedule_as_it_
     flushes = [f for f in nat if f.kind == "nat_flush"]
     assert len(flushes) >= 2 and all(f.duration == 0.0 for f in flushes)
     assert flushes[0].describe() == "nat_flush on the NAT router"
+
+
+def test_datastore_variant_restarts_etcd_several_times_and_replays_from_its_seed() -> None:
+    plain = schedule.build(11, minutes=30, nodes=4)
+    assert plain == schedule.build(11, minutes=30, nodes=4, datastore=False)
+    assert not any(f.kind in schedule.DATASTORE_KINDS for f in plain)
+    for quick, minutes in ((False, 30.0), (True, schedule.DATASTORE_QUICK_MINUTES)):
+        ds = schedule.build(5, minutes=minutes, nodes=4, quick=quick, datastore=True)
+        assert ds == schedule.build(5, minutes=minutes, nodes=4, quick=quick, datastore=True)
+        assert ds != schedule.build(6, minutes=minutes, nodes=4, quick=quick, datastore=True)
+        kinds = [f.kind for f in ds]
+        assert "torn_write" not in kinds and "torn_record" in kinds and "peer_leave" in kinds
+        restarts = [f for f in ds if f.kind == "etcd_restart"]
+        assert len(restarts) >= 2 and all(5 <= f.duration <= 20 for f in restarts)
+        assert {f.param for f in restarts} <= {9.0, 15.0}
+        last = ds[-1]
+        assert last.planned_at + last.duration + schedule.SETTLE <= minutes * 60 + 30
+    quick = schedule.build(5, minutes=schedule.DATASTORE_QUICK_MINUTES, nodes=4, quick=True,
+                           datastore=True)
+    assert sorted(f.kind for f in quick) == sorted(schedule.DATASTORE_QUICK_KINDS)
+    assert [f.describe() for f in quick if f.kind == "etcd_restart"] == [
+        "etcd_restart on etcd for 6 s, SIGKILL", "etcd_restart on etcd for 9 s, SIGKILL"]

@@ -373,6 +373,7 @@ def render_table(result: dict[str, Any]) -> str:
     lines = [
         f"# Storm {result['run_id']}: seed {result['seed']}, {result['nodes']} nodes, "
         f"{result['tunnels']} tunnels per pair, {result['minutes']:g} min"
+        f"{', membership in etcd' if result.get('membership') == 'etcd' else ''}"
         f"{' (quick)' if result.get('quick') else ''}",
         "",
         f"Verdict: **{'PASS' if not result['failures'] else 'FAIL'}**"
