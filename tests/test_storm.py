@@ -106,7 +106,10 @@ def test_tcp_stalls_are_the_silences_longer_than_a_second_per_source() -> None:
 def ipv4(src: str, dst: str, proto: int, payload: bytes) -> bytes:
     header = struct.pack(">BBHHHBBH4s4s", 0x45, 0, 20 + len(payload), 0, 0, 64, proto, 0,
                          ipaddress.IPv4Address(src).packed, ipaddress.IPv4Address(dst).packed)
-    return header + payload
+    total = sum(struct.unpack(">10H", header))
+    total = (total & 0xFFFF) + (total >> 16)
+    total = (total & 0xFFFF) + (total >> 16)
+    return header[:10] + struct.pack(">H", ~total & 0xFFFF) + header[12:] + payload
 
 
 def ether(packet: bytes, ethertype: int = 0x0800) -> bytes:
@@ -120,7 +123,7 @@ def udp(sport: int, dport: int, body: bytes) -> bytes:
 A, B = "192.0.2.11", "192.0.2.21"
 ESP = ether(ipv4(A, B, 50, bytes(range(8)) + b"\xc6\x12" * 40))  # 198.18 in ciphertext
 CHANNEL = ether(ipv4(A, B, 17, udp(4501, 4501, b"\x02\x03" + bytes(69))))
-ESP_UDP = ether(ipv4(A, B, 17, udp(4500, 4500, bytes(40))))
+ESP_UDP = ether(ipv4(A, B, 17, udp(4500, 4500, b"\x01\x00\x00\x07" + bytes(36))))
 POD_ICMP = ether(ipv4("198.18.1.10", "198.18.2.10", 1, b"\x08\x00" + bytes(62)))
 MARKER_TCP = ether(ipv4(A, B, 6, bytes(20) + analysis.MARKER + b" n1 xxxx"))
 IPIP = ether(ipv4(A, B, 4, ipv4("198.18.1.10", "198.18.2.10", 1, bytes(8))))
@@ -145,6 +148,40 @@ def test_the_classifier_accepts_esp_and_the_channel_and_flags_anything_in_clear(
     assert kind(MARKER_TCP) == "clear"
     assert kind(IPIP) == "clear"
     assert kind(MARKER_TCP[:60]) == "other"  # cut before the marker: headers only
+
+
+NAT_PUBLIC = "192.0.2.250"  # the testbed's NAT router, which the NAT node's traffic leaves from
+
+
+def test_the_nat_nodes_esp_in_udp_and_channel_are_classified_and_clear_still_fails() -> None:
+    """Captured from a NAT run: the NAT node's ESP-in-UDP goes from the router's public
+    address and its port (56885) to a peer's UDP 4500, and the channel rides that flow
+    behind the non-ESP marker (four zero bytes)."""
+    bed = Testbed(TestbedSpec(nodes=4, nat="masquerade"))
+    nodes = analysis.underlay_addresses(bed.nodes)
+    assert NAT_PUBLIC in nodes and "192.0.2.11" in nodes
+
+    def kind(frame: bytes) -> str:
+        return analysis.classify(frame, nodes, {"192.0.2.200"})
+
+    esp = b"\x80\x00\x01\x12" + (1).to_bytes(4, "big") + b"\xc6\x12" * 40
+    pod = ipv4("198.18.1.10", "198.18.4.10", 1, b"\x08\x00" + bytes(30))
+    assert kind(ether(ipv4(A, NAT_PUBLIC, 17, udp(4500, 56885, esp)))) == "esp_udp"
+    assert kind(ether(ipv4(NAT_PUBLIC, A, 17, udp(56885, 4500, esp)))) == "esp_udp"
+    assert kind(ether(ipv4(NAT_PUBLIC, A, 17, udp(56885, 4500, b"\xff")))) == "esp_udp"
+    handshake = b"\0\0\0\0" + b"\x02\x03\x00\x01" + bytes(67)
+    assert kind(ether(ipv4(A, NAT_PUBLIC, 17, udp(4500, 56885, handshake)))) == "channel"
+    assert kind(ether(ipv4(NAT_PUBLIC, A, 17, udp(56885, 4500, handshake)))) == "channel"
+    assert kind(ether(ipv4(NAT_PUBLIC, A, 17, udp(40123, 4501, bytes(71))))) == "channel"
+    # Anything in clear inside that UDP is still a failure: the marker, a pod's packet
+    # bare, behind the non-ESP marker or behind an ESP header (a null cipher).
+    marker = analysis.MARKER + b" n4 0001"
+    assert kind(ether(ipv4(NAT_PUBLIC, A, 17, udp(56885, 4500, marker)))) == "clear"
+    assert kind(ether(ipv4(NAT_PUBLIC, A, 17, udp(56885, 4500, pod)))) == "clear"
+    assert kind(ether(ipv4(NAT_PUBLIC, A, 17, udp(56885, 4500, bytes(4) + pod)))) == "clear"
+    assert kind(ether(ipv4(NAT_PUBLIC, A, 17, udp(56885, 4500, esp[:8] + pod)))) == "clear"
+    assert kind(ether(ipv4(A, B, 50, esp[:8] + pod))) == "clear"
+    assert kind(ether(ipv4(NAT_PUBLIC, A, 17, udp(56885, 53, bytes(20))))) == "other"
 
 
 def write_pcap(path: Path, frames: list[tuple[float, bytes]]) -> None:
@@ -259,3 +296,25 @@ def test_nat_variant_adds_conntrack_flushes_and_leaves_the_plain_schedule_as_it_
     flushes = [f for f in nat if f.kind == "nat_flush"]
     assert len(flushes) >= 2 and all(f.duration == 0.0 for f in flushes)
     assert flushes[0].describe() == "nat_flush on the NAT router"
+
+
+def test_datastore_variant_restarts_etcd_several_times_and_replays_from_its_seed() -> None:
+    plain = schedule.build(11, minutes=30, nodes=4)
+    assert plain == schedule.build(11, minutes=30, nodes=4, datastore=False)
+    assert not any(f.kind in schedule.DATASTORE_KINDS for f in plain)
+    for quick, minutes in ((False, 30.0), (True, schedule.DATASTORE_QUICK_MINUTES)):
+        ds = schedule.build(5, minutes=minutes, nodes=4, quick=quick, datastore=True)
+        assert ds == schedule.build(5, minutes=minutes, nodes=4, quick=quick, datastore=True)
+        assert ds != schedule.build(6, minutes=minutes, nodes=4, quick=quick, datastore=True)
+        kinds = [f.kind for f in ds]
+        assert "torn_write" not in kinds and "torn_record" in kinds and "peer_leave" in kinds
+        restarts = [f for f in ds if f.kind == "etcd_restart"]
+        assert len(restarts) >= 2 and all(5 <= f.duration <= 20 for f in restarts)
+        assert {f.param for f in restarts} <= {9.0, 15.0}
+        last = ds[-1]
+        assert last.planned_at + last.duration + schedule.SETTLE <= minutes * 60 + 30
+    quick = schedule.build(5, minutes=schedule.DATASTORE_QUICK_MINUTES, nodes=4, quick=True,
+                           datastore=True)
+    assert sorted(f.kind for f in quick) == sorted(schedule.DATASTORE_QUICK_KINDS)
+    assert [f.describe() for f in quick if f.kind == "etcd_restart"] == [
+        "etcd_restart on etcd for 6 s, SIGKILL", "etcd_restart on etcd for 9 s, SIGKILL"]

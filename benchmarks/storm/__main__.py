@@ -1,7 +1,8 @@
 """``python -m benchmarks.storm``: a vppmesh mesh on the namespace testbed under pod traffic
 (100 pps pings with sequence numbers and a TCP stream with a marker payload across every
 pair) for `--minutes`, under a seeded fault schedule: agent and VPP kills, a peer leaving,
-torn mesh files, link loss, netem, the channel blocked, replays and spoofs, clock steps.
+torn mesh files, link loss, netem, the channel blocked, replays and spoofs, clock steps
+(`--datastore`: the membership in etcd, with etcd restarts and torn records).
 
 Measured, per fault kind and for the whole run: the pods' outage, lost pings, TCP stalls,
 the time until every pair is on agreed keys again; the underlay captured the whole time
@@ -46,6 +47,10 @@ def main(argv: list[str] | None = None) -> int:
                                           "static"), default="none",
                         help="the last node behind a NAT router of this kind (testbed "
                         "--nat); adds the nat_flush fault (conntrack -F)")
+    parser.add_argument("--datastore", action="store_true",
+                        help="membership in etcd (agents `up --watch --datastore`): "
+                        "peer_leave deletes the record, torn_record replaces torn_write, "
+                        "adds etcd_restart")
     parser.add_argument("--schedule-only", action="store_true",
                         help="print the schedule and exit (no root needed)")
     parser.add_argument("--work", type=Path, default=Path("/var/tmp/vppmesh-storm"),
@@ -54,12 +59,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=DEFAULT_RESULTS_DIR)
     args = parser.parse_args(argv)
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(1 << 31)
-    minutes = 5.0 if args.quick else args.minutes
+    minutes = args.minutes if not args.quick else \
+        schedule.DATASTORE_QUICK_MINUTES if args.datastore else 5.0
     faults = schedule.build(seed, minutes=minutes, nodes=args.nodes, quick=args.quick,
-                            key_max_seconds=args.key_max_seconds, nat=args.nat != "none")
+                            key_max_seconds=args.key_max_seconds, nat=args.nat != "none",
+                            datastore=args.datastore)
     print(f"storm seed {seed}: {len(faults)} faults over {minutes:g} min "
           f"(replay: --seed {seed}{' --quick' if args.quick else ''}"
-          f"{f' --nat {args.nat}' if args.nat != 'none' else ''})", flush=True)
+          f"{f' --nat {args.nat}' if args.nat != 'none' else ''}"
+          f"{' --datastore' if args.datastore else ''})", flush=True)
     for fault in faults:
         print(f"  t+{fault.planned_at:.0f} s  {fault.describe()}", flush=True)
     if args.schedule_only:
@@ -68,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     work = args.work / run_id
     work.mkdir(parents=True, exist_ok=True)
     storm = Storm(nodes=args.nodes, work=work, key_max_seconds=args.key_max_seconds,
-                  nat=args.nat)
+                  nat=args.nat, datastore=args.datastore)
     records: list[dict[str, Any]] = []
     recovery: float | None = None
     t0 = end = time.time()
@@ -141,7 +149,7 @@ def analyse(storm: Storm, records: list[dict[str, Any]], *, seed: int, minutes: 
                 stall["dst"] = node.name
                 stalls.append(stall)
     analysis.attribute(records, gaps, stalls, storm.key_samples, PING_INTERVAL, end)
-    nodes = {str(a.ip) for n in storm.bed.nodes for a in n.underlay}
+    nodes = analysis.underlay_addresses(storm.bed.nodes)
     capture = analysis.check_capture(storm.capture_path, nodes, {OUTSIDE}, records) \
         if storm.capture_path.exists() else {"counts": {}, "clear": [], "other_examples": []}
     over = [{"t": s["t"], "pair": p, "age": v["age"]} for s in storm.key_samples
@@ -163,6 +171,7 @@ def analyse(storm: Storm, records: list[dict[str, Any]], *, seed: int, minutes: 
     return {
         "run_id": run_id, "command": command, "seed": seed, "minutes": minutes, "quick": quick,
         "nodes": len(storm.bed.nodes), "tunnels": storm.spec.tunnels,
+        "membership": "etcd" if getattr(storm, "datastore", False) else "mesh file",
         "key_max_seconds": storm.key_max_seconds, "recovery_bound_s": RECOVERY_BOUND,
         "machine": machine(), "notes": notes, "work_dir": str(storm.work),
         "t0": t0, "end": end, "failures": failures,

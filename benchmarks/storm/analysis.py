@@ -145,11 +145,47 @@ def _pod(*addresses: str) -> bool:
     return any(ipaddress.IPv4Address(a) in POD_NET for a in addresses)
 
 
+def _clear_pod_packet(data: bytes, offset: int) -> bool:
+    """A pod's IPv4 packet in clear at `offset`: a header whose checksum holds (so 20 bytes
+    of ciphertext never pass for one) with a pod address."""
+    if len(data) < offset + 20 or data[offset] != 0x45:
+        return False
+    header = data[offset:offset + 20]
+    total = sum(struct.unpack(">10H", header))
+    while total > 0xFFFF:
+        total = (total & 0xFFFF) + (total >> 16)
+    if total != 0xFFFF:
+        return False
+    ip = _ip(data, offset)
+    return ip is not None and _pod(ip[0], ip[1])
+
+
+def _udp_kind(frame: bytes, payload: int) -> str:
+    """A UDP datagram between nodes: channel (port 4501 on either side, or from/to UDP
+    4500 behind RFC 3948's non-ESP marker, as the channel rides a NAT pair's ESP flow),
+    esp_udp (UDP 4500 on either side: the other side is a NAT's port; ESP or the NAT
+    keepalive 0xFF), clear (a pod's packet in clear in it), or other."""
+    if len(frame) < payload + 8:
+        return "other"
+    sport, dport = struct.unpack_from(">HH", frame, payload)
+    body = payload + 8
+    if any(_clear_pod_packet(frame, body + skip) for skip in (0, 4, 8)):
+        return "clear"  # bare, behind the non-ESP marker, behind an ESP header (null cipher)
+    if CHANNEL_PORT in (sport, dport):
+        return "channel"
+    if NAT_T_PORT in (sport, dport):
+        if frame[body:body + 4] == b"\0\0\0\0":
+            return "channel"
+        return "esp_udp"
+    return "other"
+
+
 def classify(frame: bytes, nodes: set[str], injected_sources: set[str]) -> str:
     """What one underlay frame is: esp, esp_udp, channel, unreachable (a node's ICMP
     answer quoting a channel or ESP header), arp, injected (from an address the storm's
     attacker uses), other (not expected, not clear), or clear (a pod address or the TCP
-    marker, in clear: a failure)."""
+    marker, in clear: a failure). `nodes`: every address a node's underlay traffic has
+    on the bridge, a NAT node's public one included (underlay_addresses)."""
     if MARKER in frame:
         return "clear"
     if len(frame) < 14:
@@ -181,19 +217,24 @@ def classify(frame: bytes, nodes: set[str], injected_sources: set[str]) -> str:
         return "injected"
     if not between_nodes:
         return "other"
-    if proto == 50:
-        return "esp"
-    if proto == 17 and len(frame) >= payload + 4:
-        sport, dport = struct.unpack_from(">HH", frame, payload)
-        if sport == CHANNEL_PORT and dport == CHANNEL_PORT:
-            return "channel"
-        if NAT_T_PORT in (sport, dport):
-            return "esp_udp"
+    if proto == 50:  # a pod's packet right after the ESP header: a null cipher
+        return "clear" if _clear_pod_packet(frame, payload + 8) else "esp"
+    if proto == 17:
+        return _udp_kind(frame, payload)
     if proto == 1 and len(frame) >= payload + 8 and frame[payload] == 3:
         quoted = _ip(frame, payload + 8)
         if quoted is not None and (quoted[2] == 50 or quoted[2] == 17):
             return "unreachable"
     return "other"
+
+
+def underlay_addresses(nodes: Iterable[Any]) -> set[str]:
+    """Every address the nodes' underlay traffic has on the bridge: their own, and for a
+    node behind a NAT router the router's public address, which its packets leave from
+    (testbed NodeHandles)."""
+    found = {str(a.ip) for node in nodes for a in node.underlay}
+    found |= {str(node.nat.public) for node in nodes if node.nat is not None}
+    return found
 
 
 def check_capture(path: Path, nodes: set[str], injected_sources: set[str],
@@ -332,6 +373,7 @@ def render_table(result: dict[str, Any]) -> str:
     lines = [
         f"# Storm {result['run_id']}: seed {result['seed']}, {result['nodes']} nodes, "
         f"{result['tunnels']} tunnels per pair, {result['minutes']:g} min"
+        f"{', membership in etcd' if result.get('membership') == 'etcd' else ''}"
         f"{' (quick)' if result.get('quick') else ''}",
         "",
         f"Verdict: **{'PASS' if not result['failures'] else 'FAIL'}**"

@@ -27,7 +27,8 @@ from benchmarks.storm import analysis
 from benchmarks.storm.schedule import Fault
 from vppmesh.clock import AgentClock
 from vppmesh.epochs import GenerationStore
-from vppmesh.lab.testbed import NodeHandle, Testbed, TestbedSpec, in_ns
+from vppmesh.lab.etcd import EtcdServer, start_etcd, stop_etcd
+from vppmesh.lab.testbed import NodeHandle, Testbed, TestbedSpec, in_ns, sh
 from vppmesh.lab.wallclock import wall_stepped
 from vppmesh.secrecy import pair_secrecy
 from vppmesh.vpp import ipsec
@@ -41,6 +42,7 @@ PING_INTERVAL = 0.01  # 100 pps per pair
 NFT_TABLE = "vppmesh_storm"
 OUTSIDE = "192.0.2.200"  # the attacker's own address on the underlay: no node has it
 HERE = Path(__file__).parent
+ETCD_PORTS = (2379, 2380)  # etcd's own, in its namespace
 
 
 def log(message: str) -> None:
@@ -62,18 +64,28 @@ def stop(proc: subprocess.Popen[Any] | None, sig: int = signal.SIGTERM,
 
 class Agent:
     """`vppmesh up --watch --metrics` for one node, in its namespace, logging to the work
-    directory; optionally with its wall clock stepped."""
+    directory; optionally with its wall clock stepped. With `datastore` (an etcd URL) the
+    node registers there as users run it (`--datastore`, the default lease TTL), under
+    the testbed's node number and with the testbed's mesh file as its `--settings`."""
 
-    def __init__(self, bed: Testbed, node: NodeHandle, work: Path) -> None:
+    def __init__(self, bed: Testbed, node: NodeHandle, work: Path,
+                 datastore: str | None = None) -> None:
         self.bed, self.node = bed, node
         self.log = work / f"agent-{node.name}.log"
         self.proc: subprocess.Popen[bytes] | None = None
         self.lives = 0
+        self.datastore = datastore
 
     def start(self, wall_step: float | None = None) -> None:
         bed, node = self.bed, self.node
         args = ["up", "--watch", *bed.vppmesh_args(node), *bed.state_args(node),
                 "--metrics", METRICS]
+        if self.datastore is not None:
+            args += ["--datastore", self.datastore, "--node-number", str(node.index),
+                     "--pod-cidr", str(node.pod_cidr), "--settings", str(bed.mesh_file),
+                     *(a for address in node.underlay for a in ("--underlay", str(address)))]
+            if node.nat is not None:
+                args += ["--nat-public", f"{node.nat.public}:{node.nat.port}"]
         head = [sys.executable, "-m", "vppmesh"] if wall_step is None else \
             wall_stepped(wall_step)
         with self.log.open("ab") as out:
@@ -96,7 +108,8 @@ class Agent:
 
 class Storm:
     def __init__(self, *, nodes: int, work: Path, key_max_seconds: int = 60,
-                 prefix: str = PREFIX, base_dir: Path = BASE, nat: str = "none") -> None:
+                 prefix: str = PREFIX, base_dir: Path = BASE, nat: str = "none",
+                 datastore: bool = False) -> None:
         self.spec = TestbedSpec(nodes=nodes, tunnels=2, pods=1, workers=0, prefix=prefix,
                                 base_dir=base_dir, nat=nat)  # type: ignore[arg-type]
         self.bed = Testbed(self.spec)
@@ -117,11 +130,17 @@ class Storm:
         self.mesh_text = ""
         self.heap_start: dict[str, int] = {}
         self.heap_end: dict[str, int] = {}
+        self.datastore = datastore
+        self.etcd: EtcdServer | None = None
+        self.etcd_ns = f"{prefix}etcd"
+        self.etcd_url: str | None = None
+        self.etcd_address = ""
 
     # ---- building ----------------------------------------------------------------------
     def build(self) -> None:
-        log(f"testbed: {self.spec.nodes} nodes, 2 tunnels per pair (prefix {self.spec.prefix})")
-        self.bed.up(progress=log)
+        log(f"testbed: {self.spec.nodes} nodes, 2 tunnels per pair (prefix {self.spec.prefix})"
+            + (", membership in etcd" if self.datastore else ""))
+        self.bed.up(progress=log, join=not self.datastore)
         data = yaml.safe_load(self.bed.mesh_file.read_text())
         # Rekeys at half of key_max_seconds (every 30 s): a storm full of rotations, and a
         # UDP 4501 outage can outlast a key's life.
@@ -129,10 +148,44 @@ class Storm:
                                 rekey_grace=2.0)
         self.mesh_text = yaml.safe_dump(data, sort_keys=False)
         self.write_mesh(self.mesh_text)
+        if self.datastore:
+            self.start_etcd_on_management_network()
         for node in self.bed.nodes:
-            agent = Agent(self.bed, node, self.work)
+            agent = Agent(self.bed, node, self.work, self.etcd_url)
             agent.start()
             self.agents[node.name] = agent
+        if self.datastore:  # the testbed attached no pods: the agents made the mesh first
+            for node in self.bed.nodes:
+                sh("ip", "netns", "add", node.pod_netns(0))
+                in_ns(node.pod_netns(0), "ip", "link", "set", "lo", "up")
+                self.reattach(node, timeout=180)
+
+    # ---- the datastore -----------------------------------------------------------------
+    def start_etcd_on_management_network(self) -> None:
+        """etcd in its own namespace on a management network every node reaches (as in
+        tests/test_datastore_vpp.py); its data and log in the work directory, so a
+        restart resumes its keys and the log outlives the testbed."""
+        from vppmesh.testing.vpp_helpers import ETCD_ADDRESS, management_network
+
+        management_network(self.bed, self.etcd_ns)
+        (self.work / "etcd").mkdir(exist_ok=True)
+        self.etcd_address = ETCD_ADDRESS
+        self.start_etcd()
+        self.etcd_url = f"etcd://{ETCD_ADDRESS}:{ETCD_PORTS[0]}/vppmesh"
+
+    def start_etcd(self) -> None:
+        self.etcd = start_etcd(self.etcd_address, wrap=["ip", "netns", "exec", self.etcd_ns],
+                               data_dir=self.work / "etcd", ports=ETCD_PORTS)
+
+    def in_etcd(self, code: str) -> str:
+        """A Python snippet run where etcd is reachable (its namespace) against the mesh's
+        store (`store`); its stdout."""
+        head = ("from vppmesh.datastore.etcd import EtcdStore, b64\n"
+                "from vppmesh.datastore.records import DatastoreUrl\n"
+                f"store = EtcdStore(DatastoreUrl.parse({self.etcd_url!r}))\n")
+        return in_ns(self.etcd_ns, sys.executable, "-c", head + code, check=True,
+                     timeout=60).stdout
+
 
     def write_mesh(self, text: str) -> None:
         """Replace the mesh file atomically (as an operator's tooling would)."""
@@ -359,6 +412,13 @@ class Storm:
             agent.start()
             record["restored"] = time.time()
             self.reattach(node)
+        elif kind == "peer_leave" and self.datastore:
+            # Its agent stopped and its record deleted (what its lease's expiry or
+            # `vppmesh down` does to the record); the agent started again registers anew.
+            agent.signal(signal.SIGTERM)
+            self.in_etcd(f"assert store.deregister({node.name!r})")
+            time.sleep(fault.duration)
+            agent.start()
         elif kind == "peer_leave":
             agent.signal(signal.SIGTERM)
             data = yaml.safe_load(self.mesh_text)
@@ -373,6 +433,26 @@ class Storm:
             time.sleep(fault.duration)
             with self.bed.mesh_file.open("w") as f:
                 f.write(self.mesh_text)
+        elif kind == "etcd_restart":
+            assert self.etcd is not None
+            stop_etcd(self.etcd, int(fault.param))
+            time.sleep(fault.duration)
+            self.start_etcd()
+        elif kind == "torn_record":
+            # Beside the victim's record: a copy cut half-way, then the whole copy (it
+            # claims the victim's number, key and addresses), then gone. Every agent must
+            # refuse both and keep the mesh.
+            torn = f"{node.name}-torn"
+            copy = ("from vppmesh.datastore.records import encode_record, parse_record\n"
+                    f"[r] = [r for r in store.snapshot().records if r.name == {node.name!r}]\n"
+                    f"value = encode_record(parse_record(r).model_copy(update={{'name': "
+                    f"{torn!r}}}))\nkey = b64(store.url.node_key({torn!r}))\n")
+            self.in_etcd(copy + "store._post('/kv/put', {'key': key, "
+                         "'value': b64(value[:len(value) // 2])})")
+            time.sleep(fault.duration)
+            self.in_etcd(copy + "store._post('/kv/put', {'key': key, 'value': b64(value)})")
+            time.sleep(2.0)
+            self.in_etcd(copy + "store._post('/kv/deleterange', {'key': key})")
         elif kind == "link_down":
             in_ns(ul, "ip", "link", "set", port, "down")
             time.sleep(fault.duration)
@@ -444,6 +524,8 @@ class Storm:
         for agent in self.agents.values():
             agent.signal(signal.SIGTERM)
         self.nft(None)
+        if self.etcd is not None:
+            stop_etcd(self.etcd)
         self.bed.down(quiet=True)
 
 

@@ -34,6 +34,20 @@ NAT_KINDS: dict[str, str] = {
     "nat_flush": "the NAT router's connection tracking flushed (`conntrack -F`): its "
                  "mappings, and so the NAT node's public ports, start over",
 }
+# The datastore variant (`--datastore`: agents register in etcd): peer_leave goes
+# through etcd (the node's record deleted), torn_write gives way to torn_record (etcd
+# writes whole values: a bad value is what a client can leave), and etcd restarts,
+# twice in every round.
+DATASTORE_KINDS: dict[str, str] = {
+    "etcd_restart": "etcd killed (SIGKILL) or stopped (SIGTERM), started again on its data "
+                    "after `duration`",
+    "torn_record": "a record cut half-way (invalid JSON) put beside one node's, completed "
+                   "after `duration` (a copy that conflicts with that node's), then deleted",
+}
+DATASTORE_ROUND = ("etcd_restart", "etcd_restart", "torn_record")  # replaces torn_write
+DATASTORE_QUICK_KINDS = ("agent_kill", "vpp_kill", "link_down", "kex_drop", "replay_spoof",
+                         "clock_step", "peer_leave", *DATASTORE_ROUND)
+DATASTORE_QUICK_MINUTES = 7.0  # three faults more than QUICK_KINDS
 NODE_KINDS = {"agent_kill", "agent_term", "vpp_kill", "vpp_agent_stop", "peer_leave",
               "link_down", "netem", "clock_step"}
 QUICK_KINDS = ("agent_kill", "vpp_kill", "link_down", "kex_drop", "replay_spoof",
@@ -47,14 +61,18 @@ class Fault:
     kind: str
     node: int  # 1-based node index (the victim; for mesh-wide kinds, whose record is torn)
     duration: float  # seconds the fault holds
-    param: float = 0.0  # clock_step: the step in seconds; others: unused
+    param: float = 0.0  # clock_step: the step in seconds; etcd_restart: the signal
     planned_at: float = 0.0  # seconds from the storm's start, as planned
 
     def describe(self) -> str:
-        extra = f", step {self.param:+.0f} s" if self.kind == "clock_step" else ""
+        extra = f", step {self.param:+.0f} s" if self.kind == "clock_step" else \
+            f", {'SIGKILL' if self.param == 9 else 'SIGTERM'}" \
+            if self.kind == "etcd_restart" else ""
         where = f"n{self.node}" if self.kind in NODE_KINDS else "the underlay" \
             if self.kind in ("channel_drop", "kex_drop", "replay_spoof") else \
-            "the NAT router" if self.kind in NAT_KINDS else "the mesh file"
+            "the NAT router" if self.kind in NAT_KINDS else "etcd" \
+            if self.kind == "etcd_restart" else f"the datastore (beside n{self.node}'s)" \
+            if self.kind == "torn_record" else "the mesh file"
         held = f" for {self.duration:.0f} s" if self.duration else ""
         return f"{self.kind} on {where}{held}{extra}"
 
@@ -69,11 +87,11 @@ def duration_of(kind: str, rng: random.Random, *, quick: bool, key_max_seconds: 
         return float(key_max_seconds + 20)
     if kind == "kex_drop":
         return 20.0 if quick else float(rng.randint(30, 90))
-    if kind in ("vpp_agent_stop", "peer_leave"):
+    if kind in ("vpp_agent_stop", "peer_leave", "etcd_restart"):
         return float(rng.randint(5, 20 if not quick else 10))
     if kind == "clock_step":
         return 30.0 if quick else 60.0
-    if kind == "torn_write":
+    if kind in ("torn_write", "torn_record"):
         return float(rng.randint(3, 10))
     if kind == "replay_spoof":
         return 5.0
@@ -84,21 +102,23 @@ def duration_of(kind: str, rng: random.Random, *, quick: bool, key_max_seconds: 
 
 def build(seed: int, *, minutes: float, nodes: int, quick: bool = False,
           key_max_seconds: int = 60, settle: float = SETTLE, nat: bool = False,
-          ) -> list[Fault]:
+          datastore: bool = False) -> list[Fault]:
     """The faults of a run, in order, from the seed alone (with the run's shape); `nat`
-    adds NAT_KINDS to every round (a run without it replays as before)."""
+    adds NAT_KINDS to every round, `datastore` the datastore's kinds in place of
+    torn_write (a run without them replays as before)."""
     rng = random.Random(seed)
     budget = minutes * 60.0
     faults: list[Fault] = []
     at = 0.0
     while True:
-        kinds = list(QUICK_KINDS if quick else KINDS) + (list(NAT_KINDS) if nat else [])
+        kinds = round_kinds(quick=quick, nat=nat, datastore=datastore)
         rng.shuffle(kinds)
         added = False
         for kind in kinds:
             duration = duration_of(kind, rng, quick=quick, key_max_seconds=key_max_seconds)
             node = rng.randint(1, nodes)
-            param = rng.choice((-CLOCK_STEP, CLOCK_STEP)) if kind == "clock_step" else 0.0
+            param = rng.choice((-CLOCK_STEP, CLOCK_STEP)) if kind == "clock_step" else \
+                float(rng.choice((9, 15))) if kind == "etcd_restart" else 0.0
             if at + duration + settle > budget and faults:
                 continue
             faults.append(Fault(kind, node, duration, param, round(at, 1)))
@@ -106,6 +126,16 @@ def build(seed: int, *, minutes: float, nodes: int, quick: bool = False,
             added = True
         if quick or not added:
             return faults
+
+
+def round_kinds(*, quick: bool, nat: bool, datastore: bool) -> list[str]:
+    """The kinds of one round, before shuffling."""
+    if datastore:
+        kinds = list(DATASTORE_QUICK_KINDS) if quick else \
+            [k for k in KINDS if k != "torn_write"] + list(DATASTORE_ROUND)
+    else:
+        kinds = list(QUICK_KINDS if quick else KINDS)
+    return kinds + (list(NAT_KINDS) if nat else [])
 
 
 def as_dicts(faults: list[Fault]) -> list[dict[str, object]]:

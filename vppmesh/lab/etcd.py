@@ -4,6 +4,7 @@ temporary data dir."""
 from __future__ import annotations
 
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -125,50 +126,64 @@ def running_etcd(host: str = "127.0.0.1", *, wrap: Sequence[str] = (),
                  data_dir: Path | None = None, tls: bool = False,
                  ports: tuple[int, int] | None = None) -> Iterator[EtcdServer]:
     """Start etcd (optionally through `wrap`, e.g. `ip netns exec NS`); stop it after."""
-    binary = require_etcd()
     own_dir = data_dir is None
     data = Path(tempfile.mkdtemp(prefix="vppmesh-etcd-")) if data_dir is None else data_dir
     data.mkdir(parents=True, exist_ok=True)
     port, peer = ports or ((free_port(), free_port()) if not wrap else (2379, 2380))
     files = make_tls(data, host) if tls else None
-    scheme = "https" if files else "http"
-    client_url, peer_url = f"{scheme}://{host}:{port}", f"http://{host}:{peer}"
-    tls_args = [] if files is None else [
-        "--cert-file", str(files.server_cert), "--key-file", str(files.server_key),
-        "--trusted-ca-file", str(files.ca), "--client-cert-auth"]
-    log = open(data / "etcd.log", "w")  # noqa: SIM115 - handed to the child
-    proc = subprocess.Popen(
-        [*wrap, binary, "--name", "vppmesh-test", "--data-dir", str(data / "data"),
-         "--listen-client-urls", client_url, "--advertise-client-urls", client_url,
-         "--listen-peer-urls", peer_url, "--initial-advertise-peer-urls", peer_url,
-         "--initial-cluster", f"vppmesh-test={peer_url}", "--log-outputs", "stderr",
-         *tls_args],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    server = EtcdServer(host=host, port=port, process=proc, data_dir=data, tls=files)
+    server = start_etcd(host, wrap=wrap, data_dir=data, ports=(port, peer), tls=files)
     try:
-        deadline = time.monotonic() + START_TIMEOUT
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"etcd exited: {(data / 'etcd.log').read_text()[-2000:]}")
-            if not wrap and _healthy(client_url, files):
-                break
-            if wrap and _healthy_via(wrap, client_url):
-                break
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"etcd did not answer on {client_url} within "
-                                   f"{START_TIMEOUT:.0f} s")
-            time.sleep(0.2)
         yield server
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
+        stop_etcd(server)
         if own_dir:
             shutil.rmtree(data, ignore_errors=True)
+
+
+def start_etcd(host: str, *, wrap: Sequence[str], data_dir: Path, ports: tuple[int, int],
+               tls: TlsFiles | None = None) -> EtcdServer:
+    """etcd on `data_dir` (started again on the same directory, it keeps its keys and
+    leases), answering on its client URL; its output appended to data_dir/etcd.log."""
+    binary = require_etcd()
+    port, peer = ports
+    scheme = "https" if tls else "http"
+    client_url, peer_url = f"{scheme}://{host}:{port}", f"http://{host}:{peer}"
+    tls_args = [] if tls is None else [
+        "--cert-file", str(tls.server_cert), "--key-file", str(tls.server_key),
+        "--trusted-ca-file", str(tls.ca), "--client-cert-auth"]
+    with open(data_dir / "etcd.log", "a") as log:
+        proc = subprocess.Popen(
+            [*wrap, binary, "--name", "vppmesh-test", "--data-dir", str(data_dir / "data"),
+             "--listen-client-urls", client_url, "--advertise-client-urls", client_url,
+             "--listen-peer-urls", peer_url, "--initial-advertise-peer-urls", peer_url,
+             "--initial-cluster", f"vppmesh-test={peer_url}", "--log-outputs", "stderr",
+             *tls_args],
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    server = EtcdServer(host=host, port=port, process=proc, data_dir=data_dir, tls=tls)
+    deadline = time.monotonic() + START_TIMEOUT
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"etcd exited: {(data_dir / 'etcd.log').read_text()[-2000:]}")
+        if not wrap and _healthy(client_url, tls):
+            return server
+        if wrap and _healthy_via(wrap, client_url):
+            return server
+        if time.monotonic() > deadline:
+            stop_etcd(server)
+            raise RuntimeError(f"etcd did not answer on {client_url} within "
+                               f"{START_TIMEOUT:.0f} s")
+        time.sleep(0.2)
+
+
+def stop_etcd(server: EtcdServer, sig: int = signal.SIGTERM) -> None:
+    """Signal etcd (SIGKILL after 10 s) and reap it."""
+    if server.process.poll() is None:
+        server.process.send_signal(sig)
+    try:
+        server.process.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        server.process.kill()
+        server.process.wait()
 
 
 def _healthy(url: str, tls: TlsFiles | None = None) -> bool:
