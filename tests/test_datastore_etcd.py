@@ -19,7 +19,7 @@ from vppmesh.config import Mesh
 from vppmesh.datastore.agent import DatastoreOptions, LocalNode, MembershipAgent
 from vppmesh.datastore.etcd import EtcdStore, RegistrationError
 from vppmesh.datastore.records import DatastoreUrl, assemble
-from vppmesh.keys import private_key_b64
+from vppmesh.keys import private_key_b64, rotate_private_key
 from vppmesh.node import NodeOptions
 from vppmesh.state import SA_DIRECTION_BIT, is_owned_sa_id, split_tunnel_instance
 from vppmesh.testing.etcd_server import EtcdServer, running_etcd
@@ -393,3 +393,35 @@ def test_a_rotated_key_takes_its_record_over_with_the_previous_key(store: EtcdSt
                           store.snapshot().numbers)
     assert membership.mesh is not None
     assert membership.mesh.node("node1").public_key == n2.public_key
+
+
+def test_a_key_rotated_on_disk_moves_the_record_without_an_agent_restart(
+        store: EtcdStore, tmp_path: Path) -> None:
+    """`vppmesh keygen --rotate` while the datastore agent runs: the agent registers its
+    record again under the new key at its next run, under the same lease (no second one for
+    the keepalive to miss), and the peer follows: its tunnels to the node stay."""
+    mesh, secrets = make_mesh(2, tunnels=1)
+    store.seed_settings(mesh.settings)
+    members = [Member(store.url, mesh, secrets, f"node{i}", tmp_path) for i in (1, 2)]
+    for m in members:
+        m.thread.start()
+    try:
+        a, b = members
+        wait_for(lambda: a.peers() == {b.number} and b.peers() == {a.number}, 15,
+                 "node1 and node2 to mesh")
+        lease = a.agent.registration.lease.id  # type: ignore[union-attr]
+        old = next(r for r in store.snapshot().records if r.name == "node1").value
+        new_key = rotate_private_key(tmp_path / "node1.key")
+        a.agent.changed.set()
+
+        def moved() -> bool:
+            record = next(r for r in store.snapshot().records if r.name == "node1")
+            return record.value != old and new_key in record.value.decode()
+
+        wait_for(moved, 15, "node1's record to carry its new key")
+        record = next(r for r in store.snapshot().records if r.name == "node1")
+        assert record.lease == lease == a.agent.registration.lease.id  # type: ignore[union-attr]
+        assert b.peers() == {a.number} and a.peers() == {b.number}
+    finally:
+        for m in members:
+            m.stop()

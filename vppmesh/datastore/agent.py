@@ -52,6 +52,8 @@ from vppmesh.vpp.stats import SaCounters
 from vppmesh.watch import AgentLoop, leave_uplinks, open_control
 
 if TYPE_CHECKING:
+    from etcd3gw.lease import Lease
+
     from vppmesh.metrics import AgentMetrics
 
 log = logging.getLogger("vppmesh.datastore")
@@ -158,6 +160,7 @@ class MembershipAgent:
         self._keepalive: threading.Thread | None = None
         self._following = False  # run() keeps the watch armed
         self._next_resync = 0.0
+        self._key_signature: tuple[int, int, int] | None = None  # at the last registration
         # The loop of run(); with --metrics it fills them after every sync (metrics.py).
         self.loop = AgentLoop(self.session, options, metrics=metrics, stats_socket=stats_socket,
                               report=self._applied, on_error=self._failed)
@@ -177,7 +180,10 @@ class MembershipAgent:
             VppClient(self.options.api_socket).connect()
 
     # ---- joining ----------------------------------------------------------------------
-    def register(self) -> Registration:
+    def register(self, lease: Lease | None = None) -> Registration:
+        """Register this node's record under a new lease, or under `lease` (ours, alive)
+        when only the record changed: a key rotated on disk moves the record without a
+        second lease for the keepalive to miss."""
         if self.ds.settings_file is not None:
             wanted = load_settings_file(self.ds.settings_file)
             if self.store.seed_settings(wanted):
@@ -186,16 +192,20 @@ class MembershipAgent:
             elif self.store.settings() != wanted:
                 log.warning("%s holds other mesh settings than %s: the datastore's apply",
                             self.ds.url, self.ds.settings_file)
+        self._key_signature = agent.file_signature(self.options.private_key)  # before reading
         secrets = load_secrets(self.options.private_key, None)
         record = local_record(self.options, self.local, secrets.public_key_b64())
         previous = secrets.private_key_previous  # a key rotation: the record may move
-        lease = self.store.grant(self.ds.lease_ttl)
+        granted = lease is None
+        if lease is None:
+            lease = self.store.grant(self.ds.lease_ttl)
         try:
             self.registration = self.store.register(
                 record, lease, requested_number=self.local.node_number,
                 previous_key=public_key_b64(previous) if previous is not None else None)
         except VppMeshError:
-            self.store.revoke(lease)
+            if granted:
+                self.store.revoke(lease)
             raise
         self.lease_lost.clear()
         return self.registration
@@ -234,6 +244,13 @@ class MembershipAgent:
         if own is None or self.registration is None or self.lease_lost.is_set() or \
                 own.lease != self.registration.lease.id:
             self.register()
+            snap = self.store.snapshot()
+        elif agent.file_signature(self.options.private_key) != self._key_signature:
+            # `vppmesh keygen --rotate` on this node: the record takes the new key now (the
+            # store accepts it since KEY.previous is the registered one), no restart needed.
+            log.info("the private key file changed: registering %s's record again",
+                     self.options.node)
+            self.register(self.registration.lease)
             snap = self.store.snapshot()
         settings = self.store.settings(snap)
         membership = assemble(settings, snap.records, snap.numbers)
