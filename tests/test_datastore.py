@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -255,3 +256,54 @@ def test_cli_help_and_clear_errors(tmp_path: Path) -> None:
     no_cidr = runner.invoke(app, [*base, "--watch", "--datastore", "etcd://127.0.0.1:1/x",
                                   "--underlay", "192.0.2.1/24"])
     assert no_cidr.exit_code == 1 and "--pod-cidr" in no_cidr.output
+
+
+def test_an_unreachable_datastore_is_said_once_and_is_no_failed_reconcile(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """etcd restarting: the loop's steps fail while it is away. That is logged once (and its
+    end once), shown by vppmesh_mesh_source_up, and not counted as failed reconciles (an
+    etcd outage looked like a broken agent: an ERROR line and a counted error every
+    second); VPP keeps what it has."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from vppmesh.datastore.etcd import DatastoreError
+    from vppmesh.metrics import AgentMetrics
+
+    def samples(text: str) -> dict[tuple[str, tuple[()]], float]:
+        return {(s.name, ()): s.value for f in text_string_to_metric_families(text)
+                for s in f.samples if not s.labels}
+
+    mesh, secrets = make_mesh(2, 1)
+    store = MemoryStore(mesh.settings)
+    for node in mesh.nodes[1:]:
+        store.put(node)
+    options, ds = agent_options(tmp_path, secrets, "node1", LocalNode(
+        underlay=tuple(mesh.node("node1").underlay), pod_cidr=mesh.node("node1").pod_cidr))
+    vpp = FakeVpp.with_uplink(mesh.node("node1").primary)
+    metrics = AgentMetrics()
+    member = MembershipAgent(options, ds, store=store, api=vpp,  # type: ignore[arg-type]
+                             metrics=metrics)
+    assert member.loop.step() is not None
+    tunnels = dict(vpp.tunnels)
+    snapshot = store.snapshot
+
+    def away() -> None:
+        raise DatastoreError("etcd at 127.0.0.1:2379: /kv/range failed (ConnectionFailedError)")
+
+    store.snapshot = away  # type: ignore[method-assign]
+    with caplog.at_level(logging.DEBUG, logger="vppmesh"):
+        for _ in range(5):
+            assert member.loop.step() is None
+        got = samples(metrics.exposition().decode())
+        assert got[("vppmesh_mesh_source_up", ())] == 0
+        store.snapshot = snapshot  # type: ignore[method-assign]
+        assert member.loop.step() is not None
+    assert vpp.tunnels == tunnels
+    got = samples(metrics.exposition().decode())
+    assert got[("vppmesh_mesh_source_up", ())] == 1
+    assert got.get(("vppmesh_reconcile_errors_total", ()), 0) == 0
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    loud = [r for r in caplog.records if r.levelno >= logging.WARNING and "etcd" in
+            r.getMessage()]
+    assert len(loud) == 1 and "asking again" in loud[0].getMessage()
+    assert sum("answers again" in r.getMessage() for r in caplog.records) == 1

@@ -45,5 +45,10 @@ class VppUnavailableError(VppMeshError):
     """No VPP answers on the API socket."""
 
 
+class SourceUnavailableError(VppMeshError):
+    """The mesh source (the datastore) does not answer: VPP keeps the mesh it has and
+    the agent asks again, as it does for VPP (not a failed reconcile)."""
+
+
 class HostError(VppMeshError):
     """The Linux side (namespaces, links, routes) could not be set up."""

@@ -390,10 +390,15 @@ class AgentMetrics:
             "generations, reconcile of VPP and Linux, pod re-attach.",
             buckets=RECONCILE_BUCKETS, registry=self.registry)
         self.reconcile_errors = Counter(
-            "vppmesh_reconcile_errors", "Polls that failed (VPP unavailable excluded).",
+            "vppmesh_reconcile_errors", "Polls that failed (VPP or the datastore "
+            "unavailable excluded).",
             registry=self.registry)
         self.vpp_up = Gauge("vppmesh_vpp_up", "1 while VPP answers the agent.",
                             registry=self.registry)
+        self.source_up = Gauge("vppmesh_mesh_source_up", "1 while the mesh source (the "
+                               "datastore; a mesh file always) answers the agent.",
+                               registry=self.registry)
+        self.source_up.set(1)
         self.sa_counters_unavailable = Gauge(
             "vppmesh_sa_counters_unavailable", "1 while VPP's stats segment cannot be "
             "read: every run dumps all SAs for the key limits instead.",

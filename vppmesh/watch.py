@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 from vppmesh import hardening
 from vppmesh import node as agent
-from vppmesh.errors import VppMeshError, VppUnavailableError
+from vppmesh.errors import SourceUnavailableError, VppMeshError, VppUnavailableError
 from vppmesh.secrecy import Secrecy
 from vppmesh.vpp.stats import SaCounters
 
@@ -186,6 +186,7 @@ class AgentLoop:
         self.report = report
         self.on_error = on_error  # told of every failed step but VPP being away
         self.vpp_gone_at: float | None = None  # since when VPP has not answered
+        self.source_gone_at: float | None = None  # since when the datastore has not answered
         self.last_end = float("-inf")  # when the last step ended (monotonic)
         self.last_seconds = 0.0  # and how long it took
         self.failed = False  # the last step failed
@@ -232,6 +233,19 @@ class AgentLoop:
                 if self.metrics is not None:
                     self.metrics.vpp_up.set(0)
             return None
+        except SourceUnavailableError as exc:
+            # etcd restarting or out of reach: VPP keeps the mesh it has. Said once, like
+            # VPP away, and not counted as a failed reconcile; the step is retried.
+            self.last_error = f"mesh source unavailable ({exc})"
+            if self.source_gone_at is None:
+                self.source_gone_at = attempt
+                log.warning("%s; VPP keeps the mesh as it is, asking again", exc)
+                if self.metrics is not None:
+                    self.metrics.source_up.set(0)
+            else:
+                log.debug("%s", exc)
+            self._failed(exc)
+            return None
         except VppMeshError as exc:
             self.last_error = str(exc)
             log.error("%s", exc)
@@ -246,6 +260,12 @@ class AgentLoop:
             return None
         self.failed = False
         elapsed = time.monotonic() - attempt
+        if self.source_gone_at is not None:
+            log.info("the mesh source answers again after %.1f s",
+                     attempt - self.source_gone_at)
+            self.source_gone_at = None
+            if self.metrics is not None:
+                self.metrics.source_up.set(1)
         restarted = self.last_pid is not None and result.vpp_pid != self.last_pid
         self.recovered = self.vpp_gone_at is not None or restarted
         pods = result.pod_report

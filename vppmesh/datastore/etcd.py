@@ -35,14 +35,14 @@ from vppmesh.datastore.records import (
     parse_record,
     parse_settings,
 )
-from vppmesh.errors import ConfigError, VppMeshError
+from vppmesh.errors import ConfigError, SourceUnavailableError
 
 log = logging.getLogger("vppmesh.datastore")
 REGISTER_ATTEMPTS = 8
 REQUEST_TIMEOUT = 5.0
 
 
-class DatastoreError(VppMeshError):
+class DatastoreError(SourceUnavailableError):
     """etcd cannot be reached or refused a request."""
 
 
