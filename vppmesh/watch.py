@@ -28,6 +28,7 @@ from vppmesh.vpp.stats import SaCounters
 if TYPE_CHECKING:
     from vppmesh.control import Control
     from vppmesh.metrics import AgentMetrics, MetricsTls
+    from vppmesh.vpp.client import VppApi
 
 log = logging.getLogger("vppmesh")
 
@@ -339,13 +340,11 @@ def watch_loop(opts: agent.NodeOptions, metrics: AgentMetrics | None = None,
             reported.append(True)
             report(result)
 
-    secrecy = Secrecy(agent.channel_socket(opts), state_dir=opts.state_dir, clock=opts.clock)
     control = open_control(opts)
-    # Idle runs read SA counts from the stats segment instead of dumping every SA.
-    counters = SaCounters(stats_socket) if stats_socket is not None else None
-    loop = AgentLoop(agent.Session(opts, secrecy=secrecy, counters=counters), opts,
-                     metrics=metrics,
-                     stats_socket=stats_socket, report=changed, control=control)
+    loop = agent_loop(opts, metrics=metrics, stats_socket=stats_socket, report=changed)
+    loop.control = control
+    secrecy = loop.session.secrecy
+    assert secrecy is not None
     # SIGTERM (systemd, a container runtime, an upgrade) ends the loop between two runs:
     # a run cut short after VPP took its changes but before the generation file did
     # would make the next agent step past a key for nothing.
@@ -367,6 +366,23 @@ def watch_loop(opts: agent.NodeOptions, metrics: AgentMetrics | None = None,
         secrecy.close()
         if control is not None:
             control.close()
+
+
+def agent_loop(opts: agent.NodeOptions, *, source: agent.MeshSource | None = None,
+               connect: Callable[[], VppApi] | None = None,
+               metrics: AgentMetrics | None = None, stats_socket: Path | None = None,
+               report: Callable[[agent.UpResult], None] | None = None,
+               on_error: Callable[[Exception], None] | None = None) -> AgentLoop:
+    """The agent's parts, wired once for both mesh sources (the mesh file of `up --watch`,
+    the datastore's membership): the agents' channel (Secrecy), the SA counters of the
+    stats segment (idle runs dump no SA), the Session that runs the pipeline and the loop
+    that steps it. `source` None is the mesh file."""
+    secrecy = Secrecy(agent.channel_socket(opts), state_dir=opts.state_dir, clock=opts.clock)
+    counters = SaCounters(stats_socket) if stats_socket is not None else None
+    session = agent.Session(opts, source=source, connect=connect, secrecy=secrecy,
+                            counters=counters)
+    return AgentLoop(session, opts, metrics=metrics, stats_socket=stats_socket,
+                     report=report, on_error=on_error)
 
 
 def open_control(opts: agent.NodeOptions) -> Control | None:

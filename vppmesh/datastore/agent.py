@@ -48,8 +48,7 @@ from vppmesh.errors import ConfigError, VppMeshError
 from vppmesh.keys import load_secrets, public_key_b64
 from vppmesh.secrecy import Secrecy
 from vppmesh.vpp.client import VppApi, VppClient
-from vppmesh.vpp.stats import SaCounters
-from vppmesh.watch import AgentLoop, leave_uplinks, open_control
+from vppmesh.watch import agent_loop, leave_uplinks, open_control
 
 if TYPE_CHECKING:
     from etcd3gw.lease import Lease
@@ -140,12 +139,6 @@ class MembershipAgent:
         self.name = str(ds.url)  # names the source in the Session's errors
         self.store = store or EtcdStore(ds.url)
         self._api = api  # None: the session keeps its own connection to options.api_socket
-        # The agents' channel: generations agreed with the peers' agents (secrecy.py).
-        self.secrecy = Secrecy(agent.channel_socket(options), state_dir=options.state_dir,
-                               clock=options.clock)
-        self.session = agent.Session(
-            options, source=self, connect=self._connect, secrecy=self.secrecy,
-            counters=SaCounters(stats_socket) if stats_socket is not None else None)
         self.changed = threading.Event()
         self.stop = threading.Event()
         self.registration: Registration | None = None
@@ -161,9 +154,14 @@ class MembershipAgent:
         self._following = False  # run() keeps the watch armed
         self._next_resync = 0.0
         self._key_signature: tuple[int, int, int] | None = None  # at the last registration
-        # The loop of run(); with --metrics it fills them after every sync (metrics.py).
-        self.loop = AgentLoop(self.session, options, metrics=metrics, stats_socket=stats_socket,
-                              report=self._applied, on_error=self._failed)
+        # The loop of run(), wired as `up --watch`'s (watch.agent_loop) with the membership
+        # as its mesh source; with --metrics it fills them after every sync (metrics.py).
+        self.loop = agent_loop(options, source=self, connect=self._connect, metrics=metrics,
+                               stats_socket=stats_socket, report=self._applied,
+                               on_error=self._failed)
+        self.session = self.loop.session
+        # The agents' channel: generations agreed with the peers' agents (secrecy.py).
+        self.secrecy: Secrecy = self.session.secrecy  # type: ignore[assignment]
 
     @property
     def api(self) -> VppApi | None:
