@@ -1024,6 +1024,51 @@ def test_forward_secrecy_dropped_key_exchanges_never_stretch_a_key_past_its_limi
         agents.close()
 
 
+@pytest.mark.parametrize("blocked", ["underlay", "underlay and tunnel"])
+def test_forward_secrecy_channel_blocked_on_the_underlay_agrees_through_the_tunnel(
+        blocked: str) -> None:
+    """An attacker on the underlay drops every channel datagram (UDP 4501, whatever its
+    size) for three times key_max_seconds, under traffic. The agents' channel also runs
+    inside the pair's own tunnel (endpoint.py): the pair keeps agreeing new keys, never
+    stops, never sends on a static key, and says the tunnel carried it. When the
+    attacker drops the tunnel's datagrams too (the ESP itself), the pair still fails
+    closed at the key's hard limit."""
+    agents = Agents(key_max_seconds=60)
+    try:
+        agents.until(lambda: agents.slid(1), "both pairs agreed and slid")
+        agents.step()
+        agents.relay.lose = lambda relayed: relayed.path in blocked
+        first = agents.generations("node1").peers["node2"].out
+        stopped = False
+        for _ in range(int(3 * 60 / 2)):
+            agents.step()
+            for name, peer in (("node1", "node2"), ("node2", "node1")):
+                held = agents.sas(name, True, peer)
+                static = static_keys(agents, name, peer, True)
+                assert all(static[spi] != key for spi, (key, _) in held.items())
+            stopped = stopped or bool(agents.results["node1"].stopped_peers
+                                      or agents.results["node2"].stopped_peers)
+            if stopped and blocked != "underlay":
+                break
+        if blocked == "underlay":
+            assert not stopped, "the pair stopped although its tunnel carried the channel"
+            assert agents.forward_secret()
+            assert agents.generations("node1").peers["node2"].out >= first + 2
+            for name in agents.names:
+                counters = agents.secrecy[name].counters()
+                assert counters["path_tunnel"] > 0
+                assert not any(v for k, v in counters.items() if k.startswith("drop_")), \
+                    counters  # no datagram twice: nothing looks like a replay
+        else:
+            assert stopped, "the pair never failed closed"
+            assert agents.results["node1"].stopped_peers == {"node2": "key limit"}
+            agents.relay.lose = None
+            agents.until(agents.forward_secret, "agreed keys once the attacker stops",
+                         steps=60)
+    finally:
+        agents.close()
+
+
 @pytest.mark.parametrize("mode", ["required", "preferred"])
 def test_forward_secrecy_blocked_channel_and_a_forced_step(
         mode: str, caplog: pytest.LogCaptureFixture) -> None:
