@@ -1054,6 +1054,8 @@ def test_forward_secrecy_channel_blocked_on_the_underlay_agrees_through_the_tunn
             assert not stopped, "the pair stopped although its tunnel carried the channel"
             assert agents.forward_secret()
             assert agents.generations("node1").peers["node2"].out >= first + 2
+            assert agents.results["node1"].secrecy["node2"].channel_path == "tunnel"
+            assert agents.results["node2"].secrecy["node1"].channel_path == "tunnel"
             for name in agents.names:
                 counters = agents.secrecy[name].counters()
                 assert counters["path_tunnel"] > 0

@@ -111,6 +111,7 @@ class PairSecrecy:
     stopped_why: str | None = None
     channel_psk: str | None = None  # "ROLE ID" of the channel session's PSK (None: none)
     channel_key: str | None = None  # the role of this node's key it uses (None: none)
+    channel_path: str | None = None  # the path of the last agreement (endpoint.py)
 
     @property
     def forward_secret(self) -> bool:
@@ -153,7 +154,8 @@ def pair_secrecy(state: GenerationState, peers: Iterable[str]) -> dict[str, Pair
                                   inbound=arriving in pg.ephemeral_in, generation=pg.out,
                                   key_since=pg.out_since, agreeing_since=pg.agreeing_since,
                                   stopped_since=pg.stopped_since, stopped_why=pg.stopped_why,
-                                  channel_psk=pg.channel_psk, channel_key=pg.channel_key)
+                                  channel_psk=pg.channel_psk, channel_key=pg.channel_key,
+                                  channel_path=pg.channel_path)
     return found
 
 
@@ -311,6 +313,7 @@ class Secrecy:
         self._followed: LocalView | None = None
         self._heard: dict[int, _Heard] = {}
         self._tunnel_in: dict[int, int] = {}  # "installed", said since the peer's restart
+        self._agreed_path: dict[int, str] = {}  # the path of each peer's last agreement
         self._stated: dict[tuple[int, str], int] = {}
         self._asked: dict[int, frozenset[int]] = {}  # lost inbound generations, asked for
         # Outbound agreed keys retired by applied(), (key, salt): the ledger forgets them.
@@ -586,6 +589,8 @@ class Secrecy:
         match event:
             case s.GenerationKeyed(peer=peer, generation=g, outbound=outbound, secret=secret,
                                    psk=psk, shared=shared):
+                if self.endpoint is not None and peer in self.endpoint.last_path:
+                    self._agreed_path[peer] = self.endpoint.last_path[peer]
                 return self.book.add(peer, g, outbound, secret, psk, shared)
             case s.PreviousKeyHeld(peer=peer, public_key=key):
                 changed = self._vouched.get(peer) != key
@@ -743,6 +748,7 @@ class Secrecy:
             pg.nat_ports = list(self.ports().get(number, ()))
             pg.channel_psk = self.session_psk(view, number)
             pg.channel_key = self.session_key(number)
+            pg.channel_path = self._agreed_path.get(number, pg.channel_path)
             agreed_in = [g for g in installed.get(peer.name, ())
                          if self.book.keys(number, False, g) is not None]
             pg.ephemeral_in = sorted(set(agreed_in) | set(pg.ephemeral_in))
