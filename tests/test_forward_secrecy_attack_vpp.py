@@ -276,6 +276,8 @@ def test_forward_secrecy_attack_dropped_key_exchanges_agree_through_the_tunnel(
         assert metric(node, "vppmesh_channel_path_datagrams_total", path="tunnel") > \
             tunnel[node.name]
     assert ping.loss_percent() == 0.0, ping.summary
+    status = bed.run_vppmesh(n1, "status", "--state-dir", str(n1.dir), check=False).stdout
+    assert f"last agreement via: tunnel: {n2.name}" in status, status
     print(f"\nunderlay channel dropped {2 * KEY_SECONDS + 10} s ({attacked} datagrams): "
           f"generations {old[n1.name]} -> {peer_state(n1, n2).out}, 0 lost pings "
           f"({ping.summary.splitlines()[-2] if ping.summary else ''})", flush=True)
