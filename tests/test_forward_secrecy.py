@@ -47,7 +47,7 @@ from vppmesh.ledger import KeyLedger
 from vppmesh.node import UpResult, observe_keys
 from vppmesh.secrecy import KEY_VOUCH_WAIT, KeyBook
 from vppmesh.state import SA_DIRECTION_BIT, sa_peer
-from vppmesh.testing.agents import Agents, fresh, never, short_tmp, static_keys
+from vppmesh.testing.agents import Agents, Pair, fresh, never, short_tmp, static_keys
 from vppmesh.testing.fake_punt import PuntRelay, punted
 from vppmesh.testing.fake_vpp import FakeVpp
 from vppmesh.testing.meshes import make_mesh
@@ -1022,6 +1022,21 @@ def test_forward_secrecy_dropped_key_exchanges_never_stretch_a_key_past_its_limi
         assert agents.generations("node1").peers["node2"].out > pg.out
     finally:
         agents.close()
+
+
+def test_the_gateway_holds_the_channel_address_in_the_mesh_vrf(tmp_path: Path) -> None:
+    """Every VPP's gateway loopback holds its node's channel address (the last of its pod
+    CIDR), in the mesh VRF only; a VPP that lacks it (an agent upgraded on a running
+    VPP) gets it at the next run."""
+    pair = Pair(tmp_path)
+    pair.run("node1", now=1000.0)
+    vpp = pair.vpp["node1"]
+    address = f"{pair.mesh.node('node1').pod_cidr.broadcast_address}/32"
+    [gateway] = [i for i, addresses in vpp.addresses.items() if address in addresses]
+    assert vpp.table_of[gateway] == pair.mesh.settings.mesh_table_id
+    vpp.addresses[gateway].remove(address)
+    pair.run("node1", now=1001.0)
+    assert address in vpp.addresses[gateway]
 
 
 @pytest.mark.parametrize("blocked", ["underlay", "underlay and tunnel"])

@@ -432,17 +432,17 @@ class Applier:
                 self.api.call(interfaces.set_table(gw, desired.table_id, "gateway"))
                 self.api.call(interfaces.address(gw, GATEWAY_ADDRESS, True, "gateway address"))
             self.api.call(interfaces.set_admin(gw, True, "gateway"))
+            observed.gateway = Interface(
+                sw_if_index=gw, name=observed.gateway.name if observed.gateway else "",
+                tag=GATEWAY_TAG, admin_up=True, link_up=True, mtu=0,
+                mac=GATEWAY_LOOPBACK_MAC, dev_type="Loopback")
+            observed.interfaces[gw] = observed.gateway
         if d.gateway_channel_address and self.desired.channel_address is not None:
             # In the mesh VRF (set above, with the gateway address): peers reach it
             # through the tunnels only, never from the underlay.
             channel = self.desired.channel_address
             self.api.call(interfaces.address(self.gateway, channel, True, "channel address"))
             observed.gateway_addresses.append(channel)
-            observed.gateway = Interface(
-                sw_if_index=gw, name=observed.gateway.name if observed.gateway else "",
-                tag=GATEWAY_TAG, admin_up=True, link_up=True, mtu=0,
-                mac=GATEWAY_LOOPBACK_MAC, dev_type="Loopback")
-            observed.interfaces[gw] = observed.gateway
         if d.add_uplink_addresses and observed.uplink is not None:
             up = observed.uplink.sw_if_index
             self.api.call_many([interfaces.address(up, a, True) for a in d.add_uplink_addresses])
