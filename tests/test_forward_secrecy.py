@@ -47,7 +47,7 @@ from vppmesh.ledger import KeyLedger
 from vppmesh.node import UpResult, observe_keys
 from vppmesh.secrecy import KEY_VOUCH_WAIT, KeyBook
 from vppmesh.state import SA_DIRECTION_BIT, sa_peer
-from vppmesh.testing.agents import Agents, fresh, never, short_tmp, static_keys
+from vppmesh.testing.agents import Agents, Pair, fresh, never, short_tmp, static_keys
 from vppmesh.testing.fake_punt import PuntRelay, punted
 from vppmesh.testing.fake_vpp import FakeVpp
 from vppmesh.testing.meshes import make_mesh
@@ -1020,6 +1020,68 @@ def test_forward_secrecy_dropped_key_exchanges_never_stretch_a_key_past_its_limi
         agents.until(agents.forward_secret, "a new agreed key once the attacker stops",
                      steps=40)
         assert agents.generations("node1").peers["node2"].out > pg.out
+    finally:
+        agents.close()
+
+
+def test_the_gateway_holds_the_channel_address_in_the_mesh_vrf(tmp_path: Path) -> None:
+    """Every VPP's gateway loopback holds its node's channel address (the last of its pod
+    CIDR), in the mesh VRF only; a VPP that lacks it (an agent upgraded on a running
+    VPP) gets it at the next run."""
+    pair = Pair(tmp_path)
+    pair.run("node1", now=1000.0)
+    vpp = pair.vpp["node1"]
+    address = f"{pair.mesh.node('node1').pod_cidr.broadcast_address}/32"
+    [gateway] = [i for i, addresses in vpp.addresses.items() if address in addresses]
+    assert vpp.table_of[gateway] == pair.mesh.settings.mesh_table_id
+    vpp.addresses[gateway].remove(address)
+    pair.run("node1", now=1001.0)
+    assert address in vpp.addresses[gateway]
+
+
+@pytest.mark.parametrize("blocked", ["underlay", "underlay and tunnel"])
+def test_forward_secrecy_channel_blocked_on_the_underlay_agrees_through_the_tunnel(
+        blocked: str) -> None:
+    """An attacker on the underlay drops every channel datagram (UDP 4501, whatever its
+    size) for three times key_max_seconds, under traffic. The agents' channel also runs
+    inside the pair's own tunnel (endpoint.py): the pair keeps agreeing new keys, never
+    stops, never sends on a static key, and says the tunnel carried it. When the
+    attacker drops the tunnel's datagrams too (the ESP itself), the pair still fails
+    closed at the key's hard limit."""
+    agents = Agents(key_max_seconds=60)
+    try:
+        agents.until(lambda: agents.slid(1), "both pairs agreed and slid")
+        agents.step()
+        agents.relay.lose = lambda relayed: relayed.path in blocked
+        first = agents.generations("node1").peers["node2"].out
+        stopped = False
+        for _ in range(int(3 * 60 / 2)):
+            agents.step()
+            for name, peer in (("node1", "node2"), ("node2", "node1")):
+                held = agents.sas(name, True, peer)
+                static = static_keys(agents, name, peer, True)
+                assert all(static[spi] != key for spi, (key, _) in held.items())
+            stopped = stopped or bool(agents.results["node1"].stopped_peers
+                                      or agents.results["node2"].stopped_peers)
+            if stopped and blocked != "underlay":
+                break
+        if blocked == "underlay":
+            assert not stopped, "the pair stopped although its tunnel carried the channel"
+            assert agents.forward_secret()
+            assert agents.generations("node1").peers["node2"].out >= first + 2
+            assert agents.results["node1"].secrecy["node2"].channel_path == "tunnel"
+            assert agents.results["node2"].secrecy["node1"].channel_path == "tunnel"
+            for name in agents.names:
+                counters = agents.secrecy[name].counters()
+                assert counters["path_tunnel"] > 0
+                assert not any(v for k, v in counters.items() if k.startswith("drop_")), \
+                    counters  # no datagram twice: nothing looks like a replay
+        else:
+            assert stopped, "the pair never failed closed"
+            assert agents.results["node1"].stopped_peers == {"node2": "key limit"}
+            agents.relay.lose = None
+            agents.until(agents.forward_secret, "agreed keys once the attacker stops",
+                         steps=60)
     finally:
         agents.close()
 

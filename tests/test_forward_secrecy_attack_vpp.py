@@ -3,10 +3,13 @@ agents, pods pinging across, and the underlay bridge in the attacker's hands (nf
 rules on it, frames captured and replayed with scapy, the wall clock of one agent stepped
 in the agent's process).
 
-- Only the channel's key exchanges dropped (every transport datagram: padded, they all
-  have the key exchange's size) for longer than key_max_seconds: the pair ends stopped
-  (nothing sent, reported), never on its old key past the limit, never on a static key;
-  once the attacker stops, it is back on a new agreed key.
+- Only the channel's key exchanges dropped on the underlay (every transport datagram:
+  padded, they all have the key exchange's size) for twice key_max_seconds: the channel
+  also runs inside the pair's tunnel, so the pair keeps agreeing keys, the pods lose no
+  ping, no static key appears.
+- The same with the ESP dropped too (the tunnel path gone with it): the pair ends
+  stopped (nothing sent, reported), never on its old key past the limit, never on a
+  static key; once the attacker stops, it is back on a new agreed key.
 - The channel's port blocked and a VPP restarted (its key burnt, a step forced): no key
   of the static schedule is installed on either node, in either direction.
 - Handshakes recorded on the wire, replayed to an agent that restarted since (also from
@@ -229,12 +232,62 @@ def reattach(bed: Testbed, node: NodeHandle) -> None:
     bed.run_vppmesh(node, "attach", *bed.attach_args(node, 0))
 
 
+def dropped(bed: Testbed) -> int:
+    """Packets the attacker's rules dropped so far."""
+    out = subprocess.run(["ip", "netns", "exec", bed.underlay_ns, "nft", "list", "table",
+                          "bridge", TABLE], capture_output=True, text=True, timeout=30).stdout
+    return sum(int(n) for n in re.findall(r"counter packets (\d+)", out))
+
+
 # ---- the attacks ---------------------------------------------------------------------------------
 
-def test_forward_secrecy_attack_dropped_key_exchanges_stop_the_pair_at_the_key_limit(
+KEY_EXCHANGE = f"udp dport {PORT} udp length {8 + m.TRANSPORT_BYTES} counter drop"
+
+
+def test_forward_secrecy_attack_dropped_key_exchanges_agree_through_the_tunnel(
         bed: Testbed, agents: dict[str, vpp_helpers.WatchAgent], healthy: None) -> None:
-    """Every datagram of the key exchange's size dropped (transports are padded to one
-    size: that is every transport datagram; handshakes pass) for longer than
+    """Every datagram of the key exchange's size dropped on the underlay (transports are
+    padded to one size: that is every transport datagram; handshakes pass) for twice
+    key_max_seconds under pod traffic. The agents' channel also runs inside the pair's
+    own tunnel (channel/endpoint.py), which the attacker cannot pick out of the ESP:
+    the pair never stops, keeps agreeing new keys (no static key anywhere), the pods
+    lose no ping, and the metric says the tunnel carried the channel."""
+    n1, n2 = bed.nodes
+    schedule = static_keys(bed)
+    old = {n.name: peer_state(n, p).out for n, p in ((n1, n2), (n2, n1))}
+    tunnel = {n.name: metric(n, "vppmesh_channel_path_datagrams_total", path="tunnel")
+              for n in bed.nodes}
+    set_filter(bed, KEY_EXCHANGE)
+    began = time.monotonic()
+    with vpp_helpers.SteadyPing(n1.pod_netns(0), str(n2.pod_address(0)),
+                                interval=0.2) as ping:
+        while time.monotonic() - began < 2 * KEY_SECONDS + 10:
+            assert_no_static_key(bed, schedule)
+            for node, peer in ((n1, n2), (n2, n1)):
+                pg = peer_state(node, peer)
+                assert pg.stopped_since is None, f"{node.name} stopped the pair: {pg}"
+            time.sleep(2.0)
+    attacked = dropped(bed)
+    clear_filter(bed)
+    assert attacked > 0, "the attacker dropped nothing: the test proves nothing"
+    for node, peer in ((n1, n2), (n2, n1)):
+        pg = peer_state(node, peer)
+        assert pg.out >= old[node.name] + 2, (node.name, old[node.name], pg)
+        assert metric(node, "vppmesh_channel_path_datagrams_total", path="tunnel") > \
+            tunnel[node.name]
+    assert ping.loss_percent() == 0.0, ping.summary
+    status = bed.run_vppmesh(n1, "status", "--state-dir", str(n1.dir), check=False).stdout
+    assert f"last agreement via: tunnel: {n2.name}" in status, status
+    print(f"\nunderlay channel dropped {2 * KEY_SECONDS + 10} s ({attacked} datagrams): "
+          f"generations {old[n1.name]} -> {peer_state(n1, n2).out}, 0 lost pings "
+          f"({ping.summary.splitlines()[-2] if ping.summary else ''})", flush=True)
+    assert_no_static_key(bed, schedule)
+
+
+def test_forward_secrecy_attack_dropped_key_exchanges_and_esp_stop_the_pair_at_the_key_limit(
+        bed: Testbed, agents: dict[str, vpp_helpers.WatchAgent], healthy: None) -> None:
+    """Every datagram of the key exchange's size dropped, and the ESP too (the tunnel's
+    path for the channel gone with it: a plain denial of service), for longer than
     key_max_seconds under pod traffic. No outbound key serves past its limit: by then
     each node has stopped the pair (no outbound SA, `stopped_why`, metric, status); no
     static key appears anywhere; once the attacker stops, a new agreed key."""
@@ -242,7 +295,8 @@ def test_forward_secrecy_attack_dropped_key_exchanges_stop_the_pair_at_the_key_l
     schedule = static_keys(bed)
     old = {n.name: (peer_state(n, p).out, peer_state(n, p).out_since, outbound_sas(n))
            for n, p in ((n1, n2), (n2, n1))}
-    set_filter(bed, f"udp dport {PORT} udp length {8 + m.TRANSPORT_BYTES} counter drop")
+    set_filter(bed, f"{KEY_EXCHANGE}\n  ip protocol esp counter drop\n"
+                    "  udp dport 4500 counter drop")
     began = time.monotonic()
     with vpp_helpers.SteadyPing(n1.pod_netns(0), str(n2.pod_address(0)), interval=0.2):
         while time.monotonic() - began < KEY_SECONDS + 10:

@@ -256,6 +256,14 @@ class Node(BaseModel):
         """The host's own address in the mesh: the first address of its pod CIDR."""
         return self.pod_cidr.network_address + 1
 
+    @property
+    def channel_address(self) -> ipaddress.IPv4Address:
+        """Its VPP's address for the agents' channel inside the tunnels: the last address
+        of its pod CIDR (never a pod's: IPAM hands out up to the one before), held by
+        VPP's gateway loopback in the mesh VRF. Every peer routes the pod CIDR through
+        its tunnels, so a channel datagram to it travels encrypted (channel/endpoint.py)."""
+        return self.pod_cidr.broadcast_address
+
 
 class Mesh(BaseModel):
     """The whole mesh: settings plus every node."""

@@ -122,6 +122,10 @@ class PeerGenerations(BaseModel):
     # Which of this node's keys ("current", "previous") that session authenticated:
     # during this node's key rotation, whether the peer still knows it by the old one.
     channel_key: str | None = None
+    # The path ("underlay", "tunnel": channel/endpoint.py) of the peer's datagram that
+    # completed the pair's last agreement; "tunnel": the underlay's channel did not get
+    # through (blocked, or lost).
+    channel_path: str | None = None
     # The peer's public key changed in the mesh file while the pair held agreed keys:
     # its old key, and since when its agent has not yet vouched, over a session of the
     # new key, that it still holds the old one (a node key rotation: Secrecy.follow_keys).

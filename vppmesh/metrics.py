@@ -45,6 +45,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.utils import floatToGoString
 
+from vppmesh.channel.endpoint import PATHS
 from vppmesh.channel.messages import Drop
 from vppmesh.cni.reattach import PodReport
 from vppmesh.config import Mesh
@@ -461,6 +462,13 @@ class AgentMetrics:
                                       "NAT: one per tunnel every 20 s).",
                                       registry=self.registry),
         }
+        self.channel_paths = Counter(
+            "vppmesh_channel_path_datagrams", "Authenticated channel datagrams received, "
+            "by path: the underlay (UDP 4501 or the ESP flow) or inside the pair's tunnel "
+            "(the path that keeps keys agreed while the underlay's are blocked).", ["path"],
+            registry=self.registry)
+        for path in PATHS:
+            self.channel_paths.labels(path=path)
         self.forward_secrecy_downgrades = Counter(
             "vppmesh_forward_secrecy_downgrades", "Times a pair left agreed keys for the "
             "static schedule (forward_secrecy: preferred, the agents could not agree).",
@@ -535,6 +543,7 @@ class AgentMetrics:
         grown = [(self.channel_counters[kind], key) for kind, key in CHANNEL_COUNTERS.items()]
         grown += [(self.channel_dropped.labels(reason=reason.value), f"drop_{reason.value}")
                   for reason in Drop]
+        grown += [(self.channel_paths.labels(path=path), f"path_{path}") for path in PATHS]
         for counter, key in grown:
             now, before = counters.get(key, 0), last.get(key, 0)
             if now != before:

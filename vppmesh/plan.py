@@ -166,6 +166,7 @@ def plan_by_peer(
         # key: its packets must die in VPP, not leave by the host's default route.
         host=host_link(view, host or HostOptions()),
         drop_routes=drop_routes(local),
+        channel_address=ipaddress.IPv4Interface(f"{local.channel_address}/32"),
     )
     return desired, by_peer
 

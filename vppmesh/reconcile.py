@@ -62,6 +62,9 @@ class Observed:
     host_neighbors: dict[ipaddress.IPv4Address, str]
     uplink: Interface | None
     uplink_addresses: list[ipaddress.IPv4Interface | ipaddress.IPv6Interface]
+    # The gateway loopback's addresses (read only when there is a gateway).
+    gateway_addresses: list[ipaddress.IPv4Interface | ipaddress.IPv6Interface] = field(
+        default_factory=list)
 
     def by_name(self, name: str) -> Interface | None:
         return next((i for i in self.interfaces.values() if i.name == name), None)
@@ -103,6 +106,8 @@ def observe(api: VppApi, desired: DesiredState,
         host_neighbors=(routes.dump_neighbors(api, host.sw_if_index) if host else {}),
         uplink=uplink,
         uplink_addresses=uplink_addresses,
+        gateway_addresses=(interfaces.dump_addresses(api, gateway.sw_if_index)
+                           if gateway is not None else []),
     )
 
 
@@ -139,6 +144,7 @@ class Diff:
 
     create_table: bool = False
     create_gateway: bool = False
+    gateway_channel_address: bool = False  # the channel's address missing on the gateway
     add_uplink_addresses: list[ipaddress.IPv4Interface | ipaddress.IPv6Interface] = field(
         default_factory=list)
     uplink_admin_up: bool = False  # an uplink named with `uplink:` may still be down
@@ -164,6 +170,8 @@ class Diff:
             out.append(Change("create", "table", "mesh VRF"))
         if self.create_gateway:
             out.append(Change("create", "gateway", str(GATEWAY_ADDRESS)))
+        if self.gateway_channel_address:
+            out.append(Change("create", "address", "channel's on gateway"))
         out += [Change("create", "address", f"{a} on uplink") for a in self.add_uplink_addresses]
         if self.uplink_admin_up:
             out.append(Change("update", "uplink", "admin up"))
@@ -331,6 +339,8 @@ def _diff_node(d: Diff, desired: DesiredState, observed: Observed,
     d.set_drop_routes = [p for p in desired.drop_routes if p not in observed.drop_routes]
     gw = observed.gateway
     d.create_gateway = gw is None or not gw.admin_up
+    d.gateway_channel_address = desired.channel_address is not None and (
+        gw is None or desired.channel_address not in observed.gateway_addresses)
     if observed.uplink is not None:
         have = {a.ip for a in observed.uplink_addresses}
         d.add_uplink_addresses = [a for a in desired.uplink_addresses if a.ip not in have]
@@ -427,6 +437,12 @@ class Applier:
                 tag=GATEWAY_TAG, admin_up=True, link_up=True, mtu=0,
                 mac=GATEWAY_LOOPBACK_MAC, dev_type="Loopback")
             observed.interfaces[gw] = observed.gateway
+        if d.gateway_channel_address and self.desired.channel_address is not None:
+            # In the mesh VRF (set above, with the gateway address): peers reach it
+            # through the tunnels only, never from the underlay.
+            channel = self.desired.channel_address
+            self.api.call(interfaces.address(self.gateway, channel, True, "channel address"))
+            observed.gateway_addresses.append(channel)
         if d.add_uplink_addresses and observed.uplink is not None:
             up = observed.uplink.sw_if_index
             self.api.call_many([interfaces.address(up, a, True) for a in d.add_uplink_addresses])

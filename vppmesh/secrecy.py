@@ -48,17 +48,17 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING
 
 from vppmesh.channel import session as s
-from vppmesh.channel.endpoint import PORT, ChannelEndpoint
+from vppmesh.channel.endpoint import PATHS, PORT, ChannelEndpoint
 from vppmesh.channel.transport import PuntTransport
 from vppmesh.clock import AgentClock, TimestampFile, Timestamps
 from vppmesh.config import MeshSettings
 from vppmesh.epochs import WINDOW, GenerationState, PeerGenerations, PeerSaid
 from vppmesh.errors import VppMeshError
 from vppmesh.keys import SaKey, derive_sa_key_ephemeral, psk_id, public_key_b64, spi_for
-from vppmesh.state import sa_id_for
+from vppmesh.state import GATEWAY_TAG, sa_id_for
 from vppmesh.underlay import NAT_T_PORT
 from vppmesh.view import AgreedKeys, PeerView
-from vppmesh.vpp import punt
+from vppmesh.vpp import interfaces, punt
 
 if TYPE_CHECKING:
     from vppmesh.channel.messages import Address
@@ -111,6 +111,7 @@ class PairSecrecy:
     stopped_why: str | None = None
     channel_psk: str | None = None  # "ROLE ID" of the channel session's PSK (None: none)
     channel_key: str | None = None  # the role of this node's key it uses (None: none)
+    channel_path: str | None = None  # the path of the last agreement (endpoint.py)
 
     @property
     def forward_secret(self) -> bool:
@@ -153,7 +154,8 @@ def pair_secrecy(state: GenerationState, peers: Iterable[str]) -> dict[str, Pair
                                   inbound=arriving in pg.ephemeral_in, generation=pg.out,
                                   key_since=pg.out_since, agreeing_since=pg.agreeing_since,
                                   stopped_since=pg.stopped_since, stopped_why=pg.stopped_why,
-                                  channel_psk=pg.channel_psk, channel_key=pg.channel_key)
+                                  channel_psk=pg.channel_psk, channel_key=pg.channel_key,
+                                  channel_path=pg.channel_path)
     return found
 
 
@@ -310,6 +312,8 @@ class Secrecy:
         self._configs: dict[int, s.PeerConfig] = {}
         self._followed: LocalView | None = None
         self._heard: dict[int, _Heard] = {}
+        self._tunnel_in: dict[int, int] = {}  # "installed", said since the peer's restart
+        self._agreed_path: dict[int, str] = {}  # the path of each peer's last agreement
         self._stated: dict[tuple[int, str], int] = {}
         self._asked: dict[int, frozenset[int]] = {}  # lost inbound generations, asked for
         # Outbound agreed keys retired by applied(), (key, salt): the ledger forgets them.
@@ -384,6 +388,10 @@ class Secrecy:
                 # Told once this VPP holds the mesh (flush): before that it has no address
                 # to send from, and every datagram would wait for a retry.
                 self._announce = boot_id
+            if self.endpoint is not None:
+                self.endpoint.tunnel_sw_if_index = None  # this VPP's gateway: found below
+        if self.endpoint is not None and self.endpoint.tunnel_sw_if_index is None:
+            self.endpoint.tunnel_sw_if_index = gateway_index(api)
         self.follow(view)
 
     def _handshakes(self, node: str) -> tuple[Timestamps, dict[int, int]]:
@@ -468,10 +476,14 @@ class Secrecy:
         endpoint.channel.set_peers(configs.values())
         endpoint.esp_flow = frozenset(str(p.path.endpoints[0][1]) for p in view.peers
                                       if p.path.udp_encap)
+        endpoint.tunnel_source = str(view.node.channel_address)
+        endpoint.tunnel_peers = {p.node.node_number: str(p.node.channel_address)
+                                 for p in view.peers}
         self._follow_nat(view)
         # A peer that left, or whose record changed, starts afresh on both ends.
         for number in [n for n, c in self._configs.items() if configs.get(n) != c]:
             self._heard.pop(number, None)
+            self._tunnel_in.pop(number, None)
             self._asked.pop(number, None)
             for what in ("installed", "slid", "sending"):
                 self._stated.pop((number, what), None)
@@ -577,6 +589,8 @@ class Secrecy:
         match event:
             case s.GenerationKeyed(peer=peer, generation=g, outbound=outbound, secret=secret,
                                    psk=psk, shared=shared):
+                if self.endpoint is not None and peer in self.endpoint.last_path:
+                    self._agreed_path[peer] = self.endpoint.last_path[peer]
                 return self.book.add(peer, g, outbound, secret, psk, shared)
             case s.PreviousKeyHeld(peer=peer, public_key=key):
                 changed = self._vouched.get(peer) != key
@@ -586,12 +600,14 @@ class Secrecy:
                 heard = self._heard.setdefault(peer, _Heard())
                 if what == "installed":
                     heard.installed = g
+                    self._tunnel_in[peer] = g
                 elif what == "slid":
                     heard.slid = g
                 else:
                     heard.sending = (g, now)
                 return True
             case s.PeerRestarted(peer=peer):
+                self._tunnel_in.pop(peer, None)
                 self._heard.setdefault(peer, _Heard()).restarted = True
                 return True
             case s.HandshakeComplete():
@@ -722,6 +738,8 @@ class Secrecy:
         """
         channel = self.channel
         now = self.clock()
+        if self.endpoint is not None:  # the channel's path inside the tunnels (endpoint.py)
+            self.endpoint.tunnel_usable = self._tunnel_usable(view, state, installed)
         for peer in view.peers:
             number = peer.node.node_number
             pg = state.peers.get(peer.name)
@@ -730,6 +748,7 @@ class Secrecy:
             pg.nat_ports = list(self.ports().get(number, ()))
             pg.channel_psk = self.session_psk(view, number)
             pg.channel_key = self.session_key(number)
+            pg.channel_path = self._agreed_path.get(number, pg.channel_path)
             agreed_in = [g for g in installed.get(peer.name, ())
                          if self.book.keys(number, False, g) is not None]
             pg.ephemeral_in = sorted(set(agreed_in) | set(pg.ephemeral_in))
@@ -770,6 +789,23 @@ class Secrecy:
                     not channel.offering(number, want):
                 self._outbox.append(channel.start_generation(now, number, want))
 
+    def _tunnel_usable(self, view: LocalView, state: GenerationState,
+                       installed: Mapping[str, tuple[int, ...]]) -> frozenset[int]:
+        """The peers whose tunnel carries the channel (endpoint.py): this node sends on
+        an agreed key there (the pair is not stopped: `installed` names it), and the
+        peer's agent said, since its last restart, that it installed agreed keys
+        inbound. A peer whose VPP restarted holds none of the old keys: until it says so
+        again, datagrams into the tunnel would only be lost. (A generation it has not
+        installed yet costs at most one retry: the next goes on the underlay.)"""
+        usable = []
+        for peer in view.peers:
+            pg = state.peers.get(peer.name)
+            number = peer.node.node_number
+            if pg is not None and peer.name in installed and pg.out in pg.ephemeral_out \
+                    and number in self._tunnel_in:
+                usable.append(number)
+        return frozenset(usable)
+
     def flush(self) -> None:
         """Send what applied() queued (after the generation state is saved), after a
         restart of VPP first its announcement."""
@@ -796,6 +832,8 @@ class Secrecy:
         found["received_datagrams"] = endpoint.transport.received
         found["send_errors"] = endpoint.transport.send_errors
         found["nat_keepalives"] = endpoint.transport.keepalives
+        for path in PATHS:
+            found[f"path_{path}"] = endpoint.path_datagrams[path]
         return found
 
     def session_key(self, peer: int) -> str | None:
@@ -926,3 +964,10 @@ def local_addresses(view: LocalView) -> dict[int, str]:
     for address in view.node.underlay:
         found.setdefault(address.ip.version, str(address.ip))
     return found
+
+
+def gateway_index(api: VppApi) -> int | None:
+    """The sw_if_index of VPP's gateway loopback (in the mesh VRF; None: not made yet):
+    channel datagrams routed from it go through the tunnels (channel/endpoint.py)."""
+    found = next((i for i in interfaces.dump_interfaces(api) if i.tag == GATEWAY_TAG), None)
+    return found.sw_if_index if found is not None else None

@@ -199,3 +199,5 @@ class DesiredState(Frozen):
     host: HostLinkSpec | None
     # Prefixes the mesh VRF drops (the node's own pod CIDR: what no pod's /32 matches).
     drop_routes: tuple[ipaddress.IPv4Network, ...] = ()
+    # The gateway's second address, the channel's inside the tunnels (Node.channel_address).
+    channel_address: ipaddress.IPv4Interface | None = None

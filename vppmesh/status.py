@@ -159,6 +159,13 @@ def key_summary(pairs: Mapping[str, PairSecrecy], limit: int = 10) -> str:
     return _by_role("channel key", {n: p.channel_key for n, p in pairs.items()}, limit)
 
 
+def path_summary(pairs: Mapping[str, PairSecrecy], limit: int = 10) -> str:
+    """One line: the path that carried each pair's last key agreement (`tunnel`: the
+    channel on the underlay did not get through, blocked or lost: channel/endpoint.py)."""
+    return _by_role("last agreement via", {n: p.channel_path for n, p in pairs.items()},
+                    limit).replace("no session", "none yet")
+
+
 def _by_role(label: str, roles: Mapping[str, str | None], limit: int) -> str:
     """`label: ROLE: peers; ...`, peers without a session under `no session`."""
     grouped: dict[str, list[str]] = {}
@@ -286,6 +293,7 @@ def render_table(status: NodeStatus) -> str:
         lines.append(secrecy_summary(pairs))
         lines.append(psk_summary(pairs))
         lines.append(key_summary(pairs))
+        lines.append(path_summary(pairs))
     lines += [f"{name}: {problem}" for name, problems in sorted(status.key_problems.items())
               for problem in problems]
     return "\n".join(lines)

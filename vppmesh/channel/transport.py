@@ -214,12 +214,15 @@ class PuntTransport:
                 found.append(parsed)
         return found
 
-    def send(self, source: Address, destination: Address, payload: bytes) -> None:
+    def send(self, source: Address, destination: Address, payload: bytes,
+             sw_if_index: int | None = None) -> None:
         """Have VPP send `payload` from `source` (its own address and the channel's port;
-        from UDP 4500, behind the non-ESP marker)."""
+        from UDP 4500, behind the non-ESP marker), routed in the FIB of `sw_if_index`
+        (None: the transport's, the underlay's; an interface of the mesh VRF sends it
+        through the tunnels)."""
         if source[1] == NAT_T_PORT:
             payload = NON_ESP_MARKER + payload
-        if self._write(source, destination, payload):
+        if self._write(source, destination, payload, sw_if_index):
             self.sent += 1
 
     def keepalive(self, source: Address, destination: Address) -> None:
@@ -227,9 +230,11 @@ class PuntTransport:
         if self._write(source, destination, NAT_KEEPALIVE):
             self.keepalives += 1
 
-    def _write(self, source: Address, destination: Address, payload: bytes) -> bool:
+    def _write(self, source: Address, destination: Address, payload: bytes,
+               sw_if_index: int | None = None) -> bool:
+        index = self.sw_if_index if sw_if_index is None else sw_if_index
         try:
-            self.sock.sendto(build_routed(source, destination, payload, self.sw_if_index),
+            self.sock.sendto(build_routed(source, destination, payload, index),
                              str(self.vpp_path))
         except OSError:  # VPP gone (restarting) or its socket full: the channel retries
             self.send_errors += 1

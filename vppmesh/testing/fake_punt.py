@@ -11,6 +11,14 @@ delivers every packet written there to the registered socket of the FakeVpp owni
 destination address (its `addresses`). Nothing is delivered that the destination's VPP
 has no registration for, as with VPP. `punt()` writes any bytes straight to an agent's
 socket (hostile datagrams), framed as VPP frames them.
+
+Routing follows the descriptor's sw_if_index as VPP's does (punt_node.c: the lookup is in
+that interface's FIB): routed from an interface of the default table, a datagram reaches
+the node owning the destination among its default-table addresses (the underlay);
+routed from one of the mesh VRF (the gateway loopback: the channel's tunnel path), it
+reaches the node owning the destination among its mesh-VRF addresses, and only while
+the sender's VPP holds an outbound SA whose twin (SPI and key) the receiver's VPP holds
+inbound: the pair's tunnel carries it, encrypted. `Relayed.path` says which.
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vppmesh.channel import transport as t
+from vppmesh.state import SA_DIRECTION_BIT
 from vppmesh.testing.fake_vpp import FakeVpp
 from vppmesh.vpp.punt import AF_IP4, AF_IP6
 
@@ -42,6 +51,7 @@ class Relayed:
     receiver: str
     payload: bytes  # the channel datagram (UDP payload)
     frame: bytes  # exactly what the receiving agent read
+    path: str = "underlay"  # or "tunnel": inside the pair's IPsec tunnel
 
 
 class PuntRelay:
@@ -56,6 +66,7 @@ class PuntRelay:
         self._sockets: dict[str, socket.socket] = {}
         self.relayed: list[Relayed] = []
         self.unrouted = 0  # no VPP owns the destination, or it has no registration
+        self.no_tunnel = 0  # routed in the mesh VRF, but the pair's tunnel is not up
         self.refused = 0  # the agent's socket was gone or full
         self.lose: Callable[[Relayed], bool] | None = None
         self._out = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)  # VPP's end, sending
@@ -77,13 +88,24 @@ class PuntRelay:
         self.vpps[name] = vpp
         return vpp
 
-    def owner(self, address: str) -> str | None:
+    def owner(self, address: str, table: int = 0) -> str | None:
+        """The node whose VPP holds `address` on an interface of `table`."""
         ip = ipaddress.ip_address(address)
         for name, vpp in self.vpps.items():
             if any(ipaddress.ip_interface(a).ip == ip
-                   for addresses in vpp.addresses.values() for a in addresses):
+                   for index, addresses in vpp.addresses.items()
+                   if vpp.table_of.get(index, 0) == table for a in addresses):
                 return name
         return None
+
+    def tunnel_up(self, sender: str, receiver: str) -> bool:
+        """The sender's VPP encrypts for the receiver's: an outbound SA of the one whose
+        SPI and key an inbound SA of the other holds."""
+        def held(vpp: FakeVpp, outbound: bool) -> set[tuple[int, bytes]]:
+            return {(sa["entry"]["spi"], bytes(sa["entry"]["crypto_key"]["data"]))
+                    for sa_id, sa in vpp.sas.items()
+                    if bool(sa_id & SA_DIRECTION_BIT) == outbound}
+        return bool(held(self.vpps[sender], True) & held(self.vpps[receiver], False))
 
     def agent_path(self, name: str, address: str, port: int) -> str | None:
         """Where node `name`'s VPP punts UDP `port` of `address`'s family (None: nowhere)."""
@@ -99,18 +121,23 @@ class PuntRelay:
                     written = sock.recv(65536)
                 except BlockingIOError:
                     break
-                _, action = t.PACKETDESC.unpack_from(written)
+                sw_if_index, action = t.PACKETDESC.unpack_from(written)
                 assert action in (t.PUNT_IP4_ROUTED, t.PUNT_IP6_ROUTED), action
                 frame = punted(written[t.PACKETDESC.size:])
                 parsed = t.parse_punted(frame)
                 assert isinstance(parsed, t.Punted), parsed  # the agent writes valid packets
-                receiver = self.owner(parsed.destination[0])
+                table = self.vpps[sender].table_of.get(sw_if_index, 0)
+                receiver = self.owner(parsed.destination[0], table)
                 path = None if receiver is None else self.agent_path(receiver,
                                                                      *parsed.destination)
                 if receiver is None or path is None:
                     self.unrouted += 1
                     continue
-                relayed = Relayed(sender, receiver, parsed.payload, frame)
+                if table != 0 and not self.tunnel_up(sender, receiver):
+                    self.no_tunnel += 1
+                    continue
+                relayed = Relayed(sender, receiver, parsed.payload, frame,
+                                  "tunnel" if table != 0 else "underlay")
                 self.relayed.append(relayed)
                 if self.lose is not None and self.lose(relayed):
                     continue
