@@ -7,8 +7,11 @@ import importlib.util
 import ipaddress
 import json
 import struct
+import time
 from pathlib import Path
 from types import SimpleNamespace
+
+import pytest
 
 from benchmarks.storm import analysis, schedule
 from benchmarks.storm.__main__ import analyse, leaks
@@ -318,3 +321,117 @@ def test_datastore_variant_restarts_etcd_several_times_and_replays_from_its_seed
     assert sorted(f.kind for f in quick) == sorted(schedule.DATASTORE_QUICK_KINDS)
     assert [f.describe() for f in quick if f.kind == "etcd_restart"] == [
         "etcd_restart on etcd for 6 s, SIGKILL", "etcd_restart on etcd for 9 s, SIGKILL"]
+
+
+# ---- the pods, as users run them --------------------------------------------------------
+def test_pods_are_added_by_the_cni_plugin_where_their_agent_reattaches_them(
+        tmp_path: Path, monkeypatch: object) -> None:
+    """Each pod's network configuration is one the plugin accepts, keeps its records in
+    the directory its agent re-attaches from (`--cni-state-dir`) and hands host-local a
+    range of exactly the address the pings and streams aim at."""
+    from benchmarks.storm import rig
+    from vppmesh.cni.ipam import effective_ipam
+    from vppmesh.cni.models import NetConf
+
+    storm = rig.Storm(nodes=4, work=tmp_path, base_dir=tmp_path / "bed")
+    assert storm.spec.pods == 0  # no `vppmesh attach`: it keeps no record to re-attach from
+    node = storm.bed.nodes[1]
+    conf = NetConf.model_validate(rig.pod_netconf(storm.bed, node, tmp_path))
+    assert conf.unknown_keys() == {} and conf.attachment == storm.spec.attachment
+    ranges = effective_ipam(conf.ipam.model_dump(mode="json"), node.pod_cidr)["ranges"]
+    assert ranges == [[{"subnet": "198.18.2.0/24", "rangeStart": "198.18.2.10",
+                        "rangeEnd": "198.18.2.10"}]]
+    assert str(node.pod_address(0)) == "198.18.2.10"
+
+    started: list[list[str]] = []
+    monkeypatch.setattr(rig.subprocess, "Popen",  # type: ignore[attr-defined]
+                        lambda args, **_: started.append(args) or SimpleNamespace(pid=1))
+    rig.Agent(storm.bed, node, tmp_path).start()
+    args = started[0]
+    assert args[args.index("--cni-state-dir") + 1] == str(conf.state_dir)
+
+
+def test_an_add_is_retried_while_the_plugin_says_try_again_and_its_address_checked(
+        tmp_path: Path, monkeypatch: object) -> None:
+    """As a runtime: ADD again after code 11 (the agent has not made the mesh yet), fail on
+    any other error, and refuse an address the traffic would not reach."""
+    import subprocess
+
+    from benchmarks.storm import rig
+    from vppmesh.testing import vpp_helpers
+
+    storm = rig.Storm(nodes=2, work=tmp_path, base_dir=tmp_path / "bed")
+    node = storm.bed.nodes[0]
+    answers: list[tuple[int, dict[str, object]]] = []
+    calls: list[dict[str, object]] = []
+
+    def run_cni(host_ns: str, command: str, conf: dict[str, object], **kw: object
+                ) -> subprocess.CompletedProcess[str]:
+        calls.append({"host_ns": host_ns, "command": command, **kw})
+        code, out = answers.pop(0)
+        return subprocess.CompletedProcess([], code, json.dumps(out), "")
+
+    monkeypatch.setattr(vpp_helpers, "run_cni", run_cni)  # type: ignore[attr-defined]
+    monkeypatch.setattr(rig, "sh", lambda *a, **k: None)  # type: ignore[attr-defined]
+    monkeypatch.setattr(rig, "in_ns", lambda *a, **k: None)  # type: ignore[attr-defined]
+    monkeypatch.setattr(rig.time, "sleep", lambda _s: None)  # type: ignore[attr-defined]
+    ok = {"cniVersion": "1.0.0", "ips": [{"address": "198.18.1.10/32"}]}
+    answers += [(11, {"code": 11, "msg": "not in the mesh"})] * 2 + [(0, ok)]
+    storm.add_pod(node)
+    assert len(calls) == 3 and storm.pods == {"n1": ok}
+    assert calls[0] == {"host_ns": node.netns, "command": "ADD",
+                        "container": rig.pod_container(node), "netns": node.pod_netns(0),
+                        "pod": node.pod_name(0)}
+    answers += [(7, {"code": 7, "msg": "invalid network configuration"})]
+    with pytest.raises(RuntimeError, match="invalid network configuration"):
+        storm.add_pod(node)
+    answers += [(0, {"ips": [{"address": "198.18.1.2/32"}]})]
+    with pytest.raises(RuntimeError, match=r"gave 198\.18\.1\.2, not 198\.18\.1\.10"):
+        storm.add_pod(node)
+
+
+def test_a_vpp_fault_is_only_a_supervisors_restart_and_the_outage_counts_from_the_fault(
+        tmp_path: Path) -> None:
+    """After a VPP kill (and a VPP stopped with its agent) the rig restarts VPP as systemd
+    would and attaches nothing itself: the agent re-attaches the pods. The fault's window,
+    where its ping gap is looked for, opens before the kill."""
+    from benchmarks.storm import rig
+    from benchmarks.storm.schedule import Fault
+
+    storm = rig.Storm(nodes=2, work=tmp_path, base_dir=tmp_path / "bed")
+    done: list[tuple[str, float]] = []
+
+    class Bed(SimpleNamespace):
+        def kill_vpp(self, node: object, sig: int) -> None:
+            done.append(("kill_vpp", time.time()))
+
+        def restart_vpp(self, node: object) -> None:
+            done.append(("restart_vpp", time.time()))
+
+        def run_vppmesh(self, *a: object, **k: object) -> None:
+            done.append(("vppmesh " + str(a[1]), time.time()))
+
+    storm.bed = Bed(nodes=storm.bed.nodes, underlay_ns="ul")  # type: ignore[assignment]
+
+    class Agent(SimpleNamespace):
+        def signal(self, sig: int) -> None:
+            done.append(("agent stopped", time.time()))
+
+        def start(self) -> None:
+            done.append(("agent started", time.time()))
+
+    for name in ("n1", "n2"):
+        storm.agents[name] = Agent(log=tmp_path / f"agent-{name}.log")  # type: ignore[assignment]
+    (tmp_path / "agent-n2.log").write_text("before\n")
+    record: dict[str, object] = {}
+    storm.apply(Fault("vpp_kill", 2, 0.0), record)
+    assert [what for what, _ in done] == ["kill_vpp", "restart_vpp"]
+    assert record["started"] <= done[0][1] <= record["restored"]  # type: ignore[operator]
+    with (tmp_path / "agent-n2.log").open("a") as f:
+        f.write("VPP is back (pid 7): 1 pod(s) re-attached\n")
+    storm.note_agent_log(Fault("vpp_kill", 2, 0.0), record)
+    assert record["agent_log"] == ["VPP is back (pid 7): 1 pod(s) re-attached"]
+    done.clear()
+    storm.apply(Fault("vpp_agent_stop", 1, 0.0), {})
+    assert [what for what, _ in done] == ["agent stopped", "kill_vpp", "restart_vpp",
+                                          "agent started"]

@@ -110,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
             if exited:
                 record["agents_exited"] = exited
             took = storm.wait_agreed(RECOVERY_BOUND)
+            storm.note_agent_log(fault, record)
             log(f"  every pair agreed {took if took is None else round(took, 1)} s after "
                 "observing")
         last = records[-1]["restored"] if records else time.time()

@@ -1,5 +1,11 @@
 """The storm's moving parts on the namespace testbed (vppmesh/lab/testbed.py): the agents
-as users run them, the pods' traffic, the underlay capture, the samplers and the faults.
+and the pods as users run them, the pods' traffic, the underlay capture, the samplers and
+the faults.
+
+Pods are added by the CNI plugin (vppmesh-cni ADD, host-local IPAM), as a node's container
+runtime adds them, and each agent runs with `--cni-state-dir` on the plugin's records: after
+a VPP restart the agent puts the pods back itself (vppmesh/cni/reattach.py). The rig only
+restarts VPP with its uplink, as a supervisor (systemd and startup.conf) would.
 
 Root and a VPP (VPPMESH_VPP) are needed; everything lives in namespaces of PREFIX and is
 removed afterwards. What the run records (pings, TCP logs, capture, agent logs) goes to a
@@ -26,6 +32,7 @@ import yaml
 from benchmarks.storm import analysis
 from benchmarks.storm.schedule import Fault
 from vppmesh.clock import AgentClock
+from vppmesh.cni.models import ERR_TRY_AGAIN
 from vppmesh.epochs import GenerationStore
 from vppmesh.lab.etcd import EtcdServer, start_etcd, stop_etcd
 from vppmesh.lab.testbed import NodeHandle, Testbed, TestbedSpec, in_ns, sh
@@ -43,6 +50,8 @@ NFT_TABLE = "vppmesh_storm"
 OUTSIDE = "192.0.2.200"  # the attacker's own address on the underlay: no node has it
 HERE = Path(__file__).parent
 ETCD_PORTS = (2379, 2380)  # etcd's own, in its namespace
+CNI_NETWORK = "vppmesh"
+ADD_TIMEOUT = 180.0  # seconds an ADD is retried while the node has no mesh yet
 
 
 def log(message: str) -> None:
@@ -62,11 +71,43 @@ def stop(proc: subprocess.Popen[Any] | None, sig: int = signal.SIGTERM,
         proc.wait(timeout=10)
 
 
+def cni_state_dir(node: NodeHandle) -> Path:
+    """Where the node's CNI plugin keeps its pod records and its agent reads them."""
+    return node.dir / "cni"
+
+
+def pod_container(node: NodeHandle) -> str:
+    """The container ID of the node's pod (what a runtime passes as CNI_CONTAINERID)."""
+    return f"5701{node.index:04d}" * 4
+
+
+def pod_netconf(bed: Testbed, node: NodeHandle, work: Path) -> dict[str, Any]:
+    """The plugin's network configuration on one node, as its runtime hands it over: the
+    node's VPP and mesh file, the records where the agent reads them, the testbed's
+    attachment, and host-local IPAM over one address, the testbed's pod address, so the
+    pings and streams know where every pod is (the ADD result is checked against it).
+    The plugin's log goes to the work directory."""
+    address = str(node.pod_address(0))
+    return {"cniVersion": "1.0.0", "name": CNI_NETWORK, "type": "vppmesh-cni",
+            "apiSocket": str(node.instance.api_socket), "mesh": str(bed.mesh_file),
+            "node": node.name, "stateDir": str(cni_state_dir(node)),
+            "attachment": bed.spec.attachment, "logFile": str(work / f"cni-{node.name}.log"),
+            "ipam": {"type": "host-local", "dataDir": str(node.dir / "ipam"),
+                     "ranges": [[{"subnet": str(node.pod_cidr), "rangeStart": address,
+                                  "rangeEnd": address}]]}}
+
+
+def added_address(result: dict[str, Any]) -> str:
+    """The pod's address in an ADD result."""
+    return str(result["ips"][0]["address"]).split("/")[0]
+
+
 class Agent:
-    """`vppmesh up --watch --metrics` for one node, in its namespace, logging to the work
-    directory; optionally with its wall clock stepped. With `datastore` (an etcd URL) the
-    node registers there as users run it (`--datastore`, the default lease TTL), under
-    the testbed's node number and with the testbed's mesh file as its `--settings`."""
+    """`vppmesh up --watch --metrics --cni-state-dir` for one node, in its namespace,
+    logging to the work directory; optionally with its wall clock stepped. With
+    `datastore` (an etcd URL) the node registers there as users run it (`--datastore`,
+    the default lease TTL), under the testbed's node number and with the testbed's mesh
+    file as its `--settings`."""
 
     def __init__(self, bed: Testbed, node: NodeHandle, work: Path,
                  datastore: str | None = None) -> None:
@@ -79,7 +120,7 @@ class Agent:
     def start(self, wall_step: float | None = None) -> None:
         bed, node = self.bed, self.node
         args = ["up", "--watch", *bed.vppmesh_args(node), *bed.state_args(node),
-                "--metrics", METRICS]
+                "--metrics", METRICS, "--cni-state-dir", str(cni_state_dir(node))]
         if self.datastore is not None:
             args += ["--datastore", self.datastore, "--node-number", str(node.index),
                      "--pod-cidr", str(node.pod_cidr), "--settings", str(bed.mesh_file),
@@ -110,7 +151,8 @@ class Storm:
     def __init__(self, *, nodes: int, work: Path, key_max_seconds: int = 60,
                  prefix: str = PREFIX, base_dir: Path = BASE, nat: str = "none",
                  datastore: bool = False) -> None:
-        self.spec = TestbedSpec(nodes=nodes, tunnels=2, pods=1, workers=0, prefix=prefix,
+        # No testbed pods (`vppmesh attach` keeps no record): the CNI plugin adds them.
+        self.spec = TestbedSpec(nodes=nodes, tunnels=2, pods=0, workers=0, prefix=prefix,
                                 base_dir=base_dir, nat=nat)  # type: ignore[arg-type]
         self.bed = Testbed(self.spec)
         self.work = work
@@ -135,6 +177,7 @@ class Storm:
         self.etcd_ns = f"{prefix}etcd"
         self.etcd_url: str | None = None
         self.etcd_address = ""
+        self.pods: dict[str, dict[str, Any]] = {}  # node: its pod's ADD result
 
     # ---- building ----------------------------------------------------------------------
     def build(self) -> None:
@@ -154,11 +197,37 @@ class Storm:
             agent = Agent(self.bed, node, self.work, self.etcd_url)
             agent.start()
             self.agents[node.name] = agent
-        if self.datastore:  # the testbed attached no pods: the agents made the mesh first
-            for node in self.bed.nodes:
-                sh("ip", "netns", "add", node.pod_netns(0))
-                in_ns(node.pod_netns(0), "ip", "link", "set", "lo", "up")
-                self.reattach(node, timeout=180)
+        for node in self.bed.nodes:
+            self.add_pod(node)
+
+    def add_pod(self, node: NodeHandle, timeout: float = ADD_TIMEOUT) -> None:
+        """The node's pod: an empty namespace, then the CNI plugin's ADD in the node's
+        namespace, as its runtime runs it, retried as a runtime does while the plugin
+        answers "try again" (code 11: with a datastore the agent has not made the mesh
+        yet)."""
+        from vppmesh.testing.vpp_helpers import run_cni
+
+        ns = node.pod_netns(0)
+        sh("ip", "netns", "add", ns)
+        in_ns(ns, "ip", "link", "set", "lo", "up")
+        deadline = time.time() + timeout
+        while True:
+            done = run_cni(node.netns, "ADD", pod_netconf(self.bed, node, self.work),
+                           container=pod_container(node), netns=ns, pod=node.pod_name(0))
+            try:
+                result = json.loads(done.stdout) if done.stdout.strip() else {}
+            except ValueError:
+                result = {}
+            if done.returncode == 0:
+                break
+            if result.get("code") != ERR_TRY_AGAIN or time.time() > deadline:
+                raise RuntimeError(f"CNI ADD on {node.name} failed ({done.returncode}): "
+                                   f"{done.stdout.strip()} {done.stderr.strip()}"[-800:])
+            time.sleep(1.0)
+        if added_address(result) != str(node.pod_address(0)):
+            raise RuntimeError(f"CNI ADD on {node.name} gave {added_address(result)}, not "
+                               f"{node.pod_address(0)}: the pings would miss the pod")
+        self.pods[node.name] = result
 
     # ---- the datastore -----------------------------------------------------------------
     def start_etcd_on_management_network(self) -> None:
@@ -362,19 +431,6 @@ class Storm:
             thread.join(timeout=60)
 
     # ---- faults ------------------------------------------------------------------------
-    def reattach(self, node: NodeHandle, timeout: float = 60) -> None:
-        """The testbed's pods have no CNI records: attach them again after a VPP restart
-        (retried while the agent has not yet rebuilt the node's mesh)."""
-        deadline = time.time() + timeout
-        while True:
-            result = self.bed.run_vppmesh(node, "attach", *self.bed.attach_args(node, 0),
-                                          check=False)
-            if result.returncode == 0 or time.time() > deadline:
-                if result.returncode != 0:
-                    raise RuntimeError(f"attach on {node.name}: {result.stderr[-500:]}")
-                return
-            time.sleep(2)
-
     def nft(self, rule: str | None) -> None:
         subprocess.run(["ip", "netns", "exec", self.bed.underlay_ns, "nft", "delete", "table",
                         "bridge", NFT_TABLE], capture_output=True, check=False, timeout=30)
@@ -395,23 +451,24 @@ class Storm:
         port = "ul-nat" if node.behind_nat else f"ul-{node.name}"
         record["started"] = time.time()
         kind = fault.kind
+        if kind in ("vpp_kill", "vpp_agent_stop") and agent.log.exists():
+            record["agent_log_from"] = agent.log.stat().st_size  # note_agent_log reads on
         if kind in ("agent_kill", "agent_term"):
             agent.signal(signal.SIGKILL if kind == "agent_kill" else signal.SIGTERM)
             time.sleep(fault.duration)
             agent.start()
         elif kind == "vpp_kill":
+            # A crash and its supervisor: a fresh VPP with its uplink (startup.conf). The
+            # agent notices, programs the mesh and re-attaches the pod from its record.
             self.bed.kill_vpp(node, signal.SIGKILL)
+            record["vpp_dead"] = time.time()
             self.bed.restart_vpp(node)
-            record["restored"] = time.time()
-            self.reattach(node)
         elif kind == "vpp_agent_stop":
             agent.signal(signal.SIGTERM)
             self.bed.kill_vpp(node, signal.SIGTERM)
             time.sleep(fault.duration)
             self.bed.restart_vpp(node)
             agent.start()
-            record["restored"] = time.time()
-            self.reattach(node)
         elif kind == "peer_leave" and self.datastore:
             # Its agent stopped and its record deleted (what its lease's expiry or
             # `vppmesh down` does to the record); the agent started again registers anew.
@@ -502,6 +559,16 @@ class Storm:
         else:
             raise ValueError(f"unknown fault kind {kind}")
         record.setdefault("restored", time.time())
+
+    def note_agent_log(self, fault: Fault, record: dict[str, Any], lines: int = 40) -> None:
+        """VPP faults: what the victim's agent logged from the fault on (its recovery's
+        timeline: VPP gone, back, mesh programmed, pods re-attached, keys agreed)."""
+        if fault.kind not in ("vpp_kill", "vpp_agent_stop"):
+            return
+        path = self.agents[self.bed.nodes[fault.node - 1].name].log
+        with contextlib.suppress(OSError), path.open("rb") as f:
+            f.seek(record.pop("agent_log_from", 0))
+            record["agent_log"] = f.read().decode(errors="replace").splitlines()[:lines]
 
     def check_agents(self) -> list[str]:
         """Agents that exited on their own (a product failure: recorded with the end of

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 KINDS: dict[str, str] = {
     "agent_kill": "one node's agent SIGKILLed, started again after `duration`",
     "agent_term": "one node's agent stopped with SIGTERM, started again after `duration`",
-    "vpp_kill": "one node's VPP SIGKILLed and started fresh, its pods attached again",
+    "vpp_kill": "one node's VPP SIGKILLed and started fresh; its agent re-attaches the pods",
     "vpp_agent_stop": "one node's agent stopped, then its VPP; both back after `duration`",
     "peer_leave": "one node (agent stopped) taken out of the mesh file, put back after "
                   "`duration`",
