@@ -235,6 +235,7 @@ def test_channel_counters_drops_by_reason_sessions_and_up(tmp_path: Path) -> Non
         ("vppmesh_channel_messages_sent_total", ()): 0,
         ("vppmesh_channel_messages_received_total", ()): 0,
         ("vppmesh_channel_nat_keepalives_total", ()): 0,
+        ("vppmesh_channel_nat_probes_total", ()): 0,
         **{("vppmesh_channel_dropped_total", (("reason", r.value),)): 0 for r in m.Drop}}
     secrecy.endpoint = endpoint(ours)
     secrecy.endpoint.transport.drops[m.Drop.OVERSIZED] = 2  # dropped before the session
