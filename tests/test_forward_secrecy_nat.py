@@ -19,18 +19,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from pydantic import SecretBytes
 
 from vppmesh.channel import messages as m
 from vppmesh.channel import transport as t
-from vppmesh.config import Mesh, NatSettings
+from vppmesh.channel.endpoint import TUNNEL, UNDERLAY
+from vppmesh.config import Mesh, NatSettings, dump_mesh
 from vppmesh.epochs import GenerationState, PeerGenerations
 from vppmesh.secrecy import NAT_KEEPALIVE_INTERVAL, Secrecy
-from vppmesh.state import SA_DIRECTION_BIT, sa_peer
-from vppmesh.testing.fake_punt import punted
+from vppmesh.state import SA_DIRECTION_BIT, SaSpec, sa_id_for, sa_peer
+from vppmesh.testing.agents import Agents
+from vppmesh.testing.fake_punt import Relayed, punted
 from vppmesh.testing.fake_vpp import FakeVpp
 from vppmesh.testing.meshes import make_mesh
 from vppmesh.underlay import NAT_T_PORT
 from vppmesh.view import LocalView, build_view
+from vppmesh.vpp import ipsec
 
 PUBLIC = "192.0.2.250"
 def udp_fields(packet: bytes) -> tuple[t.Address, t.Address, bytes]:
@@ -358,3 +362,166 @@ def test_forward_secrecy_nat_flow_probe_is_reported_and_moves_nothing() -> None:
     assert node[1].endpoint(2) == where[2]  # the channel stays on tunnel 0's flow
     assert node[1].receive(1001.0, (PUBLIC, 24456), probe).events == []  # replayed
     assert node[1].drops[m.Drop.REPLAY] == 1
+
+
+# ---- a NAT's mappings lost under traffic ---------------------------------------------------
+def sa_counts(peer: int, sent: int, received: int, tunnels: int = 2,
+              ) -> tuple[dict[int, ipsec.SaState], dict[int, int]]:
+    """One generation's SAs towards and from `peer` as a run reads them (by SA id), and
+    their stats segment counts (by stat index): `sent` on the outbound SAs of tunnel 0
+    (the others idle), `received` on tunnel 1's inbound SA (the pair's traffic need not
+    come back on the tunnel it left on)."""
+    sas, packets = {}, {}
+    for tunnel in range(tunnels):
+        for direction in ("out", "in"):
+            sa_id = sa_id_for(direction, peer, tunnel, 0, agreed=True)
+            spec = SaSpec(sa_id=sa_id, spi=1000 + sa_id % 1000, key=SecretBytes(bytes(32)),
+                          salt=1, anti_replay_window=1024)
+            index = len(sas)
+            sas[sa_id] = ipsec.SaState(spec=spec, flags=0, crypto_algorithm=0,
+                                       thread_index=0, seq_outbound=0, last_seq_inbound=0,
+                                       stat_index=index)
+            packets[index] = (sent if tunnel == 0 else 0) if direction == "out" else \
+                (received if tunnel == 1 else 0)
+    return sas, packets
+
+
+def test_forward_secrecy_nat_lost_mappings_are_probed_within_one_poll(
+        pair: Pair, caplog: pytest.LogCaptureFixture) -> None:
+    """node2's NAT forgets its mappings under two-way traffic (a router's conntrack
+    flushed): node2's ESP leaves from new ports, node1's goes to the dead ones. node2's
+    next poll sees its outbound SAs counting and its inbound ones not, and probes every
+    tunnel's flow at once: node1 learns both new ports then, not at the next keepalive."""
+    caplog.set_level(logging.INFO, logger="vppmesh")
+    one, two = pair.agents[1], pair.agents[2]
+    pair.run(3.0)
+    assert one.learned == {2: {0: 23456, 1: 24456}}
+    sent = received = 1000
+
+    def poll(node: int, out: int, back: int, peer: int) -> list[int]:
+        pair.clock[0] += 2.0  # the agent's poll
+        probed = pair.agents[node].watch_flows(*sa_counts(peer, out, back))
+        pair.relay()
+        one.service()
+        return probed
+
+    # Two-way traffic: nothing but the ESP.
+    for _ in range(3):
+        sent, received = sent + 200, received + 200
+        assert poll(2, sent, received, 1) == []
+    assert two.counters()["nat_probes"] == 0
+    pair.nat.mapped = 27001  # the mappings are gone: node2's next packets get new ports
+    before = len(pair.nat.delivered)
+    # The control: the channel alone, over a poll, tells node1 nothing (its keepalive is
+    # KEEPALIVE_AFTER away, tunnel 1's probe NAT_KEEPALIVE_INTERVAL).
+    pair.run(2.0)
+    assert one.learned == {2: {0: 23456, 1: 24456}}
+    sent += 200  # node2 sends; node1's replies die at the NAT
+    assert poll(2, sent, received, 1) == [1]
+    assert one.learned == {2: {0: 27001, 1: 28001}}  # both tunnels' new mappings
+    assert one.channel is not None and one.channel.endpoint(2) == (PUBLIC, 27001)
+    probes = [d for d in pair.nat.delivered[before:] if d[0] == 2 and d[3] != t.NAT_KEEPALIVE]
+    assert {d[1] for d in probes} == {(PUBLIC, 27001), (PUBLIC, 28001)}
+    assert two.counters()["nat_probes"] == 1
+    assert "NAT maps its ESP in UDP (tunnel 1) to 192.0.2.250 port 28001" in caplog.text
+    # node1 follows; the traffic comes back: no more probes.
+    sent, received = sent + 200, received + 200
+    assert poll(2, sent, received, 1) == []
+    # Idle (nothing either way): nothing.
+    assert poll(2, sent, received, 1) == []
+    # An early run (the channel asked for one) is too short a window to judge.
+    sent += 10
+    pair.clock[0] += 0.5
+    assert two.watch_flows(*sa_counts(1, sent, received)) == []
+    # Traffic one-way by nature (node2 streams, nothing answers): probed at once and
+    # then backing off to one round per NAT_KEEPALIVE_INTERVAL.
+    rounds = []
+    for _ in range(60):
+        sent += 200
+        if poll(2, sent, received, 1):
+            rounds.append(pair.clock[0])
+    gaps = [b - a for a, b in itertools.pairwise(rounds)]
+    assert gaps == [2.0, 4.0, 6.0, 12.0, 20.0, 20.0, 20.0, 20.0], gaps  # 2 min of polls
+    # node1 is not behind NAT: whatever its counts say, it sends nothing of the kind.
+    quiet = len(pair.nat.delivered)
+    for n in range(3):
+        pair.clock[0] += 2.0
+        assert one.watch_flows(*sa_counts(2, 5000 + 200 * n, 0)) == []
+    assert one.counters()["nat_probes"] == 0
+    assert all(d[0] == 2 for d in pair.nat.delivered[quiet:])
+
+
+def test_forward_secrecy_nat_a_run_probes_a_pair_whose_esp_goes_unanswered() -> None:
+    """The agent's runs (fake VPPs, their stats segments, one fake clock): node2 is behind
+    a NAT (one that keeps its address and port, so the fake underlay routes it), node1
+    not. ESP from node2 that nothing answers over a poll makes node2's next run send its
+    channel keepalive and tunnel 1's probe to node1; two-way traffic, idle pairs and
+    node1's unanswered ESP send nothing of the kind."""
+    agents = Agents(2, counters=True)
+    try:
+        mesh = agents.mesh
+        two = mesh.nodes[1]
+        behind = two.model_copy(update={"nat": NatSettings(public=two.primary.ip,
+                                                           port=NAT_T_PORT)})
+        agents.mesh = mesh.model_copy(update={"nodes": [mesh.nodes[0], behind]})
+        agents.mesh_file.write_text(dump_mesh(agents.mesh))
+        agents.until(agents.forward_secret, "the pair on agreed keys")
+
+        def probes(name: str) -> int:
+            return agents.secrecy[name].counters().get("nat_probes", 0)
+
+        for _ in range(3):  # two-way traffic
+            agents.step()
+        assert [probes(n) for n in agents.names] == [0, 0]
+
+        def one_way(sender: str) -> list[tuple[str, m.Message | None]]:
+            """`sender`'s ESP over a poll, none back; then its run: the keepalives and probes
+            its agent sent (acknowledgements aside)."""
+            agents.traffic(sender, "node2" if sender == "node1" else "node1")
+            agents.clock.now += 2.0
+            agents.relay.pump()  # what the agents wrote before (a keepalive round's probes)
+            before = len(agents.relay.relayed)
+            agents.run(sender)
+            agents.relay.pump()
+            sent = [(r.sender, sent_message(agents, r)) for r in agents.relay.relayed[before:]]
+            return [(who, what) for who, what in sent
+                    if isinstance(what, m.Keepalive | m.FlowProbe)]
+
+        for _ in range(2):  # the last traffic seen, then idle: nothing
+            agents.clock.now += 2.0
+            for name in agents.names:
+                agents.run(name)
+            agents.settle()
+        assert [probes(n) for n in agents.names] == [0, 0]
+        endpoint = agents.secrecy["node2"].endpoint
+        assert endpoint is not None and 1 in endpoint.tunnel_usable
+        endpoint.last_path[1] = TUNNEL  # node1 spoke last through the tunnel
+        before = len(agents.relay.relayed)
+        assert one_way("node2") == [("node2", m.Keepalive()), ("node2", m.FlowProbe(1))]
+        assert probes("node2") == 1
+        # ... yet the probe goes on the underlay: a datagram from the tunnel moves no
+        # endpoint, so through the tunnel node1 would learn no new port.
+        assert {r.path for r in agents.relay.relayed[before:]
+                if r.sender == "node2" and isinstance(sent_message(agents, r), m.Keepalive)} \
+            == {UNDERLAY}
+        agents.clock.now += 2.0
+        agents.run("node1")  # its baseline: node2's ESP came in
+        agents.settle()
+        assert one_way("node1") == []  # not behind NAT: nothing to probe
+        assert probes("node1") == 0
+    finally:
+        agents.close()
+
+
+def sent_message(agents: Agents, relayed: Relayed) -> m.Message | None:
+    """The message in a channel datagram the relay carried (read with the receiver's
+    session keys; None: not a transport message)."""
+    channel = agents.secrecy[relayed.receiver].channel
+    assert channel is not None
+    parsed = m.parse_datagram(relayed.payload)
+    if not isinstance(parsed, m.Transport):
+        return None
+    found = channel._sessions.get(parsed.receiver_index)
+    assert found is not None
+    plain = found[1].receive.decrypt_at(parsed.counter, parsed.header, parsed.ciphertext)
+    return m.decode(plain)

@@ -237,6 +237,7 @@ def test_channel_counters_drops_by_reason_sessions_and_up(tmp_path: Path) -> Non
         ("vppmesh_channel_nat_keepalives_total", ()): 0,
         **{("vppmesh_channel_path_datagrams_total", (("path", p),)): 0
            for p in ("underlay", "tunnel")},
+        ("vppmesh_channel_nat_probes_total", ()): 0,
         **{("vppmesh_channel_dropped_total", (("reason", r.value),)): 0 for r in m.Drop}}
     secrecy.endpoint = endpoint(ours)
     secrecy.endpoint.transport.drops[m.Drop.OVERSIZED] = 2  # dropped before the session

@@ -79,7 +79,8 @@ PSK_ROLES = ("current", "next", "previous")
 # The roles of a node's private keys during a node key rotation (keys.NodeSecrets.private_keys).
 KEY_ROLES = ("current", "previous")
 CHANNEL_COUNTERS = {"handshakes": "handshakes_completed", "sent": "sent",
-                    "received": "received", "nat_keepalives": "nat_keepalives"}
+                    "received": "received", "nat_keepalives": "nat_keepalives",
+                    "nat_probes": "nat_probes"}
 # A snapshot (dumps and stats segment) is taken after a poll at most this often, and
 # never more often than SNAPSHOT_COST_FACTOR times its own cost (so snapshots take at
 # most 1/20 of the agent's time: about every 20 s at 1000 peers, benchmarks/README.md).
@@ -461,6 +462,10 @@ class AgentMetrics:
                                       "keepalives sent from VPP's UDP 4500 (a node behind "
                                       "NAT: one per tunnel every 20 s).",
                                       registry=self.registry),
+            "nat_probes": Counter("vppmesh_channel_nat_probes", "Pairs behind NAT probed "
+                                  "at once on every tunnel's flow: ESP sent over a poll "
+                                  "and none received (a NAT mapping lost).",
+                                  registry=self.registry),
         }
         self.channel_paths = Counter(
             "vppmesh_channel_path_datagrams", "Authenticated channel datagrams received, "

@@ -382,6 +382,8 @@ def up(options: NodeOptions, *, dry_run: bool = False, api: VppApi | None = None
             key_sas = read_key_sas(client, reconciler, full, counters, pid)
             observations, key_used = observe_keys(client, view, state, ledger, book, secrecy,
                                                   sas=key_sas.sas, packets=key_sas.packets)
+            if secrecy is not None and not dry_run:  # behind NAT: mappings lost under traffic
+                secrecy.watch_flows(key_sas.sas, key_sas.packets)
             peers = {p.name: p.node.public_key for p in view.peers}
             if now is None:  # the agent's channel and its runs on one clock
                 now = secrecy.clock() if secrecy is not None else options.clock()

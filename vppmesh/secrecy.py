@@ -30,7 +30,12 @@ source port) is learned, and `learned_view` gives the runs a view whose path to 
 peer sends there; the outbound SAs follow through a new key generation (the scheduler's
 "UDP encapsulation changed"). A node behind NAT sends RFC 3948 keepalives on every
 tunnel's flow every NAT_KEEPALIVE_INTERVAL, so a dynamic NAT keeps the mappings while
-the pair is idle.
+the pair is idle. When its NAT drops the mappings under traffic (a router's conntrack
+flushed or restarted), its ESP leaves from new ports and its peers' ESP dies at the old
+ones until they hear from the new ones: a pair whose outbound SAs counted packets over a
+poll while its inbound ones counted none (FlowWatch) gets the channel's keepalive and
+probes on every tunnel's flow at once, so its peer learns the new mappings within a
+poll, not at the next keepalive.
 """
 
 from __future__ import annotations
@@ -47,8 +52,9 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING
 
+from vppmesh.channel import messages as m
 from vppmesh.channel import session as s
-from vppmesh.channel.endpoint import PATHS, PORT, ChannelEndpoint
+from vppmesh.channel.endpoint import PATHS, PORT, UNDERLAY, ChannelEndpoint
 from vppmesh.channel.transport import PuntTransport
 from vppmesh.clock import AgentClock, TimestampFile, Timestamps
 from vppmesh.config import MeshSettings
@@ -64,7 +70,7 @@ if TYPE_CHECKING:
     from vppmesh.channel.messages import Address
     from vppmesh.view import LocalView
     from vppmesh.vpp.client import Request, VppApi
-    from vppmesh.vpp.ipsec import SaDetails
+    from vppmesh.vpp.ipsec import SaDetails, SaState
 
 log = logging.getLogger("vppmesh")
 
@@ -78,6 +84,10 @@ Direction = tuple[int, bool, int]  # (peer node number, outbound, generation)
 # RFC 3948's keepalive period: below the 30 s in which Linux's conntrack forgets a UDP
 # flow that saw no reply (most home routers keep theirs longer).
 NAT_KEEPALIVE_INTERVAL = 20.0
+# A NAT pair sending ESP with none coming back is looked at over this long at least (the
+# agent's poll is 2 s): over a shorter window, a quiet moment of two-way traffic would
+# look like a dead mapping.
+NAT_STALL_WINDOW = 1.5
 # A peer's public key changed in the mesh file: how long the keys agreed under its old
 # key wait for its agent's word (over a session of the new key) that it still holds the
 # old one, before they are dropped (follow_keys). Two handshake retry ceilings: a peer
@@ -290,6 +300,58 @@ class KeyBook:
         self._agreed.pop(peer, None)
 
 
+class FlowWatch:
+    """Behind NAT: which pairs send ESP that nothing answers, from the SAs' packet counts
+    of successive runs (sans-IO: the caller gives `now`).
+
+    A pair is stalled when, over at least NAT_STALL_WINDOW, some outbound SA of it counted
+    packets and no inbound one did: the NAT may have dropped the mappings (its ESP now
+    leaves from ports the peer does not know). The pair is then probed at once, and
+    again while the stall lasts, backing off from one window to NAT_KEEPALIVE_INTERVAL
+    (traffic that is one-way by nature costs a few datagrams a minute, no more than the
+    keepalives); anything inbound starts the backoff again. Idle pairs, and pairs whose
+    traffic comes back, cost nothing.
+    """
+
+    def __init__(self) -> None:
+        # peer -> (when, outbound counts, inbound counts), by SA id, as last compared
+        self._seen: dict[int, tuple[float, dict[int, int], dict[int, int]]] = {}
+        self._backoff: dict[int, tuple[float, float]] = {}  # peer -> (next probe, wait)
+
+    def stalled(self, now: float, peer: int, sent: dict[int, int],
+                received: dict[int, int]) -> bool:
+        """The pair's SA counts now: True when it must be probed now."""
+        seen = self._seen.get(peer)
+        if seen is not None and 0 <= now - seen[0] < NAT_STALL_WINDOW:
+            return False  # an early run: too short a window to judge
+        self._seen[peer] = (now, sent, received)
+        if seen is None:
+            return False
+        if _grew(received, seen[2]):
+            self._backoff.pop(peer, None)
+            return False
+        if not _grew(sent, seen[1]):
+            return False  # idle
+        at, wait = self._backoff.get(peer, (float("-inf"), 0.0))
+        if now < at:
+            return False
+        wait = min(max(2 * wait, NAT_STALL_WINDOW), NAT_KEEPALIVE_INTERVAL)
+        self._backoff[peer] = (now + wait, wait)
+        return True
+
+    def forget(self, keep: Iterable[int]) -> None:
+        """Only the pairs in `keep` are watched."""
+        kept = set(keep)
+        for table in (self._seen, self._backoff):
+            for peer in [p for p in table if p not in kept]:
+                del table[peer]
+
+
+def _grew(counts: Mapping[int, int], before: Mapping[int, int]) -> bool:
+    """Whether some SA counted packets since `before` (a new SA: since it was made)."""
+    return any(n > before.get(sa, 0) for sa, n in counts.items())
+
+
 class Secrecy:
     """One agent's channel and key book (see the module)."""
 
@@ -333,6 +395,8 @@ class Secrecy:
         self._learned_view: tuple[LocalView, dict[int, tuple[int, ...]], LocalView] | None = None
         self._keepalive_flows: list[tuple[int, int, Address, Address]] = []
         self._next_keepalive = float("-inf")
+        self._flows = FlowWatch()
+        self.nat_probes = 0  # pairs probed at once for a stall (watch_flows)
         # The PSKs held (role, id) and the static schedule's id, as last followed.
         self._psks: tuple[tuple[tuple[str, str], ...], str] | None = None
         # Per peer, the previous public key its agent said (over a session of its
@@ -550,6 +614,7 @@ class Secrecy:
             (p.node.node_number, t, (str(src), NAT_T_PORT), (str(dst), p.path.udp_dst_port))
             for p in view.peers if p.path.udp_encap and view.node.nat is not None
             for t, (src, dst) in enumerate(p.path.endpoints)]
+        self._flows.forget(peer for peer, *_ in self._keepalive_flows)
 
     def close(self) -> None:
         self._save_marks(closing=True)
@@ -689,6 +754,54 @@ class Secrecy:
                 probe = channel.probe(now, peer, tunnel)
                 if probe is not None:
                     endpoint.transport.send(source, (host, port), probe)
+
+    def watch_flows(self, sas: Mapping[int, SaState], packets: Mapping[int, int] | None,
+                    ) -> list[int]:
+        """Behind NAT, after a run read its SAs (`sas` by SA id, `packets` by stat index:
+        node.read_key_sas): probe every pair that sent ESP over the last poll and got
+        none back (FlowWatch), on every tunnel's flow: the channel's keepalive on tunnel
+        0's (the peer follows its endpoint), a FlowProbe on each other's. From whatever
+        ports the NAT maps them to now, the peer learns them (learn), so its ESP finds
+        this node again within a poll of a lost mapping. Returns the peers probed."""
+        endpoint = self.endpoint
+        if endpoint is None or not self._keepalive_flows:
+            return []
+        now = self.clock()
+        channel = endpoint.channel
+        counted = packets or {}
+        flows: dict[int, list[tuple[int, Address, Address]]] = {}
+        for peer, tunnel, source, (host, port) in self._keepalive_flows:
+            port = self.learned.get(peer, {}).get(tunnel, port)
+            flows.setdefault(peer, []).append((tunnel, source, (host, port)))
+        sent: dict[int, dict[int, int]] = {peer: {} for peer in flows}
+        received: dict[int, dict[int, int]] = {peer: {} for peer in flows}
+        for sa_id, sa in sas.items():
+            peer = sa.spec.peer_number
+            if peer not in flows:
+                continue
+            if sa.spec.direction == "out":
+                sent[peer][sa_id] = max(sa.seq_outbound, counted.get(sa.stat_index, 0))
+            else:
+                received[peer][sa_id] = max(sa.last_seq_inbound,
+                                            counted.get(sa.stat_index, 0))
+        probed = []
+        for peer, peer_flows in flows.items():
+            if not self._flows.stalled(now, peer, sent[peer], received[peer]) or \
+                    not self._live(channel, peer):
+                continue
+            probed.append(peer)
+            self.nat_probes += 1
+            log.debug("peer %s: ESP sent and none received over the last poll: probing "
+                      "every tunnel's flow (the NAT may have new mappings)",
+                      self._names.get(peer, peer))
+            for tunnel, source, destination in peer_flows:
+                if tunnel == 0:  # on the underlay: a datagram from the tunnel teaches no port
+                    endpoint.emit(channel.send(now, peer, m.Keepalive()), path=UNDERLAY)
+                    continue
+                probe = channel.probe(now, peer, tunnel)
+                if probe is not None:
+                    endpoint.transport.send(source, destination, probe)
+        return probed
 
     # ---- what a run uses -------------------------------------------------------------
     def said(self, view: LocalView) -> dict[str, PeerSaid]:
@@ -834,6 +947,7 @@ class Secrecy:
         found["nat_keepalives"] = endpoint.transport.keepalives
         for path in PATHS:
             found[f"path_{path}"] = endpoint.path_datagrams[path]
+        found["nat_probes"] = self.nat_probes
         return found
 
     def session_key(self, peer: int) -> str | None:

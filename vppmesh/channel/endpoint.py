@@ -122,13 +122,14 @@ class ChannelEndpoint:
     def send(self, now: float, peer: int, message: Message) -> list[Event]:
         return self.emit(self.channel.send(now, peer, message))
 
-    def emit(self, out: Output) -> list[Event]:
-        """Send the datagrams of `out`, each peer's on one path; its events are the
-        caller's."""
+    def emit(self, out: Output, *, path: str | None = None) -> list[Event]:
+        """Send the datagrams of `out`, each peer's on one path (`path`, or the policy's);
+        its events are the caller's."""
         paths: dict[int, str] = {}
+        forced = path
         for destination, data in out.datagrams:
             peer = HEADER.unpack_from(data)[3]
-            path = paths.get(peer)
+            path = forced or paths.get(peer)
             if path is None:
                 path = paths[peer] = self.path(peer)
             if path == TUNNEL:

@@ -32,6 +32,7 @@ from pathlib import Path
 from vppmesh.channel import transport as t
 from vppmesh.state import SA_DIRECTION_BIT
 from vppmesh.testing.fake_vpp import FakeVpp
+from vppmesh.underlay import NAT_T_PORT
 from vppmesh.vpp.punt import AF_IP4, AF_IP6
 
 ETHERNET = bytes(12) + b"\x08\x00"  # what VPP rewinds over before it punts (14 bytes)
@@ -54,6 +55,14 @@ class Relayed:
     path: str = "underlay"  # or "tunnel": inside the pair's IPsec tunnel
 
 
+def is_nat_keepalive(packet: bytes) -> bool:
+    """Whether an IP packet an agent wrote is an RFC 3948 NAT keepalive (one byte, 0xFF,
+    in UDP over IPv4 or IPv6 without options)."""
+    header = 20 if packet[:1] and packet[0] >> 4 == 4 else 40
+    return len(packet) == header + 8 + len(t.NAT_KEEPALIVE) and \
+        packet.endswith(t.NAT_KEEPALIVE)
+
+
 class PuntRelay:
     """Fake VPPs, by node name, whose punt paths reach each other (see the module).
 
@@ -68,6 +77,7 @@ class PuntRelay:
         self.unrouted = 0  # no VPP owns the destination, or it has no registration
         self.no_tunnel = 0  # routed in the mesh VRF, but the pair's tunnel is not up
         self.refused = 0  # the agent's socket was gone or full
+        self.nat_keepalives = 0  # RFC 3948 keepalives the receiving VPP dropped
         self.lose: Callable[[Relayed], bool] | None = None
         self._out = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)  # VPP's end, sending
         self._out.setblocking(False)
@@ -110,7 +120,10 @@ class PuntRelay:
     def agent_path(self, name: str, address: str, port: int) -> str | None:
         """Where node `name`'s VPP punts UDP `port` of `address`'s family (None: nowhere)."""
         af = AF_IP4 if ipaddress.ip_address(address).version == 4 else AF_IP6
-        return self.vpps[name].punt_registrations.get((af, port))
+        vpp = self.vpps[name]
+        if port == NAT_T_PORT:  # the channel on the ESP flow: punted as SPI 0's exception
+            return next(iter(vpp.punt_exceptions.values()), None)
+        return vpp.punt_registrations.get((af, port))
 
     def pump(self) -> int:
         """Carry everything the agents wrote; returns how many datagrams arrived."""
@@ -123,7 +136,11 @@ class PuntRelay:
                     break
                 sw_if_index, action = t.PACKETDESC.unpack_from(written)
                 assert action in (t.PUNT_IP4_ROUTED, t.PUNT_IP6_ROUTED), action
-                frame = punted(written[t.PACKETDESC.size:])
+                packet = written[t.PACKETDESC.size:]
+                if is_nat_keepalive(packet):  # VPP drops it ("NAT Keepalive")
+                    self.nat_keepalives += 1
+                    continue
+                frame = punted(packet)
                 parsed = t.parse_punted(frame)
                 assert isinstance(parsed, t.Punted), parsed  # the agent writes valid packets
                 table = self.vpps[sender].table_of.get(sw_if_index, 0)
