@@ -5,6 +5,7 @@ The real-VPP metrics test (tests/test_operations_vpp.py) scrapes a live agent.""
 
 from __future__ import annotations
 
+import logging
 import time
 import urllib.error
 import urllib.request
@@ -519,3 +520,68 @@ def test_tls_options_given_by_halves_fail_before_anything_starts(args: list[str]
     result = CliRunner().invoke(app, ["up", "--watch", *args])
     assert result.exit_code == 2, result.output
     assert expected in result.output
+
+
+@pytest.mark.parametrize("wait", [30.0, 0.0])
+def test_watch_loop_waits_for_the_uplink_of_a_vpp_just_met(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+        wait: float) -> None:
+    """A restarted VPP may answer before its uplink is configured: the loop's runs on it
+    fail with "no VPP interface holding the primary underlay address". Within UPLINK_WAIT
+    of VPP's return that is waited for as VPP itself is (knocking fast, said once, no
+    failed reconcile counted: a restart looked like a failing agent); past it (wait 0) it
+    is an error, logged and counted, and the loop polls at its normal pace."""
+    from vppmesh import node as agent
+    from vppmesh import watch
+    from vppmesh.cni.reattach import PodReport
+    from vppmesh.errors import UplinkMissingError, VppUnavailableError
+
+    mesh_file = tmp_path / "mesh.yaml"
+    mesh_file.write_text("")
+    outcomes: list[Any] = ["ok", "gone", "no uplink", "no uplink", "ok", "ok"]
+    ticks: list[float] = []
+
+    class FakeSession:
+        client = None
+
+        def __init__(self, options: Any, **kwargs: Any) -> None:
+            self.secrecy = kwargs["secrecy"]
+
+        def close(self) -> None:
+            pass
+
+        def run(self) -> Any:
+            ticks.append(time.monotonic())
+            outcome = outcomes.pop(0)
+            if outcome == "gone":
+                raise VppUnavailableError("VPP stopped answering")
+            if outcome == "no uplink":
+                raise UplinkMissingError("no VPP interface holding the primary underlay "
+                                         "address 192.0.2.1/24")
+            if not outcomes:
+                raise KeyboardInterrupt  # end of the script
+            return SimpleNamespace(vpp_pid=len(ticks), seconds=0.01, changes=[], notes=[],
+                                   downgraded_peers=[], stopped_peers={}, blocked_peers=[],
+                                   pod_report=PodReport(attached=0, reattached=[]),
+                                   mesh=None)
+
+    monkeypatch.setattr(agent, "Session", FakeSession)
+    monkeypatch.setattr(watch, "WATCH_POLL_SECONDS", 1.0)
+    monkeypatch.setattr(watch, "UPLINK_WAIT", wait)
+    monkeypatch.setattr(watch, "give_back_uplinks", lambda opts: None)
+    metrics = AgentMetrics()
+    options = agent.NodeOptions(mesh_file=mesh_file, node="n1", private_key=tmp_path / "k")
+    with caplog.at_level(logging.INFO, logger="vppmesh"), pytest.raises(KeyboardInterrupt):
+        watch.watch_loop(options, metrics)
+    gaps = [b - a for a, b in pairwise(ticks)]
+    got = samples(metrics.exposition().decode())
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    said = [r for r in caplog.records if "no uplink yet" in r.getMessage()]
+    if wait:
+        assert all(g < 0.6 for g in gaps[1:4])  # knocking fast until the uplink is there
+        assert got.get(("vppmesh_reconcile_errors_total", ()), 0) == 0
+        assert not errors and len(said) == 1
+        assert got[("vppmesh_vpp_restarts_total", ())] == 1
+    else:
+        assert got[("vppmesh_reconcile_errors_total", ())] == 2
+        assert len(errors) == 2 and not said

@@ -50,5 +50,11 @@ class SourceUnavailableError(VppMeshError):
     the agent asks again, as it does for VPP (not a failed reconcile)."""
 
 
+class UplinkMissingError(ConfigError):
+    """VPP answers but no interface of it is the node's uplink. Right after VPP started
+    that is VPP (or whoever gives it the NIC) not ready yet, and the agent waits; later it
+    is a configuration error."""
+
+
 class HostError(VppMeshError):
     """The Linux side (namespaces, links, routes) could not be set up."""

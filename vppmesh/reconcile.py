@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 
 from vppmesh import endpoints
-from vppmesh.errors import ConfigError, VppApiError, VppMeshError
+from vppmesh.errors import UplinkMissingError, VppApiError, VppMeshError
 from vppmesh.index import (
     DesiredIndex,
     PeerObjects,
@@ -571,10 +571,10 @@ class Applier:
             endpoints.set_neighbor(self.api, seen.sw_if_index, host, self.desired.table_id)
 
 
-def missing_uplink(desired: DesiredState) -> ConfigError:
+def missing_uplink(desired: DesiredState) -> UplinkMissingError:
     where = (f"named {desired.uplink!r}" if desired.uplink
              else f"holding the primary underlay address {desired.uplink_addresses[0]}")
-    return ConfigError(
+    return UplinkMissingError(
         f"no VPP interface {where}: give VPP its uplink first (uplink takeover, or "
         "`set interface ip address`), or set `uplink:` for this node in the mesh file")
 

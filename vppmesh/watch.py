@@ -21,7 +21,12 @@ from typing import TYPE_CHECKING
 
 from vppmesh import hardening
 from vppmesh import node as agent
-from vppmesh.errors import SourceUnavailableError, VppMeshError, VppUnavailableError
+from vppmesh.errors import (
+    SourceUnavailableError,
+    UplinkMissingError,
+    VppMeshError,
+    VppUnavailableError,
+)
 from vppmesh.secrecy import Secrecy
 from vppmesh.vpp.stats import SaCounters
 
@@ -38,6 +43,8 @@ WATCH_FILE_CHECK_SECONDS = 0.2
 WATCH_VPP_RETRY_SECONDS = 0.25
 # The shortest gap between two runs the agents' channel asks for (AgentLoop.may_run_early).
 EARLY_MIN_GAP = 0.05
+# How long after VPP (re)appeared a missing uplink is waited for rather than an error.
+UPLINK_WAIT = 30.0
 # After SIGTERM: how long the agent watches whether VPP is going away too.
 VPP_STOP_GRACE_SECONDS = 3.0
 
@@ -188,6 +195,8 @@ class AgentLoop:
         self.on_error = on_error  # told of every failed step but VPP being away
         self.vpp_gone_at: float | None = None  # since when VPP has not answered
         self.source_gone_at: float | None = None  # since when the datastore has not answered
+        self.started_at = time.monotonic()
+        self.uplink_awaited = False  # said once that a VPP just met has no uplink yet
         self.last_end = float("-inf")  # when the last step ended (monotonic)
         self.last_seconds = 0.0  # and how long it took
         self.failed = False  # the last step failed
@@ -234,6 +243,20 @@ class AgentLoop:
                 if self.metrics is not None:
                     self.metrics.vpp_up.set(0)
             return None
+        except UplinkMissingError as exc:
+            # A VPP met a moment ago may answer before its uplink is configured (its
+            # startup, vpp-run or the NIC's driver still at work): wait for it as for VPP
+            # itself (after a restart: knocking fast), said once; only past UPLINK_WAIT
+            # is it an error.
+            met = self.vpp_gone_at if self.vpp_gone_at is not None else \
+                self.started_at if self.last_pid is None else None
+            if met is None or attempt - met > UPLINK_WAIT:
+                return self._error(exc)
+            self.last_error = f"VPP has no uplink yet ({exc})"
+            if not self.uplink_awaited:
+                self.uplink_awaited = True
+                log.warning("VPP answers but has no uplink yet; waiting for it (%s)", exc)
+            return None
         except SourceUnavailableError as exc:
             # etcd restarting or out of reach: VPP keeps the mesh it has. Said once, like
             # VPP away, and not counted as a failed reconcile; the step is retried.
@@ -248,18 +271,14 @@ class AgentLoop:
             self._failed(exc)
             return None
         except VppMeshError as exc:
-            self.last_error = str(exc)
-            log.error("%s", exc)
-            if self.metrics is not None:
-                self.metrics.reconcile_errors.inc()
-            self._failed(exc)
-            return None
+            return self._error(exc)
         except Exception as exc:  # a bug must not stop the node from following the mesh
             self.last_error = f"unexpected error: {exc}"
             log.exception("unexpected error; trying again")
             self._failed(exc)
             return None
         self.failed = False
+        self.uplink_awaited = False
         elapsed = time.monotonic() - attempt
         if self.source_gone_at is not None:
             log.info("the mesh source answers again after %.1f s",
@@ -310,6 +329,14 @@ class AgentLoop:
                                 now=secrecy.clock() if secrecy else self.opts.clock())
             except VppMeshError as exc:  # the next step finds out what happened
                 log.warning("metrics snapshot failed: %s", exc)
+
+    def _error(self, exc: VppMeshError) -> None:
+        """A step that failed for a reason the operator must know: logged and counted."""
+        self.last_error = str(exc)
+        log.error("%s", exc)
+        if self.metrics is not None:
+            self.metrics.reconcile_errors.inc()
+        self._failed(exc)
 
     def _failed(self, exc: Exception) -> None:
         if self.on_error is not None:
