@@ -381,9 +381,9 @@ def test_watch_reads_the_mesh_file_once_per_change(tmp_path: Path,
     reads: list[Path] = []
     real_load = node_module.load_mesh
 
-    def counted(path: Path):  # type: ignore[no-untyped-def]
+    def counted(path: Path, *args, **kwargs):  # type: ignore[no-untyped-def]
         reads.append(path)
-        return real_load(path)
+        return real_load(path, *args, **kwargs)
 
     monkeypatch.setattr(node_module, "load_mesh", counted)
     mesh, secrets = make_mesh(6, 2)

@@ -19,7 +19,7 @@ from vppmesh import host as linux
 from vppmesh import uplink as nic
 from vppmesh.clock import AgentClock
 from vppmesh.cni.reattach import DEFAULT_CNI_PATH, PodReport, reattach
-from vppmesh.config import Mesh, load_mesh
+from vppmesh.config import Mesh, Node, load_mesh
 from vppmesh.epochs import GenerationState, GenerationStore, PeerKeying, PeerObservation
 from vppmesh.errors import VppUnavailableError
 from vppmesh.index import PeerObjects
@@ -603,11 +603,12 @@ class MeshFile:
         self.name = str(path)
         self._signature: tuple[int, int, int] | None = None
         self._mesh: Mesh | None = None
+        self._nodes: dict[str, Node] = {}  # the last parse's nodes (config.parse_mesh)
 
     def mesh(self, *, fresh: bool = False) -> Mesh:
         signature = file_signature(self.path)  # before reading: a later write is seen
         if fresh or self._mesh is None or signature is None or signature != self._signature:
-            self._mesh = load_mesh(self.path)
+            self._mesh = load_mesh(self.path, self._nodes)
             self._signature = signature
         return self._mesh
 
