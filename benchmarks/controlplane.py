@@ -458,7 +458,9 @@ def one_change(run, reconciler_of, phases: Phases):  # type: ignore[no-untyped-d
         len(reconciler.last_scope) == 1, "not applied from the remembered state"
     for part in RECONCILE_PARTS:
         spent[f"reconcile: {part}"] = reconciler.last_timings[part]
-    spent["other"] = seconds - sum(v for k, v in spent.items() if ":" not in k)
+    # The reconcile's parts are inside its phase; "key state: ..." are phases of their own.
+    spent["other"] = seconds - sum(v for k, v in spent.items()
+                                   if not k.startswith("reconcile: "))
     spent["total"] = seconds
     return seconds, spent, reconciler.api.messages_sent - sent
 

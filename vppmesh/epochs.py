@@ -568,7 +568,8 @@ class GenerationStore:
             raise ConfigError(
                 f"{self.path} is not a valid key generation file; it must not be edited. "
                 "Restore it, or delete it and raise settings.key_epoch on every node") from None
-        self._kept = (text, state, self.text(state)) if reuse else None
+        if reuse:  # (another caller's load leaves the kept object: the text decides)
+            self._kept = (text, state, self.text(state))
         return state
 
     def loaded_text(self, state: GenerationState) -> str:
