@@ -118,3 +118,29 @@ def test_key_epoch_leaves_room_for_the_generations_after_it(key_epoch: int) -> N
         parse_settings(f'{{"key_epoch": {key_epoch}}}'.encode(), "etcd://db/vppmesh/settings")
     data["settings"]["key_epoch"] = highest
     assert parse_mesh(data, "mesh.yaml").settings.key_epoch == highest
+
+
+def test_reparse_takes_unchanged_nodes_as_they_were_and_checks_every_change() -> None:
+    """`up --watch` parses a 1000-node mesh file again whenever it changes: a node whose
+    data is exactly as before is taken as the Node it was, while a changed node is
+    validated again (its error names it) and the mesh-wide checks see every node."""
+    mesh, _ = make_mesh(3)
+    data = yaml.safe_load(dump_mesh(mesh))
+    known: dict = {}
+    first = parse_mesh(copy.deepcopy(data), "mesh.yaml", known)
+    again = parse_mesh(copy.deepcopy(data), "mesh.yaml", known)
+    assert all(a is b for a, b in zip(again.nodes, first.nodes, strict=True))
+    assert again == first
+    bad = copy.deepcopy(data)
+    bad["nodes"][1]["public_key"] = "not a key"
+    with pytest.raises(ConfigError, match=r"nodes\.1\.public_key"):
+        parse_mesh(bad, "mesh.yaml", known)
+    clash = copy.deepcopy(data)
+    clash["nodes"][2]["node_number"] = clash["nodes"][0]["node_number"]
+    with pytest.raises(ConfigError, match="node_number"):
+        parse_mesh(clash, "mesh.yaml", known)
+    moved = copy.deepcopy(data)
+    moved["nodes"][2]["pod_cidr"] = "10.99.0.0/24"
+    changed = parse_mesh(moved, "mesh.yaml", known)
+    assert changed.nodes[0] is first.nodes[0] and changed.nodes[2] is not first.nodes[2]
+    assert str(changed.nodes[2].pod_cidr) == "10.99.0.0/24"

@@ -381,9 +381,9 @@ def test_watch_reads_the_mesh_file_once_per_change(tmp_path: Path,
     reads: list[Path] = []
     real_load = node_module.load_mesh
 
-    def counted(path: Path):  # type: ignore[no-untyped-def]
+    def counted(path: Path, *args, **kwargs):  # type: ignore[no-untyped-def]
         reads.append(path)
-        return real_load(path)
+        return real_load(path, *args, **kwargs)
 
     monkeypatch.setattr(node_module, "load_mesh", counted)
     mesh, secrets = make_mesh(6, 2)
@@ -414,3 +414,49 @@ def test_watch_reads_the_mesh_file_once_per_change(tmp_path: Path,
     loop.run(ticks())
     assert len(reads) == 3
     assert tunnels[3] == 3 * 2 and tunnels[4] == 4 * 2 and tunnels[8] == 4 * 2
+
+
+def test_quiet_runs_decide_nothing_again_yet_every_time_and_packet_limit_holds(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An idle agent observed every SA and advanced every pair on every poll to decide
+    what its last run decided. Now a run whose inputs are those of a run that changed
+    nothing observes nothing; yet a scheduled rekey comes in the run that reaches its
+    time, and packets past half of key_max_packets replace the key in the next run."""
+    from vppmesh import node
+
+    observed = []
+    real = node.observe_keys
+    monkeypatch.setattr(node, "observe_keys",
+                        lambda *a, **k: observed.append(1) or real(*a, **k))
+    session, vpp, _, _ = counted_session(tmp_path, key_max_packets=1 << 20,
+                                         rekey_interval=600)
+
+    def out_spis() -> set[int]:
+        return {sa["entry"]["spi"] for sa_id, sa in vpp.sas.items()
+                if sa_id & SA_DIRECTION_BIT}
+
+    def send(packets: int) -> None:  # node1's outbound SAs have carried `packets`
+        for sa_id, sa in vpp.sas.items():
+            if sa_id & SA_DIRECTION_BIT:
+                sa["seq_out"] = packets
+
+    start = 10_000.0
+    for i in range(4):
+        assert (session.run(now=start + i).changes == []) == (i > 0)
+        send(5)  # (a key that protected nothing is not rotated on the static schedule)
+    observed.clear()
+    for i in range(4, 8):
+        assert session.run(now=start + i).changes == []
+    assert observed == []  # quiet: nothing new, nothing decided again
+    before = out_spis()
+    rekeyed = session.run(now=start + 600)  # every pair's first rotation is due by now
+    assert any("scheduled rekey" in n for n in rekeyed.notes), rekeyed.notes
+    assert out_spis().isdisjoint(before) and observed
+    send(5)
+    for i in range(601, 605):
+        session.run(now=start + i)
+    observed.clear()
+    assert session.run(now=start + 605).changes == [] and observed == []
+    send(1 << 19)  # half of key_max_packets, between two runs
+    result = session.run(now=start + 606)  # (deferred: the peer's window, not quiet)
+    assert any("key_max_packets" in n for n in result.notes), result.notes

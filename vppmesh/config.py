@@ -409,14 +409,31 @@ def format_validation_error(exc: ValidationError, source: str) -> str:
     return f"{source}: the mesh file is not valid:\n  - " + describe(exc, sep="\n  - ")
 
 
-def parse_mesh(data: object, source: str = "mesh") -> Mesh:
-    """Validate already-decoded mesh data (from a file or a datastore)."""
+def parse_mesh(data: object, source: str = "mesh", known: dict[str, Node] | None = None,
+               ) -> Mesh:
+    """Validate already-decoded mesh data (from a file or a datastore).
+
+    `known` (kept by a caller that parses the same mesh again and again, MeshFile): the
+    nodes of its last parse by their decoded data's repr, refilled with this one's. A
+    node whose data is exactly one of those is taken as that Node instead of being
+    validated again (a node's checks see only the node; at 1000 nodes they are most of
+    a parse, and one node joining changes one); the mesh-wide checks run on every parse.
+    """
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: expected a mapping with 'settings' and 'nodes' at the top")
+    raw = data.get("nodes")
+    keys: list[str] | None = None
+    if known is not None and isinstance(raw, list):
+        keys = [repr(n) for n in raw]
+        data = {**data, "nodes": [known.get(k, n) for k, n in zip(keys, raw, strict=True)]}
     try:
-        return Mesh.model_validate(data)
+        mesh = Mesh.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(format_validation_error(exc, source)) from None
+    if known is not None and keys is not None:
+        known.clear()
+        known.update(zip(keys, mesh.nodes, strict=True))
+    return mesh
 
 
 # libyaml's safe loader where PyYAML has it: a 1000-node mesh file reads 9x faster, and
@@ -424,8 +441,9 @@ def parse_mesh(data: object, source: str = "mesh") -> Mesh:
 SAFE_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
-def load_mesh(path: Path) -> Mesh:
-    """Load and validate a mesh file; errors name the field and the fix."""
+def load_mesh(path: Path, known: dict[str, Node] | None = None) -> Mesh:
+    """Load and validate a mesh file; errors name the field and the fix. `known`: see
+    parse_mesh."""
     try:
         size = path.stat().st_size
     except OSError as exc:
@@ -439,7 +457,7 @@ def load_mesh(path: Path) -> Mesh:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not UTF-8 text") from None
-    return parse_mesh(data, str(path))
+    return parse_mesh(data, str(path), known)
 
 
 def node_data(node: Node) -> dict[str, object]:

@@ -59,9 +59,8 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
-import json
 import os
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -420,6 +419,32 @@ def advance(pg: PeerGenerations, obs: PeerObservation, settings: MeshSettings, *
                     stepped=stepped, downgraded=downgraded)
 
 
+def next_change(state: GenerationState, settings: MeshSettings, peers: Iterable[str],
+                now: float) -> float:
+    """The earliest time after `now` at which advance() could decide otherwise for one of
+    `peers` although nothing else changed: a key's age reaching rekey_interval, half or
+    all of key_max_seconds, a receiver's grace, a sender's twice-grace proof. Every time
+    rule is `age >= limit`, and ages only grow, so a rule already met at `now` stays met;
+    only the next one to be met counts. -inf when a peer has no generations yet."""
+    soonest = float("inf")
+    for name in peers:
+        pg = state.peers.get(name)
+        if pg is None:
+            return float("-inf")
+        times = [pg.out_since + settings.key_max_seconds / 2,
+                 pg.out_since + settings.key_max_seconds]
+        if settings.rekey_interval:
+            times.append(pg.out_since + settings.rekey_interval)
+        if pg.in_seen_at is not None:
+            times.append(pg.in_seen_at + settings.rekey_grace)
+        if pg.out_sent_at is not None:
+            times.append(pg.out_sent_at + 2 * settings.rekey_grace)
+        for t in times:
+            if now < t < soonest:
+                soonest = t
+    return soonest
+
+
 def request_rekey(state: GenerationState) -> int:
     """Mark every peer for a rekey at the next run; returns how many."""
     for pg in state.peers.values():
@@ -506,6 +531,9 @@ class GenerationStore:
     def __init__(self, state_dir: Path, node: str) -> None:
         self.path = state_dir / f"{node}.generations.json"
         self.lock_path = state_dir / f"{node}.lock"
+        # (file text, the state it holds, that state's text as save() writes it): what
+        # this store last read or wrote, for load(reuse=True) and changed().
+        self._kept: tuple[str, GenerationState, str] | None = None
 
     @contextmanager
     def locked(self) -> Iterator[None]:
@@ -518,26 +546,65 @@ class GenerationStore:
             fcntl.flock(fd, fcntl.LOCK_UN)
             os.close(fd)
 
-    def load(self) -> GenerationState:
+    def load(self, *, reuse: bool = False) -> GenerationState:
+        """The generations as the file holds them now.
+
+        `reuse` (a long-running agent, under the lock): the very object this store last
+        read or wrote when the file still holds the same text, instead of parsing it
+        again (at 1000 peers parsing is most of a quiet run's cost). The file is read
+        and compared every time, so a write by another process (`vppmesh rekey`, a
+        restored backup) is never missed, whatever its timestamps say. The caller owns
+        that object: it must save() what it changed, or forget() it (a dry run, a run
+        that failed half way), or the next reuse would see changes the file lacks."""
         try:
             text = self.path.read_text()
         except FileNotFoundError:
+            self._kept = None
             return GenerationState()
         except OSError as exc:
             raise ConfigError(f"{self.path}: cannot read key generations ({exc})") from None
+        kept = self._kept
+        if reuse and kept is not None and kept[0] == text:
+            return kept[1]
         try:
-            return GenerationState.model_validate_json(text)
+            state = GenerationState.model_validate_json(text)
         except ValidationError:
             raise ConfigError(
                 f"{self.path} is not a valid key generation file; it must not be edited. "
                 "Restore it, or delete it and raise settings.key_epoch on every node") from None
+        if reuse:  # (another caller's load leaves the kept object: the text decides)
+            self._kept = (text, state, self.text(state))
+        return state
 
-    def save(self, state: GenerationState) -> None:
+    def loaded_text(self, state: GenerationState) -> str:
+        """text() of `state` as loaded (before the caller changes it): kept from the
+        load when `state` is the object this store keeps."""
+        kept = self._kept
+        return kept[2] if kept is not None and kept[1] is state else self.text(state)
+
+    def forget(self) -> None:
+        """The next load parses the file again (the state handed out was changed and
+        not saved)."""
+        self._kept = None
+
+    @staticmethod
+    def text(state: GenerationState) -> str:
+        """The file's text for `state`: pydantic's serializer, many times faster than
+        json.dump's indented encoder (pure Python) on a 1000-peer file."""
+        return state.model_dump_json(indent=1)
+
+    def save(self, state: GenerationState, text: str | None = None) -> None:
+        """Write `state` (`text`: text() of it, when the caller has it already)."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_suffix(".tmp")
+        text = self.text(state) if text is None else text
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as handle:
-            json.dump(state.model_dump(mode="json"), handle, indent=1)
+            handle.write(text)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, self.path)
+        # Only the object a reuse load handed out stays kept: another caller's may still
+        # be changed after its save.
+        kept = self._kept
+        self._kept = (text, state, text) if kept is not None and kept[1] is state else None

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -19,7 +19,7 @@ from vppmesh import host as linux
 from vppmesh import uplink as nic
 from vppmesh.clock import AgentClock
 from vppmesh.cni.reattach import DEFAULT_CNI_PATH, PodReport, reattach
-from vppmesh.config import Mesh, load_mesh
+from vppmesh.config import Mesh, Node, load_mesh
 from vppmesh.epochs import GenerationState, GenerationStore, PeerKeying, PeerObservation
 from vppmesh.errors import VppUnavailableError
 from vppmesh.index import PeerObjects
@@ -46,6 +46,17 @@ from vppmesh.vpp.stats import SaCounters
 
 HostLinkKind = Literal["auto", "tap", "af_packet", "none"]
 log = logging.getLogger("vppmesh")
+
+# A long-running agent's periodic full run (Session.full_every): VPP dumped and compared
+# whole, the mesh and key files read again, pods re-attached and gone ones collected.
+# Everything with a deadline is caught without it: a VPP restart breaks the connection
+# (the reconnect's run is full at once), the SA counters are read on every poll (key
+# limits), the generation file, the ledger and the mesh and key files are looked at on
+# every run, and a run from the remembered state that VPP refuses dumps at once. What is
+# left to it is drift nobody announces (an object removed in VPP's CLI by hand), so five
+# minutes: at 1000 peers x 4 tunnels a full run costs ~0.6 s of CPU, which every minute
+# was most of an idle agent's CPU.
+FULL_EVERY_SECONDS = 300.0
 
 
 @dataclass(frozen=True)
@@ -79,8 +90,10 @@ class NodeOptions:
         whatever the wall clock does."""
         return AgentClock(self.state_dir / f"{self.node}.clock.json")
 
-    @property
+    @cached_property
     def generations(self) -> GenerationStore:
+        """One store per options: a long-running agent's runs reuse the state it last
+        read or wrote while the file is unchanged (GenerationStore.load)."""
         return GenerationStore(self.state_dir, self.node)
 
 
@@ -191,18 +204,23 @@ def usable_keying(view: LocalView, state: GenerationState, book: KeyBook,
 def apply(api: VppApi, desired: DesiredState, *, dry_run: bool = False,
           ledger: KeyLedger | None = None, reconciler: Reconciler | None = None,
           full: bool = False, by_peer: Mapping[int, PeerObjects] | None = None,
-          sas: Mapping[int, ipsec.SaState] | None = None) -> list[Change]:
+          sas: Mapping[int, ipsec.SaState] | None = None,
+          unchanged: bool = False) -> list[Change]:
     """Reconcile VPP, with the Linux end of the host link prepared before and after.
 
     With a `reconciler` (kept by a long-running agent), only what changed since its last
     run is compared (peer by peer with `by_peer`, the plan's parts) and applied, unless
     `full`. `sas`: this run's SA dump (read_key_sas), compared instead of a second one.
+    `unchanged`: `desired` is the plan the reconciler applied last (a quiet run,
+    QuietRuns): there is nothing to compare; only the host link is looked after.
     """
     host = desired.host
     if not dry_run and host is not None and host.kind == "af_packet":
         linux.ensure_veth(host.linux_ifname, host.vpp_ifname, linux_mac=host.linux_mac,
                           vpp_mac=host.vpp_mac, mtu=desired.mtu, linux_netns=host.netns)
-    if reconciler is not None:
+    if unchanged:
+        changes: list[Change] = []
+    elif reconciler is not None:
         changes = reconciler.reconcile(desired, dry_run=dry_run, ledger=ledger, full=full,
                                        by_peer=by_peer, sas=sas)
     else:
@@ -330,11 +348,68 @@ def read_key_sas(api: VppApi, reconciler: Reconciler | None, full: bool,
     return KeySas(dumped, packets, dumped, note)
 
 
+@dataclass
+class Settled:
+    """A run that changed nothing (no generation, no VPP object), and what it was
+    decided from: QuietRuns compares the next run's inputs with these."""
+
+    view: LocalView
+    state: GenerationState  # the store's kept object: the file is unchanged while it is
+    sas: Mapping[int, ipsec.SaState]  # the reconciler's remembered SAs
+    packets: Mapping[int, int]  # their counters
+    ledger: tuple[int, int, int] | None  # the used-key ledger's file signature
+    now: float
+    until: float  # epochs.next_change: the first time rule still to be met
+    desired: DesiredState
+    result: UpResult
+
+
+class QuietRuns:
+    """Lets a long-running agent's run with nothing new skip the O(peers) work.
+
+    At 1000 peers x 4 tunnels observing every SA, advancing every pair's generations,
+    planning and comparing the plan cost tens of ms of CPU on every 2 s poll, to decide
+    what the last run decided. The key decision is a function of the view, the
+    generation state, the SAs and their packet counters, the used-key ledger and time;
+    when the last run changed nothing (a fixed point) and all of these are the same
+    objects or values now, only time can change the outcome, and only where a time rule
+    (epochs.next_change) is met for the first time. Such a run reuses the last plan; the
+    host link, the uplink's state and the guard are still looked at, as on every run.
+
+    Key limits hold exactly as before: any SA counter that moved, or any time rule
+    reached, makes the run a full decision (packets are compared exactly, not against a
+    threshold), and a run with the agents' channel (whose peers speak at any time) or
+    a full, dry or rekey run never skips anything.
+    """
+
+    def __init__(self) -> None:
+        self._settled: Settled | None = None
+
+    def forget(self) -> None:
+        self._settled = None
+
+    def unchanged(self, view: LocalView, state: GenerationState, key_sas: KeySas,
+                  ledger: KeyLedger, now: float) -> Settled | None:
+        """The last settled run, if this run's inputs are exactly its inputs."""
+        s = self._settled
+        if s is None or s.view is not view or s.state is not state or \
+                s.sas is not key_sas.sas or key_sas.packets is None or \
+                key_sas.note is not None or not s.now <= now < s.until or \
+                file_signature(ledger.path) != s.ledger or key_sas.packets != s.packets:
+            return None
+        return s
+
+    def ran(self, settled: Settled | None) -> None:
+        """The run's outcome: a Settled when it changed nothing, else None."""
+        self._settled = settled
+
+
 def up(options: NodeOptions, *, dry_run: bool = False, api: VppApi | None = None,
        rekey: bool = False, now: float | None = None, mesh: Mesh | None = None,
        view: LocalView | None = None, reconciler: Reconciler | None = None,
        full: bool = False, secrecy: Secrecy | None = None,
-       vpp_pid: int | None = None, counters: SaCounters | None = None) -> UpResult:
+       vpp_pid: int | None = None, counters: SaCounters | None = None,
+       quiet: QuietRuns | None = None) -> UpResult:
     """Plan and apply this node's part of the mesh, with key generations advanced first.
 
     `view` (a Session's) or else the view of `mesh` (the mesh file's by default) is
@@ -342,8 +417,9 @@ def up(options: NodeOptions, *, dry_run: bool = False, api: VppApi | None = None
     touched. The generation file is read and written under its lock, so `vppmesh rekey`
     and a running `up --watch` never choose generations from a stale copy. A long-running
     agent passes its `secrecy` (the channel and its agreed keys: vppmesh/secrecy.py), and
-    `vpp_pid` when it already asked VPP for it (one round trip less per run), and its
-    `counters` (the stats segment's SA counters: read_key_sas).
+    `vpp_pid` when it already asked VPP for it (one round trip less per run), its
+    `counters` (the stats segment's SA counters: read_key_sas) and its `quiet` runs
+    (QuietRuns: a run whose inputs are the last unchanged run's reuses its plan).
     """
     view = view or local_view(options, mesh)
     if reconciler is None or full:  # node-wide runs: at start, after a restart, resyncs
@@ -369,41 +445,50 @@ def up(options: NodeOptions, *, dry_run: bool = False, api: VppApi | None = None
                     client, spec, options.state_dir, view.node.primary,
                     underlay_mtu=settings.underlay_mtu)
                 uplink = bvi or uplink
-            state = store.load()
-            before = state.model_dump()
-            if secrecy is not None:  # a peer's new public key: keep what it vouches for
-                secrecy.follow_keys(view, state)
-            # Towards peers behind NAT: the ports their NATs map to, as learned.
-            view = secrecy.learned_view(view, state) if secrecy is not None else \
-                ported_view(view, saved_ports(view, state))
-            if rekey:
-                epochs.request_rekey(state)
-            book = secrecy.book if secrecy is not None else KeyBook()
+            state = store.load(reuse=not dry_run)
+            before = store.loaded_text(state)
             key_sas = read_key_sas(client, reconciler, full, counters, pid)
-            observations, key_used = observe_keys(client, view, state, ledger, book, secrecy,
-                                                  sas=key_sas.sas, packets=key_sas.packets)
-            if secrecy is not None and not dry_run:  # behind NAT: mappings lost under traffic
-                secrecy.watch_flows(key_sas.sas, key_sas.packets)
-            peers = {p.name: p.node.public_key for p in view.peers}
             if now is None:  # the agent's channel and its runs on one clock
                 now = secrecy.clock() if secrecy is not None else options.clock()
-            scheduled = epochs.schedule(state, settings, peers, observations, now=now,
-                                        key_used=key_used,
-                                        said=secrecy.said(view) if secrecy else None,
-                                        me=view.node.public_key)
-            notes = scheduled.notes
-            if key_sas.note is not None:
-                notes.append(key_sas.note)
-            for name in sorted(scheduled.downgraded):  # never quietly (`preferred` only)
-                log.warning("%s: forward secrecy lost: the pair leaves agreed keys for the "
-                            "static schedule (forward_secrecy: preferred)", name)
-            if secrecy is not None and not dry_run:
-                secrecy.claim(state, scheduled.wants)
-            keying = usable_keying(view, state, book, scheduled.keying)
-            agreed = {p.name: a for p in view.peers
-                      if p.name in keying and (a := book.agreed(p)) is not None}
-            desired, by_peer = planned(options, view, workers, keying=keying, uplink=uplink,
-                                       agreed=agreed)
+            given = view
+            may_settle = quiet is not None and secrecy is None and reconciler is not None \
+                and not (dry_run or rekey or full)
+            settled = quiet.unchanged(view, state, key_sas, ledger, now) \
+                if quiet is not None and may_settle else None
+            if settled is not None:  # nothing new since a run that changed nothing
+                desired, by_peer, notes = settled.desired, None, []
+            else:
+                if secrecy is not None:  # a peer's new public key: keep what it vouches for
+                    secrecy.follow_keys(view, state)
+                # Towards peers behind NAT: the ports their NATs map to, as learned.
+                view = secrecy.learned_view(view, state) if secrecy is not None else \
+                    ported_view(view, saved_ports(view, state))
+                if rekey:
+                    epochs.request_rekey(state)
+                book = secrecy.book if secrecy is not None else KeyBook()
+                observations, key_used = observe_keys(client, view, state, ledger, book,
+                                                      secrecy, sas=key_sas.sas,
+                                                      packets=key_sas.packets)
+                if secrecy is not None and not dry_run:  # behind NAT: mappings lost
+                    secrecy.watch_flows(key_sas.sas, key_sas.packets)
+                peers = {p.name: p.node.public_key for p in view.peers}
+                scheduled = epochs.schedule(state, settings, peers, observations, now=now,
+                                            key_used=key_used,
+                                            said=secrecy.said(view) if secrecy else None,
+                                            me=view.node.public_key)
+                notes = scheduled.notes
+                if key_sas.note is not None:
+                    notes.append(key_sas.note)
+                for name in sorted(scheduled.downgraded):  # never quietly (`preferred` only)
+                    log.warning("%s: forward secrecy lost: the pair leaves agreed keys for "
+                                "the static schedule (forward_secrecy: preferred)", name)
+                if secrecy is not None and not dry_run:
+                    secrecy.claim(state, scheduled.wants)
+                keying = usable_keying(view, state, book, scheduled.keying)
+                agreed = {p.name: a for p in view.peers
+                          if p.name in keying and (a := book.agreed(p)) is not None}
+                desired, by_peer = planned(options, view, workers, keying=keying,
+                                           uplink=uplink, agreed=agreed)
             if not dry_run:
                 client.call(ipsec.set_async_mode(settings.async_crypto))
             changes = []
@@ -436,17 +521,22 @@ def up(options: NodeOptions, *, dry_run: bool = False, api: VppApi | None = None
                                             dry_run=dry_run)
             changes += apply(client, desired, dry_run=dry_run, ledger=ledger,
                              reconciler=reconciler, full=full, by_peer=by_peer,
-                             sas=key_sas.dumped)
+                             sas=key_sas.dumped, unchanged=settled is not None)
+            if settled is not None:
+                return replace(settled.result, changes=changes, notes=notes, vpp_pid=pid,
+                               seconds=time.monotonic() - started,
+                               messages=client.messages_sent, mesh=view.mesh)
             if secrecy is not None and not dry_run:
                 secrecy.applied(view, state, scheduled.wants,
                                 {name: k.inbound for name, k in keying.items()})
                 retired, secrecy.retired = secrecy.retired, []
                 ledger.forget(retired)  # their SAs are gone: nothing can install them
-            if not dry_run and state.model_dump() != before:
-                store.save(state)
+            after = store.text(state)
+            if not dry_run and after != before:
+                store.save(state, after)
             if secrecy is not None and not dry_run:
                 secrecy.flush()  # offers go out once their generations are claimed on disk
-        return UpResult(desired=desired, changes=changes, seconds=time.monotonic() - started,
+        result = UpResult(desired=desired, changes=changes, seconds=time.monotonic() - started,
                         host_link=desired.host.kind if desired.host else "none",
                         messages=client.messages_sent, notes=notes, vpp_pid=pid,
                         blocked_peers=sorted(set(peers) - set(keying) - scheduled.waiting
@@ -458,6 +548,21 @@ def up(options: NodeOptions, *, dry_run: bool = False, api: VppApi | None = None
                         secrecy=pair_secrecy(state, peers),
                         rekey_pending=sorted(n for n in peers if state.peers[n].rekey_pending),
                         crypto_engine=engine)
+        if quiet is not None:
+            quiet.ran(Settled(
+                view=given, state=state, sas=key_sas.sas, packets=key_sas.packets,
+                ledger=file_signature(ledger.path), now=now,
+                until=epochs.next_change(state, settings, peers, now), desired=desired,
+                result=result) if may_settle and not changes and after == before and
+                key_sas.packets is not None and key_sas.note is None and
+                reconciler is not None and reconciler.remembered_sas() is key_sas.sas
+                else None)
+        return result
+    except BaseException:
+        store.forget()  # the state it handed out may have changed without being saved
+        if quiet is not None:
+            quiet.forget()
+        raise
     finally:
         if api is None:
             client.close()  # type: ignore[union-attr]
@@ -511,11 +616,12 @@ class MeshFile:
         self.name = str(path)
         self._signature: tuple[int, int, int] | None = None
         self._mesh: Mesh | None = None
+        self._nodes: dict[str, Node] = {}  # the last parse's nodes (config.parse_mesh)
 
     def mesh(self, *, fresh: bool = False) -> Mesh:
         signature = file_signature(self.path)  # before reading: a later write is seen
         if fresh or self._mesh is None or signature is None or signature != self._signature:
-            self._mesh = load_mesh(self.path)
+            self._mesh = load_mesh(self.path, self._nodes)
             self._signature = signature
         return self._mesh
 
@@ -547,7 +653,7 @@ class Session:
     generations take the SAs the reconciler remembers and their counters (read_key_sas).
     """
 
-    def __init__(self, options: NodeOptions, *, full_every: float = 60.0,
+    def __init__(self, options: NodeOptions, *, full_every: float = FULL_EVERY_SECONDS,
                  connect: Callable[[], VppApi] | None = None,
                  source: MeshSource | None = None, secrecy: Secrecy | None = None,
                  counters: SaCounters | None = None) -> None:
@@ -563,6 +669,7 @@ class Session:
         self._view: LocalView | None = None
         self._secrets_seen: tuple[tuple[int, int, int] | None, ...] = ()
         self._connected = False  # a connection was made before (the next is a reconnect)
+        self._quiet = QuietRuns()  # runs with nothing new reuse the last plan
 
     def view(self, *, fresh: bool = False) -> LocalView:
         """The local view of the source's mesh now: the last one while the mesh and the
@@ -618,7 +725,8 @@ class Session:
                 self.secrecy.attach(self._client, view, pid, reconnected=reconnected)
             result = up(self.options, api=self._client, view=view,
                         reconciler=self._reconciler, full=full, secrecy=self.secrecy,
-                        vpp_pid=pid, counters=self.counters, **up_options)
+                        vpp_pid=pid, counters=self.counters, quiet=self._quiet,
+                        **up_options)
             if full and self.options.cni_state_dir is not None:
                 result.pod_report = reattach(self._client, self.options.cni_state_dir,
                                              self.options.cni_path)
@@ -637,6 +745,7 @@ class Session:
     def close(self) -> None:
         """Drop the VPP connection (the channel's socket stays: VPP comes back)."""
         client, self._client, self._reconciler = self._client, None, None
+        self._quiet.forget()
         if self.counters is not None:
             self.counters.close()
         if client is not None:
