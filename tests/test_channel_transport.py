@@ -188,3 +188,26 @@ def test_channel_socket_is_never_writable_by_others(tmp_path: Path,
     finally:
         os.umask(loose)
     assert seen == [0o600]
+
+
+def test_the_tunnel_path_is_tried_only_after_the_path_that_worked_went_unanswered() -> None:
+    """A peer heard on the underlay gets the next messages on the underlay, even with its
+    tunnel usable: one unanswered datagram is usually the first one VPP dropped while it
+    resolved the next hop, and a message lost into the tunnel is only repeated 15 s later
+    (on three real VPPs a receiver missed its sender's "sending" that way and never slid).
+    From SWITCH_AFTER unanswered messages on, the paths alternate; hearing the peer again
+    starts over, on the path it spoke on."""
+    from vppmesh.channel.endpoint import SWITCH_AFTER, TUNNEL, UNDERLAY, ChannelEndpoint
+
+    endpoint = ChannelEndpoint(None, None, {4: "192.0.2.1"})  # type: ignore[arg-type]
+    endpoint.tunnel_source, endpoint.tunnel_sw_if_index = "198.18.1.255", 3
+    endpoint.tunnel_peers, endpoint.tunnel_usable = {2: "198.18.2.255"}, frozenset({2})
+    endpoint._heard(2, UNDERLAY)
+    paths = [endpoint.path(2) for _ in range(SWITCH_AFTER + 4)]
+    assert paths[:SWITCH_AFTER] == [UNDERLAY] * SWITCH_AFTER
+    assert paths[SWITCH_AFTER:] == [TUNNEL, UNDERLAY, TUNNEL, UNDERLAY]
+    endpoint._heard(2, TUNNEL)  # answered through the tunnel: answers go back that way
+    assert [endpoint.path(2) for _ in range(SWITCH_AFTER + 1)] == \
+        [TUNNEL] * SWITCH_AFTER + [UNDERLAY]
+    endpoint.tunnel_usable = frozenset()  # no agreed keys both ways: the underlay only
+    assert {endpoint.path(2) for _ in range(6)} == {UNDERLAY}

@@ -22,9 +22,10 @@ peer already is: no NAT learning from the inside of a tunnel, whose addresses sa
 nothing about the underlay). The path policy, per peer:
 - an answer goes back on the path the peer's last authenticated datagram came through
   (`last_path`): that one works now;
-- each further message sent while nothing authenticated came back from the peer takes
-  the other path than the one before (`_silent`): a retry of an unanswered handshake or
-  KeyInit goes the other way, so one blocked path costs one retry. Messages alternate
+- so do the next SWITCH_AFTER messages while nothing authenticated came back (a single
+  loss is usually VPP resolving the next hop); each further one takes the other path
+  than the one before (`_silent`): a retry of an unanswered handshake or KeyInit goes
+  the other way, so one blocked path costs a few retries. Messages alternate
   rather than being sent twice: a copy would reach the peer as a replay and be counted
   as one (the drop counters are the attack report);
 - NAT keepalives and flow probes stay on the underlay (they are about the underlay flow),
@@ -46,6 +47,8 @@ from vppmesh.underlay import NAT_T_PORT
 PORT = 4501
 UNDERLAY, TUNNEL = "underlay", "tunnel"
 PATHS = (UNDERLAY, TUNNEL)
+# Unanswered messages to a peer before the next one takes the other path (path()).
+SWITCH_AFTER = 2
 
 
 class ChannelEndpoint:
@@ -114,7 +117,14 @@ class ChannelEndpoint:
         silent = self._silent.get(peer, 0)
         self._silent[peer] = silent + 1
         last = self.last_path.get(peer, UNDERLAY)
-        return last if silent % 2 == 0 else PATHS[1 - PATHS.index(last)]
+        # The path that last worked carries the first messages after the peer spoke: a
+        # single unanswered one is the usual first datagram a VPP drops while it resolves
+        # the next hop, not a blocked path, and a message lost that way into the tunnel
+        # is only repeated 15 s later. From SWITCH_AFTER unanswered ones on, paths
+        # alternate.
+        if silent < SWITCH_AFTER or (silent - SWITCH_AFTER) % 2 == 1:
+            return last
+        return PATHS[1 - PATHS.index(last)]
 
     def tick(self, now: float) -> list[Event]:
         return self.emit(self.channel.tick(now))
