@@ -107,12 +107,6 @@ def nat_mapped_ports(bed: Testbed) -> dict[int, int]:
     return found
 
 
-def nat_keepalives(node: NodeHandle) -> int:
-    with VppClient(node.instance.api_socket).connect() as api:
-        counts = vpp_helpers.errors(api)
-    return sum(n for (_, reason), n in counts.items() if reason == "NAT Keepalive")
-
-
 def test_forward_secrecy_nat_pair_comes_up_both_ways_on_the_learned_port(
         bed: Testbed, agents: dict[str, vpp_helpers.WatchAgent]) -> None:
     n1, n2 = bed.nodes
@@ -130,7 +124,7 @@ def test_forward_secrecy_nat_pair_comes_up_both_ways_on_the_learned_port(
             in agents["n1"].text()
     assert pods_ping(n1, n2, count=5) and pods_ping(n2, n1, count=5)
     wait_for(lambda: all_forward_secret(bed), 60, "both directions on agreed keys")
-    wait_for(lambda: nat_keepalives(n1) > 0, NAT_KEEPALIVE_INTERVAL + 5,
+    wait_for(lambda: vpp_helpers.nat_keepalives(n1) > 0, NAT_KEEPALIVE_INTERVAL + 5,
              "n2's NAT keepalives counted by n1's VPP")
     # VPP punts SPI 0 on UDP 4500 (the channel on the ESP flow) to the agent.
     with VppClient(n1.instance.api_socket).connect() as api:
@@ -158,13 +152,13 @@ def test_forward_secrecy_nat_mapping_survives_an_idle_period_past_the_nat_timeou
     n1, n2 = bed.nodes
     wait_for(lambda: both_ways(bed), 90, "pods pinging both ways through the NAT",
              interval=0.5)
-    mapped, keepalives = nat_mapped_ports(bed), nat_keepalives(n1)
+    mapped, keepalives = nat_mapped_ports(bed), vpp_helpers.nat_keepalives(n1)
     time.sleep(IDLE)  # no pod traffic: only the agents' keepalives and channel
     assert pods_ping(n1, n2), "n1 lost n2 after the idle period"  # n1 first: the test
     assert pods_ping(n2, n1)
     assert nat_mapped_ports(bed) == mapped, "the NAT mapped n2's ESP flows anew"
     assert outbound_ports(bed, n1, n2) == mapped
-    grew = nat_keepalives(n1) - keepalives
+    grew = vpp_helpers.nat_keepalives(n1) - keepalives
     assert grew >= TUNNELS * int(IDLE // NAT_KEEPALIVE_INTERVAL), grew
 
 

@@ -32,7 +32,6 @@ from vppmesh.secrecy import NAT_KEEPALIVE_INTERVAL
 from vppmesh.testing import vpp_helpers
 from vppmesh.testing.vpp_helpers import all_forward_secret
 from vppmesh.testing.wait import wait_for
-from vppmesh.vpp.client import VppClient
 
 pytestmark = [pytest.mark.vpp]
 PREFIX = "vnp-"
@@ -75,13 +74,6 @@ def longest_gap(output: str) -> float:
     return max(b - a for a, b in itertools.pairwise(edges)) * INTERVAL
 
 
-def nat_keepalives(node: NodeHandle) -> int:
-    """RFC 3948 keepalives node's VPP dropped (n2's, through the NAT)."""
-    with VppClient(node.instance.api_socket).connect() as api:
-        counts = vpp_helpers.errors(api)
-    return sum(n for (_, reason), n in counts.items() if reason == "NAT Keepalive")
-
-
 def test_nat_flush_outage_is_a_few_seconds(
         bed: Testbed, agents: dict[str, vpp_helpers.WatchAgent]) -> None:
     n1, n2 = bed.nodes
@@ -91,8 +83,8 @@ def test_nat_flush_outage_is_a_few_seconds(
     wait_for(lambda: all_forward_secret(bed), 60, "both directions on agreed keys")
     pings = {"n2 -> n1": pinging(n2, n1, COUNT), "n1 -> n2": pinging(n1, n2, COUNT)}
     time.sleep(BEFORE)
-    rounds = nat_keepalives(n1)
-    wait_for(lambda: nat_keepalives(n1) > rounds, NAT_KEEPALIVE_INTERVAL + 5,
+    rounds = vpp_helpers.nat_keepalives(n1)
+    wait_for(lambda: vpp_helpers.nat_keepalives(n1) > rounds, NAT_KEEPALIVE_INTERVAL + 5,
              "a round of n2's NAT keepalives", interval=0.1)
     logged = len(agents["n1"].text())
     in_ns(bed.nat_ns, "conntrack", "-F")

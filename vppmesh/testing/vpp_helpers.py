@@ -201,6 +201,13 @@ def plan_changes(stdout: str) -> int:
     return int(found.group(1))
 
 
+def nat_keepalives(node: NodeHandle) -> int:
+    """RFC 3948 keepalives the node's VPP dropped (a NATed peer's, through its NAT)."""
+    with VppClient(node.instance.api_socket).connect() as api:
+        counts = errors(api)
+    return sum(n for (_, reason), n in counts.items() if reason == "NAT Keepalive")
+
+
 def vppctl(node: NodeHandle, *command: str) -> str:
     """A CLI command on the node's VPP (the vppctl beside the VPP binary, else PATH's)."""
     binary = Path(vpp_binary() or "vpp").with_name("vppctl")
