@@ -342,6 +342,36 @@ def test_scrape_benchmark_runs_and_reports(capsys: pytest.CaptureFixture[str]) -
         assert what in out, what
 
 
+def scripted_session(outcomes: list[Any], ticks: list[float],
+                     failures: dict[str, Exception], pods: Any) -> type:
+    """A stand-in for node.Session under watch.watch_loop: each run takes the next of
+    `outcomes` (one named in `failures` raises that error, any other succeeds with
+    `pods`), notes its time in `ticks`; the last one ends the loop (KeyboardInterrupt).
+    Its Secrecy is never attached: no VPP to punt the channel."""
+
+    class ScriptedSession:
+        client = None
+
+        def __init__(self, options: Any, **kwargs: Any) -> None:
+            self.secrecy = kwargs["secrecy"]
+
+        def close(self) -> None:
+            pass
+
+        def run(self) -> Any:
+            ticks.append(time.monotonic())
+            outcome = outcomes.pop(0)
+            if outcome in failures:
+                raise failures[outcome]
+            if not outcomes:
+                raise KeyboardInterrupt  # end of the script
+            return SimpleNamespace(vpp_pid=len(ticks), seconds=0.01, changes=[], notes=[],
+                                   downgraded_peers=[], stopped_peers={}, blocked_peers=[],
+                                   pod_report=pods, mesh=None)
+
+    return ScriptedSession
+
+
 def test_watch_loop_knocks_fast_while_vpp_is_away_and_counts_the_restart(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The watch loop (watch.watch_loop) with a Session whose VPP goes away for two polls:
@@ -357,28 +387,9 @@ def test_watch_loop_knocks_fast_while_vpp_is_away_and_counts_the_restart(
     outcomes: list[Any] = ["ok", "gone", "gone", "ok", "ok"]
     ticks: list[float] = []
 
-    class FakeSession:
-        client = None
-
-        def __init__(self, options: Any, **kwargs: Any) -> None:
-            self.secrecy = kwargs["secrecy"]  # never attached: no VPP to punt the channel
-
-        def close(self) -> None:
-            pass
-
-        def run(self) -> Any:
-            ticks.append(time.monotonic())
-            outcome = outcomes.pop(0)
-            if outcome == "gone":
-                raise VppUnavailableError("VPP stopped answering")
-            if not outcomes:
-                raise KeyboardInterrupt  # end of the script
-            return SimpleNamespace(vpp_pid=len(ticks), seconds=0.01, changes=[], notes=[],
-                                   downgraded_peers=[], stopped_peers={}, blocked_peers=[],
-                                   pod_report=PodReport(attached=2, reattached=["a", "b"]),
-                                   mesh=None)
-
-    monkeypatch.setattr(agent, "Session", FakeSession)
+    monkeypatch.setattr(agent, "Session", scripted_session(
+        outcomes, ticks, {"gone": VppUnavailableError("VPP stopped answering")},
+        PodReport(attached=2, reattached=["a", "b"])))
     monkeypatch.setattr(watch, "WATCH_POLL_SECONDS", 1.0)
     monkeypatch.setattr(watch, "give_back_uplinks", lambda opts: None)
     metrics = AgentMetrics()
@@ -541,31 +552,12 @@ def test_watch_loop_waits_for_the_uplink_of_a_vpp_just_met(
     outcomes: list[Any] = ["ok", "gone", "no uplink", "no uplink", "ok", "ok"]
     ticks: list[float] = []
 
-    class FakeSession:
-        client = None
-
-        def __init__(self, options: Any, **kwargs: Any) -> None:
-            self.secrecy = kwargs["secrecy"]
-
-        def close(self) -> None:
-            pass
-
-        def run(self) -> Any:
-            ticks.append(time.monotonic())
-            outcome = outcomes.pop(0)
-            if outcome == "gone":
-                raise VppUnavailableError("VPP stopped answering")
-            if outcome == "no uplink":
-                raise UplinkMissingError("no VPP interface holding the primary underlay "
-                                         "address 192.0.2.1/24")
-            if not outcomes:
-                raise KeyboardInterrupt  # end of the script
-            return SimpleNamespace(vpp_pid=len(ticks), seconds=0.01, changes=[], notes=[],
-                                   downgraded_peers=[], stopped_peers={}, blocked_peers=[],
-                                   pod_report=PodReport(attached=0, reattached=[]),
-                                   mesh=None)
-
-    monkeypatch.setattr(agent, "Session", FakeSession)
+    monkeypatch.setattr(agent, "Session", scripted_session(
+        outcomes, ticks, {"gone": VppUnavailableError("VPP stopped answering"),
+                          "no uplink": UplinkMissingError(
+                              "no VPP interface holding the primary underlay address "
+                              "192.0.2.1/24")},
+        PodReport(attached=0, reattached=[])))
     monkeypatch.setattr(watch, "WATCH_POLL_SECONDS", 1.0)
     monkeypatch.setattr(watch, "UPLINK_WAIT", wait)
     monkeypatch.setattr(watch, "give_back_uplinks", lambda opts: None)
