@@ -663,13 +663,27 @@ def test_podman_rm_releases_addresses_and_vpp_interfaces(cluster: Cluster) -> No
 def test_uninstall_leaves_no_conflist_plugin_or_taken_nic(cluster: Cluster) -> None:
     uninstall = yaml.safe_load((K8S / "uninstall" / "uninstall.yaml").read_text())
     spec = uninstall["spec"]["template"]["spec"]
+    grace = str(manifest()[0]["terminationGracePeriodSeconds"])
     for host in cluster.hosts:
         assert host.path("/etc/cni/net.d/10-vppmesh.conflist").exists()
-        for name in ("agent", "vpp"):  # kubectl delete -f containers/k8s/
-            host.podman("rm", "-f", "-t", "5", host.container(name))
-        # VPP's exit gave the NIC back already (vpp-run): the kubelet can pull the
-        # uninstall DaemonSet's image.
-        assert not nic_taken(host)
+        # kubectl delete -f containers/k8s/: both containers get SIGTERM together and the
+        # DaemonSet's grace period before SIGKILL, as the kubelet gives them.
+        stops = [subprocess.Popen(["nsenter", f"--net=/run/netns/{host.netns}", "podman",
+                                   "stop", "-t", grace, host.container(name)],
+                                  env=host.env(), stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.DEVNULL)
+                 for name in ("agent", "vpp")]
+        for stop in stops:
+            stop.wait(int(grace) + 30)
+        logs = {}
+        for name in ("agent", "vpp"):
+            done = host.podman("logs", host.container(name))
+            logs[name] = (done.stdout + done.stderr)[-3000:]
+        for name in ("agent", "vpp"):
+            host.podman("rm", "-f", "-t", "0", host.container(name))
+        # VPP's exit gave the NIC back already (vpp-run, or the agent when it saw VPP go
+        # first): the kubelet can pull the uninstall DaemonSet's image.
+        assert not nic_taken(host), logs
         assert host.run("ping", "-c", "1", "-W", "2", BEYOND, check=False).returncode == 0
         run_container(host, "uninstall", cluster.image, detach=False, spec=spec)
         assert not host.path("/etc/cni/net.d/10-vppmesh.conflist").exists()
