@@ -12,6 +12,7 @@ from pathlib import Path
 from vppmesh.clock import boot_id
 from vppmesh.config import MeshSettings
 from vppmesh.epochs import PeerObservation, PeerSaid, advance, age
+from vppmesh.keying.agreement import NoAgreement
 from vppmesh.node import up
 from vppmesh.testing.agents import Pair, fresh, never
 
@@ -76,7 +77,7 @@ def test_a_one_shot_up_runs_on_the_nodes_clock(tmp_path: Path) -> None:
     anchor it keeps in the state directory for every later process of this boot."""
     pair = Pair(tmp_path)
     before = time.time()
-    up(pair.opts["node1"], api=pair.vpp["node1"])
+    up(pair.opts["node1"], api=pair.vpp["node1"], agreement=NoAgreement(pair.opts["node1"].clock))
     anchor = json.loads((tmp_path / "node1" / "node1.clock.json").read_text())
     assert anchor["boot_id"] == boot_id()
     since = pair.opts["node1"].generations.load().peers["node2"].out_since

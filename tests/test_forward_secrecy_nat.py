@@ -26,6 +26,7 @@ from vppmesh.channel import transport as t
 from vppmesh.channel.endpoint import TUNNEL, UNDERLAY
 from vppmesh.config import Mesh, NatSettings, dump_mesh
 from vppmesh.epochs import GenerationState, PeerGenerations
+from vppmesh.keying.agreement import NoAgreement
 from vppmesh.secrecy import NAT_KEEPALIVE_INTERVAL, Secrecy
 from vppmesh.state import SA_DIRECTION_BIT, SaSpec, sa_id_for, sa_peer
 from vppmesh.testing.agents import Agents
@@ -280,7 +281,7 @@ def test_forward_secrecy_nat_a_restarted_agent_sends_where_the_last_one_learned(
     one = pair.agents[1]
     pair.run(3.0)
     state = generations(pair.views[1])
-    one.applied(pair.learned(1, state), state, {}, {})
+    one.applied(one.claim(state, {}), pair.learned(1, state), state, {})
     assert state.peers["node2"].nat_ports == [23456, 24456]  # saved with the generations
     # node1's agent restarts: nothing learned in memory, node2's session is stale.
     one.close()
@@ -299,7 +300,7 @@ def test_forward_secrecy_nat_a_restarted_agent_sends_where_the_last_one_learned(
     # Taken once: a later move back to the record's port is not undone by the file.
     assert again.learn(2, PUBLIC, NAT_T_PORT) and again.learn(2, PUBLIC, NAT_T_PORT, 1)
     assert pair.learned(1, state) is pair.views[1]
-    again.applied(pair.views[1], state, {}, {})
+    again.applied(again.claim(state, {}), pair.views[1], state, {})
     assert state.peers["node2"].nat_ports == []
 
 
@@ -323,18 +324,18 @@ def test_forward_secrecy_nat_one_shot_up_sends_to_the_saved_port(pair: Pair,
         return {sa["entry"]["udp_dst_port"] for sa_id, sa in vpp.sas.items()
                 if sa_id & SA_DIRECTION_BIT and sa_peer(sa_id) == 2}
 
-    up(options, api=vpp)
+    up(options, api=vpp, agreement=NoAgreement(options.clock))
     assert outbound_ports() == {NAT_T_PORT}  # nothing learned yet: the record's port
     store = GenerationStore(tmp_path / "state", "node1")
     state = store.load()
     state.peers["node2"].nat_ports = [23456, 24456]  # what node1's agent learned
     store.save(state)
     generation = state.peers["node2"].out
-    result = up(options, api=vpp)
+    result = up(options, api=vpp, agreement=NoAgreement(options.clock))
     assert outbound_ports() == {23456, 24456}
     # The SA's encapsulation changed, so its key is not reused: a new generation.
     assert store.load().peers["node2"].out == generation + 1, result.notes
-    up(options, api=vpp)
+    up(options, api=vpp, agreement=NoAgreement(options.clock))
     assert outbound_ports() == {23456, 24456}
     assert store.load().peers["node2"].out == generation + 1
 

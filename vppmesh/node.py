@@ -23,18 +23,12 @@ from vppmesh.config import Mesh, Node, load_mesh
 from vppmesh.epochs import GenerationState, GenerationStore, PeerKeying, PeerObservation
 from vppmesh.errors import VppUnavailableError
 from vppmesh.index import PeerObjects
+from vppmesh.keying.agreement import Agreement, NoAgreement, save_state
 from vppmesh.keys import load_secrets, spi_for
 from vppmesh.ledger import KeyLedger
 from vppmesh.plan import HostOptions, drop_routes, plan_by_peer
 from vppmesh.reconcile import Change, Reconciler, gc_paused, reconcile
-from vppmesh.secrecy import (
-    KeyBook,
-    PairSecrecy,
-    Secrecy,
-    pair_secrecy,
-    ported_view,
-    saved_ports,
-)
+from vppmesh.secrecy import KeyBook, PairSecrecy, Secrecy, pair_secrecy
 from vppmesh.state import DesiredState, find_sa
 from vppmesh.teardown import teardown
 from vppmesh.underlay import encapsulation
@@ -231,14 +225,14 @@ def apply(api: VppApi, desired: DesiredState, *, dry_run: bool = False,
 
 
 def observe_keys(api: VppApi, view: LocalView, state: GenerationState, ledger: KeyLedger,
-                 book: KeyBook | None = None, secrecy: Secrecy | None = None, *,
+                 book: KeyBook | None = None, agreement: Agreement | None = None, *,
                  sas: Mapping[int, ipsec.SaState] | None = None,
                  packets: Mapping[int, int] | None = None,
                  ) -> tuple[dict[str, PeerObservation], Callable[[str, int], bool]]:
     """What VPP's SAs say about each peer's generations, and a used-key test per peer.
 
     Keys come from `book` (agreed generations, adopted from VPP when the book lacks
-    them) or the static schedule; `secrecy` says which offers are under way.
+    them) or the static schedule; `agreement` says which offers are under way.
 
     `sas` (by SA id): this run's dump, or the SAs a Reconciler remembers (read_key_sas);
     None: dump them here. `packets` (by stat index, from the stats segment) raises each
@@ -301,8 +295,8 @@ def observe_keys(api: VppApi, view: LocalView, state: GenerationState, ledger: K
         for t in range(count):
             key = book.key(view, peer, pg, outbound=True, tunnel=t, generation=generation)
             if key is None:  # agreed, held by nobody: used unless its offer is under way
-                return secrecy is None or not secrecy.offering(peer.node.node_number,
-                                                               generation)
+                return agreement is None or not agreement.offering(peer.node.node_number,
+                                                                   generation)
             if ledger.seen(key.key.get_secret_value(), key.salt):
                 return True
         return False
@@ -407,7 +401,7 @@ class QuietRuns:
 def up(options: NodeOptions, *, dry_run: bool = False, api: VppApi | None = None,
        rekey: bool = False, now: float | None = None, mesh: Mesh | None = None,
        view: LocalView | None = None, reconciler: Reconciler | None = None,
-       full: bool = False, secrecy: Secrecy | None = None,
+       full: bool = False, agreement: Agreement,
        vpp_pid: int | None = None, counters: SaCounters | None = None,
        quiet: QuietRuns | None = None) -> UpResult:
     """Plan and apply this node's part of the mesh, with key generations advanced first.
@@ -415,11 +409,12 @@ def up(options: NodeOptions, *, dry_run: bool = False, api: VppApi | None = None
     `view` (a Session's) or else the view of `mesh` (the mesh file's by default) is
     built before anything else, so every input is checked before the host or VPP is
     touched. The generation file is read and written under its lock, so `vppmesh rekey`
-    and a running `up --watch` never choose generations from a stale copy. A long-running
-    agent passes its `secrecy` (the channel and its agreed keys: vppmesh/secrecy.py), and
-    `vpp_pid` when it already asked VPP for it (one round trip less per run), its
-    `counters` (the stats segment's SA counters: read_key_sas) and its `quiet` runs
-    (QuietRuns: a run whose inputs are the last unchanged run's reuses its plan).
+    and a running `up --watch` never choose generations from a stale copy. `agreement`
+    (keying/agreement.py) is the agents' channel of a long-running agent (Secrecy) or
+    NoAgreement (a one-shot run: static keys). A long-running agent passes `vpp_pid`
+    when it already asked VPP for it (one round trip less per run), its `counters` (the
+    stats segment's SA counters: read_key_sas) and its `quiet` runs (QuietRuns: a run
+    whose inputs are the last unchanged run's reuses its plan).
     """
     view = view or local_view(options, mesh)
     if reconciler is None or full:  # node-wide runs: at start, after a restart, resyncs
@@ -449,32 +444,30 @@ def up(options: NodeOptions, *, dry_run: bool = False, api: VppApi | None = None
             before = store.loaded_text(state)
             key_sas = read_key_sas(client, reconciler, full, counters, pid)
             if now is None:  # the agent's channel and its runs on one clock
-                now = secrecy.clock() if secrecy is not None else options.clock()
+                now = agreement.clock()
             given = view
-            may_settle = quiet is not None and secrecy is None and reconciler is not None \
+            may_settle = quiet is not None and agreement.settles and reconciler is not None \
                 and not (dry_run or rekey or full)
             settled = quiet.unchanged(view, state, key_sas, ledger, now) \
                 if quiet is not None and may_settle else None
             if settled is not None:  # nothing new since a run that changed nothing
-                desired, by_peer, notes = settled.desired, None, []
+                desired, by_peer, notes, claim = settled.desired, None, [], None
             else:
-                if secrecy is not None:  # a peer's new public key: keep what it vouches for
-                    secrecy.follow_keys(view, state)
+                # A peer's new public key: keep what it vouches for.
+                agreement.follow_keys(view, state)
                 # Towards peers behind NAT: the ports their NATs map to, as learned.
-                view = secrecy.learned_view(view, state) if secrecy is not None else \
-                    ported_view(view, saved_ports(view, state))
+                view = agreement.learned_view(view, state)
                 if rekey:
                     epochs.request_rekey(state)
-                book = secrecy.book if secrecy is not None else KeyBook()
+                book = agreement.book
                 observations, key_used = observe_keys(client, view, state, ledger, book,
-                                                      secrecy, sas=key_sas.sas,
+                                                      agreement, sas=key_sas.sas,
                                                       packets=key_sas.packets)
-                if secrecy is not None and not dry_run:  # behind NAT: mappings lost
-                    secrecy.watch_flows(key_sas.sas, key_sas.packets)
+                if not dry_run:  # behind NAT: mappings lost
+                    agreement.watch_flows(key_sas.sas, key_sas.packets)
                 peers = {p.name: p.node.public_key for p in view.peers}
                 scheduled = epochs.schedule(state, settings, peers, observations, now=now,
-                                            key_used=key_used,
-                                            said=secrecy.said(view) if secrecy else None,
+                                            key_used=key_used, said=agreement.said(view),
                                             me=view.node.public_key)
                 notes = scheduled.notes
                 if key_sas.note is not None:
@@ -482,8 +475,7 @@ def up(options: NodeOptions, *, dry_run: bool = False, api: VppApi | None = None
                 for name in sorted(scheduled.downgraded):  # never quietly (`preferred` only)
                     log.warning("%s: forward secrecy lost: the pair leaves agreed keys for "
                                 "the static schedule (forward_secrecy: preferred)", name)
-                if secrecy is not None and not dry_run:
-                    secrecy.claim(state, scheduled.wants)
+                claim = None if dry_run else agreement.claim(state, scheduled.wants)
                 keying = usable_keying(view, state, book, scheduled.keying)
                 agreed = {p.name: a for p in view.peers
                           if p.name in keying and (a := book.agreed(p)) is not None}
@@ -526,16 +518,15 @@ def up(options: NodeOptions, *, dry_run: bool = False, api: VppApi | None = None
                 return replace(settled.result, changes=changes, notes=notes, vpp_pid=pid,
                                seconds=time.monotonic() - started,
                                messages=client.messages_sent, mesh=view.mesh)
-            if secrecy is not None and not dry_run:
-                secrecy.applied(view, state, scheduled.wants,
-                                {name: k.inbound for name, k in keying.items()})
-                retired, secrecy.retired = secrecy.retired, []
+            if claim is None:  # a dry run: nothing claimed, saved or sent
+                after = store.text(state)
+            else:
+                retired = agreement.applied(claim, view, state,
+                                            {name: k.inbound for name, k in keying.items()})
                 ledger.forget(retired)  # their SAs are gone: nothing can install them
-            after = store.text(state)
-            if not dry_run and after != before:
-                store.save(state, after)
-            if secrecy is not None and not dry_run:
-                secrecy.flush()  # offers go out once their generations are claimed on disk
+                saved = save_state(store, state, before, claim)
+                after = saved.text
+                agreement.flush(saved)  # offers go out once their generations are claimed on disk
         result = UpResult(desired=desired, changes=changes, seconds=time.monotonic() - started,
                         host_link=desired.host.kind if desired.host else "none",
                         messages=client.messages_sent, notes=notes, vpp_pid=pid,
@@ -723,8 +714,10 @@ class Session:
             if self.secrecy is not None:  # (again) with a new VPP: punt and tell peers
                 pid = system.vpp_pid(self._client)  # asked once: up() takes it too
                 self.secrecy.attach(self._client, view, pid, reconnected=reconnected)
+            agreement = self.secrecy if self.secrecy is not None else \
+                NoAgreement(self.options.clock)
             result = up(self.options, api=self._client, view=view,
-                        reconciler=self._reconciler, full=full, secrecy=self.secrecy,
+                        reconciler=self._reconciler, full=full, agreement=agreement,
                         vpp_pid=pid, counters=self.counters, quiet=self._quiet,
                         **up_options)
             if full and self.options.cni_state_dir is not None:

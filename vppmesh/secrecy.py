@@ -47,9 +47,8 @@ import os
 import select
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
-from types import MappingProxyType
 from typing import TYPE_CHECKING
 
 from vppmesh.channel import messages as m
@@ -60,7 +59,9 @@ from vppmesh.clock import AgentClock, TimestampFile, Timestamps
 from vppmesh.config import MeshSettings
 from vppmesh.epochs import WINDOW, GenerationState, PeerGenerations, PeerSaid
 from vppmesh.errors import VppMeshError
+from vppmesh.keying.agreement import Agreement, Claim
 from vppmesh.keys import SaKey, derive_sa_key_ephemeral, psk_id, public_key_b64, spi_for
+from vppmesh.nat import ported_view, saved_ports
 from vppmesh.state import GATEWAY_TAG, sa_id_for
 from vppmesh.underlay import NAT_T_PORT
 from vppmesh.view import AgreedKeys, PeerView
@@ -352,7 +353,7 @@ def _grew(counts: Mapping[int, int], before: Mapping[int, int]) -> bool:
     return any(n > before.get(sa, 0) for sa, n in counts.items())
 
 
-class Secrecy:
+class Secrecy(Agreement):
     """One agent's channel and key book (see the module)."""
 
     def __init__(self, socket_path: Path, *, state_dir: Path | None = None,
@@ -378,8 +379,6 @@ class Secrecy:
         self._agreed_path: dict[int, str] = {}  # the path of each peer's last agreement
         self._stated: dict[tuple[int, str], int] = {}
         self._asked: dict[int, frozenset[int]] = {}  # lost inbound generations, asked for
-        # Outbound agreed keys retired by applied(), (key, salt): the ledger forgets them.
-        self.retired: list[tuple[bytes, int]] = []
         self._outbox: list[s.Output] = []
         self._announce: int | None = None  # the boot id of a restart not yet announced
         self.unavailable: str | None = None  # why there is no channel (told once)
@@ -833,22 +832,23 @@ class Secrecy:
         schedule takes over rather than wait for it forever."""
         return peer in channel.peers() and channel.established(peer, self.clock())
 
-    def claim(self, state: GenerationState, wants: Mapping[str, int]) -> None:
-        """Before the state is saved: generations about to be offered are marked agreed,
-        so none of them is ever used with its static key."""
+    def _mark(self, state: GenerationState, wants: Mapping[str, int]) -> None:
         for name, g in wants.items():
             pg = state.peers[name]
             if g not in pg.ephemeral_out:
                 pg.ephemeral_out.append(g)
 
-    def applied(self, view: LocalView, state: GenerationState, wants: Mapping[str, int],
-                installed: Mapping[str, tuple[int, ...]]) -> None:
+    def applied(self, claim: Claim, view: LocalView, state: GenerationState,
+                installed: Mapping[str, tuple[int, ...]]) -> list[tuple[bytes, int]]:
         """After a successful run (VPP holds the plan), before the state is saved:
         record the inbound generations installed with agreed keys, retire what is gone,
-        and queue (flush() sends) the states and offers for the peers.
+        and queue (flush() sends) the states and offers of `claim` for the peers.
 
-        `installed`: the inbound generations the run installed, per peer.
+        `installed`: the inbound generations the run installed, per peer. Returns the
+        outbound agreed keys retired, (key, salt): the ledger forgets them.
         """
+        wants = claim.wants
+        retired: list[tuple[bytes, int]] = []
         channel = self.channel
         now = self.clock()
         if self.endpoint is not None:  # the channel's path inside the tunnels (endpoint.py)
@@ -871,7 +871,7 @@ class Secrecy:
                 channel.accept_generations(number, pg.in_base, WINDOW)
             for (_, outbound, g), keys in self.book.retire(peer, pg):
                 if outbound:
-                    self.retired += [(k.key.get_secret_value(), k.salt) for k in keys]
+                    retired += [(k.key.get_secret_value(), k.salt) for k in keys]
                 if live:
                     assert channel is not None
                     channel.retire_generation(number, g, outbound=outbound)
@@ -901,6 +901,7 @@ class Secrecy:
             if want is not None and self.book.keys(number, True, want) is None and \
                     not channel.offering(number, want):
                 self._outbox.append(channel.start_generation(now, number, want))
+        return retired
 
     def _tunnel_usable(self, view: LocalView, state: GenerationState,
                        installed: Mapping[str, tuple[int, ...]]) -> frozenset[int]:
@@ -919,9 +920,9 @@ class Secrecy:
                 usable.append(number)
         return frozenset(usable)
 
-    def flush(self) -> None:
-        """Send what applied() queued (after the generation state is saved), after a
-        restart of VPP first its announcement."""
+    def _send(self) -> None:
+        """Send what applied() queued (flush(): after the generation state is saved),
+        after a restart of VPP first its announcement."""
         outbox, self._outbox = self._outbox, []
         if self.endpoint is None:
             return
@@ -1023,46 +1024,6 @@ class Secrecy:
         if channel is None:
             return set()
         return {p.name for p in view.peers if self._live(channel, p.node.node_number)}
-
-
-def saved_ports(view: LocalView, state: GenerationState) -> dict[int, tuple[int, ...]]:
-    """Per peer behind NAT (node number), the ports its NAT maps its tunnels' ESP to as
-    an agent learned them (the generation file's `nat_ports`): a one-shot `up` sends
-    there too."""
-    count = view.settings.tunnels_per_peer
-    found = {}
-    for peer in view.peers:
-        pg = state.peers.get(peer.name)
-        if peer.path.udp_encap and peer.node.nat is not None and pg is not None and \
-                len(pg.nat_ports) == count:
-            found[peer.node.node_number] = tuple(pg.nat_ports)
-    return found
-
-
-def ported_view(view: LocalView, ports: Mapping[int, tuple[int, ...]],
-                known: dict[int, tuple[PeerView, tuple[int, ...], PeerView]] | None = None,
-                ) -> LocalView:
-    """`view` whose path to each peer in `ports` (node number -> port per tunnel) sends
-    its ESP in UDP to those ports; `known` keeps the peer views made before (plan()
-    caches on them)."""
-    if not ports:
-        return view
-    known = known if known is not None else {}
-    peers = []
-    for peer in view.peers:
-        number = peer.node.node_number
-        wanted = ports.get(number)
-        if wanted is None or not peer.path.udp_encap:
-            peers.append(peer)
-            continue
-        made = known.get(number)
-        if made is None or made[0] is not peer or made[1] != wanted:
-            made = (peer, wanted, PeerView(node=peer.node, secret=peer.secret,
-                                           path=replace(peer.path, udp_dst_ports=wanted)))
-            known[number] = made
-        peers.append(made[2])
-    return replace(view, peers=tuple(peers),
-                   by_name=MappingProxyType({p.name: p for p in peers}))
 
 
 def channel_address(peer: PeerView) -> tuple[str, int]:
