@@ -23,9 +23,9 @@ from typer.testing import CliRunner
 
 from vppmesh import control
 from vppmesh.control import Control, request
-from vppmesh.epochs import GenerationStore
 from vppmesh.errors import VppMeshError
 from vppmesh.keying.agreement import NoAgreement
+from vppmesh.keying.epochs import GenerationStore
 from vppmesh.node import up
 from vppmesh.testing.agents import Agents, short_tmp, static_keys
 
@@ -299,7 +299,7 @@ def test_control_malformed_requests_are_answered_with_an_error(
 def test_control_a_request_without_a_run_is_answered_at_its_timeout() -> None:
     directory = short_tmp()
     store = GenerationStore(directory, "n")
-    from vppmesh.epochs import GenerationState, PeerGenerations
+    from vppmesh.keying.epochs import GenerationState, PeerGenerations
 
     store.save(GenerationState(peers={"p": PeerGenerations(
         public_key="k", out=4, out_since=0, floor=4, in_base=4)}))

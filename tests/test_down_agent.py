@@ -33,9 +33,9 @@ from vppmesh import node as agent
 from vppmesh.cli import app
 from vppmesh.config import dump_mesh
 from vppmesh.control import Control, request
-from vppmesh.epochs import GenerationStore
 from vppmesh.errors import VppUnavailableError
 from vppmesh.keying.agreement import NoAgreement
+from vppmesh.keying.epochs import GenerationStore
 from vppmesh.keys import private_key_b64, write_secret_file
 from vppmesh.testing.agents import short_tmp
 from vppmesh.testing.fake_vpp import FakeVpp

@@ -26,7 +26,9 @@ from vppmesh.channel.noise import public_bytes
 from vppmesh.channel.transport import build_packet
 from vppmesh.clock import TimestampFile
 from vppmesh.config import MeshSettings, dump_mesh
-from vppmesh.epochs import (
+from vppmesh.errors import VppMeshError
+from vppmesh.keying.book import KeyBook
+from vppmesh.keying.epochs import (
     WINDOW,
     GenerationState,
     PeerObservation,
@@ -35,7 +37,7 @@ from vppmesh.epochs import (
     initial,
     schedule,
 )
-from vppmesh.errors import VppMeshError
+from vppmesh.keying.observe import observe_keys
 from vppmesh.keys import (
     NodeSecrets,
     load_secrets,
@@ -44,8 +46,8 @@ from vppmesh.keys import (
     write_secret_file,
 )
 from vppmesh.ledger import KeyLedger
-from vppmesh.node import UpResult, observe_keys
-from vppmesh.secrecy import KEY_VOUCH_WAIT, KeyBook
+from vppmesh.node import UpResult
+from vppmesh.secrecy import KEY_VOUCH_WAIT
 from vppmesh.state import SA_DIRECTION_BIT, sa_peer
 from vppmesh.testing.agents import Agents, Pair, fresh, never, short_tmp, static_keys
 from vppmesh.testing.fake_punt import PuntRelay, punted

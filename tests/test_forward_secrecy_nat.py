@@ -25,8 +25,8 @@ from vppmesh.channel import messages as m
 from vppmesh.channel import transport as t
 from vppmesh.channel.endpoint import TUNNEL, UNDERLAY
 from vppmesh.config import Mesh, NatSettings, dump_mesh
-from vppmesh.epochs import GenerationState, PeerGenerations
 from vppmesh.keying.agreement import NoAgreement
+from vppmesh.keying.epochs import GenerationState, PeerGenerations
 from vppmesh.secrecy import NAT_KEEPALIVE_INTERVAL, Secrecy
 from vppmesh.state import SA_DIRECTION_BIT, SaSpec, sa_id_for, sa_peer
 from vppmesh.testing.agents import Agents
@@ -309,7 +309,7 @@ def test_forward_secrecy_nat_one_shot_up_sends_to_the_saved_port(pair: Pair,
     """`up --watch` runs a one-shot `up` before its agent starts, and `vppmesh rekey` is
     one: neither has a channel, so both take the port an agent saved."""
     from vppmesh.config import dump_mesh
-    from vppmesh.epochs import GenerationStore
+    from vppmesh.keying.epochs import GenerationStore
     from vppmesh.keys import private_key_b64, write_secret_file
     from vppmesh.node import NodeOptions, up
 

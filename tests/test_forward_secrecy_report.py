@@ -16,11 +16,11 @@ from typer.testing import CliRunner, Result
 
 from vppmesh.cli import app
 from vppmesh.config import dump_mesh
-from vppmesh.epochs import GenerationStore
 from vppmesh.keying.agreement import NoAgreement
+from vppmesh.keying.epochs import GenerationStore
+from vppmesh.keying.pairs import PairSecrecy
 from vppmesh.keys import private_key_b64, write_secret_file
 from vppmesh.node import NodeOptions, up
-from vppmesh.secrecy import PairSecrecy
 from vppmesh.status import keys_kind, secrecy_summary
 from vppmesh.testing.fake_vpp import FakeVpp
 from vppmesh.testing.meshes import make_mesh

@@ -246,7 +246,7 @@ def test_key_rotation_files_and_keygen_rotate(tmp_path: Path) -> None:
 
 
 def test_key_rotation_status_line_names_the_pairs_on_the_previous_key() -> None:
-    from vppmesh.secrecy import PairSecrecy
+    from vppmesh.keying.pairs import PairSecrecy
 
     pairs = {name: PairSecrecy(outbound=True, inbound=True, generation=1, key_since=0.0,
                                channel_key=key)

@@ -17,8 +17,8 @@ from typing import Any
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
-from vppmesh.epochs import GenerationState, PeerGenerations
 from vppmesh.errors import ConfigError
+from vppmesh.keying.epochs import GenerationState, PeerGenerations
 from vppmesh.metrics import (
     AgentMetrics,
     MeshCollector,

@@ -58,8 +58,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from vppmesh.epochs import WINDOW, GenerationStore, request_rekey
 from vppmesh.errors import VppMeshError
+from vppmesh.keying.epochs import WINDOW, GenerationStore, request_rekey
 
 if TYPE_CHECKING:
     from vppmesh.node import NodeOptions, UpResult

@@ -49,10 +49,10 @@ from vppmesh.channel.endpoint import PATHS
 from vppmesh.channel.messages import Drop
 from vppmesh.cni.reattach import PodReport
 from vppmesh.config import Mesh
-from vppmesh.epochs import GenerationState
 from vppmesh.errors import ConfigError, VppUnavailableError
+from vppmesh.keying.epochs import GenerationState
+from vppmesh.keying.pairs import pair_secrecy
 from vppmesh.reconcile import gc_paused
-from vppmesh.secrecy import pair_secrecy
 from vppmesh.status import NodeStatus
 from vppmesh.vpp.client import VppApi
 from vppmesh.vpp.stats import StatsReader

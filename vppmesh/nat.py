@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 from vppmesh.view import PeerView
 
 if TYPE_CHECKING:
-    from vppmesh.epochs import GenerationState
+    from vppmesh.keying.epochs import GenerationState
     from vppmesh.view import LocalView
 
 

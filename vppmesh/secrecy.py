@@ -41,7 +41,6 @@ poll, not at the next keepalive.
 from __future__ import annotations
 
 import base64
-import itertools
 import logging
 import os
 import select
@@ -56,22 +55,22 @@ from vppmesh.channel import session as s
 from vppmesh.channel.endpoint import PATHS, PORT, UNDERLAY, ChannelEndpoint
 from vppmesh.channel.transport import PuntTransport
 from vppmesh.clock import AgentClock, TimestampFile, Timestamps
-from vppmesh.config import MeshSettings
-from vppmesh.epochs import WINDOW, GenerationState, PeerGenerations, PeerSaid
 from vppmesh.errors import VppMeshError
 from vppmesh.keying.agreement import Agreement, Claim
-from vppmesh.keys import SaKey, derive_sa_key_ephemeral, psk_id, public_key_b64, spi_for
+from vppmesh.keying.book import KeyBook
+from vppmesh.keying.epochs import WINDOW, GenerationState, PeerSaid
+from vppmesh.keys import psk_id, public_key_b64
 from vppmesh.nat import ported_view, saved_ports
-from vppmesh.state import GATEWAY_TAG, sa_id_for
+from vppmesh.state import GATEWAY_TAG
 from vppmesh.underlay import NAT_T_PORT
-from vppmesh.view import AgreedKeys, PeerView
+from vppmesh.view import PeerView
 from vppmesh.vpp import interfaces, punt
 
 if TYPE_CHECKING:
     from vppmesh.channel.messages import Address
     from vppmesh.view import LocalView
     from vppmesh.vpp.client import Request, VppApi
-    from vppmesh.vpp.ipsec import SaDetails, SaState
+    from vppmesh.vpp.ipsec import SaState
 
 log = logging.getLogger("vppmesh")
 
@@ -81,7 +80,6 @@ CHANNEL_SOCKET = "vppmesh-channel.sock"
 # more (net.unix.max_dgram_qlen is 10 by default): every peer answering at once fits.
 DGRAM_QUEUE = 4096
 DGRAM_QLEN = Path("/proc/sys/net/unix/max_dgram_qlen")
-Direction = tuple[int, bool, int]  # (peer node number, outbound, generation)
 # RFC 3948's keepalive period: below the 30 s in which Linux's conntrack forgets a UDP
 # flow that saw no reply (most home routers keep theirs longer).
 NAT_KEEPALIVE_INTERVAL = 20.0
@@ -106,70 +104,6 @@ class _Heard:
     restarted: bool = False
 
 
-@dataclass(frozen=True)
-class PairSecrecy:
-    """Whether a pair runs on agreed (forward-secret) keys, each way: the generation
-    this node sends on, and the one the peer's traffic arrives on; and what makes a
-    stalled agreement visible: the outbound generation and since when it is used, since
-    when the next one is being agreed, and since when (and why) the pair is stopped."""
-
-    outbound: bool
-    inbound: bool
-    generation: int | None = None
-    key_since: float | None = None
-    agreeing_since: float | None = None
-    stopped_since: float | None = None
-    stopped_why: str | None = None
-    channel_psk: str | None = None  # "ROLE ID" of the channel session's PSK (None: none)
-    channel_key: str | None = None  # the role of this node's key it uses (None: none)
-    channel_path: str | None = None  # the path of the last agreement (endpoint.py)
-
-    @property
-    def forward_secret(self) -> bool:
-        return self.outbound and self.inbound
-
-    def problems(self, settings: MeshSettings, now: float) -> list[str]:
-        """What keeps this pair from being forward secret within its window now."""
-        found = []
-        if self.stopped_since is not None:
-            found.append(f"stopped for {max(0.0, now - self.stopped_since):.0f} s "
-                         f"({self.stopped_why}): no key may be used, its traffic is dropped")
-        if self.agreeing_since is not None:
-            found.append(f"agreement of the next key pending for "
-                         f"{max(0.0, now - self.agreeing_since):.0f} s")
-        window = forward_secrecy_window(settings)
-        if self.outbound and self.key_since is not None and self.stopped_since is None \
-                and now - self.key_since > window:
-            found.append(f"agreed key {self.generation} is {now - self.key_since:.0f} s old, "
-                         f"beyond the forward-secrecy window ({window:.0f} s)")
-        return found
-
-
-def forward_secrecy_window(settings: MeshSettings) -> float:
-    """How long one agreed key may serve before its pair counts as stalled: the rekey
-    period (at half of key_max_seconds when rekey_interval is 0), the receiver's grace,
-    and a minute of round trips and poll periods."""
-    period = settings.rekey_interval or settings.key_max_seconds / 2
-    return period + settings.rekey_grace + 60.0
-
-
-def pair_secrecy(state: GenerationState, peers: Iterable[str]) -> dict[str, PairSecrecy]:
-    """Per peer, from the generation state alone (so `status` reads it from the file)."""
-    found = {}
-    for name in peers:
-        pg = state.peers.get(name)
-        if pg is None:
-            continue
-        arriving = pg.in_seen if pg.in_seen is not None else pg.in_base
-        found[name] = PairSecrecy(outbound=pg.out in pg.ephemeral_out,
-                                  inbound=arriving in pg.ephemeral_in, generation=pg.out,
-                                  key_since=pg.out_since, agreeing_since=pg.agreeing_since,
-                                  stopped_since=pg.stopped_since, stopped_why=pg.stopped_why,
-                                  channel_psk=pg.channel_psk, channel_key=pg.channel_key,
-                                  channel_path=pg.channel_path)
-    return found
-
-
 def raise_dgram_queue(minimum: int = DGRAM_QUEUE) -> None:
     """Let a unix datagram socket queue `minimum` datagrams (a node-wide sysctl; only
     raised, never lowered). Best effort: without it a burst is dropped and retried."""
@@ -178,127 +112,6 @@ def raise_dgram_queue(minimum: int = DGRAM_QUEUE) -> None:
             DGRAM_QLEN.write_text(str(minimum))
     except (OSError, ValueError) as exc:
         log.debug("cannot raise %s: %s", DGRAM_QLEN, exc)
-
-
-class KeyBook:
-    """SA keys of agreed generations, in memory only (see the module): derived from the
-    ephemeral secrets the channel agrees, or adopted from VPP by an agent that restarted
-    without them (and by a one-shot `up`, which has no channel)."""
-
-    def __init__(self) -> None:
-        # peer node number -> (outbound, generation) -> the key of each tunnel
-        self._keys: dict[int, dict[tuple[bool, int], tuple[SaKey, ...]]] = {}
-        self._revision: dict[int, int] = {}
-        self._revisions = itertools.count(1)  # never repeats: plan() caches on it
-        self._agreed: dict[int, AgreedKeys] = {}
-        # How to derive each peer's keys: (local name, peer name, static PSK, pair
-        # secret, tunnels), from the last run's view.
-        self._derive: dict[int, tuple[str, str, bytes, bytes, int]] = {}
-
-    def prepare(self, view: LocalView, state: GenerationState,
-                sas: Mapping[int, SaDetails]) -> None:
-        """Before a run's schedule: remember how to derive each peer's keys, and adopt
-        the keys VPP holds for agreed generations this book lacks."""
-        count = view.settings.tunnels_per_peer
-        psk = view.secrets.static_psk
-        self._derive = {p.node.node_number: (view.name, p.name, psk, p.secret, count)
-                        for p in view.peers}
-        me = view.node.node_number
-        for peer in view.peers:
-            pg = state.peers.get(peer.name)
-            if pg is None or pg.public_key != peer.node.public_key:
-                continue
-            number = peer.node.node_number
-            for outbound, generations in ((True, pg.ephemeral_out), (False, pg.ephemeral_in)):
-                for g in generations:
-                    if (outbound, g) in self._keys.get(number, {}):
-                        continue
-                    sender = me if outbound else number
-                    held = [sas.get(sa_id_for("out" if outbound else "in", number, t, g,
-                                              agreed=True)) for t in range(count)]
-                    if all(sa is not None and sa.spec.spi == spi_for(sender, t, g)
-                           for t, sa in enumerate(held)):
-                        self._keys.setdefault(number, {})[(outbound, g)] = tuple(
-                            SaKey(key=sa.spec.key, salt=sa.spec.salt)
-                            for sa in held if sa is not None)
-                        self._changed(number)
-
-    def add(self, peer: int, generation: int, outbound: bool, secret: bytes,
-            psk: bytes | None = None, shared: bytes | None = None) -> bool:
-        """Derive one direction's keys of `generation` from its ephemeral secret, under
-        `psk` and `shared`: the PSK and the pair secret of the static keys of the channel
-        session it was agreed on (None: the static ones). During a node key rotation a
-        session may run on either key of the rotating node: both ends derive with the
-        pair secret of the keys that session authenticated."""
-        derive = self._derive.get(peer)
-        if derive is None:
-            return False  # a peer that left meanwhile
-        local, remote, static_psk, static_shared, count = derive
-        psk = static_psk if psk is None else psk
-        shared = static_shared if shared is None else shared
-        sender, receiver = (local, remote) if outbound else (remote, local)
-        self._keys.setdefault(peer, {})[(outbound, generation)] = tuple(
-            derive_sa_key_ephemeral(shared, secret, psk, sender=sender, receiver=receiver,
-                                    tunnel=t, epoch=generation) for t in range(count))
-        self._changed(peer)
-        return True
-
-    def keys(self, peer: int, outbound: bool, generation: int) -> tuple[SaKey, ...] | None:
-        return self._keys.get(peer, {}).get((outbound, generation))
-
-    def key(self, view: LocalView, peer: PeerView, pg: PeerGenerations | None, *,
-            outbound: bool, tunnel: int, generation: int) -> SaKey | None:
-        """The key of one SA: agreed (or adopted); None for a generation marked agreed
-        that nobody holds; else the static schedule's."""
-        keys = self.keys(peer.node.node_number, outbound, generation)
-        if keys is not None:
-            return keys[tunnel]
-        if pg is not None and generation in (pg.ephemeral_out if outbound
-                                             else pg.ephemeral_in):
-            return None
-        return view.sa_key(peer, outbound=outbound, tunnel=tunnel, epoch=generation)
-
-    def outbound(self, peer: int) -> frozenset[int]:
-        """Our outbound generations towards `peer` whose keys are held."""
-        return frozenset(g for outbound, g in self._keys.get(peer, {}) if outbound)
-
-    def agreed(self, peer: PeerView) -> AgreedKeys | None:
-        """The peer's keys that are not the static schedule's (None: it has none)."""
-        number = peer.node.node_number
-        found = self._agreed.get(number)
-        if found is None:
-            keys = {(outbound, t, g): key
-                    for (outbound, g), keys in self._keys.get(number, {}).items()
-                    for t, key in enumerate(keys)}
-            if not keys:
-                return None
-            found = self._agreed[number] = AgreedKeys(self._revision[number], keys)
-        return found
-
-    def retire(self, peer: PeerView, pg: PeerGenerations,
-               ) -> list[tuple[Direction, tuple[SaKey, ...]]]:
-        """Drop the keys of generations that are gone: outbound below the one sent on,
-        inbound below the window. Returns what was dropped (the ledger forgets it)."""
-        number = peer.node.node_number
-        held = self._keys.get(number)
-        if not held:
-            return []
-        retired = [(outbound, g) for outbound, g in held
-                   if g < (pg.out if outbound else pg.in_base)]
-        dropped = [((number, outbound, g), held.pop((outbound, g))) for outbound, g in retired]
-        if retired:
-            self._changed(number)
-            peer.planned.clear()  # plan()'s cached objects hold the retired keys
-        return dropped
-
-    def forget(self, number: int) -> None:
-        self._keys.pop(number, None)
-        self._agreed.pop(number, None)
-        self._revision.pop(number, None)
-
-    def _changed(self, peer: int) -> None:
-        self._revision[peer] = next(self._revisions)
-        self._agreed.pop(peer, None)
 
 
 class FlowWatch:

@@ -20,11 +20,11 @@ from collections.abc import Callable, Mapping
 from types import MappingProxyType
 from typing import TYPE_CHECKING, final
 
+from vppmesh.keying.book import KeyBook
 from vppmesh.nat import ported_view, saved_ports
 
 if TYPE_CHECKING:
-    from vppmesh.epochs import GenerationState, GenerationStore, PeerSaid
-    from vppmesh.secrecy import KeyBook
+    from vppmesh.keying.epochs import GenerationState, GenerationStore, PeerSaid
     from vppmesh.view import LocalView
     from vppmesh.vpp.ipsec import SaState
 
@@ -141,7 +141,5 @@ class NoAgreement(Agreement):
     settles = True
 
     def __init__(self, clock: Callable[[], float]) -> None:
-        from vppmesh.secrecy import KeyBook
-
         self.clock = clock
         self.book = KeyBook()

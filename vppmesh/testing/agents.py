@@ -11,8 +11,8 @@ from pathlib import Path
 
 from vppmesh.clock import AgentClock
 from vppmesh.config import dump_mesh
-from vppmesh.epochs import GenerationState, PeerGenerations
 from vppmesh.keying.agreement import NoAgreement
+from vppmesh.keying.epochs import GenerationState, PeerGenerations
 from vppmesh.keys import private_key_b64, spi_for, write_secret_file
 from vppmesh.node import NodeOptions, Session, UpResult, channel_socket, up
 from vppmesh.secrecy import Secrecy
