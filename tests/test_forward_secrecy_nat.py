@@ -27,7 +27,8 @@ from vppmesh.channel.endpoint import TUNNEL, UNDERLAY
 from vppmesh.config import Mesh, NatSettings, dump_mesh
 from vppmesh.keying.agreement import NoAgreement
 from vppmesh.keying.epochs import GenerationState, PeerGenerations
-from vppmesh.secrecy import NAT_KEEPALIVE_INTERVAL, Secrecy
+from vppmesh.nat import NAT_KEEPALIVE_INTERVAL
+from vppmesh.secrecy import Secrecy
 from vppmesh.state import SA_DIRECTION_BIT, SaSpec, sa_id_for, sa_peer
 from vppmesh.testing.agents import Agents
 from vppmesh.testing.fake_punt import Relayed, punted
@@ -115,7 +116,7 @@ class Pair:
 
     def learned(self, n: int, state: GenerationState | None = None) -> LocalView:
         """node n's view for a run: with the ports its agent learned."""
-        return self.agents[n].learned_view(self.views[n], state or GenerationState())
+        return self.agents[n].nat.learned_view(self.views[n], state or GenerationState())
 
     def relay(self) -> int:
         """Move what each agent wrote to its "VPP" across the underlay and the NAT."""
@@ -184,12 +185,12 @@ def pair(tmp_path: Path) -> Iterator[Pair]:
 def test_forward_secrecy_nat_peer_learns_the_port_the_nat_chose(pair: Pair) -> None:
     one, two = pair.agents[1], pair.agents[2]
     wanted = pair.run(3.0)
-    assert one.established(pair.views[1]) == {"node2"}
-    assert two.established(pair.views[2]) == {"node1"}
+    assert one.agreement.established(pair.views[1]) == {"node2"}
+    assert two.agreement.established(pair.views[2]) == {"node1"}
     assert wanted
     # node1 reaches node2 where the NAT maps node2's 4500, not at its record's port:
     # tunnel 0's mapping from the channel, tunnel 1's from node2's probe on that flow.
-    assert one.learned == {2: {0: 23456, 1: 24456}} and two.learned == {}
+    assert one.nat.learned == {2: {0: 23456, 1: 24456}} and two.nat.learned == {}
     assert one.channel is not None and one.channel.endpoint(2) == (PUBLIC, 23456)
     learned = pair.learned(1)
     path = learned.peer("node2").path
@@ -222,17 +223,17 @@ def test_forward_secrecy_nat_a_new_mapping_is_followed(
     two.endpoint.send(pair.clock[0], 1, m.Keepalive())
     assert pair.relay() == 1
     assert one.service() is True  # the SAs towards node2 must follow: a run is due
-    assert one.learned == {2: {0: 27001, 1: 24456}}
+    assert one.nat.learned == {2: {0: 27001, 1: 24456}}
     pair.run(NAT_KEEPALIVE_INTERVAL)  # tunnel 1's probe comes with the next keepalives
-    assert one.learned == {2: {0: 27001, 1: 28001}}
+    assert one.nat.learned == {2: {0: 27001, 1: 28001}}
     path = pair.learned(1).peer("node2").path
     assert [path.dst_port(i) for i in (0, 1)] == [27001, 28001]
-    assert one.established(pair.views[1]) == {"node2"}
+    assert one.agreement.established(pair.views[1]) == {"node2"}
     # Learning is for peers behind NAT, at their public address, for their tunnels only.
-    assert not two.learn(1, "10.0.0.17", 40000) and two.learned == {}
-    assert not one.learn(2, "192.0.2.99", 40000) and not one.learn(2, PUBLIC, 40000, 2)
-    assert one.learn(2, PUBLIC, NAT_T_PORT) and one.learned == {2: {1: 28001}}
-    assert one.learn(2, PUBLIC, NAT_T_PORT, 1) and one.learned == {}  # the record's
+    assert not two.nat.learn(1, "10.0.0.17", 40000) and two.nat.learned == {}
+    assert not one.nat.learn(2, "192.0.2.99", 40000) and not one.nat.learn(2, PUBLIC, 40000, 2)
+    assert one.nat.learn(2, PUBLIC, NAT_T_PORT) and one.nat.learned == {2: {1: 28001}}
+    assert one.nat.learn(2, PUBLIC, NAT_T_PORT, 1) and one.nat.learned == {}  # the record's
     assert pair.learned(1) is pair.views[1]
 
 
@@ -281,7 +282,7 @@ def test_forward_secrecy_nat_a_restarted_agent_sends_where_the_last_one_learned(
     one = pair.agents[1]
     pair.run(3.0)
     state = generations(pair.views[1])
-    one.applied(one.claim(state, {}), pair.learned(1, state), state, {})
+    one.agreement.applied(one.agreement.claim(state, {}), pair.learned(1, state), state, {})
     assert state.peers["node2"].nat_ports == [23456, 24456]  # saved with the generations
     # node1's agent restarts: nothing learned in memory, node2's session is stale.
     one.close()
@@ -295,12 +296,12 @@ def test_forward_secrecy_nat_a_restarted_agent_sends_where_the_last_one_learned(
     assert again.channel.endpoint(2) == (PUBLIC, 23456)
     dropped = pair.nat.dropped
     pair.run(1.0)
-    assert again.established(pair.views[1]) == {"node2"}  # its handshake got through
+    assert again.agreement.established(pair.views[1]) == {"node2"}  # its handshake got through
     assert pair.nat.dropped == dropped
     # Taken once: a later move back to the record's port is not undone by the file.
-    assert again.learn(2, PUBLIC, NAT_T_PORT) and again.learn(2, PUBLIC, NAT_T_PORT, 1)
+    assert again.nat.learn(2, PUBLIC, NAT_T_PORT) and again.nat.learn(2, PUBLIC, NAT_T_PORT, 1)
     assert pair.learned(1, state) is pair.views[1]
-    again.applied(again.claim(state, {}), pair.views[1], state, {})
+    again.agreement.applied(again.agreement.claim(state, {}), pair.views[1], state, {})
     assert state.peers["node2"].nat_ports == []
 
 
@@ -396,12 +397,12 @@ def test_forward_secrecy_nat_lost_mappings_are_probed_within_one_poll(
     caplog.set_level(logging.INFO, logger="vppmesh")
     one, two = pair.agents[1], pair.agents[2]
     pair.run(3.0)
-    assert one.learned == {2: {0: 23456, 1: 24456}}
+    assert one.nat.learned == {2: {0: 23456, 1: 24456}}
     sent = received = 1000
 
     def poll(node: int, out: int, back: int, peer: int) -> list[int]:
         pair.clock[0] += 2.0  # the agent's poll
-        probed = pair.agents[node].watch_flows(*sa_counts(peer, out, back))
+        probed = pair.agents[node].nat.watch_flows(*sa_counts(peer, out, back))
         pair.relay()
         one.service()
         return probed
@@ -416,10 +417,10 @@ def test_forward_secrecy_nat_lost_mappings_are_probed_within_one_poll(
     # The control: the channel alone, over a poll, tells node1 nothing (its keepalive is
     # KEEPALIVE_AFTER away, tunnel 1's probe NAT_KEEPALIVE_INTERVAL).
     pair.run(2.0)
-    assert one.learned == {2: {0: 23456, 1: 24456}}
+    assert one.nat.learned == {2: {0: 23456, 1: 24456}}
     sent += 200  # node2 sends; node1's replies die at the NAT
     assert poll(2, sent, received, 1) == [1]
-    assert one.learned == {2: {0: 27001, 1: 28001}}  # both tunnels' new mappings
+    assert one.nat.learned == {2: {0: 27001, 1: 28001}}  # both tunnels' new mappings
     assert one.channel is not None and one.channel.endpoint(2) == (PUBLIC, 27001)
     probes = [d for d in pair.nat.delivered[before:] if d[0] == 2 and d[3] != t.NAT_KEEPALIVE]
     assert {d[1] for d in probes} == {(PUBLIC, 27001), (PUBLIC, 28001)}
@@ -433,7 +434,7 @@ def test_forward_secrecy_nat_lost_mappings_are_probed_within_one_poll(
     # An early run (the channel asked for one) is too short a window to judge.
     sent += 10
     pair.clock[0] += 0.5
-    assert two.watch_flows(*sa_counts(1, sent, received)) == []
+    assert two.nat.watch_flows(*sa_counts(1, sent, received)) == []
     # Traffic one-way by nature (node2 streams, nothing answers): probed at once and
     # then backing off to one round per NAT_KEEPALIVE_INTERVAL.
     rounds = []
@@ -447,7 +448,7 @@ def test_forward_secrecy_nat_lost_mappings_are_probed_within_one_poll(
     quiet = len(pair.nat.delivered)
     for n in range(3):
         pair.clock[0] += 2.0
-        assert one.watch_flows(*sa_counts(2, 5000 + 200 * n, 0)) == []
+        assert one.nat.watch_flows(*sa_counts(2, 5000 + 200 * n, 0)) == []
     assert one.counters()["nat_probes"] == 0
     assert all(d[0] == 2 for d in pair.nat.delivered[quiet:])
 

@@ -84,6 +84,7 @@ def test_keying_an_offer_waits_for_the_saved_claim(agents: Agents) -> None:
     nothing, so an agent that crashes before the save never offered the generation."""
     agents.until(agents.forward_secret, "both pairs on agreed keys")
     secrecy = agents.secrecy["node1"]
+    agreement = secrecy.agreement
     session = agents.sessions["node1"]
     store = agents.options["node1"].generations
     view = session.view()
@@ -91,16 +92,16 @@ def test_keying_an_offer_waits_for_the_saved_claim(agents: Agents) -> None:
         state = store.load()
         before = store.loaded_text(state)
         want = state.peers["node2"].out + 1
-        claim = secrecy.claim(state, {"node2": want})
+        claim = agreement.claim(state, {"node2": want})
         assert want in state.peers["node2"].ephemeral_out
-        secrecy.applied(claim, view, state, {})
+        agreement.applied(claim, view, state, {})
         assert secrecy.endpoint is not None
         sent = secrecy.endpoint.transport.sent
         with pytest.raises(UnsavedClaim):
-            secrecy.flush(claim)  # type: ignore[arg-type]
+            agreement.flush(claim)  # type: ignore[arg-type]
         assert secrecy.endpoint.transport.sent == sent  # the offer did not leave
         assert want not in GenerationStore(store.path.parent, "node1").load() \
             .peers["node2"].ephemeral_out
-        secrecy.flush(save_state(store, state, before, claim))
+        agreement.flush(save_state(store, state, before, claim))
     assert secrecy.endpoint.transport.sent > sent  # the KeyInit, once claimed on disk
     assert want in GenerationStore(store.path.parent, "node1").load().peers["node2"].ephemeral_out

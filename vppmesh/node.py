@@ -12,7 +12,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from vppmesh import engines, guard, preflight
 from vppmesh import host as linux
@@ -31,7 +31,6 @@ from vppmesh.keys import load_secrets
 from vppmesh.ledger import KeyLedger
 from vppmesh.plan import HostOptions, drop_routes, plan_by_peer
 from vppmesh.reconcile import Change, Reconciler, gc_paused, reconcile
-from vppmesh.secrecy import Secrecy
 from vppmesh.state import DesiredState
 from vppmesh.teardown import teardown
 from vppmesh.uplink import UplinkSpec
@@ -39,6 +38,9 @@ from vppmesh.view import AgreedKeys, LocalView, build_view
 from vppmesh.vpp import interfaces, ipsec, system
 from vppmesh.vpp.client import DEFAULT_API_SOCKET, VppApi, VppClient
 from vppmesh.vpp.stats import SaCounters
+
+if TYPE_CHECKING:
+    from vppmesh.secrecy import Secrecy
 
 HostLinkKind = Literal["auto", "tap", "af_packet", "none"]
 log = logging.getLogger("vppmesh")
@@ -266,7 +268,7 @@ def up(options: NodeOptions, *, dry_run: bool = False, api: VppApi | None = None
     built before anything else, so every input is checked before the host or VPP is
     touched. The generation file is read and written under its lock, so `vppmesh rekey`
     and a running `up --watch` never choose generations from a stale copy. `agreement`
-    (keying/agreement.py) is the agents' channel of a long-running agent (Secrecy) or
+    (keying/agreement.py) is the agents' channel of a long-running agent (Secrecy's) or
     NoAgreement (a one-shot run: static keys). A long-running agent passes `vpp_pid`
     when it already asked VPP for it (one round trip less per run), its `counters` (the
     stats segment's SA counters: read_key_sas) and its `quiet` runs (QuietRuns: a run
@@ -379,7 +381,8 @@ def up(options: NodeOptions, *, dry_run: bool = False, api: VppApi | None = None
             else:
                 retired = agreement.applied(claim, view, state,
                                             {name: k.inbound for name, k in keying.items()})
-                ledger.forget(retired)  # their SAs are gone: nothing can install them
+                if retired:  # their SAs are gone: nothing can install them
+                    ledger.forget(retired)
                 saved = save_state(store, state, before, claim)
                 after = saved.text
                 agreement.flush(saved)  # offers go out once their generations are claimed on disk
@@ -436,14 +439,6 @@ class MeshSource(Protocol):
     def mesh(self, *, fresh: bool = False) -> Mesh:
         """The mesh now; `fresh`: read it again even if it looks unchanged."""
         ...
-
-
-def channel_socket(options: NodeOptions) -> Path:
-    """The agent's end of VPP's punt socket: beside VPP's API socket, a directory that
-    VPP and the agent share wherever they run (host, containers)."""
-    from vppmesh.secrecy import CHANNEL_SOCKET
-
-    return options.api_socket.parent / CHANNEL_SOCKET
 
 
 def file_signature(path: Path) -> tuple[int, int, int] | None:
@@ -567,11 +562,11 @@ class Session:
             self._last_full = None
         try:
             pid = None
+            agreement: Agreement = NoAgreement(self.options.clock)  # static keys
             if self.secrecy is not None:  # (again) with a new VPP: punt and tell peers
                 pid = system.vpp_pid(self._client)  # asked once: up() takes it too
                 self.secrecy.attach(self._client, view, pid, reconnected=reconnected)
-            agreement = self.secrecy if self.secrecy is not None else \
-                NoAgreement(self.options.clock)
+                agreement = self.secrecy.agreement
             result = up(self.options, api=self._client, view=view,
                         reconciler=self._reconciler, full=full, agreement=agreement,
                         vpp_pid=pid, counters=self.counters, quiet=self._quiet,

@@ -27,7 +27,7 @@ from vppmesh.errors import (
     VppMeshError,
     VppUnavailableError,
 )
-from vppmesh.secrecy import Secrecy
+from vppmesh.secrecy import Secrecy, channel_socket
 from vppmesh.vpp.stats import SaCounters
 
 if TYPE_CHECKING:
@@ -404,7 +404,7 @@ def agent_loop(opts: agent.NodeOptions, *, source: agent.MeshSource | None = Non
     the datastore's membership): the agents' channel (Secrecy), the SA counters of the
     stats segment (idle runs dump no SA), the Session that runs the pipeline and the loop
     that steps it. `source` None is the mesh file."""
-    secrecy = Secrecy(agent.channel_socket(opts), state_dir=opts.state_dir, clock=opts.clock)
+    secrecy = Secrecy(channel_socket(opts), state_dir=opts.state_dir, clock=opts.clock)
     counters = SaCounters(stats_socket) if stats_socket is not None else None
     session = agent.Session(opts, source=source, connect=connect, secrecy=secrecy,
                             counters=counters)

@@ -4,7 +4,7 @@ A run (node.up) goes down one way: view -> keying decision -> plan -> reconcile 
 commit. Its agreement says what the peers said, which of this node's generations are
 offered, and after the reconcile what VPP now holds; `NoAgreement` (a one-shot `up`,
 or an agent without the channel) says nothing and keys follow the static schedule, the
-agents' channel (secrecy.Secrecy) agrees ephemeral keys.
+agents' channel (channel_agreement.ChannelAgreement) agrees ephemeral keys.
 
 Nonces stay safe only if a generation about to be offered is marked agreed on disk
 before any peer hears of it: an agent that restarts after the offer must never install

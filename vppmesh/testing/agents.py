@@ -14,8 +14,8 @@ from vppmesh.config import dump_mesh
 from vppmesh.keying.agreement import NoAgreement
 from vppmesh.keying.epochs import GenerationState, PeerGenerations
 from vppmesh.keys import private_key_b64, spi_for, write_secret_file
-from vppmesh.node import NodeOptions, Session, UpResult, channel_socket, up
-from vppmesh.secrecy import Secrecy
+from vppmesh.node import NodeOptions, Session, UpResult, up
+from vppmesh.secrecy import Secrecy, channel_socket
 from vppmesh.state import SA_DIRECTION_BIT, sa_peer
 from vppmesh.testing.fake_punt import PuntRelay
 from vppmesh.testing.fake_vpp import FakeVpp
