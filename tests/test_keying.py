@@ -105,3 +105,29 @@ def test_keying_an_offer_waits_for_the_saved_claim(agents: Agents) -> None:
         agreement.flush(save_state(store, state, before, claim))
     assert secrecy.endpoint.transport.sent > sent  # the KeyInit, once claimed on disk
     assert want in GenerationStore(store.path.parent, "node1").load().peers["node2"].ephemeral_out
+
+
+def test_keying_a_run_whose_save_fails_tells_no_peer(agents: Agents,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """The disk refuses the generation file (full, read-only) in a rekey run: the run
+    fails and not one datagram leaves, so no peer holds an offer of a generation the
+    file does not claim; the next run offers it."""
+    agents.until(lambda: agents.slid(1), "both pairs agreed and slid")
+    endpoint = agents.secrecy["node1"].endpoint
+    assert endpoint is not None
+    sent = endpoint.transport.sent
+    before = agents.generations("node1").peers["node2"].ephemeral_out
+
+    def full(*_args: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(GenerationStore, "save", full)
+        with pytest.raises(OSError, match="No space"):
+            agents.run("node1", rekey=True)
+    assert endpoint.transport.sent == sent
+    assert agents.generations("node1").peers["node2"].ephemeral_out == before
+    result = agents.run("node1", rekey=True)
+    assert any("agreeing generation 2" in n for n in result.notes), result.notes
+    assert endpoint.transport.sent > sent  # the offer, once claimed on disk
+    assert len(agents.generations("node1").peers["node2"].ephemeral_out) > len(before)
