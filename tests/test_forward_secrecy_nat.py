@@ -171,7 +171,7 @@ def pair(tmp_path: Path) -> Iterator[Pair]:
         fake = FakeVpp()
         fake.punt_socket = str(tmp_path / f"vpp{n}.sock")
         agents[n] = Secrecy(tmp_path / f"agent{n}.sock", clock=lambda: clock[0])
-        agents[n].attach(fake, views[n], 1)
+        agents[n].on_vpp_met(fake, 1, restarted=False, view=views[n])
         assert fake.punt_exceptions == {1: str(tmp_path / f"agent{n}.sock"),
                                         4: str(tmp_path / f"agent{n}.sock")}
     nat = Nat(inside=str(behind.underlay[0].ip),
@@ -289,7 +289,7 @@ def test_forward_secrecy_nat_a_restarted_agent_sends_where_the_last_one_learned(
     fake = FakeVpp()
     fake.punt_socket = str(tmp_path / "vpp1.sock")
     again = pair.agents[1] = Secrecy(tmp_path / "agent1.sock", clock=lambda: pair.clock[0])
-    again.attach(fake, pair.views[1], 2)
+    again.on_vpp_met(fake, 2, restarted=False, view=pair.views[1])
     assert again.channel is not None and again.channel.endpoint(2) == (PUBLIC, NAT_T_PORT)
     path = pair.learned(1, state).peer("node2").path
     assert [path.dst_port(i) for i in (0, 1)] == [23456, 24456]  # not back to the record's

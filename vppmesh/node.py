@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
@@ -240,6 +240,13 @@ class QuietRuns:
     def forget(self) -> None:
         self._settled = None
 
+    def on_vpp_met(self, api: VppApi, pid: int, *, restarted: bool,
+                   view: LocalView) -> None:
+        self.forget()  # the plan reused is the one VPP held
+
+    def on_vpp_gone(self, reason: str) -> None:
+        self.forget()
+
     def unchanged(self, view: LocalView, state: GenerationState, key_sas: KeySas,
                   ledger: KeyLedger, now: float) -> Settled | None:
         """The last settled run, if this run's inputs are exactly its inputs."""
@@ -441,6 +448,25 @@ class MeshSource(Protocol):
         ...
 
 
+class VppHooks(Protocol):
+    """What a part of a long-running agent is told about the VPP it works with: the
+    Session alone decides (Session.run), and tells every hook, in the order given.
+
+    `on_vpp_met`: a VPP not met before answers (the first one, or after a broken
+    connection, or one with a new process id): `restarted` when another VPP was met
+    before, so whatever it held is gone (punt registrations, SAs, counters). `view`: the
+    run's local view. `on_vpp_gone`: the VPP stopped answering (said once per outage,
+    until a run succeeds again; `reason` says why). Implemented by QuietRuns,
+    vpp.stats.SaCounters, secrecy.Secrecy and watch.AgentLoop."""
+
+    def on_vpp_met(self, api: VppApi, pid: int, *, restarted: bool,
+                   view: LocalView) -> None:
+        """A VPP not met before answers (see the class)."""
+
+    def on_vpp_gone(self, reason: str) -> None:
+        """The VPP stopped answering (see the class)."""
+
+
 def file_signature(path: Path) -> tuple[int, int, int] | None:
     try:
         st = path.stat()
@@ -483,6 +509,12 @@ class Session:
     A VPP restart breaks the connection: that run fails with VppUnavailableError and
     the next one reconnects.
 
+    The Session is the one place that decides what happened to VPP: a VPP not met before
+    (a new connection after a broken one, or a new process id) and a VPP gone (a run
+    could not reach it). It tells its `hooks` (VppHooks: the channel, the quiet runs,
+    the SA counters, the loop), each once per event, and forgets what it remembered of
+    the last VPP itself (the reconciler's state: the next run is full).
+
     On those full runs it also re-attaches the CNI plugin's pods that VPP lost (after a
     restart: all of them) and collects the records of pods that are gone
     (vppmesh/cni/reattach.py).
@@ -498,7 +530,8 @@ class Session:
     def __init__(self, options: NodeOptions, *, full_every: float = FULL_EVERY_SECONDS,
                  connect: Callable[[], VppApi] | None = None,
                  source: MeshSource | None = None, secrecy: Secrecy | None = None,
-                 counters: SaCounters | None = None) -> None:
+                 counters: SaCounters | None = None,
+                 hooks: Iterable[VppHooks] = ()) -> None:
         self.options = options
         self.secrecy = secrecy
         self.counters = counters
@@ -510,8 +543,18 @@ class Session:
         self._last_full: float | None = None
         self._view: LocalView | None = None
         self._secrets_seen: tuple[tuple[int, int, int] | None, ...] = ()
-        self._connected = False  # a connection was made before (the next is a reconnect)
         self._quiet = QuietRuns()  # runs with nothing new reuse the last plan
+        self._pid: int | None = None  # the VPP met last (None: none met yet)
+        self._met = False  # the connection's VPP was told to the hooks
+        self._gone = False  # VPP's absence was told (until a run succeeds)
+        # Told of VPPs met and gone, in this order: what the Session keeps first, then
+        # the channel (punt registration before anyone else acts), then the others.
+        self.hooks: list[VppHooks] = [self._quiet]
+        if counters is not None:
+            self.hooks.append(counters)
+        if secrecy is not None:
+            self.hooks.append(secrecy)
+        self.hooks += hooks
 
     def view(self, *, fresh: bool = False) -> LocalView:
         """The local view of the source's mesh now: the last one while the mesh and the
@@ -550,22 +593,19 @@ class Session:
             started - self._last_full >= self.full_every
         with gc_paused():  # a large mesh's records and view allocate as much as a dump
             view = self.view(fresh=full)  # a refused input stops the run before VPP
-        reconnected = False
-        if self._client is None:
-            reconnected = self._connected
-            self._client = self._connect()
-            self._connected = True
-            self._reconciler = Reconciler(self._client)
-            # A new connection (VPP restarted) runs full until one full run succeeds: the
-            # first may fail before the host has given VPP its uplink back, and only full
-            # runs re-attach the pods VPP lost.
-            self._last_full = None
         try:
-            pid = None
+            if self._client is None:
+                self._client = self._connect()
+                self._met = False
+            pid = system.vpp_pid(self._client)  # asked once: up() takes it too
+            if not self._met or pid != self._pid:
+                if not full:  # a new pid on this connection: read everything again too
+                    full = True
+                    view = self.view(fresh=True)
+                self._vpp_met(self._client, pid, view)
             agreement: Agreement = NoAgreement(self.options.clock)  # static keys
-            if self.secrecy is not None:  # (again) with a new VPP: punt and tell peers
-                pid = system.vpp_pid(self._client)  # asked once: up() takes it too
-                self.secrecy.attach(self._client, view, pid, reconnected=reconnected)
+            if self.secrecy is not None:  # the view's peers, this VPP's gateway
+                self.secrecy.attach(self._client, view)
                 agreement = self.secrecy.agreement
             result = up(self.options, api=self._client, view=view,
                         reconciler=self._reconciler, full=full, agreement=agreement,
@@ -574,12 +614,35 @@ class Session:
             if full and self.options.cni_state_dir is not None:
                 result.pod_report = reattach(self._client, self.options.cni_state_dir,
                                              self.options.cni_path)
-        except VppUnavailableError:
+        except VppUnavailableError as exc:
             self.close()
+            self._vpp_gone(str(exc))
             raise
+        self._gone = False
         if full:
             self._last_full = started
         return result
+
+    def _vpp_met(self, client: VppApi, pid: int, view: LocalView) -> None:
+        """A VPP not met before (a new connection, or a new pid on this one): start from
+        nothing of the last one's (the run is full) and tell the hooks."""
+        restarted = self._pid is not None
+        self._pid, self._met = pid, True
+        self._reconciler = Reconciler(client)
+        # A VPP met runs full until one full run succeeds: the first may fail before the
+        # host has given VPP its uplink back, and only full runs re-attach the pods VPP
+        # lost.
+        self._last_full = None
+        for hook in self.hooks:
+            hook.on_vpp_met(client, pid, restarted=restarted, view=view)
+
+    def _vpp_gone(self, reason: str) -> None:
+        """VPP did not answer: the hooks are told once, until a run succeeds."""
+        if self._gone:
+            return
+        self._gone = True
+        for hook in self.hooks:
+            hook.on_vpp_gone(reason)
 
     @property
     def client(self) -> VppApi | None:

@@ -2,11 +2,11 @@
 datagrams, timers and events, run by the agent loop.
 
 A long-running agent (watch.AgentLoop, through node.Session) keeps one `Secrecy`. It
-registers VPP's punt socket for the channel's port when it meets a VPP (again after a
-restart, announcing the restart to every peer), follows the mesh's peers, and between
-runs services the channel: datagrams in, timers, events. What they mean for keys is
-its agreement's (keying/channel_agreement.py, the run's Agreement); what they mean for
-peers behind NAT is its NAT learning's (nat.py).
+registers VPP's punt socket for the channel's port when the Session meets a VPP
+(on_vpp_met; again after a restart, announcing the restart to every peer), follows
+the mesh's peers, and between runs services the channel: datagrams in, timers,
+events. What they mean for keys is its agreement's (keying/channel_agreement.py, the
+run's Agreement); what they mean for peers behind NAT is its NAT learning's (nat.py).
 """
 
 from __future__ import annotations
@@ -79,7 +79,6 @@ class Secrecy:
         self._stamps: tuple[Timestamps, TimestampFile | None] | None = None
         self._saved_marks: dict[int, int] = {}  # the peers' timestamp marks on disk
         self.endpoint: ChannelEndpoint | None = None
-        self._pid: int | None = None  # the VPP the punt registration is for
         self._configs: dict[int, s.PeerConfig] = {}
         self._followed: LocalView | None = None
         self.unavailable: str | None = None  # why there is no channel (told once)
@@ -105,46 +104,50 @@ class Secrecy:
             channel.established(peer, self.clock())
 
     # ---- VPP and the mesh ------------------------------------------------------------
-    def attach(self, api: VppApi, view: LocalView, vpp_pid: int, *,
-               reconnected: bool = False) -> None:
-        """Meet the VPP at `api` (process `vpp_pid`; `reconnected`: the connection broke
-        since the last run, so this is another VPP whatever its pid): register the punt
-        socket when it is a VPP not met before, announce a restart, follow the peers."""
-        if vpp_pid != self._pid or reconnected:
-            restarted = self._pid is not None
-            self._pid = vpp_pid  # asked once per VPP: a refusal holds until it restarts
-            boot_id = self._boot_id(vpp_pid, fresh=restarted)
-            try:
-                replies = api.call_many([punt.register(PORT, False, self.socket_path),
-                                         punt.register(PORT, True, self.socket_path),
-                                         *self._esp_flow_registrations(api)])
-            except VppMeshError as exc:
-                if self.unavailable is None:
-                    log.warning("no channel between agents (keys stay on the static "
-                                "schedule, without forward secrecy): %s; VPP needs "
-                                "`punt { socket ... }` in its startup.conf "
-                                "(vppmesh render-startup)", exc)
-                self.unavailable = str(exc)
-                return
-            self.unavailable = None
-            vpp_socket = Path(str(replies[0].pathname))
-            if self.endpoint is None or self.endpoint.transport.vpp_path != vpp_socket:
-                if self.endpoint is not None:
-                    self.endpoint.transport.close()
-                raise_dgram_queue()
-                transport = PuntTransport(self.socket_path, vpp_socket)
-                timestamps, marks = self._handshakes(view.name)
-                channel = s.Channel(view.node.node_number, view.secrets, [],
-                                    boot_id=boot_id, timestamps=timestamps,
-                                    timestamp_marks=marks)
-                self.endpoint = ChannelEndpoint(channel, transport, {})
-                self._configs = {}
-                self.agreement.new_channel()
-                self._followed = None
-            elif restarted:
-                self.agreement.announce(boot_id)  # told once this VPP holds the mesh
+    def on_vpp_met(self, api: VppApi, pid: int, *, restarted: bool,
+                   view: LocalView) -> None:
+        """node.VppHooks: a VPP not met before answers at `api` (process `pid`;
+        `restarted`: another VPP was met before, so this node's peers are told). Register
+        the punt socket (asked once per VPP: a refusal holds until the next one), keep
+        or make the boot id, then attach."""
+        boot_id = self._boot_id(pid, fresh=restarted)
+        try:
+            replies = api.call_many([punt.register(PORT, False, self.socket_path),
+                                     punt.register(PORT, True, self.socket_path),
+                                     *self._esp_flow_registrations(api)])
+        except VppMeshError as exc:
+            if self.unavailable is None:
+                log.warning("no channel between agents (keys stay on the static "
+                            "schedule, without forward secrecy): %s; VPP needs "
+                            "`punt { socket ... }` in its startup.conf "
+                            "(vppmesh render-startup)", exc)
+            self.unavailable = str(exc)
+            return
+        self.unavailable = None
+        vpp_socket = Path(str(replies[0].pathname))
+        if self.endpoint is None or self.endpoint.transport.vpp_path != vpp_socket:
             if self.endpoint is not None:
-                self.endpoint.tunnel_sw_if_index = None  # this VPP's gateway: found below
+                self.endpoint.transport.close()
+            raise_dgram_queue()
+            transport = PuntTransport(self.socket_path, vpp_socket)
+            timestamps, marks = self._handshakes(view.name)
+            channel = s.Channel(view.node.node_number, view.secrets, [],
+                                boot_id=boot_id, timestamps=timestamps,
+                                timestamp_marks=marks)
+            self.endpoint = ChannelEndpoint(channel, transport, {})
+            self._configs = {}
+            self.agreement.new_channel()
+            self._followed = None
+        elif restarted:
+            self.agreement.announce(boot_id)  # told once this VPP holds the mesh
+        self.endpoint.tunnel_sw_if_index = None  # this VPP's gateway: found by attach
+        self.attach(api, view)
+
+    def on_vpp_gone(self, reason: str) -> None:
+        """node.VppHooks: nothing to do; the channel's socket stays (VPP comes back)."""
+
+    def attach(self, api: VppApi, view: LocalView) -> None:
+        """Every run: the VPP's gateway loopback until it is found, the view's peers."""
         if self.endpoint is not None and self.endpoint.tunnel_sw_if_index is None:
             self.endpoint.tunnel_sw_if_index = gateway_index(api)
         self.follow(view)
@@ -282,7 +285,7 @@ class Secrecy:
         self.save_marks(closing=True)
         if self.endpoint is not None:
             self.endpoint.transport.close()
-        self.endpoint, self._pid = None, None
+        self.endpoint = None
 
     # ---- between runs --------------------------------------------------------------
     def wait(self, timeout: float) -> bool:
