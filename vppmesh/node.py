@@ -230,8 +230,10 @@ class QuietRuns:
 
     Key limits hold exactly as before: any SA counter that moved, or any time rule
     reached, makes the run a full decision (packets are compared exactly, not against a
-    threshold), and a run with the agents' channel (whose peers speak at any time) or
-    a full, dry or rekey run never skips anything.
+    threshold); with the agents' channel, only a run after which nothing happened on
+    it (ChannelAgreement.settles: no key event, no NAT port learned, no session made,
+    changed or expired, no offer open, no restart to announce) skips; a full, dry or
+    rekey run never skips anything.
     """
 
     def __init__(self) -> None:
@@ -380,6 +382,7 @@ def up(options: NodeOptions, *, dry_run: bool = False, api: VppApi | None = None
                              reconciler=reconciler, full=full, by_peer=by_peer,
                              sas=key_sas.dumped, unchanged=settled is not None)
             if settled is not None:
+                agreement.quiet()
                 return replace(settled.result, changes=changes, notes=notes, vpp_pid=pid,
                                seconds=time.monotonic() - started,
                                messages=client.messages_sent, mesh=view.mesh)

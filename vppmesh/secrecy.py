@@ -317,15 +317,16 @@ class Secrecy:
 
     def _event(self, now: float, event: s.Event) -> bool:
         match event:
-            case s.HandshakeComplete():
+            case s.HandshakeComplete(peer=peer):
                 self.nat.handshake_complete(now)
+                self.agreement.session_made(now, peer)
                 # No run for it: sessions rekey every 2 minutes (8 a second at 1000
                 # peers); a pair on static keys moves to agreed ones at the next poll.
                 return False
             case s.EndpointChanged(peer=peer, endpoint=(host, port)):
-                return self.nat.learn(peer, host, port)
+                return self.agreement.learned(self.nat.learn(peer, host, port))
             case s.FlowSeen(peer=peer, tunnel=tunnel, source=(host, port)):
-                return self.nat.learn(peer, host, port, tunnel)
+                return self.agreement.learned(self.nat.learn(peer, host, port, tunnel))
         return self.agreement.heard(now, event)
 
     # ---- reporting -------------------------------------------------------------------

@@ -75,10 +75,14 @@ class Agreement:
     book: KeyBook  # the SA keys of agreed generations (adopted from VPP without the channel)
     clock: Callable[[], float]  # the node's clock: the run's `now`
 
-    # Whether a run with nothing new may reuse the last plan (node.QuietRuns): not with
-    # the channel, whose peers may speak at any time.
+    # Whether nothing the agreement knows of happened since its last run, so that a run
+    # whose other inputs are unchanged may reuse the last plan (node.QuietRuns).
     settles: bool = False
     _claim: Claim | None = None
+
+    def quiet(self) -> None:
+        """A run that reused the last plan (node.QuietRuns): nothing is claimed, applied
+        or sent; keep what must be kept on every run anyway."""
 
     def follow_keys(self, view: LocalView, state: GenerationState) -> None:
         """A peer's public key changed: keep the agreed keys it vouches for."""

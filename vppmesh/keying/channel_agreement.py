@@ -67,11 +67,69 @@ class ChannelAgreement(Agreement):
         # current key) it still holds (s.PreviousKeyHeld; follow_keys).
         self._vouched: dict[int, bytes] = {}
         self.unvouched = 0  # peers' agreed keys dropped for want of a vouch (follow_keys)
+        # What `settles` compares: something happened since the last run that applied
+        # (a key event, a NAT port learned, a session made or changed); per peer live
+        # then, the roles (PSK, key) of its session; when the first of those sessions
+        # expires; whether an offer was open; whether a vouch for an old key is awaited.
+        self._news = True
+        self._sessions: dict[int, tuple[str | None, str | None]] = {}
+        self._live_until = float("-inf")
+        self._open = False
+        self._vouch_pending = False
+
+    @property
+    def settles(self) -> bool:  # type: ignore[override]
+        """Nothing happened on the channel since the last run that applied, that run's
+        outcome stands (node.QuietRuns compares the rest: view, generations, SAs and
+        their counters, ledger, the generations' time rules). Every input of the key
+        decision the channel feeds is covered: what the peers said, the keys agreed and
+        vouched for (events: `heard`), the ports their NATs map to (`learned`), which
+        peers have a live session and on which PSK and key (`session_made`; expiry by
+        time: `_live_until`), the offers whose answers or renewals the timers bring
+        (`_open`), a restart still to announce and a vouch still awaited (time rule)."""
+        return not (self._news or self._open or self._vouch_pending or self._outbox
+                    or self._announce is not None or self._claim is not None
+                    or self.clock() >= self._live_until)
+
+    def learned(self, changed: bool) -> bool:
+        """A NAT port learned (NatLearning.learn's answer): when the SAs change, news."""
+        self._news |= changed
+        return changed
+
+    def session_made(self, now: float, peer: int) -> None:
+        """A handshake completed: news unless the peer was live at the last run with a
+        session of the same PSK and key (the sessions' 2-minute renewals change nothing
+        a run decides)."""
+        channel = self.link.channel
+        if channel is None or self._sessions.get(peer) != (
+                channel.session_psk(peer, now), channel.session_key(peer, now)):
+            self._news = True
+
+    def _remember(self, view: LocalView) -> None:
+        """After a run that applied: what `settles` compares the channel with."""
+        channel = self.link.channel
+        now = self.clock()
+        sessions: dict[int, tuple[str | None, str | None]] = {}
+        until = float("inf")
+        if channel is not None:
+            known = set(channel.peers())
+            for peer in view.peers:
+                number = peer.node.node_number
+                if number in known and channel.established(number, now):
+                    sessions[number] = (channel.session_psk(number, now),
+                                        channel.session_key(number, now))
+                    expires = channel.usable_until(number)
+                    if expires is not None:
+                        until = min(until, expires)
+        self._sessions, self._live_until = sessions, until
+        self._open = channel is not None and channel.keying_open()
+        self._news = False
 
     # ---- what the channel tells ------------------------------------------------------
     def new_channel(self) -> None:
         """A new channel (a new punt socket): nothing stated to the peers on it yet."""
         self._stated, self._announce = {}, None
+        self._news = True
 
     def announce(self, boot_id: int) -> None:
         """VPP restarted: tell every peer's agent, with the next flush (once this VPP
@@ -90,11 +148,15 @@ class ChannelAgreement(Agreement):
         for what in ("installed", "slid", "sending"):
             self._stated.pop((number, what), None)
         self._vouched.pop(number, None)
+        self._news = True
         if gone:
             self.book.forget(number)
 
     def heard(self, now: float, event: s.Event) -> bool:
         """An event of the channel about keys; True when it needs a run."""
+        if isinstance(event, (s.GenerationKeyed, s.PreviousKeyHeld, s.PeerAcked,
+                              s.PeerRestarted)):
+            self._news = True  # the next run decides again (settles)
         match event:
             case s.GenerationKeyed(peer=peer, generation=g, outbound=outbound, secret=secret,
                                    psk=psk, shared=shared):
@@ -222,6 +284,7 @@ class ChannelAgreement(Agreement):
             if want is not None and self.book.keys(number, True, want) is None and \
                     not channel.offering(number, want):
                 self._outbox.append(channel.start_generation(now, number, want))
+        self._remember(view)
         return retired
 
     def _tunnel_usable(self, view: LocalView, state: GenerationState,
@@ -255,6 +318,10 @@ class ChannelAgreement(Agreement):
         for out in outbox:
             endpoint.emit(out)
         self.link.save_marks()  # handshakes accepted since the last run: at most one write
+
+    def quiet(self) -> None:
+        """A quiet run sends nothing, but keeps the handshake marks as every run does."""
+        self.link.save_marks()
 
     # ---- reporting -------------------------------------------------------------------
     def session_key(self, peer: int) -> str | None:
@@ -313,6 +380,9 @@ class ChannelAgreement(Agreement):
             self.book.forget(number)
             self.unvouched += 1
             pg.public_key = ""  # epochs.schedule starts the pair afresh
+        # A vouch still awaited ends by time (KEY_VOUCH_WAIT): no run may be skipped.
+        self._vouch_pending = any(pg.previous_public_key is not None
+                                  for pg in state.peers.values())
 
     def session_psk(self, view: LocalView, peer: int) -> str | None:
         """"ROLE ID" of the PSK the peer's live session runs on (None: no session)."""
