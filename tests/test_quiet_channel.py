@@ -1,7 +1,7 @@
 """Quiet runs with the agents' channel: an idle agent reuses its last run (node.QuietRuns)
 only while nothing happened on the channel (ChannelAgreement.settles), so a quiet run
 never hides what a full run would act on: a peer's KeyInit, a rotation's answers held
-back by an attacker, a NAT port learned."""
+back by an attacker, a NAT port learned, a session expired while its peer fell silent."""
 
 from __future__ import annotations
 
@@ -160,5 +160,34 @@ def test_a_nat_port_learned_between_polls_is_applied(decisions: list[int]) -> No
         agents.settle()
         agents.until(lambda: 23456 in outbound_ports(), "node1's ESP goes to the new port",
                      steps=6)
+    finally:
+        agents.close()
+
+
+def test_a_session_that_expires_between_polls_makes_the_next_run_decide(
+        decisions: list[int]) -> None:
+    """node2's agent falls silent (an attacker drops all it says): node1's session with
+    it expires (REJECT_AFTER) with no event at all. No time rule of the generations falls
+    there, yet node1's first run after the expiry decides again (the peer's word no
+    longer counts), where a quiet run would go on using what it said."""
+    agents = Agents(2, counters=True)
+    try:
+        quiet(agents, decisions)
+        channel = agents.secrecy["node1"].channel
+        assert channel is not None
+        expires = channel.usable_until(agents.number("node2"))
+        assert expires is not None
+        agents.relay.lose = lambda relayed: relayed.sender == "node2"
+        decided = []
+        while agents.clock.now < expires + 4:
+            before = len(decisions)
+            agents.run("node1")
+            decided.append((agents.clock.now >= expires, len(decisions) > before))
+            agents.settle()
+            agents.clock.now += 2.0
+        first_after = next(made for expired, made in decided if expired)
+        assert first_after  # the first run after the expiry decided
+        assert agents.secrecy["node1"].agreement.established(
+            agents.sessions["node1"].view()) == set()
     finally:
         agents.close()
