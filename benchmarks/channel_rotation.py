@@ -354,7 +354,7 @@ def rotation_steps(api: Any, reconciler: Any, view: Any, host: Any, keying: dict
     """One pair's rotation through `reconciler`, step by step: (wall, CPU, messages,
     plan CPU) of each. `keying` and `agreed` are updated in place."""
     from benchmarks.controlplane import timed_cpu
-    from vppmesh.epochs import PeerKeying
+    from vppmesh.keying.epochs import PeerKeying
     from vppmesh.plan import plan_by_peer
     from vppmesh.view import AgreedKeys
 
@@ -394,7 +394,7 @@ def measure_vpp(peers: int, tunnels: int, rounds: int, prefix: str, base_dir: Pa
     run of the agent at that size (see the module)."""
     from benchmarks.controlplane import give_uplink, synthetic_mesh, timed_cpu, with_nodes
     from vppmesh.config import dump_mesh
-    from vppmesh.epochs import PeerKeying
+    from vppmesh.keying.epochs import PeerKeying
     from vppmesh.keys import private_key_b64, write_secret_file
     from vppmesh.lab.testbed import single_vpp
     from vppmesh.node import NodeOptions, Session

@@ -32,7 +32,7 @@ from statistics import median
 
 from prometheus_client import CollectorRegistry, generate_latest
 
-from vppmesh.epochs import GenerationState, PeerGenerations
+from vppmesh.keying.epochs import GenerationState, PeerGenerations
 from vppmesh.metrics import AgentMetrics, MetricsServer, families
 from vppmesh.status import NodeStatus, PeerStatus, SaStatus, TunnelStatus
 

@@ -23,8 +23,9 @@ from typer.testing import CliRunner
 
 from vppmesh import control
 from vppmesh.control import Control, request
-from vppmesh.epochs import GenerationStore
 from vppmesh.errors import VppMeshError
+from vppmesh.keying.agreement import NoAgreement
+from vppmesh.keying.epochs import GenerationStore
 from vppmesh.node import up
 from vppmesh.testing.agents import Agents, short_tmp, static_keys
 
@@ -82,7 +83,8 @@ def test_forward_secrecy_one_shot_rekey_moves_idle_pairs_on_agreed_keys(idle: Ag
     for _ in range(3):
         poll(idle, traffic=(("node1", "node2"), ("node2", "node1")))
     before = {n: outs(idle, n) for n in idle.names}
-    result = up(idle.options["node3"], rekey=True, api=idle.vpp("node3"), now=idle.clock())
+    result = up(idle.options["node3"], rekey=True, api=idle.vpp("node3"), now=idle.clock(),
+                agreement=NoAgreement(idle.options["node3"].clock))
     assert result.rekey_pending == ["node1", "node2"]  # told: left to the agents
     assert all("rekey left to the agents" in n for n in result.notes) and result.notes
     assert outs(idle, "node3") == before["node3"]  # never stepped onto a static key
@@ -297,7 +299,7 @@ def test_control_malformed_requests_are_answered_with_an_error(
 def test_control_a_request_without_a_run_is_answered_at_its_timeout() -> None:
     directory = short_tmp()
     store = GenerationStore(directory, "n")
-    from vppmesh.epochs import GenerationState, PeerGenerations
+    from vppmesh.keying.epochs import GenerationState, PeerGenerations
 
     store.save(GenerationState(peers={"p": PeerGenerations(
         public_key="k", out=4, out_since=0, floor=4, in_base=4)}))

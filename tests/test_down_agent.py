@@ -33,8 +33,9 @@ from vppmesh import node as agent
 from vppmesh.cli import app
 from vppmesh.config import dump_mesh
 from vppmesh.control import Control, request
-from vppmesh.epochs import GenerationStore
 from vppmesh.errors import VppUnavailableError
+from vppmesh.keying.agreement import NoAgreement
+from vppmesh.keying.epochs import GenerationStore
 from vppmesh.keys import private_key_b64, write_secret_file
 from vppmesh.testing.agents import short_tmp
 from vppmesh.testing.fake_vpp import FakeVpp
@@ -89,7 +90,7 @@ class Host:
         self.vpp = FakeVpp.with_uplink(mesh.node("node1").primary)
         self.vpp_up = True
         self.lock = threading.Lock()  # one of the agent's run and a `down` at a time
-        agent.up(self.options, api=self.vpp)
+        agent.up(self.options, api=self.vpp, agreement=NoAgreement(self.options.clock))
         monkeypatch.setattr("vppmesh.node.VppClient", lambda path: SimpleNamespace(
             connect=self.connect))
         monkeypatch.setattr("vppmesh.host.remove_link", lambda name, netns=None: False)
@@ -129,7 +130,8 @@ class Host:
 
             def run(self) -> agent.UpResult:
                 with host.lock:
-                    return agent.up(host.options, api=host.vpp)
+                    return agent.up(host.options, api=host.vpp,
+                                    agreement=NoAgreement(host.options.clock))
 
             def close(self) -> None:
                 pass

@@ -7,13 +7,13 @@ from pathlib import Path
 import pytest
 
 from vppmesh.config import MeshSettings
-from vppmesh.epochs import (
+from vppmesh.errors import ConfigError
+from vppmesh.keying.epochs import (
     WINDOW,
     GenerationStore,
     PeerObservation,
     advance,
 )
-from vppmesh.errors import ConfigError
 from vppmesh.state import SA_DIRECTION_BIT
 from vppmesh.testing.agents import Pair, fresh, never
 

@@ -11,7 +11,8 @@ from pathlib import Path
 
 from vppmesh.clock import boot_id
 from vppmesh.config import MeshSettings
-from vppmesh.epochs import PeerObservation, PeerSaid, advance, age
+from vppmesh.keying.agreement import NoAgreement
+from vppmesh.keying.epochs import PeerObservation, PeerSaid, advance, age
 from vppmesh.node import up
 from vppmesh.testing.agents import Pair, fresh, never
 
@@ -76,7 +77,7 @@ def test_a_one_shot_up_runs_on_the_nodes_clock(tmp_path: Path) -> None:
     anchor it keeps in the state directory for every later process of this boot."""
     pair = Pair(tmp_path)
     before = time.time()
-    up(pair.opts["node1"], api=pair.vpp["node1"])
+    up(pair.opts["node1"], api=pair.vpp["node1"], agreement=NoAgreement(pair.opts["node1"].clock))
     anchor = json.loads((tmp_path / "node1" / "node1.clock.json").read_text())
     assert anchor["boot_id"] == boot_id()
     since = pair.opts["node1"].generations.load().peers["node2"].out_since
@@ -88,7 +89,7 @@ def test_pairs_started_together_rotate_apart_and_never_later_than_the_interval()
     every rekey_interval: a burst of key exchanges and SA changes. Each pair's first
     rotation now falls at its own point of the interval's second half (derived from the
     two public keys: the same on every run), and none comes later than the interval."""
-    from vppmesh.epochs import GenerationState, schedule
+    from vppmesh.keying.epochs import GenerationState, schedule
 
     settings = MeshSettings(rekey_interval=120, rekey_grace=10)
     peers = {f"p{i}": f"key{i}" for i in range(200)}

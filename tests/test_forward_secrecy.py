@@ -26,7 +26,10 @@ from vppmesh.channel.noise import public_bytes
 from vppmesh.channel.transport import build_packet
 from vppmesh.clock import TimestampFile
 from vppmesh.config import MeshSettings, dump_mesh
-from vppmesh.epochs import (
+from vppmesh.errors import VppMeshError
+from vppmesh.keying.book import KeyBook
+from vppmesh.keying.channel_agreement import KEY_VOUCH_WAIT
+from vppmesh.keying.epochs import (
     WINDOW,
     GenerationState,
     PeerObservation,
@@ -35,7 +38,7 @@ from vppmesh.epochs import (
     initial,
     schedule,
 )
-from vppmesh.errors import VppMeshError
+from vppmesh.keying.observe import observe_keys
 from vppmesh.keys import (
     NodeSecrets,
     load_secrets,
@@ -44,8 +47,7 @@ from vppmesh.keys import (
     write_secret_file,
 )
 from vppmesh.ledger import KeyLedger
-from vppmesh.node import UpResult, observe_keys
-from vppmesh.secrecy import KEY_VOUCH_WAIT, KeyBook
+from vppmesh.node import UpResult
 from vppmesh.state import SA_DIRECTION_BIT, sa_peer
 from vppmesh.testing.agents import Agents, Pair, fresh, never, short_tmp, static_keys
 from vppmesh.testing.fake_punt import PuntRelay, punted
@@ -366,7 +368,8 @@ def test_forward_secrecy_retired_generations_leave_no_key_anywhere(agents: Agent
     agents.until(lambda: agents.slid(1), "both pairs agreed and slid")
     sender, receiver = agents.secrecy["node1"], agents.secrecy["node2"]
     assert sender.channel is not None and receiver.channel is not None
-    one = {"sender": sender.book.keys(2, True, 1), "receiver": receiver.book.keys(1, False, 1)}
+    one = {"sender": sender.agreement.book.keys(2, True, 1),
+           "receiver": receiver.agreement.book.keys(1, False, 1)}
     assert one["sender"] == one["receiver"] and one["sender"] is not None
     secret = sender.channel.generation_secret(2, 1, outbound=True)
     assert secret is not None and secret == receiver.channel.generation_secret(1, 1,
@@ -379,7 +382,8 @@ def test_forward_secrecy_retired_generations_leave_no_key_anywhere(agents: Agent
     agents.step()
     assert out_generation(agents, "node1") == {2} and agents.forward_secret()
     # Generation 1 of node1 -> node2 is gone from both books, both channels, both VPPs.
-    assert sender.book.keys(2, True, 1) is None and receiver.book.keys(1, False, 1) is None
+    assert sender.agreement.book.keys(2, True, 1) is None
+    assert receiver.agreement.book.keys(1, False, 1) is None
     assert sender.channel.generation_secret(2, 1, outbound=True) is None
     assert receiver.channel.generation_secret(1, 1, outbound=False) is None
     assert not any(key in spent for key, _ in agents.sas("node1", True).values())
@@ -464,7 +468,7 @@ def test_forward_secrecy_agent_restart_adopts_what_vpp_holds(agents: Agents) -> 
     assert sa_snapshot(agents.vpp("node1")) == held
     assert agents.forward_secret()
     # The adopted keys are the agreed ones, and the pair can still rekey by agreement.
-    assert agents.secrecy["node1"].book.keys(2, True, 1) is not None
+    assert agents.secrecy["node1"].agreement.book.keys(2, True, 1) is not None
     agents.run("node1", rekey=True)
     agents.until(lambda: agents.generations("node2").peers["node1"].in_base == 2,
                  "node2 slid to node1's generation 2")
@@ -480,7 +484,7 @@ def test_forward_secrecy_a_new_public_key_drops_the_keys_agreed_under_the_old_on
     stays in node1's book or VPP."""
     agents.until(lambda: agents.slid(1), "both pairs agreed and slid")
     agents.step()
-    book = agents.secrecy["node1"].book
+    book = agents.secrecy["node1"].agreement.book
     agreed = {k.key.get_secret_value() for o in (True, False) for g in range(16)
               if (keys := book.keys(2, o, g)) is not None for k in keys}
     assert agreed
@@ -496,7 +500,7 @@ def test_forward_secrecy_a_new_public_key_drops_the_keys_agreed_under_the_old_on
         agents.clock.now += 5
         agents.run("node2")
         agents.run("node1")
-    assert agents.secrecy["node1"].unvouched == 1
+    assert agents.secrecy["node1"].agreement.unvouched == 1
     assert not any(book.keys(2, o, g) for o in (True, False) for g in range(16))
     installed = {key for o in (True, False) for key, _ in agents.sas("node1", o, "node2").values()}
     assert installed and not installed & agreed
@@ -575,7 +579,8 @@ def channel_state(agents: Agents, name: str) -> tuple[object, ...]:
     channel = secrecy.channel
     assert channel is not None
     peers = channel.peers()
-    return (dict(secrecy.book._keys), {k: vars(v).copy() for k, v in secrecy._heard.items()},
+    agreement = secrecy.agreement
+    return (dict(agreement.book._keys), {k: vars(v).copy() for k, v in agreement._heard.items()},
             {p: (channel.established(p), channel.endpoint(p), [
                 channel.generation_secret(p, g, outbound=o) for g in range(16)
                 for o in (True, False)]) for p in peers},
@@ -672,7 +677,7 @@ def test_forward_secrecy_preferred_a_peer_whose_agent_stopped_falls_back_to_stat
     assert not result.waiting_peers and not result.blocked_peers  # was: waiting forever
     assert result.downgraded_peers == ["node2"] and not result.stopped_peers
     assert any("leaving agreed keys for the static schedule" in n for n in result.notes)
-    assert agents.secrecy["node1"].said(agents.sessions["node1"].view()) == {}
+    assert agents.secrecy["node1"].agreement.said(agents.sessions["node1"].view()) == {}
     assert out_generation(agents, "node1") == {2}
     assert agents.link_ok("node1", "node2") and agents.link_ok("node2", "node1")
     agents.names = ["node1", "node2"]
@@ -921,7 +926,7 @@ def test_forward_secrecy_a_peer_that_rejoins_gets_keys_its_receivers_hold() -> N
         for _ in range(3):
             agents.step()
         assert not agents.sas("node1", False, "node3")  # its SAs and keys are gone
-        assert agents.secrecy["node1"].book.keys(3, False, 1) is None
+        assert agents.secrecy["node1"].agreement.book.keys(3, False, 1) is None
         agents.mesh_file.write_text(dump_mesh(full))
         agents.names = ["node1", "node2", "node3"]
         agents.until(lambda: all(agents.link_ok(a, b)

@@ -42,11 +42,11 @@ import yaml
 
 from vppmesh.channel import messages as m
 from vppmesh.channel.endpoint import PORT
-from vppmesh.epochs import GenerationStore, PeerGenerations
+from vppmesh.keying.epochs import GenerationStore, PeerGenerations
+from vppmesh.keying.pairs import pair_secrecy
 from vppmesh.keys import spi_for
 from vppmesh.lab.testbed import NodeHandle, Testbed, _uplink_mac, in_ns
 from vppmesh.lab.wallclock import wall_stepped
-from vppmesh.secrecy import pair_secrecy
 from vppmesh.testing import CHANNEL_PACKETS, esp_decrypt, vpp_helpers
 from vppmesh.testing.wait import wait_for
 from vppmesh.vpp import ipsec

@@ -25,8 +25,10 @@ from vppmesh.channel import messages as m
 from vppmesh.channel import transport as t
 from vppmesh.channel.endpoint import TUNNEL, UNDERLAY
 from vppmesh.config import Mesh, NatSettings, dump_mesh
-from vppmesh.epochs import GenerationState, PeerGenerations
-from vppmesh.secrecy import NAT_KEEPALIVE_INTERVAL, Secrecy
+from vppmesh.keying.agreement import NoAgreement
+from vppmesh.keying.epochs import GenerationState, PeerGenerations
+from vppmesh.nat import NAT_KEEPALIVE_INTERVAL
+from vppmesh.secrecy import Secrecy
 from vppmesh.state import SA_DIRECTION_BIT, SaSpec, sa_id_for, sa_peer
 from vppmesh.testing.agents import Agents
 from vppmesh.testing.fake_punt import Relayed, punted
@@ -114,7 +116,7 @@ class Pair:
 
     def learned(self, n: int, state: GenerationState | None = None) -> LocalView:
         """node n's view for a run: with the ports its agent learned."""
-        return self.agents[n].learned_view(self.views[n], state or GenerationState())
+        return self.agents[n].nat.learned_view(self.views[n], state or GenerationState())
 
     def relay(self) -> int:
         """Move what each agent wrote to its "VPP" across the underlay and the NAT."""
@@ -169,7 +171,7 @@ def pair(tmp_path: Path) -> Iterator[Pair]:
         fake = FakeVpp()
         fake.punt_socket = str(tmp_path / f"vpp{n}.sock")
         agents[n] = Secrecy(tmp_path / f"agent{n}.sock", clock=lambda: clock[0])
-        agents[n].attach(fake, views[n], 1)
+        agents[n].on_vpp_met(fake, 1, restarted=False, view=views[n])
         assert fake.punt_exceptions == {1: str(tmp_path / f"agent{n}.sock"),
                                         4: str(tmp_path / f"agent{n}.sock")}
     nat = Nat(inside=str(behind.underlay[0].ip),
@@ -183,12 +185,12 @@ def pair(tmp_path: Path) -> Iterator[Pair]:
 def test_forward_secrecy_nat_peer_learns_the_port_the_nat_chose(pair: Pair) -> None:
     one, two = pair.agents[1], pair.agents[2]
     wanted = pair.run(3.0)
-    assert one.established(pair.views[1]) == {"node2"}
-    assert two.established(pair.views[2]) == {"node1"}
+    assert one.agreement.established(pair.views[1]) == {"node2"}
+    assert two.agreement.established(pair.views[2]) == {"node1"}
     assert wanted
     # node1 reaches node2 where the NAT maps node2's 4500, not at its record's port:
     # tunnel 0's mapping from the channel, tunnel 1's from node2's probe on that flow.
-    assert one.learned == {2: {0: 23456, 1: 24456}} and two.learned == {}
+    assert one.nat.learned == {2: {0: 23456, 1: 24456}} and two.nat.learned == {}
     assert one.channel is not None and one.channel.endpoint(2) == (PUBLIC, 23456)
     learned = pair.learned(1)
     path = learned.peer("node2").path
@@ -221,17 +223,17 @@ def test_forward_secrecy_nat_a_new_mapping_is_followed(
     two.endpoint.send(pair.clock[0], 1, m.Keepalive())
     assert pair.relay() == 1
     assert one.service() is True  # the SAs towards node2 must follow: a run is due
-    assert one.learned == {2: {0: 27001, 1: 24456}}
+    assert one.nat.learned == {2: {0: 27001, 1: 24456}}
     pair.run(NAT_KEEPALIVE_INTERVAL)  # tunnel 1's probe comes with the next keepalives
-    assert one.learned == {2: {0: 27001, 1: 28001}}
+    assert one.nat.learned == {2: {0: 27001, 1: 28001}}
     path = pair.learned(1).peer("node2").path
     assert [path.dst_port(i) for i in (0, 1)] == [27001, 28001]
-    assert one.established(pair.views[1]) == {"node2"}
+    assert one.agreement.established(pair.views[1]) == {"node2"}
     # Learning is for peers behind NAT, at their public address, for their tunnels only.
-    assert not two.learn(1, "10.0.0.17", 40000) and two.learned == {}
-    assert not one.learn(2, "192.0.2.99", 40000) and not one.learn(2, PUBLIC, 40000, 2)
-    assert one.learn(2, PUBLIC, NAT_T_PORT) and one.learned == {2: {1: 28001}}
-    assert one.learn(2, PUBLIC, NAT_T_PORT, 1) and one.learned == {}  # the record's
+    assert not two.nat.learn(1, "10.0.0.17", 40000) and two.nat.learned == {}
+    assert not one.nat.learn(2, "192.0.2.99", 40000) and not one.nat.learn(2, PUBLIC, 40000, 2)
+    assert one.nat.learn(2, PUBLIC, NAT_T_PORT) and one.nat.learned == {2: {1: 28001}}
+    assert one.nat.learn(2, PUBLIC, NAT_T_PORT, 1) and one.nat.learned == {}  # the record's
     assert pair.learned(1) is pair.views[1]
 
 
@@ -280,26 +282,26 @@ def test_forward_secrecy_nat_a_restarted_agent_sends_where_the_last_one_learned(
     one = pair.agents[1]
     pair.run(3.0)
     state = generations(pair.views[1])
-    one.applied(pair.learned(1, state), state, {}, {})
+    one.agreement.applied(one.agreement.claim(state, {}), pair.learned(1, state), state, {})
     assert state.peers["node2"].nat_ports == [23456, 24456]  # saved with the generations
     # node1's agent restarts: nothing learned in memory, node2's session is stale.
     one.close()
     fake = FakeVpp()
     fake.punt_socket = str(tmp_path / "vpp1.sock")
     again = pair.agents[1] = Secrecy(tmp_path / "agent1.sock", clock=lambda: pair.clock[0])
-    again.attach(fake, pair.views[1], 2)
+    again.on_vpp_met(fake, 2, restarted=False, view=pair.views[1])
     assert again.channel is not None and again.channel.endpoint(2) == (PUBLIC, NAT_T_PORT)
     path = pair.learned(1, state).peer("node2").path
     assert [path.dst_port(i) for i in (0, 1)] == [23456, 24456]  # not back to the record's
     assert again.channel.endpoint(2) == (PUBLIC, 23456)
     dropped = pair.nat.dropped
     pair.run(1.0)
-    assert again.established(pair.views[1]) == {"node2"}  # its handshake got through
+    assert again.agreement.established(pair.views[1]) == {"node2"}  # its handshake got through
     assert pair.nat.dropped == dropped
     # Taken once: a later move back to the record's port is not undone by the file.
-    assert again.learn(2, PUBLIC, NAT_T_PORT) and again.learn(2, PUBLIC, NAT_T_PORT, 1)
+    assert again.nat.learn(2, PUBLIC, NAT_T_PORT) and again.nat.learn(2, PUBLIC, NAT_T_PORT, 1)
     assert pair.learned(1, state) is pair.views[1]
-    again.applied(pair.views[1], state, {}, {})
+    again.agreement.applied(again.agreement.claim(state, {}), pair.views[1], state, {})
     assert state.peers["node2"].nat_ports == []
 
 
@@ -308,7 +310,7 @@ def test_forward_secrecy_nat_one_shot_up_sends_to_the_saved_port(pair: Pair,
     """`up --watch` runs a one-shot `up` before its agent starts, and `vppmesh rekey` is
     one: neither has a channel, so both take the port an agent saved."""
     from vppmesh.config import dump_mesh
-    from vppmesh.epochs import GenerationStore
+    from vppmesh.keying.epochs import GenerationStore
     from vppmesh.keys import private_key_b64, write_secret_file
     from vppmesh.node import NodeOptions, up
 
@@ -323,18 +325,18 @@ def test_forward_secrecy_nat_one_shot_up_sends_to_the_saved_port(pair: Pair,
         return {sa["entry"]["udp_dst_port"] for sa_id, sa in vpp.sas.items()
                 if sa_id & SA_DIRECTION_BIT and sa_peer(sa_id) == 2}
 
-    up(options, api=vpp)
+    up(options, api=vpp, agreement=NoAgreement(options.clock))
     assert outbound_ports() == {NAT_T_PORT}  # nothing learned yet: the record's port
     store = GenerationStore(tmp_path / "state", "node1")
     state = store.load()
     state.peers["node2"].nat_ports = [23456, 24456]  # what node1's agent learned
     store.save(state)
     generation = state.peers["node2"].out
-    result = up(options, api=vpp)
+    result = up(options, api=vpp, agreement=NoAgreement(options.clock))
     assert outbound_ports() == {23456, 24456}
     # The SA's encapsulation changed, so its key is not reused: a new generation.
     assert store.load().peers["node2"].out == generation + 1, result.notes
-    up(options, api=vpp)
+    up(options, api=vpp, agreement=NoAgreement(options.clock))
     assert outbound_ports() == {23456, 24456}
     assert store.load().peers["node2"].out == generation + 1
 
@@ -395,12 +397,12 @@ def test_forward_secrecy_nat_lost_mappings_are_probed_within_one_poll(
     caplog.set_level(logging.INFO, logger="vppmesh")
     one, two = pair.agents[1], pair.agents[2]
     pair.run(3.0)
-    assert one.learned == {2: {0: 23456, 1: 24456}}
+    assert one.nat.learned == {2: {0: 23456, 1: 24456}}
     sent = received = 1000
 
     def poll(node: int, out: int, back: int, peer: int) -> list[int]:
         pair.clock[0] += 2.0  # the agent's poll
-        probed = pair.agents[node].watch_flows(*sa_counts(peer, out, back))
+        probed = pair.agents[node].nat.watch_flows(*sa_counts(peer, out, back))
         pair.relay()
         one.service()
         return probed
@@ -415,10 +417,10 @@ def test_forward_secrecy_nat_lost_mappings_are_probed_within_one_poll(
     # The control: the channel alone, over a poll, tells node1 nothing (its keepalive is
     # KEEPALIVE_AFTER away, tunnel 1's probe NAT_KEEPALIVE_INTERVAL).
     pair.run(2.0)
-    assert one.learned == {2: {0: 23456, 1: 24456}}
+    assert one.nat.learned == {2: {0: 23456, 1: 24456}}
     sent += 200  # node2 sends; node1's replies die at the NAT
     assert poll(2, sent, received, 1) == [1]
-    assert one.learned == {2: {0: 27001, 1: 28001}}  # both tunnels' new mappings
+    assert one.nat.learned == {2: {0: 27001, 1: 28001}}  # both tunnels' new mappings
     assert one.channel is not None and one.channel.endpoint(2) == (PUBLIC, 27001)
     probes = [d for d in pair.nat.delivered[before:] if d[0] == 2 and d[3] != t.NAT_KEEPALIVE]
     assert {d[1] for d in probes} == {(PUBLIC, 27001), (PUBLIC, 28001)}
@@ -432,7 +434,7 @@ def test_forward_secrecy_nat_lost_mappings_are_probed_within_one_poll(
     # An early run (the channel asked for one) is too short a window to judge.
     sent += 10
     pair.clock[0] += 0.5
-    assert two.watch_flows(*sa_counts(1, sent, received)) == []
+    assert two.nat.watch_flows(*sa_counts(1, sent, received)) == []
     # Traffic one-way by nature (node2 streams, nothing answers): probed at once and
     # then backing off to one round per NAT_KEEPALIVE_INTERVAL.
     rounds = []
@@ -446,7 +448,7 @@ def test_forward_secrecy_nat_lost_mappings_are_probed_within_one_poll(
     quiet = len(pair.nat.delivered)
     for n in range(3):
         pair.clock[0] += 2.0
-        assert one.watch_flows(*sa_counts(2, 5000 + 200 * n, 0)) == []
+        assert one.nat.watch_flows(*sa_counts(2, 5000 + 200 * n, 0)) == []
     assert one.counters()["nat_probes"] == 0
     assert all(d[0] == 2 for d in pair.nat.delivered[quiet:])
 

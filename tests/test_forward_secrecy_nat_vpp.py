@@ -34,7 +34,7 @@ import pytest
 
 from vppmesh.config import load_mesh
 from vppmesh.lab.testbed import NAT_OUTSIDE, NAT_RANDOM_PORTS, NodeHandle, Testbed, in_ns
-from vppmesh.secrecy import NAT_KEEPALIVE_INTERVAL
+from vppmesh.nat import NAT_KEEPALIVE_INTERVAL
 from vppmesh.testing import vpp_helpers
 from vppmesh.testing.vpp_helpers import all_forward_secret, peer_state
 from vppmesh.testing.wait import wait_for

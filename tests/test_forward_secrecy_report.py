@@ -16,10 +16,11 @@ from typer.testing import CliRunner, Result
 
 from vppmesh.cli import app
 from vppmesh.config import dump_mesh
-from vppmesh.epochs import GenerationStore
+from vppmesh.keying.agreement import NoAgreement
+from vppmesh.keying.epochs import GenerationStore
+from vppmesh.keying.pairs import PairSecrecy
 from vppmesh.keys import private_key_b64, write_secret_file
 from vppmesh.node import NodeOptions, up
-from vppmesh.secrecy import PairSecrecy
 from vppmesh.status import keys_kind, secrecy_summary
 from vppmesh.testing.fake_vpp import FakeVpp
 from vppmesh.testing.meshes import make_mesh
@@ -38,8 +39,9 @@ class Node1:
         write_secret_file(self.key, private_key_b64(secrets["node1"].private_key))
         self.state = tmp / "state"
         self.vpp = FakeVpp.with_uplink(mesh.node("node1").primary)
-        up(NodeOptions(mesh_file=self.mesh_file, node="node1", private_key=self.key,
-                       host_link="none", workers=0, state_dir=self.state), api=self.vpp)
+        options = NodeOptions(mesh_file=self.mesh_file, node="node1", private_key=self.key,
+                              host_link="none", workers=0, state_dir=self.state)
+        up(options, api=self.vpp, agreement=NoAgreement(options.clock))
         self.store = GenerationStore(self.state, "node1")
         # The CLI's connection is the fake (with and without `with`).
         monkeypatch.setattr(FakeVpp, "__enter__", lambda vpp: vpp, raising=False)

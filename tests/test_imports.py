@@ -111,6 +111,18 @@ def test_no_import_cycle_inside_vppmesh() -> None:
     assert cycles(graph) == []
 
 
+def test_a_run_and_the_keying_decision_import_no_channel_io() -> None:
+    """node.up decides keys through an Agreement (keying/agreement.py): node.py and the
+    keying/ package never import the channel's driver and I/O (secrecy.py) nor the
+    channel's sockets, only the channel's sans-IO session (the channel agreement's)."""
+    known = modules()
+    graph = {name: imports(name, path, set(known)) for name, path in known.items()}
+    io = {"vppmesh.secrecy", "vppmesh.channel.transport", "vppmesh.channel.endpoint"}
+    assert "vppmesh.keying.agreement" in graph["vppmesh.node"]  # the walk sees it at all
+    for name in ["vppmesh.node", *(n for n in graph if n.startswith("vppmesh.keying"))]:
+        assert not graph[name] & io, (name, graph[name] & io)
+
+
 def test_the_cycle_finder_finds_a_cycle_through_a_function_level_import(
         tmp_path: Path) -> None:
     graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}

@@ -23,6 +23,7 @@ from vppmesh.channel.noise import public_bytes
 from vppmesh.cli import app
 from vppmesh.config import dump_mesh
 from vppmesh.errors import KeyFileError
+from vppmesh.keying.channel_agreement import KEY_VOUCH_WAIT
 from vppmesh.keys import (
     NodeSecrets,
     key_previous_file,
@@ -32,7 +33,6 @@ from vppmesh.keys import (
     rotate_private_key,
     write_secret_file,
 )
-from vppmesh.secrecy import KEY_VOUCH_WAIT
 from vppmesh.status import key_summary
 from vppmesh.testing.agents import Agents
 
@@ -246,7 +246,7 @@ def test_key_rotation_files_and_keygen_rotate(tmp_path: Path) -> None:
 
 
 def test_key_rotation_status_line_names_the_pairs_on_the_previous_key() -> None:
-    from vppmesh.secrecy import PairSecrecy
+    from vppmesh.keying.pairs import PairSecrecy
 
     pairs = {name: PairSecrecy(outbound=True, inbound=True, generation=1, key_since=0.0,
                                channel_key=key)
@@ -340,7 +340,7 @@ def test_key_rotation_agents_never_lose_a_pair_through_the_procedure() -> None:
         assert agents.forward_secret()
         assert key_roles(agents) == {"current"}
         for name in agents.names:
-            assert agents.secrecy[name].unvouched == 0
+            assert agents.secrecy[name].agreement.unvouched == 0
             channel = agents.secrecy[name].channel
             assert channel is not None and not channel.stats["sessions_key_retired"]
     finally:

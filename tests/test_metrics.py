@@ -17,8 +17,8 @@ from typing import Any
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
-from vppmesh.epochs import GenerationState, PeerGenerations
 from vppmesh.errors import ConfigError
+from vppmesh.keying.epochs import GenerationState, PeerGenerations
 from vppmesh.metrics import (
     AgentMetrics,
     MeshCollector,
@@ -347,13 +347,17 @@ def scripted_session(outcomes: list[Any], ticks: list[float],
     """A stand-in for node.Session under watch.watch_loop: each run takes the next of
     `outcomes` (one named in `failures` raises that error, any other succeeds with
     `pods`), notes its time in `ticks`; the last one ends the loop (KeyboardInterrupt).
+    Like the Session, it tells its hooks once that VPP is gone, until a run succeeds.
     Its Secrecy is never attached: no VPP to punt the channel."""
+    from vppmesh.errors import VppUnavailableError
 
     class ScriptedSession:
         client = None
 
         def __init__(self, options: Any, **kwargs: Any) -> None:
             self.secrecy = kwargs["secrecy"]
+            self.hooks: list[Any] = []
+            self.gone = False
 
         def close(self) -> None:
             pass
@@ -362,7 +366,13 @@ def scripted_session(outcomes: list[Any], ticks: list[float],
             ticks.append(time.monotonic())
             outcome = outcomes.pop(0)
             if outcome in failures:
-                raise failures[outcome]
+                error = failures[outcome]
+                if isinstance(error, VppUnavailableError) and not self.gone:
+                    self.gone = True
+                    for hook in self.hooks:
+                        hook.on_vpp_gone(str(error))
+                raise error
+            self.gone = False
             if not outcomes:
                 raise KeyboardInterrupt  # end of the script
             return SimpleNamespace(vpp_pid=len(ticks), seconds=0.01, changes=[], notes=[],

@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 
 from vppmesh.lab.testbed import NodeHandle, Testbed, in_ns
-from vppmesh.secrecy import NAT_KEEPALIVE_INTERVAL
+from vppmesh.nat import NAT_KEEPALIVE_INTERVAL
 from vppmesh.testing import vpp_helpers
 from vppmesh.testing.vpp_helpers import all_forward_secret
 from vppmesh.testing.wait import wait_for

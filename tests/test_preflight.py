@@ -14,6 +14,7 @@ from vppmesh import node as agent
 from vppmesh import preflight, uplink
 from vppmesh.config import dump_mesh
 from vppmesh.errors import ConfigError
+from vppmesh.keying.agreement import NoAgreement
 from vppmesh.keys import private_key_b64, write_secret_file
 from vppmesh.testing.fake_vpp import FakeVpp
 from vppmesh.testing.meshes import make_mesh
@@ -41,7 +42,8 @@ class Node:
         self.vpp = FakeVpp.with_uplink(self.primary)
 
     def up(self) -> agent.UpResult:
-        return agent.up(self.options, api=self.vpp)  # type: ignore[arg-type]
+        return agent.up(self.options, api=self.vpp,
+                        agreement=NoAgreement(self.options.clock))  # type: ignore[arg-type]
 
 
 def test_up_refuses_an_underlay_address_the_host_holds(tmp_path: Path,

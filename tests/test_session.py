@@ -173,11 +173,21 @@ def test_agent_loop_spaces_channel_runs_by_plain_steps_only(
     script = [(0.5, 1), (0.1, 1), (0.4, 2), (0.3, None), (0.02, 2)]
 
     class FakeSession:
+        """Decides, as the Session does, that a new pid is a restarted VPP."""
+
+        def __init__(self) -> None:
+            self.hooks: list[object] = []
+            self.met: int | None = None
+
         def run(self) -> object:
             seconds, pid = script.pop(0)
             clock.now += seconds
             if pid is None:
                 raise VppMeshError("no VPP interface holding the primary underlay address")
+            if pid != self.met:
+                for hook in self.hooks:
+                    hook.on_vpp_met(None, pid, restarted=self.met is not None, view=None)  # type: ignore[attr-defined]
+                self.met = pid
             return SimpleNamespace(vpp_pid=pid, seconds=seconds, changes=[], pod_report=None)
 
     loop = watch.AgentLoop(FakeSession(), SimpleNamespace())  # type: ignore[arg-type]
@@ -460,3 +470,92 @@ def test_quiet_runs_decide_nothing_again_yet_every_time_and_packet_limit_holds(
     send(1 << 19)  # half of key_max_packets, between two runs
     result = session.run(now=start + 606)  # (deferred: the peer's window, not quiet)
     assert any("key_max_packets" in n for n in result.notes), result.notes
+
+
+def counted_hooks(session: Session) -> dict[str, list[tuple[str, object]]]:
+    """Every hook of `session` (node.VppHooks), its calls counted: hook class -> calls."""
+    calls: dict[str, list[tuple[str, object]]] = {}
+    for hook in session.hooks:
+        seen = calls.setdefault(type(hook).__name__, [])
+        met, gone = hook.on_vpp_met, hook.on_vpp_gone
+
+        def on_met(api, pid, *, restarted, view, seen=seen, met=met):  # type: ignore[no-untyped-def]
+            seen.append(("met", (pid, restarted)))
+            met(api, pid, restarted=restarted, view=view)
+
+        def on_gone(reason, seen=seen, gone=gone):  # type: ignore[no-untyped-def]
+            seen.append(("gone", None))
+            gone(reason)
+
+        hook.on_vpp_met, hook.on_vpp_gone = on_met, on_gone  # type: ignore[method-assign]
+    return calls
+
+
+def test_one_vpp_restart_is_decided_once_and_told_to_each_hook_once(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The Session alone decides that VPP went away and that the VPP it meets is another
+    one; the channel, the quiet runs, the SA counters and the loop each hear of it once,
+    however many runs the outage lasts, and a new pid on the same connection is a
+    restart too."""
+    from vppmesh import watch
+    from vppmesh.testing.agents import Agents
+
+    monkeypatch.setattr(watch, "give_back_uplinks", lambda opts: None)
+    agents = Agents(2, counters=True)
+    try:
+        for _ in range(3):
+            agents.step()
+        session = agents.sessions["node1"]
+        loop = watch.AgentLoop(session, agents.options["node1"])
+        calls = counted_hooks(session)
+        assert set(calls) == {"QuietRuns", "SaCounters", "Secrecy", "AgentLoop"}
+        assert loop.step() is not None and not any(calls.values())
+        old = agents.vpp("node1")
+
+        def dead(*args, **kwargs):  # type: ignore[no-untyped-def]
+            raise VppUnavailableError("VPP stopped answering (read: the socket was closed)")
+
+        old.call = old.call_many = dead  # type: ignore[method-assign]
+        for _ in range(3):  # three runs while VPP is away: told once
+            assert loop.step() is None
+        assert all(seen == [("gone", None)] for seen in calls.values()), calls
+        assert loop.vpp_gone_at is not None
+        new = agents.restart_vpp("node1")
+        assert loop.step() is not None and loop.recovered
+        agents.settle()
+        assert all(seen[1:] == [("met", (new.pid, True))] for seen in calls.values()), calls
+        assert loop.vpp_gone_at is None
+        for _ in range(3):  # nothing more: the same VPP
+            assert loop.step() is not None and not loop.recovered
+        assert all(len(seen) == 2 for seen in calls.values()), calls
+        # Another pid behind the same connection: a restart as well, told once.
+        new.pid += 1
+        assert loop.step() is not None and loop.recovered
+        assert loop.step() is not None and not loop.recovered
+        assert all(seen[2:] == [("met", (new.pid, True))] for seen in calls.values()), calls
+    finally:
+        agents.close()
+
+
+def test_an_agent_restart_with_the_same_vpp_is_not_a_vpp_restart() -> None:
+    """A new agent meets the VPP the last one left (same pid, its boot id kept beside the
+    channel's socket): its hooks hear of a VPP met, not restarted, and it keeps the boot
+    id the peers know, so they do not take it for a restarted VPP."""
+    from vppmesh.testing.agents import Agents
+
+    agents = Agents(2)
+    try:
+        for _ in range(3):
+            agents.step()
+        channel = agents.secrecy["node1"].channel
+        assert channel is not None
+        boot = channel.boot_id
+        agents.start_agent("node1")
+        calls = counted_hooks(agents.sessions["node1"])
+        agents.run("node1")
+        pid = agents.vpp("node1").pid
+        assert all(seen == [("met", (pid, False))] for seen in calls.values()), calls
+        again = agents.secrecy["node1"].channel
+        assert again is not None and again.boot_id == boot
+    finally:
+        agents.close()

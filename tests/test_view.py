@@ -14,6 +14,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from vppmesh import node as agent
 from vppmesh.config import Mesh, dump_mesh
 from vppmesh.errors import ConfigError, KeyFileError
+from vppmesh.keying.agreement import NoAgreement
 from vppmesh.keys import NodeSecrets, private_key_b64, write_secret_file
 from vppmesh.testing.fake_vpp import FakeVpp
 from vppmesh.testing.meshes import make_mesh
@@ -74,7 +75,7 @@ class Counted:
 def test_one_up_looks_up_the_local_node_once_and_exchanges_once_per_peer(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     run = Counted(tmp_path, monkeypatch)
-    result = agent.up(run.options, api=run.vpp)  # type: ignore[arg-type]
+    result = agent.up(run.options, api=run.vpp, agreement=NoAgreement(run.options.clock))  # type: ignore[arg-type]
     assert result.changes and len(result.desired.tunnels) == 4 * 2
     assert run.lookups == Counter({"node1": 1})
     assert run.exchanges == run.peer_keys()  # exactly one X25519 per peer, no other
@@ -123,10 +124,12 @@ def test_wrong_key_is_refused_before_the_nic_or_vpp_is_touched(
 
     monkeypatch.setattr(agent.nic, "ensure", taken)
     with pytest.raises(KeyFileError, match="does not match the public_key of node node1"):
-        agent.up(run.options, api=run.vpp)  # type: ignore[arg-type]
+        agent.up(run.options, api=run.vpp,  # type: ignore[arg-type]
+                 agreement=NoAgreement(run.options.clock))
     with pytest.raises(ConfigError, match="'ghost' is not in the mesh"):
-        agent.up(agent.NodeOptions(mesh_file=run.mesh_file, node="ghost",
-                                   private_key=tmp_path / "missing.key"), api=run.vpp)  # type: ignore[arg-type]
+        ghost = agent.NodeOptions(mesh_file=run.mesh_file, node="ghost",
+                                  private_key=tmp_path / "missing.key")
+        agent.up(ghost, api=run.vpp, agreement=NoAgreement(ghost.clock))  # type: ignore[arg-type]
     assert sum(run.vpp.counts.values()) == 0
 
 

@@ -10,7 +10,7 @@ generation moved past the one it had and the peer acknowledged it (its inbound S
 the new generation are installed and we send on it), or at the request's timeout with,
 per peer, why not.
 
-The socket is beside the channel's (VPP's API socket directory, node.channel_socket),
+The socket is beside the channel's (VPP's API socket directory, secrecy.channel_socket),
 created 0600 under a 077 umask (no window in which another user could connect), and
 every connection's peer credentials (SO_PEERCRED) must be root's: a local user who could
 rekey at will could make the agents spend generations and handshakes.
@@ -58,8 +58,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from vppmesh.epochs import WINDOW, GenerationStore, request_rekey
 from vppmesh.errors import VppMeshError
+from vppmesh.keying.epochs import WINDOW, GenerationStore, request_rekey
 
 if TYPE_CHECKING:
     from vppmesh.node import NodeOptions, UpResult

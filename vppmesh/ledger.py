@@ -5,7 +5,7 @@ an SA is created. Installing the same outbound key twice (after a VPP restart, s
 would therefore repeat GCM nonces under one key, which breaks both confidentiality and
 integrity. The ledger remembers a fingerprint of every outbound key ever installed on
 this node, is written before the key reaches VPP, and makes vppmesh refuse a reinstall.
-vppmesh.epochs consults it to step to a fresh key generation by itself, so a reinstall is
+vppmesh.keying.epochs consults it to step to a fresh key generation by itself, so a reinstall is
 never even planned; the refusal in reconcile() remains as the last line of defence.
 """
 

@@ -49,10 +49,10 @@ from vppmesh.channel.endpoint import PATHS
 from vppmesh.channel.messages import Drop
 from vppmesh.cni.reattach import PodReport
 from vppmesh.config import Mesh
-from vppmesh.epochs import GenerationState
 from vppmesh.errors import ConfigError, VppUnavailableError
+from vppmesh.keying.epochs import GenerationState
+from vppmesh.keying.pairs import pair_secrecy
 from vppmesh.reconcile import gc_paused
-from vppmesh.secrecy import pair_secrecy
 from vppmesh.status import NodeStatus
 from vppmesh.vpp.client import VppApi
 from vppmesh.vpp.stats import StatsReader
@@ -538,9 +538,10 @@ class AgentMetrics:
         keys = Counter_(channel.session_key(n, now) for n in channel.peers())
         for role in KEY_ROLES:
             self.channel_key_sessions.labels(key=role).set(keys.get(role, 0))
-        if secrecy.unvouched > self._unvouched_seen:
-            self.previous_key_unvouched.inc(secrecy.unvouched - self._unvouched_seen)
-            self._unvouched_seen = secrecy.unvouched
+        unvouched = secrecy.agreement.unvouched
+        if unvouched > self._unvouched_seen:
+            self.previous_key_unvouched.inc(unvouched - self._unvouched_seen)
+            self._unvouched_seen = unvouched
         counters = secrecy.counters()
         origin, last = self._channel_seen
         if origin != id(endpoint):

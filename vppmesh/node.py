@@ -8,41 +8,39 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
-from vppmesh import engines, epochs, guard, preflight
+from vppmesh import engines, guard, preflight
 from vppmesh import host as linux
 from vppmesh import uplink as nic
 from vppmesh.clock import AgentClock
 from vppmesh.cni.reattach import DEFAULT_CNI_PATH, PodReport, reattach
 from vppmesh.config import Mesh, Node, load_mesh
-from vppmesh.epochs import GenerationState, GenerationStore, PeerKeying, PeerObservation
 from vppmesh.errors import VppUnavailableError
 from vppmesh.index import PeerObjects
-from vppmesh.keys import load_secrets, spi_for
+from vppmesh.keying import epochs
+from vppmesh.keying.agreement import Agreement, NoAgreement, save_state
+from vppmesh.keying.epochs import GenerationState, GenerationStore, PeerKeying
+from vppmesh.keying.observe import KeySas, observe_keys, read_key_sas, usable_keying
+from vppmesh.keying.pairs import PairSecrecy, pair_secrecy
+from vppmesh.keys import load_secrets
 from vppmesh.ledger import KeyLedger
 from vppmesh.plan import HostOptions, drop_routes, plan_by_peer
 from vppmesh.reconcile import Change, Reconciler, gc_paused, reconcile
-from vppmesh.secrecy import (
-    KeyBook,
-    PairSecrecy,
-    Secrecy,
-    pair_secrecy,
-    ported_view,
-    saved_ports,
-)
-from vppmesh.state import DesiredState, find_sa
+from vppmesh.state import DesiredState
 from vppmesh.teardown import teardown
-from vppmesh.underlay import encapsulation
 from vppmesh.uplink import UplinkSpec
 from vppmesh.view import AgreedKeys, LocalView, build_view
 from vppmesh.vpp import interfaces, ipsec, system
 from vppmesh.vpp.client import DEFAULT_API_SOCKET, VppApi, VppClient
 from vppmesh.vpp.stats import SaCounters
+
+if TYPE_CHECKING:
+    from vppmesh.secrecy import Secrecy
 
 HostLinkKind = Literal["auto", "tap", "af_packet", "none"]
 log = logging.getLogger("vppmesh")
@@ -173,34 +171,6 @@ def planned(options: NodeOptions, view: LocalView, workers: int,
                         uplink=uplink or options.uplink, keying=keying, agreed=agreed)
 
 
-def usable_keying(view: LocalView, state: GenerationState, book: KeyBook,
-                  keying: Mapping[str, PeerKeying]) -> dict[str, PeerKeying]:
-    """`keying` without the inbound generations whose agreed keys nobody holds any
-    more (this agent and its VPP both restarted): their static keys are not the
-    sender's, so they are left out, and the sender's agent is told (Restarted).
-
-    With `forward_secrecy: required`, once the pair's agents have met, no inbound
-    generation above the window's base is installed with a static key either: the
-    sender steps only to agreed generations, so a static inbound SA there would only
-    serve a sender tricked into falling back. The base itself keeps its key, whatever
-    it is: the peer's traffic arrives on it while the pair moves to agreed keys."""
-    required = view.settings.forward_secrecy == "required"
-    usable = dict(keying)
-    for name, peer_keying in keying.items():
-        pg = state.peers.get(name)
-        strict = required and pg is not None and pg.pinned
-        if pg is None or not (pg.ephemeral_in or strict):
-            continue
-        peer = view.peer(name)
-        number = peer.node.node_number
-        inbound = tuple(g for g in peer_keying.inbound if book.key(
-            view, peer, pg, outbound=False, tunnel=0, generation=g) is not None and (
-                not strict or g == pg.in_base or book.keys(number, False, g) is not None))
-        if inbound != peer_keying.inbound:
-            usable[name] = PeerKeying(outbound=peer_keying.outbound, inbound=inbound)
-    return usable
-
-
 def apply(api: VppApi, desired: DesiredState, *, dry_run: bool = False,
           ledger: KeyLedger | None = None, reconciler: Reconciler | None = None,
           full: bool = False, by_peer: Mapping[int, PeerObjects] | None = None,
@@ -228,124 +198,6 @@ def apply(api: VppApi, desired: DesiredState, *, dry_run: bool = False,
     if not dry_run and host is not None:
         linux.configure_linux_side(host, desired.mtu)
     return changes
-
-
-def observe_keys(api: VppApi, view: LocalView, state: GenerationState, ledger: KeyLedger,
-                 book: KeyBook | None = None, secrecy: Secrecy | None = None, *,
-                 sas: Mapping[int, ipsec.SaState] | None = None,
-                 packets: Mapping[int, int] | None = None,
-                 ) -> tuple[dict[str, PeerObservation], Callable[[str, int], bool]]:
-    """What VPP's SAs say about each peer's generations, and a used-key test per peer.
-
-    Keys come from `book` (agreed generations, adopted from VPP when the book lacks
-    them) or the static schedule; `secrecy` says which offers are under way.
-
-    `sas` (by SA id): this run's dump, or the SAs a Reconciler remembers (read_key_sas);
-    None: dump them here. `packets` (by stat index, from the stats segment) raises each
-    SA's count to what its counter says now: a remembered SA's counts are those of the
-    last dump, and a count is never taken below what either source says, so a key's
-    limit is never reached later than with dumps alone.
-    """
-    count = view.settings.tunnels_per_peer
-    me = view.node.node_number
-    if sas is None:
-        sas = {s.spec.sa_id: s for s in ipsec.dump_sas(api)}
-    counted = packets or {}
-
-    def sent(sa: ipsec.SaState) -> int:
-        return max(sa.seq_outbound, counted.get(sa.stat_index, 0))
-
-    def received(sa: ipsec.SaState) -> int:
-        return max(sa.last_seq_inbound, counted.get(sa.stat_index, 0))
-    book = book if book is not None else KeyBook()
-    book.prepare(view, state, sas)
-    observations = {}
-    for peer in view.peers:
-        number = peer.node.node_number
-        pg = state.peers.get(peer.name)
-        if pg is None or pg.public_key != peer.node.public_key:
-            continue
-        out = [find_sa(sas, "out", number, t, pg.out) for t in range(count)]
-        expected = [book.key(view, peer, pg, outbound=True, tunnel=t, generation=pg.out)
-                    for t in range(count)]
-        installed = all(
-            sa is not None and key is not None and sa.spec.spi == spi_for(me, t, pg.out)
-            and sa.spec.key.get_secret_value() == key.key.get_secret_value()
-            for t, (sa, key) in enumerate(zip(out, expected, strict=True)))
-        reencapsulate = installed and any(
-            sa is not None and encapsulation(sa.spec) != peer.path.encapsulation(t)
-            for t, sa in enumerate(out))
-        active: set[int] = set()
-        inbound_seq: dict[int, int] = {}
-        for g in pg.window:  # one lookup per inbound SA
-            seq = 0
-            for t in range(count):
-                sa = find_sa(sas, "in", number, t, g)
-                if sa is None:
-                    continue
-                got = received(sa)
-                seq += got
-                if got > 0 and sa.spec.spi == spi_for(number, t, g):
-                    active.add(g)
-            inbound_seq[g] = seq
-        observations[peer.name] = PeerObservation(
-            out_installed=installed,
-            out_packets=max((sent(sa) for sa in out if sa is not None), default=0),
-            inbound_active=frozenset(active),
-            inbound_seq=inbound_seq,
-            encapsulation_changed=reencapsulate)
-
-    def key_used(name: str, generation: int) -> bool:
-        peer = view.peer(name)
-        pg = state.peers.get(name)
-        for t in range(count):
-            key = book.key(view, peer, pg, outbound=True, tunnel=t, generation=generation)
-            if key is None:  # agreed, held by nobody: used unless its offer is under way
-                return secrecy is None or not secrecy.offering(peer.node.node_number,
-                                                               generation)
-            if ledger.seen(key.key.get_secret_value(), key.salt):
-                return True
-        return False
-
-    return observations, key_used
-
-
-@dataclass
-class KeySas:
-    """The SAs a run's key generations look at (observe_keys) and where they came from."""
-
-    sas: Mapping[int, ipsec.SaState]  # by SA id
-    packets: Mapping[int, int] | None  # by stat index, from the stats segment
-    dumped: dict[int, ipsec.SaState] | None  # this run's dump: the reconcile's too
-    note: str | None = None  # the stats segment became unreadable in this run
-
-
-def read_key_sas(api: VppApi, reconciler: Reconciler | None, full: bool,
-                 counters: SaCounters | None, vpp_pid: int | None) -> KeySas:
-    """The SAs and their packet counts for this run, at the least cost that is exact.
-
-    A long-running agent's steady-state run (not `full`, its reconciler remembers VPP
-    exactly) takes the SAs it remembers and their counts from the stats segment: no SA
-    dump, whatever the size of the mesh. Full runs (the periodic resync, a reconnect), a
-    one-shot `up`, a reconciler that forgot, or an unreadable stats segment dump the SAs,
-    once per run: reconcile() compares the same dump.
-    """
-    remembered = None if full or reconciler is None or counters is None else \
-        reconciler.remembered_sas()
-    was = counters.unavailable if counters is not None else None
-    if remembered is not None and counters is not None:
-        packets = counters.read(sorted(sa.stat_index for sa in remembered.values()), vpp_pid)
-        if packets is not None:
-            return KeySas(remembered, packets, None)
-    dumped = {sa.spec.sa_id: sa for sa in ipsec.dump_sas(api)}
-    packets = None
-    if counters is not None and (remembered is None or counters.unavailable is None):
-        packets = counters.read(sorted(sa.stat_index for sa in dumped.values()), vpp_pid)
-    note = None
-    if counters is not None and was is None and counters.unavailable is not None:
-        note = (f"VPP's stats segment is unavailable ({counters.unavailable}): SA counts "
-                "for key limits come from full SA dumps on every run until it is back")
-    return KeySas(dumped, packets, dumped, note)
 
 
 @dataclass
@@ -378,8 +230,10 @@ class QuietRuns:
 
     Key limits hold exactly as before: any SA counter that moved, or any time rule
     reached, makes the run a full decision (packets are compared exactly, not against a
-    threshold), and a run with the agents' channel (whose peers speak at any time) or
-    a full, dry or rekey run never skips anything.
+    threshold); with the agents' channel, only a run after which nothing happened on
+    it (ChannelAgreement.settles: no key event, no NAT port learned, no session made,
+    changed or expired, no offer open, no restart to announce) skips; a full, dry or
+    rekey run never skips anything.
     """
 
     def __init__(self) -> None:
@@ -387,6 +241,13 @@ class QuietRuns:
 
     def forget(self) -> None:
         self._settled = None
+
+    def on_vpp_met(self, api: VppApi, pid: int, *, restarted: bool,
+                   view: LocalView) -> None:
+        self.forget()  # the plan reused is the one VPP held
+
+    def on_vpp_gone(self, reason: str) -> None:
+        self.forget()
 
     def unchanged(self, view: LocalView, state: GenerationState, key_sas: KeySas,
                   ledger: KeyLedger, now: float) -> Settled | None:
@@ -407,7 +268,7 @@ class QuietRuns:
 def up(options: NodeOptions, *, dry_run: bool = False, api: VppApi | None = None,
        rekey: bool = False, now: float | None = None, mesh: Mesh | None = None,
        view: LocalView | None = None, reconciler: Reconciler | None = None,
-       full: bool = False, secrecy: Secrecy | None = None,
+       full: bool = False, agreement: Agreement,
        vpp_pid: int | None = None, counters: SaCounters | None = None,
        quiet: QuietRuns | None = None) -> UpResult:
     """Plan and apply this node's part of the mesh, with key generations advanced first.
@@ -415,11 +276,12 @@ def up(options: NodeOptions, *, dry_run: bool = False, api: VppApi | None = None
     `view` (a Session's) or else the view of `mesh` (the mesh file's by default) is
     built before anything else, so every input is checked before the host or VPP is
     touched. The generation file is read and written under its lock, so `vppmesh rekey`
-    and a running `up --watch` never choose generations from a stale copy. A long-running
-    agent passes its `secrecy` (the channel and its agreed keys: vppmesh/secrecy.py), and
-    `vpp_pid` when it already asked VPP for it (one round trip less per run), its
-    `counters` (the stats segment's SA counters: read_key_sas) and its `quiet` runs
-    (QuietRuns: a run whose inputs are the last unchanged run's reuses its plan).
+    and a running `up --watch` never choose generations from a stale copy. `agreement`
+    (keying/agreement.py) is the agents' channel of a long-running agent (Secrecy's) or
+    NoAgreement (a one-shot run: static keys). A long-running agent passes `vpp_pid`
+    when it already asked VPP for it (one round trip less per run), its `counters` (the
+    stats segment's SA counters: read_key_sas) and its `quiet` runs (QuietRuns: a run
+    whose inputs are the last unchanged run's reuses its plan).
     """
     view = view or local_view(options, mesh)
     if reconciler is None or full:  # node-wide runs: at start, after a restart, resyncs
@@ -449,32 +311,30 @@ def up(options: NodeOptions, *, dry_run: bool = False, api: VppApi | None = None
             before = store.loaded_text(state)
             key_sas = read_key_sas(client, reconciler, full, counters, pid)
             if now is None:  # the agent's channel and its runs on one clock
-                now = secrecy.clock() if secrecy is not None else options.clock()
+                now = agreement.clock()
             given = view
-            may_settle = quiet is not None and secrecy is None and reconciler is not None \
+            may_settle = quiet is not None and agreement.settles and reconciler is not None \
                 and not (dry_run or rekey or full)
             settled = quiet.unchanged(view, state, key_sas, ledger, now) \
                 if quiet is not None and may_settle else None
             if settled is not None:  # nothing new since a run that changed nothing
-                desired, by_peer, notes = settled.desired, None, []
+                desired, by_peer, notes, claim = settled.desired, None, [], None
             else:
-                if secrecy is not None:  # a peer's new public key: keep what it vouches for
-                    secrecy.follow_keys(view, state)
+                # A peer's new public key: keep what it vouches for.
+                agreement.follow_keys(view, state)
                 # Towards peers behind NAT: the ports their NATs map to, as learned.
-                view = secrecy.learned_view(view, state) if secrecy is not None else \
-                    ported_view(view, saved_ports(view, state))
+                view = agreement.learned_view(view, state)
                 if rekey:
                     epochs.request_rekey(state)
-                book = secrecy.book if secrecy is not None else KeyBook()
+                book = agreement.book
                 observations, key_used = observe_keys(client, view, state, ledger, book,
-                                                      secrecy, sas=key_sas.sas,
+                                                      agreement, sas=key_sas.sas,
                                                       packets=key_sas.packets)
-                if secrecy is not None and not dry_run:  # behind NAT: mappings lost
-                    secrecy.watch_flows(key_sas.sas, key_sas.packets)
+                if not dry_run:  # behind NAT: mappings lost
+                    agreement.watch_flows(key_sas.sas, key_sas.packets)
                 peers = {p.name: p.node.public_key for p in view.peers}
                 scheduled = epochs.schedule(state, settings, peers, observations, now=now,
-                                            key_used=key_used,
-                                            said=secrecy.said(view) if secrecy else None,
+                                            key_used=key_used, said=agreement.said(view),
                                             me=view.node.public_key)
                 notes = scheduled.notes
                 if key_sas.note is not None:
@@ -482,8 +342,7 @@ def up(options: NodeOptions, *, dry_run: bool = False, api: VppApi | None = None
                 for name in sorted(scheduled.downgraded):  # never quietly (`preferred` only)
                     log.warning("%s: forward secrecy lost: the pair leaves agreed keys for "
                                 "the static schedule (forward_secrecy: preferred)", name)
-                if secrecy is not None and not dry_run:
-                    secrecy.claim(state, scheduled.wants)
+                claim = None if dry_run else agreement.claim(state, scheduled.wants)
                 keying = usable_keying(view, state, book, scheduled.keying)
                 agreed = {p.name: a for p in view.peers
                           if p.name in keying and (a := book.agreed(p)) is not None}
@@ -523,19 +382,20 @@ def up(options: NodeOptions, *, dry_run: bool = False, api: VppApi | None = None
                              reconciler=reconciler, full=full, by_peer=by_peer,
                              sas=key_sas.dumped, unchanged=settled is not None)
             if settled is not None:
+                agreement.quiet()
                 return replace(settled.result, changes=changes, notes=notes, vpp_pid=pid,
                                seconds=time.monotonic() - started,
                                messages=client.messages_sent, mesh=view.mesh)
-            if secrecy is not None and not dry_run:
-                secrecy.applied(view, state, scheduled.wants,
-                                {name: k.inbound for name, k in keying.items()})
-                retired, secrecy.retired = secrecy.retired, []
-                ledger.forget(retired)  # their SAs are gone: nothing can install them
-            after = store.text(state)
-            if not dry_run and after != before:
-                store.save(state, after)
-            if secrecy is not None and not dry_run:
-                secrecy.flush()  # offers go out once their generations are claimed on disk
+            if claim is None:  # a dry run: nothing claimed, saved or sent
+                after = store.text(state)
+            else:
+                retired = agreement.applied(claim, view, state,
+                                            {name: k.inbound for name, k in keying.items()})
+                if retired:  # their SAs are gone: nothing can install them
+                    ledger.forget(retired)
+                saved = save_state(store, state, before, claim)
+                after = saved.text
+                agreement.flush(saved)  # offers go out once their generations are claimed on disk
         result = UpResult(desired=desired, changes=changes, seconds=time.monotonic() - started,
                         host_link=desired.host.kind if desired.host else "none",
                         messages=client.messages_sent, notes=notes, vpp_pid=pid,
@@ -591,12 +451,23 @@ class MeshSource(Protocol):
         ...
 
 
-def channel_socket(options: NodeOptions) -> Path:
-    """The agent's end of VPP's punt socket: beside VPP's API socket, a directory that
-    VPP and the agent share wherever they run (host, containers)."""
-    from vppmesh.secrecy import CHANNEL_SOCKET
+class VppHooks(Protocol):
+    """What a part of a long-running agent is told about the VPP it works with: the
+    Session alone decides (Session.run), and tells every hook, in the order given.
 
-    return options.api_socket.parent / CHANNEL_SOCKET
+    `on_vpp_met`: a VPP not met before answers (the first one, or after a broken
+    connection, or one with a new process id): `restarted` when another VPP was met
+    before, so whatever it held is gone (punt registrations, SAs, counters). `view`: the
+    run's local view. `on_vpp_gone`: the VPP stopped answering (said once per outage,
+    until a run succeeds again; `reason` says why). Implemented by QuietRuns,
+    vpp.stats.SaCounters, secrecy.Secrecy and watch.AgentLoop."""
+
+    def on_vpp_met(self, api: VppApi, pid: int, *, restarted: bool,
+                   view: LocalView) -> None:
+        """A VPP not met before answers (see the class)."""
+
+    def on_vpp_gone(self, reason: str) -> None:
+        """The VPP stopped answering (see the class)."""
 
 
 def file_signature(path: Path) -> tuple[int, int, int] | None:
@@ -641,6 +512,12 @@ class Session:
     A VPP restart breaks the connection: that run fails with VppUnavailableError and
     the next one reconnects.
 
+    The Session is the one place that decides what happened to VPP: a VPP not met before
+    (a new connection after a broken one, or a new process id) and a VPP gone (a run
+    could not reach it). It tells its `hooks` (VppHooks: the channel, the quiet runs,
+    the SA counters, the loop), each once per event, and forgets what it remembered of
+    the last VPP itself (the reconciler's state: the next run is full).
+
     On those full runs it also re-attaches the CNI plugin's pods that VPP lost (after a
     restart: all of them) and collects the records of pods that are gone
     (vppmesh/cni/reattach.py).
@@ -656,7 +533,8 @@ class Session:
     def __init__(self, options: NodeOptions, *, full_every: float = FULL_EVERY_SECONDS,
                  connect: Callable[[], VppApi] | None = None,
                  source: MeshSource | None = None, secrecy: Secrecy | None = None,
-                 counters: SaCounters | None = None) -> None:
+                 counters: SaCounters | None = None,
+                 hooks: Iterable[VppHooks] = ()) -> None:
         self.options = options
         self.secrecy = secrecy
         self.counters = counters
@@ -668,8 +546,18 @@ class Session:
         self._last_full: float | None = None
         self._view: LocalView | None = None
         self._secrets_seen: tuple[tuple[int, int, int] | None, ...] = ()
-        self._connected = False  # a connection was made before (the next is a reconnect)
         self._quiet = QuietRuns()  # runs with nothing new reuse the last plan
+        self._pid: int | None = None  # the VPP met last (None: none met yet)
+        self._met = False  # the connection's VPP was told to the hooks
+        self._gone = False  # VPP's absence was told (until a run succeeds)
+        # Told of VPPs met and gone, in this order: what the Session keeps first, then
+        # the channel (punt registration before anyone else acts), then the others.
+        self.hooks: list[VppHooks] = [self._quiet]
+        if counters is not None:
+            self.hooks.append(counters)
+        if secrecy is not None:
+            self.hooks.append(secrecy)
+        self.hooks += hooks
 
     def view(self, *, fresh: bool = False) -> LocalView:
         """The local view of the source's mesh now: the last one while the mesh and the
@@ -708,34 +596,56 @@ class Session:
             started - self._last_full >= self.full_every
         with gc_paused():  # a large mesh's records and view allocate as much as a dump
             view = self.view(fresh=full)  # a refused input stops the run before VPP
-        reconnected = False
-        if self._client is None:
-            reconnected = self._connected
-            self._client = self._connect()
-            self._connected = True
-            self._reconciler = Reconciler(self._client)
-            # A new connection (VPP restarted) runs full until one full run succeeds: the
-            # first may fail before the host has given VPP its uplink back, and only full
-            # runs re-attach the pods VPP lost.
-            self._last_full = None
         try:
-            pid = None
-            if self.secrecy is not None:  # (again) with a new VPP: punt and tell peers
-                pid = system.vpp_pid(self._client)  # asked once: up() takes it too
-                self.secrecy.attach(self._client, view, pid, reconnected=reconnected)
+            if self._client is None:
+                self._client = self._connect()
+                self._met = False
+            pid = system.vpp_pid(self._client)  # asked once: up() takes it too
+            if not self._met or pid != self._pid:
+                if not full:  # a new pid on this connection: read everything again too
+                    full = True
+                    view = self.view(fresh=True)
+                self._vpp_met(self._client, pid, view)
+            agreement: Agreement = NoAgreement(self.options.clock)  # static keys
+            if self.secrecy is not None:  # the view's peers, this VPP's gateway
+                self.secrecy.attach(self._client, view)
+                agreement = self.secrecy.agreement
             result = up(self.options, api=self._client, view=view,
-                        reconciler=self._reconciler, full=full, secrecy=self.secrecy,
+                        reconciler=self._reconciler, full=full, agreement=agreement,
                         vpp_pid=pid, counters=self.counters, quiet=self._quiet,
                         **up_options)
             if full and self.options.cni_state_dir is not None:
                 result.pod_report = reattach(self._client, self.options.cni_state_dir,
                                              self.options.cni_path)
-        except VppUnavailableError:
+        except VppUnavailableError as exc:
             self.close()
+            self._vpp_gone(str(exc))
             raise
+        self._gone = False
         if full:
             self._last_full = started
         return result
+
+    def _vpp_met(self, client: VppApi, pid: int, view: LocalView) -> None:
+        """A VPP not met before (a new connection, or a new pid on this one): start from
+        nothing of the last one's (the run is full) and tell the hooks."""
+        restarted = self._pid is not None
+        self._pid, self._met = pid, True
+        self._reconciler = Reconciler(client)
+        # A VPP met runs full until one full run succeeds: the first may fail before the
+        # host has given VPP its uplink back, and only full runs re-attach the pods VPP
+        # lost.
+        self._last_full = None
+        for hook in self.hooks:
+            hook.on_vpp_met(client, pid, restarted=restarted, view=view)
+
+    def _vpp_gone(self, reason: str) -> None:
+        """VPP did not answer: the hooks are told once, until a run succeeds."""
+        if self._gone:
+            return
+        self._gone = True
+        for hook in self.hooks:
+            hook.on_vpp_gone(reason)
 
     @property
     def client(self) -> VppApi | None:

@@ -14,8 +14,8 @@ from typing import Any, Literal
 
 from vppmesh.config import Node
 from vppmesh.endpoints import segmentation_offload
-from vppmesh.epochs import PeerKeying
 from vppmesh.index import PeerObjects
+from vppmesh.keying.epochs import PeerKeying
 from vppmesh.keys import spi_for
 from vppmesh.state import (
     DesiredState,
@@ -100,7 +100,7 @@ def plan_by_peer(
     peer's part of it by node number (a Reconciler compares two plans peer by peer).
 
     `keying` gives, per peer, the key generation to send on and those to accept
-    (vppmesh.epochs decides them); a peer missing from it has no usable key and gets no
+    (vppmesh.keying.epochs decides them); a peer missing from it has no usable key and gets no
     tunnels, SAs or route at all, so its traffic is dropped (fail closed). Without
     `keying`, every peer uses `epochs` (the newest outbound), by default the mesh's
     key_epoch. `agreed` gives a peer's keys that are not the static schedule's (its

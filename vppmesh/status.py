@@ -10,8 +10,8 @@ from pydantic import BaseModel, computed_field
 
 from vppmesh import engines
 from vppmesh.config import Mesh
-from vppmesh.epochs import GenerationStore
-from vppmesh.secrecy import PairSecrecy, pair_secrecy
+from vppmesh.keying.epochs import GenerationStore
+from vppmesh.keying.pairs import PairSecrecy, pair_secrecy
 from vppmesh.state import is_owned_sa_id, is_owned_tunnel_instance, split_tunnel_instance
 from vppmesh.vpp import crypto, host_interfaces, interfaces, ipip, ipsec, system
 from vppmesh.vpp.client import VppApi

@@ -34,9 +34,9 @@ from pydantic import BaseModel
 from vppmesh import host as linux
 from vppmesh.config import Mesh, Node
 from vppmesh.errors import VppMeshError
+from vppmesh.keying.pairs import PairSecrecy
 from vppmesh.keys import spi_sender, spi_tunnel
 from vppmesh.plan import HOST_LINUX_IFNAME
-from vppmesh.secrecy import PairSecrecy
 from vppmesh.state import is_owned_sa_id, is_owned_tunnel_instance, tunnel_instance
 from vppmesh.status import FORWARD_SECRECY_FIX, PairKeys, secrecy_summary
 from vppmesh.underlay import NAT_T_PORT, encapsulation, path

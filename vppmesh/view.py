@@ -1,6 +1,6 @@
 """One node's view of the mesh: what this node derives from the mesh and its own keys.
 
-Everything per node and per peer that plan(), the key generations (node.observe_keys)
+Everything per node and per peer that plan(), the key generations (keying.observe_keys)
 and the host link need is computed here once per mesh version, and nowhere else: the
 local node is looked up once, each peer's underlay path and X25519 pair secret are
 computed once, and every SA key comes from `LocalView.sa_key`. Building the view is also

@@ -27,7 +27,7 @@ from vppmesh.errors import (
     VppMeshError,
     VppUnavailableError,
 )
-from vppmesh.secrecy import Secrecy
+from vppmesh.secrecy import Secrecy, channel_socket
 from vppmesh.vpp.stats import SaCounters
 
 if TYPE_CHECKING:
@@ -176,10 +176,10 @@ class AgentLoop:
     """One iteration of a long-running agent, the same for a mesh file and a datastore.
 
     `step` is the only place where an iteration's work happens: run the session (which
-    takes the mesh from its source, reconciles and re-attaches pods), notice that VPP
-    went away or restarted and recover, count errors, fill the metrics and hand the
-    result to `report`. Whatever else the agent must do on every iteration belongs here.
-    `run` steps once per tick of the caller's schedule.
+    takes the mesh from its source, reconciles and re-attaches pods, and decides whether
+    VPP went away or restarted: the loop is one of its hooks), count errors, fill the
+    metrics and hand the result to `report`. Whatever else the agent must do on every
+    iteration belongs here. `run` steps once per tick of the caller's schedule.
     """
 
     def __init__(self, session: agent.Session, opts: agent.NodeOptions, *,
@@ -200,10 +200,30 @@ class AgentLoop:
         self.last_end = float("-inf")  # when the last step ended (monotonic)
         self.last_seconds = 0.0  # and how long it took
         self.failed = False  # the last step failed
-        self.last_pid: int | None = None
+        self.last_pid: int | None = None  # the VPP of the last step that succeeded
         self.recovered = False  # the last step programmed a VPP met again (restarted)
+        self._restarted = False  # the Session met a restarted VPP since the last success
         self.control = control  # the control socket (vppmesh rekey): told of every step
         self.last_error: str | None = None  # why the last step failed
+        hooks = getattr(session, "hooks", None)  # (stand-ins that never restart have none)
+        if hooks is not None:
+            hooks.append(self)  # the Session tells the loop of VPPs met and gone
+
+    # ---- node.VppHooks: the Session decides, the loop follows ---------------------------
+    def on_vpp_met(self, api: VppApi, pid: int, *, restarted: bool,
+                   view: object) -> None:
+        """A VPP not met before: when it replaced one, the next step that succeeds
+        recovered it (logged, counted as a restart)."""
+        self._restarted |= restarted
+
+    def on_vpp_gone(self, reason: str) -> None:
+        """VPP stopped answering (told once per outage): said, its uplinks given back to
+        Linux, knocking fast until it answers (poll_ticks' hurry)."""
+        self.vpp_gone_at = time.monotonic()
+        log.warning("VPP unavailable (%s); waiting for it", reason)
+        give_back_uplinks(self.opts)
+        if self.metrics is not None:
+            self.metrics.vpp_up.set(0)
 
     def run(self, ticks: Iterable[object]) -> None:
         for _tick in ticks:
@@ -234,14 +254,8 @@ class AgentLoop:
         self.failed, self.recovered = True, False
         try:
             result = self.session.run()
-        except VppUnavailableError as exc:
+        except VppUnavailableError as exc:  # the Session told on_vpp_gone
             self.last_error = f"VPP unavailable ({exc})"
-            if self.vpp_gone_at is None:
-                self.vpp_gone_at = attempt
-                log.warning("VPP unavailable (%s); waiting for it", exc)
-                give_back_uplinks(self.opts)
-                if self.metrics is not None:
-                    self.metrics.vpp_up.set(0)
             return None
         except UplinkMissingError as exc:
             # A VPP met a moment ago may answer before its uplink is configured (its
@@ -286,8 +300,8 @@ class AgentLoop:
             self.source_gone_at = None
             if self.metrics is not None:
                 self.metrics.source_up.set(1)
-        restarted = self.last_pid is not None and result.vpp_pid != self.last_pid
-        self.recovered = self.vpp_gone_at is not None or restarted
+        self.recovered = self.vpp_gone_at is not None or self._restarted
+        self._restarted = False
         pods = result.pod_report
         if self.recovered:
             log.info("VPP is back (pid %s): mesh programmed again in %.0f ms after it "
@@ -404,7 +418,7 @@ def agent_loop(opts: agent.NodeOptions, *, source: agent.MeshSource | None = Non
     the datastore's membership): the agents' channel (Secrecy), the SA counters of the
     stats segment (idle runs dump no SA), the Session that runs the pipeline and the loop
     that steps it. `source` None is the mesh file."""
-    secrecy = Secrecy(agent.channel_socket(opts), state_dir=opts.state_dir, clock=opts.clock)
+    secrecy = Secrecy(channel_socket(opts), state_dir=opts.state_dir, clock=opts.clock)
     counters = SaCounters(stats_socket) if stats_socket is not None else None
     session = agent.Session(opts, source=source, connect=connect, secrecy=secrecy,
                             counters=counters)

@@ -33,11 +33,11 @@ from benchmarks.storm import analysis
 from benchmarks.storm.schedule import Fault
 from vppmesh.clock import AgentClock
 from vppmesh.cni.models import ERR_TRY_AGAIN
-from vppmesh.epochs import GenerationStore
+from vppmesh.keying.epochs import GenerationStore
+from vppmesh.keying.pairs import pair_secrecy
 from vppmesh.lab.etcd import EtcdServer, start_etcd, stop_etcd
 from vppmesh.lab.testbed import NodeHandle, Testbed, TestbedSpec, in_ns, sh
 from vppmesh.lab.wallclock import wall_stepped
-from vppmesh.secrecy import pair_secrecy
 from vppmesh.vpp import ipsec
 from vppmesh.vpp.client import VppClient
 

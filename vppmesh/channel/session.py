@@ -531,6 +531,17 @@ class Channel:
         """Our offer for outbound `generation` awaits the peer's answer."""
         return generation in self._peers[peer].offers
 
+    def usable_until(self, peer: int) -> float | None:
+        """When the peer's current session stops being usable (REJECT_AFTER; None: no
+        session): `established(peer, now)` changes then without any event."""
+        session = self._peers[peer].current
+        return None if session is None else session.created + REJECT_AFTER
+
+    def keying_open(self) -> bool:
+        """An offer of ours awaits its answer, or an answered one the peer's "installed"
+        (the timers renew those without any event: _offers_lost)."""
+        return any(p.offers or p.awaiting for p in self._peers.values())
+
     def held_private_keys(self) -> int:
         """Ephemeral private keys of generations this node holds (awaiting an answer)."""
         return sum(len(p.offers) for p in self._peers.values())

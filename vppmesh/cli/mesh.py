@@ -31,6 +31,7 @@ from vppmesh.cli.common import (
     stats_path,
 )
 from vppmesh.errors import VppMeshError, VppUnavailableError
+from vppmesh.keying.agreement import NoAgreement
 from vppmesh.unit import UNIT_FILE, Unit
 from vppmesh.vpp.client import DEFAULT_API_SOCKET, VppClient
 from vppmesh.watch import start_metrics, watch_loop
@@ -157,7 +158,7 @@ def up(
             watch_loop(opts, exporter, stats_path(api_socket, stats_socket), report=report_up)
             return
         try:
-            report_up(agent.up(opts))
+            report_up(agent.up(opts, agreement=NoAgreement(opts.clock)))
         except VppMeshError as exc:
             raise fail(str(exc)) from None
         warn_no_agent(state_dir, node)
@@ -275,7 +276,8 @@ def rekey(
 def rekey_once(opts: agent.NodeOptions, datastore: str | None) -> None:
     """`rekey` without an agent: one `up` that marks every peer for a rekey."""
     try:
-        result = agent.up(opts, rekey=True, mesh=agent.datastore_mesh(datastore))
+        result = agent.up(opts, rekey=True, mesh=agent.datastore_mesh(datastore),
+                          agreement=NoAgreement(opts.clock))
     except VppMeshError as exc:
         raise fail(str(exc)) from None
     report_up(result)
@@ -389,7 +391,8 @@ def plan(
             typer.echo(f"(VPP not reachable at {api_socket}: planning against an empty VPP)")
         else:
             with client:
-                changes = agent.up(opts, dry_run=True, api=client, view=view).changes
+                changes = agent.up(opts, dry_run=True, api=client, view=view,
+                                   agreement=NoAgreement(opts.clock)).changes
     except VppMeshError as exc:
         raise fail(str(exc)) from None
     for change in changes:

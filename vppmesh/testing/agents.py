@@ -11,10 +11,11 @@ from pathlib import Path
 
 from vppmesh.clock import AgentClock
 from vppmesh.config import dump_mesh
-from vppmesh.epochs import GenerationState, PeerGenerations
+from vppmesh.keying.agreement import NoAgreement
+from vppmesh.keying.epochs import GenerationState, PeerGenerations
 from vppmesh.keys import private_key_b64, spi_for, write_secret_file
-from vppmesh.node import NodeOptions, Session, UpResult, channel_socket, up
-from vppmesh.secrecy import Secrecy
+from vppmesh.node import NodeOptions, Session, UpResult, up
+from vppmesh.secrecy import Secrecy, channel_socket
 from vppmesh.state import SA_DIRECTION_BIT, sa_peer
 from vppmesh.testing.fake_punt import PuntRelay
 from vppmesh.testing.fake_vpp import FakeVpp
@@ -239,7 +240,8 @@ class Pair:
         self.vpp[name] = FakeVpp.with_uplink(self.mesh.node(name).primary)
 
     def run(self, name: str, now: float, rekey: bool = False):  # type: ignore[no-untyped-def]
-        return up(self.opts[name], api=self.vpp[name], now=now, rekey=rekey)
+        return up(self.opts[name], api=self.vpp[name], now=now, rekey=rekey,
+                  agreement=NoAgreement(self.opts[name].clock))
 
     def traffic(self, sender: str, receiver: str, packets: int = 100) -> None:
         """Packets on the sender's current outbound SAs reach the receiver's inbound SAs."""

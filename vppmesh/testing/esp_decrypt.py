@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from vppmesh.config import decode_key, load_mesh
-from vppmesh.epochs import WINDOW, GenerationState
+from vppmesh.keying.epochs import WINDOW, GenerationState
 from vppmesh.keys import GCM_KEY_BYTES, GCM_SALT_BYTES, derive_sa_key
 
 # ---- pcap -------------------------------------------------------------------------------

@@ -27,9 +27,9 @@ import yaml
 from benchmarks.cni_latency import CNI_PATH, plugin_command
 from benchmarks.netns import stop_process
 from vppmesh.channel.endpoint import PORT as CHANNEL_PORT
-from vppmesh.epochs import GenerationStore, PeerGenerations
+from vppmesh.keying.epochs import GenerationStore, PeerGenerations
+from vppmesh.keying.pairs import pair_secrecy
 from vppmesh.lab.testbed import NodeHandle, Testbed, TestbedSpec, in_ns, sh
-from vppmesh.secrecy import pair_secrecy
 from vppmesh.testing.etcd_server import EtcdServer, running_etcd
 from vppmesh.vpp.client import Request, VppClient
 

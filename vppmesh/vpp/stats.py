@@ -192,6 +192,13 @@ class SaCounters:
         self.unavailable = why
         return None
 
+    def on_vpp_met(self, api: Any, pid: int, *, restarted: bool, view: Any) -> None:
+        """node.VppHooks: another VPP has another segment; opened again at the next read."""
+        self.close()
+
+    def on_vpp_gone(self, reason: str) -> None:
+        self.close()
+
     def close(self) -> None:
         reader, self._reader = self._reader, None
         if reader is not None:
