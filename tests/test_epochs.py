@@ -12,6 +12,7 @@ from vppmesh.keying.epochs import (
     WINDOW,
     GenerationStore,
     PeerObservation,
+    PeerSaid,
     advance,
 )
 from vppmesh.state import SA_DIRECTION_BIT
@@ -52,6 +53,37 @@ def test_rekeys_keep_the_last_generation_of_the_peer_window_in_reserve() -> None
     d = advance(pg, PeerObservation(out_installed=False), SETTINGS, now=5,
                 key_used=used.__contains__, peer="p")
     assert d.keying is not None and d.keying.outbound == 2
+
+
+def test_a_generation_burnt_mid_agreement_leaves_no_gap_at_the_key_limit() -> None:
+    """An agent (or VPP) restart in the middle of an agreement burns the generation it
+    offered: the next one is the reserve of the peer's window. The rekey is deferred
+    (the peer has not slid), but the reserve is agreed meanwhile, and when the key in use
+    reaches its hard limit the pair steps into it instead of failing closed."""
+    settings = MeshSettings(rekey_interval=0, rekey_grace=10, key_max_seconds=60)
+    pg = fresh(out=13, floor=13, base=13)
+    pg.out_since = 0.0
+    pg.ephemeral_out = [13, 14]
+    used = {13, 14}.__contains__  # 14: offered by the agent before its restart
+    seen = PeerObservation(out_installed=True, out_packets=10)
+    d = advance(pg, seen, settings, now=31, key_used=used, peer="p", said=PeerSaid())
+    assert d.keying is not None and d.keying.outbound == 13 and not d.stepped
+    assert d.want == 15  # agreed ahead, not sent on
+    d = advance(pg, seen, settings, now=61, key_used=used, peer="p",
+                said=PeerSaid(keyed=frozenset({15})))
+    assert d.keying is not None and d.keying.outbound == 15 and d.stepped, d.notes
+    assert d.stopped is None
+
+
+def test_a_key_at_its_hard_limit_may_take_the_reserve() -> None:
+    """On the static schedule too (agents that never met): a key at its hard limit steps
+    into the last generation the peer surely accepts rather than stopping the pair."""
+    settings = MeshSettings(rekey_interval=0, rekey_grace=10, key_max_seconds=60)
+    pg = fresh(out=13, floor=13, base=13)
+    pg.out_since = 0.0
+    d = advance(pg, PeerObservation(out_installed=True, out_packets=10), settings, now=61,
+                key_used={13, 14}.__contains__, peer="p")
+    assert d.keying is not None and d.keying.outbound == 15 and d.stepped, d.notes
 
 
 def test_a_burnt_key_beyond_the_peer_window_fails_closed() -> None:

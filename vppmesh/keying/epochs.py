@@ -250,10 +250,15 @@ def clamp_future(pg: PeerGenerations, now: float) -> None:
 def soft_limit_reached(pg: PeerGenerations, obs: PeerObservation, settings: MeshSettings,
                        now: float) -> str | None:
     """Why the current outbound key should be replaced now (None: it is fine)."""
-    age_now = age(now, pg.out_since)
-    if settings.rekey_interval and age_now >= settings.rekey_interval:
+    if settings.rekey_interval and age(now, pg.out_since) >= settings.rekey_interval:
         return "scheduled rekey"
-    if age_now >= settings.key_max_seconds / 2:
+    return half_limit(pg, obs, settings, now)
+
+
+def half_limit(pg: PeerGenerations, obs: PeerObservation, settings: MeshSettings,
+               now: float) -> str | None:
+    """Which hard limit the current outbound key is half way to (None: none)."""
+    if age(now, pg.out_since) >= settings.key_max_seconds / 2:
         return "key age at half of key_max_seconds"
     if obs.out_packets >= settings.key_max_packets // 2:
         return "packets at half of key_max_packets"
@@ -370,8 +375,11 @@ def advance(pg: PeerGenerations, obs: PeerObservation, settings: MeshSettings, *
         while key_used(candidate):
             candidate += 1
         # A voluntary step leaves the last generation of the peer's window in reserve, so
-        # a VPP restart (which burns the key in use) can always step once more.
-        edge = pg.floor + WINDOW - (1 if forced else 2)
+        # a VPP restart (which burns the key in use) can always step once more. A key at
+        # its hard limit is as unusable as a burnt one: the reserve is for it too (else
+        # the pair fails closed although the peer accepts a generation).
+        reserve = pg.floor + WINDOW - 1
+        edge = reserve if forced or hard else reserve - 1
         # A pair that has no usable key anyway (the key is burnt, or at its limit) steps
         # as soon as the key is agreed, without waiting for the peer's "installed": there
         # is nothing left to break, and a peer in the same state installs our generation
@@ -415,6 +423,16 @@ def advance(pg: PeerGenerations, obs: PeerObservation, settings: MeshSettings, *
             pg.rekey_pending = True
             notes.append(f"{peer}: rekey deferred ({reason}): the peer has not yet moved to "
                          f"generation {pg.out}")
+            if said is not None and candidate <= reserve and \
+                    half_limit(pg, obs, settings, now) is not None:
+                # The reserve is the pair's next key if the one in use reaches its hard
+                # limit before the peer slides (a generation burnt by an agent or VPP
+                # restart in the middle of an agreement gets the pair here): agree it
+                # now, step into it only then, without a gap (keyed, as above). Only on
+                # the way to a limit: agreed early, it would count as used if this agent
+                # restarted, and the reserve is what a VPP restart steps to.
+                return Decision(keying=PeerKeying(outbound=pg.out, inbound=pg.window),
+                                notes=tuple(notes), want=candidate)
     return Decision(keying=PeerKeying(outbound=pg.out, inbound=pg.window), notes=tuple(notes),
                     stepped=stepped, downgraded=downgraded)
 
