@@ -460,3 +460,24 @@ def test_quiet_runs_decide_nothing_again_yet_every_time_and_packet_limit_holds(
     send(1 << 19)  # half of key_max_packets, between two runs
     result = session.run(now=start + 606)  # (deferred: the peer's window, not quiet)
     assert any("key_max_packets" in n for n in result.notes), result.notes
+
+
+def test_a_changed_entry_that_is_invalid_stops_the_run_before_vpp(tmp_path: Path) -> None:
+    """The mesh file is read entry by entry between full runs (config.split_nodes): a
+    node whose entry changes into an invalid one still stops the run before anything
+    reaches VPP, naming the field and the fix; the file fixed, the next run applies it."""
+    from vppmesh.errors import ConfigError
+
+    session, vpp, mesh_file, mesh = counted_session(tmp_path, nodes=4)
+    session.run()
+    session.run()
+    good = mesh_file.read_text()
+    key = mesh.nodes[1].public_key
+    assert good.count(key) == 1
+    mesh_file.write_text(good.replace(key, "not-a-key"))
+    sent = vpp.sent
+    with pytest.raises(ConfigError, match=r"nodes\.1\.public_key: .*vppmesh keygen"):
+        session.run()
+    assert vpp.sent == sent
+    mesh_file.write_text(dump_mesh(mesh))  # fixed, and node4 joins
+    assert any(c.kind == "sa" for c in session.run().changes)
