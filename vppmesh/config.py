@@ -314,7 +314,7 @@ class Mesh(BaseModel):
         self._mtu_fits(shapes)
         return self
 
-    def _pairs_can_meet(self, shapes: list[Shape]) -> None:
+    def _pairs_can_meet(self, shapes: Sequence[Shape]) -> None:
         """Every pair shares a family, with enough addresses of it for the tunnels."""
         wanted = self.settings.tunnels_per_peer
         # A node always needs the addresses of its primary family (also alone in the
@@ -347,7 +347,7 @@ class Mesh(BaseModel):
                         "(two tunnels cannot share a source and destination)"
                     )
 
-    def _mtu_fits(self, shapes: list[Shape]) -> None:
+    def _mtu_fits(self, shapes: Sequence[Shape]) -> None:
         worst = self.worst_overhead(shapes)
         ceiling = self.settings.underlay_mtu - worst
         if self.settings.pod_mtu is not None and self.settings.pod_mtu > ceiling:
@@ -363,9 +363,12 @@ class Mesh(BaseModel):
                 f"{worst}-byte overhead of this mesh's pairs; raise it to at least "
                 f"{576 + worst + 7}")
 
-    def worst_overhead(self, shapes: list[Shape] | None = None) -> int:
-        """Largest per-packet overhead of any pair (IPv4 ESP when there is no pair)."""
-        worst = worst_overhead(self.nodes, shapes)
+    def worst_overhead(self, shapes: Sequence[Shape] | None = None,
+                       nodes: Sequence[Node] | None = None) -> int:
+        """Largest per-packet overhead of any pair (IPv4 ESP when there is no pair).
+        `shapes`: those of `nodes` (this mesh's, in any order; by default in its order),
+        when the caller knows them already."""
+        worst = worst_overhead(self.nodes if nodes is None else nodes, shapes)
         return max_overhead(ipv6_underlay=False) if worst is None else worst
 
     def node(self, name: str) -> Node:
@@ -382,15 +385,17 @@ class Mesh(BaseModel):
         self.node(name)
         return sorted((n for n in self.nodes if n.name != name), key=lambda n: n.node_number)
 
-    def pod_mtu(self) -> int:
+    def pod_mtu(self, shapes: Sequence[Shape] | None = None,
+                nodes: Sequence[Node] | None = None) -> int:
         """Pod MTU for the whole mesh: the explicit setting or the worst case over pairs.
 
         One MTU serves every pod and every tunnel: a pod's packets may go to any peer,
         so the pair with the largest overhead (IPv6, ESP in UDP) sets it for all.
+        `shapes`, `nodes`: as for worst_overhead.
         """
         if self.settings.pod_mtu is not None:
             return self.settings.pod_mtu
-        return aligned_mtu(self.settings.underlay_mtu, self.worst_overhead())
+        return aligned_mtu(self.settings.underlay_mtu, self.worst_overhead(shapes, nodes))
 
 
 def _family_names(node: Node) -> str:
