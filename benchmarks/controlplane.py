@@ -440,15 +440,34 @@ PHASES = (("source", "vppmesh.node", "MeshFile.mesh"),
 RECONCILE_PARTS = ("index", "observe", "diff", "apply")
 
 
+GC_PHASE = "garbage collection"
+
+
 class Phases:
-    """Wraps the functions of PHASES with timers (in this benchmark process only)."""
+    """Wraps the functions of PHASES with timers (in this benchmark process only), and
+    times the cyclic garbage collections that run outside them (GC_PHASE): a run pauses
+    the collector while it allocates (reconcile.gc_paused), and the collections that
+    follow walk what the run left."""
 
     def __init__(self) -> None:
         self.spent: dict[str, float] = {}
         self._undo: list[tuple[object, str, object]] = []
+        self._depth = 0  # phases under way: a collection inside one is that phase's
+        self._collecting: float | None = None
+
+    def _collection(self, event: str, info: dict[str, int]) -> None:
+        if event == "start":
+            self._collecting = time.perf_counter() if self._depth == 0 else None
+        elif self._collecting is not None:
+            self.spent[GC_PHASE] = self.spent.get(GC_PHASE, 0.0) + \
+                time.perf_counter() - self._collecting
+            self._collecting = None
 
     def __enter__(self) -> Phases:
+        import gc
         import importlib
+
+        gc.callbacks.append(self._collection)
 
         for phase, module, name in PHASES:
             owner: object = importlib.import_module(module)
@@ -465,15 +484,20 @@ class Phases:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        import gc
+
+        gc.callbacks.remove(self._collection)
         for owner, attr, original in reversed(self._undo):
             setattr(owner, attr, original)
 
     def _timed(self, phase: str, fn):  # type: ignore[no-untyped-def]
         def timed(*args, **kwargs):  # type: ignore[no-untyped-def]
             started = time.perf_counter()
+            self._depth += 1
             try:
                 return fn(*args, **kwargs)
             finally:
+                self._depth -= 1
                 self.spent[phase] = self.spent.get(phase, 0.0) + time.perf_counter() - started
         return timed
 
