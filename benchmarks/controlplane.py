@@ -206,6 +206,13 @@ def pod_prefix(peers: int) -> int:
     return POD_PREFIX if peers + 2 < 1 << (POD_PREFIX - PODS.prefixlen) else LARGE_POD_PREFIX
 
 
+def statseg(peers: int) -> str | None:
+    """VPP's stats segment for the mesh: the profile's (64M) holds every interface's and
+    SA's counters up to 1000 peers x 4 tunnels; at 5000 the directory alone outgrows it
+    and VPP stops, so beyond 1000 peers 64M per 1000 peers."""
+    return None if peers <= 1000 else f"{64 * -(-peers // 1000)}M"
+
+
 def synthetic_node(number: int, tunnels: int, prefix: int = POD_PREFIX) -> Node:
     base = int(UNDERLAY.network_address) + number * 8
     pods = int(PODS.network_address) + number * (1 << (32 - prefix))
@@ -305,7 +312,8 @@ def measure(peers: int, tunnels: int, workers: int, prefix: str, base_dir: Path,
         build_view(joined, "n1", secrets, previous=current_view), workers=workers,
         host=HostOptions(kind="none"))
 
-    with single_vpp(f"{prefix}cp", base_dir / "controlplane", main_heap_size=heap) as instance, \
+    with single_vpp(f"{prefix}cp", base_dir / "controlplane", main_heap_size=heap,
+                    statseg_size=statseg(peers)) as instance, \
             VppClient(instance.api_socket, timeout=60).connect() as api:
         give_uplink(api, mesh.node("n1").primary)  # type: ignore[arg-type]
         rss_base = rss_bytes()
@@ -549,7 +557,8 @@ def measure_agents(peers: int, tunnels: int, prefix: str, base_dir: Path, heap: 
     mesh_file = work / "mesh.yaml"
     samples: dict[str, list[tuple[float, dict[str, float], int]]] = {
         "file join": [], "file leave": [], "datastore join": [], "datastore leave": []}
-    with single_vpp(f"{prefix}ag", base_dir / "agents", main_heap_size=heap) as instance, \
+    with single_vpp(f"{prefix}ag", base_dir / "agents", main_heap_size=heap,
+                    statseg_size=statseg(peers)) as instance, \
             Phases() as phases:
         with VppClient(instance.api_socket, timeout=60).connect() as api:
             give_uplink(api, local.primary)  # type: ignore[arg-type]
@@ -716,7 +725,8 @@ def measure_idle(peers: int, tunnels: int, prefix: str, base_dir: Path, heap: st
     mesh_file = work / "mesh.yaml"
     mesh_file.write_text(dump_mesh(base))
     results = []
-    with single_vpp(f"{prefix}id", base_dir / "idle", main_heap_size=heap) as instance, \
+    with single_vpp(f"{prefix}id", base_dir / "idle", main_heap_size=heap,
+                    statseg_size=statseg(peers)) as instance, \
             Phases() as phases, SaDumps() as dumps:
         with VppClient(instance.api_socket, timeout=60).connect() as api:
             give_uplink(api, base.nodes[0].primary)  # type: ignore[arg-type]
