@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import ipaddress
 
+import pytest
+
 from benchmarks.controlplane import (
     MAX_PEERS,
     PODS,
@@ -16,15 +18,16 @@ from benchmarks.controlplane import (
 )
 
 
-def test_synthetic_mesh_of_1000_peers_is_valid_and_deterministic() -> None:
-    mesh, secrets = synthetic_mesh(MAX_PEERS, 4)
-    assert len(mesh.nodes) == MAX_PEERS + 2  # the measured node, the peers, one to join
+@pytest.mark.parametrize("peers", [1000, MAX_PEERS])
+def test_synthetic_mesh_is_valid_and_deterministic(peers: int) -> None:
+    mesh, secrets = synthetic_mesh(peers, 4)
+    assert len(mesh.nodes) == peers + 2  # the measured node, the peers, one to join
     addresses = [a.ip for n in mesh.nodes for a in n.underlay]
     assert len(set(addresses)) == len(addresses)
     assert all(a in UNDERLAY for a in addresses)
     assert all(n.pod_cidr.subnet_of(PODS) for n in mesh.nodes)  # type: ignore[arg-type]
     assert mesh.node("n1").uplink == "loop0"
-    again, secrets_again = synthetic_mesh(MAX_PEERS, 4)
+    again, secrets_again = synthetic_mesh(peers, 4)
     assert again == mesh
     assert secrets_again.public_key_b64() == secrets.public_key_b64()
     assert ipaddress.ip_network("198.18.0.0/15").supernet_of(UNDERLAY)
@@ -48,12 +51,15 @@ def result(peers: int, scale: float) -> SizeResult:
 
 
 def test_report_shows_growth_and_names_missed_targets() -> None:
-    table = render_table([result(100, 0.1), result(MAX_PEERS, 1.0)])
+    table = render_table([result(100, 0.1), result(1000, 1.0)])
     assert "| peers | 100 | 1000 |" in table
     assert "first reconcile x10.0" in table
     assert "noop_full_s at 1000 peers: 1200 ms > 1000 ms" in table
     assert "first_reconcile_s" not in table.split("missed:")[1]
     assert "64 KiB" in table
+    large = render_table([result(1000, 1.0), result(5000, 6.0)])
+    assert "Targets at 1000 and 5000 peers (wall clock): missed:" in large
+    assert "first_reconcile_s at 5000 peers: 6000 ms > 5000 ms" in large
     baseline = render_baseline(BaselineResult(sas=2000, papi_sync_messages_per_s=1900,
                                               papi_sync_dump_s=0.6,
                                               pipelined_messages_per_s=60000,
@@ -89,12 +95,22 @@ def test_idle_report_compares_dumps_with_counters_and_names_missed_targets() -> 
                         join_cpu_s=join, leave_s=join,
                         join_phases={"source": 0.1, "total": join})
 
+    channel = mode("channel", 0.01, 0, 0.01).model_copy(update={
+        "cpu_s_per_minute": 0.3, "channel_cpu_share": 0.004})
     idle = IdleResult(peers=1000, tunnels_per_peer=4, rounds=10, poll_s=2, full_every_s=60,
                       load_average="1 1 1", converged=True,
-                      modes=[mode("dumps", 0.5, 1, 0.45), mode("counters", 0.02, 0, 0.15)])
+                      modes=[mode("dumps", 0.5, 1, 0.45), mode("counters", 0.02, 0, 0.15),
+                             channel])
     table = render_idle(idle)
     assert "| CPU per minute (2 s polls, resync every 60 s) | 15.50 s (25.8 % of a core) | " \
-        "1.58 s (2.6 % of a core) |" in table
-    assert "|   SA dumps per poll | 1 | 0 |" in table
-    assert "|   join: source | 100 ms | 100 ms |" in table
-    assert table.endswith("missed: idle CPU 2.6 % > 1 % of a core; join 150 ms > 20.0 ms.")
+        "1.58 s (2.6 % of a core) | 0.30 s (0.5 % of a core) |" in table
+    assert "|   of which the channel (timers, session rekeys) | - | - | 0.40 % of a core |" \
+        in table
+    assert "|   SA dumps per poll | 1 | 0 | 0 |" in table
+    assert "|   join: source | 100 ms | 100 ms | 100 ms |" in table
+    assert table.endswith("missed: idle CPU (counters) 2.6 % > 1 % of a core; "
+                          "join 150 ms > 20.0 ms.")
+    large = idle.model_copy(update={"peers": 5000, "modes": [channel.model_copy(update={
+        "cpu_s_per_minute": 2.4})]})
+    assert render_idle(large).endswith(
+        "missed: idle CPU (channel) 4.0 % > 3 % of a core.")

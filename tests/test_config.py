@@ -144,3 +144,111 @@ def test_reparse_takes_unchanged_nodes_as_they_were_and_checks_every_change() ->
     changed = parse_mesh(moved, "mesh.yaml", known)
     assert changed.nodes[0] is first.nodes[0] and changed.nodes[2] is not first.nodes[2]
     assert str(changed.nodes[2].pod_cidr) == "10.99.0.0/24"
+
+
+HAND_WRITTEN = """\
+# the lab's mesh
+settings:
+  tunnels_per_peer: 2
+
+nodes:   # every host
+  - name: a   # first
+    node_number: 1
+    underlay: [192.0.2.1/24, 192.0.2.2/24]
+    pod_cidr: 10.1.0.0/24
+    public_key: {k1}
+
+  # the second host
+  - name: b
+    node_number: 2
+    underlay:
+      - 192.0.2.3/24
+      - 192.0.2.4/24
+    pod_cidr: 10.1.1.0/24
+    public_key: >-
+      {k2}
+# trailing words
+"""
+
+
+def hand_written(**extra: str) -> str:
+    mesh, _ = make_mesh(2)
+    return HAND_WRITTEN.format(k1=mesh.nodes[0].public_key, k2=mesh.nodes[1].public_key,
+                               **extra)
+
+
+@pytest.mark.parametrize("text", [
+    pytest.param(dump_mesh(make_mesh(4)[0]), id="dumped"),
+    pytest.param(hand_written(), id="indented, comments, folded text"),
+    pytest.param(hand_written().replace("\n", "\r\n"), id="CRLF"),
+    pytest.param("nodes:\n- name: a\n  node_number: 1\nsettings:\n  key_epoch: 3\n",
+                 id="settings after nodes"),
+])
+def test_entries_read_alone_read_as_in_the_whole_file(text: str) -> None:
+    """`up --watch` reads only the entries of `nodes` whose text changed: each entry read
+    alone must give exactly what the whole file gives."""
+    from vppmesh.config import read_entries
+
+    read = read_entries(text, {})
+    assert read is not None
+    assert read[0] == yaml.safe_load(text)
+    assert len(read[1]) == len(yaml.safe_load(text)["nodes"])
+
+
+@pytest.mark.parametrize("text", [
+    "nodes: [{name: a}, {name: b}]\n",
+    "nodes:\n- &a {name: a}\n- *a\n",  # an alias to another entry's anchor
+    "---\nnodes:\n- name: a\n",
+    "nodes:\n- name: \"a\n- b\"\n",  # a quoted text running across entries
+    "nodes:\n\t- name: a\n",
+])
+def test_files_not_laid_out_as_entries_are_read_whole(text: str) -> None:
+    from vppmesh.config import read_entries
+
+    assert read_entries(text, {}) is None
+
+
+def test_reload_reads_and_validates_only_the_changed_entry_and_still_refuses_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """At 1000 nodes reading the whole mesh file cost more than the rest of a join: a
+    reload with the `known` nodes now reads and validates only the entries whose text
+    changed. A changed entry is still checked (its error names the field and the fix,
+    and nothing is taken from the file), and the mesh-wide checks see every node."""
+    import vppmesh.config as config
+
+    mesh, _ = make_mesh(20)
+    path = tmp_path / "mesh.yaml"
+    path.write_text(dump_mesh(mesh))
+    known: dict = {}
+    first = load_mesh(path, known)
+    moved = yaml.safe_load(dump_mesh(mesh))
+    moved["nodes"][7]["pod_cidr"] = "10.99.0.0/24"
+    bad = copy.deepcopy(moved)
+    bad["nodes"][12]["public_key"] = "not a key"
+    clash = copy.deepcopy(moved)
+    clash["nodes"][3]["pod_cidr"] = "10.99.0.0/25"  # inside node 7's, only 3 changed
+    moved_text, bad_text, clash_text = (yaml.safe_dump(d, sort_keys=False)
+                                        for d in (moved, bad, clash))
+    read: list[int] = []
+    validated: list[str] = []
+    real_load, real_decode = yaml.load, config.decode_key
+    monkeypatch.setattr(config.yaml, "load", lambda text, *a, **kw: (
+        read.append(len(text)), real_load(text, *a, **kw))[1])
+    monkeypatch.setattr(config, "decode_key", lambda value, *a, **kw: (
+        validated.append(value), real_decode(value, *a, **kw))[1])
+
+    path.write_text(moved_text)
+    changed = load_mesh(path, known)
+    assert str(changed.nodes[7].pod_cidr) == "10.99.0.0/24"
+    assert all(changed.nodes[i] is first.nodes[i] for i in range(20) if i != 7)
+    assert validated == [mesh.nodes[7].public_key]  # the one changed entry, no other
+    assert sum(read) < len(path.read_text()) / 4  # its text and the settings, not all
+
+    path.write_text(bad_text)
+    with pytest.raises(ConfigError, match=r"nodes\.12\.public_key: .*vppmesh keygen"):
+        load_mesh(path, known)
+    path.write_text(clash_text)
+    with pytest.raises(ConfigError, match=r"overlaps nodes\[node4\]\.pod_cidr 10\.99\.0\.0/25"):
+        load_mesh(path, known)
+    path.write_text(moved_text)
+    assert load_mesh(path, known) == changed

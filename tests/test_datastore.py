@@ -91,6 +91,39 @@ def test_later_record_claiming_an_address_number_or_key_is_rejected() -> None:
     assert membership.has("node1") and not membership.has("node3")
 
 
+def test_reassembling_decodes_only_changed_records_and_still_rejects_them(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The agent assembles every snapshot of a 1000-node mesh: with the last call's
+    `known` nodes, a record stored exactly as before is not decoded and validated again,
+    while a changed record is, and a changed record that became invalid is rejected with
+    its field named (and the mesh-wide checks still see every node)."""
+    import vppmesh.datastore.records as records_module
+
+    mesh, _ = make_mesh(6)
+    records = records_of(mesh)
+    known: dict = {}
+    first = assemble(mesh.settings, records, numbers_of(mesh), known)
+    parsed: list[str] = []
+    real = records_module.parse_record
+    monkeypatch.setattr(records_module, "parse_record",
+                        lambda r: (parsed.append(r.name), real(r))[1])
+    again = assemble(mesh.settings, records, numbers_of(mesh), known)
+    assert parsed == [] and again.mesh == first.mesh
+    assert all(a is b for a, b in zip(again.mesh.nodes, first.mesh.nodes, strict=True))
+
+    broken = records[2].value.replace(b'"pod_cidr":"10.64.3.0/24"', b'"pod_cidr":"x"')
+    assert broken != records[2].value
+    records[2] = Record(name="node3", value=broken, create_revision=12)
+    membership = assemble(mesh.settings, records, numbers_of(mesh), known)
+    assert parsed == ["node3"]
+    assert "pod_cidr" in membership.rejected["node3"] and not membership.has("node3")
+    clash = mesh.nodes[4].model_copy(update={"pod_cidr": mesh.nodes[0].pod_cidr})
+    records[4] = Record(name="node5", value=encode_record(clash), create_revision=14)
+    membership = assemble(mesh.settings, records, numbers_of(mesh), known)
+    assert parsed == ["node3", "node3", "node5"]  # the invalid one is not kept either
+    assert "overlaps" in membership.rejected["node5"]
+
+
 def test_too_few_addresses_for_the_settings_is_rejected() -> None:
     mesh, _ = make_mesh(2, tunnels=2)
     short = mesh.nodes[1].model_copy(update={"underlay": mesh.nodes[1].underlay[:1]})

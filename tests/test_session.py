@@ -559,3 +559,24 @@ def test_an_agent_restart_with_the_same_vpp_is_not_a_vpp_restart() -> None:
         assert again is not None and again.boot_id == boot
     finally:
         agents.close()
+
+
+def test_a_changed_entry_that_is_invalid_stops_the_run_before_vpp(tmp_path: Path) -> None:
+    """The mesh file is read entry by entry between full runs (config.split_nodes): a
+    node whose entry changes into an invalid one still stops the run before anything
+    reaches VPP, naming the field and the fix; the file fixed, the next run applies it."""
+    from vppmesh.errors import ConfigError
+
+    session, vpp, mesh_file, mesh = counted_session(tmp_path, nodes=4)
+    session.run()
+    session.run()
+    good = mesh_file.read_text()
+    key = mesh.nodes[1].public_key
+    assert good.count(key) == 1
+    mesh_file.write_text(good.replace(key, "not-a-key"))
+    sent = vpp.sent
+    with pytest.raises(ConfigError, match=r"nodes\.1\.public_key: .*vppmesh keygen"):
+        session.run()
+    assert vpp.sent == sent
+    mesh_file.write_text(dump_mesh(mesh))  # fixed, and node4 joins
+    assert any(c.kind == "sa" for c in session.run().changes)

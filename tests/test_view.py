@@ -184,3 +184,18 @@ def test_a_kept_view_plans_the_same_objects_and_the_index_compares_peer_by_peer(
     assert DesiredIndex(rekeyed, rekeyed_parts).changed_peers(DesiredIndex(desired, parts)) \
         == {2, 3, 4}
     assert DesiredIndex(joined, joined_parts).sas_of({5}) == DesiredIndex(joined).sas_of({5})
+
+
+def test_the_pod_mtu_follows_the_peers_that_join_and_leave() -> None:
+    """The view takes the pod MTU from its peers' shapes, kept with their views rather
+    than taken from every node again: a peer with ESP in UDP joining lowers it for the
+    whole mesh, and its leaving raises it again, exactly as the mesh computes it."""
+    mesh, secrets = make_mesh(4)
+    udp = mesh.nodes[3].model_copy(update={"udp_encap": True})
+    plain = Mesh(settings=mesh.settings, nodes=mesh.nodes[:3])
+    joined = Mesh(settings=mesh.settings, nodes=[*mesh.nodes[:3], udp])
+    first = build_view(plain, "node1", secrets["node1"])
+    with_udp = build_view(joined, "node1", secrets["node1"], previous=first)
+    left = build_view(plain, "node1", secrets["node1"], previous=with_udp)
+    assert first.pod_mtu == plain.pod_mtu() == left.pod_mtu
+    assert with_udp.pod_mtu == joined.pod_mtu() < first.pod_mtu

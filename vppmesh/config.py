@@ -12,6 +12,7 @@ import base64
 import binascii
 import ipaddress
 import itertools
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Literal
@@ -31,7 +32,7 @@ from vppmesh.errors import ConfigError
 from vppmesh.overhead import aligned_mtu, max_overhead, pod_mtu_for
 from vppmesh.underlay import (
     NAT_T_PORT,
-    addresses,
+    Shape,
     behind_nat,
     families,
     shape,
@@ -278,10 +279,12 @@ class Mesh(BaseModel):
         check_unique(self.nodes, "name", lambda n: n.name)
         check_unique(self.nodes, "node_number", lambda n: n.node_number)
         check_unique(self.nodes, "public_key", lambda n: n.public_key)
-        seen: dict[str, str] = {}
+        # By (family, integer): these checks run on every read of a 1000-node mesh file,
+        # and an address's text or .ip builds new objects.
+        seen: dict[tuple[int, int], str] = {}
         for node in self.nodes:
             for addr in node.underlay:
-                other = seen.setdefault(str(addr.ip), node.name)
+                other = seen.setdefault((addr.version, int(addr)), node.name)
                 if other != node.name:
                     raise ValueError(
                         f"nodes[{node.name}].underlay: {addr.ip} is already an address of "
@@ -290,7 +293,8 @@ class Mesh(BaseModel):
         for node in self.nodes:
             if node.nat is None:
                 continue
-            other = seen.setdefault(str(node.nat.public), node.name)
+            other = seen.setdefault((node.nat.public.version, int(node.nat.public)),
+                                    node.name)
             if other != node.name:
                 raise ValueError(
                     f"nodes[{node.name}].nat.public: {node.nat.public} is already an "
@@ -298,24 +302,25 @@ class Mesh(BaseModel):
                     "(their peers' tunnels would collide): give each its own")
         by_net = sorted(self.nodes, key=lambda n: (int(n.pod_cidr.network_address),
                                                    n.pod_cidr.prefixlen))
-        for left, right in itertools.pairwise(by_net):
-            if left.pod_cidr.overlaps(right.pod_cidr):
+        for left, right in itertools.pairwise(by_net):  # sorted: right starts within left?
+            if int(right.pod_cidr.network_address) <= int(left.pod_cidr.broadcast_address):
                 raise ValueError(
                     f"nodes[{left.name}].pod_cidr {left.pod_cidr} overlaps "
                     f"nodes[{right.name}].pod_cidr {right.pod_cidr}; give each node its "
                     "own range"
                 )
-        self._pairs_can_meet()
-        self._mtu_fits()
+        shapes = [shape(n) for n in self.nodes]  # once per node, for both checks
+        self._pairs_can_meet(shapes)
+        self._mtu_fits(shapes)
         return self
 
-    def _pairs_can_meet(self) -> None:
+    def _pairs_can_meet(self, shapes: Sequence[Shape]) -> None:
         """Every pair shares a family, with enough addresses of it for the tunnels."""
         wanted = self.settings.tunnels_per_peer
         # A node always needs the addresses of its primary family (also alone in the
         # mesh, as the first to join a datastore), and of every family its pairs use.
-        used = {shape(n): {n.primary.version} for n in self.nodes}
-        for left, right, family in shape_pairs(self.nodes):
+        used = {s: {s[1]} for s in shapes}
+        for left, right, family in shape_pairs(self.nodes, shapes):
             if family is None:
                 raise ValueError(
                     f"nodes[{left.name}] ({_family_names(left)} underlay) and "
@@ -329,9 +334,9 @@ class Mesh(BaseModel):
                 f"nodes {natted[0]} and {natted[1]} are both behind NAT, which needs "
                 f"settings.tunnels_per_peer=1 (it is {wanted}): their {wanted} tunnels would "
                 "all run between the same two public addresses and ports")
-        for node in self.nodes:
-            for family in sorted(used[shape(node)]):
-                have = len(addresses(node, family))
+        for node, node_shape in zip(self.nodes, shapes, strict=True):
+            for family in sorted(used[node_shape]):
+                have = sum(a.version == family for a in node.underlay)
                 # Behind NAT, every tunnel starts at the address the NAT forwards to.
                 need = 1 if behind_nat(node, family) else wanted
                 if have < need:
@@ -342,8 +347,8 @@ class Mesh(BaseModel):
                         "(two tunnels cannot share a source and destination)"
                     )
 
-    def _mtu_fits(self) -> None:
-        worst = self.worst_overhead()
+    def _mtu_fits(self, shapes: Sequence[Shape]) -> None:
+        worst = self.worst_overhead(shapes)
         ceiling = self.settings.underlay_mtu - worst
         if self.settings.pod_mtu is not None and self.settings.pod_mtu > ceiling:
             raise ValueError(
@@ -358,9 +363,12 @@ class Mesh(BaseModel):
                 f"{worst}-byte overhead of this mesh's pairs; raise it to at least "
                 f"{576 + worst + 7}")
 
-    def worst_overhead(self) -> int:
-        """Largest per-packet overhead of any pair (IPv4 ESP when there is no pair)."""
-        worst = worst_overhead(self.nodes)
+    def worst_overhead(self, shapes: Sequence[Shape] | None = None,
+                       nodes: Sequence[Node] | None = None) -> int:
+        """Largest per-packet overhead of any pair (IPv4 ESP when there is no pair).
+        `shapes`: those of `nodes` (this mesh's, in any order; by default in its order),
+        when the caller knows them already."""
+        worst = worst_overhead(self.nodes if nodes is None else nodes, shapes)
         return max_overhead(ipv6_underlay=False) if worst is None else worst
 
     def node(self, name: str) -> Node:
@@ -377,15 +385,17 @@ class Mesh(BaseModel):
         self.node(name)
         return sorted((n for n in self.nodes if n.name != name), key=lambda n: n.node_number)
 
-    def pod_mtu(self) -> int:
+    def pod_mtu(self, shapes: Sequence[Shape] | None = None,
+                nodes: Sequence[Node] | None = None) -> int:
         """Pod MTU for the whole mesh: the explicit setting or the worst case over pairs.
 
         One MTU serves every pod and every tunnel: a pod's packets may go to any peer,
         so the pair with the largest overhead (IPv6, ESP in UDP) sets it for all.
+        `shapes`, `nodes`: as for worst_overhead.
         """
         if self.settings.pod_mtu is not None:
             return self.settings.pod_mtu
-        return aligned_mtu(self.settings.underlay_mtu, self.worst_overhead())
+        return aligned_mtu(self.settings.underlay_mtu, self.worst_overhead(shapes, nodes))
 
 
 def _family_names(node: Node) -> str:
@@ -410,7 +420,7 @@ def format_validation_error(exc: ValidationError, source: str) -> str:
 
 
 def parse_mesh(data: object, source: str = "mesh", known: dict[str, Node] | None = None,
-               ) -> Mesh:
+               *, entries: list[str] | None = None) -> Mesh:
     """Validate already-decoded mesh data (from a file or a datastore).
 
     `known` (kept by a caller that parses the same mesh again and again, MeshFile): the
@@ -418,12 +428,14 @@ def parse_mesh(data: object, source: str = "mesh", known: dict[str, Node] | None
     node whose data is exactly one of those is taken as that Node instead of being
     validated again (a node's checks see only the node; at 1000 nodes they are most of
     a parse, and one node joining changes one); the mesh-wide checks run on every parse.
+    `entries` (load_mesh's): the text of each node in the file, which keys `known`
+    instead, the nodes already taken from it.
     """
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: expected a mapping with 'settings' and 'nodes' at the top")
     raw = data.get("nodes")
-    keys: list[str] | None = None
-    if known is not None and isinstance(raw, list):
+    keys = entries
+    if keys is None and known is not None and isinstance(raw, list):
         keys = [repr(n) for n in raw]
         data = {**data, "nodes": [known.get(k, n) for k, n in zip(keys, raw, strict=True)]}
     try:
@@ -439,11 +451,79 @@ def parse_mesh(data: object, source: str = "mesh", known: dict[str, Node] | None
 # libyaml's safe loader where PyYAML has it: a 1000-node mesh file reads 9x faster, and
 # `up --watch` reads it again on every change.
 SAFE_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+# split_nodes's, on the text after a newline put in front.
+_NODES_KEY = re.compile(r"\nnodes[ \t]*:")
+_NODES_BLOCK = re.compile(r"\nnodes:[ \t]*(#.*)?\r?\n")
+_DOCUMENT_MARKS = re.compile(r"\n(---|\.\.\.|%)")
+_TAB_INDENT = re.compile(r"\n *\t")
+_FIRST_LINE = re.compile(r"\n( *)([^ \r\n#])")  # not blank, not a comment
+
+
+def split_nodes(text: str) -> tuple[str, list[str]] | None:
+    """The mesh file cut into the rest (settings, `nodes:` with no value) and the text of
+    each entry of its block list `nodes`, or None when it is not laid out that way (a
+    flow list, several documents, tabs as indentation): then it is read whole.
+
+    Even libyaml's loader builds every value in Python: at 1000 nodes reading the file
+    costs more than the rest of a run, and one node joining changes one entry. An entry
+    is the lines from its `- ` to the next one at the same indentation; each part reads
+    alone as it reads inside the file, and any part that does not (an alias to another
+    entry's anchor, a quoted text running across entries) sends the file to a whole read,
+    whose errors carry the file's own line numbers."""
+    lined = "\n" + text  # every line starts after a newline: patterns find them fast
+    if len(_NODES_KEY.findall(lined)) != 1 or _DOCUMENT_MARKS.search(lined) or \
+            ("\t" in text and _TAB_INDENT.search(lined)):
+        return None
+    found = _NODES_BLOCK.search(lined)
+    first = _FIRST_LINE.search(lined, found.end() - 1) if found is not None else None
+    if found is None or first is None or first.group(2) != "-":
+        return None
+    start, depth = found.end(), len(first.group(1))
+    indent = " " * depth
+    # The list ends at the first line that is neither blank, a comment, an entry's
+    # start nor indented deeper than the entries (the next top-level key), or at the end.
+    shallower = rf" {{0,{depth - 1}}}[^ \r\n#]|" if depth else ""
+    beyond = re.compile(rf"\n(?:{shallower}{indent}[^ \r\n#-]|{indent}-[^ \r\n])").search(
+        lined, start - 1)
+    end = len(lined) if beyond is None else beyond.start() + 1
+    starts = [m.start() + 1 for m in re.compile(rf"\n{indent}-(?=[ \r\n]|$)")
+              .finditer(lined, start - 1, end)]
+    # Comments and blank lines before an entry stay with the one before it.
+    entries = [lined[a:b] for a, b in zip(starts, [*starts[1:], end], strict=True)]
+    return lined[1:start] + lined[end:], entries
+
+
+def read_entries(text: str, known: dict[str, Node],
+                 ) -> tuple[dict[str, object], list[str]] | None:
+    """The mesh file's data with every entry of `nodes` whose text is in `known` taken
+    as that Node and the others read alone (split_nodes), and the entries' texts; None:
+    read it whole."""
+    parts = split_nodes(text)
+    if parts is None:
+        return None
+    rest, entries = parts
+    try:
+        data = yaml.load(rest, Loader=SAFE_LOADER)
+        nodes: list[object] = []
+        for entry in entries:
+            node = known.get(entry)
+            if node is None:
+                alone = yaml.load(entry, Loader=SAFE_LOADER)
+                if not isinstance(alone, list) or len(alone) != 1:
+                    return None
+                node = alone[0]
+            nodes.append(node)
+    except yaml.YAMLError:
+        return None
+    if not isinstance(data, dict) or "nodes" not in data or data["nodes"] is not None:
+        return None
+    return {**data, "nodes": nodes}, entries
 
 
 def load_mesh(path: Path, known: dict[str, Node] | None = None) -> Mesh:
     """Load and validate a mesh file; errors name the field and the fix. `known`: see
-    parse_mesh."""
+    parse_mesh; with it, only the entries of `nodes` whose text changed since the last
+    load are read and validated again (split_nodes)."""
     try:
         size = path.stat().st_size
     except OSError as exc:
@@ -452,12 +532,15 @@ def load_mesh(path: Path, known: dict[str, Node] | None = None) -> Mesh:
         raise ConfigError(f"{path}: {size} bytes is larger than the {MAX_MESH_FILE_BYTES} "
                           "bytes a mesh file may have")
     try:
-        data = yaml.load(path.read_text(encoding="utf-8"), Loader=SAFE_LOADER)
+        text = path.read_text(encoding="utf-8")
+        read = read_entries(text, known) if known is not None else None
+        data, entries = read if read is not None else (
+            yaml.load(text, Loader=SAFE_LOADER), None)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not UTF-8 text") from None
-    return parse_mesh(data, str(path), known)
+    return parse_mesh(data, str(path), known, entries=entries)
 
 
 def node_data(node: Node) -> dict[str, object]:

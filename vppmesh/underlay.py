@@ -125,19 +125,25 @@ def path(local: Node, peer: Node, count: int) -> PairPath:
     return PairPath(family=family, endpoints=endpoints, udp_encap=udp, udp_dst_port=port)
 
 
-def shape(node: Node) -> tuple[frozenset[int], int, bool]:
+Shape = tuple[frozenset[int], int, bool]  # families, the primary's, ESP in UDP
+
+
+def shape(node: Node) -> Shape:
     """What pair_family and the overhead depend on: nodes of one shape behave alike."""
     return families(node), node.primary.version, uses_udp(node)
 
 
-def shape_pairs(nodes: Iterable[Node]) -> Iterator[tuple[Node, Node, int | None]]:
+def shape_pairs(nodes: Iterable[Node], shapes: Iterable[Shape] | None = None,
+                ) -> Iterator[tuple[Node, Node, int | None]]:
     """(a node, another node, the family their pair uses or None) once per pair of node
     shapes that occurs in the mesh: cheap on large meshes, since nodes of one shape pair
-    alike. A shape pairs with itself only when two nodes have it."""
-    example: dict[tuple[frozenset[int], int, bool], Node] = {}
-    count: dict[tuple[frozenset[int], int, bool], int] = {}
-    for node in nodes:
-        key = shape(node)
+    alike. A shape pairs with itself only when two nodes have it. `shapes`: the nodes'
+    shapes, when the caller has them already."""
+    example: dict[Shape, Node] = {}
+    count: dict[Shape, int] = {}
+    nodes = list(nodes)
+    for node, key in zip(nodes, shapes if shapes is not None else map(shape, nodes),
+                         strict=True):
         example.setdefault(key, node)
         count[key] = count.get(key, 0) + 1
     shapes = list(example)
@@ -148,10 +154,11 @@ def shape_pairs(nodes: Iterable[Node]) -> Iterator[tuple[Node, Node, int | None]
             yield example[a], example[b], choose_family(a[0], a[1], b[0], b[1])
 
 
-def worst_overhead(nodes: Iterable[Node]) -> int | None:
+def worst_overhead(nodes: Iterable[Node], shapes: Iterable[Shape] | None = None,
+                   ) -> int | None:
     """The largest per-packet overhead of any pair of the mesh (None: no pair)."""
     worst = None
-    for a, b, family in shape_pairs(nodes):
+    for a, b, family in shape_pairs(nodes, shapes):
         if family is None:
             continue
         overhead = max_overhead(ipv6_underlay=family == 6,

@@ -25,7 +25,7 @@ from typing import Any
 from vppmesh.config import Mesh, MeshSettings, Node
 from vppmesh.errors import KeyFileError
 from vppmesh.keys import NodeSecrets, SaKey, derive_sa_key, pair_secret
-from vppmesh.underlay import PairPath, path
+from vppmesh.underlay import PairPath, Shape, path, shape
 
 
 @dataclass(frozen=True)
@@ -39,6 +39,11 @@ class PeerView:
     # fields above and those inputs, so they live as long as the peer's view.
     planned: dict[tuple[object, ...], Any] = field(default_factory=dict, repr=False,
                                                    compare=False)
+    # The record's shape (underlay.shape), for the pod MTU of the next mesh version.
+    shape: Shape = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "shape", shape(self.node))
 
     @property
     def name(self) -> str:
@@ -130,5 +135,9 @@ def build_view(mesh: Mesh, node: str | Node, secrets: NodeSecrets, *,
         else:
             secret = pair_secret(secrets, node.public_key_bytes, own_key)
         peers.append(PeerView(node=node, path=path(local, node, count), secret=secret))
-    return LocalView(mesh=mesh, node=local, pod_mtu=mesh.pod_mtu(), peers=tuple(peers),
+    # The pod MTU from the peers' shapes, kept with their views: a mesh of a thousand
+    # nodes would take every node's shape again for every version.
+    pod_mtu = mesh.pod_mtu([shape(local), *(p.shape for p in peers)],
+                           [local, *(p.node for p in peers)])
+    return LocalView(mesh=mesh, node=local, pod_mtu=pod_mtu, peers=tuple(peers),
                      secrets=secrets, by_name=MappingProxyType({p.name: p for p in peers}))

@@ -146,6 +146,7 @@ class MembershipAgent:
         self.watch_broken = threading.Event()
         self.applied: Mesh | None = None
         self.rejected: dict[str, str] = {}
+        self._records: dict[tuple[str, bytes], Node] = {}  # the last snapshot's (assemble)
         self.blocked: list[str] = []
         self.changed_at: float | None = None
         self.event_at: float | None = None  # when the watch reported the change applied now
@@ -251,7 +252,7 @@ class MembershipAgent:
             self.register(self.registration.lease)
             snap = self.store.snapshot()
         settings = self.store.settings(snap)
-        membership = assemble(settings, snap.records, snap.numbers)
+        membership = assemble(settings, snap.records, snap.numbers, self._records)
         if membership.rejected != self.rejected:  # report each conflict once
             for reason in sorted(set(membership.rejected.values())):
                 log.error("ignoring %s", reason)

@@ -184,16 +184,27 @@ def mesh_error(settings: MeshSettings, nodes: list[Node]) -> str | None:
 
 
 def assemble(settings: MeshSettings, records: Iterable[Record],
-             numbers: Mapping[int, str]) -> Membership:
-    """The mesh of every acceptable record; earlier records win every conflict."""
+             numbers: Mapping[int, str],
+             known: dict[tuple[str, bytes], Node] | None = None) -> Membership:
+    """The mesh of every acceptable record; earlier records win every conflict.
+
+    `known` (kept by the agent, which assembles every snapshot): the nodes of the last
+    call by record name and value, refilled with this call's. A record stored exactly
+    as before is taken as its Node without being decoded and validated again (at 1000
+    nodes that was most of a sync, and one node joining changes one record); a changed
+    one is checked as any, and the mesh-wide checks see every node."""
     rejected: dict[str, str] = {}
     candidates: list[Node] = []
+    parsed: dict[tuple[str, bytes], Node] = {}
     for record in sorted(records, key=lambda r: (r.create_revision, r.name)):
-        try:
-            node = parse_record(record)
-        except ConfigError as exc:
-            rejected[record.name] = str(exc)
-            continue
+        node = known.get((record.name, record.value)) if known is not None else None
+        if node is None:
+            try:
+                node = parse_record(record)
+            except ConfigError as exc:
+                rejected[record.name] = str(exc)
+                continue
+        parsed[(record.name, record.value)] = node
         owner = numbers.get(node.node_number)
         if owner != node.name:
             rejected[node.name] = (
@@ -202,10 +213,15 @@ def assemble(settings: MeshSettings, records: Iterable[Record],
                 + "; let `vppmesh up --datastore` allocate a number")
             continue
         candidates.append(node)
+    if known is not None:
+        known.clear()
+        known.update(parsed)
     if not candidates:
         return Membership(mesh=None, rejected=rejected)
-    if mesh_error(settings, candidates) is None:  # the usual case: one validation
+    try:  # the usual case: one validation
         return Membership(mesh=Mesh(settings=settings, nodes=candidates), rejected=rejected)
+    except ValidationError:
+        pass  # find the records that break it, earliest first
     accepted: list[Node] = []
     for node in candidates:
         error = mesh_error(settings, [*accepted, node])

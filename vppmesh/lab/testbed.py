@@ -541,7 +541,8 @@ def start_vpp(vpp: Path, netns: str, instance: Instance, workdir: Path,
 @contextmanager
 def single_vpp(netns: str, run_dir: Path, *, profile: str = "testbed",
                main_heap_size: str | None = None, workers: int = 0,
-               main_core: int | None = None) -> Iterator[Instance]:
+               main_core: int | None = None,
+               statseg_size: str | None = None) -> Iterator[Instance]:
     """One VPP (no uplink, no peers) in its own namespace, for control-plane work and
     the encrypt-only capacity runs (`workers`, main thread pinned to `main_core`).
 
@@ -557,6 +558,8 @@ def single_vpp(netns: str, run_dir: Path, *, profile: str = "testbed",
         loaded = loaded.model_copy(update={"main_heap_size": main_heap_size})
     if main_core is not None:
         loaded = loaded.model_copy(update={"main_core": main_core})
+    if statseg_size is not None:
+        loaded = loaded.model_copy(update={"statseg_size": statseg_size})
     try:
         sh("ip", "netns", "add", netns)
         in_ns(netns, "ip", "link", "set", "lo", "up")
