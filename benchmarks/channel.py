@@ -40,10 +40,10 @@ from vppmesh.channel.transport import (
     build_packet,
     parse_punted,
 )
-from vppmesh.keys import NodeSecrets
+from vppmesh.dataplane.vpp import punt
+from vppmesh.dataplane.vpp.client import VppClient
+from vppmesh.keying.keys import NodeSecrets
 from vppmesh.lab.testbed import NodeHandle, Testbed, TestbedSpec
-from vppmesh.vpp import punt
-from vppmesh.vpp.client import VppClient
 
 PSK = bytes(range(32))
 T0 = 1_000_000.0  # the benchmark's clock: seconds, advanced by hand

@@ -5,7 +5,7 @@ In process (no VPP, no root): one node's `Channel` and N peers' `Channel`s (no s
 as benchmarks.channel), driven through a stretch of simulated time by a fake clock: the
 channels' own timers (session rekeys every REKEY_AFTER, keepalives carrying the repeated
 acknowledgements) and, per pair and both ways, the rotation the agents run
-(vppmesh/secrecy.py, epochs.py): KeyInit/KeyResponse, the receiver's "installed", the
+(vppmesh/agent/secrecy.py, epochs.py): KeyInit/KeyResponse, the receiver's "installed", the
 sender's switch and "sending", the receiver's "slid" after rekey_grace, the retired
 generations. Rotations start at steady-state phases (each pair's key age uniform over the
 interval). Measured: the CPU of the node's side alone (its Channel calls and the SA key
@@ -17,7 +17,7 @@ With ``--vpp`` (root, VPPMESH_VPP): one VPP holding the node's N peers (the cont
 benchmark's synthetic mesh), the reconcile of each step of one pair's rotation (the
 receiver replacing its inbound SAs of the generation with the agreed keys, the sender
 switching its outbound SAs, the receiver sliding its window), and one run of the agent
-at this size (`Session.run` with nothing to change: the SA dump key generations watch,
+at this size (`Agent.run` with nothing to change: the SA dump key generations watch,
 plan, reconcile), which is what every event that wakes a run costs.
 """
 
@@ -41,11 +41,11 @@ from benchmarks.capacity.report import machine
 from benchmarks.channel import PSK, T0, channels, write_results
 from benchmarks.report import DEFAULT_RESULTS_DIR
 from benchmarks.stats import median
+from vppmesh.agent.loop import WATCH_FILE_CHECK_SECONDS, WATCH_POLL_SECONDS
 from vppmesh.channel import session as s
 from vppmesh.channel.endpoint import PORT
 from vppmesh.config import MeshSettings
-from vppmesh.keys import derive_sa_key_ephemeral
-from vppmesh.watch import WATCH_FILE_CHECK_SECONDS, WATCH_POLL_SECONDS
+from vppmesh.keying.keys import derive_sa_key_ephemeral
 
 INTERVALS = (120, 300, 600)
 HUB = 1  # the measured node
@@ -325,8 +325,8 @@ def measure_ledger(entries: int) -> dict[str, float]:
 
     from pydantic import SecretBytes
 
-    from vppmesh.ledger import KeyLedger
-    from vppmesh.state import SaSpec
+    from vppmesh.dataplane.state import SaSpec
+    from vppmesh.keying.ledger import KeyLedger
 
     directory = Path(tempfile.mkdtemp(prefix="vppmesh-ledger-"))
     try:
@@ -354,9 +354,9 @@ def rotation_steps(api: Any, reconciler: Any, view: Any, host: Any, keying: dict
     """One pair's rotation through `reconciler`, step by step: (wall, CPU, messages,
     plan CPU) of each. `keying` and `agreed` are updated in place."""
     from benchmarks.controlplane import timed_cpu
+    from vppmesh.dataplane.plan import plan_by_peer
+    from vppmesh.dataplane.view import AgreedKeys
     from vppmesh.keying.epochs import PeerKeying
-    from vppmesh.plan import plan_by_peer
-    from vppmesh.view import AgreedKeys
 
     tunnels = view.settings.tunnels_per_peer
     number = view.peer(peer).node.node_number
@@ -393,15 +393,15 @@ def measure_vpp(peers: int, tunnels: int, rounds: int, prefix: str, base_dir: Pa
     """One pair's rotation steps reconciled against a VPP holding `peers` peers, and one
     run of the agent at that size (see the module)."""
     from benchmarks.controlplane import give_uplink, synthetic_mesh, timed_cpu, with_nodes
+    from vppmesh.agent.node import Agent, NodeOptions
     from vppmesh.config import dump_mesh
+    from vppmesh.dataplane.plan import HostOptions, plan_by_peer
+    from vppmesh.dataplane.reconcile import Reconciler
+    from vppmesh.dataplane.view import AgreedKeys, build_view
+    from vppmesh.dataplane.vpp.client import VppClient
     from vppmesh.keying.epochs import PeerKeying
-    from vppmesh.keys import private_key_b64, write_secret_file
+    from vppmesh.keying.keys import private_key_b64, write_secret_file
     from vppmesh.lab.testbed import single_vpp
-    from vppmesh.node import NodeOptions, Session
-    from vppmesh.plan import HostOptions, plan_by_peer
-    from vppmesh.reconcile import Reconciler
-    from vppmesh.view import AgreedKeys, build_view
-    from vppmesh.vpp.client import VppClient
 
     mesh, secrets = synthetic_mesh(peers, tunnels)
     mesh = with_nodes(mesh, mesh.nodes[:-1])
@@ -430,7 +430,7 @@ def measure_vpp(peers: int, tunnels: int, rounds: int, prefix: str, base_dir: Pa
         write_secret_file(key, private_key_b64(secrets.private_key))
         mesh_file = work / "mesh.yaml"
         mesh_file.write_text(dump_mesh(mesh))
-        session = Session(NodeOptions(mesh_file=mesh_file, node="n1", private_key=key,
+        session = Agent(NodeOptions(mesh_file=mesh_file, node="n1", private_key=key,
                                       api_socket=instance.api_socket, host_link="none",
                                       workers=0, state_dir=work))
         try:

@@ -38,16 +38,16 @@ from statistics import median
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from pydantic import BaseModel, ConfigDict
 
+from vppmesh.agent.node import FULL_EVERY_SECONDS
 from vppmesh.config import Mesh, MeshSettings, Node
-from vppmesh.keys import NodeSecrets, derive_sa_key, pair_secret, public_key_b64
+from vppmesh.dataplane.plan import HostOptions, plan, plan_by_peer
+from vppmesh.dataplane.reconcile import Reconciler
+from vppmesh.dataplane.state import DesiredState
+from vppmesh.dataplane.view import build_view
+from vppmesh.dataplane.vpp import interfaces, ipsec
+from vppmesh.dataplane.vpp.client import VppClient
+from vppmesh.keying.keys import NodeSecrets, derive_sa_key, pair_secret, public_key_b64
 from vppmesh.lab.testbed import TestbedError, find_vpp, require_root, single_vpp
-from vppmesh.node import FULL_EVERY_SECONDS
-from vppmesh.plan import HostOptions, plan, plan_by_peer
-from vppmesh.reconcile import Reconciler
-from vppmesh.state import DesiredState
-from vppmesh.view import build_view
-from vppmesh.vpp import interfaces, ipsec
-from vppmesh.vpp.client import VppClient
 
 DEFAULT_SIZES = (100, 300, 1000)
 DEFAULT_PREFIX = "vmc-"
@@ -422,29 +422,29 @@ def measure_baseline(prefix: str, base_dir: Path, sas: int = BASELINE_SAS) -> Ba
 # Where one change's time goes: each phase is one or two functions of the agent's run,
 # timed where they are called (the rest of `up` is "other"). reconcile() looks for the
 # uplink only on full runs, so "uplink and guard" is `up`'s own lookup.
-PHASES = (("source", "vppmesh.node", "MeshFile.mesh"),
-          ("source", "vppmesh.datastore.agent", "MembershipAgent.mesh"),
-          ("view", "vppmesh.node", "local_view"),
-          ("key state: SAs (dump or counters)", "vppmesh.node", "read_key_sas"),
-          ("key state: observe", "vppmesh.node", "observe_keys"),
+PHASES = (("source", "vppmesh.agent.node", "MeshFile.mesh"),
+          ("source", "vppmesh.agent.datastore.membership", "MembershipSource.mesh"),
+          ("view", "vppmesh.agent.node", "local_view"),
+          ("key state: SAs (dump or counters)", "vppmesh.agent.node", "read_key_sas"),
+          ("key state: observe", "vppmesh.agent.node", "observe_keys"),
           ("generations", "vppmesh.keying.epochs", "schedule"),
-          ("plan", "vppmesh.node", "planned"),
-          ("reconcile", "vppmesh.node", "apply"),
+          ("plan", "vppmesh.agent.node", "planned"),
+          ("reconcile", "vppmesh.agent.node", "apply"),
           ("generation file", "vppmesh.keying.epochs", "GenerationStore.load"),
           ("generation file", "vppmesh.keying.epochs", "GenerationStore.save"),
-          ("uplink and guard", "vppmesh.vpp.interfaces", "find_uplink"),
-          ("uplink and guard", "vppmesh.guard", "ensure"),
-          ("VPP pid and workers", "vppmesh.vpp.system", "vpp_pid"),
-          ("VPP pid and workers", "vppmesh.vpp.system", "worker_count"),
+          ("uplink and guard", "vppmesh.dataplane.vpp.interfaces", "find_uplink"),
+          ("uplink and guard", "vppmesh.host.guard", "ensure"),
+          ("VPP pid and workers", "vppmesh.dataplane.vpp.system", "vpp_pid"),
+          ("VPP pid and workers", "vppmesh.dataplane.vpp.system", "worker_count"),
           ("mesh changed? (compare)", "vppmesh.config", "Mesh.__eq__"),
-          ("key and PSK files (stat)", "vppmesh.node", "Session._secret_files"),
-          ("NAT ports", "vppmesh.node", "ported_view"),
-          ("NAT ports", "vppmesh.node", "saved_ports"),
-          ("keying: usable", "vppmesh.node", "usable_keying"),
-          ("keying: agreed", "vppmesh.secrecy", "KeyBook.agreed"),
-          ("generation file", "vppmesh.epochs", "GenerationStore.text"),
-          ("result: pair secrecy", "vppmesh.node", "pair_secrecy"),
-          ("result: next change", "vppmesh.epochs", "next_change"))
+          ("key and PSK files (stat)", "vppmesh.agent.node", "Agent._secret_files"),
+          ("NAT ports", "vppmesh.agent.nat", "ported_view"),
+          ("NAT ports", "vppmesh.agent.nat", "saved_ports"),
+          ("keying: usable", "vppmesh.agent.node", "usable_keying"),
+          ("keying: agreed", "vppmesh.keying.book", "KeyBook.agreed"),
+          ("generation file", "vppmesh.keying.epochs", "GenerationStore.text"),
+          ("result: pair secrecy", "vppmesh.agent.node", "pair_secrecy"),
+          ("result: next change", "vppmesh.keying.epochs", "next_change"))
 RECONCILE_PARTS = ("index", "observe", "diff", "apply")
 
 
@@ -532,18 +532,18 @@ def one_change(run, reconciler_of, phases: Phases):  # type: ignore[no-untyped-d
 
 def measure_agents(peers: int, tunnels: int, prefix: str, base_dir: Path, heap: str,
                    rounds: int = 5) -> AgentResult:
-    """The same joins and leaves through the mesh file's Session and the datastore agent,
+    """The same joins and leaves through the mesh file's Agent and the datastore agent,
     on one VPP holding `peers` peers; each round a new peer (a key never used before)."""
     import tempfile
 
+    from vppmesh.agent.datastore.etcd import EtcdStore, b64
+    from vppmesh.agent.datastore.membership import DatastoreOptions, LocalNode, MembershipSource
+    from vppmesh.agent.datastore.records import DatastoreUrl, encode_record
+    from vppmesh.agent.node import Agent, NodeOptions
     from vppmesh.config import dump_mesh
-    from vppmesh.datastore.agent import DatastoreOptions, LocalNode, MembershipAgent
-    from vppmesh.datastore.etcd import EtcdStore, b64
-    from vppmesh.datastore.records import DatastoreUrl, encode_record
-    from vppmesh.keys import private_key_b64, write_secret_file
+    from vppmesh.dataplane.vpp.stats import SaCounters
+    from vppmesh.keying.keys import private_key_b64, write_secret_file
     from vppmesh.lab.etcd import running_etcd
-    from vppmesh.node import NodeOptions, Session
-    from vppmesh.vpp.stats import SaCounters
 
     load = " ".join(Path("/proc/loadavg").read_text().split()[:3])
     mesh, secrets = synthetic_mesh(peers, tunnels)
@@ -567,7 +567,7 @@ def measure_agents(peers: int, tunnels: int, prefix: str, base_dir: Path, heap: 
                               state_dir=work)
         # `up --watch` with a mesh file: the file changes, the next poll applies it.
         mesh_file.write_text(dump_mesh(base))
-        session = Session(options, counters=SaCounters(instance.stats_socket))
+        session = Agent(options, counters=SaCounters(instance.stats_socket))
         try:
             session.run()  # programs the whole mesh
             session.run()
@@ -598,7 +598,7 @@ def measure_agents(peers: int, tunnels: int, prefix: str, base_dir: Path, heap: 
             others = base.nodes[1:]
             for start in range(0, len(others), 64):  # etcd takes 128 operations per txn
                 store._txn([], [op for n in others[start:start + 64] for op in put(n)])
-            member = MembershipAgent(options, DatastoreOptions(url=url, local=LocalNode(
+            member = MembershipSource(options, DatastoreOptions(url=url, local=LocalNode(
                 underlay=tuple(local.underlay), pod_cidr=local.pod_cidr,
                 node_number=local.node_number, uplink=local.uplink)), store=store,
                 stats_socket=instance.stats_socket)
@@ -643,7 +643,7 @@ def measure_agents(peers: int, tunnels: int, prefix: str, base_dir: Path, heap: 
 
 # ---- the idle agent ---------------------------------------------------------------------
 POLL_SECONDS = 2.0  # `up --watch`'s poll (watch.WATCH_POLL_SECONDS)
-FULL_EVERY = FULL_EVERY_SECONDS  # Session.full_every
+FULL_EVERY = FULL_EVERY_SECONDS  # Agent.full_every
 # Issue 30: an idle agent (with and without the channel) and one peer joining.
 IDLE_TARGETS = {1000: {"cpu_share": 0.01, "join_s": 0.020, "join_reconcile_s": 0.005},
                 5000: {"cpu_share": 0.03}}
@@ -702,16 +702,16 @@ class SaDumps:
 
 def measure_idle(peers: int, tunnels: int, prefix: str, base_dir: Path, heap: str,
                  rounds: int = 10, modes: tuple[str, ...] = IDLE_MODES) -> IdleResult:
-    """One VPP holding `peers` peers; per mode a new agent (Session, as `up --watch` makes
+    """One VPP holding `peers` peers; per mode a new agent (Agent, as `up --watch` makes
     it) on it: its first run (full), `rounds` polls with nothing to change, a periodic
     resync, then `rounds` // 2 peers joining and leaving through the mesh file (each a new
     peer). CPU is this process's (the agent's), whatever else the shared machine runs."""
     import tempfile
 
+    from vppmesh.agent.node import Agent, NodeOptions
     from vppmesh.config import dump_mesh
-    from vppmesh.keys import private_key_b64, write_secret_file
-    from vppmesh.node import NodeOptions, Session
-    from vppmesh.vpp.stats import SaCounters
+    from vppmesh.dataplane.vpp.stats import SaCounters
+    from vppmesh.keying.keys import private_key_b64, write_secret_file
 
     load = " ".join(Path("/proc/loadavg").read_text().split()[:3])
     mesh, secrets = synthetic_mesh(peers, tunnels)
@@ -736,7 +736,7 @@ def measure_idle(peers: int, tunnels: int, prefix: str, base_dir: Path, heap: st
         for mode in modes:
             counters = SaCounters(instance.stats_socket) if mode != "dumps" else None
             # Resyncs come when this benchmark says (full_every is far away).
-            session = Session(options, counters=counters, full_every=1e9)
+            session = Agent(options, counters=counters, full_every=1e9)
             if mode == "channel":
                 session._quiet = NeverQuiet()  # type: ignore[assignment]
             try:
@@ -788,7 +788,7 @@ def measure_idle(peers: int, tunnels: int, prefix: str, base_dir: Path, heap: st
             finally:
                 session.close()
         with VppClient(instance.api_socket, timeout=60).connect() as api:
-            last = Session(options, connect=lambda: api).run(dry_run=True)  # type: ignore[arg-type,return-value]
+            last = Agent(options, connect=lambda: api).run(dry_run=True)  # type: ignore[arg-type,return-value]
             converged = last.changes == []
     shutil.rmtree(work, ignore_errors=True)
     return IdleResult(peers=peers, tunnels_per_peer=tunnels, rounds=rounds,

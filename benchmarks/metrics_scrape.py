@@ -33,8 +33,8 @@ from statistics import median
 from prometheus_client import CollectorRegistry, generate_latest
 
 from vppmesh.keying.epochs import GenerationState, PeerGenerations
-from vppmesh.metrics import AgentMetrics, MetricsServer, families
-from vppmesh.status import NodeStatus, PeerStatus, SaStatus, TunnelStatus
+from vppmesh.ops.metrics import AgentMetrics, MetricsServer, families
+from vppmesh.ops.status import NodeStatus, PeerStatus, SaStatus, TunnelStatus
 
 
 def synthetic_status(peers: int, tunnels: int) -> NodeStatus:
@@ -146,9 +146,9 @@ def with_vpp(peers: int, tunnels: int, rounds: int) -> None:
         synthetic_mesh,
         with_nodes,
     )
+    from vppmesh.dataplane.reconcile import Reconciler
+    from vppmesh.dataplane.vpp.client import VppClient
     from vppmesh.lab.testbed import require_root, single_vpp
-    from vppmesh.reconcile import Reconciler
-    from vppmesh.vpp.client import VppClient
 
     require_root()
     mesh, secrets = synthetic_mesh(peers, tunnels)

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 import pytest
 
 from vppmesh.config import Mesh
-from vppmesh.keys import NodeSecrets
+from vppmesh.keying.keys import NodeSecrets
 
 # Assertions in the shared test helpers are reported like those in the tests.
 pytest.register_assert_rewrite("vppmesh.testing")
@@ -23,9 +23,9 @@ def mesh3() -> tuple[Mesh, dict[str, NodeSecrets]]:
 @pytest.fixture(autouse=True, scope="session")
 def core_dumps_left_to_pytest() -> Iterator[None]:
     """Every process that loads a private key forbids its own core dumps
-    (vppmesh/hardening.py); the tests load keys in pytest's own process, which stays as
+    (vppmesh/agent/hardening.py); the tests load keys in pytest's own process, which stays as
     it was (test_keys checks the real thing in a subprocess)."""
-    from vppmesh import hardening
+    from vppmesh.agent import hardening
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(hardening, "forbid_core_dumps", lambda: None)

@@ -33,7 +33,7 @@ from typing import Any
 import pytest
 import yaml
 
-from vppmesh.metrics import (
+from vppmesh.ops.metrics import (
     AgentMetrics,
     MetricsServer,
     MetricsTls,

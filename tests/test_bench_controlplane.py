@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import importlib
 import ipaddress
 
 import pytest
 
 from benchmarks.controlplane import (
     MAX_PEERS,
+    PHASES,
     PODS,
     UNDERLAY,
     BaselineResult,
@@ -114,3 +116,14 @@ def test_idle_report_compares_dumps_with_counters_and_names_missed_targets() -> 
         "cpu_s_per_minute": 2.4})]})
     assert render_idle(large).endswith(
         "missed: idle CPU (channel) 4.0 % > 3 % of a core.")
+
+
+def test_every_timed_phase_names_a_function_that_exists() -> None:
+    """A phase whose module or function moved would be timed as nothing: its time would
+    land in "other" without a word."""
+    for phase, module, name in PHASES:
+        owner: object = importlib.import_module(module)
+        for part in name.split("."):
+            assert hasattr(owner, part), (phase, module, name)
+            owner = getattr(owner, part)
+        assert callable(owner), (phase, module, name)

@@ -1,7 +1,7 @@
 """The channel against clock attacks: a caller's clock that steps (token buckets, session
 ages), handshake timestamps (grain, strictness, marks that outlive the Channel) and the
 lower node yielding when its own handshakes keep failing. The agent's own clock never
-steps (vppmesh/clock.py, tests/test_clock.py); the channel must not rely on that."""
+steps (vppmesh/agent/clock.py, tests/test_clock.py); the channel must not rely on that."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from vppmesh.channel import messages as m
 from vppmesh.channel import session as s
 from vppmesh.channel.noise import public_bytes
-from vppmesh.keys import NodeSecrets
+from vppmesh.keying.keys import NodeSecrets
 from vppmesh.testing.channel_net import ADDRESSES, PSK, Net, up
 
 HOUR = 3600.0

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from vppmesh.channel import session as s
 from vppmesh.channel.noise import public_bytes
-from vppmesh.keys import (
+from vppmesh.keying.keys import (
     EPHEMERAL_LABEL,
     derive_sa_key,
     derive_sa_key_ephemeral,

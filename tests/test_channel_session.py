@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from vppmesh.channel import messages as m
 from vppmesh.channel import session as s
 from vppmesh.channel.noise import public_bytes
-from vppmesh.keys import NodeSecrets
+from vppmesh.keying.keys import NodeSecrets
 from vppmesh.testing.channel_net import ADDRESSES, PSK, Net, up
 
 

@@ -17,10 +17,10 @@ from vppmesh.channel import transport as t
 from vppmesh.channel.endpoint import PORT, ChannelEndpoint
 from vppmesh.channel.messages import MAX_DATAGRAM, Drop
 from vppmesh.channel.noise import public_bytes
-from vppmesh.keys import NodeSecrets
-from vppmesh.startup import Instance, load_profile, render
+from vppmesh.dataplane.startup import Instance, load_profile, render
+from vppmesh.dataplane.vpp import punt
+from vppmesh.keying.keys import NodeSecrets
 from vppmesh.testing.fake_punt import punted
-from vppmesh.vpp import punt
 
 
 @pytest.mark.parametrize("source,destination", [

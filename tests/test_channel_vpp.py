@@ -27,11 +27,11 @@ from benchmarks.channel import VppPair, register_punt, vpp_pair
 from vppmesh.channel import messages as m
 from vppmesh.channel import session as s
 from vppmesh.channel.endpoint import PORT
+from vppmesh.dataplane.vpp import punt
+from vppmesh.dataplane.vpp.client import VppClient
 from vppmesh.lab.testbed import in_ns
 from vppmesh.testing import vpp_helpers
 from vppmesh.testing.vpp_helpers import errors
-from vppmesh.vpp import punt
-from vppmesh.vpp.client import VppClient
 
 pytestmark = [pytest.mark.vpp]
 PREFIX = "vch-"

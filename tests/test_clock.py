@@ -1,4 +1,4 @@
-"""The node's clock (vppmesh/clock.py): immune to wall-clock steps, one anchor per boot
+"""The node's clock (vppmesh/agent/clock.py): immune to wall-clock steps, one anchor per boot
 shared by every process, and handshake timestamps that strictly increase across agent
 restarts, reboots and steps, with a write to the state directory only now and then."""
 
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from vppmesh.clock import (
+from vppmesh.agent.clock import (
     TIMESTAMP_GRAIN,
     TIMESTAMP_RESERVE,
     AgentClock,

@@ -11,7 +11,6 @@ from typing import Any
 
 import pytest
 
-from vppmesh import endpoints
 from vppmesh.cni import run
 from vppmesh.cni.commands import Plugin, pod_names
 from vppmesh.cni.ipam import effective_ipam, run_ipam
@@ -27,12 +26,13 @@ from vppmesh.cni.models import (
 )
 from vppmesh.cni.store import AttachmentStore
 from vppmesh.config import dump_mesh
-from vppmesh.plan import HostOptions, plan
-from vppmesh.reconcile import reconcile
+from vppmesh.dataplane.plan import HostOptions, plan
+from vppmesh.dataplane.reconcile import reconcile
+from vppmesh.dataplane.view import build_view
+from vppmesh.host import endpoints
 from vppmesh.testing.cni import fake_ipam
 from vppmesh.testing.fake_vpp import FakeVpp
 from vppmesh.testing.meshes import make_mesh
-from vppmesh.view import build_view
 
 ENV = {"CNI_COMMAND": "ADD", "CNI_CONTAINERID": "abc123", "CNI_NETNS": "/proc/self/ns/net",
        "CNI_IFNAME": "eth0", "CNI_PATH": "/nonexistent"}
@@ -326,7 +326,7 @@ def test_vpp_side_check_and_reattach(meshed_vpp: FakeVpp) -> None:
 
 def test_lost_record_is_recovered_from_vpp(meshed_vpp: FakeVpp,
                                            monkeypatch: pytest.MonkeyPatch) -> None:
-    from vppmesh import host
+    from vppmesh.host import link as host
 
     monkeypatch.setattr(host, "remove_link", lambda name, netns=None: False)
     vpp, spec = meshed_vpp, pod()
@@ -363,7 +363,7 @@ def test_version_and_config_errors_do_not_load_vpp_or_netlink() -> None:
 
 
 def test_up_rerun_keeps_pods_and_down_removes_them() -> None:
-    from vppmesh.teardown import teardown
+    from vppmesh.dataplane.teardown import teardown
 
     mesh, secrets = make_mesh(2)
     desired = plan(build_view(mesh, "node1", secrets["node1"]), host=HostOptions(kind="none"))

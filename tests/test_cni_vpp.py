@@ -16,12 +16,12 @@ from typing import Any
 
 import pytest
 
+from vppmesh.dataplane.state import GATEWAY_TAG
+from vppmesh.dataplane.vpp import interfaces, routes
+from vppmesh.dataplane.vpp.client import VppClient
 from vppmesh.lab.demo import outbound_packets
 from vppmesh.lab.testbed import Testbed, in_ns
-from vppmesh.state import GATEWAY_TAG
 from vppmesh.testing import vpp_helpers
-from vppmesh.vpp import interfaces, routes
-from vppmesh.vpp.client import VppClient
 
 pytestmark = [pytest.mark.vpp]
 PREFIX = "vmk-"

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from vppmesh.vpp import compat
-from vppmesh.vpp.compat import VppIncompatibleError
+from vppmesh.dataplane.vpp import compat
+from vppmesh.dataplane.vpp.compat import VppIncompatibleError
 
 ROOT = Path(__file__).resolve().parent.parent
 API_DIR = Path("/opt/vpp/share/vpp/api")
@@ -41,7 +41,7 @@ def test_every_message_the_code_uses_has_a_crc() -> None:
     used = messages_named_in_code()
     assert {"ipsec_sad_entry_add_v2", "ipip_add_tunnel", "show_version"} <= used
     missing = sorted(used - set(compat.CRCS))
-    fix = f"python -m vppmesh.vpp.compat API_DIR {' '.join(missing)}"
+    fix = f"python -m vppmesh.dataplane.vpp.compat API_DIR {' '.join(missing)}"
     assert not missing, f"add these to compat.CRCS ({fix}): {missing}"
 
 

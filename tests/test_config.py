@@ -86,7 +86,7 @@ def test_file_errors(tmp_path: Path) -> None:
 
 
 def test_pod_mtu_computed_from_overhead() -> None:
-    from vppmesh.overhead import encrypted_size, pod_mtu_for
+    from vppmesh.dataplane.overhead import encrypted_size, pod_mtu_for
 
     mesh, _ = make_mesh(2)
     mtu = mesh.pod_mtu()
@@ -104,7 +104,7 @@ def test_key_epoch_leaves_room_for_the_generations_after_it(key_epoch: int) -> N
     """A key_epoch near 2^32 (a typo, or a datastore writer) is refused when the mesh is
     read, naming the field and the fix, not at the next rekey, when the generation no
     longer fits the key derivation. The datastore's settings are checked the same way."""
-    from vppmesh.datastore.records import parse_settings
+    from vppmesh.agent.datastore.records import parse_settings
 
     highest = 2**31 - 1  # half the 32-bit space stays for the rekeys that follow
 

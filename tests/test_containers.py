@@ -281,7 +281,7 @@ def test_image_and_quick_start_pin_the_vpp_release_vppmesh_accepts() -> None:
     the one source of truth): the Dockerfile's pin and the README's apt-get line name it."""
     import re
 
-    from vppmesh.vpp import compat
+    from vppmesh.dataplane.vpp import compat
 
     args = dict(v.split("=", 1) for i, v in dockerfile() if i == "ARG" and "=" in v)
     pinned = args.get("VPP_VERSION", "")
@@ -415,7 +415,7 @@ def size_bytes(text: str) -> int:
 def test_vpp_resources_fit_the_configmaps_profile() -> None:
     """The default profile needs no hugepages, and the vpp container's memory covers
     VPP's heap, buffers and stats segment; a hugepage profile would need hugepages-2Mi."""
-    from vppmesh.startup import load_profile
+    from vppmesh.dataplane.startup import load_profile
 
     name = one("ConfigMap", "vppmesh-config")["data"]["vpp_profile"]
     profile = load_profile(name)
@@ -436,7 +436,7 @@ def test_vpp_sees_pod_namespaces_and_shares_its_capture_directory_with_the_agent
         netns = next(m for m in container(name)["volumeMounts"] if m["name"] == "netns")
         assert netns["mountPath"] == "/var/run/netns"
         assert netns["mountPropagation"] == "HostToContainer"  # pods made after the start
-    from vppmesh.verify import PCAP_DIR
+    from vppmesh.ops.verify import PCAP_DIR
 
     assert mounts("vpp")[str(PCAP_DIR)] == mounts("agent")[str(PCAP_DIR)]
     assert "emptyDir" in vols[mounts("vpp")[str(PCAP_DIR)]]
@@ -549,7 +549,7 @@ def test_vpp_runs_under_the_guard_that_gives_the_nic_back_when_it_exits(
     hostPath, mounted in the vpp container too) are looked at and given back, and the
     container's status is VPP's. An avf record stands for the NIC: release_all reads it
     and leaves Linux alone, so this runs anywhere."""
-    from vppmesh import uplink
+    from vppmesh.host import uplink
 
     state = tmp_path / "state"
     state.mkdir()
@@ -569,6 +569,6 @@ def test_vpp_runs_under_the_guard_that_gives_the_nic_back_when_it_exits(
     script = (CONTAINERS / "vpp.sh").read_text()
     assert "VPPMESH_STATE_DIR:-/var/lib/vppmesh" in script
     # VPP's SIGTERM grace (then vpp-run kills it) fits in the pod's.
-    from vppmesh.vpprun import KILL_AFTER_SECONDS
+    from vppmesh.host.vpprun import KILL_AFTER_SECONDS
 
     assert pod_spec()["terminationGracePeriodSeconds"] > KILL_AFTER_SECONDS + 5

@@ -1,6 +1,6 @@
 """`vppmesh rekey` with the agents running: the operator's request is honoured for every
 peer (idle pairs too, by agreement, never onto a static key), and the agent's control
-socket (vppmesh/control.py) answers per peer once the peers acknowledged, or why not.
+socket (vppmesh/agent/control.py) answers per peer once the peers acknowledged, or why not.
 
 Agents on fake VPPs joined by a punt relay (vppmesh.testing.agents.Agents), one fake clock;
 the control socket's clients run in threads, as `vppmesh rekey` would. `-k
@@ -22,12 +22,12 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
-from vppmesh import control
-from vppmesh.control import Control, request
+from vppmesh.agent import control
+from vppmesh.agent.control import Control, request
+from vppmesh.agent.node import up
 from vppmesh.errors import VppMeshError
 from vppmesh.keying.agreement import NoAgreement
 from vppmesh.keying.epochs import GenerationStore
-from vppmesh.node import up
 from vppmesh.testing.agents import Agents, short_tmp, static_keys
 
 

@@ -9,10 +9,9 @@ from typing import Any
 
 import pytest
 
-from vppmesh.config import Mesh
-from vppmesh.datastore.agent import LocalNode, MembershipAgent, parse_local
-from vppmesh.datastore.etcd import RegistrationError
-from vppmesh.datastore.records import (
+from vppmesh.agent.datastore.etcd import RegistrationError
+from vppmesh.agent.datastore.membership import LocalNode, MembershipSource, parse_local
+from vppmesh.agent.datastore.records import (
     DatastoreUrl,
     Record,
     assemble,
@@ -21,12 +20,13 @@ from vppmesh.datastore.records import (
     membership_change,
     parse_record,
 )
+from vppmesh.config import Mesh
+from vppmesh.dataplane.state import split_tunnel_instance
+from vppmesh.dataplane.vpp.client import Request
 from vppmesh.errors import ConfigError
-from vppmesh.state import split_tunnel_instance
 from vppmesh.testing.datastore import MemoryStore, agent_options
 from vppmesh.testing.fake_vpp import FakeVpp
 from vppmesh.testing.meshes import make_mesh
-from vppmesh.vpp.client import Request
 
 
 def records_of(mesh: Mesh) -> list[Record]:
@@ -97,7 +97,7 @@ def test_reassembling_decodes_only_changed_records_and_still_rejects_them(
     `known` nodes, a record stored exactly as before is not decoded and validated again,
     while a changed record is, and a changed record that became invalid is rejected with
     its field named (and the mesh-wide checks still see every node)."""
-    import vppmesh.datastore.records as records_module
+    import vppmesh.agent.datastore.records as records_module
 
     mesh, _ = make_mesh(6)
     records = records_of(mesh)
@@ -219,7 +219,7 @@ def test_join_and_leave_touch_only_that_peer(tmp_path: Path) -> None:
     vpp = RecordingVpp.with_uplink(local.primary)
     options, ds = agent_options(tmp_path, secrets, "node1", LocalNode(
         underlay=tuple(local.underlay), pod_cidr=local.pod_cidr, node_number=1))
-    member = MembershipAgent(options, ds, store=store, api=vpp)  # type: ignore[arg-type]
+    member = MembershipSource(options, ds, store=store, api=vpp)  # type: ignore[arg-type]
     first = member.sync()
     assert first is not None and first.changes
     assert sorted({p for p in tunnel_peers(vpp).values()}) == [2, 3]
@@ -263,7 +263,7 @@ def test_conflicting_local_record_is_refused_before_vpp_is_touched(tmp_path: Pat
     # node2 claims node1's pod CIDR.
     options, ds = agent_options(tmp_path, secrets, "node2", LocalNode(
         underlay=tuple(mesh.nodes[1].underlay), pod_cidr=mesh.nodes[0].pod_cidr))
-    member = MembershipAgent(options, ds, store=store, api=vpp)  # type: ignore[arg-type]
+    member = MembershipSource(options, ds, store=store, api=vpp)  # type: ignore[arg-type]
     with pytest.raises(RegistrationError, match="conflicts"):
         member.sync()
     assert vpp.requests == []
@@ -299,8 +299,8 @@ def test_an_unreachable_datastore_is_said_once_and_is_no_failed_reconcile(
     second); VPP keeps what it has."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    from vppmesh.datastore.etcd import DatastoreError
-    from vppmesh.metrics import AgentMetrics
+    from vppmesh.agent.datastore.etcd import DatastoreError
+    from vppmesh.ops.metrics import AgentMetrics
 
     def samples(text: str) -> dict[tuple[str, tuple[()]], float]:
         return {(s.name, ()): s.value for f in text_string_to_metric_families(text)
@@ -314,7 +314,7 @@ def test_an_unreachable_datastore_is_said_once_and_is_no_failed_reconcile(
         underlay=tuple(mesh.node("node1").underlay), pod_cidr=mesh.node("node1").pod_cidr))
     vpp = FakeVpp.with_uplink(mesh.node("node1").primary)
     metrics = AgentMetrics()
-    member = MembershipAgent(options, ds, store=store, api=vpp,  # type: ignore[arg-type]
+    member = MembershipSource(options, ds, store=store, api=vpp,  # type: ignore[arg-type]
                              metrics=metrics)
     assert member.loop.step() is not None
     tunnels = dict(vpp.tunnels)

@@ -15,13 +15,13 @@ from pathlib import Path
 
 import pytest
 
+from vppmesh.agent.datastore.etcd import EtcdStore, RegistrationError
+from vppmesh.agent.datastore.membership import DatastoreOptions, LocalNode, MembershipSource
+from vppmesh.agent.datastore.records import DatastoreUrl, assemble
+from vppmesh.agent.node import NodeOptions
 from vppmesh.config import Mesh
-from vppmesh.datastore.agent import DatastoreOptions, LocalNode, MembershipAgent
-from vppmesh.datastore.etcd import EtcdStore, RegistrationError
-from vppmesh.datastore.records import DatastoreUrl, assemble
-from vppmesh.keys import private_key_b64, rotate_private_key
-from vppmesh.node import NodeOptions
-from vppmesh.state import SA_DIRECTION_BIT, is_owned_sa_id, split_tunnel_instance
+from vppmesh.dataplane.state import SA_DIRECTION_BIT, is_owned_sa_id, split_tunnel_instance
+from vppmesh.keying.keys import private_key_b64, rotate_private_key
 from vppmesh.testing.etcd_server import EtcdServer, running_etcd
 from vppmesh.testing.fake_vpp import FakeVpp
 from vppmesh.testing.meshes import make_mesh
@@ -138,7 +138,7 @@ class Member:
         ds = DatastoreOptions(url=store_url, lease_ttl=ttl, resync_seconds=30,
                               local=LocalNode(underlay=tuple(node.underlay),
                                               pod_cidr=node.pod_cidr))
-        self.agent = MembershipAgent(options, ds, api=self.vpp)  # type: ignore[arg-type]
+        self.agent = MembershipSource(options, ds, api=self.vpp)  # type: ignore[arg-type]
         self.agent.changed.set()
         self.thread = threading.Thread(target=self.agent.run, daemon=True)
 
@@ -216,7 +216,7 @@ def test_restart_within_the_ttl_is_invisible(store: EtcdStore, tmp_path: Path) -
 
 
 def test_tls_with_client_certificates(tmp_path: Path) -> None:
-    from vppmesh.datastore.etcd import DatastoreError
+    from vppmesh.agent.datastore.etcd import DatastoreError
     from vppmesh.errors import ConfigError
 
     with running_etcd(tls=True) as server:
@@ -353,7 +353,7 @@ def test_vpp_restart_is_healed_by_a_generation_step(store: EtcdStore, tmp_path: 
         key = (tmp_path / "node1.key").read_text()
         records = {r.name: r.value for r in store.snapshot().records}
         (before,) = sending_generations(a.vpp)
-        caplog.set_level(logging.INFO, logger="vppmesh.datastore")
+        caplog.set_level(logging.INFO, logger="vppmesh.agent.datastore")
         b_state = copy.deepcopy((b.vpp.tunnels, b.vpp.sas, b.vpp.protections))
         # node1's VPP restarts: empty, same uplink.
         fresh = FakeVpp.with_uplink(mesh.node("node1").primary)
@@ -369,7 +369,7 @@ def test_vpp_restart_is_healed_by_a_generation_step(store: EtcdStore, tmp_path: 
         assert (tmp_path / "node1.key").read_text() == key
         assert {r.name: r.value for r in store.snapshot().records} == records
         assert a.agent.blocked == []
-        assert any(r.name == "vppmesh.datastore" and r.getMessage() ==
+        assert any(r.name == "vppmesh.agent.datastore" and r.getMessage() ==
                    f"node2: outbound generation {before} -> {before + 1} (key already used "
                    "(VPP lost its SAs))" for r in caplog.records), caplog.text
     finally:

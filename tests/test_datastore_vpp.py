@@ -22,13 +22,13 @@ from pathlib import Path
 import pytest
 
 from benchmarks.netns import stop_process
+from vppmesh.dataplane.state import is_owned_sa_id, is_owned_tunnel_instance, split_tunnel_instance
+from vppmesh.dataplane.vpp import interfaces, ipip, ipsec
+from vppmesh.dataplane.vpp.client import VppClient
 from vppmesh.lab.testbed import NodeHandle, Testbed, in_ns
-from vppmesh.state import is_owned_sa_id, is_owned_tunnel_instance, split_tunnel_instance
 from vppmesh.testing import vpp_helpers
 from vppmesh.testing.etcd_server import EtcdServer, require_etcd
 from vppmesh.testing.wait import wait_for
-from vppmesh.vpp import interfaces, ipip, ipsec
-from vppmesh.vpp.client import VppClient
 
 pytestmark = [pytest.mark.vpp, pytest.mark.root]
 PREFIX = "vme-"
@@ -79,8 +79,8 @@ def in_etcd_ns(code: str) -> str:
 
 def numbers(mesh: Mesh) -> dict[str, int]:
     """{node name: node number} as registered in etcd."""
-    code = ("import json\nfrom vppmesh.datastore.etcd import EtcdStore\n"
-            "from vppmesh.datastore.records import DatastoreUrl\n"
+    code = ("import json\nfrom vppmesh.agent.datastore.etcd import EtcdStore\n"
+            "from vppmesh.agent.datastore.records import DatastoreUrl\n"
             f"snap = EtcdStore(DatastoreUrl.parse({mesh.url!r})).snapshot()\n"
             "print(json.dumps({'numbers': {v: k for k, v in snap.numbers.items()},\n"
             "                  'records': [r.name for r in snap.records]}))")
@@ -247,8 +247,8 @@ def test_join_and_leave_through_etcd_under_traffic(mesh: Mesh) -> None:
                  *bed.vppmesh_args(n4), "--state-dir", str(n4.dir), check=False)
     assert down.returncode == 0, down.stdout + down.stderr
     assert mesh_view(n4) == {}
-    code = ("from vppmesh.datastore.etcd import EtcdStore\n"
-            "from vppmesh.datastore.records import DatastoreUrl\n"
+    code = ("from vppmesh.agent.datastore.etcd import EtcdStore\n"
+            "from vppmesh.agent.datastore.records import DatastoreUrl\n"
             f"print(sorted(EtcdStore(DatastoreUrl.parse({mesh.url!r})).snapshot().numbers))")
     assert in_etcd_ns(code).strip() == "[1, 2, 3]"
 

@@ -12,8 +12,8 @@ import ipaddress
 
 from vpp_papi.vpp_papi import VPPApiJSONFiles
 
+from vppmesh.dataplane.vpp.decoder import compile_decoder
 from vppmesh.testing.decoder_types import definitions
-from vppmesh.vpp.decoder import compile_decoder
 
 
 def test_nested_addresses_enums_strings_and_variable_lists_match_vpp_papi() -> None:

@@ -28,15 +28,17 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner, Result
 
-from vppmesh import control, presence, unit, watch
-from vppmesh import node as agent
+from vppmesh.agent import control, presence
+from vppmesh.agent import loop as watch
+from vppmesh.agent import node as agent
+from vppmesh.agent.control import Control, request
 from vppmesh.cli import app
 from vppmesh.config import dump_mesh
-from vppmesh.control import Control, request
 from vppmesh.errors import VppUnavailableError
+from vppmesh.host import unit
 from vppmesh.keying.agreement import NoAgreement
 from vppmesh.keying.epochs import GenerationStore
-from vppmesh.keys import private_key_b64, write_secret_file
+from vppmesh.keying.keys import private_key_b64, write_secret_file
 from vppmesh.testing.agents import short_tmp
 from vppmesh.testing.fake_vpp import FakeVpp
 from vppmesh.testing.meshes import make_mesh
@@ -91,9 +93,9 @@ class Host:
         self.vpp_up = True
         self.lock = threading.Lock()  # one of the agent's run and a `down` at a time
         agent.up(self.options, api=self.vpp, agreement=NoAgreement(self.options.clock))
-        monkeypatch.setattr("vppmesh.node.VppClient", lambda path: SimpleNamespace(
+        monkeypatch.setattr("vppmesh.agent.node.VppClient", lambda path: SimpleNamespace(
             connect=self.connect))
-        monkeypatch.setattr("vppmesh.host.remove_link", lambda name, netns=None: False)
+        monkeypatch.setattr("vppmesh.host.link.remove_link", lambda name, netns=None: False)
         real_down = agent.down
 
         def locked_down(*args: Any, **kwargs: Any) -> list[str]:
@@ -122,7 +124,7 @@ class Host:
         0.1 s; each run is the real `up` on the FakeVpp (it puts back what is missing)."""
         host = self
 
-        class Session:
+        class Agent:
             client = None
 
             def __init__(self, options: agent.NodeOptions, **kwargs: Any) -> None:
@@ -136,7 +138,7 @@ class Host:
             def close(self) -> None:
                 pass
 
-        monkeypatch.setattr(agent, "Session", Session)
+        monkeypatch.setattr(agent, "Agent", Agent)
         monkeypatch.setattr(watch, "WATCH_POLL_SECONDS", 0.1)
         self.agent = threading.Thread(target=watch.watch_loop, args=(self.options,),
                                       daemon=True, name="agent")
@@ -331,7 +333,7 @@ def test_datastore_agent_ends_on_a_stop_request(tmp_path: Path,
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     from dataclasses import replace
 
-    from vppmesh.datastore.agent import LocalNode, MembershipAgent
+    from vppmesh.agent.datastore.membership import LocalNode, MembershipSource
     from vppmesh.testing.datastore import MemoryStore, agent_options
 
     class Store(MemoryStore):
@@ -351,7 +353,7 @@ def test_datastore_agent_ends_on_a_stop_request(tmp_path: Path,
     options = replace(options, api_socket=short_tmp() / "api.sock")
     monkeypatch.setitem(Control.__init__.__kwdefaults__, "uids",  # type: ignore[index]
                         frozenset({os.geteuid()}))
-    member = MembershipAgent(options, ds, store=store, api=vpp)  # type: ignore[arg-type]
+    member = MembershipSource(options, ds, store=store, api=vpp)  # type: ignore[arg-type]
     running = threading.Thread(target=member.run, daemon=True)
     running.start()
     try:

@@ -10,9 +10,9 @@ from typing import Any
 
 import pytest
 
+from vppmesh.dataplane.vpp.decoder import compile_decoder
+from vppmesh.dataplane.vpp.encoder import compile_encoder
 from vppmesh.testing.decoder_types import definitions
-from vppmesh.vpp.decoder import compile_decoder
-from vppmesh.vpp.encoder import compile_encoder
 
 PATH = {"sw_if_index": 7, "nh": "2001:db8::1",
         "labels": [{"is_uniform": 1, "label": n} for n in range(3)]}

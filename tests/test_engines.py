@@ -6,11 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from vppmesh import engines
+from vppmesh.dataplane import engines
+from vppmesh.dataplane.vpp import crypto
 from vppmesh.errors import ConfigError
-from vppmesh.status import crypto_status
+from vppmesh.ops.status import crypto_status
 from vppmesh.testing.fake_vpp import FakeVpp
-from vppmesh.vpp import crypto
 
 DATA = Path(__file__).parent / "data"
 VAES = frozenset({"aes", "avx2", "vaes", "vpclmulqdq"})

@@ -6,13 +6,13 @@ from pathlib import Path
 
 import pytest
 
-from vppmesh import engines
+from vppmesh.dataplane import engines
+from vppmesh.dataplane.vpp import crypto
+from vppmesh.dataplane.vpp.client import VppClient
 from vppmesh.errors import ConfigError
 from vppmesh.lab.testbed import single_vpp
-from vppmesh.status import crypto_status
+from vppmesh.ops.status import crypto_status
 from vppmesh.testing.vpp_helpers import require_vpp
-from vppmesh.vpp import crypto
-from vppmesh.vpp.client import VppClient
 
 pytestmark = [pytest.mark.vpp, pytest.mark.root]
 VAES = frozenset({"aes", "avx2", "vaes", "vpclmulqdq"})

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from vppmesh.config import MeshSettings
+from vppmesh.dataplane.state import SA_DIRECTION_BIT
 from vppmesh.errors import ConfigError
 from vppmesh.keying.epochs import (
     WINDOW,
@@ -15,7 +16,6 @@ from vppmesh.keying.epochs import (
     PeerSaid,
     advance,
 )
-from vppmesh.state import SA_DIRECTION_BIT
 from vppmesh.testing.agents import Pair, fresh, never
 
 SETTINGS = MeshSettings(rekey_interval=0, rekey_grace=10)

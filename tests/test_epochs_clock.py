@@ -1,7 +1,7 @@
 """Key generations against times from the future: a generation file written before the
 clock went back (another boot's anchor, an older vppmesh on the wall clock) must neither
 stall a key's rotation nor stretch it past its limits; and every run is on the node's
-clock (vppmesh/clock.py), one-shot `up` included."""
+clock (vppmesh/agent/clock.py), one-shot `up` included."""
 
 from __future__ import annotations
 
@@ -9,11 +9,11 @@ import json
 import time
 from pathlib import Path
 
-from vppmesh.clock import boot_id
+from vppmesh.agent.clock import boot_id
+from vppmesh.agent.node import up
 from vppmesh.config import MeshSettings
 from vppmesh.keying.agreement import NoAgreement
 from vppmesh.keying.epochs import PeerObservation, PeerSaid, advance, age
-from vppmesh.node import up
 from vppmesh.testing.agents import Pair, fresh, never
 
 HOUR = 3600.0

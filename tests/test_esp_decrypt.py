@@ -17,11 +17,11 @@ from scapy.layers.inet6 import IPv6, IPv6ExtHdrDestOpt, IPv6ExtHdrFragment
 from scapy.layers.l2 import ARP, CookedLinux, CookedLinuxV2, Dot1Q, Ether
 
 from vppmesh.config import dump_mesh
+from vppmesh.dataplane.view import build_view
 from vppmesh.keying.epochs import WINDOW, GenerationState, PeerGenerations
-from vppmesh.keys import private_key_b64, spi_for, write_secret_file
+from vppmesh.keying.keys import private_key_b64, spi_for, write_secret_file
 from vppmesh.testing import esp_decrypt
 from vppmesh.testing.meshes import make_mesh
-from vppmesh.view import build_view
 
 KEY = bytes(range(32))
 SALT = bytes.fromhex("a1b2c3d4")

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from vppmesh.keying.epochs import GenerationStore
-from vppmesh.keys import spi_for, spi_tunnel
+from vppmesh.keying.keys import spi_for, spi_tunnel
 from vppmesh.testing import esp_decrypt, vpp_helpers
 from vppmesh.testing.wait import wait_for
 

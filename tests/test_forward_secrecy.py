@@ -1,4 +1,4 @@
-"""Forward secrecy in the agent (vppmesh/secrecy.py): the scheduler's rules with what the
+"""Forward secrecy in the agent (vppmesh/agent/secrecy.py): the scheduler's rules with what the
 peer's agent said (epochs.PeerSaid), then two agents end to end on fake VPPs whose punt
 paths are joined (fake_punt.PuntRelay), then hostile datagrams into an agent's socket.
 
@@ -18,14 +18,17 @@ from types import SimpleNamespace as NS
 import pytest
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
+from vppmesh.agent.clock import TimestampFile
+from vppmesh.agent.node import UpResult
 from vppmesh.channel import messages as m
 from vppmesh.channel import session as s
 from vppmesh.channel.endpoint import PORT
 from vppmesh.channel.messages import Drop
 from vppmesh.channel.noise import public_bytes
 from vppmesh.channel.transport import build_packet
-from vppmesh.clock import TimestampFile
 from vppmesh.config import MeshSettings, dump_mesh
+from vppmesh.dataplane.state import SA_DIRECTION_BIT, sa_peer
+from vppmesh.dataplane.view import build_view
 from vppmesh.errors import VppMeshError
 from vppmesh.keying.book import KeyBook
 from vppmesh.keying.channel_agreement import KEY_VOUCH_WAIT
@@ -38,22 +41,19 @@ from vppmesh.keying.epochs import (
     initial,
     schedule,
 )
-from vppmesh.keying.observe import observe_keys
-from vppmesh.keys import (
+from vppmesh.keying.keys import (
     NodeSecrets,
     load_secrets,
     private_key_b64,
     public_key_b64,
     write_secret_file,
 )
-from vppmesh.ledger import KeyLedger
-from vppmesh.node import UpResult
-from vppmesh.state import SA_DIRECTION_BIT, sa_peer
+from vppmesh.keying.ledger import KeyLedger
+from vppmesh.keying.observe import observe_keys
 from vppmesh.testing.agents import Agents, Pair, fresh, never, short_tmp, static_keys
 from vppmesh.testing.fake_punt import PuntRelay, punted
 from vppmesh.testing.fake_vpp import FakeVpp
 from vppmesh.testing.meshes import make_mesh
-from vppmesh.view import build_view
 
 SETTINGS = MeshSettings(rekey_interval=0, rekey_grace=10)
 INSTALLED = PeerObservation(out_installed=True, out_packets=100)
@@ -790,16 +790,16 @@ def test_channel_a_replayed_init_after_an_agent_restart_moves_nothing() -> None:
 
 
 def test_forward_secrecy_datastore_agents_agree_like_mesh_file_agents() -> None:
-    """Two datastore agents (MembershipAgent: the membership is their mesh source) reach
+    """Two datastore agents (MembershipSource: the membership is their mesh source) reach
     agreed keys through the same channel as `up --watch` agents."""
-    from vppmesh.datastore.agent import LocalNode, MembershipAgent
+    from vppmesh.agent.datastore.membership import LocalNode, MembershipSource
     from vppmesh.testing.datastore import MemoryStore, agent_options
 
     directory = short_tmp()
     mesh, secrets = make_mesh(2, 2, rekey_grace=10, rekey_interval=0)
     store = MemoryStore(mesh.settings)
     relay = PuntRelay(directory)
-    members: dict[str, MembershipAgent] = {}
+    members: dict[str, MembershipSource] = {}
     try:
         for node in mesh.nodes:
             (directory / node.name).mkdir()
@@ -809,7 +809,7 @@ def test_forward_secrecy_datastore_agents_agree_like_mesh_file_agents() -> None:
                           node_number=node.node_number),
                 api_socket=directory / node.name / "api.sock")
             vpp = relay.attach(node.name, FakeVpp.with_uplink(node.primary))
-            members[node.name] = MembershipAgent(options, ds, store=store,  # type: ignore[arg-type]
+            members[node.name] = MembershipSource(options, ds, store=store,  # type: ignore[arg-type]
                                                  api=vpp)  # type: ignore[arg-type]
         results: dict[str, UpResult] = {}
 

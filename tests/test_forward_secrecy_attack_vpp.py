@@ -42,15 +42,15 @@ import yaml
 
 from vppmesh.channel import messages as m
 from vppmesh.channel.endpoint import PORT
+from vppmesh.dataplane.vpp import ipsec
+from vppmesh.dataplane.vpp.client import VppClient
 from vppmesh.keying.epochs import GenerationStore, PeerGenerations
+from vppmesh.keying.keys import spi_for
 from vppmesh.keying.pairs import pair_secrecy
-from vppmesh.keys import spi_for
 from vppmesh.lab.testbed import NodeHandle, Testbed, _uplink_mac, in_ns
 from vppmesh.lab.wallclock import wall_stepped
 from vppmesh.testing import CHANNEL_PACKETS, esp_decrypt, vpp_helpers
 from vppmesh.testing.wait import wait_for
-from vppmesh.vpp import ipsec
-from vppmesh.vpp.client import VppClient
 
 pytestmark = [pytest.mark.vpp]
 PREFIX = "vfa-"

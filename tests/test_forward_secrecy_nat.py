@@ -1,5 +1,5 @@
 """The channel through a NAT that changes the source port: the ESP flow, port learning,
-NAT keepalives (vppmesh/secrecy.py, channel/transport.py), without VPP.
+NAT keepalives (vppmesh/agent/secrecy.py, channel/transport.py), without VPP.
 
 Two agents' Secrecy objects talk through unix sockets standing in for their VPPs' punt
 sockets; a relay between them plays the underlay and a NAT in front of node2 that maps
@@ -21,22 +21,22 @@ from pathlib import Path
 import pytest
 from pydantic import SecretBytes
 
+from vppmesh.agent.nat import NAT_KEEPALIVE_INTERVAL
+from vppmesh.agent.secrecy import Secrecy
 from vppmesh.channel import messages as m
 from vppmesh.channel import transport as t
 from vppmesh.channel.endpoint import TUNNEL, UNDERLAY
 from vppmesh.config import Mesh, NatSettings, dump_mesh
+from vppmesh.dataplane.state import SA_DIRECTION_BIT, SaSpec, sa_id_for, sa_peer
+from vppmesh.dataplane.view import LocalView, build_view
+from vppmesh.dataplane.vpp import ipsec
+from vppmesh.host.underlay import NAT_T_PORT
 from vppmesh.keying.agreement import NoAgreement
 from vppmesh.keying.epochs import GenerationState, PeerGenerations
-from vppmesh.nat import NAT_KEEPALIVE_INTERVAL
-from vppmesh.secrecy import Secrecy
-from vppmesh.state import SA_DIRECTION_BIT, SaSpec, sa_id_for, sa_peer
 from vppmesh.testing.agents import Agents
 from vppmesh.testing.fake_punt import Relayed, punted
 from vppmesh.testing.fake_vpp import FakeVpp
 from vppmesh.testing.meshes import make_mesh
-from vppmesh.underlay import NAT_T_PORT
-from vppmesh.view import LocalView, build_view
-from vppmesh.vpp import ipsec
 
 PUBLIC = "192.0.2.250"
 def udp_fields(packet: bytes) -> tuple[t.Address, t.Address, bytes]:
@@ -309,10 +309,10 @@ def test_forward_secrecy_nat_one_shot_up_sends_to_the_saved_port(pair: Pair,
                                                                  tmp_path: Path) -> None:
     """`up --watch` runs a one-shot `up` before its agent starts, and `vppmesh rekey` is
     one: neither has a channel, so both take the port an agent saved."""
+    from vppmesh.agent.node import NodeOptions, up
     from vppmesh.config import dump_mesh
     from vppmesh.keying.epochs import GenerationStore
-    from vppmesh.keys import private_key_b64, write_secret_file
-    from vppmesh.node import NodeOptions, up
+    from vppmesh.keying.keys import private_key_b64, write_secret_file
 
     mesh_file, key = tmp_path / "mesh.yaml", tmp_path / "node1.key"
     mesh_file.write_text(dump_mesh(pair.mesh))
@@ -346,7 +346,7 @@ def test_forward_secrecy_nat_flow_probe_is_reported_and_moves_nothing() -> None:
 
     from vppmesh.channel import session as s
     from vppmesh.channel.noise import public_bytes
-    from vppmesh.keys import NodeSecrets
+    from vppmesh.keying.keys import NodeSecrets
 
     keys = {1: X25519PrivateKey.generate(), 2: X25519PrivateKey.generate()}
     where = {1: ("192.0.2.1", NAT_T_PORT), 2: (PUBLIC, 23456)}

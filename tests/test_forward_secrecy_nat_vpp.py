@@ -32,15 +32,15 @@ from pathlib import Path
 
 import pytest
 
+from vppmesh.agent.nat import NAT_KEEPALIVE_INTERVAL
 from vppmesh.config import load_mesh
+from vppmesh.dataplane.vpp import ipsec, punt
+from vppmesh.dataplane.vpp.client import VppClient
+from vppmesh.host.underlay import NAT_T_PORT
 from vppmesh.lab.testbed import NAT_OUTSIDE, NAT_RANDOM_PORTS, NodeHandle, Testbed, in_ns
-from vppmesh.nat import NAT_KEEPALIVE_INTERVAL
 from vppmesh.testing import vpp_helpers
 from vppmesh.testing.vpp_helpers import all_forward_secret, peer_state
 from vppmesh.testing.wait import wait_for
-from vppmesh.underlay import NAT_T_PORT
-from vppmesh.vpp import ipsec, punt
-from vppmesh.vpp.client import VppClient
 
 pytestmark = [pytest.mark.vpp]
 PREFIX = "vfn-"

@@ -14,14 +14,14 @@ from types import SimpleNamespace
 import pytest
 from typer.testing import CliRunner, Result
 
+from vppmesh.agent.node import NodeOptions, up
 from vppmesh.cli import app
 from vppmesh.config import dump_mesh
 from vppmesh.keying.agreement import NoAgreement
 from vppmesh.keying.epochs import GenerationStore
+from vppmesh.keying.keys import private_key_b64, write_secret_file
 from vppmesh.keying.pairs import PairSecrecy
-from vppmesh.keys import private_key_b64, write_secret_file
-from vppmesh.node import NodeOptions, up
-from vppmesh.status import keys_kind, secrecy_summary
+from vppmesh.ops.status import keys_kind, secrecy_summary
 from vppmesh.testing.fake_vpp import FakeVpp
 from vppmesh.testing.meshes import make_mesh
 
@@ -49,9 +49,9 @@ class Node1:
         monkeypatch.setattr("vppmesh.cli.mesh.VppClient",
                             lambda socket: SimpleNamespace(connect=lambda: self.vpp))
         # verify: no stats segment (so no counter check) and no waiting.
-        monkeypatch.setattr("vppmesh.verify.StatsReader",
+        monkeypatch.setattr("vppmesh.ops.verify.StatsReader",
                             lambda path: contextlib.nullcontext(None))
-        monkeypatch.setattr("vppmesh.verify.time.sleep", lambda seconds: None)
+        monkeypatch.setattr("vppmesh.ops.verify.time.sleep", lambda seconds: None)
 
     def agree(self, peer: str, *, outbound: bool, inbound: bool) -> None:
         """Mark the generations in use with `peer` as agreed over the channel, as the

@@ -33,12 +33,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from vppmesh.keys import spi_for
+from vppmesh.dataplane.vpp import ipsec
+from vppmesh.dataplane.vpp.client import VppClient
+from vppmesh.keying.keys import spi_for
 from vppmesh.lab.testbed import NodeHandle, Testbed
 from vppmesh.testing import esp_decrypt, vpp_helpers
 from vppmesh.testing.wait import wait_for
-from vppmesh.vpp import ipsec
-from vppmesh.vpp.client import VppClient
 
 pytestmark = [pytest.mark.vpp]
 PREFIX = "vfs-"

@@ -12,8 +12,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from vppmesh import host as linux
-from vppmesh.endpoints import pod_spec
+from vppmesh.host import link as linux
+from vppmesh.host.endpoints import pod_spec
 
 pytestmark = [pytest.mark.root]
 NS = f"vhl-{os.getpid()}"

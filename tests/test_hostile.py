@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from vppmesh.keys import spi_for
+from vppmesh.dataplane.vpp import ipsec
+from vppmesh.dataplane.vpp.client import VppClient
+from vppmesh.keying.keys import spi_for
 from vppmesh.lab.testbed import Testbed, _uplink_mac, in_ns
 from vppmesh.testing import HOSTILE_PACKETS, vpp_helpers
-from vppmesh.vpp import ipsec
-from vppmesh.vpp.client import VppClient
 
 pytestmark = [pytest.mark.vpp]
 PREFIX = "vmr-"

@@ -7,10 +7,10 @@ import ipaddress
 
 import pytest
 
-from vppmesh import guard
+from vppmesh.dataplane.vpp import classify, interfaces
 from vppmesh.errors import ConfigError
+from vppmesh.host import guard
 from vppmesh.testing.fake_vpp import FakeVpp
-from vppmesh.vpp import classify, interfaces
 
 PRIMARY = ipaddress.IPv4Interface("192.0.2.11/24")
 

@@ -50,7 +50,7 @@ def imports(name: str, path: Path, known: set[str]) -> set[str]:
             if node.level:
                 anchor = package.split(".")[:len(package.split(".")) - node.level + 1]
                 base = ".".join([*anchor, *([base] if base else [])])
-            for alias in node.names:  # `from vppmesh.vpp import ipsec` imports a module
+            for alias in node.names:  # `from vppmesh.dataplane.vpp import ipsec` imports a module
                 found.add(f"{base}.{alias.name}" if f"{base}.{alias.name}" in known else base)
     targets = set()
     for target in found:
@@ -106,8 +106,8 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 def test_no_import_cycle_inside_vppmesh() -> None:
     known = modules()
     graph = {name: imports(name, path, set(known)) for name, path in known.items()}
-    assert "vppmesh.node" in graph["vppmesh.watch"]  # the walk sees imports at all
-    assert "vppmesh.datastore.etcd" in graph["vppmesh.node"]  # and function-level ones
+    assert "vppmesh.agent.node" in graph["vppmesh.agent.loop"]  # the walk sees imports at all
+    assert "vppmesh.agent.datastore.etcd" in graph["vppmesh.agent.node"]  # and function-level ones
     assert cycles(graph) == []
 
 
@@ -117,9 +117,9 @@ def test_a_run_and_the_keying_decision_import_no_channel_io() -> None:
     channel's sockets, only the channel's sans-IO session (the channel agreement's)."""
     known = modules()
     graph = {name: imports(name, path, set(known)) for name, path in known.items()}
-    io = {"vppmesh.secrecy", "vppmesh.channel.transport", "vppmesh.channel.endpoint"}
-    assert "vppmesh.keying.agreement" in graph["vppmesh.node"]  # the walk sees it at all
-    for name in ["vppmesh.node", *(n for n in graph if n.startswith("vppmesh.keying"))]:
+    io = {"vppmesh.agent.secrecy", "vppmesh.channel.transport", "vppmesh.channel.endpoint"}
+    assert "vppmesh.keying.agreement" in graph["vppmesh.agent.node"]  # the walk sees it at all
+    for name in ["vppmesh.agent.node", *(n for n in graph if n.startswith("vppmesh.keying"))]:
         assert not graph[name] & io, (name, graph[name] & io)
 
 
@@ -129,9 +129,10 @@ def test_the_cycle_finder_finds_a_cycle_through_a_function_level_import(
     assert cycles(graph) == [["a", "b", "c"]]
     source = tmp_path / "m.py"
     source.write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n"
-                      "    from vppmesh import watch\ndef f():\n    from vppmesh import node\n")
-    known = {"vppmesh.node", "vppmesh.m", "vppmesh.watch"}
-    assert imports("vppmesh.m", source, known) == {"vppmesh.node"}
+                      "    from vppmesh.agent import loop\n"
+                      "def f():\n    from vppmesh.agent import node\n")
+    known = {"vppmesh.agent.node", "vppmesh.m", "vppmesh.agent.loop"}
+    assert imports("vppmesh.m", source, known) == {"vppmesh.agent.node"}
 
 
 # ---- test support is a package: no sys.path games, no test imports another ----------------
@@ -192,7 +193,7 @@ def test_vppmesh_never_imports_its_test_support() -> None:
     product = {name: path for name, path in modules().items()
                if name != TESTING and not name.startswith(TESTING + ".")}
     known = set(modules())
-    assert "vppmesh.testing.fake_vpp" in known and "vppmesh.node" in product
+    assert "vppmesh.testing.fake_vpp" in known and "vppmesh.agent.node" in product
     offenders = {name: sorted(m for m in imports(name, path, known) | imported_modules(path)
                               if m == TESTING or m.startswith(TESTING + "."))
                  for name, path in product.items()}
@@ -217,7 +218,8 @@ def test_the_test_support_checks_find_what_they_forbid(tmp_path: Path) -> None:
 # ---- uplink drivers: one module each, no driver branch outside them -------------------------
 
 DRIVER_NAMES = {"af_packet", "af_xdp", "avf", "dpdk"}
-DRIVER_MODULES = {f"vppmesh.uplink.{m}" for m in ("base", "af_packet", "af_xdp", "avf", "dpdk")}
+DRIVER_MODULES = {f"vppmesh.host.uplink.{m}"
+                  for m in ("base", "af_packet", "af_xdp", "avf", "dpdk")}
 # The same words name other things elsewhere: a host link's or pod's attachment (`kind`,
 # `attachment`: "af_packet") and VPP's plugins (`plugins`: "dpdk").
 OTHER_MEANINGS = ("kind", "attachment", "plugins")

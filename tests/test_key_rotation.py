@@ -24,7 +24,7 @@ from vppmesh.cli import app
 from vppmesh.config import dump_mesh
 from vppmesh.errors import KeyFileError
 from vppmesh.keying.channel_agreement import KEY_VOUCH_WAIT
-from vppmesh.keys import (
+from vppmesh.keying.keys import (
     NodeSecrets,
     key_previous_file,
     load_secrets,
@@ -33,7 +33,7 @@ from vppmesh.keys import (
     rotate_private_key,
     write_secret_file,
 )
-from vppmesh.status import key_summary
+from vppmesh.ops.status import key_summary
 from vppmesh.testing.agents import Agents
 
 ADDRESSES = {n: (f"192.0.2.{n}", 5199) for n in range(1, 4)}

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from vppmesh.keys import key_previous_file
+from vppmesh.keying.keys import key_previous_file
 from vppmesh.lab.testbed import NodeHandle, Testbed
 from vppmesh.testing import vpp_helpers
 from vppmesh.testing.wait import wait_for

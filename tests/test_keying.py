@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from vppmesh import node as agent
+from vppmesh.agent import node as agent
 from vppmesh.config import dump_mesh
 from vppmesh.keying.agreement import Claim, NoAgreement, Saved, UnsavedClaim, save_state
 from vppmesh.keying.epochs import GenerationStore
-from vppmesh.keys import private_key_b64, write_secret_file
+from vppmesh.keying.keys import private_key_b64, write_secret_file
 from vppmesh.testing.agents import Agents
 from vppmesh.testing.fake_vpp import FakeVpp
 from vppmesh.testing.meshes import make_mesh

@@ -13,7 +13,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from vppmesh.errors import KeyFileError
-from vppmesh.keys import (
+from vppmesh.keying.keys import (
     PROTOCOL_LABEL,
     NodeSecrets,
     derive_sa_key,
@@ -138,7 +138,7 @@ libc = ctypes.CDLL(None)
 def state():
     return resource.getrlimit(resource.RLIMIT_CORE), libc.prctl(3, 0, 0, 0, 0)  # GET_DUMPABLE
 print(state())
-from vppmesh.keys import load_secrets
+from vppmesh.keying.keys import load_secrets
 load_secrets(Path(sys.argv[1]), None)
 print(state())
 """
@@ -173,11 +173,11 @@ def test_the_agents_forbid_core_dumps_before_reading_any_key(
     datastore agent forbid core dumps first thing."""
     from typer.testing import CliRunner
 
-    from vppmesh import hardening
+    from vppmesh.agent import hardening
+    from vppmesh.agent.datastore.membership import follow
+    from vppmesh.agent.node import NodeOptions
     from vppmesh.cli import app
-    from vppmesh.datastore.agent import follow
     from vppmesh.errors import ConfigError
-    from vppmesh.node import NodeOptions
 
     calls: list[str] = []
     monkeypatch.setattr(hardening, "forbid_core_dumps", lambda: calls.append("forbidden"))

@@ -19,7 +19,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 
 from vppmesh.errors import ConfigError
 from vppmesh.keying.epochs import GenerationState, PeerGenerations
-from vppmesh.metrics import (
+from vppmesh.ops.metrics import (
     AgentMetrics,
     MeshCollector,
     MetricsServer,
@@ -31,7 +31,7 @@ from vppmesh.metrics import (
     families,
     parse_listen,
 )
-from vppmesh.status import NodeStatus, PeerStatus, SaStatus, TunnelStatus
+from vppmesh.ops.status import NodeStatus, PeerStatus, SaStatus, TunnelStatus
 from vppmesh.testing.meshes import make_mesh
 from vppmesh.testing.pki import make_pki
 
@@ -175,20 +175,20 @@ def test_stalled_agreement_and_stopped_pairs_per_peer() -> None:
 
 def test_channel_counters_drops_by_reason_sessions_and_up(tmp_path: Path) -> None:
     """The channel's counters from a real Secrecy whose endpoint is a real Channel fed a
-    handshake, one message and hostile datagrams, through AgentLoop.measured: every
+    handshake, one message and hostile datagrams, through Loop.measured: every
     drop reason present (0 when none), and the totals never fall when the endpoint is
     replaced (its counters start again)."""
     from collections import Counter as Tally
 
     from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
+    from vppmesh.agent.loop import Loop
+    from vppmesh.agent.secrecy import Secrecy
     from vppmesh.channel import messages as m
     from vppmesh.channel import session as s
     from vppmesh.channel.endpoint import ChannelEndpoint
     from vppmesh.channel.noise import public_bytes
-    from vppmesh.keys import NodeSecrets
-    from vppmesh.secrecy import Secrecy
-    from vppmesh.watch import AgentLoop
+    from vppmesh.keying.keys import NodeSecrets
 
     keys = {1: X25519PrivateKey.generate(), 2: X25519PrivateKey.generate()}
     where = {1: ("192.0.2.1", 4501), 2: ("192.0.2.2", 4501)}
@@ -216,7 +216,7 @@ def test_channel_counters_drops_by_reason_sessions_and_up(tmp_path: Path) -> Non
     clock = SimpleNamespace(now=1001.0)
     secrecy = Secrecy(tmp_path / "channel.sock", clock=lambda: clock.now)
     metrics = AgentMetrics()
-    loop = AgentLoop(SimpleNamespace(secrecy=secrecy, client=None),  # type: ignore[arg-type]
+    loop = Loop(SimpleNamespace(secrecy=secrecy, client=None),  # type: ignore[arg-type]
                      SimpleNamespace(), metrics=metrics)  # type: ignore[arg-type]
     result = SimpleNamespace(pod_report=None, mesh=None, downgraded_peers=[], stopped_peers={},
                              blocked_peers=[])
@@ -344,10 +344,10 @@ def test_scrape_benchmark_runs_and_reports(capsys: pytest.CaptureFixture[str]) -
 
 def scripted_session(outcomes: list[Any], ticks: list[float],
                      failures: dict[str, Exception], pods: Any) -> type:
-    """A stand-in for node.Session under watch.watch_loop: each run takes the next of
+    """A stand-in for node.Agent under watch.watch_loop: each run takes the next of
     `outcomes` (one named in `failures` raises that error, any other succeeds with
     `pods`), notes its time in `ticks`; the last one ends the loop (KeyboardInterrupt).
-    Like the Session, it tells its hooks once that VPP is gone, until a run succeeds.
+    Like the Agent, it tells its hooks once that VPP is gone, until a run succeeds.
     Its Secrecy is never attached: no VPP to punt the channel."""
     from vppmesh.errors import VppUnavailableError
 
@@ -384,11 +384,11 @@ def scripted_session(outcomes: list[Any], ticks: list[float],
 
 def test_watch_loop_knocks_fast_while_vpp_is_away_and_counts_the_restart(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The watch loop (watch.watch_loop) with a Session whose VPP goes away for two polls:
+    """The watch loop (watch.watch_loop) with a Agent whose VPP goes away for two polls:
     it retries at WATCH_VPP_RETRY_SECONDS instead of the 2 s poll, and the metrics count
     one restart with its unavailability and recovery time."""
-    from vppmesh import node as agent
-    from vppmesh import watch
+    from vppmesh.agent import loop as watch
+    from vppmesh.agent import node as agent
     from vppmesh.cni.reattach import PodReport
     from vppmesh.errors import VppUnavailableError
 
@@ -397,7 +397,7 @@ def test_watch_loop_knocks_fast_while_vpp_is_away_and_counts_the_restart(
     outcomes: list[Any] = ["ok", "gone", "gone", "ok", "ok"]
     ticks: list[float] = []
 
-    monkeypatch.setattr(agent, "Session", scripted_session(
+    monkeypatch.setattr(agent, "Agent", scripted_session(
         outcomes, ticks, {"gone": VppUnavailableError("VPP stopped answering")},
         PodReport(attached=2, reattached=["a", "b"])))
     monkeypatch.setattr(watch, "WATCH_POLL_SECONDS", 1.0)
@@ -552,8 +552,8 @@ def test_watch_loop_waits_for_the_uplink_of_a_vpp_just_met(
     of VPP's return that is waited for as VPP itself is (knocking fast, said once, no
     failed reconcile counted: a restart looked like a failing agent); past it (wait 0) it
     is an error, logged and counted, and the loop polls at its normal pace."""
-    from vppmesh import node as agent
-    from vppmesh import watch
+    from vppmesh.agent import loop as watch
+    from vppmesh.agent import node as agent
     from vppmesh.cni.reattach import PodReport
     from vppmesh.errors import UplinkMissingError, VppUnavailableError
 
@@ -562,7 +562,7 @@ def test_watch_loop_waits_for_the_uplink_of_a_vpp_just_met(
     outcomes: list[Any] = ["ok", "gone", "no uplink", "no uplink", "ok", "ok"]
     ticks: list[float] = []
 
-    monkeypatch.setattr(agent, "Session", scripted_session(
+    monkeypatch.setattr(agent, "Agent", scripted_session(
         outcomes, ticks, {"gone": VppUnavailableError("VPP stopped answering"),
                           "no uplink": UplinkMissingError(
                               "no VPP interface holding the primary underlay address "

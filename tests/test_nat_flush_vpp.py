@@ -27,8 +27,8 @@ from pathlib import Path
 
 import pytest
 
+from vppmesh.agent.nat import NAT_KEEPALIVE_INTERVAL
 from vppmesh.lab.testbed import NodeHandle, Testbed, in_ns
-from vppmesh.nat import NAT_KEEPALIVE_INTERVAL
 from vppmesh.testing import vpp_helpers
 from vppmesh.testing.vpp_helpers import all_forward_secret
 from vppmesh.testing.wait import wait_for

@@ -25,12 +25,12 @@ from typing import Any
 import pytest
 
 from benchmarks.netns import stop_process
+from vppmesh.dataplane.vpp import ipsec
+from vppmesh.dataplane.vpp.client import VppClient
 from vppmesh.lab.testbed import NodeHandle, Testbed, _uplink_mac, find_vpp, in_ns, sh
-from vppmesh.metrics import families
+from vppmesh.ops.metrics import families
 from vppmesh.testing import HOSTILE_PACKETS, vpp_helpers
 from vppmesh.testing.wait import wait_for
-from vppmesh.vpp import ipsec
-from vppmesh.vpp.client import VppClient
 
 pytestmark = [pytest.mark.vpp]
 PREFIX = "vmx-"

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from vppmesh.plan import HostOptions, plan
-from vppmesh.state import is_owned_sa_id, is_owned_tunnel_instance
+from vppmesh.dataplane.plan import HostOptions, plan
+from vppmesh.dataplane.state import is_owned_sa_id, is_owned_tunnel_instance
+from vppmesh.dataplane.view import build_view
 from vppmesh.testing.meshes import make_mesh
-from vppmesh.view import build_view
 
 
 @pytest.mark.parametrize("n", [2, 3, 100])

@@ -12,12 +12,12 @@ from typing import Any
 
 import pytest
 
-from vppmesh import endpoints
-from vppmesh import host as linux
 from vppmesh.cni import reattach
 from vppmesh.cni.commands import pod_names, spec_of
 from vppmesh.cni.models import Attachment
 from vppmesh.cni.store import AttachmentStore
+from vppmesh.host import endpoints
+from vppmesh.host import link as linux
 from vppmesh.testing.cni import fake_ipam, meshed
 from vppmesh.testing.fake_vpp import FakeVpp
 from vppmesh.testing.meshes import make_mesh
@@ -149,9 +149,9 @@ def test_netns_paths_and_names(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
 
 def test_datastore_agent_reattaches_pods_on_a_new_vpp(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """`up --watch --datastore` does what node.Session does: pods come back on the first
+    """`up --watch --datastore` does what node.Agent does: pods come back on the first
     sync with a (new) VPP connection, and are not looked at on every sync."""
-    from vppmesh.datastore.agent import LocalNode, MembershipAgent
+    from vppmesh.agent.datastore.membership import LocalNode, MembershipSource
     from vppmesh.testing.datastore import MemoryStore, agent_options
 
     Linux(monkeypatch, problems=[])
@@ -166,7 +166,7 @@ def test_datastore_agent_reattaches_pods_on_a_new_vpp(
         underlay=tuple(local.underlay), pod_cidr=local.pod_cidr, node_number=1),
         cni_state_dir=store.directory)
     vpp = FakeVpp.with_uplink(local.primary)
-    member = MembershipAgent(options, ds, store=datastore, api=vpp)  # type: ignore[arg-type]
+    member = MembershipSource(options, ds, store=datastore, api=vpp)  # type: ignore[arg-type]
     first = member.sync()
     assert first is not None and first.pod_report is not None
     assert len(first.pod_report.reattached) == 1
@@ -181,11 +181,11 @@ def test_datastore_agent_reattaches_pods_on_a_new_vpp(
 
 def test_watch_session_reattaches_pods_after_a_reconnect(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """node.Session (`up --watch` with a mesh file): pods come back on the first run with
+    """node.Agent (`up --watch` with a mesh file): pods come back on the first run with
     a new connection (a restarted VPP), and are not looked at on every poll."""
+    from vppmesh.agent.node import Agent, NodeOptions
     from vppmesh.config import dump_mesh
-    from vppmesh.keys import private_key_b64, write_secret_file
-    from vppmesh.node import NodeOptions, Session
+    from vppmesh.keying.keys import private_key_b64, write_secret_file
 
     Linux(monkeypatch, problems=[])
     mesh, secrets = make_mesh(2)
@@ -200,7 +200,7 @@ def test_watch_session_reattaches_pods_after_a_reconnect(
                           host_link="none", workers=0, state_dir=tmp_path,
                           cni_state_dir=store.directory)
     vpps = [FakeVpp.with_uplink(mesh.node("node1").primary) for _ in range(2)]
-    session = Session(options, connect=lambda: vpps.pop(0))  # type: ignore[arg-type,return-value]
+    session = Agent(options, connect=lambda: vpps.pop(0))  # type: ignore[arg-type,return-value]
     first = session.run()
     assert first.pod_report is not None and len(first.pod_report.reattached) == 1
     assert session.run().pod_report is None  # within full_every: not looked at
@@ -214,8 +214,8 @@ def test_watch_session_reattaches_pods_after_a_reconnect(
 def test_datastore_agent_fills_the_metrics(tmp_path: Path) -> None:
     """With --metrics, `up --watch --datastore` records each sync and takes snapshots
     from VPP, as the file-based watch loop does."""
-    from vppmesh.datastore.agent import LocalNode, MembershipAgent
-    from vppmesh.metrics import AgentMetrics
+    from vppmesh.agent.datastore.membership import LocalNode, MembershipSource
+    from vppmesh.ops.metrics import AgentMetrics
     from vppmesh.testing.datastore import MemoryStore, agent_options
 
     mesh, secrets = make_mesh(3)
@@ -226,7 +226,7 @@ def test_datastore_agent_fills_the_metrics(tmp_path: Path) -> None:
     options, ds = agent_options(tmp_path, secrets, "node1", LocalNode(
         underlay=tuple(local.underlay), pod_cidr=local.pod_cidr, node_number=1))
     metrics = AgentMetrics()
-    member = MembershipAgent(options, ds, store=datastore,  # type: ignore[arg-type]
+    member = MembershipSource(options, ds, store=datastore,  # type: ignore[arg-type]
                              api=FakeVpp.with_uplink(local.primary), metrics=metrics)
     result = member.sync()
     assert result is not None

@@ -10,15 +10,15 @@ from typing import Any
 
 import pytest
 
-from vppmesh import node as agent
-from vppmesh import preflight, uplink
+from vppmesh.agent import node as agent
 from vppmesh.config import dump_mesh
 from vppmesh.errors import ConfigError
+from vppmesh.host import preflight, uplink
+from vppmesh.host.uplink import SavedAddress, SavedUplink, UplinkSpec
 from vppmesh.keying.agreement import NoAgreement
-from vppmesh.keys import private_key_b64, write_secret_file
+from vppmesh.keying.keys import private_key_b64, write_secret_file
 from vppmesh.testing.fake_vpp import FakeVpp
 from vppmesh.testing.meshes import make_mesh
-from vppmesh.uplink import SavedAddress, SavedUplink, UplinkSpec
 
 
 def test_host_addresses_are_read_from_this_namespace() -> None:

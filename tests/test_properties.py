@@ -22,11 +22,11 @@ from vppmesh.config import (
     load_mesh,
     parse_mesh,
 )
+from vppmesh.dataplane.plan import HostOptions, plan
+from vppmesh.dataplane.view import build_view
 from vppmesh.errors import ConfigError
-from vppmesh.plan import HostOptions, plan
 from vppmesh.testing.agents import Pair
 from vppmesh.testing.meshes import make_mesh
-from vppmesh.view import build_view
 
 BASE_MESH, BASE_SECRETS = make_mesh(3, 2)
 BASE = yaml.safe_load(dump_mesh(BASE_MESH))

@@ -19,7 +19,7 @@ from vppmesh.channel import session as s
 from vppmesh.channel.noise import public_bytes
 from vppmesh.config import dump_mesh
 from vppmesh.errors import KeyFileError
-from vppmesh.keys import NodeSecrets, load_secrets, private_key_b64, write_secret_file
+from vppmesh.keying.keys import NodeSecrets, load_secrets, private_key_b64, write_secret_file
 from vppmesh.testing.agents import Agents
 
 OLD, NEW, WRONG = b"\x01" * 32, b"\x02" * 32, b"\x03" * 32

@@ -36,7 +36,12 @@ import pytest
 import yaml
 
 from benchmarks.netns import stop_process
-from vppmesh import engines
+from vppmesh.dataplane import engines
+from vppmesh.dataplane.startup import Instance, load_profile, render
+from vppmesh.dataplane.state import is_owned_sa_id, is_owned_tunnel_instance
+from vppmesh.dataplane.vpp import compat, host_interfaces, interfaces, ipip, ipsec, routes
+from vppmesh.dataplane.vpp.client import VppClient
+from vppmesh.dataplane.vpp.compat import VppIncompatibleError
 from vppmesh.errors import ConfigError
 from vppmesh.lab.testbed import (
     UPLINK_IFNAME,
@@ -48,8 +53,6 @@ from vppmesh.lab.testbed import (
     sh,
     start_vpp,
 )
-from vppmesh.startup import Instance, load_profile, render
-from vppmesh.state import is_owned_sa_id, is_owned_tunnel_instance
 from vppmesh.testing import vpp_helpers
 from vppmesh.testing.etcd_server import require_etcd
 from vppmesh.testing.vpp_helpers import (
@@ -64,9 +67,6 @@ from vppmesh.testing.vpp_helpers import (
     start_datastore_agent,
 )
 from vppmesh.testing.wait import wait_for
-from vppmesh.vpp import compat, host_interfaces, interfaces, ipip, ipsec, routes
-from vppmesh.vpp.client import VppClient
-from vppmesh.vpp.compat import VppIncompatibleError
 
 PREFIX = "vqs-"
 BASE = Path("/run/vppmesh-vqs")

@@ -9,10 +9,10 @@ from collections.abc import Iterator
 
 import pytest
 
-import vppmesh.node as node_module
+import vppmesh.agent.node as node_module
 from vppmesh.channel import session as s
 from vppmesh.config import NatSettings, dump_mesh
-from vppmesh.state import SA_DIRECTION_BIT
+from vppmesh.dataplane.state import SA_DIRECTION_BIT
 from vppmesh.testing.agents import Agents
 from vppmesh.testing.fake_punt import Relayed
 

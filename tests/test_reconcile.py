@@ -7,17 +7,18 @@ from pathlib import Path
 
 import pytest
 
-from vppmesh import guard, host
+from vppmesh.agent.node import NodeOptions, down
+from vppmesh.dataplane.plan import HostOptions, plan
+from vppmesh.dataplane.reconcile import Reconciler, ReusedKeyError, diff, empty_observed, reconcile
+from vppmesh.dataplane.teardown import teardown
+from vppmesh.dataplane.view import build_view
+from vppmesh.dataplane.vpp import interfaces, ipip, routes
 from vppmesh.errors import ConfigError, VppApiError
-from vppmesh.ledger import KeyLedger
-from vppmesh.node import NodeOptions, down
-from vppmesh.plan import HostOptions, plan
-from vppmesh.reconcile import Reconciler, ReusedKeyError, diff, empty_observed, reconcile
-from vppmesh.teardown import teardown
+from vppmesh.host import guard
+from vppmesh.host import link as host
+from vppmesh.keying.ledger import KeyLedger
 from vppmesh.testing.fake_vpp import FakeVpp
 from vppmesh.testing.meshes import make_mesh
-from vppmesh.view import build_view
-from vppmesh.vpp import interfaces, ipip, routes
 
 
 def setup(n: int = 3, tunnels: int = 2, workers: int = 0, node: str = "node1"):

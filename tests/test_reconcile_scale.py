@@ -10,17 +10,17 @@ from typing import Any
 import pytest
 
 from vppmesh.config import Mesh
+from vppmesh.dataplane.index import DesiredIndex, possible_sa_ids, possible_tunnel_instances
+from vppmesh.dataplane.plan import HostOptions, plan
+from vppmesh.dataplane.reconcile import Reconciler, observe
+from vppmesh.dataplane.state import DesiredState, sa_id_for, tunnel_instance
+from vppmesh.dataplane.view import build_view
 from vppmesh.errors import VppApiError
-from vppmesh.index import DesiredIndex, possible_sa_ids, possible_tunnel_instances
-from vppmesh.keys import NodeSecrets
-from vppmesh.ledger import KeyLedger
-from vppmesh.plan import HostOptions, plan
-from vppmesh.reconcile import Reconciler, observe
-from vppmesh.state import DesiredState, sa_id_for, tunnel_instance
+from vppmesh.keying.keys import NodeSecrets
+from vppmesh.keying.ledger import KeyLedger
 from vppmesh.testing.fake_vpp import FakeVpp
 from vppmesh.testing.meshes import make_mesh
 from vppmesh.testing.observed import summary
-from vppmesh.view import build_view
 
 DUMPS = {"sw_interface_dump", "ipip_tunnel_dump", "ipsec_sa_v5_dump",
          "ipsec_tunnel_protect_dump", "ip_unnumbered_dump", "ip_table_dump",
@@ -83,7 +83,7 @@ def test_one_peer_change_costs_the_same_messages_at_10_and_1000_peers() -> None:
 def test_scoped_diff_looks_up_only_the_changed_peers_objects(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """Count the observed objects a one-peer diff reads: independent of mesh size."""
-    import vppmesh.reconcile as reconcile_module
+    import vppmesh.dataplane.reconcile as reconcile_module
 
     def lookups(size: int) -> int:
         mesh, secrets, _, reconciler = converge(size)
@@ -192,7 +192,7 @@ def test_another_process_changing_vpp_meanwhile_is_caught(tmp_path: Path) -> Non
 
 def test_batch_error_names_the_first_failed_object_and_counts_the_rest() -> None:
     _, _, vpp, _ = converge(3)
-    from vppmesh.vpp import ipsec
+    from vppmesh.dataplane.vpp import ipsec
 
     missing = [sa_id_for("out", 9, t, 0) for t in range(3)]
     with pytest.raises(VppApiError) as err:

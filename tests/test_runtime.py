@@ -35,7 +35,7 @@ import pytest
 import yaml
 
 from vppmesh.config import dump_mesh, parse_mesh
-from vppmesh.verify import classify_capture, read_pcap
+from vppmesh.ops.verify import classify_capture, read_pcap
 
 pytestmark = [pytest.mark.runtime, pytest.mark.vpp, pytest.mark.root]
 PREFIX = "rtm-"

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from vppmesh import presence
+from vppmesh.agent import presence
 from vppmesh.cli import app
 from vppmesh.cli.service import render_unit
 from vppmesh.errors import VppMeshError
@@ -109,7 +109,7 @@ def test_install_unit_refuses_options_up_would_refuse(tmp_path: Path) -> None:
 def test_install_unit_can_let_an_untested_vpp_run(tmp_path: Path) -> None:
     """The unit carries VPPMESH_UNTESTED_VPP=1 only when asked, and then the agent's
     version check lets another release through."""
-    from vppmesh.vpp import compat
+    from vppmesh.dataplane.vpp import compat
 
     out = tmp_path / "vppmesh.service"
     plain = CliRunner().invoke(app, ["install-unit", "--out", str(out), "--", "--node", "n1"])

@@ -1,4 +1,4 @@
-"""`up --watch`'s Session on the fake VPP: a change to the mesh file is applied from the
+"""`up --watch`'s Agent on the fake VPP: a change to the mesh file is applied from the
 remembered state (no interface, tunnel or route dumps), and a lost VPP means reconnect and
 dump."""
 
@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
+from vppmesh.agent.node import Agent, NodeOptions
 from vppmesh.config import dump_mesh
+from vppmesh.dataplane.state import SA_DIRECTION_BIT
 from vppmesh.errors import VppMeshError, VppUnavailableError
-from vppmesh.keys import private_key_b64, write_secret_file
-from vppmesh.node import NodeOptions, Session
-from vppmesh.state import SA_DIRECTION_BIT
+from vppmesh.keying.keys import private_key_b64, write_secret_file
 from vppmesh.testing.fake_vpp import FakeVpp
 from vppmesh.testing.meshes import make_mesh
 
@@ -38,7 +38,7 @@ def test_session_applies_one_joining_peer_without_dumps(tmp_path: Path) -> None:
         connections.append(vpp)
         return vpp
 
-    session = Session(options, connect=connect)  # type: ignore[arg-type]
+    session = Agent(options, connect=connect)  # type: ignore[arg-type]
     first = session.run()
     assert first.changes and all(vpp.counts[d] == 1 for d in DUMPS)
 
@@ -78,7 +78,7 @@ def test_after_a_reconnect_runs_stay_full_until_one_succeeds(tmp_path: Path) -> 
                           host_link="none", workers=0, state_dir=tmp_path,
                           cni_state_dir=tmp_path / "cni")
     vpp = FakeVpp.with_uplink(mesh.node("node1").primary)
-    session = Session(options, connect=lambda: vpp)  # type: ignore[arg-type,return-value]
+    session = Agent(options, connect=lambda: vpp)  # type: ignore[arg-type,return-value]
     assert session.run().changes
     session.close()  # VPP went away; the next run reconnects
     restarted = FakeVpp.with_uplink(mesh.node("node1").primary)
@@ -98,7 +98,7 @@ def test_watch_ticks_end_between_runs_once_stopped(tmp_path: Path) -> None:
     """SIGTERM sets the stop event: the loop ends at its next wait, never inside a run."""
     import threading
 
-    from vppmesh.watch import poll_ticks
+    from vppmesh.agent.loop import poll_ticks
 
     mesh = tmp_path / "mesh.yaml"
     mesh.write_text("x")
@@ -113,7 +113,7 @@ def test_watch_ticks_end_between_runs_once_stopped(tmp_path: Path) -> None:
 def test_watch_tick_the_channel_asks_for_waits_only_until_it_may_come(tmp_path: Path) -> None:
     """A run the channel asks for while the last one is too recent comes once the gap
     has passed, not at the next file check."""
-    from vppmesh.watch import WATCH_FILE_CHECK_SECONDS, poll_ticks
+    from vppmesh.agent.loop import WATCH_FILE_CHECK_SECONDS, poll_ticks
 
     mesh = tmp_path / "mesh.yaml"
     mesh.write_text("x")
@@ -135,7 +135,7 @@ def test_watch_tick_the_channel_asks_for_waits_only_until_it_may_come(tmp_path: 
 def test_watch_tick_comes_when_vpp_makes_its_api_socket_again(tmp_path: Path) -> None:
     """A restarted VPP makes its API socket again: the next run comes at the next file
     check, not at the next poll, and so does one when the socket is gone."""
-    from vppmesh.watch import WATCH_FILE_CHECK_SECONDS, poll_ticks
+    from vppmesh.agent.loop import WATCH_FILE_CHECK_SECONDS, poll_ticks
 
     mesh, api = tmp_path / "mesh.yaml", tmp_path / "api.sock"
     mesh.write_text("x")
@@ -165,7 +165,7 @@ def test_agent_loop_spaces_channel_runs_by_plain_steps_only(
     step, a failed one or one that recovered a restarted VPP does not set it."""
     from types import SimpleNamespace
 
-    from vppmesh import watch
+    from vppmesh.agent import loop as watch
 
     clock = SimpleNamespace(now=100.0)
     monkeypatch.setattr(watch, "time", SimpleNamespace(monotonic=lambda: clock.now))
@@ -173,7 +173,7 @@ def test_agent_loop_spaces_channel_runs_by_plain_steps_only(
     script = [(0.5, 1), (0.1, 1), (0.4, 2), (0.3, None), (0.02, 2)]
 
     class FakeSession:
-        """Decides, as the Session does, that a new pid is a restarted VPP."""
+        """Decides, as the Agent does, that a new pid is a restarted VPP."""
 
         def __init__(self) -> None:
             self.hooks: list[object] = []
@@ -190,7 +190,7 @@ def test_agent_loop_spaces_channel_runs_by_plain_steps_only(
                 self.met = pid
             return SimpleNamespace(vpp_pid=pid, seconds=seconds, changes=[], pod_report=None)
 
-    loop = watch.AgentLoop(FakeSession(), SimpleNamespace())  # type: ignore[arg-type]
+    loop = watch.Loop(FakeSession(), SimpleNamespace())  # type: ignore[arg-type]
     gaps = []
     for _ in range(5):
         loop.run([None])
@@ -203,10 +203,10 @@ SA_DUMP = "ipsec_sa_v5_dump"
 
 
 def counted_session(tmp_path: Path, nodes: int = 3, **settings: object,
-                    ) -> tuple[Session, FakeVpp, Path, object]:
-    """node1's Session on a fake VPP whose SA counters it reads (a FakeVpp is its own
+                    ) -> tuple[Agent, FakeVpp, Path, object]:
+    """node1's Agent on a fake VPP whose SA counters it reads (a FakeVpp is its own
     stats reader), the mesh file holding all nodes but the last."""
-    from vppmesh.vpp.stats import SaCounters
+    from vppmesh.dataplane.vpp.stats import SaCounters
 
     mesh, secrets = make_mesh(nodes, 2, **settings)
     mesh_file = tmp_path / "mesh.yaml"
@@ -217,7 +217,7 @@ def counted_session(tmp_path: Path, nodes: int = 3, **settings: object,
                           host_link="none", workers=0, state_dir=tmp_path)
     vpp = FakeVpp.with_uplink(mesh.node("node1").primary)
     counters = SaCounters(tmp_path / "stats.sock", open_reader=lambda _path: vpp)
-    session = Session(options, connect=lambda: vpp,  # type: ignore[arg-type,return-value]
+    session = Agent(options, connect=lambda: vpp,  # type: ignore[arg-type,return-value]
                       counters=counters)
     return session, vpp, mesh_file, mesh
 
@@ -309,7 +309,7 @@ def test_a_psk_rotation_step_takes_effect_at_the_next_run_not_the_next_full_one(
     options = NodeOptions(mesh_file=mesh_file, node="node1", private_key=key,
                           host_link="none", workers=0, state_dir=tmp_path)
     vpp = FakeVpp.with_uplink(mesh.node("node1").primary)
-    session = Session(options, connect=lambda: vpp, full_every=3600)  # type: ignore[arg-type,return-value]
+    session = Agent(options, connect=lambda: vpp, full_every=3600)  # type: ignore[arg-type,return-value]
     session.run()
     first = session.view()
     assert first.secrets.psk_next == b""
@@ -334,8 +334,8 @@ def test_up_watch_makes_its_first_run_once_through_the_loop_and_reports_it(
 
     from typer.testing import CliRunner
 
-    from vppmesh import node as agent
-    from vppmesh import watch
+    from vppmesh.agent import loop as watch
+    from vppmesh.agent import node as agent
     from vppmesh.cli import app
 
     one_shot: list[object] = []
@@ -362,7 +362,7 @@ def test_up_watch_makes_its_first_run_once_through_the_loop_and_reports_it(
                                    pod_report=None, mesh=None, desired=desired,
                                    crypto_engine=None, host_link="none")
 
-    monkeypatch.setattr(agent, "Session", FakeSession)
+    monkeypatch.setattr(agent, "Agent", FakeSession)
     monkeypatch.setattr(watch, "WATCH_POLL_SECONDS", 0.05)
     (tmp_path / "mesh.yaml").write_text("")
     before = signal.getsignal(signal.SIGTERM)
@@ -380,13 +380,13 @@ def test_up_watch_makes_its_first_run_once_through_the_loop_and_reports_it(
 
 def test_watch_reads_the_mesh_file_once_per_change(tmp_path: Path,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    """One `up --watch` loop (AgentLoop over a Session) against the fake VPP: the mesh file
+    """One `up --watch` loop (Loop over a Agent) against the fake VPP: the mesh file
     is parsed on the first run and once after each change, never on runs where it did not
     change (a 1000-peer file costs far more to parse than a poll), and each change reaches
     VPP in the run that read it. Full runs, which read it again on purpose, are kept out
     of the window (full_every is long)."""
-    import vppmesh.node as node_module
-    from vppmesh.watch import AgentLoop
+    import vppmesh.agent.node as node_module
+    from vppmesh.agent.loop import Loop
 
     reads: list[Path] = []
     real_load = node_module.load_mesh
@@ -404,7 +404,7 @@ def test_watch_reads_the_mesh_file_once_per_change(tmp_path: Path,
     options = NodeOptions(mesh_file=mesh_file, node="node1", private_key=key,
                           host_link="none", workers=0, state_dir=tmp_path)
     vpp = FakeVpp.with_uplink(mesh.node("node1").primary)
-    loop = AgentLoop(Session(options, full_every=3600.0, connect=lambda: vpp),  # type: ignore[arg-type]
+    loop = Loop(Agent(options, full_every=3600.0, connect=lambda: vpp),  # type: ignore[arg-type]
                      options)
     tunnels: list[int] = []
 
@@ -432,7 +432,7 @@ def test_quiet_runs_decide_nothing_again_yet_every_time_and_packet_limit_holds(
     what its last run decided. Now a run whose inputs are those of a run that changed
     nothing observes nothing; yet a scheduled rekey comes in the run that reaches its
     time, and packets past half of key_max_packets replace the key in the next run."""
-    from vppmesh import node
+    from vppmesh.agent import node
 
     observed = []
     real = node.observe_keys
@@ -472,7 +472,7 @@ def test_quiet_runs_decide_nothing_again_yet_every_time_and_packet_limit_holds(
     assert any("key_max_packets" in n for n in result.notes), result.notes
 
 
-def counted_hooks(session: Session) -> dict[str, list[tuple[str, object]]]:
+def counted_hooks(session: Agent) -> dict[str, list[tuple[str, object]]]:
     """Every hook of `session` (node.VppHooks), its calls counted: hook class -> calls."""
     calls: dict[str, list[tuple[str, object]]] = {}
     for hook in session.hooks:
@@ -493,11 +493,11 @@ def counted_hooks(session: Session) -> dict[str, list[tuple[str, object]]]:
 
 def test_one_vpp_restart_is_decided_once_and_told_to_each_hook_once(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    """The Session alone decides that VPP went away and that the VPP it meets is another
+    """The Agent alone decides that VPP went away and that the VPP it meets is another
     one; the channel, the quiet runs, the SA counters and the loop each hear of it once,
     however many runs the outage lasts, and a new pid on the same connection is a
     restart too."""
-    from vppmesh import watch
+    from vppmesh.agent import loop as watch
     from vppmesh.testing.agents import Agents
 
     monkeypatch.setattr(watch, "give_back_uplinks", lambda opts: None)
@@ -506,9 +506,9 @@ def test_one_vpp_restart_is_decided_once_and_told_to_each_hook_once(
         for _ in range(3):
             agents.step()
         session = agents.sessions["node1"]
-        loop = watch.AgentLoop(session, agents.options["node1"])
+        loop = watch.Loop(session, agents.options["node1"])
         calls = counted_hooks(session)
-        assert set(calls) == {"QuietRuns", "SaCounters", "Secrecy", "AgentLoop"}
+        assert set(calls) == {"QuietRuns", "SaCounters", "Secrecy", "Loop"}
         assert loop.step() is not None and not any(calls.values())
         old = agents.vpp("node1")
 

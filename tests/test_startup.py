@@ -11,9 +11,9 @@ import pytest
 import yaml
 from typer.testing import CliRunner, Result
 
-from vppmesh import startup
 from vppmesh.cli import app
-from vppmesh.startup import Instance, available_profiles, load_profile, render
+from vppmesh.dataplane import startup
+from vppmesh.dataplane.startup import Instance, available_profiles, load_profile, render
 
 
 def unix_section(text: str) -> list[str]:

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from vppmesh import endpoints
+from vppmesh.dataplane.vpp import host_interfaces as hi
+from vppmesh.dataplane.vpp.interfaces import RX_MODE_ADAPTIVE, RX_MODE_INTERRUPT
+from vppmesh.host import endpoints
 from vppmesh.lab.testbed import Testbed, TestbedSpec
-from vppmesh.vpp import host_interfaces as hi
-from vppmesh.vpp.interfaces import RX_MODE_ADAPTIVE, RX_MODE_INTERRUPT
 
 
 def test_tap_flags_gso_gro_consistent_qp_and_persistence() -> None:
@@ -44,7 +44,7 @@ def test_endpoint_taps_receive_adaptively_and_af_packet_keeps_its_interrupts(
         monkeypatch: pytest.MonkeyPatch, kind: str, rx_mode: int) -> None:
     """A tap's queues poll unless told otherwise, and one polling queue keeps a VPP thread
     from ever sleeping; af_packet (no adaptive mode in VPP 26.06) waits on interrupts."""
-    from vppmesh import host as linux
+    from vppmesh.host import link as linux
     from vppmesh.testing.cni import meshed
 
     monkeypatch.setattr(linux, "link_exists", lambda name, netns=None: False)

@@ -17,17 +17,17 @@ import yaml
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from vppmesh.config import Mesh, MeshSettings, Node, dump_mesh, parse_mesh
+from vppmesh.dataplane.overhead import encrypted_size, max_overhead, pod_mtu_for
+from vppmesh.dataplane.plan import HostOptions, plan
+from vppmesh.dataplane.reconcile import reconcile
+from vppmesh.dataplane.state import SA_DIRECTION_BIT, SaSpec
+from vppmesh.dataplane.view import build_view
+from vppmesh.dataplane.vpp import ipsec
 from vppmesh.errors import ConfigError
-from vppmesh.keys import NodeSecrets, public_key_b64
-from vppmesh.overhead import encrypted_size, max_overhead, pod_mtu_for
-from vppmesh.plan import HostOptions, plan
-from vppmesh.reconcile import reconcile
-from vppmesh.state import SA_DIRECTION_BIT, SaSpec
+from vppmesh.host.underlay import pair_family, path
+from vppmesh.keying.keys import NodeSecrets, public_key_b64
+from vppmesh.ops.verify import classify_capture
 from vppmesh.testing.fake_vpp import FakeVpp
-from vppmesh.underlay import pair_family, path
-from vppmesh.verify import classify_capture
-from vppmesh.view import build_view
-from vppmesh.vpp import ipsec
 
 MAC = b"\x02\xfe\x00\x00\x00\x01"
 
@@ -383,7 +383,7 @@ def test_nat_testbed_puts_the_last_node_behind_the_router() -> None:
 # ---- the datastore: a node publishes its public address ---------------------------------
 
 def test_nat_public_option_parses_address_and_port() -> None:
-    from vppmesh.datastore.agent import parse_local, parse_nat
+    from vppmesh.agent.datastore.membership import parse_local, parse_nat
 
     assert parse_nat(None) is None
     nat = parse_nat("203.0.113.7:14500")
@@ -402,7 +402,7 @@ def test_nat_public_option_parses_address_and_port() -> None:
 
 
 def test_nat_record_round_trip_and_a_shared_public_address_is_rejected() -> None:
-    from vppmesh.datastore.records import Record, assemble, encode_record, parse_record
+    from vppmesh.agent.datastore.records import Record, assemble, encode_record, parse_record
 
     mesh, _ = mesh_of(node(1, v4(1)), node(2, v4(2)),
                       node(3, ["10.9.0.3/24"], nat={"public": "203.0.113.7", "port": 14500}))
@@ -420,7 +420,7 @@ def test_nat_record_round_trip_and_a_shared_public_address_is_rejected() -> None
 
 
 def test_ipv6_record_that_shares_no_family_with_the_mesh_is_rejected() -> None:
-    from vppmesh.datastore.records import Record, assemble, encode_record
+    from vppmesh.agent.datastore.records import Record, assemble, encode_record
 
     mesh, _ = mesh_of(node(1, v4(1)), node(2, [*v4(2), *v6(2)]))
     lone6, _ = node(3, v6(3))
@@ -443,7 +443,7 @@ def test_ipv6_mixed_testbed_is_a_valid_mesh_with_both_kinds_of_pairs() -> None:
 
 
 def test_nat_verify_structure_checks_each_outbound_sas_encapsulation() -> None:
-    from vppmesh.verify import check_structure
+    from vppmesh.ops.verify import check_structure
 
     mesh, secrets = nat_mesh()
     local = mesh.node("n1")

@@ -21,13 +21,13 @@ from pathlib import Path
 
 import pytest
 
+from vppmesh.dataplane.plan import HOST_LINUX_IFNAME, HOST_VETH_PEER
+from vppmesh.dataplane.state import is_owned_sa_id, is_owned_tunnel_instance
+from vppmesh.dataplane.vpp import interfaces, ipip, ipsec, routes
+from vppmesh.dataplane.vpp.client import VppClient
 from vppmesh.lab.testbed import NodeHandle, Testbed, in_ns
-from vppmesh.plan import HOST_LINUX_IFNAME, HOST_VETH_PEER
-from vppmesh.state import is_owned_sa_id, is_owned_tunnel_instance
 from vppmesh.testing import vpp_helpers
 from vppmesh.testing.wait import wait_for
-from vppmesh.vpp import interfaces, ipip, ipsec, routes
-from vppmesh.vpp.client import VppClient
 
 pytestmark = [pytest.mark.vpp]
 PREFIX = "vun-"

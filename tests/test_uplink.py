@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from vppmesh import uplink
 from vppmesh.errors import ConfigError
-from vppmesh.uplink import SavedAddress, SavedRoute, SavedUplink, UplinkSpec
+from vppmesh.host import uplink
+from vppmesh.host.uplink import SavedAddress, SavedRoute, SavedUplink, UplinkSpec
 
 
 def saved(driver: str = "af_packet", **spec: object) -> SavedUplink:

@@ -19,6 +19,8 @@ from typing import Any
 
 import pytest
 
+from vppmesh.dataplane.vpp import host_interfaces, interfaces
+from vppmesh.dataplane.vpp.client import VppClient
 from vppmesh.lab.testbed import destroy, in_ns
 from vppmesh.lab.uplinkbed import (
     BASE,
@@ -32,8 +34,6 @@ from vppmesh.lab.uplinkbed import (
     UplinkBed,
 )
 from vppmesh.testing.vpp_helpers import require_bpffs, require_vpp
-from vppmesh.vpp import host_interfaces, interfaces
-from vppmesh.vpp.client import VppClient
 
 pytestmark = [pytest.mark.vpp, pytest.mark.root]
 
@@ -183,7 +183,7 @@ def test_takeover_keeps_the_host_online_and_restore_is_exact(bed: UplinkBed,
 def test_up_takes_the_uplink_gives_it_back_when_vpp_dies_and_down_restores(
         bed: UplinkBed) -> None:
     from vppmesh.config import Mesh, MeshSettings, Node, dump_mesh
-    from vppmesh.keys import generate_private_key
+    from vppmesh.keying.keys import generate_private_key
 
     key = BASE / "h.key"
     mesh_file = BASE / "mesh.yaml"

@@ -6,14 +6,14 @@ import ipaddress
 
 import dpkt
 
-from vppmesh.keys import spi_for, spi_sender, spi_tunnel
-from vppmesh.testing.meshes import make_mesh
-from vppmesh.verify import (
+from vppmesh.keying.keys import spi_for, spi_sender, spi_tunnel
+from vppmesh.ops.verify import (
     CaptureVerdict,
     PeerVerdict,
     VerifyReport,
     classify_capture,
 )
+from vppmesh.testing.meshes import make_mesh
 
 MAC_A = b"\x02\xfe\x00\x00\x00\x01"
 MAC_B = b"\x02\xfe\x00\x00\x00\x02"
@@ -84,11 +84,11 @@ def test_spi_fields_round_trip() -> None:
 
 
 def test_capture_after_an_uplink_takeover_records_the_nic_not_the_bvi() -> None:
-    """With the NIC taken (vppmesh/uplink/), VPP's underlay addresses sit on the bridge's BVI,
+    """With the NIC taken (vppmesh/host/uplink/), VPP's underlay addresses sit on the bridge's BVI,
     a loopback: the wire, where clear text would show, is the bridged NIC."""
+    from vppmesh.host.uplink import TAG_NIC
+    from vppmesh.ops.verify import find_uplink_interface
     from vppmesh.testing.fake_vpp import FakeVpp
-    from vppmesh.uplink import TAG_NIC
-    from vppmesh.verify import find_uplink_interface
 
     mesh, _ = make_mesh(2)
     local = mesh.node("node1")

@@ -1,4 +1,4 @@
-"""The local view (vppmesh/view.py): computed once per mesh version, refusing bad inputs
+"""The local view (vppmesh/dataplane/view.py): computed once per mesh version, refusing bad inputs
 before anything is touched, never showing a secret, and reused by a long-running agent."""
 
 from __future__ import annotations
@@ -11,15 +11,15 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 
-from vppmesh import node as agent
+from vppmesh.agent import node as agent
 from vppmesh.config import Mesh, dump_mesh
+from vppmesh.dataplane.view import build_view
 from vppmesh.errors import ConfigError, KeyFileError
+from vppmesh.host.uplink import UplinkSpec
 from vppmesh.keying.agreement import NoAgreement
-from vppmesh.keys import NodeSecrets, private_key_b64, write_secret_file
+from vppmesh.keying.keys import NodeSecrets, private_key_b64, write_secret_file
 from vppmesh.testing.fake_vpp import FakeVpp
 from vppmesh.testing.meshes import make_mesh
-from vppmesh.uplink import UplinkSpec
-from vppmesh.view import build_view
 
 
 class CountingKey:
@@ -86,7 +86,7 @@ def test_session_keeps_the_view_and_a_joining_peer_costs_one_exchange(
     run = Counted(tmp_path, monkeypatch)
     full = run.mesh
     run.mesh_file.write_text(dump_mesh(full.model_copy(update={"nodes": full.nodes[:-1]})))
-    session = agent.Session(run.options, connect=lambda: run.vpp)  # type: ignore[arg-type,return-value]
+    session = agent.Agent(run.options, connect=lambda: run.vpp)  # type: ignore[arg-type,return-value]
     session.run()
     first = session.view()
     assert sum(run.exchanges.values()) == 3
@@ -167,8 +167,8 @@ def test_a_changed_record_gets_a_new_path_and_the_ledger_is_one_per_options(
 
 
 def test_a_kept_view_plans_the_same_objects_and_the_index_compares_peer_by_peer() -> None:
-    from vppmesh.index import DesiredIndex
-    from vppmesh.plan import plan, plan_by_peer
+    from vppmesh.dataplane.index import DesiredIndex
+    from vppmesh.dataplane.plan import plan, plan_by_peer
 
     mesh, secrets = make_mesh(5, tunnels=2)
     fewer = mesh.model_copy(update={"nodes": mesh.nodes[:-1]})

@@ -15,19 +15,19 @@ import pytest
 from pydantic import SecretBytes
 
 from benchmarks.controlplane import give_uplink, plan_for, synthetic_mesh, with_nodes
-from vppmesh import verify
+from vppmesh.agent.node import Agent, NodeOptions
 from vppmesh.config import dump_mesh
+from vppmesh.dataplane.reconcile import Reconciler, observe
+from vppmesh.dataplane.state import GATEWAY_TAG, SaSpec, is_owned_sa_id, is_owned_tunnel_instance
+from vppmesh.dataplane.vpp import host_interfaces, interfaces, ipip, ipsec, routes
+from vppmesh.dataplane.vpp.client import Request, VppClient
 from vppmesh.errors import VppApiError
-from vppmesh.keys import private_key_b64, write_secret_file
+from vppmesh.keying.keys import private_key_b64, write_secret_file
 from vppmesh.lab.testbed import in_ns, single_vpp
-from vppmesh.node import NodeOptions, Session
-from vppmesh.reconcile import Reconciler, observe
-from vppmesh.state import GATEWAY_TAG, SaSpec, is_owned_sa_id, is_owned_tunnel_instance
+from vppmesh.ops import verify
 from vppmesh.testing import vpp_helpers
 from vppmesh.testing.observed import summary
 from vppmesh.testing.vpp_helpers import record_raw_replies, require_vpp
-from vppmesh.vpp import host_interfaces, interfaces, ipip, ipsec, routes
-from vppmesh.vpp.client import Request, VppClient
 
 pytestmark = [pytest.mark.vpp]
 NETNS = "vmc-it"
@@ -125,7 +125,7 @@ def test_fast_decoders_match_vpp_papi_on_every_dump(
 
 
 def every_request_kind(desired) -> list[Request]:  # type: ignore[no-untyped-def]
-    """One of each request the controller builds (from vppmesh/vpp/*)."""
+    """One of each request the controller builds (from vppmesh/dataplane/vpp/*)."""
     tunnel, net, ip = desired.tunnels[0], desired.routes[0].prefix, desired.routes[0].prefix[1]
     return [
         ipsec.add_sa(desired.sas[0]), ipsec.del_sa(5), ipsec.bind_sa(1, 0),
@@ -246,7 +246,7 @@ def test_watch_session_applies_a_joining_peer_from_the_mesh_file(
     options = NodeOptions(mesh_file=mesh_file, node="n1", private_key=key,
                           api_socket=RUN_DIR / "api.sock", host_link="none", workers=0,
                           state_dir=tmp_path)
-    session = Session(options)
+    session = Agent(options)
     try:
         session.run()  # dumps, and finishes whatever the last test left
         mesh_file.write_text(dump_mesh(with_nodes(full, nodes[:61])))

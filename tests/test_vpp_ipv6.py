@@ -21,11 +21,11 @@ import pytest
 
 from benchmarks.netns import stop_process
 from vppmesh.config import load_mesh
+from vppmesh.dataplane.vpp import ipip, ipsec
+from vppmesh.dataplane.vpp.client import VppClient
 from vppmesh.lab.testbed import Testbed, _uplink_mac, in_ns
 from vppmesh.testing import vpp_helpers
 from vppmesh.testing.vpp_helpers import errors, record_raw_replies
-from vppmesh.vpp import ipip, ipsec
-from vppmesh.vpp.client import VppClient
 
 pytestmark = [pytest.mark.vpp]
 PREFIX = "vm6-"
@@ -171,8 +171,8 @@ def test_ipv6_guard_drops_plain_ipip_over_ipv6(bed: Testbed) -> None:
 def test_ipv6_requests_and_dumps_match_vpp_papi(bed: Testbed,
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     """IPv6 tunnel and address requests encode, and IPv6 dumps decode, like vpp-papi."""
-    from vppmesh import guard
-    from vppmesh.vpp import classify, interfaces
+    from vppmesh.dataplane.vpp import classify, interfaces
+    from vppmesh.host import guard
 
     n1 = bed.nodes[0]
     with VppClient(n1.instance.api_socket).connect() as api:

@@ -14,12 +14,12 @@ from pathlib import Path
 
 import pytest
 
+from vppmesh.dataplane.state import is_owned_sa_id, is_owned_tunnel_instance
+from vppmesh.dataplane.vpp import interfaces, ipip, ipsec, routes
+from vppmesh.dataplane.vpp.client import VppClient
 from vppmesh.lab.testbed import Testbed, TestbedSpec, destroy, in_ns
-from vppmesh.state import is_owned_sa_id, is_owned_tunnel_instance
 from vppmesh.testing import vpp_helpers
 from vppmesh.testing.vpp_helpers import require_vpp
-from vppmesh.vpp import interfaces, ipip, ipsec, routes
-from vppmesh.vpp.client import VppClient
 
 pytestmark = [pytest.mark.vpp]
 PREFIX = "vmi-"

@@ -24,13 +24,13 @@ import pytest
 
 from benchmarks.netns import stop_process
 from vppmesh.config import load_mesh
-from vppmesh.keys import spi_for
+from vppmesh.dataplane.vpp import ipsec
+from vppmesh.dataplane.vpp.client import VppClient
+from vppmesh.keying.keys import spi_for
 from vppmesh.lab.testbed import NAT_OUTSIDE, NAT_STATIC_PORT, Testbed, in_ns
 from vppmesh.testing import HOSTILE_PACKETS as CRAFT
 from vppmesh.testing import vpp_helpers
 from vppmesh.testing.vpp_helpers import errors, record_raw_replies
-from vppmesh.vpp import ipsec
-from vppmesh.vpp.client import VppClient
 
 pytestmark = [pytest.mark.vpp]
 PREFIX = "vmn-"

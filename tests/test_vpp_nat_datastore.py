@@ -17,13 +17,13 @@ from pathlib import Path
 import pytest
 
 from benchmarks.netns import stop_process
+from vppmesh.dataplane.state import is_owned_tunnel_instance
+from vppmesh.dataplane.vpp import interfaces, ipip, ipsec
+from vppmesh.dataplane.vpp.client import VppClient
 from vppmesh.lab.testbed import NAT_OUTSIDE, NAT_STATIC_PORT, NodeHandle, Testbed
-from vppmesh.state import is_owned_tunnel_instance
 from vppmesh.testing import vpp_helpers
 from vppmesh.testing.etcd_server import require_etcd
 from vppmesh.testing.wait import wait_for
-from vppmesh.vpp import interfaces, ipip, ipsec
-from vppmesh.vpp.client import VppClient
 
 pytestmark = [pytest.mark.vpp, pytest.mark.root]
 PREFIX = "vmq-"

@@ -1,4 +1,4 @@
-"""VPP's guard (`vppmesh vpp-run`, vppmesh/vpprun.py): whatever ends VPP, the taken NICs go
+"""VPP's guard (`vppmesh vpp-run`, vppmesh/host/vpprun.py): whatever ends VPP, the taken NICs go
 back to Linux, and the guard exits with VPP's status. `vpp` is a stand-in shell script.
 Then the agent's second line (watch.leave_uplinks): on SIGTERM it gives the NIC back only
 when VPP goes away too."""
@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from vppmesh import uplink, vpprun
 from vppmesh.errors import ConfigError, HostError
+from vppmesh.host import uplink, vpprun
 from vppmesh.testing.wait import wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -237,13 +237,13 @@ class ApiSocketDouble:
             threading.Thread(target=self.serve, args=(conn,), daemon=True).start()
 
     def send(self, conn: socket.socket, name: str, fields: dict[str, object]) -> None:
-        from vppmesh.vpp.channel import FRAME
+        from vppmesh.dataplane.vpp.channel import FRAME
 
         body = bytes(self.messages[name].pack(fields))
         conn.sendall(FRAME.pack(0, len(body), 0) + body)
 
     def serve(self, conn: socket.socket) -> None:
-        from vppmesh.vpp.channel import FRAME, MSG_ID
+        from vppmesh.dataplane.vpp.channel import FRAME, MSG_ID
 
         buf = b""
         while True:
@@ -289,7 +289,7 @@ class ApiSocketDouble:
 
 
 def test_vpp_stops_within_watches_one_registered_connection(tmp_path: Path) -> None:
-    from vppmesh.watch import vpp_stops_within
+    from vppmesh.agent.loop import vpp_stops_within
 
     api = tmp_path / "api.sock"
     assert vpp_stops_within(api, 0.5)  # no file
@@ -312,8 +312,8 @@ def test_vpp_stops_within_watches_one_registered_connection(tmp_path: Path) -> N
 def test_stopped_agent_leaves_the_nic_to_a_vpp_that_still_runs(
         tmp_path: Path, releases: Releases) -> None:
     """An agent-only upgrade: VPP answers all through the grace; the NIC stays VPP's."""
-    from vppmesh import node as agent
-    from vppmesh.watch import leave_uplinks
+    from vppmesh.agent import node as agent
+    from vppmesh.agent.loop import leave_uplinks
 
     saved_uplink(tmp_path / "state")
     vpp = ApiSocketDouble(tmp_path / "api.sock")
@@ -332,8 +332,8 @@ def test_stopped_agent_gives_the_nic_back_when_vpp_goes_too(
         tmp_path: Path, releases: Releases) -> None:
     """A rolling update signals VPP and the agent at once: VPP stops within the grace, and
     the agent gives the NIC back (in case no guard ran VPP)."""
-    from vppmesh import node as agent
-    from vppmesh.watch import leave_uplinks
+    from vppmesh.agent import node as agent
+    from vppmesh.agent.loop import leave_uplinks
 
     saved_uplink(tmp_path / "state")
     vpp = ApiSocketDouble(tmp_path / "api.sock")
@@ -358,8 +358,8 @@ def test_agent_on_sigterm_gives_the_nic_back_when_vpp_is_gone(
     taken NIC back before it exits; before, it just stopped and the host stayed offline."""
     from types import SimpleNamespace
 
-    from vppmesh import node as agent
-    from vppmesh import watch
+    from vppmesh.agent import loop as watch
+    from vppmesh.agent import node as agent
 
     class FakeSession:
         client = None
@@ -377,7 +377,7 @@ def test_agent_on_sigterm_gives_the_nic_back_when_vpp_is_gone(
                                    downgraded_peers=[], stopped_peers={}, blocked_peers=[],
                                    pod_report=None, mesh=None)
 
-    monkeypatch.setattr(agent, "Session", FakeSession)
+    monkeypatch.setattr(agent, "Agent", FakeSession)
     (tmp_path / "mesh.yaml").write_text("")
     ApiSocketDouble(tmp_path / "api.sock").die()  # VPP went with the pod: its file stays
     saved_uplink(tmp_path / "state")
@@ -438,7 +438,7 @@ def test_vpp_exiting_gives_a_real_nic_its_address_and_routes_back(tmp_path: Path
         before = nic_view()
         in_ns(sys.executable, "-c", (
             "import pathlib, json\n"
-            "from vppmesh import uplink\n"
+            "from vppmesh.host import uplink\n"
             f"state = pathlib.Path({str(state)!r})\n"
             "uplink.save(uplink.UplinkSpec(interface='eth0', host_link='veth'), state)\n"
             "path = uplink.state_file(state, 'eth0')\n"

@@ -25,13 +25,13 @@ from typing import Any
 import dpkt
 import pytest
 
-from vppmesh import host as linux
+from vppmesh.dataplane.vpp import host_interfaces, interfaces
+from vppmesh.dataplane.vpp.client import VppClient
+from vppmesh.dataplane.vpp.stats import Counter, StatsReader
+from vppmesh.host import link as linux
 from vppmesh.lab.testbed import NodeHandle, Testbed, in_ns, sh
 from vppmesh.testing import vpp_helpers
 from vppmesh.testing.wait import wait_for
-from vppmesh.vpp import host_interfaces, interfaces
-from vppmesh.vpp.client import VppClient
-from vppmesh.vpp.stats import Counter, StatsReader
 
 pytestmark = [pytest.mark.vm]
 PREFIX = "vmv-"
@@ -384,9 +384,9 @@ def test_pod_tap_survives_a_vpp_restart_and_is_attached_again(bed: Testbed) -> N
 def test_uplink_host_tap_carries_tcp_with_gso(bed: Testbed) -> None:
     """The takeover's host link as a tap (GSO/GRO): TCP from the host through VPP's bridge
     to the wire, segmented by the NIC's output, with correct checksums at the peer."""
+    from vppmesh.host.uplink import TAG_HOST
     from vppmesh.lab.testbed import destroy
     from vppmesh.lab.uplinkbed import HOST_NS, PEER_ADDR, PEER_NS, VPP_ADDR, UplinkBed
-    from vppmesh.uplink import TAG_HOST
 
     uplink = UplinkBed()
     try:

@@ -28,9 +28,9 @@ from pydantic import (
     model_validator,
 )
 
+from vppmesh.dataplane.overhead import aligned_mtu, max_overhead, pod_mtu_for
 from vppmesh.errors import ConfigError
-from vppmesh.overhead import aligned_mtu, max_overhead, pod_mtu_for
-from vppmesh.underlay import (
+from vppmesh.host.underlay import (
     NAT_T_PORT,
     Shape,
     behind_nat,

@@ -17,9 +17,9 @@ from benchmarks.capacity import report, traffic
 from benchmarks.capacity.measure import Sample, measure, summarize, tsc_ghz
 from benchmarks.capacity.rig import CONTENDERS, EncryptOnly, HarnessError, Pair, Setup, cpu_cores
 from benchmarks.report import DEFAULT_RESULTS_DIR
+from vppmesh.dataplane.vpp import crypto, system
+from vppmesh.dataplane.vpp.client import VppApi
 from vppmesh.lab.testbed import TestbedError, find_vpp
-from vppmesh.vpp import crypto, system
-from vppmesh.vpp.client import VppApi
 
 ENCRYPT_ONLY_CONTENDER = "vppmesh-4t"
 RATIOS = (("vppmesh-1t", "ipsec-hand"), ("vppmesh-4t", "wireguard"),

@@ -11,7 +11,7 @@ from benchmarks.capacity import traffic
 from benchmarks.capacity.rig import DST, POD_A, SOURCE_PG, HarnessError, Setup
 from benchmarks.capacity.runtime import PathCost, node_vectors, parse_runtime, path_cost
 from benchmarks.stats import median
-from vppmesh.vpp.client import VppClient
+from vppmesh.dataplane.vpp.client import VppClient
 
 GHZ_RE = re.compile(r"Base frequency:\s+([\d.]+) GHz")
 # 40G line rate as the reference measured it: 36.3 Gbit/s of TCP goodput at MTU 1500.

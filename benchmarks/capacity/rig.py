@@ -37,19 +37,19 @@ from cryptography.hazmat.primitives.serialization import (
 from pydantic import SecretBytes
 
 from benchmarks.capacity import traffic
-from vppmesh import engines
 from vppmesh.config import Mesh, MeshSettings, Node, dump_mesh
-from vppmesh.keys import generate_private_key
+from vppmesh.dataplane import engines
+from vppmesh.dataplane.startup import Instance
+from vppmesh.dataplane.state import GATEWAY_TAG, SaSpec
+from vppmesh.dataplane.vpp import interfaces, ipip, ipsec, routes
+from vppmesh.dataplane.vpp.client import Request, VppClient
+from vppmesh.keying.keys import generate_private_key
 from vppmesh.lab.testbed import (
     Testbed,
     TestbedSpec,
     in_ns,
     single_vpp,
 )
-from vppmesh.startup import Instance
-from vppmesh.state import GATEWAY_TAG, SaSpec
-from vppmesh.vpp import interfaces, ipip, ipsec, routes
-from vppmesh.vpp.client import Request, VppClient
 
 PREFIX = "vmc-"
 BASE = Path("/run/vppmesh-capacity")

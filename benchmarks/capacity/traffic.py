@@ -13,8 +13,8 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass
 
-from vppmesh.vpp import interfaces, routes
-from vppmesh.vpp.client import VppClient
+from vppmesh.dataplane.vpp import interfaces, routes
+from vppmesh.dataplane.vpp.client import VppClient
 
 FLOW_SOURCES = 64
 FLOW_PORTS = 256

@@ -19,16 +19,16 @@ from pathlib import Path
 from benchmarks import netns
 from benchmarks.contenders.base import Contender
 from benchmarks.topology import Side, Topology
-from vppmesh import host as linux
 from vppmesh.config import Mesh, MeshSettings, Node, dump_mesh
+from vppmesh.dataplane.overhead import pod_mtu_for
+from vppmesh.dataplane.startup import Instance, load_profile, render
+from vppmesh.dataplane.state import node_mac
+from vppmesh.dataplane.vpp import host_interfaces, interfaces, ipip, routes, system
+from vppmesh.dataplane.vpp.client import VppClient
 from vppmesh.errors import VppMeshError
-from vppmesh.keys import generate_private_key
+from vppmesh.host import link as linux
+from vppmesh.keying.keys import generate_private_key
 from vppmesh.lab.testbed import TestbedError, find_vpp, start_vpp
-from vppmesh.overhead import pod_mtu_for
-from vppmesh.startup import Instance, load_profile, render
-from vppmesh.state import node_mac
-from vppmesh.vpp import host_interfaces, interfaces, ipip, routes, system
-from vppmesh.vpp.client import VppClient
 
 RUN_DIR = netns.VPP_RUN_DIR
 IPIP_OVERHEAD = 20

@@ -31,15 +31,15 @@ import yaml
 
 from benchmarks.storm import analysis
 from benchmarks.storm.schedule import Fault
-from vppmesh.clock import AgentClock
+from vppmesh.agent.clock import AgentClock
 from vppmesh.cni.models import ERR_TRY_AGAIN
+from vppmesh.dataplane.vpp import ipsec
+from vppmesh.dataplane.vpp.client import VppClient
 from vppmesh.keying.epochs import GenerationStore
 from vppmesh.keying.pairs import pair_secrecy
 from vppmesh.lab.etcd import EtcdServer, start_etcd, stop_etcd
 from vppmesh.lab.testbed import NodeHandle, Testbed, TestbedSpec, in_ns, sh
 from vppmesh.lab.wallclock import wall_stepped
-from vppmesh.vpp import ipsec
-from vppmesh.vpp.client import VppClient
 
 PREFIX = "vst-"
 BASE = Path("/run/vppmesh-storm")
@@ -249,8 +249,8 @@ class Storm:
     def in_etcd(self, code: str) -> str:
         """A Python snippet run where etcd is reachable (its namespace) against the mesh's
         store (`store`); its stdout."""
-        head = ("from vppmesh.datastore.etcd import EtcdStore, b64\n"
-                "from vppmesh.datastore.records import DatastoreUrl\n"
+        head = ("from vppmesh.agent.datastore.etcd import EtcdStore, b64\n"
+                "from vppmesh.agent.datastore.records import DatastoreUrl\n"
                 f"store = EtcdStore(DatastoreUrl.parse({self.etcd_url!r}))\n")
         return in_ns(self.etcd_ns, sys.executable, "-c", head + code, check=True,
                      timeout=60).stdout
@@ -500,7 +500,7 @@ class Storm:
             # claims the victim's number, key and addresses), then gone. Every agent must
             # refuse both and keep the mesh.
             torn = f"{node.name}-torn"
-            copy = ("from vppmesh.datastore.records import encode_record, parse_record\n"
+            copy = ("from vppmesh.agent.datastore.records import encode_record, parse_record\n"
                     f"[r] = [r for r in store.snapshot().records if r.name == {node.name!r}]\n"
                     f"value = encode_record(parse_record(r).model_copy(update={{'name': "
                     f"{torn!r}}}))\nkey = b64(store.url.node_key({torn!r}))\n")

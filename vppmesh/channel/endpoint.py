@@ -41,7 +41,7 @@ from collections import Counter
 from vppmesh.channel.messages import HEADER, Drop, Message
 from vppmesh.channel.session import Channel, Event, Output
 from vppmesh.channel.transport import Punted, PuntTransport
-from vppmesh.underlay import NAT_T_PORT
+from vppmesh.host.underlay import NAT_T_PORT
 
 # The channel's UDP port on every node's VPP: next to ESP in UDP's 4500, unassigned.
 PORT = 4501

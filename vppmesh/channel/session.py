@@ -57,6 +57,7 @@ from dataclasses import dataclass, field, replace
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
+from vppmesh.agent.clock import Timestamps
 from vppmesh.channel import messages as m
 from vppmesh.channel.noise import (
     PROTOCOL,
@@ -68,8 +69,7 @@ from vppmesh.channel.noise import (
     dh,
     public_bytes,
 )
-from vppmesh.clock import Timestamps
-from vppmesh.keys import NodeSecrets, pair_secret
+from vppmesh.keying.keys import NodeSecrets, pair_secret
 
 Address = m.Address
 
@@ -405,7 +405,7 @@ def _offers_again(state: _Peer, now: float, *, at_once: bool = False) -> list[m.
 
 def _pull_back(state: _Peer, now: float) -> None:
     """Stamps ahead of `now` come back to `now`: the caller's clock went back (the agent's
-    never does: vppmesh/clock.py). A timer then restarts rather than stall for as long as
+    never does: vppmesh/agent/clock.py). A timer then restarts rather than stall for as long as
     the step, and a session lives at most REJECT_AFTER past it."""
     for session in (state.current, state.previous):
         if session is not None and session.created > now:

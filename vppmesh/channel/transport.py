@@ -14,7 +14,7 @@ the host owns it.
 Towards a peer whose pair runs ESP in UDP, the channel shares the ESP flow's ports
 (4500 to the peer's 4500, or to the port its NAT maps): each datagram starts with RFC
 3948's non-ESP marker (four zero bytes, where ESP has its SPI), which makes the peer's
-VPP punt it to its agent instead of decrypting it (vppmesh/vpp/punt.py). So the channel
+VPP punt it to its agent instead of decrypting it (vppmesh/dataplane/vpp/punt.py). So the channel
 crosses a NAT on exactly the mapping the ESP uses, and what the peer sees as its source
 is where the ESP must go. On that flow the agent also sends RFC 3948 NAT keepalives
 (one byte, 0xFF), which the peer's VPP drops and counts.
@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vppmesh.channel.messages import MAX_DATAGRAM, Address, Drop
-from vppmesh.underlay import NAT_T_PORT
+from vppmesh.host.underlay import NAT_T_PORT
 
 PACKETDESC = struct.Struct("=Ii")  # sw_if_index, enum punt_action_e (host order, packed)
 PUNT_L2, PUNT_IP4_ROUTED, PUNT_IP6_ROUTED = 0, 1, 2

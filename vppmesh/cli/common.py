@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from vppmesh import node as agent
+from vppmesh.agent import node as agent
 from vppmesh.validation import describe, option_name
 
 if TYPE_CHECKING:

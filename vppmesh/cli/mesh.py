@@ -11,8 +11,9 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from vppmesh import node as agent
-from vppmesh import presence
+from vppmesh.agent import node as agent
+from vppmesh.agent import presence
+from vppmesh.agent.loop import start_metrics, watch_loop
 from vppmesh.cli.common import (
     DEFAULT_KEY,
     DEFAULT_MESH,
@@ -30,14 +31,13 @@ from vppmesh.cli.common import (
     options,
     stats_path,
 )
+from vppmesh.dataplane.vpp.client import DEFAULT_API_SOCKET, VppClient
 from vppmesh.errors import VppMeshError, VppUnavailableError
+from vppmesh.host.unit import UNIT_FILE, Unit
 from vppmesh.keying.agreement import NoAgreement
-from vppmesh.unit import UNIT_FILE, Unit
-from vppmesh.vpp.client import DEFAULT_API_SOCKET, VppClient
-from vppmesh.watch import start_metrics, watch_loop
 
 if TYPE_CHECKING:
-    from vppmesh.metrics import MetricsTls
+    from vppmesh.ops.metrics import MetricsTls
 
 app = typer.Typer()
 log = logging.getLogger("vppmesh")
@@ -111,7 +111,7 @@ def up(
     """Bring this node into the mesh (idempotent: a second run changes nothing)."""
     from dataclasses import replace
 
-    from vppmesh import hardening
+    from vppmesh.agent import hardening
 
     hardening.forbid_core_dumps()  # before any key (node, PSK, metrics TLS) is read
     opts = replace(options(mesh, node, key, api_socket, host_link, uplink, state_dir),
@@ -130,7 +130,7 @@ def up(
     if take_uplink is not None:
         from pydantic import ValidationError
 
-        from vppmesh.uplink import UplinkSpec
+        from vppmesh.host.uplink import UplinkSpec
 
         try:
             spec = UplinkSpec(interface=take_uplink, driver=uplink_driver,  # type: ignore[arg-type]
@@ -143,7 +143,7 @@ def up(
                    "to name VPP's uplink without a takeover use --uplink (or `uplink:`)", 2)
     with presence.running(state_dir, node) if watch else contextlib.nullcontext():
         if datastore is not None:
-            from vppmesh.datastore.agent import follow
+            from vppmesh.agent.datastore.membership import follow
 
             try:
                 follow(opts, datastore, watch=watch, underlay=underlay or [],
@@ -165,7 +165,7 @@ def up(
 
 
 def warn_no_agent(state_dir: Path, node: str) -> None:
-    """Say so when no agent rotates this node's keys (vppmesh/presence.py)."""
+    """Say so when no agent rotates this node's keys (vppmesh/agent/presence.py)."""
     warning = presence.warning(state_dir, node)
     if warning:
         typer.secho(f"warning: {warning}", fg=typer.colors.YELLOW, err=True)
@@ -182,15 +182,15 @@ def metrics_tls(metrics: str | None, cert: Path | None, key: Path | None,
     if cert is None or key is None:
         raise fail("--metrics-tls-cert and --metrics-tls-key go together: give the "
                    "certificate and its private key (--metrics-client-ca needs both)", 2)
-    from vppmesh.metrics import MetricsTls
+    from vppmesh.ops.metrics import MetricsTls
 
     return MetricsTls(cert=cert, key=key, client_ca=client_ca)
 
 
 def agent_now(state_dir: Path, node: str) -> float:
-    """Now on the node's agent clock (vppmesh/clock.py), which the generation file's
+    """Now on the node's agent clock (vppmesh/agent/clock.py), which the generation file's
     times are on: a wall clock stepped since boot does not age a key by the step."""
-    from vppmesh.clock import AgentClock
+    from vppmesh.agent.clock import AgentClock
 
     return AgentClock(state_dir / f"{node}.clock.json")()
 
@@ -239,7 +239,7 @@ def rekey(
     on static keys (make-before-break: the peers already accept the next generation)
     and leaves pairs on agreed keys to their agents.
     """
-    from vppmesh import control
+    from vppmesh.agent import control
 
     if not 0 < timeout <= control.MAX_TIMEOUT:
         raise fail(f"--timeout {timeout:g}: give seconds in (0, {control.MAX_TIMEOUT:g}]", 2)
@@ -321,8 +321,8 @@ def down(
     guard_agent(opts, stop=stop_agent, force=force, unit=Unit(unit_file))
     try:
         if datastore is not None:
-            from vppmesh.datastore.agent import leave
-            from vppmesh.datastore.records import DatastoreUrl
+            from vppmesh.agent.datastore.membership import leave
+            from vppmesh.agent.datastore.records import DatastoreUrl
 
             removed = leave(opts, DatastoreUrl.parse(datastore))
         else:
@@ -336,7 +336,7 @@ def down(
 
 def guard_agent(opts: agent.NodeOptions, *, stop: bool, force: bool, unit: Unit) -> None:
     """Before `down`: no agent of this node may be left running to undo it (see down)."""
-    from vppmesh.control import socket_path
+    from vppmesh.agent.control import socket_path
 
     path = socket_path(opts)
     try:
@@ -373,7 +373,7 @@ def plan(
 ) -> None:
     """Dry run: the ordered changes `up` would make (everything, when VPP is not running),
     and whether each pair's keys are agreed by the agents (forward secret) or static."""
-    from vppmesh.status import key_secrecy, secrecy_summary
+    from vppmesh.ops.status import key_secrecy, secrecy_summary
 
     opts = options(mesh, node, key, api_socket, state_dir=state_dir)
     try:
@@ -384,7 +384,7 @@ def plan(
         except VppUnavailableError:
             client = None
         if client is None:
-            from vppmesh.reconcile import diff, empty_observed
+            from vppmesh.dataplane.reconcile import diff, empty_observed
 
             desired = agent.desired_state(opts, view, workers or 0)
             changes = diff(desired, empty_observed(desired)).changes()
@@ -415,7 +415,7 @@ def status(
     """Peers, tunnels, protection and per-SA counters, from VPP itself; per peer whether
     its keys are agreed by the agents (ephemeral: forward secret) or static."""
     from vppmesh.config import load_mesh
-    from vppmesh.status import collect, key_secrecy, render_table
+    from vppmesh.ops.status import collect, key_secrecy, render_table
 
     try:
         mesh_obj = agent.datastore_mesh(datastore) or load_mesh(mesh)
@@ -455,9 +455,9 @@ def verify(
     """Prove that this node's mesh traffic is encrypted: tunnels, SA counters, capture;
     and report whether each pair's keys are forward secret."""
     from vppmesh.config import load_mesh
-    from vppmesh.status import key_secrecy, nat_ports
-    from vppmesh.verify import render
-    from vppmesh.verify import verify as run_verify
+    from vppmesh.ops.status import key_secrecy, nat_ports
+    from vppmesh.ops.verify import render
+    from vppmesh.ops.verify import verify as run_verify
 
     try:
         mesh_obj = agent.datastore_mesh(datastore) or load_mesh(mesh)
@@ -497,7 +497,7 @@ def keygen(
 ) -> None:
     """Write a new X25519 private key (mode 0600) and print its public key; with --psk,
     a new PSK file instead (nothing printed: it is a secret)."""
-    from vppmesh.keys import (
+    from vppmesh.keying.keys import (
         generate_private_key,
         generate_psk,
         key_previous_file,
@@ -527,7 +527,7 @@ def keygen(
 @app.command()
 def pubkey(key: KeyOpt = DEFAULT_KEY) -> None:
     """Print the public key of a private key file (for the mesh file)."""
-    from vppmesh.keys import load_secrets
+    from vppmesh.keying.keys import load_secrets
 
     try:
         typer.echo(load_secrets(key, None).public_key_b64())
@@ -571,7 +571,7 @@ def render_startup(
     host has fewer (a VPP without them does not start)."""
     import os
 
-    from vppmesh.startup import (
+    from vppmesh.dataplane.startup import (
         COREDUMP_WARNING,
         Instance,
         available_profiles,
@@ -636,11 +636,11 @@ def attach(
     api_socket: SocketOpt = DEFAULT_API_SOCKET,
 ) -> None:
     """Attach a network namespace (a pod) to this node's mesh: a tap v2 or veth/af_packet."""
-    from vppmesh import host as linux
     from vppmesh.config import load_mesh
-    from vppmesh.endpoints import attach as attach_endpoint
-    from vppmesh.endpoints import pod_spec
-    from vppmesh.vpp import system
+    from vppmesh.dataplane.vpp import system
+    from vppmesh.host import link as linux
+    from vppmesh.host.endpoints import attach as attach_endpoint
+    from vppmesh.host.endpoints import pod_spec
 
     try:
         mesh_obj = load_mesh(mesh)

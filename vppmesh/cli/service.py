@@ -12,8 +12,8 @@ from typing import Annotated
 
 import typer
 
-from vppmesh import vpprun
 from vppmesh.cli.common import DEFAULT_STATE, StateOpt
+from vppmesh.host import vpprun
 
 app = typer.Typer()
 UNIT_PATH = Path("/etc/systemd/system/vppmesh.service")
@@ -50,7 +50,7 @@ def render_unit(up_args: list[str], command: list[str] | None = None, *,
             .replace("@EXEC@", " ".join(_systemd_word(w) for w in command or executable()))
             .replace(" @ARGS@", "".join(" " + _systemd_word(a) for a in up_args)))
     if untested_vpp:
-        from vppmesh.vpp.compat import UNTESTED_ENV
+        from vppmesh.dataplane.vpp.compat import UNTESTED_ENV
 
         text = text.replace(UNBUFFERED, f"{UNBUFFERED}\nEnvironment={UNTESTED_ENV}=1", 1)
     return text
@@ -60,7 +60,7 @@ def render_vpp_drop_in(state_dir: Path, command: list[str] | None = None) -> str
     """The drop-in for vpp.service (vppmesh/systemd/vpp-uplink.conf): `ExecStopPost` gives
     every NIC saved in `state_dir` back to Linux whenever VPP stops. systemd runs it after
     a stop, a crash and an OOM kill alike, so on a host it is VPP's guard (in a container,
-    `vppmesh vpp-run` is: vppmesh/vpprun.py)."""
+    `vppmesh vpp-run` is: vppmesh/host/vpprun.py)."""
     return (DROP_IN.read_text()
             .replace("@EXEC@", " ".join(_systemd_word(w) for w in command or executable()))
             .replace("@STATE@", _systemd_word(str(state_dir))))

@@ -1,4 +1,4 @@
-"""`vppmesh uninstall`: take vppmesh off this host (vppmesh/uninstall.py)."""
+"""`vppmesh uninstall`: take vppmesh off this host (vppmesh/host/uninstall.py)."""
 
 from __future__ import annotations
 
@@ -22,9 +22,9 @@ from vppmesh.cli.common import (
     fail,
     options,
 )
+from vppmesh.dataplane.vpp.client import DEFAULT_API_SOCKET
 from vppmesh.errors import VppMeshError
-from vppmesh.unit import UNIT_FILE, Unit
-from vppmesh.vpp.client import DEFAULT_API_SOCKET
+from vppmesh.host.unit import UNIT_FILE, Unit
 
 app = typer.Typer()
 
@@ -53,17 +53,17 @@ def uninstall(
     The node's key and state stay unless --purge: with both, a reinstalled node keeps its
     identity and its key generations, so it never reuses a key.
     """
-    from vppmesh import node as agent
-    from vppmesh.uninstall import program_hint
-    from vppmesh.uninstall import uninstall as run_uninstall
+    from vppmesh.agent import node as agent
+    from vppmesh.host.uninstall import program_hint
+    from vppmesh.host.uninstall import uninstall as run_uninstall
 
     opts = options(mesh, node, key, api_socket, state_dir=state_dir)
 
     def down(opts: agent.NodeOptions) -> list[str]:
         if datastore is None:
             return agent.down(opts)
-        from vppmesh.datastore.agent import leave
-        from vppmesh.datastore.records import DatastoreUrl
+        from vppmesh.agent.datastore.membership import leave
+        from vppmesh.agent.datastore.records import DatastoreUrl
         from vppmesh.errors import ConfigError
 
         try:

@@ -7,8 +7,8 @@ from typing import Annotated
 import typer
 
 from vppmesh.cli.common import DEFAULT_STATE, SocketOpt, StateOpt, fail, option_errors
+from vppmesh.dataplane.vpp.client import DEFAULT_API_SOCKET, VppClient
 from vppmesh.errors import VppMeshError, VppUnavailableError
-from vppmesh.vpp.client import DEFAULT_API_SOCKET, VppClient
 
 app = typer.Typer(no_args_is_help=True,
                   help="Hand the host's NIC to VPP and give the host its network back.")
@@ -34,7 +34,7 @@ def uplink_take(
     """
     from pydantic import ValidationError
 
-    from vppmesh import uplink
+    from vppmesh.host import uplink
 
     try:
         spec = uplink.UplinkSpec(interface=interface, driver=driver,  # type: ignore[arg-type]
@@ -89,7 +89,7 @@ def uplink_restore(
     """
     from contextlib import nullcontext
 
-    from vppmesh import uplink
+    from vppmesh.host import uplink
 
     if interface and all_saved:
         raise fail("uplink restore: --interface names one NIC, --all means every saved one: "

@@ -3,7 +3,7 @@
 A container runtime runs it with CNI_COMMAND and the other CNI_* variables set and the
 network configuration on stdin. ADD asks the IPAM plugin (host-local) for an address and
 attaches the pod's namespace to this node's VPP like every other endpoint
-(vppmesh/endpoints.py): a tap v2 (GSO/GRO, one queue pair per VPP worker) where
+(vppmesh/host/endpoints.py): a tap v2 (GSO/GRO, one queue pair per VPP worker) where
 /dev/vhost-net exists, else a veth taken by VPP with af_packet. The pod gets the address
 as a /32, the mesh MTU and a default route through VPP's gateway 169.254.0.1.
 

@@ -2,7 +2,7 @@
 
 The package's __init__ is the entry point (environment, stdin, JSON out); this module
 does the work, so that VERSION and configuration errors answer without loading VPP's API
-or netlink. Pods attach through vppmesh/endpoints.py like every other endpoint.
+or netlink. Pods attach through vppmesh/host/endpoints.py like every other endpoint.
 """
 
 from __future__ import annotations
@@ -17,8 +17,6 @@ from typing import Any
 
 from pyroute2.netlink.exceptions import NetlinkError
 
-from vppmesh import endpoints
-from vppmesh import host as linux
 from vppmesh.cni.ipam import effective_ipam, parse_ipam_result, run_ipam
 from vppmesh.cni.models import (
     ERR_CHECK,
@@ -42,10 +40,12 @@ from vppmesh.cni.models import (
 )
 from vppmesh.cni.store import AttachmentStore, attachment_key
 from vppmesh.config import load_mesh
+from vppmesh.dataplane.state import GATEWAY_ADDRESS, GATEWAY_TAG, HostLinkSpec
+from vppmesh.dataplane.vpp import system
+from vppmesh.dataplane.vpp.client import VppClient
 from vppmesh.errors import ConfigError, HostError, VppApiError, VppMeshError, VppUnavailableError
-from vppmesh.state import GATEWAY_ADDRESS, GATEWAY_TAG, HostLinkSpec
-from vppmesh.vpp import system
-from vppmesh.vpp.client import VppClient
+from vppmesh.host import endpoints
+from vppmesh.host import link as linux
 
 log = logging.getLogger("vppmesh.cni")
 CLIENT_NAME = "vppmesh-cni"

@@ -23,15 +23,15 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vppmesh import endpoints
-from vppmesh import host as linux
 from vppmesh.cni.commands import spec_of
 from vppmesh.cni.ipam import run_ipam
 from vppmesh.cni.models import Attachment, CniError
 from vppmesh.cni.store import AttachmentStore
+from vppmesh.dataplane.state import GATEWAY_TAG
+from vppmesh.dataplane.vpp.client import VppApi
 from vppmesh.errors import VppMeshError, VppUnavailableError
-from vppmesh.state import GATEWAY_TAG
-from vppmesh.vpp.client import VppApi
+from vppmesh.host import endpoints
+from vppmesh.host import link as linux
 
 log = logging.getLogger("vppmesh.pods")
 DEFAULT_CNI_STATE = Path("/var/lib/cni/vppmesh")

@@ -20,13 +20,13 @@ from collections.abc import Callable, Mapping
 from types import MappingProxyType
 from typing import TYPE_CHECKING, final
 
+from vppmesh.agent.nat import ported_view, saved_ports
 from vppmesh.keying.book import KeyBook
-from vppmesh.nat import ported_view, saved_ports
 
 if TYPE_CHECKING:
+    from vppmesh.dataplane.view import LocalView
+    from vppmesh.dataplane.vpp.ipsec import SaState
     from vppmesh.keying.epochs import GenerationState, GenerationStore, PeerSaid
-    from vppmesh.view import LocalView
-    from vppmesh.vpp.ipsec import SaState
 
 
 class UnsavedClaim(RuntimeError):

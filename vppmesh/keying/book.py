@@ -18,14 +18,14 @@ import itertools
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
-from vppmesh.keys import SaKey, derive_sa_key_ephemeral, spi_for
-from vppmesh.state import sa_id_for
-from vppmesh.view import AgreedKeys
+from vppmesh.dataplane.state import sa_id_for
+from vppmesh.dataplane.view import AgreedKeys
+from vppmesh.keying.keys import SaKey, derive_sa_key_ephemeral, spi_for
 
 if TYPE_CHECKING:
+    from vppmesh.dataplane.view import LocalView, PeerView
+    from vppmesh.dataplane.vpp.ipsec import SaDetails
     from vppmesh.keying.epochs import GenerationState, PeerGenerations
-    from vppmesh.view import LocalView, PeerView
-    from vppmesh.vpp.ipsec import SaDetails
 
 Direction = tuple[int, bool, int]  # (peer node number, outbound, generation)
 

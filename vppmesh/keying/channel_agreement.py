@@ -20,12 +20,12 @@ from vppmesh.channel import session as s
 from vppmesh.keying.agreement import Agreement, Claim
 from vppmesh.keying.book import KeyBook
 from vppmesh.keying.epochs import WINDOW, GenerationState, PeerSaid
-from vppmesh.keys import psk_id
+from vppmesh.keying.keys import psk_id
 
 if TYPE_CHECKING:
-    from vppmesh.nat import ChannelLink, NatLearning
-    from vppmesh.view import LocalView
-    from vppmesh.vpp.ipsec import SaState
+    from vppmesh.agent.nat import ChannelLink, NatLearning
+    from vppmesh.dataplane.view import LocalView
+    from vppmesh.dataplane.vpp.ipsec import SaState
 
 log = logging.getLogger("vppmesh")
 

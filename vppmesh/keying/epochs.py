@@ -36,7 +36,7 @@ recorded under S's current generation could then be replayed once each (they sti
 authenticate; nothing decrypts for the attacker). The exposure ends at S's next rekey,
 so `rekey_interval` bounds it.
 
-With the agents' channel (vppmesh/secrecy.py, docs/design.md), a pair whose agents both
+With the agents' channel (vppmesh/agent/secrecy.py, docs/design.md), a pair whose agents both
 run keys every generation with a fresh ephemeral X25519 exchange (forward secrecy), and
 inference gives way to what the peer says: the sender steps to a generation only once
 its key is agreed and the receiver said its inbound SAs for it are installed; the
@@ -165,7 +165,7 @@ class PeerObservation:
 
 @dataclass(frozen=True)
 class PeerSaid:
-    """What the peer's agent said over the channel (vppmesh/secrecy.py), for one run.
+    """What the peer's agent said over the channel (vppmesh/agent/secrecy.py), for one run.
 
     `keyed`: our outbound generations whose ephemeral key is agreed and held; the peer's
     latest states: `installed` (its inbound SAs for that generation carry the agreed
@@ -230,7 +230,7 @@ def age(now: float, since: float) -> float:
 def clamp_future(pg: PeerGenerations, now: float) -> None:
     """Times the file holds that lie ahead of `now` come back to `now`.
 
-    Times are on the node's clock (vppmesh/clock.py), which never steps back within a
+    Times are on the node's clock (vppmesh/agent/clock.py), which never steps back within a
     boot; one ahead of it was written under another boot's anchor (the wall clock was
     behind when this boot's was taken) or by an older vppmesh on the wall clock before
     a step back. Kept as they are, the key would not age, nor the receiver slide, until

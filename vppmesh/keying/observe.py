@@ -12,20 +12,20 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from vppmesh.dataplane.state import find_sa
+from vppmesh.dataplane.vpp import ipsec
+from vppmesh.host.underlay import encapsulation
 from vppmesh.keying.book import KeyBook
 from vppmesh.keying.epochs import GenerationState, PeerKeying, PeerObservation
-from vppmesh.keys import spi_for
-from vppmesh.state import find_sa
-from vppmesh.underlay import encapsulation
-from vppmesh.vpp import ipsec
+from vppmesh.keying.keys import spi_for
 
 if TYPE_CHECKING:
+    from vppmesh.dataplane.reconcile import Reconciler
+    from vppmesh.dataplane.view import LocalView
+    from vppmesh.dataplane.vpp.client import VppApi
+    from vppmesh.dataplane.vpp.stats import SaCounters
     from vppmesh.keying.agreement import Agreement
-    from vppmesh.ledger import KeyLedger
-    from vppmesh.reconcile import Reconciler
-    from vppmesh.view import LocalView
-    from vppmesh.vpp.client import VppApi
-    from vppmesh.vpp.stats import SaCounters
+    from vppmesh.keying.ledger import KeyLedger
 
 
 def usable_keying(view: LocalView, state: GenerationState, book: KeyBook,

@@ -5,6 +5,6 @@ them (`vppmesh testbed`); demo.py is `make demo`, iperf3 across such a mesh; vm.
 command in a throwaway VM guest with /dev/vhost-net for the tap v2 path (`vppmesh vm`);
 uplinkbed.py is a host with one NIC and a peer router for uplink takeover. These are real
 namespaces, VPPs and processes; the tests' doubles (fake VPP, punt relay, agents on fake
-VPPs) and test-side helpers are in vppmesh/testing. vppmesh/verify.py, which operators run
+VPPs) and test-side helpers are in vppmesh/testing. vppmesh/ops/verify.py, which operators run
 on live nodes, is not part of it.
 """

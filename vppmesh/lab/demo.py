@@ -13,11 +13,11 @@ import sys
 import time
 from dataclasses import dataclass
 
+from vppmesh.dataplane.state import is_owned_sa_id
+from vppmesh.dataplane.vpp import ipsec
+from vppmesh.dataplane.vpp.client import VppClient
+from vppmesh.dataplane.vpp.stats import StatsReader
 from vppmesh.lab.testbed import NodeHandle, Testbed, TestbedSpec, in_ns
-from vppmesh.state import is_owned_sa_id
-from vppmesh.vpp import ipsec
-from vppmesh.vpp.client import VppClient
-from vppmesh.vpp.stats import StatsReader
 
 IPERF_PORT = 5201
 

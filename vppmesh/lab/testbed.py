@@ -37,11 +37,11 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from vppmesh.config import Mesh, MeshSettings, NatSettings, Node, dump_mesh
+from vppmesh.dataplane.startup import Instance, load_profile, render
+from vppmesh.dataplane.vpp import host_interfaces, interfaces, memif, routes
+from vppmesh.dataplane.vpp.client import VppClient
 from vppmesh.errors import VppMeshError
-from vppmesh.keys import generate_private_key
-from vppmesh.startup import Instance, load_profile, render
-from vppmesh.vpp import host_interfaces, interfaces, memif, routes
-from vppmesh.vpp.client import VppClient
+from vppmesh.keying.keys import generate_private_key
 
 DEFAULT_PREFIX = "vmt-"
 DEFAULT_BASE = Path("/run/vppmesh-testbed")

@@ -15,9 +15,9 @@ import sys
 import time
 from pathlib import Path
 
-from vppmesh import host as linux
+from vppmesh.dataplane.startup import Instance, load_profile, render
+from vppmesh.host import link as linux
 from vppmesh.lab.testbed import destroy, find_vpp, in_ns, sh, start_vpp
-from vppmesh.startup import Instance, load_profile, render
 
 PREFIX = "vme-u"
 BASE = Path("/run/vppmesh-vme-uplink")

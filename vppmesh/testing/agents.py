@@ -1,4 +1,4 @@
-"""Agents on fake VPPs, driven by the test: `Agents`, long-running agents (Session with a
+"""Agents on fake VPPs, driven by the test: `Agents`, long-running agents (Agent with a
 Secrecy) whose fake VPPs' punt paths are joined by a PuntRelay under one fake clock, and
 `Pair`, two one-shot `up` agents; `fresh` and `never` for the key-generation rules."""
 
@@ -9,18 +9,18 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from vppmesh.clock import AgentClock
+from vppmesh.agent.clock import AgentClock
+from vppmesh.agent.node import Agent, NodeOptions, UpResult, up
+from vppmesh.agent.secrecy import Secrecy, channel_socket
 from vppmesh.config import dump_mesh
+from vppmesh.dataplane.state import SA_DIRECTION_BIT, sa_peer
+from vppmesh.dataplane.vpp.stats import SaCounters
 from vppmesh.keying.agreement import NoAgreement
 from vppmesh.keying.epochs import GenerationState, PeerGenerations
-from vppmesh.keys import private_key_b64, spi_for, write_secret_file
-from vppmesh.node import NodeOptions, Session, UpResult, up
-from vppmesh.secrecy import Secrecy, channel_socket
-from vppmesh.state import SA_DIRECTION_BIT, sa_peer
+from vppmesh.keying.keys import private_key_b64, spi_for, write_secret_file
 from vppmesh.testing.fake_punt import PuntRelay
 from vppmesh.testing.fake_vpp import FakeVpp
 from vppmesh.testing.meshes import make_mesh
-from vppmesh.vpp.stats import SaCounters
 
 
 def fresh(out: int = 0, floor: int = 0, base: int = 0, since: float = 0.0,
@@ -49,7 +49,7 @@ class Clock:
 
 
 class Agents:
-    """node1..nodeN, each a long-running agent (Session with a Secrecy) with its own state
+    """node1..nodeN, each a long-running agent (Agent with a Secrecy) with its own state
     dir and fake VPP; the VPPs' punt paths are joined by a PuntRelay; one fake clock for
     the time that passes, from which each node's boot clock and wall clock are made (a
     test steps a node's wall clock, or reboots it), read through the node's AgentClock."""
@@ -68,7 +68,7 @@ class Agents:
         self.booted = {name: 0.0 for name in self.names}  # fake time at each node's boot
         self.boot = {name: 1 for name in self.names}
         self.options: dict[str, NodeOptions] = {}
-        self.sessions: dict[str, Session] = {}
+        self.sessions: dict[str, Agent] = {}
         self.secrecy: dict[str, Secrecy] = {}
         self.results: dict[str, UpResult] = {}
         self._pids = itertools.count(5000)
@@ -94,7 +94,7 @@ class Agents:
         return self.relay.attach(name, vpp)
 
     def start_agent(self, name: str) -> None:
-        """A new agent process: new Session and Secrecy, the same VPP and state dir."""
+        """A new agent process: new Agent and Secrecy, the same VPP and state dir."""
         old = self.secrecy.get(name)
         if old is not None:
             old.close()
@@ -108,7 +108,7 @@ class Agents:
         counters = SaCounters(self.dir / f"{name}.stats.sock",  # FakeVpp reads its own
                               open_reader=lambda _p, n=name: self.vpp(n)) \
             if self.counters else None
-        self.sessions[name] = Session(self.options[name], secrecy=secrecy, counters=counters,
+        self.sessions[name] = Agent(self.options[name], secrecy=secrecy, counters=counters,
                                       connect=lambda n=name: self.vpp(n))  # type: ignore[misc]
 
     def reboot(self, name: str) -> None:

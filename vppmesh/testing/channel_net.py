@@ -7,7 +7,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from vppmesh.channel import session as s
 from vppmesh.channel.noise import public_bytes
-from vppmesh.keys import NodeSecrets
+from vppmesh.keying.keys import NodeSecrets
 
 PSK = bytes(range(32))
 ADDRESSES = {1: ("192.0.2.1", 5199), 2: ("192.0.2.2", 5199), 3: ("192.0.2.3", 5199)}

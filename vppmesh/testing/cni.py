@@ -5,11 +5,11 @@ from __future__ import annotations
 import stat
 from pathlib import Path
 
-from vppmesh.plan import HostOptions, plan
-from vppmesh.reconcile import reconcile
+from vppmesh.dataplane.plan import HostOptions, plan
+from vppmesh.dataplane.reconcile import reconcile
+from vppmesh.dataplane.view import build_view
 from vppmesh.testing.fake_vpp import FakeVpp
 from vppmesh.testing.meshes import make_mesh
-from vppmesh.view import build_view
 
 
 def fake_ipam(tmp_path: Path, body: str, exit_code: int = 0) -> Path:

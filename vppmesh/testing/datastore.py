@@ -7,10 +7,9 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-from vppmesh.config import MeshSettings, Node
-from vppmesh.datastore.agent import DatastoreOptions, LocalNode
-from vppmesh.datastore.etcd import Registration, RegistrationError
-from vppmesh.datastore.records import (
+from vppmesh.agent.datastore.etcd import Registration, RegistrationError
+from vppmesh.agent.datastore.membership import DatastoreOptions, LocalNode
+from vppmesh.agent.datastore.records import (
     DatastoreUrl,
     Record,
     Snapshot,
@@ -18,8 +17,9 @@ from vppmesh.datastore.records import (
     encode_record,
     free_number,
 )
-from vppmesh.keys import NodeSecrets, private_key_b64
-from vppmesh.node import NodeOptions
+from vppmesh.agent.node import NodeOptions
+from vppmesh.config import MeshSettings, Node
+from vppmesh.keying.keys import NodeSecrets, private_key_b64
 
 
 class MemoryStore:

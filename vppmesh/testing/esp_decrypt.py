@@ -5,7 +5,7 @@ then hands everything an attacker who seizes both nodes would find (private keys
 mesh file, state directories) to this module, which tries every key the static key
 schedule can produce. Nothing here uses vppmesh's dataplane code or VPP: packets come from
 a pcap file, decryption is RFC 4106 AES-GCM with `cryptography`, and the only vppmesh code
-used is the key schedule itself (vppmesh.keys), which is what the attacker would run.
+used is the key schedule itself (vppmesh.keying.keys), which is what the attacker would run.
 
 The positive control is the key VPP held for the SA while it was live, parsed from
 `vppctl show ipsec sa <index>` (vpp_sa_key): it must decrypt the same packets, or a
@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from vppmesh.config import decode_key, load_mesh
 from vppmesh.keying.epochs import WINDOW, GenerationState
-from vppmesh.keys import GCM_KEY_BYTES, GCM_SALT_BYTES, derive_sa_key
+from vppmesh.keying.keys import GCM_KEY_BYTES, GCM_SALT_BYTES, derive_sa_key
 
 # ---- pcap -------------------------------------------------------------------------------
 PCAP_MAGIC = {  # magic as read little-endian -> (byte order, nanosecond timestamps)
@@ -175,7 +175,7 @@ def open_esp(packet: bytes | EspPacket, key: bytes, salt: bytes, esn_high: int =
     ESP packet, or None when the tag does not verify.
 
     Nonce: the SA's 4-byte salt and the packet's 8-byte IV. AAD: SPI and sequence number;
-    with extended sequence numbers (vppmesh's SAs: vppmesh.vpp.ipsec.SA_FLAGS) the high 32
+    with extended sequence numbers (vppmesh's SAs: vppmesh.dataplane.vpp.ipsec.SA_FLAGS) the high 32
     bits of the 64-bit number, which the packet does not carry, sit between them
     (RFC 4106 section 5)."""
     data = packet.data if isinstance(packet, EspPacket) else packet
@@ -211,7 +211,7 @@ class Candidate(NamedTuple):
 def static_schedule_keys(mesh_file: Path, state_dirs: Sequence[Path],
                          private_key_files: Sequence[Path], psk_file: Path | None, *,
                          extra_epochs: int = 32) -> list[Candidate]:
-    """Every (key, salt) vppmesh's static key schedule (vppmesh.keys.derive_sa_key) can
+    """Every (key, salt) vppmesh's static key schedule (vppmesh.keying.keys.derive_sa_key) can
     produce from seized files: for every ordered pair of mesh nodes of which one private
     key was seized, every tunnel 0..15 (the SPI's 4-bit field) and every generation from
     0 to the highest one the seized `<node>.generations.json` files or the mesh's

@@ -30,10 +30,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vppmesh.channel import transport as t
-from vppmesh.state import SA_DIRECTION_BIT
+from vppmesh.dataplane.state import SA_DIRECTION_BIT
+from vppmesh.dataplane.vpp.punt import AF_IP4, AF_IP6
+from vppmesh.host.underlay import NAT_T_PORT
 from vppmesh.testing.fake_vpp import FakeVpp
-from vppmesh.underlay import NAT_T_PORT
-from vppmesh.vpp.punt import AF_IP4, AF_IP6
 
 ETHERNET = bytes(12) + b"\x08\x00"  # what VPP rewinds over before it punts (14 bytes)
 UPLINK_SW_IF_INDEX = 1  # the receiving interface the descriptor names

@@ -15,9 +15,9 @@ from collections.abc import Sequence
 from types import SimpleNamespace as NS
 from typing import Any
 
+from vppmesh.dataplane.vpp.client import Request, check_replies, check_reply
+from vppmesh.dataplane.vpp.interfaces import RX_MODE_ADAPTIVE, RX_MODE_INTERRUPT, RX_MODE_POLLING
 from vppmesh.errors import VppApiError
-from vppmesh.vpp.client import Request, check_replies, check_reply
-from vppmesh.vpp.interfaces import RX_MODE_ADAPTIVE, RX_MODE_INTERRUPT, RX_MODE_POLLING
 
 INVALID_SW_IF_INDEX = -2
 NO_SUCH_FIB = -3
@@ -139,7 +139,7 @@ class FakeVpp:
 
     def owned_objects(self) -> dict[str, int]:
         """How many objects in the reserved ranges / tags remain (for `down` checks)."""
-        from vppmesh.state import is_owned_sa_id, is_owned_tunnel_instance
+        from vppmesh.dataplane.state import is_owned_sa_id, is_owned_tunnel_instance
 
         return {
             "tunnels": sum(1 for t in self.tunnels.values()

@@ -8,7 +8,7 @@ import ipaddress
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from vppmesh.config import Mesh, MeshSettings, Node
-from vppmesh.keys import NodeSecrets, public_key_b64
+from vppmesh.keying.keys import NodeSecrets, public_key_b64
 
 
 def make_mesh(n: int, tunnels: int = 2, **settings: object) -> tuple[Mesh, dict[str, NodeSecrets]]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from vppmesh.reconcile import Observed
+from vppmesh.dataplane.reconcile import Observed
 
 
 def summary(observed: Observed) -> dict[str, Any]:

@@ -27,11 +27,11 @@ import yaml
 from benchmarks.cni_latency import CNI_PATH, plugin_command
 from benchmarks.netns import stop_process
 from vppmesh.channel.endpoint import PORT as CHANNEL_PORT
+from vppmesh.dataplane.vpp.client import Request, VppClient
 from vppmesh.keying.epochs import GenerationStore, PeerGenerations
 from vppmesh.keying.pairs import pair_secrecy
 from vppmesh.lab.testbed import NodeHandle, Testbed, TestbedSpec, in_ns, sh
 from vppmesh.testing.etcd_server import EtcdServer, running_etcd
-from vppmesh.vpp.client import Request, VppClient
 
 
 def vpp_binary() -> str | None:
@@ -172,8 +172,8 @@ def sending(node: NodeHandle, peer: NodeHandle) -> int:
 def owned(node: NodeHandle, peer_number: int | None = None) -> set[tuple[str, int]]:
     """vppmesh's tunnels (by sw_if_index) and SAs (by id) in the node's VPP: towards one
     peer, or all of them."""
-    from vppmesh.state import is_owned_sa_id, is_owned_tunnel_instance
-    from vppmesh.vpp import ipip, ipsec
+    from vppmesh.dataplane.state import is_owned_sa_id, is_owned_tunnel_instance
+    from vppmesh.dataplane.vpp import ipip, ipsec
 
     with VppClient(node.instance.api_socket).connect() as api:
         tunnels = {("tunnel", t.sw_if_index) for t in ipip.dump_tunnels(api)

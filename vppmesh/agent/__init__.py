@@ -1,0 +1,1 @@
+"""The agent: its loop, its mesh sources, its control socket, its clock."""

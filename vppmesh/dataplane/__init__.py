@@ -1,0 +1,1 @@
+"""VPP's side: the node's view, plan(), reconcile() and the VPP API modules."""
