@@ -11,9 +11,11 @@ The idle case (at the largest size) is `up --watch` with nothing to change: the 
 an agent polling every 2 s with its periodic full resync, and one peer joining from the
 mesh file to VPP, with the SA counts for key limits read from the stats segment (the
 agent's way) and from an SA dump on every run (the way before), in one run; and the
-agent with the channel (its runs never settle into quiet runs; the channel's own idle
-CPU simulated in process, benchmarks.channel_rotation). Sizes go up to 5000 peers (pod
-CIDRs of /29 beyond 1000); targets are checked at 1000 and 5000 peers.
+agent with the channel (its polls are quiet runs once the channel has settled; each
+channel event that asks for a run costs one that plans again, measured with quiet runs
+off; the channel's own idle CPU simulated in process, benchmarks.channel_rotation).
+Sizes go up to 5000 peers (pod CIDRs of /29 beyond 1000); targets are checked at 1000
+and 5000 peers.
 """
 
 from __future__ import annotations
@@ -143,7 +145,8 @@ class AgentResult(BaseModel):
 
 class IdleMode(BaseModel):
     """The idle agent with one way of reading SA counts for the key generations, or with
-    the channel ("channel": counters, and no quiet run, as with the agents' channel)."""
+    the channel ("channel": counters; the polls quiet, each run-waking channel event a
+    run that plans again)."""
 
     model_config = ConfigDict(extra="forbid")
     # "counters" (stats segment) | "dumps" (an SA dump every run, as before) | "channel"
@@ -656,8 +659,8 @@ CHANNEL_RUN_EVENTS = ("GenerationKeyed", "PeerAcked", "PeerRestarted", "Endpoint
 
 
 class NeverQuiet:
-    """QuietRuns as an agent with the channel has it: no run settles (node.up settles
-    runs only without the channel), so every poll plans and compares again."""
+    """QuietRuns that never settle: what a run costs when the channel said something
+    (ChannelAgreement.settles is false), so that it plans and compares again."""
 
     def unchanged(self, *args: object) -> None:
         return None
@@ -771,10 +774,18 @@ def measure_idle(peers: int, tunnels: int, prefix: str, base_dir: Path, heap: st
                 # A run per poll, and one per run-waking channel event (runs never overlap:
                 # at most back to back); every FULL_EVERY one of them is the full resync.
                 runs = min(1 / POLL_SECONDS + events, 1 / max(steady_wall, 1e-9))
+                # With the channel, a poll after which the channel said nothing is quiet
+                # (ChannelAgreement.settles): it costs what the counters mode's polls
+                # cost; the runs the channel's events ask for plan again (steady_cpu).
+                quiet = next((m.steady_run_cpu_s for m in results if m.mode == "counters"),
+                             None) if mode == "channel" else None
+                per_second = runs * steady_cpu if quiet is None else \
+                    min(1 / POLL_SECONDS, runs) * quiet + max(0.0, runs - 1 / POLL_SECONDS) \
+                    * steady_cpu
                 results.append(IdleMode(
                     mode=mode, steady_run_s=steady_wall,
                     steady_run_cpu_s=steady_cpu, full_run_s=full_s, full_run_cpu_s=full_cpu,
-                    cpu_s_per_minute=(runs * steady_cpu + (full_cpu - steady_cpu) / FULL_EVERY
+                    cpu_s_per_minute=(per_second + (full_cpu - steady_cpu) / FULL_EVERY
                                       + channel_share) * 60.0,
                     channel_cpu_share=channel_share, channel_run_events_per_s=events,
                     runs_per_s=runs,
@@ -838,9 +849,10 @@ def render_idle(idle: IdleResult) -> str:
                  f"start {idle.load_average}.")
     if any(m.mode == "channel" for m in modes):
         lines.append(
-            "With the channel: the agent's runs against VPP without quiet runs (as "
-            "node.up runs them with the channel; the channel's own bookkeeping in a run "
-            "is not included), plus the channel's idle CPU from an in-process simulation "
+            "With the channel: a poll after which the channel said nothing is a quiet run "
+            "(the counters mode's cost); each channel event that asks for a run costs a "
+            "run that plans again (this mode's measured polls, quiet runs off); plus the "
+            "channel's idle CPU from an in-process simulation "
             f"of the node and its {idle.peers} peers ({CHANNEL_SECONDS:g} s, no "
             "rotation: benchmarks.channel_rotation).")
     targets = IDLE_TARGETS.get(idle.peers)
