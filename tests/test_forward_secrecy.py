@@ -1091,6 +1091,34 @@ def test_forward_secrecy_channel_blocked_on_the_underlay_agrees_through_the_tunn
         agents.close()
 
 
+def test_forward_secrecy_channel_blocked_right_after_an_agent_restart_still_uses_the_tunnel(
+        ) -> None:
+    """node1's agent restarts (an upgrade, a SIGTERM), and an attacker drops every channel
+    datagram on the underlay from then on, under traffic, for three times
+    key_max_seconds. The peer stated long before that it installed node1's agreed keys,
+    and states it again only when it changes: the new agent takes up what the last one
+    saved, so the tunnel still carries the channel and the pair never stops. (Found by
+    the storm: the pairs of a node whose agent had just restarted stopped at their key
+    limit for 51 s.)"""
+    agents = Agents(key_max_seconds=60)
+    try:
+        agents.until(lambda: agents.slid(1), "both pairs agreed and slid")
+        agents.step()
+        agents.start_agent("node1")
+        agents.relay.lose = lambda relayed: relayed.path == "underlay"
+        first = agents.generations("node1").peers["node2"].out
+        for _ in range(int(3 * 60 / 2)):
+            agents.step()
+            stopped = agents.results["node1"].stopped_peers or \
+                agents.results["node2"].stopped_peers
+            assert not stopped, "the pair stopped although its tunnel carried the channel"
+        assert agents.forward_secret()
+        assert agents.generations("node1").peers["node2"].out >= first + 2
+        assert agents.secrecy["node1"].counters()["path_tunnel"] > 0
+    finally:
+        agents.close()
+
+
 @pytest.mark.parametrize("mode", ["required", "preferred"])
 def test_forward_secrecy_blocked_channel_and_a_forced_step(
         mode: str, caplog: pytest.LogCaptureFixture) -> None:

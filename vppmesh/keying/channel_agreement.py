@@ -58,6 +58,7 @@ class ChannelAgreement(Agreement):
         self.book = KeyBook()
         self._heard: dict[int, _Heard] = {}
         self._tunnel_in: dict[int, int] = {}  # "installed", said since the peer's restart
+        self._resumed: set[int] = set()  # peers whose saved tunnel_in this agent took up
         self._agreed_path: dict[int, str] = {}  # the path of each peer's last agreement
         self._stated: dict[tuple[int, str], int] = {}
         self._asked: dict[int, frozenset[int]] = {}  # lost inbound generations, asked for
@@ -180,6 +181,7 @@ class ChannelAgreement(Agreement):
                 return True
             case s.PeerRestarted(peer=peer):
                 self._tunnel_in.pop(peer, None)
+                self._resumed.add(peer)  # what the last agent saved is stale now
                 self._heard.setdefault(peer, _Heard()).restarted = True
                 return True
         return False
@@ -234,6 +236,7 @@ class ChannelAgreement(Agreement):
         retired: list[tuple[bytes, int]] = []
         channel = self.link.channel
         now = self.clock()
+        self._resume_tunnels(view, state)
         if self.link.endpoint is not None:  # the channel's path inside the tunnels (endpoint.py)
             self.link.endpoint.tunnel_usable = self._tunnel_usable(view, state, installed)
         for peer in view.peers:
@@ -245,6 +248,7 @@ class ChannelAgreement(Agreement):
             pg.channel_psk = self.session_psk(view, number)
             pg.channel_key = self.session_key(number)
             pg.channel_path = self._agreed_path.get(number, pg.channel_path)
+            pg.tunnel_in = self._tunnel_in.get(number)
             agreed_in = [g for g in installed.get(peer.name, ())
                          if self.book.keys(number, False, g) is not None]
             pg.ephemeral_in = sorted(set(agreed_in) | set(pg.ephemeral_in))
@@ -286,6 +290,21 @@ class ChannelAgreement(Agreement):
                 self._outbox.append(channel.start_generation(now, number, want))
         self._remember(view)
         return retired
+
+    def _resume_tunnels(self, view: LocalView, state: GenerationState) -> None:
+        """What the peers said they installed, as the last agent saved it, taken up once
+        per peer: a peer states "installed" only when it changes, so an agent that
+        restarted would otherwise never use the tunnel path (an attacker who blocks the
+        underlay's channel right after an agent restart stopped the pairs at their key
+        limit)."""
+        for peer in view.peers:
+            number = peer.node.node_number
+            if number in self._resumed:
+                continue
+            self._resumed.add(number)
+            pg = state.peers.get(peer.name)
+            if pg is not None and pg.tunnel_in is not None:
+                self._tunnel_in.setdefault(number, pg.tunnel_in)
 
     def _tunnel_usable(self, view: LocalView, state: GenerationState,
                        installed: Mapping[str, tuple[int, ...]]) -> frozenset[int]:

@@ -125,6 +125,12 @@ class PeerGenerations(BaseModel):
     # completed the pair's last agreement; "tunnel": the underlay's channel did not get
     # through (blocked, or lost).
     channel_path: str | None = None
+    # The newest generation the peer's agent said it installed inbound with agreed keys,
+    # since its VPP last restarted: the pair's tunnel carries the channel (endpoint.py).
+    # Kept so that a restarted agent (the peer states it only when it changes) can still
+    # use that path; a peer VPP restart this agent missed costs two unanswered datagrams
+    # on the tunnel before the underlay is tried.
+    tunnel_in: int | None = None
     # The peer's public key changed in the mesh file while the pair held agreed keys:
     # its old key, and since when its agent has not yet vouched, over a session of the
     # new key, that it still holds the old one (a node key rotation: Secrecy.follow_keys).
