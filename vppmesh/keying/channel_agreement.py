@@ -239,12 +239,15 @@ class ChannelAgreement(Agreement):
         self._resume_tunnels(view, state)
         if self.link.endpoint is not None:  # the channel's path inside the tunnels (endpoint.py)
             self.link.endpoint.tunnel_usable = self._tunnel_usable(view, state, installed)
+        # Once per run, not per peer: both are built afresh by each call.
+        ports = self.nat.ports()
+        known = frozenset(channel.peers()) if channel is not None else frozenset()
         for peer in view.peers:
             number = peer.node.node_number
             pg = state.peers.get(peer.name)
             if pg is None:
                 continue
-            pg.nat_ports = list(self.nat.ports().get(number, ()))
+            pg.nat_ports = list(ports.get(number, ()))
             pg.channel_psk = self.session_psk(view, number)
             pg.channel_key = self.session_key(number)
             pg.channel_path = self._agreed_path.get(number, pg.channel_path)
@@ -252,7 +255,7 @@ class ChannelAgreement(Agreement):
             agreed_in = [g for g in installed.get(peer.name, ())
                          if self.book.keys(number, False, g) is not None]
             pg.ephemeral_in = sorted(set(agreed_in) | set(pg.ephemeral_in))
-            live = channel is not None and number in channel.peers()
+            live = channel is not None and number in known
             if live:  # the peer's KeyInits are answered for its window here only
                 assert channel is not None
                 channel.accept_generations(number, pg.in_base, WINDOW)
