@@ -39,6 +39,7 @@ from vppmesh.keying.keys import load_secrets
 from vppmesh.keying.ledger import KeyLedger
 from vppmesh.keying.observe import KeySas, observe_keys, read_key_sas, usable_keying
 from vppmesh.keying.pairs import PairSecrecy, pair_secrecy
+from vppmesh.keying.settled import SettledPeers, snapshot
 
 if TYPE_CHECKING:
     from vppmesh.agent.secrecy import Secrecy
@@ -239,9 +240,12 @@ class QuietRuns:
 
     def __init__(self) -> None:
         self._settled: Settled | None = None
+        # A run with something new decides again only the peers it concerns.
+        self.peers = SettledPeers()
 
     def forget(self) -> None:
         self._settled = None
+        self.peers.forget()
 
     def on_vpp_met(self, api: VppApi, pid: int, *, restarted: bool,
                    view: LocalView) -> None:
@@ -327,16 +331,30 @@ def up(options: NodeOptions, *, dry_run: bool = False, api: VppApi | None = None
                 view = agreement.learned_view(view, state)
                 if rekey:
                     epochs.request_rekey(state)
+                # The peers whose decision is the last run's (keying/settled.py).
+                kept = quiet.peers.clean(view, state, key_sas.sas, key_sas.packets,
+                                         file_signature(ledger.path), now) \
+                    if quiet is not None and may_settle else {}
+                deciding = [p for p in view.peers if p.name not in kept] \
+                    if kept else list(view.peers)
+                decided = {p.name: snapshot(pg) for p in deciding
+                           if (pg := state.peers.get(p.name)) is not None} \
+                    if quiet is not None and not dry_run else {}
                 book = agreement.book
                 observations, key_used = observe_keys(client, view, state, ledger, book,
                                                       agreement, sas=key_sas.sas,
-                                                      packets=key_sas.packets)
+                                                      packets=key_sas.packets,
+                                                      peers=deciding)
                 if not dry_run:  # behind NAT: mappings lost
                     agreement.watch_flows(key_sas.sas, key_sas.packets)
                 peers = {p.name: p.node.public_key for p in view.peers}
-                scheduled = epochs.schedule(state, settings, peers, observations, now=now,
-                                            key_used=key_used, said=agreement.said(view),
-                                            me=view.node.public_key)
+                said = agreement.said(view)
+                scheduled = epochs.schedule(
+                    state, settings, {p.name: p.node.public_key for p in deciding},
+                    observations, now=now, key_used=key_used,
+                    said={p.name: said[p.name] for p in deciding if p.name in said}
+                    if kept else said,
+                    me=view.node.public_key)
                 notes = scheduled.notes
                 if key_sas.note is not None:
                     notes.append(key_sas.note)
@@ -345,8 +363,19 @@ def up(options: NodeOptions, *, dry_run: bool = False, api: VppApi | None = None
                                 "the static schedule (forward_secrecy: preferred)", name)
                 claim = None if dry_run else agreement.claim(state, scheduled.wants)
                 keying = usable_keying(view, state, book, scheduled.keying)
-                agreed = {p.name: a for p in view.peers
+                agreed = {p.name: a for p in deciding
                           if p.name in keying and (a := book.agreed(p)) is not None}
+                for name, outcome in kept.items():
+                    if outcome.keying is not None:
+                        keying[name] = outcome.keying
+                    if outcome.agreed is not None:
+                        agreed[name] = outcome.agreed
+                    if outcome.waiting:
+                        scheduled.waiting.add(name)
+                    if outcome.stopped is not None:
+                        scheduled.stopped[name] = outcome.stopped
+                    if outcome.downgraded:
+                        scheduled.downgraded.add(name)
                 desired, by_peer = planned(options, view, workers, keying=keying,
                                            uplink=uplink, agreed=agreed)
             if not dry_run:
@@ -397,6 +426,14 @@ def up(options: NodeOptions, *, dry_run: bool = False, api: VppApi | None = None
                 saved = save_state(store, state, before, claim)
                 after = saved.text
                 agreement.flush(saved)  # offers go out once their generations are claimed on disk
+                if quiet is not None:
+                    quiet.peers.ran(
+                        view, state, sas=key_sas.sas, packets=key_sas.packets,
+                        ledger=file_signature(ledger.path), now=now, settings=settings,
+                        decided=decided, kept=kept, scheduled=scheduled, keying=keying,
+                        agreed=agreed, objects=by_peer or {},
+                        until=((n, epochs.next_change(state, settings, (n,), now))
+                               for n in decided), changed=bool(changes))
         result = UpResult(desired=desired, changes=changes, seconds=time.monotonic() - started,
                         host_link=desired.host.kind if desired.host else "none",
                         messages=client.messages_sent, notes=notes, vpp_pid=pid,

@@ -15,7 +15,7 @@ outbound it counts as used (the scheduler steps past it), inbound it is left out
 from __future__ import annotations
 
 import itertools
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING
 
 from vppmesh.dataplane.state import sa_id_for
@@ -44,17 +44,23 @@ class KeyBook:
         # How to derive each peer's keys: (local name, peer name, static PSK, pair
         # secret, tunnels), from the last run's view.
         self._derive: dict[int, tuple[str, str, bytes, bytes, int]] = {}
+        self._derived: LocalView | None = None  # the view _derive was made from
 
     def prepare(self, view: LocalView, state: GenerationState,
-                sas: Mapping[int, SaDetails]) -> None:
-        """Before a run's schedule: remember how to derive each peer's keys, and adopt
-        the keys VPP holds for agreed generations this book lacks."""
+                sas: Mapping[int, SaDetails],
+                deciding: Iterable[PeerView] | None = None) -> None:
+        """Before a run's schedule: remember how to derive each peer's keys (every
+        peer of the view: the channel agrees keys for all), and adopt the keys VPP
+        holds for agreed generations this book lacks (for the peers `deciding`, by
+        default all: the others' decisions are the last run's)."""
         count = view.settings.tunnels_per_peer
         psk = view.secrets.static_psk
-        self._derive = {p.node.node_number: (view.name, p.name, psk, p.secret, count)
-                        for p in view.peers}
+        if self._derived is not view:
+            self._derive = {p.node.node_number: (view.name, p.name, psk, p.secret, count)
+                            for p in view.peers}
+            self._derived = view
         me = view.node.node_number
-        for peer in view.peers:
+        for peer in view.peers if deciding is None else deciding:
             pg = state.peers.get(peer.name)
             if pg is None or pg.public_key != peer.node.public_key:
                 continue

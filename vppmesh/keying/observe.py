@@ -8,7 +8,7 @@ any more (usable_keying).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -21,7 +21,7 @@ from vppmesh.keying.keys import spi_for
 
 if TYPE_CHECKING:
     from vppmesh.dataplane.reconcile import Reconciler
-    from vppmesh.dataplane.view import LocalView
+    from vppmesh.dataplane.view import LocalView, PeerView
     from vppmesh.dataplane.vpp.client import VppApi
     from vppmesh.dataplane.vpp.stats import SaCounters
     from vppmesh.keying.agreement import Agreement
@@ -60,6 +60,7 @@ def observe_keys(api: VppApi, view: LocalView, state: GenerationState, ledger: K
                  book: KeyBook | None = None, agreement: Agreement | None = None, *,
                  sas: Mapping[int, ipsec.SaState] | None = None,
                  packets: Mapping[int, int] | None = None,
+                 peers: Sequence[PeerView] | None = None,
                  ) -> tuple[dict[str, PeerObservation], Callable[[str, int], bool]]:
     """What VPP's SAs say about each peer's generations, and a used-key test per peer.
 
@@ -70,7 +71,8 @@ def observe_keys(api: VppApi, view: LocalView, state: GenerationState, ledger: K
     None: dump them here. `packets` (by stat index, from the stats segment) raises each
     SA's count to what its counter says now: a remembered SA's counts are those of the
     last dump, and a count is never taken below what either source says, so a key's
-    limit is never reached later than with dumps alone.
+    limit is never reached later than with dumps alone. `peers`: those of the view to
+    observe (the others' decisions are the last run's: keying/settled.py); all if None.
     """
     count = view.settings.tunnels_per_peer
     me = view.node.node_number
@@ -84,9 +86,10 @@ def observe_keys(api: VppApi, view: LocalView, state: GenerationState, ledger: K
     def received(sa: ipsec.SaState) -> int:
         return max(sa.last_seq_inbound, counted.get(sa.stat_index, 0))
     book = book if book is not None else KeyBook()
-    book.prepare(view, state, sas)
+    deciding = view.peers if peers is None else peers
+    book.prepare(view, state, sas, deciding)
     observations = {}
-    for peer in view.peers:
+    for peer in deciding:
         number = peer.node.node_number
         pg = state.peers.get(peer.name)
         if pg is None or pg.public_key != peer.node.public_key:
