@@ -62,6 +62,8 @@ CHANGES = {
         joiner(m, nat={"public": "203.0.113.4"})],
     "the joiner's pods inside another's": lambda m: [
         *m.nodes, joiner(m, pod_cidr=str(next(m.nodes[11].pod_cidr.subnets(1))))],
+    "the joiner's pods in another's upper half": lambda m: [
+        *m.nodes, joiner(m, pod_cidr=str(list(m.nodes[11].pod_cidr.subnets(1))[1]))],
     "the joiner's pods hold another's": lambda m: [
         *m.nodes, joiner(m, pod_cidr=str(m.nodes[11].pod_cidr.supernet(4)))],
     "a changed node's pods overlap its neighbour's": lambda m: [
