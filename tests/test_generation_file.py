@@ -97,3 +97,19 @@ def test_the_text_is_the_serializers(tmp_path: Path) -> None:
     state = GenerationState(peers={"n-2.x": peer("k", nat_ports=[1, 2], last_note='"q"\n')})
     assert store.text(state) == store.text(state) == state.model_dump_json(indent=1)
     assert store.text(GenerationState()) == GenerationState().model_dump_json(indent=1)
+
+
+def test_pair_secrecy_follows_every_change() -> None:
+    """pair_secrecy reuses a peer's record while its values are unchanged: a change in
+    place (an agreed generation added) or by assignment shows at once."""
+    from vppmesh.keying.pairs import PairSecrecy, pair_secrecy
+
+    state = GenerationState(peers={"a": peer("ka"), "b": peer("kb")})
+    first = pair_secrecy(state, ["a", "b"])
+    assert first["a"] == PairSecrecy(outbound=False, inbound=False, generation=3,
+                                     key_since=100.5)
+    state.peers["a"].ephemeral_out.append(3)
+    state.peers["b"].channel_path = "tunnel"
+    again = pair_secrecy(state, ["a", "b", "gone"])
+    assert again["a"].outbound and again["b"].channel_path == "tunnel"
+    assert pair_secrecy(state, ["a"]) == {"a": again["a"]}
