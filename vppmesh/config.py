@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import base64
 import binascii
+import bisect
 import ipaddress
 import itertools
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -276,9 +278,21 @@ class Mesh(BaseModel):
 
     @model_validator(mode="after")
     def _mesh_consistent(self) -> Mesh:
-        check_unique(self.nodes, "name", lambda n: n.name)
-        check_unique(self.nodes, "node_number", lambda n: n.node_number)
-        check_unique(self.nodes, "public_key", lambda n: n.public_key)
+        global _last_checked
+        # A mesh read again after one node joined, left or changed differs from the
+        # last one checked by that node: its checks are then made for that node against
+        # what the last check found (_Checked.updated), a few dict lookups instead of
+        # walking every node (at 1000 nodes, most of a mesh file's read). Anything the
+        # update cannot prove fine is checked whole, which raises the error it names.
+        base = _last_checked
+        checked = base.updated(self) if base is not None else None
+        _last_checked = checked or self._check_all()
+        return self
+
+    def _check_all(self) -> _Checked:
+        names = check_unique(self.nodes, "name", lambda n: n.name)
+        numbers = check_unique(self.nodes, "node_number", lambda n: n.node_number)
+        keys = check_unique(self.nodes, "public_key", lambda n: n.public_key)
         # By (family, integer): these checks run on every read of a 1000-node mesh file,
         # and an address's text or .ip builds new objects.
         seen: dict[tuple[int, int], str] = {}
@@ -310,12 +324,19 @@ class Mesh(BaseModel):
                     "own range"
                 )
         shapes = [shape(n) for n in self.nodes]  # once per node, for both checks
-        self._pairs_can_meet(shapes)
+        used = self._pairs_can_meet(shapes)
         self._mtu_fits(shapes)
-        return self
+        counts: dict[Shape, int] = {}
+        for s in shapes:
+            counts[s] = counts.get(s, 0) + 1
+        return _Checked(settings=self.settings, nodes={id(n): n for n in self.nodes},
+                        names=names, numbers=numbers, keys=keys, addresses=seen,
+                        pods=[_pod_range(n) for n in by_net], shapes=counts, used=used,
+                        natted=sum(n.nat is not None for n in self.nodes))
 
-    def _pairs_can_meet(self, shapes: Sequence[Shape]) -> None:
-        """Every pair shares a family, with enough addresses of it for the tunnels."""
+    def _pairs_can_meet(self, shapes: Sequence[Shape]) -> dict[Shape, set[int]]:
+        """Every pair shares a family, with enough addresses of it for the tunnels; the
+        families each shape's nodes need."""
         wanted = self.settings.tunnels_per_peer
         # A node always needs the addresses of its primary family (also alone in the
         # mesh, as the first to join a datastore), and of every family its pairs use.
@@ -346,6 +367,7 @@ class Mesh(BaseModel):
                         f"{wanted - have} extra uplink address(es) or lower tunnels_per_peer "
                         "(two tunnels cannot share a source and destination)"
                     )
+        return used
 
     def _mtu_fits(self, shapes: Sequence[Shape]) -> None:
         worst = self.worst_overhead(shapes)
@@ -398,12 +420,116 @@ class Mesh(BaseModel):
         return aligned_mtu(self.settings.underlay_mtu, self.worst_overhead(shapes, nodes))
 
 
+def _pod_range(node: Node) -> tuple[int, int, str]:
+    return (int(node.pod_cidr.network_address), int(node.pod_cidr.broadcast_address),
+            node.name)
+
+
+def _address_keys(node: Node) -> list[tuple[int, int]]:
+    keys = [(a.version, int(a)) for a in node.underlay]
+    if node.nat is not None:
+        keys.append((node.nat.public.version, int(node.nat.public)))
+    return keys
+
+
+@dataclass(frozen=True)
+class _Checked:
+    """What the mesh-wide checks found in a mesh that passed them: each node's unique
+    values, addresses and pod range, and how many nodes of each shape there are.
+
+    updated() makes the same checks for the nodes another mesh adds or drops: each check
+    is a property of every pair of nodes (or of the shapes present), so a mesh that
+    passed, minus some nodes, plus others that pass against the rest and each other,
+    passes too. Nodes are told apart by identity (config.parse_mesh and the datastore's
+    records hand out the same Node for an unchanged entry); `nodes` holds them, so an
+    id is never another node's. Never changed once made (agents may parse in threads).
+    """
+
+    settings: MeshSettings
+    nodes: dict[int, Node]
+    names: dict[object, str]
+    numbers: dict[object, str]
+    keys: dict[object, str]
+    addresses: dict[tuple[int, int], str]  # underlay and NAT public: whose
+    pods: list[tuple[int, int, str]]  # (first, last address, node), sorted
+    shapes: dict[Shape, int]  # how many nodes have each
+    used: dict[Shape, set[int]]  # the families each shape's nodes need
+    natted: int
+
+    def updated(self, mesh: Mesh) -> _Checked | None:
+        """The checks of `mesh` from these, when it differs from the mesh checked by a
+        few nodes and every check passes; None: check `mesh` whole (which raises the
+        error, or the changes were too many to be worth it)."""
+        nodes = mesh.nodes
+        if mesh.settings is not self.settings and mesh.settings != self.settings:
+            return None
+        ids = {id(n): n for n in nodes}
+        if len(ids) != len(nodes):  # one entry's Node twice: let check_unique name it
+            return None
+        added = [n for n in nodes if id(n) not in self.nodes]
+        removed = [n for i, n in self.nodes.items() if i not in ids]
+        if len(added) + len(removed) > 8 + len(nodes) // 4:
+            return None
+        names, numbers, keys = dict(self.names), dict(self.numbers), dict(self.keys)
+        addresses, pods, shapes = dict(self.addresses), list(self.pods), dict(self.shapes)
+        natted = self.natted
+        for node in removed:
+            del names[node.name], numbers[node.node_number], keys[node.public_key]
+            for key in _address_keys(node):
+                if addresses.get(key) == node.name:
+                    del addresses[key]
+            del pods[bisect.bisect_left(pods, _pod_range(node))]
+            shapes[shape(node)] -= 1
+            natted -= node.nat is not None
+        for node in added:
+            for seen, value in ((names, node.name), (numbers, node.node_number),
+                                (keys, node.public_key)):
+                if value in seen:
+                    return None
+                seen[value] = node.name
+            for key in _address_keys(node):
+                if addresses.setdefault(key, node.name) != node.name:
+                    return None
+            pod = _pod_range(node)
+            at = bisect.bisect_left(pods, pod)
+            if (at > 0 and pods[at - 1][1] >= pod[0]) or \
+                    (at < len(pods) and pod[1] >= pods[at][0]):
+                return None
+            pods.insert(at, pod)
+            node_shape = shape(node)
+            shapes[node_shape] = shapes.get(node_shape, 0) + 1
+            natted += node.nat is not None
+        # The pairs of shapes (a shape pairs with itself from two nodes on: shape_pairs)
+        # decide which families each shape needs and the MTU: unchanged, they pass.
+        if {s for s, n in shapes.items() if n} != {s for s, n in self.shapes.items() if n} \
+                or {s for s, n in shapes.items() if n > 1} != \
+                {s for s, n in self.shapes.items() if n > 1}:
+            return None
+        wanted = self.settings.tunnels_per_peer
+        if wanted > 1 and natted > 1:
+            return None
+        for node in added:
+            for family in self.used[shape(node)]:
+                have = sum(a.version == family for a in node.underlay)
+                if have < (1 if behind_nat(node, family) else wanted):
+                    return None
+        return _Checked(settings=self.settings, nodes=ids, names=names, numbers=numbers,
+                        keys=keys, addresses=addresses, pods=pods,
+                        shapes={s: n for s, n in shapes.items() if n}, used=self.used,
+                        natted=natted)
+
+
+# The checks of the last mesh that passed them (Mesh._mesh_consistent).
+_last_checked: _Checked | None = None
+
+
 def _family_names(node: Node) -> str:
     return "/".join(FAMILY_NAME[f] for f in sorted(families(node)))
 
 
-def check_unique(items: Sequence[Node], field: str, key: object) -> None:
-    """Raise naming the field and both nodes when two nodes share a value."""
+def check_unique(items: Sequence[Node], field: str, key: object) -> dict[object, str]:
+    """Raise naming the field and both nodes when two nodes share a value; else each
+    value's node name."""
     seen: dict[object, str] = {}
     for node in items:
         value = key(node)  # type: ignore[operator]
@@ -413,6 +539,7 @@ def check_unique(items: Sequence[Node], field: str, key: object) -> None:
                 f"every node needs its own {field}"
             )
         seen[value] = node.name
+    return seen
 
 
 def format_validation_error(exc: ValidationError, source: str) -> str:

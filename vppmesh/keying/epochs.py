@@ -64,8 +64,10 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic_core import to_json
 
 from vppmesh.config import MeshSettings
 from vppmesh.errors import ConfigError
@@ -545,6 +547,11 @@ def schedule(state: GenerationState, settings: MeshSettings, peers: Mapping[str,
     return out
 
 
+def _values_copy(values: tuple[Any, ...]) -> tuple[Any, ...]:
+    """A PeerGenerations' field values, its lists and dicts (of numbers) copied."""
+    return tuple(v.copy() if type(v) in (list, dict) else v for v in values)
+
+
 class GenerationStore:
     """`<state_dir>/<node>.generations.json` (0600), read and written under a lock file.
 
@@ -558,6 +565,9 @@ class GenerationStore:
         # (file text, the state it holds, that state's text as save() writes it): what
         # this store last read or wrote, for load(reuse=True) and changed().
         self._kept: tuple[str, GenerationState, str] | None = None
+        # Per peer: its fields when text() last serialised it (lists and dicts copied) and
+        # that text (see text()).
+        self._pieces: dict[str, tuple[tuple[Any, ...], str]] = {}
 
     @contextmanager
     def locked(self) -> Iterator[None]:
@@ -611,11 +621,29 @@ class GenerationStore:
         not saved)."""
         self._kept = None
 
-    @staticmethod
-    def text(state: GenerationState) -> str:
-        """The file's text for `state`: pydantic's serializer, many times faster than
-        json.dump's indented encoder (pure Python) on a 1000-peer file."""
-        return state.model_dump_json(indent=1)
+    def text(self, state: GenerationState) -> str:
+        """The file's text for `state`, as pydantic's serializer writes it (many times
+        faster than json.dump's indented encoder, pure Python, on a 1000-peer file).
+
+        Every run compares this text with the loaded one to know whether to save, and
+        a run changes a few peers of a 1000-peer file: a peer whose fields equal those
+        it had when last serialised here (compared by value; lists and dicts were
+        copied, so a change made in place differs too) takes that text again. Equal
+        values write the same text, so a change always shows (and is saved)."""
+        if not state.peers:
+            return state.model_dump_json(indent=1)
+        kept, pieces, parts = self._pieces, {}, []
+        for name, peer in state.peers.items():
+            values = tuple(peer.__dict__.values())  # (the model's fields, in its order)
+            piece = kept.get(name)
+            if piece is None or piece[0] != values or type(peer) is not PeerGenerations:
+                text = peer.model_dump_json(indent=1).replace("\n", "\n  ")
+                piece = (_values_copy(values), f"{to_json(name).decode()}: {text}")
+            pieces[name] = piece
+            parts.append(piece[1])
+        self._pieces = pieces
+        head = state.model_dump_json(indent=1, exclude={"peers"})  # '{\n "version": 1\n}'
+        return f'{head[:-2]},\n "peers": {{\n  ' + ",\n  ".join(parts) + "\n }\n}"
 
     def save(self, state: GenerationState, text: str | None = None) -> None:
         """Write `state` (`text`: text() of it, when the caller has it already)."""

@@ -157,19 +157,21 @@ def read_key_sas(api: VppApi, reconciler: Reconciler | None, full: bool,
     exactly) takes the SAs it remembers and their counts from the stats segment: no SA
     dump, whatever the size of the mesh. Full runs (the periodic resync, a reconnect), a
     one-shot `up`, a reconciler that forgot, or an unreadable stats segment dump the SAs,
-    once per run: reconcile() compares the same dump.
+    once per run: reconcile() compares the same dump. (`vpp_pid` is not needed: the
+    Agent closes the counters' reader when it meets another VPP, VppHooks.)
     """
     remembered = None if full or reconciler is None or counters is None else \
         reconciler.remembered_sas()
     was = counters.unavailable if counters is not None else None
     if remembered is not None and counters is not None:
-        packets = counters.read(sorted(sa.stat_index for sa in remembered.values()), vpp_pid)
+        # (In any order: the counts come back by stat index.)
+        packets = counters.read([sa.stat_index for sa in remembered.values()])
         if packets is not None:
             return KeySas(remembered, packets, None)
     dumped = {sa.spec.sa_id: sa for sa in ipsec.dump_sas(api)}
     packets = None
     if counters is not None and (remembered is None or counters.unavailable is None):
-        packets = counters.read(sorted(sa.stat_index for sa in dumped.values()), vpp_pid)
+        packets = counters.read([sa.stat_index for sa in dumped.values()])
     note = None
     if counters is not None and was is None and counters.unavailable is not None:
         note = (f"VPP's stats segment is unavailable ({counters.unavailable}): SA counts "

@@ -60,17 +60,29 @@ def forward_secrecy_window(settings: MeshSettings) -> float:
 
 
 def pair_secrecy(state: GenerationState, peers: Iterable[str]) -> dict[str, PairSecrecy]:
-    """Per peer, from the generation state alone (so `status` reads it from the file)."""
-    found = {}
+    """Per peer, from the generation state alone (so `status` reads it from the file).
+
+    Every agent run reports it, and at 1000 peers making the records cost more than
+    the rest of a quiet run's result: a peer whose values are those of the last call
+    takes that call's (immutable) record again."""
+    global _last
+    found, last, made = {}, _last, {}
     for name in peers:
         pg = state.peers.get(name)
         if pg is None:
             continue
         arriving = pg.in_seen if pg.in_seen is not None else pg.in_base
-        found[name] = PairSecrecy(outbound=pg.out in pg.ephemeral_out,
-                                  inbound=arriving in pg.ephemeral_in, generation=pg.out,
-                                  key_since=pg.out_since, agreeing_since=pg.agreeing_since,
-                                  stopped_since=pg.stopped_since, stopped_why=pg.stopped_why,
-                                  channel_psk=pg.channel_psk, channel_key=pg.channel_key,
-                                  channel_path=pg.channel_path)
+        values = (pg.out in pg.ephemeral_out, arriving in pg.ephemeral_in, pg.out,
+                  pg.out_since, pg.agreeing_since, pg.stopped_since, pg.stopped_why,
+                  pg.channel_psk, pg.channel_key, pg.channel_path)
+        kept = last.get(name)
+        if kept is None or kept[0] != values:
+            kept = (values, PairSecrecy(*values))
+        made[name] = kept
+        found[name] = kept[1]
+    _last = made
     return found
+
+
+# pair_secrecy's last records, by peer: (the values each was made of, the record).
+_last: dict[str, tuple[tuple[object, ...], PairSecrecy]] = {}

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import logging
 from array import array
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
+from operator import add
 from pathlib import Path
 from typing import Any
 
@@ -75,7 +76,7 @@ class StatsReader:
         except KeyError:
             return {}
 
-    def sa_packets(self, stat_indexes: list[int]) -> dict[int, int]:
+    def sa_packets(self, stat_indexes: Collection[int]) -> dict[int, int]:
         """Packets counted by each SA (by stat index, summed over threads), read straight
         from the counter vector: unlike `stats[name]`, no re-read of the directory when
         its epoch moved (it moves whenever VPP adds an interface or grows a counter
@@ -93,7 +94,7 @@ class StatsReader:
                 self._sa_entry = None
         raise VppUnavailableError("VPP's stats segment kept changing under the reader")
 
-    def _sa_packets(self, stat_indexes: list[int]) -> dict[int, int]:
+    def _sa_packets(self, stat_indexes: Collection[int]) -> dict[int, int]:
         from vpp_papi.vpp_stats import StatsVector
 
         stats = self._stats
@@ -108,15 +109,15 @@ class StatsReader:
         kind, value, name = directory[index]
         if kind != COMBINED or name[:len(SA_NAME)] != SA_NAME:
             raise KeyError(SA_COUNTERS)  # the entry moved: look it up again
-        totals = [0] * (max(stat_indexes, default=-1) + 1)
+        size = max(stat_indexes, default=-1) + 1
+        totals = [0] * size
         for (per_thread,) in StatsVector(stats, value, "P"):
             vector = StatsVector(stats, per_thread, "QQ")
             start = vector.vec_start
-            words = array("Q", stats.statseg[start:start + 16 * vector.vec_len])
+            words = array("Q", stats.statseg[start:start + 16 * min(vector.vec_len, size)])
             packets = words[0::2]  # (packets, bytes) pairs
-            for i in range(min(len(packets), len(totals))):
-                totals[i] += packets[i]
-        return {i: totals[i] for i in stat_indexes}
+            totals[:len(packets)] = map(add, totals[:len(packets)], packets)  # (C loops)
+        return dict(zip(stat_indexes, map(totals.__getitem__, stat_indexes), strict=True))
 
     def counters(self, names: list[str]) -> dict[str, int]:
         """Sum over threads of each named simple counter that exists (no directory scan:
@@ -147,7 +148,8 @@ class SaCounters:
     the API (at 1000 peers x 4 tunnels the dump is most of an idle run), so a run with
     nothing to change reads these and the SAs it remembers instead.
 
-    The reader is opened once per VPP (its pid: a restarted VPP has a new segment).
+    The reader is opened once per VPP: the Agent tells of another VPP (a restarted one
+    has a new segment) through on_vpp_met and on_vpp_gone, which close it.
     `read` answers None when the segment cannot be read: the caller then dumps the SAs,
     as it did before; that is logged once per outage and `unavailable` says why, so a
     node whose limits come from dumps is never taken for one reading counters.
@@ -158,14 +160,13 @@ class SaCounters:
         self.socket_path = socket_path
         self._open = open_reader or (lambda path: StatsReader(path).__enter__())
         self._reader: Any = None
-        self._owner: int | None = None
         self.unavailable: str | None = None  # why the last read fell back to the dump
         self.fallbacks = 0  # reads that fell back, since the agent started
 
-    def read(self, stat_indexes: list[int], vpp_pid: int | None) -> dict[int, int] | None:
+    def read(self, stat_indexes: Collection[int]) -> dict[int, int] | None:
         """Packets counted so far by each SA (by stat index); None: unreadable."""
         try:
-            reader = self._connected(vpp_pid)
+            reader = self._connected()
             counted = reader.sa_packets(stat_indexes)
         except Exception as exc:  # a torn or remapped segment: connect again next time
             self.close()
@@ -175,13 +176,11 @@ class SaCounters:
             self.unavailable = None
         return counted
 
-    def _connected(self, vpp_pid: int | None) -> Any:
-        if self._reader is None or self._owner != vpp_pid:
-            self.close()
+    def _connected(self) -> Any:
+        if self._reader is None:
             if self.socket_path is None:
                 raise VppUnavailableError("no stats socket configured (--stats-socket)")
             self._reader = self._open(self.socket_path)
-            self._owner = vpp_pid
         return self._reader
 
     def _fell_back(self, why: str) -> None:
