@@ -44,6 +44,7 @@ from vppmesh.agent.node import FULL_EVERY_SECONDS
 from vppmesh.config import Mesh, MeshSettings, Node
 from vppmesh.dataplane.plan import HostOptions, plan, plan_by_peer
 from vppmesh.dataplane.reconcile import Reconciler
+from vppmesh.dataplane.startup import MeshSize, fit_to_mesh, load_profile
 from vppmesh.dataplane.state import DesiredState
 from vppmesh.dataplane.view import build_view
 from vppmesh.dataplane.vpp import interfaces, ipsec
@@ -209,11 +210,11 @@ def pod_prefix(peers: int) -> int:
     return POD_PREFIX if peers + 2 < 1 << (POD_PREFIX - PODS.prefixlen) else LARGE_POD_PREFIX
 
 
-def statseg(peers: int) -> str | None:
-    """VPP's stats segment for the mesh: the profile's (64M) holds every interface's and
-    SA's counters up to 1000 peers x 4 tunnels; at 5000 the directory alone outgrows it
-    and VPP stops, so beyond 1000 peers 64M per 1000 peers."""
-    return None if peers <= 1000 else f"{64 * -(-peers // 1000)}M"
+def statseg(peers: int, tunnels: int) -> str:
+    """VPP's stats segment for the mesh, as `render-startup --peers --tunnels` gives it:
+    the testbed profile's 64M, raised where the mesh needs more (at 5000 peers x 4
+    tunnels the directory alone outgrows 64M and VPP stops answering)."""
+    return fit_to_mesh(load_profile("testbed"), MeshSize(peers, tunnels)).statseg_size
 
 
 def synthetic_node(number: int, tunnels: int, prefix: int = POD_PREFIX) -> Node:
@@ -316,7 +317,7 @@ def measure(peers: int, tunnels: int, workers: int, prefix: str, base_dir: Path,
         host=HostOptions(kind="none"))
 
     with single_vpp(f"{prefix}cp", base_dir / "controlplane", main_heap_size=heap,
-                    statseg_size=statseg(peers)) as instance, \
+                    statseg_size=statseg(peers, tunnels)) as instance, \
             VppClient(instance.api_socket, timeout=60).connect() as api:
         give_uplink(api, mesh.node("n1").primary)  # type: ignore[arg-type]
         rss_base = rss_bytes()
@@ -561,7 +562,7 @@ def measure_agents(peers: int, tunnels: int, prefix: str, base_dir: Path, heap: 
     samples: dict[str, list[tuple[float, dict[str, float], int]]] = {
         "file join": [], "file leave": [], "datastore join": [], "datastore leave": []}
     with single_vpp(f"{prefix}ag", base_dir / "agents", main_heap_size=heap,
-                    statseg_size=statseg(peers)) as instance, \
+                    statseg_size=statseg(peers, tunnels)) as instance, \
             Phases() as phases:
         with VppClient(instance.api_socket, timeout=60).connect() as api:
             give_uplink(api, local.primary)  # type: ignore[arg-type]
@@ -729,7 +730,7 @@ def measure_idle(peers: int, tunnels: int, prefix: str, base_dir: Path, heap: st
     mesh_file.write_text(dump_mesh(base))
     results = []
     with single_vpp(f"{prefix}id", base_dir / "idle", main_heap_size=heap,
-                    statseg_size=statseg(peers)) as instance, \
+                    statseg_size=statseg(peers, tunnels)) as instance, \
             Phases() as phases, SaDumps() as dumps:
         with VppClient(instance.api_socket, timeout=60).connect() as api:
             give_uplink(api, base.nodes[0].primary)  # type: ignore[arg-type]

@@ -28,9 +28,8 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner, Result
 
-from vppmesh.agent import control, presence
+from vppmesh.agent import control, node, presence
 from vppmesh.agent import loop as watch
-from vppmesh.agent import node as agent
 from vppmesh.agent.control import Control, request
 from vppmesh.cli import app
 from vppmesh.config import dump_mesh
@@ -86,23 +85,23 @@ class Host:
         self.run_dir = short_tmp()  # the control socket's path must stay short
         self.api_socket = self.run_dir / "api.sock"
         self.unit_file = tmp / "systemd" / "vppmesh.service"
-        self.options = agent.NodeOptions(mesh_file=self.mesh_file, node="node1",
-                                         private_key=self.key, api_socket=self.api_socket,
-                                         host_link="none", workers=0, state_dir=self.state)
+        self.options = node.NodeOptions(mesh_file=self.mesh_file, node="node1",
+                                        private_key=self.key, api_socket=self.api_socket,
+                                        host_link="none", workers=0, state_dir=self.state)
         self.vpp = FakeVpp.with_uplink(mesh.node("node1").primary)
         self.vpp_up = True
         self.lock = threading.Lock()  # one of the agent's run and a `down` at a time
-        agent.up(self.options, api=self.vpp, agreement=NoAgreement(self.options.clock))
+        node.up(self.options, api=self.vpp, agreement=NoAgreement(self.options.clock))
         monkeypatch.setattr("vppmesh.agent.node.VppClient", lambda path: SimpleNamespace(
             connect=self.connect))
         monkeypatch.setattr("vppmesh.host.link.remove_link", lambda name, netns=None: False)
-        real_down = agent.down
+        real_down = node.down
 
         def locked_down(*args: Any, **kwargs: Any) -> list[str]:
             with self.lock:
                 return real_down(*args, **kwargs)
 
-        monkeypatch.setattr(agent, "down", locked_down)
+        monkeypatch.setattr(node, "down", locked_down)
         self.systemd = FakeSystemd()
         monkeypatch.setattr(unit, "systemctl", self.systemd)
         # The agent's control socket is root's only; the tests run as whoever they run as.
@@ -127,18 +126,18 @@ class Host:
         class Agent:
             client = None
 
-            def __init__(self, options: agent.NodeOptions, **kwargs: Any) -> None:
+            def __init__(self, options: node.NodeOptions, **kwargs: Any) -> None:
                 self.secrecy = kwargs["secrecy"]  # never attached: the fake has no punt
 
-            def run(self) -> agent.UpResult:
+            def run(self) -> node.UpResult:
                 with host.lock:
-                    return agent.up(host.options, api=host.vpp,
-                                    agreement=NoAgreement(host.options.clock))
+                    return node.up(host.options, api=host.vpp,
+                                   agreement=NoAgreement(host.options.clock))
 
             def close(self) -> None:
                 pass
 
-        monkeypatch.setattr(agent, "Agent", Agent)
+        monkeypatch.setattr(node, "Agent", Agent)
         monkeypatch.setattr(watch, "WATCH_POLL_SECONDS", 0.1)
         self.agent = threading.Thread(target=watch.watch_loop, args=(self.options,),
                                       daemon=True, name="agent")
@@ -455,7 +454,7 @@ def test_uninstall_stops_before_the_purge_when_down_fails(
     def broken(*args: Any, **kwargs: Any) -> list[str]:
         raise VppApiError("ipsec_sad_entry_del", -7)
 
-    monkeypatch.setattr(agent, "down", broken)
+    monkeypatch.setattr(node, "down", broken)
     result = host.cli("uninstall", "--purge", "--key", str(host.key), "--startup-conf",
                       str(host.etc / "none.conf"))
     assert result.exit_code == 1, result.output

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from vppmesh.agent import node as agent
+from vppmesh.agent import node
 from vppmesh.config import dump_mesh
 from vppmesh.keying.agreement import Claim, NoAgreement, Saved, UnsavedClaim, save_state
 from vppmesh.keying.epochs import GenerationStore
@@ -19,34 +19,34 @@ from vppmesh.testing.fake_vpp import FakeVpp
 from vppmesh.testing.meshes import make_mesh
 
 
-def one_shot(tmp_path: Path) -> tuple[agent.NodeOptions, FakeVpp]:
+def one_shot(tmp_path: Path) -> tuple[node.NodeOptions, FakeVpp]:
     mesh, secrets = make_mesh(3, tunnels=2)
     mesh_file = tmp_path / "mesh.yaml"
     mesh_file.write_text(dump_mesh(mesh))
     key = tmp_path / "node1.key"
     write_secret_file(key, private_key_b64(secrets["node1"].private_key))
-    options = agent.NodeOptions(mesh_file=mesh_file, node="node1", private_key=key,
-                                host_link="none", workers=0, state_dir=tmp_path)
+    options = node.NodeOptions(mesh_file=mesh_file, node="node1", private_key=key,
+                               host_link="none", workers=0, state_dir=tmp_path)
     return options, FakeVpp.with_uplink(mesh.node("node1").primary)
 
 
 def test_keying_one_shot_up_runs_with_no_agreement_on_static_keys(tmp_path: Path) -> None:
     options, vpp = one_shot(tmp_path)
-    result = agent.up(options, api=vpp, agreement=NoAgreement(options.clock))  # type: ignore[arg-type]
+    result = node.up(options, api=vpp, agreement=NoAgreement(options.clock))  # type: ignore[arg-type]
     assert result.changes and len(result.desired.tunnels) == 2 * 2
     assert not result.blocked_peers and not result.stopped_peers
     assert all(not s.outbound and not s.inbound for s in result.secrecy.values())
     state = GenerationStore(tmp_path, "node1").load()
     assert set(state.peers) == {"node2", "node3"}
     assert all(not pg.ephemeral_out for pg in state.peers.values())  # nothing claimed
-    again = agent.up(options, api=vpp, agreement=NoAgreement(options.clock))  # type: ignore[arg-type]
+    again = node.up(options, api=vpp, agreement=NoAgreement(options.clock))  # type: ignore[arg-type]
     assert not again.changes  # the same static schedule: nothing to do
 
 
 def test_keying_up_has_no_default_agreement(tmp_path: Path) -> None:
     options, vpp = one_shot(tmp_path)
     with pytest.raises(TypeError, match="agreement"):
-        agent.up(options, api=vpp)  # type: ignore[call-arg,arg-type]
+        node.up(options, api=vpp)  # type: ignore[call-arg,arg-type]
 
 
 def test_keying_flush_takes_only_the_saved_latest_claim(tmp_path: Path) -> None:

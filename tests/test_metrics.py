@@ -388,7 +388,7 @@ def test_watch_loop_knocks_fast_while_vpp_is_away_and_counts_the_restart(
     it retries at WATCH_VPP_RETRY_SECONDS instead of the 2 s poll, and the metrics count
     one restart with its unavailability and recovery time."""
     from vppmesh.agent import loop as watch
-    from vppmesh.agent import node as agent
+    from vppmesh.agent import node
     from vppmesh.cni.reattach import PodReport
     from vppmesh.errors import VppUnavailableError
 
@@ -397,13 +397,13 @@ def test_watch_loop_knocks_fast_while_vpp_is_away_and_counts_the_restart(
     outcomes: list[Any] = ["ok", "gone", "gone", "ok", "ok"]
     ticks: list[float] = []
 
-    monkeypatch.setattr(agent, "Agent", scripted_session(
+    monkeypatch.setattr(node, "Agent", scripted_session(
         outcomes, ticks, {"gone": VppUnavailableError("VPP stopped answering")},
         PodReport(attached=2, reattached=["a", "b"])))
     monkeypatch.setattr(watch, "WATCH_POLL_SECONDS", 1.0)
     monkeypatch.setattr(watch, "give_back_uplinks", lambda opts: None)
     metrics = AgentMetrics()
-    options = agent.NodeOptions(mesh_file=mesh_file, node="n1", private_key=tmp_path / "k")
+    options = node.NodeOptions(mesh_file=mesh_file, node="n1", private_key=tmp_path / "k")
     with pytest.raises(KeyboardInterrupt):
         watch.watch_loop(options, metrics)
     gaps = [b - a for a, b in pairwise(ticks)]
@@ -553,7 +553,7 @@ def test_watch_loop_waits_for_the_uplink_of_a_vpp_just_met(
     failed reconcile counted: a restart looked like a failing agent); past it (wait 0) it
     is an error, logged and counted, and the loop polls at its normal pace."""
     from vppmesh.agent import loop as watch
-    from vppmesh.agent import node as agent
+    from vppmesh.agent import node
     from vppmesh.cni.reattach import PodReport
     from vppmesh.errors import UplinkMissingError, VppUnavailableError
 
@@ -562,7 +562,7 @@ def test_watch_loop_waits_for_the_uplink_of_a_vpp_just_met(
     outcomes: list[Any] = ["ok", "gone", "no uplink", "no uplink", "ok", "ok"]
     ticks: list[float] = []
 
-    monkeypatch.setattr(agent, "Agent", scripted_session(
+    monkeypatch.setattr(node, "Agent", scripted_session(
         outcomes, ticks, {"gone": VppUnavailableError("VPP stopped answering"),
                           "no uplink": UplinkMissingError(
                               "no VPP interface holding the primary underlay address "
@@ -572,7 +572,7 @@ def test_watch_loop_waits_for_the_uplink_of_a_vpp_just_met(
     monkeypatch.setattr(watch, "UPLINK_WAIT", wait)
     monkeypatch.setattr(watch, "give_back_uplinks", lambda opts: None)
     metrics = AgentMetrics()
-    options = agent.NodeOptions(mesh_file=mesh_file, node="n1", private_key=tmp_path / "k")
+    options = node.NodeOptions(mesh_file=mesh_file, node="n1", private_key=tmp_path / "k")
     with caplog.at_level(logging.INFO, logger="vppmesh"), pytest.raises(KeyboardInterrupt):
         watch.watch_loop(options, metrics)
     gaps = [b - a for a, b in pairwise(ticks)]

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from vppmesh.agent import node as agent
+from vppmesh.agent import node
 from vppmesh.config import dump_mesh
 from vppmesh.errors import ConfigError
 from vppmesh.host import preflight, uplink
@@ -35,15 +35,15 @@ class Node:
         self.mesh_file.write_text(dump_mesh(self.mesh))
         key = tmp_path / "node1.key"
         write_secret_file(key, private_key_b64(secrets["node1"].private_key))
-        self.options = agent.NodeOptions(mesh_file=self.mesh_file, node="node1",
-                                         private_key=key, host_link="none", workers=0,
-                                         state_dir=tmp_path / "state")
+        self.options = node.NodeOptions(mesh_file=self.mesh_file, node="node1",
+                                        private_key=key, host_link="none", workers=0,
+                                        state_dir=tmp_path / "state")
         self.primary = self.mesh.node("node1").primary
         self.vpp = FakeVpp.with_uplink(self.primary)
 
-    def up(self) -> agent.UpResult:
-        return agent.up(self.options, api=self.vpp,
-                        agreement=NoAgreement(self.options.clock))  # type: ignore[arg-type]
+    def up(self) -> node.UpResult:
+        return node.up(self.options, api=self.vpp,
+                       agreement=NoAgreement(self.options.clock))  # type: ignore[arg-type]
 
 
 def test_up_refuses_an_underlay_address_the_host_holds(tmp_path: Path,

@@ -335,11 +335,11 @@ def test_up_watch_makes_its_first_run_once_through_the_loop_and_reports_it(
     from typer.testing import CliRunner
 
     from vppmesh.agent import loop as watch
-    from vppmesh.agent import node as agent
+    from vppmesh.agent import node
     from vppmesh.cli import app
 
     one_shot: list[object] = []
-    monkeypatch.setattr(agent, "up", lambda *a, **k: one_shot.append(a) or pytest.fail(
+    monkeypatch.setattr(node, "up", lambda *a, **k: one_shot.append(a) or pytest.fail(
         "a one-shot up before the loop"))
     runs: list[int] = []
 
@@ -362,7 +362,7 @@ def test_up_watch_makes_its_first_run_once_through_the_loop_and_reports_it(
                                    pod_report=None, mesh=None, desired=desired,
                                    crypto_engine=None, host_link="none")
 
-    monkeypatch.setattr(agent, "Agent", FakeSession)
+    monkeypatch.setattr(node, "Agent", FakeSession)
     monkeypatch.setattr(watch, "WATCH_POLL_SECONDS", 0.05)
     (tmp_path / "mesh.yaml").write_text("")
     before = signal.getsignal(signal.SIGTERM)

@@ -12,8 +12,20 @@ import yaml
 from typer.testing import CliRunner, Result
 
 from vppmesh.cli import app
+from vppmesh.config import dump_mesh
 from vppmesh.dataplane import startup
-from vppmesh.dataplane.startup import Instance, available_profiles, load_profile, render
+from vppmesh.dataplane.startup import (
+    Instance,
+    MeshSize,
+    available_profiles,
+    fit_to_mesh,
+    load_profile,
+    main_heap_bytes,
+    render,
+    size_bytes,
+    statseg_bytes,
+)
+from vppmesh.testing.meshes import make_mesh
 
 
 def unix_section(text: str) -> list[str]:
@@ -176,3 +188,94 @@ def test_hugepages_of_1g_pages_and_numa_nodes(tmp_path: Path) -> None:
     (nodes / "has_cpu").write_text("0-1\n")
     assert startup.numa_nodes(nodes) == 2 and startup.numa_nodes(tmp_path / "none") == 1
     assert startup.hugepages(load_profile("small-node")) is None
+
+
+# ---- sized to the mesh -------------------------------------------------------------------
+def memory_lines(text: str) -> tuple[str, str]:
+    lines = text.splitlines()
+    return (next(line for line in lines if line.startswith("memory {")),
+            next(line for line in lines if line.startswith("statseg {")))
+
+
+def test_the_stats_segment_grows_with_the_mesh() -> None:
+    """At 5000 peers x 4 tunnels VPP stopped answering with the profiles' 64M stats
+    segment, and had 81 MiB of it in use after the first reconcile: the size for that mesh
+    is above both; per tunnel, per worker and per peer it only grows."""
+    assert statseg_bytes(MeshSize(5000, 4)) > 81 << 20
+    assert statseg_bytes(MeshSize(5000, 4)) > size_bytes(load_profile("testbed").statseg_size)
+    assert statseg_bytes(MeshSize(1000, 4)) >= 16 << 20  # in use at 1000 x 4
+    assert statseg_bytes(MeshSize(0, 1)) == startup.STATSEG_BASE
+    assert statseg_bytes(MeshSize(5000, 4), workers=4) > statseg_bytes(MeshSize(5000, 4))
+    assert statseg_bytes(MeshSize(5000, 2)) < statseg_bytes(MeshSize(5000, 4)) \
+        < statseg_bytes(MeshSize(10000, 4))
+    # The main heap: 54 KiB per peer measured at 4 tunnels (292 MiB in use at 5000).
+    assert main_heap_bytes(MeshSize(5000, 4)) > 292 << 20
+    assert main_heap_bytes(MeshSize(5000, 4)) > size_bytes(load_profile("small-node")
+                                                           .main_heap_size)
+
+
+def test_a_profile_is_raised_for_a_large_mesh_and_never_lowered(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    small = load_profile("small-node")
+    with caplog.at_level(logging.WARNING):
+        fitted = fit_to_mesh(small, MeshSize(5000, 4))
+    assert size_bytes(fitted.statseg_size) == statseg_bytes(MeshSize(5000, 4))
+    assert size_bytes(fitted.main_heap_size) == main_heap_bytes(MeshSize(5000, 4))
+    assert "statseg_size 32M is too small for 5000 peers x 4 tunnels: raised to " \
+        f"{fitted.statseg_size}" in caplog.text
+    assert "main_heap_size 512M is too small" in caplog.text
+    memory, statseg = memory_lines(render(fitted, Instance(runtime_dir=tmp_path)))
+    assert f"main-heap-size {fitted.main_heap_size} " in memory
+    assert f" size {fitted.statseg_size} " in statseg
+    # A profile's sizes are a floor: a small mesh keeps them, and says nothing.
+    caplog.clear()
+    big = load_profile("xl710-avf")
+    with caplog.at_level(logging.WARNING):
+        assert fit_to_mesh(big, MeshSize(10, 4)) == big
+    assert "too small" not in caplog.text
+
+
+def test_render_startup_sizes_vpp_for_peers_or_the_mesh_file(machine: Path) -> None:
+    plain = render_cli("--profile", "small-node")
+    assert memory_lines(plain.stdout)[1].endswith("size 32M page-size 4k per-node-counters on }")
+    sized = render_cli("--profile", "small-node", "--peers", "5000", "--tunnels", "4")
+    assert sized.exit_code == 0, sized.output
+    expected = fit_to_mesh(load_profile("small-node"), MeshSize(5000, 4))
+    memory, statseg = memory_lines(sized.stdout)
+    assert f" size {expected.statseg_size} " in statseg
+    assert f"main-heap-size {expected.main_heap_size} " in memory
+    # The mesh file says both: its nodes but this one, and settings.tunnels_per_peer.
+    mesh, _ = make_mesh(3, 2)
+    path = machine / "mesh.yaml"
+    path.write_text(dump_mesh(mesh))
+    from_file = render_cli("--profile", "small-node", "--mesh", str(path), "--workers", "2")
+    assert from_file.exit_code == 0, from_file.output
+    wanted = fit_to_mesh(load_profile("small-node"), MeshSize(2, 2), workers=2)
+    assert memory_lines(from_file.stdout) == memory_lines(render(wanted, Instance(),
+                                                                 workers=2))
+
+
+def test_the_raised_stats_segment_counts_in_the_hugepage_check(machine: Path) -> None:
+    """A hugepage profile raised for the mesh needs more pages: the host is checked for
+    those, not for the profile's."""
+    done = render_cli("--profile", "xl710-avf", "--cores", "1-3", "--peers", "5000",
+                      "--tunnels", "4")
+    assert done.exit_code == 0, done.output
+    assert "stats segment 128M" not in done.output
+    raised = fit_to_mesh(load_profile("xl710-avf"), MeshSize(5000, 4), workers=2)
+    assert f"stats segment {raised.statseg_size})" in done.output
+    short = render_cli("--profile", "xl710-avf", "--cores", "1-3", "--peers", "40000",
+                       "--tunnels", "4")
+    assert short.exit_code == 1 and "this host has 2048 hugepages" in short.output
+
+
+@pytest.mark.parametrize(("args", "said"), [
+    (["--tunnels", "4"], "--tunnels sizes VPP for a mesh of --peers peers: give --peers too"),
+    (["--peers", "-1"], "give --peers 0 or more"),
+    (["--peers", "10", "--tunnels", "0"], "--tunnels 1 or more"),
+    (["--peers", "10", "--mesh", "mesh.yaml"], "give either --mesh or --peers/--tunnels"),
+])
+def test_bad_mesh_sizes_are_refused(machine: Path, args: list[str], said: str) -> None:
+    done = render_cli("--profile", "small-node", *args)
+    assert done.exit_code == 2, done.output
+    assert said in done.output

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 
-from vppmesh.agent import node as agent
+import vppmesh.agent.node
 from vppmesh.config import Mesh, dump_mesh
 from vppmesh.dataplane.view import build_view
 from vppmesh.errors import ConfigError, KeyFileError
@@ -47,14 +47,14 @@ class Counted:
         self.mesh_file.write_text(dump_mesh(self.mesh))
         key = tmp_path / "node1.key"
         write_secret_file(key, private_key_b64(self.secrets["node1"].private_key))
-        self.options = agent.NodeOptions(mesh_file=self.mesh_file, node="node1",
-                                         private_key=key, host_link="none", workers=0,
-                                         state_dir=tmp_path, **options)
+        self.options = vppmesh.agent.node.NodeOptions(mesh_file=self.mesh_file, node="node1",
+                                                      private_key=key, host_link="none", workers=0,
+                                                      state_dir=tmp_path, **options)
         self.vpp = FakeVpp.with_uplink(self.mesh.node("node1").primary)
         self.lookups: Counter[str] = Counter()
         self.exchanges: Counter[bytes] = Counter()
         node = Mesh.node
-        load = agent.load_secrets
+        load = vppmesh.agent.node.load_secrets
 
         def counting_node(mesh: Mesh, name: str) -> Any:
             self.lookups[name] += 1
@@ -66,7 +66,7 @@ class Counted:
                                psk=real.psk)
 
         monkeypatch.setattr(Mesh, "node", counting_node)
-        monkeypatch.setattr(agent, "load_secrets", counting_secrets)
+        monkeypatch.setattr(vppmesh.agent.node, "load_secrets", counting_secrets)
 
     def peer_keys(self) -> Counter[bytes]:
         return Counter({n.public_key_bytes: 1 for n in self.mesh.nodes if n.name != "node1"})
@@ -75,7 +75,8 @@ class Counted:
 def test_one_up_looks_up_the_local_node_once_and_exchanges_once_per_peer(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     run = Counted(tmp_path, monkeypatch)
-    result = agent.up(run.options, api=run.vpp, agreement=NoAgreement(run.options.clock))  # type: ignore[arg-type]
+    result = vppmesh.agent.node.up(run.options, api=run.vpp,  # type: ignore[arg-type]
+                                   agreement=NoAgreement(run.options.clock))
     assert result.changes and len(result.desired.tunnels) == 4 * 2
     assert run.lookups == Counter({"node1": 1})
     assert run.exchanges == run.peer_keys()  # exactly one X25519 per peer, no other
@@ -86,7 +87,7 @@ def test_session_keeps_the_view_and_a_joining_peer_costs_one_exchange(
     run = Counted(tmp_path, monkeypatch)
     full = run.mesh
     run.mesh_file.write_text(dump_mesh(full.model_copy(update={"nodes": full.nodes[:-1]})))
-    session = agent.Agent(run.options, connect=lambda: run.vpp)  # type: ignore[arg-type,return-value]
+    session = vppmesh.agent.node.Agent(run.options, connect=lambda: run.vpp)  # type: ignore[arg-type,return-value]
     session.run()
     first = session.view()
     assert sum(run.exchanges.values()) == 3
@@ -122,14 +123,14 @@ def test_wrong_key_is_refused_before_the_nic_or_vpp_is_touched(
     def taken(*args: Any) -> None:
         raise AssertionError("the NIC was taken over before the key was checked")
 
-    monkeypatch.setattr(agent.nic, "ensure", taken)
+    monkeypatch.setattr(vppmesh.agent.node.nic, "ensure", taken)
     with pytest.raises(KeyFileError, match="does not match the public_key of node node1"):
-        agent.up(run.options, api=run.vpp,  # type: ignore[arg-type]
-                 agreement=NoAgreement(run.options.clock))
+        vppmesh.agent.node.up(run.options, api=run.vpp,  # type: ignore[arg-type]
+                              agreement=NoAgreement(run.options.clock))
     with pytest.raises(ConfigError, match="'ghost' is not in the mesh"):
-        ghost = agent.NodeOptions(mesh_file=run.mesh_file, node="ghost",
-                                  private_key=tmp_path / "missing.key")
-        agent.up(ghost, api=run.vpp, agreement=NoAgreement(ghost.clock))  # type: ignore[arg-type]
+        ghost = vppmesh.agent.node.NodeOptions(mesh_file=run.mesh_file, node="ghost",
+                                               private_key=tmp_path / "missing.key")
+        vppmesh.agent.node.up(ghost, api=run.vpp, agreement=NoAgreement(ghost.clock))  # type: ignore[arg-type]
     assert sum(run.vpp.counts.values()) == 0
 
 
@@ -161,8 +162,8 @@ def test_a_changed_record_gets_a_new_path_and_the_ledger_is_one_per_options(
     assert after.peer("node3").path.endpoints[0][1] == moved.underlay[0].ip
     assert after.peer("node3").secret == before.peer("node3").secret
 
-    options = agent.NodeOptions(mesh_file=tmp_path / "m.yaml", node="node1",
-                                private_key=tmp_path / "k", state_dir=tmp_path)
+    options = vppmesh.agent.node.NodeOptions(mesh_file=tmp_path / "m.yaml", node="node1",
+                                             private_key=tmp_path / "k", state_dir=tmp_path)
     assert options.ledger is options.ledger
 
 

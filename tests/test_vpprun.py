@@ -312,13 +312,13 @@ def test_vpp_stops_within_watches_one_registered_connection(tmp_path: Path) -> N
 def test_stopped_agent_leaves_the_nic_to_a_vpp_that_still_runs(
         tmp_path: Path, releases: Releases) -> None:
     """An agent-only upgrade: VPP answers all through the grace; the NIC stays VPP's."""
-    from vppmesh.agent import node as agent
+    from vppmesh.agent import node
     from vppmesh.agent.loop import leave_uplinks
 
     saved_uplink(tmp_path / "state")
     vpp = ApiSocketDouble(tmp_path / "api.sock")
-    options = agent.NodeOptions(mesh_file=tmp_path / "m", node="n1", private_key=tmp_path / "k",
-                                api_socket=tmp_path / "api.sock", state_dir=tmp_path / "state")
+    options = node.NodeOptions(mesh_file=tmp_path / "m", node="n1", private_key=tmp_path / "k",
+                               api_socket=tmp_path / "api.sock", state_dir=tmp_path / "state")
     try:
         started = time.monotonic()
         leave_uplinks(options, grace=0.3)
@@ -332,14 +332,14 @@ def test_stopped_agent_gives_the_nic_back_when_vpp_goes_too(
         tmp_path: Path, releases: Releases) -> None:
     """A rolling update signals VPP and the agent at once: VPP stops within the grace, and
     the agent gives the NIC back (in case no guard ran VPP)."""
-    from vppmesh.agent import node as agent
+    from vppmesh.agent import node
     from vppmesh.agent.loop import leave_uplinks
 
     saved_uplink(tmp_path / "state")
     vpp = ApiSocketDouble(tmp_path / "api.sock")
     later(0.3, vpp.die)
-    options = agent.NodeOptions(mesh_file=tmp_path / "m", node="n1", private_key=tmp_path / "k",
-                                api_socket=tmp_path / "api.sock", state_dir=tmp_path / "state")
+    options = node.NodeOptions(mesh_file=tmp_path / "m", node="n1", private_key=tmp_path / "k",
+                               api_socket=tmp_path / "api.sock", state_dir=tmp_path / "state")
     started = time.monotonic()
     leave_uplinks(options, grace=3)
     assert time.monotonic() - started < 2
@@ -359,7 +359,7 @@ def test_agent_on_sigterm_gives_the_nic_back_when_vpp_is_gone(
     from types import SimpleNamespace
 
     from vppmesh.agent import loop as watch
-    from vppmesh.agent import node as agent
+    from vppmesh.agent import node
 
     class FakeSession:
         client = None
@@ -377,13 +377,13 @@ def test_agent_on_sigterm_gives_the_nic_back_when_vpp_is_gone(
                                    downgraded_peers=[], stopped_peers={}, blocked_peers=[],
                                    pod_report=None, mesh=None)
 
-    monkeypatch.setattr(agent, "Agent", FakeSession)
+    monkeypatch.setattr(node, "Agent", FakeSession)
     (tmp_path / "mesh.yaml").write_text("")
     ApiSocketDouble(tmp_path / "api.sock").die()  # VPP went with the pod: its file stays
     saved_uplink(tmp_path / "state")
-    options = agent.NodeOptions(mesh_file=tmp_path / "mesh.yaml", node="n1",
-                                private_key=tmp_path / "k", api_socket=tmp_path / "api.sock",
-                                state_dir=tmp_path / "state")
+    options = node.NodeOptions(mesh_file=tmp_path / "mesh.yaml", node="n1",
+                               private_key=tmp_path / "k", api_socket=tmp_path / "api.sock",
+                               state_dir=tmp_path / "state")
     before = signal.getsignal(signal.SIGTERM)
     try:
         watch.watch_loop(options)

@@ -19,8 +19,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from vppmesh.agent import hardening
-from vppmesh.agent import node as agent
+from vppmesh.agent import hardening, node
 from vppmesh.agent.secrecy import Secrecy, channel_socket
 from vppmesh.dataplane.vpp.stats import SaCounters
 from vppmesh.errors import (
@@ -88,7 +87,7 @@ def poll_ticks(path: Path, hurry: Callable[[], bool] = lambda: False,
     file check.
     """
     watched = [path] if vpp_socket is None else [path, vpp_socket]
-    signature = [agent.file_signature(p) for p in watched]
+    signature = [node.file_signature(p) for p in watched]
     stop = stop or threading.Event()
     while not stop.is_set():
         interval = WATCH_VPP_RETRY_SECONDS if hurry() else WATCH_POLL_SECONDS
@@ -101,7 +100,7 @@ def poll_ticks(path: Path, hurry: Callable[[], bool] = lambda: False,
             wanted |= wait(pause)
             if wanted and early_in() <= 0:
                 break
-            now = [agent.file_signature(p) for p in watched]
+            now = [node.file_signature(p) for p in watched]
             if now != signature:
                 signature = now
                 break
@@ -109,7 +108,7 @@ def poll_ticks(path: Path, hurry: Callable[[], bool] = lambda: False,
             yield
 
 
-def give_back_uplinks(opts: agent.NodeOptions) -> None:
+def give_back_uplinks(opts: node.NodeOptions) -> None:
     """VPP went away: the NICs it had go back to Linux, so the host stays reachable."""
     from vppmesh.host.uplink import release_all
 
@@ -148,7 +147,7 @@ def vpp_stops_within(api_socket: Path, grace: float) -> bool:
         channel.close()
 
 
-def leave_uplinks(opts: agent.NodeOptions, grace: float | None = None,
+def leave_uplinks(opts: node.NodeOptions, grace: float | None = None,
                   stops_within: Callable[[Path, float], bool] | None = None) -> None:
     """The agent stops (SIGTERM): a taken af_packet/af_xdp NIC goes back to Linux only if
     VPP stops within `grace` too.
@@ -182,9 +181,9 @@ class Loop:
     iteration belongs here. `run` steps once per tick of the caller's schedule.
     """
 
-    def __init__(self, session: agent.Agent, opts: agent.NodeOptions, *,
+    def __init__(self, session: node.Agent, opts: node.NodeOptions, *,
                  metrics: AgentMetrics | None = None, stats_socket: Path | None = None,
-                 report: Callable[[agent.UpResult], None] | None = None,
+                 report: Callable[[node.UpResult], None] | None = None,
                  on_error: Callable[[Exception], None] | None = None,
                  control: Control | None = None) -> None:
         self.session = session
@@ -248,7 +247,7 @@ class Loop:
     def may_run_early(self) -> bool:
         return self.early_in() <= 0
 
-    def step(self) -> agent.UpResult | None:
+    def step(self) -> node.UpResult | None:
         """Run the session once; the result, or None if the run failed."""
         attempt = time.monotonic()
         self.failed, self.recovered = True, False
@@ -317,7 +316,7 @@ class Loop:
         self.last_pid = result.vpp_pid
         return result
 
-    def measured(self, result: agent.UpResult, seconds: float, *, restarted: bool,
+    def measured(self, result: node.UpResult, seconds: float, *, restarted: bool,
                  unavailable: float | None = None) -> None:
         """With metrics: the run's numbers and the channel's, and a new snapshot from VPP
         when one is due."""
@@ -357,9 +356,9 @@ class Loop:
             self.on_error(exc)
 
 
-def watch_loop(opts: agent.NodeOptions, metrics: AgentMetrics | None = None,
+def watch_loop(opts: node.NodeOptions, metrics: AgentMetrics | None = None,
                stats_socket: Path | None = None,
-               report: Callable[[agent.UpResult], None] | None = None) -> None:
+               report: Callable[[node.UpResult], None] | None = None) -> None:
     """`up --watch`: re-apply every poll and on mesh file changes (Loop).
 
     Every poll runs `up`, which also advances key generations (scheduled rekeys, key
@@ -374,7 +373,7 @@ def watch_loop(opts: agent.NodeOptions, metrics: AgentMetrics | None = None,
 
     reported: list[bool] = []
 
-    def changed(result: agent.UpResult) -> None:
+    def changed(result: node.UpResult) -> None:
         """The first run is reported whatever it did (it is the agent's `up`); later
         ones when they changed something or have notes."""
         if report is not None and (not reported or result.changes or result.notes):
@@ -409,10 +408,10 @@ def watch_loop(opts: agent.NodeOptions, metrics: AgentMetrics | None = None,
             control.close()
 
 
-def agent_loop(opts: agent.NodeOptions, *, source: agent.MeshSource | None = None,
+def agent_loop(opts: node.NodeOptions, *, source: node.MeshSource | None = None,
                connect: Callable[[], VppApi] | None = None,
                metrics: AgentMetrics | None = None, stats_socket: Path | None = None,
-               report: Callable[[agent.UpResult], None] | None = None,
+               report: Callable[[node.UpResult], None] | None = None,
                on_error: Callable[[Exception], None] | None = None) -> Loop:
     """The agent's parts, wired once for both mesh sources (the mesh file of `up --watch`,
     the datastore's membership): the agents' channel (Secrecy), the SA counters of the
@@ -420,13 +419,13 @@ def agent_loop(opts: agent.NodeOptions, *, source: agent.MeshSource | None = Non
     that steps it. `source` None is the mesh file."""
     secrecy = Secrecy(channel_socket(opts), state_dir=opts.state_dir, clock=opts.clock)
     counters = SaCounters(stats_socket) if stats_socket is not None else None
-    session = agent.Agent(opts, source=source, connect=connect, secrecy=secrecy,
+    session = node.Agent(opts, source=source, connect=connect, secrecy=secrecy,
                             counters=counters)
     return Loop(session, opts, metrics=metrics, stats_socket=stats_socket,
                      report=report, on_error=on_error)
 
 
-def open_control(opts: agent.NodeOptions) -> Control | None:
+def open_control(opts: node.NodeOptions) -> Control | None:
     """The agent's control socket (vppmesh/agent/control.py); None, said once, when it cannot
     be made: the agent runs on, and `vppmesh rekey` falls back to a one-shot run."""
     from vppmesh.agent.control import Control, socket_path

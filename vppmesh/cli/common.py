@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from vppmesh.agent import node as agent
+import vppmesh.agent.node
 from vppmesh.validation import describe, option_name
 
 if TYPE_CHECKING:
@@ -50,10 +50,12 @@ def fail(message: str, code: int = 1) -> typer.Exit:
 
 
 def options(mesh: Path, node: str, key: Path, api_socket: Path, host_link: str = "auto",
-            uplink: str | None = None, state_dir: Path = DEFAULT_STATE) -> agent.NodeOptions:
-    return agent.NodeOptions(mesh_file=mesh, node=node, private_key=key, api_socket=api_socket,
-                             host_link=host_link, uplink=uplink,  # type: ignore[arg-type]
-                             state_dir=state_dir)
+            uplink: str | None = None,
+            state_dir: Path = DEFAULT_STATE) -> vppmesh.agent.node.NodeOptions:
+    return vppmesh.agent.node.NodeOptions(mesh_file=mesh, node=node, private_key=key,
+                                          api_socket=api_socket,
+                                          host_link=host_link,  # type: ignore[arg-type]
+                                          uplink=uplink, state_dir=state_dir)
 
 
 def option_errors(exc: ValidationError, renames: dict[str, str] | None = None) -> str:

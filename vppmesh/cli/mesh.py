@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from vppmesh.agent import node as agent
+import vppmesh.agent.node
 from vppmesh.agent import presence
 from vppmesh.agent.loop import start_metrics, watch_loop
 from vppmesh.cli.common import (
@@ -32,11 +32,12 @@ from vppmesh.cli.common import (
     stats_path,
 )
 from vppmesh.dataplane.vpp.client import DEFAULT_API_SOCKET, VppClient
-from vppmesh.errors import VppMeshError, VppUnavailableError
+from vppmesh.errors import ConfigError, VppMeshError, VppUnavailableError
 from vppmesh.host.unit import UNIT_FILE, Unit
 from vppmesh.keying.agreement import NoAgreement
 
 if TYPE_CHECKING:
+    from vppmesh.dataplane.startup import MeshSize
     from vppmesh.ops.metrics import MetricsTls
 
 app = typer.Typer()
@@ -158,7 +159,7 @@ def up(
             watch_loop(opts, exporter, stats_path(api_socket, stats_socket), report=report_up)
             return
         try:
-            report_up(agent.up(opts, agreement=NoAgreement(opts.clock)))
+            report_up(vppmesh.agent.node.up(opts, agreement=NoAgreement(opts.clock)))
         except VppMeshError as exc:
             raise fail(str(exc)) from None
         warn_no_agent(state_dir, node)
@@ -195,7 +196,7 @@ def agent_now(state_dir: Path, node: str) -> float:
     return AgentClock(state_dir / f"{node}.clock.json")()
 
 
-def report_up(result: agent.UpResult) -> None:
+def report_up(result: vppmesh.agent.node.UpResult) -> None:
     for note in result.notes:
         typer.echo(f"* {note}")
     for change in result.changes:
@@ -273,11 +274,12 @@ def rekey(
                    "soon as it may")
 
 
-def rekey_once(opts: agent.NodeOptions, datastore: str | None) -> None:
+def rekey_once(opts: vppmesh.agent.node.NodeOptions, datastore: str | None) -> None:
     """`rekey` without an agent: one `up` that marks every peer for a rekey."""
     try:
-        result = agent.up(opts, rekey=True, mesh=agent.datastore_mesh(datastore),
-                          agreement=NoAgreement(opts.clock))
+        result = vppmesh.agent.node.up(opts, rekey=True,
+                                       mesh=vppmesh.agent.node.datastore_mesh(datastore),
+                                       agreement=NoAgreement(opts.clock))
     except VppMeshError as exc:
         raise fail(str(exc)) from None
     report_up(result)
@@ -326,7 +328,7 @@ def down(
 
             removed = leave(opts, DatastoreUrl.parse(datastore))
         else:
-            removed = agent.down(opts)
+            removed = vppmesh.agent.node.down(opts)
     except VppMeshError as exc:
         raise fail(str(exc)) from None
     for line in removed:
@@ -334,7 +336,8 @@ def down(
     typer.echo(f"node {node}: removed {len(removed)} object(s)")
 
 
-def guard_agent(opts: agent.NodeOptions, *, stop: bool, force: bool, unit: Unit) -> None:
+def guard_agent(opts: vppmesh.agent.node.NodeOptions, *, stop: bool, force: bool,
+                unit: Unit) -> None:
     """Before `down`: no agent of this node may be left running to undo it (see down)."""
     from vppmesh.agent.control import socket_path
 
@@ -377,7 +380,7 @@ def plan(
 
     opts = options(mesh, node, key, api_socket, state_dir=state_dir)
     try:
-        view = agent.local_view(opts, agent.datastore_mesh(datastore))
+        view = vppmesh.agent.node.local_view(opts, vppmesh.agent.node.datastore_mesh(datastore))
         secrecy = key_secrecy(state_dir, node, (p.name for p in view.peers))
         try:
             client = VppClient(api_socket).connect()
@@ -386,13 +389,13 @@ def plan(
         if client is None:
             from vppmesh.dataplane.reconcile import diff, empty_observed
 
-            desired = agent.desired_state(opts, view, workers or 0)
+            desired = vppmesh.agent.node.desired_state(opts, view, workers or 0)
             changes = diff(desired, empty_observed(desired)).changes()
             typer.echo(f"(VPP not reachable at {api_socket}: planning against an empty VPP)")
         else:
             with client:
-                changes = agent.up(opts, dry_run=True, api=client, view=view,
-                                   agreement=NoAgreement(opts.clock)).changes
+                changes = vppmesh.agent.node.up(opts, dry_run=True, api=client, view=view,
+                                                agreement=NoAgreement(opts.clock)).changes
     except VppMeshError as exc:
         raise fail(str(exc)) from None
     for change in changes:
@@ -418,7 +421,7 @@ def status(
     from vppmesh.ops.status import collect, key_secrecy, render_table
 
     try:
-        mesh_obj = agent.datastore_mesh(datastore) or load_mesh(mesh)
+        mesh_obj = vppmesh.agent.node.datastore_mesh(datastore) or load_mesh(mesh)
         secrecy = key_secrecy(state_dir, node, (p.name for p in mesh_obj.peers_of(node)))
         with VppClient(api_socket).connect() as client:
             result = collect(client, mesh_obj, node, stats_path(api_socket, stats_socket),
@@ -460,7 +463,7 @@ def verify(
     from vppmesh.ops.verify import verify as run_verify
 
     try:
-        mesh_obj = agent.datastore_mesh(datastore) or load_mesh(mesh)
+        mesh_obj = vppmesh.agent.node.datastore_mesh(datastore) or load_mesh(mesh)
         secrecy = key_secrecy(state_dir, node, (p.name for p in mesh_obj.peers_of(node)))
         with VppClient(api_socket).connect() as client:
             report = run_verify(client, mesh_obj, node,
@@ -535,6 +538,28 @@ def pubkey(key: KeyOpt = DEFAULT_KEY) -> None:
         raise fail(str(exc)) from None
 
 
+def mesh_size(peers: int | None, tunnels: int | None, mesh: Path | None) -> MeshSize | None:
+    """The mesh render-startup sizes VPP for: --peers/--tunnels, or the mesh file's nodes
+    (all but this one) and tunnels_per_peer; None when neither is given."""
+    from vppmesh.config import MeshSettings, load_mesh
+    from vppmesh.dataplane.startup import MeshSize
+
+    if mesh is not None:
+        if peers is not None or tunnels is not None:
+            raise ConfigError("--mesh gives the peers and tunnels: give either --mesh or "
+                              "--peers/--tunnels")
+        loaded = load_mesh(mesh)
+        return MeshSize(peers=max(0, len(loaded.nodes) - 1),
+                        tunnels=loaded.settings.tunnels_per_peer)
+    if peers is None:
+        if tunnels is not None:
+            raise ConfigError("--tunnels sizes VPP for a mesh of --peers peers: give "
+                              "--peers too")
+        return None
+    return MeshSize(peers=peers, tunnels=MeshSettings().tunnels_per_peer
+                    if tunnels is None else tunnels)
+
+
 @app.command("render-startup")
 def render_startup(
     profile: Annotated[str, typer.Option(
@@ -565,10 +590,21 @@ def render_startup(
         "--coredump/--no-coredump", help="Let VPP write full core files (default: the "
         "profile's full_coredump, off in every shipped profile). A core file holds every "
         "live ESP key.")] = None,
+    peers: Annotated[int | None, typer.Option(
+        help="Size VPP's main heap and stats segment for a mesh of this many peers (the "
+        "largest it will grow to): the profile's sizes are raised where it needs more.")
+                     ] = None,
+    tunnels: Annotated[int | None, typer.Option(
+        help="Tunnels per peer of that mesh (settings.tunnels_per_peer; default 1).")
+                       ] = None,
+    mesh: Annotated[Path | None, typer.Option(
+        help="Instead of --peers/--tunnels: the mesh file, its nodes but this one and its "
+        "tunnels_per_peer.")] = None,
 ) -> None:
     """Write a VPP startup.conf from a profile (workers, crypto engines, buffers, pages),
-    with this machine's NIC and cores; say how many hugepages it needs and refuse when the
-    host has fewer (a VPP without them does not start)."""
+    with this machine's NIC and cores, sized for a mesh (--peers, --tunnels or --mesh);
+    say how many hugepages it needs and refuse when the host has fewer (a VPP without them
+    does not start)."""
     import os
 
     from vppmesh.dataplane.startup import (
@@ -577,6 +613,7 @@ def render_startup(
         available_profiles,
         check_cores,
         customize,
+        fit_to_mesh,
         hugepages,
         load_profile,
         render,
@@ -594,6 +631,9 @@ def render_startup(
     try:
         loaded = customize(load_profile(profile), pci=pci, cores=cores, main_core=main_core,
                            workers=workers)
+        size = mesh_size(peers, tunnels, mesh)
+        if size is not None:
+            loaded = fit_to_mesh(loaded, size, workers)
         if not no_host_check:
             check_cores(loaded, workers, os.cpu_count() or 1)
         text = render(loaded, Instance(name=name, runtime_dir=runtime_dir), workers=workers,
@@ -656,7 +696,7 @@ def attach(
                        f"{local.pod_cidr}, {local.mesh_address} is the host's)")
         if attachment not in ("auto", "tap", "af_packet"):
             raise fail(f"--attachment {attachment}: use auto, tap or af_packet")
-        kind = agent.resolve_host_kind(attachment)  # type: ignore[arg-type]
+        kind = vppmesh.agent.node.resolve_host_kind(attachment)  # type: ignore[arg-type]
         if kind == "tap" and not linux.tap_supported():
             raise fail("--attachment tap needs /dev/vhost-net (modprobe vhost_net); use "
                        "auto or af_packet")

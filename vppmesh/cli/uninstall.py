@@ -53,15 +53,15 @@ def uninstall(
     The node's key and state stay unless --purge: with both, a reinstalled node keeps its
     identity and its key generations, so it never reuses a key.
     """
-    from vppmesh.agent import node as agent
+    import vppmesh.agent.node
     from vppmesh.host.uninstall import program_hint
     from vppmesh.host.uninstall import uninstall as run_uninstall
 
     opts = options(mesh, node, key, api_socket, state_dir=state_dir)
 
-    def down(opts: agent.NodeOptions) -> list[str]:
+    def down(opts: vppmesh.agent.node.NodeOptions) -> list[str]:
         if datastore is None:
-            return agent.down(opts)
+            return vppmesh.agent.node.down(opts)
         from vppmesh.agent.datastore.membership import leave
         from vppmesh.agent.datastore.records import DatastoreUrl
         from vppmesh.errors import ConfigError
@@ -69,7 +69,7 @@ def uninstall(
         try:
             return leave(opts, DatastoreUrl.parse(datastore))
         except ConfigError:  # no record left to name the addresses: what VPP says goes
-            return agent.down(opts)
+            return vppmesh.agent.node.down(opts)
 
     try:
         done = run_uninstall(opts, Unit(unit_file), purge=purge, startup_conf=startup_conf,

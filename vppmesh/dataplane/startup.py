@@ -423,3 +423,104 @@ def hugepages(profile: Profile, *, meminfo: Path | None = None, sysfs: Path | No
             total = free = 0
     return Hugepages(page_kb=page_kb, needed=needed, parts=parts, total=total, free=free,
                      default_size=page_kb == default_kb)
+
+
+# ---- sized to the mesh (render-startup --peers/--tunnels or --mesh) -----------------------
+# VPP's stats segment holds a directory entry (vlib_stats_entry_t, 144 bytes: a type, an
+# index or pointer and a 128-byte name; vlib/stats/shared.h) for every counter a client
+# can name, and the counter vectors themselves (vlib/counter.c: one vector per thread,
+# indexed by the object's index). Per tunnel of the mesh (one ipip interface, its SAs):
+# - 17 symlinks /interfaces/<name>/<counter> (vnet/interface/stats.c: the 9 simple and 8
+#   combined interface counters of vnet/interface.h), and 8 /nodes/<name>/<counter>
+#   (vlib/stats/collector.c with per-node-counters on: 4 counters for each of the two
+#   nodes, <name>-tx and <name>-output, vnet/interface.c registers per interface);
+# - per thread: the interface's counters (9 x 8 + 8 x 16 bytes), its two nodes' (2 x 4 x
+#   8), its midchain adjacency's (/net/adjacency, 16), and per SA /net/ipsec/sa (16) and
+#   the 16 /net/ipsec/sa/err/* counters (vnet/ipsec/ipsec_sa.h, 8 each) for
+#   SAS_PER_TUNNEL SAs;
+# - three names (/if/names, /sys/node/names twice), each a small vector on the segment.
+# Vectors grow by half again when full (vppinfra/vec.c) and a growing one is copied, so
+# the old and the new copy live side by side for a moment: the directory, by far the
+# largest vector (72 MB at 5000 peers x 4 tunnels), needs 2.5 times its size at its peak,
+# the counter vectors 1.5 times theirs. With 4K pages the segment costs only the pages
+# VPP touches, so a generous size costs little; with hugepages it is reserved whole.
+STATS_ENTRY_BYTES = 144
+STATS_ENTRIES_PER_TUNNEL = 17 + 2 * 4
+# Two inbound generations and the outbound SA, plus the new outbound one during a
+# rotation: VPP reuses freed SA indices, so the vectors follow the SAs alive at once.
+SAS_PER_TUNNEL = 4
+STATS_COUNTER_BYTES_PER_TUNNEL = (9 * 8 + 8 * 16) + 2 * 4 * 8 + 16 + SAS_PER_TUNNEL * (
+    16 + 16 * 8)  # per thread
+STATS_NAME_BYTES_PER_TUNNEL = 3 * 64
+DIRECTORY_PEAK = 2.5
+COUNTERS_PEAK = 1.5
+# What VPP needs with no mesh: its default segment (STAT_SEGMENT_DEFAULT_SIZE, 32M, in
+# vlib/stats/stats.h) holds the error, node and buffer counters of every plugin.
+STATSEG_BASE = 32 << 20
+# VPP's main heap: measured, not derived (benchmarks.controlplane, "VPP main heap per
+# peer": 54 KiB per peer at 4 tunnels, about 14 KiB per tunnel: the SAs, the ipip
+# interface, its adjacency and nodes, the route), doubled for the SAs of a rotation and
+# the vectors' growth, on top of what VPP itself uses with no mesh (36 MiB with the
+# testbed profile's plugins; the rest is room for endpoints and the host link).
+MAIN_HEAP_PER_TUNNEL = 14 << 10
+MAIN_HEAP_PEAK = 2
+MAIN_HEAP_BASE = 128 << 20
+SIZE_STEP = 32 << 20
+
+
+@dataclass(frozen=True)
+class MeshSize:
+    """How large a mesh this VPP is to hold: its peers and each pair's tunnels."""
+
+    peers: int
+    tunnels: int
+
+
+def _rounded(size: float) -> int:
+    return -(-int(size) // SIZE_STEP) * SIZE_STEP
+
+
+def statseg_bytes(mesh: MeshSize, workers: int = 0) -> int:
+    """The stats segment a mesh needs: STATSEG_BASE plus, per tunnel, DIRECTORY_PEAK x 25
+    directory entries of 144 bytes, COUNTERS_PEAK x 856 bytes of counters per thread
+    (1 + workers) and 192 bytes of names (the figures and their sources above), rounded
+    up to 32 MiB. At 4 tunnels about 41 KiB per peer with no workers: 96M for 1000 peers,
+    256M for 5000 (VPP 26.06 stopped answering there with the profiles' 64M; with 256M
+    it answered, 81 MiB of the segment in use after the first reconcile, 4 KiB per
+    tunnel: the peak factors are the headroom for growth and rotations)."""
+    threads = 1 + workers
+    per_tunnel = (DIRECTORY_PEAK * STATS_ENTRIES_PER_TUNNEL * STATS_ENTRY_BYTES
+                  + COUNTERS_PEAK * STATS_COUNTER_BYTES_PER_TUNNEL * threads
+                  + STATS_NAME_BYTES_PER_TUNNEL)
+    return _rounded(STATSEG_BASE + per_tunnel * mesh.peers * mesh.tunnels)
+
+
+def main_heap_bytes(mesh: MeshSize) -> int:
+    """VPP's main heap a mesh needs: MAIN_HEAP_BASE plus MAIN_HEAP_PEAK x 14 KiB per
+    tunnel (measured, see above), rounded up to 32 MiB."""
+    return _rounded(MAIN_HEAP_BASE
+                    + MAIN_HEAP_PEAK * MAIN_HEAP_PER_TUNNEL * mesh.peers * mesh.tunnels)
+
+
+def _size_text(size: int) -> str:
+    return f"{size >> 30}G" if size % (1 << 30) == 0 else f"{size >> 20}M"
+
+
+def fit_to_mesh(profile: Profile, mesh: MeshSize, workers: int | None = None) -> Profile:
+    """The profile with a main heap and a stats segment large enough for `mesh`: the
+    profile's own sizes are a floor, raised (with a log line naming the field) where the
+    mesh needs more. A VPP whose stats segment is full stops answering; the raised sizes
+    then go through the same hugepage check as the profile's own."""
+    if mesh.peers < 0 or mesh.tunnels < 1:
+        raise ConfigError(f"a mesh of {mesh.peers} peers x {mesh.tunnels} tunnels: give "
+                          "--peers 0 or more and --tunnels 1 or more")
+    n_workers = profile.workers if workers is None else workers
+    update = {}
+    for field, needed in (("main_heap_size", main_heap_bytes(mesh)),
+                          ("statseg_size", statseg_bytes(mesh, n_workers))):
+        given = getattr(profile, field)
+        if size_bytes(given) < needed:
+            update[field] = _size_text(needed)
+            log.warning("%s %s is too small for %d peers x %d tunnels: raised to %s",
+                        field, given, mesh.peers, mesh.tunnels, update[field])
+    return profile.model_copy(update=update)

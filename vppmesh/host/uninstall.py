@@ -23,8 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vppmesh.agent import node as agent
-from vppmesh.agent import presence
+from vppmesh.agent import node, presence
 from vppmesh.errors import VppMeshError, VppUnavailableError
 from vppmesh.host.unit import Unit, systemctl
 
@@ -52,8 +51,8 @@ def state_files(state_dir: Path, node: str) -> list[Path]:
                   if p.name.startswith((f"{node}.", "uplink-", "uplink.")))
 
 
-def uninstall(options: agent.NodeOptions, unit: Unit, *, purge: bool, startup_conf: Path,
-              down: Callable[[agent.NodeOptions], list[str]] | None = None,
+def uninstall(options: node.NodeOptions, unit: Unit, *, purge: bool, startup_conf: Path,
+              down: Callable[[node.NodeOptions], list[str]] | None = None,
               program: str = "") -> Uninstalled:
     """Take vppmesh off this host (see the module). `down` takes the mesh out of VPP
     (node.down; the datastore's leave with --datastore). VppMeshError when a step fails:
@@ -84,7 +83,7 @@ def uninstall(options: agent.NodeOptions, unit: Unit, *, purge: bool, startup_co
     if found is not None:
         done.removed += presence.stop_agent(found, path, options.state_dir, options.node)
     # 3. The mesh out of VPP and Linux, the NIC back to the host.
-    done.removed += _down(options, down or agent.down)
+    done.removed += _down(options, down or node.down)
     # 4. The key and the state, together or not at all.
     _key_and_state(options, purge, done)
     # 5. What vppmesh did not make but wrote, and the program itself.
@@ -93,7 +92,7 @@ def uninstall(options: agent.NodeOptions, unit: Unit, *, purge: bool, startup_co
     return done
 
 
-def _down(options: agent.NodeOptions, down: Callable[[agent.NodeOptions], list[str]]
+def _down(options: node.NodeOptions, down: Callable[[node.NodeOptions], list[str]]
           ) -> list[str]:
     try:
         return down(options)
@@ -112,7 +111,7 @@ def _down(options: agent.NodeOptions, down: Callable[[agent.NodeOptions], list[s
     return removed
 
 
-def _key_and_state(options: agent.NodeOptions, purge: bool, done: Uninstalled) -> None:
+def _key_and_state(options: node.NodeOptions, purge: bool, done: Uninstalled) -> None:
     from vppmesh.host.uplink import saved_uplinks
 
     files = state_files(options.state_dir, options.node)
@@ -143,7 +142,7 @@ def _key_and_state(options: agent.NodeOptions, purge: bool, done: Uninstalled) -
         _remove_if_empty(directory, done)
 
 
-def _mesh_config(options: agent.NodeOptions) -> list[Path]:
+def _mesh_config(options: node.NodeOptions) -> list[Path]:
     """The mesh file and the PSK it names (the same on every node: copied here)."""
     from vppmesh.config import load_mesh
 

@@ -33,8 +33,8 @@ from typing import TYPE_CHECKING
 import yaml
 from pydantic import ValidationError
 
+import vppmesh.agent.node
 from vppmesh.agent import hardening
-from vppmesh.agent import node as agent
 from vppmesh.agent.datastore.etcd import DatastoreError, EtcdStore, Registration
 from vppmesh.agent.datastore.records import (
     DatastoreUrl,
@@ -100,7 +100,8 @@ def load_settings_file(path: Path) -> MeshSettings:
             "the mesh file is not valid", "the settings are not valid")) from None
 
 
-def local_record(options: agent.NodeOptions, local: LocalNode, public_key: str) -> Node:
+def local_record(options: vppmesh.agent.node.NodeOptions, local: LocalNode,
+                 public_key: str) -> Node:
     """This node's record, validated like a node of the mesh file (number 1 until claimed)."""
     try:
         return Node(name=options.node, node_number=local.node_number or 1,
@@ -113,7 +114,7 @@ def local_record(options: agent.NodeOptions, local: LocalNode, public_key: str) 
             "check --node, --underlay, --pod-cidr, --nat-public")) from None
 
 
-def record_file(options: agent.NodeOptions) -> Path:
+def record_file(options: vppmesh.agent.node.NodeOptions) -> Path:
     """Where the agent keeps a copy of its record and settings, so `down` works offline."""
     return options.state_dir / f"{options.node}.datastore.json"
 
@@ -127,7 +128,7 @@ class MembershipSource:
     and one way of recovering from VPP restarts, re-attaching pods and filling metrics.
     """
 
-    def __init__(self, options: agent.NodeOptions, ds: DatastoreOptions,
+    def __init__(self, options: vppmesh.agent.node.NodeOptions, ds: DatastoreOptions,
                  store: EtcdStore | None = None, api: VppApi | None = None,
                  metrics: AgentMetrics | None = None, stats_socket: Path | None = None,
                  ) -> None:
@@ -191,7 +192,8 @@ class MembershipSource:
             elif self.store.settings() != wanted:
                 log.warning("%s holds other mesh settings than %s: the datastore's apply",
                             self.ds.url, self.ds.settings_file)
-        self._key_signature = agent.file_signature(self.options.private_key)  # before reading
+        # taken before reading the key
+        self._key_signature = vppmesh.agent.node.file_signature(self.options.private_key)
         secrets = load_secrets(self.options.private_key, None)
         record = local_record(self.options, self.local, secrets.public_key_b64())
         previous = secrets.private_key_previous  # a key rotation: the record may move
@@ -244,7 +246,7 @@ class MembershipSource:
                 own.lease != self.registration.lease.id:
             self.register()
             snap = self.store.snapshot()
-        elif agent.file_signature(self.options.private_key) != self._key_signature:
+        elif vppmesh.agent.node.file_signature(self.options.private_key) != self._key_signature:
             # `vppmesh keygen --rotate` on this node: the record takes the new key now (the
             # store accepts it since KEY.previous is the registered one), no restart needed.
             log.info("the private key file changed: registering %s's record again",
@@ -264,7 +266,7 @@ class MembershipSource:
         self._save(membership)
         return membership.mesh
 
-    def sync(self, event_at: float | None = None) -> agent.UpResult | None:
+    def sync(self, event_at: float | None = None) -> vppmesh.agent.node.UpResult | None:
         """One run of the session: snapshot, (re-)register if needed, reconcile.
 
         `event_at` (monotonic) is when the watch reported the change, for the log.
@@ -274,7 +276,7 @@ class MembershipSource:
         self._applied(result)
         return result
 
-    def _applied(self, result: agent.UpResult) -> None:
+    def _applied(self, result: vppmesh.agent.node.UpResult) -> None:
         """What one run did, in the log: key generation notes, blocked peers, and the
         membership change (each told once)."""
         for note in result.notes:  # key generation steps and slides, each told once
@@ -385,7 +387,7 @@ class MembershipSource:
             self.stop.set()
 
 
-def leave(options: agent.NodeOptions, url: DatastoreUrl, *,
+def leave(options: vppmesh.agent.node.NodeOptions, url: DatastoreUrl, *,
           store: EtcdStore | None = None) -> list[str]:
     """Delete this node's record and number claim, then remove the mesh from VPP."""
     store = store or EtcdStore(url)
@@ -408,7 +410,7 @@ def leave(options: agent.NodeOptions, url: DatastoreUrl, *,
     if node is None or settings is None:
         raise ConfigError(f"no record of {options.node!r} in {url} nor in {saved}: nothing "
                           "tells which addresses to remove; run `vppmesh down --mesh` instead")
-    removed += agent.down(options, mesh=Mesh(settings=settings, nodes=[node]))
+    removed += vppmesh.agent.node.down(options, mesh=Mesh(settings=settings, nodes=[node]))
     saved.unlink(missing_ok=True)
     return removed
 
@@ -456,7 +458,7 @@ def parse_local(underlay: list[str], pod_cidr: str | None, node_number: int | No
                      uplink=uplink, nat=parse_nat(nat_public), udp_encap=udp_encap)
 
 
-def follow(options: agent.NodeOptions, url: str, *, watch: bool, underlay: list[str],
+def follow(options: vppmesh.agent.node.NodeOptions, url: str, *, watch: bool, underlay: list[str],
            pod_cidr: str | None, node_number: int | None, settings_file: Path | None,
            lease_ttl: int, metrics: AgentMetrics | None = None,
            stats_socket: Path | None = None, nat_public: str | None = None,
