@@ -154,3 +154,44 @@ def test_a_settled_peer_whose_key_reaches_its_packet_limit_between_runs_steps() 
         assert "node6" not in result.blocked_peers
     finally:
         node.close()
+
+
+def test_with_the_channel_a_pair_rotates_while_the_other_peers_keep_their_decision(
+        ) -> None:
+    """Agents on the channel: node1's key to node2 reaches its packet limit and the pair
+    agrees the next generation over the channel (offer, answer, "installed", switch,
+    "slid"), while node1's runs take node3's and node4's decisions from the last run
+    (nothing of theirs changed). Every event of the rotation makes the run decide node2
+    again: the pair gets through to the new agreed generation and nothing falls back to
+    a static key."""
+    from vppmesh.testing.agents import Agents
+
+    agents = Agents(4, key_max_packets=4096)
+    try:
+        agents.until(lambda: agents.forward_secret() and agents.slid(1), "agreed keys")
+        kept: list[set[str]] = []
+        peers = agents.sessions["node1"]._quiet.peers
+        clean = peers.clean
+
+        def spied(*args: object, **kwargs: object) -> dict:
+            found = clean(*args, **kwargs)  # type: ignore[arg-type]
+            kept.append(set(found))
+            return found
+        peers.clean = spied  # type: ignore[method-assign]
+        before = agents.generations("node1").peers["node2"].out
+        agents.traffic("node1", "node2", packets=5000)  # past key_max_packets
+        for _ in range(30):  # traffic between node1 and node2 only
+            pg = agents.generations("node1").peers["node2"]
+            theirs = agents.generations("node2").peers["node1"]
+            if pg.out > before and pg.out in pg.ephemeral_out and \
+                    theirs.in_base >= pg.out and agents.link_ok("node1", "node2"):
+                break
+            agents.step(traffic=False)
+            agents.traffic("node1", "node2")
+            agents.traffic("node2", "node1")
+        else:
+            raise AssertionError("node1 -> node2 never reached the next agreed generation")
+        assert any({"node3", "node4"} <= k and "node2" not in k for k in kept), kept
+        assert agents.forward_secret()  # every pair on agreed keys, none static
+    finally:
+        agents.close()

@@ -212,6 +212,7 @@ class Settled:
     sas: Mapping[int, ipsec.SaState]  # the reconciler's remembered SAs
     packets: Mapping[int, int]  # their counters
     ledger: tuple[int, int, int] | None  # the used-key ledger's file signature
+    writes: int  # GenerationStore.writes after the run
     now: float
     until: float  # epochs.next_change: the first time rule still to be met
     desired: DesiredState
@@ -255,10 +256,10 @@ class QuietRuns:
         self.forget()
 
     def unchanged(self, view: LocalView, state: GenerationState, key_sas: KeySas,
-                  ledger: KeyLedger, now: float) -> Settled | None:
+                  ledger: KeyLedger, now: float, writes: int) -> Settled | None:
         """The last settled run, if this run's inputs are exactly its inputs."""
         s = self._settled
-        if s is None or s.view is not view or s.state is not state or \
+        if s is None or s.view is not view or s.state is not state or s.writes != writes or \
                 s.sas is not key_sas.sas or key_sas.packets is None or \
                 key_sas.note is not None or not s.now <= now < s.until or \
                 file_signature(ledger.path) != s.ledger or key_sas.packets != s.packets:
@@ -318,9 +319,10 @@ def up(options: NodeOptions, *, dry_run: bool = False, api: VppApi | None = None
             if now is None:  # the agent's channel and its runs on one clock
                 now = agreement.clock()
             given = view
-            may_settle = quiet is not None and agreement.settles and reconciler is not None \
+            may_reuse = quiet is not None and reconciler is not None \
                 and not (dry_run or rekey or full)
-            settled = quiet.unchanged(view, state, key_sas, ledger, now) \
+            may_settle = may_reuse and agreement.settles
+            settled = quiet.unchanged(view, state, key_sas, ledger, now, store.writes) \
                 if quiet is not None and may_settle else None
             if settled is not None:  # nothing new since a run that changed nothing
                 desired, by_peer, notes, claim = settled.desired, None, [], None
@@ -331,10 +333,13 @@ def up(options: NodeOptions, *, dry_run: bool = False, api: VppApi | None = None
                 view = agreement.learned_view(view, state)
                 if rekey:
                     epochs.request_rekey(state)
-                # The peers whose decision is the last run's (keying/settled.py).
-                kept = quiet.peers.clean(view, state, key_sas.sas, key_sas.packets,
-                                         file_signature(ledger.path), now) \
-                    if quiet is not None and may_settle else {}
+                # The peers whose decision is the last run's (keying/settled.py), by
+                # what the agreement says before this run adopts anything.
+                heard, marks = agreement.said(view), agreement.peer_marks(view)
+                kept = quiet.peers.clean(view, state, store.writes, key_sas.sas,
+                                         key_sas.packets, file_signature(ledger.path), now,
+                                         heard, marks) \
+                    if quiet is not None and may_reuse else {}
                 deciding = [p for p in view.peers if p.name not in kept] \
                     if kept else list(view.peers)
                 decided = {p.name: snapshot(pg) for p in deciding
@@ -348,7 +353,7 @@ def up(options: NodeOptions, *, dry_run: bool = False, api: VppApi | None = None
                 if not dry_run:  # behind NAT: mappings lost
                     agreement.watch_flows(key_sas.sas, key_sas.packets)
                 peers = {p.name: p.node.public_key for p in view.peers}
-                said = agreement.said(view)
+                said = agreement.said(view)  # with the keys observe_keys adopted
                 scheduled = epochs.schedule(
                     state, settings, {p.name: p.node.public_key for p in deciding},
                     observations, now=now, key_used=key_used,
@@ -428,9 +433,10 @@ def up(options: NodeOptions, *, dry_run: bool = False, api: VppApi | None = None
                 agreement.flush(saved)  # offers go out once their generations are claimed on disk
                 if quiet is not None:
                     quiet.peers.ran(
-                        view, state, sas=key_sas.sas, packets=key_sas.packets,
+                        view, state, writes=store.writes, sas=key_sas.sas, packets=key_sas.packets,
                         ledger=file_signature(ledger.path), now=now, settings=settings,
-                        decided=decided, kept=kept, scheduled=scheduled, keying=keying,
+                        decided=decided, said=heard, marks=marks, kept=kept,
+                        scheduled=scheduled, keying=keying,
                         agreed=agreed, objects=by_peer or {},
                         until=((n, epochs.next_change(state, settings, (n,), now))
                                for n in decided), changed=bool(changes))
@@ -449,7 +455,7 @@ def up(options: NodeOptions, *, dry_run: bool = False, api: VppApi | None = None
         if quiet is not None:
             quiet.ran(Settled(
                 view=given, state=state, sas=key_sas.sas, packets=key_sas.packets,
-                ledger=file_signature(ledger.path), now=now,
+                ledger=file_signature(ledger.path), writes=store.writes, now=now,
                 until=epochs.next_change(state, settings, peers, now), desired=desired,
                 result=result) if may_settle and not changes and after == before and
                 key_sas.packets is not None and key_sas.note is None and

@@ -537,9 +537,13 @@ class Channel:
         session = self._peers[peer].current
         return None if session is None else session.created + REJECT_AFTER
 
-    def keying_open(self) -> bool:
-        """An offer of ours awaits its answer, or an answered one the peer's "installed"
-        (the timers renew those without any event: _offers_lost)."""
+    def keying_open(self, peer: int | None = None) -> bool:
+        """An offer of ours (to `peer`, or to anyone) awaits its answer, or an answered
+        one the peer's "installed" (the timers renew those without any event:
+        _offers_lost)."""
+        if peer is not None:
+            state = self._peers[peer]
+            return bool(state.offers or state.awaiting)
         return any(p.offers or p.awaiting for p in self._peers.values())
 
     def held_private_keys(self) -> int:

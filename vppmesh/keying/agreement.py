@@ -96,6 +96,13 @@ class Agreement:
         """An offer of our outbound `generation` to `peer` awaits its answer."""
         return False
 
+    def peer_marks(self, view: LocalView) -> Mapping[str, object] | None:
+        """Per peer, what the agreement feeds into its key decision besides `said`
+        (keying/settled.py compares it with the last run's; a peer absent: nothing).
+        None: something node-wide happened since the last run (a new channel, a restart
+        to announce, a vouch awaited): every peer is decided again."""
+        return {}
+
     def watch_flows(self, sas: Mapping[int, SaState], packets: Mapping[int, int] | None,
                     ) -> list[int]:
         """Behind NAT: probe the pairs whose ESP gets no answer. Returns those probed."""

@@ -114,6 +114,10 @@ class KeyBook:
             return None
         return view.sa_key(peer, outbound=outbound, tunnel=tunnel, epoch=generation)
 
+    def revision(self, peer: int) -> int | None:
+        """Changes whenever the peer's keys do, never repeats (None: none held yet)."""
+        return self._revision.get(peer)
+
     def outbound(self, peer: int) -> frozenset[int]:
         """Our outbound generations towards `peer` whose keys are held."""
         return frozenset(g for outbound, g in self._keys.get(peer, {}) if outbound)

@@ -73,6 +73,7 @@ class ChannelAgreement(Agreement):
         # then, the roles (PSK, key) of its session; when the first of those sessions
         # expires; whether an offer was open; whether a vouch for an old key is awaited.
         self._news = True
+        self._everything = True  # a new channel: nothing of the last run's stands
         self._sessions: dict[int, tuple[str | None, str | None]] = {}
         self._live_until = float("-inf")
         self._open = False
@@ -124,13 +125,13 @@ class ChannelAgreement(Agreement):
                         until = min(until, expires)
         self._sessions, self._live_until = sessions, until
         self._open = channel is not None and channel.keying_open()
-        self._news = False
+        self._news = self._everything = False
 
     # ---- what the channel tells ------------------------------------------------------
     def new_channel(self) -> None:
         """A new channel (a new punt socket): nothing stated to the peers on it yet."""
         self._stated, self._announce = {}, None
-        self._news = True
+        self._news = self._everything = True
 
     def announce(self, boot_id: int) -> None:
         """VPP restarted: tell every peer's agent, with the next flush (once this VPP
@@ -209,6 +210,25 @@ class ChannelAgreement(Agreement):
                                        installed=heard.installed, slid=heard.slid,
                                        sending=heard.sending, restarted=heard.restarted)
         return said
+
+    def peer_marks(self, view: LocalView) -> dict[str, object] | None:
+        """Per peer, its agreed keys' revision (the key book: keys agreed, adopted or
+        retired) and whether an offer or an answered offer's "installed" is awaited
+        (the timers act on those without any event). What the peers said is compared
+        apart (`said`); NAT ports learned change the peer's view, and what applied()
+        records changes its generation state: both are compared too (settled.py)."""
+        if self._everything or self._announce is not None or self._outbox or \
+                self._claim is not None or self._vouch_pending:
+            return None
+        channel = self.link.channel
+        known = frozenset(channel.peers()) if channel is not None else frozenset()
+        revision = self.book.revision
+        marks: dict[str, object] = {}
+        for peer in view.peers:
+            number = peer.node.node_number
+            marks[peer.name] = (revision(number), channel is not None and number in known
+                                and channel.keying_open(number))
+        return marks
 
     def offering(self, peer: int, generation: int) -> bool:
         """An offer of our outbound `generation` to `peer` awaits its answer (from a

@@ -568,6 +568,10 @@ class GenerationStore:
         # Per peer: its fields when text() last serialised it (lists and dicts copied) and
         # that text (see text()).
         self._pieces: dict[str, tuple[tuple[Any, ...], str]] = {}
+        # Counts the writes through this store: a caller that keeps a decision made from
+        # the kept object (node.QuietRuns) sees that another caller in this process (a
+        # one-shot `up` sharing the options) changed and saved it meanwhile.
+        self.writes = 0
 
     @contextmanager
     def locked(self) -> Iterator[None]:
@@ -656,6 +660,7 @@ class GenerationStore:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, self.path)
+        self.writes += 1
         # Only the object a reuse load handed out stays kept: another caller's may still
         # be changed after its save.
         kept = self._kept

@@ -14,13 +14,17 @@ applied (nothing the next run observes of it changed). The next run takes a peer
 outcome from here only if every input is unchanged:
 
 - node-wide: the same generation state object (the store reloads only when the file
-  changed: `vppmesh rekey`, another agent), the same remembered SAs object (a dump
-  makes a new one), the ledger's file signature as the last run left it, the node's
-  record, the settings and the static PSK, and a quiet agreement (`settles`: nothing
-  happened on the channel; node.up asks);
-- per peer: the same view object (an unchanged record keeps it: view.build_view),
-  field by field the same generation state, no packet counter of its SAs moved, and no
-  time rule of its generations (epochs.next_change) reached since.
+  changed: `vppmesh rekey`, another agent), saved by no one else since, the same
+  remembered SAs object (a dump makes a new one), the ledger's file signature as the
+  last run left it, the node's record, the settings and the static PSK, and nothing
+  node-wide on the agents' channel (Agreement.peer_marks: a new channel, a restart to
+  announce, a vouch awaited);
+- per peer: the same view object (an unchanged record keeps it: view.build_view; a NAT
+  port learned makes a new one), field by field the same generation state, no packet
+  counter of its SAs moved, no time rule of its generations (epochs.next_change)
+  reached since, the same word from its agent (PeerSaid: its session, what it said it
+  installed, slid to and sends on, its restart), the same agreed keys (the key book's
+  revision) and no offer to it open.
 
 Anything else decides the peer again, as does every full, dry or rekey run. The
 outcome is exact, not an estimate: tests/test_settled_peers.py runs random joins,
@@ -41,7 +45,13 @@ if TYPE_CHECKING:
     from vppmesh.dataplane.index import PeerObjects
     from vppmesh.dataplane.view import AgreedKeys, LocalView, PeerView
     from vppmesh.dataplane.vpp.ipsec import SaState
-    from vppmesh.keying.epochs import GenerationState, PeerGenerations, PeerKeying, Scheduled
+    from vppmesh.keying.epochs import (
+        GenerationState,
+        PeerGenerations,
+        PeerKeying,
+        PeerSaid,
+        Scheduled,
+    )
 
 
 def snapshot(pg: PeerGenerations) -> dict[str, object]:
@@ -58,6 +68,8 @@ class PeerOutcome:
     generations: dict[str, object]  # snapshot() after that run
     since: float  # that run's time
     until: float  # epochs.next_change for the peer: its next time rule
+    said: PeerSaid | None  # what its agent had said (None: no live session)
+    mark: object  # Agreement.peer_marks: the rest the agreement fed in
     keying: PeerKeying | None  # usable_keying's (None: no outbound key)
     agreed: AgreedKeys | None
     waiting: bool
@@ -70,6 +82,7 @@ class _Inputs:
     """The node-wide inputs of the run the outcomes were decided in (see the module)."""
 
     state: GenerationState
+    writes: int  # GenerationStore.writes: another caller of this process saved meanwhile
     sas: Mapping[int, SaState]
     packets: Mapping[int, int]
     ledger: tuple[int, int, int] | None
@@ -90,12 +103,16 @@ class SettledPeers:
     def forget(self) -> None:
         self._inputs, self._peers, self._objects, self._stat_peers = None, {}, {}, None
 
-    def clean(self, view: LocalView, state: GenerationState, sas: Mapping[int, SaState],
+    def clean(self, view: LocalView, state: GenerationState, writes: int,
+              sas: Mapping[int, SaState],
               packets: Mapping[int, int] | None, ledger: tuple[int, int, int] | None,
-              now: float) -> dict[str, PeerOutcome]:
-        """The view's peers whose outcome this run takes from the last one (by name)."""
+              now: float, said: Mapping[str, PeerSaid], marks: Mapping[str, object] | None,
+              ) -> dict[str, PeerOutcome]:
+        """The view's peers whose outcome this run takes from the last one (by name).
+        `said` and `marks`: the agreement's (Agreement.said, peer_marks) now."""
         last = self._inputs
-        if last is None or packets is None or last.state is not state or \
+        if last is None or packets is None or marks is None or last.state is not state or \
+                last.writes != writes or \
                 last.sas is not sas or last.ledger != ledger or last.node != view.node or \
                 last.settings != view.settings or \
                 last.static_psk != view.secrets.static_psk:
@@ -116,16 +133,19 @@ class SettledPeers:
             outcome = known.get(peer.name)
             if outcome is None or outcome.peer is not peer or \
                     not outcome.since <= now < outcome.until or \
-                    peer.node.node_number in moved:
+                    peer.node.node_number in moved or \
+                    said.get(peer.name) != outcome.said or marks.get(peer.name) != outcome.mark:
                 continue
             pg = state.peers.get(peer.name)
             if pg is not None and pg.__dict__ == outcome.generations:
                 clean[peer.name] = outcome
         return clean
 
-    def ran(self, view: LocalView, state: GenerationState, *, sas: Mapping[int, SaState],
+    def ran(self, view: LocalView, state: GenerationState, *, writes: int,
+            sas: Mapping[int, SaState],
             packets: Mapping[int, int] | None, ledger: tuple[int, int, int] | None,
             now: float, settings: MeshSettings, decided: Mapping[str, dict[str, object]],
+            said: Mapping[str, PeerSaid], marks: Mapping[str, object] | None,
             kept: Mapping[str, PeerOutcome], scheduled: Scheduled,
             keying: Mapping[str, PeerKeying], agreed: Mapping[str, AgreedKeys],
             objects: Mapping[int, PeerObjects], until: Iterable[tuple[str, float]],
@@ -134,11 +154,12 @@ class SettledPeers:
 
         `decided`: the peers this run decided, with snapshot() of their generation state
         before the decision; `kept`: the outcomes it took from the last run; `until`:
-        epochs.next_change per decided peer; `changed`: the run changed VPP. A decided
+        epochs.next_change per decided peer; `said`, `marks`: the agreement's, as the
+        decision saw them; `changed`: the run changed VPP. A decided
         peer is kept only at a fixed point: the same generation state after the run, no
         generation wanted, and the same VPP objects as the last plan's (else the next
         run decides it again)."""
-        if packets is None:
+        if packets is None or marks is None:
             self.forget()
             return
         deadlines = dict(until)
@@ -158,11 +179,12 @@ class SettledPeers:
                 continue  # its SAs changed in this run: the next one looks again
             outcomes[name] = PeerOutcome(
                 peer=peer, generations=before, since=now, until=deadlines[name],
+                said=said.get(name), mark=marks.get(name),
                 keying=keying.get(name), agreed=agreed.get(name),
                 waiting=name in scheduled.waiting, stopped=scheduled.stopped.get(name),
                 downgraded=name in scheduled.downgraded)
-        self._inputs = _Inputs(state=state, sas=sas, packets=dict(packets), ledger=ledger,
-                               node=view.node, settings=settings,
+        self._inputs = _Inputs(state=state, writes=writes, sas=sas, packets=dict(packets),
+                               ledger=ledger, node=view.node, settings=settings,
                                static_psk=view.secrets.static_psk)
         self._peers = outcomes
         self._objects = objects

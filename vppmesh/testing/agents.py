@@ -54,7 +54,7 @@ class Agents:
     the time that passes, from which each node's boot clock and wall clock are made (a
     test steps a node's wall clock, or reboots it), read through the node's AgentClock."""
 
-    def __init__(self, count: int = 2, counters: bool = False, **settings: object) -> None:
+    def __init__(self, count: int = 2, counters: bool = True, **settings: object) -> None:
         self.dir = short_tmp()
         self.counters = counters  # agents read SA counts from the (fake) stats segment
         self.mesh, self.secrets = make_mesh(count, 2, rekey_grace=10, rekey_interval=0,
