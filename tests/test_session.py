@@ -4,6 +4,7 @@ dump."""
 
 from __future__ import annotations
 
+import itertools
 import time
 from pathlib import Path
 
@@ -580,3 +581,56 @@ def test_a_changed_entry_that_is_invalid_stops_the_run_before_vpp(tmp_path: Path
     assert vpp.sent == sent
     mesh_file.write_text(dump_mesh(mesh))  # fixed, and node4 joins
     assert any(c.kind == "sa" for c in session.run().changes)
+
+
+def test_a_stream_of_channel_events_takes_the_agent_at_most_its_budget(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A flood of channel events that each ask for a run (every pair of a 1000-peer node
+    rotating every 2 minutes is about 50 a second; so is a peer's agent that says
+    "installed" over and over) with runs of 14 ms: the runs the channel hastens take
+    EARLY_BUDGET of a core on average, the polls run on schedule whatever the credit,
+    and a lone event after a quiet while is still served at once. With runs spaced only
+    by three times their duration the flood took a quarter of a core."""
+    from types import SimpleNamespace
+
+    from vppmesh.agent import loop as watch
+
+    clock = SimpleNamespace(now=1000.0)
+    fake_time = SimpleNamespace(monotonic=lambda: clock.now)
+    monkeypatch.setattr(watch, "time", fake_time)
+    monkeypatch.setattr(watch, "give_back_uplinks", lambda opts: None)
+    mesh = tmp_path / "mesh.yaml"
+    mesh.write_text("x")
+    flood = SimpleNamespace(until=clock.now + 120.0, asked=[])
+    runs: list[float] = []
+
+    class Session:
+        def __init__(self) -> None:
+            self.hooks: list[object] = []
+
+        def run(self) -> object:
+            runs.append(clock.now)
+            clock.now += 0.014
+            return SimpleNamespace(vpp_pid=1, seconds=0.014, changes=[], pod_report=None)
+
+    def wait(seconds: float) -> bool:
+        """A channel event every 20 ms while the flood lasts, then one at 200 s."""
+        clock.now += max(min(seconds, 0.02), 1e-4)  # (a select() takes a moment)
+        if clock.now < flood.until or (not flood.asked and clock.now >= flood.until + 80):
+            if clock.now >= flood.until:
+                flood.asked.append(clock.now)
+            return True
+        return False
+
+    loop = watch.Loop(Session(), SimpleNamespace())  # type: ignore[arg-type]
+    stop = SimpleNamespace(is_set=lambda: clock.now > flood.until + 90)
+    loop.run(watch.poll_ticks(mesh, wait=wait, early_in=loop.early_in,
+                              stop=stop))  # type: ignore[arg-type]
+    in_flood = [t for t in runs if t < flood.until]
+    share = len(in_flood) * 0.014 / 120.0
+    polls = 0.014 / watch.WATCH_POLL_SECONDS
+    assert share <= 0.01 + polls + watch.EARLY_BURST / 120.0, share  # 1 % of a core
+    gaps = [b - a for a, b in itertools.pairwise(in_flood)]
+    assert max(gaps) <= watch.WATCH_POLL_SECONDS + 0.2  # the polls never waited
+    assert flood.asked and any(0 <= t - flood.asked[0] <= 0.25 for t in runs), \
+        "a lone event after the flood waited"

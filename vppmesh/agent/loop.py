@@ -42,6 +42,10 @@ WATCH_FILE_CHECK_SECONDS = 0.2
 WATCH_VPP_RETRY_SECONDS = 0.25
 # The shortest gap between two runs the agents' channel asks for (Loop.may_run_early).
 EARLY_MIN_GAP = 0.05
+# On average, the runs the channel asks for before the poll's schedule take at most this
+# share of a core (EarlyRuns); a burst of them may take EARLY_BURST seconds at once.
+EARLY_BUDGET = 0.01
+EARLY_BURST = 1.0
 # How long after VPP (re)appeared a missing uplink is waited for rather than an error.
 UPLINK_WAIT = 30.0
 # After SIGTERM: how long the agent watches whether VPP is going away too.
@@ -171,6 +175,53 @@ def leave_uplinks(opts: node.NodeOptions, grace: float | None = None,
     give_back_uplinks(opts)
 
 
+class EarlyRuns:
+    """When a run the agents' channel asks for may come before the poll's schedule.
+
+    Such a run only hastens what the next poll (WATCH_POLL_SECONDS) would do anyway: a
+    rotation's next step, a restarted peer's new keys. Two rules space them:
+
+    - after each plain run, three times its duration (EARLY_MIN_GAP at least): a small
+      mesh answers its peers within a tenth of a second, a large one batches their
+      messages instead of running back to back;
+    - on average at most EARLY_BUDGET of a core, with bursts of EARLY_BURST seconds of
+      run time: credit accrues at EARLY_BUDGET per second and every plain run spends its
+      duration. Without it a stream of channel events (every pair of a 1000-peer node
+      rotating every 2 minutes is about 50 a second, and so is a peer whose agent says
+      "installed" over and over) kept the agent running every 3rd moment: a quarter of
+      a core. A single event after a quiet while is served at once; a sustained stream
+      waits at most for the poll, which runs whatever the credit.
+
+    Only a plain run's duration counts: a first one, a failed one or one that recovered
+    from a VPP restart (a full reconcile, pods re-attached) says nothing about the next,
+    and after a restart the peers' answers are what the pair waits for."""
+
+    def __init__(self) -> None:
+        self.last_end = float("-inf")  # when the last run ended (monotonic)
+        self.last_seconds = 0.0  # how long the last plain run took
+        self._credit = EARLY_BURST  # seconds of run time early runs may spend now
+        self._credited_at: float | None = None
+
+    def _credit_at(self, now: float) -> float:
+        if self._credited_at is None:
+            return self._credit
+        return min(EARLY_BURST, self._credit + (now - self._credited_at) * EARLY_BUDGET)
+
+    def ran(self, ended: float, seconds: float, *, plain: bool) -> None:
+        """A run ended at `ended` (monotonic) after `seconds`; `plain`: see the class."""
+        self.last_end = ended
+        if plain:
+            self._credit = self._credit_at(ended) - seconds
+            self._credited_at = ended
+            self.last_seconds = seconds
+
+    def wait(self, now: float) -> float:
+        """Seconds from `now` until an early run may come (<= 0: now)."""
+        gap = self.last_end + max(EARLY_MIN_GAP, 3 * self.last_seconds) - now
+        credit = self._credit_at(now)
+        return max(gap, -credit / EARLY_BUDGET if credit < 0 else 0.0)
+
+
 class Loop:
     """One iteration of a long-running agent, the same for a mesh file and a datastore.
 
@@ -196,8 +247,7 @@ class Loop:
         self.source_gone_at: float | None = None  # since when the datastore has not answered
         self.started_at = time.monotonic()
         self.uplink_awaited = False  # said once that a VPP just met has no uplink yet
-        self.last_end = float("-inf")  # when the last step ended (monotonic)
-        self.last_seconds = 0.0  # and how long it took
+        self.early = EarlyRuns()  # when the channel's runs may come early
         self.failed = False  # the last step failed
         self.last_pid: int | None = None  # the VPP of the last step that succeeded
         self.recovered = False  # the last step programmed a VPP met again (restarted)
@@ -228,21 +278,16 @@ class Loop:
         for _tick in ticks:
             started, first = time.monotonic(), self.last_pid is None
             result = self.step()
-            self.last_end = time.monotonic()
-            if not (first or self.recovered or self.failed):
-                self.last_seconds = self.last_end - started
+            ended = time.monotonic()
+            self.early.ran(ended, ended - started,
+                           plain=not (first or self.recovered or self.failed))
             if self.control is not None:
                 self.control.stepped(result, self.session.secrecy, self.last_error)
 
     def early_in(self) -> float:
         """Seconds until a step the channel asks for may come, before its schedule (0:
-        now): three times the last step's duration after it ended. A small mesh answers
-        its peers within a tenth of a second; a large one, whose runs cost more, batches
-        their messages instead of running back to back. Only a plain step's duration
-        counts: a first one, a failed one or one that recovered from a VPP restart (a
-        full reconcile, pods re-attached) says nothing about the next, and after a
-        restart the peers' answers are what the pair waits for."""
-        return self.last_end + max(EARLY_MIN_GAP, 3 * self.last_seconds) - time.monotonic()
+        now): EarlyRuns."""
+        return self.early.wait(time.monotonic())
 
     def may_run_early(self) -> bool:
         return self.early_in() <= 0

@@ -119,6 +119,8 @@ def plan_by_peer(
     tunnels: list[TunnelSpec] = []
     routes: list[RouteSpec] = []
     by_peer: dict[int, PeerObjects] = {}
+    node_wide = (local.name, local.node_number, count, settings.anti_replay_window, workers)
+    windows: dict[tuple[int, ...], tuple[int, ...]] = {}  # most peers share theirs
     for peer in view.peers:
         if peer.name not in keying:
             # No key may be used towards it (fail closed): no SA, no tunnel, and its pod
@@ -130,13 +132,15 @@ def plan_by_peer(
             routes.append(drop)
     for peer in peers:
         peer_keying = keying[peer.name]
-        in_epochs = tuple(sorted(set(peer_keying.inbound)))
+        inbound = peer_keying.inbound
+        in_epochs = windows.get(inbound)
+        if in_epochs is None:
+            in_epochs = windows[inbound] = tuple(sorted(set(inbound)))
         out_epoch = peer_keying.outbound
         peer_agreed = agreed.get(peer.name) if agreed is not None else None
         # The same inputs give the same objects: a kept view hands them to the next plan,
         # and the reconcile sees an unchanged peer's objects as the very same ones.
-        inputs = (local.name, local.node_number, count, settings.anti_replay_window,
-                  workers, out_epoch, in_epochs,
+        inputs = (node_wide, out_epoch, in_epochs,
                   peer_agreed.revision if peer_agreed is not None else None)
         objects = peer.planned.get(inputs)
         if objects is None:

@@ -54,11 +54,8 @@ class KeyBook:
         holds for agreed generations this book lacks (for the peers `deciding`, by
         default all: the others' decisions are the last run's)."""
         count = view.settings.tunnels_per_peer
-        psk = view.secrets.static_psk
-        if self._derived is not view:
-            self._derive = {p.node.node_number: (view.name, p.name, psk, p.secret, count)
-                            for p in view.peers}
-            self._derived = view
+        if self._derived is not view:  # the peers' derivations, made when add() asks
+            self._derive, self._derived = {}, view
         me = view.node.node_number
         for peer in view.peers if deciding is None else deciding:
             pg = state.peers.get(peer.name)
@@ -86,7 +83,7 @@ class KeyBook:
         session it was agreed on (None: the static ones). During a node key rotation a
         session may run on either key of the rotating node: both ends derive with the
         pair secret of the keys that session authenticated."""
-        derive = self._derive.get(peer)
+        derive = self._derivation(peer)
         if derive is None:
             return False  # a peer that left meanwhile
         local, remote, static_psk, static_shared, count = derive
@@ -98,6 +95,18 @@ class KeyBook:
                                     tunnel=t, epoch=generation) for t in range(count))
         self._changed(peer)
         return True
+
+    def _derivation(self, peer: int) -> tuple[str, str, bytes, bytes, int] | None:
+        """(local name, peer name, static PSK, pair secret, tunnels) of a peer of the
+        last prepared view (None: not one of its peers)."""
+        view = self._derived
+        if view is None:
+            return None
+        if not self._derive:
+            psk, count = view.secrets.static_psk, view.settings.tunnels_per_peer
+            self._derive = {p.node.node_number: (view.name, p.name, psk, p.secret, count)
+                            for p in view.peers}
+        return self._derive.get(peer)
 
     def keys(self, peer: int, outbound: bool, generation: int) -> tuple[SaKey, ...] | None:
         return self._keys.get(peer, {}).get((outbound, generation))
