@@ -634,3 +634,31 @@ def test_a_stream_of_channel_events_takes_the_agent_at_most_its_budget(
     assert max(gaps) <= watch.WATCH_POLL_SECONDS + 0.2  # the polls never waited
     assert flood.asked and any(0 <= t - flood.asked[0] <= 0.25 for t in runs), \
         "a lone event after the flood waited"
+
+
+def test_async_crypto_is_set_once_per_connection_and_again_when_the_mesh_changes_it(
+        tmp_path: Path) -> None:
+    """VPP's async crypto mode is told once per VPP connection (and after the remembered
+    state was found wrong), not on every poll; a mesh that changes settings.async_crypto
+    has it set at the next run."""
+    mesh, secrets = make_mesh(3, 2)
+    mesh_file = tmp_path / "mesh.yaml"
+    mesh_file.write_text(dump_mesh(mesh))
+    key = tmp_path / "node1.key"
+    write_secret_file(key, private_key_b64(secrets["node1"].private_key))
+    options = NodeOptions(mesh_file=mesh_file, node="node1", private_key=key,
+                          host_link="none", workers=0, state_dir=tmp_path)
+    vpp = FakeVpp.with_uplink(mesh.node("node1").primary)
+    session = Agent(options, connect=lambda: vpp, full_every=3600)  # type: ignore[arg-type,return-value]
+    for _ in range(3):
+        session.run()
+    assert vpp.counts["ipsec_set_async_mode"] == 1 and vpp.async_mode is False
+    changed = mesh.model_copy(update={"settings": mesh.settings.model_copy(
+        update={"async_crypto": True})})
+    mesh_file.write_text(dump_mesh(changed))
+    session.run()
+    assert vpp.async_mode is True
+    vpp.async_mode = False  # an operator's `set ipsec async mode off`
+    session._reconciler.forget()  # type: ignore[union-attr]  # found wrong: told again
+    session.run()
+    assert vpp.async_mode is True

@@ -383,8 +383,11 @@ def up(options: NodeOptions, *, dry_run: bool = False, api: VppApi | None = None
                         scheduled.downgraded.add(name)
                 desired, by_peer = planned(options, view, workers, keying=keying,
                                            uplink=uplink, agreed=agreed)
-            if not dry_run:
+            if not dry_run and (reconciler is None or full
+                                or reconciler.async_crypto != settings.async_crypto):
                 client.call(ipsec.set_async_mode(settings.async_crypto))
+                if reconciler is not None:  # told once per connection, and when it changes
+                    reconciler.async_crypto = settings.async_crypto
             changes = []
             engine = None
             if reconciler is None or full:  # node-wide: at start, after a restart, resyncs

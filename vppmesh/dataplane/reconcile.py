@@ -615,6 +615,8 @@ class Reconciler:
         self._applied: DesiredIndex | None = None
         self.last_scope: set[int] | None = None  # peers the last run compared; None: all
         self.last_timings: dict[str, float] = {}  # seconds spent observing, diffing, applying
+        # settings.async_crypto as last set in VPP (ipsec.set_async_mode; None: not yet).
+        self.async_crypto: bool | None = None
 
     def uplink_for(self, desired: DesiredState) -> Interface | None:
         """The uplink as remembered, if the last applied state looked for the same one
@@ -638,6 +640,7 @@ class Reconciler:
         """Dump VPP again on the next run."""
         self._observed = None
         self._applied = None
+        self.async_crypto = None
 
     def reconcile(self, desired: DesiredState, *, dry_run: bool = False,
                   ledger: KeyLedger | None = None, full: bool = False,

@@ -119,26 +119,34 @@ class SettledPeers:
             return {}
         moved: set[int] = set()
         if packets != last.packets:
-            # Kept while VPP's SAs are as the last run left them: VPP reuses a deleted
-            # SA's stat index for the next SA it adds (ran: `changed`).
-            if self._stat_peers is None:
-                self._stat_peers = {sa.stat_index: sa_peer(sa_id) for sa_id, sa in sas.items()}
-            where = self._stat_peers
+            # Counters that moved. A stat index new or gone since the last run is an SA
+            # that run added or deleted: its peer changed then, so none of its outcomes
+            # was kept (ran), and any other change of VPP's SAs (a reconcile that had to
+            # start over from a dump) makes a new `sas` object.
             old = last.packets
-            moved = {where.get(i, -1) for i, n in packets.items() if old.get(i) != n}
-            moved |= {where.get(i, -1) for i in old.keys() - packets.keys()}
+            counted = [i for i, n in packets.items() if old.get(i, n) != n]
+            if counted:
+                # Kept while VPP's SAs are as the last run left them: VPP reuses a
+                # deleted SA's stat index for the next SA it adds (ran: `changed`).
+                if self._stat_peers is None:
+                    self._stat_peers = {sa.stat_index: sa_peer(sa_id)
+                                        for sa_id, sa in sas.items()}
+                where = self._stat_peers
+                moved = {where.get(i, -1) for i in counted}
         clean = {}
-        known = self._peers
+        known, generations = self._peers, state.peers
+        said_now, marks_now = said.get, marks.get
         for peer in view.peers:
-            outcome = known.get(peer.name)
+            name = peer.name
+            outcome = known.get(name)
             if outcome is None or outcome.peer is not peer or \
                     not outcome.since <= now < outcome.until or \
-                    peer.node.node_number in moved or \
-                    said.get(peer.name) != outcome.said or marks.get(peer.name) != outcome.mark:
+                    (moved and peer.node.node_number in moved) or \
+                    said_now(name) != outcome.said or marks_now(name) != outcome.mark:
                 continue
-            pg = state.peers.get(peer.name)
+            pg = generations.get(name)
             if pg is not None and pg.__dict__ == outcome.generations:
-                clean[peer.name] = outcome
+                clean[name] = outcome
         return clean
 
     def ran(self, view: LocalView, state: GenerationState, *, writes: int,
