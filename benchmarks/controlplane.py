@@ -690,7 +690,7 @@ def idle_channel(peers: int, tunnels: int) -> tuple[float, float]:
     from benchmarks.channel_rotation import simulate, summarize
 
     run = simulate(peers, 0, CHANNEL_SECONDS, grace=10.0, tunnels=tunnels, seed=1)
-    row = summarize(0, tunnels, [run], None)
+    row = summarize(0, tunnels, [run])
     events = sum(run["events"].get(k, 0) for k in CHANNEL_RUN_EVENTS) / run["duration_s"]
     return (row["channel_cpu_pct"] + row["wakeup_ticks_cpu_pct"]) / 100.0, events
 
