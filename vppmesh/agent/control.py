@@ -354,7 +354,7 @@ def why_not(name: str, out: int, floor: int, result: UpResult,
         return "waiting for the peer's agent: the key in use is lost, the next is not agreed yet"
     channel = secrecy.channel if secrecy is not None else None
     number = result.mesh.node(name).node_number if result.mesh is not None else None
-    if channel is None or number is None or number not in channel.peers() or \
+    if channel is None or number is None or not channel.knows(number) or \
             not channel.established(number, secrecy.clock()):  # type: ignore[union-attr]
         return "no session with the peer's agent (is it running? is UDP 4501 open?)"
     if out + 1 > floor + WINDOW - 2:

@@ -153,7 +153,7 @@ class NatLearning:
             if number not in self.learned:
                 self.learned[number] = {t: p for t, p in enumerate(saved) if p != port}
                 channel = self.link.channel
-                if channel is not None and number in channel.peers():
+                if channel is not None and channel.knows(number):
                     channel.reach(number, (host, saved[0]))
         if not self.learned:
             return view
@@ -175,7 +175,7 @@ class NatLearning:
         for peer, tunnel, source, (host, port) in self._keepalive_flows:
             port = self.learned.get(peer, {}).get(tunnel, port)
             endpoint.transport.keepalive(source, (host, port))
-            if tunnel and peer in channel.peers():  # the peer learns this flow's mapping
+            if tunnel and channel.knows(peer):  # the peer learns this flow's mapping
                 probe = channel.probe(now, peer, tunnel)
                 if probe is not None:
                     endpoint.transport.send(source, (host, port), probe)

@@ -100,7 +100,7 @@ class Secrecy:
         whose agent stopped drops out when its last session expires, and the static
         schedule takes over rather than wait for it forever."""
         channel = self.channel
-        return channel is not None and peer in channel.peers() and \
+        return channel is not None and channel.knows(peer) and \
             channel.established(peer, self.clock())
 
     # ---- VPP and the mesh ------------------------------------------------------------

@@ -495,6 +495,11 @@ class Channel:
     def peers(self) -> list[int]:
         return sorted(self._peers)
 
+    def knows(self, peer: int) -> bool:
+        """`peer` is one of the channel's peers (peers() sorts them all: a membership
+        test per peer of a 1000-peer mesh made each run quadratic)."""
+        return peer in self._peers
+
     def established(self, peer: int, now: float | None = None) -> bool:
         """A session with `peer` is up; given `now`, one still usable (a peer whose agent
         stopped answering drops out once its last session expired, REJECT_AFTER)."""

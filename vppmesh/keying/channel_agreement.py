@@ -370,7 +370,7 @@ class ChannelAgreement(Agreement):
         """The role ("current", "previous") of this node's key the peer's live session
         authenticated (None: no session)."""
         channel = self.link.channel
-        if channel is None or peer not in channel.peers():
+        if channel is None or not channel.knows(peer):
             return None
         return channel.session_key(peer, self.clock())
 
@@ -429,7 +429,7 @@ class ChannelAgreement(Agreement):
     def session_psk(self, view: LocalView, peer: int) -> str | None:
         """"ROLE ID" of the PSK the peer's live session runs on (None: no session)."""
         channel = self.link.channel
-        if channel is None or peer not in channel.peers():
+        if channel is None or not channel.knows(peer):
             return None
         role = channel.session_psk(peer, self.clock())
         if role is None:

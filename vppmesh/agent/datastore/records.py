@@ -281,7 +281,7 @@ def membership_change(old: Mesh | None, new: Mesh | None) -> MembershipChange:
         joined=tuple(sorted(after.keys() - before.keys())),
         left=tuple(sorted(before.keys() - after.keys())),
         changed=tuple(sorted(n for n in after.keys() & before.keys()
-                             if after[n] != before[n])),
+                             if after[n] is not before[n] and after[n] != before[n])),
         settings_changed=(old is not None and new is not None
                           and old.settings != new.settings),
     )
