@@ -203,6 +203,19 @@ def test_agent_loop_spaces_channel_runs_by_plain_steps_only(
 SA_DUMP = "ipsec_sa_v5_dump"
 
 
+def node1_agent(tmp_path: Path, mesh: object, secrets: dict, **kwargs: object,
+                ) -> tuple[Agent, FakeVpp, Path]:
+    """node1's Agent on a fake VPP, the mesh file holding `mesh`."""
+    mesh_file = tmp_path / "mesh.yaml"
+    mesh_file.write_text(dump_mesh(mesh))  # type: ignore[arg-type]
+    key = tmp_path / "node1.key"
+    write_secret_file(key, private_key_b64(secrets["node1"].private_key))
+    options = NodeOptions(mesh_file=mesh_file, node="node1", private_key=key,
+                          host_link="none", workers=0, state_dir=tmp_path)
+    vpp = FakeVpp.with_uplink(mesh.node("node1").primary)  # type: ignore[attr-defined]
+    return Agent(options, connect=lambda: vpp, **kwargs), vpp, mesh_file  # type: ignore[arg-type]
+
+
 def counted_session(tmp_path: Path, nodes: int = 3, **settings: object,
                     ) -> tuple[Agent, FakeVpp, Path, object]:
     """node1's Agent on a fake VPP whose SA counters it reads (a FakeVpp is its own
@@ -303,14 +316,7 @@ def test_a_psk_rotation_step_takes_effect_at_the_next_run_not_the_next_full_one(
     psk, psk_next = tmp_path / "psk", tmp_path / "psk.next"
     write_secret_file(psk, base64.b64encode(os.urandom(32)).decode())
     mesh, secrets = make_mesh(3, 2, psk_file=psk)
-    mesh_file = tmp_path / "mesh.yaml"
-    mesh_file.write_text(dump_mesh(mesh))
-    key = tmp_path / "node1.key"
-    write_secret_file(key, private_key_b64(secrets["node1"].private_key))
-    options = NodeOptions(mesh_file=mesh_file, node="node1", private_key=key,
-                          host_link="none", workers=0, state_dir=tmp_path)
-    vpp = FakeVpp.with_uplink(mesh.node("node1").primary)
-    session = Agent(options, connect=lambda: vpp, full_every=3600)  # type: ignore[arg-type,return-value]
+    session, _, _ = node1_agent(tmp_path, mesh, secrets, full_every=3600)
     session.run()
     first = session.view()
     assert first.secrets.psk_next == b""
@@ -642,14 +648,7 @@ def test_async_crypto_is_set_once_per_connection_and_again_when_the_mesh_changes
     state was found wrong), not on every poll; a mesh that changes settings.async_crypto
     has it set at the next run."""
     mesh, secrets = make_mesh(3, 2)
-    mesh_file = tmp_path / "mesh.yaml"
-    mesh_file.write_text(dump_mesh(mesh))
-    key = tmp_path / "node1.key"
-    write_secret_file(key, private_key_b64(secrets["node1"].private_key))
-    options = NodeOptions(mesh_file=mesh_file, node="node1", private_key=key,
-                          host_link="none", workers=0, state_dir=tmp_path)
-    vpp = FakeVpp.with_uplink(mesh.node("node1").primary)
-    session = Agent(options, connect=lambda: vpp, full_every=3600)  # type: ignore[arg-type,return-value]
+    session, vpp, mesh_file = node1_agent(tmp_path, mesh, secrets, full_every=3600)
     for _ in range(3):
         session.run()
     assert vpp.counts["ipsec_set_async_mode"] == 1 and vpp.async_mode is False

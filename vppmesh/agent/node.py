@@ -39,7 +39,7 @@ from vppmesh.keying.keys import load_secrets
 from vppmesh.keying.ledger import KeyLedger
 from vppmesh.keying.observe import KeySas, observe_keys, read_key_sas, usable_keying
 from vppmesh.keying.pairs import PairSecrecy, pair_secrecy
-from vppmesh.keying.settled import SettledPeers, snapshot
+from vppmesh.keying.settled import SettledPeers, snapshot, take_over
 
 if TYPE_CHECKING:
     from vppmesh.agent.secrecy import Secrecy
@@ -370,17 +370,7 @@ def up(options: NodeOptions, *, dry_run: bool = False, api: VppApi | None = None
                 keying = usable_keying(view, state, book, scheduled.keying)
                 agreed = {p.name: a for p in deciding
                           if p.name in keying and (a := book.agreed(p)) is not None}
-                for name, outcome in kept.items():
-                    if outcome.keying is not None:
-                        keying[name] = outcome.keying
-                    if outcome.agreed is not None:
-                        agreed[name] = outcome.agreed
-                    if outcome.waiting:
-                        scheduled.waiting.add(name)
-                    if outcome.stopped is not None:
-                        scheduled.stopped[name] = outcome.stopped
-                    if outcome.downgraded:
-                        scheduled.downgraded.add(name)
+                take_over(kept, scheduled, keying, agreed)
                 desired, by_peer = planned(options, view, workers, keying=keying,
                                            uplink=uplink, agreed=agreed)
             if not dry_run and (reconciler is None or full

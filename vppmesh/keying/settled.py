@@ -198,3 +198,20 @@ class SettledPeers:
         self._objects = objects
         if changed:
             self._stat_peers = None
+
+
+def take_over(kept: Mapping[str, PeerOutcome], scheduled: Scheduled,
+              keying: dict[str, PeerKeying], agreed: dict[str, AgreedKeys]) -> None:
+    """Add the outcomes `kept` from the last run to this run's: its schedule (waiting,
+    stopped, downgraded), its usable keying and its agreed keys."""
+    for name, outcome in kept.items():
+        if outcome.keying is not None:
+            keying[name] = outcome.keying
+        if outcome.agreed is not None:
+            agreed[name] = outcome.agreed
+        if outcome.waiting:
+            scheduled.waiting.add(name)
+        if outcome.stopped is not None:
+            scheduled.stopped[name] = outcome.stopped
+        if outcome.downgraded:
+            scheduled.downgraded.add(name)
