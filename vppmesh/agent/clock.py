@@ -38,6 +38,8 @@ import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
+from vppmesh.keying.files import replace_file
+
 log = logging.getLogger("vppmesh")
 
 BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
@@ -60,13 +62,7 @@ def boot_id() -> str:
 
 def _write_json(path: Path, data: object) -> None:
     """`path` replaced atomically by `data` (0600, synced)."""
-    tmp = path.with_suffix(".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as handle:
-        json.dump(data, handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    replace_file(path, json.dumps(data).encode())
 
 
 class AgentClock:

@@ -315,7 +315,7 @@ def up(options: NodeOptions, *, dry_run: bool = False, api: VppApi | None = None
                 uplink = bvi or uplink
             state = store.load(reuse=not dry_run)
             before = store.loaded_text(state)
-            key_sas = read_key_sas(client, reconciler, full, counters, pid)
+            key_sas = read_key_sas(client, reconciler, full, counters)
             if now is None:  # the agent's channel and its runs on one clock
                 now = agreement.clock()
             given = view
@@ -353,13 +353,11 @@ def up(options: NodeOptions, *, dry_run: bool = False, api: VppApi | None = None
                 if not dry_run:  # behind NAT: mappings lost
                     agreement.watch_flows(key_sas.sas, key_sas.packets)
                 peers = {p.name: p.node.public_key for p in view.peers}
-                said = agreement.said(view)  # with the keys observe_keys adopted
                 scheduled = epochs.schedule(
                     state, settings, {p.name: p.node.public_key for p in deciding},
                     observations, now=now, key_used=key_used,
-                    said={p.name: said[p.name] for p in deciding if p.name in said}
-                    if kept else said,
-                    me=view.node.public_key)
+                    # with the keys observe_keys adopted
+                    said=agreement.said(view, deciding), me=view.node.public_key)
                 notes = scheduled.notes
                 if key_sas.note is not None:
                     notes.append(key_sas.note)

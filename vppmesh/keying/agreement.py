@@ -16,7 +16,7 @@ latest claim (anything else raises UnsavedClaim).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from types import MappingProxyType
 from typing import TYPE_CHECKING, final
 
@@ -24,7 +24,7 @@ from vppmesh.agent.nat import ported_view, saved_ports
 from vppmesh.keying.book import KeyBook
 
 if TYPE_CHECKING:
-    from vppmesh.dataplane.view import LocalView
+    from vppmesh.dataplane.view import LocalView, PeerView
     from vppmesh.dataplane.vpp.ipsec import SaState
     from vppmesh.keying.epochs import GenerationState, GenerationStore, PeerSaid
 
@@ -108,8 +108,10 @@ class Agreement:
         """Behind NAT: probe the pairs whose ESP gets no answer. Returns those probed."""
         return []
 
-    def said(self, view: LocalView) -> dict[str, PeerSaid]:
-        """What each peer's agent said, for epochs.schedule (nothing: no channel)."""
+    def said(self, view: LocalView, peers: Iterable[PeerView] | None = None,
+             ) -> dict[str, PeerSaid]:
+        """What each peer's agent said (of `peers`, by default the view's), for
+        epochs.schedule (nothing: no channel)."""
         return {}
 
     @final

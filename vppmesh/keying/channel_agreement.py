@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import base64
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -24,7 +24,7 @@ from vppmesh.keying.keys import psk_id
 
 if TYPE_CHECKING:
     from vppmesh.agent.nat import ChannelLink, NatLearning
-    from vppmesh.dataplane.view import LocalView
+    from vppmesh.dataplane.view import LocalView, PeerView
     from vppmesh.dataplane.vpp.ipsec import SaState
 
 log = logging.getLogger("vppmesh")
@@ -195,13 +195,15 @@ class ChannelAgreement(Agreement):
                     ) -> list[int]:
         return self.nat.watch_flows(sas, packets)
 
-    def said(self, view: LocalView) -> dict[str, PeerSaid]:
-        """What each peer with a live session said, for epochs.schedule."""
+    def said(self, view: LocalView, peers: Iterable[PeerView] | None = None,
+             ) -> dict[str, PeerSaid]:
+        """What each peer (of `peers`, by default the view's) with a live session
+        said, for epochs.schedule."""
         channel = self.link.channel
         if channel is None:
             return {}
         said = {}
-        for peer in view.peers:
+        for peer in view.peers if peers is None else peers:
             number = peer.node.node_number
             if not self.link.live(number):
                 continue

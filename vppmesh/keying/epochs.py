@@ -57,9 +57,7 @@ it still could not, the peer fails closed.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
-import os
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -71,6 +69,7 @@ from pydantic_core import to_json
 
 from vppmesh.config import MeshSettings
 from vppmesh.errors import ConfigError
+from vppmesh.keying.files import exclusive, replace_file
 
 WINDOW = 3
 # Generations live in 4 bits of SPIs and SA ids; a window must never wrap onto itself.
@@ -492,6 +491,16 @@ class Scheduled:
     stopped: dict[str, str] = field(default_factory=dict)  # failed closed, and why
     downgraded: set[str] = field(default_factory=set)  # left agreed keys (preferred)
 
+    def mark(self, name: str, *, waiting: bool, stopped: str | None,
+             downgraded: bool) -> None:
+        """One peer's state beside its keying: waiting, stopped (why), downgraded."""
+        if waiting:
+            self.waiting.add(name)
+        if stopped is not None:
+            self.stopped[name] = stopped
+        if downgraded:
+            self.downgraded.add(name)
+
 
 def schedule(state: GenerationState, settings: MeshSettings, peers: Mapping[str, str],
              observations: Mapping[str, PeerObservation], *, now: float,
@@ -538,12 +547,8 @@ def schedule(state: GenerationState, settings: MeshSettings, peers: Mapping[str,
             out.keying[name] = decision.keying
         if decision.want is not None:
             out.wants[name] = decision.want
-        if decision.waiting:
-            out.waiting.add(name)
-        if decision.stopped is not None:
-            out.stopped[name] = decision.stopped
-        if decision.downgraded:
-            out.downgraded.add(name)
+        out.mark(name, waiting=decision.waiting, stopped=decision.stopped,
+                 downgraded=decision.downgraded)
     return out
 
 
@@ -575,14 +580,8 @@ class GenerationStore:
 
     @contextmanager
     def locked(self) -> Iterator[None]:
-        self.lock_path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+        with exclusive(self.lock_path):
             yield
-        finally:
-            fcntl.flock(fd, fcntl.LOCK_UN)
-            os.close(fd)
 
     def load(self, *, reuse: bool = False) -> GenerationState:
         """The generations as the file holds them now.
@@ -651,15 +650,8 @@ class GenerationStore:
 
     def save(self, state: GenerationState, text: str | None = None) -> None:
         """Write `state` (`text`: text() of it, when the caller has it already)."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
         text = self.text(state) if text is None else text
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, self.path)
+        replace_file(self.path, text.encode())
         self.writes += 1
         # Only the object a reuse load handed out stays kept: another caller's may still
         # be changed after its save.

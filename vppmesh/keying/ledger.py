@@ -30,7 +30,6 @@ its live fingerprints (forgotten keys, see forget()) plus COMPACT_SLACK.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import logging
@@ -44,6 +43,7 @@ from pathlib import Path
 
 from vppmesh.dataplane.state import SaSpec
 from vppmesh.errors import ConfigError
+from vppmesh.keying.files import exclusive, replace_file
 
 FINGERPRINT_LABEL = b"vppmesh key fingerprint v1"
 HEADER = b"vppmesh used-keys v2\n"
@@ -198,15 +198,12 @@ class KeyLedger:
 
     @contextmanager
     def _locked(self) -> Iterator[None]:
-        self.lock_path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+        with exclusive(self.lock_path):
             self._holding = True
-            yield
-        finally:
-            self._holding = False
-            os.close(fd)  # (releases the lock)
+            try:
+                yield
+            finally:
+                self._holding = False
 
     def seen(self, key: bytes, salt: int) -> bool:
         return key_fingerprint(key, salt) in self.used()
@@ -267,19 +264,5 @@ class KeyLedger:
 
     def _rewrite(self, used: set[str]) -> None:
         """The whole file anew: a crash leaves either the old file or this one."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            os.fchmod(fd, 0o600)  # (a left-over temporary file keeps its mode otherwise)
-            _write_all(fd, _snapshot(used))
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, self.path)
-        directory = os.open(self.path.parent, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(directory)  # the rename itself survives a crash
-        finally:
-            os.close(directory)
+        replace_file(self.path, _snapshot(used), sync_dir=True)
         self._written, self._appendable = len(used), True

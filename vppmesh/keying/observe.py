@@ -150,15 +150,15 @@ class KeySas:
 
 
 def read_key_sas(api: VppApi, reconciler: Reconciler | None, full: bool,
-                 counters: SaCounters | None, vpp_pid: int | None) -> KeySas:
+                 counters: SaCounters | None) -> KeySas:
     """The SAs and their packet counts for this run, at the least cost that is exact.
 
     A long-running agent's steady-state run (not `full`, its reconciler remembers VPP
     exactly) takes the SAs it remembers and their counts from the stats segment: no SA
     dump, whatever the size of the mesh. Full runs (the periodic resync, a reconnect), a
     one-shot `up`, a reconciler that forgot, or an unreadable stats segment dump the SAs,
-    once per run: reconcile() compares the same dump. (`vpp_pid` is not needed: the
-    Agent closes the counters' reader when it meets another VPP, VppHooks.)
+    once per run: reconcile() compares the same dump. (The Agent closes the counters'
+    reader when it meets another VPP: VppHooks.)
     """
     remembered = None if full or reconciler is None or counters is None else \
         reconciler.remembered_sas()

@@ -209,9 +209,5 @@ def take_over(kept: Mapping[str, PeerOutcome], scheduled: Scheduled,
             keying[name] = outcome.keying
         if outcome.agreed is not None:
             agreed[name] = outcome.agreed
-        if outcome.waiting:
-            scheduled.waiting.add(name)
-        if outcome.stopped is not None:
-            scheduled.stopped[name] = outcome.stopped
-        if outcome.downgraded:
-            scheduled.downgraded.add(name)
+        scheduled.mark(name, waiting=outcome.waiting, stopped=outcome.stopped,
+                       downgraded=outcome.downgraded)
